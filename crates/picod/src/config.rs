@@ -1,0 +1,134 @@
+//! PicoD's typed configuration (built by `main` from flags and environment; never read here).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default cap on request bodies (upstream: 32 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default cap on each of stdout and stderr kept for one buffered execute.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Default command timeout (upstream: 60 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// Verify RS256 tokens against this PEM public key (`PICOD_AUTH_PUBLIC_KEY`).
+    PublicKeyPem(String),
+    /// No authentication at all (explicit opt-in only).
+    Disabled,
+}
+
+/// Everything PicoD needs to serve.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub workspace: PathBuf,
+    pub auth: Auth,
+    pub max_body_bytes: usize,
+    pub max_output_bytes: usize,
+    pub default_timeout: Duration,
+    /// Verified tokens remembered at once.
+    pub token_cache_size: usize,
+}
+
+impl Config {
+    /// Defaults for a workspace and an auth mode.
+    pub fn new(workspace: PathBuf, auth: Auth) -> Self {
+        Self {
+            workspace,
+            auth,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            default_timeout: DEFAULT_TIMEOUT,
+            token_cache_size: 1024,
+        }
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    /// `unix:/path/to.sock`, `HOST:PORT`, or `:PORT` (all interfaces, Go style).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let s = if s.starts_with(':') {
+            format!("0.0.0.0{s}")
+        } else {
+            s.to_string()
+        };
+        s.parse()
+            .map(Self::Tcp)
+            .map_err(|e| format!("invalid listen address {s:?}: {e}"))
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Binds; a stale Unix socket file left by a previous run is replaced.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Self::Tcp(tokio::net::TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => {
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                match std::fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                Ok(Self::Unix(tokio::net::UnixListener::bind(p)?))
+            }
+        }
+    }
+
+    /// Human-readable address (`127.0.0.1:8080` or `unix:/path`).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string()),
+            Self::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            "unix:/tmp/p.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/tmp/p.sock".into())
+        );
+        assert_eq!(
+            ":8080".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("0.0.0.0:8080".parse().unwrap())
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+    }
+}

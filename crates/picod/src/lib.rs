@@ -1,0 +1,24 @@
+//! PicoD: the small HTTP daemon inside every sandbox. It executes commands and moves files for the
+//! Router, and accepts only requests carrying an RS256 JWT signed by the Router.
+//!
+//! Main flow:
+//! 1. `main` parses flags/env into a [`Config`] and binds a [`Listener`] (TCP or Unix socket).
+//! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`]).
+//! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
+//!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
+//! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
+//! 5. On shutdown, in-flight requests get [`server::SHUTDOWN_GRACE`] to finish.
+//!
+//! Depends on `agentcube-types` only: it runs in every sandbox, so it stays small.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod files;
+pub mod jail;
+pub mod server;
+
+pub use config::{Auth, Config, ListenAddr, Listener};
+pub use error::ApiError;
+pub use server::{AppState, app, run};

@@ -1,0 +1,101 @@
+//! `picod`: flags and environment → [`Config`], then serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use agentcube_picod::{AppState, Auth, Config, ListenAddr, Listener};
+use anyhow::Context;
+use clap::Parser;
+
+/// PicoD, the AgentCube in-sandbox daemon.
+#[derive(Debug, Parser)]
+#[command(name = "picod", version)]
+struct Args {
+    /// TCP port on all interfaces (ignored when --listen is given).
+    #[arg(long, env = "PICOD_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Listen address: `HOST:PORT`, `:PORT`, or `unix:/path/to.sock`.
+    #[arg(long, env = "PICOD_LISTEN")]
+    listen: Option<ListenAddr>,
+    /// Workspace directory (created if missing). Default: the current directory.
+    #[arg(long, env = "PICOD_WORKSPACE")]
+    workspace: Option<PathBuf>,
+    /// PEM public key (SPKI `PUBLIC KEY`) of the Router; required unless --insecure-no-auth.
+    #[arg(long, env = "PICOD_AUTH_PUBLIC_KEY", hide_env_values = true)]
+    auth_public_key: Option<String>,
+    /// Serve without any authentication. Only for local experiments.
+    #[arg(long, env = "PICOD_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "PICOD_MAX_BODY_BYTES", default_value_t = agentcube_picod::config::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Largest stdout (and stderr) kept per buffered execute, in bytes.
+    #[arg(long, env = "PICOD_MAX_OUTPUT_BYTES", default_value_t = agentcube_picod::config::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: usize,
+    /// Log format: plain or json.
+    #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
+    log_format: String,
+}
+
+impl TryFrom<Args> for (Config, ListenAddr) {
+    type Error = anyhow::Error;
+    fn try_from(a: Args) -> anyhow::Result<Self> {
+        let auth = match (a.auth_public_key.filter(|k| !k.trim().is_empty()), a.insecure_no_auth) {
+            (Some(pem), _) => Auth::PublicKeyPem(pem),
+            (None, true) => Auth::Disabled,
+            (None, false) => anyhow::bail!(
+                "PICOD_AUTH_PUBLIC_KEY is not set: PicoD refuses to start without the Router's \
+                 public key (pass --insecure-no-auth to run without authentication)"
+            ),
+        };
+        let workspace = match a.workspace {
+            Some(w) => w,
+            None => std::env::current_dir().context("cannot read the current directory")?,
+        };
+        let mut config = Config::new(workspace, auth);
+        config.max_body_bytes = a.max_body_bytes;
+        config.max_output_bytes = a.max_output_bytes;
+        let listen = a
+            .listen
+            .unwrap_or_else(|| ListenAddr::Tcp(([0, 0, 0, 0], a.port).into()));
+        Ok((config, listen))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let (config, listen) = <(Config, ListenAddr)>::try_from(args)?;
+    if matches!(config.auth, Auth::Disabled) {
+        tracing::warn!("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach PicoD can run commands");
+    }
+    let state = AppState::new(config)?;
+    let listener = Listener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen:?}"))?;
+    tracing::info!(addr = %listener.describe(), workspace = %state.workspace.root().display(), "picod listening");
+    agentcube_picod::run(state, listener, shutdown_signal()).await?;
+    tracing::info!("picod stopped");
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,140 @@
+//! Routes, layers, and the serve loop with graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentcube_types::GoDuration;
+use agentcube_types::picod::HealthResponse;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
+
+use crate::auth::{Verifier, require_token};
+use crate::config::{Auth, Config, Listener};
+use crate::error::ApiError;
+use crate::jail::Workspace;
+use crate::{exec, files};
+
+/// How long in-flight requests may take to finish after a shutdown signal (upstream: 10 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub workspace: Workspace,
+    pub verifier: Option<Arc<Verifier>>,
+    pub started: Instant,
+}
+
+impl AppState {
+    /// Validates the configuration: workspace created, public key parsed.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let workspace = Workspace::new(&config.workspace).map_err(|e| {
+            anyhow::anyhow!("cannot use workspace {}: {e}", config.workspace.display())
+        })?;
+        let verifier = match &config.auth {
+            Auth::PublicKeyPem(pem) => Some(Arc::new(Verifier::from_pem(
+                pem,
+                config.token_cache_size,
+            )?)),
+            Auth::Disabled => None,
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            workspace,
+            verifier,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// The whole HTTP surface; tests drive it with `oneshot`.
+pub fn app(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    // Compress what the client accepts, except streams (they must flush) and partial content.
+    let compress = DefaultPredicate::new()
+        .and(NotForContentType::const_new(exec::NDJSON))
+        .and(|_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {
+            !h.contains_key(header::CONTENT_RANGE)
+        });
+    let api = Router::new()
+        .route("/api/execute", post(exec::execute))
+        .route("/api/files", post(files::upload).get(files::list))
+        .route("/api/files/{*path}", get(files::download))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(CompressionLayer::new().gzip(true).compress_when(compress));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), reject_large))
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".into(),
+        service: "PicoD".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime: GoDuration(state.started.elapsed()).to_string(),
+    })
+}
+
+/// Refuses a declared body over the limit before reading it (upstream's 413 JSON).
+async fn reject_large(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::TooLarge { limit }.into_response();
+    }
+    next.run(req).await
+}
+
+/// Reads a whole body up to `limit` bytes; more is the 413 error.
+pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit })
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish for [`SHUTDOWN_GRACE`].
+pub async fn run(
+    state: AppState,
+    listener: Listener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app(state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let grace = async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!("shutdown grace period over, dropping in-flight requests");
+    };
+    let serve = async move {
+        match listener {
+            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+        }
+    };
+    tokio::select! {
+        r = serve => r,
+        () = grace => Ok(()),
+    }
+}

@@ -1,0 +1,22 @@
+//! JWT claims the Router signs for sandboxes (spec §1.8).
+
+use serde::{Deserialize, Serialize};
+
+/// Issuer the Router puts in every sandbox token.
+pub const ROUTER_ISSUER: &str = "agentcube-router";
+
+/// Lifetime of a sandbox token, in seconds (upstream: 5 minutes).
+pub const SANDBOX_TOKEN_TTL_SECS: i64 = 300;
+
+/// Claims of the RS256 token the Router sends to PicoD / agents in `Authorization: Bearer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxClaims {
+    pub iss: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_email: Option<String>,
+}

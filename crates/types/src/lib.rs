@@ -1,0 +1,17 @@
+//! Wire and domain types shared by every agentcube component. serde only, no I/O.
+//!
+//! Main flow: the Router, the Workload Manager and PicoD exchange the bodies defined here; the store
+//! persists [`session`] records. Keeping them in one crate means a field rename shows up everywhere.
+//!
+//! Modules:
+//! - [`duration`]: Go `time.Duration` syntax (`15m0s`, `120.0s`), used in records, CRDs and PicoD.
+//! - [`picod`]: PicoD request/response bodies.
+//! - [`claims`]: JWT claims the Router signs.
+//! - [`headers`]: header names.
+
+pub mod claims;
+pub mod duration;
+pub mod headers;
+pub mod picod;
+
+pub use duration::{DurationError, GoDuration};
