@@ -173,10 +173,22 @@ mod tests {
     fn bearer_parsing_matches_upstream() {
         assert!(matches!(bearer(None), Err(ApiError::MissingAuth)));
         assert!(matches!(bearer(Some("")), Err(ApiError::MissingAuth)));
-        assert!(matches!(bearer(Some("Basic abc")), Err(ApiError::BadAuthFormat)));
-        assert!(matches!(bearer(Some("bearer abc")), Err(ApiError::BadAuthFormat)));
-        assert!(matches!(bearer(Some("Bearer a b")), Err(ApiError::BadAuthFormat)));
-        assert!(matches!(bearer(Some("Bearer")), Err(ApiError::BadAuthFormat)));
+        assert!(matches!(
+            bearer(Some("Basic abc")),
+            Err(ApiError::BadAuthFormat)
+        ));
+        assert!(matches!(
+            bearer(Some("bearer abc")),
+            Err(ApiError::BadAuthFormat)
+        ));
+        assert!(matches!(
+            bearer(Some("Bearer a b")),
+            Err(ApiError::BadAuthFormat)
+        ));
+        assert!(matches!(
+            bearer(Some("Bearer")),
+            Err(ApiError::BadAuthFormat)
+        ));
         assert_eq!(bearer(Some("Bearer abc")).unwrap(), "abc");
     }
 

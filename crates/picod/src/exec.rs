@@ -90,9 +90,11 @@ async fn validate(state: &AppState, body: ExecuteRequest) -> Result<CommandSpec,
     }
     let timeout = match body.timeout.as_deref() {
         None | Some("") => state.config.default_timeout,
-        Some(t) => GoDuration::parse(t)
-            .map_err(|e| ApiError::BadRequest(format!("Invalid timeout format: {e}")))?
-            .0,
+        Some(t) => {
+            GoDuration::parse(t)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid timeout format: {e}")))?
+                .0
+        }
     };
     let timeout = if timeout.is_zero() {
         state.config.default_timeout
@@ -161,8 +163,14 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
     };
     let mut guard = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
     let pumps = [
-        child.stdout.take().map(|r| tokio::spawn(pump(r, false, sink.clone()))),
-        child.stderr.take().map(|r| tokio::spawn(pump(r, true, sink.clone()))),
+        child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(pump(r, false, sink.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(pump(r, true, sink.clone()))),
     ];
     // `None`: the timeout fired or the client went away; either way the group is killed.
     let status = tokio::select! {
@@ -200,7 +208,11 @@ fn spawn_error_text(program: &str, e: &std::io::Error) -> String {
         format!("exec: {program:?}: executable file not found in $PATH")
     } else {
         let msg = e.to_string();
-        let msg = msg.split(" (os error").next().unwrap_or(&msg).to_lowercase();
+        let msg = msg
+            .split(" (os error")
+            .next()
+            .unwrap_or(&msg)
+            .to_lowercase();
         format!("fork/exec {program}: {msg}")
     }
 }
@@ -212,7 +224,11 @@ async fn pump(mut r: impl AsyncRead + Unpin, is_err: bool, tx: mpsc::Sender<Chun
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let b = Bytes::copy_from_slice(&buf[..n]);
-                let chunk = if is_err { Chunk::Stderr(b) } else { Chunk::Stdout(b) };
+                let chunk = if is_err {
+                    Chunk::Stderr(b)
+                } else {
+                    Chunk::Stdout(b)
+                };
                 if tx.send(chunk).await.is_err() {
                     return;
                 }
@@ -297,7 +313,10 @@ async fn buffered(spec: CommandSpec, cap: usize) -> ExecuteResponse {
 }
 
 fn timeout_message(timeout: Duration) -> String {
-    format!("Command timed out after {:.0} seconds", timeout.as_secs_f64())
+    format!(
+        "Command timed out after {:.0} seconds",
+        timeout.as_secs_f64()
+    )
 }
 
 /// The streaming mode: one NDJSON line per chunk as it happens, then an `exit` line.
@@ -337,7 +356,9 @@ fn stream(spec: CommandSpec) -> Response {
                 .await;
         } else if outcome.timed_out {
             let data = format!("\n{}", timeout_message(timeout));
-            let _ = line_tx.send(ndjson_line(&ExecuteEvent::Stderr { data })).await;
+            let _ = line_tx
+                .send(ndjson_line(&ExecuteEvent::Stderr { data }))
+                .await;
         }
         let exit = ExecuteEvent::Exit {
             exit_code: outcome.exit_code,
@@ -349,7 +370,9 @@ fn stream(spec: CommandSpec) -> Response {
         let _ = line_tx.send(ndjson_line(&exit)).await;
     });
     let body = Body::from_stream(futures_util::stream::unfold(line_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
     }));
     let mut resp = Response::new(body);
     resp.headers_mut()
@@ -394,7 +417,10 @@ mod tests {
         c.push(b"hello");
         c.push(b"world");
         let s = c.into_string();
-        assert!(s.starts_with("hell\n[picod: output truncated, 6 bytes omitted]"), "{s}");
+        assert!(
+            s.starts_with("hell\n[picod: output truncated, 6 bytes omitted]"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -414,6 +440,9 @@ mod tests {
             "exec: \"nope\": executable file not found in $PATH"
         );
         let e = std::io::Error::from_raw_os_error(2);
-        assert_eq!(spawn_error_text("./x", &e), "fork/exec ./x: no such file or directory");
+        assert_eq!(
+            spawn_error_text("./x", &e),
+            "fork/exec ./x: no such file or directory"
+        );
     }
 }

@@ -49,7 +49,9 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
     let resp = tokio::task::spawn_blocking(move || -> Result<UploadResponse, ApiError> {
         let target = ws.resolve(&path)?;
         if target.is_dir() {
-            return Err(ApiError::BadRequest("Path is a directory, not a file".into()));
+            return Err(ApiError::BadRequest(
+                "Path is a directory, not a file".into(),
+            ));
         }
         let mut file = ws.create_file(&target, mode)?;
         file.write_all(&content).map_err(ApiError::internal)?;
@@ -74,10 +76,14 @@ async fn read_json(
     let body: UploadRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))?;
     if body.path.is_empty() {
-        return Err(ApiError::BadRequest("Invalid request body: path is required".into()));
+        return Err(ApiError::BadRequest(
+            "Invalid request body: path is required".into(),
+        ));
     }
     if body.content.is_empty() {
-        return Err(ApiError::BadRequest("Invalid request body: content is required".into()));
+        return Err(ApiError::BadRequest(
+            "Invalid request body: content is required".into(),
+        ));
     }
     let content = base64::engine::general_purpose::STANDARD
         .decode(body.content.as_bytes())
@@ -184,7 +190,9 @@ pub async fn download(
         Err(e) => return Err(ApiError::internal(e)),
     };
     if meta.is_dir() {
-        return Err(ApiError::BadRequest("Path is a directory, not a file".into()));
+        return Err(ApiError::BadRequest(
+            "Path is a directory, not a file".into(),
+        ));
     }
     let mut resp = ServeFile::new(&target)
         .oneshot(req)
@@ -196,8 +204,14 @@ pub async fn download(
         .map(|n| n.to_string_lossy().replace(['"', '\\'], "_"))
         .unwrap_or_default();
     let headers = resp.headers_mut();
-    headers.insert("content-description", HeaderValue::from_static("File Transfer"));
-    headers.insert("content-transfer-encoding", HeaderValue::from_static("binary"));
+    headers.insert(
+        "content-description",
+        HeaderValue::from_static("File Transfer"),
+    );
+    headers.insert(
+        "content-transfer-encoding",
+        HeaderValue::from_static("binary"),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -273,8 +287,14 @@ mod tests {
         let f = dir.path().join("f");
         std::fs::write(&f, "x").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert_eq!(go_mode_string(&std::fs::metadata(&f).unwrap()), "-rw-r-----");
+        assert_eq!(
+            go_mode_string(&std::fs::metadata(&f).unwrap()),
+            "-rw-r-----"
+        );
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(go_mode_string(&std::fs::metadata(dir.path()).unwrap()), "drwxr-xr-x");
+        assert_eq!(
+            go_mode_string(&std::fs::metadata(dir.path()).unwrap()),
+            "drwxr-xr-x"
+        );
     }
 }

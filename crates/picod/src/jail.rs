@@ -178,7 +178,10 @@ mod tests {
         let f = fixture();
         let root = f.ws.root();
         assert_eq!(f.ws.resolve("/tmp/x").unwrap(), root.join("tmp/x"));
-        assert_eq!(f.ws.resolve("/../etc/passwd").unwrap(), root.join("etc/passwd"));
+        assert_eq!(
+            f.ws.resolve("/../etc/passwd").unwrap(),
+            root.join("etc/passwd")
+        );
         assert_eq!(f.ws.resolve("a/./b/../file").unwrap(), root.join("a/file"));
         assert_eq!(f.ws.resolve("").unwrap(), root);
         assert_eq!(f.ws.resolve(".").unwrap(), root);
@@ -223,7 +226,18 @@ mod tests {
 
     fn segment() -> impl Strategy<Value = &'static str> {
         prop::sample::select(vec![
-            "..", ".", "a", "b", "", "out", "in", "dangling", "slash", "secretlink", "file", "etc",
+            "..",
+            ".",
+            "a",
+            "b",
+            "",
+            "out",
+            "in",
+            "dangling",
+            "slash",
+            "secretlink",
+            "file",
+            "etc",
         ])
     }
 

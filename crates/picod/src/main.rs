@@ -39,7 +39,10 @@ struct Args {
 impl TryFrom<Args> for (Config, ListenAddr) {
     type Error = anyhow::Error;
     fn try_from(a: Args) -> anyhow::Result<Self> {
-        let auth = match (a.auth_public_key.filter(|k| !k.trim().is_empty()), a.insecure_no_auth) {
+        let auth = match (
+            a.auth_public_key.filter(|k| !k.trim().is_empty()),
+            a.insecure_no_auth,
+        ) {
             (Some(pem), _) => Auth::PublicKeyPem(pem),
             (None, true) => Auth::Disabled,
             (None, false) => anyhow::bail!(
@@ -61,13 +64,15 @@ impl TryFrom<Args> for (Config, ListenAddr) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let (config, listen) = <(Config, ListenAddr)>::try_from(args)?;
     if matches!(config.auth, Auth::Disabled) {
-        tracing::warn!("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach PicoD can run commands");
+        tracing::warn!(
+            "AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach PicoD can run commands"
+        );
     }
     let state = AppState::new(config)?;
     let listener = Listener::bind(&listen)
@@ -82,7 +87,9 @@ async fn main() -> anyhow::Result<()> {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -41,10 +41,9 @@ impl AppState {
             anyhow::anyhow!("cannot use workspace {}: {e}", config.workspace.display())
         })?;
         let verifier = match &config.auth {
-            Auth::PublicKeyPem(pem) => Some(Arc::new(Verifier::from_pem(
-                pem,
-                config.token_cache_size,
-            )?)),
+            Auth::PublicKeyPem(pem) => {
+                Some(Arc::new(Verifier::from_pem(pem, config.token_cache_size)?))
+            }
             Auth::Disabled => None,
         };
         Ok(Self {
@@ -62,9 +61,11 @@ pub fn app(state: AppState) -> Router {
     // Compress what the client accepts, except streams (they must flush) and partial content.
     let compress = DefaultPredicate::new()
         .and(NotForContentType::const_new(exec::NDJSON))
-        .and(|_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {
-            !h.contains_key(header::CONTENT_RANGE)
-        });
+        .and(
+            |_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {
+                !h.contains_key(header::CONTENT_RANGE)
+            },
+        );
     let api = Router::new()
         .route("/api/execute", post(exec::execute))
         .route("/api/files", post(files::upload).get(files::list))

@@ -22,7 +22,13 @@ fn invalid_token(r: &Resp) {
     let v = r.json();
     assert_eq!(v["error"], "Invalid token");
     assert_eq!(v["code"], 401);
-    assert!(v["detail"].as_str().unwrap().starts_with("JWT verification failed: "), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("JWT verification failed: "),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -51,20 +57,46 @@ async fn router_tokens_are_accepted() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // RS512 is an RSA PKCS#1 algorithm too, as upstream accepts.
     let t = sign(ROUTER_KEY, Algorithm::RS512, json!({"exp": now() + 60}));
-    assert_eq!(with_auth(&p, Some(format!("Bearer {t}"))).await.status, StatusCode::OK);
+    assert_eq!(
+        with_auth(&p, Some(format!("Bearer {t}"))).await.status,
+        StatusCode::OK
+    );
     // Expired 30 s ago is inside the 60 s leeway.
-    let t = sign(ROUTER_KEY, Algorithm::RS256, json!({"exp": now() - 30, "iat": now() - 330}));
-    assert_eq!(with_auth(&p, Some(format!("Bearer {t}"))).await.status, StatusCode::OK);
+    let t = sign(
+        ROUTER_KEY,
+        Algorithm::RS256,
+        json!({"exp": now() - 30, "iat": now() - 330}),
+    );
+    assert_eq!(
+        with_auth(&p, Some(format!("Bearer {t}"))).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn bad_tokens_are_refused() {
     let p = Picod::new();
     let cases = [
-        ("wrong key", sign(OTHER_KEY, Algorithm::RS256, json!({"exp": now() + 60}))),
-        ("expired", sign(ROUTER_KEY, Algorithm::RS256, json!({"exp": now() - 120}))),
-        ("no exp", sign(ROUTER_KEY, Algorithm::RS256, json!({"iat": now()}))),
-        ("future iat", sign(ROUTER_KEY, Algorithm::RS256, json!({"exp": now() + 600, "iat": now() + 300}))),
+        (
+            "wrong key",
+            sign(OTHER_KEY, Algorithm::RS256, json!({"exp": now() + 60})),
+        ),
+        (
+            "expired",
+            sign(ROUTER_KEY, Algorithm::RS256, json!({"exp": now() - 120})),
+        ),
+        (
+            "no exp",
+            sign(ROUTER_KEY, Algorithm::RS256, json!({"iat": now()})),
+        ),
+        (
+            "future iat",
+            sign(
+                ROUTER_KEY,
+                Algorithm::RS256,
+                json!({"exp": now() + 600, "iat": now() + 300}),
+            ),
+        ),
         ("garbage", "not.a.jwt".to_string()),
     ];
     for (name, t) in cases {
@@ -81,7 +113,11 @@ async fn alg_none_and_hmac_with_the_public_key_are_refused() {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     };
     let claims = json!({"exp": now() + 60, "iat": now()});
-    let none = format!("{}.{}.", b64(json!({"alg":"none","typ":"JWT"})), b64(claims.clone()));
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg":"none","typ":"JWT"})),
+        b64(claims.clone())
+    );
     invalid_token(&with_auth(&p, Some(format!("Bearer {none}"))).await);
     // The classic key-confusion attack: HS256 keyed with the RSA public key PEM.
     let hs = jsonwebtoken::encode(
@@ -99,9 +135,15 @@ async fn a_verified_token_is_cached_until_it_expires() {
     let t = token();
     let verifier = p.state.verifier.clone().unwrap();
     assert!(!verifier.is_cached(&t, now()));
-    assert_eq!(with_auth(&p, Some(format!("Bearer {t}"))).await.status, StatusCode::OK);
+    assert_eq!(
+        with_auth(&p, Some(format!("Bearer {t}"))).await.status,
+        StatusCode::OK
+    );
     assert!(verifier.is_cached(&t, now()));
-    assert!(!verifier.is_cached(&t, now() + 300 + 61), "expired tokens must not stay valid");
+    assert!(
+        !verifier.is_cached(&t, now() + 300 + 61),
+        "expired tokens must not stay valid"
+    );
     // A refused token is never cached.
     let bad = sign(OTHER_KEY, Algorithm::RS256, json!({"exp": now() + 60}));
     let _ = with_auth(&p, Some(format!("Bearer {bad}"))).await;
@@ -111,7 +153,9 @@ async fn a_verified_token_is_cached_until_it_expires() {
 #[tokio::test]
 async fn health_needs_no_token_and_disabled_auth_lets_everything_in() {
     let p = Picod::new();
-    let r = p.send(Request::get("/health").body(Body::empty()).unwrap()).await;
+    let r = p
+        .send(Request::get("/health").body(Body::empty()).unwrap())
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let open = Picod::with(|c| c.auth = agentcube_picod::Auth::Disabled);
     assert_eq!(with_auth(&open, None).await.status, StatusCode::OK);

@@ -237,8 +237,13 @@ mod tests {
 
     #[test]
     fn rejects_what_go_rejects() {
-        for bad in ["", "30", "s", "1.s5", "5d", "1h30", "-5s", "abc", "1e3s", " 5s", "."] {
-            assert!(GoDuration::parse(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "", "30", "s", "1.s5", "5d", "1h30", "-5s", "abc", "1e3s", " 5s", ".",
+        ] {
+            assert!(
+                GoDuration::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         assert!(matches!(
             GoDuration::parse("5d"),

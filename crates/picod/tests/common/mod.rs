@@ -55,19 +55,39 @@ impl Picod {
     }
 
     pub async fn send(&self, req: Request<Body>) -> Resp {
-        let resp = agentcube_picod::app(self.state.clone()).oneshot(req).await.unwrap();
+        let resp = agentcube_picod::app(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-        Resp { status, headers, body }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn post_json(&self, path: &str, body: serde_json::Value) -> Resp {
-        self.send(authed(Request::post(path)).header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()).await
+        self.send(
+            authed(Request::post(path))
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str) -> Resp {
-        self.send(authed(Request::get(path)).body(Body::empty()).unwrap()).await
+        self.send(authed(Request::get(path)).body(Body::empty()).unwrap())
+            .await
     }
 
     pub async fn exec(&self, body: serde_json::Value) -> serde_json::Value {
@@ -89,7 +109,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()

@@ -1,0 +1,318 @@
+//! `/api/files`: JSON and multipart upload, listing, download with Range, the jail, the 413.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use base64::Engine;
+use common::*;
+use serde_json::json;
+
+fn b64(s: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "XBOUNDARYx";
+    let mut body = Vec::new();
+    for (name, filename, data) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload_multipart(p: &Picod, fields: &[(&str, Option<&str>, &[u8])]) -> Resp {
+    let (ct, body) = multipart(fields);
+    p.send(
+        authed(Request::post("/api/files"))
+            .header("content-type", ct)
+            .body(Body::from(body))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn json_upload_writes_the_file_and_reports_it() {
+    let p = Picod::new();
+    let r = p
+        .post_json(
+            "/api/files",
+            json!({"path": "test_upload.txt", "content": b64(b"hello"), "mode": "0644"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["path"].as_str(), v["size"].as_u64(), v["mode"].as_str()),
+        (Some("test_upload.txt"), Some(5), Some("-rw-r--r--"))
+    );
+    v["modified"]
+        .as_str()
+        .unwrap()
+        .parse::<jiff::Timestamp>()
+        .unwrap();
+    assert_eq!(
+        std::fs::read(p.ws().join("test_upload.txt")).unwrap(),
+        b"hello"
+    );
+    // Absolute paths are workspace-relative; parents are created; mode applies on creation.
+    let r = p.post_json("/api/files", json!({"path": "/data/x/run.sh", "content": b64(b"#!/bin/sh\necho hi\n"), "mode": "0755"})).await;
+    assert_eq!(r.json()["path"], "data/x/run.sh");
+    assert_eq!(r.json()["mode"], "-rwxr-xr-x");
+    let v = p.exec(json!({"command": ["./data/x/run.sh"]})).await;
+    assert_eq!(v["stdout"], "hi\n");
+    // Missing mode defaults to 0644.
+    let r = p
+        .post_json("/api/files", json!({"path": "m.txt", "content": b64(b"m")}))
+        .await;
+    assert_eq!(r.json()["mode"], "-rw-r--r--");
+}
+
+#[tokio::test]
+async fn json_upload_refuses_bad_input() {
+    let p = Picod::new();
+    for body in [
+        json!({"path": "a.txt", "content": ""}),
+        json!({"path": "a.txt"}),
+        json!({"content": b64(b"x")}),
+        json!({"path": "", "content": b64(b"x")}),
+        json!({"path": "a.txt", "content": "!!!not base64"}),
+    ] {
+        let r = p.post_json("/api/files", body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(r.json()["code"], 400);
+    }
+    let r = p
+        .post_json("/api/files", json!({"path": "a.txt", "content": "!!"}))
+        .await;
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid base64 content")
+    );
+    assert!(
+        !p.ws().join("a.txt").exists(),
+        "nothing written on a refused upload"
+    );
+}
+
+#[tokio::test]
+async fn multipart_upload_like_the_sdk() {
+    let p = Picod::new();
+    let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let r = upload_multipart(
+        &p,
+        &[
+            ("path", None, b"bin/blob.bin"),
+            ("mode", None, b"0600"),
+            ("file", Some("blob.bin"), &data),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["size"], 70_000);
+    assert_eq!(r.json()["mode"], "-rw-------");
+    assert_eq!(std::fs::read(p.ws().join("bin/blob.bin")).unwrap(), data);
+    let r = upload_multipart(&p, &[("file", Some("x"), b"x")]).await;
+    assert_eq!(
+        r.json(),
+        json!({"error": "Missing 'path' field", "code": 400})
+    );
+    let r = upload_multipart(&p, &[("path", None, b"x")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to get file")
+    );
+}
+
+#[tokio::test]
+async fn download_has_upstream_headers_and_ranges() {
+    let p = Picod::new();
+    std::fs::create_dir_all(p.ws().join("dir name")).unwrap();
+    std::fs::write(p.ws().join("dir name/fib.json"), b"[0,1,1,2,3,5,8]").unwrap();
+    let r = p.get("/api/files/dir%20name/fib.json").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, b"[0,1,1,2,3,5,8]");
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"fib.json\"")
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("content-description"), Some("File Transfer"));
+    assert_eq!(r.header("content-transfer-encoding"), Some("binary"));
+    // Leading slash: workspace-relative.
+    assert_eq!(
+        p.get("/api/files//dir%20name/fib.json").await.body,
+        b"[0,1,1,2,3,5,8]"
+    );
+    // Range.
+    let req = authed(Request::get("/api/files/dir%20name/fib.json"))
+        .header("range", "bytes=1-5")
+        .body(Body::empty())
+        .unwrap();
+    let r = p.send(req).await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.body, b"0,1,1");
+    assert_eq!(r.header("content-range"), Some("bytes 1-5/15"));
+    // Unknown extension.
+    std::fs::write(p.ws().join("blob.zzz"), b"z").unwrap();
+    assert_eq!(
+        p.get("/api/files/blob.zzz").await.header("content-type"),
+        Some("application/octet-stream")
+    );
+}
+
+#[tokio::test]
+async fn download_errors() {
+    let p = Picod::new();
+    let r = p.get("/api/files/nope.txt").await;
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "File not found", "code": 404})
+        )
+    );
+    std::fs::create_dir(p.ws().join("d")).unwrap();
+    let r = p.get("/api/files/d").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"], "Path is a directory, not a file");
+}
+
+#[tokio::test]
+async fn listing_is_sorted_with_go_modes() {
+    let p = Picod::new();
+    for n in ["b.txt", "a.txt", "c.py"] {
+        std::fs::write(p.ws().join(n), n).unwrap();
+    }
+    std::fs::create_dir(p.ws().join("sub")).unwrap();
+    let r = p.get("/api/files?path=.").await;
+    let files = r.json()["files"].as_array().unwrap().clone();
+    let names: Vec<_> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a.txt", "b.txt", "c.py", "sub"]);
+    assert_eq!(files[0]["size"], 5);
+    assert_eq!(files[0]["is_dir"], false);
+    assert_eq!(files[3]["is_dir"], true);
+    assert!(files[3]["mode"].as_str().unwrap().starts_with('d'));
+    // Absolute = workspace-relative.
+    assert_eq!(
+        p.get("/api/files?path=/").await.json()["files"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let r = p.get("/api/files").await;
+    assert_eq!(
+        r.json(),
+        json!({"error": "Missing 'path' query parameter", "code": 400})
+    );
+    let r = p.get("/api/files?path=missing").await;
+    assert_eq!(
+        r.json(),
+        json!({"error": "Directory not found", "code": 404})
+    );
+}
+
+#[tokio::test]
+async fn nothing_escapes_the_workspace() {
+    let p = Picod::new();
+    let outside = p.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "s").unwrap();
+    std::os::unix::fs::symlink(&outside, p.ws().join("out")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), p.ws().join("secret")).unwrap();
+    for path in [
+        "/api/files/out/secret",
+        "/api/files/secret",
+        "/api/files/..%2Foutside%2Fsecret",
+    ] {
+        assert_eq!(p.get(path).await.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        p.get("/api/files?path=out").await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        p.get("/api/files?path=../outside").await.status,
+        StatusCode::FORBIDDEN
+    );
+    for path in ["out/new.txt", "../outside/new.txt", "secret"] {
+        let r = p
+            .post_json(
+                "/api/files",
+                json!({"path": path, "content": b64(b"pwned")}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+        let r = upload_multipart(
+            &p,
+            &[
+                ("path", None, path.as_bytes()),
+                ("file", Some("f"), b"pwned"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret")).unwrap(),
+        "s"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_the_413_json() {
+    let p = Picod::new();
+    let req = authed(Request::post("/api/files"))
+        .header("content-type", "application/json")
+        .header("content-length", (32 * 1024 * 1024 + 1).to_string())
+        .body(Body::from("{}"))
+        .unwrap();
+    let r = p.send(req).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        r.json(),
+        json!({"error": "request body too large", "detail": "maximum allowed size is 33554432 bytes"})
+    );
+    // A body without Content-Length that grows past the limit is cut off the same way.
+    let small = Picod::with(|c| c.max_body_bytes = 1024);
+    let big = json!({"path": "big.txt", "content": b64(&[b'x'; 4096])}).to_string();
+    let stream = futures_util::stream::iter(
+        big.into_bytes()
+            .chunks(100)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let req = authed(Request::post("/api/files"))
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let r = small.send(req).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(r.json()["detail"], "maximum allowed size is 1024 bytes");
+    let (ct, body) = multipart(&[("path", None, b"m.bin"), ("file", Some("m"), &[0u8; 4096])]);
+    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(body)]);
+    let req = authed(Request::post("/api/files"))
+        .header("content-type", ct)
+        .body(Body::from_stream(stream))
+        .unwrap();
+    assert_eq!(small.send(req).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(!small.ws().join("big.txt").exists() && !small.ws().join("m.bin").exists());
+}

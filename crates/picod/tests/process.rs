@@ -1,0 +1,233 @@
+//! The real `picod` binary: startup checks, Unix socket, SIGTERM, and client disconnects.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_picod");
+
+fn spawn(args: &[&str], key: Option<&str>) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("PICOD_AUTH_PUBLIC_KEY");
+    if let Some(k) = key {
+        cmd.env("PICOD_AUTH_PUBLIC_KEY", k);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> Option<std::process::ExitStatus> {
+    for _ in 0..secs * 20 {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn refuses_to_start_without_a_usable_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = format!("--workspace={}", dir.path().display());
+    let mut c = spawn(&[&ws, "--listen=127.0.0.1:0"], None);
+    let status = wait_exit(&mut c, 10).expect("picod must exit without a key");
+    assert!(!status.success());
+    assert!(stderr_of(&mut c).contains("PICOD_AUTH_PUBLIC_KEY is not set"));
+    let mut c = spawn(&[&ws, "--listen=127.0.0.1:0"], Some("not a pem"));
+    assert!(!wait_exit(&mut c, 10).unwrap().success());
+    assert!(stderr_of(&mut c).contains("not a PEM RSA public key"));
+}
+
+async fn unix_request(sock: &std::path::Path, req: hyper::Request<Full<Bytes>>) -> (u16, Vec<u8>) {
+    let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+async fn wait_for_socket(sock: &std::path::Path) {
+    for _ in 0..200 {
+        if tokio::net::UnixStream::connect(sock).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("picod did not listen on {}", sock.display());
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/picod.sock");
+    let mut c = spawn(
+        &[
+            &format!("--workspace={}", dir.path().join("ws").display()),
+            &format!("--listen=unix:{}", sock.display()),
+        ],
+        Some(ROUTER_PUB),
+    );
+    wait_for_socket(&sock).await;
+    let req = hyper::Request::get("/health")
+        .header("host", "picod")
+        .body(Full::default())
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["service"].as_str()),
+        (Some("ok"), Some("PicoD"))
+    );
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {}", token()))
+        .body(Full::from(json!({"command": ["pwd"]}).to_string()))
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["stdout"].as_str().unwrap().ends_with("/ws\n"), "{v}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_exit(&mut c, 15).expect("picod must stop on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn insecure_mode_is_explicit_and_loud() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("p.sock");
+    let mut c = spawn(
+        &[
+            &format!("--workspace={}", dir.path().display()),
+            &format!("--listen=unix:{}", sock.display()),
+            "--insecure-no-auth",
+        ],
+        None,
+    );
+    wait_for_socket(&sock).await;
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .body(Full::from(json!({"command": ["echo", "open"]}).to_string()))
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert!(stderr_of(&mut c).contains("AUTHENTICATION DISABLED"));
+}
+
+/// Sends an execute over raw TCP, waits until the command wrote its pid, hangs up, and checks
+/// the command's process is killed.
+async fn disconnect_kills(stream_mode: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let ws = dir.path().join("ws");
+    let mut c = spawn(
+        &[
+            &format!("--workspace={}", ws.display()),
+            &format!("--listen=127.0.0.1:{port}"),
+        ],
+        Some(ROUTER_PUB),
+    );
+    let mut conn = None;
+    for _ in 0..200 {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            conn = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let mut conn = conn.expect("picod did not listen");
+    let body =
+        json!({"command": ["sh", "-c", "echo $$ > cmd.pid; exec sleep 60"], "timeout": "120s"})
+            .to_string();
+    let accept = if stream_mode {
+        "accept: application/x-ndjson\r\n"
+    } else {
+        ""
+    };
+    write!(
+        conn,
+        "POST /api/execute HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\n{accept}content-length: {}\r\n\r\n{body}",
+        token(),
+        body.len()
+    )
+    .unwrap();
+    let pid_file = ws.join("cmd.pid");
+    let mut pid = None;
+    for _ in 0..200 {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            pid = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pid = pid.expect("command did not start");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    let mut gone = false;
+    for _ in 0..200 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.split(' ').nth(2) == Some("Z") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert!(
+        gone,
+        "command {pid} kept running after the client went away (stream={stream_mode})"
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_kills_a_buffered_command() {
+    disconnect_kills(false).await;
+}
+
+#[tokio::test]
+async fn client_disconnect_kills_a_streamed_command() {
+    disconnect_kills(true).await;
+}
