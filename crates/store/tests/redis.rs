@@ -1,0 +1,272 @@
+//! The conformance suite on a real `redis-server` and a real `valkey-server`, plus what only a
+//! networked store has: upstream wire compatibility, outages, and O(log N + k) listings.
+
+use std::time::Duration;
+
+use agentcube_store::testing::{Fixture, Flavor, ServerProcess, cases};
+use agentcube_store::{Error, RedisConfig, RedisStore, SessionStore};
+
+mod redis_server {
+    use super::*;
+    agentcube_store::conformance_tests!(Fixture::server(Flavor::Redis));
+}
+
+mod valkey_server {
+    use super::*;
+    agentcube_store::conformance_tests!(Fixture::server(Flavor::Valkey));
+}
+
+fn store_on(server: &ServerProcess) -> RedisStore {
+    let mut c = RedisConfig::new(server.url());
+    c.op_timeout = Duration::from_millis(500);
+    c.connect_timeout = Duration::from_millis(300);
+    RedisStore::new(c).unwrap()
+}
+
+async fn raw(server: &ServerProcess) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The record of spec §4.3, exactly as an upstream component writes it.
+const UPSTREAM: &str = r#"{"kind":"Sandbox","sandboxId":"5c1e","sandboxNamespace":"default","name":"my-interpreter-k3j9x0ab","entryPoints":[{"path":"/","protocol":"HTTP","endpoint":"10.244.0.12:8080"}],"sessionId":"0b6f","ownerId":"user-sub","createdAt":"2026-08-03T04:05:06.123456789Z","expiresAt":"2026-08-03T12:05:06Z","idleTimeout":"15m0s","status":"ready"}"#;
+
+#[tokio::test]
+async fn reads_what_upstream_wrote_and_writes_what_upstream_reads() {
+    for flavor in [Flavor::Redis, Flavor::Valkey] {
+        let server = ServerProcess::start(flavor);
+        let mut con = raw(&server).await;
+        // Upstream's StoreSandbox: SETNX + two ZADDs, no TTL.
+        let () = redis::pipe()
+            .cmd("SETNX")
+            .arg("session:0b6f")
+            .arg(UPSTREAM)
+            .ignore()
+            .cmd("ZADD")
+            .arg("session:expiry")
+            .arg(1785744306)
+            .arg("0b6f")
+            .ignore()
+            .cmd("ZADD")
+            .arg("session:last_activity")
+            .arg(1785715506)
+            .arg("0b6f")
+            .ignore()
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let store = store_on(&server);
+        let rec = store.get("0b6f").await.unwrap();
+        assert_eq!(rec.owner_id.as_deref(), Some("user-sub"));
+        assert_eq!(rec.entry_points()[0].endpoint, "10.244.0.12:8080");
+        let expired = store
+            .list_expired("2026-08-03T12:05:06Z".parse().unwrap(), 10)
+            .await
+            .unwrap();
+        assert_eq!(expired, vec![rec.clone()]);
+
+        // Ours, read raw: same key, same JSON bytes, integer-second scores, no TTL.
+        let mut ours = cases::record("ours-1", 60);
+        ours.idle_timeout = agentcube_types::GoDuration(Duration::from_secs(900));
+        store.insert(&ours, ours.created_at).await.unwrap();
+        let json: String = redis::cmd("GET")
+            .arg("session:ours-1")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(json, serde_json::to_string(&ours).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for field in [
+            "kind",
+            "sandboxId",
+            "sandboxNamespace",
+            "name",
+            "entryPoints",
+            "sessionId",
+            "createdAt",
+            "expiresAt",
+            "idleTimeout",
+            "status",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(
+            (v["idleTimeout"].as_str(), v["status"].as_str()),
+            (Some("15m0s"), Some("creating"))
+        );
+        assert!(v["entryPoints"].is_null());
+        let ttl: i64 = redis::cmd("TTL")
+            .arg("session:ours-1")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(ttl, -1);
+        let score: String = redis::cmd("ZSCORE")
+            .arg("session:expiry")
+            .arg("ours-1")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(score, ours.expires_at.as_second().to_string());
+        let score: String = redis::cmd("ZSCORE")
+            .arg("session:last_activity")
+            .arg("ours-1")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(score, ours.created_at.as_second().to_string());
+        // Upstream's delete (DEL + ZREM) on our record leaves nothing our store would list.
+        store.delete("0b6f").await.unwrap();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("session:0b6f")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0);
+    }
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_recovers() {
+    let mut server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    store
+        .insert(&cases::record("live", 100), jiff::Timestamp::now())
+        .await
+        .unwrap();
+    server.stop();
+    for _ in 0..3 {
+        // The hang guard is generous; the store's own bound (500 ms) is what answers.
+        let r = tokio::time::timeout(Duration::from_secs(10), store.get("live"))
+            .await
+            .expect("store call hung");
+        assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.touch_many(&[("live".into(), jiff::Timestamp::now())]),
+        )
+        .await
+        .expect("store call hung");
+        assert!(r.as_ref().is_err_and(Error::is_unavailable), "{r:?}");
+    }
+    server.restart();
+    // The data is gone (no persistence in this test server), but the store reconnects by itself.
+    let mut recovered = false;
+    for _ in 0..50 {
+        match store.ping().await {
+            Ok(()) => {
+                recovered = true;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(recovered, "store did not reconnect after Redis came back");
+    store
+        .insert(&cases::record("after", 100), jiff::Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(store.get("after").await.unwrap().session_id, "after");
+}
+
+#[tokio::test]
+async fn unreachable_at_start_is_unavailable_not_fatal() {
+    let mut server = ServerProcess::start(Flavor::Redis);
+    server.stop();
+    let store = store_on(&server);
+    assert!(store.ping().await.unwrap_err().is_unavailable());
+    server.restart();
+    store.ping().await.unwrap();
+}
+
+fn commandstats(server: &ServerProcess) -> std::collections::HashMap<String, u64> {
+    let info = server.command("INFO commandstats").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn listings_cost_log_n_plus_k_on_20k_sessions() {
+    let server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    let mut con = raw(&server).await;
+    // Load 20k sessions in pipelined batches (the store's own insert is one round trip each).
+    let base = jiff::Timestamp::now().as_second();
+    for chunk in (0..20_000).collect::<Vec<i64>>().chunks(2000) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            let mut r = cases::record(&format!("bulk-{i}"), 0);
+            r.expires_at = jiff::Timestamp::from_second(base + i).unwrap();
+            p.cmd("SET")
+                .arg(format!("session:bulk-{i}"))
+                .arg(serde_json::to_string(&r).unwrap())
+                .ignore();
+            p.cmd("ZADD")
+                .arg("session:expiry")
+                .arg(base + i)
+                .arg(format!("bulk-{i}"))
+                .ignore();
+            p.cmd("ZADD")
+                .arg("session:last_activity")
+                .arg(base + i)
+                .arg(format!("bulk-{i}"))
+                .ignore();
+        }
+        let () = p.query_async(&mut con).await.unwrap();
+    }
+    let before = commandstats(&server);
+    let t = jiff::Timestamp::from_second(base + 1_000_000).unwrap();
+    let expired = store.list_expired(t, 25).await.unwrap();
+    let idle = store.list_idle(t, 25).await.unwrap();
+    let after = commandstats(&server);
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    assert_eq!((expired.len(), idle.len()), (25, 25));
+    assert_eq!(expired[0].session_id, "bulk-0");
+    assert_eq!(delta("zrangebyscore"), 2, "one range query per listing");
+    assert_eq!(
+        delta("get"),
+        50,
+        "one GET per returned session, not per stored session"
+    );
+    for scan in ["scan", "keys", "zrange", "zcard", "mget"] {
+        assert_eq!(delta(scan), 0, "{scan} must not be used");
+    }
+}
+
+#[tokio::test]
+async fn dangling_index_entries_are_dropped() {
+    let server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    let mut con = raw(&server).await;
+    store
+        .insert(&cases::record("gone", 10), jiff::Timestamp::UNIX_EPOCH)
+        .await
+        .unwrap();
+    // Someone deleted the record but not the indexes (e.g. an older component crashed midway).
+    let () = redis::cmd("DEL")
+        .arg("session:gone")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let far = jiff::Timestamp::from_second(4_000_000_000).unwrap();
+    assert!(store.list_expired(far, 10).await.unwrap().is_empty());
+    let n: i64 = redis::cmd("ZCARD")
+        .arg("session:expiry")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let m: i64 = redis::cmd("ZCARD")
+        .arg("session:last_activity")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((n, m), (0, 0));
+}
