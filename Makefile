@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RUN_ADDR ?= 127.0.0.1:8080
 
-.PHONY: run test deps build fmt lint bench bench-picod clean
+.PHONY: run test deps build fmt lint crds check-crds bench bench-picod clean
 
 ## run: build and start the system on this machine (today: PicoD alone, auth disabled, loopback only)
 run: deps
@@ -28,9 +28,17 @@ build:
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+lint: check-crds
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## crds: regenerate config/crd/*.yaml from the Rust types
+crds:
+	$(CARGO) run -q -p agentcube-crds --bin crdgen
+
+## check-crds: fail when the committed CRD YAML is stale
+check-crds:
+	$(CARGO) run -q -p agentcube-crds --bin crdgen -- --check
 
 ## bench: benchmarks that print ratios against same-run baselines (they never fail)
 bench: bench-picod

@@ -1,0 +1,79 @@
+//! `AgentRuntime`: a pod template for agents that get one sandbox per session.
+
+use std::collections::BTreeMap;
+
+use agentcube_types::GoDuration;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    TargetPort, default_max_session_duration, default_session_timeout, duration_defaults,
+    duration_schema, require,
+};
+
+/// An AgentRuntime declares an agent server: every session gets its own sandbox running the pod
+/// template, reached through the Router at
+/// `/v1/namespaces/{ns}/agent-runtimes/{name}/invocations/...`.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "runtime.agentcube.volcano.sh",
+    version = "v1alpha1",
+    kind = "AgentRuntime",
+    plural = "agentruntimes",
+    namespaced,
+    status = "AgentRuntimeStatus",
+    derive = "PartialEq",
+    doc = "An AgentRuntime declares an agent server: every session gets its own sandbox running the pod template, reached through the Router at /v1/namespaces/{ns}/agent-runtimes/{name}/invocations/<path>.",
+    shortname = "ar",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = require_durations)]
+pub struct AgentRuntimeSpec {
+    /// Ports of the agent the Router may forward to (may be empty: then nothing is reachable).
+    pub target_port: Vec<TargetPort>,
+    /// The pod each session's sandbox runs.
+    pub pod_template: SandboxTemplate,
+    /// A session idle for longer than this is deleted (Go duration, e.g. `15m`).
+    #[serde(default = "default_session_timeout")]
+    #[schemars(schema_with = "duration_schema")]
+    pub session_timeout: GoDuration,
+    /// A session is deleted this long after creation, however active (e.g. `8h`).
+    #[serde(default = "default_max_session_duration")]
+    #[schemars(schema_with = "duration_schema")]
+    pub max_session_duration: GoDuration,
+}
+
+fn require_durations(schema: &mut Schema) {
+    // Upstream lists both as required; the API server applies their defaults first.
+    require(schema, &["sessionTimeout", "maxSessionDuration"]);
+    duration_defaults(schema);
+}
+
+/// Pod labels, annotations and spec of an agent sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxTemplate {
+    /// Labels added to the sandbox pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Annotations added to the sandbox pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// A Kubernetes PodSpec. The local backend runs the first container's command and args on
+    /// the host's read-only root; the image is not used there.
+    pub spec: PodSpec,
+}
+
+/// Observed state of an AgentRuntime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRuntimeStatus {
+    /// Conditions (upstream never writes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+}

@@ -1,0 +1,26 @@
+//! Every label, annotation and well-known name the system puts on Kubernetes objects (spec §2.4).
+
+/// Session id of the sandbox (label).
+pub const SESSION_ID: &str = "runtime.agentcube.io/session-id";
+/// Name of the AgentRuntime/CodeInterpreter a sandbox runs (label).
+pub const WORKLOAD_NAME: &str = "runtime.agentcube.io/workload-name";
+/// Name of the Sandbox or SandboxClaim (label, on pods and claims).
+pub const SANDBOX_NAME: &str = "runtime.agentcube.io/sandbox-name";
+/// Idle timeout as a Go duration string, e.g. `15m0s` (annotation).
+pub const IDLE_TIMEOUT: &str = "runtime.agentcube.io/idle-timeout";
+/// OIDC subject of the session owner (annotation).
+pub const OWNER: &str = "agentcube.io/owner";
+/// First 63 hex characters of sha256(owner) (label; labels cannot hold arbitrary subjects).
+pub const OWNER_HASH: &str = "agentcube.io/owner-hash";
+/// `managed-by` label key on Sandboxes the Workload Manager creates.
+pub const MANAGED_BY: &str = "managed-by";
+/// Value of [`MANAGED_BY`].
+pub const MANAGED_BY_VALUE: &str = "agentcube-workload-manager";
+/// agent-sandbox's annotation naming the pod a Sandbox adopted from a warm pool.
+pub const POD_NAME: &str = "agents.x-k8s.io/pod-name";
+/// Container name in a direct CodeInterpreter Sandbox.
+pub const CODE_INTERPRETER_CONTAINER: &str = "code-interpreter";
+/// Container name in a CodeInterpreter SandboxTemplate (upstream differs between paths).
+pub const TEMPLATE_CONTAINER: &str = "codeinterpreter";
+/// Environment variable carrying the Router's public key into sandboxes.
+pub const PICOD_AUTH_PUBLIC_KEY: &str = "PICOD_AUTH_PUBLIC_KEY";

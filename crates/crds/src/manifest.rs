@@ -1,0 +1,145 @@
+//! Loading CodeInterpreter / AgentRuntime manifests from YAML, as the API server would take them.
+
+use std::path::Path;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use serde_json::Value;
+
+use crate::{AgentRuntime, CodeInterpreter};
+
+/// API version of our kinds.
+pub const API_VERSION: &str = "runtime.agentcube.volcano.sh/v1alpha1";
+
+/// A definition loaded from a manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Definition {
+    CodeInterpreter(Box<CodeInterpreter>),
+    AgentRuntime(Box<AgentRuntime>),
+}
+
+impl Definition {
+    /// `namespace/name`.
+    pub fn key(&self) -> (String, String) {
+        let meta = match self {
+            Self::CodeInterpreter(c) => &c.metadata,
+            Self::AgentRuntime(a) => &a.metadata,
+        };
+        (
+            meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+/// Why a manifest document was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: document {index} ({what}): {}", .errors.join("; "))]
+pub struct ManifestError {
+    pub source_name: String,
+    pub index: usize,
+    pub what: String,
+    pub errors: Vec<String>,
+}
+
+/// The CRD's `openAPIV3Schema`, plus the root fields every object has (the API server adds them
+/// implicitly; `metadata` is checked separately).
+fn openapi_schema(crd: &CustomResourceDefinition) -> Value {
+    let mut schema = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .map(|s| serde_json::to_value(s).unwrap_or_default())
+        .unwrap_or_default();
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert("apiVersion".into(), serde_json::json!({"type": "string"}));
+        props.insert("kind".into(), serde_json::json!({"type": "string"}));
+        props.insert("metadata".into(), serde_json::json!({"type": "object"}));
+    }
+    schema
+}
+
+/// Parses every YAML document in `text`. Documents of other kinds (a Deployment next to an
+/// AgentRuntime, say) are skipped; documents of our kinds must pass the CRD schema.
+pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let fail = |what: &str, errors: Vec<String>| ManifestError {
+            source_name: source_name.to_string(),
+            index,
+            what: what.to_string(),
+            errors,
+        };
+        let value: Value = serde::Deserialize::deserialize(doc)
+            .map_err(|e| fail("not YAML", vec![e.to_string()]))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let api = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let what = format!("{kind} {name:?}");
+        if kind != "CodeInterpreter" && kind != "AgentRuntime" {
+            continue;
+        }
+        if api != API_VERSION {
+            return Err(fail(
+                &what,
+                vec![format!("apiVersion must be {API_VERSION}, got {api:?}")],
+            ));
+        }
+        if name.is_empty() {
+            return Err(fail(&what, vec!["metadata.name: Required value".into()]));
+        }
+        let mut value = value;
+        let crd = if kind == "CodeInterpreter" {
+            CodeInterpreter::crd()
+        } else {
+            AgentRuntime::crd()
+        };
+        crate::schema::validate(&openapi_schema(&crd), &mut value)
+            .map_err(|errs| fail(&what, errs.iter().map(ToString::to_string).collect()))?;
+        if value.pointer("/metadata/namespace").is_none() {
+            value["metadata"]["namespace"] = Value::String("default".into());
+        }
+        let def = if kind == "CodeInterpreter" {
+            serde_json::from_value(value).map(|c| Definition::CodeInterpreter(Box::new(c)))
+        } else {
+            serde_json::from_value(value).map(|a| Definition::AgentRuntime(Box::new(a)))
+        };
+        out.push(def.map_err(|e| fail(&what, vec![e.to_string()]))?);
+    }
+    Ok(out)
+}
+
+/// Loads every `*.yaml` / `*.yml` file directly in `dir` (sorted by file name). Returns what
+/// loaded and, separately, what was refused.
+pub fn load_dir(dir: &Path) -> std::io::Result<(Vec<Definition>, Vec<ManifestError>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    let (mut defs, mut errors) = (Vec::new(), Vec::new());
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        match load(&text, &f.display().to_string()) {
+            Ok(d) => defs.extend(d),
+            Err(e) => errors.push(e),
+        }
+    }
+    Ok((defs, errors))
+}
