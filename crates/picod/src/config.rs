@@ -29,6 +29,8 @@ pub struct Config {
     pub default_timeout: Duration,
     /// Verified tokens remembered at once.
     pub token_cache_size: usize,
+    /// TCP ports whose readiness `/health` reports (the forwarded agent ports).
+    pub health_ports: Vec<u16>,
 }
 
 impl Config {
@@ -41,6 +43,7 @@ impl Config {
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             default_timeout: DEFAULT_TIMEOUT,
             token_cache_size: 1024,
+            health_ports: Vec::new(),
         }
     }
 }

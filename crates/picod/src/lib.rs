@@ -7,7 +7,9 @@
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
-//! 5. On shutdown, in-flight requests get [`server::SHUTDOWN_GRACE`] to finish.
+//! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
+//!    AgentRuntime sandboxes whose agent `main` starts as a child process.
+//! 6. On shutdown, in-flight requests get [`server::SHUTDOWN_GRACE`] to finish.
 //!
 //! Depends on `agentcube-types` only: it runs in every sandbox, so it stays small.
 
@@ -16,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod forward;
 pub mod jail;
 pub mod server;
 

@@ -31,9 +31,23 @@ struct Args {
     /// Largest stdout (and stderr) kept per buffered execute, in bytes.
     #[arg(long, env = "PICOD_MAX_OUTPUT_BYTES", default_value_t = agentcube_picod::config::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: usize,
+    /// Forward a Unix socket to a TCP port inside the sandbox: `PORT=unix:/path.sock`
+    /// (repeatable). `/health` then reports whether each port is open.
+    #[arg(long = "forward", env = "PICOD_FORWARD", value_delimiter = ',')]
+    forwards: Vec<agentcube_picod::forward::Forward>,
+    /// A program PicoD starts in the workspace and keeps as its child (an agent server), given
+    /// after `--`. PicoD exits when it exits.
+    #[arg(last = true)]
+    agent: Vec<String>,
     /// Log format: plain or json.
     #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
     log_format: String,
+}
+
+/// What `main` needs besides the library's [`Config`].
+struct Extras {
+    forwards: Vec<agentcube_picod::forward::Forward>,
+    agent: Vec<String>,
 }
 
 impl TryFrom<Args> for (Config, ListenAddr) {
@@ -57,6 +71,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         let mut config = Config::new(workspace, auth);
         config.max_body_bytes = a.max_body_bytes;
         config.max_output_bytes = a.max_output_bytes;
+        config.health_ports = a.forwards.iter().map(|f| f.port).collect();
         let listen = a
             .listen
             .unwrap_or_else(|| ListenAddr::Tcp(([0, 0, 0, 0], a.port).into()));
@@ -68,6 +83,10 @@ impl TryFrom<Args> for (Config, ListenAddr) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    let extras = Extras {
+        forwards: args.forwards.clone(),
+        agent: args.agent.clone(),
+    };
     let (config, listen) = <(Config, ListenAddr)>::try_from(args)?;
     if matches!(config.auth, Auth::Disabled) {
         tracing::warn!(
@@ -79,7 +98,31 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen:?}"))?;
     tracing::info!(addr = %listener.describe(), workspace = %state.workspace.root().display(), "picod listening");
-    agentcube_picod::run(state, listener, shutdown_signal()).await?;
+    agentcube_picod::forward::start(&extras.forwards).context("cannot bind a --forward socket")?;
+    let workspace = state.workspace.root().to_path_buf();
+    let agent = async move {
+        if extras.agent.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut child = match tokio::process::Command::new(&extras.agent[0])
+            .args(&extras.agent[1..])
+            .current_dir(&workspace)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(program = %extras.agent[0], error = %e, "cannot start the agent");
+                return;
+            }
+        };
+        let status = child.wait().await;
+        tracing::warn!(?status, "agent exited; stopping");
+    };
+    tokio::select! {
+        r = agentcube_picod::run(state, listener, shutdown_signal()) => r?,
+        () = agent => {}
+    }
     tracing::info!("picod stopped");
     Ok(())
 }

@@ -81,11 +81,20 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
+    let mut ports = None;
+    if !state.config.health_ports.is_empty() {
+        let mut map = std::collections::BTreeMap::new();
+        for p in &state.config.health_ports {
+            map.insert(p.to_string(), crate::forward::port_open(*p).await);
+        }
+        ports = Some(map);
+    }
     Json(HealthResponse {
         status: "ok".into(),
         service: "PicoD".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime: GoDuration(state.started.elapsed()).to_string(),
+        ports,
     })
 }
 

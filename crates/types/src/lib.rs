@@ -5,11 +5,13 @@
 //!
 //! Modules:
 //! - [`duration`]: Go `time.Duration` syntax (`15m0s`, `120.0s`), used in records, CRDs and PicoD.
+//! - [`api`]: Workload Manager request/response bodies and [`api::WorkloadKind`].
 //! - [`picod`]: PicoD request/response bodies.
 //! - [`claims`]: JWT claims the Router signs.
 //! - [`session`]: the session record kept in the store (upstream `SandboxInfo`).
 //! - [`headers`]: header names.
 
+pub mod api;
 pub mod claims;
 pub mod duration;
 pub mod headers;

@@ -108,4 +108,8 @@ pub struct HealthResponse {
     pub version: String,
     /// Go duration text.
     pub uptime: String,
+    /// Extension: whether each forwarded agent port accepts connections (local AgentRuntime
+    /// sandboxes only; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<std::collections::BTreeMap<String, bool>>,
 }

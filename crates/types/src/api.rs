@@ -1,0 +1,79 @@
+//! Workload Manager HTTP bodies (spec §1.5, §2.2), shared by the WM and the Router.
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::{BackingKind, EntryPoint};
+
+/// Which CRD a session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkloadKind {
+    AgentRuntime,
+    CodeInterpreter,
+}
+
+impl WorkloadKind {
+    /// Path segment of the WM API: `agent-runtime` / `code-interpreter`.
+    pub fn api_segment(self) -> &'static str {
+        match self {
+            Self::AgentRuntime => "agent-runtime",
+            Self::CodeInterpreter => "code-interpreter",
+        }
+    }
+
+    /// Path segment of the Router API: `agent-runtimes` / `code-interpreters`.
+    pub fn router_segment(self) -> &'static str {
+        match self {
+            Self::AgentRuntime => "agent-runtimes",
+            Self::CodeInterpreter => "code-interpreters",
+        }
+    }
+
+    /// Kubernetes resource name used in error messages, e.g. `codeinterpreters.agentcube.volcano.sh`.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Self::AgentRuntime => "agentruntimes.agentcube.volcano.sh",
+            Self::CodeInterpreter => "codeinterpreters.agentcube.volcano.sh",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AgentRuntime => "AgentRuntime",
+            Self::CodeInterpreter => "CodeInterpreter",
+        })
+    }
+}
+
+/// Body of `POST /v1/{agent-runtime|code-interpreter}`. Extra fields (`ttl`, `metadata`, `kind`)
+/// are accepted and ignored, as upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSandboxRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// Answer of a successful create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSandboxResponse {
+    /// Backing object kind (`Sandbox` / `SandboxClaim`), not the CRD kind.
+    pub kind: BackingKind,
+    pub session_id: String,
+    pub sandbox_id: String,
+    pub sandbox_name: String,
+    pub entry_points: Vec<EntryPoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
+}
+
+/// The WM's error body: `{"message": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageBody {
+    pub message: String,
+}

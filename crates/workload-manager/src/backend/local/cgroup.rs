@@ -1,0 +1,243 @@
+//! cgroup limits for local sandboxes, on cgroup v1 (memory, pids, cpu controllers) and v2.
+//!
+//! Sandbox cgroups are created under this process's own cgroup (not at the root), as
+//! `agentcube/<sandbox>`. The launcher shell writes its own pid into every `cgroup.procs` before
+//! it execs bubblewrap, so nothing in the sandbox ever runs outside its limits.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Limits of one sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+    /// CPU in millicores (`500m` = 500).
+    pub cpu_millis: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+enum Layout {
+    /// One directory per controller: (controller, our agentcube dir).
+    V1(Vec<(&'static str, PathBuf)>),
+    /// The unified hierarchy: our agentcube dir.
+    V2(PathBuf),
+}
+
+/// Where sandbox cgroups go. `None` from [`Cgroups::detect`] means limits cannot be enforced.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    layout: Layout,
+}
+
+/// One sandbox's cgroup directories.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+fn own_path(controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controller.is_empty() && ctrls.is_empty() {
+            return Some(path.to_string());
+        }
+        ctrls
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+impl Cgroups {
+    /// Finds a writable place for sandbox cgroups, or `None` (with the reason) when there is none.
+    pub fn detect(root: &Path) -> Result<Self, String> {
+        let v1_memory = root.join("memory");
+        if v1_memory.join("memory.limit_in_bytes").exists()
+            || own_path("memory").is_some() && v1_memory.is_dir()
+        {
+            let mut dirs = Vec::new();
+            for ctrl in ["memory", "pids", "cpu"] {
+                let own =
+                    own_path(ctrl).ok_or_else(|| format!("no {ctrl} cgroup for this process"))?;
+                let dir = root
+                    .join(ctrl)
+                    .join(own.trim_start_matches('/'))
+                    .join("agentcube");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                dirs.push((ctrl, dir));
+            }
+            return Ok(Self {
+                layout: Layout::V1(dirs),
+            });
+        }
+        if root.join("cgroup.controllers").exists() {
+            let own = own_path("").ok_or("no cgroup v2 entry for this process")?;
+            let parent = root.join(own.trim_start_matches('/'));
+            let dir = parent.join("agentcube");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            // Children of `dir` need the controllers delegated from `dir`.
+            std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                .map_err(|e| format!("cannot enable controllers under {}: {e}", dir.display()))?;
+            return Ok(Self {
+                layout: Layout::V2(dir),
+            });
+        }
+        Err(format!(
+            "no cgroup v1 or v2 hierarchy at {}",
+            root.display()
+        ))
+    }
+
+    /// Creates the sandbox's cgroup(s) with its limits.
+    pub fn create(&self, name: &str, limits: Limits) -> io::Result<SandboxCgroup> {
+        let cg = match &self.layout {
+            Layout::V1(dirs) => {
+                let mut made = Vec::new();
+                for (ctrl, base) in dirs {
+                    let dir = base.join(name);
+                    std::fs::create_dir_all(&dir)?;
+                    made.push(dir.clone());
+                    match *ctrl {
+                        "memory" => {
+                            if let Some(m) = limits.memory_bytes {
+                                std::fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
+                                // Without swap accounting this file may be absent; best effort.
+                                let _ = std::fs::write(
+                                    dir.join("memory.memsw.limit_in_bytes"),
+                                    m.to_string(),
+                                );
+                            }
+                        }
+                        "pids" => {
+                            if let Some(p) = limits.pids {
+                                std::fs::write(dir.join("pids.max"), p.to_string())?;
+                            }
+                        }
+                        "cpu" => {
+                            if let Some(c) = limits.cpu_millis {
+                                std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
+                                std::fs::write(
+                                    dir.join("cpu.cfs_quota_us"),
+                                    (c * 100).max(1000).to_string(),
+                                )?;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                SandboxCgroup { dirs: made }
+            }
+            Layout::V2(base) => {
+                let dir = base.join(name);
+                std::fs::create_dir_all(&dir)?;
+                if let Some(m) = limits.memory_bytes {
+                    std::fs::write(dir.join("memory.max"), m.to_string())?;
+                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                }
+                if let Some(p) = limits.pids {
+                    std::fs::write(dir.join("pids.max"), p.to_string())?;
+                }
+                if let Some(c) = limits.cpu_millis {
+                    std::fs::write(
+                        dir.join("cpu.max"),
+                        format!("{} 100000", (c * 100).max(1000)),
+                    )?;
+                }
+                SandboxCgroup { dirs: vec![dir] }
+            }
+        };
+        Ok(cg)
+    }
+}
+
+impl SandboxCgroup {
+    /// The `cgroup.procs` files a process must join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Kills whatever is left inside and removes the directories (waits up to a second).
+    pub async fn remove(&self) {
+        for dir in &self.dirs {
+            for _ in 0..50 {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Directories (for leak checks in tests).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+/// Parses a Kubernetes memory quantity (`512Mi`, `1Gi`, `128M`, `1e9`, `1000`) to bytes.
+pub fn parse_memory(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let units: [(&str, f64); 12] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    for (suffix, mult) in units {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|n| (n * mult) as u64);
+        }
+    }
+    if let Some(n) = q.strip_suffix('m') {
+        return n.parse::<f64>().ok().map(|n| (n / 1000.0) as u64);
+    }
+    q.parse::<f64>().ok().map(|n| n as u64)
+}
+
+/// Parses a Kubernetes CPU quantity (`500m`, `1`, `0.5`) to millicores.
+pub fn parse_cpu(q: &str) -> Option<u64> {
+    let q = q.trim();
+    match q.strip_suffix('m') {
+        Some(n) => n.parse::<f64>().ok().map(|n| n as u64),
+        None => q.parse::<f64>().ok().map(|n| (n * 1000.0) as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_memory("512Mi"), Some(512 * 1024 * 1024));
+        assert_eq!(parse_memory("1Gi"), Some(1 << 30));
+        assert_eq!(parse_memory("128M"), Some(128_000_000));
+        assert_eq!(parse_memory("1e9"), Some(1_000_000_000));
+        assert_eq!(parse_memory("100"), Some(100));
+        assert_eq!(parse_memory("lots"), None);
+        assert_eq!(parse_cpu("500m"), Some(500));
+        assert_eq!(parse_cpu("2"), Some(2000));
+        assert_eq!(parse_cpu("0.25"), Some(250));
+    }
+}

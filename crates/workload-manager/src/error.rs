@@ -1,0 +1,79 @@
+//! The Workload Manager's one error type and its HTTP mapping (upstream body `{"message": ...}`).
+
+use agentcube_types::api::MessageBody;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::backend::BackendError;
+
+/// Everything a WM request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or incomplete request (upstream texts: `Invalid request body`, `name is required`).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown definition or session; the message is upstream's text.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store or the sandbox platform is unavailable right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The sandbox did not become ready in time.
+    #[error("sandbox creation timed out")]
+    Timeout,
+    /// Anything else; details are logged, the client sees `internal server error`.
+    #[error("internal server error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status code for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<agentcube_store::Error> for ApiError {
+    fn from(e: agentcube_store::Error) -> Self {
+        match e {
+            agentcube_store::Error::Unavailable(m) => {
+                Self::Unavailable(format!("session store unavailable: {m}"))
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::NotReady(_) => Self::Timeout,
+            BackendError::Unavailable(m) => Self::Unavailable(m),
+            BackendError::Invalid(m) => Self::BadRequest(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Internal(detail) = &self {
+            tracing::warn!(error = %detail, "request failed");
+        }
+        (
+            status,
+            Json(MessageBody {
+                message: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}

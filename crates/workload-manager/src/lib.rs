@@ -1,0 +1,159 @@
+//! The Workload Manager: creates sandboxes for sessions, keeps warm pools, and reclaims idle and
+//! expired sessions.
+//!
+//! Main flow:
+//! 1. `main` builds a [`Config`], a store (`agentcube-store`) and a [`backend::Backend`]
+//!    ([`backend::local::LocalBackend`]: bubblewrap sandboxes on this host).
+//! 2. [`WorkloadManager::start`] loads definitions from the manifest directory
+//!    ([`definitions`]), syncs warm pools, and starts the reload watcher and the [`gc`] loop.
+//! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}` and
+//!    `DELETE /v1/*/sessions/{id}` through [`sessions::Manager`]: placeholder record → sandbox →
+//!    ready record, rolled back on failure, timeout (504) or a vanished client.
+//! 4. On shutdown every sandbox this process started is removed.
+//!
+//! Errors map to HTTP in one place: [`error::ApiError`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+
+pub mod api;
+pub mod backend;
+pub mod definitions;
+pub mod error;
+pub mod gc;
+pub mod sessions;
+
+use backend::Backend;
+use definitions::Definitions;
+use sessions::Manager;
+
+/// Settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of CodeInterpreter / AgentRuntime manifests (`None`: no definitions).
+    pub manifests_dir: Option<PathBuf>,
+    /// How often the manifest directory is checked for changes.
+    pub reload_interval: Duration,
+    /// GC interval (upstream: 15 s).
+    pub gc_interval: Duration,
+    /// Upper bound of one create (upstream: 2 min).
+    pub create_timeout: Duration,
+    /// Router public key (PEM) injected into `authMode: picod` sandboxes.
+    pub public_key: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            manifests_dir: None,
+            reload_interval: Duration::from_secs(2),
+            gc_interval: Duration::from_secs(15),
+            create_timeout: Duration::from_secs(120),
+            public_key: None,
+        }
+    }
+}
+
+/// A running Workload Manager (without its HTTP listener, so it can be embedded).
+pub struct WorkloadManager {
+    pub manager: Arc<Manager>,
+    pub backend: Arc<dyn Backend>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl WorkloadManager {
+    /// Loads definitions, fills warm pools, starts the reload watcher and GC.
+    pub async fn start(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        backend: Arc<dyn Backend>,
+    ) -> anyhow::Result<Self> {
+        let definitions = Arc::new(Definitions::new());
+        if let Some(dir) = &config.manifests_dir {
+            definitions
+                .reload_if_changed(dir)
+                .map_err(|e| anyhow::anyhow!("cannot read manifests in {}: {e}", dir.display()))?;
+        }
+        backend
+            .sync_pools(definitions.code_interpreters(), config.public_key.clone())
+            .await;
+        let manager = Arc::new(Manager {
+            store,
+            backend: backend.clone(),
+            definitions: definitions.clone(),
+            public_key: config.public_key.clone(),
+            create_timeout: config.create_timeout,
+        });
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = Vec::new();
+        let gc = gc::Gc {
+            manager: manager.clone(),
+            interval: config.gc_interval,
+            limit: 1000,
+        };
+        tasks.push(tokio::spawn(gc.run(stopped(stop_rx.clone()))));
+        if let Some(dir) = config.manifests_dir.clone() {
+            let (defs, backend, key) = (definitions, backend.clone(), config.public_key.clone());
+            let interval = config.reload_interval;
+            let until = stopped(stop_rx);
+            tasks.push(tokio::spawn(async move {
+                tokio::pin!(until);
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(interval) => {}
+                        () = &mut until => return,
+                    }
+                    match defs.reload_if_changed(&dir) {
+                        Ok(true) => {
+                            backend
+                                .sync_pools(defs.code_interpreters(), key.clone())
+                                .await
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot reload manifests"),
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            manager,
+            backend,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The HTTP API.
+    pub fn app(&self) -> axum::Router {
+        api::app(self.manager.clone())
+    }
+
+    /// Stops the background tasks and removes every sandbox.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.backend.shutdown().await;
+    }
+}
+
+/// Serves the API on `listener` until `shutdown`, then cleans up.
+pub async fn serve(
+    wm: WorkloadManager,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, wm.app())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    wm.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `workload-manager`: flags and environment → config, then serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agentcube_store::StoreArgs;
+use agentcube_types::GoDuration;
+use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+use agentcube_workload_manager::{Config, WorkloadManager};
+use anyhow::Context;
+use clap::Parser;
+
+/// AgentCube Workload Manager.
+#[derive(Debug, Parser)]
+#[command(name = "workload-manager", version)]
+struct Args {
+    /// Listen port.
+    #[arg(long, env = "WORKLOAD_MANAGER_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Listen address (IP).
+    #[arg(long, env = "WORKLOAD_MANAGER_BIND", default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+    /// Sandbox backend: `local` (bubblewrap on this host). `kubernetes` is not built yet.
+    #[arg(long, env = "AGENTCUBE_BACKEND", default_value = "local")]
+    backend: String,
+    /// Directory of CodeInterpreter/AgentRuntime manifests (reloaded on change).
+    #[arg(long, env = "AGENTCUBE_MANIFESTS")]
+    manifests: Option<PathBuf>,
+    /// Router public key (PEM file) injected into `authMode: picod` sandboxes.
+    #[arg(long, env = "AGENTCUBE_ROUTER_PUBLIC_KEY_FILE")]
+    router_public_key_file: Option<PathBuf>,
+    /// Local backend: state directory (sandbox workspaces and sockets).
+    #[arg(long, env = "AGENTCUBE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Local backend: PicoD binary (default: `picod` next to this binary).
+    #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
+    picod_binary: Option<PathBuf>,
+    /// Local backend: refuse to start when cgroup limits cannot be enforced.
+    #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
+    require_cgroups: bool,
+    /// GC interval (Go duration).
+    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
+    gc_interval: GoDuration,
+    /// Upper bound of one sandbox creation (Go duration).
+    #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value = "2m")]
+    create_timeout: GoDuration,
+    /// Default RuntimeClass for Kubernetes sandboxes whose definition names none (accepted for
+    /// compatibility with upstream's flag; not used by the local backend).
+    #[arg(long, env = "AGENTCUBE_RUNTIME_CLASS_NAME", default_value = "")]
+    runtime_class_name: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Log format: plain or json.
+    #[arg(long, env = "AGENTCUBE_LOG_FORMAT", default_value = "plain")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    if args.backend != "local" {
+        anyhow::bail!(
+            "backend {:?} is not available: only `local` is built so far",
+            args.backend
+        );
+    }
+    let store_config = args.store.clone().into_config(false)?;
+    let store = agentcube_store::connect(&store_config)?;
+    store
+        .ping()
+        .await
+        .context("the session store does not answer")?;
+    let public_key = match &args.router_public_key_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let exe = std::env::current_exe()?;
+    let picod = args
+        .picod_binary
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("picod"));
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let mut local = LocalConfig::new(state_dir, picod);
+    local.require_cgroups = args.require_cgroups;
+    let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
+    let config = Config {
+        manifests_dir: args.manifests.clone(),
+        gc_interval: args.gc_interval.0,
+        create_timeout: args.create_timeout.0,
+        public_key,
+        ..Config::default()
+    };
+    let wm = WorkloadManager::start(config, store, backend).await?;
+    let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
+    tracing::info!(addr = %listener.local_addr()?, "workload manager listening");
+    agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await
+}
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        PathBuf::from("/var/lib/agentcube")
+    } else {
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("agentcube")
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,169 @@
+//! Session lifecycle: create (placeholder → sandbox → ready record, rolled back on any failure or
+//! when the client goes away) and delete (sandbox first, then record).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+use agentcube_types::api::{CreateSandboxRequest, CreateSandboxResponse, WorkloadKind};
+use agentcube_types::{GoDuration, SessionRecord, SessionStatus};
+use jiff::{SignedDuration, Timestamp};
+
+use crate::backend::{Backend, SandboxRequest, Workload, local::sandbox_name};
+use crate::definitions::Definitions;
+use crate::error::ApiError;
+
+/// Creates and deletes sessions.
+pub struct Manager {
+    pub store: Arc<dyn SessionStore>,
+    pub backend: Arc<dyn Backend>,
+    pub definitions: Arc<Definitions>,
+    /// Router public key (PEM) for `authMode: picod` sandboxes.
+    pub public_key: Option<String>,
+    /// How long a create may take before it is rolled back with 504.
+    pub create_timeout: Duration,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+fn durations(w: &Workload) -> (GoDuration, GoDuration) {
+    match w {
+        Workload::CodeInterpreter(c) => (c.spec.session_timeout, c.spec.max_session_duration),
+        Workload::AgentRuntime(a) => (a.spec.session_timeout, a.spec.max_session_duration),
+    }
+}
+
+impl Manager {
+    /// `POST /v1/{code-interpreter|agent-runtime}`: answers once the sandbox is reachable.
+    pub async fn create(
+        self: &Arc<Self>,
+        kind: WorkloadKind,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, ApiError> {
+        if req.namespace.is_empty() {
+            return Err(ApiError::BadRequest("namespace is required".into()));
+        }
+        if req.name.is_empty() {
+            return Err(ApiError::BadRequest("name is required".into()));
+        }
+        let workload = self
+            .definitions
+            .get(kind, &req.namespace, &req.name)
+            .ok_or_else(|| {
+                ApiError::NotFound(match kind {
+                    WorkloadKind::CodeInterpreter => "code interpreter not found".into(),
+                    WorkloadKind::AgentRuntime => "agent runtime not found".into(),
+                })
+            })?;
+        if workload.needs_key() && self.public_key.is_none() {
+            return Err(ApiError::Internal(
+                "authMode picod but the Router public key is not available".into(),
+            ));
+        }
+        // The work runs in its own task: if the client goes away, the handler future is dropped
+        // but the task finishes and, finding nobody to answer, rolls everything back.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.create_session(&req.namespace, workload).await;
+            if let Err(Ok(resp)) = tx.send(result) {
+                tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
+                this.rollback(&resp.session_id, &resp.sandbox_name).await;
+            }
+        });
+        rx.await
+            .map_err(|_| ApiError::Internal("create task panicked".into()))?
+    }
+
+    async fn create_session(
+        &self,
+        namespace: &str,
+        workload: Workload,
+    ) -> Result<CreateSandboxResponse, ApiError> {
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let (idle, max) = durations(&workload);
+        let now = Timestamp::now();
+        let expires =
+            now + SignedDuration::try_from(max.0).unwrap_or(SignedDuration::from_hours(8));
+        let name = sandbox_name(workload.name());
+        let mut record =
+            SessionRecord::placeholder(&session_id, namespace, &name, now, expires, idle);
+        self.store.insert(&record, now).await?;
+        let req = SandboxRequest {
+            session_id: session_id.clone(),
+            namespace: namespace.to_string(),
+            name: name.clone(),
+            workload,
+            public_key: self.public_key.clone(),
+        };
+        let sandbox =
+            match tokio::time::timeout(self.create_timeout, self.backend.create(&req)).await {
+                Ok(Ok(sb)) => sb,
+                Ok(Err(e)) => {
+                    self.rollback(&session_id, &name).await;
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    self.rollback(&session_id, &name).await;
+                    return Err(ApiError::Timeout);
+                }
+            };
+        record.kind = sandbox.kind;
+        record.sandbox_id = sandbox.id.clone();
+        record.name = sandbox.name.clone();
+        record.entry_points = Some(sandbox.entry_points.clone());
+        record.status = SessionStatus::Ready;
+        if let Err(e) = self.store.replace(&record).await {
+            // Deleted meanwhile (or the store failed): the sandbox must not outlive its record.
+            self.rollback(&session_id, &sandbox.name).await;
+            return Err(e.into());
+        }
+        tracing::info!(session_id = %session_id, sandbox = %sandbox.name, "session created");
+        Ok(CreateSandboxResponse {
+            kind: sandbox.kind,
+            session_id,
+            sandbox_id: sandbox.id,
+            sandbox_name: sandbox.name,
+            entry_points: sandbox.entry_points,
+            owner_id: None,
+        })
+    }
+
+    async fn rollback(&self, session_id: &str, sandbox: &str) {
+        let _ = self
+            .backend
+            .delete(agentcube_types::BackingKind::Sandbox, "", sandbox)
+            .await;
+        if let Err(e) = self.store.delete(session_id).await {
+            tracing::warn!(session_id, error = %e, "rollback could not delete the record");
+        }
+    }
+
+    /// `DELETE /v1/*/sessions/{id}`: the sandbox first, then the record.
+    pub async fn delete(&self, session_id: &str) -> Result<(), ApiError> {
+        let record = match self.store.get(session_id).await {
+            Ok(r) => r,
+            Err(agentcube_store::Error::NotFound) => {
+                return Err(ApiError::NotFound(format!(
+                    "Session ID {session_id} not found, maybe already deleted"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.delete_record(&record).await
+    }
+
+    /// Deletes a session's sandbox and then its record (used by the API and GC).
+    pub async fn delete_record(&self, record: &SessionRecord) -> Result<(), ApiError> {
+        self.backend
+            .delete(record.kind, &record.sandbox_namespace, &record.name)
+            .await?;
+        self.store.delete(&record.session_id).await?;
+        tracing::info!(session_id = %record.session_id, sandbox = %record.name, "session deleted");
+        Ok(())
+    }
+}

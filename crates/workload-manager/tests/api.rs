@@ -1,0 +1,266 @@
+//! The Workload Manager API with real sandboxes: create → execute through PicoD → delete.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn code_interpreter_create_execute_delete() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    assert_eq!(v["kind"], "Sandbox");
+    let id = v["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "uuid session id");
+    assert!(v["sandboxName"].as_str().unwrap().starts_with("ci-"));
+    assert_eq!(v["entryPoints"][0]["path"], "/");
+    assert_eq!(v["entryPoints"][0]["protocol"], "HTTP");
+    let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    assert!(
+        ep.starts_with("unix:") && ep.ends_with("/run/picod.sock"),
+        "{ep}"
+    );
+    let rec = s.store.get(&id).await.unwrap();
+    assert_eq!(rec.status, agentcube_types::SessionStatus::Ready);
+    assert_eq!(rec.entry_points()[0].endpoint, ep);
+    assert_eq!(rec.idle_timeout.to_string(), "15m0s");
+    let out = exec(&v, &["python3", "-c", "print(1+1)"]).await;
+    assert_eq!(out["stdout"], "2\n");
+    // PicoD requires the Router's token: an unsigned request is refused.
+    let sock = ep.strip_prefix("unix:").unwrap();
+    let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "x")
+        .body(http_body_util::Full::<hyper::body::Bytes>::from("{}"))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 401);
+
+    let (status, body) = s.delete(&id).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"message": "Sandbox deleted successfully"}))
+    );
+    assert!(!std::path::Path::new(sock).exists());
+    assert!(s.store.get(&id).await.is_err());
+    let (status, body) = s.delete(&id).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body["message"],
+        format!("Session ID {id} not found, maybe already deleted")
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+const ECHO_AGENT: &str = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: echo, namespace: default}
+spec:
+  targetPort: [{pathPrefix: /, port: 8080, protocol: HTTP}]
+  podTemplate:
+    spec:
+      containers:
+        - name: agent
+          image: python
+          command: [python3, -c]
+          args:
+            - |
+              import json
+              from http.server import BaseHTTPRequestHandler, HTTPServer
+              class H(BaseHTTPRequestHandler):
+                  def do_POST(self):
+                      n = int(self.headers.get("Content-Length") or 0)
+                      body = json.loads(self.rfile.read(n) or b"{}")
+                      out = json.dumps({"output": "echo: " + body.get("input", ""), "path": self.path}).encode()
+                      self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
+                  def log_message(self, *a): pass
+              HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn agent_runtime_port_is_reachable_through_its_socket() {
+    let s = Stack::start(Options {
+        manifests: ECHO_AGENT.into(),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("agent-runtime", "echo").await;
+    let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    assert!(ep.ends_with("/run/port-8080.sock"), "{ep}");
+    let (status, body) =
+        unix_http(ep, "POST", "/echo", Some(json!({"input": "Hello, World!"}))).await;
+    assert_eq!(status, 200);
+    let v2: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v2,
+        json!({"output": "echo: Hello, World!", "path": "/echo"})
+    );
+    let id = v["sessionId"].as_str().unwrap();
+    assert_eq!(s.delete(id).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_upstream_messages() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let post = |body: &'static str| {
+        let http = s.http.clone();
+        let url = format!("{}/v1/code-interpreter", s.url);
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    assert_eq!(
+        post("{nope").await,
+        (400, json!({"message": "Invalid request body"}))
+    );
+    assert_eq!(
+        post(r#"{"name":"ci"}"#).await,
+        (400, json!({"message": "namespace is required"}))
+    );
+    assert_eq!(
+        post(r#"{"namespace":"default"}"#).await,
+        (400, json!({"message": "name is required"}))
+    );
+    assert_eq!(
+        s.create("code-interpreter", "nope").await,
+        (404, json!({"message": "code interpreter not found"}))
+    );
+    assert_eq!(
+        s.create("agent-runtime", "ci").await,
+        (404, json!({"message": "agent runtime not found"}))
+    );
+    let r = s
+        .http
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"status": "healthy"})
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("picod");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&fake).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        picod: Some(fake),
+        create_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = s.create("code-interpreter", "ci").await;
+    assert_eq!(
+        (status, body),
+        (504, json!({"message": "sandbox creation timed out"}))
+    );
+    let far = jiff::Timestamp::from_second(4_000_000_000).unwrap();
+    assert!(
+        s.store.list_expired(far, 10).await.unwrap().is_empty(),
+        "record rolled back"
+    );
+    eventually("rollback", 5, || s.backend.running().is_empty()).await;
+
+    // A client that goes away mid-create leaves nothing behind either.
+    let http = s.http.clone();
+    let url = format!("{}/v1/code-interpreter", s.url);
+    let req = tokio::spawn(async move {
+        let _ = http
+            .post(url)
+            .json(&json!({"name": "ci", "namespace": "default"}))
+            .send()
+            .await;
+    });
+    eventually("sandbox start", 5, || !s.backend.running().is_empty()).await;
+    req.abort();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(s.store.list_expired(far, 10).await.unwrap().is_empty());
+    eventually("rollback after disconnect", 5, || {
+        s.backend.running().is_empty()
+    })
+    .await;
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn manifests_are_reloaded_without_restart() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.create("code-interpreter", "later").await.0, 404);
+    std::fs::write(
+        s.dir.path().join("manifests/more.yaml"),
+        code_interpreter("later", ""),
+    )
+    .unwrap();
+    let mut ok = None;
+    for _ in 0..50 {
+        let (status, v) = s.create("code-interpreter", "later").await;
+        if status == 200 {
+            ok = Some(v);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let v = ok.expect("new definition picked up");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn works_the_same_on_redis() {
+    let server =
+        agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
+    let store = std::sync::Arc::new(
+        agentcube_store::RedisStore::new(agentcube_store::RedisConfig::new(server.url())).unwrap(),
+    );
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        store: Some(store),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    assert_eq!(exec(&v, &["echo", "hi"]).await["stdout"], "hi\n");
+    let raw = server
+        .command(&format!("GET session:{}", v["sessionId"].as_str().unwrap()))
+        .unwrap();
+    assert!(raw.contains("\"status\":\"ready\""), "{raw}");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}

@@ -1,0 +1,233 @@
+//! A Workload Manager on the local backend with real bubblewrap sandboxes, a real PicoD binary,
+//! and an HTTP client that reaches sandboxes through their Unix sockets.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+use agentcube_workload_manager::{Config, WorkloadManager};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+
+pub const ROUTER_KEY: &str = include_str!("../../../picod/tests/data/router.key.pem");
+pub const ROUTER_PUB: &str = include_str!("../../../picod/tests/data/router.pub.pem");
+
+pub fn picod_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let p = target.join("debug/picod");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p agentcube-picod`",
+        p.display()
+    );
+    p
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub backend: LocalBackend,
+    pub store: Arc<dyn SessionStore>,
+    pub wm: Option<WorkloadManager>,
+    pub http: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+pub struct Options {
+    pub manifests: String,
+    pub store: Option<Arc<dyn SessionStore>>,
+    pub picod: Option<PathBuf>,
+    pub create_timeout: Duration,
+    pub gc_interval: Duration,
+    pub pids: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            manifests: String::new(),
+            store: None,
+            picod: None,
+            create_timeout: Duration::from_secs(30),
+            gc_interval: Duration::from_secs(3600),
+            pids: 512,
+        }
+    }
+}
+
+pub fn code_interpreter(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  template:\n    image: picod\n{extra}---\n"
+    )
+}
+
+impl Stack {
+    pub async fn start(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(manifests.join("defs.yaml"), &opts.manifests).unwrap();
+        let mut local = LocalConfig::new(
+            dir.path().join("state"),
+            opts.picod.unwrap_or_else(picod_binary),
+        );
+        local.default_pids_limit = opts.pids;
+        local.ready_timeout = Duration::from_secs(20);
+        let backend = LocalBackend::new(local).unwrap();
+        let store = opts
+            .store
+            .unwrap_or_else(|| Arc::new(agentcube_store::MemoryStore::new()));
+        let config = Config {
+            manifests_dir: Some(manifests),
+            reload_interval: Duration::from_millis(200),
+            gc_interval: opts.gc_interval,
+            create_timeout: opts.create_timeout,
+            public_key: Some(ROUTER_PUB.into()),
+        };
+        let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend.clone()))
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = wm.app();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            dir,
+            url,
+            backend,
+            store,
+            wm: Some(wm),
+            http: reqwest::Client::new(),
+            server,
+        }
+    }
+
+    pub async fn create(&self, kind: &str, name: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/{kind}", self.url))
+            .json(&json!({"name": name, "namespace": "default", "ttl": 3600, "metadata": {}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create_ok(&self, kind: &str, name: &str) -> Value {
+        let (s, v) = self.create(kind, name).await;
+        assert_eq!(s, 200, "create {name}: {v}");
+        v
+    }
+
+    pub async fn delete(&self, id: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .delete(format!("{}/v1/code-interpreter/sessions/{id}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Everything this stack started is gone: processes, sockets, directories, cgroups.
+    pub async fn shutdown_and_check_leaks(mut self) {
+        let state = self.dir.path().join("state/sandboxes");
+        self.wm.take().unwrap().shutdown().await;
+        self.server.abort();
+        assert!(
+            self.backend.running().is_empty(),
+            "sandboxes left: {:?}",
+            self.backend.running()
+        );
+        let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
+        assert!(left.is_empty(), "sandbox directories left: {left:?}");
+    }
+}
+
+pub fn token() -> String {
+    let now = jiff::Timestamp::now().as_second();
+    let claims =
+        json!({"iss": "agentcube-router", "iat": now, "exp": now + 300, "session_id": "t"});
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(ROUTER_KEY.as_bytes()).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
+/// One HTTP request over a Unix socket (`unix:/path` endpoint).
+pub async fn unix_http(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Vec<u8>) {
+    let sock = endpoint.strip_prefix("unix:").expect("unix endpoint");
+    let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "sandbox")
+        .header("authorization", format!("Bearer {}", token()))
+        .header("content-type", "application/json")
+        .body(Full::<Bytes>::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        ))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+/// Runs a command in a CodeInterpreter session's sandbox through PicoD.
+pub async fn exec(session: &Value, argv: &[&str]) -> Value {
+    let ep = session["entryPoints"][0]["endpoint"].as_str().unwrap();
+    let (status, body) = unix_http(
+        ep,
+        "POST",
+        "/api/execute",
+        Some(json!({"command": argv, "timeout": "20s"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+pub fn sh(script: &str) -> Vec<&str> {
+    vec!["sh", "-c", script]
+}
+
+pub async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    for _ in 0..secs * 20 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
