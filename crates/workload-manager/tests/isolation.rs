@@ -1,0 +1,222 @@
+//! Local sandbox isolation. Each test would fail if its isolation were missing.
+
+mod common;
+
+use common::*;
+
+async fn stack(extra: &str, pids: u64) -> (Stack, serde_json::Value) {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", extra),
+        pids,
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    (s, v)
+}
+
+#[tokio::test]
+async fn no_network_from_inside() {
+    // A host port that is really listening: the WM itself.
+    let (s, v) = stack("", 512).await;
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let script = format!(
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), 2)\n    print('CONNECTED')\nexcept OSError as e:\n    print('refused', e)\n"
+    );
+    let out = exec(&v, &["python3", "-c", &script]).await;
+    assert!(
+        out["stdout"].as_str().unwrap().starts_with("refused"),
+        "{out}"
+    );
+    // From the host the same port answers, so the refusal comes from the sandbox.
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok());
+    let out = exec(&v, &["cat", "/proc/net/dev"]).await;
+    let ifaces: Vec<_> = out["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .skip(2)
+        .map(|l| l.split(':').next().unwrap().trim().to_string())
+        .collect();
+    assert_eq!(ifaces, ["lo"], "only loopback inside");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn host_system_directories_are_read_only() {
+    let (s, v) = stack("", 512).await;
+    let out = exec(&v, &sh("touch /usr/agentcube-escape 2>&1; echo rc=$?")).await;
+    assert!(out["stdout"].as_str().unwrap().contains("rc=1"), "{out}");
+    assert!(!std::path::Path::new("/usr/agentcube-escape").exists());
+    let out = exec(&v, &sh("echo x > /etc/agentcube-escape; ls /etc")).await;
+    assert!(
+        !std::path::Path::new("/etc/agentcube-escape").exists(),
+        "host /etc untouched"
+    );
+    assert!(
+        !out["stdout"].as_str().unwrap().contains("shadow"),
+        "no /etc/shadow inside: {out}"
+    );
+    let out = exec(&v, &sh("cat /etc/shadow; echo rc=$?")).await;
+    assert!(out["stdout"].as_str().unwrap().contains("rc=1"));
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn host_processes_are_invisible() {
+    let (s, v) = stack("", 512).await;
+    let out = exec(
+        &v,
+        &sh("ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '"),
+    )
+    .await;
+    let text = out["stdout"].as_str().unwrap();
+    let count: usize = text.lines().next().unwrap().parse().unwrap();
+    let host: usize = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .count();
+    assert!(
+        count < 10 && count < host,
+        "sandbox sees {count} processes (host has {host})"
+    );
+    assert!(
+        text.lines().nth(1).unwrap().contains("bwrap"),
+        "pid 1 is the sandbox's own init: {text}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn sandboxes_cannot_read_each_other() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let a = s.create_ok("code-interpreter", "ci").await;
+    let b = s.create_ok("code-interpreter", "ci").await;
+    exec(&a, &sh("echo top-secret > secret.txt")).await;
+    let a_ws = s
+        .backend
+        .sandbox_dir(a["sandboxName"].as_str().unwrap())
+        .join("ws");
+    assert_eq!(
+        std::fs::read_to_string(a_ws.join("secret.txt")).unwrap(),
+        "top-secret\n"
+    );
+    let script = format!(
+        "cat {}/secret.txt; cat /root/secret.txt; grep -r top-secret / 2>/dev/null; echo done",
+        a_ws.display()
+    );
+    let out = exec(&b, &sh(&script)).await;
+    assert!(
+        !out["stdout"].as_str().unwrap().contains("top-secret"),
+        "{out}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn no_capabilities_and_not_root_outside() {
+    let (s, v) = stack("", 512).await;
+    let out = exec(&v, &sh("grep -E 'CapEff|CapPrm|CapBnd' /proc/self/status")).await;
+    for line in out["stdout"].as_str().unwrap().lines() {
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    // The sandbox's processes run as an unprivileged uid on the host.
+    let out = exec(&v, &sh("echo $$ > /root/pid; sleep 2")).await;
+    assert_eq!(out["exit_code"], 0);
+    let ws = s
+        .backend
+        .sandbox_dir(v["sandboxName"].as_str().unwrap())
+        .join("ws");
+    let meta = std::fs::metadata(ws.join("pid")).unwrap();
+    if nix::unistd::Uid::effective().is_root() {
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            65534,
+            "files written inside are owned by nobody"
+        );
+    }
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn memory_limit_kills_a_hog() {
+    let (s, v) = stack("    resources:\n      limits:\n        memory: 64Mi\n", 512).await;
+    assert!(
+        s.backend.enforces_limits(),
+        "cgroups must be available for this test"
+    );
+    let out = exec(&v, &["python3", "-c", "x = bytearray(400 * 1024 * 1024); x[::4096] = b'x' * len(x[::4096]); print('survived')"]).await;
+    assert_ne!(out["exit_code"], 0, "{out}");
+    assert!(!out["stdout"].as_str().unwrap().contains("survived"));
+    // Small allocations still work: the sandbox itself is fine.
+    let out = exec(
+        &v,
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(8 * 1024 * 1024); print('ok')",
+        ],
+    )
+    .await;
+    assert_eq!(out["stdout"], "ok\n");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn pids_limit_stops_a_fork_bomb() {
+    let (s, v) = stack("", 40).await;
+    let out = exec(
+        &v,
+        &sh("for i in $(seq 1 200); do sleep 3 & done 2>&1; echo spawned; wait"),
+    )
+    .await;
+    let all = format!("{}{}", out["stdout"], out["stderr"]);
+    assert!(
+        all.contains("fork") || all.contains("Resource temporarily unavailable"),
+        "{out}"
+    );
+    // Inside the limit, processes still start.
+    let out = exec(&v, &["echo", "alive"]).await;
+    assert_eq!(out["stdout"], "alive\n");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn cgroups_are_removed_with_the_sandbox() {
+    let (s, v) = stack(
+        "    resources:\n      limits:\n        memory: 256Mi\n        cpu: 500m\n",
+        512,
+    )
+    .await;
+    let name = v["sandboxName"].as_str().unwrap();
+    let dirs = s.backend.cgroup_dirs(name);
+    assert!(!dirs.is_empty());
+    let mem = dirs
+        .iter()
+        .find(|d| d.to_string_lossy().contains("/memory/"))
+        .cloned();
+    if let Some(mem) = mem {
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+                .unwrap()
+                .trim(),
+            (256u64 << 20).to_string()
+        );
+    }
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    for d in &dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    s.shutdown_and_check_leaks().await;
+}

@@ -1,0 +1,146 @@
+//! Warm pools (claim, refill, exhaustion, rolling) and garbage collection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn ready(s: &Stack) -> usize {
+    s.backend.pool_status().first().map_or(0, |p| p.ready)
+}
+
+#[tokio::test]
+async fn warm_pool_claim_refill_and_exhaustion() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("pool", "  warmPoolSize: 2\n"),
+        ..Default::default()
+    })
+    .await;
+    eventually("pool filled", 30, || ready(&s) == 2).await;
+    let pooled = s.backend.running();
+    assert_eq!(pooled.len(), 2);
+    let a = s.create_ok("code-interpreter", "pool").await;
+    assert!(
+        pooled.contains(&a["sandboxName"].as_str().unwrap().to_string()),
+        "served from the pool"
+    );
+    assert_eq!(exec(&a, &["echo", "warm"]).await["stdout"], "warm\n");
+    eventually("pool refilled", 30, || ready(&s) == 2).await;
+    // Exhaustion: more sessions than the pool holds still succeed (cold starts).
+    let mut ids = vec![a["sessionId"].as_str().unwrap().to_string()];
+    for _ in 0..4 {
+        let v = s.create_ok("code-interpreter", "pool").await;
+        ids.push(v["sessionId"].as_str().unwrap().to_string());
+    }
+    eventually("pool refilled again", 30, || ready(&s) == 2).await;
+    for id in &ids {
+        assert_eq!(s.delete(id).await.0, 200);
+    }
+    assert_eq!(s.backend.running().len(), 2, "only the pool is left");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn changing_the_definition_rolls_the_pool() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("pool", "  warmPoolSize: 1\n"),
+        ..Default::default()
+    })
+    .await;
+    eventually("pool filled", 30, || ready(&s) == 1).await;
+    let before = s.backend.running();
+    let extra = "    environment:\n      - {name: FLAVOR, value: new}\n  warmPoolSize: 2\n";
+    std::fs::write(
+        s.dir.path().join("manifests/defs.yaml"),
+        code_interpreter("pool", extra),
+    )
+    .unwrap();
+    eventually("pool rolled to 2 new sandboxes", 30, || {
+        let now = s.backend.running();
+        ready(&s) == 2 && now.iter().all(|n| !before.contains(n))
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "pool").await;
+    assert_eq!(exec(&v, &sh("echo $FLAVOR")).await["stdout"], "new\n");
+    // Pool size 0 removes the pool.
+    std::fs::write(
+        s.dir.path().join("manifests/defs.yaml"),
+        code_interpreter("pool", ""),
+    )
+    .unwrap();
+    eventually("pool drained", 30, || {
+        s.backend.pool_status().is_empty() && s.backend.running().len() == 1
+    })
+    .await;
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn gc_reclaims_idle_and_expired_sessions() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("idle", "  sessionTimeout: 1s\n")
+            + &code_interpreter("short", "  maxSessionDuration: 2s\n"),
+        ..Default::default()
+    })
+    .await;
+    let idle = s.create_ok("code-interpreter", "idle").await;
+    let short = s.create_ok("code-interpreter", "short").await;
+    let manager = s.wm.as_ref().unwrap().manager.clone();
+    let gc = agentcube_workload_manager::gc::Gc {
+        manager,
+        interval: Duration::from_secs(3600),
+        limit: 100,
+    };
+    let now = jiff::Timestamp::now();
+    assert_eq!(gc.run_once(now).await, 0, "nothing is due yet");
+    // Activity keeps a session alive.
+    let later = now + jiff::SignedDuration::from_millis(1500);
+    s.store
+        .touch(idle["sessionId"].as_str().unwrap(), later)
+        .await
+        .unwrap();
+    assert_eq!(gc.run_once(later).await, 0);
+    let due = later + jiff::SignedDuration::from_secs(2);
+    assert_eq!(
+        gc.run_once(due).await,
+        2,
+        "idle past 1s and past maxSessionDuration 2s"
+    );
+    for v in [&idle, &short] {
+        assert!(s.store.get(v["sessionId"].as_str().unwrap()).await.is_err());
+    }
+    assert!(s.backend.running().is_empty());
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn gc_loop_deletes_within_timeout_plus_interval_plus_a_second() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("idle", "  sessionTimeout: 1s\n"),
+        gc_interval: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "idle").await;
+    let id = v["sessionId"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    // Activity is recorded in whole seconds: allow one more second of rounding.
+    let bound = Duration::from_secs(1)
+        + Duration::from_millis(500)
+        + Duration::from_secs(1)
+        + Duration::from_secs(1);
+    loop {
+        if s.store.get(&id).await.is_err() {
+            break;
+        }
+        assert!(
+            started.elapsed() < bound + Duration::from_secs(2),
+            "session still alive after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("sandbox removed", 5, || s.backend.running().is_empty()).await;
+    s.shutdown_and_check_leaks().await;
+}
