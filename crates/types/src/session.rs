@@ -78,6 +78,13 @@ pub struct SessionRecord {
     pub idle_timeout: GoDuration,
     #[serde(default)]
     pub status: SessionStatus,
+    /// Extension: the CRD kind the session was created for (upstream components ignore it). The
+    /// Router refuses the session on another runtime's URL when it is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<crate::api::WorkloadKind>,
+    /// Extension: the CRD name the session was created for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
 }
 
 impl SessionRecord {
@@ -102,6 +109,8 @@ impl SessionRecord {
             expires_at,
             idle_timeout,
             status: SessionStatus::Creating,
+            workload_kind: None,
+            workload_name: None,
         }
     }
 

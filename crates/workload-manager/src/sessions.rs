@@ -69,7 +69,7 @@ impl Manager {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.create_session(&req.namespace, workload).await;
+            let result = this.create_session(kind, &req.namespace, workload).await;
             if let Err(Ok(resp)) = tx.send(result) {
                 tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
                 this.rollback(&resp.session_id, &resp.sandbox_name).await;
@@ -81,6 +81,7 @@ impl Manager {
 
     async fn create_session(
         &self,
+        kind: WorkloadKind,
         namespace: &str,
         workload: Workload,
     ) -> Result<CreateSandboxResponse, ApiError> {
@@ -92,6 +93,8 @@ impl Manager {
         let name = sandbox_name(workload.name());
         let mut record =
             SessionRecord::placeholder(&session_id, namespace, &name, now, expires, idle);
+        record.workload_kind = Some(kind);
+        record.workload_name = Some(workload.name().to_string());
         self.store.insert(&record, now).await?;
         let req = SandboxRequest {
             session_id: session_id.clone(),

@@ -1,0 +1,93 @@
+//! The Router's one error type and its HTTP mapping (upstream body `{"error", "code"?}`, spec §1.7).
+//! Router-generated errors never carry the session header, and carry `x-agentcube-error: router`
+//! so clients can tell them from a sandbox's own answers.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Everything the Router can answer itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// `sessions.agentcube.volcano.sh "<id>" not found`.
+    #[error("sessions.agentcube.volcano.sh \"{0}\" not found")]
+    UnknownSession(String),
+    /// The WM says the runtime does not exist.
+    #[error("{resource} \"{namespace}/{name}\" not found")]
+    UnknownRuntime {
+        resource: &'static str,
+        namespace: String,
+        name: String,
+    },
+    /// The record has no entry point (placeholder or no ports).
+    #[error("no entry point found for sandbox")]
+    NoEntryPoint,
+    /// A session used on another runtime's URL.
+    #[error("session {session} belongs to {kind} {namespace}/{name}")]
+    SessionMismatch {
+        session: String,
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+    /// Concurrency limit reached.
+    #[error("server overloaded, please try again later")]
+    Overloaded,
+    /// Connection refused by the sandbox.
+    #[error("sandbox unreachable")]
+    Refused,
+    /// Connecting to the sandbox timed out.
+    #[error("sandbox timeout")]
+    UpstreamTimeout,
+    /// Any other failure talking to the sandbox.
+    #[error("sandbox unreachable")]
+    Unreachable,
+    /// The session store cannot be reached.
+    #[error("session store unavailable")]
+    StoreUnavailable,
+    /// Signing the sandbox token failed.
+    #[error("failed to sign request")]
+    Signing,
+    /// Anything else (WM failures are reported as this, as upstream).
+    #[error("internal server error")]
+    Internal(String),
+}
+
+impl RouterError {
+    /// Status code and optional machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, Option<&'static str>) {
+        match self {
+            Self::UnknownSession(_) => (StatusCode::NOT_FOUND, None),
+            Self::UnknownRuntime { .. } | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
+            Self::SessionMismatch { .. } => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
+            Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
+            Self::Refused => (StatusCode::BAD_GATEWAY, None),
+            Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, None),
+            Self::Unreachable => (StatusCode::SERVICE_UNAVAILABLE, None),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, Some("STORE_UNAVAILABLE")),
+            Self::Signing => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("JWT_SIGNING_FAILED"),
+            ),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        }
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Internal(detail) = &self {
+            tracing::warn!(error = %detail, "request failed");
+        }
+        let body = match code {
+            Some(c) => json!({"error": self.to_string(), "code": c}),
+            None => json!({"error": self.to_string()}),
+        };
+        let mut resp = (status, Json(body)).into_response();
+        resp.headers_mut()
+            .insert("x-agentcube-error", HeaderValue::from_static("router"));
+        resp
+    }
+}

@@ -1,0 +1,244 @@
+//! The Router's RSA-2048 identity and the per-session token cache.
+//!
+//! Keys: generated in memory, or kept in a directory as `private.pem` (PKCS#1 `RSA PRIVATE KEY`)
+//! and `public.pem` (SPKI `PUBLIC KEY`) — the same file names and formats as upstream's Secret
+//! `picod-router-identity`. Key generation happens at start, never on a request.
+//!
+//! Tokens: claims `iss=agentcube-router`, `iat`, `exp=iat+300`, `session_id` (spec §1.8). One token
+//! per session is cached and re-signed once it is half-way to expiry, so the hot path does no RSA.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agentcube_types::claims::{ROUTER_ISSUER, SANDBOX_TOKEN_TTL_SECS, SandboxClaims};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+use rsa::pkcs8::{EncodePublicKey, LineEnding};
+
+/// Why an identity could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid RSA private key: {0}")]
+    Key(String),
+}
+
+/// An RSA key pair in PEM.
+#[derive(Clone)]
+pub struct KeyPair {
+    /// PKCS#1 `RSA PRIVATE KEY`.
+    pub private_pem: String,
+    /// SPKI `PUBLIC KEY` (what sandboxes get as `PICOD_AUTH_PUBLIC_KEY`).
+    pub public_pem: String,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPair").finish_non_exhaustive()
+    }
+}
+
+impl KeyPair {
+    /// A fresh RSA-2048 pair.
+    pub fn generate() -> Result<Self, IdentityError> {
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        Self::from_private(key)
+    }
+
+    fn from_private(key: rsa::RsaPrivateKey) -> Result<Self, IdentityError> {
+        let private_pem = key
+            .to_pkcs1_pem(LineEnding::LF)
+            .map_err(|e| IdentityError::Key(e.to_string()))?
+            .to_string();
+        let public_pem = key
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        Ok(Self {
+            private_pem,
+            public_pem,
+        })
+    }
+
+    /// Parses a PKCS#1 private key and derives the public key from it.
+    pub fn from_private_pem(pem: &str) -> Result<Self, IdentityError> {
+        let key = rsa::RsaPrivateKey::from_pkcs1_pem(pem)
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        Self::from_private(key)
+    }
+
+    /// Loads `dir/private.pem`, or creates the directory and a new pair (also writing
+    /// `public.pem` for the Workload Manager) on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        let io = |path: &Path, source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let private = dir.join("private.pem");
+        match std::fs::read_to_string(&private) {
+            Ok(pem) => {
+                let pair = Self::from_private_pem(&pem)?;
+                let public = dir.join("public.pem");
+                if std::fs::read_to_string(&public).ok().as_deref() != Some(&pair.public_pem) {
+                    std::fs::write(&public, &pair.public_pem).map_err(|e| io(&public, e))?;
+                }
+                Ok(pair)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+                let pair = Self::generate()?;
+                write_private(&private, &pair.private_pem).map_err(|e| io(&private, e))?;
+                let public = dir.join("public.pem");
+                std::fs::write(&public, &pair.public_pem).map_err(|e| io(&public, e))?;
+                Ok(pair)
+            }
+            Err(e) => Err(io(&private, e)),
+        }
+    }
+}
+
+fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(pem.as_bytes())
+}
+
+struct Cached {
+    token: std::sync::Arc<str>,
+    iat: i64,
+}
+
+/// Signs sandbox tokens, one cached token per session.
+pub struct Signer {
+    key: EncodingKey,
+    cache: Mutex<HashMap<String, Cached>>,
+    signatures: AtomicU64,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+/// Re-sign once a cached token is this old (half its lifetime).
+const REFRESH_AFTER_SECS: i64 = SANDBOX_TOKEN_TTL_SECS / 2;
+/// Cache bound; expired entries go first, then everything.
+const CACHE_CAPACITY: usize = 100_000;
+
+impl Signer {
+    /// A signer for a key pair.
+    pub fn new(pair: &KeyPair) -> Result<Self, IdentityError> {
+        let key = EncodingKey::from_rsa_pem(pair.private_pem.as_bytes())
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        Ok(Self {
+            key,
+            cache: Mutex::new(HashMap::new()),
+            signatures: AtomicU64::new(0),
+        })
+    }
+
+    /// The token for `session_id` at time `now` (Unix seconds): cached while fresh.
+    pub fn token(
+        &self,
+        session_id: &str,
+        now: i64,
+    ) -> Result<std::sync::Arc<str>, jsonwebtoken::errors::Error> {
+        if let Some(c) = self.cache.lock().unwrap().get(session_id)
+            && now - c.iat < REFRESH_AFTER_SECS
+            && now >= c.iat
+        {
+            return Ok(c.token.clone());
+        }
+        let claims = SandboxClaims {
+            iss: ROUTER_ISSUER.into(),
+            iat: now,
+            exp: now + SANDBOX_TOKEN_TTL_SECS,
+            session_id: session_id.to_string(),
+            user_sub: None,
+            user_email: None,
+        };
+        let token: std::sync::Arc<str> =
+            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?.into();
+        self.signatures.fetch_add(1, Ordering::Relaxed);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, c| now - c.iat < REFRESH_AFTER_SECS);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            session_id.to_string(),
+            Cached {
+                token: token.clone(),
+                iat: now,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Forgets a session's token (on delete / unknown session).
+    pub fn forget(&self, session_id: &str) {
+        self.cache.lock().unwrap().remove(session_id);
+    }
+
+    /// RSA signatures made so far.
+    pub fn signatures(&self) -> u64 {
+        self.signatures.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_in_upstream_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = KeyPair::load_or_create(&dir.path().join("id")).unwrap();
+        assert!(a.private_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        assert!(a.public_pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        let b = KeyPair::load_or_create(&dir.path().join("id")).unwrap();
+        assert_eq!(
+            a.public_pem, b.public_pem,
+            "second start loads the same key"
+        );
+        let on_disk = std::fs::read_to_string(dir.path().join("id/public.pem")).unwrap();
+        assert_eq!(on_disk, a.public_pem);
+    }
+
+    #[test]
+    fn tokens_are_cached_and_refreshed_half_way() {
+        let pair = KeyPair::generate().unwrap();
+        let s = Signer::new(&pair).unwrap();
+        let t1 = s.token("s1", 1000).unwrap();
+        let t2 = s.token("s1", 1100).unwrap();
+        assert_eq!(t1, t2);
+        assert_eq!(s.signatures(), 1);
+        let t3 = s.token("s1", 1000 + REFRESH_AFTER_SECS).unwrap();
+        assert_ne!(t1, t3);
+        assert_eq!(s.signatures(), 2);
+        let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
+        v.validate_exp = false;
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(pair.public_pem.as_bytes()).unwrap();
+        let claims: SandboxClaims = jsonwebtoken::decode(t3.as_bytes(), &key, &v)
+            .unwrap()
+            .claims;
+        assert_eq!(claims.iss, "agentcube-router");
+        assert_eq!(claims.exp - claims.iat, 300);
+        assert_eq!(claims.session_id, "s1");
+    }
+}

@@ -1,0 +1,139 @@
+//! The Router: every SDK or agent request goes through it. It is stateless (any replica serves
+//! any session) and keeps its hot path to at most one store round trip and no RSA.
+//!
+//! Main flow of `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations/*path`:
+//! 1. [`server`]: concurrency limit (429), then the `x-agentcube-session-id` header.
+//! 2. [`resolve`]: present → local cache (short TTL) or one store GET (404 if unknown, 409 if the
+//!    session belongs to another runtime); absent → the Workload Manager creates one ([`wm`]).
+//! 3. [`identity`]: the session's cached RS256 token replaces the client's `Authorization`.
+//! 4. [`proxy`]: pooled TCP / Unix-socket connection, bodies streamed, upgrades spliced; the
+//!    answer gets the session header. Refused → 502, timeout → 504, other → 503 ([`error`]).
+//! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+
+pub mod activity;
+pub mod error;
+pub mod identity;
+pub mod proxy;
+pub mod resolve;
+pub mod server;
+pub mod wm;
+
+pub use identity::KeyPair;
+pub use server::Shared;
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `WORKLOAD_MANAGER_URL`.
+    pub workload_manager_url: String,
+    /// Concurrent proxied requests; 0 = unlimited.
+    pub max_concurrent_requests: usize,
+    /// How long a looked-up session is reused without asking the store (0 = always ask).
+    pub session_cache_ttl: Duration,
+    /// How often activity is written to the store.
+    pub activity_flush_interval: Duration,
+    /// Upper bound of connecting to a sandbox.
+    pub connect_timeout: Duration,
+    /// Upper bound of a Workload Manager create call (upstream: 2 min).
+    pub workload_manager_timeout: Duration,
+    /// Service-account token sent to the WM, re-read per call (in a cluster).
+    pub workload_manager_token_file: Option<std::path::PathBuf>,
+    /// `X-Forwarded-Proto` value.
+    pub scheme: &'static str,
+}
+
+impl Config {
+    /// Defaults for a WM URL.
+    pub fn new(workload_manager_url: impl Into<String>) -> Self {
+        Self {
+            workload_manager_url: workload_manager_url.into(),
+            max_concurrent_requests: 1000,
+            session_cache_ttl: Duration::from_secs(1),
+            activity_flush_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            workload_manager_timeout: Duration::from_secs(120),
+            workload_manager_token_file: None,
+            scheme: "http",
+        }
+    }
+}
+
+/// A running Router (without its listener, so it can be embedded).
+pub struct RouterService {
+    pub shared: Arc<Shared>,
+    store: Arc<dyn SessionStore>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl RouterService {
+    /// Builds the router and starts the activity flusher.
+    pub fn start(
+        config: &Config,
+        store: Arc<dyn SessionStore>,
+        identity: &KeyPair,
+    ) -> anyhow::Result<Self> {
+        let wm = wm::WmClient::new(
+            &config.workload_manager_url,
+            config.workload_manager_timeout,
+            config.workload_manager_token_file.clone(),
+        );
+        let shared = Arc::new(Shared {
+            resolver: resolve::Resolver::new(store.clone(), wm, config.session_cache_ttl),
+            signer: identity::Signer::new(identity)?,
+            upstream: proxy::Upstream::new(config.connect_timeout),
+            activity: activity::Activity::default(),
+            limiter: (config.max_concurrent_requests > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
+            scheme: config.scheme,
+        });
+        let (s, st, every) = (
+            shared.clone(),
+            store.clone(),
+            config.activity_flush_interval,
+        );
+        let flusher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                s.activity.flush(st.as_ref()).await;
+            }
+        });
+        Ok(Self {
+            shared,
+            store,
+            flusher,
+        })
+    }
+
+    /// The HTTP surface.
+    pub fn app(&self) -> axum::Router {
+        server::app(self.shared.clone())
+    }
+
+    /// Stops the flusher after a last flush.
+    pub async fn shutdown(self) {
+        self.flusher.abort();
+        self.shared.activity.flush(self.store.as_ref()).await;
+    }
+}
+
+/// Serves on `listener` until `shutdown`, recording client addresses.
+pub async fn serve(
+    service: RouterService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = service
+        .app()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    service.shutdown().await;
+    Ok(())
+}

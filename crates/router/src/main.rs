@@ -1,0 +1,106 @@
+//! `router`: flags and environment → config, then serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentcube_router::{Config, KeyPair, RouterService};
+use agentcube_store::StoreArgs;
+use anyhow::Context;
+use clap::Parser;
+
+/// AgentCube Router.
+#[derive(Debug, Parser)]
+#[command(name = "router", version)]
+struct Args {
+    /// Listen port.
+    #[arg(long, env = "ROUTER_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Listen address (IP).
+    #[arg(long, env = "ROUTER_BIND", default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+    /// Workload Manager base URL (required).
+    #[arg(long, env = "WORKLOAD_MANAGER_URL")]
+    workload_manager_url: String,
+    /// Concurrent proxied requests; 0 means unlimited.
+    #[arg(long, env = "ROUTER_MAX_CONCURRENT_REQUESTS", default_value_t = 1000)]
+    max_concurrent_requests: usize,
+    /// Directory holding the Router key pair (`private.pem` PKCS#1, `public.pem` SPKI), created
+    /// on first start. Without it, a key is generated in memory for this process only.
+    #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
+    /// Namespace of the identity Secret in a cluster (accepted; the Secret is used by the
+    /// Kubernetes integration, which is not built yet).
+    #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// How long a looked-up session is reused without asking the store, in milliseconds.
+    #[arg(long, env = "ROUTER_SESSION_CACHE_TTL_MS", default_value_t = 1000)]
+    session_cache_ttl_ms: u64,
+    /// Upstream flag; accepted (use RUST_LOG for log levels).
+    #[arg(long)]
+    debug: bool,
+    /// Serve HTTPS (not built yet: refused at start).
+    #[arg(long)]
+    enable_tls: bool,
+    #[arg(long, default_value = "")]
+    tls_cert: String,
+    #[arg(long, default_value = "")]
+    tls_key: String,
+    /// OIDC issuer for end-user auth (not built yet: refused at start when set).
+    #[arg(long, default_value = "")]
+    jwt_issuer_url: String,
+    #[arg(long, default_value = "agentcube-api")]
+    jwt_audience: String,
+    #[arg(long, default_value = "")]
+    jwt_role_claim: String,
+    #[arg(long, default_value = "")]
+    jwt_required_role: String,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let level = if args.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if args.enable_tls {
+        anyhow::bail!("--enable-tls is not supported yet; terminate TLS in front of the Router");
+    }
+    if !args.jwt_issuer_url.is_empty() {
+        anyhow::bail!("--jwt-issuer-url (OIDC) is not supported yet");
+    }
+    let store = agentcube_store::connect(&args.store.clone().into_config(false)?)?;
+    let identity = match &args.identity_dir {
+        Some(dir) => KeyPair::load_or_create(dir)
+            .with_context(|| format!("identity in {}", dir.display()))?,
+        None => {
+            tracing::warn!(
+                "no --identity-dir: using an in-memory key; sandboxes must get this process's public key"
+            );
+            KeyPair::generate()?
+        }
+    };
+    let mut config = Config::new(args.workload_manager_url.clone());
+    config.max_concurrent_requests = args.max_concurrent_requests;
+    config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
+    let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
+    config.workload_manager_token_file = sa.exists().then_some(sa);
+    let service = RouterService::start(&config, store, &identity)?;
+    let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
+    tracing::info!(addr = %listener.local_addr()?, "router listening");
+    agentcube_router::serve(service, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

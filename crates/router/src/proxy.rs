@@ -1,0 +1,350 @@
+//! Forwarding a request to a sandbox entry point: pooled keep-alive connections over TCP or Unix
+//! sockets, bodies streamed both ways, hop-by-hop headers handled, WebSocket upgrades spliced.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentcube_types::EntryPoint;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, uri::PathAndQuery};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::error::RouterError;
+
+/// A connection to a sandbox.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Unix socket paths are carried to the connector through a synthetic host `unix-<hash>`, so the
+/// client's pool keys connections per socket.
+#[derive(Clone, Default)]
+struct UnixHosts(Arc<Mutex<HashMap<String, PathBuf>>>);
+
+impl UnixHosts {
+    fn host_for(&self, path: &str) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut h);
+        let host = format!("unix-{:016x}", h.finish());
+        let mut map = self.0.lock().unwrap();
+        if !map.contains_key(&host) {
+            map.insert(host.clone(), PathBuf::from(path));
+        }
+        host
+    }
+}
+
+/// Connects to `host:port` over TCP, or to a registered Unix socket.
+#[derive(Clone)]
+pub struct Connector {
+    unix: UnixHosts,
+    connect_timeout: Duration,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default().to_string();
+        let unix = self.unix.0.lock().unwrap().get(&host).cloned();
+        let port = uri.port_u16().unwrap_or(80);
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let connect = async {
+                match unix {
+                    Some(path) => UnixStream::connect(path).await.map(Stream::Unix),
+                    None => {
+                        let s = TcpStream::connect((host.as_str(), port)).await?;
+                        s.set_nodelay(true)?;
+                        Ok(Stream::Tcp(s))
+                    }
+                }
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(r) => r.map(TokioIo::new),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+            }
+        })
+    }
+}
+
+/// The shared upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, Body>,
+    unix: UnixHosts,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and Go's list).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let wants = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if wants {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// What the handler knows about the incoming request.
+pub struct Forward<'a> {
+    pub entry: &'a EntryPoint,
+    /// Full invocation path (with leading `/`), not stripped.
+    pub path: &'a str,
+    pub token: &'a str,
+    pub client_addr: Option<SocketAddr>,
+    pub scheme: &'static str,
+}
+
+impl Upstream {
+    /// A client with pooled keep-alive connections.
+    pub fn new(connect_timeout: Duration) -> Self {
+        let unix = UnixHosts::default();
+        let connector = Connector {
+            unix: unix.clone(),
+            connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self { client, unix }
+    }
+
+    fn target_uri(&self, entry: &EntryPoint, path_and_query: &str) -> Result<Uri, RouterError> {
+        let authority = match entry.endpoint.strip_prefix("unix:") {
+            Some(path) => self.unix.host_for(path),
+            None => {
+                let e = entry.endpoint.as_str();
+                let e = e.split_once("://").map_or(e, |(_, rest)| rest);
+                e.trim_end_matches('/').to_string()
+            }
+        };
+        if !entry.protocol.is_empty() && !entry.protocol.eq_ignore_ascii_case("HTTP") {
+            // HTTPS to a pod IP cannot be verified; upstream's attempt is unusable too.
+            return Err(RouterError::Internal(format!(
+                "entry point protocol {} is not supported",
+                entry.protocol
+            )));
+        }
+        format!("http://{authority}{path_and_query}")
+            .parse()
+            .map_err(|e| {
+                RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
+            })
+    }
+
+    /// Sends `req` to the entry point and returns the sandbox's response, streaming.
+    pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let pq: PathAndQuery = format!("{}{query}", f.path)
+            .parse()
+            .map_err(|_| RouterError::Internal("bad path".into()))?;
+        let uri = self.target_uri(f.entry, pq.as_str())?;
+        let upgrade = upgrade_of(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let original_host = req.headers().get(header::HOST).cloned();
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(up) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, up.clone());
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", f.token)) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+        if let Some(addr) = f.client_addr {
+            let ip = addr.ip().to_string();
+            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prior) => format!("{prior}, {ip}"),
+                None => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        if let Some(h) = original_host {
+            headers.insert("x-forwarded-host", h);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(f.scheme));
+        headers.remove(header::HOST);
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        let mut resp = self.client.request(req).await.map_err(map_client_error)?;
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                });
+            }
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, Body::empty()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+/// Upstream's mapping: refused → 502, timeout → 504, anything else → 503.
+fn map_client_error(e: hyper_util::client::legacy::Error) -> RouterError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => RouterError::Refused,
+                io::ErrorKind::TimedOut => RouterError::UpstreamTimeout,
+                _ => RouterError::Unreachable,
+            };
+        }
+        source = s.source();
+    }
+    RouterError::Unreachable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-agentcube-session-id", HeaderValue::from_static("s"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-agentcube-session-id"));
+    }
+
+    #[test]
+    fn upgrade_needs_connection_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(upgrade_of(&h).is_none());
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(upgrade_of(&h).unwrap(), "websocket");
+    }
+}

@@ -1,0 +1,112 @@
+//! Client of the Workload Manager's create call (spec §1.5).
+
+use std::time::Duration;
+
+use agentcube_types::api::{CreateSandboxRequest, CreateSandboxResponse, WorkloadKind};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::RouterError;
+
+/// Talks to `WORKLOAD_MANAGER_URL`.
+#[derive(Clone)]
+pub struct WmClient {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+    /// Bearer sent to the WM (the pod's service-account token file, re-read per call).
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for WmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WmClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl WmClient {
+    /// A client for `base` (e.g. `http://workloadmanager:8080`).
+    pub fn new(base: &str, timeout: Duration, token_file: Option<std::path::PathBuf>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: Client::builder(TokioExecutor::new()).build(http),
+            timeout,
+            token_file,
+        }
+    }
+
+    /// Creates a session. WM 404 (or 400 saying "not found") → the upstream k8s-style 404;
+    /// anything else → 500 `internal server error`.
+    pub async fn create(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<CreateSandboxResponse, RouterError> {
+        let body = CreateSandboxRequest {
+            kind: Some(kind.to_string()),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        };
+        let url = format!("{}/v1/{}", self.base, kind.api_segment());
+        let mut req = hyper::Request::post(&url).header("content-type", "application/json");
+        if let Some(tok) = self
+            .token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            req = req.header("authorization", format!("Bearer {}", tok.trim()));
+        }
+        let req = req
+            .body(Full::from(serde_json::to_vec(&body).unwrap_or_default()))
+            .map_err(|e| RouterError::Internal(e.to_string()))?;
+        let call = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| RouterError::Internal(format!("workload manager: {e}")))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| RouterError::Internal(e.to_string()))?
+                .to_bytes();
+            Ok::<_, RouterError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| RouterError::Internal("workload manager timed out".into()))??;
+        let not_found = status == 404
+            || (status == 400 && String::from_utf8_lossy(&bytes).contains("not found"));
+        if not_found {
+            return Err(RouterError::UnknownRuntime {
+                resource: kind.resource(),
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            });
+        }
+        if status != 200 {
+            return Err(RouterError::Internal(format!(
+                "workload manager answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        let resp: CreateSandboxResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| RouterError::Internal(format!("bad workload manager answer: {e}")))?;
+        if resp.session_id.is_empty() {
+            return Err(RouterError::Internal(
+                "workload manager returned no sessionId".into(),
+            ));
+        }
+        Ok(resp)
+    }
+}

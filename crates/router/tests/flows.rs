@@ -1,0 +1,259 @@
+//! End-to-end flows through the Router with a real Workload Manager and real PicoD sandboxes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn create_session(wm: &Wm, name: &str) -> String {
+    let r = client()
+        .post(format!("{}/v1/code-interpreter", wm.url))
+        .json(&json!({"name": name, "namespace": "default"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn sdk_flow_and_router_bootstrapped_flow() {
+    let store = memory();
+    let wm = Wm::start(store.clone()).await;
+    let router = Router::start(&wm.url, store.clone(), |_| {}).await;
+    let http = client();
+
+    // SDK flow: session from the WM, data plane through the Router with the client's own bearer.
+    let id = create_session(&wm, "ci").await;
+    let r = http
+        .post(router.ci("api/execute"))
+        .header("x-agentcube-session-id", &id)
+        .header("authorization", "Bearer some-client-token")
+        .json(&json!({"command": ["python3", "-c", "print(1+1)"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-agentcube-session-id"], id.as_str());
+    assert_eq!(r.json::<Value>().await.unwrap()["stdout"], "2\n");
+
+    // Router-bootstrapped: no header → a new session, returned in the header, reusable.
+    let r = http
+        .post(router.ci("api/execute"))
+        .json(&json!({"command": ["echo", "boot"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let new_id = r.headers()["x-agentcube-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_id, id);
+    assert_eq!(r.json::<Value>().await.unwrap()["stdout"], "boot\n");
+    let r = http
+        .get(router.ci("api/files?path=."))
+        .header("x-agentcube-session-id", &new_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().await.unwrap()["files"].is_array());
+    assert!(store.get(&new_id).await.is_ok());
+
+    // PicoD's own 4xx is proxied and still carries the session header.
+    let r = http
+        .get(router.ci("api/files/missing.txt"))
+        .header("x-agentcube-session-id", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-agentcube-session-id"], id.as_str());
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "File not found", "code": 404})
+    );
+
+    // Streaming: an NDJSON execute arrives chunk by chunk through the Router.
+    let mut r = http
+        .post(router.ci("api/execute"))
+        .header("x-agentcube-session-id", &id)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"command": ["sh", "-c", "echo first; sleep 1; echo second"]}))
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    let first: Value = serde_json::from_slice(&first).unwrap();
+    assert_eq!(first, json!({"type": "stdout", "data": "first\n"}));
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("\"exit_code\":0"));
+
+    // Activity reaches the store in batches.
+    let before = store.list_idle(jiff::Timestamp::now(), 10).await.unwrap();
+    assert!(before.iter().any(|s| s.record.session_id == id));
+
+    router.service.unwrap().shutdown().await;
+    wm.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_session_unknown_runtime_and_mismatch() {
+    let store = memory();
+    let wm = Wm::start(store.clone()).await;
+    let router = Router::start(&wm.url, store.clone(), |_| {}).await;
+    let http = client();
+    let r = http
+        .get(router.ci("api/files?path=."))
+        .header("x-agentcube-session-id", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().get("x-agentcube-session-id").is_none());
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sessions.agentcube.volcano.sh \"nope\" not found"})
+    );
+
+    let url = format!(
+        "{}/v1/namespaces/default/code-interpreters/nope/invocations/api/execute",
+        router.url
+    );
+    let r = http
+        .post(url)
+        .json(&json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "codeinterpreters.agentcube.volcano.sh \"default/nope\" not found"})
+    );
+    let url = format!(
+        "{}/v1/namespaces/default/agent-runtimes/nope/invocations/",
+        router.url
+    );
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "agentruntimes.agentcube.volcano.sh \"default/nope\" not found"})
+    );
+
+    let id = create_session(&wm, "ci").await;
+    let url = format!(
+        "{}/v1/namespaces/default/code-interpreters/other/invocations/api/execute",
+        router.url
+    );
+    let r = http
+        .post(url)
+        .header("x-agentcube-session-id", &id)
+        .json(&json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v = r.json::<Value>().await.unwrap();
+    assert_eq!(v["code"], "SESSION_TARGET_MISMATCH");
+    assert_eq!(
+        v["error"],
+        format!("session {id} belongs to CodeInterpreter default/ci")
+    );
+
+    // Deleted sessions 404 once the short cache expires.
+    let r = http
+        .delete(format!("{}/v1/code-interpreter/sessions/{id}", wm.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = http
+        .get(router.ci("api/files?path=."))
+        .header("x-agentcube-session-id", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    router.service.unwrap().shutdown().await;
+    wm.stop().await;
+}
+
+#[tokio::test]
+async fn hot_path_does_one_lookup_and_no_signing_per_request() {
+    let store = memory();
+    let wm = Wm::start(store.clone()).await;
+    let router = Router::start(&wm.url, store.clone(), |c| {
+        c.session_cache_ttl = Duration::ZERO
+    })
+    .await;
+    let id = create_session(&wm, "ci").await;
+    let http = client();
+    let (gets0, sigs0) = (
+        router.shared().resolver.store_gets(),
+        router.shared().signer.signatures(),
+    );
+    for _ in 0..20 {
+        let r = http
+            .get(router.ci("api/files?path=."))
+            .header("x-agentcube-session-id", &id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let gets = router.shared().resolver.store_gets() - gets0;
+    let sigs = router.shared().signer.signatures() - sigs0;
+    assert_eq!(
+        gets, 20,
+        "at most one store GET per request (cache disabled here)"
+    );
+    assert_eq!(sigs, 1, "one RSA signature for the whole session");
+    router.service.unwrap().shutdown().await;
+    wm.stop().await;
+}
+
+#[tokio::test]
+async fn two_routers_share_one_redis_and_identity() {
+    let server =
+        agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
+    let store: std::sync::Arc<dyn agentcube_store::SessionStore> = std::sync::Arc::new(
+        agentcube_store::RedisStore::new(agentcube_store::RedisConfig::new(server.url())).unwrap(),
+    );
+    let wm = Wm::start(store.clone()).await;
+    let a = Router::start(&wm.url, store.clone(), |_| {}).await;
+    let b = Router::start(&wm.url, store.clone(), |_| {}).await;
+    let http = client();
+    let r = http
+        .post(a.ci("api/execute"))
+        .json(&json!({"command": ["sh", "-c", "echo hi > f.txt; cat f.txt"]}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-agentcube-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.json::<Value>().await.unwrap()["stdout"], "hi\n");
+    let r = http
+        .get(b.ci("api/files/f.txt"))
+        .header("x-agentcube-session-id", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hi\n");
+    a.service.unwrap().shutdown().await;
+    b.service.unwrap().shutdown().await;
+    wm.stop().await;
+}

@@ -1,0 +1,424 @@
+//! Proxy behaviour against a test upstream: headers, statuses, SSE, WebSocket, limits, failures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::upstream;
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup(
+    tweak: impl FnOnce(&mut agentcube_router::Config),
+) -> (
+    Router,
+    std::sync::Arc<dyn agentcube_store::SessionStore>,
+    String,
+) {
+    let store = memory();
+    let (up, _task) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", up.trim_start_matches("http://")).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), tweak).await;
+    (router, store, up)
+}
+
+#[tokio::test]
+async fn headers_are_rewritten_like_upstream() {
+    let (router, _store, _) = setup(|_| {}).await;
+    let r = client()
+        .post(router.ci("mcp/tools%20list?x=1&y=2"))
+        .header("x-agentcube-session-id", "s1")
+        .header("authorization", "Bearer client")
+        .header("connection", "keep-alive, x-drop")
+        .header("x-drop", "secret")
+        .header("x-forwarded-for", "10.0.0.1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-agentcube-session-id"], "s1");
+    assert!(
+        r.headers().get("x-secret").is_none(),
+        "hop-by-hop response headers removed"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/mcp/tools%20list", "full path, not stripped");
+    assert_eq!(v["query"], "x=1&y=2");
+    let h = &v["headers"];
+    let token = h["authorization"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap();
+    let claims = verify(token);
+    assert_eq!(
+        (claims.iss.as_str(), claims.session_id.as_str()),
+        ("agentcube-router", "s1")
+    );
+    assert_eq!(claims.exp - claims.iat, 300);
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(
+        h["x-forwarded-host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(
+        h.get("x-drop").is_none(),
+        "headers named in Connection are dropped"
+    );
+    assert_eq!(h["x-agentcube-session-id"], "s1");
+}
+
+#[tokio::test]
+async fn upstream_errors_are_proxied_with_the_session_header() {
+    let (router, _store, _) = setup(|_| {}).await;
+    for code in [400u16, 401, 500, 503] {
+        let r = client()
+            .get(router.ci(&format!("status/{code}")))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), code);
+        assert_eq!(r.headers()["x-agentcube-session-id"], "s1");
+        assert_eq!(r.text().await.unwrap(), "upstream says no");
+    }
+}
+
+#[tokio::test]
+async fn only_get_and_post_and_slashless_redirects() {
+    let (router, _store, _) = setup(|_| {}).await;
+    let http = client();
+    let r = http
+        .put(router.ci("x"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.text().await.unwrap(), "404 page not found");
+    let base = router.ci("").trim_end_matches('/').to_string();
+    let r = http.get(format!("{base}?a=1")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .ends_with("/invocations/?a=1")
+    );
+    assert_eq!(http.post(&base).send().await.unwrap().status(), 307);
+    let r = http
+        .get(router.ci(""))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["path"], "/");
+    assert_eq!(
+        http.get(format!("{}/health/live", router.url))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+        json!({"status": "alive"})
+    );
+    assert_eq!(
+        http.get(format!("{}/health/ready", router.url))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+        json!({"status": "ready"})
+    );
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one() {
+    let (router, _store, _) = setup(|_| {}).await;
+    let mut r = client()
+        .get(router.ci("sse"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let first = r.chunk().await.unwrap().unwrap();
+    assert_eq!(
+        &first[..],
+        b"data: event-0\n\n",
+        "first event before the stream ends"
+    );
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        "data: event-1\n\ndata: event-2\n\n"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let (router, _store, _) = setup(|_| {}).await;
+    let addr = router.url.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /v1/namespaces/default/code-interpreters/ci/invocations/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-agentcube-session-id: s1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("x-agentcube-session-id: s1"));
+    s.write_all(b"ping-frame").await.unwrap();
+    let mut echo = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping-frame");
+}
+
+#[tokio::test]
+async fn concurrency_limit_answers_429_and_zero_is_unlimited() {
+    let (router, _store, _) = setup(|c| c.max_concurrent_requests = 1).await;
+    // Hold the only slot with a streaming response that is not read to the end.
+    let mut held = client()
+        .get(router.ci("sse"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    let _ = held.chunk().await.unwrap();
+    let r = client()
+        .get(router.ci("x"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "server overloaded, please try again later", "code": "SERVER_OVERLOADED"})
+    );
+    while held.chunk().await.unwrap().is_some() {}
+    drop(held);
+    let mut ok = false;
+    for _ in 0..20 {
+        if client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "slot released after the stream ended");
+
+    let (router, _store, _) = setup(|c| c.max_concurrent_requests = 0).await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut r = client()
+            .get(router.ci("sse"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.chunk().await.unwrap();
+        streams.push(r);
+    }
+}
+
+#[tokio::test]
+async fn sandbox_failures_map_to_502_503_504() {
+    let store = memory();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    session_to(store.as_ref(), "refused", &dead.to_string()).await;
+    session_to(
+        store.as_ref(),
+        "nosock",
+        "unix:/nonexistent/agentcube/p.sock",
+    )
+    .await;
+    // A listener with a full accept queue never completes new handshakes: a connect timeout.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = sock.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(full_addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    session_to(store.as_ref(), "slow", &full_addr.to_string()).await;
+    let mut placeholder = agentcube_types::SessionRecord::placeholder(
+        "placeholder",
+        "default",
+        "x",
+        jiff::Timestamp::now(),
+        jiff::Timestamp::now(),
+        Default::default(),
+    );
+    placeholder.status = agentcube_types::SessionStatus::Creating;
+    store
+        .insert(&placeholder, jiff::Timestamp::now())
+        .await
+        .unwrap();
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |c| {
+        c.connect_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let get = |id: &'static str| {
+        let url = router.ci("x");
+        async move {
+            client()
+                .get(url)
+                .header("x-agentcube-session-id", id)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = get("refused").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sandbox unreachable"})
+    );
+    assert_eq!(get("nosock").await.status(), 502);
+    let r = get("slow").await;
+    assert_eq!(r.status(), 504, "full accept queue should time out");
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sandbox timeout"})
+    );
+    let r = get("placeholder").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "no entry point found for sandbox"})
+    );
+    drop(fillers);
+}
+
+#[tokio::test]
+async fn failing_or_slow_workload_manager_is_a_500() {
+    let store = memory();
+    let failing = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "{\"message\":\"down\"}",
+        )
+    });
+    let (wm_url, _t) = serve(failing).await;
+    let router = Router::start(&wm_url, store.clone(), |_| {}).await;
+    let r = client()
+        .post(router.ci("api/execute"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "internal server error"})
+    );
+    let slow = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        "late"
+    });
+    let (wm_url, _t) = serve(slow).await;
+    let router = Router::start(&wm_url, store, |c| {
+        c.workload_manager_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let r = client()
+        .post(router.ci("api/execute"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+}
+
+#[tokio::test]
+async fn store_outage_is_a_fast_503_and_recovers() {
+    let mut server =
+        agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
+    let mut cfg = agentcube_store::RedisConfig::new(server.url());
+    cfg.op_timeout = Duration::from_millis(500);
+    let store: std::sync::Arc<dyn agentcube_store::SessionStore> =
+        std::sync::Arc::new(agentcube_store::RedisStore::new(cfg).unwrap());
+    let (up, _task) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", up.trim_start_matches("http://")).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |c| {
+        c.session_cache_ttl = Duration::ZERO
+    })
+    .await;
+    assert_eq!(
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    server.stop();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s1")
+            .send(),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "STORE_UNAVAILABLE"
+    );
+    server.restart();
+    session_to(store.as_ref(), "s2", up.trim_start_matches("http://")).await;
+    let r = client()
+        .get(router.ci("x"))
+        .header("x-agentcube-session-id", "s2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
