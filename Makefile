@@ -1,26 +1,34 @@
 # agentcube (Rust). `make run` starts the system, `make test` installs what it needs and runs every test.
 SHELL := /bin/bash
 CARGO ?= cargo
-RUN_ADDR ?= 127.0.0.1:8080
+STATE_DIR ?= /var/lib/agentcube
 
-.PHONY: run test deps build fmt lint crds check-crds bench bench-picod clean
+.PHONY: run test e2e deps deps-run build fmt lint crds check-crds bench bench-picod clean
 
-## run: build and start the system on this machine (today: PicoD alone, auth disabled, loopback only)
-run: deps
-	$(CARGO) build --release -p agentcube-picod --bin picod
-	@mkdir -p .cache/workspace
-	@echo "PicoD on http://$(RUN_ADDR) (workspace .cache/workspace, loopback only, auth disabled)"
-	@echo "  curl -s http://$(RUN_ADDR)/health"
-	@echo "  curl -s http://$(RUN_ADDR)/api/execute -d '{\"command\":[\"echo\",\"hello\"]}'"
-	./target/release/picod --listen $(RUN_ADDR) --workspace .cache/workspace --insecure-no-auth
+## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
+run: deps-run
+	$(CARGO) build --release -p agentcube -p agentcube-picod
+	./target/release/agentcube up --manifests examples --state-dir $(STATE_DIR)
 
 ## test: install dependencies, check formatting and lints, build, run every test
 test: deps lint
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+	.venv/bin/python -m pytest -q sdk-python/tests
+	.venv/bin/python -m pytest -q tests/e2e
+
+## e2e: the end-to-end suite against `agentcube up` (real sandboxes, both SDKs)
+e2e: deps
+	$(CARGO) build -p agentcube -p agentcube-picod
+	.venv/bin/python -m pytest -q tests/e2e
 
 deps:
 	@scripts/install-deps.sh
+
+# `make run` needs only bubblewrap (and util-linux's setpriv, always present on Debian).
+deps-run:
+	@command -v bwrap >/dev/null 2>&1 || scripts/install-deps.sh --run-only
 
 build:
 	$(CARGO) build --workspace --all-targets

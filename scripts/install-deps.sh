@@ -6,6 +6,21 @@ cd "$(dirname "$0")/.."
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
+run_only=false
+[ "${1:-}" = "--run-only" ] && run_only=true
+if $run_only; then
+  if ! have bwrap; then
+    if [ "$(id -u)" = 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null
+    elif have sudo; then
+      sudo apt-get update -q >/dev/null && sudo apt-get install -y -q bubblewrap >/dev/null
+    else
+      echo "bubblewrap is required: run 'apt-get install bubblewrap' as root" >&2
+      exit 1
+    fi
+  fi
+  exit 0
+fi
 have redis-server || need+=(redis-server)
 have redis-cli || need+=(redis-tools)
 have bwrap || need+=(bubblewrap)
@@ -41,3 +56,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
+# This repository's SDK, editable, for its unit tests and the e2e suite.
+.venv/bin/python -c 'import agentcube.clients.errors' 2>/dev/null \
+  || .venv/bin/pip install -q --disable-pip-version-check -e sdk-python
+
+# The unmodified upstream SDK in its own venv, for the compatibility e2e test.
+if [ ! -x .venv-upstream/bin/python3 ]; then
+  python3 -m venv .venv-upstream
+fi
+.venv-upstream/bin/python3 -c 'import agentcube' 2>/dev/null \
+  || .venv-upstream/bin/pip install -q --disable-pip-version-check agentcube-sdk==0.1.0

@@ -148,8 +148,8 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_string);
-    let target = match session {
-        Some(id) => s.resolver.existing(&id, kind, &t.ns, &t.name).await?,
+    let target = match &session {
+        Some(id) => s.resolver.existing(id, kind, &t.ns, &t.name).await?,
         None => s.resolver.create(kind, &t.ns, &t.name).await?,
     };
     let entry = pick(&target.entry_points, &path)
@@ -171,6 +171,17 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             s.resolver.invalidate(&target.session_id);
+            // A sandbox that cannot be reached may simply have been deleted since it was cached:
+            // then the answer is the unknown-session 404, not a 502.
+            if session.is_some()
+                && matches!(e, RouterError::Refused | RouterError::Unreachable)
+                && let Err(again @ RouterError::UnknownSession(_)) = s
+                    .resolver
+                    .existing(&target.session_id, kind, &t.ns, &t.name)
+                    .await
+            {
+                return Err(again);
+            }
             return Err(e);
         }
     };

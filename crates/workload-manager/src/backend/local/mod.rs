@@ -172,6 +172,15 @@ impl LocalBackend {
         }
         std::fs::create_dir_all(&sandboxes)
             .map_err(|e| format!("cannot create {}: {e}", sandboxes.display()))?;
+        if config.drop_to.is_some() {
+            for dir in [&config.state_dir, &sandboxes] {
+                let _ = std::fs::set_permissions(
+                    dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                );
+            }
+            check_traversable(&sandboxes)?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -419,6 +428,30 @@ impl LocalBackend {
             });
         }
     }
+}
+
+/// Sandboxes run as an unprivileged uid, which must be able to reach their directories.
+fn check_traversable(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    for a in dir.ancestors() {
+        let mode = std::fs::metadata(a)
+            .map_err(|e| format!("{}: {e}", a.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "sandboxes run as an unprivileged user, which cannot reach {} because {} has mode \
+                 {:o}: choose a --state-dir under a directory others can traverse (e.g. /var/lib)",
+                dir.display(),
+                a.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a workload needs locally: env, resources, forwarded ports, agent argv, entry points

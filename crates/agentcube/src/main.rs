@@ -1,0 +1,219 @@
+//! `agentcube`: the embedded default.
+//!
+//! Main flow of `agentcube up`:
+//! 1. Pick the store (in-memory unless `--store redis://…`) and generate the Router's RSA key in
+//!    memory.
+//! 2. Start the Workload Manager on the local (bubblewrap) backend with the manifest directory,
+//!    injecting the Router's public key into sandboxes; serve its API.
+//! 3. Start the Router pointing at it; serve.
+//! 4. Print the URLs and `export` lines, and warm-pool progress until the pools are full.
+//! 5. On Ctrl-C / SIGTERM: stop serving, remove every sandbox, exit.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_router::{KeyPair, RouterService};
+use agentcube_store::StoreArgs;
+use agentcube_types::GoDuration;
+use agentcube_workload_manager::WorkloadManager;
+use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentcube", version, about = "AgentCube on one machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run Router + Workload Manager + store in this process, sandboxes on this host.
+    Up(UpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Directory of CodeInterpreter / AgentRuntime manifests (reloaded on change).
+    #[arg(long, env = "AGENTCUBE_MANIFESTS", default_value = "examples")]
+    manifests: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "AGENTCUBE_BIND", default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Router port.
+    #[arg(long, env = "AGENTCUBE_ROUTER_PORT", default_value_t = 8081)]
+    router_port: u16,
+    /// Workload Manager port.
+    #[arg(long, env = "AGENTCUBE_WM_PORT", default_value_t = 8080)]
+    wm_port: u16,
+    /// Sandbox workspaces and sockets.
+    #[arg(long, env = "AGENTCUBE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// PicoD binary (default: `picod` next to this binary).
+    #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
+    picod_binary: Option<PathBuf>,
+    /// GC interval (Go duration).
+    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
+    gc_interval: GoDuration,
+    /// Concurrent proxied requests at the Router; 0 means unlimited.
+    #[arg(long, default_value_t = 1000)]
+    max_concurrent_requests: usize,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,agentcube=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Up(args) => up(args).await,
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if !args.manifests.is_dir() {
+        anyhow::bail!(
+            "manifest directory {} not found (run from the repository root, or pass --manifests DIR)",
+            args.manifests.display()
+        );
+    }
+    let store_config = args.store.clone().into_config(true)?;
+    let store = agentcube_store::connect(&store_config)?;
+    store
+        .ping()
+        .await
+        .context("the session store does not answer")?;
+    let identity = KeyPair::generate()?;
+    let picod = match args.picod_binary.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("picod"),
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
+    let backend = Arc::new(
+        LocalBackend::new(LocalConfig::new(state_dir, picod)).map_err(anyhow::Error::msg)?,
+    );
+    if !backend.enforces_limits() {
+        eprintln!(
+            "warning: cgroup limits are not available here; sandboxes run without memory/cpu/pids limits"
+        );
+    }
+    let config = agentcube_workload_manager::Config {
+        manifests_dir: Some(args.manifests.clone()),
+        gc_interval: args.gc_interval.0,
+        public_key: Some(identity.public_pem.clone()),
+        ..Default::default()
+    };
+    let wm = WorkloadManager::start(config, store.clone(), backend.clone()).await?;
+    let wm_listener = tokio::net::TcpListener::bind((args.bind, args.wm_port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.bind, args.wm_port))?;
+    let router_listener = tokio::net::TcpListener::bind((args.bind, args.router_port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.bind, args.router_port))?;
+    let wm_url = format!("http://{}", wm_listener.local_addr()?);
+    let router_url = format!("http://{}", router_listener.local_addr()?);
+    let mut router_config = agentcube_router::Config::new(wm_url.clone());
+    router_config.max_concurrent_requests = args.max_concurrent_requests;
+    let router = RouterService::start(&router_config, store, &identity)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let wm_app = wm.app();
+    let wm_server = tokio::spawn(
+        axum::serve(wm_listener, wm_app)
+            .with_graceful_shutdown(stopped())
+            .into_future(),
+    );
+    let router_app = router
+        .app()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let router_server = tokio::spawn(
+        axum::serve(router_listener, router_app)
+            .with_graceful_shutdown(stopped())
+            .into_future(),
+    );
+
+    println!(
+        "AgentCube is up (embedded: Router + Workload Manager + {} store, sandboxes: bubblewrap)",
+        store_name(&store_config)
+    );
+    println!("  Router:           {router_url}");
+    println!("  Workload Manager: {wm_url}");
+    println!(
+        "  Manifests:        {} (reloaded on change)",
+        args.manifests.display()
+    );
+    println!();
+    println!("export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url}");
+    println!();
+    println!("Press Ctrl-C to stop (every sandbox is removed).");
+    let progress = tokio::spawn(pool_progress(backend.clone()));
+
+    shutdown_signal().await;
+    println!("\nstopping…");
+    progress.abort();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = router_server.await;
+        let _ = wm_server.await;
+    })
+    .await;
+    router.shutdown().await;
+    wm.shutdown().await;
+    println!("stopped; no sandbox left running");
+    Ok(())
+}
+
+fn store_name(c: &agentcube_store::StoreConfig) -> &'static str {
+    match c {
+        agentcube_store::StoreConfig::Memory => "in-memory",
+        agentcube_store::StoreConfig::Redis(_) => "Redis",
+    }
+}
+
+/// Prints warm-pool fill levels until every pool is full (re-checked after manifest changes).
+async fn pool_progress(backend: Arc<LocalBackend>) {
+    let mut last = String::new();
+    loop {
+        let status = backend.pool_status();
+        let line = status
+            .iter()
+            .map(|p| format!("{}/{} {}/{}", p.namespace, p.name, p.ready, p.size))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !status.is_empty() && line != last {
+            let full = status.iter().all(|p| p.ready >= p.size as usize);
+            println!(
+                "warm pools: {line}{}",
+                if full { " (ready)" } else { " (filling…)" }
+            );
+            last = line;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

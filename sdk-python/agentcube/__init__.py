@@ -1,0 +1,21 @@
+"""AgentCube Python SDK: sandboxes for AI agents.
+
+API-compatible with upstream ``agentcube-sdk``: ``CodeInterpreterClient`` and
+``AgentRuntimeClient``, configured by ``WORKLOAD_MANAGER_URL`` and ``ROUTER_URL``.
+"""
+
+from agentcube.agent_runtime import AgentRuntimeClient
+from agentcube.auth import AuthProvider, TokenAuth
+from agentcube.code_interpreter import CodeInterpreterClient
+from agentcube.exceptions import AgentCubeError, CommandExecutionError, DataPlaneError, SessionError
+
+__all__ = [
+    "AgentCubeError",
+    "AgentRuntimeClient",
+    "AuthProvider",
+    "CodeInterpreterClient",
+    "CommandExecutionError",
+    "DataPlaneError",
+    "SessionError",
+    "TokenAuth",
+]

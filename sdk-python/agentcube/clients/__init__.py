@@ -1,0 +1,1 @@
+"""Low-level HTTP clients (control plane = Workload Manager, data plane = Router)."""

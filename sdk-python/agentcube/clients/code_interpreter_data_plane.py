@@ -1,0 +1,159 @@
+"""Router data-plane client for Code Interpreter sessions (PicoD behind the Router, spec §6.2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from urllib.parse import urljoin
+
+import requests
+
+from agentcube.auth import AuthProvider
+from agentcube.clients.errors import raise_for_response
+
+SESSION_HEADER = "x-agentcube-session-id"
+DEFAULT_TIMEOUT = 120
+Command = Union[str, Sequence[str]]
+OutputCallback = Callable[[str, str], None]
+
+
+def command_argv(command: Command) -> List[str]:
+    """A string is split like a shell would split words (no shell runs it); a list is kept."""
+    if isinstance(command, str):
+        return shlex.split(command)
+    return list(command)
+
+
+def timeout_string(timeout: Optional[float]) -> str:
+    """Upstream sends ``f"{t}s"``: ``"120s"`` for the default, ``"30.0s"`` for floats."""
+    return f"{timeout if timeout is not None else DEFAULT_TIMEOUT}s"
+
+
+class CodeInterpreterDataPlaneClient:
+    """Calls PicoD through the Router for one session."""
+
+    def __init__(
+        self,
+        session_id: str,
+        name: str = "my-interpreter",
+        namespace: str = "default",
+        router_url: Optional[str] = None,
+        auth: Optional[AuthProvider] = None,
+        connect_timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        base = router_url or os.getenv("ROUTER_URL")
+        if not base:
+            raise ValueError("Router URL must be provided via 'router_url' or the ROUTER_URL environment variable.")
+        self.session_id = session_id
+        # As upstream: an absolute path, so a path prefix in ROUTER_URL is dropped.
+        self.base_url = urljoin(base, f"/v1/namespaces/{namespace}/code-interpreters/{name}/invocations/")
+        self.auth = auth
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _headers(self, json_body: bool = False) -> Dict[str, str]:
+        h = {SESSION_HEADER: self.session_id}
+        if json_body:
+            h["Content-Type"] = "application/json"
+        if self.auth:
+            h["Authorization"] = f"Bearer {self.auth.get_token()}"
+        return h
+
+    def _url(self, path: str) -> str:
+        return urljoin(self.base_url, path)
+
+    def execute_command_result(self, command: Command, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Runs a command; returns ``{"stdout", "stderr", "exit_code"}`` whatever the exit code."""
+        t = timeout if timeout is not None else DEFAULT_TIMEOUT
+        body = {"command": command_argv(command), "timeout": timeout_string(timeout)}
+        resp = self.session.post(
+            self._url("api/execute"),
+            data=json.dumps(body),
+            headers=self._headers(json_body=True),
+            timeout=(self.connect_timeout, t + 2),
+        )
+        raise_for_response(resp, self.session_id)
+        data = resp.json()
+        return {
+            "stdout": data.get("stdout") or "",
+            "stderr": data.get("stderr") or "",
+            "exit_code": data.get("exit_code", -1),
+        }
+
+    def execute_command_stream(
+        self, command: Command, on_output: OutputCallback, timeout: Optional[float] = None
+    ) -> Dict[str, Any]:
+        """Runs a command and calls ``on_output(stream, text)`` (``stream`` is ``"stdout"`` or
+        ``"stderr"``) as output arrives. Returns the same dict as :meth:`execute_command_result`."""
+        t = timeout if timeout is not None else DEFAULT_TIMEOUT
+        body = {"command": command_argv(command), "timeout": timeout_string(timeout)}
+        headers = self._headers(json_body=True)
+        headers["Accept"] = "application/x-ndjson"
+        out: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        exit_code = -1
+        with self.session.post(
+            self._url("api/execute"), data=json.dumps(body), headers=headers, stream=True,
+            timeout=(self.connect_timeout, t + 2),
+        ) as resp:
+            raise_for_response(resp, self.session_id)
+            for line in resp.iter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind = event.get("type")
+                if kind in ("stdout", "stderr"):
+                    out[kind].append(event.get("data", ""))
+                    on_output(kind, event.get("data", ""))
+                elif kind == "exit":
+                    exit_code = event.get("exit_code", -1)
+        return {"stdout": "".join(out["stdout"]), "stderr": "".join(out["stderr"]), "exit_code": exit_code}
+
+    def write_file(self, content: str, remote_path: str) -> None:
+        """Writes text (UTF-8) to ``remote_path`` in the sandbox."""
+        self.write_bytes(content.encode("utf-8"), remote_path)
+
+    def write_bytes(self, content: bytes, remote_path: str) -> None:
+        body = {"path": remote_path, "content": base64.b64encode(content).decode("ascii"), "mode": "0644"}
+        resp = self.session.post(
+            self._url("api/files"), data=json.dumps(body), headers=self._headers(json_body=True),
+            timeout=(self.connect_timeout, self.timeout),
+        )
+        raise_for_response(resp, self.session_id)
+
+    def upload_file(self, local_path: str, remote_path: str) -> None:
+        """Uploads a local file (multipart, as upstream)."""
+        with open(local_path, "rb") as f:
+            files = {"file": (os.path.basename(local_path), f)}
+            data = {"path": remote_path, "mode": "0644"}
+            resp = self.session.post(
+                self._url("api/files"), files=files, data=data, headers=self._headers(), timeout=self.timeout
+            )
+        raise_for_response(resp, self.session_id)
+
+    def download_file(self, remote_path: str, local_path: str) -> None:
+        """Downloads ``remote_path`` to ``local_path`` (parent directories are created)."""
+        url = self._url(f"api/files/{remote_path.lstrip('/')}")
+        with self.session.get(url, headers=self._headers(), stream=True, timeout=(self.connect_timeout, self.timeout)) as resp:
+            raise_for_response(resp, self.session_id)
+            parent = os.path.dirname(os.path.abspath(local_path))
+            os.makedirs(parent, exist_ok=True)
+            with open(local_path, "wb") as f:
+                for chunk in resp.iter_content(chunk_size=8192):
+                    if chunk:
+                        f.write(chunk)
+
+    def list_files(self, path: str = ".") -> List[Dict[str, Any]]:
+        resp = self.session.get(
+            self._url("api/files"), params={"path": path}, headers=self._headers(),
+            timeout=(self.connect_timeout, self.timeout),
+        )
+        raise_for_response(resp, self.session_id)
+        return resp.json().get("files", [])
+
+    def close(self) -> None:
+        self.session.close()

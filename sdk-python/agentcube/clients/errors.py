@@ -1,0 +1,41 @@
+"""Turns Router and sandbox answers into clear exceptions."""
+
+from __future__ import annotations
+
+import requests
+
+from agentcube.exceptions import HTTPDataPlaneError, HTTPSessionError
+
+
+def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
+    """Raises ``SessionError`` for an unknown/expired session, ``DataPlaneError`` for an
+    unreachable sandbox or another Router error; returns for 2xx. Both subclass the SDK's base
+    error, and the original ``requests.HTTPError`` is chained for callers that expect it."""
+    if resp.ok:
+        return
+    try:
+        resp.raise_for_status()
+    except requests.HTTPError as http_error:
+        detail = _detail(resp)
+        router_made = resp.headers.get("x-agentcube-error") == "router"
+        if resp.status_code == 404 and "sessions.agentcube.volcano.sh" in detail:
+            raise HTTPSessionError(
+                f"session {session_id} is unknown or expired (reclaimed by idle timeout or deleted): {detail}",
+                resp.status_code,
+                resp,
+            ) from http_error
+        if resp.status_code == 409 and router_made:
+            raise HTTPSessionError(f"session {session_id} belongs to another runtime: {detail}", 409, resp) from http_error
+        if resp.status_code in (502, 503, 504) and router_made:
+            raise HTTPDataPlaneError(f"sandbox unreachable (HTTP {resp.status_code}): {detail}", resp.status_code, resp) from http_error
+        raise HTTPDataPlaneError(f"HTTP {resp.status_code} from {resp.url}: {detail}", resp.status_code, resp) from http_error
+
+
+def _detail(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)
+    return str(body)

@@ -1,0 +1,136 @@
+"""``CodeInterpreterClient``: one sandbox session for running code (upstream-compatible API)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import time
+from typing import Any, Dict, List, Optional
+
+from agentcube.auth import AuthProvider, resolve_auth
+from agentcube.clients.code_interpreter_data_plane import (
+    CodeInterpreterDataPlaneClient,
+    Command,
+    OutputCallback,
+)
+from agentcube.clients.control_plane import ControlPlaneClient
+from agentcube.exceptions import CommandExecutionError
+
+log = logging.getLogger(__name__)
+
+_PYTHON = ("python", "py", "python3")
+_SHELL = ("bash", "sh")
+
+
+class CodeInterpreterClient:
+    """A Code Interpreter session. Created at the Workload Manager on construction (unless
+    ``session_id`` is given), used through the Router, deleted by :meth:`stop` or ``with``."""
+
+    def __init__(
+        self,
+        name: str = "my-interpreter",
+        namespace: str = "default",
+        ttl: int = 3600,
+        workload_manager_url: Optional[str] = None,
+        router_url: Optional[str] = None,
+        auth_token: Optional[str] = None,
+        verbose: bool = False,
+        session_id: Optional[str] = None,
+        auth: Optional[AuthProvider] = None,
+    ):
+        if verbose:
+            logging.basicConfig(level=logging.DEBUG)
+        self.name = name
+        self.namespace = namespace
+        self.ttl = ttl
+        self._auth = resolve_auth(auth, auth_token)
+        self._cp = ControlPlaneClient(workload_manager_url, auth=self._auth)
+        self.session_id: Optional[str] = session_id
+        created = False
+        if self.session_id is None:
+            self.session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
+            created = True
+        try:
+            self._dp = CodeInterpreterDataPlaneClient(
+                self.session_id, name=name, namespace=namespace, router_url=router_url, auth=self._auth
+            )
+        except Exception:
+            if created:
+                self._cp.delete_session(self.session_id)
+            self._cp.close()
+            raise
+
+    def __enter__(self) -> "CodeInterpreterClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def execute_command(
+        self, command: Command, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+    ) -> str:
+        """Runs a command (argv list, or a string split into words — no shell) and returns its
+        stdout; raises :class:`CommandExecutionError` on a non-zero exit. With ``on_output``,
+        output is streamed to ``on_output(stream, text)`` as it happens."""
+        result = self.execute_command_result(command, timeout=timeout, on_output=on_output)
+        if result["exit_code"] != 0:
+            raise CommandExecutionError(result["exit_code"], result["stderr"], command)
+        return result["stdout"]
+
+    def execute_command_result(
+        self, command: Command, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+    ) -> Dict[str, Any]:
+        """Runs a command; returns ``{"stdout", "stderr", "exit_code"}`` without raising on failure."""
+        if on_output is not None:
+            return self._dp.execute_command_stream(command, on_output, timeout=timeout)
+        return self._dp.execute_command_result(command, timeout=timeout)
+
+    def run_code(
+        self, language: str, code: str, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+    ) -> str:
+        """Writes ``code`` to a script in the workspace and runs it in a fresh process (python or
+        bash). Returns stdout; raises :class:`CommandExecutionError` on failure."""
+        lang = language.lower()
+        stamp = int(time.time() * 1000)
+        if lang in _PYTHON:
+            try:
+                ast.parse(code)
+            except SyntaxError:
+                fixed = code.replace("\\n", "\n")
+                try:
+                    ast.parse(fixed)
+                    code = fixed
+                except SyntaxError:
+                    pass
+            script, argv = f"script_{stamp}.py", ["python3"]
+        elif lang in _SHELL:
+            script, argv = f"script_{stamp}.sh", ["bash"]
+        else:
+            raise ValueError(f"unsupported language {language!r}: use python or bash")
+        self.write_file(code, script)
+        return self.execute_command(argv + [script], timeout=timeout, on_output=on_output)
+
+    def write_file(self, content: str, remote_path: str) -> None:
+        """Writes text to a file in the sandbox (relative to the workspace)."""
+        self._dp.write_file(content, remote_path)
+
+    def upload_file(self, local_path: str, remote_path: str) -> None:
+        """Uploads a local file to the sandbox."""
+        self._dp.upload_file(local_path, remote_path)
+
+    def download_file(self, remote_path: str, local_path: str) -> None:
+        """Downloads a file from the sandbox."""
+        self._dp.download_file(remote_path, local_path)
+
+    def list_files(self, path: str = ".") -> List[Dict[str, Any]]:
+        """Lists a directory in the sandbox."""
+        return self._dp.list_files(path)
+
+    def stop(self) -> None:
+        """Deletes the session (never raises) and closes connections."""
+        try:
+            self._dp.close()
+        finally:
+            if self.session_id:
+                self._cp.delete_session(self.session_id)
+            self._cp.close()

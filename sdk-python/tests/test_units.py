@@ -1,0 +1,67 @@
+"""SDK unit tests: argument handling and error classification (no network)."""
+
+import pytest
+import requests
+
+from agentcube import AgentCubeError, DataPlaneError, SessionError, TokenAuth
+from agentcube.auth import resolve_auth
+from agentcube.clients.code_interpreter_data_plane import (
+    CodeInterpreterDataPlaneClient,
+    command_argv,
+    timeout_string,
+)
+from agentcube.clients.errors import raise_for_response
+from agentcube.exceptions import CommandExecutionError
+
+
+def test_commands_are_split_into_words_not_run_by_a_shell():
+    assert command_argv("echo 'a b' c") == ["echo", "a b", "c"]
+    assert command_argv(["ls", "-l"]) == ["ls", "-l"]
+    assert command_argv("whoami && pwd") == ["whoami", "&&", "pwd"]
+
+
+def test_timeouts_are_go_durations_like_upstream():
+    assert timeout_string(None) == "120s"
+    assert timeout_string(30) == "30s"
+    assert timeout_string(30.0) == "30.0s"
+
+
+def test_router_path_prefix_is_dropped_like_upstream():
+    c = CodeInterpreterDataPlaneClient("s", name="ci", namespace="ns", router_url="http://r:1/prefix/")
+    assert c.base_url == "http://r:1/v1/namespaces/ns/code-interpreters/ci/invocations/"
+
+
+def test_auth_resolution():
+    assert resolve_auth(None, None) is None
+    assert resolve_auth(None, "t").get_token() == "t"
+    explicit = TokenAuth("x")
+    assert resolve_auth(explicit, "t") is explicit
+    with pytest.raises(ValueError):
+        TokenAuth("")
+
+
+def _response(status, body, router=True):
+    r = requests.Response()
+    r.status_code = status
+    r._content = body.encode()
+    r.url = "http://router/x"
+    r.headers["content-type"] = "application/json"
+    if router:
+        r.headers["x-agentcube-error"] = "router"
+    return r
+
+
+def test_errors_say_what_went_wrong():
+    raise_for_response(_response(200, "{}"), "s")
+    with pytest.raises(SessionError) as e:
+        raise_for_response(_response(404, '{"error":"sessions.agentcube.volcano.sh \\"s\\" not found"}'), "s")
+    assert "unknown or expired" in str(e.value)
+    assert isinstance(e.value, requests.HTTPError), "still catchable like upstream's raise_for_status"
+    with pytest.raises(DataPlaneError) as e:
+        raise_for_response(_response(502, '{"error":"sandbox unreachable"}'), "s")
+    assert "sandbox unreachable" in str(e.value) and e.value.status_code == 502
+    with pytest.raises(DataPlaneError):
+        raise_for_response(_response(404, '{"error":"File not found","code":404}', router=False), "s")
+    assert issubclass(CommandExecutionError, AgentCubeError)
+    err = CommandExecutionError(1, "NameError: x", ["python3", "s.py"])
+    assert err.exit_code == 1 and "NameError" in str(err)

@@ -1,0 +1,65 @@
+"""Raw HTTP (curl-style) scenarios against the Router and the Workload Manager."""
+
+import time
+
+import requests
+
+
+def invocations(stack, kind, name, path=""):
+    return f"{stack.router_url}/v1/namespaces/default/{kind}/{name}/invocations/{path}"
+
+
+def test_router_bootstrapped_flow(stack):
+    url = invocations(stack, "code-interpreters", "on-demand-interpreter", "api/execute")
+    r = requests.post(url, json={"command": ["python3", "-c", "print(1+1)"]})
+    assert r.status_code == 200
+    sid = r.headers["x-agentcube-session-id"]
+    assert r.json()["stdout"] == "2\n"
+    r = requests.post(url, json={"command": ["sh", "-c", "echo again"]}, headers={"x-agentcube-session-id": sid})
+    assert r.status_code == 200 and r.headers["x-agentcube-session-id"] == sid
+    assert requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}").status_code == 200
+
+
+def test_unknown_session_and_runtime(stack):
+    r = requests.get(invocations(stack, "code-interpreters", "my-interpreter", "api/files?path=."), headers={"x-agentcube-session-id": "does-not-exist"})
+    assert r.status_code == 404
+    assert r.json() == {"error": 'sessions.agentcube.volcano.sh "does-not-exist" not found'}
+    r = requests.post(invocations(stack, "agent-runtimes", "no-such-agent", "echo"), json={"input": "x"})
+    assert r.status_code == 404
+    assert "not found" in r.text
+
+
+def test_echo_agent_with_and_without_session(stack):
+    url = invocations(stack, "agent-runtimes", "echo-agent", "echo")
+    for text in ["Hello, World!", "", "special chars: ü ✓ \"quoted\" <tag>"]:
+        r = requests.post(url, json={"input": text})
+        assert r.status_code == 200, r.text
+        assert r.json()["output"] == f"echo: {text}"
+    sid = r.headers["x-agentcube-session-id"]
+    r2 = requests.post(url, json={"input": "same"}, headers={"x-agentcube-session-id": sid})
+    assert r2.json()["output"] == "echo: same"
+    assert r2.json()["metadata"]["pid"] == r.json()["metadata"]["pid"], "same sandbox"
+
+
+def test_agent_runtime_client(stack):
+    from agentcube import AgentRuntimeClient
+
+    with AgentRuntimeClient("echo-agent") as a:
+        assert a.invoke({"input": "hi"}, path="echo")["output"] == "echo: hi"
+        assert a.session_id
+
+
+def test_idle_session_is_reclaimed_then_404(stack):
+    url = invocations(stack, "code-interpreters", "short-ttl", "api/execute")
+    r = requests.post(url, json={"command": ["true"]})
+    sid = r.headers["x-agentcube-session-id"]
+    assert any(n.startswith("short-ttl-") for n in stack.sandboxes())
+    # Stay idle (any request through the Router would count as activity) and watch the sandbox go.
+    deadline = time.time() + 2 + 1 + 1 + 10
+    while time.time() < deadline and any(n.startswith("short-ttl-") for n in stack.sandboxes()):
+        time.sleep(0.2)
+    assert not any(n.startswith("short-ttl-") for n in stack.sandboxes()), "idle sandbox not reclaimed"
+    time.sleep(1.2)  # the Router's short session cache
+    r = requests.get(invocations(stack, "code-interpreters", "short-ttl", "api/files?path=."), headers={"x-agentcube-session-id": sid})
+    assert r.status_code == 404
+    assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found'}

@@ -1,0 +1,91 @@
+"""Upstream's SDK scenarios (spec §7.4) against the embedded default, with this repo's SDK."""
+
+import json
+import os
+
+import pytest
+import requests
+
+from agentcube import CodeInterpreterClient, CommandExecutionError, SessionError
+
+FIB = """
+import json
+a, b, seq = 0, 1, []
+for _ in range(10):
+    seq.append(a)
+    a, b = b, a + b
+with open("fibonacci.json", "w") as f:
+    json.dump(seq, f)
+print("written")
+"""
+
+
+def test_run_code_prints(stack):
+    with CodeInterpreterClient(name="on-demand-interpreter") as c:
+        assert "2" in c.run_code("python", "print(1+1)")
+        assert c.run_code("bash", "echo $((6*7))").strip() == "42"
+
+
+def test_each_run_code_is_a_fresh_process(stack):
+    with CodeInterpreterClient() as c:
+        c.run_code("python", "x = 41")
+        with pytest.raises(CommandExecutionError) as e:
+            c.run_code("python", "print(x + 1)")
+        assert "NameError" in e.value.stderr
+
+
+def test_files_round_trip(stack, tmp_path):
+    with CodeInterpreterClient() as c:
+        c.write_file(FIB, "generate_fib.py")
+        assert "written" in c.execute_command("python3 generate_fib.py")
+        c.download_file("fibonacci.json", str(tmp_path / "out/fib.json"))
+        assert json.loads((tmp_path / "out/fib.json").read_text()) == [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
+        names = {f["name"] for f in c.list_files(".")}
+        assert {"generate_fib.py", "fibonacci.json"} <= names
+        blob = bytes(range(256)) * 300
+        (tmp_path / "blob.bin").write_bytes(blob)
+        c.upload_file(str(tmp_path / "blob.bin"), "data/blob.bin")
+        c.download_file("/data/blob.bin", str(tmp_path / "back.bin"))
+        assert (tmp_path / "back.bin").read_bytes() == blob
+        assert c.execute_command(["sha256sum", "data/blob.bin"]).split()[0] == __import__("hashlib").sha256(blob).hexdigest()
+
+
+def test_command_results_and_failures(stack):
+    with CodeInterpreterClient() as c:
+        assert c.execute_command(["echo", "Hello, World!"]) == "Hello, World!\n"
+        r = c.execute_command_result(["sh", "-c", "echo out; echo err >&2; exit 3"])
+        assert r == {"stdout": "out\n", "stderr": "err\n", "exit_code": 3}
+        with pytest.raises(CommandExecutionError) as e:
+            c.execute_command(["sh", "-c", "exit 1"])
+        assert e.value.exit_code == 1
+
+
+def test_streaming_output_to_a_callback(stack):
+    seen = []
+    with CodeInterpreterClient() as c:
+        out = c.execute_command(["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done"], on_output=lambda s, t: seen.append((s, t)))
+    assert out == "line1\nline2\nline3\n"
+    assert len(seen) >= 2, f"output should arrive in several chunks: {seen}"
+    assert all(s == "stdout" for s, _ in seen)
+
+
+def test_stop_deletes_the_session(stack):
+    c = CodeInterpreterClient()
+    sid = c.session_id
+    c.execute_command("true")
+    c.stop()
+    again = CodeInterpreterClient(session_id=sid)
+    with pytest.raises(SessionError) as e:
+        again.execute_command("true")
+    assert e.value.status_code == 404
+    assert isinstance(e.value, requests.HTTPError)
+    r = requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}")
+    assert r.status_code == 404
+    assert r.json() == {"message": f"Session ID {sid} not found, maybe already deleted"}
+
+
+def test_session_reuse_by_id(stack):
+    with CodeInterpreterClient() as c:
+        c.write_file("kept", "state.txt")
+        other = CodeInterpreterClient(session_id=c.session_id)
+        assert other.execute_command("cat state.txt") == "kept"
