@@ -1,7 +1,7 @@
 # agentcube (Rust). `make run` starts the system, `make test` installs what it needs and runs every test.
 SHELL := /bin/bash
 CARGO ?= cargo
-STATE_DIR ?= /var/lib/agentcube
+STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
 .PHONY: run test e2e deps deps-run build fmt lint crds check-crds bench bench-picod clean
 
