@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e deps deps-run build fmt lint crds check-crds bench bench-picod clean
+.PHONY: run test e2e deps deps-run build fmt lint crds check-crds bench bench-picod bench-router bench-wm clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -15,7 +15,7 @@ test: deps lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
-	.venv/bin/python -m pytest -q sdk-python/tests
+	.venv/bin/python -m pytest -q sdk-python/tests tests/helm
 	.venv/bin/python -m pytest -q tests/e2e
 
 ## e2e: the end-to-end suite against `agentcube up` (real sandboxes, both SDKs)
@@ -25,6 +25,7 @@ e2e: deps
 
 deps:
 	@scripts/install-deps.sh
+	@scripts/fetch-helm.sh >/dev/null
 
 # `make run` needs only bubblewrap (and util-linux's setpriv, always present on Debian).
 deps-run:
@@ -43,17 +44,28 @@ lint: check-crds
 ## crds: regenerate config/crd/*.yaml from the Rust types
 crds:
 	$(CARGO) run -q -p agentcube-crds --bin crdgen
+	cp config/crd/*.yaml deploy/helm/agentcube/crds/
 
 ## check-crds: fail when the committed CRD YAML is stale
 check-crds:
 	$(CARGO) run -q -p agentcube-crds --bin crdgen -- --check
 
 ## bench: benchmarks that print ratios against same-run baselines (they never fail)
-bench: bench-picod
+bench: deps bench-picod bench-router bench-wm
+
+bench-router:
+	$(CARGO) build --release -p agentcube-picod --bin picod
+	$(CARGO) build --release -p agentcube-router --example router-bench
+	./target/release/examples/router-bench target/release/picod
+
+bench-wm:
+	$(CARGO) build --release -p agentcube-picod --bin picod
+	$(CARGO) build --release -p agentcube-workload-manager --example wm-bench
+	./target/release/examples/wm-bench target/release/picod
 
 bench-picod:
-	$(CARGO) build --release -p agentcube-picod --bin picod --example bench
-	./target/release/examples/bench target/release/picod
+	$(CARGO) build --release -p agentcube-picod --bin picod --example picod-bench
+	./target/release/examples/picod-bench target/release/picod
 
 clean:
 	$(CARGO) clean

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use agentcube_picod::{AppState, Auth, Config, ListenAddr, Listener};
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// PicoD, the AgentCube in-sandbox daemon.
 #[derive(Debug, Parser)]
@@ -42,6 +42,9 @@ struct Args {
     /// Log format: plain or json.
     #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
     log_format: String,
+    /// Validate flags and environment, print the environment variables this binary reads, exit.
+    #[arg(long, hide = true)]
+    check_config: bool,
 }
 
 /// What `main` needs besides the library's [`Config`].
@@ -82,6 +85,15 @@ impl TryFrom<Args> for (Config, ListenAddr) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.check_config {
+        let _ = <(Config, ListenAddr)>::try_from(args)?;
+        for a in Args::command().get_arguments() {
+            if let Some(e) = a.get_env() {
+                println!("{}", e.to_string_lossy());
+            }
+        }
+        return Ok(());
+    }
     init_tracing(&args.log_format);
     let extras = Extras {
         forwards: args.forwards.clone(),

@@ -67,6 +67,20 @@ impl KeyPair {
         })
     }
 
+    /// The SPKI public key of the pair kept in `dir`: `public.pem` if present, else derived from
+    /// `private.pem`. Used by the Workload Manager to learn what sandboxes must trust.
+    pub fn public_from_dir(dir: &Path) -> Result<String, IdentityError> {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name));
+        if let Ok(p) = read("public.pem") {
+            return Ok(p);
+        }
+        let pem = read("private.pem").map_err(|e| IdentityError::Io {
+            path: dir.join("private.pem").display().to_string(),
+            source: e,
+        })?;
+        Ok(Self::from_private_pem(&pem)?.public_pem)
+    }
+
     /// Parses a PKCS#1 private key and derives the public key from it.
     pub fn from_private_pem(pem: &str) -> Result<Self, IdentityError> {
         let key = rsa::RsaPrivateKey::from_pkcs1_pem(pem)
@@ -86,8 +100,11 @@ impl KeyPair {
             Ok(pem) => {
                 let pair = Self::from_private_pem(&pem)?;
                 let public = dir.join("public.pem");
-                if std::fs::read_to_string(&public).ok().as_deref() != Some(&pair.public_pem) {
-                    std::fs::write(&public, &pair.public_pem).map_err(|e| io(&public, e))?;
+                if std::fs::read_to_string(&public).ok().as_deref() != Some(&pair.public_pem)
+                    && let Err(e) = std::fs::write(&public, &pair.public_pem)
+                {
+                    // A read-only mount (the chart's Secret) is fine: the key is derived anyway.
+                    tracing::debug!(path = %public.display(), error = %e, "public.pem not written");
                 }
                 Ok(pair)
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use agentcube_router::{Config, KeyPair, RouterService};
 use agentcube_store::StoreArgs;
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// AgentCube Router.
 #[derive(Debug, Parser)]
@@ -56,11 +56,19 @@ struct Args {
     jwt_required_role: String,
     #[command(flatten)]
     store: StoreArgs,
+    /// Validate flags and environment, print the environment variables this binary reads, exit.
+    #[arg(long, hide = true)]
+    check_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.check_config {
+        args.store.clone().into_config(false)?;
+        print_env_names();
+        return Ok(());
+    }
     let level = if args.debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -102,5 +110,14 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+    }
+}
+
+/// One line per environment variable a flag reads (used by the chart's drift test).
+fn print_env_names() {
+    for a in Args::command().get_arguments() {
+        if let Some(e) = a.get_env() {
+            println!("{}", e.to_string_lossy());
+        }
     }
 }

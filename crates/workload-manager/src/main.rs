@@ -8,7 +8,7 @@ use agentcube_types::GoDuration;
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
 use agentcube_workload_manager::{Config, WorkloadManager};
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// AgentCube Workload Manager.
 #[derive(Debug, Parser)]
@@ -48,8 +48,18 @@ struct Args {
     /// compatibility with upstream's flag; not used by the local backend).
     #[arg(long, env = "AGENTCUBE_RUNTIME_CLASS_NAME", default_value = "")]
     runtime_class_name: String,
+    /// Directory with the Router's key (`public.pem`, or `private.pem` to derive it from), e.g. the
+    /// mounted Secret `picod-router-identity`.
+    #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
+    router_identity_dir: Option<PathBuf>,
+    /// Namespace of the Router's identity Secret in a cluster (used by the Kubernetes backend).
+    #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
+    namespace: String,
     #[command(flatten)]
     store: StoreArgs,
+    /// Validate flags and environment, print the environment variables this binary reads, exit.
+    #[arg(long, hide = true)]
+    check_config: bool,
     /// Log format: plain or json.
     #[arg(long, env = "AGENTCUBE_LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -58,6 +68,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.check_config {
+        args.store.clone().into_config(false)?;
+        if !["local", "kubernetes"].contains(&args.backend.as_str()) {
+            anyhow::bail!("unknown --backend {:?} (local or kubernetes)", args.backend);
+        }
+        for a in Args::command().get_arguments() {
+            if let Some(e) = a.get_env() {
+                println!("{}", e.to_string_lossy());
+            }
+        }
+        return Ok(());
+    }
     init_tracing(&args.log_format);
     if args.backend != "local" {
         anyhow::bail!(
@@ -71,11 +93,12 @@ async fn main() -> anyhow::Result<()> {
         .ping()
         .await
         .context("the session store does not answer")?;
-    let public_key = match &args.router_public_key_file {
-        Some(p) => Some(
+    let public_key = match (&args.router_public_key_file, &args.router_identity_dir) {
+        (Some(p), _) => Some(
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
         ),
-        None => None,
+        (None, Some(dir)) => Some(public_key_from_dir(dir)?),
+        (None, None) => None,
     };
     let exe = std::env::current_exe()?;
     let picod = args
@@ -131,4 +154,18 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
+}
+
+/// `dir/public.pem`, or the SPKI public key derived from `dir/private.pem` (PKCS#1).
+fn public_key_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::{EncodePublicKey, LineEnding};
+    if let Ok(p) = std::fs::read_to_string(dir.join("public.pem")) {
+        return Ok(p);
+    }
+    let pem = std::fs::read_to_string(dir.join("private.pem"))
+        .with_context(|| format!("no public.pem or private.pem in {}", dir.display()))?;
+    let key =
+        rsa::RsaPrivateKey::from_pkcs1_pem(&pem).context("private.pem is not a PKCS#1 RSA key")?;
+    Ok(key.to_public_key().to_public_key_pem(LineEnding::LF)?)
 }

@@ -1,7 +1,7 @@
 //! PicoD benchmark: prints ratios against baselines measured in the same run. Never fails on
 //! numbers; it reports them.
 //!
-//! Usage: `bench [PATH_TO_PICOD]` (default `target/release/picod`). `make bench` builds and runs it.
+//! Usage: `picod-bench [PATH_TO_PICOD]` (default `target/release/picod`). `make bench` builds and runs it.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,43 @@
+{{- define "agentcube.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agentcube.labels" -}}
+app.kubernetes.io/name: {{ include "agentcube.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* image: a string (upstream style) or {repository, tag} */}}
+{{- define "agentcube.image" -}}
+{{- if kindIs "string" . -}}
+{{ . }}
+{{- else -}}
+{{ .repository }}:{{ .tag | default "latest" }}
+{{- end -}}
+{{- end -}}
+
+{{- define "agentcube.redisAddr" -}}
+{{- if .Values.bundledRedis.enabled -}}
+{{ .Release.Name }}-redis.{{ .Release.Namespace }}.svc.cluster.local:6379
+{{- else -}}
+{{ required "redis.addr is required (or set bundledRedis.enabled=true)" .Values.redis.addr }}
+{{- end -}}
+{{- end -}}
+
+{{- define "agentcube.redisEnv" -}}
+- name: REDIS_ADDR
+  value: {{ include "agentcube.redisAddr" . | quote }}
+{{- if or .Values.redis.password .Values.redis.secretName }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (printf "%s-redis" .Release.Name) .Values.redis.secretName }}
+      key: {{ .Values.redis.secretKey }}
+{{- else }}
+- name: REDIS_PASSWORD_REQUIRED
+  value: "false"
+{{- end }}
+{{- end -}}
