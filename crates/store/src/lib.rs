@@ -124,3 +124,17 @@ pub fn connect(config: &StoreConfig) -> Result<Arc<dyn SessionStore>> {
 pub(crate) fn score(t: Timestamp) -> i64 {
     t.as_second()
 }
+
+/// Pairs of (record, last-activity score) into [`IdleSession`]s.
+pub(crate) fn idle_sessions(hits: Vec<(SessionRecord, i64)>) -> Result<Vec<IdleSession>> {
+    hits.into_iter()
+        .map(|(record, s)| {
+            let last_activity =
+                Timestamp::from_second(s).map_err(|e| Error::Backend(e.to_string()))?;
+            Ok(IdleSession {
+                record,
+                last_activity,
+            })
+        })
+        .collect()
+}

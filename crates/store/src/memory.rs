@@ -192,15 +192,6 @@ impl SessionStore for MemoryStore {
 
     async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
         let hits = self.scan(|i| &mut i.activity, score(before), limit)?;
-        hits.into_iter()
-            .map(|(record, s)| {
-                let last_activity =
-                    Timestamp::from_second(s).map_err(|e| Error::Backend(e.to_string()))?;
-                Ok(IdleSession {
-                    record,
-                    last_activity,
-                })
-            })
-            .collect()
+        crate::idle_sessions(hits)
     }
 }

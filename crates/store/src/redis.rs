@@ -339,15 +339,6 @@ impl SessionStore for RedisStore {
 
     async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
         let hits = self.list(self.keys.last_activity(), before, limit).await?;
-        hits.into_iter()
-            .map(|(record, s)| {
-                let last_activity =
-                    Timestamp::from_second(s).map_err(|e| Error::Backend(e.to_string()))?;
-                Ok(IdleSession {
-                    record,
-                    last_activity,
-                })
-            })
-            .collect()
+        crate::idle_sessions(hits)
     }
 }
