@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
             "daemon off; worker_processes 1; error_log stderr crit; pid {pid};\n\
          events {{ worker_connections 1024; }}\n\
          http {{ access_log off; upstream p {{ server 127.0.0.1:{picod_port}; keepalive 64; }}\n\
-         server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://p/health; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+         server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://p; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
             pid = dir.path().join("nginx.pid").display()
         ),
     )?;
@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn()
         .ok()
         .map(Reaped);
-    let nginx_url = format!("http://127.0.0.1:{nginx_port}/x");
+    let nginx_url = format!("http://127.0.0.1:{nginx_port}/health");
     if nginx.is_some() {
         wait_up(&nginx_url).await;
     }

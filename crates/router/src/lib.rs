@@ -131,6 +131,10 @@ pub async fn serve(
     let app = service
         .app()
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Small request/response exchanges must not wait for Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
