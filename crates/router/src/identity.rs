@@ -121,6 +121,56 @@ impl KeyPair {
     }
 }
 
+/// Name of the Secret holding the Router identity in a cluster (upstream's).
+pub const SECRET_NAME: &str = "picod-router-identity";
+
+/// In a cluster: create Secret `picod-router-identity` with a fresh pair, or, if another replica
+/// won the race (409), load its `private.pem` (PKCS#1). Every replica ends up with one key.
+pub async fn load_or_create_secret(
+    client: kube::Client,
+    namespace: &str,
+) -> Result<KeyPair, IdentityError> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let fresh = KeyPair::generate()?;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": SECRET_NAME,
+            "labels": {"app": "agentcube", "component": "router"},
+        },
+        "stringData": {"private.pem": fresh.private_pem, "public.pem": fresh.public_pem},
+    }))
+    .map_err(|e| IdentityError::Key(e.to_string()))?;
+    let kube_err =
+        |e: kube::Error| IdentityError::Key(format!("Secret {namespace}/{SECRET_NAME}: {e}"));
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(fresh),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get(SECRET_NAME).await.map_err(kube_err)?;
+            let pem = existing
+                .data
+                .as_ref()
+                .and_then(|d| d.get("private.pem"))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .or_else(|| {
+                    existing
+                        .string_data
+                        .as_ref()
+                        .and_then(|d| d.get("private.pem").cloned())
+                })
+                .ok_or_else(|| {
+                    IdentityError::Key(format!("Secret {SECRET_NAME} has no private.pem"))
+                })?;
+            KeyPair::from_private_pem(&pem)
+        }
+        Err(e) => Err(kube_err(e)),
+    }
+}
+
 fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -86,9 +86,17 @@ async fn main() -> anyhow::Result<()> {
     let identity = match &args.identity_dir {
         Some(dir) => KeyPair::load_or_create(dir)
             .with_context(|| format!("identity in {}", dir.display()))?,
+        // In a cluster: Secret picod-router-identity, shared by every replica.
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            let client = kube::Client::try_default()
+                .await
+                .context("in-cluster Kubernetes client")?;
+            agentcube_router::identity::load_or_create_secret(client, &args.namespace).await?
+        }
         None => {
             tracing::warn!(
-                "no --identity-dir: using an in-memory key; sandboxes must get this process's public key"
+                "no --identity-dir and not in a cluster: using an in-memory key; sandboxes must \
+                 get this process's public key"
             );
             KeyPair::generate()?
         }
