@@ -9,6 +9,8 @@
 //! 4. [`proxy`]: pooled TCP / Unix-socket connection, bodies streamed, upgrades spliced; the
 //!    answer gets the session header. Refused → 502, timeout → 504, other → 503 ([`error`]).
 //! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
+//!
+//! [`tls`] serves the same app over HTTPS when configured.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ pub mod identity;
 pub mod proxy;
 pub mod resolve;
 pub mod server;
+pub mod tls;
 pub mod wm;
 
 pub use identity::KeyPair;

@@ -38,12 +38,14 @@ struct Args {
     /// Upstream flag; accepted (use RUST_LOG for log levels).
     #[arg(long)]
     debug: bool,
-    /// Serve HTTPS (not built yet: refused at start).
-    #[arg(long)]
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2) with --tls-cert and --tls-key.
+    #[arg(long, env = "ROUTER_ENABLE_TLS")]
     enable_tls: bool,
-    #[arg(long, default_value = "")]
+    /// PEM certificate chain for --enable-tls.
+    #[arg(long, env = "ROUTER_TLS_CERT", default_value = "")]
     tls_cert: String,
-    #[arg(long, default_value = "")]
+    /// PEM private key for --enable-tls.
+    #[arg(long, env = "ROUTER_TLS_KEY", default_value = "")]
     tls_key: String,
     /// OIDC issuer for end-user auth (not built yet: refused at start when set).
     #[arg(long, default_value = "")]
@@ -76,9 +78,6 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if args.enable_tls {
-        anyhow::bail!("--enable-tls is not supported yet; terminate TLS in front of the Router");
-    }
     if !args.jwt_issuer_url.is_empty() {
         anyhow::bail!("--jwt-issuer-url (OIDC) is not supported yet");
     }
@@ -106,10 +105,30 @@ async fn main() -> anyhow::Result<()> {
     config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
     let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
     config.workload_manager_token_file = sa.exists().then_some(sa);
+    let tls = match (
+        args.enable_tls,
+        args.tls_cert.is_empty(),
+        args.tls_key.is_empty(),
+    ) {
+        (false, _, _) => None,
+        (true, false, false) => Some(agentcube_router::tls::acceptor(
+            std::path::Path::new(&args.tls_cert),
+            std::path::Path::new(&args.tls_key),
+        )?),
+        (true, _, _) => anyhow::bail!("--enable-tls needs both --tls-cert and --tls-key"),
+    };
+    if tls.is_some() {
+        config.scheme = "https";
+    }
     let service = RouterService::start(&config, store, &identity)?;
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
-    tracing::info!(addr = %listener.local_addr()?, "router listening");
-    agentcube_router::serve(service, listener, shutdown_signal()).await
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
+    match tls {
+        Some(acceptor) => {
+            agentcube_router::tls::serve_tls(service, listener, acceptor, shutdown_signal()).await
+        }
+        None => agentcube_router::serve(service, listener, shutdown_signal()).await,
+    }
 }
 
 async fn shutdown_signal() {

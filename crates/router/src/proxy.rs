@@ -138,6 +138,8 @@ impl tower::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, Body>,
+    /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
+    h2c: Client<Connector, Body>,
     unix: UnixHosts,
 }
 
@@ -213,8 +215,12 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(true)
             .build(connector);
-        Self { client, unix }
+        Self { client, h2c, unix }
     }
 
     fn target_uri(&self, entry: &EntryPoint, path_and_query: &str) -> Result<Uri, RouterError> {
@@ -279,8 +285,13 @@ impl Upstream {
         headers.insert("x-forwarded-proto", HeaderValue::from_static(f.scheme));
         headers.remove(header::HOST);
         *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
-        let mut resp = self.client.request(req).await.map_err(map_client_error)?;
+        let client = if req.version() == http::Version::HTTP_2 && upgrade.is_none() {
+            &self.h2c
+        } else {
+            *req.version_mut() = http::Version::HTTP_11;
+            &self.client
+        };
+        let mut resp = client.request(req).await.map_err(map_client_error)?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);

@@ -30,6 +30,7 @@ async fn echo(req: Request) -> impl IntoResponse {
         .collect();
     let body = serde_json::json!({
         "method": req.method().as_str(),
+        "version": format!("{:?}", req.version()),
         "path": req.uri().path(),
         "query": req.uri().query(),
         "headers": headers,

@@ -1,0 +1,106 @@
+//! HTTPS on the Router and HTTP/2 cleartext (h2c) end to end.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::upstream;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use serde_json::Value;
+use tokio_rustls::rustls;
+
+#[tokio::test]
+async fn h2c_clients_reach_h2c_upstreams_and_http1_stays_http1() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", up.trim_start_matches("http://")).await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(router.ci("grpc.Service/Call"))
+        .header("x-agentcube-session-id", "s1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["x-agentcube-session-id"], "s1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["version"], "HTTP/2.0", "forwarded as h2c");
+    assert_eq!(v["path"], "/grpc.Service/Call");
+    let r = client()
+        .get(router.ci("x"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn https_listener_serves_the_same_api() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", up.trim_start_matches("http://")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+    let acceptor =
+        agentcube_router::tls::acceptor(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+            .unwrap();
+    let mut config = agentcube_router::Config::new("http://127.0.0.1:9");
+    config.scheme = "https";
+    let pair = agentcube_router::KeyPair::from_private_pem(ROUTER_KEY).unwrap();
+    let service = agentcube_router::RouterService::start(&config, store, &pair).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(agentcube_router::tls::serve_tls(
+        service,
+        listener,
+        acceptor,
+        std::future::pending(),
+    ));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/v1/namespaces/default/code-interpreters/ci/invocations/x")
+        .header("host", "localhost")
+        .header("x-agentcube-session-id", "s1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    // Missing key files are a clear startup error.
+    let Err(err) =
+        agentcube_router::tls::acceptor(&dir.path().join("nope.crt"), &dir.path().join("tls.key"))
+    else {
+        panic!("a missing certificate must be an error");
+    };
+    assert!(err.to_string().contains("nope.crt"), "{err}");
+}
