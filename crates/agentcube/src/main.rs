@@ -55,6 +55,9 @@ struct UpArgs {
     /// PicoD binary (default: `picod` next to this binary).
     #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
     picod_binary: Option<PathBuf>,
+    /// Sandbox isolation: `bubblewrap` (default) or `gvisor` (runsc; needs root).
+    #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
+    isolation: agentcube_workload_manager::backend::local::Isolation,
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
@@ -100,9 +103,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
-    let backend = Arc::new(
-        LocalBackend::new(LocalConfig::new(state_dir, picod)).map_err(anyhow::Error::msg)?,
-    );
+    let mut local = LocalConfig::new(state_dir, picod);
+    local.isolation = args.isolation;
+    let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
     if !backend.enforces_limits() {
         eprintln!(
             "warning: cgroup limits are not available here; sandboxes run without memory/cpu/pids limits"
@@ -150,8 +153,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
 
     println!(
-        "AgentCube is up (embedded: Router + Workload Manager + {} store, sandboxes: bubblewrap)",
-        store_name(&store_config)
+        "AgentCube is up (embedded: Router + Workload Manager + {} store, sandboxes: {:?})",
+        store_name(&store_config),
+        args.isolation
     );
     println!("  Router:           {router_url}");
     println!("  Workload Manager: {wm_url}");

@@ -36,7 +36,10 @@ impl Gc {
                     } else {
                         s.record.idle_timeout.0
                     };
+                    // Activity scores are whole seconds (floored): count from the end of that
+                    // second so a session is never reclaimed early (at most 1 s late).
                     let deadline = s.last_activity
+                        + SignedDuration::from_secs(1)
                         + SignedDuration::try_from(timeout).unwrap_or(SignedDuration::MAX);
                     // A placeholder belongs to a create in progress (which rolls back itself).
                     let creating = s.record.status == SessionStatus::Creating
@@ -53,7 +56,8 @@ impl Gc {
         }
         match store.list_expired(now, self.limit).await {
             Ok(expired) => {
-                for r in expired {
+                // Scores are whole seconds; the record's own `expiresAt` is exact.
+                for r in expired.into_iter().filter(|r| r.expires_at <= now) {
                     if seen.insert(r.session_id.clone()) {
                         victims.push(r);
                     }

@@ -35,6 +35,9 @@ struct Args {
     /// Local backend: PicoD binary (default: `picod` next to this binary).
     #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
     picod_binary: Option<PathBuf>,
+    /// Local backend: `bubblewrap` (default) or `gvisor` (runsc, stronger isolation, needs root).
+    #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
+    isolation: agentcube_workload_manager::backend::local::Isolation,
     /// Local backend: refuse to start when cgroup limits cannot be enforced.
     #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
     require_cgroups: bool,
@@ -108,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let mut local = LocalConfig::new(state_dir, picod);
     local.require_cgroups = args.require_cgroups;
+    local.isolation = args.isolation;
     let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
     let config = Config {
         manifests_dir: args.manifests.clone(),

@@ -46,6 +46,7 @@ pub struct Options {
     pub create_timeout: Duration,
     pub gc_interval: Duration,
     pub pids: u64,
+    pub isolation: agentcube_workload_manager::backend::local::Isolation,
 }
 
 impl Default for Options {
@@ -57,6 +58,7 @@ impl Default for Options {
             create_timeout: Duration::from_secs(30),
             gc_interval: Duration::from_secs(3600),
             pids: 512,
+            isolation: Default::default(),
         }
     }
 }
@@ -78,6 +80,7 @@ impl Stack {
             opts.picod.unwrap_or_else(picod_binary),
         );
         local.default_pids_limit = opts.pids;
+        local.isolation = opts.isolation;
         local.ready_timeout = Duration::from_secs(20);
         let backend = LocalBackend::new(local).unwrap();
         let store = opts

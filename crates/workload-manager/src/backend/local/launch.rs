@@ -249,3 +249,184 @@ mod tests {
         ));
     }
 }
+
+/// Directories that must exist in a gVisor bundle's read-only root for the mounts and symlinks.
+pub const OCI_ROOT_DIRS: &[&str] = &[
+    "usr",
+    "root",
+    "run/agentcube",
+    "opt/agentcube",
+    "etc",
+    "proc",
+    "dev",
+    "tmp",
+];
+
+/// The OCI runtime spec (`config.json`) for running the same sandbox under gVisor `runsc`: the
+/// same mounts, environment and PicoD command line as the bubblewrap sandbox; no network
+/// (`--network=none` on the runsc command line), no capabilities, an unprivileged user.
+pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
+    use serde_json::json;
+    let bind = |src: &str, dst: &str, ro: bool| {
+        json!({"destination": dst, "type": "bind", "source": src,
+               "options": ["rbind", if ro { "ro" } else { "rw" }]})
+    };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
+        bind("/usr", "/usr", true),
+        bind(
+            &spec.workspace.display().to_string(),
+            SANDBOX_WORKSPACE,
+            false,
+        ),
+        bind(&spec.run_dir.display().to_string(), SANDBOX_RUN_DIR, false),
+        bind(&spec.picod.display().to_string(), SANDBOX_PICOD, true),
+    ];
+    for entry in ETC_ALLOWLIST {
+        let p = format!("/etc/{entry}");
+        if Path::new(&p).exists() {
+            mounts.push(bind(&p, &p, true));
+        }
+    }
+    // PicoD's argv is the tail of the bubblewrap argv after the program name.
+    let b = bwrap_args(spec);
+    let start = b.iter().rposition(|a| a == SANDBOX_PICOD).unwrap_or(0);
+    let mut env = vec![
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+        format!("HOME={SANDBOX_WORKSPACE}"),
+        "LANG=C.UTF-8".into(),
+        "RUST_LOG=warn".into(),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    if let Some(key) = &spec.public_key {
+        env.push(format!("PICOD_AUTH_PUBLIC_KEY={key}"));
+    }
+    let uid = spec.drop_to.unwrap_or(65534);
+    json!({
+        "ociVersion": "1.0.0",
+        "process": {
+            "user": {"uid": uid, "gid": uid},
+            "args": b[start..],
+            "env": env,
+            "cwd": SANDBOX_WORKSPACE,
+            "noNewPrivileges": true,
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]},
+    })
+}
+
+/// Writes a gVisor bundle (skeleton root + `config.json`) into `bundle`.
+pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()> {
+    let root = bundle.join("rootfs");
+    for d in OCI_ROOT_DIRS {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, root.join(link));
+    }
+    std::fs::write(root.join("opt/agentcube/picod"), b"")?;
+    for entry in ETC_ALLOWLIST {
+        let host = Path::new("/etc").join(entry);
+        let inside = root.join("etc").join(entry);
+        if host.is_dir() {
+            std::fs::create_dir_all(&inside)?;
+        } else if host.exists() {
+            std::fs::write(&inside, b"")?;
+        }
+    }
+    let config = serde_json::to_vec_pretty(&oci_spec(spec)).map_err(std::io::Error::other)?;
+    std::fs::write(bundle.join("config.json"), config)
+}
+
+/// The launcher argv for gVisor: join cgroups, then `runsc … run --bundle B ID` (runsc needs root
+/// on the host; the sandboxed process itself runs as the unprivileged uid).
+pub fn runsc_argv(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> Vec<String> {
+    let script =
+        r#"for f in $AGENTCUBE_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; exec "$@""#;
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        script.into(),
+        "sh".into(),
+        runsc.display().to_string(),
+        format!("--root={}", state.display()),
+        "--network=none".into(),
+        "--host-uds=all".into(),
+        "--ignore-cgroups".into(),
+        "run".into(),
+        format!("--bundle={}", bundle.display()),
+        id.into(),
+    ]
+}
+
+#[cfg(test)]
+mod oci_tests {
+    use super::*;
+
+    #[test]
+    fn oci_spec_mirrors_the_bubblewrap_sandbox() {
+        let spec = LaunchSpec {
+            workspace: "/s/ws".into(),
+            run_dir: "/s/run".into(),
+            picod: "/bin/picod".into(),
+            public_key: Some("PEM".into()),
+            env: vec![("A".into(), "b".into())],
+            forward_ports: vec![],
+            agent: vec![],
+            drop_to: Some(65534),
+            cgroup_procs: vec![],
+        };
+        let v = oci_spec(&spec);
+        assert_eq!(v["process"]["args"][0], SANDBOX_PICOD);
+        assert_eq!(
+            v["process"]["args"][1], "--workspace",
+            "PicoD's own argv, not the mount list"
+        );
+        assert!(
+            v["process"]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "unix:/run/agentcube/picod.sock")
+        );
+        assert_eq!(v["process"]["user"]["uid"], 65534);
+        assert_eq!(v["root"]["readonly"], true);
+        assert!(
+            v["process"]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == "PICOD_AUTH_PUBLIC_KEY=PEM")
+        );
+        assert!(
+            v["process"]["capabilities"]["effective"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        let mounts = v["mounts"].as_array().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["destination"] == "/usr" && m["options"][1] == "ro")
+        );
+        assert!(!mounts.iter().any(|m| m["source"] == "/etc/shadow"));
+        let ns: Vec<_> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(ns.contains(&"network") && ns.contains(&"pid"));
+    }
+}

@@ -27,9 +27,34 @@ pub mod probe;
 use cgroup::{Cgroups, Limits, SandboxCgroup};
 use launch::{LaunchSpec, PICOD_SOCKET, launcher_argv, port_socket};
 
+/// How local sandboxes are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// bubblewrap: Linux namespaces, no capabilities, read-only host system (the default).
+    #[default]
+    Bubblewrap,
+    /// gVisor `runsc`: the same layout, behind a user-space kernel (stronger; needs root).
+    Gvisor,
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bubblewrap" | "bwrap" => Ok(Self::Bubblewrap),
+            "gvisor" | "runsc" => Ok(Self::Gvisor),
+            other => Err(format!(
+                "unknown isolation {other:?} (bubblewrap or gvisor)"
+            )),
+        }
+    }
+}
+
 /// Local backend settings.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
+    /// bubblewrap (default) or gVisor.
+    pub isolation: Isolation,
     /// Holds `sandboxes/<name>/`.
     pub state_dir: PathBuf,
     /// The `picod` binary started in every sandbox.
@@ -53,6 +78,7 @@ impl LocalConfig {
     pub fn new(state_dir: PathBuf, picod: PathBuf) -> Self {
         let root = nix::unistd::Uid::effective().is_root();
         Self {
+            isolation: Isolation::Bubblewrap,
             state_dir,
             picod,
             bwrap: PathBuf::from("bwrap"),
@@ -94,6 +120,8 @@ struct Pool {
 struct Inner {
     config: LocalConfig,
     bwrap: PathBuf,
+    /// `runsc` when the isolation is gVisor.
+    runsc: Option<PathBuf>,
     cgroups: Option<Cgroups>,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<HashMap<(String, String), Pool>>,
@@ -153,6 +181,17 @@ impl LocalBackend {
                 config.picod.display()
             ));
         }
+        let runsc = match config.isolation {
+            Isolation::Bubblewrap => None,
+            Isolation::Gvisor => {
+                if !nix::unistd::Uid::effective().is_root() {
+                    return Err("gVisor isolation needs root (runsc run)".into());
+                }
+                Some(which(Path::new("runsc")).ok_or(
+                    "gVisor (`runsc`) is not installed: install the `runsc` package (apt-get install runsc)",
+                )?)
+            }
+        };
         if config.drop_to.is_some() && which(Path::new("setpriv")).is_none() {
             return Err("`setpriv` is missing: install the `util-linux` package".into());
         }
@@ -185,6 +224,7 @@ impl LocalBackend {
             inner: Arc::new(Inner {
                 config,
                 bwrap,
+                runsc,
                 cgroups,
                 running: Mutex::new(HashMap::new()),
                 pools: Mutex::new(HashMap::new()),
@@ -297,7 +337,14 @@ impl LocalBackend {
                 "authMode picod needs the Router's public key, and none is configured".into(),
             ));
         }
-        let argv = launcher_argv(&spec, &self.inner.bwrap);
+        let argv = match &self.inner.runsc {
+            None => launcher_argv(&spec, &self.inner.bwrap),
+            Some(runsc) => {
+                let bundle = dir.join("bundle");
+                launch::write_oci_bundle(&bundle, &spec).map_err(|e| fail("gVisor bundle", e))?;
+                launch::runsc_argv(runsc, &self.runsc_state(), &bundle, name)
+            }
+        };
         let log = std::fs::File::create(dir.join("sandbox.log")).map_err(|e| fail("log", e))?;
         let procs: Vec<String> = spec
             .cgroup_procs
@@ -364,9 +411,27 @@ impl LocalBackend {
         Err(BackendError::NotReady(name.to_string()))
     }
 
+    fn runsc_state(&self) -> PathBuf {
+        self.inner.config.state_dir.join("runsc")
+    }
+
     /// Kills a sandbox (its whole process group and cgroup) and deletes its directories.
     async fn remove(&self, name: &str) {
         let entry = self.inner.running.lock().unwrap().remove(name);
+        if let Some(runsc) = &self.inner.runsc {
+            let state = format!("--root={}", self.runsc_state().display());
+            for args in [
+                vec![state.as_str(), "kill", name, "KILL"],
+                vec![state.as_str(), "delete", "-force", name],
+            ] {
+                let run = tokio::process::Command::new(runsc)
+                    .args(&args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+            }
+        }
         if let Some(mut r) = entry {
             if let Some(pgid) = r.pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);

@@ -1,0 +1,58 @@
+//! The same sandboxes under gVisor `runsc` (the stronger isolation).
+
+mod common;
+
+use agentcube_workload_manager::backend::local::Isolation;
+use common::*;
+
+#[tokio::test]
+async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "ci",
+            "    resources:\n      limits:\n        memory: 256Mi\n",
+        ),
+        isolation: Isolation::Gvisor,
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let out = exec(&v, &sh("uname -r; id -u; python3 -c 'print(6*7)'; cat /proc/net/dev | tail -n +3 | cut -d: -f1")).await;
+    let lines: Vec<&str> = out["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .collect();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        lines[0],
+        host_kernel.trim(),
+        "gVisor's kernel, not the host's: {out}"
+    );
+    assert_eq!(lines[1], "65534", "unprivileged user inside");
+    assert_eq!(lines[2], "42");
+    assert_eq!(&lines[3..], ["lo"], "no network but loopback");
+    let out = exec(
+        &v,
+        &sh("touch /usr/x 2>&1; echo rc=$?; cat /etc/shadow 2>&1; echo rc=$?"),
+    )
+    .await;
+    let text = out["stdout"].as_str().unwrap();
+    assert!(text.matches("rc=1").count() == 2, "{text}");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    let listed = std::process::Command::new("runsc")
+        .arg(format!(
+            "--root={}",
+            s.dir.path().join("state/runsc").display()
+        ))
+        .arg("list")
+        .arg("-q")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).trim().is_empty(),
+        "runsc sandbox left: {listed:?}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
