@@ -220,3 +220,17 @@ async fn cgroups_are_removed_with_the_sandbox() {
     }
     s.shutdown_and_check_leaks().await;
 }
+
+#[test]
+fn missing_bubblewrap_or_runsc_names_the_package() {
+    use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = LocalConfig::new(dir.path().join("state"), picod_binary());
+    c.bwrap = "/nonexistent/bwrap".into();
+    let err = LocalBackend::new(c).err().expect("must refuse to start");
+    assert!(err.contains("install the `bubblewrap` package"), "{err}");
+    let mut c = LocalConfig::new(dir.path().join("state"), "/nonexistent/picod".into());
+    c.bwrap = "bwrap".into();
+    let err = LocalBackend::new(c).err().expect("must refuse to start");
+    assert!(err.contains("PicoD binary not found"), "{err}");
+}
