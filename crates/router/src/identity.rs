@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use agentcube_types::claims::{ROUTER_ISSUER, SANDBOX_TOKEN_TTL_SECS, SandboxClaims};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -191,7 +190,7 @@ struct Cached {
 pub struct Signer {
     key: EncodingKey,
     cache: Mutex<HashMap<String, Cached>>,
-    signatures: AtomicU64,
+    signatures: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Signer {
@@ -206,14 +205,17 @@ const REFRESH_AFTER_SECS: i64 = SANDBOX_TOKEN_TTL_SECS / 2;
 const CACHE_CAPACITY: usize = 100_000;
 
 impl Signer {
-    /// A signer for a key pair.
-    pub fn new(pair: &KeyPair) -> Result<Self, IdentityError> {
+    /// A signer for a key pair, counting signatures in `signatures`.
+    pub fn new(
+        pair: &KeyPair,
+        signatures: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, IdentityError> {
         let key = EncodingKey::from_rsa_pem(pair.private_pem.as_bytes())
             .map_err(|e| IdentityError::Key(e.to_string()))?;
         Ok(Self {
             key,
             cache: Mutex::new(HashMap::new()),
-            signatures: AtomicU64::new(0),
+            signatures,
         })
     }
 
@@ -239,7 +241,7 @@ impl Signer {
         };
         let token: std::sync::Arc<str> =
             jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?.into();
-        self.signatures.fetch_add(1, Ordering::Relaxed);
+        self.signatures.inc();
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= CACHE_CAPACITY {
             cache.retain(|_, c| now - c.iat < REFRESH_AFTER_SECS);
@@ -264,7 +266,7 @@ impl Signer {
 
     /// RSA signatures made so far.
     pub fn signatures(&self) -> u64 {
-        self.signatures.load(Ordering::Relaxed)
+        self.signatures.get()
     }
 }
 
@@ -290,7 +292,7 @@ mod tests {
     #[test]
     fn tokens_are_cached_and_refreshed_half_way() {
         let pair = KeyPair::generate().unwrap();
-        let s = Signer::new(&pair).unwrap();
+        let s = Signer::new(&pair, Default::default()).unwrap();
         let t1 = s.token("s1", 1000).unwrap();
         let t2 = s.token("s1", 1100).unwrap();
         assert_eq!(t1, t2);

@@ -20,6 +20,7 @@ use agentcube_store::SessionStore;
 pub mod activity;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 pub mod server;
@@ -85,9 +86,16 @@ impl RouterService {
             config.workload_manager_timeout,
             config.workload_manager_token_file.clone(),
         );
+        let metrics = metrics::Metrics::default();
         let shared = Arc::new(Shared {
-            resolver: resolve::Resolver::new(store.clone(), wm, config.session_cache_ttl),
-            signer: identity::Signer::new(identity)?,
+            resolver: resolve::Resolver::new(
+                store.clone(),
+                wm,
+                config.session_cache_ttl,
+                metrics.store_gets.clone(),
+            ),
+            signer: identity::Signer::new(identity, metrics.signatures.clone())?,
+            metrics,
             upstream: proxy::Upstream::new(config.connect_timeout),
             activity: activity::Activity::default(),
             limiter: (config.max_concurrent_requests > 0)
@@ -116,6 +124,26 @@ impl RouterService {
     /// The HTTP surface.
     pub fn app(&self) -> axum::Router {
         server::app(self.shared.clone())
+    }
+
+    /// The admin surface: `GET /metrics` (Prometheus text format).
+    pub fn admin_app(&self) -> axum::Router {
+        let shared = self.shared.clone();
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = shared.metrics.encode();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
     }
 
     /// Stops the flusher after a last flush.

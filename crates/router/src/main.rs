@@ -32,6 +32,9 @@ struct Args {
     /// Kubernetes integration, which is not built yet).
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// Port of the admin listener serving `/metrics` (0 disables it).
+    #[arg(long, env = "ROUTER_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
     /// How long a looked-up session is reused without asking the store, in milliseconds.
     #[arg(long, env = "ROUTER_SESSION_CACHE_TTL_MS", default_value_t = 1000)]
     session_cache_ttl_ms: u64,
@@ -121,6 +124,13 @@ async fn main() -> anyhow::Result<()> {
         config.scheme = "https";
     }
     let service = RouterService::start(&config, store, &identity)?;
+    if args.metrics_port != 0 {
+        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
+            .await
+            .with_context(|| format!("metrics port {}", args.metrics_port))?;
+        let app = service.admin_app();
+        tokio::spawn(async move { axum::serve(admin, app).await });
+    }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
     match tls {

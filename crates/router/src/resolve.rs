@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentcube_store::SessionStore;
@@ -32,7 +31,7 @@ pub struct Resolver {
     wm: WmClient,
     ttl: Duration,
     cache: Mutex<HashMap<String, CacheEntry>>,
-    store_gets: AtomicU64,
+    store_gets: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -45,19 +44,24 @@ const CACHE_CAPACITY: usize = 100_000;
 
 impl Resolver {
     /// `ttl` 0 disables the cache (every request does one store GET).
-    pub fn new(store: Arc<dyn SessionStore>, wm: WmClient, ttl: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        wm: WmClient,
+        ttl: Duration,
+        store_gets: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Self {
             store,
             wm,
             ttl,
             cache: Mutex::new(HashMap::new()),
-            store_gets: AtomicU64::new(0),
+            store_gets,
         }
     }
 
     /// Store round trips made for lookups so far.
     pub fn store_gets(&self) -> u64 {
-        self.store_gets.load(Ordering::Relaxed)
+        self.store_gets.get()
     }
 
     /// Drops a session from the cache (after an upstream connection failure).
@@ -79,7 +83,7 @@ impl Resolver {
         {
             return Ok(e.target.clone());
         }
-        self.store_gets.fetch_add(1, Ordering::Relaxed);
+        self.store_gets.inc();
         let record = match self.store.get(session_id).await {
             Ok(r) => r,
             Err(agentcube_store::Error::NotFound) => {

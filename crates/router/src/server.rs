@@ -24,6 +24,7 @@ use crate::resolve::{Resolver, pick};
 
 /// Shared by every request.
 pub struct Shared {
+    pub metrics: crate::metrics::Metrics,
     pub resolver: Resolver,
     pub signer: Signer,
     pub upstream: Upstream,
@@ -113,10 +114,18 @@ async fn invoke(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    match handle(kind, &s, t, client, req).await {
+    let started = std::time::Instant::now();
+    let resp = match handle(kind, &s, t, client, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    let code = resp.status().as_u16();
+    s.metrics
+        .requests
+        .get_or_create(&crate::metrics::Status { code })
+        .inc();
+    s.metrics.latency.observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 async fn handle(

@@ -422,3 +422,47 @@ async fn store_outage_is_a_fast_503_and_recovers() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_lookups_and_signatures() {
+    let (router, _store, _) = setup(|_| {}).await;
+    for _ in 0..3 {
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+            .await
+            .unwrap();
+    }
+    client()
+        .get(router.ci("x"))
+        .header("x-agentcube-session-id", "nope")
+        .send()
+        .await
+        .unwrap();
+    let (admin, _t) = serve(router.service.as_ref().unwrap().admin_app()).await;
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("agentcube_router_requests_total{code=\"200\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentcube_router_requests_total{code=\"404\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentcube_router_token_signatures_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentcube_router_request_duration_seconds_count 4"),
+        "{text}"
+    );
+}

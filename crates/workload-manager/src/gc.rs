@@ -68,7 +68,10 @@ impl Gc {
         let mut deleted = 0;
         for r in victims {
             match self.manager.delete_record(&r).await {
-                Ok(()) => deleted += 1,
+                Ok(()) => {
+                    deleted += 1;
+                    self.manager.metrics.gc_deleted.inc();
+                }
                 Err(e) => {
                     tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed")
                 }

@@ -24,6 +24,7 @@ pub mod backend;
 pub mod definitions;
 pub mod error;
 pub mod gc;
+pub mod metrics;
 pub mod sessions;
 
 use backend::Backend;
@@ -87,6 +88,7 @@ impl WorkloadManager {
             definitions: definitions.clone(),
             public_key: config.public_key.clone(),
             create_timeout: config.create_timeout,
+            metrics: Arc::new(metrics::Metrics::default()),
         });
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -133,6 +135,32 @@ impl WorkloadManager {
     /// The HTTP API.
     pub fn app(&self) -> axum::Router {
         api::app(self.manager.clone())
+    }
+
+    /// The admin surface: `GET /metrics` (Prometheus text format).
+    pub fn admin_app(&self) -> axum::Router {
+        let (metrics, backend) = (self.manager.metrics.clone(), self.backend.clone());
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                for (namespace, name, ready, _) in backend.pool_levels() {
+                    metrics
+                        .warm_pool_ready
+                        .get_or_create(&metrics::Pool { namespace, name })
+                        .set(ready as i64);
+                }
+                let body = metrics.encode();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
     }
 
     /// Stops the background tasks and removes every sandbox.

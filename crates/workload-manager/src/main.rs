@@ -41,6 +41,9 @@ struct Args {
     /// Local backend: refuse to start when cgroup limits cannot be enforced.
     #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
     require_cgroups: bool,
+    /// Port of the admin listener serving `/metrics` (0 disables it).
+    #[arg(long, env = "WORKLOAD_MANAGER_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
@@ -121,6 +124,13 @@ async fn main() -> anyhow::Result<()> {
         ..Config::default()
     };
     let wm = WorkloadManager::start(config, store, backend).await?;
+    if args.metrics_port != 0 {
+        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
+            .await
+            .with_context(|| format!("metrics port {}", args.metrics_port))?;
+        let app = wm.admin_app();
+        tokio::spawn(async move { axum::serve(admin, app).await });
+    }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, "workload manager listening");
     agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await

@@ -22,6 +22,8 @@ pub struct Manager {
     pub public_key: Option<String>,
     /// How long a create may take before it is rolled back with 504.
     pub create_timeout: Duration,
+    /// Counters exported on `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -70,6 +72,10 @@ impl Manager {
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.create_session(kind, &req.namespace, workload).await;
+            match &result {
+                Ok(_) => this.metrics.sessions_created.inc(),
+                Err(_) => this.metrics.create_failures.inc(),
+            };
             if let Err(Ok(resp)) = tx.send(result) {
                 tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
                 this.rollback(&resp.session_id, &resp.sandbox_name).await;
@@ -166,6 +172,7 @@ impl Manager {
             .delete(record.kind, &record.sandbox_namespace, &record.name)
             .await?;
         self.store.delete(&record.session_id).await?;
+        self.metrics.sessions_deleted.inc();
         tracing::info!(session_id = %record.session_id, sandbox = %record.name, "session deleted");
         Ok(())
     }

@@ -37,6 +37,25 @@ async fn warm_pool_claim_refill_and_exhaustion() {
     for id in &ids {
         assert_eq!(s.delete(id).await.0, 200);
     }
+    let admin = s.wm.as_ref().unwrap().admin_app();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, admin).await });
+    let text = s.http.get(url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains("agentcube_workload_manager_sessions_created_total 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentcube_workload_manager_sessions_deleted_total 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "agentcube_workload_manager_warm_pool_ready{namespace=\"default\",name=\"pool\"}"
+        ),
+        "{text}"
+    );
     assert_eq!(s.backend.running().len(), 2, "only the pool is left");
     s.shutdown_and_check_leaks().await;
 }

@@ -95,4 +95,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Removes every sandbox this backend started (on shutdown).
     async fn shutdown(&self);
+
+    /// Warm pools as (namespace, name, ready, size), for metrics and progress output.
+    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
+        Vec::new()
+    }
 }

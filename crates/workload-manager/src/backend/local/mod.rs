@@ -722,6 +722,13 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
+        self.pool_status()
+            .into_iter()
+            .map(|p| (p.namespace, p.name, p.ready, p.size))
+            .collect()
+    }
+
     async fn shutdown(&self) {
         self.inner.pools.lock().unwrap().clear();
         // Pool refills in flight finish into a missing pool and are removed; keep sweeping until

@@ -1,0 +1,80 @@
+//! Prometheus metrics of the Workload Manager, served on the admin port (`/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A warm pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Pool {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Every metric the Workload Manager exports.
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_created: Counter,
+    pub create_failures: Counter,
+    pub sessions_deleted: Counter,
+    pub gc_deleted: Counter,
+    /// Ready sandboxes per warm pool (refreshed at each scrape).
+    pub warm_pool_ready: Family<Pool, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("agentcube_workload_manager");
+        let m = Self {
+            sessions_created: Counter::default(),
+            create_failures: Counter::default(),
+            sessions_deleted: Counter::default(),
+            gc_deleted: Counter::default(),
+            warm_pool_ready: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_created",
+            "Sessions created",
+            m.sessions_created.clone(),
+        );
+        registry.register(
+            "session_create_failures",
+            "Session creations that failed or timed out",
+            m.create_failures.clone(),
+        );
+        registry.register(
+            "sessions_deleted",
+            "Sessions deleted (API and GC)",
+            m.sessions_deleted.clone(),
+        );
+        registry.register(
+            "gc_deleted",
+            "Sessions reclaimed by the garbage collector",
+            m.gc_deleted.clone(),
+        );
+        registry.register(
+            "warm_pool_ready",
+            "Ready sandboxes per warm pool",
+            m.warm_pool_ready.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
