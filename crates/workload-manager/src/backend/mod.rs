@@ -7,6 +7,7 @@ use std::sync::Arc;
 use agentcube_crds::{AgentRuntime, CodeInterpreter};
 use agentcube_types::{BackingKind, EntryPoint};
 
+pub mod kubernetes;
 pub mod local;
 
 /// A definition a sandbox is made from.

@@ -1,0 +1,255 @@
+//! Pure builders of the agent-sandbox objects the Workload Manager creates (spec §2.4), field for
+//! field as upstream, plus one fix: the Workload Manager's `--runtime-class-name` is the default
+//! RuntimeClass for definitions that name none (upstream ignored the flag).
+
+use std::collections::BTreeMap;
+
+use agentcube_crds::labels;
+use agentcube_crds::sandbox::{
+    PodMetadata, PodTemplate, Sandbox, SandboxClaim, SandboxClaimSpec, SandboxSpec,
+    SandboxTemplate, SandboxTemplateSpec, SandboxWarmPool, SandboxWarmPoolSpec, TemplateRef,
+};
+use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+
+/// Per-session inputs of a build.
+#[derive(Debug, Clone)]
+pub struct SessionInfo<'a> {
+    pub session_id: &'a str,
+    /// Object name (`<definition>-<8 random chars>`).
+    pub name: &'a str,
+    pub namespace: &'a str,
+    /// OIDC subject of the owner, if any.
+    pub owner: Option<&'a str>,
+    /// `now + maxSessionDuration`.
+    pub shutdown_time: jiff::Timestamp,
+    /// Router public key for `authMode: picod`.
+    pub public_key: Option<&'a str>,
+    /// The Workload Manager's `--runtime-class-name` (empty: none).
+    pub default_runtime_class: &'a str,
+}
+
+/// First 63 hex characters of sha256(owner): labels cannot hold arbitrary subjects.
+pub fn owner_hash(owner: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(owner.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex[..63].to_string()
+}
+
+fn session_meta(
+    s: &SessionInfo<'_>,
+    idle_timeout: &str,
+    mut labels_: BTreeMap<String, String>,
+) -> ObjectMeta {
+    labels_.insert(labels::SESSION_ID.into(), s.session_id.into());
+    let mut annotations =
+        BTreeMap::from([(labels::IDLE_TIMEOUT.to_string(), idle_timeout.to_string())]);
+    if let Some(owner) = s.owner.filter(|o| !o.is_empty()) {
+        labels_.insert(labels::OWNER_HASH.into(), owner_hash(owner));
+        annotations.insert(labels::OWNER.into(), owner.into());
+    }
+    ObjectMeta {
+        name: Some(s.name.into()),
+        namespace: Some(s.namespace.into()),
+        labels: Some(labels_),
+        annotations: Some(annotations),
+        ..Default::default()
+    }
+}
+
+fn runtime_class(own: Option<&String>, default: &str) -> Option<String> {
+    own.filter(|c| !c.is_empty())
+        .cloned()
+        .or_else(|| (!default.is_empty()).then(|| default.to_string()))
+}
+
+/// The Sandbox for an AgentRuntime session.
+pub fn agent_runtime_sandbox(ar: &AgentRuntime, s: &SessionInfo<'_>) -> Sandbox {
+    let mut spec = ar.spec.pod_template.spec.clone();
+    spec.runtime_class_name =
+        runtime_class(spec.runtime_class_name.as_ref(), s.default_runtime_class);
+    let template_labels = ar.spec.pod_template.labels.clone();
+    let template_annotations = ar.spec.pod_template.annotations.clone();
+    sandbox(
+        ar.metadata.name.as_deref().unwrap_or_default(),
+        &ar.spec.session_timeout.to_string(),
+        s,
+        spec,
+        template_labels,
+        template_annotations,
+    )
+}
+
+/// The container list of a CodeInterpreter sandbox (`container_name` differs between the direct
+/// path, `code-interpreter`, and the template path, `codeinterpreter`, as upstream).
+fn code_interpreter_pod(
+    ci: &CodeInterpreter,
+    container_name: &str,
+    key: Option<&str>,
+    default_rc: &str,
+) -> PodSpec {
+    let t = &ci.spec.template;
+    let mut env: Vec<EnvVar> = t.environment.clone().unwrap_or_default();
+    if ci.spec.auth_mode == AuthMode::Picod
+        && let Some(key) = key
+    {
+        env.push(EnvVar {
+            name: labels::PICOD_AUTH_PUBLIC_KEY.into(),
+            value: Some(key.into()),
+            ..Default::default()
+        });
+    }
+    PodSpec {
+        containers: vec![Container {
+            name: container_name.into(),
+            image: t.image.clone(),
+            image_pull_policy: t.image_pull_policy.map(|p| format!("{p:?}")),
+            command: t.command.clone(),
+            args: t.args.clone(),
+            resources: t.resources.clone(),
+            env: (!env.is_empty()).then_some(env),
+            ..Default::default()
+        }],
+        image_pull_secrets: t.image_pull_secrets.clone(),
+        runtime_class_name: runtime_class(t.runtime_class_name.as_ref(), default_rc),
+        ..Default::default()
+    }
+}
+
+/// The Sandbox for a CodeInterpreter session without a warm pool.
+pub fn code_interpreter_sandbox(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sandbox {
+    let pod = code_interpreter_pod(
+        ci,
+        labels::CODE_INTERPRETER_CONTAINER,
+        s.public_key,
+        s.default_runtime_class,
+    );
+    sandbox(
+        ci.metadata.name.as_deref().unwrap_or_default(),
+        &ci.spec.session_timeout.to_string(),
+        s,
+        pod,
+        ci.spec.template.labels.clone(),
+        ci.spec.template.annotations.clone(),
+    )
+}
+
+fn sandbox(
+    workload: &str,
+    idle_timeout: &str,
+    s: &SessionInfo<'_>,
+    pod: PodSpec,
+    template_labels: Option<BTreeMap<String, String>>,
+    template_annotations: Option<BTreeMap<String, String>>,
+) -> Sandbox {
+    let labels_ = BTreeMap::from([
+        (labels::WORKLOAD_NAME.to_string(), workload.to_string()),
+        (
+            labels::MANAGED_BY.to_string(),
+            labels::MANAGED_BY_VALUE.to_string(),
+        ),
+    ]);
+    let mut pod_labels = template_labels.unwrap_or_default();
+    pod_labels.insert(labels::SESSION_ID.into(), s.session_id.into());
+    pod_labels.insert(labels::SANDBOX_NAME.into(), s.name.into());
+    Sandbox {
+        metadata: session_meta(s, idle_timeout, labels_),
+        spec: SandboxSpec {
+            pod_template: PodTemplate {
+                metadata: Some(PodMetadata {
+                    labels: Some(pod_labels),
+                    annotations: template_annotations,
+                }),
+                spec: pod,
+            },
+            replicas: Some(1),
+            shutdown_time: Some(Time(s.shutdown_time)),
+            shutdown_policy: None,
+            extra: Default::default(),
+        },
+        status: None,
+    }
+}
+
+fn owner_ref(ci: &CodeInterpreter, controller: bool) -> OwnerReference {
+    OwnerReference {
+        api_version: "runtime.agentcube.volcano.sh/v1alpha1".into(),
+        kind: "CodeInterpreter".into(),
+        name: ci.metadata.name.clone().unwrap_or_default(),
+        uid: ci.metadata.uid.clone().unwrap_or_default(),
+        controller: controller.then_some(true),
+        block_owner_deletion: controller.then_some(true),
+    }
+}
+
+/// The SandboxClaim for a CodeInterpreter session served from its warm pool.
+pub fn code_interpreter_claim(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> SandboxClaim {
+    let labels_ = BTreeMap::from([(labels::SANDBOX_NAME.to_string(), s.name.to_string())]);
+    let mut metadata = session_meta(s, &ci.spec.session_timeout.to_string(), labels_);
+    // Upstream: an owner reference to the CodeInterpreter, not a controller one.
+    metadata.owner_references = Some(vec![owner_ref(ci, false)]);
+    SandboxClaim {
+        metadata,
+        spec: SandboxClaimSpec {
+            sandbox_template_ref: TemplateRef {
+                name: ci.metadata.name.clone().unwrap_or_default(),
+            },
+            extra: Default::default(),
+        },
+        status: None,
+    }
+}
+
+/// The SandboxTemplate kept for a CodeInterpreter with a warm pool (named like it).
+pub fn sandbox_template(
+    ci: &CodeInterpreter,
+    public_key: Option<&str>,
+    default_rc: &str,
+) -> SandboxTemplate {
+    // Upstream injects the key unless authMode is none (the same as `== picod` after defaulting).
+    let pod = code_interpreter_pod(ci, labels::TEMPLATE_CONTAINER, public_key, default_rc);
+    SandboxTemplate {
+        metadata: ObjectMeta {
+            name: ci.metadata.name.clone(),
+            namespace: ci.metadata.namespace.clone(),
+            owner_references: Some(vec![owner_ref(ci, true)]),
+            ..Default::default()
+        },
+        spec: SandboxTemplateSpec {
+            // Template labels/annotations are not copied here, as upstream.
+            pod_template: PodTemplate {
+                metadata: None,
+                spec: pod,
+            },
+            network_policy_management: Some("Unmanaged".into()),
+            extra: Default::default(),
+        },
+    }
+}
+
+/// The SandboxWarmPool of a CodeInterpreter (named like it).
+pub fn warm_pool(ci: &CodeInterpreter) -> SandboxWarmPool {
+    SandboxWarmPool {
+        metadata: ObjectMeta {
+            name: ci.metadata.name.clone(),
+            namespace: ci.metadata.namespace.clone(),
+            owner_references: Some(vec![owner_ref(ci, true)]),
+            ..Default::default()
+        },
+        spec: SandboxWarmPoolSpec {
+            replicas: ci.spec.warm_pool_size.unwrap_or(0),
+            sandbox_template_ref: TemplateRef {
+                name: ci.metadata.name.clone().unwrap_or_default(),
+            },
+            extra: Default::default(),
+        },
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! The builders against spec §2.4, compared as JSON (field names byte for byte).
+
+use agentcube_crds::manifest::{self, Definition};
+use serde_json::{Value, json};
+
+use super::*;
+
+fn ci(extra: &str) -> agentcube_crds::CodeInterpreter {
+    let yaml = format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\nmetadata: {{name: ci, namespace: ns, uid: u-1}}\nspec:\n  template:\n    image: picod:latest\n    imagePullPolicy: IfNotPresent\n    args: [--workspace=/root]\n    labels: {{team: a}}\n    environment: [{{name: A, value: b}}]\n    imagePullSecrets: [{{name: regcred}}]\n{extra}"
+    );
+    match manifest::load(&yaml, "t").unwrap().remove(0) {
+        Definition::CodeInterpreter(c) => *c,
+        Definition::AgentRuntime(_) => unreachable!(),
+    }
+}
+
+fn session<'a>(owner: Option<&'a str>, rc: &'a str) -> SessionInfo<'a> {
+    SessionInfo {
+        session_id: "sid-1",
+        name: "ci-abcd1234",
+        namespace: "ns",
+        owner,
+        shutdown_time: "2026-08-03T12:00:00Z".parse().unwrap(),
+        public_key: Some("PEM"),
+        default_runtime_class: rc,
+    }
+}
+
+#[test]
+fn direct_code_interpreter_sandbox_matches_spec() {
+    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, ""))).unwrap();
+    assert_eq!(v["apiVersion"], "agents.x-k8s.io/v1alpha1");
+    assert_eq!(v["kind"], "Sandbox");
+    assert_eq!(v["metadata"]["name"], "ci-abcd1234");
+    assert_eq!(
+        v["metadata"]["labels"],
+        json!({"runtime.agentcube.io/session-id": "sid-1", "runtime.agentcube.io/workload-name": "ci", "managed-by": "agentcube-workload-manager"})
+    );
+    assert_eq!(
+        v["metadata"]["annotations"],
+        json!({"runtime.agentcube.io/idle-timeout": "15m0s"})
+    );
+    assert_eq!(v["spec"]["replicas"], 1);
+    assert_eq!(v["spec"]["shutdownTime"], "2026-08-03T12:00:00Z");
+    let tpl = &v["spec"]["podTemplate"];
+    assert_eq!(
+        tpl["metadata"]["labels"],
+        json!({"team": "a", "runtime.agentcube.io/session-id": "sid-1", "runtime.agentcube.io/sandbox-name": "ci-abcd1234"})
+    );
+    let c = &tpl["spec"]["containers"][0];
+    assert_eq!(c["name"], "code-interpreter");
+    assert_eq!(c["image"], "picod:latest");
+    assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(c["args"], json!(["--workspace=/root"]));
+    assert_eq!(
+        c["env"],
+        json!([{"name": "A", "value": "b"}, {"name": "PICOD_AUTH_PUBLIC_KEY", "value": "PEM"}])
+    );
+    assert!(c.get("ports").is_none(), "no containerPorts, as upstream");
+    assert_eq!(
+        tpl["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+    assert!(tpl["spec"].get("runtimeClassName").is_none());
+}
+
+#[test]
+fn runtime_class_defaults_to_the_flag_but_the_definition_wins() {
+    let v =
+        serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, "kata"))).unwrap();
+    assert_eq!(v["spec"]["podTemplate"]["spec"]["runtimeClassName"], "kata");
+    let own = ci("    runtimeClassName: gvisor\n");
+    let v = serde_json::to_value(code_interpreter_sandbox(&own, &session(None, "kata"))).unwrap();
+    assert_eq!(
+        v["spec"]["podTemplate"]["spec"]["runtimeClassName"],
+        "gvisor"
+    );
+}
+
+#[test]
+fn owner_goes_to_an_annotation_and_a_hash_label() {
+    let v = serde_json::to_value(code_interpreter_sandbox(
+        &ci(""),
+        &session(Some("alice"), ""),
+    ))
+    .unwrap();
+    assert_eq!(v["metadata"]["annotations"]["agentcube.io/owner"], "alice");
+    let hash = v["metadata"]["labels"]["agentcube.io/owner-hash"]
+        .as_str()
+        .unwrap();
+    assert_eq!(hash.len(), 63);
+    assert!("2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90".starts_with(hash));
+}
+
+#[test]
+fn claim_template_and_pool_match_spec() {
+    let c = ci("  warmPoolSize: 3\n  sessionTimeout: 5m\n");
+    let v = serde_json::to_value(code_interpreter_claim(&c, &session(None, ""))).unwrap();
+    assert_eq!(v["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1");
+    assert_eq!(v["kind"], "SandboxClaim");
+    assert_eq!(
+        v["metadata"]["labels"],
+        json!({"runtime.agentcube.io/session-id": "sid-1", "runtime.agentcube.io/sandbox-name": "ci-abcd1234"})
+    );
+    assert_eq!(
+        v["metadata"]["annotations"],
+        json!({"runtime.agentcube.io/idle-timeout": "5m0s"})
+    );
+    assert_eq!(
+        v["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "runtime.agentcube.volcano.sh/v1alpha1", "kind": "CodeInterpreter", "name": "ci", "uid": "u-1"}])
+    );
+    assert_eq!(v["spec"], json!({"sandboxTemplateRef": {"name": "ci"}}));
+
+    let t = serde_json::to_value(sandbox_template(&c, Some("PEM"), "")).unwrap();
+    assert_eq!(
+        (t["kind"].as_str(), t["metadata"]["name"].as_str()),
+        (Some("SandboxTemplate"), Some("ci"))
+    );
+    assert_eq!(t["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(t["spec"]["networkPolicyManagement"], "Unmanaged");
+    assert!(
+        t["spec"]["podTemplate"].get("metadata").is_none(),
+        "template labels are not copied"
+    );
+    let container = &t["spec"]["podTemplate"]["spec"]["containers"][0];
+    assert_eq!(container["name"], "codeinterpreter");
+    assert_eq!(container["env"][1]["name"], "PICOD_AUTH_PUBLIC_KEY");
+
+    let p = serde_json::to_value(warm_pool(&c)).unwrap();
+    assert_eq!(
+        p["spec"],
+        json!({"replicas": 3, "sandboxTemplateRef": {"name": "ci"}})
+    );
+    assert_eq!(p["metadata"]["ownerReferences"][0]["controller"], true);
+
+    let none = ci("  authMode: none\n");
+    let t: Value = serde_json::to_value(sandbox_template(&none, Some("PEM"), "")).unwrap();
+    assert_eq!(
+        t["spec"]["podTemplate"]["spec"]["containers"][0]["env"],
+        json!([{"name": "A", "value": "b"}])
+    );
+}
+
+#[test]
+fn agent_runtime_sandbox_copies_the_pod_spec() {
+    let yaml = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {name: echo, namespace: ns}\nspec:\n  targetPort: [{port: 8080}]\n  podTemplate:\n    labels: {app: echo}\n    spec:\n      runtimeClassName: \"\"\n      containers: [{name: agent, image: busybox, command: [sleep, '3600']}]\n";
+    let Definition::AgentRuntime(ar) = manifest::load(yaml, "t").unwrap().remove(0) else {
+        panic!()
+    };
+    let v = serde_json::to_value(agent_runtime_sandbox(&ar, &session(None, ""))).unwrap();
+    assert_eq!(
+        v["metadata"]["labels"]["runtime.agentcube.io/workload-name"],
+        "echo"
+    );
+    let spec = &v["spec"]["podTemplate"]["spec"];
+    assert_eq!(
+        spec["containers"][0],
+        json!({"name": "agent", "image": "busybox", "command": ["sleep", "3600"]})
+    );
+    assert!(
+        spec.get("runtimeClassName").is_none(),
+        "empty runtimeClassName normalised to null"
+    );
+    assert_eq!(
+        v["spec"]["podTemplate"]["metadata"]["labels"]["app"],
+        "echo"
+    );
+}
