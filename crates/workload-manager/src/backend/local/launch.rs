@@ -149,14 +149,17 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     a
 }
 
+/// Shell prologue of every launcher: join the sandbox's cgroups (`$AGENTCUBE_CGROUP_PROCS`), then
+/// exec the rest of the argv, so nothing of the sandbox ever runs outside its limits.
+const JOIN_CGROUPS: &str =
+    r#"for f in $AGENTCUBE_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; exec "$@""#;
+
 /// The full launcher argv: `sh -c <join cgroups; exec "$@"> sh [setpriv …] bwrap …`.
 pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
-    let script =
-        r#"for f in $AGENTCUBE_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; exec "$@""#;
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
-        script.into(),
+        JOIN_CGROUPS.into(),
         "sh".into(),
     ];
     if let Some(uid) = spec.drop_to {
@@ -351,12 +354,10 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
 /// The launcher argv for gVisor: join cgroups, then `runsc … run --bundle B ID` (runsc needs root
 /// on the host; the sandboxed process itself runs as the unprivileged uid).
 pub fn runsc_argv(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> Vec<String> {
-    let script =
-        r#"for f in $AGENTCUBE_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; exec "$@""#;
     vec![
         "/bin/sh".into(),
         "-c".into(),
-        script.into(),
+        JOIN_CGROUPS.into(),
         "sh".into(),
         runsc.display().to_string(),
         format!("--root={}", state.display()),
