@@ -143,3 +143,59 @@ async fn deleting_an_owner_cascades() {
         "owned object garbage-collected"
     );
 }
+
+#[tokio::test]
+async fn a_write_that_changes_nothing_is_a_no_op_and_status_is_a_subresource() {
+    let s = FakeApiServer::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client(&s).await, "default");
+    let body = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "same"}, "data": {"x": "y"}});
+    let pp = PatchParams::apply("test").force();
+    let first = api.patch("same", &pp, &Patch::Apply(&body)).await.unwrap();
+    let again = api.patch("same", &pp, &Patch::Apply(&body)).await.unwrap();
+    assert_eq!(
+        first.metadata.resource_version, again.metadata.resource_version,
+        "no new version for an unchanged object"
+    );
+    let changed = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "same"}, "data": {"x": "z"}});
+    let third = api
+        .patch("same", &pp, &Patch::Apply(&changed))
+        .await
+        .unwrap();
+    assert_ne!(
+        first.metadata.resource_version,
+        third.metadata.resource_version
+    );
+
+    // A status sent with a create or a main-resource update is ignored; /status sets it.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client(&s).await, "default");
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Running"}})).unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    assert!(created.status.is_none());
+    let patched = pods
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(
+        patched.metadata.generation,
+        Some(1),
+        "status changes never bump the generation"
+    );
+    let mut replaced = pods.get("p").await.unwrap();
+    replaced.status = None;
+    replaced.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+    let replaced = pods
+        .replace("p", &PostParams::default(), &replaced)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.status.unwrap().phase.as_deref(),
+        Some("Running"),
+        "status kept on a main-resource update"
+    );
+}

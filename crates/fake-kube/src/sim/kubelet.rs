@@ -1,0 +1,505 @@
+//! A kubelet for the fake cluster: every Pod becomes a real process on this host.
+//!
+//! - **Network**: each Pod gets its own loopback address (`127.A.B.N`, with `A.B` random per
+//!   kubelet so parallel fake clusters do not collide) as `status.podIP`. Pods share the host's
+//!   network stack, so a process must bind its pod IP rather than a wildcard: the image `…picod…`
+//!   is told so through its image environment (`PICOD_LISTEN=<podIP>:8080`), and other containers
+//!   read the downward API (`valueFrom.fieldRef: status.podIP`).
+//! - **Filesystem**: bubblewrap gives each Pod the host's `/usr` and `/etc` read-only, a private
+//!   `/root` (a directory of the Pod's own), `/tmp`, `/proc`, `/dev`, and its own pid, ipc and uts
+//!   namespaces (hostname = pod name).
+//! - **Images**: `…picod…` runs the PicoD binary given to the simulation (entrypoint
+//!   `/opt/agentcube/picod`); `python…` has entrypoint `python3`; any other image needs a
+//!   `command`. A container the fake cannot run stays `Pending` with reason `ErrImagePull`.
+//! - **Lifecycle**: the Pod is `Running` and `Ready` as soon as its process started (no readiness
+//!   probes, like a pod without one; the Workload Manager probes ports itself). An exited process
+//!   is restarted with back-off under `restartPolicy: Always` (the default), otherwise the Pod ends
+//!   `Succeeded`/`Failed`. A deleted Pod's process group is killed and its directory removed.
+//!
+//! Only the first container of a Pod is run; resources are not enforced.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use super::{CONFIG_MAP, POD, SECRET, SimConfig, condition, name, namespace, str_at};
+use crate::store::Cluster;
+
+/// Where the PicoD binary is inside a pod.
+pub const POD_PICOD: &str = "/opt/agentcube/picod";
+/// PicoD's port in its image (the image's `EXPOSE`).
+pub const PICOD_PORT: u16 = 8080;
+
+struct PodProcess {
+    namespace: String,
+    name: String,
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+    restarts: u32,
+    restart_at: Option<Instant>,
+    started_at: String,
+    /// Last termination (exit code), for the container status.
+    last_exit: Option<i32>,
+    /// Set when the pod ended for good (`Succeeded`/`Failed`) or cannot start.
+    terminal: Option<String>,
+}
+
+/// The simulated node.
+pub struct Kubelet {
+    config: SimConfig,
+    root: bool,
+    /// Pods by uid.
+    pods: Mutex<HashMap<String, PodProcess>>,
+    net: (u8, u8),
+    next_host: Mutex<u32>,
+}
+
+fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Expands `$(VAR)` from `env` (`$$(VAR)` stays literal), as the kubelet does for command/args.
+pub fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = t;
+        } else if let Some(inner) = tail.strip_prefix("$(")
+            && let Some(end) = inner.find(')')
+            && let Some((_, v)) = env.iter().rev().find(|(k, _)| k == &inner[..end])
+        {
+            out.push_str(v);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Kubelet {
+    /// Checks that bubblewrap exists.
+    pub fn new(config: SimConfig) -> Result<Self, String> {
+        if !config.picod.is_file() {
+            return Err(format!("picod binary {} not found", config.picod.display()));
+        }
+        let pods_dir = config.state_dir.join("pods");
+        std::fs::create_dir_all(&pods_dir)
+            .map_err(|e| format!("cannot create {}: {e}", pods_dir.display()))?;
+        let n = uuid::Uuid::new_v4().as_u128();
+        Ok(Self {
+            config,
+            root: nix::unistd::Uid::effective().is_root(),
+            pods: Mutex::new(HashMap::new()),
+            net: (1 + (n % 254) as u8, ((n >> 8) % 256) as u8),
+            next_host: Mutex::new(1),
+        })
+    }
+
+    fn allocate_ip(&self) -> Ipv4Addr {
+        let used: Vec<Ipv4Addr> = self.pods.lock().unwrap().values().map(|p| p.ip).collect();
+        let mut next = self.next_host.lock().unwrap();
+        loop {
+            let host = *next;
+            *next = if host >= 254 { 1 } else { host + 1 };
+            let ip = Ipv4Addr::new(127, self.net.0, self.net.1, host as u8);
+            if !used.contains(&ip) {
+                return ip;
+            }
+        }
+    }
+
+    /// Pods with a live process, as `namespace/name`.
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .pods
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.child.is_some())
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Kills every pod process and removes its directory.
+    pub async fn kill_all(&self) -> usize {
+        let all: Vec<PodProcess> = self.pods.lock().unwrap().drain().map(|(_, p)| p).collect();
+        let n = all.iter().filter(|p| p.child.is_some()).count();
+        for p in all {
+            stop_process(p).await;
+        }
+        n
+    }
+
+    /// Brings processes in line with the Pods in `cluster`.
+    pub async fn sync(&self, cluster: &Cluster) {
+        let pods = cluster.list_kind(POD);
+        let live: std::collections::HashSet<String> = pods
+            .iter()
+            .map(|p| str_at(p, "/metadata/uid").to_string())
+            .collect();
+        let gone: Vec<PodProcess> = {
+            let mut map = self.pods.lock().unwrap();
+            let dead: Vec<String> = map.keys().filter(|u| !live.contains(*u)).cloned().collect();
+            dead.into_iter().filter_map(|u| map.remove(&u)).collect()
+        };
+        for p in gone {
+            stop_process(p).await;
+        }
+        for pod in pods {
+            let uid = str_at(&pod, "/metadata/uid").to_string();
+            let known = self.pods.lock().unwrap().contains_key(&uid);
+            if !known {
+                self.start(cluster, &pod, &uid);
+            } else {
+                self.check(cluster, &pod, &uid);
+            }
+            self.report(cluster, &pod, &uid);
+        }
+    }
+
+    fn start(&self, cluster: &Cluster, pod: &Value, uid: &str) {
+        let ip = self.allocate_ip();
+        let dir = self.config.state_dir.join("pods").join(format!(
+            "{}_{}_{}",
+            namespace(pod),
+            name(pod),
+            &uid[..8.min(uid.len())]
+        ));
+        let mut p = PodProcess {
+            namespace: namespace(pod).to_string(),
+            name: name(pod).to_string(),
+            ip,
+            dir,
+            child: None,
+            restarts: 0,
+            restart_at: None,
+            started_at: now_rfc3339(),
+            last_exit: None,
+            terminal: None,
+        };
+        if let Err(why) = self.spawn(cluster, pod, &mut p) {
+            p.terminal = Some(format!("ErrImagePull: {why}"));
+        }
+        self.pods.lock().unwrap().insert(uid.to_string(), p);
+    }
+
+    /// Notices exits; restarts under the pod's restart policy.
+    fn check(&self, cluster: &Cluster, pod: &Value, uid: &str) {
+        let mut map = self.pods.lock().unwrap();
+        let Some(p) = map.get_mut(uid) else { return };
+        if let Some(child) = &mut p.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            p.child = None;
+            p.last_exit = Some(status.code().unwrap_or(137));
+            let policy = str_at(pod, "/spec/restartPolicy");
+            let success = status.success();
+            let restart = match policy {
+                "Never" => false,
+                "OnFailure" => !success,
+                _ => true,
+            };
+            if restart {
+                let backoff =
+                    Duration::from_secs(1 << p.restarts.min(5)).min(Duration::from_secs(30));
+                p.restart_at = Some(Instant::now() + backoff);
+            } else {
+                p.terminal = Some(if success { "Succeeded" } else { "Failed" }.into());
+            }
+        }
+        if p.child.is_none()
+            && p.terminal.is_none()
+            && p.restart_at.is_some_and(|t| Instant::now() >= t)
+        {
+            p.restart_at = None;
+            p.restarts += 1;
+            if let Err(why) = self.spawn(cluster, pod, p) {
+                p.terminal = Some(format!("ErrImagePull: {why}"));
+            }
+        }
+    }
+
+    /// Writes the pod's status when it differs from what the process says.
+    fn report(&self, cluster: &Cluster, pod: &Value, uid: &str) {
+        let status = {
+            let map = self.pods.lock().unwrap();
+            let Some(p) = map.get(uid) else { return };
+            pod_status(pod, p)
+        };
+        if pod.get("status") != Some(&status) {
+            let _ = cluster.replace_status(POD.in_ns(namespace(pod)), name(pod), status);
+        }
+    }
+
+    fn spawn(&self, cluster: &Cluster, pod: &Value, p: &mut PodProcess) -> Result<(), String> {
+        let container = pod
+            .pointer("/spec/containers/0")
+            .ok_or("the pod has no container")?;
+        let image = str_at(container, "/image");
+        let (entrypoint, mut env): (Vec<String>, Vec<(String, String)>) = if image.contains("picod")
+        {
+            (
+                vec![POD_PICOD.into()],
+                vec![("PICOD_LISTEN".into(), format!("{}:{PICOD_PORT}", p.ip))],
+            )
+        } else if image.starts_with("python") || image.contains("/python") {
+            (vec!["python3".into()], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        env.extend(container_env(cluster, pod, container, p.ip)?);
+        let strings = |ptr: &str| -> Option<Vec<String>> {
+            container.pointer(ptr).and_then(Value::as_array).map(|a| {
+                a.iter()
+                    .map(|s| expand(s.as_str().unwrap_or_default(), &env))
+                    .collect()
+            })
+        };
+        let mut argv = strings("/command").unwrap_or(entrypoint);
+        argv.extend(strings("/args").unwrap_or_default());
+        if argv.is_empty() {
+            return Err(format!(
+                "image {image:?} has no entrypoint in the fake cluster: give the container a command"
+            ));
+        }
+        let root = p.dir.join("root");
+        std::fs::create_dir_all(&root).map_err(|e| format!("pod directory: {e}"))?;
+        let log = std::fs::File::create(p.dir.join("container.log"))
+            .map_err(|e| format!("pod log: {e}"))?;
+        let workdir = str_at(container, "/workingDir");
+        let args = bwrap_args(
+            &root,
+            &self.config.picod,
+            &p.name,
+            if workdir.is_empty() { "/" } else { workdir },
+            !self.root,
+            &env,
+            &argv,
+        );
+        let child = tokio::process::Command::new(&self.config.bwrap)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start bubblewrap: {e}"))?;
+        p.child = Some(child);
+        p.started_at = now_rfc3339();
+        Ok(())
+    }
+}
+
+async fn stop_process(mut p: PodProcess) {
+    if let Some(mut child) = p.child.take() {
+        if let Some(pid) = child.id() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = child.wait().await;
+    }
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// The container's environment: `value`s, and `valueFrom` the downward API (`status.podIP`,
+/// `status.hostIP`, `metadata.name`, `metadata.namespace`, `metadata.uid`, `spec.nodeName`),
+/// Secrets and ConfigMaps.
+fn container_env(
+    cluster: &Cluster,
+    pod: &Value,
+    container: &Value,
+    ip: Ipv4Addr,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for var in container
+        .get("env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = str_at(var, "/name").to_string();
+        let value = if let Some(v) = var.get("value").and_then(Value::as_str) {
+            expand(v, &out)
+        } else if let Some(path) = var
+            .pointer("/valueFrom/fieldRef/fieldPath")
+            .and_then(Value::as_str)
+        {
+            match path {
+                "status.podIP" => ip.to_string(),
+                "status.hostIP" => "127.0.0.1".into(),
+                "metadata.name" => name(pod).into(),
+                "metadata.namespace" => namespace(pod).into(),
+                "metadata.uid" => str_at(pod, "/metadata/uid").into(),
+                "spec.nodeName" => "fake-node".into(),
+                other => return Err(format!("env {key}: fieldRef {other} is not supported")),
+            }
+        } else if let Some(sel) = var.pointer("/valueFrom/secretKeyRef") {
+            let secret = cluster
+                .get(&SECRET.in_ns(namespace(pod)), str_at(sel, "/name"))
+                .ok_or_else(|| format!("env {key}: secret {} not found", str_at(sel, "/name")))?;
+            let b64 = str_at(&secret, &format!("/data/{}", str_at(sel, "/key")));
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("env {key}: {e}"))?;
+            String::from_utf8_lossy(&bytes).into_owned()
+        } else if let Some(sel) = var.pointer("/valueFrom/configMapKeyRef") {
+            let cm = cluster
+                .get(&CONFIG_MAP.in_ns(namespace(pod)), str_at(sel, "/name"))
+                .ok_or_else(|| {
+                    format!("env {key}: configmap {} not found", str_at(sel, "/name"))
+                })?;
+            str_at(&cm, &format!("/data/{}", str_at(sel, "/key"))).to_string()
+        } else {
+            String::new()
+        };
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// The bubblewrap argv for one container (without the program name).
+fn bwrap_args(
+    root: &Path,
+    picod: &Path,
+    hostname: &str,
+    workdir: &str,
+    unprivileged: bool,
+    env: &[(String, String)],
+    argv: &[String],
+) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |v: &[&str]| a.extend(v.iter().map(ToString::to_string));
+    push(&["--die-with-parent", "--new-session"]);
+    if unprivileged {
+        push(&["--unshare-user"]);
+    }
+    push(&[
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--hostname",
+        hostname,
+    ]);
+    push(&["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin"]);
+    push(&[
+        "--symlink",
+        "usr/sbin",
+        "/sbin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+    ]);
+    if Path::new("/usr/lib64").exists() {
+        push(&["--symlink", "usr/lib64", "/lib64"]);
+    }
+    push(&[
+        "--ro-bind",
+        "/etc",
+        "/etc",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+    ]);
+    push(&["--tmpfs", "/tmp", "--tmpfs", "/run"]);
+    let (root, picod) = (root.display().to_string(), picod.display().to_string());
+    push(&["--bind", &root, "/root", "--ro-bind", &picod, POD_PICOD]);
+    push(&["--chdir", workdir, "--clearenv"]);
+    push(&[
+        "--setenv",
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]);
+    push(&[
+        "--setenv", "HOME", "/root", "--setenv", "HOSTNAME", hostname,
+    ]);
+    for (k, v) in env {
+        push(&["--setenv", k, v]);
+    }
+    push(&["--"]);
+    a.extend(argv.iter().cloned());
+    a
+}
+
+fn pod_status(pod: &Value, p: &PodProcess) -> Value {
+    let container = pod
+        .pointer("/spec/containers/0")
+        .cloned()
+        .unwrap_or_default();
+    let running = p.child.is_some();
+    let phase = match p.terminal.as_deref() {
+        Some("Succeeded") => "Succeeded",
+        Some("Failed") => "Failed",
+        Some(_) => "Pending",
+        None => "Running",
+    };
+    let state = match (&p.terminal, running, p.last_exit) {
+        (Some(t), _, _) if t.starts_with("ErrImagePull") => {
+            json!({"waiting": {"reason": "ErrImagePull", "message": t}})
+        }
+        (_, true, _) => json!({"running": {"startedAt": p.started_at}}),
+        (_, false, Some(code)) => {
+            json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}})
+        }
+        _ => json!({"waiting": {"reason": "ContainerCreating"}}),
+    };
+    let mut status = json!({
+        "phase": phase,
+        "hostIP": "127.0.0.1",
+        "startTime": p.started_at,
+        "conditions": [
+            condition(pod, "PodScheduled", true, "", ""),
+            condition(pod, "ContainersReady", running, "", ""),
+            condition(pod, "Ready", running, "", ""),
+        ],
+        "containerStatuses": [{
+            "name": str_at(&container, "/name"),
+            "image": str_at(&container, "/image"),
+            "ready": running,
+            "started": running,
+            "restartCount": p.restarts,
+            "state": state,
+        }],
+    });
+    if phase == "Running" || running {
+        status["podIP"] = json!(p.ip.to_string());
+        status["podIPs"] = json!([{"ip": p.ip.to_string()}]);
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn expands_variables_like_the_kubelet() {
+        let env = vec![("POD_IP".to_string(), "127.1.2.3".to_string())];
+        assert_eq!(
+            expand("--listen=$(POD_IP):8080", &env),
+            "--listen=127.1.2.3:8080"
+        );
+        assert_eq!(expand("$$(POD_IP)", &env), "$(POD_IP)");
+        assert_eq!(expand("$(NOPE) $", &env), "$(NOPE) $");
+    }
+}
