@@ -129,6 +129,9 @@ pub(crate) async fn handle(
         )
         .into_response();
     };
+    if method != Method::GET {
+        cluster.record(format!("{method} /{path}"));
+    }
     let collection = Collection {
         prefix: t.prefix.clone(),
         namespace: t.namespace.clone().unwrap_or_default(),

@@ -88,6 +88,8 @@ pub(crate) struct Store {
     pub rv: u64,
     pub objects: BTreeMap<(Collection, String), Value>,
     pub log: Vec<Event>,
+    /// Every mutating REST request as `METHOD /path` (an audit log, for tests).
+    pub audit: Vec<String>,
 }
 
 /// Shared state of the fake server. Cheap to clone.
@@ -137,6 +139,15 @@ impl Cluster {
             store.log.remove(0);
         }
         let _ = self.events.send(e);
+    }
+
+    /// Every mutating REST request received so far, as `METHOD /path` (without the query).
+    pub fn audit(&self) -> Vec<String> {
+        self.store.lock().unwrap().audit.clone()
+    }
+
+    pub(crate) fn record(&self, line: String) {
+        self.store.lock().unwrap().audit.push(line);
     }
 
     /// Notified of every change (the simulation's trigger).

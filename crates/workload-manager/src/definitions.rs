@@ -1,5 +1,6 @@
-//! CodeInterpreter / AgentRuntime definitions, loaded from a directory of the same YAML a cluster
-//! takes, and reloaded when the files change (polled; no restart needed).
+//! CodeInterpreter / AgentRuntime definitions: loaded from a directory of the same YAML a cluster
+//! takes and reloaded when the files change (polled; no restart needed), or kept in step with the
+//! cluster's CRs by the Kubernetes backend.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,15 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     v
 }
 
+fn key_of(kind: WorkloadKind, w: &Workload) -> Key {
+    let meta = match w {
+        Workload::CodeInterpreter(c) => &c.metadata,
+        Workload::AgentRuntime(a) => &a.metadata,
+    };
+    let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    (kind, ns, w.name().to_string())
+}
+
 impl Definitions {
     /// Empty set.
     pub fn new() -> Self {
@@ -66,6 +76,23 @@ impl Definitions {
                 Workload::AgentRuntime(_) => None,
             })
             .collect()
+    }
+
+    /// Replaces every definition of `kind` (the cluster's current list of that CRD).
+    pub fn replace_kind(&self, kind: WorkloadKind, workloads: Vec<Workload>) {
+        let mut map = self.map.write().unwrap();
+        map.retain(|k, _| k.0 != kind);
+        for w in workloads {
+            map.insert(key_of(kind, &w), w);
+        }
+    }
+
+    /// Adds or replaces one definition.
+    pub fn insert(&self, kind: WorkloadKind, workload: Workload) {
+        self.map
+            .write()
+            .unwrap()
+            .insert(key_of(kind, &workload), workload);
     }
 
     /// Replaces the whole set.

@@ -2,10 +2,13 @@
 //! expired sessions.
 //!
 //! Main flow:
-//! 1. `main` builds a [`Config`], a store (`agentcube-store`) and a [`backend::Backend`]
-//!    ([`backend::local::LocalBackend`]: bubblewrap sandboxes on this host).
-//! 2. [`WorkloadManager::start`] loads definitions from the manifest directory
-//!    ([`definitions`]), syncs warm pools, and starts the reload watcher and the [`gc`] loop.
+//! 1. `main` builds a [`Config`], a store (`agentcube-store`) and a [`backend::Backend`]:
+//!    [`backend::local::LocalBackend`] (bubblewrap sandboxes on this host) or
+//!    [`backend::kubernetes::KubernetesBackend`] (agent-sandbox objects in a cluster, whose CRs,
+//!    warm pools and Router key it follows itself).
+//! 2. [`WorkloadManager::start`] takes definitions from the backend or loads them from the
+//!    manifest directory ([`definitions`]), syncs warm pools, and starts the reload watcher and
+//!    the [`gc`] loop.
 //! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}` and
 //!    `DELETE /v1/*/sessions/{id}` through [`sessions::Manager`]: placeholder record → sandbox →
 //!    ready record, rolled back on failure, timeout (504) or a vanished client.
@@ -24,11 +27,13 @@ pub mod backend;
 pub mod definitions;
 pub mod error;
 pub mod gc;
+pub mod key;
 pub mod metrics;
 pub mod sessions;
 
 use backend::Backend;
 use definitions::Definitions;
+use key::RouterKey;
 use sessions::Manager;
 
 /// Settings shared by both backends.
@@ -42,7 +47,8 @@ pub struct Config {
     pub gc_interval: Duration,
     /// Upper bound of one create (upstream: 2 min).
     pub create_timeout: Duration,
-    /// Router public key (PEM) injected into `authMode: picod` sandboxes.
+    /// Router public key (PEM) injected into `authMode: picod` sandboxes. `None`: the backend's
+    /// ([`Backend::router_key`]), if it has one.
     pub public_key: Option<String>,
 }
 
@@ -73,7 +79,14 @@ impl WorkloadManager {
         store: Arc<dyn SessionStore>,
         backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Self> {
-        let definitions = Arc::new(Definitions::new());
+        let definitions = backend
+            .definitions()
+            .unwrap_or_else(|| Arc::new(Definitions::new()));
+        let public_key = match (&config.public_key, backend.router_key()) {
+            (Some(pem), _) => RouterKey::fixed(Some(pem.clone())),
+            (None, Some(followed)) => followed,
+            (None, None) => RouterKey::fixed(None),
+        };
         if let Some(dir) = &config.manifests_dir {
             definitions
                 .reload_if_changed(dir)
@@ -86,7 +99,7 @@ impl WorkloadManager {
             store,
             backend: backend.clone(),
             definitions: definitions.clone(),
-            public_key: config.public_key.clone(),
+            public_key,
             create_timeout: config.create_timeout,
             metrics: Arc::new(metrics::Metrics::default()),
         });

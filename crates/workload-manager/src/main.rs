@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
+use agentcube_workload_manager::backend::Backend;
+use agentcube_workload_manager::backend::kubernetes::{KubeConfig, KubernetesBackend};
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
-use agentcube_workload_manager::{Config, WorkloadManager};
+use agentcube_workload_manager::{Config, WorkloadManager, key};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 
@@ -20,13 +22,16 @@ struct Args {
     /// Listen address (IP).
     #[arg(long, env = "WORKLOAD_MANAGER_BIND", default_value = "0.0.0.0")]
     bind: std::net::IpAddr,
-    /// Sandbox backend: `local` (bubblewrap on this host). `kubernetes` is not built yet.
+    /// Sandbox backend: `local` (bubblewrap on this host) or `kubernetes` (agent-sandbox objects
+    /// in the cluster of the in-cluster service account, or of KUBECONFIG).
     #[arg(long, env = "AGENTCUBE_BACKEND", default_value = "local")]
     backend: String,
-    /// Directory of CodeInterpreter/AgentRuntime manifests (reloaded on change).
+    /// Local backend: directory of CodeInterpreter/AgentRuntime manifests (reloaded on change).
+    /// The Kubernetes backend reads the cluster's CRs instead.
     #[arg(long, env = "AGENTCUBE_MANIFESTS")]
     manifests: Option<PathBuf>,
-    /// Router public key (PEM file) injected into `authMode: picod` sandboxes.
+    /// Router public key (PEM file) injected into `authMode: picod` sandboxes. Kubernetes
+    /// backend default: followed from Secret `picod-router-identity` in AGENTCUBE_NAMESPACE.
     #[arg(long, env = "AGENTCUBE_ROUTER_PUBLIC_KEY_FILE")]
     router_public_key_file: Option<PathBuf>,
     /// Local backend: state directory (sandbox workspaces and sockets).
@@ -50,15 +55,15 @@ struct Args {
     /// Upper bound of one sandbox creation (Go duration).
     #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value = "2m")]
     create_timeout: GoDuration,
-    /// Default RuntimeClass for Kubernetes sandboxes whose definition names none (accepted for
-    /// compatibility with upstream's flag; not used by the local backend).
+    /// Kubernetes backend: RuntimeClass of sandboxes whose definition names none (upstream
+    /// ignored this flag). Not used by the local backend.
     #[arg(long, env = "AGENTCUBE_RUNTIME_CLASS_NAME", default_value = "")]
     runtime_class_name: String,
     /// Directory with the Router's key (`public.pem`, or `private.pem` to derive it from), e.g. the
     /// mounted Secret `picod-router-identity`.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
     router_identity_dir: Option<PathBuf>,
-    /// Namespace of the Router's identity Secret in a cluster (used by the Kubernetes backend).
+    /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
     #[command(flatten)]
@@ -87,12 +92,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&args.log_format);
-    if args.backend != "local" {
-        anyhow::bail!(
-            "backend {:?} is not available: only `local` is built so far",
-            args.backend
-        );
-    }
     let store_config = args.store.clone().into_config(false)?;
     let store = agentcube_store::connect(&store_config)?;
     store
@@ -103,19 +102,31 @@ async fn main() -> anyhow::Result<()> {
         (Some(p), _) => Some(
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
         ),
-        (None, Some(dir)) => Some(public_key_from_dir(dir)?),
+        (None, Some(dir)) => Some(key::public_from_dir(dir).map_err(anyhow::Error::msg)?),
         (None, None) => None,
     };
-    let exe = std::env::current_exe()?;
-    let picod = args
-        .picod_binary
-        .clone()
-        .unwrap_or_else(|| exe.with_file_name("picod"));
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let mut local = LocalConfig::new(state_dir, picod);
-    local.require_cgroups = args.require_cgroups;
-    local.isolation = args.isolation;
-    let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
+    if args.backend == "kubernetes" && args.manifests.is_some() {
+        anyhow::bail!(
+            "--manifests is for the local backend: the Kubernetes backend reads the cluster's CodeInterpreter/AgentRuntime CRs"
+        );
+    }
+    let backend: Arc<dyn Backend> = match args.backend.as_str() {
+        "local" => Arc::new(local_backend(&args)?),
+        "kubernetes" => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            let mut kc = KubeConfig::new(args.namespace.clone());
+            kc.default_runtime_class = args.runtime_class_name.clone();
+            kc.fixed_key = public_key.clone();
+            Arc::new(
+                KubernetesBackend::start(client, kc)
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        other => anyhow::bail!("unknown --backend {other:?} (local or kubernetes)"),
+    };
     let config = Config {
         manifests_dir: args.manifests.clone(),
         gc_interval: args.gc_interval.0,
@@ -132,8 +143,21 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move { axum::serve(admin, app).await });
     }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
-    tracing::info!(addr = %listener.local_addr()?, "workload manager listening");
+    tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");
     agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await
+}
+
+fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
+    let exe = std::env::current_exe()?;
+    let picod = args
+        .picod_binary
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("picod"));
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let mut local = LocalConfig::new(state_dir, picod);
+    local.require_cgroups = args.require_cgroups;
+    local.isolation = args.isolation;
+    LocalBackend::new(local).map_err(anyhow::Error::msg)
 }
 
 fn default_state_dir() -> PathBuf {
@@ -168,18 +192,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-}
-
-/// `dir/public.pem`, or the SPKI public key derived from `dir/private.pem` (PKCS#1).
-fn public_key_from_dir(dir: &std::path::Path) -> anyhow::Result<String> {
-    use rsa::pkcs1::DecodeRsaPrivateKey;
-    use rsa::pkcs8::{EncodePublicKey, LineEnding};
-    if let Ok(p) = std::fs::read_to_string(dir.join("public.pem")) {
-        return Ok(p);
-    }
-    let pem = std::fs::read_to_string(dir.join("private.pem"))
-        .with_context(|| format!("no public.pem or private.pem in {}", dir.display()))?;
-    let key =
-        rsa::RsaPrivateKey::from_pkcs1_pem(&pem).context("private.pem is not a PKCS#1 RSA key")?;
-    Ok(key.to_public_key().to_public_key_pem(LineEnding::LF)?)
 }

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use agentcube_store::SessionStore;
 use agentcube_types::api::{CreateSandboxRequest, CreateSandboxResponse, WorkloadKind};
-use agentcube_types::{GoDuration, SessionRecord, SessionStatus};
+use agentcube_types::{BackingKind, GoDuration, SessionRecord, SessionStatus};
 use jiff::{SignedDuration, Timestamp};
 
 use crate::backend::{Backend, SandboxRequest, Workload, local::sandbox_name};
 use crate::definitions::Definitions;
 use crate::error::ApiError;
+use crate::key::RouterKey;
 
 /// Creates and deletes sessions.
 pub struct Manager {
@@ -19,7 +20,7 @@ pub struct Manager {
     pub backend: Arc<dyn Backend>,
     pub definitions: Arc<Definitions>,
     /// Router public key (PEM) for `authMode: picod` sandboxes.
-    pub public_key: Option<String>,
+    pub public_key: RouterKey,
     /// How long a create may take before it is rolled back with 504.
     pub create_timeout: Duration,
     /// Counters exported on `/metrics`.
@@ -52,16 +53,22 @@ impl Manager {
         if req.name.is_empty() {
             return Err(ApiError::BadRequest("name is required".into()));
         }
-        let workload = self
-            .definitions
-            .get(kind, &req.namespace, &req.name)
-            .ok_or_else(|| {
-                ApiError::NotFound(match kind {
-                    WorkloadKind::CodeInterpreter => "code interpreter not found".into(),
-                    WorkloadKind::AgentRuntime => "agent runtime not found".into(),
-                })
-            })?;
-        if workload.needs_key() && self.public_key.is_none() {
+        let workload = match self.definitions.get(kind, &req.namespace, &req.name) {
+            Some(w) => Some(w),
+            // Not in the cache yet (a CR applied a moment ago): ask the source once.
+            None => self
+                .backend
+                .fetch_definition(kind, &req.namespace, &req.name)
+                .await
+                .inspect(|w| self.definitions.insert(kind, w.clone())),
+        };
+        let workload = workload.ok_or_else(|| {
+            ApiError::NotFound(match kind {
+                WorkloadKind::CodeInterpreter => "code interpreter not found".into(),
+                WorkloadKind::AgentRuntime => "agent runtime not found".into(),
+            })
+        })?;
+        if workload.needs_key() && self.public_key.get().is_none() {
             return Err(ApiError::Internal(
                 "authMode picod but the Router public key is not available".into(),
             ));
@@ -78,7 +85,13 @@ impl Manager {
             };
             if let Err(Ok(resp)) = tx.send(result) {
                 tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
-                this.rollback(&resp.session_id, &resp.sandbox_name).await;
+                this.rollback(
+                    &resp.session_id,
+                    resp.kind,
+                    &req.namespace,
+                    &resp.sandbox_name,
+                )
+                .await;
             }
         });
         rx.await
@@ -97,8 +110,10 @@ impl Manager {
         let expires =
             now + SignedDuration::try_from(max.0).unwrap_or(SignedDuration::from_hours(8));
         let name = sandbox_name(workload.name());
+        let planned = self.backend.backing_kind(&workload);
         let mut record =
             SessionRecord::placeholder(&session_id, namespace, &name, now, expires, idle);
+        record.kind = planned;
         record.workload_kind = Some(kind);
         record.workload_name = Some(workload.name().to_string());
         self.store.insert(&record, now).await?;
@@ -107,17 +122,18 @@ impl Manager {
             namespace: namespace.to_string(),
             name: name.clone(),
             workload,
-            public_key: self.public_key.clone(),
+            public_key: self.public_key.get(),
+            shutdown_time: expires,
         };
         let sandbox =
             match tokio::time::timeout(self.create_timeout, self.backend.create(&req)).await {
                 Ok(Ok(sb)) => sb,
                 Ok(Err(e)) => {
-                    self.rollback(&session_id, &name).await;
+                    self.rollback(&session_id, planned, namespace, &name).await;
                     return Err(e.into());
                 }
                 Err(_) => {
-                    self.rollback(&session_id, &name).await;
+                    self.rollback(&session_id, planned, namespace, &name).await;
                     return Err(ApiError::Timeout);
                 }
             };
@@ -128,7 +144,8 @@ impl Manager {
         record.status = SessionStatus::Ready;
         if let Err(e) = self.store.replace(&record).await {
             // Deleted meanwhile (or the store failed): the sandbox must not outlive its record.
-            self.rollback(&session_id, &sandbox.name).await;
+            self.rollback(&session_id, sandbox.kind, namespace, &sandbox.name)
+                .await;
             return Err(e.into());
         }
         tracing::info!(session_id = %session_id, sandbox = %sandbox.name, "session created");
@@ -142,11 +159,10 @@ impl Manager {
         })
     }
 
-    async fn rollback(&self, session_id: &str, sandbox: &str) {
-        let _ = self
-            .backend
-            .delete(agentcube_types::BackingKind::Sandbox, "", sandbox)
-            .await;
+    async fn rollback(&self, session_id: &str, kind: BackingKind, namespace: &str, sandbox: &str) {
+        if let Err(e) = self.backend.delete(kind, namespace, sandbox).await {
+            tracing::warn!(session_id, sandbox, error = %e, "rollback could not delete the sandbox");
+        }
         if let Err(e) = self.store.delete(session_id).await {
             tracing::warn!(session_id, error = %e, "rollback could not delete the record");
         }

@@ -1,11 +1,16 @@
 //! The seam between the Workload Manager and where sandboxes run. One trait, two backends:
-//! [`local`] (bubblewrap on this host; the embedded default) and, in a cluster, Kubernetes
-//! agent-sandbox objects. The API, GC, warm-pool policy and store records are shared.
+//! [`local`] (bubblewrap on this host; the embedded default) and [`kubernetes`] (agent-sandbox
+//! objects in a cluster). The API, GC and store records are shared; warm pools are the local
+//! backend's own queues, or the cluster's SandboxWarmPools.
 
 use std::sync::Arc;
 
-use agentcube_crds::{AgentRuntime, CodeInterpreter};
+use agentcube_crds::{AgentRuntime, CodeInterpreter, TargetPort};
+use agentcube_types::api::WorkloadKind;
 use agentcube_types::{BackingKind, EntryPoint};
+
+use crate::definitions::Definitions;
+use crate::key::RouterKey;
 
 pub mod kubernetes;
 pub mod local;
@@ -25,6 +30,14 @@ impl Workload {
             Self::AgentRuntime(a) => &a.metadata,
         };
         meta.name.as_deref().unwrap_or_default()
+    }
+
+    /// The ports sandboxes of this definition serve (a CodeInterpreter defaults to PicoD's).
+    pub fn ports(&self) -> Vec<TargetPort> {
+        match self {
+            Self::CodeInterpreter(c) => c.spec.effective_ports(),
+            Self::AgentRuntime(a) => a.spec.target_port.clone(),
+        }
     }
 
     /// Whether sandboxes must verify the Router's token.
@@ -48,6 +61,19 @@ pub struct SandboxRequest {
     pub workload: Workload,
     /// Router public key (PEM) injected as `PICOD_AUTH_PUBLIC_KEY`, when the workload needs it.
     pub public_key: Option<String>,
+    /// `now + maxSessionDuration`: when the platform may stop the sandbox (the record's
+    /// `expiresAt`).
+    pub shutdown_time: jiff::Timestamp,
+}
+
+/// The entry point of `port` at `endpoint` (`host:port` or `unix:/path`); the path prefix
+/// defaults to `/`.
+pub fn entry_point(port: &TargetPort, endpoint: String) -> EntryPoint {
+    EntryPoint {
+        path: port.path_prefix.clone().unwrap_or_else(|| "/".into()),
+        protocol: format!("{:?}", port.protocol),
+        endpoint,
+    }
 }
 
 /// A sandbox that answers on its entry points.
@@ -82,6 +108,34 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts (or claims from a warm pool) a sandbox and returns once it answers. Cancellation
     /// safe: if the future is dropped, [`Backend::delete`] of `req.name` removes what was started.
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError>;
+
+    /// The kind of object a create for `workload` makes (the placeholder record's `kind`, and what
+    /// a rollback deletes).
+    fn backing_kind(&self, _workload: &Workload) -> BackingKind {
+        BackingKind::Sandbox
+    }
+
+    /// Definitions the platform keeps up to date itself (a cluster's CRs); `None`: they come
+    /// from the manifest directory.
+    fn definitions(&self) -> Option<Arc<Definitions>> {
+        None
+    }
+
+    /// The Router's key as the platform publishes it; `None`: it comes from the configuration.
+    fn router_key(&self) -> Option<RouterKey> {
+        None
+    }
+
+    /// Looks a definition up at the source when [`Backend::definitions`] does not have it yet
+    /// (a CR created a moment ago).
+    async fn fetch_definition(
+        &self,
+        _kind: WorkloadKind,
+        _namespace: &str,
+        _name: &str,
+    ) -> Option<Workload> {
+        None
+    }
 
     /// Removes a sandbox; an unknown one is not an error.
     async fn delete(

@@ -234,3 +234,4 @@ pub async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+pub mod kube;

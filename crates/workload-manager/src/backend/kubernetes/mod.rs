@@ -1,7 +1,409 @@
-//! The Kubernetes backend (work in progress): sandboxes as kubernetes-sigs/agent-sandbox objects.
+//! The Kubernetes backend: sandboxes are kubernetes-sigs/agent-sandbox objects (spec §2.3–2.8).
 //!
-//! Built so far: [`desired`], the pure builders of the objects spec §2.4 describes. Not built yet:
-//! creating them, the shared readiness watch, pod resolution, port probing and rollback, and the
-//! CodeInterpreter controller; `--backend kubernetes` is refused until they exist.
+//! Main flow of a create ([`KubernetesBackend`] as [`Backend`]):
+//! 1. Build the object ([`desired`]): a `Sandbox` for an AgentRuntime or a CodeInterpreter
+//!    without warm pool, a `SandboxClaim` for a CodeInterpreter with `warmPoolSize > 0`.
+//! 2. Create it, then wait on the one shared watch of that kind ([`watched`]): the claim's
+//!    `status.sandbox.name`, then that Sandbox's `Ready=True`.
+//! 3. Resolve the pod (annotation `agents.x-k8s.io/pod-name` for adopted pods, else the Sandbox
+//!    name); require `Running` and a pod IP; TCP-probe every port ([`probe`]).
+//! 4. Answer with entry points `podIP:port`. Any failure, timeout or vanished client makes the
+//!    session layer delete the object by kind (rollback).
+//!
+//! Alongside: [`sources`] mirrors the CRs into definitions and follows the Router's key Secret;
+//! [`controller`] keeps SandboxTemplate + SandboxWarmPool in step with each CodeInterpreter.
+//! Nothing is deleted on shutdown: sessions outlive a Workload Manager restart.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim, is_ready};
+use agentcube_crds::{AgentRuntime, CodeInterpreter, labels};
+use agentcube_types::api::WorkloadKind;
+use agentcube_types::{BackingKind, EntryPoint};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::watcher;
+
+use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload, entry_point};
+use crate::definitions::Definitions;
+use crate::key::RouterKey;
+
+pub mod controller;
 pub mod desired;
+pub mod probe;
+pub mod sources;
+pub mod watched;
+
+use watched::Watched;
+
+/// Kubernetes backend settings.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// Namespace of the Router's identity Secret (`AGENTCUBE_NAMESPACE`).
+    pub namespace: String,
+    /// `--runtime-class-name`: RuntimeClass of sandboxes whose definition names none.
+    pub default_runtime_class: String,
+    /// How long the entry-point probe keeps trying (upstream: 15 s).
+    pub probe_timeout: Duration,
+    /// The Router key, when given at start instead of followed from the Secret.
+    pub fixed_key: Option<String>,
+    /// How long to wait for the first lists of the CRDs at start (upstream: 1 min).
+    pub sync_timeout: Duration,
+}
+
+impl KubeConfig {
+    /// Upstream's defaults for a namespace.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            default_runtime_class: String::new(),
+            probe_timeout: Duration::from_secs(15),
+            fixed_key: None,
+            sync_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl From<kube::Error> for BackendError {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 429 || s.code >= 500 => {
+                Self::Unavailable(format!("Kubernetes API: {}", s.message))
+            }
+            kube::Error::Api(s) => {
+                Self::Failed(format!("Kubernetes API {}: {}", s.code, s.message))
+            }
+            other => Self::Unavailable(format!("Kubernetes API unreachable: {other}")),
+        }
+    }
+}
+
+/// Sandboxes as agent-sandbox objects.
+pub struct KubernetesBackend {
+    client: kube::Client,
+    config: KubeConfig,
+    sandboxes: Watched<SandboxObject>,
+    claims: Watched<SandboxClaim>,
+    definitions: Arc<Definitions>,
+    key: RouterKey,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubernetesBackend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubernetesBackend {
+    /// Starts the watches, the key follower and the CodeInterpreter controller; returns once the
+    /// CRD caches hold their first lists.
+    pub async fn start(client: kube::Client, config: KubeConfig) -> Result<Self, String> {
+        let definitions = Arc::new(Definitions::new());
+        let mut tasks = tokio::time::timeout(
+            config.sync_timeout,
+            sources::mirror_definitions(client.clone(), definitions.clone()),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "CodeInterpreter/AgentRuntime caches did not sync within {:?}: are the CRDs \
+                 installed and may this service account list them?",
+                config.sync_timeout
+            )
+        })?;
+        let key = match &config.fixed_key {
+            Some(pem) => RouterKey::fixed(Some(pem.clone())),
+            None => {
+                let follow = sources::follow_key(client.clone(), &config.namespace);
+                let (key, task) = tokio::time::timeout(config.sync_timeout, follow)
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "cannot list Secret {} in namespace {}",
+                            sources::IDENTITY_SECRET,
+                            config.namespace
+                        )
+                    })?;
+                tasks.push(task);
+                key
+            }
+        };
+        let ctx = Arc::new(controller::Context {
+            client: client.clone(),
+            key: key.clone(),
+            default_runtime_class: config.default_runtime_class.clone(),
+        });
+        tasks.push(tokio::spawn(controller::run(ctx)));
+        let sandboxes = Watched::start(Api::all(client.clone()), watcher::Config::default());
+        let claims = Watched::start(Api::all(client.clone()), watcher::Config::default());
+        Ok(Self {
+            client,
+            config,
+            sandboxes,
+            claims,
+            definitions,
+            key,
+            tasks,
+        })
+    }
+
+    async fn create_sandbox(
+        &self,
+        namespace: &str,
+        sandbox: SandboxObject,
+        ports: &[agentcube_crds::TargetPort],
+    ) -> Result<Sandbox, BackendError> {
+        let api: Api<SandboxObject> = Api::namespaced(self.client.clone(), namespace);
+        let created = api.create(&PostParams::default(), &sandbox).await?;
+        let (name, uid) = (watched::name(&created), watched::uid(&created));
+        let ready = self
+            .sandboxes
+            .wait_for(namespace, &name, |s| {
+                (watched::uid(s) == uid
+                    && is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref())))
+                .then(|| s.clone())
+            })
+            .await;
+        let entry_points = self.reachable(namespace, &ready, ports).await?;
+        Ok(Sandbox {
+            kind: BackingKind::Sandbox,
+            id: uid,
+            name,
+            entry_points,
+        })
+    }
+
+    async fn create_claim(
+        &self,
+        namespace: &str,
+        claim: SandboxClaim,
+        ports: &[agentcube_crds::TargetPort],
+    ) -> Result<Sandbox, BackendError> {
+        let api: Api<SandboxClaim> = Api::namespaced(self.client.clone(), namespace);
+        let created = api.create(&PostParams::default(), &claim).await?;
+        let (name, uid) = (watched::name(&created), watched::uid(&created));
+        let bound = self
+            .claims
+            .wait_for(namespace, &name, |c| {
+                let sandbox = c.status.as_ref()?.sandbox.as_ref()?.name.clone();
+                (watched::uid(c) == uid && !sandbox.is_empty()).then_some(sandbox)
+            })
+            .await;
+        let ready = self
+            .sandboxes
+            .wait_for(namespace, &bound, |s| {
+                is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref()))
+                    .then(|| s.clone())
+            })
+            .await;
+        let entry_points = self.reachable(namespace, &ready, ports).await?;
+        Ok(Sandbox {
+            kind: BackingKind::SandboxClaim,
+            // The Sandbox's uid (upstream's `sandboxId`); the record is named after the claim.
+            id: watched::uid(&ready),
+            name,
+            entry_points,
+        })
+    }
+
+    /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP.
+    async fn reachable(
+        &self,
+        namespace: &str,
+        sandbox: &SandboxObject,
+        ports: &[agentcube_crds::TargetPort],
+    ) -> Result<Vec<EntryPoint>, BackendError> {
+        let pod_name = sandbox
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(labels::POD_NAME))
+            .cloned()
+            .unwrap_or_else(|| watched::name(sandbox));
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = pods.get(&pod_name).await?;
+        let status = pod.status.unwrap_or_default();
+        let ip = match (status.phase.as_deref(), status.pod_ip) {
+            (Some("Running"), Some(ip)) if !ip.is_empty() => ip,
+            (phase, _) => {
+                return Err(BackendError::Failed(format!(
+                    "pod {namespace}/{pod_name} is not running with an IP (phase {})",
+                    phase.unwrap_or("unknown")
+                )));
+            }
+        };
+        let mut entry_points = Vec::with_capacity(ports.len());
+        for port in ports {
+            let addr = join_host_port(&ip, port.port);
+            probe::wait_open(&addr, self.config.probe_timeout)
+                .await
+                .map_err(|_| BackendError::NotReady(format!("{pod_name} ({addr} closed)")))?;
+            entry_points.push(entry_point(port, addr));
+        }
+        Ok(entry_points)
+    }
+}
+
+/// `host:port`, with brackets for IPv6 (Go's `net.JoinHostPort`).
+fn join_host_port(host: &str, port: u32) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn uses_claim(w: &Workload) -> bool {
+    matches!(w, Workload::CodeInterpreter(ci) if ci.spec.warm_pool() > 0)
+}
+
+#[async_trait::async_trait]
+impl Backend for KubernetesBackend {
+    async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
+        let info = desired::SessionInfo {
+            session_id: &req.session_id,
+            name: &req.name,
+            namespace: &req.namespace,
+            owner: None,
+            shutdown_time: req.shutdown_time,
+            public_key: req.public_key.as_deref(),
+            default_runtime_class: &self.config.default_runtime_class,
+        };
+        let ports = req.workload.ports();
+        match &req.workload {
+            Workload::CodeInterpreter(ci) if uses_claim(&req.workload) => {
+                self.create_claim(
+                    &req.namespace,
+                    desired::code_interpreter_claim(ci, &info),
+                    &ports,
+                )
+                .await
+            }
+            Workload::CodeInterpreter(ci) => {
+                self.create_sandbox(
+                    &req.namespace,
+                    desired::code_interpreter_sandbox(ci, &info),
+                    &ports,
+                )
+                .await
+            }
+            Workload::AgentRuntime(ar) => {
+                self.create_sandbox(
+                    &req.namespace,
+                    desired::agent_runtime_sandbox(ar, &info),
+                    &ports,
+                )
+                .await
+            }
+        }
+    }
+
+    fn backing_kind(&self, workload: &Workload) -> BackingKind {
+        if uses_claim(workload) {
+            BackingKind::SandboxClaim
+        } else {
+            BackingKind::Sandbox
+        }
+    }
+
+    fn definitions(&self) -> Option<Arc<Definitions>> {
+        Some(self.definitions.clone())
+    }
+
+    fn router_key(&self) -> Option<RouterKey> {
+        Some(self.key.clone())
+    }
+
+    async fn fetch_definition(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Workload> {
+        let result = match kind {
+            WorkloadKind::CodeInterpreter => {
+                Api::<CodeInterpreter>::namespaced(self.client.clone(), namespace)
+                    .get_opt(name)
+                    .await
+                    .map(|o| o.map(|c| Workload::CodeInterpreter(Arc::new(c))))
+            }
+            WorkloadKind::AgentRuntime => {
+                Api::<AgentRuntime>::namespaced(self.client.clone(), namespace)
+                    .get_opt(name)
+                    .await
+                    .map(|o| o.map(|a| Workload::AgentRuntime(Arc::new(a))))
+            }
+        };
+        result
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot look the definition up"))
+            .ok()
+            .flatten()
+    }
+
+    async fn delete(
+        &self,
+        kind: BackingKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), BackendError> {
+        let dp = DeleteParams::background();
+        let result = match kind {
+            BackingKind::SandboxClaim => {
+                Api::<SandboxClaim>::namespaced(self.client.clone(), namespace)
+                    .delete(name, &dp)
+                    .await
+                    .map(|_| ())
+            }
+            BackingKind::Sandbox => {
+                Api::<SandboxObject>::namespaced(self.client.clone(), namespace)
+                    .delete(name, &dp)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Warm pools are the controller's business in a cluster.
+    async fn sync_pools(&self, _: Vec<Arc<CodeInterpreter>>, _: Option<String>) {}
+
+    async fn shutdown(&self) {}
+
+    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
+        let members = self.sandboxes.all();
+        self.definitions
+            .code_interpreters()
+            .into_iter()
+            .filter(|ci| ci.spec.warm_pool() > 0)
+            .map(|ci| {
+                let ns = ci
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                let name = ci.metadata.name.clone().unwrap_or_default();
+                let ready = members
+                    .iter()
+                    .filter(|s| {
+                        s.metadata.namespace.as_deref() == Some(ns.as_str())
+                            && s.metadata
+                                .labels
+                                .as_ref()
+                                .and_then(|l| l.get(controller::WARM_POOL_LABEL))
+                                == Some(&name)
+                            && is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref()))
+                    })
+                    .count();
+                (ns, name, ready, ci.spec.warm_pool())
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,205 @@
+//! The CodeInterpreter controller (spec §2.6): a CodeInterpreter with `warmPoolSize > 0` gets a
+//! SandboxTemplate and a SandboxWarmPool named like it (server-side apply, controller owner
+//! references); with 0 they are removed. Status: `ready` and a `Ready` condition with
+//! `observedGeneration`, written only when it changes. While an `authMode: picod` pool waits for
+//! the Router's key the CodeInterpreter is requeued (and reported not ready). When the key
+//! changes every CodeInterpreter is reconciled again, and pool members still carrying an old key
+//! are retired so the pool refills with sandboxes that accept the Router's tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_crds::sandbox::{Sandbox, SandboxTemplate, SandboxWarmPool};
+use agentcube_crds::{AuthMode, CodeInterpreter, CodeInterpreterStatus, labels};
+use futures_util::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use super::desired;
+use crate::backend::BackendError;
+use crate::key::RouterKey;
+
+/// Field manager of everything the Workload Manager applies.
+pub const FIELD_MANAGER: &str = "agentcube-workload-manager";
+/// Label agent-sandbox puts on warm-pool member Sandboxes.
+pub const WARM_POOL_LABEL: &str = "agents.x-k8s.io/warm-pool-sandbox";
+/// How soon a CodeInterpreter waiting for the Router's key is looked at again (upstream: 5 s).
+pub const KEY_REQUEUE: Duration = Duration::from_secs(5);
+
+/// What reconciles share.
+pub struct Context {
+    pub client: kube::Client,
+    pub key: RouterKey,
+    pub default_runtime_class: String,
+}
+
+/// Runs the controller until the task is dropped.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let key_changed = futures_util::stream::unfold(ctx.key.subscribe(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+    Controller::new(
+        Api::<CodeInterpreter>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<SandboxTemplate>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<SandboxWarmPool>::all(client),
+        watcher::Config::default(),
+    )
+    .reconcile_all_on(key_changed)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "codeinterpreter controller");
+        }
+    })
+    .await;
+}
+
+fn error_policy(ci: Arc<CodeInterpreter>, e: &BackendError, _: Arc<Context>) -> Action {
+    tracing::warn!(codeinterpreter = %ci.name_any(), error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action, BackendError> {
+    let ns = ci.namespace().unwrap_or_else(|| "default".into());
+    let name = ci.name_any();
+    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &ns);
+    let pools: Api<SandboxWarmPool> = Api::namespaced(ctx.client.clone(), &ns);
+    if ci.spec.warm_pool() == 0 {
+        for deleted in [
+            pools
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            templates
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ] {
+            match deleted {
+                Ok(()) => tracing::info!(codeinterpreter = %name, "warm pool removed"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        write_status(&ctx, &ci, true, "Reconciled", "CodeInterpreter is ready").await?;
+        return Ok(Action::await_change());
+    }
+    let key = ctx.key.get();
+    if ci.spec.auth_mode != AuthMode::None && key.is_none() {
+        let why = "waiting for the Router's public key (Secret picod-router-identity)";
+        write_status(&ctx, &ci, false, "RouterKeyUnavailable", why).await?;
+        return Ok(Action::requeue(KEY_REQUEUE));
+    }
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let template = desired::sandbox_template(&ci, key.as_deref(), &ctx.default_runtime_class);
+    templates
+        .patch(&name, &apply, &Patch::Apply(&template))
+        .await?;
+    pools
+        .patch(&name, &apply, &Patch::Apply(&desired::warm_pool(&ci)))
+        .await?;
+    if let Some(key) = &key {
+        retire_stale_members(&ctx, &ns, &name, key).await?;
+    }
+    write_status(&ctx, &ci, true, "Reconciled", "CodeInterpreter is ready").await?;
+    Ok(Action::await_change())
+}
+
+/// Deletes pool members started with another Router key; the pool replaces them.
+async fn retire_stale_members(
+    ctx: &Context,
+    ns: &str,
+    pool: &str,
+    key: &str,
+) -> Result<(), BackendError> {
+    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), ns);
+    let members = sandboxes
+        .list(&ListParams::default().labels(&format!("{WARM_POOL_LABEL}={pool}")))
+        .await?;
+    for sb in members {
+        let carried = sb
+            .spec
+            .pod_template
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| c.env.iter().flatten())
+            .find(|e| e.name == labels::PICOD_AUTH_PUBLIC_KEY)
+            .and_then(|e| e.value.clone());
+        if carried.is_some_and(|k| k != key) {
+            tracing::info!(sandbox = %sb.name_any(), "retiring a warm sandbox that trusts an old Router key");
+            match sandboxes
+                .delete(&sb.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `status` unless it already says the same for this generation.
+async fn write_status(
+    ctx: &Context,
+    ci: &CodeInterpreter,
+    ready: bool,
+    reason: &str,
+    message: &str,
+) -> Result<(), BackendError> {
+    let generation = ci.meta().generation;
+    let status_str = if ready { "True" } else { "False" };
+    let current = ci.status.as_ref();
+    let old = current
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    if current.and_then(|s| s.ready) == Some(ready)
+        && old.is_some_and(|c| {
+            c.status == status_str
+                && c.reason == reason
+                && c.message == message
+                && c.observed_generation == generation
+        })
+    {
+        return Ok(());
+    }
+    let since = match old {
+        Some(c) if c.status == status_str => c.last_transition_time.clone(),
+        _ => Time(jiff::Timestamp::now()),
+    };
+    let status = CodeInterpreterStatus {
+        ready: Some(ready),
+        conditions: Some(vec![Condition {
+            type_: "Ready".into(),
+            status: status_str.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: since,
+        }]),
+    };
+    let api: Api<CodeInterpreter> = Api::namespaced(
+        ctx.client.clone(),
+        &ci.namespace().unwrap_or_else(|| "default".into()),
+    );
+    api.patch_status(
+        &ci.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}

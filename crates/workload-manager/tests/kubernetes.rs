@@ -1,0 +1,363 @@
+//! The Kubernetes backend end to end on the fake cluster: real agent-sandbox-shaped objects,
+//! real PicoD processes on pod IPs, the Workload Manager's HTTP API.
+
+mod common;
+
+use std::time::Duration;
+
+use common::kube::*;
+use common::{ROUTER_PUB, sh};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+
+const ON_DEMAND: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: od, namespace: default}
+spec:
+  template:
+    image: ghcr.io/volcano-sh/picod:latest
+    args: [--workspace=/root]
+    environment: [{name: GREETING, value: hi}]
+  sessionTimeout: 7m
+";
+
+const POOLED: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: pooled, namespace: default}
+spec:
+  template:
+    image: ghcr.io/volcano-sh/picod:latest
+    args: [--workspace=/root]
+  warmPoolSize: 2
+";
+
+#[tokio::test]
+async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        runtime_class: "kata".into(),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    assert_eq!(s["kind"], "Sandbox");
+    let name = s["sandboxName"].as_str().unwrap().to_string();
+    assert!(name.starts_with("od-") && name.len() == 11, "{name}");
+    let ep = &s["entryPoints"][0];
+    assert_eq!(
+        (ep["path"].as_str(), ep["protocol"].as_str()),
+        (Some("/"), Some("HTTP"))
+    );
+    assert!(
+        ep["endpoint"].as_str().unwrap().starts_with("127.")
+            && ep["endpoint"].as_str().unwrap().ends_with(":8080")
+    );
+
+    // The Sandbox the backend created, field for field where it matters (spec §2.4).
+    let sb = sandboxes(&k.client).get(&name).await.unwrap();
+    assert_eq!(sb.metadata.uid.as_deref(), s["sandboxId"].as_str());
+    let labels = sb.metadata.labels.clone().unwrap();
+    assert_eq!(
+        labels["runtime.agentcube.io/session-id"],
+        s["sessionId"].as_str().unwrap()
+    );
+    assert_eq!(labels["runtime.agentcube.io/workload-name"], "od");
+    assert_eq!(labels["managed-by"], "agentcube-workload-manager");
+    assert_eq!(
+        sb.metadata.annotations.clone().unwrap()["runtime.agentcube.io/idle-timeout"],
+        "7m0s"
+    );
+    let spec = &sb.data["spec"];
+    assert_eq!(spec["replicas"], 1);
+    assert!(spec["shutdownTime"].is_string());
+    let pod_spec = &spec["podTemplate"]["spec"];
+    assert_eq!(
+        pod_spec["runtimeClassName"], "kata",
+        "--runtime-class-name is the default"
+    );
+    let c = &pod_spec["containers"][0];
+    assert_eq!(c["name"], "code-interpreter");
+    let env: Vec<(String, String)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(env[0], ("GREETING".into(), "hi".into()));
+    assert_eq!(
+        env[1],
+        ("PICOD_AUTH_PUBLIC_KEY".into(), ROUTER_PUB.into()),
+        "key from the Secret"
+    );
+
+    // PicoD in the pod answers, with the environment the pod was given.
+    let (status, out) = exec_tcp(&k.http, &s, &sh("echo $GREETING; pwd")).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        out["stdout"], "hi\n/root\n",
+        "runs in the workspace (--workspace=/root)"
+    );
+
+    // The store record is upstream's.
+    let rec = k.store.get(s["sessionId"].as_str().unwrap()).await.unwrap();
+    assert_eq!(rec.kind, agentcube_types::BackingKind::Sandbox);
+    assert_eq!(rec.name, name);
+    assert_eq!(rec.status, agentcube_types::SessionStatus::Ready);
+
+    assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    assert!(sandboxes(&k.client).get_opt(&name).await.unwrap().is_none());
+    let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+    k.eventually("pod gone", 10, async || {
+        pods.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(k.stop().await, 0, "no pod process left");
+}
+
+#[tokio::test]
+async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: POOLED.into(),
+        ..Default::default()
+    })
+    .await;
+    let members = async || -> Vec<kube::api::DynamicObject> {
+        sandboxes(&k.client)
+            .list(
+                &kube::api::ListParams::default()
+                    .labels("agents.x-k8s.io/warm-pool-sandbox=pooled"),
+            )
+            .await
+            .unwrap()
+            .items
+    };
+    let initial = k
+        .eventually("pool of 2 ready", 20, async || {
+            let m = members().await;
+            (m.len() == 2 && m.iter().all(ready)).then_some(m)
+        })
+        .await;
+    let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+    let mut pool_pods = Vec::new();
+    for m in &initial {
+        let p = pods.get(m.metadata.name.as_deref().unwrap()).await.unwrap();
+        pool_pods.push((p.metadata.name.unwrap(), p.metadata.uid.unwrap()));
+    }
+    let s = k.create_ok("code-interpreter", "pooled").await;
+    assert_eq!(s["kind"], "SandboxClaim");
+    let claim_name = s["sandboxName"].as_str().unwrap().to_string();
+    let claim = claims(&k.client).get(&claim_name).await.unwrap();
+    let owner = &claim.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("CodeInterpreter", "pooled", None)
+    );
+    assert_eq!(claim.data["spec"]["sandboxTemplateRef"]["name"], "pooled");
+    let bound = claim.data["status"]["sandbox"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sb = sandboxes(&k.client).get(&bound).await.unwrap();
+    assert_eq!(
+        sb.metadata.uid.as_deref(),
+        s["sandboxId"].as_str(),
+        "sandboxId is the adopted Sandbox's uid"
+    );
+    assert_eq!(
+        sb.metadata.owner_references.as_ref().unwrap()[0].uid,
+        claim.metadata.uid.clone().unwrap()
+    );
+    let pod = pods.get(&bound).await.unwrap();
+    assert!(
+        pool_pods.contains(&(
+            pod.metadata.name.clone().unwrap(),
+            pod.metadata.uid.clone().unwrap()
+        )),
+        "served by a pool pod"
+    );
+    let (status, out) = exec_tcp(&k.http, &s, &["echo", "warm"]).await;
+    assert_eq!((status, out["stdout"].as_str()), (200, Some("warm\n")));
+    let rec = k.store.get(s["sessionId"].as_str().unwrap()).await.unwrap();
+    assert_eq!(
+        (rec.kind, rec.name.as_str()),
+        (
+            agentcube_types::BackingKind::SandboxClaim,
+            claim_name.as_str()
+        )
+    );
+    k.eventually("pool refilled", 20, async || {
+        let m = members().await;
+        (m.len() == 2
+            && m.iter().all(ready)
+            && m.iter().all(|x| x.metadata.name.as_deref() != Some(&bound)))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    k.eventually("claim, sandbox and pod gone", 10, async || {
+        (claims(&k.client)
+            .get_opt(&claim_name)
+            .await
+            .unwrap()
+            .is_none()
+            && sandboxes(&k.client)
+                .get_opt(&bound)
+                .await
+                .unwrap()
+                .is_none()
+            && pods.get_opt(&bound).await.unwrap().is_none())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        members().await.len(),
+        2,
+        "the pool is untouched by the delete"
+    );
+}
+
+#[tokio::test]
+async fn a_sandbox_that_never_runs_is_rolled_back_with_504() {
+    let broken = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: broken, namespace: default}
+spec:
+  template: {image: busybox}
+";
+    let k = KubeStack::start(KubeOptions {
+        manifests: broken.into(),
+        create_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = k.create("code-interpreter", "broken").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body, json!({"message": "sandbox creation timed out"}));
+    k.eventually("the Sandbox rolled back", 10, async || {
+        sandboxes(&k.client)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
+    );
+}
+
+#[tokio::test]
+async fn unknown_definitions_404_and_a_cr_applied_later_is_served() {
+    let k = KubeStack::start(KubeOptions::default()).await;
+    let (status, body) = k.create("code-interpreter", "od").await;
+    assert_eq!(
+        (status, body),
+        (404, json!({"message": "code interpreter not found"}))
+    );
+    let (status, body) = k.create("agent-runtime", "nope").await;
+    assert_eq!(
+        (status, body),
+        (404, json!({"message": "agent runtime not found"}))
+    );
+    apply(&k.client, ON_DEMAND).await;
+    // Straight after the apply: found through the watch, or by asking the API server directly.
+    let s = k.create_ok("code-interpreter", "od").await;
+    assert_eq!(s["kind"], "Sandbox");
+    code_interpreters(&k.client)
+        .delete("od", &DeleteParams::default())
+        .await
+        .unwrap();
+    k.eventually("definition gone", 10, async || {
+        (k.create("code-interpreter", "od").await.0 == 404).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agent_runtime_sandbox_runs_the_pod_template_and_reads_its_pod_ip() {
+    let agent = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: echo, namespace: default}
+spec:
+  targetPort: [{port: 9000, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    labels: {app: echo}
+    spec:
+      containers:
+        - name: agent
+          image: python:3.12-slim
+          command: [python3, -c, "import http.server as h, os; h.HTTPServer((os.environ['POD_IP'], 9000), h.SimpleHTTPRequestHandler).serve_forever()"]
+          env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
+"#;
+    let k = KubeStack::start(KubeOptions {
+        manifests: agent.into(),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("agent-runtime", "echo").await;
+    let sb = sandboxes(&k.client)
+        .get(s["sandboxName"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        sb.data["spec"]["podTemplate"]["metadata"]["labels"]["app"],
+        "echo"
+    );
+    assert!(
+        sb.data["spec"]["podTemplate"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1,
+        "no key injected into AgentRuntime pods"
+    );
+    let ep = s["entryPoints"][0]["endpoint"].as_str().unwrap();
+    assert!(ep.ends_with(":9000"));
+    let r = k.http.get(format!("http://{ep}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the agent answers on its pod IP");
+}
+
+#[tokio::test]
+async fn gc_reclaims_an_idle_session_by_deleting_its_sandbox() {
+    let short = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: short, namespace: default}
+spec:
+  template: {image: ghcr.io/volcano-sh/picod:latest}
+  sessionTimeout: 1s
+";
+    let k = KubeStack::start(KubeOptions {
+        manifests: short.into(),
+        gc_interval: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("code-interpreter", "short").await;
+    let name = s["sandboxName"].as_str().unwrap().to_string();
+    k.eventually("idle session reclaimed", 15, async || {
+        sandboxes(&k.client)
+            .get_opt(&name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(matches!(
+        k.store.get(s["sessionId"].as_str().unwrap()).await,
+        Err(agentcube_store::Error::NotFound)
+    ));
+}
