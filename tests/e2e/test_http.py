@@ -38,7 +38,10 @@ def test_echo_agent_with_and_without_session(stack):
     sid = r.headers["x-agentcube-session-id"]
     r2 = requests.post(url, json={"input": "same"}, headers={"x-agentcube-session-id": sid})
     assert r2.json()["output"] == "echo: same"
-    assert r2.json()["metadata"]["pid"] == r.json()["metadata"]["pid"], "same sandbox"
+    assert r2.json()["metadata"]["instance"] == r.json()["metadata"]["instance"], "same sandbox"
+    r3 = requests.post(url, json={"input": "new"})
+    assert r3.headers["x-agentcube-session-id"] != sid
+    assert r3.json()["metadata"]["instance"] != r.json()["metadata"]["instance"], "a new session, a new sandbox"
 
 
 def test_agent_runtime_client(stack):

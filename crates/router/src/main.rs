@@ -25,11 +25,12 @@ struct Args {
     #[arg(long, env = "ROUTER_MAX_CONCURRENT_REQUESTS", default_value_t = 1000)]
     max_concurrent_requests: usize,
     /// Directory holding the Router key pair (`private.pem` PKCS#1, `public.pem` SPKI), created
-    /// on first start. Without it, a key is generated in memory for this process only.
+    /// on first start. Without it, in a cluster (in-cluster service account, or KUBECONFIG set)
+    /// the pair lives in Secret `picod-router-identity`; otherwise it is generated in memory for
+    /// this process only.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
-    /// Namespace of the identity Secret in a cluster (accepted; the Secret is used by the
-    /// Kubernetes integration, which is not built yet).
+    /// Namespace of the identity Secret `picod-router-identity` in a cluster.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
     /// Port of the admin listener serving `/metrics` (0 disables it).
@@ -89,10 +90,12 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => KeyPair::load_or_create(dir)
             .with_context(|| format!("identity in {}", dir.display()))?,
         // In a cluster: Secret picod-router-identity, shared by every replica.
-        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            || std::env::var_os("KUBECONFIG").is_some() =>
+        {
             let client = kube::Client::try_default()
                 .await
-                .context("in-cluster Kubernetes client")?;
+                .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
             agentcube_router::identity::load_or_create_secret(client, &args.namespace).await?
         }
         None => {

@@ -45,12 +45,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 }
 
 fn key_of(kind: WorkloadKind, w: &Workload) -> Key {
-    let meta = match w {
-        Workload::CodeInterpreter(c) => &c.metadata,
-        Workload::AgentRuntime(a) => &a.metadata,
-    };
-    let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    (kind, ns, w.name().to_string())
+    (kind, w.namespace(), w.name().to_string())
 }
 
 impl Definitions {

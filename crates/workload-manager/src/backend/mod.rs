@@ -23,13 +23,25 @@ pub enum Workload {
 }
 
 impl Workload {
-    /// `metadata.name`.
-    pub fn name(&self) -> &str {
-        let meta = match self {
+    /// The definition's object metadata.
+    pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
             Self::CodeInterpreter(c) => &c.metadata,
             Self::AgentRuntime(a) => &a.metadata,
-        };
-        meta.name.as_deref().unwrap_or_default()
+        }
+    }
+
+    /// `metadata.name`.
+    pub fn name(&self) -> &str {
+        self.meta().name.as_deref().unwrap_or_default()
+    }
+
+    /// `metadata.namespace` (`default` when unset, as `kubectl apply` would).
+    pub fn namespace(&self) -> String {
+        self.meta()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into())
     }
 
     /// The ports sandboxes of this definition serve (a CodeInterpreter defaults to PicoD's).

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
+use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload, entry_point};
 
 pub mod cgroup;
 pub mod launch;
@@ -305,7 +305,9 @@ impl LocalBackend {
                     .map_err(|e| fail("cannot chown sandbox directory", e))?;
             }
         }
-        let (env, resources, ports, agent, mut entry_points) = describe(workload, &run)?;
+        let namespace = workload.namespace();
+        let (env, resources, ports, agent, entry_points) =
+            describe(workload, &run, name, &namespace)?;
         let limits = limits_of(resources.as_ref(), cfg.default_pids_limit);
         let cgroup = match &self.inner.cgroups {
             Some(c) => Some(
@@ -372,9 +374,6 @@ impl LocalBackend {
             },
         );
         self.wait_ready(name, &run.join(PICOD_SOCKET)).await?;
-        for ep in &mut entry_points {
-            ep.endpoint = format!("unix:{}", ep.endpoint);
-        }
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uuid::Uuid::new_v4().to_string(),
@@ -522,37 +521,55 @@ fn check_traversable(dir: &Path) -> Result<(), String> {
 /// What a workload needs locally: env, resources, forwarded ports, agent argv, entry points
 /// (endpoints still host paths without the `unix:` prefix).
 #[allow(clippy::type_complexity)]
+/// What a sandbox of `workload` runs: (env, resources, forwarded ports, agent argv, entry points).
+type Description = (
+    Vec<(String, String)>,
+    Option<ResourceRequirements>,
+    Vec<u16>,
+    Vec<String>,
+    Vec<EntryPoint>,
+);
+
+/// The environment of a sandbox: `value`s, and the downward API fields that mean something here
+/// (`status.podIP` is the sandbox's own loopback, `metadata.name`/`metadata.namespace` the
+/// sandbox's). Other `valueFrom` sources are skipped with a warning.
+fn env_of(
+    vars: Option<&Vec<k8s_openapi::api::core::v1::EnvVar>>,
+    name: &str,
+    namespace: &str,
+) -> Vec<(String, String)> {
+    vars.into_iter()
+        .flatten()
+        .filter_map(|v| {
+            if let Some(val) = &v.value {
+                return Some((v.name.clone(), val.clone()));
+            }
+            let field = v
+                .value_from
+                .as_ref()
+                .and_then(|f| f.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            let value = match field {
+                Some("status.podIP" | "status.hostIP") => "127.0.0.1",
+                Some("metadata.name") => name,
+                Some("metadata.namespace") => namespace,
+                _ => {
+                    tracing::warn!(name = %v.name, "this env valueFrom is not supported locally; skipped");
+                    return None;
+                }
+            };
+            Some((v.name.clone(), value.to_string()))
+        })
+        .collect()
+}
+
 fn describe(
     workload: &Workload,
     run: &Path,
-) -> Result<
-    (
-        Vec<(String, String)>,
-        Option<ResourceRequirements>,
-        Vec<u16>,
-        Vec<String>,
-        Vec<EntryPoint>,
-    ),
-    BackendError,
-> {
-    let env_of = |vars: Option<&Vec<k8s_openapi::api::core::v1::EnvVar>>| -> Vec<(String, String)> {
-        vars.into_iter()
-            .flatten()
-            .filter_map(|v| match &v.value {
-                Some(val) => Some((v.name.clone(), val.clone())),
-                None => {
-                    tracing::warn!(name = %v.name, "env valueFrom is not supported locally; skipped");
-                    None
-                }
-            })
-            .collect()
-    };
-    let ep =
-        |path: &Option<String>, protocol: agentcube_crds::Protocol, endpoint: PathBuf| EntryPoint {
-            path: path.clone().unwrap_or_else(|| "/".into()),
-            protocol: format!("{protocol:?}"),
-            endpoint: endpoint.display().to_string(),
-        };
+    name: &str,
+    namespace: &str,
+) -> Result<Description, BackendError> {
+    let socket = |file: String| format!("unix:{}", run.join(file).display());
     match workload {
         Workload::CodeInterpreter(ci) => {
             let t = &ci.spec.template;
@@ -560,19 +577,17 @@ fn describe(
             let mut forwards = Vec::new();
             let mut eps = Vec::new();
             for (i, p) in ports.iter().enumerate() {
-                if i == 0 {
-                    eps.push(ep(&p.path_prefix, p.protocol, run.join(PICOD_SOCKET)));
+                // The first port is PicoD itself; further ports are forwarded into the sandbox.
+                let file = if i == 0 {
+                    PICOD_SOCKET.to_string()
                 } else {
                     forwards.push(p.port as u16);
-                    eps.push(ep(
-                        &p.path_prefix,
-                        p.protocol,
-                        run.join(port_socket(p.port as u16)),
-                    ));
-                }
+                    port_socket(p.port as u16)
+                };
+                eps.push(entry_point(p, socket(file)));
             }
             Ok((
-                env_of(t.environment.as_ref()),
+                env_of(t.environment.as_ref(), name, namespace),
                 t.resources.clone(),
                 forwards,
                 Vec::new(),
@@ -603,16 +618,10 @@ fn describe(
                 .spec
                 .target_port
                 .iter()
-                .map(|p| {
-                    ep(
-                        &p.path_prefix,
-                        p.protocol,
-                        run.join(port_socket(p.port as u16)),
-                    )
-                })
+                .map(|p| entry_point(p, socket(port_socket(p.port as u16))))
                 .collect();
             Ok((
-                env_of(c.env.as_ref()),
+                env_of(c.env.as_ref(), name, namespace),
                 c.resources.clone(),
                 ports,
                 agent,
