@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e deps deps-run build fmt lint crds check-crds bench bench-picod bench-router bench-wm clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-picod bench-router bench-wm clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -16,12 +16,21 @@ test: deps lint
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 	.venv/bin/python -m pytest -q sdk-python/tests tests/helm
-	.venv/bin/python -m pytest -q tests/e2e
+	$(MAKE) --no-print-directory e2e-run
 
-## e2e: the end-to-end suite against `agentcube up` (real sandboxes, both SDKs)
+## e2e: the end-to-end suite on both backends: `agentcube up` (bubblewrap sandboxes), then the
+## router + workload-manager binaries on the Kubernetes backend against the fake cluster (real
+## Redis, PicoD pods); also on a real cluster when AGENTCUBE_E2E_WM_URL is set (see README).
 e2e: deps
-	$(CARGO) build -p agentcube -p agentcube-picod
-	.venv/bin/python -m pytest -q tests/e2e
+	$(CARGO) build --workspace --bins
+	$(MAKE) --no-print-directory e2e-run
+
+e2e-run:
+	AGENTCUBE_E2E_BACKEND=local .venv/bin/python -m pytest -q tests/e2e
+	AGENTCUBE_E2E_BACKEND=fake-cluster .venv/bin/python -m pytest -q tests/e2e
+	@if [ -n "$${AGENTCUBE_E2E_WM_URL:-}" ]; then \
+	  AGENTCUBE_E2E_BACKEND=cluster .venv/bin/python -m pytest -q tests/e2e; \
+	else echo "e2e on a real cluster: skipped (set KUBECONFIG, AGENTCUBE_E2E_WM_URL, AGENTCUBE_E2E_ROUTER_URL)"; fi
 
 deps:
 	@scripts/install-deps.sh
@@ -38,6 +47,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint: check-crds
+	scripts/check-test-support.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
