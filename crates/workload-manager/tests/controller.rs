@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::kube::*;
 use common::{ROUTER_KEY, ROUTER_PUB};
 use futures_util::StreamExt;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
@@ -200,13 +200,7 @@ async fn pool_objects_follow_warm_pool_size_and_status_is_written_once_per_gener
     })
     .await;
     k.eventually("pool sandboxes gone with their pool", 10, async || {
-        sandboxes(&k.client)
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-            .then_some(())
+        no_sandboxes(&k.client).await.then_some(())
     })
     .await;
     assert_eq!(k.stop().await, 0);
@@ -250,13 +244,7 @@ async fn a_pool_waits_for_the_router_key_and_follows_it_when_it_changes() {
         })
         .await;
     assert_eq!(key_in(&template.data).as_deref(), Some(ROUTER_PUB));
-    let members = async || {
-        sandboxes(&k.client)
-            .list(&ListParams::default().labels("agents.x-k8s.io/warm-pool-sandbox=pooled"))
-            .await
-            .unwrap()
-            .items
-    };
+    let members = async || pool_members(&k.client, "pooled").await;
     let first = k
         .eventually("one ready member", 15, async || {
             let m = members().await;

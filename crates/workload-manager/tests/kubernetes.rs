@@ -127,16 +127,7 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         ..Default::default()
     })
     .await;
-    let members = async || -> Vec<kube::api::DynamicObject> {
-        sandboxes(&k.client)
-            .list(
-                &kube::api::ListParams::default()
-                    .labels("agents.x-k8s.io/warm-pool-sandbox=pooled"),
-            )
-            .await
-            .unwrap()
-            .items
-    };
+    let members = async || pool_members(&k.client, "pooled").await;
     let initial = k
         .eventually("pool of 2 ready", 20, async || {
             let m = members().await;
@@ -240,13 +231,7 @@ spec:
     assert_eq!(status, 504, "{body}");
     assert_eq!(body, json!({"message": "sandbox creation timed out"}));
     k.eventually("the Sandbox rolled back", 10, async || {
-        sandboxes(&k.client)
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-            .then_some(())
+        no_sandboxes(&k.client).await.then_some(())
     })
     .await;
     assert!(

@@ -110,6 +110,23 @@ pub fn code_interpreters(c: &kube::Client) -> Api<DynamicObject> {
     )
 }
 
+/// The Sandboxes of warm pool `pool` (agent-sandbox's member label).
+pub async fn pool_members(c: &kube::Client, pool: &str) -> Vec<DynamicObject> {
+    let lp = kube::api::ListParams::default()
+        .labels(&format!("agents.x-k8s.io/warm-pool-sandbox={pool}"));
+    sandboxes(c).list(&lp).await.unwrap().items
+}
+
+/// Whether no Sandbox is left in `default`.
+pub async fn no_sandboxes(c: &kube::Client) -> bool {
+    sandboxes(c)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty()
+}
+
 /// Creates the CRs in `yaml` (CodeInterpreter / AgentRuntime documents).
 pub async fn apply(client: &kube::Client, yaml: &str) {
     for doc in serde_yaml::Deserializer::from_str(yaml) {
