@@ -19,6 +19,7 @@ use crate::store::{Cluster, Kind};
 
 pub mod agent_sandbox;
 pub mod kubelet;
+pub mod runtime;
 
 /// `agents.x-k8s.io/v1alpha1` Sandbox.
 pub const SANDBOX: Kind = Kind {

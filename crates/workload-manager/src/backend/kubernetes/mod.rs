@@ -18,18 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim, is_ready};
-use agentcube_crds::{AgentRuntime, CodeInterpreter, labels};
+use agentcube_crds::{AgentRuntime, CodeInterpreter};
+use agentcube_types::BackingKind;
 use agentcube_types::api::WorkloadKind;
-use agentcube_types::{BackingKind, EntryPoint};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::watcher;
 
-use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload, entry_point};
+use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
 use crate::definitions::Definitions;
 use crate::key::RouterKey;
 
 pub mod controller;
+mod create;
 pub mod desired;
 pub mod probe;
 pub mod sources;
@@ -149,111 +149,6 @@ impl KubernetesBackend {
             key,
             tasks,
         })
-    }
-
-    async fn create_sandbox(
-        &self,
-        namespace: &str,
-        sandbox: SandboxObject,
-        ports: &[agentcube_crds::TargetPort],
-    ) -> Result<Sandbox, BackendError> {
-        let api: Api<SandboxObject> = Api::namespaced(self.client.clone(), namespace);
-        let created = api.create(&PostParams::default(), &sandbox).await?;
-        let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let ready = self
-            .sandboxes
-            .wait_for(namespace, &name, |s| {
-                (watched::uid(s) == uid
-                    && is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref())))
-                .then(|| s.clone())
-            })
-            .await;
-        let entry_points = self.reachable(namespace, &ready, ports).await?;
-        Ok(Sandbox {
-            kind: BackingKind::Sandbox,
-            id: uid,
-            name,
-            entry_points,
-        })
-    }
-
-    async fn create_claim(
-        &self,
-        namespace: &str,
-        claim: SandboxClaim,
-        ports: &[agentcube_crds::TargetPort],
-    ) -> Result<Sandbox, BackendError> {
-        let api: Api<SandboxClaim> = Api::namespaced(self.client.clone(), namespace);
-        let created = api.create(&PostParams::default(), &claim).await?;
-        let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let bound = self
-            .claims
-            .wait_for(namespace, &name, |c| {
-                let sandbox = c.status.as_ref()?.sandbox.as_ref()?.name.clone();
-                (watched::uid(c) == uid && !sandbox.is_empty()).then_some(sandbox)
-            })
-            .await;
-        let ready = self
-            .sandboxes
-            .wait_for(namespace, &bound, |s| {
-                is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref()))
-                    .then(|| s.clone())
-            })
-            .await;
-        let entry_points = self.reachable(namespace, &ready, ports).await?;
-        Ok(Sandbox {
-            kind: BackingKind::SandboxClaim,
-            // The Sandbox's uid (upstream's `sandboxId`); the record is named after the claim.
-            id: watched::uid(&ready),
-            name,
-            entry_points,
-        })
-    }
-
-    /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP.
-    async fn reachable(
-        &self,
-        namespace: &str,
-        sandbox: &SandboxObject,
-        ports: &[agentcube_crds::TargetPort],
-    ) -> Result<Vec<EntryPoint>, BackendError> {
-        let pod_name = sandbox
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(labels::POD_NAME))
-            .cloned()
-            .unwrap_or_else(|| watched::name(sandbox));
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = pods.get(&pod_name).await?;
-        let status = pod.status.unwrap_or_default();
-        let ip = match (status.phase.as_deref(), status.pod_ip) {
-            (Some("Running"), Some(ip)) if !ip.is_empty() => ip,
-            (phase, _) => {
-                return Err(BackendError::Failed(format!(
-                    "pod {namespace}/{pod_name} is not running with an IP (phase {})",
-                    phase.unwrap_or("unknown")
-                )));
-            }
-        };
-        let mut entry_points = Vec::with_capacity(ports.len());
-        for port in ports {
-            let addr = join_host_port(&ip, port.port);
-            probe::wait_open(&addr, self.config.probe_timeout)
-                .await
-                .map_err(|_| BackendError::NotReady(format!("{pod_name} ({addr} closed)")))?;
-            entry_points.push(entry_point(port, addr));
-        }
-        Ok(entry_points)
-    }
-}
-
-/// `host:port`, with brackets for IPv6 (Go's `net.JoinHostPort`).
-fn join_host_port(host: &str, port: u32) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 
