@@ -18,7 +18,9 @@
 //! - merge patch, JSON patch, and apply patch (applied as a merge; it creates when missing), and
 //!   the `/status` subresource (only `status` changes there, and only there; `generation` bumps on
 //!   spec changes only);
-//! - delete cascades to objects whose `ownerReferences` name the deleted object's uid.
+//! - delete cascades to objects whose `ownerReferences` name the deleted object's uid;
+//! - an audit log of every request (verb, group, resource, namespace, user agent), also served
+//!   as JSON on `GET /fake/audit`, so tests can check RBAC rules against what clients really do.
 //!
 //! Not modelled: admission, defaulting, field managers, finalizers, and real SSA field ownership.
 
@@ -30,7 +32,7 @@ pub mod server;
 pub mod sim;
 pub mod store;
 
-pub use store::{ApiError, Cluster, Collection, Kind};
+pub use store::{ApiError, AuditEntry, Cluster, Collection, Kind};
 
 /// A running fake API server.
 pub struct FakeApiServer {
@@ -56,6 +58,7 @@ impl FakeApiServer {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let cluster = Cluster::default();
         let app = axum::Router::new()
+            .route("/fake/audit", axum::routing::get(server::audit))
             .route("/{*path}", any(server::handle))
             .with_state(cluster.clone());
         let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::store::{ApiError, Cluster, Collection, Event, in_scope};
+use crate::store::{ApiError, AuditEntry, Cluster, Collection, Event, in_scope};
 
 /// A parsed request path.
 struct Target {
@@ -113,6 +113,12 @@ fn respond(r: Result<Value, ApiError>, ok: StatusCode) -> Response {
     }
 }
 
+/// `GET /fake/audit`: the audit log as JSON (not a Kubernetes path; for tests driving the
+/// `fake-cluster` binary).
+pub(crate) async fn audit(State(cluster): State<Cluster>) -> Response {
+    axum::Json(cluster.audit()).into_response()
+}
+
 pub(crate) async fn handle(
     State(cluster): State<Cluster>,
     Path(path): Path<String>,
@@ -129,9 +135,39 @@ pub(crate) async fn handle(
         )
         .into_response();
     };
-    if method != Method::GET {
-        cluster.record(format!("{method} /{path}"));
-    }
+    cluster.record(AuditEntry {
+        verb: match (&method, &t.name) {
+            (&Method::GET, Some(_)) => "get",
+            (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                "watch"
+            }
+            (&Method::GET, None) => "list",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        }
+        .into(),
+        group: t
+            .prefix
+            .strip_prefix("apis/")
+            .and_then(|g| g.split('/').next())
+            .unwrap_or("")
+            .into(),
+        resource: if t.status {
+            format!("{}/status", t.plural)
+        } else {
+            t.plural.clone()
+        },
+        namespace: t.namespace.clone().unwrap_or_default(),
+        name: t.name.clone().unwrap_or_default(),
+        user_agent: headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .into(),
+    });
     let collection = Collection {
         prefix: t.prefix.clone(),
         namespace: t.namespace.clone().unwrap_or_default(),

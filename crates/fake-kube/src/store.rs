@@ -74,6 +74,22 @@ impl ApiError {
     }
 }
 
+/// One request, as an API server's audit log has it: who asked for which verb on what.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch` or `delete` (RBAC verbs).
+    pub verb: String,
+    /// API group (`""` for the core group).
+    pub group: String,
+    /// Plural, with `/status` for the subresource (as RBAC names it).
+    pub resource: String,
+    /// Empty for cluster-wide requests.
+    pub namespace: String,
+    pub name: String,
+    /// The client's `User-Agent`.
+    pub user_agent: String,
+}
+
 /// One change, as a watch reports it.
 #[derive(Clone, Debug)]
 pub(crate) struct Event {
@@ -88,8 +104,8 @@ pub(crate) struct Store {
     pub rv: u64,
     pub objects: BTreeMap<(Collection, String), Value>,
     pub log: Vec<Event>,
-    /// Every mutating REST request as `METHOD /path` (an audit log, for tests).
-    pub audit: Vec<String>,
+    /// Every REST request (an audit log, for tests).
+    pub audit: Vec<AuditEntry>,
 }
 
 /// Shared state of the fake server. Cheap to clone.
@@ -141,13 +157,13 @@ impl Cluster {
         let _ = self.events.send(e);
     }
 
-    /// Every mutating REST request received so far, as `METHOD /path` (without the query).
-    pub fn audit(&self) -> Vec<String> {
+    /// Every REST request received so far.
+    pub fn audit(&self) -> Vec<AuditEntry> {
         self.store.lock().unwrap().audit.clone()
     }
 
-    pub(crate) fn record(&self, line: String) {
-        self.store.lock().unwrap().audit.push(line);
+    pub(crate) fn record(&self, entry: AuditEntry) {
+        self.store.lock().unwrap().audit.push(entry);
     }
 
     /// Notified of every change (the simulation's trigger).

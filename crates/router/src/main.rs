@@ -93,9 +93,18 @@ async fn main() -> anyhow::Result<()> {
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
             || std::env::var_os("KUBECONFIG").is_some() =>
         {
-            let client = kube::Client::try_default()
+            let mut kc = kube::Config::infer()
                 .await
                 .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
+            // Named in the API server's audit log (and checked against the chart's RBAC in tests).
+            kc.headers.push((
+                http::header::USER_AGENT,
+                http::HeaderValue::from_static(concat!(
+                    "agentcube-router/",
+                    env!("CARGO_PKG_VERSION")
+                )),
+            ));
+            let client = kube::Client::try_from(kc)?;
             agentcube_router::identity::load_or_create_secret(client, &args.namespace).await?
         }
         None => {

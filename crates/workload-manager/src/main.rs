@@ -113,9 +113,18 @@ async fn main() -> anyhow::Result<()> {
     let backend: Arc<dyn Backend> = match args.backend.as_str() {
         "local" => Arc::new(local_backend(&args)?),
         "kubernetes" => {
-            let client = kube::Client::try_default()
+            let mut kc = kube::Config::infer()
                 .await
                 .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            // Named in the API server's audit log (and checked against the chart's RBAC in tests).
+            kc.headers.push((
+                http::header::USER_AGENT,
+                http::HeaderValue::from_static(concat!(
+                    "agentcube-workload-manager/",
+                    env!("CARGO_PKG_VERSION")
+                )),
+            ));
+            let client = kube::Client::try_from(kc)?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.default_runtime_class = args.runtime_class_name.clone();
             kc.fixed_key = public_key.clone();

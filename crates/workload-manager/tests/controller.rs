@@ -155,7 +155,9 @@ async fn pool_objects_follow_warm_pool_size_and_status_is_written_once_per_gener
             .cluster
             .audit()
             .iter()
-            .filter(|l| l.ends_with("/codeinterpreters/pooled/status"))
+            .filter(|e| {
+                e.verb != "get" && e.resource == "codeinterpreters/status" && e.name == "pooled"
+            })
             .count()
     };
     assert_eq!(
