@@ -78,13 +78,7 @@ impl KubernetesBackend {
         sandbox: &SandboxObject,
         ports: &[TargetPort],
     ) -> Result<Vec<EntryPoint>, BackendError> {
-        let pod_name = sandbox
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(labels::POD_NAME))
-            .cloned()
-            .unwrap_or_else(|| watched::name(sandbox));
+        let pod_name = pod_name_of(sandbox);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = pods.get(&pod_name).await?;
         let status = pod.status.unwrap_or_default();
@@ -115,5 +109,41 @@ fn join_host_port(host: &str, port: u32) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// The pod behind a Sandbox: annotation `agents.x-k8s.io/pod-name` (a pod adopted from a warm
+/// pool, agent-sandbox before v0.4), else the pod named like the Sandbox.
+fn pod_name_of(sandbox: &SandboxObject) -> String {
+    sandbox
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(labels::POD_NAME))
+        .cloned()
+        .unwrap_or_else(|| watched::name(sandbox))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_is_named_by_the_adoption_annotation_or_like_the_sandbox() {
+        let mut sb: SandboxObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agents.x-k8s.io/v1alpha1", "kind": "Sandbox",
+            "metadata": {"name": "ci-abc"}, "spec": {"podTemplate": {"spec": {"containers": []}}}
+        }))
+        .unwrap();
+        assert_eq!(pod_name_of(&sb), "ci-abc");
+        sb.metadata.annotations =
+            Some([(labels::POD_NAME.to_string(), "pool-pod-1".to_string())].into());
+        assert_eq!(pod_name_of(&sb), "pool-pod-1");
+    }
+
+    #[test]
+    fn host_and_port_join_like_go() {
+        assert_eq!(join_host_port("10.0.0.1", 8080), "10.0.0.1:8080");
+        assert_eq!(join_host_port("fd00::1", 8080), "[fd00::1]:8080");
     }
 }
