@@ -134,6 +134,15 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
             (m.len() == 2 && m.iter().all(ready)).then_some(m)
         })
         .await;
+    // Warm-pool depth as /metrics reports it, from the shared Sandbox watch.
+    let backend = k.wm.as_ref().unwrap().backend.clone();
+    k.eventually("pool level 2/2", 10, async || {
+        backend
+            .pool_levels()
+            .contains(&("default".into(), "pooled".into(), 2, 2))
+            .then_some(())
+    })
+    .await;
     let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
     let mut pool_pods = Vec::new();
     for m in &initial {
