@@ -190,12 +190,7 @@ impl KubeStack {
         let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend))
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = wm.app();
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (url, serve) = super::serve_api(&wm).await;
         Self {
             server,
             sim: Some(sim),
@@ -210,15 +205,7 @@ impl KubeStack {
     }
 
     pub async fn create(&self, kind: &str, name: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/{kind}", self.url))
-            .json(&json!({"name": name, "namespace": "default"}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        super::create_session(&self.http, &self.url, kind, name).await
     }
 
     pub async fn create_ok(&self, kind: &str, name: &str) -> Value {
@@ -228,13 +215,7 @@ impl KubeStack {
     }
 
     pub async fn delete(&self, id: &str) -> u16 {
-        self.http
-            .delete(format!("{}/v1/code-interpreter/sessions/{id}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        super::delete_session(&self.http, &self.url, id).await.0
     }
 
     /// The cluster's sandbox-related objects, for failure messages.

@@ -96,12 +96,7 @@ impl Stack {
         let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend.clone()))
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = wm.app();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (url, server) = serve_api(&wm).await;
         Self {
             dir,
             url,
@@ -114,15 +109,7 @@ impl Stack {
     }
 
     pub async fn create(&self, kind: &str, name: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/{kind}", self.url))
-            .json(&json!({"name": name, "namespace": "default", "ttl": 3600, "metadata": {}}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        create_session(&self.http, &self.url, kind, name).await
     }
 
     pub async fn create_ok(&self, kind: &str, name: &str) -> Value {
@@ -132,14 +119,7 @@ impl Stack {
     }
 
     pub async fn delete(&self, id: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .delete(format!("{}/v1/code-interpreter/sessions/{id}", self.url))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        delete_session(&self.http, &self.url, id).await
     }
 
     /// Everything this stack started is gone: processes, sockets, directories, cgroups.
@@ -155,6 +135,45 @@ impl Stack {
         let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
         assert!(left.is_empty(), "sandbox directories left: {left:?}");
     }
+}
+
+/// Serves a Workload Manager's API on a free loopback port: (base URL, server task).
+pub async fn serve_api(wm: &WorkloadManager) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = wm.app();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, server)
+}
+
+/// `POST {url}/v1/{kind}` with the body the SDK sends.
+pub async fn create_session(
+    http: &reqwest::Client,
+    url: &str,
+    kind: &str,
+    name: &str,
+) -> (u16, Value) {
+    let r = http
+        .post(format!("{url}/v1/{kind}"))
+        .json(&json!({"name": name, "namespace": "default", "ttl": 3600, "metadata": {}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `DELETE {url}/v1/code-interpreter/sessions/{id}`.
+pub async fn delete_session(http: &reqwest::Client, url: &str, id: &str) -> (u16, Value) {
+    let r = http
+        .delete(format!("{url}/v1/code-interpreter/sessions/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 pub fn token() -> String {
