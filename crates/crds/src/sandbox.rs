@@ -160,3 +160,10 @@ pub fn is_ready(conditions: Option<&[Condition]>) -> bool {
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True")
 }
+
+impl Sandbox {
+    /// Whether agent-sandbox reports this Sandbox `Ready=True`.
+    pub fn is_ready(&self) -> bool {
+        is_ready(self.status.as_ref().and_then(|s| s.conditions.as_deref()))
+    }
+}

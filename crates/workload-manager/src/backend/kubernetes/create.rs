@@ -3,7 +3,7 @@
 
 use agentcube_crds::TargetPort;
 use agentcube_crds::labels;
-use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim, is_ready};
+use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
 use agentcube_types::{BackingKind, EntryPoint};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -24,9 +24,7 @@ impl KubernetesBackend {
         let ready = self
             .sandboxes
             .wait_for(namespace, &name, |s| {
-                (watched::uid(s) == uid
-                    && is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref())))
-                .then(|| s.clone())
+                (watched::uid(s) == uid && s.is_ready()).then(|| s.clone())
             })
             .await;
         let entry_points = self.reachable(namespace, &ready, ports).await?;
@@ -56,10 +54,7 @@ impl KubernetesBackend {
             .await;
         let ready = self
             .sandboxes
-            .wait_for(namespace, &bound, |s| {
-                is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref()))
-                    .then(|| s.clone())
-            })
+            .wait_for(namespace, &bound, |s| s.is_ready().then(|| s.clone()))
             .await;
         let entry_points = self.reachable(namespace, &ready, ports).await?;
         Ok(Sandbox {

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim, is_ready};
+use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
 use agentcube_crds::{AgentRuntime, CodeInterpreter};
 use agentcube_types::BackingKind;
 use agentcube_types::api::WorkloadKind;
@@ -169,32 +169,15 @@ impl Backend for KubernetesBackend {
             default_runtime_class: &self.config.default_runtime_class,
         };
         let ports = req.workload.ports();
-        match &req.workload {
+        let sandbox = match &req.workload {
             Workload::CodeInterpreter(ci) if uses_claim(&req.workload) => {
-                self.create_claim(
-                    &req.namespace,
-                    desired::code_interpreter_claim(ci, &info),
-                    &ports,
-                )
-                .await
+                let claim = desired::code_interpreter_claim(ci, &info);
+                return self.create_claim(&req.namespace, claim, &ports).await;
             }
-            Workload::CodeInterpreter(ci) => {
-                self.create_sandbox(
-                    &req.namespace,
-                    desired::code_interpreter_sandbox(ci, &info),
-                    &ports,
-                )
-                .await
-            }
-            Workload::AgentRuntime(ar) => {
-                self.create_sandbox(
-                    &req.namespace,
-                    desired::agent_runtime_sandbox(ar, &info),
-                    &ports,
-                )
-                .await
-            }
-        }
+            Workload::CodeInterpreter(ci) => desired::code_interpreter_sandbox(ci, &info),
+            Workload::AgentRuntime(ar) => desired::agent_runtime_sandbox(ar, &info),
+        };
+        self.create_sandbox(&req.namespace, sandbox, &ports).await
     }
 
     fn backing_kind(&self, workload: &Workload) -> BackingKind {
@@ -294,7 +277,7 @@ impl Backend for KubernetesBackend {
                                 .as_ref()
                                 .and_then(|l| l.get(controller::WARM_POOL_LABEL))
                                 == Some(&name)
-                            && is_ready(s.status.as_ref().and_then(|st| st.conditions.as_deref()))
+                            && s.is_ready()
                     })
                     .count();
                 (ns, name, ready, ci.spec.warm_pool())
