@@ -1,9 +1,13 @@
 //! RS256 verification of the Router's token, with a cache so a repeated token costs one hash.
 //!
 //! Upstream semantics (spec §5.3): `Authorization` must be exactly `Bearer <token>`; RSA PKCS#1 v1.5
-//! algorithms only (RS256/384/512), `exp` required, `iat` checked, 60 s leeway; `iss`, `aud` and
+//! algorithms only (RS256/384/512), `exp` required, `iat` checked, 60 s leeway; `iss` and
 //! `session_id` are not checked. `alg: none` and HMAC tokens are refused because only RSA algorithms
 //! are accepted for an RSA key.
+//!
+//! Beyond upstream: when PicoD knows its own sandbox identity (`--sandbox-name` /
+//! `PICOD_SANDBOX_NAME`, given by the Workload Manager), a token must name it in `aud`, so a token
+//! captured in one sandbox (every AgentRuntime receives the Router's tokens) opens no other.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -40,8 +44,13 @@ impl std::fmt::Debug for Verifier {
 pub struct KeyError(String);
 
 impl Verifier {
-    /// Builds a verifier from a PEM `PUBLIC KEY` (SPKI) or `RSA PUBLIC KEY` (PKCS#1).
-    pub fn from_pem(pem: &str, cache_capacity: usize) -> Result<Self, KeyError> {
+    /// Builds a verifier from a PEM `PUBLIC KEY` (SPKI) or `RSA PUBLIC KEY` (PKCS#1). With
+    /// `audience`, tokens must carry it in `aud` (this sandbox's identity).
+    pub fn from_pem(
+        pem: &str,
+        cache_capacity: usize,
+        audience: Option<&str>,
+    ) -> Result<Self, KeyError> {
         if !pem.contains("-----BEGIN") {
             return Err(KeyError("no PEM header found".into()));
         }
@@ -49,9 +58,17 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
         validation.leeway = LEEWAY_SECS as u64;
-        validation.validate_aud = false;
+        match audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.set_required_spec_claims(&["exp", "aud"]);
+            }
+            None => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp"]);
+            }
+        }
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp"]);
         Ok(Self {
             key,
             validation,
@@ -73,7 +90,16 @@ impl Verifier {
             return Ok(());
         }
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)
-            .map_err(|e| ApiError::InvalidToken(e.to_string()))?;
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                ApiError::InvalidToken(match e.kind() {
+                    ErrorKind::InvalidAudience => "token is for another sandbox".into(),
+                    ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+                        "token names no sandbox (aud), and this sandbox requires it".into()
+                    }
+                    _ => e.to_string(),
+                })
+            })?;
         let claims = data.claims;
         let exp = claims.get("exp").and_then(serde_json::Value::as_i64);
         let exp = exp.ok_or_else(|| ApiError::InvalidToken("token has no numeric exp".into()))?;

@@ -31,6 +31,8 @@ pub struct Config {
     pub token_cache_size: usize,
     /// TCP ports whose readiness `/health` reports (the forwarded agent ports).
     pub health_ports: Vec<u16>,
+    /// This sandbox's identity; when set, tokens must carry it in `aud`.
+    pub sandbox_name: Option<String>,
 }
 
 impl Config {
@@ -44,6 +46,7 @@ impl Config {
             default_timeout: DEFAULT_TIMEOUT,
             token_cache_size: 1024,
             health_ports: Vec::new(),
+            sandbox_name: None,
         }
     }
 }

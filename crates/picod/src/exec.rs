@@ -6,7 +6,6 @@
 //! upstream), but PicoD stops waiting for their output after a short grace period.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,8 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 struct CommandSpec {
     argv: Vec<String>,
     timeout: Duration,
-    dir: PathBuf,
+    /// Held open until the command has started (it may be `/proc/self/fd/N`).
+    dir: crate::jail::WorkDir,
     env: BTreeMap<String, String>,
 }
 
@@ -103,13 +103,9 @@ async fn validate(state: &AppState, body: ExecuteRequest) -> Result<CommandSpec,
     };
     let ws = state.workspace.clone();
     let wd = body.working_dir.unwrap_or_default();
-    let dir = tokio::task::spawn_blocking(move || {
-        let dir = ws.resolve(&wd)?;
-        ws.create_dirs(&dir)?;
-        Ok::<_, ApiError>(dir)
-    })
-    .await
-    .map_err(ApiError::internal)??;
+    let dir = tokio::task::spawn_blocking(move || ws.work_dir(&wd))
+        .await
+        .map_err(ApiError::internal)??;
     Ok(CommandSpec {
         argv: body.command,
         timeout,
@@ -150,7 +146,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
     };
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
-        .current_dir(&spec.dir)
+        .current_dir(&spec.dir.path)
         .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,7 +1,14 @@
 //! `/api/files`: upload (JSON base64 or multipart), list, and download with Range support.
 
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::AtFlags;
+use nix::libc;
+use nix::sys::stat::fstatat;
 
 use agentcube_types::picod::{FileEntry, ListFilesResponse, UploadRequest, UploadResponse};
 use axum::Json;
@@ -15,7 +22,7 @@ use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
 use crate::error::ApiError;
-use crate::jail::JailError;
+use crate::jail::{JailError, Workspace};
 use crate::server::AppState;
 
 const DEFAULT_MODE: u32 = 0o644;
@@ -24,9 +31,11 @@ impl From<JailError> for ApiError {
     fn from(e: JailError) -> Self {
         match e {
             JailError::Escape(p) => ApiError::Forbidden(format!("access denied: {p}")),
-            JailError::Io(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-                ApiError::BadRequest(e.to_string())
-            }
+            JailError::BadPath(_)
+            | JailError::IsDirectory
+            | JailError::NotADirectory(_)
+            | JailError::Special(_) => ApiError::BadRequest(e.to_string()),
+            JailError::NotFound(_) => ApiError::NotFound("File not found"),
             JailError::Io(e) => ApiError::internal(e),
         }
     }
@@ -47,20 +56,14 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
     let mode = parse_mode(mode.as_deref());
     let ws = state.workspace.clone();
     let resp = tokio::task::spawn_blocking(move || -> Result<UploadResponse, ApiError> {
-        let target = ws.resolve(&path)?;
-        if target.is_dir() {
-            return Err(ApiError::BadRequest(
-                "Path is a directory, not a file".into(),
-            ));
-        }
-        let mut file = ws.create_file(&target, mode)?;
+        let (mut file, rel) = ws.create_file(&path, mode)?;
         file.write_all(&content).map_err(ApiError::internal)?;
         let meta = file.metadata().map_err(ApiError::internal)?;
         Ok(UploadResponse {
-            path: ws.relative(&target),
+            path: Workspace::relative(&rel),
             size: meta.len(),
-            mode: go_mode_string(&meta),
-            modified: rfc3339(&meta),
+            mode: go_mode_string(meta.mode()),
+            modified: rfc3339(meta.mtime()),
         })
     })
     .await
@@ -146,29 +149,50 @@ pub async fn list(
         .ok_or_else(|| ApiError::BadRequest("Missing 'path' query parameter".into()))?;
     let ws = state.workspace.clone();
     tokio::task::spawn_blocking(move || {
-        let dir = ws.resolve(&path)?;
-        let entries = std::fs::read_dir(&dir).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ApiError::NotFound("Directory not found"),
-            _ => ApiError::Internal(format!("Failed to read directory: {e}")),
+        let (fd, _) = ws.open_dir(&path).map_err(|e| match e {
+            JailError::NotFound(_) => ApiError::NotFound("Directory not found"),
+            // Upstream answers 500 for a listing of a file.
+            JailError::NotADirectory(p) => {
+                ApiError::Internal(format!("Failed to read directory: {p}: not a directory"))
+            }
+            other => other.into(),
         })?;
-        let mut files: Vec<FileEntry> = entries
-            .filter_map(Result::ok)
-            .filter_map(|entry| {
-                let meta = entry.metadata().ok()?;
-                Some(FileEntry {
-                    name: entry.file_name().to_string_lossy().into_owned(),
-                    size: meta.len(),
-                    modified: rfc3339(&meta),
-                    mode: go_mode_string(&meta),
-                    is_dir: meta.is_dir(),
-                })
-            })
-            .collect();
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Json(ListFilesResponse { files }))
+        Ok(Json(ListFilesResponse {
+            files: list_entries(fd)?,
+        }))
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+/// The entries of an open directory, sorted by name; entries whose `lstat` fails are skipped.
+fn list_entries(fd: std::os::fd::OwnedFd) -> Result<Vec<FileEntry>, ApiError> {
+    let read_err = |e: nix::Error| ApiError::Internal(format!("Failed to read directory: {e}"));
+    let mut dir = nix::dir::Dir::from_fd(fd).map_err(read_err)?;
+    let dir_fd = dir
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(ApiError::internal)?;
+    let mut files = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.map_err(read_err)?;
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        let Ok(st) = fstatat(&dir_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        files.push(FileEntry {
+            name: name.to_string_lossy().into_owned(),
+            size: st.st_size as u64,
+            modified: rfc3339(st.st_mtime),
+            mode: go_mode_string(st.st_mode),
+            is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
 /// `GET /api/files/{*path}`: the file's bytes, with Range and conditional requests.
@@ -179,27 +203,11 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let ws = state.workspace.clone();
     let user = path.trim_start_matches('/').to_string();
-    let target = tokio::task::spawn_blocking(move || ws.resolve(&user))
+    let (file, rel) = tokio::task::spawn_blocking(move || ws.open_read(&user))
         .await
         .map_err(ApiError::internal)??;
-    let meta = match tokio::fs::metadata(&target).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound("File not found"));
-        }
-        Err(e) => return Err(ApiError::internal(e)),
-    };
-    if meta.is_dir() {
-        return Err(ApiError::BadRequest(
-            "Path is a directory, not a file".into(),
-        ));
-    }
-    let mut resp = ServeFile::new(&target)
-        .oneshot(req)
-        .await
-        .map_err(ApiError::internal)?
-        .map(Body::new);
-    let name = target
+    let mut resp = serve_open_file(file, &rel, req).await?;
+    let name = rel
         .file_name()
         .map(|n| n.to_string_lossy().replace(['"', '\\'], "_"))
         .unwrap_or_default();
@@ -218,57 +226,78 @@ pub async fn download(
     Ok(resp)
 }
 
-/// Go's `FileMode.String()`: `-rw-r--r--`, `drwxr-xr-x`, `Lrwxrwxrwx`, ...
-pub fn go_mode_string(meta: &std::fs::Metadata) -> String {
-    let ft = meta.file_type();
-    let mode = meta.permissions().mode();
+/// Serves an already-opened regular file with Range and conditional-request support. The file
+/// is re-opened through `/proc/self/fd` (the same inode, never a path the sandbox could swap);
+/// without `/proc` it is streamed whole.
+async fn serve_open_file(file: File, rel: &Path, req: Request) -> Result<Response, ApiError> {
+    let mime = mime_guess::from_path(rel).first_or_octet_stream();
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if by_fd.exists() {
+        let resp = ServeFile::new_with_mime(&by_fd, &mime)
+            .oneshot(req)
+            .await
+            .map_err(ApiError::internal)?
+            .map(Body::new);
+        drop(file);
+        return Ok(resp);
+    }
+    let len = file.metadata().map_err(ApiError::internal)?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(
+        tokio::fs::File::from_std(file),
+    ));
+    let mut resp = Response::new(body);
+    if let Ok(v) = HeaderValue::from_str(mime.as_ref()) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// Go's `FileMode.String()` from a `st_mode`: `-rw-r--r--`, `drwxr-xr-x`, `Lrwxrwxrwx`, ...
+pub fn go_mode_string(st_mode: u32) -> String {
+    let kind = st_mode & libc::S_IFMT;
     let mut s = String::new();
-    if ft.is_dir() {
-        s.push('d');
-    }
-    if ft.is_symlink() {
-        s.push('L');
-    }
-    if ft.is_block_device() || ft.is_char_device() {
-        s.push('D');
-    }
-    if ft.is_fifo() {
-        s.push('p');
-    }
-    if ft.is_socket() {
-        s.push('S');
+    match kind {
+        libc::S_IFDIR => s.push('d'),
+        libc::S_IFLNK => s.push('L'),
+        libc::S_IFBLK | libc::S_IFCHR => s.push('D'),
+        libc::S_IFIFO => s.push('p'),
+        libc::S_IFSOCK => s.push('S'),
+        _ => {}
     }
     for (bit, c) in [(0o4000, 'u'), (0o2000, 'g'), (0o1000, 't')] {
-        if mode & bit != 0 {
+        if st_mode & bit != 0 {
             s.push(c);
         }
     }
-    if ft.is_char_device() {
+    if kind == libc::S_IFCHR {
         s.push('c');
     }
     if s.is_empty() {
         s.push('-');
     }
     for (i, c) in "rwxrwxrwx".chars().enumerate() {
-        s.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
+        s.push(if st_mode & (1 << (8 - i)) != 0 {
+            c
+        } else {
+            '-'
+        });
     }
     s
 }
 
-/// Modification time in RFC 3339, whole seconds (Go's `time.RFC3339`).
-fn rfc3339(meta: &std::fs::Metadata) -> String {
-    let Ok(modified) = meta.modified() else {
-        return String::new();
-    };
-    let Ok(ts) = jiff::Timestamp::try_from(modified) else {
-        return String::new();
-    };
-    ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+/// Modification time (Unix seconds) in RFC 3339, whole seconds (Go's `time.RFC3339`).
+fn rfc3339(mtime: i64) -> String {
+    jiff::Timestamp::from_second(mtime)
+        .map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn modes_parse_like_upstream() {
@@ -288,13 +317,14 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert_eq!(
-            go_mode_string(&std::fs::metadata(&f).unwrap()),
+            go_mode_string(std::fs::metadata(&f).unwrap().mode()),
             "-rw-r-----"
         );
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(
-            go_mode_string(&std::fs::metadata(dir.path()).unwrap()),
+            go_mode_string(std::fs::metadata(dir.path()).unwrap().mode()),
             "drwxr-xr-x"
         );
+        assert_eq!(go_mode_string(libc::S_IFIFO | 0o644), "prw-r--r--");
     }
 }

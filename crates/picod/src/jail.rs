@@ -1,15 +1,33 @@
-//! The workspace jail: every user path goes through [`Workspace::resolve`].
+//! The workspace jail: every user path is resolved here, race-free, beneath the workspace.
 //!
 //! Upstream semantics (spec §5.6, §10 item 10): absolute paths are workspace-relative (`/tmp/x` is
-//! `<ws>/tmp/x`); a relative path that climbs above the workspace is refused. Beyond upstream, the
-//! deepest existing ancestor is resolved with `canonicalize`, so symlinks pointing out (including
-//! symlinked parents and dangling links) never escape, for reads, writes, listings and
-//! `working_dir`. Directories are created one component at a time and files are opened with
-//! `O_NOFOLLOW`, so a symlink swapped in after resolution is not followed either.
+//! `<ws>/tmp/x`); a relative path that climbs above the workspace is refused. Beyond upstream:
+//!
+//! - Resolution walks the path one component at a time from a directory file descriptor of the
+//!   workspace (`openat` with `O_NOFOLLOW`, `readlinkat`), never through a path string the
+//!   sandbox could swap between a check and a use. Symlinks are followed only while they stay
+//!   inside (an absolute target must name the workspace as PicoD sees it); `..` above the root,
+//!   a target outside, or a loop is refused.
+//! - The final open is made on the directory fd with `O_NOFOLLOW | O_NONBLOCK`, then `fstat`-ed:
+//!   a FIFO, socket or device is refused and never waited on, so a `mkfifo` cannot wedge PicoD.
+//! - NUL bytes and over-long paths are refused up front.
 
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, openat, readlinkat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::unistd::ftruncate;
+
+/// Longest path accepted (Linux `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Symlinks followed in one resolution before it is called a loop (Linux `MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
 
 /// Why a path was refused.
 #[derive(Debug, thiserror::Error)]
@@ -17,23 +35,107 @@ pub enum JailError {
     /// The path would leave the workspace.
     #[error("path {0:?} escapes the workspace")]
     Escape(String),
+    /// A NUL byte, an over-long path or component.
+    #[error("{0}")]
+    BadPath(String),
+    /// Nothing there.
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    /// A directory where a file was expected.
+    #[error("Path is a directory, not a file")]
+    IsDirectory,
+    /// A file where a directory was expected.
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    /// A FIFO, socket or device: never opened for reading or writing.
+    #[error("{0} is not a regular file (FIFOs, sockets and devices are refused)")]
+    Special(String),
     /// Filesystem error while resolving.
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
-/// The sandbox's workspace root, canonicalised once at start.
+impl From<Errno> for JailError {
+    fn from(e: Errno) -> Self {
+        match e {
+            Errno::ENAMETOOLONG => Self::BadPath("file name too long".into()),
+            other => Self::Io(io::Error::from(other)),
+        }
+    }
+}
+
+/// The sandbox's workspace root: its canonical path and a directory fd every walk starts from.
 #[derive(Debug, Clone)]
 pub struct Workspace {
     root: PathBuf,
+    root_fd: Arc<OwnedFd>,
+    /// `/proc/self/fd` exists, so a directory fd can serve as a race-free working directory.
+    proc_fds: bool,
+}
+
+/// Where a walk ended: an open directory, and the final component in it (`None`: the directory
+/// itself). `rel` is the logical path from the root, symlinks resolved.
+#[derive(Debug)]
+pub struct Target {
+    dir: OwnedFd,
+    name: Option<OsString>,
+    rel: PathBuf,
+}
+
+/// A directory a command may run in, kept open until the command has started.
+#[derive(Debug)]
+pub struct WorkDir {
+    _fd: OwnedFd,
+    /// What to pass as the working directory: `/proc/self/fd/N` (the open directory itself), or
+    /// the real path where `/proc` is not mounted.
+    pub path: PathBuf,
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+/// The user path as components, cleaned lexically like Go's `filepath.Clean` (`/..` is `/`; a
+/// relative path may not climb out).
+fn clean(user: &str) -> Result<Vec<OsString>, JailError> {
+    if user.contains('\0') {
+        return Err(JailError::BadPath("path contains a NUL byte".into()));
+    }
+    if user.len() > MAX_PATH_BYTES {
+        return Err(JailError::BadPath(format!(
+            "path longer than {MAX_PATH_BYTES} bytes"
+        )));
+    }
+    let absolute = user.starts_with('/');
+    let mut parts: Vec<OsString> = Vec::new();
+    for c in Path::new(user).components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                if parts.pop().is_none() && !absolute {
+                    return Err(JailError::Escape(user.to_string()));
+                }
+            }
+            Component::Normal(p) => parts.push(p.to_os_string()),
+        }
+    }
+    Ok(parts)
 }
 
 impl Workspace {
-    /// Creates the directory if needed and canonicalises it.
+    /// Creates the directory if needed, canonicalises it and opens it.
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let root = dir.canonicalize()?;
+        let root_fd = openat(nix::fcntl::AT_FDCWD, &root, dir_flags(), Mode::empty())?;
         Ok(Self {
-            root: dir.canonicalize()?,
+            root,
+            root_fd: Arc::new(root_fd),
+            proc_fds: Path::new("/proc/self/fd").is_dir(),
         })
     }
 
@@ -42,224 +144,218 @@ impl Workspace {
         &self.root
     }
 
-    /// Maps a user path to a host path that is inside the workspace, or refuses it.
-    ///
-    /// The result is canonical up to its deepest existing ancestor; components below that do not
-    /// exist yet (so they cannot be symlinks).
-    pub fn resolve(&self, user: &str) -> Result<PathBuf, JailError> {
+    /// The path relative to the root, as upstream reports it (`"."` for the root itself).
+    pub fn relative(rel: &Path) -> String {
+        if rel.as_os_str().is_empty() {
+            ".".into()
+        } else {
+            rel.to_string_lossy().into_owned()
+        }
+    }
+
+    /// Walks `user` beneath the root. Every directory on the way is opened from its parent's fd
+    /// with `O_NOFOLLOW`; symlinks are read and expanded by hand, only inside. Missing
+    /// intermediate directories are created (0755) when `create` is set.
+    pub fn walk(&self, user: &str, create: bool) -> Result<Target, JailError> {
         let escape = || JailError::Escape(user.to_string());
-        let absolute = user.starts_with('/');
-        let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
-        for c in Path::new(user).components() {
-            match c {
-                Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
-                Component::ParentDir => {
-                    // Go's filepath.Clean: `/..` is `/`, but a relative path may not climb out.
-                    if parts.pop().is_none() && !absolute {
+        let mut pending: std::collections::VecDeque<OsString> = clean(user)?.into();
+        // Open directories from the root down, with their names.
+        let mut stack: Vec<(OwnedFd, OsString)> = Vec::new();
+        let mut links = 0;
+        while let Some(comp) = pending.pop_front() {
+            let cur = stack
+                .last()
+                .map_or(self.root_fd.as_fd(), |(fd, _)| fd.as_fd());
+            if comp == ".." {
+                stack.pop().ok_or_else(escape)?;
+                continue;
+            }
+            if comp.is_empty() || comp == "." {
+                continue;
+            }
+            let last = pending.is_empty();
+            match fstatat(
+                cur,
+                comp.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Err(Errno::ENOENT) if last => return self.target(stack, Some(comp)),
+                Err(Errno::ENOENT) if create => {
+                    match mkdirat(cur, comp.as_os_str(), Mode::from_bits_truncate(0o755)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    let fd = openat(cur, comp.as_os_str(), dir_flags(), Mode::empty())
+                        .map_err(|e| self.raced(e, &comp))?;
+                    stack.push((fd, comp));
+                }
+                Err(Errno::ENOENT) => return Err(JailError::NotFound(user.to_string())),
+                Err(e) => return Err(e.into()),
+                Ok(st) if kind(&st) == SFlag::S_IFLNK => {
+                    links += 1;
+                    if links > MAX_SYMLINKS {
                         return Err(escape());
                     }
+                    let target = PathBuf::from(readlinkat(cur, comp.as_os_str())?);
+                    if target.is_absolute() {
+                        // Absolute targets mean what they mean inside the sandbox: only ones
+                        // under the workspace root are followed, from the root.
+                        let inside = target.strip_prefix(&self.root).map_err(|_| escape())?;
+                        stack.clear();
+                        prepend(&mut pending, inside);
+                    } else {
+                        prepend(&mut pending, &target);
+                    }
                 }
-                Component::Normal(p) => parts.push(p),
-            }
-        }
-        let mut existing = self.root.clone();
-        let mut idx = 0;
-        while idx < parts.len() {
-            let next = existing.join(parts[idx]);
-            match std::fs::symlink_metadata(&next) {
-                Ok(_) => {
-                    existing = next;
-                    idx += 1;
+                Ok(_) if last => return self.target(stack, Some(comp)),
+                Ok(st) if kind(&st) == SFlag::S_IFDIR => {
+                    let fd = openat(cur, comp.as_os_str(), dir_flags(), Mode::empty())
+                        .map_err(|e| self.raced(e, &comp))?;
+                    stack.push((fd, comp));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => break,
-                Err(e) => return Err(e.into()),
+                Ok(_) => return Err(JailError::NotADirectory(comp.to_string_lossy().into())),
             }
         }
-        // A dangling or looping symlink cannot be canonicalised: refuse it rather than follow it.
-        let canonical = existing.canonicalize().map_err(|_| escape())?;
-        if !canonical.starts_with(&self.root) {
-            return Err(escape());
-        }
-        Ok(parts[idx..].iter().fold(canonical, |p, c| p.join(c)))
+        self.target(stack, None)
     }
 
-    /// The path relative to the root, as upstream reports it (`"."` for the root itself).
-    pub fn relative(&self, path: &Path) -> String {
-        match path.strip_prefix(&self.root) {
-            Ok(rel) if rel.as_os_str().is_empty() => ".".into(),
-            Ok(rel) => rel.to_string_lossy().into_owned(),
-            Err(_) => path.to_string_lossy().into_owned(),
+    /// An entry changed between `fstatat` and `openat` (swapped for a symlink or a file): refuse.
+    fn raced(&self, e: Errno, comp: &OsStr) -> JailError {
+        match e {
+            Errno::ELOOP | Errno::ENOTDIR => JailError::Escape(comp.to_string_lossy().into_owned()),
+            other => other.into(),
         }
     }
 
-    /// Creates `dir` (already resolved) and its missing parents, one component at a time, refusing
-    /// to walk through anything that is not a real directory inside the workspace.
-    pub fn create_dirs(&self, dir: &Path) -> Result<(), JailError> {
-        let rel = dir
-            .strip_prefix(&self.root)
-            .map_err(|_| JailError::Escape(dir.display().to_string()))?;
-        let mut current = self.root.clone();
-        for c in rel.components() {
-            current.push(c);
-            match std::fs::DirBuilder::new().mode(0o755).create(&current) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e.into()),
-            }
-            let meta = std::fs::symlink_metadata(&current)?;
-            if meta.file_type().is_symlink() {
-                return Err(JailError::Escape(current.display().to_string()));
-            }
-            if !meta.is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotADirectory,
-                    format!("{} is not a directory", self.relative(&current)),
-                )
-                .into());
-            }
+    fn target(
+        &self,
+        stack: Vec<(OwnedFd, OsString)>,
+        name: Option<OsString>,
+    ) -> Result<Target, JailError> {
+        let mut rel: PathBuf = stack.iter().map(|(_, n)| n.as_os_str()).collect();
+        if let Some(n) = &name {
+            rel.push(n);
         }
-        Ok(())
+        let dir = match stack.into_iter().last() {
+            Some((fd, _)) => fd,
+            None => self.root_fd.try_clone()?,
+        };
+        Ok(Target { dir, name, rel })
     }
 
-    /// Opens `path` (already resolved) for writing: create or truncate, never following a symlink
-    /// in the last component. `mode` applies only when the file is created, as upstream.
-    pub fn create_file(&self, path: &Path, mode: u32) -> Result<std::fs::File, JailError> {
-        if let Some(parent) = path.parent() {
-            self.create_dirs(parent)?;
+    /// Opens a regular file for reading (downloads). Refuses directories and special files.
+    pub fn open_read(&self, user: &str) -> Result<(File, PathBuf), JailError> {
+        let t = self.walk(user, false)?;
+        let name = t.name.as_deref().ok_or(JailError::IsDirectory)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+        let fd = match openat(&t.dir, name, flags | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Err(JailError::NotFound(user.to_string())),
+            Err(Errno::ELOOP) => return Err(JailError::Escape(user.to_string())),
+            // A socket cannot be opened at all.
+            Err(Errno::ENXIO) => return Err(JailError::Special(Workspace::relative(&t.rel))),
+            Err(e) => return Err(e.into()),
+        };
+        let st = fstat(&fd)?;
+        match kind(&st) {
+            SFlag::S_IFREG => {}
+            SFlag::S_IFDIR => return Err(JailError::IsDirectory),
+            _ => return Err(JailError::Special(Workspace::relative(&t.rel))),
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)?;
-        Ok(file)
+        blocking(&fd)?;
+        Ok((File::from(fd), t.rel))
     }
+
+    /// Opens a directory for listing.
+    pub fn open_dir(&self, user: &str) -> Result<(OwnedFd, PathBuf), JailError> {
+        let t = self.walk(user, false)?;
+        let name: &OsStr = t.name.as_deref().unwrap_or(OsStr::new("."));
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        match openat(&t.dir, name, flags, Mode::empty()) {
+            Ok(fd) => Ok((fd, t.rel)),
+            Err(Errno::ENOENT) => Err(JailError::NotFound(user.to_string())),
+            Err(Errno::ENOTDIR) => Err(JailError::NotADirectory(Workspace::relative(&t.rel))),
+            Err(Errno::ELOOP) => Err(JailError::Escape(user.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates or truncates a regular file for writing (uploads), creating missing parents.
+    /// `mode` applies only when the file is created, as upstream.
+    pub fn create_file(&self, user: &str, mode: u32) -> Result<(File, PathBuf), JailError> {
+        let t = self.walk(user, true)?;
+        let name = t.name.as_deref().ok_or(JailError::IsDirectory)?;
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd = match openat(&t.dir, name, flags, Mode::from_bits_truncate(mode)) {
+            Ok(fd) => fd,
+            Err(Errno::EISDIR) => return Err(JailError::IsDirectory),
+            Err(Errno::ELOOP) => return Err(JailError::Escape(user.to_string())),
+            // A FIFO nobody reads: opening it for writing would block.
+            Err(Errno::ENXIO) => return Err(JailError::Special(Workspace::relative(&t.rel))),
+            Err(e) => return Err(e.into()),
+        };
+        match kind(&fstat(&fd)?) {
+            SFlag::S_IFREG => {}
+            _ => return Err(JailError::Special(Workspace::relative(&t.rel))),
+        }
+        ftruncate(&fd, 0)?;
+        blocking(&fd)?;
+        Ok((File::from(fd), t.rel))
+    }
+
+    /// A working directory for a command (created if missing), pinned by an open fd.
+    pub fn work_dir(&self, user: &str) -> Result<WorkDir, JailError> {
+        let t = self.walk(user, true)?;
+        let fd = match &t.name {
+            None => t.dir,
+            Some(name) => {
+                match mkdirat(&t.dir, name.as_os_str(), Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                openat(&t.dir, name.as_os_str(), dir_flags(), Mode::empty()).map_err(
+                    |e| match e {
+                        Errno::ENOTDIR => JailError::NotADirectory(Workspace::relative(&t.rel)),
+                        other => self.raced(other, name),
+                    },
+                )?
+            }
+        };
+        let path = if self.proc_fds {
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        } else {
+            self.root.join(&t.rel)
+        };
+        Ok(WorkDir { _fd: fd, path })
+    }
+}
+
+/// Pushes the components of `path` in front of `pending`, in order.
+fn prepend(pending: &mut std::collections::VecDeque<OsString>, path: &Path) {
+    let parts: Vec<OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    for p in parts.into_iter().rev() {
+        pending.push_front(p);
+    }
+}
+
+/// Clears `O_NONBLOCK` (set only so that opening could not block).
+fn blocking(fd: &OwnedFd) -> Result<(), JailError> {
+    let flags = OFlag::from_bits_truncate(nix::fcntl::fcntl(fd, FcntlArg::F_GETFL)?);
+    nix::fcntl::fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::os::unix::fs::symlink;
-
-    struct Fixture {
-        _tmp: tempfile::TempDir,
-        ws: Workspace,
-        outside: PathBuf,
-    }
-
-    /// A workspace with symlinks pointing in, out, and nowhere, next to a directory outside it.
-    fn fixture() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let outside = tmp.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        std::fs::write(outside.join("secret"), "s").unwrap();
-        let ws = Workspace::new(&tmp.path().join("ws")).unwrap();
-        let root = ws.root().to_path_buf();
-        std::fs::create_dir(root.join("a")).unwrap();
-        std::fs::write(root.join("a/file"), "f").unwrap();
-        symlink(&outside, root.join("out")).unwrap();
-        symlink(outside.join("secret"), root.join("secretlink")).unwrap();
-        symlink(root.join("a"), root.join("in")).unwrap();
-        symlink("../outside/newfile", root.join("dangling")).unwrap();
-        symlink("/", root.join("slash")).unwrap();
-        Fixture {
-            _tmp: tmp,
-            ws,
-            outside,
-        }
-    }
-
-    #[test]
-    fn absolute_paths_are_workspace_relative() {
-        let f = fixture();
-        let root = f.ws.root();
-        assert_eq!(f.ws.resolve("/tmp/x").unwrap(), root.join("tmp/x"));
-        assert_eq!(
-            f.ws.resolve("/../etc/passwd").unwrap(),
-            root.join("etc/passwd")
-        );
-        assert_eq!(f.ws.resolve("a/./b/../file").unwrap(), root.join("a/file"));
-        assert_eq!(f.ws.resolve("").unwrap(), root);
-        assert_eq!(f.ws.resolve(".").unwrap(), root);
-    }
-
-    #[test]
-    fn escapes_are_refused() {
-        let f = fixture();
-        for p in [
-            "..",
-            "../x",
-            "a/../../x",
-            "out",
-            "out/secret",
-            "out/new/deeper",
-            "secretlink",
-            "dangling",
-            "slash/etc/passwd",
-        ] {
-            assert!(
-                matches!(f.ws.resolve(p), Err(JailError::Escape(_))),
-                "{p} should be refused"
-            );
-        }
-    }
-
-    #[test]
-    fn symlinks_inside_are_followed() {
-        let f = fixture();
-        assert_eq!(f.ws.resolve("in/file").unwrap(), f.ws.root().join("a/file"));
-        assert_eq!(f.ws.resolve("in/new").unwrap(), f.ws.root().join("a/new"));
-    }
-
-    #[test]
-    fn create_file_refuses_a_symlink_swapped_in() {
-        let f = fixture();
-        let target = f.ws.resolve("late").unwrap();
-        symlink(f.outside.join("late"), &target).unwrap();
-        assert!(f.ws.create_file(&target, 0o644).is_err());
-        assert!(!f.outside.join("late").exists());
-    }
-
-    fn segment() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(vec![
-            "..",
-            ".",
-            "a",
-            "b",
-            "",
-            "out",
-            "in",
-            "dangling",
-            "slash",
-            "secretlink",
-            "file",
-            "etc",
-        ])
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
-        /// Whatever the path, the resolved target is inside the workspace, and writing there
-        /// creates nothing outside it.
-        #[test]
-        fn nothing_resolves_outside(abs in any::<bool>(), segs in prop::collection::vec(segment(), 0..7)) {
-            let f = fixture();
-            let user = format!("{}{}", if abs { "/" } else { "" }, segs.join("/"));
-            if let Ok(p) = f.ws.resolve(&user) {
-                prop_assert!(p.starts_with(f.ws.root()), "{user} resolved to {p:?}");
-                let _ = f.ws.create_file(&p.join("probe"), 0o644);
-                let _ = f.ws.create_dirs(&p.join("dir"));
-                let _ = f.ws.create_file(&p, 0o644);
-            }
-            let mut outside: Vec<_> = std::fs::read_dir(&f.outside).unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-            outside.sort();
-            prop_assert_eq!(outside, vec!["secret".to_string()]);
-            prop_assert_eq!(std::fs::read_to_string(f.outside.join("secret")).unwrap(), "s");
-        }
-    }
-}
+mod tests;

@@ -22,6 +22,10 @@ struct Args {
     /// PEM public key (SPKI `PUBLIC KEY`) of the Router; required unless --insecure-no-auth.
     #[arg(long, env = "PICOD_AUTH_PUBLIC_KEY", hide_env_values = true)]
     auth_public_key: Option<String>,
+    /// This sandbox's identity (its pod or sandbox name). When set, a token is accepted only if
+    /// its `aud` names this sandbox. Unset: any Router token is accepted (upstream behaviour).
+    #[arg(long, env = "PICOD_SANDBOX_NAME")]
+    sandbox_name: Option<String>,
     /// Serve without any authentication. Only for local experiments.
     #[arg(long, env = "PICOD_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
@@ -75,6 +79,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         config.max_body_bytes = a.max_body_bytes;
         config.max_output_bytes = a.max_output_bytes;
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
+        config.sandbox_name = a.sandbox_name.filter(|n| !n.is_empty());
         let listen = a
             .listen
             .unwrap_or_else(|| ListenAddr::Tcp(([0, 0, 0, 0], a.port).into()));

@@ -41,9 +41,11 @@ impl AppState {
             anyhow::anyhow!("cannot use workspace {}: {e}", config.workspace.display())
         })?;
         let verifier = match &config.auth {
-            Auth::PublicKeyPem(pem) => {
-                Some(Arc::new(Verifier::from_pem(pem, config.token_cache_size)?))
-            }
+            Auth::PublicKeyPem(pem) => Some(Arc::new(Verifier::from_pem(
+                pem,
+                config.token_cache_size,
+                config.sandbox_name.as_deref(),
+            )?)),
             Auth::Disabled => None,
         };
         Ok(Self {

@@ -160,3 +160,35 @@ async fn health_needs_no_token_and_disabled_auth_lets_everything_in() {
     let open = Picod::with(|c| c.auth = agentcube_picod::Auth::Disabled);
     assert_eq!(with_auth(&open, None).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_sandbox_with_an_identity_accepts_only_tokens_for_it() {
+    let p = Picod::with(|c| c.sandbox_name = Some("ci-aaaa1111".into()));
+    let claims = |aud: serde_json::Value| {
+        let mut c = json!({"iss": "agentcube-router", "iat": now(), "exp": now() + 300, "session_id": "s1"});
+        if !aud.is_null() {
+            c["aud"] = aud;
+        }
+        format!("Bearer {}", sign(ROUTER_KEY, Algorithm::RS256, c))
+    };
+    let ok = with_auth(&p, Some(claims(json!("ci-aaaa1111")))).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    // A token the Router signed for another sandbox (e.g. captured by an agent) is refused…
+    let other = with_auth(&p, Some(claims(json!("ci-bbbb2222")))).await;
+    invalid_token(&other);
+    assert!(
+        other.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("another sandbox")
+    );
+    // …and so is one bound to no sandbox at all.
+    let none = with_auth(&p, Some(claims(serde_json::Value::Null))).await;
+    invalid_token(&none);
+    // The verified-token cache does not let a refused token in on a second try.
+    invalid_token(&with_auth(&p, Some(claims(json!("ci-bbbb2222")))).await);
+    // Without an identity (upstream PicoD behaviour), any Router token works.
+    let open = Picod::new();
+    let r = with_auth(&open, Some(claims(json!("ci-bbbb2222")))).await;
+    assert_eq!(r.status, StatusCode::OK);
+}

@@ -316,3 +316,53 @@ async fn oversized_bodies_get_the_413_json() {
     assert_eq!(small.send(req).await.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(!small.ws().join("big.txt").exists() && !small.ws().join("m.bin").exists());
 }
+
+#[tokio::test]
+async fn special_files_and_bad_paths_are_400_and_never_block() {
+    let p = Picod::new();
+    nix::unistd::mkfifo(
+        &p.ws().join("f"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    // Nobody ever opens the FIFO's other end: a blocking open would hang these requests.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), p.get("/api/files/f"))
+        .await
+        .expect("download of a FIFO must not block");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file")
+    );
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        p.post_json("/api/files", json!({"path": "f", "content": b64(b"x")})),
+    )
+    .await
+    .expect("upload onto a FIFO must not block");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    // The listing still shows it, as a FIFO.
+    let files = p.get("/api/files?path=.").await.json()["files"].clone();
+    assert_eq!(files[0]["mode"], "prw-r--r--");
+    for (path, what) in [
+        ("/api/files/a%00b", "NUL byte"),
+        (&*format!("/api/files/{}", "n".repeat(300)), "too long"),
+    ] {
+        let r = p.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(what),
+            "{}",
+            r.text()
+        );
+    }
+    let r = p
+        .post_json(
+            "/api/files",
+            json!({"path": "x\u{0}y", "content": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
