@@ -27,6 +27,8 @@ import requests
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+# Set in the environment of the stack's processes: it must never be readable inside a sandbox.
+CANARY = "agentcube-e2e-canary-" + os.urandom(8).hex()
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
 BACKEND = os.environ.get("AGENTCUBE_E2E_BACKEND", "local")
 
@@ -145,7 +147,8 @@ def _local(tmp: Path):
     if store:
         args += ["--store", store]
     log = tmp / "agentcube.log"
-    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    env = dict(os.environ, AGENTCUBE_E2E_CANARY=CANARY)
+    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
     stack = LocalStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", state)
     _wait_healthy([f"{stack.wm_url}/health", f"{stack.router_url}/health/ready"], [proc], [log])
     yield stack
@@ -194,7 +197,7 @@ def _fake_cluster(tmp: Path):
             ns = doc["metadata"].get("namespace", "default")
             r = requests.post(f"{api}/{prefix}/namespaces/{ns}/{plural}", json=doc)
             assert r.status_code == 201, r.text
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig), AGENTCUBE_NAMESPACE="agentcube",
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), AGENTCUBE_NAMESPACE="agentcube", AGENTCUBE_E2E_CANARY=CANARY,
                REDIS_ADDR=f"127.0.0.1:{redis_port}", REDIS_PASSWORD_REQUIRED="false",
                WORKLOAD_MANAGER_URL=f"http://127.0.0.1:{wm_port}", RUST_LOG="info")
     router_log, wm_log = tmp / "router.log", tmp / "workload-manager.log"

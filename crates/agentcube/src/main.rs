@@ -58,6 +58,13 @@ struct UpArgs {
     /// Sandbox isolation: `bubblewrap` (default) or `gvisor` (runsc; needs root).
     #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
     isolation: agentcube_workload_manager::backend::local::Isolation,
+    /// As root: the host uids sandboxes run as, one per sandbox (`FIRST-LAST`).
+    #[arg(
+        long,
+        env = "AGENTCUBE_SANDBOX_UIDS",
+        default_value = "2000000000-2000065535"
+    )]
+    sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
@@ -70,6 +77,9 @@ struct UpArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Descriptors inherited from whoever started us must not reach sandboxes or the commands
+    // they run: everything above stderr becomes close-on-exec.
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,agentcube=info"));
     tracing_subscriber::fmt()
@@ -105,6 +115,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
     let mut local = LocalConfig::new(state_dir, picod);
     local.isolation = args.isolation;
+    local.uids = local.uids.map(|_| args.sandbox_uids);
     let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
     if !backend.enforces_limits() {
         eprintln!(

@@ -24,3 +24,6 @@ pub const CODE_INTERPRETER_CONTAINER: &str = "code-interpreter";
 pub const TEMPLATE_CONTAINER: &str = "codeinterpreter";
 /// Environment variable carrying the Router's public key into sandboxes.
 pub const PICOD_AUTH_PUBLIC_KEY: &str = "PICOD_AUTH_PUBLIC_KEY";
+/// Env var telling PicoD its own identity (the pod name, from the downward API); PicoD then
+/// accepts only Router tokens whose `aud` names it.
+pub const PICOD_SANDBOX_NAME: &str = "PICOD_SANDBOX_NAME";

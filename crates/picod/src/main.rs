@@ -89,6 +89,9 @@ impl TryFrom<Args> for (Config, ListenAddr) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // Descriptors inherited from whoever started us must not reach sandboxes or the commands
+    // they run: everything above stderr becomes close-on-exec.
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
     let args = Args::parse();
     if args.check_config {
         let _ = <(Config, ListenAddr)>::try_from(args)?;

@@ -219,10 +219,13 @@ impl Signer {
         })
     }
 
-    /// The token for `session_id` at time `now` (Unix seconds): cached while fresh.
+    /// The token for `session_id` at time `now` (Unix seconds), bound to the sandbox `audience`
+    /// when the session names one: cached while fresh. A session's sandbox never changes, so the
+    /// cache is keyed by session alone.
     pub fn token(
         &self,
         session_id: &str,
+        audience: Option<&str>,
         now: i64,
     ) -> Result<std::sync::Arc<str>, jsonwebtoken::errors::Error> {
         if let Some(c) = self.cache.lock().unwrap().get(session_id)
@@ -236,6 +239,7 @@ impl Signer {
             iat: now,
             exp: now + SANDBOX_TOKEN_TTL_SECS,
             session_id: session_id.to_string(),
+            aud: audience.map(str::to_string),
             user_sub: None,
             user_email: None,
         };
@@ -293,15 +297,18 @@ mod tests {
     fn tokens_are_cached_and_refreshed_half_way() {
         let pair = KeyPair::generate().unwrap();
         let s = Signer::new(&pair, Default::default()).unwrap();
-        let t1 = s.token("s1", 1000).unwrap();
-        let t2 = s.token("s1", 1100).unwrap();
+        let t1 = s.token("s1", Some("ci-1"), 1000).unwrap();
+        let t2 = s.token("s1", Some("ci-1"), 1100).unwrap();
         assert_eq!(t1, t2);
         assert_eq!(s.signatures(), 1);
-        let t3 = s.token("s1", 1000 + REFRESH_AFTER_SECS).unwrap();
+        let t3 = s
+            .token("s1", Some("ci-1"), 1000 + REFRESH_AFTER_SECS)
+            .unwrap();
         assert_ne!(t1, t3);
         assert_eq!(s.signatures(), 2);
         let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
         v.validate_exp = false;
+        v.set_audience(&["ci-1"]);
         let key = jsonwebtoken::DecodingKey::from_rsa_pem(pair.public_pem.as_bytes()).unwrap();
         let claims: SandboxClaims = jsonwebtoken::decode(t3.as_bytes(), &key, &v)
             .unwrap()
@@ -309,5 +316,6 @@ mod tests {
         assert_eq!(claims.iss, "agentcube-router");
         assert_eq!(claims.exp - claims.iat, 300);
         assert_eq!(claims.session_id, "s1");
+        assert_eq!(claims.aud.as_deref(), Some("ci-1"));
     }
 }

@@ -18,6 +18,8 @@ use crate::wm::WmClient;
 pub struct Target {
     pub session_id: String,
     pub entry_points: Arc<[EntryPoint]>,
+    /// The sandbox's identity, which the token is bound to (absent in upstream records).
+    pub identity: Option<Arc<str>>,
 }
 
 struct CacheEntry {
@@ -97,6 +99,7 @@ impl Resolver {
         let target = Target {
             session_id: session_id.to_string(),
             entry_points: record.entry_points().to_vec().into(),
+            identity: record.sandbox_identity.as_deref().map(Arc::from),
         };
         if !self.ttl.is_zero() {
             let mut cache = self.cache.lock().unwrap();
@@ -125,6 +128,7 @@ impl Resolver {
         Ok(Target {
             session_id: resp.session_id,
             entry_points: resp.entry_points.into(),
+            identity: resp.sandbox_identity.as_deref().map(Arc::from),
         })
     }
 }

@@ -167,7 +167,11 @@ async fn handle(
     s.activity.record(&target.session_id);
     let token = s
         .signer
-        .token(&target.session_id, jiff::Timestamp::now().as_second())
+        .token(
+            &target.session_id,
+            target.identity.as_deref(),
+            jiff::Timestamp::now().as_second(),
+        )
         .map_err(|_| RouterError::Signing)?;
     let fwd = Forward {
         entry: &entry,

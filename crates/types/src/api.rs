@@ -70,6 +70,10 @@ pub struct CreateSandboxResponse {
     pub entry_points: Vec<EntryPoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_id: Option<String>,
+    /// Extension: the identity the sandbox's PicoD knows itself by; the Router binds its tokens
+    /// to it. Upstream components ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_identity: Option<String>,
 }
 
 /// The WM's error body: `{"message": ...}`.

@@ -15,6 +15,10 @@ pub struct SandboxClaims {
     pub iat: i64,
     pub exp: i64,
     pub session_id: String,
+    /// Extension: the one sandbox this token is for (its pod or sandbox name). PicoD started with
+    /// `PICOD_SANDBOX_NAME` refuses tokens for any other; upstream PicoD ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_sub: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -85,6 +85,10 @@ pub struct SessionRecord {
     /// Extension: the CRD name the session was created for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_name: Option<String>,
+    /// Extension: the identity the sandbox's PicoD knows itself by (the pod name in a cluster,
+    /// the sandbox name locally). The Router binds its tokens to it (`aud`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_identity: Option<String>,
 }
 
 impl SessionRecord {
@@ -111,6 +115,7 @@ impl SessionRecord {
             status: SessionStatus::Creating,
             workload_kind: None,
             workload_name: None,
+            sandbox_identity: None,
         }
     }
 

@@ -43,6 +43,13 @@ struct Args {
     /// Local backend: `bubblewrap` (default) or `gvisor` (runsc, stronger isolation, needs root).
     #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
     isolation: agentcube_workload_manager::backend::local::Isolation,
+    /// Local backend, as root: the host uids sandboxes run as, one per sandbox (`FIRST-LAST`).
+    #[arg(
+        long,
+        env = "AGENTCUBE_SANDBOX_UIDS",
+        default_value = "2000000000-2000065535"
+    )]
+    sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
     /// Local backend: refuse to start when cgroup limits cannot be enforced.
     #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
     require_cgroups: bool,
@@ -78,6 +85,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Descriptors inherited from whoever started us must not reach sandboxes or the commands
+    // they run: everything above stderr becomes close-on-exec.
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
     let args = Args::parse();
     if args.check_config {
         args.store.clone().into_config(false)?;
@@ -166,6 +176,7 @@ fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
     let mut local = LocalConfig::new(state_dir, picod);
     local.require_cgroups = args.require_cgroups;
     local.isolation = args.isolation;
+    local.uids = local.uids.map(|_| args.sandbox_uids);
     LocalBackend::new(local).map_err(anyhow::Error::msg)
 }
 

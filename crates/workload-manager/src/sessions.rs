@@ -141,6 +141,7 @@ impl Manager {
         record.sandbox_id = sandbox.id.clone();
         record.name = sandbox.name.clone();
         record.entry_points = Some(sandbox.entry_points.clone());
+        record.sandbox_identity = Some(sandbox.identity.clone());
         record.status = SessionStatus::Ready;
         if let Err(e) = self.store.replace(&record).await {
             // Deleted meanwhile (or the store failed): the sandbox must not outlive its record.
@@ -156,6 +157,7 @@ impl Manager {
             sandbox_name: sandbox.name,
             entry_points: sandbox.entry_points,
             owner_id: None,
+            sandbox_identity: Some(sandbox.identity),
         })
     }
 

@@ -20,10 +20,12 @@ async fn code_interpreter_create_execute_delete() {
     assert_eq!(v["entryPoints"][0]["path"], "/");
     assert_eq!(v["entryPoints"][0]["protocol"], "HTTP");
     let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    let name = v["sandboxName"].as_str().unwrap();
     assert!(
-        ep.starts_with("unix:") && ep.ends_with("/run/picod.sock"),
+        ep.starts_with("unix:") && ep.ends_with(&format!("/private/{name}/picod.sock")),
         "{ep}"
     );
+    assert_eq!(v["sandboxIdentity"], name);
     let rec = s.store.get(&id).await.unwrap();
     assert_eq!(rec.status, agentcube_types::SessionStatus::Ready);
     assert_eq!(rec.entry_points()[0].endpoint, ep);
@@ -94,7 +96,10 @@ async fn agent_runtime_port_is_reachable_through_its_socket() {
     .await;
     let v = s.create_ok("agent-runtime", "echo").await;
     let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
-    assert!(ep.ends_with("/run/port-8080.sock"), "{ep}");
+    assert!(
+        ep.ends_with("/port-8080.sock") && ep.contains("/private/"),
+        "{ep}"
+    );
     let (status, body) =
         unix_http(ep, "POST", "/echo", Some(json!({"input": "Hello, World!"}))).await;
     assert_eq!(status, 200);

@@ -30,7 +30,12 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
         host_kernel.trim(),
         "gVisor's kernel, not the host's: {out}"
     );
-    assert_eq!(lines[1], "65534", "unprivileged user inside");
+    let uid = s.backend.sandbox_uid(v["sandboxName"].as_str().unwrap());
+    assert_eq!(
+        lines[1],
+        uid.unwrap_or(65534).to_string(),
+        "the sandbox's own unprivileged uid inside"
+    );
     assert_eq!(lines[2], "42");
     assert_eq!(&lines[3..], ["lo"], "no network but loopback");
     let out = exec(
@@ -40,6 +45,18 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
     .await;
     let text = out["stdout"].as_str().unwrap();
     assert!(text.matches("rc=1").count() == 2, "{text}");
+    // The seccomp profile is loaded inside gVisor too: no nested user namespace.
+    let out = exec(
+        &v,
+        &sh("grep '^Seccomp:' /proc/self/status; unshare -Ur true 2>&1; echo rc=$?"),
+    )
+    .await;
+    let text = out["stdout"].as_str().unwrap();
+    assert!(text.contains("Seccomp:\t2"), "{text}");
+    assert!(
+        text.contains("Operation not permitted") && !text.contains("rc=0"),
+        "{text}"
+    );
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     let listed = std::process::Command::new("runsc")
         .arg(format!(

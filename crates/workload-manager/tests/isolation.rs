@@ -104,10 +104,7 @@ async fn sandboxes_cannot_read_each_other() {
     let a = s.create_ok("code-interpreter", "ci").await;
     let b = s.create_ok("code-interpreter", "ci").await;
     exec(&a, &sh("echo top-secret > secret.txt")).await;
-    let a_ws = s
-        .backend
-        .sandbox_dir(a["sandboxName"].as_str().unwrap())
-        .join("ws");
+    let a_ws = s.backend.paths(a["sandboxName"].as_str().unwrap()).ws;
     assert_eq!(
         std::fs::read_to_string(a_ws.join("secret.txt")).unwrap(),
         "top-secret\n"
@@ -134,16 +131,16 @@ async fn no_capabilities_and_not_root_outside() {
     // The sandbox's processes run as an unprivileged uid on the host.
     let out = exec(&v, &sh("echo $$ > /root/pid; sleep 2")).await;
     assert_eq!(out["exit_code"], 0);
-    let ws = s
-        .backend
-        .sandbox_dir(v["sandboxName"].as_str().unwrap())
-        .join("ws");
+    let name = v["sandboxName"].as_str().unwrap();
+    let ws = s.backend.paths(name).ws;
     let meta = std::fs::metadata(ws.join("pid")).unwrap();
     if nix::unistd::Uid::effective().is_root() {
+        let uid = s.backend.sandbox_uid(name).expect("a uid of its own");
+        assert!(uid >= 2_000_000_000, "from the sandbox range: {uid}");
         assert_eq!(
             std::os::unix::fs::MetadataExt::uid(&meta),
-            65534,
-            "files written inside are owned by nobody"
+            uid,
+            "files written inside are owned by the sandbox's own uid"
         );
     }
     s.shutdown_and_check_leaks().await;

@@ -83,10 +83,13 @@ async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
         .unwrap()
         .iter()
         .map(|e| {
-            (
-                e["name"].as_str().unwrap().into(),
-                e["value"].as_str().unwrap().into(),
-            )
+            let value = e["value"].as_str().map(str::to_string).unwrap_or_else(|| {
+                format!(
+                    "from {}",
+                    e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap()
+                )
+            });
+            (e["name"].as_str().unwrap().into(), value)
         })
         .collect();
     assert_eq!(env[0], ("GREETING".into(), "hi".into()));
@@ -94,6 +97,11 @@ async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
         env[1],
         ("PICOD_AUTH_PUBLIC_KEY".into(), ROUTER_PUB.into()),
         "key from the Secret"
+    );
+    assert_eq!(
+        env[2],
+        ("PICOD_SANDBOX_NAME".into(), "from metadata.name".into()),
+        "PicoD learns its pod name, which Router tokens are bound to"
     );
 
     // PicoD in the pod answers, with the environment the pod was given.

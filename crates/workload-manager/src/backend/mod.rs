@@ -95,6 +95,9 @@ pub struct Sandbox {
     pub id: String,
     pub name: String,
     pub entry_points: Vec<EntryPoint>,
+    /// What the sandbox's PicoD knows itself by (`PICOD_SANDBOX_NAME`): the pod name in a
+    /// cluster, the sandbox name locally. Router tokens are bound to it.
+    pub identity: String,
 }
 
 /// Backend failures.

@@ -268,12 +268,14 @@ impl KubeStack {
     }
 }
 
-/// Runs a command through PicoD at a TCP entry point with a token signed by the test key.
+/// Runs a command through PicoD at a TCP entry point with a token signed by the test key for the
+/// session's sandbox (its pod).
 pub async fn exec_tcp(http: &reqwest::Client, session: &Value, argv: &[&str]) -> (u16, Value) {
     let ep = session["entryPoints"][0]["endpoint"].as_str().unwrap();
+    let aud = session["sandboxIdentity"].as_str().unwrap();
     let r = http
         .post(format!("http://{ep}/api/execute"))
-        .bearer_auth(super::token())
+        .bearer_auth(super::token(aud))
         .json(&json!({"command": argv, "timeout": "20s"}))
         .send()
         .await

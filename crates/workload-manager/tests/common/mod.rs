@@ -176,10 +176,10 @@ pub async fn delete_session(http: &reqwest::Client, url: &str, id: &str) -> (u16
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-pub fn token() -> String {
+/// A token as the Router signs it, bound to sandbox `aud`.
+pub fn token(aud: &str) -> String {
     let now = jiff::Timestamp::now().as_second();
-    let claims =
-        json!({"iss": "agentcube-router", "iat": now, "exp": now + 300, "session_id": "t"});
+    let claims = json!({"iss": "agentcube-router", "iat": now, "exp": now + 300, "session_id": "t", "aud": aud});
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(ROUTER_KEY.as_bytes()).unwrap();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
@@ -189,9 +189,30 @@ pub fn token() -> String {
     .unwrap()
 }
 
-/// One HTTP request over a Unix socket (`unix:/path` endpoint).
+/// The sandbox a local endpoint belongs to: its socket sits in `private/<name>/`.
+pub fn sandbox_of(endpoint: &str) -> String {
+    let sock = Path::new(endpoint.strip_prefix("unix:").expect("unix endpoint"));
+    sock.parent()
+        .and_then(Path::file_name)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// One HTTP request over a Unix socket (`unix:/path` endpoint), with a token for that sandbox.
 pub async fn unix_http(
     endpoint: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Vec<u8>) {
+    unix_http_as(endpoint, &token(&sandbox_of(endpoint)), method, path, body).await
+}
+
+/// [`unix_http`] with the given bearer token.
+pub async fn unix_http_as(
+    endpoint: &str,
+    token: &str,
     method: &str,
     path: &str,
     body: Option<Value>,
@@ -207,7 +228,7 @@ pub async fn unix_http(
         .method(method)
         .uri(path)
         .header("host", "sandbox")
-        .header("authorization", format!("Bearer {}", token()))
+        .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::<Bytes>::from(
             body.map(|b| b.to_string()).unwrap_or_default(),

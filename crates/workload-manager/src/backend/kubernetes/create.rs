@@ -27,12 +27,13 @@ impl KubernetesBackend {
                 (watched::uid(s) == uid && s.is_ready()).then(|| s.clone())
             })
             .await;
-        let entry_points = self.reachable(namespace, &ready, ports).await?;
+        let (identity, entry_points) = self.reachable(namespace, &ready, ports).await?;
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uid,
             name,
             entry_points,
+            identity,
         })
     }
 
@@ -56,23 +57,26 @@ impl KubernetesBackend {
             .sandboxes
             .wait_for(namespace, &bound, |s| s.is_ready().then(|| s.clone()))
             .await;
-        let entry_points = self.reachable(namespace, &ready, ports).await?;
+        let (identity, entry_points) = self.reachable(namespace, &ready, ports).await?;
         Ok(Sandbox {
             kind: BackingKind::SandboxClaim,
             // The Sandbox's uid (upstream's `sandboxId`); the record is named after the claim.
             id: watched::uid(&ready),
             name,
             entry_points,
+            identity,
         })
     }
 
     /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP.
+    /// Returns the pod's name (the sandbox identity PicoD reads from the downward API) and the
+    /// entry points.
     async fn reachable(
         &self,
         namespace: &str,
         sandbox: &SandboxObject,
         ports: &[TargetPort],
-    ) -> Result<Vec<EntryPoint>, BackendError> {
+    ) -> Result<(String, Vec<EntryPoint>), BackendError> {
         let pod_name = pod_name_of(sandbox);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = pods.get(&pod_name).await?;
@@ -94,7 +98,7 @@ impl KubernetesBackend {
                 .map_err(|_| BackendError::NotReady(format!("{pod_name} ({addr} closed)")))?;
             entry_points.push(entry_point(port, addr));
         }
-        Ok(entry_points)
+        Ok((pod_name, entry_points))
     }
 }
 

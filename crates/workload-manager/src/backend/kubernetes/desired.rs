@@ -10,7 +10,10 @@ use agentcube_crds::sandbox::{
     SandboxTemplate, SandboxTemplateSpec, SandboxWarmPool, SandboxWarmPoolSpec, TemplateRef,
 };
 use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, SeccompProfile,
+    SecurityContext,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
 /// Per-session inputs of a build.
@@ -67,9 +70,55 @@ fn runtime_class(own: Option<&String>, default: &str) -> Option<String> {
         .or_else(|| (!default.is_empty()).then(|| default.to_string()))
 }
 
+/// What a sandbox container gets when its definition sets no `securityContext` (beyond upstream,
+/// which sets none): the runtime's default seccomp profile, no privilege escalation, no
+/// capabilities. A definition that sets its own keeps it untouched.
+pub fn default_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Containers without a `securityContext` of their own (and in a pod without one) get
+/// [`default_security_context`].
+fn harden(pod: &mut PodSpec) {
+    if pod.security_context.is_some() {
+        return;
+    }
+    for c in &mut pod.containers {
+        c.security_context
+            .get_or_insert_with(default_security_context);
+    }
+}
+
+/// `PICOD_SANDBOX_NAME` from the downward API: the pod's own name.
+fn sandbox_name_env() -> EnvVar {
+    EnvVar {
+        name: labels::PICOD_SANDBOX_NAME.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 /// The Sandbox for an AgentRuntime session.
 pub fn agent_runtime_sandbox(ar: &AgentRuntime, s: &SessionInfo<'_>) -> Sandbox {
     let mut spec = ar.spec.pod_template.spec.clone();
+    harden(&mut spec);
     spec.runtime_class_name =
         runtime_class(spec.runtime_class_name.as_ref(), s.default_runtime_class);
     let template_labels = ar.spec.pod_template.labels.clone();
@@ -102,8 +151,9 @@ fn code_interpreter_pod(
             value: Some(key.into()),
             ..Default::default()
         });
+        env.push(sandbox_name_env());
     }
-    PodSpec {
+    let mut pod = PodSpec {
         containers: vec![Container {
             name: container_name.into(),
             image: t.image.clone(),
@@ -117,7 +167,9 @@ fn code_interpreter_pod(
         image_pull_secrets: t.image_pull_secrets.clone(),
         runtime_class_name: runtime_class(t.runtime_class_name.as_ref(), default_rc),
         ..Default::default()
-    }
+    };
+    harden(&mut pod);
+    pod
 }
 
 /// The Sandbox for a CodeInterpreter session without a warm pool.

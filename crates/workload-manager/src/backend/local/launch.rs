@@ -1,15 +1,28 @@
-//! The command line that starts one local sandbox: a tiny shell that joins the sandbox's cgroups,
-//! then (as root) drops to an unprivileged uid with `setpriv`, then execs bubblewrap running PicoD.
-//! Pure functions, so the isolation flags are unit-tested.
+//! How one local sandbox is started. Pure functions, so the isolation flags are unit-tested.
+//!
+//! bubblewrap: a tiny shell (as the manager) opens the sandbox's private launcher files as fds
+//! 3–5, joins the sandbox's cgroups, then execs — through `setpriv` to the sandbox's own uid when
+//! the manager is root — `bwrap --args 3 <PicoD's command line>`. Every bubblewrap option (host
+//! paths, the environment with the Router key) comes from fd 3, so neither host `ps` nor the
+//! sandbox (whose PID 1 is bubblewrap) sees a state path, and the launcher's environment is
+//! empty: nothing of the manager's environment reaches the sandbox. fds 4 and 5 carry the
+//! seccomp filters. (bubblewrap takes the command itself only from its real argv: PicoD's
+//! command line, which names only paths inside the sandbox, stays visible.)
+//!
+//! gVisor: the same layout and PicoD command line as an OCI bundle, run by `runsc` with the same
+//! seccomp profile loaded inside (`--oci-seccomp`).
 
 use std::path::{Path, PathBuf};
+
+use super::layout::{PICOD_SOCKET, SandboxPaths, port_socket};
 
 /// Where things are inside the sandbox.
 pub const SANDBOX_WORKSPACE: &str = "/root";
 pub const SANDBOX_RUN_DIR: &str = "/run/agentcube";
 pub const SANDBOX_PICOD: &str = "/opt/agentcube/picod";
-/// PicoD's socket name in the run directory.
-pub const PICOD_SOCKET: &str = "picod.sock";
+/// The uid/gid sandbox processes see themselves as (`nobody`); on the host they run as the
+/// sandbox's own uid (root manager) or the manager's (otherwise).
+pub const SANDBOX_UID: u32 = 65534;
 
 /// Host files under `/etc` a sandbox may read (never shadow, ssh keys or other secrets).
 const ETC_ALLOWLIST: &[&str] = &[
@@ -36,41 +49,95 @@ const ETC_ALLOWLIST: &[&str] = &[
 /// Everything that varies per sandbox.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
-    /// Host directory bound read-write at [`SANDBOX_WORKSPACE`].
-    pub workspace: PathBuf,
-    /// Host directory bound read-write at [`SANDBOX_RUN_DIR`] (PicoD's and forwarded sockets).
-    pub run_dir: PathBuf,
+    /// The sandbox's host directories.
+    pub paths: SandboxPaths,
     /// Host PicoD binary, bound read-only at [`SANDBOX_PICOD`].
     pub picod: PathBuf,
     /// `PICOD_AUTH_PUBLIC_KEY`; `None` runs PicoD with `--insecure-no-auth`.
     pub public_key: Option<String>,
+    /// `PICOD_SANDBOX_NAME`: the identity Router tokens must name.
+    pub sandbox_name: String,
     /// Environment from the definition.
     pub env: Vec<(String, String)>,
-    /// Ports forwarded from `<run_dir>/port-<N>.sock` to `127.0.0.1:N` inside.
+    /// Ports forwarded from `/run/agentcube/port-<N>.sock` to `127.0.0.1:N` inside.
     pub forward_ports: Vec<u16>,
     /// Agent program PicoD starts (AgentRuntime), empty for a CodeInterpreter.
     pub agent: Vec<String>,
-    /// Drop to this uid/gid before starting bubblewrap (when running as root).
-    pub drop_to: Option<u32>,
+    /// The host uid the sandbox runs as (when the manager is root).
+    pub uid: Option<u32>,
     /// `cgroup.procs` files to join first.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The seccomp filter files (raw BPF), loaded by bubblewrap.
+    pub seccomp: Vec<PathBuf>,
 }
 
-/// Socket of a forwarded port, relative to the run directory.
-pub fn port_socket(port: u16) -> String {
-    format!("port-{port}.sock")
+/// The launcher's input files, written into the sandbox's private directory.
+pub fn args_file(paths: &SandboxPaths) -> PathBuf {
+    paths.private.join("bwrap.args")
 }
 
-/// The bubblewrap argv (without the `bwrap` program name).
+/// The environment PicoD (and what it runs) starts with: fixed values, the definition's, and
+/// PicoD's own settings. Nothing else.
+fn sandbox_env(spec: &LaunchSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        ("HOME", SANDBOX_WORKSPACE),
+        ("LANG", "C.UTF-8"),
+        ("RUST_LOG", "warn"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(spec.env.iter().cloned());
+    if let Some(key) = &spec.public_key {
+        env.push(("PICOD_AUTH_PUBLIC_KEY".into(), key.clone()));
+    }
+    env.push(("PICOD_SANDBOX_NAME".into(), spec.sandbox_name.clone()));
+    env
+}
+
+/// PicoD's command line inside the sandbox.
+pub fn picod_argv(spec: &LaunchSpec) -> Vec<String> {
+    let mut a = vec![
+        SANDBOX_PICOD.to_string(),
+        "--workspace".into(),
+        SANDBOX_WORKSPACE.into(),
+        "--listen".into(),
+        format!("unix:{SANDBOX_RUN_DIR}/{PICOD_SOCKET}"),
+    ];
+    if spec.public_key.is_none() {
+        a.push("--insecure-no-auth".into());
+    }
+    for port in &spec.forward_ports {
+        a.push("--forward".into());
+        a.push(format!(
+            "{port}=unix:{SANDBOX_RUN_DIR}/{}",
+            port_socket(*port)
+        ));
+    }
+    if !spec.agent.is_empty() {
+        a.push("--".into());
+        a.extend(spec.agent.iter().cloned());
+    }
+    a
+}
+
+/// Everything bubblewrap reads from fd 3: its options and the environment.
 pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     let mut a: Vec<String> = [
         "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
         "--die-with-parent",
         "--new-session",
         "--hostname",
         "sandbox",
         "--cap-drop",
         "ALL",
+        "--add-seccomp-fd",
+        "4",
+        "--add-seccomp-fd",
+        "5",
         "--ro-bind",
         "/usr",
         "/usr",
@@ -88,6 +155,8 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     .map(ToString::to_string)
     .collect();
     let mut push = |v: &[&str]| a.extend(v.iter().map(ToString::to_string));
+    let id = SANDBOX_UID.to_string();
+    push(&["--uid", &id, "--gid", &id]);
     if Path::new("/usr/lib64").exists() {
         push(&["--symlink", "usr/lib64", "/lib64"]);
     }
@@ -98,8 +167,8 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     push(&[
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
     ]);
-    let ws = spec.workspace.display().to_string();
-    let run = spec.run_dir.display().to_string();
+    let ws = spec.paths.ws.display().to_string();
+    let run = spec.paths.run.display().to_string();
     let picod = spec.picod.display().to_string();
     push(&[
         "--bind",
@@ -110,59 +179,53 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         SANDBOX_RUN_DIR,
     ]);
     push(&["--ro-bind", &picod, SANDBOX_PICOD]);
-    push(&[
-        "--clearenv",
-        "--setenv",
-        "PATH",
-        "/usr/local/bin:/usr/bin:/bin",
-    ]);
-    push(&[
-        "--setenv",
-        "HOME",
-        SANDBOX_WORKSPACE,
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-    ]);
-    push(&["--setenv", "RUST_LOG", "warn"]);
-    for (k, v) in &spec.env {
-        push(&["--setenv", k, v]);
+    push(&["--clearenv"]);
+    for (k, v) in sandbox_env(spec) {
+        push(&["--setenv", &k, &v]);
     }
-    if let Some(key) = &spec.public_key {
-        push(&["--setenv", "PICOD_AUTH_PUBLIC_KEY", key]);
-    }
-    push(&["--chdir", SANDBOX_WORKSPACE, SANDBOX_PICOD]);
-    push(&["--workspace", SANDBOX_WORKSPACE]);
-    let listen = format!("unix:{SANDBOX_RUN_DIR}/{PICOD_SOCKET}");
-    push(&["--listen", &listen]);
-    if spec.public_key.is_none() {
-        push(&["--insecure-no-auth"]);
-    }
-    for port in &spec.forward_ports {
-        let fwd = format!("{port}=unix:{SANDBOX_RUN_DIR}/{}", port_socket(*port));
-        push(&["--forward", &fwd]);
-    }
-    if !spec.agent.is_empty() {
-        push(&["--"]);
-        a.extend(spec.agent.iter().cloned());
-    }
+    push(&["--chdir", SANDBOX_WORKSPACE]);
     a
 }
 
-/// Shell prologue of every launcher: join the sandbox's cgroups (`$AGENTCUBE_CGROUP_PROCS`), then
-/// exec the rest of the argv, so nothing of the sandbox ever runs outside its limits.
-const JOIN_CGROUPS: &str =
-    r#"for f in $AGENTCUBE_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; exec "$@""#;
+/// The args file content: NUL-separated, as `bwrap --args` reads it.
+pub fn args_file_content(spec: &LaunchSpec) -> Vec<u8> {
+    let mut out = Vec::new();
+    for arg in bwrap_args(spec) {
+        out.extend(arg.as_bytes());
+        out.push(0);
+    }
+    out
+}
 
-/// The full launcher argv: `sh -c <join cgroups; exec "$@"> sh [setpriv …] bwrap …`.
-pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
+/// Launcher prologue: `$1`.. are files to open as fds 3.., up to `--fds-end`; then the
+/// `cgroup.procs` files to join, up to `--`; then the command to exec. Nothing of the sandbox
+/// ever runs outside its cgroups, and the fds are the only way its inputs reach it.
+const PROLOGUE: &str = r#"unset PWD OLDPWD; fd=3
+while [ "$1" != "--fds-end" ]; do eval "exec $fd<\"\$1\"" || exit 96; fd=$((fd+1)); shift; done; shift
+while [ "$1" != "--" ]; do echo $$ > "$1" || exit 97; shift; done; shift
+exec "$@""#;
+
+fn prologue(files: &[&Path], cgroup_procs: &[PathBuf]) -> Vec<String> {
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
-        JOIN_CGROUPS.into(),
+        PROLOGUE.into(),
         "sh".into(),
     ];
-    if let Some(uid) = spec.drop_to {
+    argv.extend(files.iter().map(|f| f.display().to_string()));
+    argv.push("--fds-end".into());
+    argv.extend(cgroup_procs.iter().map(|p| p.display().to_string()));
+    argv.push("--".into());
+    argv
+}
+
+/// The full bubblewrap launcher argv (the args file must have been written).
+pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
+    let args = args_file(&spec.paths);
+    let mut files: Vec<&Path> = vec![&args];
+    files.extend(spec.seccomp.iter().map(PathBuf::as_path));
+    let mut argv = prologue(&files, &spec.cgroup_procs);
+    if let Some(uid) = spec.uid {
         argv.extend([
             "setpriv".to_string(),
             format!("--reuid={uid}"),
@@ -172,85 +235,9 @@ pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
         ]);
     }
     argv.push(bwrap.display().to_string());
-    argv.extend(bwrap_args(spec));
+    argv.extend(["--args".into(), "3".into(), "--".into()]);
+    argv.extend(picod_argv(spec));
     argv
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> LaunchSpec {
-        LaunchSpec {
-            workspace: "/state/s1/ws".into(),
-            run_dir: "/state/s1/run".into(),
-            picod: "/bin/picod".into(),
-            public_key: Some("PEM".into()),
-            env: vec![("A".into(), "b".into())],
-            forward_ports: vec![],
-            agent: vec![],
-            drop_to: Some(65534),
-            cgroup_procs: vec![],
-        }
-    }
-
-    fn has(a: &[String], seq: &[&str]) -> bool {
-        a.windows(seq.len())
-            .any(|w| w.iter().zip(seq).all(|(x, y)| x == y))
-    }
-
-    #[test]
-    fn isolation_flags_are_all_there() {
-        let a = bwrap_args(&spec());
-        for seq in [
-            &["--unshare-all"][..],
-            &["--die-with-parent"],
-            &["--new-session"],
-            &["--cap-drop", "ALL"],
-            &["--ro-bind", "/usr", "/usr"],
-            &["--bind", "/state/s1/ws", "/root"],
-            &["--clearenv"],
-            &["--setenv", "PICOD_AUTH_PUBLIC_KEY", "PEM"],
-            &["--listen", "unix:/run/agentcube/picod.sock"],
-        ] {
-            assert!(has(&a, seq), "missing {seq:?} in {a:?}");
-        }
-        assert!(!a.iter().any(|x| x == "/etc/shadow"));
-        assert!(!a.iter().any(|x| x == "--insecure-no-auth"));
-        assert!(!has(&a, &["--bind", "/", "/"]) && !has(&a, &["--ro-bind", "/", "/"]));
-    }
-
-    #[test]
-    fn agent_runtime_forwards_ports_and_runs_the_agent() {
-        let mut s = spec();
-        s.public_key = None;
-        s.forward_ports = vec![8080];
-        s.agent = vec!["python3".into(), "-m".into(), "http.server".into()];
-        let a = bwrap_args(&s);
-        assert!(has(
-            &a,
-            &["--forward", "8080=unix:/run/agentcube/port-8080.sock"]
-        ));
-        assert!(has(&a, &["--insecure-no-auth"]));
-        assert!(a.ends_with(&[
-            "--".into(),
-            "python3".into(),
-            "-m".into(),
-            "http.server".into()
-        ]));
-        let l = launcher_argv(&s, Path::new("/usr/bin/bwrap"));
-        assert!(has(
-            &l,
-            &[
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                "/usr/bin/bwrap"
-            ]
-        ));
-    }
 }
 
 /// Directories that must exist in a gVisor bundle's read-only root for the mounts and symlinks.
@@ -267,7 +254,8 @@ pub const OCI_ROOT_DIRS: &[&str] = &[
 
 /// The OCI runtime spec (`config.json`) for running the same sandbox under gVisor `runsc`: the
 /// same mounts, environment and PicoD command line as the bubblewrap sandbox; no network
-/// (`--network=none` on the runsc command line), no capabilities, an unprivileged user.
+/// (`--network=none` on the runsc command line), no capabilities, the sandbox's uid, the seccomp
+/// profile.
 pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
     use serde_json::json;
     let bind = |src: &str, dst: &str, ro: bool| {
@@ -279,11 +267,15 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
         bind("/usr", "/usr", true),
         bind(
-            &spec.workspace.display().to_string(),
+            &spec.paths.ws.display().to_string(),
             SANDBOX_WORKSPACE,
             false,
         ),
-        bind(&spec.run_dir.display().to_string(), SANDBOX_RUN_DIR, false),
+        bind(
+            &spec.paths.run.display().to_string(),
+            SANDBOX_RUN_DIR,
+            false,
+        ),
         bind(&spec.picod.display().to_string(), SANDBOX_PICOD, true),
     ];
     for entry in ETC_ALLOWLIST {
@@ -292,25 +284,16 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
             mounts.push(bind(&p, &p, true));
         }
     }
-    // PicoD's argv is the tail of the bubblewrap argv after the program name.
-    let b = bwrap_args(spec);
-    let start = b.iter().rposition(|a| a == SANDBOX_PICOD).unwrap_or(0);
-    let mut env = vec![
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
-        format!("HOME={SANDBOX_WORKSPACE}"),
-        "LANG=C.UTF-8".into(),
-        "RUST_LOG=warn".into(),
-    ];
-    env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
-    if let Some(key) = &spec.public_key {
-        env.push(format!("PICOD_AUTH_PUBLIC_KEY={key}"));
-    }
-    let uid = spec.drop_to.unwrap_or(65534);
+    let env: Vec<String> = sandbox_env(spec)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let uid = spec.uid.unwrap_or(SANDBOX_UID);
     json!({
         "ociVersion": "1.0.0",
         "process": {
             "user": {"uid": uid, "gid": uid},
-            "args": b[start..],
+            "args": picod_argv(spec),
             "env": env,
             "cwd": SANDBOX_WORKSPACE,
             "noNewPrivileges": true,
@@ -319,7 +302,10 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
         "root": {"path": "rootfs", "readonly": true},
         "hostname": "sandbox",
         "mounts": mounts,
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "seccomp": super::seccomp::oci_profile(),
+        },
     })
 }
 
@@ -352,82 +338,29 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
 }
 
 /// The launcher argv for gVisor: join cgroups, then `runsc … run --bundle B ID` (runsc needs root
-/// on the host; the sandboxed process itself runs as the unprivileged uid).
-pub fn runsc_argv(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> Vec<String> {
-    vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        JOIN_CGROUPS.into(),
-        "sh".into(),
+/// on the host; the sandboxed process itself runs as the sandbox's uid). PicoD may only create
+/// host sockets (`--host-uds=create`, in its run directory), never connect to host ones.
+pub fn runsc_argv(
+    runsc: &Path,
+    state: &Path,
+    bundle: &Path,
+    id: &str,
+    cgroup_procs: &[PathBuf],
+) -> Vec<String> {
+    let mut argv = prologue(&[], cgroup_procs);
+    argv.extend([
         runsc.display().to_string(),
         format!("--root={}", state.display()),
         "--network=none".into(),
-        "--host-uds=all".into(),
+        "--host-uds=create".into(),
+        "--oci-seccomp".into(),
         "--ignore-cgroups".into(),
         "run".into(),
         format!("--bundle={}", bundle.display()),
         id.into(),
-    ]
+    ]);
+    argv
 }
 
 #[cfg(test)]
-mod oci_tests {
-    use super::*;
-
-    #[test]
-    fn oci_spec_mirrors_the_bubblewrap_sandbox() {
-        let spec = LaunchSpec {
-            workspace: "/s/ws".into(),
-            run_dir: "/s/run".into(),
-            picod: "/bin/picod".into(),
-            public_key: Some("PEM".into()),
-            env: vec![("A".into(), "b".into())],
-            forward_ports: vec![],
-            agent: vec![],
-            drop_to: Some(65534),
-            cgroup_procs: vec![],
-        };
-        let v = oci_spec(&spec);
-        assert_eq!(v["process"]["args"][0], SANDBOX_PICOD);
-        assert_eq!(
-            v["process"]["args"][1], "--workspace",
-            "PicoD's own argv, not the mount list"
-        );
-        assert!(
-            v["process"]["args"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a == "unix:/run/agentcube/picod.sock")
-        );
-        assert_eq!(v["process"]["user"]["uid"], 65534);
-        assert_eq!(v["root"]["readonly"], true);
-        assert!(
-            v["process"]["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e == "PICOD_AUTH_PUBLIC_KEY=PEM")
-        );
-        assert!(
-            v["process"]["capabilities"]["effective"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-        );
-        let mounts = v["mounts"].as_array().unwrap();
-        assert!(
-            mounts
-                .iter()
-                .any(|m| m["destination"] == "/usr" && m["options"][1] == "ro")
-        );
-        assert!(!mounts.iter().any(|m| m["source"] == "/etc/shadow"));
-        let ns: Vec<_> = v["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["type"].as_str().unwrap())
-            .collect();
-        assert!(ns.contains(&"network") && ns.contains(&"pid"));
-    }
-}
+mod tests;

@@ -1,31 +1,44 @@
-//! The local backend: each sandbox is PicoD under bubblewrap on this host, with cgroup limits.
+//! The local backend: each sandbox is PicoD under bubblewrap (or gVisor) on this host, with cgroup
+//! limits, a seccomp filter, its own uid (when root) and nothing of the manager's environment.
 //!
-//! Layout on the host: `<state_dir>/sandboxes/<name>/{ws,run,sandbox.log}`. `ws` is the sandbox's
-//! `/root` (its workspace); `run` holds `picod.sock` and, for AgentRuntimes, `port-<N>.sock`
-//! forwarded by PicoD to the agent's port inside the sandbox's own network namespace. Entry points
-//! are `unix:<run>/…sock`. Warm pools are queues of started sandboxes: a claim is a pop.
+//! Main flow of a start ([`LocalBackend::start`]):
+//! 1. Directories ([`layout`]): the sandbox's own (workspace, run dir) and the manager's private
+//!    one; a uid from the sandbox range ([`uids`]); cgroups ([`cgroup`]).
+//! 2. Launch ([`launch`]): bubblewrap reads all its options from a private file through an fd,
+//!    under an empty environment, with the [`seccomp`] filters; PicoD binds its sockets in the
+//!    run dir.
+//! 3. The host *moves* each socket into the private dir and checks it is a socket
+//!    ([`layout::claim_socket`]); entry points are `unix:<private>/…sock`, a path the sandbox
+//!    cannot see or replace. Then PicoD's `/health` ([`probe`]).
+//! 4. Warm pools ([`pool`]) are queues of started sandboxes: a claim is a pop.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcube_crds::CodeInterpreter;
-use agentcube_types::{BackingKind, EntryPoint};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use agentcube_types::BackingKind;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload, entry_point};
+use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
 
 pub mod cgroup;
 pub mod launch;
+pub mod layout;
+mod pool;
 pub mod probe;
+pub mod seccomp;
+pub mod uids;
+mod workload;
 
-use cgroup::{Cgroups, Limits, SandboxCgroup};
-use launch::{LaunchSpec, PICOD_SOCKET, launcher_argv, port_socket};
+use cgroup::{Cgroups, SandboxCgroup};
+use launch::LaunchSpec;
+use layout::{PICOD_SOCKET, SandboxPaths};
+pub use pool::PoolStatus;
+use uids::{UidRange, Uids};
 
 /// How local sandboxes are isolated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,14 +68,14 @@ impl std::str::FromStr for Isolation {
 pub struct LocalConfig {
     /// bubblewrap (default) or gVisor.
     pub isolation: Isolation,
-    /// Holds `sandboxes/<name>/`.
+    /// Holds `sandboxes/<name>/` and `private/<name>/`.
     pub state_dir: PathBuf,
     /// The `picod` binary started in every sandbox.
     pub picod: PathBuf,
     /// The `bwrap` binary.
     pub bwrap: PathBuf,
-    /// When running as root: the unprivileged uid/gid sandboxes run as (default 65534, nobody).
-    pub drop_to: Option<u32>,
+    /// When running as root: the host uids sandboxes run as, one per sandbox.
+    pub uids: Option<UidRange>,
     /// How long a new sandbox may take to answer.
     pub ready_timeout: Duration,
     /// `pids.max` when the definition sets none (Kubernetes resources have no pid limit).
@@ -82,7 +95,7 @@ impl LocalConfig {
             state_dir,
             picod,
             bwrap: PathBuf::from("bwrap"),
-            drop_to: root.then_some(65534),
+            uids: root.then(UidRange::default),
             ready_timeout: Duration::from_secs(30),
             default_pids_limit: 512,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -104,17 +117,9 @@ pub fn which(name: &Path) -> Option<PathBuf> {
 struct Running {
     pgid: Option<Pid>,
     child: tokio::process::Child,
-    dir: PathBuf,
+    paths: SandboxPaths,
     cgroup: Option<SandboxCgroup>,
-}
-
-struct Pool {
-    generation: u64,
-    size: u32,
-    ready: VecDeque<Sandbox>,
-    filling: u32,
-    workload: Workload,
-    public_key: Option<String>,
+    uid: Option<u32>,
 }
 
 struct Inner {
@@ -123,23 +128,17 @@ struct Inner {
     /// `runsc` when the isolation is gVisor.
     runsc: Option<PathBuf>,
     cgroups: Option<Cgroups>,
+    uids: Option<Uids>,
+    /// The seccomp filter files every bubblewrap sandbox loads.
+    seccomp: Vec<PathBuf>,
     running: Mutex<HashMap<String, Running>>,
-    pools: Mutex<HashMap<(String, String), Pool>>,
+    pools: Mutex<pool::Pools>,
 }
 
 /// The local backend. Cheap to clone.
 #[derive(Clone)]
 pub struct LocalBackend {
     inner: Arc<Inner>,
-}
-
-/// Warm-pool fill level, for progress output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolStatus {
-    pub namespace: String,
-    pub name: String,
-    pub ready: usize,
-    pub size: u32,
 }
 
 fn random_suffix() -> String {
@@ -155,46 +154,61 @@ pub fn sandbox_name(definition: &str) -> String {
     format!("{definition}-{}", random_suffix())
 }
 
-fn limits_of(res: Option<&ResourceRequirements>, default_pids: u64) -> Limits {
-    let lim = res.and_then(|r| r.limits.as_ref());
-    let get = |k: &str| lim.and_then(|l| l.get(k)).map(|q| q.0.clone());
-    Limits {
-        memory_bytes: get("memory").and_then(|q| cgroup::parse_memory(&q)),
-        cpu_millis: get("cpu").and_then(|q| cgroup::parse_cpu(&q)),
-        pids: Some(default_pids),
+fn find_tools(config: &LocalConfig) -> Result<(PathBuf, Option<PathBuf>), String> {
+    let bwrap = which(&config.bwrap).ok_or_else(|| {
+        "bubblewrap (`bwrap`) is not installed: install the `bubblewrap` package \
+         (apt-get install bubblewrap)"
+            .to_string()
+    })?;
+    if !config.picod.is_file() {
+        return Err(format!(
+            "PicoD binary not found at {} (build it with `cargo build -p agentcube-picod`, \
+             or pass --picod-binary)",
+            config.picod.display()
+        ));
     }
+    let runsc = match config.isolation {
+        Isolation::Bubblewrap => None,
+        Isolation::Gvisor => {
+            if !nix::unistd::Uid::effective().is_root() {
+                return Err("gVisor isolation needs root (runsc run)".into());
+            }
+            Some(which(Path::new("runsc")).ok_or(
+                "gVisor (`runsc`) is not installed: install the `runsc` package (apt-get install runsc)",
+            )?)
+        }
+    };
+    if config.uids.is_some() && which(Path::new("setpriv")).is_none() {
+        return Err("`setpriv` is missing: install the `util-linux` package".into());
+    }
+    Ok((bwrap, runsc))
+}
+
+/// Writes the seccomp filters once, into `<state>/seccomp/`.
+fn write_seccomp(state: &Path) -> Result<Vec<PathBuf>, String> {
+    let dir = state.join("seccomp");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    seccomp::bpf_programs()?
+        .into_iter()
+        .enumerate()
+        .map(|(i, prog)| {
+            let p = dir.join(format!("{i}.bpf"));
+            std::fs::write(&p, prog).map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(p)
+        })
+        .collect()
 }
 
 impl LocalBackend {
     /// Checks the host (bubblewrap present, PicoD present, cgroups) and cleans leftovers of a
     /// previous run.
-    pub fn new(config: LocalConfig) -> Result<Self, String> {
-        let bwrap = which(&config.bwrap).ok_or_else(|| {
-            "bubblewrap (`bwrap`) is not installed: install the `bubblewrap` package \
-             (apt-get install bubblewrap)"
-                .to_string()
-        })?;
-        if !config.picod.is_file() {
-            return Err(format!(
-                "PicoD binary not found at {} (build it with `cargo build -p agentcube-picod`, \
-                 or pass --picod-binary)",
-                config.picod.display()
-            ));
-        }
-        let runsc = match config.isolation {
-            Isolation::Bubblewrap => None,
-            Isolation::Gvisor => {
-                if !nix::unistd::Uid::effective().is_root() {
-                    return Err("gVisor isolation needs root (runsc run)".into());
-                }
-                Some(which(Path::new("runsc")).ok_or(
-                    "gVisor (`runsc`) is not installed: install the `runsc` package (apt-get install runsc)",
-                )?)
-            }
-        };
-        if config.drop_to.is_some() && which(Path::new("setpriv")).is_none() {
-            return Err("`setpriv` is missing: install the `util-linux` package".into());
-        }
+    pub fn new(mut config: LocalConfig) -> Result<Self, String> {
+        let (bwrap, runsc) = find_tools(&config)?;
+        // Launchers run from `/`: a relative PicoD path would name another file there.
+        config.picod = config
+            .picod
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let cgroups = match Cgroups::detect(&config.cgroup_root) {
             Ok(c) => Some(c),
             Err(why) if config.require_cgroups => {
@@ -205,27 +219,24 @@ impl LocalBackend {
                 None
             }
         };
-        let sandboxes = config.state_dir.join("sandboxes");
-        if sandboxes.exists() {
-            let _ = std::fs::remove_dir_all(&sandboxes);
+        let state = &config.state_dir;
+        for d in ["sandboxes", "private"] {
+            let _ = layout::remove_tree(&state.join(d));
         }
-        std::fs::create_dir_all(&sandboxes)
-            .map_err(|e| format!("cannot create {}: {e}", sandboxes.display()))?;
-        if config.drop_to.is_some() {
-            for dir in [&config.state_dir, &sandboxes] {
-                let _ = std::fs::set_permissions(
-                    dir,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
-                );
-            }
-            check_traversable(&sandboxes)?;
+        layout::prepare_state(state, config.uids.is_some())
+            .map_err(|e| format!("cannot prepare {}: {e}", state.display()))?;
+        if config.uids.is_some() {
+            check_traversable(&state.join("sandboxes"))?;
         }
+        let seccomp = write_seccomp(state)?;
         Ok(Self {
             inner: Arc::new(Inner {
+                uids: config.uids.map(Uids::new),
                 config,
                 bwrap,
                 runsc,
                 cgroups,
+                seccomp,
                 running: Mutex::new(HashMap::new()),
                 pools: Mutex::new(HashMap::new()),
             }),
@@ -244,25 +255,14 @@ impl LocalBackend {
         v
     }
 
-    /// Host directory of a sandbox.
-    pub fn sandbox_dir(&self, name: &str) -> PathBuf {
-        self.inner.config.state_dir.join("sandboxes").join(name)
+    /// Host directories of a sandbox.
+    pub fn paths(&self, name: &str) -> SandboxPaths {
+        SandboxPaths::new(&self.inner.config.state_dir, name)
     }
 
-    /// Warm pools and how full they are.
-    pub fn pool_status(&self) -> Vec<PoolStatus> {
-        let pools = self.inner.pools.lock().unwrap();
-        let mut v: Vec<_> = pools
-            .iter()
-            .map(|((ns, name), p)| PoolStatus {
-                namespace: ns.clone(),
-                name: name.clone(),
-                ready: p.ready.len(),
-                size: p.size,
-            })
-            .collect();
-        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        v
+    /// The host uid a running sandbox's processes have (root manager only).
+    pub fn sandbox_uid(&self, name: &str) -> Option<u32> {
+        self.inner.running.lock().unwrap().get(name)?.uid
     }
 
     /// The cgroup directories of a running sandbox (for tests and diagnostics).
@@ -294,21 +294,62 @@ impl LocalBackend {
         workload: &Workload,
         public_key: Option<String>,
     ) -> Result<Sandbox, BackendError> {
+        let paths = self.paths(name);
+        let desc = workload::describe(workload, &paths, name)?;
+        let public_key = if workload.needs_key() {
+            Some(public_key.ok_or_else(|| {
+                BackendError::Failed(
+                    "authMode picod needs the Router's public key, and none is configured".into(),
+                )
+            })?)
+        } else {
+            None
+        };
+        let uid = match &self.inner.uids {
+            Some(u) => Some(u.take().ok_or_else(|| {
+                BackendError::Unavailable("every sandbox uid of the range is in use".into())
+            })?),
+            None => None,
+        };
+        let running = match self.launch(name, &paths, &desc, public_key, uid) {
+            Ok(r) => r,
+            Err(e) => {
+                if let (Some(uids), Some(uid)) = (&self.inner.uids, uid) {
+                    uids.give_back(uid);
+                }
+                return Err(e);
+            }
+        };
+        self.inner
+            .running
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), running);
+        self.wait_ready(name, &paths, &desc.sockets).await?;
+        Ok(Sandbox {
+            kind: BackingKind::Sandbox,
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_string(),
+            entry_points: desc.entry_points,
+            identity: name.to_string(),
+        })
+    }
+
+    /// Directories, cgroups, launcher inputs, and the launcher process itself.
+    fn launch(
+        &self,
+        name: &str,
+        paths: &SandboxPaths,
+        desc: &workload::Description,
+        public_key: Option<String>,
+        uid: Option<u32>,
+    ) -> Result<Running, BackendError> {
         let cfg = &self.inner.config;
         let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
-        let dir = self.sandbox_dir(name);
-        let (ws, run) = (dir.join("ws"), dir.join("run"));
-        for d in [&ws, &run] {
-            std::fs::create_dir_all(d).map_err(|e| fail("cannot create sandbox directory", e))?;
-            if let Some(uid) = cfg.drop_to {
-                std::os::unix::fs::chown(d, Some(uid), Some(uid))
-                    .map_err(|e| fail("cannot chown sandbox directory", e))?;
-            }
-        }
-        let namespace = workload.namespace();
-        let (env, resources, ports, agent, entry_points) =
-            describe(workload, &run, name, &namespace)?;
-        let limits = limits_of(resources.as_ref(), cfg.default_pids_limit);
+        paths
+            .create(uid)
+            .map_err(|e| fail("cannot create sandbox directories", e))?;
+        let limits = workload::limits_of(desc.resources.as_ref(), cfg.default_pids_limit);
         let cgroup = match &self.inner.cgroups {
             Some(c) => Some(
                 c.create(name, limits)
@@ -317,88 +358,96 @@ impl LocalBackend {
             None => None,
         };
         let spec = LaunchSpec {
-            workspace: ws,
-            run_dir: run.clone(),
+            paths: paths.clone(),
             picod: cfg.picod.clone(),
-            public_key: if workload.needs_key() {
-                public_key
-            } else {
-                None
-            },
-            env,
-            forward_ports: ports,
-            agent,
-            drop_to: cfg.drop_to,
+            public_key,
+            sandbox_name: name.to_string(),
+            env: desc.env.clone(),
+            forward_ports: desc.forward_ports.clone(),
+            agent: desc.agent.clone(),
+            uid,
             cgroup_procs: cgroup
                 .as_ref()
                 .map(SandboxCgroup::procs_files)
                 .unwrap_or_default(),
+            seccomp: self.inner.seccomp.clone(),
         };
-        if workload.needs_key() && spec.public_key.is_none() {
-            return Err(BackendError::Failed(
-                "authMode picod needs the Router's public key, and none is configured".into(),
-            ));
-        }
-        let argv = match &self.inner.runsc {
-            None => launcher_argv(&spec, &self.inner.bwrap),
-            Some(runsc) => {
-                let bundle = dir.join("bundle");
-                launch::write_oci_bundle(&bundle, &spec).map_err(|e| fail("gVisor bundle", e))?;
-                launch::runsc_argv(runsc, &self.runsc_state(), &bundle, name)
-            }
-        };
-        let log = std::fs::File::create(dir.join("sandbox.log")).map_err(|e| fail("log", e))?;
-        let procs: Vec<String> = spec
-            .cgroup_procs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        let argv = self
+            .launcher(&spec, name)
+            .map_err(|e| fail("launcher", e))?;
+        let log = std::fs::File::create(paths.log()).map_err(|e| fail("log", e))?;
         let child = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
-            .env("AGENTCUBE_CGROUP_PROCS", procs.join(" "))
+            .env_clear()
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| fail("log", e))?)
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| fail("cannot start bubblewrap", e))?;
-        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
-        self.inner.running.lock().unwrap().insert(
-            name.to_string(),
-            Running {
-                pgid,
-                child,
-                dir: dir.clone(),
-                cgroup,
-            },
-        );
-        self.wait_ready(name, &run.join(PICOD_SOCKET)).await?;
-        Ok(Sandbox {
-            kind: BackingKind::Sandbox,
-            id: uuid::Uuid::new_v4().to_string(),
-            name: name.to_string(),
-            entry_points,
+            .map_err(|e| fail("cannot start the sandbox launcher", e))?;
+        Ok(Running {
+            pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+            child,
+            paths: paths.clone(),
+            cgroup,
+            uid,
         })
     }
 
-    async fn wait_ready(&self, name: &str, socket: &Path) -> Result<(), BackendError> {
+    /// Writes the launcher's inputs into the private directory and returns its argv.
+    fn launcher(&self, spec: &LaunchSpec, name: &str) -> std::io::Result<Vec<String>> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match &self.inner.runsc {
+            None => {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(launch::args_file(&spec.paths))?;
+                f.write_all(&launch::args_file_content(spec))?;
+                Ok(launch::launcher_argv(spec, &self.inner.bwrap))
+            }
+            Some(runsc) => {
+                let bundle = spec.paths.private.join("bundle");
+                launch::write_oci_bundle(&bundle, spec)?;
+                Ok(launch::runsc_argv(
+                    runsc,
+                    &self.runsc_state(),
+                    &bundle,
+                    name,
+                    &spec.cgroup_procs,
+                ))
+            }
+        }
+    }
+
+    /// Waits until PicoD has bound every socket (each then moved out of the sandbox's reach) and
+    /// answers `/health`, or the sandbox exits, or the timeout passes.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        paths: &SandboxPaths,
+        sockets: &[String],
+    ) -> Result<(), BackendError> {
         let deadline = tokio::time::Instant::now() + self.inner.config.ready_timeout;
         let mut delay = Duration::from_millis(2);
+        let mut claimed = 0;
         while tokio::time::Instant::now() < deadline {
-            if probe::ready(socket).await {
+            while claimed < sockets.len() {
+                match layout::claim_socket(paths, &sockets[claimed]) {
+                    Ok(true) => claimed += 1,
+                    Ok(false) => break,
+                    Err(e) => return Err(BackendError::Failed(format!("sandbox {name}: {e}"))),
+                }
+            }
+            if claimed == sockets.len() && probe::ready(&paths.socket(PICOD_SOCKET)).await {
                 return Ok(());
             }
-            let exited = {
-                let mut running = self.inner.running.lock().unwrap();
-                match running.get_mut(name) {
-                    Some(r) => r.child.try_wait().ok().flatten(),
-                    None => return Err(BackendError::NotReady(format!("{name} (removed)"))),
-                }
-            };
-            if let Some(status) = exited {
-                let log = std::fs::read_to_string(self.sandbox_dir(name).join("sandbox.log"))
-                    .unwrap_or_default();
+            if let Some(status) = self.exited(name)? {
+                let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
                 let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
                 return Err(BackendError::Failed(format!(
                     "sandbox {name} exited during start ({status}): {tail}"
@@ -410,11 +459,21 @@ impl LocalBackend {
         Err(BackendError::NotReady(name.to_string()))
     }
 
+    /// The launcher's exit status if it has exited.
+    fn exited(&self, name: &str) -> Result<Option<std::process::ExitStatus>, BackendError> {
+        let mut running = self.inner.running.lock().unwrap();
+        match running.get_mut(name) {
+            Some(r) => Ok(r.child.try_wait().ok().flatten()),
+            None => Err(BackendError::NotReady(format!("{name} (removed)"))),
+        }
+    }
+
     fn runsc_state(&self) -> PathBuf {
         self.inner.config.state_dir.join("runsc")
     }
 
-    /// Kills a sandbox (its whole process group and cgroup) and deletes its directories.
+    /// Kills a sandbox (its whole process group and cgroup), deletes its directories and gives
+    /// its uid back.
     async fn remove(&self, name: &str) {
         let entry = self.inner.running.lock().unwrap().remove(name);
         if let Some(runsc) = &self.inner.runsc {
@@ -425,76 +484,33 @@ impl LocalBackend {
             ] {
                 let run = tokio::process::Command::new(runsc)
                     .args(&args)
+                    .env_clear()
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status();
                 let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
             }
         }
-        if let Some(mut r) = entry {
-            if let Some(pgid) = r.pgid {
-                let _ = killpg(pgid, Signal::SIGKILL);
-            }
-            let _ = r.child.kill().await;
-            if let Some(cg) = &r.cgroup {
-                cg.remove().await;
-            }
-            let _ = tokio::fs::remove_dir_all(&r.dir).await;
-        } else {
-            let _ = tokio::fs::remove_dir_all(self.sandbox_dir(name)).await;
-        }
-    }
-
-    /// Starts sandboxes until a pool has `size` ready or starting.
-    fn refill(&self, key: (String, String)) {
-        let mut pools = self.inner.pools.lock().unwrap();
-        let Some(pool) = pools.get_mut(&key) else {
-            return;
-        };
-        let deficit = (pool.size as usize).saturating_sub(pool.ready.len() + pool.filling as usize);
-        for _ in 0..deficit {
-            pool.filling += 1;
-            let (this, key) = (self.clone(), key.clone());
-            let (workload, public_key, generation) = (
-                pool.workload.clone(),
-                pool.public_key.clone(),
-                pool.generation,
-            );
-            tokio::spawn(async move {
-                let name = sandbox_name(workload.name());
-                let started = this.start(&name, &workload, public_key).await;
-                let keep = {
-                    let mut pools = this.inner.pools.lock().unwrap();
-                    match pools.get_mut(&key) {
-                        Some(p) if p.generation == generation => {
-                            p.filling -= 1;
-                            match &started {
-                                Ok(sb) if p.ready.len() < p.size as usize => {
-                                    p.ready.push_back(sb.clone());
-                                    true
-                                }
-                                _ => false,
-                            }
-                        }
-                        _ => false,
-                    }
-                };
-                match started {
-                    Ok(sb) if !keep => this.remove(&sb.name).await,
-                    Err(e) => {
-                        tracing::warn!(pool = %key.1, error = %e, "warm pool sandbox failed to start");
-                        // Back off before the next attempt so a broken definition does not spin.
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        this.refill(key);
-                    }
-                    Ok(_) => {}
+        match entry {
+            Some(mut r) => {
+                if let Some(pgid) = r.pgid {
+                    let _ = killpg(pgid, Signal::SIGKILL);
                 }
-            });
+                let _ = r.child.kill().await;
+                if let Some(cg) = &r.cgroup {
+                    cg.remove().await;
+                }
+                r.paths.remove().await;
+                if let (Some(uids), Some(uid)) = (&self.inner.uids, r.uid) {
+                    uids.give_back(uid);
+                }
+            }
+            None => self.paths(name).remove().await,
         }
     }
 }
 
-/// Sandboxes run as an unprivileged uid, which must be able to reach their directories.
+/// Sandboxes run as unprivileged uids, which must be able to reach their directories.
 fn check_traversable(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let dir = dir
@@ -518,128 +534,6 @@ fn check_traversable(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What a workload needs locally: env, resources, forwarded ports, agent argv, entry points
-/// (endpoints still host paths without the `unix:` prefix).
-#[allow(clippy::type_complexity)]
-/// What a sandbox of `workload` runs: (env, resources, forwarded ports, agent argv, entry points).
-type Description = (
-    Vec<(String, String)>,
-    Option<ResourceRequirements>,
-    Vec<u16>,
-    Vec<String>,
-    Vec<EntryPoint>,
-);
-
-/// The environment of a sandbox: `value`s, and the downward API fields that mean something here
-/// (`status.podIP` is the sandbox's own loopback, `metadata.name`/`metadata.namespace` the
-/// sandbox's). Other `valueFrom` sources are skipped with a warning.
-fn env_of(
-    vars: Option<&Vec<k8s_openapi::api::core::v1::EnvVar>>,
-    name: &str,
-    namespace: &str,
-) -> Vec<(String, String)> {
-    vars.into_iter()
-        .flatten()
-        .filter_map(|v| {
-            if let Some(val) = &v.value {
-                return Some((v.name.clone(), val.clone()));
-            }
-            let field = v
-                .value_from
-                .as_ref()
-                .and_then(|f| f.field_ref.as_ref())
-                .map(|f| f.field_path.as_str());
-            let value = match field {
-                Some("status.podIP" | "status.hostIP") => "127.0.0.1",
-                Some("metadata.name") => name,
-                Some("metadata.namespace") => namespace,
-                _ => {
-                    tracing::warn!(name = %v.name, "this env valueFrom is not supported locally; skipped");
-                    return None;
-                }
-            };
-            Some((v.name.clone(), value.to_string()))
-        })
-        .collect()
-}
-
-fn describe(
-    workload: &Workload,
-    run: &Path,
-    name: &str,
-    namespace: &str,
-) -> Result<Description, BackendError> {
-    let socket = |file: String| format!("unix:{}", run.join(file).display());
-    match workload {
-        Workload::CodeInterpreter(ci) => {
-            let t = &ci.spec.template;
-            let ports = ci.spec.effective_ports();
-            let mut forwards = Vec::new();
-            let mut eps = Vec::new();
-            for (i, p) in ports.iter().enumerate() {
-                // The first port is PicoD itself; further ports are forwarded into the sandbox.
-                let file = if i == 0 {
-                    PICOD_SOCKET.to_string()
-                } else {
-                    forwards.push(p.port as u16);
-                    port_socket(p.port as u16)
-                };
-                eps.push(entry_point(p, socket(file)));
-            }
-            Ok((
-                env_of(t.environment.as_ref(), name, namespace),
-                t.resources.clone(),
-                forwards,
-                Vec::new(),
-                eps,
-            ))
-        }
-        Workload::AgentRuntime(ar) => {
-            let c = ar
-                .spec
-                .pod_template
-                .spec
-                .containers
-                .first()
-                .ok_or_else(|| {
-                    BackendError::Invalid("the AgentRuntime pod template has no container".into())
-                })?;
-            let mut agent: Vec<String> = c.command.clone().unwrap_or_default();
-            agent.extend(c.args.clone().unwrap_or_default());
-            if agent.is_empty() {
-                return Err(BackendError::Invalid(format!(
-                    "container {:?} has no command: the local backend cannot read image \
-                     entrypoints, so give `command` explicitly",
-                    c.name
-                )));
-            }
-            let ports: Vec<u16> = ar.spec.target_port.iter().map(|p| p.port as u16).collect();
-            let eps = ar
-                .spec
-                .target_port
-                .iter()
-                .map(|p| entry_point(p, socket(port_socket(p.port as u16))))
-                .collect();
-            Ok((
-                env_of(c.env.as_ref(), name, namespace),
-                c.resources.clone(),
-                ports,
-                agent,
-                eps,
-            ))
-        }
-    }
-}
-
-fn generation_of(ci: &CodeInterpreter, key: &Option<String>) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&ci.spec)
-        .unwrap_or_default()
-        .hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
-}
-
 #[async_trait::async_trait]
 impl Backend for LocalBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
@@ -647,12 +541,7 @@ impl Backend for LocalBackend {
             && ci.spec.warm_pool() > 0
         {
             let key = (req.namespace.clone(), req.workload.name().to_string());
-            let claimed = {
-                let mut pools = self.inner.pools.lock().unwrap();
-                pools.get_mut(&key).and_then(|p| p.ready.pop_front())
-            };
-            if let Some(sb) = claimed {
-                self.refill(key);
+            if let Some(sb) = self.claim(key.clone()) {
                 return Ok(sb);
             }
             tracing::info!(pool = %key.1, "warm pool empty; starting a sandbox on demand");
@@ -667,62 +556,7 @@ impl Backend for LocalBackend {
     }
 
     async fn sync_pools(&self, definitions: Vec<Arc<CodeInterpreter>>, public_key: Option<String>) {
-        let mut stale = Vec::new();
-        let mut kick = Vec::new();
-        {
-            let mut pools = self.inner.pools.lock().unwrap();
-            let wanted: HashMap<(String, String), Arc<CodeInterpreter>> = definitions
-                .into_iter()
-                .filter(|ci| ci.spec.warm_pool() > 0)
-                .map(|ci| {
-                    let key = (
-                        ci.metadata
-                            .namespace
-                            .clone()
-                            .unwrap_or_else(|| "default".into()),
-                        ci.metadata.name.clone().unwrap_or_default(),
-                    );
-                    (key, ci)
-                })
-                .collect();
-            pools.retain(|key, pool| {
-                let keep = wanted.contains_key(key);
-                if !keep {
-                    stale.extend(pool.ready.drain(..).map(|s| s.name));
-                }
-                keep
-            });
-            for (key, ci) in wanted {
-                let generation = generation_of(&ci, &public_key);
-                let size = ci.spec.warm_pool();
-                match pools.get_mut(&key) {
-                    Some(p) if p.generation == generation => {
-                        p.size = size;
-                        while p.ready.len() > size as usize {
-                            stale.extend(p.ready.pop_back().map(|s| s.name));
-                        }
-                    }
-                    existing => {
-                        // New or changed definition: roll the pool.
-                        if let Some(p) = existing {
-                            stale.extend(p.ready.drain(..).map(|s| s.name));
-                        }
-                        pools.insert(
-                            key.clone(),
-                            Pool {
-                                generation,
-                                size,
-                                ready: VecDeque::new(),
-                                filling: 0,
-                                workload: Workload::CodeInterpreter(ci),
-                                public_key: public_key.clone(),
-                            },
-                        );
-                    }
-                }
-                kick.push(key);
-            }
-        }
+        let (stale, kick) = self.plan_pools(definitions, public_key);
         for name in stale {
             self.remove(&name).await;
         }

@@ -55,7 +55,13 @@ fn direct_code_interpreter_sandbox_matches_spec() {
     assert_eq!(c["args"], json!(["--workspace=/root"]));
     assert_eq!(
         c["env"],
-        json!([{"name": "A", "value": "b"}, {"name": "PICOD_AUTH_PUBLIC_KEY", "value": "PEM"}])
+        json!([{"name": "A", "value": "b"}, {"name": "PICOD_AUTH_PUBLIC_KEY", "value": "PEM"},
+               {"name": "PICOD_SANDBOX_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}])
+    );
+    assert_eq!(
+        c["securityContext"],
+        json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+               "seccompProfile": {"type": "RuntimeDefault"}})
     );
     assert!(c.get("ports").is_none(), "no containerPorts, as upstream");
     assert_eq!(
@@ -127,6 +133,11 @@ fn claim_template_and_pool_match_spec() {
     let container = &t["spec"]["podTemplate"]["spec"]["containers"][0];
     assert_eq!(container["name"], "codeinterpreter");
     assert_eq!(container["env"][1]["name"], "PICOD_AUTH_PUBLIC_KEY");
+    assert_eq!(container["env"][2]["name"], "PICOD_SANDBOX_NAME");
+    assert_eq!(
+        container["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
 
     let p = serde_json::to_value(warm_pool(&c)).unwrap();
     assert_eq!(
@@ -157,7 +168,9 @@ fn agent_runtime_sandbox_copies_the_pod_spec() {
     let spec = &v["spec"]["podTemplate"]["spec"];
     assert_eq!(
         spec["containers"][0],
-        json!({"name": "agent", "image": "busybox", "command": ["sleep", "3600"]})
+        json!({"name": "agent", "image": "busybox", "command": ["sleep", "3600"],
+               "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                                   "seccompProfile": {"type": "RuntimeDefault"}}})
     );
     assert!(
         spec.get("runtimeClassName").is_none(),
@@ -166,5 +179,33 @@ fn agent_runtime_sandbox_copies_the_pod_spec() {
     assert_eq!(
         v["spec"]["podTemplate"]["metadata"]["labels"]["app"],
         "echo"
+    );
+}
+
+#[test]
+fn a_definition_with_its_own_security_context_keeps_it() {
+    let yaml = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {name: echo, namespace: ns}\nspec:\n  targetPort: [{port: 8080}]\n  podTemplate:\n    spec:\n      containers:\n      - {name: a, image: busybox, securityContext: {privileged: true}}\n      - {name: b, image: busybox}\n";
+    let Definition::AgentRuntime(ar) = manifest::load(yaml, "t").unwrap().remove(0) else {
+        panic!()
+    };
+    let v = serde_json::to_value(agent_runtime_sandbox(&ar, &session(None, ""))).unwrap();
+    let cs = &v["spec"]["podTemplate"]["spec"]["containers"];
+    assert_eq!(cs[0]["securityContext"], json!({"privileged": true}));
+    assert_eq!(
+        cs[1]["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    let pod_level = yaml.replace(
+        "    spec:\n      containers:",
+        "    spec:\n      securityContext: {runAsUser: 1000}\n      containers:",
+    );
+    let Definition::AgentRuntime(ar) = manifest::load(&pod_level, "t").unwrap().remove(0) else {
+        panic!()
+    };
+    let v = serde_json::to_value(agent_runtime_sandbox(&ar, &session(None, ""))).unwrap();
+    assert!(
+        v["spec"]["podTemplate"]["spec"]["containers"][1]
+            .get("securityContext")
+            .is_none()
     );
 }

@@ -1,0 +1,197 @@
+use super::*;
+
+fn spec() -> LaunchSpec {
+    LaunchSpec {
+        paths: SandboxPaths::new(Path::new("/state"), "s1"),
+        picod: "/bin/picod".into(),
+        public_key: Some("PEM".into()),
+        sandbox_name: "s1".into(),
+        env: vec![("A".into(), "b".into())],
+        forward_ports: vec![],
+        agent: vec![],
+        uid: Some(2_000_000_007),
+        cgroup_procs: vec!["/cg/memory/s1/cgroup.procs".into()],
+        seccomp: vec!["/state/seccomp/0.bpf".into(), "/state/seccomp/1.bpf".into()],
+    }
+}
+
+fn has(a: &[String], seq: &[&str]) -> bool {
+    a.windows(seq.len())
+        .any(|w| w.iter().zip(seq).all(|(x, y)| x == y))
+}
+
+#[test]
+fn isolation_flags_are_all_there() {
+    let a = bwrap_args(&spec());
+    for seq in [
+        &["--unshare-all"][..],
+        &["--unshare-user"],
+        &["--disable-userns"],
+        &["--die-with-parent"],
+        &["--new-session"],
+        &["--cap-drop", "ALL"],
+        &["--add-seccomp-fd", "4", "--add-seccomp-fd", "5"],
+        &["--uid", "65534", "--gid", "65534"],
+        &["--ro-bind", "/usr", "/usr"],
+        &["--bind", "/state/sandboxes/s1/ws", "/root"],
+        &["--bind", "/state/sandboxes/s1/run", "/run/agentcube"],
+        &["--clearenv"],
+        &["--setenv", "PICOD_AUTH_PUBLIC_KEY", "PEM"],
+        &["--setenv", "PICOD_SANDBOX_NAME", "s1"],
+        &["--setenv", "A", "b"],
+    ] {
+        assert!(has(&a, seq), "missing {seq:?} in {a:?}");
+    }
+    assert!(!a.iter().any(|x| x == "/etc/shadow"));
+    assert!(!a.iter().any(|x| x == "--insecure-no-auth"));
+    assert!(!has(&a, &["--bind", "/", "/"]) && !has(&a, &["--ro-bind", "/", "/"]));
+    assert!(
+        !a.iter().any(|x| x.contains("/state/private")),
+        "the private directory is never mounted: {a:?}"
+    );
+    let content = args_file_content(&spec());
+    assert_eq!(content.iter().filter(|b| **b == 0).count(), a.len());
+}
+
+#[test]
+fn the_launcher_hides_everything_behind_fds() {
+    let l = launcher_argv(&spec(), Path::new("/usr/bin/bwrap"));
+    let bwrap = l.iter().position(|a| a == "/usr/bin/bwrap").unwrap();
+    assert_eq!(
+        &l[bwrap - 5..bwrap + 4],
+        &[
+            "setpriv",
+            "--reuid=2000000007",
+            "--regid=2000000007",
+            "--clear-groups",
+            "--",
+            "/usr/bin/bwrap",
+            "--args",
+            "3",
+            "--"
+        ]
+    );
+    assert!(has(&l, &["--listen", "unix:/run/agentcube/picod.sock"]));
+    assert!(has(
+        &l,
+        &[
+            "/state/private/s1/bwrap.args",
+            "/state/seccomp/0.bpf",
+            "/state/seccomp/1.bpf",
+            "--fds-end",
+            "/cg/memory/s1/cgroup.procs",
+            "--"
+        ]
+    ));
+    // What stays visible once the shell has exec'd: no host path, no key, no environment.
+    assert!(
+        !l[bwrap + 1..]
+            .iter()
+            .any(|x| x.contains("PEM") || x.contains("/state") || x.contains("/cg/")),
+        "no host path or key on the sandbox's command line: {l:?}"
+    );
+}
+
+/// The prologue really opens the files as fds 3.. and joins the "cgroups" before exec.
+#[test]
+fn the_prologue_opens_fds_and_joins_cgroups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, "first").unwrap();
+    std::fs::write(&b, "second").unwrap();
+    let procs = dir.path().join("cgroup.procs");
+    std::fs::write(&procs, "").unwrap();
+    let mut argv = prologue(&[&a, &b], std::slice::from_ref(&procs));
+    argv.extend([
+        "/bin/sh".into(),
+        "-c".into(),
+        "cat <&3; cat <&4; echo $$".into(),
+    ]);
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let joined = std::fs::read_to_string(&procs).unwrap();
+    assert!(text.starts_with("firstsecond"), "{text}");
+    assert_eq!(
+        text["firstsecond".len()..].trim(),
+        joined.trim(),
+        "same pid: exec, not a child"
+    );
+}
+
+#[test]
+fn agent_runtime_forwards_ports_and_runs_the_agent() {
+    let mut s = spec();
+    s.public_key = None;
+    s.forward_ports = vec![8080];
+    s.agent = vec!["python3".into(), "-m".into(), "http.server".into()];
+    let a = picod_argv(&s);
+    assert!(has(
+        &a,
+        &["--forward", "8080=unix:/run/agentcube/port-8080.sock"]
+    ));
+    assert!(has(&a, &["--insecure-no-auth"]));
+    assert!(a.ends_with(&[
+        "--".into(),
+        "python3".into(),
+        "-m".into(),
+        "http.server".into()
+    ]));
+}
+
+#[test]
+fn oci_spec_mirrors_the_bubblewrap_sandbox() {
+    let v = oci_spec(&spec());
+    assert_eq!(v["process"]["args"][0], SANDBOX_PICOD);
+    assert_eq!(v["process"]["args"][1], "--workspace");
+    assert!(
+        v["process"]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "unix:/run/agentcube/picod.sock")
+    );
+    assert_eq!(v["process"]["user"]["uid"], 2_000_000_007u32);
+    assert_eq!(v["root"]["readonly"], true);
+    let env = v["process"]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e == "PICOD_AUTH_PUBLIC_KEY=PEM"));
+    assert!(env.iter().any(|e| e == "PICOD_SANDBOX_NAME=s1"));
+    assert!(
+        v["process"]["capabilities"]["effective"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let mounts = v["mounts"].as_array().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["destination"] == "/usr" && m["options"][1] == "ro")
+    );
+    assert!(!mounts.iter().any(|m| m["source"] == "/etc/shadow"));
+    assert!(
+        !mounts
+            .iter()
+            .any(|m| m["source"].as_str().unwrap_or_default().contains("private"))
+    );
+    let ns: Vec<_> = v["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["type"].as_str().unwrap())
+        .collect();
+    assert!(ns.contains(&"network") && ns.contains(&"pid"));
+    assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+    let r = runsc_argv(
+        Path::new("/usr/bin/runsc"),
+        Path::new("/st"),
+        Path::new("/b"),
+        "s1",
+        &[],
+    );
+    assert!(has(&r, &["--host-uds=create", "--oci-seccomp"]));
+}

@@ -1,0 +1,271 @@
+//! Where local sandboxes live on the host, who may enter, and how the host takes a sandbox's
+//! sockets without ever following a path the sandbox controls.
+//!
+//! ```text
+//! <state>/                        0711 (0700 when not root)    traverse only
+//! <state>/sandboxes/              0711 (0700)
+//! <state>/sandboxes/<name>/       0700, owned by the sandbox's uid
+//!     ws/                         the sandbox's /root (workspace)
+//!     run/                        the sandbox's /run/agentcube: PicoD binds its sockets here
+//! <state>/private/<name>/         0700, the manager's only: never mounted into the sandbox
+//!     picod.sock, port-<N>.sock   moved here from run/ once bound (see `claim_socket`)
+//!     bwrap.args, seccomp-*.bpf   the launcher's inputs; sandbox.log; the gVisor bundle
+//! ```
+//!
+//! Everything the Router and the Workload Manager connect to or open lives in `private/`, which
+//! the sandbox cannot see. The only thing taken from `run/` is a socket, by `rename` (which never
+//! follows a symlink) and checked to be a socket afterwards: a symlink planted by sandbox code is
+//! refused and nothing is ever sent to it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// PicoD's socket name.
+pub const PICOD_SOCKET: &str = "picod.sock";
+
+/// Socket of a forwarded port.
+pub fn port_socket(port: u16) -> String {
+    format!("port-{port}.sock")
+}
+
+/// The host paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// `<state>/sandboxes/<name>`.
+    pub dir: PathBuf,
+    /// The workspace (`/root` inside).
+    pub ws: PathBuf,
+    /// Bound at `/run/agentcube` inside; PicoD creates its sockets here.
+    pub run: PathBuf,
+    /// `<state>/private/<name>`: the manager's own files about this sandbox.
+    pub private: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The paths of sandbox `name` under `state`.
+    pub fn new(state: &Path, name: &str) -> Self {
+        let dir = state.join("sandboxes").join(name);
+        Self {
+            ws: dir.join("ws"),
+            run: dir.join("run"),
+            dir,
+            private: state.join("private").join(name),
+        }
+    }
+
+    /// Where the host reaches a socket of this sandbox (after [`claim_socket`]).
+    pub fn socket(&self, file: &str) -> PathBuf {
+        self.private.join(file)
+    }
+
+    /// The sandbox's log (its launcher's stdout and stderr).
+    pub fn log(&self) -> PathBuf {
+        self.private.join("sandbox.log")
+    }
+
+    /// Creates the sandbox's directories: its own ones owned by `uid` (when running as root),
+    /// the private one by the manager; all 0700.
+    pub fn create(&self, uid: Option<u32>) -> io::Result<()> {
+        for d in [&self.dir, &self.ws, &self.run] {
+            mkdir_private(d)?;
+            if let Some(uid) = uid {
+                std::os::unix::fs::chown(d, Some(uid), Some(uid))?;
+            }
+        }
+        mkdir_private(&self.private)
+    }
+
+    /// Deletes both directories. Never follows a symlink (`remove_dir_all` works on directory
+    /// fds); directories the sandbox made unreadable are opened up first when not root.
+    pub async fn remove(&self) {
+        for d in [&self.dir, &self.private] {
+            let d = d.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_tree(&d)).await;
+        }
+    }
+}
+
+fn mkdir_private(d: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `remove_dir_all` (which works on directory fds and never follows a symlink), retried once
+/// after giving the owner rwx on every directory below `dir`: a sandbox running as our own uid
+/// may `chmod 000` its directories.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            if let Ok(fd) = open_dir_path(nix::fcntl::AT_FDCWD, dir) {
+                open_up(&fd);
+            }
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn open_dir_path<Fd: AsFd, P: ?Sized + nix::NixPath>(at: Fd, name: &P) -> nix::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::openat(
+        at,
+        name,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+}
+
+/// Gives the owner rwx on the directory `fd` and every directory below it. Directories are
+/// reached from their parent's fd with `O_NOFOLLOW`, and chmod-ed through `/proc/self/fd` (the
+/// open inode itself), so a symlink swapped in is never followed.
+fn open_up(fd: &OwnedFd) {
+    let by_fd = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if let Ok(meta) = std::fs::metadata(&by_fd) {
+        let mode = meta.permissions().mode() | 0o700;
+        let _ = std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(mode));
+    }
+    let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY;
+    let Ok(listing) = nix::fcntl::openat(fd, ".", flags, nix::sys::stat::Mode::empty()) else {
+        return;
+    };
+    let Ok(mut dir) = nix::dir::Dir::from_fd(listing) else {
+        return;
+    };
+    let names: Vec<std::ffi::CString> = dir
+        .iter()
+        .flatten()
+        .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+        .filter(|e| matches!(e.file_type(), Some(nix::dir::Type::Directory) | None))
+        .map(|e| e.file_name().to_owned())
+        .collect();
+    for name in names {
+        if let Ok(child) = open_dir_path(fd, name.as_c_str()) {
+            open_up(&child);
+        }
+    }
+}
+
+/// Makes the state directory and its `sandboxes/` and `private/` children. When sandboxes run as
+/// other uids (`shared`), the first two are 0711: traversable, not listable.
+pub fn prepare_state(state: &Path, shared: bool) -> io::Result<()> {
+    let traverse = if shared { 0o711 } else { 0o700 };
+    std::fs::create_dir_all(state)?;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(traverse))?;
+    for (d, mode) in [("sandboxes", traverse), ("private", 0o700)] {
+        let d = state.join(d);
+        std::fs::create_dir_all(&d)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Takes a socket PicoD bound in the sandbox's `run/` into `private/`: a `rename` (the entry
+/// itself moves, a symlink is not followed), then a check that what arrived is a socket. Returns
+/// `Ok(false)` while PicoD has not bound it yet.
+pub fn claim_socket(paths: &SandboxPaths, file: &str) -> io::Result<bool> {
+    let (from, to) = (paths.run.join(file), paths.private.join(file));
+    if std::fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_socket()) {
+        return Ok(true);
+    }
+    match std::fs::rename(&from, &to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(&to)?;
+    if meta.file_type().is_socket() {
+        return Ok(true);
+    }
+    let _ = std::fs::remove_file(&to);
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{file} in the sandbox is not a socket ({}): refused",
+            describe(&meta)
+        ),
+    ))
+}
+
+fn describe(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symlink"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_planted_instead_of_the_socket_is_refused_and_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        prepare_state(tmp.path(), false).unwrap();
+        let paths = SandboxPaths::new(tmp.path(), "sb");
+        paths.create(None).unwrap();
+        assert!(
+            !claim_socket(&paths, PICOD_SOCKET).unwrap(),
+            "not bound yet"
+        );
+        // A host socket the sandbox would like the host to talk to.
+        let host = tmp.path().join("host.sock");
+        let _host = std::os::unix::net::UnixListener::bind(&host).unwrap();
+        std::os::unix::fs::symlink(&host, paths.run.join(PICOD_SOCKET)).unwrap();
+        let err = claim_socket(&paths, PICOD_SOCKET).unwrap_err();
+        assert!(err.to_string().contains("a symlink"), "{err}");
+        assert!(!paths.socket(PICOD_SOCKET).exists());
+        // A real socket bound inside is taken.
+        std::fs::remove_file(paths.run.join(PICOD_SOCKET)).ok();
+        let _l = std::os::unix::net::UnixListener::bind(paths.run.join(PICOD_SOCKET)).unwrap();
+        assert!(claim_socket(&paths, PICOD_SOCKET).unwrap());
+        assert!(
+            std::fs::symlink_metadata(paths.socket(PICOD_SOCKET))
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        assert!(std::os::unix::net::UnixStream::connect(paths.socket(PICOD_SOCKET)).is_ok());
+    }
+
+    #[test]
+    fn directories_are_private_and_removal_survives_chmod_000() {
+        let tmp = tempfile::tempdir().unwrap();
+        prepare_state(tmp.path(), false).unwrap();
+        let paths = SandboxPaths::new(tmp.path(), "sb");
+        paths.create(None).unwrap();
+        for d in [&paths.dir, &paths.ws, &paths.run, &paths.private] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let locked = paths.ws.join("a/b");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("f"), "x").unwrap();
+        std::fs::set_permissions(paths.ws.join("a"), std::fs::Permissions::from_mode(0o000))
+            .unwrap();
+        // Outside the tree, reached through a symlink inside it: must survive.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "k").unwrap();
+        std::os::unix::fs::symlink(&outside, paths.ws.join("link")).unwrap();
+        remove_tree(&paths.dir).unwrap();
+        assert!(!paths.dir.exists());
+        assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "k");
+    }
+}

@@ -1,0 +1,194 @@
+//! Warm pools of the local backend: per CodeInterpreter, a queue of started sandboxes. A claim is
+//! a pop; refills start in the background; a changed definition (or Router key) rolls the pool.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_crds::CodeInterpreter;
+
+use super::{LocalBackend, sandbox_name};
+use crate::backend::{Sandbox, Workload};
+
+/// One pool.
+pub(super) struct Pool {
+    generation: u64,
+    size: u32,
+    ready: VecDeque<Sandbox>,
+    filling: u32,
+    workload: Workload,
+    public_key: Option<String>,
+}
+
+/// Pools by (namespace, name).
+pub(super) type Pools = HashMap<(String, String), Pool>;
+
+/// Warm-pool fill level, for progress output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub namespace: String,
+    pub name: String,
+    pub ready: usize,
+    pub size: u32,
+}
+
+fn generation_of(ci: &CodeInterpreter, key: &Option<String>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&ci.spec)
+        .unwrap_or_default()
+        .hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
+}
+
+fn key_of(ci: &CodeInterpreter) -> (String, String) {
+    (
+        ci.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        ci.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl LocalBackend {
+    /// Warm pools and how full they are.
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        let pools = self.inner.pools.lock().unwrap();
+        let mut v: Vec<_> = pools
+            .iter()
+            .map(|((ns, name), p)| PoolStatus {
+                namespace: ns.clone(),
+                name: name.clone(),
+                ready: p.ready.len(),
+                size: p.size,
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
+    /// Pops a ready sandbox of the pool `key` (and starts its replacement).
+    pub(super) fn claim(&self, key: (String, String)) -> Option<Sandbox> {
+        let claimed = {
+            let mut pools = self.inner.pools.lock().unwrap();
+            pools.get_mut(&key).and_then(|p| p.ready.pop_front())
+        };
+        if claimed.is_some() {
+            self.refill(key);
+        }
+        claimed
+    }
+
+    /// Starts sandboxes until a pool has `size` ready or starting.
+    pub(super) fn refill(&self, key: (String, String)) {
+        let mut pools = self.inner.pools.lock().unwrap();
+        let Some(pool) = pools.get_mut(&key) else {
+            return;
+        };
+        let deficit = (pool.size as usize).saturating_sub(pool.ready.len() + pool.filling as usize);
+        for _ in 0..deficit {
+            pool.filling += 1;
+            let (this, key) = (self.clone(), key.clone());
+            let (workload, public_key, generation) = (
+                pool.workload.clone(),
+                pool.public_key.clone(),
+                pool.generation,
+            );
+            tokio::spawn(async move {
+                let name = sandbox_name(workload.name());
+                let started = this.start(&name, &workload, public_key).await;
+                let keep = this.offer(&key, generation, &started);
+                match started {
+                    Ok(sb) if !keep => this.remove(&sb.name).await,
+                    Err(e) => {
+                        tracing::warn!(pool = %key.1, error = %e, "warm pool sandbox failed to start");
+                        // Back off before the next attempt so a broken definition does not spin.
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        this.refill(key);
+                    }
+                    Ok(_) => {}
+                }
+            });
+        }
+    }
+
+    /// A refill finished: keep the sandbox if its pool still wants it.
+    fn offer(
+        &self,
+        key: &(String, String),
+        generation: u64,
+        started: &Result<Sandbox, crate::backend::BackendError>,
+    ) -> bool {
+        let mut pools = self.inner.pools.lock().unwrap();
+        match pools.get_mut(key) {
+            Some(p) if p.generation == generation => {
+                p.filling -= 1;
+                match started {
+                    Ok(sb) if p.ready.len() < p.size as usize => {
+                        p.ready.push_back(sb.clone());
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Brings the pools in line with `definitions`; returns the names of sandboxes to remove and
+    /// the pools to refill.
+    pub(super) fn plan_pools(
+        &self,
+        definitions: Vec<Arc<CodeInterpreter>>,
+        public_key: Option<String>,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let mut stale = Vec::new();
+        let mut kick = Vec::new();
+        let mut pools = self.inner.pools.lock().unwrap();
+        let wanted: HashMap<(String, String), Arc<CodeInterpreter>> = definitions
+            .into_iter()
+            .filter(|ci| ci.spec.warm_pool() > 0)
+            .map(|ci| (key_of(&ci), ci))
+            .collect();
+        pools.retain(|key, pool| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                stale.extend(pool.ready.drain(..).map(|s| s.name));
+            }
+            keep
+        });
+        for (key, ci) in wanted {
+            let generation = generation_of(&ci, &public_key);
+            let size = ci.spec.warm_pool();
+            match pools.get_mut(&key) {
+                Some(p) if p.generation == generation => {
+                    p.size = size;
+                    while p.ready.len() > size as usize {
+                        stale.extend(p.ready.pop_back().map(|s| s.name));
+                    }
+                }
+                existing => {
+                    // New or changed definition: roll the pool.
+                    if let Some(p) = existing {
+                        stale.extend(p.ready.drain(..).map(|s| s.name));
+                    }
+                    pools.insert(
+                        key.clone(),
+                        Pool {
+                            generation,
+                            size,
+                            ready: VecDeque::new(),
+                            filling: 0,
+                            workload: Workload::CodeInterpreter(ci),
+                            public_key: public_key.clone(),
+                        },
+                    );
+                }
+            }
+            kick.push(key);
+        }
+        (stale, kick)
+    }
+}

@@ -1,0 +1,286 @@
+//! Attacks from code running inside a real local sandbox on the host and on other sandboxes
+//! (issue 13). Each test fails without the defence it names.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use common::*;
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// A host Unix socket server counting the connections it receives.
+struct HostServer {
+    path: std::path::PathBuf,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostServer {
+    fn start(dir: &std::path::Path) -> Self {
+        let path = dir.join("host-daemon.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        Self {
+            path,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_socket_replaced_by_a_symlink_is_never_followed() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let host = HostServer::start(s.dir.path());
+    let v = s.create_ok("code-interpreter", "ci").await;
+    // Inside: replace PicoD's socket with a symlink to a host daemon's socket.
+    let script = format!(
+        "rm -f /run/agentcube/picod.sock; ln -s {} /run/agentcube/picod.sock; ls -l /run/agentcube",
+        host.path.display()
+    );
+    let out = exec(&v, &sh(&script)).await;
+    assert!(out["stdout"].as_str().unwrap().contains("->"), "{out}");
+    // Every new connection of the host still reaches the sandbox's own PicoD.
+    for _ in 0..5 {
+        let out = exec(&v, &["echo", "still-picod"]).await;
+        assert_eq!(out["stdout"], "still-picod\n");
+    }
+    assert_eq!(host.accepted(), 0, "the host daemon was reached");
+    host.task.abort();
+    s.shutdown_and_check_leaks().await;
+}
+
+const RACING_AGENT: &str = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata:
+  name: racer
+  namespace: default
+spec:
+  targetPort: [{port: 8080, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    spec:
+      containers:
+      - name: agent
+        image: python
+        command: [sh, -c]
+        args:
+        - |
+          python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &
+          while true; do
+            for s in /run/agentcube/picod.sock /run/agentcube/port-8080.sock; do
+              rm -f "$s"; ln -s "$HOST_SOCKET" "$s"
+            done
+          done
+        env:
+        - {name: HOST_SOCKET, value: HOST}
+"#;
+
+#[tokio::test]
+async fn an_agent_racing_its_socket_handoff_reaches_nothing_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostServer::start(dir.path());
+    let s = Stack::start(Options {
+        manifests: RACING_AGENT.replace("HOST", &host.path.display().to_string()),
+        ..Default::default()
+    })
+    .await;
+    // The agent swaps the sockets for symlinks from its first instant: the create may fail
+    // (refused: not a socket) or win the race; either way the host is never contacted.
+    for _ in 0..3 {
+        let (status, v) = s.create("agent-runtime", "racer").await;
+        if status == 200 {
+            let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+            let _ = unix_http(ep, "GET", "/", None).await;
+        } else {
+            assert_eq!(status, 500, "{v}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(host.accepted(), 0, "the host daemon was reached");
+    host.task.abort();
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn nothing_of_the_manager_reaches_the_sandbox() {
+    // cargo runs tests with CARGO_MANIFEST_DIR etc. in the environment: the manager's.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", "    environment: [{name: MINE, value: yes}]\n"),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let state = s.dir.path().display().to_string();
+    const ENV_NAMES: &str = r"
+import glob
+names = set()
+for p in glob.glob('/proc/[0-9]*/environ'):
+    try:
+        names |= {e.split(b'=')[0].decode() for e in open(p, 'rb').read().split(b'\0') if e}
+    except OSError:
+        pass
+print('\n'.join(sorted(names)))
+print('---')
+for p in ('/proc/1/cmdline', '/proc/2/cmdline'):
+    print(open(p, 'rb').read().replace(b'\0', b' ').decode())
+";
+    let out = exec(&v, &["python3", "-c", ENV_NAMES]).await;
+    let text = out["stdout"].as_str().unwrap();
+    let (names, cmdlines) = text.split_once("---").unwrap();
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "RUST_LOG",
+        "PICOD_AUTH_PUBLIC_KEY",
+        "PICOD_SANDBOX_NAME",
+        "MINE",
+        // set by the shell running this very probe
+        "PWD",
+        "SHLVL",
+        "OLDPWD",
+        "_",
+    ];
+    for name in names.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            allowed.contains(&name),
+            "{name} leaked into the sandbox: {text}"
+        );
+    }
+    assert!(names.contains("MINE"), "{text}");
+    assert!(
+        !cmdlines.contains(&state),
+        "host state paths on a command line inside: {cmdlines}"
+    );
+    // Descriptors: only stdin/stdout/stderr reach what PicoD runs.
+    let out = exec(&v, &sh("ls /proc/self/fd")).await;
+    let fds: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+    assert!(fds.len() <= 4, "unexpected descriptors inside: {fds:?}");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn seccomp_closes_nested_user_namespaces_and_kernel_surface() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let out = exec(
+        &v,
+        &sh("grep '^Seccomp:' /proc/self/status; unshare -Ur true 2>&1; echo unshare=$?; \
+             python3 -c 'import os; os.unshare(os.CLONE_NEWNS)' 2>&1 | tail -1; \
+             python3 -c 'import ctypes; print(\"keyctl\", ctypes.CDLL(None, use_errno=True).syscall(250, 0, 0) , ctypes.get_errno())'"),
+    )
+    .await;
+    let text = out["stdout"].as_str().unwrap();
+    assert!(text.contains("Seccomp:\t2"), "{text}");
+    assert!(
+        text.contains("unshare=1") || !text.contains("unshare=0"),
+        "{text}"
+    );
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(
+        text.contains("keyctl -1 1"),
+        "keyctl denied with EPERM: {text}"
+    );
+    // Ordinary work still runs: threads, processes, files.
+    let out = exec(
+        &v,
+        &["python3", "-c", "import threading, subprocess; t = threading.Thread(target=print, args=('thread',)); t.start(); t.join(); print(subprocess.run(['echo', 'child'], capture_output=True, text=True).stdout.strip())"],
+    )
+    .await;
+    assert_eq!(out["stdout"], "thread\nchild\n", "{out}");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn workspaces_are_private_to_their_sandbox() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let a = s.create_ok("code-interpreter", "ci").await;
+    let b = s.create_ok("code-interpreter", "ci").await;
+    exec(&a, &sh("echo top-secret > secret.txt")).await;
+    let pa = s.backend.paths(a["sandboxName"].as_str().unwrap());
+    for d in [&pa.dir, &pa.ws, &pa.run, &pa.private] {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
+    if is_root() {
+        let (ua, ub) = (
+            s.backend
+                .sandbox_uid(a["sandboxName"].as_str().unwrap())
+                .unwrap(),
+            s.backend
+                .sandbox_uid(b["sandboxName"].as_str().unwrap())
+                .unwrap(),
+        );
+        assert_ne!(ua, ub, "a uid per sandbox");
+        assert_eq!(std::fs::metadata(&pa.ws).unwrap().uid(), ua);
+        // Another host user, and the other sandbox's uid, cannot read it.
+        for uid in [65534, ub] {
+            let out = std::process::Command::new("setpriv")
+                .args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "cat",
+                ])
+                .arg(pa.ws.join("secret.txt"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success());
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+                "{out:?}"
+            );
+        }
+    }
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn a_token_for_one_sandbox_opens_no_other() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let a = s.create_ok("code-interpreter", "ci").await;
+    let b = s.create_ok("code-interpreter", "ci").await;
+    let (ea, eb) = (
+        a["entryPoints"][0]["endpoint"].as_str().unwrap(),
+        b["entryPoints"][0]["endpoint"].as_str().unwrap(),
+    );
+    let for_a = token(a["sandboxIdentity"].as_str().unwrap());
+    let body = Some(serde_json::json!({"command": ["true"]}));
+    let (ok, _) = unix_http_as(ea, &for_a, "POST", "/api/execute", body.clone()).await;
+    assert_eq!(ok, 200);
+    let (refused, text) = unix_http_as(eb, &for_a, "POST", "/api/execute", body).await;
+    assert_eq!(refused, 401, "{}", String::from_utf8_lossy(&text));
+    s.shutdown_and_check_leaks().await;
+}

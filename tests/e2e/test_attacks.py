@@ -1,0 +1,192 @@
+"""Attacks on the trust boundaries, made the way an attacker would: from code running inside a
+real sandbox, reached through the Router (or with raw sockets), against the running stack."""
+
+import base64
+import concurrent.futures
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import CANARY
+
+CI = "on-demand-interpreter"
+
+
+def url(stack, name, path, kind="code-interpreters"):
+    return f"{stack.router_url}/v1/namespaces/default/{kind}/{name}/invocations/{path}"
+
+
+class Session:
+    """A CodeInterpreter session created at the Workload Manager, used through the Router."""
+
+    def __init__(self, stack, name=CI):
+        self.stack, self.name = stack, name
+        r = requests.post(f"{stack.wm_url}/v1/code-interpreter", json={"name": name, "namespace": "default"})
+        assert r.status_code == 200, r.text
+        self.created = r.json()
+        self.id = self.created["sessionId"]
+        self.http = requests.Session()
+        self.http.headers["x-agentcube-session-id"] = self.id
+
+    def sh(self, script, timeout="60s"):
+        r = self.http.post(url(self.stack, self.name, "api/execute"), json={"command": ["sh", "-c", script], "timeout": timeout})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def get(self, path, **kw):
+        return self.http.get(url(self.stack, self.name, path), **kw)
+
+    def close(self):
+        requests.delete(f"{self.stack.wm_url}/v1/code-interpreter/sessions/{self.id}")
+
+
+@pytest.fixture
+def session(stack):
+    s = Session(stack)
+    yield s
+    s.close()
+
+
+def local_only(stack):
+    if stack.backend != "local":
+        pytest.skip("local-backend boundary (a cluster's pods are isolated by the cluster)")
+
+
+def raw_http(endpoint, method, path, token, body=None):
+    """One request to a sandbox entry point (`unix:/path` or `host:port`), bypassing the Router."""
+    data = json.dumps(body).encode() if body is not None else b""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: sandbox\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+    if endpoint.startswith("unix:"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(endpoint[len("unix:"):])
+    else:
+        host, port = endpoint.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)))
+    with s:
+        s.sendall(head.encode() + data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return int(out.split(b" ", 2)[1])
+
+
+def test_a_token_captured_by_an_agent_opens_no_other_sandbox(stack):
+    # A hostile agent receives the Router's token on every request...
+    r = requests.get(url(stack, "header-echo", "", kind="agent-runtimes"))
+    assert r.status_code == 200, r.text
+    auth = {k.lower(): v for k, v in r.json().items()}["authorization"]
+    assert auth.startswith("Bearer ")
+    captured = auth.split(" ", 1)[1]
+    claims = json.loads(base64.urlsafe_b64decode(captured.split(".")[1] + "=="))
+    assert claims["iss"] == "agentcube-router" and claims.get("aud"), claims
+    # ...and replays it against another session's PicoD, straight at its entry point.
+    victim = Session(stack)
+    try:
+        endpoint = victim.created["entryPoints"][0]["endpoint"]
+        assert raw_http(endpoint, "POST", "/api/execute", captured, {"command": ["id"]}) == 401
+        # The Router's own token for the victim still works (the refusal is the binding).
+        assert victim.sh("echo ok")["stdout"] == "ok\n"
+    finally:
+        victim.close()
+        requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{r.headers['x-agentcube-session-id']}")
+
+
+def test_a_planted_socket_symlink_sends_nothing_to_the_host(stack, session):
+    local_only(stack)
+    received = []
+    path = os.path.join(tempfile.mkdtemp(), "host-daemon.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(64)
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            received.append(conn.recv(65536))
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    out = session.sh(f"rm -f /run/agentcube/picod.sock && ln -s {path} /run/agentcube/picod.sock && echo planted")
+    assert out["stdout"] == "planted\n", out
+    # Many requests at once make the Router open new upstream connections.
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: session.http.post(url(stack, CI, "api/execute"), json={"command": ["echo", str(i)]}), range(48)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    assert sorted(r.json()["stdout"] for r in results) == sorted(f"{i}\n" for i in range(48))
+    server.close()
+    assert received == [], "the host socket received the Router's request"
+
+
+def test_the_managers_environment_and_state_stay_outside(stack, session):
+    local_only(stack)
+    out = session.sh("cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n'")
+    assert CANARY not in out["stdout"], "a variable of `agentcube up` reached the sandbox"
+    assert str(stack.state_dir) not in out["stdout"], "host state paths are visible inside"
+
+
+def test_no_nested_user_namespace_and_a_seccomp_filter(stack, session):
+    local_only(stack)
+    out = session.sh("grep '^Seccomp:' /proc/self/status; unshare -Ur true 2>&1; echo rc=$?")
+    assert "Seccomp:\t2" in out["stdout"], out
+    assert "Operation not permitted" in out["stdout"] and "rc=0" not in out["stdout"], out
+
+
+RACE = r"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs('/tmp/outside', exist_ok=True)
+open('/tmp/outside/secret', 'w').write('ESCAPED')
+os.makedirs('real', exist_ok=True)
+open('real/secret', 'w').write('inside')
+if not os.path.islink('lnk'):
+    os.symlink('/tmp/outside', 'lnk')
+end = time.time() + float(os.environ['RACE_SECS'])
+while time.time() < end:
+    # RENAME_EXCHANGE: `real` and `lnk` swap atomically, again and again.
+    libc.renameat2(-100, b'real', -100, b'lnk', 2)
+"""
+
+
+def test_the_workspace_jail_survives_a_rename_race(stack, session):
+    secs = 20
+    session.http.post(url(stack, CI, "api/files"), json={"path": "race.py", "content": base64.b64encode(RACE.encode()).decode()}).raise_for_status()
+    session.sh(f"RACE_SECS={secs + 5} nohup python3 race.py >/dev/null 2>&1 &")
+    time.sleep(0.5)
+    seen, end, n = {}, time.time() + secs, 0
+    while time.time() < end:
+        n += 1
+        for p in ("real/secret", "lnk/secret"):
+            r = session.get(f"api/files/{p}")
+            key = r.text if r.status_code == 200 else r.status_code
+            seen[key] = seen.get(key, 0) + 1
+        if n % 10 == 0:
+            session.http.post(url(stack, CI, "api/files"), json={"path": f"real/up{n}", "content": "eA=="})
+    assert "ESCAPED" not in seen, f"downloads returned a file outside the workspace: {seen}"
+    assert seen.get("inside", 0) > 0, seen
+    leaked = session.sh("ls /tmp/outside")["stdout"].split()
+    assert leaked == ["secret"], f"uploads created files outside the workspace: {leaked}"
+
+
+def test_fifos_do_not_wedge_picod(stack, session):
+    session.sh("mkfifo f")
+
+    def fetch(_):
+        return session.get("api/files/f", timeout=10).status_code
+
+    started = time.time()
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(fetch, range(500)))
+    assert set(codes) == {400}, codes
+    assert time.time() - started < 60
+    out = session.sh("echo alive")
+    assert out["stdout"] == "alive\n"
