@@ -57,6 +57,19 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
         text.contains("Operation not permitted") && !text.contains("rc=0"),
         "{text}"
     );
+    // A socket symlink planted inside (gVisor's gofer makes it a real host symlink) is never
+    // followed: the host talks to the socket it took out of the sandbox's reach.
+    let host = s.dir.path().join("host.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&host).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let plant = format!(
+        "rm -f /run/agentcube/picod.sock; ln -s {} /run/agentcube/picod.sock; ls -l /run/agentcube",
+        host.display()
+    );
+    let out = exec(&v, &sh(&plant)).await;
+    assert!(out["stdout"].as_str().unwrap().contains("->"), "{out}");
+    assert_eq!(exec(&v, &["echo", "picod"]).await["stdout"], "picod\n");
+    assert!(listener.accept().is_err(), "the host socket was reached");
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     let listed = std::process::Command::new("runsc")
         .arg(format!(
