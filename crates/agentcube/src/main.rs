@@ -73,6 +73,8 @@ struct UpArgs {
     max_concurrent_requests: usize,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    limits: agentcube_serve::LimitArgs,
 }
 
 #[tokio::main]
@@ -122,10 +124,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             "warning: cgroup limits are not available here; sandboxes run without memory/cpu/pids limits"
         );
     }
+    // The Router proxies (two descriptors per connection); the WM shares the same budget.
+    let limits = args
+        .limits
+        .limits(10_000)
+        .fit_fd_limit(agentcube_serve::raise_fd_limit(), 3);
     let config = agentcube_workload_manager::Config {
         manifests_dir: Some(args.manifests.clone()),
         gc_interval: args.gc_interval.0,
         public_key: Some(identity.public_pem.clone()),
+        limits,
         ..Default::default()
     };
     let wm = WorkloadManager::start(config, store.clone(), backend.clone()).await?;
@@ -139,6 +147,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let router_url = format!("http://{}", router_listener.local_addr()?);
     let mut router_config = agentcube_router::Config::new(wm_url.clone());
     router_config.max_concurrent_requests = args.max_concurrent_requests;
+    router_config.limits = limits;
     let router = RouterService::start(&router_config, store, &identity)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -148,20 +157,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let wm_app = wm.app();
-    let wm_server = tokio::spawn(
-        axum::serve(wm_listener, wm_app)
-            .with_graceful_shutdown(stopped())
-            .into_future(),
-    );
-    let router_app = router
-        .app()
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let router_server = tokio::spawn(
-        axum::serve(router_listener, router_app)
-            .with_graceful_shutdown(stopped())
-            .into_future(),
-    );
+    // Both through their crates' serving functions: the same limits and TCP_NODELAY as the
+    // standalone binaries.
+    let wm_server = tokio::spawn(agentcube_workload_manager::serve(
+        wm,
+        wm_listener,
+        stopped(),
+    ));
+    let router_server = tokio::spawn(agentcube_router::serve(
+        router,
+        router_listener,
+        None,
+        stopped(),
+    ));
 
     println!(
         "AgentCube is up (embedded: Router + Workload Manager + {} store, sandboxes: {:?})",
@@ -184,13 +192,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("\nstopping…");
     progress.abort();
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = router_server.await;
-        let _ = wm_server.await;
-    })
-    .await;
-    router.shutdown().await;
-    wm.shutdown().await;
+    // Each serve drains its connections (10 s at most), then the Router flushes activity and
+    // the Workload Manager removes every sandbox.
+    let _ = router_server.await;
+    let _ = wm_server.await;
     println!("stopped; no sandbox left running");
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct Config {
     pub health_ports: Vec<u16>,
     /// This sandbox's identity; when set, tokens must carry it in `aud`.
     pub sandbox_name: Option<String>,
+    /// Timeouts and the connection cap of the listener.
+    pub limits: agentcube_serve::Limits,
 }
 
 impl Config {
@@ -47,6 +49,10 @@ impl Config {
             token_cache_size: 1024,
             health_ports: Vec::new(),
             sandbox_name: None,
+            limits: agentcube_serve::Limits {
+                max_connections: 1024,
+                ..Default::default()
+            },
         }
     }
 }
@@ -79,19 +85,12 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
-/// A bound listener.
-#[derive(Debug)]
-pub enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-impl Listener {
+impl ListenAddr {
     /// Binds; a stale Unix socket file left by a previous run is replaced.
-    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Self> {
-        match addr {
-            ListenAddr::Tcp(a) => Ok(Self::Tcp(tokio::net::TcpListener::bind(a).await?)),
-            ListenAddr::Unix(p) => {
+    pub async fn bind(&self) -> std::io::Result<agentcube_serve::Listener> {
+        match self {
+            Self::Tcp(a) => Ok(tokio::net::TcpListener::bind(a).await?.into()),
+            Self::Unix(p) => {
                 if let Some(parent) = p.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
@@ -100,22 +99,8 @@ impl Listener {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
-                Ok(Self::Unix(tokio::net::UnixListener::bind(p)?))
+                Ok(tokio::net::UnixListener::bind(p)?.into())
             }
-        }
-    }
-
-    /// Human-readable address (`127.0.0.1:8080` or `unix:/path`).
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|_| "?".into(), |a| a.to_string()),
-            Self::Unix(l) => l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
-                .unwrap_or_else(|| "unix:?".into()),
         }
     }
 }

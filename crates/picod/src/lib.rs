@@ -2,14 +2,16 @@
 //! Router, and accepts only requests carrying an RS256 JWT signed by the Router.
 //!
 //! Main flow:
-//! 1. `main` parses flags/env into a [`Config`] and binds a [`Listener`] (TCP or Unix socket).
+//! 1. `main` parses flags/env into a [`Config`] and binds a listener ([`ListenAddr::bind`]: TCP
+//!    or a Unix socket).
 //! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`]).
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
-//! 6. On shutdown, in-flight requests get [`server::SHUTDOWN_GRACE`] to finish.
+//! 6. [`run`] serves through `agentcube-serve`, the seam every component shares (timeouts,
+//!    connection cap, `TCP_NODELAY`); on shutdown, in-flight requests get 10 s to finish.
 //!
 //! Depends on `agentcube-types` only: it runs in every sandbox, so it stays small.
 
@@ -22,6 +24,6 @@ pub mod forward;
 pub mod jail;
 pub mod server;
 
-pub use config::{Auth, Config, ListenAddr, Listener};
+pub use config::{Auth, Config, ListenAddr};
 pub use error::ApiError;
 pub use server::{AppState, app, run};

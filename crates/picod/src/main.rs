@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use agentcube_picod::{AppState, Auth, Config, ListenAddr, Listener};
+use agentcube_picod::{AppState, Auth, Config, ListenAddr};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 
@@ -43,6 +43,8 @@ struct Args {
     /// after `--`. PicoD exits when it exits.
     #[arg(last = true)]
     agent: Vec<String>,
+    #[command(flatten)]
+    limits: agentcube_serve::LimitArgs,
     /// Log format: plain or json.
     #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -80,6 +82,10 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         config.max_output_bytes = a.max_output_bytes;
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
         config.sandbox_name = a.sandbox_name.filter(|n| !n.is_empty());
+        config.limits = a
+            .limits
+            .limits(1024)
+            .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1);
         let listen = a
             .listen
             .unwrap_or_else(|| ListenAddr::Tcp(([0, 0, 0, 0], a.port).into()));
@@ -114,7 +120,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let state = AppState::new(config)?;
-    let listener = Listener::bind(&listen)
+    let listener = listen
+        .bind()
         .await
         .with_context(|| format!("cannot listen on {listen:?}"))?;
     tracing::info!(addr = %listener.describe(), workspace = %state.workspace.root().display(), "picod listening");

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agentcube_types::GoDuration;
 use agentcube_types::picod::HealthResponse;
@@ -17,13 +17,10 @@ use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 
 use crate::auth::{Verifier, require_token};
-use crate::config::{Auth, Config, Listener};
+use crate::config::{Auth, Config};
 use crate::error::ApiError;
 use crate::jail::Workspace;
 use crate::{exec, files};
-
-/// How long in-flight requests may take to finish after a shutdown signal (upstream: 10 s).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -121,32 +118,16 @@ pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         .map_err(|_| ApiError::TooLarge { limit })
 }
 
-/// Serves until `shutdown` resolves, then lets in-flight requests finish for [`SHUTDOWN_GRACE`].
+/// Serves until `shutdown` resolves, then lets in-flight requests finish for
+/// [`agentcube_serve::SHUTDOWN_GRACE`]; the listener's limits come from the configuration.
 pub async fn run(
     state: AppState,
-    listener: Listener,
+    listener: agentcube_serve::Listener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = app(state);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let signal = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
-    let grace = async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-        tracing::warn!("shutdown grace period over, dropping in-flight requests");
-    };
-    let serve = async move {
-        match listener {
-            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-            Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-        }
-    };
-    tokio::select! {
-        r = serve => r,
-        () = grace => Ok(()),
-    }
+    let refusal = agentcube_serve::Refusal::json(
+        &serde_json::json!({"error": "too many connections", "code": 503}).to_string(),
+    );
+    let options = agentcube_serve::Options::new(state.config.limits, refusal);
+    agentcube_serve::serve(listener, app(state), options, shutdown).await
 }

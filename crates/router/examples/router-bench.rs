@@ -191,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(agentcube_router::serve(
         service,
         listener,
+        None,
         std::future::pending(),
     ));
     let via = format!(

@@ -49,6 +49,8 @@ pub struct Config {
     pub workload_manager_token_file: Option<std::path::PathBuf>,
     /// `X-Forwarded-Proto` value.
     pub scheme: &'static str,
+    /// Timeouts and the connection cap of the listener.
+    pub limits: agentcube_serve::Limits,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ impl Config {
             workload_manager_timeout: Duration::from_secs(120),
             workload_manager_token_file: None,
             scheme: "http",
+            limits: agentcube_serve::Limits::default(),
         }
     }
 }
@@ -70,6 +73,7 @@ impl Config {
 /// A running Router (without its listener, so it can be embedded).
 pub struct RouterService {
     pub shared: Arc<Shared>,
+    limits: agentcube_serve::Limits,
     store: Arc<dyn SessionStore>,
     flusher: tokio::task::JoinHandle<()>,
 }
@@ -116,6 +120,7 @@ impl RouterService {
         });
         Ok(Self {
             shared,
+            limits: config.limits,
             store,
             flusher,
         })
@@ -128,22 +133,7 @@ impl RouterService {
 
     /// The admin surface: `GET /metrics` (Prometheus text format).
     pub fn admin_app(&self) -> axum::Router {
-        let shared = self.shared.clone();
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let body = shared.metrics.encode();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        )
+        admin_app(self.shared.clone())
     }
 
     /// Stops the flusher after a last flush.
@@ -153,22 +143,52 @@ impl RouterService {
     }
 }
 
-/// Serves on `listener` until `shutdown`, recording client addresses.
+/// The admin surface of a Router: `GET /metrics` (Prometheus text format).
+pub fn admin_app(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = shared.metrics.encode();
+            async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
+/// The Router's answer to a connection over `--max-connections`.
+pub fn refusal() -> agentcube_serve::Refusal {
+    agentcube_serve::Refusal::json(
+        &serde_json::json!({"error": "too many connections, please try again later", "code": "TOO_MANY_CONNECTIONS"})
+            .to_string(),
+    )
+}
+
+/// Serves on `listener` (plain HTTP/1.1 and h2c, or HTTPS with `tls`) until `shutdown`, then
+/// flushes activity. All through `agentcube-serve`: limits, `TCP_NODELAY`, graceful shutdown.
 pub async fn serve(
     service: RouterService,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<agentcube_serve::Listener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = service
-        .app()
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Small request/response exchanges must not wait for Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = service.app();
+    let mut options = agentcube_serve::Options::new(service.limits, refusal());
+    options.stats = service.shared.metrics.serve.clone();
+    let listener = listener.into();
+    match tls {
+        None => agentcube_serve::serve(listener, app, options, shutdown).await?,
+        Some(acceptor) => {
+            let options = options.with_handshake(tls::Tls(acceptor));
+            agentcube_serve::serve(listener, app, options, shutdown).await?
+        }
+    }
     service.shutdown().await;
     Ok(())
 }

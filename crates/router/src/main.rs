@@ -39,6 +39,8 @@ struct Args {
     /// How long a looked-up session is reused without asking the store, in milliseconds.
     #[arg(long, env = "ROUTER_SESSION_CACHE_TTL_MS", default_value_t = 1000)]
     session_cache_ttl_ms: u64,
+    #[command(flatten)]
+    limits: agentcube_serve::LimitArgs,
     /// Upstream flag; accepted (use RUST_LOG for log levels).
     #[arg(long)]
     debug: bool,
@@ -118,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::new(args.workload_manager_url.clone());
     config.max_concurrent_requests = args.max_concurrent_requests;
     config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
+    // Each client connection may need an upstream one: two descriptors.
+    config.limits = args
+        .limits
+        .limits(10_000)
+        .fit_fd_limit(agentcube_serve::raise_fd_limit(), 2);
     let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
     config.workload_manager_token_file = sa.exists().then_some(sa);
     let tls = match (
@@ -141,16 +148,20 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("metrics port {}", args.metrics_port))?;
         let app = service.admin_app();
-        tokio::spawn(async move { axum::serve(admin, app).await });
+        let options = agentcube_serve::Options::new(
+            agentcube_serve::Limits::default(),
+            agentcube_router::refusal(),
+        );
+        tokio::spawn(agentcube_serve::serve(
+            admin.into(),
+            app,
+            options,
+            std::future::pending(),
+        ));
     }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
-    match tls {
-        Some(acceptor) => {
-            agentcube_router::tls::serve_tls(service, listener, acceptor, shutdown_signal()).await
-        }
-        None => agentcube_router::serve(service, listener, shutdown_signal()).await,
-    }
+    agentcube_router::serve(service, listener, tls, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub store_gets: Counter,
     /// RS256 signatures made (one per session per refresh, never per request).
     pub signatures: Counter,
+    /// The listener's connection counters (timeouts, refusals, `TCP_NODELAY`).
+    pub serve: std::sync::Arc<agentcube_serve::Stats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -57,12 +59,15 @@ impl Default for Metrics {
             "RS256 sandbox tokens signed",
             signatures.clone(),
         );
+        let serve = std::sync::Arc::new(agentcube_serve::Stats::default());
+        serve.register(&mut registry);
         Self {
             registry,
             requests,
             latency,
             store_gets,
             signatures,
+            serve,
         }
     }
 }

@@ -1,20 +1,14 @@
 //! HTTPS on the Router's listener (`--enable-tls --tls-cert --tls-key`), HTTP/1.1 and HTTP/2.
 
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
-
-use crate::RouterService;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -43,40 +37,17 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves HTTPS until `shutdown`, then flushes activity.
-pub async fn serve_tls(
-    service: RouterService,
-    listener: tokio::net::TcpListener,
-    acceptor: TlsAcceptor,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let app = service.app();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-            else {
-                return;
-            };
-            let svc = app.layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc))
-                .await;
-        });
+/// The TLS handshake of the Router's listener (ALPN h2 or http/1.1).
+#[derive(Clone)]
+pub struct Tls(pub TlsAcceptor);
+
+impl agentcube_serve::Handshake for Tls {
+    type Io = tokio_rustls::server::TlsStream<agentcube_serve::Stream>;
+    fn handshake(
+        &self,
+        s: agentcube_serve::Stream,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send>> {
+        let acceptor = self.0.clone();
+        Box::pin(async move { acceptor.accept(s).await })
     }
-    service.shutdown().await;
-    Ok(())
 }

@@ -102,7 +102,7 @@ async fn sdk_flow_and_router_bootstrapped_flow() {
     let before = store.list_idle(jiff::Timestamp::now(), 10).await.unwrap();
     assert!(before.iter().any(|s| s.record.session_id == id));
 
-    router.service.unwrap().shutdown().await;
+    router.stop().await;
     wm.stop().await;
 }
 
@@ -185,7 +185,7 @@ async fn unknown_session_unknown_runtime_and_mismatch() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    router.service.unwrap().shutdown().await;
+    router.stop().await;
     wm.stop().await;
 }
 
@@ -219,7 +219,7 @@ async fn hot_path_does_one_lookup_and_no_signing_per_request() {
         "at most one store GET per request (cache disabled here)"
     );
     assert_eq!(sigs, 1, "one RSA signature for the whole session");
-    router.service.unwrap().shutdown().await;
+    router.stop().await;
     wm.stop().await;
 }
 
@@ -253,7 +253,7 @@ async fn two_routers_share_one_redis_and_identity() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "hi\n");
-    a.service.unwrap().shutdown().await;
-    b.service.unwrap().shutdown().await;
+    a.stop().await;
+    b.stop().await;
     wm.stop().await;
 }

@@ -440,7 +440,7 @@ async fn metrics_count_requests_lookups_and_signatures() {
         .send()
         .await
         .unwrap();
-    let (admin, _t) = serve(router.service.as_ref().unwrap().admin_app()).await;
+    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
     let text = client()
         .get(format!("{admin}/metrics"))
         .send()

@@ -60,10 +60,10 @@ async fn https_listener_serves_the_same_api() {
     let service = agentcube_router::RouterService::start(&config, store, &pair).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(agentcube_router::tls::serve_tls(
+    tokio::spawn(agentcube_router::serve(
         service,
         listener,
-        acceptor,
+        Some(acceptor),
         std::future::pending(),
     ));
 

@@ -50,6 +50,8 @@ pub struct Config {
     /// Router public key (PEM) injected into `authMode: picod` sandboxes. `None`: the backend's
     /// ([`Backend::router_key`]), if it has one.
     pub public_key: Option<String>,
+    /// Timeouts and the connection cap of the API listener.
+    pub limits: agentcube_serve::Limits,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             gc_interval: Duration::from_secs(15),
             create_timeout: Duration::from_secs(120),
             public_key: None,
+            limits: agentcube_serve::Limits::default(),
         }
     }
 }
@@ -67,6 +70,7 @@ impl Default for Config {
 /// A running Workload Manager (without its HTTP listener, so it can be embedded).
 pub struct WorkloadManager {
     pub manager: Arc<Manager>,
+    limits: agentcube_serve::Limits,
     pub backend: Arc<dyn Backend>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -139,6 +143,7 @@ impl WorkloadManager {
         }
         Ok(Self {
             manager,
+            limits: config.limits,
             backend,
             stop,
             tasks,
@@ -186,15 +191,21 @@ impl WorkloadManager {
     }
 }
 
-/// Serves the API on `listener` until `shutdown`, then cleans up.
+/// The Workload Manager's answer to a connection over `--max-connections`.
+pub fn refusal() -> agentcube_serve::Refusal {
+    agentcube_serve::Refusal::json(r#"{"message":"too many connections, please try again later"}"#)
+}
+
+/// Serves the API on `listener` until `shutdown` (through `agentcube-serve`: limits,
+/// `TCP_NODELAY`, graceful shutdown), then cleans up.
 pub async fn serve(
     wm: WorkloadManager,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<agentcube_serve::Listener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, wm.app())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let mut options = agentcube_serve::Options::new(wm.limits, refusal());
+    options.stats = wm.manager.metrics.serve.clone();
+    agentcube_serve::serve(listener.into(), wm.app(), options, shutdown).await?;
     wm.shutdown().await;
     Ok(())
 }

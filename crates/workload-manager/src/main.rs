@@ -75,6 +75,8 @@ struct Args {
     namespace: String,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    limits: agentcube_serve::LimitArgs,
     /// Validate flags and environment, print the environment variables this binary reads, exit.
     #[arg(long, hide = true)]
     check_config: bool,
@@ -151,6 +153,10 @@ async fn main() -> anyhow::Result<()> {
         gc_interval: args.gc_interval.0,
         create_timeout: args.create_timeout.0,
         public_key,
+        limits: args
+            .limits
+            .limits(10_000)
+            .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1),
         ..Config::default()
     };
     let wm = WorkloadManager::start(config, store, backend).await?;
@@ -158,8 +164,16 @@ async fn main() -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
             .await
             .with_context(|| format!("metrics port {}", args.metrics_port))?;
-        let app = wm.admin_app();
-        tokio::spawn(async move { axum::serve(admin, app).await });
+        let options = agentcube_serve::Options::new(
+            agentcube_serve::Limits::default(),
+            agentcube_workload_manager::refusal(),
+        );
+        tokio::spawn(agentcube_serve::serve(
+            admin.into(),
+            wm.admin_app(),
+            options,
+            std::future::pending(),
+        ));
     }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");

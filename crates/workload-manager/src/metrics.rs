@@ -22,6 +22,8 @@ pub struct Metrics {
     pub gc_deleted: Counter,
     /// Ready sandboxes per warm pool (refreshed at each scrape).
     pub warm_pool_ready: Family<Pool, Gauge>,
+    /// The API listener's connection counters.
+    pub serve: std::sync::Arc<agentcube_serve::Stats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -39,8 +41,10 @@ impl Default for Metrics {
             sessions_deleted: Counter::default(),
             gc_deleted: Counter::default(),
             warm_pool_ready: Family::default(),
+            serve: Default::default(),
             registry: Registry::default(),
         };
+        m.serve.register(&mut registry);
         registry.register(
             "sessions_created",
             "Sessions created",

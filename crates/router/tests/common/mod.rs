@@ -92,7 +92,8 @@ pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
 
 pub struct Router {
     pub url: String,
-    pub service: Option<RouterService>,
+    pub shared: std::sync::Arc<agentcube_router::Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -107,10 +108,21 @@ impl Router {
         tweak(&mut config);
         let pair = KeyPair::from_private_pem(ROUTER_KEY).unwrap();
         let service = RouterService::start(&config, store, &pair).unwrap();
-        let (url, task) = serve(service.app()).await;
+        let shared = service.shared.clone();
+        // The Router under test is served through its real serving seam.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let until = async {
+                let _ = stopped.await;
+            };
+            let _ = agentcube_router::serve(service, l, None, until).await;
+        });
         Self {
             url,
-            service: Some(service),
+            shared,
+            stop: Some(stop),
             task,
         }
     }
@@ -122,8 +134,14 @@ impl Router {
         )
     }
 
+    /// Stops serving (graceful) and flushes activity, as the binary does on SIGTERM.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = (&mut self.task).await;
+    }
+
     pub fn shared(&self) -> &agentcube_router::Shared {
-        &self.service.as_ref().unwrap().shared
+        &self.shared
     }
 }
 

@@ -92,6 +92,7 @@ impl Stack {
             gc_interval: opts.gc_interval,
             create_timeout: opts.create_timeout,
             public_key: Some(ROUTER_PUB.into()),
+            ..Default::default()
         };
         let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend.clone()))
             .await

@@ -1,0 +1,273 @@
+//! One connection: what it is doing (a request in flight, reading headers, idle), and the
+//! watchdog that closes it when a client stalls.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::Limits;
+
+/// `u64::MAX`: not set.
+const UNSET: u64 = u64::MAX;
+
+/// Shared state of one connection.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    origin: Instant,
+    in_flight: AtomicUsize,
+    /// When the first byte of the next request arrived (ms since origin), while none is in flight.
+    header_started: AtomicU64,
+    /// When the connection last became idle (ms since origin).
+    idle_since: AtomicU64,
+    /// The client spoke the HTTP/2 preface: streams are multiplexed, header timing is h2's own.
+    h2: AtomicBool,
+    sniffed: AtomicBool,
+    changed: Notify,
+}
+
+/// Why the watchdog closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    HeaderTimeout,
+    Idle,
+}
+
+impl Tracker {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            header_started: AtomicU64::new(UNSET),
+            idle_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            sniffed: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        if !self.sniffed.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2.0") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self
+                .header_started
+                .compare_exchange(UNSET, self.now_ms(), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// A request's headers are in: it is in flight until its response body is done.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.header_started.store(UNSET, Ordering::Release);
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    /// Waits until the connection has stalled, and says how.
+    pub(crate) async fn watchdog(&self, limits: &Limits) -> Closed {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = self.deadline(limits);
+            match deadline {
+                Some((at, why)) => {
+                    let now = self.now_ms();
+                    if at <= now {
+                        return why;
+                    }
+                    let sleep = tokio::time::sleep(Duration::from_millis(at - now));
+                    tokio::select! {
+                        () = sleep => {}
+                        () = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// The moment the connection counts as stalled, if nothing changes.
+    fn deadline(&self, limits: &Limits) -> Option<(u64, Closed)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        let started = self.header_started.load(Ordering::Acquire);
+        if started != UNSET && !self.h2.load(Ordering::Relaxed) {
+            return Some((
+                started + ms(limits.header_read_timeout),
+                Closed::HeaderTimeout,
+            ));
+        }
+        let idle = self.idle_since.load(Ordering::Acquire);
+        Some((idle + ms(limits.keep_alive_idle), Closed::Idle))
+    }
+}
+
+/// A request in flight; its drop (with the response body) makes the connection idle again.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Tracker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let t = &self.0;
+        if t.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            t.idle_since.store(t.now_ms(), Ordering::Release);
+            t.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it is done (or dropped).
+pub(crate) struct GuardedBody {
+    pub(crate) inner: Body,
+    pub(crate) _guard: InFlight,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The connection's stream, reporting reads to its tracker.
+pub(crate) struct TrackedIo<I> {
+    pub(crate) io: I,
+    pub(crate) tracker: Arc<Tracker>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && buf.filled().len() > before
+        {
+            self.tracker.on_read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_idle: Duration::from_secs(90),
+            ..Limits::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_close_after_the_keep_alive_timeout() {
+        let t = Tracker::new();
+        let started = tokio::time::Instant::now();
+        assert_eq!(t.watchdog(&limits()).await, Closed::Idle);
+        assert!(started.elapsed() >= Duration::from_secs(90));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partial_headers_close_after_the_header_timeout() {
+        let t = Tracker::new();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        t.on_read(b"GET / HTT");
+        let started = tokio::time::Instant::now();
+        assert_eq!(t.watchdog(&limits()).await, Closed::HeaderTimeout);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(10) && waited < Duration::from_secs(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_never_cut() {
+        let t = Tracker::new();
+        let guard = t.begin();
+        let dog = tokio::spawn({
+            let t = t.clone();
+            async move { t.watchdog(&limits()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(
+            !dog.is_finished(),
+            "a long request (streaming, a long execute) stays"
+        );
+        drop(guard);
+        tokio::time::sleep(Duration::from_secs(91)).await;
+        assert_eq!(dog.await.unwrap(), Closed::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_connections_only_idle_out() {
+        let t = Tracker::new();
+        t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let started = tokio::time::Instant::now();
+        assert_eq!(t.watchdog(&limits()).await, Closed::Idle);
+        assert!(started.elapsed() >= Duration::from_secs(90));
+    }
+}

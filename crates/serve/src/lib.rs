@@ -1,0 +1,296 @@
+//! The one way every AgentCube component serves HTTP: the Router, the Workload Manager, PicoD,
+//! `agentcube up` and the admin (metrics) ports all call [`serve`]. No second copy of serving
+//! code exists, so what it guarantees holds everywhere.
+//!
+//! Main flow of [`serve`]:
+//! 1. Accept ([`Listener`]: TCP or a Unix socket), backing off on errors such as running out of
+//!    descriptors instead of spinning; `TCP_NODELAY` on every TCP connection.
+//! 2. Over [`Limits::max_connections`], answer with the component's [`Refusal`] (its own error
+//!    shape, 503) and close.
+//! 3. [`Handshake`] (identity, or TLS at the Router), bounded by the header timeout.
+//! 4. HTTP/1.1 or h2c (hyper-util's auto connection), WebSocket upgrades included. Request bodies
+//!    fail after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
+//!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever.
+//! 5. A watchdog per connection ([`conn`]): with no request in flight, a request whose headers
+//!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris),
+//!    or a connection idle for [`Limits::keep_alive_idle`], is closed. A request in flight is
+//!    never cut (long executes and streams are legitimate).
+//! 6. On shutdown: stop accepting, let connections finish for the grace period, then return.
+//!
+//! Counters of all of this are in [`Stats`], for each component's `/metrics`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
+
+mod conn;
+pub mod limits;
+pub mod listener;
+
+pub use limits::{LimitArgs, Limits, raise_fd_limit};
+pub use listener::{Handshake, Listener, Plain, Stream};
+pub use tower_http::timeout::TimeoutError as BodyTimeout;
+
+/// How long in-flight requests may take to finish after a shutdown signal (Go's servers: 10 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The answer to a connection over the limit, in the component's error shape.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    raw: bytes::Bytes,
+}
+
+impl Refusal {
+    /// `503` with a JSON body (e.g. the Router's `{"error","code"}`, the WM's `{"message"}`).
+    pub fn json(body: &str) -> Self {
+        let raw = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        Self { raw: raw.into() }
+    }
+}
+
+/// What [`serve`] counted, for metrics (`prometheus-client` types, so a component registers
+/// them in its own registry with [`Stats::register`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted and served.
+    pub accepted: Counter,
+    /// Accepted TCP connections on which `TCP_NODELAY` was read back as set (the guard against
+    /// the 40 ms Nagle/delayed-ACK stall coming back).
+    pub nodelay: Counter,
+    /// Connections refused with the 503 (over `max_connections`).
+    pub refused: Counter,
+    /// Accept errors (e.g. out of descriptors).
+    pub accept_errors: Counter,
+    /// Connections closed because headers did not arrive in time (slowloris).
+    pub header_timeouts: Counter,
+    /// Idle keep-alive connections closed.
+    pub idle_closed: Counter,
+    /// Handshakes (TLS) that failed or timed out.
+    pub handshake_failures: Counter,
+    /// Connections open now.
+    pub open: Gauge,
+}
+
+impl Stats {
+    /// Registers every counter under `registry` (names `connections_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry;
+        r.register(
+            "connections_accepted",
+            "Connections accepted",
+            self.accepted.clone(),
+        );
+        r.register(
+            "connections_nodelay",
+            "Accepted TCP connections with TCP_NODELAY set (read back from the socket)",
+            self.nodelay.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused over the connection limit",
+            self.refused.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Accept errors (e.g. out of descriptors)",
+            self.accept_errors.clone(),
+        );
+        r.register(
+            "connections_header_timeouts",
+            "Connections closed: request headers too slow",
+            self.header_timeouts.clone(),
+        );
+        r.register(
+            "connections_idle_closed",
+            "Idle keep-alive connections closed",
+            self.idle_closed.clone(),
+        );
+        r.register(
+            "connections_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            self.handshake_failures.clone(),
+        );
+        r.register("connections_open", "Connections open", self.open.clone());
+    }
+}
+
+/// Everything [`serve`] needs besides the listener and the app.
+#[derive(Debug, Clone)]
+pub struct Options<H = Plain> {
+    pub limits: Limits,
+    pub refusal: Refusal,
+    pub handshake: H,
+    pub stats: Arc<Stats>,
+    /// After the shutdown signal, how long in-flight requests may take.
+    pub grace: Duration,
+}
+
+impl Options<Plain> {
+    /// Plain HTTP with `limits`, refusing extra connections with `refusal`.
+    pub fn new(limits: Limits, refusal: Refusal) -> Self {
+        Self {
+            limits,
+            refusal,
+            handshake: Plain,
+            stats: Arc::default(),
+            grace: SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl<H> Options<H> {
+    /// The same options with another handshake (TLS).
+    pub fn with_handshake<H2: Handshake>(self, handshake: H2) -> Options<H2> {
+        Options {
+            limits: self.limits,
+            refusal: self.refusal,
+            handshake,
+            stats: self.stats,
+            grace: self.grace,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; see the crate documentation.
+pub async fn serve<H: Handshake>(
+    listener: Listener,
+    app: axum::Router,
+    options: Options<H>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            c = listener.accept_backing_off(&options.stats.accept_errors) => c,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            options.stats.refused.inc();
+            tokio::spawn(refuse(stream, options.refusal.raw.clone()));
+            continue;
+        };
+        options.stats.accepted.inc();
+        if let Stream::Tcp(s) = &stream
+            && s.nodelay().unwrap_or(false)
+        {
+            options.stats.nodelay.inc();
+        }
+        let conn = Connection {
+            app: app.clone(),
+            peer,
+            options: options.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            conn.run(stream).await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(options.grace) => {
+            tracing::warn!("shutdown grace period over, dropping in-flight requests");
+        }
+    }
+    Ok(())
+}
+
+async fn refuse(mut stream: Stream, raw: bytes::Bytes) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&raw)).await;
+    let _ = stream.shutdown().await;
+}
+
+struct Connection<H> {
+    app: axum::Router,
+    peer: Option<SocketAddr>,
+    options: Options<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl<H: Handshake> Connection<H> {
+    async fn run(self, stream: Stream) {
+        let stats = self.options.stats.clone();
+        let limits = self.options.limits;
+        let io = match tokio::time::timeout(
+            limits.header_read_timeout,
+            self.options.handshake.handshake(stream),
+        )
+        .await
+        {
+            Ok(Ok(io)) => io,
+            _ => {
+                stats.handshake_failures.inc();
+                return;
+            }
+        };
+        stats.open.inc();
+        let tracker = conn::Tracker::new();
+        let (app, peer, t) = (self.app, self.peer, tracker.clone());
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let guard = t.begin();
+            let mut req = req.map(|b| Body::new(TimeoutBody::new(limits.body_idle_timeout, b)));
+            if let Some(addr) = peer {
+                req.extensions_mut().insert(ConnectInfo(addr));
+            }
+            let call = app.clone().oneshot(req);
+            async move {
+                let resp = call.await?;
+                Ok::<_, Infallible>(resp.map(|b| conn::GuardedBody {
+                    inner: b,
+                    _guard: guard,
+                }))
+            }
+        });
+        let io = TokioIo::new(conn::TrackedIo {
+            io,
+            tracker: tracker.clone(),
+        });
+        let served = self
+            .builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let served = self.watcher.watch(served);
+        tokio::select! {
+            _ = served => {}
+            why = tracker.watchdog(&limits) => {
+                let counter = match why {
+                    conn::Closed::HeaderTimeout => &stats.header_timeouts,
+                    conn::Closed::Idle => &stats.idle_closed,
+                };
+                counter.inc();
+            }
+        }
+        stats.open.dec();
+    }
+}
