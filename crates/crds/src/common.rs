@@ -12,6 +12,9 @@ pub enum Protocol {
     HTTP,
     /// HTTPS. The Router does not verify sandbox certificates.
     HTTPS,
+    /// HTTP/2 in cleartext with prior knowledge (gRPC agents). Extension over upstream: the
+    /// Router speaks HTTP/1.1 to `HTTP` ports whatever the client speaks, and h2c to these.
+    H2C,
 }
 
 /// A port of the sandbox that the Router forwards to.

@@ -31,6 +31,15 @@ pub enum RouterError {
         namespace: String,
         name: String,
     },
+    /// `x-agentcube-session-id` that is not visible ASCII.
+    #[error("invalid x-agentcube-session-id header")]
+    BadSessionHeader,
+    /// The client stopped sending its request body.
+    #[error("request body timed out")]
+    BodyTimeout,
+    /// The client's request body could not be read (e.g. malformed chunked encoding).
+    #[error("malformed request body")]
+    BadBody,
     /// Concurrency limit reached.
     #[error("server overloaded, please try again later")]
     Overloaded,
@@ -62,6 +71,9 @@ impl RouterError {
             Self::UnknownRuntime { .. } | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
             Self::SessionMismatch { .. } => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
+            Self::BadSessionHeader => (StatusCode::BAD_REQUEST, Some("INVALID_SESSION_ID")),
+            Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Some("REQUEST_TIMEOUT")),
+            Self::BadBody => (StatusCode::BAD_REQUEST, Some("BAD_REQUEST_BODY")),
             Self::Refused => (StatusCode::BAD_GATEWAY, None),
             Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, None),
             Self::Unreachable => (StatusCode::SERVICE_UNAVAILABLE, None),

@@ -232,7 +232,10 @@ impl Upstream {
                 e.trim_end_matches('/').to_string()
             }
         };
-        if !entry.protocol.is_empty() && !entry.protocol.eq_ignore_ascii_case("HTTP") {
+        if !entry.protocol.is_empty()
+            && !entry.protocol.eq_ignore_ascii_case("HTTP")
+            && !is_h2c(entry)
+        {
             // HTTPS to a pod IP cannot be verified; upstream's attempt is unusable too.
             return Err(RouterError::Internal(format!(
                 "entry point protocol {} is not supported",
@@ -246,7 +249,10 @@ impl Upstream {
             })
     }
 
-    /// Sends `req` to the entry point and returns the sandbox's response, streaming.
+    /// Sends `req` to the entry point and returns the sandbox's response, streaming. The
+    /// upstream is spoken to in its own protocol: HTTP/1.1, or h2c for `H2C` entry points,
+    /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
+    /// is the client's error (408/400), not the sandbox's.
     pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
         let query = req
             .uri()
@@ -285,13 +291,19 @@ impl Upstream {
         headers.insert("x-forwarded-proto", HeaderValue::from_static(f.scheme));
         headers.remove(header::HOST);
         *req.uri_mut() = uri;
-        let client = if req.version() == http::Version::HTTP_2 && upgrade.is_none() {
+        let client = if is_h2c(f.entry) && upgrade.is_none() {
+            *req.version_mut() = http::Version::HTTP_2;
             &self.h2c
         } else {
             *req.version_mut() = http::Version::HTTP_11;
             &self.client
         };
-        let mut resp = client.request(req).await.map_err(map_client_error)?;
+        let body_failure = BodyFailure::default();
+        let req = req.map(|b| body_failure.watch(b));
+        let mut resp = match client.request(req).await {
+            Ok(r) => r,
+            Err(e) => return Err(body_failure.get().unwrap_or_else(|| map_client_error(e))),
+        };
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -308,6 +320,42 @@ impl Upstream {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+fn is_h2c(entry: &EntryPoint) -> bool {
+    entry.protocol.eq_ignore_ascii_case("H2C")
+}
+
+/// Remembers why the client's request body failed while it was streamed upstream.
+#[derive(Clone, Default)]
+struct BodyFailure(Arc<std::sync::OnceLock<bool>>);
+
+impl BodyFailure {
+    /// `body`, reporting its first error here (`true`: it stalled past the idle timeout).
+    fn watch(&self, body: Body) -> Body {
+        use http_body_util::BodyExt;
+        let slot = self.0.clone();
+        Body::new(body.map_err(move |e: axum::Error| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut timed_out = false;
+            while let Some(s) = source {
+                timed_out |= s.is::<agentcube_serve::BodyTimeout>();
+                source = s.source();
+            }
+            let _ = slot.set(timed_out);
+            e
+        }))
+    }
+
+    fn get(&self) -> Option<RouterError> {
+        self.0.get().map(|timed_out| {
+            if *timed_out {
+                RouterError::BodyTimeout
+            } else {
+                RouterError::BadBody
+            }
+        })
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentcube_store::SessionStore;
+use agentcube_types::EntryPoint;
 use agentcube_types::api::WorkloadKind;
-use agentcube_types::{EntryPoint, SessionRecord};
 
 use crate::error::RouterError;
 use crate::wm::WmClient;
@@ -20,6 +20,17 @@ pub struct Target {
     pub entry_points: Arc<[EntryPoint]>,
     /// The sandbox's identity, which the token is bound to (absent in upstream records).
     pub identity: Option<Arc<str>>,
+    /// The runtime the session was made for (absent in upstream records): checked on every
+    /// request, cached or not.
+    pub workload: Option<Arc<Workload>>,
+}
+
+/// The runtime a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    pub namespace: String,
+    pub name: String,
 }
 
 struct CacheEntry {
@@ -79,11 +90,18 @@ impl Resolver {
         namespace: &str,
         name: &str,
     ) -> Result<Target, RouterError> {
-        if !self.ttl.is_zero()
-            && let Some(e) = self.cache.lock().unwrap().get(session_id)
-            && e.at.elapsed() < self.ttl
-        {
-            return Ok(e.target.clone());
+        let cached = if self.ttl.is_zero() {
+            None
+        } else {
+            let cache = self.cache.lock().unwrap();
+            cache
+                .get(session_id)
+                .filter(|e| e.at.elapsed() < self.ttl)
+                .map(|e| e.target.clone())
+        };
+        if let Some(target) = cached {
+            check_target(&target, kind, namespace, name)?;
+            return Ok(target);
         }
         self.store_gets.inc();
         let record = match self.store.get(session_id).await {
@@ -95,14 +113,22 @@ impl Resolver {
             Err(e) if e.is_unavailable() => return Err(RouterError::StoreUnavailable),
             Err(e) => return Err(RouterError::Internal(e.to_string())),
         };
-        check_target(&record, kind, namespace, name)?;
         let target = Target {
             session_id: session_id.to_string(),
             entry_points: record.entry_points().to_vec().into(),
             identity: record.sandbox_identity.as_deref().map(Arc::from),
+            workload: match (record.workload_kind, record.workload_name) {
+                (Some(kind), Some(name)) => Some(Arc::new(Workload {
+                    kind,
+                    namespace: record.sandbox_namespace,
+                    name,
+                })),
+                _ => None,
+            },
         };
         if !self.ttl.is_zero() {
             let mut cache = self.cache.lock().unwrap();
+            // Cached even when refused below: the next request is refused without a lookup.
             if cache.len() >= CACHE_CAPACITY {
                 cache.clear();
             }
@@ -114,6 +140,7 @@ impl Resolver {
                 },
             );
         }
+        check_target(&target, kind, namespace, name)?;
         Ok(target)
     }
 
@@ -129,27 +156,49 @@ impl Resolver {
             session_id: resp.session_id,
             entry_points: resp.entry_points.into(),
             identity: resp.sandbox_identity.as_deref().map(Arc::from),
+            workload: Some(Arc::new(Workload {
+                kind,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })),
         })
+    }
+
+    /// Deletes a session the Router created but could not deliver (its id never reached the
+    /// client), so no sandbox is left behind.
+    pub async fn roll_back(&self, kind: WorkloadKind, session_id: &str) {
+        self.invalidate(session_id);
+        if let Err(e) = self.wm.delete(kind, session_id).await {
+            tracing::warn!(session_id, error = %e, "could not roll back a session the Router created");
+        }
+    }
+
+    /// Whether the store answers (readiness).
+    pub async fn store_ready(&self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
-/// Records written by this project carry the CRD they were made for; upstream records do not, and
-/// are accepted anywhere (as upstream does).
+/// Records written by this project carry the runtime they were made for; upstream records do
+/// not, and are accepted anywhere (as upstream does).
 fn check_target(
-    record: &SessionRecord,
+    target: &Target,
     kind: WorkloadKind,
     namespace: &str,
     name: &str,
 ) -> Result<(), RouterError> {
-    let (Some(k), Some(n)) = (record.workload_kind, record.workload_name.as_deref()) else {
+    let Some(w) = &target.workload else {
         return Ok(());
     };
-    if k != kind || n != name || record.sandbox_namespace != namespace {
+    if w.kind != kind || w.name != name || w.namespace != namespace {
         return Err(RouterError::SessionMismatch {
-            session: record.session_id.clone(),
-            kind: k.to_string(),
-            namespace: record.sandbox_namespace.clone(),
-            name: n.to_string(),
+            session: target.session_id.clone(),
+            kind: w.kind.to_string(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
         });
     }
     Ok(())

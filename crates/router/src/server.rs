@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get};
-use futures_util::StreamExt;
+use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -50,10 +50,7 @@ pub fn app(state: AppState) -> Router {
             "/health/live",
             get(|| async { axum::Json(json!({"status": "alive"})) }),
         )
-        .route(
-            "/health/ready",
-            get(|| async { axum::Json(json!({"status": "ready"})) }),
-        );
+        .route("/health/ready", get(ready));
     for kind in [WorkloadKind::CodeInterpreter, WorkloadKind::AgentRuntime] {
         let base = format!(
             "/v1/namespaces/{{ns}}/{}/{{name}}/invocations",
@@ -65,6 +62,20 @@ pub fn app(state: AppState) -> Router {
             .route(&base, any(redirect_to_slash));
     }
     r.fallback(not_found).with_state(state)
+}
+
+/// Ready only while the session store answers: a Router that cannot look sessions up should get
+/// no traffic.
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.resolver.store_ready().await {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not ready", "error": "session store unavailable"})),
+        )
+            .into_response()
+    }
 }
 
 /// GET and POST are proxied; other methods get gin's plain 404, as upstream.
@@ -128,6 +139,28 @@ async fn invoke(
     resp
 }
 
+/// The path after `/v1/namespaces/{ns}/{kind}/{name}/invocations`, still percent-encoded and
+/// never stripped: everything from the 7th `/` of the matched route (`/` when nothing follows).
+/// Positional, so names and namespaces containing `invocations` route correctly.
+pub fn invocation_path(raw: &str) -> &str {
+    match raw.match_indices('/').nth(6) {
+        Some((i, _)) => &raw[i..],
+        None => "/",
+    }
+}
+
+/// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
+/// ASCII (never silently treated as "no session").
+fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
+    match req.headers().get(SESSION_ID) {
+        None => Ok(None),
+        Some(v) => {
+            let v = v.to_str().map_err(|_| RouterError::BadSessionHeader)?;
+            Ok((!v.is_empty()).then(|| v.to_string()))
+        }
+    }
+}
+
 async fn handle(
     kind: WorkloadKind,
     s: &AppState,
@@ -135,6 +168,7 @@ async fn handle(
     client_addr: Option<SocketAddr>,
     req: Request,
 ) -> Result<Response, RouterError> {
+    let session = session_header(&req)?;
     let permit = match &s.limiter {
         Some(sem) => Some(
             sem.clone()
@@ -143,28 +177,53 @@ async fn handle(
         ),
         None => None,
     };
-    // The full path after `/invocations`, still percent-encoded, never stripped.
-    let raw = req.uri().path();
-    let path = raw
-        .find("/invocations")
-        .map(|i| &raw[i + "/invocations".len()..])
-        .filter(|p| !p.is_empty())
-        .unwrap_or("/")
-        .to_string();
-    let session = req
-        .headers()
-        .get(SESSION_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_string);
+    let path = invocation_path(req.uri().path()).to_string();
     let target = match &session {
         Some(id) => s.resolver.existing(id, kind, &t.ns, &t.name).await?,
         None => s.resolver.create(kind, &t.ns, &t.name).await?,
     };
-    let entry = pick(&target.entry_points, &path)
+    let answered = forward(s, &target, &path, client_addr, req).await;
+    let resp = match answered {
+        Ok(r) => r,
+        Err(e) if session.is_none() => {
+            // The new session's id would never reach the client: do not leave it running.
+            let (s, id) = (s.clone(), target.session_id.clone());
+            tokio::spawn(async move { s.resolver.roll_back(kind, &id).await });
+            return Err(e);
+        }
+        Err(e) => return Err(unknown_if_deleted(s, &target, kind, &t, e).await),
+    };
+    // Activity counts only what the sandbox answered (a dead sandbox does not stay "active"),
+    // at the answer and again when it has been streamed out.
+    s.activity.record(&target.session_id);
+    let (mut parts, body) = resp.into_parts();
+    if let Ok(v) = HeaderValue::from_str(&target.session_id) {
+        parts.headers.insert(SESSION_ID, v);
+    }
+    let done = Done {
+        shared: s.clone(),
+        session_id: target.session_id,
+        _permit: permit,
+    };
+    // `map_frame` keeps trailers (gRPC over h2c) and holds `done` until the body is dropped.
+    let body = Body::new(body.map_frame(move |frame| {
+        let _held = &done;
+        frame
+    }));
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Picks the entry point, attaches the token and forwards.
+async fn forward(
+    s: &AppState,
+    target: &crate::resolve::Target,
+    path: &str,
+    client_addr: Option<SocketAddr>,
+    req: Request,
+) -> Result<Response, RouterError> {
+    let entry = pick(&target.entry_points, path)
         .ok_or(RouterError::NoEntryPoint)?
         .clone();
-    s.activity.record(&target.session_id);
     let token = s
         .signer
         .token(
@@ -175,40 +234,45 @@ async fn handle(
         .map_err(|_| RouterError::Signing)?;
     let fwd = Forward {
         entry: &entry,
-        path: &path,
+        path,
         token: &token,
         client_addr,
         scheme: s.scheme,
     };
-    let resp = match s.upstream.forward(req, fwd).await {
-        Ok(r) => r,
-        Err(e) => {
-            s.resolver.invalidate(&target.session_id);
-            // A sandbox that cannot be reached may simply have been deleted since it was cached:
-            // then the answer is the unknown-session 404, not a 502.
-            if session.is_some()
-                && matches!(e, RouterError::Refused | RouterError::Unreachable)
-                && let Err(again @ RouterError::UnknownSession(_)) = s
-                    .resolver
-                    .existing(&target.session_id, kind, &t.ns, &t.name)
-                    .await
-            {
-                return Err(again);
-            }
-            return Err(e);
-        }
-    };
-    let (mut parts, body) = resp.into_parts();
-    if let Ok(v) = HeaderValue::from_str(&target.session_id) {
-        parts.headers.insert(SESSION_ID, v);
+    s.upstream.forward(req, fwd).await
+}
+
+/// A sandbox that cannot be reached may simply have been deleted since it was cached: then the
+/// answer is the unknown-session 404, not a 502.
+async fn unknown_if_deleted(
+    s: &AppState,
+    target: &crate::resolve::Target,
+    kind: WorkloadKind,
+    t: &Target,
+    e: RouterError,
+) -> RouterError {
+    s.resolver.invalidate(&target.session_id);
+    if matches!(e, RouterError::Refused | RouterError::Unreachable)
+        && let Err(again @ RouterError::UnknownSession(_)) = s
+            .resolver
+            .existing(&target.session_id, kind, &t.ns, &t.name)
+            .await
+    {
+        return again;
     }
-    // The concurrency slot is held until the body has been streamed out.
-    let body = match permit {
-        Some(p) => Body::from_stream(body.into_data_stream().map(move |chunk| {
-            let _held = &p;
-            chunk
-        })),
-        None => body,
-    };
-    Ok(Response::from_parts(parts, body))
+    e
+}
+
+/// Held by a response body until it has been streamed out: the concurrency slot, and the
+/// activity noted when the answer is complete.
+struct Done {
+    shared: AppState,
+    session_id: String,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.shared.activity.record(&self.session_id);
+    }
 }

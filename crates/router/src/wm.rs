@@ -42,21 +42,18 @@ impl WmClient {
         }
     }
 
-    /// Creates a session. WM 404 (or 400 saying "not found") → the upstream k8s-style 404;
-    /// anything else → 500 `internal server error`.
-    pub async fn create(
+    /// One call to the WM: (status, body).
+    async fn call(
         &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        name: &str,
-    ) -> Result<CreateSandboxResponse, RouterError> {
-        let body = CreateSandboxRequest {
-            kind: Some(kind.to_string()),
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-        };
-        let url = format!("{}/v1/{}", self.base, kind.api_segment());
-        let mut req = hyper::Request::post(&url).header("content-type", "application/json");
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(http::StatusCode, Bytes), RouterError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = hyper::Request::builder().method(method).uri(&url);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
         if let Some(tok) = self
             .token_file
             .as_ref()
@@ -65,7 +62,7 @@ impl WmClient {
             req = req.header("authorization", format!("Bearer {}", tok.trim()));
         }
         let req = req
-            .body(Full::from(serde_json::to_vec(&body).unwrap_or_default()))
+            .body(Full::from(body.unwrap_or_default()))
             .map_err(|e| RouterError::Internal(e.to_string()))?;
         let call = async {
             let resp = self
@@ -82,9 +79,27 @@ impl WmClient {
                 .to_bytes();
             Ok::<_, RouterError>((status, bytes))
         };
-        let (status, bytes) = tokio::time::timeout(self.timeout, call)
+        tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| RouterError::Internal("workload manager timed out".into()))??;
+            .map_err(|_| RouterError::Internal("workload manager timed out".into()))?
+    }
+
+    /// Creates a session. WM 404 (or 400 saying "not found") → the upstream k8s-style 404;
+    /// anything else → 500 `internal server error`.
+    pub async fn create(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<CreateSandboxResponse, RouterError> {
+        let body = CreateSandboxRequest {
+            kind: Some(kind.to_string()),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        };
+        let path = format!("/v1/{}", kind.api_segment());
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let (status, bytes) = self.call(http::Method::POST, &path, Some(body)).await?;
         let not_found = status == 404
             || (status == 400 && String::from_utf8_lossy(&bytes).contains("not found"));
         if not_found {
@@ -108,5 +123,18 @@ impl WmClient {
             ));
         }
         Ok(resp)
+    }
+
+    /// Deletes a session (the rollback of a session the Router created but could not use).
+    pub async fn delete(&self, kind: WorkloadKind, session_id: &str) -> Result<(), RouterError> {
+        let path = format!("/v1/{}/sessions/{session_id}", kind.api_segment());
+        let (status, bytes) = self.call(http::Method::DELETE, &path, None).await?;
+        if status.is_success() || status == 404 {
+            return Ok(());
+        }
+        Err(RouterError::Internal(format!(
+            "workload manager answered {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        )))
     }
 }

@@ -12,10 +12,12 @@ use serde_json::Value;
 use tokio_rustls::rustls;
 
 #[tokio::test]
-async fn h2c_clients_reach_h2c_upstreams_and_http1_stays_http1() {
+async fn each_upstream_is_spoken_to_in_its_own_protocol() {
     let store = memory();
     let (up, _t) = serve(upstream::app()).await;
-    session_to(store.as_ref(), "s1", up.trim_start_matches("http://")).await;
+    let addr = up.trim_start_matches("http://");
+    session_to_as(store.as_ref(), "s1", addr, "H2C").await;
+    session_to(store.as_ref(), "s2", addr).await;
     let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -31,15 +33,29 @@ async fn h2c_clients_reach_h2c_upstreams_and_http1_stays_http1() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.headers()["x-agentcube-session-id"], "s1");
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["version"], "HTTP/2.0", "forwarded as h2c");
+    assert_eq!(v["version"], "HTTP/2.0", "an H2C port gets h2c");
     assert_eq!(v["path"], "/grpc.Service/Call");
+    // An HTTP/2 client to an HTTP/1 agent (the usual case, e.g. a TLS client that negotiated h2):
+    // translated to HTTP/1.1.
+    let r = h2
+        .post(router.ci("echo"))
+        .header("x-agentcube-session-id", "s2")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["version"], "HTTP/1.1", "an HTTP port gets HTTP/1.1");
+    // And an HTTP/1.1 client to the h2c port is upgraded to h2c.
     let r = client()
         .get(router.ci("x"))
         .header("x-agentcube-session-id", "s1")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/1.1");
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/2.0");
 }
 
 #[tokio::test]

@@ -151,6 +151,11 @@ pub fn memory() -> Arc<dyn SessionStore> {
 
 /// Inserts a ready session pointing at `endpoint` (for test upstreams).
 pub async fn session_to(store: &dyn SessionStore, id: &str, endpoint: &str) {
+    session_to_as(store, id, endpoint, "HTTP").await
+}
+
+/// [`session_to`] with an entry point of `protocol` (`HTTP`, `H2C`).
+pub async fn session_to_as(store: &dyn SessionStore, id: &str, endpoint: &str, protocol: &str) {
     let now = jiff::Timestamp::now();
     let mut r = SessionRecord::placeholder(
         id,
@@ -163,7 +168,7 @@ pub async fn session_to(store: &dyn SessionStore, id: &str, endpoint: &str) {
     r.status = SessionStatus::Ready;
     r.entry_points = Some(vec![EntryPoint {
         path: "/".into(),
-        protocol: "HTTP".into(),
+        protocol: protocol.into(),
         endpoint: endpoint.into(),
     }]);
     store.insert(&r, now).await.unwrap();

@@ -14,6 +14,7 @@ pub fn app() -> axum::Router {
         .route("/status/{code}", any(status))
         .route("/sse", get(sse))
         .route("/ws", get(ws))
+        .route("/upload", axum::routing::post(upload))
         .fallback(echo)
 }
 
@@ -39,6 +40,11 @@ async fn echo(req: Request) -> impl IntoResponse {
         [("connection", "x-secret"), ("x-secret", "1")],
         axum::Json(body),
     )
+}
+
+/// Reads the whole body before answering, as PicoD's upload does.
+async fn upload(body: axum::body::Bytes) -> String {
+    format!("{} bytes", body.len())
 }
 
 async fn status(Path(code): Path<u16>) -> Response {

@@ -1,0 +1,400 @@
+//! Hostile clients and faults against the Router as it is served (its real serving seam):
+//! stalled uploads, slowloris, connection floods, bad headers and bodies, routing by position,
+//! 409 inside the cache, readiness, and no orphaned or falsely active sessions (issue 14).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_types::api::WorkloadKind;
+use common::upstream;
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn short_limits(c: &mut agentcube_router::Config) {
+    c.limits = agentcube_serve::Limits {
+        header_read_timeout: Duration::from_millis(800),
+        body_idle_timeout: Duration::from_millis(800),
+        keep_alive_idle: Duration::from_secs(2),
+        max_connections: 1000,
+    };
+}
+
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
+}
+
+/// Reads until the server closes the connection (or `limit` passes); returns what arrived.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(limit, s.read_to_end(&mut buf)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&buf).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn stalled_uploads_give_their_slots_back() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        short_limits(c);
+        c.max_concurrent_requests = 5;
+    })
+    .await;
+    // Five clients send headers announcing a body, then nothing: every slot is taken.
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+        let head = "POST /v1/namespaces/default/code-interpreters/x/invocations/upload HTTP/1.1\r\n\
+                    Host: r\r\nx-agentcube-session-id: s1\r\nContent-Length: 100\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let call = || {
+        client()
+            .get(format!(
+                "{}/v1/namespaces/default/code-interpreters/x/invocations/ok",
+                router.url
+            ))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+    };
+    assert_eq!(
+        call().await.unwrap().status(),
+        429,
+        "slots are held while the bodies stall"
+    );
+    // After the body idle timeout the stalled requests end with 408, and the slots are free.
+    for s in &mut stalled {
+        let answer = read_until_closed(s, Duration::from_secs(5)).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+    }
+    assert_eq!(call().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, short_limits).await;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+        s.write_all(b"GET /v1/namespaces/default/code-interpreters/x/invocations/ HTTP/1.1\r\nHost: r\r\nX-a: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let idle = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let r = client()
+        .get(router.ci("ok"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "served while 200 slowloris connections hang"
+    );
+    for s in &mut slow {
+        assert!(
+            read_until_closed(s, Duration::from_secs(5)).await.is_some(),
+            "partial headers are cut after the header timeout"
+        );
+    }
+    let mut idle = idle;
+    assert!(
+        read_until_closed(&mut idle, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "an idle connection is closed after the keep-alive timeout"
+    );
+    let stats = &router.shared().metrics.serve;
+    assert!(
+        stats.header_timeouts.get() >= 200,
+        "{}",
+        stats.header_timeouts.get()
+    );
+    assert!(stats.idle_closed.get() >= 1);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_get_the_routers_503_and_the_router_recovers() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        short_limits(c);
+        c.limits.max_connections = 20;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(host_of(&router.url)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let answer = read_until_closed(&mut extra, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("TOO_MANY_CONNECTIONS"), "{answer}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client()
+        .get(router.ci("ok"))
+        .header("x-agentcube-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(router.shared().metrics.serve.refused.get() >= 1);
+}
+
+#[tokio::test]
+async fn bad_session_headers_and_bodies_are_400_and_create_nothing() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = creates.clone();
+    let wm = axum::Router::new().fallback(move || {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }
+    });
+    let (wm_url, _w) = serve(wm).await;
+    let router = Router::start(&wm_url, store, short_limits).await;
+    let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let mut head = b"GET /v1/namespaces/default/code-interpreters/x/invocations/ HTTP/1.1\r\nHost: r\r\nConnection: close\r\nx-agentcube-session-id: ".to_vec();
+    head.extend([0xff, 0xfe, b'x']);
+    head.extend(b"\r\n\r\n");
+    s.write_all(&head).await.unwrap();
+    let answer = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("INVALID_SESSION_ID"), "{answer}");
+    assert_eq!(
+        creates.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no session created"
+    );
+    // A malformed chunked body is the client's fault: 400, not "sandbox unreachable".
+    let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    s.write_all(
+        b"POST /v1/namespaces/default/code-interpreters/x/invocations/up HTTP/1.1\r\nHost: r\r\n\
+          x-agentcube-session-id: s1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\nzz-not-hex\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("BAD_REQUEST_BODY"), "{answer}");
+}
+
+/// A record made by this project for a given runtime.
+async fn session_for(
+    store: &dyn agentcube_store::SessionStore,
+    id: &str,
+    endpoint: &str,
+    kind: WorkloadKind,
+    ns: &str,
+    name: &str,
+) {
+    session_to(store, id, endpoint).await;
+    let mut r = store.get(id).await.unwrap();
+    r.sandbox_namespace = ns.into();
+    r.workload_kind = Some(kind);
+    r.workload_name = Some(name.into());
+    store.replace(&r).await.unwrap();
+}
+
+#[tokio::test]
+async fn routing_uses_positions_not_substrings_and_409_holds_inside_the_cache() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    let ci = WorkloadKind::CodeInterpreter;
+    session_for(
+        store.as_ref(),
+        "a",
+        &host_of(&up),
+        ci,
+        "default",
+        "invocations-ci",
+    )
+    .await;
+    session_for(store.as_ref(), "b", &host_of(&up), ci, "invocations", "x").await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let get = |url: String, sid: &'static str| async move {
+        let r = client()
+            .get(url)
+            .header("x-agentcube-session-id", sid)
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    let base = format!("{}/v1/namespaces", router.url);
+    let (st, v) = get(
+        format!(
+            "{base}/default/code-interpreters/invocations-ci/invocations/api/invocations%2Fx?q=1"
+        ),
+        "a",
+    )
+    .await;
+    assert_eq!(
+        (st, v["path"].as_str()),
+        (200, Some("/api/invocations%2Fx")),
+        "{v}"
+    );
+    assert_eq!(v["query"], "q=1");
+    let (st, v) = get(
+        format!("{base}/invocations/code-interpreters/x/invocations/health"),
+        "b",
+    )
+    .await;
+    assert_eq!((st, v["path"].as_str()), (200, Some("/health")), "{v}");
+    // Now cached: the same session on another runtime's URL is still refused.
+    let (st, v) = get(
+        format!("{base}/default/code-interpreters/other/invocations/x"),
+        "a",
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["code"], "SESSION_TARGET_MISMATCH");
+    let (st, _) = get(
+        format!("{base}/default/agent-runtimes/invocations-ci/invocations/x"),
+        "a",
+    )
+    .await;
+    assert_eq!(st, 409, "another kind with the same name");
+}
+
+#[tokio::test]
+async fn readiness_fails_while_the_store_hangs() {
+    // A "Redis" that accepts connections and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = hang.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hang.incoming() {
+            held.push(s);
+        }
+    });
+    let mut cfg = agentcube_store::RedisConfig::new(format!("redis://{addr}"));
+    cfg.op_timeout = Duration::from_millis(300);
+    let store: Arc<dyn agentcube_store::SessionStore> =
+        Arc::new(agentcube_store::RedisStore::new(cfg).unwrap());
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let r = client()
+        .get(format!("{}/health/ready", router.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "not ready");
+    let live = client()
+        .get(format!("{}/health/live", router.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200, "alive, just not ready");
+}
+
+#[tokio::test]
+async fn a_session_created_for_a_failing_request_is_rolled_back() {
+    // A WM whose sandboxes are unreachable, recording the deletes it receives.
+    let deletes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = deletes.clone();
+    let wm = axum::Router::new()
+        .route(
+            "/v1/code-interpreter",
+            axum::routing::post(|| async {
+                axum::Json(
+                    json!({"kind": "Sandbox", "sessionId": "orphan-1", "sandboxId": "u",
+                    "sandboxName": "x-1", "entryPoints": [{"path": "/", "protocol": "HTTP",
+                    "endpoint": "unix:/nonexistent/picod.sock"}]}),
+                )
+            }),
+        )
+        .route(
+            "/v1/code-interpreter/sessions/{id}",
+            axum::routing::delete(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    seen.lock().unwrap().push(id);
+                    async { axum::Json(json!({"message": "Sandbox deleted successfully"})) }
+                },
+            ),
+        );
+    let (wm_url, _w) = serve(wm).await;
+    let router = Router::start(&wm_url, memory(), |_| {}).await;
+    let r = client()
+        .post(router.ci("api/execute"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.headers().get("x-agentcube-session-id").is_none());
+    for _ in 0..50 {
+        if !deletes.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        *deletes.lock().unwrap(),
+        ["orphan-1"],
+        "the new session is deleted again"
+    );
+}
+
+#[tokio::test]
+async fn failed_requests_do_not_keep_a_dead_sandbox_active() {
+    let store = memory();
+    session_to(store.as_ref(), "dead", "127.0.0.1:9").await;
+    let before = store
+        .list_idle(
+            jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+            10,
+        )
+        .await
+        .unwrap()[0]
+        .last_activity;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |_| {}).await;
+    for _ in 0..3 {
+        let r = client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "dead")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    router.stop().await;
+    let after = store
+        .list_idle(
+            jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+            10,
+        )
+        .await
+        .unwrap()[0]
+        .last_activity;
+    assert_eq!(before, after, "502s are not activity");
+}
