@@ -222,7 +222,8 @@ def _fake_cluster(tmp: Path):
     assert "fake-cluster stopped;" in out, out + cluster_log.read_text()
     left = subprocess.run(["pgrep", "-f", str(pods)], capture_output=True, text=True).stdout.split()
     assert not left, f"pod processes left behind: {left}"
-    assert not any((pods / "pods").iterdir()), "pod directories left behind"
+    leftovers = list((pods / "pods").iterdir())
+    assert not leftovers, f"pod directories left behind: {[(p, sorted(x.name for x in p.rglob('*'))[:20]) for p in leftovers]}"
 
 
 def _cluster(tmp: Path):

@@ -75,6 +75,10 @@ struct UpArgs {
     store: StoreArgs,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
+    #[command(flatten)]
+    admission: agentcube_workload_manager::sessions::AdmissionArgs,
+    #[command(flatten)]
+    memory: agentcube_workload_manager::backend::local::MemoryArgs,
 }
 
 #[tokio::main]
@@ -118,6 +122,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut local = LocalConfig::new(state_dir, picod);
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
+    args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
     let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
     if !backend.enforces_limits() {
         eprintln!(
@@ -134,6 +139,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         gc_interval: args.gc_interval.0,
         public_key: Some(identity.public_pem.clone()),
         limits,
+        admission: args.admission.admission(),
         ..Default::default()
     };
     let wm = WorkloadManager::start(config, store.clone(), backend.clone()).await?;

@@ -14,6 +14,8 @@ pub const EXPIRY: &str = "expiry";
 pub const LAST_ACTIVITY: &str = "last_activity";
 /// Longest id accepted.
 pub const MAX_ID_LEN: usize = 256;
+/// Prefix (after the store prefix) of the secondary indexes (extension: upstream has none).
+pub const INDEX: &str = "idx:";
 
 /// Key names under one prefix.
 #[derive(Debug, Clone)]
@@ -52,6 +54,21 @@ impl Keys {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+
+    /// The index of a scope: the expiry index for everything, else a ZSET
+    /// `session:idx:<dimension>:<value>` scored by creation time. The Redis delete script
+    /// spells these names too (from the record's fields); keep them in step.
+    pub fn index(&self, scope: &crate::Scope) -> String {
+        use crate::Scope;
+        let p = &self.prefix;
+        match scope {
+            Scope::All => self.expiry.clone(),
+            Scope::Namespace(ns) => format!("{p}{INDEX}ns:{ns}"),
+            Scope::Kind(k) => format!("{p}{INDEX}kind:{k}"),
+            Scope::Creator(c) => format!("{p}{INDEX}creator:{c}"),
+            Scope::KindCreator(k, c) => format!("{p}{INDEX}kind-creator:{k}:{c}"),
+        }
+    }
 }
 
 impl Default for Keys {
@@ -69,7 +86,7 @@ pub fn check_id(id: &str) -> Result<(), Error> {
     if id.len() > MAX_ID_LEN {
         return bad("longer than 256 bytes");
     }
-    if id == EXPIRY || id == LAST_ACTIVITY {
+    if id == EXPIRY || id == LAST_ACTIVITY || id.starts_with(INDEX) {
         return bad("clashes with an index key");
     }
     if id.chars().any(char::is_control) {
@@ -92,7 +109,14 @@ mod tests {
 
     #[test]
     fn index_names_and_junk_are_not_ids() {
-        for id in ["", "expiry", "last_activity", "a\nb", &"x".repeat(257)] {
+        for id in [
+            "",
+            "expiry",
+            "last_activity",
+            "idx:ns:default",
+            "a\nb",
+            &"x".repeat(257),
+        ] {
             assert!(check_id(id).is_err(), "{id:?}");
         }
         assert!(check_id("0b6f3c1e-2d4a-4b7e-9f00-123456789abc").is_ok());

@@ -52,6 +52,9 @@ pub enum Error {
     /// A stored record that is not valid JSON for [`SessionRecord`].
     #[error("corrupt session record: {0}")]
     Codec(#[from] serde_json::Error),
+    /// A listing cursor this store did not hand out.
+    #[error("invalid page cursor: {0}")]
+    BadCursor(String),
     /// Any other backend error (e.g. authentication failure, script error).
     #[error("session store error: {0}")]
     Backend(String),
@@ -66,6 +69,47 @@ impl Error {
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which sessions a count or a listing covers. Each is one sorted index in the store, kept by
+/// `insert`/`delete`, so counting is O(1) and listing O(log N + k).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every session.
+    All,
+    /// Sessions whose sandbox lives in a namespace.
+    Namespace(String),
+    /// Sessions created for one kind of runtime (records that name their runtime).
+    Kind(agentcube_types::api::WorkloadKind),
+    /// Sessions created by one caller (`createdBy`).
+    Creator(String),
+    /// Both of the above.
+    KindCreator(agentcube_types::api::WorkloadKind, String),
+}
+
+impl Scope {
+    /// The indexes a record belongs to (besides [`Scope::All`]).
+    pub fn of(record: &SessionRecord) -> Vec<Scope> {
+        let mut v = vec![Scope::Namespace(record.sandbox_namespace.clone())];
+        if let Some(k) = record.workload_kind {
+            v.push(Scope::Kind(k));
+        }
+        if let Some(c) = &record.created_by {
+            v.push(Scope::Creator(c.clone()));
+            if let Some(k) = record.workload_kind {
+                v.push(Scope::KindCreator(k, c.clone()));
+            }
+        }
+        v
+    }
+}
+
+/// One page of a listing, and where the next one starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub records: Vec<SessionRecord>,
+    /// Opaque cursor for the next page; `None` at the end.
+    pub next: Option<String>,
+}
 
 /// A record whose last activity is older than the asked time, with that activity time.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +153,28 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Records whose last activity is at or before `before`, oldest first, at most `limit`.
     async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>>;
+
+    /// How many sessions a scope holds (one index cardinality; placeholders included).
+    async fn count(&self, scope: &Scope) -> Result<usize>;
+
+    /// One page of a scope's records, oldest first (by creation; [`Scope::All`] by expiry),
+    /// starting after `cursor` (from a previous [`Page`]), at most `limit`. Concurrent deletes
+    /// may make a page shorter, never skip a record that stays.
+    async fn list_page(&self, scope: &Scope, cursor: Option<&str>, limit: usize) -> Result<Page>;
+}
+
+/// A page cursor: `<score>:<id>` of the last record returned.
+pub(crate) fn cursor_of(score: i64, id: &str) -> String {
+    format!("{score}:{id}")
+}
+
+/// Splits a cursor; a malformed one is an error the API maps to 400.
+pub(crate) fn parse_cursor(c: &str) -> Result<(i64, &str)> {
+    let (s, id) = c
+        .split_once(':')
+        .ok_or_else(|| Error::BadCursor(c.to_string()))?;
+    let s = s.parse().map_err(|_| Error::BadCursor(c.to_string()))?;
+    Ok((s, id))
 }
 
 /// Builds the store a configuration asks for. Redis is connected lazily: an unreachable Redis

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use agentcube_types::SessionRecord;
 use jiff::Timestamp;
 
-use crate::keys::check_id;
-use crate::{Error, IdleSession, Result, SessionStore, score};
+use crate::keys::{Keys, check_id};
+use crate::{
+    Error, IdleSession, Page, Result, Scope, SessionStore, cursor_of, parse_cursor, score,
+};
 
 /// A sorted set: member → score, plus (score, member) ordered.
 #[derive(Default)]
@@ -34,6 +36,16 @@ impl ZSet {
         }
     }
 
+    /// Members after `(score, id)` (all when `None`), lowest first.
+    fn after(&self, cursor: Option<(i64, &str)>) -> impl Iterator<Item = &(i64, String)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let start = match cursor {
+            Some((s, id)) => Excluded((s, id.to_string())),
+            None => Unbounded,
+        };
+        self.ordered.range((start, Unbounded))
+    }
+
     /// Members with score ≤ `max`, lowest first.
     fn range_to(&self, max: i64) -> impl Iterator<Item = &(i64, String)> {
         self.ordered.range(..=(max, String::from("\u{10ffff}")))
@@ -45,12 +57,47 @@ struct Inner {
     records: HashMap<String, String>,
     expiry: ZSet,
     activity: ZSet,
+    /// Secondary indexes by key name (the same names as in Redis).
+    indexes: HashMap<String, ZSet>,
+}
+
+impl Inner {
+    fn index_mut(&mut self, keys: &Keys, scope: &Scope) -> &mut ZSet {
+        match scope {
+            Scope::All => &mut self.expiry,
+            other => self.indexes.entry(keys.index(other)).or_default(),
+        }
+    }
+
+    /// Drops a record and every index entry of it.
+    fn remove(&mut self, keys: &Keys, id: &str) -> bool {
+        let Some(json) = self.records.remove(id) else {
+            self.expiry.remove(id);
+            self.activity.remove(id);
+            return false;
+        };
+        self.expiry.remove(id);
+        self.activity.remove(id);
+        if let Ok(r) = serde_json::from_str::<SessionRecord>(&json) {
+            for scope in Scope::of(&r) {
+                let key = keys.index(&scope);
+                if let Some(z) = self.indexes.get_mut(&key) {
+                    z.remove(id);
+                    if z.scores.is_empty() {
+                        self.indexes.remove(&key);
+                    }
+                }
+            }
+        }
+        true
+    }
 }
 
 /// The in-memory store. Cheap to create; share it behind an `Arc`.
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    keys: Keys,
     examined: AtomicU64,
 }
 
@@ -103,8 +150,7 @@ impl MemoryStore {
             match inner.records.get(&id) {
                 Some(json) => out.push((serde_json::from_str(json)?, s)),
                 None => {
-                    inner.expiry.remove(&id);
-                    inner.activity.remove(&id);
+                    inner.remove(&self.keys, &id);
                 }
             }
         }
@@ -138,6 +184,11 @@ impl SessionStore for MemoryStore {
         inner.records.insert(id.to_string(), json);
         inner.expiry.add(id, score(record.expires_at));
         inner.activity.add(id, score(now));
+        for scope in Scope::of(record) {
+            inner
+                .index_mut(&self.keys, &scope)
+                .add(id, score(record.created_at));
+        }
         Ok(())
     }
 
@@ -155,11 +206,7 @@ impl SessionStore for MemoryStore {
     }
 
     async fn delete(&self, id: &str) -> Result<bool> {
-        let mut inner = self.inner.lock().unwrap();
-        let existed = inner.records.remove(id).is_some();
-        inner.expiry.remove(id);
-        inner.activity.remove(id);
-        Ok(existed)
+        Ok(self.inner.lock().unwrap().remove(&self.keys, id))
     }
 
     async fn touch(&self, id: &str, at: Timestamp) -> Result<()> {
@@ -193,5 +240,42 @@ impl SessionStore for MemoryStore {
     async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
         let hits = self.scan(|i| &mut i.activity, score(before), limit)?;
         crate::idle_sessions(hits)
+    }
+
+    async fn count(&self, scope: &Scope) -> Result<usize> {
+        let inner = self.inner.lock().unwrap();
+        Ok(match scope {
+            Scope::All => inner.records.len(),
+            other => inner
+                .indexes
+                .get(&self.keys.index(other))
+                .map_or(0, |z| z.scores.len()),
+        })
+    }
+
+    async fn list_page(&self, scope: &Scope, cursor: Option<&str>, limit: usize) -> Result<Page> {
+        let cursor = cursor.map(parse_cursor).transpose()?;
+        let mut inner = self.inner.lock().unwrap();
+        let hits: Vec<(i64, String)> = inner
+            .index_mut(&self.keys, scope)
+            .after(cursor)
+            .take(limit)
+            .cloned()
+            .collect();
+        self.examined
+            .fetch_add(hits.len() as u64, Ordering::Relaxed);
+        let next = (hits.len() == limit)
+            .then(|| hits.last().map(|(s, id)| cursor_of(*s, id)))
+            .flatten();
+        let mut records = Vec::with_capacity(hits.len());
+        for (_, id) in hits {
+            match inner.records.get(&id) {
+                Some(json) => records.push(serde_json::from_str(json)?),
+                None => {
+                    inner.remove(&self.keys, &id);
+                }
+            }
+        }
+        Ok(Page { records, next })
     }
 }

@@ -15,7 +15,9 @@ use redis::{RedisError, Script};
 use tokio::sync::OnceCell;
 
 use crate::keys::{Keys, check_id};
-use crate::{Error, IdleSession, Result, SessionStore, score};
+use crate::{
+    Error, IdleSession, Page, Result, Scope, SessionStore, cursor_of, parse_cursor, score,
+};
 
 /// How to reach Redis or Valkey.
 #[derive(Clone)]
@@ -62,10 +64,14 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
+// KEYS[4..] = the record's secondary indexes (scored by ARGV[5], its creation time).
 const INSERT: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+  for i = 4, #KEYS do
+    redis.call('ZADD', KEYS[i], ARGV[5], ARGV[2])
+  end
   return 1
 end
 return 0";
@@ -77,10 +83,27 @@ if redis.call('SET', KEYS[1], ARGV[1], 'XX') then
 end
 return 0";
 
+// The secondary index names are derived from the record's own fields, as `Keys::index` names
+// them (ARGV[2] = prefix .. 'idx:').
 const DELETE: &str = r"
+local v = redis.call('GET', KEYS[1])
 local n = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+if v then
+  local ok, r = pcall(cjson.decode, v)
+  if ok and type(r) == 'table' then
+    local idx = ARGV[2]
+    local kind = type(r.workloadKind) == 'string' and r.workloadKind or nil
+    local by = type(r.createdBy) == 'string' and r.createdBy or nil
+    if type(r.sandboxNamespace) == 'string' then
+      redis.call('ZREM', idx .. 'ns:' .. r.sandboxNamespace, ARGV[1])
+    end
+    if kind then redis.call('ZREM', idx .. 'kind:' .. kind, ARGV[1]) end
+    if by then redis.call('ZREM', idx .. 'creator:' .. by, ARGV[1]) end
+    if kind and by then redis.call('ZREM', idx .. 'kind-creator:' .. kind .. ':' .. by, ARGV[1]) end
+  end
+end
 return n";
 
 // KEYS[1] = last-activity index, KEYS[2..] = record keys; ARGV = id, score pairs.
@@ -110,12 +133,40 @@ for i = 1, #hits, 2 do
 end
 return out";
 
+// KEYS[1] = the scope's index; ARGV = cursor score, cursor id ('' for none), limit, prefix.
+// Pages by rank after the cursor member; if that member is gone, after its (score, id) place.
+// Returns id, score, record triples; entries whose record vanished are dropped from the index.
+const PAGE: &str = r"
+local start = 0
+if ARGV[2] ~= '' then
+  local r = redis.call('ZRANK', KEYS[1], ARGV[2])
+  if r then
+    start = r + 1
+  else
+    start = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+      if m < ARGV[2] then start = start + 1 end
+    end
+  end
+end
+local hits = redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
+local out = {}
+for i = 1, #hits, 2 do
+  local v = redis.call('GET', ARGV[4] .. hits[i])
+  out[#out + 1] = hits[i]
+  out[#out + 1] = hits[i + 1]
+  out[#out + 1] = v or ''
+  if not v then redis.call('ZREM', KEYS[1], hits[i]) end
+end
+return out";
+
 struct Scripts {
     insert: Script,
     replace: Script,
     delete: Script,
     touch_many: Script,
     list: Script,
+    page: Script,
 }
 
 /// The Redis/Valkey store.
@@ -160,6 +211,7 @@ impl RedisStore {
                 delete: Script::new(DELETE),
                 touch_many: Script::new(TOUCH_MANY),
                 list: Script::new(LIST),
+                page: Script::new(PAGE),
             },
         })
     }
@@ -268,11 +320,15 @@ impl SessionStore for RedisStore {
         let mut inv = self.scripts.insert.prepare_invoke();
         inv.key(self.keys.record(id))
             .key(self.keys.expiry())
-            .key(self.keys.last_activity())
-            .arg(json)
+            .key(self.keys.last_activity());
+        for scope in Scope::of(record) {
+            inv.key(self.keys.index(&scope));
+        }
+        inv.arg(json)
             .arg(id)
             .arg(score(record.expires_at))
-            .arg(score(now));
+            .arg(score(now))
+            .arg(score(record.created_at));
         match self.call::<i64>(inv).await? {
             1 => Ok(()),
             _ => Err(Error::AlreadyExists),
@@ -303,7 +359,8 @@ impl SessionStore for RedisStore {
         inv.key(self.keys.record(id))
             .key(self.keys.expiry())
             .key(self.keys.last_activity())
-            .arg(id);
+            .arg(id)
+            .arg(format!("{}{}", self.keys.prefix(), crate::keys::INDEX));
         Ok(self.call::<i64>(inv).await? > 0)
     }
 
@@ -340,5 +397,56 @@ impl SessionStore for RedisStore {
     async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
         let hits = self.list(self.keys.last_activity(), before, limit).await?;
         crate::idle_sessions(hits)
+    }
+
+    async fn count(&self, scope: &Scope) -> Result<usize> {
+        let key = self.keys.index(scope);
+        let work = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async::<usize>(&mut conn)
+                .await
+                .map_err(map_err)
+        };
+        tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| Error::Unavailable("ZCARD timed out".into()))?
+    }
+
+    async fn list_page(&self, scope: &Scope, cursor: Option<&str>, limit: usize) -> Result<Page> {
+        let (cs, cid) = match cursor {
+            Some(c) => {
+                let (s, id) = parse_cursor(c)?;
+                (s, id.to_string())
+            }
+            None => (0, String::new()),
+        };
+        if limit == 0 {
+            return Ok(Page {
+                records: Vec::new(),
+                next: None,
+            });
+        }
+        let mut inv = self.scripts.page.prepare_invoke();
+        inv.key(self.keys.index(scope))
+            .arg(cs)
+            .arg(cid)
+            .arg(limit)
+            .arg(self.keys.prefix());
+        let flat: Vec<String> = self.call(inv).await?;
+        let mut records = Vec::new();
+        let mut last = None;
+        for t in flat.chunks_exact(3) {
+            let s = t[1]
+                .parse::<f64>()
+                .map_err(|e| Error::Backend(format!("bad score {:?}: {e}", t[1])))?;
+            last = Some(cursor_of(s as i64, &t[0]));
+            if !t[2].is_empty() {
+                records.push(serde_json::from_str(&t[2])?);
+            }
+        }
+        let next = if flat.len() / 3 == limit { last } else { None };
+        Ok(Page { records, next })
     }
 }

@@ -4,6 +4,8 @@
 //! Use [`conformance_tests!`](crate::conformance_tests) with an async expression that yields a
 //! [`Fixture`]; it expands to one `#[tokio::test]` per case.
 
+use agentcube_types::SessionRecord;
+use jiff::Timestamp;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -171,6 +173,93 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A store that fails every call with [`crate::Error::Unavailable`] while [`Flaky::set_down`] is
+/// on, and otherwise delegates (for tests of what callers do during an outage).
+pub struct Flaky {
+    inner: std::sync::Arc<dyn crate::SessionStore>,
+    down: std::sync::atomic::AtomicBool,
+    /// Calls refused so far.
+    pub refused: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    /// Wraps `inner`, up.
+    pub fn new(inner: std::sync::Arc<dyn crate::SessionStore>) -> Self {
+        Self {
+            inner,
+            down: false.into(),
+            refused: 0.into(),
+        }
+    }
+
+    /// Takes the store down (`true`) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> crate::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(crate::Error::Unavailable("down (test)".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::SessionStore for Flaky {
+    async fn ping(&self) -> crate::Result<()> {
+        self.check()?;
+        self.inner.ping().await
+    }
+    async fn get(&self, id: &str) -> crate::Result<SessionRecord> {
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn insert(&self, r: &SessionRecord, now: Timestamp) -> crate::Result<()> {
+        self.check()?;
+        self.inner.insert(r, now).await
+    }
+    async fn replace(&self, r: &SessionRecord) -> crate::Result<()> {
+        self.check()?;
+        self.inner.replace(r).await
+    }
+    async fn delete(&self, id: &str) -> crate::Result<bool> {
+        self.check()?;
+        self.inner.delete(id).await
+    }
+    async fn touch(&self, id: &str, at: Timestamp) -> crate::Result<()> {
+        self.check()?;
+        self.inner.touch(id, at).await
+    }
+    async fn touch_many(&self, t: &[(String, Timestamp)]) -> crate::Result<usize> {
+        self.check()?;
+        self.inner.touch_many(t).await
+    }
+    async fn list_expired(&self, b: Timestamp, l: usize) -> crate::Result<Vec<SessionRecord>> {
+        self.check()?;
+        self.inner.list_expired(b, l).await
+    }
+    async fn list_idle(&self, b: Timestamp, l: usize) -> crate::Result<Vec<crate::IdleSession>> {
+        self.check()?;
+        self.inner.list_idle(b, l).await
+    }
+    async fn count(&self, s: &crate::Scope) -> crate::Result<usize> {
+        self.check()?;
+        self.inner.count(s).await
+    }
+    async fn list_page(
+        &self,
+        s: &crate::Scope,
+        c: Option<&str>,
+        l: usize,
+    ) -> crate::Result<crate::Page> {
+        self.check()?;
+        self.inner.list_page(s, c, l).await
+    }
+}
+
 /// Expands to one `#[tokio::test]` per conformance case, each on a fresh fixture from `$make`
 /// (an async expression yielding a [`Fixture`]).
 #[macro_export]
@@ -180,7 +269,8 @@ macro_rules! conformance_tests {
             insert_get_and_duplicate, concurrent_inserts_one_wins, replace_needs_the_record,
             delete_removes_record_and_indexes, touch_never_resurrects, touch_many_in_one_call,
             expired_listing_order_and_limit, idle_listing_order_and_limit, optional_fields_round_trip,
-            index_names_are_not_session_ids, placeholder_then_ready);
+            index_names_are_not_session_ids, placeholder_then_ready, scopes_count_and_page,
+            paging_survives_deletes);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -200,7 +290,9 @@ pub mod cases {
     use agentcube_types::{EntryPoint, GoDuration, SessionRecord, SessionStatus};
     use jiff::{SignedDuration, Timestamp};
 
-    use crate::{Error, SessionStore};
+    use agentcube_types::api::WorkloadKind;
+
+    use crate::{Error, Scope, SessionStore};
 
     fn t0() -> Timestamp {
         "2026-08-03T04:05:06.123456789Z".parse().unwrap()
@@ -416,5 +508,122 @@ pub mod cases {
         let got = s.get("p1").await.unwrap();
         assert_eq!(got.status, SessionStatus::Ready);
         assert_eq!(got.entry_points()[0].endpoint, "10.0.0.7:8080");
+    }
+
+    fn scoped(
+        id: &str,
+        ns: &str,
+        kind: Option<WorkloadKind>,
+        by: Option<&str>,
+        created: i64,
+    ) -> SessionRecord {
+        let mut r = record(id, 3600);
+        r.sandbox_namespace = ns.into();
+        r.workload_kind = kind;
+        r.workload_name = kind.map(|_| "w".to_string());
+        r.created_by = by.map(str::to_string);
+        r.created_at = at(created);
+        r
+    }
+
+    async fn all_pages(s: &dyn SessionStore, scope: &Scope, size: usize) -> Vec<String> {
+        let (mut out, mut cursor) = (Vec::new(), None::<String>);
+        loop {
+            let page = s.list_page(scope, cursor.as_deref(), size).await.unwrap();
+            out.extend(page.records.into_iter().map(|r| r.session_id));
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => return out,
+            }
+        }
+    }
+
+    pub async fn scopes_count_and_page(s: &dyn SessionStore) {
+        let ci = Some(WorkloadKind::CodeInterpreter);
+        let ar = Some(WorkloadKind::AgentRuntime);
+        for r in [
+            scoped("a", "team-a", ci, Some("sa:alice"), 1),
+            scoped("b", "team-a", ar, Some("sa:alice"), 2),
+            scoped("c", "team-b", ci, Some("sa:bob"), 3),
+            scoped("d", "team-a", ci, None, 4),
+            scoped("e", "team-a", None, None, 5),
+        ] {
+            s.insert(&r, t0()).await.unwrap();
+        }
+        let count = |scope: Scope| async move { s.count(&scope).await.unwrap() };
+        assert_eq!(count(Scope::All).await, 5);
+        assert_eq!(count(Scope::Namespace("team-a".into())).await, 4);
+        assert_eq!(count(Scope::Namespace("none".into())).await, 0);
+        assert_eq!(count(Scope::Kind(WorkloadKind::CodeInterpreter)).await, 3);
+        assert_eq!(count(Scope::Creator("sa:alice".into())).await, 2);
+        assert_eq!(
+            count(Scope::KindCreator(
+                WorkloadKind::CodeInterpreter,
+                "sa:alice".into()
+            ))
+            .await,
+            1
+        );
+        let ns = Scope::Namespace("team-a".into());
+        assert_eq!(
+            all_pages(s, &ns, 2).await,
+            ["a", "b", "d", "e"],
+            "oldest first, paged"
+        );
+        assert_eq!(all_pages(s, &ns, 10).await, ["a", "b", "d", "e"]);
+        assert_eq!(
+            all_pages(s, &Scope::Kind(WorkloadKind::CodeInterpreter), 1).await,
+            ["a", "c", "d"]
+        );
+        assert_eq!(all_pages(s, &Scope::All, 3).await.len(), 5);
+        assert!(matches!(
+            s.list_page(&ns, Some("not-a-cursor"), 2).await,
+            Err(Error::BadCursor(_))
+        ));
+        // Deleting takes a record out of every index.
+        s.delete("a").await.unwrap();
+        assert_eq!(count(Scope::Namespace("team-a".into())).await, 3);
+        assert_eq!(count(Scope::Creator("sa:alice".into())).await, 1);
+        assert_eq!(
+            count(Scope::KindCreator(
+                WorkloadKind::CodeInterpreter,
+                "sa:alice".into()
+            ))
+            .await,
+            0
+        );
+        assert_eq!(count(Scope::All).await, 4);
+    }
+
+    pub async fn paging_survives_deletes(s: &dyn SessionStore) {
+        let ns = || Scope::Namespace("p".into());
+        for (i, id) in ["p1", "p2", "p3", "p4", "p5"].iter().enumerate() {
+            // p2..p4 share a creation second: ordered by id within it.
+            let t = [1, 2, 2, 2, 3][i];
+            s.insert(&scoped(id, "p", None, None, t), t0())
+                .await
+                .unwrap();
+        }
+        let first = s.list_page(&ns(), None, 2).await.unwrap();
+        assert_eq!(
+            first
+                .records
+                .iter()
+                .map(|r| r.session_id.as_str())
+                .collect::<Vec<_>>(),
+            ["p1", "p2"]
+        );
+        // The cursor's own record goes away before the next page is asked for.
+        s.delete("p2").await.unwrap();
+        let rest = s.list_page(&ns(), first.next.as_deref(), 10).await.unwrap();
+        assert_eq!(
+            rest.records
+                .iter()
+                .map(|r| r.session_id.as_str())
+                .collect::<Vec<_>>(),
+            ["p3", "p4", "p5"],
+            "nothing that stays is skipped"
+        );
+        assert!(rest.next.is_none());
     }
 }

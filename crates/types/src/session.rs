@@ -89,6 +89,10 @@ pub struct SessionRecord {
     /// the sandbox name locally). The Router binds its tokens to it (`aud`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_identity: Option<String>,
+    /// Who created the session at the Workload Manager (its caller's identity when the WM
+    /// authenticates callers; upstream PR #331's `createdBy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 impl SessionRecord {
@@ -116,6 +120,7 @@ impl SessionRecord {
             workload_kind: None,
             workload_name: None,
             sandbox_identity: None,
+            created_by: None,
         }
     }
 

@@ -16,6 +16,9 @@ pub enum ApiError {
     /// Unknown definition or session; the message is upstream's text.
     #[error("{0}")]
     NotFound(String),
+    /// An admission cap (sessions, memory) is reached; the message names it.
+    #[error("{0}")]
+    TooMany(String),
     /// The store or the sandbox platform is unavailable right now.
     #[error("{0}")]
     Unavailable(String),
@@ -33,6 +36,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -56,6 +60,7 @@ impl From<BackendError> for ApiError {
         match e {
             BackendError::NotReady(_) => Self::Timeout,
             BackendError::Unavailable(m) => Self::Unavailable(m),
+            BackendError::Exhausted(m) => Self::TooMany(m),
             BackendError::Invalid(m) => Self::BadRequest(m),
             other => Self::Internal(other.to_string()),
         }

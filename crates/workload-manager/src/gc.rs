@@ -26,6 +26,17 @@ impl Gc {
     /// One pass at time `now`. Returns how many sessions were deleted.
     pub async fn run_once(&self, now: Timestamp) -> usize {
         let store = &self.manager.store;
+        // Sandboxes that died on their own: their sessions go at once, idle or not.
+        let mut deleted = 0;
+        for session_id in self.manager.backend.reap().await {
+            self.manager.metrics.dead_reclaimed.inc();
+            match store.delete(&session_id).await {
+                Ok(_) => deleted += 1,
+                Err(e) => {
+                    tracing::warn!(session_id, error = %e, "gc: cannot delete a dead sandbox's record")
+                }
+            }
+        }
         let mut victims = Vec::new();
         let mut seen = HashSet::new();
         match store.list_idle(now, self.limit).await {
@@ -65,7 +76,6 @@ impl Gc {
             }
             Err(e) => tracing::warn!(error = %e, "gc: cannot list expired sessions"),
         }
-        let mut deleted = 0;
         for r in victims {
             match self.manager.delete_record(&r).await {
                 Ok(()) => {
@@ -77,8 +87,33 @@ impl Gc {
                 }
             }
         }
+        deleted += self.orphans().await;
         if deleted > 0 {
             tracing::info!(deleted, "gc: sessions reclaimed");
+        }
+        deleted
+    }
+
+    /// Sandboxes whose session record vanished (a store that lost its data): deleted.
+    async fn orphans(&self) -> usize {
+        let mut deleted = 0;
+        for (session_id, kind, namespace, name) in self.manager.backend.sessions() {
+            match self.manager.store.get(&session_id).await {
+                Err(agentcube_store::Error::NotFound) => {}
+                _ => continue,
+            }
+            tracing::warn!(
+                session_id,
+                sandbox = name,
+                "gc: the session's record is gone; deleting its sandbox"
+            );
+            match self.manager.backend.delete(kind, &namespace, &name).await {
+                Ok(()) => {
+                    deleted += 1;
+                    self.manager.metrics.reconciled_orphans.inc();
+                }
+                Err(e) => tracing::warn!(sandbox = name, error = %e, "gc: cannot delete an orphan"),
+            }
         }
         deleted
     }
@@ -94,5 +129,135 @@ impl Gc {
                 () = &mut shutdown => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use agentcube_crds::CodeInterpreter;
+    use agentcube_store::{MemoryStore, SessionStore};
+    use agentcube_types::{BackingKind, GoDuration, SessionRecord, SessionStatus};
+
+    use super::*;
+    use crate::backend::{Backend, BackendError, Sandbox, SandboxRequest};
+
+    /// Records deletes and counts GC passes (each pass asks it to reap).
+    #[derive(Default)]
+    struct Recorder {
+        deleted: Mutex<Vec<String>>,
+        passes: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for Recorder {
+        async fn create(&self, _: &SandboxRequest) -> Result<Sandbox, BackendError> {
+            Err(BackendError::Failed("not in this test".into()))
+        }
+        async fn delete(&self, _: BackingKind, _: &str, name: &str) -> Result<(), BackendError> {
+            self.deleted.lock().unwrap().push(name.to_string());
+            Ok(())
+        }
+        async fn sync_pools(&self, _: Vec<Arc<CodeInterpreter>>, _: Option<String>) {}
+        async fn shutdown(&self) {}
+        async fn reap(&self) -> Vec<String> {
+            self.passes.fetch_add(1, Ordering::SeqCst);
+            Vec::new()
+        }
+    }
+
+    fn t0() -> Timestamp {
+        "2026-03-01T10:00:00Z".parse().unwrap()
+    }
+
+    fn record(id: &str, idle_secs: u64, expires_in: i64, status: SessionStatus) -> SessionRecord {
+        let mut r = SessionRecord::placeholder(
+            id,
+            "default",
+            format!("sb-{id}"),
+            t0(),
+            t0() + SignedDuration::from_secs(expires_in),
+            GoDuration(Duration::from_secs(idle_secs)),
+        );
+        r.status = status;
+        r
+    }
+
+    async fn gc() -> (Gc, Arc<Recorder>) {
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+        let ready = SessionStatus::Ready;
+        for r in [
+            record("idle-1m", 60, 3600, ready),
+            record("idle-15m", 0, 3600, ready),
+            record("expired", 3600, 30, ready),
+            record("creating", 60, 3600, SessionStatus::Creating),
+        ] {
+            store.insert(&r, t0()).await.unwrap();
+        }
+        let backend = Arc::new(Recorder::default());
+        let manager = Arc::new(crate::sessions::Manager {
+            store,
+            backend: backend.clone(),
+            definitions: Arc::new(crate::definitions::Definitions::new()),
+            public_key: crate::key::RouterKey::fixed(None),
+            create_timeout: Duration::from_secs(120),
+            metrics: Arc::default(),
+            admission: Default::default(),
+        });
+        let gc = Gc {
+            manager,
+            interval: Duration::from_secs(15),
+            limit: 100,
+        };
+        (gc, backend)
+    }
+
+    #[tokio::test]
+    async fn the_choice_follows_each_sessions_own_timeouts_and_never_comes_early() {
+        let (gc, backend) = gc().await;
+        // One second before the 1-minute idle deadline (activity counts to the end of its
+        // second): only the expired one goes.
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(60)).await, 1);
+        assert_eq!(*backend.deleted.lock().unwrap(), ["sb-expired"]);
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(61)).await, 1);
+        assert_eq!(backend.deleted.lock().unwrap()[1], "sb-idle-1m");
+        // A placeholder of a create still in its time (twice the create timeout) stays.
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(239)).await, 0);
+        // Past that it is a leftover; and the default 15 minutes applies to a record without an
+        // idle timeout of its own.
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(241)).await, 1);
+        assert_eq!(backend.deleted.lock().unwrap()[2], "sb-creating");
+        assert_eq!(
+            gc.run_once(t0() + SignedDuration::from_secs(15 * 60)).await,
+            0
+        );
+        assert_eq!(
+            gc.run_once(t0() + SignedDuration::from_secs(15 * 60 + 1))
+                .await,
+            1
+        );
+        assert_eq!(backend.deleted.lock().unwrap()[3], "sb-idle-15m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_runs_once_per_interval_until_shutdown() {
+        let (gc, backend) = gc().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gc.run(async {
+            let _ = stopped.await;
+        }));
+        tokio::time::sleep(Duration::from_secs(15 * 3 + 1)).await;
+        // Immediately, then at 15, 30 and 45 s.
+        assert_eq!(backend.passes.load(Ordering::SeqCst), 4);
+        let _ = stop.send(());
+        task.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            backend.passes.load(Ordering::SeqCst),
+            4,
+            "no pass after shutdown"
+        );
     }
 }

@@ -12,7 +12,9 @@
 //! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}` and
 //!    `DELETE /v1/*/sessions/{id}` through [`sessions::Manager`]: placeholder record → sandbox →
 //!    ready record, rolled back on failure, timeout (504) or a vanished client.
-//! 4. On shutdown every sandbox this process started is removed.
+//! 4. At start, [`reconcile`] deletes records whose sandbox is gone and sandboxes without a
+//!    record; every [`gc`] run also reclaims sandboxes that died on their own.
+//! 5. On shutdown every sandbox this process started is removed.
 //!
 //! Errors map to HTTP in one place: [`error::ApiError`].
 
@@ -29,6 +31,7 @@ pub mod error;
 pub mod gc;
 pub mod key;
 pub mod metrics;
+pub mod reconcile;
 pub mod sessions;
 
 use backend::Backend;
@@ -52,6 +55,8 @@ pub struct Config {
     pub public_key: Option<String>,
     /// Timeouts and the connection cap of the API listener.
     pub limits: agentcube_serve::Limits,
+    /// Caps on live sessions.
+    pub admission: sessions::Admission,
 }
 
 impl Default for Config {
@@ -63,6 +68,7 @@ impl Default for Config {
             create_timeout: Duration::from_secs(120),
             public_key: None,
             limits: agentcube_serve::Limits::default(),
+            admission: sessions::Admission::default(),
         }
     }
 }
@@ -106,7 +112,19 @@ impl WorkloadManager {
             public_key,
             create_timeout: config.create_timeout,
             metrics: Arc::new(metrics::Metrics::default()),
+            admission: config.admission,
         });
+        match reconcile::run(&manager, jiff::Timestamp::now()).await {
+            Ok(r) => tracing::info!(
+                records = r.records,
+                stale_records = r.stale_records,
+                orphan_sandboxes = r.orphans,
+                "start-up reconciliation done"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "start-up reconciliation failed; GC will catch up")
+            }
+        }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -77,6 +77,10 @@ struct Args {
     store: StoreArgs,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
+    #[command(flatten)]
+    admission: agentcube_workload_manager::sessions::AdmissionArgs,
+    #[command(flatten)]
+    memory: agentcube_workload_manager::backend::local::MemoryArgs,
     /// Validate flags and environment, print the environment variables this binary reads, exit.
     #[arg(long, hide = true)]
     check_config: bool,
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             .limits
             .limits(10_000)
             .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1),
+        admission: args.admission.admission(),
         ..Config::default()
     };
     let wm = WorkloadManager::start(config, store, backend).await?;
@@ -191,6 +196,7 @@ fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
     local.require_cgroups = args.require_cgroups;
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
+    args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
     LocalBackend::new(local).map_err(anyhow::Error::msg)
 }
 

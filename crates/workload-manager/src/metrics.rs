@@ -20,6 +20,14 @@ pub struct Metrics {
     pub create_failures: Counter,
     pub sessions_deleted: Counter,
     pub gc_deleted: Counter,
+    /// Creates refused by an admission cap.
+    pub admission_refusals: Counter,
+    /// Sandboxes found dead (exited on their own) and reclaimed.
+    pub dead_reclaimed: Counter,
+    /// Records deleted at start because their sandbox was gone.
+    pub reconciled_records: Counter,
+    /// Sandboxes deleted at start because their session had no record.
+    pub reconciled_orphans: Counter,
     /// Ready sandboxes per warm pool (refreshed at each scrape).
     pub warm_pool_ready: Family<Pool, Gauge>,
     /// The API listener's connection counters.
@@ -40,6 +48,10 @@ impl Default for Metrics {
             create_failures: Counter::default(),
             sessions_deleted: Counter::default(),
             gc_deleted: Counter::default(),
+            admission_refusals: Counter::default(),
+            dead_reclaimed: Counter::default(),
+            reconciled_records: Counter::default(),
+            reconciled_orphans: Counter::default(),
             warm_pool_ready: Family::default(),
             serve: Default::default(),
             registry: Registry::default(),
@@ -64,6 +76,26 @@ impl Default for Metrics {
             "gc_deleted",
             "Sessions reclaimed by the garbage collector",
             m.gc_deleted.clone(),
+        );
+        registry.register(
+            "admission_refusals",
+            "Session creates refused by an admission cap (sessions, memory)",
+            m.admission_refusals.clone(),
+        );
+        registry.register(
+            "dead_sandboxes_reclaimed",
+            "Sandboxes that died on their own and were reclaimed with their session",
+            m.dead_reclaimed.clone(),
+        );
+        registry.register(
+            "reconciled_stale_records",
+            "Records deleted at start because their sandbox was gone",
+            m.reconciled_records.clone(),
+        );
+        registry.register(
+            "reconciled_orphan_sandboxes",
+            "Sandboxes deleted at start because no record named their session",
+            m.reconciled_orphans.clone(),
         );
         registry.register(
             "warm_pool_ready",

@@ -25,6 +25,41 @@ pub struct Manager {
     pub create_timeout: Duration,
     /// Counters exported on `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Caps on live sessions.
+    pub admission: Admission,
+}
+
+/// Caps on live sessions (placeholders included); `None`: no cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_namespace: Option<usize>,
+}
+
+/// The admission flags of the binaries that run a Workload Manager.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdmissionArgs {
+    /// Most live sessions (placeholders included) across the store; 0 = no cap.
+    #[arg(long, env = "AGENTCUBE_MAX_SESSIONS", default_value_t = 1000)]
+    pub max_sessions: usize,
+    /// Most live sessions per namespace; 0 = no cap.
+    #[arg(
+        long,
+        env = "AGENTCUBE_MAX_SESSIONS_PER_NAMESPACE",
+        default_value_t = 0
+    )]
+    pub max_sessions_per_namespace: usize,
+}
+
+impl AdmissionArgs {
+    /// The caps (0 means none).
+    pub fn admission(&self) -> Admission {
+        let cap = |n: usize| (n > 0).then_some(n);
+        Admission {
+            max_sessions: cap(self.max_sessions),
+            max_sessions_per_namespace: cap(self.max_sessions_per_namespace),
+        }
+    }
 }
 
 impl std::fmt::Debug for Manager {
@@ -117,6 +152,13 @@ impl Manager {
         record.workload_kind = Some(kind);
         record.workload_name = Some(workload.name().to_string());
         self.store.insert(&record, now).await?;
+        // Counted with our own placeholder in: concurrent creates can never overshoot a cap
+        // together (at worst both are refused), and a refusal leaves nothing behind.
+        if let Err(e) = self.admit(namespace).await {
+            let _ = self.store.delete(&session_id).await;
+            self.metrics.admission_refusals.inc();
+            return Err(e);
+        }
         let req = SandboxRequest {
             session_id: session_id.clone(),
             namespace: namespace.to_string(),
@@ -159,6 +201,31 @@ impl Manager {
             owner_id: None,
             sandbox_identity: Some(sandbox.identity),
         })
+    }
+
+    /// Refuses a create over a cap, naming the cap.
+    async fn admit(&self, namespace: &str) -> Result<(), ApiError> {
+        use agentcube_store::Scope;
+        if let Some(max) = self.admission.max_sessions
+            && self.store.count(&Scope::All).await? > max
+        {
+            return Err(ApiError::TooMany(format!(
+                "session limit reached: {max} live sessions (--max-sessions)"
+            )));
+        }
+        if let Some(max) = self.admission.max_sessions_per_namespace
+            && self
+                .store
+                .count(&Scope::Namespace(namespace.to_string()))
+                .await?
+                > max
+        {
+            return Err(ApiError::TooMany(format!(
+                "session limit reached: {max} live sessions in namespace {namespace} \
+                 (--max-sessions-per-namespace)"
+            )));
+        }
+        Ok(())
     }
 
     async fn rollback(&self, session_id: &str, kind: BackingKind, namespace: &str, sandbox: &str) {

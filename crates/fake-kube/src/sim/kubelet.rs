@@ -278,7 +278,16 @@ async fn stop_process(mut p: PodProcess) {
         }
         let _ = child.wait().await;
     }
-    let _ = std::fs::remove_dir_all(&p.dir);
+    // Processes inside the pod's pid namespace die a moment after bubblewrap (the kernel kills
+    // them when its init goes): one may still be changing the directory, so retry briefly.
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(&p.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            _ => break,
+        }
+    }
 }
 
 fn pod_status(pod: &Value, p: &PodProcess) -> Value {

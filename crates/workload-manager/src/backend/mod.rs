@@ -109,6 +109,9 @@ pub enum BackendError {
     /// The platform cannot take work now.
     #[error("{0}")]
     Unavailable(String),
+    /// A capacity budget of the platform is used up (e.g. the local memory budget).
+    #[error("{0}")]
+    Exhausted(String),
     /// The definition cannot run on this backend (e.g. an AgentRuntime without a command).
     #[error("{0}")]
     Invalid(String),
@@ -165,6 +168,31 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Removes every sandbox this backend started (on shutdown).
     async fn shutdown(&self);
+
+    /// Start-up reconciliation: whether the sandbox behind `record` exists; `None` when the
+    /// record is not this backend's to judge (another state directory, another platform).
+    async fn sandbox_exists(&self, _record: &agentcube_types::SessionRecord) -> Option<bool> {
+        None
+    }
+
+    /// Start-up reconciliation: deletes the sandboxes of sessions not in `live` (a crashed
+    /// predecessor's leftovers); returns how many.
+    async fn delete_orphans(&self, _live: &std::collections::HashSet<String>) -> usize {
+        0
+    }
+
+    /// The sessions this backend's running sandboxes serve, as (session id, backing kind,
+    /// namespace, sandbox name): GC deletes a sandbox whose record has vanished (e.g. Redis
+    /// restarted without persistence). Backends that cannot tell cheaply return nothing.
+    fn sessions(&self) -> Vec<(String, BackingKind, String, String)> {
+        Vec::new()
+    }
+
+    /// Cleans up sandboxes that died on their own since the last call, and returns the
+    /// sessions they served (whose records must go too). Called by every GC run.
+    async fn reap(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Warm pools as (namespace, name, ready, size), for metrics and progress output.
     fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {

@@ -47,6 +47,10 @@ pub struct Options {
     pub gc_interval: Duration,
     pub pids: u64,
     pub isolation: agentcube_workload_manager::backend::local::Isolation,
+    pub admission: agentcube_workload_manager::sessions::Admission,
+    pub memory_budget: Option<u64>,
+    /// Reuse this directory (state, manifests) instead of a fresh one: a restart.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl Default for Options {
@@ -59,6 +63,9 @@ impl Default for Options {
             gc_interval: Duration::from_secs(3600),
             pids: 512,
             isolation: Default::default(),
+            admission: Default::default(),
+            memory_budget: agentcube_workload_manager::backend::local::host_memory(),
+            dir: None,
         }
     }
 }
@@ -70,8 +77,11 @@ pub fn code_interpreter(name: &str, extra: &str) -> String {
 }
 
 impl Stack {
-    pub async fn start(opts: Options) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+    pub async fn start(mut opts: Options) -> Self {
+        let dir = opts
+            .dir
+            .take()
+            .unwrap_or_else(|| tempfile::tempdir().unwrap());
         let manifests = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
         std::fs::write(manifests.join("defs.yaml"), &opts.manifests).unwrap();
@@ -80,6 +90,7 @@ impl Stack {
             opts.picod.unwrap_or_else(picod_binary),
         );
         local.default_pids_limit = opts.pids;
+        local.memory_budget = opts.memory_budget;
         local.isolation = opts.isolation;
         local.ready_timeout = Duration::from_secs(20);
         let backend = LocalBackend::new(local).unwrap();
@@ -92,6 +103,7 @@ impl Stack {
             gc_interval: opts.gc_interval,
             create_timeout: opts.create_timeout,
             public_key: Some(ROUTER_PUB.into()),
+            admission: opts.admission,
             ..Default::default()
         };
         let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend.clone()))
@@ -121,6 +133,14 @@ impl Stack {
 
     pub async fn delete(&self, id: &str) -> (u16, Value) {
         delete_session(&self.http, &self.url, id).await
+    }
+
+    /// Stops the Workload Manager (sandboxes removed, records kept, as a clean shutdown does)
+    /// and hands back its directory, for a restart on the same state.
+    pub async fn stop_keeping_dir(mut self) -> tempfile::TempDir {
+        self.wm.take().unwrap().shutdown().await;
+        self.server.abort();
+        self.dir
     }
 
     /// Everything this stack started is gone: processes, sockets, directories, cgroups.

@@ -41,3 +41,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   value: "false"
 {{- end }}
 {{- end -}}
+
+{{/* Listener limit flags of a component (its values' `limits`). */}}
+{{- define "agentcube.limitArgs" -}}
+- --header-timeout={{ .headerTimeout }}
+- --body-idle-timeout={{ .bodyIdleTimeout }}
+- --keep-alive-idle={{ .keepAliveIdle }}
+{{- if .maxConnections }}
+- --max-connections={{ .maxConnections }}
+{{- end }}
+{{- end }}

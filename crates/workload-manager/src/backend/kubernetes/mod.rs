@@ -152,6 +152,42 @@ impl KubernetesBackend {
     }
 }
 
+impl KubernetesBackend {
+    /// Objects of kind `K` made for a session (label `runtime.agentcube.io/session-id`) whose
+    /// session is not in `live`, as (namespace, name).
+    async fn orphans_of<K>(&self, live: &std::collections::HashSet<String>) -> Vec<(String, String)>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let lp = kube::api::ListParams::default().labels(agentcube_crds::labels::SESSION_ID);
+        let list = match Api::<K>::all(self.client.clone()).list(&lp).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile: cannot list session objects");
+                return Vec::new();
+            }
+        };
+        list.items
+            .into_iter()
+            .filter_map(|o| {
+                let meta = o.meta();
+                let session = meta
+                    .labels
+                    .as_ref()?
+                    .get(agentcube_crds::labels::SESSION_ID)?;
+                if live.contains(session) {
+                    return None;
+                }
+                Some((meta.namespace.clone()?, meta.name.clone()?))
+            })
+            .collect()
+    }
+}
+
 fn uses_claim(w: &Workload) -> bool {
     matches!(w, Workload::CodeInterpreter(ci) if ci.spec.warm_pool() > 0)
 }
@@ -248,6 +284,51 @@ impl Backend for KubernetesBackend {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn sandbox_exists(&self, record: &agentcube_types::SessionRecord) -> Option<bool> {
+        // A local backend's record (Unix-socket entry points) in a shared store is not ours.
+        if record
+            .entry_points()
+            .iter()
+            .any(|e| e.endpoint.starts_with("unix:"))
+        {
+            return None;
+        }
+        let ns = &record.sandbox_namespace;
+        let found = match record.kind {
+            BackingKind::SandboxClaim => Api::<SandboxClaim>::namespaced(self.client.clone(), ns)
+                .get_opt(&record.name)
+                .await
+                .map(|o| o.is_some()),
+            BackingKind::Sandbox => Api::<SandboxObject>::namespaced(self.client.clone(), ns)
+                .get_opt(&record.name)
+                .await
+                .map(|o| o.is_some()),
+        };
+        found
+            .inspect_err(|e| tracing::warn!(error = %e, "reconcile: cannot look a sandbox up"))
+            .ok()
+    }
+
+    async fn delete_orphans(&self, live: &std::collections::HashSet<String>) -> usize {
+        let claims = self.orphans_of::<SandboxClaim>(live).await;
+        let sandboxes = self.orphans_of::<SandboxObject>(live).await;
+        let mut deleted = 0;
+        for (kind, list) in [
+            (BackingKind::SandboxClaim, claims),
+            (BackingKind::Sandbox, sandboxes),
+        ] {
+            for (ns, name) in list {
+                match self.delete(kind, &ns, &name).await {
+                    Ok(()) => deleted += 1,
+                    Err(e) => {
+                        tracing::warn!(%kind, ns, name, error = %e, "reconcile: cannot delete an orphan")
+                    }
+                }
+            }
+        }
+        deleted
     }
 
     /// Warm pools are the controller's business in a cluster.

@@ -1,7 +1,9 @@
 //! cgroup limits for local sandboxes, on cgroup v1 (memory, pids, cpu controllers) and v2.
 //!
 //! Sandbox cgroups are created under this process's own cgroup (not at the root), as
-//! `agentcube/<sandbox>`. The launcher shell writes its own pid into every `cgroup.procs` before
+//! `agentcube/<instance>/<sandbox>`, `<instance>` derived from the state directory: a restarted
+//! manager finds (and removes) what its crashed predecessor left, and never touches another
+//! manager's sandboxes. The launcher shell writes its own pid into every `cgroup.procs` before
 //! it execs bubblewrap, so nothing in the sandbox ever runs outside its limits.
 
 use std::io;
@@ -53,8 +55,8 @@ fn own_path(controller: &str) -> Option<String> {
 }
 
 impl Cgroups {
-    /// Finds a writable place for sandbox cgroups, or `None` (with the reason) when there is none.
-    pub fn detect(root: &Path) -> Result<Self, String> {
+    /// Finds a writable place for sandbox cgroups of `instance`, or the reason there is none.
+    pub fn detect(root: &Path, instance: &str) -> Result<Self, String> {
         let v1_memory = root.join("memory");
         if v1_memory.join("memory.limit_in_bytes").exists()
             || own_path("memory").is_some() && v1_memory.is_dir()
@@ -66,7 +68,8 @@ impl Cgroups {
                 let dir = root
                     .join(ctrl)
                     .join(own.trim_start_matches('/'))
-                    .join("agentcube");
+                    .join("agentcube")
+                    .join(instance);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 dirs.push((ctrl, dir));
@@ -78,12 +81,15 @@ impl Cgroups {
         if root.join("cgroup.controllers").exists() {
             let own = own_path("").ok_or("no cgroup v2 entry for this process")?;
             let parent = root.join(own.trim_start_matches('/'));
-            let dir = parent.join("agentcube");
+            let outer = parent.join("agentcube");
+            let dir = outer.join(instance);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            // Children of `dir` need the controllers delegated from `dir`.
-            std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu")
-                .map_err(|e| format!("cannot enable controllers under {}: {e}", dir.display()))?;
+            // Children of each level need the controllers delegated from it.
+            for d in [&outer, &dir] {
+                std::fs::write(d.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                    .map_err(|e| format!("cannot enable controllers under {}: {e}", d.display()))?;
+            }
             return Ok(Self {
                 layout: Layout::V2(dir),
             });
@@ -92,6 +98,47 @@ impl Cgroups {
             "no cgroup v1 or v2 hierarchy at {}",
             root.display()
         ))
+    }
+
+    /// Removes every sandbox cgroup under ours, killing what is left in it: what a predecessor
+    /// that crashed (no clean shutdown) left behind. Called once at start, before any sandbox
+    /// exists. Returns how many directories were removed.
+    pub fn remove_leftovers(&self) -> usize {
+        let bases: Vec<&PathBuf> = match &self.layout {
+            Layout::V1(dirs) => dirs.iter().map(|(_, d)| d).collect(),
+            Layout::V2(d) => vec![d],
+        };
+        let mut removed = 0;
+        for base in bases {
+            let Ok(entries) = std::fs::read_dir(base) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let dir = e.path();
+                for _ in 0..50 {
+                    if kill_and_remove(&dir) {
+                        removed += 1;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes this instance's (empty) cgroup directories, on a clean shutdown.
+    pub fn remove_instance(&self) {
+        let bases: Vec<&PathBuf> = match &self.layout {
+            Layout::V1(dirs) => dirs.iter().map(|(_, d)| d).collect(),
+            Layout::V2(d) => vec![d],
+        };
+        for d in bases {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 
     /// Creates the sandbox's cgroup(s) with its limits.
@@ -166,14 +213,7 @@ impl SandboxCgroup {
     pub async fn remove(&self) {
         for dir in &self.dirs {
             for _ in 0..50 {
-                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                if kill_and_remove(dir) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -185,6 +225,18 @@ impl SandboxCgroup {
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
+}
+
+/// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. True once it is gone.
+fn kill_and_remove(dir: &Path) -> bool {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::fs::remove_dir(dir).is_ok() || !dir.exists()
 }
 
 /// Parses a Kubernetes memory quantity (`512Mi`, `1Gi`, `128M`, `1e9`, `1000`) to bytes.

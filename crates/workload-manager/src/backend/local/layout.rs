@@ -81,8 +81,15 @@ impl SandboxPaths {
     /// fds); directories the sandbox made unreadable are opened up first when not root.
     pub async fn remove(&self) {
         for d in [&self.dir, &self.private] {
-            let d = d.clone();
-            let _ = tokio::task::spawn_blocking(move || remove_tree(&d)).await;
+            // Without cgroups, a process of the sandbox may outlive its launcher by a moment
+            // (the kernel kills a pid namespace when its init goes): retry briefly.
+            for _ in 0..50 {
+                let d = d.clone();
+                match tokio::task::spawn_blocking(move || remove_tree(&d)).await {
+                    Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                    _ => break,
+                }
+            }
         }
     }
 }

@@ -84,6 +84,11 @@ pub struct LocalConfig {
     pub cgroup_root: PathBuf,
     /// Refuse to start when cgroup limits cannot be enforced.
     pub require_cgroups: bool,
+    /// Memory limit of sandboxes whose definition sets none (none is unbounded).
+    pub default_memory_bytes: Option<u64>,
+    /// Most memory all sandboxes' limits may add up to (default: the host's memory); a create
+    /// over it is refused with 429 (`None`: no budget).
+    pub memory_budget: Option<u64>,
 }
 
 impl LocalConfig {
@@ -100,8 +105,57 @@ impl LocalConfig {
             default_pids_limit: 512,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             require_cgroups: false,
+            default_memory_bytes: Some(DEFAULT_MEMORY_BYTES),
+            memory_budget: host_memory(),
         }
     }
+}
+
+/// The memory flags of the local backend (`workload-manager`, `agentcube up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MemoryArgs {
+    /// Most memory the limits of all local sandboxes may add up to (a quantity such as `24Gi`;
+    /// `host` = this host's memory; `0` = no budget). Over it, creates are refused with 429.
+    #[arg(long, env = "AGENTCUBE_MEMORY_BUDGET", default_value = "host")]
+    pub memory_budget: String,
+    /// Memory limit of local sandboxes whose definition sets none (quantity; `0` = none).
+    #[arg(long, env = "AGENTCUBE_DEFAULT_MEMORY_LIMIT", default_value = "1Gi")]
+    pub default_memory_limit: String,
+}
+
+impl MemoryArgs {
+    /// Applies the flags to a local configuration.
+    pub fn apply(&self, config: &mut LocalConfig) -> Result<(), String> {
+        let quantity = |flag: &str, v: &str| {
+            cgroup::parse_memory(v).ok_or_else(|| format!("--{flag}: not a memory quantity: {v:?}"))
+        };
+        config.memory_budget = match self.memory_budget.as_str() {
+            "host" => host_memory(),
+            v => Some(quantity("memory-budget", v)?).filter(|b| *b > 0),
+        };
+        config.default_memory_bytes = Some(quantity(
+            "default-memory-limit",
+            &self.default_memory_limit,
+        )?)
+        .filter(|b| *b > 0);
+        Ok(())
+    }
+}
+
+/// Memory limit of a sandbox whose definition sets none: 1 GiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+
+/// The host's memory (`MemTotal`).
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Finds `name` on PATH (or returns it if it is a path).
@@ -116,10 +170,15 @@ pub fn which(name: &Path) -> Option<PathBuf> {
 
 struct Running {
     pgid: Option<Pid>,
-    child: tokio::process::Child,
+    /// The launcher's exit status once it has exited (set by its reaper task).
+    exit: tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>,
+    /// The session this sandbox serves (set when it is handed out).
+    session: Option<String>,
     paths: SandboxPaths,
     cgroup: Option<SandboxCgroup>,
     uid: Option<u32>,
+    /// Bytes of the memory budget this sandbox holds.
+    memory: u64,
 }
 
 struct Inner {
@@ -133,6 +192,11 @@ struct Inner {
     seccomp: Vec<PathBuf>,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<pool::Pools>,
+    /// Memory limits of the sandboxes started (or starting), against the budget.
+    memory_in_use: Mutex<u64>,
+    /// Sandboxes that died on their own (PicoD or the agent exited, was killed, OOM), with the
+    /// session they served; reclaimed by the next GC run.
+    dead: Mutex<Vec<(String, Option<String>)>>,
 }
 
 /// The local backend. Cheap to clone.
@@ -184,6 +248,16 @@ fn find_tools(config: &LocalConfig) -> Result<(PathBuf, Option<PathBuf>), String
     Ok((bwrap, runsc))
 }
 
+/// A short, stable name for the manager owning a state directory (its cgroup subtree).
+fn instance_of(state: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = state.canonicalize().unwrap_or_else(|_| state.to_path_buf());
+    Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Writes the seccomp filters once, into `<state>/seccomp/`.
 fn write_seccomp(state: &Path) -> Result<Vec<PathBuf>, String> {
     let dir = state.join("seccomp");
@@ -209,16 +283,6 @@ impl LocalBackend {
             .picod
             .canonicalize()
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
-        let cgroups = match Cgroups::detect(&config.cgroup_root) {
-            Ok(c) => Some(c),
-            Err(why) if config.require_cgroups => {
-                return Err(format!("cgroup limits cannot be enforced: {why}"));
-            }
-            Err(why) => {
-                tracing::warn!(reason = %why, "sandboxes will run WITHOUT cgroup limits");
-                None
-            }
-        };
         let state = &config.state_dir;
         for d in ["sandboxes", "private"] {
             let _ = layout::remove_tree(&state.join(d));
@@ -228,6 +292,27 @@ impl LocalBackend {
         if config.uids.is_some() {
             check_traversable(&state.join("sandboxes"))?;
         }
+        // Leftovers of a predecessor that crashed: its sandboxes died with it (die-with-parent);
+        // its directories went above, its cgroups go here.
+        let cgroups = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
+            Ok(c) => {
+                let left = c.remove_leftovers();
+                if left > 0 {
+                    tracing::info!(
+                        cgroups = left,
+                        "removed sandbox cgroups left by a previous run"
+                    );
+                }
+                Some(c)
+            }
+            Err(why) if config.require_cgroups => {
+                return Err(format!("cgroup limits cannot be enforced: {why}"));
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "sandboxes will run WITHOUT cgroup limits");
+                None
+            }
+        };
         let seccomp = write_seccomp(state)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -239,6 +324,8 @@ impl LocalBackend {
                 seccomp,
                 running: Mutex::new(HashMap::new()),
                 pools: Mutex::new(HashMap::new()),
+                memory_in_use: Mutex::new(0),
+                dead: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -294,6 +381,7 @@ impl LocalBackend {
         workload: &Workload,
         public_key: Option<String>,
     ) -> Result<Sandbox, BackendError> {
+        let cfg = &self.inner.config;
         let paths = self.paths(name);
         let desc = workload::describe(workload, &paths, name)?;
         let public_key = if workload.needs_key() {
@@ -305,18 +393,28 @@ impl LocalBackend {
         } else {
             None
         };
+        let mut limits = workload::limits_of(desc.resources.as_ref(), cfg.default_pids_limit);
+        limits.memory_bytes = limits.memory_bytes.or(cfg.default_memory_bytes);
+        let memory = self.reserve_memory(limits.memory_bytes.unwrap_or(0))?;
         let uid = match &self.inner.uids {
-            Some(u) => Some(u.take().ok_or_else(|| {
-                BackendError::Unavailable("every sandbox uid of the range is in use".into())
-            })?),
+            Some(u) => match u.take() {
+                Some(uid) => Some(uid),
+                None => {
+                    self.release_memory(memory);
+                    return Err(BackendError::Exhausted(
+                        "every sandbox uid of the range is in use (--sandbox-uids)".into(),
+                    ));
+                }
+            },
             None => None,
         };
-        let running = match self.launch(name, &paths, &desc, public_key, uid) {
-            Ok(r) => r,
+        let running = match self.launch(name, &paths, &desc, limits, public_key, uid) {
+            Ok(r) => Running { memory, ..r },
             Err(e) => {
                 if let (Some(uids), Some(uid)) = (&self.inner.uids, uid) {
                     uids.give_back(uid);
                 }
+                self.release_memory(memory);
                 return Err(e);
             }
         };
@@ -335,12 +433,36 @@ impl LocalBackend {
         })
     }
 
+    /// Takes `bytes` of the memory budget, or refuses naming the budget.
+    fn reserve_memory(&self, bytes: u64) -> Result<u64, BackendError> {
+        let mut used = self.inner.memory_in_use.lock().unwrap();
+        if let Some(budget) = self.inner.config.memory_budget
+            && *used + bytes > budget
+        {
+            return Err(BackendError::Exhausted(format!(
+                "memory budget reached: sandboxes already hold {} MiB of memory limits and this \
+                 one needs {} MiB, over the budget of {} MiB (--memory-budget)",
+                *used >> 20,
+                bytes >> 20,
+                budget >> 20
+            )));
+        }
+        *used += bytes;
+        Ok(bytes)
+    }
+
+    fn release_memory(&self, bytes: u64) {
+        let mut used = self.inner.memory_in_use.lock().unwrap();
+        *used = used.saturating_sub(bytes);
+    }
+
     /// Directories, cgroups, launcher inputs, and the launcher process itself.
     fn launch(
         &self,
         name: &str,
         paths: &SandboxPaths,
         desc: &workload::Description,
+        limits: cgroup::Limits,
         public_key: Option<String>,
         uid: Option<u32>,
     ) -> Result<Running, BackendError> {
@@ -349,7 +471,6 @@ impl LocalBackend {
         paths
             .create(uid)
             .map_err(|e| fail("cannot create sandbox directories", e))?;
-        let limits = workload::limits_of(desc.resources.as_ref(), cfg.default_pids_limit);
         let cgroup = match &self.inner.cgroups {
             Some(c) => Some(
                 c.create(name, limits)
@@ -376,7 +497,7 @@ impl LocalBackend {
             .launcher(&spec, name)
             .map_err(|e| fail("launcher", e))?;
         let log = std::fs::File::create(paths.log()).map_err(|e| fail("log", e))?;
-        let child = tokio::process::Command::new(&argv[0])
+        let mut child = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .env_clear()
             .current_dir("/")
@@ -387,12 +508,22 @@ impl LocalBackend {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| fail("cannot start the sandbox launcher", e))?;
+        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+        let (exit_tx, exit) = tokio::sync::watch::channel(None);
+        let (this, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = exit_tx.send(status);
+            this.on_exit(&name, status);
+        });
         Ok(Running {
-            pgid: child.id().map(|id| Pid::from_raw(id as i32)),
-            child,
+            pgid,
+            exit,
+            session: None,
             paths: paths.clone(),
             cgroup,
             uid,
+            memory: 0,
         })
     }
 
@@ -461,10 +592,34 @@ impl LocalBackend {
 
     /// The launcher's exit status if it has exited.
     fn exited(&self, name: &str) -> Result<Option<std::process::ExitStatus>, BackendError> {
-        let mut running = self.inner.running.lock().unwrap();
-        match running.get_mut(name) {
-            Some(r) => Ok(r.child.try_wait().ok().flatten()),
+        let running = self.inner.running.lock().unwrap();
+        match running.get(name) {
+            Some(r) => Ok(*r.exit.borrow()),
             None => Err(BackendError::NotReady(format!("{name} (removed)"))),
+        }
+    }
+
+    /// A launcher exited. Still registered means nobody removed it: the sandbox died on its own
+    /// (PicoD or the agent exited, was killed, hit its memory limit). It is taken out of its warm
+    /// pool at once and reclaimed (with its session) by the next GC run.
+    fn on_exit(&self, name: &str, status: Option<std::process::ExitStatus>) {
+        let session = match self.inner.running.lock().unwrap().get(name) {
+            Some(r) => r.session.clone(),
+            None => return,
+        };
+        tracing::warn!(sandbox = name, session_id = ?session, ?status, "sandbox died");
+        self.drop_from_pools(name);
+        self.inner
+            .dead
+            .lock()
+            .unwrap()
+            .push((name.to_string(), session));
+    }
+
+    /// Marks a sandbox as serving `session_id`.
+    fn assign(&self, name: &str, session_id: &str) {
+        if let Some(r) = self.inner.running.lock().unwrap().get_mut(name) {
+            r.session = Some(session_id.to_string());
         }
     }
 
@@ -492,11 +647,14 @@ impl LocalBackend {
             }
         }
         match entry {
-            Some(mut r) => {
+            Some(r) => {
                 if let Some(pgid) = r.pgid {
                     let _ = killpg(pgid, Signal::SIGKILL);
                 }
-                let _ = r.child.kill().await;
+                let mut exit = r.exit.clone();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
+                        .await;
                 if let Some(cg) = &r.cgroup {
                     cg.remove().await;
                 }
@@ -504,6 +662,7 @@ impl LocalBackend {
                 if let (Some(uids), Some(uid)) = (&self.inner.uids, r.uid) {
                     uids.give_back(uid);
                 }
+                self.release_memory(r.memory);
             }
             None => self.paths(name).remove().await,
         }
@@ -542,12 +701,54 @@ impl Backend for LocalBackend {
         {
             let key = (req.namespace.clone(), req.workload.name().to_string());
             if let Some(sb) = self.claim(key.clone()) {
+                self.assign(&sb.name, &req.session_id);
                 return Ok(sb);
             }
             tracing::info!(pool = %key.1, "warm pool empty; starting a sandbox on demand");
         }
-        self.start(&req.name, &req.workload, req.public_key.clone())
-            .await
+        let sb = self
+            .start(&req.name, &req.workload, req.public_key.clone())
+            .await?;
+        self.assign(&sb.name, &req.session_id);
+        Ok(sb)
+    }
+
+    async fn sandbox_exists(&self, record: &agentcube_types::SessionRecord) -> Option<bool> {
+        let ours = format!("unix:{}/", self.inner.config.state_dir.display());
+        record
+            .entry_points()
+            .iter()
+            .any(|e| e.endpoint.starts_with(&ours))
+            .then(|| {
+                self.inner
+                    .running
+                    .lock()
+                    .unwrap()
+                    .contains_key(&record.name)
+            })
+    }
+
+    fn sessions(&self) -> Vec<(String, BackingKind, String, String)> {
+        self.inner
+            .running
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(name, r)| {
+                let session = r.session.clone()?;
+                Some((session, BackingKind::Sandbox, String::new(), name.clone()))
+            })
+            .collect()
+    }
+
+    async fn reap(&self) -> Vec<String> {
+        let dead = std::mem::take(&mut *self.inner.dead.lock().unwrap());
+        let mut sessions = Vec::new();
+        for (name, session) in dead {
+            self.remove(&name).await;
+            sessions.extend(session);
+        }
+        sessions
     }
 
     async fn delete(&self, _: BackingKind, _: &str, name: &str) -> Result<(), BackendError> {
@@ -585,6 +786,9 @@ impl Backend for LocalBackend {
                 self.remove(&name).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(c) = &self.inner.cgroups {
+            c.remove_instance();
         }
     }
 }

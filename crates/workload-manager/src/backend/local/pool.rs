@@ -69,6 +69,21 @@ impl LocalBackend {
         v
     }
 
+    /// Takes a sandbox that died out of whichever pool holds it, and refills that pool.
+    pub(super) fn drop_from_pools(&self, name: &str) {
+        let key = {
+            let mut pools = self.inner.pools.lock().unwrap();
+            pools.iter_mut().find_map(|(key, p)| {
+                let before = p.ready.len();
+                p.ready.retain(|s| s.name != name);
+                (p.ready.len() < before).then(|| key.clone())
+            })
+        };
+        if let Some(key) = key {
+            self.refill(key);
+        }
+    }
+
     /// Pops a ready sandbox of the pool `key` (and starts its replacement).
     pub(super) fn claim(&self, key: (String, String)) -> Option<Sandbox> {
         let claimed = {

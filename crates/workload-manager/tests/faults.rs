@@ -1,0 +1,258 @@
+//! Faults and caps on the local backend (issue 14): sandboxes that die, records that vanish, a
+//! restart on an old store, and admission caps. Real bubblewrap sandboxes and PicoD processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+use agentcube_workload_manager::sessions::Admission;
+use common::*;
+
+/// Host pids of a sandbox's processes whose command line starts with `prefix`.
+fn sandbox_pids(s: &Stack, name: &str, prefix: &str) -> Vec<i32> {
+    let procs = s
+        .backend
+        .cgroup_dirs(name)
+        .into_iter()
+        .find(|d| d.to_string_lossy().contains("/pids/") || d.join("cgroup.procs").exists())
+        .map(|d| std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default())
+        .unwrap_or_default();
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(prefix.as_bytes()))
+        })
+        .collect()
+}
+
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_picod_dies_is_reclaimed_with_its_session() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        gc_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        s.backend.enforces_limits(),
+        "the test finds PicoD through its cgroup"
+    );
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let (id, name) = (
+        v["sessionId"].as_str().unwrap().to_string(),
+        v["sandboxName"].as_str().unwrap().to_string(),
+    );
+    let cgroups = s.backend.cgroup_dirs(&name);
+    let picod = sandbox_pids(&s, &name, "/opt/agentcube/picod");
+    assert_eq!(picod.len(), 1, "one PicoD in the sandbox");
+    kill9(picod[0]);
+    eventually("the dead sandbox reclaimed", 10, || {
+        s.backend.running().is_empty()
+    })
+    .await;
+    eventually("its record deleted", 5, || {
+        futures_util::FutureExt::now_or_never(s.store.get(&id))
+            .is_some_and(|r| matches!(r, Err(agentcube_store::Error::NotFound)))
+    })
+    .await;
+    for d in &cgroups {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    let paths = s.backend.paths(&name);
+    assert!(!paths.dir.exists() && !paths.private.exists());
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn a_dead_warm_sandbox_leaves_its_pool_and_is_replaced() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", "  warmPoolSize: 1\n"),
+        gc_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    eventually("pool filled", 20, || {
+        s.backend
+            .pool_status()
+            .first()
+            .is_some_and(|p| p.ready == 1)
+    })
+    .await;
+    let first = s.backend.running();
+    let pids = sandbox_pids(&s, &first[0], "/opt/agentcube/picod");
+    kill9(pids[0]);
+    eventually("a new pool member", 20, || {
+        let now = s.backend.running();
+        now.len() == 1 && now != first && s.backend.pool_status()[0].ready == 1
+    })
+    .await;
+    // The session is served by the new, live member.
+    let v = s.create_ok("code-interpreter", "ci").await;
+    assert_ne!(v["sandboxName"].as_str().unwrap(), first[0]);
+    assert_eq!(exec(&v, &["echo", "ok"]).await["stdout"], "ok\n");
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_record_vanished_is_deleted() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        gc_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    // The store lost the record (a Redis restarted without persistence).
+    assert!(
+        s.store
+            .delete(v["sessionId"].as_str().unwrap())
+            .await
+            .unwrap()
+    );
+    eventually("the orphaned sandbox deleted", 10, || {
+        s.backend.running().is_empty()
+    })
+    .await;
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn a_restart_on_an_old_store_deletes_records_whose_sandbox_is_gone() {
+    let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+    let first = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        store: Some(store.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            first.create_ok("code-interpreter", "ci").await["sessionId"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // A clean stop removes the sandboxes but (sessions outlive a restart) keeps the records.
+    let dir = first.stop_keeping_dir().await;
+    assert_eq!(store.count(&agentcube_store::Scope::All).await.unwrap(), 3);
+    // Someone else's record in the same store (a cluster's) is not ours to judge.
+    let mut foreign = store.get(&ids[0]).await.unwrap();
+    foreign.session_id = "foreign".into();
+    foreign.entry_points.as_mut().unwrap()[0].endpoint = "10.0.0.9:8080".into();
+    store
+        .insert(&foreign, jiff::Timestamp::now())
+        .await
+        .unwrap();
+    let second = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        store: Some(store.clone()),
+        dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    for id in &ids {
+        assert!(
+            matches!(store.get(id).await, Err(agentcube_store::Error::NotFound)),
+            "{id} should have been reconciled away"
+        );
+    }
+    assert!(store.get("foreign").await.is_ok());
+    let metrics = second.wm.as_ref().unwrap().admin_app();
+    let body = metrics_text(metrics).await;
+    assert!(body.contains("reconciled_stale_records_total 3"), "{body}");
+    second.shutdown_and_check_leaks().await;
+}
+
+async fn metrics_text(app: axum::Router) -> String {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let resp = app
+        .oneshot(
+            axum::http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_session_cap_refuses_with_429_and_creates_nothing() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        admission: Admission {
+            max_sessions: Some(2),
+            max_sessions_per_namespace: None,
+        },
+        ..Default::default()
+    })
+    .await;
+    s.create_ok("code-interpreter", "ci").await;
+    s.create_ok("code-interpreter", "ci").await;
+    let (status, v) = s.create("code-interpreter", "ci").await;
+    assert_eq!(status, 429, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("--max-sessions"),
+        "{v}"
+    );
+    assert_eq!(
+        s.backend.running().len(),
+        2,
+        "no sandbox for the refused create"
+    );
+    assert_eq!(
+        s.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        2,
+        "no record either"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn the_memory_budget_refuses_with_429_and_creates_nothing() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "ci",
+            "    resources:\n      limits:\n        memory: 256Mi\n",
+        ),
+        memory_budget: Some(300 << 20),
+        ..Default::default()
+    })
+    .await;
+    let first = s.create_ok("code-interpreter", "ci").await;
+    let (status, v) = s.create("code-interpreter", "ci").await;
+    assert_eq!(status, 429, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("memory budget") && msg.contains("--memory-budget"),
+        "{msg}"
+    );
+    assert_eq!(s.backend.running().len(), 1);
+    // Deleting the first frees its share of the budget.
+    assert_eq!(s.delete(first["sessionId"].as_str().unwrap()).await.0, 200);
+    s.create_ok("code-interpreter", "ci").await;
+    s.shutdown_and_check_leaks().await;
+}

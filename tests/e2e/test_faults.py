@@ -1,0 +1,164 @@
+"""Hostile clients and faults against the running binaries (issue 14): HTTP/2 clients to HTTP/1
+agents, names that contain path words, bad headers, sandboxes that die, a manager killed with
+SIGKILL and restarted on the same Redis, and the session cap."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, _binary, _free_port, _wait_healthy
+
+
+def url(stack, ns, kind, name, path):
+    return f"{stack.router_url}/v1/namespaces/{ns}/{kind}/{name}/invocations/{path}"
+
+
+def test_an_http2_client_reaches_an_http1_agent_and_leaves_no_orphan(stack):
+    before = stack.sandboxes()
+    out = subprocess.run(
+        ["curl", "-s", "-i", "--http2-prior-knowledge", "-X", "POST", "-H", "Content-Type: application/json",
+         "-d", '{"input":"h2"}', url(stack, "default", "agent-runtimes", "echo-agent", "echo")],
+        capture_output=True, text=True, timeout=60)
+    head, _, body = out.stdout.partition("\n\n")
+    assert head.startswith("HTTP/2 200"), out.stdout + out.stderr
+    assert '"echo: h2"' in body
+    sid = next(l.split(":", 1)[1].strip() for l in head.splitlines() if l.lower().startswith("x-agentcube-session-id"))
+    assert requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}").status_code == 200
+    deadline = time.time() + 30
+    while stack.sandboxes() - before and time.time() < deadline:
+        time.sleep(0.2)
+    assert not stack.sandboxes() - before, "a sandbox outlived its session"
+
+
+@pytest.mark.parametrize("ns,name", [("default", "invocations-ci"), ("invocations", "ci")])
+def test_names_containing_invocations_route(stack, ns, name):
+    r = requests.post(url(stack, ns, "code-interpreters", name, "api/execute"), json={"command": ["echo", "routed"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["stdout"] == "routed\n"
+    sid = r.headers["x-agentcube-session-id"]
+    # The same session on another runtime's URL: 409, also while it is cached.
+    r = requests.post(url(stack, "default", "code-interpreters", "on-demand-interpreter", "api/execute"),
+                      json={"command": ["true"]}, headers={"x-agentcube-session-id": sid})
+    assert r.status_code == 409 and r.json()["code"] == "SESSION_TARGET_MISMATCH", r.text
+    requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}")
+
+
+def test_a_non_utf8_session_header_is_400(stack):
+    host, port = stack.router_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/ HTTP/1.1\r\n"
+                  b"Host: x\r\nConnection: close\r\nx-agentcube-session-id: \xff\xfe\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"INVALID_SESSION_ID" in answer
+
+
+def own_cgroup(controller="memory"):
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if controller in ctrls.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+    return None
+
+
+def sandbox_processes(state: Path, name: str):
+    """Host pids of a sandbox's processes (as root each sandbox has its own uid)."""
+    uid = (state / "sandboxes" / name).stat().st_uid
+    out = subprocess.run(["pgrep", "-u", str(uid), "-f", "/opt/agentcube/picod"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_a_sandbox_whose_picod_is_killed_is_reclaimed(stack):
+    if stack.backend != "local" or os.geteuid() != 0:
+        pytest.skip("local backend as root (a uid per sandbox finds its processes)")
+    r = requests.post(f"{stack.wm_url}/v1/code-interpreter", json={"name": "on-demand-interpreter", "namespace": "default"})
+    sid, name = r.json()["sessionId"], r.json()["sandboxName"]
+    pids = sandbox_processes(stack.state_dir, name)
+    assert pids, "PicoD not found"
+    os.kill(pids[-1], signal.SIGKILL)
+    headers = {"x-agentcube-session-id": sid}
+    deadline, status = time.time() + 20, None
+    while time.time() < deadline:
+        status = requests.post(url(stack, "default", "code-interpreters", "on-demand-interpreter", "api/execute"),
+                               json={"command": ["true"]}, headers=headers).status_code
+        if status == 404 and name not in stack.sandboxes():
+            break
+        time.sleep(0.3)
+    assert status == 404, "the dead sandbox's session should be gone"
+    assert name not in stack.sandboxes()
+
+
+@pytest.fixture
+def redis_url():
+    port = _free_port()
+    tmp = tempfile.mkdtemp()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def start_up(tmp: Path, store: str, *extra):
+    wm, router = _free_port(), _free_port()
+    log = tmp / f"up-{wm}.log"
+    proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"), "--wm-port", str(wm),
+                             "--router-port", str(router), "--state-dir", str(tmp / "state"), "--gc-interval", "1s",
+                             "--store", store, *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    _wait_healthy([f"http://127.0.0.1:{wm}/health", f"http://127.0.0.1:{router}/health/ready"], [proc], [log])
+    return proc, f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
+
+
+def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url):
+    if stack.backend != "local":
+        pytest.skip("runs its own `agentcube up`")
+    tmp = Path(tempfile.mkdtemp(prefix="agentcube-crash-"))
+    tmp.chmod(0o755)
+    proc, wm, router = start_up(tmp, redis_url, "--max-sessions", "3")
+    names, sids = [], []
+    for _ in range(3):
+        r = requests.post(f"{wm}/v1/code-interpreter", json={"name": "on-demand-interpreter", "namespace": "default"})
+        assert r.status_code == 200, r.text
+        names.append(r.json()["sandboxName"])
+        sids.append(r.json()["sessionId"])
+    # The cap: a fourth session is refused, and nothing is created for it.
+    r = requests.post(f"{wm}/v1/code-interpreter", json={"name": "on-demand-interpreter", "namespace": "default"})
+    assert r.status_code == 429 and "--max-sessions" in r.json()["message"], r.text
+    cgroups = own_cgroup()
+    before = {p.name for p in cgroups.glob("agentcube/*/*")} if cgroups else set()
+    assert set(names) <= before or not cgroups, (names, before)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(0.5)
+    if cgroups:
+        left = {p.name for p in cgroups.glob("agentcube/*/*")}
+        assert set(names) & left, "the crash left cgroups (what the restart must clean)"
+    proc, wm, router = start_up(tmp, redis_url)
+    try:
+        if cgroups:
+            now = {p.name for p in cgroups.glob("agentcube/*/*")}
+            assert not set(names) & now, f"cgroups of the crashed run are still there: {set(names) & now}"
+        dirs = {p.name for p in (tmp / "state" / "sandboxes").iterdir()}
+        assert not set(names) & dirs
+        for sid in sids:
+            r = requests.post(f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute",
+                              json={"command": ["true"]}, headers={"x-agentcube-session-id": sid})
+            assert r.status_code == 404, f"{sid}: {r.status_code} {r.text}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
