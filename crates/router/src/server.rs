@@ -161,6 +161,7 @@ fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
     }
 }
 
+#[tracing::instrument(name = "invoke", skip_all, fields(%kind, ns = %t.ns, name = %t.name, session_id = tracing::field::Empty))]
 async fn handle(
     kind: WorkloadKind,
     s: &AppState,
@@ -182,6 +183,7 @@ async fn handle(
         Some(id) => s.resolver.existing(id, kind, &t.ns, &t.name).await?,
         None => s.resolver.create(kind, &t.ns, &t.name).await?,
     };
+    tracing::Span::current().record("session_id", target.session_id.as_str());
     let answered = forward(s, &target, &path, client_addr, req).await;
     let resp = match answered {
         Ok(r) => r,

@@ -24,6 +24,7 @@ pub struct Gc {
 
 impl Gc {
     /// One pass at time `now`. Returns how many sessions were deleted.
+    #[tracing::instrument(name = "gc", skip_all)]
     pub async fn run_once(&self, now: Timestamp) -> usize {
         let store = &self.manager.store;
         // Sandboxes that died on their own: their sessions go at once, idle or not.

@@ -26,6 +26,7 @@ pub struct Report {
 const PAGE: usize = 500;
 
 /// One pass over every record and every sandbox.
+#[tracing::instrument(name = "reconcile", skip_all)]
 pub async fn run(manager: &Manager, now: Timestamp) -> Result<Report, agentcube_store::Error> {
     let store = &manager.store;
     let young = SignedDuration::try_from(manager.create_timeout * 2).unwrap_or(SignedDuration::MAX);

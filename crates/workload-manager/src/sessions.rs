@@ -133,6 +133,7 @@ impl Manager {
             .map_err(|_| ApiError::Internal("create task panicked".into()))?
     }
 
+    #[tracing::instrument(name = "create", skip_all, fields(%kind, ns = namespace, name = workload.name(), session_id = tracing::field::Empty, sandbox = tracing::field::Empty))]
     async fn create_session(
         &self,
         kind: WorkloadKind,
@@ -140,6 +141,7 @@ impl Manager {
         workload: Workload,
     ) -> Result<CreateSandboxResponse, ApiError> {
         let session_id = uuid::Uuid::new_v4().to_string();
+        tracing::Span::current().record("session_id", session_id.as_str());
         let (idle, max) = durations(&workload);
         let now = Timestamp::now();
         let expires =
@@ -179,6 +181,7 @@ impl Manager {
                     return Err(ApiError::Timeout);
                 }
             };
+        tracing::Span::current().record("sandbox", sandbox.name.as_str());
         record.kind = sandbox.kind;
         record.sandbox_id = sandbox.id.clone();
         record.name = sandbox.name.clone();
@@ -252,6 +255,7 @@ impl Manager {
     }
 
     /// Deletes a session's sandbox and then its record (used by the API and GC).
+    #[tracing::instrument(name = "delete", skip_all, fields(session_id = %record.session_id, ns = %record.sandbox_namespace, sandbox = %record.name))]
     pub async fn delete_record(&self, record: &SessionRecord) -> Result<(), ApiError> {
         self.backend
             .delete(record.kind, &record.sandbox_namespace, &record.name)

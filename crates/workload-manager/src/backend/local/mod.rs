@@ -375,6 +375,7 @@ impl LocalBackend {
         result
     }
 
+    #[tracing::instrument(name = "start_sandbox", skip_all, fields(sandbox = name, definition = workload.name()))]
     async fn try_start(
         &self,
         name: &str,
@@ -629,6 +630,7 @@ impl LocalBackend {
 
     /// Kills a sandbox (its whole process group and cgroup), deletes its directories and gives
     /// its uid back.
+    #[tracing::instrument(name = "remove_sandbox", skip(self))]
     async fn remove(&self, name: &str) {
         let entry = self.inner.running.lock().unwrap().remove(name);
         if let Some(runsc) = &self.inner.runsc {
