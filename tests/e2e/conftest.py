@@ -91,9 +91,10 @@ class Stack:
 
 
 class LocalStack(Stack):
-    def __init__(self, wm_url, router_url, state_dir: Path):
+    def __init__(self, wm_url, router_url, state_dir: Path, metrics_url: str):
         super().__init__("local", wm_url, router_url)
         self.state_dir = state_dir
+        self.metrics_url = metrics_url
 
     def sandboxes(self) -> set:
         d = self.state_dir / "sandboxes"
@@ -139,17 +140,19 @@ def _local(tmp: Path):
     manifests.mkdir()
     for f in _manifests():
         shutil.copy(f, manifests / f.name)
-    wm_port, router_port = _free_port(), _free_port()
+    wm_port, router_port, metrics_port = _free_port(), _free_port(), _free_port()
     state = tmp / "state"
     args = [str(_binary("agentcube")), "up", "--manifests", str(manifests), "--wm-port", str(wm_port),
-            "--router-port", str(router_port), "--state-dir", str(state), "--gc-interval", "1s"]
+            "--router-port", str(router_port), "--metrics-port", str(metrics_port), "--state-dir", str(state),
+            "--gc-interval", "1s"]
     store = os.environ.get("AGENTCUBE_E2E_STORE")
     if store:
         args += ["--store", store]
     log = tmp / "agentcube.log"
     env = dict(os.environ, AGENTCUBE_E2E_CANARY=CANARY)
     proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    stack = LocalStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", state)
+    stack = LocalStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", state,
+                       f"http://127.0.0.1:{metrics_port}/metrics")
     _wait_healthy([f"{stack.wm_url}/health", f"{stack.router_url}/health/ready"], [proc], [log])
     yield stack
     proc.send_signal(signal.SIGINT)

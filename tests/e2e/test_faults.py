@@ -118,7 +118,8 @@ def start_up(tmp: Path, store: str, *extra):
     wm, router = _free_port(), _free_port()
     log = tmp / f"up-{wm}.log"
     proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"), "--wm-port", str(wm),
-                             "--router-port", str(router), "--state-dir", str(tmp / "state"), "--gc-interval", "1s",
+                             "--router-port", str(router), "--metrics-port", "0", "--state-dir", str(tmp / "state"),
+                             "--gc-interval", "1s",
                              "--store", store, *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
     _wait_healthy([f"http://127.0.0.1:{wm}/health", f"http://127.0.0.1:{router}/health/ready"], [proc], [log])
     return proc, f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"

@@ -68,6 +68,9 @@ struct UpArgs {
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
+    /// Port of the admin listener serving `/metrics` (Router and Workload Manager); 0 disables it.
+    #[arg(long, env = "AGENTCUBE_METRICS_PORT", default_value_t = 8082)]
+    metrics_port: u16,
     /// Concurrent proxied requests at the Router; 0 means unlimited.
     #[arg(long, default_value_t = 1000)]
     max_concurrent_requests: usize,
@@ -163,6 +166,29 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    let metrics_url = if args.metrics_port == 0 {
+        None
+    } else {
+        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.bind, args.metrics_port))?;
+        let url = format!("http://{}/metrics", admin.local_addr()?);
+        let (wm_text, shared) = (wm.metrics_renderer(), router.shared.clone());
+        let app = agentcube_serve::metrics_app(move || {
+            agentcube_serve::join_openmetrics(&[wm_text(), shared.metrics.encode()])
+        });
+        let options = agentcube_serve::Options::new(
+            agentcube_serve::Limits::default(),
+            agentcube_router::refusal(),
+        );
+        tokio::spawn(agentcube_serve::serve(
+            admin.into(),
+            app,
+            options,
+            stopped(),
+        ));
+        Some(url)
+    };
     // Both through their crates' serving functions: the same limits and TCP_NODELAY as the
     // standalone binaries.
     let wm_server = tokio::spawn(agentcube_workload_manager::serve(
@@ -188,6 +214,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         "  Manifests:        {} (reloaded on change)",
         args.manifests.display()
     );
+    if let Some(url) = &metrics_url {
+        println!("  Metrics:          {url}");
+    }
     println!();
     println!("export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url}");
     println!();

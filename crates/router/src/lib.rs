@@ -145,21 +145,7 @@ impl RouterService {
 
 /// The admin surface of a Router: `GET /metrics` (Prometheus text format).
 pub fn admin_app(shared: Arc<Shared>) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let body = shared.metrics.encode();
-            async move {
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    body,
-                )
-            }
-        }),
-    )
+    agentcube_serve::metrics_app(move || shared.metrics.encode())
 }
 
 /// The Router's answer to a connection over `--max-connections`.

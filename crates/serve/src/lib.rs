@@ -49,6 +49,36 @@ pub use tower_http::timeout::TimeoutError as BodyTimeout;
 /// How long in-flight requests may take to finish after a shutdown signal (Go's servers: 10 s).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// `GET /metrics` answering what `render` returns (OpenMetrics text), for admin ports.
+pub fn metrics_app(render: impl Fn() -> String + Clone + Send + Sync + 'static) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = render();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
+/// Several OpenMetrics texts as one (a single `# EOF` at the end).
+pub fn join_openmetrics(texts: &[String]) -> String {
+    let mut out = String::new();
+    for t in texts {
+        out.push_str(t.trim_end().trim_end_matches("# EOF").trim_end());
+        out.push('\n');
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
 /// The answer to a connection over the limit, in the component's error shape.
 #[derive(Debug, Clone)]
 pub struct Refusal {

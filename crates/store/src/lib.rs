@@ -141,6 +141,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Deletes the record and its index entries. Returns whether it existed.
     async fn delete(&self, id: &str) -> Result<bool>;
 
+    /// [`delete`](Self::delete) for many sessions in one round trip (GC). Returns how many
+    /// existed.
+    async fn delete_many(&self, ids: &[String]) -> Result<usize>;
+
     /// Records activity at `at`, only if the session still exists ([`Error::NotFound`]
     /// otherwise: a touch never resurrects a deleted session). Activity never moves backwards.
     async fn touch(&self, id: &str, at: Timestamp) -> Result<()>;

@@ -209,6 +209,11 @@ impl SessionStore for MemoryStore {
         Ok(self.inner.lock().unwrap().remove(&self.keys, id))
     }
 
+    async fn delete_many(&self, ids: &[String]) -> Result<usize> {
+        let mut inner = self.inner.lock().unwrap();
+        Ok(ids.iter().filter(|id| inner.remove(&self.keys, id)).count())
+    }
+
     async fn touch(&self, id: &str, at: Timestamp) -> Result<()> {
         match self.touch_many(&[(id.to_string(), at)]).await? {
             0 => Err(Error::NotFound),

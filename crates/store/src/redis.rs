@@ -83,25 +83,30 @@ if redis.call('SET', KEYS[1], ARGV[1], 'XX') then
 end
 return 0";
 
-// The secondary index names are derived from the record's own fields, as `Keys::index` names
-// them (ARGV[2] = prefix .. 'idx:').
+// KEYS[1], KEYS[2] = the expiry and last-activity indexes, KEYS[3..] = record keys; ARGV[1] =
+// prefix .. 'idx:', ARGV[2..] = the ids. Each record goes with its index entries; the secondary
+// index names are derived from the record's own fields, as `Keys::index` names them.
 const DELETE: &str = r"
-local v = redis.call('GET', KEYS[1])
-local n = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if v then
-  local ok, r = pcall(cjson.decode, v)
-  if ok and type(r) == 'table' then
-    local idx = ARGV[2]
-    local kind = type(r.workloadKind) == 'string' and r.workloadKind or nil
-    local by = type(r.createdBy) == 'string' and r.createdBy or nil
-    if type(r.sandboxNamespace) == 'string' then
-      redis.call('ZREM', idx .. 'ns:' .. r.sandboxNamespace, ARGV[1])
+local n = 0
+for i = 3, #KEYS do
+  local id = ARGV[i - 1]
+  local v = redis.call('GET', KEYS[i])
+  n = n + redis.call('DEL', KEYS[i])
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  if v then
+    local ok, r = pcall(cjson.decode, v)
+    if ok and type(r) == 'table' then
+      local idx = ARGV[1]
+      local kind = type(r.workloadKind) == 'string' and r.workloadKind or nil
+      local by = type(r.createdBy) == 'string' and r.createdBy or nil
+      if type(r.sandboxNamespace) == 'string' then
+        redis.call('ZREM', idx .. 'ns:' .. r.sandboxNamespace, id)
+      end
+      if kind then redis.call('ZREM', idx .. 'kind:' .. kind, id) end
+      if by then redis.call('ZREM', idx .. 'creator:' .. by, id) end
+      if kind and by then redis.call('ZREM', idx .. 'kind-creator:' .. kind .. ':' .. by, id) end
     end
-    if kind then redis.call('ZREM', idx .. 'kind:' .. kind, ARGV[1]) end
-    if by then redis.call('ZREM', idx .. 'creator:' .. by, ARGV[1]) end
-    if kind and by then redis.call('ZREM', idx .. 'kind-creator:' .. kind .. ':' .. by, ARGV[1]) end
   end
 end
 return n";
@@ -352,16 +357,22 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, id: &str) -> Result<bool> {
-        if check_id(id).is_err() {
-            return Ok(false);
+        Ok(self.delete_many(&[id.to_string()]).await? > 0)
+    }
+
+    async fn delete_many(&self, ids: &[String]) -> Result<usize> {
+        let valid: Vec<&String> = ids.iter().filter(|id| check_id(id).is_ok()).collect();
+        if valid.is_empty() {
+            return Ok(0);
         }
         let mut inv = self.scripts.delete.prepare_invoke();
-        inv.key(self.keys.record(id))
-            .key(self.keys.expiry())
+        inv.key(self.keys.expiry())
             .key(self.keys.last_activity())
-            .arg(id)
             .arg(format!("{}{}", self.keys.prefix(), crate::keys::INDEX));
-        Ok(self.call::<i64>(inv).await? > 0)
+        for id in valid {
+            inv.key(self.keys.record(id)).arg(id.as_str());
+        }
+        Ok(self.call::<i64>(inv).await?.max(0) as usize)
     }
 
     async fn touch(&self, id: &str, at: Timestamp) -> Result<()> {

@@ -229,6 +229,10 @@ impl crate::SessionStore for Flaky {
         self.check()?;
         self.inner.delete(id).await
     }
+    async fn delete_many(&self, ids: &[String]) -> crate::Result<usize> {
+        self.check()?;
+        self.inner.delete_many(ids).await
+    }
     async fn touch(&self, id: &str, at: Timestamp) -> crate::Result<()> {
         self.check()?;
         self.inner.touch(id, at).await
@@ -270,7 +274,7 @@ macro_rules! conformance_tests {
             delete_removes_record_and_indexes, touch_never_resurrects, touch_many_in_one_call,
             expired_listing_order_and_limit, idle_listing_order_and_limit, optional_fields_round_trip,
             index_names_are_not_session_ids, placeholder_then_ready, scopes_count_and_page,
-            paging_survives_deletes);
+            paging_survives_deletes, delete_many_in_one_call);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -625,5 +629,28 @@ pub mod cases {
             "nothing that stays is skipped"
         );
         assert!(rest.next.is_none());
+    }
+
+    pub async fn delete_many_in_one_call(s: &dyn SessionStore) {
+        for id in ["m1", "m2", "m3"] {
+            s.insert(
+                &scoped(id, "m", Some(WorkloadKind::AgentRuntime), Some("me"), 1),
+                t0(),
+            )
+            .await
+            .unwrap();
+        }
+        let ids: Vec<String> = ["m1", "m3", "never", "expiry"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(s.delete_many(&ids).await.unwrap(), 2);
+        assert!(matches!(s.get("m1").await, Err(Error::NotFound)));
+        assert!(s.get("m2").await.is_ok());
+        assert_eq!(s.count(&Scope::All).await.unwrap(), 1);
+        assert_eq!(s.count(&Scope::Namespace("m".into())).await.unwrap(), 1);
+        assert_eq!(s.count(&Scope::Creator("me".into())).await.unwrap(), 1);
+        assert_eq!(s.list_expired(at(1 << 20), 10).await.unwrap().len(), 1);
+        assert_eq!(s.delete_many(&[]).await.unwrap(), 0);
     }
 }

@@ -11,6 +11,9 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::sessions::Manager;
 
+/// Sandboxes torn down at once by one GC run.
+pub const TEARDOWN_CONCURRENCY: usize = 32;
+
 /// Upstream default idle timeout for records that carry none.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 
@@ -26,18 +29,25 @@ impl Gc {
     /// One pass at time `now`. Returns how many sessions were deleted.
     #[tracing::instrument(name = "gc", skip_all)]
     pub async fn run_once(&self, now: Timestamp) -> usize {
-        let store = &self.manager.store;
         // Sandboxes that died on their own: their sessions go at once, idle or not.
-        let mut deleted = 0;
-        for session_id in self.manager.backend.reap().await {
-            self.manager.metrics.dead_reclaimed.inc();
-            match store.delete(&session_id).await {
-                Ok(_) => deleted += 1,
-                Err(e) => {
-                    tracing::warn!(session_id, error = %e, "gc: cannot delete a dead sandbox's record")
-                }
-            }
+        let dead = self.manager.backend.reap().await;
+        self.manager
+            .metrics
+            .dead_reclaimed
+            .inc_by(dead.len() as u64);
+        let mut deleted = self.delete_records(&dead).await;
+        let victims = self.victims(now).await;
+        deleted += self.tear_down(victims).await;
+        deleted += self.orphans().await;
+        if deleted > 0 {
+            tracing::info!(deleted, "gc: sessions reclaimed");
         }
+        deleted
+    }
+
+    /// Idle sessions past their own timeout and sessions past `expiresAt`, once each.
+    async fn victims(&self, now: Timestamp) -> Vec<agentcube_types::SessionRecord> {
+        let store = &self.manager.store;
         let mut victims = Vec::new();
         let mut seen = HashSet::new();
         match store.list_idle(now, self.limit).await {
@@ -77,22 +87,46 @@ impl Gc {
             }
             Err(e) => tracing::warn!(error = %e, "gc: cannot list expired sessions"),
         }
-        for r in victims {
-            match self.manager.delete_record(&r).await {
-                Ok(()) => {
-                    deleted += 1;
-                    self.manager.metrics.gc_deleted.inc();
+        victims
+    }
+
+    /// Deletes the victims' sandboxes, [`TEARDOWN_CONCURRENCY`] at a time, then the records of
+    /// those that are gone in one store round trip (a record never goes before its sandbox).
+    async fn tear_down(&self, victims: Vec<agentcube_types::SessionRecord>) -> usize {
+        use futures_util::StreamExt;
+        let backend = &self.manager.backend;
+        let gone: Vec<String> = futures_util::stream::iter(victims)
+            .map(|r| async move {
+                match backend.delete(r.kind, &r.sandbox_namespace, &r.name).await {
+                    Ok(()) => Some(r.session_id),
+                    Err(e) => {
+                        tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed");
+                        None
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed")
-                }
+            })
+            .buffer_unordered(TEARDOWN_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let deleted = self.delete_records(&gone).await;
+        self.manager.metrics.gc_deleted.inc_by(deleted as u64);
+        self.manager.metrics.sessions_deleted.inc_by(deleted as u64);
+        deleted
+    }
+
+    /// Deletes records in one round trip; returns how many were deleted.
+    async fn delete_records(&self, ids: &[String]) -> usize {
+        if ids.is_empty() {
+            return 0;
+        }
+        match self.manager.store.delete_many(ids).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, sessions = ids.len(), "gc: cannot delete records");
+                0
             }
         }
-        deleted += self.orphans().await;
-        if deleted > 0 {
-            tracing::info!(deleted, "gc: sessions reclaimed");
-        }
-        deleted
     }
 
     /// Sandboxes whose session record vanished (a store that lost its data): deleted.

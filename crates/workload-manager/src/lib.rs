@@ -175,28 +175,21 @@ impl WorkloadManager {
 
     /// The admin surface: `GET /metrics` (Prometheus text format).
     pub fn admin_app(&self) -> axum::Router {
+        agentcube_serve::metrics_app(self.metrics_renderer())
+    }
+
+    /// Renders the metrics (warm-pool levels refreshed first), for an admin port.
+    pub fn metrics_renderer(&self) -> impl Fn() -> String + Clone + Send + Sync + 'static {
         let (metrics, backend) = (self.manager.metrics.clone(), self.backend.clone());
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                for (namespace, name, ready, _) in backend.pool_levels() {
-                    metrics
-                        .warm_pool_ready
-                        .get_or_create(&metrics::Pool { namespace, name })
-                        .set(ready as i64);
-                }
-                let body = metrics.encode();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        )
+        move || {
+            for (namespace, name, ready, _) in backend.pool_levels() {
+                metrics
+                    .warm_pool_ready
+                    .get_or_create(&metrics::Pool { namespace, name })
+                    .set(ready as i64);
+            }
+            metrics.encode()
+        }
     }
 
     /// Stops the background tasks and removes every sandbox.
