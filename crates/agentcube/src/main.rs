@@ -157,6 +157,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut router_config = agentcube_router::Config::new(wm_url.clone());
     router_config.max_concurrent_requests = args.max_concurrent_requests;
     router_config.limits = limits;
+    router_config.workers = std::thread::available_parallelism().map_or(1, usize::from);
     let router = RouterService::start(&router_config, store, &identity)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

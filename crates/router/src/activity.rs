@@ -1,7 +1,7 @@
 //! Activity is recorded in memory on the hot path and flushed to the store in one batch per
 //! interval (`touch_many`), which never re-creates a deleted session.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use agentcube_store::SessionStore;

@@ -7,7 +7,7 @@
 //! Tokens: claims `iss=agentcube-router`, `iat`, `exp=iat+300`, `session_id` (spec §1.8). One token
 //! per session is cached and re-signed once it is half-way to expiry, so the hot path does no RSA.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -181,8 +181,10 @@ fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     f.write_all(pem.as_bytes())
 }
 
+#[derive(Clone)]
 struct Cached {
     token: std::sync::Arc<str>,
+    header: http::HeaderValue,
     iat: i64,
 }
 
@@ -214,7 +216,7 @@ impl Signer {
             .map_err(|e| IdentityError::Key(e.to_string()))?;
         Ok(Self {
             key,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::default()),
             signatures,
         })
     }
@@ -228,11 +230,30 @@ impl Signer {
         audience: Option<&str>,
         now: i64,
     ) -> Result<std::sync::Arc<str>, jsonwebtoken::errors::Error> {
+        self.cached(session_id, audience, now).map(|c| c.token)
+    }
+
+    /// `Bearer <token>` as a header value, built once per token (the hot path's form).
+    pub fn authorization(
+        &self,
+        session_id: &str,
+        audience: Option<&str>,
+        now: i64,
+    ) -> Result<http::HeaderValue, jsonwebtoken::errors::Error> {
+        self.cached(session_id, audience, now).map(|c| c.header)
+    }
+
+    fn cached(
+        &self,
+        session_id: &str,
+        audience: Option<&str>,
+        now: i64,
+    ) -> Result<Cached, jsonwebtoken::errors::Error> {
         if let Some(c) = self.cache.lock().unwrap().get(session_id)
             && now - c.iat < REFRESH_AFTER_SECS
             && now >= c.iat
         {
-            return Ok(c.token.clone());
+            return Ok(c.clone());
         }
         let claims = SandboxClaims {
             iss: ROUTER_ISSUER.into(),
@@ -246,6 +267,14 @@ impl Signer {
         let token: std::sync::Arc<str> =
             jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?.into();
         self.signatures.inc();
+        // A JWT is base64url and dots: always a valid header value.
+        let header = http::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| jsonwebtoken::errors::ErrorKind::InvalidToken)?;
+        let entry = Cached {
+            token,
+            header,
+            iat: now,
+        };
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= CACHE_CAPACITY {
             cache.retain(|_, c| now - c.iat < REFRESH_AFTER_SECS);
@@ -253,14 +282,8 @@ impl Signer {
                 cache.clear();
             }
         }
-        cache.insert(
-            session_id.to_string(),
-            Cached {
-                token: token.clone(),
-                iat: now,
-            },
-        );
-        Ok(token)
+        cache.insert(session_id.to_string(), entry.clone());
+        Ok(entry)
     }
 
     /// Forgets a session's token (on delete / unknown session).

@@ -37,6 +37,8 @@ pub struct Config {
     pub workload_manager_url: String,
     /// Concurrent proxied requests; 0 = unlimited.
     pub max_concurrent_requests: usize,
+    /// HTTP worker threads (a runtime and upstream pool each); 0 serves on the caller's runtime.
+    pub workers: usize,
     /// How long a looked-up session is reused without asking the store (0 = always ask).
     pub session_cache_ttl: Duration,
     /// How often activity is written to the store.
@@ -59,6 +61,7 @@ impl Config {
         Self {
             workload_manager_url: workload_manager_url.into(),
             max_concurrent_requests: 1000,
+            workers: 0,
             session_cache_ttl: Duration::from_secs(1),
             activity_flush_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
@@ -74,6 +77,7 @@ impl Config {
 pub struct RouterService {
     pub shared: Arc<Shared>,
     limits: agentcube_serve::Limits,
+    workers: usize,
     store: Arc<dyn SessionStore>,
     flusher: tokio::task::JoinHandle<()>,
 }
@@ -90,18 +94,18 @@ impl RouterService {
             config.workload_manager_timeout,
             config.workload_manager_token_file.clone(),
         );
-        let metrics = metrics::Metrics::default();
+        let metrics = Arc::new(metrics::Metrics::default());
         let shared = Arc::new(Shared {
-            resolver: resolve::Resolver::new(
+            resolver: Arc::new(resolve::Resolver::new(
                 store.clone(),
                 wm,
                 config.session_cache_ttl,
                 metrics.store_gets.clone(),
-            ),
-            signer: identity::Signer::new(identity, metrics.signatures.clone())?,
+            )),
+            signer: Arc::new(identity::Signer::new(identity, metrics.signatures.clone())?),
             metrics,
             upstream: proxy::Upstream::new(config.connect_timeout),
-            activity: activity::Activity::default(),
+            activity: Arc::default(),
             limiter: (config.max_concurrent_requests > 0)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
             scheme: config.scheme,
@@ -121,6 +125,7 @@ impl RouterService {
         Ok(Self {
             shared,
             limits: config.limits,
+            workers: config.workers,
             store,
             flusher,
         })
@@ -129,6 +134,12 @@ impl RouterService {
     /// The HTTP surface.
     pub fn app(&self) -> axum::Router {
         server::app(self.shared.clone())
+    }
+
+    /// The HTTP surface, built once per worker (each with its own upstream pool).
+    pub fn worker_app(&self) -> agentcube_serve::App {
+        let shared = self.shared.clone();
+        agentcube_serve::App::per_worker(move || server::app(Arc::new(shared.for_worker())))
     }
 
     /// The admin surface: `GET /metrics` (Prometheus text format).
@@ -164,9 +175,10 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = service.app();
+    let app = service.worker_app();
     let mut options = agentcube_serve::Options::new(service.limits, refusal());
     options.stats = service.shared.metrics.serve.clone();
+    options.workers = service.workers;
     let listener = listener.into();
     match tls {
         None => agentcube_serve::serve(listener, app, options, shutdown).await?,

@@ -41,6 +41,10 @@ struct Args {
     session_cache_ttl_ms: u64,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
+    /// HTTP worker threads, each with its own runtime and upstream connection pool (requests
+    /// never hop between threads); 0 = one per CPU.
+    #[arg(long, env = "ROUTER_WORKERS", default_value_t = 0)]
+    workers: usize,
     /// Upstream flag; accepted (use RUST_LOG for log levels).
     #[arg(long)]
     debug: bool,
@@ -69,7 +73,9 @@ struct Args {
     check_config: bool,
 }
 
-#[tokio::main]
+// Requests are served by `--workers` threads with a runtime each; this one only runs start-up and
+// the background tasks (activity flush).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.check_config {
@@ -120,6 +126,10 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::new(args.workload_manager_url.clone());
     config.max_concurrent_requests = args.max_concurrent_requests;
     config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
+    config.workers = match args.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
     // Each client connection may need an upstream one: two descriptors.
     config.limits = args
         .limits

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub store_gets: Counter,
     /// RS256 signatures made (one per session per refresh, never per request).
     pub signatures: Counter,
+    /// `requests{code="200"}`, looked up once (the usual answer skips the family's map).
+    ok: Counter,
     /// The listener's connection counters (timeouts, refusals, `TCP_NODELAY`).
     pub serve: std::sync::Arc<agentcube_serve::Stats>,
 }
@@ -61,8 +63,10 @@ impl Default for Metrics {
         );
         let serve = std::sync::Arc::new(agentcube_serve::Stats::default());
         serve.register(&mut registry);
+        let ok = requests.get_or_create(&Status { code: 200 }).clone();
         Self {
             registry,
+            ok,
             requests,
             latency,
             store_gets,
@@ -73,6 +77,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one answer by status.
+    pub fn count_status(&self, code: u16) {
+        if code == 200 {
+            self.ok.inc();
+        } else {
+            self.requests.get_or_create(&Status { code }).inc();
+        }
+    }
+
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();

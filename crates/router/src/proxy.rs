@@ -1,7 +1,7 @@
 //! Forwarding a request to a sandbox entry point: pooled keep-alive connections over TCP or Unix
 //! sockets, bodies streamed both ways, hop-by-hop headers handled, WebSocket upgrades spliced.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
@@ -16,8 +16,9 @@ use agentcube_types::EntryPoint;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use http::Uri;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Uri, uri::PathAndQuery};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -134,9 +135,12 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// The shared upstream client.
+/// The upstream client of one worker.
 #[derive(Clone)]
 pub struct Upstream {
+    connect_timeout: Duration,
+    /// Endpoint → URI authority, parsed once per endpoint.
+    authorities: Arc<Mutex<HashMap<String, Authority>>>,
     client: Client<Connector, Body>,
     /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
     h2c: Client<Connector, Body>,
@@ -149,32 +153,41 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and Go's list).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and Go's list), as names built once.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    // One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -197,9 +210,11 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
 /// What the handler knows about the incoming request.
 pub struct Forward<'a> {
     pub entry: &'a EntryPoint,
-    /// Full invocation path (with leading `/`), not stripped.
-    pub path: &'a str,
-    pub token: &'a str,
+    /// Where the invocation path (with its leading `/`, never stripped) starts in the request's
+    /// path and query.
+    pub path_start: usize,
+    /// `Bearer <the session's token>`.
+    pub authorization: HeaderValue,
     pub client_addr: Option<SocketAddr>,
     pub scheme: &'static str,
 }
@@ -220,18 +235,25 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_only(true)
             .build(connector);
-        Self { client, h2c, unix }
+        Self {
+            connect_timeout,
+            authorities: Arc::default(),
+            client,
+            h2c,
+            unix,
+        }
     }
 
-    fn target_uri(&self, entry: &EntryPoint, path_and_query: &str) -> Result<Uri, RouterError> {
-        let authority = match entry.endpoint.strip_prefix("unix:") {
-            Some(path) => self.unix.host_for(path),
-            None => {
-                let e = entry.endpoint.as_str();
-                let e = e.split_once("://").map_or(e, |(_, rest)| rest);
-                e.trim_end_matches('/').to_string()
-            }
-        };
+    /// A client with the same settings and pools of its own.
+    pub fn fresh(&self) -> Self {
+        Self::new(self.connect_timeout)
+    }
+
+    /// The URI authority of an entry point (`host:port`, or the synthetic host of a Unix socket).
+    fn authority(&self, entry: &EntryPoint) -> Result<Authority, RouterError> {
+        if let Some(a) = self.authorities.lock().unwrap().get(&entry.endpoint) {
+            return Ok(a.clone());
+        }
         if !entry.protocol.is_empty()
             && !entry.protocol.eq_ignore_ascii_case("HTTP")
             && !is_h2c(entry)
@@ -242,11 +264,40 @@ impl Upstream {
                 entry.protocol
             )));
         }
-        format!("http://{authority}{path_and_query}")
-            .parse()
-            .map_err(|e| {
-                RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
-            })
+        let host = match entry.endpoint.strip_prefix("unix:") {
+            Some(path) => self.unix.host_for(path),
+            None => {
+                let e = entry.endpoint.as_str();
+                let e = e.split_once("://").map_or(e, |(_, rest)| rest);
+                e.trim_end_matches('/').to_string()
+            }
+        };
+        let a = Authority::try_from(host).map_err(|e| {
+            RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
+        })?;
+        let mut cache = self.authorities.lock().unwrap();
+        if cache.len() >= 100_000 {
+            cache.clear();
+        }
+        cache.insert(entry.endpoint.clone(), a.clone());
+        Ok(a)
+    }
+
+    /// `http://<entry point><the request's path and query from path_start>`.
+    fn target_uri(
+        &self,
+        entry: &EntryPoint,
+        req: &Request,
+        path_start: usize,
+    ) -> Result<Uri, RouterError> {
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let pq = PathAndQuery::try_from(pq.get(path_start..).unwrap_or("/"))
+            .map_err(|_| RouterError::Internal("bad path".into()))?;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority(entry)?);
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))
     }
 
     /// Sends `req` to the entry point and returns the sandbox's response, streaming. The
@@ -254,15 +305,7 @@ impl Upstream {
     /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
     /// is the client's error (408/400), not the sandbox's.
     pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        let pq: PathAndQuery = format!("{}{query}", f.path)
-            .parse()
-            .map_err(|_| RouterError::Internal("bad path".into()))?;
-        let uri = self.target_uri(f.entry, pq.as_str())?;
+        let uri = self.target_uri(f.entry, &req, f.path_start)?;
         let upgrade = upgrade_of(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let original_host = req.headers().get(header::HOST).cloned();
@@ -272,23 +315,21 @@ impl Upstream {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, up.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", f.token)) {
-            headers.insert(header::AUTHORIZATION, v);
-        }
+        headers.insert(header::AUTHORIZATION, f.authorization);
         if let Some(addr) = f.client_addr {
             let ip = addr.ip().to_string();
-            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
                 Some(prior) => format!("{prior}, {ip}"),
                 None => ip,
             };
             if let Ok(v) = HeaderValue::from_str(&xff) {
-                headers.insert("x-forwarded-for", v);
+                headers.insert(X_FORWARDED_FOR, v);
             }
         }
         if let Some(h) = original_host {
-            headers.insert("x-forwarded-host", h);
+            headers.insert(X_FORWARDED_HOST, h);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(f.scheme));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.scheme));
         headers.remove(header::HOST);
         *req.uri_mut() = uri;
         let client = if is_h2c(f.entry) && upgrade.is_none() {

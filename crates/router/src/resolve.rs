@@ -1,7 +1,7 @@
 //! Session → sandbox: a short-lived local cache, then one store GET; or a WM create when the
 //! request carries no session.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use crate::wm::WmClient;
 /// What the proxy needs to know about a session.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub session_id: String,
+    pub session_id: Arc<str>,
     pub entry_points: Arc<[EntryPoint]>,
     /// The sandbox's identity, which the token is bound to (absent in upstream records).
     pub identity: Option<Arc<str>>,
@@ -67,7 +67,7 @@ impl Resolver {
             store,
             wm,
             ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::default()),
             store_gets,
         }
     }
@@ -114,7 +114,7 @@ impl Resolver {
             Err(e) => return Err(RouterError::Internal(e.to_string())),
         };
         let target = Target {
-            session_id: session_id.to_string(),
+            session_id: session_id.into(),
             entry_points: record.entry_points().to_vec().into(),
             identity: record.sandbox_identity.as_deref().map(Arc::from),
             workload: match (record.workload_kind, record.workload_name) {
@@ -153,7 +153,7 @@ impl Resolver {
     ) -> Result<Target, RouterError> {
         let resp = self.wm.create(kind, namespace, name).await?;
         Ok(Target {
-            session_id: resp.session_id,
+            session_id: resp.session_id.into(),
             entry_points: resp.entry_points.into(),
             identity: resp.sandbox_identity.as_deref().map(Arc::from),
             workload: Some(Arc::new(Workload {
@@ -195,7 +195,7 @@ fn check_target(
     };
     if w.kind != kind || w.name != name || w.namespace != namespace {
         return Err(RouterError::SessionMismatch {
-            session: target.session_id.clone(),
+            session: target.session_id.to_string(),
             kind: w.kind.to_string(),
             namespace: w.namespace.clone(),
             name: w.name.clone(),

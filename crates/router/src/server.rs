@@ -8,10 +8,10 @@ use agentcube_types::api::WorkloadKind;
 use agentcube_types::headers::SESSION_ID;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, get};
+use axum::routing::get;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -22,17 +22,34 @@ use crate::identity::Signer;
 use crate::proxy::{Forward, Upstream};
 use crate::resolve::{Resolver, pick};
 
-/// Shared by every request.
+/// Shared by every request of one worker. Everything but the upstream client is shared by all
+/// workers; the client (and so its pooled connections and their tasks) is each worker's own.
 pub struct Shared {
-    pub metrics: crate::metrics::Metrics,
-    pub resolver: Resolver,
-    pub signer: Signer,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub resolver: Arc<Resolver>,
+    pub signer: Arc<Signer>,
     pub upstream: Upstream,
-    pub activity: Activity,
+    pub activity: Arc<Activity>,
     /// `None`: unlimited.
     pub limiter: Option<Arc<Semaphore>>,
     /// `http` or `https` (for X-Forwarded-Proto).
     pub scheme: &'static str,
+}
+
+impl Shared {
+    /// The state of another worker: the same sessions, tokens, activity and limits, its own
+    /// upstream connections.
+    pub fn for_worker(&self) -> Self {
+        Self {
+            metrics: self.metrics.clone(),
+            resolver: self.resolver.clone(),
+            signer: self.signer.clone(),
+            upstream: self.upstream.fresh(),
+            activity: self.activity.clone(),
+            limiter: self.limiter.clone(),
+            scheme: self.scheme,
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -43,25 +60,88 @@ impl std::fmt::Debug for Shared {
 
 type AppState = Arc<Shared>;
 
-/// The HTTP surface.
+/// The session header's name, built once.
+const SESSION: http::HeaderName = http::HeaderName::from_static(SESSION_ID);
+
+/// The HTTP surface: health routes, and every other path through [`dispatch`] (the invocation
+/// URLs are matched by hand: one split of the path, no router tables or extractors on the hot
+/// path).
 pub fn app(state: AppState) -> Router {
-    let mut r = Router::new()
+    Router::new()
         .route(
             "/health/live",
             get(|| async { axum::Json(json!({"status": "alive"})) }),
         )
-        .route("/health/ready", get(ready));
-    for kind in [WorkloadKind::CodeInterpreter, WorkloadKind::AgentRuntime] {
-        let base = format!(
-            "/v1/namespaces/{{ns}}/{}/{{name}}/invocations",
-            kind.router_segment()
-        );
-        r = r
-            .route(&format!("{base}/{{*path}}"), invoke_route(kind))
-            .route(&format!("{base}/"), invoke_route(kind))
-            .route(&base, any(redirect_to_slash));
+        .route("/health/ready", get(ready))
+        .fallback(dispatch)
+        .with_state(state)
+}
+
+/// A request for `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations…`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invocation {
+    pub kind: WorkloadKind,
+    /// Percent-decoded.
+    pub ns: String,
+    /// Percent-decoded.
+    pub name: String,
+    /// Where the invocation path (its leading `/`, never stripped) starts in the raw path;
+    /// `None` for `…/invocations` without the slash (redirected, as gin does).
+    pub path_start: Option<usize>,
+}
+
+/// Matches an invocation URL by position (names may contain `invocations`); `None` for
+/// anything else.
+pub fn match_invocation(raw: &str) -> Option<Invocation> {
+    // The first six segments, as (start, end) byte ranges.
+    let mut segs = [(0usize, 0usize); 6];
+    let mut end = 0;
+    for seg in &mut segs {
+        let start = end + 1;
+        if raw.as_bytes().get(end) != Some(&b'/') {
+            return None;
+        }
+        end = raw[start..].find('/').map_or(raw.len(), |e| start + e);
+        *seg = (start, end);
     }
-    r.fallback(not_found).with_state(state)
+    let at = |(a, b): (usize, usize)| &raw[a..b];
+    let [v1, namespaces, ns, kind, name, invocations] = segs;
+    if (at(v1), at(namespaces), at(invocations)) != ("v1", "namespaces", "invocations") {
+        return None;
+    }
+    let kind = match at(kind) {
+        "code-interpreters" => WorkloadKind::CodeInterpreter,
+        "agent-runtimes" => WorkloadKind::AgentRuntime,
+        _ => return None,
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .filter(|d| !d.is_empty())
+            .map(|d| d.into_owned())
+    };
+    Some(Invocation {
+        kind,
+        ns: decode(at(ns))?,
+        name: decode(at(name))?,
+        path_start: (invocations.1 < raw.len()).then_some(invocations.1),
+    })
+}
+
+/// Everything but the health routes: invocations (GET and POST; other methods get gin's plain
+/// 404, as upstream), the trailing-slash redirect, or the plain 404.
+async fn dispatch(State(s): State<AppState>, req: Request) -> Response {
+    let Some(inv) = match_invocation(req.uri().path()) else {
+        return not_found().await;
+    };
+    if inv.path_start.is_none() {
+        return redirect_to_slash(req).await;
+    }
+    if req.method() != http::Method::GET && req.method() != http::Method::POST {
+        return not_found().await;
+    }
+    invoke(s, inv, req).await
 }
 
 /// Ready only while the session store answers: a Router that cannot look sessions up should get
@@ -76,12 +156,6 @@ async fn ready(State(s): State<AppState>) -> Response {
         )
             .into_response()
     }
-}
-
-/// GET and POST are proxied; other methods get gin's plain 404, as upstream.
-fn invoke_route(kind: WorkloadKind) -> MethodRouter<AppState> {
-    let h = move |s: State<AppState>, p: Path<Target>, r: Request| invoke(kind, s, p, r);
-    get(h).post(h).fallback(not_found)
 }
 
 async fn not_found() -> Response {
@@ -109,50 +183,25 @@ async fn redirect_to_slash(req: Request) -> Response {
     (status, [(header::LOCATION, loc)]).into_response()
 }
 
-#[derive(serde::Deserialize)]
-struct Target {
-    ns: String,
-    name: String,
-}
-
-async fn invoke(
-    kind: WorkloadKind,
-    State(s): State<AppState>,
-    Path(t): Path<Target>,
-    req: Request,
-) -> Response {
+async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
     let client = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let started = std::time::Instant::now();
-    let resp = match handle(kind, &s, t, client, req).await {
+    let resp = match handle(&s, t, client, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    let code = resp.status().as_u16();
-    s.metrics
-        .requests
-        .get_or_create(&crate::metrics::Status { code })
-        .inc();
+    s.metrics.count_status(resp.status().as_u16());
     s.metrics.latency.observe(started.elapsed().as_secs_f64());
     resp
-}
-
-/// The path after `/v1/namespaces/{ns}/{kind}/{name}/invocations`, still percent-encoded and
-/// never stripped: everything from the 7th `/` of the matched route (`/` when nothing follows).
-/// Positional, so names and namespaces containing `invocations` route correctly.
-pub fn invocation_path(raw: &str) -> &str {
-    match raw.match_indices('/').nth(6) {
-        Some((i, _)) => &raw[i..],
-        None => "/",
-    }
 }
 
 /// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
 /// ASCII (never silently treated as "no session").
 fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
-    match req.headers().get(SESSION_ID) {
+    match req.headers().get(&SESSION) {
         None => Ok(None),
         Some(v) => {
             let v = v.to_str().map_err(|_| RouterError::BadSessionHeader)?;
@@ -161,14 +210,14 @@ fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
     }
 }
 
-#[tracing::instrument(name = "invoke", skip_all, fields(%kind, ns = %t.ns, name = %t.name, session_id = tracing::field::Empty))]
+#[tracing::instrument(name = "invoke", level = "debug", skip_all, fields(kind = %t.kind, ns = %t.ns, name = %t.name, session_id = tracing::field::Empty))]
 async fn handle(
-    kind: WorkloadKind,
     s: &AppState,
-    t: Target,
+    t: Invocation,
     client_addr: Option<SocketAddr>,
     req: Request,
 ) -> Result<Response, RouterError> {
+    let kind = t.kind;
     let session = session_header(&req)?;
     let permit = match &s.limiter {
         Some(sem) => Some(
@@ -178,13 +227,13 @@ async fn handle(
         ),
         None => None,
     };
-    let path = invocation_path(req.uri().path()).to_string();
     let target = match &session {
         Some(id) => s.resolver.existing(id, kind, &t.ns, &t.name).await?,
         None => s.resolver.create(kind, &t.ns, &t.name).await?,
     };
-    tracing::Span::current().record("session_id", target.session_id.as_str());
-    let answered = forward(s, &target, &path, client_addr, req).await;
+    tracing::Span::current().record("session_id", &*target.session_id);
+    let path_start = t.path_start.unwrap_or(usize::MAX);
+    let answered = forward(s, &target, path_start, client_addr, req).await;
     let resp = match answered {
         Ok(r) => r,
         Err(e) if session.is_none() => {
@@ -200,7 +249,7 @@ async fn handle(
     s.activity.record(&target.session_id);
     let (mut parts, body) = resp.into_parts();
     if let Ok(v) = HeaderValue::from_str(&target.session_id) {
-        parts.headers.insert(SESSION_ID, v);
+        parts.headers.insert(SESSION, v);
     }
     let done = Done {
         shared: s.clone(),
@@ -219,25 +268,24 @@ async fn handle(
 async fn forward(
     s: &AppState,
     target: &crate::resolve::Target,
-    path: &str,
+    path_start: usize,
     client_addr: Option<SocketAddr>,
     req: Request,
 ) -> Result<Response, RouterError> {
-    let entry = pick(&target.entry_points, path)
-        .ok_or(RouterError::NoEntryPoint)?
-        .clone();
-    let token = s
+    let path = req.uri().path().get(path_start..).unwrap_or("/");
+    let entry = pick(&target.entry_points, path).ok_or(RouterError::NoEntryPoint)?;
+    let authorization = s
         .signer
-        .token(
+        .authorization(
             &target.session_id,
             target.identity.as_deref(),
             jiff::Timestamp::now().as_second(),
         )
         .map_err(|_| RouterError::Signing)?;
     let fwd = Forward {
-        entry: &entry,
-        path,
-        token: &token,
+        entry,
+        path_start,
+        authorization,
         client_addr,
         scheme: s.scheme,
     };
@@ -250,7 +298,7 @@ async fn unknown_if_deleted(
     s: &AppState,
     target: &crate::resolve::Target,
     kind: WorkloadKind,
-    t: &Target,
+    t: &Invocation,
     e: RouterError,
 ) -> RouterError {
     s.resolver.invalidate(&target.session_id);
@@ -269,12 +317,56 @@ async fn unknown_if_deleted(
 /// activity noted when the answer is complete.
 struct Done {
     shared: AppState,
-    session_id: String,
+    session_id: Arc<str>,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
         self.shared.activity.record(&self.session_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocations_are_matched_by_position() {
+        let m = |p: &str| match_invocation(p);
+        let inv =
+            m("/v1/namespaces/default/code-interpreters/invocations-ci/invocations/api/execute")
+                .unwrap();
+        assert_eq!(
+            (inv.kind, inv.ns.as_str(), inv.name.as_str()),
+            (WorkloadKind::CodeInterpreter, "default", "invocations-ci")
+        );
+        let raw = "/v1/namespaces/invocations/agent-runtimes/a%20b/invocations/x/invocations";
+        let inv = m(raw).unwrap();
+        assert_eq!((inv.ns.as_str(), inv.name.as_str()), ("invocations", "a b"));
+        assert_eq!(&raw[inv.path_start.unwrap()..], "/x/invocations");
+        let slash = m("/v1/namespaces/n/code-interpreters/c/invocations/").unwrap();
+        assert_eq!(
+            slash.path_start,
+            Some(48),
+            "the trailing slash itself: path \"/\""
+        );
+        assert_eq!(
+            m("/v1/namespaces/n/code-interpreters/c/invocations")
+                .unwrap()
+                .path_start,
+            None
+        );
+        for bad in [
+            "/v1/namespaces/n/other/c/invocations/",
+            "/v2/namespaces/n/code-interpreters/c/invocations/",
+            "/v1/namespaces//code-interpreters/c/invocations/",
+            "/v1/namespaces/n/code-interpreters/c/invocationsX/",
+            "/v1/namespaces/n/code-interpreters",
+            "",
+            "/",
+        ] {
+            assert!(m(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -14,7 +14,6 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 use crate::Limits;
 
@@ -33,7 +32,6 @@ pub(crate) struct Tracker {
     /// The client spoke the HTTP/2 preface: streams are multiplexed, header timing is h2's own.
     h2: AtomicBool,
     sniffed: AtomicBool,
-    changed: Notify,
 }
 
 /// Why the watchdog closed a connection.
@@ -52,7 +50,6 @@ impl Tracker {
             idle_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
@@ -64,13 +61,13 @@ impl Tracker {
         if !self.sniffed.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2.0") {
             self.h2.store(true, Ordering::Relaxed);
         }
-        if self.in_flight.load(Ordering::Acquire) == 0
-            && self
-                .header_started
-                .compare_exchange(UNSET, self.now_ms(), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.changed.notify_one();
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let _ = self.header_started.compare_exchange(
+                UNSET,
+                self.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -78,31 +75,23 @@ impl Tracker {
     pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.header_started.store(UNSET, Ordering::Release);
-        self.changed.notify_one();
         InFlight(self.clone())
     }
 
-    /// Waits until the connection has stalled, and says how.
+    /// Waits until the connection has stalled, and says how. Nothing wakes it when the
+    /// connection changes state (that would cost every request a wake-up): it re-checks at its
+    /// deadline, and at least once per header timeout, so a request's first bytes are noticed
+    /// in time to close a slowloris within twice the header timeout.
     pub(crate) async fn watchdog(&self, limits: &Limits) -> Closed {
+        let recheck = limits.header_read_timeout.as_millis().max(1) as u64;
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let deadline = self.deadline(limits);
-            match deadline {
-                Some((at, why)) => {
-                    let now = self.now_ms();
-                    if at <= now {
-                        return why;
-                    }
-                    let sleep = tokio::time::sleep(Duration::from_millis(at - now));
-                    tokio::select! {
-                        () = sleep => {}
-                        () = notified => {}
-                    }
-                }
-                None => notified.await,
-            }
+            let now = self.now_ms();
+            let wait = match self.deadline(limits) {
+                Some((at, why)) if at <= now => return why,
+                Some((at, _)) => (at - now).min(recheck),
+                None => recheck,
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
 
@@ -133,7 +122,6 @@ impl Drop for InFlight {
         let t = &self.0;
         if t.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             t.idle_since.store(t.now_ms(), Ordering::Release);
-            t.changed.notify_one();
         }
     }
 }

@@ -12,7 +12,8 @@
 //!    fail after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
 //!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever.
 //! 5. A watchdog per connection ([`conn`]): with no request in flight, a request whose headers
-//!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris),
+//!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris;
+//!    closed within twice that),
 //!    or a connection idle for [`Limits::keep_alive_idle`], is closed. A request in flight is
 //!    never cut (long executes and streams are legitimate).
 //! 6. On shutdown: stop accepting, let connections finish for the grace period, then return.
@@ -30,7 +31,6 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -41,6 +41,7 @@ use tower_http::timeout::TimeoutBody;
 mod conn;
 pub mod limits;
 pub mod listener;
+mod workers;
 
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
 pub use listener::{Handshake, Listener, Plain, Stream};
@@ -172,6 +173,8 @@ pub struct Options<H = Plain> {
     pub stats: Arc<Stats>,
     /// After the shutdown signal, how long in-flight requests may take.
     pub grace: Duration,
+    /// Worker threads with a runtime of their own each; 0 serves on the caller's runtime.
+    pub workers: usize,
 }
 
 impl Options<Plain> {
@@ -183,6 +186,7 @@ impl Options<Plain> {
             handshake: Plain,
             stats: Arc::default(),
             grace: SHUTDOWN_GRACE,
+            workers: 0,
         }
     }
 }
@@ -196,26 +200,62 @@ impl<H> Options<H> {
             handshake,
             stats: self.stats,
             grace: self.grace,
+            workers: self.workers,
         }
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; see the crate documentation.
-pub async fn serve<H: Handshake>(
-    listener: Listener,
-    app: axum::Router,
-    options: Options<H>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
-    let graceful = GracefulShutdown::new();
+/// The app a connection is served by: one shared `axum::Router`, or one built per worker thread
+/// (the Router keeps a connection pool per worker, so a request never leaves its thread).
+#[derive(Clone)]
+pub struct App(Arc<dyn Fn() -> axum::Router + Send + Sync>);
+
+impl App {
+    /// An app built once per worker by `make`.
+    pub fn per_worker(make: impl Fn() -> axum::Router + Send + Sync + 'static) -> Self {
+        Self(Arc::new(make))
+    }
+
+    fn make(&self) -> axum::Router {
+        (self.0)()
+    }
+}
+
+impl From<axum::Router> for App {
+    fn from(app: axum::Router) -> Self {
+        Self(Arc::new(move || app.clone()))
+    }
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("App")
+    }
+}
+
+fn connection_builder() -> Arc<auto::Builder<TokioExecutor>> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    Arc::new(builder)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; see the crate documentation. With
+/// `options.workers > 0`, connections are handed out round-robin to that many threads, each
+/// running its own single-threaded runtime (and its own instance of the app): a request and
+/// everything it waits on stay on one thread, as in nginx's worker model.
+pub async fn serve<H: Handshake>(
+    listener: Listener,
+    app: impl Into<App>,
+    options: Options<H>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let app = app.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
+    let mut dispatch = workers::Dispatch::start(app, options.clone(), connection_builder());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -233,25 +273,10 @@ pub async fn serve<H: Handshake>(
         {
             options.stats.nodelay.inc();
         }
-        let conn = Connection {
-            app: app.clone(),
-            peer,
-            options: options.clone(),
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
-        };
-        tokio::spawn(async move {
-            let _slot = slot;
-            conn.run(stream).await;
-        });
+        dispatch.send(stream, peer, slot);
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(options.grace) => {
-            tracing::warn!("shutdown grace period over, dropping in-flight requests");
-        }
-    }
+    dispatch.shutdown(options.grace).await;
     Ok(())
 }
 
@@ -260,16 +285,16 @@ async fn refuse(mut stream: Stream, raw: bytes::Bytes) {
     let _ = stream.shutdown().await;
 }
 
-struct Connection<H> {
-    app: axum::Router,
-    peer: Option<SocketAddr>,
-    options: Options<H>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+pub(crate) struct Connection<H> {
+    pub(crate) app: axum::Router,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) options: Options<H>,
+    pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
+    pub(crate) watcher: hyper_util::server::graceful::Watcher,
 }
 
 impl<H: Handshake> Connection<H> {
-    async fn run(self, stream: Stream) {
+    pub(crate) async fn run(self, stream: Stream) {
         let stats = self.options.stats.clone();
         let limits = self.options.limits;
         let io = match tokio::time::timeout(

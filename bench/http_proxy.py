@@ -1,0 +1,95 @@
+"""HTTP-level: the `router` binary against nginx, both proxying to the same PicoD, all separate
+processes, driven by wrk (keep-alive). Added latency (p50/p99 at 1 connection) and saturation
+throughput (32 connections) for both, as ratios against the same run's baselines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from harness import Table, binary, free_port, procs, wait_http, wrk
+
+SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+
+
+def record(session: str, endpoint: str) -> str:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    return json.dumps({"kind": "Sandbox", "sandboxId": "bench", "sandboxNamespace": "default", "name": "bench",
+                       "entryPoints": [{"path": "/", "protocol": "HTTP", "endpoint": endpoint}],
+                       "sessionId": session, "createdAt": now, "expiresAt": later, "idleTimeout": "8h0m0s",
+                       "status": "ready"})
+
+
+NGINX = """daemon off;
+worker_processes 2;
+error_log {tmp}/nginx.err;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream picod {{ server 127.0.0.1:{picod}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://picod;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+def main() -> None:
+    with procs("http") as p:
+        picod_port, redis_port, router_port, nginx_port = (free_port() for _ in range(4))
+        picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
+                         "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
+        redis = p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", str(p.tmp)], "redis.log")
+        wait_http(f"http://127.0.0.1:{picod_port}/health", proc=picod)
+        time.sleep(0.2)
+        cli = ["redis-cli", "-p", str(redis_port)]
+        subprocess.run(cli + ["SET", "session:s1", record("s1", f"127.0.0.1:{picod_port}")], check=True,
+                       capture_output=True)
+        subprocess.run(cli + ["ZADD", "session:expiry", str(int(time.time()) + 86400), "s1"], check=True,
+                       capture_output=True)
+        router = p.start([binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
+                          "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
+                          "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
+                         env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port))
+        nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
+        wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
+        wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
+        del redis
+        urls = {
+            "direct": (f"http://127.0.0.1:{picod_port}/health", {}),
+            "nginx": (f"http://127.0.0.1:{nginx_port}/health", {}),
+            "router": (f"http://127.0.0.1:{router_port}/v1/namespaces/default/code-interpreters/bench/invocations/health",
+                       {"x-agentcube-session-id": "s1"}),
+        }
+        for name, (url, h) in urls.items():  # warm up connections and caches
+            wrk(url, 4, 2, h)
+        lat = {n: wrk(u, 1, SECS, h) for n, (u, h) in urls.items()}
+        sat = {n: wrk(u, 32, SECS, h, threads=2) for n, (u, h) in urls.items()}
+    t = Table(f"HTTP proxying: router vs nginx to one PicoD (GET /health, wrk keep-alive, {SECS} s per run)")
+    for n in ("direct", "nginx", "router"):
+        t.row(f"{n}: p50 / p99 at c=1", f"{lat[n].p50_us:.0f} / {lat[n].p99_us:.0f} µs", f"errors {lat[n].errors}")
+    add = {n: (lat[n].p50_us - lat["direct"].p50_us, lat[n].p99_us - lat["direct"].p99_us) for n in ("nginx", "router")}
+    t.row("nginx added p50 / p99", f"{add['nginx'][0]:.0f} / {add['nginx'][1]:.0f} µs")
+    t.row("router added p50 / p99", f"{add['router'][0]:.0f} / {add['router'][1]:.0f} µs")
+    ratio = add["router"][0] / add["nginx"][0] if add["nginx"][0] > 0 else float("nan")
+    t.row("router added ÷ nginx added (p50)", f"{ratio:.2f}", "goal ≤ 1.0")
+    for n in ("direct", "nginx", "router"):
+        t.row(f"{n}: saturation at c=32", f"{sat[n].rps:,.0f} req/s", f"errors {sat[n].errors}")
+    t.row("router ÷ nginx saturation", f"{sat['router'].rps / sat['nginx'].rps:.2f}", "goal ≥ 1.0")
+    t.row("router ÷ direct saturation", f"{sat['router'].rps / sat['direct'].rps:.2f}", "goal ≥ 0.6")
+    t.print()
+
+
+if __name__ == "__main__":
+    main()
