@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-picod bench-router bench-wm clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-soak clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -60,22 +60,33 @@ crds:
 check-crds:
 	$(CARGO) run -q -p agentcube-crds --bin crdgen -- --check
 
-## bench: benchmarks that print ratios against same-run baselines (they never fail)
-bench: deps bench-picod bench-router bench-wm
+## bench: benchmarks against the release binaries as separate processes, with real clients (wrk,
+## the Python SDKs, requests); each prints one table with ratios against baselines from the same
+## run and never fails on numbers. BENCH_SECS shortens or lengthens the timed phases.
+BENCH_SECS ?= 10
+bench: deps bench-build
+	@.venv/bin/python bench/harness.py
+	$(MAKE) --no-print-directory bench-picod bench-http bench-sdk bench-wm bench-soak
 
-bench-router:
-	$(CARGO) build --release -p agentcube-picod --bin picod
-	$(CARGO) build --release -p agentcube-router --example router-bench
-	./target/release/examples/router-bench target/release/picod
-
-bench-wm:
-	$(CARGO) build --release -p agentcube-picod --bin picod
+bench-build:
+	$(CARGO) build --release -p agentcube -p agentcube-picod -p agentcube-router -p agentcube-workload-manager --bins
+	$(CARGO) build --release -p agentcube-picod --example picod-bench
 	$(CARGO) build --release -p agentcube-workload-manager --example wm-bench
-	./target/release/examples/wm-bench target/release/picod
 
 bench-picod:
-	$(CARGO) build --release -p agentcube-picod --bin picod --example picod-bench
 	./target/release/examples/picod-bench target/release/picod
+
+bench-http:
+	cd bench && ../.venv/bin/python http_proxy.py $(BENCH_SECS)
+
+bench-sdk:
+	cd bench && ../.venv/bin/python sdk.py 200 50
+
+bench-wm:
+	./target/release/examples/wm-bench target/release/picod
+
+bench-soak:
+	cd bench && ../.venv/bin/python soak.py $$(( $(BENCH_SECS) * 6 ))
 
 clean:
 	$(CARGO) clean

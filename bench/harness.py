@@ -181,3 +181,7 @@ def machine() -> str:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{kb / 1024 / 1024:.0f} GiB"
     return f"{os.cpu_count()} vCPU ({cpu}), {mem}, kernel {os.uname().release}"
+
+
+if __name__ == "__main__":
+    print(f"machine: {machine()}")

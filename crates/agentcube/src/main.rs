@@ -49,6 +49,11 @@ struct UpArgs {
     /// Workload Manager port.
     #[arg(long, env = "AGENTCUBE_WM_PORT", default_value_t = 8080)]
     wm_port: u16,
+    /// Keep the Router's key pair in this directory (`private.pem`, `public.pem`; created on
+    /// first start) instead of a fresh in-memory key: sandbox tokens can then be verified, or
+    /// signed, outside this process.
+    #[arg(long, env = "AGENTCUBE_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
     /// Sandbox workspaces and sockets.
     #[arg(long, env = "AGENTCUBE_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -113,7 +118,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .ping()
         .await
         .context("the session store does not answer")?;
-    let identity = KeyPair::generate()?;
+    let identity = match &args.identity_dir {
+        Some(dir) => KeyPair::load_or_create(dir)
+            .with_context(|| format!("Router identity in {}", dir.display()))?,
+        None => KeyPair::generate()?,
+    };
     let picod = match args.picod_binary.clone() {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("picod"),

@@ -113,6 +113,51 @@ async fn main() -> anyhow::Result<()> {
             spawn.push(s);
         }
     }
+    // Memory after moving a large file each way (it must go back to near idle).
+    let big = vec![7u8; 30 << 20];
+    let boundary = "agentcube-bench-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nbig.bin\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&big);
+    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let req = hyper::Request::post("/api/files")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {token}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Full::from(body))?;
+    let resp = send.send_request(req).await?;
+    anyhow::ensure!(resp.status() == 200, "upload answered {}", resp.status());
+    resp.into_body().collect().await?;
+    let req = hyper::Request::get("/api/files/big.bin")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::default())?;
+    let got = send
+        .send_request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    anyhow::ensure!(
+        got.len() == big.len(),
+        "download returned {} bytes",
+        got.len()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id()))?;
+    let after_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
     drop(child);
 
     let (e50, s50) = (pct(exec.clone(), 0.5), pct(spawn.clone(), 0.5));
@@ -153,6 +198,12 @@ async fn main() -> anyhow::Result<()> {
         "idle private anonymous memory (RssAnon)",
         anon_kib as f64 / 1024.0,
         ""
+    );
+    println!(
+        "{:<44} {:>9.2}MiB {:>12}",
+        "VmRSS after a 30 MiB upload and download",
+        after_kib as f64 / 1024.0,
+        "near idle"
     );
     println!(
         "(VmRSS includes file pages of the binary and libc shared with the page cache; RssAnon is PicoD's own.)"

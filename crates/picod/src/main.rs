@@ -154,11 +154,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs to stderr at the level `RUST_LOG` names (a plain level: PicoD is small, so no
+/// per-module directives and none of the regex machinery they need).
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level: tracing_subscriber::filter::LevelFilter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -1,0 +1,102 @@
+"""SDK-level: what a user of the Python SDK feels on the embedded default (`agentcube up`, release
+build, a separate process). Median and p99 of `execute_command("true")` and
+`run_code("python", "print(1)")` with this repo's SDK and the unmodified upstream `agentcube-sdk`
+0.1.0, each in its own venv and process, against the same HTTP calls made with the SDK's HTTP stack
+straight to the sandbox's PicoD. Then session creation: a warm-pool claim and a cold start, from
+the SDK's constructor to the first answer of PicoD."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from harness import REPO, Table, binary, free_port, median, pct, procs, wait_http
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+SESSIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+VENVS = {"this repo's SDK": REPO / ".venv/bin/python", "upstream agentcube-sdk 0.1.0": REPO / ".venv-upstream/bin/python"}
+CLIENT = str(Path(__file__).with_name("sdk_client.py"))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def sign(private_pem: Path, claims: dict) -> str:
+    """An RS256 JWT signed with openssl (the Router's key), as the Router would sign it."""
+    head = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64url(json.dumps(claims).encode())
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(private_pem)], input=head.encode(),
+                         capture_output=True, check=True).stdout
+    return head + "." + b64url(sig)
+
+
+def run(python: Path, env: dict, *args) -> dict:
+    out = subprocess.run([str(python), CLIENT, *map(str, args)], env=env, capture_output=True, text=True,
+                         timeout=900, cwd="/")
+    if out.returncode != 0:
+        raise SystemExit(f"{python} {args}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_pool(metrics: str, name: str, size: int, secs: float = 60) -> None:
+    deadline = time.time() + secs
+    needle = f'agentcube_workload_manager_warm_pool_ready{{namespace="default",name="{name}"}} {size}'
+    while time.time() < deadline:
+        if needle in requests.get(metrics, timeout=2).text:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"warm pool {name} did not fill")
+
+
+def ms(v: float) -> str:
+    return f"{v * 1e3:.2f} ms"
+
+
+def main() -> None:
+    t = Table(f"SDK calls on `agentcube up` (release, separate processes; {N} calls each, after 20 warm-up calls)")
+    with procs("sdk") as p:
+        wm, router, metrics = free_port(), free_port(), free_port()
+        up = p.start([binary("agentcube"), "up", "--manifests", str(REPO / "bench/manifests"), "--wm-port", str(wm),
+                      "--router-port", str(router), "--metrics-port", str(metrics), "--state-dir", str(p.tmp / "state"),
+                      "--identity-dir", str(p.tmp / "id")], "up.log", env={**os.environ, "RUST_LOG": "warn"})
+        wm_url, router_url = f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
+        metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        wait_http(f"{router_url}/health/ready", proc=up)
+        wait_pool(metrics_url, "warm", 4)
+        env = {**os.environ, "WORKLOAD_MANAGER_URL": wm_url, "ROUTER_URL": router_url}
+        env.pop("PYTHONPATH", None)
+        # The baseline's sandbox: a session of the same definition, reached on its own socket.
+        s = requests.post(f"{wm_url}/v1/code-interpreter", json={"name": "warm", "namespace": "default"}).json()
+        sock = s["entryPoints"][0]["endpoint"].removeprefix("unix:")
+        now = int(time.time())
+        token = sign(p.tmp / "id/private.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,
+                                                 "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
+        direct = run(VENVS["this repo's SDK"], env, "direct", sock, token, N)
+        results = {name: run(py, env, "router", "warm", N) for name, py in VENVS.items()}
+        for call in ("execute", "run_code"):
+            d50, d99 = median(direct[call]), pct(direct[call], 0.99)
+            t.row(f"{call}: direct to PicoD (requests.Session) p50 / p99", f"{ms(d50)} / {ms(d99)}", "baseline")
+            for name, r in results.items():
+                v50, v99 = median(r[call]), pct(r[call], 0.99)
+                t.row(f"{call}: {name} via Router p50 / p99", f"{ms(v50)} / {ms(v99)}",
+                      f"÷ direct {v50 / d50:.2f} (goal ≤ 1.2)")
+        requests.delete(f"{wm_url}/v1/code-interpreter/sessions/{s['sessionId']}")
+        warm = run(VENVS["this repo's SDK"], env, "sessions", "warm", SESSIONS)["create"]
+        cold = run(VENVS["this repo's SDK"], env, "sessions", "cold", SESSIONS)["create"]
+        t.row(f"session from the warm pool: constructor → first answer p50 / p99 ({SESSIONS})",
+              f"{ms(median(warm))} / {ms(pct(warm, 0.99))}", "goal p50 ≤ 20 ms")
+        t.row(f"cold session: constructor → first answer p50 / p99 ({SESSIONS})",
+              f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
+        p.stop(up, sig=2)
+    t.print()
+
+
+if __name__ == "__main__":
+    main()
