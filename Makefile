@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-soak clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-soak kube kube-up clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -35,6 +35,17 @@ e2e-run:
 deps:
 	@scripts/install-deps.sh
 	@scripts/fetch-helm.sh >/dev/null
+	@scripts/build-kube.sh
+
+## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
+kube:
+	@scripts/build-kube.sh
+
+## kube-up: a real control plane (etcd, kube-apiserver, controller-manager, scheduler, agent-sandbox
+## controller) with a process kubelet, in the foreground; prints `export KUBECONFIG=...`, Ctrl-C stops it
+kube-up: kube
+	$(CARGO) build -p agentcube-test-cluster -p agentcube-picod -p agentcube-router -p agentcube-workload-manager --bins
+	./target/debug/test-cluster --state-dir $(CURDIR)/.cache/kube-up
 
 # `make run` needs only bubblewrap (and util-linux's setpriv, always present on Debian).
 deps-run:

@@ -6,7 +6,8 @@
 //! changes every CodeInterpreter is reconciled again, and pool members still carrying an old key
 //! are retired so the pool refills with sandboxes that accept the Router's tokens.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcube_crds::sandbox::{Sandbox, SandboxTemplate, SandboxWarmPool};
@@ -34,6 +35,21 @@ pub struct Context {
     pub client: kube::Client,
     pub key: RouterKey,
     pub default_runtime_class: String,
+    /// Status writes not yet seen in the watch cache, by namespace/name: the resourceVersion the
+    /// write was based on and what it wrote. A reconcile that still sees that resourceVersion is
+    /// looking at a stale copy and must not write the same status again.
+    pub written: Mutex<HashMap<String, (String, Condition)>>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, key: RouterKey, default_runtime_class: String) -> Self {
+        Self {
+            client,
+            key,
+            default_runtime_class,
+            written: Mutex::default(),
+        }
+    }
 }
 
 /// Runs the controller until the task is dropped.
@@ -152,7 +168,8 @@ async fn retire_stale_members(
     Ok(())
 }
 
-/// Writes `status` unless it already says the same for this generation.
+/// Writes `status` unless it already says the same for this generation (in the object, or in a
+/// write of ours the watch cache has not caught up with).
 async fn write_status(
     ctx: &Context,
     ci: &CodeInterpreter,
@@ -162,44 +179,56 @@ async fn write_status(
 ) -> Result<(), BackendError> {
     let generation = ci.meta().generation;
     let status_str = if ready { "True" } else { "False" };
+    let same = |c: &Condition| {
+        c.status == status_str
+            && c.reason == reason
+            && c.message == message
+            && c.observed_generation == generation
+    };
     let current = ci.status.as_ref();
     let old = current
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
-    if current.and_then(|s| s.ready) == Some(ready)
-        && old.is_some_and(|c| {
-            c.status == status_str
-                && c.reason == reason
-                && c.message == message
-                && c.observed_generation == generation
-        })
-    {
+    if current.and_then(|s| s.ready) == Some(ready) && old.is_some_and(same) {
         return Ok(());
     }
-    let since = match old {
+    let ns = ci.namespace().unwrap_or_else(|| "default".into());
+    let memo_key = format!("{ns}/{}", ci.name_any());
+    let seen_rv = ci.resource_version().unwrap_or_default();
+    let mut since = match old {
         Some(c) if c.status == status_str => c.last_transition_time.clone(),
         _ => Time(jiff::Timestamp::now()),
     };
+    if let Some((rv, c)) = ctx.written.lock().unwrap().get(&memo_key) {
+        if *rv == seen_rv && same(c) {
+            return Ok(());
+        }
+        if *rv == seen_rv && c.status == status_str {
+            since = c.last_transition_time.clone();
+        }
+    }
+    let condition = Condition {
+        type_: "Ready".into(),
+        status: status_str.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: since,
+    };
     let status = CodeInterpreterStatus {
         ready: Some(ready),
-        conditions: Some(vec![Condition {
-            type_: "Ready".into(),
-            status: status_str.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: since,
-        }]),
+        conditions: Some(vec![condition.clone()]),
     };
-    let api: Api<CodeInterpreter> = Api::namespaced(
-        ctx.client.clone(),
-        &ci.namespace().unwrap_or_else(|| "default".into()),
-    );
+    let api: Api<CodeInterpreter> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(
         &ci.name_any(),
         &PatchParams::default(),
         &Patch::Merge(serde_json::json!({ "status": status })),
     )
     .await?;
+    ctx.written
+        .lock()
+        .unwrap()
+        .insert(memo_key, (seen_rv, condition));
     Ok(())
 }

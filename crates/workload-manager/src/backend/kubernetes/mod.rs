@@ -132,11 +132,11 @@ impl KubernetesBackend {
                 key
             }
         };
-        let ctx = Arc::new(controller::Context {
-            client: client.clone(),
-            key: key.clone(),
-            default_runtime_class: config.default_runtime_class.clone(),
-        });
+        let ctx = Arc::new(controller::Context::new(
+            client.clone(),
+            key.clone(),
+            config.default_runtime_class.clone(),
+        ));
         tasks.push(tokio::spawn(controller::run(ctx)));
         let sandboxes = Watched::start(Api::all(client.clone()), watcher::Config::default());
         let claims = Watched::start(Api::all(client.clone()), watcher::Config::default());

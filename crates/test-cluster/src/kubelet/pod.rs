@@ -1,0 +1,248 @@
+//! One pod as a process: start (volumes, environment, bubblewrap), restarts under the pod's
+//! `restartPolicy` with back-off, termination with the grace period, and the status the API
+//! server is told.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::runtime::{self, PodContext, Sandbox};
+
+/// A pod's process and what the kubelet knows about it.
+pub struct PodProcess {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub child: Option<tokio::process::Child>,
+    pub restarts: u32,
+    restart_at: Option<Instant>,
+    started_at: String,
+    pod_started: String,
+    last_exit: Option<i32>,
+    /// Set when the pod ended for good (`Succeeded`/`Failed`) or cannot start (the reason).
+    terminal: Option<String>,
+    /// Last status written to the API server.
+    pub reported: Option<Value>,
+    /// Result of the last readiness check.
+    pub ready: bool,
+}
+
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+impl PodProcess {
+    pub fn new(pod: &Pod, ip: Ipv4Addr, dir: PathBuf) -> Self {
+        Self {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            ip,
+            dir,
+            child: None,
+            restarts: 0,
+            restart_at: None,
+            started_at: now_rfc3339(),
+            pod_started: now_rfc3339(),
+            last_exit: None,
+            terminal: None,
+            reported: None,
+            ready: false,
+        }
+    }
+
+    /// Starts the pod's first container; a pod that cannot start is marked (its status says
+    /// why) instead of failing the kubelet.
+    pub async fn start(&mut self, shared: &Shared, pod: &Pod) {
+        if let Err(e) = self.spawn(shared, pod).await {
+            tracing::warn!(pod = %self.name, error = %format!("{e:#}"), "cannot start pod");
+            self.terminal = Some(format!("ErrImagePull: {e:#}"));
+        }
+    }
+
+    async fn spawn(&mut self, shared: &Shared, pod: &Pod) -> anyhow::Result<()> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let container = spec
+            .containers
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("the pod has no container"))?;
+        let image_name = container.image.clone().unwrap_or_default();
+        let image = shared.config.images.find(&image_name).ok_or_else(|| {
+            anyhow::anyhow!("image {image_name:?} has no mapping to a program on this host")
+        })?;
+        let ctx = PodContext {
+            ip: self.ip,
+            node: shared.config.node.clone(),
+            api_host: shared.config.api_host.clone(),
+            api_port: shared.config.api_port,
+        };
+        let env = runtime::environment(&shared.client, pod, container, image, &ctx).await?;
+        let argv = runtime::argv(container, image, &env);
+        if argv.is_empty() {
+            anyhow::bail!(
+                "image {image_name:?} has no entrypoint here: give the container a command"
+            );
+        }
+        let root = self.dir.join("root");
+        std::fs::create_dir_all(&root)?;
+        let mounts = runtime::volumes(&shared.client, pod, container, &ctx, &self.dir).await?;
+        let hostname = spec.hostname.clone().unwrap_or_else(|| self.name.clone());
+        let hosts_file = self.dir.join("hosts");
+        std::fs::write(&hosts_file, shared.hosts_for(self.ip, &hostname))?;
+        let log = std::fs::File::create(self.dir.join("container.log"))?;
+        let workdir = container.working_dir.clone().unwrap_or_else(|| "/".into());
+        let args = runtime::bwrap_args(&Sandbox {
+            root: &root,
+            hosts_file: &hosts_file,
+            hostname: &hostname,
+            workdir: &workdir,
+            unprivileged: !shared.root,
+            image,
+            mounts: &mounts,
+            env: &env,
+            argv: &argv,
+        });
+        let child = tokio::process::Command::new(&shared.config.bwrap)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start bubblewrap: {e}"))?;
+        self.child = Some(child);
+        self.started_at = now_rfc3339();
+        Ok(())
+    }
+
+    /// Notices an exit; restarts under the restart policy, with back-off (1 s doubling to 30 s).
+    pub async fn check(&mut self, shared: &Shared, pod: &Pod) {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.child = None;
+            self.ready = false;
+            self.last_exit = Some(status.code().unwrap_or(137));
+            let policy = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.restart_policy.as_deref())
+                .unwrap_or("Always");
+            let restart = match policy {
+                "Never" => false,
+                "OnFailure" => !status.success(),
+                _ => true,
+            };
+            if restart {
+                let backoff =
+                    Duration::from_secs(1 << self.restarts.min(5)).min(Duration::from_secs(30));
+                self.restart_at = Some(Instant::now() + backoff);
+            } else {
+                self.terminal = Some(
+                    if status.success() {
+                        "Succeeded"
+                    } else {
+                        "Failed"
+                    }
+                    .into(),
+                );
+            }
+        }
+        if self.child.is_none()
+            && self.terminal.is_none()
+            && self.restart_at.is_some_and(|t| Instant::now() >= t)
+        {
+            self.restart_at = None;
+            self.restarts += 1;
+            self.start(shared, pod).await;
+        }
+    }
+
+    /// Kills the pod: SIGTERM to its process group, SIGKILL after `grace`; removes its directory.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let pg = Pid::from_raw(pid as i32);
+                let _ = killpg(pg, Signal::SIGTERM);
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    let _ = killpg(pg, Signal::SIGKILL);
+                }
+            }
+            let _ = child.wait().await;
+        }
+        // Processes in the pod's pid namespace die a moment after bubblewrap (the kernel kills
+        // them when its init goes): one may still be writing to the directory, so retry.
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&self.dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => break,
+            }
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The pod status this process amounts to.
+    pub fn status(&self, pod: &Pod) -> Value {
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first().cloned())
+            .unwrap_or_default();
+        let running = self.child.is_some();
+        let ready = running && self.ready;
+        let phase = match self.terminal.as_deref() {
+            Some("Succeeded") => "Succeeded",
+            Some("Failed") => "Failed",
+            Some(_) => "Pending",
+            None => "Running",
+        };
+        let state = match (&self.terminal, running, self.last_exit) {
+            (Some(t), _, _) if t.starts_with("ErrImagePull") => {
+                json!({"waiting": {"reason": "ErrImagePull", "message": t}})
+            }
+            (_, true, _) => json!({"running": {"startedAt": self.started_at}}),
+            (_, false, Some(code)) => json!({"terminated": {"exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" }}}),
+            _ => json!({"waiting": {"reason": "ContainerCreating"}}),
+        };
+        let cond =
+            |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
+        let mut status = json!({
+            "phase": phase,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "startTime": self.pod_started,
+            "conditions": [cond("PodScheduled", true), cond("Initialized", true),
+                           cond("ContainersReady", ready), cond("Ready", ready)],
+            "containerStatuses": [{
+                "name": container.name,
+                "image": container.image.unwrap_or_default(),
+                "imageID": "",
+                "ready": ready,
+                "started": running,
+                "restartCount": self.restarts,
+                "state": state,
+            }],
+        });
+        if phase == "Running" {
+            status["podIP"] = json!(self.ip.to_string());
+            status["podIPs"] = json!([{"ip": self.ip.to_string()}]);
+        }
+        status
+    }
+}

@@ -1,0 +1,76 @@
+//! Readiness probes: `httpGet` (any 2xx/3xx) and `tcpSocket` against the pod IP, one attempt
+//! per sync with a short timeout. Exec and gRPC probes are not run here: they count as passing.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+fn port(container: &Container, p: &IntOrString) -> Option<u16> {
+    match p {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            .and_then(|cp| u16::try_from(cp.container_port).ok()),
+    }
+}
+
+/// Whether the pod's first container passes its readiness probe (true without one).
+pub async fn ready(pod: &Pod, ip: Ipv4Addr) -> bool {
+    let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+        return false;
+    };
+    let Some(probe) = &container.readiness_probe else {
+        return true;
+    };
+    if let Some(h) = &probe.http_get {
+        let Some(p) = port(container, &h.port) else {
+            return false;
+        };
+        let path = h.path.clone().unwrap_or_else(|| "/".into());
+        return tokio::time::timeout(TIMEOUT, http_ok(ip, p, &path))
+            .await
+            .unwrap_or(false);
+    }
+    if let Some(t) = &probe.tcp_socket {
+        let Some(p) = port(container, &t.port) else {
+            return false;
+        };
+        return tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect((ip, p)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    }
+    true
+}
+
+async fn http_ok(ip: Ipv4Addr, port: u16, path: &str) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect((ip, port)).await else {
+        return false;
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.36\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    while n < 12 {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .is_some_and(|c| (200..400).contains(&c))
+}
