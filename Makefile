@@ -19,15 +19,16 @@ test: deps lint
 	$(MAKE) --no-print-directory e2e-run
 
 ## e2e: the end-to-end suite on both backends: `agentcube up` (bubblewrap sandboxes), then the
-## router + workload-manager binaries on the Kubernetes backend against the fake cluster (real
-## Redis, PicoD pods); also on a real cluster when AGENTCUBE_E2E_WM_URL is set (see README).
+## router + workload-manager binaries on the Kubernetes backend against the test cluster (real
+## control plane + agent-sandbox, process kubelet, real Redis, the chart's RBAC); also on a real
+## cluster when AGENTCUBE_E2E_WM_URL is set (see README).
 e2e: deps
 	$(CARGO) build --workspace --bins
 	$(MAKE) --no-print-directory e2e-run
 
 e2e-run:
 	AGENTCUBE_E2E_BACKEND=local .venv/bin/python -m pytest -q tests/e2e
-	AGENTCUBE_E2E_BACKEND=fake-cluster .venv/bin/python -m pytest -q tests/e2e
+	AGENTCUBE_E2E_BACKEND=kube .venv/bin/python -m pytest -q tests/e2e
 	@if [ -n "$${AGENTCUBE_E2E_WM_URL:-}" ]; then \
 	  AGENTCUBE_E2E_BACKEND=cluster .venv/bin/python -m pytest -q tests/e2e; \
 	else echo "e2e on a real cluster: skipped (set KUBECONFIG, AGENTCUBE_E2E_WM_URL, AGENTCUBE_E2E_ROUTER_URL)"; fi

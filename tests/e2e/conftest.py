@@ -3,9 +3,11 @@ nothing is left). `AGENTCUBE_E2E_BACKEND` picks it:
 
 - `local` (default): `agentcube up` — Router + Workload Manager + in-memory store in one process,
   bubblewrap sandboxes.
-- `fake-cluster`: the `router` and `workload-manager --backend kubernetes` binaries, a real
-  redis-server, and `fake-cluster` (the in-repo fake API server with simulated agent-sandbox and
-  kubelet, whose pods are real PicoD processes on their own loopback addresses).
+- `kube`: the `router` and `workload-manager --backend kubernetes` binaries, a real redis-server,
+  and `test-cluster`: a real control plane (etcd, kube-apiserver with RBAC, controller-manager,
+  scheduler, the agent-sandbox v1.0 controller) whose process kubelet runs pods as bubblewrap
+  processes (PicoD on its own loopback address). Both binaries authenticate with tokens of the
+  chart's service accounts and run under the chart's RBAC (rendered with helm).
 - `cluster`: a real cluster with agent-sandbox and this chart installed. Needs `KUBECONFIG`,
   `AGENTCUBE_E2E_WM_URL` and `AGENTCUBE_E2E_ROUTER_URL` (e.g. `kubectl port-forward` to the two
   Services) and `kubectl` on PATH; the suite applies its manifests and inspects the cluster with
@@ -32,14 +34,18 @@ CANARY = "agentcube-e2e-canary-" + os.urandom(8).hex()
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
 BACKEND = os.environ.get("AGENTCUBE_E2E_BACKEND", "local")
 
-# Where the agentcube and agent-sandbox kinds live in the API.
+KUBE_CACHE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
+HELM = REPO / ".cache/tools/helm"
+SYSTEM_NAMESPACE = "agentcube"
+
+# Resource names of the kinds the tests list (kubectl's `<plural>.<group>`).
 PLURALS = {
-    "CodeInterpreter": ("apis/runtime.agentcube.volcano.sh/v1alpha1", "codeinterpreters"),
-    "AgentRuntime": ("apis/runtime.agentcube.volcano.sh/v1alpha1", "agentruntimes"),
-    "Sandbox": ("apis/agents.x-k8s.io/v1alpha1", "sandboxes"),
-    "SandboxClaim": ("apis/extensions.agents.x-k8s.io/v1alpha1", "sandboxclaims"),
-    "SandboxWarmPool": ("apis/extensions.agents.x-k8s.io/v1alpha1", "sandboxwarmpools"),
-    "Pod": ("api/v1", "pods"),
+    "CodeInterpreter": "codeinterpreters.runtime.agentcube.volcano.sh",
+    "AgentRuntime": "agentruntimes.runtime.agentcube.volcano.sh",
+    "Sandbox": "sandboxes.agents.x-k8s.io",
+    "SandboxClaim": "sandboxclaims.extensions.agents.x-k8s.io",
+    "SandboxWarmPool": "sandboxwarmpools.extensions.agents.x-k8s.io",
+    "Pod": "pods",
 }
 
 
@@ -113,26 +119,27 @@ class KubeStack(Stack):
         return {s["metadata"]["name"] for s in self.kube_list("Sandbox") if s["metadata"]["name"] in pods}
 
 
-class FakeClusterStack(KubeStack):
-    def __init__(self, wm_url, router_url, api_url):
-        super().__init__("fake-cluster", wm_url, router_url)
-        self.api_url = api_url
-
-    def kube_list(self, kind, namespace="default", labels=""):
-        prefix, plural = PLURALS[kind]
-        r = requests.get(f"{self.api_url}/{prefix}/namespaces/{namespace}/{plural}", params={"labelSelector": labels} if labels else None)
-        r.raise_for_status()
-        return r.json()["items"]
-
-
 class ClusterStack(KubeStack):
-    def __init__(self, wm_url, router_url):
-        super().__init__("cluster", wm_url, router_url)
+    """A cluster reached with `kubectl` (a command list, the admin's credentials)."""
+
+    def __init__(self, backend, wm_url, router_url, kubectl=("kubectl",)):
+        super().__init__(backend, wm_url, router_url)
+        self.kubectl = list(kubectl)
 
     def kube_list(self, kind, namespace="default", labels=""):
-        _, plural = PLURALS[kind]
-        cmd = ["kubectl", "get", plural.split(".")[0], "-n", namespace, "-o", "json"] + (["-l", labels] if labels else [])
+        cmd = self.kubectl + ["get", PLURALS[kind], "-n", namespace, "-o", "json"] + (["-l", labels] if labels else [])
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["items"]
+
+
+class TestClusterStack(ClusterStack):
+    """The `kube` backend: also knows the API server's audit log."""
+
+    def __init__(self, wm_url, router_url, kubectl, audit_log: Path):
+        super().__init__("kube", wm_url, router_url, kubectl)
+        self.audit_log = audit_log
+
+    def audit(self) -> list:
+        return [json.loads(l) for l in self.audit_log.read_text().splitlines() if l.strip()]
 
 
 def _local(tmp: Path):
@@ -178,55 +185,84 @@ def _stop(proc, secs=30):
             raise
 
 
-def _fake_cluster(tmp: Path):
+def _chart_rbac() -> str:
+    """The chart's ServiceAccounts and RBAC objects, rendered by helm for namespace `agentcube`."""
+    env = dict(os.environ, XDG_CACHE_HOME="/tmp/agentcube-helm-c", XDG_CONFIG_HOME="/tmp/agentcube-helm-cfg",
+               XDG_DATA_HOME="/tmp/agentcube-helm-d")
+    out = subprocess.run([str(HELM), "template", "ac", str(REPO / "deploy/helm/agentcube"), "--namespace", SYSTEM_NAMESPACE],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    kinds = {"ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    return yaml.safe_dump_all([d for d in yaml.safe_load_all(out) if d and d["kind"] in kinds])
+
+
+def _token_kubeconfig(admin: Path, kubectl: list, sa: str, out: Path) -> Path:
+    """A kubeconfig for service account `sa` (a TokenRequest token), like a pod's credentials."""
+    token = subprocess.run(kubectl + ["create", "token", sa, "-n", SYSTEM_NAMESPACE, "--duration", "6h"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    cfg = yaml.safe_load(admin.read_text())
+    cfg["users"] = [{"name": sa, "user": {"token": token}}]
+    cfg["contexts"][0]["context"]["user"] = sa
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def _kube(tmp: Path):
     redis_port, wm_port, router_port = _free_port(), _free_port(), _free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", str(tmp)], stdout=open(tmp / "redis.log", "w"),
                              stderr=subprocess.STDOUT)
-    pods = tmp / "cluster"
-    kubeconfig = tmp / "kubeconfig"
-    cluster_log = tmp / "fake-cluster.log"
-    cluster = subprocess.Popen([str(_binary("fake-cluster")), "--picod", str(_binary("picod")),
-                                "--state-dir", str(pods), "--kubeconfig", str(kubeconfig)],
-                               stdout=subprocess.PIPE, stderr=open(cluster_log, "w"), text=True)
+    state = tmp / "cluster"
+    cluster_log = tmp / "test-cluster.log"
+    cluster = subprocess.Popen([str(_binary("test-cluster")), "--state-dir", str(state), "--bin-dir", str(TARGET),
+                                "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=open(cluster_log, "w"), text=True,
+                               env=dict(os.environ, AGENTCUBE_KUBE_CACHE=str(KUBE_CACHE)))
     line = cluster.stdout.readline()
-    assert line.startswith("fake-cluster listening on "), f"{line!r}\n{cluster_log.read_text()}"
-    api = line.split()[-1]
-    for f in _manifests():
-        for doc in yaml.safe_load_all(f.read_text()):
-            if not doc:
-                continue
-            prefix, plural = PLURALS[doc["kind"]]
-            ns = doc["metadata"].get("namespace", "default")
-            r = requests.post(f"{api}/{prefix}/namespaces/{ns}/{plural}", json=doc)
-            assert r.status_code == 201, r.text
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig), AGENTCUBE_NAMESPACE="agentcube", AGENTCUBE_E2E_CANARY=CANARY,
+    assert line.startswith("test-cluster ready: kubeconfig="), f"{line!r}\n{cluster_log.read_text()[-5000:]}"
+    admin = Path(line.strip().split("=", 1)[1])
+    kubectl = [str(KUBE_CACHE / "bin/controlplane"), "kubectl", f"--kubeconfig={admin}"]
+
+    def run(*args, stdin=None):
+        r = subprocess.run(kubectl + list(args), input=stdin, text=True, capture_output=True)
+        assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
+
+    docs = [d for f in _manifests() for d in yaml.safe_load_all(f.read_text()) if d]
+    for ns in sorted({SYSTEM_NAMESPACE} | {d["metadata"].get("namespace", "default") for d in docs} - {"default"}):
+        run("create", "namespace", ns)
+    run("apply", "-f", "-", stdin=_chart_rbac())
+    run("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    values = yaml.safe_load((REPO / "deploy/helm/agentcube/values.yaml").read_text())
+    wm_kc = _token_kubeconfig(admin, kubectl, values["workloadmanager"]["serviceAccountName"], tmp / "wm.kubeconfig")
+    router_kc = _token_kubeconfig(admin, kubectl, values["router"]["serviceAccountName"], tmp / "router.kubeconfig")
+    env = dict(os.environ, AGENTCUBE_NAMESPACE=SYSTEM_NAMESPACE, AGENTCUBE_E2E_CANARY=CANARY,
                REDIS_ADDR=f"127.0.0.1:{redis_port}", REDIS_PASSWORD_REQUIRED="false",
                WORKLOAD_MANAGER_URL=f"http://127.0.0.1:{wm_port}", RUST_LOG="info")
     router_log, wm_log = tmp / "router.log", tmp / "workload-manager.log"
     # The Router first: it creates the identity Secret the Workload Manager follows.
     router = subprocess.Popen([str(_binary("router")), "--port", str(router_port), "--bind", "127.0.0.1",
-                               "--metrics-port", "0"], env=env, stdout=open(router_log, "w"), stderr=subprocess.STDOUT)
+                               "--metrics-port", "0"], env=dict(env, KUBECONFIG=str(router_kc)),
+                              stdout=open(router_log, "w"), stderr=subprocess.STDOUT)
     wm = subprocess.Popen([str(_binary("workload-manager")), "--backend", "kubernetes", "--port", str(wm_port),
                            "--bind", "127.0.0.1", "--metrics-port", "0", "--gc-interval", "1s"],
-                          env=env, stdout=open(wm_log, "w"), stderr=subprocess.STDOUT)
-    stack = FakeClusterStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", api)
+                          env=dict(env, KUBECONFIG=str(wm_kc)), stdout=open(wm_log, "w"), stderr=subprocess.STDOUT)
+    stack = TestClusterStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", kubectl,
+                             state / "control-plane/audit.log")
     procs = [router, wm]
     try:
         _wait_healthy([f"{stack.wm_url}/health", f"{stack.router_url}/health/ready"], procs, [router_log, wm_log])
+        assert "agent-sandbox API v1beta1 in use" in wm_log.read_text(), wm_log.read_text()
         yield stack
     finally:
         for p in (wm, router):
             _stop(p)
-        _stop(cluster)
+        cluster.stdin.close()
         out = cluster.stdout.read()
+        cluster.wait(timeout=60)
         redis.terminate()
         redis.wait(timeout=10)
-    assert "fake-cluster stopped;" in out, out + cluster_log.read_text()
-    left = subprocess.run(["pgrep", "-f", str(pods)], capture_output=True, text=True).stdout.split()
-    assert not left, f"pod processes left behind: {left}"
-    leftovers = list((pods / "pods").iterdir())
-    assert not leftovers, f"pod directories left behind: {[(p, sorted(x.name for x in p.rglob('*'))[:20]) for p in leftovers]}"
+    assert "test-cluster stopped;" in out, out + cluster_log.read_text()[-5000:]
+    left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
 
 
 def _cluster(tmp: Path):
@@ -236,14 +272,14 @@ def _cluster(tmp: Path):
         pytest.skip(f"real-cluster e2e needs {', '.join(need)} and kubectl (missing: {missing or ['kubectl']})")
     for f in _manifests():
         subprocess.run(["kubectl", "apply", "-f", str(f)], check=True)
-    yield ClusterStack(os.environ["AGENTCUBE_E2E_WM_URL"], os.environ["AGENTCUBE_E2E_ROUTER_URL"])
+    yield ClusterStack("cluster", os.environ["AGENTCUBE_E2E_WM_URL"], os.environ["AGENTCUBE_E2E_ROUTER_URL"])
 
 
 @pytest.fixture(scope="session")
 def stack():
     tmp = Path(tempfile.mkdtemp(prefix="agentcube-e2e-"))
     tmp.chmod(0o755)  # sandboxes run as an unprivileged user and must reach their directories
-    starters = {"local": _local, "fake-cluster": _fake_cluster, "cluster": _cluster}
+    starters = {"local": _local, "kube": _kube, "cluster": _cluster}
     if BACKEND not in starters:
         pytest.fail(f"AGENTCUBE_E2E_BACKEND={BACKEND!r}: use one of {sorted(starters)}")
     gen = starters[BACKEND](tmp)
@@ -255,4 +291,5 @@ def stack():
         next(gen)
     except StopIteration:
         pass
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.environ.get("AGENTCUBE_E2E_KEEP"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,8 @@
 import json
 import os
 
+import time
+
 import pytest
 import requests
 
@@ -74,6 +76,9 @@ def test_stop_deletes_the_session(stack):
     sid = c.session_id
     c.execute_command("true")
     c.stop()
+    # A Router may route a session it resolved within its cache TTL (--session-cache-ttl-ms, 1 s)
+    # while the sandbox is still terminating (a pod's grace period on Kubernetes); not after.
+    time.sleep(1.2)
     again = CodeInterpreterClient(session_id=sid)
     with pytest.raises(SessionError) as e:
         again.execute_command("true")

@@ -5,7 +5,7 @@ import time
 import pytest
 import requests
 
-POOL_LABEL = "agents.x-k8s.io/warm-pool-sandbox=my-interpreter"
+POOL = "my-interpreter"
 
 
 def wait_for(cond, secs=30):
@@ -47,6 +47,14 @@ def test_session_comes_from_the_pool_and_the_pool_refills(stack):
     assert body["sandboxName"] not in pool()
 
 
+def pool_members(stack):
+    """Unclaimed members of the pool: Sandboxes it controls (agent-sandbox v1beta1 labels them with
+    a hash of the pool's name, so ownership is what identifies them)."""
+    return [s for s in stack.kube_list("Sandbox")
+            if any(o.get("controller") and o["kind"] == "SandboxWarmPool" and o["name"] == POOL
+                   for o in s["metadata"].get("ownerReferences", []))]
+
+
 def ready(obj):
     return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
 
@@ -55,7 +63,7 @@ def test_claim_adopts_a_pool_pod_and_the_pool_refills(stack):
     """Upstream's TestCodeInterpreterWarmPool (spec §7.4 #4), step for step."""
     if stack.backend == "local":
         pytest.skip("agent-sandbox objects exist only on a cluster")
-    members = wait_for(lambda: (lambda m: m if len(m) == 2 and all(map(ready, m)) else None)(stack.kube_list("Sandbox", labels=POOL_LABEL)), 60)
+    members = wait_for(lambda: (lambda m: m if len(m) == 2 and all(map(ready, m)) else None)(pool_members(stack)), 60)
     assert members, f"pool never reached 2 ready sandboxes: {stack.kube_list('Sandbox')}"
     pool_pods = {(p["metadata"]["name"], p["metadata"]["uid"]) for p in stack.kube_list("Pod") if p["metadata"]["name"] in {m["metadata"]["name"] for m in members}}
     assert len(pool_pods) == 2
@@ -71,11 +79,11 @@ def test_claim_adopts_a_pool_pod_and_the_pool_refills(stack):
     pod = next(p for p in stack.kube_list("Pod") if p["metadata"]["name"] == sandbox["metadata"]["name"])
     assert [o["uid"] for o in pod["metadata"]["ownerReferences"]] == [sandbox["metadata"]["uid"]], "Pod owned by the Sandbox"
     assert (pod["metadata"]["name"], pod["metadata"]["uid"]) in pool_pods, "the pod is one of the pool's"
-    refilled = wait_for(lambda: (lambda m: m if len(m) == 2 and all(map(ready, m)) else None)(stack.kube_list("Sandbox", labels=POOL_LABEL)), 30)
+    refilled = wait_for(lambda: (lambda m: m if len(m) == 2 and all(map(ready, m)) else None)(pool_members(stack)), 30)
     assert refilled and sandbox["metadata"]["name"] not in {m["metadata"]["name"] for m in refilled}, "pool refilled to 2"
     assert requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{body['sessionId']}").status_code == 200
     gone = wait_for(lambda: not any(c["metadata"]["name"] == body["sandboxName"] for c in stack.kube_list("SandboxClaim"))
                     and not any(s["metadata"]["name"] == sandbox["metadata"]["name"] for s in stack.kube_list("Sandbox"))
                     and not any(p["metadata"]["name"] == pod["metadata"]["name"] for p in stack.kube_list("Pod")), 30)
     assert gone, "claim, sandbox and pod deleted"
-    assert wait_for(lambda: len(stack.kube_list("Sandbox", labels=POOL_LABEL)) == 2), "pool back to 2"
+    assert wait_for(lambda: len(pool_members(stack)) == 2), "pool back to 2"

@@ -27,3 +27,8 @@ pub const PICOD_AUTH_PUBLIC_KEY: &str = "PICOD_AUTH_PUBLIC_KEY";
 /// Env var telling PicoD its own identity (the pod name, from the downward API); PicoD then
 /// accepts only Router tokens whose `aud` names it.
 pub const PICOD_SANDBOX_NAME: &str = "PICOD_SANDBOX_NAME";
+/// agent-sandbox's label on warm-pool member Sandboxes (v1alpha1: the pool's name; v1beta1: a
+/// hash of it, so membership is read from the owner reference there).
+pub const WARM_POOL_MEMBER: &str = "agents.x-k8s.io/warm-pool-sandbox";
+/// Name of the Secret holding the Router's signing key pair (`private.pem`, `public.pem`).
+pub const IDENTITY_SECRET: &str = "picod-router-identity";

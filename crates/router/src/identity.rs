@@ -121,7 +121,7 @@ impl KeyPair {
 }
 
 /// Name of the Secret holding the Router identity in a cluster (upstream's).
-pub const SECRET_NAME: &str = "picod-router-identity";
+pub const SECRET_NAME: &str = agentcube_crds::labels::IDENTITY_SECRET;
 
 /// In a cluster: create Secret `picod-router-identity` with a fresh pair, or, if another replica
 /// won the race (409), load its `private.pem` (PKCS#1). Every replica ends up with one key.

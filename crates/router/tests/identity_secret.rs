@@ -1,37 +1,52 @@
-//! The Router identity Secret: create-then-load-on-conflict against the fake API server.
+//! The Router identity Secret: create-then-load-on-conflict against a real API server (the
+//! shared test cluster; each test in a namespace of its own).
 
-use agentcube_fake_kube::FakeApiServer;
+use std::path::Path;
+
 use agentcube_router::identity::{KeyPair, SECRET_NAME, load_or_create_secret};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, PostParams};
 
-async fn client(s: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(s.url.parse().unwrap())).unwrap()
+async fn client() -> kube::Client {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug");
+    let shared = agentcube_test_cluster::shared(&bin);
+    agentcube_test_cluster::controlplane::client_for(&shared.kubeconfig)
+        .await
+        .unwrap()
+}
+
+/// A fresh namespace for one test.
+async fn namespace(name: &str) {
+    let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client().await)
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn replicas_racing_at_start_share_one_key() {
-    let s = FakeApiServer::start().await;
+    namespace("agentcube").await;
     let (a, b, c) = tokio::join!(
         async {
-            load_or_create_secret(client(&s).await, "agentcube")
+            load_or_create_secret(client().await, "agentcube")
                 .await
                 .unwrap()
         },
         async {
-            load_or_create_secret(client(&s).await, "agentcube")
+            load_or_create_secret(client().await, "agentcube")
                 .await
                 .unwrap()
         },
         async {
-            load_or_create_secret(client(&s).await, "agentcube")
+            load_or_create_secret(client().await, "agentcube")
                 .await
                 .unwrap()
         },
     );
     assert_eq!(a.public_pem, b.public_pem);
     assert_eq!(b.public_pem, c.public_pem);
-    let secret = Api::<Secret>::namespaced(client(&s).await, "agentcube")
+    let secret = Api::<Secret>::namespaced(client().await, "agentcube")
         .get(SECRET_NAME)
         .await
         .unwrap();
@@ -54,11 +69,11 @@ async fn replicas_racing_at_start_share_one_key() {
 
 #[tokio::test]
 async fn an_existing_secret_is_loaded_not_replaced() {
-    let s = FakeApiServer::start().await;
-    let first = load_or_create_secret(client(&s).await, "default")
+    namespace("existing").await;
+    let first = load_or_create_secret(client().await, "existing")
         .await
         .unwrap();
-    let again = load_or_create_secret(client(&s).await, "default")
+    let again = load_or_create_secret(client().await, "existing")
         .await
         .unwrap();
     assert_eq!(first.public_pem, again.public_pem);

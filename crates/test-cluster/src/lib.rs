@@ -102,6 +102,22 @@ pub struct Shared {
     pub dir: PathBuf,
 }
 
+impl Shared {
+    /// The API server's audit log (see [`controlplane::AUDIT_LOG`]).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("control-plane").join(controlplane::AUDIT_LOG)
+    }
+
+    /// The audit events so far (complete requests), parsed.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
 /// The test process's cluster (see [`Shared`]). `bin_dir` holds `test-cluster` and the
 /// binaries images map to (`target/debug`).
 pub fn shared(bin_dir: &Path) -> &'static Shared {

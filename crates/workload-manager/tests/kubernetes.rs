@@ -1,5 +1,6 @@
-//! The Kubernetes backend end to end on the fake cluster: real agent-sandbox-shaped objects,
-//! real PicoD processes on pod IPs, the Workload Manager's HTTP API.
+//! The Kubernetes backend end to end on a real control plane with the real agent-sandbox
+//! controller (v1beta1): real PicoD processes on pod IPs (process kubelet), the Workload
+//! Manager's HTTP API.
 
 mod common;
 
@@ -69,7 +70,11 @@ async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
         "7m0s"
     );
     let spec = &sb.data["spec"];
-    assert_eq!(spec["replicas"], 1);
+    assert_eq!(
+        sb.types.as_ref().unwrap().api_version,
+        "agents.x-k8s.io/v1beta1"
+    );
+    assert_eq!(spec["operatingMode"], "Running");
     assert!(spec["shutdownTime"].is_string());
     let pod_spec = &spec["podTemplate"]["spec"];
     assert_eq!(
@@ -166,7 +171,8 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         (owner.kind.as_str(), owner.name.as_str(), owner.controller),
         ("CodeInterpreter", "pooled", None)
     );
-    assert_eq!(claim.data["spec"]["sandboxTemplateRef"]["name"], "pooled");
+    assert_eq!(claim.data["spec"]["warmPoolRef"]["name"], "pooled");
+    assert_eq!(claim.data["spec"]["lifecycle"]["shutdownPolicy"], "Delete");
     let bound = claim.data["status"]["sandbox"]["name"]
         .as_str()
         .unwrap()

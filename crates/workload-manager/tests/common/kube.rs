@@ -1,32 +1,45 @@
-//! A Workload Manager on the Kubernetes backend against the fake API server, with the simulated
-//! agent-sandbox controller and kubelet running real PicoD processes.
+//! A Workload Manager on the Kubernetes backend against a real control plane (kube-apiserver,
+//! controller-manager, scheduler, the agent-sandbox controller; `agentcube-test-cluster`) whose
+//! process kubelet runs the pods — real PicoD processes on 127.x pod IPs.
+//!
+//! One cluster per test process, shared: a test holds [`KubeStack`] (and with it a process-wide
+//! lock) from start to end, and [`KubeStack::start`] first clears what an earlier test left in
+//! the namespaces used here, so tests run one at a time against a clean cluster.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use agentcube_fake_kube::FakeApiServer;
-use agentcube_fake_kube::sim::{SimConfig, Simulation};
+use agentcube_crds::sandbox::AgentSandboxApi;
 use agentcube_store::SessionStore;
+use agentcube_test_cluster::Shared;
 use agentcube_workload_manager::backend::kubernetes::{KubeConfig, KubernetesBackend};
 use agentcube_workload_manager::{Config, WorkloadManager};
-use kube::api::{Api, DynamicObject, GroupVersionKind, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use serde_json::{Value, json};
 
 use super::{ROUTER_KEY, ROUTER_PUB, picod_binary};
 
 /// Namespace of the Workload Manager (and of the Router's identity Secret) in these tests.
 pub const SYSTEM_NS: &str = "agentcube";
+/// The agent-sandbox version the test cluster serves (v1.0.x).
+pub const API: AgentSandboxApi = AgentSandboxApi::V1beta1;
+
+static LOCK: LazyLock<Arc<tokio::sync::Mutex<()>>> = LazyLock::new(Default::default);
+
+/// The test process's cluster.
+pub fn cluster() -> &'static Shared {
+    agentcube_test_cluster::shared(picod_binary().parent().unwrap())
+}
 
 pub struct KubeStack {
-    pub server: FakeApiServer,
-    pub sim: Option<Simulation>,
     pub client: kube::Client,
     pub url: String,
     pub store: Arc<dyn SessionStore>,
     pub wm: Option<WorkloadManager>,
     pub http: reqwest::Client,
-    pub dir: tempfile::TempDir,
     serve: tokio::task::JoinHandle<()>,
+    _exclusive: tokio::sync::OwnedMutexGuard<()>,
 }
 
 pub struct KubeOptions {
@@ -54,11 +67,12 @@ impl Default for KubeOptions {
 pub fn dynamic(
     client: &kube::Client,
     group: &str,
+    version: &str,
     kind: &str,
     plural: &str,
     ns: &str,
 ) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk(group, "v1alpha1", kind);
+    let gvk = GroupVersionKind::gvk(group, version, kind);
     Api::namespaced_with(
         client.clone(),
         ns,
@@ -66,55 +80,72 @@ pub fn dynamic(
     )
 }
 
+fn agent_sandbox(c: &kube::Client, group: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+    dynamic(c, group, API.version(), kind, plural, "default")
+}
+
 pub fn sandboxes(c: &kube::Client) -> Api<DynamicObject> {
-    dynamic(c, "agents.x-k8s.io", "Sandbox", "sandboxes", "default")
+    agent_sandbox(c, "agents.x-k8s.io", "Sandbox", "sandboxes")
 }
 
 pub fn claims(c: &kube::Client) -> Api<DynamicObject> {
-    dynamic(
+    agent_sandbox(
         c,
         "extensions.agents.x-k8s.io",
         "SandboxClaim",
         "sandboxclaims",
-        "default",
     )
 }
 
 pub fn templates(c: &kube::Client) -> Api<DynamicObject> {
-    dynamic(
+    agent_sandbox(
         c,
         "extensions.agents.x-k8s.io",
         "SandboxTemplate",
         "sandboxtemplates",
-        "default",
     )
 }
 
 pub fn pools(c: &kube::Client) -> Api<DynamicObject> {
-    dynamic(
+    agent_sandbox(
         c,
         "extensions.agents.x-k8s.io",
         "SandboxWarmPool",
         "sandboxwarmpools",
-        "default",
+    )
+}
+
+fn definitions(c: &kube::Client, kind: &str, ns: &str) -> Api<DynamicObject> {
+    let plural = format!("{}s", kind.to_lowercase());
+    dynamic(
+        c,
+        "runtime.agentcube.volcano.sh",
+        "v1alpha1",
+        kind,
+        &plural,
+        ns,
     )
 }
 
 pub fn code_interpreters(c: &kube::Client) -> Api<DynamicObject> {
-    dynamic(
-        c,
-        "runtime.agentcube.volcano.sh",
-        "CodeInterpreter",
-        "codeinterpreters",
-        "default",
-    )
+    definitions(c, "CodeInterpreter", "default")
 }
 
-/// The Sandboxes of warm pool `pool` (agent-sandbox's member label).
+/// The unclaimed Sandboxes of warm pool `pool`: those it controls (agent-sandbox v1beta1 labels
+/// members with a hash of the pool's name; ownership is the reliable mark).
 pub async fn pool_members(c: &kube::Client, pool: &str) -> Vec<DynamicObject> {
-    let lp = kube::api::ListParams::default()
-        .labels(&format!("agents.x-k8s.io/warm-pool-sandbox={pool}"));
-    sandboxes(c).list(&lp).await.unwrap().items
+    let all = sandboxes(c)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    all.into_iter()
+        .filter(|s| {
+            s.metadata.owner_references.iter().flatten().any(|o| {
+                o.controller == Some(true) && o.kind == "SandboxWarmPool" && o.name == pool
+            })
+        })
+        .collect()
 }
 
 /// Whether no Sandbox is left in `default`.
@@ -134,14 +165,14 @@ pub async fn apply(client: &kube::Client, yaml: &str) {
         if v.is_null() {
             continue;
         }
-        let (kind, plural) = match v["kind"].as_str().unwrap() {
-            "CodeInterpreter" => ("CodeInterpreter", "codeinterpreters"),
-            "AgentRuntime" => ("AgentRuntime", "agentruntimes"),
-            other => panic!("unexpected kind {other}"),
-        };
+        let kind = v["kind"].as_str().unwrap();
+        assert!(
+            ["CodeInterpreter", "AgentRuntime"].contains(&kind),
+            "unexpected kind {kind}"
+        );
         let ns = v["metadata"]["namespace"].as_str().unwrap_or("default");
-        let api = dynamic(client, "runtime.agentcube.volcano.sh", kind, plural, ns);
-        api.create(&PostParams::default(), &serde_json::from_value(v).unwrap())
+        definitions(client, kind, ns)
+            .create(&PostParams::default(), &serde_json::from_value(v).unwrap())
             .await
             .unwrap();
     }
@@ -149,8 +180,7 @@ pub async fn apply(client: &kube::Client, yaml: &str) {
 
 /// Secret `picod-router-identity` as the Router creates it (PKCS#1 private, SPKI public).
 pub async fn create_identity_secret(client: &kube::Client, private: &str, public: &str) {
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(client.clone(), SYSTEM_NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), SYSTEM_NS);
     let s = serde_json::from_value(json!({"metadata": {"name": "picod-router-identity",
         "labels": {"app": "agentcube", "component": "router"}},
         "type": "Opaque", "stringData": {"private.pem": private, "public.pem": public}}))
@@ -158,29 +188,79 @@ pub async fn create_identity_secret(client: &kube::Client, private: &str, public
     secrets.create(&PostParams::default(), &s).await.unwrap();
 }
 
+/// Deletes what a test may have left (definitions, agent-sandbox objects, the identity Secret)
+/// and waits until no pod is left in `default`.
+async fn clean(client: &kube::Client) {
+    let _ = Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": SYSTEM_NS}})).unwrap(),
+        )
+        .await;
+    let dp = DeleteParams::background();
+    let lp = ListParams::default();
+    for api in [
+        definitions(client, "CodeInterpreter", "default"),
+        definitions(client, "AgentRuntime", "default"),
+        claims(client),
+        pools(client),
+        templates(client),
+        sandboxes(client),
+    ] {
+        api.delete_collection(&dp, &lp).await.unwrap();
+    }
+    let _ = Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
+        .delete("picod-router-identity", &dp)
+        .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = pods.list(&lp).await.unwrap().items.len();
+        let sbs = sandboxes(client).list(&lp).await.unwrap().items.len();
+        if left == 0 && sbs == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the previous test's {left} pods / {sbs} sandboxes are not going away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl KubeStack {
     pub async fn start(opts: KubeOptions) -> Self {
-        let server = FakeApiServer::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let sim = Simulation::start(
-            server.cluster.clone(),
-            SimConfig {
-                picod: picod_binary(),
-                state_dir: dir.path().to_path_buf(),
-                bwrap: "bwrap".into(),
-            },
-        )
-        .unwrap();
-        let client =
-            kube::Client::try_from(kube::Config::new(server.url.parse().unwrap())).unwrap();
+        let exclusive = LOCK.clone().lock_owned().await;
+        let client = agentcube_test_cluster::controlplane::client_for(&cluster().kubeconfig)
+            .await
+            .unwrap();
+        clean(&client).await;
         if opts.identity_secret {
             create_identity_secret(&client, ROUTER_KEY, ROUTER_PUB).await;
+        }
+        if !opts.runtime_class.is_empty() {
+            // The API server refuses pods naming a RuntimeClass that does not exist (the
+            // process kubelet runs every class the same way).
+            let _ = Api::<k8s_openapi::api::node::v1::RuntimeClass>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({
+                        "metadata": {"name": opts.runtime_class}, "handler": opts.runtime_class
+                    }))
+                    .unwrap(),
+                )
+                .await;
         }
         apply(&client, &opts.manifests).await;
         let mut kc = KubeConfig::new(SYSTEM_NS);
         kc.default_runtime_class = opts.runtime_class;
         kc.probe_timeout = Duration::from_secs(5);
         let backend = KubernetesBackend::start(client.clone(), kc).await.unwrap();
+        assert_eq!(
+            backend.api(),
+            API,
+            "discovery picks what the cluster serves"
+        );
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
         let config = Config {
             gc_interval: opts.gc_interval,
@@ -192,15 +272,13 @@ impl KubeStack {
             .unwrap();
         let (url, serve) = super::serve_api(&wm).await;
         Self {
-            server,
-            sim: Some(sim),
             client,
             url,
             store,
             wm: Some(wm),
             http: reqwest::Client::new(),
-            dir,
             serve,
+            _exclusive: exclusive,
         }
     }
 
@@ -210,7 +288,9 @@ impl KubeStack {
 
     pub async fn create_ok(&self, kind: &str, name: &str) -> Value {
         let (s, v) = self.create(kind, name).await;
-        assert_eq!(s, 200, "create {name}: {v}\n{}", self.dump());
+        if s != 200 {
+            panic!("create {name}: {s} {v}\n{}", self.dump().await);
+        }
         v
     }
 
@@ -219,26 +299,33 @@ impl KubeStack {
     }
 
     /// The cluster's sandbox-related objects, for failure messages.
-    pub fn dump(&self) -> String {
-        let c = &self.server.cluster;
-        let names = |prefix: &str, plural: &str| -> Vec<String> {
-            c.list(prefix, "default", plural)
-                .iter()
-                .map(|o| {
-                    format!(
-                        "{} {}",
-                        o["metadata"]["name"],
-                        o.get("status").map(|s| s.to_string()).unwrap_or_default()
-                    )
-                })
-                .collect()
-        };
-        format!(
-            "sandboxes: {:#?}\nclaims: {:#?}\npods: {:#?}",
-            names("apis/agents.x-k8s.io/v1alpha1", "sandboxes"),
-            names("apis/extensions.agents.x-k8s.io/v1alpha1", "sandboxclaims"),
-            names("api/v1", "pods"),
-        )
+    pub async fn dump(&self) -> String {
+        let mut out = String::new();
+        let pods = dynamic(&self.client, "", "v1", "Pod", "pods", "default");
+        for (what, api) in [
+            ("sandboxes", sandboxes(&self.client)),
+            ("claims", claims(&self.client)),
+            ("pools", pools(&self.client)),
+            ("pods", pods),
+        ] {
+            out.push_str(&format!("{what}:\n"));
+            for o in api
+                .list(&Default::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+            {
+                out.push_str(&format!(
+                    "  {} {}\n",
+                    o.metadata.name.unwrap_or_default(),
+                    o.data
+                        .get("status")
+                        .map(Value::to_string)
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        out
     }
 
     /// Waits (up to `secs`) for `f` to return `Some`.
@@ -254,17 +341,23 @@ impl KubeStack {
                 return v;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.dump());
+                panic!("timed out waiting for {what}\n{}", self.dump().await);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Stops the Workload Manager and the simulation; returns how many pod processes were left.
+    /// Stops the Workload Manager; returns how many pods are left in `default` (sessions
+    /// outlive a Workload Manager, so a test that ended its sessions expects 0).
     pub async fn stop(mut self) -> usize {
         self.wm.take().unwrap().shutdown().await;
         self.serve.abort();
-        self.sim.take().unwrap().stop().await
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len()
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentcube_crds::sandbox::{Sandbox, SandboxTemplate, SandboxWarmPool};
+use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox, SandboxTemplate, SandboxWarmPool};
 use agentcube_crds::{AuthMode, CodeInterpreter, CodeInterpreterStatus, labels};
 use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -25,14 +25,14 @@ use crate::key::RouterKey;
 
 /// Field manager of everything the Workload Manager applies.
 pub const FIELD_MANAGER: &str = "agentcube-workload-manager";
-/// Label agent-sandbox puts on warm-pool member Sandboxes.
-pub const WARM_POOL_LABEL: &str = "agents.x-k8s.io/warm-pool-sandbox";
 /// How soon a CodeInterpreter waiting for the Router's key is looked at again (upstream: 5 s).
 pub const KEY_REQUEUE: Duration = Duration::from_secs(5);
 
 /// What reconciles share.
 pub struct Context {
     pub client: kube::Client,
+    /// The agent-sandbox API version the cluster serves.
+    pub api: AgentSandboxApi,
     pub key: RouterKey,
     pub default_runtime_class: String,
     /// Status writes not yet seen in the watch cache, by namespace/name: the resourceVersion the
@@ -42,9 +42,15 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: kube::Client, key: RouterKey, default_runtime_class: String) -> Self {
+    pub fn new(
+        client: kube::Client,
+        api: AgentSandboxApi,
+        key: RouterKey,
+        default_runtime_class: String,
+    ) -> Self {
         Self {
             client,
+            api,
             key,
             default_runtime_class,
             written: Mutex::default(),
@@ -54,7 +60,7 @@ impl Context {
 
 /// Runs the controller until the task is dropped.
 pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
+    let (client, api) = (ctx.client.clone(), ctx.api);
     let key_changed = futures_util::stream::unfold(ctx.key.subscribe(), |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))
@@ -63,12 +69,14 @@ pub async fn run(ctx: Arc<Context>) {
         Api::<CodeInterpreter>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(
-        Api::<SandboxTemplate>::all(client.clone()),
+    .owns_with(
+        Api::<SandboxTemplate>::all_with(client.clone(), &api),
+        api,
         watcher::Config::default(),
     )
-    .owns(
-        Api::<SandboxWarmPool>::all(client),
+    .owns_with(
+        Api::<SandboxWarmPool>::all_with(client, &api),
+        api,
         watcher::Config::default(),
     )
     .reconcile_all_on(key_changed)
@@ -89,8 +97,8 @@ fn error_policy(ci: Arc<CodeInterpreter>, e: &BackendError, _: Arc<Context>) -> 
 async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action, BackendError> {
     let ns = ci.namespace().unwrap_or_else(|| "default".into());
     let name = ci.name_any();
-    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &ns);
-    let pools: Api<SandboxWarmPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let templates: Api<SandboxTemplate> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.api);
+    let pools: Api<SandboxWarmPool> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.api);
     if ci.spec.warm_pool() == 0 {
         for deleted in [
             pools
@@ -118,12 +126,17 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
         return Ok(Action::requeue(KEY_REQUEUE));
     }
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let template = desired::sandbox_template(&ci, key.as_deref(), &ctx.default_runtime_class);
+    let template =
+        desired::sandbox_template(ctx.api, &ci, key.as_deref(), &ctx.default_runtime_class);
     templates
         .patch(&name, &apply, &Patch::Apply(&template))
         .await?;
     pools
-        .patch(&name, &apply, &Patch::Apply(&desired::warm_pool(&ci)))
+        .patch(
+            &name,
+            &apply,
+            &Patch::Apply(&desired::warm_pool(ctx.api, &ci)),
+        )
         .await?;
     if let Some(key) = &key {
         retire_stale_members(&ctx, &ns, &name, key).await?;
@@ -139,11 +152,9 @@ async fn retire_stale_members(
     pool: &str,
     key: &str,
 ) -> Result<(), BackendError> {
-    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), ns);
-    let members = sandboxes
-        .list(&ListParams::default().labels(&format!("{WARM_POOL_LABEL}={pool}")))
-        .await?;
-    for sb in members {
+    let sandboxes: Api<Sandbox> = Api::namespaced_with(ctx.client.clone(), ns, &ctx.api);
+    let all = sandboxes.list(&ListParams::default()).await?;
+    for sb in all.into_iter().filter(|s| s.warm_pool() == Some(pool)) {
         let carried = sb
             .spec
             .pod_template

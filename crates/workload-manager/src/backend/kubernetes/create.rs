@@ -18,7 +18,8 @@ impl KubernetesBackend {
         sandbox: SandboxObject,
         ports: &[TargetPort],
     ) -> Result<Sandbox, BackendError> {
-        let api: Api<SandboxObject> = Api::namespaced(self.client.clone(), namespace);
+        let api: Api<SandboxObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &self.api);
         let created = api.create(&PostParams::default(), &sandbox).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
         let ready = self
@@ -43,7 +44,8 @@ impl KubernetesBackend {
         claim: SandboxClaim,
         ports: &[TargetPort],
     ) -> Result<Sandbox, BackendError> {
-        let api: Api<SandboxClaim> = Api::namespaced(self.client.clone(), namespace);
+        let api: Api<SandboxClaim> =
+            Api::namespaced_with(self.client.clone(), namespace, &self.api);
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
         let bound = self

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use agentcube_crds::labels;
 use agentcube_crds::sandbox::{
-    PodMetadata, PodTemplate, Sandbox, SandboxClaim, SandboxClaimSpec, SandboxSpec,
-    SandboxTemplate, SandboxTemplateSpec, SandboxWarmPool, SandboxWarmPoolSpec, TemplateRef,
+    AgentSandboxApi, ClaimLifecycle, NameRef, PodMetadata, PodTemplate, Sandbox, SandboxClaim,
+    SandboxClaimSpec, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, SandboxWarmPool,
+    SandboxWarmPoolSpec,
 };
 use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
 use k8s_openapi::api::core::v1::{
@@ -19,6 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 /// Per-session inputs of a build.
 #[derive(Debug, Clone)]
 pub struct SessionInfo<'a> {
+    /// The agent-sandbox API version the cluster serves.
+    pub api: AgentSandboxApi,
     pub session_id: &'a str,
     /// Object name (`<definition>-<8 random chars>`).
     pub name: &'a str,
@@ -208,9 +211,14 @@ fn sandbox(
     let mut pod_labels = template_labels.unwrap_or_default();
     pod_labels.insert(labels::SESSION_ID.into(), s.session_id.into());
     pod_labels.insert(labels::SANDBOX_NAME.into(), s.name.into());
-    Sandbox {
-        metadata: session_meta(s, idle_timeout, labels_),
-        spec: SandboxSpec {
+    let (replicas, operating_mode) = match s.api {
+        AgentSandboxApi::V1alpha1 => (Some(1), None),
+        AgentSandboxApi::V1beta1 => (None, Some("Running".to_string())),
+    };
+    Sandbox::new(
+        s.api,
+        session_meta(s, idle_timeout, labels_),
+        SandboxSpec {
             pod_template: PodTemplate {
                 metadata: Some(PodMetadata {
                     labels: Some(pod_labels),
@@ -218,13 +226,13 @@ fn sandbox(
                 }),
                 spec: pod,
             },
-            replicas: Some(1),
+            replicas,
+            operating_mode,
             shutdown_time: Some(Time(s.shutdown_time)),
             shutdown_policy: None,
             extra: Default::default(),
         },
-        status: None,
-    }
+    )
 }
 
 fn owner_ref(ci: &CodeInterpreter, controller: bool) -> OwnerReference {
@@ -238,40 +246,50 @@ fn owner_ref(ci: &CodeInterpreter, controller: bool) -> OwnerReference {
     }
 }
 
-/// The SandboxClaim for a CodeInterpreter session served from its warm pool.
+/// The SandboxClaim for a CodeInterpreter session served from its warm pool (the pool and its
+/// template are named like the CodeInterpreter). v1alpha1 names the template; v1beta1 names the
+/// pool and sets the claim's `lifecycle.shutdownTime` to the session's end with policy `Delete`,
+/// so agent-sandbox removes the sandbox at `maxSessionDuration` even if no Workload Manager is
+/// left to do it.
 pub fn code_interpreter_claim(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> SandboxClaim {
     let labels_ = BTreeMap::from([(labels::SANDBOX_NAME.to_string(), s.name.to_string())]);
     let mut metadata = session_meta(s, &ci.spec.session_timeout.to_string(), labels_);
     // Upstream: an owner reference to the CodeInterpreter, not a controller one.
     metadata.owner_references = Some(vec![owner_ref(ci, false)]);
-    SandboxClaim {
-        metadata,
-        spec: SandboxClaimSpec {
-            sandbox_template_ref: TemplateRef {
-                name: ci.metadata.name.clone().unwrap_or_default(),
-            },
-            extra: Default::default(),
+    let pool = NameRef {
+        name: ci.metadata.name.clone().unwrap_or_default(),
+    };
+    let spec = match s.api {
+        AgentSandboxApi::V1alpha1 => SandboxClaimSpec {
+            sandbox_template_ref: Some(pool),
+            ..Default::default()
         },
-        status: None,
-    }
+        AgentSandboxApi::V1beta1 => SandboxClaimSpec {
+            warm_pool_ref: Some(pool),
+            lifecycle: Some(ClaimLifecycle {
+                shutdown_time: Some(Time(s.shutdown_time)),
+                shutdown_policy: Some("Delete".into()),
+                extra: Default::default(),
+            }),
+            ..Default::default()
+        },
+    };
+    SandboxClaim::new(s.api, metadata, spec)
 }
 
 /// The SandboxTemplate kept for a CodeInterpreter with a warm pool (named like it).
 pub fn sandbox_template(
+    api: AgentSandboxApi,
     ci: &CodeInterpreter,
     public_key: Option<&str>,
     default_rc: &str,
 ) -> SandboxTemplate {
     // Upstream injects the key unless authMode is none (the same as `== picod` after defaulting).
     let pod = code_interpreter_pod(ci, labels::TEMPLATE_CONTAINER, public_key, default_rc);
-    SandboxTemplate {
-        metadata: ObjectMeta {
-            name: ci.metadata.name.clone(),
-            namespace: ci.metadata.namespace.clone(),
-            owner_references: Some(vec![owner_ref(ci, true)]),
-            ..Default::default()
-        },
-        spec: SandboxTemplateSpec {
+    SandboxTemplate::new(
+        api,
+        pool_meta(ci),
+        SandboxTemplateSpec {
             // Template labels/annotations are not copied here, as upstream.
             pod_template: PodTemplate {
                 metadata: None,
@@ -280,27 +298,33 @@ pub fn sandbox_template(
             network_policy_management: Some("Unmanaged".into()),
             extra: Default::default(),
         },
+    )
+}
+
+/// Metadata of a CodeInterpreter's SandboxTemplate and SandboxWarmPool: named like it, owned
+/// by it.
+fn pool_meta(ci: &CodeInterpreter) -> ObjectMeta {
+    ObjectMeta {
+        name: ci.metadata.name.clone(),
+        namespace: ci.metadata.namespace.clone(),
+        owner_references: Some(vec![owner_ref(ci, true)]),
+        ..Default::default()
     }
 }
 
 /// The SandboxWarmPool of a CodeInterpreter (named like it).
-pub fn warm_pool(ci: &CodeInterpreter) -> SandboxWarmPool {
-    SandboxWarmPool {
-        metadata: ObjectMeta {
-            name: ci.metadata.name.clone(),
-            namespace: ci.metadata.namespace.clone(),
-            owner_references: Some(vec![owner_ref(ci, true)]),
-            ..Default::default()
-        },
-        spec: SandboxWarmPoolSpec {
+pub fn warm_pool(api: AgentSandboxApi, ci: &CodeInterpreter) -> SandboxWarmPool {
+    SandboxWarmPool::new(
+        api,
+        pool_meta(ci),
+        SandboxWarmPoolSpec {
             replicas: ci.spec.warm_pool_size.unwrap_or(0),
-            sandbox_template_ref: TemplateRef {
+            sandbox_template_ref: NameRef {
                 name: ci.metadata.name.clone().unwrap_or_default(),
             },
             extra: Default::default(),
         },
-        status: None,
-    }
+    )
 }
 
 #[cfg(test)]

@@ -10,6 +10,10 @@
 //! 4. Answer with entry points `podIP:port`. Any failure, timeout or vanished client makes the
 //!    session layer delete the object by kind (rollback).
 //!
+//! At start the agent-sandbox API version is chosen by discovery ([`discover_api`]): `v1beta1`
+//! (agent-sandbox v0.5+, v1.0) when served, else `v1alpha1` (v0.4.x); one set of builders
+//! serves both.
+//!
 //! Alongside: [`sources`] mirrors the CRs into definitions and follows the Router's key Secret;
 //! [`controller`] keeps SandboxTemplate + SandboxWarmPool in step with each CodeInterpreter.
 //! Nothing is deleted on shutdown: sessions outlive a Workload Manager restart.
@@ -17,7 +21,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
+use agentcube_crds::sandbox::{
+    AgentSandboxApi, CORE_GROUP, EXTENSIONS_GROUP, Sandbox as SandboxObject, SandboxClaim,
+};
 use agentcube_crds::{AgentRuntime, CodeInterpreter};
 use agentcube_types::BackingKind;
 use agentcube_types::api::WorkloadKind;
@@ -82,6 +88,8 @@ impl From<kube::Error> for BackendError {
 /// Sandboxes as agent-sandbox objects.
 pub struct KubernetesBackend {
     client: kube::Client,
+    /// The agent-sandbox API version in use.
+    api: AgentSandboxApi,
     config: KubeConfig,
     sandboxes: Watched<SandboxObject>,
     claims: Watched<SandboxClaim>,
@@ -98,10 +106,42 @@ impl Drop for KubernetesBackend {
     }
 }
 
+/// The agent-sandbox API version to speak: the newest that both of its API groups serve.
+pub async fn discover_api(client: &kube::Client) -> Result<AgentSandboxApi, String> {
+    let groups = client
+        .list_api_groups()
+        .await
+        .map_err(|e| format!("API discovery failed: {e}"))?;
+    let versions = |name: &str| -> Vec<String> {
+        groups
+            .groups
+            .iter()
+            .find(|g| g.name == name)
+            .map(|g| g.versions.iter().map(|v| v.version.clone()).collect())
+            .unwrap_or_default()
+    };
+    let (core, extensions) = (versions(CORE_GROUP), versions(EXTENSIONS_GROUP));
+    AgentSandboxApi::negotiate(&core, &extensions).ok_or_else(|| {
+        format!(
+            "agent-sandbox is not installed (or too old/new): API group {CORE_GROUP} serves              {core:?} and {EXTENSIONS_GROUP} serves {extensions:?}; this Workload Manager speaks              v1beta1 (agent-sandbox v0.5+) or v1alpha1 (v0.4.x), core and extensions alike"
+        )
+    })
+}
+
 impl KubernetesBackend {
-    /// Starts the watches, the key follower and the CodeInterpreter controller; returns once the
-    /// CRD caches hold their first lists.
+    /// The agent-sandbox API version in use.
+    pub fn api(&self) -> AgentSandboxApi {
+        self.api
+    }
+
+    /// Discovers the agent-sandbox API, starts the watches, the key follower and the
+    /// CodeInterpreter controller; returns once the CRD caches hold their first lists.
     pub async fn start(client: kube::Client, config: KubeConfig) -> Result<Self, String> {
+        let api = discover_api(&client).await?;
+        tracing::info!(
+            api = %api,
+            "agent-sandbox API {api} in use ({CORE_GROUP}/{api}, {EXTENSIONS_GROUP}/{api})"
+        );
         let definitions = Arc::new(Definitions::new());
         let mut tasks = tokio::time::timeout(
             config.sync_timeout,
@@ -134,14 +174,17 @@ impl KubernetesBackend {
         };
         let ctx = Arc::new(controller::Context::new(
             client.clone(),
+            api,
             key.clone(),
             config.default_runtime_class.clone(),
         ));
         tasks.push(tokio::spawn(controller::run(ctx)));
-        let sandboxes = Watched::start(Api::all(client.clone()), watcher::Config::default());
-        let claims = Watched::start(Api::all(client.clone()), watcher::Config::default());
+        let cfg = watcher::Config::default;
+        let sandboxes = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);
+        let claims = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);
         Ok(Self {
             client,
+            api,
             config,
             sandboxes,
             claims,
@@ -157,14 +200,16 @@ impl KubernetesBackend {
     /// session is not in `live`, as (namespace, name).
     async fn orphans_of<K>(&self, live: &std::collections::HashSet<String>) -> Vec<(String, String)>
     where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        K: kube::Resource<Scope = kube::core::DynamicResourceScope, DynamicType = AgentSandboxApi>
             + Clone
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
-        K::DynamicType: Default,
     {
         let lp = kube::api::ListParams::default().labels(agentcube_crds::labels::SESSION_ID);
-        let list = match Api::<K>::all(self.client.clone()).list(&lp).await {
+        let list = match Api::<K>::all_with(self.client.clone(), &self.api)
+            .list(&lp)
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile: cannot list session objects");
@@ -196,6 +241,7 @@ fn uses_claim(w: &Workload) -> bool {
 impl Backend for KubernetesBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
         let info = desired::SessionInfo {
+            api: self.api,
             session_id: &req.session_id,
             name: &req.name,
             namespace: &req.namespace,
@@ -267,13 +313,13 @@ impl Backend for KubernetesBackend {
         let dp = DeleteParams::background();
         let result = match kind {
             BackingKind::SandboxClaim => {
-                Api::<SandboxClaim>::namespaced(self.client.clone(), namespace)
+                Api::<SandboxClaim>::namespaced_with(self.client.clone(), namespace, &self.api)
                     .delete(name, &dp)
                     .await
                     .map(|_| ())
             }
             BackingKind::Sandbox => {
-                Api::<SandboxObject>::namespaced(self.client.clone(), namespace)
+                Api::<SandboxObject>::namespaced_with(self.client.clone(), namespace, &self.api)
                     .delete(name, &dp)
                     .await
                     .map(|_| ())
@@ -297,14 +343,18 @@ impl Backend for KubernetesBackend {
         }
         let ns = &record.sandbox_namespace;
         let found = match record.kind {
-            BackingKind::SandboxClaim => Api::<SandboxClaim>::namespaced(self.client.clone(), ns)
-                .get_opt(&record.name)
-                .await
-                .map(|o| o.is_some()),
-            BackingKind::Sandbox => Api::<SandboxObject>::namespaced(self.client.clone(), ns)
-                .get_opt(&record.name)
-                .await
-                .map(|o| o.is_some()),
+            BackingKind::SandboxClaim => {
+                Api::<SandboxClaim>::namespaced_with(self.client.clone(), ns, &self.api)
+                    .get_opt(&record.name)
+                    .await
+                    .map(|o| o.is_some())
+            }
+            BackingKind::Sandbox => {
+                Api::<SandboxObject>::namespaced_with(self.client.clone(), ns, &self.api)
+                    .get_opt(&record.name)
+                    .await
+                    .map(|o| o.is_some())
+            }
         };
         found
             .inspect_err(|e| tracing::warn!(error = %e, "reconcile: cannot look a sandbox up"))
@@ -353,11 +403,7 @@ impl Backend for KubernetesBackend {
                     .iter()
                     .filter(|s| {
                         s.metadata.namespace.as_deref() == Some(ns.as_str())
-                            && s.metadata
-                                .labels
-                                .as_ref()
-                                .and_then(|l| l.get(controller::WARM_POOL_LABEL))
-                                == Some(&name)
+                            && s.warm_pool() == Some(name.as_str())
                             && s.is_ready()
                     })
                     .count();

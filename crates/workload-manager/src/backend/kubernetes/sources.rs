@@ -17,7 +17,7 @@ use crate::definitions::Definitions;
 use crate::key::{RouterKey, public_from_pems};
 
 /// Name of the Router's identity Secret (spec §1.8).
-pub const IDENTITY_SECRET: &str = "picod-router-identity";
+pub use agentcube_crds::labels::IDENTITY_SECRET;
 
 /// Keeps `definitions` equal to the cluster's CRs of one kind.
 fn mirror<K>(

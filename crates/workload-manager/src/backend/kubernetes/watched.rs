@@ -21,6 +21,7 @@ where
     K::DynamicType: Eq + Hash + Clone,
 {
     store: Store<K>,
+    dyntype: K::DynamicType,
     changes: watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -41,9 +42,21 @@ where
 {
     /// Starts watching `api` (re-listing and backing off by itself after errors).
     pub fn start(api: Api<K>, config: watcher::Config) -> Self {
-        let (store, writer) = reflector::store();
+        Self::start_with(api, config, ())
+    }
+}
+
+impl<K> Watched<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    /// Starts watching `api`, whose kind's dynamic type is `dyntype`.
+    pub fn start_with(api: Api<K>, config: watcher::Config, dyntype: K::DynamicType) -> Self {
+        let writer = reflector::store::Writer::new(dyntype.clone());
+        let store = writer.as_reader();
         let (tx, changes) = watch::channel(0u64);
-        let kind = K::kind(&()).to_string();
+        let kind = K::kind(&dyntype).to_string();
         let task = tokio::spawn(async move {
             let mut stream = watcher(api, config)
                 .default_backoff()
@@ -60,6 +73,7 @@ where
         });
         Self {
             store,
+            dyntype,
             changes,
             task,
         }
@@ -72,7 +86,8 @@ where
 
     /// A cached object.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
-        self.store.get(&ObjectRef::new(name).within(namespace))
+        self.store
+            .get(&ObjectRef::new_with(name, self.dyntype.clone()).within(namespace))
     }
 
     /// Every cached object.

@@ -17,6 +17,7 @@ fn ci(extra: &str) -> agentcube_crds::CodeInterpreter {
 
 fn session<'a>(owner: Option<&'a str>, rc: &'a str) -> SessionInfo<'a> {
     SessionInfo {
+        api: AgentSandboxApi::V1beta1,
         session_id: "sid-1",
         name: "ci-abcd1234",
         namespace: "ns",
@@ -29,8 +30,26 @@ fn session<'a>(owner: Option<&'a str>, rc: &'a str) -> SessionInfo<'a> {
 
 #[test]
 fn direct_code_interpreter_sandbox_matches_spec() {
-    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, ""))).unwrap();
+    let alpha = SessionInfo {
+        api: AgentSandboxApi::V1alpha1,
+        ..session(None, "")
+    };
+    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &alpha)).unwrap();
     assert_eq!(v["apiVersion"], "agents.x-k8s.io/v1alpha1");
+    assert_eq!(
+        (
+            v["spec"]["replicas"].as_i64(),
+            v["spec"].get("operatingMode")
+        ),
+        (Some(1), None)
+    );
+    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, ""))).unwrap();
+    assert_eq!(v["apiVersion"], "agents.x-k8s.io/v1beta1");
+    assert_eq!(v["spec"]["operatingMode"], "Running");
+    assert!(
+        v["spec"].get("replicas").is_none(),
+        "v1beta1 has no replicas"
+    );
     assert_eq!(v["kind"], "Sandbox");
     assert_eq!(v["metadata"]["name"], "ci-abcd1234");
     assert_eq!(
@@ -41,7 +60,6 @@ fn direct_code_interpreter_sandbox_matches_spec() {
         v["metadata"]["annotations"],
         json!({"runtime.agentcube.io/idle-timeout": "15m0s"})
     );
-    assert_eq!(v["spec"]["replicas"], 1);
     assert_eq!(v["spec"]["shutdownTime"], "2026-08-03T12:00:00Z");
     let tpl = &v["spec"]["podTemplate"];
     assert_eq!(
@@ -103,7 +121,7 @@ fn owner_goes_to_an_annotation_and_a_hash_label() {
 fn claim_template_and_pool_match_spec() {
     let c = ci("  warmPoolSize: 3\n  sessionTimeout: 5m\n");
     let v = serde_json::to_value(code_interpreter_claim(&c, &session(None, ""))).unwrap();
-    assert_eq!(v["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1");
+    assert_eq!(v["apiVersion"], "extensions.agents.x-k8s.io/v1beta1");
     assert_eq!(v["kind"], "SandboxClaim");
     assert_eq!(
         v["metadata"]["labels"],
@@ -117,9 +135,27 @@ fn claim_template_and_pool_match_spec() {
         v["metadata"]["ownerReferences"],
         json!([{"apiVersion": "runtime.agentcube.volcano.sh/v1alpha1", "kind": "CodeInterpreter", "name": "ci", "uid": "u-1"}])
     );
+    assert_eq!(
+        v["spec"],
+        json!({"warmPoolRef": {"name": "ci"},
+               "lifecycle": {"shutdownTime": "2026-08-03T12:00:00Z", "shutdownPolicy": "Delete"}})
+    );
+    let alpha = SessionInfo {
+        api: AgentSandboxApi::V1alpha1,
+        ..session(None, "")
+    };
+    let v = serde_json::to_value(code_interpreter_claim(&c, &alpha)).unwrap();
+    assert_eq!(v["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1");
     assert_eq!(v["spec"], json!({"sandboxTemplateRef": {"name": "ci"}}));
 
-    let t = serde_json::to_value(sandbox_template(&c, Some("PEM"), "")).unwrap();
+    let t = serde_json::to_value(sandbox_template(
+        AgentSandboxApi::V1beta1,
+        &c,
+        Some("PEM"),
+        "",
+    ))
+    .unwrap();
+    assert_eq!(t["apiVersion"], "extensions.agents.x-k8s.io/v1beta1");
     assert_eq!(
         (t["kind"].as_str(), t["metadata"]["name"].as_str()),
         (Some("SandboxTemplate"), Some("ci"))
@@ -139,7 +175,8 @@ fn claim_template_and_pool_match_spec() {
         "RuntimeDefault"
     );
 
-    let p = serde_json::to_value(warm_pool(&c)).unwrap();
+    let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1alpha1, &c)).unwrap();
+    assert_eq!(p["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1");
     assert_eq!(
         p["spec"],
         json!({"replicas": 3, "sandboxTemplateRef": {"name": "ci"}})
@@ -147,7 +184,13 @@ fn claim_template_and_pool_match_spec() {
     assert_eq!(p["metadata"]["ownerReferences"][0]["controller"], true);
 
     let none = ci("  authMode: none\n");
-    let t: Value = serde_json::to_value(sandbox_template(&none, Some("PEM"), "")).unwrap();
+    let t: Value = serde_json::to_value(sandbox_template(
+        AgentSandboxApi::V1beta1,
+        &none,
+        Some("PEM"),
+        "",
+    ))
+    .unwrap();
     assert_eq!(
         t["spec"]["podTemplate"]["spec"]["containers"][0]["env"],
         json!([{"name": "A", "value": "b"}])
