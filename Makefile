@@ -11,12 +11,15 @@ run: deps-run
 	./target/release/agentcube up --manifests examples --state-dir $(STATE_DIR)
 
 ## test: install dependencies, check formatting and lints, build, run every test
-test: deps lint
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --all-targets
-	$(CARGO) test --workspace --doc
-	.venv/bin/python -m pytest -q sdk-python/tests tests/helm
-	$(MAKE) --no-print-directory e2e-run
+STEP = @scripts/step.sh
+test:
+	$(STEP) deps $(MAKE) --no-print-directory deps
+	$(STEP) lint $(MAKE) --no-print-directory lint
+	$(STEP) build $(CARGO) build --workspace --bins
+	$(STEP) cargo-test $(CARGO) test --workspace --all-targets
+	$(STEP) doc-test $(CARGO) test --workspace --doc
+	$(STEP) python-test .venv/bin/python -m pytest -q sdk-python/tests tests/helm
+	$(STEP) e2e $(MAKE) --no-print-directory e2e-run
 
 ## e2e: the end-to-end suite on both backends: `agentcube up` (bubblewrap sandboxes), then the
 ## router + workload-manager binaries on the Kubernetes backend against the test cluster (real
@@ -27,16 +30,16 @@ e2e: deps
 	$(MAKE) --no-print-directory e2e-run
 
 e2e-run:
-	AGENTCUBE_E2E_BACKEND=local .venv/bin/python -m pytest -q tests/e2e
-	AGENTCUBE_E2E_BACKEND=kube .venv/bin/python -m pytest -q tests/e2e
+	$(STEP) e2e-local env AGENTCUBE_E2E_BACKEND=local .venv/bin/python -m pytest -q tests/e2e
+	$(STEP) e2e-kube env AGENTCUBE_E2E_BACKEND=kube .venv/bin/python -m pytest -q tests/e2e
 	@if [ -n "$${AGENTCUBE_E2E_WM_URL:-}" ]; then \
 	  AGENTCUBE_E2E_BACKEND=cluster .venv/bin/python -m pytest -q tests/e2e; \
 	else echo "e2e on a real cluster: skipped (set KUBECONFIG, AGENTCUBE_E2E_WM_URL, AGENTCUBE_E2E_ROUTER_URL)"; fi
 
 deps:
-	@scripts/install-deps.sh
-	@scripts/fetch-helm.sh >/dev/null
-	@scripts/build-kube.sh
+	$(STEP) install-deps scripts/install-deps.sh
+	$(STEP) fetch-helm sh -c 'scripts/fetch-helm.sh >/dev/null'
+	$(STEP) build-kube scripts/build-kube.sh
 
 ## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
 kube:
