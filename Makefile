@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-soak kube kube-up clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak kube kube-up clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -81,10 +81,10 @@ check-crds:
 BENCH_SECS ?= 10
 bench: deps bench-build
 	@.venv/bin/python bench/harness.py
-	$(MAKE) --no-print-directory bench-picod bench-http bench-sdk bench-wm bench-soak
+	$(MAKE) --no-print-directory bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak
 
 bench-build:
-	$(CARGO) build --release -p agentcube -p agentcube-picod -p agentcube-router -p agentcube-workload-manager --bins
+	$(CARGO) build --release -p agentcube -p agentcube-picod -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
 	$(CARGO) build --release -p agentcube-picod --example picod-bench
 	$(CARGO) build --release -p agentcube-workload-manager --example wm-bench
 
@@ -99,6 +99,9 @@ bench-sdk:
 
 bench-wm:
 	./target/release/examples/wm-bench target/release/picod
+
+bench-kube:
+	cd bench && ../.venv/bin/python kube.py 50
 
 bench-soak:
 	cd bench && ../.venv/bin/python soak.py $$(( $(BENCH_SECS) * 6 ))

@@ -5,8 +5,8 @@ prints per-call latencies as JSON. Modes:
   `run_code("python", "print(1)")` through the Router (the SDK's own HTTP stack).
 - `direct SOCKET TOKEN N`: the very same HTTP calls the SDK makes, with the same `requests.Session`,
   straight to the sandbox's PicoD on its Unix socket (the baseline).
-- `sessions NAME N`: N x (create a session, first `execute_command("true")`, stop); the time from
-  the constructor to the first answer.
+- `sessions NAME N [PAUSE]`: N x (create a session, first `execute_command("true")`, stop, wait
+  PAUSE seconds, 0.3 by default); the time from the constructor to the first answer.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def direct(sock: str, token: str, n: int) -> dict:
     return {"execute": timed(lambda: execute(["true"]), n), "run_code": timed(run_code, n)}
 
 
-def sessions(name: str, n: int) -> dict:
+def sessions(name: str, n: int, pause: float = 0.3) -> dict:
     from agentcube import CodeInterpreterClient
 
     out = []
@@ -110,7 +110,7 @@ def sessions(name: str, n: int) -> dict:
         c.execute_command("true")
         out.append(time.perf_counter() - t0)
         c.stop()
-        time.sleep(0.3)  # let a warm pool refill: a claim, not a cold start, is measured
+        time.sleep(pause)  # let a warm pool refill: a claim, not a cold start, is measured
     return {"create": out}
 
 
@@ -121,5 +121,5 @@ if __name__ == "__main__":
     elif mode == "direct":
         result = direct(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        result = sessions(sys.argv[2], int(sys.argv[3]))
+        result = sessions(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:5]))
     print(json.dumps(result))

@@ -1,0 +1,102 @@
+"""Session creation on the Kubernetes backend, as the Python SDK feels it: the release `router` and
+`workload-manager --backend kubernetes` binaries, a real redis-server, and the test cluster — a real
+kube-apiserver, controller-manager, scheduler and the real agent-sandbox v1.0 controller, whose pods
+are PicoD processes run by the process kubelet (no container runtime here, so a pod starts in
+milliseconds where a real node pulls and starts a container). p50/p99 over N sessions from the SDK's
+constructor to PicoD's first answer (`execute_command("true")`), for a warm-pool claim (the pool is
+full again before each one) and a cold create (a Sandbox per session); the baseline is the same
+SDK's `execute_command` on a live session, through the same Router."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from harness import RELEASE, REPO, Table, binary, free_port, median, pct, procs, wait_http
+from sdk import VENVS, ms, run
+
+SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+POOL = 4
+KUBE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
+DEFINITIONS = f"""apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {{name: kwarm, namespace: default}}
+spec:
+  template: {{image: ghcr.io/volcano-sh/picod:latest}}
+  warmPoolSize: {POOL}
+---
+apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {{name: kcold, namespace: default}}
+spec:
+  template: {{image: ghcr.io/volcano-sh/picod:latest}}
+"""
+
+
+def pool_ready(kubectl: list) -> int:
+    out = subprocess.run(kubectl + ["get", "sandboxwarmpools.extensions.agents.x-k8s.io", "kwarm", "-o",
+                                    "jsonpath={.status.readyReplicas}"], capture_output=True, text=True).stdout
+    return int(out or 0)
+
+
+def main() -> None:
+    t = Table(f"Sessions on the Kubernetes backend (release binaries, real control plane + agent-sandbox v1.0.1, "
+              f"process kubelet; {SESSIONS} sessions each)")
+    with procs("kube") as p:
+        cluster = subprocess.Popen([binary("test-cluster"), "--state-dir", str(p.tmp / "cluster"), "--bin-dir",
+                                    str(RELEASE), "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=open(p.tmp / "cluster.log", "w"), text=True)
+        p.started.append(cluster)
+        line = cluster.stdout.readline()
+        if not line.startswith("test-cluster ready: kubeconfig="):
+            raise SystemExit(f"test cluster did not start: {(p.tmp / 'cluster.log').read_text()[-3000:]}")
+        kubeconfig = line.strip().split("=", 1)[1]
+        kubectl = [str(KUBE / "bin/controlplane"), "kubectl", f"--kubeconfig={kubeconfig}"]
+        subprocess.run(kubectl + ["create", "namespace", "agentcube"], check=True, capture_output=True)
+        subprocess.run(kubectl + ["apply", "-f", "-"], input=DEFINITIONS, text=True, check=True, capture_output=True)
+        redis_port, wm, router = free_port(), free_port(), free_port()
+        p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                "redis.log")
+        env = {**os.environ, "KUBECONFIG": kubeconfig, "AGENTCUBE_NAMESPACE": "agentcube", "RUST_LOG": "warn",
+               "REDIS_ADDR": f"127.0.0.1:{redis_port}", "REDIS_PASSWORD_REQUIRED": "false",
+               "WORKLOAD_MANAGER_URL": f"http://127.0.0.1:{wm}"}
+        r = p.start([binary("router"), "--port", str(router), "--bind", "127.0.0.1", "--metrics-port", "0"],
+                    "router.log", env=env)
+        wait_http(f"http://127.0.0.1:{router}/health/ready", proc=r)
+        w = p.start([binary("workload-manager"), "--backend", "kubernetes", "--port", str(wm), "--bind", "127.0.0.1",
+                     "--metrics-port", "0"], "wm.log", env=env)
+        wm_url, router_url = f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
+        wait_http(f"{wm_url}/health", proc=w)
+        deadline = time.time() + 120
+        while pool_ready(kubectl) < POOL:
+            if time.time() > deadline:
+                raise SystemExit("the warm pool did not fill")
+            time.sleep(0.2)
+        sdk_env = {**os.environ, "WORKLOAD_MANAGER_URL": wm_url, "ROUTER_URL": router_url}
+        sdk_env.pop("PYTHONPATH", None)
+        sdk = VENVS["this repo's SDK"]
+        base = run(sdk, sdk_env, "router", "kwarm", 200)["execute"]
+        b50 = median(base)
+        t.row("execute_command on a live session via Router p50 / p99 (200)", f"{ms(b50)} / {ms(pct(base, 0.99))}",
+              "baseline")
+        # Enough pause for the controller to refill the pool: each claim finds a ready member.
+        warm = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)["create"]
+        cold = run(sdk, sdk_env, "sessions", "kcold", SESSIONS, 0.2)["create"]
+        filled = pool_ready(kubectl)
+        t.row(f"warm-pool claim: constructor → first PicoD answer p50 / p99 ({SESSIONS})",
+              f"{ms(median(warm))} / {ms(pct(warm, 0.99))}", f"÷ baseline {median(warm) / b50:.1f} (goal p50 ≤ 50 ms)")
+        t.row(f"cold create (Sandbox → pod): constructor → first PicoD answer p50 / p99 ({SESSIONS})",
+              f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
+        t.row("warm pool ready members at the end", f"{filled} / {POOL}", "")
+        requests.get(f"{wm_url}/health", timeout=2)
+        cluster.stdin.close()
+    t.print()
+
+
+if __name__ == "__main__":
+    main()
