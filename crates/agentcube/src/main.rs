@@ -18,6 +18,7 @@ use agentcube_router::{KeyPair, RouterService};
 use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
 use agentcube_workload_manager::WorkloadManager;
+use agentcube_workload_manager::backend::WarmPools;
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -135,7 +136,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
     args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
-    let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
+    let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     if !backend.enforces_limits() {
         eprintln!(
             "warning: cgroup limits are not available here; sandboxes run without memory/cpu/pids limits"
@@ -147,14 +148,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .limits(10_000)
         .fit_fd_limit(agentcube_serve::raise_fd_limit(), 3);
     let config = agentcube_workload_manager::Config {
-        manifests_dir: Some(args.manifests.clone()),
         gc_interval: args.gc_interval.0,
-        public_key: Some(identity.public_pem.clone()),
         limits,
         admission: args.admission.admission(),
         ..Default::default()
     };
-    let wm = WorkloadManager::start(config, store.clone(), backend.clone()).await?;
+    let platform = backend
+        .platform(
+            Some(args.manifests.clone()),
+            Duration::from_secs(2),
+            Some(identity.public_pem.clone()),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let wm = WorkloadManager::start(config, store.clone(), platform).await?;
+    let pools = wm.pools.clone();
     let wm_listener = tokio::net::TcpListener::bind((args.bind, args.wm_port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.bind, args.wm_port))?;
@@ -231,7 +239,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url}");
     println!();
     println!("Press Ctrl-C to stop (every sandbox is removed).");
-    let progress = tokio::spawn(pool_progress(backend.clone()));
+    let progress = tokio::spawn(pool_progress(pools));
 
     shutdown_signal().await;
     println!("\nstopping…");
@@ -253,10 +261,10 @@ fn store_name(c: &agentcube_store::StoreConfig) -> &'static str {
 }
 
 /// Prints warm-pool fill levels until every pool is full (re-checked after manifest changes).
-async fn pool_progress(backend: Arc<LocalBackend>) {
+async fn pool_progress(pools: Arc<dyn WarmPools>) {
     let mut last = String::new();
     loop {
-        let status = backend.pool_status();
+        let status = pools.levels();
         let line = status
             .iter()
             .map(|p| format!("{}/{} {}/{}", p.namespace, p.name, p.ready, p.size))

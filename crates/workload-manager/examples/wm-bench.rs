@@ -48,15 +48,19 @@ async fn main() -> anyhow::Result<()> {
     let mut local = LocalConfig::new(dir.path().join("state"), picod.into());
     // 90 sandboxes at once: PicoD needs a few MiB, not the default 1 GiB limit each.
     local.default_memory_bytes = Some(64 << 20);
-    let backend = Arc::new(LocalBackend::new(local).map_err(anyhow::Error::msg)?);
+    let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     let store = Arc::new(agentcube_store::MemoryStore::new());
     let pair_pub = include_str!("../../picod/tests/data/router.pub.pem");
-    let config = Config {
-        manifests_dir: Some(dir.path().join("m")),
-        public_key: Some(pair_pub.into()),
-        ..Default::default()
-    };
-    let wm = WorkloadManager::start(config, store, backend.clone()).await?;
+    let platform = backend
+        .clone()
+        .platform(
+            Some(dir.path().join("m")),
+            Duration::from_secs(2),
+            Some(pair_pub.into()),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let wm = WorkloadManager::start(Config::default(), store, platform).await?;
     let m = wm.manager.clone();
     let req = |name: &str| CreateSandboxRequest {
         kind: None,

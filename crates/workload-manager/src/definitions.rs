@@ -7,19 +7,82 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use agentcube_crds::CodeInterpreter;
 use agentcube_crds::manifest::{self, Definition};
+use agentcube_crds::{AgentRuntime, CodeInterpreter, TargetPort};
 use agentcube_types::api::WorkloadKind;
 
-use crate::backend::Workload;
+/// A definition a sandbox is made from.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    CodeInterpreter(Arc<CodeInterpreter>),
+    AgentRuntime(Arc<AgentRuntime>),
+}
+
+impl Workload {
+    /// The definition's object metadata.
+    pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::CodeInterpreter(c) => &c.metadata,
+            Self::AgentRuntime(a) => &a.metadata,
+        }
+    }
+
+    /// `metadata.name`.
+    pub fn name(&self) -> &str {
+        self.meta().name.as_deref().unwrap_or_default()
+    }
+
+    /// `metadata.namespace` (`default` when unset, as `kubectl apply` would).
+    pub fn namespace(&self) -> String {
+        self.meta()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// The ports sandboxes of this definition serve (a CodeInterpreter defaults to PicoD's).
+    pub fn ports(&self) -> Vec<TargetPort> {
+        match self {
+            Self::CodeInterpreter(c) => c.spec.effective_ports(),
+            Self::AgentRuntime(a) => a.spec.target_port.clone(),
+        }
+    }
+
+    /// Name of a new sandbox of this definition: `<name>-<8 random [a-z0-9]>` (upstream's scheme).
+    pub fn sandbox_name(&self) -> String {
+        let n = uuid::Uuid::new_v4().as_u128();
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let suffix: String = (0..8)
+            .map(|i| alphabet[((n >> (i * 6)) % 36) as usize] as char)
+            .collect();
+        format!("{}-{suffix}", self.name())
+    }
+
+    /// Whether sandboxes must verify the Router's token.
+    pub fn needs_key(&self) -> bool {
+        match self {
+            Self::CodeInterpreter(c) => c.spec.auth_mode == agentcube_crds::AuthMode::Picod,
+            // Upstream injects no key into AgentRuntime pods; agents do their own auth.
+            Self::AgentRuntime(_) => false,
+        }
+    }
+}
 
 type Key = (WorkloadKind, String, String);
+
+/// Where definitions live, when they can be asked for one directly (a cluster's API server).
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    /// The definition of `kind` `namespace/name` at the source, if it exists.
+    async fn fetch(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<Workload>;
+}
 
 /// The definitions currently known.
 #[derive(Default)]
 pub struct Definitions {
     map: RwLock<HashMap<Key, Workload>>,
     fingerprint: RwLock<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    source: Option<Arc<dyn Source>>,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -52,6 +115,30 @@ impl Definitions {
     /// Empty set.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Empty set that asks `source` for definitions it does not know yet ([`Self::lookup`]).
+    pub fn with_source(source: Arc<dyn Source>) -> Self {
+        Self {
+            source: Some(source),
+            ..Self::default()
+        }
+    }
+
+    /// [`Self::get`], or, when not known yet (a CR applied a moment ago that the watch has not
+    /// delivered), the source's answer, remembered.
+    pub async fn lookup(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Workload> {
+        if let Some(w) = self.get(kind, namespace, name) {
+            return Some(w);
+        }
+        let found = self.source.as_ref()?.fetch(kind, namespace, name).await?;
+        self.insert(kind, found.clone());
+        Some(found)
     }
 
     /// The definition of `kind` `namespace/name`.

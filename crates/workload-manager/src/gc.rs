@@ -172,7 +172,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use agentcube_crds::CodeInterpreter;
     use agentcube_store::{MemoryStore, SessionStore};
     use agentcube_types::{BackingKind, GoDuration, SessionRecord, SessionStatus};
 
@@ -195,7 +194,6 @@ mod tests {
             self.deleted.lock().unwrap().push(name.to_string());
             Ok(())
         }
-        async fn sync_pools(&self, _: Vec<Arc<CodeInterpreter>>, _: Option<String>) {}
         async fn shutdown(&self) {}
         async fn reap(&self) -> Vec<String> {
             self.passes.fetch_add(1, Ordering::SeqCst);

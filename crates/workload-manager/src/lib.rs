@@ -2,13 +2,12 @@
 //! expired sessions.
 //!
 //! Main flow:
-//! 1. `main` builds a [`Config`], a store (`agentcube-store`) and a [`backend::Backend`]:
-//!    [`backend::local::LocalBackend`] (bubblewrap sandboxes on this host) or
-//!    [`backend::kubernetes::KubernetesBackend`] (agent-sandbox objects in a cluster, whose CRs,
-//!    warm pools and Router key it follows itself).
-//! 2. [`WorkloadManager::start`] takes definitions from the backend or loads them from the
-//!    manifest directory ([`definitions`]), syncs warm pools, and starts the reload watcher and
-//!    the [`gc`] loop.
+//! 1. `main` builds a [`Config`], a store (`agentcube-store`) and a [`backend::Platform`]:
+//!    [`backend::local::LocalBackend::platform`] (bubblewrap sandboxes on this host, definitions
+//!    from a manifest directory) or [`backend::kubernetes::KubernetesBackend::platform`]
+//!    (agent-sandbox objects in a cluster, whose CRs, warm pools and Router key it follows).
+//! 2. [`WorkloadManager::start`] takes the platform's definitions, key and pools as they are,
+//!    reconciles the store with its sandboxes and starts the [`gc`] loop.
 //! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}` and
 //!    `DELETE /v1/*/sessions/{id}` through [`sessions::Manager`]: placeholder record → sandbox →
 //!    ready record, rolled back on failure, timeout (504) or a vanished client.
@@ -18,7 +17,6 @@
 //!
 //! Errors map to HTTP in one place: [`error::ApiError`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,25 +32,16 @@ pub mod metrics;
 pub mod reconcile;
 pub mod sessions;
 
-use backend::Backend;
-use definitions::Definitions;
-use key::RouterKey;
+use backend::{Backend, Background, Platform, WarmPools};
 use sessions::Manager;
 
 /// Settings shared by both backends.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory of CodeInterpreter / AgentRuntime manifests (`None`: no definitions).
-    pub manifests_dir: Option<PathBuf>,
-    /// How often the manifest directory is checked for changes.
-    pub reload_interval: Duration,
     /// GC interval (upstream: 15 s).
     pub gc_interval: Duration,
     /// Upper bound of one create (upstream: 2 min).
     pub create_timeout: Duration,
-    /// Router public key (PEM) injected into `authMode: picod` sandboxes. `None`: the backend's
-    /// ([`Backend::router_key`]), if it has one.
-    pub public_key: Option<String>,
     /// Timeouts and the connection cap of the API listener.
     pub limits: agentcube_serve::Limits,
     /// Caps on live sessions.
@@ -62,11 +51,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            manifests_dir: None,
-            reload_interval: Duration::from_secs(2),
             gc_interval: Duration::from_secs(15),
             create_timeout: Duration::from_secs(120),
-            public_key: None,
             limits: agentcube_serve::Limits::default(),
             admission: sessions::Admission::default(),
         }
@@ -78,38 +64,32 @@ pub struct WorkloadManager {
     pub manager: Arc<Manager>,
     limits: agentcube_serve::Limits,
     pub backend: Arc<dyn Backend>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub pools: Arc<dyn WarmPools>,
+    /// GC.
+    background: Background,
+    /// The platform's (manifest reloads).
+    platform_tasks: Background,
 }
 
 impl WorkloadManager {
-    /// Loads definitions, fills warm pools, starts the reload watcher and GC.
+    /// Reconciles the store with the platform's sandboxes and starts GC.
     pub async fn start(
         config: Config,
         store: Arc<dyn SessionStore>,
-        backend: Arc<dyn Backend>,
+        platform: Platform,
     ) -> anyhow::Result<Self> {
-        let definitions = backend
-            .definitions()
-            .unwrap_or_else(|| Arc::new(Definitions::new()));
-        let public_key = match (&config.public_key, backend.router_key()) {
-            (Some(pem), _) => RouterKey::fixed(Some(pem.clone())),
-            (None, Some(followed)) => followed,
-            (None, None) => RouterKey::fixed(None),
-        };
-        if let Some(dir) = &config.manifests_dir {
-            definitions
-                .reload_if_changed(dir)
-                .map_err(|e| anyhow::anyhow!("cannot read manifests in {}: {e}", dir.display()))?;
-        }
-        backend
-            .sync_pools(definitions.code_interpreters(), config.public_key.clone())
-            .await;
+        let Platform {
+            backend,
+            definitions,
+            key,
+            pools,
+            background: platform_tasks,
+        } = platform;
         let manager = Arc::new(Manager {
             store,
             backend: backend.clone(),
-            definitions: definitions.clone(),
-            public_key,
+            definitions,
+            public_key: key,
             create_timeout: config.create_timeout,
             metrics: Arc::new(metrics::Metrics::default()),
             admission: config.admission,
@@ -125,46 +105,20 @@ impl WorkloadManager {
                 tracing::warn!(error = %e, "start-up reconciliation failed; GC will catch up")
             }
         }
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = Vec::new();
+        let mut background = Background::default();
         let gc = gc::Gc {
             manager: manager.clone(),
             interval: config.gc_interval,
             limit: 1000,
         };
-        tasks.push(tokio::spawn(gc.run(stopped(stop_rx.clone()))));
-        if let Some(dir) = config.manifests_dir.clone() {
-            let (defs, backend, key) = (definitions, backend.clone(), config.public_key.clone());
-            let interval = config.reload_interval;
-            let until = stopped(stop_rx);
-            tasks.push(tokio::spawn(async move {
-                tokio::pin!(until);
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(interval) => {}
-                        () = &mut until => return,
-                    }
-                    match defs.reload_if_changed(&dir) {
-                        Ok(true) => {
-                            backend
-                                .sync_pools(defs.code_interpreters(), key.clone())
-                                .await
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(error = %e, "cannot reload manifests"),
-                    }
-                }
-            }));
-        }
+        background.spawn(gc.run(background.stopped()));
         Ok(Self {
             manager,
             limits: config.limits,
             backend,
-            stop,
-            tasks,
+            pools,
+            background,
+            platform_tasks,
         })
     }
 
@@ -180,13 +134,17 @@ impl WorkloadManager {
 
     /// Renders the metrics (warm-pool levels refreshed first), for an admin port.
     pub fn metrics_renderer(&self) -> impl Fn() -> String + Clone + Send + Sync + 'static {
-        let (metrics, backend) = (self.manager.metrics.clone(), self.backend.clone());
+        let (metrics, pools) = (self.manager.metrics.clone(), self.pools.clone());
         move || {
-            for (namespace, name, ready, _) in backend.pool_levels() {
+            for p in pools.levels() {
+                let pool = metrics::Pool {
+                    namespace: p.namespace,
+                    name: p.name,
+                };
                 metrics
                     .warm_pool_ready
-                    .get_or_create(&metrics::Pool { namespace, name })
-                    .set(ready as i64);
+                    .get_or_create(&pool)
+                    .set(p.ready as i64);
             }
             metrics.encode()
         }
@@ -194,10 +152,8 @@ impl WorkloadManager {
 
     /// Stops the background tasks and removes every sandbox.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.platform_tasks.stop().await;
+        self.background.stop().await;
         self.backend.shutdown().await;
     }
 }

@@ -1,11 +1,9 @@
 //! `workload-manager`: flags and environment → config, then serve until SIGTERM/SIGINT.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
-use agentcube_workload_manager::backend::Backend;
 use agentcube_workload_manager::backend::kubernetes::{KubeConfig, KubernetesBackend};
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
 use agentcube_workload_manager::{Config, WorkloadManager, key};
@@ -126,8 +124,11 @@ async fn main() -> anyhow::Result<()> {
             "--manifests is for the local backend: the Kubernetes backend reads the cluster's CodeInterpreter/AgentRuntime CRs"
         );
     }
-    let backend: Arc<dyn Backend> = match args.backend.as_str() {
-        "local" => Arc::new(local_backend(&args)?),
+    let platform = match args.backend.as_str() {
+        "local" => local_backend(&args)?
+            .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
+            .await
+            .map_err(anyhow::Error::msg)?,
         "kubernetes" => {
             let mut kc = kube::Config::infer()
                 .await
@@ -143,28 +144,24 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_from(kc)?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.default_runtime_class = args.runtime_class_name.clone();
-            kc.fixed_key = public_key.clone();
-            Arc::new(
-                KubernetesBackend::start(client, kc)
-                    .await
-                    .map_err(anyhow::Error::msg)?,
-            )
+            kc.fixed_key = public_key;
+            KubernetesBackend::start(client, kc)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .platform()
         }
         other => anyhow::bail!("unknown --backend {other:?} (local or kubernetes)"),
     };
     let config = Config {
-        manifests_dir: args.manifests.clone(),
         gc_interval: args.gc_interval.0,
         create_timeout: args.create_timeout.0,
-        public_key,
         limits: args
             .limits
             .limits(10_000)
             .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1),
         admission: args.admission.admission(),
-        ..Config::default()
     };
-    let wm = WorkloadManager::start(config, store, backend).await?;
+    let wm = WorkloadManager::start(config, store, platform).await?;
     if args.metrics_port != 0 {
         let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
             .await
@@ -184,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");
     agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await
 }
+
+/// How often the local backend's manifest directory is checked for changes.
+const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
     let exe = std::env::current_exe()?;

@@ -9,7 +9,7 @@ use agentcube_types::api::{CreateSandboxRequest, CreateSandboxResponse, Workload
 use agentcube_types::{BackingKind, GoDuration, SessionRecord, SessionStatus};
 use jiff::{SignedDuration, Timestamp};
 
-use crate::backend::{Backend, SandboxRequest, Workload, local::sandbox_name};
+use crate::backend::{Backend, SandboxRequest, Workload};
 use crate::definitions::Definitions;
 use crate::error::ApiError;
 use crate::key::RouterKey;
@@ -88,15 +88,10 @@ impl Manager {
         if req.name.is_empty() {
             return Err(ApiError::BadRequest("name is required".into()));
         }
-        let workload = match self.definitions.get(kind, &req.namespace, &req.name) {
-            Some(w) => Some(w),
-            // Not in the cache yet (a CR applied a moment ago): ask the source once.
-            None => self
-                .backend
-                .fetch_definition(kind, &req.namespace, &req.name)
-                .await
-                .inspect(|w| self.definitions.insert(kind, w.clone())),
-        };
+        let workload = self
+            .definitions
+            .lookup(kind, &req.namespace, &req.name)
+            .await;
         let workload = workload.ok_or_else(|| {
             ApiError::NotFound(match kind {
                 WorkloadKind::CodeInterpreter => "code interpreter not found".into(),
@@ -146,7 +141,7 @@ impl Manager {
         let now = Timestamp::now();
         let expires =
             now + SignedDuration::try_from(max.0).unwrap_or(SignedDuration::from_hours(8));
-        let name = sandbox_name(workload.name());
+        let name = workload.sandbox_name();
         let planned = self.backend.backing_kind(&workload);
         let mut record =
             SessionRecord::placeholder(&session_id, namespace, &name, now, expires, idle);

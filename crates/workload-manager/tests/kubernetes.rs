@@ -148,12 +148,15 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         })
         .await;
     // Warm-pool depth as /metrics reports it, from the shared Sandbox watch.
-    let backend = k.wm.as_ref().unwrap().backend.clone();
+    let pools = k.wm.as_ref().unwrap().pools.clone();
     k.eventually("pool level 2/2", 10, async || {
-        backend
-            .pool_levels()
-            .contains(&("default".into(), "pooled".into(), 2, 2))
-            .then_some(())
+        let level = agentcube_workload_manager::backend::PoolLevel {
+            namespace: "default".into(),
+            name: "pooled".into(),
+            ready: 2,
+            size: 2,
+        };
+        pools.levels().contains(&level).then_some(())
     })
     .await;
     let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");

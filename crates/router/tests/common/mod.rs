@@ -51,15 +51,18 @@ impl Wm {
         std::fs::write(dir.path().join("m/defs.yaml"), DEFS).unwrap();
         let backend =
             LocalBackend::new(LocalConfig::new(dir.path().join("state"), picod_binary())).unwrap();
-        let config = agentcube_workload_manager::Config {
-            manifests_dir: Some(dir.path().join("m")),
-            public_key: Some(ROUTER_PUB.into()),
-            ..Default::default()
-        };
-        let wm =
-            agentcube_workload_manager::WorkloadManager::start(config, store, Arc::new(backend))
-                .await
-                .unwrap();
+        let platform = backend
+            .platform(
+                Some(dir.path().join("m")),
+                std::time::Duration::from_secs(2),
+                Some(ROUTER_PUB.into()),
+            )
+            .await
+            .unwrap();
+        let config = agentcube_workload_manager::Config::default();
+        let wm = agentcube_workload_manager::WorkloadManager::start(config, store, platform)
+            .await
+            .unwrap();
         let (url, task) = serve(wm.app()).await;
         Self {
             url,

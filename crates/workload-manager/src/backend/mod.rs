@@ -1,66 +1,19 @@
-//! The seam between the Workload Manager and where sandboxes run. One trait, two backends:
-//! [`local`] (bubblewrap on this host; the embedded default) and [`kubernetes`] (agent-sandbox
-//! objects in a cluster). The API, GC and store records are shared; warm pools are the local
-//! backend's own queues, or the cluster's SandboxWarmPools.
+//! The seam between the Workload Manager and where sandboxes run. Each backend builds one
+//! [`Platform`]: its sandboxes ([`Backend`]), the definitions it keeps current, the Router key it
+//! knows and its warm pools. Two backends: [`local`] (bubblewrap on this host, definitions from a
+//! manifest directory; the embedded default) and [`kubernetes`] (agent-sandbox objects, the
+//! cluster's CRs and key Secret). The API, GC and store records are shared.
 
-use std::sync::Arc;
-
-use agentcube_crds::{AgentRuntime, CodeInterpreter, TargetPort};
-use agentcube_types::api::WorkloadKind;
+use agentcube_crds::TargetPort;
 use agentcube_types::{BackingKind, EntryPoint};
 
-use crate::definitions::Definitions;
-use crate::key::RouterKey;
+pub use crate::definitions::Workload;
 
 pub mod kubernetes;
 pub mod local;
+mod platform;
 
-/// A definition a sandbox is made from.
-#[derive(Debug, Clone)]
-pub enum Workload {
-    CodeInterpreter(Arc<CodeInterpreter>),
-    AgentRuntime(Arc<AgentRuntime>),
-}
-
-impl Workload {
-    /// The definition's object metadata.
-    pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
-            Self::CodeInterpreter(c) => &c.metadata,
-            Self::AgentRuntime(a) => &a.metadata,
-        }
-    }
-
-    /// `metadata.name`.
-    pub fn name(&self) -> &str {
-        self.meta().name.as_deref().unwrap_or_default()
-    }
-
-    /// `metadata.namespace` (`default` when unset, as `kubectl apply` would).
-    pub fn namespace(&self) -> String {
-        self.meta()
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into())
-    }
-
-    /// The ports sandboxes of this definition serve (a CodeInterpreter defaults to PicoD's).
-    pub fn ports(&self) -> Vec<TargetPort> {
-        match self {
-            Self::CodeInterpreter(c) => c.spec.effective_ports(),
-            Self::AgentRuntime(a) => a.spec.target_port.clone(),
-        }
-    }
-
-    /// Whether sandboxes must verify the Router's token.
-    pub fn needs_key(&self) -> bool {
-        match self {
-            Self::CodeInterpreter(c) => c.spec.auth_mode == agentcube_crds::AuthMode::Picod,
-            // Upstream injects no key into AgentRuntime pods; agents do their own auth.
-            Self::AgentRuntime(_) => false,
-        }
-    }
-}
+pub use platform::{Background, Platform, PoolLevel, WarmPools};
 
 /// What the session layer asks a backend for.
 #[derive(Debug, Clone)]
@@ -133,28 +86,6 @@ pub trait Backend: Send + Sync + 'static {
         BackingKind::Sandbox
     }
 
-    /// Definitions the platform keeps up to date itself (a cluster's CRs); `None`: they come
-    /// from the manifest directory.
-    fn definitions(&self) -> Option<Arc<Definitions>> {
-        None
-    }
-
-    /// The Router's key as the platform publishes it; `None`: it comes from the configuration.
-    fn router_key(&self) -> Option<RouterKey> {
-        None
-    }
-
-    /// Looks a definition up at the source when [`Backend::definitions`] does not have it yet
-    /// (a CR created a moment ago).
-    async fn fetch_definition(
-        &self,
-        _kind: WorkloadKind,
-        _namespace: &str,
-        _name: &str,
-    ) -> Option<Workload> {
-        None
-    }
-
     /// Removes a sandbox; an unknown one is not an error.
     async fn delete(
         &self,
@@ -162,9 +93,6 @@ pub trait Backend: Send + Sync + 'static {
         namespace: &str,
         name: &str,
     ) -> Result<(), BackendError>;
-
-    /// The set of CodeInterpreters changed: resize, roll or drop warm pools.
-    async fn sync_pools(&self, definitions: Vec<Arc<CodeInterpreter>>, public_key: Option<String>);
 
     /// Removes every sandbox this backend started (on shutdown).
     async fn shutdown(&self);
@@ -191,11 +119,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Cleans up sandboxes that died on their own since the last call, and returns the
     /// sessions they served (whose records must go too). Called by every GC run.
     async fn reap(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Warm pools as (namespace, name, ready, size), for metrics and progress output.
-    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
         Vec::new()
     }
 }

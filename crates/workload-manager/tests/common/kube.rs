@@ -267,7 +267,7 @@ impl KubeStack {
             create_timeout: opts.create_timeout,
             ..Config::default()
         };
-        let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend))
+        let wm = WorkloadManager::start(config, store.clone(), backend.platform())
             .await
             .unwrap();
         let (url, serve) = super::serve_api(&wm).await;

@@ -98,15 +98,21 @@ impl Stack {
             .store
             .unwrap_or_else(|| Arc::new(agentcube_store::MemoryStore::new()));
         let config = Config {
-            manifests_dir: Some(manifests),
-            reload_interval: Duration::from_millis(200),
             gc_interval: opts.gc_interval,
             create_timeout: opts.create_timeout,
-            public_key: Some(ROUTER_PUB.into()),
             admission: opts.admission,
             ..Default::default()
         };
-        let wm = WorkloadManager::start(config, store.clone(), Arc::new(backend.clone()))
+        let platform = backend
+            .clone()
+            .platform(
+                Some(manifests),
+                Duration::from_millis(200),
+                Some(ROUTER_PUB.into()),
+            )
+            .await
+            .unwrap();
+        let wm = WorkloadManager::start(config, store.clone(), platform)
             .await
             .unwrap();
         let (url, server) = serve_api(&wm).await;

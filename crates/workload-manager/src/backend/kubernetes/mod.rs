@@ -24,13 +24,14 @@ use std::time::Duration;
 use agentcube_crds::sandbox::{
     AgentSandboxApi, CORE_GROUP, EXTENSIONS_GROUP, Sandbox as SandboxObject, SandboxClaim,
 };
-use agentcube_crds::{AgentRuntime, CodeInterpreter};
+
 use agentcube_types::BackingKind;
-use agentcube_types::api::WorkloadKind;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::watcher;
 
-use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
+use super::{
+    Backend, BackendError, Platform, PoolLevel, Sandbox, SandboxRequest, WarmPools, Workload,
+};
 use crate::definitions::Definitions;
 use crate::key::RouterKey;
 
@@ -129,6 +130,21 @@ pub async fn discover_api(client: &kube::Client) -> Result<AgentSandboxApi, Stri
 }
 
 impl KubernetesBackend {
+    /// The platform: these sandboxes, the cluster's CRs as definitions, the followed (or fixed)
+    /// Router key, the SandboxWarmPools' levels.
+    pub fn platform(self) -> Platform {
+        let (definitions, key) = (self.definitions.clone(), self.key.clone());
+        let backend = Arc::new(self);
+        Platform {
+            backend: backend.clone(),
+            definitions,
+            key,
+            pools: backend,
+            // Its watches end when the backend is dropped.
+            background: Default::default(),
+        }
+    }
+
     /// The agent-sandbox API version in use.
     pub fn api(&self) -> AgentSandboxApi {
         self.api
@@ -142,7 +158,9 @@ impl KubernetesBackend {
             api = %api,
             "agent-sandbox API {api} in use ({CORE_GROUP}/{api}, {EXTENSIONS_GROUP}/{api})"
         );
-        let definitions = Arc::new(Definitions::new());
+        let definitions = Arc::new(Definitions::with_source(Arc::new(sources::CrSource(
+            client.clone(),
+        ))));
         let mut tasks = tokio::time::timeout(
             config.sync_timeout,
             sources::mirror_definitions(client.clone(), definitions.clone()),
@@ -270,40 +288,6 @@ impl Backend for KubernetesBackend {
         }
     }
 
-    fn definitions(&self) -> Option<Arc<Definitions>> {
-        Some(self.definitions.clone())
-    }
-
-    fn router_key(&self) -> Option<RouterKey> {
-        Some(self.key.clone())
-    }
-
-    async fn fetch_definition(
-        &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        name: &str,
-    ) -> Option<Workload> {
-        let result = match kind {
-            WorkloadKind::CodeInterpreter => {
-                Api::<CodeInterpreter>::namespaced(self.client.clone(), namespace)
-                    .get_opt(name)
-                    .await
-                    .map(|o| o.map(|c| Workload::CodeInterpreter(Arc::new(c))))
-            }
-            WorkloadKind::AgentRuntime => {
-                Api::<AgentRuntime>::namespaced(self.client.clone(), namespace)
-                    .get_opt(name)
-                    .await
-                    .map(|o| o.map(|a| Workload::AgentRuntime(Arc::new(a))))
-            }
-        };
-        result
-            .inspect_err(|e| tracing::warn!(error = %e, "cannot look the definition up"))
-            .ok()
-            .flatten()
-    }
-
     async fn delete(
         &self,
         kind: BackingKind,
@@ -381,12 +365,12 @@ impl Backend for KubernetesBackend {
         deleted
     }
 
-    /// Warm pools are the controller's business in a cluster.
-    async fn sync_pools(&self, _: Vec<Arc<CodeInterpreter>>, _: Option<String>) {}
-
     async fn shutdown(&self) {}
+}
 
-    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
+/// Warm pools are SandboxWarmPools kept by the controller; levels come from the Sandbox watch.
+impl WarmPools for KubernetesBackend {
+    fn levels(&self) -> Vec<PoolLevel> {
         let members = self.sandboxes.all();
         self.definitions
             .code_interpreters()
@@ -407,7 +391,12 @@ impl Backend for KubernetesBackend {
                             && s.is_ready()
                     })
                     .count();
-                (ns, name, ready, ci.spec.warm_pool())
+                PoolLevel {
+                    namespace: ns,
+                    name,
+                    ready,
+                    size: ci.spec.warm_pool(),
+                }
             })
             .collect()
     }

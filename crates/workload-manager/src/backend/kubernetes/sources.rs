@@ -19,6 +19,30 @@ use crate::key::{RouterKey, public_from_pems};
 /// Name of the Router's identity Secret (spec §1.8).
 pub use agentcube_crds::labels::IDENTITY_SECRET;
 
+/// Asks the API server for a CR the watch has not delivered yet (applied a moment ago).
+pub struct CrSource(pub kube::Client);
+
+#[async_trait::async_trait]
+impl crate::definitions::Source for CrSource {
+    async fn fetch(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<Workload> {
+        let client = self.0.clone();
+        let result = match kind {
+            WorkloadKind::CodeInterpreter => Api::<CodeInterpreter>::namespaced(client, namespace)
+                .get_opt(name)
+                .await
+                .map(|o| o.map(|c| Workload::CodeInterpreter(Arc::new(c)))),
+            WorkloadKind::AgentRuntime => Api::<AgentRuntime>::namespaced(client, namespace)
+                .get_opt(name)
+                .await
+                .map(|o| o.map(|a| Workload::AgentRuntime(Arc::new(a)))),
+        };
+        result
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot look the definition up"))
+            .ok()
+            .flatten()
+    }
+}
+
 /// Keeps `definitions` equal to the cluster's CRs of one kind.
 fn mirror<K>(
     watched: Watched<K>,

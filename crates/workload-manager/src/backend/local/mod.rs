@@ -18,7 +18,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentcube_crds::CodeInterpreter;
 use agentcube_types::BackingKind;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -28,6 +27,7 @@ use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
 pub mod cgroup;
 pub mod launch;
 pub mod layout;
+mod platform;
 mod pool;
 pub mod probe;
 pub mod seccomp;
@@ -203,19 +203,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct LocalBackend {
     inner: Arc<Inner>,
-}
-
-fn random_suffix() -> String {
-    let n = uuid::Uuid::new_v4().as_u128();
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..8)
-        .map(|i| alphabet[((n >> (i * 6)) % 36) as usize] as char)
-        .collect()
-}
-
-/// Name of a new sandbox for a definition: `<name>-<8 random [a-z0-9]>` (upstream's scheme).
-pub fn sandbox_name(definition: &str) -> String {
-    format!("{definition}-{}", random_suffix())
 }
 
 fn find_tools(config: &LocalConfig) -> Result<(PathBuf, Option<PathBuf>), String> {
@@ -756,23 +743,6 @@ impl Backend for LocalBackend {
     async fn delete(&self, _: BackingKind, _: &str, name: &str) -> Result<(), BackendError> {
         self.remove(name).await;
         Ok(())
-    }
-
-    async fn sync_pools(&self, definitions: Vec<Arc<CodeInterpreter>>, public_key: Option<String>) {
-        let (stale, kick) = self.plan_pools(definitions, public_key);
-        for name in stale {
-            self.remove(&name).await;
-        }
-        for key in kick {
-            self.refill(key);
-        }
-    }
-
-    fn pool_levels(&self) -> Vec<(String, String, usize, u32)> {
-        self.pool_status()
-            .into_iter()
-            .map(|p| (p.namespace, p.name, p.ready, p.size))
-            .collect()
     }
 
     async fn shutdown(&self) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agentcube_crds::CodeInterpreter;
 
-use super::{LocalBackend, sandbox_name};
+use super::LocalBackend;
 use crate::backend::{Sandbox, Workload};
 
 /// One pool.
@@ -112,7 +112,7 @@ impl LocalBackend {
                 pool.generation,
             );
             tokio::spawn(async move {
-                let name = sandbox_name(workload.name());
+                let name = workload.sandbox_name();
                 let started = this.start(&name, &workload, public_key).await;
                 let keep = this.offer(&key, generation, &started);
                 match started {
