@@ -96,7 +96,10 @@ def procs(name: str) -> Iterator[Procs]:
         yield p
     finally:
         p.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            print(f"(BENCH_KEEP: {tmp} kept)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pct(values: Sequence[float], p: float) -> float:

@@ -103,15 +103,19 @@ def direct(sock: str, token: str, n: int) -> dict:
 def sessions(name: str, n: int, pause: float = 0.3) -> dict:
     from agentcube import CodeInterpreterClient
 
-    out = []
+    out, ctor, second = [], [], []
     for _ in range(n):
         t0 = time.perf_counter()
         c = CodeInterpreterClient(name=name)
+        ctor.append(time.perf_counter() - t0)
         c.execute_command("true")
         out.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        c.execute_command("true")
+        second.append(time.perf_counter() - t1)
         c.stop()
         time.sleep(pause)  # let a warm pool refill: a claim, not a cold start, is measured
-    return {"create": out}
+    return {"create": out, "constructor": ctor, "second": second}
 
 
 if __name__ == "__main__":

@@ -69,15 +69,13 @@ pub async fn run(ctx: Arc<Context>) {
         Api::<CodeInterpreter>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns_with(
-        Api::<SandboxTemplate>::all_with(client.clone(), &api),
+    .owns_stream_with(
+        spec_changes(Api::<SandboxTemplate>::all_with(client.clone(), &api)),
         api,
-        watcher::Config::default(),
     )
-    .owns_with(
-        Api::<SandboxWarmPool>::all_with(client, &api),
+    .owns_stream_with(
+        spec_changes(Api::<SandboxWarmPool>::all_with(client, &api)),
         api,
-        watcher::Config::default(),
     )
     .reconcile_all_on(key_changed)
     .run(reconcile, error_policy, ctx)
@@ -87,6 +85,34 @@ pub async fn run(ctx: Arc<Context>) {
         }
     })
     .await;
+}
+
+/// Owned objects whose spec or metadata changed (a new `generation`), appeared or were deleted.
+/// Status-only changes are left out: agent-sandbox rewrites a pool's status on every claim and
+/// refill, and reconciling each time cost two applies and a list per change, on the hot path.
+fn spec_changes<K>(
+    api: Api<K>,
+) -> impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut seen: HashMap<String, Option<i64>> = HashMap::new();
+    watcher(api, watcher::Config::default()).filter_map(move |event| {
+        let out = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let uid = o.meta().uid.clone().unwrap_or_default();
+                let generation = o.meta().generation;
+                (seen.insert(uid, generation) != Some(generation)).then_some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
+    })
 }
 
 fn error_policy(ci: Arc<CodeInterpreter>, e: &BackendError, _: Arc<Context>) -> Action {
