@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak kube kube-up clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak kube kube-up cluster clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -19,6 +19,7 @@ test:
 	$(STEP) cargo-test $(CARGO) test --workspace --all-targets
 	$(STEP) doc-test $(CARGO) test --workspace --doc
 	$(STEP) python-test .venv/bin/python -m pytest -q sdk-python/tests tests/helm
+	$(STEP) chart-install .venv/bin/python scripts/cluster.py --check --bin-dir target/debug
 	$(STEP) e2e $(MAKE) --no-print-directory e2e-run
 
 ## e2e: the end-to-end suite on both backends: `agentcube up` (bubblewrap sandboxes), then the
@@ -44,6 +45,13 @@ deps:
 ## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
 kube:
 	@scripts/build-kube.sh
+
+## cluster: `helm install` of deploy/helm/agentcube on the test control plane (process kubelet), in
+## the foreground; prints `export KUBECONFIG=... WORKLOAD_MANAGER_URL=... ROUTER_URL=...`, Ctrl-C
+## uninstalls and stops everything
+cluster: deps
+	$(CARGO) build --release -p agentcube-picod -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
+	.venv/bin/python scripts/cluster.py
 
 ## kube-up: a real control plane (etcd, kube-apiserver, controller-manager, scheduler, agent-sandbox
 ## controller) with a process kubelet, in the foreground; prints `export KUBECONFIG=...`, Ctrl-C stops it

@@ -33,6 +33,25 @@ struct Args {
     keep: bool,
 }
 
+/// Removes the state directory when it holds only what a cluster puts there (so a mistaken
+/// `--state-dir` never deletes anything else).
+fn remove_state_dir(dir: &std::path::Path) {
+    const OURS: [&str; 3] = ["control-plane", "node", "test-cluster.log"];
+    let entries: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if entries.iter().all(|e| OURS.contains(&e.as_str())) {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        for e in ["control-plane", "node"] {
+            let _ = std::fs::remove_dir_all(dir.join(e));
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -53,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--image {spec}: expected NAME=PATH"))?;
         let rule = agentcube_test_cluster::kubelet::images::Image {
             name: name.into(),
+            aliases: Vec::new(),
             binary: Some(std::fs::canonicalize(path)?),
             path: format!("/usr/local/bin/{name}"),
             entrypoint: vec![format!("/usr/local/bin/{name}")],
@@ -86,6 +106,9 @@ async fn main() -> anyhow::Result<()> {
         () = stdin_closed => {},
     }
     let killed = cluster.stop(args.keep).await;
+    if !args.keep {
+        remove_state_dir(&state_dir);
+    }
     println!("test-cluster stopped; {killed} pod processes killed");
     Ok(())
 }

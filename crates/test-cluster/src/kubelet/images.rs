@@ -10,6 +10,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct Image {
     pub name: String,
+    /// Other names of the same image (e.g. the chart's `agentcube-router`, `workloadmanager`).
+    pub aliases: Vec<String>,
     /// Host program mounted at `path` inside the pod (`None`: the program is in the host's `/usr`).
     pub binary: Option<PathBuf>,
     pub path: String,
@@ -32,6 +34,7 @@ impl Images {
     pub fn repository(bin_dir: &std::path::Path) -> Self {
         let ours = |name: &str, cmd: &[&str], env: &[(&str, &str)]| Image {
             name: name.into(),
+            aliases: Vec::new(),
             binary: Some(bin_dir.join(name)),
             path: format!("/usr/local/bin/{name}"),
             entrypoint: vec![format!("/usr/local/bin/{name}")],
@@ -48,23 +51,43 @@ impl Images {
                     &["--port=8080", "--workspace=/root"],
                     &[("PICOD_LISTEN", "$(POD_IP):8080")],
                 ),
-                ours("router", &["--port=8080"], &[]),
-                ours("workload-manager", &["--port=8080"], &[]),
+                // Pods share the host's network: each listens on its own pod IP.
+                Image {
+                    aliases: vec!["agentcube-router".into()],
+                    ..ours("router", &["--port=8080"], &[("ROUTER_BIND", "$(POD_IP)")])
+                },
+                Image {
+                    aliases: vec!["workloadmanager".into()],
+                    ..ours(
+                        "workload-manager",
+                        &["--port=8080"],
+                        &[("WORKLOAD_MANAGER_BIND", "$(POD_IP)")],
+                    )
+                },
                 Image {
                     name: "python".into(),
+                    aliases: Vec::new(),
                     binary: None,
                     path: "/usr/bin/python3".into(),
                     entrypoint: vec!["python3".into()],
                     cmd: Vec::new(),
                     env: Vec::new(),
                 },
+                // The official image's entrypoint runs `redis-server ARGS` for arguments that start
+                // with `-`; here always, plus `--bind` on the pod IP (Redis reads no env for it).
                 Image {
                     name: "redis".into(),
+                    aliases: Vec::new(),
                     binary: None,
                     path: "/usr/bin/redis-server".into(),
-                    entrypoint: Vec::new(),
-                    cmd: vec!["redis-server".into()],
-                    env: Vec::new(),
+                    entrypoint: vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        "exec redis-server \"$@\" --bind \"$REDIS_BIND\"".into(),
+                        "redis".into(),
+                    ],
+                    cmd: Vec::new(),
+                    env: vec![("REDIS_BIND".into(), "$(POD_IP)".into())],
                 },
             ],
         }
@@ -76,9 +99,11 @@ impl Images {
     pub fn find(&self, image: &str) -> Option<&Image> {
         let last = image.rsplit('/').next().unwrap_or(image);
         let base = last.split(['@', ':']).next().unwrap_or(last);
-        self.rules
-            .iter()
-            .find(|r| base == r.name || base.starts_with(&format!("{}-", r.name)))
+        self.rules.iter().find(|r| {
+            std::iter::once(&r.name)
+                .chain(&r.aliases)
+                .any(|n| base == *n || base.starts_with(&format!("{n}-")))
+        })
     }
 }
 
@@ -99,6 +124,14 @@ mod tests {
         assert_eq!(name("docker.io/library/redis:7").as_deref(), Some("redis"));
         assert_eq!(
             name("registry/agentcube/workload-manager:dev").as_deref(),
+            Some("workload-manager")
+        );
+        assert_eq!(
+            name("ghcr.io/volcano-sh/agentcube-router:latest").as_deref(),
+            Some("router")
+        );
+        assert_eq!(
+            name("ghcr.io/volcano-sh/workloadmanager:latest").as_deref(),
             Some("workload-manager")
         );
         assert_eq!(name("mypicod"), None);

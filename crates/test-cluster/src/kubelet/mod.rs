@@ -22,7 +22,8 @@
 //! Not done (say so before relying on it): containers after the first, init containers,
 //! `securityContext` (processes run as this process's user), resource limits, liveness and
 //! startup probes, exec probes, image pulls, network isolation between pods, token refresh,
-//! `hostPath`/PVC volumes, Services' cluster IPs (see `hosts` for names).
+//! `hostPath`/PVC volumes, Services' cluster IPs and port translation ([`services`] maps Service
+//! names to a ready pod's IP in every pod's `/etc/hosts` instead).
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -42,6 +43,7 @@ pub mod images;
 mod pod;
 mod probe;
 pub mod runtime;
+pub mod services;
 
 use pod::PodProcess;
 
@@ -79,7 +81,7 @@ impl Shared {
 
 /// A running process kubelet.
 pub struct ProcessKubelet {
-    shared: Arc<Shared>,
+    state_dir: PathBuf,
     pods: Arc<tokio::sync::Mutex<HashMap<String, PodProcess>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -100,11 +102,12 @@ impl ProcessKubelet {
             shared.config.node.clone(),
         ))];
         let pods = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
-        let api: Api<Pod> = Api::all(client);
+        let api: Api<Pod> = Api::all(client.clone());
         let wc =
             watcher::Config::default().fields(&format!("spec.nodeName={}", shared.config.node));
         let (store, writer) = reflector::store();
         let (tx, mut changes) = tokio::sync::watch::channel(0u64);
+        let svc_tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let mut stream = watcher(api, wc).default_backoff().reflect(writer).boxed();
             while let Some(e) = stream.next().await {
@@ -114,11 +117,26 @@ impl ProcessKubelet {
                 tx.send_modify(|n| *n = n.wrapping_add(1));
             }
         }));
+        let (svc_store, svc_writer) = reflector::store();
+        let svc_api: Api<k8s_openapi::api::core::v1::Service> = Api::all(client.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut stream = watcher(svc_api, watcher::Config::default())
+                .default_backoff()
+                .reflect(svc_writer)
+                .boxed();
+            while let Some(e) = stream.next().await {
+                if let Err(e) = e {
+                    tracing::warn!(error = %e, "service watch failed; retrying");
+                }
+                svc_tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }));
         let (s, p) = (shared.clone(), pods.clone());
         tasks.push(tokio::spawn(async move {
             let mut next = Allocator::new();
             loop {
                 sync(&s, &p, &store, &mut next).await;
+                update_hosts(&s, &p, &store, &svc_store).await;
                 tokio::select! {
                     _ = changes.changed() => {}
                     () = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -126,15 +144,10 @@ impl ProcessKubelet {
             }
         }));
         Ok(Self {
-            shared,
+            state_dir: shared.config.state_dir.clone(),
             pods,
             tasks,
         })
-    }
-
-    /// Adds `/etc/hosts` entries for pods started from now on.
-    pub fn set_hosts(&self, entries: Vec<(String, String)>) {
-        *self.shared.hosts.lock().unwrap() = entries;
     }
 
     /// Pods with a live process, as `namespace/name`.
@@ -162,7 +175,32 @@ impl ProcessKubelet {
         for p in all {
             p.stop(Duration::ZERO).await;
         }
+        // Pods caught mid-start or mid-termination when the tasks were stopped: anything whose
+        // command line names our state directory.
+        kill_strays(&self.state_dir);
+        let _ = std::fs::remove_dir_all(self.state_dir.join("pods"));
         n
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `dir` (every pod's bubblewrap does).
+fn kill_strays(dir: &std::path::Path) {
+    let needle = dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pid != std::process::id() as i32
+            && String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(&needle)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -247,6 +285,44 @@ async fn sync(
         p.check(shared, &pod).await;
         p.ready = p.running() && probe::ready(&pod, p.ip).await;
         report(shared, &pod, p).await;
+    }
+}
+
+/// Recomputes the Service entries of `/etc/hosts` and rewrites every pod's file in place when
+/// they changed.
+async fn update_hosts(
+    shared: &Shared,
+    pods: &Arc<tokio::sync::Mutex<HashMap<String, PodProcess>>>,
+    store: &Store<Pod>,
+    services: &Store<k8s_openapi::api::core::v1::Service>,
+) {
+    let map = pods.lock().await;
+    let with_ips: Vec<(Arc<Pod>, String, bool)> = store
+        .state()
+        .into_iter()
+        .filter_map(|pod| {
+            let p = map.get(pod.metadata.uid.as_deref()?)?;
+            Some((pod, p.ip.to_string(), p.ready))
+        })
+        .collect();
+    let entries = services::entries(&services::all(services), &with_ips);
+    if *shared.hosts.lock().unwrap() == entries {
+        return;
+    }
+    *shared.hosts.lock().unwrap() = entries;
+    for p in map.values() {
+        let file = p.dir.join("hosts");
+        // The pod's own lines (localhost, itself) stay; the Service lines are replaced. Written
+        // in place: the bind mount inside the pod follows the inode.
+        let Ok(old) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let own: Vec<&str> = old.lines().take(3).collect();
+        let hostname = own
+            .get(2)
+            .and_then(|l| l.split('\t').nth(1))
+            .unwrap_or(&p.name);
+        let _ = std::fs::write(&file, shared.hosts_for(p.ip, hostname));
     }
 }
 

@@ -29,10 +29,26 @@ pub struct PodProcess {
     last_exit: Option<i32>,
     /// Set when the pod ended for good (`Succeeded`/`Failed`) or cannot start (the reason).
     terminal: Option<String>,
+    /// Why the container is not created yet (retried).
+    creating: Option<String>,
     /// Last status written to the API server.
     pub reported: Option<Value>,
     /// Result of the last readiness check.
     pub ready: bool,
+}
+
+/// Why a container did not start.
+enum StartError {
+    /// Never will: the image maps to no program (`ErrImagePull`).
+    Image(String),
+    /// Not yet: what it needs is missing (retried).
+    NotYet(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for StartError {
+    fn from(e: E) -> Self {
+        Self::NotYet(e.into())
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -55,29 +71,44 @@ impl PodProcess {
             pod_started: now_rfc3339(),
             last_exit: None,
             terminal: None,
+            creating: None,
             reported: None,
             ready: false,
         }
     }
 
-    /// Starts the pod's first container; a pod that cannot start is marked (its status says
-    /// why) instead of failing the kubelet.
+    /// Starts the pod's first container. An image that maps to no program marks the pod for good
+    /// (`ErrImagePull`); anything else (a Secret or ConfigMap that does not exist yet, e.g.
+    /// `kube-root-ca.crt` right after the cluster starts) is retried every second while the pod
+    /// waits in `ContainerCreating`, as a kubelet does.
     pub async fn start(&mut self, shared: &Shared, pod: &Pod) {
-        if let Err(e) = self.spawn(shared, pod).await {
-            tracing::warn!(pod = %self.name, error = %format!("{e:#}"), "cannot start pod");
-            self.terminal = Some(format!("ErrImagePull: {e:#}"));
+        self.creating = None;
+        match self.spawn(shared, pod).await {
+            Ok(()) => {}
+            Err(StartError::Image(msg)) => {
+                tracing::warn!(pod = %self.name, error = %msg, "cannot start pod");
+                self.terminal = Some(format!("ErrImagePull: {msg}"));
+            }
+            Err(StartError::NotYet(e)) => {
+                let msg = format!("{e:#}");
+                tracing::info!(pod = %self.name, error = %msg, "pod not startable yet; retrying");
+                self.creating = Some(msg);
+                self.restart_at = Some(Instant::now() + Duration::from_secs(1));
+            }
         }
     }
 
-    async fn spawn(&mut self, shared: &Shared, pod: &Pod) -> anyhow::Result<()> {
+    async fn spawn(&mut self, shared: &Shared, pod: &Pod) -> Result<(), StartError> {
         let spec = pod.spec.clone().unwrap_or_default();
         let container = spec
             .containers
             .first()
-            .ok_or_else(|| anyhow::anyhow!("the pod has no container"))?;
+            .ok_or_else(|| StartError::Image("the pod has no container".into()))?;
         let image_name = container.image.clone().unwrap_or_default();
         let image = shared.config.images.find(&image_name).ok_or_else(|| {
-            anyhow::anyhow!("image {image_name:?} has no mapping to a program on this host")
+            StartError::Image(format!(
+                "image {image_name:?} has no mapping to a program on this host"
+            ))
         })?;
         let ctx = PodContext {
             ip: self.ip,
@@ -88,9 +119,9 @@ impl PodProcess {
         let env = runtime::environment(&shared.client, pod, container, image, &ctx).await?;
         let argv = runtime::argv(container, image, &env);
         if argv.is_empty() {
-            anyhow::bail!(
+            return Err(StartError::Image(format!(
                 "image {image_name:?} has no entrypoint here: give the container a command"
-            );
+            )));
         }
         let root = self.dir.join("root");
         std::fs::create_dir_all(&root)?;
@@ -163,7 +194,9 @@ impl PodProcess {
             && self.restart_at.is_some_and(|t| Instant::now() >= t)
         {
             self.restart_at = None;
-            self.restarts += 1;
+            if self.creating.is_none() {
+                self.restarts += 1;
+            }
             self.start(shared, pod).await;
         }
     }
@@ -218,7 +251,10 @@ impl PodProcess {
             (_, true, _) => json!({"running": {"startedAt": self.started_at}}),
             (_, false, Some(code)) => json!({"terminated": {"exitCode": code,
                 "reason": if code == 0 { "Completed" } else { "Error" }}}),
-            _ => json!({"waiting": {"reason": "ContainerCreating"}}),
+            _ => match &self.creating {
+                Some(why) => json!({"waiting": {"reason": "ContainerCreating", "message": why}}),
+                None => json!({"waiting": {"reason": "ContainerCreating"}}),
+            },
         };
         let cond =
             |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});

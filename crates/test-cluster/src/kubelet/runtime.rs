@@ -434,7 +434,7 @@ pub struct Sandbox<'a> {
 }
 
 /// The bubblewrap argv for one container (without the program name): the host's `/usr` and
-/// `/etc` read-only (with the pod's own `/etc/hosts`), the image's binary, a private `/root`,
+/// `/etc` entries read-only (with the pod's own `/etc/hosts`), the image's binary, a private `/root`,
 /// `/tmp` and `/run`, the pod's volumes, and its own pid, ipc and uts namespaces.
 pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
@@ -462,15 +462,22 @@ pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
     if Path::new("/usr/lib64").exists() {
         push(&["--symlink", "usr/lib64", "/lib64"]);
     }
+    // `/etc` is a tmpfs holding the host's entries read-only, so that volumes can be mounted
+    // below it (e.g. a Secret at /etc/agentcube/identity); made read-only after the mounts.
+    push(&["--tmpfs", "/etc"]);
+    let mut entries: Vec<String> = std::fs::read_dir("/etc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string()))
+        .filter(|n| n != "hosts")
+        .collect();
+    entries.sort();
+    for name in &entries {
+        let path = format!("/etc/{name}");
+        push(&["--ro-bind-try", &path, &path]);
+    }
     let hosts = s.hosts_file.display().to_string();
-    push(&[
-        "--ro-bind",
-        "/etc",
-        "/etc",
-        "--ro-bind",
-        &hosts,
-        "/etc/hosts",
-    ]);
+    push(&["--ro-bind", &hosts, "/etc/hosts"]);
     push(&["--proc", "/proc", "--dev", "/dev"]);
     push(&[
         "--tmpfs",
@@ -489,6 +496,7 @@ pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
         let flag = if m.read_only { "--ro-bind" } else { "--bind" };
         push(&[flag, &m.host.display().to_string(), &m.path]);
     }
+    push(&["--remount-ro", "/etc"]);
     push(&["--chdir", s.workdir, "--clearenv"]);
     push(&[
         "--setenv",
@@ -525,6 +533,7 @@ mod tests {
     fn command_replaces_the_entrypoint_and_args_the_cmd() {
         let image = Image {
             name: "x".into(),
+            aliases: Vec::new(),
             binary: None,
             path: "/x".into(),
             entrypoint: vec!["/x".into()],

@@ -347,17 +347,21 @@ impl KubeStack {
         }
     }
 
-    /// Stops the Workload Manager; returns how many pods are left in `default` (sessions
-    /// outlive a Workload Manager, so a test that ended its sessions expects 0).
+    /// Stops the Workload Manager; returns how many pods are still in `default` after their
+    /// grace periods (up to 15 s): sessions outlive a Workload Manager, so a test that ended its
+    /// sessions expects 0.
     pub async fn stop(mut self) -> usize {
         self.wm.take().unwrap().shutdown().await;
         self.serve.abort();
-        Api::<Pod>::namespaced(self.client.clone(), "default")
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .len()
+        let pods = Api::<Pod>::namespaced(self.client.clone(), "default");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = pods.list(&Default::default()).await.unwrap().items.len();
+            if left == 0 || tokio::time::Instant::now() > deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
