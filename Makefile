@@ -19,7 +19,7 @@ test:
 	$(STEP) cargo-test $(CARGO) test --workspace --all-targets
 	$(STEP) doc-test $(CARGO) test --workspace --doc
 	$(STEP) python-test .venv/bin/python -m pytest -q sdk-python/tests tests/helm
-	$(STEP) chart-install .venv/bin/python scripts/cluster.py --check --bin-dir target/debug
+	$(STEP) chart-install-e2e .venv/bin/python scripts/cluster.py --e2e --bin-dir target/debug
 	$(STEP) e2e $(MAKE) --no-print-directory e2e-run
 
 ## e2e: the end-to-end suite on both backends: `agentcube up` (bubblewrap sandboxes), then the

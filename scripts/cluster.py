@@ -8,7 +8,10 @@ Workload Manager and Redis are Ready, applies examples/ and prints the environme
 Ctrl-C (or SIGTERM) uninstalls the release and stops everything.
 
 `--check` does the same, then runs one SDK session through the installed Router and Workload
-Manager, uninstalls and exits (0 when everything worked): the `make test` step.
+Manager, uninstalls and exits (0 when everything worked). `--e2e` runs the whole e2e suite
+(`AGENTCUBE_E2E_BACKEND=cluster`, both SDKs) through the installed chart instead, with the
+Workload Manager's GC at 1 s (`workloadmanager.extraEnv`, as the suite expects): the `make test`
+step.
 """
 
 from __future__ import annotations
@@ -75,14 +78,16 @@ class Cluster:
         return out
 
 
-def install(c: Cluster) -> None:
-    c.kubectl("create", "namespace", NAMESPACE)
+def install(c: Cluster, extra: list[str], create_namespace: bool = True) -> None:
+    if create_namespace:
+        c.kubectl("create", "namespace", NAMESPACE)
     t = time.time()
     c.helm("install", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE,
-           "--set", "bundledRedis.enabled=true", "--wait", "--timeout", "3m")
+           "--set", "bundledRedis.enabled=true", *extra, "--wait", "--timeout", "3m")
     log(f"helm install: Router, Workload Manager and Redis Ready in {time.time() - t:.1f} s")
     for f in sorted(REPO.glob("examples/*.yaml")):
         c.kubectl("apply", "-f", str(f))
+    log("examples applied")
 
 
 def session(wm: str, router: str) -> None:
@@ -98,10 +103,90 @@ def session(wm: str, router: str) -> None:
         raise SystemExit(f"SDK session through the installed chart failed: {r.stdout}{r.stderr}")
 
 
+def e2e(c: Cluster, wm: str, router: str) -> None:
+    """The e2e suite through the installed chart (`kubectl` on PATH is this cluster's)."""
+    bin_dir = c.state.parent / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(f'#!/bin/sh\nexec {KUBE / "bin/controlplane"} kubectl "$@"\n')
+    (bin_dir / "kubectl").chmod(0o755)
+    env = dict(c.env, PATH=f"{bin_dir}:{os.environ['PATH']}", AGENTCUBE_E2E_BACKEND="cluster",
+               AGENTCUBE_E2E_WM_URL=wm, AGENTCUBE_E2E_ROUTER_URL=router,
+               AGENTCUBE_E2E_AUDIT_LOG=str(c.state / "control-plane/audit.log"))
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "pytest", "-q", str(REPO / "tests/e2e")], env=env,
+                       cwd=REPO)
+    if r.returncode != 0:
+        raise SystemExit("the e2e suite failed through the installed chart")
+
+
+def ready_pods(c: Cluster, app: str) -> list:
+    pods = json.loads(c.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app={app}", "-o", "json"))["items"]
+    return [p for p in pods if p["metadata"].get("deletionTimestamp") is None and any(
+        x["type"] == "Ready" and x["status"] == "True" for x in p.get("status", {}).get("conditions", []))]
+
+
+def wait_for(what: str, cond, secs: float = 60):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def sdk(wm: str, router: str, code: str) -> str:
+    env = dict(os.environ, WORKLOAD_MANAGER_URL=wm, ROUTER_URL=router)
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], env=env, capture_output=True, text=True,
+                       timeout=180)
+    if r.returncode != 0:
+        raise SystemExit(f"SDK: {r.stdout}{r.stderr}")
+    return r.stdout.strip()
+
+
+def secret_key(c: Cluster) -> str:
+    return c.kubectl("get", "secret", "-n", NAMESPACE, "picod-router-identity", "-o", "jsonpath={.data.private\\.pem}")
+
+
+def lifecycle(c: Cluster, wm: str) -> None:
+    """helm upgrade to two Router replicas (one key; a session survives losing its Router pod),
+    a pool resized through its CodeInterpreter, helm uninstall (what stays), reinstall."""
+    key = secret_key(c)
+    c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
+           "--set", "router.replicas=2", "--wait", "--timeout", "3m")
+    routers = wait_for("two ready Router pods", lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(c, "agentcube-router")))
+    assert secret_key(c) == key, "the upgrade kept the identity Secret"
+    url = lambda p: f"http://{p['status']['podIP']}:8080"
+    sid = sdk(wm, url(routers[0]), "from agentcube import CodeInterpreterClient as C\n"
+              "c = C(); c.write_file('kept', 'f.txt'); print(c.session_id)")
+    c.kubectl("delete", "pod", "-n", NAMESPACE, routers[0]["metadata"]["name"], "--wait=false")
+    out = sdk(wm, url(routers[1]), f"from agentcube import CodeInterpreterClient as C\n"
+              f"c = C(session_id={sid!r}); print(c.execute_command('cat f.txt')); c.stop()")
+    assert out == "kept", f"the session through the other Router replica: {out!r}"
+    log("upgrade to 2 Router replicas: one key, a session kept working after its Router pod was deleted")
+    c.kubectl("patch", "codeinterpreter", "my-interpreter", "-n", "default", "--type", "merge", "-p",
+              '{"spec": {"warmPoolSize": 1}}')
+    wait_for("the pool resized to 1", lambda: c.kubectl(
+        "get", "sandboxwarmpools.extensions.agents.x-k8s.io", "my-interpreter", "-n", "default", "-o",
+        "jsonpath={.spec.replicas}") == "1")
+    log("warmPoolSize 2 -> 1: the SandboxWarmPool followed")
+    c.helm("uninstall", "agentcube", "-n", NAMESPACE, "--wait", "--timeout", "2m")
+    wait_for("the chart's pods gone", lambda: not json.loads(c.kubectl("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"])
+    assert secret_key(c) == key, "uninstall keeps the identity Secret (helm.sh/resource-policy: keep)"
+    crds = c.kubectl("get", "crd", "-o", "name")
+    assert "codeinterpreters.runtime.agentcube.volcano.sh" in crds, "uninstall keeps the CRDs"
+    log("helm uninstall: workloads gone; CRDs, CodeInterpreters and the identity Secret kept")
+    install(c, [], create_namespace=False)
+    assert secret_key(c) == key, "a reinstall reuses the identity Secret"
+    wm2, router2 = f"http://{c.pod_ip('workloadmanager')}:8080", f"http://{c.pod_ip('agentcube-router')}:8080"
+    session(wm2, router2)
+    log("reinstall: same key, SDK session works")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", default=str(REPO / "target/release"))
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--e2e", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="agentcube-cluster-"))
     tmp.chmod(0o755)
@@ -110,11 +195,17 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1) or (_ for _ in ()).throw(KeyboardInterrupt))
     ok = False
     try:
-        install(c)
+        extra = ["--set", "workloadmanager.extraEnv[0].name=AGENTCUBE_GC_INTERVAL",
+                 "--set", "workloadmanager.extraEnv[0].value=1s"] if args.e2e else []
+        install(c, extra)
         wm, router = f"http://{c.pod_ip('workloadmanager')}:8080", f"http://{c.pod_ip('agentcube-router')}:8080"
         if args.check:
             session(wm, router)
             log("an SDK session through the installed Router and Workload Manager worked")
+        elif args.e2e:
+            e2e(c, wm, router)
+            log("the e2e suite passed through the installed Router and Workload Manager")
+            lifecycle(c, wm)
         else:
             print(f"export KUBECONFIG={c.kubeconfig} WORKLOAD_MANAGER_URL={wm} ROUTER_URL={router}", flush=True)
             print(f"kubectl: {KUBE / 'bin/controlplane'} kubectl    (Ctrl-C uninstalls and stops everything)",
@@ -123,7 +214,9 @@ def main() -> None:
                 time.sleep(3600)
         ok = True
     except KeyboardInterrupt:
-        ok = True
+        ok = not (args.check or args.e2e)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
     finally:
         try:
             c.helm("uninstall", "agentcube", "-n", NAMESPACE, "--wait", "--timeout", "2m")

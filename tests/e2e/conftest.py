@@ -8,12 +8,14 @@ nothing is left). `AGENTCUBE_E2E_BACKEND` picks it:
   scheduler, the agent-sandbox v1.0 controller) whose process kubelet runs pods as bubblewrap
   processes (PicoD on its own loopback address). Both binaries authenticate with tokens of the
   chart's service accounts and run under the chart's RBAC (rendered with helm).
-- `cluster`: a real cluster with agent-sandbox and this chart installed. Needs `KUBECONFIG`,
+- `cluster`: a cluster with agent-sandbox and this chart installed. Needs `KUBECONFIG`,
   `AGENTCUBE_E2E_WM_URL` and `AGENTCUBE_E2E_ROUTER_URL` (e.g. `kubectl port-forward` to the two
   Services) and `kubectl` on PATH; the suite applies its manifests and inspects the cluster with
-  kubectl. Skipped when those are not set.
+  kubectl. Skipped when those are not set. `scripts/cluster.py --e2e` (in `make test`) runs it on
+  the chart installed on the test cluster, with `AGENTCUBE_E2E_AUDIT_LOG` for the RBAC check.
 """
 
+import base64
 import json
 import os
 import shutil
@@ -120,26 +122,22 @@ class KubeStack(Stack):
 
 
 class ClusterStack(KubeStack):
-    """A cluster reached with `kubectl` (a command list, the admin's credentials)."""
+    """A cluster reached with `kubectl` (a command list, the admin's credentials), and the API
+    server's audit log when the cluster is this machine's test cluster."""
 
-    def __init__(self, backend, wm_url, router_url, kubectl=("kubectl",)):
+    def __init__(self, backend, wm_url, router_url, kubectl=("kubectl",), audit_log: Path | None = None):
         super().__init__(backend, wm_url, router_url)
         self.kubectl = list(kubectl)
+        self.audit_log = audit_log
+
+    def audit(self) -> list:
+        return [json.loads(l) for l in self.audit_log.read_text().splitlines() if l.strip()]
 
     def kube_list(self, kind, namespace="default", labels=""):
         cmd = self.kubectl + ["get", PLURALS[kind], "-n", namespace, "-o", "json"] + (["-l", labels] if labels else [])
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["items"]
 
 
-class TestClusterStack(ClusterStack):
-    """The `kube` backend: also knows the API server's audit log."""
-
-    def __init__(self, wm_url, router_url, kubectl, audit_log: Path):
-        super().__init__("kube", wm_url, router_url, kubectl)
-        self.audit_log = audit_log
-
-    def audit(self) -> list:
-        return [json.loads(l) for l in self.audit_log.read_text().splitlines() if l.strip()]
 
 
 def _local(tmp: Path):
@@ -186,12 +184,13 @@ def _stop(proc, secs=30):
 
 
 def _chart_rbac() -> str:
-    """The chart's ServiceAccounts and RBAC objects, rendered by helm for namespace `agentcube`."""
+    """The chart's ServiceAccounts, RBAC objects and the Router's identity Secret, rendered by helm
+    for namespace `agentcube`."""
     env = dict(os.environ, XDG_CACHE_HOME="/tmp/agentcube-helm-c", XDG_CONFIG_HOME="/tmp/agentcube-helm-cfg",
                XDG_DATA_HOME="/tmp/agentcube-helm-d")
     out = subprocess.run([str(HELM), "template", "ac", str(REPO / "deploy/helm/agentcube"), "--namespace", SYSTEM_NAMESPACE],
                          env=env, capture_output=True, text=True, check=True).stdout
-    kinds = {"ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    kinds = {"ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "Secret"}
     return yaml.safe_dump_all([d for d in yaml.safe_load_all(out) if d and d["kind"] in kinds])
 
 
@@ -222,15 +221,24 @@ def _kube(tmp: Path):
     admin = Path(line.strip().split("=", 1)[1])
     kubectl = [str(KUBE_CACHE / "bin/controlplane"), "kubectl", f"--kubeconfig={admin}"]
 
-    def run(*args, stdin=None):
+    def run_out(*args, stdin=None):
         r = subprocess.run(kubectl + list(args), input=stdin, text=True, capture_output=True)
         assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
+        return r.stdout
+
+    run = run_out
 
     docs = [d for f in _manifests() for d in yaml.safe_load_all(f.read_text()) if d]
     for ns in sorted({SYSTEM_NAMESPACE} | {d["metadata"].get("namespace", "default") for d in docs} - {"default"}):
         run("create", "namespace", ns)
     run("apply", "-f", "-", stdin=_chart_rbac())
     run("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    # The Router reads the chart's identity Secret from a directory, as the chart mounts it.
+    identity = tmp / "identity"
+    identity.mkdir()
+    pem = run_out("get", "secret", "-n", SYSTEM_NAMESPACE, "picod-router-identity", "-o",
+                  "jsonpath={.data.private\\.pem}")
+    (identity / "private.pem").write_bytes(base64.b64decode(pem))
     values = yaml.safe_load((REPO / "deploy/helm/agentcube/values.yaml").read_text())
     wm_kc = _token_kubeconfig(admin, kubectl, values["workloadmanager"]["serviceAccountName"], tmp / "wm.kubeconfig")
     router_kc = _token_kubeconfig(admin, kubectl, values["router"]["serviceAccountName"], tmp / "router.kubeconfig")
@@ -238,15 +246,15 @@ def _kube(tmp: Path):
                REDIS_ADDR=f"127.0.0.1:{redis_port}", REDIS_PASSWORD_REQUIRED="false",
                WORKLOAD_MANAGER_URL=f"http://127.0.0.1:{wm_port}", RUST_LOG="info")
     router_log, wm_log = tmp / "router.log", tmp / "workload-manager.log"
-    # The Router first: it creates the identity Secret the Workload Manager follows.
     router = subprocess.Popen([str(_binary("router")), "--port", str(router_port), "--bind", "127.0.0.1",
-                               "--metrics-port", "0"], env=dict(env, KUBECONFIG=str(router_kc)),
+                               "--metrics-port", "0", "--identity-dir", str(identity)],
+                              env=dict(env, KUBECONFIG=str(router_kc)),
                               stdout=open(router_log, "w"), stderr=subprocess.STDOUT)
     wm = subprocess.Popen([str(_binary("workload-manager")), "--backend", "kubernetes", "--port", str(wm_port),
                            "--bind", "127.0.0.1", "--metrics-port", "0", "--gc-interval", "1s"],
                           env=dict(env, KUBECONFIG=str(wm_kc)), stdout=open(wm_log, "w"), stderr=subprocess.STDOUT)
-    stack = TestClusterStack(f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", kubectl,
-                             state / "control-plane/audit.log")
+    stack = ClusterStack("kube", f"http://127.0.0.1:{wm_port}", f"http://127.0.0.1:{router_port}", kubectl,
+                         state / "control-plane/audit.log")
     procs = [router, wm]
     try:
         _wait_healthy([f"{stack.wm_url}/health", f"{stack.router_url}/health/ready"], procs, [router_log, wm_log])
@@ -270,9 +278,13 @@ def _cluster(tmp: Path):
     missing = [n for n in need if not os.environ.get(n)]
     if missing or not shutil.which("kubectl"):
         pytest.skip(f"real-cluster e2e needs {', '.join(need)} and kubectl (missing: {missing or ['kubectl']})")
-    for f in _manifests():
-        subprocess.run(["kubectl", "apply", "-f", str(f)], check=True)
-    yield ClusterStack("cluster", os.environ["AGENTCUBE_E2E_WM_URL"], os.environ["AGENTCUBE_E2E_ROUTER_URL"])
+    docs = [d for f in _manifests() for d in yaml.safe_load_all(f.read_text()) if d]
+    for ns in sorted({d["metadata"].get("namespace", "default") for d in docs} - {"default"}):
+        subprocess.run(["kubectl", "create", "namespace", ns], capture_output=True)  # may exist
+    subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump_all(docs), text=True, check=True)
+    audit = os.environ.get("AGENTCUBE_E2E_AUDIT_LOG")
+    yield ClusterStack("cluster", os.environ["AGENTCUBE_E2E_WM_URL"], os.environ["AGENTCUBE_E2E_ROUTER_URL"],
+                       audit_log=Path(audit) if audit else None)
 
 
 @pytest.fixture(scope="session")
