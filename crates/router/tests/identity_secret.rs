@@ -1,18 +1,13 @@
 //! The Router identity Secret: create-then-load-on-conflict against a real API server (the
 //! shared test cluster; each test in a namespace of its own).
 
-use std::path::Path;
-
 use agentcube_router::identity::{KeyPair, SECRET_NAME, load_or_create_secret};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 
 async fn client() -> kube::Client {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug");
-    let shared = agentcube_test_cluster::shared(&bin);
-    agentcube_test_cluster::controlplane::client_for(&shared.kubeconfig)
-        .await
-        .unwrap()
+    let bin = agentcube_test_cluster::debug_bin_dir();
+    agentcube_test_cluster::shared(&bin).client().await
 }
 
 /// A fresh namespace for one test.

@@ -32,6 +32,15 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// This workspace's debug binaries (`target/debug`, or under `CARGO_TARGET_DIR`): what tests
+/// pass to [`shared`].
+pub fn debug_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("debug")
+}
+
 /// Where `scripts/build-kube.sh` puts the Go binaries and agent-sandbox's CRDs.
 pub fn kube_cache() -> PathBuf {
     std::env::var_os("AGENTCUBE_KUBE_CACHE")
@@ -103,6 +112,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A client with the cluster's admin credentials.
+    pub async fn client(&self) -> kube::Client {
+        controlplane::client_for(&self.kubeconfig)
+            .await
+            .expect("a client for the test cluster")
+    }
+
     /// The API server's audit log (see [`controlplane::AUDIT_LOG`]).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("control-plane").join(controlplane::AUDIT_LOG)

@@ -14,14 +14,17 @@
 //!   and `KUBERNETES_SERVICE_HOST`/`PORT` pointing at the real API server;
 //! - volumes: `emptyDir`, `secret`, `configMap`, `downwardAPI`, `projected` — service-account
 //!   tokens come from the TokenRequest API, bound to the pod, as a kubelet projects them;
-//! - readiness: `httpGet` and `tcpSocket` readiness probes (others count as passing); without
-//!   a probe a pod is Ready once its process runs;
+//! - readiness and liveness: `httpGet` and `tcpSocket` probes (others count as passing); without
+//!   a readiness probe a pod is Ready once its process runs; a container failing its liveness
+//!   probe `failureThreshold` times in a row is killed and restarted;
+//! - Service names: every pod's `/etc/hosts` names each Service after a ready pod behind it
+//!   ([`services`]), since there is no cluster DNS or kube-proxy;
 //! - restarts under `restartPolicy` with back-off; a deleted pod gets SIGTERM, SIGKILL after its
 //!   grace period (at most 10 s here), then the kubelet removes it from the API server.
 //!
 //! Not done (say so before relying on it): containers after the first, init containers,
-//! `securityContext` (processes run as this process's user), resource limits, liveness and
-//! startup probes, exec probes, image pulls, network isolation between pods, token refresh,
+//! `securityContext` (processes run as this process's user), resource limits, startup probes,
+//! exec probes, image pulls, network isolation between pods, token refresh,
 //! `hostPath`/PVC volumes, Services' cluster IPs and port translation ([`services`] maps Service
 //! names to a ready pod's IP in every pod's `/etc/hosts` instead).
 

@@ -31,6 +31,9 @@ pub struct PodProcess {
     terminal: Option<String>,
     /// Why the container is not created yet (retried).
     creating: Option<String>,
+    /// When the current container started, and its liveness probe's state.
+    started: Instant,
+    liveness: super::probe::Liveness,
     /// Last status written to the API server.
     pub reported: Option<Value>,
     /// Result of the last readiness check.
@@ -72,6 +75,8 @@ impl PodProcess {
             last_exit: None,
             terminal: None,
             creating: None,
+            started: Instant::now(),
+            liveness: Default::default(),
             reported: None,
             ready: false,
         }
@@ -153,11 +158,26 @@ impl PodProcess {
             .map_err(|e| anyhow::anyhow!("cannot start bubblewrap: {e}"))?;
         self.child = Some(child);
         self.started_at = now_rfc3339();
+        self.started = Instant::now();
+        self.liveness = Default::default();
         Ok(())
     }
 
-    /// Notices an exit; restarts under the restart policy, with back-off (1 s doubling to 30 s).
+    /// Notices an exit (or kills a container that failed its liveness probe); restarts under the
+    /// restart policy, with back-off (1 s doubling to 30 s).
     pub async fn check(&mut self, shared: &Shared, pod: &Pod) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id())
+            && self.liveness.failed(pod, self.ip, self.started).await
+        {
+            tracing::info!(pod = %self.name, "liveness probe failed; restarting the container");
+            let _ = nix::sys::signal::killpg(
+                Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if let Some(child) = &mut self.child {
+                let _ = child.wait().await;
+            }
+        }
         if let Some(child) = &mut self.child
             && let Ok(Some(status)) = child.try_wait()
         {

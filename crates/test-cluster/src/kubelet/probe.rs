@@ -1,10 +1,12 @@
-//! Readiness probes: `httpGet` (any 2xx/3xx) and `tcpSocket` against the pod IP, one attempt
-//! per sync with a short timeout. Exec and gRPC probes are not run here: they count as passing.
+//! Readiness and liveness probes: `httpGet` (any 2xx/3xx) and `tcpSocket` against the pod IP,
+//! with a short timeout. Readiness is checked on every sync; liveness every `periodSeconds` after
+//! `initialDelaySeconds`, and `failureThreshold` failures in a row restart the container. Exec
+//! and gRPC probes are not run here: they count as passing.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,9 +29,50 @@ pub async fn ready(pod: &Pod, ip: Ipv4Addr) -> bool {
     let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
         return false;
     };
-    let Some(probe) = &container.readiness_probe else {
-        return true;
-    };
+    match &container.readiness_probe {
+        Some(probe) => passes(container, probe, ip).await,
+        None => true,
+    }
+}
+
+/// A container's liveness, tracked across syncs.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    next: Option<std::time::Instant>,
+    failures: i32,
+}
+
+impl Liveness {
+    /// Probes when due (the container has run for `since`); `true` when the container must be
+    /// restarted (its failure threshold reached).
+    pub async fn failed(&mut self, pod: &Pod, ip: Ipv4Addr, since: std::time::Instant) -> bool {
+        let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+            return false;
+        };
+        let Some(probe) = &container.liveness_probe else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let delay = Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).max(0) as u64);
+        if now < since + delay || self.next.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.next =
+            Some(now + Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64));
+        if passes(container, probe, ip).await {
+            self.failures = 0;
+            return false;
+        }
+        self.failures += 1;
+        if self.failures >= probe.failure_threshold.unwrap_or(3).max(1) {
+            *self = Self::default();
+            return true;
+        }
+        false
+    }
+}
+
+async fn passes(container: &Container, probe: &Probe, ip: Ipv4Addr) -> bool {
     if let Some(h) = &probe.http_get {
         let Some(p) = port(container, &h.port) else {
             return false;

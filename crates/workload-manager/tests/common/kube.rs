@@ -231,9 +231,7 @@ async fn clean(client: &kube::Client) {
 impl KubeStack {
     pub async fn start(opts: KubeOptions) -> Self {
         let exclusive = LOCK.clone().lock_owned().await;
-        let client = agentcube_test_cluster::controlplane::client_for(&cluster().kubeconfig)
-            .await
-            .unwrap();
+        let client = cluster().client().await;
         clean(&client).await;
         if opts.identity_secret {
             create_identity_secret(&client, ROUTER_KEY, ROUTER_PUB).await;

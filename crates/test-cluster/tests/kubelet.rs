@@ -1,0 +1,139 @@
+//! The process kubelet as pods see it, on the shared test cluster: liveness probes restart a
+//! container, and Service names resolve to a ready pod through `/etc/hosts`.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+async fn client() -> kube::Client {
+    let bin = agentcube_test_cluster::debug_bin_dir();
+    agentcube_test_cluster::shared(&bin).client().await
+}
+
+async fn namespace(c: &kube::Client, name: &str) -> Api<Pod> {
+    let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    // The controller-manager gives a new namespace its `default` service account shortly after.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.clone(), name);
+    until("service account default", 30, async || {
+        sas.get_opt("default").await.unwrap().map(|_| ())
+    })
+    .await;
+    Api::namespaced(c.clone(), name)
+}
+
+fn python_pod(name: &str, labels: Value, script: &str, probes: Value) -> Pod {
+    let mut container = json!({
+        "name": "main", "image": "python:3.12-slim", "command": ["python3", "-c", script],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    });
+    for (k, v) in probes.as_object().unwrap() {
+        container[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [container], "automountServiceAccountToken": false}
+    }))
+    .unwrap()
+}
+
+async fn until<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .map_or(0, |c| c.restart_count)
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+const SERVE: &str = "import http.server as h, os\nh.HTTPServer((os.environ['POD_IP'], 8000), h.SimpleHTTPRequestHandler).serve_forever()";
+
+#[tokio::test]
+async fn a_failing_liveness_probe_restarts_the_container_and_a_passing_one_does_not() {
+    let c = client().await;
+    let pods = namespace(&c, "liveness").await;
+    let probe = |port: u16| json!({"livenessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 2}});
+    for (name, port) in [("dead", 9), ("alive", 8000)] {
+        let pod = python_pod(name, json!({"app": name}), SERVE, probe(port));
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    until("the dead pod restarted", 30, async || {
+        (restarts(&pods.get("dead").await.unwrap()) >= 1).then_some(())
+    })
+    .await;
+    let alive = pods.get("alive").await.unwrap();
+    assert!(ready(&alive), "{:?}", alive.status);
+    assert_eq!(
+        restarts(&alive),
+        0,
+        "a container that answers its probe keeps running"
+    );
+}
+
+#[tokio::test]
+async fn a_service_name_resolves_to_a_ready_pod_behind_it() {
+    let c = client().await;
+    let pods = namespace(&c, "names").await;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 8000, "targetPort": 8000}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(c.clone(), "names")
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let readiness = json!({"readinessProbe": {"tcpSocket": {"port": 8000}}});
+    // The client becomes Ready only after fetching from the Service by its cluster name.
+    let client_script = "import os, time, urllib.request, http.server as h\nwhile True:\n    try:\n        urllib.request.urlopen('http://web.names.svc.cluster.local:8000/', timeout=1).read()\n        break\n    except Exception:\n        time.sleep(0.2)\nh.HTTPServer((os.environ['POD_IP'], 8000), h.SimpleHTTPRequestHandler).serve_forever()";
+    pods.create(
+        &PostParams::default(),
+        &python_pod(
+            "client",
+            json!({"app": "client"}),
+            client_script,
+            readiness.clone(),
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !ready(&pods.get("client").await.unwrap()),
+        "no ready pod behind the Service yet: the name must not resolve"
+    );
+    pods.create(
+        &PostParams::default(),
+        &python_pod("web", json!({"app": "web"}), SERVE, readiness),
+    )
+    .await
+    .unwrap();
+    until(
+        "the client reached web.names.svc.cluster.local",
+        30,
+        async || ready(&pods.get("client").await.unwrap()).then_some(()),
+    )
+    .await;
+}
