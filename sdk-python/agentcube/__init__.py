@@ -7,7 +7,13 @@ API-compatible with upstream ``agentcube-sdk``: ``CodeInterpreterClient`` and
 from agentcube.agent_runtime import AgentRuntimeClient
 from agentcube.auth import AuthProvider, TokenAuth
 from agentcube.code_interpreter import CodeInterpreterClient
-from agentcube.exceptions import AgentCubeError, CommandExecutionError, DataPlaneError, SessionError
+from agentcube.exceptions import (
+    AgentCubeError,
+    CommandExecutionError,
+    DataPlaneError,
+    SessionError,
+    SessionNotFoundError,
+)
 
 __all__ = [
     "AgentCubeError",
@@ -17,5 +23,6 @@ __all__ = [
     "CommandExecutionError",
     "DataPlaneError",
     "SessionError",
+    "SessionNotFoundError",
     "TokenAuth",
 ]

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.agent_runtime_data_plane import AgentRuntimeDataPlaneClient
+from agentcube.exceptions import SessionNotFoundError
 
 
 class AgentRuntimeClient:
@@ -34,11 +35,20 @@ class AgentRuntimeClient:
             timeout=timeout,
             connect_timeout=connect_timeout,
         )
-        self.session_id = session_id or self._dp.bootstrap_session_id()
+        self.session_id: Optional[str] = session_id or self._dp.bootstrap_session_id()
+        self._gone: Optional[str] = None
 
     def invoke(self, payload: Dict[str, Any], timeout: Optional[float] = None, path: str = "") -> Any:
-        """POSTs ``payload`` as JSON to the agent (at ``path`` under the invocation root)."""
-        return self._dp.invoke(self.session_id, payload, timeout=timeout, path=path)
+        """POSTs ``payload`` as JSON to the agent (at ``path`` under the invocation root). Raises
+        :class:`SessionNotFoundError` when the session is gone, and from then on (the id is
+        forgotten; no new session is made behind the caller's back)."""
+        if self.session_id is None:
+            raise SessionNotFoundError(f"session {self._gone} no longer exists: create a new AgentRuntimeClient")
+        try:
+            return self._dp.invoke(self.session_id, payload, timeout=timeout, path=path)
+        except SessionNotFoundError:
+            self._gone, self.session_id = self.session_id, None
+            raise
 
     def close(self) -> None:
         self._dp.close()

@@ -45,20 +45,28 @@ class CodeInterpreterClient:
         self.ttl = ttl
         self._auth = resolve_auth(auth, auth_token)
         self._cp = ControlPlaneClient(workload_manager_url, auth=self._auth)
-        self.session_id: Optional[str] = session_id
         created = False
-        if self.session_id is None:
-            self.session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
+        if session_id is None:
+            session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
             created = True
+        self._session_id: Optional[str] = session_id
         try:
             self._dp = CodeInterpreterDataPlaneClient(
-                self.session_id, name=name, namespace=namespace, router_url=router_url, auth=self._auth
+                session_id, name=name, namespace=namespace, router_url=router_url, auth=self._auth
             )
         except Exception:
             if created:
-                self._cp.delete_session(self.session_id)
+                self._cp.delete_session(session_id)
             self._cp.close()
             raise
+
+    @property
+    def session_id(self) -> Optional[str]:
+        """The session's id; ``None`` once the Router said the session no longer exists
+        (:class:`SessionNotFoundError`): every later call raises that error again, and no new
+        session is created behind the caller's back."""
+        dp = self.__dict__.get("_dp")
+        return dp.session_id if dp is not None else self._session_id
 
     def __enter__(self) -> "CodeInterpreterClient":
         return self

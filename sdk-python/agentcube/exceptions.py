@@ -28,6 +28,11 @@ class SessionError(AgentCubeError):
         super().__init__(message)
 
 
+class SessionNotFoundError(SessionError):
+    """The Router has no such session (`404` with code `SESSION_NOT_FOUND`): it expired, was
+    deleted or never existed. The client forgets the session id; create a new client to go on."""
+
+
 class DataPlaneError(AgentCubeError):
     """The sandbox could not be reached (Router 502/503/504) or answered an unexpected error."""
 
@@ -47,6 +52,9 @@ try:  # Upstream's clients raised requests.HTTPError; ours are catchable as eith
             self.response = response
             self.request = getattr(response, "request", None)
 
+    class HTTPSessionNotFoundError(SessionNotFoundError, HTTPSessionError):
+        """A :class:`SessionNotFoundError` that is also a ``requests.HTTPError``."""
+
     class HTTPDataPlaneError(DataPlaneError, _requests.HTTPError):
         """A :class:`DataPlaneError` that is also a ``requests.HTTPError``."""
 
@@ -56,4 +64,5 @@ try:  # Upstream's clients raised requests.HTTPError; ours are catchable as eith
             self.request = getattr(response, "request", None)
 except ImportError:  # pragma: no cover
     HTTPSessionError = SessionError  # type: ignore[misc,assignment]
+    HTTPSessionNotFoundError = SessionNotFoundError  # type: ignore[misc,assignment]
     HTTPDataPlaneError = DataPlaneError  # type: ignore[misc,assignment]

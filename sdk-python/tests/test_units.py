@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from agentcube import AgentCubeError, DataPlaneError, SessionError, TokenAuth
+from agentcube import AgentCubeError, DataPlaneError, SessionError, SessionNotFoundError, TokenAuth
 from agentcube.auth import resolve_auth
 from agentcube.clients.code_interpreter_data_plane import (
     CodeInterpreterDataPlaneClient,
@@ -65,3 +65,49 @@ def test_errors_say_what_went_wrong():
     assert issubclass(CommandExecutionError, AgentCubeError)
     err = CommandExecutionError(1, "NameError: x", ["python3", "s.py"])
     assert err.exit_code == 1 and "NameError" in str(err)
+
+
+def test_a_session_the_router_does_not_know_is_session_not_found_and_an_app_404_is_not():
+    body = '{"error":"sessions.agentcube.volcano.sh \\"s\\" not found","code":"SESSION_NOT_FOUND"}'
+    with pytest.raises(SessionNotFoundError) as e:
+        raise_for_response(_response(404, body), "s")
+    assert isinstance(e.value, SessionError) and isinstance(e.value, requests.HTTPError)
+    assert e.value.status_code == 404
+    # The same body from the application in the sandbox (no Router marker) stays an HTTP error.
+    with pytest.raises(DataPlaneError) as e:
+        raise_for_response(_response(404, body, router=False), "s")
+    assert not isinstance(e.value, SessionError)
+    with pytest.raises(DataPlaneError) as e:
+        raise_for_response(_response(404, '{"error":"no such file"}'), "s")
+    assert not isinstance(e.value, SessionNotFoundError)
+
+
+class _Router(requests.adapters.BaseAdapter):
+    """A Router answering every request with 404 SESSION_NOT_FOUND, counting requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def send(self, request, **kw):
+        self.requests.append(request)
+        body = '{"error":"sessions.agentcube.volcano.sh \\"gone\\" not found","code":"SESSION_NOT_FOUND"}'
+        r = _response(404, body)
+        r.request, r.url = request, request.url
+        return r
+
+    def close(self):
+        pass
+
+
+def test_a_client_forgets_a_session_that_is_gone_and_never_makes_a_new_one():
+    c = CodeInterpreterDataPlaneClient("gone", name="ci", namespace="ns", router_url="http://r:1")
+    router = _Router()
+    c.session.mount("http://", router)
+    with pytest.raises(SessionNotFoundError):
+        c.execute_command_result(["true"])
+    assert c.session_id is None, "the stale id is cleared"
+    with pytest.raises(SessionNotFoundError) as e:
+        c.execute_command_result(["true"])
+    assert "gone" in str(e.value)
+    assert len(router.requests) == 1, "no request without a session header (that would create a session)"

@@ -23,7 +23,8 @@ def test_router_bootstrapped_flow(stack):
 def test_unknown_session_and_runtime(stack):
     r = requests.get(invocations(stack, "code-interpreters", "my-interpreter", "api/files?path=."), headers={"x-agentcube-session-id": "does-not-exist"})
     assert r.status_code == 404
-    assert r.json() == {"error": 'sessions.agentcube.volcano.sh "does-not-exist" not found'}
+    assert r.json() == {"error": 'sessions.agentcube.volcano.sh "does-not-exist" not found', "code": "SESSION_NOT_FOUND"}
+    assert r.headers["x-agentcube-error"] == "router"
     r = requests.post(invocations(stack, "agent-runtimes", "no-such-agent", "echo"), json={"input": "x"})
     assert r.status_code == 404
     assert "not found" in r.text
@@ -65,4 +66,4 @@ def test_idle_session_is_reclaimed_then_404(stack):
     time.sleep(1.2)  # the Router's short session cache
     r = requests.get(invocations(stack, "code-interpreters", "short-ttl", "api/files?path=."), headers={"x-agentcube-session-id": sid})
     assert r.status_code == 404
-    assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found'}
+    assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found', "code": "SESSION_NOT_FOUND"}

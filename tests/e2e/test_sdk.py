@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from agentcube import CodeInterpreterClient, CommandExecutionError, SessionError
+from agentcube import CodeInterpreterClient, CommandExecutionError, SessionError, SessionNotFoundError
 
 FIB = """
 import json
@@ -80,10 +80,13 @@ def test_stop_deletes_the_session(stack):
     # while the sandbox is still terminating (a pod's grace period on Kubernetes); not after.
     time.sleep(1.2)
     again = CodeInterpreterClient(session_id=sid)
-    with pytest.raises(SessionError) as e:
+    with pytest.raises(SessionNotFoundError) as e:
         again.execute_command("true")
     assert e.value.status_code == 404
-    assert isinstance(e.value, requests.HTTPError)
+    assert isinstance(e.value, SessionError) and isinstance(e.value, requests.HTTPError)
+    assert again.session_id is None, "the stale id is forgotten"
+    with pytest.raises(SessionNotFoundError):
+        again.execute_command("true")  # still gone: no new session behind the caller's back
     r = requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}")
     assert r.status_code == 404
     assert r.json() == {"message": f"Session ID {sid} not found, maybe already deleted"}

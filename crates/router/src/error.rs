@@ -67,7 +67,8 @@ impl RouterError {
     /// Status code and optional machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, Option<&'static str>) {
         match self {
-            Self::UnknownSession(_) => (StatusCode::NOT_FOUND, None),
+            // Upstream PR #460: a stable code, so clients tell it from an application's 404.
+            Self::UnknownSession(_) => (StatusCode::NOT_FOUND, Some("SESSION_NOT_FOUND")),
             Self::UnknownRuntime { .. } | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
             Self::SessionMismatch { .. } => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),

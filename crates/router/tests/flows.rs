@@ -75,6 +75,10 @@ async fn sdk_flow_and_router_bootstrapped_flow() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["x-agentcube-session-id"], id.as_str());
+    assert!(
+        r.headers().get("x-agentcube-error").is_none(),
+        "the application's 404 passes through untouched"
+    );
     assert_eq!(
         r.json::<Value>().await.unwrap(),
         json!({"error": "File not found", "code": 404})
@@ -120,9 +124,10 @@ async fn unknown_session_unknown_runtime_and_mismatch() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.headers().get("x-agentcube-session-id").is_none());
+    assert_eq!(r.headers()["x-agentcube-error"], "router");
     assert_eq!(
         r.json::<Value>().await.unwrap(),
-        json!({"error": "sessions.agentcube.volcano.sh \"nope\" not found"})
+        json!({"error": "sessions.agentcube.volcano.sh \"nope\" not found", "code": "SESSION_NOT_FOUND"})
     );
 
     let url = format!(

@@ -13,6 +13,7 @@ import requests
 
 from agentcube.auth import AuthProvider
 from agentcube.clients.errors import raise_for_response
+from agentcube.exceptions import SessionNotFoundError
 
 SESSION_HEADER = "x-agentcube-session-id"
 DEFAULT_TIMEOUT = 120
@@ -48,7 +49,8 @@ class CodeInterpreterDataPlaneClient:
         base = router_url or os.getenv("ROUTER_URL")
         if not base:
             raise ValueError("Router URL must be provided via 'router_url' or the ROUTER_URL environment variable.")
-        self.session_id = session_id
+        self.session_id: Optional[str] = session_id
+        self._gone: Optional[str] = None
         # As upstream: an absolute path, so a path prefix in ROUTER_URL is dropped.
         self.base_url = urljoin(base, f"/v1/namespaces/{namespace}/code-interpreters/{name}/invocations/")
         self.auth = auth
@@ -56,7 +58,18 @@ class CodeInterpreterDataPlaneClient:
         self.timeout = timeout
         self.session = requests.Session()
 
+    def _check(self, resp: requests.Response) -> None:
+        """Raises for an error answer; a session the Router does not know is forgotten."""
+        try:
+            raise_for_response(resp, self.session_id)
+        except SessionNotFoundError:
+            self._gone, self.session_id = self.session_id, None
+            raise
+
     def _headers(self, json_body: bool = False) -> Dict[str, str]:
+        if self.session_id is None:
+            # Never a request without the header: the Router would make a new session.
+            raise SessionNotFoundError(f"session {self._gone} no longer exists: create a new CodeInterpreterClient")
         h = {SESSION_HEADER: self.session_id}
         if json_body:
             h["Content-Type"] = "application/json"
@@ -77,7 +90,7 @@ class CodeInterpreterDataPlaneClient:
             headers=self._headers(json_body=True),
             timeout=(self.connect_timeout, t + 2),
         )
-        raise_for_response(resp, self.session_id)
+        self._check(resp)
         data = resp.json()
         return {
             "stdout": data.get("stdout") or "",
@@ -100,7 +113,7 @@ class CodeInterpreterDataPlaneClient:
             self._url("api/execute"), data=json.dumps(body), headers=headers, stream=True,
             timeout=(self.connect_timeout, t + 2),
         ) as resp:
-            raise_for_response(resp, self.session_id)
+            self._check(resp)
             for line in resp.iter_lines():
                 if not line:
                     continue
@@ -123,7 +136,7 @@ class CodeInterpreterDataPlaneClient:
             self._url("api/files"), data=json.dumps(body), headers=self._headers(json_body=True),
             timeout=(self.connect_timeout, self.timeout),
         )
-        raise_for_response(resp, self.session_id)
+        self._check(resp)
 
     def upload_file(self, local_path: str, remote_path: str) -> None:
         """Uploads a local file (multipart, as upstream)."""
@@ -133,13 +146,13 @@ class CodeInterpreterDataPlaneClient:
             resp = self.session.post(
                 self._url("api/files"), files=files, data=data, headers=self._headers(), timeout=self.timeout
             )
-        raise_for_response(resp, self.session_id)
+        self._check(resp)
 
     def download_file(self, remote_path: str, local_path: str) -> None:
         """Downloads ``remote_path`` to ``local_path`` (parent directories are created)."""
         url = self._url(f"api/files/{remote_path.lstrip('/')}")
         with self.session.get(url, headers=self._headers(), stream=True, timeout=(self.connect_timeout, self.timeout)) as resp:
-            raise_for_response(resp, self.session_id)
+            self._check(resp)
             parent = os.path.dirname(os.path.abspath(local_path))
             os.makedirs(parent, exist_ok=True)
             with open(local_path, "wb") as f:
@@ -152,7 +165,7 @@ class CodeInterpreterDataPlaneClient:
             self._url("api/files"), params={"path": path}, headers=self._headers(),
             timeout=(self.connect_timeout, self.timeout),
         )
-        raise_for_response(resp, self.session_id)
+        self._check(resp)
         return resp.json().get("files", [])
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from agentcube.exceptions import HTTPDataPlaneError, HTTPSessionError
+from agentcube.exceptions import HTTPDataPlaneError, HTTPSessionError, HTTPSessionNotFoundError
 
 
 def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
@@ -18,8 +18,15 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
     except requests.HTTPError as http_error:
         detail = _detail(resp)
         router_made = resp.headers.get("x-agentcube-error") == "router"
-        if resp.status_code == 404 and "sessions.agentcube.volcano.sh" in detail:
-            raise HTTPSessionError(
+        if resp.status_code == 404 and router_made and _code(resp) == "SESSION_NOT_FOUND":
+            raise HTTPSessionNotFoundError(
+                f"session {session_id} is unknown or expired (reclaimed by idle timeout or deleted): {detail}",
+                resp.status_code,
+                resp,
+            ) from http_error
+        # A Router without the code (upstream before PR #460) says it in the message only.
+        if resp.status_code == 404 and _code(resp) is None and "sessions.agentcube.volcano.sh" in detail:
+            raise HTTPSessionNotFoundError(
                 f"session {session_id} is unknown or expired (reclaimed by idle timeout or deleted): {detail}",
                 resp.status_code,
                 resp,
@@ -29,6 +36,14 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
         if resp.status_code in (502, 503, 504) and router_made:
             raise HTTPDataPlaneError(f"sandbox unreachable (HTTP {resp.status_code}): {detail}", resp.status_code, resp) from http_error
         raise HTTPDataPlaneError(f"HTTP {resp.status_code} from {resp.url}: {detail}", resp.status_code, resp) from http_error
+
+
+def _code(resp: requests.Response) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
 
 
 def _detail(resp: requests.Response) -> str:
