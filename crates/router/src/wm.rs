@@ -96,6 +96,7 @@ impl WmClient {
             kind: Some(kind.to_string()),
             name: name.to_string(),
             namespace: namespace.to_string(),
+            ttl: None,
         };
         let path = format!("/v1/{}", kind.api_segment());
         let body = serde_json::to_vec(&body).unwrap_or_default();

@@ -46,8 +46,8 @@ impl std::fmt::Display for WorkloadKind {
     }
 }
 
-/// Body of `POST /v1/{agent-runtime|code-interpreter}`. Extra fields (`ttl`, `metadata`, `kind`)
-/// are accepted and ignored, as upstream.
+/// Body of `POST /v1/{agent-runtime|code-interpreter}`. Other fields (`metadata`, …) are accepted
+/// and ignored, as upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateSandboxRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +56,26 @@ pub struct CreateSandboxRequest {
     pub name: String,
     #[serde(default)]
     pub namespace: String,
+    /// The session's maximum lifetime in seconds, capped by the definition's
+    /// `maxSessionDuration` (upstream PR #460); independent of the idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<serde_json::Number>,
+}
+
+impl CreateSandboxRequest {
+    /// [`Self::ttl`] as a duration: `None` when omitted; an error unless a positive whole number
+    /// of seconds.
+    pub fn ttl(&self) -> Result<Option<std::time::Duration>, String> {
+        match &self.ttl {
+            None => Ok(None),
+            Some(n) => match n.as_u64() {
+                Some(secs) if secs > 0 => Ok(Some(std::time::Duration::from_secs(secs))),
+                _ => Err(format!(
+                    "invalid ttl {n}: a positive whole number of seconds"
+                )),
+            },
+        }
+    }
 }
 
 /// Answer of a successful create.

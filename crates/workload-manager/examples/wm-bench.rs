@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         kind: None,
         name: name.into(),
         namespace: "default".into(),
+        ttl: None,
     };
     let pool_ready = || backend.pool_status().first().map_or(0, |p| p.ready);
 

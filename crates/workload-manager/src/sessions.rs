@@ -88,6 +88,7 @@ impl Manager {
         if req.name.is_empty() {
             return Err(ApiError::BadRequest("name is required".into()));
         }
+        let ttl = req.ttl().map_err(ApiError::BadRequest)?;
         let workload = self
             .definitions
             .lookup(kind, &req.namespace, &req.name)
@@ -108,7 +109,9 @@ impl Manager {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.create_session(kind, &req.namespace, workload).await;
+            let result = this
+                .create_session(kind, &req.namespace, workload, ttl)
+                .await;
             match &result {
                 Ok(_) => this.metrics.sessions_created.inc(),
                 Err(_) => this.metrics.create_failures.inc(),
@@ -134,13 +137,16 @@ impl Manager {
         kind: WorkloadKind,
         namespace: &str,
         workload: Workload,
+        ttl: Option<std::time::Duration>,
     ) -> Result<CreateSandboxResponse, ApiError> {
         let session_id = uuid::Uuid::new_v4().to_string();
         tracing::Span::current().record("session_id", session_id.as_str());
         let (idle, max) = durations(&workload);
+        // The request's ttl shortens the definition's maximum lifetime, never extends it.
+        let lifetime = ttl.map_or(max.0, |t| t.min(max.0));
         let now = Timestamp::now();
         let expires =
-            now + SignedDuration::try_from(max.0).unwrap_or(SignedDuration::from_hours(8));
+            now + SignedDuration::try_from(lifetime).unwrap_or(SignedDuration::from_hours(8));
         let name = workload.sandbox_name();
         let planned = self.backend.backing_kind(&workload);
         let mut record =

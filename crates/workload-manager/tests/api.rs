@@ -149,6 +149,26 @@ async fn bad_requests_get_upstream_messages() {
         post(r#"{"namespace":"default"}"#).await,
         (400, json!({"message": "name is required"}))
     );
+    for bad in [
+        r#"{"name":"ci","namespace":"default","ttl":-5}"#,
+        r#"{"name":"ci","namespace":"default","ttl":0}"#,
+        r#"{"name":"ci","namespace":"default","ttl":1.5}"#,
+    ] {
+        let (status, body) = post(bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().starts_with("invalid ttl"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        post(r#"{"name":"ci","namespace":"default","ttl":"soon"}"#).await,
+        (400, json!({"message": "Invalid request body"}))
+    );
+    assert!(
+        s.backend.running().is_empty(),
+        "no sandbox for a refused request"
+    );
     assert_eq!(
         s.create("code-interpreter", "nope").await,
         (404, json!({"message": "code interpreter not found"}))
@@ -166,6 +186,54 @@ async fn bad_requests_get_upstream_messages() {
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap(),
         json!({"status": "healthy"})
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn the_requests_ttl_shortens_a_sessions_lifetime_and_gc_follows_it() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", "  maxSessionDuration: 1h\n"),
+        gc_interval: std::time::Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let create = |ttl: u64| {
+        let (http, url) = (s.http.clone(), format!("{}/v1/code-interpreter", s.url));
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"name": "ci", "namespace": "default", "ttl": ttl}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["sessionId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let long = create(86_400).await;
+    let rec = s.store.get(&long).await.unwrap();
+    let life = rec.expires_at.duration_since(rec.created_at).as_secs();
+    assert_eq!(life, 3600, "capped by maxSessionDuration");
+    let short = create(2).await;
+    let rec = s.store.get(&short).await.unwrap();
+    assert_eq!(rec.expires_at.duration_since(rec.created_at).as_secs(), 2);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while s.store.get(&short).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the 2 s session was not reclaimed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(s.store.get(&long).await.is_ok(), "the other session stays");
+    assert_eq!(
+        s.backend.running().len(),
+        1,
+        "the expired session's sandbox is gone"
     );
     s.shutdown_and_check_leaks().await;
 }
