@@ -83,15 +83,18 @@ async fn pool_objects_follow_warm_pool_size_and_status_is_written_once_per_gener
         ..Default::default()
     })
     .await;
-    let audit_start = cluster().audit_events().len();
+    let audit_start = k.audit_start;
     let statuses = record_statuses(&k.client);
-    let template = k
-        .eventually("template", 10, async || {
-            templates(&k.client).get_opt("pooled").await.unwrap()
+    // Applied one after the other: wait for both.
+    let (template, pool) = k
+        .eventually("template and pool", 10, async || {
+            let t = templates(&k.client).get_opt("pooled").await.unwrap()?;
+            let p = pools(&k.client).get_opt("pooled").await.unwrap()?;
+            Some((t, p))
         })
         .await;
     let cr = code_interpreters(&k.client).get("pooled").await.unwrap();
-    for obj in [&template, &pools(&k.client).get("pooled").await.unwrap()] {
+    for obj in [&template, &pool] {
         let owner = &obj.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str(), owner.controller),

@@ -34,6 +34,9 @@ pub fn cluster() -> &'static Shared {
 
 pub struct KubeStack {
     pub client: kube::Client,
+    /// How many audit events the API server had logged when this test's objects did not exist
+    /// yet: the test's own requests come after.
+    pub audit_start: usize,
     pub url: String,
     pub store: Arc<dyn SessionStore>,
     pub wm: Option<WorkloadManager>,
@@ -233,6 +236,7 @@ impl KubeStack {
         let exclusive = LOCK.clone().lock_owned().await;
         let client = cluster().client().await;
         clean(&client).await;
+        let audit_start = cluster().audit_events().len();
         if opts.identity_secret {
             create_identity_secret(&client, ROUTER_KEY, ROUTER_PUB).await;
         }
@@ -271,6 +275,7 @@ impl KubeStack {
         let (url, serve) = super::serve_api(&wm).await;
         Self {
             client,
+            audit_start,
             url,
             store,
             wm: Some(wm),
