@@ -54,10 +54,10 @@ def controller_share(audit: Path) -> list:
         if o.get("resource") != "sandboxclaims" or e.get("stage") != "ResponseComplete":
             continue
         if e["verb"] == "create" and e.get("responseStatus", {}).get("code") == 201:
-            created[e["responseObject"]["metadata"]["name"] if "responseObject" in e else o.get("name")] = ts(e["stageTimestamp"])
+            created[o.get("name")] = ts(e["stageTimestamp"])
         elif o.get("subresource") == "status" and e["verb"] in ("update", "patch"):
             bound.setdefault(o["name"], ts(e["stageTimestamp"]))
-    return [bound[n] - t for n, t in created.items() if n in bound and n]
+    return [bound[n] - t for n, t in created.items() if n in bound]
 
 
 def pool_ready(kubectl: list) -> int:

@@ -195,16 +195,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let app = agentcube_serve::metrics_app(move || {
             agentcube_serve::join_openmetrics(&[wm_text(), shared.metrics.encode()])
         });
-        let options = agentcube_serve::Options::new(
-            agentcube_serve::Limits::default(),
-            agentcube_router::refusal(),
-        );
-        tokio::spawn(agentcube_serve::serve(
-            admin.into(),
-            app,
-            options,
-            stopped(),
-        ));
+        agentcube_serve::spawn_admin(admin, app, agentcube_router::refusal(), stopped());
         Some(url)
     };
     // Both through their crates' serving functions: the same limits and TCP_NODELAY as the

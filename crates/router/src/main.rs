@@ -157,17 +157,12 @@ async fn main() -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
             .await
             .with_context(|| format!("metrics port {}", args.metrics_port))?;
-        let app = service.admin_app();
-        let options = agentcube_serve::Options::new(
-            agentcube_serve::Limits::default(),
+        agentcube_serve::spawn_admin(
+            admin,
+            service.admin_app(),
             agentcube_router::refusal(),
-        );
-        tokio::spawn(agentcube_serve::serve(
-            admin.into(),
-            app,
-            options,
             std::future::pending(),
-        ));
+        );
     }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");

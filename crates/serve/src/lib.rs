@@ -69,6 +69,18 @@ pub fn metrics_app(render: impl Fn() -> String + Clone + Send + Sync + 'static) 
     )
 }
 
+/// Serves an admin surface (e.g. [`metrics_app`]) on its own listener, with default limits,
+/// until `shutdown` resolves.
+pub fn spawn_admin(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    refusal: Refusal,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let options = Options::new(Limits::default(), refusal);
+    tokio::spawn(serve(listener.into(), app, options, shutdown))
+}
+
 /// Several OpenMetrics texts as one (a single `# EOF` at the end).
 pub fn join_openmetrics(texts: &[String]) -> String {
     let mut out = String::new();

@@ -166,16 +166,12 @@ async fn main() -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
             .await
             .with_context(|| format!("metrics port {}", args.metrics_port))?;
-        let options = agentcube_serve::Options::new(
-            agentcube_serve::Limits::default(),
-            agentcube_workload_manager::refusal(),
-        );
-        tokio::spawn(agentcube_serve::serve(
-            admin.into(),
+        agentcube_serve::spawn_admin(
+            admin,
             wm.admin_app(),
-            options,
+            agentcube_workload_manager::refusal(),
             std::future::pending(),
-        ));
+        );
     }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");

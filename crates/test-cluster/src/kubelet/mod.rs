@@ -308,24 +308,21 @@ async fn update_hosts(
             Some((pod, p.ip.to_string(), p.ready))
         })
         .collect();
-    let entries = services::entries(&services::all(services), &with_ips);
-    if *shared.hosts.lock().unwrap() == entries {
-        return;
+    let entries = services::entries(&services.state(), &with_ips);
+    {
+        let mut hosts = shared.hosts.lock().unwrap();
+        if *hosts == entries {
+            return;
+        }
+        *hosts = entries;
     }
-    *shared.hosts.lock().unwrap() = entries;
     for p in map.values() {
+        // Written in place (only over an existing file: a pod not started yet writes its own):
+        // the bind mount inside the pod follows the inode.
         let file = p.dir.join("hosts");
-        // The pod's own lines (localhost, itself) stay; the Service lines are replaced. Written
-        // in place: the bind mount inside the pod follows the inode.
-        let Ok(old) = std::fs::read_to_string(&file) else {
-            continue;
-        };
-        let own: Vec<&str> = old.lines().take(3).collect();
-        let hostname = own
-            .get(2)
-            .and_then(|l| l.split('\t').nth(1))
-            .unwrap_or(&p.name);
-        let _ = std::fs::write(&file, shared.hosts_for(p.ip, hostname));
+        if file.exists() {
+            let _ = std::fs::write(&file, shared.hosts_for(p.ip, &p.hostname));
+        }
     }
 }
 

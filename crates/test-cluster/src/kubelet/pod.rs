@@ -19,6 +19,8 @@ use super::runtime::{self, PodContext, Sandbox};
 pub struct PodProcess {
     pub namespace: String,
     pub name: String,
+    /// `spec.hostname`, else the pod's name.
+    pub hostname: String,
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
     pub child: Option<tokio::process::Child>,
@@ -65,6 +67,12 @@ impl PodProcess {
         Self {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
             name: pod.metadata.name.clone().unwrap_or_default(),
+            hostname: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.hostname.clone())
+                .or_else(|| pod.metadata.name.clone())
+                .unwrap_or_default(),
             ip,
             dir,
             child: None,
@@ -131,7 +139,7 @@ impl PodProcess {
         let root = self.dir.join("root");
         std::fs::create_dir_all(&root)?;
         let mounts = runtime::volumes(&shared.client, pod, container, &ctx, &self.dir).await?;
-        let hostname = spec.hostname.clone().unwrap_or_else(|| self.name.clone());
+        let hostname = self.hostname.clone();
         let hosts_file = self.dir.join("hosts");
         std::fs::write(&hosts_file, shared.hosts_for(self.ip, &hostname))?;
         let log = std::fs::File::create(self.dir.join("container.log"))?;

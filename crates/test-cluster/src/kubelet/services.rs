@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::runtime::reflector::Store;
 
 /// `(address, names)` lines for the ready endpoints of `services`, given this node's pods as
 /// `(pod, ip, ready)`.
@@ -57,11 +56,6 @@ pub fn entries(
 fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
     let labels = labels.cloned().unwrap_or_default();
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-/// Every Service in the cluster.
-pub fn all(store: &Store<Service>) -> Vec<Arc<Service>> {
-    store.state()
 }
 
 #[cfg(test)]
