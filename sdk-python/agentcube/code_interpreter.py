@@ -23,8 +23,9 @@ _SHELL = ("bash", "sh")
 
 
 class CodeInterpreterClient:
-    """A Code Interpreter session. Created at the Workload Manager on construction (unless
-    ``session_id`` is given), used through the Router, deleted by :meth:`stop` or ``with``."""
+    """A Code Interpreter session. Created at the Workload Manager on construction (or, with
+    ``session_id``, an existing one after checking it exists), used through the Router, deleted
+    by :meth:`stop` or ``with``."""
 
     def __init__(
         self,
@@ -46,9 +47,16 @@ class CodeInterpreterClient:
         self._auth = resolve_auth(auth, auth_token)
         self._cp = ControlPlaneClient(workload_manager_url, auth=self._auth)
         created = False
-        if session_id is None:
-            session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
-            created = True
+        try:
+            if session_id is None:
+                session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
+                created = True
+            else:
+                # Attach only to a session that exists (SessionNotFoundError otherwise).
+                self._cp.get_session(session_id)
+        except Exception:
+            self._cp.close()
+            raise
         self._session_id: Optional[str] = session_id
         try:
             self._dp = CodeInterpreterDataPlaneClient(

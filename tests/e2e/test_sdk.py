@@ -75,11 +75,11 @@ def test_stop_deletes_the_session(stack):
     c = CodeInterpreterClient()
     sid = c.session_id
     c.execute_command("true")
+    again = CodeInterpreterClient(session_id=sid)  # attached while it exists
     c.stop()
     # A Router may route a session it resolved within its cache TTL (--session-cache-ttl-ms, 1 s)
     # while the sandbox is still terminating (a pod's grace period on Kubernetes); not after.
     time.sleep(1.2)
-    again = CodeInterpreterClient(session_id=sid)
     with pytest.raises(SessionNotFoundError) as e:
         again.execute_command("true")
     assert e.value.status_code == 404
@@ -97,3 +97,28 @@ def test_session_reuse_by_id(stack):
         c.write_file("kept", "state.txt")
         other = CodeInterpreterClient(session_id=c.session_id)
         assert other.execute_command("cat state.txt") == "kept"
+
+
+def test_sessions_are_listed_and_read_at_the_workload_manager(stack):
+    from agentcube.clients.control_plane import ControlPlaneClient
+
+    cp = ControlPlaneClient()
+    with CodeInterpreterClient() as a, CodeInterpreterClient() as b:
+        listed = cp.list_sessions(page_size=1)  # one per page: the client follows the pages
+        ids = [r["sessionId"] for r in listed]
+        assert {a.session_id, b.session_id} <= set(ids) and len(ids) == len(set(ids)), ids
+        rec = cp.get_session(a.session_id)
+        assert rec["sessionId"] == a.session_id and rec["status"] == "ready", rec
+        assert rec["workloadName"] == "my-interpreter"
+        assert a.session_id not in [r["sessionId"] for r in cp.list_sessions("agent-runtime")]
+        with pytest.raises(SessionNotFoundError):
+            cp.get_session(a.session_id, kind="agent-runtime")  # the other kind: not found
+    with pytest.raises(SessionNotFoundError) as e:
+        cp.get_session(a.session_id)
+    assert e.value.status_code == 404
+    # Attaching to a session that does not exist fails at once, before any data-plane call.
+    with pytest.raises(SessionNotFoundError):
+        CodeInterpreterClient(session_id=a.session_id)
+    with pytest.raises(ValueError):
+        cp.list_sessions("sandboxes")
+    cp.close()

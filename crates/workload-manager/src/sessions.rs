@@ -241,18 +241,51 @@ impl Manager {
         }
     }
 
-    /// `DELETE /v1/*/sessions/{id}`: the sandbox first, then the record.
-    pub async fn delete(&self, session_id: &str) -> Result<(), ApiError> {
-        let record = match self.store.get(session_id).await {
-            Ok(r) => r,
-            Err(agentcube_store::Error::NotFound) => {
-                return Err(ApiError::NotFound(format!(
-                    "Session ID {session_id} not found, maybe already deleted"
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    /// `DELETE /v1/{kind}/sessions/{id}`: the sandbox first, then the record. A session created
+    /// for the other kind is not found on this kind's route.
+    pub async fn delete(&self, kind: WorkloadKind, session_id: &str) -> Result<(), ApiError> {
+        let record = self.find(kind, session_id).await.map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound(format!(
+                "Session ID {session_id} not found, maybe already deleted"
+            )),
+            e => e,
+        })?;
         self.delete_record(&record).await
+    }
+
+    /// `GET /v1/{kind}/sessions/{id}`: the stored record, if it exists and is of `kind`.
+    /// Records written by upstream components carry no kind and are found on either route.
+    pub async fn find(
+        &self,
+        kind: WorkloadKind,
+        session_id: &str,
+    ) -> Result<SessionRecord, ApiError> {
+        let not_found = || ApiError::NotFound(format!("Session ID {session_id} not found"));
+        match self.store.get(session_id).await {
+            Ok(r) if r.workload_kind.is_none_or(|k| k == kind) => Ok(r),
+            Ok(_)
+            | Err(agentcube_store::Error::NotFound | agentcube_store::Error::InvalidId(_)) => {
+                Err(not_found())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind`, oldest first, from the
+    /// store's kind index (never a scan of every key).
+    pub async fn list(
+        &self,
+        kind: WorkloadKind,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<agentcube_store::Page, ApiError> {
+        let scope = agentcube_store::Scope::Kind(kind);
+        match self.store.list_page(&scope, cursor, limit).await {
+            Err(agentcube_store::Error::BadCursor(c)) => Err(ApiError::BadRequest(format!(
+                "invalid continue token {c:?}: pass back the one a previous page returned"
+            ))),
+            other => Ok(other?),
+        }
     }
 
     /// Deletes a session's sandbox and then its record (used by the API and GC).

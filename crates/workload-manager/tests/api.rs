@@ -337,3 +337,117 @@ async fn works_the_same_on_redis() {
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     s.shutdown_and_check_leaks().await;
 }
+
+#[tokio::test]
+async fn sessions_are_read_and_deleted_only_through_their_own_kind() {
+    let s = Stack::start(Options {
+        manifests: format!("{}{ECHO_AGENT}", code_interpreter("ci", "")),
+        ..Default::default()
+    })
+    .await;
+    let get = |path: String| {
+        let http = s.http.clone();
+        async move {
+            let r = http.get(path).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let mut ci = Vec::new();
+    for _ in 0..3 {
+        ci.push(s.create_ok("code-interpreter", "ci").await["sessionId"].clone());
+    }
+    let ar = s.create_ok("agent-runtime", "echo").await["sessionId"].clone();
+    let ar = ar.as_str().unwrap();
+
+    // Pages of two, only code-interpreter sessions, each once, then the end (ordered by creation
+    // second, then id: sessions made in the same second come in id order).
+    let (st, p1) = get(format!("{}/v1/code-interpreter/sessions?limit=2", s.url)).await;
+    assert_eq!(st, 200, "{p1}");
+    let ids = |p: &serde_json::Value| -> Vec<serde_json::Value> {
+        p["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["sessionId"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&p1).len(), 2);
+    let next = p1["continue"]
+        .as_str()
+        .expect("a continue token")
+        .to_string();
+    let (st, p2) = get(format!(
+        "{}/v1/code-interpreter/sessions?limit=2&continue={next}",
+        s.url
+    ))
+    .await;
+    assert_eq!((st, ids(&p2).len()), (200, 1));
+    let mut seen: Vec<String> = ids(&p1)
+        .into_iter()
+        .chain(ids(&p2))
+        .map(|v| v.to_string())
+        .collect();
+    let mut want: Vec<String> = ci.iter().map(|v| v.to_string()).collect();
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(p2.get("continue").is_none(), "{p2}");
+    let (_, all_ar) = get(format!("{}/v1/agent-runtime/sessions", s.url)).await;
+    assert_eq!(ids(&all_ar), vec![serde_json::json!(ar)]);
+    // The record is the store's JSON (upstream SandboxInfo field names).
+    let rec = &all_ar["sessions"][0];
+    assert_eq!(rec["workloadName"], "echo");
+    assert_eq!(rec["status"], "ready");
+    assert!(
+        rec["entryPoints"][0]["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("unix:")
+    );
+
+    // One session: found on its own kind's route, 404 on the other (no hint it exists).
+    let (st, one) = get(format!("{}/v1/agent-runtime/sessions/{ar}", s.url)).await;
+    assert_eq!((st, one["sessionId"].as_str()), (200, Some(ar)));
+    let (st, other) = get(format!("{}/v1/code-interpreter/sessions/{ar}", s.url)).await;
+    assert_eq!(
+        (st, other),
+        (
+            404,
+            json!({"message": format!("Session ID {ar} not found")})
+        )
+    );
+    let (st, _) = get(format!("{}/v1/code-interpreter/sessions/no-such-id", s.url)).await;
+    assert_eq!(st, 404);
+
+    // Bad paging input is a 400 with the WM's error shape.
+    for q in ["limit=0", "limit=1001", "limit=x", "continue=garbage"] {
+        let (st, body) = get(format!("{}/v1/code-interpreter/sessions?{q}", s.url)).await;
+        assert_eq!(st, 400, "{q}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{q}: {body}"
+        );
+    }
+
+    // DELETE checks the kind: the wrong route deletes nothing.
+    let r = s
+        .http
+        .delete(format!("{}/v1/code-interpreter/sessions/{ar}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(
+        s.store.get(ar).await.is_ok(),
+        "the session survives a wrong-kind delete"
+    );
+    assert_eq!(s.backend.running().len(), 4);
+    assert_eq!(s.delete(ar).await.0, 200);
+    for id in &ci {
+        assert_eq!(s.delete(id.as_str().unwrap()).await.0, 200);
+    }
+    let (_, empty) = get(format!("{}/v1/code-interpreter/sessions", s.url)).await;
+    assert_eq!(empty, json!({"sessions": []}));
+    s.shutdown_and_check_leaks().await;
+}

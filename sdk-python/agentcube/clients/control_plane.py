@@ -1,17 +1,18 @@
-"""Workload Manager client: create and delete sessions (spec §6.2)."""
+"""Workload Manager client: create, read and delete sessions (spec §6.2; reads as upstream PR #331)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import requests
 
 from agentcube.auth import AuthProvider
-from agentcube.exceptions import HTTPSessionError
+from agentcube.exceptions import HTTPSessionError, HTTPSessionNotFoundError
 
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+KINDS = ("code-interpreter", "agent-runtime")
 log = logging.getLogger(__name__)
 
 
@@ -23,8 +24,14 @@ def _sa_token() -> Optional[str]:
         return None
 
 
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
 class ControlPlaneClient:
-    """Creates and deletes Code Interpreter sessions at the Workload Manager."""
+    """Creates, reads and deletes sessions at the Workload Manager."""
 
     def __init__(
         self,
@@ -79,11 +86,50 @@ class ControlPlaneClient:
             raise ValueError(f"Workload Manager answered without a sessionId: {resp.text}")
         return session_id
 
-    def delete_session(self, session_id: str) -> bool:
-        """``DELETE /v1/code-interpreter/sessions/{id}``. Never raises: 2xx and 404 are success."""
+    def _raise(self, resp: requests.Response, what: str) -> None:
+        """Raises the SDK's error for a failed answer: :class:`SessionNotFoundError` for 404."""
+        try:
+            message = resp.json().get("message", resp.text)
+        except ValueError:
+            message = resp.text
+        cls = HTTPSessionNotFoundError if resp.status_code == 404 else HTTPSessionError
+        raise cls(f"{what}: HTTP {resp.status_code}: {message}", resp.status_code, resp)
+
+    def get_session(self, session_id: str, kind: str = "code-interpreter") -> Dict[str, Any]:
+        """``GET /v1/{kind}/sessions/{id}``: the session's record (``sessionId``, ``status``,
+        ``createdAt``, ``expiresAt``, ``entryPoints``, ...). Raises :class:`SessionNotFoundError`
+        when it does not exist or is of the other kind."""
+        resp = self.session.get(
+            f"{self.base_url}/v1/{_kind(kind)}/sessions/{session_id}", headers=self._headers(), timeout=self.timeout
+        )
+        if not resp.ok:
+            self._raise(resp, f"cannot read session {session_id}")
+        return resp.json()
+
+    def list_sessions(self, kind: str = "code-interpreter", page_size: int = 100) -> List[Dict[str, Any]]:
+        """``GET /v1/{kind}/sessions``: every live session of that kind (following the pages)."""
+        out: List[Dict[str, Any]] = []
+        params: Dict[str, Any] = {"limit": page_size}
+        while True:
+            resp = self.session.get(
+                f"{self.base_url}/v1/{_kind(kind)}/sessions",
+                params=params,
+                headers=self._headers(),
+                timeout=self.timeout,
+            )
+            if not resp.ok:
+                self._raise(resp, f"cannot list {kind} sessions")
+            page = resp.json()
+            out.extend(page.get("sessions") or [])
+            if not page.get("continue"):
+                return out
+            params["continue"] = page["continue"]
+
+    def delete_session(self, session_id: str, kind: str = "code-interpreter") -> bool:
+        """``DELETE /v1/{kind}/sessions/{id}``. Never raises: 2xx and 404 are success."""
         try:
             resp = self.session.delete(
-                f"{self.base_url}/v1/code-interpreter/sessions/{session_id}",
+                f"{self.base_url}/v1/{_kind(kind)}/sessions/{session_id}",
                 headers=self._headers(),
                 timeout=self.timeout,
             )

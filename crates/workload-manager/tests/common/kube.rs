@@ -298,7 +298,10 @@ impl KubeStack {
     }
 
     pub async fn delete(&self, id: &str) -> u16 {
-        super::delete_session(&self.http, &self.url, id).await.0
+        let kind = super::kind_segment(&*self.store, id).await;
+        super::delete_session(&self.http, &self.url, &kind, id)
+            .await
+            .0
     }
 
     /// The cluster's sandbox-related objects, for failure messages.

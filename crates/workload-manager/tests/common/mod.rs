@@ -137,8 +137,15 @@ impl Stack {
         v
     }
 
+    /// Deletes through the route of the session's own kind (`code-interpreter` when unknown).
     pub async fn delete(&self, id: &str) -> (u16, Value) {
-        delete_session(&self.http, &self.url, id).await
+        delete_session(
+            &self.http,
+            &self.url,
+            &kind_segment(&*self.store, id).await,
+            id,
+        )
+        .await
     }
 
     /// Stops the Workload Manager (sandboxes removed, records kept, as a clean shutdown does)
@@ -192,10 +199,22 @@ pub async fn create_session(
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// `DELETE {url}/v1/code-interpreter/sessions/{id}`.
-pub async fn delete_session(http: &reqwest::Client, url: &str, id: &str) -> (u16, Value) {
+/// The WM API segment of a stored session's kind (`code-interpreter` when it has none).
+pub async fn kind_segment(store: &dyn agentcube_store::SessionStore, id: &str) -> String {
+    let kind = store.get(id).await.ok().and_then(|r| r.workload_kind);
+    kind.map_or("code-interpreter", |k| k.api_segment())
+        .to_string()
+}
+
+/// `DELETE {url}/v1/{kind}/sessions/{id}`.
+pub async fn delete_session(
+    http: &reqwest::Client,
+    url: &str,
+    kind: &str,
+    id: &str,
+) -> (u16, Value) {
     let r = http
-        .delete(format!("{url}/v1/code-interpreter/sessions/{id}"))
+        .delete(format!("{url}/v1/{kind}/sessions/{id}"))
         .send()
         .await
         .unwrap();
