@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         warm.push(t0.elapsed());
-        m.delete(&s.session_id)
+        m.delete(WorkloadKind::CodeInterpreter, &s.session_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
