@@ -204,13 +204,16 @@ fn check_target(
     Ok(())
 }
 
-/// Upstream's entry-point choice: the first whose path is a string prefix of the request path,
-/// else the first.
+/// Upstream's entry-point choice (PR #389): the longest path that is a string prefix of the
+/// request path (the first of equal ones), else the first entry point.
 pub fn pick<'a>(entry_points: &'a [EntryPoint], path: &str) -> Option<&'a EntryPoint> {
-    entry_points
-        .iter()
-        .find(|e| path.starts_with(e.path.as_str()))
-        .or_else(|| entry_points.first())
+    let mut best: Option<&EntryPoint> = None;
+    for e in entry_points {
+        if path.starts_with(e.path.as_str()) && best.is_none_or(|b| e.path.len() > b.path.len()) {
+            best = Some(e);
+        }
+    }
+    best.or_else(|| entry_points.first())
 }
 
 #[cfg(test)]
@@ -232,6 +235,17 @@ mod tests {
         assert_eq!(pick(&eps, "/api").unwrap().endpoint, "b:2");
         let eps = [ep("/mcp", "a:1")];
         assert_eq!(pick(&eps, "/other").unwrap().endpoint, "a:1");
+        // Longest prefix wins whatever the order; equal ones: the first.
+        let eps = [
+            ep("/", "root:1"),
+            ep("/api", "api:2"),
+            ep("/api/v2", "v2:3"),
+        ];
+        assert_eq!(pick(&eps, "/api/v2/run").unwrap().endpoint, "v2:3");
+        assert_eq!(pick(&eps, "/api/v1").unwrap().endpoint, "api:2");
+        assert_eq!(pick(&eps, "/health").unwrap().endpoint, "root:1");
+        let eps = [ep("/a", "first:1"), ep("/a", "second:2")];
+        assert_eq!(pick(&eps, "/a/b").unwrap().endpoint, "first:1");
         assert!(pick(&[], "/").is_none());
     }
 }

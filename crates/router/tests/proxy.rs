@@ -466,3 +466,39 @@ async fn metrics_count_requests_lookups_and_signatures() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_longest_matching_path_prefix_picks_the_entry_point() {
+    // Three servers, each answering its own name for any path; entry points listed shortest
+    // first so "first match" and "longest match" disagree.
+    let named = |name: &'static str| axum::Router::new().fallback(move || async move { name });
+    let (root, _a) = serve(named("root")).await;
+    let (api, _b) = serve(named("api")).await;
+    let (v2, _c) = serve(named("v2")).await;
+    let store = memory();
+    session_to(store.as_ref(), "multi", "127.0.0.1:9").await;
+    let mut rec = store.get("multi").await.unwrap();
+    let ep = |path: &str, url: &str| agentcube_types::EntryPoint {
+        path: path.into(),
+        protocol: "HTTP".into(),
+        endpoint: url.trim_start_matches("http://").into(),
+    };
+    rec.entry_points = Some(vec![ep("/", &root), ep("/api", &api), ep("/api/v2", &v2)]);
+    store.replace(&rec).await.unwrap();
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    for (path, want) in [
+        ("api/v2/run", "v2"),
+        ("api/v1/run", "api"),
+        ("api", "api"),
+        ("health", "root"),
+    ] {
+        let r = client()
+            .get(router.ci(path))
+            .header("x-agentcube-session-id", "multi")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.text().await.unwrap(), want, "{path}");
+    }
+}
