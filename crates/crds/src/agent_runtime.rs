@@ -10,8 +10,7 @@ use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    TargetPort, default_max_session_duration, default_session_timeout, duration_defaults,
-    duration_schema, require,
+    TargetPort, default_session_timeout, duration_schema, require, schema_defaults,
 };
 
 /// An AgentRuntime declares an agent server: every session gets its own sandbox running the pod
@@ -42,16 +41,18 @@ pub struct AgentRuntimeSpec {
     #[serde(default = "default_session_timeout")]
     #[schemars(schema_with = "duration_schema")]
     pub session_timeout: GoDuration,
-    /// A session is deleted this long after creation, however active (e.g. `8h`).
-    #[serde(default = "default_max_session_duration")]
+    /// A session is deleted this long after creation, however active (e.g. `8h`). Unset: no
+    /// maximum lifetime (upstream PR #410); the idle timeout and a create's `ttl` still apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
-    pub max_session_duration: GoDuration,
+    pub max_session_duration: Option<GoDuration>,
 }
 
 fn require_durations(schema: &mut Schema) {
-    // Upstream lists both as required; the API server applies their defaults first.
-    require(schema, &["sessionTimeout", "maxSessionDuration"]);
-    duration_defaults(schema);
+    // Upstream requires sessionTimeout (the API server applies its default first);
+    // maxSessionDuration is optional since PR #410.
+    require(schema, &["sessionTimeout"]);
+    schema_defaults(schema, &[("sessionTimeout", "15m")]);
 }
 
 /// Pod labels, annotations and spec of an agent sandbox.

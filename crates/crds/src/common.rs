@@ -103,6 +103,14 @@ pub fn atomic_string_list(_: &mut SchemaGenerator) -> Schema {
 /// Sets upstream's literal duration defaults (`15m`, `8h`) on a spec schema; schemars would
 /// otherwise render the serde defaults in canonical form (`15m0s`).
 pub fn duration_defaults(schema: &mut Schema) {
+    schema_defaults(
+        schema,
+        &[("sessionTimeout", "15m"), ("maxSessionDuration", "8h")],
+    );
+}
+
+/// Sets `default` on the named properties of an object schema (absent ones are skipped).
+pub fn schema_defaults(schema: &mut Schema, defaults: &[(&str, &str)]) {
     let Some(props) = schema
         .as_object_mut()
         .and_then(|o| o.get_mut("properties"))
@@ -110,9 +118,12 @@ pub fn duration_defaults(schema: &mut Schema) {
     else {
         return;
     };
-    for (field, default) in [("sessionTimeout", "15m"), ("maxSessionDuration", "8h")] {
-        if let Some(f) = props.get_mut(field).and_then(|f| f.as_object_mut()) {
-            f.insert("default".into(), serde_json::Value::String(default.into()));
+    for (field, default) in defaults {
+        if let Some(f) = props.get_mut(*field).and_then(|f| f.as_object_mut()) {
+            f.insert(
+                "default".into(),
+                serde_json::Value::String((*default).into()),
+            );
         }
     }
 }

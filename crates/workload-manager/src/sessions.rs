@@ -68,11 +68,29 @@ impl std::fmt::Debug for Manager {
     }
 }
 
-fn durations(w: &Workload) -> (GoDuration, GoDuration) {
+/// A definition's idle timeout and maximum lifetime (`None`: no maximum).
+fn durations(w: &Workload) -> (GoDuration, Option<Duration>) {
     match w {
-        Workload::CodeInterpreter(c) => (c.spec.session_timeout, c.spec.max_session_duration),
-        Workload::AgentRuntime(a) => (a.spec.session_timeout, a.spec.max_session_duration),
+        Workload::CodeInterpreter(c) => {
+            (c.spec.session_timeout, Some(c.spec.max_session_duration.0))
+        }
+        Workload::AgentRuntime(a) => (
+            a.spec.session_timeout,
+            a.spec.max_session_duration.map(|d| d.0),
+        ),
     }
+}
+
+/// When a session created at `now` ends: the request's ttl, capped by the definition's maximum;
+/// with neither, never (the record says the latest time the store can hold).
+fn expiry(now: Timestamp, ttl: Option<Duration>, max: Option<Duration>) -> Option<Timestamp> {
+    let lifetime = match (ttl, max) {
+        (Some(t), Some(m)) => t.min(m),
+        (Some(d), None) | (None, Some(d)) => d,
+        (None, None) => return None,
+    };
+    let lifetime = SignedDuration::try_from(lifetime).ok()?;
+    now.checked_add(lifetime).ok()
 }
 
 impl Manager {
@@ -142,11 +160,10 @@ impl Manager {
         let session_id = uuid::Uuid::new_v4().to_string();
         tracing::Span::current().record("session_id", session_id.as_str());
         let (idle, max) = durations(&workload);
-        // The request's ttl shortens the definition's maximum lifetime, never extends it.
-        let lifetime = ttl.map_or(max.0, |t| t.min(max.0));
         let now = Timestamp::now();
-        let expires =
-            now + SignedDuration::try_from(lifetime).unwrap_or(SignedDuration::from_hours(8));
+        // The request's ttl shortens the definition's maximum lifetime, never extends it.
+        let shutdown_time = expiry(now, ttl, max);
+        let expires = shutdown_time.unwrap_or(Timestamp::MAX);
         let name = workload.sandbox_name();
         let planned = self.backend.backing_kind(&workload);
         let mut record =
@@ -168,7 +185,7 @@ impl Manager {
             name: name.clone(),
             workload,
             public_key: self.public_key.get(),
-            shutdown_time: expires,
+            shutdown_time,
         };
         let sandbox =
             match tokio::time::timeout(self.create_timeout, self.backend.create(&req)).await {
@@ -298,5 +315,27 @@ impl Manager {
         self.metrics.sessions_deleted.inc();
         tracing::info!(session_id = %record.session_id, sandbox = %record.name, "session deleted");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_is_the_shorter_of_ttl_and_maximum_and_may_be_unbounded() {
+        let now: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let (h, m) = (Duration::from_secs(3600), Duration::from_secs(60));
+        let at = |d: Duration| Some(now + SignedDuration::try_from(d).unwrap());
+        assert_eq!(expiry(now, Some(m), Some(h)), at(m));
+        assert_eq!(expiry(now, Some(h), Some(m)), at(m));
+        assert_eq!(expiry(now, None, Some(h)), at(h));
+        assert_eq!(expiry(now, Some(m), None), at(m));
+        assert_eq!(expiry(now, None, None), None);
+        assert_eq!(
+            expiry(now, Some(Duration::MAX), None),
+            None,
+            "past the store's range"
+        );
     }
 }

@@ -451,3 +451,39 @@ async fn sessions_are_read_and_deleted_only_through_their_own_kind() {
     assert_eq!(empty, json!({"sessions": []}));
     s.shutdown_and_check_leaks().await;
 }
+
+#[tokio::test]
+async fn an_agent_runtime_without_max_session_duration_has_no_maximum_lifetime() {
+    let s = Stack::start(Options {
+        manifests: ECHO_AGENT.into(),
+        ..Default::default()
+    })
+    .await;
+    let create = |body: serde_json::Value| {
+        let (http, url) = (s.http.clone(), format!("{}/v1/agent-runtime", s.url));
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v = r.json::<serde_json::Value>().await.unwrap();
+            v["sessionId"].as_str().unwrap().to_string()
+        }
+    };
+    let id = create(json!({"name": "echo", "namespace": "default"})).await;
+    let rec = s.store.get(&id).await.unwrap();
+    assert_eq!(rec.expires_at, jiff::Timestamp::MAX, "never expires by age");
+    assert_eq!(
+        rec.idle_timeout.to_string(),
+        "15m0s",
+        "the idle timeout still applies"
+    );
+    // The record reads back as JSON an upstream component can parse (RFC 3339).
+    let json = serde_json::to_value(&rec).unwrap();
+    assert_eq!(json["expiresAt"], "9999-12-30T22:00:00.999999999Z");
+    // A create's ttl still bounds it.
+    let short = create(json!({"name": "echo", "namespace": "default", "ttl": 60})).await;
+    let rec = s.store.get(&short).await.unwrap();
+    assert_eq!(rec.expires_at.duration_since(rec.created_at).as_secs(), 60);
+    assert_eq!(s.delete(&id).await.0, 200);
+    assert_eq!(s.delete(&short).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}

@@ -26,9 +26,9 @@ pub struct SandboxRequest {
     pub workload: Workload,
     /// Router public key (PEM) injected as `PICOD_AUTH_PUBLIC_KEY`, when the workload needs it.
     pub public_key: Option<String>,
-    /// `now + maxSessionDuration`: when the platform may stop the sandbox (the record's
-    /// `expiresAt`).
-    pub shutdown_time: jiff::Timestamp,
+    /// The record's `expiresAt` (`now` + the ttl or `maxSessionDuration`): when the platform
+    /// may stop the sandbox; `None` when the session has no maximum lifetime.
+    pub shutdown_time: Option<jiff::Timestamp>,
 }
 
 /// The entry point of `port` at `endpoint` (`host:port` or `unix:/path`); the path prefix

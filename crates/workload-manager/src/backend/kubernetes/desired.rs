@@ -28,8 +28,8 @@ pub struct SessionInfo<'a> {
     pub namespace: &'a str,
     /// OIDC subject of the owner, if any.
     pub owner: Option<&'a str>,
-    /// `now + maxSessionDuration`.
-    pub shutdown_time: jiff::Timestamp,
+    /// The session's end (`None`: no maximum lifetime, no `shutdownTime`).
+    pub shutdown_time: Option<jiff::Timestamp>,
     /// Router public key for `authMode: picod`.
     pub public_key: Option<&'a str>,
     /// The Workload Manager's `--runtime-class-name` (empty: none).
@@ -228,7 +228,7 @@ fn sandbox(
             },
             replicas,
             operating_mode,
-            shutdown_time: Some(Time(s.shutdown_time)),
+            shutdown_time: s.shutdown_time.map(Time),
             shutdown_policy: None,
             extra: Default::default(),
         },
@@ -267,7 +267,7 @@ pub fn code_interpreter_claim(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sand
         AgentSandboxApi::V1beta1 => SandboxClaimSpec {
             warm_pool_ref: Some(pool),
             lifecycle: Some(ClaimLifecycle {
-                shutdown_time: Some(Time(s.shutdown_time)),
+                shutdown_time: s.shutdown_time.map(Time),
                 shutdown_policy: Some("Delete".into()),
                 extra: Default::default(),
             }),

@@ -22,7 +22,7 @@ fn session<'a>(owner: Option<&'a str>, rc: &'a str) -> SessionInfo<'a> {
         name: "ci-abcd1234",
         namespace: "ns",
         owner,
-        shutdown_time: "2026-08-03T12:00:00Z".parse().unwrap(),
+        shutdown_time: Some("2026-08-03T12:00:00Z".parse().unwrap()),
         public_key: Some("PEM"),
         default_runtime_class: rc,
     }
@@ -222,6 +222,17 @@ fn agent_runtime_sandbox_copies_the_pod_spec() {
     assert_eq!(
         v["spec"]["podTemplate"]["metadata"]["labels"]["app"],
         "echo"
+    );
+    assert_eq!(v["spec"]["shutdownTime"], "2026-08-03T12:00:00Z");
+    assert!(ar.spec.max_session_duration.is_none(), "optional (PR #410)");
+    let unbounded = SessionInfo {
+        shutdown_time: None,
+        ..session(None, "")
+    };
+    let v = serde_json::to_value(agent_runtime_sandbox(&ar, &unbounded)).unwrap();
+    assert!(
+        v["spec"].get("shutdownTime").is_none(),
+        "no maximum lifetime: no shutdownTime"
     );
 }
 
