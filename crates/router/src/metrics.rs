@@ -1,4 +1,8 @@
 //! Prometheus metrics of the Router, served on the admin port (`/metrics`).
+//!
+//! Names upstream chose (PR #353) where the quantity is the same —
+//! `agentcube_router_request_duration_seconds{kind}`, `agentcube_router_proxy_errors_total{kind,reason}`
+//! — and ours (`agentcube_router_*`) for the rest. The README lists them all.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -6,10 +10,26 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use agentcube_types::api::WorkloadKind;
+
 /// Label of an invocation's answer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Status {
     pub code: u16,
+}
+
+/// The runtime kind of an invocation (`AgentRuntime`, `CodeInterpreter`), as upstream labels it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Why talking to a sandbox failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyError {
+    pub kind: String,
+    /// `connection_refused`, `timeout` or `other`.
+    pub reason: &'static str,
 }
 
 /// Every metric the Router exports.
@@ -17,8 +37,12 @@ pub struct Metrics {
     registry: Registry,
     /// Invocations by HTTP status (proxied answers and the Router's own refusals).
     pub requests: Family<Status, Counter>,
-    /// Seconds until the answer's headers were ready.
-    pub latency: Histogram,
+    /// Seconds until the answer's headers were ready, by runtime kind.
+    pub latency: Family<KindLabel, Histogram>,
+    /// Failures reaching a sandbox, by kind and reason.
+    pub proxy_errors: Family<ProxyError, Counter>,
+    /// `latency` of each kind, looked up once (the hot path skips the family's map).
+    latency_of: [Histogram; 2],
     /// Session lookups that went to the store (cache misses).
     pub store_gets: Counter,
     /// RS256 signatures made (one per session per refresh, never per request).
@@ -39,7 +63,10 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("agentcube_router");
         let requests = Family::<Status, Counter>::default();
-        let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let latency = Family::<KindLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.000_05, 2.0, 18))) as fn() -> Histogram,
+        );
+        let proxy_errors = Family::<ProxyError, Counter>::default();
         let (store_gets, signatures) = (Counter::default(), Counter::default());
         registry.register(
             "requests",
@@ -48,8 +75,13 @@ impl Default for Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "Time to the answer's headers",
+            "Time to the answer's headers, by runtime kind",
             latency.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Requests that could not reach their sandbox, by kind and reason",
+            proxy_errors.clone(),
         );
         registry.register(
             "store_lookups",
@@ -64,11 +96,20 @@ impl Default for Metrics {
         let serve = std::sync::Arc::new(agentcube_serve::Stats::default());
         serve.register(&mut registry);
         let ok = requests.get_or_create(&Status { code: 200 }).clone();
+        let latency_of = [WorkloadKind::AgentRuntime, WorkloadKind::CodeInterpreter].map(|k| {
+            latency
+                .get_or_create(&KindLabel {
+                    kind: k.to_string(),
+                })
+                .clone()
+        });
         Self {
             registry,
             ok,
             requests,
             latency,
+            latency_of,
+            proxy_errors,
             store_gets,
             signatures,
             serve,
@@ -84,6 +125,31 @@ impl Metrics {
         } else {
             self.requests.get_or_create(&Status { code }).inc();
         }
+    }
+
+    /// Records how long an invocation of `kind` took to its answer's headers.
+    pub fn observe_latency(&self, kind: WorkloadKind, seconds: f64) {
+        let i = match kind {
+            WorkloadKind::AgentRuntime => 0,
+            WorkloadKind::CodeInterpreter => 1,
+        };
+        self.latency_of[i].observe(seconds);
+    }
+
+    /// Counts a failure to reach a sandbox; other errors are not proxy errors.
+    pub fn count_proxy_error(&self, kind: WorkloadKind, e: &crate::error::RouterError) {
+        use crate::error::RouterError;
+        let reason = match e {
+            RouterError::Refused => "connection_refused",
+            RouterError::UpstreamTimeout => "timeout",
+            RouterError::Unreachable => "other",
+            _ => return,
+        };
+        let label = ProxyError {
+            kind: kind.to_string(),
+            reason,
+        };
+        self.proxy_errors.get_or_create(&label).inc();
     }
 
     /// OpenMetrics text.

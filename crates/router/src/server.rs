@@ -189,12 +189,17 @@ async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let started = std::time::Instant::now();
+    let kind = t.kind;
     let resp = match handle(&s, t, client, req).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            s.metrics.count_proxy_error(kind, &e);
+            e.into_response()
+        }
     };
     s.metrics.count_status(resp.status().as_u16());
-    s.metrics.latency.observe(started.elapsed().as_secs_f64());
+    s.metrics
+        .observe_latency(kind, started.elapsed().as_secs_f64());
     resp
 }
 

@@ -330,6 +330,24 @@ async fn sandbox_failures_map_to_502_503_504() {
         json!({"error": "no entry point found for sandbox"})
     );
     drop(fillers);
+    // Upstream's proxy error counter: refused (TCP and a missing socket) and the timeout; the
+    // placeholder's 404 is not a proxy error.
+    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "agentcube_router_proxy_errors_total{kind=\"CodeInterpreter\",reason=\"connection_refused\"} 2",
+        "agentcube_router_proxy_errors_total{kind=\"CodeInterpreter\",reason=\"timeout\"} 1",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    assert!(!text.contains("reason=\"other\""), "{text}");
 }
 
 #[tokio::test]
@@ -462,7 +480,9 @@ async fn metrics_count_requests_lookups_and_signatures() {
         "{text}"
     );
     assert!(
-        text.contains("agentcube_router_request_duration_seconds_count 4"),
+        text.contains(
+            "agentcube_router_request_duration_seconds_count{kind=\"CodeInterpreter\"} 4"
+        ),
         "{text}"
     );
 }

@@ -9,7 +9,11 @@ use std::time::Duration;
 use agentcube_types::SessionStatus;
 use jiff::{SignedDuration, Timestamp};
 
+use crate::metrics::Reason;
 use crate::sessions::Manager;
+
+/// A session the collector deletes.
+type Victim = agentcube_types::SessionRecord;
 
 /// Sandboxes torn down at once by one GC run.
 pub const TEARDOWN_CONCURRENCY: usize = 32;
@@ -29,26 +33,34 @@ impl Gc {
     /// One pass at time `now`. Returns how many sessions were deleted.
     #[tracing::instrument(name = "gc", skip_all)]
     pub async fn run_once(&self, now: Timestamp) -> usize {
+        let started = std::time::Instant::now();
+        let metrics = &self.manager.metrics;
         // Sandboxes that died on their own: their sessions go at once, idle or not.
         let dead = self.manager.backend.reap().await;
-        self.manager
-            .metrics
-            .dead_reclaimed
-            .inc_by(dead.len() as u64);
+        metrics.reclaimed(Reason::dead, dead.len());
         let mut deleted = self.delete_records(&dead).await;
-        let victims = self.victims(now).await;
-        deleted += self.tear_down(victims).await;
-        deleted += self.orphans().await;
+        let (idle, expired) = self.victims(now).await;
+        let n = self.tear_down(idle).await;
+        metrics.reclaimed(Reason::idle, n);
+        deleted += n;
+        let n = self.tear_down(expired).await;
+        metrics.reclaimed(Reason::expired, n);
+        deleted += n;
+        let n = self.orphans().await;
+        metrics.reclaimed(Reason::orphan, n);
+        deleted += n;
         if deleted > 0 {
             tracing::info!(deleted, "gc: sessions reclaimed");
         }
+        metrics.gc_cycle.observe(started.elapsed().as_secs_f64());
         deleted
     }
 
-    /// Idle sessions past their own timeout and sessions past `expiresAt`, once each.
-    async fn victims(&self, now: Timestamp) -> Vec<agentcube_types::SessionRecord> {
+    /// Idle sessions past their own timeout, and sessions past `expiresAt` (that are not idle
+    /// victims already).
+    async fn victims(&self, now: Timestamp) -> (Vec<Victim>, Vec<Victim>) {
         let store = &self.manager.store;
-        let mut victims = Vec::new();
+        let (mut idle_victims, mut expired_victims) = (Vec::new(), Vec::new());
         let mut seen = HashSet::new();
         match store.list_idle(now, self.limit).await {
             Ok(idle) => {
@@ -70,29 +82,35 @@ impl Gc {
                                 + SignedDuration::try_from(self.manager.create_timeout * 2)
                                     .unwrap_or(SignedDuration::MAX);
                     if deadline <= now && !creating && seen.insert(s.record.session_id.clone()) {
-                        victims.push(s.record);
+                        idle_victims.push(s.record);
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "gc: cannot list idle sessions"),
+            Err(e) => {
+                self.manager.metrics.gc_errors.inc();
+                tracing::warn!(error = %e, "gc: cannot list idle sessions");
+            }
         }
         match store.list_expired(now, self.limit).await {
             Ok(expired) => {
                 // Scores are whole seconds; the record's own `expiresAt` is exact.
                 for r in expired.into_iter().filter(|r| r.expires_at <= now) {
                     if seen.insert(r.session_id.clone()) {
-                        victims.push(r);
+                        expired_victims.push(r);
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "gc: cannot list expired sessions"),
+            Err(e) => {
+                self.manager.metrics.gc_errors.inc();
+                tracing::warn!(error = %e, "gc: cannot list expired sessions");
+            }
         }
-        victims
+        (idle_victims, expired_victims)
     }
 
     /// Deletes the victims' sandboxes, [`TEARDOWN_CONCURRENCY`] at a time, then the records of
     /// those that are gone in one store round trip (a record never goes before its sandbox).
-    async fn tear_down(&self, victims: Vec<agentcube_types::SessionRecord>) -> usize {
+    async fn tear_down(&self, victims: Vec<Victim>) -> usize {
         use futures_util::StreamExt;
         let backend = &self.manager.backend;
         let gone: Vec<String> = futures_util::stream::iter(victims)
@@ -100,6 +118,7 @@ impl Gc {
                 match backend.delete(r.kind, &r.sandbox_namespace, &r.name).await {
                     Ok(()) => Some(r.session_id),
                     Err(e) => {
+                        self.manager.metrics.gc_errors.inc();
                         tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed");
                         None
                     }
@@ -110,7 +129,6 @@ impl Gc {
             .collect()
             .await;
         let deleted = self.delete_records(&gone).await;
-        self.manager.metrics.gc_deleted.inc_by(deleted as u64);
         self.manager.metrics.sessions_deleted.inc_by(deleted as u64);
         deleted
     }
@@ -123,6 +141,7 @@ impl Gc {
         match self.manager.store.delete_many(ids).await {
             Ok(n) => n,
             Err(e) => {
+                self.manager.metrics.gc_errors.inc();
                 tracing::warn!(error = %e, sessions = ids.len(), "gc: cannot delete records");
                 0
             }
@@ -143,11 +162,11 @@ impl Gc {
                 "gc: the session's record is gone; deleting its sandbox"
             );
             match self.manager.backend.delete(kind, &namespace, &name).await {
-                Ok(()) => {
-                    deleted += 1;
-                    self.manager.metrics.reconciled_orphans.inc();
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    self.manager.metrics.gc_errors.inc();
+                    tracing::warn!(sandbox = name, error = %e, "gc: cannot delete an orphan");
                 }
-                Err(e) => tracing::warn!(sandbox = name, error = %e, "gc: cannot delete an orphan"),
             }
         }
         deleted

@@ -127,13 +127,15 @@ impl Manager {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = this
                 .create_session(kind, &req.namespace, workload, ttl)
                 .await;
-            match &result {
-                Ok(_) => this.metrics.sessions_created.inc(),
-                Err(_) => this.metrics.create_failures.inc(),
-            };
+            let refused = matches!(result, Err(ApiError::TooMany(_)));
+            if !refused {
+                let secs = started.elapsed().as_secs_f64();
+                this.metrics.created(kind, result.is_ok(), secs);
+            }
             if let Err(Ok(resp)) = tx.send(result) {
                 tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
                 this.rollback(
@@ -250,6 +252,7 @@ impl Manager {
     }
 
     async fn rollback(&self, session_id: &str, kind: BackingKind, namespace: &str, sandbox: &str) {
+        self.metrics.rollbacks.inc();
         if let Err(e) = self.backend.delete(kind, namespace, sandbox).await {
             tracing::warn!(session_id, sandbox, error = %e, "rollback could not delete the sandbox");
         }
@@ -267,7 +270,9 @@ impl Manager {
             )),
             e => e,
         })?;
-        self.delete_record(&record).await
+        self.delete_record(&record).await?;
+        self.metrics.deleted(kind);
+        Ok(())
     }
 
     /// `GET /v1/{kind}/sessions/{id}`: the stored record, if it exists and is of `kind`.

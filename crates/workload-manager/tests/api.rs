@@ -285,6 +285,13 @@ async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
         s.backend.running().is_empty()
     })
     .await;
+    let text = s.wm.as_ref().unwrap().manager.metrics.encode();
+    for line in [
+        "agentcube_sandbox_rollback_total 2",
+        "agentcube_sandbox_create_total{kind=\"CodeInterpreter\",status=\"failure\"} 2",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
     s.shutdown_and_check_leaks().await;
 }
 

@@ -42,14 +42,15 @@ async fn warm_pool_claim_refill_and_exhaustion() {
     let url = format!("http://{}/metrics", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, admin).await });
     let text = s.http.get(url).send().await.unwrap().text().await.unwrap();
-    assert!(
-        text.contains("agentcube_workload_manager_sessions_created_total 5"),
-        "{text}"
-    );
-    assert!(
-        text.contains("agentcube_workload_manager_sessions_deleted_total 5"),
-        "{text}"
-    );
+    for line in [
+        "agentcube_sandbox_create_total{kind=\"CodeInterpreter\",status=\"success\"} 5",
+        "agentcube_sandbox_create_duration_seconds_count{kind=\"CodeInterpreter\",status=\"success\"} 5",
+        "agentcube_sandbox_delete_total{kind=\"CodeInterpreter\"} 5",
+        "agentcube_workload_manager_sessions_deleted_total 5",
+        "agentcube_sandbox_rollback_total 0",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
     assert!(
         text.contains(
             "agentcube_workload_manager_warm_pool_ready{namespace=\"default\",name=\"pool\"}"
@@ -130,6 +131,21 @@ async fn gc_reclaims_idle_and_expired_sessions() {
         assert!(s.store.get(v["sessionId"].as_str().unwrap()).await.is_err());
     }
     assert!(s.backend.running().is_empty());
+    let text = gc.manager.metrics.encode();
+    for line in [
+        "agentcube_gc_sandboxes_reclaimed_total{reason=\"idle\"} 1",
+        "agentcube_gc_sandboxes_reclaimed_total{reason=\"expired\"} 1",
+        "agentcube_gc_errors_total 0",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    // Our three passes, plus any of the Workload Manager's own loop.
+    let cycles: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("agentcube_gc_cycle_duration_seconds_count "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(cycles >= 3, "{text}");
     s.shutdown_and_check_leaks().await;
 }
 
