@@ -35,6 +35,8 @@ pub struct Config {
     pub sandbox_name: Option<String>,
     /// Timeouts and the connection cap of the listener.
     pub limits: agentcube_serve::Limits,
+    /// Serve `GET /metrics` (unauthenticated); off by default.
+    pub metrics: bool,
 }
 
 impl Config {
@@ -53,6 +55,7 @@ impl Config {
                 max_connections: 1024,
                 ..Default::default()
             },
+            metrics: false,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
-//! 6. [`run`] serves through `agentcube-serve`, the seam every component shares (timeouts,
+//! 6. With `--metrics`, `GET /metrics` ([`metrics`]) is served without authentication.
+//! 7. [`run`] serves through `agentcube-serve`, the seam every component shares (timeouts,
 //!    connection cap, `TCP_NODELAY`); on shutdown, in-flight requests get 10 s to finish.
 //!
 //! Depends on `agentcube-types` only: it runs in every sandbox, so it stays small.
@@ -22,6 +23,7 @@ pub mod exec;
 pub mod files;
 pub mod forward;
 pub mod jail;
+pub mod metrics;
 pub mod server;
 
 pub use config::{Auth, Config, ListenAddr};

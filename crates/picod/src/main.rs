@@ -45,6 +45,9 @@ struct Args {
     agent: Vec<String>,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
+    /// Serve Prometheus metrics at `GET /metrics`, without authentication (off by default).
+    #[arg(long, env = "PICOD_METRICS")]
+    metrics: bool,
     /// Log format: plain or json.
     #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -82,6 +85,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         config.max_output_bytes = a.max_output_bytes;
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
         config.sandbox_name = a.sandbox_name.filter(|n| !n.is_empty());
+        config.metrics = a.metrics;
         config.limits = a
             .limits
             .limits(1024)

@@ -29,6 +29,8 @@ pub struct AppState {
     pub workspace: Workspace,
     pub verifier: Option<Arc<Verifier>>,
     pub started: Instant,
+    /// Present when `--metrics` is on.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AppState {
@@ -45,11 +47,13 @@ impl AppState {
             )?)),
             Auth::Disabled => None,
         };
+        let metrics = config.metrics.then(Default::default);
         Ok(Self {
             config: Arc::new(config),
             workspace,
             verifier,
             started: Instant::now(),
+            metrics,
         })
     }
 }
@@ -71,10 +75,18 @@ pub fn app(state: AppState) -> Router {
         .route("/api/files/{*path}", get(files::download))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(CompressionLayer::new().gzip(true).compress_when(compress));
-    Router::new()
-        .route("/health", get(health))
-        .merge(api)
-        .layer(DefaultBodyLimit::max(limit))
+    let mut app = Router::new().route("/health", get(health)).merge(api);
+    if let Some(m) = &state.metrics {
+        // Outside the token check and the compression layer; counted requests include refusals.
+        let render = m.clone();
+        app = app
+            .route_layer(middleware::from_fn_with_state(
+                m.clone(),
+                crate::metrics::record,
+            ))
+            .merge(agentcube_serve::metrics_app(move || render.encode()).with_state(()));
+    }
+    app.layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), reject_large))
         .with_state(state)
 }
@@ -128,6 +140,9 @@ pub async fn run(
     let refusal = agentcube_serve::Refusal::json(
         &serde_json::json!({"error": "too many connections", "code": 503}).to_string(),
     );
-    let options = agentcube_serve::Options::new(state.config.limits, refusal);
+    let mut options = agentcube_serve::Options::new(state.config.limits, refusal);
+    if let Some(m) = &state.metrics {
+        options.stats = m.serve.clone();
+    }
     agentcube_serve::serve(listener, app(state), options, shutdown).await
 }

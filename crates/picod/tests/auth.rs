@@ -192,3 +192,41 @@ async fn a_sandbox_with_an_identity_accepts_only_tokens_for_it() {
     let r = with_auth(&open, Some(claims(json!("ci-bbbb2222")))).await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn metrics_are_off_by_default_and_unauthenticated_uncompressed_when_on() {
+    let req = || {
+        Request::get("/metrics")
+            .header("accept-encoding", "gzip")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let off = Picod::new();
+    assert_eq!(off.send(req()).await.status, StatusCode::NOT_FOUND);
+    let on = Picod::with(|c| c.metrics = true);
+    // Two answered calls and one refused one, all counted by route pattern and status.
+    let ok = with_auth(&on, Some(format!("Bearer {}", token()))).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(
+        with_auth(&on, Some(format!("Bearer {}", token())))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(with_auth(&on, None).await.status, StatusCode::UNAUTHORIZED);
+    let r = on.send(req()).await;
+    assert_eq!(r.status, StatusCode::OK, "no token needed");
+    assert!(r.header("content-encoding").is_none(), "never compressed");
+    let text = r.text();
+    for line in [
+        "agentcube_picod_requests_total{route=\"/api/files\",code=\"200\"} 2",
+        "agentcube_picod_requests_total{route=\"/api/files\",code=\"401\"} 1",
+        "agentcube_picod_request_duration_seconds_count{route=\"/api/files\"} 3",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    assert!(
+        !text.contains("route=\"/metrics\""),
+        "scrapes are not counted"
+    );
+}
