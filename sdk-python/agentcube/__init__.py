@@ -5,7 +5,7 @@ API-compatible with upstream ``agentcube-sdk``: ``CodeInterpreterClient`` and
 """
 
 from agentcube.agent_runtime import AgentRuntimeClient
-from agentcube.auth import AuthProvider, TokenAuth
+from agentcube.auth import AuthProvider, ServiceAccountAuth, TokenAuth
 from agentcube.code_interpreter import CodeInterpreterClient
 from agentcube.exceptions import (
     AgentCubeError,
@@ -23,6 +23,7 @@ __all__ = [
     "CommandExecutionError",
     "DataPlaneError",
     "SessionError",
+    "ServiceAccountAuth",
     "SessionNotFoundError",
     "TokenAuth",
 ]

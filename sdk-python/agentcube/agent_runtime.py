@@ -6,12 +6,14 @@ from typing import Any, Dict, Optional
 
 from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.agent_runtime_data_plane import AgentRuntimeDataPlaneClient
+from agentcube.clients.control_plane import ControlPlaneClient
 from agentcube.exceptions import SessionNotFoundError
 
 
 class AgentRuntimeClient:
     """A session with an Agent Runtime. Without ``session_id`` one is bootstrapped through the
-    Router. Sessions are reclaimed by idle timeout (there is no delete call, as upstream)."""
+    Router. :meth:`stop` deletes it at the Workload Manager (upstream PR #426); otherwise it is
+    reclaimed by its idle timeout."""
 
     def __init__(
         self,
@@ -24,14 +26,17 @@ class AgentRuntimeClient:
         connect_timeout: float = 5.0,
         auth_token: Optional[str] = None,
         auth: Optional[AuthProvider] = None,
+        workload_manager_url: Optional[str] = None,
     ):
         self.agent_name = agent_name
         self.namespace = namespace
+        self._auth = resolve_auth(auth, auth_token)
+        self._wm_url = workload_manager_url
         self._dp = AgentRuntimeDataPlaneClient(
             agent_name,
             namespace=namespace,
             router_url=router_url,
-            auth=resolve_auth(auth, auth_token),
+            auth=self._auth,
             timeout=timeout,
             connect_timeout=connect_timeout,
         )
@@ -49,6 +54,22 @@ class AgentRuntimeClient:
         except SessionNotFoundError:
             self._gone, self.session_id = self.session_id, None
             raise
+
+    def stop(self) -> bool:
+        """Deletes the session at the Workload Manager (``workload_manager_url`` or
+        ``WORKLOAD_MANAGER_URL``; ValueError when neither is set) and closes the client. Returns
+        whether the session is gone (deleted now, or already); never raises for HTTP errors."""
+        gone = True
+        if self.session_id is not None:
+            cp = ControlPlaneClient(self._wm_url, auth=self._auth)
+            try:
+                gone = cp.delete_session(self.session_id, kind="agent-runtime")
+            finally:
+                cp.close()
+            if gone:
+                self._gone, self.session_id = self.session_id, None
+        self.close()
+        return gone
 
     def close(self) -> None:
         self._dp.close()

@@ -31,8 +31,13 @@ def test_router_path_prefix_is_dropped_like_upstream():
     assert c.base_url == "http://r:1/v1/namespaces/ns/code-interpreters/ci/invocations/"
 
 
-def test_auth_resolution():
+def test_auth_resolution(monkeypatch):
+    monkeypatch.delenv("AGENTCUBE_AUTH_TOKEN", raising=False)
     assert resolve_auth(None, None) is None
+    monkeypatch.setenv("AGENTCUBE_AUTH_TOKEN", "from-env")
+    assert resolve_auth(None, None).get_token() == "from-env"
+    assert resolve_auth(None, "given").get_token() == "given"
+    monkeypatch.delenv("AGENTCUBE_AUTH_TOKEN")
     assert resolve_auth(None, "t").get_token() == "t"
     explicit = TokenAuth("x")
     assert resolve_auth(explicit, "t") is explicit

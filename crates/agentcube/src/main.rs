@@ -6,7 +6,8 @@
 //! 2. Start the Workload Manager on the local (bubblewrap) backend with the manifest directory,
 //!    injecting the Router's public key into sandboxes; serve its API.
 //! 3. Start the Router pointing at it; serve.
-//! 4. Print the URLs and `export` lines, and warm-pool progress until the pools are full.
+//! 4. Print the URLs and `export` lines (with `AGENTCUBE_AUTH_TOKEN` when both servers require a
+//!    token: always on a non-loopback `--bind`), and warm-pool progress until the pools are full.
 //! 5. On Ctrl-C / SIGTERM: stop serving, remove every sandbox, exit.
 
 use std::net::IpAddr;
@@ -77,6 +78,10 @@ struct UpArgs {
     /// Port of the admin listener serving `/metrics` (Router and Workload Manager); 0 disables it.
     #[arg(long, env = "AGENTCUBE_METRICS_PORT", default_value_t = 8082)]
     metrics_port: u16,
+    /// Bearer token required by the Router and the Workload Manager. Unset: none on a loopback
+    /// `--bind`; on any other address one is generated and printed (never an open port).
+    #[arg(long, env = "AGENTCUBE_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
     /// Concurrent proxied requests at the Router; 0 means unlimited.
     #[arg(long, default_value_t = 1000)]
     max_concurrent_requests: usize,
@@ -104,6 +109,17 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => up(args).await,
     }
+}
+
+/// The token both servers require: the given one, else a new one when `--bind` is not loopback
+/// (sandboxes run code for whoever reaches these ports), else none.
+fn auth_token(args: &UpArgs) -> Option<String> {
+    let given = args.auth_token.clone().filter(|t| !t.is_empty());
+    if given.is_some() || args.bind.is_loopback() {
+        return given;
+    }
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    Some(format!("{}{}", a.simple(), b.simple()))
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -147,10 +163,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .limits
         .limits(10_000)
         .fit_fd_limit(agentcube_serve::raise_fd_limit(), 3);
+    let token = auth_token(&args);
     let config = agentcube_workload_manager::Config {
         gc_interval: args.gc_interval.0,
         limits,
         admission: args.admission.admission(),
+        auth: Arc::new(match &token {
+            Some(t) => agentcube_workload_manager::auth::CallerAuth::Token(t.clone()),
+            None => agentcube_workload_manager::auth::CallerAuth::Off,
+        }),
         ..Default::default()
     };
     let platform = backend
@@ -175,6 +196,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     router_config.max_concurrent_requests = args.max_concurrent_requests;
     router_config.limits = limits;
     router_config.workers = std::thread::available_parallelism().map_or(1, usize::from);
+    if let Some(t) = &token {
+        router_config.authn = Some(Arc::new(agentcube_router::oidc::Authn::Token(t.clone())));
+        router_config.workload_manager_token = Some(t.clone());
+    }
     let router = RouterService::start(&router_config, store, &identity)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -226,8 +251,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(url) = &metrics_url {
         println!("  Metrics:          {url}");
     }
-    println!();
-    println!("export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url}");
+    match &token {
+        Some(t) => {
+            println!("  Auth:             Authorization: Bearer $AGENTCUBE_AUTH_TOKEN on both");
+            println!();
+            println!(
+                "export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url} AGENTCUBE_AUTH_TOKEN={t}"
+            );
+        }
+        None => {
+            println!();
+            println!("export WORKLOAD_MANAGER_URL={wm_url} ROUTER_URL={router_url}");
+        }
+    }
     println!();
     println!("Press Ctrl-C to stop (every sandbox is removed).");
     let progress = tokio::spawn(pool_progress(pools));

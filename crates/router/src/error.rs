@@ -40,6 +40,12 @@ pub enum RouterError {
     /// The client's request body could not be read (e.g. malformed chunked encoding).
     #[error("malformed request body")]
     BadBody,
+    /// No or a bad end-user token (OIDC or the static token): 401 `UNAUTHORIZED`.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A missing role, or a session the caller does not own: 403 `FORBIDDEN`.
+    #[error("{0}")]
+    Forbidden(String),
     /// Concurrency limit reached.
     #[error("server overloaded, please try again later")]
     Overloaded,
@@ -72,6 +78,8 @@ impl RouterError {
             Self::UnknownRuntime { .. } | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
             Self::SessionMismatch { .. } => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED")),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, Some("FORBIDDEN")),
             Self::BadSessionHeader => (StatusCode::BAD_REQUEST, Some("INVALID_SESSION_ID")),
             Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Some("REQUEST_TIMEOUT")),
             Self::BadBody => (StatusCode::BAD_REQUEST, Some("BAD_REQUEST_BODY")),

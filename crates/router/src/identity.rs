@@ -230,26 +230,38 @@ impl Signer {
         audience: Option<&str>,
         now: i64,
     ) -> Result<std::sync::Arc<str>, jsonwebtoken::errors::Error> {
-        self.cached(session_id, audience, now).map(|c| c.token)
+        self.cached(session_id, audience, None, now).map(|c| c.token)
     }
 
-    /// `Bearer <token>` as a header value, built once per token (the hot path's form).
+    /// `Bearer <token>` as a header value, built once per token (the hot path's form). With an
+    /// authenticated `user`, the token also names them (`user_sub`, `user_email`, as upstream)
+    /// and is cached per session and user.
     pub fn authorization(
         &self,
         session_id: &str,
         audience: Option<&str>,
+        user: Option<&crate::oidc::Caller>,
         now: i64,
     ) -> Result<http::HeaderValue, jsonwebtoken::errors::Error> {
-        self.cached(session_id, audience, now).map(|c| c.header)
+        self.cached(session_id, audience, user, now).map(|c| c.header)
     }
 
     fn cached(
         &self,
         session_id: &str,
         audience: Option<&str>,
+        user: Option<&crate::oidc::Caller>,
         now: i64,
     ) -> Result<Cached, jsonwebtoken::errors::Error> {
-        if let Some(c) = self.cache.lock().unwrap().get(session_id)
+        let keyed;
+        let key = match user {
+            None => session_id,
+            Some(u) => {
+                keyed = format!("{session_id}\0{}", u.sub);
+                &keyed
+            }
+        };
+        if let Some(c) = self.cache.lock().unwrap().get(key)
             && now - c.iat < REFRESH_AFTER_SECS
             && now >= c.iat
         {
@@ -261,8 +273,8 @@ impl Signer {
             exp: now + SANDBOX_TOKEN_TTL_SECS,
             session_id: session_id.to_string(),
             aud: audience.map(str::to_string),
-            user_sub: None,
-            user_email: None,
+            user_sub: user.map(|u| u.sub.clone()),
+            user_email: user.and_then(|u| u.email.clone()),
         };
         let token: std::sync::Arc<str> =
             jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?.into();
@@ -282,8 +294,26 @@ impl Signer {
                 cache.clear();
             }
         }
-        cache.insert(session_id.to_string(), entry.clone());
+        cache.insert(key.to_string(), entry.clone());
         Ok(entry)
+    }
+
+    /// The `X-AgentCube-User-Identity` token for the Workload Manager (spec §1.8): the
+    /// authenticated user, `aud: workloadmanager`, 5 minutes. Signed per create, never cached.
+    pub fn identity_token(
+        &self,
+        user: &crate::oidc::Caller,
+        now: i64,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let mut claims = serde_json::json!({
+            "iss": ROUTER_ISSUER, "iat": now, "exp": now + SANDBOX_TOKEN_TTL_SECS,
+            "sub": user.sub, "aud": agentcube_types::claims::IDENTITY_AUDIENCE,
+        });
+        if let Some(e) = &user.email {
+            claims["email"] = e.clone().into();
+        }
+        self.signatures.inc();
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
     }
 
     /// Forgets a session's token (on delete / unknown session).

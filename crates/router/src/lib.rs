@@ -2,9 +2,12 @@
 //! any session) and keeps its hot path to at most one store round trip and no RSA.
 //!
 //! Main flow of `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations/*path`:
-//! 1. [`server`]: concurrency limit (429), then the `x-agentcube-session-id` header.
+//! 1. [`server`]: end-user authentication when configured ([`oidc`]: 401/403, before any
+//!    concurrency slot is taken), concurrency limit (429), then the `x-agentcube-session-id`
+//!    header.
 //! 2. [`resolve`]: present → local cache (short TTL) or one store GET (404 if unknown, 409 if the
-//!    session belongs to another runtime); absent → the Workload Manager creates one ([`wm`]).
+//!    session belongs to another runtime; with authentication, 403 unless the caller owns it or
+//!    is an admin); absent → the Workload Manager creates one ([`wm`]), owned by the caller.
 //! 3. [`identity`]: the session's cached RS256 token replaces the client's `Authorization`.
 //! 4. [`proxy`]: pooled TCP / Unix-socket connection, bodies streamed, upgrades spliced; the
 //!    answer gets the session header. Refused → 502, timeout → 504, other → 503 ([`error`]).
@@ -21,6 +24,7 @@ pub mod activity;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod oidc;
 pub mod proxy;
 pub mod resolve;
 pub mod server;
@@ -49,6 +53,10 @@ pub struct Config {
     pub workload_manager_timeout: Duration,
     /// Service-account token sent to the WM, re-read per call (in a cluster).
     pub workload_manager_token_file: Option<std::path::PathBuf>,
+    /// A fixed bearer token sent to the WM when there is no token file (`agentcube up`).
+    pub workload_manager_token: Option<String>,
+    /// End-user authentication (OIDC, or `agentcube up`'s static token); `None`: off.
+    pub authn: Option<Arc<oidc::Authn>>,
     /// `X-Forwarded-Proto` value.
     pub scheme: &'static str,
     /// Timeouts and the connection cap of the listener.
@@ -67,6 +75,8 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             workload_manager_timeout: Duration::from_secs(120),
             workload_manager_token_file: None,
+            workload_manager_token: None,
+            authn: None,
             scheme: "http",
             limits: agentcube_serve::Limits::default(),
         }
@@ -93,6 +103,7 @@ impl RouterService {
             &config.workload_manager_url,
             config.workload_manager_timeout,
             config.workload_manager_token_file.clone(),
+            config.workload_manager_token.clone(),
         );
         let metrics = Arc::new(metrics::Metrics::default());
         let shared = Arc::new(Shared {
@@ -104,6 +115,7 @@ impl RouterService {
             )),
             signer: Arc::new(identity::Signer::new(identity, metrics.signatures.clone())?),
             metrics,
+            authn: config.authn.clone(),
             upstream: proxy::Upstream::new(config.connect_timeout),
             activity: Arc::default(),
             limiter: (config.max_concurrent_requests > 0)

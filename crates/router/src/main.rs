@@ -57,14 +57,17 @@ struct Args {
     /// PEM private key for --enable-tls.
     #[arg(long, env = "ROUTER_TLS_KEY", default_value = "")]
     tls_key: String,
-    /// OIDC issuer for end-user auth (not built yet: refused at start when set).
-    #[arg(long, default_value = "")]
+    /// OIDC issuer: end users must send `Authorization: Bearer <JWT>` from it (empty: off).
+    #[arg(long, env = "ROUTER_JWT_ISSUER_URL", default_value = "")]
     jwt_issuer_url: String,
-    #[arg(long, default_value = "agentcube-api")]
+    /// The `aud` the tokens must carry (empty: not checked).
+    #[arg(long, env = "ROUTER_JWT_AUDIENCE", default_value = "agentcube-api")]
     jwt_audience: String,
-    #[arg(long, default_value = "")]
+    /// Dot path to the roles array in the token (e.g. `realm_access.roles`, `groups`, `scp`).
+    #[arg(long, env = "ROUTER_JWT_ROLE_CLAIM", default_value = "")]
     jwt_role_claim: String,
-    #[arg(long, default_value = "")]
+    /// Role every request needs (e.g. `sandbox:invoke`); `admin` may use every session.
+    #[arg(long, env = "ROUTER_JWT_REQUIRED_ROLE", default_value = "")]
     jwt_required_role: String,
     #[command(flatten)]
     store: StoreArgs,
@@ -90,9 +93,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if !args.jwt_issuer_url.is_empty() {
-        anyhow::bail!("--jwt-issuer-url (OIDC) is not supported yet");
-    }
+    let authn = oidc(&args).await?;
     let store = agentcube_store::connect(&args.store.clone().into_config(false)?)?;
     let identity = match &args.identity_dir {
         Some(dir) => KeyPair::load_or_create(dir)
@@ -135,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         .limits
         .limits(10_000)
         .fit_fd_limit(agentcube_serve::raise_fd_limit(), 2);
+    config.authn = authn.map(std::sync::Arc::new);
     let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
     config.workload_manager_token_file = sa.exists().then_some(sa);
     let tls = match (
@@ -167,6 +169,28 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
     agentcube_router::serve(service, listener, tls, shutdown_signal()).await
+}
+
+/// `--jwt-*`: discovery at start (an unreachable issuer stops the Router, as upstream).
+async fn oidc(args: &Args) -> anyhow::Result<Option<agentcube_router::oidc::Authn>> {
+    if args.jwt_issuer_url.is_empty() {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        !args.jwt_role_claim.is_empty() && !args.jwt_required_role.is_empty(),
+        "--jwt-issuer-url needs --jwt-role-claim and --jwt-required-role"
+    );
+    let config = agentcube_router::oidc::OidcConfig {
+        issuer: args.jwt_issuer_url.clone(),
+        audience: args.jwt_audience.clone(),
+        role_claim: args.jwt_role_claim.clone(),
+        required_role: args.jwt_required_role.clone(),
+        leeway: Duration::from_secs(30),
+    };
+    let oidc = agentcube_router::oidc::Oidc::discover(config)
+        .await
+        .context("OIDC (--jwt-issuer-url)")?;
+    Ok(Some(agentcube_router::oidc::Authn::Oidc(Box::new(oidc))))
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,9 @@ pub struct Target {
     /// The runtime the session was made for (absent in upstream records): checked on every
     /// request, cached or not.
     pub workload: Option<Arc<Workload>>,
+    /// The end user who owns the session (`ownerId`), when it was created by an authenticated
+    /// caller.
+    pub owner: Option<Arc<str>>,
 }
 
 /// The runtime a session belongs to.
@@ -117,6 +120,7 @@ impl Resolver {
             session_id: session_id.into(),
             entry_points: record.entry_points().to_vec().into(),
             identity: record.sandbox_identity.as_deref().map(Arc::from),
+            owner: record.owner_id.as_deref().filter(|o| !o.is_empty()).map(Arc::from),
             workload: match (record.workload_kind, record.workload_name) {
                 (Some(kind), Some(name)) => Some(Arc::new(Workload {
                     kind,
@@ -144,15 +148,18 @@ impl Resolver {
         Ok(target)
     }
 
-    /// Asks the WM for a new session.
+    /// Asks the WM for a new session, owned by the user an `identity` token names.
     pub async fn create(
         &self,
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
+        identity: Option<(&str, &str)>,
     ) -> Result<Target, RouterError> {
-        let resp = self.wm.create(kind, namespace, name).await?;
+        let (owner, token) = identity.unzip();
+        let resp = self.wm.create(kind, namespace, name, token).await?;
         Ok(Target {
+            owner: owner.map(Arc::from),
             session_id: resp.session_id.into(),
             entry_points: resp.entry_points.into(),
             identity: resp.sandbox_identity.as_deref().map(Arc::from),

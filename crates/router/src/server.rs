@@ -26,6 +26,8 @@ use crate::resolve::{Resolver, pick};
 /// workers; the client (and so its pooled connections and their tasks) is each worker's own.
 pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// End-user authentication; `None`: off (upstream's default).
+    pub authn: Option<Arc<crate::oidc::Authn>>,
     pub resolver: Arc<Resolver>,
     pub signer: Arc<Signer>,
     pub upstream: Upstream,
@@ -42,6 +44,7 @@ impl Shared {
     pub fn for_worker(&self) -> Self {
         Self {
             metrics: self.metrics.clone(),
+            authn: self.authn.clone(),
             resolver: self.resolver.clone(),
             signer: self.signer.clone(),
             upstream: self.upstream.fresh(),
@@ -223,6 +226,11 @@ async fn handle(
     req: Request,
 ) -> Result<Response, RouterError> {
     let kind = t.kind;
+    // Refused callers never take a concurrency slot.
+    let caller = match &s.authn {
+        Some(a) => Some(a.authenticate(req.headers()).await?),
+        None => None,
+    };
     let session = session_header(&req)?;
     let permit = match &s.limiter {
         Some(sem) => Some(
@@ -233,12 +241,30 @@ async fn handle(
         None => None,
     };
     let target = match &session {
-        Some(id) => s.resolver.existing(id, kind, &t.ns, &t.name).await?,
-        None => s.resolver.create(kind, &t.ns, &t.name).await?,
+        Some(id) => {
+            let target = s.resolver.existing(id, kind, &t.ns, &t.name).await?;
+            if let Some(c) = &caller {
+                check_owner(&target, c)?;
+            }
+            target
+        }
+        None => {
+            let identity = match &caller {
+                Some(c) => Some(
+                    s.signer
+                        .identity_token(c, jiff::Timestamp::now().as_second())
+                        .map_err(|_| RouterError::Signing)?,
+                ),
+                None => None,
+            };
+            let owner = caller.as_deref().map(|c| c.sub.as_str());
+            let identity = owner.zip(identity.as_deref());
+            s.resolver.create(kind, &t.ns, &t.name, identity).await?
+        }
     };
     tracing::Span::current().record("session_id", &*target.session_id);
     let path_start = t.path_start.unwrap_or(usize::MAX);
-    let answered = forward(s, &target, path_start, client_addr, req).await;
+    let answered = forward(s, &target, path_start, client_addr, caller.as_deref(), req).await;
     let resp = match answered {
         Ok(r) => r,
         Err(e) if session.is_none() => {
@@ -269,12 +295,28 @@ async fn handle(
     Ok(Response::from_parts(parts, body))
 }
 
+/// Session ownership (spec §1.9, RLAC): admins use any session; a session without an owner is
+/// refused (fail-closed, as upstream); otherwise only its owner may use it.
+fn check_owner(target: &crate::resolve::Target, caller: &crate::oidc::Caller) -> Result<(), RouterError> {
+    if caller.is_admin() {
+        return Ok(());
+    }
+    match target.owner.as_deref() {
+        None => Err(RouterError::Forbidden("sandbox has no owner record".into())),
+        Some(o) if o != caller.sub => {
+            Err(RouterError::Forbidden("you do not own this sandbox".into()))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Picks the entry point, attaches the token and forwards.
 async fn forward(
     s: &AppState,
     target: &crate::resolve::Target,
     path_start: usize,
     client_addr: Option<SocketAddr>,
+    caller: Option<&crate::oidc::Caller>,
     req: Request,
 ) -> Result<Response, RouterError> {
     let path = req.uri().path().get(path_start..).unwrap_or("/");
@@ -284,6 +326,7 @@ async fn forward(
         .authorization(
             &target.session_id,
             target.identity.as_deref(),
+            caller,
             jiff::Timestamp::now().as_second(),
         )
         .map_err(|_| RouterError::Signing)?;

@@ -19,6 +19,8 @@ pub struct WmClient {
     timeout: Duration,
     /// Bearer sent to the WM (the pod's service-account token file, re-read per call).
     token_file: Option<std::path::PathBuf>,
+    /// Bearer sent to the WM when there is no token file.
+    token: Option<String>,
 }
 
 impl std::fmt::Debug for WmClient {
@@ -31,7 +33,12 @@ impl std::fmt::Debug for WmClient {
 
 impl WmClient {
     /// A client for `base` (e.g. `http://workloadmanager:8080`).
-    pub fn new(base: &str, timeout: Duration, token_file: Option<std::path::PathBuf>) -> Self {
+    pub fn new(
+        base: &str,
+        timeout: Duration,
+        token_file: Option<std::path::PathBuf>,
+        token: Option<String>,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         Self {
@@ -39,6 +46,7 @@ impl WmClient {
             http: Client::builder(TokioExecutor::new()).build(http),
             timeout,
             token_file,
+            token,
         }
     }
 
@@ -48,18 +56,22 @@ impl WmClient {
         method: http::Method,
         path: &str,
         body: Option<Vec<u8>>,
+        identity: Option<&str>,
     ) -> Result<(http::StatusCode, Bytes), RouterError> {
         let url = format!("{}{path}", self.base);
         let mut req = hyper::Request::builder().method(method).uri(&url);
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        if let Some(tok) = self
-            .token_file
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-        {
+        let token = match &self.token_file {
+            Some(p) => std::fs::read_to_string(p).ok(),
+            None => self.token.clone(),
+        };
+        if let Some(tok) = token {
             req = req.header("authorization", format!("Bearer {}", tok.trim()));
+        }
+        if let Some(id) = identity {
+            req = req.header(agentcube_types::headers::USER_IDENTITY, id);
         }
         let req = req
             .body(Full::from(body.unwrap_or_default()))
@@ -84,13 +96,15 @@ impl WmClient {
             .map_err(|_| RouterError::Internal("workload manager timed out".into()))?
     }
 
-    /// Creates a session. WM 404 (or 400 saying "not found") → the upstream k8s-style 404;
-    /// anything else → 500 `internal server error`.
+    /// Creates a session, owned by the user an `identity` token (signed by this Router) names.
+    /// WM 404 (or 400 saying "not found") → the upstream k8s-style 404; anything else → 500
+    /// `internal server error`.
     pub async fn create(
         &self,
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
+        identity: Option<&str>,
     ) -> Result<CreateSandboxResponse, RouterError> {
         let body = CreateSandboxRequest {
             kind: Some(kind.to_string()),
@@ -100,7 +114,9 @@ impl WmClient {
         };
         let path = format!("/v1/{}", kind.api_segment());
         let body = serde_json::to_vec(&body).unwrap_or_default();
-        let (status, bytes) = self.call(http::Method::POST, &path, Some(body)).await?;
+        let (status, bytes) = self
+            .call(http::Method::POST, &path, Some(body), identity)
+            .await?;
         let not_found = status == 404
             || (status == 400 && String::from_utf8_lossy(&bytes).contains("not found"));
         if not_found {
@@ -129,7 +145,7 @@ impl WmClient {
     /// Deletes a session (the rollback of a session the Router created but could not use).
     pub async fn delete(&self, kind: WorkloadKind, session_id: &str) -> Result<(), RouterError> {
         let path = format!("/v1/{}/sessions/{session_id}", kind.api_segment());
-        let (status, bytes) = self.call(http::Method::DELETE, &path, None).await?;
+        let (status, bytes) = self.call(http::Method::DELETE, &path, None, None).await?;
         if status.is_success() || status == 404 {
             return Ok(());
         }

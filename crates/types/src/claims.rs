@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 /// Issuer the Router puts in every sandbox token.
 pub const ROUTER_ISSUER: &str = "agentcube-router";
 
+/// `aud` of the Router-signed `X-AgentCube-User-Identity` token the Workload Manager accepts.
+pub const IDENTITY_AUDIENCE: &str = "workloadmanager";
+
 /// Lifetime of a sandbox token, in seconds (upstream: 5 minutes).
 pub const SANDBOX_TOKEN_TTL_SECS: i64 = 300;
 

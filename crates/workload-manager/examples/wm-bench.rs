@@ -77,11 +77,11 @@ async fn main() -> anyhow::Result<()> {
         }
         let t0 = Instant::now();
         let s = m
-            .create(WorkloadKind::CodeInterpreter, req("warm"))
+            .create(WorkloadKind::CodeInterpreter, req("warm"), Default::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         warm.push(t0.elapsed());
-        m.delete(WorkloadKind::CodeInterpreter, &s.session_id)
+        m.delete(WorkloadKind::CodeInterpreter, &s.session_id, None)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -90,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..40 {
         let t0 = Instant::now();
         let s = m
-            .create(WorkloadKind::CodeInterpreter, req("cold"))
+            .create(WorkloadKind::CodeInterpreter, req("cold"), Default::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         cold.push(t0.elapsed());

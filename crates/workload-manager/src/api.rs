@@ -7,12 +7,14 @@ use agentcube_types::api::{
     CreateSandboxRequest, CreateSandboxResponse, MessageBody, WorkloadKind,
 };
 use axum::body::Bytes;
+use axum::http::HeaderMap;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::sessions::Manager;
+use crate::sessions::{Manager, Requester};
 
 /// Largest accepted request body (create bodies are tiny).
 const MAX_BODY: usize = 1024 * 1024;
@@ -21,8 +23,8 @@ const MAX_BODY: usize = 1024 * 1024;
 pub fn app(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/health", get(health))
-        .route("/v1/code-interpreter", post(create_code_interpreter))
-        .route("/v1/agent-runtime", post(create_agent_runtime))
+        .route("/v1/code-interpreter", post(create::<CI>))
+        .route("/v1/agent-runtime", post(create::<AR>))
         .route("/v1/code-interpreter/sessions", get(list::<CI>))
         .route("/v1/agent-runtime/sessions", get(list::<AR>))
         .route(
@@ -45,23 +47,20 @@ fn parse(body: &Bytes) -> Result<CreateSandboxRequest, ApiError> {
     serde_json::from_slice(body).map_err(|_| ApiError::BadRequest("Invalid request body".into()))
 }
 
-async fn create_code_interpreter(
-    State(m): State<Arc<Manager>>,
-    body: Bytes,
-) -> Result<Json<CreateSandboxResponse>, ApiError> {
-    Ok(Json(
-        m.create(WorkloadKind::CodeInterpreter, parse(&body)?)
-            .await?,
-    ))
+/// The caller (401 when authentication is on and the token is missing or bad).
+async fn caller(m: &Manager, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    m.auth.authenticate(headers).await
 }
 
-async fn create_agent_runtime(
+async fn create<K: Kind>(
     State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<CreateSandboxResponse>, ApiError> {
-    Ok(Json(
-        m.create(WorkloadKind::AgentRuntime, parse(&body)?).await?,
-    ))
+    let caller = caller(&m, &headers).await?;
+    let owner = crate::auth::end_user(&headers, m.public_key.get().as_deref())?;
+    let who = Requester { caller, owner };
+    Ok(Json(m.create(K::KIND, parse(&body)?, who).await?))
 }
 
 /// The kind a route serves, as a type so one handler serves both URL families.
@@ -99,8 +98,10 @@ struct SessionList {
 
 async fn list<K: Kind>(
     State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionList>, ApiError> {
+    let caller = caller(&m, &headers).await?;
     let Query(q) =
         query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
     let limit = match q.limit {
@@ -112,7 +113,9 @@ async fn list<K: Kind>(
             )));
         }
     };
-    let page = m.list(K::KIND, q.cursor.as_deref(), limit).await?;
+    let page = m
+        .list(K::KIND, q.cursor.as_deref(), limit, caller.as_ref())
+        .await?;
     Ok(Json(SessionList {
         sessions: page.records,
         next: page.next,
@@ -121,16 +124,20 @@ async fn list<K: Kind>(
 
 async fn get_session<K: Kind>(
     State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<agentcube_types::SessionRecord>, ApiError> {
-    Ok(Json(m.find(K::KIND, &id).await?))
+    let caller = caller(&m, &headers).await?;
+    Ok(Json(m.find(K::KIND, &id, caller.as_ref()).await?))
 }
 
 async fn delete_session<K: Kind>(
     State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<MessageBody>, ApiError> {
-    m.delete(K::KIND, &id).await?;
+    let caller = caller(&m, &headers).await?;
+    m.delete(K::KIND, &id, caller.as_ref()).await?;
     Ok(Json(MessageBody {
         message: "Sandbox deleted successfully".into(),
     }))

@@ -13,6 +13,9 @@ pub enum ApiError {
     /// Malformed or incomplete request (upstream texts: `Invalid request body`, `name is required`).
     #[error("{0}")]
     BadRequest(String),
+    /// No or a bad caller token, or a bad identity token (upstream texts).
+    #[error("{0}")]
+    Unauthorized(String),
     /// Unknown definition or session; the message is upstream's text.
     #[error("{0}")]
     NotFound(String),
@@ -35,6 +38,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -257,6 +257,7 @@ mod tests {
             create_timeout: Duration::from_secs(120),
             metrics: Arc::default(),
             admission: Default::default(),
+            auth: Arc::new(crate::auth::CallerAuth::Off),
         });
         let gc = Gc {
             manager,

@@ -8,9 +8,10 @@
 //!    (agent-sandbox objects in a cluster, whose CRs, warm pools and Router key it follows).
 //! 2. [`WorkloadManager::start`] takes the platform's definitions, key and pools as they are,
 //!    reconciles the store with its sandboxes and starts the [`gc`] loop.
-//! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}` and
+//! 3. [`api::app`] serves `POST /v1/{code-interpreter,agent-runtime}`, the session reads and
 //!    `DELETE /v1/*/sessions/{id}` through [`sessions::Manager`]: placeholder record → sandbox →
-//!    ready record, rolled back on failure, timeout (504) or a vanished client.
+//!    ready record, rolled back on failure, timeout (504) or a vanished client. [`auth`] says
+//!    who calls (TokenReview or a static token) and which end user a Router vouches for.
 //! 4. At start, [`reconcile`] deletes records whose sandbox is gone and sandboxes without a
 //!    record; every [`gc`] run also reclaims sandboxes that died on their own.
 //! 5. On shutdown every sandbox this process started is removed.
@@ -23,6 +24,7 @@ use std::time::Duration;
 use agentcube_store::SessionStore;
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod definitions;
 pub mod error;
@@ -46,6 +48,8 @@ pub struct Config {
     pub limits: agentcube_serve::Limits,
     /// Caps on live sessions.
     pub admission: sessions::Admission,
+    /// Caller authentication of the API (`--enable-auth`, or `agentcube up`'s token).
+    pub auth: Arc<auth::CallerAuth>,
 }
 
 impl Default for Config {
@@ -55,6 +59,7 @@ impl Default for Config {
             create_timeout: Duration::from_secs(120),
             limits: agentcube_serve::Limits::default(),
             admission: sessions::Admission::default(),
+            auth: Arc::new(auth::CallerAuth::Off),
         }
     }
 }
@@ -93,6 +98,7 @@ impl WorkloadManager {
             create_timeout: config.create_timeout,
             metrics: Arc::new(metrics::Metrics::default()),
             admission: config.admission,
+            auth: config.auth.clone(),
         });
         match reconcile::run(&manager, jiff::Timestamp::now()).await {
             Ok(r) => tracing::info!(

@@ -71,6 +71,17 @@ struct Args {
     /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// Authenticate callers with Kubernetes TokenReview (ServiceAccount tokens, upstream's
+    /// `--enable-auth`); sessions are then visible and deletable only by their creator.
+    #[arg(long, env = "AGENTCUBE_ENABLE_AUTH")]
+    enable_auth: bool,
+    /// With --enable-auth: members of this group may read and delete every session.
+    #[arg(long, env = "AGENTCUBE_AUTH_ADMIN_GROUP", default_value = "")]
+    auth_admin_group: String,
+    /// Require this static bearer token from every caller instead (for hosts without
+    /// Kubernetes); its holder is an administrator.
+    #[arg(long, env = "AGENTCUBE_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -130,18 +141,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?,
         "kubernetes" => {
-            let mut kc = kube::Config::infer()
-                .await
-                .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
-            // Named in the API server's audit log (and checked against the chart's RBAC in tests).
-            kc.headers.push((
-                http::header::USER_AGENT,
-                http::HeaderValue::from_static(concat!(
-                    "agentcube-workload-manager/",
-                    env!("CARGO_PKG_VERSION")
-                )),
-            ));
-            let client = kube::Client::try_from(kc)?;
+            let client = kube_client().await?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.default_runtime_class = args.runtime_class_name.clone();
             kc.fixed_key = public_key;
@@ -160,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             .limits(10_000)
             .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1),
         admission: args.admission.admission(),
+        auth: std::sync::Arc::new(caller_auth(&args).await?),
     };
     let wm = WorkloadManager::start(config, store, platform).await?;
     if args.metrics_port != 0 {
@@ -176,6 +177,38 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");
     agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await
+}
+
+/// The cluster's client (in-cluster or KUBECONFIG), named in the API server's audit log.
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    let mut kc = kube::Config::infer()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    kc.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!(
+            "agentcube-workload-manager/",
+            env!("CARGO_PKG_VERSION")
+        )),
+    ));
+    Ok(kube::Client::try_from(kc)?)
+}
+
+/// `--enable-auth` (TokenReview) or `--auth-token`, never both.
+async fn caller_auth(args: &Args) -> anyhow::Result<agentcube_workload_manager::auth::CallerAuth> {
+    use agentcube_workload_manager::auth::{CallerAuth, TokenReviewer};
+    let token = args.auth_token.clone().filter(|t| !t.is_empty());
+    Ok(match (args.enable_auth, token) {
+        (true, Some(_)) => anyhow::bail!("--enable-auth and --auth-token exclude each other"),
+        (true, None) => {
+            let client = kube_client().await.context("--enable-auth (TokenReview)")?;
+            let group = Some(args.auth_admin_group.clone());
+            tracing::info!("callers authenticated by TokenReview");
+            CallerAuth::TokenReview(TokenReviewer::new(client, group))
+        }
+        (false, Some(t)) => CallerAuth::Token(t),
+        (false, None) => CallerAuth::Off,
+    })
 }
 
 /// How often the local backend's manifest directory is checked for changes.

@@ -27,6 +27,25 @@ pub struct Manager {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Caps on live sessions.
     pub admission: Admission,
+    /// Who may call the API.
+    pub auth: Arc<crate::auth::CallerAuth>,
+}
+
+/// Who asks for a session: the authenticated caller (`createdBy`) and the end user a Router
+/// vouches for (`ownerId`).
+#[derive(Debug, Clone, Default)]
+pub struct Requester {
+    pub caller: Option<crate::auth::Caller>,
+    pub owner: Option<String>,
+}
+
+/// Whether `caller` may see a record: everyone when authentication is off, admins always,
+/// others only what they created.
+fn visible(caller: Option<&crate::auth::Caller>, record: &SessionRecord) -> bool {
+    match caller {
+        None => true,
+        Some(c) => c.admin || record.created_by.as_deref() == Some(c.name.as_str()),
+    }
 }
 
 /// Caps on live sessions (placeholders included); `None`: no cap.
@@ -99,6 +118,7 @@ impl Manager {
         self: &Arc<Self>,
         kind: WorkloadKind,
         req: CreateSandboxRequest,
+        who: Requester,
     ) -> Result<CreateSandboxResponse, ApiError> {
         if req.namespace.is_empty() {
             return Err(ApiError::BadRequest("namespace is required".into()));
@@ -129,7 +149,7 @@ impl Manager {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = this
-                .create_session(kind, &req.namespace, workload, ttl)
+                .create_session(kind, &req.namespace, workload, ttl, who)
                 .await;
             let refused = matches!(result, Err(ApiError::TooMany(_)));
             if !refused {
@@ -158,6 +178,7 @@ impl Manager {
         namespace: &str,
         workload: Workload,
         ttl: Option<std::time::Duration>,
+        who: Requester,
     ) -> Result<CreateSandboxResponse, ApiError> {
         let session_id = uuid::Uuid::new_v4().to_string();
         tracing::Span::current().record("session_id", session_id.as_str());
@@ -173,6 +194,8 @@ impl Manager {
         record.kind = planned;
         record.workload_kind = Some(kind);
         record.workload_name = Some(workload.name().to_string());
+        record.owner_id = who.owner.clone();
+        record.created_by = who.caller.map(|c| c.name);
         self.store.insert(&record, now).await?;
         // Counted with our own placeholder in: concurrent creates can never overshoot a cap
         // together (at worst both are refused), and a refusal leaves nothing behind.
@@ -187,6 +210,7 @@ impl Manager {
             name: name.clone(),
             workload,
             public_key: self.public_key.get(),
+            owner: who.owner.clone(),
             shutdown_time,
         };
         let sandbox =
@@ -221,7 +245,7 @@ impl Manager {
             sandbox_id: sandbox.id,
             sandbox_name: sandbox.name,
             entry_points: sandbox.entry_points,
-            owner_id: None,
+            owner_id: who.owner,
             sandbox_identity: Some(sandbox.identity),
         })
     }
@@ -263,8 +287,13 @@ impl Manager {
 
     /// `DELETE /v1/{kind}/sessions/{id}`: the sandbox first, then the record. A session created
     /// for the other kind is not found on this kind's route.
-    pub async fn delete(&self, kind: WorkloadKind, session_id: &str) -> Result<(), ApiError> {
-        let record = self.find(kind, session_id).await.map_err(|e| match e {
+    pub async fn delete(
+        &self,
+        kind: WorkloadKind,
+        session_id: &str,
+        caller: Option<&crate::auth::Caller>,
+    ) -> Result<(), ApiError> {
+        let record = self.find(kind, session_id, caller).await.map_err(|e| match e {
             ApiError::NotFound(_) => ApiError::NotFound(format!(
                 "Session ID {session_id} not found, maybe already deleted"
             )),
@@ -275,16 +304,18 @@ impl Manager {
         Ok(())
     }
 
-    /// `GET /v1/{kind}/sessions/{id}`: the stored record, if it exists and is of `kind`.
-    /// Records written by upstream components carry no kind and are found on either route.
+    /// `GET /v1/{kind}/sessions/{id}`: the stored record, if it exists, is of `kind` and the
+    /// caller may see it (others' sessions are "not found", never "forbidden"). Records written
+    /// by upstream components carry no kind and are found on either route.
     pub async fn find(
         &self,
         kind: WorkloadKind,
         session_id: &str,
+        caller: Option<&crate::auth::Caller>,
     ) -> Result<SessionRecord, ApiError> {
         let not_found = || ApiError::NotFound(format!("Session ID {session_id} not found"));
         match self.store.get(session_id).await {
-            Ok(r) if r.workload_kind.is_none_or(|k| k == kind) => Ok(r),
+            Ok(r) if r.workload_kind.is_none_or(|k| k == kind) && visible(caller, &r) => Ok(r),
             Ok(_)
             | Err(agentcube_store::Error::NotFound | agentcube_store::Error::InvalidId(_)) => {
                 Err(not_found())
@@ -293,15 +324,19 @@ impl Manager {
         }
     }
 
-    /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind`, oldest first, from the
-    /// store's kind index (never a scan of every key).
+    /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind` the caller may see,
+    /// oldest first, from the store's kind (or kind-and-creator) index, never a scan.
     pub async fn list(
         &self,
         kind: WorkloadKind,
         cursor: Option<&str>,
         limit: usize,
+        caller: Option<&crate::auth::Caller>,
     ) -> Result<agentcube_store::Page, ApiError> {
-        let scope = agentcube_store::Scope::Kind(kind);
+        let scope = match caller {
+            Some(c) if !c.admin => agentcube_store::Scope::KindCreator(kind, c.name.clone()),
+            _ => agentcube_store::Scope::Kind(kind),
+        };
         match self.store.list_page(&scope, cursor, limit).await {
             Err(agentcube_store::Error::BadCursor(c)) => Err(ApiError::BadRequest(format!(
                 "invalid continue token {c:?}: pass back the one a previous page returned"

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import requests
 
-from agentcube.auth import AuthProvider
+from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.exceptions import HTTPSessionError, HTTPSessionNotFoundError
 
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -46,7 +46,7 @@ class ControlPlaneClient:
                 "Workload Manager URL must be provided via 'workload_manager_url' or the "
                 "WORKLOAD_MANAGER_URL environment variable."
             )
-        self.auth = auth
+        self.auth = resolve_auth(auth, None)
         self.timeout = (connect_timeout, timeout)
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"

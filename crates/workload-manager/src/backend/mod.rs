@@ -26,6 +26,8 @@ pub struct SandboxRequest {
     pub workload: Workload,
     /// Router public key (PEM) injected as `PICOD_AUTH_PUBLIC_KEY`, when the workload needs it.
     pub public_key: Option<String>,
+    /// The end user who owns the session (OIDC `sub`), put on the sandbox's objects.
+    pub owner: Option<String>,
     /// The record's `expiresAt` (`now` + the ttl or `maxSessionDuration`): when the platform
     /// may stop the sandbox; `None` when the session has no maximum lifetime.
     pub shutdown_time: Option<jiff::Timestamp>,

@@ -263,7 +263,7 @@ impl Backend for KubernetesBackend {
             session_id: &req.session_id,
             name: &req.name,
             namespace: &req.namespace,
-            owner: None,
+            owner: req.owner.as_deref(),
             shutdown_time: req.shutdown_time,
             public_key: req.public_key.as_deref(),
             default_runtime_class: &self.config.default_runtime_class,
