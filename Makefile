@@ -41,6 +41,7 @@ deps:
 	$(STEP) install-deps scripts/install-deps.sh
 	$(STEP) fetch-helm sh -c 'scripts/fetch-helm.sh >/dev/null'
 	$(STEP) build-kube scripts/build-kube.sh
+	$(STEP) build-oidc scripts/build-oidc.sh
 
 ## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
 kube:

@@ -305,3 +305,34 @@ def stack():
         pass
     if not os.environ.get("AGENTCUBE_E2E_KEEP"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url():
+    port = _free_port()
+    tmp = tempfile.mkdtemp()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def start_up(tmp: Path, store: str | None, *extra, env=None):
+    """A second `agentcube up` (examples/ manifests) on free ports: (process, WM URL, Router URL);
+    its output is in `tmp/up-<wm port>.log`. `store` None: the in-memory store."""
+    wm, router = _free_port(), _free_port()
+    log = tmp / f"up-{wm}.log"
+    store_args = ["--store", store] if store else []
+    proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"), "--wm-port", str(wm),
+                             "--router-port", str(router), "--metrics-port", "0", "--state-dir", str(tmp / "state"),
+                             "--gc-interval", "1s", *store_args, *extra],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    _wait_healthy([f"http://127.0.0.1:{wm}/health", f"http://127.0.0.1:{router}/health/ready"], [proc], [log])
+    return proc, f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, _binary, _free_port, _wait_healthy
+from conftest import REPO, _binary, _free_port, _wait_healthy, start_up
 
 
 def url(stack, ns, kind, name, path):
@@ -95,34 +95,6 @@ def test_a_sandbox_whose_picod_is_killed_is_reclaimed(stack):
         time.sleep(0.3)
     assert status == 404, "the dead sandbox's session should be gone"
     assert name not in stack.sandboxes()
-
-
-@pytest.fixture
-def redis_url():
-    port = _free_port()
-    tmp = tempfile.mkdtemp()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
-
-
-def start_up(tmp: Path, store: str, *extra):
-    wm, router = _free_port(), _free_port()
-    log = tmp / f"up-{wm}.log"
-    proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"), "--wm-port", str(wm),
-                             "--router-port", str(router), "--metrics-port", "0", "--state-dir", str(tmp / "state"),
-                             "--gc-interval", "1s",
-                             "--store", store, *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
-    _wait_healthy([f"http://127.0.0.1:{wm}/health", f"http://127.0.0.1:{router}/health/ready"], [proc], [log])
-    return proc, f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
 
 
 def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url):

@@ -230,7 +230,8 @@ impl Signer {
         audience: Option<&str>,
         now: i64,
     ) -> Result<std::sync::Arc<str>, jsonwebtoken::errors::Error> {
-        self.cached(session_id, audience, None, now).map(|c| c.token)
+        self.cached(session_id, audience, None, now)
+            .map(|c| c.token)
     }
 
     /// `Bearer <token>` as a header value, built once per token (the hot path's form). With an
@@ -243,7 +244,8 @@ impl Signer {
         user: Option<&crate::oidc::Caller>,
         now: i64,
     ) -> Result<http::HeaderValue, jsonwebtoken::errors::Error> {
-        self.cached(session_id, audience, user, now).map(|c| c.header)
+        self.cached(session_id, audience, user, now)
+            .map(|c| c.header)
     }
 
     fn cached(

@@ -72,7 +72,10 @@ pub enum Authn {
 
 impl Authn {
     /// The caller of a request, or the 401/403 to answer.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Arc<Caller>, RouterError> {
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<Arc<Caller>, RouterError> {
         let token = bearer(headers)?;
         match self {
             Self::Oidc(o) => o.authenticate(token).await,
@@ -103,11 +106,13 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, RouterError> {
     let v = v
         .to_str()
         .map_err(|_| RouterError::Unauthorized("invalid authorization header format"))?;
-    let (scheme, token) = v
-        .split_once(' ')
-        .ok_or(RouterError::Unauthorized("invalid authorization header format"))?;
+    let (scheme, token) = v.split_once(' ').ok_or(RouterError::Unauthorized(
+        "invalid authorization header format",
+    ))?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(RouterError::Unauthorized("invalid authorization header format"));
+        return Err(RouterError::Unauthorized(
+            "invalid authorization header format",
+        ));
     }
     let token = token.trim();
     if token.is_empty() {
@@ -185,7 +190,12 @@ impl Oidc {
             http,
             jwks_uri: doc.jwks_uri,
             keys: RwLock::new(keys),
-            refetch: tokio::sync::Mutex::new(Instant::now()),
+            // The first unknown `kid` may refetch at once.
+            refetch: tokio::sync::Mutex::new(
+                Instant::now()
+                    .checked_sub(REFETCH_EVERY)
+                    .unwrap_or_else(Instant::now),
+            ),
             verified: Mutex::new(HashMap::new()),
         })
     }
@@ -321,7 +331,11 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-    anyhow::ensure!(resp.status().is_success(), "{url} answered {}", resp.status());
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}",
+        resp.status()
+    );
     resp.json()
         .await
         .map_err(|e| anyhow::anyhow!("{url} did not answer the expected JSON: {e}"))
@@ -356,10 +370,9 @@ async fn fetch_keys(http: &reqwest::Client, url: &str) -> anyhow::Result<Keys> {
 /// The roles at a dot path; a top-level key spelled like the whole path wins (Okta `groups`,
 /// claims with dots in their names). Non-strings are dropped; anything but an array is none.
 pub fn roles(claims: &serde_json::Value, path: &str) -> Vec<String> {
-    let value = claims.get(path).or_else(|| {
-        path.split('.')
-            .try_fold(claims, |v, part| v.get(part))
-    });
+    let value = claims
+        .get(path)
+        .or_else(|| path.split('.').try_fold(claims, |v, part| v.get(part)));
     value
         .and_then(|v| v.as_array())
         .map(|a| {
@@ -401,8 +414,14 @@ mod tests {
             msg(bearer(&http::HeaderMap::new())),
             "missing authorization header"
         );
-        assert_eq!(msg(bearer(&h("Basic abc"))), "invalid authorization header format");
-        assert_eq!(msg(bearer(&h("Bearer"))), "invalid authorization header format");
+        assert_eq!(
+            msg(bearer(&h("Basic abc"))),
+            "invalid authorization header format"
+        );
+        assert_eq!(
+            msg(bearer(&h("Bearer"))),
+            "invalid authorization header format"
+        );
         assert_eq!(msg(bearer(&h("Bearer  "))), "empty bearer token");
         assert_eq!(bearer(&h("bearer abc")).unwrap(), "abc");
         assert_eq!(bearer(&h("BEARER abc")).unwrap(), "abc");

@@ -120,7 +120,11 @@ impl Resolver {
             session_id: session_id.into(),
             entry_points: record.entry_points().to_vec().into(),
             identity: record.sandbox_identity.as_deref().map(Arc::from),
-            owner: record.owner_id.as_deref().filter(|o| !o.is_empty()).map(Arc::from),
+            owner: record
+                .owner_id
+                .as_deref()
+                .filter(|o| !o.is_empty())
+                .map(Arc::from),
             workload: match (record.workload_kind, record.workload_name) {
                 (Some(kind), Some(name)) => Some(Arc::new(Workload {
                     kind,

@@ -297,7 +297,10 @@ async fn handle(
 
 /// Session ownership (spec §1.9, RLAC): admins use any session; a session without an owner is
 /// refused (fail-closed, as upstream); otherwise only its owner may use it.
-fn check_owner(target: &crate::resolve::Target, caller: &crate::oidc::Caller) -> Result<(), RouterError> {
+fn check_owner(
+    target: &crate::resolve::Target,
+    caller: &crate::oidc::Caller,
+) -> Result<(), RouterError> {
     if caller.is_admin() {
         return Ok(());
     }

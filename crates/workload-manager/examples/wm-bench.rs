@@ -77,7 +77,11 @@ async fn main() -> anyhow::Result<()> {
         }
         let t0 = Instant::now();
         let s = m
-            .create(WorkloadKind::CodeInterpreter, req("warm"), Default::default())
+            .create(
+                WorkloadKind::CodeInterpreter,
+                req("warm"),
+                Default::default(),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         warm.push(t0.elapsed());
@@ -90,7 +94,11 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..40 {
         let t0 = Instant::now();
         let s = m
-            .create(WorkloadKind::CodeInterpreter, req("cold"), Default::default())
+            .create(
+                WorkloadKind::CodeInterpreter,
+                req("cold"),
+                Default::default(),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         cold.push(t0.elapsed());

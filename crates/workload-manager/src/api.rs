@@ -7,8 +7,8 @@ use agentcube_types::api::{
     CreateSandboxRequest, CreateSandboxResponse, MessageBody, WorkloadKind,
 };
 use axum::body::Bytes;
-use axum::http::HeaderMap;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 

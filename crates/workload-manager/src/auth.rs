@@ -55,7 +55,10 @@ impl std::fmt::Debug for CallerAuth {
 
 impl CallerAuth {
     /// The caller of a request (`None` when authentication is off), or the 401 to answer.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Caller>, ApiError> {
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Caller>, ApiError> {
         if matches!(self, Self::Off) {
             return Ok(None);
         }
@@ -182,13 +185,16 @@ struct IdentityClaims {
 /// The end user a Router-signed identity token names (`None` without the header): RS256 with the
 /// Router's public key, `exp` required, `iss` the Router, `aud` exactly `workloadmanager`, `sub`
 /// non-empty. 401 `invalid identity token` otherwise; 503 while the key is not known yet.
-pub fn end_user(headers: &http::HeaderMap, router_key: Option<&str>) -> Result<Option<String>, ApiError> {
+pub fn end_user(
+    headers: &http::HeaderMap,
+    router_key: Option<&str>,
+) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(agentcube_types::headers::USER_IDENTITY) else {
         return Ok(None);
     };
     let invalid = || ApiError::Unauthorized("invalid identity token".into());
-    let pem = router_key
-        .ok_or_else(|| ApiError::Unavailable("identity verifier not ready".into()))?;
+    let pem =
+        router_key.ok_or_else(|| ApiError::Unavailable("identity verifier not ready".into()))?;
     let key = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| invalid())?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_audience(&[IDENTITY_AUDIENCE]);
@@ -238,12 +244,24 @@ mod tests {
         assert!(ok.admin);
         for (h, want) in [
             (vec![], "Missing authorization header"),
-            (vec![("authorization", "bearer s3cret")], "Invalid authorization header format"),
-            (vec![("authorization", "Bearer a b")], "Invalid authorization header format"),
-            (vec![("authorization", "Bearer wrong")], "Invalid or expired token"),
+            (
+                vec![("authorization", "bearer s3cret")],
+                "Invalid authorization header format",
+            ),
+            (
+                vec![("authorization", "Bearer a b")],
+                "Invalid authorization header format",
+            ),
+            (
+                vec![("authorization", "Bearer wrong")],
+                "Invalid or expired token",
+            ),
         ] {
             assert_eq!(message(auth.authenticate(&headers(&h)).await), want);
         }
-        assert_eq!(CallerAuth::Off.authenticate(&headers(&[])).await.unwrap(), None);
+        assert_eq!(
+            CallerAuth::Off.authenticate(&headers(&[])).await.unwrap(),
+            None
+        );
     }
 }

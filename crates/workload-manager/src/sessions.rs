@@ -293,12 +293,15 @@ impl Manager {
         session_id: &str,
         caller: Option<&crate::auth::Caller>,
     ) -> Result<(), ApiError> {
-        let record = self.find(kind, session_id, caller).await.map_err(|e| match e {
-            ApiError::NotFound(_) => ApiError::NotFound(format!(
-                "Session ID {session_id} not found, maybe already deleted"
-            )),
-            e => e,
-        })?;
+        let record = self
+            .find(kind, session_id, caller)
+            .await
+            .map_err(|e| match e {
+                ApiError::NotFound(_) => ApiError::NotFound(format!(
+                    "Session ID {session_id} not found, maybe already deleted"
+                )),
+                e => e,
+            })?;
         self.delete_record(&record).await?;
         self.metrics.deleted(kind);
         Ok(())

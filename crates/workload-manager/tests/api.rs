@@ -494,3 +494,89 @@ async fn an_agent_runtime_without_max_session_duration_has_no_maximum_lifetime()
     assert_eq!(s.delete(&short).await.0, 200);
     s.shutdown_and_check_leaks().await;
 }
+
+#[tokio::test]
+async fn the_static_token_and_the_routers_identity_header_are_checked() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        auth_token: Some("s3cret-token".into()),
+        ..Default::default()
+    })
+    .await;
+    let post = |token: Option<&str>, identity: Option<String>| {
+        let mut r = s
+            .http
+            .post(format!("{}/v1/code-interpreter", s.url))
+            .json(&json!({"name": "ci", "namespace": "default"}));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(i) = identity {
+            r = r.header("x-agentcube-user-identity", i);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    assert_eq!(
+        post(None, None).await,
+        (401, json!({"message": "Missing authorization header"}))
+    );
+    assert_eq!(
+        post(Some("wrong"), None).await,
+        (401, json!({"message": "Invalid or expired token"}))
+    );
+    // An identity the Router signed names the end user; anything else is refused.
+    let now = jiff::Timestamp::now().as_second();
+    let sign = |claims: serde_json::Value, key: &str| {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap();
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let good = json!({"iss": "agentcube-router", "iat": now, "exp": now + 300, "sub": "alice", "aud": "workloadmanager"});
+    let other_key = include_str!("../../picod/tests/data/other.key.pem");
+    let mut wrong_aud = good.clone();
+    wrong_aud["aud"] = json!("somebody-else");
+    let mut expired = good.clone();
+    expired["exp"] = json!(now - 120);
+    let mut no_sub = good.clone();
+    no_sub["sub"] = json!("");
+    for bad in [
+        sign(good.clone(), other_key),
+        sign(wrong_aud, ROUTER_KEY),
+        sign(expired, ROUTER_KEY),
+        sign(no_sub, ROUTER_KEY),
+        "garbage".to_string(),
+    ] {
+        assert_eq!(
+            post(Some("s3cret-token"), Some(bad)).await,
+            (401, json!({"message": "invalid identity token"}))
+        );
+    }
+    assert_eq!(
+        s.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        0
+    );
+    let (st, v) = post(Some("s3cret-token"), Some(sign(good, ROUTER_KEY))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ownerId"], "alice");
+    let rec = s.store.get(v["sessionId"].as_str().unwrap()).await.unwrap();
+    assert_eq!(
+        (rec.owner_id.as_deref(), rec.created_by.as_deref()),
+        (Some("alice"), Some("local"))
+    );
+    // The token holder is an administrator: reads and deletes work, without the token they do not.
+    let one = format!("{}/v1/code-interpreter/sessions/{}", s.url, rec.session_id);
+    assert_eq!(s.http.get(&one).send().await.unwrap().status(), 401);
+    let r = s
+        .http
+        .delete(&one)
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.shutdown_and_check_leaks().await;
+}

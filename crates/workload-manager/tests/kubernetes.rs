@@ -372,3 +372,125 @@ spec:
         Err(agentcube_store::Error::NotFound)
     ));
 }
+
+/// A service account's token from the API server (TokenRequest), creating the account (and its
+/// namespace) first.
+async fn sa_token(client: &kube::Client, ns: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use kube::api::PostParams;
+    let pp = PostParams::default();
+    let _ = Api::<Namespace>::all(client.clone())
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    let _ = sas
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await;
+    let req: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
+    let done = sas.create_token_request(name, &pp, &req).await.unwrap();
+    done.status.unwrap().token
+}
+
+#[tokio::test]
+async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        auth_admin_group: Some("system:serviceaccounts:agentcube-admins".into()),
+        ..Default::default()
+    })
+    .await;
+    let alice = sa_token(&k.client, "default", "alice").await;
+    let bob = sa_token(&k.client, "default", "bob").await;
+    let root = sa_token(&k.client, "agentcube-admins", "root").await;
+    let call = |method: reqwest::Method, path: String, token: Option<&str>| {
+        let mut r = k.http.request(method, format!("{}{path}", k.url));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r
+                .json(&json!({"name": "od", "namespace": "default"}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    use reqwest::Method;
+    let create = "/v1/code-interpreter".to_string();
+    // Without a valid service-account token nothing is created.
+    let message = |v: serde_json::Value| v["message"].as_str().unwrap_or_default().to_string();
+    let (st, v) = call(Method::POST, create.clone(), None).await;
+    assert_eq!(
+        (st, message(v)),
+        (401, "Missing authorization header".into())
+    );
+    let (st, v) = call(Method::POST, create.clone(), Some("not-a-token")).await;
+    assert_eq!((st, message(v)), (401, "Invalid or expired token".into()));
+    assert_eq!(
+        k.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        0
+    );
+
+    let (st, v) = call(Method::POST, create.clone(), Some(&alice)).await;
+    assert_eq!(st, 200, "{v}");
+    let sid = v["sessionId"].as_str().unwrap().to_string();
+    let rec = k.store.get(&sid).await.unwrap();
+    assert_eq!(
+        rec.created_by.as_deref(),
+        Some("system:serviceaccount:default:alice")
+    );
+    let one = format!("/v1/code-interpreter/sessions/{sid}");
+    let list = "/v1/code-interpreter/sessions".to_string();
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["sessionId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Bob cannot see, find or delete it: 404, as if it did not exist.
+    assert_eq!(call(Method::GET, one.clone(), Some(&bob)).await.0, 404);
+    assert!(ids(&call(Method::GET, list.clone(), Some(&bob)).await.1).is_empty());
+    assert_eq!(call(Method::DELETE, one.clone(), Some(&bob)).await.0, 404);
+    assert!(k.store.get(&sid).await.is_ok(), "still there");
+    // Its creator and an administrator can.
+    assert_eq!(call(Method::GET, one.clone(), Some(&alice)).await.0, 200);
+    assert_eq!(
+        ids(&call(Method::GET, list.clone(), Some(&alice)).await.1),
+        [sid.clone()]
+    );
+    assert_eq!(
+        ids(&call(Method::GET, list.clone(), Some(&root)).await.1),
+        [sid.clone()]
+    );
+    assert_eq!(call(Method::GET, one.clone(), Some(&root)).await.0, 200);
+    // Answers are cached: one TokenReview per token however many calls.
+    let reviews = cluster()
+        .audit_events()
+        .iter()
+        .skip(k.audit_start)
+        .filter(|e| e["objectRef"]["resource"] == "tokenreviews" && e["verb"] == "create")
+        .count();
+    assert_eq!(
+        reviews, 4,
+        "alice, bob, root and the refused token, once each"
+    );
+    assert_eq!(call(Method::DELETE, one.clone(), Some(&alice)).await.0, 200);
+    assert!(k.store.get(&sid).await.is_err());
+    assert_eq!(k.stop().await, 0, "no pod process left");
+}

@@ -2,6 +2,7 @@
 //! Router, test upstreams, and a store (memory or a real redis-server).
 #![allow(dead_code)]
 
+pub mod hydra;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -53,6 +53,8 @@ pub struct KubeOptions {
     pub runtime_class: String,
     /// CRs (YAML documents) applied before the Workload Manager starts.
     pub manifests: String,
+    /// `--enable-auth` with this admin group (TokenReview against the test API server).
+    pub auth_admin_group: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -63,6 +65,7 @@ impl Default for KubeOptions {
             gc_interval: Duration::from_secs(3600),
             runtime_class: String::new(),
             manifests: String::new(),
+            auth_admin_group: None,
         }
     }
 }
@@ -264,9 +267,16 @@ impl KubeStack {
             "discovery picks what the cluster serves"
         );
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let auth = match opts.auth_admin_group {
+            Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(
+                agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group)),
+            ),
+            None => agentcube_workload_manager::auth::CallerAuth::Off,
+        };
         let config = Config {
             gc_interval: opts.gc_interval,
             create_timeout: opts.create_timeout,
+            auth: Arc::new(auth),
             ..Config::default()
         };
         let wm = WorkloadManager::start(config, store.clone(), backend.platform())

@@ -51,6 +51,8 @@ pub struct Options {
     pub memory_budget: Option<u64>,
     /// Reuse this directory (state, manifests) instead of a fresh one: a restart.
     pub dir: Option<tempfile::TempDir>,
+    /// Require this static bearer token from callers.
+    pub auth_token: Option<String>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             admission: Default::default(),
             memory_budget: agentcube_workload_manager::backend::local::host_memory(),
             dir: None,
+            auth_token: None,
         }
     }
 }
@@ -101,6 +104,10 @@ impl Stack {
             gc_interval: opts.gc_interval,
             create_timeout: opts.create_timeout,
             admission: opts.admission,
+            auth: Arc::new(match opts.auth_token.clone() {
+                Some(t) => agentcube_workload_manager::auth::CallerAuth::Token(t),
+                None => agentcube_workload_manager::auth::CallerAuth::Off,
+            }),
             ..Default::default()
         };
         let platform = backend
