@@ -1,6 +1,8 @@
 """HTTP-level: the `router` binary against nginx, both proxying to the same PicoD, all separate
 processes, driven by wrk (keep-alive). Added latency (p50/p99 at 1 connection) and saturation
-throughput (32 connections) for both, as ratios against the same run's baselines."""
+throughput (32 connections) for both, as ratios against the same run's baselines. Also a second
+router with OIDC on (Ory Hydra as the issuer, one bearer token reused as a client would): what
+end-user authentication adds per request."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import subprocess
 import sys
 import time
 
-from harness import Table, binary, free_port, procs, wait_http, wrk
+import requests
+
+from harness import REPO, Table, binary, free_port, procs, wait_http, wrk
+
+HYDRA = REPO / ".cache/oidc/bin/hydra"
 
 SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 
@@ -61,23 +67,32 @@ def main() -> None:
                           "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
                           "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
                          env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        oidc_port, bearer = free_port(), oidc_token(p)
+        oidc = p.start([binary("router"), "--port", str(oidc_port), "--bind", "127.0.0.1", "--metrics-port", "0",
+                        "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
+                        "--store", f"redis://127.0.0.1:{redis_port}", "--jwt-issuer-url", bearer[0],
+                        "--jwt-role-claim", "scp", "--jwt-required-role", "sandbox:invoke"], "router-oidc.log",
+                       env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
         (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
         wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
+        wait_http(f"http://127.0.0.1:{oidc_port}/health/ready", proc=oidc)
         del redis
         urls = {
             "direct": (f"http://127.0.0.1:{picod_port}/health", {}),
             "nginx": (f"http://127.0.0.1:{nginx_port}/health", {}),
             "router": (f"http://127.0.0.1:{router_port}/v1/namespaces/default/code-interpreters/bench/invocations/health",
                        {"x-agentcube-session-id": "s1"}),
+            "router+oidc": (f"http://127.0.0.1:{oidc_port}/v1/namespaces/default/code-interpreters/bench/invocations/health",
+                            {"x-agentcube-session-id": "s1", "Authorization": f"Bearer {bearer[1]}"}),
         }
         for name, (url, h) in urls.items():  # warm up connections and caches
             wrk(url, 4, 2, h)
         lat = {n: wrk(u, 1, SECS, h) for n, (u, h) in urls.items()}
         sat = {n: wrk(u, 32, SECS, h, threads=2) for n, (u, h) in urls.items()}
     t = Table(f"HTTP proxying: router vs nginx to one PicoD (GET /health, wrk keep-alive, {SECS} s per run)")
-    for n in ("direct", "nginx", "router"):
+    for n in ("direct", "nginx", "router", "router+oidc"):
         t.row(f"{n}: p50 / p99 at c=1", f"{lat[n].p50_us:.0f} / {lat[n].p99_us:.0f} µs", f"errors {lat[n].errors}")
     add = {n: (lat[n].p50_us - lat["direct"].p50_us, lat[n].p99_us - lat["direct"].p99_us) for n in ("nginx", "router")}
     def us(v: float) -> str:  # a tail below the direct run's tail is noise, not a speed-up
@@ -87,11 +102,34 @@ def main() -> None:
     t.row("router added p50 / p99", f"{us(add['router'][0])} / {us(add['router'][1])} µs")
     ratio = add["router"][0] / add["nginx"][0] if add["nginx"][0] > 0 else float("nan")
     t.row("router added ÷ nginx added (p50)", f"{ratio:.2f}", "goal ≤ 1.0")
-    for n in ("direct", "nginx", "router"):
+    oidc_add = lat["router+oidc"].p50_us - lat["router"].p50_us
+    t.row("OIDC added over router (p50)", f"{us(oidc_add)} µs", "goal: microseconds (verified-token cache)")
+    for n in ("direct", "nginx", "router", "router+oidc"):
         t.row(f"{n}: saturation at c=32", f"{sat[n].rps:,.0f} req/s", f"errors {sat[n].errors}")
     t.row("router ÷ nginx saturation", f"{sat['router'].rps / sat['nginx'].rps:.2f}", "goal ≥ 1.0")
     t.row("router ÷ direct saturation", f"{sat['router'].rps / sat['direct'].rps:.2f}", "goal ≥ 0.6")
     t.print()
+
+
+def oidc_token(p) -> tuple[str, str]:
+    """Starts Ory Hydra and returns (issuer, an admin's access token for audience agentcube-api)."""
+    public, admin = free_port(), free_port()
+    issuer = f"http://127.0.0.1:{public}"
+    env = {"DSN": "memory", "SECRETS_SYSTEM": "agentcube-bench-secret-0123", "URLS_SELF_ISSUER": issuer,
+           "STRATEGIES_ACCESS_TOKEN": "jwt", "SERVE_PUBLIC_HOST": "127.0.0.1", "SERVE_PUBLIC_PORT": str(public),
+           "SERVE_ADMIN_HOST": "127.0.0.1", "SERVE_ADMIN_PORT": str(admin), "LOG_LEVEL": "warn"}
+    hydra = p.start([str(HYDRA), "serve", "all", "--dev"], "hydra.log", env=env, cwd=p.tmp)
+    wait_http(f"http://127.0.0.1:{admin}/health/ready", proc=hydra)
+    scope = "sandbox:invoke admin"
+    requests.post(f"http://127.0.0.1:{admin}/admin/clients", json={
+        "client_id": "bench", "client_secret": "bench-secret-0123456789", "grant_types": ["client_credentials"],
+        "scope": scope, "audience": ["agentcube-api"], "token_endpoint_auth_method": "client_secret_post"},
+        timeout=10).raise_for_status()
+    r = requests.post(f"{issuer}/oauth2/token", data={"grant_type": "client_credentials", "client_id": "bench",
+                      "client_secret": "bench-secret-0123456789", "scope": scope, "audience": "agentcube-api"},
+                      timeout=10)
+    r.raise_for_status()
+    return issuer, r.json()["access_token"]
 
 
 if __name__ == "__main__":

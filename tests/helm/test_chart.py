@@ -21,6 +21,8 @@ VARIANTS = {
     "redis-password": ["--set", "redis.password=s3cret"],
     "oidc": ["--set", "router.jwt.issuerUrl=https://idp.example/realms/agentcube",
              "--set", "router.jwt.roleClaim=realm_access.roles", "--set", "router.jwt.requiredRole=sandbox:invoke"],
+    "wm-auth": ["--set", "workloadmanager.auth.enabled=true",
+                "--set", "workloadmanager.auth.adminGroup=system:serviceaccounts:agentcube-admins"],
     "bundled-redis": ["--set", "bundledRedis.enabled=true"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
@@ -70,6 +72,9 @@ def test_rendered_manifests_validate_strict(env, variant, tmp_path):
     assert (("PodDisruptionBudget", "agentcube-router") in kinds) == (variant == "replicas")
     assert (("Deployment", "ac-redis") in kinds) == (variant == "bundled-redis")
     assert (("ServiceMonitor", "agentcube-router") in kinds) == (variant == "service-monitor")
+    wm_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "workloadmanager")
+    reviews = any("tokenreviews" in r["resources"] for r in wm_role["rules"])
+    assert reviews == (variant == "wm-auth"), "tokenreviews: create only with workloadmanager.auth.enabled"
     for d in docs:
         if d["kind"] == "Deployment":
             pod = d["spec"]["template"]["spec"]
