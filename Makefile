@@ -8,7 +8,7 @@ STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
 	$(CARGO) build --release -p agentcube -p agentcube-picod
-	./target/release/agentcube up --manifests examples --state-dir $(STATE_DIR)
+	"$${CARGO_TARGET_DIR:-target}/release/agentcube" up --manifests examples --state-dir $(STATE_DIR)
 
 ## test: install dependencies, check formatting and lints, build, run every test
 STEP = @scripts/step.sh

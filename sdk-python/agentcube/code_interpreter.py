@@ -118,7 +118,8 @@ class CodeInterpreterClient:
                     code = fixed
                 except SyntaxError:
                     pass
-            script, argv = f"script_{stamp}.py", ["python3"]
+            # -u: unbuffered, so on_output sees each line as it is printed.
+            script, argv = f"script_{stamp}.py", ["python3", "-u"]
         elif lang in _SHELL:
             script, argv = f"script_{stamp}.sh", ["bash"]
         else:

@@ -166,6 +166,7 @@ fn init_tracing(format: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let builder = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(level)
         .with_writer(std::io::stderr);
     if format == "json" {
