@@ -71,6 +71,15 @@ def test_streaming_output_to_a_callback(stack):
     assert all(s == "stdout" for s, _ in seen)
 
 
+def test_run_code_streams_python_output_as_it_is_printed(stack):
+    seen = []
+    with CodeInterpreterClient() as c:
+        code = "import time\nfor i in range(3):\n    print('tick', i)\n    time.sleep(0.3)\n"
+        out = c.run_code("python", code, on_output=lambda s, t: seen.append(t))
+    assert out == "tick 0\ntick 1\ntick 2\n"
+    assert len(seen) >= 2, f"Python's output should arrive line by line, not at exit: {seen}"
+
+
 def test_stop_deletes_the_session(stack):
     c = CodeInterpreterClient()
     sid = c.session_id
