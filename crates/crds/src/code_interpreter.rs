@@ -56,6 +56,11 @@ pub struct CodeInterpreterSpec {
     /// injected). `none`: no key is injected (the image must run PicoD without auth).
     #[serde(default)]
     pub auth_mode: AuthMode,
+    /// Network access of the sandboxes (upstream's proposal, PR #291). Present: deny all but the
+    /// Router's requests, DNS and these rules (Kubernetes: a NetworkPolicy, enforced by the CNI).
+    /// Absent: no policy (upstream: unrestricted; the local backend: no network at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<crate::NetworkPolicySpec>,
 }
 
 impl CodeInterpreterSpec {

@@ -22,8 +22,8 @@ pub enum Protocol {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = require_protocol)]
 pub struct TargetPort {
-    /// Request-path prefix that selects this port, e.g. `/` or `/mcp`. The Router picks the first
-    /// port whose prefix matches the invocation path, else the first port. The prefix is not
+    /// Request-path prefix that selects this port, e.g. `/` or `/mcp`. The Router picks the port
+    /// with the longest prefix of the invocation path, else the first port. The prefix is not
     /// stripped from the forwarded path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,

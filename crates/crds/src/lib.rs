@@ -14,6 +14,7 @@ pub mod code_interpreter;
 pub mod common;
 pub mod labels;
 pub mod manifest;
+pub mod network;
 pub mod sandbox;
 pub mod schema;
 
@@ -23,6 +24,7 @@ pub use code_interpreter::{
     CodeInterpreterStatus, ImagePullPolicy,
 };
 pub use common::{Protocol, TargetPort};
+pub use network::{NetworkPolicySpec, NetworkPort, NetworkProtocol, NetworkRule};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

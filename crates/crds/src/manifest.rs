@@ -30,6 +30,14 @@ impl Definition {
             meta.name.clone().unwrap_or_default(),
         )
     }
+
+    /// `spec.networkPolicy`, when present.
+    pub fn network_policy(&self) -> Option<&crate::NetworkPolicySpec> {
+        match self {
+            Self::CodeInterpreter(c) => c.spec.network_policy.as_ref(),
+            Self::AgentRuntime(a) => a.spec.network_policy.as_ref(),
+        }
+    }
 }
 
 /// Why a manifest document was refused.
@@ -119,7 +127,11 @@ pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestEr
         } else {
             serde_json::from_value(value).map(|a| Definition::AgentRuntime(Box::new(a)))
         };
-        out.push(def.map_err(|e| fail(&what, vec![e.to_string()]))?);
+        let def = def.map_err(|e| fail(&what, vec![e.to_string()]))?;
+        if let Some(policy) = def.network_policy() {
+            policy.validate().map_err(|errs| fail(&what, errs))?;
+        }
+        out.push(def);
     }
     Ok(out)
 }

@@ -318,3 +318,38 @@ fn generated_crds_pass_kubernetes_validate_strict() {
     assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
     assert!(!text.contains("ERROR"), "{text}");
 }
+
+#[test]
+fn network_policies_load_in_upstreams_shape_and_bad_ones_are_refused() {
+    let text = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {name: a}\nspec:\n  targetPort: [{port: 8080}]\n  podTemplate: {spec: {containers: [{name: a, image: x}]}}\n  networkPolicy:\n    egress: [{cidrs: [\"10.0.0.0/8\", \"2001:db8::/32\"], ports: [{protocol: TCP, port: 443}, {port: 53, protocol: UDP}]}]\n    ingress: [{cidrs: [\"192.0.2.0/24\"]}]\n";
+    let defs = manifest::load(text, "t").unwrap();
+    let policy = defs[0].network_policy().unwrap();
+    assert_eq!(policy.egress[0].cidrs, ["10.0.0.0/8", "2001:db8::/32"]);
+    assert_eq!(policy.egress[0].ports[1].protocol, agentcube_crds::NetworkProtocol::UDP);
+    assert_eq!(policy.ingress[0].ports, []);
+    let ci = |policy: &str| {
+        format!("kind: CodeInterpreter\nmetadata: {{name: x}}\nspec:\n  template: {{}}\n  networkPolicy: {policy}\n")
+    };
+    for (policy, want) in [
+        (
+            "{egress: [{cidrs: [10.0.0.300/8]}]}",
+            "spec.networkPolicy.egress[0].cidrs[0]: Invalid value: \"10.0.0.300/8\"",
+        ),
+        (
+            "{egress: [{cidrs: [example.com]}]}",
+            "spec.networkPolicy.egress[0].cidrs[0]: Invalid value: \"example.com\"",
+        ),
+        (
+            "{ingress: [{ports: [{port: 70000}]}]}",
+            "spec.networkPolicy.ingress[0].ports[0].port: Invalid value: 70000",
+        ),
+        (
+            "{egress: [{ports: [{port: 1, protocol: ICMP}]}]}",
+            "spec.networkPolicy.egress[0].ports[0].protocol: Unsupported value: \"ICMP\"",
+        ),
+        ("{egress: [{cidr: [10.0.0.0/8]}]}", "spec.networkPolicy.egress[0].cidr"),
+    ] {
+        let e = refusal(&ci(policy));
+        assert!(e.contains(want), "{policy}: {e}");
+    }
+}

@@ -40,6 +40,22 @@ impl Workload {
             .unwrap_or_else(|| "default".into())
     }
 
+    /// `CodeInterpreter` or `AgentRuntime`.
+    pub fn kind(&self) -> agentcube_types::api::WorkloadKind {
+        match self {
+            Self::CodeInterpreter(_) => agentcube_types::api::WorkloadKind::CodeInterpreter,
+            Self::AgentRuntime(_) => agentcube_types::api::WorkloadKind::AgentRuntime,
+        }
+    }
+
+    /// `spec.networkPolicy`, when present.
+    pub fn network_policy(&self) -> Option<&agentcube_crds::NetworkPolicySpec> {
+        match self {
+            Self::CodeInterpreter(c) => c.spec.network_policy.as_ref(),
+            Self::AgentRuntime(a) => a.spec.network_policy.as_ref(),
+        }
+    }
+
     /// The ports sandboxes of this definition serve (a CodeInterpreter defaults to PicoD's).
     pub fn ports(&self) -> Vec<TargetPort> {
         match self {

@@ -685,6 +685,17 @@ fn check_traversable(dir: &Path) -> Result<(), String> {
 #[async_trait::async_trait]
 impl Backend for LocalBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
+        if req.workload.network_policy().is_some() {
+            // Never a sandbox with other network access than its definition says.
+            return Err(BackendError::Invalid(format!(
+                "{} {}/{} sets spec.networkPolicy, which the local backend cannot enforce yet: its \
+                 sandboxes have no network at all. Remove networkPolicy to run it without network, \
+                 or use the Kubernetes backend (a NetworkPolicy, enforced by the cluster's CNI)",
+                req.workload.kind(),
+                req.namespace,
+                req.workload.name()
+            )));
+        }
         if let Workload::CodeInterpreter(ci) = &req.workload
             && ci.spec.warm_pool() > 0
         {
