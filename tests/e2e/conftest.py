@@ -47,6 +47,7 @@ PLURALS = {
     "Sandbox": "sandboxes.agents.x-k8s.io",
     "SandboxClaim": "sandboxclaims.extensions.agents.x-k8s.io",
     "SandboxWarmPool": "sandboxwarmpools.extensions.agents.x-k8s.io",
+    "NetworkPolicy": "networkpolicies.networking.k8s.io",
     "Pod": "pods",
 }
 

@@ -67,3 +67,23 @@ def test_idle_session_is_reclaimed_then_404(stack):
     r = requests.get(invocations(stack, "code-interpreters", "short-ttl", "api/files?path=."), headers={"x-agentcube-session-id": sid})
     assert r.status_code == 404
     assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found', "code": "SESSION_NOT_FOUND"}
+
+
+def test_a_definitions_network_policy(stack):
+    """`spec.networkPolicy` (tests/e2e/manifests/network-policy.yaml): a NetworkPolicy on
+    Kubernetes; the local backend, which cannot enforce it yet, refuses to start the sandbox."""
+    if stack.backend == "local":
+        r = requests.post(f"{stack.wm_url}/v1/agent-runtime", json={"name": "net-agent", "namespace": "default"})
+        assert r.status_code == 400 and "networkPolicy" in r.json()["message"], r.text
+        return
+    deadline = time.time() + 30
+    while True:
+        found = [p for p in stack.kube_list("NetworkPolicy") if p["metadata"]["name"] == "ar-net-agent"]
+        if found or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert found, "no NetworkPolicy ar-net-agent"
+    spec = found[0]["spec"]
+    assert spec["podSelector"]["matchLabels"]["runtime.agentcube.io/workload-name"] == "net-agent"
+    assert spec["egress"][1] == {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+    assert spec["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "agentcube-router"}

@@ -16,7 +16,8 @@ NAMESPACE = "agentcube"  # both binaries run with AGENTCUBE_NAMESPACE=agentcube
 EXPECTED = {
     "workload-manager": {("watch", "sandboxes"), ("create", "sandboxes"), ("create", "sandboxclaims"),
                          ("patch", "sandboxwarmpools"), ("patch", "sandboxtemplates"), ("get", "pods"),
-                         ("watch", "codeinterpreters"), ("watch", "secrets")},
+                         ("watch", "codeinterpreters"), ("watch", "secrets"), ("watch", "networkpolicies"),
+                         ("patch", "networkpolicies")},
     # The Router reads its key from the chart's identity Secret, mounted: no API request at all.
     "router": set(),
 }

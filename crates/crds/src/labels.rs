@@ -4,6 +4,9 @@
 pub const SESSION_ID: &str = "runtime.agentcube.io/session-id";
 /// Name of the AgentRuntime/CodeInterpreter a sandbox runs (label).
 pub const WORKLOAD_NAME: &str = "runtime.agentcube.io/workload-name";
+/// Kind of the definition a sandbox pod runs: `CodeInterpreter` or `AgentRuntime` (label, on
+/// pods; with [`WORKLOAD_NAME`] it is what a definition's NetworkPolicy selects).
+pub const WORKLOAD_KIND: &str = "runtime.agentcube.io/workload-kind";
 /// Name of the Sandbox or SandboxClaim (label, on pods and claims).
 pub const SANDBOX_NAME: &str = "runtime.agentcube.io/sandbox-name";
 /// Idle timeout as a Go duration string, e.g. `15m0s` (annotation).

@@ -122,14 +122,33 @@ mod tests {
         assert!(parse_cidr("10.0.0.0/8").is_ok());
         assert!(parse_cidr("2001:db8::/32").is_ok());
         assert!(parse_cidr("0.0.0.0/0").is_ok());
-        for bad in ["10.0.0.0", "10.0.0.300/8", "10.0.0.0/33", "::/129", "x/1", ""] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.300/8",
+            "10.0.0.0/33",
+            "::/129",
+            "x/1",
+            "",
+        ] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
         let re = regex::Regex::new(CIDR_PATTERN).unwrap();
-        for good in ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32", "::/0", "0.0.0.0/0"] {
+        for good in [
+            "10.0.0.0/8",
+            "192.0.2.7/32",
+            "2001:db8::/32",
+            "::/0",
+            "0.0.0.0/0",
+        ] {
             assert!(re.is_match(good), "{good}");
         }
-        for bad in ["10.0.0.0", "10.0.0.256/8", "10.0.0.0/33", "example.com/8", "::/129"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.256/8",
+            "10.0.0.0/33",
+            "example.com/8",
+            "::/129",
+        ] {
             assert!(!re.is_match(bad), "{bad}");
         }
     }

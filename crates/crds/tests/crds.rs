@@ -325,10 +325,15 @@ fn network_policies_load_in_upstreams_shape_and_bad_ones_are_refused() {
     let defs = manifest::load(text, "t").unwrap();
     let policy = defs[0].network_policy().unwrap();
     assert_eq!(policy.egress[0].cidrs, ["10.0.0.0/8", "2001:db8::/32"]);
-    assert_eq!(policy.egress[0].ports[1].protocol, agentcube_crds::NetworkProtocol::UDP);
+    assert_eq!(
+        policy.egress[0].ports[1].protocol,
+        agentcube_crds::NetworkProtocol::UDP
+    );
     assert_eq!(policy.ingress[0].ports, []);
     let ci = |policy: &str| {
-        format!("kind: CodeInterpreter\nmetadata: {{name: x}}\nspec:\n  template: {{}}\n  networkPolicy: {policy}\n")
+        format!(
+            "kind: CodeInterpreter\nmetadata: {{name: x}}\nspec:\n  template: {{}}\n  networkPolicy: {policy}\n"
+        )
     };
     for (policy, want) in [
         (
@@ -347,7 +352,10 @@ fn network_policies_load_in_upstreams_shape_and_bad_ones_are_refused() {
             "{egress: [{ports: [{port: 1, protocol: ICMP}]}]}",
             "spec.networkPolicy.egress[0].ports[0].protocol: Unsupported value: \"ICMP\"",
         ),
-        ("{egress: [{cidr: [10.0.0.0/8]}]}", "spec.networkPolicy.egress[0].cidr"),
+        (
+            "{egress: [{cidr: [10.0.0.0/8]}]}",
+            "spec.networkPolicy.egress[0].cidr",
+        ),
     ] {
         let e = refusal(&ci(policy));
         assert!(e.contains(want), "{policy}: {e}");

@@ -68,6 +68,14 @@ struct Args {
     /// mounted Secret `picod-router-identity`.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
     router_identity_dir: Option<PathBuf>,
+    /// Kubernetes backend: labels (`k=v,…`) of the Router's pods in AGENTCUBE_NAMESPACE, the only
+    /// ingress a definition's NetworkPolicy allows besides its own rules.
+    #[arg(
+        long,
+        env = "AGENTCUBE_ROUTER_POD_LABELS",
+        default_value = "app=agentcube-router"
+    )]
+    router_pod_labels: String,
     /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -145,6 +153,11 @@ async fn main() -> anyhow::Result<()> {
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.default_runtime_class = args.runtime_class_name.clone();
             kc.fixed_key = public_key;
+            kc.router_pod_labels =
+                agentcube_workload_manager::backend::kubernetes::network::RouterPeer::parse_labels(
+                    &args.router_pod_labels,
+                )
+                .map_err(|e| anyhow::anyhow!("--router-pod-labels: {e}"))?;
             KubernetesBackend::start(client, kc)
                 .await
                 .map_err(anyhow::Error::msg)?

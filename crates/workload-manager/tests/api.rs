@@ -597,6 +597,9 @@ async fn a_network_policy_the_local_backend_cannot_enforce_fails_the_create() {
         "{msg}"
     );
     assert!(s.backend.running().is_empty(), "no sandbox started");
-    assert_eq!(s.store.count(&agentcube_store::Scope::All).await.unwrap(), 0);
+    assert_eq!(
+        s.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        0
+    );
     s.shutdown_and_check_leaks().await;
 }

@@ -494,3 +494,134 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     assert!(k.store.get(&sid).await.is_err());
     assert_eq!(k.stop().await, 0, "no pod process left");
 }
+
+#[tokio::test]
+async fn definitions_with_a_network_policy_get_a_networkpolicy_kept_in_sync() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let defs = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: netagent, namespace: default}
+spec:
+  targetPort: [{port: 9000}]
+  podTemplate: {spec: {containers: [{name: a, image: python:3.12-slim}]}}
+  networkPolicy:
+    egress: [{cidrs: [10.0.0.0/8, 2001:db8::/32], ports: [{protocol: TCP, port: 443}]}]
+    ingress: [{cidrs: [192.0.2.0/24], ports: [{protocol: UDP, port: 9000}]}]
+---
+apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: netci, namespace: default}
+spec:
+  template: {image: ghcr.io/volcano-sh/picod:latest}
+  warmPoolSize: 1
+  networkPolicy: {egress: [{cidrs: [0.0.0.0/0]}]}
+";
+    let k = KubeStack::start(KubeOptions {
+        manifests: defs.into(),
+        ..Default::default()
+    })
+    .await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(k.client.clone(), "default");
+    let get = |name: &'static str| {
+        let nps = nps.clone();
+        async move { nps.get_opt(name).await.unwrap() }
+    };
+    let ar = k
+        .eventually("the AgentRuntime's NetworkPolicy", 30, async || {
+            get("ar-netagent").await
+        })
+        .await;
+    let v = serde_json::to_value(&ar).unwrap();
+    assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "AgentRuntime");
+    assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(
+        v["spec"]["podSelector"]["matchLabels"],
+        json!({"runtime.agentcube.io/workload-kind": "AgentRuntime", "runtime.agentcube.io/workload-name": "netagent"})
+    );
+    assert_eq!(v["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        v["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"],
+        json!({"kubernetes.io/metadata.name": SYSTEM_NS})
+    );
+    assert_eq!(
+        v["spec"]["ingress"][1],
+        json!({"from": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "UDP", "port": 9000}]})
+    );
+    assert_eq!(v["spec"]["egress"][0]["ports"][0]["port"], 53);
+    assert_eq!(
+        v["spec"]["egress"][1],
+        json!({"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"ipBlock": {"cidr": "2001:db8::/32"}}],
+               "ports": [{"protocol": "TCP", "port": 443}]})
+    );
+    let ci = k
+        .eventually("the CodeInterpreter's NetworkPolicy", 30, async || {
+            get("ci-netci").await
+        })
+        .await;
+    assert_eq!(
+        serde_json::to_value(&ci).unwrap()["spec"]["egress"][1],
+        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    );
+    // The pods it selects: warm-pool members carry the definition's labels.
+    let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+    let selector = "runtime.agentcube.io/workload-kind=CodeInterpreter,runtime.agentcube.io/workload-name=netci";
+    k.eventually("a selected warm-pool pod", 30, async || {
+        let lp = kube::api::ListParams::default().labels(selector);
+        (!pods.list(&lp).await.unwrap().items.is_empty()).then_some(())
+    })
+    .await;
+    // Someone edits the policy by hand: the controller puts it back.
+    let patch = json!({"spec": {"egress": []}});
+    nps.patch(
+        "ar-netagent",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    k.eventually("the edited policy restored", 30, async || {
+        let v = serde_json::to_value(get("ar-netagent").await?).unwrap();
+        (v["spec"]["egress"].as_array().map_or(0, Vec::len) == 2).then_some(())
+    })
+    .await;
+    // The policy removed from the definition: the NetworkPolicy goes.
+    let ars = dynamic(
+        &k.client,
+        "runtime.agentcube.volcano.sh",
+        "v1alpha1",
+        "AgentRuntime",
+        "agentruntimes",
+        "default",
+    );
+    let patch = json!({"spec": {"networkPolicy": null}});
+    ars.patch(
+        "netagent",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    k.eventually("the AgentRuntime's NetworkPolicy removed", 30, async || {
+        get("ar-netagent").await.is_none().then_some(())
+    })
+    .await;
+    // The definition deleted: its NetworkPolicy goes with it (owner reference).
+    let cis = dynamic(
+        &k.client,
+        "runtime.agentcube.volcano.sh",
+        "v1alpha1",
+        "CodeInterpreter",
+        "codeinterpreters",
+        "default",
+    );
+    cis.delete("netci", &DeleteParams::background())
+        .await
+        .unwrap();
+    k.eventually(
+        "the CodeInterpreter's NetworkPolicy garbage-collected",
+        60,
+        async || get("ci-netci").await.is_none().then_some(()),
+    )
+    .await;
+    k.stop().await;
+}

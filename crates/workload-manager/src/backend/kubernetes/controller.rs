@@ -4,15 +4,19 @@
 //! `observedGeneration`, written only when it changes. While an `authMode: picod` pool waits for
 //! the Router's key the CodeInterpreter is requeued (and reported not ready). When the key
 //! changes every CodeInterpreter is reconciled again, and pool members still carrying an old key
-//! are retired so the pool refills with sandboxes that accept the Router's tokens.
+//! are retired so the pool refills with sandboxes that accept the Router's tokens. Both kinds
+//! keep the NetworkPolicy of their `spec.networkPolicy` ([`super::network`]); AgentRuntimes have
+//! a controller of their own for it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox, SandboxTemplate, SandboxWarmPool};
-use agentcube_crds::{AuthMode, CodeInterpreter, CodeInterpreterStatus, labels};
+use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter, CodeInterpreterStatus, labels};
+use agentcube_types::api::WorkloadKind;
 use futures_util::StreamExt;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -39,6 +43,8 @@ pub struct Context {
     /// write was based on and what it wrote. A reconcile that still sees that resourceVersion is
     /// looking at a stale copy and must not write the same status again.
     pub written: Mutex<HashMap<String, (String, Condition)>>,
+    /// The Router's pods, allowed into every sandbox with a network policy.
+    pub router: super::network::RouterPeer,
 }
 
 impl Context {
@@ -47,6 +53,7 @@ impl Context {
         api: AgentSandboxApi,
         key: RouterKey,
         default_runtime_class: String,
+        router: super::network::RouterPeer,
     ) -> Self {
         Self {
             client,
@@ -54,6 +61,7 @@ impl Context {
             key,
             default_runtime_class,
             written: Mutex::default(),
+            router,
         }
     }
 }
@@ -74,9 +82,10 @@ pub async fn run(ctx: Arc<Context>) {
         api,
     )
     .owns_stream_with(
-        spec_changes(Api::<SandboxWarmPool>::all_with(client, &api)),
+        spec_changes(Api::<SandboxWarmPool>::all_with(client.clone(), &api)),
         api,
     )
+    .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client)))
     .reconcile_all_on(key_changed)
     .run(reconcile, error_policy, ctx)
     .for_each(|r| async move {
@@ -120,9 +129,62 @@ fn error_policy(ci: Arc<CodeInterpreter>, e: &BackendError, _: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// The AgentRuntime side: its only owned object is the NetworkPolicy of `spec.networkPolicy`.
+pub async fn run_agent_runtimes(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    Controller::new(
+        Api::<AgentRuntime>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client)))
+    .run(
+        |ar: Arc<AgentRuntime>, ctx: Arc<Context>| async move {
+            let owner = controller_ref(&*ar);
+            let policy = ar.spec.network_policy.as_ref();
+            super::network::sync(
+                &ctx.client,
+                WorkloadKind::AgentRuntime,
+                &ar.metadata,
+                owner,
+                policy,
+                &ctx.router,
+            )
+            .await?;
+            Ok::<_, BackendError>(Action::await_change())
+        },
+        |ar: Arc<AgentRuntime>, e: &BackendError, _| {
+            tracing::warn!(agentruntime = %ar.name_any(), error = %e, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        },
+        ctx,
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "agentruntime controller");
+        }
+    })
+    .await;
+}
+
+/// A controller owner reference to a definition (its NetworkPolicy goes with it).
+fn controller_ref<K: Resource<DynamicType = ()>>(
+    obj: &K,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    obj.controller_owner_ref(&()).unwrap_or_default()
+}
+
 async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action, BackendError> {
     let ns = ci.namespace().unwrap_or_else(|| "default".into());
     let name = ci.name_any();
+    super::network::sync(
+        &ctx.client,
+        WorkloadKind::CodeInterpreter,
+        &ci.metadata,
+        controller_ref(&*ci),
+        ci.spec.network_policy.as_ref(),
+        &ctx.router,
+    )
+    .await?;
     let templates: Api<SandboxTemplate> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.api);
     let pools: Api<SandboxWarmPool> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.api);
     if ci.spec.warm_pool() == 0 {

@@ -11,6 +11,7 @@ use agentcube_crds::sandbox::{
     SandboxWarmPoolSpec,
 };
 use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
+use agentcube_types::api::WorkloadKind;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, SeccompProfile,
     SecurityContext,
@@ -127,6 +128,7 @@ pub fn agent_runtime_sandbox(ar: &AgentRuntime, s: &SessionInfo<'_>) -> Sandbox 
     let template_labels = ar.spec.pod_template.labels.clone();
     let template_annotations = ar.spec.pod_template.annotations.clone();
     sandbox(
+        WorkloadKind::AgentRuntime,
         ar.metadata.name.as_deref().unwrap_or_default(),
         &ar.spec.session_timeout.to_string(),
         s,
@@ -184,6 +186,7 @@ pub fn code_interpreter_sandbox(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sa
         s.default_runtime_class,
     );
     sandbox(
+        WorkloadKind::CodeInterpreter,
         ci.metadata.name.as_deref().unwrap_or_default(),
         &ci.spec.session_timeout.to_string(),
         s,
@@ -194,6 +197,7 @@ pub fn code_interpreter_sandbox(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sa
 }
 
 fn sandbox(
+    kind: WorkloadKind,
     workload: &str,
     idle_timeout: &str,
     s: &SessionInfo<'_>,
@@ -209,6 +213,7 @@ fn sandbox(
         ),
     ]);
     let mut pod_labels = template_labels.unwrap_or_default();
+    pod_labels.extend(super::network::pod_labels(kind, workload));
     pod_labels.insert(labels::SESSION_ID.into(), s.session_id.into());
     pod_labels.insert(labels::SANDBOX_NAME.into(), s.name.into());
     let (replicas, operating_mode) = match s.api {
@@ -290,9 +295,16 @@ pub fn sandbox_template(
         api,
         pool_meta(ci),
         SandboxTemplateSpec {
-            // Template labels/annotations are not copied here, as upstream.
+            // Template labels/annotations are not copied here, as upstream; the definition's
+            // labels are (what its NetworkPolicy selects).
             pod_template: PodTemplate {
-                metadata: None,
+                metadata: Some(PodMetadata {
+                    labels: Some(super::network::pod_labels(
+                        WorkloadKind::CodeInterpreter,
+                        ci.metadata.name.as_deref().unwrap_or_default(),
+                    )),
+                    annotations: None,
+                }),
                 spec: pod,
             },
             network_policy_management: Some("Unmanaged".into()),

@@ -38,6 +38,7 @@ use crate::key::RouterKey;
 pub mod controller;
 mod create;
 pub mod desired;
+pub mod network;
 pub mod probe;
 pub mod sources;
 pub mod watched;
@@ -57,6 +58,9 @@ pub struct KubeConfig {
     pub fixed_key: Option<String>,
     /// How long to wait for the first lists of the CRDs at start (upstream: 1 min).
     pub sync_timeout: Duration,
+    /// Labels of the Router's pods (in `namespace`): the ingress every definition's
+    /// NetworkPolicy allows.
+    pub router_pod_labels: std::collections::BTreeMap<String, String>,
 }
 
 impl KubeConfig {
@@ -68,6 +72,7 @@ impl KubeConfig {
             probe_timeout: Duration::from_secs(15),
             fixed_key: None,
             sync_timeout: Duration::from_secs(60),
+            router_pod_labels: [("app".to_string(), "agentcube-router".to_string())].into(),
         }
     }
 }
@@ -190,13 +195,19 @@ impl KubernetesBackend {
                 key
             }
         };
+        let router = network::RouterPeer {
+            namespace: config.namespace.clone(),
+            labels: config.router_pod_labels.clone(),
+        };
         let ctx = Arc::new(controller::Context::new(
             client.clone(),
             api,
             key.clone(),
             config.default_runtime_class.clone(),
+            router,
         ));
-        tasks.push(tokio::spawn(controller::run(ctx)));
+        tasks.push(tokio::spawn(controller::run(ctx.clone())));
+        tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));
         let cfg = watcher::Config::default;
         let sandboxes = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);
         let claims = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);

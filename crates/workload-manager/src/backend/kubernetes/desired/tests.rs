@@ -64,7 +64,8 @@ fn direct_code_interpreter_sandbox_matches_spec() {
     let tpl = &v["spec"]["podTemplate"];
     assert_eq!(
         tpl["metadata"]["labels"],
-        json!({"team": "a", "runtime.agentcube.io/session-id": "sid-1", "runtime.agentcube.io/sandbox-name": "ci-abcd1234"})
+        json!({"team": "a", "runtime.agentcube.io/session-id": "sid-1", "runtime.agentcube.io/sandbox-name": "ci-abcd1234",
+               "runtime.agentcube.io/workload-kind": "CodeInterpreter", "runtime.agentcube.io/workload-name": "ci"})
     );
     let c = &tpl["spec"]["containers"][0];
     assert_eq!(c["name"], "code-interpreter");
@@ -162,9 +163,11 @@ fn claim_template_and_pool_match_spec() {
     );
     assert_eq!(t["metadata"]["ownerReferences"][0]["controller"], true);
     assert_eq!(t["spec"]["networkPolicyManagement"], "Unmanaged");
-    assert!(
-        t["spec"]["podTemplate"].get("metadata").is_none(),
-        "template labels are not copied"
+    assert_eq!(
+        t["spec"]["podTemplate"]["metadata"],
+        json!({"labels": {"runtime.agentcube.io/workload-kind": "CodeInterpreter",
+                          "runtime.agentcube.io/workload-name": "ci"}}),
+        "the definition's own template labels are not copied (as upstream); the selector's are"
     );
     let container = &t["spec"]["podTemplate"]["spec"]["containers"][0];
     assert_eq!(container["name"], "codeinterpreter");

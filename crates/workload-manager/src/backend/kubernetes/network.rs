@@ -1,0 +1,271 @@
+//! The NetworkPolicy of a definition with `spec.networkPolicy` (upstream proposal, PR #291):
+//! it selects every sandbox pod of the definition (warm-pool members included, by the labels
+//! [`pod_labels`] puts on them) and allows only the Router's pods in, DNS (the cluster's
+//! `k8s-app: kube-dns` pods, port 53) out, and the definition's rules. Enforcement is the CNI's.
+
+use std::collections::BTreeMap;
+
+use agentcube_crds::{NetworkPolicySpec, NetworkProtocol, NetworkRule, labels};
+use agentcube_types::api::WorkloadKind;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec as KubeSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// Where the Router's pods are: the only ingress every policy allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterPeer {
+    pub namespace: String,
+    /// Labels of the Router's pods (the chart's: `app=agentcube-router`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl RouterPeer {
+    /// `key=value[,key=value…]` (the `--router-pod-labels` flag).
+    pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+        let labels: BTreeMap<String, String> = s
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| format!("{p:?} is not key=value"))?;
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect::<Result<_, String>>()?;
+        if labels.is_empty() {
+            // An empty selector would let every pod of the Router's namespace in.
+            return Err("at least one key=value label of the Router's pods is needed".into());
+        }
+        Ok(labels)
+    }
+}
+
+/// The labels every sandbox pod of a definition carries (direct Sandboxes and warm-pool
+/// templates alike), which its NetworkPolicy selects.
+pub fn pod_labels(kind: WorkloadKind, name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::WORKLOAD_NAME.to_string(), name.to_string()),
+        (labels::WORKLOAD_KIND.to_string(), kind.to_string()),
+    ])
+}
+
+/// `ci-<name>` / `ar-<name>`: one policy per definition, distinct across the two kinds.
+pub fn policy_name(kind: WorkloadKind, name: &str) -> String {
+    match kind {
+        WorkloadKind::CodeInterpreter => format!("ci-{name}"),
+        WorkloadKind::AgentRuntime => format!("ar-{name}"),
+    }
+}
+
+/// The desired NetworkPolicy, owned (controller) by the definition.
+pub fn network_policy(
+    kind: WorkloadKind,
+    definition: &ObjectMeta,
+    owner: OwnerReference,
+    policy: &NetworkPolicySpec,
+    router: &RouterPeer,
+) -> NetworkPolicy {
+    let name = definition.name.clone().unwrap_or_default();
+    let mut meta_labels = pod_labels(kind, &name);
+    meta_labels.insert(
+        labels::MANAGED_BY.to_string(),
+        labels::MANAGED_BY_VALUE.to_string(),
+    );
+    let router_peer = NetworkPolicyPeer {
+        namespace_selector: Some(selector(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            router.namespace.clone(),
+        )]))),
+        pod_selector: Some(selector(router.labels.clone())),
+        ip_block: None,
+    };
+    let dns = NetworkPolicyEgressRule {
+        to: Some(vec![NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            pod_selector: Some(selector(BTreeMap::from([(
+                "k8s-app".to_string(),
+                "kube-dns".to_string(),
+            )]))),
+            ip_block: None,
+        }]),
+        ports: Some(
+            ["UDP", "TCP"]
+                .map(|p| NetworkPolicyPort {
+                    protocol: Some(p.into()),
+                    port: Some(IntOrString::Int(53)),
+                    end_port: None,
+                })
+                .to_vec(),
+        ),
+    };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        from: Some(vec![router_peer]),
+        ports: None,
+    }];
+    ingress.extend(policy.ingress.iter().map(|r| NetworkPolicyIngressRule {
+        from: peers(r),
+        ports: ports(r),
+    }));
+    let mut egress = vec![dns];
+    egress.extend(policy.egress.iter().map(|r| NetworkPolicyEgressRule {
+        to: peers(r),
+        ports: ports(r),
+    }));
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(policy_name(kind, &name)),
+            namespace: definition.namespace.clone(),
+            labels: Some(meta_labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(KubeSpec {
+            pod_selector: Some(selector(pod_labels(kind, &name))),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(ingress),
+            egress: Some(egress),
+        }),
+    }
+}
+
+fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: None,
+    }
+}
+
+/// A rule's CIDRs as peers (`None`, i.e. any peer, when it lists none).
+fn peers(r: &NetworkRule) -> Option<Vec<NetworkPolicyPeer>> {
+    (!r.cidrs.is_empty()).then(|| {
+        r.cidrs
+            .iter()
+            .map(|c| NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: c.clone(),
+                    except: None,
+                }),
+                ..Default::default()
+            })
+            .collect()
+    })
+}
+
+/// A rule's ports (`None`, i.e. any port, when it lists none).
+fn ports(r: &NetworkRule) -> Option<Vec<NetworkPolicyPort>> {
+    (!r.ports.is_empty()).then(|| {
+        r.ports
+            .iter()
+            .map(|p| NetworkPolicyPort {
+                protocol: Some(
+                    match p.protocol {
+                        NetworkProtocol::TCP => "TCP",
+                        NetworkProtocol::UDP => "UDP",
+                        NetworkProtocol::SCTP => "SCTP",
+                    }
+                    .into(),
+                ),
+                port: Some(IntOrString::Int(p.port as i32)),
+                end_port: None,
+            })
+            .collect()
+    })
+}
+
+/// Applies a definition's NetworkPolicy (server-side apply), or deletes it when the definition
+/// has none (a 404 is fine: it never had one).
+pub async fn sync(
+    client: &kube::Client,
+    kind: WorkloadKind,
+    definition: &ObjectMeta,
+    owner: OwnerReference,
+    policy: Option<&NetworkPolicySpec>,
+    router: &RouterPeer,
+) -> Result<(), kube::Error> {
+    use kube::api::{Api, DeleteParams, Patch, PatchParams};
+    let ns = definition.namespace.as_deref().unwrap_or("default");
+    let name = policy_name(kind, definition.name.as_deref().unwrap_or_default());
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    match policy {
+        Some(p) => {
+            let desired = network_policy(kind, definition, owner, p, router);
+            let apply = PatchParams::apply(super::controller::FIELD_MANAGER).force();
+            api.patch(&name, &apply, &Patch::Apply(&desired)).await?;
+        }
+        None => match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(%kind, policy = %name, "network policy removed"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        },
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_policy_allows_the_router_dns_and_the_rules_only() {
+        let policy: NetworkPolicySpec = serde_json::from_value(json!({
+            "egress": [{"cidrs": ["10.0.0.0/8"], "ports": [{"protocol": "TCP", "port": 443}]}, {"cidrs": ["192.0.2.7/32"]}],
+            "ingress": [{"ports": [{"protocol": "UDP", "port": 9000}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta {
+            name: Some("agent".into()),
+            namespace: Some("team".into()),
+            ..Default::default()
+        };
+        let owner = OwnerReference {
+            api_version: "runtime.agentcube.volcano.sh/v1alpha1".into(),
+            kind: "AgentRuntime".into(),
+            name: "agent".into(),
+            uid: "u-1".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let router = RouterPeer {
+            namespace: "agentcube".into(),
+            labels: RouterPeer::parse_labels("app=agentcube-router").unwrap(),
+        };
+        let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, &policy, &router);
+        let v = serde_json::to_value(&np).unwrap();
+        assert_eq!(v["metadata"]["name"], "ar-agent");
+        assert_eq!(v["metadata"]["namespace"], "team");
+        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(
+            v["spec"]["podSelector"],
+            json!({"matchLabels": {"runtime.agentcube.io/workload-kind": "AgentRuntime",
+                                   "runtime.agentcube.io/workload-name": "agent"}})
+        );
+        assert_eq!(v["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(
+            v["spec"]["ingress"],
+            json!([
+                {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agentcube"}},
+                           "podSelector": {"matchLabels": {"app": "agentcube-router"}}}]},
+                {"ports": [{"protocol": "UDP", "port": 9000}]}
+            ])
+        );
+        assert_eq!(
+            v["spec"]["egress"],
+            json!([
+                {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+                {"to": [{"ipBlock": {"cidr": "192.0.2.7/32"}}]}
+            ])
+        );
+        assert_eq!(
+            policy_name(WorkloadKind::CodeInterpreter, "agent"),
+            "ci-agent"
+        );
+        assert!(RouterPeer::parse_labels("app").is_err());
+        assert!(RouterPeer::parse_labels(" ").is_err());
+    }
+}
