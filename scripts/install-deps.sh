@@ -29,6 +29,7 @@ have wrk || need+=(wrk)
 have nginx || need+=(nginx-light)
 have openssl || need+=(openssl)
 have curl || need+=(curl)
+have nft || need+=(nftables)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then

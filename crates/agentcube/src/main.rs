@@ -72,6 +72,10 @@ struct UpArgs {
         default_value = "2000000000-2000065535"
     )]
     sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
+    /// DNS server of sandboxes whose definition has a network policy (default: the host's first
+    /// non-loopback nameserver).
+    #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
+    sandbox_dns: Option<IpAddr>,
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
@@ -152,6 +156,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut local = LocalConfig::new(state_dir, picod);
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
+    local.sandbox_dns = args.sandbox_dns;
     args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
     let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     if !backend.enforces_limits() {

@@ -48,6 +48,10 @@ struct Args {
         default_value = "2000000000-2000065535"
     )]
     sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
+    /// Local backend: DNS server of sandboxes whose definition has a network policy (default:
+    /// the host's first non-loopback nameserver).
+    #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
+    sandbox_dns: Option<std::net::IpAddr>,
     /// Local backend: refuse to start when cgroup limits cannot be enforced.
     #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
     require_cgroups: bool,
@@ -236,6 +240,7 @@ fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let mut local = LocalConfig::new(state_dir, picod);
     local.require_cgroups = args.require_cgroups;
+    local.sandbox_dns = args.sandbox_dns;
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
     args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;

@@ -580,26 +580,3 @@ async fn the_static_token_and_the_routers_identity_header_are_checked() {
     assert_eq!(r.status(), 200);
     s.shutdown_and_check_leaks().await;
 }
-
-#[tokio::test]
-async fn a_network_policy_the_local_backend_cannot_enforce_fails_the_create() {
-    let policy = "  networkPolicy: {egress: [{cidrs: [0.0.0.0/0]}]}\n";
-    let s = Stack::start(Options {
-        manifests: code_interpreter("net", policy),
-        ..Default::default()
-    })
-    .await;
-    let (status, body) = s.create("code-interpreter", "net").await;
-    assert_eq!(status, 400, "{body}");
-    let msg = body["message"].as_str().unwrap();
-    assert!(
-        msg.contains("spec.networkPolicy") && msg.contains("cannot enforce"),
-        "{msg}"
-    );
-    assert!(s.backend.running().is_empty(), "no sandbox started");
-    assert_eq!(
-        s.store.count(&agentcube_store::Scope::All).await.unwrap(),
-        0
-    );
-    s.shutdown_and_check_leaks().await;
-}

@@ -53,6 +53,8 @@ pub struct Options {
     pub dir: Option<tempfile::TempDir>,
     /// Require this static bearer token from callers.
     pub auth_token: Option<String>,
+    /// DNS server of sandboxes with a network policy.
+    pub sandbox_dns: Option<std::net::IpAddr>,
 }
 
 impl Default for Options {
@@ -69,6 +71,7 @@ impl Default for Options {
             memory_budget: agentcube_workload_manager::backend::local::host_memory(),
             dir: None,
             auth_token: None,
+            sandbox_dns: None,
         }
     }
 }
@@ -96,6 +99,7 @@ impl Stack {
         local.memory_budget = opts.memory_budget;
         local.isolation = opts.isolation;
         local.ready_timeout = Duration::from_secs(20);
+        local.sandbox_dns = opts.sandbox_dns;
         let backend = LocalBackend::new(local).unwrap();
         let store = opts
             .store

@@ -69,6 +69,9 @@ pub struct LaunchSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// The seccomp filter files (raw BPF), loaded by bubblewrap.
     pub seccomp: Vec<PathBuf>,
+    /// The network namespace to run in (`ip` binary, namespace name) when the definition has a
+    /// network policy; `None`: no network at all.
+    pub netns: Option<(PathBuf, String)>,
 }
 
 /// The launcher's input files, written into the sandbox's private directory.
@@ -124,36 +127,48 @@ pub fn picod_argv(spec: &LaunchSpec) -> Vec<String> {
 
 /// Everything bubblewrap reads from fd 3: its options and the environment.
 pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--unshare-all",
-        "--unshare-user",
-        "--disable-userns",
-        "--die-with-parent",
-        "--new-session",
-        "--hostname",
-        "sandbox",
-        "--cap-drop",
-        "ALL",
-        "--add-seccomp-fd",
-        "4",
-        "--add-seccomp-fd",
-        "5",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-        "--symlink",
-        "usr/bin",
-        "/bin",
-        "--symlink",
-        "usr/sbin",
-        "/sbin",
-        "--symlink",
-        "usr/lib",
-        "/lib",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    // Every namespace unshared; with a network policy the network one is the sandbox's own,
+    // prepared by the manager (see `net`), so it is kept.
+    let unshare: &[&str] = match spec.netns {
+        None => &["--unshare-all"],
+        Some(_) => &[
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+        ],
+    };
+    let mut a: Vec<String> = unshare.iter().map(ToString::to_string).collect();
+    a.extend(
+        [
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--hostname",
+            "sandbox",
+            "--cap-drop",
+            "ALL",
+            "--add-seccomp-fd",
+            "4",
+            "--add-seccomp-fd",
+            "5",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/sbin",
+            "/sbin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+        ]
+        .iter()
+        .map(ToString::to_string),
+    );
     let mut push = |v: &[&str]| a.extend(v.iter().map(ToString::to_string));
     let id = SANDBOX_UID.to_string();
     push(&["--uid", &id, "--gid", &id]);
@@ -163,6 +178,10 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     for entry in ETC_ALLOWLIST {
         let p = format!("/etc/{entry}");
         push(&["--ro-bind-try", &p, &p]);
+    }
+    if spec.netns.is_some() {
+        // The namespace's own (`ip netns exec` mounts /etc/netns/<ns>/resolv.conf there).
+        push(&["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]);
     }
     push(&[
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
@@ -225,6 +244,14 @@ pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
     let mut files: Vec<&Path> = vec![&args];
     files.extend(spec.seccomp.iter().map(PathBuf::as_path));
     let mut argv = prologue(&files, &spec.cgroup_procs);
+    if let Some((ip, ns)) = &spec.netns {
+        argv.extend([
+            ip.display().to_string(),
+            "netns".into(),
+            "exec".into(),
+            ns.clone(),
+        ]);
+    }
     if let Some(uid) = spec.uid {
         argv.extend([
             "setpriv".to_string(),

@@ -27,6 +27,7 @@ use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
 pub mod cgroup;
 pub mod launch;
 pub mod layout;
+pub mod net;
 mod platform;
 mod pool;
 pub mod probe;
@@ -89,6 +90,9 @@ pub struct LocalConfig {
     /// Most memory all sandboxes' limits may add up to (default: the host's memory); a create
     /// over it is refused with 429 (`None`: no budget).
     pub memory_budget: Option<u64>,
+    /// DNS server of sandboxes with a network policy (default: the host's first non-loopback
+    /// `nameserver`).
+    pub sandbox_dns: Option<std::net::IpAddr>,
 }
 
 impl LocalConfig {
@@ -107,6 +111,7 @@ impl LocalConfig {
             require_cgroups: false,
             default_memory_bytes: Some(DEFAULT_MEMORY_BYTES),
             memory_budget: host_memory(),
+            sandbox_dns: None,
         }
     }
 }
@@ -179,6 +184,16 @@ struct Running {
     uid: Option<u32>,
     /// Bytes of the memory budget this sandbox holds.
     memory: u64,
+    /// Its network namespace, when its definition has a network policy.
+    net: Option<net::SandboxNet>,
+}
+
+/// What one sandbox is given besides its definition: the Router key, its uid, its network.
+struct Assigned {
+    public_key: Option<String>,
+    uid: Option<u32>,
+    /// `ip` binary and network namespace, when the definition has a network policy.
+    netns: Option<(PathBuf, String)>,
 }
 
 struct Inner {
@@ -190,6 +205,8 @@ struct Inner {
     uids: Option<Uids>,
     /// The seccomp filter files every bubblewrap sandbox loads.
     seccomp: Vec<PathBuf>,
+    /// Networks for sandboxes with a policy, or why this host cannot make them.
+    network: Result<net::Network, String>,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<pool::Pools>,
     /// Memory limits of the sandboxes started (or starting), against the budget.
@@ -301,6 +318,21 @@ impl LocalBackend {
             }
         };
         let seccomp = write_seccomp(state)?;
+        let network = match &runsc {
+            Some(_) => {
+                Err("network policies are not supported with --isolation gvisor yet".to_string())
+            }
+            None => net::Network::detect(config.sandbox_dns),
+        };
+        if let Ok(n) = &network {
+            let left = n.remove_leftovers();
+            if left > 0 {
+                tracing::info!(
+                    namespaces = left,
+                    "removed sandbox network namespaces left by a previous run"
+                );
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 uids: config.uids.map(Uids::new),
@@ -309,6 +341,7 @@ impl LocalBackend {
                 runsc,
                 cgroups,
                 seccomp,
+                network,
                 running: Mutex::new(HashMap::new()),
                 pools: Mutex::new(HashMap::new()),
                 memory_in_use: Mutex::new(0),
@@ -396,13 +429,29 @@ impl LocalBackend {
             },
             None => None,
         };
-        let running = match self.launch(name, &paths, &desc, limits, public_key, uid) {
-            Ok(r) => Running { memory, ..r },
-            Err(e) => {
-                if let (Some(uids), Some(uid)) = (&self.inner.uids, uid) {
-                    uids.give_back(uid);
+        let net = match &desc.network {
+            None => None,
+            Some(policy) => match self.attach_network(name, policy).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.release(uid, memory);
+                    return Err(e);
                 }
-                self.release_memory(memory);
+            },
+        };
+        let netns = net.as_ref().map(|n| (self.network_tool(), n.netns.clone()));
+        let given = Assigned {
+            public_key,
+            uid,
+            netns,
+        };
+        let running = match self.launch(name, &paths, &desc, limits, given) {
+            Ok(r) => Running { memory, net, ..r },
+            Err(e) => {
+                if let (Ok(network), Some(n)) = (&self.inner.network, &net) {
+                    network.detach(n).await;
+                }
+                self.release(uid, memory);
                 return Err(e);
             }
         };
@@ -444,6 +493,38 @@ impl LocalBackend {
         *used = used.saturating_sub(bytes);
     }
 
+    /// Gives back what a sandbox held: its uid and memory.
+    fn release(&self, uid: Option<u32>, memory: u64) {
+        if let (Some(uids), Some(uid)) = (&self.inner.uids, uid) {
+            uids.give_back(uid);
+        }
+        self.release_memory(memory);
+    }
+
+    /// A network namespace limited to `policy`, or why this host cannot make one.
+    async fn attach_network(
+        &self,
+        name: &str,
+        policy: &agentcube_crds::NetworkPolicySpec,
+    ) -> Result<net::SandboxNet, BackendError> {
+        match &self.inner.network {
+            Ok(n) => n.attach(name, policy).await,
+            Err(why) => Err(BackendError::Invalid(format!(
+                "this definition sets spec.networkPolicy, which this host cannot enforce: {why}; \
+                 without a policy its sandboxes have no network at all"
+            ))),
+        }
+    }
+
+    /// The `ip` binary (only called with a network, so detection succeeded).
+    fn network_tool(&self) -> PathBuf {
+        self.inner
+            .network
+            .as_ref()
+            .map(|n| n.ip_binary().to_path_buf())
+            .unwrap_or_else(|_| PathBuf::from("ip"))
+    }
+
     /// Directories, cgroups, launcher inputs, and the launcher process itself.
     fn launch(
         &self,
@@ -451,9 +532,13 @@ impl LocalBackend {
         paths: &SandboxPaths,
         desc: &workload::Description,
         limits: cgroup::Limits,
-        public_key: Option<String>,
-        uid: Option<u32>,
+        given: Assigned,
     ) -> Result<Running, BackendError> {
+        let Assigned {
+            public_key,
+            uid,
+            netns,
+        } = given;
         let cfg = &self.inner.config;
         let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
         paths
@@ -480,6 +565,7 @@ impl LocalBackend {
                 .map(SandboxCgroup::procs_files)
                 .unwrap_or_default(),
             seccomp: self.inner.seccomp.clone(),
+            netns,
         };
         let argv = self
             .launcher(&spec, name)
@@ -512,6 +598,7 @@ impl LocalBackend {
             cgroup,
             uid,
             memory: 0,
+            net: None,
         })
     }
 
@@ -648,10 +735,10 @@ impl LocalBackend {
                     cg.remove().await;
                 }
                 r.paths.remove().await;
-                if let (Some(uids), Some(uid)) = (&self.inner.uids, r.uid) {
-                    uids.give_back(uid);
+                if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
+                    network.detach(n).await;
                 }
-                self.release_memory(r.memory);
+                self.release(r.uid, r.memory);
             }
             None => self.paths(name).remove().await,
         }
@@ -685,17 +772,6 @@ fn check_traversable(dir: &Path) -> Result<(), String> {
 #[async_trait::async_trait]
 impl Backend for LocalBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
-        if req.workload.network_policy().is_some() {
-            // Never a sandbox with other network access than its definition says.
-            return Err(BackendError::Invalid(format!(
-                "{} {}/{} sets spec.networkPolicy, which the local backend cannot enforce yet: its \
-                 sandboxes have no network at all. Remove networkPolicy to run it without network, \
-                 or use the Kubernetes backend (a NetworkPolicy, enforced by the cluster's CNI)",
-                req.workload.kind(),
-                req.namespace,
-                req.workload.name()
-            )));
-        }
         if let Workload::CodeInterpreter(ci) = &req.workload
             && ci.spec.warm_pool() > 0
         {

@@ -20,6 +20,8 @@ pub struct Description {
     pub entry_points: Vec<EntryPoint>,
     /// The socket files (in `run/`) the host takes once the sandbox has bound them.
     pub sockets: Vec<String>,
+    /// `spec.networkPolicy`: the sandbox gets a network of its own, limited to it.
+    pub network: Option<agentcube_crds::NetworkPolicySpec>,
 }
 
 /// cgroup limits from `resources.limits` (memory, cpu) and the pid limit.
@@ -94,6 +96,7 @@ pub fn describe(
                 agent: Vec::new(),
                 entry_points,
                 sockets,
+                network: workload.network_policy().cloned(),
             })
         }
         Workload::AgentRuntime(ar) => {
@@ -131,6 +134,7 @@ pub fn describe(
                 agent,
                 entry_points,
                 sockets,
+                network: workload.network_policy().cloned(),
             })
         }
     }

@@ -12,6 +12,7 @@ fn spec() -> LaunchSpec {
         uid: Some(2_000_000_007),
         cgroup_procs: vec!["/cg/memory/s1/cgroup.procs".into()],
         seccomp: vec!["/state/seccomp/0.bpf".into(), "/state/seccomp/1.bpf".into()],
+        netns: None,
     }
 }
 

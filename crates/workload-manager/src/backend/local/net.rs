@@ -1,0 +1,466 @@
+//! Network access of local sandboxes whose definition sets `spec.networkPolicy` (without one a
+//! sandbox has no network at all: bubblewrap unshares it).
+//!
+//! Each such sandbox gets a network namespace of its own (`agentcube-<sandbox>`) joined to the
+//! host by a veth pair on a /30 of `10.213.0.0/16` (host side `acv<index>`), a default route
+//! through the host (forwarding on, masquerade towards every other interface), and nftables
+//! rules **inside** its namespace: output only to loopback, the configured DNS resolver (port
+//! 53) and the policy's egress rules, input only from loopback and the ingress rules; anything
+//! else is rejected at once (TCP reset, ICMP admin-prohibited), so a refused connection fails
+//! fast with a clear error instead of hanging. The host's own table drops everything sandboxes
+//! send to the host itself (its services: Router, Workload Manager, Redis, other sandboxes'
+//! sockets) and between sandboxes, whatever a policy says. The sandbox's processes never hold
+//! `CAP_NET_ADMIN` over their namespace (bubblewrap's user namespace is a child of it), so they
+//! cannot change these rules.
+//!
+//! Needs root, `ip` (iproute2) and `nft` (nftables). Index allocation is shared by every
+//! Workload Manager on the host through lock files under [`INDEX_DIR`].
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use agentcube_crds::{NetworkPolicySpec, NetworkProtocol, NetworkRule};
+
+use crate::backend::BackendError;
+
+/// Where sandbox addresses come from: `/30`s of `10.213.0.0/16` (16384 sandboxes).
+pub const SUBNET: &str = "10.213.0.0/16";
+const SUBNET_BASE: u32 = u32::from_be_bytes([10, 213, 0, 0]);
+const MAX_INDEX: u32 = 1 << 14;
+/// Lock files naming the owner of each address index (one per networked sandbox on the host).
+pub const INDEX_DIR: &str = "/run/agentcube-net";
+/// Host-side interface names: `acv<index>`.
+const HOST_IF_PREFIX: &str = "acv";
+/// Network namespace names: `agentcube-<sandbox>`.
+pub const NETNS_PREFIX: &str = "agentcube-";
+
+/// The host side: tools and the resolver sandboxes use.
+#[derive(Debug, Clone)]
+pub struct Network {
+    ip: PathBuf,
+    nft: PathBuf,
+    /// DNS server sandboxes may ask (their `/etc/resolv.conf`); `None`: no DNS.
+    pub resolver: Option<IpAddr>,
+}
+
+/// One sandbox's namespace and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNet {
+    pub netns: String,
+    pub index: u32,
+}
+
+/// The host and sandbox addresses of index `i`: `10.213.x.(4k+1)` and `(4k+2)`.
+pub fn addresses(i: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let base = SUBNET_BASE + i * 4;
+    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+}
+
+impl Network {
+    /// Finds the tools; `None` with the reason when networked sandboxes cannot be made here.
+    pub fn detect(resolver: Option<IpAddr>) -> Result<Self, String> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err(
+                "network namespaces for sandboxes need the Workload Manager to run as root".into(),
+            );
+        }
+        let find = |name: &str, package: &str| {
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| format!("`{name}` is not installed (apt-get install {package})"))
+        };
+        Ok(Self {
+            ip: find("ip", "iproute2")?,
+            nft: find("nft", "nftables")?,
+            resolver: resolver.or_else(host_resolver),
+        })
+    }
+
+    /// The `ip` binary (the launcher enters the namespace with `ip netns exec`).
+    pub fn ip_binary(&self) -> &Path {
+        &self.ip
+    }
+
+    /// Creates the sandbox's namespace, link, addresses, route, rules and `resolv.conf`. On
+    /// failure everything made so far is removed again.
+    pub async fn attach(
+        &self,
+        sandbox: &str,
+        policy: &NetworkPolicySpec,
+    ) -> Result<SandboxNet, BackendError> {
+        self.host_setup().await?;
+        let index = take_index(Path::new(INDEX_DIR), sandbox)?;
+        let net = SandboxNet {
+            netns: format!("{NETNS_PREFIX}{sandbox}"),
+            index,
+        };
+        if let Err(e) = self.configure(&net, policy).await {
+            self.detach(&net).await;
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    async fn configure(
+        &self,
+        net: &SandboxNet,
+        policy: &NetworkPolicySpec,
+    ) -> Result<(), BackendError> {
+        let (host, inside) = addresses(net.index);
+        let (ns, hif) = (net.netns.as_str(), format!("{HOST_IF_PREFIX}{}", net.index));
+        let host_cidr = format!("{host}/30");
+        let inside_cidr = format!("{inside}/30");
+        let host_ip = host.to_string();
+        let steps: [Vec<&str>; 8] = [
+            vec!["netns", "add", ns],
+            vec![
+                "link", "add", &hif, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", &hif],
+            vec!["link", "set", &hif, "up"],
+            vec!["-n", ns, "link", "set", "lo", "up"],
+            vec!["-n", ns, "addr", "add", &inside_cidr, "dev", "eth0"],
+            vec!["-n", ns, "link", "set", "eth0", "up"],
+            vec!["-n", ns, "route", "add", "default", "via", &host_ip],
+        ];
+        for args in steps {
+            run(&self.ip, args, None).await?;
+        }
+        let rules = sandbox_ruleset(policy, self.resolver);
+        let nft = self.nft.display().to_string();
+        run(
+            &self.ip,
+            vec!["netns", "exec", ns, &nft, "-f", "-"],
+            Some(rules),
+        )
+        .await?;
+        // `ip netns exec` mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+        let etc = Path::new("/etc/netns").join(ns);
+        let resolv = match self.resolver {
+            Some(r) => format!("nameserver {r}\n"),
+            None => String::new(),
+        };
+        std::fs::create_dir_all(&etc)
+            .and_then(|()| std::fs::write(etc.join("resolv.conf"), resolv))
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", etc.display())))?;
+        Ok(())
+    }
+
+    /// Removes the namespace (its veth pair goes with it), `resolv.conf` and the index.
+    pub async fn detach(&self, net: &SandboxNet) {
+        if let Err(e) = run(&self.ip, vec!["netns", "del", &net.netns], None).await {
+            tracing::debug!(netns = %net.netns, error = %e, "netns already gone");
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&net.netns));
+        let _ = std::fs::remove_file(Path::new(INDEX_DIR).join(net.index.to_string()));
+    }
+
+    /// Forwarding on, and the host table (idempotent; replaced whole).
+    async fn host_setup(&self) -> Result<(), BackendError> {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| BackendError::Failed(format!("cannot enable IPv4 forwarding: {e}")))?;
+        run(&self.nft, vec!["-f", "-"], Some(HOST_RULESET.to_string())).await
+    }
+
+    /// Namespaces a crashed Workload Manager left (its sandboxes died with it): those whose
+    /// index file names a process that is gone, or no index file at all.
+    pub fn remove_leftovers(&self) -> usize {
+        let mut removed = 0;
+        let Ok(dir) = std::fs::read_dir("/run/netns") else {
+            return 0;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(sandbox) = name.strip_prefix(NETNS_PREFIX)
+                && owner_gone(Path::new(INDEX_DIR), sandbox)
+            {
+                let _ = std::process::Command::new(&self.ip)
+                    .args(["netns", "del", &name])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// The host's table: sandboxes never reach the host itself nor each other; their traffic out is
+/// masqueraded. Replaced whole each time (the `add`/`delete` pair makes it idempotent).
+pub const HOST_RULESET: &str = r#"add table inet agentcube
+delete table inet agentcube
+table inet agentcube {
+  chain input {
+    type filter hook input priority -10; policy accept;
+    iifname "acv*" ct state established,related accept
+    iifname "acv*" counter reject with icmpx type admin-prohibited
+  }
+  chain forward {
+    type filter hook forward priority -10; policy accept;
+    iifname "acv*" oifname "acv*" counter reject with icmpx type admin-prohibited
+  }
+  chain postrouting {
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr 10.213.0.0/16 oifname != "acv*" masquerade
+  }
+}
+"#;
+
+/// The rules inside one sandbox's namespace.
+pub fn sandbox_ruleset(policy: &NetworkPolicySpec, resolver: Option<IpAddr>) -> String {
+    let mut s = String::from(
+        "table inet sandbox {\n  chain output {\n    type filter hook output priority 0; policy drop;\n    oifname \"lo\" accept\n    ct state established,related accept\n",
+    );
+    if let Some(r) = resolver {
+        let fam = family(&r);
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(s, "    {fam} daddr {r} {proto} dport 53 accept");
+        }
+    }
+    for rule in &policy.egress {
+        for line in rule_lines(rule, "daddr") {
+            let _ = writeln!(s, "    {line} accept");
+        }
+    }
+    s.push_str("    meta l4proto tcp reject with tcp reset\n    reject with icmpx type admin-prohibited\n  }\n");
+    s.push_str("  chain input {\n    type filter hook input priority 0; policy drop;\n    iifname \"lo\" accept\n    ct state established,related accept\n");
+    for rule in &policy.ingress {
+        for line in rule_lines(rule, "saddr") {
+            let _ = writeln!(s, "    {line} accept");
+        }
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+fn family(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() { "ip" } else { "ip6" }
+}
+
+/// The nft matches of one rule: each CIDR × each port (any, when a list is empty).
+fn rule_lines(rule: &NetworkRule, dir: &str) -> Vec<String> {
+    let addrs: Vec<Option<String>> = if rule.cidrs.is_empty() {
+        vec![None]
+    } else {
+        rule.cidrs
+            .iter()
+            .filter_map(|c| agentcube_crds::network::parse_cidr(c).ok())
+            .map(|(a, len)| Some(format!("{} {dir} {a}/{len}", family(&a))))
+            .collect()
+    };
+    let ports: Vec<Option<String>> = if rule.ports.is_empty() {
+        vec![None]
+    } else {
+        rule.ports
+            .iter()
+            .map(|p| {
+                let proto = match p.protocol {
+                    NetworkProtocol::TCP => "tcp",
+                    NetworkProtocol::UDP => "udp",
+                    NetworkProtocol::SCTP => "sctp",
+                };
+                Some(format!("{proto} dport {}", p.port))
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for a in &addrs {
+        for p in &ports {
+            let parts: Vec<&str> = [a.as_deref(), p.as_deref()].into_iter().flatten().collect();
+            out.push(if parts.is_empty() {
+                "meta nfproto { ipv4, ipv6 }".to_string()
+            } else {
+                parts.join(" ")
+            });
+        }
+    }
+    out
+}
+
+/// The first non-loopback `nameserver` of the host's `/etc/resolv.conf`.
+fn host_resolver() -> Option<IpAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .find(|a| !a.is_loopback())
+}
+
+/// Takes the lowest free index: a lock file `<dir>/<index>` holding `<pid> <sandbox>`, created
+/// exclusively; one whose process is gone is taken over.
+fn take_index(dir: &Path, sandbox: &str) -> Result<u32, BackendError> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
+    let me = format!("{} {sandbox}\n", std::process::id());
+    for i in 0..MAX_INDEX {
+        let path = dir.join(i.to_string());
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                f.write_all(me.as_bytes())
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
+                return Ok(i);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if holder_gone(&path) && std::fs::remove_file(&path).is_ok() {
+                    // Retry this index on the next round of the loop is not possible; take it now.
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                    {
+                        let _ = f.write_all(me.as_bytes());
+                        return Ok(i);
+                    }
+                }
+            }
+            Err(e) => return Err(BackendError::Failed(format!("{}: {e}", path.display()))),
+        }
+    }
+    Err(BackendError::Exhausted(format!(
+        "every sandbox network address of {SUBNET} is in use"
+    )))
+}
+
+/// Whether the process named in a lock file is gone.
+fn holder_gone(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let pid = text
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok());
+    pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+}
+
+/// Whether no live process holds an index for `sandbox` (its namespace is a leftover).
+fn owner_gone(dir: &Path, sandbox: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return true;
+    };
+    for e in entries.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        if text.split_whitespace().nth(1) == Some(sandbox) {
+            if holder_gone(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+                return true;
+            }
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs a tool, feeding `stdin`; a failure names the command and its stderr.
+async fn run(bin: &Path, args: Vec<&str>, stdin: Option<String>) -> Result<(), BackendError> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .await
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(BackendError::Failed(format!(
+        "{} {}: {}",
+        bin.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn addresses_are_disjoint_slash_30s() {
+        assert_eq!(
+            addresses(0),
+            (Ipv4Addr::new(10, 213, 0, 1), Ipv4Addr::new(10, 213, 0, 2))
+        );
+        assert_eq!(
+            addresses(64),
+            (Ipv4Addr::new(10, 213, 1, 1), Ipv4Addr::new(10, 213, 1, 2))
+        );
+        assert_eq!(addresses(MAX_INDEX - 1).1, Ipv4Addr::new(10, 213, 255, 254));
+    }
+
+    #[test]
+    fn rules_allow_loopback_dns_and_the_policy_only() {
+        let policy: NetworkPolicySpec = serde_json::from_value(json!({
+            "egress": [{"cidrs": ["192.0.2.7/32", "2001:db8::/32"], "ports": [{"port": 443}, {"protocol": "UDP", "port": 123}]},
+                       {"cidrs": ["198.51.100.0/24"]}],
+            "ingress": [{"ports": [{"port": 9000}]}]
+        }))
+        .unwrap();
+        let r = sandbox_ruleset(&policy, Some("192.0.2.53".parse().unwrap()));
+        for line in [
+            "policy drop;",
+            "oifname \"lo\" accept",
+            "ip daddr 192.0.2.53 udp dport 53 accept",
+            "ip daddr 192.0.2.53 tcp dport 53 accept",
+            "ip daddr 192.0.2.7/32 tcp dport 443 accept",
+            "ip daddr 192.0.2.7/32 udp dport 123 accept",
+            "ip6 daddr 2001:db8::/32 tcp dport 443 accept",
+            "ip daddr 198.51.100.0/24 accept",
+            "tcp dport 9000 accept",
+            "meta l4proto tcp reject with tcp reset",
+        ] {
+            assert!(r.contains(line), "{line}\n{r}");
+        }
+        let open = sandbox_ruleset(
+            &serde_json::from_value(json!({"egress": [{}]})).unwrap(),
+            None,
+        );
+        assert!(
+            open.contains("meta nfproto { ipv4, ipv6 } accept"),
+            "{open}"
+        );
+        assert!(!open.contains("dport 53"), "no resolver, no DNS rule");
+    }
+
+    #[test]
+    fn indexes_are_taken_once_and_reclaimed_from_dead_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(take_index(dir.path(), "a").unwrap(), 0);
+        assert_eq!(take_index(dir.path(), "b").unwrap(), 1);
+        std::fs::write(dir.path().join("0"), "999999999 a\n").unwrap();
+        assert_eq!(
+            take_index(dir.path(), "c").unwrap(),
+            0,
+            "a dead holder's index"
+        );
+        assert!(!owner_gone(dir.path(), "b"), "b is ours");
+        assert!(owner_gone(dir.path(), "nobody"));
+    }
+}
