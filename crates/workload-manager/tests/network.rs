@@ -131,8 +131,8 @@ async fn policies_allow_what_they_name_and_nothing_else() {
     }
     let (a, b) = (TestHost::start(1), TestHost::start(2));
     let strict = format!(
-        "{{egress: [{{cidrs: [{}/32], ports: [{{protocol: TCP, port: 8000}}]}}]}}",
-        a.ip
+        "{{egress: [{{cidrs: [{}/32], ports: [{{protocol: TCP, port: 8000}}]}}], ingress: [{{cidrs: [{}/32], ports: [{{port: 9100}}]}}]}}",
+        a.ip, b.ip
     );
     let manifests = policy_ci("strict", &strict)
         + &policy_ci("open", "{egress: [{cidrs: [0.0.0.0/0]}]}")
@@ -202,6 +202,32 @@ async fn policies_allow_what_they_name_and_nothing_else() {
             .starts_with("err"),
         "another sandbox"
     );
+    // Ingress: only the named source, only the named port.
+    let listen = "python3 -c \"import socket; s=socket.socket(); s.bind(('0.0.0.0', 9100)); s.listen(8)\nwhile True: c,_=s.accept(); c.sendall(b'sandbox'); c.close()\" >/dev/null 2>&1 & sleep 0.3; echo started";
+    assert_eq!(
+        exec(&strict, &["sh", "-c", listen]).await["stdout"],
+        "started\n"
+    );
+    let from = |host: &TestHost, port: u16| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.ns,
+                "python3",
+                "-c",
+                PROBE,
+                "tcp",
+                &strict_ip,
+                &port.to_string(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(from(&b, 9100), "ok sandbox");
+    assert!(from(&a, 9100).starts_with("err"), "another source");
+    assert!(from(&b, 9000).starts_with("err"), "another port");
     // The sandbox cannot change its own rules.
     let nft = exec(
         &strict,
