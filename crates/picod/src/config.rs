@@ -37,6 +37,8 @@ pub struct Config {
     pub limits: agentcube_serve::Limits,
     /// Serve `GET /metrics` (unauthenticated); off by default.
     pub metrics: bool,
+    /// What explains a command's ending (OOM kill, no network).
+    pub diagnostics: std::sync::Arc<crate::diagnose::Diagnostics>,
 }
 
 impl Config {
@@ -56,6 +58,7 @@ impl Config {
                 ..Default::default()
             },
             metrics: false,
+            diagnostics: Default::default(),
         }
     }
 }

@@ -39,6 +39,8 @@ struct CommandSpec {
     /// Held open until the command has started (it may be `/proc/self/fd/N`).
     dir: crate::jail::WorkDir,
     env: BTreeMap<String, String>,
+    /// What explains an ending (OOM kill, no network).
+    diag: std::sync::Arc<crate::diagnose::Diagnostics>,
 }
 
 /// Output chunk from one of the two pipes.
@@ -51,6 +53,8 @@ enum Chunk {
 struct Outcome {
     exit_code: i32,
     timed_out: bool,
+    /// The note explaining the ending, if any (see [`crate::diagnose`]).
+    note: Option<String>,
     /// Set when the process could not be started; goes to stderr.
     spawn_error: Option<String>,
     start: jiff::Timestamp,
@@ -111,6 +115,7 @@ async fn validate(state: &AppState, body: ExecuteRequest) -> Result<CommandSpec,
         timeout,
         dir,
         env: body.env.unwrap_or_default(),
+        diag: state.config.diagnostics.clone(),
     })
 }
 
@@ -139,6 +144,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
     let finish = |exit_code, timed_out, spawn_error| Outcome {
         exit_code,
         timed_out,
+        note: None,
         spawn_error,
         start,
         end: jiff::Timestamp::now(),
@@ -153,20 +159,22 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let oom_before = spec.diag.oom_kills();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return finish(1, false, Some(spawn_error_text(&spec.argv[0], &e))),
     };
     let mut guard = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
+    let network_error = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pumps = [
         child
             .stdout
             .take()
-            .map(|r| tokio::spawn(pump(r, false, sink.clone()))),
+            .map(|r| tokio::spawn(pump(r, None, sink.clone()))),
         child
             .stderr
             .take()
-            .map(|r| tokio::spawn(pump(r, true, sink.clone()))),
+            .map(|r| tokio::spawn(pump(r, Some(network_error.clone()), sink.clone()))),
     ];
     // `None`: the timeout fired or the client went away; either way the group is killed.
     let status = tokio::select! {
@@ -195,7 +203,14 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         Some(s) => s.code().unwrap_or(-1),
         None => -1,
     };
-    finish(code, timed_out, None)
+    let mut outcome = finish(code, timed_out, None);
+    if !timed_out {
+        use std::os::unix::process::ExitStatusExt;
+        let signal = status.and_then(|s| s.signal());
+        let network = network_error.load(std::sync::atomic::Ordering::Relaxed);
+        outcome.note = spec.diag.explain(oom_before, signal, code != 0, network);
+    }
+    outcome
 }
 
 /// Text of a start failure, worded like Go's `exec` package so clients see familiar errors.
@@ -213,17 +228,26 @@ fn spawn_error_text(program: &str, e: &std::io::Error) -> String {
     }
 }
 
-async fn pump(mut r: impl AsyncRead + Unpin, is_err: bool, tx: mpsc::Sender<Chunk>) {
+/// Copies one pipe into `tx`; the stderr pump (`network_error` given) also notes network errors.
+async fn pump(
+    mut r: impl AsyncRead + Unpin,
+    network_error: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    tx: mpsc::Sender<Chunk>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let b = Bytes::copy_from_slice(&buf[..n]);
-                let chunk = if is_err {
-                    Chunk::Stderr(b)
-                } else {
-                    Chunk::Stdout(b)
+                let chunk = match &network_error {
+                    Some(flag) => {
+                        if crate::diagnose::mentions_network_error(&b) {
+                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Chunk::Stderr(b)
+                    }
+                    None => Chunk::Stdout(b),
                 };
                 if tx.send(chunk).await.is_err() {
                     return;
@@ -290,7 +314,7 @@ async fn buffered(spec: CommandSpec, cap: usize) -> ExecuteResponse {
     } else if outcome.timed_out {
         Some(timeout_message(timeout))
     } else {
-        None
+        outcome.note.clone()
     };
     if let Some(extra) = extra {
         if !stderr.is_empty() && !stderr.ends_with('\n') {
@@ -352,6 +376,11 @@ fn stream(spec: CommandSpec) -> Response {
                 .await;
         } else if outcome.timed_out {
             let data = format!("\n{}", timeout_message(timeout));
+            let _ = line_tx
+                .send(ndjson_line(&ExecuteEvent::Stderr { data }))
+                .await;
+        } else if let Some(note) = &outcome.note {
+            let data = format!("\n{note}");
             let _ = line_tx
                 .send(ndjson_line(&ExecuteEvent::Stderr { data }))
                 .await;

@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod diagnose;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -45,6 +45,16 @@ struct Args {
     agent: Vec<String>,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
+    /// The sandbox cgroup's `memory.events` (or v1 `memory.oom_control`), to say when a command
+    /// was killed for memory (default: found under /sys/fs/cgroup when mounted).
+    #[arg(long, env = "PICOD_MEMORY_EVENTS")]
+    memory_events: Option<std::path::PathBuf>,
+    /// The sandbox's memory limit as shown in that message (default: /sys/fs/cgroup/memory.max).
+    #[arg(long, env = "PICOD_MEMORY_LIMIT")]
+    memory_limit: Option<String>,
+    /// The sandbox has no network: network errors get a note saying so.
+    #[arg(long, env = "PICOD_NO_NETWORK")]
+    no_network: bool,
     /// Serve Prometheus metrics at `GET /metrics`, without authentication (off by default).
     #[arg(long, env = "PICOD_METRICS")]
     metrics: bool,
@@ -86,6 +96,14 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
         config.sandbox_name = a.sandbox_name.filter(|n| !n.is_empty());
         config.metrics = a.metrics;
+        config.diagnostics = std::sync::Arc::new(
+            agentcube_picod::diagnose::Diagnostics {
+                memory_events: a.memory_events,
+                memory_limit: a.memory_limit,
+                no_network: a.no_network,
+            }
+            .detect(),
+        );
         config.limits = a
             .limits
             .limits(1024)

@@ -107,9 +107,11 @@ async fn pool_objects_follow_warm_pool_size_and_status_is_written_once_per_gener
     }
     let spec = &template.data["spec"];
     assert_eq!(spec["networkPolicyManagement"], "Unmanaged");
-    assert!(
-        spec["podTemplate"].get("metadata").is_none(),
-        "template labels are not copied (as upstream)"
+    assert_eq!(
+        spec["podTemplate"]["metadata"],
+        json!({"labels": {"runtime.agentcube.io/workload-kind": "CodeInterpreter",
+                                      "runtime.agentcube.io/workload-name": "pooled"}}),
+        "the definition's own labels are not copied (as upstream); the NetworkPolicy selector's are"
     );
     assert_eq!(
         spec["podTemplate"]["spec"]["containers"][0]["name"],

@@ -154,8 +154,33 @@ async fn memory_limit_kills_a_hog() {
         "cgroups must be available for this test"
     );
     let out = exec(&v, &["python3", "-c", "x = bytearray(400 * 1024 * 1024); x[::4096] = b'x' * len(x[::4096]); print('survived')"]).await;
-    assert_ne!(out["exit_code"], 0, "{out}");
+    assert_eq!(
+        out["exit_code"], -1,
+        "killed by a signal, as upstream reports it: {out}"
+    );
     assert!(!out["stdout"].as_str().unwrap().contains("survived"));
+    // …and stderr says why, with the limit.
+    let stderr = out["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("killed by the out-of-memory killer")
+            && stderr.contains("memory limit (64Mi)"),
+        "{stderr}"
+    );
+    // A network error in a sandbox without network says what is missing.
+    let out = exec(
+        &v,
+        &[
+            "python3",
+            "-c",
+            "import socket; socket.getaddrinfo('pypi.org', 443)",
+        ],
+    )
+    .await;
+    let stderr = out["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("this sandbox has no network") && stderr.contains("spec.networkPolicy"),
+        "{stderr}"
+    );
     // Small allocations still work: the sandbox itself is fine.
     let out = exec(
         &v,

@@ -225,6 +225,15 @@ impl SandboxCgroup {
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
+
+    /// The file whose `oom_kill <n>` line counts OOM kills: `memory.events` (v2) or the memory
+    /// controller's `memory.oom_control` (v1).
+    pub fn memory_events(&self) -> Option<PathBuf> {
+        self.dirs
+            .iter()
+            .flat_map(|d| [d.join("memory.events"), d.join("memory.oom_control")])
+            .find(|p| p.is_file())
+    }
 }
 
 /// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. True once it is gone.

@@ -72,7 +72,13 @@ pub struct LaunchSpec {
     /// The network namespace to run in (`ip` binary, namespace name) when the definition has a
     /// network policy; `None`: no network at all.
     pub netns: Option<(PathBuf, String)>,
+    /// The cgroup file counting OOM kills (bound read-only at [`SANDBOX_MEMORY_EVENTS`]) and the
+    /// memory limit, so PicoD can say when a command was killed for memory.
+    pub memory: Option<(PathBuf, String)>,
 }
+
+/// Where the sandbox sees its cgroup's OOM counter.
+pub const SANDBOX_MEMORY_EVENTS: &str = "/run/memory.events";
 
 /// The launcher's input files, written into the sandbox's private directory.
 pub fn args_file(paths: &SandboxPaths) -> PathBuf {
@@ -96,6 +102,13 @@ fn sandbox_env(spec: &LaunchSpec) -> Vec<(String, String)> {
         env.push(("PICOD_AUTH_PUBLIC_KEY".into(), key.clone()));
     }
     env.push(("PICOD_SANDBOX_NAME".into(), spec.sandbox_name.clone()));
+    if let Some((_, limit)) = &spec.memory {
+        env.push(("PICOD_MEMORY_EVENTS".into(), SANDBOX_MEMORY_EVENTS.into()));
+        env.push(("PICOD_MEMORY_LIMIT".into(), limit.clone()));
+    }
+    if spec.netns.is_none() {
+        env.push(("PICOD_NO_NETWORK".into(), "true".into()));
+    }
     env
 }
 
@@ -198,6 +211,10 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         SANDBOX_RUN_DIR,
     ]);
     push(&["--ro-bind", &picod, SANDBOX_PICOD]);
+    if let Some((events, _)) = &spec.memory {
+        let events = events.display().to_string();
+        push(&["--ro-bind", &events, SANDBOX_MEMORY_EVENTS]);
+    }
     push(&["--clearenv"]);
     for (k, v) in sandbox_env(spec) {
         push(&["--setenv", &k, &v]);

@@ -551,7 +551,12 @@ impl LocalBackend {
             ),
             None => None,
         };
+        let memory = match (&cgroup, limits.memory_bytes) {
+            (Some(cg), Some(bytes)) => cg.memory_events().map(|f| (f, human_bytes(bytes))),
+            _ => None,
+        };
         let spec = LaunchSpec {
+            memory,
             paths: paths.clone(),
             picod: cfg.picod.clone(),
             public_key,
@@ -742,6 +747,15 @@ impl LocalBackend {
             }
             None => self.paths(name).remove().await,
         }
+    }
+}
+
+/// A memory limit as a Kubernetes quantity when it is whole `Gi`/`Mi`, else bytes.
+fn human_bytes(b: u64) -> String {
+    match b {
+        _ if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
+        _ if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}Mi", b >> 20),
+        _ => format!("{b} bytes"),
     }
 }
 

@@ -13,6 +13,7 @@ fn spec() -> LaunchSpec {
         cgroup_procs: vec!["/cg/memory/s1/cgroup.procs".into()],
         seccomp: vec!["/state/seccomp/0.bpf".into(), "/state/seccomp/1.bpf".into()],
         netns: None,
+        memory: None,
     }
 }
 

@@ -1,0 +1,145 @@
+//! Plain words for endings whose bare facts confuse (issue: `exit_code: -1` and an empty stderr
+//! after an out-of-memory kill; a resolver error where the sandbox simply has no network). The
+//! note is appended to stderr as `[picod: …]`, like the truncation marker; exit codes stay
+//! upstream's.
+
+use std::path::PathBuf;
+
+/// What PicoD knows about its sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Diagnostics {
+    /// The sandbox cgroup's `memory.events` (v2) or `memory.oom_control` (v1): both have an
+    /// `oom_kill <n>` line.
+    pub memory_events: Option<PathBuf>,
+    /// The memory limit, as the definition spells it (`512Mi`), or bytes.
+    pub memory_limit: Option<String>,
+    /// The sandbox has no network at all (the local backend without a network policy).
+    pub no_network: bool,
+}
+
+/// Errors that, in a sandbox without network, mean exactly that.
+const NETWORK_ERRORS: &[&str] = &[
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "Could not resolve host",
+    "No address associated with hostname",
+    "getaddrinfo failed",
+];
+
+impl Diagnostics {
+    /// Finds the cgroup files of the sandbox PicoD runs in (a pod's cgroup namespace shows its
+    /// own cgroup at `/sys/fs/cgroup`), unless given.
+    pub fn detect(mut self) -> Self {
+        if self.memory_events.is_none() {
+            self.memory_events = [
+                "/sys/fs/cgroup/memory.events",
+                "/sys/fs/cgroup/memory/memory.oom_control",
+            ]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file());
+        }
+        if self.memory_limit.is_none() {
+            self.memory_limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| s != "max" && !s.is_empty());
+        }
+        self
+    }
+
+    /// OOM kills so far in the sandbox's cgroup.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.memory_events.as_ref()?).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+    }
+
+    /// The note for a command that ended by `signal` (or exited non-zero, `failed`), with the
+    /// OOM count from before it started and whether its stderr named a network error.
+    pub fn explain(
+        &self,
+        oom_before: Option<u64>,
+        signal: Option<i32>,
+        failed: bool,
+        network_error: bool,
+    ) -> Option<String> {
+        if signal == Some(9) {
+            let oom = matches!((oom_before, self.oom_kills()), (Some(a), Some(b)) if b > a);
+            if oom {
+                let limit = self.memory_limit.as_deref().unwrap_or("unknown");
+                return Some(format!(
+                    "[picod: killed by the out-of-memory killer: the sandbox reached its memory \
+                     limit ({limit})]"
+                ));
+            }
+            return Some("[picod: killed by signal 9 (SIGKILL)]".into());
+        }
+        if let Some(sig) = signal {
+            return Some(format!("[picod: killed by signal {sig}]"));
+        }
+        if failed && network_error && self.no_network {
+            return Some(
+                "[picod: this sandbox has no network; its definition can allow some with \
+                 spec.networkPolicy]"
+                    .into(),
+            );
+        }
+        None
+    }
+}
+
+/// Whether output names a network error (see [`NETWORK_ERRORS`]).
+pub fn mentions_network_error(text: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(text);
+    NETWORK_ERRORS.iter().any(|e| text.contains(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endings_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("memory.events");
+        std::fs::write(&events, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        let d = Diagnostics {
+            memory_events: Some(events.clone()),
+            memory_limit: Some("64Mi".into()),
+            no_network: true,
+        };
+        assert_eq!(d.oom_kills(), Some(1));
+        assert_eq!(
+            d.explain(Some(1), Some(9), false, false).unwrap(),
+            "[picod: killed by signal 9 (SIGKILL)]"
+        );
+        std::fs::write(&events, "oom 2\noom_kill 2\n").unwrap();
+        let oom = d.explain(Some(1), Some(9), false, false).unwrap();
+        assert!(
+            oom.contains("out-of-memory") && oom.contains("(64Mi)"),
+            "{oom}"
+        );
+        assert_eq!(
+            d.explain(None, Some(15), false, false).unwrap(),
+            "[picod: killed by signal 15]"
+        );
+        assert!(
+            d.explain(None, None, true, true)
+                .unwrap()
+                .contains("spec.networkPolicy")
+        );
+        assert_eq!(d.explain(None, None, true, false), None);
+        let networked = Diagnostics {
+            no_network: false,
+            ..d
+        };
+        assert_eq!(networked.explain(None, None, true, true), None);
+        assert!(mentions_network_error(
+            b"socket.gaierror: [Errno -3] Temporary failure in name resolution"
+        ));
+        assert!(!mentions_network_error(b"ModuleNotFoundError"));
+    }
+}
