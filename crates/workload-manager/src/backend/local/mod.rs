@@ -753,8 +753,8 @@ impl LocalBackend {
 /// A memory limit as a Kubernetes quantity when it is whole `Gi`/`Mi`, else bytes.
 fn human_bytes(b: u64) -> String {
     match b {
-        _ if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
-        _ if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}Mi", b >> 20),
+        _ if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{}Gi", b >> 30),
+        _ if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{}Mi", b >> 20),
         _ => format!("{b} bytes"),
     }
 }
