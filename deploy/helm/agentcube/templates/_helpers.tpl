@@ -51,3 +51,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - --max-connections={{ .maxConnections }}
 {{- end }}
 {{- end }}
+
+{{/* A label map as `k=v,k2=v2` (sorted), for selector flags. */}}
+{{- define "agentcube.selector" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
