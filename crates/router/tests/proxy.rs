@@ -522,3 +522,40 @@ async fn the_longest_matching_path_prefix_picks_the_entry_point() {
         assert_eq!(r.text().await.unwrap(), want, "{path}");
     }
 }
+
+#[tokio::test]
+async fn refused_callers_never_take_a_concurrency_slot() {
+    let authn = std::sync::Arc::new(agentcube_router::oidc::Authn::Token("t0k".into()));
+    let (router, _store, _) = setup(|c| {
+        c.max_concurrent_requests = 1;
+        c.authn = Some(authn);
+    })
+    .await;
+    // The only slot, held by an authenticated stream.
+    let mut held = client()
+        .get(router.ci("sse"))
+        .header("x-agentcube-session-id", "s1")
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let _ = held.chunk().await.unwrap();
+    let call = |token: Option<&'static str>| {
+        let mut r = client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s1");
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    // Without a valid token: 401, whatever the load (auth comes first, takes no slot)…
+    for _ in 0..5 {
+        assert_eq!(call(None).await, 401);
+        assert_eq!(call(Some("wrong")).await, 401);
+    }
+    // …while an authenticated request does compete for the slot.
+    assert_eq!(call(Some("t0k")).await, 429);
+    while held.chunk().await.unwrap().is_some() {}
+}

@@ -154,6 +154,10 @@ for p in ('/proc/1/cmdline', '/proc/2/cmdline'):
         "RUST_LOG",
         "PICOD_AUTH_PUBLIC_KEY",
         "PICOD_SANDBOX_NAME",
+        // PicoD's own, naming the sandbox's view: /run/memory.events, the limit, "no network"
+        "PICOD_MEMORY_EVENTS",
+        "PICOD_MEMORY_LIMIT",
+        "PICOD_NO_NETWORK",
         "MINE",
         // set by the shell running this very probe
         "PWD",

@@ -69,8 +69,8 @@ pub struct LaunchSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// The seccomp filter files (raw BPF), loaded by bubblewrap.
     pub seccomp: Vec<PathBuf>,
-    /// The network namespace to run in (`ip` binary, namespace name) when the definition has a
-    /// network policy; `None`: no network at all.
+    /// The network namespace to run in (`nsenter` binary, namespace name) when the definition
+    /// has a network policy; `None`: no network at all.
     pub netns: Option<(PathBuf, String)>,
     /// The cgroup file counting OOM kills (bound read-only at [`SANDBOX_MEMORY_EVENTS`]) and the
     /// memory limit, so PicoD can say when a command was killed for memory.
@@ -192,9 +192,10 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         let p = format!("/etc/{entry}");
         push(&["--ro-bind-try", &p, &p]);
     }
-    if spec.netns.is_some() {
-        // The namespace's own (`ip netns exec` mounts /etc/netns/<ns>/resolv.conf there).
-        push(&["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]);
+    if let Some((_, ns)) = &spec.netns {
+        // The namespace's own resolver file, written by the manager.
+        let resolv = format!("/etc/netns/{ns}/resolv.conf");
+        push(&["--ro-bind-try", &resolv, "/etc/resolv.conf"]);
     }
     push(&[
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
@@ -261,12 +262,13 @@ pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
     let mut files: Vec<&Path> = vec![&args];
     files.extend(spec.seccomp.iter().map(PathBuf::as_path));
     let mut argv = prologue(&files, &spec.cgroup_procs);
-    if let Some((ip, ns)) = &spec.netns {
+    if let Some((nsenter, ns)) = &spec.netns {
+        // Only the network namespace is entered (`ip netns exec` would also remount /sys, hiding
+        // the cgroup file bound into the sandbox).
         argv.extend([
-            ip.display().to_string(),
-            "netns".into(),
-            "exec".into(),
-            ns.clone(),
+            nsenter.display().to_string(),
+            format!("--net=/run/netns/{ns}"),
+            "--".into(),
         ]);
     }
     if let Some(uid) = spec.uid {

@@ -192,7 +192,7 @@ struct Running {
 struct Assigned {
     public_key: Option<String>,
     uid: Option<u32>,
-    /// `ip` binary and network namespace, when the definition has a network policy.
+    /// `nsenter` binary and network namespace, when the definition has a network policy.
     netns: Option<(PathBuf, String)>,
 }
 
@@ -516,13 +516,13 @@ impl LocalBackend {
         }
     }
 
-    /// The `ip` binary (only called with a network, so detection succeeded).
+    /// The `nsenter` binary (only called with a network, so detection succeeded).
     fn network_tool(&self) -> PathBuf {
         self.inner
             .network
             .as_ref()
-            .map(|n| n.ip_binary().to_path_buf())
-            .unwrap_or_else(|_| PathBuf::from("ip"))
+            .map(|n| n.nsenter_binary().to_path_buf())
+            .unwrap_or_else(|_| PathBuf::from("nsenter"))
     }
 
     /// Directories, cgroups, launcher inputs, and the launcher process itself.

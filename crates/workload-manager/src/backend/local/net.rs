@@ -40,6 +40,7 @@ pub const NETNS_PREFIX: &str = "agentcube-";
 pub struct Network {
     ip: PathBuf,
     nft: PathBuf,
+    nsenter: PathBuf,
     /// DNS server sandboxes may ask (their `/etc/resolv.conf`); `None`: no DNS.
     pub resolver: Option<IpAddr>,
 }
@@ -75,13 +76,14 @@ impl Network {
         Ok(Self {
             ip: find("ip", "iproute2")?,
             nft: find("nft", "nftables")?,
+            nsenter: find("nsenter", "util-linux")?,
             resolver: resolver.or_else(host_resolver),
         })
     }
 
-    /// The `ip` binary (the launcher enters the namespace with `ip netns exec`).
-    pub fn ip_binary(&self) -> &Path {
-        &self.ip
+    /// The `nsenter` binary (the launcher enters the namespace with `nsenter --net=`).
+    pub fn nsenter_binary(&self) -> &Path {
+        &self.nsenter
     }
 
     /// Creates the sandbox's namespace, link, addresses, route, rules and `resolv.conf`. On
@@ -137,7 +139,7 @@ impl Network {
             Some(rules),
         )
         .await?;
-        // `ip netns exec` mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+        // Bound over the sandbox's /etc/resolv.conf (the `ip netns` convention).
         let etc = Path::new("/etc/netns").join(ns);
         let resolv = match self.resolver {
             Some(r) => format!("nameserver {r}\n"),
