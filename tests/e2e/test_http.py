@@ -1,5 +1,6 @@
 """Raw HTTP (curl-style) scenarios against the Router and the Workload Manager."""
 
+import json
 import time
 
 import requests
@@ -90,3 +91,18 @@ def test_a_definitions_network_policy(stack):
     assert spec["podSelector"]["matchLabels"]["runtime.agentcube.io/workload-name"] == "net-agent"
     assert spec["egress"][1] == {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}
     assert spec["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "agentcube-router"}
+
+
+def test_a_background_process_through_the_router(stack):
+    """Issue 20's process API on a real sandbox, through the Router: it outlives the request that
+    started it, takes stdin, and its output is read to the exit code."""
+    s = requests.Session()
+    base = invocations(stack, "code-interpreters", "my-interpreter", "api/processes")
+    r = s.post(base, json={"command": ["sh", "-c", "read x; echo got:$x"]})
+    assert r.status_code == 200, r.text
+    s.headers["x-agentcube-session-id"] = r.headers["x-agentcube-session-id"]
+    pid = r.json()["id"]
+    assert s.post(f"{base}/{pid}/stdin", data=b"hi\n").json() == {"written": 3}
+    out = [json.loads(l) for l in s.get(f"{base}/{pid}/output", params={"follow": "true"}, timeout=30).text.splitlines()]
+    assert "".join(l.get("data", "") for l in out) == "got:hi\n" and out[-1] == {"exit_code": 0}, out
+    requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{s.headers['x-agentcube-session-id']}")

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// Missing file or directory; the message is the upstream text.
     #[error("{0}")]
     NotFound(&'static str),
+    /// A per-sandbox limit is reached (e.g. running processes).
+    #[error("{0}")]
+    TooMany(String),
     /// Body over the configured limit.
     #[error("request body too large")]
     TooLarge { limit: usize },
@@ -45,6 +48,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

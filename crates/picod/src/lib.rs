@@ -7,6 +7,8 @@
 //! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`]).
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
+//!    Background processes: [`process`] (`/api/processes`: start, list, output with resume,
+//!    stdin, signals).
 //! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
@@ -25,6 +27,7 @@ pub mod files;
 pub mod forward;
 pub mod jail;
 pub mod metrics;
+pub mod process;
 pub mod server;
 
 pub use config::{Auth, Config, ListenAddr};

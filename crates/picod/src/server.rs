@@ -20,7 +20,7 @@ use crate::auth::{Verifier, require_token};
 use crate::config::{Auth, Config};
 use crate::error::ApiError;
 use crate::jail::Workspace;
-use crate::{exec, files};
+use crate::{exec, files, process};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -31,6 +31,8 @@ pub struct AppState {
     pub started: Instant,
     /// Present when `--metrics` is on.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Background processes started through `/api/processes`.
+    pub processes: Arc<crate::process::Processes>,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl AppState {
             verifier,
             started: Instant::now(),
             metrics,
+            processes: Arc::default(),
         })
     }
 }
@@ -73,6 +76,14 @@ pub fn app(state: AppState) -> Router {
         .route("/api/execute", post(exec::execute))
         .route("/api/files", post(files::upload).get(files::list))
         .route("/api/files/{*path}", get(files::download))
+        .route("/api/processes", post(process::start).get(process::list))
+        .route("/api/processes/{id}/output", get(process::output))
+        .route("/api/processes/{id}/stdin", post(process::stdin))
+        .route(
+            "/api/processes/{id}/stdin/close",
+            post(process::close_stdin),
+        )
+        .route("/api/processes/{id}/signal", post(process::signal))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(CompressionLayer::new().gzip(true).compress_when(compress));
     let mut app = Router::new().route("/health", get(health)).merge(api);
