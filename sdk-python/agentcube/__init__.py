@@ -7,6 +7,7 @@ API-compatible with upstream ``agentcube-sdk``: ``CodeInterpreterClient`` and
 from agentcube.agent_runtime import AgentRuntimeClient
 from agentcube.auth import AuthProvider, ServiceAccountAuth, TokenAuth
 from agentcube.code_interpreter import CodeInterpreterClient
+from agentcube.processes import OutputChunk, Process
 from agentcube.exceptions import (
     AgentCubeError,
     CommandExecutionError,
@@ -22,6 +23,8 @@ __all__ = [
     "CodeInterpreterClient",
     "CommandExecutionError",
     "DataPlaneError",
+    "OutputChunk",
+    "Process",
     "SessionError",
     "ServiceAccountAuth",
     "SessionNotFoundError",

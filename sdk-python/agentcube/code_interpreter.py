@@ -12,9 +12,11 @@ from agentcube.clients.code_interpreter_data_plane import (
     CodeInterpreterDataPlaneClient,
     Command,
     OutputCallback,
+    command_argv,
 )
 from agentcube.clients.control_plane import ControlPlaneClient
 from agentcube.exceptions import CommandExecutionError
+from agentcube.processes import Process, list_processes, process_from
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,31 @@ class CodeInterpreterClient:
     def list_files(self, path: str = ".") -> List[Dict[str, Any]]:
         """Lists a directory in the sandbox."""
         return self._dp.list_files(path)
+
+    def start_process(
+        self, command: Command, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None
+    ) -> Process:
+        """Starts a background process in the sandbox (it outlives this call, has no execute
+        timeout and dies with the sandbox). See :class:`agentcube.processes.Process`."""
+        body: Dict[str, Any] = {"command": command_argv(command)}
+        if cwd is not None:
+            body["cwd"] = cwd
+        if env:
+            body["env"] = env
+        started = self._dp.post_json("api/processes", body)
+        return process_from(self._dp, started)
+
+    def list_processes(self) -> List[Dict[str, Any]]:
+        """Every process started in this session: ``id``, ``pid``, ``command``, ``running``,
+        ``exit_code``."""
+        return list_processes(self._dp)
+
+    def attach_process(self, process_id: str) -> Process:
+        """A handle on a process started earlier (e.g. by another client of the same session)."""
+        for item in self.list_processes():
+            if item["id"] == process_id:
+                return process_from(self._dp, item)
+        raise KeyError(f"no process {process_id} in session {self.session_id}")
 
     def stop(self) -> None:
         """Deletes the session (never raises) and closes connections."""

@@ -131,3 +131,26 @@ def test_sessions_are_listed_and_read_at_the_workload_manager(stack):
     with pytest.raises(ValueError):
         cp.list_sessions("sandboxes")
     cp.close()
+
+
+def test_background_processes_with_the_sdk(stack):
+    with CodeInterpreterClient() as c:
+        p = c.start_process(["sh", "-c", "echo ready; read name; echo hello $name; echo warn >&2"])
+        first = [ch.data for ch in p.output()]  # what is there now, without waiting
+        assert first in ([], ["ready\n"]), first
+        p.write_stdin("agent\n")
+        chunks = list(p.output(follow=True))
+        text = "".join(ch.data for ch in chunks if ch.stream == "stdout")
+        assert "hello agent\n" in text and p.exit_code == 0, chunks
+        assert any(ch.stream == "stderr" and ch.data == "warn\n" for ch in chunks)
+        # Another client of the same session attaches and reads everything from the start.
+        other = CodeInterpreterClient(session_id=c.session_id)
+        again = other.attach_process(p.id)
+        assert "".join(ch.data for ch in again.output(since=0) if ch.stream == "stdout") == "ready\nhello agent\n"
+        assert again.exit_code == 0
+        long = c.start_process(["sleep", "60"])
+        assert any(i["id"] == long.id and i["running"] for i in c.list_processes())
+        with pytest.raises(TimeoutError):
+            long.wait(timeout=0.3)
+        long.kill()
+        assert long.wait() == -1

@@ -6,7 +6,7 @@ import base64
 import json
 import os
 import shlex
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 from urllib.parse import urljoin
 
 import requests
@@ -167,6 +167,38 @@ class CodeInterpreterDataPlaneClient:
         )
         self._check(resp)
         return resp.json().get("files", [])
+
+    def post_json(self, path: str, body: Dict[str, Any]) -> Any:
+        """POSTs JSON to a PicoD route; returns the JSON answer."""
+        resp = self.session.post(
+            self._url(path), data=json.dumps(body), headers=self._headers(json_body=True),
+            timeout=(self.connect_timeout, self.timeout),
+        )
+        self._check(resp)
+        return resp.json()
+
+    def raw_post(self, path: str, data: bytes) -> Any:
+        """POSTs raw bytes to a PicoD route; returns the JSON answer."""
+        resp = self.session.post(
+            self._url(path), data=data, headers=self._headers(), timeout=(self.connect_timeout, self.timeout)
+        )
+        self._check(resp)
+        return resp.json()
+
+    def get_json(self, path: str) -> Any:
+        resp = self.session.get(self._url(path), headers=self._headers(), timeout=(self.connect_timeout, self.timeout))
+        self._check(resp)
+        return resp.json()
+
+    def ndjson(self, path: str, params: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        """GETs an NDJSON stream, one decoded line at a time (no read timeout: it may follow)."""
+        with self.session.get(
+            self._url(path), params=params, headers=self._headers(), stream=True, timeout=(self.connect_timeout, None)
+        ) as resp:
+            self._check(resp)
+            for line in resp.iter_lines():
+                if line:
+                    yield json.loads(line)
 
     def close(self) -> None:
         self.session.close()
