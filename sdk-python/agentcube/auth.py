@@ -83,7 +83,7 @@ class ServiceAccountAuth:
                     response=resp,
                 )
             body = resp.json()
-            token = body.get("access_token")
+            token = str(body.get("access_token") or "")
             if not token:
                 raise ValueError(f"{self.token_url} answered without an access_token")
             expires_in = int(body.get("expires_in") or 3600)

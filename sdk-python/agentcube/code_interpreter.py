@@ -93,7 +93,7 @@ class CodeInterpreterClient:
         result = self.execute_command_result(command, timeout=timeout, on_output=on_output)
         if result["exit_code"] != 0:
             raise CommandExecutionError(result["exit_code"], result["stderr"], command)
-        return result["stdout"]
+        return str(result["stdout"])
 
     def execute_command_result(
         self, command: Command, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None

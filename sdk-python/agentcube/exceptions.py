@@ -47,7 +47,9 @@ try:  # Upstream's clients raised requests.HTTPError; ours are catchable as eith
     class HTTPSessionError(SessionError, _requests.HTTPError):
         """A :class:`SessionError` that is also a ``requests.HTTPError``."""
 
-        def __init__(self, message: str, status_code: Optional[int] = None, response=None):
+        def __init__(
+            self, message: str, status_code: Optional[int] = None, response: Optional[_requests.Response] = None
+        ):
             SessionError.__init__(self, message, status_code)
             self.response = response
             self.request = getattr(response, "request", None)
@@ -58,7 +60,9 @@ try:  # Upstream's clients raised requests.HTTPError; ours are catchable as eith
     class HTTPDataPlaneError(DataPlaneError, _requests.HTTPError):
         """A :class:`DataPlaneError` that is also a ``requests.HTTPError``."""
 
-        def __init__(self, message: str, status_code: Optional[int] = None, response=None):
+        def __init__(
+            self, message: str, status_code: Optional[int] = None, response: Optional[_requests.Response] = None
+        ):
             DataPlaneError.__init__(self, message, status_code)
             self.response = response
             self.request = getattr(response, "request", None)

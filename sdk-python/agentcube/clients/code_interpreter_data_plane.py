@@ -166,7 +166,8 @@ class CodeInterpreterDataPlaneClient:
             timeout=(self.connect_timeout, self.timeout),
         )
         self._check(resp)
-        return resp.json().get("files", [])
+        files: List[Dict[str, Any]] = resp.json().get("files", [])
+        return files
 
     def post_json(self, path: str, body: Dict[str, Any]) -> Any:
         """POSTs JSON to a PicoD route; returns the JSON answer."""

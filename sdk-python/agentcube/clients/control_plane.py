@@ -63,7 +63,7 @@ class ControlPlaneClient:
         ttl: int = 3600,
     ) -> str:
         """``POST /v1/code-interpreter``; returns the new session id once the sandbox answers."""
-        payload = {"name": name, "namespace": namespace, "ttl": ttl, "metadata": metadata or {}}
+        payload: Dict[str, Any] = {"name": name, "namespace": namespace, "ttl": ttl, "metadata": metadata or {}}
         resp = self.session.post(
             f"{self.base_url}/v1/code-interpreter", json=payload, headers=self._headers(), timeout=self.timeout
         )
@@ -81,7 +81,7 @@ class ControlPlaneClient:
                     resp.status_code,
                     resp,
                 ) from e
-        session_id = resp.json().get("sessionId")
+        session_id = str(resp.json().get("sessionId") or "")
         if not session_id:
             raise ValueError(f"Workload Manager answered without a sessionId: {resp.text}")
         return session_id
@@ -104,7 +104,8 @@ class ControlPlaneClient:
         )
         if not resp.ok:
             self._raise(resp, f"cannot read session {session_id}")
-        return resp.json()
+        record: Dict[str, Any] = resp.json()
+        return record
 
     def list_sessions(self, kind: str = "code-interpreter", page_size: int = 100) -> List[Dict[str, Any]]:
         """``GET /v1/{kind}/sessions``: every live session of that kind (following the pages)."""
