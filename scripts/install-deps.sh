@@ -31,6 +31,8 @@ have openssl || need+=(openssl)
 have curl || need+=(curl)
 have nft || need+=(nftables)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# Plots in the code-context tests (sandboxes run the host's python3).
+/usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || need+=(python3-matplotlib)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"

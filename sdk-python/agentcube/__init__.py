@@ -7,6 +7,7 @@ API-compatible with upstream ``agentcube-sdk``: ``CodeInterpreterClient`` and
 from agentcube.agent_runtime import AgentRuntimeClient
 from agentcube.auth import AuthProvider, ServiceAccountAuth, TokenAuth
 from agentcube.code_interpreter import CodeInterpreterClient
+from agentcube.contexts import Context, Execution, ExecutionError, Result
 from agentcube.processes import OutputChunk, Process
 from agentcube.exceptions import (
     AgentCubeError,
@@ -22,6 +23,10 @@ __all__ = [
     "AuthProvider",
     "CodeInterpreterClient",
     "CommandExecutionError",
+    "Context",
+    "Execution",
+    "ExecutionError",
+    "Result",
     "DataPlaneError",
     "OutputChunk",
     "Process",

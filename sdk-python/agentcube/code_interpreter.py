@@ -16,6 +16,7 @@ from agentcube.clients.code_interpreter_data_plane import (
 )
 from agentcube.clients.control_plane import ControlPlaneClient
 from agentcube.exceptions import CommandExecutionError
+from agentcube.contexts import Context, Execution, execution_from
 from agentcube.processes import Process, list_processes, process_from
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,22 @@ class CodeInterpreterClient:
         return self._dp.execute_command_result(command, timeout=timeout)
 
     def run_code(
-        self, language: str, code: str, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+        self,
+        language: str,
+        code: str,
+        timeout: Optional[float] = None,
+        on_output: Optional[OutputCallback] = None,
+        context: Optional[Context] = None,
     ) -> str:
         """Writes ``code`` to a script in the workspace and runs it in a fresh process (python or
-        bash). Returns stdout; raises :class:`CommandExecutionError` on failure."""
+        bash), as upstream: nothing survives between calls. With ``context`` (from
+        :meth:`create_context`) it runs as a cell of that persistent interpreter instead. Returns
+        stdout; raises :class:`CommandExecutionError` on failure."""
+        if context is not None:
+            ex = self.run_cell(code, context=context, timeout=timeout, on_output=on_output)
+            if ex.error is not None:
+                raise CommandExecutionError(ex.exit_code or 1, ex.stderr or f"{ex.error.name}: {ex.error.value}", code)
+            return ex.stdout
         lang = language.lower()
         stamp = int(time.time() * 1000)
         if lang in _PYTHON:
@@ -144,6 +157,47 @@ class CodeInterpreterClient:
     def list_files(self, path: str = ".") -> List[Dict[str, Any]]:
         """Lists a directory in the sandbox."""
         return self._dp.list_files(path)
+
+    def create_context(self, language: str = "python", cwd: Optional[str] = None,
+                       env: Optional[Dict[str, str]] = None) -> Context:
+        """A persistent ``python`` interpreter or ``bash`` shell in the sandbox."""
+        body: Dict[str, Any] = {"language": language}
+        if cwd is not None:
+            body["cwd"] = cwd
+        if env:
+            body["env"] = env
+        made = self._dp.post_json("api/contexts", body)
+        return Context(str(made["id"]), str(made["language"]), str(made.get("cwd") or "."))
+
+    def list_contexts(self) -> List[Context]:
+        return [Context(str(c["id"]), str(c["language"]), str(c.get("cwd") or "."))
+                for c in self._dp.get_json("api/contexts")]
+
+    def run_cell(self, code: str, context: Context, timeout: Optional[float] = None,
+                 on_output: Optional[OutputCallback] = None) -> Execution:
+        """Runs ``code`` in ``context``; returns an :class:`Execution` (output, results with
+        ``.text``/``.html``/``.json``/``.png``, ``error``, ``execution_count``). A cell past its
+        timeout is interrupted and the context keeps its state."""
+        body: Dict[str, Any] = {"code": code}
+        if timeout is not None:
+            body["timeout"] = f"{timeout}s"
+        events = []
+        for e in self._dp.post_ndjson(f"api/contexts/{context.id}/execute", body):
+            events.append(e)
+            if on_output is not None and e.get("type") in ("stdout", "stderr"):
+                on_output(str(e["type"]), str(e.get("data", "")))
+        return execution_from(events)
+
+    def interrupt(self, context: Context) -> None:
+        """KeyboardInterrupt (Ctrl-C) in the context's running cell; its state stays."""
+        self._dp.post_json(f"api/contexts/{context.id}/interrupt", {})
+
+    def restart(self, context: Context) -> None:
+        """A fresh interpreter: the context's state is cleared."""
+        self._dp.post_json(f"api/contexts/{context.id}/restart", {})
+
+    def delete_context(self, context: Context) -> None:
+        self._dp.delete(f"api/contexts/{context.id}")
 
     def start_process(
         self, command: Command, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None

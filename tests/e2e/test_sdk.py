@@ -154,3 +154,39 @@ def test_background_processes_with_the_sdk(stack):
             long.wait(timeout=0.3)
         long.kill()
         assert long.wait() == -1
+
+
+def test_stateful_contexts_with_the_sdk(stack, tmp_path):
+    with CodeInterpreterClient() as c:
+        ctx = c.create_context("python")
+        assert c.run_code("python", "x = 6", context=ctx) == ""
+        ex = c.run_cell("x * 7", context=ctx)
+        assert ex.error is None and ex.results[0].text == "42" and ex.execution_count == 2, ex
+        # Another client attached to the same session sees the same context.
+        other = CodeInterpreterClient(session_id=c.session_id)
+        assert [k.id for k in other.list_contexts()] == [ctx.id]
+        assert other.run_cell("x", context=ctx).results[0].text == "6"
+        # Errors come back as data; run_code raises as it always did.
+        assert c.run_cell("nope", context=ctx).error.name == "NameError"
+        with pytest.raises(CommandExecutionError):
+            c.run_code("python", "nope", context=ctx)
+        # A timeout interrupts the cell and keeps the state; restart clears it.
+        ex = c.run_cell("import time\nwhile True: time.sleep(0.1)", context=ctx, timeout=1)
+        assert ex.error.name == "TimeoutError"
+        assert c.run_cell("x", context=ctx).results[0].text == "6"
+        # A plot comes back as a PNG.
+        ex = c.run_cell("import matplotlib.pyplot as plt\nplt.plot([1, 2], [3, 4])\nNone", context=ctx, timeout=60)
+        assert ex.error is None, ex
+        png = [r for r in ex.results if r.png]
+        assert png and png[0].png[:8] == b"\x89PNG\r\n\x1a\n"
+        png[0].save(str(tmp_path / "plot.png"))
+        assert (tmp_path / "plot.png").stat().st_size > 1000
+        c.restart(ctx)
+        assert c.run_cell("x", context=ctx).error.name == "NameError"
+        # bash keeps its directory and variables; each cell has its exit status.
+        sh = c.create_context("bash")
+        c.run_cell("mkdir -p d && cd d; V=ok", context=sh)
+        assert c.run_cell('basename "$PWD"; echo $V', context=sh).stdout == "d\nok\n"
+        assert c.run_cell("false", context=sh).exit_code == 1
+        # Upstream's run_code stays stateless.
+        assert "NameError" in str(pytest.raises(CommandExecutionError, c.run_code, "python", "print(x)").value)

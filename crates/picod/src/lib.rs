@@ -8,7 +8,7 @@
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //!    Background processes: [`process`] (`/api/processes`: start, list, output with resume,
-//!    stdin, signals).
+//!    stdin, signals). Stateful Python and bash contexts: [`context`] (`/api/contexts`).
 //! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod context;
 pub mod diagnose;
 pub mod error;
 pub mod exec;

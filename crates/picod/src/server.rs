@@ -20,7 +20,7 @@ use crate::auth::{Verifier, require_token};
 use crate::config::{Auth, Config};
 use crate::error::ApiError;
 use crate::jail::Workspace;
-use crate::{exec, files, process};
+use crate::{context, exec, files, process};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -33,6 +33,8 @@ pub struct AppState {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Background processes started through `/api/processes`.
     pub processes: Arc<crate::process::Processes>,
+    /// Stateful code contexts (`/api/contexts`).
+    pub contexts: Arc<crate::context::Contexts>,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             started: Instant::now(),
             metrics,
             processes: Arc::default(),
+            contexts: Arc::default(),
         })
     }
 }
@@ -84,6 +87,14 @@ pub fn app(state: AppState) -> Router {
             post(process::close_stdin),
         )
         .route("/api/processes/{id}/signal", post(process::signal))
+        .route("/api/contexts", post(context::create).get(context::list))
+        .route("/api/contexts/{id}", axum::routing::delete(context::delete))
+        .route("/api/contexts/{id}/restart", post(context::restart))
+        .route(
+            "/api/contexts/{id}/interrupt",
+            post(context::interrupt_route),
+        )
+        .route("/api/contexts/{id}/execute", post(context::execute))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(CompressionLayer::new().gzip(true).compress_when(compress));
     let mut app = Router::new().route("/health", get(health)).merge(api);

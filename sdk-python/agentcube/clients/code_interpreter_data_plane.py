@@ -191,6 +191,23 @@ class CodeInterpreterDataPlaneClient:
         self._check(resp)
         return resp.json()
 
+    def post_ndjson(self, path: str, body: Dict[str, Any], timeout: Optional[float] = None) -> Iterator[Dict[str, Any]]:
+        """POSTs JSON asking for NDJSON; yields each decoded line as it arrives."""
+        headers = self._headers(json_body=True)
+        headers["Accept"] = "application/x-ndjson"
+        with self.session.post(
+            self._url(path), data=json.dumps(body), headers=headers, stream=True,
+            timeout=(self.connect_timeout, timeout),
+        ) as resp:
+            self._check(resp)
+            for line in resp.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    def delete(self, path: str) -> None:
+        resp = self.session.delete(self._url(path), headers=self._headers(), timeout=(self.connect_timeout, self.timeout))
+        self._check(resp)
+
     def ndjson(self, path: str, params: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         """GETs an NDJSON stream, one decoded line at a time (no read timeout: it may follow)."""
         with self.session.get(

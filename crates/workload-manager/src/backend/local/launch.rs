@@ -42,6 +42,7 @@ const ETC_ALLOWLIST: &[&str] = &[
     "debian_version",
     "python3",
     "python3.11",
+    "matplotlibrc",
     "bash.bashrc",
     "profile",
 ];
