@@ -190,3 +190,16 @@ def test_stateful_contexts_with_the_sdk(stack, tmp_path):
         assert c.run_cell("false", context=sh).exit_code == 1
         # Upstream's run_code stays stateless.
         assert "NameError" in str(pytest.raises(CommandExecutionError, c.run_code, "python", "print(x)").value)
+
+
+def test_langchain_tools_over_a_persistent_context(stack):
+    from agentcube.langchain import python_tool, shell_tool
+
+    with CodeInterpreterClient() as c:
+        py, sh = python_tool(c), shell_tool(c)
+        assert py.name == "python" and "persistent" in py.description
+        assert py.invoke({"code": "total = sum(range(10))"}) == "(no output)"
+        assert py.invoke({"code": "print('sum'); total * 2"}) == "sum\n90"
+        assert "NameError" in py.invoke({"code": "missing"})
+        out = sh.invoke({"command": "echo hi; echo oops >&2; exit 3"})
+        assert out.startswith("hi\n") and "oops" in out and "[exit code 3]" in out, out

@@ -1,0 +1,95 @@
+"""The MCP server (`agentcube-mcp`, sdk-python/agentcube/mcp_server.py) driven by the official
+`mcp` client over stdio and streamable HTTP, against the running stack: upstream's tool names and
+arguments, errors that carry the sandbox's text, a persistent context with plots as images,
+background processes, stop_session."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import _free_port
+
+UPSTREAM_TOOLS = {"run_code", "execute_command", "write_file", "list_files", "upload_file", "download_file",
+                  "stop_session"}
+
+
+def text(result) -> str:
+    return "".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+def env(stack) -> dict:
+    return dict(os.environ, WORKLOAD_MANAGER_URL=stack.wm_url, ROUTER_URL=stack.router_url)
+
+
+async def scenario(session: ClientSession, stack) -> None:
+    await session.initialize()
+    tools = {t.name for t in (await session.list_tools()).tools}
+    assert UPSTREAM_TOOLS | {"run_cell", "start_process", "process_output"} <= tools, tools
+    r = await session.call_tool("run_code", {"language": "python", "code": "print(1+1)"})
+    assert not r.isError and text(r).strip() == "2", r
+    # Stateless as upstream: the NameError reaches the model as such.
+    r = await session.call_tool("run_code", {"language": "python", "code": "print(undefined_x)"})
+    assert r.isError and "NameError" in text(r), r
+    # The persistent context keeps state; a plot comes back as an image.
+    assert not (await session.call_tool("run_cell", {"code": "x = 21"})).isError
+    r = await session.call_tool("run_cell", {"code": "x * 2"})
+    assert "42" in text(r), r
+    r = await session.call_tool("run_cell", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [2, 1])\nNone"})
+    images = [c for c in r.content if getattr(c, "type", "") == "image"]
+    assert not r.isError and images and images[0].mimeType == "image/png", r
+    r = await session.call_tool("write_file", {"path": "notes/a.txt", "content": "hello mcp"})
+    assert not r.isError
+    assert "a.txt" in text(await session.call_tool("list_files", {"path": "notes"}))
+    assert text(await session.call_tool("execute_command", {"command": "cat notes/a.txt"})) == "hello mcp"
+    pid = text(await session.call_tool("start_process", {"command": "echo bg; sleep 0.2; echo done"}))
+    out = ""
+    for _ in range(50):
+        out = text(await session.call_tool("process_output", {"process_id": pid}))
+        if "[exit code 0]" in out:
+            break
+        await asyncio.sleep(0.1)
+    assert out.startswith("bg\ndone\n") and "[exit code 0]" in out, out
+    r = await session.call_tool("stop_session", {})
+    assert not r.isError and "stopped" in text(r), r
+
+
+def test_mcp_over_stdio(stack):
+    params = StdioServerParameters(command=sys.executable, args=["-m", "agentcube.mcp_server"], env=env(stack))
+
+    async def run():
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await scenario(session, stack)
+
+    asyncio.run(run())
+
+
+def test_mcp_over_streamable_http(stack):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port)],
+                            env=env(stack), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
+                break
+            except requests.RequestException:
+                time.sleep(0.1)
+
+        async def run():
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, _):
+                async with ClientSession(read, write) as session:
+                    await scenario(session, stack)
+
+        asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.wait(10)
