@@ -203,3 +203,34 @@ def test_langchain_tools_over_a_persistent_context(stack):
         assert "NameError" in py.invoke({"code": "missing"})
         out = sh.invoke({"command": "echo hi; echo oops >&2; exit 3"})
         assert out.startswith("hi\n") and "oops" in out and "[exit code 3]" in out, out
+
+
+def test_interrupt_keeps_state_and_processes_die_with_the_sandbox(stack):
+    import subprocess
+    import threading
+
+    c = CodeInterpreterClient()
+    ctx = c.create_context("python")
+    c.run_cell("kept = 'yes'", context=ctx)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(ex=c.run_cell("import time\nwhile True: time.sleep(0.05)", context=ctx)))
+    t.start()
+    time.sleep(1.0)
+    c.interrupt(ctx)
+    t.join(30)
+    assert box["ex"].error.name == "KeyboardInterrupt", box
+    assert c.run_cell("kept", context=ctx).results[0].text == "'yes'"
+    # A background process ends with its sandbox (host processes: both test backends run
+    # sandboxes as processes of this machine).
+    if stack.backend not in ("local", "kube") and getattr(stack, "audit_log", None) is None:
+        c.stop()
+        return  # a remote cluster: its processes are not visible here
+    marker = f"{300 + (os.getpid() % 1000) / 1000:.3f}"
+    c.start_process(["sleep", marker])
+    time.sleep(0.3)
+    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0
+    c.stop()
+    deadline = time.time() + 30
+    while subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "the process outlived its sandbox"
+        time.sleep(0.2)
