@@ -4,8 +4,8 @@ Upstream's tools with their names and arguments (``run_code``, ``execute_command
 ``write_file``, ``list_files``, ``upload_file``, ``download_file``, ``stop_session``; each takes an
 optional ``session_id``), plus ``run_cell`` (a persistent Python context: variables survive between
 calls, plots come back as images) and ``start_process`` / ``process_output`` / ``stop_process``.
-One sandbox session per server (created on first use, stopped with ``stop_session`` or when the
-server exits) unless a call names another ``session_id``. Errors carry the sandbox's own text (a
+One sandbox session per MCP session (created on first use; stopped by ``stop_session``, when the
+MCP session is gone, or when the server exits) unless a call names another ``session_id``. Errors carry the sandbox's own text (a
 ``NameError`` reaches the model as such).
 
 Run: ``agentcube-mcp`` (stdio) or ``agentcube-mcp --http --port 8765`` (streamable HTTP), with
@@ -18,8 +18,10 @@ import argparse
 import atexit
 import json
 import os
+import weakref
 from typing import Any, Dict, List, Optional, Union
 
+from mcp.server.fastmcp import Context as McpContext
 from mcp.server.fastmcp import FastMCP, Image
 
 from agentcube.code_interpreter import CodeInterpreterClient
@@ -27,27 +29,42 @@ from agentcube.contexts import Context
 from agentcube.exceptions import CommandExecutionError
 
 Content = Union[str, Image]
+#: The MCP request context FastMCP passes to tools (not part of their schemas).
+Ctx = McpContext[Any, Any, Any]
 
 
 class Sandboxes:
-    """The server's sessions: its own (lazy) and any others named by ``session_id``."""
+    """Each MCP session's own sandbox (lazy), and any others named by ``session_id``."""
 
     def __init__(self, name: str, namespace: str):
         self.name, self.namespace = name, namespace
-        self.default: Optional[CodeInterpreterClient] = None
+        self.own: Dict[int, CodeInterpreterClient] = {}
         self.attached: Dict[str, CodeInterpreterClient] = {}
         self.contexts: Dict[str, Context] = {}
 
-    def get(self, session_id: Optional[str]) -> CodeInterpreterClient:
+    def get(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> CodeInterpreterClient:
         if session_id:
-            if self.default is not None and self.default.session_id == session_id:
-                return self.default
+            for c in self.own.values():
+                if c.session_id == session_id:
+                    return c
             if session_id not in self.attached:
                 self.attached[session_id] = CodeInterpreterClient(self.name, self.namespace, session_id=session_id)
             return self.attached[session_id]
-        if self.default is None or self.default.session_id is None:
-            self.default = CodeInterpreterClient(self.name, self.namespace)
-        return self.default
+        session = mcp_ctx.session if mcp_ctx is not None else None
+        key = id(session)
+        client = self.own.get(key)
+        if client is None or client.session_id is None:
+            client = CodeInterpreterClient(self.name, self.namespace)
+            self.own[key] = client
+            if session is not None:
+                # The MCP session is gone (HTTP session ended, stdio closed): so is its sandbox.
+                weakref.finalize(session, self._release, key)
+        return client
+
+    def _release(self, key: int) -> None:
+        client = self.own.pop(key, None)
+        if client is not None:
+            client.stop()
 
     def context(self, client: CodeInterpreterClient) -> Context:
         sid = str(client.session_id)
@@ -55,21 +72,22 @@ class Sandboxes:
             self.contexts[sid] = client.create_context("python")
         return self.contexts[sid]
 
-    def stop(self, session_id: Optional[str]) -> str:
-        client = self.get(session_id) if session_id else self.default
-        if client is None:
+    def stop(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> str:
+        key = id(mcp_ctx.session) if mcp_ctx is not None else id(None)
+        if not session_id and key not in self.own:
             return "no session to stop"
+        client = self.get(mcp_ctx, session_id)
         sid = client.session_id
         client.stop()
         self.contexts.pop(str(sid), None)
-        if client is self.default:
-            self.default = None
+        self.own = {k: c for k, c in self.own.items() if c is not client}
         self.attached.pop(str(sid), None)
         return f"session {sid} stopped"
 
     def stop_all(self) -> None:
-        if self.default is not None:
-            self.default.stop()
+        for c in list(self.own.values()):
+            c.stop()
+        self.own.clear()
 
 
 def _checked(result: Dict[str, Any], what: str) -> str:
@@ -85,21 +103,21 @@ def build(name: str = "my-interpreter", namespace: str = "default") -> FastMCP:
     mcp = FastMCP("agentcube")
 
     @mcp.tool()
-    def run_code(language: str, code: str, session_id: Optional[str] = None) -> str:
+    def run_code(ctx: Ctx, language: str, code: str, session_id: Optional[str] = None) -> str:
         """Runs Python or bash code in a fresh process in the sandbox (nothing carries over between
         calls; use run_cell for that). Returns stdout; errors carry the program's stderr."""
-        c = boxes.get(session_id)
+        c = boxes.get(ctx, session_id)
         try:
             return c.run_code(language, code)
         except CommandExecutionError as e:
             raise RuntimeError(f"exit code {e.exit_code}:\n{e.stderr}") from e
 
     @mcp.tool(structured_output=False)
-    def run_cell(code: str, session_id: Optional[str] = None) -> List[Content]:
+    def run_cell(ctx: Ctx, code: str, session_id: Optional[str] = None) -> List[Content]:
         """Runs Python code in the session's persistent interpreter: variables, imports and
         definitions survive between calls. Returns output, the last expression's value, and any
         matplotlib figures as images."""
-        c = boxes.get(session_id)
+        c = boxes.get(ctx, session_id)
         ex = c.run_cell(code, context=boxes.context(c), timeout=300)
         out: List[Content] = []
         text = ex.stdout + ex.stderr
@@ -113,59 +131,59 @@ def build(name: str = "my-interpreter", namespace: str = "default") -> FastMCP:
         return [text or "(no output)"] + out
 
     @mcp.tool()
-    def execute_command(command: str, session_id: Optional[str] = None) -> str:
+    def execute_command(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
         """Runs a shell command (through sh -c) in the sandbox; returns stdout."""
-        c = boxes.get(session_id)
+        c = boxes.get(ctx, session_id)
         return _checked(c.execute_command_result(["sh", "-c", command]), command)
 
     @mcp.tool()
-    def write_file(path: str, content: str, session_id: Optional[str] = None) -> str:
+    def write_file(ctx: Ctx, path: str, content: str, session_id: Optional[str] = None) -> str:
         """Writes text to a file in the sandbox's workspace."""
-        boxes.get(session_id).write_file(content, path)
+        boxes.get(ctx, session_id).write_file(content, path)
         return f"wrote {len(content.encode())} bytes to {path}"
 
     @mcp.tool()
-    def list_files(path: str = ".", session_id: Optional[str] = None) -> str:
+    def list_files(ctx: Ctx, path: str = ".", session_id: Optional[str] = None) -> str:
         """Lists a directory of the sandbox (JSON: name, size, mode, modified)."""
-        return json.dumps(boxes.get(session_id).list_files(path))
+        return json.dumps(boxes.get(ctx, session_id).list_files(path))
 
     @mcp.tool()
-    def upload_file(local_path: str, remote_path: str, session_id: Optional[str] = None) -> str:
+    def upload_file(ctx: Ctx, local_path: str, remote_path: str, session_id: Optional[str] = None) -> str:
         """Copies a file of the MCP server's machine into the sandbox."""
-        boxes.get(session_id).upload_file(local_path, remote_path)
+        boxes.get(ctx, session_id).upload_file(local_path, remote_path)
         return f"uploaded {local_path} to {remote_path}"
 
     @mcp.tool()
-    def download_file(remote_path: str, local_path: str, session_id: Optional[str] = None) -> str:
+    def download_file(ctx: Ctx, remote_path: str, local_path: str, session_id: Optional[str] = None) -> str:
         """Copies a file of the sandbox to the MCP server's machine."""
-        boxes.get(session_id).download_file(remote_path, local_path)
+        boxes.get(ctx, session_id).download_file(remote_path, local_path)
         return f"downloaded {remote_path} to {local_path} ({os.path.getsize(local_path)} bytes)"
 
     @mcp.tool()
-    def start_process(command: str, session_id: Optional[str] = None) -> str:
+    def start_process(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
         """Starts a long-running command (sh -c) in the background; returns its process id."""
-        p = boxes.get(session_id).start_process(["sh", "-c", command])
+        p = boxes.get(ctx, session_id).start_process(["sh", "-c", command])
         return p.id
 
     @mcp.tool()
-    def process_output(process_id: str, session_id: Optional[str] = None) -> str:
+    def process_output(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
         """The output of a background process so far (and its exit code once it ended)."""
-        p = boxes.get(session_id).attach_process(process_id)
+        p = boxes.get(ctx, session_id).attach_process(process_id)
         text = "".join(ch.data for ch in p.output(since=0))
         if p.exit_code is not None:
             text += f"\n[exit code {p.exit_code}]"
         return text or "(no output yet)"
 
     @mcp.tool()
-    def stop_process(process_id: str, session_id: Optional[str] = None) -> str:
+    def stop_process(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
         """Stops a background process (SIGTERM to its process group)."""
-        boxes.get(session_id).attach_process(process_id).signal("TERM")
+        boxes.get(ctx, session_id).attach_process(process_id).signal("TERM")
         return f"process {process_id} stopped"
 
     @mcp.tool()
-    def stop_session(session_id: Optional[str] = None) -> str:
+    def stop_session(ctx: Ctx, session_id: Optional[str] = None) -> str:
         """Deletes the sandbox (this server's own, or the one named)."""
-        return boxes.stop(session_id)
+        return boxes.stop(ctx, session_id)
 
     return mcp
 

@@ -89,7 +89,21 @@ def test_mcp_over_streamable_http(stack):
                 async with ClientSession(read, write) as session:
                     await scenario(session, stack)
 
+        async def two_sessions():
+            # Each MCP session has a sandbox of its own.
+            url = f"http://127.0.0.1:{port}/mcp"
+            async with streamable_http_client(url) as (r1, w1, _), streamable_http_client(url) as (r2, w2, _):
+                async with ClientSession(r1, w1) as a, ClientSession(r2, w2) as b:
+                    await a.initialize()
+                    await b.initialize()
+                    await a.call_tool("write_file", {"path": "only-a.txt", "content": "a"})
+                    assert "only-a.txt" in text(await a.call_tool("list_files", {}))
+                    assert "only-a.txt" not in text(await b.call_tool("list_files", {}))
+                    for s in (a, b):
+                        await s.call_tool("stop_session", {})
+
         asyncio.run(run())
+        asyncio.run(two_sessions())
     finally:
         proc.terminate()
         proc.wait(10)
