@@ -539,14 +539,13 @@ pub async fn execute(
         );
         return Ok(resp);
     }
-    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let (mut stdout, mut stderr) = (Capped::new(cap), Capped::new(cap));
     let (mut results, mut error, mut end) =
         (Vec::new(), serde_json::Value::Null, serde_json::Value::Null);
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Stdout { data } if stdout.len() < cap => stdout.push_str(&data),
-            Event::Stderr { data } if stderr.len() < cap => stderr.push_str(&data),
-            Event::Stdout { .. } | Event::Stderr { .. } => {}
+            Event::Stdout { data } => stdout.push(&data),
+            Event::Stderr { data } => stderr.push(&data),
             Event::Result { data } => results.push(data),
             Event::Error {
                 name,
@@ -562,11 +561,51 @@ pub async fn execute(
             }
         }
     }
+    let (stdout, stderr) = (stdout.finish(), stderr.finish());
     Ok(Json(serde_json::json!({
         "stdout": stdout, "stderr": stderr, "results": results, "error": error,
         "execution_count": end["execution_count"], "exit_code": end["exit_code"], "duration": end["duration"],
     }))
     .into_response())
+}
+
+/// A cell's output kept up to `--max-output-bytes`; the rest is counted and reported with the
+/// same marker as `/api/execute`.
+struct Capped {
+    text: String,
+    cap: usize,
+    dropped: usize,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Self {
+        Self {
+            text: String::new(),
+            cap,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, s: &str) {
+        let room = self.cap.saturating_sub(self.text.len());
+        let mut take = room.min(s.len());
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.text.push_str(&s[..take]);
+        self.dropped += s.len() - take;
+    }
+
+    fn finish(mut self) -> String {
+        if self.dropped > 0 {
+            let note = format!(
+                "\n[picod: output truncated, {} bytes omitted]",
+                self.dropped
+            );
+            self.text.push_str(&note);
+        }
+        self.text
+    }
 }
 
 #[cfg(test)]
@@ -590,5 +629,15 @@ mod tests {
             (&b"no newline yet"[..], Some(1))
         );
         assert_eq!(s.report, "{\"a\": 1}");
+    }
+
+    #[test]
+    fn cell_output_is_capped_with_a_marker() {
+        let mut c = Capped::new(5);
+        c.push("héllo world");
+        assert_eq!(
+            c.finish(),
+            "héll\n[picod: output truncated, 8 bytes omitted]"
+        );
     }
 }
