@@ -637,7 +637,7 @@ mod tests {
         c.push("héllo world");
         assert_eq!(
             c.finish(),
-            "héll\n[picod: output truncated, 8 bytes omitted]"
+            "héll\n[picod: output truncated, 7 bytes omitted]"
         );
     }
 }
