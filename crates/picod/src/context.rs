@@ -119,15 +119,6 @@ pub struct ExecuteRequest {
     timeout: Option<String>,
 }
 
-fn random_hex() -> String {
-    let mut b = [0u8; 16];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| {
-        use std::io::Read;
-        f.read_exact(&mut b)
-    });
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 async fn spawn_runner(s: &AppState, ctx: &Context) -> Result<Runner, ApiError> {
     let ws = s.workspace.clone();
     let cwd = ctx.cwd.clone();
@@ -260,7 +251,7 @@ async fn run_cell(
     sink: &mpsc::Sender<Event>,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let marker = format!("__picod_cell_{}", random_hex());
+    let marker = format!("__picod_cell_{}", crate::process::random_id());
     let input = match ctx.language {
         Language::Python => format!("{}\n", serde_json::json!({"code": code, "marker": marker})),
         Language::Bash => format!(
@@ -394,7 +385,7 @@ pub async fn create(
         )));
     }
     let ctx = Arc::new(Context {
-        id: random_hex(),
+        id: crate::process::random_id(),
         language: body.language,
         cwd: body.cwd.unwrap_or_else(|| ".".into()),
         env: body.env.unwrap_or_default(),

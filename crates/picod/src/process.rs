@@ -147,7 +147,7 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
     drop(dir);
     let pid = child.id().unwrap_or_default();
     let proc = Arc::new(Proc {
-        id: uuid_like(),
+        id: random_id(),
         pid,
         command: body.command,
         out: Mutex::default(),
@@ -187,9 +187,10 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
     Ok(Json(serde_json::json!({"id": proc.id, "pid": pid})).into_response())
 }
 
-/// A random id (PicoD keeps its dependencies to the standard set: no uuid crate).
-fn uuid_like() -> String {
-    let mut b = [0u8; 12];
+/// A random id: 32 hex digits from the kernel's random source (PicoD keeps its dependencies
+/// small: no uuid or rand crate). Also the cell markers of [`crate::context`].
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| {
         use std::io::Read;
         f.read_exact(&mut b)

@@ -9,6 +9,19 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The Router's `/metrics`, served by its admin app.
+async fn metrics_text(router: &Router) -> String {
+    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
+    client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn setup(
     tweak: impl FnOnce(&mut agentcube_router::Config),
 ) -> (
@@ -332,15 +345,7 @@ async fn sandbox_failures_map_to_502_503_504() {
     drop(fillers);
     // Upstream's proxy error counter: refused (TCP and a missing socket) and the timeout; the
     // placeholder's 404 is not a proxy error.
-    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
-    let text = client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&router).await;
     for line in [
         "agentcube_router_proxy_errors_total{kind=\"CodeInterpreter\",reason=\"connection_refused\"} 2",
         "agentcube_router_proxy_errors_total{kind=\"CodeInterpreter\",reason=\"timeout\"} 1",
@@ -458,15 +463,7 @@ async fn metrics_count_requests_lookups_and_signatures() {
         .send()
         .await
         .unwrap();
-    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
-    let text = client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&router).await;
     assert!(
         text.contains("agentcube_router_requests_total{code=\"200\"} 3"),
         "{text}"

@@ -27,3 +27,21 @@ pub struct SandboxClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_email: Option<String>,
 }
+
+/// Compares a presented bearer token with the expected one without an early exit on the first
+/// differing byte (the static-token modes of the Router and the Workload Manager).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod constant_time_tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn static_tokens_compare_in_constant_time() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -66,7 +66,7 @@ impl CallerAuth {
         match self {
             Self::Off => Ok(None),
             Self::Token(want) => {
-                if constant_time_eq(token.as_bytes(), want.as_bytes()) {
+                if agentcube_types::claims::constant_time_eq(token.as_bytes(), want.as_bytes()) {
                     Ok(Some(Caller {
                         name: "local".into(),
                         admin: true,
@@ -78,10 +78,6 @@ impl CallerAuth {
             Self::TokenReview(r) => r.review(token).await.map(Some),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `Authorization: Bearer <token>`, exactly two parts (upstream's parsing).

@@ -43,6 +43,8 @@ pub struct Network {
     nsenter: PathBuf,
     /// DNS server sandboxes may ask (their `/etc/resolv.conf`); `None`: no DNS.
     pub resolver: Option<IpAddr>,
+    /// Set once forwarding and the host table are in place (the first networked sandbox).
+    host_ready: std::sync::Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// One sandbox's namespace and address.
@@ -78,6 +80,7 @@ impl Network {
             nft: find("nft", "nftables")?,
             nsenter: find("nsenter", "util-linux")?,
             resolver: resolver.or_else(host_resolver),
+            host_ready: Default::default(),
         })
     }
 
@@ -93,7 +96,9 @@ impl Network {
         sandbox: &str,
         policy: &NetworkPolicySpec,
     ) -> Result<SandboxNet, BackendError> {
-        self.host_setup().await?;
+        self.host_ready
+            .get_or_try_init(|| self.host_setup())
+            .await?;
         let index = take_index(Path::new(INDEX_DIR), sandbox)?;
         let net = SandboxNet {
             netns: format!("{NETNS_PREFIX}{sandbox}"),
