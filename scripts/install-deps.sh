@@ -30,6 +30,8 @@ have nginx || need+=(nginx-light)
 have openssl || need+=(openssl)
 have curl || need+=(curl)
 have nft || need+=(nftables)
+# A real OCI registry for the local-backend image tests.
+have docker-registry || need+=(docker-registry)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # Plots in the code-context tests (sandboxes run the host's python3).
 /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || need+=(python3-matplotlib)

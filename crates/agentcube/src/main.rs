@@ -97,6 +97,8 @@ struct UpArgs {
     admission: agentcube_workload_manager::sessions::AdmissionArgs,
     #[command(flatten)]
     memory: agentcube_workload_manager::backend::local::MemoryArgs,
+    #[command(flatten)]
+    images: agentcube_workload_manager::backend::local::image::ImageArgs,
 }
 
 #[tokio::main]
@@ -158,6 +160,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     local.uids = local.uids.map(|_| args.sandbox_uids);
     local.sandbox_dns = args.sandbox_dns;
     args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
+    local.images = args.images.settings(
+        agentcube_workload_manager::backend::local::image::docker_config_file(
+            std::env::var_os("DOCKER_CONFIG").map(PathBuf::from),
+            std::env::var_os("HOME").map(PathBuf::from),
+        ),
+    );
     let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     if !backend.enforces_limits() {
         eprintln!(

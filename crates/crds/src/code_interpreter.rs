@@ -116,8 +116,10 @@ pub struct CodeInterpreterSandboxTemplate {
     /// Manager's `--runtime-class-name`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
-    /// Container image running PicoD (e.g. `ghcr.io/volcano-sh/picod:latest`). Not used by the
-    /// local backend, which runs the host's PicoD on a read-only host root.
+    /// Container image of the sandbox (e.g. `python:3.12-slim`). On Kubernetes it must run
+    /// PicoD (e.g. `ghcr.io/volcano-sh/picod:latest`). The local backend pulls it and runs it as
+    /// the sandbox's read-only root with the host's PicoD injected; `host` (or
+    /// `--images host`) runs the host's `/usr` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// `Always`, `Never` or `IfNotPresent`.

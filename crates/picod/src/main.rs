@@ -43,6 +43,9 @@ struct Args {
     /// after `--`. PicoD exits when it exits.
     #[arg(last = true)]
     agent: Vec<String>,
+    /// The agent's working directory (default: the workspace).
+    #[arg(long, env = "PICOD_AGENT_DIR")]
+    agent_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     limits: agentcube_serve::LimitArgs,
     /// The sandbox cgroup's `memory.events` (or v1 `memory.oom_control`), to say when a command
@@ -70,6 +73,7 @@ struct Args {
 struct Extras {
     forwards: Vec<agentcube_picod::forward::Forward>,
     agent: Vec<String>,
+    agent_dir: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<Args> for (Config, ListenAddr) {
@@ -134,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
     let extras = Extras {
         forwards: args.forwards.clone(),
         agent: args.agent.clone(),
+        agent_dir: args.agent_dir.clone(),
     };
     let (config, listen) = <(Config, ListenAddr)>::try_from(args)?;
     if matches!(config.auth, Auth::Disabled) {
@@ -148,14 +153,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen:?}"))?;
     tracing::info!(addr = %listener.describe(), workspace = %state.workspace.root().display(), "picod listening");
     agentcube_picod::forward::start(&extras.forwards).context("cannot bind a --forward socket")?;
-    let workspace = state.workspace.root().to_path_buf();
+    let agent_dir = extras
+        .agent_dir
+        .clone()
+        .unwrap_or_else(|| state.workspace.root().to_path_buf());
     let agent = async move {
         if extras.agent.is_empty() {
             return std::future::pending().await;
         }
         let mut child = match tokio::process::Command::new(&extras.agent[0])
             .args(&extras.agent[1..])
-            .current_dir(&workspace)
+            .current_dir(&agent_dir)
             .kill_on_drop(true)
             .spawn()
         {

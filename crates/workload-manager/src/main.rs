@@ -102,6 +102,8 @@ struct Args {
     admission: agentcube_workload_manager::sessions::AdmissionArgs,
     #[command(flatten)]
     memory: agentcube_workload_manager::backend::local::MemoryArgs,
+    #[command(flatten)]
+    images: agentcube_workload_manager::backend::local::image::ImageArgs,
     /// Validate flags and environment, print the environment variables this binary reads, exit.
     #[arg(long, hide = true)]
     check_config: bool,
@@ -244,6 +246,12 @@ fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
     args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
+    local.images = args.images.settings(
+        agentcube_workload_manager::backend::local::image::docker_config_file(
+            std::env::var_os("DOCKER_CONFIG").map(PathBuf::from),
+            std::env::var_os("HOME").map(PathBuf::from),
+        ),
+    );
     LocalBackend::new(local).map_err(anyhow::Error::msg)
 }
 

@@ -56,7 +56,7 @@ pub struct Sandbox {
 }
 
 /// Backend failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// The sandbox started but never answered (it has been removed).
     #[error("sandbox {0} did not become ready")]

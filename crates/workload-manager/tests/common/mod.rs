@@ -55,6 +55,8 @@ pub struct Options {
     pub auth_token: Option<String>,
     /// DNS server of sandboxes with a network policy.
     pub sandbox_dns: Option<std::net::IpAddr>,
+    /// Pull definitions' images (`None`: host mode).
+    pub images: Option<agentcube_workload_manager::backend::local::image::RegistrySettings>,
 }
 
 impl Default for Options {
@@ -72,6 +74,7 @@ impl Default for Options {
             dir: None,
             auth_token: None,
             sandbox_dns: None,
+            images: None,
         }
     }
 }
@@ -100,6 +103,7 @@ impl Stack {
         local.isolation = opts.isolation;
         local.ready_timeout = Duration::from_secs(20);
         local.sandbox_dns = opts.sandbox_dns;
+        local.images = opts.images;
         let backend = LocalBackend::new(local).unwrap();
         let store = opts
             .store

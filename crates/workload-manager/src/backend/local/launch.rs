@@ -76,6 +76,44 @@ pub struct LaunchSpec {
     /// The cgroup file counting OOM kills (bound read-only at [`SANDBOX_MEMORY_EVENTS`]) and the
     /// memory limit, so PicoD can say when a command was killed for memory.
     pub memory: Option<(PathBuf, String)>,
+    /// The image root filesystem to run on; `None`: the host's `/usr` (host mode).
+    pub image: Option<ImageRoot>,
+    /// The agent's working directory (AgentRuntime: `workingDir`, or the image's `WorkingDir`).
+    pub agent_dir: Option<String>,
+}
+
+/// A sandbox on an image: its read-only rootfs, and PicoD's shared libraries from the host
+/// (PicoD runs through the host's dynamic loader, so it works whatever libc the image has).
+#[derive(Debug, Clone)]
+pub struct ImageRoot {
+    pub rootfs: PathBuf,
+    /// Host paths of PicoD's libraries and loader (`ldd`), bound under [`SANDBOX_LIB_DIR`].
+    pub libs: Vec<PathBuf>,
+}
+
+/// Where PicoD and its libraries are in an image sandbox (a tmpfs, read-only once set up).
+pub const SANDBOX_INJECT_DIR: &str = "/opt/agentcube";
+pub const SANDBOX_LIB_DIR: &str = "/opt/agentcube/lib";
+
+impl ImageRoot {
+    /// `(host path, sandbox path)` of each library.
+    fn lib_binds(&self) -> Vec<(String, String)> {
+        self.libs
+            .iter()
+            .filter_map(|l| {
+                let name = l.file_name()?.to_string_lossy().to_string();
+                Some((l.display().to_string(), format!("{SANDBOX_LIB_DIR}/{name}")))
+            })
+            .collect()
+    }
+
+    /// The loader's path inside, if PicoD is dynamically linked.
+    fn loader(&self) -> Option<String> {
+        self.lib_binds()
+            .into_iter()
+            .map(|(_, inside)| inside)
+            .find(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with("ld-")))
+    }
 }
 
 /// Where the sandbox sees its cgroup's OOM counter.
@@ -110,18 +148,31 @@ fn sandbox_env(spec: &LaunchSpec) -> Vec<(String, String)> {
     if spec.netns.is_none() {
         env.push(("PICOD_NO_NETWORK".into(), "true".into()));
     }
+    // The last value of a name wins (the image's PATH over the default, the definition's over
+    // the image's), and each name is set once.
+    let mut seen = std::collections::HashSet::new();
+    let mut env: Vec<_> = env
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    env.reverse();
     env
 }
 
 /// PicoD's command line inside the sandbox.
 pub fn picod_argv(spec: &LaunchSpec) -> Vec<String> {
-    let mut a = vec![
+    let mut a = match spec.image.as_ref().and_then(ImageRoot::loader) {
+        Some(loader) => vec![loader, "--library-path".into(), SANDBOX_LIB_DIR.into()],
+        None => Vec::new(),
+    };
+    a.extend([
         SANDBOX_PICOD.to_string(),
         "--workspace".into(),
         SANDBOX_WORKSPACE.into(),
         "--listen".into(),
         format!("unix:{SANDBOX_RUN_DIR}/{PICOD_SOCKET}"),
-    ];
+    ]);
     if spec.public_key.is_none() {
         a.push("--insecure-no-auth".into());
     }
@@ -131,6 +182,10 @@ pub fn picod_argv(spec: &LaunchSpec) -> Vec<String> {
             "{port}=unix:{SANDBOX_RUN_DIR}/{}",
             port_socket(*port)
         ));
+    }
+    if let Some(dir) = &spec.agent_dir {
+        a.push("--agent-dir".into());
+        a.push(dir.clone());
     }
     if !spec.agent.is_empty() {
         a.push("--".into());
@@ -153,45 +208,26 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         ],
     };
     let mut a: Vec<String> = unshare.iter().map(ToString::to_string).collect();
-    a.extend(
-        [
-            "--unshare-user",
-            "--disable-userns",
-            "--die-with-parent",
-            "--new-session",
-            "--hostname",
-            "sandbox",
-            "--cap-drop",
-            "ALL",
-            "--add-seccomp-fd",
-            "4",
-            "--add-seccomp-fd",
-            "5",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--symlink",
-            "usr/sbin",
-            "/sbin",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-        ]
-        .iter()
-        .map(ToString::to_string),
-    );
     let mut push = |v: &[&str]| a.extend(v.iter().map(ToString::to_string));
+    push(&[
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        "--cap-drop",
+        "ALL",
+        "--add-seccomp-fd",
+        "4",
+        "--add-seccomp-fd",
+        "5",
+    ]);
     let id = SANDBOX_UID.to_string();
     push(&["--uid", &id, "--gid", &id]);
-    if Path::new("/usr/lib64").exists() {
-        push(&["--symlink", "usr/lib64", "/lib64"]);
-    }
-    for entry in ETC_ALLOWLIST {
-        let p = format!("/etc/{entry}");
-        push(&["--ro-bind-try", &p, &p]);
+    match &spec.image {
+        None => push(&host_root().iter().map(String::as_str).collect::<Vec<_>>()),
+        Some(image) => push(&["--ro-bind", &image.rootfs.display().to_string(), "/"]),
     }
     if let Some((_, ns)) = &spec.netns {
         // The namespace's own resolver file, written by the manager.
@@ -212,7 +248,24 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         &run,
         SANDBOX_RUN_DIR,
     ]);
-    push(&["--ro-bind", &picod, SANDBOX_PICOD]);
+    match &spec.image {
+        None => push(&["--ro-bind", &picod, SANDBOX_PICOD]),
+        Some(image) => {
+            // The image's root is read-only: PicoD and its libraries go on a tmpfs of their own,
+            // made read-only once they are bound.
+            push(&[
+                "--tmpfs",
+                SANDBOX_INJECT_DIR,
+                "--ro-bind",
+                &picod,
+                SANDBOX_PICOD,
+            ]);
+            for (host, inside) in image.lib_binds() {
+                push(&["--ro-bind", &host, &inside]);
+            }
+            push(&["--remount-ro", SANDBOX_INJECT_DIR]);
+        }
+    }
     if let Some((events, _)) = &spec.memory {
         let events = events.display().to_string();
         push(&["--ro-bind", &events, SANDBOX_MEMORY_EVENTS]);
@@ -222,6 +275,35 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         push(&["--setenv", &k, &v]);
     }
     push(&["--chdir", SANDBOX_WORKSPACE]);
+    a
+}
+
+/// The host-rootfs mode: the host's `/usr` read-only, and only the allow-listed `/etc` files.
+fn host_root() -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/sbin",
+        "/sbin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    if Path::new("/usr/lib64").exists() {
+        a.extend(["--symlink", "usr/lib64", "/lib64"].map(String::from));
+    }
+    for entry in ETC_ALLOWLIST {
+        let p = format!("/etc/{entry}");
+        a.extend(["--ro-bind-try".to_string(), p.clone(), p]);
+    }
     a
 }
 
@@ -312,7 +394,11 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
-        bind("/usr", "/usr", true),
+    ];
+    if spec.image.is_none() {
+        mounts.push(bind("/usr", "/usr", true));
+    }
+    mounts.extend([
         bind(
             &spec.paths.ws.display().to_string(),
             SANDBOX_WORKSPACE,
@@ -323,14 +409,30 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
             SANDBOX_RUN_DIR,
             false,
         ),
-        bind(&spec.picod.display().to_string(), SANDBOX_PICOD, true),
-    ];
-    for entry in ETC_ALLOWLIST {
-        let p = format!("/etc/{entry}");
-        if Path::new(&p).exists() {
-            mounts.push(bind(&p, &p, true));
+    ]);
+    match &spec.image {
+        None => {
+            mounts.push(bind(&spec.picod.display().to_string(), SANDBOX_PICOD, true));
+            for entry in ETC_ALLOWLIST {
+                let p = format!("/etc/{entry}");
+                if Path::new(&p).exists() {
+                    mounts.push(bind(&p, &p, true));
+                }
+            }
+        }
+        Some(image) => {
+            mounts.push(json!({"destination": SANDBOX_INJECT_DIR, "type": "tmpfs",
+                               "source": "tmpfs", "options": ["mode=755"]}));
+            mounts.push(bind(&spec.picod.display().to_string(), SANDBOX_PICOD, true));
+            for (host, inside) in image.lib_binds() {
+                mounts.push(bind(&host, &inside, true));
+            }
         }
     }
+    let root = match &spec.image {
+        None => "rootfs".to_string(),
+        Some(image) => image.rootfs.display().to_string(),
+    };
     let env: Vec<String> = sandbox_env(spec)
         .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -346,7 +448,7 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
             "noNewPrivileges": true,
             "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
         },
-        "root": {"path": "rootfs", "readonly": true},
+        "root": {"path": root, "readonly": true},
         "hostname": "sandbox",
         "mounts": mounts,
         "linux": {
@@ -358,6 +460,13 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
 
 /// Writes a gVisor bundle (skeleton root + `config.json`) into `bundle`.
 pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()> {
+    std::fs::create_dir_all(bundle)?;
+    let config = serde_json::to_vec_pretty(&oci_spec(spec)).map_err(std::io::Error::other)?;
+    std::fs::write(bundle.join("config.json"), config)?;
+    if spec.image.is_some() {
+        // The image's rootfs is the root; nothing to build.
+        return Ok(());
+    }
     let root = bundle.join("rootfs");
     for d in OCI_ROOT_DIRS {
         std::fs::create_dir_all(root.join(d))?;
@@ -380,8 +489,7 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
             std::fs::write(&inside, b"")?;
         }
     }
-    let config = serde_json::to_vec_pretty(&oci_spec(spec)).map_err(std::io::Error::other)?;
-    std::fs::write(bundle.join("config.json"), config)
+    Ok(())
 }
 
 /// The launcher argv for gVisor: join cgroups, then `runsc … run --bundle B ID` (runsc needs root

@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
 
 pub mod cgroup;
+pub mod image;
 pub mod launch;
 pub mod layout;
 pub mod net;
@@ -93,6 +94,9 @@ pub struct LocalConfig {
     /// DNS server of sandboxes with a network policy (default: the host's first non-loopback
     /// `nameserver`).
     pub sandbox_dns: Option<std::net::IpAddr>,
+    /// Pull definitions' images from their registries and run sandboxes on them; `None` (the
+    /// library default): every sandbox runs on the host's `/usr` (host mode).
+    pub images: Option<image::RegistrySettings>,
 }
 
 impl LocalConfig {
@@ -112,6 +116,7 @@ impl LocalConfig {
             default_memory_bytes: Some(DEFAULT_MEMORY_BYTES),
             memory_budget: host_memory(),
             sandbox_dns: None,
+            images: None,
         }
     }
 }
@@ -207,6 +212,8 @@ struct Inner {
     seccomp: Vec<PathBuf>,
     /// Networks for sandboxes with a policy, or why this host cannot make them.
     network: Result<net::Network, String>,
+    /// The image cache (when images are pulled) and PicoD's libraries to inject with it.
+    images: Option<(image::Images, Vec<PathBuf>)>,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<pool::Pools>,
     /// Memory limits of the sandboxes started (or starting), against the budget.
@@ -333,8 +340,16 @@ impl LocalBackend {
                 );
             }
         }
+        let images = match &config.images {
+            None => None,
+            Some(settings) => Some((
+                image::Images::new(state.join("images"), settings.clone())?,
+                image::shared_libraries(&config.picod)?,
+            )),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
+                images,
                 uids: config.uids.map(Uids::new),
                 config,
                 bwrap,
@@ -404,7 +419,8 @@ impl LocalBackend {
     ) -> Result<Sandbox, BackendError> {
         let cfg = &self.inner.config;
         let paths = self.paths(name);
-        let desc = workload::describe(workload, &paths, name)?;
+        let image = self.image(workload).await?;
+        let desc = workload::describe(workload, &paths, name, image.as_deref())?;
         let public_key = if workload.needs_key() {
             Some(public_key.ok_or_else(|| {
                 BackendError::Failed(
@@ -468,6 +484,22 @@ impl LocalBackend {
             entry_points: desc.entry_points,
             identity: name.to_string(),
         })
+    }
+
+    /// The definition's image, pulled if needed; `None` in host mode.
+    async fn image(&self, workload: &Workload) -> Result<Option<Arc<image::Image>>, BackendError> {
+        match (workload::image_of(workload), &self.inner.images) {
+            (Some(reference), Some((images, _))) => {
+                let policy = workload::pull_policy_of(workload);
+                Ok(Some(images.get(reference, policy).await?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The image cache, when images are pulled.
+    pub fn images(&self) -> Option<&image::Images> {
+        self.inner.images.as_ref().map(|(i, _)| i)
     }
 
     /// Takes `bytes` of the memory budget, or refuses naming the budget.
@@ -571,6 +603,16 @@ impl LocalBackend {
                 .unwrap_or_default(),
             seccomp: self.inner.seccomp.clone(),
             netns,
+            image: desc.rootfs.clone().map(|rootfs| launch::ImageRoot {
+                rootfs,
+                libs: self
+                    .inner
+                    .images
+                    .as_ref()
+                    .map(|(_, libs)| libs.clone())
+                    .unwrap_or_default(),
+            }),
+            agent_dir: desc.agent_dir.clone(),
         };
         let argv = self
             .launcher(&spec, name)

@@ -5,6 +5,7 @@ use agentcube_types::EntryPoint;
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 
 use super::cgroup::{self, Limits};
+use super::image::{HOST_IMAGE, Image, PullPolicy};
 use super::layout::{PICOD_SOCKET, SandboxPaths, port_socket};
 use crate::backend::{BackendError, Workload, entry_point};
 
@@ -22,6 +23,79 @@ pub struct Description {
     pub sockets: Vec<String>,
     /// `spec.networkPolicy`: the sandbox gets a network of its own, limited to it.
     pub network: Option<agentcube_crds::NetworkPolicySpec>,
+    /// The agent's working directory (`workingDir`, else the image's `WorkingDir`).
+    pub agent_dir: Option<String>,
+    /// The image's root filesystem; `None`: the host's (host mode).
+    pub rootfs: Option<std::path::PathBuf>,
+}
+
+/// The definition's `imagePullPolicy`.
+pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
+    use agentcube_crds::ImagePullPolicy as P;
+    match workload {
+        Workload::CodeInterpreter(ci) => match ci.spec.template.image_pull_policy {
+            Some(P::Always) => PullPolicy::Always,
+            Some(P::Never) => PullPolicy::Never,
+            _ => PullPolicy::IfNotPresent,
+        },
+        Workload::AgentRuntime(ar) => PullPolicy::parse(
+            ar.spec
+                .pod_template
+                .spec
+                .containers
+                .first()
+                .and_then(|c| c.image_pull_policy.as_deref()),
+        ),
+    }
+}
+
+/// The image a definition names, unless it is empty or [`HOST_IMAGE`].
+pub fn image_of(workload: &Workload) -> Option<&str> {
+    let image = match workload {
+        Workload::CodeInterpreter(ci) => ci.spec.template.image.as_deref(),
+        Workload::AgentRuntime(ar) => ar
+            .spec
+            .pod_template
+            .spec
+            .containers
+            .first()
+            .and_then(|c| c.image.as_deref()),
+    };
+    image
+        .map(str::trim)
+        .filter(|i| !i.is_empty() && *i != HOST_IMAGE)
+}
+
+/// The image's environment (without `HOME`: the workspace is home), then the definition's.
+fn with_image_env(image: Option<&Image>, env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = image
+        .map(|i| i.config.env_pairs())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != "HOME")
+        .collect();
+    all.extend(env);
+    all
+}
+
+/// The agent's command line, as a container runtime makes it: `command` replaces the image's
+/// `Entrypoint` (and drops its `Cmd`), `args` replaces its `Cmd`.
+fn agent_argv(c: &k8s_openapi::api::core::v1::Container, image: Option<&Image>) -> Vec<String> {
+    let config = image.map(|i| &i.config);
+    let entrypoint = match &c.command {
+        Some(cmd) if !cmd.is_empty() => cmd.clone(),
+        _ => config
+            .and_then(|i| i.entrypoint.clone())
+            .unwrap_or_default(),
+    };
+    let args = match (&c.command, &c.args) {
+        (_, Some(args)) if !args.is_empty() => args.clone(),
+        (Some(cmd), _) if !cmd.is_empty() => Vec::new(),
+        _ => config.and_then(|i| i.cmd.clone()).unwrap_or_default(),
+    };
+    let mut argv = entrypoint;
+    argv.extend(args);
+    argv
 }
 
 /// cgroup limits from `resources.limits` (memory, cpu) and the pid limit.
@@ -69,6 +143,7 @@ pub fn describe(
     workload: &Workload,
     paths: &SandboxPaths,
     name: &str,
+    image: Option<&Image>,
 ) -> Result<Description, BackendError> {
     let namespace = workload.namespace();
     let socket = |file: &str| format!("unix:{}", paths.socket(file).display());
@@ -90,13 +165,15 @@ pub fn describe(
                 entry_points.push(entry_point(p, socket(&file)));
             }
             Ok(Description {
-                env: env_of(t.environment.as_ref(), name, &namespace),
+                env: with_image_env(image, env_of(t.environment.as_ref(), name, &namespace)),
                 resources: t.resources.clone(),
                 forward_ports,
                 agent: Vec::new(),
                 entry_points,
                 sockets,
                 network: workload.network_policy().cloned(),
+                agent_dir: None,
+                rootfs: image.map(|i| i.rootfs.clone()),
             })
         }
         Workload::AgentRuntime(ar) => {
@@ -109,15 +186,25 @@ pub fn describe(
                 .ok_or_else(|| {
                     BackendError::Invalid("the AgentRuntime pod template has no container".into())
                 })?;
-            let mut agent: Vec<String> = c.command.clone().unwrap_or_default();
-            agent.extend(c.args.clone().unwrap_or_default());
+            let agent = agent_argv(c, image);
             if agent.is_empty() {
-                return Err(BackendError::Invalid(format!(
-                    "container {:?} has no command: the local backend cannot read image \
-                     entrypoints, so give `command` explicitly",
-                    c.name
-                )));
+                return Err(BackendError::Invalid(match image {
+                    Some(i) => format!(
+                        "container {:?} has no command and image {} has no entrypoint or cmd",
+                        c.name, i.reference
+                    ),
+                    None => format!(
+                        "container {:?} has no command: in host mode (no image pulled) give \
+                         `command` explicitly",
+                        c.name
+                    ),
+                }));
             }
+            let agent_dir = c
+                .working_dir
+                .clone()
+                .or_else(|| image.and_then(|i| i.config.working_dir.clone()))
+                .filter(|d| !d.is_empty());
             let ports: Vec<u16> = ar.spec.target_port.iter().map(|p| p.port as u16).collect();
             let mut sockets = vec![PICOD_SOCKET.to_string()];
             sockets.extend(ports.iter().map(|p| port_socket(*p)));
@@ -128,13 +215,15 @@ pub fn describe(
                 .map(|p| entry_point(p, socket(&port_socket(p.port as u16))))
                 .collect();
             Ok(Description {
-                env: env_of(c.env.as_ref(), name, &namespace),
+                env: with_image_env(image, env_of(c.env.as_ref(), name, &namespace)),
                 resources: c.resources.clone(),
                 forward_ports: ports,
                 agent,
                 entry_points,
                 sockets,
                 network: workload.network_policy().cloned(),
+                agent_dir,
+                rootfs: image.map(|i| i.rootfs.clone()),
             })
         }
     }

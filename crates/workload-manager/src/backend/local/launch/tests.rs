@@ -14,7 +14,95 @@ fn spec() -> LaunchSpec {
         seccomp: vec!["/state/seccomp/0.bpf".into(), "/state/seccomp/1.bpf".into()],
         netns: None,
         memory: None,
+        image: None,
+        agent_dir: None,
     }
+}
+
+fn image_spec() -> LaunchSpec {
+    LaunchSpec {
+        image: Some(ImageRoot {
+            rootfs: "/state/images/rootfs/abc".into(),
+            libs: vec![
+                "/lib/x86_64-linux-gnu/libc.so.6".into(),
+                "/lib64/ld-linux-x86-64.so.2".into(),
+            ],
+        }),
+        env: vec![
+            ("PATH".into(), "/image/bin".into()),
+            ("A".into(), "image".into()),
+            ("A".into(), "definition".into()),
+        ],
+        agent: vec!["python3".into(), "app.py".into()],
+        agent_dir: Some("/app".into()),
+        ..spec()
+    }
+}
+
+#[test]
+fn an_image_sandbox_runs_on_the_read_only_image_root_with_picod_injected() {
+    let spec = image_spec();
+    let a = bwrap_args(&spec);
+    assert!(has(&a, &["--ro-bind", "/state/images/rootfs/abc", "/"]));
+    assert!(!has(&a, &["--ro-bind", "/usr", "/usr"]), "no host /usr");
+    assert!(!a.iter().any(|x| x == "/etc/passwd"), "no host /etc files");
+    assert!(has(
+        &a,
+        &[
+            "--tmpfs",
+            "/opt/agentcube",
+            "--ro-bind",
+            "/bin/picod",
+            "/opt/agentcube/picod"
+        ]
+    ));
+    assert!(has(
+        &a,
+        &[
+            "--ro-bind",
+            "/lib64/ld-linux-x86-64.so.2",
+            "/opt/agentcube/lib/ld-linux-x86-64.so.2"
+        ]
+    ));
+    assert!(has(&a, &["--remount-ro", "/opt/agentcube"]));
+    // The root bind comes before every mount on top of it.
+    let root = a
+        .iter()
+        .position(|x| x == "/state/images/rootfs/abc")
+        .unwrap();
+    let proc_ = a.iter().position(|x| x == "--proc").unwrap();
+    assert!(root < proc_);
+    // The image's PATH replaces the default; the definition's value wins; each name once.
+    assert!(has(&a, &["--setenv", "PATH", "/image/bin"]));
+    assert!(has(&a, &["--setenv", "A", "definition"]));
+    assert_eq!(a.iter().filter(|x| *x == "PATH").count(), 1);
+    assert_eq!(a.iter().filter(|x| *x == "A").count(), 1);
+    // PicoD through the host's loader, the agent in its directory.
+    let argv = picod_argv(&spec);
+    assert_eq!(
+        &argv[..4],
+        [
+            "/opt/agentcube/lib/ld-linux-x86-64.so.2",
+            "--library-path",
+            "/opt/agentcube/lib",
+            "/opt/agentcube/picod"
+        ]
+    );
+    assert!(has(
+        &argv,
+        &["--agent-dir", "/app", "--", "python3", "app.py"]
+    ));
+    // gVisor: the image's rootfs is the bundle's root.
+    let oci = oci_spec(&spec);
+    assert_eq!(oci["root"]["path"], "/state/images/rootfs/abc");
+    let dests: Vec<&str> = oci["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["destination"].as_str().unwrap())
+        .collect();
+    assert!(!dests.contains(&"/usr"), "{dests:?}");
+    assert!(dests.contains(&"/opt/agentcube/lib/libc.so.6"), "{dests:?}");
 }
 
 fn has(a: &[String], seq: &[&str]) -> bool {

@@ -1,0 +1,258 @@
+//! Images on the local backend, against a real registry (Debian's `docker-registry`) holding
+//! images this test builds from host files: pulled once, cached (layers shared between images,
+//! the rootfs shared between sandboxes, usable with the registry gone), run read-only with the
+//! image's own files, environment and entrypoint, side by side with other images and host mode;
+//! tampered layers, unknown images and unreachable registries fail the create with a clear
+//! message and leave nothing behind.
+
+mod common;
+#[path = "common/oci.rs"]
+mod oci;
+
+use agentcube_workload_manager::backend::local::image::RegistrySettings;
+use common::*;
+use serde_json::json;
+
+fn settings(registry: &oci::Registry) -> Option<RegistrySettings> {
+    Some(RegistrySettings {
+        insecure: vec![registry.addr.clone()],
+        auth_file: None,
+    })
+}
+
+fn ci(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  template:\n    image: {image}\n{extra}---\n"
+    )
+}
+
+const AGENT: &str = r#"
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        out = json.dumps({"cwd": os.getcwd(), "greeting": os.environ.get("GREETING"), "argv": sys.argv[1:]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// (stdout, exit code) of a Python snippet in the session's sandbox.
+async fn py(session: &serde_json::Value, code: &str) -> (String, i64) {
+    let out = exec(session, &["python3", "-c", code]).await;
+    (
+        out["stdout"].as_str().unwrap().trim().to_string(),
+        out["exit_code"].as_i64().unwrap(),
+    )
+}
+
+fn count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_pulled_once_and_sandboxes_run_on_them() {
+    let mut registry = oci::Registry::start().await;
+    let base = oci::python_base_layer();
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let probe = oci::layer(|l| {
+        l.dir("usr/lib/python3/dist-packages/acprobe");
+        l.file(
+            "usr/lib/python3/dist-packages/acprobe/__init__.py",
+            format!("VERSION = {nonce:?}\n").as_bytes(),
+            0o644,
+        );
+        l.file("opt/lower/c", b"upper", 0o644);
+    });
+    // The base has /etc/gone and /opt/lower/{a,b}; the next layer hides them.
+    let lower = oci::layer(|l| {
+        l.file("etc/gone", b"x", 0o644);
+        l.dir("opt");
+        l.dir("opt/lower");
+        l.file("opt/lower/a", b"a", 0o644);
+        l.file("opt/lower/b", b"b", 0o644);
+    });
+    let hide = oci::layer(|l| {
+        l.file("etc/.wh.gone", b"", 0o644);
+        l.file("opt/lower/.wh..wh..opq", b"", 0o644);
+    });
+    let env = |name: &str| json!({"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", format!("IMAGE_NAME={name}")]});
+    let (py_digest, _) = registry
+        .push("py:1", &[base.clone(), lower, hide, probe], env("py"))
+        .await;
+    let other = oci::layer(|l| l.file("etc/image-name", b"other", 0o644));
+    registry
+        .push("other:1", &[base.clone(), other], env("other"))
+        .await;
+    let app = oci::layer(|l| {
+        l.dir("app");
+        l.file("app/agent.py", AGENT.as_bytes(), 0o644);
+    });
+    registry
+        .push(
+            "agent:1",
+            &[base, app],
+            json!({"Env": ["PATH=/usr/bin:/bin", "GREETING=from-image"],
+                   "Entrypoint": ["python3", "/app/agent.py"], "Cmd": ["8080"], "WorkingDir": "/app"}),
+        )
+        .await;
+    let r = registry.addr.clone();
+    let manifests = [
+        ci("py", &format!("{r}/py:1"), ""),
+        ci("other", &format!("{r}/other:1"), ""),
+        ci("onhost", "host", ""),
+        format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {{name: agent, namespace: default}}\nspec:\n  targetPort: [{{pathPrefix: /, port: 8080, protocol: HTTP}}]\n  podTemplate:\n    spec:\n      containers:\n        - name: agent\n          image: {r}/agent:1\n---\n"
+        ),
+    ]
+    .concat();
+    let s = Stack::start(Options {
+        manifests,
+        images: settings(&registry),
+        ..Default::default()
+    })
+    .await;
+
+    // The image's files and environment; layers applied with their whiteouts; nothing of the host.
+    let py1 = s.create_ok("code-interpreter", "py").await;
+    let (out, code) = py(
+        &py1,
+        "import acprobe, os; print(acprobe.VERSION, os.path.exists('/etc/gone'), sorted(os.listdir('/opt/lower')), \
+         os.path.exists('/usr/bin/bwrap'), os.environ['IMAGE_NAME'], os.environ['HOME'])",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, format!("{nonce} False ['c'] False py /root"));
+    // Read-only root; the workspace and /tmp are writable.
+    let w = exec(
+        &py1,
+        &sh("echo x > /usr/x; echo $?; echo y > /root/y && echo y > /tmp/y && echo ok"),
+    )
+    .await;
+    let lines: Vec<&str> = w["stdout"].as_str().unwrap().lines().collect();
+    assert_ne!(lines[0], "0", "the image root must be read-only: {w}");
+    assert_eq!(lines[1], "ok", "{w}");
+
+    // A second image side by side; host mode for `image: host`.
+    let o = s.create_ok("code-interpreter", "other").await;
+    let (out, _) = py(
+        &o,
+        "print(open('/etc/image-name').read(), __import__('os').environ['IMAGE_NAME'])",
+    )
+    .await;
+    assert_eq!(out, "other other");
+    let h = s.create_ok("code-interpreter", "onhost").await;
+    let (out, _) = py(
+        &h,
+        "import os; print(os.path.exists('/usr/bin/bwrap'), 'IMAGE_NAME' in os.environ)",
+    )
+    .await;
+    assert_eq!(out, "True False");
+
+    // AgentRuntime: the image's entrypoint, cmd, env and working directory.
+    let a = s.create_ok("agent-runtime", "agent").await;
+    let ep = a["entryPoints"][0]["endpoint"].as_str().unwrap();
+    let (status, body) = unix_http(ep, "GET", "/", None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"cwd": "/app", "greeting": "from-image", "argv": ["8080"]})
+    );
+
+    // Cached: one rootfs per image, the shared base layer stored once.
+    let cache = s.backend.images().unwrap().dir().to_path_buf();
+    assert_eq!(count(&cache.join("rootfs")), 3);
+    assert_eq!(count(&cache.join("blobs")), 1 + 3 + 1 + 1);
+    assert!(
+        cache
+            .join("rootfs")
+            .join(py_digest.trim_start_matches("sha256:"))
+            .is_dir()
+    );
+
+    // With the registry gone, more sandboxes of a pulled image still start, also after a restart.
+    registry.stop();
+    let py2 = s.create_ok("code-interpreter", "py").await;
+    assert_eq!(
+        py(&py2, "import acprobe; print(acprobe.VERSION)").await.0,
+        nonce
+    );
+    for id in [&py1, &py2, &o, &h, &a] {
+        assert_eq!(s.delete(id["sessionId"].as_str().unwrap()).await.0, 200);
+    }
+    let dir = s.stop_keeping_dir().await;
+    let s = Stack::start(Options {
+        manifests: ci("py", &format!("{r}/py:1"), ""),
+        images: settings(&registry),
+        dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    let py3 = s.create_ok("code-interpreter", "py").await;
+    assert_eq!(
+        py(&py3, "import acprobe; print(acprobe.VERSION)").await.0,
+        nonce
+    );
+    assert_eq!(s.delete(py3["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
+    let registry = oci::Registry::start().await;
+    let good = oci::layer(|l| l.file("etc/hostname", b"good", 0o644));
+    let (_, layers) = registry.push("tampered:1", &[good], json!({})).await;
+    // Someone with access to the registry's storage swaps the layer's bytes.
+    let evil = oci::layer(|l| l.file("etc/hostname", b"evil", 0o644));
+    std::fs::write(registry.blob_file(&layers[0]), evil).unwrap();
+    let r = &registry.addr;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let manifests = [
+        ci("tampered", &format!("{r}/tampered:1"), ""),
+        ci("unknown", &format!("{r}/no-such-image:1"), ""),
+        ci("offline", &format!("{closed}/py:1"), ""),
+        ci(
+            "never",
+            &format!("{r}/tampered:1"),
+            "    imagePullPolicy: Never\n",
+        ),
+    ]
+    .concat();
+    let s = Stack::start(Options {
+        manifests,
+        images: Some(RegistrySettings {
+            insecure: vec![registry.addr.clone(), closed.clone()],
+            auth_file: None,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let cases = [
+        ("tampered", 503, "does not match its digest"),
+        ("unknown", 400, "not found"),
+        ("offline", 503, "unreachable"),
+        ("never", 400, "imagePullPolicy is Never"),
+    ];
+    for (name, want, text) in cases {
+        let (status, body) = s.create("code-interpreter", name).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, want, "{name}: {body}");
+        assert!(
+            message.contains(text) && message.contains("image"),
+            "{name}: {message}"
+        );
+    }
+    // Nothing kept: no rootfs, no blob (the tampered one was refused while streaming), no
+    // partial file, no sandbox, no session record.
+    let cache = s.backend.images().unwrap().dir().to_path_buf();
+    assert_eq!(count(&cache.join("rootfs")), 0);
+    assert_eq!(count(&cache.join("blobs")), 0);
+    assert!(s.backend.running().is_empty());
+    let all = agentcube_store::Scope::All;
+    assert_eq!(s.store.count(&all).await.unwrap(), 0);
+    s.shutdown_and_check_leaks().await;
+}
