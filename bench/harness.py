@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 RELEASE = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
 ROUTER_KEY = (REPO / "crates/picod/tests/data/router.key.pem").read_text()
 ROUTER_PUB = (REPO / "crates/picod/tests/data/router.pub.pem").read_text()
+# The benchmark manifests name images this machine need not reach: sandboxes run on the host's /usr.
+os.environ.setdefault("AGENTCUBE_IMAGES", "host")
 
 
 def binary(name: str) -> str:

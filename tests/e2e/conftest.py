@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 CANARY = "agentcube-e2e-canary-" + os.urandom(8).hex()
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
 BACKEND = os.environ.get("AGENTCUBE_E2E_BACKEND", "local")
+# The manifests name upstream images (ghcr.io/volcano-sh/picod, python:3.12-slim) a test machine
+# need not reach: every `agentcube up` of the suite runs in host mode, except test_images.py's,
+# which pulls images it built from its own registry (`--images pull`).
+os.environ.setdefault("AGENTCUBE_IMAGES", "host")
 
 KUBE_CACHE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
 HELM = REPO / ".cache/tools/helm"

@@ -40,10 +40,12 @@ HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 /// (stdout, exit code) of a Python snippet in the session's sandbox.
 async fn py(session: &serde_json::Value, code: &str) -> (String, i64) {
     let out = exec(session, &["python3", "-c", code]).await;
-    (
-        out["stdout"].as_str().unwrap().trim().to_string(),
-        out["exit_code"].as_i64().unwrap(),
-    )
+    let stdout = out["stdout"].as_str().unwrap().trim().to_string();
+    let code = out["exit_code"].as_i64().unwrap();
+    if code != 0 {
+        return (format!("{stdout} | stderr: {}", out["stderr"]), code);
+    }
+    (stdout, code)
 }
 
 fn count(dir: &std::path::Path) -> usize {
@@ -254,5 +256,91 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
     assert!(s.backend.running().is_empty());
     let all = agentcube_store::Scope::All;
     assert_eq!(s.store.count(&all).await.unwrap(), 0);
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvisor_sandboxes_run_on_the_image_too() {
+    let registry = oci::Registry::start().await;
+    let marker = oci::layer(|l| l.file("etc/image-name", b"gvisor-image", 0o644));
+    registry
+        .push(
+            "py:1",
+            &[oci::python_base_layer(), marker],
+            json!({"Env": ["PATH=/usr/bin:/bin"]}),
+        )
+        .await;
+    let s = Stack::start(Options {
+        manifests: ci("py", &format!("{}/py:1", registry.addr), ""),
+        images: settings(&registry),
+        isolation: agentcube_workload_manager::backend::local::Isolation::Gvisor,
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "py").await;
+    let (out, code) = py(
+        &v,
+        "import os; print(open('/etc/image-name').read(), os.path.exists('/usr/bin/bwrap'))",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let (kernel, _) = py(&v, "import platform; print(platform.release())").await;
+    assert_ne!(kernel, host_kernel.trim(), "gVisor's kernel");
+    assert_eq!(out, "gvisor-image False");
+    let w = exec(&v, &sh("echo x > /usr/x; echo $?")).await;
+    assert_ne!(
+        w["stdout"].as_str().unwrap().trim(),
+        "0",
+        "read-only root: {w}"
+    );
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_credentials_come_from_the_docker_config_file() {
+    let registry = oci::Registry::start_with(Some(("agent", "s3cret"))).await;
+    let marker = oci::layer(|l| l.file("etc/image-name", b"private", 0o644));
+    registry
+        .push(
+            "private:1",
+            &[oci::python_base_layer(), marker],
+            json!({"Env": ["PATH=/usr/bin:/bin"]}),
+        )
+        .await;
+    let creds = tempfile::tempdir().unwrap();
+    let config = creds.path().join("config.json");
+    let login = |password: &str| {
+        use base64::Engine;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("agent:{password}"));
+        let file = json!({"auths": {format!("http://{}", registry.addr): {"auth": auth}}});
+        std::fs::write(&config, file.to_string()).unwrap();
+    };
+    login("wrong");
+    let s = Stack::start(Options {
+        manifests: ci("private", &format!("{}/private:1", registry.addr), ""),
+        images: Some(RegistrySettings {
+            insecure: vec![registry.addr.clone()],
+            auth_file: Some(config.clone()),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = s.create("code-interpreter", "private").await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        message.contains("credentials") && message.contains(&config.display().to_string()),
+        "{message}"
+    );
+    // A fixed login applies at the next create, without a restart.
+    login("s3cret");
+    let v = s.create_ok("code-interpreter", "private").await;
+    assert_eq!(
+        py(&v, "print(open('/etc/image-name').read())").await.0,
+        "private"
+    );
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     s.shutdown_and_check_leaks().await;
 }

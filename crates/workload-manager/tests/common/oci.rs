@@ -12,12 +12,19 @@ use sha2::{Digest, Sha256};
 pub struct Registry {
     pub addr: String,
     pub storage: PathBuf,
+    /// Basic credentials the registry requires (htpasswd), if any.
+    pub auth: Option<(String, String)>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A registry that requires `user`/`password` (htpasswd with bcrypt) for everything.
+    pub async fn start_with(auth: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -27,14 +34,20 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.path().join("storage");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: \"{addr}\"}}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.path().join("htpasswd");
+            let hash = bcrypt::hash(password, 4).unwrap();
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd: {{realm: agentcube-test, path: {}}}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -44,15 +57,17 @@ impl Registry {
             .expect("docker-registry (apt-get install docker-registry)");
         let http = reqwest::Client::new();
         for _ in 0..100 {
+            // 401 when credentials are required: up all the same.
             if http
                 .get(format!("http://{addr}/v2/"))
                 .send()
                 .await
-                .is_ok_and(|r| r.status() == 200)
+                .is_ok_and(|r| r.status() == 200 || r.status() == 401)
             {
                 return Self {
                     addr,
                     storage,
+                    auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
                     child: Some(child),
                     _dir: dir,
                 };
@@ -112,18 +127,16 @@ impl Registry {
             "application/vnd.oci.image.config.v1+json".into(),
             None,
         );
+        let auth = match &self.auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
         client
-            .push(
-                &reference,
-                &oci_layers,
-                config,
-                &RegistryAuth::Anonymous,
-                None,
-            )
+            .push(&reference, &oci_layers, config, &auth, None)
             .await
             .unwrap();
         let digest = client
-            .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+            .fetch_manifest_digest(&reference, &auth)
             .await
             .unwrap();
         (digest, layers.iter().map(|l| sha256(l)).collect())
