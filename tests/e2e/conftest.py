@@ -329,13 +329,13 @@ def redis_url():
     proc.wait(10)
 
 
-def start_up(tmp: Path, store: str | None, *extra, env=None):
-    """A second `agentcube up` (examples/ manifests) on free ports: (process, WM URL, Router URL);
-    its output is in `tmp/up-<wm port>.log`. `store` None: the in-memory store."""
+def start_up(tmp: Path, store: str | None, *extra, env=None, manifests: Path = REPO / "examples"):
+    """A second `agentcube up` (examples/ manifests unless given) on free ports: (process, WM URL,
+    Router URL); its output is in `tmp/up-<wm port>.log`. `store` None: the in-memory store."""
     wm, router = _free_port(), _free_port()
     log = tmp / f"up-{wm}.log"
     store_args = ["--store", store] if store else []
-    proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"), "--wm-port", str(wm),
+    proc = subprocess.Popen([str(_binary("agentcube")), "up", "--manifests", str(manifests), "--wm-port", str(wm),
                              "--router-port", str(router), "--metrics-port", "0", "--state-dir", str(tmp / "state"),
                              "--gc-interval", "1s", *store_args, *extra],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
