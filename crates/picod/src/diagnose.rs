@@ -15,7 +15,41 @@ pub struct Diagnostics {
     pub memory_limit: Option<String>,
     /// The sandbox has no network at all (the local backend without a network policy).
     pub no_network: bool,
+    /// The workspace's size limit (its quota), as the definition spells it.
+    pub workspace_limit: Option<String>,
 }
+
+/// What a command's stderr said that deserves a note (filled while it streams).
+#[derive(Debug, Default)]
+pub struct Seen {
+    network_error: std::sync::atomic::AtomicBool,
+    disk_full: std::sync::atomic::AtomicBool,
+}
+
+impl Seen {
+    /// Notes the errors named in a chunk of stderr.
+    pub fn scan(&self, chunk: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if mentions_network_error(chunk) {
+            self.network_error.store(true, Relaxed);
+        }
+        if String::from_utf8_lossy(chunk).contains(DISK_FULL) {
+            self.disk_full.store(true, Relaxed);
+        }
+    }
+
+    fn network_error(&self) -> bool {
+        self.network_error
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn disk_full(&self) -> bool {
+        self.disk_full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `ENOSPC` as libc words it.
+const DISK_FULL: &str = "No space left on device";
 
 /// Errors that, in a sandbox without network, mean exactly that.
 const NETWORK_ERRORS: &[&str] = &[
@@ -58,13 +92,13 @@ impl Diagnostics {
     }
 
     /// The note for a command that ended by `signal` (or exited non-zero, `failed`), with the
-    /// OOM count from before it started and whether its stderr named a network error.
+    /// OOM count from before it started and what its stderr said.
     pub fn explain(
         &self,
         oom_before: Option<u64>,
         signal: Option<i32>,
         failed: bool,
-        network_error: bool,
+        seen: &Seen,
     ) -> Option<String> {
         if signal == Some(9) {
             let oom = matches!((oom_before, self.oom_kills()), (Some(a), Some(b)) if b > a);
@@ -80,14 +114,42 @@ impl Diagnostics {
         if let Some(sig) = signal {
             return Some(format!("[picod: killed by signal {sig}]"));
         }
-        if failed && network_error && self.no_network {
+        if failed && seen.network_error() && self.no_network {
             return Some(
                 "[picod: this sandbox has no network; its definition can allow some with \
                  spec.networkPolicy]"
                     .into(),
             );
         }
+        if seen.disk_full() {
+            return Some(self.workspace_full());
+        }
         None
+    }
+
+    /// What a full workspace means, with its quota when known.
+    pub fn workspace_full(&self) -> String {
+        match &self.workspace_limit {
+            Some(limit) => format!(
+                "[picod: the workspace is full: its quota is {limit} (the definition's \
+                 resources.limits.ephemeral-storage)]"
+            ),
+            None => "[picod: no space left on the device holding the workspace]".into(),
+        }
+    }
+
+    /// An I/O error of the workspace as an API error: a full workspace is `507` with the quota.
+    pub fn io_error(&self, e: std::io::Error) -> crate::error::ApiError {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            let note = self.workspace_full();
+            crate::error::ApiError::InsufficientStorage(
+                note.trim_start_matches("[picod: ")
+                    .trim_end_matches(']')
+                    .to_string(),
+            )
+        } else {
+            crate::error::ApiError::internal(e)
+        }
     }
 }
 
@@ -110,33 +172,44 @@ mod tests {
             memory_events: Some(events.clone()),
             memory_limit: Some("64Mi".into()),
             no_network: true,
+            workspace_limit: Some("100Mi".into()),
         };
+        let nothing = Seen::default();
+        let network = Seen::default();
+        network.scan(b"curl: (6) Could not resolve host: pypi.org");
+        let full = Seen::default();
+        full.scan(b"dd: error writing 'big': No space left on device");
         assert_eq!(d.oom_kills(), Some(1));
         assert_eq!(
-            d.explain(Some(1), Some(9), false, false).unwrap(),
+            d.explain(Some(1), Some(9), false, &nothing).unwrap(),
             "[picod: killed by signal 9 (SIGKILL)]"
         );
         std::fs::write(&events, "oom 2\noom_kill 2\n").unwrap();
-        let oom = d.explain(Some(1), Some(9), false, false).unwrap();
+        let oom = d.explain(Some(1), Some(9), false, &nothing).unwrap();
         assert!(
             oom.contains("out-of-memory") && oom.contains("(64Mi)"),
             "{oom}"
         );
         assert_eq!(
-            d.explain(None, Some(15), false, false).unwrap(),
+            d.explain(None, Some(15), false, &nothing).unwrap(),
             "[picod: killed by signal 15]"
         );
         assert!(
-            d.explain(None, None, true, true)
+            d.explain(None, None, true, &network)
                 .unwrap()
                 .contains("spec.networkPolicy")
         );
-        assert_eq!(d.explain(None, None, true, false), None);
+        assert_eq!(d.explain(None, None, true, &nothing), None);
+        let note = d.explain(None, None, true, &full).unwrap();
+        assert!(
+            note.contains("workspace is full") && note.contains("100Mi"),
+            "{note}"
+        );
         let networked = Diagnostics {
             no_network: false,
             ..d
         };
-        assert_eq!(networked.explain(None, None, true, true), None);
+        assert_eq!(networked.explain(None, None, true, &network), None);
         assert!(mentions_network_error(
             b"socket.gaierror: [Errno -3] Temporary failure in name resolution"
         ));

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// Body over the configured limit.
     #[error("request body too large")]
     TooLarge { limit: usize },
+    /// The workspace is full (its quota); the message names the quota.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// I/O failure on the server side.
     #[error("{0}")]
     Internal(String),
@@ -50,6 +53,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

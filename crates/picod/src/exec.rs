@@ -165,7 +165,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         Err(e) => return finish(1, false, Some(spawn_error_text(&spec.argv[0], &e))),
     };
     let mut guard = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
-    let network_error = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(crate::diagnose::Seen::default());
     let pumps = [
         child
             .stdout
@@ -174,7 +174,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         child
             .stderr
             .take()
-            .map(|r| tokio::spawn(pump(r, Some(network_error.clone()), sink.clone()))),
+            .map(|r| tokio::spawn(pump(r, Some(seen.clone()), sink.clone()))),
     ];
     // `None`: the timeout fired or the client went away; either way the group is killed.
     let status = tokio::select! {
@@ -207,8 +207,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
     if !timed_out {
         use std::os::unix::process::ExitStatusExt;
         let signal = status.and_then(|s| s.signal());
-        let network = network_error.load(std::sync::atomic::Ordering::Relaxed);
-        outcome.note = spec.diag.explain(oom_before, signal, code != 0, network);
+        outcome.note = spec.diag.explain(oom_before, signal, code != 0, &seen);
     }
     outcome
 }
@@ -228,10 +227,10 @@ fn spawn_error_text(program: &str, e: &std::io::Error) -> String {
     }
 }
 
-/// Copies one pipe into `tx`; the stderr pump (`network_error` given) also notes network errors.
+/// Copies one pipe into `tx`; the stderr pump (`seen` given) also notes errors worth a note.
 async fn pump(
     mut r: impl AsyncRead + Unpin,
-    network_error: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    seen: Option<std::sync::Arc<crate::diagnose::Seen>>,
     tx: mpsc::Sender<Chunk>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -240,11 +239,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let b = Bytes::copy_from_slice(&buf[..n]);
-                let chunk = match &network_error {
-                    Some(flag) => {
-                        if crate::diagnose::mentions_network_error(&b) {
-                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
+                let chunk = match &seen {
+                    Some(seen) => {
+                        seen.scan(&b);
                         Chunk::Stderr(b)
                     }
                     None => Chunk::Stdout(b),

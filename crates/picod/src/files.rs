@@ -55,9 +55,18 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
     };
     let mode = parse_mode(mode.as_deref());
     let ws = state.workspace.clone();
+    let diag = state.config.diagnostics.clone();
     let resp = tokio::task::spawn_blocking(move || -> Result<UploadResponse, ApiError> {
-        let (mut file, rel) = ws.create_file(&path, mode)?;
-        file.write_all(&content).map_err(ApiError::internal)?;
+        let (mut file, rel) = ws.create_file(&path, mode).map_err(|e| match e {
+            JailError::Io(e) => diag.io_error(e),
+            e => e.into(),
+        })?;
+        if let Err(e) = file.write_all(&content) {
+            drop(file);
+            // A partial file would look like a complete one: nothing is kept.
+            let _ = ws.remove_file(&path);
+            return Err(diag.io_error(e));
+        }
         let meta = file.metadata().map_err(ApiError::internal)?;
         Ok(UploadResponse {
             path: Workspace::relative(&rel),

@@ -308,6 +308,14 @@ impl Workspace {
         Ok((File::from(fd), t.rel))
     }
 
+    /// Unlinks a file (never a directory; a symlink itself, not its target).
+    pub fn remove_file(&self, user: &str) -> Result<(), JailError> {
+        let t = self.walk(user, false)?;
+        let name = t.name.as_deref().ok_or(JailError::IsDirectory)?;
+        nix::unistd::unlinkat(&t.dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+        Ok(())
+    }
+
     /// A working directory for a command (created if missing), pinned by an open fd.
     pub fn work_dir(&self, user: &str) -> Result<WorkDir, JailError> {
         let t = self.walk(user, true)?;

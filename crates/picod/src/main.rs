@@ -58,6 +58,9 @@ struct Args {
     /// The sandbox has no network: network errors get a note saying so.
     #[arg(long, env = "PICOD_NO_NETWORK")]
     no_network: bool,
+    /// The workspace's quota as shown when it is full (e.g. `1Gi`).
+    #[arg(long, env = "PICOD_WORKSPACE_LIMIT")]
+    workspace_limit: Option<String>,
     /// Serve Prometheus metrics at `GET /metrics`, without authentication (off by default).
     #[arg(long, env = "PICOD_METRICS")]
     metrics: bool,
@@ -105,6 +108,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
                 memory_events: a.memory_events,
                 memory_limit: a.memory_limit,
                 no_network: a.no_network,
+                workspace_limit: a.workspace_limit,
             }
             .detect(),
         );

@@ -80,6 +80,8 @@ pub struct LaunchSpec {
     pub image: Option<ImageRoot>,
     /// The agent's working directory (AgentRuntime: `workingDir`, or the image's `WorkingDir`).
     pub agent_dir: Option<String>,
+    /// The workspace's quota (as PicoD names it when the workspace is full).
+    pub workspace_limit: Option<String>,
 }
 
 /// A sandbox on an image: its read-only rootfs, and PicoD's shared libraries from the host
@@ -147,6 +149,9 @@ fn sandbox_env(spec: &LaunchSpec) -> Vec<(String, String)> {
     }
     if spec.netns.is_none() {
         env.push(("PICOD_NO_NETWORK".into(), "true".into()));
+    }
+    if let Some(limit) = &spec.workspace_limit {
+        env.push(("PICOD_WORKSPACE_LIMIT".into(), limit.clone()));
     }
     // The last value of a name wins (the image's PATH over the default, the definition's over
     // the image's), and each name is set once.

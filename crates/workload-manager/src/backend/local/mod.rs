@@ -32,6 +32,7 @@ pub mod net;
 mod platform;
 mod pool;
 pub mod probe;
+pub mod quota;
 pub mod seccomp;
 pub mod uids;
 mod workload;
@@ -97,6 +98,9 @@ pub struct LocalConfig {
     /// Pull definitions' images from their registries and run sandboxes on them; `None` (the
     /// library default): every sandbox runs on the host's `/usr` (host mode).
     pub images: Option<image::RegistrySettings>,
+    /// Workspace quota of sandboxes whose definition sets no `ephemeral-storage` limit (`None`:
+    /// unbounded). Enforced when running as root (see [`quota`]).
+    pub default_workspace_bytes: Option<u64>,
 }
 
 impl LocalConfig {
@@ -117,6 +121,7 @@ impl LocalConfig {
             memory_budget: host_memory(),
             sandbox_dns: None,
             images: None,
+            default_workspace_bytes: Some(DEFAULT_WORKSPACE_BYTES),
         }
     }
 }
@@ -131,6 +136,10 @@ pub struct MemoryArgs {
     /// Memory limit of local sandboxes whose definition sets none (quantity; `0` = none).
     #[arg(long, env = "AGENTCUBE_DEFAULT_MEMORY_LIMIT", default_value = "1Gi")]
     pub default_memory_limit: String,
+    /// Workspace quota of local sandboxes whose definition sets no `ephemeral-storage` limit
+    /// (quantity; `0` = none). Enforced when running as root.
+    #[arg(long, env = "AGENTCUBE_DEFAULT_WORKSPACE_SIZE", default_value = "2Gi")]
+    pub default_workspace_size: String,
 }
 
 impl MemoryArgs {
@@ -148,12 +157,20 @@ impl MemoryArgs {
             &self.default_memory_limit,
         )?)
         .filter(|b| *b > 0);
+        config.default_workspace_bytes = Some(quantity(
+            "default-workspace-size",
+            &self.default_workspace_size,
+        )?)
+        .filter(|b| *b > 0);
         Ok(())
     }
 }
 
 /// Memory limit of a sandbox whose definition sets none: 1 GiB.
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+
+/// Workspace quota of a sandbox whose definition sets none: 2 GiB.
+pub const DEFAULT_WORKSPACE_BYTES: u64 = 2 << 30;
 
 /// The host's memory (`MemTotal`).
 pub fn host_memory() -> Option<u64> {
@@ -214,6 +231,8 @@ struct Inner {
     network: Result<net::Network, String>,
     /// The image cache (when images are pulled) and PicoD's libraries to inject with it.
     images: Option<(image::Images, Vec<PathBuf>)>,
+    /// Workspace quotas (root only).
+    quotas: Option<quota::Quotas>,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<pool::Pools>,
     /// Memory limits of the sandboxes started (or starting), against the budget.
@@ -295,6 +314,24 @@ impl LocalBackend {
             .canonicalize()
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let state = &config.state_dir;
+        let quotas = quota::Quotas::detect();
+        if let Ok(q) = &quotas {
+            let left = q.remove_leftovers(state);
+            if left > 0 {
+                tracing::info!(
+                    workspaces = left,
+                    "unmounted workspaces left by a previous run"
+                );
+            }
+        }
+        let quotas = match (quotas, config.default_workspace_bytes) {
+            (Ok(q), _) => Some(q),
+            (Err(why), Some(_)) => {
+                tracing::warn!(reason = %why, "sandbox workspaces are NOT size-limited");
+                None
+            }
+            (Err(_), None) => None,
+        };
         for d in ["sandboxes", "private"] {
             let _ = layout::remove_tree(&state.join(d));
         }
@@ -350,6 +387,7 @@ impl LocalBackend {
         Ok(Self {
             inner: Arc::new(Inner {
                 images,
+                quotas,
                 uids: config.uids.map(Uids::new),
                 config,
                 bwrap,
@@ -461,7 +499,7 @@ impl LocalBackend {
             uid,
             netns,
         };
-        let running = match self.launch(name, &paths, &desc, limits, given) {
+        let running = match self.launch(name, &paths, &desc, limits, given).await {
             Ok(r) => Running { memory, net, ..r },
             Err(e) => {
                 if let (Ok(network), Some(n)) = (&self.inner.network, &net) {
@@ -558,7 +596,7 @@ impl LocalBackend {
     }
 
     /// Directories, cgroups, launcher inputs, and the launcher process itself.
-    fn launch(
+    async fn launch(
         &self,
         name: &str,
         paths: &SandboxPaths,
@@ -576,6 +614,12 @@ impl LocalBackend {
         paths
             .create(uid)
             .map_err(|e| fail("cannot create sandbox directories", e))?;
+        let workspace = workload::workspace_bytes(desc.resources.as_ref())
+            .or(cfg.default_workspace_bytes)
+            .filter(|_| self.inner.quotas.is_some());
+        if let (Some(q), Some(bytes)) = (&self.inner.quotas, workspace) {
+            q.attach(paths, bytes, uid).await?;
+        }
         let cgroup = match &self.inner.cgroups {
             Some(c) => Some(
                 c.create(name, limits)
@@ -613,6 +657,7 @@ impl LocalBackend {
                     .unwrap_or_default(),
             }),
             agent_dir: desc.agent_dir.clone(),
+            workspace_limit: workspace.map(human_bytes),
         };
         let argv = self
             .launcher(&spec, name)
@@ -781,13 +826,22 @@ impl LocalBackend {
                 if let Some(cg) = &r.cgroup {
                     cg.remove().await;
                 }
+                if let Some(q) = &self.inner.quotas {
+                    q.detach(&r.paths).await;
+                }
                 r.paths.remove().await;
                 if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
                     network.detach(n).await;
                 }
                 self.release(r.uid, r.memory);
             }
-            None => self.paths(name).remove().await,
+            None => {
+                let paths = self.paths(name);
+                if let Some(q) = &self.inner.quotas {
+                    q.detach(&paths).await;
+                }
+                paths.remove().await;
+            }
         }
     }
 }

@@ -49,6 +49,12 @@ pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
     }
 }
 
+/// The workspace quota from `resources.limits.ephemeral-storage`.
+pub fn workspace_bytes(res: Option<&ResourceRequirements>) -> Option<u64> {
+    let q = res?.limits.as_ref()?.get("ephemeral-storage")?;
+    cgroup::parse_memory(&q.0)
+}
+
 /// The image a definition names, unless it is empty or [`HOST_IMAGE`].
 pub fn image_of(workload: &Workload) -> Option<&str> {
     let image = match workload {

@@ -16,6 +16,7 @@ fn spec() -> LaunchSpec {
         memory: None,
         image: None,
         agent_dir: None,
+        workspace_limit: None,
     }
 }
 

@@ -1,0 +1,116 @@
+//! Workspace quotas on the local backend (root): each workspace is a filesystem of the
+//! definition's `ephemeral-storage` size. Filling it is `ENOSPC` with PicoD's note naming the
+//! quota, an upload over it is a 507 that keeps no partial file, the host disk holds no more than
+//! the quota, and nothing stays mounted after a delete or a crash.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn mounted_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(dir.to_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "small",
+            "    resources:\n      limits:\n        ephemeral-storage: 20Mi\n",
+        ),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "small").await;
+    let name = v["sandboxName"].as_str().unwrap();
+    let paths = s.backend.paths(name);
+    assert_eq!(
+        mounted_under(&paths.ws).len(),
+        1,
+        "the workspace is its own filesystem"
+    );
+    let out = exec(
+        &v,
+        &sh("ls -A; df -k . | tail -1; python3 -c \"open('big','wb').write(b'x' * 40 * 1024 * 1024)\""),
+    )
+    .await;
+    let stdout = out["stdout"].as_str().unwrap();
+    let stderr = out["stderr"].as_str().unwrap();
+    assert!(!stdout.contains("lost+found"), "{stdout}");
+    assert_ne!(out["exit_code"], 0, "{out}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(
+        stderr.contains("the workspace is full: its quota is 20Mi"),
+        "{stderr}"
+    );
+    // The host holds the sandbox's filesystem image, no bigger than the quota.
+    let used: u64 = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(paths.private.join("workspace.ext4")).unwrap();
+        m.blocks() * 512
+    };
+    assert!(used <= 21 << 20, "host disk used: {used}");
+    // An upload over what is left: 507 naming the quota, no partial file kept.
+    exec(&v, &sh("rm -f big")).await;
+    let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    use base64::Engine;
+    let content = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 22 << 20]);
+    let (status, body) = unix_http(
+        ep,
+        "POST",
+        "/api/files",
+        Some(json!({"path": "upload.bin", "content": content})),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 507, "{text}");
+    assert!(text.contains("quota is 20Mi"), "{text}");
+    let ls = exec(&v, &sh("ls -A")).await;
+    assert_eq!(ls["stdout"], "", "nothing kept: {ls}");
+    // Small files still fit; a delete unmounts and removes everything.
+    let ok = exec(&v, &sh("echo hi > f && cat f")).await;
+    assert_eq!(ok["stdout"], "hi\n");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    assert!(mounted_under(&paths.ws.parent().unwrap().parent().unwrap()).is_empty());
+    assert!(!paths.private.exists());
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
+async fn workspaces_a_crashed_manager_left_mounted_are_unmounted_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crash leaves: a sandbox directory with its workspace still mounted.
+    let ws = dir.path().join("state/sandboxes/crashed/ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let image = dir.path().join("leftover.ext4");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success());
+    ok(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image));
+    ok(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&ws));
+    assert_eq!(mounted_under(&ws).len(), 1);
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    let sandboxes = s.dir.path().join("state/sandboxes");
+    assert!(mounted_under(&sandboxes).is_empty());
+    assert!(!sandboxes.join("crashed").exists());
+    s.shutdown_and_check_leaks().await;
+}
