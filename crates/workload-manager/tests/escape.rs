@@ -154,10 +154,12 @@ for p in ('/proc/1/cmdline', '/proc/2/cmdline'):
         "RUST_LOG",
         "PICOD_AUTH_PUBLIC_KEY",
         "PICOD_SANDBOX_NAME",
-        // PicoD's own, naming the sandbox's view: /run/memory.events, the limit, "no network"
+        // PicoD's own, naming the sandbox's view: /run/memory.events, the limit, "no network",
+        // the workspace quota
         "PICOD_MEMORY_EVENTS",
         "PICOD_MEMORY_LIMIT",
         "PICOD_NO_NETWORK",
+        "PICOD_WORKSPACE_LIMIT",
         "MINE",
         // set by the shell running this very probe
         "PWD",

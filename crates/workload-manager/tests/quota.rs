@@ -78,7 +78,7 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
     let ok = exec(&v, &sh("echo hi > f && cat f")).await;
     assert_eq!(ok["stdout"], "hi\n");
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
-    assert!(mounted_under(&paths.ws.parent().unwrap().parent().unwrap()).is_empty());
+    assert!(mounted_under(paths.ws.parent().unwrap().parent().unwrap()).is_empty());
     assert!(!paths.private.exists());
     s.shutdown_and_check_leaks().await;
 }

@@ -55,6 +55,14 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry (apt-get install docker-registry)");
+        // Owned at once, so a registry that never comes up is still killed (Drop).
+        let registry = Self {
+            addr: addr.clone(),
+            storage,
+            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            child: Some(child),
+            _dir: dir,
+        };
         let http = reqwest::Client::new();
         for _ in 0..100 {
             // 401 when credentials are required: up all the same.
@@ -64,16 +72,11 @@ impl Registry {
                 .await
                 .is_ok_and(|r| r.status() == 200 || r.status() == 401)
             {
-                return Self {
-                    addr,
-                    storage,
-                    auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
-                    child: Some(child),
-                    _dir: dir,
-                };
+                return registry;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        drop(registry);
         panic!("docker-registry did not start on {addr}");
     }
 

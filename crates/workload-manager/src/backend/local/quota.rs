@@ -59,7 +59,9 @@ impl Quotas {
             .map_err(|e| fail("image size", e.to_string()))?;
         drop(file);
         let owner = uid.unwrap_or(0);
-        let root_owner = format!("root_owner={owner}:{owner}");
+        // No journal, no resize reserve, no discard pass, an inode per 32 KiB: a scratch
+        // filesystem made in ~10 ms whatever its size.
+        let extended = format!("nodiscard,root_owner={owner}:{owner}");
         run(
             &self.mkfs,
             &[
@@ -67,10 +69,12 @@ impl Quotas {
                 "-F",
                 "-m",
                 "0",
+                "-i",
+                "32768",
                 "-O",
-                "^has_journal",
+                "^has_journal,^resize_inode",
                 "-E",
-                &root_owner,
+                &extended,
                 &image.display().to_string(),
             ],
         )
@@ -154,7 +158,7 @@ fn mount_points() -> Vec<PathBuf> {
 
 fn is_mounted(dir: &Path) -> bool {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    mount_points().iter().any(|m| *m == dir)
+    mount_points().contains(&dir)
 }
 
 /// `\040` and friends (mountinfo escapes space, tab, newline and backslash).

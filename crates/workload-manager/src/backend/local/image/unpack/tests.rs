@@ -212,7 +212,7 @@ fn hostile_layers_never_touch_anything_outside_the_rootfs() {
         true,
     );
     let other = tmp.path().join("rootfs2");
-    let err = build_rootfs(tmp.path(), &other, &[l3.clone()]);
+    let err = build_rootfs(tmp.path(), &other, std::slice::from_ref(&l3));
     let l1b = layer(tmp.path(), "l1b", &[E::Link("evil", host)], true);
     let err2 = build_rootfs(tmp.path(), &tmp.path().join("rootfs2b"), &[l1b, l3]).unwrap_err();
     assert!(err.is_ok(), "evil/ as a plain directory is fine: {err:?}");
