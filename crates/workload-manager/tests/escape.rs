@@ -247,6 +247,8 @@ async fn workspaces_are_private_to_their_sandbox() {
         );
         assert_ne!(ua, ub, "a uid per sandbox");
         assert_eq!(std::fs::metadata(&pa.ws).unwrap().uid(), ua);
+        let secret = sandbox_ws(&s.backend, a["sandboxName"].as_str().unwrap()).join("secret.txt");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "top-secret\n");
         // Another host user, and the other sandbox's uid, cannot read it.
         for uid in [65534, ub] {
             let out = std::process::Command::new("setpriv")
@@ -256,7 +258,7 @@ async fn workspaces_are_private_to_their_sandbox() {
                     "--clear-groups",
                     "cat",
                 ])
-                .arg(pa.ws.join("secret.txt"))
+                .arg(&secret)
                 .output()
                 .unwrap();
             assert!(!out.status.success());

@@ -104,7 +104,7 @@ async fn sandboxes_cannot_read_each_other() {
     let a = s.create_ok("code-interpreter", "ci").await;
     let b = s.create_ok("code-interpreter", "ci").await;
     exec(&a, &sh("echo top-secret > secret.txt")).await;
-    let a_ws = s.backend.paths(a["sandboxName"].as_str().unwrap()).ws;
+    let a_ws = sandbox_ws(&s.backend, a["sandboxName"].as_str().unwrap());
     assert_eq!(
         std::fs::read_to_string(a_ws.join("secret.txt")).unwrap(),
         "top-secret\n"
@@ -132,7 +132,7 @@ async fn no_capabilities_and_not_root_outside() {
     let out = exec(&v, &sh("echo $$ > /root/pid; sleep 2")).await;
     assert_eq!(out["exit_code"], 0);
     let name = v["sandboxName"].as_str().unwrap();
-    let ws = s.backend.paths(name).ws;
+    let ws = sandbox_ws(&s.backend, name);
     let meta = std::fs::metadata(ws.join("pid")).unwrap();
     if nix::unistd::Uid::effective().is_root() {
         let uid = s.backend.sandbox_uid(name).expect("a uid of its own");

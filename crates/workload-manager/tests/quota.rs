@@ -1,7 +1,8 @@
 //! Workspace quotas on the local backend (root): each workspace is a filesystem of the
-//! definition's `ephemeral-storage` size. Filling it is `ENOSPC` with PicoD's note naming the
-//! quota, an upload over it is a 507 that keeps no partial file, the host disk holds no more than
-//! the quota, and nothing stays mounted after a delete or a crash.
+//! definition's `ephemeral-storage` size, mounted only in the sandbox's own mount namespace.
+//! Filling it is `ENOSPC` with PicoD's note naming the quota, an upload over it is a 507 that
+//! keeps no partial file, the host disk holds no more than the quota, the host's mount table never
+//! holds it, and its loop device is gone with the sandbox.
 
 mod common;
 
@@ -31,14 +32,33 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
     let v = s.create_ok("code-interpreter", "small").await;
     let name = v["sandboxName"].as_str().unwrap();
     let paths = s.backend.paths(name);
+    let state = paths.dir.parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(
+        mounted_under(&state).is_empty(),
+        "nothing mounted on the host"
+    );
+    let image = paths.private.join("workspace.ext4");
     assert_eq!(
-        mounted_under(&paths.ws).len(),
+        loop_devices_of(&image),
         1,
-        "the workspace is its own filesystem"
+        "one loop device for the workspace"
+    );
+    let df = exec(&v, &sh("df -k /root | tail -1")).await;
+    let size_kb: u64 = df["stdout"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (15_000..=20_480).contains(&size_kb),
+        "the workspace is its own 20Mi filesystem: {df}"
     );
     let out = exec(
         &v,
-        &sh("ls -A; df -k . | tail -1; python3 -c \"open('big','wb').write(b'x' * 40 * 1024 * 1024)\""),
+        &sh("ls -A; python3 -c \"open('big','wb').write(b'x' * 40 * 1024 * 1024)\""),
     )
     .await;
     let stdout = out["stdout"].as_str().unwrap();
@@ -53,7 +73,7 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
     // The host holds the sandbox's filesystem image, no bigger than the quota.
     let used: u64 = {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(paths.private.join("workspace.ext4")).unwrap();
+        let m = std::fs::metadata(&image).unwrap();
         m.blocks() * 512
     };
     assert!(used <= 21 << 20, "host disk used: {used}");
@@ -78,39 +98,23 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
     let ok = exec(&v, &sh("echo hi > f && cat f")).await;
     assert_eq!(ok["stdout"], "hi\n");
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
-    assert!(mounted_under(paths.ws.parent().unwrap().parent().unwrap()).is_empty());
     assert!(!paths.private.exists());
+    eventually("the loop device released", 5, || {
+        loop_devices_of(&image) == 0
+    })
+    .await;
+    assert!(mounted_under(&state).is_empty());
     s.shutdown_and_check_leaks().await;
 }
 
-#[tokio::test]
-async fn workspaces_a_crashed_manager_left_mounted_are_unmounted_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    // What a crash leaves: a sandbox directory with its workspace still mounted.
-    let ws = dir.path().join("state/sandboxes/crashed/ws");
-    std::fs::create_dir_all(&ws).unwrap();
-    let image = dir.path().join("leftover.ext4");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 << 20)
+/// Loop devices whose backing file is `image` (deleted or not).
+fn loop_devices_of(image: &std::path::Path) -> usize {
+    let out = std::process::Command::new("losetup")
+        .arg("-a")
+        .output()
         .unwrap();
-    let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success());
-    ok(std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&image));
-    ok(std::process::Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&ws));
-    assert_eq!(mounted_under(&ws).len(), 1);
-    let s = Stack::start(Options {
-        manifests: code_interpreter("ci", ""),
-        dir: Some(dir),
-        ..Default::default()
-    })
-    .await;
-    let sandboxes = s.dir.path().join("state/sandboxes");
-    assert!(mounted_under(&sandboxes).is_empty());
-    assert!(!sandboxes.join("crashed").exists());
-    s.shutdown_and_check_leaks().await;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*image.to_string_lossy()))
+        .count()
 }

@@ -336,3 +336,19 @@ pub async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 pub mod kube;
+
+/// The workspace as its sandbox sees it, reached from the host through PicoD's root
+/// (`/proc/<pid>/root/root`): a workspace with a quota is mounted only in the sandbox's own mount
+/// namespace, so the host directory stays empty. Falls back to that directory without cgroups.
+pub fn sandbox_ws(backend: &LocalBackend, name: &str) -> PathBuf {
+    for dir in backend.cgroup_dirs(name) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "picod" {
+                return PathBuf::from(format!("/proc/{pid}/root/root"));
+            }
+        }
+    }
+    backend.paths(name).ws
+}

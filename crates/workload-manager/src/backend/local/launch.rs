@@ -82,6 +82,18 @@ pub struct LaunchSpec {
     pub agent_dir: Option<String>,
     /// The workspace's quota (as PicoD names it when the workspace is full).
     pub workspace_limit: Option<String>,
+    /// The workspace's own filesystem, mounted by the launcher in a mount namespace of its own.
+    pub workspace_fs: Option<WorkspaceFs>,
+}
+
+/// A workspace filesystem image and the tools that mount it (see `quota`). The launcher runs
+/// under `unshare --mount --propagation private` and mounts it there, so the host's mount table
+/// never holds it: it goes when the sandbox's last process does, whatever happens to the manager.
+#[derive(Debug, Clone)]
+pub struct WorkspaceFs {
+    pub image: PathBuf,
+    pub unshare: PathBuf,
+    pub mount: PathBuf,
 }
 
 /// A sandbox on an image: its read-only rootfs, and PicoD's shared libraries from the host
@@ -322,21 +334,49 @@ pub fn args_file_content(spec: &LaunchSpec) -> Vec<u8> {
     out
 }
 
-/// Launcher prologue: `$1`.. are files to open as fds 3.., up to `--fds-end`; then the
-/// `cgroup.procs` files to join, up to `--`; then the command to exec. Nothing of the sandbox
-/// ever runs outside its cgroups, and the fds are the only way its inputs reach it.
+/// Launcher prologue: optionally `--mount MOUNT IMAGE DIR` (the workspace filesystem, mounted in
+/// the launcher's own mount namespace, emptied of `lost+found` and made private); then `$1`.. are
+/// files to open as fds 3.., up to `--fds-end`; then the `cgroup.procs` files to join, up to
+/// `--`; then the command to exec. Nothing of the sandbox ever runs outside its cgroups, and the
+/// fds are the only way its inputs reach it.
 const PROLOGUE: &str = r#"unset PWD OLDPWD; fd=3
+if [ "$1" = "--mount" ]; then
+  "$2" -t ext4 -o loop,nodev,nosuid,noatime,noinit_itable "$3" "$4" && rmdir "$4/lost+found" && chmod 700 "$4" || exit 95
+  shift 4
+fi
 while [ "$1" != "--fds-end" ]; do eval "exec $fd<\"\$1\"" || exit 96; fd=$((fd+1)); shift; done; shift
 while [ "$1" != "--" ]; do echo $$ > "$1" || exit 97; shift; done; shift
 exec "$@""#;
 
-fn prologue(files: &[&Path], cgroup_procs: &[PathBuf]) -> Vec<String> {
-    let mut argv = vec![
+fn prologue(
+    files: &[&Path],
+    cgroup_procs: &[PathBuf],
+    workspace: Option<(&WorkspaceFs, &Path)>,
+) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some((fs, _)) = workspace {
+        argv.extend([
+            fs.unshare.display().to_string(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "--".into(),
+        ]);
+    }
+    argv.extend([
         "/bin/sh".to_string(),
         "-c".into(),
         PROLOGUE.into(),
         "sh".into(),
-    ];
+    ]);
+    if let Some((fs, dir)) = workspace {
+        argv.extend([
+            "--mount".to_string(),
+            fs.mount.display().to_string(),
+            fs.image.display().to_string(),
+            dir.display().to_string(),
+        ]);
+    }
     argv.extend(files.iter().map(|f| f.display().to_string()));
     argv.push("--fds-end".into());
     argv.extend(cgroup_procs.iter().map(|p| p.display().to_string()));
@@ -349,7 +389,11 @@ pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
     let args = args_file(&spec.paths);
     let mut files: Vec<&Path> = vec![&args];
     files.extend(spec.seccomp.iter().map(PathBuf::as_path));
-    let mut argv = prologue(&files, &spec.cgroup_procs);
+    let workspace = spec
+        .workspace_fs
+        .as_ref()
+        .map(|f| (f, spec.paths.ws.as_path()));
+    let mut argv = prologue(&files, &spec.cgroup_procs, workspace);
     if let Some((nsenter, ns)) = &spec.netns {
         // Only the network namespace is entered (`ip netns exec` would also remount /sys, hiding
         // the cgroup file bound into the sandbox).
@@ -505,9 +549,13 @@ pub fn runsc_argv(
     state: &Path,
     bundle: &Path,
     id: &str,
-    cgroup_procs: &[PathBuf],
+    spec: &LaunchSpec,
 ) -> Vec<String> {
-    let mut argv = prologue(&[], cgroup_procs);
+    let workspace = spec
+        .workspace_fs
+        .as_ref()
+        .map(|f| (f, spec.paths.ws.as_path()));
+    let mut argv = prologue(&[], &spec.cgroup_procs, workspace);
     argv.extend([
         runsc.display().to_string(),
         format!("--root={}", state.display()),

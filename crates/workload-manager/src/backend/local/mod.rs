@@ -314,17 +314,7 @@ impl LocalBackend {
             .canonicalize()
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let state = &config.state_dir;
-        let quotas = quota::Quotas::detect();
-        if let Ok(q) = &quotas {
-            let left = q.remove_leftovers(state);
-            if left > 0 {
-                tracing::info!(
-                    workspaces = left,
-                    "unmounted workspaces left by a previous run"
-                );
-            }
-        }
-        let quotas = match (quotas, config.default_workspace_bytes) {
+        let quotas = match (quota::Quotas::detect(), config.default_workspace_bytes) {
             (Ok(q), _) => Some(q),
             (Err(why), Some(_)) => {
                 tracing::warn!(reason = %why, "sandbox workspaces are NOT size-limited");
@@ -617,9 +607,10 @@ impl LocalBackend {
         let workspace = workload::workspace_bytes(desc.resources.as_ref())
             .or(cfg.default_workspace_bytes)
             .filter(|_| self.inner.quotas.is_some());
-        if let (Some(q), Some(bytes)) = (&self.inner.quotas, workspace) {
-            q.attach(paths, bytes, uid).await?;
-        }
+        let workspace_fs = match (&self.inner.quotas, workspace) {
+            (Some(q), Some(bytes)) => Some(q.prepare(paths, bytes, uid).await?),
+            _ => None,
+        };
         let cgroup = match &self.inner.cgroups {
             Some(c) => Some(
                 c.create(name, limits)
@@ -658,6 +649,7 @@ impl LocalBackend {
             }),
             agent_dir: desc.agent_dir.clone(),
             workspace_limit: workspace.map(human_bytes),
+            workspace_fs,
         };
         let argv = self
             .launcher(&spec, name)
@@ -716,7 +708,7 @@ impl LocalBackend {
                     &self.runsc_state(),
                     &bundle,
                     name,
-                    &spec.cgroup_procs,
+                    spec,
                 ))
             }
         }
@@ -826,22 +818,13 @@ impl LocalBackend {
                 if let Some(cg) = &r.cgroup {
                     cg.remove().await;
                 }
-                if let Some(q) = &self.inner.quotas {
-                    q.detach(&r.paths).await;
-                }
                 r.paths.remove().await;
                 if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
                     network.detach(n).await;
                 }
                 self.release(r.uid, r.memory);
             }
-            None => {
-                let paths = self.paths(name);
-                if let Some(q) = &self.inner.quotas {
-                    q.detach(&paths).await;
-                }
-                paths.remove().await;
-            }
+            None => self.paths(name).remove().await,
         }
     }
 }

@@ -17,6 +17,7 @@ fn spec() -> LaunchSpec {
         image: None,
         agent_dir: None,
         workspace_limit: None,
+        workspace_fs: None,
     }
 }
 
@@ -38,6 +39,51 @@ fn image_spec() -> LaunchSpec {
         agent_dir: Some("/app".into()),
         ..spec()
     }
+}
+
+#[test]
+fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
+    let with_fs = LaunchSpec {
+        workspace_fs: Some(WorkspaceFs {
+            image: "/state/private/s1/workspace.ext4".into(),
+            unshare: "/usr/bin/unshare".into(),
+            mount: "/usr/bin/mount".into(),
+        }),
+        ..spec()
+    };
+    let argv = launcher_argv(&with_fs, Path::new("/usr/bin/bwrap"));
+    assert_eq!(
+        &argv[..5],
+        [
+            "/usr/bin/unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--"
+        ]
+    );
+    assert!(has(
+        &argv,
+        &[
+            "sh",
+            "--mount",
+            "/usr/bin/mount",
+            "/state/private/s1/workspace.ext4",
+            "/state/sandboxes/s1/ws"
+        ]
+    ));
+    let r = runsc_argv(
+        Path::new("/usr/bin/runsc"),
+        Path::new("/st"),
+        Path::new("/b"),
+        "s1",
+        &with_fs,
+    );
+    assert_eq!(r[0], "/usr/bin/unshare");
+    // Without one, nothing of it.
+    let plain = launcher_argv(&spec(), Path::new("/usr/bin/bwrap"));
+    assert_eq!(plain[0], "/bin/sh");
+    assert!(!plain.iter().any(|a| a == "--mount"));
 }
 
 #[test]
@@ -192,7 +238,7 @@ fn the_prologue_opens_fds_and_joins_cgroups() {
     std::fs::write(&b, "second").unwrap();
     let procs = dir.path().join("cgroup.procs");
     std::fs::write(&procs, "").unwrap();
-    let mut argv = prologue(&[&a, &b], std::slice::from_ref(&procs));
+    let mut argv = prologue(&[&a, &b], std::slice::from_ref(&procs), None);
     argv.extend([
         "/bin/sh".into(),
         "-c".into(),
@@ -282,7 +328,10 @@ fn oci_spec_mirrors_the_bubblewrap_sandbox() {
         Path::new("/st"),
         Path::new("/b"),
         "s1",
-        &[],
+        &LaunchSpec {
+            cgroup_procs: vec![],
+            ..spec()
+        },
     );
     assert!(has(&r, &["--host-uds=create", "--oci-seccomp"]));
 }
