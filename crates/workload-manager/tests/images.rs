@@ -236,7 +236,7 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
     let cases = [
         ("tampered", 503, "does not match its digest"),
         ("unknown", 400, "not found"),
-        ("offline", 503, "unreachable"),
+        ("offline", 503, "unreachable (no network"),
         ("never", 400, "imagePullPolicy is Never"),
     ];
     for (name, want, text) in cases {

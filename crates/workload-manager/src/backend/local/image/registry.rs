@@ -186,7 +186,9 @@ impl Registry {
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => (
                 format!(
                     "registry {registry} is unreachable (no network, or a plain-HTTP registry \
-                     that needs --insecure-registry {registry}?): {detail}"
+                     that needs --insecure-registry {registry}?); without a registry, \
+                     `--images host` (AGENTCUBE_IMAGES=host) runs sandboxes on this host's /usr: \
+                     {detail}"
                 ),
                 true,
             ),
