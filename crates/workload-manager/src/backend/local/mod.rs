@@ -34,6 +34,7 @@ mod pool;
 pub mod probe;
 pub mod quota;
 pub mod seccomp;
+mod tools;
 pub mod uids;
 mod workload;
 

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use agentcube_crds::{NetworkPolicySpec, NetworkProtocol, NetworkRule};
 
+use super::tools::{run, system_tool};
 use crate::backend::BackendError;
 
 /// Where sandbox addresses come from: `/30`s of `10.213.0.0/16` (16384 sandboxes).
@@ -68,17 +69,10 @@ impl Network {
                 "network namespaces for sandboxes need the Workload Manager to run as root".into(),
             );
         }
-        let find = |name: &str, package: &str| {
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(|d| Path::new(d).join(name))
-                .find(|p| p.is_file())
-                .ok_or_else(|| format!("`{name}` is not installed (apt-get install {package})"))
-        };
         Ok(Self {
-            ip: find("ip", "iproute2")?,
-            nft: find("nft", "nftables")?,
-            nsenter: find("nsenter", "util-linux")?,
+            ip: system_tool("ip", "iproute2")?,
+            nft: system_tool("nft", "nftables")?,
+            nsenter: system_tool("nsenter", "util-linux")?,
             resolver: resolver.or_else(host_resolver),
             host_ready: Default::default(),
         })
@@ -365,43 +359,6 @@ fn owner_gone(dir: &Path, sandbox: &str) -> bool {
         }
     }
     true
-}
-
-/// Runs a tool, feeding `stdin`; a failure names the command and its stderr.
-async fn run(bin: &Path, args: Vec<&str>, stdin: Option<String>) -> Result<(), BackendError> {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .await
-            .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| BackendError::Failed(format!("{}: {e}", bin.display())))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(BackendError::Failed(format!(
-        "{} {}: {}",
-        bin.display(),
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
 }
 
 #[cfg(test)]

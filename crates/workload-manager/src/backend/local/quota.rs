@@ -6,11 +6,11 @@
 //! workspace is `ENOSPC` inside that sandbox and nothing else. Needs root (mount); without it
 //! workspaces are plain host directories, unbounded.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 
 use super::launch::WorkspaceFs;
 use super::layout::SandboxPaths;
+use super::tools::{run, system_tool};
 use crate::backend::BackendError;
 
 /// The tools, found at start.
@@ -31,19 +31,10 @@ impl Quotas {
                 "workspace quotas need root (a loop-mounted filesystem per sandbox)".into(),
             );
         }
-        let find = |name: &str, package: &str| {
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(|d| Path::new(d).join(name))
-                .find(|p| p.is_file())
-                .ok_or(format!(
-                    "`{name}` is missing: install the `{package}` package"
-                ))
-        };
         Ok(Self {
-            mkfs: find("mkfs.ext4", "e2fsprogs")?,
-            unshare: find("unshare", "util-linux")?,
-            mount: find("mount", "mount")?,
+            mkfs: system_tool("mkfs.ext4", "e2fsprogs")?,
+            unshare: system_tool("unshare", "util-linux")?,
+            mount: system_tool("mount", "mount")?,
         })
     }
 
@@ -65,9 +56,10 @@ impl Quotas {
         // No journal, no resize reserve, no discard pass, an inode per 32 KiB: a scratch
         // filesystem made in ~10 ms whatever its size.
         let extended = format!("nodiscard,root_owner={owner}:{owner}");
+        let image_arg = image.display().to_string();
         run(
             &self.mkfs,
-            &[
+            vec![
                 "-q",
                 "-F",
                 "-m",
@@ -78,32 +70,16 @@ impl Quotas {
                 "^has_journal,^resize_inode",
                 "-E",
                 &extended,
-                &image.display().to_string(),
+                &image_arg,
             ],
+            None,
         )
         .await
-        .map_err(|e| fail("mkfs.ext4", e))?;
+        .map_err(|e| fail("mkfs.ext4", e.to_string()))?;
         Ok(WorkspaceFs {
             image,
             unshare: self.unshare.clone(),
             mount: self.mount.clone(),
         })
-    }
-}
-
-/// Runs a tool; its stderr is the error.
-async fn run(program: &Path, args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("{}: {e}", program.display()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }

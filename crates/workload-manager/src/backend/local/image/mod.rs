@@ -92,7 +92,7 @@ pub struct Image {
 }
 
 /// The parts of an image config a sandbox uses.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct RunConfig {
     pub env: Option<Vec<String>>,
