@@ -7,7 +7,8 @@ STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
-	$(CARGO) build --release -p agentcube -p agentcube-picod
+	$(CARGO) build --release -p agentcube
+	CARGO=$(CARGO) scripts/build-picod.sh
 	"$${CARGO_TARGET_DIR:-target}/release/agentcube" up --manifests examples --state-dir $(STATE_DIR)
 
 ## test: install dependencies, check formatting and lints, build, run every test
@@ -51,7 +52,8 @@ kube:
 ## the foreground; prints `export KUBECONFIG=... WORKLOAD_MANAGER_URL=... ROUTER_URL=...`, Ctrl-C
 ## uninstalls and stops everything
 cluster: deps
-	$(CARGO) build --release -p agentcube-picod -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
+	$(CARGO) build --release -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
+	CARGO=$(CARGO) scripts/build-picod.sh
 	.venv/bin/python scripts/cluster.py
 
 ## kube-up: a real control plane (etcd, kube-apiserver, controller-manager, scheduler, agent-sandbox
@@ -93,7 +95,8 @@ bench: deps bench-build
 	$(MAKE) --no-print-directory bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak
 
 bench-build:
-	$(CARGO) build --release -p agentcube -p agentcube-picod -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
+	$(CARGO) build --release -p agentcube -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
+	CARGO=$(CARGO) scripts/build-picod.sh
 	$(CARGO) build --release -p agentcube-picod --example picod-bench
 	$(CARGO) build --release -p agentcube-workload-manager --example wm-bench
 

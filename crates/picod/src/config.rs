@@ -39,6 +39,11 @@ pub struct Config {
     pub metrics: bool,
     /// What explains a command's ending (OOM kill, no network).
     pub diagnostics: std::sync::Arc<crate::diagnose::Diagnostics>,
+    /// Make the workspace this process's working directory, so that commands run in the
+    /// workspace root need no working directory of their own: a statically linked PicoD cannot
+    /// give `posix_spawn` a directory and would fall back to a slower `fork`. Only for a process
+    /// that serves this one workspace (the `picod` binary).
+    pub enter_workspace: bool,
 }
 
 impl Config {
@@ -59,6 +64,7 @@ impl Config {
             },
             metrics: false,
             diagnostics: Default::default(),
+            enter_workspace: false,
         }
     }
 }

@@ -137,8 +137,8 @@ async fn spawn_runner(s: &AppState, ctx: &Context) -> Result<Runner, ApiError> {
             cmd
         }
     };
-    cmd.current_dir(&dir.path)
-        .envs(&ctx.env)
+    dir.apply(&mut cmd);
+    cmd.envs(&ctx.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

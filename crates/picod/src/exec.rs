@@ -151,8 +151,8 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         elapsed: clock.elapsed(),
     };
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    spec.dir.apply(&mut cmd);
     cmd.args(&spec.argv[1..])
-        .current_dir(&spec.dir.path)
         .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

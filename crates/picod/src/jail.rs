@@ -71,6 +71,8 @@ pub struct Workspace {
     root_fd: Arc<OwnedFd>,
     /// `/proc/self/fd` exists, so a directory fd can serve as a race-free working directory.
     proc_fds: bool,
+    /// The process's working directory is the root ([`Workspace::enter`]).
+    entered: bool,
 }
 
 /// Where a walk ended: an open directory, and the final component in it (`None`: the directory
@@ -87,8 +89,18 @@ pub struct Target {
 pub struct WorkDir {
     _fd: OwnedFd,
     /// What to pass as the working directory: `/proc/self/fd/N` (the open directory itself), or
-    /// the real path where `/proc` is not mounted.
-    pub path: PathBuf,
+    /// the real path where `/proc` is not mounted; `None`: the process's own, which is the
+    /// workspace root ([`Workspace::enter`]).
+    pub path: Option<PathBuf>,
+}
+
+impl WorkDir {
+    /// Sets the command's working directory (unless it is the process's own).
+    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+        if let Some(p) = &self.path {
+            cmd.current_dir(p);
+        }
+    }
 }
 
 fn dir_flags() -> OFlag {
@@ -136,7 +148,16 @@ impl Workspace {
             root,
             root_fd: Arc::new(root_fd),
             proc_fds: Path::new("/proc/self/fd").is_dir(),
+            entered: false,
         })
+    }
+
+    /// Makes the root this process's working directory (by its fd: the directory opened at
+    /// start, wherever it is renamed to), so commands in the root inherit it.
+    pub fn enter(&mut self) -> io::Result<()> {
+        nix::unistd::fchdir(&*self.root_fd)?;
+        self.entered = true;
+        Ok(())
     }
 
     /// The canonical root.
@@ -334,10 +355,12 @@ impl Workspace {
                 )?
             }
         };
-        let path = if self.proc_fds {
-            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        let path = if self.entered && t.name.is_none() && t.rel.as_os_str().is_empty() {
+            None
+        } else if self.proc_fds {
+            Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
         } else {
-            self.root.join(&t.rel)
+            Some(self.root.join(&t.rel))
         };
         Ok(WorkDir { _fd: fd, path })
     }

@@ -103,6 +103,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
         config.sandbox_name = a.sandbox_name.filter(|n| !n.is_empty());
         config.metrics = a.metrics;
+        config.enter_workspace = true;
         config.diagnostics = std::sync::Arc::new(
             agentcube_picod::diagnose::Diagnostics {
                 memory_events: a.memory_events,

@@ -134,9 +134,10 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
     let dir = tokio::task::spawn_blocking(move || ws.work_dir(&cwd))
         .await
         .map_err(ApiError::internal)??;
-    let mut child = tokio::process::Command::new(&body.command[0])
+    let mut cmd = tokio::process::Command::new(&body.command[0]);
+    dir.apply(&mut cmd);
+    let mut child = cmd
         .args(&body.command[1..])
-        .current_dir(&dir.path)
         .envs(body.env.unwrap_or_default())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -40,9 +40,14 @@ pub struct AppState {
 impl AppState {
     /// Validates the configuration: workspace created, public key parsed.
     pub fn new(config: Config) -> anyhow::Result<Self> {
-        let workspace = Workspace::new(&config.workspace).map_err(|e| {
+        let mut workspace = Workspace::new(&config.workspace).map_err(|e| {
             anyhow::anyhow!("cannot use workspace {}: {e}", config.workspace.display())
         })?;
+        if config.enter_workspace {
+            workspace.enter().map_err(|e| {
+                anyhow::anyhow!("cannot enter workspace {}: {e}", config.workspace.display())
+            })?;
+        }
         let verifier = match &config.auth {
             Auth::PublicKeyPem(pem) => Some(Arc::new(Verifier::from_pem(
                 pem,

@@ -116,6 +116,22 @@ async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(v["stdout"].as_str().unwrap().ends_with("/ws\n"), "{v}");
+    // The binary runs root commands in its own working directory (the workspace, entered at
+    // start); any other directory is still given to the command.
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {}", token()))
+        .body(Full::from(
+            json!({"command": ["pwd"], "working_dir": "sub/dir"}).to_string(),
+        ))
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        v["stdout"].as_str().unwrap().ends_with("/ws/sub/dir\n"),
+        "{v}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(c.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -16,7 +16,12 @@ use serde_json::{Value, json};
 pub const ROUTER_KEY: &str = include_str!("../../../picod/tests/data/router.key.pem");
 pub const ROUTER_PUB: &str = include_str!("../../../picod/tests/data/router.pub.pem");
 
+/// The PicoD sandboxes run: `AGENTCUBE_TEST_PICOD` when set (e.g. the static release build of
+/// `scripts/build-picod.sh`), else the debug build.
 pub fn picod_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTCUBE_TEST_PICOD") {
+        return PathBuf::from(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
