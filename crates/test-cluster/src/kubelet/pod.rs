@@ -164,6 +164,7 @@ impl PodProcess {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start bubblewrap: {e}"))?;
+        tracing::debug!(pod = %self.name, pid = child.id(), "container started");
         self.child = Some(child);
         self.started_at = now_rfc3339();
         self.started = Instant::now();

@@ -5,24 +5,31 @@ use std::time::Duration;
 
 /// Each connect attempt's bound (upstream: 1 s).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause between attempts (upstream: 1 s; shorter here, so a port that opens a moment after the
-/// pod is Ready costs milliseconds, not a second).
-const RETRY: Duration = Duration::from_millis(100);
+/// Pauses between attempts: the first short, doubling up to [`RETRY_MAX`] (upstream: a flat 1 s).
+/// A pod is Ready as soon as its container started, which on a fast node is a few milliseconds
+/// before PicoD listens: a flat pause would add itself to every cold create.
+const RETRY_FIRST: Duration = Duration::from_millis(2);
+const RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// Returns once `addr` accepts a TCP connection, or fails after `within`.
 pub async fn wait_open(addr: &str, within: Duration) -> Result<(), ()> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let attempt =
-            tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
-        if matches!(attempt, Ok(Ok(_))) {
+    let start = tokio::time::Instant::now();
+    let deadline = start + within;
+    let mut pause = RETRY_FIRST;
+    for attempt in 1.. {
+        let dial = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
+        if matches!(dial, Ok(Ok(_))) {
+            tracing::debug!(addr, attempt, elapsed = ?start.elapsed(), "entry point open");
             return Ok(());
         }
-        if tokio::time::Instant::now() + RETRY >= deadline {
-            return Err(());
+        if tokio::time::Instant::now() + pause >= deadline {
+            break;
         }
-        tokio::time::sleep(RETRY).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
     }
+    tracing::debug!(addr, elapsed = ?start.elapsed(), "entry point still closed");
+    Err(())
 }
 
 #[cfg(test)]
