@@ -139,8 +139,8 @@ impl tower::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct Upstream {
     connect_timeout: Duration,
-    /// Endpoint → URI authority, parsed once per endpoint.
-    authorities: Arc<Mutex<HashMap<String, Authority>>>,
+    /// Endpoint → URI authority and its `Host` header value, made once per endpoint.
+    authorities: Arc<Mutex<HashMap<String, (Authority, HeaderValue)>>>,
     client: Client<Connector, Body>,
     /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
     h2c: Client<Connector, Body>,
@@ -250,7 +250,7 @@ impl Upstream {
     }
 
     /// The URI authority of an entry point (`host:port`, or the synthetic host of a Unix socket).
-    fn authority(&self, entry: &EntryPoint) -> Result<Authority, RouterError> {
+    fn authority(&self, entry: &EntryPoint) -> Result<(Authority, HeaderValue), RouterError> {
         if let Some(a) = self.authorities.lock().unwrap().get(&entry.endpoint) {
             return Ok(a.clone());
         }
@@ -272,32 +272,37 @@ impl Upstream {
                 e.trim_end_matches('/').to_string()
             }
         };
-        let a = Authority::try_from(host).map_err(|e| {
+        let bad = |e: &dyn std::fmt::Display| {
             RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
-        })?;
+        };
+        let authority = Authority::try_from(host).map_err(|e| bad(&e))?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| bad(&e))?;
         let mut cache = self.authorities.lock().unwrap();
         if cache.len() >= 100_000 {
             cache.clear();
         }
-        cache.insert(entry.endpoint.clone(), a.clone());
-        Ok(a)
+        cache.insert(entry.endpoint.clone(), (authority.clone(), host.clone()));
+        Ok((authority, host))
     }
 
-    /// `http://<entry point><the request's path and query from path_start>`.
+    /// `http://<entry point><the request's path and query from path_start>`, and the `Host`
+    /// header naming the entry point.
     fn target_uri(
         &self,
         entry: &EntryPoint,
         req: &Request,
         path_start: usize,
-    ) -> Result<Uri, RouterError> {
+    ) -> Result<(Uri, HeaderValue), RouterError> {
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let pq = PathAndQuery::try_from(pq.get(path_start..).unwrap_or("/"))
             .map_err(|_| RouterError::Internal("bad path".into()))?;
+        let (authority, host) = self.authority(entry)?;
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority(entry)?);
+        parts.authority = Some(authority);
         parts.path_and_query = Some(pq);
-        Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))
+        let uri = Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
+        Ok((uri, host))
     }
 
     /// Sends `req` to the entry point and returns the sandbox's response, streaming. The
@@ -305,7 +310,7 @@ impl Upstream {
     /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
     /// is the client's error (408/400), not the sandbox's.
     pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
-        let uri = self.target_uri(f.entry, &req, f.path_start)?;
+        let (uri, upstream_host) = self.target_uri(f.entry, &req, f.path_start)?;
         let upgrade = upgrade_of(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let original_host = req.headers().get(header::HOST).cloned();
@@ -317,7 +322,7 @@ impl Upstream {
         }
         headers.insert(header::AUTHORIZATION, f.authorization);
         if let Some(addr) = f.client_addr {
-            let ip = addr.ip().to_string();
+            let ip = ip_text(addr.ip());
             let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
                 Some(prior) => format!("{prior}, {ip}"),
                 None => ip,
@@ -330,9 +335,15 @@ impl Upstream {
             headers.insert(X_FORWARDED_HOST, h);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.scheme));
-        headers.remove(header::HOST);
+        let h2c = is_h2c(f.entry) && upgrade.is_none();
+        if h2c {
+            headers.remove(header::HOST);
+        } else {
+            // The entry point, as the client library would have written it (made once).
+            headers.insert(header::HOST, upstream_host);
+        }
         *req.uri_mut() = uri;
-        let client = if is_h2c(f.entry) && upgrade.is_none() {
+        let client = if h2c {
             *req.version_mut() = http::Version::HTTP_2;
             &self.h2c
         } else {
@@ -362,6 +373,28 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))
     }
+}
+
+/// An IP address as text; IPv4 (the common case) without the formatting machinery, which
+/// costs more than the rest of the header handling.
+fn ip_text(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut s = String::with_capacity(15);
+    for (i, o) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if o >= 100 {
+            s.push(char::from(b'0' + o / 100));
+        }
+        if o >= 10 {
+            s.push(char::from(b'0' + o / 10 % 10));
+        }
+        s.push(char::from(b'0' + o % 10));
+    }
+    s
 }
 
 fn is_h2c(entry: &EntryPoint) -> bool {
@@ -419,6 +452,22 @@ fn map_client_error(e: hyper_util::client::legacy::Error) -> RouterError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_text_matches_the_standard_formatting() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.9.99.100",
+            "255.255.255.255",
+            "192.168.1.10",
+            "::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_removed() {

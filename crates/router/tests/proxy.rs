@@ -38,7 +38,7 @@ async fn setup(
 
 #[tokio::test]
 async fn headers_are_rewritten_like_upstream() {
-    let (router, _store, _) = setup(|_| {}).await;
+    let (router, _store, up) = setup(|_| {}).await;
     let r = client()
         .post(router.ci("mcp/tools%20list?x=1&y=2"))
         .header("x-agentcube-session-id", "s1")
@@ -74,6 +74,7 @@ async fn headers_are_rewritten_like_upstream() {
     assert_eq!(claims.exp - claims.iat, 300);
     assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["host"], up.trim_start_matches("http://"), "Host names the sandbox");
     assert!(
         h["x-forwarded-host"]
             .as_str()
