@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak kube kube-up cluster clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak bench-instructions kube kube-up cluster clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -114,6 +114,10 @@ bench-wm:
 
 bench-kube:
 	cd bench && ../.venv/bin/python kube.py 50
+
+## bench-instructions: the Router's instructions per proxied request (callgrind; not in `make bench`)
+bench-instructions:
+	cd bench && ../.venv/bin/python instructions.py 2000
 
 bench-soak:
 	cd bench && ../.venv/bin/python soak.py $$(( $(BENCH_SECS) * 6 ))

@@ -1,0 +1,74 @@
+"""Instructions the release `router` binary executes per proxied request, counted by valgrind's
+callgrind (deterministic, unlike timings on a shared machine): one keep-alive client sends N
+`GET …/invocations/health` to one PicoD through the Router (Redis store, one session); counting
+starts after start-up and 50 warm-up requests. Prints the count per request and the functions
+that cost most (self cost). Needs valgrind (`apt-get install valgrind`)."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import subprocess
+import sys
+import time
+
+from harness import Table, binary, free_port, procs, wait_http
+from http_proxy import record
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+PATH = "/v1/namespaces/default/code-interpreters/bench/invocations/health"
+
+
+def requests_through(port: int, n: int) -> None:
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    for _ in range(n):
+        c.request("GET", PATH, headers={"x-agentcube-session-id": "s1"})
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            raise SystemExit(f"router answered {r.status}")
+    c.close()
+
+
+def main() -> None:
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    with procs("instructions") as p:
+        picod_port, redis_port, router_port = free_port(), free_port(), free_port()
+        picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
+                         "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
+        p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(p.tmp)], "redis.log")
+        wait_http(f"http://127.0.0.1:{picod_port}/health", proc=picod)
+        time.sleep(0.2)
+        cli = ["redis-cli", "-p", str(redis_port)]
+        subprocess.run(cli + ["SET", "session:s1", record("s1", f"127.0.0.1:{picod_port}")], check=True,
+                       capture_output=True)
+        subprocess.run(cli + ["ZADD", "session:expiry", str(int(time.time()) + 86400), "s1"], check=True,
+                       capture_output=True)
+        out = p.tmp / "callgrind.out"
+        router = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                          binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
+                          "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
+                          "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
+                         env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        wait_http(f"http://127.0.0.1:{router_port}/health/ready", secs=120, proc=router)
+        requests_through(router_port, 50)
+        subprocess.run(["callgrind_control", "-i", "on", str(router.pid)], check=True, capture_output=True)
+        requests_through(router_port, N)
+        router.terminate()
+        router.wait(timeout=120)
+        total = next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
+        top = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True).stdout
+    t = Table(f"Router instructions per proxied request (callgrind, {N} requests, one keep-alive client)")
+    t.row("instructions per request", f"{total / N:,.0f}", "release build; deterministic")
+    rows = [line for line in top.splitlines() if "(" in line and "%)" in line and "PROGRAM TOTALS" not in line]
+    for line in rows[:12]:
+        count, rest = line.split(None, 1)
+        name = rest.split(")", 1)[1].strip().split(" [")[0].split(":", 1)[-1]
+        t.row(f"self: {name[:90]}", f"{int(count.replace(',', '')) / N:,.0f}", "per request")
+    t.print()
+
+
+if __name__ == "__main__":
+    main()
