@@ -24,7 +24,9 @@ from sdk import VENVS, ms, run
 
 SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 POOL = 4
-KUBE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
+sys.path.insert(0, str(REPO / "scripts"))
+import testcluster  # noqa: E402
+
 DEFINITIONS = f"""apiVersion: runtime.agentcube.volcano.sh/v1alpha1
 kind: CodeInterpreter
 metadata: {{name: kwarm, namespace: default}}
@@ -70,15 +72,11 @@ def main() -> None:
     t = Table(f"Sessions on the Kubernetes backend (release binaries, real control plane + agent-sandbox v1.0.1, "
               f"process kubelet; {SESSIONS} sessions each)")
     with procs("kube") as p:
-        cluster = subprocess.Popen([binary("test-cluster"), "--state-dir", str(p.tmp / "cluster"), "--bin-dir",
-                                    str(RELEASE), "--stdin"] + (["--keep"] if os.environ.get("BENCH_KEEP") else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=open(p.tmp / "cluster.log", "w"), text=True)
+        cluster, kubeconfig = testcluster.start(binary("test-cluster"), RELEASE, p.tmp / "cluster",
+                                                 p.tmp / "cluster.log",
+                                                 ["--keep"] if os.environ.get("BENCH_KEEP") else [])
         p.started.append(cluster)
-        line = cluster.stdout.readline()
-        if not line.startswith("test-cluster ready: kubeconfig="):
-            raise SystemExit(f"test cluster did not start: {(p.tmp / 'cluster.log').read_text()[-3000:]}")
-        kubeconfig = line.strip().split("=", 1)[1]
-        kubectl = [str(KUBE / "bin/controlplane"), "kubectl", f"--kubeconfig={kubeconfig}"]
+        kubectl = testcluster.kubectl(kubeconfig)
         subprocess.run(kubectl + ["create", "namespace", "agentcube"], check=True, capture_output=True)
         subprocess.run(kubectl + ["apply", "-f", "-"], input=DEFINITIONS, text=True, check=True, capture_output=True)
         redis_port, wm, router = free_port(), free_port(), free_port()

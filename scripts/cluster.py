@@ -26,8 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-KUBE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
+import testcluster
+from testcluster import KUBE, REPO
+
 HELM = REPO / ".cache/tools/helm"
 NAMESPACE = "agentcube"
 
@@ -39,14 +40,9 @@ def log(msg: str) -> None:
 class Cluster:
     def __init__(self, bin_dir: Path, state: Path):
         self.state = state
-        self.proc = subprocess.Popen([str(bin_dir / "test-cluster"), "--state-dir", str(state), "--bin-dir", str(bin_dir),
-                                      "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(state.parent / "test-cluster.log", "w"), text=True,
-                                     env=dict(os.environ, AGENTCUBE_KUBE_CACHE=str(KUBE)))
-        line = self.proc.stdout.readline()
-        if not line.startswith("test-cluster ready: kubeconfig="):
-            raise SystemExit(f"test cluster did not start: {(state.parent / 'test-cluster.log').read_text()[-3000:]}")
-        self.kubeconfig = line.strip().split("=", 1)[1]
+        self.proc, kubeconfig = testcluster.start(bin_dir / "test-cluster", bin_dir, state,
+                                                   state.parent / "test-cluster.log")
+        self.kubeconfig = str(kubeconfig)
         self.env = dict(os.environ, KUBECONFIG=self.kubeconfig, XDG_CACHE_HOME=str(state.parent / "helm-cache"),
                         XDG_CONFIG_HOME=str(state.parent / "helm-config"), XDG_DATA_HOME=str(state.parent / "helm-data"))
 

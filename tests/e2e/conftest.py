@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ BACKEND = os.environ.get("AGENTCUBE_E2E_BACKEND", "local")
 # which pulls images it built from its own registry (`--images pull`).
 os.environ.setdefault("AGENTCUBE_IMAGES", "host")
 
-KUBE_CACHE = Path(os.environ.get("AGENTCUBE_KUBE_CACHE", REPO / ".cache/kube"))
+sys.path.insert(0, str(REPO / "scripts"))
+import testcluster  # noqa: E402
+
 HELM = REPO / ".cache/tools/helm"
 SYSTEM_NAMESPACE = "agentcube"
 
@@ -217,14 +220,8 @@ def _kube(tmp: Path):
                              stderr=subprocess.STDOUT)
     state = tmp / "cluster"
     cluster_log = tmp / "test-cluster.log"
-    cluster = subprocess.Popen([str(_binary("test-cluster")), "--state-dir", str(state), "--bin-dir", str(TARGET),
-                                "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=open(cluster_log, "w"), text=True,
-                               env=dict(os.environ, AGENTCUBE_KUBE_CACHE=str(KUBE_CACHE)))
-    line = cluster.stdout.readline()
-    assert line.startswith("test-cluster ready: kubeconfig="), f"{line!r}\n{cluster_log.read_text()[-5000:]}"
-    admin = Path(line.strip().split("=", 1)[1])
-    kubectl = [str(KUBE_CACHE / "bin/controlplane"), "kubectl", f"--kubeconfig={admin}"]
+    cluster, admin = testcluster.start(_binary("test-cluster"), TARGET, state, cluster_log)
+    kubectl = testcluster.kubectl(admin)
 
     def run_out(*args, stdin=None):
         r = subprocess.run(kubectl + list(args), input=stdin, text=True, capture_output=True)
