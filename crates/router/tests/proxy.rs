@@ -74,7 +74,11 @@ async fn headers_are_rewritten_like_upstream() {
     assert_eq!(claims.exp - claims.iat, 300);
     assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert_eq!(h["host"], up.trim_start_matches("http://"), "Host names the sandbox");
+    assert_eq!(
+        h["host"],
+        up.trim_start_matches("http://"),
+        "Host names the sandbox"
+    );
     assert!(
         h["x-forwarded-host"]
             .as_str()

@@ -593,7 +593,10 @@ mod tests {
             .join(" ")
         };
         let plain = args(&[]);
-        assert!(plain.contains("--ro-bind /etc /etc --ro-bind /h /etc/hosts"), "{plain}");
+        assert!(
+            plain.contains("--ro-bind /etc /etc --ro-bind /h /etc/hosts"),
+            "{plain}"
+        );
         assert!(!plain.contains("--tmpfs /etc"), "{plain}");
         let secret = Mount {
             host: "/s".into(),
@@ -602,8 +605,14 @@ mod tests {
         };
         let with = args(&[secret]);
         assert!(with.contains("--tmpfs /etc"), "{with}");
-        assert!(with.contains("--ro-bind-try /etc/passwd /etc/passwd"), "{with}");
-        assert!(with.contains("--ro-bind /s /etc/agentcube/identity"), "{with}");
+        assert!(
+            with.contains("--ro-bind-try /etc/passwd /etc/passwd"),
+            "{with}"
+        );
+        assert!(
+            with.contains("--ro-bind /s /etc/agentcube/identity"),
+            "{with}"
+        );
         assert!(with.contains("--remount-ro /etc"), "{with}");
     }
 }
