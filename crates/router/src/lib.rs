@@ -143,15 +143,14 @@ impl RouterService {
         })
     }
 
-    /// The HTTP surface.
-    pub fn app(&self) -> axum::Router {
-        server::app(self.shared.clone())
-    }
-
-    /// The HTTP surface, built once per worker (each with its own upstream pool).
+    /// The HTTP surface, built once per worker (each with its own upstream pool), invocations
+    /// answered ahead of axum's router ([`server::front`]).
     pub fn worker_app(&self) -> agentcube_serve::App {
         let shared = self.shared.clone();
-        agentcube_serve::App::per_worker(move || server::app(Arc::new(shared.for_worker())))
+        agentcube_serve::App::per_worker(move || {
+            let state = Arc::new(shared.for_worker());
+            agentcube_serve::Routes::with_front(server::app(state.clone()), server::front(state))
+        })
     }
 
     /// The admin surface: `GET /metrics` (Prometheus text format).

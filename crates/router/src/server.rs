@@ -80,6 +80,27 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The hot path ahead of axum's router (no route table, no extractors): `GET`/`POST` on
+/// `…/invocations/…` go straight to [`invoke`]; everything else is handed back to [`app`], whose
+/// [`dispatch`] answers the same invocations the same way when called without this front.
+#[expect(
+    clippy::result_large_err,
+    reason = "a request the front does not answer is handed back whole, by value"
+)]
+pub fn front(state: AppState) -> agentcube_serve::Front {
+    Arc::new(move |req: Request| {
+        if req.method() != http::Method::GET && req.method() != http::Method::POST {
+            return Err(req);
+        }
+        match match_invocation(req.uri().path()) {
+            Some(inv) if inv.path_start.is_some() => {
+                Ok(Box::pin(invoke(state.clone(), inv, req)) as agentcube_serve::Answer)
+            }
+            _ => Err(req),
+        }
+    })
+}
+
 /// A request for `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations…`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Invocation {

@@ -217,25 +217,75 @@ impl<H> Options<H> {
     }
 }
 
-/// The app a connection is served by: one shared `axum::Router`, or one built per worker thread
+/// The app a connection is served by: one shared [`Routes`], or one built per worker thread
 /// (the Router keeps a connection pool per worker, so a request never leaves its thread).
 #[derive(Clone)]
-pub struct App(Arc<dyn Fn() -> axum::Router + Send + Sync>);
+pub struct App(Arc<dyn Fn() -> Routes + Send + Sync>);
 
 impl App {
     /// An app built once per worker by `make`.
-    pub fn per_worker(make: impl Fn() -> axum::Router + Send + Sync + 'static) -> Self {
-        Self(Arc::new(make))
+    pub fn per_worker<R: Into<Routes>>(make: impl Fn() -> R + Send + Sync + 'static) -> Self {
+        Self(Arc::new(move || make().into()))
     }
 
-    fn make(&self) -> axum::Router {
+    fn make(&self) -> Routes {
         (self.0)()
     }
 }
 
 impl From<axum::Router> for App {
     fn from(app: axum::Router) -> Self {
-        Self(Arc::new(move || app.clone()))
+        let routes = Routes::from(app);
+        Self(Arc::new(move || routes.clone()))
+    }
+}
+
+/// A response being made by a [`Front`].
+pub type Answer = std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>;
+
+/// Answers the requests it recognises itself and hands the others back (`Err`), before any
+/// router table or extractor runs: a component's hot path (the Router's invocations).
+pub type Front =
+    Arc<dyn Fn(axum::extract::Request) -> Result<Answer, axum::extract::Request> + Send + Sync>;
+
+/// What answers a connection's requests: an `axum::Router`, optionally behind a [`Front`].
+#[derive(Clone)]
+pub struct Routes {
+    router: axum::Router,
+    front: Option<Front>,
+}
+
+impl Routes {
+    /// `router`, with `front` answering first.
+    pub fn with_front(router: axum::Router, front: Front) -> Self {
+        Self {
+            router,
+            front: Some(front),
+        }
+    }
+
+    /// The response to `req`.
+    async fn answer(self, req: axum::extract::Request) -> axum::response::Response {
+        let req = match &self.front {
+            Some(front) => match front(req) {
+                Ok(answer) => return answer.await,
+                Err(req) => req,
+            },
+            None => req,
+        };
+        match self.router.oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl From<axum::Router> for Routes {
+    fn from(router: axum::Router) -> Self {
+        Self {
+            router,
+            front: None,
+        }
     }
 }
 
@@ -298,7 +348,7 @@ async fn refuse(mut stream: Stream, raw: bytes::Bytes) {
 }
 
 pub(crate) struct Connection<H> {
-    pub(crate) app: axum::Router,
+    pub(crate) app: Routes,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) options: Options<H>,
     pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
@@ -330,9 +380,9 @@ impl<H: Handshake> Connection<H> {
             if let Some(addr) = peer {
                 req.extensions_mut().insert(ConnectInfo(addr));
             }
-            let call = app.clone().oneshot(req);
+            let call = app.clone().answer(req);
             async move {
-                let resp = call.await?;
+                let resp = call.await;
                 Ok::<_, Infallible>(resp.map(|b| conn::GuardedBody {
                     inner: b,
                     _guard: guard,

@@ -30,7 +30,7 @@ pub(crate) enum StdStream {
 pub(crate) enum Dispatch<H> {
     /// On the caller's runtime.
     Inline {
-        app: axum::Router,
+        app: crate::Routes,
         options: Options<H>,
         builder: Arc<auto::Builder<TokioExecutor>>,
         graceful: GracefulShutdown,
