@@ -10,7 +10,9 @@
 //! 3. [`Handshake`] (identity, or TLS at the Router), bounded by the header timeout.
 //! 4. HTTP/1.1 or h2c (hyper-util's auto connection), WebSocket upgrades included. Request bodies
 //!    fail after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
-//!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever.
+//!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever. Each
+//!    request goes to the app's [`Routes`]: its [`Front`] first when it has one (the Router's
+//!    invocations, without a route table), else its `axum::Router`.
 //! 5. A watchdog per connection ([`conn`]): with no request in flight, a request whose headers
 //!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris;
 //!    closed within twice that),
