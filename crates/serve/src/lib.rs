@@ -413,3 +413,47 @@ impl<H: Handshake> Connection<H> {
         stats.open.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    fn get(path: &str) -> axum::extract::Request {
+        http::Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    async fn text(resp: axum::response::Response) -> String {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "a front hands an unanswered request back whole, by value"
+    )]
+    async fn the_front_answers_what_it_recognises_and_hands_the_rest_to_the_router() {
+        let router = axum::Router::new()
+            .route("/fast", axum::routing::get(|| async { "router" }))
+            .fallback(|| async { "router fallback" });
+        let front: Front = Arc::new(|req: axum::extract::Request| {
+            if req.uri().path() == "/fast" {
+                Ok(Box::pin(async { "front".into_response() }) as Answer)
+            } else {
+                Err(req)
+            }
+        });
+        let routes = Routes::with_front(router.clone(), front);
+        assert_eq!(
+            text(routes.clone().answer(get("/fast")).await).await,
+            "front"
+        );
+        assert_eq!(
+            text(routes.answer(get("/other")).await).await,
+            "router fallback"
+        );
+        let plain = Routes::from(router);
+        assert_eq!(text(plain.answer(get("/fast")).await).await, "router");
+    }
+}
