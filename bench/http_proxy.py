@@ -49,20 +49,25 @@ http {{
 """
 
 
+def picod_with_session(p, picod_port: int, redis_port: int) -> None:
+    """Starts a PicoD (no auth) and a redis-server holding session `s1` that points at it."""
+    picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
+                     "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
+    p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(p.tmp)], "redis.log")
+    wait_http(f"http://127.0.0.1:{picod_port}/health", proc=picod)
+    time.sleep(0.2)
+    cli = ["redis-cli", "-p", str(redis_port)]
+    subprocess.run(cli + ["SET", "session:s1", record("s1", f"127.0.0.1:{picod_port}")], check=True,
+                   capture_output=True)
+    subprocess.run(cli + ["ZADD", "session:expiry", str(int(time.time()) + 86400), "s1"], check=True,
+                   capture_output=True)
+
+
 def main() -> None:
     with procs("http") as p:
         picod_port, redis_port, router_port, nginx_port = (free_port() for _ in range(4))
-        picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
-                         "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
-        redis = p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", str(p.tmp)], "redis.log")
-        wait_http(f"http://127.0.0.1:{picod_port}/health", proc=picod)
-        time.sleep(0.2)
-        cli = ["redis-cli", "-p", str(redis_port)]
-        subprocess.run(cli + ["SET", "session:s1", record("s1", f"127.0.0.1:{picod_port}")], check=True,
-                       capture_output=True)
-        subprocess.run(cli + ["ZADD", "session:expiry", str(int(time.time()) + 86400), "s1"], check=True,
-                       capture_output=True)
+        picod_with_session(p, picod_port, redis_port)
         router = p.start([binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
                           "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
                           "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
@@ -78,7 +83,6 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
         wait_http(f"http://127.0.0.1:{oidc_port}/health/ready", proc=oidc)
-        del redis
         urls = {
             "direct": (f"http://127.0.0.1:{picod_port}/health", {}),
             "nginx": (f"http://127.0.0.1:{nginx_port}/health", {}),

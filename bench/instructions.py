@@ -10,10 +10,9 @@ import http.client
 import shutil
 import subprocess
 import sys
-import time
 
 from harness import Table, binary, free_port, procs, wait_http
-from http_proxy import record
+from http_proxy import picod_with_session
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 PATH = "/v1/namespaces/default/code-interpreters/bench/invocations/health"
@@ -35,17 +34,7 @@ def main() -> None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     with procs("instructions") as p:
         picod_port, redis_port, router_port = free_port(), free_port(), free_port()
-        picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
-                         "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
-        p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(p.tmp)], "redis.log")
-        wait_http(f"http://127.0.0.1:{picod_port}/health", proc=picod)
-        time.sleep(0.2)
-        cli = ["redis-cli", "-p", str(redis_port)]
-        subprocess.run(cli + ["SET", "session:s1", record("s1", f"127.0.0.1:{picod_port}")], check=True,
-                       capture_output=True)
-        subprocess.run(cli + ["ZADD", "session:expiry", str(int(time.time()) + 86400), "s1"], check=True,
-                       capture_output=True)
+        picod_with_session(p, picod_port, redis_port)
         out = p.tmp / "callgrind.out"
         router = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                           binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",

@@ -530,6 +530,19 @@ pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// An image `x` whose entrypoint is `/x`, with `cmd`.
+    fn image(cmd: &[&str]) -> Image {
+        Image {
+            name: "x".into(),
+            aliases: Vec::new(),
+            binary: None,
+            path: "/x".into(),
+            entrypoint: vec!["/x".into()],
+            cmd: cmd.iter().map(ToString::to_string).collect(),
+            env: Vec::new(),
+        }
+    }
+
     #[test]
     fn expands_variables_like_the_kubelet() {
         let env = vec![("POD_IP".to_string(), "127.1.2.3".to_string())];
@@ -543,15 +556,7 @@ mod tests {
 
     #[test]
     fn command_replaces_the_entrypoint_and_args_the_cmd() {
-        let image = Image {
-            name: "x".into(),
-            aliases: Vec::new(),
-            binary: None,
-            path: "/x".into(),
-            entrypoint: vec!["/x".into()],
-            cmd: vec!["--port=8080".into()],
-            env: Vec::new(),
-        };
+        let image = image(&["--port=8080"]);
         let c = |command: Option<&[&str]>, args: Option<&[&str]>| Container {
             command: command.map(|v| v.iter().map(ToString::to_string).collect()),
             args: args.map(|v| v.iter().map(ToString::to_string).collect()),
@@ -569,15 +574,7 @@ mod tests {
 
     #[test]
     fn etc_is_one_bind_unless_a_volume_mounts_below_it() {
-        let image = Image {
-            name: "x".into(),
-            aliases: Vec::new(),
-            binary: None,
-            path: "/x".into(),
-            entrypoint: vec!["/x".into()],
-            cmd: Vec::new(),
-            env: Vec::new(),
-        };
+        let image = image(&[]);
         let args = |mounts: &[Mount]| {
             bwrap_args(&Sandbox {
                 root: Path::new("/r"),
