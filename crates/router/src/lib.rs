@@ -9,7 +9,7 @@
 //!    session belongs to another runtime; with authentication, 403 unless the caller owns it or
 //!    is an admin); absent → the Workload Manager creates one ([`wm`]), owned by the caller.
 //! 3. [`identity`]: the session's cached RS256 token replaces the client's `Authorization`.
-//! 4. [`proxy`]: pooled TCP / Unix-socket connection, bodies streamed, upgrades spliced; the
+//! 4. [`proxy`]: a pooled TCP / Unix-socket connection ([`pool`]), bodies streamed, upgrades spliced; the
 //!    answer gets the session header. Refused → 502, timeout → 504, other → 503 ([`error`]).
 //! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
 //!
@@ -25,6 +25,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod oidc;
+pub mod pool;
 pub mod proxy;
 pub mod resolve;
 pub mod server;

@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::RouterError;
+use crate::pool::{self, Addr, Endpoint, Pool};
 
 /// A connection to a sandbox.
 pub enum Stream {
@@ -135,22 +136,15 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// The upstream client of one worker.
+/// The upstream client of one worker: its own HTTP/1.1 pool ([`crate::pool`]), and hyper-util's
+/// client for prior-knowledge HTTP/2 (h2c) entry points.
 #[derive(Clone)]
 pub struct Upstream {
     connect_timeout: Duration,
-    /// Endpoint → URI authority and its `Host` header value, made once per endpoint.
-    authorities: Arc<Mutex<HashMap<String, (Authority, HeaderValue)>>>,
-    client: Client<Connector, Body>,
+    pool: Pool,
     /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
     h2c: Client<Connector, Body>,
     unix: UnixHosts,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").finish_non_exhaustive()
-    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and Go's list), as names built once.
@@ -227,18 +221,13 @@ impl Upstream {
             unix: unix.clone(),
             connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .build(connector.clone());
         let h2c = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(pool::IDLE_TIMEOUT)
             .http2_only(true)
             .build(connector);
         Self {
             connect_timeout,
-            authorities: Arc::default(),
-            client,
+            pool: Pool::default(),
             h2c,
             unix,
         }
@@ -249,60 +238,42 @@ impl Upstream {
         Self::new(self.connect_timeout)
     }
 
-    /// The URI authority of an entry point (`host:port`, or the synthetic host of a Unix socket).
-    fn authority(&self, entry: &EntryPoint) -> Result<(Authority, HeaderValue), RouterError> {
-        if let Some(a) = self.authorities.lock().unwrap().get(&entry.endpoint) {
-            return Ok(a.clone());
-        }
-        if !entry.protocol.is_empty()
-            && !entry.protocol.eq_ignore_ascii_case("HTTP")
-            && !is_h2c(entry)
-        {
-            // HTTPS to a pod IP cannot be verified; upstream's attempt is unusable too.
-            return Err(RouterError::Internal(format!(
-                "entry point protocol {} is not supported",
-                entry.protocol
-            )));
-        }
-        let host = match entry.endpoint.strip_prefix("unix:") {
-            Some(path) => self.unix.host_for(path),
-            None => {
-                let e = entry.endpoint.as_str();
-                let e = e.split_once("://").map_or(e, |(_, rest)| rest);
-                e.trim_end_matches('/').to_string()
+    /// The entry point: its address, URI authority (`host:port`, or the synthetic host of a
+    /// Unix socket) and `Host` header, made once.
+    fn endpoint(&self, entry: &EntryPoint) -> Result<Arc<Endpoint>, RouterError> {
+        self.pool.endpoint(&entry.endpoint, || {
+            if !entry.protocol.is_empty()
+                && !entry.protocol.eq_ignore_ascii_case("HTTP")
+                && !is_h2c(entry)
+            {
+                // HTTPS to a pod IP cannot be verified; upstream's attempt is unusable too.
+                return Err(RouterError::Internal(format!(
+                    "entry point protocol {} is not supported",
+                    entry.protocol
+                )));
             }
-        };
-        let bad = |e: &dyn std::fmt::Display| {
-            RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
-        };
-        let authority = Authority::try_from(host).map_err(|e| bad(&e))?;
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| bad(&e))?;
-        let mut cache = self.authorities.lock().unwrap();
-        if cache.len() >= 100_000 {
-            cache.clear();
-        }
-        cache.insert(entry.endpoint.clone(), (authority.clone(), host.clone()));
-        Ok((authority, host))
-    }
-
-    /// `http://<entry point><the request's path and query from path_start>`, and the `Host`
-    /// header naming the entry point.
-    fn target_uri(
-        &self,
-        entry: &EntryPoint,
-        req: &Request,
-        path_start: usize,
-    ) -> Result<(Uri, HeaderValue), RouterError> {
-        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let pq = PathAndQuery::try_from(pq.get(path_start..).unwrap_or("/"))
-            .map_err(|_| RouterError::Internal("bad path".into()))?;
-        let (authority, host) = self.authority(entry)?;
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(authority);
-        parts.path_and_query = Some(pq);
-        let uri = Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
-        Ok((uri, host))
+            let bad = |e: &dyn std::fmt::Display| {
+                RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
+            };
+            let (host, unix) = match entry.endpoint.strip_prefix("unix:") {
+                Some(path) => (self.unix.host_for(path), Some(PathBuf::from(path))),
+                None => {
+                    let e = entry.endpoint.as_str();
+                    let e = e.split_once("://").map_or(e, |(_, rest)| rest);
+                    (e.trim_end_matches('/').to_string(), None)
+                }
+            };
+            let authority = Authority::try_from(host).map_err(|e| bad(&e))?;
+            let header = HeaderValue::from_str(authority.as_str()).map_err(|e| bad(&e))?;
+            let addr = match unix {
+                Some(path) => Addr::Unix(path),
+                None => Addr::Tcp {
+                    host: authority.host().to_string(),
+                    port: authority.port_u16().unwrap_or(80),
+                },
+            };
+            Ok(Endpoint::new(authority, header, addr))
+        })
     }
 
     /// Sends `req` to the entry point and returns the sandbox's response, streaming. The
@@ -310,7 +281,10 @@ impl Upstream {
     /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
     /// is the client's error (408/400), not the sandbox's.
     pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
-        let (uri, upstream_host) = self.target_uri(f.entry, &req, f.path_start)?;
+        let ep = self.endpoint(f.entry)?;
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let pq = PathAndQuery::try_from(pq.get(f.path_start..).unwrap_or("/"))
+            .map_err(|_| RouterError::Internal("bad path".into()))?;
         let upgrade = upgrade_of(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let original_host = req.headers().get(header::HOST).cloned();
@@ -339,23 +313,32 @@ impl Upstream {
         if h2c {
             headers.remove(header::HOST);
         } else {
-            // The entry point, as the client library would have written it (made once).
-            headers.insert(header::HOST, upstream_host);
+            // The entry point, as a client library would have written it (made once).
+            headers.insert(header::HOST, ep.host.clone());
         }
-        *req.uri_mut() = uri;
-        let client = if h2c {
-            *req.version_mut() = http::Version::HTTP_2;
-            &self.h2c
-        } else {
-            *req.version_mut() = http::Version::HTTP_11;
-            &self.client
-        };
         let body_failure = BodyFailure::default();
-        let req = req.map(|b| body_failure.watch(b));
-        let mut resp = match client.request(req).await {
-            Ok(r) => r,
-            Err(e) => return Err(body_failure.get().unwrap_or_else(|| map_client_error(e))),
+        let mut req = req.map(|b| body_failure.watch(b));
+        let sent = if h2c {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(ep.authority.clone());
+            parts.path_and_query = Some(pq);
+            *req.uri_mut() =
+                Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
+            *req.version_mut() = http::Version::HTTP_2;
+            match self.h2c.request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) => Err(map_client_error(&e)),
+            }
+        } else {
+            *req.uri_mut() = Uri::from(pq);
+            *req.version_mut() = http::Version::HTTP_11;
+            match self.pool.send(&ep, req, self.connect_timeout).await {
+                Ok((resp, sender)) => Ok((resp, Some(sender))),
+                Err(e) => Err(map_client_error(e.source())),
+            }
         };
+        let (mut resp, sender) = sent.map_err(|e| body_failure.get().unwrap_or(e))?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -366,12 +349,17 @@ impl Upstream {
                     }
                 });
             }
+            // The connection is the tunnel's now; `sender` is never reused.
             let (parts, _) = resp.into_parts();
             return Ok(Response::from_parts(parts, Body::empty()));
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        let body = match sender {
+            Some(sender) => Pool::finish(ep, sender, body),
+            None => Body::new(body),
+        };
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -434,8 +422,8 @@ impl BodyFailure {
 }
 
 /// Upstream's mapping: refused → 502, timeout → 504, anything else → 503.
-fn map_client_error(e: hyper_util::client::legacy::Error) -> RouterError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+fn map_client_error(e: &(dyn std::error::Error + 'static)) -> RouterError {
+    let mut source = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<io::Error>() {
             return match io.kind() {
