@@ -1,23 +1,27 @@
 """HTTP-level: the `router` binary against nginx, both proxying to the same PicoD, all separate
 processes, driven by wrk (keep-alive). Added latency (p50/p99 at 1 connection) and saturation
-throughput (32 connections) for both, as ratios against the same run's baselines. Also a second
+throughput (32 connections) for both, as ratios against the same run's baselines. The targets are
+measured in interleaved rounds (medians reported), so the shared machine's drift during the run hits
+each of them alike rather than whichever ran in a slow minute. Also a second
 router with OIDC on (Ory Hydra as the issuer, one bearer token reused as a client would): what
 end-user authentication adds per request."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
 
 import requests
 
-from harness import REPO, Table, binary, free_port, procs, wait_http, wrk
+from harness import REPO, Table, WrkResult, binary, free_port, procs, wait_http, wrk
 
 HYDRA = REPO / ".cache/oidc/bin/hydra"
 
 SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+ROUNDS = 5
 
 
 def record(session: str, endpoint: str) -> str:
@@ -93,9 +97,11 @@ def main() -> None:
         }
         for name, (url, h) in urls.items():  # warm up connections and caches
             wrk(url, 4, 2, h)
-        lat = {n: wrk(u, 1, SECS, h) for n, (u, h) in urls.items()}
-        sat = {n: wrk(u, 32, SECS, h, threads=2) for n, (u, h) in urls.items()}
-    t = Table(f"HTTP proxying: router vs nginx to one PicoD (GET /health, wrk keep-alive, {SECS} s per run)")
+        per = max(1, round(SECS / ROUNDS))
+        lat = interleaved(urls, 1, per, 1)
+        sat = interleaved(urls, 32, per, 2)
+    t = Table(f"HTTP proxying: router vs nginx to one PicoD (GET /health, wrk keep-alive, "
+              f"medians of {ROUNDS} interleaved {per} s runs)")
     for n in ("direct", "nginx", "router", "router+oidc"):
         t.row(f"{n}: p50 / p99 at c=1", f"{lat[n].p50_us:.0f} / {lat[n].p99_us:.0f} µs", f"errors {lat[n].errors}")
     add = {n: (lat[n].p50_us - lat["direct"].p50_us, lat[n].p99_us - lat["direct"].p99_us) for n in ("nginx", "router")}
@@ -113,6 +119,15 @@ def main() -> None:
     t.row("router ÷ nginx saturation", f"{sat['router'].rps / sat['nginx'].rps:.2f}", "goal ≥ 1.0")
     t.row("router ÷ direct saturation", f"{sat['router'].rps / sat['direct'].rps:.2f}", "goal ≥ 0.6")
     t.print()
+
+
+def interleaved(urls: dict, connections: int, secs: int, threads: int) -> dict[str, WrkResult]:
+    """ROUNDS runs of every target in turn; per target the median p50, p99 and rate, errors summed."""
+    rounds = [{n: wrk(u, connections, secs, h, threads=threads) for n, (u, h) in urls.items()}
+              for _ in range(ROUNDS)]
+    med = statistics.median
+    return {n: WrkResult(med(r[n].rps for r in rounds), med(r[n].p50_us for r in rounds),
+                         med(r[n].p99_us for r in rounds), sum(r[n].errors for r in rounds)) for n in urls}
 
 
 def oidc_token(p) -> tuple[str, str]:
