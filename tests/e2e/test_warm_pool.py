@@ -71,7 +71,11 @@ def test_claim_adopts_a_pool_pod_and_the_pool_refills(stack):
     body = create(stack)
     assert body["kind"] == "SandboxClaim"
     assert execute(stack, body["sessionId"], ["echo", "warm"])["stdout"] == "warm\n"
-    claim = next(c for c in stack.kube_list("SandboxClaim") if c["metadata"]["name"] == body["sandboxName"])
+    # The Workload Manager may answer (once the claim owns the Sandbox) before agent-sandbox
+    # writes the claim's status.
+    claim = wait_for(lambda: next((c for c in stack.kube_list("SandboxClaim") if c["metadata"]["name"] == body["sandboxName"]
+                                   and c.get("status", {}).get("sandbox", {}).get("name")), None), 10)
+    assert claim, "the claim's status names its Sandbox"
     assert [(o["kind"], o["uid"]) for o in claim["metadata"]["ownerReferences"]] == [("CodeInterpreter", ci["metadata"]["uid"])]
     sandbox = next(s for s in stack.kube_list("Sandbox") if s["metadata"]["name"] == claim["status"]["sandbox"]["name"])
     assert sandbox["metadata"]["uid"] == body["sandboxId"]

@@ -21,6 +21,9 @@ pub const MANAGED_BY: &str = "managed-by";
 pub const MANAGED_BY_VALUE: &str = "agentcube-workload-manager";
 /// agent-sandbox's annotation naming the pod a Sandbox adopted from a warm pool.
 pub const POD_NAME: &str = "agents.x-k8s.io/pod-name";
+/// Annotation agent-sandbox puts on a SandboxClaim naming the warm Sandbox it is adopting
+/// (before it transfers the Sandbox's ownership and before the claim's status names it).
+pub const ASSIGNED_SANDBOX: &str = "agents.x-k8s.io/sandbox-name";
 /// Container name in a direct CodeInterpreter Sandbox.
 pub const CODE_INTERPRETER_CONTAINER: &str = "code-interpreter";
 /// Container name in a CodeInterpreter SandboxTemplate (upstream differs between paths).

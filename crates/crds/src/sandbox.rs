@@ -186,6 +186,9 @@ pub struct SandboxSpec {
 pub struct SandboxStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<Vec<Condition>>,
+    /// The pod's IPs (agent-sandbox v0.5+; set once the pod has them and is the Sandbox's own).
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Option::is_none")]
+    pub pod_ips: Option<Vec<String>>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -284,6 +287,21 @@ impl Sandbox {
     /// Whether agent-sandbox reports this Sandbox `Ready=True`.
     pub fn is_ready(&self) -> bool {
         is_ready(self.status.as_ref().and_then(|s| s.conditions.as_deref()))
+    }
+
+    /// The first pod IP agent-sandbox reports, if any.
+    pub fn pod_ip(&self) -> Option<&str> {
+        let ips = self.status.as_ref()?.pod_ips.as_ref()?;
+        ips.iter().map(String::as_str).find(|ip| !ip.is_empty())
+    }
+
+    /// Whether `uid` (a SandboxClaim's) is this Sandbox's controller owner: the claim adopted it.
+    pub fn controlled_by(&self, uid: &str) -> bool {
+        self.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && o.uid == uid)
     }
 
     /// The warm pool this Sandbox is an unclaimed member of: its controller owner reference of

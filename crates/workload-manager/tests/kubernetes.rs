@@ -176,10 +176,15 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
     );
     assert_eq!(claim.data["spec"]["warmPoolRef"]["name"], "pooled");
     assert_eq!(claim.data["spec"]["lifecycle"]["shutdownPolicy"], "Delete");
-    let bound = claim.data["status"]["sandbox"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // The Workload Manager answers once the claim controls the Sandbox its annotation names,
+    // possibly before agent-sandbox writes the claim's status, which then names the same one.
+    let bound =
+        claim.metadata.annotations.as_ref().unwrap()["agents.x-k8s.io/sandbox-name"].clone();
+    k.eventually("claim status names the adopted Sandbox", 10, async || {
+        let c = claims(&k.client).get(&claim_name).await.unwrap();
+        (c.data["status"]["sandbox"]["name"] == bound.as_str()).then_some(())
+    })
+    .await;
     let sb = sandboxes(&k.client).get(&bound).await.unwrap();
     assert_eq!(
         sb.metadata.uid.as_deref(),

@@ -48,17 +48,7 @@ impl KubernetesBackend {
             Api::namespaced_with(self.client.clone(), namespace, &self.api);
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let bound = self
-            .claims
-            .wait_for(namespace, &name, |c| {
-                let sandbox = c.status.as_ref()?.sandbox.as_ref()?.name.clone();
-                (watched::uid(c) == uid && !sandbox.is_empty()).then_some(sandbox)
-            })
-            .await;
-        let ready = self
-            .sandboxes
-            .wait_for(namespace, &bound, |s| s.is_ready().then(|| s.clone()))
-            .await;
+        let ready = self.adopted(namespace, &name, &uid).await;
         let (identity, entry_points) = self.reachable(namespace, &ready, ports).await?;
         Ok(Sandbox {
             kind: BackingKind::SandboxClaim,
@@ -68,6 +58,30 @@ impl KubernetesBackend {
             entry_points,
             identity,
         })
+    }
+
+    /// The Ready Sandbox claim `name` (uid `uid`) got: the one its status names, or — sooner,
+    /// by one write of agent-sandbox — the warm Sandbox its annotation names once the claim is
+    /// that Sandbox's controller owner (the adoption is then final). Waits on both watches;
+    /// callers bound it with a timeout.
+    async fn adopted(&self, namespace: &str, name: &str, uid: &str) -> SandboxObject {
+        let (mut claims, mut sandboxes) = (self.claims.subscribe(), self.sandboxes.subscribe());
+        loop {
+            claims.borrow_and_update();
+            sandboxes.borrow_and_update();
+            if let Some(ready) = self.bound_and_ready(namespace, name, uid) {
+                return ready;
+            }
+            tokio::select! {
+                r = claims.changed() => if r.is_err() { std::future::pending::<()>().await },
+                r = sandboxes.changed() => if r.is_err() { std::future::pending::<()>().await },
+            }
+        }
+    }
+
+    fn bound_and_ready(&self, namespace: &str, name: &str, uid: &str) -> Option<SandboxObject> {
+        let claim = self.claims.get(namespace, name)?;
+        bound(&claim, uid, |s| self.sandboxes.get(namespace, s))
     }
 
     /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP.
@@ -80,17 +94,11 @@ impl KubernetesBackend {
         ports: &[TargetPort],
     ) -> Result<(String, Vec<EntryPoint>), BackendError> {
         let pod_name = pod_name_of(sandbox);
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = pods.get(&pod_name).await?;
-        let status = pod.status.unwrap_or_default();
-        let ip = match (status.phase.as_deref(), status.pod_ip) {
-            (Some("Running"), Some(ip)) if !ip.is_empty() => ip,
-            (phase, _) => {
-                return Err(BackendError::Failed(format!(
-                    "pod {namespace}/{pod_name} is not running with an IP (phase {})",
-                    phase.unwrap_or("unknown")
-                )));
-            }
+        // agent-sandbox reports Ready only for a Running, Ready pod with IPs, and names them
+        // (v0.5+); otherwise the pod is asked.
+        let ip = match sandbox.pod_ip().filter(|_| sandbox.is_ready()) {
+            Some(ip) => ip.to_string(),
+            None => self.pod_ip(namespace, &pod_name).await?,
         };
         let mut entry_points = Vec::with_capacity(ports.len());
         for port in ports {
@@ -102,6 +110,41 @@ impl KubernetesBackend {
         }
         Ok((pod_name, entry_points))
     }
+
+    /// The IP of a Running pod.
+    async fn pod_ip(&self, namespace: &str, pod_name: &str) -> Result<String, BackendError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let status = pods.get(pod_name).await?.status.unwrap_or_default();
+        match (status.phase.as_deref(), status.pod_ip) {
+            (Some("Running"), Some(ip)) if !ip.is_empty() => Ok(ip),
+            (phase, _) => Err(BackendError::Failed(format!(
+                "pod {namespace}/{pod_name} is not running with an IP (phase {})",
+                phase.unwrap_or("unknown")
+            ))),
+        }
+    }
+}
+
+/// The Ready Sandbox `claim` (if its uid is `uid`) is bound to, looked up with `sandbox`: the one
+/// its status names, or the one its assignment annotation names once the claim controls it.
+fn bound(
+    claim: &SandboxClaim,
+    uid: &str,
+    sandbox: impl Fn(&str) -> Option<std::sync::Arc<SandboxObject>>,
+) -> Option<SandboxObject> {
+    if watched::uid(claim) != uid {
+        return None;
+    }
+    let named = claim.status.as_ref().and_then(|s| s.sandbox.as_ref());
+    let (name, by_status) = match named.filter(|n| !n.name.is_empty()) {
+        Some(n) => (n.name.as_str(), true),
+        None => {
+            let annotations = claim.metadata.annotations.as_ref()?;
+            (annotations.get(labels::ASSIGNED_SANDBOX)?.as_str(), false)
+        }
+    };
+    let s = sandbox(name)?;
+    (s.is_ready() && (by_status || s.controlled_by(uid))).then(|| s.as_ref().clone())
 }
 
 /// `host:port`, with brackets for IPv6 (Go's `net.JoinHostPort`).
@@ -140,6 +183,67 @@ mod tests {
         sb.metadata.annotations =
             Some([(labels::POD_NAME.to_string(), "pool-pod-1".to_string())].into());
         assert_eq!(pod_name_of(&sb), "pool-pod-1");
+    }
+
+    #[test]
+    fn a_claim_is_bound_by_its_status_or_by_a_finished_adoption() {
+        let claim = |annotation: bool, status: bool| -> SandboxClaim {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                "metadata": {"name": "c", "uid": "claim-uid", "annotations":
+                    if annotation { serde_json::json!({"agents.x-k8s.io/sandbox-name": "warm-1"}) }
+                    else { serde_json::json!({}) }},
+                "spec": {"warmPoolRef": {"name": "pool"}},
+                "status": if status { serde_json::json!({"sandbox": {"name": "warm-1"}}) }
+                          else { serde_json::json!({}) }
+            }))
+            .unwrap()
+        };
+        let sandbox = |owner: &str, ready: bool| {
+            let s: SandboxObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
+                "metadata": {"name": "warm-1", "ownerReferences": [{"apiVersion": "x/v1",
+                    "kind": "K", "name": "o", "uid": owner, "controller": true}]},
+                "spec": {"podTemplate": {"spec": {"containers": []}}},
+                "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                    "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "R", "message": ""}],
+                    "podIPs": ["10.0.0.7"]}
+            }))
+            .unwrap();
+            move |name: &str| (name == "warm-1").then(|| std::sync::Arc::new(s.clone()))
+        };
+        let is_bound = |c: &SandboxClaim, uid: &str, s| bound(c, uid, s).is_some();
+        // Assigned but still the warm pool's: not yet.
+        assert!(!is_bound(
+            &claim(true, false),
+            "claim-uid",
+            sandbox("pool-uid", true)
+        ));
+        // Assigned and owned by the claim: bound (before the claim's status says so).
+        let got = bound(&claim(true, false), "claim-uid", sandbox("claim-uid", true)).unwrap();
+        assert_eq!(got.pod_ip(), Some("10.0.0.7"));
+        // Owned but not Ready; a claim of another uid; nothing assigned.
+        assert!(!is_bound(
+            &claim(true, false),
+            "claim-uid",
+            sandbox("claim-uid", false)
+        ));
+        assert!(!is_bound(
+            &claim(true, true),
+            "other-uid",
+            sandbox("claim-uid", true)
+        ));
+        assert!(!is_bound(
+            &claim(false, false),
+            "claim-uid",
+            sandbox("claim-uid", true)
+        ));
+        // The status is authoritative on its own.
+        assert!(is_bound(
+            &claim(false, true),
+            "claim-uid",
+            sandbox("pool-uid", true)
+        ));
     }
 
     #[test]
