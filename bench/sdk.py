@@ -2,7 +2,8 @@
 build, a separate process). Median and p99 of `execute_command("true")` and
 `run_code("python", "print(1)")` with this repo's SDK and the unmodified upstream `agentcube-sdk`
 0.1.0, each in its own venv and process, against the same HTTP calls made with the SDK's HTTP stack
-straight to the sandbox's PicoD. Then session creation: a warm-pool claim and a cold start, from
+straight to the sandbox's PicoD, in interleaved rounds (direct, this SDK, upstream's; five times)
+so the shared machine's drift hits all three alike. Then session creation: a warm-pool claim and a cold start, from
 the SDK's constructor to the first answer of PicoD."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 SESSIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 VENVS = {"this repo's SDK": REPO / ".venv/bin/python", "upstream agentcube-sdk 0.1.0": REPO / ".venv-upstream/bin/python"}
 CLIENT = str(Path(__file__).with_name("sdk_client.py"))
+ROUNDS = 5
 
 
 def b64url(data: bytes) -> str:
@@ -60,7 +62,8 @@ def ms(v: float) -> str:
 
 
 def main() -> None:
-    t = Table(f"SDK calls on `agentcube up` (release, separate processes; {N} calls each, after 20 warm-up calls)")
+    t = Table(f"SDK calls on `agentcube up` (release, separate processes; {N} calls each in {ROUNDS} interleaved "
+              f"rounds, each after 20 warm-up calls)")
     with procs("sdk") as p:
         wm, router, metrics = free_port(), free_port(), free_port()
         up = p.start([binary("agentcube"), "up", "--manifests", str(REPO / "bench/manifests"), "--wm-port", str(wm),
@@ -78,8 +81,15 @@ def main() -> None:
         now = int(time.time())
         token = sign(p.tmp / "id/private.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,
                                                  "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
-        direct = run(VENVS["this repo's SDK"], env, "direct", sock, token, N)
-        results = {name: run(py, env, "router", "warm", N) for name, py in VENVS.items()}
+        direct: dict = {"execute": [], "run_code": []}
+        results: dict = {name: {"execute": [], "run_code": []} for name in VENVS}
+        for _ in range(ROUNDS):
+            for call, v in run(VENVS["this repo's SDK"], env, "direct", sock, token, N // ROUNDS).items():
+                direct[call] += v
+            for name, py in VENVS.items():
+                wait_pool(metrics_url, "warm", 4)  # the last round's claim refilled: no start-up alongside
+                for call, v in run(py, env, "router", "warm", N // ROUNDS).items():
+                    results[name][call] += v
         for call in ("execute", "run_code"):
             d50, d99 = median(direct[call]), pct(direct[call], 0.99)
             t.row(f"{call}: direct to PicoD (requests.Session) p50 / p99", f"{ms(d50)} / {ms(d99)}", "baseline")

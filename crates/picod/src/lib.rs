@@ -33,4 +33,4 @@ pub mod server;
 
 pub use config::{Auth, Config, ListenAddr};
 pub use error::ApiError;
-pub use server::{AppState, app, run};
+pub use server::{AppState, COMPRESS_FROM_BYTES, app, run};

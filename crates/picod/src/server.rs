@@ -14,13 +14,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tower_http::compression::CompressionLayer;
-use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 
 use crate::auth::{Verifier, require_token};
 use crate::config::{Auth, Config};
 use crate::error::ApiError;
 use crate::jail::Workspace;
 use crate::{context, exec, files, process};
+
+/// Bodies from this size on are gzipped for clients that accept it.
+pub const COMPRESS_FROM_BYTES: u16 = 1024;
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -72,8 +75,13 @@ impl AppState {
 /// The whole HTTP surface; tests drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    // Compress what the client accepts, except streams (they must flush) and partial content.
-    let compress = DefaultPredicate::new()
+    // Compress what the client accepts, except small bodies (under 1 KiB gzip saves no packet
+    // and its encoder set-up costs more than the whole answer), streams (they must flush),
+    // images, gRPC and partial content.
+    let compress = SizeAbove::new(COMPRESS_FROM_BYTES - 1)
+        .and(NotForContentType::GRPC)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::SSE)
         .and(NotForContentType::const_new(exec::NDJSON))
         .and(
             |_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {

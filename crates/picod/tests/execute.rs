@@ -197,12 +197,12 @@ async fn parallel_executes_do_not_block_each_other() {
 }
 
 #[tokio::test]
-async fn gzip_when_asked() {
+async fn gzip_when_asked_from_one_kib() {
     let p = Picod::new();
     let req = authed(Request::post("/api/execute"))
         .header("accept-encoding", "gzip")
         .body(Body::from(
-            json!({"command": ["seq", "1", "200"]}).to_string(),
+            json!({"command": ["seq", "1", "1000"]}).to_string(),
         ))
         .unwrap();
     let r = p.send(req).await;
@@ -211,10 +211,19 @@ async fn gzip_when_asked() {
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut out)
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["stdout"].as_str().unwrap().ends_with("199\n200\n"));
+    assert!(v["stdout"].as_str().unwrap().ends_with("999\n1000\n"));
+    // A small answer is sent as it is, asked or not.
+    let req = authed(Request::post("/api/execute"))
+        .header("accept-encoding", "gzip")
+        .body(Body::from(json!({"command": ["true"]}).to_string()))
+        .unwrap();
+    let r = p.send(req).await;
+    assert_eq!(r.header("content-encoding"), None);
+    assert!(r.body.len() < agentcube_picod::COMPRESS_FROM_BYTES as usize);
+    assert_eq!(r.json()["exit_code"], 0);
     // Without Accept-Encoding: plain.
     let r = p
-        .post_json("/api/execute", json!({"command": ["seq", "1", "200"]}))
+        .post_json("/api/execute", json!({"command": ["seq", "1", "1000"]}))
         .await;
     assert_eq!(r.header("content-encoding"), None);
     // Never on /health.
