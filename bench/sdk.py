@@ -2,8 +2,9 @@
 build, a separate process). Median and p99 of `execute_command("true")` and
 `run_code("python", "print(1)")` with this repo's SDK and the unmodified upstream `agentcube-sdk`
 0.1.0, each in its own venv and process, against the same HTTP calls made with the SDK's HTTP stack
-straight to the sandbox's PicoD, in interleaved rounds (direct, this SDK, upstream's; five times)
-so the shared machine's drift hits all three alike. Then session creation: a warm-pool claim and a cold start, from
+straight to the sandbox's PicoD, and with this repo's SDK through nginx proxying to that PicoD (what
+one proxy hop costs on this machine, whoever the proxy is), in interleaved rounds (five times) so
+the shared machine's drift hits every target alike. Then session creation: a warm-pool claim and a cold start, from
 the SDK's constructor to the first answer of PicoD."""
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ SESSIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 VENVS = {"this repo's SDK": REPO / ".venv/bin/python", "upstream agentcube-sdk 0.1.0": REPO / ".venv-upstream/bin/python"}
 CLIENT = str(Path(__file__).with_name("sdk_client.py"))
 ROUNDS = 5
+# nginx in front of one sandbox's PicoD, with the Router's path prefix stripped and the sandbox's
+# token set, so an SDK pointed at it runs every call on that sandbox (the SDK's own session is
+# unused). Root workers: the sandbox's socket is root's.
+NGINX = """daemon off;
+master_process off;
+user root;
+error_log {tmp}/nginx.err;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream picod {{ server unix:{sock}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      rewrite ^/v1/namespaces/[^/]+/code-interpreters/[^/]+/invocations(/.*)$ $1 break;
+      proxy_pass http://picod;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+    }}
+  }}
+}}
+"""
 
 
 def b64url(data: bytes) -> str:
@@ -81,22 +106,31 @@ def main() -> None:
         now = int(time.time())
         token = sign(p.tmp / "id/private.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,
                                                  "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
-        direct: dict = {"execute": [], "run_code": []}
-        results: dict = {name: {"execute": [], "run_code": []} for name in VENVS}
+        nginx_port = free_port()
+        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, sock=sock, token=token, port=nginx_port))
+        nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
+        wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
+        via_nginx = {**env, "ROUTER_URL": f"http://127.0.0.1:{nginx_port}"}
+        ours = VENVS["this repo's SDK"]
+        targets = {"direct to PicoD (requests.Session)": (ours, env, ["direct", sock, token]),
+                   "this repo's SDK via nginx (one hop, no routing)": (ours, via_nginx, ["router", "warm"]),
+                   **{f"{name} via Router": (py, env, ["router", "warm"]) for name, py in VENVS.items()}}
+        samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
         for _ in range(ROUNDS):
-            for call, v in run(VENVS["this repo's SDK"], env, "direct", sock, token, N // ROUNDS).items():
-                direct[call] += v
-            for name, py in VENVS.items():
-                wait_pool(metrics_url, "warm", 4)  # the last round's claim refilled: no start-up alongside
-                for call, v in run(py, env, "router", "warm", N // ROUNDS).items():
-                    results[name][call] += v
+            for target, (py, e, args) in targets.items():
+                if args[0] == "router":
+                    wait_pool(metrics_url, "warm", 4)  # the last claim refilled: no start-up alongside
+                for call, v in run(py, e, *args, N // ROUNDS).items():
+                    samples[target][call] += v
+        p.stop(nginx)
         for call in ("execute", "run_code"):
-            d50, d99 = median(direct[call]), pct(direct[call], 0.99)
-            t.row(f"{call}: direct to PicoD (requests.Session) p50 / p99", f"{ms(d50)} / {ms(d99)}", "baseline")
-            for name, r in results.items():
-                v50, v99 = median(r[call]), pct(r[call], 0.99)
-                t.row(f"{call}: {name} via Router p50 / p99", f"{ms(v50)} / {ms(v99)}",
-                      f"÷ direct {v50 / d50:.2f} (goal ≤ 1.2)")
+            d50 = median(samples["direct to PicoD (requests.Session)"][call])
+            for target, v in samples.items():
+                v50, v99 = median(v[call]), pct(v[call], 0.99)
+                note = "baseline" if target.startswith("direct") else f"÷ direct {v50 / d50:.2f}"
+                if target.endswith("via Router"):
+                    note += " (goal ≤ 1.2)"
+                t.row(f"{call}: {target} p50 / p99", f"{ms(v50)} / {ms(v99)}", note)
         requests.delete(f"{wm_url}/v1/code-interpreter/sessions/{s['sessionId']}")
         warm = run(VENVS["this repo's SDK"], env, "sessions", "warm", SESSIONS)["create"]
         cold = run(VENVS["this repo's SDK"], env, "sessions", "cold", SESSIONS)["create"]
