@@ -79,6 +79,14 @@ impl Endpoint {
         }
     }
 
+    /// The socket path of a Unix-socket entry point.
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        match &self.addr {
+            Addr::Unix(path) => Some(path),
+            Addr::Tcp { .. } => None,
+        }
+    }
+
     /// The most recently returned usable idle connection, if any.
     fn checkout(&self) -> Option<SendRequest<Body>> {
         let now = Instant::now();
@@ -149,7 +157,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn source(&self) -> &(dyn std::error::Error + 'static) {
+    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
         match self {
             Self::Connect(e) => e,
             Self::Http(e) => e,

@@ -84,15 +84,19 @@ impl AsyncWrite for Stream {
 struct UnixHosts(Arc<Mutex<HashMap<String, PathBuf>>>);
 
 impl UnixHosts {
-    fn host_for(&self, path: &str) -> String {
+    /// The synthetic host of a socket path (also its `Host` header over HTTP/1.1).
+    fn host_of(path: &str) -> String {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         path.hash(&mut h);
-        let host = format!("unix-{:016x}", h.finish());
+        format!("unix-{:016x}", h.finish())
+    }
+
+    /// Makes `host` connectable by the h2c client (only h2c requests need it).
+    fn register(&self, host: &str, path: &std::path::Path) {
         let mut map = self.0.lock().unwrap();
-        if !map.contains_key(&host) {
-            map.insert(host.clone(), PathBuf::from(path));
+        if !map.contains_key(host) {
+            map.insert(host.to_string(), path.to_path_buf());
         }
-        host
     }
 }
 
@@ -256,7 +260,7 @@ impl Upstream {
                 RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
             };
             let (host, unix) = match entry.endpoint.strip_prefix("unix:") {
-                Some(path) => (self.unix.host_for(path), Some(PathBuf::from(path))),
+                Some(path) => (UnixHosts::host_of(path), Some(PathBuf::from(path))),
                 None => {
                     let e = entry.endpoint.as_str();
                     let e = e.split_once("://").map_or(e, |(_, rest)| rest);
@@ -319,6 +323,9 @@ impl Upstream {
         let body_failure = BodyFailure::default();
         let mut req = req.map(|b| body_failure.watch(b));
         let sent = if h2c {
+            if let Some(path) = ep.unix_path() {
+                self.unix.register(ep.authority.host(), path);
+            }
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(ep.authority.clone());
@@ -335,7 +342,7 @@ impl Upstream {
             *req.version_mut() = http::Version::HTTP_11;
             match self.pool.send(&ep, req, self.connect_timeout).await {
                 Ok((resp, sender)) => Ok((resp, Some(sender))),
-                Err(e) => Err(map_client_error(e.source())),
+                Err(e) => Err(map_client_error(e.as_error())),
             }
         };
         let (mut resp, sender) = sent.map_err(|e| body_failure.get().unwrap_or(e))?;

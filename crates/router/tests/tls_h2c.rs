@@ -59,6 +59,29 @@ async fn each_upstream_is_spoken_to_in_its_own_protocol() {
 }
 
 #[tokio::test]
+async fn unix_socket_entry_points_get_http1_or_h2c() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("up.sock");
+    let l = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move { axum::serve(l, upstream::app()).await.unwrap() });
+    let endpoint = format!("unix:{}", path.display());
+    let store = memory();
+    session_to(store.as_ref(), "h1", &endpoint).await;
+    session_to_as(store.as_ref(), "h2", &endpoint, "H2C").await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    for (id, version) in [("h1", "HTTP/1.1"), ("h2", "HTTP/2.0"), ("h1", "HTTP/1.1")] {
+        let r = client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        assert_eq!(r.json::<Value>().await.unwrap()["version"], version);
+    }
+}
+
+#[tokio::test]
 async fn https_listener_serves_the_same_api() {
     let store = memory();
     let (up, _t) = serve(upstream::app()).await;
