@@ -303,10 +303,9 @@ async fn a_pool_waits_for_the_router_key_and_follows_it_when_it_changes() {
         .get(s["sandboxName"].as_str().unwrap())
         .await
         .unwrap();
-    let bound = claim.data["status"]["sandbox"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let sb = sandboxes(&k.client).get(&bound).await.unwrap();
+    // The Sandbox agent-sandbox assigned (the create answers once the claim owns it, possibly
+    // before the claim's status names it).
+    let bound = &claim.metadata.annotations.as_ref().unwrap()["agents.x-k8s.io/sandbox-name"];
+    let sb = sandboxes(&k.client).get(bound).await.unwrap();
     assert_eq!(key_in(&sb.data).as_deref(), Some(OTHER_PUB));
 }
