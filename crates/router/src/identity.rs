@@ -12,7 +12,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use agentcube_types::claims::{ROUTER_ISSUER, SANDBOX_TOKEN_TTL_SECS, SandboxClaims};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 
@@ -189,8 +190,13 @@ struct Cached {
 }
 
 /// Signs sandbox tokens, one cached token per session.
+///
+/// RS256 with ring and the key parsed once: jsonwebtoken's RustCrypto provider parses the key
+/// again for every token (~1.3 ms a token, on the first request of every session). Tokens are the
+/// standard compact form, verified by jsonwebtoken in PicoD and the tests.
 pub struct Signer {
-    key: EncodingKey,
+    key: ring::signature::RsaKeyPair,
+    rng: ring::rand::SystemRandom,
     cache: Mutex<HashMap<String, Cached>>,
     signatures: prometheus_client::metrics::counter::Counter,
 }
@@ -212,10 +218,15 @@ impl Signer {
         pair: &KeyPair,
         signatures: prometheus_client::metrics::counter::Counter,
     ) -> Result<Self, IdentityError> {
-        let key = EncodingKey::from_rsa_pem(pair.private_pem.as_bytes())
-            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        let bad = |e: &dyn std::fmt::Display| IdentityError::Key(e.to_string());
+        let der = rsa::RsaPrivateKey::from_pkcs1_pem(&pair.private_pem)
+            .map_err(|e| bad(&e))?
+            .to_pkcs1_der()
+            .map_err(|e| bad(&e))?;
+        let key = ring::signature::RsaKeyPair::from_der(der.as_bytes()).map_err(|e| bad(&e))?;
         Ok(Self {
             key,
+            rng: ring::rand::SystemRandom::new(),
             cache: Mutex::new(HashMap::default()),
             signatures,
         })
@@ -278,9 +289,7 @@ impl Signer {
             user_sub: user.map(|u| u.sub.clone()),
             user_email: user.and_then(|u| u.email.clone()),
         };
-        let token: std::sync::Arc<str> =
-            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?.into();
-        self.signatures.inc();
+        let token: std::sync::Arc<str> = self.sign(&claims)?.into();
         // A JWT is base64url and dots: always a valid header value.
         let header = http::HeaderValue::try_from(format!("Bearer {token}"))
             .map_err(|_| jsonwebtoken::errors::ErrorKind::InvalidToken)?;
@@ -314,8 +323,28 @@ impl Signer {
         if let Some(e) = &user.email {
             claims["email"] = e.clone().into();
         }
+        self.sign(&claims)
+    }
+
+    /// `claims` as an RS256 JWT: base64url(header).base64url(claims).base64url(signature).
+    fn sign(&self, claims: &impl serde::Serialize) -> Result<String, jsonwebtoken::errors::Error> {
+        const HEADER: &str = r#"{"typ":"JWT","alg":"RS256"}"#;
+        let mut jwt = B64.encode(HEADER);
+        jwt.push('.');
+        B64.encode_string(serde_json::to_vec(claims)?, &mut jwt);
+        let mut signature = vec![0; self.key.public().modulus_len()];
+        self.key
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &self.rng,
+                jwt.as_bytes(),
+                &mut signature,
+            )
+            .map_err(|_| jsonwebtoken::errors::ErrorKind::RsaFailedSigning)?;
+        jwt.push('.');
+        B64.encode_string(signature, &mut jwt);
         self.signatures.inc();
-        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
+        Ok(jwt)
     }
 
     /// Forgets a session's token (on delete / unknown session).
@@ -361,7 +390,7 @@ mod tests {
             .unwrap();
         assert_ne!(t1, t3);
         assert_eq!(s.signatures(), 2);
-        let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
         v.validate_exp = false;
         v.set_audience(&["ci-1"]);
         let key = jsonwebtoken::DecodingKey::from_rsa_pem(pair.public_pem.as_bytes()).unwrap();
@@ -372,5 +401,12 @@ mod tests {
         assert_eq!(claims.exp - claims.iat, 300);
         assert_eq!(claims.session_id, "s1");
         assert_eq!(claims.aud.as_deref(), Some("ci-1"));
+        let header = jsonwebtoken::decode_header(t3.as_ref()).unwrap();
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        // Another key's verifier refuses it.
+        let other = KeyPair::generate().unwrap();
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(other.public_pem.as_bytes()).unwrap();
+        assert!(jsonwebtoken::decode::<SandboxClaims>(t3.as_bytes(), &key, &v).is_err());
     }
 }
