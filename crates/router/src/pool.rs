@@ -192,8 +192,23 @@ impl Pool {
     pub async fn send(
         &self,
         ep: &Endpoint,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+        let mut busy = Vec::new();
+        let sent = self.send_on(ep, req, connect_timeout, &mut busy).await;
+        for sender in busy {
+            ep.put_back(sender);
+        }
+        sent
+    }
+
+    async fn send_on(
+        &self,
+        ep: &Endpoint,
         mut req: Request<Body>,
         connect_timeout: Duration,
+        busy: &mut Vec<SendRequest<Body>>,
     ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
         loop {
             let (mut sender, reused) = match ep.checkout() {
@@ -204,15 +219,23 @@ impl Pool {
                     (s.map_err(SendError::Connect)?, false)
                 }
             };
-            // An idle connection is usually ready already; it may still be finishing the last
-            // response, or have closed since.
-            if reused && sender.ready().await.is_err() {
-                continue;
+            if reused && !sender.is_ready() {
+                // Usually the connection's task finishing the last exchange: let it run once.
+                tokio::task::yield_now().await;
+                if !sender.is_ready() {
+                    // Still busy (say, sending the rest of a request body the sandbox answered
+                    // early): another connection rather than waiting behind it.
+                    if !sender.is_closed() {
+                        busy.push(sender);
+                    }
+                    continue;
+                }
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, sender)),
                 Err(mut e) => match e.take_message() {
-                    // Never written: safe to send again, whatever the method.
+                    // Never written (the connection closed meanwhile): safe to send again,
+                    // whatever the method.
                     Some(r) if reused => req = r,
                     _ => return Err(SendError::Http(e.into_error())),
                 },

@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A hand-written HTTP/1.1 upstream; by path: `/slow` answers after 300 ms, `/big` sends 64 MiB (more than socket buffers hold)
 /// in 64 KiB pieces, `/close` answers with `connection: close` and closes, `/quit` answers
-/// keep-alive and closes 20 ms later (as a server ending an idle connection), anything else
+/// keep-alive and closes 20 ms later (as a server ending an idle connection), `/early` answers
+/// before reading the request's body and then only reads (never answers again), anything else
 /// answers `ok` and keeps the connection.
 #[derive(Clone, Default)]
 struct Counts {
@@ -75,6 +77,12 @@ async fn answer(mut s: TcpStream) -> std::io::Result<()> {
             "/close" => {
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                     .await?;
+                return Ok(());
+            }
+            "/early" => {
+                s.write_all(OK).await?;
+                let mut sink = [0u8; 4096];
+                while s.read(&mut sink).await? > 0 {}
                 return Ok(());
             }
             "/quit" => {
@@ -182,4 +190,28 @@ async fn connections_the_sandbox_closes_are_not_reused() {
     assert_eq!(c.accepted.load(SeqCst), 3);
     get_ok(&router, "x").await;
     assert_eq!(c.accepted.load(SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_request_body_is_not_waited_for() {
+    let (addr, c) = raw_upstream().await;
+    let router = router_to(&addr).await;
+    // An upload that stalls after its first bytes, answered before its end.
+    let stalled = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"0123456789"))
+    })
+    .chain(futures_util::stream::pending());
+    let r = client()
+        .post(router.ci("early"))
+        .header("x-agentcube-session-id", "s")
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    // Its connection is still busy sending: the next request takes another one at once.
+    tokio::time::timeout(Duration::from_secs(5), get_ok(&router, "x"))
+        .await
+        .expect("a request waited behind a connection still sending a body");
+    assert_eq!(c.accepted.load(SeqCst), 2);
 }
