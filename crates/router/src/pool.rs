@@ -46,6 +46,26 @@ pub enum Addr {
     Unix(PathBuf),
 }
 
+impl Addr {
+    /// A connection to this address (TCP with `TCP_NODELAY`), within `timeout`.
+    pub async fn open(&self, timeout: Duration) -> io::Result<Stream> {
+        let connect = async {
+            Ok(match self {
+                Addr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+                Addr::Tcp { host, port } => {
+                    let s = TcpStream::connect((host.as_str(), *port)).await?;
+                    s.set_nodelay(true)?;
+                    Stream::Tcp(s)
+                }
+            })
+        };
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+        }
+    }
+}
+
 /// One entry point: how to reach it, its `Host` header, its idle connections.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -123,29 +143,17 @@ impl Endpoint {
     }
 
     async fn connect(&self, timeout: Duration) -> io::Result<SendRequest<Body>> {
-        let connect = async {
-            let stream = match &self.addr {
-                Addr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
-                Addr::Tcp { host, port } => {
-                    let s = TcpStream::connect((host.as_str(), *port)).await?;
-                    s.set_nodelay(true)?;
-                    Stream::Tcp(s)
-                }
-            };
-            let (sender, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-            Ok(sender)
-        };
-        match tokio::time::timeout(timeout, connect).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
-        }
+        let stream = self.addr.open(timeout).await?;
+        // The handshake itself writes nothing; it cannot hang.
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
     }
 }
 

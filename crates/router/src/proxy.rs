@@ -78,8 +78,8 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Unix socket paths are carried to the connector through a synthetic host `unix-<hash>`, so the
-/// client's pool keys connections per socket.
+/// Unix socket paths are carried to the h2c client's connector through a synthetic host
+/// `unix-<hash>`, so that client's pool keys connections per socket.
 #[derive(Clone, Default)]
 struct UnixHosts(Arc<Mutex<HashMap<String, PathBuf>>>);
 
@@ -118,25 +118,15 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let host = uri.host().unwrap_or_default().to_string();
-        let unix = self.unix.0.lock().unwrap().get(&host).cloned();
-        let port = uri.port_u16().unwrap_or(80);
+        let addr = match self.unix.0.lock().unwrap().get(&host) {
+            Some(path) => Addr::Unix(path.clone()),
+            None => Addr::Tcp {
+                host,
+                port: uri.port_u16().unwrap_or(80),
+            },
+        };
         let timeout = self.connect_timeout;
-        Box::pin(async move {
-            let connect = async {
-                match unix {
-                    Some(path) => UnixStream::connect(path).await.map(Stream::Unix),
-                    None => {
-                        let s = TcpStream::connect((host.as_str(), port)).await?;
-                        s.set_nodelay(true)?;
-                        Ok(Stream::Tcp(s))
-                    }
-                }
-            };
-            match tokio::time::timeout(timeout, connect).await {
-                Ok(r) => r.map(TokioIo::new),
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
-            }
-        })
+        Box::pin(async move { addr.open(timeout).await.map(TokioIo::new) })
     }
 }
 
