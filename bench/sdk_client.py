@@ -5,8 +5,9 @@ prints per-call latencies as JSON. Modes:
   `run_code("python", "print(1)")` through the Router (the SDK's own HTTP stack).
 - `direct SOCKET TOKEN N`: the very same HTTP calls the SDK makes, with the same `requests.Session`,
   straight to the sandbox's PicoD on its Unix socket (the baseline).
-- `sessions NAME N [PAUSE]`: N x (create a session, first `execute_command("true")`, stop, wait
-  PAUSE seconds, 0.3 by default); the time from the constructor to the first answer.
+- `sessions NAME N [PAUSE [SETTLE]]`: N x (create a session, wait SETTLE seconds (0 by default),
+  first `execute_command("true")`, stop, wait PAUSE seconds, 0.3 by default); the time from the
+  constructor to the first answer, the settle time left out.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def direct(sock: str, token: str, n: int) -> dict:
     return {"execute": timed(lambda: execute(["true"]), n), "run_code": timed(run_code, n)}
 
 
-def sessions(name: str, n: int, pause: float = 0.3) -> dict:
+def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict:
     from agentcube import CodeInterpreterClient
 
     out, ctor, second = [], [], []
@@ -108,8 +109,10 @@ def sessions(name: str, n: int, pause: float = 0.3) -> dict:
         t0 = time.perf_counter()
         c = CodeInterpreterClient(name=name)
         ctor.append(time.perf_counter() - t0)
+        time.sleep(settle)
+        t1 = time.perf_counter()
         c.execute_command("true")
-        out.append(time.perf_counter() - t0)
+        out.append(ctor[-1] + time.perf_counter() - t1)
         t1 = time.perf_counter()
         c.execute_command("true")
         second.append(time.perf_counter() - t1)
@@ -125,5 +128,5 @@ if __name__ == "__main__":
     elif mode == "direct":
         result = direct(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        result = sessions(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:5]))
+        result = sessions(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:6]))
     print(json.dumps(result))
