@@ -55,6 +55,7 @@ impl Verifier {
             return Err(KeyError("no PEM header found".into()));
         }
         let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| KeyError(e.to_string()))?;
+        crate::ring_rsa::check_key(&key).map_err(KeyError)?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
         validation.leeway = LEEWAY_SECS as u64;

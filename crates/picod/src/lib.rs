@@ -4,7 +4,8 @@
 //! Main flow:
 //! 1. `main` parses flags/env into a [`Config`] and binds a listener ([`ListenAddr::bind`]: TCP
 //!    or a Unix socket).
-//! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`]).
+//! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`];
+//!    `main` has installed [`ring_rsa`] as jsonwebtoken's RSA verifier).
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //!    Background processes: [`process`] (`/api/processes`: start, list, output with resume,
@@ -29,6 +30,7 @@ pub mod forward;
 pub mod jail;
 pub mod metrics;
 pub mod process;
+pub mod ring_rsa;
 pub mod server;
 
 pub use config::{Auth, Config, ListenAddr};

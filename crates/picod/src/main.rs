@@ -151,6 +151,10 @@ async fn main() -> anyhow::Result<()> {
             "AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach PicoD can run commands"
         );
     }
+    // Before any token is verified: RSA signatures checked by ring (`ring_rsa`).
+    let provider = Box::leak(Box::new(agentcube_picod::ring_rsa::provider()));
+    jsonwebtoken::crypto::CryptoProvider::install_default(provider)
+        .map_err(|_| anyhow::anyhow!("a JWT crypto provider was installed before main's"))?;
     let state = AppState::new(config)?;
     let listener = listen
         .bind()
