@@ -32,10 +32,7 @@ pub fn provider() -> CryptoProvider {
 pub fn check_key(key: &DecodingKey) -> Result<(), String> {
     let bits = match key.kind() {
         DecodingKeyKind::SecretOrDer(der) => {
-            let utils = &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.key_utils;
-            let (n, _) = (utils.rsa_pub_components_from_public_key)(der)
-                .map_err(|e| format!("not an RSA public key: {e}"))?;
-            modulus_bits(&n)
+            modulus_bits(modulus_of(der).ok_or("not a DER RSA public key (PKCS#1)")?)
         }
         DecodingKeyKind::RsaModulusExponent { n, .. } => modulus_bits(n),
     };
@@ -46,6 +43,34 @@ pub fn check_key(key: &DecodingKey) -> Result<(), String> {
             "an RSA key of {bits} bits; 2048 to 8192 are accepted"
         ))
     }
+}
+
+/// The modulus of a PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }`,
+/// read by hand: only its length matters here (ring parses the key for real on every verify), and
+/// RustCrypto's parser would make its code resident in every idle PicoD (~0.3 MiB).
+fn modulus_of(der: &[u8]) -> Option<&[u8]> {
+    /// One DER element with tag `tag` at the start of `b`: (its content, what follows it).
+    fn element(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (&t, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = match first {
+            0..=0x7f => (usize::from(first), rest),
+            0x81..=0x84 => {
+                let n = usize::from(first & 0x7f);
+                let (bytes, rest) = (rest.get(..n)?, rest.get(n..)?);
+                (
+                    bytes.iter().fold(0usize, |a, b| a << 8 | usize::from(*b)),
+                    rest,
+                )
+            }
+            _ => return None,
+        };
+        (t == tag).then_some(())?;
+        Some((rest.get(..len)?, rest.get(len..)?))
+    }
+    let (seq, _) = element(der, 0x30)?;
+    let (modulus, _) = element(seq, 0x02)?;
+    Some(modulus)
 }
 
 fn modulus_bits(n: &[u8]) -> usize {
@@ -176,6 +201,18 @@ mod tests {
             "an RSA key of 1024 bits; 2048 to 8192 are accepted"
         );
         assert_eq!(modulus_bits(&[0, 0, 0b0100_0000, 0]), 15);
+        for bad in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x05, 0x02, 0x01],
+            &[0x31, 0x03, 0x02, 0x01, 0x01],
+        ] {
+            assert_eq!(modulus_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            modulus_of(&[0x30, 0x03, 0x02, 0x01, 0x7f]),
+            Some(&[0x7f][..])
+        );
     }
 
     #[test]
