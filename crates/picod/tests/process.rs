@@ -52,6 +52,11 @@ fn refuses_to_start_without_a_usable_key() {
     let mut c = spawn(&[&ws, "--listen=127.0.0.1:0"], Some("not a pem"));
     assert!(!wait_exit(&mut c, 10).unwrap().success());
     assert!(stderr_of(&mut c).contains("not a PEM RSA public key"));
+    // A key every token would fail on (below ring's floor) is refused at start, with the reason.
+    let short = include_str!("data/short.pub.pem");
+    let mut c = spawn(&[&ws, "--listen=127.0.0.1:0"], Some(short));
+    assert!(!wait_exit(&mut c, 10).unwrap().success());
+    assert!(stderr_of(&mut c).contains("an RSA key of 1024 bits; 2048 to 8192 are accepted"));
 }
 
 async fn unix_request(sock: &std::path::Path, req: hyper::Request<Full<Bytes>>) -> (u16, Vec<u8>) {
@@ -116,6 +121,19 @@ async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(v["stdout"].as_str().unwrap().ends_with("/ws\n"), "{v}");
+    // The binary checks signatures with ring (installed by its main): another key's token fails.
+    let forged = sign(
+        OTHER_KEY,
+        jsonwebtoken::Algorithm::RS256,
+        json!({"exp": now() + 60, "iat": now()}),
+    );
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {forged}"))
+        .body(Full::from(json!({"command": ["pwd"]}).to_string()))
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
     // The binary runs root commands in its own working directory (the workspace, entered at
     // start); any other directory is still given to the command.
     let req = hyper::Request::post("/api/execute")
