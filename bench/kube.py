@@ -4,11 +4,13 @@ kube-apiserver, controller-manager, scheduler and the real agent-sandbox v1.0 co
 are PicoD processes run by the process kubelet (no container runtime here, so a pod starts in
 milliseconds where a real node pulls and starts a container). p50/p99 over N sessions from the SDK's
 constructor to PicoD's first answer (`execute_command("true")`), for a warm-pool claim (the pool is
-full again before each one) and a cold create (a Sandbox per session); the baseline is the same
-SDK's `execute_command` on a live session, through the same Router."""
+full again before each one) and a cold create (a Sandbox per session). First, the SDK calls on a
+live session through the standalone Router (both SDKs), against the same HTTP calls made straight
+to a pod's PicoD."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,7 +22,7 @@ from pathlib import Path
 import requests
 
 from harness import RELEASE, REPO, Table, binary, free_port, median, pct, procs, wait_http
-from sdk import VENVS, ms, run
+from sdk import VENVS, ms, run, sign
 
 SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 SETTLED = max(SESSIONS // 3, 1)
@@ -69,6 +71,43 @@ def pool_ready(kubectl: list) -> int:
     return int(out or 0)
 
 
+DIRECT = "direct to the pod's PicoD (requests.Session)"
+CALLS, ROUNDS = 200, 5
+
+
+def router_key(kubectl: list, path: Path) -> None:
+    """The Router's private key, from the Secret the Router made (to sign the baseline's token)."""
+    out = subprocess.run(kubectl + ["get", "secret", "picod-router-identity", "-n", "agentcube", "-o",
+                                    "jsonpath={.data.private\\.pem}"], capture_output=True, text=True, check=True)
+    path.write_bytes(base64.b64decode(out.stdout))
+
+
+def sdk_calls(p, kubectl: list, wm_url: str, sdk_env: dict) -> dict:
+    """`execute_command("true")` and `run_code("python", "print(1)")` through the standalone Router
+    with both SDKs (each run claims its own session), and the same HTTP calls straight to another
+    session's pod; in interleaved rounds."""
+    s = requests.post(f"{wm_url}/v1/code-interpreter", json={"name": "kwarm", "namespace": "default"},
+                      timeout=60).json()
+    endpoint = s["entryPoints"][0]["endpoint"]
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    router_key(kubectl, p.tmp / "router.pem")
+    now = int(time.time())
+    token = sign(p.tmp / "router.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,
+                                        "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
+    targets = {DIRECT: (VENVS["this repo's SDK"], ["direct", url, token]),
+               **{f"{name} via Router": (py, ["router", "kwarm"]) for name, py in VENVS.items()}}
+    samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
+    for _ in range(ROUNDS):
+        for target, (py, args) in targets.items():
+            deadline = time.time() + 60
+            while args[0] == "router" and pool_ready(kubectl) < POOL and time.time() < deadline:
+                time.sleep(0.2)  # the last claim refilled: no pod starting alongside
+            for call, v in run(py, sdk_env, *args, CALLS // ROUNDS).items():
+                samples[target][call] += v
+    requests.delete(f"{wm_url}/v1/code-interpreter/sessions/{s['sessionId']}", timeout=60)
+    return samples
+
+
 def main() -> None:
     t = Table(f"Sessions on the Kubernetes backend (release binaries, real control plane + agent-sandbox v1.0.1, "
               f"process kubelet; {SESSIONS} sessions each)")
@@ -101,10 +140,15 @@ def main() -> None:
         sdk_env = {**os.environ, "WORKLOAD_MANAGER_URL": wm_url, "ROUTER_URL": router_url}
         sdk_env.pop("PYTHONPATH", None)
         sdk = VENVS["this repo's SDK"]
-        base = run(sdk, sdk_env, "router", "kwarm", 200)["execute"]
+        samples = sdk_calls(p, kubectl, wm_url, sdk_env)
+        for call in ("execute", "run_code"):
+            d50 = median(samples[DIRECT][call])
+            for target, v in samples.items():
+                v50 = median(v[call])
+                note = "baseline" if target == DIRECT else f"÷ direct {v50 / d50:.2f} (goal ≤ 1.2)"
+                t.row(f"{call}: {target} p50 / p99 ({len(v[call])})", f"{ms(v50)} / {ms(pct(v[call], 0.99))}", note)
+        base = samples["this repo's SDK via Router"]["execute"]
         b50 = median(base)
-        t.row("execute_command on a live session via Router p50 / p99 (200)", f"{ms(b50)} / {ms(pct(base, 0.99))}",
-              "baseline")
         # Enough pause for the controller to refill the pool: each claim finds a ready member.
         warm_run = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)
         # The same claims with the first call 0.3 s after the constructor: what the first call
@@ -114,7 +158,8 @@ def main() -> None:
         warm, cold = warm_run["create"], cold_run["create"]
         filled = pool_ready(kubectl)
         t.row(f"warm-pool claim: constructor → first PicoD answer p50 / p99 ({SESSIONS})",
-              f"{ms(median(warm))} / {ms(pct(warm, 0.99))}", f"÷ baseline {median(warm) / b50:.1f} (goal p50 ≤ 20 ms)")
+              f"{ms(median(warm))} / {ms(pct(warm, 0.99))}",
+              f"÷ an execute via Router {median(warm) / b50:.1f} (goal p50 ≤ 20 ms)")
         t.row(f"cold create (Sandbox → pod): constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
         for what, r in (("warm claim", warm_run), ("cold create", cold_run)):

@@ -3,8 +3,9 @@ prints per-call latencies as JSON. Modes:
 
 - `router NAME N`: `CodeInterpreterClient(name=NAME)`; N x `execute_command("true")` and N x
   `run_code("python", "print(1)")` through the Router (the SDK's own HTTP stack).
-- `direct SOCKET TOKEN N`: the very same HTTP calls the SDK makes, with the same `requests.Session`,
-  straight to the sandbox's PicoD on its Unix socket (the baseline).
+- `direct SOCKET|URL TOKEN N`: the very same HTTP calls the SDK makes, with the same
+  `requests.Session`, straight to the sandbox's PicoD on its Unix socket or at `http://IP:PORT`
+  (the baseline).
 - `sessions NAME N [PAUSE [SETTLE]]`: N x (create a session, wait SETTLE seconds (0 by default),
   first `execute_command("true")`, stop, wait PAUSE seconds, 0.3 by default); the time from the
   constructor to the first answer, the settle time left out.
@@ -80,20 +81,24 @@ def router(name: str, n: int) -> dict:
         }
 
 
-def direct(sock: str, token: str, n: int) -> dict:
+def direct(target: str, token: str, n: int) -> dict:
     s = requests.Session()
-    s.mount("http://picod/", UnixAdapter(sock))
+    if target.startswith("http://"):
+        base = target.rstrip("/")
+    else:
+        base = "http://picod"
+        s.mount("http://picod/", UnixAdapter(target))
     s.headers.update({"Authorization": f"Bearer {token}"})
 
     def execute(cmd):
-        r = s.post("http://picod/api/execute", json={"command": cmd, "timeout": "120s"}, timeout=(5, 122))
+        r = s.post(f"{base}/api/execute", json={"command": cmd, "timeout": "120s"}, timeout=(5, 122))
         r.raise_for_status()
         return r.json()
 
     def run_code():
         # What the SDK's run_code does: write the script, then run it.
         name = f"script_{int(time.time() * 1000)}.py"
-        r = s.post("http://picod/api/files", json={"path": name, "content": base64.b64encode(b"print(1)").decode(),
+        r = s.post(f"{base}/api/files", json={"path": name, "content": base64.b64encode(b"print(1)").decode(),
                                                   "mode": "0644"}, timeout=(5, 120))
         r.raise_for_status()
         execute(["python3", name])
