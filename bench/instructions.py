@@ -1,8 +1,10 @@
 """Instructions the release `router` binary executes per proxied request, counted by valgrind's
 callgrind (deterministic, unlike timings on a shared machine): one keep-alive client sends N
 `GET …/invocations/health` to one PicoD through the Router (Redis store, one session); counting
-starts after start-up and 50 warm-up requests. Prints the count per request and the functions
-that cost most (self cost). Needs valgrind (`apt-get install valgrind`)."""
+starts after start-up and 50 warm-up requests. The baseline: an nginx worker (one process,
+`master_process off`) proxying `GET /health` to the same PicoD, counted the same way. Prints the
+counts per request and the Router's functions that cost most (self cost). Needs valgrind
+(`apt-get install valgrind`)."""
 
 from __future__ import annotations
 
@@ -18,15 +20,55 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 PATH = "/v1/namespaces/default/code-interpreters/bench/invocations/health"
 
 
-def requests_through(port: int, n: int) -> None:
+NGINX = """daemon off;
+master_process off;
+worker_processes 1;
+error_log {tmp}/nginx.err;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  upstream picod {{ server 127.0.0.1:{picod}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://picod;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+def requests_through(port: int, n: int, path: str = PATH) -> None:
     c = http.client.HTTPConnection("127.0.0.1", port)
     for _ in range(n):
-        c.request("GET", PATH, headers={"x-agentcube-session-id": "s1"})
+        c.request("GET", path, headers={"x-agentcube-session-id": "s1"})
         r = c.getresponse()
         r.read()
         if r.status != 200:
             raise SystemExit(f"router answered {r.status}")
     c.close()
+
+
+def totals(out) -> int:
+    return next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
+
+
+def nginx_count(p, picod_port: int) -> int:
+    """Instructions of one nginx worker process for N proxied `GET /health`."""
+    port, out = free_port(), p.tmp / "nginx.callgrind"
+    (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=port))
+    nginx = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                     "nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
+    wait_http(f"http://127.0.0.1:{port}/health", secs=120, proc=nginx)
+    requests_through(port, 50, "/health")
+    subprocess.run(["callgrind_control", "-i", "on", str(nginx.pid)], check=True, capture_output=True)
+    requests_through(port, N, "/health")
+    nginx.terminate()
+    nginx.wait(timeout=120)
+    return totals(out)
 
 
 def main() -> None:
@@ -47,10 +89,13 @@ def main() -> None:
         requests_through(router_port, N)
         router.terminate()
         router.wait(timeout=120)
-        total = next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
+        total = totals(out)
         top = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True).stdout
+        nginx_total = nginx_count(p, picod_port)
     t = Table(f"Router instructions per proxied request (callgrind, {N} requests, one keep-alive client)")
     t.row("instructions per request", f"{total / N:,.0f}", "release build; deterministic")
+    t.row("nginx worker, same requests to the same PicoD", f"{nginx_total / N:,.0f}",
+          f"router ÷ nginx {total / nginx_total:.2f}")
     rows = [line for line in top.splitlines() if "(" in line and "%)" in line and "PROGRAM TOTALS" not in line]
     for line in rows[:12]:
         count, rest = line.split(None, 1)
