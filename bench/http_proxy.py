@@ -34,7 +34,8 @@ def record(session: str, endpoint: str) -> str:
 
 
 NGINX = """daemon off;
-worker_processes 2;
+master_process {master};
+worker_processes {workers};
 error_log {tmp}/nginx.err;
 pid {tmp}/nginx.pid;
 events {{ worker_connections 4096; }}
@@ -82,7 +83,8 @@ def main() -> None:
                         "--store", f"redis://127.0.0.1:{redis_port}", "--jwt-issuer-url", bearer[0],
                         "--jwt-role-claim", "scp", "--jwt-required-role", "sandbox:invoke"], "router-oidc.log",
                        env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
-        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port))
+        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port, master="on",
+                                                       workers=2))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
         wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
