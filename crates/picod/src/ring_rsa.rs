@@ -2,8 +2,9 @@
 //! jsonwebtoken still parses the token, picks and checks the algorithm and validates every claim;
 //! only the RSA arithmetic moves. A token's whole verify, measured through PicoD on this project's
 //! machines, took ~0.43 ms with RustCrypto's verifier (which also re-parses the key each time) and
-//! takes ~0.13 ms with ring's; every session's first request pays it (verified tokens are cached). Every other algorithm is RustCrypto's, as
-//! before (PicoD accepts only RS256/384/512 anyway).
+//! takes ~0.13 ms with ring's; every session's first request pays it (verified tokens are
+//! cached). Every other algorithm is RustCrypto's, as before (PicoD accepts only RS256/384/512
+//! anyway).
 //!
 //! Keys must be RSA 2048–8192 bits (ring's floor); the Router's identity is RSA-2048.
 
