@@ -28,8 +28,21 @@ pub fn token() -> String {
 }
 
 pub fn sign(key_pem: &str, alg: Algorithm, claims: serde_json::Value) -> String {
+    install_ring(); // before jsonwebtoken's first use picks its default provider
     let key = EncodingKey::from_rsa_pem(key_pem.as_bytes()).unwrap();
     jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap()
+}
+
+/// Tokens are verified as the `picod` binary verifies them: with ring as jsonwebtoken's RSA
+/// verifier (installed once per test process, as `main` does, before anything here uses
+/// jsonwebtoken).
+pub fn install_ring() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let provider = Box::leak(Box::new(agentcube_picod::ring_rsa::provider()));
+        jsonwebtoken::crypto::CryptoProvider::install_default(provider)
+            .unwrap_or_else(|_| panic!("a JWT crypto provider was installed before the tests'"));
+    });
 }
 
 pub struct Picod {
@@ -43,6 +56,7 @@ impl Picod {
     }
 
     pub fn with(f: impl FnOnce(&mut Config)) -> Self {
+        install_ring();
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::new(dir.path().join("ws"), Auth::PublicKeyPem(ROUTER_PUB.into()));
         f(&mut config);
