@@ -24,6 +24,7 @@ VARIANTS = {
     "wm-auth": ["--set", "workloadmanager.auth.enabled=true",
                 "--set", "workloadmanager.auth.adminGroup=system:serviceaccounts:agentcube-admins"],
     "bundled-redis": ["--set", "bundledRedis.enabled=true"],
+    "standby-claims": ["--set", "workloadmanager.standbyClaims=2"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -105,6 +106,24 @@ def test_args_and_env_match_the_binaries(env, variant, tmp_path):
         unknown = {e["name"] for e in c.get("env", [])} - known
         assert not unknown, f"{name}: the chart sets env the binary never reads: {unknown}"
     assert seen == set(BIN)
+
+
+def claim_verbs(docs):
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and "sandboxclaims" in str(d))
+    return next(set(r["verbs"]) for r in role["rules"] if r["resources"] == ["sandboxclaims"])
+
+
+def test_standby_claims_alone_grant_patching_claims(env, tmp_path):
+    """Handing a standby claim to a session is a patch; without standby claims the Workload
+    Manager never patches one, and is not allowed to."""
+    docs, _ = render(env, "defaults", tmp_path)
+    assert "patch" not in claim_verbs(docs)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--standby-claims=0" in args
+    docs, _ = render(env, "standby-claims", tmp_path)
+    assert "patch" in claim_verbs(docs)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--standby-claims=2" in args
 
 
 def test_chart_crds_are_the_generated_ones():

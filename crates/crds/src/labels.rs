@@ -9,6 +9,12 @@ pub const WORKLOAD_NAME: &str = "runtime.agentcube.io/workload-name";
 pub const WORKLOAD_KIND: &str = "runtime.agentcube.io/workload-kind";
 /// Name of the Sandbox or SandboxClaim (label, on pods and claims).
 pub const SANDBOX_NAME: &str = "runtime.agentcube.io/sandbox-name";
+/// Extension: on a SandboxClaim the Workload Manager made ahead of demand (a standby claim), the
+/// name of the CodeInterpreter it is for; removed when a session takes the claim.
+pub const STANDBY: &str = "runtime.agentcube.io/standby";
+/// Extension: the CodeInterpreter's `metadata.generation` a standby claim was made for
+/// (annotation); a claim made for another generation is not handed out.
+pub const STANDBY_GENERATION: &str = "runtime.agentcube.io/standby-generation";
 /// Idle timeout as a Go duration string, e.g. `15m0s` (annotation).
 pub const IDLE_TIMEOUT: &str = "runtime.agentcube.io/idle-timeout";
 /// OIDC subject of the session owner (annotation).

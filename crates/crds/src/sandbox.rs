@@ -295,6 +295,19 @@ impl Sandbox {
         ips.iter().map(String::as_str).find(|ip| !ip.is_empty())
     }
 
+    /// The Router public key this Sandbox's PicoD trusts (`PICOD_AUTH_PUBLIC_KEY` in its pod
+    /// template), if it carries one.
+    pub fn trusted_key(&self) -> Option<&str> {
+        self.spec
+            .pod_template
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| c.env.iter().flatten())
+            .find(|e| e.name == crate::labels::PICOD_AUTH_PUBLIC_KEY)
+            .and_then(|e| e.value.as_deref())
+    }
+
     /// Whether `uid` (a SandboxClaim's) is this Sandbox's controller owner: the claim adopted it.
     pub fn controlled_by(&self, uid: &str) -> bool {
         self.metadata

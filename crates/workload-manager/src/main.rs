@@ -80,6 +80,11 @@ struct Args {
         default_value = "app=agentcube-router"
     )]
     router_pod_labels: String,
+    /// Kubernetes backend (extension): SandboxClaims per warm pool (at most its warmPoolSize)
+    /// bound to warm Sandboxes ahead of demand, so a session create takes one with a single
+    /// patch instead of waiting for agent-sandbox's adoption. Each holds one more pod. 0: none.
+    #[arg(long, env = "AGENTCUBE_STANDBY_CLAIMS", default_value_t = 0)]
+    standby_claims: u32,
     /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -159,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.default_runtime_class = args.runtime_class_name.clone();
             kc.fixed_key = public_key;
+            kc.standby_claims = args.standby_claims;
             kc.router_pod_labels =
                 agentcube_workload_manager::backend::kubernetes::network::RouterPeer::parse_labels(
                     &args.router_pod_labels,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::kube::*;
 use common::{ROUTER_PUB, sh};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use serde_json::json;
 
 const ON_DEMAND: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
@@ -629,4 +629,185 @@ spec:
     )
     .await;
     k.stop().await;
+}
+
+/// The standby claims of `definition` that are bound to a Ready Sandbox, as (claim, Sandbox).
+async fn bound_standby(k: &KubeStack, definition: &str) -> Vec<(DynamicObject, DynamicObject)> {
+    let lp = ListParams::default().labels(&format!("runtime.agentcube.io/standby={definition}"));
+    let mut out = Vec::new();
+    for c in claims(&k.client).list(&lp).await.unwrap().items {
+        let Some(name) = c.data["status"]["sandbox"]["name"].as_str() else {
+            continue;
+        };
+        if let Some(sb) = sandboxes(&k.client).get_opt(name).await.unwrap()
+            && ready(&sb)
+        {
+            out.push((c, sb));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: POOLED.into(),
+        standby_claims: 1,
+        ..Default::default()
+    })
+    .await;
+    let (standby, sandbox) = k
+        .eventually("a standby claim bound to a Ready Sandbox", 30, async || {
+            bound_standby(&k, "pooled").await.pop()
+        })
+        .await;
+    let standby_name = standby.metadata.name.clone().unwrap();
+    let labels = standby.metadata.labels.clone().unwrap();
+    assert!(
+        !labels.contains_key("runtime.agentcube.io/session-id"),
+        "no session yet: {labels:?}"
+    );
+    assert!(standby.data["spec"]["lifecycle"]["shutdownTime"].is_null());
+    assert_eq!(standby.data["spec"]["warmPoolRef"]["name"], "pooled");
+    assert_eq!(
+        standby.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "CodeInterpreter"
+    );
+    // The pool keeps its size besides the standby claim's Sandbox.
+    k.eventually("pool of 2 ready besides it", 30, async || {
+        let m = pool_members(&k.client, "pooled").await;
+        (m.len() == 2 && m.iter().all(ready)).then_some(())
+    })
+    .await;
+
+    // Start-up reconciliation leaves standby claims alone: they serve no session yet.
+    let manager = k.wm.as_ref().unwrap().manager.clone();
+    let report = agentcube_workload_manager::reconcile::run(&manager, jiff::Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(report.orphans, 0);
+    assert!(
+        claims(&k.client)
+            .get_opt(&standby_name)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // A create takes the bound claim whole: its Sandbox, its pod, the session's labels.
+    let s = k.create_ok("code-interpreter", "pooled").await;
+    assert_eq!(s["kind"], "SandboxClaim");
+    assert_eq!(s["sandboxName"], standby_name.as_str());
+    assert_eq!(
+        s["sandboxId"],
+        sandbox.metadata.uid.clone().unwrap().as_str()
+    );
+    assert_eq!(
+        s["sandboxIdentity"],
+        sandbox.metadata.name.clone().unwrap().as_str()
+    );
+    let taken = claims(&k.client).get(&standby_name).await.unwrap();
+    let labels = taken.metadata.labels.clone().unwrap();
+    assert_eq!(
+        labels["runtime.agentcube.io/session-id"],
+        s["sessionId"].as_str().unwrap()
+    );
+    assert!(!labels.contains_key("runtime.agentcube.io/standby"));
+    let annotations = taken.metadata.annotations.clone().unwrap();
+    assert!(!annotations.contains_key("runtime.agentcube.io/standby-generation"));
+    assert_eq!(annotations["runtime.agentcube.io/idle-timeout"], "15m0s");
+    let rec = k.store.get(s["sessionId"].as_str().unwrap()).await.unwrap();
+    let shutdown = taken.data["spec"]["lifecycle"]["shutdownTime"]
+        .as_str()
+        .expect("the session's end is the claim's shutdownTime")
+        .parse::<jiff::Timestamp>()
+        .unwrap();
+    assert_eq!(shutdown.as_second(), rec.expires_at.as_second());
+    let (status, out) = exec_tcp(&k.http, &s, &["echo", "standby"]).await;
+    assert_eq!((status, out["stdout"].as_str()), (200, Some("standby\n")));
+
+    // Another standby claim replaces it.
+    let (next, _) = k
+        .eventually("a new bound standby claim", 30, async || {
+            bound_standby(&k, "pooled").await.pop()
+        })
+        .await;
+    assert_ne!(next.metadata.name.as_deref(), Some(standby_name.as_str()));
+
+    // A changed definition: the standby claim made for the old generation is replaced.
+    code_interpreters(&k.client)
+        .patch(
+            "pooled",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"sessionTimeout": "20m"}})),
+        )
+        .await
+        .unwrap();
+    let next_name = next.metadata.name.clone().unwrap();
+    let (fresh, _) = k
+        .eventually(
+            "the old generation's standby claim replaced",
+            30,
+            async || {
+                let gone = claims(&k.client)
+                    .get_opt(&next_name)
+                    .await
+                    .unwrap()
+                    .is_none();
+                let b = bound_standby(&k, "pooled").await.pop()?;
+                gone.then_some(b)
+            },
+        )
+        .await;
+    let ci = code_interpreters(&k.client).get("pooled").await.unwrap();
+    assert_eq!(
+        fresh.metadata.annotations.as_ref().unwrap()["runtime.agentcube.io/standby-generation"],
+        ci.metadata.generation.unwrap().to_string()
+    );
+
+    // Two creates at once with one standby claim: it goes to one of them, the other claims
+    // from the pool as without standby claims.
+    let fresh_name = fresh.metadata.name.clone().unwrap();
+    let (a, b) = tokio::join!(
+        k.create_ok("code-interpreter", "pooled"),
+        k.create_ok("code-interpreter", "pooled")
+    );
+    let names = [a["sandboxName"].clone(), b["sandboxName"].clone()];
+    assert_ne!(names[0], names[1]);
+    assert!(names.contains(&json!(fresh_name)), "{names:?}");
+    assert_ne!(a["sandboxIdentity"], b["sandboxIdentity"]);
+
+    for session in [&s, &a, &b] {
+        assert_eq!(k.delete(session["sessionId"].as_str().unwrap()).await, 200);
+    }
+    k.eventually("the sessions' claims gone", 20, async || {
+        let mut left = 0;
+        for session in [&s, &a, &b] {
+            let name = session["sandboxName"].as_str().unwrap();
+            left += claims(&k.client).get_opt(name).await.unwrap().is_some() as usize;
+        }
+        (left == 0).then_some(())
+    })
+    .await;
+
+    // Without a warm pool there is nothing to hold: the standby claims go.
+    code_interpreters(&k.client)
+        .patch(
+            "pooled",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"warmPoolSize": 0}})),
+        )
+        .await
+        .unwrap();
+    k.eventually("no standby claim left", 30, async || {
+        let lp = ListParams::default().labels("runtime.agentcube.io/standby");
+        claims(&k.client)
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }

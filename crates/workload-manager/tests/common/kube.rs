@@ -55,6 +55,8 @@ pub struct KubeOptions {
     pub manifests: String,
     /// `--enable-auth` with this admin group (TokenReview against the test API server).
     pub auth_admin_group: Option<String>,
+    /// `--standby-claims`.
+    pub standby_claims: u32,
 }
 
 impl Default for KubeOptions {
@@ -66,6 +68,7 @@ impl Default for KubeOptions {
             runtime_class: String::new(),
             manifests: String::new(),
             auth_admin_group: None,
+            standby_claims: 0,
         }
     }
 }
@@ -260,6 +263,7 @@ impl KubeStack {
         let mut kc = KubeConfig::new(SYSTEM_NS);
         kc.default_runtime_class = opts.runtime_class;
         kc.probe_timeout = Duration::from_secs(5);
+        kc.standby_claims = opts.standby_claims;
         let backend = KubernetesBackend::start(client.clone(), kc).await.unwrap();
         assert_eq!(
             backend.api(),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox, SandboxTemplate, SandboxWarmPool};
-use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter, CodeInterpreterStatus, labels};
+use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter, CodeInterpreterStatus};
 use agentcube_types::api::WorkloadKind;
 use futures_util::StreamExt;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -243,16 +243,7 @@ async fn retire_stale_members(
     let sandboxes: Api<Sandbox> = Api::namespaced_with(ctx.client.clone(), ns, &ctx.api);
     let all = sandboxes.list(&ListParams::default()).await?;
     for sb in all.into_iter().filter(|s| s.warm_pool() == Some(pool)) {
-        let carried = sb
-            .spec
-            .pod_template
-            .spec
-            .containers
-            .iter()
-            .flat_map(|c| c.env.iter().flatten())
-            .find(|e| e.name == labels::PICOD_AUTH_PUBLIC_KEY)
-            .and_then(|e| e.value.clone());
-        if carried.is_some_and(|k| k != key) {
+        if sb.trusted_key().is_some_and(|k| k != key) {
             tracing::info!(sandbox = %sb.name_any(), "retiring a warm sandbox that trusts an old Router key");
             match sandboxes
                 .delete(&sb.name_any(), &DeleteParams::default())

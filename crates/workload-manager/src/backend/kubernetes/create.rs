@@ -28,7 +28,9 @@ impl KubernetesBackend {
                 (watched::uid(s) == uid && s.is_ready()).then(|| s.clone())
             })
             .await;
-        let (identity, entry_points) = self.reachable(namespace, &ready, ports).await?;
+        let (identity, entry_points) = self
+            .reachable(namespace, &ready, ports, self.config.probe_timeout)
+            .await?;
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uid,
@@ -49,7 +51,9 @@ impl KubernetesBackend {
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
         let ready = self.adopted(namespace, &name, &uid).await;
-        let (identity, entry_points) = self.reachable(namespace, &ready, ports).await?;
+        let (identity, entry_points) = self
+            .reachable(namespace, &ready, ports, self.config.probe_timeout)
+            .await?;
         Ok(Sandbox {
             kind: BackingKind::SandboxClaim,
             // The Sandbox's uid (upstream's `sandboxId`); the record is named after the claim.
@@ -84,14 +88,15 @@ impl KubernetesBackend {
         bound(&claim, uid, |s| self.sandboxes.get(namespace, s))
     }
 
-    /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP.
-    /// Returns the pod's name (the sandbox identity PicoD reads from the downward API) and the
-    /// entry points.
-    async fn reachable(
+    /// The pod behind a Ready Sandbox must be Running with an IP, and every port must accept TCP
+    /// within `probe_timeout`. Returns the pod's name (the sandbox identity PicoD reads from the
+    /// downward API) and the entry points.
+    pub(super) async fn reachable(
         &self,
         namespace: &str,
         sandbox: &SandboxObject,
         ports: &[TargetPort],
+        probe_timeout: std::time::Duration,
     ) -> Result<(String, Vec<EntryPoint>), BackendError> {
         let pod_name = pod_name_of(sandbox);
         // agent-sandbox reports Ready only for a Running, Ready pod with IPs, and names them
@@ -103,7 +108,7 @@ impl KubernetesBackend {
         let mut entry_points = Vec::with_capacity(ports.len());
         for port in ports {
             let addr = join_host_port(&ip, port.port);
-            probe::wait_open(&addr, self.config.probe_timeout)
+            probe::wait_open(&addr, probe_timeout)
                 .await
                 .map_err(|_| BackendError::NotReady(format!("{pod_name} ({addr} closed)")))?;
             entry_points.push(entry_point(port, addr));
@@ -127,7 +132,7 @@ impl KubernetesBackend {
 
 /// The Ready Sandbox `claim` (if its uid is `uid`) is bound to, looked up with `sandbox`: the one
 /// its status names, or the one its assignment annotation names once the claim controls it.
-fn bound(
+pub(super) fn bound(
     claim: &SandboxClaim,
     uid: &str,
     sandbox: impl Fn(&str) -> Option<std::sync::Arc<SandboxObject>>,

@@ -1,6 +1,7 @@
 //! Pure builders of the agent-sandbox objects the Workload Manager creates (spec §2.4), field for
 //! field as upstream, plus one fix: the Workload Manager's `--runtime-class-name` is the default
-//! RuntimeClass for definitions that name none (upstream ignored the flag).
+//! RuntimeClass for definitions that name none (upstream ignored the flag). Also the standby
+//! claims of `--standby-claims` (extension) and the patch that hands one to a session.
 
 use std::collections::BTreeMap;
 
@@ -280,6 +281,69 @@ pub fn code_interpreter_claim(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sand
         },
     };
     SandboxClaim::new(s.api, metadata, spec)
+}
+
+/// A standby claim (extension, `--standby-claims`): a SandboxClaim on the CodeInterpreter's warm
+/// pool made ahead of demand, so agent-sandbox binds it to a warm Sandbox before any session
+/// asks. Labelled [`labels::STANDBY`] with the definition's name instead of a session id (start-up
+/// reconciliation and GC look only at session-labelled objects), annotated with the
+/// definition's generation, owned like a session's claim, and without `shutdownTime`: it gets
+/// the session's when [`standby_handout`] gives it to one. v1beta1 only.
+pub fn standby_claim(api: AgentSandboxApi, ci: &CodeInterpreter, name: &str) -> SandboxClaim {
+    let definition = ci.metadata.name.clone().unwrap_or_default();
+    let metadata = ObjectMeta {
+        name: Some(name.into()),
+        namespace: ci.metadata.namespace.clone(),
+        labels: Some(BTreeMap::from([
+            (labels::SANDBOX_NAME.to_string(), name.to_string()),
+            (labels::STANDBY.to_string(), definition.clone()),
+        ])),
+        annotations: Some(BTreeMap::from([(
+            labels::STANDBY_GENERATION.to_string(),
+            ci.metadata.generation.unwrap_or_default().to_string(),
+        )])),
+        owner_references: Some(vec![owner_ref(ci, false)]),
+        ..Default::default()
+    };
+    let spec = SandboxClaimSpec {
+        warm_pool_ref: Some(NameRef { name: definition }),
+        lifecycle: Some(ClaimLifecycle {
+            shutdown_time: None,
+            shutdown_policy: Some("Delete".into()),
+            extra: Default::default(),
+        }),
+        ..Default::default()
+    };
+    SandboxClaim::new(api, metadata, spec)
+}
+
+/// The JSON merge patch that gives the standby claim at `resource_version` to session `s`: the
+/// session's labels and annotations exactly as [`code_interpreter_claim`] sets them, the standby
+/// label and generation removed, the session's `shutdownTime`. The resourceVersion makes the
+/// API server refuse (409) the patch if the claim changed since it was read, so two creates
+/// (or two Workload Manager replicas) can never hand out the same claim.
+pub fn standby_handout(
+    ci: &CodeInterpreter,
+    s: &SessionInfo<'_>,
+    resource_version: &str,
+) -> serde_json::Value {
+    let meta = session_meta(s, &ci.spec.session_timeout.to_string(), BTreeMap::new());
+    let mut labels_ = serde_json::to_value(meta.labels.unwrap_or_default()).unwrap_or_default();
+    labels_[labels::STANDBY] = serde_json::Value::Null;
+    let mut annotations =
+        serde_json::to_value(meta.annotations.unwrap_or_default()).unwrap_or_default();
+    annotations[labels::STANDBY_GENERATION] = serde_json::Value::Null;
+    let mut patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": resource_version,
+            "labels": labels_,
+            "annotations": annotations,
+        }
+    });
+    if let Some(t) = s.shutdown_time {
+        patch["spec"] = serde_json::json!({"lifecycle": {"shutdownTime": Time(t)}});
+    }
+    patch
 }
 
 /// The SandboxTemplate kept for a CodeInterpreter with a warm pool (named like it).

@@ -2,7 +2,9 @@
 //!
 //! Main flow of a create ([`KubernetesBackend`] as [`Backend`]):
 //! 1. Build the object ([`desired`]): a `Sandbox` for an AgentRuntime or a CodeInterpreter
-//!    without warm pool, a `SandboxClaim` for a CodeInterpreter with `warmPoolSize > 0`.
+//!    without warm pool, a `SandboxClaim` for a CodeInterpreter with `warmPoolSize > 0` — unless
+//!    `--standby-claims` keeps claims bound ahead of demand: then one of those is handed to the
+//!    session with one patch ([`standby`]) and steps 2–3 are already done.
 //! 2. Create it, then wait on the one shared watch of that kind ([`watched`]): the claim's
 //!    `status.sandbox.name`, then that Sandbox's `Ready=True`.
 //! 3. Resolve the pod (annotation `agents.x-k8s.io/pod-name` for adopted pods, else the Sandbox
@@ -41,6 +43,7 @@ pub mod desired;
 pub mod network;
 pub mod probe;
 pub mod sources;
+pub mod standby;
 pub mod watched;
 
 use watched::Watched;
@@ -61,6 +64,9 @@ pub struct KubeConfig {
     /// Labels of the Router's pods (in `namespace`): the ingress every definition's
     /// NetworkPolicy allows.
     pub router_pod_labels: std::collections::BTreeMap<String, String>,
+    /// `--standby-claims`: claims per warm pool bound ahead of demand ([`standby`]; 0: none,
+    /// as upstream).
+    pub standby_claims: u32,
 }
 
 impl KubeConfig {
@@ -73,6 +79,7 @@ impl KubeConfig {
             fixed_key: None,
             sync_timeout: Duration::from_secs(60),
             router_pod_labels: [("app".to_string(), "agentcube-router".to_string())].into(),
+            standby_claims: 0,
         }
     }
 }
@@ -97,10 +104,12 @@ pub struct KubernetesBackend {
     /// The agent-sandbox API version in use.
     api: AgentSandboxApi,
     config: KubeConfig,
-    sandboxes: Watched<SandboxObject>,
-    claims: Watched<SandboxClaim>,
+    sandboxes: Arc<Watched<SandboxObject>>,
+    claims: Arc<Watched<SandboxClaim>>,
     definitions: Arc<Definitions>,
     key: RouterKey,
+    /// Claims bound ahead of demand, when `--standby-claims` asks for them.
+    standby: Option<Arc<standby::Standby>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -209,8 +218,38 @@ impl KubernetesBackend {
         tasks.push(tokio::spawn(controller::run(ctx.clone())));
         tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));
         let cfg = watcher::Config::default;
-        let sandboxes = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);
-        let claims = Watched::start_with(Api::all_with(client.clone(), &api), cfg(), api);
+        let sandboxes = Arc::new(Watched::start_with(
+            Api::all_with(client.clone(), &api),
+            cfg(),
+            api,
+        ));
+        let claims = Arc::new(Watched::start_with(
+            Api::all_with(client.clone(), &api),
+            cfg(),
+            api,
+        ));
+        let standby = match (config.standby_claims, api) {
+            (0, _) => None,
+            (n, AgentSandboxApi::V1beta1) => {
+                let s = Arc::new(standby::Standby {
+                    client: client.clone(),
+                    api,
+                    per_pool: n,
+                    claims: claims.clone(),
+                    sandboxes: sandboxes.clone(),
+                    definitions: definitions.clone(),
+                    key: key.clone(),
+                    pending: Default::default(),
+                    taking: Default::default(),
+                });
+                tasks.push(tokio::spawn(s.clone().keep()));
+                Some(s)
+            }
+            (_, AgentSandboxApi::V1alpha1) => {
+                tracing::warn!("--standby-claims needs agent-sandbox v0.5+ (v1beta1); ignored");
+                None
+            }
+        };
         Ok(Self {
             client,
             api,
@@ -219,6 +258,7 @@ impl KubernetesBackend {
             claims,
             definitions,
             key,
+            standby,
             tasks,
         })
     }
@@ -282,6 +322,13 @@ impl Backend for KubernetesBackend {
         let ports = req.workload.ports();
         let sandbox = match &req.workload {
             Workload::CodeInterpreter(ci) if uses_claim(&req.workload) => {
+                if let Some(standby) = &self.standby {
+                    match standby.take(self, ci, &info, &ports).await {
+                        Ok(Some(sandbox)) => return Ok(sandbox),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot take a standby claim"),
+                    }
+                }
                 let claim = desired::code_interpreter_claim(ci, &info);
                 return self.create_claim(&req.namespace, claim, &ports).await;
             }

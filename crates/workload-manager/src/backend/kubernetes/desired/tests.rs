@@ -266,3 +266,42 @@ fn a_definition_with_its_own_security_context_keeps_it() {
             .is_none()
     );
 }
+
+#[test]
+fn a_standby_claim_has_no_session_and_its_handout_gives_it_one_guarded_by_its_version() {
+    let mut c = ci("  warmPoolSize: 2\n");
+    c.metadata.generation = Some(7);
+    let claim = serde_json::to_value(standby_claim(AgentSandboxApi::V1beta1, &c, "ci-zz")).unwrap();
+    assert_eq!(claim["metadata"]["labels"][labels::STANDBY], "ci");
+    assert!(claim["metadata"]["labels"][labels::SESSION_ID].is_null());
+    assert_eq!(
+        claim["metadata"]["annotations"][labels::STANDBY_GENERATION],
+        "7"
+    );
+    assert_eq!(claim["spec"]["warmPoolRef"]["name"], "ci");
+    assert!(claim["spec"]["lifecycle"]["shutdownTime"].is_null());
+
+    let patch = standby_handout(&c, &session(Some("alice"), ""), "42");
+    assert_eq!(patch["metadata"]["resourceVersion"], "42");
+    let labels_ = &patch["metadata"]["labels"];
+    assert!(labels_[labels::STANDBY].is_null() && labels_.get(labels::STANDBY).is_some());
+    assert_eq!(labels_[labels::SESSION_ID], "sid-1");
+    assert_eq!(labels_[labels::OWNER_HASH], owner_hash("alice"));
+    let annotations = &patch["metadata"]["annotations"];
+    assert!(
+        annotations
+            .get(labels::STANDBY_GENERATION)
+            .is_some_and(Value::is_null)
+    );
+    assert_eq!(annotations[labels::OWNER], "alice");
+    assert_eq!(annotations[labels::IDLE_TIMEOUT], "15m0s");
+    assert_eq!(
+        patch["spec"]["lifecycle"]["shutdownTime"],
+        "2026-08-03T12:00:00Z"
+    );
+    let unbounded = SessionInfo {
+        shutdown_time: None,
+        ..session(None, "")
+    };
+    assert!(standby_handout(&c, &unbounded, "42").get("spec").is_none());
+}

@@ -1,0 +1,533 @@
+//! Standby claims (extension, `--standby-claims N`): SandboxClaims the Workload Manager makes
+//! ahead of demand, so that a session create on a warm pool does not wait for agent-sandbox to
+//! adopt a warm Sandbox (three API writes after the claim's create, ~40 ms on a small control
+//! plane) but takes a claim that is already bound.
+//!
+//! Main flow:
+//! 1. [`Standby::keep`] holds `min(N, warmPoolSize)` standby claims
+//!    ([`desired::standby_claim`]) per CodeInterpreter with a warm pool. On every change of the
+//!    claim watch (and every [`RESYNC`]) it creates the missing ones and deletes those it must
+//!    not hand out: made for an older generation of the definition, bound to a Sandbox that
+//!    trusts an old Router key, not bound to a Ready Sandbox [`STUCK_AFTER`] after their
+//!    creation, beyond the target, or for a definition that no longer has a warm pool.
+//! 2. [`Standby::take`] (a session create): picks a standby claim bound to a Ready Sandbox and
+//!    gives it to the session with one resourceVersion-guarded patch
+//!    ([`desired::standby_handout`]); a conflict (another create took it) moves on to the next.
+//!    Its ports are probed briefly; a claim whose pod does not answer is deleted. With no usable
+//!    standby claim the caller makes a claim as it would without standby claims.
+//!
+//! Each standby claim holds a Sandbox the warm pool then replaces: a pool of size S with N
+//! standby claims keeps S + min(N, S) pods.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox as SandboxObject, SandboxClaim};
+use agentcube_crds::{AuthMode, CodeInterpreter, TargetPort, labels};
+use agentcube_types::BackingKind;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+
+use super::watched::{self, Watched};
+use super::{KubernetesBackend, create::bound, desired};
+use crate::backend::{BackendError, Sandbox};
+use crate::definitions::{Definitions, Workload};
+use crate::key::RouterKey;
+
+/// How often [`Standby::keep`] looks again without a change of the claim watch (definition and
+/// key changes, stuck claims).
+pub const RESYNC: Duration = Duration::from_secs(2);
+/// A standby claim not bound to a Ready Sandbox this long after its creation is replaced.
+pub const STUCK_AFTER: Duration = Duration::from_secs(120);
+/// How long a handed-out claim's ports get to answer (its pod was Ready and probed before).
+const HANDOUT_PROBE: Duration = Duration::from_secs(1);
+/// A claim created here counts until the watch shows it, or this long.
+const PENDING_FOR: Duration = Duration::from_secs(30);
+
+/// The standby claims of one Workload Manager (shared view: every replica counts every standby
+/// claim in the cluster).
+pub struct Standby {
+    pub(super) client: kube::Client,
+    pub(super) api: AgentSandboxApi,
+    /// Standby claims per warm pool (at most its size).
+    pub(super) per_pool: u32,
+    pub(super) claims: Arc<Watched<SandboxClaim>>,
+    pub(super) sandboxes: Arc<Watched<SandboxObject>>,
+    pub(super) definitions: Arc<Definitions>,
+    pub(super) key: RouterKey,
+    /// Created by this process and not yet in the watch cache: (namespace, name) → the
+    /// definition and when.
+    pub(super) pending: Mutex<HashMap<(String, String), (String, tokio::time::Instant)>>,
+    /// Being handed out by a create of this process: (namespace, name).
+    pub(super) taking: Mutex<HashSet<(String, String)>>,
+}
+
+/// What one pass decided for one definition.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    create: usize,
+    /// (name, resourceVersion): deleted only if unchanged since, so a claim a create has just
+    /// handed out is never deleted.
+    delete: Vec<(String, String)>,
+}
+
+/// A standby claim as a pass sees it.
+#[derive(Debug)]
+struct Held {
+    name: String,
+    resource_version: String,
+    /// Bound to a Ready Sandbox that may be handed out.
+    usable: bool,
+    /// Must go whatever the count (old generation, old key, stuck).
+    stale: bool,
+}
+
+impl Standby {
+    /// How many standby claims a CodeInterpreter gets.
+    fn target(&self, ci: &CodeInterpreter) -> usize {
+        self.per_pool.min(ci.spec.warm_pool()) as usize
+    }
+
+    /// Keeps the standby claims until the task is dropped.
+    pub async fn keep(self: Arc<Self>) {
+        self.claims.ready().await;
+        self.sandboxes.ready().await;
+        let mut changes = self.claims.subscribe();
+        loop {
+            changes.borrow_and_update();
+            self.pass().await;
+            // Coalesces a burst of watch events (each claim's status writes) into one pass.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RESYNC) => {}
+            }
+        }
+    }
+
+    /// One look at every standby claim and every CodeInterpreter.
+    #[tracing::instrument(name = "standby", skip_all)]
+    async fn pass(&self) {
+        let now = jiff::Timestamp::now();
+        let mut held: HashMap<(String, String), Vec<Held>> = HashMap::new();
+        for claim in self.claims.all() {
+            let Some(definition) = claim.labels().get(labels::STANDBY) else {
+                continue;
+            };
+            if claim.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let ns = claim.namespace().unwrap_or_default();
+            let ci = self
+                .definitions
+                .get(
+                    agentcube_types::api::WorkloadKind::CodeInterpreter,
+                    &ns,
+                    definition,
+                )
+                .and_then(|w| match w {
+                    Workload::CodeInterpreter(ci) => Some(ci),
+                    Workload::AgentRuntime(_) => None,
+                });
+            let h = self.judge(&claim, ci.as_deref(), now);
+            held.entry((ns, definition.clone())).or_default().push(h);
+        }
+        let seen: HashSet<(String, String)> = self
+            .claims
+            .all()
+            .iter()
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .collect();
+        let pending = self.pending_by_definition(&seen);
+        let mut targets: HashMap<(String, String), Arc<CodeInterpreter>> = HashMap::new();
+        for ci in self.definitions.code_interpreters() {
+            if self.target(&ci) > 0 {
+                let key = (ci.namespace().unwrap_or_default(), ci.name_any());
+                targets.insert(key, ci);
+            }
+        }
+        let keys: HashSet<_> = held.keys().chain(targets.keys()).cloned().collect();
+        for key in keys {
+            let ci = targets.get(&key);
+            let target = ci.map(|c| self.target(c)).unwrap_or(0);
+            let mine = held.remove(&key).unwrap_or_default();
+            let plan = plan(mine, pending.get(&key).copied().unwrap_or(0), target);
+            self.apply(&key.0, ci, plan).await;
+        }
+    }
+
+    /// Whether a standby claim may be handed out, or must go.
+    fn judge(
+        &self,
+        claim: &SandboxClaim,
+        ci: Option<&CodeInterpreter>,
+        now: jiff::Timestamp,
+    ) -> Held {
+        let name = claim.name_any();
+        let resource_version = claim.resource_version().unwrap_or_default();
+        let Some(ci) = ci else {
+            return Held {
+                name,
+                resource_version,
+                usable: false,
+                stale: true,
+            };
+        };
+        let generation = claim
+            .annotations()
+            .get(labels::STANDBY_GENERATION)
+            .and_then(|g| g.parse::<i64>().ok());
+        let old_generation = generation != Some(ci.metadata.generation.unwrap_or_default());
+        let sandbox = self.bound_sandbox(claim);
+        let old_key = match (&sandbox, self.key.get()) {
+            (Some(sb), Some(key)) if ci.spec.auth_mode != AuthMode::None => {
+                sb.trusted_key() != Some(key.as_str())
+            }
+            _ => false,
+        };
+        let age = claim
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| now.duration_since(t.0))
+            .unwrap_or_default();
+        let stuck = sandbox.is_none()
+            && age > jiff::SignedDuration::try_from(STUCK_AFTER).unwrap_or_default();
+        Held {
+            name,
+            resource_version,
+            usable: sandbox.is_some() && !old_generation && !old_key,
+            stale: old_generation || old_key || stuck,
+        }
+    }
+
+    /// The Ready Sandbox a claim is bound to.
+    fn bound_sandbox(&self, claim: &SandboxClaim) -> Option<SandboxObject> {
+        let ns = claim.namespace().unwrap_or_default();
+        bound(claim, &watched::uid(claim), |s| self.sandboxes.get(&ns, s))
+    }
+
+    /// Claims created here that the watch does not show yet, by (namespace, definition); forgets
+    /// those it shows and those older than [`PENDING_FOR`].
+    fn pending_by_definition(
+        &self,
+        seen: &HashSet<(String, String)>,
+    ) -> HashMap<(String, String), usize> {
+        let mut pending = self.pending.lock().unwrap();
+        pending.retain(|k, (_, at)| !seen.contains(k) && at.elapsed() < PENDING_FOR);
+        let mut by = HashMap::new();
+        for ((ns, _), (definition, _)) in pending.iter() {
+            *by.entry((ns.clone(), definition.clone())).or_default() += 1;
+        }
+        by
+    }
+
+    async fn apply(&self, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
+        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
+        for (name, rv) in &plan.delete {
+            if self
+                .taking
+                .lock()
+                .unwrap()
+                .contains(&(ns.to_string(), name.clone()))
+            {
+                continue;
+            }
+            tracing::info!(namespace = ns, claim = %name, "deleting a standby claim");
+            let dp = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: Some(rv.clone()),
+                    uid: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match api.delete(name, &dp).await {
+                Ok(_) => {}
+                // Gone, or changed since (e.g. handed out): not ours to delete any more.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => {
+                    tracing::warn!(claim = %name, error = %e, "cannot delete a standby claim")
+                }
+            }
+        }
+        let Some(ci) = ci else { return };
+        for _ in 0..plan.create {
+            let name = Workload::CodeInterpreter(ci.clone()).sandbox_name();
+            let claim = desired::standby_claim(self.api, ci, &name);
+            match api.create(&PostParams::default(), &claim).await {
+                Ok(_) => {
+                    tracing::info!(namespace = ns, claim = %name, "standby claim created");
+                    self.pending.lock().unwrap().insert(
+                        (ns.to_string(), name),
+                        (ci.name_any(), tokio::time::Instant::now()),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = ns, error = %e, "cannot create a standby claim");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives a standby claim of `ci` bound to a Ready Sandbox to the session `info` describes;
+    /// `Ok(None)` when there is none to give.
+    pub async fn take(
+        &self,
+        backend: &KubernetesBackend,
+        ci: &CodeInterpreter,
+        info: &desired::SessionInfo<'_>,
+        ports: &[TargetPort],
+    ) -> Result<Option<Sandbox>, BackendError> {
+        let ns = info.namespace;
+        let definition = ci.name_any();
+        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
+        let now = jiff::Timestamp::now();
+        let candidates = self.claims.all().into_iter().filter(|c| {
+            c.namespace().as_deref() == Some(ns)
+                && c.labels().get(labels::STANDBY) == Some(&definition)
+                && self.judge(c, Some(ci), now).usable
+        });
+        for claim in candidates {
+            let name = claim.name_any();
+            let Some(_taking) = Taking::new(&self.taking, ns, &name) else {
+                continue;
+            };
+            let Some(sandbox) = self.hand_out(&api, &claim, ci, info).await? else {
+                continue;
+            };
+            // From here the claim is the session's: deleted unless it is returned.
+            let guard = HandedOut::new(api.clone(), name.clone());
+            match backend.reachable(ns, &sandbox, ports, HANDOUT_PROBE).await {
+                Ok((identity, entry_points)) => {
+                    guard.keep();
+                    tracing::info!(claim = %name, "standby claim handed out");
+                    return Ok(Some(Sandbox {
+                        kind: BackingKind::SandboxClaim,
+                        id: watched::uid(&sandbox),
+                        name,
+                        entry_points,
+                        identity,
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %name, error = %e, "a standby claim's sandbox does not answer; deleting it");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Patches `claim` over to the session; returns its Sandbox, or `None` when it is no longer
+    /// a usable standby claim. A conflict with a write we had not seen yet (agent-sandbox keeps
+    /// writing a claim for a moment after binding it) is retried on a fresh read.
+    async fn hand_out(
+        &self,
+        api: &Api<SandboxClaim>,
+        claim: &SandboxClaim,
+        ci: &CodeInterpreter,
+        info: &desired::SessionInfo<'_>,
+    ) -> Result<Option<SandboxObject>, BackendError> {
+        let name = claim.name_any();
+        let mut current = claim.clone();
+        for _ in 0..3 {
+            let usable = current.labels().get(labels::STANDBY) == Some(&ci.name_any())
+                && self
+                    .judge(&current, Some(ci), jiff::Timestamp::now())
+                    .usable;
+            let sandbox = self.bound_sandbox(&current).filter(|_| usable);
+            let Some(sandbox) = sandbox else {
+                return Ok(None);
+            };
+            let rv = current.resource_version().unwrap_or_default();
+            let patch = desired::standby_handout(ci, info, &rv);
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(Some(sandbox)),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::debug!(claim = %name, "standby claim changed meanwhile; reading it again");
+                    match api.get_opt(&name).await? {
+                        Some(fresh) => current = fresh,
+                        None => return Ok(None),
+                    }
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Which standby claims of one definition go, and how many to create: stale ones go; of the
+/// rest, those beyond `target` (counting `pending` creates) go, unusable ones first, then by
+/// name (so replicas pick the same ones).
+fn plan(mut held: Vec<Held>, pending: usize, target: usize) -> Plan {
+    let mut delete = Vec::new();
+    held.retain(|h| {
+        if h.stale {
+            delete.push((h.name.clone(), h.resource_version.clone()));
+        }
+        !h.stale
+    });
+    held.sort_by(|a, b| b.usable.cmp(&a.usable).then_with(|| a.name.cmp(&b.name)));
+    let have = held.len() + pending;
+    if held.len() > target {
+        delete.extend(held.drain(target..).map(|h| (h.name, h.resource_version)));
+    }
+    Plan {
+        create: target.saturating_sub(have),
+        delete,
+    }
+}
+
+/// A claim name this process is handing out; released on drop.
+struct Taking<'a> {
+    set: &'a Mutex<HashSet<(String, String)>>,
+    key: (String, String),
+}
+
+impl<'a> Taking<'a> {
+    fn new(set: &'a Mutex<HashSet<(String, String)>>, ns: &str, name: &str) -> Option<Self> {
+        let key = (ns.to_string(), name.to_string());
+        // Not `then_some`: it would build (and, when refused, drop) a guard that releases the
+        // other taker's name, under the lock.
+        let fresh = set.lock().unwrap().insert(key.clone());
+        fresh.then(|| Self { set, key })
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// A claim just given to a session: deleted on drop (an error, or the create's future dropped)
+/// unless [`HandedOut::keep`] says it was returned to the session layer, which then owns it.
+struct HandedOut {
+    api: Option<Api<SandboxClaim>>,
+    name: String,
+}
+
+impl HandedOut {
+    fn new(api: Api<SandboxClaim>, name: String) -> Self {
+        Self {
+            api: Some(api),
+            name,
+        }
+    }
+
+    fn keep(mut self) {
+        self.api = None;
+    }
+}
+
+impl Drop for HandedOut {
+    fn drop(&mut self) {
+        let (Some(api), Ok(rt)) = (self.api.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let name = std::mem::take(&mut self.name);
+        rt.spawn(async move {
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(claim = %name, error = %e, "cannot delete a handed-out claim")
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_taken_once_until_released() {
+        let set = Mutex::default();
+        let first = Taking::new(&set, "ns", "c").unwrap();
+        assert!(Taking::new(&set, "ns", "c").is_none());
+        assert!(
+            set.lock().unwrap().contains(&("ns".into(), "c".into())),
+            "a refusal releases nothing"
+        );
+        drop(first);
+        assert!(Taking::new(&set, "ns", "c").is_some());
+    }
+
+    fn held(name: &str, usable: bool, stale: bool) -> Held {
+        Held {
+            name: name.into(),
+            resource_version: format!("rv-{name}"),
+            usable,
+            stale,
+        }
+    }
+
+    #[test]
+    fn missing_claims_are_created_counting_pending_ones() {
+        assert_eq!(
+            plan(vec![], 0, 2),
+            Plan {
+                create: 2,
+                delete: vec![]
+            }
+        );
+        assert_eq!(
+            plan(vec![held("a", true, false)], 0, 2),
+            Plan {
+                create: 1,
+                delete: vec![]
+            }
+        );
+        assert_eq!(
+            plan(vec![held("a", false, false)], 1, 2),
+            Plan {
+                create: 0,
+                delete: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn stale_claims_go_and_are_replaced() {
+        assert_eq!(
+            plan(vec![held("a", true, false), held("b", false, true)], 0, 2),
+            Plan {
+                create: 1,
+                delete: vec![("b".into(), "rv-b".into())]
+            }
+        );
+    }
+
+    #[test]
+    fn extras_go_unusable_first_then_by_name() {
+        let p = plan(
+            vec![
+                held("c", true, false),
+                held("a", false, false),
+                held("b", true, false),
+            ],
+            0,
+            1,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                create: 0,
+                delete: vec![("c".into(), "rv-c".into()), ("a".into(), "rv-a".into())]
+            }
+        );
+        // A definition without a warm pool (target 0) keeps none.
+        assert_eq!(
+            plan(vec![held("a", true, false)], 0, 0).delete,
+            vec![("a".to_string(), "rv-a".to_string())]
+        );
+    }
+}
