@@ -309,3 +309,63 @@ async fn a_pool_waits_for_the_router_key_and_follows_it_when_it_changes() {
     let sb = sandboxes(&k.client).get(bound).await.unwrap();
     assert_eq!(key_in(&sb.data).as_deref(), Some(OTHER_PUB));
 }
+
+#[tokio::test]
+async fn standby_claims_holding_sandboxes_of_an_old_router_key_are_replaced() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: ci(1),
+        standby_claims: 1,
+        ..Default::default()
+    })
+    .await;
+    let bound_standby = async |key: &str| -> Option<String> {
+        let lp = kube::api::ListParams::default().labels("runtime.agentcube.io/standby=pooled");
+        for c in claims(&k.client).list(&lp).await.unwrap().items {
+            let name = c.data["status"]["sandbox"]["name"].as_str()?.to_string();
+            let sb = sandboxes(&k.client).get_opt(&name).await.unwrap()?;
+            if ready(&sb) && key_in(&sb.data).as_deref() == Some(key) {
+                return c.metadata.name;
+            }
+        }
+        None
+    };
+    let old = k
+        .eventually("a standby claim on the first key", 30, async || {
+            bound_standby(ROUTER_PUB).await
+        })
+        .await;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(k.client.clone(), SYSTEM_NS);
+    secrets
+        .patch(
+            "picod-router-identity",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"stringData": {"private.pem": OTHER_KEY, "public.pem": OTHER_PUB}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // Its Sandbox would refuse the Router's tokens: it is never handed out, and goes.
+    let fresh = k
+        .eventually(
+            "a standby claim on the new key, the old one gone",
+            40,
+            async || {
+                let gone = claims(&k.client).get_opt(&old).await.unwrap().is_none();
+                let fresh = bound_standby(OTHER_PUB).await?;
+                gone.then_some(fresh)
+            },
+        )
+        .await;
+    // The new standby claim, or (if the Workload Manager's watch still trails the API server)
+    // a claim on the pool: never the old one, and a Sandbox that trusts the new key either way.
+    let s = k.create_ok("code-interpreter", "pooled").await;
+    assert_ne!(s["sandboxName"], old.as_str());
+    let _ = fresh;
+    let sb = sandboxes(&k.client)
+        .get(s["sandboxIdentity"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(key_in(&sb.data).as_deref(), Some(OTHER_PUB));
+}
