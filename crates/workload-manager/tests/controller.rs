@@ -347,22 +347,20 @@ async fn standby_claims_holding_sandboxes_of_an_old_router_key_are_replaced() {
         .await
         .unwrap();
     // Its Sandbox would refuse the Router's tokens: it is never handed out, and goes.
-    let fresh = k
-        .eventually(
-            "a standby claim on the new key, the old one gone",
-            40,
-            async || {
-                let gone = claims(&k.client).get_opt(&old).await.unwrap().is_none();
-                let fresh = bound_standby(OTHER_PUB).await?;
-                gone.then_some(fresh)
-            },
-        )
-        .await;
+    k.eventually(
+        "a standby claim on the new key, the old one gone",
+        40,
+        async || {
+            let gone = claims(&k.client).get_opt(&old).await.unwrap().is_none();
+            bound_standby(OTHER_PUB).await?;
+            gone.then_some(())
+        },
+    )
+    .await;
     // The new standby claim, or (if the Workload Manager's watch still trails the API server)
     // a claim on the pool: never the old one, and a Sandbox that trusts the new key either way.
     let s = k.create_ok("code-interpreter", "pooled").await;
     assert_ne!(s["sandboxName"], old.as_str());
-    let _ = fresh;
     let sb = sandboxes(&k.client)
         .get(s["sandboxIdentity"].as_str().unwrap())
         .await
