@@ -4,9 +4,10 @@ kube-apiserver, controller-manager, scheduler and the real agent-sandbox v1.0 co
 are PicoD processes run by the process kubelet (no container runtime here, so a pod starts in
 milliseconds where a real node pulls and starts a container). p50/p99 over N sessions from the SDK's
 constructor to PicoD's first answer (`execute_command("true")`), for a warm-pool claim (the pool is
-full again before each one) and a cold create (a Sandbox per session). First, the SDK calls on a
-live session through the standalone Router (both SDKs), against the same HTTP calls made straight
-to a pod's PicoD."""
+full again before each one), a cold create (a Sandbox per session), and a warm-pool session with
+`--standby-claims` (the Workload Manager restarted with claims bound ahead of demand). First, the
+SDK calls on a live session through the standalone Router (both SDKs), against the same HTTP calls
+made straight to a pod's PicoD."""
 
 from __future__ import annotations
 
@@ -63,6 +64,22 @@ def controller_share(audit: Path) -> list:
         elif o.get("subresource") == "status" and e["verb"] in ("update", "patch"):
             bound.setdefault(o["name"], ts(e["stageTimestamp"]))
     return [bound[n] - t for n, t in created.items() if n in bound]
+
+
+def standby_bound(kubectl: list) -> int:
+    """Standby claims of kwarm whose status names a Sandbox."""
+    out = subprocess.run(kubectl + ["get", "sandboxclaims.extensions.agents.x-k8s.io", "-l",
+                                    "runtime.agentcube.io/standby=kwarm", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(1 for c in json.loads(out)["items"] if c.get("status", {}).get("sandbox", {}).get("name"))
+
+
+def wait_until(what: str, cond, secs: float = 120) -> None:
+    deadline = time.time() + secs
+    while not cond():
+        if time.time() > deadline:
+            raise SystemExit(f"{what}: not within {secs} s")
+        time.sleep(0.2)
 
 
 def pool_ready(kubectl: list) -> int:
@@ -128,15 +145,12 @@ def main() -> None:
         r = p.start([binary("router"), "--port", str(router), "--bind", "127.0.0.1", "--metrics-port", "0"],
                     "router.log", env=env)
         wait_http(f"http://127.0.0.1:{router}/health/ready", proc=r)
-        w = p.start([binary("workload-manager"), "--backend", "kubernetes", "--port", str(wm), "--bind", "127.0.0.1",
-                     "--metrics-port", "0"], "wm.log", env=env)
+        wm_args = [binary("workload-manager"), "--backend", "kubernetes", "--port", str(wm), "--bind", "127.0.0.1",
+                   "--metrics-port", "0"]
+        w = p.start(wm_args, "wm.log", env=env)
         wm_url, router_url = f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
         wait_http(f"{wm_url}/health", proc=w)
-        deadline = time.time() + 120
-        while pool_ready(kubectl) < POOL:
-            if time.time() > deadline:
-                raise SystemExit("the warm pool did not fill")
-            time.sleep(0.2)
+        wait_until("the warm pool filling", lambda: pool_ready(kubectl) >= POOL)
         sdk_env = {**os.environ, "WORKLOAD_MANAGER_URL": wm_url, "ROUTER_URL": router_url}
         sdk_env.pop("PYTHONPATH", None)
         sdk = VENVS["this repo's SDK"]
@@ -157,12 +171,26 @@ def main() -> None:
         cold_run = run(sdk, sdk_env, "sessions", "kcold", SESSIONS, 0.2)
         warm, cold = warm_run["create"], cold_run["create"]
         filled = pool_ready(kubectl)
+        share = controller_share(p.tmp / "cluster/control-plane/audit.log")
+        # The same warm-pool sessions with standby claims: the Workload Manager restarted with
+        # one standby claim per pool member; the pause lets the pool and the standby claims refill.
+        p.stop(w)
+        w = p.start(wm_args + ["--standby-claims", str(POOL)], "wm-standby.log", env=env)
+        wait_http(f"{wm_url}/health", proc=w)
+        wait_until("the standby claims binding",
+                   lambda: standby_bound(kubectl) >= POOL and pool_ready(kubectl) >= POOL)
+        standby_run = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)
+        standby = standby_run["create"]
         t.row(f"warm-pool claim: constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(warm))} / {ms(pct(warm, 0.99))}",
               f"÷ an execute via Router {median(warm) / b50:.1f} (goal p50 ≤ 20 ms)")
+        t.row(f"warm-pool session with --standby-claims {POOL}: constructor → first PicoD answer p50 / p99 "
+              f"({SESSIONS})", f"{ms(median(standby))} / {ms(pct(standby, 0.99))}",
+              f"÷ an execute via Router {median(standby) / b50:.1f}; ÷ warm claim "
+              f"{median(standby) / median(warm):.2f} (goal p50 ≤ 20 ms)")
         t.row(f"cold create (Sandbox → pod): constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
-        for what, r in (("warm claim", warm_run), ("cold create", cold_run)):
+        for what, r in (("warm claim", warm_run), ("standby claim", standby_run), ("cold create", cold_run)):
             c = r["constructor"]
             t.row(f"of a {what}: the constructor (Workload Manager create) p50 / p99",
                   f"{ms(median(c))} / {ms(pct(c, 0.99))}", "the rest is the first execute")
@@ -172,8 +200,7 @@ def main() -> None:
         first = [a - b for a, b in zip(settled_run["create"], settled_run["constructor"])]
         t.row(f"after a warm claim, first execute_command 0.3 s later p50 ({SETTLED})", ms(median(first)),
               "the control plane's writes after a claim run on these CPUs")
-        t.row("warm pool ready members at the end", f"{filled} / {POOL}", "")
-        share = controller_share(p.tmp / "cluster/control-plane/audit.log")
+        t.row("warm pool ready members after the warm claims", f"{filled} / {POOL}", "")
         if share:
             t.row(f"of a warm claim: claim created → agent-sandbox wrote its status p50 / p99 ({len(share)})",
                   f"{ms(median(share))} / {ms(pct(share, 0.99))}", "the controller's part")

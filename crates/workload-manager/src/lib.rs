@@ -151,6 +151,10 @@ impl WorkloadManager {
                     .warm_pool_ready
                     .get_or_create(&pool)
                     .set(p.ready as i64);
+                metrics
+                    .standby_claims_ready
+                    .get_or_create(&pool)
+                    .set(p.standby as i64);
             }
             metrics.encode()
         }

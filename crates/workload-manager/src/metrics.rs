@@ -79,6 +79,8 @@ pub struct Metrics {
     pub reconciled_orphans: Counter,
     /// Ready sandboxes per warm pool (refreshed at each scrape).
     pub warm_pool_ready: Family<Pool, Gauge>,
+    /// Standby claims ready to be handed out per warm pool (refreshed at each scrape).
+    pub standby_claims_ready: Family<Pool, Gauge>,
     /// The API listener's connection counters.
     pub serve: std::sync::Arc<agentcube_serve::Stats>,
 }
@@ -110,6 +112,7 @@ impl Default for Metrics {
             reconciled_records: Counter::default(),
             reconciled_orphans: Counter::default(),
             warm_pool_ready: Family::default(),
+            standby_claims_ready: Family::default(),
             serve: Default::default(),
         };
         let mut registry = Registry::default();
@@ -184,6 +187,11 @@ impl Metrics {
             "warm_pool_ready",
             "Ready sandboxes per warm pool",
             self.warm_pool_ready.clone(),
+        );
+        r.register(
+            "standby_claims_ready",
+            "Standby claims bound to a Ready sandbox per warm pool (--standby-claims)",
+            self.standby_claims_ready.clone(),
         );
     }
 

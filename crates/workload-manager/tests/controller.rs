@@ -357,10 +357,11 @@ async fn standby_claims_holding_sandboxes_of_an_old_router_key_are_replaced() {
         },
     )
     .await;
-    // The new standby claim, or (if the Workload Manager's watch still trails the API server)
-    // a claim on the pool: never the old one, and a Sandbox that trusts the new key either way.
+    // The only standby claim left, as the Workload Manager sees it, is the new-key one.
+    k.standby_ready("pooled", 1).await;
+    let fresh = bound_standby(OTHER_PUB).await.unwrap();
     let s = k.create_ok("code-interpreter", "pooled").await;
-    assert_ne!(s["sandboxName"], old.as_str());
+    assert_eq!(s["sandboxName"], fresh.as_str());
     let sb = sandboxes(&k.client)
         .get(s["sandboxIdentity"].as_str().unwrap())
         .await

@@ -155,6 +155,7 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
             name: "pooled".into(),
             ready: 2,
             size: 2,
+            standby: 0,
         };
         pools.levels().contains(&level).then_some(())
     })
@@ -694,7 +695,9 @@ async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
             .is_some()
     );
 
-    // A create takes the bound claim whole: its Sandbox, its pod, the session's labels.
+    // A create takes the bound claim whole (once the Workload Manager's watch shows it bound):
+    // its Sandbox, its pod, the session's labels.
+    k.standby_ready("pooled", 1).await;
     let s = k.create_ok("code-interpreter", "pooled").await;
     assert_eq!(s["kind"], "SandboxClaim");
     assert_eq!(s["sandboxName"], standby_name.as_str());
@@ -768,6 +771,7 @@ async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
     // Two creates at once with one standby claim: it goes to one of them, the other claims
     // from the pool as without standby claims.
     let fresh_name = fresh.metadata.name.clone().unwrap();
+    k.standby_ready("pooled", 1).await;
     let (a, b) = tokio::join!(
         k.create_ok("code-interpreter", "pooled"),
         k.create_ok("code-interpreter", "pooled")

@@ -16,6 +16,9 @@ pub struct PoolLevel {
     pub ready: usize,
     /// The size asked for (`warmPoolSize`).
     pub size: u32,
+    /// Standby claims bound to a Ready Sandbox that a create may take (`--standby-claims`;
+    /// always 0 on the local backend, whose pool members are taken directly).
+    pub standby: usize,
 }
 
 /// Warm pools, as far as the Workload Manager needs to see them (metrics, progress output).

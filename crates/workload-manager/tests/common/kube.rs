@@ -348,6 +348,24 @@ impl KubeStack {
         out
     }
 
+    /// Waits (up to 30 s) until the Workload Manager sees `n` standby claims of warm pool `pool`
+    /// ready to be handed out.
+    pub async fn standby_ready(&self, pool: &str, n: usize) {
+        let pools = self.wm.as_ref().unwrap().pools.clone();
+        self.eventually(
+            &format!("{n} standby claims of {pool} ready"),
+            30,
+            async || {
+                let levels = pools.levels();
+                levels
+                    .iter()
+                    .any(|l| l.name == pool && l.standby == n)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
     /// Waits (up to `secs`) for `f` to return `Some`.
     pub async fn eventually<T>(
         &self,

@@ -449,11 +449,13 @@ impl WarmPools for KubernetesBackend {
                             && s.is_ready()
                     })
                     .count();
+                let standby = self.standby.as_ref().map_or(0, |s| s.usable(&ci).len());
                 PoolLevel {
                     namespace: ns,
                     name,
                     ready,
                     size: ci.spec.warm_pool(),
+                    standby,
                 }
             })
             .collect()

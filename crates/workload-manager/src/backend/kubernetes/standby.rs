@@ -281,15 +281,8 @@ impl Standby {
         ports: &[TargetPort],
     ) -> Result<Option<Sandbox>, BackendError> {
         let ns = info.namespace;
-        let definition = ci.name_any();
         let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-        let now = jiff::Timestamp::now();
-        let candidates = self.claims.all().into_iter().filter(|c| {
-            c.namespace().as_deref() == Some(ns)
-                && c.labels().get(labels::STANDBY) == Some(&definition)
-                && self.judge(c, Some(ci), now).usable
-        });
-        for claim in candidates {
+        for claim in self.usable(ci) {
             let name = claim.name_any();
             let Some(_taking) = Taking::new(&self.taking, ns, &name) else {
                 continue;
@@ -317,6 +310,21 @@ impl Standby {
             }
         }
         Ok(None)
+    }
+
+    /// The standby claims of `ci` (in its namespace) that may be handed out now, as cached.
+    pub fn usable(&self, ci: &CodeInterpreter) -> Vec<Arc<SandboxClaim>> {
+        let (ns, definition) = (ci.namespace(), ci.name_any());
+        let now = jiff::Timestamp::now();
+        self.claims
+            .all()
+            .into_iter()
+            .filter(|c| {
+                c.namespace() == ns
+                    && c.labels().get(labels::STANDBY) == Some(&definition)
+                    && self.judge(c, Some(ci), now).usable
+            })
+            .collect()
     }
 
     /// Patches `claim` over to the session; returns its Sandbox, or `None` when it is no longer

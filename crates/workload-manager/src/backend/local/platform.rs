@@ -21,6 +21,7 @@ impl WarmPools for LocalBackend {
                 name: p.name,
                 ready: p.ready,
                 size: p.size,
+                standby: 0,
             })
             .collect()
     }
