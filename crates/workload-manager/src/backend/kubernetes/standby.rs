@@ -109,6 +109,29 @@ impl Standby {
     /// One look at every standby claim and every CodeInterpreter.
     #[tracing::instrument(name = "standby", skip_all)]
     async fn pass(&self) {
+        // Pending first: a claim the watch shows in between is then counted twice (one create
+        // too few, made up next pass), never not at all (one too many).
+        let pending = self.pending_by_definition();
+        let mut held = self.held();
+        let targets: HashMap<(String, String), Arc<CodeInterpreter>> = self
+            .definitions
+            .code_interpreters()
+            .into_iter()
+            .filter(|ci| self.target(ci) > 0)
+            .map(|ci| ((ci.namespace().unwrap_or_default(), ci.name_any()), ci))
+            .collect();
+        let keys: HashSet<_> = held.keys().chain(targets.keys()).cloned().collect();
+        for key in keys {
+            let ci = targets.get(&key);
+            let target = ci.map(|c| self.target(c)).unwrap_or(0);
+            let mine = held.remove(&key).unwrap_or_default();
+            let plan = plan(mine, pending.get(&key).copied().unwrap_or(0), target);
+            self.apply(&key.0, ci, plan).await;
+        }
+    }
+
+    /// The standby claims not being deleted, judged, by (namespace, definition).
+    fn held(&self) -> HashMap<(String, String), Vec<Held>> {
         let now = jiff::Timestamp::now();
         let mut held: HashMap<(String, String), Vec<Held>> = HashMap::new();
         for claim in self.claims.all() {
@@ -119,42 +142,15 @@ impl Standby {
                 continue;
             }
             let ns = claim.namespace().unwrap_or_default();
-            let ci = self
-                .definitions
-                .get(
-                    agentcube_types::api::WorkloadKind::CodeInterpreter,
-                    &ns,
-                    definition,
-                )
-                .and_then(|w| match w {
-                    Workload::CodeInterpreter(ci) => Some(ci),
-                    Workload::AgentRuntime(_) => None,
-                });
+            let kind = agentcube_types::api::WorkloadKind::CodeInterpreter;
+            let ci = match self.definitions.get(kind, &ns, definition) {
+                Some(Workload::CodeInterpreter(ci)) => Some(ci),
+                _ => None,
+            };
             let h = self.judge(&claim, ci.as_deref(), now);
             held.entry((ns, definition.clone())).or_default().push(h);
         }
-        let seen: HashSet<(String, String)> = self
-            .claims
-            .all()
-            .iter()
-            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
-            .collect();
-        let pending = self.pending_by_definition(&seen);
-        let mut targets: HashMap<(String, String), Arc<CodeInterpreter>> = HashMap::new();
-        for ci in self.definitions.code_interpreters() {
-            if self.target(&ci) > 0 {
-                let key = (ci.namespace().unwrap_or_default(), ci.name_any());
-                targets.insert(key, ci);
-            }
-        }
-        let keys: HashSet<_> = held.keys().chain(targets.keys()).cloned().collect();
-        for key in keys {
-            let ci = targets.get(&key);
-            let target = ci.map(|c| self.target(c)).unwrap_or(0);
-            let mine = held.remove(&key).unwrap_or_default();
-            let plan = plan(mine, pending.get(&key).copied().unwrap_or(0), target);
-            self.apply(&key.0, ci, plan).await;
-        }
+        held
     }
 
     /// Whether a standby claim may be handed out, or must go.
@@ -210,10 +206,13 @@ impl Standby {
 
     /// Claims created here that the watch does not show yet, by (namespace, definition); forgets
     /// those it shows and those older than [`PENDING_FOR`].
-    fn pending_by_definition(
-        &self,
-        seen: &HashSet<(String, String)>,
-    ) -> HashMap<(String, String), usize> {
+    fn pending_by_definition(&self) -> HashMap<(String, String), usize> {
+        let seen: HashSet<(String, String)> = self
+            .claims
+            .all()
+            .iter()
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .collect();
         let mut pending = self.pending.lock().unwrap();
         pending.retain(|k, (_, at)| !seen.contains(k) && at.elapsed() < PENDING_FOR);
         let mut by = HashMap::new();
