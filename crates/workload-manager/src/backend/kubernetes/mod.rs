@@ -228,28 +228,18 @@ impl KubernetesBackend {
             cfg(),
             api,
         ));
-        let standby = match (config.standby_claims, api) {
-            (0, _) => None,
-            (n, AgentSandboxApi::V1beta1) => {
-                let s = Arc::new(standby::Standby {
-                    client: client.clone(),
-                    api,
-                    per_pool: n,
-                    claims: claims.clone(),
-                    sandboxes: sandboxes.clone(),
-                    definitions: definitions.clone(),
-                    key: key.clone(),
-                    pending: Default::default(),
-                    taking: Default::default(),
-                });
-                tasks.push(tokio::spawn(s.clone().keep()));
-                Some(s)
-            }
-            (_, AgentSandboxApi::V1alpha1) => {
-                tracing::warn!("--standby-claims needs agent-sandbox v0.5+ (v1beta1); ignored");
-                None
-            }
-        };
+        let standby = standby::Standby::start(
+            config.standby_claims,
+            &client,
+            api,
+            (&claims, &sandboxes),
+            &definitions,
+            &key,
+        );
+        let standby = standby.map(|(s, task)| {
+            tasks.push(task);
+            s
+        });
         Ok(Self {
             client,
             api,

@@ -48,19 +48,19 @@ const PENDING_FOR: Duration = Duration::from_secs(30);
 /// The standby claims of one Workload Manager (shared view: every replica counts every standby
 /// claim in the cluster).
 pub struct Standby {
-    pub(super) client: kube::Client,
-    pub(super) api: AgentSandboxApi,
+    client: kube::Client,
+    api: AgentSandboxApi,
     /// Standby claims per warm pool (at most its size).
-    pub(super) per_pool: u32,
-    pub(super) claims: Arc<Watched<SandboxClaim>>,
-    pub(super) sandboxes: Arc<Watched<SandboxObject>>,
-    pub(super) definitions: Arc<Definitions>,
-    pub(super) key: RouterKey,
+    per_pool: u32,
+    claims: Arc<Watched<SandboxClaim>>,
+    sandboxes: Arc<Watched<SandboxObject>>,
+    definitions: Arc<Definitions>,
+    key: RouterKey,
     /// Created by this process and not yet in the watch cache: (namespace, name) → the
     /// definition and when.
-    pub(super) pending: Mutex<HashMap<(String, String), (String, tokio::time::Instant)>>,
+    pending: Mutex<HashMap<(String, String), (String, tokio::time::Instant)>>,
     /// Being handed out by a create of this process: (namespace, name).
-    pub(super) taking: Mutex<HashSet<(String, String)>>,
+    taking: Mutex<HashSet<(String, String)>>,
 }
 
 /// What one pass decided for one definition.
@@ -84,6 +84,38 @@ struct Held {
 }
 
 impl Standby {
+    /// `per_pool` standby claims per warm pool, kept by the returned task; `None` for 0, and on
+    /// agent-sandbox v0.4 (`v1alpha1`, whose claims have no `lifecycle`), with a warning.
+    pub fn start(
+        per_pool: u32,
+        client: &kube::Client,
+        api: AgentSandboxApi,
+        (claims, sandboxes): (&Arc<Watched<SandboxClaim>>, &Arc<Watched<SandboxObject>>),
+        definitions: &Arc<Definitions>,
+        key: &RouterKey,
+    ) -> Option<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        if per_pool == 0 {
+            return None;
+        }
+        if api == AgentSandboxApi::V1alpha1 {
+            tracing::warn!("--standby-claims needs agent-sandbox v0.5+ (v1beta1); ignored");
+            return None;
+        }
+        let standby = Arc::new(Self {
+            client: client.clone(),
+            api,
+            per_pool,
+            claims: claims.clone(),
+            sandboxes: sandboxes.clone(),
+            definitions: definitions.clone(),
+            key: key.clone(),
+            pending: Mutex::default(),
+            taking: Mutex::default(),
+        });
+        let task = tokio::spawn(standby.clone().keep());
+        Some((standby, task))
+    }
+
     /// How many standby claims a CodeInterpreter gets.
     fn target(&self, ci: &CodeInterpreter) -> usize {
         self.per_pool.min(ci.spec.warm_pool()) as usize
