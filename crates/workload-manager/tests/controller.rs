@@ -32,6 +32,22 @@ spec:
     )
 }
 
+/// Rewrites Secret `picod-router-identity` with another key pair (the Router recreated it).
+async fn rotate_key(k: &KubeStack) {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(k.client.clone(), SYSTEM_NS);
+    secrets
+        .patch(
+            "picod-router-identity",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"stringData": {"private.pem": OTHER_KEY, "public.pem": OTHER_PUB}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
 async fn resize(k: &KubeStack, size: i32) {
     code_interpreters(&k.client)
         .patch(
@@ -271,18 +287,7 @@ async fn a_pool_waits_for_the_router_key_and_follows_it_when_it_changes() {
 
     // The key changes (the Secret was recreated with a new pair): the template follows, and the
     // member that trusts the old key is replaced.
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(k.client.clone(), SYSTEM_NS);
-    secrets
-        .patch(
-            "picod-router-identity",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"stringData": {"private.pem": OTHER_KEY, "public.pem": OTHER_PUB}}),
-            ),
-        )
-        .await
-        .unwrap();
+    rotate_key(&k).await;
     k.eventually("template with the new key", 15, async || {
         let t = templates(&k.client).get("pooled").await.unwrap();
         (key_in(&t.data).as_deref() == Some(OTHER_PUB)).then_some(())
@@ -319,33 +324,17 @@ async fn standby_claims_holding_sandboxes_of_an_old_router_key_are_replaced() {
     })
     .await;
     let bound_standby = async |key: &str| -> Option<String> {
-        let lp = kube::api::ListParams::default().labels("runtime.agentcube.io/standby=pooled");
-        for c in claims(&k.client).list(&lp).await.unwrap().items {
-            let name = c.data["status"]["sandbox"]["name"].as_str()?.to_string();
-            let sb = sandboxes(&k.client).get_opt(&name).await.unwrap()?;
-            if ready(&sb) && key_in(&sb.data).as_deref() == Some(key) {
-                return c.metadata.name;
-            }
-        }
-        None
+        let bound = bound_standby(&k, "pooled").await.into_iter();
+        bound
+            .filter(|(_, sb)| key_in(&sb.data).as_deref() == Some(key))
+            .find_map(|(c, _)| c.metadata.name)
     };
     let old = k
         .eventually("a standby claim on the first key", 30, async || {
             bound_standby(ROUTER_PUB).await
         })
         .await;
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(k.client.clone(), SYSTEM_NS);
-    secrets
-        .patch(
-            "picod-router-identity",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"stringData": {"private.pem": OTHER_KEY, "public.pem": OTHER_PUB}}),
-            ),
-        )
-        .await
-        .unwrap();
+    rotate_key(&k).await;
     // Its Sandbox would refuse the Router's tokens: it is never handed out, and goes.
     k.eventually(
         "a standby claim on the new key, the old one gone",

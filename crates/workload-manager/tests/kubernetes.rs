@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::kube::*;
 use common::{ROUTER_PUB, sh};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
 const ON_DEMAND: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
@@ -630,23 +630,6 @@ spec:
     )
     .await;
     k.stop().await;
-}
-
-/// The standby claims of `definition` that are bound to a Ready Sandbox, as (claim, Sandbox).
-async fn bound_standby(k: &KubeStack, definition: &str) -> Vec<(DynamicObject, DynamicObject)> {
-    let lp = ListParams::default().labels(&format!("runtime.agentcube.io/standby={definition}"));
-    let mut out = Vec::new();
-    for c in claims(&k.client).list(&lp).await.unwrap().items {
-        let Some(name) = c.data["status"]["sandbox"]["name"].as_str() else {
-            continue;
-        };
-        if let Some(sb) = sandboxes(&k.client).get_opt(name).await.unwrap()
-            && ready(&sb)
-        {
-            out.push((c, sb));
-        }
-    }
-    out
 }
 
 #[tokio::test]

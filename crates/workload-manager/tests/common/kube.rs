@@ -419,6 +419,23 @@ pub async fn exec_tcp(http: &reqwest::Client, session: &Value, argv: &[&str]) ->
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The standby claims of `definition` that are bound to a Ready Sandbox, as (claim, Sandbox).
+pub async fn bound_standby(k: &KubeStack, definition: &str) -> Vec<(DynamicObject, DynamicObject)> {
+    let lp = ListParams::default().labels(&format!("runtime.agentcube.io/standby={definition}"));
+    let mut out = Vec::new();
+    for c in claims(&k.client).list(&lp).await.unwrap().items {
+        let Some(name) = c.data["status"]["sandbox"]["name"].as_str() else {
+            continue;
+        };
+        if let Some(sb) = sandboxes(&k.client).get_opt(name).await.unwrap()
+            && ready(&sb)
+        {
+            out.push((c, sb));
+        }
+    }
+    out
+}
+
 pub fn ready(o: &DynamicObject) -> bool {
     o.data
         .pointer("/status/conditions")
