@@ -120,11 +120,7 @@ pub struct ExecuteRequest {
 }
 
 async fn spawn_runner(s: &AppState, ctx: &Context) -> Result<Runner, ApiError> {
-    let ws = s.workspace.clone();
-    let cwd = ctx.cwd.clone();
-    let dir = tokio::task::spawn_blocking(move || ws.work_dir(&cwd))
-        .await
-        .map_err(ApiError::internal)??;
+    let dir = crate::exec::work_dir(&s.workspace, ctx.cwd.clone()).await?;
     let mut cmd = match ctx.language {
         Language::Python => {
             let mut cmd = tokio::process::Command::new("python3");

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+use crate::jail::{WorkDir, Workspace};
 use crate::server::AppState;
 
 /// Exit code reported for a command killed by its timeout (as GNU `timeout`).
@@ -37,7 +38,7 @@ struct CommandSpec {
     argv: Vec<String>,
     timeout: Duration,
     /// Held open until the command has started (it may be `/proc/self/fd/N`).
-    dir: crate::jail::WorkDir,
+    dir: WorkDir,
     env: BTreeMap<String, String>,
     /// What explains an ending (OOM kill, no network).
     diag: std::sync::Arc<crate::diagnose::Diagnostics>,
@@ -105,11 +106,7 @@ async fn validate(state: &AppState, body: ExecuteRequest) -> Result<CommandSpec,
     } else {
         timeout
     };
-    let ws = state.workspace.clone();
-    let wd = body.working_dir.unwrap_or_default();
-    let dir = tokio::task::spawn_blocking(move || ws.work_dir(&wd))
-        .await
-        .map_err(ApiError::internal)??;
+    let dir = work_dir(&state.workspace, body.working_dir.unwrap_or_default()).await?;
     Ok(CommandSpec {
         argv: body.command,
         timeout,
@@ -117,6 +114,22 @@ async fn validate(state: &AppState, body: ExecuteRequest) -> Result<CommandSpec,
         env: body.env.unwrap_or_default(),
         diag: state.config.diagnostics.clone(),
     })
+}
+
+/// A command's working directory. The workspace root (no `cwd`, the common case) costs one
+/// `dup` and is taken right here; any other path is walked on the blocking pool, since a
+/// directory the sandbox mounted (FUSE, NFS) may block. Handing every request to the blocking
+/// pool cost a thread wake-up each time, and a thread start on the first call after 10 s idle
+/// (a fresh warm-pool sandbox's first command).
+pub(crate) async fn work_dir(ws: &Workspace, cwd: String) -> Result<WorkDir, ApiError> {
+    if cwd.is_empty() {
+        return Ok(ws.work_dir("")?);
+    }
+    let ws = ws.clone();
+    tokio::task::spawn_blocking(move || ws.work_dir(&cwd))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)
 }
 
 /// Kills the process group when dropped, unless disarmed: covers client disconnects.

@@ -129,11 +129,7 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
             "{MAX_RUNNING} processes are running in this sandbox already"
         )));
     }
-    let ws = s.workspace.clone();
-    let cwd = body.cwd.unwrap_or_default();
-    let dir = tokio::task::spawn_blocking(move || ws.work_dir(&cwd))
-        .await
-        .map_err(ApiError::internal)??;
+    let dir = crate::exec::work_dir(&s.workspace, body.cwd.unwrap_or_default()).await?;
     let mut cmd = tokio::process::Command::new(&body.command[0]);
     dir.apply(&mut cmd);
     let mut child = cmd
