@@ -318,12 +318,27 @@ impl Standby {
             let Some(_taking) = Taking::new(&self.taking, ns, &name) else {
                 continue;
             };
-            let Some(sandbox) = self.hand_out(&api, &claim, ci, info).await? else {
+            // The ports are probed while the patch is in flight (a connect is harmless to a pod
+            // that turns out not to be ours); the answer counts only for the Sandbox the patch
+            // gave us.
+            let probed = self.bound_sandbox(&claim);
+            let (handed, early) = tokio::join!(self.hand_out(&api, &claim, ci, info), async {
+                match &probed {
+                    Some(s) => Some(backend.reachable(ns, s, ports, HANDOUT_PROBE).await),
+                    None => None,
+                }
+            });
+            let Some(sandbox) = handed? else {
                 continue;
             };
             // From here the claim is the session's: deleted unless it is returned.
             let guard = HandedOut::new(api.clone(), name.clone());
-            match backend.reachable(ns, &sandbox, ports, HANDOUT_PROBE).await {
+            let same = probed.is_some_and(|p| watched::uid(&p) == watched::uid(&sandbox));
+            let reached = match early.filter(|_| same) {
+                Some(r) => r,
+                None => backend.reachable(ns, &sandbox, ports, HANDOUT_PROBE).await,
+            };
+            match reached {
                 Ok((identity, entry_points)) => {
                     guard.keep();
                     tracing::info!(claim = %name, "standby claim handed out");
