@@ -256,7 +256,16 @@ impl Standby {
 
     async fn apply(&self, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
         let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-        for (name, rv) in &plan.delete {
+        self.delete(&api, ns, &plan.delete).await;
+        if let Some(ci) = ci {
+            self.create(&api, ns, ci, plan.create).await;
+        }
+    }
+
+    /// Deletes standby claims, each only at the resourceVersion the plan saw and not while this
+    /// process is handing it out.
+    async fn delete(&self, api: &Api<SandboxClaim>, ns: &str, claims: &[(String, String)]) {
+        for (name, rv) in claims {
             if self
                 .taking
                 .lock()
@@ -282,8 +291,11 @@ impl Standby {
                 }
             }
         }
-        let Some(ci) = ci else { return };
-        for _ in 0..plan.create {
+    }
+
+    /// Creates `n` standby claims for `ci`, remembered as pending until the watch shows them.
+    async fn create(&self, api: &Api<SandboxClaim>, ns: &str, ci: &Arc<CodeInterpreter>, n: usize) {
+        for _ in 0..n {
             let name = Workload::CodeInterpreter(ci.clone()).sandbox_name();
             let claim = desired::standby_claim(self.api, ci, &name);
             match api.create(&PostParams::default(), &claim).await {
