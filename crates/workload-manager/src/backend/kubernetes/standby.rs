@@ -26,6 +26,7 @@ use std::time::Duration;
 use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox as SandboxObject, SandboxClaim};
 use agentcube_crds::{AuthMode, CodeInterpreter, TargetPort, labels};
 use agentcube_types::BackingKind;
+use futures_util::future::OptionFuture;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 
@@ -334,12 +335,12 @@ impl Standby {
             // that turns out not to be ours); the answer counts only for the Sandbox the patch
             // gave us.
             let probed = self.bound_sandbox(&claim);
-            let (handed, early) = tokio::join!(self.hand_out(&api, &claim, ci, info), async {
-                match &probed {
-                    Some(s) => Some(backend.reachable(ns, s, ports, HANDOUT_PROBE).await),
-                    None => None,
-                }
-            });
+            let early = OptionFuture::from(
+                probed
+                    .as_ref()
+                    .map(|s| backend.reachable(ns, s, ports, HANDOUT_PROBE)),
+            );
+            let (handed, early) = tokio::join!(self.hand_out(&api, &claim, ci, info), early);
             let Some(sandbox) = handed? else {
                 continue;
             };
