@@ -160,6 +160,32 @@ async fn working_dir_is_jailed_and_created_and_env_is_merged() {
     assert_eq!(v["stdout"], format!("{}\n", p.ws().display()));
 }
 
+/// The default working directory is the workspace PicoD opened at start, not whatever its path
+/// names later: a command that moves the workspace away and leaves a symlink to `/etc` in its
+/// place does not get the next command started in `/etc`.
+#[tokio::test]
+async fn a_workspace_swapped_for_a_symlink_does_not_move_the_default_working_directory() {
+    let p = Picod::new();
+    std::fs::write(p.ws().join("marker"), "").unwrap();
+    let ws = p.ws().display().to_string();
+    let swap = format!("mv '{ws}' '{ws}.moved' && ln -s /etc '{ws}'");
+    let v = p.exec(json!({"command": ["sh", "-c", swap]})).await;
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let mut outputs = Vec::new();
+    for body in [
+        json!({"command": ["ls"]}),
+        json!({"command": ["ls"], "working_dir": ""}),
+    ] {
+        outputs.push(p.exec(body).await);
+    }
+    std::fs::remove_file(p.ws()).unwrap();
+    std::fs::rename(format!("{ws}.moved"), p.ws()).unwrap();
+    for v in outputs {
+        let out = v["stdout"].as_str().unwrap_or_default();
+        assert!(out.contains("marker") && !out.contains("passwd"), "{v}");
+    }
+}
+
 #[tokio::test]
 async fn output_is_capped_with_a_marker() {
     let p = Picod::with(|c| c.max_output_bytes = 1000);
