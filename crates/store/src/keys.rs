@@ -14,7 +14,8 @@ pub const EXPIRY: &str = "expiry";
 pub const LAST_ACTIVITY: &str = "last_activity";
 /// Longest id accepted.
 pub const MAX_ID_LEN: usize = 256;
-/// Prefix (after the store prefix) of the secondary indexes (extension: upstream has none).
+/// Prefix (after the store prefix) of the secondary indexes and marks (extension: upstream has
+/// none).
 pub const INDEX: &str = "idx:";
 
 /// Key names under one prefix.
@@ -48,6 +49,11 @@ impl Keys {
     /// `session:last_activity`.
     pub fn last_activity(&self) -> &str {
         &self.last_activity
+    }
+
+    /// `session:idx:mark:<name>`: a mark ([`crate::SessionStore::set_mark`]).
+    pub fn mark(&self, name: &str) -> String {
+        format!("{}{INDEX}mark:{name}", self.prefix)
     }
 
     /// The prefix itself.

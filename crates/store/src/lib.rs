@@ -14,11 +14,16 @@
 //! Key schema (identical to upstream, spec §4.3; the `session:` prefix is configurable for tests):
 //! `session:<id>` JSON record, ZSET `session:expiry` (score `expiresAt`), ZSET
 //! `session:last_activity` (score last activity), scores in whole Unix seconds, no Redis TTLs.
+//! Extensions under the reserved `session:idx:` prefix (no session id can start with `idx:`):
+//! the secondary indexes of [`Scope`], and marks (`session:idx:mark:<name>`, short strings
+//! with a Redis TTL) that the Workload Manager sets before handing out a standby claim
+//! ([`set_mark`](SessionStore::set_mark)).
 //!
 //! Modules: [`keys`] (key layout and id rules), [`memory`], [`redis`], [`config`], and `testing`
 //! (conformance suite, feature `test-util`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentcube_types::SessionRecord;
 use jiff::Timestamp;
@@ -165,6 +170,21 @@ pub trait SessionStore: Send + Sync + 'static {
     /// starting after `cursor` (from a previous [`Page`]), at most `limit`. Concurrent deletes
     /// may make a page shorter, never skip a record that stays.
     async fn list_page(&self, scope: &Scope, cursor: Option<&str>, limit: usize) -> Result<Page>;
+
+    /// Sets the mark `name` to `value` for `ttl` (Redis `SET … PX`); with `only_if_absent`,
+    /// only if no live mark of that name exists (`NX`): of concurrent such calls exactly one
+    /// wins. Returns whether it was set. Extension: the Workload Manager's standby claims change
+    /// hands only through a mark won this way.
+    async fn set_mark(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        only_if_absent: bool,
+    ) -> Result<bool>;
+
+    /// The live marks of `names` (`None`: absent or expired), in order, in one round trip.
+    async fn get_marks(&self, names: &[String]) -> Result<Vec<Option<String>>>;
 }
 
 /// A page cursor: `<score>:<id>` of the last record returned.

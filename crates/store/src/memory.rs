@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use agentcube_types::SessionRecord;
 use jiff::Timestamp;
@@ -59,6 +60,8 @@ struct Inner {
     activity: ZSet,
     /// Secondary indexes by key name (the same names as in Redis).
     indexes: HashMap<String, ZSet>,
+    /// Marks: name → (value, expiry).
+    marks: HashMap<String, (String, Instant)>,
 }
 
 impl Inner {
@@ -282,5 +285,39 @@ impl SessionStore for MemoryStore {
             }
         }
         Ok(Page { records, next })
+    }
+
+    async fn set_mark(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        only_if_absent: bool,
+    ) -> Result<bool> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        inner.marks.retain(|_, (_, until)| *until > now);
+        if only_if_absent && inner.marks.contains_key(name) {
+            return Ok(false);
+        }
+        inner
+            .marks
+            .insert(name.to_string(), (value.to_string(), now + ttl));
+        Ok(true)
+    }
+
+    async fn get_marks(&self, names: &[String]) -> Result<Vec<Option<String>>> {
+        let now = Instant::now();
+        let inner = self.inner.lock().unwrap();
+        Ok(names
+            .iter()
+            .map(|n| {
+                inner
+                    .marks
+                    .get(n)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(v, _)| v.clone())
+            })
+            .collect())
     }
 }

@@ -254,6 +254,17 @@ impl RedisStore {
             })?
     }
 
+    /// Runs one bounded command; `what` names it in a timeout.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
+        let work = async {
+            let mut conn = self.conn().await?;
+            cmd.query_async::<T>(&mut conn).await.map_err(map_err)
+        };
+        tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| Error::Unavailable(format!("{what} timed out")))?
+    }
+
     async fn list(
         &self,
         index: &str,
@@ -286,16 +297,7 @@ impl RedisStore {
 #[async_trait::async_trait]
 impl SessionStore for RedisStore {
     async fn ping(&self) -> Result<()> {
-        let work = async {
-            let mut conn = self.conn().await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(map_err)
-        };
-        tokio::time::timeout(self.config.op_timeout, work)
-            .await
-            .map_err(|_| Error::Unavailable("PING timed out".into()))??;
+        self.query::<String>(&redis::cmd("PING"), "PING").await?;
         Ok(())
     }
 
@@ -304,17 +306,7 @@ impl SessionStore for RedisStore {
             return Err(Error::NotFound);
         }
         let key = self.keys.record(id);
-        let work = async {
-            let mut conn = self.conn().await?;
-            redis::cmd("GET")
-                .arg(&key)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-                .map_err(map_err)
-        };
-        let json = tokio::time::timeout(self.config.op_timeout, work)
-            .await
-            .map_err(|_| Error::Unavailable("GET timed out".into()))??;
+        let json: Option<String> = self.query(redis::cmd("GET").arg(&key), "GET").await?;
         Ok(serde_json::from_str(&json.ok_or(Error::NotFound)?)?)
     }
 
@@ -412,17 +404,7 @@ impl SessionStore for RedisStore {
 
     async fn count(&self, scope: &Scope) -> Result<usize> {
         let key = self.keys.index(scope);
-        let work = async {
-            let mut conn = self.conn().await?;
-            redis::cmd("ZCARD")
-                .arg(&key)
-                .query_async::<usize>(&mut conn)
-                .await
-                .map_err(map_err)
-        };
-        tokio::time::timeout(self.config.op_timeout, work)
-            .await
-            .map_err(|_| Error::Unavailable("ZCARD timed out".into()))?
+        self.query(redis::cmd("ZCARD").arg(&key), "ZCARD").await
     }
 
     async fn list_page(&self, scope: &Scope, cursor: Option<&str>, limit: usize) -> Result<Page> {
@@ -459,5 +441,35 @@ impl SessionStore for RedisStore {
         }
         let next = if flat.len() / 3 == limit { last } else { None };
         Ok(Page { records, next })
+    }
+
+    async fn set_mark(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        only_if_absent: bool,
+    ) -> Result<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keys.mark(name))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        if only_if_absent {
+            cmd.arg("NX");
+        }
+        let set: Option<String> = self.query(&cmd, "SET").await?;
+        Ok(set.is_some())
+    }
+
+    async fn get_marks(&self, names: &[String]) -> Result<Vec<Option<String>>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for n in names {
+            cmd.arg(self.keys.mark(n));
+        }
+        self.query(&cmd, "MGET").await
     }
 }

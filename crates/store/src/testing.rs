@@ -262,6 +262,20 @@ impl crate::SessionStore for Flaky {
         self.check()?;
         self.inner.list_page(s, c, l).await
     }
+    async fn set_mark(
+        &self,
+        n: &str,
+        v: &str,
+        ttl: std::time::Duration,
+        nx: bool,
+    ) -> crate::Result<bool> {
+        self.check()?;
+        self.inner.set_mark(n, v, ttl, nx).await
+    }
+    async fn get_marks(&self, n: &[String]) -> crate::Result<Vec<Option<String>>> {
+        self.check()?;
+        self.inner.get_marks(n).await
+    }
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each on a fresh fixture from `$make`
@@ -274,7 +288,7 @@ macro_rules! conformance_tests {
             delete_removes_record_and_indexes, touch_never_resurrects, touch_many_in_one_call,
             expired_listing_order_and_limit, idle_listing_order_and_limit, optional_fields_round_trip,
             index_names_are_not_session_ids, placeholder_then_ready, scopes_count_and_page,
-            paging_survives_deletes, delete_many_in_one_call);
+            paging_survives_deletes, delete_many_in_one_call, marks_are_won_once_and_expire);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -652,5 +666,53 @@ pub mod cases {
         assert_eq!(s.count(&Scope::Creator("me".into())).await.unwrap(), 1);
         assert_eq!(s.list_expired(at(1 << 20), 10).await.unwrap().len(), 1);
         assert_eq!(s.delete_many(&[]).await.unwrap(), 0);
+    }
+
+    pub async fn marks_are_won_once_and_expire(s: &dyn SessionStore) {
+        let long = Duration::from_secs(60);
+        let names = ["c1".to_string(), "c2".to_string(), "c3".to_string()];
+        assert_eq!(s.get_marks(&names).await.unwrap(), vec![None, None, None]);
+        // Of concurrent first-wins calls, exactly one sets the mark.
+        let attempts = (0..16).map(|i| async move {
+            let v = format!("taker-{i}");
+            (s.set_mark("c1", &v, long, true).await.unwrap(), v)
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        let won: Vec<_> = results.iter().filter(|(w, _)| *w).collect();
+        assert_eq!(won.len(), 1, "exactly one taker wins: {results:?}");
+        let winner = won[0].1.clone();
+        assert_eq!(
+            s.get_marks(&names[..1]).await.unwrap(),
+            vec![Some(winner.clone())]
+        );
+        // A mark is not a session, and sessions are not marks.
+        assert!(matches!(s.get("c1").await, Err(Error::NotFound)));
+        assert!(matches!(s.get("idx:mark:c1").await, Err(Error::NotFound)));
+        // Overwriting (not first-wins) replaces the value and the lifetime.
+        assert!(
+            s.set_mark("c1", "done", Duration::from_millis(300), false)
+                .await
+                .unwrap()
+        );
+        assert!(!s.set_mark("c1", "late", long, true).await.unwrap());
+        assert!(s.set_mark("c3", "other", long, true).await.unwrap());
+        assert_eq!(
+            s.get_marks(&names).await.unwrap(),
+            vec![Some("done".into()), None, Some("other".into())]
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            s.get_marks(&names).await.unwrap(),
+            vec![None, None, Some("other".into())],
+            "an expired mark is gone"
+        );
+        assert!(
+            s.set_mark("c1", "again", long, true).await.unwrap(),
+            "and can be won again"
+        );
+        assert_eq!(
+            s.get_marks(&[]).await.unwrap(),
+            Vec::<Option<String>>::new()
+        );
     }
 }
