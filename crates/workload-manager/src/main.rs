@@ -170,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
                     &args.router_pod_labels,
                 )
                 .map_err(|e| anyhow::anyhow!("--router-pod-labels: {e}"))?;
-            KubernetesBackend::start(client, kc)
+            KubernetesBackend::start(client, kc, store.clone())
                 .await
                 .map_err(anyhow::Error::msg)?
                 .platform()

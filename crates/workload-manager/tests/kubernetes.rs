@@ -632,6 +632,106 @@ spec:
     k.stop().await;
 }
 
+/// A standby claim changes hands only through its mark in the session store: a mark another
+/// replica holds keeps creates off it, and a pending mark whose writer died is finished by the
+/// next pass (the claim deleted if its session never came to be, else patched over to it).
+#[tokio::test]
+async fn a_standby_claim_changes_hands_only_through_its_mark() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: POOLED.into(),
+        standby_claims: 1,
+        ..Default::default()
+    })
+    .await;
+    k.standby_ready("pooled", 1).await;
+    let (first, _) = bound_standby(&k, "pooled").await.pop().unwrap();
+    let first = first.metadata.name.clone().unwrap();
+    let mark = |name: &str| format!("standby/default/{name}");
+    let now_ms = || jiff::Timestamp::now().as_millisecond();
+    let handing_out = |session: &str, at: i64| {
+        json!({
+            "state": "handingOut", "session": session, "at": at,
+            "patch": {"metadata": {"labels": {
+                "runtime.agentcube.io/session-id": session,
+                "runtime.agentcube.io/standby": null,
+            }}},
+        })
+        .to_string()
+    };
+    let long = Duration::from_secs(600);
+
+    // Another replica is handing it out right now: creates leave it alone.
+    let fresh = handing_out("elsewhere", now_ms());
+    assert!(
+        k.store
+            .set_mark(&mark(&first), &fresh, long, true)
+            .await
+            .unwrap()
+    );
+    let s = k.create_ok("code-interpreter", "pooled").await;
+    assert_ne!(
+        s["sandboxName"],
+        first.as_str(),
+        "a marked claim is never handed out"
+    );
+    assert!(claims(&k.client).get_opt(&first).await.unwrap().is_some());
+
+    // Its writer died long ago and no session "ghost" exists: the claim is deleted.
+    let dead = handing_out("ghost", now_ms() - 60_000);
+    assert!(
+        k.store
+            .set_mark(&mark(&first), &dead, long, false)
+            .await
+            .unwrap()
+    );
+    k.eventually("the ghost's claim deleted", 20, async || {
+        claims(&k.client)
+            .get_opt(&first)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let left = k.store.get_marks(&[mark(&first)]).await.unwrap();
+    assert_eq!(left, vec![Some(json!({"state": "done"}).to_string())]);
+
+    // A dead writer whose session stands (its placeholder record): patched over to it.
+    k.standby_ready("pooled", 1).await;
+    let (second, _) = bound_standby(&k, "pooled").await.pop().unwrap();
+    let second = second.metadata.name.clone().unwrap();
+    let now = jiff::Timestamp::now();
+    let record = agentcube_types::SessionRecord::placeholder(
+        "orphaned-create",
+        "default",
+        "planned-name",
+        now,
+        now + jiff::SignedDuration::from_hours(1),
+        agentcube_types::GoDuration(Duration::from_secs(900)),
+    );
+    k.store.insert(&record, now).await.unwrap();
+    let dead = handing_out("orphaned-create", now_ms() - 60_000);
+    assert!(
+        k.store
+            .set_mark(&mark(&second), &dead, long, true)
+            .await
+            .unwrap()
+    );
+    k.eventually("the claim patched over to its session", 20, async || {
+        let c = claims(&k.client).get(&second).await.unwrap();
+        let labels = c.metadata.labels.unwrap_or_default();
+        (labels
+            .get("runtime.agentcube.io/session-id")
+            .map(String::as_str)
+            == Some("orphaned-create")
+            && !labels.contains_key("runtime.agentcube.io/standby"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    k.stop().await;
+}
+
 #[tokio::test]
 async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
     let k = KubeStack::start(KubeOptions {
@@ -692,7 +792,16 @@ async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
         s["sandboxIdentity"],
         sandbox.metadata.name.clone().unwrap().as_str()
     );
-    let taken = claims(&k.client).get(&standby_name).await.unwrap();
+    // The answer came before the claim's patch (the mark decided); the patch follows.
+    let taken = k
+        .eventually("the claim patched over to the session", 10, async || {
+            let c = claims(&k.client).get(&standby_name).await.unwrap();
+            let labels = c.metadata.labels.clone().unwrap_or_default();
+            labels
+                .contains_key("runtime.agentcube.io/session-id")
+                .then_some(c)
+        })
+        .await;
     let labels = taken.metadata.labels.clone().unwrap();
     assert_eq!(
         labels["runtime.agentcube.io/session-id"],

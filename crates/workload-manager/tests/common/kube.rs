@@ -264,13 +264,15 @@ impl KubeStack {
         kc.default_runtime_class = opts.runtime_class;
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
-        let backend = KubernetesBackend::start(client.clone(), kc).await.unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let backend = KubernetesBackend::start(client.clone(), kc, store.clone())
+            .await
+            .unwrap();
         assert_eq!(
             backend.api(),
             API,
             "discovery picks what the cluster serves"
         );
-        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
         let auth = match opts.auth_admin_group {
             Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(
                 agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group)),

@@ -317,16 +317,11 @@ pub fn standby_claim(api: AgentSandboxApi, ci: &CodeInterpreter, name: &str) -> 
     SandboxClaim::new(api, metadata, spec)
 }
 
-/// The JSON merge patch that gives the standby claim at `resource_version` to session `s`: the
-/// session's labels and annotations exactly as [`code_interpreter_claim`] sets them, the standby
-/// label and generation removed, the session's `shutdownTime`. The resourceVersion makes the
-/// API server refuse (409) the patch if the claim changed since it was read, so two creates
-/// (or two Workload Manager replicas) can never hand out the same claim.
-pub fn standby_handout(
-    ci: &CodeInterpreter,
-    s: &SessionInfo<'_>,
-    resource_version: &str,
-) -> serde_json::Value {
+/// The JSON merge patch that gives a standby claim to session `s`: the session's labels and
+/// annotations exactly as [`code_interpreter_claim`] sets them, the standby label and
+/// generation removed, the session's `shutdownTime`. Sent by whoever won the claim's mark
+/// (`standby::marks`), which is what keeps two creates from handing out the same claim.
+pub fn standby_handout(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> serde_json::Value {
     let meta = session_meta(s, &ci.spec.session_timeout.to_string(), BTreeMap::new());
     let mut labels_ = serde_json::to_value(meta.labels.unwrap_or_default()).unwrap_or_default();
     labels_[labels::STANDBY] = serde_json::Value::Null;
@@ -335,7 +330,6 @@ pub fn standby_handout(
     annotations[labels::STANDBY_GENERATION] = serde_json::Value::Null;
     let mut patch = serde_json::json!({
         "metadata": {
-            "resourceVersion": resource_version,
             "labels": labels_,
             "annotations": annotations,
         }

@@ -4,7 +4,8 @@
 //! 1. Build the object ([`desired`]): a `Sandbox` for an AgentRuntime or a CodeInterpreter
 //!    without warm pool, a `SandboxClaim` for a CodeInterpreter with `warmPoolSize > 0` — unless
 //!    `--standby-claims` keeps claims bound ahead of demand: then one of those is handed to the
-//!    session with one patch ([`standby`]) and steps 2–3 are already done.
+//!    session by winning its mark in the session store, patched over after the answer
+//!    ([`standby`]), and steps 2–3 are already done.
 //! 2. Create it, then wait on the one shared watch of that kind ([`watched`]): the claim's
 //!    `status.sandbox.name`, then that Sandbox's `Ready=True`.
 //! 3. Resolve the pod (annotation `agents.x-k8s.io/pod-name` for adopted pods, else the Sandbox
@@ -165,8 +166,13 @@ impl KubernetesBackend {
     }
 
     /// Discovers the agent-sandbox API, starts the watches, the key follower and the
-    /// CodeInterpreter controller; returns once the CRD caches hold their first lists.
-    pub async fn start(client: kube::Client, config: KubeConfig) -> Result<Self, String> {
+    /// CodeInterpreter controller; returns once the CRD caches hold their first lists. `store`
+    /// is the session store (standby claims change hands through marks in it).
+    pub async fn start(
+        client: kube::Client,
+        config: KubeConfig,
+        store: Arc<dyn agentcube_store::SessionStore>,
+    ) -> Result<Self, String> {
         let api = discover_api(&client).await?;
         tracing::info!(
             api = %api,
@@ -235,6 +241,7 @@ impl KubernetesBackend {
             (&claims, &sandboxes),
             &definitions,
             &key,
+            &store,
         );
         let standby = standby.map(|(s, task)| {
             tasks.push(task);

@@ -10,11 +10,15 @@
 //!    not hand out: made for an older generation of the definition, bound to a Sandbox that
 //!    trusts an old Router key, not bound to a Ready Sandbox [`STUCK_AFTER`] after their
 //!    creation, beyond the target, or for a definition that no longer has a warm pool.
-//! 2. [`Standby::take`] (a session create): picks a standby claim bound to a Ready Sandbox and
-//!    gives it to the session with one resourceVersion-guarded patch
-//!    ([`desired::standby_handout`]); a conflict (another create took it) moves on to the next.
-//!    Its ports are probed briefly; a claim whose pod does not answer is deleted. With no usable
-//!    standby claim the caller makes a claim as it would without standby claims.
+//! 2. [`Standby::take`] (a session create): picks a standby claim bound to a Ready Sandbox, wins
+//!    its mark in the session store ([`marks`]: one `SET NX`, ~0.3 ms, where an API write costs
+//!    ~6 ms on a small control plane) while probing its ports, and answers. The claim is patched
+//!    over to the session ([`desired::standby_handout`]) right after, off the create's path. A
+//!    mark another create won moves on to the next claim; a claim whose pod does not answer is
+//!    deleted. With no usable standby claim the caller makes a claim as it would without
+//!    standby claims.
+//! 3. Deletes by [`Standby::keep`] win the claim's mark the same way first, and every pass
+//!    finishes pending marks whose writer died ([`marks::Mark::stale`]).
 //!
 //! Each standby claim holds a Sandbox the warm pool then replaces: a pool of size S with N
 //! standby claims keeps S + min(N, S) pods.
@@ -25,8 +29,8 @@ use std::time::Duration;
 
 use agentcube_crds::sandbox::{AgentSandboxApi, Sandbox as SandboxObject, SandboxClaim};
 use agentcube_crds::{AuthMode, CodeInterpreter, TargetPort, labels};
-use agentcube_types::BackingKind;
-use futures_util::future::OptionFuture;
+use agentcube_store::SessionStore;
+use agentcube_types::{BackingKind, SessionStatus};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 
@@ -35,6 +39,9 @@ use super::{KubernetesBackend, create::bound, desired};
 use crate::backend::{BackendError, Sandbox};
 use crate::definitions::{Definitions, Workload};
 use crate::key::RouterKey;
+
+pub mod marks;
+use marks::Mark;
 
 /// How often [`Standby::keep`] looks again without a change of the claim watch (definition and
 /// key changes, stuck claims).
@@ -57,27 +64,29 @@ pub struct Standby {
     sandboxes: Arc<Watched<SandboxObject>>,
     definitions: Arc<Definitions>,
     key: RouterKey,
+    /// Where the marks live ([`marks`]).
+    store: Arc<dyn SessionStore>,
     /// Created by this process and not yet in the watch cache: (namespace, name) → the
     /// definition and when.
     pending: Mutex<HashMap<(String, String), (String, tokio::time::Instant)>>,
-    /// Being handed out by a create of this process: (namespace, name).
-    taking: Mutex<HashSet<(String, String)>>,
+    /// Being handed out or deleted by this process, until its mark is finished:
+    /// (namespace, name).
+    taking: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
 /// What one pass decided for one definition.
 #[derive(Debug, Default, PartialEq)]
 struct Plan {
     create: usize,
-    /// (name, resourceVersion): deleted only if unchanged since, so a claim a create has just
+    /// Names; each is deleted only by whoever wins its mark, so a claim a create has just
     /// handed out is never deleted.
-    delete: Vec<(String, String)>,
+    delete: Vec<String>,
 }
 
 /// A standby claim as a pass sees it.
 #[derive(Debug)]
 struct Held {
     name: String,
-    resource_version: String,
     /// Bound to a Ready Sandbox that may be handed out.
     usable: bool,
     /// Must go whatever the count (old generation, old key, stuck).
@@ -94,6 +103,7 @@ impl Standby {
         (claims, sandboxes): (&Arc<Watched<SandboxClaim>>, &Arc<Watched<SandboxObject>>),
         definitions: &Arc<Definitions>,
         key: &RouterKey,
+        store: &Arc<dyn SessionStore>,
     ) -> Option<(Arc<Self>, tokio::task::JoinHandle<()>)> {
         if per_pool == 0 {
             return None;
@@ -110,8 +120,9 @@ impl Standby {
             sandboxes: sandboxes.clone(),
             definitions: definitions.clone(),
             key: key.clone(),
+            store: store.clone(),
             pending: Mutex::default(),
-            taking: Mutex::default(),
+            taking: Default::default(),
         });
         let task = tokio::spawn(standby.clone().keep());
         Some((standby, task))
@@ -141,11 +152,13 @@ impl Standby {
 
     /// One look at every standby claim and every CodeInterpreter.
     #[tracing::instrument(name = "standby", skip_all)]
-    async fn pass(&self) {
+    async fn pass(self: &Arc<Self>) {
         // Pending first: a claim the watch shows in between is then counted twice (one create
         // too few, made up next pass), never not at all (one too many).
         let pending = self.pending_by_definition();
-        let mut held = self.held();
+        let Some(mut held) = self.held().await else {
+            return;
+        };
         let targets: HashMap<(String, String), Arc<CodeInterpreter>> = self
             .definitions
             .code_interpreters()
@@ -163,27 +176,49 @@ impl Standby {
         }
     }
 
-    /// The standby claims not being deleted, judged, by (namespace, definition).
-    fn held(&self) -> HashMap<(String, String), Vec<Held>> {
+    /// The standby claims not being deleted and not marked, judged, by (namespace, definition);
+    /// finishes stale marks on the way. `None` when the store cannot say which are marked.
+    async fn held(self: &Arc<Self>) -> Option<HashMap<(String, String), Vec<Held>>> {
         let now = jiff::Timestamp::now();
+        let claims: Vec<_> = self
+            .claims
+            .all()
+            .into_iter()
+            .filter(|c| c.labels().contains_key(labels::STANDBY))
+            .filter(|c| c.meta().deletion_timestamp.is_none())
+            .collect();
+        let names: Vec<String> = claims
+            .iter()
+            .map(|c| marks::name(&c.namespace().unwrap_or_default(), &c.name_any()))
+            .collect();
+        let marked = match self.store.get_marks(&names).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "standby: cannot read the marks; pass skipped");
+                return None;
+            }
+        };
         let mut held: HashMap<(String, String), Vec<Held>> = HashMap::new();
-        for claim in self.claims.all() {
-            let Some(definition) = claim.labels().get(labels::STANDBY) else {
-                continue;
-            };
-            if claim.meta().deletion_timestamp.is_some() {
+        for (claim, mark) in claims.into_iter().zip(marked) {
+            let ns = claim.namespace().unwrap_or_default();
+            if let Some(mark) = mark {
+                // Leaving standby: not counted; finished here if its writer is gone.
+                let mark = Mark::decode(&mark);
+                if mark.stale() {
+                    self.clone().finish_stale(ns, claim.name_any(), mark).await;
+                }
                 continue;
             }
-            let ns = claim.namespace().unwrap_or_default();
+            let definition = claim.labels()[labels::STANDBY].clone();
             let kind = agentcube_types::api::WorkloadKind::CodeInterpreter;
-            let ci = match self.definitions.get(kind, &ns, definition) {
+            let ci = match self.definitions.get(kind, &ns, &definition) {
                 Some(Workload::CodeInterpreter(ci)) => Some(ci),
                 _ => None,
             };
             let h = self.judge(&claim, ci.as_deref(), now);
-            held.entry((ns, definition.clone())).or_default().push(h);
+            held.entry((ns, definition)).or_default().push(h);
         }
-        held
+        Some(held)
     }
 
     /// Whether a standby claim may be handed out, or must go.
@@ -194,11 +229,9 @@ impl Standby {
         now: jiff::Timestamp,
     ) -> Held {
         let name = claim.name_any();
-        let resource_version = claim.resource_version().unwrap_or_default();
         let Some(ci) = ci else {
             return Held {
                 name,
-                resource_version,
                 usable: false,
                 stale: true,
             };
@@ -225,7 +258,6 @@ impl Standby {
             && age > jiff::SignedDuration::try_from(STUCK_AFTER).unwrap_or_default();
         Held {
             name,
-            resource_version,
             usable: sandbox.is_some() && !old_generation && !old_key,
             stale: old_generation || old_key || stuck,
         }
@@ -255,42 +287,119 @@ impl Standby {
         by
     }
 
-    async fn apply(&self, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
+    async fn apply(self: &Arc<Self>, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
         let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-        self.delete(&api, ns, &plan.delete).await;
+        for name in &plan.delete {
+            let Some(taking) = Taking::new(&self.taking, ns, name) else {
+                continue;
+            };
+            match self.win(ns, name, &Mark::deleting()).await {
+                Ok(true) => {
+                    tracing::info!(namespace = ns, claim = %name, "deleting a standby claim");
+                    self.retire(&api, ns, name).await;
+                }
+                // Another create or replica has it.
+                Ok(false) => {}
+                Err(e) => tracing::warn!(claim = %name, error = %e, "cannot mark a standby claim"),
+            }
+            drop(taking);
+        }
         if let Some(ci) = ci {
             self.create(&api, ns, ci, plan.create).await;
         }
     }
 
-    /// Deletes standby claims, each only at the resourceVersion the plan saw and not while this
-    /// process is handing it out.
-    async fn delete(&self, api: &Api<SandboxClaim>, ns: &str, claims: &[(String, String)]) {
-        for (name, rv) in claims {
-            if self
-                .taking
-                .lock()
-                .unwrap()
-                .contains(&(ns.to_string(), name.clone()))
-            {
-                continue;
+    /// Wins the mark of claim `name` for `mark`: false when someone else holds it.
+    async fn win(&self, ns: &str, name: &str, mark: &Mark) -> Result<bool, BackendError> {
+        self.store
+            .set_mark(
+                &marks::name(ns, name),
+                &mark.encode(),
+                marks::PENDING_TTL,
+                true,
+            )
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("session store: {e}")))
+    }
+
+    /// Marks claim `name` as having left standby for good.
+    async fn done(&self, ns: &str, name: &str) {
+        let mark = marks::name(ns, name);
+        let done = Mark::Done.encode();
+        if let Err(e) = self
+            .store
+            .set_mark(&mark, &done, marks::DONE_TTL, false)
+            .await
+        {
+            // Left pending: a later pass finishes it again (idempotent).
+            tracing::warn!(claim = %name, error = %e, "cannot mark a standby claim done");
+        }
+    }
+
+    /// Deletes a claim whose mark this process holds, then marks it done. A failure leaves the
+    /// mark pending for a later pass.
+    async fn retire(&self, api: &Api<SandboxClaim>, ns: &str, name: &str) {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(claim = %name, error = %e, "cannot delete a standby claim");
+                return;
             }
-            tracing::info!(namespace = ns, claim = %name, "deleting a standby claim");
-            let dp = DeleteParams {
-                preconditions: Some(kube::api::Preconditions {
-                    resource_version: Some(rv.clone()),
-                    uid: None,
-                }),
-                ..DeleteParams::background()
-            };
-            match api.delete(name, &dp).await {
-                Ok(_) => {}
-                // Gone, or changed since (e.g. handed out): not ours to delete any more.
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        }
+        self.done(ns, name).await;
+    }
+
+    /// Patches a claim whose hand-out mark this process holds over to its session, then marks
+    /// it done; retried a few times, then left pending for a later pass. A claim deleted
+    /// meanwhile (the session already ended) is simply done.
+    async fn patch_over(
+        &self,
+        api: &Api<SandboxClaim>,
+        ns: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) {
+        for attempt in 0..4u32 {
+            match api
+                .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => return self.done(ns, name).await,
+                Err(kube::Error::Api(e)) if e.code == 404 => return self.done(ns, name).await,
                 Err(e) => {
-                    tracing::warn!(claim = %name, error = %e, "cannot delete a standby claim")
+                    tracing::warn!(claim = %name, attempt, error = %e, "cannot patch a handed-out claim");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
             }
+        }
+    }
+
+    /// Finishes a pending mark whose writer seems gone: a delete is redone; a hand-out is
+    /// patched through if its session still stands for this claim (its record is a
+    /// placeholder or names the claim), else the claim is deleted (that create failed).
+    async fn finish_stale(self: Arc<Self>, ns: String, name: String, mark: Mark) {
+        let Some(_taking) = Taking::new(&self.taking, &ns, &name) else {
+            return;
+        };
+        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), &ns, &self.api);
+        let Mark::HandingOut { session, patch, .. } = mark else {
+            tracing::info!(namespace = %ns, claim = %name, "finishing a standby claim's delete");
+            return self.retire(&api, &ns, &name).await;
+        };
+        let stands = match self.store.get(&session).await {
+            Ok(r) => r.name == name || r.status == SessionStatus::Creating,
+            Err(agentcube_store::Error::NotFound) => false,
+            Err(e) => {
+                tracing::warn!(claim = %name, error = %e, "cannot look up a handed-out claim's session");
+                return;
+            }
+        };
+        tracing::info!(namespace = %ns, claim = %name, session_id = %session, stands, "finishing a standby claim's hand-out");
+        if stands {
+            self.patch_over(&api, &ns, &name, &patch).await;
+        } else {
+            self.retire(&api, &ns, &name).await;
         }
     }
 
@@ -318,43 +427,49 @@ impl Standby {
     /// Gives a standby claim of `ci` bound to a Ready Sandbox to the session `info` describes;
     /// `Ok(None)` when there is none to give.
     pub async fn take(
-        &self,
+        self: &Arc<Self>,
         backend: &KubernetesBackend,
         ci: &CodeInterpreter,
         info: &desired::SessionInfo<'_>,
         ports: &[TargetPort],
     ) -> Result<Option<Sandbox>, BackendError> {
         let ns = info.namespace;
-        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-        for claim in self.usable(ci) {
+        let mut usable = self.usable(ci);
+        // Concurrent creates start at different claims instead of all racing for the first.
+        if !usable.is_empty() {
+            let start = info.session_id.bytes().map(usize::from).sum::<usize>() % usable.len();
+            usable.rotate_left(start);
+        }
+        for claim in usable {
             let name = claim.name_any();
-            let Some(_taking) = Taking::new(&self.taking, ns, &name) else {
+            let Some(taking) = Taking::new(&self.taking, ns, &name) else {
                 continue;
             };
-            // The ports are probed while the patch is in flight (a connect is harmless to a pod
-            // that turns out not to be ours); the answer counts only for the Sandbox the patch
-            // gave us.
-            let probed = self.bound_sandbox(&claim);
-            let early = OptionFuture::from(
-                probed
-                    .as_ref()
-                    .map(|s| backend.reachable(ns, s, ports, HANDOUT_PROBE)),
+            let Some(sandbox) = self.bound_sandbox(&claim) else {
+                continue;
+            };
+            let patch = desired::standby_handout(ci, info);
+            let mark = Mark::handing_out(info.session_id, patch.clone());
+            // The ports are probed while the mark is being won (a connect is harmless to a pod
+            // that turns out not to be ours).
+            let (won, reached) = tokio::join!(
+                self.win(ns, &name, &mark),
+                backend.reachable(ns, &sandbox, ports, HANDOUT_PROBE)
             );
-            let (handed, early) = tokio::join!(self.hand_out(&api, &claim, ci, info), early);
-            let Some(sandbox) = handed? else {
+            if !won? {
                 continue;
-            };
-            // From here the claim is the session's: deleted unless it is returned.
-            let guard = HandedOut::new(api.clone(), name.clone());
-            let same = probed.is_some_and(|p| watched::uid(&p) == watched::uid(&sandbox));
-            let reached = match early.filter(|_| same) {
-                Some(r) => r,
-                None => backend.reachable(ns, &sandbox, ports, HANDOUT_PROBE).await,
-            };
+            }
+            // From here the claim is the session's; the patch follows off the create's path.
+            let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
+            let this = self.clone();
+            let (ns_, name_) = (ns.to_string(), name.clone());
             match reached {
                 Ok((identity, entry_points)) => {
-                    guard.keep();
                     tracing::info!(claim = %name, "standby claim handed out");
+                    tokio::spawn(async move {
+                        this.patch_over(&api, &ns_, &name_, &patch).await;
+                        drop(taking);
+                    });
                     return Ok(Some(Sandbox {
                         kind: BackingKind::SandboxClaim,
                         id: watched::uid(&sandbox),
@@ -365,6 +480,10 @@ impl Standby {
                 }
                 Err(e) => {
                     tracing::warn!(claim = %name, error = %e, "a standby claim's sandbox does not answer; deleting it");
+                    tokio::spawn(async move {
+                        this.retire(&api, &ns_, &name_).await;
+                        drop(taking);
+                    });
                 }
             }
         }
@@ -380,52 +499,11 @@ impl Standby {
             .into_iter()
             .filter(|c| {
                 c.namespace() == ns
+                    && c.meta().deletion_timestamp.is_none()
                     && c.labels().get(labels::STANDBY) == Some(&definition)
                     && self.judge(c, Some(ci), now).usable
             })
             .collect()
-    }
-
-    /// Patches `claim` over to the session; returns its Sandbox, or `None` when it is no longer
-    /// a usable standby claim. A conflict with a write we had not seen yet (agent-sandbox keeps
-    /// writing a claim for a moment after binding it) is retried on a fresh read.
-    async fn hand_out(
-        &self,
-        api: &Api<SandboxClaim>,
-        claim: &SandboxClaim,
-        ci: &CodeInterpreter,
-        info: &desired::SessionInfo<'_>,
-    ) -> Result<Option<SandboxObject>, BackendError> {
-        let name = claim.name_any();
-        let mut current = claim.clone();
-        for _ in 0..3 {
-            let usable = current.labels().get(labels::STANDBY) == Some(&ci.name_any())
-                && self
-                    .judge(&current, Some(ci), jiff::Timestamp::now())
-                    .usable;
-            let sandbox = self.bound_sandbox(&current).filter(|_| usable);
-            let Some(sandbox) = sandbox else {
-                return Ok(None);
-            };
-            let rv = current.resource_version().unwrap_or_default();
-            let patch = desired::standby_handout(ci, info, &rv);
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => return Ok(Some(sandbox)),
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    tracing::debug!(claim = %name, "standby claim changed meanwhile; reading it again");
-                    match api.get_opt(&name).await? {
-                        Some(fresh) => current = fresh,
-                        None => return Ok(None),
-                    }
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(None)
     }
 }
 
@@ -436,14 +514,14 @@ fn plan(mut held: Vec<Held>, pending: usize, target: usize) -> Plan {
     let mut delete = Vec::new();
     held.retain(|h| {
         if h.stale {
-            delete.push((h.name.clone(), h.resource_version.clone()));
+            delete.push(h.name.clone());
         }
         !h.stale
     });
     held.sort_by(|a, b| b.usable.cmp(&a.usable).then_with(|| a.name.cmp(&b.name)));
     let have = held.len() + pending;
     if held.len() > target {
-        delete.extend(held.drain(target..).map(|h| (h.name, h.resource_version)));
+        delete.extend(held.drain(target..).map(|h| h.name));
     }
     Plan {
         create: target.saturating_sub(have),
@@ -451,63 +529,28 @@ fn plan(mut held: Vec<Held>, pending: usize, target: usize) -> Plan {
     }
 }
 
-/// A claim name this process is handing out; released on drop.
-struct Taking<'a> {
-    set: &'a Mutex<HashSet<(String, String)>>,
+/// A claim this process is handing out or deleting; released on drop.
+struct Taking {
+    set: Arc<Mutex<HashSet<(String, String)>>>,
     key: (String, String),
 }
 
-impl<'a> Taking<'a> {
-    fn new(set: &'a Mutex<HashSet<(String, String)>>, ns: &str, name: &str) -> Option<Self> {
+impl Taking {
+    fn new(set: &Arc<Mutex<HashSet<(String, String)>>>, ns: &str, name: &str) -> Option<Self> {
         let key = (ns.to_string(), name.to_string());
         // Not `then_some`: it would build (and, when refused, drop) a guard that releases the
         // other taker's name, under the lock.
         let fresh = set.lock().unwrap().insert(key.clone());
-        fresh.then(|| Self { set, key })
+        fresh.then(|| Self {
+            set: set.clone(),
+            key,
+        })
     }
 }
 
-impl Drop for Taking<'_> {
+impl Drop for Taking {
     fn drop(&mut self) {
         self.set.lock().unwrap().remove(&self.key);
-    }
-}
-
-/// A claim just given to a session: deleted on drop (an error, or the create's future dropped)
-/// unless [`HandedOut::keep`] says it was returned to the session layer, which then owns it.
-struct HandedOut {
-    api: Option<Api<SandboxClaim>>,
-    name: String,
-}
-
-impl HandedOut {
-    fn new(api: Api<SandboxClaim>, name: String) -> Self {
-        Self {
-            api: Some(api),
-            name,
-        }
-    }
-
-    fn keep(mut self) {
-        self.api = None;
-    }
-}
-
-impl Drop for HandedOut {
-    fn drop(&mut self) {
-        let (Some(api), Ok(rt)) = (self.api.take(), tokio::runtime::Handle::try_current()) else {
-            return;
-        };
-        let name = std::mem::take(&mut self.name);
-        rt.spawn(async move {
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(claim = %name, error = %e, "cannot delete a handed-out claim")
-                }
-            }
-        });
     }
 }
 
@@ -517,7 +560,7 @@ mod tests {
 
     #[test]
     fn a_name_is_taken_once_until_released() {
-        let set = Mutex::default();
+        let set = Arc::default();
         let first = Taking::new(&set, "ns", "c").unwrap();
         assert!(Taking::new(&set, "ns", "c").is_none());
         assert!(
@@ -531,7 +574,6 @@ mod tests {
     fn held(name: &str, usable: bool, stale: bool) -> Held {
         Held {
             name: name.into(),
-            resource_version: format!("rv-{name}"),
             usable,
             stale,
         }
@@ -568,7 +610,7 @@ mod tests {
             plan(vec![held("a", true, false), held("b", false, true)], 0, 2),
             Plan {
                 create: 1,
-                delete: vec![("b".into(), "rv-b".into())]
+                delete: vec!["b".to_string()]
             }
         );
     }
@@ -588,13 +630,13 @@ mod tests {
             p,
             Plan {
                 create: 0,
-                delete: vec![("c".into(), "rv-c".into()), ("a".into(), "rv-a".into())]
+                delete: vec!["c".to_string(), "a".to_string()]
             }
         );
         // A definition without a warm pool (target 0) keeps none.
         assert_eq!(
             plan(vec![held("a", true, false)], 0, 0).delete,
-            vec![("a".to_string(), "rv-a".to_string())]
+            vec!["a".to_string()]
         );
     }
 }

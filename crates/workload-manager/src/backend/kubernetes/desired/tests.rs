@@ -281,8 +281,9 @@ fn a_standby_claim_has_no_session_and_its_handout_gives_it_one_guarded_by_its_ve
     assert_eq!(claim["spec"]["warmPoolRef"]["name"], "ci");
     assert!(claim["spec"]["lifecycle"]["shutdownTime"].is_null());
 
-    let patch = standby_handout(&c, &session(Some("alice"), ""), "42");
-    assert_eq!(patch["metadata"]["resourceVersion"], "42");
+    let patch = standby_handout(&c, &session(Some("alice"), ""));
+    // Unguarded: the claim's mark, not its resourceVersion, decides who hands it out.
+    assert!(patch["metadata"].get("resourceVersion").is_none());
     let labels_ = &patch["metadata"]["labels"];
     assert!(labels_[labels::STANDBY].is_null() && labels_.get(labels::STANDBY).is_some());
     assert_eq!(labels_[labels::SESSION_ID], "sid-1");
@@ -303,5 +304,5 @@ fn a_standby_claim_has_no_session_and_its_handout_gives_it_one_guarded_by_its_ve
         shutdown_time: None,
         ..session(None, "")
     };
-    assert!(standby_handout(&c, &unbounded, "42").get("spec").is_none());
+    assert!(standby_handout(&c, &unbounded).get("spec").is_none());
 }
