@@ -152,7 +152,7 @@ impl Standby {
 
     /// One look at every standby claim and every CodeInterpreter.
     #[tracing::instrument(name = "standby", skip_all)]
-    async fn pass(self: &Arc<Self>) {
+    async fn pass(&self) {
         // Pending first: a claim the watch shows in between is then counted twice (one create
         // too few, made up next pass), never not at all (one too many).
         let pending = self.pending_by_definition();
@@ -178,7 +178,7 @@ impl Standby {
 
     /// The standby claims not being deleted and not marked, judged, by (namespace, definition);
     /// finishes stale marks on the way. `None` when the store cannot say which are marked.
-    async fn held(self: &Arc<Self>) -> Option<HashMap<(String, String), Vec<Held>>> {
+    async fn held(&self) -> Option<HashMap<(String, String), Vec<Held>>> {
         let now = jiff::Timestamp::now();
         let claims: Vec<_> = self
             .claims
@@ -205,7 +205,7 @@ impl Standby {
                 // Leaving standby: not counted; finished here if its writer is gone.
                 let mark = Mark::decode(&mark);
                 if mark.stale() {
-                    self.clone().finish_stale(ns, claim.name_any(), mark).await;
+                    self.finish_stale(&ns, &claim.name_any(), mark).await;
                 }
                 continue;
             }
@@ -287,7 +287,7 @@ impl Standby {
         by
     }
 
-    async fn apply(self: &Arc<Self>, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
+    async fn apply(&self, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
         let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
         for name in &plan.delete {
             let Some(taking) = Taking::new(&self.taking, ns, name) else {
@@ -378,14 +378,14 @@ impl Standby {
     /// Finishes a pending mark whose writer seems gone: a delete is redone; a hand-out is
     /// patched through if its session still stands for this claim (its record is a
     /// placeholder or names the claim), else the claim is deleted (that create failed).
-    async fn finish_stale(self: Arc<Self>, ns: String, name: String, mark: Mark) {
-        let Some(_taking) = Taking::new(&self.taking, &ns, &name) else {
+    async fn finish_stale(&self, ns: &str, name: &str, mark: Mark) {
+        let Some(_taking) = Taking::new(&self.taking, ns, name) else {
             return;
         };
-        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), &ns, &self.api);
+        let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
         let Mark::HandingOut { session, patch, .. } = mark else {
             tracing::info!(namespace = %ns, claim = %name, "finishing a standby claim's delete");
-            return self.retire(&api, &ns, &name).await;
+            return self.retire(&api, ns, name).await;
         };
         let stands = match self.store.get(&session).await {
             Ok(r) => r.name == name || r.status == SessionStatus::Creating,
@@ -397,9 +397,9 @@ impl Standby {
         };
         tracing::info!(namespace = %ns, claim = %name, session_id = %session, stands, "finishing a standby claim's hand-out");
         if stands {
-            self.patch_over(&api, &ns, &name, &patch).await;
+            self.patch_over(&api, ns, name, &patch).await;
         } else {
-            self.retire(&api, &ns, &name).await;
+            self.retire(&api, ns, name).await;
         }
     }
 
