@@ -364,19 +364,15 @@ spec:
     .await;
     let s = k.create_ok("code-interpreter", "short").await;
     let name = s["sandboxName"].as_str().unwrap().to_string();
+    // GC deletes the sandbox, then the record: wait for both (the record used to be checked the
+    // moment the sandbox was gone, which raced GC's second step).
     k.eventually("idle session reclaimed", 15, async || {
-        sandboxes(&k.client)
-            .get_opt(&name)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
+        let sandbox_gone = sandboxes(&k.client).get_opt(&name).await.unwrap().is_none();
+        let record = k.store.get(s["sessionId"].as_str().unwrap()).await;
+        let record_gone = matches!(record, Err(agentcube_store::Error::NotFound));
+        (sandbox_gone && record_gone).then_some(())
     })
     .await;
-    assert!(matches!(
-        k.store.get(s["sessionId"].as_str().unwrap()).await,
-        Err(agentcube_store::Error::NotFound)
-    ));
 }
 
 /// A service account's token from the API server (TokenRequest), creating the account (and its
