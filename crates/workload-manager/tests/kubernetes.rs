@@ -680,17 +680,18 @@ async fn a_standby_claim_changes_hands_only_through_its_mark() {
             .await
             .unwrap()
     );
-    k.eventually("the ghost's claim deleted", 20, async || {
-        claims(&k.client)
-            .get_opt(&first)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
+    // Deleted, then marked done (in that order: wait for both).
+    let done = Some(json!({"state": "done"}).to_string());
+    k.eventually(
+        "the ghost's claim deleted and its mark done",
+        20,
+        async || {
+            let gone = claims(&k.client).get_opt(&first).await.unwrap().is_none();
+            let left = k.store.get_marks(&[mark(&first)]).await.unwrap();
+            (gone && left == [done.clone()]).then_some(())
+        },
+    )
     .await;
-    let left = k.store.get_marks(&[mark(&first)]).await.unwrap();
-    assert_eq!(left, vec![Some(json!({"state": "done"}).to_string())]);
 
     // A dead writer whose session stands (its placeholder record): patched over to it.
     k.standby_ready("pooled", 1).await;
