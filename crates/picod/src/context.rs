@@ -9,7 +9,7 @@
 //! - `POST /api/contexts/{id}/execute` `{"code","timeout"?}` → `{"stdout","stderr","results",
 //!   "error","execution_count","exit_code","duration"}`, or NDJSON events (`stdout`, `stderr`,
 //!   `result`, `error`, `end`) with `Accept: application/x-ndjson`. A cell past its timeout is
-//!   interrupted; the context keeps its state.
+//!   interrupted (again every 250 ms until it stops); the context keeps its state.
 //!
 //! Cell boundaries: after a cell the runner writes `<marker> <status>` on stderr and
 //! `<marker> <status> <report>` on stdout (a random marker per cell, stripped from the output;
@@ -40,6 +40,10 @@ pub const MAX_CONTEXTS: usize = 8;
 pub const DEFAULT_CELL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an interrupted cell may take to stop before its context is restarted.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// How often the interrupt is repeated during the grace: one that lands before the cell's
+/// command has started (a loaded machine) is taken by the idle shell or runner, which ignores
+/// it, as pressing Ctrl-C again would.
+const INTERRUPT_REPEAT: Duration = Duration::from_millis(250);
 const RUNNER: &str = include_str!("runner.py");
 
 /// Every context of this sandbox.
@@ -261,16 +265,13 @@ async fn run_cell(
         .map_err(|e| format!("the context is gone: {e}"))?;
     let (mut out, mut err) = (Scanner::new(&marker), Scanner::new(&marker));
     let deadline = tokio::time::Instant::now() + timeout;
+    let give_up = deadline + INTERRUPT_GRACE;
     let mut interrupted = false;
+    let mut wake = deadline;
     loop {
         if out.status.is_some() && err.status.is_some() {
             break;
         }
-        let wake = if interrupted {
-            deadline + INTERRUPT_GRACE
-        } else {
-            deadline
-        };
         tokio::select! {
             b = runner.stdout.recv(), if out.status.is_none() => match b {
                 Some(b) => send_text(sink, true, out.push(&b)).await,
@@ -281,11 +282,12 @@ async fn run_cell(
                 None => return Err("the context's process ended".into()),
             },
             () = tokio::time::sleep_until(wake) => {
-                if interrupted {
+                if wake >= give_up {
                     return Err(format!("the cell did not stop within {} s of its timeout", INTERRUPT_GRACE.as_secs()));
                 }
                 interrupted = true;
                 interrupt(ctx);
+                wake = (wake + INTERRUPT_REPEAT).min(give_up);
             }
         }
     }

@@ -105,6 +105,27 @@ async fn python_cells_share_state_and_return_results() {
     assert_eq!(events.last().unwrap()["exit_code"], 0);
 }
 
+/// A timeout's interrupt that lands while the shell itself is busy (here a builtin loop; on a
+/// loaded machine, before the cell's command has even started) is repeated until the command
+/// stops, so the context keeps its state instead of being restarted after the grace.
+#[tokio::test]
+async fn an_interrupt_that_lands_before_the_command_starts_is_repeated() {
+    let p = Picod::new();
+    let id = context(&p, "bash").await;
+    cell(&p, &id, "X=7", None).await;
+    let busy_then_sleep = "end=$(( ${EPOCHREALTIME/./} + 1500000 )); \
+        while (( ${EPOCHREALTIME/./} < end )); do :; done; sleep 30";
+    let started = std::time::Instant::now();
+    let v = cell(&p, &id, busy_then_sleep, Some("1s")).await;
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "stopped by a repeated interrupt, not by the 5 s grace: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(cell(&p, &id, "echo $X", None).await["stdout"], "7\n");
+}
+
 #[tokio::test]
 async fn bash_contexts_keep_directory_and_variables_and_limits_hold() {
     let p = Picod::new();
