@@ -289,23 +289,28 @@ impl Standby {
 
     async fn apply(&self, ns: &str, ci: Option<&Arc<CodeInterpreter>>, plan: Plan) {
         let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-        for name in &plan.delete {
-            let Some(taking) = Taking::new(&self.taking, ns, name) else {
+        self.delete(&api, ns, &plan.delete).await;
+        if let Some(ci) = ci {
+            self.create(&api, ns, ci, plan.create).await;
+        }
+    }
+
+    /// Deletes standby claims, each only if this pass wins its mark (not while this process,
+    /// another create or another replica is handing it out).
+    async fn delete(&self, api: &Api<SandboxClaim>, ns: &str, names: &[String]) {
+        for name in names {
+            let Some(_taking) = Taking::new(&self.taking, ns, name) else {
                 continue;
             };
             match self.win(ns, name, &Mark::deleting()).await {
                 Ok(true) => {
                     tracing::info!(namespace = ns, claim = %name, "deleting a standby claim");
-                    self.retire(&api, ns, name).await;
+                    self.retire(api, ns, name).await;
                 }
                 // Another create or replica has it.
                 Ok(false) => {}
                 Err(e) => tracing::warn!(claim = %name, error = %e, "cannot mark a standby claim"),
             }
-            drop(taking);
-        }
-        if let Some(ci) = ci {
-            self.create(&api, ns, ci, plan.create).await;
         }
     }
 
@@ -459,17 +464,22 @@ impl Standby {
             if !won? {
                 continue;
             }
-            // From here the claim is the session's; the patch follows off the create's path.
+            // From here the claim is the session's (patched over after the answer) or, if its
+            // pod does not answer, nobody's (deleted).
             let api: Api<SandboxClaim> = Api::namespaced_with(self.client.clone(), ns, &self.api);
-            let this = self.clone();
-            let (ns_, name_) = (ns.to_string(), name.clone());
+            let (this, ns_, name_, answers) =
+                (self.clone(), ns.to_string(), name.clone(), reached.is_ok());
+            tokio::spawn(async move {
+                if answers {
+                    this.patch_over(&api, &ns_, &name_, &patch).await;
+                } else {
+                    this.retire(&api, &ns_, &name_).await;
+                }
+                drop(taking);
+            });
             match reached {
                 Ok((identity, entry_points)) => {
                     tracing::info!(claim = %name, "standby claim handed out");
-                    tokio::spawn(async move {
-                        this.patch_over(&api, &ns_, &name_, &patch).await;
-                        drop(taking);
-                    });
                     return Ok(Some(Sandbox {
                         kind: BackingKind::SandboxClaim,
                         id: watched::uid(&sandbox),
@@ -480,10 +490,6 @@ impl Standby {
                 }
                 Err(e) => {
                     tracing::warn!(claim = %name, error = %e, "a standby claim's sandbox does not answer; deleting it");
-                    tokio::spawn(async move {
-                        this.retire(&api, &ns_, &name_).await;
-                        drop(taking);
-                    });
                 }
             }
         }

@@ -268,7 +268,7 @@ fn a_definition_with_its_own_security_context_keeps_it() {
 }
 
 #[test]
-fn a_standby_claim_has_no_session_and_its_handout_gives_it_one_guarded_by_its_version() {
+fn a_standby_claim_has_no_session_and_its_handout_gives_it_one() {
     let mut c = ci("  warmPoolSize: 2\n");
     c.metadata.generation = Some(7);
     let claim = serde_json::to_value(standby_claim(AgentSandboxApi::V1beta1, &c, "ci-zz")).unwrap();
