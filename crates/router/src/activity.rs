@@ -20,9 +20,15 @@ impl std::fmt::Debug for Activity {
 }
 
 impl Activity {
-    /// Notes activity on a session now.
-    pub fn record(&self, session_id: &str) {
+    /// Notes activity on a session now; the time noted.
+    pub fn record(&self, session_id: &str) -> Timestamp {
         let now = Timestamp::now();
+        self.record_at(session_id, now);
+        now
+    }
+
+    /// Notes activity on a session at `now`.
+    pub fn record_at(&self, session_id: &str, now: Timestamp) {
         let mut p = self.pending.lock().unwrap();
         match p.get_mut(session_id) {
             Some(t) => *t = now,

@@ -200,30 +200,21 @@ impl Pool {
     pub async fn send(
         &self,
         ep: &Endpoint,
-        req: Request<Body>,
-        connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
-        let mut busy = Vec::new();
-        let sent = self.send_on(ep, req, connect_timeout, &mut busy).await;
-        for sender in busy {
-            ep.put_back(sender);
-        }
-        sent
-    }
-
-    async fn send_on(
-        &self,
-        ep: &Endpoint,
         mut req: Request<Body>,
         connect_timeout: Duration,
-        busy: &mut Vec<SendRequest<Body>>,
     ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+        // Connections passed over as busy go back to the pool however this ends.
+        let mut busy = Busy {
+            ep,
+            senders: Vec::new(),
+        };
         loop {
             let (mut sender, reused) = match ep.checkout() {
                 Some(s) => (s, true),
                 None => {
                     self.start_reaper();
-                    let s = ep.connect(connect_timeout).await;
+                    // Boxed: a new connection is the rare path, and its future is large.
+                    let s = Box::pin(ep.connect(connect_timeout)).await;
                     (s.map_err(SendError::Connect)?, false)
                 }
             };
@@ -234,7 +225,7 @@ impl Pool {
                     // Still busy (say, sending the rest of a request body the sandbox answered
                     // early): another connection rather than waiting behind it.
                     if !sender.is_closed() {
-                        busy.push(sender);
+                        busy.senders.push(sender);
                     }
                     continue;
                 }
@@ -252,13 +243,13 @@ impl Pool {
     }
 
     /// The response body, which gives `sender` back to `ep` once read to its end.
-    pub fn finish(ep: Arc<Endpoint>, sender: SendRequest<Body>, body: Incoming) -> Body {
+    pub fn finish(ep: Arc<Endpoint>, sender: SendRequest<Body>, body: Incoming) -> Returning {
         let mut b = Returning {
             body,
             back: Some((ep, sender)),
         };
         b.release_if_done();
-        Body::new(b)
+        b
     }
 
     /// One reaper per pool, on the runtime of its first connection; it ends with the pool.
@@ -286,8 +277,22 @@ async fn reap(endpoints: Weak<Mutex<HashMap<String, Arc<Endpoint>>>>) {
     }
 }
 
+/// Connections a request passed over because they were still busy; back to the pool on drop.
+struct Busy<'a> {
+    ep: &'a Endpoint,
+    senders: Vec<SendRequest<Body>>,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        for sender in self.senders.drain(..) {
+            self.ep.put_back(sender);
+        }
+    }
+}
+
 /// A response body that returns its connection to the pool at its end.
-struct Returning {
+pub struct Returning {
     body: Incoming,
     back: Option<(Arc<Endpoint>, SendRequest<Body>)>,
 }

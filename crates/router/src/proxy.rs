@@ -15,10 +15,11 @@ use std::time::Duration;
 use agentcube_types::EntryPoint;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::Response;
+use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -274,7 +275,11 @@ impl Upstream {
     /// upstream is spoken to in its own protocol: HTTP/1.1, or h2c for `H2C` entry points,
     /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
     /// is the client's error (408/400), not the sandbox's.
-    pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Response, RouterError> {
+    pub async fn forward(
+        &self,
+        mut req: Request,
+        f: Forward<'_>,
+    ) -> Result<http::Response<Answer>, RouterError> {
         let ep = self.endpoint(f.entry)?;
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let pq = PathAndQuery::try_from(pq.get(f.path_start..).unwrap_or("/"))
@@ -290,12 +295,8 @@ impl Upstream {
         }
         headers.insert(header::AUTHORIZATION, f.authorization);
         if let Some(addr) = f.client_addr {
-            let ip = ip_text(addr.ip());
-            let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prior) => format!("{prior}, {ip}"),
-                None => ip,
-            };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
+            let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            if let Some(v) = forwarded_for(prior, addr.ip()) {
                 headers.insert(X_FORWARDED_FOR, v);
             }
         }
@@ -310,9 +311,7 @@ impl Upstream {
             // The entry point, as a client library would have written it (made once).
             headers.insert(header::HOST, ep.host.clone());
         }
-        let body_failure = BodyFailure::default();
-        let mut req = req.map(|b| body_failure.watch(b));
-        let sent = if h2c {
+        let (mut resp, sender) = if h2c {
             if let Some(path) = ep.unix_path() {
                 self.unix.register(ep.authority.host(), path);
             }
@@ -323,19 +322,19 @@ impl Upstream {
             *req.uri_mut() =
                 Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
             *req.version_mut() = http::Version::HTTP_2;
-            match self.h2c.request(req).await {
-                Ok(resp) => Ok((resp, None)),
-                Err(e) => Err(map_client_error(&e)),
+            // Boxed, so the HTTP/1.1 path's future (moved on every request) stays small.
+            match Box::pin(self.h2c.request(req)).await {
+                Ok(resp) => (resp, None),
+                Err(e) => return Err(map_client_error(&e)),
             }
         } else {
             *req.uri_mut() = Uri::from(pq);
             *req.version_mut() = http::Version::HTTP_11;
             match self.pool.send(&ep, req, self.connect_timeout).await {
-                Ok((resp, sender)) => Ok((resp, Some(sender))),
-                Err(e) => Err(map_client_error(e.as_error())),
+                Ok((resp, sender)) => (resp, Some(sender)),
+                Err(e) => return Err(map_client_error(e.as_error())),
             }
         };
-        let (mut resp, sender) = sent.map_err(|e| body_failure.get().unwrap_or(e))?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -348,90 +347,120 @@ impl Upstream {
             }
             // The connection is the tunnel's now; `sender` is never reused.
             let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, Body::empty()));
+            return Ok(http::Response::from_parts(parts, Answer::Empty));
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = match sender {
-            Some(sender) => Pool::finish(ep, sender, body),
-            None => Body::new(body),
+            Some(sender) => Answer::Pooled(Pool::finish(ep, sender, body)),
+            None => Answer::H2c(body),
         };
-        Ok(Response::from_parts(parts, body))
+        Ok(http::Response::from_parts(parts, body))
     }
 }
 
-/// An IP address as text; IPv4 (the common case) without the formatting machinery, which
-/// costs more than the rest of the header handling.
-fn ip_text(ip: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return ip.to_string();
+/// A sandbox's answer body, unboxed (the handler boxes it once, with what it holds).
+pub enum Answer {
+    /// HTTP/1.1: its connection goes back to the pool at the body's end.
+    Pooled(pool::Returning),
+    H2c(Incoming),
+    /// An upgrade's 101 (the connection is the tunnel's).
+    Empty,
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Pooled(b) => Pin::new(b).poll_frame(cx),
+            Self::H2c(b) => Pin::new(b).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Pooled(b) => b.is_end_stream(),
+            Self::H2c(b) => b.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Pooled(b) => b.size_hint(),
+            Self::H2c(b) => b.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// `X-Forwarded-For` with the client's address appended. The usual case (IPv4, no prior
+/// value) is written on the stack and copied once.
+fn forwarded_for(prior: Option<&str>, ip: std::net::IpAddr) -> Option<HeaderValue> {
+    match (prior, ip) {
+        (None, std::net::IpAddr::V4(v4)) => {
+            let mut buf = [0u8; 15];
+            let n = write_v4(&mut buf, v4);
+            HeaderValue::from_bytes(&buf[..n]).ok()
+        }
+        (Some(prior), ip) => HeaderValue::from_str(&format!("{prior}, {ip}")).ok(),
+        (None, ip) => HeaderValue::from_str(&ip.to_string()).ok(),
+    }
+}
+
+/// An IPv4 address as text into `buf`, without the formatting machinery (which costs more than
+/// the rest of the header handling); the length written.
+fn write_v4(buf: &mut [u8; 15], v4: std::net::Ipv4Addr) -> usize {
+    let mut n = 0;
+    let mut push = |b: u8| {
+        buf[n] = b;
+        n += 1;
     };
-    let mut s = String::with_capacity(15);
     for (i, o) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            s.push('.');
+            push(b'.');
         }
         if o >= 100 {
-            s.push(char::from(b'0' + o / 100));
+            push(b'0' + o / 100);
         }
         if o >= 10 {
-            s.push(char::from(b'0' + o / 10 % 10));
+            push(b'0' + o / 10 % 10);
         }
-        s.push(char::from(b'0' + o % 10));
+        push(b'0' + o % 10);
     }
-    s
+    n
 }
 
 fn is_h2c(entry: &EntryPoint) -> bool {
     entry.protocol.eq_ignore_ascii_case("H2C")
 }
 
-/// Remembers why the client's request body failed while it was streamed upstream.
-#[derive(Clone, Default)]
-struct BodyFailure(Arc<std::sync::OnceLock<bool>>);
-
-impl BodyFailure {
-    /// `body`, reporting its first error here (`true`: it stalled past the idle timeout).
-    fn watch(&self, body: Body) -> Body {
-        use http_body_util::BodyExt;
-        let slot = self.0.clone();
-        Body::new(body.map_err(move |e: axum::Error| {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            let mut timed_out = false;
-            while let Some(s) = source {
-                timed_out |= s.is::<agentcube_serve::BodyTimeout>();
-                source = s.source();
-            }
-            let _ = slot.set(timed_out);
-            e
-        }))
-    }
-
-    fn get(&self) -> Option<RouterError> {
-        self.0.get().map(|timed_out| {
-            if *timed_out {
-                RouterError::BodyTimeout
-            } else {
-                RouterError::BadBody
-            }
-        })
-    }
-}
-
-/// Upstream's mapping: refused → 502, timeout → 504, anything else → 503.
+/// Upstream's mapping: refused → 502, timeout → 504, anything else → 503. A failure of the
+/// client's own request body is in the error's chain as the `axum::Error` it was sent with: then
+/// it is the client's error, 408 when it stalled past the body idle timeout, else 400.
 fn map_client_error(e: &(dyn std::error::Error + 'static)) -> RouterError {
-    let mut source = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            return match io.kind() {
-                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => RouterError::Refused,
-                io::ErrorKind::TimedOut => RouterError::UpstreamTimeout,
-                _ => RouterError::Unreachable,
-            };
-        }
-        source = s.source();
+    let chain = || std::iter::successors(Some(e), |s| s.source());
+    if chain().any(|s| s.is::<axum::Error>()) {
+        return if chain().any(|s| s.is::<agentcube_serve::BodyTimeout>()) {
+            RouterError::BodyTimeout
+        } else {
+            RouterError::BadBody
+        };
     }
-    RouterError::Unreachable
+    match chain().find_map(|s| s.downcast_ref::<io::Error>()) {
+        Some(io) => match io.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => RouterError::Refused,
+            io::ErrorKind::TimedOut => RouterError::UpstreamTimeout,
+            _ => RouterError::Unreachable,
+        },
+        None => RouterError::Unreachable,
+    }
 }
 
 #[cfg(test)]
@@ -439,7 +468,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ip_text_matches_the_standard_formatting() {
+    fn forwarded_for_matches_the_standard_formatting() {
         for ip in [
             "0.0.0.0",
             "127.0.0.1",
@@ -450,7 +479,9 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(forwarded_for(None, ip).unwrap(), ip.to_string().as_str());
+            let appended = forwarded_for(Some("1.2.3.4"), ip).unwrap();
+            assert_eq!(appended, format!("1.2.3.4, {ip}").as_str());
         }
     }
 

@@ -17,6 +17,9 @@ use crate::wm::WmClient;
 #[derive(Debug, Clone)]
 pub struct Target {
     pub session_id: Arc<str>,
+    /// The session id as the header stamped on every answer, made once (`None`: not a valid
+    /// header value).
+    pub session_header: Option<http::HeaderValue>,
     pub entry_points: Arc<[EntryPoint]>,
     /// The sandbox's identity, which the token is bound to (absent in upstream records).
     pub identity: Option<Arc<str>>,
@@ -118,6 +121,7 @@ impl Resolver {
         };
         let target = Target {
             session_id: session_id.into(),
+            session_header: http::HeaderValue::from_str(session_id).ok(),
             entry_points: record.entry_points().to_vec().into(),
             identity: record.sandbox_identity.as_deref().map(Arc::from),
             owner: record
@@ -164,6 +168,7 @@ impl Resolver {
         let resp = self.wm.create(kind, namespace, name, token).await?;
         Ok(Target {
             owner: owner.map(Arc::from),
+            session_header: http::HeaderValue::from_str(&resp.session_id).ok(),
             session_id: resp.session_id.into(),
             entry_points: resp.entry_points.into(),
             identity: resp.sandbox_identity.as_deref().map(Arc::from),

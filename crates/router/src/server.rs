@@ -1,6 +1,7 @@
 //! Routes and the invoke handler: resolve the session, pick the entry point, attach the cached
 //! token, forward, and stamp the session header on the sandbox's answer.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,17 +10,16 @@ use agentcube_types::headers::SESSION_ID;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::activity::Activity;
 use crate::error::RouterError;
 use crate::identity::Signer;
-use crate::proxy::{Forward, Upstream};
+use crate::proxy::{Answer, Forward, Upstream};
 use crate::resolve::{Resolver, pick};
 
 /// Shared by every request of one worker. Everything but the upstream client is shared by all
@@ -101,17 +101,36 @@ pub fn front(state: AppState) -> agentcube_serve::Front {
     })
 }
 
-/// A request for `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations…`.
+/// A request for `/v1/namespaces/{ns}/{code-interpreters|agent-runtimes}/{name}/invocations…`:
+/// where its parts are in the raw path (nothing is copied until they are used).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Invocation {
     pub kind: WorkloadKind,
-    /// Percent-decoded.
-    pub ns: String,
-    /// Percent-decoded.
-    pub name: String,
+    /// The namespace's bytes in the raw path (percent-encoded).
+    ns: (usize, usize),
+    /// The runtime name's bytes in the raw path (percent-encoded).
+    name: (usize, usize),
     /// Where the invocation path (its leading `/`, never stripped) starts in the raw path;
     /// `None` for `…/invocations` without the slash (redirected, as gin does).
     pub path_start: Option<usize>,
+}
+
+impl Invocation {
+    /// The namespace and runtime name, percent-decoded, from the raw path this was matched in
+    /// (borrowed unless they were encoded).
+    pub fn names<'a>(&self, raw: &'a str) -> (Cow<'a, str>, Cow<'a, str>) {
+        let decode = |(a, b): (usize, usize)| decode(raw.get(a..b).unwrap_or_default());
+        let (ns, name) = (decode(self.ns), decode(self.name));
+        (ns.unwrap_or_default(), name.unwrap_or_default())
+    }
+}
+
+/// Percent-decoded; `None` when the result is empty or not UTF-8.
+fn decode(s: &str) -> Option<Cow<'_, str>> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .filter(|d| !d.is_empty())
 }
 
 /// Matches an invocation URL by position (names may contain `invocations`); `None` for
@@ -142,17 +161,12 @@ pub fn match_invocation(raw: &str) -> Option<Invocation> {
         "agent-runtimes" => WorkloadKind::AgentRuntime,
         _ => return None,
     };
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8()
-            .ok()
-            .filter(|d| !d.is_empty())
-            .map(|d| d.into_owned())
-    };
+    decode(at(ns))?;
+    decode(at(name))?;
     Some(Invocation {
         kind,
-        ns: decode(at(ns))?,
-        name: decode(at(name))?,
+        ns,
+        name,
         path_start: (invocations.1 < raw.len()).then_some(invocations.1),
     })
 }
@@ -218,7 +232,17 @@ async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
         .map(|c| c.0);
     let started = std::time::Instant::now();
     let kind = t.kind;
-    let resp = match handle(&s, t, client, req).await {
+    // The path's bytes are shared, not copied: the names borrow them while `req` moves on.
+    let uri = req.uri().clone();
+    let (ns, name) = t.names(uri.path());
+    let call = Call {
+        kind,
+        ns: &ns,
+        name: &name,
+        path_start: t.path_start.unwrap_or(usize::MAX),
+        client_addr: client,
+    };
+    let resp = match handle(&s, &call, req).await {
         Ok(r) => r,
         Err(e) => {
             s.metrics.count_proxy_error(kind, &e);
@@ -229,6 +253,16 @@ async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
     s.metrics
         .observe_latency(kind, started.elapsed().as_secs_f64());
     resp
+}
+
+/// One invocation: the runtime it names, where its path starts, who sent it.
+struct Call<'a> {
+    kind: WorkloadKind,
+    ns: &'a str,
+    name: &'a str,
+    /// Where the invocation path starts in the raw path.
+    path_start: usize,
+    client_addr: Option<SocketAddr>,
 }
 
 /// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
@@ -244,16 +278,12 @@ fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
 }
 
 #[tracing::instrument(name = "invoke", level = "debug", skip_all, fields(kind = %t.kind, ns = %t.ns, name = %t.name, session_id = tracing::field::Empty))]
-async fn handle(
-    s: &AppState,
-    t: Invocation,
-    client_addr: Option<SocketAddr>,
-    req: Request,
-) -> Result<Response, RouterError> {
+async fn handle(s: &AppState, t: &Call<'_>, req: Request) -> Result<Response, RouterError> {
     let kind = t.kind;
-    // Refused callers never take a concurrency slot.
+    // Refused callers never take a concurrency slot. (The rare paths' futures are boxed, so
+    // the hot path's future, moved on every request, stays small.)
     let caller = match &s.authn {
-        Some(a) => Some(a.authenticate(req.headers()).await?),
+        Some(a) => Some(Box::pin(a.authenticate(req.headers())).await?),
         None => None,
     };
     let session = session_header(&req)?;
@@ -267,29 +297,20 @@ async fn handle(
     };
     let target = match &session {
         Some(id) => {
-            let target = s.resolver.existing(id, kind, &t.ns, &t.name).await?;
+            let target = s.resolver.existing(id, kind, t.ns, t.name).await?;
             if let Some(c) = &caller {
                 check_owner(&target, c)?;
             }
             target
         }
-        None => {
-            let identity = match &caller {
-                Some(c) => Some(
-                    s.signer
-                        .identity_token(c, jiff::Timestamp::now().as_second())
-                        .map_err(|_| RouterError::Signing)?,
-                ),
-                None => None,
-            };
-            let owner = caller.as_deref().map(|c| c.sub.as_str());
-            let identity = owner.zip(identity.as_deref());
-            s.resolver.create(kind, &t.ns, &t.name, identity).await?
-        }
+        None => Box::pin(create(s, t, caller.as_deref())).await?,
     };
     tracing::Span::current().record("session_id", &*target.session_id);
-    let path_start = t.path_start.unwrap_or(usize::MAX);
-    let answered = forward(s, &target, path_start, client_addr, caller.as_deref(), req).await;
+    // The steps before the send are not async: one future fewer to build and move per request.
+    let answered = match to_sandbox(s, &target, t, caller.as_deref(), &req) {
+        Ok(fwd) => s.upstream.forward(req, fwd).await,
+        Err(e) => Err(e),
+    };
     let resp = match answered {
         Ok(r) => r,
         Err(e) if session.is_none() => {
@@ -298,26 +319,44 @@ async fn handle(
             tokio::spawn(async move { s.resolver.roll_back(kind, &id).await });
             return Err(e);
         }
-        Err(e) => return Err(unknown_if_deleted(s, &target, kind, &t, e).await),
+        Err(e) => return Err(Box::pin(unknown_if_deleted(s, &target, t, e)).await),
     };
     // Activity counts only what the sandbox answered (a dead sandbox does not stay "active"),
     // at the answer and again when it has been streamed out.
-    s.activity.record(&target.session_id);
+    let answered_at = s.activity.record(&target.session_id);
     let (mut parts, body) = resp.into_parts();
-    if let Ok(v) = HeaderValue::from_str(&target.session_id) {
+    if let Some(v) = target.session_header {
         parts.headers.insert(SESSION, v);
     }
-    let done = Done {
-        shared: s.clone(),
-        session_id: target.session_id,
-        _permit: permit,
+    let body = Streamed {
+        body,
+        _done: Done {
+            shared: s.clone(),
+            session_id: target.session_id,
+            answered_at,
+            _permit: permit,
+        },
     };
-    // `map_frame` keeps trailers (gRPC over h2c) and holds `done` until the body is dropped.
-    let body = Body::new(body.map_frame(move |frame| {
-        let _held = &done;
-        frame
-    }));
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// A new session for a request without one, owned by the authenticated caller (if any).
+async fn create(
+    s: &AppState,
+    t: &Call<'_>,
+    caller: Option<&crate::oidc::Caller>,
+) -> Result<crate::resolve::Target, RouterError> {
+    let identity = match caller {
+        Some(c) => Some(
+            s.signer
+                .identity_token(c, jiff::Timestamp::now().as_second())
+                .map_err(|_| RouterError::Signing)?,
+        ),
+        None => None,
+    };
+    let owner = caller.map(|c| c.sub.as_str());
+    let identity = owner.zip(identity.as_deref());
+    s.resolver.create(t.kind, t.ns, t.name, identity).await
 }
 
 /// Session ownership (spec §1.9, RLAC): admins use any session; a session without an owner is
@@ -338,16 +377,15 @@ fn check_owner(
     }
 }
 
-/// Picks the entry point, attaches the token and forwards.
-async fn forward(
+/// Where and how `req` goes: the entry point its path picks, and the session's token.
+fn to_sandbox<'a>(
     s: &AppState,
-    target: &crate::resolve::Target,
-    path_start: usize,
-    client_addr: Option<SocketAddr>,
+    target: &'a crate::resolve::Target,
+    t: &Call<'_>,
     caller: Option<&crate::oidc::Caller>,
-    req: Request,
-) -> Result<Response, RouterError> {
-    let path = req.uri().path().get(path_start..).unwrap_or("/");
+    req: &Request,
+) -> Result<Forward<'a>, RouterError> {
+    let path = req.uri().path().get(t.path_start..).unwrap_or("/");
     let entry = pick(&target.entry_points, path).ok_or(RouterError::NoEntryPoint)?;
     let authorization = s
         .signer
@@ -358,14 +396,13 @@ async fn forward(
             jiff::Timestamp::now().as_second(),
         )
         .map_err(|_| RouterError::Signing)?;
-    let fwd = Forward {
+    Ok(Forward {
         entry,
-        path_start,
+        path_start: t.path_start,
         authorization,
-        client_addr,
+        client_addr: t.client_addr,
         scheme: s.scheme,
-    };
-    s.upstream.forward(req, fwd).await
+    })
 }
 
 /// A sandbox that cannot be reached may simply have been deleted since it was cached: then the
@@ -373,15 +410,14 @@ async fn forward(
 async fn unknown_if_deleted(
     s: &AppState,
     target: &crate::resolve::Target,
-    kind: WorkloadKind,
-    t: &Invocation,
+    t: &Call<'_>,
     e: RouterError,
 ) -> RouterError {
     s.resolver.invalidate(&target.session_id);
     if matches!(e, RouterError::Refused | RouterError::Unreachable)
         && let Err(again @ RouterError::UnknownSession(_)) = s
             .resolver
-            .existing(&target.session_id, kind, &t.ns, &t.name)
+            .existing(&target.session_id, t.kind, t.ns, t.name)
             .await
     {
         return again;
@@ -390,16 +426,48 @@ async fn unknown_if_deleted(
 }
 
 /// Held by a response body until it has been streamed out: the concurrency slot, and the
-/// activity noted when the answer is complete.
+/// activity noted when the answer is complete (unless that is still the second of the answer,
+/// which was noted already: activity is kept to the second).
 struct Done {
     shared: AppState,
     session_id: Arc<str>,
+    answered_at: jiff::Timestamp,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        self.shared.activity.record(&self.session_id);
+        let now = jiff::Timestamp::now();
+        if now.as_second() != self.answered_at.as_second() {
+            self.shared.activity.record_at(&self.session_id, now);
+        }
+    }
+}
+
+/// The sandbox's answer body, holding [`Done`] until it is dropped (frames and trailers pass
+/// through untouched).
+struct Streamed {
+    body: Answer,
+    _done: Done,
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -410,16 +478,18 @@ mod tests {
     #[test]
     fn invocations_are_matched_by_position() {
         let m = |p: &str| match_invocation(p);
-        let inv =
-            m("/v1/namespaces/default/code-interpreters/invocations-ci/invocations/api/execute")
-                .unwrap();
+        let raw = "/v1/namespaces/default/code-interpreters/invocations-ci/invocations/api/execute";
+        let inv = m(raw).unwrap();
+        let (ns, name) = inv.names(raw);
         assert_eq!(
-            (inv.kind, inv.ns.as_str(), inv.name.as_str()),
+            (inv.kind, &*ns, &*name),
             (WorkloadKind::CodeInterpreter, "default", "invocations-ci")
         );
+        assert!(matches!((ns, name), (Cow::Borrowed(_), Cow::Borrowed(_))));
         let raw = "/v1/namespaces/invocations/agent-runtimes/a%20b/invocations/x/invocations";
         let inv = m(raw).unwrap();
-        assert_eq!((inv.ns.as_str(), inv.name.as_str()), ("invocations", "a b"));
+        let (ns, name) = inv.names(raw);
+        assert_eq!((&*ns, &*name), ("invocations", "a b"));
         assert_eq!(&raw[inv.path_start.unwrap()..], "/x/invocations");
         let slash = m("/v1/namespaces/n/code-interpreters/c/invocations/").unwrap();
         assert_eq!(
@@ -439,6 +509,7 @@ mod tests {
             "/v1/namespaces//code-interpreters/c/invocations/",
             "/v1/namespaces/n/code-interpreters/c/invocationsX/",
             "/v1/namespaces/n/code-interpreters",
+            "/v1/namespaces/%ff/code-interpreters/c/invocations/",
             "",
             "/",
         ] {

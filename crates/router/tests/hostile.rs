@@ -398,3 +398,45 @@ async fn failed_requests_do_not_keep_a_dead_sandbox_active() {
         .last_activity;
     assert_eq!(before, after, "502s are not activity");
 }
+
+#[tokio::test]
+async fn an_answer_streamed_for_seconds_counts_as_activity_until_its_end() {
+    // The first chunk at once, the last 2.5 s later: the session was in use all that time.
+    let slow = axum::Router::new().fallback(|| async {
+        let chunks = futures_util::stream::unfold(0, |i| async move {
+            match i {
+                0 => Some((Ok::<_, std::io::Error>("first\n"), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    Some((Ok("last\n"), 2))
+                }
+                _ => None,
+            }
+        });
+        axum::body::Body::from_stream(chunks)
+    });
+    let (url, _u) = serve(slow).await;
+    let store = memory();
+    session_to(store.as_ref(), "slow", &host_of(&url)).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |_| {}).await;
+    let started = jiff::Timestamp::now();
+    let r = client()
+        .get(router.ci("stream"))
+        .header("x-agentcube-session-id", "slow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "first\nlast\n");
+    router.stop().await;
+    let last = store
+        .list_idle(started + jiff::SignedDuration::from_hours(1), 10)
+        .await
+        .unwrap()[0]
+        .last_activity;
+    // The store keeps activity to the second; the stream ended 2.5 s after `started`.
+    assert!(
+        last.as_second() >= started.as_second() + 2,
+        "activity at the end of the stream, not only at its start: {started} → {last}"
+    );
+}
