@@ -158,9 +158,13 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
+fn has_hop_by_hop(h: &HeaderMap) -> bool {
+    h.keys().any(|k| HOP_BY_HOP.contains(k))
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if !has_hop_by_hop(h) {
         return;
     }
     if h.contains_key(header::CONNECTION) {
@@ -284,7 +288,10 @@ impl Upstream {
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let pq = PathAndQuery::try_from(pq.get(f.path_start..).unwrap_or("/"))
             .map_err(|_| RouterError::Internal("bad path".into()))?;
-        let upgrade = upgrade_of(req.headers());
+        // An upgrade needs `Connection`, a hop-by-hop header: usually there is none.
+        let upgrade = has_hop_by_hop(req.headers())
+            .then(|| upgrade_of(req.headers()))
+            .flatten();
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let original_host = req.headers().get(header::HOST).cloned();
         let headers = req.headers_mut();

@@ -127,6 +127,10 @@ impl Invocation {
 
 /// Percent-decoded; `None` when the result is empty or not UTF-8.
 fn decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        // Nothing to decode, and a `str` is UTF-8 already.
+        return (!s.is_empty()).then_some(Cow::Borrowed(s));
+    }
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .ok()
@@ -144,11 +148,7 @@ pub fn match_invocation(raw: &str) -> Option<Invocation> {
         if raw.as_bytes().get(end) != Some(&b'/') {
             return None;
         }
-        // A byte scan: `str::find` sets up a searcher per call, which cost more than the scan.
-        end = raw.as_bytes()[start..]
-            .iter()
-            .position(|&b| b == b'/')
-            .map_or(raw.len(), |e| start + e);
+        end = memchr::memchr(b'/', &raw.as_bytes()[start..]).map_or(raw.len(), |e| start + e);
         *seg = (start, end);
     }
     let at = |(a, b): (usize, usize)| &raw[a..b];
@@ -233,8 +233,8 @@ async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
     let started = std::time::Instant::now();
     let kind = t.kind;
     // The path's bytes are shared, not copied: the names borrow them while `req` moves on.
-    let uri = req.uri().clone();
-    let (ns, name) = t.names(uri.path());
+    let pq = req.uri().path_and_query().cloned();
+    let (ns, name) = t.names(pq.as_ref().map_or("", |pq| pq.path()));
     let call = Call {
         kind,
         ns: &ns,
