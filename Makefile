@@ -99,6 +99,7 @@ bench-build:
 	CARGO=$(CARGO) scripts/build-picod.sh
 	$(CARGO) build --release -p agentcube-picod --example picod-bench
 	$(CARGO) build --release -p agentcube-workload-manager --example wm-bench
+	$(CARGO) build --release -p agentcube-router --example bare-proxy
 
 bench-picod:
 	./target/release/examples/picod-bench target/release/picod
@@ -117,6 +118,7 @@ bench-kube:
 
 ## bench-instructions: the Router's instructions per proxied request (callgrind; not in `make bench`)
 bench-instructions:
+	$(CARGO) build --release -p agentcube-router --example bare-proxy
 	cd bench && ../.venv/bin/python instructions.py 2000
 
 bench-soak:

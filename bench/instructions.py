@@ -1,9 +1,11 @@
 """Instructions the release `router` binary executes per proxied request, counted by valgrind's
 callgrind (deterministic, unlike timings on a shared machine): one keep-alive client sends N
 `GET …/invocations/health` to one PicoD through the Router (Redis store, one session); counting
-starts after start-up and 50 warm-up requests. The baseline: an nginx worker (one process,
-`master_process off`) proxying `GET /health` to the same PicoD, counted the same way. Prints the
-counts per request and the Router's functions that cost most (self cost). Needs valgrind
+starts after start-up and 50 warm-up requests. The baselines, counted the same way: an nginx
+worker (one process, `master_process off`) proxying `GET /health` to the same PicoD, and
+`examples/bare-proxy` — the least a hyper-based proxy does per request (no session lookup, token,
+limits or metrics), so the Router's own cost can be told from hyper's. Prints the counts per
+request and the Router's functions that cost most (self cost). Needs valgrind
 (`apt-get install valgrind`)."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from harness import Table, binary, free_port, procs, wait_http
+from harness import RELEASE, Table, binary, free_port, procs, wait_http
 from http_proxy import NGINX, picod_with_session
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
@@ -33,6 +35,24 @@ def requests_through(port: int, n: int, path: str = PATH) -> None:
 
 def totals(out) -> int:
     return next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
+
+
+def bare_count(p, picod_port: int) -> int:
+    """Instructions of `examples/bare-proxy` for the same N requests to the same PicoD."""
+    bare = RELEASE / "examples" / "bare-proxy"
+    if not bare.exists():
+        raise SystemExit(f"{bare} missing: `make bench-instructions` builds it")
+    port, out = free_port(), p.tmp / "bare.callgrind"
+    prefix = PATH.removesuffix("/health")
+    proc = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                    str(bare), str(port), str(picod_port), prefix], "bare.log")
+    wait_http(f"http://127.0.0.1:{port}{PATH}", secs=120, proc=proc)
+    requests_through(port, 50)
+    subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+    requests_through(port, N)
+    proc.terminate()
+    proc.wait(timeout=120)
+    return totals(out)
 
 
 def nginx_count(p, picod_port: int) -> int:
@@ -72,10 +92,13 @@ def main() -> None:
         total = totals(out)
         top = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True).stdout
         nginx_total = nginx_count(p, picod_port)
+        bare_total = bare_count(p, picod_port)
     t = Table(f"Router instructions per proxied request (callgrind, {N} requests, one keep-alive client)")
     t.row("instructions per request", f"{total / N:,.0f}", "release build; deterministic")
     t.row("nginx worker, same requests to the same PicoD", f"{nginx_total / N:,.0f}",
           f"router ÷ nginx {total / nginx_total:.2f}")
+    t.row("bare hyper proxy (examples/bare-proxy), same requests", f"{bare_total / N:,.0f}",
+          f"router ÷ bare {total / bare_total:.2f}; the Router's own work: {(total - bare_total) / N:,.0f}")
     rows = [line for line in top.splitlines() if "(" in line and "%)" in line and "PROGRAM TOTALS" not in line]
     for line in rows[:12]:
         count, rest = line.split(None, 1)
