@@ -140,6 +140,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&args.log_format);
+    // Before anything is started: catching these also means the commands we start get them at
+    // their defaults, even when we were started with them ignored (a `&` job of a shell ignores
+    // SIGINT and SIGQUIT, and ignored signals survive `exec`; caught ones are reset by it).
+    let shutdown = shutdown_signal().context("cannot handle signals")?;
     let extras = Extras {
         forwards: args.forwards.clone(),
         agent: args.agent.clone(),
@@ -186,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(?status, "agent exited; stopping");
     };
     tokio::select! {
-        r = agentcube_picod::run(state, listener, shutdown_signal()) => r?,
+        r = agentcube_picod::run(state, listener, shutdown) => r?,
         () = agent => {}
     }
     tracing::info!("picod stopped");
@@ -211,12 +215,18 @@ fn init_tracing(format: &str) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM, SIGINT or SIGQUIT (all handled from the moment this is called).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutdown signal received");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+            _ = quit.recv() => {},
+        }
+        tracing::info!("shutdown signal received");
+    })
 }

@@ -265,3 +265,58 @@ async fn client_disconnect_kills_a_buffered_command() {
 async fn client_disconnect_kills_a_streamed_command() {
     disconnect_kills(true).await;
 }
+
+#[tokio::test]
+async fn commands_get_default_signals_even_when_picod_was_started_with_them_ignored() {
+    // As a `&` job of a non-interactive shell is started: SIGINT and SIGQUIT ignored, which
+    // `exec` keeps. A command that inherited them could not be interrupted.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("p.sock");
+    let mut c = Command::new("sh")
+        .args(["-c", "trap '' INT QUIT; exec \"$0\" \"$@\"", BIN])
+        .arg(format!("--workspace={}", dir.path().display()))
+        .arg(format!("--listen=unix:{}", sock.display()))
+        .arg("--insecure-no-auth")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock).await;
+    let ignored = |pid: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .unwrap();
+        u64::from_str_radix(mask.trim(), 16).unwrap()
+    };
+    // Bits of SIGINT (2) and SIGQUIT (3) in a `SigIgn` mask.
+    const INT_QUIT: u64 = (1 << (2 - 1)) | (1 << (3 - 1));
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .body(Full::from(
+            json!({"command": ["grep", "SigIgn", "/proc/self/status"]}).to_string(),
+        ))
+        .unwrap();
+    let (status, body) = unix_request(&sock, req).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mask = v["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .trim_start_matches("SigIgn:");
+    let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+    assert_eq!(
+        mask & INT_QUIT,
+        0,
+        "a command inherited ignored signals: {v}"
+    );
+    assert_eq!(
+        ignored(&c.id().to_string()) & INT_QUIT,
+        0,
+        "picod catches both"
+    );
+    let _ = c.kill();
+    let _ = c.wait();
+}
