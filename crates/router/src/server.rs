@@ -88,13 +88,13 @@ pub fn app(state: AppState) -> Router {
     reason = "a request the front does not answer is handed back whole, by value"
 )]
 pub fn front(state: AppState) -> agentcube_serve::Front {
-    Arc::new(move |req: Request| {
+    Arc::new(move |req: Request, client: Option<SocketAddr>| {
         if req.method() != http::Method::GET && req.method() != http::Method::POST {
             return Err(req);
         }
         match match_invocation(req.uri().path()) {
             Some(inv) if inv.path_start.is_some() => {
-                Ok(Box::pin(invoke(state.clone(), inv, req)) as agentcube_serve::Answer)
+                Ok(Box::pin(invoke(state.clone(), inv, req, client)) as agentcube_serve::Answer)
             }
             _ => Err(req),
         }
@@ -183,7 +183,11 @@ async fn dispatch(State(s): State<AppState>, req: Request) -> Response {
     if req.method() != http::Method::GET && req.method() != http::Method::POST {
         return not_found().await;
     }
-    invoke(s, inv, req).await
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    invoke(s, inv, req, client).await
 }
 
 /// Ready only while the session store answers: a Router that cannot look sessions up should get
@@ -225,11 +229,7 @@ async fn redirect_to_slash(req: Request) -> Response {
     (status, [(header::LOCATION, loc)]).into_response()
 }
 
-async fn invoke(s: AppState, t: Invocation, req: Request) -> Response {
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+async fn invoke(s: AppState, t: Invocation, req: Request, client: Option<SocketAddr>) -> Response {
     let started = std::time::Instant::now();
     let kind = t.kind;
     // The path's bytes are shared, not copied: the names borrow them while `req` moves on.

@@ -246,9 +246,14 @@ impl From<axum::Router> for App {
 pub type Answer = std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>;
 
 /// Answers the requests it recognises itself and hands the others back (`Err`), before any
-/// router table or extractor runs: a component's hot path (the Router's invocations).
-pub type Front =
-    Arc<dyn Fn(axum::extract::Request) -> Result<Answer, axum::extract::Request> + Send + Sync>;
+/// router table or extractor runs: a component's hot path (the Router's invocations). It gets
+/// the client's address (TCP listeners) as an argument; requests handed to the router carry it
+/// as axum's `ConnectInfo` extension, which the front's requests are spared (an allocation).
+pub type Front = Arc<
+    dyn Fn(axum::extract::Request, Option<SocketAddr>) -> Result<Answer, axum::extract::Request>
+        + Send
+        + Sync,
+>;
 
 /// What answers a connection's requests: an `axum::Router`, optionally behind a [`Front`].
 #[derive(Clone)]
@@ -266,15 +271,22 @@ impl Routes {
         }
     }
 
-    /// The response to `req`.
-    async fn answer(self, req: axum::extract::Request) -> axum::response::Response {
-        let req = match &self.front {
-            Some(front) => match front(req) {
+    /// The response to `req`, from a client at `peer`.
+    async fn answer(
+        self,
+        req: axum::extract::Request,
+        peer: Option<SocketAddr>,
+    ) -> axum::response::Response {
+        let mut req = match &self.front {
+            Some(front) => match front(req, peer) {
                 Ok(answer) => return answer.await,
                 Err(req) => req,
             },
             None => req,
         };
+        if let Some(addr) = peer {
+            req.extensions_mut().insert(ConnectInfo(addr));
+        }
         match self.router.oneshot(req).await {
             Ok(resp) => resp,
             Err(never) => match never {},
@@ -378,11 +390,8 @@ impl<H: Handshake> Connection<H> {
         let (app, peer, t) = (self.app, self.peer, tracker.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let guard = t.begin();
-            let mut req = req.map(|b| Body::new(TimeoutBody::new(limits.body_idle_timeout, b)));
-            if let Some(addr) = peer {
-                req.extensions_mut().insert(ConnectInfo(addr));
-            }
-            let call = app.clone().answer(req);
+            let req = req.map(|b| Body::new(TimeoutBody::new(limits.body_idle_timeout, b)));
+            let call = app.clone().answer(req, peer);
             async move {
                 let resp = call.await;
                 Ok::<_, Infallible>(resp.map(|b| conn::GuardedBody {
@@ -437,7 +446,7 @@ mod tests {
         let router = axum::Router::new()
             .route("/fast", axum::routing::get(|| async { "router" }))
             .fallback(|| async { "router fallback" });
-        let front: Front = Arc::new(|req: axum::extract::Request| {
+        let front: Front = Arc::new(|req: axum::extract::Request, _| {
             if req.uri().path() == "/fast" {
                 Ok(Box::pin(async { "front".into_response() }) as Answer)
             } else {
@@ -446,14 +455,14 @@ mod tests {
         });
         let routes = Routes::with_front(router.clone(), front);
         assert_eq!(
-            text(routes.clone().answer(get("/fast")).await).await,
+            text(routes.clone().answer(get("/fast"), None).await).await,
             "front"
         );
         assert_eq!(
-            text(routes.answer(get("/other")).await).await,
+            text(routes.answer(get("/other"), None).await).await,
             "router fallback"
         );
         let plain = Routes::from(router);
-        assert_eq!(text(plain.answer(get("/fast")).await).await, "router");
+        assert_eq!(text(plain.answer(get("/fast"), None).await).await, "router");
     }
 }
