@@ -14,6 +14,7 @@ import http.client
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from harness import RELEASE, Table, binary, free_port, procs, wait_http
 from http_proxy import NGINX, picod_with_session
@@ -37,38 +38,38 @@ def totals(out) -> int:
     return next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
 
 
+def counted(p, name: str, cmd: list[str], port: int, ready: str, path: str = PATH,
+            env: dict | None = None) -> Path:
+    """Runs `cmd` under callgrind, sends it 50 warm-up requests, then counts N more; the profile."""
+    out = p.tmp / f"{name}.callgrind"
+    proc = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                    *cmd], f"{name}.log", env=env)
+    wait_http(f"http://127.0.0.1:{port}{ready}", secs=120, proc=proc)
+    requests_through(port, 50, path)
+    subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+    requests_through(port, N, path)
+    proc.terminate()
+    proc.wait(timeout=120)
+    return out
+
+
 def bare_count(p, picod_port: int) -> int:
     """Instructions of `examples/bare-proxy` for the same N requests to the same PicoD."""
     bare = RELEASE / "examples" / "bare-proxy"
     if not bare.exists():
         raise SystemExit(f"{bare} missing: `make bench-instructions` builds it")
-    port, out = free_port(), p.tmp / "bare.callgrind"
-    prefix = PATH.removesuffix("/health")
-    proc = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                    str(bare), str(port), str(picod_port), prefix], "bare.log")
-    wait_http(f"http://127.0.0.1:{port}{PATH}", secs=120, proc=proc)
-    requests_through(port, 50)
-    subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
-    requests_through(port, N)
-    proc.terminate()
-    proc.wait(timeout=120)
-    return totals(out)
+    port = free_port()
+    cmd = [str(bare), str(port), str(picod_port), PATH.removesuffix("/health")]
+    return totals(counted(p, "bare", cmd, port, PATH))
 
 
 def nginx_count(p, picod_port: int) -> int:
     """Instructions of one nginx worker process for N proxied `GET /health`."""
-    port, out = free_port(), p.tmp / "nginx.callgrind"
+    port = free_port()
     # One worker process and no master: callgrind counts the one process that proxies.
     (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=port, master="off", workers=1))
-    nginx = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                     "nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
-    wait_http(f"http://127.0.0.1:{port}/health", secs=120, proc=nginx)
-    requests_through(port, 50, "/health")
-    subprocess.run(["callgrind_control", "-i", "on", str(nginx.pid)], check=True, capture_output=True)
-    requests_through(port, N, "/health")
-    nginx.terminate()
-    nginx.wait(timeout=120)
-    return totals(out)
+    cmd = ["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)]
+    return totals(counted(p, "nginx", cmd, port, "/health", "/health"))
 
 
 def main() -> None:
@@ -77,18 +78,11 @@ def main() -> None:
     with procs("instructions") as p:
         picod_port, redis_port, router_port = free_port(), free_port(), free_port()
         picod_with_session(p, picod_port, redis_port)
-        out = p.tmp / "callgrind.out"
-        router = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                          binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-                          "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
-                          "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
-                         env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
-        wait_http(f"http://127.0.0.1:{router_port}/health/ready", secs=120, proc=router)
-        requests_through(router_port, 50)
-        subprocess.run(["callgrind_control", "-i", "on", str(router.pid)], check=True, capture_output=True)
-        requests_through(router_port, N)
-        router.terminate()
-        router.wait(timeout=120)
+        cmd = [binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
+               "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
+               "--store", f"redis://127.0.0.1:{redis_port}"]
+        out = counted(p, "router", cmd, router_port, "/health/ready",
+                      env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
         total = totals(out)
         top = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True).stdout
         nginx_total = nginx_count(p, picod_port)
