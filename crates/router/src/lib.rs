@@ -22,6 +22,7 @@ use agentcube_store::SessionStore;
 
 pub mod activity;
 pub mod error;
+mod h1;
 pub mod identity;
 pub mod metrics;
 pub mod oidc;

@@ -2,11 +2,19 @@
 //!
 //! An entry point ([`Endpoint`]) keeps its idle connections. A request checks one out (the most
 //! recently used), or connects when there is none; the connection goes back when the response
-//! body has been read to its end — a response dropped early, or an upgraded connection, is never
-//! reused. A request that a reused connection closed before sending it (a sandbox closing an idle
-//! keep-alive connection) is sent again on a new connection, so the client never sees that race.
-//! Idle connections older than [`IDLE_TIMEOUT`] are dropped, at most [`MAX_IDLE`] per entry point
-//! are kept, and a reaper task sweeps closed and expired ones.
+//! body has been read to its end — a response dropped early, one framed by the connection's
+//! close, or one followed by bytes nobody asked for, is never reused. A request that a reused
+//! connection failed before the sandbox answered anything (a sandbox closing an idle keep-alive
+//! connection as the request went out) is sent again on a new connection, so the client never
+//! sees that race: always when the request could not be written, for idempotent methods when it
+//! was. Idle connections older than [`IDLE_TIMEOUT`] are dropped, at most [`MAX_IDLE`] per entry
+//! point are kept, and a reaper task sweeps closed and expired ones.
+//!
+//! The exchange runs in the request's own task, with this crate's codec ([`crate::h1`]): the
+//! request written in one go (its body is already buffered), the response head read, the body
+//! read from the socket as the client takes it. No connection task, no channel between the two.
+//! Requests whose body streams (unknown or large size) and upgrades go over a fresh, unpooled
+//! hyper connection instead ([`Pool::send_streaming`]).
 //!
 //! Why not hyper-util's pooled client: per request it hashed the pool key with SipHash three
 //! times, locked a shared pool twice and spawned a task to return the connection; here one
@@ -16,20 +24,22 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use http::header::HeaderValue;
 use http::uri::Authority;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::h1::{self, Chunked, Decoded, Framing};
 use crate::proxy::Stream;
 
 /// Idle connections older than this are not reused.
@@ -77,15 +87,94 @@ pub struct Endpoint {
     idle: Mutex<Vec<Idle>>,
 }
 
+/// A connection with nothing in flight.
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
 impl Idle {
     fn usable(&self, now: Instant) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
+        now.duration_since(self.since) < IDLE_TIMEOUT && !self.conn.closed()
+    }
+}
+
+/// An HTTP/1.1 connection to an entry point and what has been read from it but not used.
+pub struct Conn {
+    io: Stream,
+    buf: BytesMut,
+    /// How much to make room for before the next read (grows while reads fill it).
+    read_size: usize,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+/// The first read's room; reads that fill it double it, up to [`MAX_READ`].
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// Body pieces up to this size are copied out of the read buffer (see [`Conn::take`]).
+const COPY_BELOW: usize = 4 * 1024;
+
+impl Conn {
+    fn new(io: Stream) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            read_size: FIRST_READ,
+        }
+    }
+
+    /// Whether the sandbox closed this idle connection (or sent something nobody asked for),
+    /// found out without waiting: the readiness the runtime already has, then a non-blocking
+    /// read only if it says readable.
+    fn closed(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => !matches!(
+                self.io.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Reads more into `buf`; the number of bytes (0 at the end of the stream).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// The first `n` buffered bytes. Small pieces are copied out, so the read buffer stays this
+    /// connection's own and is reused by the next read instead of allocated again.
+    fn take(&mut self, n: usize) -> Bytes {
+        if n <= COPY_BELOW {
+            let data = Bytes::copy_from_slice(&self.buf[..n]);
+            bytes::Buf::advance(&mut self.buf, n);
+            data
+        } else {
+            self.buf.split_to(n).freeze()
+        }
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 }
 
@@ -108,22 +197,19 @@ impl Endpoint {
     }
 
     /// The most recently returned usable idle connection, if any.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         while let Some(i) = idle.pop() {
             if i.usable(now) {
-                return Some(i.sender);
+                return Some(i.conn);
             }
         }
         None
     }
 
-    /// Keeps `sender` for the next request (unless closed, or the list is full).
-    fn put_back(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Keeps `conn` for the next request (unless the list is full).
+    fn put_back(&self, conn: Conn) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         // The oldest is at the bottom: sweep when it is stale, so a busy list never keeps them.
@@ -131,7 +217,7 @@ impl Endpoint {
             idle.retain(|i| i.usable(now));
         }
         if idle.len() < MAX_IDLE {
-            idle.push(Idle { sender, since: now });
+            idle.push(Idle { conn, since: now });
         }
     }
 
@@ -141,36 +227,42 @@ impl Endpoint {
         idle.retain(|i| i.usable(now));
         idle.is_empty()
     }
+}
 
-    async fn connect(&self, timeout: Duration) -> io::Result<SendRequest<Body>> {
-        let stream = self.addr.open(timeout).await?;
-        // The handshake itself writes nothing; it cannot hang.
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
-    }
+/// A request ready to go: its bytes (head and body), and what decides how it may be retried
+/// and how its response is framed.
+pub struct Outgoing<'a> {
+    pub wire: &'a [u8],
+    pub head_request: bool,
+    /// RFC 9110 §9.2.2: safe to send again when a reused connection dropped it unanswered.
+    pub idempotent: bool,
 }
 
 /// Why a request got no response.
 #[derive(Debug)]
 pub enum SendError {
     Connect(io::Error),
+    Io(io::Error),
     Http(hyper::Error),
 }
 
 impl SendError {
     pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
         match self {
-            Self::Connect(e) => e,
+            Self::Connect(e) | Self::Io(e) => e,
             Self::Http(e) => e,
         }
     }
+}
+
+/// How one exchange on a connection failed.
+enum Failed {
+    /// The request could not be written.
+    Unsent(io::Error),
+    /// Written, and the connection ended before a single byte of an answer.
+    Unanswered(io::Error),
+    /// The sandbox's answer was broken.
+    Answer(io::Error),
 }
 
 /// One worker's entry points and their connections.
@@ -195,61 +287,62 @@ impl Pool {
         Ok(map.entry(endpoint.to_string()).or_insert(made).clone())
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to `ep` over HTTP/1.1. On success, the response
-    /// and the connection it came on, to [`Pool::finish`] or drop.
+    /// Sends `req` to `ep` on a pooled connection; the response head, and its body, which
+    /// gives the connection back at its end.
     pub async fn send(
         &self,
-        ep: &Endpoint,
-        mut req: Request<Body>,
+        ep: &Arc<Endpoint>,
+        req: &Outgoing<'_>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
-        // Connections passed over as busy go back to the pool however this ends.
-        let mut busy = Busy {
-            ep,
-            senders: Vec::new(),
-        };
+    ) -> Result<Response<Returning>, SendError> {
         loop {
-            let (mut sender, reused) = match ep.checkout() {
-                Some(s) => (s, true),
+            let (mut conn, reused) = match ep.checkout() {
+                Some(c) => (c, true),
                 None => {
                     self.start_reaper();
                     // Boxed: a new connection is the rare path, and its future is large.
-                    let s = Box::pin(ep.connect(connect_timeout)).await;
-                    (s.map_err(SendError::Connect)?, false)
+                    let io = Box::pin(ep.addr.open(connect_timeout)).await;
+                    (Conn::new(io.map_err(SendError::Connect)?), false)
                 }
             };
-            if reused && !sender.is_ready() {
-                // Usually the connection's task finishing the last exchange: let it run once.
-                tokio::task::yield_now().await;
-                if !sender.is_ready() {
-                    // Still busy (say, sending the rest of a request body the sandbox answered
-                    // early): another connection rather than waiting behind it.
-                    if !sender.is_closed() {
-                        busy.senders.push(sender);
-                    }
-                    continue;
+            let failed = match exchange(&mut conn, req).await {
+                Ok(head) => return Ok(Returning::response(ep, conn, head)),
+                Err(f) => f,
+            };
+            match failed {
+                Failed::Unsent(_) if reused => continue,
+                Failed::Unanswered(_) if reused && req.idempotent => continue,
+                Failed::Unsent(e) | Failed::Unanswered(e) | Failed::Answer(e) => {
+                    return Err(SendError::Io(e));
                 }
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Never written (the connection closed meanwhile): safe to send again,
-                    // whatever the method.
-                    Some(r) if reused => req = r,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
             }
         }
     }
 
-    /// The response body, which gives `sender` back to `ep` once read to its end.
-    pub fn finish(ep: Arc<Endpoint>, sender: SendRequest<Body>, body: Incoming) -> Returning {
-        let mut b = Returning {
-            body,
-            back: Some((ep, sender)),
-        };
-        b.release_if_done();
-        b
+    /// Sends `req` over a new hyper connection of its own, for requests whose body streams and
+    /// for upgrades (hyper drives the body and the answer concurrently, and hands over the
+    /// upgraded connection). The connection is not pooled.
+    pub async fn send_streaming(
+        &self,
+        ep: &Endpoint,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let stream = ep
+            .addr
+            .open(connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
+        // The handshake itself writes nothing; it cannot hang.
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        sender.send_request(req).await.map_err(SendError::Http)
     }
 
     /// One reaper per pool, on the runtime of its first connection; it ends with the pool.
@@ -258,6 +351,28 @@ impl Pool {
             let endpoints = Arc::downgrade(&self.endpoints);
             tokio::spawn(reap(endpoints));
         });
+    }
+}
+
+/// Writes the request and reads the final response head.
+async fn exchange(conn: &mut Conn, req: &Outgoing<'_>) -> Result<h1::Head, Failed> {
+    conn.io.write_all(req.wire).await.map_err(Failed::Unsent)?;
+    let mut heard = false;
+    loop {
+        if heard
+            && let Some(head) =
+                h1::parse_response(&mut conn.buf, req.head_request).map_err(Failed::Answer)?
+        {
+            return Ok(head);
+        }
+        let read = conn.fill().await;
+        match (read, heard) {
+            (Ok(0), false) => return Err(Failed::Unanswered(io::ErrorKind::UnexpectedEof.into())),
+            (Ok(0), true) => return Err(Failed::Answer(io::ErrorKind::UnexpectedEof.into())),
+            (Ok(_), _) => heard = true,
+            (Err(e), false) => return Err(Failed::Unanswered(e)),
+            (Err(e), true) => return Err(Failed::Answer(e)),
+        }
     }
 }
 
@@ -277,66 +392,134 @@ async fn reap(endpoints: Weak<Mutex<HashMap<String, Arc<Endpoint>>>>) {
     }
 }
 
-/// Connections a request passed over because they were still busy; back to the pool on drop.
-struct Busy<'a> {
-    ep: &'a Endpoint,
-    senders: Vec<SendRequest<Body>>,
+/// Where a response body is.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
 }
 
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        for sender in self.senders.drain(..) {
-            self.ep.put_back(sender);
-        }
-    }
-}
-
-/// A response body that returns its connection to the pool at its end.
+/// A response body read from its connection as it is polled; the connection goes back to its
+/// entry point at the body's end when it can carry another request.
 pub struct Returning {
-    body: Incoming,
-    back: Option<(Arc<Endpoint>, SendRequest<Body>)>,
+    conn: Option<Conn>,
+    reading: Reading,
+    /// Where the connection goes back to; `None` when it cannot be reused.
+    back: Option<Arc<Endpoint>>,
 }
 
 impl Returning {
-    fn release_if_done(&mut self) {
-        use hyper::body::Body as _;
-        if self.body.is_end_stream()
-            && let Some((ep, sender)) = self.back.take()
-        {
-            ep.put_back(sender);
+    fn response(ep: &Arc<Endpoint>, conn: Conn, head: h1::Head) -> Response<Self> {
+        let reading = match head.framing {
+            Framing::Empty | Framing::Length(0) => Reading::Length(0),
+            Framing::Length(n) => Reading::Length(n),
+            Framing::Chunked => Reading::Chunked(Chunked::Size),
+            Framing::UntilClose => Reading::UntilClose,
+        };
+        let mut body = Self {
+            conn: Some(conn),
+            reading,
+            back: head.keep_alive.then(|| ep.clone()),
+        };
+        if matches!(body.reading, Reading::Length(0)) {
+            body.end();
         }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        resp
+    }
+
+    /// The body has been read to its end: the connection goes back if it is clean.
+    fn end(&mut self) {
+        self.reading = Reading::Done;
+        if let (Some(conn), Some(ep)) = (self.conn.take(), self.back.take())
+            && conn.buf.is_empty()
+        {
+            ep.put_back(conn);
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.reading = Reading::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// The next frame from what is buffered, if there is one.
+    fn buffered(&mut self) -> io::Result<Option<Frame<Bytes>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let (frame, ended) = match &mut self.reading {
+            Reading::Length(left) if !conn.buf.is_empty() => {
+                let take = usize::try_from(*left)
+                    .unwrap_or(usize::MAX)
+                    .min(conn.buf.len());
+                let data = conn.take(take);
+                *left -= take as u64;
+                (Some(Frame::data(data)), *left == 0)
+            }
+            Reading::Chunked(state) => match h1::decode_chunked(&mut conn.buf, state)? {
+                Decoded::Data(n) => (Some(Frame::data(conn.take(n))), false),
+                Decoded::Trailers(t) => (Some(Frame::trailers(t)), true),
+                Decoded::End => (None, true),
+                Decoded::More => (None, false),
+            },
+            Reading::UntilClose if !conn.buf.is_empty() => {
+                (Some(Frame::data(conn.take(conn.buf.len()))), false)
+            }
+            _ => (None, false),
+        };
+        if ended {
+            self.end();
+        }
+        Ok(frame)
     }
 }
 
 impl hyper::body::Body for Returning {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some((ep, sender)) = this.back.take() {
-                    ep.put_back(sender);
-                }
+        loop {
+            match this.buffered() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => return this.fail(e),
             }
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-            // A broken body leaves its connection unusable.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            Poll::Pending => {}
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.reading, Reading::UntilClose) => {
+                    this.reading = Reading::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        matches!(self.reading, Reading::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.reading {
+            Reading::Length(n) => SizeHint::with_exact(n),
+            Reading::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }

@@ -9,16 +9,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use agentcube_types::EntryPoint;
 use axum::body::Body;
 use axum::extract::Request;
 use bytes::Bytes;
-use http::Uri;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Uri};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -27,12 +27,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::RouterError;
+use crate::h1;
 use crate::pool::{self, Addr, Endpoint, Pool};
 
 /// A connection to a sandbox.
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Tcp(s) => s.poll_read_ready(cx),
+            Self::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.try_read(buf),
+            Self::Unix(s) => s.try_read(buf),
+        }
+    }
 }
 
 impl Connection for Stream {
@@ -154,9 +171,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
 fn has_hop_by_hop(h: &HeaderMap) -> bool {
@@ -197,6 +214,66 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
         h.get(header::UPGRADE).cloned()
     } else {
         None
+    }
+}
+
+/// The headers the Router sets on every request it forwards, replacing the client's.
+struct Added {
+    /// The entry point, as a client library would have written it (made once per entry point).
+    host: HeaderValue,
+    /// `Bearer <the session's token>`.
+    authorization: HeaderValue,
+    forwarded_for: Option<HeaderValue>,
+    forwarded_host: Option<HeaderValue>,
+    forwarded_proto: HeaderValue,
+}
+
+impl Added {
+    fn new(h: &HeaderMap, f: &Forward<'_>, ep: &Endpoint) -> Self {
+        let forwarded_for = f.client_addr.and_then(|addr| {
+            let prior = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            forwarded_for(prior, addr.ip())
+        });
+        Self {
+            host: ep.host.clone(),
+            authorization: f.authorization.clone(),
+            forwarded_for,
+            forwarded_host: h.get(header::HOST).cloned(),
+            forwarded_proto: HeaderValue::from_static(f.scheme),
+        }
+    }
+
+    /// Whether the client's header `n` is one the Router replaces.
+    fn replaces(n: &HeaderName) -> bool {
+        n == header::HOST
+            || n == header::AUTHORIZATION
+            || n == X_FORWARDED_FOR
+            || n == X_FORWARDED_HOST
+            || n == X_FORWARDED_PROTO
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        [
+            (&header::HOST, Some(&self.host)),
+            (&header::AUTHORIZATION, Some(&self.authorization)),
+            (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
+            (&X_FORWARDED_HOST, self.forwarded_host.as_ref()),
+            (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| Some((n, v?)))
+    }
+
+    fn apply(self, h: &mut HeaderMap) {
+        h.insert(header::HOST, self.host);
+        h.insert(header::AUTHORIZATION, self.authorization);
+        if let Some(v) = self.forwarded_for {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        if let Some(v) = self.forwarded_host {
+            h.insert(X_FORWARDED_HOST.clone(), v);
+        }
+        h.insert(X_FORWARDED_PROTO.clone(), self.forwarded_proto);
     }
 }
 
@@ -285,63 +362,42 @@ impl Upstream {
         f: Forward<'_>,
     ) -> Result<http::Response<Answer>, RouterError> {
         let ep = self.endpoint(f.entry)?;
-        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let pq = PathAndQuery::try_from(pq.get(f.path_start..).unwrap_or("/"))
-            .map_err(|_| RouterError::Internal("bad path".into()))?;
         // An upgrade needs `Connection`, a hop-by-hop header: usually there is none.
-        let upgrade = has_hop_by_hop(req.headers())
-            .then(|| upgrade_of(req.headers()))
-            .flatten();
+        let hop_by_hop = has_hop_by_hop(req.headers());
+        let upgrade = hop_by_hop.then(|| upgrade_of(req.headers())).flatten();
+        if hop_by_hop {
+            strip_hop_by_hop(req.headers_mut());
+        }
+        let added = Added::new(req.headers(), &f, &ep);
+        let h2c = is_h2c(f.entry) && upgrade.is_none();
+        if !h2c
+            && upgrade.is_none()
+            && let Some(len) = buffered_len(req.body())
+        {
+            let (parts, body) = req.into_parts();
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let target = target.get(f.path_start..).unwrap_or("/");
+            return self
+                .send_buffered(&ep, &parts, target, &added, body, len)
+                .await;
+        }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let original_host = req.headers().get(header::HOST).cloned();
         let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
         if let Some(up) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, up.clone());
         }
-        headers.insert(header::AUTHORIZATION, f.authorization);
-        if let Some(addr) = f.client_addr {
-            let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
-            if let Some(v) = forwarded_for(prior, addr.ip()) {
-                headers.insert(X_FORWARDED_FOR, v);
-            }
-        }
-        if let Some(h) = original_host {
-            headers.insert(X_FORWARDED_HOST, h);
-        }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.scheme));
-        let h2c = is_h2c(f.entry) && upgrade.is_none();
+        added.apply(headers);
         if h2c {
+            // h2c names the entry point in the URI's authority instead.
             headers.remove(header::HOST);
-        } else {
-            // The entry point, as a client library would have written it (made once).
-            headers.insert(header::HOST, ep.host.clone());
+            let pq = upstream_target(&req, f.path_start)?;
+            return Box::pin(self.send_h2c(&ep, req, pq)).await;
         }
-        let (mut resp, sender) = if h2c {
-            if let Some(path) = ep.unix_path() {
-                self.unix.register(ep.authority.host(), path);
-            }
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(ep.authority.clone());
-            parts.path_and_query = Some(pq);
-            *req.uri_mut() =
-                Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
-            *req.version_mut() = http::Version::HTTP_2;
-            // Boxed, so the HTTP/1.1 path's future (moved on every request) stays small.
-            match Box::pin(self.h2c.request(req)).await {
-                Ok(resp) => (resp, None),
-                Err(e) => return Err(map_client_error(&e)),
-            }
-        } else {
-            *req.uri_mut() = Uri::from(pq);
-            *req.version_mut() = http::Version::HTTP_11;
-            match self.pool.send(&ep, req, self.connect_timeout).await {
-                Ok((resp, sender)) => (resp, Some(sender)),
-                Err(e) => return Err(map_client_error(e.as_error())),
-            }
-        };
+        *req.uri_mut() = Uri::from(upstream_target(&req, f.path_start)?);
+        *req.version_mut() = http::Version::HTTP_11;
+        let sent = Box::pin(self.pool.send_streaming(&ep, req, self.connect_timeout)).await;
+        let mut resp = sent.map_err(|e| map_client_error(e.as_error()))?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -352,48 +408,152 @@ impl Upstream {
                     }
                 });
             }
-            // The connection is the tunnel's now; `sender` is never reused.
+            // The connection is the tunnel's now.
             let (parts, _) = resp.into_parts();
             return Ok(http::Response::from_parts(parts, Answer::Empty));
         }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let body = match sender {
-            Some(sender) => Answer::Pooled(Pool::finish(ep, sender, body)),
-            None => Answer::H2c(body),
-        };
-        Ok(http::Response::from_parts(parts, body))
+        Ok(answer(resp, Answer::Hyper))
     }
+
+    /// The hot path: a request whose body is small enough to be read first, sent on a pooled
+    /// connection with this crate's codec.
+    async fn send_buffered(
+        &self,
+        ep: &Arc<Endpoint>,
+        parts: &http::request::Parts,
+        target: &str,
+        added: &Added,
+        body: Body,
+        len: usize,
+    ) -> Result<http::Response<Answer>, RouterError> {
+        let method = &parts.method;
+        let mut wire = Vec::with_capacity(len);
+        let length = len > 0
+            || parts.headers.contains_key(header::CONTENT_LENGTH)
+            || [Method::POST, Method::PUT, Method::PATCH].contains(method);
+        // The client's headers as they are, but for those the Router sets (written after them).
+        let kept = || parts.headers.iter().filter(|(n, _)| !Added::replaces(n));
+        let fields = kept().chain(added.iter()).map(|(n, v)| h1::field_len(n, v));
+        let mut head = h1::RequestHead::start(&mut wire, method, target, fields.sum());
+        for (n, v) in kept().chain(added.iter()) {
+            head.header(n, v);
+        }
+        head.finish(length.then_some(len));
+        if len > 0 {
+            read_body(body, &mut wire, len).await?;
+        }
+        let out = pool::Outgoing {
+            wire: &wire,
+            head_request: method == Method::HEAD,
+            idempotent: method.is_idempotent(),
+        };
+        let sent = self.pool.send(ep, &out, self.connect_timeout).await;
+        let resp = sent.map_err(|e| map_client_error(e.as_error()))?;
+        Ok(answer(resp, Answer::Pooled))
+    }
+
+    /// A request to a prior-knowledge HTTP/2 (h2c) entry point.
+    async fn send_h2c(
+        &self,
+        ep: &Endpoint,
+        mut req: Request,
+        pq: PathAndQuery,
+    ) -> Result<http::Response<Answer>, RouterError> {
+        if let Some(path) = ep.unix_path() {
+            self.unix.register(ep.authority.host(), path);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(ep.authority.clone());
+        parts.path_and_query = Some(pq);
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
+        *req.version_mut() = http::Version::HTTP_2;
+        match self.h2c.request(req).await {
+            Ok(resp) => Ok(answer(resp, Answer::Hyper)),
+            Err(e) => Err(map_client_error(&e)),
+        }
+    }
+}
+
+/// The request's path and query from the invocation path on (what the sandbox is sent).
+fn upstream_target(req: &Request, path_start: usize) -> Result<PathAndQuery, RouterError> {
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    PathAndQuery::try_from(pq.get(path_start..).unwrap_or("/"))
+        .map_err(|_| RouterError::Internal("bad path".into()))
+}
+
+/// The largest request body read before it is sent (on the pooled hot path); larger ones, and
+/// bodies of unknown size, stream.
+const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+
+/// The request body's size when it can be read before sending: none, or a small exact length.
+fn buffered_len(body: &Body) -> Option<usize> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Some(0);
+    }
+    let n = body
+        .size_hint()
+        .exact()
+        .filter(|&n| n <= MAX_BUFFERED_BODY)?;
+    usize::try_from(n).ok()
+}
+
+/// Appends the request body (`len` bytes, as its `Content-Length` said) to `out`.
+async fn read_body(body: Body, out: &mut Vec<u8>, len: usize) -> Result<(), RouterError> {
+    use http_body_util::BodyExt as _;
+    let start = out.len();
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| map_client_error(&e))?;
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    if out.len() - start != len {
+        return Err(RouterError::BadBody);
+    }
+    Ok(())
+}
+
+/// The sandbox's response with its hop-by-hop headers removed.
+fn answer<B>(resp: http::Response<B>, wrap: impl FnOnce(B) -> Answer) -> http::Response<Answer> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    http::Response::from_parts(parts, wrap(body))
 }
 
 /// A sandbox's answer body, unboxed (the handler boxes it once, with what it holds).
 pub enum Answer {
-    /// HTTP/1.1: its connection goes back to the pool at the body's end.
+    /// HTTP/1.1 on a pooled connection: it goes back to the pool at the body's end.
     Pooled(pool::Returning),
-    H2c(Incoming),
+    /// h2c, or a streamed request's own HTTP/1.1 connection.
+    Hyper(Incoming),
     /// An upgrade's 101 (the connection is the tunnel's).
     Empty,
 }
 
 impl hyper::body::Body for Answer {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = axum::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Self::Pooled(b) => Pin::new(b).poll_frame(cx),
-            Self::H2c(b) => Pin::new(b).poll_frame(cx),
-            Self::Empty => Poll::Ready(None),
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let polled = match self.get_mut() {
+            Self::Pooled(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Self::Hyper(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Self::Empty => None,
+        };
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Pooled(b) => b.is_end_stream(),
-            Self::H2c(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
             Self::Empty => true,
         }
     }
@@ -401,7 +561,7 @@ impl hyper::body::Body for Answer {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Pooled(b) => b.size_hint(),
-            Self::H2c(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

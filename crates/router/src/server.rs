@@ -453,7 +453,7 @@ struct Streamed {
 
 impl hyper::body::Body for Streamed {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = axum::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,

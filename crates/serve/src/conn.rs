@@ -152,6 +152,66 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request body that fails after an idle timeout (`tower_http`'s `TimeoutBody`), still
+    /// telling how much is left and when it has ended (`TimeoutBody` does not say, which would
+    /// make every body look like a stream of unknown length).
+    pub(crate) struct TimedBody<B> {
+        #[pin]
+        inner: tower_http::timeout::TimeoutBody<B>,
+        left: Option<u64>,
+        ended: bool,
+    }
+}
+
+impl<B: http_body::Body> TimedBody<B> {
+    pub(crate) fn new(timeout: Duration, body: B) -> Self {
+        Self {
+            left: body.size_hint().exact(),
+            ended: body.is_end_stream(),
+            inner: tower_http::timeout::TimeoutBody::new(timeout, body),
+        }
+    }
+}
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        use bytes::Buf as _;
+        let this = self.project();
+        let polled = std::task::ready!(this.inner.poll_frame(cx));
+        match &polled {
+            None | Some(Err(_)) => *this.ended = true,
+            Some(Ok(frame)) => {
+                if let (Some(left), Some(data)) = (this.left.as_mut(), frame.data_ref()) {
+                    *left = left.saturating_sub(data.remaining() as u64);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.left == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
 /// The connection's stream, reporting reads to its tracker.
 pub(crate) struct TrackedIo<I> {
     pub(crate) io: I,

@@ -38,7 +38,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tower::ServiceExt;
-use tower_http::timeout::TimeoutBody;
 
 mod conn;
 pub mod limits;
@@ -390,7 +389,7 @@ impl<H: Handshake> Connection<H> {
         let (app, peer, t) = (self.app, self.peer, tracker.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let guard = t.begin();
-            let req = req.map(|b| Body::new(TimeoutBody::new(limits.body_idle_timeout, b)));
+            let req = req.map(|b| Body::new(conn::TimedBody::new(limits.body_idle_timeout, b)));
             let call = app.clone().answer(req, peer);
             async move {
                 let resp = call.await;

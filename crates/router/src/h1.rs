@@ -1,0 +1,534 @@
+//! The Router's own HTTP/1.1 codec for the requests it sends to sandboxes: the request head
+//! written straight from the `http` types, the response head parsed by `httparse` (hyper's own
+//! parser, default strictness), the response body framed as RFC 9112 §6.3 says.
+//!
+//! The other end runs untrusted code, so framing is strict and anything ambiguous is an error
+//! (the connection is then never reused): `Content-Length` together with `Transfer-Encoding`,
+//! differing or malformed lengths, a chunk-size line that is not hex digits first, a bare LF in
+//! it, a chunk not followed by CRLF, oversized heads, chunk lines or trailers. Errors are
+//! `io::Error`s of kind `InvalidData` (a sandbox that answers garbage is unreachable, as when
+//! hyper's client parsed it).
+//!
+//! Only the hot path's requests use it: bodies already buffered, no upgrades (see `pool`).
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+/// The most response headers (and trailers) accepted; hyper's default too.
+pub const MAX_HEADERS: usize = 100;
+/// The longest response head accepted (all of status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The longest chunk-size line (with its extensions) accepted.
+pub const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// The longest trailer section accepted.
+pub const MAX_TRAILERS: usize = 16 * 1024;
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// A request head being written into a buffer: the request line, then [`RequestHead::header`]
+/// for each field, then [`RequestHead::finish`].
+pub struct RequestHead<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> RequestHead<'a> {
+    /// Starts the head in `out`, with room for `fields` bytes of header fields.
+    pub fn start(out: &'a mut Vec<u8>, method: &Method, target: &str, fields: usize) -> Self {
+        out.reserve(method.as_str().len() + target.len() + fields + 64);
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        Self { out }
+    }
+
+    /// One field; `content-length` and `transfer-encoding` are left out (the length is
+    /// [`RequestHead::finish`]'s).
+    pub fn header(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            return;
+        }
+        self.out.extend_from_slice(name.as_str().as_bytes());
+        self.out.extend_from_slice(b": ");
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Ends the head, with `content-length: body_len` when given.
+    pub fn finish(self, body_len: Option<usize>) {
+        if let Some(n) = body_len {
+            self.out.extend_from_slice(b"content-length: ");
+            push_decimal(self.out, n);
+            self.out.extend_from_slice(b"\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The bytes a header field takes in a head.
+pub fn field_len(name: &HeaderName, value: &HeaderValue) -> usize {
+    name.as_str().len() + value.len() + 4
+}
+
+/// `n` in decimal, without the formatting machinery.
+fn push_decimal(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let (mut i, mut n) = (digits.len(), n);
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// How a response's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (a `HEAD` request's response, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Everything until the sandbox closes the connection.
+    UntilClose,
+}
+
+/// A final response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection can carry another request once the body has been read.
+    pub keep_alive: bool,
+}
+
+/// Parses the final response head at the front of `buf` (consuming it and any interim 1xx
+/// responses before it); `None` while it is incomplete.
+pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> io::Result<Option<Head>> {
+    loop {
+        let Some((len, status, http11, headers)) = parse_one(buf)? else {
+            return Ok(None);
+        };
+        buf.advance(len);
+        match status.as_u16() {
+            101 => {
+                return Err(invalid(
+                    "101 Switching Protocols to a request without upgrade",
+                ));
+            }
+            100..=199 => continue,
+            _ => {}
+        }
+        let framing = framing(status, &headers, head_request)?;
+        let keep_alive = http11 && framing != Framing::UntilClose && !says_close(&headers);
+        return Ok(Some(Head {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+type Parsed = (usize, StatusCode, bool, HeaderMap);
+
+fn parse_one(buf: &BytesMut) -> io::Result<Option<Parsed>> {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => return Err(invalid("response head too large")),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            return Err(invalid("response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(invalid("too many response headers")),
+        Err(_) => return Err(invalid("malformed response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| invalid("bad status code"))?;
+    let http11 = resp.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| invalid("bad response header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| invalid("bad response header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some((len, status, http11, headers)))
+}
+
+fn framing(status: StatusCode, h: &HeaderMap, head_request: bool) -> io::Result<Framing> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    let te = h.contains_key(header::TRANSFER_ENCODING);
+    let cl = h.contains_key(header::CONTENT_LENGTH);
+    match (te, cl) {
+        (true, true) => Err(invalid("both transfer-encoding and content-length")),
+        (true, false) => transfer_coding(h),
+        (false, true) => content_length(h).map(Framing::Length),
+        (false, false) => Ok(Framing::UntilClose),
+    }
+}
+
+/// Chunked when `chunked` is the last coding (and appears only there), else until close.
+fn transfer_coding(h: &HeaderMap) -> io::Result<Framing> {
+    let mut codings = Vec::new();
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let v = v.to_str().map_err(|_| invalid("bad transfer-encoding"))?;
+        codings.extend(v.split(',').map(str::trim).filter(|c| !c.is_empty()));
+    }
+    let chunked = |c: &&str| c.eq_ignore_ascii_case("chunked");
+    match codings.iter().position(chunked) {
+        Some(i) if i + 1 == codings.len() => Ok(Framing::Chunked),
+        Some(_) => Err(invalid("chunked is not the final transfer coding")),
+        None => Ok(Framing::UntilClose),
+    }
+}
+
+/// The one length all `Content-Length` values (and list members) agree on.
+fn content_length(h: &HeaderMap) -> io::Result<u64> {
+    let mut found = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = digits(part.trim_ascii()).ok_or_else(|| invalid("bad content-length"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(invalid("differing content-length values"));
+            }
+            found = Some(n);
+        }
+    }
+    found.ok_or_else(|| invalid("bad content-length"))
+}
+
+fn digits(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn says_close(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: the trailer section.
+    Trailers,
+}
+
+/// What [`decode_chunked`] found in the buffer.
+#[derive(Debug)]
+pub enum Decoded {
+    /// The next this many bytes of the buffer are data (the caller takes them).
+    Data(usize),
+    /// The body's trailers (the body ends after them).
+    Trailers(HeaderMap),
+    /// The body has ended (no trailers).
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Decodes what it can of a chunked body from the front of `buf`.
+pub fn decode_chunked(buf: &mut BytesMut, state: &mut Chunked) -> io::Result<Decoded> {
+    loop {
+        match *state {
+            Chunked::Size => match chunk_size(buf)? {
+                None => return Ok(Decoded::More),
+                Some(0) => *state = Chunked::Trailers,
+                Some(n) => *state = Chunked::Data(n),
+            },
+            Chunked::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::More);
+                }
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                *state = match left - take as u64 {
+                    0 => Chunked::DataEnd,
+                    rest => Chunked::Data(rest),
+                };
+                return Ok(Decoded::Data(take));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::More);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(invalid("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => return trailers(buf),
+        }
+    }
+}
+
+/// A chunk-size line at the front of `buf`, consumed: its size, `None` while incomplete.
+fn chunk_size(buf: &mut BytesMut) -> io::Result<Option<u64>> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if !buf[0].is_ascii_hexdigit() {
+        return Err(invalid("chunk size is not hex"));
+    }
+    match httparse::parse_chunk_size(buf) {
+        Ok(httparse::Status::Complete((len, size))) => {
+            if len > MAX_CHUNK_LINE {
+                return Err(invalid("chunk-size line too long"));
+            }
+            // httparse lets any byte through in extensions; a bare LF there is how parsers are
+            // told apart, so it is refused.
+            if buf[..len - 2].contains(&b'\n') {
+                return Err(invalid("bare LF in chunk-size line"));
+            }
+            buf.advance(len);
+            Ok(Some(size))
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_CHUNK_LINE => {
+            Err(invalid("chunk-size line too long"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(invalid("malformed chunk size")),
+    }
+}
+
+fn trailers(buf: &mut BytesMut) -> io::Result<Decoded> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Decoded::End);
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(done)) if done.0 <= MAX_TRAILERS => done,
+        Ok(httparse::Status::Complete(_)) => return Err(invalid("trailers too large")),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_TRAILERS => {
+            return Err(invalid("trailers too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+        Err(_) => return Err(invalid("malformed trailers")),
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name =
+            HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| invalid("bad trailer name"))?;
+        let value = HeaderValue::from_bytes(f.value).map_err(|_| invalid("bad trailer value"))?;
+        map.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Decoded::Trailers(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> io::Result<Option<Head>> {
+        parse_response(&mut BytesMut::from(raw), false)
+    }
+
+    #[test]
+    fn request_heads_carry_our_length_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("10.0.0.1:8080"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        let mut head = RequestHead::start(&mut out, &Method::POST, "/api/execute?x=1", 0);
+        for (n, v) in &h {
+            head.header(n, v);
+        }
+        head.finish(Some(12));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /api/execute?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-a: 1\r\nx-a: 2\r\n\
+             content-length: 12\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        RequestHead::start(&mut out, &Method::GET, "/", 0).finish(None);
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let f = |raw: &str| head(raw).unwrap().unwrap().framing;
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n"),
+            Framing::Chunked
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            Framing::UntilClose
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(
+            f("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Empty
+        );
+        let h = parse_response(
+            &mut BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            true,
+        );
+        assert_eq!(h.unwrap().unwrap().framing, Framing::Empty);
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/2.0 200 OK\r\n\r\n",
+        ] {
+            assert!(head(raw).is_err(), "{raw:?}");
+        }
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert!(head(&huge).is_err());
+        assert!(
+            head(&format!("{huge}\r\n\r\n")).is_err(),
+            "complete, and still too large"
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
+        assert!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err());
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_keep_alive_is_read() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        );
+        let h = parse_response(&mut buf, false).unwrap().unwrap();
+        assert_eq!((h.status, h.keep_alive), (StatusCode::OK, true));
+        assert_eq!(&buf[..], b"ok");
+        let h =
+            head("HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n");
+        assert!(!h.unwrap().unwrap().keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(!h.unwrap().unwrap().keep_alive);
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-le").unwrap().is_none());
+    }
+
+    fn decode_all(raw: &[u8]) -> io::Result<(Vec<u8>, Option<HeaderMap>, usize)> {
+        let mut buf = BytesMut::from(raw);
+        let mut state = Chunked::Size;
+        let mut out = Vec::new();
+        loop {
+            match decode_chunked(&mut buf, &mut state)? {
+                Decoded::Data(n) => out.extend_from_slice(&buf.split_to(n)),
+                Decoded::Trailers(t) => return Ok((out, Some(t), buf.len())),
+                Decoded::End => return Ok((out, None, buf.len())),
+                Decoded::More => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_stop_at_their_end() {
+        let (body, trailers, left) =
+            decode_all(b"5\r\nhello\r\na;ext=1\r\n, world!!!\r\n0\r\n\r\nNEXT").unwrap();
+        assert_eq!(
+            (&body[..], trailers.is_none(), left),
+            (&b"hello, world!!!"[..], true, 4)
+        );
+        let (body, trailers, _) = decode_all(b"2\r\nok\r\n0\r\ngrpc-status: 0\r\n\r\n").unwrap();
+        assert_eq!(body, b"ok");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        // Byte by byte, the same.
+        let raw = b"3\r\nabc\r\n0\r\n\r\n";
+        let (mut buf, mut state, mut out) = (BytesMut::new(), Chunked::Size, Vec::new());
+        for &b in raw.iter() {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match decode_chunked(&mut buf, &mut state).unwrap() {
+                    Decoded::Data(n) => out.extend_from_slice(&buf.split_to(n)),
+                    Decoded::More => break,
+                    Decoded::End => {
+                        assert_eq!(out, b"abc");
+                        return;
+                    }
+                    Decoded::Trailers(_) => panic!("no trailers were sent"),
+                }
+            }
+        }
+        panic!("never ended");
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for raw in [
+            &b"\r\nhello\r\n0\r\n\r\n"[..],
+            b";x\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"2\r\nok\r\n0\r\nbad trailer: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(decode_all(raw), Err(e) if e.kind() == io::ErrorKind::InvalidData),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let long = format!("5;{}", "e".repeat(MAX_CHUNK_LINE));
+        assert!(decode_all(long.as_bytes()).is_err());
+        // Complete but too long: refused all the same.
+        let long = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(decode_all(long.as_bytes()).is_err());
+        let big = format!("0\r\nx: {}\r\n\r\n", "t".repeat(MAX_TRAILERS));
+        assert!(decode_all(big.as_bytes()).is_err());
+    }
+}
