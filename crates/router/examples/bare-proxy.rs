@@ -1,8 +1,8 @@
 //! A baseline for `make bench-instructions`, not a product: the least an HTTP/1.1 keep-alive
-//! reverse proxy built on hyper does per request, so the Router's own cost can be told from
-//! hyper's. One thread; per client connection one upstream connection (its own task, as the
-//! Router's pool has); the invocation prefix is stripped and `Host` set; no session lookup, no
-//! token, no limits, no metrics.
+//! reverse proxy built on hyper's server and client does per request. One thread; per client
+//! connection one upstream connection (its own task, as hyper's client has); the invocation
+//! prefix is stripped and `Host` set; no session lookup, no token, no limits, no metrics. (The
+//! Router uses hyper's server, and its own client: `crates/router/src/h1.rs`.)
 //!
 //! Usage: `bare-proxy <listen port> <upstream port> <prefix to strip>`
 

@@ -161,7 +161,8 @@ fn parse_one(buf: &BytesMut) -> io::Result<Option<Parsed>> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| invalid("bad status code"))?;
     let http11 = resp.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // Room for the one header the Router adds to every answer (its session id).
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| invalid("bad response header name"))?;
