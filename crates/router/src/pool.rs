@@ -146,6 +146,14 @@ impl Conn {
         }
     }
 
+    /// Gives back a read buffer grown by a large answer, so idle connections hold little.
+    fn shrink(&mut self) {
+        if self.buf.capacity() > 2 * FIRST_READ {
+            self.buf = BytesMut::new();
+            self.read_size = FIRST_READ;
+        }
+    }
+
     /// Reads more into `buf`; the number of bytes (0 at the end of the stream).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.buf.reserve(self.read_size);
@@ -209,7 +217,8 @@ impl Endpoint {
     }
 
     /// Keeps `conn` for the next request (unless the list is full).
-    fn put_back(&self, conn: Conn) {
+    fn put_back(&self, mut conn: Conn) {
+        conn.shrink();
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         // The oldest is at the bottom: sweep when it is stale, so a busy list never keeps them.
@@ -521,5 +530,24 @@ impl hyper::body::Body for Returning {
             Reading::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_connections_give_back_read_buffers_grown_by_large_answers() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(Stream::Unix(a));
+        c.buf.reserve(FIRST_READ);
+        let small = c.buf.capacity();
+        c.shrink();
+        assert_eq!(c.buf.capacity(), small, "a first read's buffer is kept");
+        c.buf.reserve(MAX_READ);
+        c.read_size = MAX_READ;
+        c.shrink();
+        assert_eq!((c.buf.capacity(), c.read_size), (0, FIRST_READ));
     }
 }
