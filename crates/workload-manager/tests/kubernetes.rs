@@ -639,9 +639,13 @@ async fn a_standby_claim_changes_hands_only_through_its_mark() {
         ..Default::default()
     })
     .await;
+    let first = k
+        .eventually("a standby claim bound to a Ready Sandbox", 30, async || {
+            bound_standby(&k, "pooled").await.pop()
+        })
+        .await;
+    let first = first.0.metadata.name.clone().unwrap();
     k.standby_ready("pooled", 1).await;
-    let (first, _) = bound_standby(&k, "pooled").await.pop().unwrap();
-    let first = first.metadata.name.clone().unwrap();
     let mark = |name: &str| format!("standby/default/{name}");
     let now_ms = || jiff::Timestamp::now().as_millisecond();
     let handing_out = |session: &str, at: i64| {
@@ -694,9 +698,21 @@ async fn a_standby_claim_changes_hands_only_through_its_mark() {
     .await;
 
     // A dead writer whose session stands (its placeholder record): patched over to it.
+    // Read from the API server (the Workload Manager's count can still include the claim just
+    // deleted, before its watch hears of it), then the Workload Manager's count agrees.
+    let second = k
+        .eventually(
+            "a new standby claim bound to a Ready Sandbox",
+            30,
+            async || {
+                let bound = bound_standby(&k, "pooled").await.into_iter();
+                bound
+                    .filter_map(|(c, _)| c.metadata.name)
+                    .find(|n| *n != first)
+            },
+        )
+        .await;
     k.standby_ready("pooled", 1).await;
-    let (second, _) = bound_standby(&k, "pooled").await.pop().unwrap();
-    let second = second.metadata.name.clone().unwrap();
     let now = jiff::Timestamp::now();
     let record = agentcube_types::SessionRecord::placeholder(
         "orphaned-create",
