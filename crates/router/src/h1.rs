@@ -339,6 +339,10 @@ fn trailers(buf: &mut BytesMut) -> io::Result<Decoded> {
         Ok(httparse::Status::Partial) => return Ok(Decoded::More),
         Err(_) => return Err(invalid("malformed trailers")),
     };
+    // httparse ends lines at a bare LF too; hyper's chunked decoder (and RFC 9112) do not.
+    if bare_lf(&buf[..len]) {
+        return Err(invalid("bare LF in trailers"));
+    }
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields {
         let name =
@@ -348,6 +352,11 @@ fn trailers(buf: &mut BytesMut) -> io::Result<Decoded> {
     }
     buf.advance(len);
     Ok(Decoded::Trailers(map))
+}
+
+/// Whether a line in `b` ends with a LF that has no CR before it.
+fn bare_lf(b: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', b).any(|i| i == 0 || b[i - 1] != b'\r')
 }
 
 #[cfg(test)]
@@ -517,6 +526,8 @@ mod tests {
             b"5\nhello\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
             b"2\r\nok\r\n0\r\nbad trailer: x\r\n\r\n",
+            b"2\r\nok\r\n0\r\nx-t: 1\n\r\n",
+            b"2\r\nok\r\n0\r\nx-t: 1\r\n\n",
         ] {
             assert!(
                 matches!(decode_all(raw), Err(e) if e.kind() == io::ErrorKind::InvalidData),
@@ -531,5 +542,123 @@ mod tests {
         assert!(decode_all(long.as_bytes()).is_err());
         let big = format!("0\r\nx: {}\r\n\r\n", "t".repeat(MAX_TRAILERS));
         assert!(decode_all(big.as_bytes()).is_err());
+    }
+
+    /// xorshift64: deterministic cases without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x % n
+        }
+    }
+
+    const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    /// A chunked body (random chunk sizes, hex case, extensions, trailers) and its data.
+    fn random_chunked(r: &mut Rng) -> (Vec<u8>, Vec<u8>) {
+        let (mut raw, mut data) = (Vec::new(), Vec::new());
+        for _ in 0..r.below(6) {
+            let n = 1 + r.below(300) as usize;
+            let chunk: Vec<u8> = (0..n).map(|_| r.below(256) as u8).collect();
+            let size = match r.below(2) {
+                0 => format!("{n:x}"),
+                _ => format!("{n:X}"),
+            };
+            raw.extend_from_slice(size.as_bytes());
+            if r.below(3) == 0 {
+                raw.extend_from_slice(b";ext=v");
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&chunk);
+            raw.extend_from_slice(b"\r\n");
+            data.extend_from_slice(&chunk);
+        }
+        raw.extend_from_slice(b"0\r\n");
+        if r.below(2) == 0 {
+            raw.extend_from_slice(b"x-trailer: t\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        (raw, data)
+    }
+
+    /// The data this codec decodes from `body` fed in random pieces; `None` if it refuses it or
+    /// it never ends.
+    fn ours(body: &[u8], r: &mut Rng) -> Option<Vec<u8>> {
+        let (mut buf, mut state, mut out) = (BytesMut::new(), Chunked::Size, Vec::new());
+        let mut rest = body;
+        loop {
+            match decode_chunked(&mut buf, &mut state).ok()? {
+                Decoded::Data(n) => out.extend_from_slice(&buf.split_to(n)),
+                Decoded::Trailers(_) | Decoded::End => return Some(out),
+                Decoded::More if rest.is_empty() => return None,
+                Decoded::More => {
+                    let k = (1 + r.below(64) as usize).min(rest.len());
+                    buf.extend_from_slice(&rest[..k]);
+                    rest = &rest[k..];
+                }
+            }
+        }
+    }
+
+    /// The data hyper's client reads from the same answer; `None` if it refuses it.
+    async fn hyper_reads(body: &[u8]) -> Option<Vec<u8>> {
+        use http_body_util::BodyExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let io = hyper_util::rt::TokioIo::new(client);
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+        tokio::spawn(conn);
+        let answer = [CHUNKED_HEAD, body].concat();
+        tokio::spawn(async move {
+            let _ = server.read(&mut [0u8; 1024]).await;
+            let _ = server.write_all(&answer).await;
+            let _ = server.shutdown().await;
+        });
+        let req = http::Request::get("/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.ok()?;
+        let read = tokio::time::timeout(std::time::Duration::from_secs(2), resp.collect());
+        Some(read.await.ok()?.ok()?.to_bytes().to_vec())
+    }
+
+    /// Random chunked bodies, whole and with one byte changed: whatever this codec accepts,
+    /// hyper's client reads as the same data; whatever well-formed, it accepts.
+    #[tokio::test]
+    async fn chunked_bodies_are_read_as_hyper_reads_them() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut stricter, mut refused) = (0, 0);
+        for case in 0..400 {
+            let (mut body, data) = random_chunked(&mut r);
+            let mutated = case % 2 == 1;
+            if mutated {
+                let at = r.below(body.len() as u64) as usize;
+                let bytes = b"0aF;\r\n \t=xZ";
+                body[at] = bytes[r.below(bytes.len() as u64) as usize];
+            }
+            let (ours, theirs) = (ours(&body, &mut r), hyper_reads(&body).await);
+            let shown = String::from_utf8_lossy(&body).into_owned();
+            if !mutated {
+                assert_eq!(ours.as_deref(), Some(&data[..]), "well-formed: {shown:?}");
+            }
+            match (&ours, &theirs) {
+                (Some(o), Some(t)) => assert_eq!(o, t, "read differently: {shown:?}"),
+                (Some(_), None) => panic!("taken here, refused by hyper: {shown:?}"),
+                (None, Some(_)) => stricter += 1,
+                (None, None) => refused += 1,
+            }
+        }
+        // The mutations do reach both outcomes (else this test would prove little).
+        assert!(refused > 20, "only {refused} mutated bodies were refused");
+        assert!(
+            stricter < 20,
+            "{stricter} bodies refused here that hyper read"
+        );
     }
 }
