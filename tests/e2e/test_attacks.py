@@ -190,3 +190,25 @@ def test_fifos_do_not_wedge_picod(stack, session):
     assert time.time() - started < 60
     out = session.sh("echo alive")
     assert out["stdout"] == "alive\n"
+
+
+def test_an_agents_crafted_answers_reach_no_other_request(stack):
+    # The agent (real sandbox code) appends an unasked-for second response to its answer: the
+    # Router must not keep that connection, so the next request never reads "evil".
+    http = requests.Session()
+    r = http.get(url(stack, "answer-smuggler", "plant", kind="agent-runtimes"))
+    assert (r.status_code, r.text) == (200, "ok"), r.text
+    http.headers["x-agentcube-session-id"] = r.headers["x-agentcube-session-id"]
+    try:
+        for _ in range(5):
+            r = http.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"))
+            assert (r.status_code, r.text) == (200, "real"), r.text
+            r = http.get(url(stack, "answer-smuggler", "plant", kind="agent-runtimes"))
+            assert (r.status_code, r.text) == (200, "ok"), r.text
+        # Ambiguous framing (Content-Length with Transfer-Encoding) is the Router's 503.
+        r = http.get(url(stack, "answer-smuggler", "both", kind="agent-runtimes"))
+        assert r.status_code == 503 and r.headers.get("x-agentcube-error") == "router", (r.status_code, r.text)
+        r = http.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"))
+        assert (r.status_code, r.text) == (200, "real"), r.text
+    finally:
+        requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{http.headers['x-agentcube-session-id']}")
