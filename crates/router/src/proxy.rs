@@ -398,16 +398,25 @@ impl Upstream {
         *req.version_mut() = http::Version::HTTP_11;
         let sent = Box::pin(self.pool.send_streaming(&ep, req, self.connect_timeout)).await;
         let mut resp = sent.map_err(|e| map_client_error(e.as_error()))?;
+        let h = resp.headers();
+        if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
+            // Ambiguous framing hyper's client resolves by guessing: refused, as on the pooled
+            // path (the connection is this request's own, and is dropped with the answer).
+            return Err(RouterError::Unreachable);
+        }
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                    }
-                });
-            }
+            // A switch nobody asked for (as on the pooled path): the sandbox's connection now
+            // speaks something else, and the client must not be told it switched.
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(RouterError::Unreachable);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
             // The connection is the tunnel's now.
             let (parts, _) = resp.into_parts();
             return Ok(http::Response::from_parts(parts, Answer::Empty));

@@ -99,9 +99,33 @@ async fn through_hyper(addr: &str) -> Outcome {
 }
 
 async fn through_router(router: &Router) -> Outcome {
+    through_router_as(router, Sent::Buffered).await
+}
+
+/// How a request reaches the Router, and so which of its two upstream paths it takes.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// A `GET` without a body: read first, sent on a pooled connection by the Router's codec.
+    Buffered,
+    /// A `POST` whose body is a stream of unknown length: sent on a connection of its own by
+    /// hyper's client, streaming.
+    Streamed,
+}
+
+async fn through_router_as(router: &Router, sent: Sent) -> Outcome {
     let go = async {
-        let r = client()
-            .get(router.ci("x"))
+        let req = match sent {
+            Sent::Buffered => client().get(router.ci("x")),
+            Sent::Streamed => {
+                let parts = [Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"body"))];
+                client()
+                    .post(router.ci("x"))
+                    .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                        parts,
+                    )))
+            }
+        };
+        let r = req
             .header("x-agentcube-session-id", "s")
             .send()
             .await
@@ -187,11 +211,18 @@ const STRICTER: &[(&str, &[u8])] = &[
 ];
 
 async fn outcomes(raw: &'static [u8]) -> (Outcome, Outcome) {
+    outcomes_as(raw, Sent::Buffered).await
+}
+
+async fn outcomes_as(raw: &'static [u8], sent: Sent) -> (Outcome, Outcome) {
     let (addr, _) = scripted(raw, true).await;
     let store = memory();
     session_to(store.as_ref(), "s", &addr).await;
     let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
-    let pair = (through_hyper(&addr).await, through_router(&router).await);
+    let pair = (
+        through_hyper(&addr).await,
+        through_router_as(&router, sent).await,
+    );
     router.stop().await;
     pair
 }
@@ -231,6 +262,20 @@ async fn ambiguous_framing_is_refused_where_hyper_guesses() {
         assert!(
             matches!(router, Outcome::Failed | Outcome::RouterError(503)),
             "{name}: the Router gave {router:?}"
+        );
+    }
+}
+
+/// A streamed request goes out on hyper's client instead of the Router's codec: what the pooled
+/// path refuses, this one refuses too (the two answers hyper's client would take, an unasked
+/// 101 and a length with chunked, are checked after it).
+#[tokio::test]
+async fn streamed_requests_refuse_the_same_answers() {
+    for (name, raw) in REFUSED.iter().chain(STRICTER) {
+        let (_, router) = outcomes_as(raw, Sent::Streamed).await;
+        assert!(
+            matches!(router, Outcome::Failed | Outcome::RouterError(503)),
+            "{name}: a streamed request got {router:?}"
         );
     }
 }
