@@ -115,11 +115,10 @@ pub struct Head {
 /// responses before it); `None` while it is incomplete.
 pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> io::Result<Option<Head>> {
     loop {
-        let Some((len, status, http11, headers)) = parse_one(buf)? else {
+        let Some(parsed) = parse_one(buf)? else {
             return Ok(None);
         };
-        buf.advance(len);
-        match status.as_u16() {
+        match parsed.status.as_u16() {
             101 => {
                 return Err(invalid(
                     "101 Switching Protocols to a request without upgrade",
@@ -128,20 +127,109 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> io::Result<Opti
             100..=199 => continue,
             _ => {}
         }
-        let framing = framing(status, &headers, head_request)?;
-        let keep_alive = http11 && framing != Framing::UntilClose && !says_close(&headers);
+        let framing = framing(&parsed, head_request)?;
+        let keep_alive = parsed.http11 && framing != Framing::UntilClose && !parsed.seen.close;
         return Ok(Some(Head {
-            status,
-            headers,
+            status: parsed.status,
+            headers: parsed.headers,
             framing,
             keep_alive,
         }));
     }
 }
 
-type Parsed = (usize, StatusCode, bool, HeaderMap);
+/// One response head, parsed and consumed.
+struct Parsed {
+    status: StatusCode,
+    http11: bool,
+    headers: HeaderMap,
+    seen: Seen,
+}
 
-fn parse_one(buf: &BytesMut) -> io::Result<Option<Parsed>> {
+/// What the framing headers said, gathered while the head is read.
+#[derive(Default)]
+struct Seen {
+    transfer_encoding: bool,
+    /// The one length every `Content-Length` value agrees on, or why there is none.
+    length: Option<Result<u64, &'static str>>,
+    close: bool,
+}
+
+impl Seen {
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONTENT_LENGTH {
+            self.content_length(value);
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == header::CONNECTION {
+            self.close |= list(value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        }
+    }
+
+    fn content_length(&mut self, value: &[u8]) {
+        for part in list_members(value) {
+            let next = match (digits(part), self.length) {
+                (_, Some(Err(_))) => return,
+                (None, _) => Err("bad content-length"),
+                (Some(n), Some(Ok(found))) if n != found => Err("differing content-length values"),
+                (Some(n), _) => Ok(n),
+            };
+            self.length = Some(next);
+        }
+    }
+}
+
+/// The members of a comma-separated header value, trimmed (empty ones included).
+fn list_members(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The non-empty members of a comma-separated header value.
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list_members(value).filter(|t| !t.is_empty())
+}
+
+/// Where one header field's name and value are in the head: (start, length) of each.
+type Field = [(u32, u32); 2];
+
+fn parse_one(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
+    let mut fields: [Field; MAX_HEADERS] = [[(0, 0); 2]; MAX_HEADERS];
+    let Some((len, code, http11, count)) = locate(buf, &mut fields)? else {
+        return Ok(None);
+    };
+    let status = code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| invalid("bad status code"))?;
+    // The values share the head's bytes (no copy each); the read buffer is whole again once
+    // the answer's head has been written out and dropped.
+    let head = buf.split_to(len).freeze();
+    let part = |(at, n): (u32, u32)| head.slice(at as usize..(at + n) as usize);
+    // Room for the one header the Router adds to every answer (its session id).
+    let mut headers = HeaderMap::with_capacity(count + 1);
+    let mut seen = Seen::default();
+    for &[name, value] in &fields[..count] {
+        let name =
+            HeaderName::from_bytes(&part(name)).map_err(|_| invalid("bad response header name"))?;
+        let value = HeaderValue::from_maybe_shared(part(value))
+            .map_err(|_| invalid("bad response header value"))?;
+        seen.field(&name, value.as_bytes());
+        headers.append(name, value);
+    }
+    Ok(Some(Parsed {
+        status,
+        http11,
+        headers,
+        seen,
+    }))
+}
+
+/// Parses the head at the front of `buf` without consuming it: its length, status code,
+/// whether it is HTTP/1.1, and how many fields it has (their places written to `fields`).
+#[expect(clippy::type_complexity, reason = "one caller destructures it at once")]
+fn locate(
+    buf: &BytesMut,
+    fields: &mut [Field; MAX_HEADERS],
+) -> io::Result<Option<(usize, Option<u16>, bool, usize)>> {
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
@@ -156,34 +244,31 @@ fn parse_one(buf: &BytesMut) -> io::Result<Option<Parsed>> {
         Err(httparse::Error::TooManyHeaders) => return Err(invalid("too many response headers")),
         Err(_) => return Err(invalid("malformed response head")),
     };
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| invalid("bad status code"))?;
-    let http11 = resp.version == Some(1);
-    // Room for the one header the Router adds to every answer (its session id).
-    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| invalid("bad response header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| invalid("bad response header value"))?;
-        headers.append(name, value);
+    // httparse hands out slices of `buf`: where each starts is its distance from `buf`'s
+    // start (the head is at most `MAX_HEAD` bytes, so it fits in a u32).
+    let base = buf.as_ptr() as usize;
+    let place = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
+    for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
+        *f = [place(h.name.as_bytes()), place(h.value)];
     }
-    Ok(Some((len, status, http11, headers)))
+    Ok(Some((
+        len,
+        resp.code,
+        resp.version == Some(1),
+        resp.headers.len(),
+    )))
 }
 
-fn framing(status: StatusCode, h: &HeaderMap, head_request: bool) -> io::Result<Framing> {
+fn framing(p: &Parsed, head_request: bool) -> io::Result<Framing> {
+    let status = p.status;
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    let te = h.contains_key(header::TRANSFER_ENCODING);
-    let cl = h.contains_key(header::CONTENT_LENGTH);
-    match (te, cl) {
-        (true, true) => Err(invalid("both transfer-encoding and content-length")),
-        (true, false) => transfer_coding(h),
-        (false, true) => content_length(h).map(Framing::Length),
-        (false, false) => Ok(Framing::UntilClose),
+    match (p.seen.transfer_encoding, p.seen.length) {
+        (true, Some(_)) => Err(invalid("both transfer-encoding and content-length")),
+        (true, None) => transfer_coding(&p.headers),
+        (false, Some(length)) => length.map(Framing::Length).map_err(invalid),
+        (false, None) => Ok(Framing::UntilClose),
     }
 }
 
@@ -202,35 +287,12 @@ fn transfer_coding(h: &HeaderMap) -> io::Result<Framing> {
     }
 }
 
-/// The one length all `Content-Length` values (and list members) agree on.
-fn content_length(h: &HeaderMap) -> io::Result<u64> {
-    let mut found = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = digits(part.trim_ascii()).ok_or_else(|| invalid("bad content-length"))?;
-            if found.is_some_and(|f| f != n) {
-                return Err(invalid("differing content-length values"));
-            }
-            found = Some(n);
-        }
-    }
-    found.ok_or_else(|| invalid("bad content-length"))
-}
-
 fn digits(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
     s.iter().try_fold(0u64, |n, d| {
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-fn says_close(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
     })
 }
 
