@@ -26,6 +26,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -42,6 +43,7 @@ use tower::ServiceExt;
 mod conn;
 pub mod limits;
 pub mod listener;
+mod side;
 mod workers;
 
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
@@ -365,7 +367,7 @@ pub(crate) struct Connection<H> {
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) options: Options<H>,
     pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
-    pub(crate) watcher: hyper_util::server::graceful::Watcher,
+    pub(crate) watcher: side::Watcher,
 }
 
 impl<H: Handshake> Connection<H> {
@@ -407,17 +409,32 @@ impl<H: Handshake> Connection<H> {
             .builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let served = self.watcher.watch(served);
-        tokio::select! {
-            _ = served => {}
-            why = tracker.watchdog(&limits) => {
-                let counter = match why {
-                    conn::Closed::HeaderTimeout => &stats.header_timeouts,
-                    conn::Closed::Idle => &stats.idle_closed,
-                };
-                counter.inc();
+        tokio::pin!(served);
+        // The watcher's clone counts this connection as open until it ends.
+        let (open, watcher) = (self.watcher.clone(), self.watcher);
+        let mut side = side::Gated::new(side::beside(tracker.clone(), limits, Some(watcher)));
+        let stalled = std::future::poll_fn(|cx| {
+            loop {
+                match side.poll(cx) {
+                    Poll::Ready(side::Side::Stalled(why)) => return Poll::Ready(Some(why)),
+                    Poll::Ready(side::Side::Shutdown) => {
+                        served.as_mut().graceful_shutdown();
+                        side = side::Gated::new(side::beside(tracker.clone(), limits, None));
+                    }
+                    Poll::Pending => break,
+                }
             }
+            served.as_mut().poll(cx).map(|_| None)
+        })
+        .await;
+        if let Some(why) = stalled {
+            let counter = match why {
+                conn::Closed::HeaderTimeout => &stats.header_timeouts,
+                conn::Closed::Idle => &stats.idle_closed,
+            };
+            counter.inc();
         }
+        drop(open);
         stats.open.dec();
     }
 }
@@ -463,5 +480,70 @@ mod tests {
         );
         let plain = Routes::from(router);
         assert_eq!(text(plain.answer(get("/fast"), None).await).await, "router");
+    }
+
+    async fn send(s: &mut tokio::net::TcpStream, path: &str) {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+    }
+
+    async fn read_to_end(s: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        let read = s.read_to_end(&mut out);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// On shutdown, a request in flight is answered (and its connection then closed), an idle
+    /// keep-alive connection is closed, and `serve` returns once both are gone: on the caller's
+    /// runtime and on worker threads.
+    #[tokio::test]
+    async fn shutdown_lets_requests_in_flight_finish_and_closes_idle_connections() {
+        for workers in [0, 2] {
+            let router = axum::Router::new()
+                .route("/quick", axum::routing::get(|| async { "quick" }))
+                .route(
+                    "/slow",
+                    axum::routing::get(|| async {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        "slow answer"
+                    }),
+                );
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let mut options = Options::new(Limits::default(), Refusal::json("{}"));
+            options.workers = workers;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let served = tokio::spawn(serve(l.into(), router, options, async move {
+                let _ = stopped.await;
+            }));
+            let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+            send(&mut idle, "/quick").await;
+            let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+            send(&mut busy, "/slow").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let asked = std::time::Instant::now();
+            stop.send(()).unwrap();
+            let idle_got = read_to_end(&mut idle).await;
+            assert!(idle_got.contains("quick"), "{workers}: {idle_got}");
+            assert!(
+                asked.elapsed() < Duration::from_millis(400),
+                "{workers}: the idle connection closes at once"
+            );
+            let busy_got = read_to_end(&mut busy).await;
+            assert!(
+                busy_got.starts_with("HTTP/1.1 200") && busy_got.ends_with("slow answer"),
+                "{workers}: {busy_got}"
+            );
+            tokio::time::timeout(Duration::from_secs(5), served)
+                .await
+                .expect("serve returns once its connections are done")
+                .unwrap()
+                .unwrap();
+        }
     }
 }

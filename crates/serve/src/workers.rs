@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
+use crate::side::Drain;
 use crate::{App, Connection, Handshake, Options, Stream};
 
 /// An accepted connection on its way to a worker (a std stream: it leaves the acceptor's
@@ -33,7 +33,7 @@ pub(crate) enum Dispatch<H> {
         app: crate::Routes,
         options: Options<H>,
         builder: Arc<auto::Builder<TokioExecutor>>,
-        graceful: GracefulShutdown,
+        graceful: Drain,
     },
     /// On worker threads.
     Workers {
@@ -54,7 +54,7 @@ impl<H: Handshake> Dispatch<H> {
                 app: app.make(),
                 options,
                 builder,
-                graceful: GracefulShutdown::new(),
+                graceful: Drain::new(),
             };
         }
         let (mut senders, mut threads) = (Vec::new(), Vec::new());
@@ -122,7 +122,7 @@ impl<H: Handshake> Dispatch<H> {
     /// Stops taking connections and lets the open ones finish for `grace`.
     pub(crate) async fn shutdown(self, grace: Duration) {
         match self {
-            Self::Inline { graceful, .. } => drain(graceful, grace).await,
+            Self::Inline { graceful, .. } => graceful.drain(grace).await,
             Self::Workers {
                 senders, threads, ..
             } => {
@@ -134,15 +134,6 @@ impl<H: Handshake> Dispatch<H> {
                 })
                 .await;
             }
-        }
-    }
-}
-
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!("shutdown grace period over, dropping in-flight requests");
         }
     }
 }
@@ -167,7 +158,7 @@ fn worker<H: Handshake>(
     };
     rt.block_on(async move {
         let app = app.make();
-        let graceful = GracefulShutdown::new();
+        let graceful = Drain::new();
         while let Some(job) = rx.recv().await {
             let stream = match job.stream {
                 StdStream::Tcp(s) => tokio::net::TcpStream::from_std(s).map(Stream::Tcp),
@@ -187,6 +178,6 @@ fn worker<H: Handshake>(
                 conn.run(stream).await;
             });
         }
-        drain(graceful, options.grace).await;
+        graceful.drain(options.grace).await;
     });
 }
