@@ -176,6 +176,12 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
+/// The first value of a header that is not one of HTTP's standard ones, by a scan of the
+/// request's few headers: cheaper than the hash of its name `HeaderMap::get` computes.
+pub(crate) fn custom_header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    h.iter().find_map(|(n, v)| (n == name).then_some(v))
+}
+
 fn has_hop_by_hop(h: &HeaderMap) -> bool {
     h.keys().any(|k| HOP_BY_HOP.contains(k))
 }
@@ -231,7 +237,7 @@ struct Added {
 impl Added {
     fn new(h: &HeaderMap, f: &Forward<'_>, ep: &Endpoint) -> Self {
         let forwarded_for = f.client_addr.and_then(|addr| {
-            let prior = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let prior = custom_header(h, &X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
             forwarded_for(prior, addr.ip())
         });
         Self {
@@ -642,6 +648,21 @@ fn map_client_error(e: &(dyn std::error::Error + 'static)) -> RouterError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_header_finds_what_get_finds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(custom_header(&h, &X_FORWARDED_FOR), None);
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.append("x-other", HeaderValue::from_static("o"));
+        h.append("X-Forwarded-For", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.append("x-other", HeaderValue::from_static("p"));
+        for name in [&X_FORWARDED_FOR, &HeaderName::from_static("x-other"), &header::HOST] {
+            assert_eq!(custom_header(&h, name), h.get(name), "{name}");
+        }
+        assert_eq!(custom_header(&h, &X_FORWARDED_HOST), None);
+    }
 
     #[test]
     fn forwarded_for_matches_the_standard_formatting() {

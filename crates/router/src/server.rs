@@ -268,7 +268,7 @@ struct Call<'a> {
 /// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
 /// ASCII (never silently treated as "no session").
 fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
-    match req.headers().get(&SESSION) {
+    match crate::proxy::custom_header(req.headers(), &SESSION) {
         None => Ok(None),
         Some(v) => {
             let v = v.to_str().map_err(|_| RouterError::BadSessionHeader)?;
