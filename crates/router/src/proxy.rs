@@ -658,7 +658,11 @@ mod tests {
         h.append("X-Forwarded-For", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         h.append("x-other", HeaderValue::from_static("p"));
-        for name in [&X_FORWARDED_FOR, &HeaderName::from_static("x-other"), &header::HOST] {
+        for name in [
+            &X_FORWARDED_FOR,
+            &HeaderName::from_static("x-other"),
+            &header::HOST,
+        ] {
             assert_eq!(custom_header(&h, name), h.get(name), "{name}");
         }
         assert_eq!(custom_header(&h, &X_FORWARDED_HOST), None);
