@@ -498,18 +498,20 @@ mod tests {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    /// On shutdown, a request in flight is answered (and its connection then closed), an idle
-    /// keep-alive connection is closed, and `serve` returns once both are gone: on the caller's
-    /// runtime and on worker threads.
+    /// On shutdown, an idle keep-alive connection is closed at once (well within the grace
+    /// period) while a request in flight goes on; that request is then answered, and `serve`
+    /// returns once both connections are gone: on the caller's runtime and on worker threads.
     #[tokio::test]
     async fn shutdown_lets_requests_in_flight_finish_and_closes_idle_connections() {
         for workers in [0, 2] {
+            let release = Arc::new(tokio::sync::Notify::new());
+            let held = release.clone();
             let router = axum::Router::new()
                 .route("/quick", axum::routing::get(|| async { "quick" }))
                 .route(
                     "/slow",
-                    axum::routing::get(|| async {
-                        tokio::time::sleep(Duration::from_millis(700)).await;
+                    axum::routing::get(move || async move {
+                        held.notified().await;
                         "slow answer"
                     }),
                 );
@@ -526,14 +528,11 @@ mod tests {
             let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
             send(&mut busy, "/slow").await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let asked = std::time::Instant::now();
             stop.send(()).unwrap();
+            // Closed while the other request is still held (and long before the 10 s grace).
             let idle_got = read_to_end(&mut idle).await;
             assert!(idle_got.contains("quick"), "{workers}: {idle_got}");
-            assert!(
-                asked.elapsed() < Duration::from_millis(400),
-                "{workers}: the idle connection closes at once"
-            );
+            release.notify_one();
             let busy_got = read_to_end(&mut busy).await;
             assert!(
                 busy_got.starts_with("HTTP/1.1 200") && busy_got.ends_with("slow answer"),
