@@ -159,6 +159,58 @@ async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+/// SIGTERM with a command running: its answer still arrives whole, then PicoD exits cleanly;
+/// the listener is gone from the moment the signal is handled.
+#[tokio::test]
+async fn an_execute_in_flight_is_answered_after_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("picod.sock");
+    let mut c = spawn(
+        &[
+            &format!("--workspace={}", dir.path().join("ws").display()),
+            &format!("--listen=unix:{}", sock.display()),
+        ],
+        Some(ROUTER_PUB),
+    );
+    wait_for_socket(&sock).await;
+    let started = dir.path().join("ws/started");
+    let script = format!("touch {}; sleep 1; echo done", started.display());
+    let req = hyper::Request::post("/api/execute")
+        .header("host", "picod")
+        .header("authorization", format!("Bearer {}", token()))
+        .body(Full::from(
+            json!({"command": ["sh", "-c", script]}).to_string(),
+        ))
+        .unwrap();
+    let in_flight = tokio::spawn({
+        let sock = sock.clone();
+        async move { unix_request(&sock, req).await }
+    });
+    for _ in 0..200 {
+        if started.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.exists(), "the command never started");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::UnixStream::connect(&sock).await.is_err(),
+        "no new connections after SIGTERM"
+    );
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["stdout"], "done\n", "{v}");
+    let status = wait_exit(&mut c, 15).expect("picod must stop once the answer is out");
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn insecure_mode_is_explicit_and_loud() {
     let dir = tempfile::tempdir().unwrap();
