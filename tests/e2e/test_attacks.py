@@ -210,5 +210,15 @@ def test_an_agents_crafted_answers_reach_no_other_request(stack):
         assert r.status_code == 503 and r.headers.get("x-agentcube-error") == "router", (r.status_code, r.text)
         r = http.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"))
         assert (r.status_code, r.text) == (200, "real"), r.text
+        # The same answers, and a 101 nobody asked for, to requests whose bodies stream (chunked:
+        # sent on a connection of their own through hyper's client, not the pooled one).
+        for path in ("both", "switch"):
+            streamed = (part for part in (b"upload ", b"in ", b"pieces"))
+            r = http.post(url(stack, "answer-smuggler", path, kind="agent-runtimes"), data=streamed)
+            assert r.status_code == 503 and r.headers.get("x-agentcube-error") == "router", (path, r.status_code, r.text)
+            r = http.get(url(stack, "answer-smuggler", "switch", kind="agent-runtimes"))
+            assert r.status_code == 503 and r.headers.get("x-agentcube-error") == "router", (r.status_code, r.text)
+            r = http.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"))
+            assert (r.status_code, r.text) == (200, "real"), r.text
     finally:
         requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{http.headers['x-agentcube-session-id']}")
