@@ -89,18 +89,24 @@ async fn wait_for_socket(sock: &std::path::Path) {
     panic!("picod did not listen on {}", sock.display());
 }
 
-#[tokio::test]
-async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("run/picod.sock");
-    let mut c = spawn(
+/// The binary with the workspace `dir/ws`, listening on the Unix socket `sock`, once it does.
+async fn on_socket(dir: &std::path::Path, sock: &std::path::Path) -> Child {
+    let c = spawn(
         &[
-            &format!("--workspace={}", dir.path().join("ws").display()),
+            &format!("--workspace={}", dir.join("ws").display()),
             &format!("--listen=unix:{}", sock.display()),
         ],
         Some(ROUTER_PUB),
     );
-    wait_for_socket(&sock).await;
+    wait_for_socket(sock).await;
+    c
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/picod.sock");
+    let mut c = on_socket(dir.path(), &sock).await;
     let req = hyper::Request::get("/health")
         .header("host", "picod")
         .body(Full::default())
@@ -165,14 +171,7 @@ async fn serves_on_a_unix_socket_and_stops_on_sigterm() {
 async fn an_execute_in_flight_is_answered_after_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("picod.sock");
-    let mut c = spawn(
-        &[
-            &format!("--workspace={}", dir.path().join("ws").display()),
-            &format!("--listen=unix:{}", sock.display()),
-        ],
-        Some(ROUTER_PUB),
-    );
-    wait_for_socket(&sock).await;
+    let mut c = on_socket(dir.path(), &sock).await;
     let started = dir.path().join("ws/started");
     let script = format!("touch {}; sleep 1; echo done", started.display());
     let req = hyper::Request::post("/api/execute")

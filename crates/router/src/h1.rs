@@ -185,7 +185,7 @@ fn list_members(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// The non-empty members of a comma-separated header value.
-fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     list_members(value).filter(|t| !t.is_empty())
 }
 
@@ -194,7 +194,13 @@ type Field = [(u32, u32); 2];
 
 fn parse_one(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
     let mut fields: [Field; MAX_HEADERS] = [[(0, 0); 2]; MAX_HEADERS];
-    let Some((len, code, http11, count)) = locate(buf, &mut fields)? else {
+    let Some(Located {
+        len,
+        code,
+        http11,
+        count,
+    }) = locate(buf, &mut fields)?
+    else {
         return Ok(None);
     };
     let status = code
@@ -223,13 +229,18 @@ fn parse_one(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
     }))
 }
 
-/// Parses the head at the front of `buf` without consuming it: its length, status code,
-/// whether it is HTTP/1.1, and how many fields it has (their places written to `fields`).
-#[expect(clippy::type_complexity, reason = "one caller destructures it at once")]
-fn locate(
-    buf: &BytesMut,
-    fields: &mut [Field; MAX_HEADERS],
-) -> io::Result<Option<(usize, Option<u16>, bool, usize)>> {
+/// A complete head at the front of the read buffer, not yet consumed.
+struct Located {
+    len: usize,
+    code: Option<u16>,
+    http11: bool,
+    /// How many fields it has (their places are in the caller's `fields`).
+    count: usize,
+}
+
+/// Parses the head at the front of `buf` without consuming it (the places of its fields
+/// written to `fields`).
+fn locate(buf: &BytesMut, fields: &mut [Field; MAX_HEADERS]) -> io::Result<Option<Located>> {
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
@@ -251,12 +262,12 @@ fn locate(
     for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
         *f = [place(h.name.as_bytes()), place(h.value)];
     }
-    Ok(Some((
+    Ok(Some(Located {
         len,
-        resp.code,
-        resp.version == Some(1),
-        resp.headers.len(),
-    )))
+        code: resp.code,
+        http11: resp.version == Some(1),
+        count: resp.headers.len(),
+    }))
 }
 
 fn framing(p: &Parsed, head_request: bool) -> io::Result<Framing> {

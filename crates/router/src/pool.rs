@@ -422,7 +422,7 @@ pub struct Returning {
 impl Returning {
     fn response(ep: &Arc<Endpoint>, conn: Conn, head: h1::Head) -> Response<Self> {
         let reading = match head.framing {
-            Framing::Empty | Framing::Length(0) => Reading::Length(0),
+            Framing::Empty => Reading::Length(0),
             Framing::Length(n) => Reading::Length(n),
             Framing::Chunked => Reading::Chunked(Chunked::Size),
             Framing::UntilClose => Reading::UntilClose,

@@ -175,13 +175,13 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
 /// The first value of a header that is not one of HTTP's standard ones, by a scan of the
 /// request's few headers: cheaper than the hash of its name `HeaderMap::get` computes.
 pub(crate) fn custom_header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
     h.iter().find_map(|(n, v)| (n == name).then_some(v))
 }
 
+/// One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
 fn has_hop_by_hop(h: &HeaderMap) -> bool {
     h.keys().any(|k| HOP_BY_HOP.contains(k))
 }
@@ -194,9 +194,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|v| v.to_str().is_ok())
+            .flat_map(|v| h1::list(v.as_bytes()))
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             .collect();
         for n in named {
             h.remove(n);
@@ -211,11 +211,8 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
     let wants = h
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
+        .filter(|v| v.to_str().is_ok())
+        .any(|v| h1::list(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
     if wants {
         h.get(header::UPGRADE).cloned()
     } else {
