@@ -305,7 +305,10 @@ async fn handle(s: &AppState, t: &Call<'_>, req: Request) -> Result<Response, Ro
         }
         None => Box::pin(create(s, t, caller.as_deref())).await?,
     };
-    tracing::Span::current().record("session_id", &*target.session_id);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Only then is this function's span on (asking for the current span costs a lookup).
+        tracing::Span::current().record("session_id", &*target.session_id);
+    }
     // The steps before the send are not async: one future fewer to build and move per request.
     let answered = match to_sandbox(s, &target, t, caller.as_deref(), &req) {
         Ok(fwd) => s.upstream.forward(req, fwd).await,

@@ -32,6 +32,8 @@ pub(crate) struct Tracker {
     /// The client spoke the HTTP/2 preface: streams are multiplexed, header timing is h2's own.
     h2: AtomicBool,
     sniffed: AtomicBool,
+    /// Shutting down: the request in flight is the connection's last.
+    closing: AtomicBool,
 }
 
 /// Why the watchdog closed a connection.
@@ -50,7 +52,22 @@ impl Tracker {
             idle_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// The server is shutting down: no request after the one in flight.
+    pub(crate) fn close_soon(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// No request in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
     }
 
     fn now_ms(&self) -> u64 {

@@ -41,6 +41,7 @@ use tokio::io::AsyncWriteExt;
 use tower::ServiceExt;
 
 mod conn;
+mod lane;
 pub mod limits;
 pub mod listener;
 mod side;
@@ -134,6 +135,8 @@ pub struct Stats {
     pub handshake_failures: Counter,
     /// Connections open now.
     pub open: Gauge,
+    /// Requests parsed and answered by the HTTP/1.1 fast lane (the others by hyper).
+    pub fast_requests: Counter,
 }
 
 impl Stats {
@@ -176,6 +179,11 @@ impl Stats {
             self.handshake_failures.clone(),
         );
         r.register("connections_open", "Connections open", self.open.clone());
+        r.register(
+            "http1_fast_requests",
+            "Requests answered by the HTTP/1.1 fast lane (the others by hyper)",
+            self.fast_requests.clone(),
+        );
     }
 }
 
@@ -190,6 +198,8 @@ pub struct Options<H = Plain> {
     pub grace: Duration,
     /// Worker threads with a runtime of their own each; 0 serves on the caller's runtime.
     pub workers: usize,
+    /// Plain HTTP/1.1 requests go through the fast lane (`lane.rs`); off, hyper serves all.
+    pub fast_lane: bool,
 }
 
 impl Options<Plain> {
@@ -202,6 +212,7 @@ impl Options<Plain> {
             stats: Arc::default(),
             grace: SHUTDOWN_GRACE,
             workers: 0,
+            fast_lane: true,
         }
     }
 }
@@ -216,6 +227,7 @@ impl<H> Options<H> {
             stats: self.stats,
             grace: self.grace,
             workers: self.workers,
+            fast_lane: self.fast_lane,
         }
     }
 }
@@ -310,14 +322,21 @@ impl std::fmt::Debug for App {
     }
 }
 
-fn connection_builder() -> Arc<auto::Builder<TokioExecutor>> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
+/// hyper's connection builders: `any` for a connection from its start (HTTP/1.1 or h2c),
+/// `http1` for one the fast lane hands over after answering requests on it.
+pub(crate) struct Builders {
+    any: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+}
+
+fn connection_builders() -> Arc<Builders> {
+    let mut any = auto::Builder::new(TokioExecutor::new());
+    any.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(256);
-    Arc::new(builder)
+    let http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+    Arc::new(Builders { any, http1 })
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; see the crate documentation. With
@@ -332,7 +351,7 @@ pub async fn serve<H: Handshake>(
 ) -> std::io::Result<()> {
     let app = app.into();
     let slots = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
-    let mut dispatch = workers::Dispatch::start(app, options.clone(), connection_builder());
+    let mut dispatch = workers::Dispatch::start(app, options.clone(), connection_builders());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -366,8 +385,16 @@ pub(crate) struct Connection<H> {
     pub(crate) app: Routes,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) options: Options<H>,
-    pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
+    pub(crate) builders: Arc<Builders>,
     pub(crate) watcher: side::Watcher,
+}
+
+/// How a connection phase ended early.
+enum Cut {
+    /// The watchdog closed it.
+    Stalled(conn::Closed),
+    /// Shutdown found it with no request in flight.
+    Idle,
 }
 
 impl<H: Handshake> Connection<H> {
@@ -388,7 +415,68 @@ impl<H: Handshake> Connection<H> {
         };
         stats.open.inc();
         let tracker = conn::Tracker::new();
-        let (app, peer, t) = (self.app, self.peer, tracker.clone());
+        // The watcher's clone counts this connection as open until it ends.
+        let open = self.watcher.clone();
+        let mut beside = side::Beside::new(tracker.clone(), limits, self.watcher.clone());
+        let io = conn::TrackedIo {
+            io,
+            tracker: tracker.clone(),
+        };
+        let cut = match self.fast_lane(io, &tracker, &mut beside).await {
+            Ok(Some((io, after))) => self.hyper(io, after, &tracker, &mut beside).await.err(),
+            Ok(None) => None,
+            Err(cut) => Some(cut),
+        };
+        if let Some(Cut::Stalled(why)) = cut {
+            let counter = match why {
+                conn::Closed::HeaderTimeout => &stats.header_timeouts,
+                conn::Closed::Idle => &stats.idle_closed,
+            };
+            counter.inc();
+        }
+        drop(open);
+        stats.open.dec();
+    }
+
+    /// The fast lane, while it keeps the connection: `Ok(Some(..))` hands it to hyper.
+    async fn fast_lane<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        &self,
+        io: I,
+        tracker: &Arc<conn::Tracker>,
+        beside: &mut side::Beside,
+    ) -> Result<Option<(lane::Rewind<I>, bool)>, Cut> {
+        if !self.options.fast_lane {
+            return Ok(Some((lane::Rewind::new(bytes::Bytes::new(), io), false)));
+        }
+        let run = lane::Lane::new(io).run(&self.app, self.peer, tracker, &self.options.stats);
+        let mut run = std::pin::pin!(run);
+        let end = std::future::poll_fn(|cx| {
+            while let Poll::Ready(event) = beside.poll(cx) {
+                match event {
+                    side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
+                    side::Side::Shutdown if tracker.idle() => return Poll::Ready(Err(Cut::Idle)),
+                    side::Side::Shutdown => tracker.close_soon(),
+                }
+            }
+            run.as_mut().poll(cx).map(Ok)
+        })
+        .await?;
+        Ok(match end {
+            lane::End::Closed => None,
+            lane::End::Hyper { io, after } => Some((io, after)),
+        })
+    }
+
+    /// hyper serves the connection to its end.
+    async fn hyper<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        io: lane::Rewind<I>,
+        after_lane: bool,
+        tracker: &Arc<conn::Tracker>,
+        beside: &mut side::Beside,
+    ) -> Result<(), Cut> {
+        let limits = self.options.limits;
+        let (app, peer, t) = (self.app.clone(), self.peer, tracker.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let guard = t.begin();
             let req = req.map(|b| Body::new(conn::TimedBody::new(limits.body_idle_timeout, b)));
@@ -401,41 +489,27 @@ impl<H: Handshake> Connection<H> {
                 }))
             }
         });
-        let io = TokioIo::new(conn::TrackedIo {
-            io,
-            tracker: tracker.clone(),
-        });
-        let served = self
-            .builder
-            .serve_connection_with_upgrades(io, service)
+        let builder = match after_lane {
+            true => &self.builders.http1,
+            false => &self.builders.any,
+        };
+        let served = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         tokio::pin!(served);
-        // The watcher's clone counts this connection as open until it ends.
-        let (open, watcher) = (self.watcher.clone(), self.watcher);
-        let mut side = side::Gated::new(side::beside(tracker.clone(), limits, Some(watcher)));
-        let stalled = std::future::poll_fn(|cx| {
-            loop {
-                match side.poll(cx) {
-                    Poll::Ready(side::Side::Stalled(why)) => return Poll::Ready(Some(why)),
-                    Poll::Ready(side::Side::Shutdown) => {
-                        served.as_mut().graceful_shutdown();
-                        side = side::Gated::new(side::beside(tracker.clone(), limits, None));
-                    }
-                    Poll::Pending => break,
+        if tracker.closing() {
+            served.as_mut().graceful_shutdown();
+        }
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(event) = beside.poll(cx) {
+                match event {
+                    side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
+                    side::Side::Shutdown => served.as_mut().graceful_shutdown(),
                 }
             }
-            served.as_mut().poll(cx).map(|_| None)
+            served.as_mut().poll(cx).map(|_| Ok(()))
         })
-        .await;
-        if let Some(why) = stalled {
-            let counter = match why {
-                conn::Closed::HeaderTimeout => &stats.header_timeouts,
-                conn::Closed::Idle => &stats.idle_closed,
-            };
-            counter.inc();
-        }
-        drop(open);
-        stats.open.dec();
+        .await
     }
 }
 

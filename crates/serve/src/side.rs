@@ -16,7 +16,7 @@ use crate::Limits;
 use crate::conn::{Closed, Tracker};
 
 /// A future polled only after something it waits on has woken it (and once at the start).
-pub(crate) struct Gated<F> {
+pub(crate) struct Gated<F: ?Sized> {
     fut: Pin<Box<F>>,
     flag: Arc<Flag>,
     /// `flag` as a waker, made once.
@@ -41,14 +41,22 @@ impl Wake for Flag {
     }
 }
 
-impl<F: Future> Gated<F> {
-    pub(crate) fn new(fut: F) -> Self {
+impl<F: Future + ?Sized> Gated<F> {
+    #[cfg(test)]
+    pub(crate) fn new(fut: F) -> Self
+    where
+        F: Sized,
+    {
+        Self::boxed(Box::pin(fut))
+    }
+
+    pub(crate) fn boxed(fut: Pin<Box<F>>) -> Self {
         let flag = Arc::new(Flag {
             woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
         });
         Self {
-            fut: Box::pin(fut),
+            fut,
             waker: Waker::from(flag.clone()),
             flag,
         }
@@ -121,6 +129,37 @@ pub(crate) async fn beside(
             () = shutdown_signal(w) => Side::Shutdown,
         },
         None => watchdog.await,
+    }
+}
+
+/// The work beside one connection: its watchdog and, until it comes, the shutdown signal
+/// (each reported once; after the signal, the watchdog alone).
+pub(crate) struct Beside {
+    side: Gated<dyn Future<Output = Side> + Send>,
+    tracker: Arc<Tracker>,
+    limits: Limits,
+}
+
+impl Beside {
+    pub(crate) fn new(tracker: Arc<Tracker>, limits: Limits, shutdown: Watcher) -> Self {
+        let first: Pin<Box<dyn Future<Output = Side> + Send>> =
+            Box::pin(beside(tracker.clone(), limits, Some(shutdown)));
+        let side = Gated::boxed(first);
+        Self {
+            side,
+            tracker,
+            limits,
+        }
+    }
+
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Side> {
+        let polled = self.side.poll(cx);
+        if let Poll::Ready(Side::Shutdown) = polled {
+            let watchdog: Pin<Box<dyn Future<Output = Side> + Send>> =
+                Box::pin(beside(self.tracker.clone(), self.limits, None));
+            self.side = Gated::boxed(watchdog);
+        }
+        polled
     }
 }
 

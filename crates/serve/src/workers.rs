@@ -5,13 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::side::Drain;
-use crate::{App, Connection, Handshake, Options, Stream};
+use crate::{App, Builders, Connection, Handshake, Options, Stream};
 
 /// An accepted connection on its way to a worker (a std stream: it leaves the acceptor's
 /// reactor and joins the worker's).
@@ -32,7 +30,7 @@ pub(crate) enum Dispatch<H> {
     Inline {
         app: crate::Routes,
         options: Options<H>,
-        builder: Arc<auto::Builder<TokioExecutor>>,
+        builder: Arc<Builders>,
         graceful: Drain,
     },
     /// On worker threads.
@@ -44,11 +42,7 @@ pub(crate) enum Dispatch<H> {
 }
 
 impl<H: Handshake> Dispatch<H> {
-    pub(crate) fn start(
-        app: App,
-        options: Options<H>,
-        builder: Arc<auto::Builder<TokioExecutor>>,
-    ) -> Self {
+    pub(crate) fn start(app: App, options: Options<H>, builder: Arc<Builders>) -> Self {
         if options.workers == 0 {
             return Self::Inline {
                 app: app.make(),
@@ -96,7 +90,7 @@ impl<H: Handshake> Dispatch<H> {
                     app: app.clone(),
                     peer,
                     options: options.clone(),
-                    builder: builder.clone(),
+                    builders: builder.clone(),
                     watcher: graceful.watcher(),
                 };
                 tokio::spawn(async move {
@@ -144,7 +138,7 @@ fn worker<H: Handshake>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
     app: App,
     options: Options<H>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -169,7 +163,7 @@ fn worker<H: Handshake>(
                 app: app.clone(),
                 peer: job.peer,
                 options: options.clone(),
-                builder: builder.clone(),
+                builders: builder.clone(),
                 watcher: graceful.watcher(),
             };
             let slot = job.slot;

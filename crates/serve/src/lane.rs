@@ -1,0 +1,341 @@
+//! The HTTP/1.1 fast lane: plain requests are parsed and answered here, with no per-request
+//! machinery beyond the app itself; the first request it does not take ([`request`] says
+//! which) hands the connection, with every byte read so far, to hyper for the rest of its
+//! life. hyper thus still answers everything unusual (chunked uploads, large bodies, upgrades,
+//! h2c, `Expect`, HTTP/1.0, malformed heads with their 400/431/505).
+//!
+//! Main flow of [`Lane::run`], per request:
+//! 1. Read until [`request::parse`] has a whole request, or rules the lane out ([`End::Hyper`]).
+//! 2. Call the app; meanwhile read ahead on the client side, so a client that goes away drops
+//!    the handler (hyper's `half_close(false)`), and pipelined bytes are kept.
+//! 3. Write the head as hyper would ([`response::encode`]) and the body by its framing; a body
+//!    that fails or falls short closes the connection.
+//! 4. Keep the connection unless either side asked to close or the server is shutting down.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body as _, Frame};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+use crate::conn::Tracker;
+use crate::{Routes, Stats};
+
+pub(crate) mod request;
+pub(crate) mod response;
+
+use request::{Asks, Parsed};
+use response::{BodyLen, Framing};
+
+/// How much the lane reads ahead of the request it is answering (pipelined requests).
+const READ_AHEAD: usize = request::MAX_HEAD + request::MAX_BODY;
+/// Body chunks up to this size are copied next to their framing; larger ones are written as
+/// they are.
+const COPY_UP_TO: usize = 16 * 1024;
+
+/// How the lane left the connection.
+pub(crate) enum End<I> {
+    /// Closed (either side asked, the client went away, or an answer could not be finished).
+    Closed,
+    /// hyper's from here: the stream, replaying what the lane read and did not use. `after`:
+    /// the lane answered requests on it first (then it stays HTTP/1.1).
+    Hyper { io: Rewind<I>, after: bool },
+}
+
+/// The client went away, or its connection failed: stop.
+struct Gone;
+
+/// One connection in the lane.
+pub(crate) struct Lane<I> {
+    io: I,
+    buf: BytesMut,
+    out: Vec<u8>,
+    date: response::Date,
+    answered: bool,
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per request; boxing would cost an allocation each"
+)]
+enum Next {
+    Request(http::Request<Bytes>, Asks),
+    Hyper,
+    Closed,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
+    pub(crate) fn new(io: I) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            date: response::Date::default(),
+            answered: false,
+        }
+    }
+
+    /// Serves requests until the connection closes or hyper has to take it.
+    pub(crate) async fn run(
+        mut self,
+        app: &Routes,
+        peer: Option<SocketAddr>,
+        tracker: &Arc<Tracker>,
+        stats: &Stats,
+    ) -> End<I> {
+        loop {
+            let (req, asks) = match self.next_request().await {
+                Next::Request(req, asks) => (req, asks),
+                Next::Closed => return End::Closed,
+                Next::Hyper => {
+                    return End::Hyper {
+                        after: self.answered,
+                        io: Rewind::new(self.buf.freeze(), self.io),
+                    };
+                }
+            };
+            let in_flight = tracker.begin();
+            stats.fast_requests.inc();
+            self.answered = true;
+            let answer = app.clone().answer(req.map(Body::from), peer);
+            let Ok(resp) = self.watching(pin!(answer)).await else {
+                return End::Closed;
+            };
+            let asks = Asks {
+                keep_alive: asks.keep_alive && !tracker.closing(),
+                ..asks
+            };
+            let kept = self.respond(resp, asks).await;
+            drop(in_flight);
+            if !matches!(kept, Ok(true)) || tracker.closing() {
+                let _ = self.io.shutdown().await;
+                return End::Closed;
+            }
+        }
+    }
+
+    async fn next_request(&mut self) -> Next {
+        loop {
+            if !self.buf.is_empty() {
+                match request::parse(&mut self.buf) {
+                    Parsed::Ready(req, asks) => return Next::Request(req, asks),
+                    Parsed::Hyper => return Next::Hyper,
+                    Parsed::Partial => {}
+                }
+            }
+            self.buf.reserve(4096);
+            match poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await {
+                Ok(0) | Err(_) => return Next::Closed,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Waits for `work` while watching the client: bytes it sends are kept (up to
+    /// [`READ_AHEAD`]); its end of the connection closing stops the wait.
+    async fn watching<F: Future>(&mut self, mut work: Pin<&mut F>) -> Result<F::Output, Gone> {
+        poll_fn(|cx| {
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            self.poll_client(cx).map(|()| Err(Gone))
+        })
+        .await
+    }
+
+    /// Ready when the client has closed its side (or the connection failed).
+    fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.buf.len() < READ_AHEAD {
+            self.buf.reserve(4096);
+            match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Writes `resp`; `Ok(true)` when the connection stays open for another request. Trailers
+    /// go out only when the request asked for them (`TE: trailers`) and the response declared
+    /// them (`Trailer`), as with hyper.
+    async fn respond(&mut self, resp: axum::response::Response, asks: Asks) -> Result<bool, Gone> {
+        let (mut parts, body) = resp.into_parts();
+        let len = if body.is_end_stream() {
+            BodyLen::None
+        } else {
+            body.size_hint()
+                .exact()
+                .map_or(BodyLen::Unknown, BodyLen::Known)
+        };
+        self.out.clear();
+        let status = parts.status;
+        let head = response::encode(
+            status,
+            &mut parts.headers,
+            len,
+            asks.keep_alive,
+            &mut self.date,
+            &mut self.out,
+        )
+        .map_err(|_| Gone)?;
+        let mut body = pin!(body);
+        match head.framing {
+            Framing::Length(0) => {}
+            Framing::Length(n) => self.send_length(body.as_mut(), n).await?,
+            Framing::Chunked(declared) => {
+                let declared = declared.filter(|_| asks.trailers);
+                self.send_chunked(body.as_mut(), declared).await?
+            }
+        }
+        self.flush_out().await?;
+        Ok(!head.last)
+    }
+
+    async fn send_length(&mut self, mut body: Pin<&mut Body>, mut left: u64) -> Result<(), Gone> {
+        while left > 0 {
+            let Some(frame) = self.next_frame(body.as_mut()).await? else {
+                return Err(Gone);
+            };
+            if let Ok(mut data) = frame.into_data() {
+                if (data.len() as u64) > left {
+                    data.truncate(left as usize);
+                }
+                left -= data.len() as u64;
+                self.put(&data, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_chunked(
+        &mut self,
+        mut body: Pin<&mut Body>,
+        declared: Option<Vec<http::HeaderName>>,
+    ) -> Result<(), Gone> {
+        while let Some(frame) = self.next_frame(body.as_mut()).await? {
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    let size = format!("{:X}\r\n", data.len());
+                    self.put(&data, Some(size.as_bytes())).await?;
+                }
+                Err(frame) => {
+                    let section = match (frame.trailers_ref(), &declared) {
+                        (Some(t), Some(d)) => response::trailer_section(t, d),
+                        _ => None,
+                    };
+                    if let Some(section) = section {
+                        self.out.extend_from_slice(&section);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.out.extend_from_slice(b"0\r\n\r\n");
+        Ok(())
+    }
+
+    /// The body's next frame; what is pending goes out before waiting for it.
+    async fn next_frame(&mut self, mut body: Pin<&mut Body>) -> Result<Option<Frame<Bytes>>, Gone> {
+        let now = poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
+        let polled = match now {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                self.flush_out().await?;
+                let next = poll_fn(|cx| body.as_mut().poll_frame(cx));
+                self.watching(pin!(next)).await?
+            }
+        };
+        polled.transpose().map_err(|_| Gone)
+    }
+
+    /// Queues a data chunk (with its chunk-size line when chunked).
+    async fn put(&mut self, data: &Bytes, size: Option<&[u8]>) -> Result<(), Gone> {
+        if let Some(size) = size {
+            self.out.extend_from_slice(size);
+        }
+        if data.len() <= COPY_UP_TO {
+            self.out.extend_from_slice(data);
+        } else {
+            self.flush_out().await?;
+            self.io.write_all(data).await.map_err(|_| Gone)?;
+        }
+        if size.is_some() {
+            self.out.extend_from_slice(b"\r\n");
+        }
+        Ok(())
+    }
+
+    async fn flush_out(&mut self) -> Result<(), Gone> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await.map_err(|_| Gone)?;
+            self.out.clear();
+            if self.out.capacity() > 4 * COPY_UP_TO {
+                self.out = Vec::new();
+            }
+        }
+        self.io.flush().await.map_err(|_| Gone)
+    }
+}
+
+/// A stream that first replays bytes already read from it.
+pub(crate) struct Rewind<I> {
+    pre: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    pub(crate) fn new(pre: Bytes, io: I) -> Self {
+        Self { pre, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pre.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.pre.len().min(buf.remaining());
+        buf.put_slice(&self.pre[..n]);
+        self.pre.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
