@@ -41,3 +41,7 @@ def test_every_accepted_connection_has_tcp_nodelay(stack):
         accepted, nodelay = counters(text, component)
         assert accepted > 0
         assert nodelay == accepted, f"{component}: {accepted - nodelay} of {accepted} connections without TCP_NODELAY"
+    # Both SDKs' calls are plain requests: the Router answered them on its HTTP/1.1 fast lane.
+    fast = re.search(r"^agentcube_router_http1_fast_requests_total (\d+)", text, re.M)
+    assert fast, text
+    assert int(fast.group(1)) >= 10

@@ -55,7 +55,9 @@ async fn stalled_uploads_give_their_slots_back() {
         s.write_all(head.as_bytes()).await.unwrap();
         stalled.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fast lane waits a quarter of the body idle timeout for a body before hyper takes the
+    // request (and the slot): well before this.
+    tokio::time::sleep(Duration::from_millis(450)).await;
     let call = || {
         client()
             .get(format!(

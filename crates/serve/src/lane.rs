@@ -5,7 +5,8 @@
 //! h2c, `Expect`, HTTP/1.0, malformed heads with their 400/431/505).
 //!
 //! Main flow of [`Lane::run`], per request:
-//! 1. Read until [`request::parse`] has a whole request, or rules the lane out ([`End::Hyper`]).
+//! 1. Read until [`request::parse`] has a whole request (head and body), or rules the lane out
+//!    ([`End::Hyper`]).
 //! 2. Call the app; meanwhile read ahead on the client side, so a client that goes away drops
 //!    the handler (hyper's `half_close(false)`), and pipelined bytes are kept.
 //! 3. Write the head as hyper would ([`response::encode`]) and the body by its framing; a body
@@ -18,11 +19,13 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use crate::conn::Tracker;
@@ -36,6 +39,11 @@ use response::{BodyLen, Framing};
 
 /// How much the lane reads ahead of the request it is answering (pipelined requests).
 const READ_AHEAD: usize = request::MAX_HEAD + request::MAX_BODY;
+/// How long a body may take to follow its head before hyper takes the request (clients often
+/// write the head and the body separately; a slow upload is hyper's, with its idle timeout), at
+/// most: never more than a quarter of the body idle timeout, so a stalled upload is cut at most
+/// a quarter later than on hyper alone.
+const BODY_GRACE: Duration = Duration::from_secs(1);
 /// Body chunks up to this size are copied next to their framing; larger ones are written as
 /// they are.
 const COPY_UP_TO: usize = 16 * 1024;
@@ -59,6 +67,7 @@ pub(crate) struct Lane<I> {
     out: Vec<u8>,
     date: response::Date,
     answered: bool,
+    body_grace: Duration,
 }
 
 #[expect(
@@ -72,13 +81,15 @@ enum Next {
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
-    pub(crate) fn new(io: I) -> Self {
+    /// The lane on `io`, whose request bodies fail after `body_idle_timeout` without a byte.
+    pub(crate) fn new(io: I, body_idle_timeout: Duration) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
             date: response::Date::default(),
             answered: false,
+            body_grace: BODY_GRACE.min(body_idle_timeout / 4),
         }
     }
 
@@ -121,17 +132,31 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
         }
     }
 
+    /// The next request, whole. A body that has not all arrived within the body grace of its
+    /// head (a slow upload) is hyper's to time out, with the head and what came of the body.
     async fn next_request(&mut self) -> Next {
+        let mut body_until = None;
         loop {
             if !self.buf.is_empty() {
                 match request::parse(&mut self.buf) {
                     Parsed::Ready(req, asks) => return Next::Request(req, asks),
                     Parsed::Hyper => return Next::Hyper,
+                    Parsed::Body => {
+                        body_until.get_or_insert_with(|| Instant::now() + self.body_grace);
+                    }
                     Parsed::Partial => {}
                 }
             }
             self.buf.reserve(4096);
-            match poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await {
+            let read = poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf));
+            let read = match body_until {
+                Some(at) => match tokio::time::timeout_at(at, read).await {
+                    Ok(read) => read,
+                    Err(_) => return Next::Hyper,
+                },
+                None => read.await,
+            };
+            match read {
                 Ok(0) | Err(_) => return Next::Closed,
                 Ok(_) => {}
             }

@@ -8,12 +8,20 @@
 //! 2. Over [`Limits::max_connections`], answer with the component's [`Refusal`] (its own error
 //!    shape, 503) and close.
 //! 3. [`Handshake`] (identity, or TLS at the Router), bounded by the header timeout.
-//! 4. HTTP/1.1 or h2c (hyper-util's auto connection), WebSocket upgrades included. Request bodies
-//!    fail after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
+//! 4. The HTTP/1.1 fast lane (`lane.rs`, [`Options::fast_lane`]) parses and answers plain
+//!    requests — `GET`/`POST`, HTTP/1.1, no `Transfer-Encoding`/`Upgrade`/`Expect`, a body of at
+//!    most 64 KiB arriving within a second of its head (a quarter of the body idle
+//!    timeout if that is shorter) — writing answers byte for byte as hyper
+//!    would. The first request it does not take hands the connection, with every byte read so
+//!    far, to hyper for the rest of its life: HTTP/1.1 or h2c (hyper-util's auto connection),
+//!    WebSocket upgrades, chunked, large and slow uploads, and every malformed request's
+//!    400/431/505. Request bodies there fail
+//!    after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
 //!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever. Each
 //!    request goes to the app's [`Routes`]: its [`Front`] first when it has one (the Router's
-//!    invocations, without a route table), else its `axum::Router`.
-//! 5. A watchdog per connection ([`conn`]): with no request in flight, a request whose headers
+//!    invocations, without a route table), else its `axum::Router`. A client that closes its
+//!    side while its request is being answered drops the handler (both paths).
+//! 5. A watchdog per connection (`conn.rs`): with no request in flight, a request whose headers
 //!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris;
 //!    closed within twice that),
 //!    or a connection idle for [`Limits::keep_alive_idle`], is closed. A request in flight is
@@ -448,7 +456,8 @@ impl<H: Handshake> Connection<H> {
         if !self.options.fast_lane {
             return Ok(Some((lane::Rewind::new(bytes::Bytes::new(), io), false)));
         }
-        let run = lane::Lane::new(io).run(&self.app, self.peer, tracker, &self.options.stats);
+        let lane = lane::Lane::new(io, self.options.limits.body_idle_timeout);
+        let run = lane.run(&self.app, self.peer, tracker, &self.options.stats);
         let mut run = std::pin::pin!(run);
         let end = std::future::poll_fn(|cx| {
             while let Poll::Ready(event) = beside.poll(cx) {

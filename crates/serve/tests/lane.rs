@@ -666,3 +666,35 @@ async fn a_client_that_goes_away_drops_its_handler_and_its_answer() {
         assert_eq!(stats.fast_requests.get() == 2, fast_lane);
     }
 }
+
+/// A body that follows its head a little later (clients write them separately) is waited for
+/// and the lane answers; one that takes longer than the lane's grace second goes to hyper with
+/// the head and what came of the body, and is answered there just the same.
+#[tokio::test]
+async fn a_late_body_is_waited_for_then_left_to_hyper() {
+    let (addr, stats) = start(true).await;
+    let head = "POST /echo HTTP/1.1\r\nhost: h\r\ncontent-length: 6\r\n\r\nabc";
+    for (pause, by_lane) in [
+        (Duration::from_millis(100), 1),
+        (Duration::from_millis(1500), 0),
+    ] {
+        let before = stats.fast_requests.get();
+        let mut c = Client::connect(addr, 1).await;
+        c.w.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(pause).await;
+        c.heads.push(false);
+        c.w.write_all(b"def").await.unwrap();
+        let last = b"GET /r/text HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n".to_vec();
+        c.send(&[Req {
+            raw: last,
+            head: false,
+        }])
+        .await;
+        let got = String::from_utf8_lossy(&c.got).into_owned();
+        assert!(got.contains("body 6 \"abcdef\""), "{pause:?}: {got}");
+        assert!(got.ends_with("hello"), "{pause:?}: {got}");
+        // After a hand-over, hyper keeps the connection: the last request is its too.
+        let lane = stats.fast_requests.get() - before;
+        assert_eq!(lane, by_lane * 2, "{pause:?}");
+    }
+}

@@ -3,7 +3,7 @@
 //! Taken: `GET` or `POST`, HTTP/1.1, an origin-form target (`/…`), at most [`MAX_HEADERS`]
 //! headers, no `Transfer-Encoding`, `Upgrade`, `Expect` or `HTTP2-Settings`, `Connection` made
 //! of `keep-alive`/`close` only, at most one `Content-Length` (digits only, at most
-//! [`MAX_BODY`]), and the whole body already read. Anything else, including anything httparse
+//! [`MAX_BODY`]), the whole body read before the handler runs. Anything else, including anything httparse
 //! rejects, is hyper's: the lane never answers a request it did not fully understand.
 
 use std::mem::MaybeUninit;
@@ -27,6 +27,8 @@ pub(crate) const MAX_HEADERS: usize = 64;
 pub(crate) enum Parsed {
     /// The head is not complete yet, and nothing so far rules the lane out.
     Partial,
+    /// The head is whole and the lane's; not all of the body has arrived yet.
+    Body,
     /// Not the lane's: hyper takes the connection from these bytes on.
     Hyper,
     /// A request, taken off the front of the buffer.
@@ -95,7 +97,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
     let lines = &lines[..req.headers.len()];
     let body_len = framing.length.unwrap_or(0);
     if buf.len() < head_len + body_len {
-        return Parsed::Hyper;
+        return Parsed::Body;
     }
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
@@ -210,12 +212,14 @@ mod tests {
     }
 
     #[test]
-    fn incomplete_heads_wait_and_incomplete_bodies_go_to_hyper() {
+    fn incomplete_heads_and_bodies_wait() {
         assert!(matches!(
             parse_str("GET / HTTP/1.1\r\nHost:").0,
             Parsed::Partial
         ));
-        assert!(is_hyper("POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nab"));
+        let (parsed, left) = parse_str("POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nab");
+        assert!(matches!(parsed, Parsed::Body), "{parsed:?}");
+        assert_eq!(left, 40, "nothing is taken until the body is whole");
         let long = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_HEAD));
         assert!(is_hyper(&long));
     }
