@@ -20,6 +20,7 @@ fn short_limits(c: &mut agentcube_router::Config) {
         body_idle_timeout: Duration::from_millis(800),
         keep_alive_idle: Duration::from_secs(2),
         max_connections: 1000,
+        ..Default::default()
     };
 }
 

@@ -8,7 +8,7 @@
 //! 2. Over [`Limits::max_connections`], answer with the component's [`Refusal`] (its own error
 //!    shape, 503) and close.
 //! 3. [`Handshake`] (identity, or TLS at the Router), bounded by the header timeout.
-//! 4. The HTTP/1.1 fast lane (`lane.rs`, [`Options::fast_lane`]) parses and answers plain
+//! 4. The HTTP/1.1 fast lane (`lane.rs`, [`Limits::fast_lane`]) parses and answers plain
 //!    requests — `GET`/`POST`, HTTP/1.1, no `Transfer-Encoding`/`Upgrade`/`Expect`, a body of at
 //!    most 64 KiB arriving within a second of its head (a quarter of the body idle
 //!    timeout if that is shorter) — writing answers byte for byte as hyper
@@ -206,8 +206,6 @@ pub struct Options<H = Plain> {
     pub grace: Duration,
     /// Worker threads with a runtime of their own each; 0 serves on the caller's runtime.
     pub workers: usize,
-    /// Plain HTTP/1.1 requests go through the fast lane (`lane.rs`); off, hyper serves all.
-    pub fast_lane: bool,
 }
 
 impl Options<Plain> {
@@ -220,7 +218,6 @@ impl Options<Plain> {
             stats: Arc::default(),
             grace: SHUTDOWN_GRACE,
             workers: 0,
-            fast_lane: true,
         }
     }
 }
@@ -235,7 +232,6 @@ impl<H> Options<H> {
             stats: self.stats,
             grace: self.grace,
             workers: self.workers,
-            fast_lane: self.fast_lane,
         }
     }
 }
@@ -453,7 +449,7 @@ impl<H: Handshake> Connection<H> {
         tracker: &Arc<conn::Tracker>,
         beside: &mut side::Beside,
     ) -> Result<Option<(lane::Rewind<I>, bool)>, Cut> {
-        if !self.options.fast_lane {
+        if !self.options.limits.fast_lane {
             return Ok(Some((lane::Rewind::new(bytes::Bytes::new(), io), false)));
         }
         let lane = lane::Lane::new(io, self.options.limits.body_idle_timeout);

@@ -14,6 +14,8 @@ pub struct Limits {
     pub keep_alive_idle: Duration,
     /// Connections served at once; more are answered with the component's 503 and closed.
     pub max_connections: usize,
+    /// Plain HTTP/1.1 requests go through the fast lane (`lane.rs`); off, hyper serves all.
+    pub fast_lane: bool,
 }
 
 impl Default for Limits {
@@ -23,6 +25,7 @@ impl Default for Limits {
             body_idle_timeout: Duration::from_secs(30),
             keep_alive_idle: Duration::from_secs(90),
             max_connections: 10_000,
+            fast_lane: true,
         }
     }
 }
@@ -67,6 +70,10 @@ pub struct LimitArgs {
     /// Connections served at once (more get a 503); capped to fit the open-files limit.
     #[arg(long, env = "AGENTCUBE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Answer plain HTTP/1.1 requests on the fast lane (`false`: hyper's server takes every
+    /// request, as before the lane existed).
+    #[arg(long, env = "AGENTCUBE_HTTP1_FAST_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http1_fast_lane: bool,
 }
 
 impl LimitArgs {
@@ -77,6 +84,7 @@ impl LimitArgs {
             body_idle_timeout: self.body_idle_timeout.0,
             keep_alive_idle: self.keep_alive_idle.0,
             max_connections: self.max_connections.unwrap_or(default_max),
+            fast_lane: self.http1_fast_lane,
         }
     }
 }
@@ -84,6 +92,20 @@ impl LimitArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_lane_is_on_unless_turned_off() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            limits: LimitArgs,
+        }
+        let on = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
+        assert!(on.limits.limits(1).fast_lane);
+        let off =
+            <Cli as clap::Parser>::try_parse_from(["x", "--http1-fast-lane", "false"]).unwrap();
+        assert!(!off.limits.limits(1).fast_lane);
+    }
 
     #[test]
     fn connections_fit_the_descriptor_limit() {

@@ -182,7 +182,7 @@ async fn start(fast_lane: bool) -> (SocketAddr, Arc<Stats>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let mut options = Options::new(Limits::default(), Refusal::json("{}"));
-    options.fast_lane = fast_lane;
+    options.limits.fast_lane = fast_lane;
     let stats = options.stats.clone();
     tokio::spawn(serve(
         l.into(),
@@ -645,7 +645,7 @@ async fn a_client_that_goes_away_drops_its_handler_and_its_answer() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let mut options = Options::new(Limits::default(), Refusal::json("{}"));
-        options.fast_lane = fast_lane;
+        options.limits.fast_lane = fast_lane;
         let stats = options.stats.clone();
         tokio::spawn(serve(l.into(), app, options, std::future::pending::<()>()));
         for (path, what) in [("/hang", "handler"), ("/stream", "body")] {
