@@ -65,9 +65,10 @@ impl Tracker {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// No request in flight.
-    pub(crate) fn idle(&self) -> bool {
+    /// No request in flight, and none begun (no byte of a next request read while idle).
+    pub(crate) fn quiet(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+            && self.header_started.load(Ordering::Acquire) == UNSET
     }
 
     fn now_ms(&self) -> u64 {

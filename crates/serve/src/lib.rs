@@ -397,7 +397,7 @@ pub(crate) struct Connection<H> {
 enum Cut {
     /// The watchdog closed it.
     Stalled(conn::Closed),
-    /// Shutdown found it with no request in flight.
+    /// Shutdown found it with no request in flight or being read.
     Idle,
 }
 
@@ -459,7 +459,8 @@ impl<H: Handshake> Connection<H> {
             while let Poll::Ready(event) = beside.poll(cx) {
                 match event {
                     side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
-                    side::Side::Shutdown if tracker.idle() => return Poll::Ready(Err(Cut::Idle)),
+                    // A request being read (its body may follow its head) is finished first.
+                    side::Side::Shutdown if tracker.quiet() => return Poll::Ready(Err(Cut::Idle)),
                     side::Side::Shutdown => tracker.close_soon(),
                 }
             }

@@ -698,3 +698,42 @@ async fn a_late_body_is_waited_for_then_left_to_hyper() {
         assert_eq!(lane, by_lane * 2, "{pause:?}");
     }
 }
+
+/// Shutdown while a request's body is still on its way (clients write head and body
+/// separately): the request is read to its end and answered, then the connection closes.
+#[tokio::test]
+async fn shutdown_finishes_a_request_whose_body_is_still_arriving() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let options = Options::new(Limits::default(), Refusal::json("{}"));
+    let stats = options.stats.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve(l.into(), app(), options, async move {
+        let _ = stopped.await;
+    }));
+    let mut c = Client::connect(addr, 1).await;
+    let head = "POST /echo HTTP/1.1\r\nhost: h\r\ncontent-length: 6\r\n\r\nabc";
+    c.w.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.heads.push(false);
+    c.w.write_all(b"def").await.unwrap();
+    c.send(&[]).await;
+    while !c.closed {
+        match tokio::time::timeout(Duration::from_secs(5), c.rx.recv()).await {
+            Ok(Some(bytes)) => c.got.extend_from_slice(&bytes),
+            _ => c.closed = true,
+        }
+    }
+    let got = String::from_utf8_lossy(&c.got).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+    assert!(got.ends_with("body 6 \"abcdef\""), "{got}");
+    assert_eq!(stats.fast_requests.get(), 1);
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("serve returns once the connection is done")
+        .unwrap()
+        .unwrap();
+}
