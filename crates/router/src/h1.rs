@@ -68,6 +68,32 @@ impl<'a> RequestHead<'a> {
         }
         self.out.extend_from_slice(b"\r\n");
     }
+
+    /// A field as the client wrote it, but for its name in lowercase (as `http`'s `HeaderName`
+    /// writes it); `content-length` and `transfer-encoding` are left out, as in
+    /// [`RequestHead::header`].
+    pub fn raw_header(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            return;
+        }
+        let at = self.out.len();
+        self.out.extend_from_slice(name);
+        self.out[at..].make_ascii_lowercase();
+        self.out.extend_from_slice(b": ");
+        self.out.extend_from_slice(value);
+        self.out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A header value as text when it is all visible ASCII (and tabs): what
+/// `http::HeaderValue::to_str` accepts.
+pub fn visible(value: &[u8]) -> Option<&str> {
+    let ok = value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
+    ok.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
 /// The bytes a header field takes in a head.
@@ -435,6 +461,17 @@ fn bare_lf(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visible_is_what_header_values_to_str_accepts() {
+        let mut values: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b'a', b, b'z']).collect();
+        values.extend(["é".into(), "a b\tc".into(), Vec::new()]);
+        for v in values {
+            if let Ok(hv) = HeaderValue::from_bytes(&v) {
+                assert_eq!(visible(&v), hv.to_str().ok(), "{v:?}");
+            }
+        }
+    }
 
     fn head(raw: &str) -> io::Result<Option<Head>> {
         parse_response(&mut BytesMut::from(raw), false)

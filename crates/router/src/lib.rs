@@ -10,7 +10,8 @@
 //!    is an admin); absent → the Workload Manager creates one ([`wm`]), owned by the caller.
 //! 3. [`identity`]: the session's cached RS256 token replaces the client's `Authorization`.
 //! 4. [`proxy`]: a pooled TCP / Unix-socket connection ([`pool`]), bodies streamed, upgrades spliced; the
-//!    answer gets the session header. Refused → 502, timeout → 504, other → 503 ([`error`]).
+//!    answer gets the session header. A request the serving fast lane took is forwarded from
+//!    the bytes it arrived in, with no `http` types built ([`inbound`]: the handler is the same). Refused → 502, timeout → 504, other → 503 ([`error`]).
 //! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
 //!
 //! [`tls`] serves the same app over HTTPS when configured.
@@ -24,6 +25,7 @@ pub mod activity;
 pub mod error;
 mod h1;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod oidc;
 pub mod pool;
@@ -151,7 +153,11 @@ impl RouterService {
         let shared = self.shared.clone();
         agentcube_serve::App::per_worker(move || {
             let state = Arc::new(shared.for_worker());
-            agentcube_serve::Routes::with_front(server::app(state.clone()), server::front(state))
+            agentcube_serve::Routes::with_front(
+                server::app(state.clone()),
+                server::front(state.clone()),
+            )
+            .with_lane_front(server::lane_front(state))
         })
     }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use agentcube_serve::LaneRequest;
 use agentcube_types::EntryPoint;
 use axum::body::Body;
 use axum::extract::Request;
@@ -232,18 +233,28 @@ struct Added {
 }
 
 impl Added {
-    fn new(h: &HeaderMap, f: &Forward<'_>, ep: &Endpoint) -> Self {
-        let forwarded_for = f.client_addr.and_then(|addr| {
-            let prior = custom_header(h, &X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
-            forwarded_for(prior, addr.ip())
-        });
+    /// From the client's first `X-Forwarded-For` (when it is text) and first `Host`.
+    fn new(
+        prior_for: Option<&str>,
+        host: Option<HeaderValue>,
+        f: &Forward<'_>,
+        ep: &Endpoint,
+    ) -> Self {
         Self {
             host: ep.host.clone(),
             authorization: f.authorization.clone(),
-            forwarded_for,
-            forwarded_host: h.get(header::HOST).cloned(),
+            forwarded_for: f
+                .client_addr
+                .and_then(|addr| forwarded_for(prior_for, addr.ip())),
+            forwarded_host: host,
             forwarded_proto: HeaderValue::from_static(f.scheme),
         }
+    }
+
+    /// [`Added::new`] for a request's headers.
+    fn of(h: &HeaderMap, f: &Forward<'_>, ep: &Endpoint) -> Self {
+        let prior = custom_header(h, &X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+        Self::new(prior, h.get(header::HOST).cloned(), f, ep)
     }
 
     /// Whether the client's header `n` is one the Router replaces.
@@ -253,6 +264,19 @@ impl Added {
             || n == X_FORWARDED_FOR
             || n == X_FORWARDED_HOST
             || n == X_FORWARDED_PROTO
+    }
+
+    /// [`Added::replaces`] for a name as the client wrote it.
+    fn replaces_raw(n: &[u8]) -> bool {
+        [
+            &header::HOST,
+            &header::AUTHORIZATION,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_HOST,
+            &X_FORWARDED_PROTO,
+        ]
+        .iter()
+        .any(|r| n.eq_ignore_ascii_case(r.as_str().as_bytes()))
     }
 
     fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
@@ -283,9 +307,9 @@ impl Added {
 /// What the handler knows about the incoming request.
 pub struct Forward<'a> {
     pub entry: &'a EntryPoint,
-    /// Where the invocation path (with its leading `/`, never stripped) starts in the request's
-    /// path and query.
-    pub path_start: usize,
+    /// What the sandbox is sent as the target: the request's path from the invocation path on
+    /// (its leading `/` never stripped), and its query.
+    pub target: &'a str,
     /// `Bearer <the session's token>`.
     pub authorization: HeaderValue,
     pub client_addr: Option<SocketAddr>,
@@ -371,17 +395,15 @@ impl Upstream {
         if hop_by_hop {
             strip_hop_by_hop(req.headers_mut());
         }
-        let added = Added::new(req.headers(), &f, &ep);
+        let added = Added::of(req.headers(), &f, &ep);
         let h2c = is_h2c(f.entry) && upgrade.is_none();
         if !h2c
             && upgrade.is_none()
             && let Some(len) = buffered_len(req.body())
         {
             let (parts, body) = req.into_parts();
-            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let target = target.get(f.path_start..).unwrap_or("/");
             return self
-                .send_buffered(&ep, &parts, target, &added, body, len)
+                .send_buffered(&ep, &parts, f.target, &added, body, len)
                 .await;
         }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -394,10 +416,10 @@ impl Upstream {
         if h2c {
             // h2c names the entry point in the URI's authority instead.
             headers.remove(header::HOST);
-            let pq = upstream_target(&req, f.path_start)?;
+            let pq = upstream_target(f.target)?;
             return Box::pin(self.send_h2c(&ep, req, pq)).await;
         }
-        *req.uri_mut() = Uri::from(upstream_target(&req, f.path_start)?);
+        *req.uri_mut() = Uri::from(upstream_target(f.target)?);
         *req.version_mut() = http::Version::HTTP_11;
         let sent = Box::pin(self.pool.send_streaming(&ep, req, self.connect_timeout)).await;
         let mut resp = sent.map_err(|e| map_client_error(e.as_error()))?;
@@ -454,8 +476,58 @@ impl Upstream {
         if len > 0 {
             read_body(body, &mut wire, len).await?;
         }
+        self.send_wire(ep, &wire, method).await
+    }
+
+    /// A request the fast lane took, forwarded from the bytes it arrived in: the same request
+    /// [`Upstream::forward`] sends (`lane_requests_reach_sandboxes_as_http_requests_do`), with
+    /// no `http` types built. Only h2c entry points need it as an `http::Request`.
+    pub async fn forward_lane(
+        &self,
+        req: LaneRequest,
+        f: Forward<'_>,
+    ) -> Result<http::Response<Answer>, RouterError> {
+        let ep = self.endpoint(f.entry)?;
+        if is_h2c(f.entry) {
+            let req = req
+                .into_request()
+                .ok_or_else(|| RouterError::Internal("bad request".into()))?;
+            return Box::pin(self.forward(req.map(Body::from), f)).await;
+        }
+        let scan = Scan::of(&req);
+        let prior = scan.prior_for.and_then(h1::visible);
+        let added = Added::new(prior, scan.host.clone(), &f, &ep);
+        let fields = scan.kept_len
+            + added
+                .iter()
+                .map(|(n, v)| h1::field_len(n, v))
+                .sum::<usize>();
+        let (method, body) = (req.method(), req.body());
+        let length = !body.is_empty() || scan.length || method == Method::POST;
+        let mut wire = Vec::with_capacity(body.len());
+        let mut head = h1::RequestHead::start(&mut wire, method, f.target, fields);
+        for (i, (n, v)) in req.fields().enumerate() {
+            if scan.kept & (1 << i) != 0 {
+                head.raw_header(n, v);
+            }
+        }
+        for (n, v) in added.iter() {
+            head.header(n, v);
+        }
+        head.finish(length.then_some(body.len()));
+        wire.extend_from_slice(body);
+        self.send_wire(&ep, &wire, method).await
+    }
+
+    /// A whole request (head and body in `wire`) sent on a pooled connection.
+    async fn send_wire(
+        &self,
+        ep: &Arc<Endpoint>,
+        wire: &[u8],
+        method: &Method,
+    ) -> Result<http::Response<Answer>, RouterError> {
         let out = pool::Outgoing {
-            wire: &wire,
+            wire,
             head_request: method == Method::HEAD,
             idempotent: method.is_idempotent(),
         };
@@ -488,11 +560,63 @@ impl Upstream {
     }
 }
 
-/// The request's path and query from the invocation path on (what the sandbox is sent).
-fn upstream_target(req: &Request, path_start: usize) -> Result<PathAndQuery, RouterError> {
-    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    PathAndQuery::try_from(pq.get(path_start..).unwrap_or("/"))
-        .map_err(|_| RouterError::Internal("bad path".into()))
+/// One pass over a fast-lane request's fields: which are sent on, and what [`Added`] needs.
+struct Scan<'r> {
+    /// Bit `i`: field `i` is sent on (the lane takes at most 64 fields).
+    kept: u64,
+    /// The bytes the kept fields take in a head.
+    kept_len: usize,
+    prior_for: Option<&'r [u8]>,
+    host: Option<HeaderValue>,
+    /// The request had a `Content-Length`.
+    length: bool,
+}
+
+impl<'r> Scan<'r> {
+    fn of(req: &'r LaneRequest) -> Self {
+        let mut scan = Scan {
+            kept: 0,
+            kept_len: 0,
+            prior_for: None,
+            host: None,
+            length: false,
+        };
+        let is = |n: &[u8], name: &HeaderName| n.eq_ignore_ascii_case(name.as_str().as_bytes());
+        // The lane takes `Connection: keep-alive|close` only; both are removed, and so is a
+        // field they name (`keep-alive` is hop-by-hop anyway).
+        let mut names_close = false;
+        for (i, (n, v)) in req.fields().enumerate() {
+            if Added::replaces_raw(n) {
+                if is(n, &X_FORWARDED_FOR) && scan.prior_for.is_none() {
+                    scan.prior_for = Some(v);
+                } else if is(n, &header::HOST) && scan.host.is_none() {
+                    scan.host = req.value(i);
+                }
+            } else if is(n, &header::CONTENT_LENGTH) {
+                scan.length = true;
+            } else if HOP_BY_HOP.iter().any(|h| is(n, h)) {
+                names_close |= is(n, &header::CONNECTION)
+                    && h1::list(v).any(|t| t.eq_ignore_ascii_case(b"close"));
+            } else {
+                scan.kept |= 1 << i;
+                scan.kept_len += n.len() + v.len() + 4;
+            }
+        }
+        if names_close {
+            for (i, (n, v)) in req.fields().enumerate() {
+                if scan.kept & (1 << i) != 0 && n.eq_ignore_ascii_case(b"close") {
+                    scan.kept &= !(1 << i);
+                    scan.kept_len -= n.len() + v.len() + 4;
+                }
+            }
+        }
+        scan
+    }
+}
+
+/// [`Forward::target`] as a URI part.
+fn upstream_target(target: &str) -> Result<PathAndQuery, RouterError> {
+    PathAndQuery::try_from(target).map_err(|_| RouterError::Internal("bad path".into()))
 }
 
 /// The largest request body read before it is sent (on the pooled hot path); larger ones, and

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use agentcube_serve::LaneRequest;
 use agentcube_types::api::WorkloadKind;
 use agentcube_types::headers::SESSION_ID;
 use axum::Router;
@@ -19,6 +20,7 @@ use tokio::sync::Semaphore;
 use crate::activity::Activity;
 use crate::error::RouterError;
 use crate::identity::Signer;
+use crate::inbound::{Inbound, path_of};
 use crate::proxy::{Answer, Forward, Upstream};
 use crate::resolve::{Resolver, pick};
 
@@ -93,6 +95,19 @@ pub fn front(state: AppState) -> agentcube_serve::Front {
             return Err(req);
         }
         match match_invocation(req.uri().path()) {
+            Some(inv) if inv.path_start.is_some() => {
+                Ok(Box::pin(invoke(state.clone(), inv, req, client)) as agentcube_serve::Answer)
+            }
+            _ => Err(req),
+        }
+    })
+}
+
+/// [`front`] for the requests the fast lane took: answered from the bytes they arrived in
+/// ([`crate::inbound`]); any other is handed back, to become an `http::Request`.
+pub fn lane_front(state: AppState) -> agentcube_serve::LaneFront {
+    Arc::new(move |req: LaneRequest, client: Option<SocketAddr>| {
+        match match_invocation(path_of(req.target())) {
             Some(inv) if inv.path_start.is_some() => {
                 Ok(Box::pin(invoke(state.clone(), inv, req, client)) as agentcube_serve::Answer)
             }
@@ -229,12 +244,18 @@ async fn redirect_to_slash(req: Request) -> Response {
     (status, [(header::LOCATION, loc)]).into_response()
 }
 
-async fn invoke(s: AppState, t: Invocation, req: Request, client: Option<SocketAddr>) -> Response {
+async fn invoke<R: Inbound>(
+    s: AppState,
+    t: Invocation,
+    req: R,
+    client: Option<SocketAddr>,
+) -> Response {
     let started = std::time::Instant::now();
     let kind = t.kind;
     // The path's bytes are shared, not copied: the names borrow them while `req` moves on.
-    let pq = req.uri().path_and_query().cloned();
-    let (ns, name) = t.names(pq.as_ref().map_or("", |pq| pq.path()));
+    let held = req.held_target();
+    let target = held.as_str();
+    let (ns, name) = t.names(path_of(target));
     let call = Call {
         kind,
         ns: &ns,
@@ -242,7 +263,7 @@ async fn invoke(s: AppState, t: Invocation, req: Request, client: Option<SocketA
         path_start: t.path_start.unwrap_or(usize::MAX),
         client_addr: client,
     };
-    let resp = match handle(&s, &call, req).await {
+    let resp = match handle(&s, &call, req, target).await {
         Ok(r) => r,
         Err(e) => {
             s.metrics.count_proxy_error(kind, &e);
@@ -267,23 +288,28 @@ struct Call<'a> {
 
 /// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
 /// ASCII (never silently treated as "no session").
-fn session_header(req: &Request) -> Result<Option<String>, RouterError> {
-    match crate::proxy::custom_header(req.headers(), &SESSION) {
+fn session_header(req: &impl Inbound) -> Result<Option<String>, RouterError> {
+    match req.first(&SESSION) {
         None => Ok(None),
         Some(v) => {
-            let v = v.to_str().map_err(|_| RouterError::BadSessionHeader)?;
+            let v = crate::h1::visible(v).ok_or(RouterError::BadSessionHeader)?;
             Ok((!v.is_empty()).then(|| v.to_string()))
         }
     }
 }
 
 #[tracing::instrument(name = "invoke", level = "debug", skip_all, fields(kind = %t.kind, ns = %t.ns, name = %t.name, session_id = tracing::field::Empty))]
-async fn handle(s: &AppState, t: &Call<'_>, req: Request) -> Result<Response, RouterError> {
+async fn handle<R: Inbound>(
+    s: &AppState,
+    t: &Call<'_>,
+    req: R,
+    req_target: &str,
+) -> Result<Response, RouterError> {
     let kind = t.kind;
     // Refused callers never take a concurrency slot. (The rare paths' futures are boxed, so
     // the hot path's future, moved on every request, stays small.)
     let caller = match &s.authn {
-        Some(a) => Some(Box::pin(a.authenticate(req.headers())).await?),
+        Some(a) => Some(Box::pin(a.authenticate(req.first(&header::AUTHORIZATION))).await?),
         None => None,
     };
     let session = session_header(&req)?;
@@ -310,8 +336,8 @@ async fn handle(s: &AppState, t: &Call<'_>, req: Request) -> Result<Response, Ro
         tracing::Span::current().record("session_id", &*target.session_id);
     }
     // The steps before the send are not async: one future fewer to build and move per request.
-    let answered = match to_sandbox(s, &target, t, caller.as_deref(), &req) {
-        Ok(fwd) => s.upstream.forward(req, fwd).await,
+    let answered = match to_sandbox(s, &target, t, caller.as_deref(), req_target) {
+        Ok(fwd) => req.forward(&s.upstream, fwd).await,
         Err(e) => Err(e),
     };
     let resp = match answered {
@@ -380,15 +406,17 @@ fn check_owner(
     }
 }
 
-/// Where and how `req` goes: the entry point its path picks, and the session's token.
+/// Where and how a request for `req_target` (its path and query) goes: the entry point its
+/// path picks, and the session's token.
 fn to_sandbox<'a>(
     s: &AppState,
     target: &'a crate::resolve::Target,
     t: &Call<'_>,
     caller: Option<&crate::oidc::Caller>,
-    req: &Request,
+    req_target: &'a str,
 ) -> Result<Forward<'a>, RouterError> {
-    let path = req.uri().path().get(t.path_start..).unwrap_or("/");
+    let upstream_target = req_target.get(t.path_start..).unwrap_or("/");
+    let path = path_of(upstream_target);
     let entry = pick(&target.entry_points, path).ok_or(RouterError::NoEntryPoint)?;
     let authorization = s
         .signer
@@ -401,7 +429,7 @@ fn to_sandbox<'a>(
         .map_err(|_| RouterError::Signing)?;
     Ok(Forward {
         entry,
-        path_start: t.path_start,
+        target: upstream_target,
         authorization,
         client_addr: t.client_addr,
         scheme: s.scheme,

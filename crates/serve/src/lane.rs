@@ -70,12 +70,8 @@ pub(crate) struct Lane<I> {
     body_grace: Duration,
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "moved once per request; boxing would cost an allocation each"
-)]
 enum Next {
-    Request(http::Request<Bytes>, Asks),
+    Request(request::LaneRequest, Asks),
     Hyper,
     Closed,
 }
@@ -115,7 +111,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
             let in_flight = tracker.begin();
             stats.fast_requests.inc();
             self.answered = true;
-            let answer = app.clone().answer(req.map(Body::from), peer);
+            let answer = app.clone().answer_lane(req, peer);
             let Ok(resp) = self.watching(pin!(answer)).await else {
                 return End::Closed;
             };

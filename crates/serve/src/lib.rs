@@ -18,8 +18,10 @@
 //!    400/431/505. Request bodies there fail
 //!    after [`Limits::body_idle_timeout`] without a byte (`tower_http`'s `TimeoutBody`), so a
 //!    stalled upload cannot hold a handler (and the Router's concurrency slot) forever. Each
-//!    request goes to the app's [`Routes`]: its [`Front`] first when it has one (the Router's
-//!    invocations, without a route table), else its `axum::Router`. A client that closes its
+//!    request goes to the app's [`Routes`]: a request the lane took to its [`LaneFront`] first
+//!    when it has one (the Router forwards invocations from the bytes they arrived in), then as
+//!    an `http::Request` to its [`Front`] (the Router's invocations, without a route table),
+//!    else its `axum::Router`. A client that closes its
 //!    side while its request is being answered drops the handler (both paths).
 //! 5. A watchdog per connection (`conn.rs`): with no request in flight, a request whose headers
 //!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris;
@@ -39,6 +41,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -55,6 +58,7 @@ pub mod listener;
 mod side;
 mod workers;
 
+pub use lane::request::LaneRequest;
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
 pub use listener::{Handshake, Listener, Plain, Stream};
 pub use tower_http::timeout::TimeoutError as BodyTimeout;
@@ -272,11 +276,19 @@ pub type Front = Arc<
         + Sync,
 >;
 
-/// What answers a connection's requests: an `axum::Router`, optionally behind a [`Front`].
+/// A [`Front`] for the requests the HTTP/1.1 fast lane took, as they arrived
+/// ([`LaneRequest`]: the head's bytes, no `http` types built). What it hands back becomes an
+/// `http::Request` for the [`Front`] and the router.
+pub type LaneFront =
+    Arc<dyn Fn(LaneRequest, Option<SocketAddr>) -> Result<Answer, LaneRequest> + Send + Sync>;
+
+/// What answers a connection's requests: an `axum::Router`, optionally behind a [`Front`] (and
+/// a [`LaneFront`] for the fast lane's requests).
 #[derive(Clone)]
 pub struct Routes {
     router: axum::Router,
     front: Option<Front>,
+    lane_front: Option<LaneFront>,
 }
 
 impl Routes {
@@ -285,6 +297,35 @@ impl Routes {
         Self {
             router,
             front: Some(front),
+            lane_front: None,
+        }
+    }
+
+    /// These routes, with `front` answering the fast lane's requests first.
+    pub fn with_lane_front(self, front: LaneFront) -> Self {
+        Self {
+            lane_front: Some(front),
+            ..self
+        }
+    }
+
+    /// The response to a request the fast lane took.
+    async fn answer_lane(
+        self,
+        req: LaneRequest,
+        peer: Option<SocketAddr>,
+    ) -> axum::response::Response {
+        let req = match &self.lane_front {
+            Some(front) => match front(req, peer) {
+                Ok(answer) => return answer.await,
+                Err(req) => req,
+            },
+            None => req,
+        };
+        match req.into_request() {
+            Some(req) => self.answer(req.map(Body::from), peer).await,
+            // Not expected (the lane takes only what `http` accepts); hyper would say 400.
+            None => http::StatusCode::BAD_REQUEST.into_response(),
         }
     }
 
@@ -316,6 +357,7 @@ impl From<axum::Router> for Routes {
         Self {
             router,
             front: None,
+            lane_front: None,
         }
     }
 }
@@ -560,6 +602,47 @@ mod tests {
         );
         let plain = Routes::from(router);
         assert_eq!(text(plain.answer(get("/fast"), None).await).await, "router");
+    }
+
+    fn lane_get(target: &str) -> LaneRequest {
+        let raw = format!("GET {target} HTTP/1.1\r\nhost: x\r\n\r\n");
+        match lane::request::parse(&mut bytes::BytesMut::from(raw.as_bytes())) {
+            lane::request::Parsed::Ready(req, _) => req,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "a front hands an unanswered request back whole, by value"
+    )]
+    async fn the_lane_front_answers_what_it_recognises_and_the_rest_goes_on_as_http() {
+        let router = axum::Router::new()
+            .route("/fast", axum::routing::get(|| async { "router" }))
+            .route("/slow", axum::routing::get(|| async { "router slow" }));
+        let front: Front = Arc::new(|req: axum::extract::Request, _| {
+            if req.uri() == "/slow?x" {
+                Ok(Box::pin(async { "front".into_response() }) as Answer)
+            } else {
+                Err(req)
+            }
+        });
+        let lane_front: LaneFront = Arc::new(|req: LaneRequest, _| {
+            if req.target() == "/fast" {
+                Ok(Box::pin(async { "lane front".into_response() }) as Answer)
+            } else {
+                Err(req)
+            }
+        });
+        let routes = Routes::with_front(router.clone(), front).with_lane_front(lane_front);
+        let answer = |t: &str| routes.clone().answer_lane(lane_get(t), None);
+        assert_eq!(text(answer("/fast").await).await, "lane front");
+        assert_eq!(text(answer("/slow?x").await).await, "front");
+        assert_eq!(text(answer("/slow").await).await, "router slow");
+        let plain = Routes::from(router);
+        let answer = plain.answer_lane(lane_get("/fast"), None).await;
+        assert_eq!(text(answer).await, "router");
     }
 
     async fn send(s: &mut tokio::net::TcpStream, path: &str) {

@@ -3,8 +3,14 @@
 //! Taken: `GET` or `POST`, HTTP/1.1, an origin-form target (`/…`), at most [`MAX_HEADERS`]
 //! headers, no `Transfer-Encoding`, `Upgrade`, `Expect` or `HTTP2-Settings`, `Connection` made
 //! of `keep-alive`/`close` only, at most one `Content-Length` (digits only, at most
-//! [`MAX_BODY`]), the whole body read before the handler runs. Anything else, including anything httparse
-//! rejects, is hyper's: the lane never answers a request it did not fully understand.
+//! [`MAX_BODY`]), a target made only of the characters of RFC 3986 paths and queries (no
+//! fragment, nothing `http`'s URI parser would alter), the whole body read before the handler
+//! runs. Anything else, including anything httparse rejects, is hyper's: the lane never answers
+//! a request it did not fully understand.
+//!
+//! A request taken is a [`LaneRequest`]: its head's bytes as they arrived, which a component's
+//! [`crate::LaneFront`] may answer from directly (the Router forwards them without building
+//! `http` types), or an `http::Request` made of them.
 
 use std::mem::MaybeUninit;
 
@@ -20,10 +26,6 @@ pub(crate) const MAX_HEADERS: usize = 64;
 
 /// What the bytes read so far hold.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "moved once per request; boxing would cost an allocation each"
-)]
 pub(crate) enum Parsed {
     /// The head is not complete yet, and nothing so far rules the lane out.
     Partial,
@@ -32,7 +34,7 @@ pub(crate) enum Parsed {
     /// Not the lane's: hyper takes the connection from these bytes on.
     Hyper,
     /// A request, taken off the front of the buffer.
-    Ready(Request<Bytes>, Asks),
+    Ready(LaneRequest, Asks),
 }
 
 /// What the request's headers ask of the connection and its answer.
@@ -45,7 +47,7 @@ pub(crate) struct Asks {
 }
 
 /// Where one header line's name and value are in the head (a head is shorter than 64 KiB).
-#[derive(Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Line {
     name: (u16, u16),
     value: (u16, u16),
@@ -82,6 +84,9 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
         let start = s.as_ptr() as usize - base;
         (start as u16, (start + s.len()) as u16)
     };
+    if !path.bytes().all(|b| TARGET[usize::from(b)]) {
+        return Parsed::Hyper;
+    }
     let target = at(path.as_bytes());
     let mut framing = Framing::default();
     let mut lines = [Line::default(); MAX_HEADERS];
@@ -94,23 +99,109 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
             value: at(h.value),
         };
     }
-    let lines = &lines[..req.headers.len()];
+    let lines = lines[..req.headers.len()].to_vec();
     let body_len = framing.length.unwrap_or(0);
     if buf.len() < head_len + body_len {
         return Parsed::Body;
     }
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
-    match build(method, &head, target, lines, body) {
-        Some(req) => Parsed::Ready(
-            req,
-            Asks {
-                keep_alive: !framing.close,
-                trailers: framing.trailers,
-            },
-        ),
-        None => Parsed::Hyper,
+    let req = LaneRequest {
+        method,
+        head,
+        target,
+        lines,
+        body,
+    };
+    let asks = Asks {
+        keep_alive: !framing.close,
+        trailers: framing.trailers,
+    };
+    Parsed::Ready(req, asks)
+}
+
+/// The bytes a target the lane takes may hold: RFC 3986's `pchar`s, `/` and `?` (so no
+/// fragment). `http`'s URI parser keeps every one of them as it is (`targets_the_lane_takes_parse_unaltered`),
+/// so the target's bytes are exactly the path and query an `http::Request` would carry.
+const TARGET: [bool; 256] = {
+    let mut t = [false; 256];
+    let extra = b"-._~!$&'()*+,;=:@/?%";
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric();
+        i += 1;
     }
+    let mut j = 0;
+    while j < extra.len() {
+        t[extra[j] as usize] = true;
+        j += 1;
+    }
+    t
+};
+
+/// A request the lane took, as it arrived: its head's bytes (shared, never copied), where its
+/// target and fields are in them, and its whole body.
+#[derive(Debug)]
+pub struct LaneRequest {
+    method: Method,
+    head: Bytes,
+    target: (u16, u16),
+    lines: Vec<Line>,
+    body: Bytes,
+}
+
+impl LaneRequest {
+    /// `GET` or `POST`.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The target as sent (path and query; ASCII: only RFC 3986's path and query characters).
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(&self.head[range(self.target)]).unwrap_or("/")
+    }
+
+    /// The target's bytes, shared with the head.
+    pub fn target_bytes(&self) -> Bytes {
+        self.head.slice(range(self.target))
+    }
+
+    /// The header fields in the order they arrived: names as written (valid tokens), values
+    /// as `http::HeaderValue` accepts them (obs-text allowed).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .iter()
+            .map(|l| (&self.head[range(l.name)], &self.head[range(l.value)]))
+    }
+
+    /// The first value of the field `name` (matched ignoring ASCII case).
+    pub fn first(&self, name: &str) -> Option<&[u8]> {
+        self.fields()
+            .find_map(|(n, v)| n.eq_ignore_ascii_case(name.as_bytes()).then_some(v))
+    }
+
+    /// The value of the `i`-th field (in [`LaneRequest::fields`]' order) as an
+    /// `http::HeaderValue` sharing the head's bytes.
+    pub fn value(&self, i: usize) -> Option<HeaderValue> {
+        let line = self.lines.get(i)?;
+        HeaderValue::from_maybe_shared(self.head.slice(range(line.value))).ok()
+    }
+
+    /// The whole body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The same request as an `http::Request` (`None` only if `http` refused a part the lane
+    /// checked: not expected, see the tests).
+    pub fn into_request(self) -> Option<Request<Bytes>> {
+        build(self.method, &self.head, self.target, &self.lines, self.body)
+    }
+}
+
+fn range((start, end): (u16, u16)) -> std::ops::Range<usize> {
+    usize::from(start)..usize::from(end)
 }
 
 impl Framing {
@@ -158,7 +249,6 @@ fn build(
     lines: &[Line],
     body: Bytes,
 ) -> Option<Request<Bytes>> {
-    let range = |(start, end): (u16, u16)| usize::from(start)..usize::from(end);
     let uri = Uri::from_maybe_shared(head.slice(range(target))).ok()?;
     let mut map = HeaderMap::with_capacity(lines.len());
     for line in lines {
@@ -196,6 +286,14 @@ mod tests {
         let Parsed::Ready(req, asks) = parsed else {
             panic!("{parsed:?}")
         };
+        assert_eq!(req.target(), "/a/b?c=d");
+        assert_eq!(req.first("X-a"), Some(&b"1"[..]));
+        assert_eq!(req.value(0).unwrap(), "x");
+        assert_eq!(req.value(3).unwrap(), "2");
+        assert_eq!(req.value(4), None);
+        let names: Vec<_> = req.fields().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"Host"[..], b"Content-Length", b"X-A", b"x-a"]);
+        let req = req.into_request().unwrap();
         assert_eq!(left, 3, "the next request's bytes stay in the buffer");
         assert!(asks.keep_alive && !asks.trailers);
         assert_eq!(req.method(), Method::POST);
@@ -245,11 +343,54 @@ mod tests {
             "GET / HTTP/1.1\r\nx: a\r\n folded\r\n\r\n",
             "GET / HTTP/1.1\r\nbad header: a\r\n\r\n",
             "GET /\x7f HTTP/1.1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\n\r\n",
+            "GET /a\"b HTTP/1.1\r\n\r\n",
+            "GET /{a} HTTP/1.1\r\n\r\n",
             "\x16\x03\x01\x02\x00\x01\x00\x01",
         ] {
             assert!(is_hyper(req), "{req:?}");
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: a\r\n")).collect();
         assert!(is_hyper(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    #[test]
+    fn targets_the_lane_takes_parse_unaltered() {
+        // Every target byte the lane takes is kept as it is by `http`'s URI parser (so the
+        // target's bytes are the `http::Request`'s path and query), and every other one goes
+        // to hyper.
+        for b in 0x21..=0x7e_u8 {
+            let target = format!("/a{}b?c{}d", b as char, b as char);
+            let raw = format!("GET {target} HTTP/1.1\r\n\r\n");
+            match parse_str(&raw).0 {
+                Parsed::Ready(req, _) => {
+                    assert!(TARGET[usize::from(b)]);
+                    assert_eq!(req.target(), target);
+                    let req = req
+                        .into_request()
+                        .expect("http accepts what the lane takes");
+                    assert_eq!(req.uri().path_and_query().unwrap().as_str(), target);
+                }
+                Parsed::Hyper => assert!(!TARGET[usize::from(b)], "{}", b as char),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fields_the_lane_takes_make_an_http_request() {
+        // httparse's field checks are at least as strict as `http`'s: whatever the lane takes
+        // becomes an `http::Request` (so a front may look at the raw fields and still hand
+        // the request on).
+        for b in 0..=255_u8 {
+            for raw in [
+                [&b"GET / HTTP/1.1\r\nx"[..], &[b], b"y: v\r\n\r\n"].concat(),
+                [&b"GET / HTTP/1.1\r\nx: a"[..], &[b], b"b\r\n\r\n"].concat(),
+            ] {
+                if let Parsed::Ready(req, _) = parse(&mut BytesMut::from(&raw[..])) {
+                    assert!(req.into_request().is_some(), "{raw:?}");
+                }
+            }
+        }
     }
 }
