@@ -37,9 +37,16 @@ pub struct RequestHead<'a> {
 }
 
 impl<'a> RequestHead<'a> {
-    /// Starts the head in `out`, with room for `fields` bytes of header fields.
-    pub fn start(out: &'a mut Vec<u8>, method: &Method, target: &str, fields: usize) -> Self {
-        out.reserve(method.as_str().len() + target.len() + fields + 64);
+    /// Starts the head in `out`, with room for `fields` bytes of header fields and a body of
+    /// `body` bytes after the head (one allocation for the whole request).
+    pub fn start(
+        out: &'a mut Vec<u8>,
+        method: &Method,
+        target: &str,
+        fields: usize,
+        body: usize,
+    ) -> Self {
+        out.reserve(method.as_str().len() + target.len() + fields + 64 + body);
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
@@ -489,18 +496,28 @@ mod tests {
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
-        let mut head = RequestHead::start(&mut out, &Method::POST, "/api/execute?x=1", 0);
+        let mut head = RequestHead::start(&mut out, &Method::POST, "/api/execute?x=1", 80, 12);
         for (n, v) in &h {
             head.header(n, v);
         }
+        head.raw_header(b"X-Raw", b"As Sent");
+        head.raw_header(b"Content-Length", b"7");
+        head.raw_header(b"transfer-Encoding", b"chunked");
         head.finish(Some(12));
+        let (len, cap) = (out.len(), out.capacity());
+        out.extend_from_slice(b"twelve bytes");
+        assert_eq!(
+            out.capacity(),
+            cap,
+            "room for the body from the start ({len})"
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /api/execute?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-a: 1\r\nx-a: 2\r\n\
-             content-length: 12\r\n\r\n"
+             x-raw: As Sent\r\ncontent-length: 12\r\n\r\ntwelve bytes"
         );
         let mut out = Vec::new();
-        RequestHead::start(&mut out, &Method::GET, "/", 0).finish(None);
+        RequestHead::start(&mut out, &Method::GET, "/", 0, 0).finish(None);
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
     }
 

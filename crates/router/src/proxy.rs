@@ -461,14 +461,14 @@ impl Upstream {
         len: usize,
     ) -> Result<http::Response<Answer>, RouterError> {
         let method = &parts.method;
-        let mut wire = Vec::with_capacity(len);
+        let mut wire = Vec::new();
         let length = len > 0
             || parts.headers.contains_key(header::CONTENT_LENGTH)
             || [Method::POST, Method::PUT, Method::PATCH].contains(method);
         // The client's headers as they are, but for those the Router sets (written after them).
         let kept = || parts.headers.iter().filter(|(n, _)| !Added::replaces(n));
         let fields = kept().chain(added.iter()).map(|(n, v)| h1::field_len(n, v));
-        let mut head = h1::RequestHead::start(&mut wire, method, target, fields.sum());
+        let mut head = h1::RequestHead::start(&mut wire, method, target, fields.sum(), len);
         for (n, v) in kept().chain(added.iter()) {
             head.header(n, v);
         }
@@ -504,8 +504,8 @@ impl Upstream {
                 .sum::<usize>();
         let (method, body) = (req.method(), req.body());
         let length = !body.is_empty() || scan.length || method == Method::POST;
-        let mut wire = Vec::with_capacity(body.len());
-        let mut head = h1::RequestHead::start(&mut wire, method, f.target, fields);
+        let mut wire = Vec::new();
+        let mut head = h1::RequestHead::start(&mut wire, method, f.target, fields, body.len());
         for (i, (n, v)) in req.fields().enumerate() {
             if scan.kept & (1 << i) != 0 {
                 head.raw_header(n, v);
