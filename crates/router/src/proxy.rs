@@ -572,6 +572,11 @@ struct Scan<'r> {
     length: bool,
 }
 
+const _: () = assert!(
+    LaneRequest::MAX_FIELDS <= 64,
+    "a bit per field in Scan::kept"
+);
+
 impl<'r> Scan<'r> {
     fn of(req: &'r LaneRequest) -> Self {
         let mut scan = Scan {

@@ -152,6 +152,9 @@ pub struct LaneRequest {
 }
 
 impl LaneRequest {
+    /// The most fields a request the lane takes has.
+    pub const MAX_FIELDS: usize = MAX_HEADERS;
+
     /// `GET` or `POST`.
     pub fn method(&self) -> &Method {
         &self.method
