@@ -1,6 +1,6 @@
 //! The Router's own HTTP/1.1 codec for the requests it sends to sandboxes: the request head
-//! written straight from the `http` types, the response head parsed by `httparse` (hyper's own
-//! parser, default strictness), the response body framed as RFC 9112 §6.3 says.
+//! written straight from the `http` types or from the client's own field bytes (fast-lane
+//! requests), the response head parsed by `httparse` (hyper's own parser, default strictness), the response body framed as RFC 9112 §6.3 says.
 //!
 //! The other end runs untrusted code, so framing is strict and anything ambiguous is an error
 //! (the connection is then never reused): `Content-Length` together with `Transfer-Encoding`,
