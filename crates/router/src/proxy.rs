@@ -172,9 +172,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The first value of a header that is not one of HTTP's standard ones, by a scan of the
 /// request's few headers: cheaper than the hash of its name `HeaderMap::get` computes.
@@ -221,6 +221,15 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+/// The headers the Router sets, replacing the client's, in the order it writes them.
+static ADDED: [HeaderName; 5] = [
+    header::HOST,
+    header::AUTHORIZATION,
+    X_FORWARDED_FOR,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
+];
+
 /// The headers the Router sets on every request it forwards, replacing the client's.
 struct Added {
     /// The entry point, as a client library would have written it (made once per entry point).
@@ -259,36 +268,25 @@ impl Added {
 
     /// Whether the client's header `n` is one the Router replaces.
     fn replaces(n: &HeaderName) -> bool {
-        n == header::HOST
-            || n == header::AUTHORIZATION
-            || n == X_FORWARDED_FOR
-            || n == X_FORWARDED_HOST
-            || n == X_FORWARDED_PROTO
+        ADDED.contains(n)
     }
 
     /// [`Added::replaces`] for a name as the client wrote it.
     fn replaces_raw(n: &[u8]) -> bool {
-        [
-            &header::HOST,
-            &header::AUTHORIZATION,
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_HOST,
-            &X_FORWARDED_PROTO,
-        ]
-        .iter()
-        .any(|r| n.eq_ignore_ascii_case(r.as_str().as_bytes()))
+        ADDED
+            .iter()
+            .any(|r| n.eq_ignore_ascii_case(r.as_str().as_bytes()))
     }
 
     fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        [
-            (&header::HOST, Some(&self.host)),
-            (&header::AUTHORIZATION, Some(&self.authorization)),
-            (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
-            (&X_FORWARDED_HOST, self.forwarded_host.as_ref()),
-            (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
-        ]
-        .into_iter()
-        .filter_map(|(n, v)| Some((n, v?)))
+        let values = [
+            Some(&self.host),
+            Some(&self.authorization),
+            self.forwarded_for.as_ref(),
+            self.forwarded_host.as_ref(),
+            Some(&self.forwarded_proto),
+        ];
+        ADDED.iter().zip(values).filter_map(|(n, v)| Some((n, v?)))
     }
 
     fn apply(self, h: &mut HeaderMap) {

@@ -262,15 +262,7 @@ async fn exchange(router: &str, req: &[u8]) -> Vec<u8> {
 }
 
 async fn fast_requests(router: &Router) -> u64 {
-    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
-    let text = client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(router).await;
     text.lines()
         .find_map(|l| l.strip_prefix("agentcube_router_http1_fast_requests_total "))
         .map_or(0, |n| n.trim().parse().unwrap())

@@ -9,19 +9,6 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The Router's `/metrics`, served by its admin app.
-async fn metrics_text(router: &Router) -> String {
-    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
-    client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn setup(
     tweak: impl FnOnce(&mut agentcube_router::Config),
 ) -> (

@@ -149,6 +149,19 @@ impl Router {
     }
 }
 
+/// The Router's `/metrics`, served by its admin app.
+pub async fn metrics_text(router: &Router) -> String {
+    let (admin, _t) = serve(agentcube_router::admin_app(router.shared.clone())).await;
+    client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn memory() -> Arc<dyn SessionStore> {
     Arc::new(agentcube_store::MemoryStore::new())
 }
