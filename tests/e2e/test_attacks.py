@@ -5,6 +5,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -81,7 +82,7 @@ def test_a_token_captured_by_an_agent_opens_no_other_sandbox(stack):
     # A hostile agent receives the Router's token on every request...
     r = requests.get(url(stack, "header-echo", "", kind="agent-runtimes"))
     assert r.status_code == 200, r.text
-    auth = {k.lower(): v for k, v in r.json().items()}["authorization"]
+    auth = {k.lower(): v for k, v in r.json()}["authorization"]
     assert auth.startswith("Bearer ")
     captured = auth.split(" ", 1)[1]
     claims = json.loads(base64.urlsafe_b64decode(captured.split(".")[1] + "=="))
@@ -96,6 +97,71 @@ def test_a_token_captured_by_an_agent_opens_no_other_sandbox(stack):
     finally:
         victim.close()
         requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{r.headers['x-agentcube-session-id']}")
+
+
+def fast_requests(stack):
+    """The Router's fast-lane request count (`agentcube up` only), or None."""
+    metrics_url = getattr(stack, "metrics_url", None)
+    if metrics_url is None:
+        return None
+    text = requests.get(metrics_url, timeout=5).text
+    m = re.search(r"^agentcube_router_http1_fast_requests_total (\d+)", text, re.M)
+    assert m, text
+    return int(m.group(1))
+
+
+def spoofing_request(sid, connection):
+    """A raw request to the header-echo agent with every header the Router owns spoofed."""
+    return (f"GET /v1/namespaces/default/agent-runtimes/header-echo/invocations/ HTTP/1.1\r\n"
+            f"Host: evil.example\r\nx-AgentCube-Session-Id: {sid}\r\n"
+            "AUTHORIZATION: Bearer forged\r\nauthorization: Bearer forged-too\r\n"
+            "X-Forwarded-For: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nX-FORWARDED-HOST: evil\r\n"
+            "x-forwarded-proto: gopher\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
+            f"Keep-Alive: timeout=5\r\nConnection: {connection}\r\nclose: smuggled\r\n"
+            "X-Drop: secret\r\nX-Kept: yes\r\n\r\n").encode()
+
+
+def test_spoofed_headers_never_reach_an_agent(stack):
+    # A client (raw socket) sends the headers the Router owns spoofed, repeated and in mixed
+    # case, hop-by-hop ones and fields its `Connection` names; the agent (real sandbox code)
+    # reports every field it received. Once as a plain request the Router forwards from its own
+    # bytes (its HTTP/1.1 fast lane), once with a `Connection` the lane leaves to hyper.
+    r = requests.get(url(stack, "header-echo", "", kind="agent-runtimes"))
+    assert r.status_code == 200, r.text
+    sid = r.headers["x-agentcube-session-id"]
+    host, port = stack.router_url.removeprefix("http://").rsplit(":", 1)
+    try:
+        for connection, lane in (("close", True), ("close, x-drop", False)):
+            before = fast_requests(stack)
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(spoofing_request(sid, connection))
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), out
+            got = [(k.lower(), v) for k, v in json.loads(body)]
+            names = [k for k, _ in got]
+            values = dict(got)
+            for name in ("authorization", "host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"):
+                assert names.count(name) == 1, (name, got)
+            token = values["authorization"].removeprefix("Bearer ")
+            claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+            assert (claims["iss"], claims["session_id"]) == ("agentcube-router", sid), claims
+            assert values["host"] != "evil.example", got
+            assert values["x-forwarded-for"].startswith("6.6.6.6, ") and "7.7.7.7" not in values["x-forwarded-for"], got
+            assert values["x-forwarded-host"] == "evil.example", got
+            assert values["x-forwarded-proto"] == "http", got
+            for gone in ("proxy-authorization", "te", "keep-alive", "close", "connection"):
+                assert gone not in names, (gone, got)
+            assert values["x-kept"] == "yes", got
+            # `x-drop` is named by `Connection` only on the second request.
+            assert ("x-drop" in names) == lane, got
+            after = fast_requests(stack)
+            if before is not None:
+                assert after - before == (1 if lane else 0), (connection, before, after)
+    finally:
+        requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}")
 
 
 def test_a_planted_socket_symlink_sends_nothing_to_the_host(stack, session):
