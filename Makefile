@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak bench-instructions kube kube-up cluster clean
+.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak bench-instructions bench-critical-path kube kube-up cluster clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -92,7 +92,7 @@ check-crds:
 BENCH_SECS ?= 10
 bench: deps bench-build
 	@.venv/bin/python bench/harness.py
-	$(MAKE) --no-print-directory bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak
+	$(MAKE) --no-print-directory bench-picod bench-http bench-critical-path bench-sdk bench-wm bench-kube bench-soak
 
 bench-build:
 	$(CARGO) build --release -p agentcube -p agentcube-router -p agentcube-workload-manager -p agentcube-test-cluster --bins
@@ -106,6 +106,11 @@ bench-picod:
 
 bench-http:
 	cd bench && ../.venv/bin/python http_proxy.py $(BENCH_SECS)
+
+## bench-critical-path: the Router's and nginx's own time per proxied request, from kernel
+## tracepoints (perf; prints why and skips without it)
+bench-critical-path:
+	cd bench && ../.venv/bin/python critical_path.py 8
 
 bench-sdk:
 	cd bench && ../.venv/bin/python sdk.py 200 50

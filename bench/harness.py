@@ -121,6 +121,7 @@ class WrkResult:
     p50_us: float
     p99_us: float
     errors: int
+    requests: int = 0  # completed in the run (wrk's count)
 
 
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
@@ -150,7 +151,9 @@ def wrk(url: str, connections: int, secs: int, headers: dict | None = None, body
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errs = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return WrkResult(rps, _latency(out, "50%"), _latency(out, "99%"), errs + (int(non2xx.group(1)) if non2xx else 0))
+    done = re.search(r"(\d+) requests in", out)
+    return WrkResult(rps, _latency(out, "50%"), _latency(out, "99%"), errs + (int(non2xx.group(1)) if non2xx else 0),
+                     int(done.group(1)) if done else 0)
 
 
 # --- output ----------------------------------------------------------------------------------
