@@ -13,7 +13,7 @@
 
 use std::io;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
@@ -134,52 +134,225 @@ pub enum Framing {
     UntilClose,
 }
 
+/// The fields that concern one connection only (RFC 9110 §7.6.1): never sent on, either way.
+/// (A `static`: a `const` array of names would be built, and dropped, at every use.)
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// [`HOP_BY_HOP`] as bytes, for fields as they arrived (a `HeaderName`'s text is looked up at
+/// each use).
+pub const HOP_BY_HOP_RAW: [&[u8]; 9] = [
+    b"connection",
+    b"proxy-connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
 /// A final response head.
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub fields: Fields,
     pub framing: Framing,
     /// The connection can carry another request once the body has been read.
     pub keep_alive: bool,
 }
 
+/// A response head's fields: a header map, or (asked for, and the body has a length) written
+/// out to be relayed.
+#[derive(Debug)]
+pub enum Fields {
+    Map(HeaderMap),
+    Relay(Relay),
+}
+
+/// The fields of an answer with a body of `len` bytes, to be sent on as they arrived:
+/// `name: value\r\n` lines, names lowercased, without the hop-by-hop fields, the fields a
+/// `Connection` field names, `Content-Length` but its first field (for an empty body,
+/// `content-length: 0` last), and the name the caller replaces — the fields hyper's server
+/// writes for the same fields as a header map once `proxy::strip_hop_by_hop` has run (the
+/// first `Content-Length` value as it is, or its own for an empty body).
+#[derive(Debug)]
+pub struct Relay {
+    pub lines: Vec<u8>,
+    pub has_date: bool,
+    pub len: u64,
+}
+
+/// Room left in [`Relay::lines`] for a field the caller adds (the Router's session id).
+const RELAY_SPARE: usize = 96;
+/// The most fields `Connection` may name for an answer to be relayed (more: a header map).
+const RELAY_NAMED: usize = 8;
+
 /// Parses the final response head at the front of `buf` (consuming it and any interim 1xx
-/// responses before it); `None` while it is incomplete.
-pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> io::Result<Option<Head>> {
+/// responses before it); `None` while it is incomplete. `relay_without`: when the body has a
+/// length, the fields are written out ([`Fields::Relay`]), without this one.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+    relay_without: Option<&HeaderName>,
+) -> io::Result<Option<Head>> {
+    let mut places: [Field; MAX_HEADERS] = [[(0, 0); 2]; MAX_HEADERS];
     loop {
-        let Some(parsed) = parse_one(buf)? else {
+        let Some(Located {
+            len,
+            code,
+            http11,
+            count,
+        }) = locate(buf, &mut places)?
+        else {
             return Ok(None);
         };
-        match parsed.status.as_u16() {
+        let status = code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| invalid("bad status code"))?;
+        match status.as_u16() {
             101 => {
                 return Err(invalid(
                     "101 Switching Protocols to a request without upgrade",
                 ));
             }
-            100..=199 => continue,
+            100..=199 => {
+                buf.advance(len);
+                continue;
+            }
             _ => {}
         }
-        let framing = framing(&parsed, head_request)?;
-        let keep_alive = parsed.http11 && framing != Framing::UntilClose && !parsed.seen.close;
+        // The values share the head's bytes (no copy each); the read buffer is whole again
+        // once the answer's head has been written out and dropped.
+        let head = Received {
+            bytes: buf.split_to(len).freeze(),
+            places: &places[..count],
+        };
+        let seen = head.seen();
+        let framing = framing(status, &seen, head_request, &head)?;
+        let keep_alive = http11 && framing != Framing::UntilClose && !seen.close;
+        let relay = match (relay_without, framing) {
+            (Some(without), Framing::Length(len)) => head.relay(without, len),
+            _ => None,
+        };
+        let fields = match relay {
+            Some(r) => Fields::Relay(r),
+            None => Fields::Map(head.map()?),
+        };
         return Ok(Some(Head {
-            status: parsed.status,
-            headers: parsed.headers,
+            status,
+            fields,
             framing,
             keep_alive,
         }));
     }
 }
 
-/// One response head, parsed and consumed.
-struct Parsed {
-    status: StatusCode,
-    http11: bool,
-    headers: HeaderMap,
-    seen: Seen,
+/// A response head taken off the read buffer, and where its fields are in it.
+struct Received<'p> {
+    bytes: Bytes,
+    places: &'p [Field],
 }
 
-/// What the framing headers said, gathered while the head is read.
+impl Received<'_> {
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let at = |(at, n): (u32, u32)| &self.bytes[at as usize..(at + n) as usize];
+        self.places.iter().map(move |&[n, v]| (at(n), at(v)))
+    }
+
+    /// The values of the fields named `name`.
+    fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.fields().filter(|(n, _)| is(n, name)).map(|(_, v)| v)
+    }
+
+    fn seen(&self) -> Seen {
+        let mut seen = Seen::default();
+        for (name, value) in self.fields() {
+            seen.field(name, value);
+        }
+        seen
+    }
+
+    fn map(&self) -> io::Result<HeaderMap> {
+        // Room for the one header the Router adds to every answer (its session id).
+        let mut headers = HeaderMap::with_capacity(self.places.len() + 1);
+        for &[name, (at, n)] in self.places {
+            let name = &self.bytes[name.0 as usize..(name.0 + name.1) as usize];
+            let name =
+                HeaderName::from_bytes(name).map_err(|_| invalid("bad response header name"))?;
+            let value = self.bytes.slice(at as usize..(at + n) as usize);
+            let value = HeaderValue::from_maybe_shared(value)
+                .map_err(|_| invalid("bad response header value"))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+
+    /// The fields written out for a relay ([`Relay`]); `None` when `Connection` names more
+    /// fields than are looked for here.
+    fn relay(&self, without: &HeaderName, len: u64) -> Option<Relay> {
+        // The names `Connection` lists (its text values only, as the map path reads them).
+        let mut named: [&[u8]; RELAY_NAMED] = [&[]; RELAY_NAMED];
+        let mut count = 0;
+        for value in self.values(b"connection").filter_map(visible) {
+            for token in list(value.as_bytes()) {
+                *named.get_mut(count)? = token;
+                count += 1;
+            }
+        }
+        let named = &named[..count];
+        let without = without.as_str().as_bytes();
+        let mut lines = Vec::with_capacity(self.bytes.len() + RELAY_SPARE);
+        let (mut has_date, mut length) = (false, false);
+        for (name, value) in self.fields() {
+            if is(name, without)
+                || HOP_BY_HOP_RAW.iter().any(|h| is(name, h))
+                || named.iter().any(|t| t.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            if is(name, b"content-length") {
+                // hyper writes an answer's first length as it is, but for an empty body its own.
+                if length || len == 0 {
+                    continue;
+                }
+                length = true;
+            }
+            has_date |= is(name, b"date");
+            let at = lines.len();
+            lines.extend_from_slice(name);
+            lines[at..].make_ascii_lowercase();
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(value);
+            lines.extend_from_slice(b"\r\n");
+        }
+        if len == 0 {
+            lines.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Some(Relay {
+            lines,
+            has_date,
+            len,
+        })
+    }
+}
+
+/// Whether a field's name (as it arrived) is `name` (lowercase).
+fn is(raw: &[u8], name: &[u8]) -> bool {
+    raw.eq_ignore_ascii_case(name)
+}
+
+/// What the framing headers said.
 #[derive(Default)]
 struct Seen {
     transfer_encoding: bool,
@@ -189,12 +362,12 @@ struct Seen {
 }
 
 impl Seen {
-    fn field(&mut self, name: &HeaderName, value: &[u8]) {
-        if name == header::CONTENT_LENGTH {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if is(name, b"content-length") {
             self.content_length(value);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if is(name, b"transfer-encoding") {
             self.transfer_encoding = true;
-        } else if name == header::CONNECTION {
+        } else if is(name, b"connection") {
             self.close |= list(value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
@@ -224,43 +397,6 @@ pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Where one header field's name and value are in the head: (start, length) of each.
 type Field = [(u32, u32); 2];
-
-fn parse_one(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
-    let mut fields: [Field; MAX_HEADERS] = [[(0, 0); 2]; MAX_HEADERS];
-    let Some(Located {
-        len,
-        code,
-        http11,
-        count,
-    }) = locate(buf, &mut fields)?
-    else {
-        return Ok(None);
-    };
-    let status = code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| invalid("bad status code"))?;
-    // The values share the head's bytes (no copy each); the read buffer is whole again once
-    // the answer's head has been written out and dropped.
-    let head = buf.split_to(len).freeze();
-    let part = |(at, n): (u32, u32)| head.slice(at as usize..(at + n) as usize);
-    // Room for the one header the Router adds to every answer (its session id).
-    let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut seen = Seen::default();
-    for &[name, value] in &fields[..count] {
-        let name =
-            HeaderName::from_bytes(&part(name)).map_err(|_| invalid("bad response header name"))?;
-        let value = HeaderValue::from_maybe_shared(part(value))
-            .map_err(|_| invalid("bad response header value"))?;
-        seen.field(&name, value.as_bytes());
-        headers.append(name, value);
-    }
-    Ok(Some(Parsed {
-        status,
-        http11,
-        headers,
-        seen,
-    }))
-}
 
 /// A complete head at the front of the read buffer, not yet consumed.
 struct Located {
@@ -303,29 +439,37 @@ fn locate(buf: &BytesMut, fields: &mut [Field; MAX_HEADERS]) -> io::Result<Optio
     }))
 }
 
-fn framing(p: &Parsed, head_request: bool) -> io::Result<Framing> {
-    let status = p.status;
+fn framing(
+    status: StatusCode,
+    seen: &Seen,
+    head_request: bool,
+    head: &Received<'_>,
+) -> io::Result<Framing> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    match (p.seen.transfer_encoding, p.seen.length) {
+    match (seen.transfer_encoding, seen.length) {
         (true, Some(_)) => Err(invalid("both transfer-encoding and content-length")),
-        (true, None) => transfer_coding(&p.headers),
+        (true, None) => transfer_coding(head),
         (false, Some(length)) => length.map(Framing::Length).map_err(invalid),
         (false, None) => Ok(Framing::UntilClose),
     }
 }
 
 /// Chunked when `chunked` is the last coding (and appears only there), else until close.
-fn transfer_coding(h: &HeaderMap) -> io::Result<Framing> {
-    let mut codings = Vec::new();
-    for v in h.get_all(header::TRANSFER_ENCODING) {
-        let v = v.to_str().map_err(|_| invalid("bad transfer-encoding"))?;
-        codings.extend(v.split(',').map(str::trim).filter(|c| !c.is_empty()));
+fn transfer_coding(head: &Received<'_>) -> io::Result<Framing> {
+    let (mut codings, mut first_chunked) = (0, None);
+    for v in head.values(b"transfer-encoding") {
+        let v = visible(v).ok_or_else(|| invalid("bad transfer-encoding"))?;
+        for coding in list(v.as_bytes()) {
+            if first_chunked.is_none() && coding.eq_ignore_ascii_case(b"chunked") {
+                first_chunked = Some(codings);
+            }
+            codings += 1;
+        }
     }
-    let chunked = |c: &&str| c.eq_ignore_ascii_case("chunked");
-    match codings.iter().position(chunked) {
-        Some(i) if i + 1 == codings.len() => Ok(Framing::Chunked),
+    match first_chunked {
+        Some(i) if i + 1 == codings => Ok(Framing::Chunked),
         Some(_) => Err(invalid("chunked is not the final transfer coding")),
         None => Ok(Framing::UntilClose),
     }
@@ -480,8 +624,75 @@ mod tests {
         }
     }
 
+    /// `raw` parsed; parsed again with its fields relayed, to the same framing and verdict.
     fn head(raw: &str) -> io::Result<Option<Head>> {
-        parse_response(&mut BytesMut::from(raw), false)
+        let parsed = parse_response(&mut BytesMut::from(raw), false, None);
+        let relayed = parse_response(&mut BytesMut::from(raw), false, Some(&header::SERVER));
+        match (&parsed, &relayed) {
+            (Ok(Some(a)), Ok(Some(b))) => {
+                assert_eq!(
+                    (a.status, a.framing, a.keep_alive),
+                    (b.status, b.framing, b.keep_alive)
+                );
+            }
+            (a, b) => assert_eq!(
+                (a.as_ref().map(Option::is_some).ok(), a.is_err()),
+                (b.as_ref().map(Option::is_some).ok(), b.is_err()),
+                "{raw:?}"
+            ),
+        }
+        parsed
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_listed_alike() {
+        let names: Vec<&[u8]> = HOP_BY_HOP.iter().map(|n| n.as_str().as_bytes()).collect();
+        assert_eq!(names, HOP_BY_HOP_RAW);
+    }
+
+    fn relayed(raw: &[u8]) -> Option<Relay> {
+        let without = HeaderName::from_static("x-agentcube-session-id");
+        let h = parse_response(&mut BytesMut::from(raw), false, Some(&without));
+        match h.unwrap().unwrap().fields {
+            Fields::Relay(r) => Some(r),
+            Fields::Map(_) => None,
+        }
+    }
+
+    #[test]
+    fn relayed_fields_are_what_the_map_path_sends_on() {
+        let r = relayed(
+            b"HTTP/1.1 200 OK\r\nContent-Type: a\r\nConnection: X-Drop, close\r\nX-Drop: 1\r\n\
+              Keep-Alive: t\r\nX-Agentcube-Session-Id: spoof\r\ncontent-length: 2, 2\r\n\
+              Content-Length: 2\r\nDate: d\r\nX-A: \x80\tz\r\nTE: x\r\nUpgrade: h2c\r\n\r\nok",
+        )
+        .expect("relayed");
+        assert_eq!(
+            String::from_utf8_lossy(&r.lines),
+            "content-type: a\r\ncontent-length: 2, 2\r\ndate: d\r\nx-a: \u{fffd}\tz\r\n"
+        );
+        assert!(r.has_date);
+        assert_eq!(r.len, 2);
+        assert!(r.lines.capacity() >= r.lines.len() + RELAY_SPARE);
+        let r = relayed(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0, 0\r\nx: 1\r\n\r\n").unwrap();
+        assert_eq!(
+            (&r.lines[..], r.has_date, r.len),
+            (&b"x: 1\r\ncontent-length: 0\r\n"[..], false, 0)
+        );
+        // Not relayed: no length, no body, or more named fields than are looked for.
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let many = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: a,b,c,d,e,f,g,h,i\r\n\r\n";
+        for raw in [
+            &chunked[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            &many[..],
+        ] {
+            assert!(relayed(raw).is_none(), "{}", String::from_utf8_lossy(raw));
+        }
+        let eight =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: a,b,c,d,e,f,g,h\r\nh: 1\r\n\r\n";
+        assert_eq!(relayed(eight).unwrap().lines, b"content-length: 0\r\n");
     }
 
     #[test]
@@ -548,6 +759,7 @@ mod tests {
         let h = parse_response(
             &mut BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
             true,
+            None,
         );
         assert_eq!(h.unwrap().unwrap().framing, Framing::Empty);
     }
@@ -586,7 +798,7 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         );
-        let h = parse_response(&mut buf, false).unwrap().unwrap();
+        let h = parse_response(&mut buf, false, None).unwrap().unwrap();
         assert_eq!((h.status, h.keep_alive), (StatusCode::OK, true));
         assert_eq!(&buf[..], b"ok");
         let h =

@@ -13,7 +13,7 @@ use http::uri::PathAndQuery;
 use agentcube_serve::LaneRequest;
 
 use crate::error::RouterError;
-use crate::proxy::{Answer, Forward, Upstream, custom_header};
+use crate::proxy::{Answered, Forward, Upstream, custom_header};
 
 /// What the invoke handler needs of a request.
 pub trait Inbound: Send + 'static {
@@ -28,7 +28,7 @@ pub trait Inbound: Send + 'static {
         self,
         up: &'a Upstream,
         f: Forward<'a>,
-    ) -> impl Future<Output = Result<http::Response<Answer>, RouterError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Answered, RouterError>> + Send + 'a;
 }
 
 /// A request's path and query, held apart from it.
@@ -67,7 +67,7 @@ impl Inbound for Request {
         self,
         up: &'a Upstream,
         f: Forward<'a>,
-    ) -> impl Future<Output = Result<http::Response<Answer>, RouterError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Answered, RouterError>> + Send + 'a {
         up.forward(self, f)
     }
 }
@@ -85,7 +85,7 @@ impl Inbound for LaneRequest {
         self,
         up: &'a Upstream,
         f: Forward<'a>,
-    ) -> impl Future<Output = Result<http::Response<Answer>, RouterError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Answered, RouterError>> + Send + 'a {
         up.forward_lane(self, f)
     }
 }

@@ -245,6 +245,9 @@ pub struct Outgoing<'a> {
     pub head_request: bool,
     /// RFC 9110 §9.2.2: safe to send again when a reused connection dropped it unanswered.
     pub idempotent: bool,
+    /// The answer's fields are to be relayed, without this one, when its body has a length
+    /// ([`h1::Fields::Relay`]).
+    pub relay_without: Option<&'a http::HeaderName>,
 }
 
 /// Why a request got no response.
@@ -303,7 +306,7 @@ impl Pool {
         ep: &Arc<Endpoint>,
         req: &Outgoing<'_>,
         connect_timeout: Duration,
-    ) -> Result<Response<Returning>, SendError> {
+    ) -> Result<Received, SendError> {
         loop {
             let (mut conn, reused) = match ep.checkout() {
                 Some(c) => (c, true),
@@ -315,7 +318,7 @@ impl Pool {
                 }
             };
             let failed = match exchange(&mut conn, req).await {
-                Ok(head) => return Ok(Returning::response(ep, conn, head)),
+                Ok(head) => return Ok(Returning::received(ep, conn, head)),
                 Err(f) => f,
             };
             match failed {
@@ -370,7 +373,8 @@ async fn exchange(conn: &mut Conn, req: &Outgoing<'_>) -> Result<h1::Head, Faile
     loop {
         if heard
             && let Some(head) =
-                h1::parse_response(&mut conn.buf, req.head_request).map_err(Failed::Answer)?
+                h1::parse_response(&mut conn.buf, req.head_request, req.relay_without)
+                    .map_err(Failed::Answer)?
         {
             return Ok(head);
         }
@@ -401,6 +405,13 @@ async fn reap(endpoints: Weak<Mutex<HashMap<String, Arc<Endpoint>>>>) {
     }
 }
 
+/// A sandbox's answer on a pooled connection: its status, its fields, its body.
+pub struct Received {
+    pub status: http::StatusCode,
+    pub fields: h1::Fields,
+    pub body: Returning,
+}
+
 /// Where a response body is.
 #[derive(Debug, Clone, Copy)]
 enum Reading {
@@ -420,7 +431,7 @@ pub struct Returning {
 }
 
 impl Returning {
-    fn response(ep: &Arc<Endpoint>, conn: Conn, head: h1::Head) -> Response<Self> {
+    fn received(ep: &Arc<Endpoint>, conn: Conn, head: h1::Head) -> Received {
         let reading = match head.framing {
             Framing::Empty => Reading::Length(0),
             Framing::Length(n) => Reading::Length(n),
@@ -435,10 +446,11 @@ impl Returning {
         if matches!(body.reading, Reading::Length(0)) {
             body.end();
         }
-        let mut resp = Response::new(body);
-        *resp.status_mut() = head.status;
-        *resp.headers_mut() = head.headers;
-        resp
+        Received {
+            status: head.status,
+            fields: head.fields,
+            body,
+        }
     }
 
     /// The body has been read to its end: the connection goes back if it is clean.

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::RouterError;
-use crate::h1;
+use crate::h1::{self, HOP_BY_HOP};
 use crate::pool::{self, Addr, Endpoint, Pool};
 
 /// A connection to a sandbox.
@@ -160,18 +160,6 @@ pub struct Upstream {
     unix: UnixHosts,
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and Go's list), as names built once.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -312,6 +300,9 @@ pub struct Forward<'a> {
     pub authorization: HeaderValue,
     pub client_addr: Option<SocketAddr>,
     pub scheme: &'static str,
+    /// A fast-lane request's answer, when it has a length, is relayed from the bytes it came
+    /// in, without the sandbox's fields of this name (the one the caller sets).
+    pub relay_without: Option<&'a HeaderName>,
 }
 
 impl Upstream {
@@ -381,11 +372,7 @@ impl Upstream {
     /// upstream is spoken to in its own protocol: HTTP/1.1, or h2c for `H2C` entry points,
     /// whatever the client used. A failure caused by the client's own body (stalled, malformed)
     /// is the client's error (408/400), not the sandbox's.
-    pub async fn forward(
-        &self,
-        mut req: Request,
-        f: Forward<'_>,
-    ) -> Result<http::Response<Answer>, RouterError> {
+    pub async fn forward(&self, mut req: Request, f: Forward<'_>) -> Result<Answered, RouterError> {
         let ep = self.endpoint(f.entry)?;
         // An upgrade needs `Connection`, a hop-by-hop header: usually there is none.
         let hop_by_hop = has_hop_by_hop(req.headers());
@@ -442,9 +429,12 @@ impl Upstream {
             });
             // The connection is the tunnel's now.
             let (parts, _) = resp.into_parts();
-            return Ok(http::Response::from_parts(parts, Answer::Empty));
+            return Ok(Answered::Http(http::Response::from_parts(
+                parts,
+                Answer::Empty,
+            )));
         }
-        Ok(answer(resp, Answer::Hyper))
+        Ok(Answered::Http(answer(resp, Answer::Hyper)))
     }
 
     /// The hot path: a request whose body is small enough to be read first, sent on a pooled
@@ -457,7 +447,7 @@ impl Upstream {
         added: &Added,
         body: Body,
         len: usize,
-    ) -> Result<http::Response<Answer>, RouterError> {
+    ) -> Result<Answered, RouterError> {
         let method = &parts.method;
         let mut wire = Vec::new();
         let length = len > 0
@@ -474,17 +464,19 @@ impl Upstream {
         if len > 0 {
             read_body(body, &mut wire, len).await?;
         }
-        self.send_wire(ep, &wire, method).await
+        self.send_wire(ep, &wire, method, None).await
     }
 
     /// A request the fast lane took, forwarded from the bytes it arrived in: the same request
     /// [`Upstream::forward`] sends (`lane_requests_reach_sandboxes_as_http_requests_do`), with
-    /// no `http` types built. Only h2c entry points need it as an `http::Request`.
+    /// no `http` types built; an answer with a length comes back with its fields written for
+    /// the lane to relay ([`Forward::relay_without`]). Only h2c entry points need it as an
+    /// `http::Request`.
     pub async fn forward_lane(
         &self,
         req: LaneRequest,
         f: Forward<'_>,
-    ) -> Result<http::Response<Answer>, RouterError> {
+    ) -> Result<Answered, RouterError> {
         let ep = self.endpoint(f.entry)?;
         if is_h2c(f.entry) {
             let req = req
@@ -514,24 +506,41 @@ impl Upstream {
         }
         head.finish(length.then_some(body.len()));
         wire.extend_from_slice(body);
-        self.send_wire(&ep, &wire, method).await
+        self.send_wire(&ep, &wire, method, f.relay_without).await
     }
 
-    /// A whole request (head and body in `wire`) sent on a pooled connection.
+    /// A whole request (head and body in `wire`) sent on a pooled connection; its answer's
+    /// fields relayed without `relay_without` when it has a length, else as a header map.
     async fn send_wire(
         &self,
         ep: &Arc<Endpoint>,
         wire: &[u8],
         method: &Method,
-    ) -> Result<http::Response<Answer>, RouterError> {
+        relay_without: Option<&HeaderName>,
+    ) -> Result<Answered, RouterError> {
         let out = pool::Outgoing {
             wire,
             head_request: method == Method::HEAD,
             idempotent: method.is_idempotent(),
+            relay_without,
         };
         let sent = self.pool.send(ep, &out, self.connect_timeout).await;
-        let resp = sent.map_err(|e| map_client_error(e.as_error()))?;
-        Ok(answer(resp, Answer::Pooled))
+        let got = sent.map_err(|e| map_client_error(e.as_error()))?;
+        let body = Answer::Pooled(got.body);
+        Ok(match got.fields {
+            h1::Fields::Relay(relay) => Answered::Relay {
+                status: got.status,
+                relay,
+                body,
+            },
+            h1::Fields::Map(headers) => {
+                let mut resp = http::Response::new(body);
+                *resp.status_mut() = got.status;
+                *resp.headers_mut() = headers;
+                strip_hop_by_hop(resp.headers_mut());
+                Answered::Http(resp)
+            }
+        })
     }
 
     /// A request to a prior-knowledge HTTP/2 (h2c) entry point.
@@ -540,7 +549,7 @@ impl Upstream {
         ep: &Endpoint,
         mut req: Request,
         pq: PathAndQuery,
-    ) -> Result<http::Response<Answer>, RouterError> {
+    ) -> Result<Answered, RouterError> {
         if let Some(path) = ep.unix_path() {
             self.unix.register(ep.authority.host(), path);
         }
@@ -552,7 +561,7 @@ impl Upstream {
             Uri::from_parts(parts).map_err(|e| RouterError::Internal(e.to_string()))?;
         *req.version_mut() = http::Version::HTTP_2;
         match self.h2c.request(req).await {
-            Ok(resp) => Ok(answer(resp, Answer::Hyper)),
+            Ok(resp) => Ok(Answered::Http(answer(resp, Answer::Hyper))),
             Err(e) => Err(map_client_error(&e)),
         }
     }
@@ -597,7 +606,7 @@ impl<'r> Scan<'r> {
                 }
             } else if is(n, &header::CONTENT_LENGTH) {
                 scan.length = true;
-            } else if HOP_BY_HOP.iter().any(|h| is(n, h)) {
+            } else if h1::HOP_BY_HOP_RAW.iter().any(|h| n.eq_ignore_ascii_case(h)) {
                 names_close |= is(n, &header::CONNECTION)
                     && h1::list(v).any(|t| t.eq_ignore_ascii_case(b"close"));
             } else {
@@ -661,6 +670,17 @@ fn answer<B>(resp: http::Response<B>, wrap: impl FnOnce(B) -> Answer) -> http::R
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     http::Response::from_parts(parts, wrap(body))
+}
+
+/// A sandbox's answer: an `http::Response`, or (fast-lane requests, an answer with a length)
+/// its fields written out to be relayed as they came ([`h1::Relay`]).
+pub enum Answered {
+    Http(http::Response<Answer>),
+    Relay {
+        status: http::StatusCode,
+        relay: h1::Relay,
+        body: Answer,
+    },
 }
 
 /// A sandbox's answer body, unboxed (the handler boxes it once, with what it holds).

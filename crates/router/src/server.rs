@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use agentcube_serve::LaneRequest;
+use agentcube_serve::{LaneRequest, LaneResponse, Relayed};
 use agentcube_types::api::WorkloadKind;
 use agentcube_types::headers::SESSION_ID;
 use axum::Router;
@@ -21,7 +21,7 @@ use crate::activity::Activity;
 use crate::error::RouterError;
 use crate::identity::Signer;
 use crate::inbound::{Inbound, path_of};
-use crate::proxy::{Answer, Forward, Upstream};
+use crate::proxy::{Answer, Answered, Forward, Upstream};
 use crate::resolve::{Resolver, pick};
 
 /// Shared by every request of one worker. Everything but the upstream client is shared by all
@@ -67,6 +67,8 @@ type AppState = Arc<Shared>;
 
 /// The session header's name, built once.
 const SESSION: http::HeaderName = http::HeaderName::from_static(SESSION_ID);
+/// [`SESSION`], to be lent for as long as a request is forwarded.
+static SESSION_NAME: http::HeaderName = SESSION;
 
 /// The HTTP surface: health routes, and every other path through [`dispatch`] (the invocation
 /// URLs are matched by hand: one split of the path, no router tables or extractors on the hot
@@ -96,7 +98,8 @@ pub fn front(state: AppState) -> agentcube_serve::Front {
         }
         match match_invocation(req.uri().path()) {
             Some(inv) if inv.path_start.is_some() => {
-                Ok(Box::pin(invoke(state.clone(), inv, req, client)) as agentcube_serve::Answer)
+                let answer = invoke(state.clone(), inv, req, client);
+                Ok(Box::pin(async move { answer.await.into() }) as agentcube_serve::Answer)
             }
             _ => Err(req),
         }
@@ -109,7 +112,8 @@ pub fn lane_front(state: AppState) -> agentcube_serve::LaneFront {
     Arc::new(move |req: LaneRequest, client: Option<SocketAddr>| {
         match match_invocation(path_of(req.target())) {
             Some(inv) if inv.path_start.is_some() => {
-                Ok(Box::pin(invoke(state.clone(), inv, req, client)) as agentcube_serve::Answer)
+                Ok(Box::pin(invoke(state.clone(), inv, req, client))
+                    as agentcube_serve::LaneAnswer)
             }
             _ => Err(req),
         }
@@ -202,7 +206,7 @@ async fn dispatch(State(s): State<AppState>, req: Request) -> Response {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    invoke(s, inv, req, client).await
+    invoke(s, inv, req, client).await.into()
 }
 
 /// Ready only while the session store answers: a Router that cannot look sessions up should get
@@ -249,7 +253,7 @@ async fn invoke<R: Inbound>(
     t: Invocation,
     req: R,
     client: Option<SocketAddr>,
-) -> Response {
+) -> LaneResponse {
     let started = std::time::Instant::now();
     let kind = t.kind;
     // The path's bytes are shared, not copied: the names borrow them while `req` moves on.
@@ -267,7 +271,7 @@ async fn invoke<R: Inbound>(
         Ok(r) => r,
         Err(e) => {
             s.metrics.count_proxy_error(kind, &e);
-            e.into_response()
+            e.into_response().into()
         }
     };
     s.metrics.count_status(resp.status().as_u16());
@@ -304,7 +308,7 @@ async fn handle<R: Inbound>(
     t: &Call<'_>,
     req: R,
     req_target: &str,
-) -> Result<Response, RouterError> {
+) -> Result<LaneResponse, RouterError> {
     let kind = t.kind;
     // Refused callers never take a concurrency slot. (The rare paths' futures are boxed, so
     // the hot path's future, moved on every request, stays small.)
@@ -353,20 +357,42 @@ async fn handle<R: Inbound>(
     // Activity counts only what the sandbox answered (a dead sandbox does not stay "active"),
     // at the answer and again when it has been streamed out.
     let answered_at = s.activity.record(&target.session_id);
-    let (mut parts, body) = resp.into_parts();
-    if let Some(v) = target.session_header {
-        parts.headers.insert(SESSION, v);
-    }
-    let body = Streamed {
-        body,
-        _done: Done {
-            shared: s.clone(),
-            session_id: target.session_id,
-            answered_at,
-            _permit: permit,
-        },
+    let done = Done {
+        shared: s.clone(),
+        session_id: target.session_id,
+        answered_at,
+        _permit: permit,
     };
-    Ok(Response::from_parts(parts, Body::new(body)))
+    Ok(match resp {
+        Answered::Http(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            if let Some(v) = target.session_header {
+                parts.headers.insert(SESSION, v);
+            }
+            let body = Body::new(Streamed { body, _done: done });
+            LaneResponse::Http(Response::from_parts(parts, body))
+        }
+        Answered::Relay {
+            status,
+            relay,
+            body,
+        } => {
+            // Relayed only when the session header is set (`to_sandbox`).
+            let mut fields = relay.lines;
+            if let Some(v) = &target.session_header {
+                for part in [SESSION.as_str().as_bytes(), b": ", v.as_bytes(), b"\r\n"] {
+                    fields.extend_from_slice(part);
+                }
+            }
+            LaneResponse::Relayed(Relayed {
+                status,
+                fields,
+                has_date: relay.has_date,
+                len: relay.len,
+                body: Body::new(Streamed { body, _done: done }),
+            })
+        }
+    })
 }
 
 /// A new session for a request without one, owned by the authenticated caller (if any).
@@ -433,6 +459,7 @@ fn to_sandbox<'a>(
         authorization,
         client_addr: t.client_addr,
         scheme: s.scheme,
+        relay_without: target.session_header.is_some().then_some(&SESSION_NAME),
     })
 }
 

@@ -1,8 +1,12 @@
 //! The fast lane's forwarding (the Router's `LaneFront`: requests sent on from the bytes they
-//! arrived in) against the `http::Request` path: two Routers, one with the fast lane and one
-//! without, get the same random requests; what each sandbox receives must be the same request
-//! (same request line, the same fields with the same values in the same order per name, the
-//! same body) and the clients must get the same answers (`Date` masked).
+//! arrived in, answers with a length relayed from the bytes they came in) against the
+//! `http::Request` path: two Routers, one with the fast lane and one without, get the same
+//! random requests; what each sandbox receives must be the same request (same request line, the
+//! same fields with the same values in the same order per name, the same body) and the clients
+//! must get the same answers (`Date` masked): byte for byte when the sandboxes answer plainly,
+//! the same fields per name when they answer with random heads (hop-by-hop fields, fields
+//! `Connection` names, their own session header, repeated and mixed-case names, lengths given
+//! twice, their own `Date`, bodiless statuses).
 
 mod common;
 
@@ -49,22 +53,32 @@ impl Rng {
 /// One recorded request: its head and body, as the sandbox read them.
 type Recorded = (Vec<u8>, Vec<u8>);
 
-/// A sandbox that records every request and answers each the same way (keep-alive).
-async fn recorder() -> (String, Arc<Mutex<Vec<Recorded>>>) {
+/// What the recording sandboxes answer (the test sets it before each case).
+type Answers = Arc<Mutex<Vec<u8>>>;
+
+const PLAIN: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-up: 1\r\n\
+                     content-length: 2\r\n\r\nok";
+
+/// A sandbox that records every request and answers each with what `answers` holds then
+/// (keep-alive, unless that answer says `close`).
+async fn recorder(answers: Answers) -> (String, Arc<Mutex<Vec<Recorded>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let log = Arc::new(Mutex::new(Vec::new()));
     let seen = log.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let seen = seen.clone();
+            let (seen, answers) = (seen.clone(), answers.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while let Some((head, body)) = read_message(&mut s, &mut buf).await {
                     seen.lock().unwrap().push((head, body));
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-up: 1\r\n\
-                                  content-length: 2\r\n\r\nok";
-                    if s.write_all(answer.as_bytes()).await.is_err() {
+                    let answer = answers.lock().unwrap().clone();
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+                    if head.contains("connection: close") {
                         return;
                     }
                 }
@@ -88,6 +102,7 @@ async fn read_message(
             let len = text
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.split(',').next())
                 .map_or(0, |v| v.trim().parse::<usize>().unwrap());
             while buf.len() < len {
                 let mut more = [0u8; 4096];
@@ -239,26 +254,98 @@ fn normalize(got: &Recorded, sandbox: &str) -> (String, BTreeMap<String, Vec<Vec
     (request_line, fields, body.clone())
 }
 
+/// A random answer with a length (or a bodiless status): the fields a Router must not send on
+/// and the ones it must, in any case and order, repeated, with odd values.
+fn answer(rng: &mut Rng) -> Vec<u8> {
+    let status = rng.pick(&[
+        "200 OK",
+        "201 Created",
+        "404 Not Found",
+        "500 Internal Server Error",
+        "299 Whatever",
+        "204 No Content",
+    ]);
+    let body = if status.starts_with("204") {
+        ""
+    } else {
+        rng.pick(&["", "ok", "a longer body\n"])
+    };
+    let pool: &[(&str, &[&str])] = &[
+        ("content-type", &["text/plain", "application/json"]),
+        ("x-up", &["1", "two words", "tab\there", "", "a,b"]),
+        ("date", &["Thu, 01 Jan 1970 00:00:00 GMT"]),
+        (
+            "connection",
+            &[
+                "keep-alive",
+                "x-drop",
+                "X-Drop, keep-alive",
+                "close",
+                "x-up",
+            ],
+        ),
+        ("x-drop", &["1"]),
+        ("keep-alive", &["timeout=5"]),
+        ("proxy-connection", &["keep-alive"]),
+        ("proxy-authenticate", &["Basic"]),
+        ("upgrade", &["h2c"]),
+        ("trailer", &["x-t"]),
+        ("te", &["trailers"]),
+        ("x-agentcube-session-id", &["spoofed", "s1"]),
+        ("set-cookie", &["a=b", "c=d; Path=/"]),
+        ("server", &["sandbox"]),
+    ];
+    let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
+    for _ in 0..rng.below(9) {
+        let (name, values) = pool[rng.below(pool.len())];
+        let mut value = rng.pick(values).as_bytes().to_vec();
+        if rng.chance(5) && !name.eq_ignore_ascii_case("connection") {
+            value.extend_from_slice(&[0xc3, 0xa9, 0xff]);
+        }
+        fields.push((rng.case(name), value));
+    }
+    if !status.starts_with("204") {
+        let n = body.len().to_string();
+        for value in match rng.below(4) {
+            0 => vec![format!("{n}, {n}")],
+            1 => vec![n.clone(), n],
+            _ => vec![n],
+        } {
+            let at = rng.below(fields.len() + 1);
+            fields.insert(at, (rng.case("content-length"), value.into_bytes()));
+        }
+    }
+    let mut out = format!("HTTP/1.1 {status}\r\n").into_bytes();
+    for (n, v) in fields {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 /// Sends `req` on a new connection and reads the answer (`Date` masked).
-async fn exchange(router: &str, req: &[u8]) -> Vec<u8> {
+async fn exchange(router: &str, req: &[u8]) -> Recorded {
     let mut s = TcpStream::connect(router.trim_start_matches("http://"))
         .await
         .unwrap();
     s.write_all(req).await.unwrap();
     let mut buf = Vec::new();
     let (head, body) = read_message(&mut s, &mut buf).await.expect("an answer");
-    let head = String::from_utf8(head).unwrap();
-    let masked: Vec<&str> = head
-        .split("\r\n")
+    let masked: Vec<&[u8]> = head
+        .split(|&b| b == b'\n')
         .map(|l| {
-            if l.starts_with("date: ") {
-                "date: <masked>"
+            if l.starts_with(b"date: ") {
+                &b"date: <masked>\r"[..]
             } else {
                 l
             }
         })
         .collect();
-    [masked.join("\r\n").into_bytes(), body].concat()
+    (masked.join(&b'\n'), body)
 }
 
 async fn fast_requests(router: &Router) -> u64 {
@@ -269,15 +356,18 @@ async fn fast_requests(router: &Router) -> u64 {
 }
 
 /// Two Routers (`tweak`ed alike), one with the fast lane and one without, each with session
-/// `s1` on its own recording sandbox, get the same `cases` random requests.
+/// `s1` on its own recording sandbox, get the same `cases` random requests; the sandboxes
+/// answer plainly, or (`random_answers`) with the same random answer each.
 async fn lane_against_hyper(
     seed: u64,
     cases: u64,
     authorization: &[&str],
+    random_answers: bool,
     tweak: impl Fn(&mut agentcube_router::Config),
 ) {
-    let (lane_sandbox, lane_log) = recorder().await;
-    let (hyper_sandbox, hyper_log) = recorder().await;
+    let answers: Answers = Arc::new(Mutex::new(PLAIN.as_bytes().to_vec()));
+    let (lane_sandbox, lane_log) = recorder(answers.clone()).await;
+    let (hyper_sandbox, hyper_log) = recorder(answers.clone()).await;
     let (lane_store, hyper_store) = (memory(), memory());
     session_to(lane_store.as_ref(), "s1", &lane_sandbox).await;
     session_to(hyper_store.as_ref(), "s1", &hyper_sandbox).await;
@@ -291,19 +381,36 @@ async fn lane_against_hyper(
     let mut forwarded = 0;
     for case in 0..cases {
         let req = request(&mut rng, authorization);
-        let shown = String::from_utf8_lossy(&req).into_owned();
+        let mut shown = String::from_utf8_lossy(&req).into_owned();
+        if random_answers {
+            let answer = answer(&mut rng);
+            shown += &format!("\nanswered with\n{}", String::from_utf8_lossy(&answer));
+            *answers.lock().unwrap() = answer;
+        }
         let via_lane = exchange(&lane.url, &req).await;
         let via_hyper = exchange(&hyper.url, &req).await;
-        assert_eq!(
-            String::from_utf8_lossy(&via_lane),
-            String::from_utf8_lossy(&via_hyper),
-            "case {case}: answers differ for\n{shown}"
-        );
+        if random_answers {
+            // The same fields per name (the relayed head keeps the sandbox's order of names).
+            assert_eq!(
+                normalize(&via_lane, &lane_sandbox),
+                normalize(&via_hyper, &hyper_sandbox),
+                "case {case}: answers differ for\n{shown}\nlane:\n{}\nhyper:\n{}",
+                String::from_utf8_lossy(&via_lane.0),
+                String::from_utf8_lossy(&via_hyper.0),
+            );
+        } else {
+            assert_eq!(
+                String::from_utf8_lossy(&[&via_lane.0[..], &via_lane.1].concat()),
+                String::from_utf8_lossy(&[&via_hyper.0[..], &via_hyper.1].concat()),
+                "case {case}: answers differ for\n{shown}"
+            );
+        }
+        let status = String::from_utf8_lossy(&via_lane.0[..12]).into_owned();
         let (got_lane, got_hyper) = (
             lane_log.lock().unwrap().pop(),
             hyper_log.lock().unwrap().pop(),
         );
-        if !via_lane.starts_with(b"HTTP/1.1 200 ") {
+        if status.ends_with(" 400") || status.ends_with(" 401") || status.ends_with(" 403") {
             // Refused alike (a session header that is not text, a caller without the token).
             assert!(got_lane.is_none() && got_hyper.is_none(), "case {case}");
             continue;
@@ -330,7 +437,19 @@ async fn lane_against_hyper(
 
 #[tokio::test]
 async fn lane_requests_reach_sandboxes_as_http_requests_do() {
-    lane_against_hyper(0x5eed_1a4e, 400, &["Bearer client", "Basic eA=="], |_| {}).await;
+    lane_against_hyper(
+        0x5eed_1a4e,
+        400,
+        &["Bearer client", "Basic eA=="],
+        false,
+        |_| {},
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn relayed_answers_reach_clients_as_http_answers_do() {
+    lane_against_hyper(0x7e1a_7ed0, 400, &["Bearer client"], true, |_| {}).await;
 }
 
 #[tokio::test]
@@ -343,5 +462,8 @@ async fn lane_requests_are_authenticated_as_http_requests_are() {
         "Bearer",
         "Basic t0k",
     ];
-    lane_against_hyper(0xa11c_e001, 200, &values, |c| c.authn = Some(authn.clone())).await;
+    lane_against_hyper(0xa11c_e001, 200, &values, false, |c| {
+        c.authn = Some(authn.clone())
+    })
+    .await;
 }

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use crate::conn::Tracker;
-use crate::{Routes, Stats};
+use crate::{LaneResponse, Routes, Stats};
 
 pub(crate) mod request;
 pub(crate) mod response;
@@ -184,10 +184,30 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
         Poll::Pending
     }
 
-    /// Writes `resp`; `Ok(true)` when the connection stays open for another request. Trailers
-    /// go out only when the request asked for them (`TE: trailers`) and the response declared
-    /// them (`Trailer`), as with hyper.
-    async fn respond(&mut self, resp: axum::response::Response, asks: Asks) -> Result<bool, Gone> {
+    /// Writes `resp`; `Ok(true)` when the connection stays open for another request.
+    async fn respond(&mut self, resp: LaneResponse, asks: Asks) -> Result<bool, Gone> {
+        match resp {
+            LaneResponse::Relayed(r) if !response::bodiless(r.status) => {
+                self.out.clear();
+                let head = response::relayed(&r, asks.keep_alive, &mut self.date, &mut self.out);
+                let mut body = pin!(r.body);
+                if r.len > 0 {
+                    self.send_length(body.as_mut(), r.len).await?;
+                }
+                self.flush_out().await?;
+                Ok(!head.last)
+            }
+            resp => self.respond_http(resp.into(), asks).await,
+        }
+    }
+
+    /// Writes `resp` as hyper would. Trailers go out only when the request asked for them
+    /// (`TE: trailers`) and the response declared them (`Trailer`), as with hyper.
+    async fn respond_http(
+        &mut self,
+        resp: axum::response::Response,
+        asks: Asks,
+    ) -> Result<bool, Gone> {
         let (mut parts, body) = resp.into_parts();
         let len = if body.is_end_stream() {
             BodyLen::None

@@ -55,12 +55,14 @@ mod conn;
 mod lane;
 pub mod limits;
 pub mod listener;
+mod relayed;
 mod side;
 mod workers;
 
 pub use lane::request::LaneRequest;
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
 pub use listener::{Handshake, Listener, Plain, Stream};
+pub use relayed::{LaneResponse, Relayed};
 pub use tower_http::timeout::TimeoutError as BodyTimeout;
 
 /// How long in-flight requests may take to finish after a shutdown signal (Go's servers: 10 s).
@@ -276,11 +278,15 @@ pub type Front = Arc<
         + Sync,
 >;
 
+/// An answer being made by a [`LaneFront`].
+pub type LaneAnswer = std::pin::Pin<Box<dyn Future<Output = LaneResponse> + Send>>;
+
 /// A [`Front`] for the requests the HTTP/1.1 fast lane took, as they arrived
-/// ([`LaneRequest`]: the head's bytes, no `http` types built). What it hands back becomes an
-/// `http::Request` for the [`Front`] and the router.
+/// ([`LaneRequest`]: the head's bytes, no `http` types built); it may answer with the fields
+/// of its answer already written ([`Relayed`]). What it hands back becomes an `http::Request`
+/// for the [`Front`] and the router.
 pub type LaneFront =
-    Arc<dyn Fn(LaneRequest, Option<SocketAddr>) -> Result<Answer, LaneRequest> + Send + Sync>;
+    Arc<dyn Fn(LaneRequest, Option<SocketAddr>) -> Result<LaneAnswer, LaneRequest> + Send + Sync>;
 
 /// What answers a connection's requests: an `axum::Router`, optionally behind a [`Front`] (and
 /// a [`LaneFront`] for the fast lane's requests).
@@ -310,11 +316,7 @@ impl Routes {
     }
 
     /// The response to a request the fast lane took.
-    async fn answer_lane(
-        self,
-        req: LaneRequest,
-        peer: Option<SocketAddr>,
-    ) -> axum::response::Response {
+    async fn answer_lane(self, req: LaneRequest, peer: Option<SocketAddr>) -> LaneResponse {
         let req = match &self.lane_front {
             Some(front) => match front(req, peer) {
                 Ok(answer) => return answer.await,
@@ -323,9 +325,9 @@ impl Routes {
             None => req,
         };
         match req.into_request() {
-            Some(req) => self.answer(req.map(Body::from), peer).await,
+            Some(req) => self.answer(req.map(Body::from), peer).await.into(),
             // Not expected (the lane takes only what `http` accepts); hyper would say 400.
-            None => http::StatusCode::BAD_REQUEST.into_response(),
+            None => http::StatusCode::BAD_REQUEST.into_response().into(),
         }
     }
 
@@ -630,19 +632,19 @@ mod tests {
         });
         let lane_front: LaneFront = Arc::new(|req: LaneRequest, _| {
             if req.target() == "/fast" {
-                Ok(Box::pin(async { "lane front".into_response() }) as Answer)
+                Ok(Box::pin(async { "lane front".into_response().into() }) as LaneAnswer)
             } else {
                 Err(req)
             }
         });
         let routes = Routes::with_front(router.clone(), front).with_lane_front(lane_front);
         let answer = |t: &str| routes.clone().answer_lane(lane_get(t), None);
-        assert_eq!(text(answer("/fast").await).await, "lane front");
-        assert_eq!(text(answer("/slow?x").await).await, "front");
-        assert_eq!(text(answer("/slow").await).await, "router slow");
+        assert_eq!(text(answer("/fast").await.into()).await, "lane front");
+        assert_eq!(text(answer("/slow?x").await.into()).await, "front");
+        assert_eq!(text(answer("/slow").await.into()).await, "router slow");
         let plain = Routes::from(router);
         let answer = plain.answer_lane(lane_get("/fast"), None).await;
-        assert_eq!(text(answer).await, "router");
+        assert_eq!(text(answer.into()).await, "router");
     }
 
     async fn send(s: &mut tokio::net::TcpStream, path: &str) {

@@ -15,6 +15,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
+use crate::Relayed;
+
 /// How much body an app's response says it has (`http_body::Body`'s end and size hint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyLen {
@@ -112,9 +114,29 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// The head of a [`Relayed`] answer: its status line, its fields, then `connection: close` and
+/// `date` as [`encode`] adds them to the same answer as an `http::Response`.
+pub(crate) fn relayed(r: &Relayed, keep_alive: bool, date: &mut Date, out: &mut Vec<u8>) -> Head {
+    status_line(r.status, out);
+    out.extend_from_slice(&r.fields);
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !r.has_date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date.now());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Head {
+        framing: Framing::Length(r.len),
+        last: !keep_alive,
+    }
+}
+
 /// 1xx, 204 and 304 carry no body (and so no framing headers); the lane sees no `HEAD` or
 /// `CONNECT`.
-fn bodiless(status: StatusCode) -> bool {
+pub(crate) fn bodiless(status: StatusCode) -> bool {
     status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -394,6 +416,49 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Length(0));
         assert!(h.last);
+    }
+
+    #[test]
+    fn relayed_heads_are_written_as_hyper_writes_the_same_response() {
+        let cases: [(u16, &[u8], bool, u64, bool); 5] = [
+            (200, b"content-type: text/plain\r\ncontent-length: 2\r\n", false, 2, true),
+            (200, b"content-length: 2\r\nx-up: 1\r\n", false, 2, false),
+            (
+                404,
+                b"content-length: 3, 3\r\nx-a: 1\r\nx-a: 2\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n",
+                true,
+                3,
+                false,
+            ),
+            (500, b"server: s\r\ncontent-length: 0\r\n", false, 0, true),
+            (299, b"x-obs: \x80\xff\tz\r\ncontent-length: 1\r\n", false, 1, true),
+        ];
+        for (status, fields, has_date, len, keep) in cases {
+            let relayed = Relayed {
+                status: StatusCode::from_u16(status).unwrap(),
+                fields: fields.to_vec(),
+                has_date,
+                len,
+                body: axum::body::Body::empty(),
+            };
+            let mut date = Date::default();
+            let mut ours = Vec::new();
+            let head = super::relayed(&relayed, keep, &mut date, &mut ours);
+            let (mut parts, _) = axum::response::Response::from(relayed).into_parts();
+            let mut theirs = Vec::new();
+            let expected = encode(
+                parts.status,
+                &mut parts.headers,
+                BodyLen::Known(len),
+                keep,
+                &mut date,
+                &mut theirs,
+            )
+            .unwrap();
+            let masked = |b: &[u8]| String::from_utf8_lossy(b).replace(&date.text, "<date>");
+            assert_eq!(masked(&ours), masked(&theirs), "{status}");
+            assert_eq!((head.framing, head.last), (expected.framing, expected.last));
+        }
     }
 
     #[test]
