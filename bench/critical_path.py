@@ -1,6 +1,7 @@
 """Where a proxied request's time goes inside each proxy, from the kernel's own records rather than
 end-to-end timings: wrk (keep-alive, one connection) sends `GET …/health` through the `router` binary
-and through nginx (one worker process) to the same PicoD, in alternating one-second slices, while one
+and through nginx (two worker processes, as the Router has two workers on two CPUs) to the same
+PicoD, in alternating one-second slices, while one
 `perf record -a` keeps the scheduler's and the proxies' system calls' tracepoints (`sched_switch`,
 `sched_wakeup`, `raw_syscalls`, filtered to the two proxies' threads). For each proxy it then splits a
 request's time into
@@ -15,7 +16,9 @@ request's time into
 - preempted: time the proxy was runnable but another task had its CPU;
 - woken: time from the kernel waking the proxy (a request or an answer arrived) to it running;
 
-and prints the median wall-clock p50 of its slices. The slices alternate so that the machine's
+and prints the median wall-clock p50 of its slices. Then, untraced, what decides saturation: CPU
+time per request at 32 connections (alternating two-second wrk runs; all threads of each proxy,
+as the scheduler accounts them in `/proc/<tid>/schedstat`, divided by the requests wrk completed). The slices alternate so that the machine's
 drift (this VM's speed moves by a third between minutes) hits both proxies alike: every step of both
 gets slower together. Tracing adds about a microsecond to each system call for both proxies (nginx
 makes one more per request than the Router). Needs `perf` and access to tracepoints (root, or
@@ -196,15 +199,22 @@ def traced(p, targets: dict) -> dict[str, Split]:
 
 
 def threads(pid: int) -> set[int]:
-    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    """The threads of a process and of its child processes (nginx's workers)."""
+    tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    for t in list(tids):
+        with contextlib.suppress(FileNotFoundError):
+            for child in Path(f"/proc/{pid}/task/{t}/children").read_text().split():
+                tids |= threads(int(child))
+    return tids
 
 
 def cpu_ns(pid: int) -> int:
-    """On-CPU time so far of all of a process's threads (the scheduler's own account, in ns)."""
+    """On-CPU time so far of all the threads of a process and its children (the scheduler's own
+    account, in ns)."""
     total = 0
     for t in threads(pid):
         with contextlib.suppress(FileNotFoundError):
-            total += int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0])
+            total += int(Path(f"/proc/{t}/schedstat").read_text().split()[0])
     return total
 
 
@@ -234,8 +244,8 @@ def main() -> None:
                           "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
                           "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
                          env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
-        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port, master="off",
-                                                       workers=1))
+        (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port, master="on",
+                                                       workers=2))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
         wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
@@ -265,7 +275,7 @@ def print_table(split: dict[str, Split], sat: dict[str, tuple[float, float]]) ->
         t.row(f"{name}: system calls per request", ", ".join(f"{c} {v:.2f}" for c, v in s.syscalls.items()))
     (rc, rr), (nc, nr) = sat["router"], sat["nginx"]
     t.row("CPU per request at 32 connections (all threads, untraced): router / nginx", f"{rc:.1f} / {nc:.1f}",
-          f"router ÷ nginx {rc / nc:.2f}; throughput {rr:,.0f} / {nr:,.0f} req/s (nginx: one worker)")
+          f"router ÷ nginx {rc / nc:.2f}; throughput {rr:,.0f} / {nr:,.0f} req/s")
     t.print()
 
 
