@@ -1,6 +1,9 @@
 //! The Router's own HTTP/1.1 codec for the requests it sends to sandboxes: the request head
 //! written straight from the `http` types or from the client's own field bytes (fast-lane
-//! requests), the response head parsed by `httparse` (hyper's own parser, default strictness), the response body framed as RFC 9112 §6.3 says.
+//! requests), the response head parsed by `httparse` (hyper's own parser, default strictness)
+//! into a header map or, for an answer with a length to a fast-lane request, into the field
+//! lines the fast lane relays as they came ([`Relay`]), the response body framed as RFC 9112
+//! §6.3 says.
 //!
 //! The other end runs untrusted code, so framing is strict and anything ambiguous is an error
 //! (the connection is then never reused): `Content-Length` together with `Transfer-Encoding`,

@@ -246,7 +246,7 @@ pub struct Outgoing<'a> {
     /// RFC 9110 §9.2.2: safe to send again when a reused connection dropped it unanswered.
     pub idempotent: bool,
     /// The answer's fields are to be relayed, without this one, when its body has a length
-    /// ([`h1::Fields::Relay`]).
+    /// (`h1::Fields::Relay`).
     pub relay_without: Option<&'a http::HeaderName>,
 }
 

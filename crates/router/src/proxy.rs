@@ -673,7 +673,7 @@ fn answer<B>(resp: http::Response<B>, wrap: impl FnOnce(B) -> Answer) -> http::R
 }
 
 /// A sandbox's answer: an `http::Response`, or (fast-lane requests, an answer with a length)
-/// its fields written out to be relayed as they came ([`h1::Relay`]).
+/// its fields written out to be relayed as they came (`h1::Relay`).
 pub enum Answered {
     Http(http::Response<Answer>),
     Relay {

@@ -9,8 +9,9 @@
 //!    ([`End::Hyper`]).
 //! 2. Call the app; meanwhile read ahead on the client side, so a client that goes away drops
 //!    the handler (hyper's `half_close(false)`), and pipelined bytes are kept.
-//! 3. Write the head as hyper would ([`response::encode`]) and the body by its framing; a body
-//!    that fails or falls short closes the connection.
+//! 3. Write the head as hyper would ([`response::encode`]; an answer whose fields the app wrote
+//!    itself, [`crate::Relayed`], with [`response::relayed`]) and the body by its framing; a
+//!    body that fails or falls short closes the connection.
 //! 4. Keep the connection unless either side asked to close or the server is shutting down.
 
 use std::future::{Future, poll_fn};
