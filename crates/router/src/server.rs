@@ -363,10 +363,15 @@ async fn handle<R: Inbound>(
         answered_at,
         _permit: permit,
     };
-    Ok(match resp {
+    Ok(reply(resp, target.session_header, done))
+}
+
+/// The answer to the client: the sandbox's, with the session id set, its body holding `done`.
+fn reply(resp: Answered, session: Option<http::HeaderValue>, done: Done) -> LaneResponse {
+    match resp {
         Answered::Http(resp) => {
             let (mut parts, body) = resp.into_parts();
-            if let Some(v) = target.session_header {
+            if let Some(v) = session {
                 parts.headers.insert(SESSION, v);
             }
             let body = Body::new(Streamed { body, _done: done });
@@ -379,7 +384,7 @@ async fn handle<R: Inbound>(
         } => {
             // Relayed only when the session header is set (`to_sandbox`).
             let mut fields = relay.lines;
-            if let Some(v) = &target.session_header {
+            if let Some(v) = &session {
                 for part in [SESSION.as_str().as_bytes(), b": ", v.as_bytes(), b"\r\n"] {
                     fields.extend_from_slice(part);
                 }
@@ -392,7 +397,7 @@ async fn handle<R: Inbound>(
                 body: Body::new(Streamed { body, _done: done }),
             })
         }
-    })
+    }
 }
 
 /// A new session for a request without one, owned by the authenticated caller (if any).
