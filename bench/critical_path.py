@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import Table, binary, free_port, procs, wait_http, wrk
-from http_proxy import NGINX, picod_with_session
+from harness import Table, free_port, procs, wait_http, wrk
+from http_proxy import NGINX, ROUTER_ENV, picod_with_session, router_cmd
 
 SLICES = int(sys.argv[1]) if len(sys.argv) > 1 else 8  # one-second wrk runs per proxy
 SAT_SLICES = 4  # two-second runs per proxy at 32 connections
@@ -240,10 +240,7 @@ def main() -> None:
     with procs("critical-path") as p:
         picod_port, redis_port, router_port, nginx_port = (free_port() for _ in range(4))
         picod_with_session(p, picod_port, redis_port)
-        router = p.start([binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-                          "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
-                          "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
-                         env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        router = p.start(router_cmd(p, router_port, redis_port), "router.log", env=ROUTER_ENV)
         (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port, master="on",
                                                        workers=2))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")

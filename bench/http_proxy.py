@@ -69,20 +69,26 @@ def picod_with_session(p, picod_port: int, redis_port: int) -> None:
                    capture_output=True)
 
 
+# The standalone Router of these benchmarks: sessions from `picod_with_session`'s Redis, no
+# Workload Manager behind it (every session it is asked for exists).
+ROUTER_ENV = {"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"}
+
+
+def router_cmd(p, port: int, redis_port: int, *extra: str) -> list[str]:
+    """The `router` command line on `port`, its store the Redis at `redis_port`."""
+    return [binary("router"), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
+            "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
+            "--store", f"redis://127.0.0.1:{redis_port}", *extra]
+
+
 def main() -> None:
     with procs("http") as p:
         picod_port, redis_port, router_port, nginx_port = (free_port() for _ in range(4))
         picod_with_session(p, picod_port, redis_port)
-        router = p.start([binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-                          "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
-                          "--store", f"redis://127.0.0.1:{redis_port}"], "router.log",
-                         env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        router = p.start(router_cmd(p, router_port, redis_port), "router.log", env=ROUTER_ENV)
         oidc_port, bearer = free_port(), oidc_token(p)
-        oidc = p.start([binary("router"), "--port", str(oidc_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-                        "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
-                        "--store", f"redis://127.0.0.1:{redis_port}", "--jwt-issuer-url", bearer[0],
-                        "--jwt-role-claim", "scp", "--jwt-required-role", "sandbox:invoke"], "router-oidc.log",
-                       env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        oidc = p.start(router_cmd(p, oidc_port, redis_port, "--jwt-issuer-url", bearer[0], "--jwt-role-claim", "scp",
+                                  "--jwt-required-role", "sandbox:invoke"), "router-oidc.log", env=ROUTER_ENV)
         (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, picod=picod_port, port=nginx_port, master="on",
                                                        workers=2))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")

@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import RELEASE, Table, binary, free_port, procs, wait_http
-from http_proxy import NGINX, picod_with_session
+from harness import RELEASE, Table, free_port, procs, wait_http
+from http_proxy import NGINX, ROUTER_ENV, picod_with_session, router_cmd
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 PATH = "/v1/namespaces/default/code-interpreters/bench/invocations/health"
@@ -78,11 +78,8 @@ def main() -> None:
     with procs("instructions") as p:
         picod_port, redis_port, router_port = free_port(), free_port(), free_port()
         picod_with_session(p, picod_port, redis_port)
-        cmd = [binary("router"), "--port", str(router_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-               "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
-               "--store", f"redis://127.0.0.1:{redis_port}"]
-        out = counted(p, "router", cmd, router_port, "/health/ready",
-                      env={"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"})
+        out = counted(p, "router", router_cmd(p, router_port, redis_port), router_port, "/health/ready",
+                      env=ROUTER_ENV)
         total = totals(out)
         top = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True).stdout
         nginx_total = nginx_count(p, picod_port)

@@ -269,8 +269,9 @@ struct Received<'p> {
 
 impl Received<'_> {
     fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let at = |(at, n): (u32, u32)| &self.bytes[at as usize..(at + n) as usize];
-        self.places.iter().map(move |&[n, v]| (at(n), at(v)))
+        self.places
+            .iter()
+            .map(|&[n, v]| (&self.bytes[span(n)], &self.bytes[span(v)]))
     }
 
     /// The values of the fields named `name`.
@@ -289,11 +290,10 @@ impl Received<'_> {
     fn map(&self) -> io::Result<HeaderMap> {
         // Room for the one header the Router adds to every answer (its session id).
         let mut headers = HeaderMap::with_capacity(self.places.len() + 1);
-        for &[name, (at, n)] in self.places {
-            let name = &self.bytes[name.0 as usize..(name.0 + name.1) as usize];
-            let name =
-                HeaderName::from_bytes(name).map_err(|_| invalid("bad response header name"))?;
-            let value = self.bytes.slice(at as usize..(at + n) as usize);
+        for &[name, value] in self.places {
+            let name = HeaderName::from_bytes(&self.bytes[span(name)])
+                .map_err(|_| invalid("bad response header name"))?;
+            let value = self.bytes.slice(span(value));
             let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| invalid("bad response header value"))?;
             headers.append(name, value);
@@ -400,6 +400,11 @@ pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Where one header field's name and value are in the head: (start, length) of each.
 type Field = [(u32, u32); 2];
+
+/// The bytes a (start, length) place covers.
+fn span((at, n): (u32, u32)) -> std::ops::Range<usize> {
+    at as usize..(at + n) as usize
+}
 
 /// A complete head at the front of the read buffer, not yet consumed.
 struct Located {

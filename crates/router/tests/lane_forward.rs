@@ -180,17 +180,8 @@ fn request(rng: &mut Rng, authorization: &[&str]) -> Vec<u8> {
         ),
         ("x-b", &["2"]),
     ];
-    for _ in 0..rng.below(9) {
-        let (name, values) = pool[rng.below(pool.len())];
-        let name = rng.case(name);
-        let mut value = rng.pick(values).as_bytes().to_vec();
-        if rng.chance(5) && !name.eq_ignore_ascii_case("connection") {
-            // obs-text: valid in a field value, but not text (and a `Connection` with it is
-            // hyper's).
-            value.extend_from_slice(&[0xc3, 0xa9, 0xff]);
-        }
-        fields.push((name, value));
-    }
+    let n = rng.below(9);
+    random_fields(rng, pool, n, &mut fields);
     let body: Vec<u8> = if post {
         (0..rng.below(3) * rng.below(300))
             .map(|i| b'a' + (i % 26) as u8)
@@ -208,11 +199,32 @@ fn request(rng: &mut Rng, authorization: &[&str]) -> Vec<u8> {
             ),
         );
     }
-    let mut out = format!(
-        "{} {target} HTTP/1.1\r\n",
-        if post { "POST" } else { "GET" }
-    )
-    .into_bytes();
+    let method = if post { "POST" } else { "GET" };
+    message(&format!("{method} {target} HTTP/1.1"), fields, &body)
+}
+
+/// `n` fields picked from `pool`, names in random case, now and then obs-text in a value (valid
+/// in a field value, but not text; never in `Connection`, where it makes a request hyper's).
+fn random_fields(
+    rng: &mut Rng,
+    pool: &[(&str, &[&str])],
+    n: usize,
+    fields: &mut Vec<(String, Vec<u8>)>,
+) {
+    for _ in 0..n {
+        let (name, values) = pool[rng.below(pool.len())];
+        let name = rng.case(name);
+        let mut value = rng.pick(values).as_bytes().to_vec();
+        if rng.chance(5) && !name.eq_ignore_ascii_case("connection") {
+            value.extend_from_slice(&[0xc3, 0xa9, 0xff]);
+        }
+        fields.push((name, value));
+    }
+}
+
+/// A message as bytes: its start line, its fields in order, its body.
+fn message(start: &str, fields: Vec<(String, Vec<u8>)>, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{start}\r\n").into_bytes();
     for (n, v) in fields {
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
@@ -220,7 +232,7 @@ fn request(rng: &mut Rng, authorization: &[&str]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 
@@ -296,14 +308,8 @@ fn answer(rng: &mut Rng) -> Vec<u8> {
         ("server", &["sandbox"]),
     ];
     let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
-    for _ in 0..rng.below(9) {
-        let (name, values) = pool[rng.below(pool.len())];
-        let mut value = rng.pick(values).as_bytes().to_vec();
-        if rng.chance(5) && !name.eq_ignore_ascii_case("connection") {
-            value.extend_from_slice(&[0xc3, 0xa9, 0xff]);
-        }
-        fields.push((rng.case(name), value));
-    }
+    let n = rng.below(9);
+    random_fields(rng, pool, n, &mut fields);
     if !status.starts_with("204") {
         let n = body.len().to_string();
         for value in match rng.below(4) {
@@ -315,16 +321,7 @@ fn answer(rng: &mut Rng) -> Vec<u8> {
             fields.insert(at, (rng.case("content-length"), value.into_bytes()));
         }
     }
-    let mut out = format!("HTTP/1.1 {status}\r\n").into_bytes();
-    for (n, v) in fields {
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&v);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    out
+    message(&format!("HTTP/1.1 {status}"), fields, body.as_bytes())
 }
 
 /// Sends `req` on a new connection and reads the answer (`Date` masked).

@@ -191,10 +191,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
             LaneResponse::Relayed(r) if !response::bodiless(r.status) => {
                 self.out.clear();
                 let head = response::relayed(&r, asks.keep_alive, &mut self.date, &mut self.out);
-                let mut body = pin!(r.body);
-                if r.len > 0 {
-                    self.send_length(body.as_mut(), r.len).await?;
-                }
+                self.send_length(pin!(r.body), r.len).await?;
                 self.flush_out().await?;
                 Ok(!head.last)
             }
