@@ -110,6 +110,17 @@ def fast_requests(stack):
     return int(m.group(1))
 
 
+def through_router(stack, data):
+    """`data` sent to the Router over a raw socket; everything it answers until it closes."""
+    host, port = stack.router_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
 def spoofing_request(sid, connection):
     """A raw request to the header-echo agent with every header the Router owns spoofed."""
     return (f"GET /v1/namespaces/default/agent-runtimes/header-echo/invocations/ HTTP/1.1\r\n"
@@ -129,15 +140,10 @@ def test_spoofed_headers_never_reach_an_agent(stack):
     r = requests.get(url(stack, "header-echo", "", kind="agent-runtimes"))
     assert r.status_code == 200, r.text
     sid = r.headers["x-agentcube-session-id"]
-    host, port = stack.router_url.removeprefix("http://").rsplit(":", 1)
     try:
         for connection, lane in (("close", True), ("close, x-drop", False)):
             before = fast_requests(stack)
-            with socket.create_connection((host, int(port))) as s:
-                s.sendall(spoofing_request(sid, connection))
-                out = b""
-                while chunk := s.recv(65536):
-                    out += chunk
+            out = through_router(stack, spoofing_request(sid, connection))
             head, _, body = out.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 "), out
             got = [(k.lower(), v) for k, v in json.loads(body)]
@@ -256,6 +262,42 @@ def test_fifos_do_not_wedge_picod(stack, session):
     assert time.time() - started < 60
     out = session.sh("echo alive")
     assert out["stdout"] == "alive\n"
+
+
+def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
+    # The agent (real sandbox code) answers with the session header set twice to other ids,
+    # hop-by-hop fields and a field its `Connection` names. The client creating the session must
+    # get the Router's id (one that works), and every answer just that id and the agent's own
+    # fields: once relayed from the answer's bytes (a plain request, the fast lane), once through
+    # a header map (a request the lane leaves to hyper).
+    r = requests.get(url(stack, "answer-smuggler", "spoof", kind="agent-runtimes"))
+    assert (r.status_code, r.text) == (200, "real"), r.text
+    sid = r.headers["x-agentcube-session-id"]
+    assert sid not in ("someone-else", "s2") and "," not in sid, sid
+    path = "/v1/namespaces/default/agent-runtimes/answer-smuggler/invocations/spoof"
+    try:
+        for connection, lane in (("close", True), ("close, x-drop", False)):
+            before = fast_requests(stack)
+            out = through_router(stack, (f"GET {path} HTTP/1.1\r\nHost: r\r\n"
+                                         f"x-agentcube-session-id: {sid}\r\nConnection: {connection}\r\n\r\n").encode())
+            head, _, body = out.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            assert lines[0].startswith("HTTP/1.1 200 ") and body == b"real", out
+            fields = [(k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:])]
+            names = [k for k, _ in fields]
+            assert [v for k, v in fields if k == "x-agentcube-session-id"] == [sid], fields
+            for gone in ("x-secret", "keep-alive", "proxy-authenticate", "upgrade", "trailer"):
+                assert gone not in names, (gone, fields)
+            assert ("x-agent", "yes") in fields and names.count("content-length") == 1, fields
+            after = fast_requests(stack)
+            if before is not None:
+                assert after - before == (1 if lane else 0), (connection, before, after)
+        # The id the client was given is a working session.
+        r = requests.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"),
+                         headers={"x-agentcube-session-id": sid})
+        assert (r.status_code, r.text) == (200, "real"), r.text
+    finally:
+        requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}")
 
 
 def test_an_agents_crafted_answers_reach_no_other_request(stack):
