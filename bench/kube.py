@@ -173,12 +173,13 @@ def main() -> None:
         filled = pool_ready(kubectl)
         share = controller_share(p.tmp / "cluster/control-plane/audit.log")
         # The same warm-pool sessions with standby claims: the Workload Manager restarted with
-        # one standby claim per pool member; the pause lets the pool and the standby claims refill.
+        # one standby claim per warm Sandbox (standby claims are carved out of the pool's size:
+        # the SandboxWarmPool drops to 0 replicas and each replacement claim gets a Sandbox
+        # agent-sandbox starts for it); the pause lets the standby claims refill.
         p.stop(w)
         w = p.start(wm_args + ["--standby-claims", str(POOL)], "wm-standby.log", env=env)
         wait_http(f"{wm_url}/health", proc=w)
-        wait_until("the standby claims binding",
-                   lambda: standby_bound(kubectl) >= POOL and pool_ready(kubectl) >= POOL)
+        wait_until("the standby claims binding", lambda: standby_bound(kubectl) >= POOL)
         standby_run = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)
         standby = standby_run["create"]
         t.row(f"warm-pool claim: constructor → first PicoD answer p50 / p99 ({SESSIONS})",

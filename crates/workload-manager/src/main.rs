@@ -82,7 +82,8 @@ struct Args {
     router_pod_labels: String,
     /// Kubernetes backend (extension): SandboxClaims per warm pool (at most its warmPoolSize)
     /// bound to warm Sandboxes ahead of demand, so a session create takes one with a single
-    /// patch instead of waiting for agent-sandbox's adoption. Each holds one more pod. 0: none.
+    /// patch instead of waiting for agent-sandbox's adoption. Taken out of the pool's size (its
+    /// SandboxWarmPool gets warmPoolSize − N replicas), so no extra pods. 0: none.
     #[arg(long, env = "AGENTCUBE_STANDBY_CLAIMS", default_value_t = 0)]
     standby_claims: u32,
     /// Kubernetes backend: namespace of the Router's identity Secret.

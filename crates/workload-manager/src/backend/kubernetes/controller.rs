@@ -45,6 +45,9 @@ pub struct Context {
     pub written: Mutex<HashMap<String, (String, Condition)>>,
     /// The Router's pods, allowed into every sandbox with a network policy.
     pub router: super::network::RouterPeer,
+    /// Standby claims per warm pool (`--standby-claims`, 0 where agent-sandbox has none): the
+    /// members they hold are taken out of the SandboxWarmPool's replicas.
+    pub standby_claims: u32,
 }
 
 impl Context {
@@ -54,6 +57,7 @@ impl Context {
         key: RouterKey,
         default_runtime_class: String,
         router: super::network::RouterPeer,
+        standby_claims: u32,
     ) -> Self {
         Self {
             client,
@@ -62,6 +66,7 @@ impl Context {
             default_runtime_class,
             written: Mutex::default(),
             router,
+            standby_claims,
         }
     }
 }
@@ -223,7 +228,11 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
         .patch(
             &name,
             &apply,
-            &Patch::Apply(&desired::warm_pool(ctx.api, &ci)),
+            &Patch::Apply(&desired::warm_pool(
+                ctx.api,
+                &ci,
+                desired::standby_share(ctx.standby_claims, &ci),
+            )),
         )
         .await?;
     if let Some(key) = &key {

@@ -382,13 +382,22 @@ fn pool_meta(ci: &CodeInterpreter) -> ObjectMeta {
     }
 }
 
-/// The SandboxWarmPool of a CodeInterpreter (named like it).
-pub fn warm_pool(api: AgentSandboxApi, ci: &CodeInterpreter) -> SandboxWarmPool {
+/// How many of a CodeInterpreter's `warmPoolSize` warm Sandboxes are held by standby claims
+/// when `--standby-claims` asks for `per_pool` (0 on agent-sandbox v1alpha1, which has none).
+pub fn standby_share(per_pool: u32, ci: &CodeInterpreter) -> u32 {
+    per_pool.min(ci.spec.warm_pool())
+}
+
+/// The SandboxWarmPool of a CodeInterpreter (named like it): `warmPoolSize` members, less the
+/// `standby` of them that standby claims hold ([`standby_share`]), so a definition keeps
+/// `warmPoolSize` warm Sandboxes whichever way they wait.
+pub fn warm_pool(api: AgentSandboxApi, ci: &CodeInterpreter, standby: u32) -> SandboxWarmPool {
+    let replicas = ci.spec.warm_pool().saturating_sub(standby);
     SandboxWarmPool::new(
         api,
         pool_meta(ci),
         SandboxWarmPoolSpec {
-            replicas: ci.spec.warm_pool_size.unwrap_or(0),
+            replicas: i32::try_from(replicas).unwrap_or(i32::MAX),
             sandbox_template_ref: NameRef {
                 name: ci.metadata.name.clone().unwrap_or_default(),
             },

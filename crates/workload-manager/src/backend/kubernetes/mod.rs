@@ -220,6 +220,7 @@ impl KubernetesBackend {
             key.clone(),
             config.default_runtime_class.clone(),
             router,
+            standby::effective(config.standby_claims, api),
         ));
         tasks.push(tokio::spawn(controller::run(ctx.clone())));
         tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));

@@ -20,8 +20,11 @@
 //! 3. Deletes by [`Standby::keep`] win the claim's mark the same way first, and every pass
 //!    finishes pending marks whose writer died ([`marks::Mark::stale`]).
 //!
-//! Each standby claim holds a Sandbox the warm pool then replaces: a pool of size S with N
-//! standby claims keeps S + min(N, S) pods.
+//! Standby claims are taken out of the pool's size, not added to it: a CodeInterpreter with
+//! `warmPoolSize` S and N standby claims has a SandboxWarmPool of S − min(N, S) replicas
+//! ([`desired::warm_pool`]), so it keeps S warm pods whichever way they wait. A handed-out
+//! standby claim is replaced by a new one, which agent-sandbox binds to a pool member (or, with
+//! no member left, to a Sandbox it creates); the pool then refills.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,6 +55,16 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(120);
 const HANDOUT_PROBE: Duration = Duration::from_secs(1);
 /// A claim created here counts until the watch shows it, or this long.
 const PENDING_FOR: Duration = Duration::from_secs(30);
+
+/// The standby claims per warm pool that `--standby-claims N` gives on agent-sandbox API `api`:
+/// N, or 0 on v1alpha1 (whose claims have no `lifecycle`).
+pub fn effective(n: u32, api: AgentSandboxApi) -> u32 {
+    if api == AgentSandboxApi::V1alpha1 {
+        0
+    } else {
+        n
+    }
+}
 
 /// The standby claims of one Workload Manager (shared view: every replica counts every standby
 /// claim in the cluster).
@@ -108,7 +121,7 @@ impl Standby {
         if per_pool == 0 {
             return None;
         }
-        if api == AgentSandboxApi::V1alpha1 {
+        if effective(per_pool, api) == 0 {
             tracing::warn!("--standby-claims needs agent-sandbox v0.5+ (v1beta1); ignored");
             return None;
         }
@@ -130,7 +143,7 @@ impl Standby {
 
     /// How many standby claims a CodeInterpreter gets.
     fn target(&self, ci: &CodeInterpreter) -> usize {
-        self.per_pool.min(ci.spec.warm_pool()) as usize
+        desired::standby_share(self.per_pool, ci) as usize
     }
 
     /// Keeps the standby claims until the task is dropped.

@@ -178,13 +178,20 @@ fn claim_template_and_pool_match_spec() {
         "RuntimeDefault"
     );
 
-    let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1alpha1, &c)).unwrap();
+    let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1alpha1, &c, 0)).unwrap();
     assert_eq!(p["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1");
     assert_eq!(
         p["spec"],
         json!({"replicas": 3, "sandboxTemplateRef": {"name": "ci"}})
     );
     assert_eq!(p["metadata"]["ownerReferences"][0]["controller"], true);
+    // Standby claims hold part of the pool's size, never more than all of it.
+    for (per_pool, replicas) in [(1, 2), (3, 0), (7, 0)] {
+        let share = standby_share(per_pool, &c);
+        let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1beta1, &c, share)).unwrap();
+        assert_eq!(p["spec"]["replicas"], replicas, "{per_pool} standby claims");
+        assert_eq!(share + replicas, 3);
+    }
 
     let none = ci("  authMode: none\n");
     let t: Value = serde_json::to_value(sandbox_template(
