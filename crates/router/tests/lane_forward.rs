@@ -17,18 +17,15 @@ use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// xorshift64: reproducible cases without a dependency.
-struct Rng(u64);
+/// Reproducible random cases (seeded).
+struct Rng(fastrand::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+    fn new(seed: u64) -> Self {
+        Self(fastrand::Rng::with_seed(seed))
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.usize(..n)
     }
     fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent
@@ -374,7 +371,7 @@ async fn lane_against_hyper(
         c.limits.fast_lane = false;
     })
     .await;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut forwarded = 0;
     for case in 0..cases {
         let req = request(&mut rng, authorization);
