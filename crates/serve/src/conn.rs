@@ -20,6 +20,11 @@ use crate::Limits;
 /// `u64::MAX`: not set.
 const UNSET: u64 = u64::MAX;
 
+/// After a shutdown signal, how long a request head already arriving gets to be complete
+/// (at most the header timeout): a client's head comes in milliseconds, a slowloris's never,
+/// and it must not hold the server's exit until its header timeout.
+pub(crate) const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(1);
+
 /// Shared state of one connection.
 #[derive(Debug)]
 pub(crate) struct Tracker {
@@ -32,8 +37,8 @@ pub(crate) struct Tracker {
     /// The client spoke the HTTP/2 preface: streams are multiplexed, header timing is h2's own.
     h2: AtomicBool,
     sniffed: AtomicBool,
-    /// Shutting down: the request in flight is the connection's last.
-    closing: AtomicBool,
+    /// Shutting down since (ms since origin): the request in flight is the connection's last.
+    closing_since: AtomicU64,
 }
 
 /// Why the watchdog closed a connection.
@@ -52,17 +57,22 @@ impl Tracker {
             idle_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
+            closing_since: AtomicU64::new(UNSET),
         })
     }
 
     /// The server is shutting down: no request after the one in flight.
     pub(crate) fn close_soon(&self) {
-        self.closing.store(true, Ordering::Release);
+        let _ = self.closing_since.compare_exchange(
+            UNSET,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
+        self.closing_since.load(Ordering::Acquire) != UNSET
     }
 
     /// No request in flight, and none begun (no byte of a next request read while idle).
@@ -121,10 +131,12 @@ impl Tracker {
         let ms = |d: Duration| d.as_millis() as u64;
         let started = self.header_started.load(Ordering::Acquire);
         if started != UNSET && !self.h2.load(Ordering::Relaxed) {
-            return Some((
-                started + ms(limits.header_read_timeout),
-                Closed::HeaderTimeout,
-            ));
+            let mut at = started + ms(limits.header_read_timeout);
+            let closing = self.closing_since.load(Ordering::Acquire);
+            if closing != UNSET {
+                at = at.min(closing.max(started) + ms(SHUTDOWN_HEAD_GRACE));
+            }
+            return Some((at, Closed::HeaderTimeout));
         }
         let idle = self.idle_since.load(Ordering::Acquire);
         Some((idle + ms(limits.keep_alive_idle), Closed::Idle))

@@ -554,7 +554,10 @@ impl<H: Handshake> Connection<H> {
             while let Poll::Ready(event) = beside.poll(cx) {
                 match event {
                     side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
-                    side::Side::Shutdown => served.as_mut().graceful_shutdown(),
+                    side::Side::Shutdown => {
+                        tracker.close_soon();
+                        served.as_mut().graceful_shutdown();
+                    }
                 }
             }
             served.as_mut().poll(cx).map(|_| Ok(()))

@@ -737,3 +737,67 @@ async fn shutdown_finishes_a_request_whose_body_is_still_arriving() {
         .unwrap()
         .unwrap();
 }
+
+/// Everything the server sends until it closes the connection (or 5 s pass).
+async fn until_closed(s: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Shutdown while request heads are still arriving, on the lane and on hyper: a head completed
+/// within a second of the signal is answered; one that never completes (a slowloris) is closed
+/// a second after the signal instead of holding the server until its header timeout (30 s
+/// here, beyond the 10 s grace), and `serve` returns.
+#[tokio::test]
+async fn shutdown_gives_a_head_still_arriving_a_second_not_its_header_timeout() {
+    for fast_lane in [true, false] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut options = Options::new(Limits::default(), Refusal::json("{}"));
+        options.limits.fast_lane = fast_lane;
+        options.limits.header_read_timeout = Duration::from_secs(30);
+        let stats = options.stats.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve(l.into(), app(), options, async move {
+            let _ = stopped.await;
+        }));
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let (mut slow, mut late) = (connect().await.unwrap(), connect().await.unwrap());
+        slow.write_all(b"GET /echo HTTP/1.1\r\nhost: h\r\n")
+            .await
+            .unwrap();
+        late.write_all(b"POST /echo HTTP/1.1\r\nhost: h\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let signalled = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        late.write_all(b"content-length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        let answered = until_closed(&mut late).await;
+        assert!(
+            answered.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{fast_lane}: {answered}"
+        );
+        assert!(
+            answered.ends_with("body 3 \"abc\""),
+            "{fast_lane}: {answered}"
+        );
+        let cut = until_closed(&mut slow).await;
+        let after = signalled.elapsed();
+        assert!(cut.is_empty(), "{fast_lane}: {cut}");
+        assert!(
+            after < Duration::from_secs(4),
+            "{fast_lane}: the slowloris was closed {after:?} after the signal"
+        );
+        assert_eq!(stats.header_timeouts.get(), 1, "{fast_lane}");
+        tokio::time::timeout(Duration::from_secs(3), served)
+            .await
+            .expect("serve returns once both connections are done")
+            .unwrap()
+            .unwrap();
+    }
+}
