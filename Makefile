@@ -76,6 +76,7 @@ lint: check-crds
 	scripts/check-test-support.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -q --workspace --no-deps --document-private-items
 
 ## crds: regenerate config/crd/*.yaml from the Rust types
 crds:

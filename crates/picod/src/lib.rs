@@ -10,7 +10,7 @@
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //!    Background processes: [`process`] (`/api/processes`: start, list, output with resume,
 //!    stdin, signals). Stateful Python and bash contexts: [`context`] (`/api/contexts`).
-//! 4. Every user path goes through [`jail::Workspace::resolve`]; errors map to HTTP in [`error`].
+//! 4. Every user path goes through [`jail::Workspace::walk`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
 //! 6. With `--metrics`, `GET /metrics` ([`metrics`]) is served without authentication.
