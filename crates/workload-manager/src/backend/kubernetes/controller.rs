@@ -228,11 +228,7 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
         .patch(
             &name,
             &apply,
-            &Patch::Apply(&desired::warm_pool(
-                ctx.api,
-                &ci,
-                desired::standby_share(ctx.standby_claims, &ci),
-            )),
+            &Patch::Apply(&desired::warm_pool(ctx.api, &ci, ctx.standby_claims)),
         )
         .await?;
     if let Some(key) = &key {

@@ -383,16 +383,20 @@ fn pool_meta(ci: &CodeInterpreter) -> ObjectMeta {
 }
 
 /// How many of a CodeInterpreter's `warmPoolSize` warm Sandboxes are held by standby claims
-/// when `--standby-claims` asks for `per_pool` (0 on agent-sandbox v1alpha1, which has none).
+/// when there are `per_pool` standby claims per warm pool.
 pub fn standby_share(per_pool: u32, ci: &CodeInterpreter) -> u32 {
     per_pool.min(ci.spec.warm_pool())
 }
 
-/// The SandboxWarmPool of a CodeInterpreter (named like it): `warmPoolSize` members, less the
-/// `standby` of them that standby claims hold ([`standby_share`]), so a definition keeps
+/// The SandboxWarmPool of a CodeInterpreter (named like it): `warmPoolSize` members, less those
+/// `standby_per_pool` standby claims hold ([`standby_share`]), so a definition keeps
 /// `warmPoolSize` warm Sandboxes whichever way they wait.
-pub fn warm_pool(api: AgentSandboxApi, ci: &CodeInterpreter, standby: u32) -> SandboxWarmPool {
-    let replicas = ci.spec.warm_pool().saturating_sub(standby);
+pub fn warm_pool(
+    api: AgentSandboxApi,
+    ci: &CodeInterpreter,
+    standby_per_pool: u32,
+) -> SandboxWarmPool {
+    let replicas = ci.spec.warm_pool() - standby_share(standby_per_pool, ci);
     SandboxWarmPool::new(
         api,
         pool_meta(ci),

@@ -188,7 +188,7 @@ fn claim_template_and_pool_match_spec() {
     // Standby claims hold part of the pool's size, never more than all of it.
     for (per_pool, replicas) in [(1, 2), (3, 0), (7, 0)] {
         let share = standby_share(per_pool, &c);
-        let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1beta1, &c, share)).unwrap();
+        let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1beta1, &c, per_pool)).unwrap();
         assert_eq!(p["spec"]["replicas"], replicas, "{per_pool} standby claims");
         assert_eq!(share + replicas, 3);
     }
