@@ -30,6 +30,10 @@ pub const POD_NAME: &str = "agents.x-k8s.io/pod-name";
 /// Annotation agent-sandbox puts on a SandboxClaim naming the warm Sandbox it is adopting
 /// (before it transfers the Sandbox's ownership and before the claim's status names it).
 pub const ASSIGNED_SANDBOX: &str = "agents.x-k8s.io/sandbox-name";
+/// agent-sandbox's annotation on a SandboxClaim recording when its controller first saw the claim
+/// (RFC 3339, nanoseconds). agent-sandbox writes it when missing, as the first write of every
+/// claim; the Workload Manager sets it at create time so that write is skipped.
+pub const FIRST_OBSERVED: &str = "agents.x-k8s.io/controller-first-observed-at";
 /// Container name in a direct CodeInterpreter Sandbox.
 pub const CODE_INTERPRETER_CONTAINER: &str = "code-interpreter";
 /// Container name in a CodeInterpreter SandboxTemplate (upstream differs between paths).

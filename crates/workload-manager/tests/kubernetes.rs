@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use agentcube_crds::labels::FIRST_OBSERVED;
 use common::kube::*;
 use common::{ROUTER_PUB, sh};
 use k8s_openapi::api::core::v1::Pod;
@@ -186,6 +187,42 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         (c.data["status"]["sandbox"]["name"] == bound.as_str()).then_some(())
     })
     .await;
+    // Created with agent-sandbox's first-observed annotation, so agent-sandbox's first write to
+    // the claim is the adoption itself, not a patch adding that annotation.
+    let observed = &claim.metadata.annotations.as_ref().unwrap()[FIRST_OBSERVED];
+    assert!(observed.parse::<jiff::Timestamp>().is_ok(), "{observed}");
+    let writes = k
+        .eventually(
+            "agent-sandbox's status write in the audit log",
+            10,
+            async || {
+                let writes: Vec<String> = cluster().audit_events()[k.audit_start..]
+                    .iter()
+                    .filter(|e| {
+                        e["objectRef"]["resource"] == "sandboxclaims"
+                            && e["objectRef"]["name"] == claim_name.as_str()
+                            && e["verb"] != "get"
+                            && e["verb"] != "list"
+                            && e["verb"] != "watch"
+                    })
+                    .map(|e| {
+                        let sub = e["objectRef"]["subresource"].as_str().unwrap_or("");
+                        format!("{} {sub}", e["verb"].as_str().unwrap_or(""))
+                            .trim()
+                            .to_string()
+                    })
+                    .collect();
+                writes
+                    .contains(&"patch status".to_string())
+                    .then_some(writes)
+            },
+        )
+        .await;
+    assert_eq!(
+        writes[..2],
+        ["create", "update"],
+        "created, then agent-sandbox's adoption: {writes:?}"
+    );
     let sb = sandboxes(&k.client).get(&bound).await.unwrap();
     assert_eq!(
         sb.metadata.uid.as_deref(),

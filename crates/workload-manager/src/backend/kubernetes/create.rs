@@ -8,7 +8,7 @@ use agentcube_types::{BackingKind, EntryPoint};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
-use super::{KubernetesBackend, probe, watched};
+use super::{KubernetesBackend, desired, probe, watched};
 use crate::backend::{BackendError, Sandbox, entry_point};
 
 impl KubernetesBackend {
@@ -43,11 +43,12 @@ impl KubernetesBackend {
     pub(super) async fn create_claim(
         &self,
         namespace: &str,
-        claim: SandboxClaim,
+        mut claim: SandboxClaim,
         ports: &[TargetPort],
     ) -> Result<Sandbox, BackendError> {
         let api: Api<SandboxClaim> =
             Api::namespaced_with(self.client.clone(), namespace, &self.api);
+        desired::stamp_observed(&mut claim, jiff::Timestamp::now());
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
         let ready = self.adopted(namespace, &name, &uid).await;

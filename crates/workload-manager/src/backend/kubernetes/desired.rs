@@ -283,6 +283,18 @@ pub fn code_interpreter_claim(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sand
     SandboxClaim::new(s.api, metadata, spec)
 }
 
+/// Stamps agent-sandbox's first-observed annotation ([`labels::FIRST_OBSERVED`]) on a claim about
+/// to be created, with `at` (the create's time): agent-sandbox patches it onto every claim that
+/// lacks it before adopting a warm Sandbox, so a claim created with it reaches its Sandbox one API
+/// write sooner. agent-sandbox's controller-latency metric then counts from the create.
+pub fn stamp_observed(claim: &mut SandboxClaim, at: jiff::Timestamp) {
+    claim
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(labels::FIRST_OBSERVED.to_string(), at.to_string());
+}
+
 /// A standby claim (extension, `--standby-claims`): a SandboxClaim on the CodeInterpreter's warm
 /// pool made ahead of demand, so agent-sandbox binds it to a warm Sandbox before any session
 /// asks. Labelled [`labels::STANDBY`] with the definition's name instead of a session id (start-up

@@ -425,7 +425,8 @@ impl Standby {
     async fn create(&self, api: &Api<SandboxClaim>, ns: &str, ci: &Arc<CodeInterpreter>, n: usize) {
         for _ in 0..n {
             let name = Workload::CodeInterpreter(ci.clone()).sandbox_name();
-            let claim = desired::standby_claim(self.api, ci, &name);
+            let mut claim = desired::standby_claim(self.api, ci, &name);
+            desired::stamp_observed(&mut claim, jiff::Timestamp::now());
             match api.create(&PostParams::default(), &claim).await {
                 Ok(_) => {
                     tracing::info!(namespace = ns, claim = %name, "standby claim created");
