@@ -191,33 +191,7 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
     // the claim is the adoption itself, not a patch adding that annotation.
     let observed = &claim.metadata.annotations.as_ref().unwrap()[FIRST_OBSERVED];
     assert!(observed.parse::<jiff::Timestamp>().is_ok(), "{observed}");
-    let writes = k
-        .eventually(
-            "agent-sandbox's status write in the audit log",
-            10,
-            async || {
-                let writes: Vec<String> = cluster().audit_events()[k.audit_start..]
-                    .iter()
-                    .filter(|e| {
-                        e["objectRef"]["resource"] == "sandboxclaims"
-                            && e["objectRef"]["name"] == claim_name.as_str()
-                            && e["verb"] != "get"
-                            && e["verb"] != "list"
-                            && e["verb"] != "watch"
-                    })
-                    .map(|e| {
-                        let sub = e["objectRef"]["subresource"].as_str().unwrap_or("");
-                        format!("{} {sub}", e["verb"].as_str().unwrap_or(""))
-                            .trim()
-                            .to_string()
-                    })
-                    .collect();
-                writes
-                    .contains(&"patch status".to_string())
-                    .then_some(writes)
-            },
-        )
-        .await;
+    let writes = claim_writes(&k, &claim_name).await;
     assert_eq!(
         writes[..2],
         ["create", "update"],
@@ -280,6 +254,33 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         2,
         "the pool is untouched by the delete"
     );
+}
+
+/// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
+/// …), once agent-sandbox has written its status.
+async fn claim_writes(k: &KubeStack, name: &str) -> Vec<String> {
+    k.eventually(
+        "agent-sandbox's status write in the audit log",
+        10,
+        async || {
+            let writes: Vec<String> = cluster().audit_events()[k.audit_start..]
+                .iter()
+                .filter(|e| {
+                    e["objectRef"]["resource"] == "sandboxclaims"
+                        && e["objectRef"]["name"] == name
+                        && !matches!(e["verb"].as_str(), Some("get" | "list" | "watch"))
+                })
+                .map(|e| {
+                    let sub = e["objectRef"]["subresource"].as_str().unwrap_or("");
+                    format!("{} {sub}", e["verb"].as_str().unwrap_or(""))
+                        .trim()
+                        .to_string()
+                })
+                .collect();
+            writes.iter().any(|w| w == "patch status").then_some(writes)
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -802,6 +803,10 @@ async fn standby_claims_are_bound_ahead_of_demand_and_handed_out_whole() {
         "no session yet: {labels:?}"
     );
     assert!(standby.data["spec"]["lifecycle"]["shutdownTime"].is_null());
+    // Created with agent-sandbox's first-observed annotation, as a session's claim is: after the
+    // create comes the adoption's update or (no pool member was ready) the status, not a patch.
+    let writes = claim_writes(&k, &standby_name).await;
+    assert_ne!(writes[1], "patch", "{writes:?}");
     assert_eq!(standby.data["spec"]["warmPoolRef"]["name"], "pooled");
     assert_eq!(
         standby.metadata.owner_references.as_ref().unwrap()[0].kind,
