@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -44,11 +45,24 @@ from http_proxy import NGINX, ROUTER_ENV, picod_with_session, router_cmd
 SLICES = int(sys.argv[1]) if len(sys.argv) > 1 else 8  # one-second wrk runs per proxy
 SAT_SLICES = 4  # two-second runs per proxy at 32 connections
 ROUTER_PATH = "/v1/namespaces/default/code-interpreters/bench/invocations/health"
-# x86_64 numbers: the calls a proxy waits in (its event loop, its threads' parking), and the writes.
-WAITS = {7, 23, 202, 232, 270, 271, 281, 441}  # poll select futex epoll_wait pselect6 ppoll epoll_pwait(2)
-WRITES = {1, 20, 44, 46}  # write writev sendto sendmsg
-NAMES = {0: "read", 1: "write", 19: "readv", 20: "writev", 44: "sendto", 45: "recvfrom", 46: "sendmsg",
-         47: "recvmsg", 55: "getsockopt", 54: "setsockopt", 202: "futex", 232: "epoll_wait", 281: "epoll_pwait"}
+# Per architecture (`platform.machine()`): the system calls a proxy waits in (its event loop, its
+# threads' parking), the writes, and names for the table; numbers from each kernel's syscall table.
+SYSCALLS = {
+    "x86_64": (
+        {7, 23, 202, 232, 270, 271, 281, 441},  # poll select futex epoll_wait pselect6 ppoll epoll_pwait(2)
+        {1, 20, 44, 46},  # write writev sendto sendmsg
+        {0: "read", 1: "write", 19: "readv", 20: "writev", 44: "sendto", 45: "recvfrom", 46: "sendmsg",
+         47: "recvmsg", 55: "getsockopt", 54: "setsockopt", 202: "futex", 232: "epoll_wait", 281: "epoll_pwait"},
+    ),
+    # The generic table (no poll, select or epoll_wait there: only their p…/…pwait forms).
+    "aarch64": (
+        {22, 72, 73, 98, 441},  # epoll_pwait pselect6 ppoll futex epoll_pwait2
+        {64, 66, 206, 211},  # write writev sendto sendmsg
+        {63: "read", 64: "write", 65: "readv", 66: "writev", 206: "sendto", 207: "recvfrom", 211: "sendmsg",
+         212: "recvmsg", 209: "getsockopt", 208: "setsockopt", 98: "futex", 22: "epoll_pwait"},
+    ),
+}
+WAITS, WRITES, NAMES = SYSCALLS.get(platform.machine(), (set(), set(), {}))
 LINE = re.compile(r"^\s*(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")  # perf script -F tid,time,event,trace
 
 
@@ -157,6 +171,8 @@ def replay(script: str, proxies: list[Steps]) -> None:
 
 def unavailable() -> str | None:
     """Why tracepoints cannot be recorded here, if they cannot."""
+    if platform.machine() not in SYSCALLS:
+        return f"no system call table for {platform.machine()} here (x86_64 and aarch64 only)"
     if shutil.which("perf") is None:
         return "perf not found (apt-get install linux-perf)"
     probe = subprocess.run(["perf", "record", "-q", "-a", "-e", "sched:sched_switch", "-o", "/dev/null",
