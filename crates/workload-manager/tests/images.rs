@@ -80,7 +80,11 @@ async fn images_are_pulled_once_and_sandboxes_run_on_them() {
     });
     let env = |name: &str| json!({"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", format!("IMAGE_NAME={name}")]});
     let (py_digest, _) = registry
-        .push("py:1", &[base.clone(), lower, hide, probe], env("py"))
+        .push(
+            "py:1",
+            &[base.clone(), lower, hide, oci::zstd(&probe)],
+            env("py"),
+        )
         .await;
     let other = oci::layer(|l| l.file("etc/image-name", b"other", 0o644));
     registry

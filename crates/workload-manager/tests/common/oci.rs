@@ -97,7 +97,7 @@ impl Registry {
             .join("data")
     }
 
-    /// Pushes `layers` (gzip tars) with `config` (the image config's `config` object) as
+    /// Pushes `layers` (gzip or zstd tars, told apart by their first bytes) with `config` (the image config's `config` object) as
     /// `<addr>/<name>`; returns (manifest digest, layer digests).
     pub async fn push(
         &self,
@@ -105,7 +105,7 @@ impl Registry {
         layers: &[Vec<u8>],
         config: serde_json::Value,
     ) -> (String, Vec<String>) {
-        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(&gunzip(l))).collect();
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(&decompress(l))).collect();
         let image_config = serde_json::json!({
             "architecture": "amd64", "os": "linux", "config": config,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -118,9 +118,10 @@ impl Registry {
         let oci_layers: Vec<ImageLayer> = layers
             .iter()
             .map(|l| {
+                let kind = if is_zstd(l) { "zstd" } else { "gzip" };
                 ImageLayer::new(
                     l.clone(),
-                    "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                    format!("application/vnd.oci.image.layer.v1.tar+{kind}"),
                     None,
                 )
             })
@@ -160,10 +161,23 @@ pub fn sha256(data: &[u8]) -> String {
     )
 }
 
-fn gunzip(data: &[u8]) -> Vec<u8> {
+fn is_zstd(layer: &[u8]) -> bool {
+    layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+}
+
+/// A layer's tar (its diff id is this tar's digest).
+fn decompress(layer: &[u8]) -> Vec<u8> {
+    if is_zstd(layer) {
+        return zstd::decode_all(layer).unwrap();
+    }
     let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(data), &mut out).unwrap();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(layer), &mut out).unwrap();
     out
+}
+
+/// A gzip layer recompressed with zstd (pushed as `tar+zstd`).
+pub fn zstd(layer: &[u8]) -> Vec<u8> {
+    zstd::encode_all(&decompress(layer)[..], 3).unwrap()
 }
 
 /// A gzip layer built by `fill`.

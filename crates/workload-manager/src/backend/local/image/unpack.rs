@@ -57,7 +57,8 @@ pub fn build_rootfs(parent: &Path, target: &Path, layers: &[Layer]) -> io::Resul
     let built = (|| {
         for layer in layers {
             apply_layer(&partial, layer).map_err(|e| {
-                io::Error::new(e.kind(), format!("layer {}: {e}", layer_name(layer)))
+                let (name, kind) = (layer_name(layer), &layer.media_type);
+                io::Error::new(e.kind(), format!("layer {name} ({kind}): {e}"))
             })?;
         }
         add_mount_points(&partial)?;
@@ -82,24 +83,22 @@ fn layer_name(layer: &Layer) -> String {
         .unwrap_or_default()
 }
 
-/// Opens a layer blob, decompressing by its content (gzip or plain tar).
+/// Opens a layer blob, decompressing by its content: gzip, zstd (every frame, skippable ones
+/// skipped, as `zstd:chunked` layers have them) or plain tar.
 fn open_layer(layer: &Layer) -> io::Result<Box<dyn Read>> {
     let mut file = BufReader::new(fs::File::open(&layer.path)?);
     let magic = file.fill_buf()?;
     if magic.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::read::GzDecoder::new(file)))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "zstd-compressed layers ({}) are not supported yet; push the image with gzip layers",
-                layer.media_type
-            ),
-        ))
+    } else if magic.starts_with(&ZSTD_MAGIC) {
+        Ok(Box::new(zstd::stream::read::Decoder::with_buffer(file)?))
     } else {
         Ok(Box::new(file))
     }
 }
+
+/// The first bytes of a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// One layer onto `root`.
 fn apply_layer(root: &Path, layer: &Layer) -> io::Result<()> {

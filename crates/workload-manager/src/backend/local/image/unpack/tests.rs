@@ -252,15 +252,55 @@ fn set_id_bits_devices_and_ownership_are_dropped() {
 }
 
 #[test]
-fn zstd_layers_are_refused_by_name() {
+fn zstd_layers_unpack_across_frames_and_skippable_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = layer(
+        tmp.path(),
+        "plain",
+        &[
+            E::Dir("etc"),
+            E::File("etc/a", "first", 0o644),
+            E::File("etc/b", "second", 0o600),
+        ],
+        false,
+    );
+    let raw = fs::read(&plain.path).unwrap();
+    // Two frames split inside `etc/a`'s header (at 512..1024), a skippable frame between them
+    // (zstd:chunked writes its table of contents in one).
+    let mut z = zstd::encode_all(&raw[..700], 1).unwrap();
+    z.extend([0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, b't', b'o', b'c']);
+    z.extend(zstd::encode_all(&raw[700..], 1).unwrap());
+    let path = tmp.path().join("z");
+    fs::write(&path, &z).unwrap();
+    let l = Layer {
+        path,
+        media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+    };
+    let target = tmp.path().join("rootfs");
+    build_rootfs(tmp.path(), &target, &[l]).unwrap();
+    assert_eq!(fs::read_to_string(target.join("etc/a")).unwrap(), "first");
+    assert_eq!(fs::read_to_string(target.join("etc/b")).unwrap(), "second");
+}
+
+#[test]
+fn a_corrupt_zstd_layer_fails_and_leaves_no_rootfs() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("z");
-    fs::write(&path, [0x28, 0xb5, 0x2f, 0xfd, 0, 0]).unwrap();
+    let mut z = zstd::encode_all(&[7u8; 4096][..], 1).unwrap();
+    let end = z.len() - 1;
+    z[8..end].fill(0xff);
+    fs::write(&path, z).unwrap();
     let l = Layer {
         path,
         media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
     };
     let err = build_rootfs(tmp.path(), &tmp.path().join("r"), &[l]).unwrap_err();
-    assert!(err.to_string().contains("zstd"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("layer z (application/vnd.oci.image.layer.v1.tar+zstd): "),
+        "{err}"
+    );
     assert!(!tmp.path().join("r").exists());
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "only the blob: {left:?}");
 }
