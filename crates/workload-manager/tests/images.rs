@@ -17,6 +17,7 @@ fn settings(registry: &oci::Registry) -> Option<RegistrySettings> {
     Some(RegistrySettings {
         insecure: vec![registry.addr.clone()],
         auth_file: None,
+        max_image_bytes: Some(16 << 30),
     })
 }
 
@@ -212,6 +213,12 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
     // Someone with access to the registry's storage swaps the layer's bytes.
     let evil = oci::layer(|l| l.file("etc/hostname", b"evil", 0o644));
     std::fs::write(registry.blob_file(&layers[0]), evil).unwrap();
+    // A decompression bomb: 8 MiB of zeros in a zstd layer of a few hundred bytes, against a
+    // 4 MiB limit.
+    let zeros = oci::layer(|l| l.file("zeros", &vec![0u8; 8 << 20], 0o644));
+    registry
+        .push("bomb:1", &[oci::zstd(&zeros)], json!({}))
+        .await;
     let r = &registry.addr;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -221,6 +228,7 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
         ci("tampered", &format!("{r}/tampered:1"), ""),
         ci("unknown", &format!("{r}/no-such-image:1"), ""),
         ci("offline", &format!("{closed}/py:1"), ""),
+        ci("bomb", &format!("{r}/bomb:1"), ""),
         ci(
             "never",
             &format!("{r}/tampered:1"),
@@ -233,6 +241,7 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
         images: Some(RegistrySettings {
             insecure: vec![registry.addr.clone(), closed.clone()],
             auth_file: None,
+            max_image_bytes: Some(4 << 20),
         }),
         ..Default::default()
     })
@@ -242,6 +251,7 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
         ("unknown", 400, "not found"),
         ("offline", 503, "unreachable (no network"),
         ("never", 400, "imagePullPolicy is Never"),
+        ("bomb", 400, "unpacks to more than 4194304 bytes"),
     ];
     for (name, want, text) in cases {
         let (status, body) = s.create("code-interpreter", name).await;
@@ -252,11 +262,11 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
             "{name}: {message}"
         );
     }
-    // Nothing kept: no rootfs, no blob (the tampered one was refused while streaming), no
-    // partial file, no sandbox, no session record.
+    // Nothing kept: no rootfs, no blob but the bomb's verified one (the tampered one was
+    // refused while streaming), no partial file, no sandbox, no session record.
     let cache = s.backend.images().unwrap().dir().to_path_buf();
     assert_eq!(count(&cache.join("rootfs")), 0);
-    assert_eq!(count(&cache.join("blobs")), 0);
+    assert_eq!(count(&cache.join("blobs")), 1);
     assert!(s.backend.running().is_empty());
     let all = agentcube_store::Scope::All;
     assert_eq!(s.store.count(&all).await.unwrap(), 0);
@@ -327,6 +337,7 @@ async fn registry_credentials_come_from_the_docker_config_file() {
         images: Some(RegistrySettings {
             insecure: vec![registry.addr.clone()],
             auth_file: Some(config.clone()),
+            max_image_bytes: None,
         }),
         ..Default::default()
     })

@@ -53,6 +53,14 @@ pub struct ImageArgs {
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`). Read at each pull.
     #[arg(long, env = "AGENTCUBE_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
+    /// Most an image may unpack to on this host (a quantity such as `16Gi`; `0` = no limit): an
+    /// image whose layers unpack to more (a decompression bomb, say) fails its creates with 400.
+    #[arg(long, env = "AGENTCUBE_MAX_IMAGE_SIZE", default_value = "16Gi", value_parser = image_size)]
+    pub max_image_size: u64,
+}
+
+fn image_size(v: &str) -> Result<u64, String> {
+    super::cgroup::parse_memory(v).ok_or_else(|| format!("not a quantity: {v:?}"))
 }
 
 impl ImageArgs {
@@ -63,6 +71,7 @@ impl ImageArgs {
         (self.images == "pull").then(|| RegistrySettings {
             insecure: self.insecure_registries.clone(),
             auth_file: self.registry_auth_file.clone().or(docker_config),
+            max_image_bytes: Some(self.max_image_size).filter(|b| *b > 0),
         })
     }
 }
@@ -159,6 +168,7 @@ pub struct Images {
 
 struct Inner {
     dir: PathBuf,
+    max_image_bytes: Option<u64>,
     registry: registry::Registry,
     slots: Mutex<HashMap<String, Slot>>,
 }
@@ -190,6 +200,7 @@ impl Images {
         unpack::remove_partials(&dir);
         Ok(Self {
             inner: Arc::new(Inner {
+                max_image_bytes: settings.max_image_bytes,
                 registry: registry::Registry::new(settings)?,
                 dir,
                 slots: Mutex::new(HashMap::new()),
@@ -292,10 +303,17 @@ impl Inner {
                 .await
                 .map_err(|e| e.into_backend(reference))?;
             let (root, target) = (self.dir.join("rootfs"), self.rootfs(&digest));
-            tokio::task::spawn_blocking(move || unpack::build_rootfs(&root, &target, &blobs))
+            let max = self.max_image_bytes;
+            tokio::task::spawn_blocking(move || unpack::build_rootfs(&root, &target, &blobs, max))
                 .await
                 .map_err(|e| BackendError::Failed(format!("unpacking {reference}: {e}")))?
-                .map_err(|e| BackendError::Failed(format!("unpacking image {reference}: {e}")))?;
+                .map_err(|e| {
+                    let m = format!("unpacking image {reference}: {e}");
+                    match e.kind() {
+                        std::io::ErrorKind::FileTooLarge => BackendError::Invalid(m),
+                        _ => BackendError::Failed(m),
+                    }
+                })?;
             tracing::info!(%digest, seconds = started.elapsed().as_secs_f32(), "image ready");
         }
         let config = self.config_path(&digest);

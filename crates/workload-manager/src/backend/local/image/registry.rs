@@ -19,6 +19,8 @@ pub struct RegistrySettings {
     pub insecure: Vec<String>,
     /// Docker `config.json` with `auths`.
     pub auth_file: Option<PathBuf>,
+    /// Most bytes an image's layers may unpack to (`None`: no limit).
+    pub max_image_bytes: Option<u64>,
 }
 
 /// A failed registry operation.

@@ -44,8 +44,14 @@ pub fn remove_partials(dir: &Path) {
 }
 
 /// Applies `layers` in order into a fresh directory next to `target`, adds the mount points, and
-/// renames it to `target` only when complete.
-pub fn build_rootfs(parent: &Path, target: &Path, layers: &[Layer]) -> io::Result<()> {
+/// renames it to `target` only when complete. With `max_bytes`, the layers' unpacked tar streams
+/// together may be at most that long (a decompression bomb fails with `FileTooLarge`).
+pub fn build_rootfs(
+    parent: &Path,
+    target: &Path,
+    layers: &[Layer],
+    max_bytes: Option<u64>,
+) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let name = target.file_name().map(|n| n.to_string_lossy().to_string());
     let partial = parent.join(format!(
@@ -54,9 +60,16 @@ pub fn build_rootfs(parent: &Path, target: &Path, layers: &[Layer]) -> io::Resul
         uuid::Uuid::new_v4().simple()
     ));
     fs::create_dir(&partial)?;
+    let mut budget = Budget {
+        left: max_bytes.unwrap_or(u64::MAX),
+        limit: max_bytes,
+        exceeded: false,
+    };
     let built = (|| {
         for layer in layers {
-            apply_layer(&partial, layer).map_err(|e| {
+            apply_layer(&partial, layer, &mut budget).map_err(|e| {
+                // The tar crate puts its own message on our reader's error.
+                let e = if budget.exceeded { budget.error() } else { e };
                 let (name, kind) = (layer_name(layer), &layer.media_type);
                 io::Error::new(e.kind(), format!("layer {name} ({kind}): {e}"))
             })?;
@@ -100,9 +113,49 @@ fn open_layer(layer: &Layer) -> io::Result<Box<dyn Read>> {
 /// The first bytes of a zstd frame.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
+/// What an image may still unpack to.
+struct Budget {
+    left: u64,
+    limit: Option<u64>,
+    exceeded: bool,
+}
+
+impl Budget {
+    fn error(&self) -> io::Error {
+        let limit = self.limit.unwrap_or(u64::MAX);
+        io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("the image unpacks to more than {limit} bytes (--max-image-size)"),
+        )
+    }
+}
+
+/// A layer's unpacked bytes, counted against the image's [`Budget`].
+struct Counted<'b, R> {
+    inner: R,
+    budget: &'b mut Budget,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match self.budget.left.checked_sub(n as u64) {
+            Some(left) => self.budget.left = left,
+            None => {
+                self.budget.exceeded = true;
+                return Err(self.budget.error());
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// One layer onto `root`.
-fn apply_layer(root: &Path, layer: &Layer) -> io::Result<()> {
-    let mut archive = tar::Archive::new(open_layer(layer)?);
+fn apply_layer(root: &Path, layer: &Layer, budget: &mut Budget) -> io::Result<()> {
+    let mut archive = tar::Archive::new(Counted {
+        inner: open_layer(layer)?,
+        budget,
+    });
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(false);
     archive.set_unpack_xattrs(false);

@@ -113,7 +113,7 @@ fn layers_apply_in_order_with_whiteouts_and_opaque_directories() {
         false,
     );
     let target = tmp.path().join("rootfs");
-    build_rootfs(tmp.path(), &target, &[l1, l2]).unwrap();
+    build_rootfs(tmp.path(), &target, &[l1, l2], None).unwrap();
     assert!(!target.join("etc/gone").exists(), "whiteout");
     assert_eq!(fs::read_to_string(target.join("etc/kept")).unwrap(), "2");
     let mut old: Vec<_> = fs::read_dir(target.join("opt/old"))
@@ -183,7 +183,7 @@ fn hostile_layers_never_touch_anything_outside_the_rootfs() {
         true,
     );
     let target = tmp.path().join("rootfs");
-    build_rootfs(tmp.path(), &target, &[l1, l2]).unwrap();
+    build_rootfs(tmp.path(), &target, &[l1, l2], None).unwrap();
     assert_eq!(
         fs::read_to_string(outside.join("keep")).unwrap(),
         "host file"
@@ -212,15 +212,16 @@ fn hostile_layers_never_touch_anything_outside_the_rootfs() {
         true,
     );
     let other = tmp.path().join("rootfs2");
-    let err = build_rootfs(tmp.path(), &other, std::slice::from_ref(&l3));
+    let err = build_rootfs(tmp.path(), &other, std::slice::from_ref(&l3), None);
     let l1b = layer(tmp.path(), "l1b", &[E::Link("evil", host)], true);
-    let err2 = build_rootfs(tmp.path(), &tmp.path().join("rootfs2b"), &[l1b, l3]).unwrap_err();
+    let err2 =
+        build_rootfs(tmp.path(), &tmp.path().join("rootfs2b"), &[l1b, l3], None).unwrap_err();
     assert!(err.is_ok(), "evil/ as a plain directory is fine: {err:?}");
     assert!(!outside.join("planted").exists());
     assert!(err2.to_string().contains("outside"), "{err2}");
     // `..` entries are skipped.
     let third = tmp.path().join("rootfs3");
-    build_rootfs(tmp.path(), &third, &[climbing_layer(tmp.path())]).unwrap();
+    build_rootfs(tmp.path(), &third, &[climbing_layer(tmp.path())], None).unwrap();
     assert!(!tmp.path().join("escaped.txt").exists());
 }
 
@@ -238,7 +239,7 @@ fn set_id_bits_devices_and_ownership_are_dropped() {
         true,
     );
     let target = tmp.path().join("rootfs");
-    build_rootfs(tmp.path(), &target, &[l]).unwrap();
+    build_rootfs(tmp.path(), &target, &[l], None).unwrap();
     for f in ["usr/bin/su", "usr/bin/wall"] {
         let mode = fs::metadata(target.join(f)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o755, "{f}");
@@ -277,7 +278,7 @@ fn zstd_layers_unpack_across_frames_and_skippable_frames() {
         media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
     };
     let target = tmp.path().join("rootfs");
-    build_rootfs(tmp.path(), &target, &[l]).unwrap();
+    build_rootfs(tmp.path(), &target, &[l], None).unwrap();
     assert_eq!(fs::read_to_string(target.join("etc/a")).unwrap(), "first");
     assert_eq!(fs::read_to_string(target.join("etc/b")).unwrap(), "second");
 }
@@ -294,7 +295,7 @@ fn a_corrupt_zstd_layer_fails_and_leaves_no_rootfs() {
         path,
         media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
     };
-    let err = build_rootfs(tmp.path(), &tmp.path().join("r"), &[l]).unwrap_err();
+    let err = build_rootfs(tmp.path(), &tmp.path().join("r"), &[l], None).unwrap_err();
     assert!(
         err.to_string()
             .starts_with("layer z (application/vnd.oci.image.layer.v1.tar+zstd): "),
@@ -303,4 +304,26 @@ fn a_corrupt_zstd_layer_fails_and_leaves_no_rootfs() {
     assert!(!tmp.path().join("r").exists());
     let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().collect();
     assert_eq!(left.len(), 1, "only the blob: {left:?}");
+}
+
+#[test]
+fn an_image_unpacking_past_its_limit_fails_and_leaves_no_rootfs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = "x".repeat(64 * 1024);
+    let l1 = layer(tmp.path(), "l1", &[E::File("a", &big, 0o644)], true);
+    let l2 = layer(tmp.path(), "l2", &[E::File("b", &big, 0o644)], true);
+    // Each layer alone fits; together they do not (the limit is the image's, not a layer's).
+    let limit = Some(100 * 1024);
+    let target = tmp.path().join("one");
+    build_rootfs(tmp.path(), &target, std::slice::from_ref(&l1), limit).unwrap();
+    let err = build_rootfs(tmp.path(), &tmp.path().join("r"), &[l1, l2], limit).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::FileTooLarge, "{err}");
+    assert!(err.to_string().contains("102400 bytes"), "{err}");
+    assert!(!tmp.path().join("r").exists());
+    let partials = fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .count();
+    assert_eq!(partials, 0);
 }
