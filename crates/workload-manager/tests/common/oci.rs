@@ -97,8 +97,9 @@ impl Registry {
             .join("data")
     }
 
-    /// Pushes `layers` (gzip or zstd tars, told apart by their first bytes) with `config` (the image config's `config` object) as
-    /// `<addr>/<name>`; returns (manifest digest, layer digests).
+    /// Pushes `layers` (gzip or zstd tars, told apart by their first bytes) with `config` (the
+    /// image config's `config` object) as `<addr>/<name>`; returns (manifest digest, layer
+    /// digests).
     pub async fn push(
         &self,
         name: &str,

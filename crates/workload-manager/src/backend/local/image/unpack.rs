@@ -60,9 +60,10 @@ pub fn build_rootfs(
         uuid::Uuid::new_v4().simple()
     ));
     fs::create_dir(&partial)?;
+    let limit = max_bytes.unwrap_or(u64::MAX);
     let mut budget = Budget {
-        left: max_bytes.unwrap_or(u64::MAX),
-        limit: max_bytes,
+        left: limit,
+        limit,
         exceeded: false,
     };
     let built = (|| {
@@ -116,16 +117,18 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// What an image may still unpack to.
 struct Budget {
     left: u64,
-    limit: Option<u64>,
+    limit: u64,
     exceeded: bool,
 }
 
 impl Budget {
     fn error(&self) -> io::Error {
-        let limit = self.limit.unwrap_or(u64::MAX);
         io::Error::new(
             io::ErrorKind::FileTooLarge,
-            format!("the image unpacks to more than {limit} bytes (--max-image-size)"),
+            format!(
+                "the image unpacks to more than {} bytes (--max-image-size)",
+                self.limit
+            ),
         )
     }
 }
