@@ -42,10 +42,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 pub struct Tls(pub TlsAcceptor);
 
 impl agentcube_serve::Handshake for Tls {
-    type Io = tokio_rustls::server::TlsStream<agentcube_serve::Stream>;
+    type Io = tokio_rustls::server::TlsStream<agentcube_serve::Accepted>;
     fn handshake(
         &self,
-        s: agentcube_serve::Stream,
+        s: agentcube_serve::Accepted,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send>> {
         let acceptor = self.0.clone();
         Box::pin(async move { acceptor.accept(s).await })

@@ -28,7 +28,12 @@
 //!    closed within twice that),
 //!    or a connection idle for [`Limits::keep_alive_idle`], is closed. A request in flight is
 //!    never cut (long executes and streams are legitimate).
-//! 6. On shutdown: stop accepting, let connections finish for the grace period, then return.
+//! 6. A connection the server is done with closes lingering (`linger.rs`): half-closed, then
+//!    read until the client closes (at most 2 s of silence, 10 s in all, its slot kept), so a
+//!    client still sending — pipelined requests behind a `Connection: close`, an upload answered
+//!    before it was read — gets the end of its answer instead of a reset. Stalled connections
+//!    and failed handshakes close at once.
+//! 7. On shutdown: stop accepting, let connections finish for the grace period, then return.
 //!
 //! Counters of all of this are in [`Stats`], for each component's `/metrics`.
 
@@ -54,6 +59,7 @@ use tower::ServiceExt;
 mod conn;
 mod lane;
 pub mod limits;
+mod linger;
 pub mod listener;
 mod relayed;
 mod side;
@@ -61,6 +67,7 @@ mod workers;
 
 pub use lane::request::LaneRequest;
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
+pub use linger::Accepted;
 pub use listener::{Handshake, Listener, Plain, Stream};
 pub use relayed::{LaneResponse, Relayed};
 pub use tower_http::timeout::TimeoutError as BodyTimeout;
@@ -446,12 +453,15 @@ enum Cut {
 }
 
 impl<H: Handshake> Connection<H> {
-    pub(crate) async fn run(self, stream: Stream) {
+    /// Serves one accepted connection; `slot` is given back once it is closed (after
+    /// [`linger`]ing).
+    pub(crate) async fn run(self, stream: Stream, slot: tokio::sync::OwnedSemaphorePermit) {
         let stats = self.options.stats.clone();
         let limits = self.options.limits;
+        let (accepted, armed) = linger::Accepted::new(stream, Some(slot));
         let io = match tokio::time::timeout(
             limits.header_read_timeout,
-            self.options.handshake.handshake(stream),
+            self.options.handshake.handshake(accepted),
         )
         .await
         {
@@ -461,6 +471,7 @@ impl<H: Handshake> Connection<H> {
                 return;
             }
         };
+        armed.set(true);
         stats.open.inc();
         let tracker = conn::Tracker::new();
         // The watcher's clone counts this connection as open until it ends.
@@ -470,8 +481,11 @@ impl<H: Handshake> Connection<H> {
             io,
             tracker: tracker.clone(),
         };
-        let cut = match self.fast_lane(io, &tracker, &mut beside).await {
-            Ok(Some((io, after))) => self.hyper(io, after, &tracker, &mut beside).await.err(),
+        let cut = match self.fast_lane(io, &tracker, &mut beside, &armed).await {
+            Ok(Some((io, after))) => {
+                let served = self.hyper(io, after, &tracker, &mut beside, &armed);
+                served.await.err()
+            }
             Ok(None) => None,
             Err(cut) => Some(cut),
         };
@@ -492,6 +506,7 @@ impl<H: Handshake> Connection<H> {
         io: I,
         tracker: &Arc<conn::Tracker>,
         beside: &mut side::Beside,
+        armed: &linger::Armed,
     ) -> Result<Option<(lane::Rewind<I>, bool)>, Cut> {
         if !self.options.limits.fast_lane {
             return Ok(Some((lane::Rewind::new(bytes::Bytes::new(), io), false)));
@@ -502,7 +517,10 @@ impl<H: Handshake> Connection<H> {
         let end = std::future::poll_fn(|cx| {
             while let Poll::Ready(event) = beside.poll(cx) {
                 match event {
-                    side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
+                    side::Side::Stalled(why) => {
+                        armed.set(false);
+                        return Poll::Ready(Err(Cut::Stalled(why)));
+                    }
                     // A request being read (its body may follow its head) is finished first.
                     side::Side::Shutdown if tracker.quiet() => return Poll::Ready(Err(Cut::Idle)),
                     side::Side::Shutdown => tracker.close_soon(),
@@ -524,6 +542,7 @@ impl<H: Handshake> Connection<H> {
         after_lane: bool,
         tracker: &Arc<conn::Tracker>,
         beside: &mut side::Beside,
+        armed: &linger::Armed,
     ) -> Result<(), Cut> {
         let limits = self.options.limits;
         let (app, peer, t) = (self.app.clone(), self.peer, tracker.clone());
@@ -553,7 +572,10 @@ impl<H: Handshake> Connection<H> {
         std::future::poll_fn(|cx| {
             while let Poll::Ready(event) = beside.poll(cx) {
                 match event {
-                    side::Side::Stalled(why) => return Poll::Ready(Err(Cut::Stalled(why))),
+                    side::Side::Stalled(why) => {
+                        armed.set(false);
+                        return Poll::Ready(Err(Cut::Stalled(why)));
+                    }
                     side::Side::Shutdown => {
                         tracker.close_soon();
                         served.as_mut().graceful_shutdown();

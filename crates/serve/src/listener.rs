@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use crate::Accepted;
+
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
@@ -142,7 +144,7 @@ pub trait Handshake: Clone + Send + Sync + 'static {
     /// The stream after the handshake.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// Performs the handshake.
-    fn handshake(&self, s: Stream) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send>>;
+    fn handshake(&self, s: Accepted) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send>>;
 }
 
 /// No handshake: HTTP/1.1 and h2c in the clear.
@@ -150,8 +152,8 @@ pub trait Handshake: Clone + Send + Sync + 'static {
 pub struct Plain;
 
 impl Handshake for Plain {
-    type Io = Stream;
-    fn handshake(&self, s: Stream) -> Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>> {
+    type Io = Accepted;
+    fn handshake(&self, s: Accepted) -> Pin<Box<dyn Future<Output = io::Result<Accepted>> + Send>> {
         Box::pin(std::future::ready(Ok(s)))
     }
 }

@@ -93,10 +93,7 @@ impl<H: Handshake> Dispatch<H> {
                     builders: builder.clone(),
                     watcher: graceful.watcher(),
                 };
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    conn.run(stream).await;
-                });
+                tokio::spawn(conn.run(stream, slot));
             }
             Self::Workers { senders, next, .. } => {
                 let stream = match stream {
@@ -166,11 +163,7 @@ fn worker<H: Handshake>(
                 builders: builder.clone(),
                 watcher: graceful.watcher(),
             };
-            let slot = job.slot;
-            tokio::spawn(async move {
-                let _slot = slot;
-                conn.run(stream).await;
-            });
+            tokio::spawn(conn.run(stream, job.slot));
         }
         graceful.drain(options.grace).await;
     });

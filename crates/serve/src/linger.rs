@@ -1,0 +1,141 @@
+//! Lingering close. A TCP socket closed while input is still unread makes the kernel answer
+//! with a reset at once and discard what it had not sent yet — the end of the last answer
+//! (RFC 9112 §9.6, "tear-down"). That happens whenever the server ends a connection the client
+//! is still writing to: a `Connection: close` or HTTP/1.0 request with more pipelined behind it,
+//! an error answered before an upload was read. So an accepted connection, once the server is
+//! done with it, is half-closed (a FIN after everything queued) and read until the client
+//! closes its side, for at most [`SILENCE`] without a byte and [`MOST`] in all — nginx's
+//! `lingering_close`. It keeps its connection slot meanwhile. Connections the watchdog cuts
+//! (stalled clients) and failed handshakes are closed at once.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::Stream;
+
+/// How long a closing connection may stay silent before it is closed.
+pub(crate) const SILENCE: Duration = Duration::from_secs(2);
+/// How long a closing connection is read at most.
+pub(crate) const MOST: Duration = Duration::from_secs(10);
+
+/// An accepted connection: a [`Stream`] that lingers when dropped, if [`Armed`] says so.
+#[derive(Debug)]
+pub struct Accepted {
+    stream: Option<Stream>,
+    armed: Arc<AtomicBool>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Whether an [`Accepted`] connection lingers when it is dropped (not until armed).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Armed(Arc<AtomicBool>);
+
+impl Armed {
+    pub(crate) fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Release);
+    }
+}
+
+impl Accepted {
+    /// `slot` (the connection's place under `max_connections`) is given back when the
+    /// connection is closed, after lingering.
+    pub(crate) fn new(stream: Stream, slot: Option<OwnedSemaphorePermit>) -> (Self, Armed) {
+        let armed = Armed::default();
+        let accepted = Self {
+            stream: Some(stream),
+            armed: armed.0.clone(),
+            slot,
+        };
+        (accepted, armed)
+    }
+
+    /// The stream underneath (TCP or Unix).
+    pub fn get_ref(&self) -> &Stream {
+        self.stream.as_ref().expect("present until dropped")
+    }
+
+    fn stream(self: Pin<&mut Self>) -> Pin<&mut Stream> {
+        Pin::new(
+            self.get_mut()
+                .stream
+                .as_mut()
+                .expect("present until dropped"),
+        )
+    }
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let slot = self.slot.take();
+            rt.spawn(async move {
+                linger(stream).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Half-closes `s`, then discards what arrives until the peer closes, is silent for
+/// [`SILENCE`], or [`MOST`] has passed.
+async fn linger(mut s: Stream) {
+    let _ = s.shutdown().await;
+    let end = tokio::time::Instant::now() + MOST;
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let by = end.min(tokio::time::Instant::now() + SILENCE);
+        match tokio::time::timeout_at(by, s.read(&mut buf)).await {
+            Ok(Ok(1..)) => continue,
+            _ => return,
+        }
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.get_ref().is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}

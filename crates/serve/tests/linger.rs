@@ -1,0 +1,139 @@
+//! A connection the server closes while the client is still sending (a `Connection: close`
+//! request followed by pipelined bytes, an answer given before an upload was read) must not
+//! lose the end of its answer: closing a TCP socket with unread input makes the kernel send a
+//! reset at once and throw away what it had not sent yet (RFC 9112 §9.6). The server half-closes
+//! and reads until the client closes instead ("lingering close", as nginx does).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agentcube_serve::{Limits, Options, Refusal, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Larger than what loopback sockets buffer, so the answer's end is still queued in the
+/// server's kernel when its connection ends.
+const ANSWER: usize = 8 << 20;
+
+async fn start(fast_lane: bool) -> SocketAddr {
+    start_with(Limits {
+        fast_lane,
+        ..Limits::default()
+    })
+    .await
+}
+
+async fn start_with(limits: Limits) -> SocketAddr {
+    let app = axum::Router::new()
+        .route("/big", axum::routing::any(|| async { vec![b'a'; ANSWER] }))
+        .route("/small", axum::routing::any(|| async { "small" }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let options = Options::new(limits, Refusal::json("{\"refused\":true}"));
+    tokio::spawn(serve(l.into(), app, options, std::future::pending::<()>()));
+    addr
+}
+
+/// Sends `raw`, waits a moment (the answer fills the buffers meanwhile), then reads what the
+/// server sends until it closes: the byte count, or how reading ended.
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> Result<usize, String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got).await {
+        Ok(_) => Ok(got.len()),
+        Err(e) => Err(format!("{e} after {} bytes", got.len())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_delivered_whole_when_the_client_sent_more_than_was_read() {
+    for fast_lane in [true, false] {
+        let addr = start(fast_lane).await;
+        // The last request of the connection, followed by one it never reads.
+        let mut raw = b"GET /big HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n".to_vec();
+        raw.extend_from_slice(b"POST /big HTTP/1.1\r\nhost: h\r\ncontent-length: 65536\r\n\r\n");
+        raw.extend(std::iter::repeat_n(b'p', 65536));
+        let got = exchange(addr, &raw).await;
+        let got = got.unwrap_or_else(|e| panic!("fast lane {fast_lane}: {e}"));
+        assert!(
+            got > ANSWER,
+            "fast lane {fast_lane}: {got} bytes, the answer has {ANSWER}"
+        );
+        // HTTP/1.0 (closes after one answer) with a second request behind it.
+        let mut raw = b"GET /big HTTP/1.0\r\nhost: h\r\n\r\n".to_vec();
+        raw.extend_from_slice(b"GET /big HTTP/1.1\r\nhost: h\r\nx-pad: ");
+        raw.extend(std::iter::repeat_n(b'x', 4000));
+        raw.extend_from_slice(b"\r\n\r\n");
+        let got = exchange(addr, &raw).await;
+        let got = got.unwrap_or_else(|e| panic!("fast lane {fast_lane}, HTTP/1.0: {e}"));
+        assert!(got > ANSWER, "fast lane {fast_lane}: {got} bytes");
+    }
+}
+
+const CLOSE: &[u8] = b"GET /small HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n";
+
+/// A client that asked to close, read its answer (to the server's FIN), and then neither
+/// closes nor sends: with one connection allowed, its slot is held while the server lingers,
+/// and given back after two silent seconds.
+#[tokio::test]
+async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
+    let addr = start_with(Limits {
+        max_connections: 1,
+        ..Limits::default()
+    })
+    .await;
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(CLOSE).await.unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).await.unwrap();
+    assert!(String::from_utf8_lossy(&got).ends_with("small"));
+    let lingering = tokio::time::Instant::now();
+    let answer = |raw: Vec<u8>| String::from_utf8_lossy(&raw).into_owned();
+    let b = answer(exchange_small(addr).await);
+    assert!(b.contains("refused"), "served while a lingered: {b}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = answer(exchange_small(addr).await);
+    assert!(
+        c.ends_with("small"),
+        "still held after {:?}: {c}",
+        lingering.elapsed()
+    );
+    drop(a);
+}
+
+/// A client that keeps a closing connection alive with a byte now and then is cut after
+/// ten seconds in all, and its slot given back.
+#[tokio::test]
+async fn a_trickling_client_keeps_a_closing_connection_ten_seconds_at_most() {
+    let addr = start_with(Limits {
+        max_connections: 1,
+        ..Limits::default()
+    })
+    .await;
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(CLOSE).await.unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).await.unwrap();
+    let start = tokio::time::Instant::now();
+    // Writes fail once the server has closed (a reset answers the first byte after it).
+    while a.write_all(b"x").await.is_ok() && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(9500) && took < Duration::from_secs(15),
+        "closed after {took:?}"
+    );
+    let c = String::from_utf8_lossy(&exchange_small(addr).await).into_owned();
+    assert!(c.ends_with("small"), "slot not given back: {c}");
+}
+
+/// One `GET /small` on a new connection (closing): everything the server sent.
+async fn exchange_small(addr: SocketAddr) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(CLOSE).await.unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    got
+}
