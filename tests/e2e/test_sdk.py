@@ -8,7 +8,8 @@ import time
 import pytest
 import requests
 
-from agentcube import CodeInterpreterClient, CommandExecutionError, SessionError, SessionNotFoundError
+from agentcube import (CodeInterpreterClient, CommandExecutionError, DataPlaneError, SessionError,
+                       SessionNotFoundError)
 
 FIB = """
 import json
@@ -50,6 +51,21 @@ def test_files_round_trip(stack, tmp_path):
         c.download_file("/data/blob.bin", str(tmp_path / "back.bin"))
         assert (tmp_path / "back.bin").read_bytes() == blob
         assert c.execute_command(["sha256sum", "data/blob.bin"]).split()[0] == __import__("hashlib").sha256(blob).hexdigest()
+
+
+def test_an_upload_over_the_limit_is_a_413_not_a_reset(stack, tmp_path):
+    """PicoD answers 413 as soon as it sees the length, while the SDK is still sending: the
+    answer must reach the SDK through the Router (servers close lingering), and the session
+    go on."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(40 * 1024 * 1024)
+    with CodeInterpreterClient() as c:
+        with pytest.raises(DataPlaneError) as e:
+            c.upload_file(str(big), "big.bin")
+        assert e.value.status_code == 413, e.value
+        assert "request body too large" in str(e.value)
+        assert c.execute_command(["ls", "-a"]).split() == [".", ".."]
 
 
 def test_command_results_and_failures(stack):

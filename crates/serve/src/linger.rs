@@ -72,26 +72,33 @@ impl Accepted {
 }
 
 impl Drop for Accepted {
+    /// The slot is given back before the socket closes: a client that sees the close may
+    /// connect again at once.
     fn drop(&mut self) {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        if !self.armed.load(Ordering::Acquire) {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let slot = self.slot.take();
-            rt.spawn(async move {
-                linger(stream).await;
+        let slot = self.slot.take();
+        let lingering = self.armed.load(Ordering::Acquire);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if lingering => {
+                rt.spawn(async move {
+                    let stream = linger(stream).await;
+                    drop(slot);
+                    drop(stream);
+                });
+            }
+            _ => {
                 drop(slot);
-            });
+                drop(stream);
+            }
         }
     }
 }
 
 /// Half-closes `s`, then discards what arrives until the peer closes, is silent for
-/// [`SILENCE`], or [`MOST`] has passed.
-async fn linger(mut s: Stream) {
+/// [`SILENCE`], or [`MOST`] has passed; `s`, to be closed.
+async fn linger(mut s: Stream) -> Stream {
     let _ = s.shutdown().await;
     let end = tokio::time::Instant::now() + MOST;
     let mut buf = vec![0; 16 * 1024];
@@ -99,7 +106,7 @@ async fn linger(mut s: Stream) {
         let by = end.min(tokio::time::Instant::now() + SILENCE);
         match tokio::time::timeout_at(by, s.read(&mut buf)).await {
             Ok(Ok(1..)) => continue,
-            _ => return,
+            _ => return s,
         }
     }
 }

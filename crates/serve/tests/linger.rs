@@ -137,3 +137,32 @@ async fn exchange_small(addr: SocketAddr) -> Vec<u8> {
     let _ = s.read_to_end(&mut got).await;
     got
 }
+
+/// A slowloris the watchdog cuts (its head still incomplete after the header timeout) is
+/// closed at once, not lingered with: its slot is free for the next client right away, however
+/// it keeps trickling.
+#[tokio::test]
+async fn a_connection_cut_for_stalling_gives_its_slot_back_at_once() {
+    let addr = start_with(Limits {
+        max_connections: 1,
+        header_read_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    })
+    .await;
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"GET /small HTTP/1.1\r\n").await.unwrap();
+    let (mut r, mut w) = a.into_split();
+    let trickle = tokio::spawn(async move {
+        while w.write_all(b"x-a: b\r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let _ = r.read_to_end(&mut got).await;
+    let c = String::from_utf8_lossy(&exchange_small(addr).await).into_owned();
+    assert!(
+        c.ends_with("small"),
+        "the cut slowloris still holds the slot: {c}"
+    );
+    trickle.abort();
+}
