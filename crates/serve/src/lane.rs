@@ -172,10 +172,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Lane<I> {
         .await
     }
 
-    /// Ready when the client has closed its side (or the connection failed).
+    /// Ready when the client has closed its side (or the connection failed). Reads into the
+    /// room the buffer has left, growing it only when there is none: the request being
+    /// answered still shares the buffer, so growing it means a new allocation, on every
+    /// request (the buffer is whole again, and reused, once the request has been dropped).
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         while self.buf.len() < READ_AHEAD {
-            self.buf.reserve(4096);
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(4096);
+            }
             match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(_)) => {}
@@ -354,3 +359,39 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
 }
 
 crate::conn::writes_through!(Rewind);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// While a request is answered it shares the read buffer, so watching the client must not
+    /// grow the buffer (a new allocation on every request) while it still has room.
+    #[tokio::test]
+    async fn watching_the_client_reads_into_the_room_left_without_a_new_buffer() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut lane = Lane::new(server, Duration::from_secs(30));
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nhost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let Next::Request(req, _) = lane.next_request().await else {
+            panic!("not taken by the lane");
+        };
+        let at = lane.buf.as_ptr();
+        client.write_all(b"GET /b HTTP/1.1\r\n").await.unwrap();
+        let polled = poll_fn(|cx| Poll::Ready(lane.poll_client(cx))).await;
+        assert!(polled.is_pending(), "the client is still there");
+        assert_eq!(
+            lane.buf.as_ptr(),
+            at,
+            "a new buffer while the request holds the old one"
+        );
+        assert_eq!(
+            &lane.buf[..],
+            b"GET /b HTTP/1.1\r\n",
+            "what the client sent is kept"
+        );
+        drop(req);
+    }
+}
