@@ -1,0 +1,108 @@
+//! A sandbox that answers before it has read the request's body (a 413 for an upload it will
+//! not take, an auth failure) and closes without reading the rest — as many servers do — must
+//! have that answer reach the client, not a Router error: the client is told why.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An upstream that reads a request's head only, answers `413` and closes at once, with the
+/// body still arriving (unread: its kernel resets the connection).
+async fn refuses_uploads() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
+    let addr = refuses_uploads().await;
+    let store = memory();
+    session_to(store.as_ref(), "s", &addr).await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    for size in [1024, 40 << 20] {
+        let sent = client()
+            .post(router.ci("api/files"))
+            .header("x-agentcube-session-id", "s")
+            .body(vec![b'u'; size])
+            .send();
+        let r = tokio::time::timeout(Duration::from_secs(20), sent)
+            .await
+            .expect("answered in time");
+        let r = r.unwrap_or_else(|e| panic!("{size} bytes: {e:?}"));
+        let status = r.status().as_u16();
+        let own = r.headers().get("x-agentcube-error").cloned();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(
+            (status, own, body.as_str()),
+            (413, None, "too large"),
+            "{size} bytes"
+        );
+    }
+    router.stop().await;
+}
+
+/// An upstream that reads a request's head only and closes without an answer.
+async fn hangs_up() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head).await;
+            drop(s);
+        }
+    });
+    addr
+}
+
+/// Writes a closed sandbox does not read go nowhere (so its answer is read), but a sandbox
+/// that closed without answering still fails the request at once: an endless upload to it gets
+/// the Router's 503 while it is still being sent.
+#[tokio::test]
+async fn a_sandbox_that_hangs_up_mid_upload_without_answering_is_503_at_once() {
+    let addr = hangs_up().await;
+    let store = memory();
+    session_to(store.as_ref(), "s", &addr).await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let endless = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'u'; 64 * 1024])),
+            (),
+        ))
+    });
+    let sent = client()
+        .post(router.ci("api/files"))
+        .header("x-agentcube-session-id", "s")
+        .body(reqwest::Body::wrap_stream(endless))
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .expect("answered while the upload goes on")
+        .expect("an answer");
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["x-agentcube-error"], "router");
+    router.stop().await;
+}
