@@ -156,6 +156,9 @@ pub struct Stats {
     pub handshake_failures: Counter,
     /// Connections open now.
     pub open: Gauge,
+    /// Connections closing now: answered, half-closed, and read until the client closes
+    /// (`linger.rs`); each still holds its slot under `max_connections`.
+    pub lingering: Gauge,
     /// Requests parsed and answered by the HTTP/1.1 fast lane (the others by hyper).
     pub fast_requests: Counter,
 }
@@ -200,6 +203,11 @@ impl Stats {
             self.handshake_failures.clone(),
         );
         r.register("connections_open", "Connections open", self.open.clone());
+        r.register(
+            "connections_lingering",
+            "Connections closing: read until the client closes (their slot still held)",
+            self.lingering.clone(),
+        );
         r.register(
             "http1_fast_requests",
             "Requests answered by the HTTP/1.1 fast lane (the others by hyper)",
@@ -458,7 +466,7 @@ impl<H: Handshake> Connection<H> {
     pub(crate) async fn run(self, stream: Stream, slot: tokio::sync::OwnedSemaphorePermit) {
         let stats = self.options.stats.clone();
         let limits = self.options.limits;
-        let (accepted, armed) = linger::Accepted::new(stream, Some(slot));
+        let (accepted, armed) = linger::Accepted::new(stream, slot, stats.lingering.clone());
         let io = match tokio::time::timeout(
             limits.header_read_timeout,
             self.options.handshake.handshake(accepted),

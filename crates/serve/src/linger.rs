@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -31,6 +32,8 @@ pub struct Accepted {
     stream: Option<Stream>,
     armed: Arc<AtomicBool>,
     slot: Option<OwnedSemaphorePermit>,
+    /// Connections lingering now (the component's `connections_lingering`).
+    lingering: Gauge,
 }
 
 /// Whether an [`Accepted`] connection lingers when it is dropped (not until armed).
@@ -46,12 +49,17 @@ impl Armed {
 impl Accepted {
     /// `slot` (the connection's place under `max_connections`) is given back when the
     /// connection is closed, after lingering.
-    pub(crate) fn new(stream: Stream, slot: Option<OwnedSemaphorePermit>) -> (Self, Armed) {
+    pub(crate) fn new(
+        stream: Stream,
+        slot: OwnedSemaphorePermit,
+        lingering: Gauge,
+    ) -> (Self, Armed) {
         let armed = Armed::default();
         let accepted = Self {
             stream: Some(stream),
             armed: armed.0.clone(),
-            slot,
+            slot: Some(slot),
+            lingering,
         };
         (accepted, armed)
     }
@@ -79,11 +87,14 @@ impl Drop for Accepted {
             return;
         };
         let slot = self.slot.take();
-        let lingering = self.armed.load(Ordering::Acquire);
+        let armed = self.armed.load(Ordering::Acquire);
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) if lingering => {
+            Ok(rt) if armed => {
+                let gauge = self.lingering.clone();
+                gauge.inc();
                 rt.spawn(async move {
                     let stream = linger(stream).await;
+                    gauge.dec();
                     drop(slot);
                     drop(stream);
                 });

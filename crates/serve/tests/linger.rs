@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use agentcube_serve::{Limits, Options, Refusal, serve};
+use std::sync::Arc;
+
+use agentcube_serve::{Limits, Options, Refusal, Stats, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Larger than what loopback sockets buffer, so the answer's end is still queued in the
@@ -23,14 +25,19 @@ async fn start(fast_lane: bool) -> SocketAddr {
 }
 
 async fn start_with(limits: Limits) -> SocketAddr {
+    start_counted(limits).await.0
+}
+
+async fn start_counted(limits: Limits) -> (SocketAddr, Arc<Stats>) {
     let app = axum::Router::new()
         .route("/big", axum::routing::any(|| async { vec![b'a'; ANSWER] }))
         .route("/small", axum::routing::any(|| async { "small" }));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let options = Options::new(limits, Refusal::json("{\"refused\":true}"));
+    let stats = options.stats.clone();
     tokio::spawn(serve(l.into(), app, options, std::future::pending::<()>()));
-    addr
+    (addr, stats)
 }
 
 /// Sends `raw`, waits a moment (the answer fills the buffers meanwhile), then reads what the
@@ -78,7 +85,7 @@ const CLOSE: &[u8] = b"GET /small HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r
 /// and given back after two silent seconds.
 #[tokio::test]
 async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
-    let addr = start_with(Limits {
+    let (addr, stats) = start_counted(Limits {
         max_connections: 1,
         ..Limits::default()
     })
@@ -92,6 +99,7 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
     let answer = |raw: Vec<u8>| String::from_utf8_lossy(&raw).into_owned();
     let b = answer(exchange_small(addr).await);
     assert!(b.contains("refused"), "served while a lingered: {b}");
+    assert_eq!(stats.lingering.get(), 1, "a is lingering");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let c = answer(exchange_small(addr).await);
     assert!(
@@ -99,6 +107,12 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
         "still held after {:?}: {c}",
         lingering.elapsed()
     );
+    // c lingers until its close reaches the server, a moment after it read its answer.
+    let settled = tokio::time::Instant::now() + Duration::from_secs(1);
+    while stats.lingering.get() != 0 && tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.lingering.get(), 0, "a is done lingering, c closed");
     drop(a);
 }
 
