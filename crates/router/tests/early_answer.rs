@@ -41,7 +41,7 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     let store = memory();
     session_to(store.as_ref(), "s", &addr).await;
     let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
-    for size in [1024, 40 << 20] {
+    for size in [1024, 60 * 1024, 40 << 20] {
         let sent = client()
             .post(router.ci("api/files"))
             .header("x-agentcube-session-id", "s")
