@@ -106,3 +106,41 @@ async fn a_sandbox_that_hangs_up_mid_upload_without_answering_is_503_at_once() {
     assert_eq!(r.headers()["x-agentcube-error"], "router");
     router.stop().await;
 }
+
+/// The same over h2c (a gRPC agent's port): the sandbox answers 413 without reading the
+/// upload and resets the stream; the client still gets the 413.
+#[tokio::test]
+async fn an_h2c_sandboxs_early_answer_reaches_the_client() {
+    let app = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "too large") });
+    let (url, _task) = serve(app).await;
+    let store = memory();
+    session_to_as(
+        store.as_ref(),
+        "s",
+        url.trim_start_matches("http://"),
+        "H2C",
+    )
+    .await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    for size in [1024, 40 << 20] {
+        let sent = client()
+            .post(router.ci("api/files"))
+            .header("x-agentcube-session-id", "s")
+            .body(vec![b'u'; size])
+            .send();
+        let r = tokio::time::timeout(Duration::from_secs(20), sent)
+            .await
+            .expect("answered in time")
+            .unwrap_or_else(|e| panic!("{size} bytes: {e:?}"));
+        let status = r.status().as_u16();
+        let own = r.headers().get("x-agentcube-error").cloned();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(
+            (status, own, body.as_str()),
+            (413, None, "too large"),
+            "{size} bytes over h2c"
+        );
+    }
+    router.stop().await;
+}
