@@ -35,13 +35,10 @@ async fn refuses_uploads() -> String {
     addr
 }
 
-#[tokio::test]
-async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
-    let addr = refuses_uploads().await;
-    let store = memory();
-    session_to(store.as_ref(), "s", &addr).await;
-    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
-    for size in [1024, 60 * 1024, 40 << 20] {
+/// Uploads of each size in `sizes` through `router` to a sandbox answering `413 too large`
+/// get exactly that answer, not a Router error.
+async fn uploads_get_its_413(router: &Router, sizes: &[usize], upstream: &str) {
+    for &size in sizes {
         let sent = client()
             .post(router.ci("api/files"))
             .header("x-agentcube-session-id", "s")
@@ -49,17 +46,26 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
             .send();
         let r = tokio::time::timeout(Duration::from_secs(20), sent)
             .await
-            .expect("answered in time");
-        let r = r.unwrap_or_else(|e| panic!("{size} bytes: {e:?}"));
+            .expect("answered in time")
+            .unwrap_or_else(|e| panic!("{size} bytes: {e:?}"));
         let status = r.status().as_u16();
         let own = r.headers().get("x-agentcube-error").cloned();
         let body = r.text().await.unwrap_or_default();
         assert_eq!(
             (status, own, body.as_str()),
             (413, None, "too large"),
-            "{size} bytes"
+            "{size} bytes, {upstream} to the sandbox"
         );
     }
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
+    let addr = refuses_uploads().await;
+    let store = memory();
+    session_to(store.as_ref(), "s", &addr).await;
+    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    uploads_get_its_413(&router, &[1024, 60 * 1024, 40 << 20], "HTTP/1.1").await;
     router.stop().await;
 }
 
@@ -123,24 +129,6 @@ async fn an_h2c_sandboxs_early_answer_reaches_the_client() {
     )
     .await;
     let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
-    for size in [1024, 40 << 20] {
-        let sent = client()
-            .post(router.ci("api/files"))
-            .header("x-agentcube-session-id", "s")
-            .body(vec![b'u'; size])
-            .send();
-        let r = tokio::time::timeout(Duration::from_secs(20), sent)
-            .await
-            .expect("answered in time")
-            .unwrap_or_else(|e| panic!("{size} bytes: {e:?}"));
-        let status = r.status().as_u16();
-        let own = r.headers().get("x-agentcube-error").cloned();
-        let body = r.text().await.unwrap_or_default();
-        assert_eq!(
-            (status, own, body.as_str()),
-            (413, None, "too large"),
-            "{size} bytes over h2c"
-        );
-    }
+    uploads_get_its_413(&router, &[1024, 40 << 20], "h2c").await;
     router.stop().await;
 }

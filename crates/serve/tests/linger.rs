@@ -90,10 +90,7 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
         ..Limits::default()
     })
     .await;
-    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
-    a.write_all(CLOSE).await.unwrap();
-    let mut got = Vec::new();
-    a.read_to_end(&mut got).await.unwrap();
+    let (a, got) = answered_and_kept_open(addr).await;
     assert!(String::from_utf8_lossy(&got).ends_with("small"));
     let lingering = tokio::time::Instant::now();
     let answer = |raw: Vec<u8>| String::from_utf8_lossy(&raw).into_owned();
@@ -125,10 +122,7 @@ async fn a_trickling_client_keeps_a_closing_connection_ten_seconds_at_most() {
         ..Limits::default()
     })
     .await;
-    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
-    a.write_all(CLOSE).await.unwrap();
-    let mut got = Vec::new();
-    a.read_to_end(&mut got).await.unwrap();
+    let (mut a, _) = answered_and_kept_open(addr).await;
     let start = tokio::time::Instant::now();
     // Writes fail once the server has closed (a reset answers the first byte after it).
     while a.write_all(b"x").await.is_ok() && start.elapsed() < Duration::from_secs(20) {
@@ -141,6 +135,16 @@ async fn a_trickling_client_keeps_a_closing_connection_ten_seconds_at_most() {
     );
     let c = String::from_utf8_lossy(&exchange_small(addr).await).into_owned();
     assert!(c.ends_with("small"), "slot not given back: {c}");
+}
+
+/// One `GET /small` asking to close, read until the server's FIN; the client's side stays
+/// open.
+async fn answered_and_kept_open(addr: SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(CLOSE).await.unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).await.unwrap();
+    (a, got)
 }
 
 /// One `GET /small` on a new connection (closing): everything the server sent.
