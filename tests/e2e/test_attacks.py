@@ -300,6 +300,29 @@ def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
         requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}")
 
 
+def test_an_agent_that_refuses_an_upload_unread_is_heard(stack):
+    # The agent (real sandbox code) answers 413 to an upload as soon as it has the head and
+    # closes with the body unread, so its kernel resets the connection while the Router is still
+    # sending: the client gets the agent's 413, not "sandbox unreachable", on both upstream paths
+    # (a known length read first, and a stream of unknown length through hyper's client).
+    r = requests.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"))
+    assert (r.status_code, r.text) == (200, "real"), r.text
+    sid = r.headers["x-agentcube-session-id"]
+    try:
+        big = b"u" * (40 << 20)
+        streamed = (big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20))
+        for name, body in (("40 MiB, known length", big), ("40 MiB, streamed", streamed)):
+            r = requests.post(url(stack, "answer-smuggler", "refuse", kind="agent-runtimes"), data=body,
+                              headers={"x-agentcube-session-id": sid}, timeout=60)
+            assert (r.status_code, r.text, r.headers.get("x-agentcube-error")) == (413, "too large", None), \
+                (name, r.status_code, r.text)
+        r = requests.get(url(stack, "answer-smuggler", "next", kind="agent-runtimes"),
+                         headers={"x-agentcube-session-id": sid})
+        assert (r.status_code, r.text) == (200, "real"), r.text
+    finally:
+        requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}")
+
+
 def test_an_agents_crafted_answers_reach_no_other_request(stack):
     # The agent (real sandbox code) appends an unasked-for second response to its answer: the
     # Router must not keep that connection, so the next request never reads "evil".
