@@ -14,23 +14,14 @@ pub enum RouterError {
     #[error("sessions.agentcube.volcano.sh \"{0}\" not found")]
     UnknownSession(String),
     /// The WM says the runtime does not exist.
-    #[error("{resource} \"{namespace}/{name}\" not found")]
-    UnknownRuntime {
-        resource: &'static str,
-        namespace: String,
-        name: String,
-    },
+    #[error("{0}")]
+    UnknownRuntime(Box<UnknownRuntime>),
     /// The record has no entry point (placeholder or no ports).
     #[error("no entry point found for sandbox")]
     NoEntryPoint,
     /// A session used on another runtime's URL.
-    #[error("session {session} belongs to {kind} {namespace}/{name}")]
-    SessionMismatch {
-        session: String,
-        kind: String,
-        namespace: String,
-        name: String,
-    },
+    #[error("{0}")]
+    SessionMismatch(Box<SessionMismatch>),
     /// `x-agentcube-session-id` that is not visible ASCII.
     #[error("invalid x-agentcube-session-id header")]
     BadSessionHeader,
@@ -69,14 +60,34 @@ pub enum RouterError {
     Internal(String),
 }
 
+/// [`RouterError::UnknownRuntime`]'s details (boxed: the rare errors keep the error, and every
+/// `Result` on the request path, small).
+#[derive(Debug, thiserror::Error)]
+#[error("{resource} \"{namespace}/{name}\" not found")]
+pub struct UnknownRuntime {
+    pub resource: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// [`RouterError::SessionMismatch`]'s details.
+#[derive(Debug, thiserror::Error)]
+#[error("session {session} belongs to {kind} {namespace}/{name}")]
+pub struct SessionMismatch {
+    pub session: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
 impl RouterError {
     /// Status code and optional machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, Option<&'static str>) {
         match self {
             // Upstream PR #460: a stable code, so clients tell it from an application's 404.
             Self::UnknownSession(_) => (StatusCode::NOT_FOUND, Some("SESSION_NOT_FOUND")),
-            Self::UnknownRuntime { .. } | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
-            Self::SessionMismatch { .. } => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
+            Self::UnknownRuntime(_) | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
+            Self::SessionMismatch(_) => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED")),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, Some("FORBIDDEN")),

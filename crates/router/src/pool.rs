@@ -301,31 +301,37 @@ impl Pool {
 
     /// Sends `req` to `ep` on a pooled connection; the response head, and its body, which
     /// gives the connection back at its end.
-    pub async fn send(
-        &self,
-        ep: &Arc<Endpoint>,
-        req: &Outgoing<'_>,
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would copy its arguments into its future once more"
+    )]
+    pub fn send<'a>(
+        &'a self,
+        ep: &'a Arc<Endpoint>,
+        req: &'a Outgoing<'a>,
         connect_timeout: Duration,
-    ) -> Result<Received, SendError> {
-        loop {
-            let (mut conn, reused) = match ep.checkout() {
-                Some(c) => (c, true),
-                None => {
-                    self.start_reaper();
-                    // Boxed: a new connection is the rare path, and its future is large.
-                    let io = Box::pin(ep.addr.open(connect_timeout)).await;
-                    (Conn::new(io.map_err(SendError::Connect)?), false)
-                }
-            };
-            let failed = match exchange(&mut conn, req).await {
-                Ok(head) => return Ok(Returning::received(ep, conn, head)),
-                Err(f) => f,
-            };
-            match failed {
-                Failed::Unsent(_) if reused => continue,
-                Failed::Unanswered(_) if reused && req.idempotent => continue,
-                Failed::Unsent(e) | Failed::Unanswered(e) | Failed::Answer(e) => {
-                    return Err(SendError::Io(e));
+    ) -> impl Future<Output = Result<Received, SendError>> + Send + 'a {
+        async move {
+            loop {
+                let (mut conn, reused) = match ep.checkout() {
+                    Some(c) => (c, true),
+                    None => {
+                        self.start_reaper();
+                        // Boxed: a new connection is the rare path, and its future is large.
+                        let io = Box::pin(ep.addr.open(connect_timeout)).await;
+                        (Conn::new(io.map_err(SendError::Connect)?), false)
+                    }
+                };
+                let failed = match exchange(&mut conn, req).await {
+                    Ok(head) => return Ok(Returning::received(ep, conn, head)),
+                    Err(f) => f,
+                };
+                match failed {
+                    Failed::Unsent(_) if reused => continue,
+                    Failed::Unanswered(_) if reused && req.idempotent => continue,
+                    Failed::Unsent(e) | Failed::Unanswered(e) | Failed::Answer(e) => {
+                        return Err(SendError::Io(e));
+                    }
                 }
             }
         }

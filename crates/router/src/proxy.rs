@@ -472,18 +472,45 @@ impl Upstream {
     /// no `http` types built; an answer with a length comes back with its fields written for
     /// the lane to relay ([`Forward::relay_without`]). Only h2c entry points need it as an
     /// `http::Request`.
-    pub async fn forward_lane(
+    ///
+    /// The request is made into its bytes before the returned future is first polled (and
+    /// dropped then): the future holds only those bytes and the exchange, which keeps the
+    /// Router's per-request future small (it is boxed, and moved, on every request).
+    pub fn forward_lane<'a>(
+        &'a self,
+        req: LaneRequest,
+        f: Forward<'a>,
+    ) -> impl Future<Output = Result<Answered, RouterError>> + Send + 'a {
+        let prepared = self.prepare_lane(req, f);
+        async move {
+            // Matched in place (`ref`): the prepared request is not moved into a second local.
+            match prepared {
+                Ok(Prepared::Wire(ref w)) => {
+                    self.send_wire(&w.ep, &w.wire, &w.method, w.relay_without)
+                        .await
+                }
+                Ok(Prepared::H2c(h2c)) => {
+                    let (req, f) = *h2c;
+                    Box::pin(self.forward(req, f)).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// [`Upstream::forward_lane`]'s request, made ready to send.
+    fn prepare_lane<'a>(
         &self,
         req: LaneRequest,
-        f: Forward<'_>,
-    ) -> Result<Answered, RouterError> {
-        let ep = self.endpoint(f.entry)?;
+        f: Forward<'a>,
+    ) -> Result<Prepared<'a>, RouterError> {
         if is_h2c(f.entry) {
             let req = req
                 .into_request()
                 .ok_or_else(|| RouterError::Internal("bad request".into()))?;
-            return Box::pin(self.forward(req.map(Body::from), f)).await;
+            return Ok(Prepared::H2c(Box::new((req.map(Body::from), f))));
         }
+        let ep = self.endpoint(f.entry)?;
         let scan = Scan::of(&req);
         let prior = scan.prior_for.and_then(h1::visible);
         let added = Added::new(prior, scan.host.clone(), &f, &ep);
@@ -506,41 +533,48 @@ impl Upstream {
         }
         head.finish(length.then_some(body.len()));
         wire.extend_from_slice(body);
-        self.send_wire(&ep, &wire, method, f.relay_without).await
+        Ok(Prepared::Wire(Wire {
+            ep,
+            wire,
+            method: method.clone(),
+            relay_without: f.relay_without,
+        }))
     }
 
     /// A whole request (head and body in `wire`) sent on a pooled connection; its answer's
     /// fields relayed without `relay_without` when it has a length, else as a header map.
-    async fn send_wire(
-        &self,
-        ep: &Arc<Endpoint>,
-        wire: &[u8],
+    fn send_wire<'a>(
+        &'a self,
+        ep: &'a Arc<Endpoint>,
+        wire: &'a [u8],
         method: &Method,
-        relay_without: Option<&HeaderName>,
-    ) -> Result<Answered, RouterError> {
+        relay_without: Option<&'a HeaderName>,
+    ) -> impl Future<Output = Result<Answered, RouterError>> + Send + 'a {
         let out = pool::Outgoing {
             wire,
             head_request: method == Method::HEAD,
             idempotent: method.is_idempotent(),
             relay_without,
         };
-        let sent = self.pool.send(ep, &out, self.connect_timeout).await;
-        let got = sent.map_err(|e| map_client_error(e.as_error()))?;
-        let body = Answer::Pooled(got.body);
-        Ok(match got.fields {
-            h1::Fields::Relay(relay) => Answered::Relay {
-                status: got.status,
-                relay,
-                body,
-            },
-            h1::Fields::Map(headers) => {
-                let mut resp = http::Response::new(body);
-                *resp.status_mut() = got.status;
-                *resp.headers_mut() = headers;
-                strip_hop_by_hop(resp.headers_mut());
-                Answered::Http(resp)
-            }
-        })
+        async move {
+            let sent = self.pool.send(ep, &out, self.connect_timeout).await;
+            let got = sent.map_err(|e| map_client_error(e.as_error()))?;
+            let body = Answer::Pooled(got.body);
+            Ok(match got.fields {
+                h1::Fields::Relay(relay) => Answered::Relay {
+                    status: got.status,
+                    relay,
+                    body,
+                },
+                h1::Fields::Map(headers) => {
+                    let mut resp = http::Response::new(body);
+                    *resp.status_mut() = got.status;
+                    *resp.headers_mut() = headers;
+                    strip_hop_by_hop(resp.headers_mut());
+                    Answered::Http(resp)
+                }
+            })
+        }
     }
 
     /// A request to a prior-knowledge HTTP/2 (h2c) entry point.
@@ -565,6 +599,22 @@ impl Upstream {
             Err(e) => Err(map_client_error(&e)),
         }
     }
+}
+
+/// A fast-lane request ready to send ([`Upstream::forward_lane`]).
+enum Prepared<'a> {
+    /// Its bytes, for a pooled HTTP/1.1 connection.
+    Wire(Wire<'a>),
+    /// An `http::Request`, for an h2c entry point.
+    H2c(Box<(Request, Forward<'a>)>),
+}
+
+/// A whole HTTP/1.1 request and where it goes.
+struct Wire<'a> {
+    ep: Arc<Endpoint>,
+    wire: Vec<u8>,
+    method: Method,
+    relay_without: Option<&'a HeaderName>,
 }
 
 /// One pass over a fast-lane request's fields: which are sent on, and what [`Added`] needs.

@@ -40,7 +40,7 @@ pub struct Workload {
 }
 
 struct CacheEntry {
-    target: Target,
+    target: Arc<Target>,
     at: Instant,
 }
 
@@ -95,7 +95,7 @@ impl Resolver {
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
-    ) -> Result<Target, RouterError> {
+    ) -> Result<Arc<Target>, RouterError> {
         let cached = if self.ttl.is_zero() {
             None
         } else {
@@ -119,7 +119,7 @@ impl Resolver {
             Err(e) if e.is_unavailable() => return Err(RouterError::StoreUnavailable),
             Err(e) => return Err(RouterError::Internal(e.to_string())),
         };
-        let target = Target {
+        let target = Arc::new(Target {
             session_id: session_id.into(),
             session_header: http::HeaderValue::from_str(session_id).ok(),
             entry_points: record.entry_points().to_vec().into(),
@@ -137,7 +137,7 @@ impl Resolver {
                 })),
                 _ => None,
             },
-        };
+        });
         if !self.ttl.is_zero() {
             let mut cache = self.cache.lock().unwrap();
             // Cached even when refused below: the next request is refused without a lookup.
@@ -163,10 +163,10 @@ impl Resolver {
         namespace: &str,
         name: &str,
         identity: Option<(&str, &str)>,
-    ) -> Result<Target, RouterError> {
+    ) -> Result<Arc<Target>, RouterError> {
         let (owner, token) = identity.unzip();
         let resp = self.wm.create(kind, namespace, name, token).await?;
-        Ok(Target {
+        Ok(Arc::new(Target {
             owner: owner.map(Arc::from),
             session_header: http::HeaderValue::from_str(&resp.session_id).ok(),
             session_id: resp.session_id.into(),
@@ -177,7 +177,7 @@ impl Resolver {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             })),
-        })
+        }))
     }
 
     /// Deletes a session the Router created but could not deliver (its id never reached the
@@ -210,12 +210,14 @@ fn check_target(
         return Ok(());
     };
     if w.kind != kind || w.name != name || w.namespace != namespace {
-        return Err(RouterError::SessionMismatch {
-            session: target.session_id.to_string(),
-            kind: w.kind.to_string(),
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-        });
+        return Err(RouterError::SessionMismatch(Box::new(
+            crate::error::SessionMismatch {
+                session: target.session_id.to_string(),
+                kind: w.kind.to_string(),
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+            },
+        )));
     }
     Ok(())
 }

@@ -120,11 +120,13 @@ impl WmClient {
         let not_found = status == 404
             || (status == 400 && String::from_utf8_lossy(&bytes).contains("not found"));
         if not_found {
-            return Err(RouterError::UnknownRuntime {
-                resource: kind.resource(),
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-            });
+            return Err(RouterError::UnknownRuntime(Box::new(
+                crate::error::UnknownRuntime {
+                    resource: kind.resource(),
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                },
+            )));
         }
         if status != 200 {
             return Err(RouterError::Internal(format!(
