@@ -334,12 +334,12 @@ struct Call<'a> {
 
 /// The session header: absent (or empty), a valid id, or a 400 for bytes that are not visible
 /// ASCII (never silently treated as "no session").
-fn session_header(value: Option<&[u8]>) -> Result<Option<String>, RouterError> {
+fn session_header(value: Option<&[u8]>) -> Result<Option<&str>, RouterError> {
     match value {
         None => Ok(None),
         Some(v) => {
             let v = crate::h1::visible(v).ok_or(RouterError::BadSessionHeader)?;
-            Ok((!v.is_empty()).then(|| v.to_string()))
+            Ok((!v.is_empty()).then_some(v))
         }
     }
 }
