@@ -414,6 +414,7 @@ pub async fn serve<H: Handshake>(
 ) -> std::io::Result<()> {
     let app = app.into();
     let slots = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(linger::REFUSALS));
     let mut dispatch = workers::Dispatch::start(app, options.clone(), connection_builders());
     tokio::pin!(shutdown);
     loop {
@@ -423,7 +424,8 @@ pub async fn serve<H: Handshake>(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             options.stats.refused.inc();
-            tokio::spawn(refuse(stream, options.refusal.raw.clone()));
+            let lingers = refusals.clone().try_acquire_owned().ok();
+            tokio::spawn(refuse(stream, options.refusal.raw.clone(), lingers));
             continue;
         };
         options.stats.accepted.inc();
@@ -439,9 +441,25 @@ pub async fn serve<H: Handshake>(
     Ok(())
 }
 
-async fn refuse(mut stream: Stream, raw: bytes::Bytes) {
+/// Answers a connection over `max_connections` with the component's 503 and closes it:
+/// lingering (`linger.rs`) when one of the [`linger::REFUSALS`] places is free (`lingers`),
+/// else at once.
+async fn refuse(
+    mut stream: Stream,
+    raw: bytes::Bytes,
+    lingers: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&raw)).await;
-    let _ = stream.shutdown().await;
+    match lingers {
+        Some(place) => {
+            let stream = linger::linger(stream).await;
+            drop(place);
+            drop(stream);
+        }
+        None => {
+            let _ = stream.shutdown().await;
+        }
+    }
 }
 
 pub(crate) struct Connection<H> {

@@ -6,7 +6,10 @@
 //! done with it, is half-closed (a FIN after everything queued) and read until the client
 //! closes its side, for at most [`SILENCE`] without a byte and [`MOST`] in all — nginx's
 //! `lingering_close`. It keeps its connection slot meanwhile. Connections the watchdog cuts
-//! (stalled clients) and failed handshakes are closed at once.
+//! (stalled clients) and failed handshakes are closed at once. A connection refused over
+//! `max_connections` lingers too after its 503 (a client still sending its request would
+//! otherwise get a reset, not the 503), while no more than [`REFUSALS`] do (the others close at
+//! once: a flood of refused connections holds a bounded number of descriptors).
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +28,8 @@ use crate::Stream;
 pub(crate) const SILENCE: Duration = Duration::from_secs(2);
 /// How long a closing connection is read at most.
 pub(crate) const MOST: Duration = Duration::from_secs(10);
+/// Refused connections lingering at most at once (they hold no slot: outside the gauge).
+pub(crate) const REFUSALS: usize = 64;
 
 /// An accepted connection: a [`Stream`] that lingers when dropped, if [`Armed`] says so.
 #[derive(Debug)]
@@ -109,7 +114,7 @@ impl Drop for Accepted {
 
 /// Half-closes `s`, then discards what arrives until the peer closes, is silent for
 /// [`SILENCE`], or [`MOST`] has passed; `s`, to be closed.
-async fn linger(mut s: Stream) -> Stream {
+pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> S {
     let _ = s.shutdown().await;
     let end = tokio::time::Instant::now() + MOST;
     let mut buf = vec![0; 16 * 1024];

@@ -43,12 +43,19 @@ async fn start_counted(limits: Limits) -> (SocketAddr, Arc<Stats>) {
 /// Sends `raw`, waits a moment (the answer fills the buffers meanwhile), then reads what the
 /// server sends until it closes: the byte count, or how reading ended.
 async fn exchange(addr: SocketAddr, raw: &[u8]) -> Result<usize, String> {
+    sent_then_read(addr, raw).await.map(|got| got.len())
+}
+
+/// [`exchange`]: what the server sent, or how writing or reading ended.
+async fn sent_then_read(addr: SocketAddr, raw: &[u8]) -> Result<Vec<u8>, String> {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
+    s.write_all(raw)
+        .await
+        .map_err(|e| format!("writing the request: {e}"))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut got = Vec::new();
     match s.read_to_end(&mut got).await {
-        Ok(_) => Ok(got.len()),
+        Ok(_) => Ok(got),
         Err(e) => Err(format!("{e} after {} bytes", got.len())),
     }
 }
@@ -183,4 +190,78 @@ async fn a_connection_cut_for_stalling_gives_its_slot_back_at_once() {
         "the cut slowloris still holds the slot: {c}"
     );
     trickle.abort();
+}
+
+/// A client refused over `max_connections` while it is still sending its request (an upload
+/// larger than the socket buffers) gets the 503 in the component's shape, not a reset: the
+/// refused connection lingers like any other.
+#[tokio::test]
+async fn a_refused_client_still_uploading_gets_its_503_not_a_reset() {
+    let addr = start_with(Limits {
+        max_connections: 1,
+        ..Limits::default()
+    })
+    .await;
+    let held = holding_the_slot(addr).await;
+    let mut raw = b"POST /small HTTP/1.1\r\nhost: h\r\ncontent-length: 4194304\r\n\r\n".to_vec();
+    raw.extend(std::iter::repeat_n(b'u', 4 << 20));
+    let got = sent_then_read(addr, &raw)
+        .await
+        .unwrap_or_else(|e| panic!("refused with a reset: {e}"));
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 503") && got.ends_with("{\"refused\":true}"),
+        "{got}"
+    );
+    drop(held);
+}
+
+/// Refused connections linger 64 at a time at most: beyond that they are closed at once (a
+/// flood of refused connections holds a bounded number of descriptors), and a byte sent to
+/// one of those after its 503 is answered with a reset.
+#[tokio::test]
+async fn at_most_64_refused_connections_linger() {
+    let addr = start_with(Limits {
+        max_connections: 1,
+        ..Limits::default()
+    })
+    .await;
+    let held = holding_the_slot(addr).await;
+    let mut refused = Vec::new();
+    for _ in 0..70 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 503"));
+        // A byte to a closed socket is answered with a reset, which the next write sees; one
+        // that lingers reads it (and waits two more seconds for the next).
+        let _ = s.write_all(b"x").await;
+        refused.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut reset = 0;
+    for s in &mut refused {
+        if s.write_all(b"x").await.is_err() {
+            reset += 1;
+        }
+    }
+    assert_eq!(reset, 70 - 64, "refused connections closed at once");
+    drop(held);
+}
+
+/// A keep-alive connection that was answered and stays open, idle: it holds its slot (for the
+/// 90 s keep-alive).
+async fn holding_the_slot(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /small HTTP/1.1\r\nhost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"small") {
+        let mut buf = [0; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
 }
