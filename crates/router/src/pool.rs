@@ -42,8 +42,10 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::h1::{self, Chunked, Decoded, Framing};
 use crate::proxy::Stream;
 
-/// Idle connections older than this are not reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections older than this are not reused: shorter than PicoD's keep-alive (the
+/// serving default, 90 s), so the Router gives an idle connection up before PicoD closes it and
+/// never writes a request into that close (a POST that met it would not be sent again).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per entry point (more are closed when they come back).
 pub const MAX_IDLE: usize = 64;
 /// How often the reaper drops closed and expired idle connections.
@@ -570,5 +572,14 @@ mod tests {
         c.read_size = MAX_READ;
         c.shrink();
         assert_eq!((c.buf.capacity(), c.read_size), (0, FIRST_READ));
+    }
+
+    #[test]
+    fn idle_connections_are_given_up_before_picod_closes_them() {
+        let picod = agentcube_serve::Limits::default().keep_alive_idle;
+        assert!(
+            IDLE_TIMEOUT + Duration::from_secs(10) <= picod,
+            "the pool keeps idle connections {IDLE_TIMEOUT:?}, PicoD {picod:?}"
+        );
     }
 }
