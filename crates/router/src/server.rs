@@ -99,8 +99,13 @@ pub fn front(state: AppState) -> agentcube_serve::Front {
         }
         match match_invocation(req.uri().path()) {
             Some(inv) if inv.path_start.is_some() => {
-                let answer = invoke(state.clone(), inv, req, client);
-                Ok(Box::pin(async move { answer.await.into() }) as agentcube_serve::Answer)
+                // `invoke`'s future is made inside the block, not moved into it (else the
+                // block holds it twice: once to await, once as what it captured).
+                let state = state.clone();
+                Ok(
+                    Box::pin(async move { invoke(state, inv, req, client).await.into() })
+                        as agentcube_serve::Answer,
+                )
             }
             _ => Err(req),
         }
