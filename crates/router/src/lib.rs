@@ -22,7 +22,6 @@ use std::time::Duration;
 use agentcube_store::SessionStore;
 
 pub mod activity;
-mod after_answer;
 pub mod error;
 mod h1;
 pub mod identity;

@@ -356,7 +356,7 @@ impl Pool {
         // The handshake itself writes nothing; it cannot hang.
         // An answer the sandbox gives before it has read the whole body is read, not lost to
         // the failed write after it.
-        let stream = crate::after_answer::AfterAnswer::new(stream);
+        let stream = agentcube_serve::AfterAnswer::new(stream);
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;

@@ -56,6 +56,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tower::ServiceExt;
 
+mod after_answer;
 mod conn;
 mod lane;
 pub mod limits;
@@ -65,6 +66,7 @@ mod relayed;
 mod side;
 mod workers;
 
+pub use after_answer::AfterAnswer;
 pub use lane::request::LaneRequest;
 pub use limits::{LimitArgs, Limits, raise_fd_limit};
 pub use linger::Accepted;

@@ -1,10 +1,13 @@
-//! Writes to a sandbox that has stopped reading. A sandbox may answer before it has read a
+//! Writes to a peer that has stopped reading. A server may answer before it has read a
 //! request's body — a 413 for an upload it refuses, a 401 — and close; the body's next write
-//! then fails (a reset, a broken pipe) and hyper's client fails the whole request on it,
-//! though the answer is waiting in the socket: the client got "sandbox unreachable" instead of
-//! the sandbox's own answer. [`AfterAnswer`] turns those write errors into writes that go
-//! nowhere, so hyper reads on and finds the answer; a sandbox that closed without one still
-//! fails the request, at hyper's next read (the reset or the end of the stream).
+//! then fails (a reset, a broken pipe), and whoever sends that body gives up on the whole
+//! exchange, though the answer is waiting in the socket. [`AfterAnswer`] turns those write
+//! errors into writes that go nowhere, so reading goes on and finds the answer; a peer that
+//! closed without one still fails the exchange, at the next read (the reset or the end of the
+//! stream). Used by the Router's client to sandboxes (hyper's client fails the request on the
+//! write error: the client got "sandbox unreachable" instead of the sandbox's own answer) and
+//! by PicoD's port forward (its splice gave up on both directions at once, losing an answer
+//! it had not yet passed on).
 
 use std::io;
 use std::pin::Pin;
@@ -12,12 +15,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A connection to a sandbox whose write errors of a closed peer are swallowed (see the
-/// module documentation).
+/// A connection whose write errors of a closed peer are swallowed (see the module
+/// documentation).
 #[derive(Debug)]
 pub struct AfterAnswer<S> {
     io: S,
-    /// The sandbox closed its side: what is written goes nowhere.
+    /// The peer closed its side: what is written goes nowhere.
     deaf: bool,
 }
 
@@ -41,7 +44,7 @@ impl<S: AsyncWrite + Unpin> AfterAnswer<S> {
     fn unless_closed<T>(&mut self, polled: Poll<io::Result<T>>, done: T) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(Err(e)) if closed(&e) => {
-                tracing::debug!(error = %e, "the sandbox stopped reading; reading its answer");
+                tracing::debug!(error = %e, "the peer stopped reading; reading its answer");
                 self.deaf = true;
                 Poll::Ready(Ok(done))
             }
