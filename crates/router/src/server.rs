@@ -260,7 +260,8 @@ async fn redirect_to_slash(req: Request) -> Response {
 /// Written as a plain function returning one `async` block, with the steps before and after the
 /// send done in place rather than in `async fn`s of their own: every `async fn` keeps its own
 /// copy of its arguments for as long as it runs, and this future is boxed and moved on every
-/// request (it stays under 1 KiB, inside the allocator's per-thread cache).
+/// request (for a fast-lane request it stays under 1 KiB, inside the allocator's per-thread
+/// cache: `a_lane_requests_future_fits_the_allocators_thread_cache`).
 fn invoke<R: Inbound>(
     s: AppState,
     t: Invocation,
