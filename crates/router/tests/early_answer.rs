@@ -35,6 +35,13 @@ async fn refuses_uploads() -> String {
     addr
 }
 
+/// A Router whose session `s` is the sandbox at `addr`.
+async fn router_to(addr: &str) -> Router {
+    let store = memory();
+    session_to(store.as_ref(), "s", addr).await;
+    Router::start("http://127.0.0.1:9", store, |_| {}).await
+}
+
 /// Uploads of each size in `sizes` through `router` to a sandbox answering `413 too large`
 /// get exactly that answer, not a Router error.
 async fn uploads_get_its_413(router: &Router, sizes: &[usize], upstream: &str) {
@@ -62,9 +69,7 @@ async fn uploads_get_its_413(router: &Router, sizes: &[usize], upstream: &str) {
 #[tokio::test]
 async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     let addr = refuses_uploads().await;
-    let store = memory();
-    session_to(store.as_ref(), "s", &addr).await;
-    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let router = router_to(&addr).await;
     uploads_get_its_413(&router, &[1024, 60 * 1024, 40 << 20], "HTTP/1.1").await;
     router.stop().await;
 }
@@ -89,9 +94,7 @@ async fn hangs_up() -> String {
 #[tokio::test]
 async fn a_sandbox_that_hangs_up_mid_upload_without_answering_is_503_at_once() {
     let addr = hangs_up().await;
-    let store = memory();
-    session_to(store.as_ref(), "s", &addr).await;
-    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let router = router_to(&addr).await;
     let endless = futures_util::stream::unfold((), |()| async {
         tokio::time::sleep(Duration::from_millis(5)).await;
         Some((

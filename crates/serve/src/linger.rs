@@ -114,7 +114,7 @@ impl Drop for Accepted {
 
 /// Half-closes `s`, then discards what arrives until the peer closes, is silent for
 /// [`SILENCE`], or [`MOST`] has passed; `s`, to be closed.
-pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> S {
+pub(crate) async fn linger(mut s: Stream) -> Stream {
     let _ = s.shutdown().await;
     let end = tokio::time::Instant::now() + MOST;
     let mut buf = vec![0; 16 * 1024];

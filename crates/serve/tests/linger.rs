@@ -24,6 +24,14 @@ async fn start(fast_lane: bool) -> SocketAddr {
     .await
 }
 
+/// Limits allowing one connection at a time.
+fn one_slot() -> Limits {
+    Limits {
+        max_connections: 1,
+        ..Limits::default()
+    }
+}
+
 async fn start_with(limits: Limits) -> SocketAddr {
     start_counted(limits).await.0
 }
@@ -92,11 +100,7 @@ const CLOSE: &[u8] = b"GET /small HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r
 /// and given back after two silent seconds.
 #[tokio::test]
 async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
-    let (addr, stats) = start_counted(Limits {
-        max_connections: 1,
-        ..Limits::default()
-    })
-    .await;
+    let (addr, stats) = start_counted(one_slot()).await;
     let (a, got) = answered_and_kept_open(addr).await;
     assert!(String::from_utf8_lossy(&got).ends_with("small"));
     let lingering = tokio::time::Instant::now();
@@ -124,11 +128,7 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
 /// ten seconds in all, and its slot given back.
 #[tokio::test]
 async fn a_trickling_client_keeps_a_closing_connection_ten_seconds_at_most() {
-    let addr = start_with(Limits {
-        max_connections: 1,
-        ..Limits::default()
-    })
-    .await;
+    let addr = start_with(one_slot()).await;
     let (mut a, _) = answered_and_kept_open(addr).await;
     let start = tokio::time::Instant::now();
     // Writes fail once the server has closed (a reset answers the first byte after it).
@@ -169,9 +169,8 @@ async fn exchange_small(addr: SocketAddr) -> Vec<u8> {
 #[tokio::test]
 async fn a_connection_cut_for_stalling_gives_its_slot_back_at_once() {
     let addr = start_with(Limits {
-        max_connections: 1,
         header_read_timeout: Duration::from_millis(500),
-        ..Limits::default()
+        ..one_slot()
     })
     .await;
     let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -197,11 +196,7 @@ async fn a_connection_cut_for_stalling_gives_its_slot_back_at_once() {
 /// refused connection lingers like any other.
 #[tokio::test]
 async fn a_refused_client_still_uploading_gets_its_503_not_a_reset() {
-    let addr = start_with(Limits {
-        max_connections: 1,
-        ..Limits::default()
-    })
-    .await;
+    let addr = start_with(one_slot()).await;
     let held = holding_the_slot(addr).await;
     let mut raw = b"POST /small HTTP/1.1\r\nhost: h\r\ncontent-length: 4194304\r\n\r\n".to_vec();
     raw.extend(std::iter::repeat_n(b'u', 4 << 20));
@@ -221,11 +216,7 @@ async fn a_refused_client_still_uploading_gets_its_503_not_a_reset() {
 /// one of those after its 503 is answered with a reset.
 #[tokio::test]
 async fn at_most_64_refused_connections_linger() {
-    let addr = start_with(Limits {
-        max_connections: 1,
-        ..Limits::default()
-    })
-    .await;
+    let addr = start_with(one_slot()).await;
     let held = holding_the_slot(addr).await;
     let mut refused = Vec::new();
     for _ in 0..70 {
