@@ -189,7 +189,9 @@ struct Cached {
     iat: i64,
 }
 
-/// Signs sandbox tokens, one cached token per session.
+/// Signs sandbox tokens, one cached token per session (and per user, with OIDC). An entry is
+/// replaced when its token is half-way to expiry; a deleted session's entry is never used again
+/// (its session is unknown from then on) and goes when the cache is full (expired ones first).
 ///
 /// RS256 with ring and the key parsed once: jsonwebtoken's RustCrypto provider parses the key
 /// again for every token (~1.3 ms a token, on the first request of every session). Tokens are the
@@ -345,11 +347,6 @@ impl Signer {
         B64.encode_string(signature, &mut jwt);
         self.signatures.inc();
         Ok(jwt)
-    }
-
-    /// Forgets a session's token (on delete / unknown session).
-    pub fn forget(&self, session_id: &str) {
-        self.cache.lock().unwrap().remove(session_id);
     }
 
     /// RSA signatures made so far.

@@ -159,7 +159,8 @@ pub struct Stats {
     /// Connections open now.
     pub open: Gauge,
     /// Connections closing now: answered, half-closed, and read until the client closes
-    /// (`linger.rs`); each still holds its slot under `max_connections`.
+    /// (`linger.rs`); each still holds its slot under `max_connections`. Also the refused
+    /// connections lingering after their 503 (at most 64, outside the slots).
     pub lingering: Gauge,
     /// Requests parsed and answered by the HTTP/1.1 fast lane (the others by hyper).
     pub fast_requests: Counter,
@@ -207,7 +208,7 @@ impl Stats {
         r.register("connections_open", "Connections open", self.open.clone());
         r.register(
             "connections_lingering",
-            "Connections closing: read until the client closes (their slot still held)",
+            "Connections closing: read until the client closes (accepted ones still hold their slot)",
             self.lingering.clone(),
         );
         r.register(
@@ -427,6 +428,7 @@ pub async fn serve<H: Handshake>(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             options.stats.refused.inc();
             let lingers = refusals.clone().try_acquire_owned().ok();
+            let lingers = lingers.map(|place| (place, options.stats.lingering.clone()));
             tokio::spawn(refuse(stream, options.refusal.raw.clone(), lingers));
             continue;
         };
@@ -444,17 +446,19 @@ pub async fn serve<H: Handshake>(
 }
 
 /// Answers a connection over `max_connections` with the component's 503 and closes it:
-/// lingering (`linger.rs`) when one of the [`linger::REFUSALS`] places is free (`lingers`),
-/// else at once.
+/// lingering (`linger.rs`, counted in the lingering gauge) when one of the
+/// [`linger::REFUSALS`] places is free (`lingers`), else at once.
 async fn refuse(
     mut stream: Stream,
     raw: bytes::Bytes,
-    lingers: Option<tokio::sync::OwnedSemaphorePermit>,
+    lingers: Option<(tokio::sync::OwnedSemaphorePermit, Gauge)>,
 ) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&raw)).await;
     match lingers {
-        Some(place) => {
+        Some((place, lingering)) => {
+            lingering.inc();
             let stream = linger::linger(stream).await;
+            lingering.dec();
             drop(place);
             drop(stream);
         }

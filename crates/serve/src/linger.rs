@@ -28,7 +28,8 @@ use crate::Stream;
 pub(crate) const SILENCE: Duration = Duration::from_secs(2);
 /// How long a closing connection is read at most.
 pub(crate) const MOST: Duration = Duration::from_secs(10);
-/// Refused connections lingering at most at once (they hold no slot: outside the gauge).
+/// Refused connections lingering at most at once (they hold no slot; the lingering gauge counts
+/// them).
 pub(crate) const REFUSALS: usize = 64;
 
 /// An accepted connection: a [`Stream`] that lingers when dropped, if [`Armed`] says so.

@@ -107,6 +107,8 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
     let answer = |raw: Vec<u8>| String::from_utf8_lossy(&raw).into_owned();
     let b = answer(exchange_small(addr).await);
     assert!(b.contains("refused"), "served while a lingered: {b}");
+    // b, refused, lingers too until its close reaches the server.
+    settle(&stats, 1).await;
     assert_eq!(stats.lingering.get(), 1, "a is lingering");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let c = answer(exchange_small(addr).await);
@@ -116,12 +118,18 @@ async fn a_silent_client_keeps_a_closing_connection_two_seconds_at_most() {
         lingering.elapsed()
     );
     // c lingers until its close reaches the server, a moment after it read its answer.
-    let settled = tokio::time::Instant::now() + Duration::from_secs(1);
-    while stats.lingering.get() != 0 && tokio::time::Instant::now() < settled {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    settle(&stats, 0).await;
     assert_eq!(stats.lingering.get(), 0, "a is done lingering, c closed");
     drop(a);
+}
+
+/// Waits (a second at most) for the lingering gauge to read `n`: a connection stops lingering
+/// a moment after its client's close reaches the server.
+async fn settle(stats: &Stats, n: i64) {
+    let settled = tokio::time::Instant::now() + Duration::from_secs(1);
+    while stats.lingering.get() != n && tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A client that keeps a closing connection alive with a byte now and then is cut after
@@ -213,10 +221,10 @@ async fn a_refused_client_still_uploading_gets_its_503_not_a_reset() {
 
 /// Refused connections linger 64 at a time at most: beyond that they are closed at once (a
 /// flood of refused connections holds a bounded number of descriptors), and a byte sent to
-/// one of those after its 503 is answered with a reset.
+/// one of those after its 503 is answered with a reset. The lingering gauge counts the 64.
 #[tokio::test]
 async fn at_most_64_refused_connections_linger() {
-    let addr = start_with(one_slot()).await;
+    let (addr, stats) = start_counted(one_slot()).await;
     let held = holding_the_slot(addr).await;
     let mut refused = Vec::new();
     for _ in 0..70 {
@@ -237,6 +245,18 @@ async fn at_most_64_refused_connections_linger() {
         }
     }
     assert_eq!(reset, 70 - 64, "refused connections closed at once");
+    assert_eq!(
+        stats.lingering.get(),
+        64,
+        "the lingering refused connections"
+    );
+    drop(refused);
+    settle(&stats, 0).await;
+    assert_eq!(
+        stats.lingering.get(),
+        0,
+        "closed by their clients: done lingering"
+    );
     drop(held);
 }
 
