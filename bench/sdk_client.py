@@ -1,8 +1,10 @@
 """Runs inside a venv with an AgentCube SDK (this repo's or upstream's `agentcube-sdk` 0.1.0) and
 prints per-call latencies as JSON. Modes:
 
-- `router NAME N`: `CodeInterpreterClient(name=NAME)`; N x `execute_command("true")` and N x
-  `run_code("python", "print(1)")` through the Router (the SDK's own HTTP stack).
+- `router NAME N [SETTLE]`: `CodeInterpreterClient(name=NAME)`, then SETTLE seconds (0 by
+  default) for what the session's create set off (a warm pool's refill) to finish, as it has for
+  the baseline's session; N x `execute_command("true")` and N x `run_code("python", "print(1)")`
+  through the Router (the SDK's own HTTP stack).
 - `direct SOCKET|URL TOKEN N`: the very same HTTP calls the SDK makes, with the same
   `requests.Session`, straight to the sandbox's PicoD on its Unix socket or at `http://IP:PORT`
   (the baseline).
@@ -71,10 +73,11 @@ def timed(fn, n: int) -> list:
     return out
 
 
-def router(name: str, n: int) -> dict:
+def router(name: str, n: int, settle: float = 0.0) -> dict:
     from agentcube import CodeInterpreterClient
 
     with CodeInterpreterClient(name=name) as c:
+        time.sleep(settle)
         return {
             "execute": timed(lambda: c.execute_command("true"), n),
             "run_code": timed(lambda: c.run_code("python", "print(1)"), n),
@@ -129,7 +132,7 @@ def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "router":
-        result = router(sys.argv[2], int(sys.argv[3]))
+        result = router(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:5]))
     elif mode == "direct":
         result = direct(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
