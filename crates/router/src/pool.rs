@@ -355,7 +355,8 @@ impl Pool {
             .map_err(SendError::Connect)?;
         // The handshake itself writes nothing; it cannot hang.
         // An answer the sandbox gives before it has read the whole body is read, not lost to
-        // the failed write after it.
+        // the failed write after it; so are the last bytes of an upgraded connection (tunnel)
+        // the sandbox closed while the client was still sending.
         let stream = agentcube_serve::AfterAnswer::new(stream);
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
             .await

@@ -1,6 +1,8 @@
 //! A sandbox that answers before it has read the request's body (a 413 for an upload it will
 //! not take, an auth failure) and closes without reading the rest — as many servers do — must
-//! have that answer reach the client, not a Router error: the client is told why.
+//! have that answer reach the client, not a Router error: the client is told why. Likewise the
+//! last bytes a sandbox writes into an upgraded connection before closing it on a client that
+//! is still sending.
 
 mod common;
 
@@ -33,13 +35,6 @@ async fn refuses_uploads() -> String {
         }
     });
     addr
-}
-
-/// A Router whose session `s` is the sandbox at `addr`.
-async fn router_to(addr: &str) -> Router {
-    let store = memory();
-    session_to(store.as_ref(), "s", addr).await;
-    Router::start("http://127.0.0.1:9", store, |_| {}).await
 }
 
 /// Uploads of each size in `sizes` through `router` to a sandbox answering `413 too large`
@@ -134,4 +129,75 @@ async fn an_h2c_sandboxs_early_answer_reaches_the_client() {
     let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
     uploads_get_its_413(&router, &[1024, 40 << 20], "h2c").await;
     router.stop().await;
+}
+
+/// An upstream that takes every request as a WebSocket upgrade (101), reads 256 KiB of what the
+/// client then sends, writes its last bytes (`bye`) and closes with more still arriving (its
+/// kernel resets the connection).
+async fn ends_tunnels_mid_stream() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                if s.write_all(switched).await.is_err() {
+                    return;
+                }
+                let (mut got, mut buf) = (0, vec![0u8; 64 * 1024]);
+                while got < 256 * 1024 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A sandbox that ends an upgraded connection (a WebSocket) with last bytes and closes while
+/// the client is still sending: the client gets those bytes before the tunnel closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnels_last_bytes_reach_a_client_still_sending() {
+    let upstream = ends_tunnels_mid_stream().await;
+    let router = router_to(&upstream).await;
+    let mut lost = 0;
+    for _ in 0..40 {
+        let (s, head) = websocket(&router, "s").await;
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        let (mut r, mut w) = s.into_split();
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b'x'; 16 * 1024];
+            while w.write_all(&chunk).await.is_ok() {}
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = async {
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the tunnel closed");
+        sender.abort();
+        if got != b"bye" {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 0, "tunnels whose last bytes were lost, of 40");
 }

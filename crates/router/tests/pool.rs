@@ -95,12 +95,6 @@ async fn answer(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
-async fn router_to(addr: &str) -> Router {
-    let store = memory();
-    session_to(store.as_ref(), "s", addr).await;
-    Router::start("http://127.0.0.1:9", store, |_| {}).await
-}
-
 async fn get(router: &Router, path: &str) -> reqwest::Response {
     client()
         .get(router.ci(path))

@@ -175,19 +175,7 @@ async fn sse_events_arrive_one_by_one() {
 #[tokio::test]
 async fn websocket_upgrades_pass_through() {
     let (router, _store, _) = setup(|_| {}).await;
-    let addr = router.url.trim_start_matches("http://").to_string();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let req = format!(
-        "GET /v1/namespaces/default/code-interpreters/ci/invocations/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-agentcube-session-id: s1\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_lowercase();
+    let (mut s, head) = websocket(&router, "s1").await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("x-agentcube-session-id: s1"));
     s.write_all(b"ping-frame").await.unwrap();

@@ -223,9 +223,7 @@ async fn outcomes(raw: &'static [u8]) -> (Outcome, Outcome) {
 
 async fn outcomes_as(raw: &'static [u8], sent: Sent) -> (Outcome, Outcome) {
     let (addr, _) = scripted(raw, true).await;
-    let store = memory();
-    session_to(store.as_ref(), "s", &addr).await;
-    let router = Router::start("http://127.0.0.1:9", store, |_| {}).await;
+    let router = router_to(&addr).await;
     let pair = (
         through_hyper(&addr).await,
         through_router_as(&router, sent).await,
@@ -279,12 +277,6 @@ async fn streamed_requests_refuse_the_same_answers() {
             "{name}: a streamed request got {router:?}"
         );
     }
-}
-
-async fn router_to(addr: &str) -> Router {
-    let store = memory();
-    session_to(store.as_ref(), "s", addr).await;
-    Router::start("http://127.0.0.1:9", store, |_| {}).await
 }
 
 #[tokio::test]

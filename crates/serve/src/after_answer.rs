@@ -5,7 +5,9 @@
 //! errors into writes that go nowhere, so reading goes on and finds the answer; a peer that
 //! closed without one still fails the exchange, at the next read (the reset or the end of the
 //! stream). Used by the Router's client to sandboxes (hyper's client fails the request on the
-//! write error: the client got "sandbox unreachable" instead of the sandbox's own answer) and
+//! write error: the client got "sandbox unreachable" instead of the sandbox's own answer; and
+//! without it an upgraded connection's splice gives up before passing on the last bytes a
+//! sandbox wrote before closing) and
 //! by PicoD's port forward (its splice gave up on both directions at once, losing an answer
 //! it had not yet passed on).
 

@@ -171,6 +171,33 @@ pub async fn session_to(store: &dyn SessionStore, id: &str, endpoint: &str) {
     session_to_as(store, id, endpoint, "HTTP").await
 }
 
+/// A Router (memory store, no Workload Manager) whose session `s` is the test upstream at
+/// `addr`.
+pub async fn router_to(addr: &str) -> Router {
+    let store = memory();
+    session_to(store.as_ref(), "s", addr).await;
+    Router::start("http://127.0.0.1:9", store, |_| {}).await
+}
+
+/// A raw connection to `router` asking for a WebSocket upgrade of `ws` on session `session`:
+/// the connection after the answer's head, and that head (lowercase).
+pub async fn websocket(router: &Router, session: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = router.url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /v1/namespaces/default/code-interpreters/ci/invocations/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-agentcube-session-id: {session}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    (s, String::from_utf8(head).unwrap().to_lowercase())
+}
+
 /// [`session_to`] with an entry point of `protocol` (`HTTP`, `H2C`).
 pub async fn session_to_as(store: &dyn SessionStore, id: &str, endpoint: &str, protocol: &str) {
     let now = jiff::Timestamp::now();
