@@ -456,9 +456,7 @@ async fn refuse(
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&raw)).await;
     match lingers {
         Some((place, lingering)) => {
-            lingering.inc();
-            let stream = linger::linger(stream).await;
-            lingering.dec();
+            let stream = linger::linger(stream, &lingering).await;
             drop(place);
             drop(stream);
         }

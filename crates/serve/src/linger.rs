@@ -97,10 +97,8 @@ impl Drop for Accepted {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) if armed => {
                 let gauge = self.lingering.clone();
-                gauge.inc();
                 rt.spawn(async move {
-                    let stream = linger(stream).await;
-                    gauge.dec();
+                    let stream = linger(stream, &gauge).await;
                     drop(slot);
                     drop(stream);
                 });
@@ -114,8 +112,9 @@ impl Drop for Accepted {
 }
 
 /// Half-closes `s`, then discards what arrives until the peer closes, is silent for
-/// [`SILENCE`], or [`MOST`] has passed; `s`, to be closed.
-pub(crate) async fn linger(mut s: Stream) -> Stream {
+/// [`SILENCE`], or [`MOST`] has passed, counted in `lingering` meanwhile; `s`, to be closed.
+pub(crate) async fn linger(mut s: Stream, lingering: &Gauge) -> Stream {
+    lingering.inc();
     let _ = s.shutdown().await;
     let end = tokio::time::Instant::now() + MOST;
     let mut buf = vec![0; 16 * 1024];
@@ -123,9 +122,11 @@ pub(crate) async fn linger(mut s: Stream) -> Stream {
         let by = end.min(tokio::time::Instant::now() + SILENCE);
         match tokio::time::timeout_at(by, s.read(&mut buf)).await {
             Ok(Ok(1..)) => continue,
-            _ => return s,
+            _ => break,
         }
     }
+    lingering.dec();
+    s
 }
 
 impl AsyncRead for Accepted {
