@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 
 from harness import RELEASE, REPO, Table, binary, free_port, median, pct, procs, wait_http
-from sdk import SETTLE, VENVS, ms, run, sign
+from sdk import VENVS, ms, run, sign
 
 SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 SETTLED = max(SESSIONS // 3, 1)
@@ -101,27 +101,26 @@ def router_key(kubectl: list, path: Path) -> None:
 
 def sdk_calls(p, kubectl: list, wm_url: str, sdk_env: dict) -> dict:
     """`execute_command("true")` and `run_code("python", "print(1)")` through the standalone Router
-    with both SDKs (each run claims its own session and starts its calls `SETTLE` seconds later,
-    once the pool has refilled), and the same HTTP calls straight to another session's pod; in
+    with both SDKs on one live session (each SDK given its id, as a client resuming it is), and the
+    same HTTP calls straight to that session's pod: the same PicoD for every target; in
     interleaved rounds."""
     s = requests.post(f"{wm_url}/v1/code-interpreter", json={"name": "kwarm", "namespace": "default"},
                       timeout=60).json()
     endpoint = s["entryPoints"][0]["endpoint"]
     url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    deadline = time.time() + 60
+    while pool_ready(kubectl) < POOL and time.time() < deadline:
+        time.sleep(0.2)  # the session's claim refilled: no pod starts beside the rounds
     router_key(kubectl, p.tmp / "router.pem")
     now = int(time.time())
     token = sign(p.tmp / "router.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,
                                         "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
     targets = {DIRECT: (VENVS["this repo's SDK"], ["direct", url, token]),
-               **{f"{name} via Router": (py, ["router", "kwarm"]) for name, py in VENVS.items()}}
+               **{f"{name} via Router": (py, ["session", "kwarm", s["sessionId"]]) for name, py in VENVS.items()}}
     samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
     for _ in range(ROUNDS):
         for target, (py, args) in targets.items():
-            deadline = time.time() + 60
-            while args[0] == "router" and pool_ready(kubectl) < POOL and time.time() < deadline:
-                time.sleep(0.2)  # the last claim refilled: no pod starting alongside
-            settle = [SETTLE] if args[0] == "router" else []
-            for call, v in run(py, sdk_env, *args, CALLS // ROUNDS, *settle).items():
+            for call, v in run(py, sdk_env, *args, CALLS // ROUNDS).items():
                 samples[target][call] += v
     requests.delete(f"{wm_url}/v1/code-interpreter/sessions/{s['sessionId']}", timeout=60)
     return samples

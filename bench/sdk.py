@@ -4,9 +4,10 @@ build, a separate process). Median and p99 of `execute_command("true")` and
 0.1.0, each in its own venv and process, against the same HTTP calls made with the SDK's HTTP stack
 straight to the sandbox's PicoD, and with this repo's SDK through nginx proxying to that PicoD (what
 one proxy hop costs on this machine, whoever the proxy is), in interleaved rounds (five times) so
-the shared machine's drift hits every target alike (each run's timed calls start once its own
-session's create has settled: `SETTLE`). Then session creation: a warm-pool claim and a cold start, from
-the SDK's constructor to the first answer of PicoD."""
+the shared machine's drift hits every target alike. Every target calls the same sandbox: the SDKs
+are given its session's id (as a client resuming a session is), so no target pays for another
+sandbox's placement or for a warm pool refilling beside it. Then session creation: a warm-pool
+claim and a cold start, from the SDK's constructor to the first answer of PicoD."""
 
 from __future__ import annotations
 
@@ -27,14 +28,9 @@ SESSIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 VENVS = {"this repo's SDK": REPO / ".venv/bin/python", "upstream agentcube-sdk 0.1.0": REPO / ".venv-upstream/bin/python"}
 CLIENT = str(Path(__file__).with_name("sdk_client.py"))
 ROUNDS = 5
-# Each SDK run's session is a warm-pool claim, whose pool then refills (a sandbox starts beside the
-# calls); the timed calls start this many seconds after the constructor, once it has, as the
-# baseline's session (made before the rounds) is settled. The first call after a create is
-# measured on its own (`sessions`).
-SETTLE = 1.0
 # nginx in front of one sandbox's PicoD, with the Router's path prefix stripped and the sandbox's
-# token set, so an SDK pointed at it runs every call on that sandbox (the SDK's own session is
-# unused). Root workers: the sandbox's socket is root's.
+# token set, so an SDK pointed at it runs every call on that sandbox (the session id it sends is
+# not read). Root workers: the sandbox's socket is root's.
 NGINX = """daemon off;
 master_process off;
 user root;
@@ -94,7 +90,7 @@ def ms(v: float) -> str:
 
 def main() -> None:
     t = Table(f"SDK calls on `agentcube up` (release, separate processes; {N} calls each in {ROUNDS} interleaved "
-              f"rounds, each after 20 warm-up calls; an SDK's calls from {SETTLE:g} s after its constructor)")
+              "rounds, each after 20 warm-up calls; every target on one sandbox)")
     with procs("sdk") as p:
         wm, router, metrics = free_port(), free_port(), free_port()
         up = p.start([binary("agentcube"), "up", "--manifests", str(REPO / "bench/manifests"), "--wm-port", str(wm),
@@ -116,18 +112,17 @@ def main() -> None:
         (p.tmp / "nginx.conf").write_text(NGINX.format(tmp=p.tmp, sock=sock, token=token, port=nginx_port))
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
+        wait_pool(metrics_url, "warm", 4)  # the session's claim refilled: nothing starts beside the rounds
         via_nginx = {**env, "ROUTER_URL": f"http://127.0.0.1:{nginx_port}"}
         ours = VENVS["this repo's SDK"]
+        live = ["session", "warm", s["sessionId"]]
         targets = {"direct to PicoD (requests.Session)": (ours, env, ["direct", sock, token]),
-                   "this repo's SDK via nginx (one hop, no routing)": (ours, via_nginx, ["router", "warm"]),
-                   **{f"{name} via Router": (py, env, ["router", "warm"]) for name, py in VENVS.items()}}
+                   "this repo's SDK via nginx (one hop, no routing)": (ours, via_nginx, live),
+                   **{f"{name} via Router": (py, env, live) for name, py in VENVS.items()}}
         samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
         for _ in range(ROUNDS):
             for target, (py, e, args) in targets.items():
-                if args[0] == "router":
-                    wait_pool(metrics_url, "warm", 4)  # the last claim refilled: no start-up alongside
-                settle = [SETTLE] if args[0] == "router" else []
-                for call, v in run(py, e, *args, N // ROUNDS, *settle).items():
+                for call, v in run(py, e, *args, N // ROUNDS).items():
                     samples[target][call] += v
         p.stop(nginx)
         for call in ("execute", "run_code"):

@@ -1,10 +1,10 @@
 """Runs inside a venv with an AgentCube SDK (this repo's or upstream's `agentcube-sdk` 0.1.0) and
 prints per-call latencies as JSON. Modes:
 
-- `router NAME N [SETTLE]`: `CodeInterpreterClient(name=NAME)`, then SETTLE seconds (0 by
-  default) for what the session's create set off (a warm pool's refill) to finish, as it has for
-  the baseline's session; N x `execute_command("true")` and N x `run_code("python", "print(1)")`
-  through the Router (the SDK's own HTTP stack).
+- `session NAME SESSION_ID N`: `CodeInterpreterClient(name=NAME, session_id=SESSION_ID)` (a live
+  session: both SDKs reuse it and create nothing), then N x `execute_command("true")` and N x
+  `run_code("python", "print(1)")` through the SDK's Router URL (the SDK's own HTTP stack). The
+  session is left as it was.
 - `direct SOCKET|URL TOKEN N`: the very same HTTP calls the SDK makes, with the same
   `requests.Session`, straight to the sandbox's PicoD on its Unix socket or at `http://IP:PORT`
   (the baseline).
@@ -28,38 +28,30 @@ from requests.adapters import HTTPAdapter
 WARMUP = 20
 
 
-class _UnixConnection(urllib3.connection.HTTPConnection):
-    def __init__(self, path: str, **kw):
-        super().__init__("localhost", **kw)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(self._path)
-        self.sock = s
-
-
-class _UnixPool(urllib3.HTTPConnectionPool):
-    def __init__(self, path: str):
-        super().__init__("localhost")
-        self._path = path
-
-    def _new_conn(self):
-        return _UnixConnection(self._path)
-
-
 class UnixAdapter(HTTPAdapter):
-    """`requests` over a Unix socket (the pool is kept, as the SDK's is over TCP)."""
+    """`requests` over a Unix socket by the path it takes over TCP (requests' pool manager,
+    urllib3's connection pool and connection): only the socket differs, so a call straight to a
+    local PicoD costs the client what the SDK's calls to the Router cost it."""
 
     def __init__(self, path: str):
+        self._path = path
         super().__init__()
-        self._pool = _UnixPool(path)
 
-    def get_connection_with_tls_context(self, *a, **kw):
-        return self._pool
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        path = self._path
 
-    def get_connection(self, *a, **kw):
-        return self._pool
+        class Connection(urllib3.connection.HTTPConnection):
+            def _new_conn(self) -> socket.socket:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(self.timeout)
+                s.connect(path)
+                return s
+
+        class Pool(urllib3.HTTPConnectionPool):
+            ConnectionCls = Connection
+
+        self.poolmanager.pool_classes_by_scheme = {"http": Pool}
 
 
 def timed(fn, n: int) -> list:
@@ -73,15 +65,14 @@ def timed(fn, n: int) -> list:
     return out
 
 
-def router(name: str, n: int, settle: float = 0.0) -> dict:
+def session(name: str, session_id: str, n: int) -> dict:
     from agentcube import CodeInterpreterClient
 
-    with CodeInterpreterClient(name=name) as c:
-        time.sleep(settle)
-        return {
-            "execute": timed(lambda: c.execute_command("true"), n),
-            "run_code": timed(lambda: c.run_code("python", "print(1)"), n),
-        }
+    c = CodeInterpreterClient(name=name, session_id=session_id)  # not stopped: the session stays
+    return {
+        "execute": timed(lambda: c.execute_command("true"), n),
+        "run_code": timed(lambda: c.run_code("python", "print(1)"), n),
+    }
 
 
 def direct(target: str, token: str, n: int) -> dict:
@@ -131,8 +122,8 @@ def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "router":
-        result = router(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:5]))
+    if mode == "session":
+        result = session(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif mode == "direct":
         result = direct(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
