@@ -232,6 +232,54 @@ async fn the_session_cap_refuses_with_429_and_creates_nothing() {
 }
 
 #[tokio::test]
+async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "ci",
+            "    resources:\n      limits:\n        memory: 256Mi\n",
+        ),
+        memory_budget: Some(300 << 20),
+        ..Default::default()
+    })
+    .await;
+    let first = s.create_ok("code-interpreter", "ci").await;
+    let dirs = s
+        .backend
+        .cgroup_dirs(first["sandboxName"].as_str().unwrap());
+    assert!(
+        !dirs.is_empty(),
+        "these tests run where cgroups are enforced"
+    );
+    // What keeps a cgroup after its processes are killed (a process stuck in the kernel, on a
+    // hung filesystem) stood in for by a child cgroup: the kernel refuses to remove either.
+    let holder = dirs[0].join("held");
+    std::fs::create_dir(&holder).unwrap();
+    assert_eq!(s.delete(first["sessionId"].as_str().unwrap()).await.0, 200);
+    assert!(s.backend.running().is_empty());
+    assert!(dirs[0].exists());
+    // Its memory still counts against the budget while its cgroup is there.
+    let (status, v) = s.create("code-interpreter", "ci").await;
+    assert_eq!(status, 429, "{v}");
+    std::fs::remove_dir(&holder).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while dirs.iter().any(|d| d.exists()) {
+        assert!(std::time::Instant::now() < deadline, "{dirs:?} not retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Gone, and its memory with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, v) = s.create("code-interpreter", "ci").await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.shutdown_and_check_leaks().await;
+}
+
+#[tokio::test]
 async fn the_memory_budget_refuses_with_429_and_creates_nothing() {
     let s = Stack::start(Options {
         manifests: code_interpreter(

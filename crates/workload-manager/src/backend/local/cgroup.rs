@@ -209,16 +209,23 @@ impl SandboxCgroup {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// Kills whatever is left inside and removes the directories (waits up to a second).
-    pub async fn remove(&self) {
+    /// Kills whatever is left inside and removes the directories, waiting up to a second for
+    /// each. False when one is still there: a process the kill has not ended yet (stuck in the
+    /// kernel, e.g. on a hung filesystem), which keeps its cgroup; the caller retries later.
+    pub async fn remove(&self) -> bool {
+        let mut gone = true;
         for dir in &self.dirs {
+            let mut removed = false;
             for _ in 0..50 {
                 if kill_and_remove(dir) {
+                    removed = true;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            gone &= removed;
         }
+        gone
     }
 
     /// Directories (for leak checks in tests).

@@ -816,17 +816,48 @@ impl LocalBackend {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
                         .await;
-                if let Some(cg) = &r.cgroup {
-                    cg.remove().await;
-                }
+                let stuck = match r.cgroup {
+                    Some(cg) if !cg.remove().await => Some(cg),
+                    _ => None,
+                };
                 r.paths.remove().await;
                 if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
                     network.detach(n).await;
                 }
-                self.release(r.uid, r.memory);
+                match stuck {
+                    None => self.release(r.uid, r.memory),
+                    Some(cg) => {
+                        let this = self.clone();
+                        let name = name.to_string();
+                        tokio::spawn(async move { this.reclaim(name, cg, r.uid, r.memory).await });
+                    }
+                }
             }
             None => self.paths(name).remove().await,
         }
+    }
+
+    /// A removed sandbox whose cgroup outlived the kill (a process stuck in the kernel): retried
+    /// with back-off (1 s, doubling, at most 30 s apart) until it is gone. Its uid and memory stay
+    /// held until then, so no new sandbox runs as the uid of a process still alive, and the
+    /// memory budget counts what is still in use.
+    async fn reclaim(self, name: String, cg: SandboxCgroup, uid: Option<u32>, memory: u64) {
+        tracing::warn!(
+            sandbox = %name,
+            cgroups = ?cg.dirs(),
+            "a process of the removed sandbox outlived SIGKILL; its cgroup is retried in the \
+             background, its uid and memory stay held until it is gone"
+        );
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            if cg.remove().await {
+                break;
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+        tracing::info!(sandbox = %name, "the removed sandbox's cgroup is gone; uid and memory released");
+        self.release(uid, memory);
     }
 }
 
