@@ -179,6 +179,7 @@ impl Stack {
     /// Everything this stack started is gone: processes, sockets, directories, cgroups.
     pub async fn shutdown_and_check_leaks(mut self) {
         let state = self.dir.path().join("state/sandboxes");
+        let cgroups = self.backend.cgroup_instance_dirs();
         self.wm.take().unwrap().shutdown().await;
         self.server.abort();
         assert!(
@@ -188,6 +189,8 @@ impl Stack {
         );
         let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
         assert!(left.is_empty(), "sandbox directories left: {left:?}");
+        let left: Vec<_> = cgroups.iter().filter(|d| d.exists()).collect();
+        assert!(left.is_empty(), "cgroup directories left: {left:?}");
     }
 }
 

@@ -104,12 +104,8 @@ impl Cgroups {
     /// that crashed (no clean shutdown) left behind. Called once at start, before any sandbox
     /// exists. Returns how many directories were removed.
     pub fn remove_leftovers(&self) -> usize {
-        let bases: Vec<&PathBuf> = match &self.layout {
-            Layout::V1(dirs) => dirs.iter().map(|(_, d)| d).collect(),
-            Layout::V2(d) => vec![d],
-        };
         let mut removed = 0;
-        for base in bases {
+        for base in self.instance_dirs() {
             let Ok(entries) = std::fs::read_dir(base) else {
                 continue;
             };
@@ -130,13 +126,18 @@ impl Cgroups {
         removed
     }
 
+    /// This instance's directories, under which its sandboxes' cgroups go (one per controller on
+    /// v1).
+    pub fn instance_dirs(&self) -> Vec<&Path> {
+        match &self.layout {
+            Layout::V1(dirs) => dirs.iter().map(|(_, d)| d.as_path()).collect(),
+            Layout::V2(d) => vec![d.as_path()],
+        }
+    }
+
     /// Removes this instance's (empty) cgroup directories, on a clean shutdown.
     pub fn remove_instance(&self) {
-        let bases: Vec<&PathBuf> = match &self.layout {
-            Layout::V1(dirs) => dirs.iter().map(|(_, d)| d).collect(),
-            Layout::V2(d) => vec![d],
-        };
-        for d in bases {
+        for d in self.instance_dirs() {
             let _ = std::fs::remove_dir(d);
         }
     }

@@ -426,6 +426,18 @@ impl LocalBackend {
             .unwrap_or_default()
     }
 
+    /// This manager's cgroup directories, under which its sandboxes' go (for leak checks in
+    /// tests: a clean shutdown removes them).
+    pub fn cgroup_instance_dirs(&self) -> Vec<PathBuf> {
+        let cgroups = self.inner.cgroups.as_ref();
+        cgroups.map_or_else(Vec::new, |c| {
+            c.instance_dirs()
+                .into_iter()
+                .map(Path::to_path_buf)
+                .collect()
+        })
+    }
+
     async fn start(
         &self,
         name: &str,
