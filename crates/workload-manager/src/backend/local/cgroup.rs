@@ -115,7 +115,7 @@ impl Cgroups {
                 }
                 let dir = e.path();
                 for _ in 0..50 {
-                    if kill_and_remove(&dir) {
+                    if kill_and_remove(&dir).is_ok() {
                         removed += 1;
                         break;
                     }
@@ -211,22 +211,25 @@ impl SandboxCgroup {
     }
 
     /// Kills whatever is left inside and removes the directories, waiting up to a second for
-    /// each. False when one is still there: a process the kill has not ended yet (stuck in the
-    /// kernel, e.g. on a hung filesystem), which keeps its cgroup; the caller retries later.
-    pub async fn remove(&self) -> bool {
-        let mut gone = true;
+    /// each. The last failure when one is still there: `ResourceBusy` while a process the kill
+    /// has not ended yet (stuck in the kernel, e.g. on a hung filesystem) keeps its cgroup, which
+    /// the caller retries later.
+    pub async fn remove(&self) -> io::Result<()> {
+        let mut result = Ok(());
         for dir in &self.dirs {
-            let mut removed = false;
+            let mut last = Ok(());
             for _ in 0..50 {
-                if kill_and_remove(dir) {
-                    removed = true;
+                last = kill_and_remove(dir);
+                if last.is_ok() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            gone &= removed;
+            if last.is_err() {
+                result = last;
+            }
         }
-        gone
+        result
     }
 
     /// Directories (for leak checks in tests).
@@ -244,8 +247,14 @@ impl SandboxCgroup {
     }
 }
 
-/// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. True once it is gone.
-fn kill_and_remove(dir: &Path) -> bool {
+/// Whether a failed removal ([`SandboxCgroup::remove`]) is a cgroup still held by a process in it
+/// (`EBUSY`), which goes once that process ends, rather than a directory that cannot be removed.
+pub fn held_by_a_process(removed: &io::Result<()>) -> bool {
+    matches!(removed, Err(e) if e.kind() == io::ErrorKind::ResourceBusy)
+}
+
+/// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. `Ok` once it is gone.
+fn kill_and_remove(dir: &Path) -> io::Result<()> {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         let _ = nix::sys::signal::kill(
@@ -253,7 +262,10 @@ fn kill_and_remove(dir: &Path) -> bool {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    std::fs::remove_dir(dir).is_ok() || !dir.exists()
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Parses a Kubernetes memory quantity (`512Mi`, `1Gi`, `128M`, `1e9`, `1000`) to bytes.
@@ -296,6 +308,22 @@ pub fn parse_cpu(q: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_busy_cgroup_counts_as_held_and_a_gone_one_is_removed() {
+        // A plain directory with a file in it: `ENOTEMPTY`, a directory that cannot be removed
+        // (the kernel's `EBUSY` for a cgroup with a process left is in tests/faults.rs).
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("sandbox");
+        std::fs::create_dir(&cg).unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "").unwrap();
+        let failed = kill_and_remove(&cg);
+        assert!(failed.is_err() && !held_by_a_process(&failed), "{failed:?}");
+        assert!(held_by_a_process(&Err(io::ErrorKind::ResourceBusy.into())));
+        std::fs::remove_file(cg.join("cgroup.procs")).unwrap();
+        assert!(kill_and_remove(&cg).is_ok() && !cg.exists());
+        assert!(kill_and_remove(&cg).is_ok(), "already gone is gone");
+    }
 
     #[test]
     fn quantities() {

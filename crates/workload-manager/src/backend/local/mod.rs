@@ -829,8 +829,8 @@ impl LocalBackend {
                     tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
                         .await;
                 let stuck = match r.cgroup {
-                    Some(cg) if !cg.remove().await => Some(cg),
-                    _ => None,
+                    Some(cg) => still_held(name, cg.remove().await).then_some(cg),
+                    None => None,
                 };
                 r.paths.remove().await;
                 if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
@@ -863,14 +863,25 @@ impl LocalBackend {
         let mut wait = Duration::from_secs(1);
         loop {
             tokio::time::sleep(wait).await;
-            if cg.remove().await {
+            if !still_held(&name, cg.remove().await) {
                 break;
             }
             wait = (wait * 2).min(Duration::from_secs(30));
         }
-        tracing::info!(sandbox = %name, "the removed sandbox's cgroup is gone; uid and memory released");
+        tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
         self.release(uid, memory);
     }
+}
+
+/// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
+/// later). Any other failure (the directory cannot be removed at all) is logged, not retried.
+fn still_held(name: &str, removed: std::io::Result<()>) -> bool {
+    if let Err(e) = &removed
+        && !cgroup::held_by_a_process(&removed)
+    {
+        tracing::error!(sandbox = %name, error = %e, "cannot remove the sandbox's cgroup");
+    }
+    cgroup::held_by_a_process(&removed)
 }
 
 /// A memory limit as a Kubernetes quantity when it is whole `Gi`/`Mi`, else bytes.
