@@ -189,6 +189,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let platform = backend
+        .clone()
         .platform(
             Some(args.manifests.clone()),
             Duration::from_secs(2),
@@ -290,7 +291,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // the Workload Manager removes every sandbox.
     let _ = router_server.await;
     let _ = wm_server.await;
-    println!("stopped; no sandbox left running");
+    match backend.reclaiming() {
+        0 => println!("stopped; no sandbox left running"),
+        n => println!(
+            "stopped; {n} removed sandbox(es) still have a process that outlived SIGKILL (stuck \
+             in the kernel): their cgroups are removed at the next start with this --state-dir"
+        ),
+    }
     Ok(())
 }
 

@@ -257,6 +257,7 @@ async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() 
     assert_eq!(s.delete(first["sessionId"].as_str().unwrap()).await.0, 200);
     assert!(s.backend.running().is_empty());
     assert!(dirs[0].exists());
+    assert_eq!(s.backend.reclaiming(), 1);
     // Its memory still counts against the budget while its cgroup is there.
     let (status, v) = s.create("code-interpreter", "ci").await;
     assert_eq!(status, 429, "{v}");
@@ -276,6 +277,7 @@ async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() 
         assert!(std::time::Instant::now() < deadline, "{status} {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(s.backend.reclaiming(), 0);
     s.shutdown_and_check_leaks().await;
 }
 

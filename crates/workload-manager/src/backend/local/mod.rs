@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -241,6 +242,10 @@ struct Inner {
     /// Sandboxes that died on their own (PicoD or the agent exited, was killed, OOM), with the
     /// session they served; reclaimed by the next GC run.
     dead: Mutex<Vec<(String, Option<String>)>>,
+    /// Removed sandboxes whose cgroup a process that outlived SIGKILL still holds ([`reclaim`]).
+    ///
+    /// [`reclaim`]: LocalBackend::reclaim
+    reclaiming: AtomicUsize,
 }
 
 /// The local backend. Cheap to clone.
@@ -390,6 +395,7 @@ impl LocalBackend {
                 pools: Mutex::new(HashMap::new()),
                 memory_in_use: Mutex::new(0),
                 dead: Mutex::new(Vec::new()),
+                reclaiming: AtomicUsize::new(0),
             }),
         })
     }
@@ -397,6 +403,13 @@ impl LocalBackend {
     /// Whether cgroup limits are enforced.
     pub fn enforces_limits(&self) -> bool {
         self.inner.cgroups.is_some()
+    }
+
+    /// How many removed sandboxes still have a process that outlived SIGKILL (stuck in the
+    /// kernel): their cgroups are retried in the background, and removed at the next start on
+    /// this state directory if they outlive this process.
+    pub fn reclaiming(&self) -> usize {
+        self.inner.reclaiming.load(Ordering::Relaxed)
     }
 
     /// Names of running sandboxes (pooled ones included).
@@ -839,6 +852,7 @@ impl LocalBackend {
                 match stuck {
                     None => self.release(r.uid, r.memory),
                     Some(cg) => {
+                        self.inner.reclaiming.fetch_add(1, Ordering::Relaxed);
                         let this = self.clone();
                         let name = name.to_string();
                         tokio::spawn(async move { this.reclaim(name, cg, r.uid, r.memory).await });
@@ -856,7 +870,7 @@ impl LocalBackend {
     async fn reclaim(self, name: String, cg: SandboxCgroup, uid: Option<u32>, memory: u64) {
         tracing::warn!(
             sandbox = %name,
-            cgroups = ?cg.dirs(),
+            cgroups = ?cg.dirs().iter().filter(|d| d.exists()).collect::<Vec<_>>(),
             "a process of the removed sandbox outlived SIGKILL; its cgroup is retried in the \
              background, its uid and memory stay held until it is gone"
         );
@@ -870,6 +884,7 @@ impl LocalBackend {
         }
         tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
         self.release(uid, memory);
+        self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -996,6 +1011,14 @@ impl Backend for LocalBackend {
         }
         if let Some(c) = &self.inner.cgroups {
             c.remove_instance();
+        }
+        let stuck = self.reclaiming();
+        if stuck > 0 {
+            tracing::warn!(
+                sandboxes = stuck,
+                "removed sandboxes still have a process that outlived SIGKILL; their cgroups are \
+                 removed at the next start on this state directory"
+            );
         }
     }
 }
