@@ -102,9 +102,10 @@ impl Cgroups {
 
     /// Removes every sandbox cgroup under ours, killing what is left in it: what a predecessor
     /// that crashed (no clean shutdown) left behind. Called once at start, before any sandbox
-    /// exists. Returns how many directories were removed.
-    pub fn remove_leftovers(&self) -> usize {
-        let mut removed = 0;
+    /// exists. Returns how many directories were removed, and those that could not be (a
+    /// process in them outlived SIGKILL).
+    pub fn remove_leftovers(&self) -> (usize, Vec<PathBuf>) {
+        let (mut removed, mut held) = (0, Vec::new());
         for base in self.instance_dirs() {
             let Ok(entries) = std::fs::read_dir(base) else {
                 continue;
@@ -114,16 +115,21 @@ impl Cgroups {
                     continue;
                 }
                 let dir = e.path();
+                let mut last = Ok(());
                 for _ in 0..50 {
-                    if kill_and_remove(&dir).is_ok() {
+                    last = kill_and_remove(&dir);
+                    if last.is_ok() {
                         removed += 1;
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                if last.is_err() {
+                    held.push(dir);
+                }
             }
         }
-        removed
+        (removed, held)
     }
 
     /// This instance's directories, under which its sandboxes' cgroups go (one per controller on

@@ -340,11 +340,19 @@ impl LocalBackend {
         // its directories went above, its cgroups go here.
         let cgroups = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
             Ok(c) => {
-                let left = c.remove_leftovers();
+                let (left, held) = c.remove_leftovers();
                 if left > 0 {
                     tracing::info!(
                         cgroups = left,
                         "removed sandbox cgroups left by a previous run"
+                    );
+                }
+                if !held.is_empty() {
+                    tracing::warn!(
+                        cgroups = ?held,
+                        "sandbox cgroups left by a previous run still hold a process that \
+                         outlived SIGKILL (stuck in the kernel); they are tried again at the \
+                         next start, and that process's uid is not known to be in use"
                     );
                 }
                 Some(c)
