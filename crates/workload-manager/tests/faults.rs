@@ -281,6 +281,86 @@ async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() 
     s.shutdown_and_check_leaks().await;
 }
 
+/// A process frozen by the cgroup v1 freezer survives SIGKILL, in the kernel, until it is thawed
+/// (then it dies): a process stuck on a hung filesystem, made on demand. Thawed on drop.
+struct Frozen(std::path::PathBuf);
+
+impl Frozen {
+    /// `None` where this host has no cgroup v1 freezer.
+    fn freeze(pid: &str) -> Option<Self> {
+        let root = std::path::Path::new("/sys/fs/cgroup/freezer");
+        if !root.join("cgroup.procs").is_file() {
+            return None;
+        }
+        let dir = root.join(format!("agentcube-test-{}-{pid}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid).unwrap();
+        std::fs::write(dir.join("freezer.state"), "FROZEN").unwrap();
+        let state = || std::fs::read_to_string(dir.join("freezer.state")).unwrap();
+        while state().trim() != "FROZEN" {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        for _ in 0..500 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_process_outliving_its_sandbox_and_manager_keeps_its_uid_from_new_sandboxes() {
+    let first = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let v = first.create_ok("code-interpreter", "ci").await;
+    let name = v["sandboxName"].as_str().unwrap().to_string();
+    let uid = first
+        .backend
+        .sandbox_uid(&name)
+        .expect("root: a uid per sandbox");
+    let dirs = first.backend.cgroup_dirs(&name);
+    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
+    let Some(frozen) = Frozen::freeze(procs.lines().next().unwrap()) else {
+        eprintln!("skipped: no cgroup v1 freezer here to make a process that outlives SIGKILL");
+        return first.shutdown_and_check_leaks().await;
+    };
+    // A clean stop kills the sandbox; the frozen process stays, and its cgroup with it.
+    let dir = first.stop_keeping_dir().await;
+    assert!(dirs.iter().any(|d| d.exists()));
+    // The next manager hands out uids from the start of the range again: its first sandbox would
+    // get the uid the frozen process still runs as.
+    let second = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    let v = second.create_ok("code-interpreter", "ci").await;
+    let next = second
+        .backend
+        .sandbox_uid(v["sandboxName"].as_str().unwrap());
+    assert!(next.is_some() && next != Some(uid), "{next:?} = {uid}");
+    drop(frozen);
+    // Thawed, the process dies; the first manager's background retry removes its cgroup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while dirs.iter().any(|d| d.exists()) {
+        assert!(std::time::Instant::now() < deadline, "{dirs:?} left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    second.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn the_memory_budget_refuses_with_429_and_creates_nothing() {
     let s = Stack::start(Options {

@@ -259,6 +259,25 @@ pub fn held_by_a_process(removed: &io::Result<()>) -> bool {
     matches!(removed, Err(e) if e.kind() == io::ErrorKind::ResourceBusy)
 }
 
+/// The uids (real, effective, saved, filesystem) of the processes in the cgroup `dir`.
+pub fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let status = |pid: &str| std::fs::read_to_string(format!("/proc/{}/status", pid.trim()));
+    procs
+        .lines()
+        .filter_map(|pid| status(pid).ok())
+        .flat_map(|st| {
+            let line = st
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .unwrap_or("");
+            line.split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. `Ok` once it is gone.
 fn kill_and_remove(dir: &Path) -> io::Result<()> {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();

@@ -338,6 +338,7 @@ impl LocalBackend {
         }
         // Leftovers of a predecessor that crashed: its sandboxes died with it (die-with-parent);
         // its directories went above, its cgroups go here.
+        let uids = config.uids.map(Uids::new);
         let cgroups = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
             Ok(c) => {
                 let (left, held) = c.remove_leftovers();
@@ -348,11 +349,13 @@ impl LocalBackend {
                     );
                 }
                 if !held.is_empty() {
+                    let kept = keep_uids_of(&held, uids.as_ref());
                     tracing::warn!(
                         cgroups = ?held,
+                        uids = ?kept,
                         "sandbox cgroups left by a previous run still hold a process that \
-                         outlived SIGKILL (stuck in the kernel); they are tried again at the \
-                         next start, and that process's uid is not known to be in use"
+                         outlived SIGKILL (stuck in the kernel); its uid is kept from new \
+                         sandboxes, and the cgroups are tried again at the next start"
                     );
                 }
                 Some(c)
@@ -392,7 +395,7 @@ impl LocalBackend {
             inner: Arc::new(Inner {
                 images,
                 quotas,
-                uids: config.uids.map(Uids::new),
+                uids,
                 config,
                 bwrap,
                 runsc,
@@ -894,6 +897,16 @@ impl LocalBackend {
         self.release(uid, memory);
         self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Takes the uids of the processes left in `held` cgroups out of `uids`; the ones taken.
+fn keep_uids_of(held: &[PathBuf], uids: Option<&Uids>) -> Vec<u32> {
+    let Some(uids) = uids else {
+        return Vec::new();
+    };
+    let found: std::collections::BTreeSet<u32> =
+        held.iter().flat_map(|d| cgroup::uids_in(d)).collect();
+    found.into_iter().filter(|u| uids.reserve(*u)).collect()
 }
 
 /// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry

@@ -87,6 +87,17 @@ impl Uids {
     pub fn give_back(&self, uid: u32) {
         self.state.lock().unwrap().0.remove(&uid);
     }
+
+    /// Takes `uid` out of the pool (when in the range): a process of a previous run still has
+    /// it. True when it was in the range.
+    pub fn reserve(&self, uid: u32) -> bool {
+        let offset = uid.wrapping_sub(self.range.first);
+        let inside = uid >= self.range.first && offset < self.range.count;
+        if inside {
+            self.state.lock().unwrap().0.insert(uid);
+        }
+        inside
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +118,13 @@ mod tests {
         assert!(u.take().is_none(), "range exhausted");
         u.give_back(b);
         assert_eq!(u.take(), Some(b));
+        let u = Uids::new("3000-3001".parse().unwrap());
+        assert!(u.reserve(3000) && !u.reserve(2999) && !u.reserve(3002));
+        assert_eq!(
+            (u.take(), u.take()),
+            (Some(3001), None),
+            "a reserved uid is never handed out"
+        );
         assert!("10-5".parse::<UidRange>().is_err());
         assert!("0-100".parse::<UidRange>().is_err(), "never root");
     }
