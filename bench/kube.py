@@ -108,9 +108,8 @@ def sdk_calls(p, kubectl: list, wm_url: str, sdk_env: dict) -> dict:
                       timeout=60).json()
     endpoint = s["entryPoints"][0]["endpoint"]
     url = endpoint if "://" in endpoint else f"http://{endpoint}"
-    deadline = time.time() + 60
-    while pool_ready(kubectl) < POOL and time.time() < deadline:
-        time.sleep(0.2)  # the session's claim refilled: no pod starts beside the rounds
+    # The session's claim refilled: no pod starts beside the rounds.
+    wait_until("the warm pool refilling", lambda: pool_ready(kubectl) >= POOL, 60)
     router_key(kubectl, p.tmp / "router.pem")
     now = int(time.time())
     token = sign(p.tmp / "router.pem", {"iss": "agentcube-router", "iat": now, "exp": now + 3600,

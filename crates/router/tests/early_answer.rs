@@ -12,24 +12,38 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// An upstream that reads a request's head only, answers `413` and closes at once, with the
-/// body still arriving (unread: its kernel resets the connection).
-async fn refuses_uploads() -> String {
+/// A scripted upstream on a free loopback port (its address): on each connection, once a
+/// request's head has arrived (and maybe some of its body), `then` runs with the connection; a
+/// connection that ends before is dropped.
+async fn upstream<F, Fut>(then: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            let then = then.clone();
             tokio::spawn(async move {
-                if !read_head(&mut s).await {
-                    return;
+                if read_head(&mut s).await {
+                    then(s).await;
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
-                    .await;
             });
         }
     });
     addr
+}
+
+/// An upstream that reads a request's head only, answers `413` and closes at once, with the
+/// body still arriving (unread: its kernel resets the connection).
+async fn refuses_uploads() -> String {
+    upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+            .await;
+    })
+    .await
 }
 
 /// Reads until a request's head has arrived (and maybe some of its body): false if the
@@ -144,30 +158,21 @@ async fn an_h2c_sandboxs_early_answer_reaches_the_client() {
 /// client then sends, writes its last bytes (`bye`) and closes with more still arriving (its
 /// kernel resets the connection).
 async fn ends_tunnels_mid_stream() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if !read_head(&mut s).await {
-                    return;
-                }
-                let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
-                if s.write_all(switched).await.is_err() {
-                    return;
-                }
-                let (mut got, mut buf) = (0, vec![0u8; 64 * 1024]);
-                while got < 256 * 1024 {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got += n,
-                    }
-                }
-                let _ = s.write_all(b"bye").await;
-            });
+    upstream(|mut s| async move {
+        let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        if s.write_all(switched).await.is_err() {
+            return;
         }
-    });
-    addr
+        let (mut got, mut buf) = (0, vec![0u8; 64 * 1024]);
+        while got < 256 * 1024 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = s.write_all(b"bye").await;
+    })
+    .await
 }
 
 /// A sandbox that ends an upgraded connection (a WebSocket) with last bytes and closes while

@@ -231,9 +231,9 @@ async fn the_session_cap_refuses_with_429_and_creates_nothing() {
     s.shutdown_and_check_leaks().await;
 }
 
-#[tokio::test]
-async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() {
-    let s = Stack::start(Options {
+/// A stack whose memory budget (300Mi) holds one sandbox of `ci` (256Mi) at a time.
+async fn one_sandbox_budget() -> Stack {
+    Stack::start(Options {
         manifests: code_interpreter(
             "ci",
             "    resources:\n      limits:\n        memory: 256Mi\n",
@@ -241,7 +241,12 @@ async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() 
         memory_budget: Some(300 << 20),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_cgroup_that_outlives_its_kill_is_retried_and_keeps_its_memory_held() {
+    let s = one_sandbox_budget().await;
     let first = s.create_ok("code-interpreter", "ci").await;
     let dirs = s
         .backend
@@ -363,15 +368,7 @@ async fn a_process_outliving_its_sandbox_and_manager_keeps_its_uid_from_new_sand
 
 #[tokio::test]
 async fn the_memory_budget_refuses_with_429_and_creates_nothing() {
-    let s = Stack::start(Options {
-        manifests: code_interpreter(
-            "ci",
-            "    resources:\n      limits:\n        memory: 256Mi\n",
-        ),
-        memory_budget: Some(300 << 20),
-        ..Default::default()
-    })
-    .await;
+    let s = one_sandbox_budget().await;
     let first = s.create_ok("code-interpreter", "ci").await;
     let (status, v) = s.create("code-interpreter", "ci").await;
     assert_eq!(status, 429, "{v}");

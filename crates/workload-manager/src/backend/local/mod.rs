@@ -912,12 +912,11 @@ fn keep_uids_of(held: &[PathBuf], uids: Option<&Uids>) -> Vec<u32> {
 /// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
 /// later). Any other failure (the directory cannot be removed at all) is logged, not retried.
 fn still_held(name: &str, removed: std::io::Result<()>) -> bool {
-    if let Err(e) = &removed
-        && !cgroup::held_by_a_process(&removed)
-    {
+    let held = cgroup::held_by_a_process(&removed);
+    if let (Err(e), false) = (&removed, held) {
         tracing::error!(sandbox = %name, error = %e, "cannot remove the sandbox's cgroup");
     }
-    cgroup::held_by_a_process(&removed)
+    held
 }
 
 /// A memory limit as a Kubernetes quantity when it is whole `Gi`/`Mi`, else bytes.
