@@ -295,7 +295,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         0 => println!("stopped; no sandbox left running"),
         n => println!(
             "stopped; {n} removed sandbox(es) still have a process that outlived SIGKILL (stuck \
-             in the kernel): their cgroups are removed at the next start with this --state-dir"
+             in the kernel): the next start with this --state-dir removes their cgroups (retrying \
+             while a process still holds one)"
         ),
     }
     Ok(())

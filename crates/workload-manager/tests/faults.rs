@@ -321,46 +321,88 @@ impl Drop for Frozen {
     }
 }
 
+/// What the first manager of the test below leaves: its directory, the uid and cgroup of its
+/// sandbox, and that sandbox's frozen process.
+struct LeftBehind {
+    dir: tempfile::TempDir,
+    uid: u32,
+    cgroup: Vec<std::path::PathBuf>,
+    frozen: Frozen,
+}
+
+/// A manager whose sandbox has a process that outlives SIGKILL, stopped cleanly, on a runtime of
+/// its own that is then dropped: its background retry of the cgroup ends with it, as when its
+/// process exits. `None` (after a clean stop) where there is no cgroup v1 freezer.
+fn a_manager_that_leaves_a_frozen_process() -> Option<LeftBehind> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let left = rt.block_on(async {
+        let first = Stack::start(Options {
+            manifests: code_interpreter("ci", ""),
+            ..Default::default()
+        })
+        .await;
+        let v = first.create_ok("code-interpreter", "ci").await;
+        let name = v["sandboxName"].as_str().unwrap().to_string();
+        let uid = first
+            .backend
+            .sandbox_uid(&name)
+            .expect("root: a uid per sandbox");
+        let cgroup = first.backend.cgroup_dirs(&name);
+        let procs = std::fs::read_to_string(cgroup[0].join("cgroup.procs")).unwrap();
+        let Some(frozen) = Frozen::freeze(procs.lines().next().unwrap()) else {
+            first.shutdown_and_check_leaks().await;
+            return None;
+        };
+        // A clean stop kills the sandbox; the frozen process stays, and its cgroup with it.
+        let dir = first.stop_keeping_dir().await;
+        assert!(cgroup.iter().any(|d| d.exists()));
+        Some(LeftBehind {
+            dir,
+            uid,
+            cgroup,
+            frozen,
+        })
+    });
+    drop(rt);
+    left
+}
+
 #[tokio::test]
 async fn a_process_outliving_its_sandbox_and_manager_keeps_its_uid_from_new_sandboxes() {
-    let first = Stack::start(Options {
-        manifests: code_interpreter("ci", ""),
-        ..Default::default()
-    })
-    .await;
-    let v = first.create_ok("code-interpreter", "ci").await;
-    let name = v["sandboxName"].as_str().unwrap().to_string();
-    let uid = first
-        .backend
-        .sandbox_uid(&name)
-        .expect("root: a uid per sandbox");
-    let dirs = first.backend.cgroup_dirs(&name);
-    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
-    let Some(frozen) = Frozen::freeze(procs.lines().next().unwrap()) else {
+    let first = std::thread::spawn(a_manager_that_leaves_a_frozen_process);
+    let Some(left) = first.join().unwrap() else {
         eprintln!("skipped: no cgroup v1 freezer here to make a process that outlives SIGKILL");
-        return first.shutdown_and_check_leaks().await;
+        return;
     };
-    // A clean stop kills the sandbox; the frozen process stays, and its cgroup with it.
-    let dir = first.stop_keeping_dir().await;
-    assert!(dirs.iter().any(|d| d.exists()));
     // The next manager hands out uids from the start of the range again: its first sandbox would
     // get the uid the frozen process still runs as.
     let second = Stack::start(Options {
         manifests: code_interpreter("ci", ""),
-        dir: Some(dir),
+        dir: Some(left.dir),
         ..Default::default()
     })
     .await;
+    assert_eq!(second.backend.reclaiming(), 1, "the leftover is counted");
     let v = second.create_ok("code-interpreter", "ci").await;
     let next = second
         .backend
         .sandbox_uid(v["sandboxName"].as_str().unwrap());
-    assert!(next.is_some() && next != Some(uid), "{next:?} = {uid}");
-    drop(frozen);
-    // Thawed, the process dies; the first manager's background retry removes its cgroup.
+    assert!(
+        next.is_some() && next != Some(left.uid),
+        "{next:?} = {}",
+        left.uid
+    );
+    drop(left.frozen);
+    // Thawed, the process dies; the second manager's background retry removes its cgroup (the
+    // first one's retry is gone with its runtime).
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    while dirs.iter().any(|d| d.exists()) {
-        assert!(std::time::Instant::now() < deadline, "{dirs:?} left");
+    while left.cgroup.iter().any(|d| d.exists()) || second.backend.reclaiming() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} left, {} reclaiming",
+            left.cgroup,
+            second.backend.reclaiming()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     second.shutdown_and_check_leaks().await;

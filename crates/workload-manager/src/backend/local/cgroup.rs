@@ -102,10 +102,11 @@ impl Cgroups {
 
     /// Removes every sandbox cgroup under ours, killing what is left in it: what a predecessor
     /// that crashed (no clean shutdown) left behind. Called once at start, before any sandbox
-    /// exists. Returns how many directories were removed, and those that could not be (a
-    /// process in them outlived SIGKILL).
-    pub fn remove_leftovers(&self) -> (usize, Vec<PathBuf>) {
-        let (mut removed, mut held) = (0, Vec::new());
+    /// exists. Returns how many directories were removed, and the sandboxes whose cgroup could
+    /// not be (a process in it outlived SIGKILL), by name, with every directory of theirs left.
+    pub fn remove_leftovers(&self) -> (usize, Vec<(String, SandboxCgroup)>) {
+        let mut removed = 0;
+        let mut held = std::collections::BTreeMap::<String, Vec<PathBuf>>::new();
         for base in self.instance_dirs() {
             let Ok(entries) = std::fs::read_dir(base) else {
                 continue;
@@ -125,10 +126,15 @@ impl Cgroups {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 if last.is_err() {
-                    held.push(dir);
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    held.entry(name).or_default().push(dir);
                 }
             }
         }
+        let held = held
+            .into_iter()
+            .map(|(name, dirs)| (name, SandboxCgroup { dirs }))
+            .collect();
         (removed, held)
     }
 
@@ -238,6 +244,11 @@ impl SandboxCgroup {
         result
     }
 
+    /// The uids (real, effective, saved, filesystem) of the processes still in it.
+    pub fn uids(&self) -> std::collections::BTreeSet<u32> {
+        self.dirs.iter().flat_map(|d| uids_in(d)).collect()
+    }
+
     /// Directories (for leak checks in tests).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
@@ -260,7 +271,7 @@ pub fn held_by_a_process(removed: &io::Result<()>) -> bool {
 }
 
 /// The uids (real, effective, saved, filesystem) of the processes in the cgroup `dir`.
-pub fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
+fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     let status = |pid: &str| std::fs::read_to_string(format!("/proc/{}/status", pid.trim()));
     procs

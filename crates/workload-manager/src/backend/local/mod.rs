@@ -339,7 +339,7 @@ impl LocalBackend {
         // Leftovers of a predecessor that crashed: its sandboxes died with it (die-with-parent);
         // its directories went above, its cgroups go here.
         let uids = config.uids.map(Uids::new);
-        let cgroups = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
+        let (cgroups, held) = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
             Ok(c) => {
                 let (left, held) = c.remove_leftovers();
                 if left > 0 {
@@ -348,24 +348,14 @@ impl LocalBackend {
                         "removed sandbox cgroups left by a previous run"
                     );
                 }
-                if !held.is_empty() {
-                    let kept = keep_uids_of(&held, uids.as_ref());
-                    tracing::warn!(
-                        cgroups = ?held,
-                        uids = ?kept,
-                        "sandbox cgroups left by a previous run still hold a process that \
-                         outlived SIGKILL (stuck in the kernel); its uid is kept from new \
-                         sandboxes, and the cgroups are tried again at the next start"
-                    );
-                }
-                Some(c)
+                (Some(c), held)
             }
             Err(why) if config.require_cgroups => {
                 return Err(format!("cgroup limits cannot be enforced: {why}"));
             }
             Err(why) => {
                 tracing::warn!(reason = %why, "sandboxes will run WITHOUT cgroup limits");
-                None
+                (None, Vec::new())
             }
         };
         let seccomp = write_seccomp(state)?;
@@ -391,7 +381,7 @@ impl LocalBackend {
                 image::shared_libraries(&config.picod)?,
             )),
         };
-        Ok(Self {
+        let this = Self {
             inner: Arc::new(Inner {
                 images,
                 quotas,
@@ -408,7 +398,31 @@ impl LocalBackend {
                 dead: Mutex::new(Vec::new()),
                 reclaiming: AtomicUsize::new(0),
             }),
-        })
+        };
+        this.keep_leftovers(held);
+        Ok(this)
+    }
+
+    /// Cgroups of a predecessor's sandboxes that a process outliving SIGKILL still holds: the
+    /// uids of the processes in them are kept from new sandboxes until they are gone, and they
+    /// are retried in the background (on the current Tokio runtime; without one, at the next
+    /// start).
+    fn keep_leftovers(&self, held: Vec<(String, SandboxCgroup)>) {
+        for (name, cg) in held {
+            let uids: Vec<u32> = match &self.inner.uids {
+                Some(pool) => cg.uids().into_iter().filter(|u| pool.reserve(*u)).collect(),
+                None => Vec::new(),
+            };
+            tracing::warn!(
+                sandbox = %name,
+                cgroups = ?cg.dirs(),
+                uids = ?uids,
+                "a sandbox cgroup left by a previous run still holds a process that outlived \
+                 SIGKILL (stuck in the kernel); its uids are kept from new sandboxes until it is \
+                 gone, and it is retried in the background"
+            );
+            self.hold(name, cg, uids, 0);
+        }
     }
 
     /// Whether cgroup limits are enforced.
@@ -416,9 +430,9 @@ impl LocalBackend {
         self.inner.cgroups.is_some()
     }
 
-    /// How many removed sandboxes still have a process that outlived SIGKILL (stuck in the
-    /// kernel): their cgroups are retried in the background, and removed at the next start on
-    /// this state directory if they outlive this process.
+    /// How many removed sandboxes (this run's, or a previous run's found at start) still have a
+    /// process that outlived SIGKILL (stuck in the kernel): their cgroups are retried in the
+    /// background, and by the next start on this state directory if they outlive this process.
     pub fn reclaiming(&self) -> usize {
         self.inner.reclaiming.load(Ordering::Relaxed)
     }
@@ -515,7 +529,7 @@ impl LocalBackend {
             Some(policy) => match self.attach_network(name, policy).await {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    self.release(uid, memory);
+                    self.release(uid.as_slice(), memory);
                     return Err(e);
                 }
             },
@@ -532,7 +546,7 @@ impl LocalBackend {
                 if let (Ok(network), Some(n)) = (&self.inner.network, &net) {
                     network.detach(n).await;
                 }
-                self.release(uid, memory);
+                self.release(uid.as_slice(), memory);
                 return Err(e);
             }
         };
@@ -590,10 +604,12 @@ impl LocalBackend {
         *used = used.saturating_sub(bytes);
     }
 
-    /// Gives back what a sandbox held: its uid and memory.
-    fn release(&self, uid: Option<u32>, memory: u64) {
-        if let (Some(uids), Some(uid)) = (&self.inner.uids, uid) {
-            uids.give_back(uid);
+    /// Gives back what a sandbox held: its uid(s) and memory.
+    fn release(&self, uids: &[u32], memory: u64) {
+        if let Some(pool) = &self.inner.uids {
+            for uid in uids {
+                pool.give_back(*uid);
+            }
         }
         self.release_memory(memory);
     }
@@ -861,12 +877,17 @@ impl LocalBackend {
                     network.detach(n).await;
                 }
                 match stuck {
-                    None => self.release(r.uid, r.memory),
+                    None => self.release(r.uid.as_slice(), r.memory),
                     Some(cg) => {
-                        self.inner.reclaiming.fetch_add(1, Ordering::Relaxed);
-                        let this = self.clone();
-                        let name = name.to_string();
-                        tokio::spawn(async move { this.reclaim(name, cg, r.uid, r.memory).await });
+                        tracing::warn!(
+                            sandbox = %name,
+                            cgroups = ?cg.dirs().iter().filter(|d| d.exists()).collect::<Vec<_>>(),
+                            "a process of the removed sandbox outlived SIGKILL; its cgroup is \
+                             retried in the background, its uid and memory stay held until it \
+                             is gone"
+                        );
+                        let uids = r.uid.into_iter().collect();
+                        self.hold(name.to_string(), cg, uids, r.memory);
                     }
                 }
             }
@@ -874,17 +895,24 @@ impl LocalBackend {
         }
     }
 
+    /// Counts a removed sandbox whose cgroup outlived the kill and has it [`reclaim`]ed in the
+    /// background when there is a Tokio runtime (else it is left to the next start).
+    ///
+    /// [`reclaim`]: LocalBackend::reclaim
+    fn hold(&self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.inner.reclaiming.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        runtime.spawn(async move { this.reclaim(name, cg, uids, memory).await });
+    }
+
     /// A removed sandbox whose cgroup outlived the kill (a process stuck in the kernel): retried
-    /// with back-off (1 s, doubling, at most 30 s apart) until it is gone. Its uid and memory stay
-    /// held until then, so no new sandbox runs as the uid of a process still alive, and the
+    /// with back-off (1 s, doubling, at most 30 s apart) until it is gone. Its uids and memory
+    /// stay held until then, so no new sandbox runs as the uid of a process still alive, and the
     /// memory budget counts what is still in use.
-    async fn reclaim(self, name: String, cg: SandboxCgroup, uid: Option<u32>, memory: u64) {
-        tracing::warn!(
-            sandbox = %name,
-            cgroups = ?cg.dirs().iter().filter(|d| d.exists()).collect::<Vec<_>>(),
-            "a process of the removed sandbox outlived SIGKILL; its cgroup is retried in the \
-             background, its uid and memory stay held until it is gone"
-        );
+    async fn reclaim(self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
         let mut wait = Duration::from_secs(1);
         loop {
             tokio::time::sleep(wait).await;
@@ -894,19 +922,9 @@ impl LocalBackend {
             wait = (wait * 2).min(Duration::from_secs(30));
         }
         tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
-        self.release(uid, memory);
+        self.release(&uids, memory);
         self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Takes the uids of the processes left in `held` cgroups out of `uids`; the ones taken.
-fn keep_uids_of(held: &[PathBuf], uids: Option<&Uids>) -> Vec<u32> {
-    let Some(uids) = uids else {
-        return Vec::new();
-    };
-    let found: std::collections::BTreeSet<u32> =
-        held.iter().flat_map(|d| cgroup::uids_in(d)).collect();
-    found.into_iter().filter(|u| uids.reserve(*u)).collect()
 }
 
 /// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
