@@ -83,12 +83,25 @@ impl SandboxPaths {
         for d in [&self.dir, &self.private] {
             // Without cgroups, a process of the sandbox may outlive its launcher by a moment
             // (the kernel kills a pid namespace when its init goes): retry briefly.
+            let mut last = Ok(());
             for _ in 0..50 {
-                let d = d.clone();
-                match tokio::task::spawn_blocking(move || remove_tree(&d)).await {
-                    Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                    _ => break,
+                let dir = d.clone();
+                last = match tokio::task::spawn_blocking(move || remove_tree(&dir)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(io::Error::other(e)),
+                };
+                if last.is_ok() {
+                    break;
                 }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if let Err(e) = last {
+                tracing::error!(
+                    dir = %d.display(),
+                    error = %e,
+                    "cannot remove a removed sandbox's directory; the next start on this state \
+                     directory removes it"
+                );
             }
         }
     }
