@@ -52,6 +52,10 @@ fn port_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// What the API server takes as a resource quantity (`512Mi`, `1.5Gi`, `500m`, `1e9`): the pattern
+/// controller-gen writes on every `resource.Quantity`, as upstream's CRDs have it.
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
 /// Go `time.ParseDuration` syntax: one or more `<number><unit>` with units ns, us, µs, ms, s, m, h.
 pub const DURATION_PATTERN: &str = r"^(0|([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))*)$";
 

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use serde_json::Value;
 
 use crate::{AgentRuntime, CodeInterpreter};
@@ -113,9 +112,9 @@ pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestEr
         }
         let mut value = value;
         let crd = if kind == "CodeInterpreter" {
-            CodeInterpreter::crd()
+            crate::crd_of::<CodeInterpreter>()
         } else {
-            AgentRuntime::crd()
+            crate::crd_of::<AgentRuntime>()
         };
         crate::schema::validate(&openapi_schema(&crd), &mut value)
             .map_err(|errs| fail(&what, errs.iter().map(ToString::to_string).collect()))?;

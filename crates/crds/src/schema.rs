@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::common::DURATION_PATTERN;
+use crate::common::{DURATION_PATTERN, QUANTITY_PATTERN};
 
 /// One refusal, at a dotted path such as `spec.template.imagePullPolicy`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,7 @@ fn walk(schema: &Value, v: &mut Value, path: &str, errs: &mut Vec<FieldError>) {
                 short(v)
             ));
         }
+        check_scalar(schema, v, &mut err);
         return;
     }
     let ty = schema.get("type").and_then(Value::as_str);
@@ -133,6 +134,11 @@ fn check_scalar(schema: &Value, v: &Value, err: &mut impl FnMut(String)) {
         if !ok && p == DURATION_PATTERN {
             err(format!(
                 "Invalid value: {}: must be a duration such as 30s, 15m, 1h30m or 1.5h",
+                short(v)
+            ));
+        } else if !ok && p == QUANTITY_PATTERN {
+            err(format!(
+                "Invalid value: {}: must be a quantity such as 512Mi, 1.5Gi, 500m or 1e9",
                 short(v)
             ));
         } else if !ok {

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use agentcube_crds::common::QUANTITY_PATTERN;
 use agentcube_crds::manifest::{self, Definition};
 use agentcube_crds::{AuthMode, Protocol, crd_file_name, crds};
 use serde_json::Value;
@@ -20,6 +21,62 @@ fn committed_crd_yaml_is_current() {
             committed.ends_with(&fresh),
             "{} is stale: run `make crds` and commit it",
             path.display()
+        );
+    }
+}
+
+/// Every int-or-string below `v`: (path, has the quantity pattern).
+fn int_or_strings(v: &Value, path: &str, out: &mut Vec<(String, bool)>) {
+    match v {
+        Value::Object(o) => {
+            if o.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+                let pattern = o.get("pattern").and_then(Value::as_str);
+                out.push((path.to_string(), pattern == Some(QUANTITY_PATTERN)));
+            }
+            for (k, child) in o {
+                int_or_strings(child, &format!("{path}.{k}"), out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|c| int_or_strings(c, path, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn quantities_take_the_api_servers_pattern_and_ports_do_not() {
+    for crd in crds() {
+        let v = serde_json::to_value(&crd).unwrap();
+        let mut found = Vec::new();
+        int_or_strings(&v, "", &mut found);
+        let limits = found
+            .iter()
+            .find(|(p, _)| p.ends_with("resources.properties.limits.additionalProperties"));
+        assert_eq!(limits.map(|l| l.1), Some(true), "{found:?}");
+        for (path, patterned) in &found {
+            assert_eq!(*patterned, !path.ends_with(".port"), "{path}");
+        }
+    }
+    let ci = |limits: &str| {
+        format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
+             metadata: {{name: x}}\nspec:\n  template:\n    resources:\n      limits: {limits}\n"
+        )
+    };
+    for ok in [
+        "{memory: 512Mi, cpu: 500m}",
+        "{memory: \"1.5Gi\", cpu: 2}",
+        "{memory: \"1e9\"}",
+    ] {
+        manifest::load(&ci(ok), "ok.yaml").unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in ["512MB", "1gi", "NaN", "lots", "' 1Gi'"] {
+        let e = manifest::load(&ci(&format!("{{memory: {bad}}}")), "bad.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.template.resources.limits.memory: Invalid value")
+                && e.contains("must be a quantity such as 512Mi"),
+            "{bad}: {e}"
         );
     }
 }

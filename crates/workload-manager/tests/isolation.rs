@@ -195,6 +195,83 @@ async fn memory_limit_kills_a_hog() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// Limits the manifest schema lets through (it takes any quantity the API server's pattern
+/// does) but no sandbox can run under: each create is a 400 naming the limit, nothing is left
+/// running and the memory budget loses nothing.
+#[tokio::test]
+async fn limits_no_sandbox_can_run_under_are_a_400_naming_them() {
+    let cases = [
+        (
+            "negative",
+            "memory: \"-1Gi\"",
+            "resources.limits.memory: \"-1Gi\" is negative",
+        ),
+        (
+            "zero",
+            "memory: \"0\"",
+            "resources.limits.memory: must be more than 0",
+        ),
+        (
+            "huge",
+            "cpu: \"1e30\"",
+            "resources.limits.cpu: \"1e30\" is too large",
+        ),
+        (
+            "exponent",
+            "ephemeral-storage: \"1e1.5\"",
+            "\"1e1.5\" is not a Kubernetes quantity",
+        ),
+        (
+            "over",
+            "memory: \"1E\"",
+            "more than the whole memory budget",
+        ),
+        (
+            "tiny",
+            "memory: \"2Mi\"",
+            "killed by its memory limit (2Mi) while starting",
+        ),
+    ];
+    let limits = |l: &str| format!("    resources:\n      limits:\n        {l}\n");
+    let mut manifests: String = cases
+        .iter()
+        .map(|(name, l, _)| code_interpreter(name, &limits(l)))
+        .collect();
+    manifests.push_str(&code_interpreter("fits", &limits("memory: 256Mi")));
+    let s = Stack::start(Options {
+        manifests,
+        memory_budget: Some(256 << 20),
+        ..Default::default()
+    })
+    .await;
+    assert!(s.backend.enforces_limits());
+    for (name, _, says) in cases {
+        let (status, v) = s.create("code-interpreter", name).await;
+        assert_eq!(status, 400, "{name}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains(says), "{name}: {message}");
+        assert!(s.backend.running().is_empty(), "{name}");
+    }
+    // The whole budget is still there.
+    s.create_ok("code-interpreter", "fits").await;
+    s.shutdown_and_check_leaks().await;
+}
+
+#[test]
+fn a_limit_that_is_not_a_quantity_is_refused_when_the_manifest_loads() {
+    let text = code_interpreter(
+        "typo",
+        "    resources:\n      limits:\n        memory: 512MB\n",
+    );
+    let e = agentcube_crds::manifest::load(&text, "typo.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("spec.template.resources.limits.memory: Invalid value: \"512MB\""),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn pids_limit_stops_a_fork_bomb() {
     let (s, v) = stack("", 40).await;

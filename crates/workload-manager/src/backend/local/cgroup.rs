@@ -154,66 +154,82 @@ impl Cgroups {
         }
     }
 
-    /// Creates the sandbox's cgroup(s) with its limits.
+    /// Creates the sandbox's cgroup(s) with its limits; on failure, removes what it made.
     pub fn create(&self, name: &str, limits: Limits) -> io::Result<SandboxCgroup> {
-        let cg = match &self.layout {
-            Layout::V1(dirs) => {
-                let mut made = Vec::new();
-                for (ctrl, base) in dirs {
-                    let dir = base.join(name);
-                    std::fs::create_dir_all(&dir)?;
-                    made.push(dir.clone());
-                    match *ctrl {
-                        "memory" => {
-                            if let Some(m) = limits.memory_bytes {
-                                std::fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
-                                // Without swap accounting this file may be absent; best effort.
-                                let _ = std::fs::write(
-                                    dir.join("memory.memsw.limit_in_bytes"),
-                                    m.to_string(),
-                                );
-                            }
-                        }
-                        "pids" => {
-                            if let Some(p) = limits.pids {
-                                std::fs::write(dir.join("pids.max"), p.to_string())?;
-                            }
-                        }
-                        "cpu" => {
-                            if let Some(c) = limits.cpu_millis {
-                                std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
-                                std::fs::write(
-                                    dir.join("cpu.cfs_quota_us"),
-                                    (c * 100).max(1000).to_string(),
-                                )?;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                SandboxCgroup { dirs: made }
-            }
+        let mut cg = SandboxCgroup { dirs: Vec::new() };
+        let made = match &self.layout {
+            Layout::V1(dirs) => dirs.iter().try_for_each(|(ctrl, base)| {
+                let dir = base.join(name);
+                std::fs::create_dir_all(&dir)?;
+                cg.dirs.push(dir.clone());
+                limit_v1(&dir, ctrl, limits)
+            }),
             Layout::V2(base) => {
                 let dir = base.join(name);
                 std::fs::create_dir_all(&dir)?;
-                if let Some(m) = limits.memory_bytes {
-                    std::fs::write(dir.join("memory.max"), m.to_string())?;
-                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-                }
-                if let Some(p) = limits.pids {
-                    std::fs::write(dir.join("pids.max"), p.to_string())?;
-                }
-                if let Some(c) = limits.cpu_millis {
-                    std::fs::write(
-                        dir.join("cpu.max"),
-                        format!("{} 100000", (c * 100).max(1000)),
-                    )?;
-                }
-                SandboxCgroup { dirs: vec![dir] }
+                cg.dirs.push(dir.clone());
+                limit_v2(&dir, limits)
             }
         };
+        if let Err(e) = made {
+            // Nothing has joined them yet: they are empty.
+            for d in &cg.dirs {
+                let _ = std::fs::remove_dir(d);
+            }
+            return Err(e);
+        }
         Ok(cg)
     }
+}
+
+/// Writes the limits of one v1 controller's cgroup.
+fn limit_v1(dir: &Path, controller: &str, limits: Limits) -> io::Result<()> {
+    match controller {
+        "memory" => {
+            if let Some(m) = limits.memory_bytes {
+                std::fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
+                // Without swap accounting this file may be absent; best effort.
+                let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), m.to_string());
+            }
+        }
+        "pids" => {
+            if let Some(p) = limits.pids {
+                std::fs::write(dir.join("pids.max"), p.to_string())?;
+            }
+        }
+        "cpu" => {
+            if let Some(quota) = limits.cpu_millis.and_then(cpu_quota_us) {
+                std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Writes the limits of a v2 cgroup.
+fn limit_v2(dir: &Path, limits: Limits) -> io::Result<()> {
+    if let Some(m) = limits.memory_bytes {
+        std::fs::write(dir.join("memory.max"), m.to_string())?;
+        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+    }
+    if let Some(p) = limits.pids {
+        std::fs::write(dir.join("pids.max"), p.to_string())?;
+    }
+    if let Some(quota) = limits.cpu_millis.and_then(cpu_quota_us) {
+        std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+    }
+    Ok(())
+}
+
+/// The CFS period CPU limits are expressed in: 100 ms.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The CFS quota per period of a CPU limit in millicores: at least 1 ms; `None` (no quota) from
+/// 1024 CPUs up, more than a host has (and a quota the kernel might refuse).
+fn cpu_quota_us(millis: u64) -> Option<u64> {
+    (millis < 1024 * 1000).then(|| (millis * CPU_PERIOD_US / 1000).max(1000))
 }
 
 impl SandboxCgroup {
@@ -304,46 +320,19 @@ fn kill_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Parses a Kubernetes memory quantity (`512Mi`, `1Gi`, `128M`, `1e9`, `1000`) to bytes.
-pub fn parse_memory(q: &str) -> Option<u64> {
-    let q = q.trim();
-    let units: [(&str, f64); 12] = [
-        ("Ki", 1024.0),
-        ("Mi", 1024f64.powi(2)),
-        ("Gi", 1024f64.powi(3)),
-        ("Ti", 1024f64.powi(4)),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    for (suffix, mult) in units {
-        if let Some(n) = q.strip_suffix(suffix) {
-            return n.parse::<f64>().ok().map(|n| (n * mult) as u64);
-        }
-    }
-    if let Some(n) = q.strip_suffix('m') {
-        return n.parse::<f64>().ok().map(|n| (n / 1000.0) as u64);
-    }
-    q.parse::<f64>().ok().map(|n| n as u64)
-}
-
-/// Parses a Kubernetes CPU quantity (`500m`, `1`, `0.5`) to millicores.
-pub fn parse_cpu(q: &str) -> Option<u64> {
-    let q = q.trim();
-    match q.strip_suffix('m') {
-        Some(n) => n.parse::<f64>().ok().map(|n| n as u64),
-        None => q.parse::<f64>().ok().map(|n| (n * 1000.0) as u64),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_limits_become_quotas_per_period_and_beyond_any_host_none() {
+        assert_eq!(cpu_quota_us(500), Some(50_000));
+        assert_eq!(cpu_quota_us(2000), Some(200_000));
+        assert_eq!(cpu_quota_us(0), Some(1000), "at least 1 ms");
+        assert_eq!(cpu_quota_us(1024 * 1000 - 1), Some(102_399_900));
+        assert_eq!(cpu_quota_us(1024 * 1000), None);
+        assert_eq!(cpu_quota_us(u64::MAX), None, "no overflow");
+    }
 
     #[test]
     fn only_a_busy_cgroup_counts_as_held_and_a_gone_one_is_removed() {
@@ -359,18 +348,5 @@ mod tests {
         std::fs::remove_file(cg.join("cgroup.procs")).unwrap();
         assert!(kill_and_remove(&cg).is_ok() && !cg.exists());
         assert!(kill_and_remove(&cg).is_ok(), "already gone is gone");
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(parse_memory("512Mi"), Some(512 * 1024 * 1024));
-        assert_eq!(parse_memory("1Gi"), Some(1 << 30));
-        assert_eq!(parse_memory("128M"), Some(128_000_000));
-        assert_eq!(parse_memory("1e9"), Some(1_000_000_000));
-        assert_eq!(parse_memory("100"), Some(100));
-        assert_eq!(parse_memory("lots"), None);
-        assert_eq!(parse_cpu("500m"), Some(500));
-        assert_eq!(parse_cpu("2"), Some(2000));
-        assert_eq!(parse_cpu("0.25"), Some(250));
     }
 }

@@ -33,6 +33,7 @@ pub mod net;
 mod platform;
 mod pool;
 pub mod probe;
+pub mod quantity;
 pub mod quota;
 pub mod seccomp;
 mod tools;
@@ -147,9 +148,8 @@ pub struct MemoryArgs {
 impl MemoryArgs {
     /// Applies the flags to a local configuration.
     pub fn apply(&self, config: &mut LocalConfig) -> Result<(), String> {
-        let quantity = |flag: &str, v: &str| {
-            cgroup::parse_memory(v).ok_or_else(|| format!("--{flag}: not a memory quantity: {v:?}"))
-        };
+        let quantity =
+            |flag: &str, v: &str| quantity::bytes(v).map_err(|e| format!("--{flag}: {e}"));
         config.memory_budget = match self.memory_budget.as_str() {
             "host" => host_memory(),
             v => Some(quantity("memory-budget", v)?).filter(|b| *b > 0),
@@ -498,6 +498,7 @@ impl LocalBackend {
     ) -> Result<Sandbox, BackendError> {
         let cfg = &self.inner.config;
         let paths = self.paths(name);
+        let mut sizes = workload::sizes_of(workload, cfg.default_pids_limit)?;
         let image = self.image(workload).await?;
         let desc = workload::describe(workload, &paths, name, image.as_deref())?;
         let public_key = if workload.needs_key() {
@@ -509,7 +510,7 @@ impl LocalBackend {
         } else {
             None
         };
-        let mut limits = workload::limits_of(desc.resources.as_ref(), cfg.default_pids_limit);
+        let limits = &mut sizes.limits;
         limits.memory_bytes = limits.memory_bytes.or(cfg.default_memory_bytes);
         let memory = self.reserve_memory(limits.memory_bytes.unwrap_or(0))?;
         let uid = match &self.inner.uids {
@@ -540,7 +541,7 @@ impl LocalBackend {
             uid,
             netns,
         };
-        let running = match self.launch(name, &paths, &desc, limits, given).await {
+        let running = match self.launch(name, &paths, &desc, sizes, given).await {
             Ok(r) => Running { memory, net, ..r },
             Err(e) => {
                 if let (Ok(network), Some(n)) = (&self.inner.network, &net) {
@@ -584,8 +585,17 @@ impl LocalBackend {
     /// Takes `bytes` of the memory budget, or refuses naming the budget.
     fn reserve_memory(&self, bytes: u64) -> Result<u64, BackendError> {
         let mut used = self.inner.memory_in_use.lock().unwrap();
-        if let Some(budget) = self.inner.config.memory_budget
-            && *used + bytes > budget
+        let budget = self.inner.config.memory_budget;
+        if let Some(budget) = budget.filter(|b| bytes > *b) {
+            return Err(BackendError::Invalid(format!(
+                "the definition's memory limit ({} MiB) is more than the whole memory budget of \
+                 this host ({} MiB, --memory-budget): it can never start here",
+                bytes >> 20,
+                budget >> 20
+            )));
+        }
+        if let Some(budget) = budget
+            && used.saturating_add(bytes) > budget
         {
             return Err(BackendError::Exhausted(format!(
                 "memory budget reached: sandboxes already hold {} MiB of memory limits and this \
@@ -595,7 +605,7 @@ impl LocalBackend {
                 budget >> 20
             )));
         }
-        *used += bytes;
+        *used = used.saturating_add(bytes);
         Ok(bytes)
     }
 
@@ -644,7 +654,7 @@ impl LocalBackend {
         name: &str,
         paths: &SandboxPaths,
         desc: &workload::Description,
-        limits: cgroup::Limits,
+        sizes: workload::Sizes,
         given: Assigned,
     ) -> Result<Running, BackendError> {
         let Assigned {
@@ -657,7 +667,9 @@ impl LocalBackend {
         paths
             .create(uid)
             .map_err(|e| fail("cannot create sandbox directories", e))?;
-        let workspace = workload::workspace_bytes(desc.resources.as_ref())
+        let limits = sizes.limits;
+        let workspace = sizes
+            .workspace_bytes
             .or(cfg.default_workspace_bytes)
             .filter(|_| self.inner.quotas.is_some());
         let workspace_fs = match (&self.inner.quotas, workspace) {
@@ -704,21 +716,16 @@ impl LocalBackend {
             workspace_limit: workspace.map(human_bytes),
             workspace_fs,
         };
-        let argv = self
-            .launcher(&spec, name)
-            .map_err(|e| fail("launcher", e))?;
-        let log = std::fs::File::create(paths.log()).map_err(|e| fail("log", e))?;
-        let mut child = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| fail("log", e))?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| fail("cannot start the sandbox launcher", e))?;
+        let mut child = match self.spawn_launcher(&spec, name, paths) {
+            Ok(child) => child,
+            Err(e) => {
+                // No sandbox record holds the cgroup yet: removed here (empty, nothing joined).
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove().await;
+                }
+                return Err(e);
+            }
+        };
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
         let (exit_tx, exit) = tokio::sync::watch::channel(None);
         let (this, name) = (self.clone(), name.to_string());
@@ -737,6 +744,29 @@ impl LocalBackend {
             memory: 0,
             net: None,
         })
+    }
+
+    /// Starts the sandbox's launcher, its output going to the sandbox's log.
+    fn spawn_launcher(
+        &self,
+        spec: &LaunchSpec,
+        name: &str,
+        paths: &SandboxPaths,
+    ) -> Result<tokio::process::Child, BackendError> {
+        let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
+        let argv = self.launcher(spec, name).map_err(|e| fail("launcher", e))?;
+        let log = std::fs::File::create(paths.log()).map_err(|e| fail("log", e))?;
+        tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| fail("log", e))?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail("cannot start the sandbox launcher", e))
     }
 
     /// Writes the launcher's inputs into the private directory and returns its argv.
@@ -790,6 +820,12 @@ impl LocalBackend {
                 return Ok(());
             }
             if let Some(status) = self.exited(name)? {
+                if let Some(limit) = self.killed_for_memory(name) {
+                    return Err(BackendError::Invalid(format!(
+                        "the sandbox was killed by its memory limit ({limit}) while starting: \
+                         raise resources.limits.memory"
+                    )));
+                }
                 let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
                 let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
                 return Err(BackendError::Failed(format!(
@@ -800,6 +836,21 @@ impl LocalBackend {
             delay = (delay * 2).min(Duration::from_millis(50));
         }
         Err(BackendError::NotReady(name.to_string()))
+    }
+
+    /// The sandbox's memory limit when the kernel killed one of its processes for memory (the
+    /// `oom_kill` count of its cgroup).
+    fn killed_for_memory(&self, name: &str) -> Option<String> {
+        let running = self.inner.running.lock().unwrap();
+        let r = running.get(name)?;
+        let events = std::fs::read_to_string(r.cgroup.as_ref()?.memory_events()?).ok()?;
+        let kills: u64 = events
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (kills > 0).then(|| human_bytes(r.memory))
     }
 
     /// The launcher's exit status if it has exited.

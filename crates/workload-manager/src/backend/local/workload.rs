@@ -2,18 +2,18 @@
 //! and the entry points (Unix sockets in the sandbox's private directory).
 
 use agentcube_types::EntryPoint;
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::EnvVar;
 
-use super::cgroup::{self, Limits};
+use super::cgroup::Limits;
 use super::image::{HOST_IMAGE, Image, PullPolicy};
 use super::layout::{PICOD_SOCKET, SandboxPaths, port_socket};
+use super::quantity;
 use crate::backend::{BackendError, Workload, entry_point};
 
 /// What a sandbox of one definition runs.
 #[derive(Debug, Clone)]
 pub struct Description {
     pub env: Vec<(String, String)>,
-    pub resources: Option<ResourceRequirements>,
     /// Ports PicoD forwards into the sandbox (AgentRuntime ports, extra CodeInterpreter ports).
     pub forward_ports: Vec<u16>,
     /// The agent program (AgentRuntime), empty for a CodeInterpreter.
@@ -47,12 +47,6 @@ pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
                 .and_then(|c| c.image_pull_policy.as_deref()),
         ),
     }
-}
-
-/// The workspace quota from `resources.limits.ephemeral-storage`.
-pub fn workspace_bytes(res: Option<&ResourceRequirements>) -> Option<u64> {
-    let q = res?.limits.as_ref()?.get("ephemeral-storage")?;
-    cgroup::parse_memory(&q.0)
 }
 
 /// The image a definition names, unless it is empty or [`HOST_IMAGE`].
@@ -104,15 +98,47 @@ fn agent_argv(c: &k8s_openapi::api::core::v1::Container, image: Option<&Image>) 
     argv
 }
 
-/// cgroup limits from `resources.limits` (memory, cpu) and the pid limit.
-pub fn limits_of(res: Option<&ResourceRequirements>, default_pids: u64) -> Limits {
-    let lim = res.and_then(|r| r.limits.as_ref());
-    let get = |k: &str| lim.and_then(|l| l.get(k)).map(|q| q.0.clone());
-    Limits {
-        memory_bytes: get("memory").and_then(|q| cgroup::parse_memory(&q)),
-        cpu_millis: get("cpu").and_then(|q| cgroup::parse_cpu(&q)),
-        pids: Some(default_pids),
-    }
+/// What a sandbox of a definition may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sizes {
+    /// cgroup limits: `resources.limits` memory and cpu, and the pid limit.
+    pub limits: Limits,
+    /// The workspace quota: `resources.limits.ephemeral-storage`.
+    pub workspace_bytes: Option<u64>,
+}
+
+/// The definition's [`Sizes`] (`None` where it sets none); a limit that is not a Kubernetes
+/// quantity, or a memory or ephemeral-storage limit of 0, is refused (400) naming it.
+pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, BackendError> {
+    let res = match workload {
+        Workload::CodeInterpreter(ci) => ci.spec.template.resources.as_ref(),
+        Workload::AgentRuntime(ar) => ar
+            .spec
+            .pod_template
+            .spec
+            .containers
+            .first()
+            .and_then(|c| c.resources.as_ref()),
+    };
+    let limit = |key: &str, parse: fn(&str) -> Result<u64, String>, least: u64| {
+        let Some(q) = res.and_then(|r| r.limits.as_ref()).and_then(|l| l.get(key)) else {
+            return Ok(None);
+        };
+        match parse(&q.0) {
+            Ok(v) if v >= least => Ok(Some(v)),
+            Ok(_) => Err(format!("must be more than 0, not {:?}", q.0)),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| BackendError::Invalid(format!("resources.limits.{key}: {e}")))
+    };
+    Ok(Sizes {
+        limits: Limits {
+            memory_bytes: limit("memory", quantity::bytes, 1)?,
+            cpu_millis: limit("cpu", quantity::millicores, 0)?,
+            pids: Some(default_pids),
+        },
+        workspace_bytes: limit("ephemeral-storage", quantity::bytes, 1)?,
+    })
 }
 
 /// The environment of a sandbox: `value`s, and the downward API fields that mean something here
@@ -172,7 +198,6 @@ pub fn describe(
             }
             Ok(Description {
                 env: with_image_env(image, env_of(t.environment.as_ref(), name, &namespace)),
-                resources: t.resources.clone(),
                 forward_ports,
                 agent: Vec::new(),
                 entry_points,
@@ -222,7 +247,6 @@ pub fn describe(
                 .collect();
             Ok(Description {
                 env: with_image_env(image, env_of(c.env.as_ref(), name, &namespace)),
-                resources: c.resources.clone(),
                 forward_ports: ports,
                 agent,
                 entry_points,

@@ -60,7 +60,7 @@ pub struct ImageArgs {
 }
 
 fn image_size(v: &str) -> Result<u64, String> {
-    super::cgroup::parse_memory(v).ok_or_else(|| format!("not a quantity: {v:?}"))
+    super::quantity::bytes(v)
 }
 
 impl ImageArgs {
