@@ -339,6 +339,23 @@ async fn unknown_definitions_404_and_a_cr_applied_later_is_served() {
         (k.create("code-interpreter", "od").await.0 == 404).then_some(())
     })
     .await;
+    // The API server refuses a limit that is not a quantity (our CRDs carry its pattern, as
+    // upstream's do), naming the field.
+    let typo = ON_DEMAND.replace("name: od", "name: typo").replace(
+        "    args:",
+        "    resources: {limits: {memory: 512MB}}\n    args:",
+    );
+    let typo: serde_json::Value = serde_yaml::from_str(&typo).unwrap();
+    let refused = code_interpreters(&k.client)
+        .create(&Default::default(), &serde_json::from_value(typo).unwrap())
+        .await;
+    match refused {
+        Err(kube::Error::Api(e)) => assert!(
+            e.code == 422 && e.message.contains("spec.template.resources.limits.memory"),
+            "{e:?}"
+        ),
+        other => panic!("a CodeInterpreter with memory: 512MB was not refused: {other:?}"),
+    }
 }
 
 #[tokio::test]
