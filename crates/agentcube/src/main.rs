@@ -156,6 +156,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
     let mut local = LocalConfig::new(state_dir, picod);
+    if let Some(path) = std::env::var_os("PATH") {
+        local.tool_path = path;
+    }
     local.isolation = args.isolation;
     local.uids = local.uids.map(|_| args.sandbox_uids);
     local.sandbox_dns = args.sandbox_dns;

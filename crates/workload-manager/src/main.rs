@@ -248,6 +248,9 @@ fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
         .unwrap_or_else(|| exe.with_file_name("picod"));
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let mut local = LocalConfig::new(state_dir, picod);
+    if let Some(path) = std::env::var_os("PATH") {
+        local.tool_path = path;
+    }
     local.require_cgroups = args.require_cgroups;
     local.sandbox_dns = args.sandbox_dns;
     local.isolation = args.isolation;

@@ -385,7 +385,7 @@ fn prologue(
 }
 
 /// The full bubblewrap launcher argv (the args file must have been written).
-pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
+pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path, setpriv: &Path) -> Vec<String> {
     let args = args_file(&spec.paths);
     let mut files: Vec<&Path> = vec![&args];
     files.extend(spec.seccomp.iter().map(PathBuf::as_path));
@@ -405,7 +405,7 @@ pub fn launcher_argv(spec: &LaunchSpec, bwrap: &Path) -> Vec<String> {
     }
     if let Some(uid) = spec.uid {
         argv.extend([
-            "setpriv".to_string(),
+            setpriv.display().to_string(),
             format!("--reuid={uid}"),
             format!("--regid={uid}"),
             "--clear-groups".into(),

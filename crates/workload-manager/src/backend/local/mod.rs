@@ -80,6 +80,9 @@ pub struct LocalConfig {
     pub picod: PathBuf,
     /// The `bwrap` binary.
     pub bwrap: PathBuf,
+    /// Where `bwrap`, `runsc` and `setpriv` are looked for when named without a directory (the
+    /// binaries pass their `PATH`; default [`SYSTEM_PATH`]).
+    pub tool_path: std::ffi::OsString,
     /// When running as root: the host uids sandboxes run as, one per sandbox.
     pub uids: Option<UidRange>,
     /// How long a new sandbox may take to answer.
@@ -115,6 +118,7 @@ impl LocalConfig {
             state_dir,
             picod,
             bwrap: PathBuf::from("bwrap"),
+            tool_path: SYSTEM_PATH.into(),
             uids: root.then(UidRange::default),
             ready_timeout: Duration::from_secs(30),
             default_pids_limit: 512,
@@ -187,12 +191,15 @@ pub fn host_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Finds `name` on PATH (or returns it if it is a path).
-pub fn which(name: &Path) -> Option<PathBuf> {
+/// The system directories: where host tools are looked for by default.
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Finds `name` in the directories of `path` (a `PATH` value), or returns it if it is a path.
+pub fn which(name: &Path, path: &std::ffi::OsStr) -> Option<PathBuf> {
     if name.components().count() > 1 {
         return name.is_file().then(|| name.to_path_buf());
     }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+    std::env::split_paths(path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -222,9 +229,7 @@ struct Assigned {
 
 struct Inner {
     config: LocalConfig,
-    bwrap: PathBuf,
-    /// `runsc` when the isolation is gVisor.
-    runsc: Option<PathBuf>,
+    tools: Tools,
     cgroups: Option<Cgroups>,
     uids: Option<Uids>,
     /// The seccomp filter files every bubblewrap sandbox loads.
@@ -254,7 +259,17 @@ pub struct LocalBackend {
     inner: Arc<Inner>,
 }
 
-fn find_tools(config: &LocalConfig) -> Result<(PathBuf, Option<PathBuf>), String> {
+/// The host programs sandboxes are launched with, as absolute paths.
+struct Tools {
+    bwrap: PathBuf,
+    /// With `--isolation gvisor`.
+    runsc: Option<PathBuf>,
+    /// Drops to the sandbox's uid (when the manager is root).
+    setpriv: PathBuf,
+}
+
+fn find_tools(config: &LocalConfig) -> Result<Tools, String> {
+    let which = |name: &Path| which(name, &config.tool_path);
     let bwrap = which(&config.bwrap).ok_or_else(|| {
         "bubblewrap (`bwrap`) is not installed: install the `bubblewrap` package \
          (apt-get install bubblewrap)"
@@ -278,10 +293,19 @@ fn find_tools(config: &LocalConfig) -> Result<(PathBuf, Option<PathBuf>), String
             )?)
         }
     };
-    if config.uids.is_some() && which(Path::new("setpriv")).is_none() {
-        return Err("`setpriv` is missing: install the `util-linux` package".into());
-    }
-    Ok((bwrap, runsc))
+    let setpriv = match which(Path::new("setpriv")) {
+        Some(p) => p,
+        None if config.uids.is_some() => {
+            return Err("`setpriv` is missing: install the `util-linux` package".into());
+        }
+        // Never run: sandboxes keep the manager's uid.
+        None => PathBuf::from("setpriv"),
+    };
+    Ok(Tools {
+        bwrap,
+        runsc,
+        setpriv,
+    })
 }
 
 /// A short, stable name for the manager owning a state directory (its cgroup subtree).
@@ -313,7 +337,7 @@ impl LocalBackend {
     /// Checks the host (bubblewrap present, PicoD present, cgroups) and cleans leftovers of a
     /// previous run.
     pub fn new(mut config: LocalConfig) -> Result<Self, String> {
-        let (bwrap, runsc) = find_tools(&config)?;
+        let tools = find_tools(&config)?;
         // Launchers run from `/`: a relative PicoD path would name another file there.
         config.picod = config
             .picod
@@ -359,7 +383,7 @@ impl LocalBackend {
             }
         };
         let seccomp = write_seccomp(state)?;
-        let network = match &runsc {
+        let network = match &tools.runsc {
             Some(_) => {
                 Err("network policies are not supported with --isolation gvisor yet".to_string())
             }
@@ -387,8 +411,7 @@ impl LocalBackend {
                 quotas,
                 uids,
                 config,
-                bwrap,
-                runsc,
+                tools,
                 cgroups,
                 seccomp,
                 network,
@@ -773,7 +796,7 @@ impl LocalBackend {
     fn launcher(&self, spec: &LaunchSpec, name: &str) -> std::io::Result<Vec<String>> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        match &self.inner.runsc {
+        match &self.inner.tools.runsc {
             None => {
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
@@ -781,7 +804,11 @@ impl LocalBackend {
                     .mode(0o600)
                     .open(launch::args_file(&spec.paths))?;
                 f.write_all(&launch::args_file_content(spec))?;
-                Ok(launch::launcher_argv(spec, &self.inner.bwrap))
+                Ok(launch::launcher_argv(
+                    spec,
+                    &self.inner.tools.bwrap,
+                    &self.inner.tools.setpriv,
+                ))
             }
             Some(runsc) => {
                 let bundle = spec.paths.private.join("bundle");
@@ -895,7 +922,7 @@ impl LocalBackend {
     #[tracing::instrument(name = "remove_sandbox", skip(self))]
     async fn remove(&self, name: &str) {
         let entry = self.inner.running.lock().unwrap().remove(name);
-        if let Some(runsc) = &self.inner.runsc {
+        if let Some(runsc) = &self.inner.tools.runsc {
             let state = format!("--root={}", self.runsc_state().display());
             for args in [
                 vec![state.as_str(), "kill", name, "KILL"],

@@ -51,7 +51,11 @@ fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
         }),
         ..spec()
     };
-    let argv = launcher_argv(&with_fs, Path::new("/usr/bin/bwrap"));
+    let argv = launcher_argv(
+        &with_fs,
+        Path::new("/usr/bin/bwrap"),
+        Path::new("/usr/bin/setpriv"),
+    );
     assert_eq!(
         &argv[..5],
         [
@@ -81,7 +85,11 @@ fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
     );
     assert_eq!(r[0], "/usr/bin/unshare");
     // Without one, nothing of it.
-    let plain = launcher_argv(&spec(), Path::new("/usr/bin/bwrap"));
+    let plain = launcher_argv(
+        &spec(),
+        Path::new("/usr/bin/bwrap"),
+        Path::new("/usr/bin/setpriv"),
+    );
     assert_eq!(plain[0], "/bin/sh");
     assert!(!plain.iter().any(|a| a == "--mount"));
 }
@@ -192,12 +200,16 @@ fn isolation_flags_are_all_there() {
 
 #[test]
 fn the_launcher_hides_everything_behind_fds() {
-    let l = launcher_argv(&spec(), Path::new("/usr/bin/bwrap"));
+    let l = launcher_argv(
+        &spec(),
+        Path::new("/usr/bin/bwrap"),
+        Path::new("/usr/bin/setpriv"),
+    );
     let bwrap = l.iter().position(|a| a == "/usr/bin/bwrap").unwrap();
     assert_eq!(
         &l[bwrap - 5..bwrap + 4],
         &[
-            "setpriv",
+            "/usr/bin/setpriv",
             "--reuid=2000000007",
             "--regid=2000000007",
             "--clear-groups",
