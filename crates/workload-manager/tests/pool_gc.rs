@@ -61,6 +61,36 @@ async fn warm_pool_claim_refill_and_exhaustion() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A pool bigger than the memory budget holds: the starts that cannot fit fail, and the pool
+/// waits before trying again (2 s, then 4 s, …) instead of retrying each failure at once (which
+/// multiplied the retries and spun the manager's CPU); a claim still gets the one that fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_fill_waits_between_rounds_of_failed_starts() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "pool",
+            "    resources:\n      limits:\n        memory: 256Mi\n  warmPoolSize: 20\n",
+        ),
+        memory_budget: Some(300 << 20),
+        ..Default::default()
+    })
+    .await;
+    eventually("one sandbox fits", 30, || ready(&s) == 1).await;
+    let failed = || s.backend.pool_status()[0].failed_starts;
+    eventually("the others failed", 30, || failed() >= 19).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Rounds at 0 s, 2 s and 6 s at most: 19 starts fail in each.
+    assert!(
+        failed() <= 3 * 19,
+        "{} failed starts in about 5 s",
+        failed()
+    );
+    let v = s.create_ok("code-interpreter", "pool").await;
+    assert_eq!(exec(&v, &["echo", "warm"]).await["stdout"], "warm\n");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn changing_the_definition_rolls_the_pool() {
     let s = Stack::start(Options {

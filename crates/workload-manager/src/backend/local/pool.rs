@@ -1,5 +1,7 @@
 //! Warm pools of the local backend: per CodeInterpreter, a queue of started sandboxes. A claim is
 //! a pop; refills start in the background; a changed definition (or Router key) rolls the pool.
+//! When a start fails (a broken definition, the memory budget), the pool waits (2 s, doubling
+//! to 60 s) and one retry refills it: failures never spin, and each wait is logged once.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -19,7 +21,19 @@ pub(super) struct Pool {
     filling: u32,
     workload: Workload,
     public_key: Option<String>,
+    /// A start failed: no refill until the one retry scheduled for then.
+    retry_at: Option<tokio::time::Instant>,
+    /// The wait after the next failure: [`FIRST_BACKOFF`], doubling to [`MAX_BACKOFF`], back to
+    /// the first once the pool is full.
+    backoff: Duration,
+    /// Starts that failed since the pool was (re)made.
+    failed_starts: u64,
 }
+
+/// The first wait of a pool whose sandboxes fail to start.
+const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Pools by (namespace, name).
 pub(super) type Pools = HashMap<(String, String), Pool>;
@@ -31,6 +45,8 @@ pub struct PoolStatus {
     pub name: String,
     pub ready: usize,
     pub size: u32,
+    /// Sandbox starts that failed since the pool was made (or rolled).
+    pub failed_starts: u64,
 }
 
 fn generation_of(ci: &CodeInterpreter, key: &Option<String>) -> u64 {
@@ -63,6 +79,7 @@ impl LocalBackend {
                 name: name.clone(),
                 ready: p.ready.len(),
                 size: p.size,
+                failed_starts: p.failed_starts,
             })
             .collect();
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -102,6 +119,9 @@ impl LocalBackend {
         let Some(pool) = pools.get_mut(&key) else {
             return;
         };
+        if pool.retry_at.is_some() {
+            return;
+        }
         let deficit = (pool.size as usize).saturating_sub(pool.ready.len() + pool.filling as usize);
         for _ in 0..deficit {
             pool.filling += 1;
@@ -117,16 +137,51 @@ impl LocalBackend {
                 let keep = this.offer(&key, generation, &started);
                 match started {
                     Ok(sb) if !keep => this.remove(&sb.name).await,
-                    Err(e) => {
-                        tracing::warn!(pool = %key.1, error = %e, "warm pool sandbox failed to start");
-                        // Back off before the next attempt so a broken definition does not spin.
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        this.refill(key);
-                    }
+                    Err(e) => this.retry_later(key, generation, &e),
                     Ok(_) => {}
                 }
             });
         }
+    }
+
+    /// A start for the pool failed: the first failure of a round schedules the one retry (and is
+    /// logged); the others of the round wait for it.
+    fn retry_later(
+        &self,
+        key: (String, String),
+        generation: u64,
+        error: &crate::backend::BackendError,
+    ) {
+        let mut pools = self.inner.pools.lock().unwrap();
+        let Some(pool) = pools.get_mut(&key).filter(|p| p.generation == generation) else {
+            return;
+        };
+        pool.failed_starts += 1;
+        if pool.retry_at.is_some() {
+            tracing::debug!(pool = %key.1, %error, "warm pool sandbox failed to start");
+            return;
+        }
+        let wait = pool.backoff;
+        pool.backoff = (wait * 2).min(MAX_BACKOFF);
+        pool.retry_at = Some(tokio::time::Instant::now() + wait);
+        tracing::warn!(
+            pool = %key.1,
+            %error,
+            retry_in = ?wait,
+            "warm pool sandbox failed to start; the pool is refilled again after a wait"
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            {
+                let mut pools = this.inner.pools.lock().unwrap();
+                match pools.get_mut(&key).filter(|p| p.generation == generation) {
+                    Some(p) => p.retry_at = None,
+                    None => return,
+                }
+            }
+            this.refill(key);
+        });
     }
 
     /// A refill finished: keep the sandbox if its pool still wants it.
@@ -143,6 +198,9 @@ impl LocalBackend {
                 match started {
                     Ok(sb) if p.ready.len() < p.size as usize => {
                         p.ready.push_back(sb.clone());
+                        if p.ready.len() == p.size as usize {
+                            p.backoff = FIRST_BACKOFF;
+                        }
                         true
                     }
                     _ => false,
@@ -198,6 +256,9 @@ impl LocalBackend {
                             filling: 0,
                             workload: Workload::CodeInterpreter(ci),
                             public_key: public_key.clone(),
+                            retry_at: None,
+                            backoff: FIRST_BACKOFF,
+                            failed_starts: 0,
                         },
                     );
                 }
