@@ -205,6 +205,56 @@ async fn images_are_pulled_once_and_sandboxes_run_on_them() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// bubblewrap reads its options NUL-separated, the sandbox's environment among them: a NUL in
+/// an image's `Env` (or a definition's value) would end the value and hand the rest to
+/// bubblewrap as options of its own (`--share-net` gave a sandbox the host's network, loopback
+/// services included). Such environments, and names no process can take, are a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_cannot_smuggle_sandbox_options() {
+    let registry = oci::Registry::start().await;
+    let layer = oci::layer(|l| l.file("etc/hostname", b"smuggler", 0o644));
+    let env = json!({"Env": ["PATH=/usr/bin:/bin", "X=a\0--share-net"]});
+    registry.push("smuggler:1", &[layer], env).await;
+    let manifests = [
+        ci("image-env", &format!("{}/smuggler:1", registry.addr), ""),
+        ci(
+            "definition-env",
+            "host",
+            "    environment:\n      - {name: X, value: \"a\\0--share-net\"}\n",
+        ),
+        ci(
+            "name",
+            "host",
+            "    environment:\n      - {name: \"A=B\", value: x}\n",
+        ),
+    ]
+    .concat();
+    let s = Stack::start(Options {
+        manifests,
+        images: settings(&registry),
+        ..Default::default()
+    })
+    .await;
+    for (name, says) in [
+        (
+            "image-env",
+            "environment variable X (of the definition or its image) holds a NUL",
+        ),
+        (
+            "definition-env",
+            "environment variable X (of the definition or its image) holds a NUL",
+        ),
+        ("name", "environment variable name \"A=B\""),
+    ] {
+        let (status, body) = s.create("code-interpreter", name).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{name}: {message}");
+    }
+    assert!(s.backend.running().is_empty());
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
     let registry = oci::Registry::start().await;

@@ -324,14 +324,22 @@ fn host_root() -> Vec<String> {
     a
 }
 
-/// The args file content: NUL-separated, as `bwrap --args` reads it.
-pub fn args_file_content(spec: &LaunchSpec) -> Vec<u8> {
+/// The args file content: NUL-separated, as `bwrap --args` reads it. An argument holding a NUL
+/// (an environment value, say) is refused: it would end there and its rest would be read as
+/// further bubblewrap options (`--share-net`, `--bind / /host`).
+pub fn args_file_content(spec: &LaunchSpec) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     for arg in bwrap_args(spec) {
+        if arg.contains('\0') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a sandbox option holds a NUL byte",
+            ));
+        }
         out.extend(arg.as_bytes());
         out.push(0);
     }
-    out
+    Ok(out)
 }
 
 /// Launcher prologue: optionally `--mount MOUNT IMAGE DIR` (the workspace filesystem, mounted in

@@ -803,7 +803,7 @@ impl LocalBackend {
                     .create_new(true)
                     .mode(0o600)
                     .open(launch::args_file(&spec.paths))?;
-                f.write_all(&launch::args_file_content(spec))?;
+                f.write_all(&launch::args_file_content(spec)?)?;
                 Ok(launch::launcher_argv(
                     spec,
                     &self.inner.tools.bwrap,

@@ -170,8 +170,48 @@ fn env_of(vars: Option<&Vec<EnvVar>>, name: &str, namespace: &str) -> Vec<(Strin
         .collect()
 }
 
-/// What sandbox `name` of `workload` runs, with its entry points under `paths`.
+/// What sandbox `name` of `workload` runs, with its entry points under `paths`; refused (400)
+/// when no process could be given it ([`check_process`]).
 pub fn describe(
+    workload: &Workload,
+    paths: &SandboxPaths,
+    name: &str,
+    image: Option<&Image>,
+) -> Result<Description, BackendError> {
+    let desc = translate(workload, paths, name, image)?;
+    check_process(&desc)?;
+    Ok(desc)
+}
+
+/// Refuses what no process can be given: a NUL byte in an environment variable (the
+/// definition's or the image's), the agent's command line or its working directory, and a
+/// variable name that is empty or holds `=`. (A NUL would also end an argument of bubblewrap's
+/// NUL-separated options, the rest read as options of its own.)
+fn check_process(desc: &Description) -> Result<(), BackendError> {
+    let invalid = |what: String| Err(BackendError::Invalid(what));
+    for (name, value) in &desc.env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return invalid(format!(
+                "environment variable name {name:?} (of the definition or its image) must be \
+                 non-empty, without '=' or NUL"
+            ));
+        }
+        if value.contains('\0') {
+            return invalid(format!(
+                "environment variable {name} (of the definition or its image) holds a NUL byte"
+            ));
+        }
+    }
+    let agent = desc.agent.iter().chain(&desc.agent_dir);
+    if let Some(arg) = agent.into_iter().find(|a| a.contains('\0')) {
+        return invalid(format!(
+            "the agent's command line or working directory holds a NUL byte: {arg:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn translate(
     workload: &Workload,
     paths: &SandboxPaths,
     name: &str,

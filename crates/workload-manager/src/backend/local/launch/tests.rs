@@ -194,8 +194,12 @@ fn isolation_flags_are_all_there() {
         !a.iter().any(|x| x.contains("/state/private")),
         "the private directory is never mounted: {a:?}"
     );
-    let content = args_file_content(&spec());
+    let content = args_file_content(&spec()).unwrap();
     assert_eq!(content.iter().filter(|b| **b == 0).count(), a.len());
+    // A NUL inside an argument would end it early, the rest read as options of bubblewrap's own.
+    let mut smuggler = spec();
+    smuggler.env = vec![("X".into(), "a\0--share-net".into())];
+    assert!(args_file_content(&smuggler).is_err());
 }
 
 #[test]
