@@ -110,6 +110,15 @@ pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestEr
         if name.is_empty() {
             return Err(fail(&what, vec!["metadata.name: Required value".into()]));
         }
+        let namespace = value.pointer("/metadata/namespace").and_then(Value::as_str);
+        let names = [
+            check_name("metadata.name", name, 253, true),
+            namespace.and_then(|ns| check_name("metadata.namespace", ns, 63, false)),
+        ];
+        let names: Vec<String> = names.into_iter().flatten().collect();
+        if !names.is_empty() {
+            return Err(fail(&what, names));
+        }
         let mut value = value;
         let crd = if kind == "CodeInterpreter" {
             crate::crd_of::<CodeInterpreter>()
@@ -133,6 +142,31 @@ pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestEr
         out.push(def);
     }
     Ok(out)
+}
+
+/// What the API server says of a name that is not an RFC 1123 subdomain (`dots`: the name of an
+/// object) or label (a namespace) of at most `max` characters; `None` when it is one. (Our names
+/// become paths, cgroups and network namespaces on the local backend: `../x` must never pass.)
+fn check_name(field: &str, name: &str, max: usize, dots: bool) -> Option<String> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let parts: Vec<&str> = if dots {
+        name.split('.').collect()
+    } else {
+        vec![name]
+    };
+    let ok = name.len() <= max
+        && parts.iter().all(|p| {
+            p.starts_with(alnum) && p.ends_with(alnum) && p.chars().all(|c| alnum(c) || c == '-')
+        });
+    let kind = if dots { "subdomain" } else { "label" };
+    let also = if dots { ", '-' or '.'" } else { " or '-'" };
+    (!ok).then(|| {
+        format!(
+            "{field}: Invalid value: {name:?}: a lowercase RFC 1123 {kind} of at most {max} \
+             characters must consist of lower case alphanumeric characters{also}, and must \
+             start and end with an alphanumeric character"
+        )
+    })
 }
 
 /// Loads every `*.yaml` / `*.yml` file directly in `dir` (sorted by file name). Returns what

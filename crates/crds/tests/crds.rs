@@ -332,6 +332,36 @@ fn bad_manifests_get_clear_errors() {
         "kind: AgentRuntime\nmetadata: {name: x}\nspec:\n  podTemplate: {spec: {containers: []}}\n",
     );
     assert!(e.contains("spec.targetPort: Required value"), "{e}");
+    // Names as the API server takes them: they become paths, cgroups and network namespaces.
+    for (meta, field) in [
+        (
+            "{name: \"../../x\"}",
+            "metadata.name: Invalid value: \"../../x\"",
+        ),
+        (
+            "{name: Big_Name}",
+            "metadata.name: Invalid value: \"Big_Name\"",
+        ),
+        ("{name: a..b}", "metadata.name: Invalid value"),
+        ("{name: -a}", "metadata.name: Invalid value"),
+        (
+            "{name: x, namespace: a.b}",
+            "metadata.namespace: Invalid value: \"a.b\"",
+        ),
+    ] {
+        let e = refusal(&format!(
+            "kind: CodeInterpreter\nmetadata: {meta}\nspec:\n  template: {{}}\n"
+        ));
+        assert!(e.contains(field) && e.contains("RFC 1123"), "{meta}: {e}");
+    }
+    let long = format!(
+        "kind: CodeInterpreter\nmetadata: {{name: {}}}\nspec:\n  template: {{}}\n",
+        "a".repeat(254)
+    );
+    assert!(refusal(&long).contains("at most 253"));
+    let text = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
+                metadata: {name: my.interpreter-2, namespace: team-a}\nspec:\n  template: {}\n";
+    assert_eq!(manifest::load(text, "ok.yaml").unwrap().len(), 1);
     let e = refusal("kind: AgentRuntime\nmetadata: {}\nspec: {}\n");
     assert!(e.contains("metadata.name: Required value"), "{e}");
     assert!(e.contains("bad.yaml: document 0"), "{e}");

@@ -43,6 +43,16 @@ pub struct SandboxPaths {
     pub private: PathBuf,
 }
 
+/// Whether `name` can name a sandbox's directories, cgroups and network namespace: one path
+/// component of lowercase letters, digits, `-` and `.` (not first), short enough for
+/// `agentcube-<name>` to be a file name. Definition names are checked like the API server's
+/// when manifests load; this keeps a name that slipped past from ever leaving the state
+/// directory.
+pub fn is_sandbox_name(name: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    !name.is_empty() && name.len() <= 245 && !name.starts_with('.') && name.chars().all(allowed)
+}
+
 impl SandboxPaths {
     /// The paths of sandbox `name` under `state`.
     pub fn new(state: &Path, name: &str) -> Self {
@@ -233,6 +243,26 @@ fn describe(meta: &std::fs::Metadata) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_names_name_sandboxes() {
+        for ok in ["ci-abc123", "my.ci-x", &"a".repeat(245)] {
+            assert!(is_sandbox_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "..",
+            "A",
+            "a b",
+            "a\0b",
+            &"a".repeat(246),
+        ] {
+            assert!(!is_sandbox_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_symlink_planted_instead_of_the_socket_is_refused_and_never_followed() {

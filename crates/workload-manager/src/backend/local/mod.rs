@@ -519,6 +519,13 @@ impl LocalBackend {
         workload: &Workload,
         public_key: Option<String>,
     ) -> Result<Sandbox, BackendError> {
+        if !layout::is_sandbox_name(name) {
+            return Err(BackendError::Invalid(format!(
+                "{name:?} cannot name a sandbox on this host: lowercase letters, digits, '-' \
+                 and '.' only, at most 245 characters (the definition's name is too long or \
+                 not an RFC 1123 subdomain)"
+            )));
+        }
         let cfg = &self.inner.config;
         let paths = self.paths(name);
         let mut sizes = workload::sizes_of(workload, cfg.default_pids_limit)?;
@@ -921,6 +928,11 @@ impl LocalBackend {
     /// its uid back.
     #[tracing::instrument(name = "remove_sandbox", skip(self))]
     async fn remove(&self, name: &str) {
+        if !layout::is_sandbox_name(name) {
+            // Never one of ours (a record naming `../x` must not send us outside the state dir).
+            tracing::warn!(sandbox = %name, "not a sandbox name; nothing removed");
+            return;
+        }
         let entry = self.inner.running.lock().unwrap().remove(name);
         if let Some(runsc) = &self.inner.tools.runsc {
             let state = format!("--root={}", self.runsc_state().display());
