@@ -113,6 +113,57 @@ async fn agent_runtime_port_is_reachable_through_its_socket() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A CodeInterpreter's extra ports are for servers its users start later: the sandbox is ready
+/// once PicoD answers (it waited for port 9000 and the create timed out), each port is forwarded
+/// once however many path prefixes name it, and a server started through PicoD's process API is
+/// reached through the port's socket.
+#[tokio::test]
+async fn code_interpreter_extra_ports_serve_what_users_start_later() {
+    let ports = "  ports:\n    - {port: 8080, pathPrefix: /}\n    - {port: 9000, pathPrefix: /app}\n    \
+                 - {port: 9000, pathPrefix: /app2}\n    - {port: 8080, pathPrefix: /picod}\n";
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ports),
+        create_timeout: std::time::Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let eps: Vec<&str> = v["entryPoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpoint"].as_str().unwrap())
+        .collect();
+    assert!(
+        eps[0].ends_with("/picod.sock") && eps[3] == eps[0],
+        "{eps:?}"
+    );
+    assert!(
+        eps[1].ends_with("/port-9000.sock") && eps[2] == eps[1],
+        "{eps:?}"
+    );
+    let server =
+        json!({"command": ["python3", "-m", "http.server", "9000", "--bind", "127.0.0.1"]});
+    let (status, _) = unix_http(eps[0], "POST", "/api/processes", Some(server)).await;
+    assert_eq!(status, 200);
+    // PicoD's health says when the port listens (a connection before that is reset).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, health) = unix_http(eps[0], "GET", "/health", None).await;
+        let health: serde_json::Value = serde_json::from_slice(&health).unwrap();
+        if health["ports"]["9000"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{health}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, body) = unix_http(eps[1], "GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("Directory listing"));
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_upstream_messages() {
     let s = Stack::start(Options {

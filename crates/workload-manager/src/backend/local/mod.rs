@@ -586,7 +586,11 @@ impl LocalBackend {
             .lock()
             .unwrap()
             .insert(name.to_string(), running);
-        self.wait_ready(name, &paths, &desc.sockets).await?;
+        // An agent is ready once its ports listen; a code interpreter once PicoD answers (its
+        // extra ports are for servers its users start later).
+        let ports_too = !desc.agent.is_empty();
+        self.wait_ready(name, &paths, &desc.sockets, ports_too)
+            .await?;
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uuid::Uuid::new_v4().to_string(),
@@ -838,6 +842,7 @@ impl LocalBackend {
         name: &str,
         paths: &SandboxPaths,
         sockets: &[String],
+        ports_too: bool,
     ) -> Result<(), BackendError> {
         let deadline = tokio::time::Instant::now() + self.inner.config.ready_timeout;
         let mut delay = Duration::from_millis(2);
@@ -850,7 +855,9 @@ impl LocalBackend {
                     Err(e) => return Err(BackendError::Failed(format!("sandbox {name}: {e}"))),
                 }
             }
-            if claimed == sockets.len() && probe::ready(&paths.socket(PICOD_SOCKET)).await {
+            if claimed == sockets.len()
+                && probe::ready(&paths.socket(PICOD_SOCKET), ports_too).await
+            {
                 return Ok(());
             }
             if let Some(status) = self.exited(name)? {

@@ -33,10 +33,10 @@ pub async fn health(socket: &Path) -> Option<HealthResponse> {
         .flatten()
 }
 
-/// True when PicoD answers and every forwarded port it reports is open.
-pub async fn ready(socket: &Path) -> bool {
+/// True when PicoD answers and, with `ports_too`, every forwarded port it reports is open.
+pub async fn ready(socket: &Path, ports_too: bool) -> bool {
     match health(socket).await {
-        Some(h) => h.ports.is_none_or(|p| p.values().all(|open| *open)),
+        Some(h) => !ports_too || h.ports.is_none_or(|p| p.values().all(|open| *open)),
         None => false,
     }
 }

@@ -224,14 +224,19 @@ fn translate(
             let t = &ci.spec.template;
             let (mut forward_ports, mut entry_points) = (Vec::new(), Vec::new());
             let mut sockets = vec![PICOD_SOCKET.to_string()];
-            for (i, p) in ci.spec.effective_ports().iter().enumerate() {
-                // The first port is PicoD itself; further ports are forwarded into the sandbox.
-                let file = if i == 0 {
+            let ports = ci.spec.effective_ports();
+            let picod_port = ports.first().map(|p| p.port);
+            for p in &ports {
+                // The first port is PicoD itself; other ports are forwarded into the sandbox,
+                // each once however many entry points (path prefixes) name it.
+                let file = if Some(p.port) == picod_port {
                     PICOD_SOCKET.to_string()
                 } else {
-                    forward_ports.push(p.port as u16);
                     let f = port_socket(p.port as u16);
-                    sockets.push(f.clone());
+                    if !forward_ports.contains(&(p.port as u16)) {
+                        forward_ports.push(p.port as u16);
+                        sockets.push(f.clone());
+                    }
                     f
                 };
                 entry_points.push(entry_point(p, socket(&file)));
@@ -276,7 +281,13 @@ fn translate(
                 .clone()
                 .or_else(|| image.and_then(|i| i.config.working_dir.clone()))
                 .filter(|d| !d.is_empty());
-            let ports: Vec<u16> = ar.spec.target_port.iter().map(|p| p.port as u16).collect();
+            let mut ports: Vec<u16> = Vec::new();
+            for p in &ar.spec.target_port {
+                // Each port forwarded once, however many entry points name it.
+                if !ports.contains(&(p.port as u16)) {
+                    ports.push(p.port as u16);
+                }
+            }
             let mut sockets = vec![PICOD_SOCKET.to_string()];
             sockets.extend(ports.iter().map(|p| port_socket(*p)));
             let entry_points = ar
