@@ -269,6 +269,22 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
     registry
         .push("bomb:1", &[oci::zstd(&zeros)], json!({}))
         .await;
+    // Blobs bigger than this host takes, refused from their declared size before a byte is
+    // read: a 5 MiB layer that does not compress (against the 4 MiB limit), and a 5 MiB config.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..5 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let big = oci::layer(|l| l.file("noise", &noise, 0o644));
+    registry.push("biglayer:1", &[big], json!({})).await;
+    let small = oci::layer(|l| l.file("etc/hostname", b"big", 0o644));
+    let env = json!({"Env": [format!("X={}", "x".repeat(5 << 20))]});
+    registry.push("bigconfig:1", &[small], env).await;
     let r = &registry.addr;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -279,6 +295,8 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
         ci("unknown", &format!("{r}/no-such-image:1"), ""),
         ci("offline", &format!("{closed}/py:1"), ""),
         ci("bomb", &format!("{r}/bomb:1"), ""),
+        ci("biglayer", &format!("{r}/biglayer:1"), ""),
+        ci("bigconfig", &format!("{r}/bigconfig:1"), ""),
         ci(
             "never",
             &format!("{r}/tampered:1"),
@@ -302,6 +320,8 @@ async fn bad_images_fail_the_create_clearly_and_leave_nothing() {
         ("offline", 503, "unreachable (no network"),
         ("never", 400, "imagePullPolicy is Never"),
         ("bomb", 400, "unpacks to more than 4194304 bytes"),
+        ("biglayer", 400, "more than the 4194304 this host takes"),
+        ("bigconfig", 400, "its config sha256:"),
     ];
     for (name, want, text) in cases {
         let (status, body) = s.create("code-interpreter", name).await;

@@ -84,14 +84,26 @@ impl Registry {
         })
     }
 
-    /// The manifest (this platform's) and config of `image`.
+    /// The manifest (this platform's) and config of `image`. The config is read up to the size
+    /// its descriptor declares, and at most [`MAX_CONFIG_BYTES`].
     pub async fn resolve(&self, image: &Reference) -> Result<Resolved, PullError> {
         let auth = self.auth_for(image);
-        let (manifest, digest, config) = self
-            .client()
-            .pull_manifest_and_config(image, &auth)
+        let client = self.client();
+        let (manifest, digest) = client
+            .pull_image_manifest(image, &auth)
             .await
             .map_err(|e| self.explain(image, &e))?;
+        let desc = &manifest.config;
+        let limit = declared_size(desc, MAX_CONFIG_BYTES, "config")?;
+        let mut config = Bounded::new(Vec::new(), limit);
+        client
+            .pull_blob(image, desc, &mut config)
+            .await
+            .map_err(|e| self.explain(image, &e))?;
+        let config = String::from_utf8(config.inner).map_err(|_| PullError {
+            message: "the image config is not UTF-8 JSON".into(),
+            unreachable: false,
+        })?;
         Ok(Resolved {
             digest,
             manifest,
@@ -145,8 +157,13 @@ impl Registry {
             message: format!("{}: {e}", partial.display()),
             unreachable: false,
         };
+        let limit = declared_size(
+            desc,
+            self.settings.max_image_bytes.unwrap_or(u64::MAX),
+            "layer",
+        )?;
         let file = tokio::fs::File::create(&partial).await.map_err(io)?;
-        let mut out = tokio::io::BufWriter::new(file);
+        let mut out = Bounded::new(tokio::io::BufWriter::new(file), limit);
         let pulled = client.pull_blob(image, desc, &mut out).await;
         let flushed = tokio::io::AsyncWriteExt::flush(&mut out).await;
         match (pulled, flushed) {
@@ -226,6 +243,14 @@ impl Registry {
                 };
                 (format!("{what}: {detail}"), false)
             }
+            OciDistributionError::IoError(io) if io.kind() == std::io::ErrorKind::FileTooLarge => (
+                format!(
+                    "content does not match its digest: the registry sent more bytes than the \
+                     manifest declares (corrupted or tampered; cut off there, nothing was kept): \
+                     {detail}"
+                ),
+                false,
+            ),
             OciDistributionError::DigestError(_) => (
                 format!(
                     "content does not match its digest (corrupted or tampered; nothing was \
@@ -239,6 +264,70 @@ impl Registry {
             message,
             unreachable,
         }
+    }
+}
+
+/// Most bytes an image config may have (real ones have a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// The size a blob's descriptor declares (its content must have exactly that many bytes), if
+/// it is at most `max`.
+fn declared_size(desc: &OciDescriptor, max: u64, what: &str) -> Result<u64, PullError> {
+    match u64::try_from(desc.size) {
+        Ok(size) if size <= max => Ok(size),
+        _ => Err(PullError {
+            message: format!(
+                "its {what} {} declares {} bytes, more than the {max} this host takes",
+                desc.digest, desc.size
+            ),
+            unreachable: false,
+        }),
+    }
+}
+
+/// A writer taking at most `left` bytes: a registry sending more than a blob's declared size
+/// (an endless stream, say) is cut off there, before it fills memory or the disk (the digest
+/// would only be checked at the end).
+struct Bounded<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W> Bounded<W> {
+    fn new(inner: W, left: u64) -> Self {
+        Self { inner, left }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "the registry sent more bytes than the blob's declared size",
+            )));
+        }
+        let written = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.left -= written as u64;
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -304,6 +393,22 @@ fn credentials(raw: &[u8], registries: &[&str]) -> Result<Option<(String, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_blob_writer_takes_its_declared_size_and_not_a_byte_more() {
+        use tokio::io::AsyncWriteExt;
+        let mut w = Bounded::new(Vec::new(), 10);
+        w.write_all(b"0123456789").await.unwrap();
+        assert_eq!(w.inner, b"0123456789");
+        let more = w.write_all(b"x").await.unwrap_err();
+        assert_eq!(more.kind(), std::io::ErrorKind::FileTooLarge);
+        let mut w = Bounded::new(Vec::new(), 4);
+        assert!(w.write_all(b"12345").await.is_err());
+        assert!(
+            w.inner.is_empty(),
+            "nothing of an oversized chunk is written"
+        );
+    }
 
     #[test]
     fn docker_config_credentials_by_registry_host() {
