@@ -64,14 +64,19 @@ impl Workload {
         }
     }
 
-    /// Name of a new sandbox of this definition: `<name>-<8 random [a-z0-9]>` (upstream's scheme).
+    /// Name of a new sandbox of this definition: `<name>-<8 random [a-z0-9]>` (upstream's scheme),
+    /// the name cut to 54 characters.
     pub fn sandbox_name(&self) -> String {
         let n = uuid::Uuid::new_v4().as_u128();
         let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
         let suffix: String = (0..8)
             .map(|i| alphabet[((n >> (i * 6)) % 36) as usize] as char)
             .collect();
-        format!("{}-{suffix}", self.name())
+        // At most 63 characters (as generateName makes names): a label value on its pods, and
+        // the pod's host name.
+        let name = self.name();
+        let cut = name.char_indices().nth(54).map_or(name.len(), |(i, _)| i);
+        format!("{}-{suffix}", name[..cut].trim_end_matches(['-', '.']))
     }
 
     /// Whether sandboxes must verify the Router's token.
@@ -229,5 +234,37 @@ impl Definitions {
         self.replace(defs);
         *self.fingerprint.write().unwrap() = fp;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> Workload {
+        let yaml = format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
+             metadata: {{name: {name}}}\nspec:\n  template: {{}}\n"
+        );
+        match agentcube_crds::manifest::load(&yaml, "t")
+            .unwrap()
+            .remove(0)
+        {
+            agentcube_crds::manifest::Definition::CodeInterpreter(c) => {
+                Workload::CodeInterpreter(Arc::new(*c))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn sandbox_names_fit_a_label_value_and_stay_valid_names() {
+        let short = named("ci").sandbox_name();
+        assert!(short.starts_with("ci-") && short.len() == 11, "{short}");
+        // 53 characters then a dot: the cut lands after it, which is trimmed.
+        let long = format!("{}.b{}", "a".repeat(53), "c".repeat(100));
+        let name = named(&long).sandbox_name();
+        assert_eq!(name.len(), 62, "{name}");
+        assert!(name.starts_with(&format!("{}-", "a".repeat(53))), "{name}");
     }
 }

@@ -356,6 +356,31 @@ async fn unknown_definitions_404_and_a_cr_applied_later_is_served() {
         ),
         other => panic!("a CodeInterpreter with memory: 512MB was not refused: {other:?}"),
     }
+    // Long definition names: up to 63 characters they work (the sandbox's name is cut to fit a
+    // label value; it was a 500 from the API server's 422 before), beyond that a clear 400.
+    let (fits, over) = ("f".repeat(63), "o".repeat(64));
+    for name in [&fits, &over] {
+        apply(
+            &k.client,
+            &ON_DEMAND.replace("name: od", &format!("name: {name}")),
+        )
+        .await;
+    }
+    let s = k.create_ok("code-interpreter", &fits).await;
+    let sandbox = s["sandboxName"].as_str().unwrap();
+    assert!(
+        sandbox.len() <= 63 && sandbox.starts_with("fff"),
+        "{sandbox}"
+    );
+    let (status, body) = k.create("code-interpreter", &over).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("must fit a label value"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

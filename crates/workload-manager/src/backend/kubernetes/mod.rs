@@ -307,6 +307,15 @@ fn uses_claim(w: &Workload) -> bool {
 #[async_trait::async_trait]
 impl Backend for KubernetesBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
+        let definition = req.workload.name();
+        if definition.len() > 63 {
+            // It is a label value on every pod (and what the definition's NetworkPolicy selects).
+            return Err(BackendError::Invalid(format!(
+                "definition name {definition:?} is {} characters; on Kubernetes a definition \
+                 name must fit a label value (63): rename it",
+                definition.len()
+            )));
+        }
         let info = desired::SessionInfo {
             api: self.api,
             session_id: &req.session_id,
