@@ -2,6 +2,8 @@
 //! limits, a seccomp filter, its own uid (when root) and nothing of the manager's environment.
 //!
 //! Main flow of a start ([`LocalBackend::start`]):
+//! 0. The definition is read ([`workload`]): limits as strict Kubernetes quantities
+//!    ([`quantity`]), the environment and agent checked for what no process can take.
 //! 1. Directories ([`layout`]): the sandbox's own (workspace, run dir) and the manager's private
 //!    one; a uid from the sandbox range ([`uids`]); cgroups ([`cgroup`]).
 //! 2. Launch ([`launch`]): bubblewrap reads all its options from a private file through an fd,
@@ -11,6 +13,7 @@
 //!    ([`layout::claim_socket`]); entry points are `unix:<private>/…sock`, a path the sandbox
 //!    cannot see or replace. Then PicoD's `/health` ([`probe`]).
 //! 4. Warm pools ([`pool`]) are queues of started sandboxes: a claim is a pop.
+//! 5. Removal ([`teardown`]): kill, cgroup, directories, then the uid and memory go back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcube_types::BackingKind;
-use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::{Backend, BackendError, Sandbox, SandboxRequest, Workload};
@@ -36,6 +38,7 @@ pub mod probe;
 pub mod quantity;
 pub mod quota;
 pub mod seccomp;
+mod teardown;
 mod tools;
 pub mod uids;
 mod workload;
@@ -424,28 +427,6 @@ impl LocalBackend {
         };
         this.keep_leftovers(held);
         Ok(this)
-    }
-
-    /// Cgroups of a predecessor's sandboxes that a process outliving SIGKILL still holds: the
-    /// uids of the processes in them are kept from new sandboxes until they are gone, and they
-    /// are retried in the background (on the current Tokio runtime; without one, at the next
-    /// start).
-    fn keep_leftovers(&self, held: Vec<(String, SandboxCgroup)>) {
-        for (name, cg) in held {
-            let uids: Vec<u32> = match &self.inner.uids {
-                Some(pool) => cg.uids().into_iter().filter(|u| pool.reserve(*u)).collect(),
-                None => Vec::new(),
-            };
-            tracing::warn!(
-                sandbox = %name,
-                cgroups = ?cg.dirs(),
-                uids = ?uids,
-                "a sandbox cgroup left by a previous run still holds a process that outlived \
-                 SIGKILL (stuck in the kernel); its uids are kept from new sandboxes until it is \
-                 gone, and it is retried in the background"
-            );
-            self.hold(name, cg, uids, 0);
-        }
     }
 
     /// Whether cgroup limits are enforced.
@@ -930,108 +911,6 @@ impl LocalBackend {
     fn runsc_state(&self) -> PathBuf {
         self.inner.config.state_dir.join("runsc")
     }
-
-    /// Kills a sandbox (its whole process group and cgroup), deletes its directories and gives
-    /// its uid back.
-    #[tracing::instrument(name = "remove_sandbox", skip(self))]
-    async fn remove(&self, name: &str) {
-        if !layout::is_sandbox_name(name) {
-            // Never one of ours (a record naming `../x` must not send us outside the state dir).
-            tracing::warn!(sandbox = %name, "not a sandbox name; nothing removed");
-            return;
-        }
-        let entry = self.inner.running.lock().unwrap().remove(name);
-        if let Some(runsc) = &self.inner.tools.runsc {
-            let state = format!("--root={}", self.runsc_state().display());
-            for args in [
-                vec![state.as_str(), "kill", name, "KILL"],
-                vec![state.as_str(), "delete", "-force", name],
-            ] {
-                let run = tokio::process::Command::new(runsc)
-                    .args(&args)
-                    .env_clear()
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
-            }
-        }
-        match entry {
-            Some(r) => {
-                if let Some(pgid) = r.pgid {
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
-                let mut exit = r.exit.clone();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
-                        .await;
-                let stuck = match r.cgroup {
-                    Some(cg) => still_held(name, cg.remove().await).then_some(cg),
-                    None => None,
-                };
-                r.paths.remove().await;
-                if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
-                    network.detach(n).await;
-                }
-                match stuck {
-                    None => self.release(r.uid.as_slice(), r.memory),
-                    Some(cg) => {
-                        tracing::warn!(
-                            sandbox = %name,
-                            cgroups = ?cg.dirs().iter().filter(|d| d.exists()).collect::<Vec<_>>(),
-                            "a process of the removed sandbox outlived SIGKILL; its cgroup is \
-                             retried in the background, its uid and memory stay held until it \
-                             is gone"
-                        );
-                        let uids = r.uid.into_iter().collect();
-                        self.hold(name.to_string(), cg, uids, r.memory);
-                    }
-                }
-            }
-            None => self.paths(name).remove().await,
-        }
-    }
-
-    /// Counts a removed sandbox whose cgroup outlived the kill and has it [`reclaim`]ed in the
-    /// background when there is a Tokio runtime (else it is left to the next start).
-    ///
-    /// [`reclaim`]: LocalBackend::reclaim
-    fn hold(&self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        self.inner.reclaiming.fetch_add(1, Ordering::Relaxed);
-        let this = self.clone();
-        runtime.spawn(async move { this.reclaim(name, cg, uids, memory).await });
-    }
-
-    /// A removed sandbox whose cgroup outlived the kill (a process stuck in the kernel): retried
-    /// with back-off (1 s, doubling, at most 30 s apart) until it is gone. Its uids and memory
-    /// stay held until then, so no new sandbox runs as the uid of a process still alive, and the
-    /// memory budget counts what is still in use.
-    async fn reclaim(self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
-        let mut wait = Duration::from_secs(1);
-        loop {
-            tokio::time::sleep(wait).await;
-            if !still_held(&name, cg.remove().await) {
-                break;
-            }
-            wait = (wait * 2).min(Duration::from_secs(30));
-        }
-        tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
-        self.release(&uids, memory);
-        self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
-/// later). Any other failure (the directory cannot be removed at all) is logged, not retried.
-fn still_held(name: &str, removed: std::io::Result<()>) -> bool {
-    let held = cgroup::held_by_a_process(&removed);
-    if let (Err(e), false) = (&removed, held) {
-        tracing::error!(sandbox = %name, error = %e, "cannot remove the sandbox's cgroup");
-    }
-    held
 }
 
 /// A memory limit as a Kubernetes quantity when it is whole `Gi`/`Mi`, else bytes.

@@ -1,0 +1,139 @@
+//! Tearing sandboxes down: kill, remove the cgroup and directories, give back the uid and the
+//! memory budget. A cgroup a process still holds after SIGKILL (stuck in the kernel) is retried
+//! in the background, its uid and memory held until it is gone, whether this run removed the
+//! sandbox or a previous run left it.
+
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+
+use super::cgroup::{self, SandboxCgroup};
+use super::{LocalBackend, layout};
+
+impl LocalBackend {
+    /// Cgroups of a predecessor's sandboxes that a process outliving SIGKILL still holds: the
+    /// uids of the processes in them are kept from new sandboxes until they are gone, and they
+    /// are retried in the background (on the current Tokio runtime; without one, at the next
+    /// start).
+    pub(super) fn keep_leftovers(&self, held: Vec<(String, SandboxCgroup)>) {
+        for (name, cg) in held {
+            let uids: Vec<u32> = match &self.inner.uids {
+                Some(pool) => cg.uids().into_iter().filter(|u| pool.reserve(*u)).collect(),
+                None => Vec::new(),
+            };
+            tracing::warn!(
+                sandbox = %name,
+                cgroups = ?cg.dirs(),
+                uids = ?uids,
+                "a sandbox cgroup left by a previous run still holds a process that outlived \
+                 SIGKILL (stuck in the kernel); its uids are kept from new sandboxes until it is \
+                 gone, and it is retried in the background"
+            );
+            self.hold(name, cg, uids, 0);
+        }
+    }
+
+    /// Kills a sandbox (its whole process group and cgroup), deletes its directories and gives
+    /// its uid back.
+    #[tracing::instrument(name = "remove_sandbox", skip(self))]
+    pub(super) async fn remove(&self, name: &str) {
+        if !layout::is_sandbox_name(name) {
+            // Never one of ours (a record naming `../x` must not send us outside the state dir).
+            tracing::warn!(sandbox = %name, "not a sandbox name; nothing removed");
+            return;
+        }
+        let entry = self.inner.running.lock().unwrap().remove(name);
+        if let Some(runsc) = &self.inner.tools.runsc {
+            let state = format!("--root={}", self.runsc_state().display());
+            for args in [
+                vec![state.as_str(), "kill", name, "KILL"],
+                vec![state.as_str(), "delete", "-force", name],
+            ] {
+                let run = tokio::process::Command::new(runsc)
+                    .args(&args)
+                    .env_clear()
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+            }
+        }
+        match entry {
+            Some(r) => {
+                if let Some(pgid) = r.pgid {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                let mut exit = r.exit.clone();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
+                        .await;
+                let stuck = match r.cgroup {
+                    Some(cg) => still_held(name, cg.remove().await).then_some(cg),
+                    None => None,
+                };
+                r.paths.remove().await;
+                if let (Ok(network), Some(n)) = (&self.inner.network, &r.net) {
+                    network.detach(n).await;
+                }
+                match stuck {
+                    None => self.release(r.uid.as_slice(), r.memory),
+                    Some(cg) => {
+                        tracing::warn!(
+                            sandbox = %name,
+                            cgroups = ?cg.dirs().iter().filter(|d| d.exists()).collect::<Vec<_>>(),
+                            "a process of the removed sandbox outlived SIGKILL; its cgroup is \
+                             retried in the background, its uid and memory stay held until it \
+                             is gone"
+                        );
+                        let uids = r.uid.into_iter().collect();
+                        self.hold(name.to_string(), cg, uids, r.memory);
+                    }
+                }
+            }
+            None => self.paths(name).remove().await,
+        }
+    }
+
+    /// Counts a removed sandbox whose cgroup outlived the kill and has it [`reclaim`]ed in the
+    /// background when there is a Tokio runtime (else it is left to the next start).
+    ///
+    /// [`reclaim`]: LocalBackend::reclaim
+    fn hold(&self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.inner.reclaiming.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        runtime.spawn(async move { this.reclaim(name, cg, uids, memory).await });
+    }
+
+    /// A removed sandbox whose cgroup outlived the kill (a process stuck in the kernel): retried
+    /// with back-off (1 s, doubling, at most 30 s apart) until it is gone. Its uids and memory
+    /// stay held until then, so no new sandbox runs as the uid of a process still alive, and the
+    /// memory budget counts what is still in use.
+    async fn reclaim(self, name: String, cg: SandboxCgroup, uids: Vec<u32>, memory: u64) {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            if !still_held(&name, cg.remove().await) {
+                break;
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+        tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
+        self.release(&uids, memory);
+        self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
+/// later). Any other failure (the directory cannot be removed at all) is logged, not retried.
+fn still_held(name: &str, removed: std::io::Result<()>) -> bool {
+    let held = cgroup::held_by_a_process(&removed);
+    if let (Err(e), false) = (&removed, held) {
+        tracing::error!(sandbox = %name, error = %e, "cannot remove the sandbox's cgroup");
+    }
+    held
+}
