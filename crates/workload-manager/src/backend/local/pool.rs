@@ -21,8 +21,8 @@ pub(super) struct Pool {
     filling: u32,
     workload: Workload,
     public_key: Option<String>,
-    /// A start failed: no refill until the one retry scheduled for then.
-    retry_at: Option<tokio::time::Instant>,
+    /// A start failed: no refill until the one retry scheduled after [`Pool::backoff`].
+    waiting: bool,
     /// The wait after the next failure: [`FIRST_BACKOFF`], doubling to [`MAX_BACKOFF`], back to
     /// the first once the pool is full.
     backoff: Duration,
@@ -119,7 +119,7 @@ impl LocalBackend {
         let Some(pool) = pools.get_mut(&key) else {
             return;
         };
-        if pool.retry_at.is_some() {
+        if pool.waiting {
             return;
         }
         let deficit = (pool.size as usize).saturating_sub(pool.ready.len() + pool.filling as usize);
@@ -157,13 +157,13 @@ impl LocalBackend {
             return;
         };
         pool.failed_starts += 1;
-        if pool.retry_at.is_some() {
+        if pool.waiting {
             tracing::debug!(pool = %key.1, %error, "warm pool sandbox failed to start");
             return;
         }
         let wait = pool.backoff;
         pool.backoff = (wait * 2).min(MAX_BACKOFF);
-        pool.retry_at = Some(tokio::time::Instant::now() + wait);
+        pool.waiting = true;
         tracing::warn!(
             pool = %key.1,
             %error,
@@ -176,7 +176,7 @@ impl LocalBackend {
             {
                 let mut pools = this.inner.pools.lock().unwrap();
                 match pools.get_mut(&key).filter(|p| p.generation == generation) {
-                    Some(p) => p.retry_at = None,
+                    Some(p) => p.waiting = false,
                     None => return,
                 }
             }
@@ -256,7 +256,7 @@ impl LocalBackend {
                             filling: 0,
                             workload: Workload::CodeInterpreter(ci),
                             public_key: public_key.clone(),
-                            retry_at: None,
+                            waiting: false,
                             backoff: FIRST_BACKOFF,
                             failed_starts: 0,
                         },
