@@ -125,7 +125,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     // Descriptors inherited from whoever started us must not reach sandboxes or the commands
     // they run: everything above stderr becomes close-on-exec.
     close_fds::set_fds_cloexec_threadsafe(3, &[]);
@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", e.to_string_lossy());
             }
         }
-        return Ok(());
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     init_tracing(&args.log_format);
     // Before anything is started: catching these also means the commands we start get them at
@@ -183,18 +183,28 @@ async fn main() -> anyhow::Result<()> {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(program = %extras.agent[0], error = %e, "cannot start the agent");
-                return;
+                return std::process::ExitCode::from(127);
             }
         };
         let status = child.wait().await;
         tracing::warn!(?status, "agent exited; stopping");
+        // The sandbox ends with the agent's status (a shell's 128 + signal when it was killed),
+        // so whoever started it can tell why.
+        let code = status.ok().and_then(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.code().or_else(|| s.signal().map(|sig| 128 + sig))
+        });
+        std::process::ExitCode::from(code.map_or(1, |c| c.clamp(0, 255) as u8))
     };
-    tokio::select! {
-        r = agentcube_picod::run(state, listener, shutdown) => r?,
-        () = agent => {}
-    }
+    let code = tokio::select! {
+        r = agentcube_picod::run(state, listener, shutdown) => {
+            r?;
+            std::process::ExitCode::SUCCESS
+        }
+        code = agent => code,
+    };
     tracing::info!("picod stopped");
-    Ok(())
+    Ok(code)
 }
 
 /// Logs to stderr at the level `RUST_LOG` names (a plain level: PicoD is small, so no

@@ -28,6 +28,10 @@ pub enum ApiError {
     /// The sandbox did not become ready in time.
     #[error("sandbox creation timed out")]
     Timeout,
+    /// The sandbox's program exited while starting: the client sees which sandbox and its exit
+    /// status; its output (`detail`) goes to the log only.
+    #[error("{message}")]
+    SandboxExited { message: String, detail: String },
     /// Anything else; details are logged, the client sees `internal server error`.
     #[error("internal server error")]
     Internal(String),
@@ -43,7 +47,7 @@ impl ApiError {
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::SandboxExited { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -66,6 +70,10 @@ impl From<BackendError> for ApiError {
             BackendError::Unavailable(m) => Self::Unavailable(m),
             BackendError::Exhausted(m) => Self::TooMany(m),
             BackendError::Invalid(m) => Self::BadRequest(m),
+            BackendError::Exited { message, log } => Self::SandboxExited {
+                message: format!("{message}; its output is in the Workload Manager's log"),
+                detail: log,
+            },
             other => Self::Internal(other.to_string()),
         }
     }
@@ -74,8 +82,12 @@ impl From<BackendError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let Self::Internal(detail) = &self {
-            tracing::warn!(error = %detail, "request failed");
+        match &self {
+            Self::Internal(detail) => tracing::warn!(error = %detail, "request failed"),
+            Self::SandboxExited { message, detail } => {
+                tracing::warn!(error = %message, output = %detail, "request failed");
+            }
+            _ => {}
         }
         (
             status,

@@ -164,6 +164,43 @@ async fn code_interpreter_extra_ports_serve_what_users_start_later() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// An agent that exits while its sandbox starts: the create says so (which sandbox, and the
+/// agent's exit status, which PicoD and bubblewrap pass on) instead of a bare `internal server
+/// error`, keeps the agent's output out of the answer (it goes to the log), and leaves nothing
+/// behind.
+#[tokio::test]
+async fn an_agent_exiting_at_start_is_named_in_the_error() {
+    let manifest = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: quits, namespace: default}
+spec:
+  targetPort: [{pathPrefix: /, port: 8080, protocol: HTTP}]
+  podTemplate:
+    spec:
+      containers:
+        - name: agent
+          image: host
+          command: [sh, -c, "echo secret-output >&2; exit 3"]
+"#;
+    let s = Stack::start(Options {
+        manifests: manifest.into(),
+        ..Default::default()
+    })
+    .await;
+    let (status, v) = s.create("agent-runtime", "quits").await;
+    assert_eq!(status, 500, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("sandbox quits-")
+            && message.contains("exited while starting (exit status: 3)")
+            && message.contains("Workload Manager's log"),
+        "{message}"
+    );
+    assert!(!message.contains("secret-output"), "{message}");
+    assert!(s.backend.running().is_empty());
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_upstream_messages() {
     let s = Stack::start(Options {

@@ -70,6 +70,10 @@ pub enum BackendError {
     /// The definition cannot run on this backend (e.g. an AgentRuntime without a command).
     #[error("{0}")]
     Invalid(String),
+    /// The sandbox's program exited while it was starting (`message` says which and how; `log`
+    /// is the end of its output, for the manager's log only).
+    #[error("{message}: {log}")]
+    Exited { message: String, log: String },
     /// I/O or platform error.
     #[error("{0}")]
     Failed(String),

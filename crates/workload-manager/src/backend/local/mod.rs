@@ -850,9 +850,10 @@ impl LocalBackend {
                 }
                 let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
                 let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                return Err(BackendError::Failed(format!(
-                    "sandbox {name} exited during start ({status}): {tail}"
-                )));
+                return Err(BackendError::Exited {
+                    message: format!("sandbox {name} exited while starting ({status})"),
+                    log: tail,
+                });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
