@@ -1,6 +1,7 @@
 //! What a definition means on this host: environment, limits, forwarded ports, the agent to run,
 //! and the entry points (Unix sockets in the sandbox's private directory).
 
+use agentcube_crds::AgentRuntime;
 use agentcube_types::EntryPoint;
 use k8s_openapi::api::core::v1::EnvVar;
 
@@ -29,6 +30,11 @@ pub struct Description {
     pub rootfs: Option<std::path::PathBuf>,
 }
 
+/// The container an AgentRuntime's sandbox runs: its pod template's first.
+fn agent_container(ar: &AgentRuntime) -> Option<&k8s_openapi::api::core::v1::Container> {
+    ar.spec.pod_template.spec.containers.first()
+}
+
 /// The definition's `imagePullPolicy`.
 pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
     use agentcube_crds::ImagePullPolicy as P;
@@ -38,14 +44,9 @@ pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
             Some(P::Never) => PullPolicy::Never,
             _ => PullPolicy::IfNotPresent,
         },
-        Workload::AgentRuntime(ar) => PullPolicy::parse(
-            ar.spec
-                .pod_template
-                .spec
-                .containers
-                .first()
-                .and_then(|c| c.image_pull_policy.as_deref()),
-        ),
+        Workload::AgentRuntime(ar) => {
+            PullPolicy::parse(agent_container(ar).and_then(|c| c.image_pull_policy.as_deref()))
+        }
     }
 }
 
@@ -53,13 +54,7 @@ pub fn pull_policy_of(workload: &Workload) -> PullPolicy {
 pub fn image_of(workload: &Workload) -> Option<&str> {
     let image = match workload {
         Workload::CodeInterpreter(ci) => ci.spec.template.image.as_deref(),
-        Workload::AgentRuntime(ar) => ar
-            .spec
-            .pod_template
-            .spec
-            .containers
-            .first()
-            .and_then(|c| c.image.as_deref()),
+        Workload::AgentRuntime(ar) => agent_container(ar).and_then(|c| c.image.as_deref()),
     };
     image
         .map(str::trim)
@@ -112,13 +107,7 @@ pub struct Sizes {
 pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, BackendError> {
     let res = match workload {
         Workload::CodeInterpreter(ci) => ci.spec.template.resources.as_ref(),
-        Workload::AgentRuntime(ar) => ar
-            .spec
-            .pod_template
-            .spec
-            .containers
-            .first()
-            .and_then(|c| c.resources.as_ref()),
+        Workload::AgentRuntime(ar) => agent_container(ar).and_then(|c| c.resources.as_ref()),
     };
     let limit = |key: &str, parse: fn(&str) -> Result<u64, String>, least: u64| {
         let Some(q) = res.and_then(|r| r.limits.as_ref()).and_then(|l| l.get(key)) else {
@@ -253,15 +242,9 @@ fn translate(
             })
         }
         Workload::AgentRuntime(ar) => {
-            let c = ar
-                .spec
-                .pod_template
-                .spec
-                .containers
-                .first()
-                .ok_or_else(|| {
-                    BackendError::Invalid("the AgentRuntime pod template has no container".into())
-                })?;
+            let c = agent_container(ar).ok_or_else(|| {
+                BackendError::Invalid("the AgentRuntime pod template has no container".into())
+            })?;
             let agent = agent_argv(c, image);
             if agent.is_empty() {
                 return Err(BackendError::Invalid(match image {
