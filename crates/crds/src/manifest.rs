@@ -1,6 +1,6 @@
 //! Loading CodeInterpreter / AgentRuntime manifests from YAML, as the API server would take them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
@@ -169,22 +169,34 @@ fn check_name(field: &str, name: &str, max: usize, dots: bool) -> Option<String>
     })
 }
 
-/// Loads every `*.yaml` / `*.yml` file directly in `dir` (sorted by file name). Returns what
-/// loaded and, separately, what was refused.
-pub fn load_dir(dir: &Path) -> std::io::Result<(Vec<Definition>, Vec<ManifestError>)> {
+/// What one manifest file gave: its definitions, or why the file was refused (a file is refused
+/// whole, as one `kubectl apply -f` of it would be).
+pub type FileOutcome = Result<Vec<Definition>, ManifestError>;
+
+/// Loads every `*.yaml` / `*.yml` file directly in `dir`, sorted by file name, each with its
+/// outcome. Only an unreadable directory is an error; an unreadable file (permissions, not UTF-8)
+/// is that file's refusal.
+pub fn load_dir(dir: &Path) -> std::io::Result<Vec<(PathBuf, FileOutcome)>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
     files.sort();
-    let (mut defs, mut errors) = (Vec::new(), Vec::new());
-    for f in files {
-        let text = std::fs::read_to_string(&f)?;
-        match load(&text, &f.display().to_string()) {
-            Ok(d) => defs.extend(d),
-            Err(e) => errors.push(e),
-        }
-    }
-    Ok((defs, errors))
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let name = f.display().to_string();
+            let outcome = match std::fs::read_to_string(&f) {
+                Ok(text) => load(&text, &name),
+                Err(e) => Err(ManifestError {
+                    source_name: name,
+                    index: 0,
+                    what: "not readable".into(),
+                    errors: vec![e.to_string()],
+                }),
+            };
+            (f, outcome)
+        })
+        .collect())
 }

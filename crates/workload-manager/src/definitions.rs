@@ -2,9 +2,9 @@
 //! takes and reloaded when the files change (polled; no restart needed), or kept in step with the
 //! cluster's CRs by the Kubernetes backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use agentcube_crds::manifest::{self, Definition};
@@ -102,8 +102,16 @@ pub trait Source: Send + Sync {
 #[derive(Default)]
 pub struct Definitions {
     map: RwLock<HashMap<Key, Workload>>,
-    fingerprint: RwLock<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    loaded: Mutex<Loaded>,
     source: Option<Arc<dyn Source>>,
+}
+
+/// What the manifest directory held at its last reading.
+#[derive(Default)]
+struct Loaded {
+    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    /// Each file's definitions as last loaded (a refused file keeps its previous ones).
+    files: BTreeMap<PathBuf, Vec<Definition>>,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -198,41 +206,58 @@ impl Definitions {
             .insert(key_of(kind, &workload), workload);
     }
 
-    /// Replaces the whole set.
-    pub fn replace(&self, defs: Vec<Definition>) {
-        let map = defs
-            .into_iter()
-            .map(|d| {
-                let (ns, name) = d.key();
-                match d {
-                    Definition::CodeInterpreter(c) => (
-                        (WorkloadKind::CodeInterpreter, ns, name),
-                        Workload::CodeInterpreter(Arc::from(c)),
-                    ),
-                    Definition::AgentRuntime(a) => (
-                        (WorkloadKind::AgentRuntime, ns, name),
-                        Workload::AgentRuntime(Arc::from(a)),
-                    ),
-                }
-            })
-            .collect();
+    /// Replaces the whole set. A definition given twice (the same kind, namespace and name in
+    /// two files) is logged; the later one wins, as a second `kubectl apply` of it would.
+    fn replace(&self, defs: Vec<Definition>) {
+        let mut map = HashMap::new();
+        for d in defs {
+            let (ns, name) = d.key();
+            let (kind, workload) = match d {
+                Definition::CodeInterpreter(c) => (
+                    WorkloadKind::CodeInterpreter,
+                    Workload::CodeInterpreter(Arc::from(c)),
+                ),
+                Definition::AgentRuntime(a) => (
+                    WorkloadKind::AgentRuntime,
+                    Workload::AgentRuntime(Arc::from(a)),
+                ),
+            };
+            let key = (kind, ns, name);
+            if map.contains_key(&key) {
+                tracing::warn!(kind = ?key.0, namespace = %key.1, name = %key.2,
+                    "definition given more than once; the last one (by file name) is used");
+            }
+            map.insert(key, workload);
+        }
         *self.map.write().unwrap() = map;
     }
 
-    /// Loads `dir` if its files changed since the last call. Returns `true` when the set changed.
-    /// Refused documents are logged and skipped; the others still load.
+    /// Loads `dir` if its files changed since the last call. Returns `true` when it was read.
+    /// A refused file (not YAML, a document the schema refuses, unreadable) is logged and keeps
+    /// the definitions it last loaded with (none if it never loaded): a typo while editing a
+    /// manifest does not take its definitions, and their warm pools, away. The other files
+    /// load; a deleted file's definitions go.
     pub fn reload_if_changed(&self, dir: &Path) -> std::io::Result<bool> {
         let fp = fingerprint(dir);
-        if *self.fingerprint.read().unwrap() == fp && !fp.is_empty() {
+        let mut loaded = self.loaded.lock().unwrap();
+        if loaded.fingerprint == fp && !fp.is_empty() {
             return Ok(false);
         }
-        let (defs, errors) = manifest::load_dir(dir)?;
-        for e in &errors {
-            tracing::error!(error = %e, "manifest refused");
+        let outcomes = manifest::load_dir(dir)?;
+        let mut previous = std::mem::take(&mut loaded.files);
+        for (path, outcome) in outcomes {
+            let defs = outcome.unwrap_or_else(|e| {
+                let kept = previous.remove(&path).unwrap_or_default();
+                tracing::error!(error = %e, kept = kept.len(),
+                    "manifest refused; the definitions it loaded with before stay");
+                kept
+            });
+            loaded.files.insert(path, defs);
         }
+        let defs: Vec<Definition> = loaded.files.values().flatten().cloned().collect();
         tracing::info!(dir = %dir.display(), definitions = defs.len(), "definitions loaded");
         self.replace(defs);
-        *self.fingerprint.write().unwrap() = fp;
+        loaded.fingerprint = fp;
         Ok(true)
     }
 }
@@ -255,6 +280,62 @@ mod tests {
             }
             _ => unreachable!(),
         }
+    }
+
+    fn ci(name: &str, image: &str) -> String {
+        format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
+             metadata: {{name: {name}}}\nspec:\n  template: {{image: {image}}}\n"
+        )
+    }
+
+    fn image_of(defs: &Definitions, name: &str) -> Option<String> {
+        match defs.get(WorkloadKind::CodeInterpreter, "default", name)? {
+            Workload::CodeInterpreter(c) => c.spec.template.image.clone(),
+            Workload::AgentRuntime(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_refused_manifest_keeps_what_it_loaded_with_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&a, ci("one", "img:1")).unwrap();
+        std::fs::write(&b, ci("two", "img:1")).unwrap();
+        let defs = Definitions::new();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one").as_deref(), Some("img:1"));
+
+        // A typo while editing `a`, and `b` changed in the same round: `a` keeps its previous
+        // definition, `b` takes its new one.
+        std::fs::write(&a, ci("one", "img:2") + "garbage: [\n").unwrap();
+        std::fs::write(&b, ci("two", "img:22")).unwrap();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one").as_deref(), Some("img:1"));
+        assert_eq!(image_of(&defs, "two").as_deref(), Some("img:22"));
+        // Refused by the schema, or unreadable: the same.
+        std::fs::write(&a, ci("one", "[x]")).unwrap();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one").as_deref(), Some("img:1"));
+        std::fs::write(&a, b"\xff\xfe not UTF-8").unwrap();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one").as_deref(), Some("img:1"));
+
+        // Fixed: it loads; deleted: its definitions go.
+        std::fs::write(&a, ci("one", "img:3")).unwrap();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one").as_deref(), Some("img:3"));
+        std::fs::remove_file(&a).unwrap();
+        assert!(defs.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&defs, "one"), None);
+        assert_eq!(image_of(&defs, "two").as_deref(), Some("img:22"));
+
+        // A file refused from the start gives nothing, and the others still load.
+        std::fs::write(&a, "garbage: [\n").unwrap();
+        let fresh = Definitions::new();
+        assert!(fresh.reload_if_changed(dir.path()).unwrap());
+        assert_eq!(image_of(&fresh, "one"), None);
+        assert_eq!(image_of(&fresh, "two").as_deref(), Some("img:22"));
     }
 
     #[test]
