@@ -27,7 +27,6 @@ use crate::common::{
     derive = "PartialEq",
     doc = "An AgentRuntime declares an agent server: every session gets its own sandbox running the pod template, reached through the Router at /v1/namespaces/{ns}/agent-runtimes/{name}/invocations/<path>.",
     shortname = "ar",
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
