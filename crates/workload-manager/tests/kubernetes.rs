@@ -256,6 +256,74 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
     );
 }
 
+/// A session whose pod agent-sandbox replaced (another IP, an empty workspace) or whose claim
+/// was deleted ends at the next GC run: its record goes (the Router then answers 404, not 502
+/// until the idle timeout), and a replaced pod's claim with it; other sessions are untouched.
+#[tokio::test]
+async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: POOLED.into(),
+        gc_interval: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let (replaced, deleted, healthy) = (
+        k.create_ok("code-interpreter", "pooled").await,
+        k.create_ok("code-interpreter", "pooled").await,
+        k.create_ok("code-interpreter", "pooled").await,
+    );
+    let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
+    let claim_of = |s: &serde_json::Value| s["sandboxName"].as_str().unwrap().to_string();
+    let record_gone = async |s: &serde_json::Value| {
+        matches!(
+            k.store.get(&id(s)).await,
+            Err(agentcube_store::Error::NotFound)
+        )
+    };
+    // Let a few GC runs pass over the three live sessions first: nothing is reaped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for s in [&replaced, &deleted, &healthy] {
+        assert!(!record_gone(s).await, "a live session was reaped: {s}");
+    }
+
+    let pod_name = k
+        .eventually("the claim names its Sandbox (and pod)", 10, async || {
+            let c = claims(&k.client).get(&claim_of(&replaced)).await.unwrap();
+            c.data["status"]["sandbox"]["name"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .await;
+    let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+    pods.delete(&pod_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    claims(&k.client)
+        .delete(&claim_of(&deleted), &DeleteParams::background())
+        .await
+        .unwrap();
+    k.eventually("the deleted claim's session ended", 20, async || {
+        record_gone(&deleted).await.then_some(())
+    })
+    .await;
+    k.eventually(
+        "the replaced pod's session and claim ended",
+        30,
+        async || {
+            let claim_gone = claims(&k.client)
+                .get_opt(&claim_of(&replaced))
+                .await
+                .unwrap()
+                .is_none();
+            (record_gone(&replaced).await && claim_gone).then_some(())
+        },
+    )
+    .await;
+    assert!(!record_gone(&healthy).await, "the healthy session stays");
+    let (status, out) = exec_tcp(&k.http, &healthy, &["echo", "alive"]).await;
+    assert_eq!((status, out["stdout"].as_str()), (200, Some("alive\n")));
+}
+
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
 /// …), once agent-sandbox has written its status.
 async fn claim_writes(k: &KubeStack, name: &str) -> Vec<String> {

@@ -141,16 +141,21 @@ pub(super) fn bound(
     if watched::uid(claim) != uid {
         return None;
     }
-    let named = claim.status.as_ref().and_then(|s| s.sandbox.as_ref());
-    let (name, by_status) = match named.filter(|n| !n.name.is_empty()) {
-        Some(n) => (n.name.as_str(), true),
-        None => {
-            let annotations = claim.metadata.annotations.as_ref()?;
-            (annotations.get(labels::ASSIGNED_SANDBOX)?.as_str(), false)
-        }
-    };
+    let (name, by_status) = sandbox_name_of(claim)?;
     let s = sandbox(name)?;
     (s.is_ready() && (by_status || s.controlled_by(uid))).then(|| s.as_ref().clone())
+}
+
+/// The Sandbox `claim` names: its status's (then `true`), else its assignment annotation's.
+pub(super) fn sandbox_name_of(claim: &SandboxClaim) -> Option<(&str, bool)> {
+    let named = claim.status.as_ref().and_then(|s| s.sandbox.as_ref());
+    match named.filter(|n| !n.name.is_empty()) {
+        Some(n) => Some((n.name.as_str(), true)),
+        None => {
+            let annotations = claim.metadata.annotations.as_ref()?;
+            Some((annotations.get(labels::ASSIGNED_SANDBOX)?.as_str(), false))
+        }
+    }
 }
 
 /// `host:port`, with brackets for IPv6 (Go's `net.JoinHostPort`).

@@ -18,7 +18,9 @@
 //! serves both.
 //!
 //! Alongside: [`sources`] mirrors the CRs into definitions and follows the Router's key Secret;
-//! [`controller`] keeps SandboxTemplate + SandboxWarmPool in step with each CodeInterpreter.
+//! [`controller`] keeps SandboxTemplate + SandboxWarmPool in step with each CodeInterpreter;
+//! [`liveness`] ends, at each GC run, sessions whose claim or Sandbox was deleted or whose pod
+//! was replaced.
 //! Nothing is deleted on shutdown: sessions outlive a Workload Manager restart.
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use crate::key::RouterKey;
 pub mod controller;
 mod create;
 pub mod desired;
+mod liveness;
 pub mod network;
 pub mod probe;
 pub mod sources;
@@ -111,6 +114,9 @@ pub struct KubernetesBackend {
     key: RouterKey,
     /// Claims bound ahead of demand, when `--standby-claims` asks for them.
     standby: Option<Arc<standby::Standby>>,
+    /// The session store (records read by [`liveness`]).
+    store: Arc<dyn agentcube_store::SessionStore>,
+    liveness: liveness::Liveness,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -257,6 +263,8 @@ impl KubernetesBackend {
             definitions,
             key,
             standby,
+            store,
+            liveness: Default::default(),
             tasks,
         })
     }
@@ -428,6 +436,29 @@ impl Backend for KubernetesBackend {
             }
         }
         deleted
+    }
+
+    /// Sessions whose claim or Sandbox was deleted, or whose pod was replaced ([`liveness`]);
+    /// the latter's objects are deleted here.
+    async fn reap(&self) -> Vec<String> {
+        let now = liveness::observe(&self.claims, &self.sandboxes);
+        let mut sessions = Vec::new();
+        for dead in self.liveness.judge(now, self.store.as_ref()).await {
+            let liveness::Dead {
+                session_id,
+                seen,
+                why,
+                delete,
+            } = dead;
+            tracing::warn!(session_id, kind = %seen.kind, namespace = seen.namespace,
+                name = seen.name, why, "gc: the session's sandbox is gone; ending the session");
+            if delete && let Err(e) = self.delete(seen.kind, &seen.namespace, &seen.name).await {
+                tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
+                continue;
+            }
+            sessions.push(session_id);
+        }
+        sessions
     }
 
     async fn shutdown(&self) {}

@@ -1,0 +1,323 @@
+//! Sessions whose sandbox went away under them, noticed on every GC run ([`Backend::reap`]) from
+//! the watch caches. Upstream keeps such a record until its idle timeout and answers 502 for it
+//! meanwhile (a retrying client never lets it idle out); the local backend reaps its dead
+//! sandboxes, and this does the same on Kubernetes:
+//!
+//! - the session's SandboxClaim or Sandbox was deleted (`kubectl delete`, or with its
+//!   CodeInterpreter, which owns its claims): the record goes;
+//! - its pod was replaced: agent-sandbox recreates a deleted or evicted pod under the same Sandbox
+//!   (a claim may be bound anew), with another IP and an empty workspace, while the record still
+//!   points at the old IP. The claim or Sandbox and the record go, so the session answers 404
+//!   like any ended session instead of failing forever, or going on in an empty sandbox.
+//!
+//! The store is read only for what changed: a session once when it first shows up (the pod IP
+//! its record points at), and once when its object vanishes (a session deleted through the API
+//! or by GC has no record left by then and is not reported). A replacement that keeps the pod's
+//! IP, or an agent-sandbox that reports no pod IPs (v0.4), is not seen.
+//!
+//! [`Backend::reap`]: crate::backend::Backend::reap
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use agentcube_crds::labels;
+use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
+use agentcube_store::{Error as StoreError, SessionStore};
+use agentcube_types::{BackingKind, SessionRecord, SessionStatus};
+use kube::ResourceExt;
+
+use super::create::sandbox_name_of;
+use super::watched::Watched;
+
+/// A session's backing object as the caches show it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Seen {
+    pub kind: BackingKind,
+    pub namespace: String,
+    pub name: String,
+    /// The IP of the pod behind it, when agent-sandbox reports one.
+    pub pod_ip: Option<String>,
+}
+
+/// Every object in the caches made for a session (label `runtime.agentcube.io/session-id`), by
+/// session id.
+pub(super) fn observe(
+    claims: &Watched<SandboxClaim>,
+    sandboxes: &Watched<SandboxObject>,
+) -> HashMap<String, Seen> {
+    let ip_of = |ns: &str, name: &str| {
+        sandboxes
+            .get(ns, name)
+            .and_then(|s| s.pod_ip().map(str::to_string))
+    };
+    let mut seen = HashMap::new();
+    for c in claims.all() {
+        let (Some(session), Some(namespace)) = (c.labels().get(labels::SESSION_ID), c.namespace())
+        else {
+            continue;
+        };
+        let pod_ip = sandbox_name_of(&c).and_then(|(name, _)| ip_of(&namespace, name));
+        let kind = BackingKind::SandboxClaim;
+        let name = c.name_any();
+        seen.insert(
+            session.clone(),
+            Seen {
+                kind,
+                namespace,
+                name,
+                pod_ip,
+            },
+        );
+    }
+    for s in sandboxes.all() {
+        let (Some(session), Some(namespace)) = (s.labels().get(labels::SESSION_ID), s.namespace())
+        else {
+            continue;
+        };
+        seen.entry(session.clone()).or_insert_with(|| Seen {
+            kind: BackingKind::Sandbox,
+            namespace,
+            name: s.name_any(),
+            pod_ip: s.pod_ip().map(str::to_string),
+        });
+    }
+    seen
+}
+
+/// A session whose sandbox died.
+#[derive(Debug, PartialEq)]
+pub(super) struct Dead {
+    pub session_id: String,
+    pub seen: Seen,
+    pub why: &'static str,
+    /// Whether its object is still there (to be deleted before the record).
+    pub delete: bool,
+}
+
+/// The live sessions one Workload Manager knows of, with the pod IP each record points at.
+#[derive(Default)]
+pub(super) struct Liveness {
+    known: Mutex<HashMap<String, Known>>,
+}
+
+struct Known {
+    seen: Seen,
+    /// `None` when the record has no TCP entry point, or when there was none.
+    record_ip: Option<String>,
+}
+
+impl Liveness {
+    /// The sessions among those known and `now` whose sandbox died since the last call.
+    pub(super) async fn judge(
+        &self,
+        now: HashMap<String, Seen>,
+        store: &dyn SessionStore,
+    ) -> Vec<Dead> {
+        let mut known = std::mem::take(&mut *self.known.lock().unwrap());
+        let mut dead = Vec::new();
+        let vanished: Vec<String> = known
+            .keys()
+            .filter(|id| !now.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in vanished {
+            match store.get(&id).await {
+                Ok(_) => {
+                    let seen = known.remove(&id).expect("listed above").seen;
+                    let why = "its SandboxClaim or Sandbox was deleted";
+                    dead.push(Dead {
+                        session_id: id,
+                        seen,
+                        why,
+                        delete: false,
+                    });
+                }
+                Err(StoreError::NotFound) => {
+                    known.remove(&id);
+                }
+                Err(e) => tracing::warn!(session_id = id, error = %e, "gc: cannot read a record"),
+            }
+        }
+        for (id, seen) in now {
+            let record_ip = match known.get_mut(&id) {
+                Some(k) => {
+                    k.seen = seen.clone();
+                    k.record_ip.clone()
+                }
+                None => match store.get(&id).await {
+                    // Still being created: asked again at the next run.
+                    Ok(r) if r.status == SessionStatus::Creating => continue,
+                    Ok(r) => record_ip(&r),
+                    // Being deleted (the object goes before the record), or lost.
+                    Err(StoreError::NotFound) => None,
+                    Err(e) => {
+                        tracing::warn!(session_id = id, error = %e, "gc: cannot read a record");
+                        continue;
+                    }
+                },
+            };
+            if let (Some(want), Some(have)) = (&record_ip, &seen.pod_ip)
+                && want != have
+            {
+                let why = "its pod was replaced (another pod IP: the processes and files it had \
+                           are gone)";
+                // Forgotten: should its deletion fail, the next run finds it anew.
+                known.remove(&id);
+                dead.push(Dead {
+                    session_id: id,
+                    seen,
+                    why,
+                    delete: true,
+                });
+                continue;
+            }
+            known.entry(id).or_insert(Known { seen, record_ip });
+        }
+        *self.known.lock().unwrap() = known;
+        dead
+    }
+}
+
+/// The host of a record's first TCP entry point (`10.0.0.7:8080`, `[fd00::7]:8080`).
+fn record_ip(record: &SessionRecord) -> Option<String> {
+    let endpoint = &record.entry_points().first()?.endpoint;
+    if endpoint.starts_with("unix:") {
+        return None;
+    }
+    let host = match endpoint.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.0,
+        None => endpoint.rsplit_once(':')?.0,
+    };
+    Some(host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentcube_types::EntryPoint;
+
+    fn seen(kind: BackingKind, name: &str, ip: Option<&str>) -> Seen {
+        Seen {
+            kind,
+            namespace: "ns".into(),
+            name: name.into(),
+            pod_ip: ip.map(str::to_string),
+        }
+    }
+
+    fn entry(endpoint: &str) -> Option<Vec<EntryPoint>> {
+        Some(vec![EntryPoint {
+            path: "/".into(),
+            protocol: "HTTP".into(),
+            endpoint: endpoint.into(),
+        }])
+    }
+
+    fn new_record(id: &str, endpoint: &str, status: SessionStatus) -> SessionRecord {
+        let now = jiff::Timestamp::now();
+        let idle = agentcube_types::GoDuration(std::time::Duration::from_secs(900));
+        let mut r = SessionRecord::placeholder(id, "ns", format!("sb-{id}"), now, now, idle);
+        r.status = status;
+        r.entry_points = entry(endpoint);
+        r
+    }
+
+    async fn record(store: &dyn SessionStore, id: &str, endpoint: &str, status: SessionStatus) {
+        let _ = store.delete(id).await;
+        let r = new_record(id, endpoint, status);
+        store.insert(&r, jiff::Timestamp::now()).await.unwrap();
+    }
+
+    #[test]
+    fn a_record_points_at_the_host_of_its_first_tcp_entry_point() {
+        let mut r = new_record("x", "10.244.0.12:8080", SessionStatus::Ready);
+        assert_eq!(record_ip(&r).as_deref(), Some("10.244.0.12"));
+        let ep = entry;
+        r.entry_points = ep("[fd00::7]:8080");
+        assert_eq!(record_ip(&r).as_deref(), Some("fd00::7"));
+        r.entry_points = ep("unix:/state/private/x/picod.sock");
+        assert_eq!(record_ip(&r), None);
+        r.entry_points = None;
+        assert_eq!(record_ip(&r), None);
+    }
+
+    /// One GC run: the dead, sorted, whose records then go (as GC deletes them).
+    async fn run(
+        live: &Liveness,
+        now: &HashMap<String, Seen>,
+        store: &dyn SessionStore,
+    ) -> Vec<Dead> {
+        let mut dead = live.judge(now.clone(), store).await;
+        dead.sort_by(|x, y| x.session_id.cmp(&y.session_id));
+        for d in &dead {
+            store.delete(&d.session_id).await.unwrap();
+        }
+        dead
+    }
+
+    fn ids(dead: &[Dead]) -> Vec<(&str, bool)> {
+        dead.iter()
+            .map(|d| (d.session_id.as_str(), d.delete))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn deleted_objects_and_replaced_pods_are_dead_and_nothing_else_is() {
+        let store = agentcube_store::memory::MemoryStore::new();
+        let live = Liveness::default();
+        let (claim, sandbox) = (BackingKind::SandboxClaim, BackingKind::Sandbox);
+        record(&store, "a", "10.0.0.1:8080", SessionStatus::Ready).await;
+        record(&store, "b", "10.0.0.2:8080", SessionStatus::Ready).await;
+        record(&store, "c", "10.0.0.3:8080", SessionStatus::Ready).await;
+        record(&store, "d", "", SessionStatus::Creating).await;
+        let mut now = HashMap::from([
+            ("a".to_string(), seen(claim, "ca", Some("10.0.0.1"))),
+            ("b".to_string(), seen(sandbox, "sb", Some("10.0.0.2"))),
+            ("c".to_string(), seen(sandbox, "sc", None)),
+            ("d".to_string(), seen(sandbox, "sd", None)),
+            // An object whose record is gone (being deleted): never reported.
+            ("e".to_string(), seen(sandbox, "se", Some("10.0.0.5"))),
+        ]);
+        assert_eq!(run(&live, &now, &store).await, vec![]);
+        assert_eq!(run(&live, &now, &store).await, vec![], "steady");
+
+        // `a`'s claim is bound anew (another IP); `b`'s Sandbox is deleted; `c`'s pod has no
+        // IP yet (being recreated: no verdict); `d` finished creating on the IP it shows;
+        // `e` went as a deleted session goes (no record).
+        now.insert("a".into(), seen(claim, "ca", Some("10.0.0.9")));
+        now.remove("b");
+        record(&store, "d", "10.0.0.4:8080", SessionStatus::Ready).await;
+        now.insert("d".into(), seen(sandbox, "sd", Some("10.0.0.4")));
+        now.remove("e");
+        let dead = run(&live, &now, &store).await;
+        assert_eq!(ids(&dead), [("a", true), ("b", false)]);
+        assert_eq!(
+            (dead[0].seen.name.as_str(), dead[1].seen.name.as_str()),
+            ("ca", "sb")
+        );
+
+        // `a`'s claim goes (deleted by GC); `c`'s pod comes back elsewhere; `d`'s record is
+        // deleted (through the API) before its Sandbox goes: not dead.
+        now.remove("a");
+        now.insert("c".into(), seen(sandbox, "sc", Some("10.0.0.33")));
+        store.delete("d").await.unwrap();
+        now.remove("d");
+        assert_eq!(ids(&run(&live, &now, &store).await), [("c", true)]);
+        now.remove("c");
+        assert_eq!(run(&live, &now, &store).await, vec![]);
+
+        // An object whose deletion failed is found again at the next run.
+        record(&store, "g", "10.0.0.7:8080", SessionStatus::Ready).await;
+        now.insert("g".into(), seen(sandbox, "sg", Some("10.0.0.7")));
+        assert_eq!(run(&live, &now, &store).await, vec![]);
+        now.insert("g".into(), seen(sandbox, "sg", Some("10.0.0.77")));
+        assert_eq!(ids(&live.judge(now.clone(), &store).await), [("g", true)]);
+        assert_eq!(ids(&live.judge(now.clone(), &store).await), [("g", true)]);
+
+        // A Workload Manager that starts after a pod was replaced sees it at first sight.
+        record(&store, "f", "10.0.0.6:8080", SessionStatus::Ready).await;
+        let fresh = Liveness::default();
+        let now = HashMap::from([("f".to_string(), seen(sandbox, "sf", Some("10.0.0.66")))]);
+        assert_eq!(ids(&run(&fresh, &now, &store).await), [("f", true)]);
+    }
+}
