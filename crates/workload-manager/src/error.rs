@@ -25,9 +25,10 @@ pub enum ApiError {
     /// The store or the sandbox platform is unavailable right now.
     #[error("{0}")]
     Unavailable(String),
-    /// The sandbox did not become ready in time.
+    /// The sandbox did not become ready in time; what it was waiting for (`detail`) goes to the
+    /// log, the client sees upstream's text.
     #[error("sandbox creation timed out")]
-    Timeout,
+    Timeout(String),
     /// The sandbox's program exited while starting: the client sees which sandbox and its exit
     /// status; its output (`detail`) goes to the log only.
     #[error("{message}")]
@@ -46,7 +47,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) | Self::SandboxExited { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,7 +67,7 @@ impl From<agentcube_store::Error> for ApiError {
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::NotReady(_) => Self::Timeout,
+            BackendError::NotReady(detail) => Self::Timeout(detail),
             BackendError::Unavailable(m) => Self::Unavailable(m),
             BackendError::Exhausted(m) => Self::TooMany(m),
             BackendError::Invalid(m) => Self::BadRequest(m),
@@ -84,6 +85,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             Self::Internal(detail) => tracing::warn!(error = %detail, "request failed"),
+            Self::Timeout(detail) => tracing::warn!(error = %detail, "sandbox creation timed out"),
             Self::SandboxExited { message, detail } => {
                 tracing::warn!(error = %message, output = %detail, "request failed");
             }

@@ -221,8 +221,13 @@ impl Manager {
                     return Err(e.into());
                 }
                 Err(_) => {
+                    let waiting = self.backend.stalled(&req);
                     self.rollback(&session_id, planned, namespace, &name).await;
-                    return Err(ApiError::Timeout);
+                    return Err(ApiError::Timeout(format!(
+                        "sandbox {name} not ready within --create-timeout ({:?}; rolled back){}",
+                        self.create_timeout,
+                        waiting.map(|w| format!(": {w}")).unwrap_or_default()
+                    )));
                 }
             };
         tracing::Span::current().record("sandbox", sandbox.name.as_str());

@@ -201,6 +201,49 @@ spec:
     s.shutdown_and_check_leaks().await;
 }
 
+/// A create that runs out of time is upstream's 504 for the client, and a warning naming what it
+/// waited for in the Workload Manager's log (it used to log nothing at all).
+#[tokio::test]
+async fn a_create_that_times_out_logs_what_it_waited_for() {
+    let manifest = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: deaf, namespace: default}
+spec:
+  targetPort: [{pathPrefix: /, port: 9999, protocol: HTTP}]
+  podTemplate:
+    spec:
+      containers:
+        - name: agent
+          image: host
+          command: [python3, -m, http.server, "8080"]
+"#;
+    let (_guard, logs) = common::Logs::start();
+    let s = Stack::start(Options {
+        manifests: manifest.into(),
+        ready_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (status, v) = s.create("agent-runtime", "deaf").await;
+    assert_eq!(
+        (status, v),
+        (504, json!({"message": "sandbox creation timed out"}))
+    );
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("sandbox creation timed out"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(
+        line.contains("WARN")
+            && line.contains("sandbox deaf-")
+            && line.contains("not ready within 2s")
+            && line.contains("nothing accepts connections on port 9999"),
+        "{line}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_upstream_messages() {
     let s = Stack::start(Options {
@@ -328,6 +371,7 @@ async fn the_requests_ttl_shortens_a_sessions_lifetime_and_gc_follows_it() {
 
 #[tokio::test]
 async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
+    let (_guard, logs) = common::Logs::start();
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("picod");
     std::fs::write(&fake, "#!/bin/sh\nexec sleep 600\n").unwrap();
@@ -347,6 +391,14 @@ async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
     assert_eq!(
         (status, body),
         (504, json!({"message": "sandbox creation timed out"}))
+    );
+    assert!(
+        logs.text()
+            .lines()
+            .any(|l| l.contains("sandbox creation timed out")
+                && l.contains("not ready within --create-timeout (2s; rolled back)")),
+        "{}",
+        logs.text()
     );
     let far = jiff::Timestamp::from_second(4_000_000_000).unwrap();
     assert!(

@@ -359,6 +359,7 @@ metadata: {name: broken, namespace: default}
 spec:
   template: {image: busybox}
 ";
+    let (_guard, logs) = common::Logs::start();
     let k = KubeStack::start(KubeOptions {
         manifests: broken.into(),
         create_timeout: Duration::from_secs(2),
@@ -368,6 +369,17 @@ spec:
     let (status, body) = k.create("code-interpreter", "broken").await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(body, json!({"message": "sandbox creation timed out"}));
+    // The log says what it waited for: the Sandbox and why agent-sandbox calls it not Ready.
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("sandbox creation timed out"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(
+        line.contains("not ready within --create-timeout (2s; rolled back): Sandbox broken-")
+            && line.contains("is not Ready ("),
+        "{line}"
+    );
     k.eventually("the Sandbox rolled back", 10, async || {
         no_sandboxes(&k.client).await.then_some(())
     })

@@ -86,6 +86,12 @@ pub trait Backend: Send + Sync + 'static {
     /// safe: if the future is dropped, [`Backend::delete`] of `req.name` removes what was started.
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError>;
 
+    /// What the sandbox `req` asked for is still waiting for, for the log of a create that ran
+    /// out of time (called before the rollback). `None` when the backend cannot tell.
+    fn stalled(&self, _req: &SandboxRequest) -> Option<String> {
+        None
+    }
+
     /// The kind of object a create for `workload` makes (the placeholder record's `kind`, and what
     /// a rollback deletes).
     fn backing_kind(&self, _workload: &Workload) -> BackingKind {

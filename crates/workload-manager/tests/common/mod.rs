@@ -62,6 +62,8 @@ pub struct Options {
     pub sandbox_dns: Option<std::net::IpAddr>,
     /// Pull definitions' images (`None`: host mode).
     pub images: Option<agentcube_workload_manager::backend::local::image::RegistrySettings>,
+    /// How long a local sandbox may take to answer.
+    pub ready_timeout: Duration,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             store: None,
             picod: None,
             create_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(20),
             gc_interval: Duration::from_secs(3600),
             pids: 512,
             isolation: Default::default(),
@@ -81,6 +84,39 @@ impl Default for Options {
             sandbox_dns: None,
             images: None,
         }
+    }
+}
+
+/// What the code under test logs on this thread (a current-thread test runtime: the Workload
+/// Manager's tasks included) while the guard lives.
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn start() -> (tracing::subscriber::DefaultGuard, Self) {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        (tracing::subscriber::set_default(subscriber), Self(buf))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -106,7 +142,7 @@ impl Stack {
         local.default_pids_limit = opts.pids;
         local.memory_budget = opts.memory_budget;
         local.isolation = opts.isolation;
-        local.ready_timeout = Duration::from_secs(20);
+        local.ready_timeout = opts.ready_timeout;
         local.sandbox_dns = opts.sandbox_dns;
         local.images = opts.images;
         let backend = LocalBackend::new(local).unwrap();

@@ -84,6 +84,33 @@ impl KubernetesBackend {
         }
     }
 
+    /// What the claim or Sandbox `namespace/name` of a create is still waiting for, from the
+    /// watch caches.
+    pub(super) fn stalled_on(&self, namespace: &str, name: &str) -> String {
+        let sandbox = |sb: &str| self.sandboxes.get(namespace, sb);
+        if let Some(claim) = self.claims.get(namespace, name) {
+            let conditions = claim.status.as_ref().and_then(|s| s.conditions.as_deref());
+            return match sandbox_name_of(&claim) {
+                Some((sb, _)) => match sandbox(sb) {
+                    Some(s) => format!(
+                        "SandboxClaim {name} got Sandbox {sb}, which {}",
+                        readiness(&s)
+                    ),
+                    None => format!("SandboxClaim {name} names Sandbox {sb}, which is gone"),
+                },
+                None => format!(
+                    "SandboxClaim {name} has no Sandbox yet (is its warm pool empty and not \
+                     refilling?); the claim {}",
+                    condition_text(conditions)
+                ),
+            };
+        }
+        match sandbox(name) {
+            Some(s) => format!("Sandbox {name} {}", readiness(&s)),
+            None => format!("{name} is not in the Workload Manager's watch cache"),
+        }
+    }
+
     fn bound_and_ready(&self, namespace: &str, name: &str, uid: &str) -> Option<SandboxObject> {
         let claim = self.claims.get(namespace, name)?;
         bound(&claim, uid, |s| self.sandboxes.get(namespace, s))
@@ -109,9 +136,12 @@ impl KubernetesBackend {
         let mut entry_points = Vec::with_capacity(ports.len());
         for port in ports {
             let addr = join_host_port(&ip, port.port);
-            probe::wait_open(&addr, probe_timeout)
-                .await
-                .map_err(|_| BackendError::NotReady(format!("{pod_name} ({addr} closed)")))?;
+            probe::wait_open(&addr, probe_timeout).await.map_err(|_| {
+                BackendError::NotReady(format!(
+                    "nothing accepts connections on {addr} (pod {pod_name}) within {:?}",
+                    probe_timeout
+                ))
+            })?;
             entry_points.push(entry_point(port, addr));
         }
         Ok((pod_name, entry_points))
@@ -155,6 +185,33 @@ pub(super) fn sandbox_name_of(claim: &SandboxClaim) -> Option<(&str, bool)> {
             let annotations = claim.metadata.annotations.as_ref()?;
             Some((annotations.get(labels::ASSIGNED_SANDBOX)?.as_str(), false))
         }
+    }
+}
+
+/// A Sandbox's readiness in words, for a log.
+fn readiness(sandbox: &SandboxObject) -> String {
+    if sandbox.is_ready() {
+        return "is Ready (its pod's IP or ports did not answer)".into();
+    }
+    condition_text(
+        sandbox
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref()),
+    )
+}
+
+/// `is not Ready (<reason>: <message>)` from an object's conditions.
+fn condition_text(
+    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+) -> String {
+    match conditions
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "Ready")
+    {
+        Some(c) => format!("is not Ready ({}: {})", c.reason, c.message),
+        None => "reports no Ready condition yet".into(),
     }
 }
 

@@ -353,6 +353,10 @@ impl Backend for KubernetesBackend {
         self.create_sandbox(&req.namespace, sandbox, &ports).await
     }
 
+    fn stalled(&self, req: &SandboxRequest) -> Option<String> {
+        Some(self.stalled_on(&req.namespace, &req.name))
+    }
+
     fn backing_kind(&self, workload: &Workload) -> BackingKind {
         if uses_claim(workload) {
             BackingKind::SandboxClaim

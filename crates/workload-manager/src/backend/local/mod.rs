@@ -828,6 +828,7 @@ impl LocalBackend {
         let deadline = tokio::time::Instant::now() + self.inner.config.ready_timeout;
         let mut delay = Duration::from_millis(2);
         let mut claimed = 0;
+        let mut missing = String::new();
         while tokio::time::Instant::now() < deadline {
             while claimed < sockets.len() {
                 match layout::claim_socket(paths, &sockets[claimed]) {
@@ -836,10 +837,13 @@ impl LocalBackend {
                     Err(e) => return Err(BackendError::Failed(format!("sandbox {name}: {e}"))),
                 }
             }
-            if claimed == sockets.len()
-                && probe::ready(&paths.socket(PICOD_SOCKET), ports_too).await
-            {
-                return Ok(());
+            if let Some(socket) = sockets.get(claimed) {
+                missing = format!("PicoD has not bound {socket}");
+            } else {
+                match probe::not_ready(&paths.socket(PICOD_SOCKET), ports_too).await {
+                    None => return Ok(()),
+                    Some(why) => missing = why,
+                }
             }
             if let Some(status) = self.exited(name)? {
                 if let Some(limit) = self.killed_for_memory(name) {
@@ -858,7 +862,10 @@ impl LocalBackend {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
         }
-        Err(BackendError::NotReady(name.to_string()))
+        Err(BackendError::NotReady(format!(
+            "sandbox {name} not ready within {:?}: {missing}",
+            self.inner.config.ready_timeout
+        )))
     }
 
     /// The sandbox's memory limit when the kernel killed one of its processes for memory (the

@@ -33,10 +33,24 @@ pub async fn health(socket: &Path) -> Option<HealthResponse> {
         .flatten()
 }
 
-/// True when PicoD answers and, with `ports_too`, every forwarded port it reports is open.
-pub async fn ready(socket: &Path, ports_too: bool) -> bool {
-    match health(socket).await {
-        Some(h) => !ports_too || h.ports.is_none_or(|p| p.values().all(|open| *open)),
-        None => false,
-    }
+/// What keeps a sandbox from being ready, `None` when nothing does: PicoD answers and, with
+/// `ports_too`, every forwarded port it reports is open.
+pub async fn not_ready(socket: &Path, ports_too: bool) -> Option<String> {
+    let Some(health) = health(socket).await else {
+        return Some("PicoD does not answer GET /health".into());
+    };
+    let closed: Vec<String> = match health.ports {
+        Some(ports) if ports_too => ports
+            .into_iter()
+            .filter_map(|(port, open)| (!open).then_some(port))
+            .collect(),
+        _ => Vec::new(),
+    };
+    (!closed.is_empty()).then(|| {
+        format!(
+            "nothing accepts connections on port {} in the sandbox: does the agent listen on \
+             it (on 0.0.0.0 or the sandbox's loopback)?",
+            closed.join(", ")
+        )
+    })
 }
