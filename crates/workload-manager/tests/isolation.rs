@@ -333,3 +333,30 @@ fn missing_bubblewrap_or_runsc_names_the_package() {
     let err = LocalBackend::new(c).err().expect("must refuse to start");
     assert!(err.contains("PicoD binary not found"), "{err}");
 }
+
+/// A second manager on a state directory in use is refused before it touches anything: it used
+/// to take the first one's sandboxes for a crashed predecessor's and remove them (two `make run`s
+/// killed each other's sessions). A clean stop lets the next one in.
+#[tokio::test]
+async fn a_second_manager_on_the_same_state_directory_is_refused() {
+    use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let config = || LocalConfig::new(s.dir.path().join("state"), picod_binary());
+    let err = LocalBackend::new(config())
+        .err()
+        .expect("must refuse to start");
+    assert!(
+        err.contains("is in use by another Workload Manager or `agentcube up`")
+            && err.contains(&format!("(pid {})", std::process::id())),
+        "{err}"
+    );
+    assert_eq!(exec(&v, &["echo", "alive"]).await["stdout"], "alive\n");
+    let dir = s.stop_keeping_dir().await;
+    let next = LocalBackend::new(LocalConfig::new(dir.path().join("state"), picod_binary()));
+    assert!(next.is_ok(), "{:?}", next.err());
+}

@@ -186,6 +186,46 @@ fn open_up(fd: &OwnedFd) {
     }
 }
 
+/// Takes the state directory for this manager: an exclusive lock on `<state>/lock`, held while
+/// the returned file is open (the kernel drops it when the process dies, so a crash never leaves
+/// it behind). A second manager on the same directory would take the first one's sandboxes for a
+/// crashed predecessor's and remove them. The holder's pid is written into the file, for the
+/// refusal's message.
+pub fn lock_state(state: &Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(state).map_err(|e| format!("cannot make {}: {e}", state.display()))?;
+    let path = state.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let pid = std::process::id().to_string();
+            let _ = file.set_len(0);
+            let _ = file.rewind().and_then(|()| file.write_all(pid.as_bytes()));
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(format!(
+                "state directory {} is in use by another Workload Manager or `agentcube up` \
+                 (pid {}): stop it, or give this one another --state-dir",
+                state.display(),
+                holder.trim()
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// Makes the state directory and its `sandboxes/` and `private/` children. When sandboxes run as
 /// other uids (`shared`), the first two are 0711: traversable, not listable.
 pub fn prepare_state(state: &Path, shared: bool) -> io::Result<()> {
@@ -317,5 +357,21 @@ mod tests {
         remove_tree(&paths.dir).unwrap();
         assert!(!paths.dir.exists());
         assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "k");
+    }
+
+    #[test]
+    fn a_state_directory_has_one_manager_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let held = lock_state(&state).unwrap();
+        let err = lock_state(&state).unwrap_err();
+        assert!(
+            err.contains("is in use by another")
+                && err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        let again = lock_state(&state);
+        assert!(again.is_ok(), "{again:?}");
     }
 }

@@ -250,6 +250,8 @@ struct Inner {
     /// Sandboxes that died on their own (PicoD or the agent exited, was killed, OOM), with the
     /// session they served; reclaimed by the next GC run.
     dead: Mutex<Vec<(String, Option<String>)>>,
+    /// The state directory's lock ([`layout::lock_state`]), let go at shutdown.
+    state_lock: Mutex<Option<std::fs::File>>,
     /// Removed sandboxes whose cgroup a process that outlived SIGKILL still holds ([`reclaim`]).
     ///
     /// [`reclaim`]: LocalBackend::reclaim
@@ -347,6 +349,7 @@ impl LocalBackend {
             .canonicalize()
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let state = &config.state_dir;
+        let state_lock = layout::lock_state(state)?;
         let quotas = match (quota::Quotas::detect(), config.default_workspace_bytes) {
             (Ok(q), _) => Some(q),
             (Err(why), Some(_)) => {
@@ -423,6 +426,7 @@ impl LocalBackend {
                 memory_in_use: Mutex::new(0),
                 dead: Mutex::new(Vec::new()),
                 reclaiming: AtomicUsize::new(0),
+                state_lock: Mutex::new(Some(state_lock)),
             }),
         };
         this.keep_leftovers(held);
@@ -1042,5 +1046,7 @@ impl Backend for LocalBackend {
                  removed at the next start on this state directory"
             );
         }
+        // Stopped: the next manager may have the directory.
+        self.inner.state_lock.lock().unwrap().take();
     }
 }
