@@ -39,15 +39,17 @@ impl Gc {
         let dead = self.manager.backend.reap().await;
         metrics.reclaimed(Reason::dead, dead.len());
         let mut deleted = self.delete_records(&dead).await;
+        // Before this run's own deletions: a backend may list its sandboxes as `reap` saw them,
+        // and a session reclaimed below would look like an orphan.
+        let n = self.orphans().await;
+        metrics.reclaimed(Reason::orphan, n);
+        deleted += n;
         let (idle, expired) = self.victims(now).await;
         let n = self.tear_down(idle).await;
         metrics.reclaimed(Reason::idle, n);
         deleted += n;
         let n = self.tear_down(expired).await;
         metrics.reclaimed(Reason::expired, n);
-        deleted += n;
-        let n = self.orphans().await;
-        metrics.reclaimed(Reason::orphan, n);
         deleted += n;
         if deleted > 0 {
             tracing::info!(deleted, "gc: sessions reclaimed");

@@ -258,7 +258,8 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
 
 /// A session whose pod agent-sandbox replaced (another IP, an empty workspace) or whose claim
 /// was deleted ends at the next GC run: its record goes (the Router then answers 404, not 502
-/// until the idle timeout), and a replaced pod's claim with it; other sessions are untouched.
+/// until the idle timeout), and a replaced pod's claim with it; other sessions are untouched,
+/// until their record is lost: then their claim goes.
 #[tokio::test]
 async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc() {
     let k = KubeStack::start(KubeOptions {
@@ -322,6 +323,19 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
     assert!(!record_gone(&healthy).await, "the healthy session stays");
     let (status, out) = exec_tcp(&k.http, &healthy, &["echo", "alive"]).await;
     assert_eq!((status, out["stdout"].as_str()), (200, Some("alive\n")));
+
+    // Its record lost (a Redis restarted without persistence): its claim goes at a GC run, not
+    // only at the next Workload Manager start.
+    k.store.delete(&id(&healthy)).await.unwrap();
+    k.eventually("the orphaned claim deleted", 20, async || {
+        claims(&k.client)
+            .get_opt(&claim_of(&healthy))
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
@@ -533,6 +547,20 @@ spec:
         (sandbox_gone && record_gone).then_some(())
     })
     .await;
+    // Counted once, as idle: not also as an orphan or a dead sandbox by later GC runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = k.wm.as_ref().unwrap().manager.metrics.encode();
+    let count = |reason: &str| {
+        let prefix = format!("agentcube_gc_sandboxes_reclaimed_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!(
+        (count("idle"), count("orphan"), count("dead")),
+        (1, 0, 0),
+        "{text}"
+    );
 }
 
 /// A service account's token from the API server (TokenRequest), creating the account (and its

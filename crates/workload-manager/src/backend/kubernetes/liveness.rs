@@ -24,7 +24,7 @@ use agentcube_crds::labels;
 use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
 use agentcube_store::{Error as StoreError, SessionStore};
 use agentcube_types::{BackingKind, SessionRecord, SessionStatus};
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 
 use super::create::sandbox_name_of;
 use super::watched::Watched;
@@ -39,8 +39,8 @@ pub(super) struct Seen {
     pub pod_ip: Option<String>,
 }
 
-/// Every object in the caches made for a session (label `runtime.agentcube.io/session-id`), by
-/// session id.
+/// Every object in the caches made for a session (label `runtime.agentcube.io/session-id`) and
+/// not being deleted, by session id.
 pub(super) fn observe(
     claims: &Watched<SandboxClaim>,
     sandboxes: &Watched<SandboxObject>,
@@ -56,6 +56,9 @@ pub(super) fn observe(
         else {
             continue;
         };
+        if c.meta().deletion_timestamp.is_some() {
+            continue;
+        }
         let pod_ip = sandbox_name_of(&c).and_then(|(name, _)| ip_of(&namespace, name));
         let kind = BackingKind::SandboxClaim;
         let name = c.name_any();
@@ -74,6 +77,9 @@ pub(super) fn observe(
         else {
             continue;
         };
+        if s.meta().deletion_timestamp.is_some() {
+            continue;
+        }
         seen.entry(session.clone()).or_insert_with(|| Seen {
             kind: BackingKind::Sandbox,
             namespace,
@@ -98,6 +104,8 @@ pub(super) struct Dead {
 #[derive(Default)]
 pub(super) struct Liveness {
     known: Mutex<HashMap<String, Known>>,
+    /// The session objects of the last run, for GC's orphan check ([`Liveness::sessions`]).
+    last: Mutex<Vec<(String, BackingKind, String, String)>>,
 }
 
 struct Known {
@@ -107,12 +115,22 @@ struct Known {
 }
 
 impl Liveness {
+    /// The sessions the caches showed at the last [`Liveness::judge`], as (session id, kind,
+    /// namespace, name): GC deletes those whose record is gone (a Redis that lost its data).
+    pub(super) fn sessions(&self) -> Vec<(String, BackingKind, String, String)> {
+        self.last.lock().unwrap().clone()
+    }
+
     /// The sessions among those known and `now` whose sandbox died since the last call.
     pub(super) async fn judge(
         &self,
         now: HashMap<String, Seen>,
         store: &dyn SessionStore,
     ) -> Vec<Dead> {
+        *self.last.lock().unwrap() = now
+            .iter()
+            .map(|(id, s)| (id.clone(), s.kind, s.namespace.clone(), s.name.clone()))
+            .collect();
         let mut known = std::mem::take(&mut *self.known.lock().unwrap());
         let mut dead = Vec::new();
         let vanished: Vec<String> = known
@@ -280,6 +298,13 @@ mod tests {
         ]);
         assert_eq!(run(&live, &now, &store).await, vec![]);
         assert_eq!(run(&live, &now, &store).await, vec![], "steady");
+        let mut listed = live.sessions();
+        listed.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(listed.len(), 5);
+        assert_eq!(
+            listed[0],
+            ("a".to_string(), claim, "ns".to_string(), "ca".to_string())
+        );
 
         // `a`'s claim is bound anew (another IP); `b`'s Sandbox is deleted; `c`'s pod has no
         // IP yet (being recreated: no verdict); `d` finished creating on the IP it shows;

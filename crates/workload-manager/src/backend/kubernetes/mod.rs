@@ -442,6 +442,10 @@ impl Backend for KubernetesBackend {
         deleted
     }
 
+    fn sessions(&self) -> Vec<(String, BackingKind, String, String)> {
+        self.liveness.sessions()
+    }
+
     /// Sessions whose claim or Sandbox was deleted, or whose pod was replaced ([`liveness`]);
     /// the latter's objects are deleted here.
     async fn reap(&self) -> Vec<String> {
