@@ -117,6 +117,26 @@ async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
         out["stdout"], "hi\n/root\n",
         "runs in the workspace (--workspace=/root)"
     );
+    // No service-account token for the untrusted code: the API server's admission adds none to
+    // a pod that opts out, so the kubelet mounts none (it used to be the namespace's default).
+    let pod = Api::<Pod>::namespaced(k.client.clone(), "default")
+        .get(&name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let volumes = pod.volumes.unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .all(|v| !v.name.starts_with("kube-api-access")),
+        "{volumes:?}"
+    );
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    let (status, out) = exec_tcp(&k.http, &s, &["cat", token]).await;
+    assert_eq!(status, 200, "{out}");
+    assert_ne!(out["exit_code"], 0, "{out}");
 
     // The store record is upstream's.
     let rec = k.store.get(s["sessionId"].as_str().unwrap()).await.unwrap();

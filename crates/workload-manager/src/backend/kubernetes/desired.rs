@@ -93,9 +93,12 @@ pub fn default_security_context() -> SecurityContext {
     }
 }
 
-/// Containers without a `securityContext` of their own (and in a pod without one) get
+/// No service-account token unless the definition asks for one (`automountServiceAccountToken:
+/// true`): the code in a sandbox is untrusted, and the token is a credential for the cluster's
+/// API. Containers without a `securityContext` of their own (and in a pod without one) get
 /// [`default_security_context`].
 fn harden(pod: &mut PodSpec) {
+    pod.automount_service_account_token.get_or_insert(false);
     if pod.security_context.is_some() {
         return;
     }

@@ -313,3 +313,35 @@ fn a_standby_claim_has_no_session_and_its_handout_gives_it_one() {
     };
     assert!(standby_handout(&c, &unbounded).get("spec").is_none());
 }
+
+#[test]
+fn sandboxes_get_no_service_account_token_unless_their_definition_asks() {
+    let token =
+        |v: &Value| v["spec"]["podTemplate"]["spec"]["automountServiceAccountToken"].clone();
+    let direct =
+        serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, ""))).unwrap();
+    assert_eq!(token(&direct), json!(false));
+    let template = serde_json::to_value(sandbox_template(
+        AgentSandboxApi::V1beta1,
+        &ci(""),
+        None,
+        "",
+    ))
+    .unwrap();
+    assert_eq!(token(&template), json!(false));
+    let agent = |extra: &str| {
+        let yaml = format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {{name: a, namespace: ns}}\nspec:\n  targetPort: [{{port: 8080}}]\n  podTemplate:\n    spec:\n{extra}      containers: [{{name: a, image: busybox}}]\n"
+        );
+        let Definition::AgentRuntime(ar) = manifest::load(&yaml, "t").unwrap().remove(0) else {
+            panic!()
+        };
+        serde_json::to_value(agent_runtime_sandbox(&ar, &session(None, ""))).unwrap()
+    };
+    assert_eq!(token(&agent("")), json!(false));
+    assert_eq!(
+        token(&agent("      automountServiceAccountToken: true\n")),
+        json!(true),
+        "an agent that calls the API asks for its token"
+    );
+}
