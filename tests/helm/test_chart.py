@@ -1,6 +1,7 @@
 """The Helm chart: lint, render variants, validate every manifest, and prove the rendered args and
 env are what the binaries accept (so the chart cannot drift from the code)."""
 
+import base64
 import os
 import subprocess
 from pathlib import Path
@@ -24,6 +25,7 @@ VARIANTS = {
     "wm-auth": ["--set", "workloadmanager.auth.enabled=true",
                 "--set", "workloadmanager.auth.adminGroup=system:serviceaccounts:agentcube-admins"],
     "bundled-redis": ["--set", "bundledRedis.enabled=true"],
+    "bundled-redis-secret": ["--set", "bundledRedis.enabled=true", "--set", "redis.secretName=my-redis"],
     "standby-claims": ["--set", "workloadmanager.standbyClaims=2"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
@@ -71,7 +73,7 @@ def test_rendered_manifests_validate_strict(env, variant, tmp_path):
     assert ("Deployment", "agentcube-router") in kinds and ("Deployment", "workloadmanager") in kinds
     assert ("Secret", "picod-router-identity") in kinds
     assert (("PodDisruptionBudget", "agentcube-router") in kinds) == (variant == "replicas")
-    assert (("Deployment", "ac-redis") in kinds) == (variant == "bundled-redis")
+    assert (("Deployment", "ac-redis") in kinds) == variant.startswith("bundled-redis")
     assert (("ServiceMonitor", "agentcube-router") in kinds) == (variant == "service-monitor")
     wm_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "workloadmanager")
     reviews = any("tokenreviews" in r["resources"] for r in wm_role["rules"])
@@ -129,3 +131,25 @@ def test_standby_claims_alone_grant_patching_claims(env, tmp_path):
 def test_chart_crds_are_the_generated_ones():
     for f in (REPO / "config/crd").glob("*.yaml"):
         assert (CHART / "crds" / f.name).read_text() == f.read_text(), f"{f.name}: run `make crds`"
+
+
+def test_the_bundled_redis_always_has_a_password(env, tmp_path):
+    """Any pod that reaches the store (a sandbox's, without a NetworkPolicy) could read and rewrite
+    sessions, e.g. point another user's session at its own IP. The bundled Redis ran without a
+    password unless one was given (and with `redis.secretName` alone, its clients sent one it did
+    not require). Now it always requires one: given, or generated at install."""
+    for variant, secret in (("bundled-redis", "ac-redis"), ("bundled-redis-secret", "my-redis")):
+        docs, _ = render(env, variant, tmp_path)
+        redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ac-redis")
+        c = redis["spec"]["template"]["spec"]["containers"][0]
+        assert c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"], c["args"]
+        assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"]} == {"REDIS_PASSWORD": secret}
+        for name, comp in containers(docs):
+            by_name = {e["name"]: e for e in comp["env"]}
+            assert by_name["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret, name
+            assert "REDIS_PASSWORD_REQUIRED" not in by_name, name
+        generated = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "ac-redis"]
+        if variant == "bundled-redis":
+            assert len(base64.b64decode(generated[0]["data"]["password"])) == 32
+        else:
+            assert not generated, "the named Secret is the user's"

@@ -27,14 +27,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the store's password: redis.secretName, else <release>-redis. */}}
+{{- define "agentcube.redisSecretName" -}}
+{{ default (printf "%s-redis" .Release.Name) .Values.redis.secretName }}
+{{- end -}}
+
+{{/* Whether the store has a password: one given, or the bundled Redis's (generated when none
+is given: any pod that reaches it, a sandbox's included, could otherwise rewrite sessions). */}}
+{{- define "agentcube.redisHasPassword" -}}
+{{- if or .Values.redis.password .Values.redis.secretName .Values.bundledRedis.enabled }}true{{ end -}}
+{{- end -}}
+
 {{- define "agentcube.redisEnv" -}}
 - name: REDIS_ADDR
   value: {{ include "agentcube.redisAddr" . | quote }}
-{{- if or .Values.redis.password .Values.redis.secretName }}
+{{- if include "agentcube.redisHasPassword" . }}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ default (printf "%s-redis" .Release.Name) .Values.redis.secretName }}
+      name: {{ include "agentcube.redisSecretName" . }}
       key: {{ .Values.redis.secretKey }}
 {{- else }}
 - name: REDIS_PASSWORD_REQUIRED
