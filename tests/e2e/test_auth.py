@@ -48,10 +48,15 @@ def test_up_beyond_loopback_requires_the_token_it_prints(stack, monkeypatch):
         assert r.status_code == 401 and "x-agentcube-session-id" not in r.headers
         # The SDK with the printed export line's token (read from the environment).
         monkeypatch.setenv("AGENTCUBE_AUTH_TOKEN", token)
-        with CodeInterpreterClient(workload_manager_url=wm, router_url=router) as c:
+        with (CodeInterpreterClient(workload_manager_url=wm, router_url=router) as c,
+              CodeInterpreterClient(workload_manager_url=wm, router_url=router) as d):
             assert c.run_code("python", "print(6*7)").strip() == "42"
+            # With the token, sessions are listed: one per page (the client follows the pages),
+            # each once, only of the kind asked for.
             cp = ControlPlaneClient(wm)
-            assert c.session_id in [s["sessionId"] for s in cp.list_sessions()]
+            ids = [s["sessionId"] for s in cp.list_sessions(page_size=1)]
+            assert {c.session_id, d.session_id} <= set(ids) and len(ids) == len(set(ids)), ids
+            assert c.session_id not in [s["sessionId"] for s in cp.list_sessions("agent-runtime")]
             cp.close()
         r = requests.post(invoke, json={"command": ["echo", "ok"]}, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text

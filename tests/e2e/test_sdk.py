@@ -124,18 +124,22 @@ def test_session_reuse_by_id(stack):
         assert other.execute_command("cat state.txt") == "kept"
 
 
-def test_sessions_are_listed_and_read_at_the_workload_manager(stack):
+def test_sessions_are_read_at_the_workload_manager_and_listed_only_by_authenticated_callers(stack):
+    """Without caller authentication (this stack) a session's id is its only key, so listing is a
+    403 with the reason; reading one session by its id works. Listing with a token:
+    test_auth.py."""
     from agentcube.clients.control_plane import ControlPlaneClient
 
     cp = ControlPlaneClient()
-    with CodeInterpreterClient() as a, CodeInterpreterClient() as b:
-        listed = cp.list_sessions(page_size=1)  # one per page: the client follows the pages
-        ids = [r["sessionId"] for r in listed]
-        assert {a.session_id, b.session_id} <= set(ids) and len(ids) == len(set(ids)), ids
+    with CodeInterpreterClient() as a:
+        with pytest.raises(SessionError) as refused:
+            cp.list_sessions()
+        assert refused.value.status_code == 403, refused.value
+        assert "listing sessions needs caller authentication" in str(refused.value)
+        assert a.session_id not in str(refused.value)
         rec = cp.get_session(a.session_id)
         assert rec["sessionId"] == a.session_id and rec["status"] == "ready", rec
         assert rec["workloadName"] == "my-interpreter"
-        assert a.session_id not in [r["sessionId"] for r in cp.list_sessions("agent-runtime")]
         with pytest.raises(SessionNotFoundError):
             cp.get_session(a.session_id, kind="agent-runtime")  # the other kind: not found
     with pytest.raises(SessionNotFoundError) as e:

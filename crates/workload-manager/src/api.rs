@@ -101,7 +101,15 @@ async fn list<K: Kind>(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionList>, ApiError> {
-    let caller = caller(&m, &headers).await?;
+    // Without caller authentication a session's id is its only key (as upstream): a list would
+    // hand every id to whoever reaches this port (in a cluster, any pod, a sandbox's included).
+    let Some(caller) = caller(&m, &headers).await? else {
+        return Err(ApiError::Forbidden(
+            "listing sessions needs caller authentication (--enable-auth, or agentcube up's \
+             --auth-token): without it a session's id is its only key"
+                .into(),
+        ));
+    };
     let Query(q) =
         query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
     let limit = match q.limit {
@@ -113,9 +121,7 @@ async fn list<K: Kind>(
             )));
         }
     };
-    let page = m
-        .list(K::KIND, q.cursor.as_deref(), limit, caller.as_ref())
-        .await?;
+    let page = m.list(K::KIND, q.cursor.as_deref(), limit, &caller).await?;
     Ok(Json(SessionList {
         sessions: page.records,
         next: page.next,

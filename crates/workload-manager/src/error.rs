@@ -16,6 +16,9 @@ pub enum ApiError {
     /// No or a bad caller token, or a bad identity token (upstream texts).
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller may not do this at all (not a matter of which session).
+    #[error("{0}")]
+    Forbidden(String),
     /// Unknown definition or session; the message is upstream's text.
     #[error("{0}")]
     NotFound(String),
@@ -44,6 +47,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -332,18 +332,20 @@ impl Manager {
         }
     }
 
-    /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind` the caller may see,
-    /// oldest first, from the store's kind (or kind-and-creator) index, never a scan.
+    /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind` the (authenticated)
+    /// caller may see, oldest first, from the store's kind (or kind-and-creator) index, never a
+    /// scan.
     pub async fn list(
         &self,
         kind: WorkloadKind,
         cursor: Option<&str>,
         limit: usize,
-        caller: Option<&crate::auth::Caller>,
+        caller: &crate::auth::Caller,
     ) -> Result<agentcube_store::Page, ApiError> {
-        let scope = match caller {
-            Some(c) if !c.admin => agentcube_store::Scope::KindCreator(kind, c.name.clone()),
-            _ => agentcube_store::Scope::Kind(kind),
+        let scope = if caller.admin {
+            agentcube_store::Scope::Kind(kind)
+        } else {
+            agentcube_store::Scope::KindCreator(kind, caller.name.clone())
         };
         match self.store.list_page(&scope, cursor, limit).await {
             Err(agentcube_store::Error::BadCursor(c)) => Err(ApiError::BadRequest(format!(

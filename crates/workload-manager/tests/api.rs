@@ -487,11 +487,22 @@ async fn works_the_same_on_redis() {
 
 #[tokio::test]
 async fn sessions_are_read_and_deleted_only_through_their_own_kind() {
-    let s = Stack::start(Options {
+    // Listing needs an authenticated caller (below: 403 without); this one is the administrator.
+    let mut s = Stack::start(Options {
         manifests: format!("{}{ECHO_AGENT}", code_interpreter("ci", "")),
+        auth_token: Some("admin-token".into()),
         ..Default::default()
     })
     .await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        "Bearer admin-token".parse().unwrap(),
+    );
+    s.http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let get = |path: String| {
         let http = s.http.clone();
         async move {
@@ -596,6 +607,46 @@ async fn sessions_are_read_and_deleted_only_through_their_own_kind() {
     }
     let (_, empty) = get(format!("{}/v1/code-interpreter/sessions", s.url)).await;
     assert_eq!(empty, json!({"sessions": []}));
+    s.shutdown_and_check_leaks().await;
+}
+
+/// Without caller authentication (upstream's default) a session's id is its only key: listing
+/// would hand every id to whoever reaches the Workload Manager — in a cluster any pod, a
+/// sandbox's included, which could then drive other users' sandboxes through the Router. Reading
+/// one session by its id still works.
+#[tokio::test]
+async fn without_caller_authentication_sessions_cannot_be_listed() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let id = s.create_ok("code-interpreter", "ci").await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for kind in ["code-interpreter", "agent-runtime"] {
+        let r = s
+            .http
+            .get(format!("{}/v1/{kind}/sessions?limit=5", s.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let body = r.text().await.unwrap();
+        assert!(
+            !body.contains(&id) && body.contains("listing sessions needs caller authentication"),
+            "{body}"
+        );
+    }
+    let r = s
+        .http
+        .get(format!("{}/v1/code-interpreter/sessions/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.delete(&id).await.0, 200);
     s.shutdown_and_check_leaks().await;
 }
 

@@ -108,7 +108,9 @@ class ControlPlaneClient:
         return record
 
     def list_sessions(self, kind: str = "code-interpreter", page_size: int = 100) -> List[Dict[str, Any]]:
-        """``GET /v1/{kind}/sessions``: every live session of that kind (following the pages)."""
+        """``GET /v1/{kind}/sessions``: every live session of that kind the caller may see
+        (following the pages). Needs an authenticated caller: a Workload Manager without caller
+        authentication answers 403, raised as :class:`SessionError`."""
         out: List[Dict[str, Any]] = []
         params: Dict[str, Any] = {"limit": page_size}
         while True:
