@@ -153,3 +153,16 @@ def test_the_bundled_redis_always_has_a_password(env, tmp_path):
             assert len(base64.b64decode(generated[0]["data"]["password"])) == 32
         else:
             assert not generated, "the named Secret is the user's"
+
+
+def test_network_policies_let_in_the_pods_the_chart_runs(env, tmp_path):
+    """Definitions' NetworkPolicies let in the pods named by --router-pod-labels and
+    --manager-pod-labels: they must be the labels the chart's Router and Workload Manager pods carry
+    (the manager's port probe blocked, every create on an enforcing cluster would be a 504)."""
+    docs, _ = render(env, "defaults", tmp_path)
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"}
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    for flag, deployment in (("router-pod-labels", "agentcube-router"), ("manager-pod-labels", "workloadmanager")):
+        wanted = dict(kv.split("=", 1) for kv in flags[flag].split(","))
+        assert wanted.items() <= pods[deployment].items(), (flag, wanted, pods[deployment])

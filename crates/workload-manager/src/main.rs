@@ -80,6 +80,15 @@ struct Args {
         default_value = "app=agentcube-router"
     )]
     router_pod_labels: String,
+    /// Kubernetes backend: labels (`k=v,…`) of this Workload Manager's pods in
+    /// AGENTCUBE_NAMESPACE, also let in by every definition's NetworkPolicy (its port probe must
+    /// reach a sandbox before the session is answered).
+    #[arg(
+        long,
+        env = "AGENTCUBE_MANAGER_POD_LABELS",
+        default_value = "app=workloadmanager"
+    )]
+    manager_pod_labels: String,
     /// Kubernetes backend (extension): SandboxClaims per warm pool (at most its warmPoolSize)
     /// bound to warm Sandboxes ahead of demand, so a session create takes one with a single
     /// patch instead of waiting for agent-sandbox's adoption. Taken out of the pool's size (its
@@ -166,11 +175,12 @@ async fn main() -> anyhow::Result<()> {
             kc.default_runtime_class = args.runtime_class_name.clone();
             kc.fixed_key = public_key;
             kc.standby_claims = args.standby_claims;
-            kc.router_pod_labels =
-                agentcube_workload_manager::backend::kubernetes::network::RouterPeer::parse_labels(
-                    &args.router_pod_labels,
-                )
-                .map_err(|e| anyhow::anyhow!("--router-pod-labels: {e}"))?;
+            let labels = |flag: &str, v: &str| {
+                agentcube_workload_manager::backend::kubernetes::network::Peers::parse_labels(v)
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+            };
+            kc.router_pod_labels = labels("router-pod-labels", &args.router_pod_labels)?;
+            kc.manager_pod_labels = labels("manager-pod-labels", &args.manager_pod_labels)?;
             KubernetesBackend::start(client, kc, store.clone())
                 .await
                 .map_err(anyhow::Error::msg)?

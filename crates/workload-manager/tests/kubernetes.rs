@@ -753,6 +753,11 @@ spec:
         v["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"],
         json!({"kubernetes.io/metadata.name": SYSTEM_NS})
     );
+    // The Workload Manager's own pods too: its port probe must reach a new sandbox.
+    assert_eq!(
+        v["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"],
+        json!({"app": "workloadmanager"})
+    );
     assert_eq!(
         v["spec"]["ingress"][1],
         json!({"from": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "UDP", "port": 9000}]})

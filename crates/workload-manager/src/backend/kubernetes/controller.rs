@@ -44,7 +44,7 @@ pub struct Context {
     /// looking at a stale copy and must not write the same status again.
     pub written: Mutex<HashMap<String, (String, Condition)>>,
     /// The Router's pods, allowed into every sandbox with a network policy.
-    pub router: super::network::RouterPeer,
+    pub peers: super::network::Peers,
     /// Standby claims per warm pool (`--standby-claims`, 0 where agent-sandbox has none): the
     /// members they hold are taken out of the SandboxWarmPool's replicas.
     pub standby_claims: u32,
@@ -56,7 +56,7 @@ impl Context {
         api: AgentSandboxApi,
         key: RouterKey,
         default_runtime_class: String,
-        router: super::network::RouterPeer,
+        peers: super::network::Peers,
         standby_claims: u32,
     ) -> Self {
         Self {
@@ -65,7 +65,7 @@ impl Context {
             key,
             default_runtime_class,
             written: Mutex::default(),
-            router,
+            peers,
             standby_claims,
         }
     }
@@ -152,7 +152,7 @@ pub async fn run_agent_runtimes(ctx: Arc<Context>) {
                 &ar.metadata,
                 owner,
                 policy,
-                &ctx.router,
+                &ctx.peers,
             )
             .await?;
             Ok::<_, BackendError>(Action::await_change())
@@ -187,7 +187,7 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
         &ci.metadata,
         controller_ref(&*ci),
         ci.spec.network_policy.as_ref(),
-        &ctx.router,
+        &ctx.peers,
     )
     .await?;
     let templates: Api<SandboxTemplate> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.api);

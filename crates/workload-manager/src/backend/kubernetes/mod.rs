@@ -65,9 +65,12 @@ pub struct KubeConfig {
     pub fixed_key: Option<String>,
     /// How long to wait for the first lists of the CRDs at start (upstream: 1 min).
     pub sync_timeout: Duration,
-    /// Labels of the Router's pods (in `namespace`): the ingress every definition's
-    /// NetworkPolicy allows.
+    /// Labels of the Router's pods (in `namespace`): ingress every definition's NetworkPolicy
+    /// allows.
     pub router_pod_labels: std::collections::BTreeMap<String, String>,
+    /// Labels of this Workload Manager's pods (in `namespace`): ingress every definition's
+    /// NetworkPolicy allows (the port probe before a session is answered).
+    pub manager_pod_labels: std::collections::BTreeMap<String, String>,
     /// `--standby-claims`: claims per warm pool bound ahead of demand ([`standby`]; 0: none,
     /// as upstream).
     pub standby_claims: u32,
@@ -83,6 +86,7 @@ impl KubeConfig {
             fixed_key: None,
             sync_timeout: Duration::from_secs(60),
             router_pod_labels: [("app".to_string(), "agentcube-router".to_string())].into(),
+            manager_pod_labels: [("app".to_string(), "workloadmanager".to_string())].into(),
             standby_claims: 0,
         }
     }
@@ -216,16 +220,17 @@ impl KubernetesBackend {
                 key
             }
         };
-        let router = network::RouterPeer {
+        let peers = network::Peers {
             namespace: config.namespace.clone(),
-            labels: config.router_pod_labels.clone(),
+            router: config.router_pod_labels.clone(),
+            manager: config.manager_pod_labels.clone(),
         };
         let ctx = Arc::new(controller::Context::new(
             client.clone(),
             api,
             key.clone(),
             config.default_runtime_class.clone(),
-            router,
+            peers,
             standby::effective(config.standby_claims, api),
         ));
         tasks.push(tokio::spawn(controller::run(ctx.clone())));

@@ -1,6 +1,7 @@
 //! The NetworkPolicy of a definition with `spec.networkPolicy` (upstream proposal, PR #291):
 //! it selects every sandbox pod of the definition (warm-pool members included, by the labels
-//! [`pod_labels`] puts on them) and allows only the Router's pods in, DNS (the cluster's
+//! [`pod_labels`] puts on them) and allows only the Router's and the Workload Manager's pods in
+//! (the manager probes every port before a session is answered), DNS (the cluster's
 //! `k8s-app: kube-dns` pods, port 53) out, and the definition's rules. Enforcement is the CNI's.
 
 use std::collections::BTreeMap;
@@ -14,16 +15,20 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-/// Where the Router's pods are: the only ingress every policy allows.
+/// Where the control plane's pods are: the only ingress every policy allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouterPeer {
+pub struct Peers {
+    /// Their namespace (`AGENTCUBE_NAMESPACE`).
     pub namespace: String,
     /// Labels of the Router's pods (the chart's: `app=agentcube-router`).
-    pub labels: BTreeMap<String, String>,
+    pub router: BTreeMap<String, String>,
+    /// Labels of the Workload Manager's pods (the chart's: `app=workloadmanager`), whose port
+    /// probe must reach a sandbox before its session is answered.
+    pub manager: BTreeMap<String, String>,
 }
 
-impl RouterPeer {
-    /// `key=value[,key=value…]` (the `--router-pod-labels` flag).
+impl Peers {
+    /// `key=value[,key=value…]` (the `--router-pod-labels` / `--manager-pod-labels` flags).
     pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         let labels: BTreeMap<String, String> = s
             .split(',')
@@ -37,7 +42,7 @@ impl RouterPeer {
             .collect::<Result<_, String>>()?;
         if labels.is_empty() {
             // An empty selector would let every pod of the Router's namespace in.
-            return Err("at least one key=value label of the Router's pods is needed".into());
+            return Err("at least one key=value label of the pods is needed".into());
         }
         Ok(labels)
     }
@@ -66,7 +71,7 @@ pub fn network_policy(
     definition: &ObjectMeta,
     owner: OwnerReference,
     policy: &NetworkPolicySpec,
-    router: &RouterPeer,
+    control: &Peers,
 ) -> NetworkPolicy {
     let name = definition.name.clone().unwrap_or_default();
     let mut meta_labels = pod_labels(kind, &name);
@@ -74,12 +79,12 @@ pub fn network_policy(
         labels::MANAGED_BY.to_string(),
         labels::MANAGED_BY_VALUE.to_string(),
     );
-    let router_peer = NetworkPolicyPeer {
+    let peer = |labels: &BTreeMap<String, String>| NetworkPolicyPeer {
         namespace_selector: Some(selector(BTreeMap::from([(
             "kubernetes.io/metadata.name".to_string(),
-            router.namespace.clone(),
+            control.namespace.clone(),
         )]))),
-        pod_selector: Some(selector(router.labels.clone())),
+        pod_selector: Some(selector(labels.clone())),
         ip_block: None,
     };
     let dns = NetworkPolicyEgressRule {
@@ -102,7 +107,7 @@ pub fn network_policy(
         ),
     };
     let mut ingress = vec![NetworkPolicyIngressRule {
-        from: Some(vec![router_peer]),
+        from: Some(vec![peer(&control.router), peer(&control.manager)]),
         ports: None,
     }];
     ingress.extend(policy.ingress.iter().map(|r| NetworkPolicyIngressRule {
@@ -183,7 +188,7 @@ pub async fn sync(
     definition: &ObjectMeta,
     owner: OwnerReference,
     policy: Option<&NetworkPolicySpec>,
-    router: &RouterPeer,
+    peers: &Peers,
 ) -> Result<(), kube::Error> {
     use kube::api::{Api, DeleteParams, Patch, PatchParams};
     let ns = definition.namespace.as_deref().unwrap_or("default");
@@ -191,7 +196,7 @@ pub async fn sync(
     let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     match policy {
         Some(p) => {
-            let desired = network_policy(kind, definition, owner, p, router);
+            let desired = network_policy(kind, definition, owner, p, peers);
             let apply = PatchParams::apply(super::controller::FIELD_MANAGER).force();
             api.patch(&name, &apply, &Patch::Apply(&desired)).await?;
         }
@@ -210,7 +215,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_policy_allows_the_router_dns_and_the_rules_only() {
+    fn the_policy_allows_the_control_plane_dns_and_the_rules_only() {
         let policy: NetworkPolicySpec = serde_json::from_value(json!({
             "egress": [{"cidrs": ["10.0.0.0/8"], "ports": [{"protocol": "TCP", "port": 443}]}, {"cidrs": ["192.0.2.7/32"]}],
             "ingress": [{"ports": [{"protocol": "UDP", "port": 9000}]}]
@@ -229,11 +234,12 @@ mod tests {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        let router = RouterPeer {
+        let peers = Peers {
             namespace: "agentcube".into(),
-            labels: RouterPeer::parse_labels("app=agentcube-router").unwrap(),
+            router: Peers::parse_labels("app=agentcube-router").unwrap(),
+            manager: Peers::parse_labels("app=workloadmanager").unwrap(),
         };
-        let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, &policy, &router);
+        let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, &policy, &peers);
         let v = serde_json::to_value(&np).unwrap();
         assert_eq!(v["metadata"]["name"], "ar-agent");
         assert_eq!(v["metadata"]["namespace"], "team");
@@ -248,7 +254,9 @@ mod tests {
             v["spec"]["ingress"],
             json!([
                 {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agentcube"}},
-                           "podSelector": {"matchLabels": {"app": "agentcube-router"}}}]},
+                           "podSelector": {"matchLabels": {"app": "agentcube-router"}}},
+                          {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agentcube"}},
+                           "podSelector": {"matchLabels": {"app": "workloadmanager"}}}]},
                 {"ports": [{"protocol": "UDP", "port": 9000}]}
             ])
         );
@@ -265,7 +273,7 @@ mod tests {
             policy_name(WorkloadKind::CodeInterpreter, "agent"),
             "ci-agent"
         );
-        assert!(RouterPeer::parse_labels("app").is_err());
-        assert!(RouterPeer::parse_labels(" ").is_err());
+        assert!(Peers::parse_labels("app").is_err());
+        assert!(Peers::parse_labels(" ").is_err());
     }
 }
