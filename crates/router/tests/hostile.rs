@@ -82,6 +82,62 @@ async fn stalled_uploads_give_their_slots_back() {
     assert_eq!(call().await.unwrap().status(), 200);
 }
 
+/// Clients that stop reading their answers (stalled downloads) used to hold their requests,
+/// and the Router's concurrency slots, forever: everyone else got 429. Now a connection whose
+/// client takes no byte for the body idle timeout is closed, and the slot is free again.
+#[tokio::test]
+async fn stalled_downloads_give_their_slots_back() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        short_limits(c);
+        c.max_concurrent_requests = 3;
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket
+            .connect(host_of(&router.url).parse().unwrap())
+            .await
+            .unwrap();
+        let head = "GET /v1/namespaces/default/code-interpreters/x/invocations/big/67108864 \
+                    HTTP/1.1\r\nHost: r\r\nx-agentcube-session-id: s1\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    let call = || {
+        client()
+            .get(router.ci("ok"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        call().await.unwrap().status(),
+        429,
+        "slots are held while the answers are being sent"
+    );
+    // Cut after the body idle timeout (checked at least once per header timeout): 0.8 + 0.8 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call().await.unwrap().status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled downloads still hold the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = &router.shared().metrics.serve;
+    assert!(
+        stats.send_timeouts.get() >= 3,
+        "{}",
+        stats.send_timeouts.get()
+    );
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
     let store = memory();

@@ -39,6 +39,8 @@ pub(crate) struct Tracker {
     sniffed: AtomicBool,
     /// Shutting down since (ms since origin): the request in flight is the connection's last.
     closing_since: AtomicU64,
+    /// Since when (ms since origin) the client has taken no byte of what is being written to it.
+    send_blocked_since: AtomicU64,
 }
 
 /// Why the watchdog closed a connection.
@@ -46,6 +48,9 @@ pub(crate) struct Tracker {
 pub(crate) enum Closed {
     HeaderTimeout,
     Idle,
+    /// An answer in flight the client took no byte of for the body idle timeout (a stalled
+    /// download, which would hold its request, and the Router's concurrency slot, forever).
+    SendStalled,
 }
 
 impl Tracker {
@@ -58,6 +63,7 @@ impl Tracker {
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
             closing_since: AtomicU64::new(UNSET),
+            send_blocked_since: AtomicU64::new(UNSET),
         })
     }
 
@@ -83,6 +89,25 @@ impl Tracker {
 
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// A write to the client: `Pending` (its socket takes nothing) starts the stall clock,
+    /// progress stops it.
+    fn on_write<T>(&self, result: &Poll<io::Result<T>>, progressed: impl Fn(&T) -> bool) {
+        match result {
+            Poll::Pending => {
+                let _ = self.send_blocked_since.compare_exchange(
+                    UNSET,
+                    self.now_ms(),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(Ok(v)) if progressed(v) => {
+                self.send_blocked_since.store(UNSET, Ordering::Release);
+            }
+            Poll::Ready(_) => {}
+        }
     }
 
     fn on_read(&self, bytes: &[u8]) {
@@ -125,10 +150,14 @@ impl Tracker {
 
     /// The moment the connection counts as stalled, if nothing changes.
     fn deadline(&self, limits: &Limits) -> Option<(u64, Closed)> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
         let ms = |d: Duration| d.as_millis() as u64;
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            // A request in flight is never cut for taking long, only for an answer the client
+            // does not take.
+            let blocked = self.send_blocked_since.load(Ordering::Acquire);
+            return (blocked != UNSET)
+                .then(|| (blocked + ms(limits.body_idle_timeout), Closed::SendStalled));
+        }
         let started = self.header_started.load(Ordering::Acquire);
         if started != UNSET && !self.h2.load(Ordering::Relaxed) {
             let mut at = started + ms(limits.header_read_timeout);
@@ -242,7 +271,7 @@ where
     }
 }
 
-/// The connection's stream, reporting reads to its tracker.
+/// The connection's stream, reporting reads and stalled writes to its tracker.
 pub(crate) struct TrackedIo<I> {
     pub(crate) io: I,
     pub(crate) tracker: Arc<Tracker>,
@@ -304,7 +333,41 @@ macro_rules! writes_through {
 }
 pub(crate) use writes_through;
 
-writes_through!(TrackedIo);
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TrackedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.tracker.on_write(&r, |n| *n > 0);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.tracker.on_write(&r, |n| *n > 0);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.tracker.on_write(&r, |()| true);
+        r
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -353,6 +416,32 @@ mod tests {
         drop(guard);
         tokio::time::sleep(Duration::from_secs(91)).await;
         assert_eq!(dog.await.unwrap(), Closed::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_client_does_not_take_is_cut_after_the_body_idle_timeout() {
+        let limits = Limits {
+            body_idle_timeout: Duration::from_secs(30),
+            ..limits()
+        };
+        let t = Tracker::new();
+        let _guard = t.begin();
+        let dog = tokio::spawn({
+            let t = t.clone();
+            async move { t.watchdog(&limits).await }
+        });
+        // Writes that go through, however long apart, never stall it.
+        for _ in 0..10 {
+            t.on_write(&Poll::<io::Result<usize>>::Pending, |n| *n > 0);
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            t.on_write(&Poll::Ready(Ok(100usize)), |n| *n > 0);
+        }
+        assert!(!dog.is_finished());
+        // Then the client stops reading: cut within the timeout plus one recheck.
+        t.on_write(&Poll::<io::Result<usize>>::Pending, |n| *n > 0);
+        let started = tokio::time::Instant::now();
+        assert_eq!(dog.await.unwrap(), Closed::SendStalled);
+        assert!(started.elapsed() <= Duration::from_secs(30 + 10));
     }
 
     #[tokio::test(start_paused = true)]

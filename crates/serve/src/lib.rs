@@ -27,7 +27,8 @@
 //!    have not all arrived within [`Limits::header_read_timeout`] of its first byte (slowloris;
 //!    closed within twice that),
 //!    or a connection idle for [`Limits::keep_alive_idle`], is closed. A request in flight is
-//!    never cut (long executes and streams are legitimate).
+//!    never cut for taking long (long executes and streams are legitimate), only when its client
+//!    takes no byte of the answer for [`Limits::body_idle_timeout`] (a stalled download).
 //! 6. A connection the server is done with closes lingering (`linger.rs`): half-closed, then
 //!    read until the client closes (at most 2 s of silence, 10 s in all, its slot kept), so a
 //!    client still sending — pipelined requests behind a `Connection: close`, an upload answered
@@ -154,6 +155,9 @@ pub struct Stats {
     pub header_timeouts: Counter,
     /// Idle keep-alive connections closed.
     pub idle_closed: Counter,
+    /// Connections closed because the client took no byte of an answer for the body idle
+    /// timeout (a stalled download).
+    pub send_timeouts: Counter,
     /// Handshakes (TLS) that failed or timed out.
     pub handshake_failures: Counter,
     /// Connections open now.
@@ -199,6 +203,11 @@ impl Stats {
             "connections_idle_closed",
             "Idle keep-alive connections closed",
             self.idle_closed.clone(),
+        );
+        r.register(
+            "connections_send_timeouts",
+            "Connections closed: the client took no byte of an answer for the body idle timeout",
+            self.send_timeouts.clone(),
         );
         r.register(
             "connections_handshake_failures",
@@ -523,6 +532,7 @@ impl<H: Handshake> Connection<H> {
             let counter = match why {
                 conn::Closed::HeaderTimeout => &stats.header_timeouts,
                 conn::Closed::Idle => &stats.idle_closed,
+                conn::Closed::SendStalled => &stats.send_timeouts,
             };
             counter.inc();
         }

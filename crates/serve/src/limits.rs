@@ -7,8 +7,9 @@ use std::time::Duration;
 pub struct Limits {
     /// From the first byte of a request to its last header byte (slowloris).
     pub header_read_timeout: Duration,
-    /// Longest pause between two chunks of a request body (a stalled upload). The transfer as a
-    /// whole may take longer, as long as it keeps moving.
+    /// Longest pause between two chunks of a request body (a stalled upload), and longest time
+    /// a client may take no byte of an answer being written to it (a stalled download). The
+    /// transfer as a whole may take longer, as long as it keeps moving.
     pub body_idle_timeout: Duration,
     /// How long a connection may sit with no request in flight before it is closed.
     pub keep_alive_idle: Duration,
@@ -61,7 +62,8 @@ pub struct LimitArgs {
     /// Time a client may take to send a request's headers (slowloris guard), Go duration.
     #[arg(long, env = "AGENTCUBE_HEADER_TIMEOUT", default_value = "10s")]
     pub header_timeout: agentcube_types::GoDuration,
-    /// Longest pause between two chunks of a request body (stalled uploads), Go duration.
+    /// Longest pause between two chunks of a request body, or in taking an answer (stalled
+    /// uploads and downloads), Go duration.
     #[arg(long, env = "AGENTCUBE_BODY_IDLE_TIMEOUT", default_value = "30s")]
     pub body_idle_timeout: agentcube_types::GoDuration,
     /// How long an idle keep-alive connection is kept, Go duration.

@@ -1,4 +1,5 @@
-//! A test upstream: echoes what it received, answers any status, streams SSE, accepts upgrades.
+//! A test upstream: echoes what it received, answers any status, streams SSE, accepts upgrades,
+//! sends large answers.
 
 use std::time::Duration;
 
@@ -15,7 +16,17 @@ pub fn app() -> axum::Router {
         .route("/sse", get(sse))
         .route("/ws", get(ws))
         .route("/upload", axum::routing::post(upload))
+        .route("/big/{bytes}", get(big))
         .fallback(echo)
+}
+
+/// `bytes` bytes of `a`, in 64 KiB chunks.
+async fn big(Path(bytes): Path<usize>) -> Body {
+    let chunk = bytes::Bytes::from(vec![b'a'; 64 << 10]);
+    let chunks = bytes.div_ceil(chunk.len());
+    Body::from_stream(stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    ))
 }
 
 async fn echo(req: Request) -> impl IntoResponse {
