@@ -111,7 +111,8 @@ def test_oidc_router_with_service_account_auth(stack, redis_url):
     router_env = dict(os.environ, WORKLOAD_MANAGER_URL=wm)
     router_proc = subprocess.Popen(
         [str(_binary("router")), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
-         "--identity-dir", str(identity), "--store", redis_url, "--jwt-issuer-url", hydra.issuer,
+         "--identity-dir", str(identity), "--store", redis_url, "--unix-socket-dir", str(tmp / "state/private"),
+         "--jwt-issuer-url", hydra.issuer,
          "--jwt-audience", AUD, "--jwt-role-claim", "scp", "--jwt-required-role", ROLE],
         env=router_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     router = f"http://127.0.0.1:{port}"

@@ -155,6 +155,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
+    // Absolute: sandbox sockets are named by it in the store, and the Router checks them.
+    let state_dir = std::path::absolute(&state_dir)
+        .with_context(|| format!("--state-dir {}", state_dir.display()))?;
+    let private_dir = state_dir.join("private");
     let mut local = LocalConfig::new(state_dir, picod);
     if let Some(path) = std::env::var_os("PATH") {
         local.tool_path = path;
@@ -212,6 +216,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let router_url = format!("http://{}", router_listener.local_addr()?);
     let mut router_config = agentcube_router::Config::new(wm_url.clone());
     router_config.max_concurrent_requests = args.max_concurrent_requests;
+    // Its sandboxes' sockets only: a store record (with --store redis://…) cannot aim the
+    // Router at another socket on this host.
+    router_config.unix_entry_points =
+        agentcube_router::proxy::UnixEntryPoints::Under(private_dir.clone());
     router_config.limits = limits;
     router_config.workers = std::thread::available_parallelism().map_or(1, usize::from);
     if let Some(t) = &token {

@@ -65,6 +65,8 @@ pub struct Config {
     pub scheme: &'static str,
     /// Timeouts and the connection cap of the listener.
     pub limits: agentcube_serve::Limits,
+    /// Which `unix:` entry points may be connected to.
+    pub unix_entry_points: proxy::UnixEntryPoints,
 }
 
 impl Config {
@@ -83,6 +85,7 @@ impl Config {
             authn: None,
             scheme: "http",
             limits: agentcube_serve::Limits::default(),
+            unix_entry_points: proxy::UnixEntryPoints::Any,
         }
     }
 }
@@ -120,7 +123,10 @@ impl RouterService {
             signer: Arc::new(identity::Signer::new(identity, metrics.signatures.clone())?),
             metrics,
             authn: config.authn.clone(),
-            upstream: proxy::Upstream::new(config.connect_timeout),
+            upstream: proxy::Upstream::new(
+                config.connect_timeout,
+                config.unix_entry_points.clone(),
+            ),
             activity: Arc::default(),
             limiter: (config.max_concurrent_requests > 0)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),

@@ -30,6 +30,11 @@ struct Args {
     /// this process only.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
+    /// The only directory whose Unix sockets (`unix:` entry points, a local Workload Manager's:
+    /// `<its state directory>/private`) this Router connects to. Unset: none (a cluster's entry
+    /// points are pod IPs), so a store record cannot aim the Router at a socket on this host.
+    #[arg(long, env = "ROUTER_UNIX_SOCKET_DIR")]
+    unix_socket_dir: Option<PathBuf>,
     /// Namespace of the identity Secret `picod-router-identity` in a cluster.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -126,6 +131,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let mut config = Config::new(args.workload_manager_url.clone());
+    config.unix_entry_points = match &args.unix_socket_dir {
+        Some(dir) => agentcube_router::proxy::UnixEntryPoints::Under(dir.clone()),
+        None => agentcube_router::proxy::UnixEntryPoints::Refused,
+    };
     config.max_concurrent_requests = args.max_concurrent_requests;
     config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
     config.workers = match args.workers {

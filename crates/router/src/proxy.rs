@@ -149,11 +149,54 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
+/// Which `unix:` entry points the Router connects to. Entry points come from the session store:
+/// whoever can write it could otherwise aim the Router, with its clients' requests, at any
+/// socket on the host (a container runtime's, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixEntryPoints {
+    /// Any path (the library's default, for tests).
+    Any,
+    /// Only sockets below this directory (the local manager's `<state>/private`), by a plain
+    /// absolute path without `.` or `..`.
+    Under(PathBuf),
+    /// None (a cluster's entry points are pod IPs).
+    Refused,
+}
+
+impl UnixEntryPoints {
+    /// `Ok` when `path` may be connected to; otherwise what to tell the operator.
+    pub fn check(&self, path: &str) -> Result<(), String> {
+        use std::path::Component;
+        let p = std::path::Path::new(path);
+        match self {
+            Self::Any => Ok(()),
+            Self::Under(dir)
+                if p.is_absolute()
+                    && p.components()
+                        .all(|c| !matches!(c, Component::ParentDir | Component::CurDir))
+                    && p.starts_with(dir)
+                    && p != dir =>
+            {
+                Ok(())
+            }
+            Self::Under(dir) => Err(format!(
+                "entry point unix:{path} is not below {} (--unix-socket-dir): not connected",
+                dir.display()
+            )),
+            Self::Refused => Err(format!(
+                "entry point unix:{path}: this Router connects to no Unix sockets (start it with \
+                 --unix-socket-dir <the local manager's state directory>/private)"
+            )),
+        }
+    }
+}
+
 /// The upstream client of one worker: its own HTTP/1.1 pool ([`crate::pool`]), and hyper-util's
 /// client for prior-knowledge HTTP/2 (h2c) entry points.
 #[derive(Clone)]
 pub struct Upstream {
     connect_timeout: Duration,
+    unix_entry_points: UnixEntryPoints,
     pool: Pool,
     /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
     h2c: Client<Connector, Body>,
@@ -307,7 +350,7 @@ pub struct Forward<'a> {
 
 impl Upstream {
     /// A client with pooled keep-alive connections.
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, unix_entry_points: UnixEntryPoints) -> Self {
         let unix = UnixHosts::default();
         let connector = Connector {
             unix: unix.clone(),
@@ -319,6 +362,7 @@ impl Upstream {
             .build(connector);
         Self {
             connect_timeout,
+            unix_entry_points,
             pool: Pool::default(),
             h2c,
             unix,
@@ -327,7 +371,7 @@ impl Upstream {
 
     /// A client with the same settings and pools of its own.
     pub fn fresh(&self) -> Self {
-        Self::new(self.connect_timeout)
+        Self::new(self.connect_timeout, self.unix_entry_points.clone())
     }
 
     /// The entry point: its address, URI authority (`host:port`, or the synthetic host of a
@@ -348,7 +392,12 @@ impl Upstream {
                 RouterError::Internal(format!("bad entry point {:?}: {e}", entry.endpoint))
             };
             let (host, unix) = match entry.endpoint.strip_prefix("unix:") {
-                Some(path) => (UnixHosts::host_of(path), Some(PathBuf::from(path))),
+                Some(path) => {
+                    self.unix_entry_points
+                        .check(path)
+                        .map_err(RouterError::Internal)?;
+                    (UnixHosts::host_of(path), Some(PathBuf::from(path)))
+                }
                 None => {
                     let e = entry.endpoint.as_str();
                     let e = e.split_once("://").map_or(e, |(_, rest)| rest);

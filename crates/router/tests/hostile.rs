@@ -499,3 +499,63 @@ async fn an_answer_streamed_for_seconds_counts_as_activity_until_its_end() {
         "activity at the end of the stream, not only at its start: {started} → {last}"
     );
 }
+
+/// Entry points come from the store: a record aiming at another socket on the host (a container
+/// runtime's, say) must not get the Router, with its client's request, connected there. With
+/// `--unix-socket-dir` (agentcube up: its `<state>/private`) only sockets below it are used,
+/// however the path is spelled; the standalone Router without it uses none.
+#[tokio::test]
+async fn unix_entry_points_outside_the_socket_directory_are_never_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let inside = private.join("ok.sock");
+    let l = tokio::net::UnixListener::bind(&inside).unwrap();
+    tokio::spawn(async move { axum::serve(l, upstream::app()).await.unwrap() });
+    // A "host" socket that counts every connection made to it.
+    let outside = dir.path().join("host.sock");
+    let host = tokio::net::UnixListener::bind(&outside).unwrap();
+    let touched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = touched.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = host.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let store = memory();
+    let spell = |p: &std::path::Path| format!("unix:{}", p.display());
+    session_to(store.as_ref(), "in", &spell(&inside)).await;
+    session_to(store.as_ref(), "out", &spell(&outside)).await;
+    let dotted = format!("unix:{}/../host.sock", private.display());
+    session_to(store.as_ref(), "dotted", &dotted).await;
+    session_to(store.as_ref(), "relative", "unix:private/ok.sock").await;
+    let call = |router: &Router, id: &'static str| {
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", id)
+            .send()
+    };
+    let policy = agentcube_router::proxy::UnixEntryPoints::Under(private.clone());
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |c| {
+        c.unix_entry_points = policy
+    })
+    .await;
+    assert_eq!(call(&router, "in").await.unwrap().status(), 200);
+    for id in ["out", "dotted", "relative"] {
+        let r = call(&router, id).await.unwrap();
+        assert_eq!(r.status(), 500, "{id}");
+        assert_eq!(r.headers()["x-agentcube-error"], "router", "{id}");
+    }
+    let refused = agentcube_router::proxy::UnixEntryPoints::Refused;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        c.unix_entry_points = refused
+    })
+    .await;
+    assert_eq!(call(&router, "in").await.unwrap().status(), 500);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        touched.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the host socket was connected to"
+    );
+}

@@ -343,6 +343,10 @@ impl LocalBackend {
     /// previous run.
     pub fn new(mut config: LocalConfig) -> Result<Self, String> {
         let tools = find_tools(&config)?;
+        // Sandbox entry points (`unix:<state>/private/…`) are stored and read by other
+        // processes: never relative to this one's working directory.
+        config.state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
         // Launchers run from `/`: a relative PicoD path would name another file there.
         config.picod = config
             .picod
