@@ -155,10 +155,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
-    // Absolute: sandbox sockets are named by it in the store, and the Router checks them.
-    let state_dir = std::path::absolute(&state_dir)
-        .with_context(|| format!("--state-dir {}", state_dir.display()))?;
-    let private_dir = state_dir.join("private");
     let mut local = LocalConfig::new(state_dir, picod);
     if let Some(path) = std::env::var_os("PATH") {
         local.tool_path = path;
@@ -219,7 +215,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Its sandboxes' sockets only: a store record (with --store redis://…) cannot aim the
     // Router at another socket on this host.
     router_config.unix_entry_points =
-        agentcube_router::proxy::UnixEntryPoints::Under(private_dir.clone());
+        agentcube_router::proxy::UnixEntryPoints::Under(backend.socket_dir());
     router_config.limits = limits;
     router_config.workers = std::thread::available_parallelism().map_or(1, usize::from);
     if let Some(t) = &token {

@@ -360,3 +360,27 @@ async fn a_second_manager_on_the_same_state_directory_is_refused() {
     let next = LocalBackend::new(LocalConfig::new(dir.path().join("state"), picod_binary()));
     assert!(next.is_ok(), "{:?}", next.err());
 }
+
+/// A state directory another user owns (say pre-made in `/tmp`, the default's parent) is
+/// refused before anything is put there: its owner could swap `private/` for a directory of
+/// their own, whose "sockets" the Router would follow, or the seccomp filters sandboxes load.
+#[test]
+fn a_state_directory_another_user_owns_is_refused() {
+    use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to give a directory to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("state");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = LocalBackend::new(LocalConfig::new(theirs.clone(), picod_binary()))
+        .err()
+        .expect("must refuse to start");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert!(
+        std::fs::read_dir(&theirs).unwrap().next().is_none(),
+        "nothing was made in it"
+    );
+}

@@ -186,6 +186,48 @@ fn open_up(fd: &OwnedFd) {
     }
 }
 
+/// Makes the state directory if needed and checks that no other user can change it: the
+/// directory (symlinks resolved) must belong to this process's user, and each directory above
+/// it to root or this user, writable by nobody else unless sticky (as `/tmp`). Whoever could
+/// rename entries there could swap `private/` for a directory of their own, whose "sockets" the
+/// Router would then follow (as root, to any socket on the host), or the seccomp filters the
+/// sandboxes load. Returns the resolved path, which is the one to use from then on.
+pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(state).map_err(|e| format!("cannot make {}: {e}", state.display()))?;
+    let real = state
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", state.display()))?;
+    let me = nix::unistd::Uid::effective().as_raw();
+    let meta = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    if meta.uid() != me {
+        return Err(format!(
+            "state directory {} belongs to uid {}, not to this process (uid {me}): another user \
+             could change what the manager trusts there; use a directory of your own \
+             (--state-dir)",
+            real.display(),
+            meta.uid()
+        ));
+    }
+    for dir in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mode = meta.mode();
+        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        if (meta.uid() != 0 && meta.uid() != me) || others_write {
+            return Err(format!(
+                "{} (above the state directory {}) belongs to uid {} with mode {:o}: another \
+                 user could rename the state directory; use one whose parents only root or \
+                 this user can change (--state-dir)",
+                dir.display(),
+                real.display(),
+                meta.uid(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(real)
+}
+
 /// Takes the state directory for this manager: an exclusive lock on `<state>/lock`, held while
 /// the returned file is open (the kernel drops it when the process dies, so a crash never leaves
 /// it behind). A second manager on the same directory would take the first one's sandboxes for a
@@ -373,5 +415,33 @@ mod tests {
         drop(held);
         let again = lock_state(&state);
         assert!(again.is_ok(), "{again:?}");
+    }
+
+    #[test]
+    fn a_state_directory_another_user_could_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ok = trusted_state_dir(&dir.path().join("a/state")).unwrap();
+        assert!(ok.is_absolute() && ok.ends_with("a/state"));
+        // Through a symlink: the resolved directory is the one used.
+        std::os::unix::fs::symlink(&ok, dir.path().join("link")).unwrap();
+        assert_eq!(trusted_state_dir(&dir.path().join("link")).unwrap(), ok);
+        // A parent others may write (not sticky): refused.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = trusted_state_dir(&open.join("state")).unwrap_err();
+        assert!(err.contains("another user could rename"), "{err}");
+        // Sticky (as /tmp): fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(trusted_state_dir(&open.join("state")).is_ok());
+        if nix::unistd::Uid::effective().is_root() {
+            // Another user's directory: refused.
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = trusted_state_dir(&theirs).unwrap_err();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
+        }
     }
 }

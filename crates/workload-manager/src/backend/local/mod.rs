@@ -343,10 +343,9 @@ impl LocalBackend {
     /// previous run.
     pub fn new(mut config: LocalConfig) -> Result<Self, String> {
         let tools = find_tools(&config)?;
-        // Sandbox entry points (`unix:<state>/private/…`) are stored and read by other
-        // processes: never relative to this one's working directory.
-        config.state_dir = std::path::absolute(&config.state_dir)
-            .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
+        // Resolved and checked: sandbox entry points (`unix:<state>/private/…`) are stored and
+        // read by other processes, and no other user may change what is there.
+        config.state_dir = layout::trusted_state_dir(&config.state_dir)?;
         // Launchers run from `/`: a relative PicoD path would name another file there.
         config.picod = config
             .picod
@@ -447,6 +446,12 @@ impl LocalBackend {
     /// background, and by the next start on this state directory if they outlive this process.
     pub fn reclaiming(&self) -> usize {
         self.inner.reclaiming.load(Ordering::Relaxed)
+    }
+
+    /// Where sandbox sockets are handed over (`<state>/private`, the state directory resolved):
+    /// the only Unix sockets a Router in front of this backend should connect to.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.inner.config.state_dir.join("private")
     }
 
     /// Names of running sandboxes (pooled ones included).
