@@ -188,7 +188,8 @@ fn open_up(fd: &OwnedFd) {
 
 /// Makes the state directory if needed and checks that no other user can change it: the
 /// directory (symlinks resolved) must belong to this process's user, and each directory above
-/// it to root or this user, writable by nobody else unless sticky (as `/tmp`). Whoever could
+/// it to root or this user, writable by nobody else (this process's group aside) unless sticky
+/// (as `/tmp`). Whoever could
 /// rename entries there could swap `private/` for a directory of their own, whose "sockets" the
 /// Router would then follow (as root, to any socket on the host), or the seccomp filters the
 /// sandboxes load. Returns the resolved path, which is the one to use from then on.
@@ -199,6 +200,7 @@ pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", state.display()))?;
     let me = nix::unistd::Uid::effective().as_raw();
+    let my_group = nix::unistd::Gid::effective().as_raw();
     let meta = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
     if meta.uid() != me {
         return Err(format!(
@@ -212,7 +214,9 @@ pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
     for dir in real.ancestors().skip(1) {
         let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mode = meta.mode();
-        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        // Group-writable is fine for this process's own group (a user private group).
+        let others_write = (mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != my_group))
+            && mode & 0o1000 == 0;
         if (meta.uid() != 0 && meta.uid() != me) || others_write {
             return Err(format!(
                 "{} (above the state directory {}) belongs to uid {} with mode {:o}: another \
@@ -432,10 +436,16 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = trusted_state_dir(&open.join("state")).unwrap_err();
         assert!(err.contains("another user could rename"), "{err}");
-        // Sticky (as /tmp): fine.
+        // Sticky (as /tmp): fine; writable by this process's own group only: fine.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(trusted_state_dir(&open.join("state")).is_ok());
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(trusted_state_dir(&open.join("state")).is_ok());
         if nix::unistd::Uid::effective().is_root() {
+            // Writable by another group: refused.
+            std::os::unix::fs::chown(&open, None, Some(65534)).unwrap();
+            let err = trusted_state_dir(&open.join("state")).unwrap_err();
+            assert!(err.contains("another user could rename"), "{err}");
             // Another user's directory: refused.
             let theirs = dir.path().join("theirs");
             std::fs::create_dir(&theirs).unwrap();
