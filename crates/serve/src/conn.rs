@@ -103,7 +103,10 @@ impl Tracker {
                     Ordering::Relaxed,
                 );
             }
-            Poll::Ready(Ok(v)) if progressed(v) => {
+            // A load first: the hot path (a write going through) then writes nothing shared.
+            Poll::Ready(Ok(v))
+                if progressed(v) && self.send_blocked_since.load(Ordering::Relaxed) != UNSET =>
+            {
                 self.send_blocked_since.store(UNSET, Ordering::Release);
             }
             Poll::Ready(_) => {}
