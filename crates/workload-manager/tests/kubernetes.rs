@@ -356,6 +356,16 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
             .then_some(())
     })
     .await;
+    // Each counted once, for what it was.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = k.wm.as_ref().unwrap().manager.metrics.encode();
+    let count = |reason: &str| {
+        let prefix = format!("agentcube_gc_sandboxes_reclaimed_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!((count("dead"), count("orphan")), (2, 1), "{text}");
 }
 
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,

@@ -192,6 +192,11 @@ impl Liveness {
             known.entry(id).or_insert(Known { seen, record_ip });
         }
         *self.known.lock().unwrap() = known;
+        // What GC ends as dead is not also an orphan once its record is gone.
+        self.last
+            .lock()
+            .unwrap()
+            .retain(|(id, ..)| !dead.iter().any(|d| &d.session_id == id));
         dead
     }
 }
@@ -316,6 +321,10 @@ mod tests {
         now.remove("e");
         let dead = run(&live, &now, &store).await;
         assert_eq!(ids(&dead), [("a", true), ("b", false)]);
+        assert!(
+            live.sessions().iter().all(|(id, ..)| id != "a"),
+            "ended as dead, not listed for the orphan check"
+        );
         assert_eq!(
             (dead[0].seen.name.as_str(), dead[1].seen.name.as_str()),
             ("ca", "sb")
