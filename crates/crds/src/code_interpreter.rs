@@ -57,8 +57,9 @@ pub struct CodeInterpreterSpec {
     #[serde(default)]
     pub auth_mode: AuthMode,
     /// Network access of the sandboxes (upstream's proposal, PR #291). Present: deny all but the
-    /// Router's requests, DNS and these rules (Kubernetes: a NetworkPolicy, enforced by the CNI).
-    /// Absent: no policy (upstream: unrestricted; the local backend: no network at all).
+    /// control plane's requests, DNS and these rules (Kubernetes: a NetworkPolicy, enforced by the
+    /// CNI). Absent: on Kubernetes only the Router and the Workload Manager may connect in, egress
+    /// is unrestricted (upstream: no policy at all); the local backend: no network at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<crate::NetworkPolicySpec>,
 }

@@ -72,8 +72,8 @@ struct Args {
     /// mounted Secret `picod-router-identity`.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
     router_identity_dir: Option<PathBuf>,
-    /// Kubernetes backend: labels (`k=v,…`) of the Router's pods in AGENTCUBE_NAMESPACE, the only
-    /// ingress a definition's NetworkPolicy allows besides its own rules.
+    /// Kubernetes backend: labels (`k=v,…`) of the Router's pods in AGENTCUBE_NAMESPACE, let in
+    /// (with the manager's own pods) by every definition's NetworkPolicy, besides its own rules.
     #[arg(
         long,
         env = "AGENTCUBE_ROUTER_POD_LABELS",

@@ -716,7 +716,7 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
 }
 
 #[tokio::test]
-async fn definitions_with_a_network_policy_get_a_networkpolicy_kept_in_sync() {
+async fn definitions_get_a_networkpolicy_kept_in_sync() {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     let defs = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
 kind: AgentRuntime
@@ -826,9 +826,19 @@ spec:
     )
     .await
     .unwrap();
-    k.eventually("the AgentRuntime's NetworkPolicy removed", 30, async || {
-        get("ar-netagent").await.is_none().then_some(())
-    })
+    // Without one, the definition's pods still take connections only from the Router's and the
+    // Workload Manager's pods (no other sandbox reaches them directly); egress is not limited.
+    k.eventually(
+        "the AgentRuntime's NetworkPolicy back to ingress only",
+        30,
+        async || {
+            let v = serde_json::to_value(get("ar-netagent").await?).unwrap();
+            let ingress_only = v["spec"]["policyTypes"] == json!(["Ingress"])
+                && v["spec"].get("egress").is_none()
+                && v["spec"]["ingress"].as_array().map_or(0, Vec::len) == 1;
+            ingress_only.then_some(())
+        },
+    )
     .await;
     // The definition deleted: its NetworkPolicy goes with it (owner reference).
     let cis = dynamic(

@@ -1,8 +1,10 @@
-//! The NetworkPolicy of a definition with `spec.networkPolicy` (upstream proposal, PR #291):
-//! it selects every sandbox pod of the definition (warm-pool members included, by the labels
-//! [`pod_labels`] puts on them) and allows only the Router's and the Workload Manager's pods in
-//! (the manager probes every port before a session is answered), DNS (the cluster's
-//! `k8s-app: kube-dns` pods, port 53) out, and the definition's rules. Enforcement is the CNI's.
+//! The NetworkPolicy of every definition: it selects the definition's sandbox pods (warm-pool
+//! members included, by the labels [`pod_labels`] puts on them) and lets in only the Router's
+//! and the Workload Manager's pods (the manager probes every port before a session is
+//! answered), so no other pod — another session's sandbox included — reaches a sandbox directly.
+//! With `spec.networkPolicy` (upstream proposal, PR #291) it also limits egress to DNS (the
+//! cluster's `k8s-app: kube-dns` pods, port 53) and the definition's rules, and adds its ingress
+//! rules. Enforcement is the CNI's.
 
 use std::collections::BTreeMap;
 
@@ -65,12 +67,13 @@ pub fn policy_name(kind: WorkloadKind, name: &str) -> String {
     }
 }
 
-/// The desired NetworkPolicy, owned (controller) by the definition.
+/// The desired NetworkPolicy, owned (controller) by the definition: ingress only from the
+/// control plane, plus `policy`'s rules and an egress limit when the definition has one.
 pub fn network_policy(
     kind: WorkloadKind,
     definition: &ObjectMeta,
     owner: OwnerReference,
-    policy: &NetworkPolicySpec,
+    policy: Option<&NetworkPolicySpec>,
     control: &Peers,
 ) -> NetworkPolicy {
     let name = definition.name.clone().unwrap_or_default();
@@ -110,15 +113,20 @@ pub fn network_policy(
         from: Some(vec![peer(&control.router), peer(&control.manager)]),
         ports: None,
     }];
-    ingress.extend(policy.ingress.iter().map(|r| NetworkPolicyIngressRule {
-        from: peers(r),
-        ports: ports(r),
-    }));
-    let mut egress = vec![dns];
-    egress.extend(policy.egress.iter().map(|r| NetworkPolicyEgressRule {
-        to: peers(r),
-        ports: ports(r),
-    }));
+    let (mut types, mut egress) = (vec!["Ingress".to_string()], None);
+    if let Some(policy) = policy {
+        ingress.extend(policy.ingress.iter().map(|r| NetworkPolicyIngressRule {
+            from: peers(r),
+            ports: ports(r),
+        }));
+        let mut rules = vec![dns];
+        rules.extend(policy.egress.iter().map(|r| NetworkPolicyEgressRule {
+            to: peers(r),
+            ports: ports(r),
+        }));
+        types.push("Egress".into());
+        egress = Some(rules);
+    }
     NetworkPolicy {
         metadata: ObjectMeta {
             name: Some(policy_name(kind, &name)),
@@ -129,9 +137,9 @@ pub fn network_policy(
         },
         spec: Some(KubeSpec {
             pod_selector: Some(selector(pod_labels(kind, &name))),
-            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            policy_types: Some(types),
             ingress: Some(ingress),
-            egress: Some(egress),
+            egress,
         }),
     }
 }
@@ -180,8 +188,7 @@ fn ports(r: &NetworkRule) -> Option<Vec<NetworkPolicyPort>> {
     })
 }
 
-/// Applies a definition's NetworkPolicy (server-side apply), or deletes it when the definition
-/// has none (a 404 is fine: it never had one).
+/// Applies a definition's NetworkPolicy (server-side apply).
 pub async fn sync(
     client: &kube::Client,
     kind: WorkloadKind,
@@ -190,22 +197,13 @@ pub async fn sync(
     policy: Option<&NetworkPolicySpec>,
     peers: &Peers,
 ) -> Result<(), kube::Error> {
-    use kube::api::{Api, DeleteParams, Patch, PatchParams};
+    use kube::api::{Api, Patch, PatchParams};
     let ns = definition.namespace.as_deref().unwrap_or("default");
     let name = policy_name(kind, definition.name.as_deref().unwrap_or_default());
     let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-    match policy {
-        Some(p) => {
-            let desired = network_policy(kind, definition, owner, p, peers);
-            let apply = PatchParams::apply(super::controller::FIELD_MANAGER).force();
-            api.patch(&name, &apply, &Patch::Apply(&desired)).await?;
-        }
-        None => match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(%kind, policy = %name, "network policy removed"),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e),
-        },
-    }
+    let desired = network_policy(kind, definition, owner, policy, peers);
+    let apply = PatchParams::apply(super::controller::FIELD_MANAGER).force();
+    api.patch(&name, &apply, &Patch::Apply(&desired)).await?;
     Ok(())
 }
 
@@ -239,7 +237,13 @@ mod tests {
             router: Peers::parse_labels("app=agentcube-router").unwrap(),
             manager: Peers::parse_labels("app=workloadmanager").unwrap(),
         };
-        let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, &policy, &peers);
+        let np = network_policy(
+            WorkloadKind::AgentRuntime,
+            &meta,
+            owner.clone(),
+            Some(&policy),
+            &peers,
+        );
         let v = serde_json::to_value(&np).unwrap();
         assert_eq!(v["metadata"]["name"], "ar-agent");
         assert_eq!(v["metadata"]["namespace"], "team");
@@ -273,6 +277,16 @@ mod tests {
             policy_name(WorkloadKind::CodeInterpreter, "agent"),
             "ci-agent"
         );
+        // Without a policy of its own: ingress from the control plane only, egress untouched.
+        let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, None, &peers);
+        let v = serde_json::to_value(&np).unwrap();
+        assert_eq!(v["spec"]["policyTypes"], json!(["Ingress"]));
+        assert_eq!(v["spec"]["ingress"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            v["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"],
+            json!({"app": "workloadmanager"})
+        );
+        assert!(v["spec"].get("egress").is_none());
         assert!(Peers::parse_labels("app").is_err());
         assert!(Peers::parse_labels(" ").is_err());
     }
