@@ -38,12 +38,24 @@ fn free_port() -> u16 {
 }
 
 impl Hydra {
-    /// Starts Hydra and waits for its discovery document.
+    /// Starts Hydra and waits for its discovery document. Its ports are picked free just before,
+    /// so another process may take one first: Hydra then exits, and is started again on others.
     pub async fn start() -> Self {
+        for _ in 0..3 {
+            if let Some(h) = Self::try_start().await {
+                return h;
+            }
+        }
+        panic!("hydra exited at start three times (see its log above)");
+    }
+
+    /// One start; `None` when Hydra exited before it was ready (its log printed).
+    async fn try_start() -> Option<Self> {
         let (public, admin) = (free_port(), free_port());
         let issuer = format!("http://127.0.0.1:{public}");
         let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("hydra.log")).unwrap();
+        let log_path = dir.path().join("hydra.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(binary())
             .args(["serve", "all", "--dev"])
             .current_dir(dir.path())
@@ -62,7 +74,7 @@ impl Hydra {
             .stderr(log)
             .spawn()
             .unwrap();
-        let h = Self {
+        let mut h = Self {
             issuer,
             admin: format!("http://127.0.0.1:{admin}"),
             child,
@@ -70,6 +82,7 @@ impl Hydra {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         let discovery = format!("{}/.well-known/openid-configuration", h.issuer);
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         loop {
             if let Ok(r) = reqwest::get(&discovery).await
                 && r.status().is_success()
@@ -77,12 +90,19 @@ impl Hydra {
                     .await
                     .is_ok_and(|r| r.status().is_success())
             {
-                break;
+                return Some(h);
             }
-            assert!(Instant::now() < deadline, "hydra did not start");
+            if let Ok(Some(status)) = h.child.try_wait() {
+                eprintln!("hydra exited at start ({status}):\n{}", log());
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hydra did not start in 60 s:\n{}",
+                log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        h
     }
 
     /// Registers a client-credentials client allowed `scopes` and `audiences`, whose tokens live
