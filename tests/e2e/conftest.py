@@ -310,9 +310,28 @@ def stack():
 
 
 @pytest.fixture
-def redis_url():
+def scratch():
+    """Makes directories under the system's temporary directory (0755: sandboxes run as an
+    unprivileged user and must reach what is in them), removed after the test unless
+    AGENTCUBE_E2E_KEEP is set (they used to pile up, one set per run)."""
+    made: list[Path] = []
+
+    def make(prefix: str) -> Path:
+        d = Path(tempfile.mkdtemp(prefix=prefix))
+        d.chmod(0o755)
+        made.append(d)
+        return d
+
+    yield make
+    if not os.environ.get("AGENTCUBE_E2E_KEEP"):
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(scratch):
     port = _free_port()
-    tmp = tempfile.mkdtemp()
+    tmp = str(scratch("agentcube-redis-"))
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
     for _ in range(100):

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 
@@ -170,10 +169,10 @@ def test_spoofed_headers_never_reach_an_agent(stack):
         requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}")
 
 
-def test_a_planted_socket_symlink_sends_nothing_to_the_host(stack, session):
+def test_a_planted_socket_symlink_sends_nothing_to_the_host(stack, session, scratch):
     local_only(stack)
     received = []
-    path = os.path.join(tempfile.mkdtemp(), "host-daemon.sock")
+    path = str(scratch("agentcube-host-") / "host-daemon.sock")
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(64)

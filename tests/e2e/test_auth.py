@@ -5,7 +5,6 @@ serves SDK calls authenticated with `ServiceAccountAuth` and keeps users to thei
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +25,9 @@ def _local_only(stack):
         pytest.skip("runs its own `agentcube up` and router")
 
 
-def test_up_beyond_loopback_requires_the_token_it_prints(stack, monkeypatch):
+def test_up_beyond_loopback_requires_the_token_it_prints(stack, monkeypatch, scratch):
     _local_only(stack)
-    tmp = Path(tempfile.mkdtemp(prefix="agentcube-auth-"))
-    tmp.chmod(0o755)
+    tmp = scratch("agentcube-auth-")
     env = {k: v for k, v in os.environ.items() if k != "AGENTCUBE_AUTH_TOKEN"}
     proc, wm, router = start_up(tmp, None, "--bind", "0.0.0.0", env=env)
     try:
@@ -97,10 +95,9 @@ class Hydra:
         self.proc.wait(10)
 
 
-def test_oidc_router_with_service_account_auth(stack, redis_url):
+def test_oidc_router_with_service_account_auth(stack, redis_url, scratch):
     _local_only(stack)
-    tmp = Path(tempfile.mkdtemp(prefix="agentcube-oidc-"))
-    tmp.chmod(0o755)
+    tmp = scratch("agentcube-oidc-")
     hydra = Hydra(tmp)
     identity = tmp / "identity"
     # The Workload Manager and sandboxes (agentcube up), and a standalone Router sharing its store

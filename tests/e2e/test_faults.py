@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,11 +96,10 @@ def test_a_sandbox_whose_picod_is_killed_is_reclaimed(stack):
     assert name not in stack.sandboxes()
 
 
-def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url):
+def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url, scratch):
     if stack.backend != "local":
         pytest.skip("runs its own `agentcube up`")
-    tmp = Path(tempfile.mkdtemp(prefix="agentcube-crash-"))
-    tmp.chmod(0o755)
+    tmp = scratch("agentcube-crash-")
     proc, wm, router = start_up(tmp, redis_url, "--max-sessions", "3")
     names, sids = [], []
     for _ in range(3):
