@@ -164,26 +164,29 @@ async fn code_interpreter_extra_ports_serve_what_users_start_later() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// An AgentRuntime `name` on the host's `/usr` running `command` (a YAML list), reached on `port`.
+fn host_agent(name: &str, port: u16, command: &str) -> String {
+    format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\n\
+         metadata: {{name: {name}, namespace: default}}\nspec:\n  \
+         targetPort: [{{pathPrefix: /, port: {port}, protocol: HTTP}}]\n  podTemplate:\n    \
+         spec:\n      containers:\n        - name: agent\n          image: host\n          \
+         command: {command}\n"
+    )
+}
+
 /// An agent that exits while its sandbox starts: the create says so (which sandbox, and the
 /// agent's exit status, which PicoD and bubblewrap pass on) instead of a bare `internal server
 /// error`, keeps the agent's output out of the answer (it goes to the log), and leaves nothing
 /// behind.
 #[tokio::test]
 async fn an_agent_exiting_at_start_is_named_in_the_error() {
-    let manifest = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: AgentRuntime
-metadata: {name: quits, namespace: default}
-spec:
-  targetPort: [{pathPrefix: /, port: 8080, protocol: HTTP}]
-  podTemplate:
-    spec:
-      containers:
-        - name: agent
-          image: host
-          command: [sh, -c, "echo secret-output >&2; exit 3"]
-"#;
     let s = Stack::start(Options {
-        manifests: manifest.into(),
+        manifests: host_agent(
+            "quits",
+            8080,
+            r#"[sh, -c, "echo secret-output >&2; exit 3"]"#,
+        ),
         ..Default::default()
     })
     .await;
@@ -205,21 +208,10 @@ spec:
 /// waited for in the Workload Manager's log (it used to log nothing at all).
 #[tokio::test]
 async fn a_create_that_times_out_logs_what_it_waited_for() {
-    let manifest = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: AgentRuntime
-metadata: {name: deaf, namespace: default}
-spec:
-  targetPort: [{pathPrefix: /, port: 9999, protocol: HTTP}]
-  podTemplate:
-    spec:
-      containers:
-        - name: agent
-          image: host
-          command: [python3, -m, http.server, "8080"]
-"#;
     let (_guard, logs) = common::Logs::start();
     let s = Stack::start(Options {
-        manifests: manifest.into(),
+        // Listens on 8080; the definition says 9999.
+        manifests: host_agent("deaf", 9999, r#"[python3, -m, http.server, "8080"]"#),
         ready_timeout: std::time::Duration::from_secs(2),
         ..Default::default()
     })
@@ -229,11 +221,7 @@ spec:
         (status, v),
         (504, json!({"message": "sandbox creation timed out"}))
     );
-    let text = logs.text();
-    let line = text
-        .lines()
-        .find(|l| l.contains("sandbox creation timed out"))
-        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    let line = logs.line_with("sandbox creation timed out");
     assert!(
         line.contains("WARN")
             && line.contains("sandbox deaf-")
@@ -392,13 +380,10 @@ async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
         (status, body),
         (504, json!({"message": "sandbox creation timed out"}))
     );
+    let line = logs.line_with("sandbox creation timed out");
     assert!(
-        logs.text()
-            .lines()
-            .any(|l| l.contains("sandbox creation timed out")
-                && l.contains("not ready within --create-timeout (2s; rolled back)")),
-        "{}",
-        logs.text()
+        line.contains("not ready within --create-timeout (2s; rolled back)"),
+        "{line}"
     );
     let far = jiff::Timestamp::from_second(4_000_000_000).unwrap();
     assert!(

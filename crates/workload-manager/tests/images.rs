@@ -13,12 +13,16 @@ use agentcube_workload_manager::backend::local::image::RegistrySettings;
 use common::*;
 use serde_json::json;
 
-fn settings(registry: &oci::Registry) -> Option<RegistrySettings> {
-    Some(RegistrySettings {
-        insecure: vec![registry.addr.clone()],
-        auth_file: None,
-        max_image_bytes: Some(16 << 30),
-    })
+/// A stack's options pulling images from `registry` (plain HTTP).
+fn pulling(registry: &oci::Registry) -> Options {
+    Options {
+        images: Some(RegistrySettings {
+            insecure: vec![registry.addr.clone()],
+            auth_file: None,
+            max_image_bytes: Some(16 << 30),
+        }),
+        ..Default::default()
+    }
 }
 
 fn ci(name: &str, image: &str, extra: &str) -> String {
@@ -115,8 +119,7 @@ async fn images_are_pulled_once_and_sandboxes_run_on_them() {
     .concat();
     let s = Stack::start(Options {
         manifests,
-        images: settings(&registry),
-        ..Default::default()
+        ..pulling(&registry)
     })
     .await;
 
@@ -191,9 +194,8 @@ async fn images_are_pulled_once_and_sandboxes_run_on_them() {
     let dir = s.stop_keeping_dir().await;
     let s = Stack::start(Options {
         manifests: ci("py", &format!("{r}/py:1"), ""),
-        images: settings(&registry),
         dir: Some(dir),
-        ..Default::default()
+        ..pulling(&registry)
     })
     .await;
     let py3 = s.create_ok("code-interpreter", "py").await;
@@ -231,8 +233,7 @@ async fn an_environment_cannot_smuggle_sandbox_options() {
     .concat();
     let s = Stack::start(Options {
         manifests,
-        images: settings(&registry),
-        ..Default::default()
+        ..pulling(&registry)
     })
     .await;
     for (name, says) in [
@@ -356,9 +357,8 @@ async fn gvisor_sandboxes_run_on_the_image_too() {
         .await;
     let s = Stack::start(Options {
         manifests: ci("py", &format!("{}/py:1", registry.addr), ""),
-        images: settings(&registry),
         isolation: agentcube_workload_manager::backend::local::Isolation::Gvisor,
-        ..Default::default()
+        ..pulling(&registry)
     })
     .await;
     let v = s.create_ok("code-interpreter", "py").await;

@@ -358,14 +358,8 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
     .await;
     // Each counted once, for what it was.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let text = k.wm.as_ref().unwrap().manager.metrics.encode();
-    let count = |reason: &str| {
-        let prefix = format!("agentcube_gc_sandboxes_reclaimed_total{{reason=\"{reason}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .map_or(0, |n| n.parse::<u64>().unwrap())
-    };
-    assert_eq!((count("dead"), count("orphan")), (2, 1), "{text}");
+    let count = |reason| reclaimed(&k, reason);
+    assert_eq!((count("dead"), count("orphan")), (2, 1));
 }
 
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
@@ -414,11 +408,7 @@ spec:
     assert_eq!(status, 504, "{body}");
     assert_eq!(body, json!({"message": "sandbox creation timed out"}));
     // The log says what it waited for: the Sandbox and why agent-sandbox calls it not Ready.
-    let text = logs.text();
-    let line = text
-        .lines()
-        .find(|l| l.contains("sandbox creation timed out"))
-        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    let line = logs.line_with("sandbox creation timed out");
     assert!(
         line.contains("not ready within --create-timeout (2s; rolled back): Sandbox broken-")
             && line.contains("is not Ready ("),
@@ -579,18 +569,18 @@ spec:
     .await;
     // Counted once, as idle: not also as an orphan or a dead sandbox by later GC runs.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = |reason| reclaimed(&k, reason);
+    assert_eq!((count("idle"), count("orphan"), count("dead")), (1, 0, 0));
+}
+
+/// `agentcube_gc_sandboxes_reclaimed_total{reason}` of the stack's Workload Manager (0 when
+/// never counted).
+fn reclaimed(k: &KubeStack, reason: &str) -> u64 {
     let text = k.wm.as_ref().unwrap().manager.metrics.encode();
-    let count = |reason: &str| {
-        let prefix = format!("agentcube_gc_sandboxes_reclaimed_total{{reason=\"{reason}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .map_or(0, |n| n.parse::<u64>().unwrap())
-    };
-    assert_eq!(
-        (count("idle"), count("orphan"), count("dead")),
-        (1, 0, 0),
-        "{text}"
-    );
+    let prefix = format!("agentcube_gc_sandboxes_reclaimed_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.parse().unwrap())
 }
 
 /// A service account's token from the API server (TokenRequest), creating the account (and its

@@ -105,6 +105,15 @@ impl Logs {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
+
+    /// The first line logged that contains `needle` (the whole log in the panic when none).
+    pub fn line_with(&self, needle: &str) -> String {
+        let text = self.text();
+        text.lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{text}"))
+    }
 }
 
 struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);

@@ -52,18 +52,14 @@ pub(super) fn observe(
     };
     let mut seen = HashMap::new();
     for c in claims.all() {
-        let (Some(session), Some(namespace)) = (c.labels().get(labels::SESSION_ID), c.namespace())
-        else {
+        let Some((session, namespace)) = session_of(c.as_ref()) else {
             continue;
         };
-        if c.meta().deletion_timestamp.is_some() {
-            continue;
-        }
         let pod_ip = sandbox_name_of(&c).and_then(|(name, _)| ip_of(&namespace, name));
         let kind = BackingKind::SandboxClaim;
         let name = c.name_any();
         seen.insert(
-            session.clone(),
+            session,
             Seen {
                 kind,
                 namespace,
@@ -73,14 +69,10 @@ pub(super) fn observe(
         );
     }
     for s in sandboxes.all() {
-        let (Some(session), Some(namespace)) = (s.labels().get(labels::SESSION_ID), s.namespace())
-        else {
+        let Some((session, namespace)) = session_of(s.as_ref()) else {
             continue;
         };
-        if s.meta().deletion_timestamp.is_some() {
-            continue;
-        }
-        seen.entry(session.clone()).or_insert_with(|| Seen {
+        seen.entry(session).or_insert_with(|| Seen {
             kind: BackingKind::Sandbox,
             namespace,
             name: s.name_any(),
@@ -88,6 +80,16 @@ pub(super) fn observe(
         });
     }
     seen
+}
+
+/// The session id and namespace of an object made for a session and not being deleted.
+fn session_of<K: Resource>(o: &K) -> Option<(String, String)> {
+    let meta = o.meta();
+    if meta.deletion_timestamp.is_some() {
+        return None;
+    }
+    let session = meta.labels.as_ref()?.get(labels::SESSION_ID)?;
+    Some((session.clone(), meta.namespace.clone()?))
 }
 
 /// A session whose sandbox died.

@@ -232,15 +232,14 @@ pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
-/// Takes the state directory for this manager: an exclusive lock on `<state>/lock`, held while
-/// the returned file is open (the kernel drops it when the process dies, so a crash never leaves
-/// it behind). A second manager on the same directory would take the first one's sandboxes for a
+/// Takes the state directory (made by [`trusted_state_dir`]) for this manager: an exclusive lock
+/// on `<state>/lock`, held while the returned file is open (the kernel drops it when the process
+/// dies, so a crash never leaves it behind). A second manager on the same directory would take the first one's sandboxes for a
 /// crashed predecessor's and remove them. The holder's pid is written into the file, for the
 /// refusal's message.
 pub fn lock_state(state: &Path) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(state).map_err(|e| format!("cannot make {}: {e}", state.display()))?;
     let path = state.join("lock");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -408,7 +407,7 @@ mod tests {
     #[test]
     fn a_state_directory_has_one_manager_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
+        let state = trusted_state_dir(&dir.path().join("state")).unwrap();
         let held = lock_state(&state).unwrap();
         let err = lock_state(&state).unwrap_err();
         assert!(
