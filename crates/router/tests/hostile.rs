@@ -138,6 +138,71 @@ async fn stalled_downloads_give_their_slots_back() {
     drop(stalled);
 }
 
+/// The same over HTTP/2: a client that never opens its streams' flow-control windows
+/// (`SETTINGS_INITIAL_WINDOW_SIZE` 0, no `WINDOW_UPDATE`) while its connection stays alive
+/// (its h2 stack answers pings) held every slot forever with one connection, whose socket
+/// never blocks. Now a stream whose answer waits on the client for the body idle timeout
+/// closes its connection, and the slots are free again.
+#[tokio::test]
+async fn stalled_http2_streams_give_their_slots_back() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        short_limits(c);
+        c.max_concurrent_requests = 3;
+    })
+    .await;
+    let tcp = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let req = http::Request::get(router.ci("ok"))
+            .header("x-agentcube-session-id", "s1")
+            .body(())
+            .unwrap();
+        let (answer, _) = h2.send_request(req, true).unwrap();
+        answers.push(answer);
+        h2 = h2.ready().await.unwrap();
+    }
+    let mut bodies = Vec::new();
+    for a in answers {
+        let a = a.await.unwrap();
+        assert_eq!(a.status(), 200, "the heads arrive, the bodies cannot");
+        bodies.push(a.into_body());
+    }
+    let call = || {
+        client()
+            .get(router.ci("ok"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+    };
+    assert_eq!(
+        call().await.unwrap().status(),
+        429,
+        "slots are held while the answers wait on the client"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call().await.unwrap().status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled HTTP/2 streams still hold the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = &router.shared().metrics.serve;
+    assert_eq!(stats.send_timeouts.get(), 1, "one connection cut");
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "the stalled client's connection is closed");
+    drop((h2, bodies));
+}
+
 #[tokio::test]
 async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
     let store = memory();

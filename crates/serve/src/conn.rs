@@ -41,7 +41,14 @@ pub(crate) struct Tracker {
     closing_since: AtomicU64,
     /// Since when (ms since origin) the client has taken no byte of what is being written to it.
     send_blocked_since: AtomicU64,
+    /// HTTP/2 answers in flight: since when (ms since origin) each has waited on the client to
+    /// take more (`UNSET` while it waits on the app; `FREE`: no answer). An HTTP/2 client
+    /// stalls a stream by not opening its flow-control window, which blocks no socket write.
+    streams: std::sync::Mutex<Vec<u64>>,
 }
+
+/// A free entry of [`Tracker::streams`].
+const FREE: u64 = u64::MAX - 1;
 
 /// Why the watchdog closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +71,7 @@ impl Tracker {
             sniffed: AtomicBool::new(false),
             closing_since: AtomicU64::new(UNSET),
             send_blocked_since: AtomicU64::new(UNSET),
+            streams: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -134,6 +142,41 @@ impl Tracker {
         InFlight(self.clone())
     }
 
+    /// An HTTP/2 answer handed to hyper: it waits on the client (hyper polls its body only
+    /// when the stream's window has room) until its body is polled.
+    pub(crate) fn stream(self: &Arc<Self>) -> Stream {
+        let now = self.now_ms();
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match streams.iter().position(|&s| s == FREE) {
+            Some(i) => i,
+            None => {
+                streams.push(FREE);
+                streams.len() - 1
+            }
+        };
+        streams[i] = now;
+        Stream {
+            tracker: self.clone(),
+            i,
+        }
+    }
+
+    fn set_stream(&self, i: usize, since: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams[i] = since;
+    }
+
+    /// Since when the longest-waiting HTTP/2 answer has waited on the client, if one does.
+    fn stream_blocked_since(&self) -> u64 {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .iter()
+            .copied()
+            .filter(|&s| s != FREE)
+            .min()
+            .unwrap_or(UNSET)
+    }
+
     /// Waits until the connection has stalled, and says how. Nothing wakes it when the
     /// connection changes state (that would cost every request a wake-up): it re-checks at its
     /// deadline, and at least once per header timeout, so a request's first bytes are noticed
@@ -157,7 +200,10 @@ impl Tracker {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             // A request in flight is never cut for taking long, only for an answer the client
             // does not take.
-            let blocked = self.send_blocked_since.load(Ordering::Acquire);
+            let blocked = match self.h2.load(Ordering::Relaxed) {
+                true => self.stream_blocked_since(),
+                false => self.send_blocked_since.load(Ordering::Acquire),
+            };
             return (blocked != UNSET)
                 .then(|| (blocked + ms(limits.body_idle_timeout), Closed::SendStalled));
         }
@@ -188,9 +234,36 @@ impl Drop for InFlight {
     }
 }
 
+/// An HTTP/2 answer's entry in its connection's [`Tracker`], freed when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    tracker: Arc<Tracker>,
+    i: usize,
+}
+
+impl Stream {
+    /// Its body was polled: it waits on the app while that is pending, on the client once a
+    /// frame has been handed out (hyper polls again when the client has room for more).
+    fn polled<T>(&self, polled: &Poll<Option<T>>) {
+        let since = match polled {
+            Poll::Ready(Some(_)) => self.tracker.now_ms(),
+            _ => UNSET,
+        };
+        self.tracker.set_stream(self.i, since);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.tracker.set_stream(self.i, FREE);
+    }
+}
+
 /// A response body that keeps its request in flight until it is done (or dropped).
 pub(crate) struct GuardedBody {
     pub(crate) inner: Body,
+    /// HTTP/2 only: HTTP/1.1 stalls show as socket writes that do not go through.
+    pub(crate) stream: Option<Stream>,
     pub(crate) _guard: InFlight,
 }
 
@@ -202,7 +275,11 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(stream) = &self.stream {
+            stream.polled(&polled);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -445,6 +522,66 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(dog.await.unwrap(), Closed::SendStalled);
         assert!(started.elapsed() <= Duration::from_secs(30 + 10));
+    }
+
+    fn h2_tracker() -> Arc<Tracker> {
+        let t = Tracker::new();
+        t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        t
+    }
+
+    const FRAME: Poll<Option<()>> = Poll::Ready(Some(()));
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_answer_its_client_takes_nothing_of_is_cut_whatever_other_streams_do() {
+        let limits = Limits {
+            body_idle_timeout: Duration::from_secs(30),
+            ..limits()
+        };
+        let t = h2_tracker();
+        let (_a, _b) = (t.begin(), t.begin());
+        let (busy, stalled) = (t.stream(), t.stream());
+        let dog = tokio::spawn({
+            let t = t.clone();
+            async move { t.watchdog(&limits).await }
+        });
+        stalled.polled(&FRAME);
+        let started = tokio::time::Instant::now();
+        // Another stream of the same connection keeps moving: it shields nothing.
+        for _ in 0..5 {
+            busy.polled(&FRAME);
+            busy.polled(&Poll::<Option<()>>::Pending);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        assert!(!dog.is_finished(), "25 s of 30");
+        let cut = tokio::time::timeout(Duration::from_secs(60), dog).await;
+        assert_eq!(cut.expect("not cut").unwrap(), Closed::SendStalled);
+        assert!(started.elapsed() <= Duration::from_secs(30 + 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_answer_waiting_on_its_app_or_taken_is_never_cut() {
+        let t = h2_tracker();
+        let guard = t.begin();
+        let stream = t.stream();
+        let dog = tokio::spawn({
+            let t = t.clone();
+            async move { t.watchdog(&limits()).await }
+        });
+        // A frame taken at once, then a long wait on the app (a long execute, an SSE stream).
+        stream.polled(&FRAME);
+        stream.polled(&Poll::<Option<()>>::Pending);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!dog.is_finished());
+        // An answer done and dropped frees its entry; the next answer reuses it.
+        drop(stream);
+        let next = t.stream();
+        assert_eq!(next.i, 0);
+        next.polled(&Poll::<Option<()>>::Ready(None));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!dog.is_finished());
+        drop((next, guard));
+        assert_eq!(dog.await.unwrap(), Closed::Idle);
     }
 
     #[tokio::test(start_paused = true)]

@@ -588,12 +588,15 @@ impl<H: Handshake> Connection<H> {
         let (app, peer, t) = (self.app.clone(), self.peer, tracker.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let guard = t.begin();
+            let h2 = req.version() == http::Version::HTTP_2;
             let req = req.map(|b| Body::new(conn::TimedBody::new(limits.body_idle_timeout, b)));
             let call = app.clone().answer(req, peer);
+            let t = t.clone();
             async move {
                 let resp = call.await;
                 Ok::<_, Infallible>(resp.map(|b| conn::GuardedBody {
                     inner: b,
+                    stream: h2.then(|| t.stream()),
                     _guard: guard,
                 }))
             }
