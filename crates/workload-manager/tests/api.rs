@@ -164,23 +164,13 @@ async fn code_interpreter_extra_ports_serve_what_users_start_later() {
     s.shutdown_and_check_leaks().await;
 }
 
-/// An AgentRuntime `name` on the host's `/usr` running `command` (a YAML list), reached on `port`.
-fn host_agent(name: &str, port: u16, command: &str) -> String {
-    format!(
-        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\n\
-         metadata: {{name: {name}, namespace: default}}\nspec:\n  \
-         targetPort: [{{pathPrefix: /, port: {port}, protocol: HTTP}}]\n  podTemplate:\n    \
-         spec:\n      containers:\n        - name: agent\n          image: host\n          \
-         command: {command}\n"
-    )
-}
-
 /// An agent that exits while its sandbox starts: the create says so (which sandbox, and the
 /// agent's exit status, which PicoD and bubblewrap pass on) instead of a bare `internal server
 /// error`, keeps the agent's output out of the answer (it goes to the log), and leaves nothing
 /// behind.
 #[tokio::test]
 async fn an_agent_exiting_at_start_is_named_in_the_error() {
+    let (_guard, logs) = common::Logs::start();
     let s = Stack::start(Options {
         manifests: host_agent(
             "quits",
@@ -200,6 +190,13 @@ async fn an_agent_exiting_at_start_is_named_in_the_error() {
         "{message}"
     );
     assert!(!message.contains("secret-output"), "{message}");
+    // The agent's last words, which went through the sandbox's output pipe, are all in.
+    assert!(
+        logs.line_with("exited while starting")
+            .contains("secret-output"),
+        "{}",
+        logs.text()
+    );
     assert!(s.backend.running().is_empty());
     s.shutdown_and_check_leaks().await;
 }

@@ -120,6 +120,51 @@ async fn an_agent_racing_its_socket_handoff_reaches_nothing_on_the_host() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// An agent's stdout and stderr were its sandbox's log file on the host's disk: an agent
+/// printing without end filled the host's disk past its workspace quota. They are a pipe now,
+/// drained into a log the manager rotates, and the agent is never held up by it.
+#[tokio::test]
+async fn an_agent_printing_without_end_cannot_fill_the_hosts_disk() {
+    let s = Stack::start(Options {
+        manifests: host_agent(
+            "printer",
+            8080,
+            r#"[sh, -c, "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &
+              head -c 12000000 /dev/zero >&2; head -c 12000000 /dev/zero; echo all-out; sleep 600"]"#,
+        ),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("agent-runtime", "printer").await;
+    let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    // The sandbox's private directory, where its sockets (and its log) are.
+    let private = std::path::Path::new(ep.strip_prefix("unix:").unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    // The agent is through its 24 MB (never held up by the log) when its last line is in.
+    let log = private.join("sandbox.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read(&log)
+        .unwrap_or_default()
+        .ends_with(b"all-out\n")
+    {
+        assert!(std::time::Instant::now() < deadline, "the agent is stuck");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs: u64 = std::fs::read_dir(&private)
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sandbox.log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let max = agentcube_workload_manager::backend::local::output::MAX_LOG;
+    assert!(logs > max && logs <= 2 * max, "{logs} bytes of logs");
+    // Its server still answers.
+    assert_eq!(unix_http(ep, "GET", "/", None).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn nothing_of_the_manager_reaches_the_sandbox() {
     // cargo runs tests with CARGO_MANIFEST_DIR etc. in the environment: the manager's.

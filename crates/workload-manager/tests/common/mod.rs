@@ -303,6 +303,17 @@ pub fn token(aud: &str) -> String {
     .unwrap()
 }
 
+/// An AgentRuntime `name` on the host's `/usr` running `command` (a YAML list), reached on `port`.
+pub fn host_agent(name: &str, port: u16, command: &str) -> String {
+    format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\n\
+         metadata: {{name: {name}, namespace: default}}\nspec:\n  \
+         targetPort: [{{pathPrefix: /, port: {port}, protocol: HTTP}}]\n  podTemplate:\n    \
+         spec:\n      containers:\n        - name: agent\n          image: host\n          \
+         command: {command}\n"
+    )
+}
+
 /// The sandbox a local endpoint belongs to: its socket sits in `private/<name>/`.
 pub fn sandbox_of(endpoint: &str) -> String {
     let sock = Path::new(endpoint.strip_prefix("unix:").expect("unix endpoint"));

@@ -9,7 +9,8 @@
 //!     run/                        the sandbox's /run/agentcube: PicoD binds its sockets here
 //! <state>/private/<name>/         0700, the manager's only: never mounted into the sandbox
 //!     picod.sock, port-<N>.sock   moved here from run/ once bound (see `claim_socket`)
-//!     bwrap.args, seccomp-*.bpf   the launcher's inputs; sandbox.log; the gVisor bundle
+//!     bwrap.args, seccomp-*.bpf   the launcher's inputs; the gVisor bundle
+//!     sandbox.log, sandbox.log.1  its output, written by the manager (see `output`)
 //! ```
 //!
 //! Everything the Router and the Workload Manager connect to or open lives in `private/`, which

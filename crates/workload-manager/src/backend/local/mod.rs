@@ -32,6 +32,7 @@ pub mod image;
 pub mod launch;
 pub mod layout;
 pub mod net;
+pub mod output;
 mod platform;
 mod pool;
 pub mod probe;
@@ -220,6 +221,8 @@ struct Running {
     memory: u64,
     /// Its network namespace, when its definition has a network policy.
     net: Option<net::SandboxNet>,
+    /// When its output is all in its log.
+    drained: output::Drained,
 }
 
 /// What one sandbox is given besides its definition: the Router key, its uid, its network.
@@ -744,8 +747,8 @@ impl LocalBackend {
             workspace_limit: workspace.map(human_bytes),
             workspace_fs,
         };
-        let mut child = match self.spawn_launcher(&spec, name, paths) {
-            Ok(child) => child,
+        let (mut child, drained) = match self.spawn_launcher(&spec, name, paths) {
+            Ok(started) => started,
             Err(e) => {
                 // No sandbox record holds the cgroup yet: removed here (empty, nothing joined).
                 if let Some(cg) = &cgroup {
@@ -771,30 +774,34 @@ impl LocalBackend {
             uid,
             memory: 0,
             net: None,
+            drained,
         })
     }
 
-    /// Starts the sandbox's launcher, its output going to the sandbox's log.
+    /// Starts the sandbox's launcher, its output going through a pipe to the sandbox's log
+    /// ([`output`]).
     fn spawn_launcher(
         &self,
         spec: &LaunchSpec,
         name: &str,
         paths: &SandboxPaths,
-    ) -> Result<tokio::process::Child, BackendError> {
+    ) -> Result<(tokio::process::Child, output::Drained), BackendError> {
         let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
         let argv = self.launcher(spec, name).map_err(|e| fail("launcher", e))?;
-        let log = std::fs::File::create(paths.log()).map_err(|e| fail("log", e))?;
-        tokio::process::Command::new(&argv[0])
+        let (out, drained) =
+            output::start(paths.log(), output::MAX_LOG).map_err(|e| fail("log", e))?;
+        let child = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| fail("log", e))?)
-            .stderr(log)
+            .stdout(out.stdout)
+            .stderr(out.stderr)
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| fail("cannot start the sandbox launcher", e))
+            .map_err(|e| fail("cannot start the sandbox launcher", e))?;
+        Ok((child, drained))
     }
 
     /// Writes the launcher's inputs into the private directory and returns its argv.
@@ -865,6 +872,9 @@ impl LocalBackend {
                          raise resources.limits.memory"
                     )));
                 }
+                if let Some(drained) = self.drained(name) {
+                    drained.wait(Duration::from_secs(1)).await;
+                }
                 let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
                 let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
                 return Err(BackendError::Exited {
@@ -894,6 +904,12 @@ impl LocalBackend {
             .parse()
             .ok()?;
         (kills > 0).then(|| human_bytes(r.memory))
+    }
+
+    /// When the sandbox's output is all in its log.
+    fn drained(&self, name: &str) -> Option<output::Drained> {
+        let running = self.inner.running.lock().unwrap();
+        running.get(name).map(|r| r.drained.clone())
     }
 
     /// The launcher's exit status if it has exited.
