@@ -8,7 +8,7 @@
 //!    one; a uid from the sandbox range ([`uids`]); cgroups ([`cgroup`]).
 //! 2. Launch ([`launch`]): bubblewrap reads all its options from a private file through an fd,
 //!    under an empty environment, with the [`seccomp`] filters; PicoD binds its sockets in the
-//!    run dir.
+//!    run dir. Its stdout and stderr are a pipe drained into a bounded log ([`output`]).
 //! 3. The host *moves* each socket into the private dir and checks it is a socket
 //!    ([`layout::claim_socket`]); entry points are `unix:<private>/…sock`, a path the sandbox
 //!    cannot see or replace. Then PicoD's `/health` ([`probe`]).
