@@ -789,7 +789,7 @@ impl LocalBackend {
         let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
         let argv = self.launcher(spec, name).map_err(|e| fail("launcher", e))?;
         let (out, drained) =
-            output::start(paths.log(), output::MAX_LOG).map_err(|e| fail("log", e))?;
+            output::start(paths.log(), output::Limits::default()).map_err(|e| fail("log", e))?;
         let child = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .env_clear()

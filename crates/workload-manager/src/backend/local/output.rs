@@ -5,6 +5,12 @@
 //! (the previous one is dropped), so a sandbox keeps at most two logs of [`MAX_LOG`] bytes on
 //! the host's disk. Before, the launcher's stdout and stderr were `sandbox.log` itself: an
 //! agent printing without end filled the host's disk, past its workspace quota.
+//!
+//! The pipe is read at most [`LOG_RATE`] bytes a second (after a first second's worth at once):
+//! past that, the pipe fills and the sandbox's writes wait, as on a slow terminal. Nothing is
+//! dropped, and a sandbox printing without end costs the manager next to nothing (copying
+//! whatever it printed cost the manager several times the CPU the sandbox spent printing it,
+//! past the sandbox's own CPU limit).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,6 +19,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The largest a sandbox's log grows before it is moved to `sandbox.log.1`.
 pub const MAX_LOG: u64 = 1 << 20;
+
+/// The most a sandbox's output is read per second.
+pub const LOG_RATE: u64 = 1 << 20;
+
+/// How much of a sandbox's output is kept, and how fast it is taken.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// The largest `sandbox.log` grows before it is rotated.
+    pub(crate) max: u64,
+    /// Bytes read per second at most.
+    pub(crate) rate: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max: MAX_LOG,
+            rate: LOG_RATE,
+        }
+    }
+}
 
 /// The write end of a sandbox's output pipe, for its launcher's stdout and stderr.
 pub(crate) struct Output {
@@ -32,10 +59,10 @@ impl Drained {
     }
 }
 
-/// Creates `log` (truncated) and a pipe drained into it, rotated at `max` bytes, until every
-/// holder of the returned write ends has closed them.
-pub(crate) fn start(log: PathBuf, max: u64) -> io::Result<(Output, Drained)> {
-    let max = max.max(1);
+/// Creates `log` (truncated) and a pipe drained into it within `limits`, until every holder
+/// of the returned write ends has closed them.
+pub(crate) fn start(log: PathBuf, limits: Limits) -> io::Result<(Output, Drained)> {
+    let (max, rate) = (limits.max.max(1), limits.rate.max(1));
     let file = std::fs::File::create(&log)?;
     let (reader, writer) = std::io::pipe()?;
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())?;
@@ -51,7 +78,7 @@ pub(crate) fn start(log: PathBuf, max: u64) -> io::Result<(Output, Drained)> {
         max,
     };
     tokio::spawn(async move {
-        drain(reader, log).await;
+        drain(reader, log, Bucket::new(rate)).await;
         let _ = done.send(true);
     });
     Ok((output, Drained(drained)))
@@ -85,18 +112,57 @@ impl Log {
     }
 }
 
-/// Copies the pipe into the log until its end; the sandbox is never held up by a log that
-/// cannot be written (what it writes then is dropped).
-async fn drain(mut pipe: tokio::net::unix::pipe::Receiver, mut log: Log) {
-    let mut buf = vec![0u8; 64 << 10];
+/// Copies the pipe into the log until its end, at `bucket`'s pace; once the log cannot be
+/// written (its directory removed), the rest is read and dropped.
+async fn drain(mut pipe: tokio::net::unix::pipe::Receiver, mut log: Log, mut bucket: Bucket) {
+    let mut buf = vec![0u8; (64 << 10).min(bucket.rate as usize)];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => log.write(&buf[..n]).await,
+            Ok(n) => {
+                log.write(&buf[..n]).await;
+                bucket.take(n as u64).await;
+            }
         }
     }
     if let Some(mut file) = log.file {
         let _ = file.flush().await;
+    }
+}
+
+/// A token bucket: `rate` bytes a second, and up to a second's worth at once.
+struct Bucket {
+    rate: u64,
+    tokens: u64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            tokens: rate,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes' worth, waiting until the bucket holds them (in debt past a second's).
+    async fn take(&mut self, n: u64) {
+        let now = tokio::time::Instant::now();
+        let earned = (now - self.at).as_secs_f64() * self.rate as f64;
+        self.tokens = self.tokens.saturating_add(earned as u64).min(self.rate);
+        self.at = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            return;
+        }
+        let short = n - self.tokens;
+        tokio::time::sleep(std::time::Duration::from_secs_f64(
+            short as f64 / self.rate as f64,
+        ))
+        .await;
+        self.tokens = 0;
+        self.at = tokio::time::Instant::now();
     }
 }
 
@@ -130,11 +196,40 @@ mod tests {
         .unwrap();
     }
 
+    fn unlimited(max: u64) -> Limits {
+        Limits {
+            max,
+            rate: u64::MAX,
+        }
+    }
+
+    /// Past the first second's worth, output is taken at the rate: the writer waits.
+    #[tokio::test]
+    async fn output_is_taken_at_the_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max: 1 << 20,
+            rate: 256 << 10,
+        };
+        let (out, drained) = start(dir.path().join("sandbox.log"), limits).unwrap();
+        let started = std::time::Instant::now();
+        write(out, vec![vec![b'z'; 64 << 10]; 12]).await;
+        drained.wait(Duration::from_secs(10)).await;
+        let took = started.elapsed();
+        // 768 KiB: 256 at once, then 512 at 256 KiB/s (less what the pipe holds at the end).
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let kept = std::fs::metadata(dir.path().join("sandbox.log"))
+            .unwrap()
+            .len();
+        assert_eq!(kept, 768 << 10, "nothing dropped");
+    }
+
     #[tokio::test]
     async fn output_past_the_limit_keeps_two_logs_and_the_newest_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("sandbox.log");
-        let (out, drained) = start(log.clone(), 1000).unwrap();
+        let (out, drained) = start(log.clone(), unlimited(1000)).unwrap();
         let lines: Vec<Vec<u8>> = (0..100)
             .map(|i| format!("line {i:04} {}\n", "x".repeat(40)).into_bytes())
             .collect();
@@ -152,11 +247,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_removed_log_directory_never_blocks_the_writer() {
+    async fn a_removed_log_directory_stops_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (out, drained) = start(dir.path().join("sandbox.log"), 1000).unwrap();
+        let (out, drained) = start(dir.path().join("sandbox.log"), unlimited(1000)).unwrap();
         std::fs::remove_dir_all(dir.path()).unwrap();
-        // Far more than a pipe holds: the writer would block if the drain stopped reading.
+        // Far more than a pipe holds: the writer would wait for ever if the drain stopped.
         let written = tokio::time::timeout(
             Duration::from_secs(10),
             write(out, vec![vec![b'y'; 64 << 10]; 64]),
