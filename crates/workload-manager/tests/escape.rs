@@ -155,7 +155,10 @@ async fn an_agent_printing_without_end_cannot_fill_the_hosts_disk() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = started.elapsed();
-    assert!(took > Duration::from_secs(1), "not held to the rate: {took:?}");
+    assert!(
+        took > Duration::from_secs(1),
+        "not held to the rate: {took:?}"
+    );
     let logs: u64 = std::fs::read_dir(&private)
         .unwrap()
         .map(Result::unwrap)
