@@ -199,11 +199,12 @@ impl Tracker {
         let ms = |d: Duration| d.as_millis() as u64;
         if self.in_flight.load(Ordering::Acquire) > 0 {
             // A request in flight is never cut for taking long, only for an answer the client
-            // does not take.
-            let blocked = match self.h2.load(Ordering::Relaxed) {
-                true => self.stream_blocked_since(),
-                false => self.send_blocked_since.load(Ordering::Acquire),
-            };
+            // does not take: its socket takes no byte or, over HTTP/2, a stream's window stays
+            // shut (which blocks no socket write).
+            let mut blocked = self.send_blocked_since.load(Ordering::Acquire);
+            if self.h2.load(Ordering::Relaxed) {
+                blocked = blocked.min(self.stream_blocked_since());
+            }
             return (blocked != UNSET)
                 .then(|| (blocked + ms(limits.body_idle_timeout), Closed::SendStalled));
         }
