@@ -35,10 +35,7 @@ impl Gc {
     pub async fn run_once(&self, now: Timestamp) -> usize {
         let started = std::time::Instant::now();
         let metrics = &self.manager.metrics;
-        // Sandboxes that died on their own: their sessions go at once, idle or not.
-        let dead = self.manager.backend.reap().await;
-        metrics.reclaimed(Reason::dead, dead.len());
-        let mut deleted = self.delete_records(&dead).await;
+        let mut deleted = self.reap().await;
         // Before this run's own deletions: a backend may list its sandboxes as `reap` saw them,
         // and a session reclaimed below would look like an orphan.
         let n = self.orphans().await;
@@ -56,6 +53,13 @@ impl Gc {
         }
         metrics.gc_cycle.observe(started.elapsed().as_secs_f64());
         deleted
+    }
+
+    /// Sandboxes that died on their own: their sessions go at once, idle or not.
+    async fn reap(&self) -> usize {
+        let dead = self.manager.backend.reap().await;
+        self.manager.metrics.reclaimed(Reason::dead, dead.len());
+        self.delete_records(&dead).await
     }
 
     /// Idle sessions past their own timeout, and sessions past `expiresAt` (that are not idle
@@ -182,6 +186,9 @@ impl Gc {
         loop {
             tokio::select! {
                 _ = tick.tick() => { self.run_once(Timestamp::now()).await; }
+                // A sandbox died: its session ends now, not up to an interval later (until
+                // then the Router answered its calls with 502 "sandbox unreachable").
+                () = self.manager.backend.died() => { self.reap().await; }
                 () = &mut shutdown => return,
             }
         }

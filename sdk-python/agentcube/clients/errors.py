@@ -20,14 +20,14 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
         router_made = resp.headers.get("x-agentcube-error") == "router"
         if resp.status_code == 404 and router_made and _code(resp) == "SESSION_NOT_FOUND":
             raise HTTPSessionNotFoundError(
-                f"session {session_id} is unknown or expired (reclaimed by idle timeout or deleted): {detail}",
+                f"session {session_id} is unknown or expired (reclaimed by idle timeout, deleted, or its sandbox died): {detail}",
                 resp.status_code,
                 resp,
             ) from http_error
         # A Router without the code (upstream before PR #460) says it in the message only.
         if resp.status_code == 404 and _code(resp) is None and "sessions.agentcube.volcano.sh" in detail:
             raise HTTPSessionNotFoundError(
-                f"session {session_id} is unknown or expired (reclaimed by idle timeout or deleted): {detail}",
+                f"session {session_id} is unknown or expired (reclaimed by idle timeout, deleted, or its sandbox died): {detail}",
                 resp.status_code,
                 resp,
             ) from http_error

@@ -128,6 +128,13 @@ pub trait Backend: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Resolves once a sandbox has died on its own since the last [`Backend::reap`] (a
+    /// death while nobody waits is remembered): GC then reaps at once instead of at its next
+    /// run. Never resolves on backends that only find dead sandboxes by looking.
+    async fn died(&self) {
+        std::future::pending().await
+    }
+
     /// Cleans up sandboxes that died on their own since the last call, and returns the
     /// sessions they served (whose records must go too). Called by every GC run.
     async fn reap(&self) -> Vec<String> {

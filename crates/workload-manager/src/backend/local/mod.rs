@@ -253,6 +253,8 @@ struct Inner {
     /// Sandboxes that died on their own (PicoD or the agent exited, was killed, OOM), with the
     /// session they served; reclaimed by the next GC run.
     dead: Mutex<Vec<(String, Option<String>)>>,
+    /// Woken when a sandbox lands in `dead`.
+    died: tokio::sync::Notify,
     /// The state directory's lock ([`layout::lock_state`]), let go at shutdown.
     state_lock: Mutex<Option<std::fs::File>>,
     /// Removed sandboxes whose cgroup a process that outlived SIGKILL still holds ([`reclaim`]).
@@ -431,6 +433,7 @@ impl LocalBackend {
                 pools: Mutex::new(HashMap::new()),
                 memory_in_use: Mutex::new(0),
                 dead: Mutex::new(Vec::new()),
+                died: tokio::sync::Notify::new(),
                 reclaiming: AtomicUsize::new(0),
                 state_lock: Mutex::new(Some(state_lock)),
             }),
@@ -936,6 +939,7 @@ impl LocalBackend {
             .lock()
             .unwrap()
             .push((name.to_string(), session));
+        self.inner.died.notify_one();
     }
 
     /// Marks a sandbox as serving `session_id`.
@@ -1029,6 +1033,10 @@ impl Backend for LocalBackend {
                 Some((session, BackingKind::Sandbox, String::new(), name.clone()))
             })
             .collect()
+    }
+
+    async fn died(&self) {
+        self.inner.died.notified().await
     }
 
     async fn reap(&self) -> Vec<String> {
