@@ -136,6 +136,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The record for `id`, or [`Error::NotFound`].
     async fn get(&self, id: &str) -> Result<SessionRecord>;
 
+    /// Whether each of `ids` has a record, in order, in one round trip (GC's check for
+    /// sandboxes whose record vanished). An id no record can have is `false`.
+    async fn exists_many(&self, ids: &[String]) -> Result<Vec<bool>>;
+
     /// Writes a new record and its index entries (expiry = `expiresAt`, last activity = `now`)
     /// atomically; [`Error::AlreadyExists`] if the id is taken.
     async fn insert(&self, record: &SessionRecord, now: Timestamp) -> Result<()>;

@@ -176,6 +176,14 @@ impl SessionStore for MemoryStore {
         Ok(serde_json::from_str(json)?)
     }
 
+    async fn exists_many(&self, ids: &[String]) -> Result<Vec<bool>> {
+        let inner = self.inner.lock().unwrap();
+        Ok(ids
+            .iter()
+            .map(|id| check_id(id).is_ok() && inner.records.contains_key(id.as_str()))
+            .collect())
+    }
+
     async fn insert(&self, record: &SessionRecord, now: Timestamp) -> Result<()> {
         check_id(&record.session_id)?;
         let json = serde_json::to_string(record)?;

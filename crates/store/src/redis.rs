@@ -265,6 +265,21 @@ impl RedisStore {
             .map_err(|_| Error::Unavailable(format!("{what} timed out")))?
     }
 
+    /// [`RedisStore::query`] for a pipeline.
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        what: &str,
+    ) -> Result<T> {
+        let work = async {
+            let mut conn = self.conn().await?;
+            pipe.query_async::<T>(&mut conn).await.map_err(map_err)
+        };
+        tokio::time::timeout(self.config.op_timeout, work)
+            .await
+            .map_err(|_| Error::Unavailable(format!("{what} timed out")))?
+    }
+
     async fn list(
         &self,
         index: &str,
@@ -308,6 +323,23 @@ impl SessionStore for RedisStore {
         let key = self.keys.record(id);
         let json: Option<String> = self.query(redis::cmd("GET").arg(&key), "GET").await?;
         Ok(serde_json::from_str(&json.ok_or(Error::NotFound)?)?)
+    }
+
+    async fn exists_many(&self, ids: &[String]) -> Result<Vec<bool>> {
+        let valid: Vec<&String> = ids.iter().filter(|id| check_id(id).is_ok()).collect();
+        let mut pipe = redis::pipe();
+        for id in &valid {
+            pipe.cmd("EXISTS").arg(self.keys.record(id));
+        }
+        let found: Vec<bool> = match valid.is_empty() {
+            true => Vec::new(),
+            false => self.query_pipe(&pipe, "EXISTS").await?,
+        };
+        let mut found = found.into_iter();
+        Ok(ids
+            .iter()
+            .map(|id| check_id(id).is_ok() && found.next().unwrap_or(false))
+            .collect())
     }
 
     async fn insert(&self, record: &SessionRecord, now: Timestamp) -> Result<()> {

@@ -217,6 +217,10 @@ impl crate::SessionStore for Flaky {
         self.check()?;
         self.inner.get(id).await
     }
+    async fn exists_many(&self, ids: &[String]) -> crate::Result<Vec<bool>> {
+        self.check()?;
+        self.inner.exists_many(ids).await
+    }
     async fn insert(&self, r: &SessionRecord, now: Timestamp) -> crate::Result<()> {
         self.check()?;
         self.inner.insert(r, now).await
@@ -288,7 +292,8 @@ macro_rules! conformance_tests {
             delete_removes_record_and_indexes, touch_never_resurrects, touch_many_in_one_call,
             expired_listing_order_and_limit, idle_listing_order_and_limit, optional_fields_round_trip,
             index_names_are_not_session_ids, placeholder_then_ready, scopes_count_and_page,
-            paging_survives_deletes, delete_many_in_one_call, marks_are_won_once_and_expire);
+            paging_survives_deletes, delete_many_in_one_call, exists_many_in_one_call,
+            marks_are_won_once_and_expire);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -666,6 +671,26 @@ pub mod cases {
         assert_eq!(s.count(&Scope::Creator("me".into())).await.unwrap(), 1);
         assert_eq!(s.list_expired(at(1 << 20), 10).await.unwrap().len(), 1);
         assert_eq!(s.delete_many(&[]).await.unwrap(), 0);
+    }
+
+    pub async fn exists_many_in_one_call(s: &dyn SessionStore) {
+        for id in ["e1", "e3"] {
+            s.insert(&record(id, 1), t0()).await.unwrap();
+        }
+        let ids: Vec<String> = ["e1", "e2", "e3", "bad id", "expiry", "e1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            s.exists_many(&ids).await.unwrap(),
+            [true, false, true, false, false, true]
+        );
+        s.delete("e3").await.unwrap();
+        assert_eq!(
+            s.exists_many(&ids[..3]).await.unwrap(),
+            [true, false, false]
+        );
+        assert!(s.exists_many(&[]).await.unwrap().is_empty());
     }
 
     pub async fn marks_are_won_once_and_expire(s: &dyn SessionStore) {

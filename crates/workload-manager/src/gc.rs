@@ -18,6 +18,9 @@ type Victim = agentcube_types::SessionRecord;
 /// Sandboxes torn down at once by one GC run.
 pub const TEARDOWN_CONCURRENCY: usize = 32;
 
+/// Session records looked up per store round trip by the orphan check.
+pub const ORPHAN_BATCH: usize = 500;
+
 /// Upstream default idle timeout for records that carry none.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 
@@ -154,28 +157,52 @@ impl Gc {
         }
     }
 
-    /// Sandboxes whose session record vanished (a store that lost its data): deleted.
+    /// Sandboxes whose session record vanished (a store that lost its data): deleted. The
+    /// records are looked up [`ORPHAN_BATCH`] at a time; a batch the store cannot answer
+    /// deletes nothing.
     async fn orphans(&self) -> usize {
         let mut deleted = 0;
-        for (session_id, kind, namespace, name) in self.manager.backend.sessions() {
-            match self.manager.store.get(&session_id).await {
-                Err(agentcube_store::Error::NotFound) => {}
-                _ => continue,
-            }
-            tracing::warn!(
-                session_id,
-                sandbox = name,
-                "gc: the session's record is gone; deleting its sandbox"
-            );
-            match self.manager.backend.delete(kind, &namespace, &name).await {
-                Ok(()) => deleted += 1,
+        let sessions = self.manager.backend.sessions();
+        for batch in sessions.chunks(ORPHAN_BATCH) {
+            let ids: Vec<String> = batch.iter().map(|(id, ..)| id.clone()).collect();
+            let found = match self.manager.store.exists_many(&ids).await {
+                Ok(found) => found,
                 Err(e) => {
                     self.manager.metrics.gc_errors.inc();
-                    tracing::warn!(sandbox = name, error = %e, "gc: cannot delete an orphan");
+                    tracing::warn!(error = %e, "gc: cannot check sessions' records");
+                    continue;
+                }
+            };
+            for ((session_id, kind, namespace, name), found) in batch.iter().zip(found) {
+                if !found {
+                    deleted += self.delete_orphan(session_id, *kind, namespace, name).await;
                 }
             }
         }
         deleted
+    }
+
+    /// Deletes a sandbox whose record is gone; 1 when it went.
+    async fn delete_orphan(
+        &self,
+        session_id: &str,
+        kind: agentcube_types::BackingKind,
+        namespace: &str,
+        name: &str,
+    ) -> usize {
+        tracing::warn!(
+            session_id,
+            sandbox = name,
+            "gc: the session's record is gone; deleting its sandbox"
+        );
+        match self.manager.backend.delete(kind, namespace, name).await {
+            Ok(()) => 1,
+            Err(e) => {
+                self.manager.metrics.gc_errors.inc();
+                tracing::warn!(sandbox = name, error = %e, "gc: cannot delete an orphan");
+                0
+            }
+        }
     }
 
     /// Runs [`Gc::run_once`] every interval until `shutdown` resolves.

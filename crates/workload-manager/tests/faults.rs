@@ -106,26 +106,49 @@ async fn a_dead_warm_sandbox_leaves_its_pool_and_is_replaced() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// Only the sandbox whose record is gone goes (the records are checked in batches), and a
+/// store that cannot answer deletes nothing.
 #[tokio::test]
 async fn a_sandbox_whose_record_vanished_is_deleted() {
+    let flaky = Arc::new(agentcube_store::testing::Flaky::new(Arc::new(
+        agentcube_store::MemoryStore::new(),
+    )));
     let s = Stack::start(Options {
         manifests: code_interpreter("ci", ""),
         gc_interval: Duration::from_millis(200),
+        store: Some(flaky.clone()),
         ..Default::default()
     })
     .await;
-    let v = s.create_ok("code-interpreter", "ci").await;
-    // The store lost the record (a Redis restarted without persistence).
-    assert!(
-        s.store
-            .delete(v["sessionId"].as_str().unwrap())
-            .await
-            .unwrap()
-    );
-    eventually("the orphaned sandbox deleted", 10, || {
-        s.backend.running().is_empty()
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(s.create_ok("code-interpreter", "ci").await);
+    }
+    let name = |v: &serde_json::Value| v["sandboxName"].as_str().unwrap().to_string();
+    let id = |v: &serde_json::Value| v["sessionId"].as_str().unwrap().to_string();
+    // An outage: every lookup fails, and no sandbox is taken for an orphan.
+    flaky.set_down(true);
+    let refused = flaky.refused.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("GC runs during the outage", 10, || {
+        flaky.refused.load(std::sync::atomic::Ordering::SeqCst) > refused + 3
     })
     .await;
+    assert_eq!(s.backend.running().len(), 3);
+    flaky.set_down(false);
+    // The store lost one record (a Redis restarted without persistence).
+    assert!(s.store.delete(&id(&sessions[1])).await.unwrap());
+    eventually("the orphaned sandbox deleted", 10, || {
+        s.backend.running().len() == 2
+    })
+    .await;
+    let mut left = s.backend.running();
+    left.sort();
+    let mut kept = vec![name(&sessions[0]), name(&sessions[2])];
+    kept.sort();
+    assert_eq!(left, kept);
+    for v in [&sessions[0], &sessions[2]] {
+        assert_eq!(exec(v, &["echo", "ok"]).await["stdout"], "ok\n");
+    }
     s.shutdown_and_check_leaks().await;
 }
 
