@@ -10,6 +10,12 @@ MCP session is gone, or when the server exits) unless a call names another ``ses
 
 Run: ``agentcube-mcp`` (stdio) or ``agentcube-mcp --http --port 8765`` (streamable HTTP), with
 ``WORKLOAD_MANAGER_URL`` / ``ROUTER_URL`` (and ``AGENTCUBE_AUTH_TOKEN``) set as for the SDK.
+
+``upload_file`` and ``download_file`` move files between the sandbox and this machine: only under
+``--files-dir DIR`` (``AGENTCUBE_MCP_FILES_DIR``), and off without it. The model picks their
+local paths, and it reads what sandbox code prints: left open (as upstream's are), a prompt
+written by sandbox code could have it copy ``~/.ssh`` into the sandbox or a script over
+``~/.bashrc``.
 """
 
 from __future__ import annotations
@@ -96,8 +102,49 @@ def _checked(result: Dict[str, Any], what: str) -> str:
     return str(result["stdout"])
 
 
-def build(name: str = "my-interpreter", namespace: str = "default") -> FastMCP:
-    """The server (tests drive it over stdio and HTTP)."""
+class LocalFiles:
+    """Where ``upload_file`` and ``download_file`` may read and write on this machine: under
+    ``root`` only (relative paths are taken from it; symlinks are resolved before the check), or
+    nowhere when ``root`` is ``None``."""
+
+    def __init__(self, root: Optional[str]):
+        self.root = os.path.realpath(root) if root else None
+
+    def _inside(self, path: str) -> bool:
+        assert self.root is not None
+        return path == self.root or path.startswith(self.root + os.sep)
+
+    def _joined(self, local_path: str) -> str:
+        if self.root is None:
+            raise PermissionError(
+                "upload_file and download_file are off: start agentcube-mcp with --files-dir DIR "
+                "(or AGENTCUBE_MCP_FILES_DIR) to let them use files under DIR on this machine"
+            )
+        return os.path.join(self.root, local_path)
+
+    def readable(self, local_path: str) -> str:
+        """The file to upload: ``local_path`` with every symlink resolved, inside the root."""
+        real = os.path.realpath(self._joined(local_path))
+        if not self._inside(real):
+            raise PermissionError(f"{local_path!r} is outside the files directory {self.root}")
+        return real
+
+    def writable(self, local_path: str) -> str:
+        """Where to download: inside the root once its directory's symlinks are resolved, and
+        not itself a symlink (which would be followed out)."""
+        joined = self._joined(local_path)
+        parent, leaf = os.path.split(joined)
+        real = os.path.join(os.path.realpath(parent), leaf)
+        if not leaf or not self._inside(real) or real == self.root:
+            raise PermissionError(f"{local_path!r} is outside the files directory {self.root}")
+        if os.path.islink(real):
+            raise PermissionError(f"{local_path!r} is a symlink; not written through")
+        return real
+
+
+def build(name: str = "my-interpreter", namespace: str = "default", files_dir: Optional[str] = None) -> FastMCP:
+    """The server (tests drive it over stdio and HTTP); ``files_dir``: see :class:`LocalFiles`."""
+    local = LocalFiles(files_dir)
     boxes = Sandboxes(name, namespace)
     atexit.register(boxes.stop_all)
     mcp = FastMCP("agentcube")
@@ -149,15 +196,18 @@ def build(name: str = "my-interpreter", namespace: str = "default") -> FastMCP:
 
     @mcp.tool()
     def upload_file(ctx: Ctx, local_path: str, remote_path: str, session_id: Optional[str] = None) -> str:
-        """Copies a file of the MCP server's machine into the sandbox."""
-        boxes.get(ctx, session_id).upload_file(local_path, remote_path)
+        """Copies a file of the MCP server's files directory (a path relative to it) into the
+        sandbox."""
+        boxes.get(ctx, session_id).upload_file(local.readable(local_path), remote_path)
         return f"uploaded {local_path} to {remote_path}"
 
     @mcp.tool()
     def download_file(ctx: Ctx, remote_path: str, local_path: str, session_id: Optional[str] = None) -> str:
-        """Copies a file of the sandbox to the MCP server's machine."""
-        boxes.get(ctx, session_id).download_file(remote_path, local_path)
-        return f"downloaded {remote_path} to {local_path} ({os.path.getsize(local_path)} bytes)"
+        """Copies a file of the sandbox into the MCP server's files directory (a path relative
+        to it)."""
+        target = local.writable(local_path)
+        boxes.get(ctx, session_id).download_file(remote_path, target)
+        return f"downloaded {remote_path} to {local_path} ({os.path.getsize(target)} bytes)"
 
     @mcp.tool()
     def start_process(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
@@ -195,8 +245,13 @@ def main() -> None:
     ap.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument(
+        "--files-dir",
+        default=os.getenv("AGENTCUBE_MCP_FILES_DIR") or None,
+        help="the only directory upload_file and download_file may use (off without it)",
+    )
     a = ap.parse_args()
-    server = build(a.name, a.namespace)
+    server = build(a.name, a.namespace, a.files_dir)
     if a.http:
         server.settings.host, server.settings.port = a.host, a.port
         server.run(transport="streamable-http")

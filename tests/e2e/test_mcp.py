@@ -107,3 +107,57 @@ def test_mcp_over_streamable_http(stack):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_mcp_files_stay_in_their_directory(stack, tmp_path):
+    """upload_file and download_file take local paths from the model, which reads what sandbox code
+    prints: a prompt planted there could have it copy the server's ~/.ssh into the sandbox or a
+    script over ~/.bashrc. Without --files-dir they are off; with it, they stay under it."""
+    files, outside = tmp_path / "files", tmp_path / "outside"
+    files.mkdir()
+    outside.mkdir()
+    (files / "in.txt").write_text("from the host")
+    (outside / "secret").write_text("host secret")
+    (outside / "victim").write_text("untouched")
+    (files / "to-secret").symlink_to(outside / "secret")
+    (files / "to-victim").symlink_to(outside / "victim")
+    (files / "to-outside").symlink_to(outside)
+
+    async def calls(args: list, check) -> None:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "agentcube.mcp_server", *args],
+                                       env=env(stack))
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                await check(session)
+                await session.call_tool("stop_session", {})
+
+    async def off(session: ClientSession) -> None:
+        r = await session.call_tool("upload_file", {"local_path": str(files / "in.txt"), "remote_path": "x"})
+        assert r.isError and "--files-dir" in text(r), r
+        await session.call_tool("write_file", {"path": "x", "content": "from the sandbox"})
+        r = await session.call_tool("download_file", {"remote_path": "x", "local_path": str(files / "x")})
+        assert r.isError and "--files-dir" in text(r), r
+
+    async def under(session: ClientSession) -> None:
+        r = await session.call_tool("upload_file", {"local_path": "in.txt", "remote_path": "in.txt"})
+        assert not r.isError, r
+        assert text(await session.call_tool("execute_command", {"command": "cat in.txt"})) == "from the host"
+        await session.call_tool("write_file", {"path": "out.txt", "content": "from the sandbox"})
+        r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": "out.txt"})
+        assert not r.isError and (files / "out.txt").read_text() == "from the sandbox", r
+        for local in ("/etc/hostname", "../outside/secret", str(outside / "secret"), "to-secret",
+                      "to-outside/secret"):
+            r = await session.call_tool("upload_file", {"local_path": local, "remote_path": "stolen"})
+            assert r.isError and "outside the files directory" in text(r), (local, r)
+        for local in ("../outside/victim", str(outside / "victim"), "to-outside/victim", "to-victim",
+                      str(tmp_path / "new")):
+            r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": local})
+            assert r.isError, (local, r)
+        assert (outside / "victim").read_text() == "untouched"
+        assert not (tmp_path / "new").exists()
+        r = await session.call_tool("execute_command", {"command": "ls"})
+        assert "stolen" not in text(r), r
+
+    asyncio.run(calls([], off))
+    asyncio.run(calls(["--files-dir", str(files)], under))
