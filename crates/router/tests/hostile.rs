@@ -37,6 +37,30 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<String>
     }
 }
 
+/// Every slot is held by `stalled` clients (another request on session `s1` gets `429`), then
+/// given back within 10 s (the request is served).
+async fn slots_come_back(router: &Router, stalled: &str) {
+    let call = || {
+        client()
+            .get(router.ci("ok"))
+            .header("x-agentcube-session-id", "s1")
+            .send()
+    };
+    assert_eq!(
+        call().await.unwrap().status(),
+        429,
+        "{stalled} hold the slots at first"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call().await.unwrap().status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stalled} still hold the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn stalled_uploads_give_their_slots_back() {
     let store = memory();
@@ -108,27 +132,9 @@ async fn stalled_downloads_give_their_slots_back() {
         s.write_all(head.as_bytes()).await.unwrap();
         stalled.push(s);
     }
-    let call = || {
-        client()
-            .get(router.ci("ok"))
-            .header("x-agentcube-session-id", "s1")
-            .send()
-    };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        call().await.unwrap().status(),
-        429,
-        "slots are held while the answers are being sent"
-    );
     // Cut after the body idle timeout (checked at least once per header timeout): 0.8 + 0.8 s.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while call().await.unwrap().status() != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stalled downloads still hold the slots"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    slots_come_back(&router, "stalled downloads").await;
     let stats = &router.shared().metrics.serve;
     assert!(
         stats.send_timeouts.get() >= 3,
@@ -177,25 +183,7 @@ async fn stalled_http2_streams_give_their_slots_back() {
         assert_eq!(a.status(), 200, "the heads arrive, the bodies cannot");
         bodies.push(a.into_body());
     }
-    let call = || {
-        client()
-            .get(router.ci("ok"))
-            .header("x-agentcube-session-id", "s1")
-            .send()
-    };
-    assert_eq!(
-        call().await.unwrap().status(),
-        429,
-        "slots are held while the answers wait on the client"
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while call().await.unwrap().status() != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stalled HTTP/2 streams still hold the slots"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    slots_come_back(&router, "stalled HTTP/2 streams").await;
     let stats = &router.shared().metrics.serve;
     assert_eq!(stats.send_timeouts.get(), 1, "one connection cut");
     let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;

@@ -241,28 +241,33 @@ impl RedisStore {
         Ok(conn.clone())
     }
 
-    /// Runs one bounded call.
-    async fn call<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T> {
-        let work = async {
-            let mut conn = self.conn().await?;
-            inv.invoke_async::<T>(&mut conn).await.map_err(map_err)
-        };
-        tokio::time::timeout(self.config.op_timeout, work)
+    /// Runs `work` on a connection, bounded by the operation timeout; `what` names it then.
+    async fn bounded<T, F, Fut>(&self, what: &str, work: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let run = async { work(self.conn().await?).await.map_err(map_err) };
+        tokio::time::timeout(self.config.op_timeout, run)
             .await
             .map_err(|_| {
-                Error::Unavailable(format!("no answer within {:?}", self.config.op_timeout))
+                Error::Unavailable(format!(
+                    "{what}: no answer within {:?}",
+                    self.config.op_timeout
+                ))
             })?
     }
 
-    /// Runs one bounded command; `what` names it in a timeout.
+    /// Runs one script invocation.
+    async fn call<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T> {
+        let work = |mut c: ConnectionManager| async move { inv.invoke_async(&mut c).await };
+        self.bounded("script", work).await
+    }
+
+    /// Runs one command; `what` names it in a timeout.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
-        let work = async {
-            let mut conn = self.conn().await?;
-            cmd.query_async::<T>(&mut conn).await.map_err(map_err)
-        };
-        tokio::time::timeout(self.config.op_timeout, work)
-            .await
-            .map_err(|_| Error::Unavailable(format!("{what} timed out")))?
+        let work = |mut c: ConnectionManager| async move { cmd.query_async(&mut c).await };
+        self.bounded(what, work).await
     }
 
     /// [`RedisStore::query`] for a pipeline.
@@ -271,13 +276,8 @@ impl RedisStore {
         pipe: &redis::Pipeline,
         what: &str,
     ) -> Result<T> {
-        let work = async {
-            let mut conn = self.conn().await?;
-            pipe.query_async::<T>(&mut conn).await.map_err(map_err)
-        };
-        tokio::time::timeout(self.config.op_timeout, work)
-            .await
-            .map_err(|_| Error::Unavailable(format!("{what} timed out")))?
+        let work = |mut c: ConnectionManager| async move { pipe.query_async(&mut c).await };
+        self.bounded(what, work).await
     }
 
     async fn list(
