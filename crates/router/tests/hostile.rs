@@ -37,6 +37,20 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<String>
     }
 }
 
+/// A Router with `slots` concurrency slots (short limits) and session `s1` on a test upstream
+/// (served by the returned task).
+async fn router_with_slots(slots: usize) -> (Router, tokio::task::JoinHandle<()>) {
+    let store = memory();
+    let (up, task) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        short_limits(c);
+        c.max_concurrent_requests = slots;
+    })
+    .await;
+    (router, task)
+}
+
 /// Every slot is held by `stalled` clients (another request on session `s1` gets `429`), then
 /// given back within 10 s (the request is served).
 async fn slots_come_back(router: &Router, stalled: &str) {
@@ -63,14 +77,7 @@ async fn slots_come_back(router: &Router, stalled: &str) {
 
 #[tokio::test]
 async fn stalled_uploads_give_their_slots_back() {
-    let store = memory();
-    let (up, _t) = serve(upstream::app()).await;
-    session_to(store.as_ref(), "s1", &host_of(&up)).await;
-    let router = Router::start("http://127.0.0.1:9", store, |c| {
-        short_limits(c);
-        c.max_concurrent_requests = 5;
-    })
-    .await;
+    let (router, _t) = router_with_slots(5).await;
     // Five clients send headers announcing a body, then nothing: every slot is taken.
     let mut stalled = Vec::new();
     for _ in 0..5 {
@@ -111,14 +118,7 @@ async fn stalled_uploads_give_their_slots_back() {
 /// client takes no byte for the body idle timeout is closed, and the slot is free again.
 #[tokio::test]
 async fn stalled_downloads_give_their_slots_back() {
-    let store = memory();
-    let (up, _t) = serve(upstream::app()).await;
-    session_to(store.as_ref(), "s1", &host_of(&up)).await;
-    let router = Router::start("http://127.0.0.1:9", store, |c| {
-        short_limits(c);
-        c.max_concurrent_requests = 3;
-    })
-    .await;
+    let (router, _t) = router_with_slots(3).await;
     let mut stalled = Vec::new();
     for _ in 0..3 {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -151,14 +151,7 @@ async fn stalled_downloads_give_their_slots_back() {
 /// closes its connection, and the slots are free again.
 #[tokio::test]
 async fn stalled_http2_streams_give_their_slots_back() {
-    let store = memory();
-    let (up, _t) = serve(upstream::app()).await;
-    session_to(store.as_ref(), "s1", &host_of(&up)).await;
-    let router = Router::start("http://127.0.0.1:9", store, |c| {
-        short_limits(c);
-        c.max_concurrent_requests = 3;
-    })
-    .await;
+    let (router, _t) = router_with_slots(3).await;
     let tcp = TcpStream::connect(host_of(&router.url)).await.unwrap();
     let (h2, connection) = h2::client::Builder::new()
         .initial_window_size(0)
