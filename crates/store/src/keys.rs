@@ -73,6 +73,7 @@ impl Keys {
             Scope::Kind(k) => format!("{p}{INDEX}kind:{k}"),
             Scope::Creator(c) => format!("{p}{INDEX}creator:{c}"),
             Scope::KindCreator(k, c) => format!("{p}{INDEX}kind-creator:{k}:{c}"),
+            Scope::Owner(o) => format!("{p}{INDEX}owner:{o}"),
         }
     }
 }

@@ -89,6 +89,8 @@ pub enum Scope {
     Creator(String),
     /// Both of the above.
     KindCreator(agentcube_types::api::WorkloadKind, String),
+    /// Sessions made for one end user (`ownerId`, the Router's authenticated user).
+    Owner(String),
 }
 
 impl Scope {
@@ -103,6 +105,9 @@ impl Scope {
             if let Some(k) = record.workload_kind {
                 v.push(Scope::KindCreator(k, c.clone()));
             }
+        }
+        if let Some(o) = &record.owner_id {
+            v.push(Scope::Owner(o.clone()));
         }
         v
     }

@@ -106,6 +106,7 @@ for i = 3, #KEYS do
       if kind then redis.call('ZREM', idx .. 'kind:' .. kind, id) end
       if by then redis.call('ZREM', idx .. 'creator:' .. by, id) end
       if kind and by then redis.call('ZREM', idx .. 'kind-creator:' .. kind .. ':' .. by, id) end
+      if type(r.ownerId) == 'string' then redis.call('ZREM', idx .. 'owner:' .. r.ownerId, id) end
     end
   end
 end

@@ -571,6 +571,13 @@ pub mod cases {
             scoped("d", "team-a", ci, None, 4),
             scoped("e", "team-a", None, None, 5),
         ] {
+            let mut r = r;
+            // End users: "carol" owns a and c (made by different callers), "dan" owns e.
+            r.owner_id = match r.session_id.as_str() {
+                "a" | "c" => Some("carol".into()),
+                "e" => Some("dan".into()),
+                _ => None,
+            };
             s.insert(&r, t0()).await.unwrap();
         }
         let count = |scope: Scope| async move { s.count(&scope).await.unwrap() };
@@ -587,6 +594,9 @@ pub mod cases {
             .await,
             1
         );
+        assert_eq!(count(Scope::Owner("carol".into())).await, 2);
+        assert_eq!(count(Scope::Owner("dan".into())).await, 1);
+        assert_eq!(count(Scope::Owner("sa:alice".into())).await, 0);
         let ns = Scope::Namespace("team-a".into());
         assert_eq!(
             all_pages(s, &ns, 2).await,
@@ -615,7 +625,10 @@ pub mod cases {
             .await,
             0
         );
-        assert_eq!(count(Scope::All).await, 4);
+        assert_eq!(count(Scope::Owner("carol".into())).await, 1);
+        s.delete_many(&["e".to_string()]).await.unwrap();
+        assert_eq!(count(Scope::Owner("dan".into())).await, 0);
+        assert_eq!(count(Scope::All).await, 3);
     }
 
     pub async fn paging_survives_deletes(s: &dyn SessionStore) {

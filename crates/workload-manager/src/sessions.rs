@@ -53,6 +53,23 @@ fn visible(caller: Option<&crate::auth::Caller>, record: &SessionRecord) -> bool
 pub struct Admission {
     pub max_sessions: Option<usize>,
     pub max_sessions_per_namespace: Option<usize>,
+    /// Per end user (the Router's authenticated user), or per authenticated caller that is not
+    /// an administrator when no end user is named; see [`user_scope`].
+    pub max_sessions_per_user: Option<usize>,
+}
+
+/// Whose share of sessions a create counts against, with their name: the end user the Router
+/// vouches for, else the authenticated caller unless an administrator (the operator, or one
+/// token every client of `agentcube up` shares). Nobody without authentication.
+fn user_scope(who: &Requester) -> Option<(agentcube_store::Scope, String)> {
+    use agentcube_store::Scope;
+    match (&who.owner, &who.caller) {
+        (Some(owner), _) => Some((Scope::Owner(owner.clone()), format!("user {owner}"))),
+        (None, Some(c)) if !c.admin => {
+            Some((Scope::Creator(c.name.clone()), format!("caller {}", c.name)))
+        }
+        _ => None,
+    }
 }
 
 /// The admission flags of the binaries that run a Workload Manager.
@@ -68,6 +85,10 @@ pub struct AdmissionArgs {
         default_value_t = 0
     )]
     pub max_sessions_per_namespace: usize,
+    /// Most live sessions per end user (or per authenticated caller that is not an
+    /// administrator); 0 = no cap. Needs caller authentication to apply.
+    #[arg(long, env = "AGENTCUBE_MAX_SESSIONS_PER_USER", default_value_t = 0)]
+    pub max_sessions_per_user: usize,
 }
 
 impl AdmissionArgs {
@@ -77,6 +98,7 @@ impl AdmissionArgs {
         Admission {
             max_sessions: cap(self.max_sessions),
             max_sessions_per_namespace: cap(self.max_sessions_per_namespace),
+            max_sessions_per_user: cap(self.max_sessions_per_user),
         }
     }
 }
@@ -189,6 +211,7 @@ impl Manager {
         let expires = shutdown_time.unwrap_or(Timestamp::MAX);
         let name = workload.sandbox_name();
         let planned = self.backend.backing_kind(&workload);
+        let user = user_scope(&who);
         let mut record =
             SessionRecord::placeholder(&session_id, namespace, &name, now, expires, idle);
         record.kind = planned;
@@ -199,7 +222,7 @@ impl Manager {
         self.store.insert(&record, now).await?;
         // Counted with our own placeholder in: concurrent creates can never overshoot a cap
         // together (at worst both are refused), and a refusal leaves nothing behind.
-        if let Err(e) = self.admit(namespace).await {
+        if let Err(e) = self.admit(namespace, user).await {
             let _ = self.store.delete(&session_id).await;
             self.metrics.admission_refusals.inc();
             return Err(e);
@@ -256,7 +279,11 @@ impl Manager {
     }
 
     /// Refuses a create over a cap, naming the cap.
-    async fn admit(&self, namespace: &str) -> Result<(), ApiError> {
+    async fn admit(
+        &self,
+        namespace: &str,
+        user: Option<(agentcube_store::Scope, String)>,
+    ) -> Result<(), ApiError> {
         use agentcube_store::Scope;
         if let Some(max) = self.admission.max_sessions
             && self.store.count(&Scope::All).await? > max
@@ -275,6 +302,13 @@ impl Manager {
             return Err(ApiError::TooMany(format!(
                 "session limit reached: {max} live sessions in namespace {namespace} \
                  (--max-sessions-per-namespace)"
+            )));
+        }
+        if let (Some(max), Some((scope, name))) = (self.admission.max_sessions_per_user, user)
+            && self.store.count(&scope).await? > max
+        {
+            return Err(ApiError::TooMany(format!(
+                "session limit reached: {max} live sessions of {name} (--max-sessions-per-user)"
             )));
         }
         Ok(())
@@ -371,6 +405,36 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_share_is_counted_by_end_user_else_by_caller_unless_an_administrator() {
+        use agentcube_store::Scope;
+        let caller = |name: &str, admin| {
+            Some(crate::auth::Caller {
+                name: name.into(),
+                admin,
+            })
+        };
+        let who = |owner: Option<&str>, caller| Requester {
+            caller,
+            owner: owner.map(str::to_string),
+        };
+        let sa = "system:serviceaccount:apps:agent";
+        assert_eq!(
+            user_scope(&who(Some("alice"), caller("router", false))),
+            Some((Scope::Owner("alice".into()), "user alice".into()))
+        );
+        assert_eq!(
+            user_scope(&who(Some("alice"), caller("local", true))).map(|u| u.0),
+            Some(Scope::Owner("alice".into()))
+        );
+        assert_eq!(
+            user_scope(&who(None, caller(sa, false))),
+            Some((Scope::Creator(sa.into()), format!("caller {sa}")))
+        );
+        assert_eq!(user_scope(&who(None, caller("local", true))), None);
+        assert_eq!(user_scope(&who(None, None)), None);
+    }
 
     #[test]
     fn lifetime_is_the_shorter_of_ttl_and_maximum_and_may_be_unbounded() {

@@ -753,3 +753,62 @@ async fn the_static_token_and_the_routers_identity_header_are_checked() {
     assert_eq!(r.status(), 200);
     s.shutdown_and_check_leaks().await;
 }
+
+/// `--max-sessions-per-user`: one end user (named by the Router's signed identity) cannot take
+/// every session; others still get theirs, and the administrator's own creates are not counted
+/// against anyone.
+#[tokio::test]
+async fn each_user_gets_at_most_their_share_of_sessions() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        auth_token: Some("s3cret-token".into()),
+        admission: agentcube_workload_manager::sessions::Admission {
+            max_sessions_per_user: Some(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let now = jiff::Timestamp::now().as_second();
+    let identity = |user: &str| {
+        let claims = json!({"iss": "agentcube-router", "iat": now, "exp": now + 300, "sub": user,
+                            "aud": "workloadmanager"});
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(ROUTER_KEY.as_bytes()).unwrap();
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let create = |user: Option<&str>| {
+        let mut r = s
+            .http
+            .post(format!("{}/v1/code-interpreter", s.url))
+            .bearer_auth("s3cret-token")
+            .json(&json!({"name": "ci", "namespace": "default"}));
+        if let Some(u) = user {
+            r = r.header("x-agentcube-user-identity", identity(u));
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(create(Some("alice")).await.0, 200);
+    }
+    let (status, v) = create(Some("alice")).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(
+        v["message"],
+        "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)"
+    );
+    assert_eq!(create(Some("bob")).await.0, 200, "another user's share");
+    for _ in 0..3 {
+        assert_eq!(create(None).await.0, 200, "the administrator is not capped");
+    }
+    use agentcube_store::Scope;
+    let alice = s.store.count(&Scope::Owner("alice".into())).await.unwrap();
+    assert_eq!(alice, 2, "nothing left by the refusal");
+    assert_eq!(s.store.count(&Scope::All).await.unwrap(), 6);
+    assert_eq!(s.backend.running().len(), 6);
+    s.shutdown_and_check_leaks().await;
+}

@@ -229,7 +229,7 @@ async fn the_session_cap_refuses_with_429_and_creates_nothing() {
         manifests: code_interpreter("ci", ""),
         admission: Admission {
             max_sessions: Some(2),
-            max_sessions_per_namespace: None,
+            ..Default::default()
         },
         ..Default::default()
     })
