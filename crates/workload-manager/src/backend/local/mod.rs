@@ -223,6 +223,8 @@ struct Running {
     net: Option<net::SandboxNet>,
     /// When its output is all in its log.
     drained: output::Drained,
+    /// It became ready: from then on a death is GC's to reap; before, its starter's to report.
+    started: bool,
 }
 
 /// What one sandbox is given besides its definition: the Router key, its uid, its network.
@@ -591,6 +593,7 @@ impl LocalBackend {
         let ports_too = !desc.agent.is_empty();
         self.wait_ready(name, &paths, &desc.sockets, ports_too)
             .await?;
+        self.mark_started(name)?;
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uuid::Uuid::new_v4().to_string(),
@@ -778,6 +781,7 @@ impl LocalBackend {
             memory: 0,
             net: None,
             drained,
+            started: false,
         })
     }
 
@@ -924,13 +928,31 @@ impl LocalBackend {
         }
     }
 
+    /// Hands a ready sandbox's later death to GC, unless it has died already (then its start
+    /// fails, and the starter removes it). Under the same lock as [`LocalBackend::on_exit`]'s
+    /// check, so a death is always either the starter's or GC's.
+    fn mark_started(&self, name: &str) -> Result<(), BackendError> {
+        let mut running = self.inner.running.lock().unwrap();
+        match running.get_mut(name) {
+            Some(r) if r.exit.borrow().is_none() => {
+                r.started = true;
+                Ok(())
+            }
+            _ => Err(BackendError::Failed(format!(
+                "sandbox {name} exited as it became ready"
+            ))),
+        }
+    }
+
     /// A launcher exited. Still registered means nobody removed it: the sandbox died on its own
     /// (PicoD or the agent exited, was killed, hit its memory limit). It is taken out of its warm
-    /// pool at once and reclaimed (with its session) by the next GC run.
+    /// pool at once and reclaimed (with its session) by GC at once. One still starting is left to
+    /// its starter, which reports the exit (reaping it under the starter turned its "exited
+    /// while starting" into a timeout).
     fn on_exit(&self, name: &str, status: Option<std::process::ExitStatus>) {
         let session = match self.inner.running.lock().unwrap().get(name) {
-            Some(r) => r.session.clone(),
-            None => return,
+            Some(r) if r.started => r.session.clone(),
+            _ => return,
         };
         tracing::warn!(sandbox = name, session_id = ?session, ?status, "sandbox died");
         self.drop_from_pools(name);
