@@ -76,6 +76,35 @@ async fn a_sandbox_whose_picod_dies_is_reclaimed_with_its_session() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A sandbox's log goes with it: when one dies, what it last printed (why an agent died) is
+/// kept in the manager's log.
+#[tokio::test]
+async fn a_dead_agents_last_words_reach_the_managers_log() {
+    let (_guard, logs) = common::Logs::start();
+    let s = Stack::start(Options {
+        manifests: host_agent(
+            "dies",
+            8080,
+            r#"[sh, -c, "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &
+              sleep 1; echo first-words; echo goodbye-from-the-agent >&2; exit 7"]"#,
+        ),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("agent-runtime", "dies").await;
+    eventually("the dead sandbox reclaimed", 10, || {
+        s.backend.running().is_empty()
+    })
+    .await;
+    let line = logs.line_with("reclaiming a dead sandbox");
+    assert!(
+        line.contains(v["sandboxName"].as_str().unwrap())
+            && line.contains("first-words | goodbye-from-the-agent"),
+        "{line}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn a_dead_warm_sandbox_leaves_its_pool_and_is_replaced() {
     let s = Stack::start(Options {

@@ -879,14 +879,9 @@ impl LocalBackend {
                          raise resources.limits.memory"
                     )));
                 }
-                if let Some(drained) = self.drained(name) {
-                    drained.wait(Duration::from_secs(1)).await;
-                }
-                let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
-                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
                 return Err(BackendError::Exited {
                     message: format!("sandbox {name} exited while starting ({status})"),
-                    log: tail,
+                    log: self.last_output(name, paths).await,
                 });
             }
             tokio::time::sleep(delay).await;
@@ -911,6 +906,18 @@ impl LocalBackend {
             .parse()
             .ok()?;
         (kills > 0).then(|| human_bytes(r.memory))
+    }
+
+    /// The last lines the sandbox printed (its agent's, PicoD's), joined with ` | `, once its
+    /// output is all in its log (waited for at most 1 s): for the manager's log, never a client.
+    async fn last_output(&self, name: &str, paths: &SandboxPaths) -> String {
+        if let Some(drained) = self.drained(name) {
+            drained.wait(Duration::from_secs(1)).await;
+        }
+        let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
+        let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
+        tail.reverse();
+        tail.join(" | ")
     }
 
     /// When the sandbox's output is all in its log.
@@ -1065,6 +1072,9 @@ impl Backend for LocalBackend {
         let dead = std::mem::take(&mut *self.inner.dead.lock().unwrap());
         let mut sessions = Vec::new();
         for (name, session) in dead {
+            // Its log goes with it: what it last printed (why an agent died) is kept here.
+            let output = self.last_output(&name, &self.paths(&name)).await;
+            tracing::warn!(sandbox = name, session_id = ?session, %output, "reclaiming a dead sandbox");
             self.remove(&name).await;
             sessions.extend(session);
         }
