@@ -135,7 +135,7 @@ class LocalFiles:
         joined = self._joined(local_path)
         parent, leaf = os.path.split(joined)
         real = os.path.join(os.path.realpath(parent), leaf)
-        if not leaf or not self._inside(real) or real == self.root:
+        if leaf in ("", ".", "..") or not self._inside(real) or real == self.root:
             raise PermissionError(f"{local_path!r} is outside the files directory {self.root}")
         if os.path.islink(real):
             raise PermissionError(f"{local_path!r} is a symlink; not written through")

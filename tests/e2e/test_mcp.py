@@ -151,7 +151,7 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
             r = await session.call_tool("upload_file", {"local_path": local, "remote_path": "stolen"})
             assert r.isError and "outside the files directory" in text(r), (local, r)
         for local in ("../outside/victim", str(outside / "victim"), "to-outside/victim", "to-victim",
-                      str(tmp_path / "new")):
+                      str(tmp_path / "new"), "..", "sub/..", ".", ""):
             r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": local})
             assert r.isError, (local, r)
         assert (outside / "victim").read_text() == "untouched"
