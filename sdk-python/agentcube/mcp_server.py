@@ -16,17 +16,28 @@ Run: ``agentcube-mcp`` (stdio) or ``agentcube-mcp --http --port 8765`` (streamab
 local paths, and it reads what sandbox code prints: left open (as upstream's are), a prompt
 written by sandbox code could have it copy ``~/.ssh`` into the sandbox or a script over
 ``~/.bashrc``.
+
+Over HTTP, ``--token`` (``AGENTCUBE_MCP_TOKEN``) makes every request need ``Authorization: Bearer
+<token>``; on an address other than loopback one is required, and generated (and printed) when
+not given, as ``agentcube up`` does: anyone reaching the port would otherwise drive sandboxes with
+this server's credentials.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import hmac
+import ipaddress
 import json
 import os
+import secrets
+import sys
 import weakref
 from typing import Any, Dict, List, Optional, Union
 
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.fastmcp import Context as McpContext
 from mcp.server.fastmcp import FastMCP, Image
 
@@ -142,12 +153,50 @@ class LocalFiles:
         return real
 
 
-def build(name: str = "my-interpreter", namespace: str = "default", files_dir: Optional[str] = None) -> FastMCP:
-    """The server (tests drive it over stdio and HTTP); ``files_dir``: see :class:`LocalFiles`."""
+class StaticToken:
+    """The one bearer token HTTP clients must send (compared in constant time)."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    async def verify_token(self, token: str) -> Optional[AccessToken]:
+        if hmac.compare_digest(token.encode(), self.token.encode()):
+            return AccessToken(token=token, client_id="agentcube-mcp", scopes=[])
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(
+    name: str = "my-interpreter",
+    namespace: str = "default",
+    files_dir: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: Optional[str] = None,
+) -> FastMCP:
+    """The server (tests drive it over stdio and HTTP); ``files_dir``: see :class:`LocalFiles`;
+    ``host``, ``port`` and ``token`` for HTTP (with a token every request must carry it)."""
     local = LocalFiles(files_dir)
     boxes = Sandboxes(name, namespace)
     atexit.register(boxes.stop_all)
-    mcp = FastMCP("agentcube")
+    auth: Dict[str, Any] = {}
+    if token:
+        url = f"http://{host}:{port}"
+        auth = {
+            "token_verifier": StaticToken(token),
+            "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp"),  # type: ignore[arg-type]
+        }
+    # FastMCP guards a loopback host against DNS rebinding (only loopback Host headers pass).
+    mcp = FastMCP("agentcube", host=host, port=port, **auth)
 
     @mcp.tool()
     def run_code(ctx: Ctx, language: str, code: str, session_id: Optional[str] = None) -> str:
@@ -250,10 +299,22 @@ def main() -> None:
         default=os.getenv("AGENTCUBE_MCP_FILES_DIR") or None,
         help="the only directory upload_file and download_file may use (off without it)",
     )
+    ap.add_argument(
+        "--token",
+        default=os.getenv("AGENTCUBE_MCP_TOKEN") or None,
+        help="HTTP: the bearer token every request needs (generated off loopback when not given)",
+    )
     a = ap.parse_args()
-    server = build(a.name, a.namespace, a.files_dir)
+    token = a.token
+    if a.http and not token and not is_loopback(a.host):
+        token = secrets.token_urlsafe(32)
+        print(
+            f"agentcube-mcp: {a.host} is not loopback: clients must send "
+            f"Authorization: Bearer {token}  (or set AGENTCUBE_MCP_TOKEN)",
+            file=sys.stderr,
+        )
+    server = build(a.name, a.namespace, a.files_dir, a.host, a.port, token if a.http else None)
     if a.http:
-        server.settings.host, server.settings.port = a.host, a.port
         server.run(transport="streamable-http")
     else:
         server.run(transport="stdio")

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import httpx
 import requests
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -161,3 +162,66 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
 
     asyncio.run(calls([], off))
     asyncio.run(calls(["--files-dir", str(files)], under))
+
+
+def _start_http(stack, *args: str) -> "tuple[subprocess.Popen[str], int]":
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
+                            env=env(stack), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
+            break
+        except requests.RequestException:
+            time.sleep(0.1)
+    return proc, port
+
+
+async def _run_code_over_http(url: str, token: str) -> str:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                r = await session.call_tool("run_code", {"language": "python", "code": "print(6*7)"})
+                await session.call_tool("stop_session", {})
+                return text(r).strip()
+
+
+def test_mcp_over_http_needs_its_token(stack):
+    """Anyone reaching the HTTP port drives sandboxes with the server's credentials: with --token every
+    request needs it, and off loopback one is generated when not given (the address then takes any
+    Host header: FastMCP's DNS-rebinding guard is for loopback, and turned every remote client away)."""
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                             "clientInfo": {"name": "t", "version": "0"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    proc, port = _start_http(stack, "--token", "mcp-s3cret")
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        assert requests.post(url, json=initialize, headers=headers, timeout=10).status_code == 401
+        wrong = dict(headers, Authorization="Bearer nope")
+        assert requests.post(url, json=initialize, headers=wrong, timeout=10).status_code == 401
+        assert asyncio.run(_run_code_over_http(url, "mcp-s3cret")) == "42"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    proc, port = _start_http(stack, "--host", "0.0.0.0")
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        assert requests.post(url, json=initialize, headers=headers, timeout=10).status_code == 401
+        remote = dict(headers, Host=f"agentcube.example:{port}")
+        assert requests.post(url, json=initialize, headers=remote, timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    printed = proc.stderr.read() if proc.stderr else ""
+    token = printed.split("Authorization: Bearer ", 1)[1].split()[0]
+    proc, port = _start_http(stack, "--host", "0.0.0.0", "--token", token)
+    try:
+        assert asyncio.run(_run_code_over_http(f"http://127.0.0.1:{port}/mcp", token)) == "42"
+        remote = dict(headers, Host=f"agentcube.example:{port}", Authorization=f"Bearer {token}")
+        r = requests.post(f"http://127.0.0.1:{port}/mcp", json=initialize, headers=remote, timeout=10)
+        assert r.status_code == 200, (r.status_code, r.text)
+    finally:
+        proc.terminate()
+        proc.wait(10)
