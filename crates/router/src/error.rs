@@ -40,6 +40,9 @@ pub enum RouterError {
     /// Concurrency limit reached.
     #[error("server overloaded, please try again later")]
     Overloaded,
+    /// The end user has their whole share of the slots in flight (`--max-concurrent-per-user`).
+    #[error("too many requests in flight for this user (at most {0}), please try again later")]
+    UserOverloaded(usize),
     /// Connection refused by the sandbox.
     #[error("sandbox unreachable")]
     Refused,
@@ -89,6 +92,7 @@ impl RouterError {
             Self::UnknownRuntime(_) | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
             Self::SessionMismatch(_) => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
+            Self::UserOverloaded(_) => (StatusCode::TOO_MANY_REQUESTS, Some("USER_OVERLOADED")),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED")),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, Some("FORBIDDEN")),
             Self::BadSessionHeader => (StatusCode::BAD_REQUEST, Some("INVALID_SESSION_ID")),

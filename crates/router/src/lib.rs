@@ -32,6 +32,7 @@ pub mod pool;
 pub mod proxy;
 pub mod resolve;
 pub mod server;
+pub mod shares;
 pub mod tls;
 pub mod wm;
 
@@ -45,6 +46,9 @@ pub struct Config {
     pub workload_manager_url: String,
     /// Concurrent proxied requests; 0 = unlimited.
     pub max_concurrent_requests: usize,
+    /// Concurrent proxied requests per authenticated end user (administrators aside); 0 =
+    /// no share. Applies only with end-user authentication.
+    pub max_concurrent_per_user: usize,
     /// HTTP worker threads (a runtime and upstream pool each); 0 serves on the caller's runtime.
     pub workers: usize,
     /// How long a looked-up session is reused without asking the store (0 = always ask).
@@ -75,6 +79,7 @@ impl Config {
         Self {
             workload_manager_url: workload_manager_url.into(),
             max_concurrent_requests: 1000,
+            max_concurrent_per_user: 100,
             workers: 0,
             session_cache_ttl: Duration::from_secs(1),
             activity_flush_interval: Duration::from_secs(1),
@@ -130,6 +135,7 @@ impl RouterService {
             activity: Arc::default(),
             limiter: (config.max_concurrent_requests > 0)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
+            shares: shares::Shares::new(config.max_concurrent_per_user),
             scheme: config.scheme,
         });
         let (s, st, every) = (

@@ -24,6 +24,10 @@ struct Args {
     /// Concurrent proxied requests; 0 means unlimited.
     #[arg(long, env = "ROUTER_MAX_CONCURRENT_REQUESTS", default_value_t = 1000)]
     max_concurrent_requests: usize,
+    /// With OIDC: concurrent proxied requests per end user (administrators aside); 0 means no
+    /// per-user share.
+    #[arg(long, env = "ROUTER_MAX_CONCURRENT_PER_USER", default_value_t = 100)]
+    max_concurrent_per_user: usize,
     /// Directory holding the Router key pair (`private.pem` PKCS#1, `public.pem` SPKI), created
     /// on first start. Without it, in a cluster (in-cluster service account, or KUBECONFIG set)
     /// the pair lives in Secret `picod-router-identity`; otherwise it is generated in memory for
@@ -136,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         None => agentcube_router::proxy::UnixEntryPoints::Refused,
     };
     config.max_concurrent_requests = args.max_concurrent_requests;
+    config.max_concurrent_per_user = args.max_concurrent_per_user;
     config.session_cache_ttl = Duration::from_millis(args.session_cache_ttl_ms);
     config.workers = match args.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),

@@ -37,6 +37,8 @@ pub struct Shared {
     pub activity: Arc<Activity>,
     /// `None`: unlimited.
     pub limiter: Option<Arc<Semaphore>>,
+    /// Each end user's share of the slots; `None`: no share.
+    pub shares: Option<Arc<crate::shares::Shares>>,
     /// `http` or `https` (for X-Forwarded-Proto).
     pub scheme: &'static str,
 }
@@ -53,6 +55,7 @@ impl Shared {
             upstream: self.upstream.fresh(),
             activity: self.activity.clone(),
             limiter: self.limiter.clone(),
+            shares: self.shares.clone(),
             scheme: self.scheme,
         }
     }
@@ -356,6 +359,8 @@ struct Admitted {
     /// The session was made for this request (it had none).
     created: bool,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The end user's slot (boxed: the hot path's future stays small).
+    share: Option<Box<crate::shares::Share>>,
     target: Arc<crate::resolve::Target>,
 }
 
@@ -382,6 +387,10 @@ async fn admit(
         ),
         None => None,
     };
+    let share = match (&s.shares, &caller) {
+        (Some(shares), Some(c)) => shares.take(c)?,
+        _ => None,
+    };
     let target = match &session {
         Some(id) => {
             let target = s.resolver.existing(id, t.kind, &t.ns, &t.name).await?;
@@ -400,6 +409,7 @@ async fn admit(
         caller,
         created: session.is_none(),
         permit,
+        share,
         target,
     })
 }
@@ -413,6 +423,7 @@ fn answered(s: &AppState, resp: Answered, a: Admitted) -> LaneResponse {
         target: a.target,
         answered_at,
         _permit: a.permit,
+        _share: a.share,
     };
     reply(resp, done)
 }
@@ -559,6 +570,7 @@ struct Done {
     target: Arc<crate::resolve::Target>,
     answered_at: jiff::Timestamp,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _share: Option<Box<crate::shares::Share>>,
 }
 
 impl Drop for Done {

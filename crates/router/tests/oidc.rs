@@ -206,6 +206,75 @@ async fn end_users_are_authenticated_authorised_and_kept_to_their_own_sessions()
     wm.stop().await;
 }
 
+/// With OIDC every end user gets a share of the Router's slots (`--max-concurrent-per-user`):
+/// one user's streams cannot take every slot from the others. Administrators are not counted.
+#[tokio::test]
+async fn one_user_cannot_take_every_slot() {
+    let h = Hydra::start().await;
+    for id in ["alice", "bob"] {
+        h.client(id, ROLE, &[AUD], "1h").await;
+    }
+    h.client("root", &format!("{ROLE} admin"), &[AUD], "1h")
+        .await;
+    let store = memory();
+    let (up, _t) = serve(common::upstream::app()).await;
+    for user in ["alice", "bob"] {
+        session_to(store.as_ref(), user, up.trim_start_matches("http://")).await;
+        let mut rec = store.get(user).await.unwrap();
+        rec.owner_id = Some(user.into());
+        store.replace(&rec).await.unwrap();
+    }
+    let authn = oidc(&h).await;
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        c.authn = Some(authn);
+        c.max_concurrent_per_user = 2;
+    })
+    .await;
+    let (alice, bob) = (
+        h.token("alice", ROLE, AUD).await,
+        h.token("bob", ROLE, AUD).await,
+    );
+    let root = h.token("root", &format!("{ROLE} admin"), AUD).await;
+    let get = |token: &str, session: &str, path: &str| {
+        client()
+            .get(router.ci(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-agentcube-session-id", session)
+            .send()
+    };
+    // Alice's two streams (three events 0.4 s apart) hold her whole share.
+    let streams = [
+        get(&alice, "alice", "sse").await.unwrap(),
+        get(&alice, "alice", "sse").await.unwrap(),
+    ];
+    let third = get(&alice, "alice", "ok").await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert_eq!(
+        third.json::<Value>().await.unwrap(),
+        refused(
+            "USER_OVERLOADED",
+            "too many requests in flight for this user (at most 2), please try again later"
+        )
+    );
+    assert_eq!(
+        get(&bob, "bob", "ok").await.unwrap().status(),
+        200,
+        "bob's share"
+    );
+    let mut admin = Vec::new();
+    for _ in 0..3 {
+        let stream = get(&root, "alice", "sse").await.unwrap();
+        assert_eq!(stream.status(), 200, "administrators are not counted");
+        admin.push(stream);
+    }
+    // Once her streams are done, her share is back.
+    for s in streams {
+        assert!(s.text().await.unwrap().contains("event-2"));
+    }
+    assert_eq!(get(&alice, "alice", "ok").await.unwrap().status(), 200);
+    router.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_or_mismatched_issuer_stops_the_start() {
     let gone = OidcConfig {
