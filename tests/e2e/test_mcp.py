@@ -74,17 +74,8 @@ def test_mcp_over_stdio(stack):
 
 
 def test_mcp_over_streamable_http(stack):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port)],
-                            env=env(stack), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = _start_http(stack)
     try:
-        for _ in range(100):
-            try:
-                requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
-
         async def run():
             async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, _):
                 async with ClientSession(read, write) as session:
@@ -164,10 +155,12 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
     asyncio.run(calls(["--files-dir", str(files)], under))
 
 
-def _start_http(stack, *args: str) -> "tuple[subprocess.Popen[str], int]":
+def _start_http(stack, *args: str, stderr: int = subprocess.DEVNULL) -> "tuple[subprocess.Popen[str], int]":
+    """`agentcube-mcp --http` on a free port, once it answers (its stderr piped only when asked: a full
+    pipe would stall it)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
-                            env=env(stack), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env(stack), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     for _ in range(100):
         try:
             requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
@@ -205,7 +198,7 @@ def test_mcp_over_http_needs_its_token(stack):
     finally:
         proc.terminate()
         proc.wait(10)
-    proc, port = _start_http(stack, "--host", "0.0.0.0")
+    proc, port = _start_http(stack, "--host", "0.0.0.0", stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}/mcp"
         assert requests.post(url, json=initialize, headers=headers, timeout=10).status_code == 401
