@@ -86,13 +86,14 @@ async fn a_dead_agents_last_words_reach_the_managers_log() {
             "dies",
             8080,
             r#"[sh, -c, "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &
-              sleep 1; echo first-words; echo goodbye-from-the-agent >&2; exit 7"]"#,
+              sleep 3; echo first-words; echo goodbye-from-the-agent >&2; exit 7"]"#,
         ),
         ..Default::default()
     })
     .await;
+    // Ready well before it exits (3 s later, leaving a slow machine time to start Python).
     let v = s.create_ok("agent-runtime", "dies").await;
-    eventually("the dead sandbox reclaimed", 10, || {
+    eventually("the dead sandbox reclaimed", 20, || {
         s.backend.running().is_empty()
     })
     .await;
