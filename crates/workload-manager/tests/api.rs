@@ -812,3 +812,18 @@ async fn each_user_gets_at_most_their_share_of_sessions() {
     assert_eq!(s.backend.running().len(), 6);
     s.shutdown_and_check_leaks().await;
 }
+
+fn warn_once_more() {
+    tracing::warn!("a line another thread reached first");
+}
+
+/// The log capture sees a line whose callsite a thread without a subscriber reached first (as
+/// sibling tests do): with one dispatcher alive, tracing-core cached "never" for it and the
+/// capture came back empty (tokio-rs/tracing#3611). Guards `common::Logs`.
+#[test]
+fn logs_capture_a_line_another_thread_reached_first() {
+    let (_guard, logs) = common::Logs::start();
+    std::thread::spawn(warn_once_more).join().unwrap();
+    warn_once_more();
+    logs.line_with("a line another thread reached first");
+}

@@ -93,6 +93,13 @@ pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Logs {
     pub fn start() -> (tracing::subscriber::DefaultGuard, Self) {
+        // With exactly one dispatcher alive in the process, tracing-core works out a callsite's
+        // interest from the default of whichever thread reaches it first: a sibling test with no
+        // subscriber caches "never" for a line this test then waits for, and the capture stays
+        // empty (tokio-rs/tracing#3611; it happened in CI). A second dispatcher, alive for good,
+        // makes it ask every dispatcher instead.
+        static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = buf.clone();
         let subscriber = tracing_subscriber::fmt()
