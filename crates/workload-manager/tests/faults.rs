@@ -76,6 +76,27 @@ async fn a_sandbox_whose_picod_dies_is_reclaimed_with_its_session() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A pool refill still starting when the manager shuts down (the session just took the pool's
+/// member) is waited for and removed: shutdown used to sweep only what was already running, and
+/// a start not yet registered left its directories and processes behind.
+#[tokio::test]
+async fn a_refill_starting_at_shutdown_leaves_nothing() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", "  warmPoolSize: 1\n"),
+        ..Default::default()
+    })
+    .await;
+    eventually("pool filled", 20, || {
+        s.backend
+            .pool_status()
+            .first()
+            .is_some_and(|p| p.ready == 1)
+    })
+    .await;
+    s.create_ok("code-interpreter", "ci").await;
+    s.shutdown_and_check_leaks().await;
+}
+
 /// A sandbox's log goes with it: when one dies, what it last printed (why an agent died) is
 /// kept in the manager's log.
 #[tokio::test]

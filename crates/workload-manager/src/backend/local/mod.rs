@@ -227,6 +227,22 @@ struct Running {
     started: bool,
 }
 
+/// A start or a removal in flight, counted until it ends (or its future is dropped).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What one sandbox is given besides its definition: the Router key, its uid, its network.
 struct Assigned {
     public_key: Option<String>,
@@ -263,6 +279,9 @@ struct Inner {
     ///
     /// [`reclaim`]: LocalBackend::reclaim
     reclaiming: AtomicUsize,
+    /// Starts and removals in flight: shutdown waits for them (a pool refill may still be
+    /// starting, or discarding what it started, when the manager shuts down).
+    busy: AtomicUsize,
 }
 
 /// The local backend. Cheap to clone.
@@ -437,6 +456,7 @@ impl LocalBackend {
                 dead: Mutex::new(Vec::new()),
                 died: tokio::sync::Notify::new(),
                 reclaiming: AtomicUsize::new(0),
+                busy: AtomicUsize::new(0),
                 state_lock: Mutex::new(Some(state_lock)),
             }),
         };
@@ -507,6 +527,7 @@ impl LocalBackend {
         workload: &Workload,
         public_key: Option<String>,
     ) -> Result<Sandbox, BackendError> {
+        let _busy = Busy::new(&self.inner.busy);
         let result = self.try_start(name, workload, public_key).await;
         if result.is_err() {
             self.remove(name).await;
@@ -1089,10 +1110,12 @@ impl Backend for LocalBackend {
     async fn shutdown(&self) {
         self.inner.pools.lock().unwrap().clear();
         // Pool refills in flight finish into a missing pool and are removed; keep sweeping until
-        // nothing is left (bounded).
+        // nothing is left and nothing is starting or being removed (bounded). Before, a refill
+        // not yet registered as running, or one being discarded (already out of `running`, its
+        // directories not yet gone), was missed and left its directories behind.
         for _ in 0..200 {
             let names: Vec<String> = self.inner.running.lock().unwrap().keys().cloned().collect();
-            if names.is_empty() {
+            if names.is_empty() && self.inner.busy.load(Ordering::Acquire) == 0 {
                 break;
             }
             for name in names {

@@ -44,6 +44,8 @@ impl LocalBackend {
             tracing::warn!(sandbox = %name, "not a sandbox name; nothing removed");
             return;
         }
+        // Counted while its directories are still going (shutdown waits for it).
+        let _busy = super::Busy::new(&self.inner.busy);
         let entry = self.inner.running.lock().unwrap().remove(name);
         if let Some(runsc) = &self.inner.tools.runsc {
             let state = format!("--root={}", self.runsc_state().display());
