@@ -76,13 +76,11 @@ async fn a_sandbox_whose_picod_dies_is_reclaimed_with_its_session() {
     s.shutdown_and_check_leaks().await;
 }
 
-/// A pool refill still starting when the manager shuts down (the session just took the pool's
-/// member) is waited for and removed: shutdown used to sweep only what was already running, and
-/// a start not yet registered left its directories and processes behind.
-#[tokio::test]
-async fn a_refill_starting_at_shutdown_leaves_nothing() {
+/// A stack whose CodeInterpreter `ci` has a warm pool of one, filled.
+async fn one_warm_sandbox(gc_interval: Duration) -> Stack {
     let s = Stack::start(Options {
         manifests: code_interpreter("ci", "  warmPoolSize: 1\n"),
+        gc_interval,
         ..Default::default()
     })
     .await;
@@ -93,6 +91,15 @@ async fn a_refill_starting_at_shutdown_leaves_nothing() {
             .is_some_and(|p| p.ready == 1)
     })
     .await;
+    s
+}
+
+/// A pool refill still starting when the manager shuts down (the session just took the pool's
+/// member) is waited for and removed: shutdown used to sweep only what was already running, and
+/// a start not yet registered left its directories and processes behind.
+#[tokio::test]
+async fn a_refill_starting_at_shutdown_leaves_nothing() {
+    let s = one_warm_sandbox(Duration::from_secs(3600)).await;
     s.create_ok("code-interpreter", "ci").await;
     s.shutdown_and_check_leaks().await;
 }
@@ -129,19 +136,7 @@ async fn a_dead_agents_last_words_reach_the_managers_log() {
 
 #[tokio::test]
 async fn a_dead_warm_sandbox_leaves_its_pool_and_is_replaced() {
-    let s = Stack::start(Options {
-        manifests: code_interpreter("ci", "  warmPoolSize: 1\n"),
-        gc_interval: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await;
-    eventually("pool filled", 20, || {
-        s.backend
-            .pool_status()
-            .first()
-            .is_some_and(|p| p.ready == 1)
-    })
-    .await;
+    let s = one_warm_sandbox(Duration::from_millis(200)).await;
     let first = s.backend.running();
     let pids = sandbox_pids(&s, &first[0], "/opt/agentcube/picod");
     kill9(pids[0]);
