@@ -269,7 +269,7 @@ struct Inner {
     /// Memory limits of the sandboxes started (or starting), against the budget.
     memory_in_use: Mutex<u64>,
     /// Sandboxes that died on their own (PicoD or the agent exited, was killed, OOM), with the
-    /// session they served; reclaimed by the next GC run.
+    /// session they served; reclaimed by GC, which `died` wakes at once.
     dead: Mutex<Vec<(String, Option<String>)>>,
     /// Woken when a sandbox lands in `dead`.
     died: tokio::sync::Notify,
