@@ -32,10 +32,11 @@ pub enum ApiError {
     /// log, the client sees upstream's text.
     #[error("sandbox creation timed out")]
     Timeout(String),
-    /// The sandbox's program exited while starting: the client sees which sandbox and its exit
-    /// status; its output (`detail`) goes to the log only.
+    /// The sandbox could not start: the client sees which sandbox and why (its program's exit
+    /// status, the platform's refusal); anything more (`detail`: the program's output) goes to
+    /// the log only.
     #[error("{message}")]
-    SandboxExited { message: String, detail: String },
+    SandboxFailed { message: String, detail: String },
     /// Anything else; details are logged, the client sees `internal server error`.
     #[error("internal server error")]
     Internal(String),
@@ -52,7 +53,7 @@ impl ApiError {
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Internal(_) | Self::SandboxExited { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::SandboxFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -75,9 +76,13 @@ impl From<BackendError> for ApiError {
             BackendError::Unavailable(m) => Self::Unavailable(m),
             BackendError::Exhausted(m) => Self::TooMany(m),
             BackendError::Invalid(m) => Self::BadRequest(m),
-            BackendError::Exited { message, log } => Self::SandboxExited {
+            BackendError::Exited { message, log } => Self::SandboxFailed {
                 message: format!("{message}; its output is in the Workload Manager's log"),
                 detail: log,
+            },
+            BackendError::Refused(message) => Self::SandboxFailed {
+                message,
+                detail: String::new(),
             },
             other => Self::Internal(other.to_string()),
         }
@@ -90,7 +95,7 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Internal(detail) => tracing::warn!(error = %detail, "request failed"),
             Self::Timeout(detail) => tracing::warn!(error = %detail, "sandbox creation timed out"),
-            Self::SandboxExited { message, detail } => {
+            Self::SandboxFailed { message, detail } => {
                 tracing::warn!(error = %message, output = %detail, "request failed");
             }
             _ => {}

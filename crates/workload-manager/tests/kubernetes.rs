@@ -429,6 +429,85 @@ spec:
 }
 
 #[tokio::test]
+async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason() {
+    // The namespace enforces Pod Security `restricted`, which needs `runAsNonRoot` (the
+    // definitions set none): agent-sandbox's controller cannot create the pods, and says why in
+    // the Sandbox's Ready condition. The create used to wait out --create-timeout (2 min by
+    // default) and answer 504 `sandbox creation timed out`.
+    let (_guard, logs) = common::Logs::start();
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
+        create_timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    label_namespace(
+        &k.client,
+        "default",
+        POD_SECURITY_ENFORCE,
+        Some("restricted"),
+    )
+    .await;
+    for definition in ["od", "pooled"] {
+        let started = std::time::Instant::now();
+        let (status, body) = k.create("code-interpreter", definition).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 500, "{definition}: {body}");
+        assert!(
+            message.contains("cannot start: pods ")
+                && message.contains("is forbidden: violates PodSecurity \"restricted:latest\"")
+                && message.contains("runAsNonRoot"),
+            "{definition}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{definition}: answered after {:?}",
+            started.elapsed()
+        );
+        let logged = logs.line_with("request failed");
+        assert!(logged.contains("violates PodSecurity"), "{logged}");
+    }
+    // Rolled back: no Sandbox of the on-demand definition and no claim left, no record.
+    k.eventually("the creates rolled back", 15, async || {
+        let lp = ListParams::default();
+        let sbs = sandboxes(&k.client).list(&lp).await.unwrap().items;
+        let claims = claims(&k.client).list(&lp).await.unwrap().items;
+        let od = sbs
+            .iter()
+            .filter(|s| s.metadata.name.as_deref().unwrap().starts_with("od-"));
+        (od.count() == 0 && claims.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
+    );
+    // A ResourceQuota used up is a 429: the caller may try again once sessions end.
+    label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, None).await;
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(k.client.clone(), "default")
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "no-pods"},
+                "spec": {"hard": {"pods": "0"}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = k.create("code-interpreter", "od").await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        message.contains("the namespace's ResourceQuota is used up")
+            && message.contains("exceeded quota: no-pods"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn unknown_definitions_404_and_a_cr_applied_later_is_served() {
     let k = KubeStack::start(KubeOptions::default()).await;
     let (status, body) = k.create("code-interpreter", "od").await;

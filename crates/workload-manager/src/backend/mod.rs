@@ -74,6 +74,11 @@ pub enum BackendError {
     /// is the end of its output, for the manager's log only).
     #[error("{message}: {log}")]
     Exited { message: String, log: String },
+    /// The platform refused, for good, what the sandbox needs (e.g. the API server's admission
+    /// refused its pod: a Pod Security level, a policy webhook, a LimitRange); waiting would not
+    /// change it. The message says which sandbox and the platform's own words.
+    #[error("{0}")]
+    Refused(String),
     /// I/O or platform error.
     #[error("{0}")]
     Failed(String),

@@ -197,6 +197,21 @@ pub async fn create_identity_secret(client: &kube::Client, private: &str, public
     secrets.create(&PostParams::default(), &s).await.unwrap();
 }
 
+/// The label that sets a namespace's enforced Pod Security level.
+pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+
+/// Sets (or with `None` removes) label `key` of namespace `ns`.
+pub async fn label_namespace(client: &kube::Client, ns: &str, key: &str, value: Option<&str>) {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {key: value}}})),
+        )
+        .await
+        .unwrap();
+}
+
 /// Deletes what a test may have left (definitions, agent-sandbox objects, the identity Secret)
 /// and waits until no pod is left in `default`.
 async fn clean(client: &kube::Client) {
@@ -221,6 +236,12 @@ async fn clean(client: &kube::Client) {
     let _ = Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
         .delete("picod-router-identity", &dp)
         .await;
+    // What a test may have put on `default` to make the API server refuse pods.
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(client.clone(), "default")
+        .delete_collection(&dp, &lp)
+        .await
+        .unwrap();
+    label_namespace(client, "default", POD_SECURITY_ENFORCE, None).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -6,6 +6,7 @@ use agentcube_crds::labels;
 use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
 use agentcube_types::{BackingKind, EntryPoint};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, PostParams};
 
 use super::{KubernetesBackend, desired, probe, watched};
@@ -25,9 +26,15 @@ impl KubernetesBackend {
         let ready = self
             .sandboxes
             .wait_for(namespace, &name, |s| {
-                (watched::uid(s) == uid && s.is_ready()).then(|| s.clone())
+                if watched::uid(s) != uid {
+                    None
+                } else if s.is_ready() {
+                    Some(Ok(s.clone()))
+                } else {
+                    refusal(&format!("Sandbox {name}"), conditions_of(s)).map(Err)
+                }
             })
-            .await;
+            .await?;
         let (identity, entry_points) = self
             .reachable(namespace, &ready, ports, self.config.probe_timeout)
             .await?;
@@ -51,7 +58,7 @@ impl KubernetesBackend {
         desired::stamp_observed(&mut claim, jiff::Timestamp::now());
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let ready = self.adopted(namespace, &name, &uid).await;
+        let ready = self.adopted(namespace, &name, &uid).await?;
         let (identity, entry_points) = self
             .reachable(namespace, &ready, ports, self.config.probe_timeout)
             .await?;
@@ -68,14 +75,23 @@ impl KubernetesBackend {
     /// The Ready Sandbox claim `name` (uid `uid`) got: the one its status names, or — sooner,
     /// by one write of agent-sandbox — the warm Sandbox its annotation names once the claim is
     /// that Sandbox's controller owner (the adoption is then final). Waits on both watches;
-    /// callers bound it with a timeout.
-    async fn adopted(&self, namespace: &str, name: &str, uid: &str) -> SandboxObject {
+    /// callers bound it with a timeout. Fails at once when the claim is refused for good
+    /// ([`refusal`]).
+    async fn adopted(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<SandboxObject, BackendError> {
         let (mut claims, mut sandboxes) = (self.claims.subscribe(), self.sandboxes.subscribe());
         loop {
             claims.borrow_and_update();
             sandboxes.borrow_and_update();
             if let Some(ready) = self.bound_and_ready(namespace, name, uid) {
-                return ready;
+                return Ok(ready);
+            }
+            if let Some(refused) = self.claim_refused(namespace, name, uid) {
+                return Err(refused);
             }
             tokio::select! {
                 r = claims.changed() => if r.is_err() { std::future::pending::<()>().await },
@@ -109,6 +125,17 @@ impl KubernetesBackend {
             Some(s) => format!("Sandbox {name} {}", readiness(&s)),
             None => format!("{name} is not in the Workload Manager's watch cache"),
         }
+    }
+
+    /// Why the claim `name` (uid `uid`) will never be Ready, if so. (agent-sandbox copies a
+    /// refusal of the claim's Sandbox or pod into the claim's own Ready condition.)
+    fn claim_refused(&self, namespace: &str, name: &str, uid: &str) -> Option<BackendError> {
+        let claim = self.claims.get(namespace, name)?;
+        if watched::uid(claim.as_ref()) != uid {
+            return None;
+        }
+        let conditions = claim.status.as_ref().and_then(|s| s.conditions.as_deref());
+        refusal(&format!("SandboxClaim {name}"), conditions)
     }
 
     fn bound_and_ready(&self, namespace: &str, name: &str, uid: &str) -> Option<SandboxObject> {
@@ -193,18 +220,64 @@ fn readiness(sandbox: &SandboxObject) -> String {
     if sandbox.is_ready() {
         return "is Ready (its pod's IP or ports did not answer)".into();
     }
-    condition_text(
-        sandbox
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_deref()),
-    )
+    condition_text(conditions_of(sandbox))
 }
 
+fn conditions_of(sandbox: &SandboxObject) -> Option<&[Condition]> {
+    sandbox
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+}
+
+/// agent-sandbox's controller failed on an object (`Ready=False`, reason `ReconcilerError`,
+/// message `Error seen: <the API server's error>`) in a way retrying will not fix: the API
+/// server refused what it created for one of [`FOR_GOOD`]'s reasons. A used-up ResourceQuota is
+/// told apart (the caller may retry later). Anything else is waited out as before: some
+/// refusals pass on their own (a new namespace's `default` service account not made yet:
+/// `… is forbidden: error looking up service account …`), and so do conflicts and an
+/// unreachable API server. `what` names the object.
+fn refusal(what: &str, conditions: Option<&[Condition]>) -> Option<BackendError> {
+    let ready = conditions?.iter().find(|c| c.type_ == "Ready")?;
+    if ready.status != "False" || ready.reason != "ReconcilerError" {
+        return None;
+    }
+    let error = ready.message.trim_start_matches("Error seen: ");
+    let error: String = error.chars().take(MAX_REFUSAL_CHARS).collect();
+    if error.contains("is forbidden: exceeded quota") {
+        return Some(BackendError::Exhausted(format!(
+            "{what} cannot start: the namespace's ResourceQuota is used up: {error}"
+        )));
+    }
+    FOR_GOOD
+        .iter()
+        .any(|p| error.contains(p))
+        .then(|| BackendError::Refused(format!("{what} cannot start: {error}")))
+}
+
+/// What the API server's refusals that stand until someone changes the cluster say: the
+/// namespace's Pod Security level, an admission webhook or ValidatingAdmissionPolicy, a
+/// LimitRange, a ResourceQuota that needs limits the pod lacks, an invalid object, RBAC (the
+/// controller may not create pods), a namespace being deleted.
+const FOR_GOOD: &[&str] = &[
+    "violates PodSecurity",
+    "denied the request",
+    "denied request",
+    "usage per Container is",
+    "usage per Pod is",
+    "ratio per Container is",
+    "ratio per Pod is",
+    "is forbidden: failed quota",
+    " is invalid: ",
+    "cannot create resource",
+    "because it is being terminated",
+];
+
+/// How much of a refusal's text goes into an error (admission messages list every violation).
+const MAX_REFUSAL_CHARS: usize = 1024;
+
 /// `is not Ready (<reason>: <message>)` from an object's conditions.
-fn condition_text(
-    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-) -> String {
+fn condition_text(conditions: Option<&[Condition]>) -> String {
     match conditions
         .unwrap_or_default()
         .iter()
@@ -312,6 +385,63 @@ mod tests {
             "claim-uid",
             sandbox("pool-uid", true)
         ));
+    }
+
+    #[test]
+    fn only_refusals_that_stand_fail_a_create() {
+        let ready = |status: &str, reason: &str, message: &str| {
+            vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            }]
+        };
+        let verdict = |message: &str| match refusal(
+            "Sandbox s",
+            Some(&ready("False", "ReconcilerError", message)),
+        ) {
+            None => "wait".to_string(),
+            Some(BackendError::Refused(m)) => format!("refused: {m}"),
+            Some(BackendError::Exhausted(m)) => format!("exhausted: {m}"),
+            Some(other) => panic!("{other:?}"),
+        };
+        let pod = "Error seen: pods \"s\" is forbidden: ";
+        for (message, want) in [
+            (format!("{pod}violates PodSecurity \"restricted:latest\": runAsNonRoot != true"), "refused"),
+            (format!("{pod}[maximum memory usage per Container is 1Gi, but limit is 2Gi]"), "refused"),
+            (format!("{pod}failed quota: q: must specify limits.cpu for: c"), "refused"),
+            (format!("{pod}exceeded quota: q, requested: pods=1, used: pods=2, limited: pods=2"), "exhausted"),
+            ("Error seen: admission webhook \"validation.gatekeeper.sh\" denied the request: no".into(), "refused"),
+            ("Error seen: Pod \"s\" is invalid: spec.containers[0].image: Required value".into(), "refused"),
+            (format!("{pod}User \"system:serviceaccount:x:y\" cannot create resource \"pods\""), "refused"),
+            // These pass on their own: waited out.
+            (format!("{pod}error looking up service account default/default: serviceaccount \"default\" not found"), "wait"),
+            ("Error seen: Operation cannot be fulfilled on pods \"s\": the object has been modified".into(), "wait"),
+            ("Error seen: dial tcp 10.0.0.1:443: connect: connection refused".into(), "wait"),
+        ] {
+            let got = verdict(&message);
+            assert!(got.starts_with(want), "{message}: {got}");
+            if want != "wait" {
+                assert!(got.contains("Sandbox s cannot start: ") && !got.contains("Error seen"), "{got}");
+            }
+        }
+        // Only a failed Ready condition from the controller's errors counts.
+        let forbidden = format!("{pod}violates PodSecurity \"baseline:latest\"");
+        for conditions in [
+            ready("True", "ReconcilerError", &forbidden),
+            ready("False", "DependenciesNotReady", &forbidden),
+        ] {
+            assert!(refusal("Sandbox s", Some(&conditions)).is_none());
+        }
+        assert!(refusal("Sandbox s", None).is_none());
+        // Admission messages can list many violations: the error stays bounded.
+        let long = verdict(&format!("{pod}violates PodSecurity {}", "x".repeat(10_000)));
+        assert!(long.len() < MAX_REFUSAL_CHARS + 100, "{}", long.len());
     }
 
     #[test]
