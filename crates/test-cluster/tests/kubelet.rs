@@ -1,5 +1,6 @@
 //! The process kubelet as pods see it, on the shared test cluster: liveness probes restart a
-//! container, and Service names resolve to a ready pod through `/etc/hosts`.
+//! container, a crashed one is reported as a kubelet does, and Service names resolve to a ready
+//! pod through `/etc/hosts`.
 
 use std::time::Duration;
 
@@ -90,6 +91,25 @@ async fn a_failing_liveness_probe_restarts_the_container_and_a_passing_one_does_
         0,
         "a container that answers its probe keeps running"
     );
+}
+
+#[tokio::test]
+async fn a_container_that_exits_is_in_crash_loop_back_off_with_its_exit_as_last_state() {
+    let c = client().await;
+    let pods = namespace(&c, "crash").await;
+    let pod = python_pod("crash", json!({}), "raise SystemExit(3)", json!({}));
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // As a kubelet reports it between restarts: waiting in back-off, the exit in `lastState`.
+    let status = until("the crash reported", 30, async || {
+        let p = pods.get("crash").await.unwrap();
+        let s = p.status?.container_statuses?.into_iter().next()?;
+        let waiting = s.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
+        (waiting == "CrashLoopBackOff").then_some(s)
+    })
+    .await;
+    let last = status.last_state.unwrap().terminated.unwrap();
+    assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+    assert!(!status.ready);
 }
 
 #[tokio::test]

@@ -80,7 +80,7 @@ impl From<BackendError> for ApiError {
                 message: format!("{message}; its output is in the Workload Manager's log"),
                 detail: log,
             },
-            BackendError::Refused(message) => Self::SandboxFailed {
+            BackendError::CannotStart(message) => Self::SandboxFailed {
                 message,
                 detail: String::new(),
             },

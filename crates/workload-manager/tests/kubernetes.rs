@@ -391,11 +391,13 @@ async fn claim_writes(k: &KubeStack, name: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_sandbox_that_never_runs_is_rolled_back_with_504() {
+    // No node fits its pod: it stays Pending (a cluster autoscaler might add a node), so the
+    // create waits for --create-timeout.
     let broken = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
 kind: CodeInterpreter
 metadata: {name: broken, namespace: default}
 spec:
-  template: {image: busybox}
+  template: {image: ghcr.io/volcano-sh/picod:latest, resources: {requests: {cpu: '1000'}}}
 ";
     let (_guard, logs) = common::Logs::start();
     let k = KubeStack::start(KubeOptions {
@@ -504,6 +506,88 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
         message.contains("the namespace's ResourceQuota is used up")
             && message.contains("exceeded quota: no-pods"),
         "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_fails_fails_the_create_at_once_with_its_reason() {
+    // An agent that exits at once (a typo in its command, say), an image that cannot be pulled,
+    // and a warm pool of the latter: each used to wait out --create-timeout for a 504.
+    let crashing = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: crashing, namespace: default}
+spec:
+  targetPort: [{port: 9000, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    spec:
+      containers:
+        - {name: agent, image: python:3.12-slim, command: [python3, -c, "raise SystemExit(3)"]}
+"#;
+    let unpullable = |name: &str, pool: u32| {
+        format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {{name: {name}, namespace: default}}
+spec:
+  template: {{image: registry.invalid/nope:1}}
+  warmPoolSize: {pool}
+"
+        )
+    };
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!(
+            "{crashing}---\n{}---\n{}",
+            unpullable("unpullable", 0),
+            unpullable("unpullable-pool", 1)
+        ),
+        create_timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    for (kind, definition, want) in [
+        (
+            "agent-runtime",
+            "crashing",
+            "container agent is in CrashLoopBackOff (",
+        ),
+        ("code-interpreter", "unpullable", "is in ErrImagePull"),
+        ("code-interpreter", "unpullable-pool", "is in ErrImagePull"),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = k.create(kind, definition).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 500, "{definition}: {body}");
+        assert!(
+            message.starts_with("Sandbox ")
+                && message.contains(" cannot start: its pod ")
+                && message.contains(want),
+            "{definition}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{definition}: answered after {:?}",
+            started.elapsed()
+        );
+        if definition == "crashing" {
+            assert!(message.contains("last exit code 3 (Error)"), "{message}");
+        }
+    }
+    // Rolled back: only the warm pool's own Sandbox is left, no claim, no record.
+    k.eventually("the creates rolled back", 15, async || {
+        let lp = ListParams::default();
+        let sbs = sandboxes(&k.client).list(&lp).await.unwrap().items;
+        let claims = claims(&k.client).list(&lp).await.unwrap().items;
+        let pool = pool_members(&k.client, "unpullable-pool").await;
+        (claims.is_empty() && sbs.len() == pool.len()).then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
     );
 }
 

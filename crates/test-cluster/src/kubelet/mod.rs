@@ -19,7 +19,8 @@
 //!   probe `failureThreshold` times in a row is killed and restarted;
 //! - Service names: every pod's `/etc/hosts` names each Service after a ready pod behind it
 //!   ([`services`]), since there is no cluster DNS or kube-proxy;
-//! - restarts under `restartPolicy` with back-off; a deleted pod gets SIGTERM, SIGKILL after its
+//! - restarts under `restartPolicy` with back-off (meanwhile the container is `waiting` in
+//!   `CrashLoopBackOff`, its exit in `lastState`); a deleted pod gets SIGTERM, SIGKILL after its
 //!   grace period (at most 10 s here), then the kubelet removes it from the API server.
 //!
 //! Not done (say so before relying on it): containers after the first, init containers,

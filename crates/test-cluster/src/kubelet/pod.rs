@@ -278,6 +278,12 @@ impl PodProcess {
                 json!({"waiting": {"reason": "ErrImagePull", "message": t}})
             }
             (_, true, _) => json!({"running": {"startedAt": self.started_at}}),
+            // Exited, to be restarted after its back-off: a kubelet says `CrashLoopBackOff`
+            // (the exit goes to `lastState`, below).
+            (None, false, Some(_)) if self.restart_at.is_some() => {
+                json!({"waiting": {"reason": "CrashLoopBackOff",
+                    "message": format!("back-off restarting failed container {}", container.name)}})
+            }
             (_, false, Some(code)) => json!({"terminated": {"exitCode": code,
                 "reason": if code == 0 { "Completed" } else { "Error" }}}),
             _ => match &self.creating {
@@ -304,6 +310,10 @@ impl PodProcess {
                 "state": state,
             }],
         });
+        if let (Some(code), None) = (self.last_exit, &self.terminal) {
+            status["containerStatuses"][0]["lastState"] = json!({"terminated": {"exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" }}});
+        }
         if phase == "Running" {
             status["podIP"] = json!(self.ip.to_string());
             status["podIPs"] = json!([{"ip": self.ip.to_string()}]);

@@ -74,11 +74,12 @@ pub enum BackendError {
     /// is the end of its output, for the manager's log only).
     #[error("{message}: {log}")]
     Exited { message: String, log: String },
-    /// The platform refused, for good, what the sandbox needs (e.g. the API server's admission
-    /// refused its pod: a Pod Security level, a policy webhook, a LimitRange); waiting would not
-    /// change it. The message says which sandbox and the platform's own words.
+    /// The sandbox will never start, and waiting would not change it: the platform refused what
+    /// it needs (the API server's admission refused its pod: a Pod Security level, a policy
+    /// webhook, a LimitRange), or its pod failed (a container crash-looping, an image that
+    /// cannot be pulled). The message says which sandbox and the platform's own words.
     #[error("{0}")]
-    Refused(String),
+    CannotStart(String),
     /// I/O or platform error.
     #[error("{0}")]
     Failed(String),

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, PostParams};
 
+use super::stuck::refusal;
 use super::{KubernetesBackend, desired, probe, watched};
 use crate::backend::{BackendError, Sandbox, entry_point};
 
@@ -23,21 +24,28 @@ impl KubernetesBackend {
             Api::namespaced_with(self.client.clone(), namespace, &self.api);
         let created = api.create(&PostParams::default(), &sandbox).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let ready = self
-            .sandboxes
-            .wait_for(namespace, &name, |s| {
-                if watched::uid(s) != uid {
-                    None
-                } else if s.is_ready() {
-                    Some(Ok(s.clone()))
-                } else {
-                    refusal(&format!("Sandbox {name}"), conditions_of(s)).map(Err)
-                }
-            })
-            .await?;
-        let (identity, entry_points) = self
-            .reachable(namespace, &ready, ports, self.config.probe_timeout)
-            .await?;
+        let ready = self.sandboxes.wait_for(namespace, &name, |s| {
+            if watched::uid(s) != uid {
+                None
+            } else if s.is_ready() {
+                Some(Ok(s.clone()))
+            } else {
+                refusal(&format!("Sandbox {name}"), conditions_of(s)).map(Err)
+            }
+        });
+        let pod = || {
+            let sandbox = self.sandboxes.get(namespace, &name)?;
+            Some((format!("Sandbox {name}"), pod_name_of(&sandbox)))
+        };
+        let reachable = async {
+            let ready = ready.await?;
+            self.reachable(namespace, &ready, ports, self.config.probe_timeout)
+                .await
+        };
+        let (identity, entry_points) = tokio::select! {
+            reachable = reachable => reachable?,
+            failed = self.pod_failed(namespace, pod) => return Err(failed),
+        };
         Ok(Sandbox {
             kind: BackingKind::Sandbox,
             id: uid,
@@ -58,10 +66,26 @@ impl KubernetesBackend {
         desired::stamp_observed(&mut claim, jiff::Timestamp::now());
         let created = api.create(&PostParams::default(), &claim).await?;
         let (name, uid) = (watched::name(&created), watched::uid(&created));
-        let ready = self.adopted(namespace, &name, &uid).await?;
-        let (identity, entry_points) = self
-            .reachable(namespace, &ready, ports, self.config.probe_timeout)
-            .await?;
+        let pod = || {
+            let claim = self.claims.get(namespace, &name)?;
+            let (sb, _) = sandbox_name_of(&claim)?;
+            let sandbox = self.sandboxes.get(namespace, sb)?;
+            Some((
+                format!("Sandbox {sb} (of SandboxClaim {name})"),
+                pod_name_of(&sandbox),
+            ))
+        };
+        let reachable = async {
+            let ready = self.adopted(namespace, &name, &uid).await?;
+            let (identity, entry_points) = self
+                .reachable(namespace, &ready, ports, self.config.probe_timeout)
+                .await?;
+            Ok::<_, BackendError>((ready, identity, entry_points))
+        };
+        let (ready, identity, entry_points) = tokio::select! {
+            reachable = reachable => reachable?,
+            failed = self.pod_failed(namespace, pod) => return Err(failed),
+        };
         Ok(Sandbox {
             kind: BackingKind::SandboxClaim,
             // The Sandbox's uid (upstream's `sandboxId`); the record is named after the claim.
@@ -230,52 +254,6 @@ fn conditions_of(sandbox: &SandboxObject) -> Option<&[Condition]> {
         .and_then(|s| s.conditions.as_deref())
 }
 
-/// agent-sandbox's controller failed on an object (`Ready=False`, reason `ReconcilerError`,
-/// message `Error seen: <the API server's error>`) in a way retrying will not fix: the API
-/// server refused what it created for one of [`FOR_GOOD`]'s reasons. A used-up ResourceQuota is
-/// told apart (the caller may retry later). Anything else is waited out as before: some
-/// refusals pass on their own (a new namespace's `default` service account not made yet:
-/// `… is forbidden: error looking up service account …`), and so do conflicts and an
-/// unreachable API server. `what` names the object.
-fn refusal(what: &str, conditions: Option<&[Condition]>) -> Option<BackendError> {
-    let ready = conditions?.iter().find(|c| c.type_ == "Ready")?;
-    if ready.status != "False" || ready.reason != "ReconcilerError" {
-        return None;
-    }
-    let error = ready.message.trim_start_matches("Error seen: ");
-    let error: String = error.chars().take(MAX_REFUSAL_CHARS).collect();
-    if error.contains("is forbidden: exceeded quota") {
-        return Some(BackendError::Exhausted(format!(
-            "{what} cannot start: the namespace's ResourceQuota is used up: {error}"
-        )));
-    }
-    FOR_GOOD
-        .iter()
-        .any(|p| error.contains(p))
-        .then(|| BackendError::Refused(format!("{what} cannot start: {error}")))
-}
-
-/// What the API server's refusals that stand until someone changes the cluster say: the
-/// namespace's Pod Security level, an admission webhook or ValidatingAdmissionPolicy, a
-/// LimitRange, a ResourceQuota that needs limits the pod lacks, an invalid object, RBAC (the
-/// controller may not create pods), a namespace being deleted.
-const FOR_GOOD: &[&str] = &[
-    "violates PodSecurity",
-    "denied the request",
-    "denied request",
-    "usage per Container is",
-    "usage per Pod is",
-    "ratio per Container is",
-    "ratio per Pod is",
-    "is forbidden: failed quota",
-    " is invalid: ",
-    "cannot create resource",
-    "because it is being terminated",
-];
-
-/// How much of a refusal's text goes into an error (admission messages list every violation).
-const MAX_REFUSAL_CHARS: usize = 1024;
-
 /// `is not Ready (<reason>: <message>)` from an object's conditions.
 fn condition_text(conditions: Option<&[Condition]>) -> String {
     match conditions
@@ -385,63 +363,6 @@ mod tests {
             "claim-uid",
             sandbox("pool-uid", true)
         ));
-    }
-
-    #[test]
-    fn only_refusals_that_stand_fail_a_create() {
-        let ready = |status: &str, reason: &str, message: &str| {
-            vec![Condition {
-                type_: "Ready".into(),
-                status: status.into(),
-                reason: reason.into(),
-                message: message.into(),
-                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    jiff::Timestamp::UNIX_EPOCH,
-                ),
-                observed_generation: None,
-            }]
-        };
-        let verdict = |message: &str| match refusal(
-            "Sandbox s",
-            Some(&ready("False", "ReconcilerError", message)),
-        ) {
-            None => "wait".to_string(),
-            Some(BackendError::Refused(m)) => format!("refused: {m}"),
-            Some(BackendError::Exhausted(m)) => format!("exhausted: {m}"),
-            Some(other) => panic!("{other:?}"),
-        };
-        let pod = "Error seen: pods \"s\" is forbidden: ";
-        for (message, want) in [
-            (format!("{pod}violates PodSecurity \"restricted:latest\": runAsNonRoot != true"), "refused"),
-            (format!("{pod}[maximum memory usage per Container is 1Gi, but limit is 2Gi]"), "refused"),
-            (format!("{pod}failed quota: q: must specify limits.cpu for: c"), "refused"),
-            (format!("{pod}exceeded quota: q, requested: pods=1, used: pods=2, limited: pods=2"), "exhausted"),
-            ("Error seen: admission webhook \"validation.gatekeeper.sh\" denied the request: no".into(), "refused"),
-            ("Error seen: Pod \"s\" is invalid: spec.containers[0].image: Required value".into(), "refused"),
-            (format!("{pod}User \"system:serviceaccount:x:y\" cannot create resource \"pods\""), "refused"),
-            // These pass on their own: waited out.
-            (format!("{pod}error looking up service account default/default: serviceaccount \"default\" not found"), "wait"),
-            ("Error seen: Operation cannot be fulfilled on pods \"s\": the object has been modified".into(), "wait"),
-            ("Error seen: dial tcp 10.0.0.1:443: connect: connection refused".into(), "wait"),
-        ] {
-            let got = verdict(&message);
-            assert!(got.starts_with(want), "{message}: {got}");
-            if want != "wait" {
-                assert!(got.contains("Sandbox s cannot start: ") && !got.contains("Error seen"), "{got}");
-            }
-        }
-        // Only a failed Ready condition from the controller's errors counts.
-        let forbidden = format!("{pod}violates PodSecurity \"baseline:latest\"");
-        for conditions in [
-            ready("True", "ReconcilerError", &forbidden),
-            ready("False", "DependenciesNotReady", &forbidden),
-        ] {
-            assert!(refusal("Sandbox s", Some(&conditions)).is_none());
-        }
-        assert!(refusal("Sandbox s", None).is_none());
-        // Admission messages can list many violations: the error stays bounded.
-        let long = verdict(&format!("{pod}violates PodSecurity {}", "x".repeat(10_000)));
-        assert!(long.len() < MAX_REFUSAL_CHARS + 100, "{}", long.len());
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod network;
 pub mod probe;
 pub mod sources;
 pub mod standby;
+mod stuck;
 pub mod watched;
 
 use watched::Watched;
