@@ -60,9 +60,11 @@ const FOR_GOOD: &[&str] = &[
 const MAX_REFUSAL_CHARS: usize = 1024;
 
 /// How long a create waits before it first looks at its pod (most are done by then: no API
-/// read for them), and then how often.
+/// read for them); the wait between looks then doubles up to [`POD_CHECK_MAX`], so that many
+/// creates waiting for a node (a full cluster, an autoscaler adding nodes) do not each read
+/// their pod every second from an API server that is busy already.
 const POD_CHECK_AFTER: Duration = Duration::from_secs(1);
-const POD_CHECK_EVERY: Duration = Duration::from_secs(1);
+const POD_CHECK_MAX: Duration = Duration::from_secs(16);
 
 impl KubernetesBackend {
     /// Resolves with why the pod `pod()` names (`(what, pod name)`: `what` names the Sandbox for
@@ -75,8 +77,10 @@ impl KubernetesBackend {
         pod: impl Fn() -> Option<(String, String)>,
     ) -> BackendError {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        tokio::time::sleep(POD_CHECK_AFTER).await;
+        let mut wait = POD_CHECK_AFTER;
         loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(POD_CHECK_MAX);
             if let Some((what, name)) = pod()
                 && let Ok(Some(p)) = pods.get_opt(&name).await
                 && let Some(why) = pod_trouble(&p)
@@ -85,7 +89,6 @@ impl KubernetesBackend {
                     "{what} cannot start: its pod {name}: {why}"
                 ));
             }
-            tokio::time::sleep(POD_CHECK_EVERY).await;
         }
     }
 }
