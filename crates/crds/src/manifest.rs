@@ -147,6 +147,18 @@ pub fn load(text: &str, source_name: &str) -> Result<Vec<Definition>, ManifestEr
 /// What the API server says of a name that is not an RFC 1123 subdomain (`dots`: the name of an
 /// object) or label (a namespace) of at most `max` characters; `None` when it is one. (Our names
 /// become paths, cgroups and network namespaces on the local backend: `../x` must never pass.)
+/// Why `namespace` cannot name a namespace (an RFC 1123 label of at most 63 characters), in the
+/// API server's words; `None` when it can.
+pub fn invalid_namespace(namespace: &str) -> Option<String> {
+    check_name("namespace", namespace, 63, false)
+}
+
+/// Why `name` cannot name a CodeInterpreter or AgentRuntime (an RFC 1123 subdomain of at most 253
+/// characters), in the API server's words; `None` when it can.
+pub fn invalid_name(name: &str) -> Option<String> {
+    check_name("name", name, 253, true)
+}
+
 fn check_name(field: &str, name: &str, max: usize, dots: bool) -> Option<String> {
     let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     let parts: Vec<&str> = if dots {

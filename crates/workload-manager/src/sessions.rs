@@ -148,17 +148,24 @@ impl Manager {
         if req.name.is_empty() {
             return Err(ApiError::BadRequest("name is required".into()));
         }
+        let not_found = match kind {
+            WorkloadKind::CodeInterpreter => "code interpreter not found",
+            WorkloadKind::AgentRuntime => "agent runtime not found",
+        };
+        // Names go into the API server's request paths as they are (kube-rs does not escape
+        // them): one that cannot name a definition never leaves this process. The message keeps
+        // "not found", which the Router turns into upstream's 404.
+        let invalid = agentcube_crds::manifest::invalid_namespace(&req.namespace)
+            .or_else(|| agentcube_crds::manifest::invalid_name(&req.name));
+        if let Some(why) = invalid {
+            return Err(ApiError::BadRequest(format!("{not_found}: {why}")));
+        }
         let ttl = req.ttl().map_err(ApiError::BadRequest)?;
         let workload = self
             .definitions
             .lookup(kind, &req.namespace, &req.name)
             .await;
-        let workload = workload.ok_or_else(|| {
-            ApiError::NotFound(match kind {
-                WorkloadKind::CodeInterpreter => "code interpreter not found".into(),
-                WorkloadKind::AgentRuntime => "agent runtime not found".into(),
-            })
-        })?;
+        let workload = workload.ok_or_else(|| ApiError::NotFound(not_found.into()))?;
         if workload.needs_key() && self.public_key.get().is_none() {
             return Err(ApiError::Internal(
                 "authMode picod but the Router public key is not available".into(),

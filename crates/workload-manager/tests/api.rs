@@ -293,6 +293,25 @@ async fn bad_requests_get_upstream_messages() {
         s.create("agent-runtime", "ci").await,
         (404, json!({"message": "agent runtime not found"}))
     );
+    // A namespace or name no definition can have: a clear 400 that still says "not found" (the
+    // Router's cue for upstream's 404).
+    let (status, body) = post(r#"{"name":"ci","namespace":"../default"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["message"],
+        "code interpreter not found: namespace: Invalid value: \"../default\": a lowercase RFC \
+         1123 label of at most 63 characters must consist of lower case alphanumeric characters \
+         or '-', and must start and end with an alphanumeric character"
+    );
+    let (status, body) = post(r#"{"name":"ci/status","namespace":"default"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("code interpreter not found: name: Invalid value: \"ci/status\""),
+        "{body}"
+    );
     let r = s
         .http
         .get(format!("{}/health", s.url))

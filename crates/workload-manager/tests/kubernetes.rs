@@ -430,6 +430,23 @@ spec:
     );
 }
 
+/// An AgentRuntime whose pod asks for the host: privileged, the host's root directory mounted.
+const PRIVILEGED_AGENT: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: host, namespace: default}
+spec:
+  targetPort: [{port: 9000, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    spec:
+      volumes: [{name: root, hostPath: {path: /}}]
+      containers:
+        - name: agent
+          image: python:3.12-slim
+          command: [sleep, infinity]
+          securityContext: {privileged: true}
+          volumeMounts: [{name: root, mountPath: /host}]
+";
+
 #[tokio::test]
 async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason() {
     // The namespace enforces Pod Security `restricted`, which needs `runAsNonRoot` (the
@@ -438,11 +455,25 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
     // default) and answer 504 `sandbox creation timed out`.
     let (_guard, logs) = common::Logs::start();
     let k = KubeStack::start(KubeOptions {
-        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
+        manifests: format!("{ON_DEMAND}---\n{PRIVILEGED_AGENT}"),
         create_timeout: Duration::from_secs(60),
         ..Default::default()
     })
     .await;
+    // `baseline` (what the threat model asks of sandbox namespaces): the Workload Manager's
+    // defaults pass it, a definition asking for the host does not.
+    label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, Some("baseline")).await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    let (status, body) = k.create("agent-runtime", "host").await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        message.contains("violates PodSecurity \"baseline:latest\"")
+            && message.contains("privileged")
+            && message.contains("hostPath"),
+        "{message}"
+    );
     label_namespace(
         &k.client,
         "default",
@@ -450,6 +481,8 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
         Some("restricted"),
     )
     .await;
+    // A warm pool made now: its members' pods are refused too.
+    apply(&k.client, POOLED).await;
     for definition in ["od", "pooled"] {
         let started = std::time::Instant::now();
         let (status, body) = k.create("code-interpreter", definition).await;
@@ -589,6 +622,69 @@ spec:
             .is_empty(),
         "no record left"
     );
+}
+
+#[tokio::test]
+async fn a_namespace_or_name_that_is_not_one_never_reaches_the_api_server() {
+    // kube-rs puts names into request paths as they are: a definition the Workload Manager has
+    // not seen yet was fetched with the client's namespace and name, so `/`, `?` and `..` chose
+    // what the Workload Manager asked the API server with its own credentials, and every variant
+    // that answered with a definition stayed in its cache for ever.
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        ..Default::default()
+    })
+    .await;
+    let before = cluster().audit_events().len();
+    for (namespace, name) in [
+        ("default", "od/status"),
+        ("default", "od?x=1"),
+        ("default/codeinterpreters/od?x=", "y"),
+        ("default/../default", "od"),
+        ("Default", "od"),
+        ("default", "OD"),
+        ("default", &"o".repeat(254)),
+    ] {
+        let (status, body) =
+            common::create_session_in(&k.http, &k.url, "code-interpreter", namespace, name).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{namespace}/{name}: {body}");
+        assert!(
+            message.starts_with("code interpreter not found: ")
+                && message.contains("Invalid value")
+                && message.contains("RFC 1123"),
+            "{namespace}/{name}: {message}"
+        );
+    }
+    let asked: Vec<String> = cluster().audit_events()[before..]
+        .iter()
+        .filter_map(|e| e["requestURI"].as_str().map(str::to_string))
+        .filter(|uri| uri.contains("codeinterpreters/"))
+        .collect();
+    assert!(asked.is_empty(), "the API server was asked: {asked:?}");
+    // A session record (whoever can write the store wrote it) naming such a "Sandbox": its
+    // delete asks the API server nothing and removes the record.
+    let before = cluster().audit_events().len();
+    let now = jiff::Timestamp::now();
+    let record = agentcube_types::SessionRecord::placeholder(
+        "planted",
+        "default/../../../api/v1/namespaces/default",
+        "pods?x=",
+        now,
+        now + jiff::SignedDuration::from_hours(1),
+        agentcube_types::GoDuration(Duration::from_secs(900)),
+    );
+    k.store.insert(&record, now).await.unwrap();
+    assert_eq!(k.delete("planted").await, 200);
+    assert!(k.store.get("planted").await.is_err(), "record removed");
+    let asked: Vec<String> = cluster().audit_events()[before..]
+        .iter()
+        .filter_map(|e| e["requestURI"].as_str().map(str::to_string))
+        .filter(|uri| uri.contains("x="))
+        .collect();
+    assert!(asked.is_empty(), "the API server was asked: {asked:?}");
+    // The real one still works.
+    k.create_ok("code-interpreter", "od").await;
 }
 
 #[tokio::test]

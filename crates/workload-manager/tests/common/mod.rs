@@ -264,9 +264,20 @@ pub async fn create_session(
     kind: &str,
     name: &str,
 ) -> (u16, Value) {
+    create_session_in(http, url, kind, "default", name).await
+}
+
+/// [`create_session`] of a definition in `namespace`.
+pub async fn create_session_in(
+    http: &reqwest::Client,
+    url: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> (u16, Value) {
     let r = http
         .post(format!("{url}/v1/{kind}"))
-        .json(&json!({"name": name, "namespace": "default", "ttl": 3600, "metadata": {}}))
+        .json(&json!({"name": name, "namespace": namespace, "ttl": 3600, "metadata": {}}))
         .send()
         .await
         .unwrap();

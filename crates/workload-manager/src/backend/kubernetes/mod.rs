@@ -107,6 +107,14 @@ impl From<kube::Error> for BackendError {
     }
 }
 
+/// Why `namespace`/`name` cannot name an object, if so. kube-rs puts names into request paths as
+/// they are, and these come from session records, which whoever can write the store wrote: such
+/// a name never goes into a request.
+fn unusable(namespace: &str, name: &str) -> Option<String> {
+    use agentcube_crds::manifest::{invalid_name, invalid_namespace};
+    invalid_namespace(namespace).or_else(|| invalid_name(name))
+}
+
 /// Sandboxes as agent-sandbox objects.
 pub struct KubernetesBackend {
     client: kube::Client,
@@ -377,6 +385,11 @@ impl Backend for KubernetesBackend {
         namespace: &str,
         name: &str,
     ) -> Result<(), BackendError> {
+        if let Some(why) = unusable(namespace, name) {
+            // Nothing by that name can exist: there is nothing to delete.
+            tracing::warn!(%kind, namespace, name, why, "not deleting: not an object's name");
+            return Ok(());
+        }
         let dp = DeleteParams::background();
         let result = match kind {
             BackingKind::SandboxClaim => {
@@ -409,6 +422,9 @@ impl Backend for KubernetesBackend {
             return None;
         }
         let ns = &record.sandbox_namespace;
+        if unusable(ns, &record.name).is_some() {
+            return Some(false);
+        }
         let found = match record.kind {
             BackingKind::SandboxClaim => {
                 Api::<SandboxClaim>::namespaced_with(self.client.clone(), ns, &self.api)
