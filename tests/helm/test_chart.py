@@ -76,8 +76,9 @@ def test_rendered_manifests_validate_strict(env, variant, tmp_path):
     assert (("Deployment", "ac-redis") in kinds) == variant.startswith("bundled-redis")
     assert (("ServiceMonitor", "agentcube-router") in kinds) == (variant == "service-monitor")
     wm_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "workloadmanager")
-    reviews = any("tokenreviews" in r["resources"] for r in wm_role["rules"])
-    assert reviews == (variant == "wm-auth"), "tokenreviews: create only with workloadmanager.auth.enabled"
+    for review in ("tokenreviews", "subjectaccessreviews"):
+        granted = any(review in r["resources"] for r in wm_role["rules"])
+        assert granted == (variant == "wm-auth"), f"{review}: create only with workloadmanager.auth.enabled"
     for d in docs:
         if d["kind"] == "Deployment":
             pod = d["spec"]["template"]["spec"]

@@ -6,7 +6,11 @@
 //!   `system:serviceaccount:<ns>:<sa>` name is recorded as the session's `createdBy`; or, for
 //!   `agentcube up` on a non-loopback address, one static token whose holder is an administrator.
 //!   Reads and deletes are then allowed only on sessions the caller created (others' ids are 404,
-//!   never 403: no enumeration), unless the caller is in the admin group.
+//!   never 403: no enumeration), unless the caller is in the admin group. A create is allowed
+//!   only where the caller may create the object the session becomes (a `Sandbox` or a
+//!   `SandboxClaim` in the definition's namespace), asked with a SubjectAccessReview (allowances
+//!   cached 5 minutes, refusals 10 seconds): upstream's Workload Manager made that object with the caller's own token, so
+//!   the cluster's RBAC decided; this one writes with its own identity and asks instead.
 //! - the **end user** (`X-AgentCube-User-Identity`), a Router-signed token naming the OIDC user
 //!   the Router authenticated; it becomes the session's `ownerId`, which the Router enforces.
 
@@ -14,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use agentcube_types::BackingKind;
 use agentcube_types::claims::{IDENTITY_AUDIENCE, ROUTER_ISSUER};
 use sha2::{Digest, Sha256};
 
@@ -21,16 +26,23 @@ use crate::error::ApiError;
 
 /// How long a TokenReview answer (allowed or refused) is reused.
 pub const REVIEW_TTL: Duration = Duration::from_secs(300);
+/// How long a SubjectAccessReview's refusal is reused: short, so that a caller given the RBAC it
+/// lacked can create within seconds (an allowance is reused for [`REVIEW_TTL`], so a revoked
+/// grant still works for up to that long, as a cached token does).
+const DENIAL_TTL: Duration = Duration::from_secs(10);
 /// Reviewed tokens remembered.
 const REVIEW_CAPACITY: usize = 1000;
 
 /// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caller {
     /// `system:serviceaccount:<ns>:<sa>`, or `local` for the static token.
     pub name: String,
-    /// May read and delete every session.
+    /// May read and delete every session, and create sessions in every namespace.
     pub admin: bool,
+    /// Its groups and uid as the TokenReview gave them (for its SubjectAccessReviews).
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
 }
 
 /// How callers are authenticated.
@@ -40,7 +52,7 @@ pub enum CallerAuth {
     /// One static bearer token; its holder is the administrator `local`.
     Token(String),
     /// Kubernetes TokenReview; members of `admin_group` are administrators.
-    TokenReview(TokenReviewer),
+    TokenReview(Box<TokenReviewer>),
 }
 
 impl std::fmt::Debug for CallerAuth {
@@ -70,6 +82,7 @@ impl CallerAuth {
                     Ok(Some(Caller {
                         name: "local".into(),
                         admin: true,
+                        ..Caller::default()
                     }))
                 } else {
                     Err(ApiError::Unauthorized("Invalid or expired token".into()))
@@ -77,6 +90,29 @@ impl CallerAuth {
             }
             Self::TokenReview(r) => r.review(token).await.map(Some),
         }
+    }
+
+    /// Whether `caller` may create a session in `namespace` that becomes a `backing` object:
+    /// administrators always; a reviewed caller when the cluster's RBAC lets it create that
+    /// object there (403 naming what it lacks otherwise).
+    pub async fn may_create(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        backing: BackingKind,
+    ) -> Result<(), ApiError> {
+        match self {
+            Self::TokenReview(r) if !caller.admin => r.may_create(caller, namespace, backing).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The API group and resource of what a session becomes.
+fn resource(backing: BackingKind) -> (&'static str, &'static str) {
+    match backing {
+        BackingKind::Sandbox => ("agents.x-k8s.io", "sandboxes"),
+        BackingKind::SandboxClaim => ("extensions.agents.x-k8s.io", "sandboxclaims"),
     }
 }
 
@@ -94,14 +130,19 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, ApiError> {
     }
 }
 
+/// Whose create of what in which namespace a SubjectAccessReview answered.
+type AccessKey = (String, String, BackingKind);
+
 /// A TokenReview's answer (the caller, or the refusal's message) and when it was given.
 type Review = (Result<Caller, String>, Instant);
 
-/// TokenReview with a cache keyed by the token's SHA-256 (tokens themselves are not kept).
+/// TokenReview with a cache keyed by the token's SHA-256 (tokens themselves are not kept), and
+/// SubjectAccessReviews of creates, cached by caller, namespace and resource.
 pub struct TokenReviewer {
     client: kube::Client,
     admin_group: Option<String>,
     cache: Mutex<HashMap<[u8; 32], Review>>,
+    access: Mutex<HashMap<AccessKey, (bool, Instant)>>,
 }
 
 impl TokenReviewer {
@@ -111,7 +152,84 @@ impl TokenReviewer {
             client,
             admin_group: admin_group.filter(|g| !g.is_empty()),
             cache: Mutex::new(HashMap::new()),
+            access: Mutex::new(HashMap::new()),
         }
+    }
+
+    async fn may_create(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        backing: BackingKind,
+    ) -> Result<(), ApiError> {
+        let key = (caller.name.clone(), namespace.to_string(), backing);
+        let cached = self.access.lock().unwrap().get(&key).copied();
+        let fresh = |allowed: bool, at: Instant| {
+            at.elapsed() < if allowed { REVIEW_TTL } else { DENIAL_TTL }
+        };
+        let allowed = match cached {
+            Some((allowed, at)) if fresh(allowed, at) => allowed,
+            _ => {
+                let allowed = self.ask_access(caller, namespace, backing).await?;
+                let mut access = self.access.lock().unwrap();
+                if access.len() >= REVIEW_CAPACITY {
+                    access.retain(|_, (allowed, at)| fresh(*allowed, *at));
+                    if access.len() >= REVIEW_CAPACITY {
+                        access.clear();
+                    }
+                }
+                access.insert(key, (allowed, Instant::now()));
+                allowed
+            }
+        };
+        if allowed {
+            return Ok(());
+        }
+        let (group, resource) = resource(backing);
+        Err(ApiError::Forbidden(format!(
+            "{} may not create {resource}.{group} in namespace {namespace}, which a session of \
+             this definition is: grant it that with RBAC (as upstream needed) or make it an \
+             administrator (--auth-admin-group)",
+            caller.name
+        )))
+    }
+
+    /// One SubjectAccessReview: may `caller` create `backing` objects in `namespace`?
+    async fn ask_access(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        backing: BackingKind,
+    ) -> Result<bool, ApiError> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+        };
+        let (group, resource) = resource(backing);
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(caller.name.clone()),
+                groups: Some(caller.groups.clone()),
+                uid: caller.uid.clone(),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(namespace.to_string()),
+                    verb: Some("create".into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: kube::Api<SubjectAccessReview> = kube::Api::all(self.client.clone());
+        let done = api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "SubjectAccessReview failed");
+                ApiError::Unavailable(format!("cannot check the caller's access: {e}"))
+            })?;
+        Ok(done.status.is_some_and(|s| s.allowed))
     }
 
     async fn review(&self, token: &str) -> Result<Caller, ApiError> {
@@ -168,7 +286,12 @@ impl TokenReviewer {
             .admin_group
             .as_ref()
             .is_some_and(|g| groups.iter().any(|x| x == g));
-        Ok(Ok(Caller { name, admin }))
+        Ok(Ok(Caller {
+            name,
+            admin,
+            groups,
+            uid: user.uid,
+        }))
     }
 }
 

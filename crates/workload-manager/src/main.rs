@@ -240,7 +240,7 @@ async fn caller_auth(args: &Args) -> anyhow::Result<agentcube_workload_manager::
             let client = kube_client().await.context("--enable-auth (TokenReview)")?;
             let group = Some(args.auth_admin_group.clone());
             tracing::info!("callers authenticated by TokenReview");
-            CallerAuth::TokenReview(TokenReviewer::new(client, group))
+            CallerAuth::TokenReview(Box::new(TokenReviewer::new(client, group)))
         }
         (false, Some(t)) => CallerAuth::Token(t),
         (false, None) => CallerAuth::Off,

@@ -166,6 +166,12 @@ impl Manager {
             .lookup(kind, &req.namespace, &req.name)
             .await;
         let workload = workload.ok_or_else(|| ApiError::NotFound(not_found.into()))?;
+        if let Some(caller) = &who.caller {
+            let backing = self.backend.backing_kind(&workload);
+            self.auth
+                .may_create(caller, &req.namespace, backing)
+                .await?;
+        }
         if workload.needs_key() && self.public_key.get().is_none() {
             return Err(ApiError::Internal(
                 "authMode picod but the Router public key is not available".into(),
@@ -420,6 +426,7 @@ mod tests {
             Some(crate::auth::Caller {
                 name: name.into(),
                 admin,
+                ..Default::default()
             })
         };
         let who = |owner: Option<&str>, caller| Requester {

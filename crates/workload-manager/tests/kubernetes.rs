@@ -869,10 +869,46 @@ async fn sa_token(client: &kube::Client, ns: &str, name: &str) -> String {
     done.status.unwrap().token
 }
 
+/// A Role letting service account `ns/sa` create Sandboxes in `ns`, bound to it.
+async fn grant_sandbox_creates(client: &kube::Client, ns: &str, sa: &str) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let pp = kube::api::PostParams::default();
+    let role = serde_json::from_value(json!({"metadata": {"name": "sandbox-creator"},
+        "rules": [{"apiGroups": ["agents.x-k8s.io"], "resources": ["sandboxes"], "verbs": ["create"]}]}))
+    .unwrap();
+    let _ = Api::<Role>::namespaced(client.clone(), ns)
+        .create(&pp, &role)
+        .await;
+    let binding = serde_json::from_value(json!({"metadata": {"name": format!("sandbox-creator-{sa}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sandbox-creator"},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}))
+    .unwrap();
+    let _ = Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(&pp, &binding)
+        .await;
+    // The API server's authorizer follows RBAC objects through a watch: wait until it allows.
+    use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    let review: SubjectAccessReview = serde_json::from_value(json!({"spec": {
+        "user": format!("system:serviceaccount:{ns}:{sa}"),
+        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}")],
+        "resourceAttributes": {"namespace": ns, "verb": "create", "group": "agents.x-k8s.io",
+            "resource": "sandboxes"}}}))
+    .unwrap();
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    for _ in 0..100 {
+        let done = reviews.create(&pp, &review).await.unwrap();
+        if done.status.is_some_and(|s| s.allowed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("RBAC for {ns}/{sa} never took effect");
+}
+
 #[tokio::test]
 async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     let k = KubeStack::start(KubeOptions {
-        manifests: ON_DEMAND.into(),
+        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
         auth_admin_group: Some("system:serviceaccounts:agentcube-admins".into()),
         ..Default::default()
     })
@@ -914,9 +950,72 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
         0
     );
 
+    // Bob may not create Sandboxes in `default` (upstream would have made the Sandbox with his
+    // token, and RBAC refused it): 403 naming what he lacks, asked once however often he tries.
+    for _ in 0..2 {
+        let (st, v) = call(Method::POST, create.clone(), Some(&bob)).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(message(v).starts_with(
+            "system:serviceaccount:default:bob may not create sandboxes.agents.x-k8s.io in \
+                 namespace default"
+        ),);
+    }
+    assert_eq!(
+        k.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        0
+    );
+    // Alice may (a Role in `default`); root is an administrator and needs none.
+    let access_reviews = || {
+        cluster()
+            .audit_events()
+            .iter()
+            .skip(k.audit_start)
+            .filter(|e| {
+                e["objectRef"]["resource"] == "subjectaccessreviews" && e["verb"] == "create"
+            })
+            .count()
+    };
+    let before_grant = access_reviews();
+    grant_sandbox_creates(&k.client, "default", "alice").await;
+    let the_tests_own = access_reviews() - before_grant;
     let (st, v) = call(Method::POST, create.clone(), Some(&alice)).await;
     assert_eq!(st, 200, "{v}");
     let sid = v["sessionId"].as_str().unwrap().to_string();
+    // A session of a warm pool is a SandboxClaim, which her Role does not grant.
+    let pooled = k
+        .http
+        .post(format!("{}{create}", k.url))
+        .bearer_auth(&alice)
+        .json(&json!({"name": "pooled", "namespace": "default"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pooled.status().as_u16(), 403);
+    let refused = message(pooled.json().await.unwrap());
+    assert!(
+        refused.contains("may not create sandboxclaims.extensions.agents.x-k8s.io"),
+        "{refused}"
+    );
+    // (Its warm pool goes with it: the test ends with no pod left.)
+    code_interpreters(&k.client)
+        .delete("pooled", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (st, v) = call(Method::POST, create.clone(), Some(&root)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        call(
+            Method::DELETE,
+            format!(
+                "/v1/code-interpreter/sessions/{}",
+                v["sessionId"].as_str().unwrap()
+            ),
+            Some(&root)
+        )
+        .await
+        .0,
+        200
+    );
     let rec = k.store.get(&sid).await.unwrap();
     assert_eq!(
         rec.created_by.as_deref(),
@@ -958,6 +1057,11 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     assert_eq!(
         reviews, 4,
         "alice, bob, root and the refused token, once each"
+    );
+    assert_eq!(
+        access_reviews() - the_tests_own,
+        3,
+        "bob and alice (Sandboxes and SandboxClaims) once each, none for the administrator"
     );
     assert_eq!(call(Method::DELETE, one.clone(), Some(&alice)).await.0, 200);
     assert!(k.store.get(&sid).await.is_err());

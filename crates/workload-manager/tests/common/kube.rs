@@ -295,9 +295,9 @@ impl KubeStack {
             "discovery picks what the cluster serves"
         );
         let auth = match opts.auth_admin_group {
-            Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(
+            Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(Box::new(
                 agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group)),
-            ),
+            )),
             None => agentcube_workload_manager::auth::CallerAuth::Off,
         };
         let config = Config {
