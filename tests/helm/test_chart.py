@@ -129,6 +129,19 @@ def test_standby_claims_alone_grant_patching_claims(env, tmp_path):
     assert "--standby-claims=2" in args
 
 
+def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):
+    """The Router creates sessions for its own clients with its service account's token: it is the
+    one trusted caller, named after the Router's service account in the release namespace."""
+    docs, _ = render(env, "wm-auth", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    router_sa = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "agentcube-router")
+    sa = router_sa["spec"]["template"]["spec"]["serviceAccountName"]
+    assert f"--auth-trusted-callers=system:serviceaccount:agentcube:{sa}" in args, args
+    docs, _ = render(env, "defaults", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert not any(a.startswith("--auth-trusted-callers") for a in args)
+
+
 def test_chart_crds_are_the_generated_ones():
     for f in (REPO / "config/crd").glob("*.yaml"):
         assert (CHART / "crds" / f.name).read_text() == f.read_text(), f"{f.name}: run `make crds`"

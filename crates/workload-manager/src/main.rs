@@ -105,6 +105,16 @@ struct Args {
     /// With --enable-auth: members of this group may read and delete every session.
     #[arg(long, env = "AGENTCUBE_AUTH_ADMIN_GROUP", default_value = "")]
     auth_admin_group: String,
+    /// With --enable-auth: callers (`system:serviceaccount:<ns>:<sa>`, comma-separated) that
+    /// may create sessions in every namespace without RBAC for it there: the Router's service
+    /// account, which creates sessions for its own clients. Otherwise ordinary callers.
+    #[arg(
+        long,
+        env = "AGENTCUBE_AUTH_TRUSTED_CALLERS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    auth_trusted_callers: Vec<String>,
     /// Require this static bearer token from every caller instead (for hosts without
     /// Kubernetes); its holder is an administrator.
     #[arg(long, env = "AGENTCUBE_AUTH_TOKEN", hide_env_values = true)]
@@ -240,7 +250,9 @@ async fn caller_auth(args: &Args) -> anyhow::Result<agentcube_workload_manager::
             let client = kube_client().await.context("--enable-auth (TokenReview)")?;
             let group = Some(args.auth_admin_group.clone());
             tracing::info!("callers authenticated by TokenReview");
-            CallerAuth::TokenReview(Box::new(TokenReviewer::new(client, group)))
+            let reviewer =
+                TokenReviewer::new(client, group).trusting(args.auth_trusted_callers.clone());
+            CallerAuth::TokenReview(Box::new(reviewer))
         }
         (false, Some(t)) => CallerAuth::Token(t),
         (false, None) => CallerAuth::Off,

@@ -910,6 +910,7 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     let k = KubeStack::start(KubeOptions {
         manifests: format!("{ON_DEMAND}---\n{POOLED}"),
         auth_admin_group: Some("system:serviceaccounts:agentcube-admins".into()),
+        auth_trusted_callers: vec!["system:serviceaccount:agentcube:router".into()],
         ..Default::default()
     })
     .await;
@@ -1003,6 +1004,18 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
         .unwrap();
     let (st, v) = call(Method::POST, create.clone(), Some(&root)).await;
     assert_eq!(st, 200, "{v}");
+    // The Router (a trusted caller) creates anywhere without RBAC for it, but is no
+    // administrator: alice's session stays hidden from it.
+    let router = sa_token(&k.client, "agentcube", "router").await;
+    let (st, routed) = call(Method::POST, create.clone(), Some(&router)).await;
+    assert_eq!(st, 200, "{routed}");
+    let alices = format!("/v1/code-interpreter/sessions/{sid}");
+    assert_eq!(call(Method::GET, alices, Some(&router)).await.0, 404);
+    let routed = format!(
+        "/v1/code-interpreter/sessions/{}",
+        routed["sessionId"].as_str().unwrap()
+    );
+    assert_eq!(call(Method::DELETE, routed, Some(&router)).await.0, 200);
     assert_eq!(
         call(
             Method::DELETE,
@@ -1055,8 +1068,8 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
         .filter(|e| e["objectRef"]["resource"] == "tokenreviews" && e["verb"] == "create")
         .count();
     assert_eq!(
-        reviews, 4,
-        "alice, bob, root and the refused token, once each"
+        reviews, 5,
+        "alice, bob, root, the router and the refused token, once each"
     );
     assert_eq!(
         access_reviews() - the_tests_own,

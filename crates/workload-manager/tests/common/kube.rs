@@ -57,6 +57,8 @@ pub struct KubeOptions {
     pub auth_admin_group: Option<String>,
     /// `--standby-claims`.
     pub standby_claims: u32,
+    /// `--auth-trusted-callers` (with `auth_admin_group`).
+    pub auth_trusted_callers: Vec<String>,
 }
 
 impl Default for KubeOptions {
@@ -69,6 +71,7 @@ impl Default for KubeOptions {
             manifests: String::new(),
             auth_admin_group: None,
             standby_claims: 0,
+            auth_trusted_callers: Vec::new(),
         }
     }
 }
@@ -296,7 +299,8 @@ impl KubeStack {
         );
         let auth = match opts.auth_admin_group {
             Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(Box::new(
-                agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group)),
+                agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group))
+                    .trusting(opts.auth_trusted_callers),
             )),
             None => agentcube_workload_manager::auth::CallerAuth::Off,
         };
