@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import testcluster
@@ -176,6 +178,43 @@ def lifecycle(c: Cluster, wm: str) -> None:
     wm2, router2 = f"http://{c.pod_ip('workloadmanager')}:8080", f"http://{c.pod_ip('agentcube-router')}:8080"
     session(wm2, router2)
     log("reinstall: same key, SDK session works")
+    caller_auth(c, router2)
+
+
+def post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def caller_auth(c: Cluster, router: str) -> None:
+    """helm upgrade to caller authentication: the Workload Manager reviews every caller's token
+    and asks the API server whether it may create the session's Sandbox in that namespace; the
+    Router, the one trusted caller, still creates sessions for its own clients."""
+    c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
+           "--set", "workloadmanager.auth.enabled=true", "--wait", "--timeout", "3m")
+    authed = lambda p: "--enable-auth" in p["spec"]["containers"][0].get("args", [])
+    def new_manager_alone() -> list | None:
+        pods = ready_pods(c, "workloadmanager")
+        return pods if len(pods) == 1 and authed(pods[0]) else None
+    pods = wait_for("the Workload Manager with --enable-auth, alone", new_manager_alone)
+    wm = f"http://{pods[0]['status']['podIP']}:8080"
+    echo = {"name": "echo-agent", "namespace": "default"}
+    status, body = post(f"{wm}/v1/agent-runtime", echo)
+    assert (status, body.get("message")) == (401, "Missing authorization header"), (status, body)
+    c.kubectl("create", "serviceaccount", "tenant", "-n", "default")
+    token = c.kubectl("create", "token", "tenant", "-n", "default").strip()
+    status, body = post(f"{wm}/v1/agent-runtime", echo, token)
+    assert status == 403 and body["message"].startswith(
+        "system:serviceaccount:default:tenant may not create sandboxes.agents.x-k8s.io in namespace default"), (status, body)
+    status, body = post(f"{router}/v1/namespaces/default/agent-runtimes/echo-agent/invocations/echo", {"input": "hi"})
+    assert (status, body.get("output")) == (200, "echo: hi"), (status, body)
+    log("caller authentication: no token 401, a tenant without RBAC 403, the Router still creates sessions")
 
 
 def main() -> None:
