@@ -60,12 +60,13 @@ pub struct Admission {
 
 /// Whose share of sessions a create counts against, with their name: the end user the Router
 /// vouches for, else the authenticated caller unless an administrator (the operator, or one
-/// token every client of `agentcube up` shares). Nobody without authentication.
+/// token every client of `agentcube up` shares) or a trusted caller (the Router, creating for
+/// clients it does not name). Nobody without authentication.
 fn user_scope(who: &Requester) -> Option<(agentcube_store::Scope, String)> {
     use agentcube_store::Scope;
     match (&who.owner, &who.caller) {
         (Some(owner), _) => Some((Scope::Owner(owner.clone()), format!("user {owner}"))),
-        (None, Some(c)) if !c.admin => {
+        (None, Some(c)) if !c.admin && !c.trusted => {
             Some((Scope::Creator(c.name.clone()), format!("caller {}", c.name)))
         }
         _ => None,
@@ -420,7 +421,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_users_share_is_counted_by_end_user_else_by_caller_unless_an_administrator() {
+    fn a_users_share_is_counted_by_end_user_else_by_caller_unless_an_administrator_or_trusted() {
         use agentcube_store::Scope;
         let caller = |name: &str, admin| {
             Some(crate::auth::Caller {
@@ -448,6 +449,17 @@ mod tests {
         );
         assert_eq!(user_scope(&who(None, caller("local", true))), None);
         assert_eq!(user_scope(&who(None, None)), None);
+        // The Router as a trusted caller: its clients are not one user; the end user it names is.
+        let router = Some(crate::auth::Caller {
+            name: "system:serviceaccount:agentcube:agentcube-router".into(),
+            trusted: true,
+            ..Default::default()
+        });
+        assert_eq!(user_scope(&who(None, router.clone())), None);
+        assert_eq!(
+            user_scope(&who(Some("bob"), router)).map(|u| u.0),
+            Some(Scope::Owner("bob".into()))
+        );
     }
 
     #[test]
