@@ -104,6 +104,46 @@ pub struct Definitions {
     map: RwLock<HashMap<Key, Workload>>,
     loaded: Mutex<Loaded>,
     source: Option<Arc<dyn Source>>,
+    fetches: Mutex<FetchBudget>,
+}
+
+/// How many definitions may be asked of the source ([`Definitions::lookup`]) a second, and at
+/// once. Each ask is a request at the API server that a client's create causes, and names no
+/// definition has are free to make up: unbounded, one client made the Workload Manager send the
+/// API server a GET per request. The watch delivers a new CR within milliseconds, so asks are
+/// rare in normal use.
+const FETCH_RATE: f64 = 10.0;
+const FETCH_BURST: f64 = 20.0;
+
+/// A token bucket of asks.
+#[derive(Debug)]
+struct FetchBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Default for FetchBudget {
+    fn default() -> Self {
+        Self {
+            tokens: FETCH_BURST,
+            at: std::time::Instant::now(),
+        }
+    }
+}
+
+impl FetchBudget {
+    /// Takes one ask, if there is one left.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let earned = (now - self.at).as_secs_f64() * FETCH_RATE;
+        self.tokens = (self.tokens + earned).min(FETCH_BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// What the manifest directory held at its last reading.
@@ -155,7 +195,7 @@ impl Definitions {
     }
 
     /// [`Self::get`], or, when not known yet (a CR applied a moment ago that the watch has not
-    /// delivered), the source's answer, remembered.
+    /// delivered), the source's answer, remembered; asks are rationed ([`FETCH_RATE`]).
     pub async fn lookup(
         &self,
         kind: WorkloadKind,
@@ -165,7 +205,12 @@ impl Definitions {
         if let Some(w) = self.get(kind, namespace, name) {
             return Some(w);
         }
-        let found = self.source.as_ref()?.fetch(kind, namespace, name).await?;
+        let source = self.source.as_ref()?;
+        if !self.fetches.lock().unwrap().take() {
+            tracing::debug!(namespace, name, "definition not asked for: too many asks");
+            return None;
+        }
+        let found = source.fetch(kind, namespace, name).await?;
         self.insert(kind, found.clone());
         Some(found)
     }
@@ -265,6 +310,17 @@ impl Definitions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asks_come_in_a_burst_then_at_the_rate() {
+        let mut budget = FetchBudget::default();
+        let burst = (0..100).take_while(|_| budget.take()).count();
+        assert_eq!(burst, FETCH_BURST as usize);
+        assert!(!budget.take());
+        budget.at -= std::time::Duration::from_millis(250);
+        let refilled = (0..100).take_while(|_| budget.take()).count();
+        assert_eq!(refilled, (FETCH_RATE / 4.0) as usize);
+    }
 
     fn named(name: &str) -> Workload {
         let yaml = format!(

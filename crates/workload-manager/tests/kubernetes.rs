@@ -688,6 +688,40 @@ async fn a_namespace_or_name_that_is_not_one_never_reaches_the_api_server() {
 }
 
 #[tokio::test]
+async fn a_flood_of_unknown_definitions_asks_the_api_server_a_bounded_number_of_times() {
+    // A definition the watch has not delivered is fetched from the API server (a CR applied a
+    // moment ago), and names nobody defined are free to make up: unbounded, every request for
+    // one was a GET at the API server, from any client (authentication is off by default).
+    let k = KubeStack::start(KubeOptions::default()).await;
+    let before = cluster().audit_events().len();
+    let started = std::time::Instant::now();
+    let creates = (0..200).map(|i| {
+        let (http, url) = (k.http.clone(), k.url.clone());
+        async move {
+            common::create_session(&http, &url, "code-interpreter", &format!("nope-{i}"))
+                .await
+                .0
+        }
+    });
+    let statuses = futures_util::future::join_all(creates).await;
+    assert!(statuses.iter().all(|s| *s == 404), "{statuses:?}");
+    let elapsed = started.elapsed().as_secs_f64();
+    let gets = cluster().audit_events()[before..]
+        .iter()
+        .filter(|e| e["objectRef"]["resource"] == "codeinterpreters" && e["verb"] == "get")
+        .count();
+    assert!(
+        gets as f64 <= 20.0 + 10.0 * elapsed,
+        "{gets} GETs in {elapsed:.1} s for 200 unknown names"
+    );
+    // Once the flood is over, a CR applied a moment ago is still found straight away (asked
+    // for, or delivered by the watch).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(&k.client, ON_DEMAND).await;
+    k.create_ok("code-interpreter", "od").await;
+}
+
+#[tokio::test]
 async fn unknown_definitions_404_and_a_cr_applied_later_is_served() {
     let k = KubeStack::start(KubeOptions::default()).await;
     let (status, body) = k.create("code-interpreter", "od").await;
