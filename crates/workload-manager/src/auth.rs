@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentcube_types::BackingKind;
+
+use crate::budget::Budget;
 use agentcube_types::claims::{IDENTITY_AUDIENCE, ROUTER_ISSUER};
 use sha2::{Digest, Sha256};
 
@@ -151,7 +153,15 @@ pub struct TokenReviewer {
     /// Callers that create sessions on others' behalf in every namespace (the Router), not
     /// asked about namespaces; otherwise ordinary callers.
     trusted: Vec<String>,
+    /// TokenReviews of tokens not seen before: made-up tokens cost a client nothing, and each
+    /// would otherwise be a request at the API server.
+    misses: Mutex<Budget>,
 }
+
+/// New tokens reviewed a second, and at once: a few hundred clients starting together are
+/// reviewed at once, a flood of made-up tokens is not passed on to the API server.
+const MISS_RATE: f64 = 100.0;
+const MISS_BURST: f64 = 500.0;
 
 impl TokenReviewer {
     /// A reviewer using the Workload Manager's own client (it needs `tokenreviews: create`).
@@ -162,6 +172,7 @@ impl TokenReviewer {
             cache: Mutex::new(HashMap::new()),
             access: Mutex::new(HashMap::new()),
             trusted: Vec::new(),
+            misses: Mutex::new(Budget::new(MISS_RATE, MISS_BURST)),
         }
     }
 
@@ -255,6 +266,11 @@ impl TokenReviewer {
             && at.elapsed() < REVIEW_TTL
         {
             return answer.clone().map_err(ApiError::Unauthorized);
+        }
+        if !self.misses.lock().unwrap().take() {
+            return Err(ApiError::Unavailable(
+                "too many new callers to review at once, please try again later".into(),
+            ));
         }
         let answer = self.ask(token).await?;
         let mut cache = self.cache.lock().unwrap();

@@ -11,6 +11,8 @@ use agentcube_crds::manifest::{self, Definition};
 use agentcube_crds::{AgentRuntime, CodeInterpreter, TargetPort};
 use agentcube_types::api::WorkloadKind;
 
+use crate::budget::Budget;
+
 /// A definition a sandbox is made from.
 #[derive(Debug, Clone)]
 pub enum Workload {
@@ -99,12 +101,11 @@ pub trait Source: Send + Sync {
 }
 
 /// The definitions currently known.
-#[derive(Default)]
 pub struct Definitions {
     map: RwLock<HashMap<Key, Workload>>,
     loaded: Mutex<Loaded>,
     source: Option<Arc<dyn Source>>,
-    fetches: Mutex<FetchBudget>,
+    fetches: Mutex<Budget>,
 }
 
 /// How many definitions may be asked of the source ([`Definitions::lookup`]) a second, and at
@@ -115,34 +116,14 @@ pub struct Definitions {
 const FETCH_RATE: f64 = 10.0;
 const FETCH_BURST: f64 = 20.0;
 
-/// A token bucket of asks.
-#[derive(Debug)]
-struct FetchBudget {
-    tokens: f64,
-    at: std::time::Instant,
-}
-
-impl Default for FetchBudget {
+impl Default for Definitions {
     fn default() -> Self {
         Self {
-            tokens: FETCH_BURST,
-            at: std::time::Instant::now(),
+            map: RwLock::default(),
+            loaded: Mutex::default(),
+            source: None,
+            fetches: Mutex::new(Budget::new(FETCH_RATE, FETCH_BURST)),
         }
-    }
-}
-
-impl FetchBudget {
-    /// Takes one ask, if there is one left.
-    fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let earned = (now - self.at).as_secs_f64() * FETCH_RATE;
-        self.tokens = (self.tokens + earned).min(FETCH_BURST);
-        self.at = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
     }
 }
 
@@ -310,17 +291,6 @@ impl Definitions {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn asks_come_in_a_burst_then_at_the_rate() {
-        let mut budget = FetchBudget::default();
-        let burst = (0..100).take_while(|_| budget.take()).count();
-        assert_eq!(burst, FETCH_BURST as usize);
-        assert!(!budget.take());
-        budget.at -= std::time::Duration::from_millis(250);
-        let refilled = (0..100).take_while(|_| budget.take()).count();
-        assert_eq!(refilled, (FETCH_RATE / 4.0) as usize);
-    }
 
     fn named(name: &str) -> Workload {
         let yaml = format!(

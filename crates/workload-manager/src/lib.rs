@@ -26,6 +26,7 @@ use agentcube_store::SessionStore;
 pub mod api;
 pub mod auth;
 pub mod backend;
+mod budget;
 pub mod definitions;
 pub mod error;
 pub mod gc;

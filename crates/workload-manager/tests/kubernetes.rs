@@ -9,6 +9,7 @@ use std::time::Duration;
 use agentcube_crds::labels::FIRST_OBSERVED;
 use common::kube::*;
 use common::{ROUTER_PUB, sh};
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
@@ -901,6 +902,71 @@ async fn sa_token(client: &kube::Client, ns: &str, name: &str) -> String {
             .unwrap();
     let done = sas.create_token_request(name, &pp, &req).await.unwrap();
     done.status.unwrap().token
+}
+
+#[tokio::test]
+async fn made_up_tokens_are_reviewed_at_a_bounded_rate() {
+    // Each token not seen before is a TokenReview at the API server, and made-up tokens cost a
+    // client nothing: unbounded, one unauthenticated client had the Workload Manager send one
+    // per request.
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        auth_admin_group: Some("system:serviceaccounts:agentcube-admins".into()),
+        ..Default::default()
+    })
+    .await;
+    let reviews = || {
+        cluster()
+            .audit_events()
+            .iter()
+            .skip(k.audit_start)
+            .filter(|e| e["objectRef"]["resource"] == "tokenreviews" && e["verb"] == "create")
+            .count()
+    };
+    let started = std::time::Instant::now();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let calls = (0..1500).map(|i| {
+        let (http, url) = (http.clone(), format!("{}/v1/code-interpreter", k.url));
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(format!("eyJhbGciOiJSUzI1NiJ9.e30.made-up-{i}"))
+                .json(&json!({"name": "od", "namespace": "default"}))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    let statuses = futures_util::stream::iter(calls)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (refused, busy) = (
+        statuses.iter().filter(|s| **s == 401).count(),
+        statuses.iter().filter(|s| **s == 503).count(),
+    );
+    assert_eq!(refused + busy, 1500, "only 401s and 503s: {statuses:?}");
+    let asked = reviews();
+    assert!(
+        asked as f64 <= 500.0 + 100.0 * elapsed + 1.0 && busy > 0,
+        "{asked} TokenReviews, {busy} answered 503, in {elapsed:.1} s"
+    );
+    // A real caller is still reviewed once the flood is over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let root = sa_token(&k.client, "agentcube-admins", "root").await;
+    let r = k
+        .http
+        .get(format!("{}/v1/code-interpreter/sessions", k.url))
+        .bearer_auth(&root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
 }
 
 /// A Role letting service account `ns/sa` create Sandboxes in `ns`, bound to it.
