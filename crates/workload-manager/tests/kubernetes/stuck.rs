@@ -1,0 +1,239 @@
+//! Creates that cannot succeed fail at once with the cluster's reason (a pod the API server
+//! refuses, a pod that fails), and one that waits for a node times out as before.
+
+use super::*;
+
+#[tokio::test]
+async fn a_sandbox_that_never_runs_is_rolled_back_with_504() {
+    // No node fits its pod: it stays Pending (a cluster autoscaler might add a node), so the
+    // create waits for --create-timeout.
+    let broken = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: broken, namespace: default}
+spec:
+  template: {image: ghcr.io/volcano-sh/picod:latest, resources: {requests: {cpu: '1000'}}}
+";
+    let (_guard, logs) = common::Logs::start();
+    let k = KubeStack::start(KubeOptions {
+        manifests: broken.into(),
+        create_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = k.create("code-interpreter", "broken").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body, json!({"message": "sandbox creation timed out"}));
+    // The log says what it waited for: the Sandbox and why agent-sandbox calls it not Ready.
+    let line = logs.line_with("sandbox creation timed out");
+    assert!(
+        line.contains("not ready within --create-timeout (2s; rolled back): Sandbox broken-")
+            && line.contains("is not Ready ("),
+        "{line}"
+    );
+    k.eventually("the Sandbox rolled back", 10, async || {
+        no_sandboxes(&k.client).await.then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
+    );
+}
+
+/// An AgentRuntime whose pod asks for the host: privileged, the host's root directory mounted.
+const PRIVILEGED_AGENT: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: host, namespace: default}
+spec:
+  targetPort: [{port: 9000, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    spec:
+      volumes: [{name: root, hostPath: {path: /}}]
+      containers:
+        - name: agent
+          image: python:3.12-slim
+          command: [sleep, infinity]
+          securityContext: {privileged: true}
+          volumeMounts: [{name: root, mountPath: /host}]
+";
+
+#[tokio::test]
+async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason() {
+    // The namespace enforces Pod Security `restricted`, which needs `runAsNonRoot` (the
+    // definitions set none): agent-sandbox's controller cannot create the pods, and says why in
+    // the Sandbox's Ready condition. The create used to wait out --create-timeout (2 min by
+    // default) and answer 504 `sandbox creation timed out`.
+    let (_guard, logs) = common::Logs::start();
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!("{ON_DEMAND}---\n{PRIVILEGED_AGENT}"),
+        create_timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    // `baseline` (what the threat model asks of sandbox namespaces): the Workload Manager's
+    // defaults pass it, a definition asking for the host does not.
+    label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, Some("baseline")).await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    let (status, body) = k.create("agent-runtime", "host").await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        message.contains("violates PodSecurity \"baseline:latest\"")
+            && message.contains("privileged")
+            && message.contains("hostPath"),
+        "{message}"
+    );
+    label_namespace(
+        &k.client,
+        "default",
+        POD_SECURITY_ENFORCE,
+        Some("restricted"),
+    )
+    .await;
+    // A warm pool made now: its members' pods are refused too.
+    apply(&k.client, POOLED).await;
+    for definition in ["od", "pooled"] {
+        let started = std::time::Instant::now();
+        let (status, body) = k.create("code-interpreter", definition).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 500, "{definition}: {body}");
+        assert!(
+            message.contains("cannot start: pods ")
+                && message.contains("is forbidden: violates PodSecurity \"restricted:latest\"")
+                && message.contains("runAsNonRoot"),
+            "{definition}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{definition}: answered after {:?}",
+            started.elapsed()
+        );
+        let logged = logs.line_with("request failed");
+        assert!(logged.contains("violates PodSecurity"), "{logged}");
+    }
+    // Rolled back: no Sandbox of the on-demand definition and no claim left, no record.
+    k.eventually("the creates rolled back", 15, async || {
+        let lp = ListParams::default();
+        let sbs = sandboxes(&k.client).list(&lp).await.unwrap().items;
+        let claims = claims(&k.client).list(&lp).await.unwrap().items;
+        let od = sbs
+            .iter()
+            .filter(|s| s.metadata.name.as_deref().unwrap().starts_with("od-"));
+        (od.count() == 0 && claims.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
+    );
+    // A ResourceQuota used up is a 429: the caller may try again once sessions end.
+    label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, None).await;
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(k.client.clone(), "default")
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "no-pods"},
+                "spec": {"hard": {"pods": "0"}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = k.create("code-interpreter", "od").await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        message.contains("the namespace's ResourceQuota is used up")
+            && message.contains("exceeded quota: no-pods"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_fails_fails_the_create_at_once_with_its_reason() {
+    // An agent that exits at once (a typo in its command, say), an image that cannot be pulled,
+    // and a warm pool of the latter: each used to wait out --create-timeout for a 504.
+    let crashing = r#"apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: AgentRuntime
+metadata: {name: crashing, namespace: default}
+spec:
+  targetPort: [{port: 9000, protocol: HTTP, pathPrefix: /}]
+  podTemplate:
+    spec:
+      containers:
+        - {name: agent, image: python:3.12-slim, command: [python3, -c, "raise SystemExit(3)"]}
+"#;
+    let unpullable = |name: &str, pool: u32| {
+        format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {{name: {name}, namespace: default}}
+spec:
+  template: {{image: registry.invalid/nope:1}}
+  warmPoolSize: {pool}
+"
+        )
+    };
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!(
+            "{crashing}---\n{}---\n{}",
+            unpullable("unpullable", 0),
+            unpullable("unpullable-pool", 1)
+        ),
+        create_timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    for (kind, definition, want) in [
+        (
+            "agent-runtime",
+            "crashing",
+            "container agent is in CrashLoopBackOff (",
+        ),
+        ("code-interpreter", "unpullable", "is in ErrImagePull"),
+        ("code-interpreter", "unpullable-pool", "is in ErrImagePull"),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = k.create(kind, definition).await;
+        let message = body["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 500, "{definition}: {body}");
+        assert!(
+            message.starts_with("Sandbox ")
+                && message.contains(" cannot start: its pod ")
+                && message.contains(want),
+            "{definition}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{definition}: answered after {:?}",
+            started.elapsed()
+        );
+        if definition == "crashing" {
+            assert!(message.contains("last exit code 3 (Error)"), "{message}");
+        }
+    }
+    // Rolled back: only the warm pool's own Sandbox is left, no claim, no record.
+    k.eventually("the creates rolled back", 15, async || {
+        let lp = ListParams::default();
+        let sbs = sandboxes(&k.client).list(&lp).await.unwrap().items;
+        let claims = claims(&k.client).list(&lp).await.unwrap().items;
+        let pool = pool_members(&k.client, "unpullable-pool").await;
+        (claims.is_empty() && sbs.len() == pool.len()).then_some(())
+    })
+    .await;
+    assert!(
+        k.store
+            .list_expired(jiff::Timestamp::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no record left"
+    );
+}
