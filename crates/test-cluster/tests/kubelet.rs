@@ -109,6 +109,8 @@ async fn a_container_that_exits_is_in_crash_loop_back_off_with_its_exit_as_last_
     .await;
     let last = status.last_state.unwrap().terminated.unwrap();
     assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+    let finished = last.finished_at.expect("finishedAt").0;
+    assert!(jiff::Timestamp::now().duration_since(finished).as_secs() < 60);
     assert!(!status.ready);
 }
 

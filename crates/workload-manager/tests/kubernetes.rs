@@ -367,6 +367,71 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
     assert_eq!((count("dead"), count("orphan")), (2, 1));
 }
 
+/// A session whose sandbox's container restarted (PicoD killed: from user code, an OOM kill)
+/// keeps its pod and IP but has lost its files and processes: it ends at the next GC run, on
+/// both create paths, while an untouched session goes on.
+#[tokio::test]
+async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
+        gc_interval: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let (direct, claimed, healthy) = (
+        k.create_ok("code-interpreter", "od").await,
+        k.create_ok("code-interpreter", "pooled").await,
+        k.create_ok("code-interpreter", "od").await,
+    );
+    let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
+    let record_gone = async |s: &serde_json::Value| {
+        matches!(
+            k.store.get(&id(s)).await,
+            Err(agentcube_store::Error::NotFound)
+        )
+    };
+    for s in [&direct, &claimed, &healthy] {
+        let (status, _) = exec_tcp(&k.http, s, &["sh", "-c", "echo kept > f.txt"]).await;
+        assert_eq!(status, 200);
+    }
+    // A few GC runs over three live sessions first: nothing is reaped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for s in [&direct, &claimed, &healthy] {
+        assert!(!record_gone(s).await, "a live session was reaped: {s}");
+    }
+    // User code kills its PicoD; the kubelet restarts the container (same pod, same IP).
+    let kill =
+        "p=$PPID; setsid sh -c \"sleep 0.3; kill -9 $p\" >/dev/null 2>&1 </dev/null & exit 0";
+    for s in [&direct, &claimed] {
+        let (status, _) = exec_tcp(&k.http, s, &["sh", "-c", kill]).await;
+        assert_eq!(status, 200);
+    }
+    k.eventually("the restarted sessions ended", 30, async || {
+        (record_gone(&direct).await && record_gone(&claimed).await).then_some(())
+    })
+    .await;
+    k.eventually("their Sandbox and claim deleted", 30, async || {
+        let sb = sandboxes(&k.client)
+            .get_opt(direct["sandboxName"].as_str().unwrap())
+            .await
+            .unwrap();
+        let claim = claims(&k.client)
+            .get_opt(claimed["sandboxName"].as_str().unwrap())
+            .await
+            .unwrap();
+        let going = |o: Option<kube::api::DynamicObject>| {
+            o.is_none_or(|o| o.metadata.deletion_timestamp.is_some())
+        };
+        (going(sb) && going(claim)).then_some(())
+    })
+    .await;
+    assert!(!record_gone(&healthy).await, "the untouched session stays");
+    let (status, out) = exec_tcp(&k.http, &healthy, &["cat", "f.txt"]).await;
+    assert_eq!((status, out["stdout"].as_str()), (200, Some("kept\n")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(reclaimed(&k, "dead"), 2, "each counted once");
+}
+
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
 /// …), once agent-sandbox has written its status.
 async fn claim_writes(k: &KubeStack, name: &str) -> Vec<String> {

@@ -28,6 +28,8 @@ pub struct PodProcess {
     restart_at: Option<Instant>,
     started_at: String,
     pod_started: String,
+    /// When the container last exited (`lastState.terminated.finishedAt`).
+    exited_at: String,
     last_exit: Option<i32>,
     /// Set when the pod ended for good (`Succeeded`/`Failed`) or cannot start (the reason).
     terminal: Option<String>,
@@ -80,6 +82,7 @@ impl PodProcess {
             restart_at: None,
             started_at: now_rfc3339(),
             pod_started: now_rfc3339(),
+            exited_at: String::new(),
             last_exit: None,
             terminal: None,
             creating: None,
@@ -193,6 +196,7 @@ impl PodProcess {
             self.child = None;
             self.ready = false;
             self.last_exit = Some(status.code().unwrap_or(137));
+            self.exited_at = now_rfc3339();
             let policy = pod
                 .spec
                 .as_ref()
@@ -312,7 +316,8 @@ impl PodProcess {
         });
         if let (Some(code), None) = (self.last_exit, &self.terminal) {
             status["containerStatuses"][0]["lastState"] = json!({"terminated": {"exitCode": code,
-                "reason": if code == 0 { "Completed" } else { "Error" }}});
+                "reason": if code == 0 { "Completed" } else { "Error" },
+                "finishedAt": self.exited_at}});
         }
         if phase == "Running" {
             status["podIP"] = json!(self.ip.to_string());

@@ -277,7 +277,7 @@ fn join_host_port(host: &str, port: u32) -> String {
 
 /// The pod behind a Sandbox: annotation `agents.x-k8s.io/pod-name` (a pod adopted from a warm
 /// pool, agent-sandbox before v0.4), else the pod named like the Sandbox.
-fn pod_name_of(sandbox: &SandboxObject) -> String {
+pub(super) fn pod_name_of(sandbox: &SandboxObject) -> String {
     sandbox
         .metadata
         .annotations

@@ -8,7 +8,12 @@
 //! - its pod was replaced: agent-sandbox recreates a deleted or evicted pod under the same Sandbox
 //!   (a claim may be bound anew), with another IP and an empty workspace, while the record still
 //!   points at the old IP. The claim or Sandbox and the record go, so the session answers 404
-//!   like any ended session instead of failing forever, or going on in an empty sandbox.
+//!   like any ended session instead of failing forever, or going on in an empty sandbox;
+//! - a container of its pod restarted (same pod, same IP, a new container without the session's
+//!   files and processes): its Sandbox changed readiness after the session was known to run
+//!   ([`Liveness::suspects`]), and its pod, read once, shows a container that exited since or is
+//!   down (the backend's `reap`). Sessions this Workload Manager made are known to run from their
+//!   create ([`Liveness::created`]); others from when a run first sees them.
 //!
 //! The store is read only for what changed: a session once when it first shows up (the pod IP
 //! its record points at), and once when its object vanishes (a session deleted through the API
@@ -26,17 +31,21 @@ use agentcube_store::{Error as StoreError, SessionStore};
 use agentcube_types::{BackingKind, SessionRecord, SessionStatus};
 use kube::{Resource, ResourceExt};
 
-use super::create::sandbox_name_of;
+use super::create::{pod_name_of, sandbox_name_of};
 use super::watched::Watched;
 
 /// A session's backing object as the caches show it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct Seen {
     pub kind: BackingKind,
     pub namespace: String,
     pub name: String,
     /// The IP of the pod behind it, when agent-sandbox reports one.
     pub pod_ip: Option<String>,
+    /// The pod behind it, and when its Sandbox last changed readiness (agent-sandbox's `Ready`
+    /// condition: a container that exits makes the pod, and so the Sandbox, not Ready).
+    pub pod: Option<String>,
+    pub ready_at: Option<jiff::Timestamp>,
 }
 
 /// Every object in the caches made for a session (label `runtime.agentcube.io/session-id`) and
@@ -45,41 +54,44 @@ pub(super) fn observe(
     claims: &Watched<SandboxClaim>,
     sandboxes: &Watched<SandboxObject>,
 ) -> HashMap<String, Seen> {
-    let ip_of = |ns: &str, name: &str| {
-        sandboxes
-            .get(ns, name)
-            .and_then(|s| s.pod_ip().map(str::to_string))
-    };
     let mut seen = HashMap::new();
     for c in claims.all() {
         let Some((session, namespace)) = session_of(c.as_ref()) else {
             continue;
         };
-        let pod_ip = sandbox_name_of(&c).and_then(|(name, _)| ip_of(&namespace, name));
-        let kind = BackingKind::SandboxClaim;
-        let name = c.name_any();
-        seen.insert(
-            session,
-            Seen {
-                kind,
-                namespace,
-                name,
-                pod_ip,
-            },
-        );
+        let sandbox = sandbox_name_of(&c).and_then(|(name, _)| sandboxes.get(&namespace, name));
+        let mut s = sandbox.map(|s| of_sandbox(&s)).unwrap_or_default();
+        (s.kind, s.namespace, s.name) = (BackingKind::SandboxClaim, namespace, c.name_any());
+        seen.insert(session, s);
     }
     for s in sandboxes.all() {
         let Some((session, namespace)) = session_of(s.as_ref()) else {
             continue;
         };
         seen.entry(session).or_insert_with(|| Seen {
-            kind: BackingKind::Sandbox,
             namespace,
-            name: s.name_any(),
-            pod_ip: s.pod_ip().map(str::to_string),
+            ..of_sandbox(&s)
         });
     }
     seen
+}
+
+/// What a Sandbox shows of itself and its pod.
+fn of_sandbox(s: &SandboxObject) -> Seen {
+    let ready_at = s
+        .status
+        .as_ref()
+        .and_then(|st| st.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.last_transition_time.0);
+    Seen {
+        kind: BackingKind::Sandbox,
+        namespace: s.namespace().unwrap_or_default(),
+        name: s.name_any(),
+        pod_ip: s.pod_ip().map(str::to_string),
+        pod: Some(pod_name_of(s)),
+        ready_at,
+    }
 }
 
 /// The session id and namespace of an object made for a session and not being deleted.
@@ -108,15 +120,60 @@ pub(super) struct Liveness {
     known: Mutex<HashMap<String, Known>>,
     /// The session objects of the last run, for GC's orphan check ([`Liveness::sessions`]).
     last: Mutex<Vec<(String, BackingKind, String, String)>>,
+    /// When sessions this Workload Manager created became ready, until a run first sees them.
+    created: Mutex<HashMap<String, jiff::Timestamp>>,
 }
 
 struct Known {
     seen: Seen,
     /// `None` when the record has no TCP entry point, or when there was none.
     record_ip: Option<String>,
+    /// Since when the sandbox is known to have run without a restart: the session's ready time
+    /// (sessions this Workload Manager created), else when a run first saw it.
+    since: jiff::Timestamp,
 }
 
+/// A session whose Sandbox changed readiness after `since`: its pod may have restarted.
+#[derive(Debug, PartialEq)]
+pub(super) struct Suspect {
+    pub session_id: String,
+    pub seen: Seen,
+    pub since: jiff::Timestamp,
+}
+
+/// Baselines of sessions never seen by a run (deleted first) are dropped after this long.
+const CREATED_KEPT: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
+
 impl Liveness {
+    /// Session `id` became ready `at` (its sandbox running since).
+    pub(super) fn created(&self, id: &str, at: jiff::Timestamp) {
+        let mut created = self.created.lock().unwrap();
+        created.retain(|_, t| at.duration_since(*t) < CREATED_KEPT);
+        created.insert(id.to_string(), at);
+    }
+
+    /// Known sessions whose Sandbox changed readiness after they were known to run: for their
+    /// pod to be looked at ([`Liveness::cleared`] when it had not restarted).
+    pub(super) fn suspects(&self) -> Vec<Suspect> {
+        let known = self.known.lock().unwrap();
+        known
+            .iter()
+            .filter(|(_, k)| k.seen.ready_at.is_some_and(|at| at > k.since))
+            .map(|(id, k)| Suspect {
+                session_id: id.clone(),
+                seen: k.seen.clone(),
+                since: k.since,
+            })
+            .collect()
+    }
+
+    /// Session `id`'s pod was looked at `at` and had not restarted.
+    pub(super) fn cleared(&self, id: &str, at: jiff::Timestamp) {
+        if let Some(k) = self.known.lock().unwrap().get_mut(id) {
+            k.since = at;
+        }
+    }
+
     /// The sessions the caches showed at the last [`Liveness::judge`], as (session id, kind,
     /// namespace, name): GC deletes those whose record is gone (a Redis that lost its data).
     pub(super) fn sessions(&self) -> Vec<(String, BackingKind, String, String)> {
@@ -191,7 +248,14 @@ impl Liveness {
                 });
                 continue;
             }
-            known.entry(id).or_insert(Known { seen, record_ip });
+            known.entry(id).or_insert_with_key(|id| {
+                let created = self.created.lock().unwrap().remove(id);
+                Known {
+                    seen,
+                    record_ip,
+                    since: created.unwrap_or_else(jiff::Timestamp::now),
+                }
+            });
         }
         *self.known.lock().unwrap() = known;
         // What GC ends as dead is not also an orphan once its record is gone.
@@ -227,7 +291,46 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             pod_ip: ip.map(str::to_string),
+            ..Seen::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_readiness_change_after_a_session_ran_makes_it_a_suspect_until_cleared() {
+        let store = agentcube_store::MemoryStore::new();
+        let live = Liveness::default();
+        let t = |s: &str| -> jiff::Timestamp { s.parse().unwrap() };
+        // "a" this manager created at 10:00:00.5 (on a Sandbox Ready since 10:00:00); "b" it
+        // first sees now, on a Sandbox Ready since long before.
+        live.created("a", t("2026-12-05T10:00:00.5Z"));
+        let with_ready = |name: &str, at: &str| Seen {
+            ready_at: Some(t(at)),
+            pod: Some(format!("{name}-pod")),
+            ..seen(BackingKind::Sandbox, name, Some("10.0.0.1"))
+        };
+        for id in ["a", "b"] {
+            record(&store, id, "10.0.0.1:8080", SessionStatus::Ready).await;
+        }
+        let mut now = HashMap::from([
+            ("a".to_string(), with_ready("sa", "2026-12-05T10:00:00Z")),
+            ("b".to_string(), with_ready("sb", "2026-12-05T09:00:00Z")),
+        ]);
+        assert!(live.judge(now.clone(), &store).await.is_empty());
+        assert!(live.suspects().is_empty(), "no change since they ran");
+        // "a"'s Sandbox went not Ready and back (its container restarted, or a blip).
+        now.insert("a".into(), with_ready("sa", "2026-12-05T10:05:00Z"));
+        assert!(live.judge(now.clone(), &store).await.is_empty());
+        let suspects = live.suspects();
+        assert_eq!(suspects.len(), 1);
+        assert_eq!(
+            (suspects[0].session_id.as_str(), suspects[0].since),
+            ("a", t("2026-12-05T10:00:00.5Z"))
+        );
+        assert_eq!(suspects[0].seen.pod.as_deref(), Some("sa-pod"));
+        // Its pod had not restarted (a blip): cleared until the next change.
+        live.cleared("a", t("2026-12-05T10:05:01Z"));
+        assert!(live.judge(now, &store).await.is_empty());
+        assert!(live.suspects().is_empty());
     }
 
     fn entry(endpoint: &str) -> Option<Vec<EntryPoint>> {

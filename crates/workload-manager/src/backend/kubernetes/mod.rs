@@ -31,6 +31,7 @@ use agentcube_crds::sandbox::{
 };
 
 use agentcube_types::BackingKind;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::watcher;
 
@@ -285,6 +286,85 @@ impl KubernetesBackend {
 }
 
 impl KubernetesBackend {
+    /// Ends the sessions whose pod restarted a container since they were known to run (its
+    /// Sandbox changed readiness; the pod is read to tell a restart from a readiness blip): the
+    /// new container has none of the session's files or processes. Returns their ids.
+    async fn reap_restarted(&self) -> Vec<String> {
+        let mut ended = Vec::new();
+        for suspect in self.liveness.suspects() {
+            let liveness::Suspect {
+                session_id,
+                seen,
+                since,
+            } = suspect;
+            let Some(pod) = &seen.pod else { continue };
+            let read_at = jiff::Timestamp::now();
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &seen.namespace);
+            let why = match pods.get_opt(pod).await {
+                Ok(Some(p)) => stuck::restarted_since(&p, since),
+                // Gone: a replaced pod is told by its IP (judge), a deleted one by its object.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(session_id, pod, error = %e, "gc: cannot read a pod");
+                    continue;
+                }
+            };
+            let Some(why) = why else {
+                self.liveness.cleared(&session_id, read_at);
+                continue;
+            };
+            tracing::warn!(session_id, kind = %seen.kind, namespace = seen.namespace,
+                name = seen.name, pod, why, "gc: the session's sandbox restarted and lost its \
+                files and processes; ending the session");
+            if let Err(e) = self.delete(seen.kind, &seen.namespace, &seen.name).await {
+                tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
+                continue;
+            }
+            ended.push(session_id);
+        }
+        ended
+    }
+
+    /// Makes (or claims) the sandbox of a session and waits until it answers.
+    async fn make(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
+        let definition = req.workload.name();
+        if definition.len() > 63 {
+            // It is a label value on every pod (and what the definition's NetworkPolicy selects).
+            return Err(BackendError::Invalid(format!(
+                "definition name {definition:?} is {} characters; on Kubernetes a definition \
+                 name must fit a label value (63): rename it",
+                definition.len()
+            )));
+        }
+        let info = desired::SessionInfo {
+            api: self.api,
+            session_id: &req.session_id,
+            name: &req.name,
+            namespace: &req.namespace,
+            owner: req.owner.as_deref(),
+            shutdown_time: req.shutdown_time,
+            public_key: req.public_key.as_deref(),
+            default_runtime_class: &self.config.default_runtime_class,
+        };
+        let ports = req.workload.ports();
+        let sandbox = match &req.workload {
+            Workload::CodeInterpreter(ci) if uses_claim(&req.workload) => {
+                if let Some(standby) = &self.standby {
+                    match standby.take(self, ci, &info, &ports).await {
+                        Ok(Some(sandbox)) => return Ok(sandbox),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot take a standby claim"),
+                    }
+                }
+                let claim = desired::code_interpreter_claim(ci, &info);
+                return self.create_claim(&req.namespace, claim, &ports).await;
+            }
+            Workload::CodeInterpreter(ci) => desired::code_interpreter_sandbox(ci, &info),
+            Workload::AgentRuntime(ar) => desired::agent_runtime_sandbox(ar, &info),
+        };
+        self.create_sandbox(&req.namespace, sandbox, &ports).await
+    }
+
     /// Objects of kind `K` made for a session (label `runtime.agentcube.io/session-id`) whose
     /// session is not in `live`, as (namespace, name).
     async fn orphans_of<K>(&self, live: &std::collections::HashSet<String>) -> Vec<(String, String)>
@@ -329,42 +409,10 @@ fn uses_claim(w: &Workload) -> bool {
 #[async_trait::async_trait]
 impl Backend for KubernetesBackend {
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, BackendError> {
-        let definition = req.workload.name();
-        if definition.len() > 63 {
-            // It is a label value on every pod (and what the definition's NetworkPolicy selects).
-            return Err(BackendError::Invalid(format!(
-                "definition name {definition:?} is {} characters; on Kubernetes a definition \
-                 name must fit a label value (63): rename it",
-                definition.len()
-            )));
-        }
-        let info = desired::SessionInfo {
-            api: self.api,
-            session_id: &req.session_id,
-            name: &req.name,
-            namespace: &req.namespace,
-            owner: req.owner.as_deref(),
-            shutdown_time: req.shutdown_time,
-            public_key: req.public_key.as_deref(),
-            default_runtime_class: &self.config.default_runtime_class,
-        };
-        let ports = req.workload.ports();
-        let sandbox = match &req.workload {
-            Workload::CodeInterpreter(ci) if uses_claim(&req.workload) => {
-                if let Some(standby) = &self.standby {
-                    match standby.take(self, ci, &info, &ports).await {
-                        Ok(Some(sandbox)) => return Ok(sandbox),
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "cannot take a standby claim"),
-                    }
-                }
-                let claim = desired::code_interpreter_claim(ci, &info);
-                return self.create_claim(&req.namespace, claim, &ports).await;
-            }
-            Workload::CodeInterpreter(ci) => desired::code_interpreter_sandbox(ci, &info),
-            Workload::AgentRuntime(ar) => desired::agent_runtime_sandbox(ar, &info),
-        };
-        self.create_sandbox(&req.namespace, sandbox, &ports).await
+        let sandbox = self.make(req).await?;
+        self.liveness
+            .created(&req.session_id, jiff::Timestamp::now());
+        Ok(sandbox)
     }
 
     fn stalled(&self, req: &SandboxRequest) -> Option<String> {
@@ -488,6 +536,7 @@ impl Backend for KubernetesBackend {
             }
             sessions.push(session_id);
         }
+        sessions.extend(self.reap_restarted().await);
         sessions
     }
 

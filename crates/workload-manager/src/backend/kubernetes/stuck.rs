@@ -116,6 +116,35 @@ pub(super) fn pod_trouble(pod: &Pod) -> Option<String> {
         .find_map(|(c, init)| container_trouble(c, init))
 }
 
+/// Why a session's pod no longer has what it ran since `since`, if so: a container is down now
+/// ([`pod_trouble`]), or one exited at or after `since` and was restarted (its `lastState`; the
+/// API's times have whole seconds, so `since` is taken to its second). A new container starts
+/// with a new writable layer: the files and processes the session had are gone.
+pub(super) fn restarted_since(pod: &Pod, since: jiff::Timestamp) -> Option<String> {
+    if let Some(why) = pod_trouble(pod) {
+        return Some(why);
+    }
+    let since = since.as_second();
+    let status = pod.status.as_ref()?;
+    let all = status.init_container_statuses.iter().flatten();
+    all.chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let t = c.last_state.as_ref()?.terminated.as_ref()?;
+            let at = t.finished_at.as_ref()?.0;
+            (at.as_second() >= since).then(|| {
+                format!(
+                    "container {} restarted ({} at {at})",
+                    c.name,
+                    exit_text(t.exit_code, t.reason.as_deref()).replacen(
+                        "exit",
+                        "it exited with",
+                        1
+                    )
+                )
+            })
+        })
+}
+
 /// What a kubelet says of a container that will not come right by waiting.
 const FAILING_WAITS: &[&str] = &[
     "CrashLoopBackOff",
@@ -241,6 +270,49 @@ mod tests {
         // Admission messages can list many violations: the error stays bounded.
         let long = verdict(&format!("{pod}violates PodSecurity {}", "x".repeat(10_000)));
         assert!(long.len() < MAX_REFUSAL_CHARS + 100, "{}", long.len());
+    }
+
+    #[test]
+    fn a_restart_counts_from_when_the_session_was_known_to_run() {
+        let pod = |last: serde_json::Value, state: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "status": {
+                "phase": "Running", "containerStatuses": [{"name": "code-interpreter",
+                    "image": "i", "imageID": "", "ready": true, "restartCount": 1,
+                    "state": state, "lastState": last}]}}))
+            .unwrap()
+        };
+        let running = serde_json::json!({"running": {}});
+        let exited_at = |at: &str| serde_json::json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": at}});
+        let since: jiff::Timestamp = "2026-12-05T10:00:00.700Z".parse().unwrap();
+        // Exited before the session ran (a warm pod's earlier restart): nothing lost.
+        let before = pod(exited_at("2026-12-05T09:59:59Z"), running.clone());
+        assert_eq!(restarted_since(&before, since), None);
+        // Exited since (the API's whole seconds: the same second counts).
+        for at in ["2026-12-05T10:00:00Z", "2026-12-05T10:03:00Z"] {
+            let after = pod(exited_at(at), running.clone());
+            assert_eq!(
+                restarted_since(&after, since).as_deref(),
+                Some(&*format!(
+                    "container code-interpreter restarted (it exited with code 137 (Error) at {})",
+                    at
+                ))
+            );
+        }
+        // Down right now.
+        let down = pod(
+            serde_json::json!({}),
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+        );
+        assert!(
+            restarted_since(&down, since)
+                .unwrap()
+                .contains("CrashLoopBackOff")
+        );
+        // Never exited.
+        assert_eq!(
+            restarted_since(&pod(serde_json::json!({}), running), since),
+            None
+        );
     }
 
     #[test]
