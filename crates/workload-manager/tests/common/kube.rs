@@ -326,6 +326,12 @@ impl KubeStack {
         }
     }
 
+    /// Fails unless the store holds no session record (a rolled-back create left none).
+    pub async fn assert_no_records(&self) {
+        let left = self.store.list_expired(jiff::Timestamp::MAX, 10).await;
+        assert!(left.unwrap().is_empty(), "no record left");
+    }
+
     pub async fn create(&self, kind: &str, name: &str) -> (u16, Value) {
         super::create_session(&self.http, &self.url, kind, name).await
     }

@@ -34,14 +34,7 @@ spec:
         no_sandboxes(&k.client).await.then_some(())
     })
     .await;
-    assert!(
-        k.store
-            .list_expired(jiff::Timestamp::MAX, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "no record left"
-    );
+    k.assert_no_records().await;
 }
 
 /// An AgentRuntime whose pod asks for the host: privileged, the host's root directory mounted.
@@ -127,14 +120,7 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
         (od.count() == 0 && claims.is_empty()).then_some(())
     })
     .await;
-    assert!(
-        k.store
-            .list_expired(jiff::Timestamp::MAX, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "no record left"
-    );
+    k.assert_no_records().await;
     // A ResourceQuota used up is a 429: the caller may try again once sessions end.
     label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, None).await;
     Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(k.client.clone(), "default")
@@ -228,12 +214,5 @@ spec:
         (claims.is_empty() && sbs.len() == pool.len()).then_some(())
     })
     .await;
-    assert!(
-        k.store
-            .list_expired(jiff::Timestamp::MAX, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "no record left"
-    );
+    k.assert_no_records().await;
 }
