@@ -216,3 +216,63 @@ spec:
     .await;
     k.assert_no_records().await;
 }
+
+#[tokio::test]
+async fn a_warm_pool_that_cannot_fill_says_why_in_its_status() {
+    // Its CodeInterpreter said READY true while every member failed; every create then waited
+    // (now: fails) with the reason only the create's answer told.
+    let unpullable = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: unpullable, namespace: default}
+spec:
+  template: {image: registry.invalid/nope:1}
+  warmPoolSize: 1
+";
+    let k = KubeStack::start(KubeOptions {
+        manifests: unpullable.into(),
+        ..Default::default()
+    })
+    .await;
+    let condition = async || {
+        let c = code_interpreters(&k.client)
+            .get("unpullable")
+            .await
+            .unwrap();
+        c.data.pointer("/status/conditions/0").cloned()
+    };
+    let failing = k
+        .eventually("the status says why the pool cannot fill", 40, async || {
+            condition().await.filter(|c| c["status"] == "False")
+        })
+        .await;
+    assert_eq!(failing["reason"], "WarmPoolFailing");
+    let message = failing["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("warm pool sandboxes cannot start: Sandbox unpullable-")
+            && message.contains("is in ErrImagePull"),
+        "{message}"
+    );
+    // Given an image that runs, the pool fills and the status says so.
+    code_interpreters(&k.client)
+        .patch(
+            "unpullable",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"template":
+                {"image": "ghcr.io/volcano-sh/picod:latest", "args": ["--workspace=/root"]}}})),
+        )
+        .await
+        .unwrap();
+    // agent-sandbox keeps a failing member; it is replaced when deleted.
+    for m in pool_members(&k.client, "unpullable").await {
+        let _ = sandboxes(&k.client)
+            .delete(
+                m.metadata.name.as_deref().unwrap(),
+                &DeleteParams::default(),
+            )
+            .await;
+    }
+    k.eventually("the status ready again", 40, async || {
+        condition().await.filter(|c| c["status"] == "True")
+    })
+    .await;
+}

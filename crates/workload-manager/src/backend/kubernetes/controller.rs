@@ -1,7 +1,9 @@
 //! The CodeInterpreter controller (spec §2.6): a CodeInterpreter with `warmPoolSize > 0` gets a
 //! SandboxTemplate and a SandboxWarmPool named like it (server-side apply, controller owner
 //! references); with 0 they are removed. Status: `ready` and a `Ready` condition with
-//! `observedGeneration`, written only when it changes. While an `authMode: picod` pool waits for
+//! `observedGeneration`, written only when it changes; not Ready (`WarmPoolFailing`, with the
+//! reason) while a pool member cannot start ([`super::pool_health`]), for which a CodeInterpreter
+//! is looked at again every 10 s while its pool is not full and every 5 minutes when it is. While an `authMode: picod` pool waits for
 //! the Router's key the CodeInterpreter is requeued (and reported not ready). When the key
 //! changes every CodeInterpreter is reconciled again, and pool members still carrying an old key
 //! are retired so the pool refills with sandboxes that accept the Router's tokens. Both kinds
@@ -48,6 +50,8 @@ pub struct Context {
     /// Standby claims per warm pool (`--standby-claims`, 0 where agent-sandbox has none): the
     /// members they hold are taken out of the SandboxWarmPool's replicas.
     pub standby_claims: u32,
+    /// Every Sandbox (the backend's watch): the pools' members, for their health.
+    pub sandboxes: Arc<super::watched::Watched<Sandbox>>,
 }
 
 impl Context {
@@ -58,6 +62,7 @@ impl Context {
         default_runtime_class: String,
         peers: super::network::Peers,
         standby_claims: u32,
+        sandboxes: Arc<super::watched::Watched<Sandbox>>,
     ) -> Self {
         Self {
             client,
@@ -67,6 +72,7 @@ impl Context {
             written: Mutex::default(),
             peers,
             standby_claims,
+            sandboxes,
         }
     }
 }
@@ -234,9 +240,28 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
     if let Some(key) = &key {
         retire_stale_members(&ctx, &ns, &name, key).await?;
     }
-    write_status(&ctx, &ci, true, "Reconciled", "CodeInterpreter is ready").await?;
-    Ok(Action::await_change())
+    let (trouble, filling) =
+        super::pool_health::health(&ctx.client, &ctx.sandboxes, &ns, &name).await;
+    match trouble {
+        Some(why) => {
+            let why = format!("warm pool sandboxes cannot start: {why}");
+            write_status(&ctx, &ci, false, "WarmPoolFailing", &why).await?;
+        }
+        None => write_status(&ctx, &ci, true, "Reconciled", "CodeInterpreter is ready").await?,
+    }
+    // Members' health shows in no object this controller watches: looked at again, soon while
+    // the pool is not full, now and then when it is (a pool can break without its definition
+    // changing: a namespace's Pod Security level, a registry).
+    Ok(Action::requeue(if filling {
+        POOL_RECHECK_FILLING
+    } else {
+        POOL_RECHECK
+    }))
 }
+
+/// How soon a CodeInterpreter whose pool is not full is reconciled again, and one whose pool is.
+const POOL_RECHECK_FILLING: Duration = Duration::from_secs(10);
+const POOL_RECHECK: Duration = Duration::from_secs(300);
 
 /// Deletes pool members started with another Router key; the pool replaces them.
 async fn retire_stale_members(

@@ -46,6 +46,7 @@ mod create;
 pub mod desired;
 mod liveness;
 pub mod network;
+mod pool_health;
 pub mod probe;
 pub mod sources;
 pub mod standby;
@@ -235,6 +236,12 @@ impl KubernetesBackend {
             router: config.router_pod_labels.clone(),
             manager: config.manager_pod_labels.clone(),
         };
+        let cfg = watcher::Config::default;
+        let sandboxes = Arc::new(Watched::start_with(
+            Api::all_with(client.clone(), &api),
+            cfg(),
+            api,
+        ));
         let ctx = Arc::new(controller::Context::new(
             client.clone(),
             api,
@@ -242,15 +249,10 @@ impl KubernetesBackend {
             config.default_runtime_class.clone(),
             peers,
             standby::effective(config.standby_claims, api),
+            sandboxes.clone(),
         ));
         tasks.push(tokio::spawn(controller::run(ctx.clone())));
         tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));
-        let cfg = watcher::Config::default;
-        let sandboxes = Arc::new(Watched::start_with(
-            Api::all_with(client.clone(), &api),
-            cfg(),
-            api,
-        ));
         let claims = Arc::new(Watched::start_with(
             Api::all_with(client.clone(), &api),
             cfg(),
