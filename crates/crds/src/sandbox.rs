@@ -283,10 +283,27 @@ pub fn is_ready(conditions: Option<&[Condition]>) -> bool {
         .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
+impl SandboxClaim {
+    /// Its status's conditions, if any.
+    pub fn conditions(&self) -> Option<&[Condition]> {
+        self.status.as_ref().and_then(|s| s.conditions.as_deref())
+    }
+}
+
+/// The `Ready` condition among `conditions`, if any.
+pub fn ready_condition(conditions: Option<&[Condition]>) -> Option<&Condition> {
+    conditions?.iter().find(|c| c.type_ == "Ready")
+}
+
 impl Sandbox {
+    /// Its status's conditions, if any.
+    pub fn conditions(&self) -> Option<&[Condition]> {
+        self.status.as_ref().and_then(|s| s.conditions.as_deref())
+    }
+
     /// Whether agent-sandbox reports this Sandbox `Ready=True`.
     pub fn is_ready(&self) -> bool {
-        is_ready(self.status.as_ref().and_then(|s| s.conditions.as_deref()))
+        is_ready(self.conditions())
     }
 
     /// The first pod IP agent-sandbox reports, if any.

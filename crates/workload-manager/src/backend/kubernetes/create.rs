@@ -3,7 +3,7 @@
 
 use agentcube_crds::TargetPort;
 use agentcube_crds::labels;
-use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim};
+use agentcube_crds::sandbox::{Sandbox as SandboxObject, SandboxClaim, ready_condition};
 use agentcube_types::{BackingKind, EntryPoint};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -30,7 +30,7 @@ impl KubernetesBackend {
             } else if s.is_ready() {
                 Some(Ok(s.clone()))
             } else {
-                refusal(&format!("Sandbox {name}"), conditions_of(s)).map(Err)
+                refusal(&format!("Sandbox {name}"), s.conditions()).map(Err)
             }
         });
         let pod = || {
@@ -129,7 +129,6 @@ impl KubernetesBackend {
     pub(super) fn stalled_on(&self, namespace: &str, name: &str) -> String {
         let sandbox = |sb: &str| self.sandboxes.get(namespace, sb);
         if let Some(claim) = self.claims.get(namespace, name) {
-            let conditions = claim.status.as_ref().and_then(|s| s.conditions.as_deref());
             return match sandbox_name_of(&claim) {
                 Some((sb, _)) => match sandbox(sb) {
                     Some(s) => format!(
@@ -141,7 +140,7 @@ impl KubernetesBackend {
                 None => format!(
                     "SandboxClaim {name} has no Sandbox yet (is its warm pool empty and not \
                      refilling?); the claim {}",
-                    condition_text(conditions)
+                    condition_text(claim.conditions())
                 ),
             };
         }
@@ -158,8 +157,7 @@ impl KubernetesBackend {
         if watched::uid(claim.as_ref()) != uid {
             return None;
         }
-        let conditions = claim.status.as_ref().and_then(|s| s.conditions.as_deref());
-        refusal(&format!("SandboxClaim {name}"), conditions)
+        refusal(&format!("SandboxClaim {name}"), claim.conditions())
     }
 
     fn bound_and_ready(&self, namespace: &str, name: &str, uid: &str) -> Option<SandboxObject> {
@@ -244,23 +242,12 @@ fn readiness(sandbox: &SandboxObject) -> String {
     if sandbox.is_ready() {
         return "is Ready (its pod's IP or ports did not answer)".into();
     }
-    condition_text(conditions_of(sandbox))
-}
-
-fn conditions_of(sandbox: &SandboxObject) -> Option<&[Condition]> {
-    sandbox
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_deref())
+    condition_text(sandbox.conditions())
 }
 
 /// `is not Ready (<reason>: <message>)` from an object's conditions.
 fn condition_text(conditions: Option<&[Condition]>) -> String {
-    match conditions
-        .unwrap_or_default()
-        .iter()
-        .find(|c| c.type_ == "Ready")
-    {
+    match ready_condition(conditions) {
         Some(c) => format!("is not Ready ({}: {})", c.reason, c.message),
         None => "reports no Ready condition yet".into(),
     }

@@ -78,12 +78,8 @@ pub(super) fn observe(
 
 /// What a Sandbox shows of itself and its pod.
 fn of_sandbox(s: &SandboxObject) -> Seen {
-    let ready_at = s
-        .status
-        .as_ref()
-        .and_then(|st| st.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.last_transition_time.0);
+    let ready_at =
+        agentcube_crds::sandbox::ready_condition(s.conditions()).map(|c| c.last_transition_time.0);
     Seen {
         kind: BackingKind::Sandbox,
         namespace: s.namespace().unwrap_or_default(),

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use super::create::pod_name_of;
-use super::stuck::{pod_trouble, refusal};
+use super::stuck::{pod_cannot_start, pod_trouble, refusal};
 use super::watched::Watched;
 
 /// How long a member may be not Ready before its pod is read.
@@ -34,17 +34,8 @@ pub(super) async fn health(
         .filter(|s| !s.is_ready())
         .collect();
     let any_unready = !unready.is_empty();
-    let conditions = |s: &Sandbox| {
-        s.status
-            .as_ref()
-            .and_then(|st| st.conditions.as_deref())
-            .map(<[_]>::to_vec)
-    };
     for s in &unready {
-        if let Some(e) = refusal(
-            &format!("Sandbox {}", s.name_any()),
-            conditions(s).as_deref(),
-        ) {
+        if let Some(e) = refusal(&format!("Sandbox {}", s.name_any()), s.conditions()) {
             return (Some(e.to_string()), true);
         }
     }
@@ -61,13 +52,8 @@ pub(super) async fn health(
         if let Ok(Some(p)) = pods.get_opt(&pod).await
             && let Some(why) = pod_trouble(&p)
         {
-            let sandbox = s.name_any();
-            return (
-                Some(format!(
-                    "Sandbox {sandbox} cannot start: its pod {pod}: {why}"
-                )),
-                true,
-            );
+            let what = format!("Sandbox {}", s.name_any());
+            return (Some(pod_cannot_start(&what, &pod, &why)), true);
         }
     }
     (None, any_unready)

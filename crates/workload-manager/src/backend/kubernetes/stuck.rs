@@ -21,7 +21,7 @@ use crate::backend::BackendError;
 /// `… is forbidden: error looking up service account …`), and so do conflicts and an
 /// unreachable API server. `what` names the object.
 pub(super) fn refusal(what: &str, conditions: Option<&[Condition]>) -> Option<BackendError> {
-    let ready = conditions?.iter().find(|c| c.type_ == "Ready")?;
+    let ready = agentcube_crds::sandbox::ready_condition(conditions)?;
     if ready.status != "False" || ready.reason != "ReconcilerError" {
         return None;
     }
@@ -85,12 +85,15 @@ impl KubernetesBackend {
                 && let Ok(Some(p)) = pods.get_opt(&name).await
                 && let Some(why) = pod_trouble(&p)
             {
-                return BackendError::CannotStart(format!(
-                    "{what} cannot start: its pod {name}: {why}"
-                ));
+                return BackendError::CannotStart(pod_cannot_start(&what, &name, &why));
             }
         }
     }
+}
+
+/// `<what> cannot start: its pod <pod>: <why>`, for a Sandbox (`what`) whose pod failed.
+pub(super) fn pod_cannot_start(what: &str, pod: &str, why: &str) -> String {
+    format!("{what} cannot start: its pod {pod}: {why}")
 }
 
 /// Why a sandbox's pod will not become Ready without someone changing its definition or the

@@ -935,7 +935,10 @@ impl LocalBackend {
         if let Some(drained) = self.drained(name) {
             drained.wait(Duration::from_secs(1)).await;
         }
-        let log = std::fs::read_to_string(paths.log()).unwrap_or_default();
+        // Up to 2 MiB: read off the runtime's threads.
+        let log = tokio::fs::read_to_string(paths.log())
+            .await
+            .unwrap_or_default();
         let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
         tail.reverse();
         tail.join(" | ")
