@@ -157,17 +157,23 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
 
 def _start_http(stack, *args: str, stderr: int = subprocess.DEVNULL) -> "tuple[subprocess.Popen[str], int]":
     """`agentcube-mcp --http` on a free port, once it answers (its stderr piped only when asked: a full
-    pipe would stall it)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
-                            env=env(stack), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-    for _ in range(100):
-        try:
-            requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    return proc, port
+    pipe would stall it). A port picked free can be taken before the server binds it (an outgoing
+    connection's source port): a server that exits is started again on another port."""
+    for _ in range(3):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
+                                env=env(stack), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
+                return proc, port
+            except requests.RequestException:
+                time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+            raise AssertionError(f"agentcube-mcp --http did not answer on port {port} within 60 s")
+    raise AssertionError(f"agentcube-mcp --http exited three times (last exit code {proc.returncode})")
 
 
 async def _run_code_over_http(url: str, token: str) -> str:
