@@ -113,9 +113,58 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
     Ok((addr, len))
 }
 
+/// Cloud instance-metadata endpoints: they answer anyone on the node or VM with its cloud
+/// credentials (AWS, GCP, Azure, Oracle, OpenStack at `169.254.169.254`; Alibaba; AWS over
+/// IPv6).
+pub const METADATA_ENDPOINTS: [&str; 3] = ["169.254.169.254", "100.100.100.200", "fd00:ec2::254"];
+
+/// The metadata endpoints (as `/32` or `/128`) a CIDR contains without naming one exactly: what
+/// a rule meant as "the internet" (`0.0.0.0/0`) must except. A CIDR that is exactly an endpoint
+/// asks for it, and gets nothing excepted.
+pub fn metadata_within(cidr: &str) -> Vec<String> {
+    let Ok((net, len)) = parse_cidr(cidr) else {
+        return Vec::new();
+    };
+    METADATA_ENDPOINTS
+        .iter()
+        .filter_map(|m| m.parse::<std::net::IpAddr>().ok())
+        .filter(|m| m.is_ipv4() == net.is_ipv4())
+        .filter_map(|m| {
+            let (width, a, b) = match (net, m) {
+                (std::net::IpAddr::V4(n), std::net::IpAddr::V4(m)) => {
+                    (32, u32::from(n) as u128, u32::from(m) as u128)
+                }
+                (std::net::IpAddr::V6(n), std::net::IpAddr::V6(m)) => {
+                    (128, u128::from(n), u128::from(m))
+                }
+                _ => return None,
+            };
+            let shift = width - u32::from(len);
+            let inside = shift >= width || (a >> shift) == (b >> shift);
+            (u32::from(len) < width && inside).then(|| format!("{m}/{width}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_for_the_internet_except_the_metadata_endpoints() {
+        assert_eq!(
+            metadata_within("0.0.0.0/0"),
+            ["169.254.169.254/32", "100.100.100.200/32"]
+        );
+        assert_eq!(metadata_within("169.254.0.0/16"), ["169.254.169.254/32"]);
+        assert_eq!(metadata_within("100.64.0.0/10"), ["100.100.100.200/32"]);
+        assert_eq!(metadata_within("::/0"), ["fd00:ec2::254/128"]);
+        assert!(metadata_within("169.254.169.254/32").is_empty());
+        assert!(metadata_within("10.0.0.0/8").is_empty());
+        assert!(metadata_within("169.254.169.0/31").is_empty());
+        assert!(metadata_within("2001:db8::/32").is_empty());
+        assert!(metadata_within("nonsense").is_empty());
+    }
 
     #[test]
     fn cidrs_parse_or_say_why_not() {

@@ -48,13 +48,15 @@ fn ip(args: &[&str]) {
 
 impl TestHost {
     fn start(n: u8) -> Self {
+        Self::start_at(n, &format!("10.214.{n}"))
+    }
+
+    /// A host at `<net>.2`, the root namespace's side at `<net>.1`.
+    fn start_at(n: u8, net: &str) -> Self {
         let tag = format!("{}{n}", std::process::id() % 100_000);
         let ns = format!("actest-{tag}");
-        let (root_if, root_ip, host_ip) = (
-            format!("ath{tag}"),
-            format!("10.214.{n}.1"),
-            format!("10.214.{n}.2"),
-        );
+        let (root_if, root_ip, host_ip) =
+            (format!("ath{tag}"), format!("{net}.1"), format!("{net}.2"));
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
         ip(&[
@@ -130,6 +132,9 @@ async fn policies_allow_what_they_name_and_nothing_else() {
         panic!("network policy tests need root (network namespaces, nftables): run as root");
     }
     let (a, b) = (TestHost::start(1), TestHost::start(2));
+    // Link-local, as a cloud's metadata endpoint (169.254.169.254) and AWS's resolver are; the
+    // stack's DNS resolver.
+    let m = TestHost::start_at(3, "169.254.77");
     let strict = format!(
         "{{egress: [{{cidrs: [{}/32], ports: [{{protocol: TCP, port: 8000}}]}}], ingress: [{{cidrs: [{}/32], ports: [{{port: 9100}}]}}]}}",
         a.ip, b.ip
@@ -139,7 +144,7 @@ async fn policies_allow_what_they_name_and_nothing_else() {
         + &code_interpreter("none", "");
     let s = Stack::start(Options {
         manifests: manifests.clone(),
-        sandbox_dns: Some(a.ip.parse().unwrap()),
+        sandbox_dns: Some(m.ip.parse().unwrap()),
         ..Default::default()
     })
     .await;
@@ -160,22 +165,32 @@ async fn policies_allow_what_they_name_and_nothing_else() {
         probe(&strict, "tcp", &b.ip, 8000).await,
         "err ConnectionRefusedError"
     );
-    // DNS only to the configured resolver.
+    // DNS only to the configured resolver (link-local here, as AWS's is).
     assert_eq!(
-        probe(&strict, "udp", &a.ip, 53).await,
-        format!("ok {}:dns", a.ns)
+        probe(&strict, "udp", &m.ip, 53).await,
+        format!("ok {}:dns", m.ns)
     );
     assert_eq!(
-        probe(&strict, "udp", &b.ip, 53).await,
+        probe(&strict, "udp", &a.ip, 53).await,
         "err PermissionError"
     );
     let resolv = exec(&strict, &["cat", "/etc/resolv.conf"]).await;
-    assert_eq!(resolv["stdout"], format!("nameserver {}\n", a.ip));
+    assert_eq!(resolv["stdout"], format!("nameserver {}\n", m.ip));
 
     // A wide-open policy still never reaches the host itself or another sandbox.
     assert_eq!(
         probe(&open, "tcp", &b.ip, 8001).await,
         format!("ok {}:8001", b.ns)
+    );
+    // Nor a cloud's metadata endpoint (it hands the host's credentials to the host, which the
+    // sandbox's masqueraded traffic is), nor the resolver on another port.
+    for port in [8000, 8001] {
+        let got = probe(&open, "tcp", &m.ip, port).await;
+        assert!(got.starts_with("err"), "link-local :{port}: {got}");
+    }
+    assert_eq!(
+        probe(&open, "udp", &m.ip, 53).await,
+        format!("ok {}:dns", m.ns)
     );
     let host = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = host.local_addr().unwrap().port();

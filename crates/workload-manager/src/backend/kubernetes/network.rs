@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use agentcube_crds::{NetworkPolicySpec, NetworkProtocol, NetworkRule, labels};
+use agentcube_crds::{NetworkPolicySpec, NetworkProtocol, NetworkRule, labels, network};
 use agentcube_types::api::WorkloadKind;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -151,7 +151,9 @@ fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
     }
 }
 
-/// A rule's CIDRs as peers (`None`, i.e. any peer, when it lists none).
+/// A rule's CIDRs as peers (`None`, i.e. any peer, when it lists none). A CIDR holding a cloud
+/// metadata endpoint without naming it (`0.0.0.0/0`) excepts it: a pod asking it gets the
+/// node's cloud credentials where the cloud hands them to pods.
 fn peers(r: &NetworkRule) -> Option<Vec<NetworkPolicyPeer>> {
     (!r.cidrs.is_empty()).then(|| {
         r.cidrs
@@ -159,7 +161,7 @@ fn peers(r: &NetworkRule) -> Option<Vec<NetworkPolicyPeer>> {
             .map(|c| NetworkPolicyPeer {
                 ip_block: Some(IPBlock {
                     cidr: c.clone(),
-                    except: None,
+                    except: Some(network::metadata_within(c)).filter(|e| !e.is_empty()),
                 }),
                 ..Default::default()
             })
@@ -215,7 +217,8 @@ mod tests {
     #[test]
     fn the_policy_allows_the_control_plane_dns_and_the_rules_only() {
         let policy: NetworkPolicySpec = serde_json::from_value(json!({
-            "egress": [{"cidrs": ["10.0.0.0/8"], "ports": [{"protocol": "TCP", "port": 443}]}, {"cidrs": ["192.0.2.7/32"]}],
+            "egress": [{"cidrs": ["10.0.0.0/8"], "ports": [{"protocol": "TCP", "port": 443}]}, {"cidrs": ["192.0.2.7/32"]},
+                       {"cidrs": ["0.0.0.0/0", "::/0", "169.254.169.254/32"]}],
             "ingress": [{"ports": [{"protocol": "UDP", "port": 9000}]}]
         }))
         .unwrap();
@@ -270,7 +273,10 @@ mod tests {
                 {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
                  "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
                 {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 443}]},
-                {"to": [{"ipBlock": {"cidr": "192.0.2.7/32"}}]}
+                {"to": [{"ipBlock": {"cidr": "192.0.2.7/32"}}]},
+                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "100.100.100.200/32"]}},
+                        {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+                        {"ipBlock": {"cidr": "169.254.169.254/32"}}]}
             ])
         );
         assert_eq!(
