@@ -211,7 +211,7 @@ def caller_auth(c: Cluster, router: str) -> None:
     token = c.kubectl("create", "token", "tenant", "-n", "default").strip()
     status, body = post(f"{wm}/v1/agent-runtime", echo, token)
     assert status == 403 and body["message"].startswith(
-        "system:serviceaccount:default:tenant may not create sandboxes.agents.x-k8s.io in namespace default"), (status, body)
+        "system:serviceaccount:default:tenant may not create sessions in namespace default"), (status, body)
     status, body = post(f"{router}/v1/namespaces/default/agent-runtimes/echo-agent/invocations/echo", {"input": "hi"})
     assert (status, body.get("output")) == (200, "echo: hi"), (status, body)
     log("caller authentication: no token 401, a tenant without RBAC 403, the Router still creates sessions")

@@ -115,6 +115,28 @@ impl CallerAuth {
     }
 }
 
+impl CallerAuth {
+    /// Whether `caller` may create any session in `namespace` (a `Sandbox` or a
+    /// `SandboxClaim`). One who may create neither gets the same 403 whatever the definition —
+    /// one that does not exist, one with a warm pool, one without — so it learns nothing about
+    /// what is defined there.
+    pub async fn may_create_any(&self, caller: &Caller, namespace: &str) -> Result<(), ApiError> {
+        for backing in [BackingKind::Sandbox, BackingKind::SandboxClaim] {
+            match self.may_create(caller, namespace, backing).await {
+                Err(ApiError::Forbidden(_)) => {}
+                other => return other,
+            }
+        }
+        Err(ApiError::Forbidden(format!(
+            "{} may not create sessions in namespace {namespace}: a session is a \
+             sandboxes.agents.x-k8s.io there (from a warm pool, a \
+             sandboxclaims.extensions.agents.x-k8s.io); grant it that with RBAC (as upstream \
+             needed) or make it an administrator (--auth-admin-group)",
+            caller.name
+        )))
+    }
+}
+
 /// The API group and resource of what a session becomes.
 fn resource(backing: BackingKind) -> (&'static str, &'static str) {
     match backing {
@@ -156,10 +178,13 @@ pub struct TokenReviewer {
     /// TokenReviews of tokens not seen before: made-up tokens cost a client nothing, and each
     /// would otherwise be a request at the API server.
     misses: Mutex<Budget>,
+    /// SubjectAccessReviews not answered from the cache: namespaces are free to make up too.
+    access_misses: Mutex<Budget>,
 }
 
-/// New tokens reviewed a second, and at once: a few hundred clients starting together are
-/// reviewed at once, a flood of made-up tokens is not passed on to the API server.
+/// New tokens (and new caller × namespace × resource access checks) reviewed a second, and at
+/// once: a few hundred clients starting together are reviewed at once, a flood of made-up tokens
+/// or namespaces is not passed on to the API server.
 const MISS_RATE: f64 = 100.0;
 const MISS_BURST: f64 = 500.0;
 
@@ -173,6 +198,7 @@ impl TokenReviewer {
             access: Mutex::new(HashMap::new()),
             trusted: Vec::new(),
             misses: Mutex::new(Budget::new(MISS_RATE, MISS_BURST)),
+            access_misses: Mutex::new(Budget::new(MISS_RATE, MISS_BURST)),
         }
     }
 
@@ -198,6 +224,11 @@ impl TokenReviewer {
         let allowed = match cached {
             Some((allowed, at)) if fresh(allowed, at) => allowed,
             _ => {
+                if !self.access_misses.lock().unwrap().take() {
+                    return Err(ApiError::Unavailable(
+                        "too many access checks at once, please try again later".into(),
+                    ));
+                }
                 let allowed = self.ask_access(caller, namespace, backing).await?;
                 let mut access = self.access.lock().unwrap();
                 if access.len() >= REVIEW_CAPACITY {

@@ -166,12 +166,24 @@ impl Manager {
             .definitions
             .lookup(kind, &req.namespace, &req.name)
             .await;
-        let workload = workload.ok_or_else(|| ApiError::NotFound(not_found.into()))?;
+        // One who may create nothing in the namespace gets a 403 whether the definition exists
+        // or not, so it cannot find out which do.
+        let Some(workload) = workload else {
+            if let Some(caller) = &who.caller {
+                self.auth.may_create_any(caller, &req.namespace).await?;
+            }
+            return Err(ApiError::NotFound(not_found.into()));
+        };
         if let Some(caller) = &who.caller {
             let backing = self.backend.backing_kind(&workload);
-            self.auth
-                .may_create(caller, &req.namespace, backing)
-                .await?;
+            match self.auth.may_create(caller, &req.namespace, backing).await {
+                // Named only to one who may create something there.
+                Err(ApiError::Forbidden(lacks)) => {
+                    self.auth.may_create_any(caller, &req.namespace).await?;
+                    return Err(ApiError::Forbidden(lacks));
+                }
+                other => other?,
+            }
         }
         if workload.needs_key() && self.public_key.get().is_none() {
             return Err(ApiError::Internal(

@@ -192,6 +192,62 @@ async fn made_up_tokens_are_reviewed_at_a_bounded_rate() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
+#[tokio::test]
+async fn made_up_namespaces_are_access_checked_at_a_bounded_rate() {
+    // Each caller × namespace not asked about before is a SubjectAccessReview, and namespaces
+    // cost an authenticated caller nothing to make up (one it may not create in gets a 403
+    // whether the definition exists or not, so the check comes before the 404).
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        auth_admin_group: Some("system:serviceaccounts:agentcube-admins".into()),
+        ..Default::default()
+    })
+    .await;
+    let bob = sa_token(&k.client, "default", "bob").await;
+    let started = std::time::Instant::now();
+    let calls = (0..1500).map(|i| {
+        let (http, url, bob) = (
+            k.http.clone(),
+            format!("{}/v1/code-interpreter", k.url),
+            &bob,
+        );
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(bob)
+                .json(&json!({"name": "od", "namespace": format!("made-up-{i}")}))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    let statuses = futures_util::stream::iter(calls)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (refused, busy) = (
+        statuses.iter().filter(|s| **s == 403).count(),
+        statuses.iter().filter(|s| **s == 503).count(),
+    );
+    assert_eq!(refused + busy, 1500, "only 403s and 503s: {statuses:?}");
+    let asked = cluster()
+        .audit_events()
+        .iter()
+        .skip(k.audit_start)
+        .filter(|e| e["objectRef"]["resource"] == "subjectaccessreviews" && e["verb"] == "create")
+        .count();
+    assert!(
+        asked as f64 <= 500.0 + 100.0 * elapsed + 2.0 && busy > 0,
+        "{asked} SubjectAccessReviews, {busy} answered 503, in {elapsed:.1} s"
+    );
+    assert_eq!(
+        k.store.count(&agentcube_store::Scope::All).await.unwrap(),
+        0
+    );
+}
+
 /// A Role letting service account `ns/sa` create Sandboxes in `ns`, bound to it.
 async fn grant_sandbox_creates(client: &kube::Client, ns: &str, sa: &str) {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -276,13 +332,23 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
 
     // Bob may not create Sandboxes in `default` (upstream would have made the Sandbox with his
     // token, and RBAC refused it): 403 naming what he lacks, asked once however often he tries.
-    for _ in 0..2 {
-        let (st, v) = call(Method::POST, create.clone(), Some(&bob)).await;
-        assert_eq!(st, 403, "{v}");
-        assert!(message(v).starts_with(
-            "system:serviceaccount:default:bob may not create sandboxes.agents.x-k8s.io in \
-                 namespace default"
-        ),);
+    // He may create nothing there, so a definition that does not exist is the same 403: he
+    // cannot find out which are defined.
+    let lacks = "system:serviceaccount:default:bob may not create sessions in namespace default: \
+                 a session is a sandboxes.agents.x-k8s.io there (from a warm pool, a \
+                 sandboxclaims.extensions.agents.x-k8s.io)";
+    for name in ["od", "od", "pooled", "not-defined"] {
+        let r = k
+            .http
+            .post(format!("{}{create}", k.url))
+            .bearer_auth(&bob)
+            .json(&json!({"name": name, "namespace": "default"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{name}");
+        let said = message(r.json().await.unwrap());
+        assert!(said.starts_with(lacks), "{name}: {said}");
     }
     assert_eq!(
         k.store.count(&agentcube_store::Scope::All).await.unwrap(),
@@ -315,6 +381,16 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
         .await
         .unwrap();
     assert_eq!(pooled.status().as_u16(), 403);
+    // She may create Sandboxes there: what is not defined is a 404 to her.
+    let undefined = k
+        .http
+        .post(format!("{}{create}", k.url))
+        .bearer_auth(&alice)
+        .json(&json!({"name": "not-defined", "namespace": "default"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(undefined.status().as_u16(), 404);
     let refused = message(pooled.json().await.unwrap());
     assert!(
         refused.contains("may not create sandboxclaims.extensions.agents.x-k8s.io"),
@@ -396,7 +472,7 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     );
     assert_eq!(
         access_reviews() - the_tests_own,
-        3,
+        4,
         "bob and alice (Sandboxes and SandboxClaims) once each, none for the administrator"
     );
     assert_eq!(call(Method::DELETE, one.clone(), Some(&alice)).await.0, 200);
