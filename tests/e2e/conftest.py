@@ -334,12 +334,16 @@ def redis_url(scratch):
     tmp = str(scratch("agentcube-redis-"))
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
-    for _ in range(100):
+    for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), 0.1).close()
             break
         except OSError:
+            assert proc.poll() is None, f"redis-server exited ({proc.returncode}): port {port} taken?"
             time.sleep(0.05)
+    else:
+        proc.kill()
+        raise AssertionError(f"redis-server did not answer on port {port}")
     yield f"redis://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
