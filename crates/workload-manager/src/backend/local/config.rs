@@ -67,7 +67,7 @@ pub struct LocalConfig {
     /// library default): every sandbox runs on the host's `/usr` (host mode).
     pub images: Option<image::RegistrySettings>,
     /// Workspace quota of sandboxes whose definition sets no `ephemeral-storage` limit (`None`:
-    /// unbounded). Enforced when running as root (see [`quota`]).
+    /// unbounded). Enforced when running as root (see [`super::quota`]).
     pub default_workspace_bytes: Option<u64>,
 }
 
