@@ -127,6 +127,60 @@ async fn sa_token(client: &kube::Client, ns: &str, name: &str) -> String {
     done.status.unwrap().token
 }
 
+/// Reviews of `resource` (`tokenreviews`, `subjectaccessreviews`) the API server was asked to
+/// create since the stack started.
+fn reviews_asked(k: &KubeStack, resource: &str) -> usize {
+    cluster()
+        .audit_events()
+        .iter()
+        .skip(k.audit_start)
+        .filter(|e| e["objectRef"]["resource"] == resource && e["verb"] == "create")
+        .count()
+}
+
+/// 1,500 creates of `od`, 64 at a time, the i-th with `token(i)` in `namespace(i)`; then checks
+/// that each was `refusal` or 503 and that the API server was asked for at most the budget of
+/// `resource` reviews (500 at once, then 100 a second), some of them having been turned away.
+async fn flood_of_made_up(
+    k: &KubeStack,
+    token: impl Fn(usize) -> String,
+    namespace: impl Fn(usize) -> String,
+    refusal: u16,
+    resource: &str,
+) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let calls = (0..1500).map(|i| {
+        let request = http
+            .post(format!("{}/v1/code-interpreter", k.url))
+            .bearer_auth(token(i))
+            .json(&json!({"name": "od", "namespace": namespace(i)}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::stream::iter(calls)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (refused, busy) = (
+        statuses.iter().filter(|s| **s == refusal).count(),
+        statuses.iter().filter(|s| **s == 503).count(),
+    );
+    assert_eq!(
+        refused + busy,
+        1500,
+        "only {refusal}s and 503s: {statuses:?}"
+    );
+    let asked = reviews_asked(k, resource);
+    assert!(
+        asked as f64 <= 500.0 + 100.0 * elapsed + 2.0 && busy > 0,
+        "{asked} {resource}, {busy} answered 503, in {elapsed:.1} s"
+    );
+}
+
 #[tokio::test]
 async fn made_up_tokens_are_reviewed_at_a_bounded_rate() {
     // Each token not seen before is a TokenReview at the API server, and made-up tokens cost a
@@ -138,47 +192,8 @@ async fn made_up_tokens_are_reviewed_at_a_bounded_rate() {
         ..Default::default()
     })
     .await;
-    let reviews = || {
-        cluster()
-            .audit_events()
-            .iter()
-            .skip(k.audit_start)
-            .filter(|e| e["objectRef"]["resource"] == "tokenreviews" && e["verb"] == "create")
-            .count()
-    };
-    let started = std::time::Instant::now();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
-    let calls = (0..1500).map(|i| {
-        let (http, url) = (http.clone(), format!("{}/v1/code-interpreter", k.url));
-        async move {
-            let r = http
-                .post(url)
-                .bearer_auth(format!("eyJhbGciOiJSUzI1NiJ9.e30.made-up-{i}"))
-                .json(&json!({"name": "od", "namespace": "default"}))
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    });
-    let statuses = futures_util::stream::iter(calls)
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let (refused, busy) = (
-        statuses.iter().filter(|s| **s == 401).count(),
-        statuses.iter().filter(|s| **s == 503).count(),
-    );
-    assert_eq!(refused + busy, 1500, "only 401s and 503s: {statuses:?}");
-    let asked = reviews();
-    assert!(
-        asked as f64 <= 500.0 + 100.0 * elapsed + 1.0 && busy > 0,
-        "{asked} TokenReviews, {busy} answered 503, in {elapsed:.1} s"
-    );
+    let made_up = |i| format!("eyJhbGciOiJSUzI1NiJ9.e30.made-up-{i}");
+    flood_of_made_up(&k, made_up, |_| "default".into(), 401, "tokenreviews").await;
     // A real caller is still reviewed once the flood is over.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let root = sa_token(&k.client, "agentcube-admins", "root").await;
@@ -204,44 +219,8 @@ async fn made_up_namespaces_are_access_checked_at_a_bounded_rate() {
     })
     .await;
     let bob = sa_token(&k.client, "default", "bob").await;
-    let started = std::time::Instant::now();
-    let calls = (0..1500).map(|i| {
-        let (http, url, bob) = (
-            k.http.clone(),
-            format!("{}/v1/code-interpreter", k.url),
-            &bob,
-        );
-        async move {
-            let r = http
-                .post(url)
-                .bearer_auth(bob)
-                .json(&json!({"name": "od", "namespace": format!("made-up-{i}")}))
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    });
-    let statuses = futures_util::stream::iter(calls)
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let (refused, busy) = (
-        statuses.iter().filter(|s| **s == 403).count(),
-        statuses.iter().filter(|s| **s == 503).count(),
-    );
-    assert_eq!(refused + busy, 1500, "only 403s and 503s: {statuses:?}");
-    let asked = cluster()
-        .audit_events()
-        .iter()
-        .skip(k.audit_start)
-        .filter(|e| e["objectRef"]["resource"] == "subjectaccessreviews" && e["verb"] == "create")
-        .count();
-    assert!(
-        asked as f64 <= 500.0 + 100.0 * elapsed + 2.0 && busy > 0,
-        "{asked} SubjectAccessReviews, {busy} answered 503, in {elapsed:.1} s"
-    );
+    let made_up = |i| format!("made-up-{i}");
+    flood_of_made_up(&k, |_| bob.clone(), made_up, 403, "subjectaccessreviews").await;
     assert_eq!(
         k.store.count(&agentcube_store::Scope::All).await.unwrap(),
         0
@@ -355,16 +334,7 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
         0
     );
     // Alice may (a Role in `default`); root is an administrator and needs none.
-    let access_reviews = || {
-        cluster()
-            .audit_events()
-            .iter()
-            .skip(k.audit_start)
-            .filter(|e| {
-                e["objectRef"]["resource"] == "subjectaccessreviews" && e["verb"] == "create"
-            })
-            .count()
-    };
+    let access_reviews = || reviews_asked(&k, "subjectaccessreviews");
     let before_grant = access_reviews();
     grant_sandbox_creates(&k.client, "default", "alice").await;
     let the_tests_own = access_reviews() - before_grant;
@@ -460,12 +430,7 @@ async fn callers_are_reviewed_and_see_and_delete_only_their_own_sessions() {
     );
     assert_eq!(call(Method::GET, one.clone(), Some(&root)).await.0, 200);
     // Answers are cached: one TokenReview per token however many calls.
-    let reviews = cluster()
-        .audit_events()
-        .iter()
-        .skip(k.audit_start)
-        .filter(|e| e["objectRef"]["resource"] == "tokenreviews" && e["verb"] == "create")
-        .count();
+    let reviews = reviews_asked(&k, "tokenreviews");
     assert_eq!(
         reviews, 5,
         "alice, bob, root, the router and the refused token, once each"
