@@ -107,9 +107,52 @@ impl Images {
     }
 }
 
+/// A simulated registry that cannot be reached for a while: `slow-registry.test/<N>s/<image>`
+/// fails to pull as an unreachable registry does (a containerd-style message, which the kubelet
+/// reports as `ErrImagePull` and retries) until its pod has waited `N` seconds, and is `<image>`
+/// from then on. For tests of a create that must wait out a pull failure that passes.
+pub const SLOW_REGISTRY: &str = "slow-registry.test/";
+
+/// The image to run for `image`, or the pull error of a [`SLOW_REGISTRY`] not reachable yet
+/// after `waited`.
+pub fn through_slow_registry(image: &str, waited: std::time::Duration) -> Result<String, String> {
+    let Some(rest) = image.strip_prefix(SLOW_REGISTRY) else {
+        return Ok(image.to_string());
+    };
+    let (secs, inner) = rest.split_once('/').unwrap_or((rest, ""));
+    let secs: u64 = secs.trim_end_matches('s').parse().unwrap_or(0);
+    if waited.as_secs() >= secs {
+        return Ok(inner.to_string());
+    }
+    Err(format!(
+        "failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": \
+         failed to do request: Head \"https://slow-registry.test/v2/{inner}/manifests/latest\": \
+         dial tcp: lookup slow-registry.test: i/o timeout"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_registry_fails_until_its_time_then_is_the_image() {
+        use std::time::Duration;
+        let img = "slow-registry.test/3s/ghcr.io/volcano-sh/picod:latest";
+        let early = through_slow_registry(img, Duration::from_secs(1)).unwrap_err();
+        assert!(
+            early.contains("i/o timeout") && early.contains(img),
+            "{early}"
+        );
+        assert_eq!(
+            through_slow_registry(img, Duration::from_secs(3)).unwrap(),
+            "ghcr.io/volcano-sh/picod:latest"
+        );
+        assert_eq!(
+            through_slow_registry("picod", Duration::ZERO).unwrap(),
+            "picod"
+        );
+    }
 
     #[test]
     fn images_match_by_their_last_segment() {

@@ -7,6 +7,8 @@
 //!   `/tmp` and `/run`, its own pid/ipc/uts namespaces and hostname ([`runtime`]);
 //! - images map to programs on this host ([`images`]: this repository's binaries at their
 //!   Dockerfile paths, `python`, `redis`); other images stay `Pending` with `ErrImagePull`;
+//!   `slow-registry.test/<N>s/<image>` is a registry that cannot be reached for the pod's first
+//!   `N` seconds (`ErrImagePull` with an `i/o timeout`, retried every second), then `<image>`;
 //! - gives each pod its own loopback address (`127.A.B.N`) as `status.podIP`; pods share the
 //!   host's network stack, so a program must bind its pod IP (PicoD's image rule sets
 //!   `PICOD_LISTEN=$(POD_IP):8080`; others read `status.podIP` through the downward API);

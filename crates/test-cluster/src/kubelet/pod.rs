@@ -33,8 +33,9 @@ pub struct PodProcess {
     last_exit: Option<i32>,
     /// Set when the pod ended for good (`Succeeded`/`Failed`) or cannot start (the reason).
     terminal: Option<String>,
-    /// Why the container is not created yet (retried).
-    creating: Option<String>,
+    /// Why the container is not created yet (retried): the waiting reason (`ContainerCreating`,
+    /// or `ErrImagePull` for a pull that may pass) and message.
+    creating: Option<(&'static str, String)>,
     /// When the current container started, and its liveness probe's state.
     started: Instant,
     liveness: super::probe::Liveness,
@@ -48,6 +49,8 @@ pub struct PodProcess {
 enum StartError {
     /// Never will: the image maps to no program (`ErrImagePull`).
     Image(String),
+    /// Not yet: its registry cannot be reached (`ErrImagePull`, retried).
+    Pull(String),
     /// Not yet: what it needs is missing (retried).
     NotYet(anyhow::Error),
 }
@@ -108,7 +111,12 @@ impl PodProcess {
             Err(StartError::NotYet(e)) => {
                 let msg = format!("{e:#}");
                 tracing::info!(pod = %self.name, error = %msg, "pod not startable yet; retrying");
-                self.creating = Some(msg);
+                self.creating = Some(("ContainerCreating", msg));
+                self.restart_at = Some(Instant::now() + Duration::from_secs(1));
+            }
+            Err(StartError::Pull(msg)) => {
+                tracing::info!(pod = %self.name, error = %msg, "image not pulled yet; retrying");
+                self.creating = Some(("ErrImagePull", msg));
                 self.restart_at = Some(Instant::now() + Duration::from_secs(1));
             }
         }
@@ -121,6 +129,8 @@ impl PodProcess {
             .first()
             .ok_or_else(|| StartError::Image("the pod has no container".into()))?;
         let image_name = container.image.clone().unwrap_or_default();
+        let image_name = super::images::through_slow_registry(&image_name, self.started.elapsed())
+            .map_err(StartError::Pull)?;
         let image = shared.config.images.find(&image_name).ok_or_else(|| {
             StartError::Image(format!(
                 "image {image_name:?} has no mapping to a program on this host"
@@ -275,6 +285,8 @@ impl PodProcess {
             Some("Succeeded") => "Succeeded",
             Some("Failed") => "Failed",
             Some(_) => "Pending",
+            // Nothing started yet (a Secret or an image pull awaited): a kubelet says Pending.
+            None if self.creating.is_some() && !running && self.last_exit.is_none() => "Pending",
             None => "Running",
         };
         let state = match (&self.terminal, running, self.last_exit) {
@@ -291,7 +303,7 @@ impl PodProcess {
             (_, false, Some(code)) => json!({"terminated": {"exitCode": code,
                 "reason": if code == 0 { "Completed" } else { "Error" }}}),
             _ => match &self.creating {
-                Some(why) => json!({"waiting": {"reason": "ContainerCreating", "message": why}}),
+                Some((reason, why)) => json!({"waiting": {"reason": reason, "message": why}}),
                 None => json!({"waiting": {"reason": "ContainerCreating"}}),
             },
         };

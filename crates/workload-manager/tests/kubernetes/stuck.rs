@@ -167,9 +167,16 @@ spec:
 "
         )
     };
+    // Its registry unreachable for 5 s (the process kubelet's simulated one), then pulled.
+    let slow = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {name: slow-registry, namespace: default}
+spec:
+  template: {image: slow-registry.test/5s/ghcr.io/volcano-sh/picod:latest}
+";
     let k = KubeStack::start(KubeOptions {
         manifests: format!(
-            "{crashing}---\n{}---\n{}",
+            "{crashing}---\n{}---\n{}---\n{slow}",
             unpullable("unpullable", 0),
             unpullable("unpullable-pool", 1)
         ),
@@ -205,6 +212,16 @@ spec:
             assert!(message.contains("last exit code 3 (Error)"), "{message}");
         }
     }
+    // A pull that failed because the registry could not be reached may work at the kubelet's
+    // next try: the create waits for it (it failed at once, as for an image that does not exist).
+    let started = std::time::Instant::now();
+    let session = k.create_ok("code-interpreter", "slow-registry").await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(k.delete(session["sessionId"].as_str().unwrap()).await, 200);
     // Rolled back: only the warm pool's own Sandbox is left, no claim, no record.
     k.eventually("the creates rolled back", 15, async || {
         let lp = ListParams::default();

@@ -160,6 +160,38 @@ const FAILING_WAITS: &[&str] = &[
     "RunContainerError",
 ];
 
+/// The waits of a failed image pull (the back-off's message carries the pull's error).
+const PULLS: &[&str] = &["ErrImagePull", "ImagePullBackOff"];
+
+/// What a pull error says when the registry could not be reached or was overloaded: the kubelet
+/// pulls again (with a back-off) and it may well work, so the create waits (bounded by its
+/// timeout). A pull refused for good (no such image or tag, no access) fails it at once.
+const PASSING_PULL_ERRORS: &[&str] = &[
+    "registryunavailable",
+    "registry is unavailable",
+    "timeout",
+    "connection refused",
+    "connection reset",
+    "no route to host",
+    "network is unreachable",
+    "no such host",
+    "temporary failure",
+    "server misbehaving",
+    "unexpected eof",
+    "too many requests",
+    "toomanyrequests",
+    "500 internal server error",
+    "502 bad gateway",
+    "503 service unavailable",
+    "504 gateway timeout",
+    "deadline exceeded",
+];
+
+fn pull_may_pass(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    PASSING_PULL_ERRORS.iter().any(|p| message.contains(p))
+}
+
 fn container_trouble(c: &ContainerStatus, init: bool) -> Option<String> {
     let state = c.state.as_ref()?;
     let last_exit = c
@@ -174,6 +206,7 @@ fn container_trouble(c: &ContainerStatus, init: bool) -> Option<String> {
     };
     if let Some(w) = &state.waiting
         && let Some(reason) = w.reason.as_deref().filter(|r| FAILING_WAITS.contains(r))
+        && !(PULLS.contains(&reason) && pull_may_pass(w.message.as_deref().unwrap_or_default()))
     {
         let detail = [w.message.clone(), last_exit.map(|e| format!("last {e}"))]
             .into_iter()
@@ -358,6 +391,44 @@ mod tests {
             .as_deref(),
             Some("container agent is in ErrImagePull (not found)")
         );
+        // A registry that could not be reached or was overloaded may work at the kubelet's next
+        // pull: waited for. The back-off's message carries the pull's error.
+        let pulling = |reason: &str, message: &str| {
+            let c = container(
+                serde_json::json!({"waiting": {"reason": reason, "message": message}}),
+                serde_json::json!({}),
+            );
+            pod_trouble(&pod(
+                serde_json::json!({"phase": "Pending", "containerStatuses": [c]}),
+            ))
+        };
+        for (reason, message) in [
+            (
+                "ErrImagePull",
+                "failed to do request: Head \"https://r.example/v2/x/manifests/1\": dial tcp: lookup r.example: i/o timeout",
+            ),
+            (
+                "ImagePullBackOff",
+                "Back-off pulling image \"x\": ErrImagePull: unexpected status from HEAD request: 429 Too Many Requests",
+            ),
+            (
+                "ErrImagePull",
+                "read tcp 10.0.0.1:5000->10.0.0.2:443: read: connection reset by peer",
+            ),
+            (
+                "RegistryUnavailable",
+                "image pull failed for x because the registry is unavailable",
+            ),
+        ] {
+            assert_eq!(pulling(reason, message), None, "{reason}: {message}");
+        }
+        for message in [
+            "failed to resolve reference \"docker.io/library/nope:1\": docker.io/library/nope:1: not found",
+            "pull access denied, repository does not exist or may require authorization: server message: insufficient_scope",
+            "Back-off pulling image \"x\": ErrImagePull: unexpected status: 401 Unauthorized",
+        ] {
+            assert!(pulling("ImagePullBackOff", message).is_some(), "{message}");
+        }
         let exited = container(
             serde_json::json!({"terminated": {"exitCode": 1, "reason": "Error"}}),
             serde_json::json!({"restartCount": 1}),
