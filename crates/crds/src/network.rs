@@ -114,9 +114,14 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
 }
 
 /// Cloud instance-metadata endpoints: they answer anyone on the node or VM with its cloud
-/// credentials (AWS, GCP, Azure, Oracle, OpenStack at `169.254.169.254`; Alibaba; AWS over
-/// IPv6).
-pub const METADATA_ENDPOINTS: [&str; 3] = ["169.254.169.254", "100.100.100.200", "fd00:ec2::254"];
+/// credentials or configuration secrets (AWS, GCP, Azure, Oracle, OpenStack at
+/// `169.254.169.254`; Azure's WireServer; Alibaba; AWS over IPv6).
+pub const METADATA_ENDPOINTS: [&str; 4] = [
+    "169.254.169.254",
+    "168.63.129.16",
+    "100.100.100.200",
+    "fd00:ec2::254",
+];
 
 /// The metadata endpoints (as `/32` or `/128`) a CIDR contains without naming one exactly: what
 /// a rule meant as "the internet" (`0.0.0.0/0`) must except. A CIDR that is exactly an endpoint
@@ -154,7 +159,11 @@ mod tests {
     fn rules_for_the_internet_except_the_metadata_endpoints() {
         assert_eq!(
             metadata_within("0.0.0.0/0"),
-            ["169.254.169.254/32", "100.100.100.200/32"]
+            [
+                "169.254.169.254/32",
+                "168.63.129.16/32",
+                "100.100.100.200/32"
+            ]
         );
         assert_eq!(metadata_within("169.254.0.0/16"), ["169.254.169.254/32"]);
         assert_eq!(metadata_within("100.64.0.0/10"), ["100.100.100.200/32"]);

@@ -355,12 +355,30 @@ async fn gvisor_sandboxes_run_on_the_image_too() {
             json!({"Env": ["PATH=/usr/bin:/bin"]}),
         )
         .await;
+    let image = format!("{}/py:1", registry.addr);
+    let policy = "  networkPolicy: {egress: [{cidrs: [192.0.2.7/32], ports: [{port: 443}]}]}\n";
     let s = Stack::start(Options {
-        manifests: ci("py", &format!("{}/py:1", registry.addr), ""),
+        manifests: ci("py", &image, "") + &ci("pynet", &image, policy),
         isolation: agentcube_workload_manager::backend::local::Isolation::Gvisor,
+        sandbox_dns: Some("192.0.2.53".parse().unwrap()),
         ..pulling(&registry)
     })
     .await;
+    // With a network policy (as root): the image root, whose /etc has no resolv.conf, gets the
+    // namespace's, and a port the policy does not name is refused at once.
+    if nix::unistd::Uid::effective().is_root() {
+        let net = s.create_ok("code-interpreter", "pynet").await;
+        let (out, code) = py(
+            &net,
+            "import socket\nprint(open('/etc/resolv.conf').read().strip())\ntry:\n    socket.create_connection(('192.0.2.7', 80), timeout=5)\nexcept OSError as e:\n    print(type(e).__name__)",
+        )
+        .await;
+        assert_eq!(
+            (out.as_str(), code),
+            ("nameserver 192.0.2.53\nConnectionRefusedError", 0)
+        );
+        assert_eq!(s.delete(net["sessionId"].as_str().unwrap()).await.0, 200);
+    }
     let v = s.create_ok("code-interpreter", "py").await;
     let (out, code) = py(
         &v,

@@ -685,7 +685,7 @@ spec:
     // "The internet" excepts the cloud metadata endpoints (the API server checks they are inside).
     assert_eq!(
         serde_json::to_value(&ci).unwrap()["spec"]["egress"][1],
-        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "100.100.100.200/32"]}}]})
+        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "168.63.129.16/32", "100.100.100.200/32"]}}]})
     );
     // The pods it selects: warm-pool members carry the definition's labels.
     let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");

@@ -440,8 +440,9 @@ pub const OCI_ROOT_DIRS: &[&str] = &[
 
 /// The OCI runtime spec (`config.json`) for running the same sandbox under gVisor `runsc`: the
 /// same mounts, environment and PicoD command line as the bubblewrap sandbox; no network
-/// (`--network=none` on the runsc command line), no capabilities, the sandbox's uid, the seccomp
-/// profile.
+/// (`--network=none` on the runsc command line) or, with a network policy, the sandbox's network
+/// namespace (runsc runs in it, so the spec asks for none) and its resolver file; no
+/// capabilities, the sandbox's uid, the seccomp profile.
 pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
     use serde_json::json;
     let bind = |src: &str, dst: &str, ro: bool| {
@@ -486,6 +487,14 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
             }
         }
     }
+    if let Some((_, ns)) = &spec.netns {
+        // The namespace's own resolver file, written by the manager.
+        mounts.push(bind(
+            &format!("/etc/netns/{ns}/resolv.conf"),
+            "/etc/resolv.conf",
+            true,
+        ));
+    }
     let root = match &spec.image {
         None => "rootfs".to_string(),
         Some(image) => image.rootfs.display().to_string(),
@@ -495,6 +504,15 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let uid = spec.uid.unwrap_or(SANDBOX_UID);
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if spec.netns.is_none() {
+        namespaces.push(json!({"type": "network"}));
+    }
     json!({
         "ociVersion": "1.0.0",
         "process": {
@@ -509,7 +527,7 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
         "hostname": "sandbox",
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "namespaces": namespaces,
             "seccomp": super::seccomp::oci_profile(),
         },
     })
@@ -537,6 +555,7 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
         let _ = std::os::unix::fs::symlink(target, root.join(link));
     }
     std::fs::write(root.join("opt/agentcube/picod"), b"")?;
+    std::fs::write(root.join("etc/resolv.conf"), b"")?;
     for entry in ETC_ALLOWLIST {
         let host = Path::new("/etc").join(entry);
         let inside = root.join("etc").join(entry);
@@ -551,7 +570,11 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
 
 /// The launcher argv for gVisor: join cgroups, then `runsc … run --bundle B ID` (runsc needs root
 /// on the host; the sandboxed process itself runs as the sandbox's uid). PicoD may only create
-/// host sockets (`--host-uds=create`, in its run directory), never connect to host ones.
+/// host sockets (`--host-uds=create`, in its run directory), never connect to host ones. With a
+/// network policy runsc is started in the sandbox's network namespace (`nsenter --net=`) with
+/// `--network=host`: gVisor's sockets are that namespace's kernel sockets, so the namespace's
+/// nftables rules apply to them as to a bubblewrap sandbox's (gVisor's own network stack would
+/// send raw frames, which those rules never see).
 pub fn runsc_argv(
     runsc: &Path,
     state: &Path,
@@ -564,10 +587,21 @@ pub fn runsc_argv(
         .as_ref()
         .map(|f| (f, spec.paths.ws.as_path()));
     let mut argv = prologue(&[], &spec.cgroup_procs, workspace);
+    let network = match &spec.netns {
+        Some((nsenter, ns)) => {
+            argv.extend([
+                nsenter.display().to_string(),
+                format!("--net=/run/netns/{ns}"),
+                "--".into(),
+            ]);
+            "--network=host"
+        }
+        None => "--network=none",
+    };
     argv.extend([
         runsc.display().to_string(),
         format!("--root={}", state.display()),
-        "--network=none".into(),
+        network.into(),
         "--host-uds=create".into(),
         "--oci-seccomp".into(),
         "--ignore-cgroups".into(),

@@ -265,12 +265,7 @@ impl LocalBackend {
             }
         };
         let seccomp = write_seccomp(state)?;
-        let network = match &tools.runsc {
-            Some(_) => {
-                Err("network policies are not supported with --isolation gvisor yet".to_string())
-            }
-            None => net::Network::detect(config.sandbox_dns),
-        };
+        let network = net::Network::detect(config.sandbox_dns);
         if let Ok(n) = &network {
             let left = n.remove_leftovers();
             if left > 0 {

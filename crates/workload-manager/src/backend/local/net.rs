@@ -163,12 +163,7 @@ impl Network {
     async fn host_setup(&self) -> Result<(), BackendError> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| BackendError::Failed(format!("cannot enable IPv4 forwarding: {e}")))?;
-        run(
-            &self.nft,
-            vec!["-f", "-"],
-            Some(host_ruleset(self.resolver)),
-        )
-        .await
+        run(&self.nft, vec!["-f", "-"], Some(HOST_RULESET.to_string())).await
     }
 
     /// Namespaces a crashed Workload Manager left (its sandboxes died with it): those whose
@@ -195,51 +190,36 @@ impl Network {
     }
 }
 
-/// Cloud instance-metadata endpoints, which hand the host's own cloud credentials to whoever
-/// asks from the host: link-local `169.254.0.0/16` (AWS, GCP, Azure, Oracle, OpenStack),
-/// Alibaba's `100.100.100.200` and AWS's IPv6 `fd00:ec2::254`. Forwarded sandbox traffic is
-/// masqueraded as the host's, so a sandbox allowed `0.0.0.0/0` would ask as the host.
-pub const METADATA_V4: &str = "169.254.0.0/16, 100.100.100.200";
-pub const METADATA_V6: &str = "fd00:ec2::254";
-
-/// The host's table: sandboxes never reach the host itself, each other, nor a cloud metadata
-/// endpoint ([`METADATA_V4`]), whatever their policy says; only the configured DNS resolver is
-/// let through on port 53 even there (AWS's resolver is link-local `169.254.169.253`, a host
-/// may serve DNS itself). Their traffic out is masqueraded. Replaced whole each time (the
-/// `add`/`delete` pair makes it idempotent).
-pub fn host_ruleset(resolver: Option<IpAddr>) -> String {
-    let dns = match resolver {
-        Some(r) => {
-            let fam = family(&r);
-            format!(
-                "    iifname \"acv*\" {fam} daddr {r} udp dport 53 accept\n    iifname \"acv*\" {fam} daddr {r} tcp dport 53 accept\n"
-            )
-        }
-        None => String::new(),
-    };
-    format!(
-        r#"add table inet agentcube
+/// The host's table: sandboxes never reach the host itself, each other, nor a cloud's
+/// instance-metadata endpoints — link-local `169.254.0.0/16` (AWS, GCP, Azure, Oracle,
+/// OpenStack), Azure's WireServer `168.63.129.16`, Alibaba's `100.100.100.200`, AWS's IPv6
+/// `fd00:ec2::254`, which hand the host's own cloud credentials to the host, which a sandbox's
+/// masqueraded traffic is — whatever their policy says. DNS (port 53) to link-local addresses
+/// and the WireServer stays open: AWS's resolver is `169.254.169.253`, Azure's the WireServer,
+/// and the sandbox's own rules still allow DNS only to its configured resolver. Their traffic
+/// out is masqueraded. Static, so every Workload Manager on the host writes the same table;
+/// replaced whole each time (the `add`/`delete` pair makes it idempotent).
+pub const HOST_RULESET: &str = r#"add table inet agentcube
 delete table inet agentcube
-table inet agentcube {{
-  chain input {{
+table inet agentcube {
+  chain input {
     type filter hook input priority -10; policy accept;
     iifname "acv*" ct state established,related accept
-{dns}    iifname "acv*" counter reject with icmpx type admin-prohibited
-  }}
-  chain forward {{
+    iifname "acv*" counter reject with icmpx type admin-prohibited
+  }
+  chain forward {
     type filter hook forward priority -10; policy accept;
-{dns}    iifname "acv*" oifname "acv*" counter reject with icmpx type admin-prohibited
-    iifname "acv*" ip daddr {{ {METADATA_V4} }} counter reject with icmpx type admin-prohibited
-    iifname "acv*" ip6 daddr {{ {METADATA_V6} }} counter reject with icmpx type admin-prohibited
-  }}
-  chain postrouting {{
+    iifname "acv*" oifname "acv*" counter reject with icmpx type admin-prohibited
+    iifname "acv*" ip daddr { 169.254.0.0/16, 168.63.129.16 } meta l4proto { tcp, udp } th dport 53 accept
+    iifname "acv*" ip daddr { 169.254.0.0/16, 168.63.129.16, 100.100.100.200 } counter reject with icmpx type admin-prohibited
+    iifname "acv*" ip6 daddr fd00:ec2::254 counter reject with icmpx type admin-prohibited
+  }
+  chain postrouting {
     type nat hook postrouting priority 100; policy accept;
     ip saddr 10.213.0.0/16 oifname != "acv*" masquerade
-  }}
-}}
-"#
-    )
+  }
 }
+"#;
 
 /// The rules inside one sandbox's namespace.
 pub fn sandbox_ruleset(policy: &NetworkPolicySpec, resolver: Option<IpAddr>) -> String {
@@ -410,14 +390,20 @@ mod tests {
     }
 
     #[test]
-    fn the_host_table_lets_only_the_resolver_through_to_link_local() {
-        let r = host_ruleset(Some("169.254.169.253".parse().unwrap()));
-        let at = |line: &str| r.find(line).unwrap_or_else(|| panic!("{line}\n{r}"));
-        let dns = at("ip daddr 169.254.169.253 udp dport 53 accept");
-        assert!(dns < at("ip daddr { 169.254.0.0/16, 100.100.100.200 } counter reject"));
-        assert!(at("iifname \"acv*\" oifname \"acv*\" counter reject") < at("chain postrouting"));
-        assert!(at("ip6 daddr { fd00:ec2::254 }") > at("chain forward"));
-        assert!(!host_ruleset(None).contains("dport 53"));
+    fn the_host_table_lets_only_dns_through_to_metadata_endpoints() {
+        let at = |line: &str| {
+            HOST_RULESET
+                .find(line)
+                .unwrap_or_else(|| panic!("{line}\n{HOST_RULESET}"))
+        };
+        let dns = at(
+            "ip daddr { 169.254.0.0/16, 168.63.129.16 } meta l4proto { tcp, udp } th dport 53 accept",
+        );
+        assert!(at("chain forward") < dns);
+        assert!(
+            dns < at("ip daddr { 169.254.0.0/16, 168.63.129.16, 100.100.100.200 } counter reject")
+        );
+        assert!(at("ip6 daddr fd00:ec2::254 counter reject") < at("chain postrouting"));
     }
 
     #[test]

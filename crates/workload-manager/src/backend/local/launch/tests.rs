@@ -351,3 +351,49 @@ fn oci_spec_mirrors_the_bubblewrap_sandbox() {
     );
     assert!(has(&r, &["--host-uds=create", "--oci-seccomp"]));
 }
+
+#[test]
+fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking() {
+    let networked = LaunchSpec {
+        cgroup_procs: vec![],
+        netns: Some((PathBuf::from("/usr/bin/nsenter"), "agentcube-s1".into())),
+        ..spec()
+    };
+    let r = runsc_argv(
+        Path::new("/usr/bin/runsc"),
+        Path::new("/st"),
+        Path::new("/b"),
+        "s1",
+        &networked,
+    );
+    assert!(has(
+        &r,
+        &[
+            "/usr/bin/nsenter",
+            "--net=/run/netns/agentcube-s1",
+            "--",
+            "/usr/bin/runsc"
+        ]
+    ));
+    assert!(r.contains(&"--network=host".to_string()) && !r.iter().any(|a| a == "--network=none"));
+    let v = oci_spec(&networked);
+    let ns = v["linux"]["namespaces"].as_array().unwrap();
+    assert!(
+        !ns.iter().any(|n| n["type"] == "network"),
+        "runsc's own: {ns:?}"
+    );
+    assert!(v["mounts"].as_array().unwrap().iter().any(|m| {
+        m["source"] == "/etc/netns/agentcube-s1/resolv.conf"
+            && m["destination"] == "/etc/resolv.conf"
+    }));
+    let none = runsc_argv(
+        Path::new("/usr/bin/runsc"),
+        Path::new("/st"),
+        Path::new("/b"),
+        "s1",
+        &spec(),
+    );
+    assert!(
+        none.contains(&"--network=none".to_string()) && !none.iter().any(|a| a.contains("nsenter"))
+    );
+}
