@@ -33,8 +33,13 @@ import json
 import os
 import secrets
 import sys
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Union
+
+# mcp 1.x's FastMCP settings hold a forward reference that pydantic-settings warns about at every
+# start (harmless, and all an operator would see before the server's own lines).
+warnings.filterwarnings("ignore", message=r"Field 'lifespan' has an incomplete definition")
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
