@@ -73,7 +73,7 @@ struct UpArgs {
     )]
     sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
     /// DNS server of sandboxes whose definition has a network policy (default: the host's first
-    /// non-loopback nameserver).
+    /// non-loopback nameserver; behind systemd-resolved's stub, the servers it asks).
     #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
     sandbox_dns: Option<IpAddr>,
     /// GC interval (Go duration).

@@ -49,7 +49,8 @@ struct Args {
     )]
     sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
     /// Local backend: DNS server of sandboxes whose definition has a network policy (default:
-    /// the host's first non-loopback nameserver).
+    /// the host's first non-loopback nameserver; behind systemd-resolved's stub, the servers it
+    /// asks).
     #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
     sandbox_dns: Option<std::net::IpAddr>,
     /// Local backend: refuse to start when cgroup limits cannot be enforced.

@@ -267,6 +267,13 @@ impl LocalBackend {
         let seccomp = write_seccomp(state)?;
         let network = net::Network::detect(config.sandbox_dns);
         if let Ok(n) = &network {
+            match n.resolver {
+                Some(dns) => tracing::info!(%dns, "DNS server of sandboxes with a network policy"),
+                None => tracing::warn!(
+                    "no DNS server for sandboxes with a network policy (the host lists only \
+                     local ones): set --sandbox-dns"
+                ),
+            }
             let left = n.remove_leftovers();
             if left > 0 {
                 tracing::info!(

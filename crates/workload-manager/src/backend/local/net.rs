@@ -292,9 +292,21 @@ fn rule_lines(rule: &NetworkRule, dir: &str) -> Vec<String> {
     out
 }
 
-/// The first non-loopback `nameserver` of the host's `/etc/resolv.conf`.
+/// Where the host's resolvers are listed: its `/etc/resolv.conf`, and, when that names only a
+/// local stub (systemd-resolved's `127.0.0.53`, which a sandbox cannot reach), the servers the
+/// stub itself asks (as Docker does).
+const RESOLV_FILES: &[&str] = &["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
+
+/// The first non-loopback `nameserver` of the host's resolver files ([`RESOLV_FILES`]).
 fn host_resolver() -> Option<IpAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    RESOLV_FILES
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| first_nameserver(&text))
+}
+
+/// The first `nameserver` of a `resolv.conf` that is not a loopback address.
+fn first_nameserver(text: &str) -> Option<IpAddr> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|a| a.trim().parse::<IpAddr>().ok())
@@ -375,6 +387,24 @@ fn owner_gone(dir: &Path, sandbox: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_local_stub_resolver_is_skipped() {
+        assert_eq!(
+            first_nameserver("nameserver 127.0.0.53\noptions edns0\n"),
+            None
+        );
+        assert_eq!(
+            first_nameserver(
+                "# x\nnameserver 127.0.0.1\nnameserver  10.0.0.2\nnameserver 10.0.0.3\n"
+            ),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            first_nameserver("nameserver ::1\nnameserver fd00::53"),
+            Some("fd00::53".parse().unwrap())
+        );
+    }
 
     #[test]
     fn addresses_are_disjoint_slash_30s() {
