@@ -258,6 +258,21 @@ async fn policies_hold(isolation: Isolation, base: u8) {
     assert_eq!(from(&b, 9100), "ok sandbox");
     assert!(from(&a, 9100).starts_with("err"), "another source");
     assert!(from(&b, 9000).starts_with("err"), "another port");
+    // A host that did not forward before forwards only sandboxes' traffic: one of its other
+    // networks cannot route through it to another.
+    if std::path::Path::new("/run/agentcube-net/forwarding-enabled").exists() {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &a.ns, "python3", "-c", PROBE, "tcp", &b.ip, "8000",
+            ])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            got.starts_with("err"),
+            "forwarded between the host's networks: {got}"
+        );
+    }
     // The sandbox cannot change its own rules.
     let nft = exec(
         &strict,

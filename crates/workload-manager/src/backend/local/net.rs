@@ -159,11 +159,25 @@ impl Network {
         let _ = std::fs::remove_file(Path::new(INDEX_DIR).join(net.index.to_string()));
     }
 
-    /// Forwarding on, and the host table (idempotent; replaced whole).
+    /// Forwarding on, and the host table (idempotent; replaced whole). A host that did not
+    /// forward before ([`FORWARDING_MARK`]) forwards only sandboxes' traffic.
     async fn host_setup(&self) -> Result<(), BackendError> {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| BackendError::Failed(format!("cannot enable IPv4 forwarding: {e}")))?;
-        run(&self.nft, vec!["-f", "-"], Some(HOST_RULESET.to_string())).await
+        let fail =
+            |e: std::io::Error| BackendError::Failed(format!("cannot enable IPv4 forwarding: {e}"));
+        let forwarding = Path::new("/proc/sys/net/ipv4/ip_forward");
+        let mark = Path::new(INDEX_DIR).join(FORWARDING_MARK);
+        if std::fs::read_to_string(forwarding).map_err(fail)?.trim() == "0" {
+            std::fs::create_dir_all(INDEX_DIR)
+                .and_then(|()| std::fs::write(&mark, b""))
+                .map_err(fail)?;
+        }
+        std::fs::write(forwarding, "1").map_err(fail)?;
+        run(
+            &self.nft,
+            vec!["-f", "-"],
+            Some(host_ruleset(mark.exists())),
+        )
+        .await
     }
 
     /// Namespaces a crashed Workload Manager left (its sandboxes died with it): those whose
@@ -188,6 +202,25 @@ impl Network {
         }
         removed
     }
+}
+
+/// Written (under [`INDEX_DIR`], gone at reboot as the setting is) when IPv4 forwarding was off
+/// until a Workload Manager turned it on for sandboxes: the host then forwards nothing else, as
+/// before (forwarding is one switch for every interface; without this the host would route
+/// between its other networks for anyone who made it their gateway).
+pub const FORWARDING_MARK: &str = "forwarding-enabled";
+
+/// [`HOST_RULESET`], plus, when forwarding is on only for sandboxes (`sandboxes_only`), a drop
+/// of every forwarded packet that neither comes from nor goes to one.
+pub fn host_ruleset(sandboxes_only: bool) -> String {
+    if !sandboxes_only {
+        return HOST_RULESET.to_string();
+    }
+    HOST_RULESET.replacen(
+        "    type filter hook forward priority -10; policy accept;\n",
+        "    type filter hook forward priority -10; policy accept;\n    iifname != \"acv*\" oifname != \"acv*\" counter drop\n",
+        1,
+    )
 }
 
 /// The host's table: sandboxes never reach the host itself, each other, nor a cloud's
@@ -387,6 +420,18 @@ fn owner_gone(dir: &Path, sandbox: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_host_that_did_not_forward_forwards_only_sandboxes_traffic() {
+        let only = host_ruleset(true);
+        let drop = only
+            .find("iifname != \"acv*\" oifname != \"acv*\" counter drop")
+            .expect(&only);
+        assert!(only.find("chain forward").unwrap() < drop);
+        assert!(drop < only.find("chain postrouting").unwrap());
+        assert_eq!(host_ruleset(false), HOST_RULESET);
+        assert!(!HOST_RULESET.contains("counter drop"));
+    }
 
     #[test]
     fn a_local_stub_resolver_is_skipped() {
