@@ -153,9 +153,16 @@ async fn policies_hold(isolation: Isolation, base: u8) {
         "{{egress: [{{cidrs: [{}/32], ports: [{{protocol: TCP, port: 8000}}]}}], ingress: [{{cidrs: [{}/32], ports: [{{port: 9100}}]}}]}}",
         a.ip, b.ip
     );
+    // An agent with a policy: the Router reaches it through PicoD's forwarded port as any.
+    let agent = host_agent(
+        "netagent",
+        8080,
+        r#"[python3, -m, http.server, "8080", --bind, 127.0.0.1]"#,
+    ) + "  networkPolicy: {egress: [{cidrs: [192.0.2.0/24]}]}\n---\n";
     let manifests = policy_ci("strict", &strict)
         + &policy_ci("open", "{egress: [{cidrs: [0.0.0.0/0]}]}")
-        + &code_interpreter("none", "");
+        + &code_interpreter("none", "")
+        + &agent;
     let s = Stack::start(Options {
         manifests: manifests.clone(),
         sandbox_dns: Some(m.ip.parse().unwrap()),
@@ -166,6 +173,19 @@ async fn policies_hold(isolation: Isolation, base: u8) {
     let strict = s.create_ok("code-interpreter", "strict").await;
     let open = s.create_ok("code-interpreter", "open").await;
     let none = s.create_ok("code-interpreter", "none").await;
+    let agent = s.create_ok("agent-runtime", "netagent").await;
+    let (status, _) = unix_http(
+        agent["entryPoints"][0]["endpoint"].as_str().unwrap(),
+        "GET",
+        "/",
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the agent's port, forwarded into its namespace"
+    );
+    assert_eq!(s.delete(agent["sessionId"].as_str().unwrap()).await.0, 200);
 
     // The allowed host and port only; the rest is refused at once (TCP reset).
     assert_eq!(
