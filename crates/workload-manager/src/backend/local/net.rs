@@ -170,6 +170,12 @@ impl Network {
             std::fs::create_dir_all(INDEX_DIR)
                 .and_then(|()| std::fs::write(&mark, b""))
                 .map_err(fail)?;
+            tracing::warn!(
+                mark = %mark.display(),
+                "IPv4 forwarding was off: turned on for sandboxes' traffic only (table inet \
+                 agentcube drops all other forwarded traffic until reboot; a container runtime \
+                 started later on this host needs the mark removed and the table deleted)"
+            );
         }
         std::fs::write(forwarding, "1").map_err(fail)?;
         run(
