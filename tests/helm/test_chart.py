@@ -27,6 +27,7 @@ VARIANTS = {
     "bundled-redis": ["--set", "bundledRedis.enabled=true"],
     "bundled-redis-secret": ["--set", "bundledRedis.enabled=true", "--set", "redis.secretName=my-redis"],
     "standby-claims": ["--set", "workloadmanager.standbyClaims=2"],
+    "code-interpreter-uid": ["--set", "workloadmanager.codeInterpreterUid=65532"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -127,6 +128,15 @@ def test_standby_claims_alone_grant_patching_claims(env, tmp_path):
     assert "patch" in claim_verbs(docs)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
     assert "--standby-claims=2" in args
+
+
+def test_code_interpreter_uid_is_passed_only_when_set(env, tmp_path):
+    docs, _ = render(env, "defaults", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert not any(a.startswith("--code-interpreter-uid") for a in args)
+    docs, _ = render(env, "code-interpreter-uid", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--code-interpreter-uid=65532" in args
 
 
 def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):

@@ -69,6 +69,12 @@ struct Args {
     /// ignored this flag). Not used by the local backend.
     #[arg(long, env = "AGENTCUBE_RUNTIME_CLASS_NAME", default_value = "")]
     runtime_class_name: String,
+    /// Kubernetes backend: run CodeInterpreter sandboxes as this uid instead of their image's
+    /// user (root in PicoD's images): `runAsNonRoot`, so that they pass Pod Security
+    /// `restricted`, with the workspace on an `emptyDir` and `HOME` there. Unset: the image's
+    /// user, as upstream.
+    #[arg(long, env = "AGENTCUBE_CODE_INTERPRETER_UID", value_parser = clap::value_parser!(i64).range(1..))]
+    code_interpreter_uid: Option<i64>,
     /// Directory with the Router's key (`public.pem`, or `private.pem` to derive it from), e.g. the
     /// mounted Secret `picod-router-identity`.
     #[arg(long, env = "AGENTCUBE_ROUTER_IDENTITY_DIR")]
@@ -183,7 +189,8 @@ async fn main() -> anyhow::Result<()> {
         "kubernetes" => {
             let client = kube_client().await?;
             let mut kc = KubeConfig::new(args.namespace.clone());
-            kc.default_runtime_class = args.runtime_class_name.clone();
+            kc.pod_defaults.runtime_class = args.runtime_class_name.clone();
+            kc.pod_defaults.code_interpreter_uid = args.code_interpreter_uid;
             kc.fixed_key = public_key;
             kc.standby_claims = args.standby_claims;
             let labels = |flag: &str, v: &str| {

@@ -59,6 +59,8 @@ pub struct KubeOptions {
     pub standby_claims: u32,
     /// `--auth-trusted-callers` (with `auth_admin_group`).
     pub auth_trusted_callers: Vec<String>,
+    /// `--code-interpreter-uid`.
+    pub code_interpreter_uid: Option<i64>,
 }
 
 impl Default for KubeOptions {
@@ -72,6 +74,7 @@ impl Default for KubeOptions {
             auth_admin_group: None,
             standby_claims: 0,
             auth_trusted_callers: Vec::new(),
+            code_interpreter_uid: None,
         }
     }
 }
@@ -285,7 +288,8 @@ impl KubeStack {
         }
         apply(&client, &opts.manifests).await;
         let mut kc = KubeConfig::new(SYSTEM_NS);
-        kc.default_runtime_class = opts.runtime_class;
+        kc.pod_defaults.runtime_class = opts.runtime_class;
+        kc.pod_defaults.code_interpreter_uid = opts.code_interpreter_uid;
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());

@@ -143,6 +143,57 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
 }
 
 #[tokio::test]
+async fn code_interpreters_run_as_a_uid_pass_pod_security_restricted() {
+    // A CodeInterpreter's definition has no securityContext (upstream's shape), and PicoD's
+    // images run as root: no CodeInterpreter could start in a namespace enforcing `restricted`
+    // (the test above). With --code-interpreter-uid its pods run as that uid, and pass.
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
+        code_interpreter_uid: Some(1000),
+        ..Default::default()
+    })
+    .await;
+    label_namespace(
+        &k.client,
+        "default",
+        POD_SECURITY_ENFORCE,
+        Some("restricted"),
+    )
+    .await;
+    // The pool's members already running were admitted before the label: new ones are made.
+    for s in pool_members(&k.client, "pooled").await {
+        sandboxes(&k.client)
+            .delete(&kube::ResourceExt::name_any(&s), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for definition in ["od", "pooled"] {
+        let session = k.create_ok("code-interpreter", definition).await;
+        let sid = session["sessionId"].as_str().unwrap();
+        let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+        let selector = format!(
+            "runtime.agentcube.io/workload-kind=CodeInterpreter,runtime.agentcube.io/workload-name={definition}"
+        );
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+            .items;
+        assert!(!listed.is_empty(), "{definition}");
+        for pod in listed {
+            let spec = serde_json::to_value(pod.spec.unwrap()).unwrap();
+            assert_eq!(spec["securityContext"]["runAsUser"], 1000, "{definition}");
+            assert_eq!(
+                spec["securityContext"]["runAsNonRoot"], true,
+                "{definition}"
+            );
+        }
+        assert_eq!(k.delete(sid).await, 200);
+    }
+    label_namespace(&k.client, "default", POD_SECURITY_ENFORCE, None).await;
+}
+
+#[tokio::test]
 async fn a_sandbox_whose_pod_fails_fails_the_create_at_once_with_its_reason() {
     // An agent that exits at once (a typo in its command, say), an image that cannot be pulled,
     // and a warm pool of the latter: each used to wait out --create-timeout for a 504.

@@ -40,7 +40,7 @@ pub struct Context {
     /// The agent-sandbox API version the cluster serves.
     pub api: AgentSandboxApi,
     pub key: RouterKey,
-    pub default_runtime_class: String,
+    pub pod_defaults: desired::PodDefaults,
     /// Status writes not yet seen in the watch cache, by namespace/name: the resourceVersion the
     /// write was based on and what it wrote. A reconcile that still sees that resourceVersion is
     /// looking at a stale copy and must not write the same status again.
@@ -59,7 +59,7 @@ impl Context {
         client: kube::Client,
         api: AgentSandboxApi,
         key: RouterKey,
-        default_runtime_class: String,
+        pod_defaults: desired::PodDefaults,
         peers: super::network::Peers,
         standby_claims: u32,
         sandboxes: Arc<super::watched::Watched<Sandbox>>,
@@ -68,7 +68,7 @@ impl Context {
             client,
             api,
             key,
-            default_runtime_class,
+            pod_defaults,
             written: Mutex::default(),
             peers,
             standby_claims,
@@ -225,8 +225,7 @@ async fn reconcile(ci: Arc<CodeInterpreter>, ctx: Arc<Context>) -> Result<Action
         return Ok(Action::requeue(KEY_REQUEUE));
     }
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let template =
-        desired::sandbox_template(ctx.api, &ci, key.as_deref(), &ctx.default_runtime_class);
+    let template = desired::sandbox_template(ctx.api, &ci, key.as_deref(), &ctx.pod_defaults);
     templates
         .patch(&name, &apply, &Patch::Apply(&template))
         .await?;

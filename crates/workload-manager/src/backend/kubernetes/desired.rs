@@ -14,8 +14,8 @@ use agentcube_crds::sandbox::{
 use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
 use agentcube_types::api::WorkloadKind;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, SeccompProfile,
-    SecurityContext,
+    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
@@ -34,8 +34,19 @@ pub struct SessionInfo<'a> {
     pub shutdown_time: Option<jiff::Timestamp>,
     /// Router public key for `authMode: picod`.
     pub public_key: Option<&'a str>,
-    /// The Workload Manager's `--runtime-class-name` (empty: none).
-    pub default_runtime_class: &'a str,
+    /// What the Workload Manager adds to pods their definitions leave open.
+    pub pod_defaults: &'a PodDefaults,
+}
+
+/// What the Workload Manager adds to every sandbox pod where its definition leaves it open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodDefaults {
+    /// `--runtime-class-name`: RuntimeClass of sandboxes whose definition names none (empty:
+    /// none).
+    pub runtime_class: String,
+    /// `--code-interpreter-uid`: CodeInterpreter pods (whose definitions cannot say) run as this
+    /// uid instead of the image's user, which is root in PicoD's images ([`run_as`]).
+    pub code_interpreter_uid: Option<i64>,
 }
 
 /// First 63 hex characters of sha256(owner): labels cannot hold arbitrary subjects.
@@ -127,8 +138,10 @@ fn sandbox_name_env() -> EnvVar {
 pub fn agent_runtime_sandbox(ar: &AgentRuntime, s: &SessionInfo<'_>) -> Sandbox {
     let mut spec = ar.spec.pod_template.spec.clone();
     harden(&mut spec);
-    spec.runtime_class_name =
-        runtime_class(spec.runtime_class_name.as_ref(), s.default_runtime_class);
+    spec.runtime_class_name = runtime_class(
+        spec.runtime_class_name.as_ref(),
+        &s.pod_defaults.runtime_class,
+    );
     let template_labels = ar.spec.pod_template.labels.clone();
     let template_annotations = ar.spec.pod_template.annotations.clone();
     sandbox(
@@ -148,7 +161,7 @@ fn code_interpreter_pod(
     ci: &CodeInterpreter,
     container_name: &str,
     key: Option<&str>,
-    default_rc: &str,
+    defaults: &PodDefaults,
 ) -> PodSpec {
     let t = &ci.spec.template;
     let mut env: Vec<EnvVar> = t.environment.clone().unwrap_or_default();
@@ -174,12 +187,78 @@ fn code_interpreter_pod(
             ..Default::default()
         }],
         image_pull_secrets: t.image_pull_secrets.clone(),
-        runtime_class_name: runtime_class(t.runtime_class_name.as_ref(), default_rc),
+        runtime_class_name: runtime_class(t.runtime_class_name.as_ref(), &defaults.runtime_class),
         ..Default::default()
     };
     harden(&mut pod);
+    if let Some(uid) = defaults.code_interpreter_uid {
+        run_as(
+            &mut pod,
+            uid,
+            &picod_workspace(t.args.as_deref().unwrap_or_default()),
+        );
+    }
     pod
 }
+
+/// Where PicoD keeps its workspace in a CodeInterpreter's container: its `--workspace`
+/// argument, else its image's working directory (`/root` in upstream's image and ours).
+fn picod_workspace(args: &[String]) -> String {
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        if let Some(w) = a.strip_prefix("--workspace=") {
+            return w.to_string();
+        }
+        if a == "--workspace"
+            && let Some(w) = args.next()
+        {
+            return w.clone();
+        }
+    }
+    "/root".to_string()
+}
+
+/// A CodeInterpreter pod run as `uid`, not root: `runAsNonRoot`, so it passes Pod Security
+/// `restricted` (its containers already have what else that asks, [`harden`]); its workspace
+/// an `emptyDir` (the image's is root's), group-owned by `uid` (`fsGroup`); `HOME` the
+/// workspace unless the definition sets one (a uid without a passwd entry gets `/`), so that
+/// `pip install --user` works.
+fn run_as(pod: &mut PodSpec, uid: i64, workspace: &str) {
+    pod.security_context = Some(PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    });
+    pod.volumes = Some(vec![Volume {
+        name: WORKSPACE_VOLUME.into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    }]);
+    for c in &mut pod.containers {
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: WORKSPACE_VOLUME.into(),
+            mount_path: workspace.into(),
+            ..Default::default()
+        }]);
+        let env = c.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.name == "HOME") {
+            env.push(EnvVar {
+                name: "HOME".into(),
+                value: Some(workspace.into()),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// The `emptyDir` a CodeInterpreter run as a uid keeps its workspace on.
+const WORKSPACE_VOLUME: &str = "workspace";
 
 /// The Sandbox for a CodeInterpreter session without a warm pool.
 pub fn code_interpreter_sandbox(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sandbox {
@@ -187,7 +266,7 @@ pub fn code_interpreter_sandbox(ci: &CodeInterpreter, s: &SessionInfo<'_>) -> Sa
         ci,
         labels::CODE_INTERPRETER_CONTAINER,
         s.public_key,
-        s.default_runtime_class,
+        s.pod_defaults,
     );
     sandbox(
         WorkloadKind::CodeInterpreter,
@@ -360,10 +439,10 @@ pub fn sandbox_template(
     api: AgentSandboxApi,
     ci: &CodeInterpreter,
     public_key: Option<&str>,
-    default_rc: &str,
+    defaults: &PodDefaults,
 ) -> SandboxTemplate {
     // Upstream injects the key unless authMode is none (the same as `== picod` after defaulting).
-    let pod = code_interpreter_pod(ci, labels::TEMPLATE_CONTAINER, public_key, default_rc);
+    let pod = code_interpreter_pod(ci, labels::TEMPLATE_CONTAINER, public_key, defaults);
     SandboxTemplate::new(
         api,
         pool_meta(ci),

@@ -60,8 +60,9 @@ use watched::Watched;
 pub struct KubeConfig {
     /// Namespace of the Router's identity Secret (`AGENTCUBE_NAMESPACE`).
     pub namespace: String,
-    /// `--runtime-class-name`: RuntimeClass of sandboxes whose definition names none.
-    pub default_runtime_class: String,
+    /// What sandbox pods get where their definitions leave it open (`--runtime-class-name`,
+    /// `--code-interpreter-uid`).
+    pub pod_defaults: desired::PodDefaults,
     /// How long the entry-point probe keeps trying (upstream: 15 s).
     pub probe_timeout: Duration,
     /// The Router key, when given at start instead of followed from the Secret.
@@ -84,7 +85,7 @@ impl KubeConfig {
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
-            default_runtime_class: String::new(),
+            pod_defaults: desired::PodDefaults::default(),
             probe_timeout: Duration::from_secs(15),
             fixed_key: None,
             sync_timeout: Duration::from_secs(60),
@@ -246,7 +247,7 @@ impl KubernetesBackend {
             client.clone(),
             api,
             key.clone(),
-            config.default_runtime_class.clone(),
+            config.pod_defaults.clone(),
             peers,
             standby::effective(config.standby_claims, api),
             sandboxes.clone(),
@@ -346,7 +347,7 @@ impl KubernetesBackend {
             owner: req.owner.as_deref(),
             shutdown_time: req.shutdown_time,
             public_key: req.public_key.as_deref(),
-            default_runtime_class: &self.config.default_runtime_class,
+            pod_defaults: &self.config.pod_defaults,
         };
         let ports = req.workload.ports();
         let sandbox = match &req.workload {

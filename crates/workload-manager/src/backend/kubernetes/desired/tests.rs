@@ -24,7 +24,10 @@ fn session<'a>(owner: Option<&'a str>, rc: &'a str) -> SessionInfo<'a> {
         owner,
         shutdown_time: Some("2026-08-03T12:00:00Z".parse().unwrap()),
         public_key: Some("PEM"),
-        default_runtime_class: rc,
+        pod_defaults: Box::leak(Box::new(PodDefaults {
+            runtime_class: rc.into(),
+            ..PodDefaults::default()
+        })),
     }
 }
 
@@ -153,7 +156,7 @@ fn claim_template_and_pool_match_spec() {
         AgentSandboxApi::V1beta1,
         &c,
         Some("PEM"),
-        "",
+        &PodDefaults::default(),
     ))
     .unwrap();
     assert_eq!(t["apiVersion"], "extensions.agents.x-k8s.io/v1beta1");
@@ -198,7 +201,7 @@ fn claim_template_and_pool_match_spec() {
         AgentSandboxApi::V1beta1,
         &none,
         Some("PEM"),
-        "",
+        &PodDefaults::default(),
     ))
     .unwrap();
     assert_eq!(
@@ -325,7 +328,7 @@ fn sandboxes_get_no_service_account_token_unless_their_definition_asks() {
         AgentSandboxApi::V1beta1,
         &ci(""),
         None,
-        "",
+        &PodDefaults::default(),
     ))
     .unwrap();
     assert_eq!(token(&template), json!(false));
@@ -344,4 +347,76 @@ fn sandboxes_get_no_service_account_token_unless_their_definition_asks() {
         json!(true),
         "an agent that calls the API asks for its token"
     );
+}
+
+#[test]
+fn a_code_interpreter_run_as_a_uid_is_non_root_with_its_workspace_on_an_empty_dir() {
+    let uid = PodDefaults {
+        code_interpreter_uid: Some(1000),
+        ..PodDefaults::default()
+    };
+    let s = SessionInfo {
+        pod_defaults: &uid,
+        ..session(None, "")
+    };
+    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &s)).unwrap();
+    let pod = &v["spec"]["podTemplate"]["spec"];
+    assert_eq!(
+        pod["securityContext"],
+        json!({"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+               "seccompProfile": {"type": "RuntimeDefault"}})
+    );
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "workspace", "emptyDir": {}}])
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "workspace", "mountPath": "/root"}])
+    );
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "HOME", "value": "/root"}))
+    );
+    // What else Pod Security `restricted` asks of every container is there too.
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    // The warm pool's template alike.
+    let t = serde_json::to_value(sandbox_template(
+        AgentSandboxApi::V1beta1,
+        &ci("  warmPoolSize: 1\n"),
+        Some("PEM"),
+        &uid,
+    ))
+    .unwrap();
+    assert_eq!(
+        t["spec"]["podTemplate"]["spec"]["securityContext"]["runAsUser"],
+        1000
+    );
+    // Without the flag: the image's user, as upstream.
+    let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &session(None, ""))).unwrap();
+    assert!(
+        v["spec"]["podTemplate"]["spec"]
+            .get("securityContext")
+            .is_none()
+    );
+    assert!(v["spec"]["podTemplate"]["spec"].get("volumes").is_none());
+}
+
+#[test]
+fn picods_workspace_is_its_argument_or_root() {
+    let args = |a: &[&str]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        picod_workspace(&args(&["--port=8080", "--workspace=/work"])),
+        "/work"
+    );
+    assert_eq!(
+        picod_workspace(&args(&["--workspace", "/w2", "--port=1"])),
+        "/w2"
+    );
+    assert_eq!(picod_workspace(&args(&["--port=8080"])), "/root");
+    assert_eq!(picod_workspace(&[]), "/root");
 }
