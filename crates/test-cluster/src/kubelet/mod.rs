@@ -25,8 +25,13 @@
 //!   `CrashLoopBackOff`, its exit in `lastState`); a deleted pod gets SIGTERM, SIGKILL after its
 //!   grace period (at most 10 s here), then the kubelet removes it from the API server.
 //!
+//! - `securityContext.runAsUser`/`runAsGroup` (container's over pod's) when the kubelet runs as
+//!   root: the container runs as that uid under an unprivileged bubblewrap; `emptyDir` volumes
+//!   are world-writable, as a kubelet makes them.
+//!
 //! Not done (say so before relying on it): containers after the first, init containers,
-//! `securityContext` (processes run as this process's user), resource limits, startup probes,
+//! the rest of `securityContext` (capabilities, seccomp, read-only root, `fsGroup` ownership;
+//! without `runAsUser` processes run as this process's user), resource limits, startup probes,
 //! exec probes, image pulls, network isolation between pods, token refresh,
 //! `hostPath`/PVC volumes, Services' cluster IPs and port translation ([`services`] maps Service
 //! names to a ready pod's IP in every pod's `/etc/hosts` instead).

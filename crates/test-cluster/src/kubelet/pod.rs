@@ -157,18 +157,35 @@ impl PodProcess {
         std::fs::write(&hosts_file, shared.hosts_for(self.ip, &hostname))?;
         let log = std::fs::File::create(self.dir.join("container.log"))?;
         let workdir = container.working_dir.clone().unwrap_or_else(|| "/".into());
+        // As root, a container asking for a uid runs as it (bubblewrap then unprivileged, in a
+        // user namespace of that uid); otherwise as this process's user.
+        let user = runtime::run_as(pod, container).filter(|_| shared.root);
         let args = runtime::bwrap_args(&Sandbox {
             root: &root,
             hosts_file: &hosts_file,
             hostname: &hostname,
             workdir: &workdir,
-            unprivileged: !shared.root,
+            unprivileged: !shared.root || user.is_some(),
             image,
             mounts: &mounts,
             env: &env,
             argv: &argv,
         });
-        let child = tokio::process::Command::new(&shared.config.bwrap)
+        let mut command = match user {
+            Some((uid, gid)) => {
+                let mut c = tokio::process::Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                    "--".into(),
+                ])
+                .arg(&shared.config.bwrap);
+                c
+            }
+            None => tokio::process::Command::new(&shared.config.bwrap),
+        };
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

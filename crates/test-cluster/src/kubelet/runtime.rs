@@ -349,6 +349,9 @@ pub async fn volumes(
         let vdir = dir.join("volumes").join(&v.name);
         std::fs::create_dir_all(&vdir)?;
         if v.empty_dir.is_some() {
+            // World-writable, as a kubelet makes it: any uid the pod runs as may write.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))?;
         } else if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
             match secret(client, ns, &name).await {
@@ -417,6 +420,21 @@ pub async fn volumes(
         });
     }
     Ok(mounts)
+}
+
+/// The uid and gid a container asks to run as (`securityContext.runAsUser`/`runAsGroup`, the
+/// container's over the pod's; the gid defaults to the uid), if any.
+pub fn run_as(pod: &Pod, container: &Container) -> Option<(i64, i64)> {
+    let own = container.security_context.as_ref();
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let uid = own
+        .and_then(|c| c.run_as_user)
+        .or_else(|| pod_sc.and_then(|p| p.run_as_user))?;
+    let gid = own
+        .and_then(|c| c.run_as_group)
+        .or_else(|| pod_sc.and_then(|p| p.run_as_group))
+        .unwrap_or(uid);
+    Some((uid, gid))
 }
 
 /// Inputs of [`bwrap_args`].

@@ -170,6 +170,16 @@ async fn code_interpreters_run_as_a_uid_pass_pod_security_restricted() {
     for definition in ["od", "pooled"] {
         let session = k.create_ok("code-interpreter", definition).await;
         let sid = session["sessionId"].as_str().unwrap();
+        // It runs as that uid (the process kubelet switches to it), in a workspace it can write,
+        // with HOME there (`pip install --user`).
+        let script =
+            "id -u; echo $HOME; pwd; echo x > f && cat f; mkdir -p $HOME/.local && echo ok";
+        let (status, out) = exec_tcp(&k.http, &session, &common::sh(script)).await;
+        assert_eq!(status, 200, "{definition}: {out}");
+        assert_eq!(
+            out["stdout"], "1000\n/root\n/root\nx\nok\n",
+            "{definition}: {out}"
+        );
         let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
         let selector = format!(
             "runtime.agentcube.io/workload-kind=CodeInterpreter,runtime.agentcube.io/workload-name={definition}"
