@@ -235,17 +235,19 @@ fn run_as(pod: &mut PodSpec, uid: i64, workspace: &str) {
         }),
         ..Default::default()
     });
-    pod.volumes = Some(vec![Volume {
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: WORKSPACE_VOLUME.into(),
         empty_dir: Some(Default::default()),
         ..Default::default()
-    }]);
+    });
     for c in &mut pod.containers {
-        c.volume_mounts = Some(vec![VolumeMount {
-            name: WORKSPACE_VOLUME.into(),
-            mount_path: workspace.into(),
-            ..Default::default()
-        }]);
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: WORKSPACE_VOLUME.into(),
+                mount_path: workspace.into(),
+                ..Default::default()
+            });
         let env = c.env.get_or_insert_with(Vec::new);
         if !env.iter().any(|e| e.name == "HOME") {
             env.push(EnvVar {
