@@ -113,9 +113,7 @@ impl CallerAuth {
             _ => Ok(()),
         }
     }
-}
 
-impl CallerAuth {
     /// Whether `caller` may create any session in `namespace` (a `Sandbox` or a
     /// `SandboxClaim`). One who may create neither gets the same 403 whatever the definition —
     /// one that does not exist, one with a warm pool, one without — so it learns nothing about
@@ -135,6 +133,35 @@ impl CallerAuth {
             caller.name
         )))
     }
+}
+
+/// One request to the API server out of `budget`, or a 503 saying there are too many `what` at
+/// once.
+fn spend(budget: &Mutex<Budget>, what: &str) -> Result<(), ApiError> {
+    if budget.lock().unwrap().take() {
+        Ok(())
+    } else {
+        Err(ApiError::Unavailable(format!(
+            "too many {what} at once, please try again later"
+        )))
+    }
+}
+
+/// Caches `value` under `key`, holding at most [`REVIEW_CAPACITY`] answers: when full, the
+/// stale ones (not `fresh`) go first, and all of them if none is stale.
+fn remember<K: Eq + std::hash::Hash, V>(
+    cache: &mut HashMap<K, V>,
+    key: K,
+    value: V,
+    fresh: impl Fn(&V) -> bool,
+) {
+    if cache.len() >= REVIEW_CAPACITY {
+        cache.retain(|_, v| fresh(v));
+        if cache.len() >= REVIEW_CAPACITY {
+            cache.clear();
+        }
+    }
+    cache.insert(key, value);
 }
 
 /// The API group and resource of what a session becomes.
@@ -224,20 +251,12 @@ impl TokenReviewer {
         let allowed = match cached {
             Some((allowed, at)) if fresh(allowed, at) => allowed,
             _ => {
-                if !self.access_misses.lock().unwrap().take() {
-                    return Err(ApiError::Unavailable(
-                        "too many access checks at once, please try again later".into(),
-                    ));
-                }
+                spend(&self.access_misses, "access checks")?;
                 let allowed = self.ask_access(caller, namespace, backing).await?;
                 let mut access = self.access.lock().unwrap();
-                if access.len() >= REVIEW_CAPACITY {
-                    access.retain(|_, (allowed, at)| fresh(*allowed, *at));
-                    if access.len() >= REVIEW_CAPACITY {
-                        access.clear();
-                    }
-                }
-                access.insert(key, (allowed, Instant::now()));
+                remember(&mut access, key, (allowed, Instant::now()), |(a, at)| {
+                    fresh(*a, *at)
+                });
                 allowed
             }
         };
@@ -298,20 +317,15 @@ impl TokenReviewer {
         {
             return answer.clone().map_err(ApiError::Unauthorized);
         }
-        if !self.misses.lock().unwrap().take() {
-            return Err(ApiError::Unavailable(
-                "too many new callers to review at once, please try again later".into(),
-            ));
-        }
+        spend(&self.misses, "new callers to review")?;
         let answer = self.ask(token).await?;
         let mut cache = self.cache.lock().unwrap();
-        if cache.len() >= REVIEW_CAPACITY {
-            cache.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
-            if cache.len() >= REVIEW_CAPACITY {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (answer.clone(), Instant::now()));
+        remember(
+            &mut cache,
+            key,
+            (answer.clone(), Instant::now()),
+            |(_, at)| at.elapsed() < REVIEW_TTL,
+        );
         answer.map_err(ApiError::Unauthorized)
     }
 

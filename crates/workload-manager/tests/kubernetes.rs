@@ -39,6 +39,19 @@ spec:
   warmPoolSize: 2
 ";
 
+/// A CodeInterpreter `name` in `default` with this `template` (flow YAML) and warm pool size.
+fn code_interpreter(name: &str, template: &str, pool: u32) -> String {
+    format!(
+        "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
+kind: CodeInterpreter
+metadata: {{name: {name}, namespace: default}}
+spec:
+  template: {template}
+  warmPoolSize: {pool}
+"
+    )
+}
+
 #[tokio::test]
 async fn direct_sandbox_session_is_built_as_upstream_serves_and_is_deleted() {
     let k = KubeStack::start(KubeOptions {

@@ -7,15 +7,14 @@ use super::*;
 async fn a_sandbox_that_never_runs_is_rolled_back_with_504() {
     // No node fits its pod: it stays Pending (a cluster autoscaler might add a node), so the
     // create waits for --create-timeout.
-    let broken = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: CodeInterpreter
-metadata: {name: broken, namespace: default}
-spec:
-  template: {image: ghcr.io/volcano-sh/picod:latest, resources: {requests: {cpu: '1000'}}}
-";
+    let broken = code_interpreter(
+        "broken",
+        "{image: ghcr.io/volcano-sh/picod:latest, resources: {requests: {cpu: '1000'}}}",
+        0,
+    );
     let (_guard, logs) = common::Logs::start();
     let k = KubeStack::start(KubeOptions {
-        manifests: broken.into(),
+        manifests: broken,
         create_timeout: Duration::from_secs(2),
         ..Default::default()
     })
@@ -217,24 +216,14 @@ spec:
       containers:
         - {name: agent, image: python:3.12-slim, command: [python3, -c, "raise SystemExit(3)"]}
 "#;
-    let unpullable = |name: &str, pool: u32| {
-        format!(
-            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: CodeInterpreter
-metadata: {{name: {name}, namespace: default}}
-spec:
-  template: {{image: registry.invalid/nope:1}}
-  warmPoolSize: {pool}
-"
-        )
-    };
+    let unpullable =
+        |name: &str, pool: u32| code_interpreter(name, "{image: registry.invalid/nope:1}", pool);
     // Its registry unreachable for 5 s (the process kubelet's simulated one), then pulled.
-    let slow = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: CodeInterpreter
-metadata: {name: slow-registry, namespace: default}
-spec:
-  template: {image: slow-registry.test/5s/ghcr.io/volcano-sh/picod:latest}
-";
+    let slow = code_interpreter(
+        "slow-registry",
+        "{image: slow-registry.test/5s/ghcr.io/volcano-sh/picod:latest}",
+        0,
+    );
     let k = KubeStack::start(KubeOptions {
         manifests: format!(
             "{crashing}---\n{}---\n{}---\n{slow}",
@@ -299,15 +288,9 @@ spec:
 async fn a_warm_pool_that_cannot_fill_says_why_in_its_status() {
     // Its CodeInterpreter said READY true while every member failed; every create then waited
     // (now: fails) with the reason only the create's answer told.
-    let unpullable = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
-kind: CodeInterpreter
-metadata: {name: unpullable, namespace: default}
-spec:
-  template: {image: registry.invalid/nope:1}
-  warmPoolSize: 1
-";
+    let unpullable = code_interpreter("unpullable", "{image: registry.invalid/nope:1}", 1);
     let k = KubeStack::start(KubeOptions {
-        manifests: unpullable.into(),
+        manifests: unpullable,
         ..Default::default()
     })
     .await;
