@@ -124,6 +124,13 @@ async fn probe(session: &serde_json::Value, kind: &str, host: &str, port: u16) -
     out["stdout"].as_str().unwrap().trim().to_string()
 }
 
+/// Creates a session; a failure shows the Workload Manager's log.
+async fn create(s: &Stack, logs: &Logs, kind: &str, name: &str) -> serde_json::Value {
+    let (status, body) = s.create(kind, name).await;
+    assert_eq!(status, 200, "create {name}: {body}\nlog:\n{}", logs.text());
+    body
+}
+
 fn policy_ci(name: &str, policy: &str) -> String {
     code_interpreter(name, &format!("  networkPolicy: {policy}\n"))
 }
@@ -145,6 +152,9 @@ async fn policies_hold(isolation: Isolation, base: u8) {
     if !nix::unistd::Uid::effective().is_root() {
         panic!("network policy tests need root (network namespaces, nftables): run as root");
     }
+    // A sandbox that fails to start says why only in the log (runsc's output, say): kept here
+    // for the failure's message.
+    let (_guard, logs) = Logs::start();
     let (a, b) = (TestHost::start(base + 1), TestHost::start(base + 2));
     // Link-local, as a cloud's metadata endpoint (169.254.169.254) and AWS's resolver are; the
     // stack's DNS resolver.
@@ -170,10 +180,10 @@ async fn policies_hold(isolation: Isolation, base: u8) {
         ..Default::default()
     })
     .await;
-    let strict = s.create_ok("code-interpreter", "strict").await;
-    let open = s.create_ok("code-interpreter", "open").await;
-    let none = s.create_ok("code-interpreter", "none").await;
-    let agent = s.create_ok("agent-runtime", "netagent").await;
+    let strict = create(&s, &logs, "code-interpreter", "strict").await;
+    let open = create(&s, &logs, "code-interpreter", "open").await;
+    let none = create(&s, &logs, "code-interpreter", "none").await;
+    let agent = create(&s, &logs, "agent-runtime", "netagent").await;
     let (status, _) = unix_http(
         agent["entryPoints"][0]["endpoint"].as_str().unwrap(),
         "GET",
@@ -327,7 +337,7 @@ async fn policies_hold(isolation: Isolation, base: u8) {
     .unwrap();
     let mut reached = String::new();
     for _ in 0..50 {
-        let fresh = s.create_ok("code-interpreter", "strict").await;
+        let fresh = create(&s, &logs, "code-interpreter", "strict").await;
         reached = probe(&fresh, "tcp", &a.ip, 8001).await;
         assert_eq!(s.delete(fresh["sessionId"].as_str().unwrap()).await.0, 200);
         if reached.starts_with("ok") {
