@@ -57,6 +57,9 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
         text.contains("Operation not permitted") && !text.contains("rc=0"),
         "{text}"
     );
+    // Memory-backed directories are sized below the memory limit, the rest is read-only.
+    let fills = [("/tmp/fill", 128), ("/dev/shm/fill", 32)];
+    tmpfs_fill_up_to_their_size(&v, &fills, &["", "/dev", "/run"]).await;
     // A socket symlink planted inside (gVisor's gofer makes it a real host symlink) is never
     // followed: the host talks to the socket it took out of the sandbox's reach.
     let host = s.dir.path().join("host.sock");

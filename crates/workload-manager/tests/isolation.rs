@@ -195,6 +195,19 @@ async fn memory_limit_kills_a_hog() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// `/tmp`, `/dev/shm` and `/run` are memory (tmpfs): filled, they are full at half, an eighth
+/// of the sandbox's memory limit and 1 MiB, a write past it fails with ENOSPC, and the sandbox
+/// goes on; `/` and `/dev` (bubblewrap's own tmpfs) are read-only. Before, each took the whole
+/// limit: the kernel cannot reclaim those pages, so the out-of-memory killer took PicoD and the
+/// session's sandbox was gone.
+#[tokio::test]
+async fn filling_tmp_is_enospc_not_the_end_of_the_sandbox() {
+    let (s, v) = stack("    resources:\n      limits:\n        memory: 64Mi\n", 512).await;
+    let fills = [("/tmp/fill", 32), ("/dev/shm/fill", 8), ("/run/fill", 1)];
+    tmpfs_fill_up_to_their_size(&v, &fills, &["", "/dev"]).await;
+    s.shutdown_and_check_leaks().await;
+}
+
 /// Limits the manifest schema lets through (it takes any quantity the API server's pattern
 /// does) but no sandbox can run under: each create is a 400 naming the limit, nothing is left
 /// running and the memory budget loses nothing.

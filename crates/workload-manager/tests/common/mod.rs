@@ -434,3 +434,51 @@ pub fn sandbox_ws(backend: &LocalBackend, name: &str) -> PathBuf {
     }
     backend.paths(name).ws
 }
+
+/// Fills each `(file, MiB)` of `fills` in the sandbox: the write fails with ENOSPC at that size,
+/// and afterwards the sandbox still answers, with room for a program's own memory. Writing under
+/// each of `read_only` fails with EROFS (or EACCES).
+pub async fn tmpfs_fill_up_to_their_size(
+    session: &Value,
+    fills: &[(&str, u64)],
+    read_only: &[&str],
+) {
+    const FILL: &str = r#"
+import errno, sys
+path, total = sys.argv[1], 0
+try:
+    with open(path, "wb") as f:
+        for _ in range(200):
+            f.write(b"x" * (1 << 20)); f.flush(); total += 1 << 20
+    print("wrote", total >> 20)
+except OSError as e:
+    print(errno.errorcode[e.errno], total >> 20)
+"#;
+    for (path, mib) in fills {
+        let out = exec(session, &["python3", "-c", FILL, path]).await;
+        let stdout = out["stdout"].as_str().unwrap_or_default();
+        let got: Vec<&str> = stdout.split_whitespace().collect();
+        assert_eq!(got.first(), Some(&"ENOSPC"), "{path}: {out}");
+        let wrote: u64 = got[1].parse().unwrap();
+        assert!(
+            wrote + 2 >= *mib && wrote <= *mib,
+            "{path}: {wrote} MiB of {mib}: {out}"
+        );
+        // Still alive, and a program gets memory beside the full tmpfs.
+        let out = exec(
+            session,
+            &["python3", "-c", "x = bytearray(8 << 20); print('ok')"],
+        )
+        .await;
+        assert_eq!(out["stdout"], "ok\n", "after filling {path}: {out}");
+    }
+    for dir in read_only {
+        let path = format!("{dir}/fill");
+        let out = exec(session, &["python3", "-c", FILL, &path]).await;
+        let stdout = out["stdout"].as_str().unwrap_or_default();
+        assert!(
+            stdout == "EROFS 0\n" || stdout == "EACCES 0\n",
+            "{path}: {out}"
+        );
+    }
+}

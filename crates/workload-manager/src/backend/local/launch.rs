@@ -84,6 +84,39 @@ pub struct LaunchSpec {
     pub workspace_limit: Option<String>,
     /// The workspace's own filesystem, mounted by the launcher in a mount namespace of its own.
     pub workspace_fs: Option<WorkspaceFs>,
+    /// The sizes of its writable memory-backed directories.
+    pub tmpfs: TmpfsSizes,
+}
+
+/// The sizes of a sandbox's writable memory-backed directories (tmpfs): their pages are the
+/// sandbox's memory, and killing a process frees none of them. Unbounded, a sandbox that filled
+/// `/tmp` up to its memory limit had the out-of-memory killer take PicoD, and the session was
+/// gone; bounded well below the limit, a full one is `ENOSPC` for the writer and the sandbox
+/// goes on. Everything else in the sandbox is read-only, or disk (the workspace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TmpfsSizes {
+    /// `/tmp`: half the memory limit (`None`: no limit, the kernel's default).
+    pub tmp: Option<u64>,
+    /// `/dev/shm` (POSIX shared memory, `multiprocessing`): an eighth of the limit.
+    pub shm: Option<u64>,
+    /// `/run` under bubblewrap (PicoD's run directory in it is bound from the host):
+    /// [`RUN_TMPFS_BYTES`]. Under gVisor `/run` is the read-only root's.
+    pub run: u64,
+}
+
+/// The size of a sandbox's `/run`.
+pub const RUN_TMPFS_BYTES: u64 = 1 << 20;
+
+impl TmpfsSizes {
+    /// The sizes under a memory limit of `memory` bytes (none below 1 MiB).
+    pub fn for_limit(memory: Option<u64>) -> Self {
+        let part = |d: u64| memory.map(|m| (m / d).max(1 << 20));
+        Self {
+            tmp: part(2),
+            shm: part(8),
+            run: RUN_TMPFS_BYTES,
+        }
+    }
 }
 
 /// A workspace filesystem image and the tools that mount it (see `quota`). The launcher runs
@@ -251,9 +284,20 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
         let resolv = format!("/etc/netns/{ns}/resolv.conf");
         push(&["--ro-bind-try", &resolv, "/etc/resolv.conf"]);
     }
-    push(&[
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
-    ]);
+    // `/dev` read-only (bubblewrap's own tmpfs, unsized): writable memory only where sized.
+    push(&["--proc", "/proc", "--dev", "/dev"]);
+    let run = Some(spec.tmpfs.run);
+    for (size, dir) in [
+        (spec.tmpfs.shm, "/dev/shm"),
+        (spec.tmpfs.tmp, "/tmp"),
+        (run, "/run"),
+    ] {
+        if let Some(bytes) = size {
+            push(&["--size", &bytes.to_string()]);
+        }
+        push(&["--tmpfs", dir]);
+    }
+    push(&["--remount-ro", "/dev"]);
     let ws = spec.paths.ws.display().to_string();
     let run = spec.paths.run.display().to_string();
     let picod = spec.picod.display().to_string();
@@ -286,6 +330,11 @@ pub fn bwrap_args(spec: &LaunchSpec) -> Vec<String> {
     if let Some((events, _)) = &spec.memory {
         let events = events.display().to_string();
         push(&["--ro-bind", &events, SANDBOX_MEMORY_EVENTS]);
+    }
+    if spec.image.is_none() {
+        // bubblewrap's root tmpfs (unsized), read-only once every mount point is on it (an
+        // image's root is bound read-only).
+        push(&["--remount-ro", "/"]);
     }
     push(&["--clearenv"]);
     for (k, v) in sandbox_env(spec) {
@@ -449,10 +498,13 @@ pub fn oci_spec(spec: &LaunchSpec) -> serde_json::Value {
         json!({"destination": dst, "type": "bind", "source": src,
                "options": ["rbind", if ro { "ro" } else { "rw" }]})
     };
-    let mut mounts = vec![
-        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
-        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
-    ];
+    let mut mounts = vec![json!({"destination": "/proc", "type": "proc", "source": "proc"})];
+    for (dir, size) in [("/tmp", spec.tmpfs.tmp), ("/dev/shm", spec.tmpfs.shm)] {
+        let options: Vec<String> = size.map(|b| format!("size={b}")).into_iter().collect();
+        mounts.push(
+            json!({"destination": dir, "type": "tmpfs", "source": "tmpfs", "options": options}),
+        );
+    }
     if spec.image.is_none() {
         mounts.push(bind("/usr", "/usr", true));
     }

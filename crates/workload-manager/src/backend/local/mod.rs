@@ -622,6 +622,7 @@ impl LocalBackend {
             agent_dir: desc.agent_dir.clone(),
             workspace_limit: workspace.map(human_bytes),
             workspace_fs,
+            tmpfs: launch::TmpfsSizes::for_limit(limits.memory_bytes),
         };
         let (mut child, drained) = match self.spawn_launcher(&spec, name, paths) {
             Ok(started) => started,

@@ -18,6 +18,7 @@ fn spec() -> LaunchSpec {
         agent_dir: None,
         workspace_limit: None,
         workspace_fs: None,
+        tmpfs: TmpfsSizes::for_limit(Some(64 << 20)),
     }
 }
 
