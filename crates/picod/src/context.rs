@@ -148,6 +148,7 @@ async fn spawn_runner(s: &AppState, ctx: &Context) -> Result<Runner, ApiError> {
         ApiError::BadRequest(format!("cannot start the {:?} context: {e}", ctx.language))
     })?;
     drop(dir);
+    crate::exec::killed_first_for_memory(&child);
     let stdout = pipe_to_channel(child.stdout.take());
     let stderr = pipe_to_channel(child.stderr.take());
     let mut stdin = child

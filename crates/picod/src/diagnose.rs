@@ -17,6 +17,29 @@ pub struct Diagnostics {
     pub no_network: bool,
     /// The workspace's size limit (its quota), as the definition spells it.
     pub workspace_limit: Option<String>,
+    /// The workspace, and the other writable directories a "No space left on device" may be
+    /// about (`/tmp`, `/dev/shm`: locally memory, sized below the memory limit): the note names
+    /// the one that is full.
+    pub workspace: Option<PathBuf>,
+    pub scratch: Vec<PathBuf>,
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+fn space(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((
+        st.blocks_available() as u64 * frsize,
+        st.blocks() as u64 * frsize,
+    ))
+}
+
+/// Less than this free is full (a write of any size failed there).
+const NEARLY_FULL: u64 = 1 << 20;
+
+/// `12.0 MiB`.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// What a command's stderr said that deserves a note (filled while it streams).
@@ -122,9 +145,42 @@ impl Diagnostics {
             );
         }
         if seen.disk_full() {
-            return Some(self.workspace_full());
+            return Some(self.disk_full());
         }
         None
+    }
+
+    /// Which filesystem is full: the workspace (its quota), unless it has room and `/tmp` or
+    /// `/dev/shm` has none; when none is full any more (the writer removed its file), what each
+    /// has free.
+    fn disk_full(&self) -> String {
+        let workspace = self.workspace.as_deref().and_then(space);
+        if workspace.is_none_or(|(free, _)| free < NEARLY_FULL) {
+            return self.workspace_full();
+        }
+        let scratch: Vec<(&PathBuf, (u64, u64))> = self
+            .scratch
+            .iter()
+            .filter_map(|d| Some((d, space(d)?)))
+            .collect();
+        let ws_free = workspace.map_or(0, |(free, _)| free);
+        if let Some((dir, (_, total))) = scratch.iter().find(|(_, (free, _))| *free < NEARLY_FULL) {
+            return format!(
+                "[picod: {} is full: it holds {} at most; the workspace has {} free]",
+                dir.display(),
+                mib(*total),
+                mib(ws_free)
+            );
+        }
+        let others: Vec<String> = scratch
+            .iter()
+            .map(|(d, (free, total))| format!("{} {} of {}", d.display(), mib(*free), mib(*total)))
+            .collect();
+        format!(
+            "[picod: a filesystem was full; free now: the workspace {}, {}]",
+            mib(ws_free),
+            others.join(", ")
+        )
     }
 
     /// What a full workspace means, with its quota when known.
@@ -173,6 +229,7 @@ mod tests {
             memory_limit: Some("64Mi".into()),
             no_network: true,
             workspace_limit: Some("100Mi".into()),
+            ..Default::default()
         };
         let nothing = Seen::default();
         let network = Seen::default();
@@ -203,6 +260,21 @@ mod tests {
         let note = d.explain(None, None, true, &full).unwrap();
         assert!(
             note.contains("workspace is full") && note.contains("100Mi"),
+            "{note}"
+        );
+        // A workspace with room: the note says which filesystem is full, or, none being full
+        // any more, what each has free (a full one is covered by the Workload Manager's
+        // tests, on real sized tmpfs).
+        let room = tempfile::tempdir().unwrap();
+        let with_room = Diagnostics {
+            workspace: Some(room.path().to_path_buf()),
+            scratch: vec![room.path().to_path_buf()],
+            ..d.clone()
+        };
+        let note = with_room.explain(None, None, true, &full).unwrap();
+        assert!(
+            note.starts_with("[picod: a filesystem was full; free now: the workspace ")
+                && note.contains(&format!("{} ", room.path().display())),
             "{note}"
         );
         let networked = Diagnostics {

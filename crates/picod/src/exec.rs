@@ -177,6 +177,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         Ok(c) => c,
         Err(e) => return finish(1, false, Some(spawn_error_text(&spec.argv[0], &e))),
     };
+    killed_first_for_memory(&child);
     let mut guard = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
     let seen = std::sync::Arc::new(crate::diagnose::Seen::default());
     let pumps = [
@@ -226,6 +227,20 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
 }
 
 /// Text of a start failure, worded like Go's `exec` package so clients see familiar errors.
+/// Makes a command (and what it starts from now on) the kernel's first choice when the sandbox
+/// runs out of memory (`oom_score_adj` 1000; raising it needs no privilege): otherwise the
+/// largest process goes, which was PicoD itself beside many small commands, and the session's
+/// sandbox ended with it. Set right after the spawn: what the command forks in its first
+/// instants keeps PicoD's score. A sandbox's code may lower it back as far as PicoD's, and may
+/// kill PicoD outright anyway: this guards against accidents, not against the sandbox.
+pub(crate) fn killed_first_for_memory(child: &tokio::process::Child) {
+    if let Some(pid) = child.id()
+        && let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), b"1000")
+    {
+        tracing::debug!(pid, error = %e, "cannot raise a command's oom_score_adj");
+    }
+}
+
 fn spawn_error_text(program: &str, e: &std::io::Error) -> String {
     if e.kind() == std::io::ErrorKind::NotFound && !program.contains('/') {
         format!("exec: {program:?}: executable file not found in $PATH")

@@ -97,7 +97,7 @@ impl TryFrom<Args> for (Config, ListenAddr) {
             Some(w) => w,
             None => std::env::current_dir().context("cannot read the current directory")?,
         };
-        let mut config = Config::new(workspace, auth);
+        let mut config = Config::new(workspace.clone(), auth);
         config.max_body_bytes = a.max_body_bytes;
         config.max_output_bytes = a.max_output_bytes;
         config.health_ports = a.forwards.iter().map(|f| f.port).collect();
@@ -110,6 +110,8 @@ impl TryFrom<Args> for (Config, ListenAddr) {
                 memory_limit: a.memory_limit,
                 no_network: a.no_network,
                 workspace_limit: a.workspace_limit,
+                workspace: Some(workspace.clone()),
+                scratch: ["/tmp", "/dev/shm"].map(PathBuf::from).to_vec(),
             }
             .detect(),
         );

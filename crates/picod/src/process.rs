@@ -142,6 +142,7 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
         .spawn()
         .map_err(|e| ApiError::BadRequest(format!("cannot start {:?}: {e}", body.command[0])))?;
     drop(dir);
+    crate::exec::killed_first_for_memory(&child);
     let pid = child.id().unwrap_or_default();
     let proc = Arc::new(Proc {
         id: random_id(),

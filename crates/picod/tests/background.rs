@@ -152,3 +152,18 @@ async fn signals_reach_the_group_and_limits_and_errors_are_clear() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn background_processes_are_the_kernels_first_choice_when_memory_runs_out() {
+    let p = Picod::new();
+    let id = start(
+        &p,
+        json!(["sh", "-c", "sleep 0.3; cat /proc/self/oom_score_adj"]),
+    )
+    .await;
+    let out = lines(
+        &p.get(&format!("/api/processes/{id}/output?since=0&follow=true"))
+            .await,
+    );
+    assert_eq!(data(&out), "1000\n", "{out:?}");
+}

@@ -215,3 +215,11 @@ async fn a_matplotlib_figure_comes_back_as_a_png() {
     let v = cell(&p, &id, "1", None).await;
     assert_eq!(v["results"], json!([{"text/plain": "1"}]));
 }
+
+#[tokio::test]
+async fn contexts_are_the_kernels_first_choice_when_memory_runs_out() {
+    let p = Picod::new();
+    let id = context(&p, "bash").await;
+    let v = cell(&p, &id, "cat /proc/self/oom_score_adj", None).await;
+    assert_eq!(v["stdout"], "1000\n", "{v}");
+}

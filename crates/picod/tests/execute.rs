@@ -319,3 +319,19 @@ async fn ndjson_timeout_reports_124() {
     assert_eq!(last["timed_out"], true);
     assert!(r.text().contains("Command timed out after 0 seconds"));
 }
+
+/// What reads a command's own `oom_score_adj` a moment after it started (PicoD raises it right
+/// after the spawn).
+const OOM_SCORE_ADJ: &str = "sleep 0.3; cat /proc/self/oom_score_adj";
+
+#[tokio::test]
+async fn commands_are_the_kernels_first_choice_when_memory_runs_out() {
+    let p = Picod::new();
+    let v = p
+        .exec(json!({"command": ["sh", "-c", OOM_SCORE_ADJ]}))
+        .await;
+    assert_eq!(v["stdout"], "1000\n", "{v}");
+    // PicoD itself keeps its own.
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap();
+    assert_ne!(own.trim(), "1000");
+}

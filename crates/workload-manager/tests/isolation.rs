@@ -208,6 +208,35 @@ async fn filling_tmp_is_enospc_not_the_end_of_the_sandbox() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// When the sandbox runs out of memory the kernel kills commands before PicoD, even where PicoD
+/// is the largest process: many small ones (a shell pipeline, `xargs -P`) beside a full `/tmp`.
+/// Before, the largest was PicoD, and the session's sandbox ended with it.
+#[tokio::test]
+async fn out_of_memory_takes_commands_before_picod() {
+    let (s, v) = stack("    resources:\n      limits:\n        memory: 64Mi\n", 512).await;
+    let fill = "head -c 30000000 /dev/zero > /tmp/fill";
+    assert_eq!(exec(&v, &sh(fill)).await["exit_code"], 0);
+    // Each shell holds ~3 MiB: together more than is left.
+    let many = "for i in $(seq 16); do sh -c 'x=$(head -c 1500000 /dev/zero | tr \"\\0\" a); sleep 5' & done; wait; echo done";
+    let out = exec(&v, &sh(many)).await;
+    assert_eq!(out["stdout"], "done\n", "{out}");
+    // The kernel did kill (the sandbox sees its cgroup's count at /run/memory.events).
+    let events = exec(&v, &["cat", "/run/memory.events"]).await;
+    let kills: u64 = events["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        kills > 0,
+        "nothing was killed: the test asks too little memory"
+    );
+    assert_eq!(exec(&v, &["echo", "alive"]).await["stdout"], "alive\n");
+    s.shutdown_and_check_leaks().await;
+}
+
 /// Limits the manifest schema lets through (it takes any quantity the API server's pattern
 /// does) but no sandbox can run under: each create is a 400 naming the limit, nothing is left
 /// running and the memory budget loses nothing.

@@ -464,6 +464,18 @@ except OSError as e:
             wrote + 2 >= *mib && wrote <= *mib,
             "{path}: {wrote} MiB of {mib}: {out}"
         );
+        // A command that meets the full directory is told which one it is.
+        let dir = path.rsplit_once('/').unwrap().0;
+        if ["/tmp", "/dev/shm"].contains(&dir) {
+            let more = format!("head -c 2097152 /dev/zero > {path}.more");
+            let out = exec(session, &sh(&more)).await;
+            let note =
+                format!("[picod: {dir} is full: it holds {mib}.0 MiB at most; the workspace has ");
+            assert!(
+                out["stderr"].as_str().unwrap().contains(&note),
+                "{note}: {out}"
+            );
+        }
         // Still alive, and a program gets memory beside the full tmpfs.
         let out = exec(
             session,
@@ -471,6 +483,8 @@ except OSError as e:
         )
         .await;
         assert_eq!(out["stdout"], "ok\n", "after filling {path}: {out}");
+        let rm = format!("rm -f {path} {path}.more");
+        assert_eq!(exec(session, &sh(&rm)).await["exit_code"], 0);
     }
     for dir in read_only {
         let path = format!("{dir}/fill");
