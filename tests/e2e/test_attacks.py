@@ -265,7 +265,8 @@ def test_fifos_do_not_wedge_picod(stack, session):
 
 def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
     # The agent (real sandbox code) answers with the session header set twice to other ids,
-    # hop-by-hop fields and a field its `Connection` names. The client creating the session must
+    # hop-by-hop fields, a field its `Connection` names and the mark of the Router's own errors
+    # (which would pass its answers off as the Router's to clients). The client creating the session must
     # get the Router's id (one that works), and every answer just that id and the agent's own
     # fields: once relayed from the answer's bytes (a plain request, the fast lane), once through
     # a header map (a request the lane leaves to hyper).
@@ -273,6 +274,7 @@ def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
     assert (r.status_code, r.text) == (200, "real"), r.text
     sid = r.headers["x-agentcube-session-id"]
     assert sid not in ("someone-else", "s2") and "," not in sid, sid
+    assert "x-agentcube-error" not in r.headers, r.headers
     path = "/v1/namespaces/default/agent-runtimes/answer-smuggler/invocations/spoof"
     try:
         for connection, lane in (("close", True), ("close, x-drop", False)):
@@ -285,7 +287,7 @@ def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
             fields = [(k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:])]
             names = [k for k, _ in fields]
             assert [v for k, v in fields if k == "x-agentcube-session-id"] == [sid], fields
-            for gone in ("x-secret", "keep-alive", "proxy-authenticate", "upgrade", "trailer"):
+            for gone in ("x-secret", "keep-alive", "proxy-authenticate", "upgrade", "trailer", "x-agentcube-error"):
                 assert gone not in names, (gone, fields)
             assert ("x-agent", "yes") in fields and names.count("content-length") == 1, fields
             after = fast_requests(stack)

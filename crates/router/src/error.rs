@@ -7,6 +7,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// [`agentcube_types::headers::ROUTER_ERROR`].
+pub const ROUTER_ERROR: axum::http::HeaderName =
+    axum::http::HeaderName::from_static(agentcube_types::headers::ROUTER_ERROR);
+
 /// Everything the Router can answer itself.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -123,7 +127,7 @@ impl IntoResponse for RouterError {
         };
         let mut resp = (status, Json(body)).into_response();
         resp.headers_mut()
-            .insert("x-agentcube-error", HeaderValue::from_static("router"));
+            .insert(ROUTER_ERROR, HeaderValue::from_static("router"));
         resp
     }
 }

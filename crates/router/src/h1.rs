@@ -16,6 +16,7 @@
 
 use std::io;
 
+use agentcube_types::headers::ROUTER_ERROR;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -186,7 +187,7 @@ pub enum Fields {
 /// The fields of an answer with a body of `len` bytes, to be sent on as they arrived:
 /// `name: value\r\n` lines, names lowercased, without the hop-by-hop fields, the fields a
 /// `Connection` field names, `Content-Length` but its first field (for an empty body,
-/// `content-length: 0` last), and the name the caller replaces — the fields hyper's server
+/// `content-length: 0` last), the Router's error mark, and the name the caller replaces — the fields hyper's server
 /// writes for the same fields as a header map once `proxy::strip_hop_by_hop` has run (the
 /// first `Content-Length` value as it is, or its own for an empty body).
 #[derive(Debug)]
@@ -319,6 +320,7 @@ impl Received<'_> {
         let (mut has_date, mut length) = (false, false);
         for (name, value) in self.fields() {
             if is(name, without)
+                || is(name, ROUTER_ERROR.as_bytes())
                 || HOP_BY_HOP_RAW.iter().any(|h| is(name, h))
                 || named.iter().any(|t| t.eq_ignore_ascii_case(name))
             {

@@ -448,6 +448,8 @@ fn reply(resp: Answered, done: Done) -> LaneResponse {
             if let Some(v) = session {
                 parts.headers.insert(SESSION, v.clone());
             }
+            // Only the Router's own errors carry it (the relay path drops it likewise).
+            parts.headers.remove(crate::error::ROUTER_ERROR);
             let body = Body::new(Streamed { body, _done: done });
             LaneResponse::Http(Response::from_parts(parts, body))
         }
