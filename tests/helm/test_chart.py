@@ -28,6 +28,7 @@ VARIANTS = {
     "bundled-redis-secret": ["--set", "bundledRedis.enabled=true", "--set", "redis.secretName=my-redis"],
     "standby-claims": ["--set", "workloadmanager.standbyClaims=2"],
     "code-interpreter-uid": ["--set", "workloadmanager.codeInterpreterUid=65532"],
+    "metadata-access": ["--set", "workloadmanager.sandboxMetadataAccess=true"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -137,6 +138,15 @@ def test_code_interpreter_uid_is_passed_only_when_set(env, tmp_path):
     docs, _ = render(env, "code-interpreter-uid", tmp_path)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
     assert "--code-interpreter-uid=65532" in args
+
+
+def test_sandboxes_reach_the_metadata_endpoints_only_when_asked(env, tmp_path):
+    docs, _ = render(env, "defaults", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--sandbox-metadata-access" not in args
+    docs, _ = render(env, "metadata-access", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--sandbox-metadata-access" in args
 
 
 def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):

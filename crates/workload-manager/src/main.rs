@@ -102,6 +102,11 @@ struct Args {
     /// SandboxWarmPool gets warmPoolSize − N replicas), so no extra pods. 0: none.
     #[arg(long, env = "AGENTCUBE_STANDBY_CLAIMS", default_value_t = 0)]
     standby_claims: u32,
+    /// Kubernetes backend: let sandboxes whose definition has no `spec.networkPolicy` reach the
+    /// cloud metadata endpoints (169.254.169.254 and the like: the node's cloud credentials
+    /// where the cloud hands them to pods), as upstream. Off: their egress is everything else.
+    #[arg(long, env = "AGENTCUBE_SANDBOX_METADATA_ACCESS")]
+    sandbox_metadata_access: bool,
     /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -193,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
             kc.pod_defaults.code_interpreter_uid = args.code_interpreter_uid;
             kc.fixed_key = public_key;
             kc.standby_claims = args.standby_claims;
+            kc.metadata_access = args.sandbox_metadata_access;
             let labels = |flag: &str, v: &str| {
                 agentcube_workload_manager::backend::kubernetes::network::Peers::parse_labels(v)
                     .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))

@@ -740,16 +740,22 @@ spec:
     .await
     .unwrap();
     // Without one, the definition's pods still take connections only from the Router's and the
-    // Workload Manager's pods (no other sandbox reaches them directly); egress is not limited.
+    // Workload Manager's pods (no other sandbox reaches them directly); egress is everything but
+    // the cloud metadata endpoints (accepted by the API server's validation as it is).
+    let everything_but_metadata = json!([{"to": [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "168.63.129.16/32", "100.100.100.200/32"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+        {"namespaceSelector": {}}
+    ]}]);
     k.eventually(
-        "the AgentRuntime's NetworkPolicy back to ingress only",
+        "the AgentRuntime's NetworkPolicy back to the control plane's ingress",
         30,
         async || {
             let v = serde_json::to_value(get("ar-netagent").await?).unwrap();
-            let ingress_only = v["spec"]["policyTypes"] == json!(["Ingress"])
-                && v["spec"].get("egress").is_none()
+            let default = v["spec"]["policyTypes"] == json!(["Ingress", "Egress"])
+                && v["spec"]["egress"] == everything_but_metadata
                 && v["spec"]["ingress"].as_array().map_or(0, Vec::len) == 1;
-            ingress_only.then_some(())
+            default.then_some(())
         },
     )
     .await;

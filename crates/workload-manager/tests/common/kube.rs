@@ -61,6 +61,8 @@ pub struct KubeOptions {
     pub auth_trusted_callers: Vec<String>,
     /// `--code-interpreter-uid`.
     pub code_interpreter_uid: Option<i64>,
+    /// `--sandbox-metadata-access`.
+    pub metadata_access: bool,
 }
 
 impl Default for KubeOptions {
@@ -75,6 +77,7 @@ impl Default for KubeOptions {
             standby_claims: 0,
             auth_trusted_callers: Vec::new(),
             code_interpreter_uid: None,
+            metadata_access: false,
         }
     }
 }
@@ -290,6 +293,7 @@ impl KubeStack {
         let mut kc = KubeConfig::new(SYSTEM_NS);
         kc.pod_defaults.runtime_class = opts.runtime_class;
         kc.pod_defaults.code_interpreter_uid = opts.code_interpreter_uid;
+        kc.metadata_access = opts.metadata_access;
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());

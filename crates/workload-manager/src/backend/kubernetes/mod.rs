@@ -78,6 +78,9 @@ pub struct KubeConfig {
     /// `--standby-claims`: claims per warm pool bound ahead of demand ([`standby`]; 0: none,
     /// as upstream).
     pub standby_claims: u32,
+    /// `--sandbox-metadata-access`: sandboxes without `spec.networkPolicy` may reach the cloud
+    /// metadata endpoints (upstream: their egress is not limited at all).
+    pub metadata_access: bool,
 }
 
 impl KubeConfig {
@@ -92,6 +95,7 @@ impl KubeConfig {
             router_pod_labels: [("app".to_string(), "agentcube-router".to_string())].into(),
             manager_pod_labels: [("app".to_string(), "workloadmanager".to_string())].into(),
             standby_claims: 0,
+            metadata_access: false,
         }
     }
 }
@@ -236,6 +240,7 @@ impl KubernetesBackend {
             namespace: config.namespace.clone(),
             router: config.router_pod_labels.clone(),
             manager: config.manager_pod_labels.clone(),
+            metadata_access: config.metadata_access,
         };
         let cfg = watcher::Config::default;
         let sandboxes = Arc::new(Watched::start_with(

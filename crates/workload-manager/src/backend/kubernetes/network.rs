@@ -27,6 +27,9 @@ pub struct Peers {
     /// Labels of the Workload Manager's pods (the chart's: `app=workloadmanager`), whose port
     /// probe must reach a sandbox before its session is answered.
     pub manager: BTreeMap<String, String>,
+    /// Sandboxes without `spec.networkPolicy` may reach the cloud metadata endpoints
+    /// (`--sandbox-metadata-access`, as upstream); otherwise their egress is everything else.
+    pub metadata_access: bool,
 }
 
 impl Peers {
@@ -114,6 +117,10 @@ pub fn network_policy(
         ports: None,
     }];
     let (mut types, mut egress) = (vec!["Ingress".to_string()], None);
+    if policy.is_none() && !control.metadata_access {
+        types.push("Egress".into());
+        egress = Some(vec![everything_but_metadata()]);
+    }
     if let Some(policy) = policy {
         ingress.extend(policy.ingress.iter().map(|r| NetworkPolicyIngressRule {
             from: peers(r),
@@ -141,6 +148,29 @@ pub fn network_policy(
             ingress: Some(ingress),
             egress,
         }),
+    }
+}
+
+/// Egress to every address but the cloud metadata endpoints (which hand the node's cloud
+/// credentials to whoever asks from a pod, where the cloud does), and to every pod (whether a
+/// CNI applies `ipBlock` to pod addresses is its choice): a definition without a policy, as
+/// upstream's unlimited egress less the node's identity. A link-local node DNS cache
+/// (`169.254.20.10`) stays reachable: only the endpoints themselves are excepted.
+fn everything_but_metadata() -> NetworkPolicyEgressRule {
+    let block = |cidr: &str| NetworkPolicyPeer {
+        ip_block: Some(IPBlock {
+            cidr: cidr.into(),
+            except: Some(network::metadata_within(cidr)),
+        }),
+        ..Default::default()
+    };
+    let pods = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector::default()),
+        ..Default::default()
+    };
+    NetworkPolicyEgressRule {
+        to: Some(vec![block("0.0.0.0/0"), block("::/0"), pods]),
+        ports: None,
     }
 }
 
@@ -239,6 +269,7 @@ mod tests {
             namespace: "agentcube".into(),
             router: Peers::parse_labels("app=agentcube-router").unwrap(),
             manager: Peers::parse_labels("app=workloadmanager").unwrap(),
+            metadata_access: false,
         };
         let np = network_policy(
             WorkloadKind::AgentRuntime,
@@ -283,17 +314,47 @@ mod tests {
             policy_name(WorkloadKind::CodeInterpreter, "agent"),
             "ci-agent"
         );
-        // Without a policy of its own: ingress from the control plane only, egress untouched.
+        // Without a policy of its own: ingress from the control plane only (egress: below).
         let np = network_policy(WorkloadKind::AgentRuntime, &meta, owner, None, &peers);
         let v = serde_json::to_value(&np).unwrap();
-        assert_eq!(v["spec"]["policyTypes"], json!(["Ingress"]));
         assert_eq!(v["spec"]["ingress"].as_array().unwrap().len(), 1);
         assert_eq!(
             v["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"],
             json!({"app": "workloadmanager"})
         );
-        assert!(v["spec"].get("egress").is_none());
         assert!(Peers::parse_labels("app").is_err());
         assert!(Peers::parse_labels(" ").is_err());
+    }
+
+    #[test]
+    fn without_a_policy_egress_is_everything_but_the_metadata_endpoints_unless_allowed() {
+        let meta = ObjectMeta {
+            name: Some("ci".into()),
+            namespace: Some("team".into()),
+            ..Default::default()
+        };
+        let mut peers = Peers {
+            namespace: "agentcube".into(),
+            router: Peers::parse_labels("app=agentcube-router").unwrap(),
+            manager: Peers::parse_labels("app=workloadmanager").unwrap(),
+            metadata_access: false,
+        };
+        let kind = WorkloadKind::CodeInterpreter;
+        let np = network_policy(kind, &meta, OwnerReference::default(), None, &peers);
+        let v = serde_json::to_value(&np).unwrap();
+        assert_eq!(v["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(
+            v["spec"]["egress"],
+            json!([{"to": [
+                {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "168.63.129.16/32", "100.100.100.200/32"]}},
+                {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+                {"namespaceSelector": {}}
+            ]}])
+        );
+        peers.metadata_access = true;
+        let np = network_policy(kind, &meta, OwnerReference::default(), None, &peers);
+        let v = serde_json::to_value(&np).unwrap();
+        assert_eq!(v["spec"]["policyTypes"], json!(["Ingress"]));
+        assert!(v["spec"].get("egress").is_none(), "{v}");
     }
 }
