@@ -27,15 +27,16 @@ pub struct Diagnostics {
 /// Free and total bytes of the filesystem holding `dir`.
 fn space(dir: &std::path::Path) -> Option<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    let frsize = st.fragment_size() as u64;
-    Some((
-        st.blocks_available() as u64 * frsize,
-        st.blocks() as u64 * frsize,
-    ))
+    let frsize = st.fragment_size();
+    Some((st.blocks_available() * frsize, st.blocks() * frsize))
 }
 
-/// Less than this free is full (a write of any size failed there).
-const NEARLY_FULL: u64 = 1 << 20;
+/// Whether a filesystem of `total` bytes with `free` left is what a write found full: less than
+/// an eighth or 1 MiB left (ext4 keeps some blocks back for its own metadata, and a failed large
+/// write leaves part of its last piece unwritten).
+fn nearly_full((free, total): (u64, u64)) -> bool {
+    free < (total / 8).max(1 << 20)
+}
 
 /// `12.0 MiB`.
 fn mib(bytes: u64) -> String {
@@ -155,16 +156,24 @@ impl Diagnostics {
     /// has free.
     fn disk_full(&self) -> String {
         let workspace = self.workspace.as_deref().and_then(space);
-        if workspace.is_none_or(|(free, _)| free < NEARLY_FULL) {
-            return self.workspace_full();
-        }
-        let scratch: Vec<(&PathBuf, (u64, u64))> = self
+        let scratch: Vec<(&std::path::Path, (u64, u64))> = self
             .scratch
             .iter()
-            .filter_map(|d| Some((d, space(d)?)))
+            .filter_map(|d| Some((d.as_path(), space(d)?)))
             .collect();
-        let ws_free = workspace.map_or(0, |(free, _)| free);
-        if let Some((dir, (_, total))) = scratch.iter().find(|(_, (free, _))| *free < NEARLY_FULL) {
+        self.disk_full_note(workspace, &scratch)
+    }
+
+    /// [`Self::disk_full`] given the `(free, total)` bytes of the workspace and the others.
+    fn disk_full_note(
+        &self,
+        workspace: Option<(u64, u64)>,
+        scratch: &[(&std::path::Path, (u64, u64))],
+    ) -> String {
+        let Some((ws_free, _)) = workspace.filter(|w| !nearly_full(*w)) else {
+            return self.workspace_full();
+        };
+        if let Some((dir, (_, total))) = scratch.iter().find(|(_, space)| nearly_full(*space)) {
             return format!(
                 "[picod: {} is full: it holds {} at most; the workspace has {} free]",
                 dir.display(),
@@ -262,20 +271,33 @@ mod tests {
             note.contains("workspace is full") && note.contains("100Mi"),
             "{note}"
         );
-        // A workspace with room: the note says which filesystem is full, or, none being full
-        // any more, what each has free (a full one is covered by the Workload Manager's
-        // tests, on real sized tmpfs).
-        let room = tempfile::tempdir().unwrap();
-        let with_room = Diagnostics {
-            workspace: Some(room.path().to_path_buf()),
-            scratch: vec![room.path().to_path_buf()],
-            ..d.clone()
-        };
-        let note = with_room.explain(None, None, true, &full).unwrap();
+        // Which filesystem a "No space left on device" was about: the workspace when it is
+        // (nearly) full or unknown, else a full scratch directory, else what each has free.
+        let (tmp, shm) = (
+            std::path::Path::new("/tmp"),
+            std::path::Path::new("/dev/shm"),
+        );
+        const MIB: u64 = 1 << 20;
+        let roomy = Some((900 * MIB, 1000 * MIB));
+        assert!(d.disk_full_note(None, &[]).contains("workspace is full"));
         assert!(
-            note.starts_with("[picod: a filesystem was full; free now: the workspace ")
-                && note.contains(&format!("{} ", room.path().display())),
-            "{note}"
+            d.disk_full_note(Some((MIB, 1000 * MIB)), &[(tmp, (0, 32 * MIB))])
+                .contains("workspace is full: its quota is 100Mi")
+        );
+        assert_eq!(
+            d.disk_full_note(roomy, &[(tmp, (10 * MIB, 512 * MIB)), (shm, (0, 64 * MIB))]),
+            "[picod: /tmp is full: it holds 512.0 MiB at most; the workspace has 900.0 MiB free]"
+        );
+        assert_eq!(
+            d.disk_full_note(
+                roomy,
+                &[(tmp, (500 * MIB, 512 * MIB)), (shm, (0, 64 * MIB))]
+            ),
+            "[picod: /dev/shm is full: it holds 64.0 MiB at most; the workspace has 900.0 MiB free]"
+        );
+        assert_eq!(
+            d.disk_full_note(roomy, &[(tmp, (500 * MIB, 512 * MIB))]),
+            "[picod: a filesystem was full; free now: the workspace 900.0 MiB, /tmp 500.0 MiB of 512.0 MiB]"
         );
         let networked = Diagnostics {
             no_network: false,

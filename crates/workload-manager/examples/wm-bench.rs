@@ -48,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
     let mut local = LocalConfig::new(dir.path().join("state"), picod.into());
     // 90 sandboxes at once: PicoD needs a few MiB, not the default 1 GiB limit each.
     local.default_memory_bytes = Some(64 << 20);
+    // …and their workspaces are reserved on the disk: a few MiB each, not the default 2 GiB.
+    local.default_workspace_bytes = Some(16 << 20);
     let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     let store = Arc::new(agentcube_store::MemoryStore::new());
     let pair_pub = include_str!("../../picod/tests/data/router.pub.pem");

@@ -118,3 +118,85 @@ fn loop_devices_of(image: &std::path::Path) -> usize {
         .filter(|l| l.contains(&*image.to_string_lossy()))
         .count()
 }
+
+/// A small filesystem of its own (ext4, `mib` MiB) mounted on a fresh directory, for a state
+/// directory whose disk fills up; unmounted, and its directory and image removed, on drop (a
+/// failed test's too).
+struct SmallDisk {
+    dir: Option<tempfile::TempDir>,
+    mountpoint: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().with_extension("ext4");
+        let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(std::process::Command::new("truncate")
+            .arg(format!("-s{mib}M"))
+            .arg(&image));
+        ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image));
+        ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir.path()));
+        Self {
+            mountpoint: dir.path().to_path_buf(),
+            dir: Some(dir),
+            image,
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+        drop(self.dir.take());
+        let _ = std::fs::remove_dir(&self.mountpoint);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Workspaces are reserved on the host's disk when their sandbox is made: one that the disk
+/// cannot hold is a 429 saying so, and one that was made can be filled to its quota and keeps
+/// every byte. Before, images were sparse: a second sandbox was made, and when the two wrote more
+/// than the disk had, writes that had succeeded were lost at writeback ("potential data loss").
+#[tokio::test]
+async fn workspaces_are_reserved_so_a_full_host_disk_loses_no_write() {
+    let mut disk = SmallDisk::new(400);
+    let s = Stack::start(Options {
+        manifests: code_interpreter(
+            "big",
+            "    resources:\n      limits:\n        ephemeral-storage: 250Mi\n",
+        ),
+        dir: disk.dir.take(),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "big").await;
+    let (status, body) = s.create("code-interpreter", "big").await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("not enough disk for the sandbox's workspace (250Mi;")
+            && message.contains("ephemeral-storage"),
+        "{message}"
+    );
+    // The one made holds its quota, every byte of it.
+    let fill = "head -c 235929600 /dev/urandom > data && sync && sha256sum data | cut -c1-64 && sha256sum data | cut -c1-64";
+    let out = exec(&v, &sh(fill)).await;
+    let sums: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert!(sums.len() == 2 && sums[0] == sums[1], "{out}");
+    // Its session ended, the disk takes a new one.
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    let again = s.create_ok("code-interpreter", "big").await;
+    assert_eq!(s.delete(again["sessionId"].as_str().unwrap()).await.0, 200);
+    disk.dir = Some(s.stop_keeping_dir().await);
+}

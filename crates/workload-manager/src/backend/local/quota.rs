@@ -1,5 +1,6 @@
 //! Workspace quotas: each sandbox's workspace is a filesystem of its own, an ext4 image of the
-//! quota's size (sparse: it takes host disk only as it fills) in the manager's private directory.
+//! quota's size in the manager's private directory, its blocks reserved on the host's disk when
+//! the sandbox is made ([`reserve`]).
 //! The launcher mounts it (`nodev,nosuid`) on the workspace directory inside a mount namespace of
 //! its own (see `launch::WorkspaceFs`): the host's mount table never holds it, and it goes —
 //! loop device included — with the sandbox's last process, even if the manager is killed. A full
@@ -49,8 +50,7 @@ impl Quotas {
         let fail =
             |what: &str, e: String| BackendError::Failed(format!("workspace quota ({what}): {e}"));
         let file = std::fs::File::create(&image).map_err(|e| fail("image", e.to_string()))?;
-        file.set_len(bytes)
-            .map_err(|e| fail("image size", e.to_string()))?;
+        reserve(&file, bytes)?;
         drop(file);
         let owner = uid.unwrap_or(0);
         // No journal, no resize reserve, no discard pass, an inode per 32 KiB: a scratch
@@ -81,5 +81,43 @@ impl Quotas {
             unshare: self.unshare.clone(),
             mount: self.mount.clone(),
         })
+    }
+}
+
+/// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
+/// workspace then has its place, and a workspace the disk cannot hold is refused now (429,
+/// saying how much is free) rather than losing writes later — a sparse image on a full host disk
+/// fails its writes only at writeback, after the sandbox's `write` succeeded (the kernel logs
+/// "potential data loss"). On tmpfs (the reservation would be memory) or a filesystem without
+/// `fallocate`, the image stays sparse.
+fn reserve(file: &std::fs::File, bytes: u64) -> Result<(), BackendError> {
+    use nix::sys::statfs::{TMPFS_MAGIC, fstatfs};
+    let sparse = |file: &std::fs::File| {
+        file.set_len(bytes)
+            .map_err(|e| BackendError::Failed(format!("workspace quota (image size): {e}")))
+    };
+    if fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC) {
+        return sparse(file);
+    }
+    let len = i64::try_from(bytes).unwrap_or(i64::MAX);
+    match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::ENOSPC) => {
+            let free = nix::sys::statvfs::fstatvfs(file)
+                .map(|st| st.blocks_available() * st.fragment_size())
+                .unwrap_or(0);
+            Err(BackendError::Exhausted(format!(
+                "not enough disk for the sandbox's workspace ({}; {} MiB free where the Workload \
+                 Manager keeps workspaces): lower resources.limits.ephemeral-storage (or \
+                 --default-workspace-size), or retry once sessions have ended",
+                super::human_bytes(bytes),
+                free >> 20,
+            )))
+        }
+        Err(nix::errno::Errno::EOPNOTSUPP) => sparse(file),
+        Err(e) => Err(BackendError::Failed(format!(
+            "workspace quota (reserving {}): {e}",
+            super::human_bytes(bytes)
+        ))),
     }
 }
