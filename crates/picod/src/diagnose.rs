@@ -31,6 +31,12 @@ fn space(dir: &std::path::Path) -> Option<(u64, u64)> {
     Some((st.blocks_available() * frsize, st.blocks() * frsize))
 }
 
+/// How many files (inodes) the filesystem holding `dir` has, when none is left.
+fn out_of_inodes(dir: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    (st.files() > 0 && st.files_available() == 0).then_some(st.files())
+}
+
 /// Whether a filesystem of `total` bytes with `free` left is what a write found full: less than
 /// an eighth or 1 MiB left (ext4 keeps some blocks back for its own metadata, and a failed large
 /// write leaves part of its last piece unwritten).
@@ -155,6 +161,12 @@ impl Diagnostics {
     /// `/dev/shm` has none; when none is full any more (the writer removed its file), what each
     /// has free.
     fn disk_full(&self) -> String {
+        if let Some(files) = self.workspace.as_deref().and_then(out_of_inodes) {
+            return format!(
+                "[picod: the workspace holds no more files: {files} files and directories at \
+                 most, whatever their size]"
+            );
+        }
         let workspace = self.workspace.as_deref().and_then(space);
         let scratch: Vec<(&std::path::Path, (u64, u64))> = self
             .scratch

@@ -94,6 +94,21 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
     assert!(text.contains("quota is 20Mi"), "{text}");
     let ls = exec(&v, &sh("ls -A")).await;
     assert_eq!(ls["stdout"], "", "nothing kept: {ls}");
+    // Out of files (inodes) with bytes to spare: the note says so, not that the quota is full.
+    let many = "mkdir d && cd d && i=0; while touch f$i 2>/dev/null; do i=$((i+1)); done; echo $i; touch last";
+    let out = exec(&v, &sh(many)).await;
+    let made: u64 = out["stdout"].as_str().unwrap().trim().parse().unwrap();
+    assert!(
+        (500..=700).contains(&made),
+        "a 20Mi workspace holds ~640 files: {out}"
+    );
+    let stderr = out["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("[picod: the workspace holds no more files: ")
+            && stderr.contains(" files and directories at most"),
+        "{out}"
+    );
+    assert_eq!(exec(&v, &sh("rm -rf d")).await["exit_code"], 0);
     // Small files still fit; a delete unmounts and removes everything.
     let ok = exec(&v, &sh("echo hi > f && cat f")).await;
     assert_eq!(ok["stdout"], "hi\n");
