@@ -78,6 +78,11 @@ def test_a_session_the_router_does_not_know_is_session_not_found_and_an_app_404_
         raise_for_response(_response(404, body), "s")
     assert isinstance(e.value, SessionError) and isinstance(e.value, requests.HTTPError)
     assert e.value.status_code == 404
+    # With why it ended, when the Router knows (extension).
+    ended = body[:-1] + ',"reason":"it was idle for longer than its sessionTimeout (15m0s)"}'
+    with pytest.raises(SessionNotFoundError) as e:
+        raise_for_response(_response(404, ended), "s")
+    assert "session s has ended: it was idle for longer than its sessionTimeout (15m0s)" in str(e.value)
     # The same body from the application in the sandbox (no Router marker) stays an HTTP error.
     with pytest.raises(DataPlaneError) as e:
         raise_for_response(_response(404, body, router=False), "s")

@@ -85,15 +85,17 @@ def test_a_sandbox_whose_picod_is_killed_is_reclaimed(stack):
     assert pids, "PicoD not found"
     os.kill(pids[-1], signal.SIGKILL)
     headers = {"x-agentcube-session-id": sid}
-    deadline, status = time.time() + 20, None
+    deadline, r = time.time() + 20, None
     while time.time() < deadline:
-        status = requests.post(url(stack, "default", "code-interpreters", "on-demand-interpreter", "api/execute"),
-                               json={"command": ["true"]}, headers=headers).status_code
-        if status == 404 and name not in stack.sandboxes():
+        r = requests.post(url(stack, "default", "code-interpreters", "on-demand-interpreter", "api/execute"),
+                          json={"command": ["true"]}, headers=headers)
+        if r.status_code == 404 and name not in stack.sandboxes():
             break
         time.sleep(0.3)
-    assert status == 404, "the dead sandbox's session should be gone"
+    assert r is not None and r.status_code == 404, "the dead sandbox's session should be gone"
     assert name not in stack.sandboxes()
+    # Whoever uses the session next is told why it ended.
+    assert r.json()["reason"] == "its sandbox was killed by signal 9 (SIGKILL)", r.json()
 
 
 def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url, scratch):

@@ -67,7 +67,9 @@ def test_idle_session_is_reclaimed_then_404(stack):
     time.sleep(1.2)  # the Router's short session cache
     r = requests.get(invocations(stack, "code-interpreters", "short-ttl", "api/files?path=."), headers={"x-agentcube-session-id": sid})
     assert r.status_code == 404
-    assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found', "code": "SESSION_NOT_FOUND"}
+    # With why it ended (extension; a made-up id gets none: test_unknown_session_and_runtime).
+    assert r.json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found', "code": "SESSION_NOT_FOUND",
+                        "reason": "it was idle for longer than its sessionTimeout (2s)"}
 
 
 def test_a_definitions_network_policy(stack):

@@ -108,6 +108,7 @@ def test_stop_deletes_the_session(stack):
     with pytest.raises(SessionNotFoundError) as e:
         again.execute_command("true")
     assert e.value.status_code == 404
+    assert f"session {sid} has ended: it was deleted (DELETE on the Workload Manager's sessions API)" in str(e.value)
     assert isinstance(e.value, SessionError) and isinstance(e.value, requests.HTTPError)
     assert again.session_id is None, "the stale id is forgotten"
     with pytest.raises(SessionNotFoundError):

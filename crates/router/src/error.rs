@@ -14,9 +14,10 @@ pub const ROUTER_ERROR: axum::http::HeaderName =
 /// Everything the Router can answer itself.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    /// `sessions.agentcube.volcano.sh "<id>" not found`.
-    #[error("sessions.agentcube.volcano.sh \"{0}\" not found")]
-    UnknownSession(String),
+    /// `sessions.agentcube.volcano.sh "<id>" not found`, and why it ended when the Workload
+    /// Manager noted it (`reason` in the body; extension).
+    #[error("{0}")]
+    UnknownSession(Box<UnknownSession>),
     /// The WM says the runtime does not exist.
     #[error("{0}")]
     UnknownRuntime(Box<UnknownRuntime>),
@@ -77,6 +78,15 @@ pub struct UnknownRuntime {
     pub name: String,
 }
 
+/// [`RouterError::UnknownSession`]'s details (boxed, as the other rare errors).
+#[derive(Debug, thiserror::Error)]
+#[error("sessions.agentcube.volcano.sh \"{id}\" not found")]
+pub struct UnknownSession {
+    pub id: String,
+    /// Why it ended ("it was idle for longer than its sessionTimeout (15m0s)"), when known.
+    pub why: Option<String>,
+}
+
 /// [`RouterError::SessionMismatch`]'s details.
 #[derive(Debug, thiserror::Error)]
 #[error("session {session} belongs to {kind} {namespace}/{name}")]
@@ -92,7 +102,7 @@ impl RouterError {
     pub fn status_and_code(&self) -> (StatusCode, Option<&'static str>) {
         match self {
             // Upstream PR #460: a stable code, so clients tell it from an application's 404.
-            Self::UnknownSession(_) => (StatusCode::NOT_FOUND, Some("SESSION_NOT_FOUND")),
+            Self::UnknownSession(..) => (StatusCode::NOT_FOUND, Some("SESSION_NOT_FOUND")),
             Self::UnknownRuntime(_) | Self::NoEntryPoint => (StatusCode::NOT_FOUND, None),
             Self::SessionMismatch(_) => (StatusCode::CONFLICT, Some("SESSION_TARGET_MISMATCH")),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Some("SERVER_OVERLOADED")),
@@ -121,10 +131,15 @@ impl IntoResponse for RouterError {
         if let Self::Internal(detail) = &self {
             tracing::warn!(error = %detail, "request failed");
         }
-        let body = match code {
+        let mut body = match code {
             Some(c) => json!({"error": self.to_string(), "code": c}),
             None => json!({"error": self.to_string()}),
         };
+        if let Self::UnknownSession(u) = &self
+            && let Some(why) = &u.why
+        {
+            body["reason"] = json!(why);
+        }
         let mut resp = (status, Json(body)).into_response();
         resp.headers_mut()
             .insert(ROUTER_ERROR, HeaderValue::from_static("router"));

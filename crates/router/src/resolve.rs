@@ -88,8 +88,41 @@ impl Resolver {
         self.cache.lock().unwrap().remove(session_id);
     }
 
-    /// The sandbox for an existing session, refusing one created for another runtime.
+    /// Why a session that is not in the store ended, when the Workload Manager noted it (one
+    /// more store read, on this miss only).
+    async fn why_gone(&self, session_id: &str) -> Option<String> {
+        let mark = [agentcube_store::gone_mark(session_id)];
+        match self.store.get_marks(&mark).await {
+            Ok(found) => found.into_iter().next().flatten(),
+            Err(e) => {
+                tracing::debug!(session_id, error = %e, "cannot read why the session ended");
+                None
+            }
+        }
+    }
+
+    /// The sandbox for an existing session, refusing one created for another runtime; for an
+    /// unknown one, why it ended when the Workload Manager noted it.
     pub async fn existing(
+        &self,
+        session_id: &str,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Arc<Target>, RouterError> {
+        // Looked up here, once the record's lookup is over: inside it, the answer's record
+        // would stay in every request's future across this wait (its size is bounded:
+        // `server::tests`). Boxed: it is needed on this miss only.
+        match self.lookup(session_id, kind, namespace, name).await {
+            Err(RouterError::UnknownSession(mut unknown)) => {
+                unknown.why = Box::pin(self.why_gone(session_id)).await;
+                Err(RouterError::UnknownSession(unknown))
+            }
+            other => other,
+        }
+    }
+
+    async fn lookup(
         &self,
         session_id: &str,
         kind: WorkloadKind,
@@ -114,7 +147,12 @@ impl Resolver {
             Ok(r) => r,
             Err(agentcube_store::Error::NotFound) => {
                 self.invalidate(session_id);
-                return Err(RouterError::UnknownSession(session_id.to_string()));
+                return Err(RouterError::UnknownSession(Box::new(
+                    crate::error::UnknownSession {
+                        id: session_id.to_string(),
+                        why: None,
+                    },
+                )));
             }
             Err(e) if e.is_unavailable() => return Err(RouterError::StoreUnavailable),
             Err(e) => return Err(RouterError::Internal(e.to_string())),

@@ -554,7 +554,7 @@ async fn unknown_if_deleted(
 ) -> RouterError {
     s.resolver.invalidate(&target.session_id);
     if matches!(e, RouterError::Refused | RouterError::Unreachable)
-        && let Err(again @ RouterError::UnknownSession(_)) = s
+        && let Err(again @ RouterError::UnknownSession(..)) = s
             .resolver
             .existing(&target.session_id, t.kind, &t.ns, &t.name)
             .await

@@ -129,6 +129,24 @@ async fn unknown_session_unknown_runtime_and_mismatch() {
         r.json::<Value>().await.unwrap(),
         json!({"error": "sessions.agentcube.volcano.sh \"nope\" not found", "code": "SESSION_NOT_FOUND"})
     );
+    // A session the Workload Manager ended with a note of why: the 404 says it.
+    let why = "it was idle for longer than its sessionTimeout (15m0s)";
+    let mark = agentcube_store::gone_mark("ended");
+    store
+        .set_mark(&mark, why, agentcube_store::GONE_TTL, false)
+        .await
+        .unwrap();
+    let r = http
+        .get(router.ci("api/files?path=."))
+        .header("x-agentcube-session-id", "ended")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sessions.agentcube.volcano.sh \"ended\" not found", "code": "SESSION_NOT_FOUND", "reason": why})
+    );
 
     let url = format!(
         "{}/v1/namespaces/default/code-interpreters/nope/invocations/api/execute",

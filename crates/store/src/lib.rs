@@ -17,7 +17,8 @@
 //! Extensions under the reserved `session:idx:` prefix (no session id can start with `idx:`):
 //! the secondary indexes of [`Scope`], and marks (`session:idx:mark:<name>`, short strings
 //! with a Redis TTL) that the Workload Manager sets before handing out a standby claim
-//! ([`set_mark`](SessionStore::set_mark)).
+//! ([`set_mark`](SessionStore::set_mark)), and when it ends a session: why ([`gone_mark`], kept
+//! [`GONE_TTL`]), which the Router adds to its unknown-session 404.
 //!
 //! Modules: [`keys`] (key layout and id rules), [`memory`], [`redis`], [`config`], and `testing`
 //! (conformance suite, feature `test-util`).
@@ -195,6 +196,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The live marks of `names` (`None`: absent or expired), in order, in one round trip.
     async fn get_marks(&self, names: &[String]) -> Result<Vec<Option<String>>>;
 }
+
+/// The mark holding why session `session_id` ended (a sentence: "idle for longer than its
+/// sessionTimeout (15m0s)"), set by the Workload Manager as it deletes the record.
+pub fn gone_mark(session_id: &str) -> String {
+    format!("gone:{session_id}")
+}
+
+/// How long why a session ended is kept.
+pub const GONE_TTL: Duration = Duration::from_secs(3600);
 
 /// A page cursor: `<score>:<id>` of the last record returned.
 pub(crate) fn cursor_of(score: i64, id: &str) -> String {

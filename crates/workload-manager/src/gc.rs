@@ -24,6 +24,28 @@ pub const ORPHAN_BATCH: usize = 500;
 /// Upstream default idle timeout for records that carry none.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 
+/// Why GC reclaimed a session, in words for its next user.
+fn why_reclaimed(r: &Victim, reason: Reason) -> String {
+    match reason {
+        Reason::idle => {
+            let timeout = if r.idle_timeout.0.is_zero() {
+                DEFAULT_IDLE
+            } else {
+                r.idle_timeout.0
+            };
+            format!(
+                "it was idle for longer than its sessionTimeout ({})",
+                agentcube_types::GoDuration(timeout)
+            )
+        }
+        _ => format!(
+            "it reached its maximum duration (maxSessionDuration or the create's ttl; it \
+             expired at {})",
+            r.expires_at
+        ),
+    }
+}
+
 /// The collector.
 pub struct Gc {
     pub manager: Arc<Manager>,
@@ -45,10 +67,10 @@ impl Gc {
         metrics.reclaimed(Reason::orphan, n);
         deleted += n;
         let (idle, expired) = self.victims(now).await;
-        let n = self.tear_down(idle).await;
+        let n = self.tear_down(idle, Reason::idle).await;
         metrics.reclaimed(Reason::idle, n);
         deleted += n;
-        let n = self.tear_down(expired).await;
+        let n = self.tear_down(expired, Reason::expired).await;
         metrics.reclaimed(Reason::expired, n);
         deleted += n;
         if deleted > 0 {
@@ -62,7 +84,10 @@ impl Gc {
     async fn reap(&self) -> usize {
         let dead = self.manager.backend.reap().await;
         self.manager.metrics.reclaimed(Reason::dead, dead.len());
-        self.delete_records(&dead).await
+        let ids: Vec<String> = dead.iter().map(|(id, _)| id.clone()).collect();
+        let deleted = self.delete_records(&ids).await;
+        self.manager.mark_gone(&dead).await;
+        deleted
     }
 
     /// Idle sessions past their own timeout, and sessions past `expiresAt` (that are not idle
@@ -119,13 +144,13 @@ impl Gc {
 
     /// Deletes the victims' sandboxes, [`TEARDOWN_CONCURRENCY`] at a time, then the records of
     /// those that are gone in one store round trip (a record never goes before its sandbox).
-    async fn tear_down(&self, victims: Vec<Victim>) -> usize {
+    async fn tear_down(&self, victims: Vec<Victim>, reason: Reason) -> usize {
         use futures_util::StreamExt;
         let backend = &self.manager.backend;
-        let gone: Vec<String> = futures_util::stream::iter(victims)
+        let gone: Vec<(String, String)> = futures_util::stream::iter(victims)
             .map(|r| async move {
                 match backend.delete(r.kind, &r.sandbox_namespace, &r.name).await {
-                    Ok(()) => Some(r.session_id),
+                    Ok(()) => Some((r.session_id.clone(), why_reclaimed(&r, reason))),
                     Err(e) => {
                         self.manager.metrics.gc_errors.inc();
                         tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed");
@@ -137,8 +162,10 @@ impl Gc {
             .filter_map(std::future::ready)
             .collect()
             .await;
-        let deleted = self.delete_records(&gone).await;
+        let ids: Vec<String> = gone.iter().map(|(id, _)| id.clone()).collect();
+        let deleted = self.delete_records(&ids).await;
         self.manager.metrics.sessions_deleted.inc_by(deleted as u64);
+        self.manager.mark_gone(&gone).await;
         deleted
     }
 
@@ -250,7 +277,7 @@ mod tests {
             Ok(())
         }
         async fn shutdown(&self) {}
-        async fn reap(&self) -> Vec<String> {
+        async fn reap(&self) -> Vec<(String, String)> {
             self.passes.fetch_add(1, Ordering::SeqCst);
             Vec::new()
         }

@@ -369,7 +369,25 @@ impl Manager {
             })?;
         self.delete_record(&record).await?;
         self.metrics.deleted(kind);
+        let why = "it was deleted (DELETE on the Workload Manager's sessions API)";
+        self.mark_gone(&[(session_id.to_string(), why.to_string())])
+            .await;
         Ok(())
+    }
+
+    /// Notes why each session ended, for the Router's unknown-session answer to whoever uses it
+    /// next ([`agentcube_store::gone_mark`], kept [`agentcube_store::GONE_TTL`]). Best effort: a
+    /// store that cannot take it leaves the plain "not found".
+    pub async fn mark_gone(&self, gone: &[(String, String)]) {
+        for (session_id, why) in gone {
+            let mark = agentcube_store::gone_mark(session_id);
+            let set = self
+                .store
+                .set_mark(&mark, why, agentcube_store::GONE_TTL, false);
+            if let Err(e) = set.await {
+                tracing::debug!(session_id, error = %e, "cannot note why the session ended");
+            }
+        }
     }
 
     /// `GET /v1/{kind}/sessions/{id}`: the stored record, if it exists, is of `kind` and the

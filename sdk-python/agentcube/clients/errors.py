@@ -19,11 +19,9 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
         detail = _detail(resp)
         router_made = resp.headers.get("x-agentcube-error") == "router"
         if resp.status_code == 404 and router_made and _code(resp) == "SESSION_NOT_FOUND":
-            raise HTTPSessionNotFoundError(
-                f"session {session_id} is unknown or expired (reclaimed by idle timeout, deleted, or its sandbox died): {detail}",
-                resp.status_code,
-                resp,
-            ) from http_error
+            reason = _field(resp, "reason")
+            why = f"has ended: {reason}" if reason else "is unknown or expired (reclaimed by idle timeout, deleted, or its sandbox died)"
+            raise HTTPSessionNotFoundError(f"session {session_id} {why}: {detail}", resp.status_code, resp) from http_error
         # A Router without the code (upstream before PR #460) says it in the message only.
         if resp.status_code == 404 and _code(resp) is None and "sessions.agentcube.volcano.sh" in detail:
             raise HTTPSessionNotFoundError(
@@ -39,11 +37,17 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
 
 
 def _code(resp: requests.Response) -> str | None:
+    return _field(resp, "code")
+
+
+def _field(resp: requests.Response, name: str) -> str | None:
+    """A string field of a JSON object body, if there is one."""
     try:
         body = resp.json()
     except ValueError:
         return None
-    return body.get("code") if isinstance(body, dict) else None
+    value = body.get(name) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _detail(resp: requests.Response) -> str:

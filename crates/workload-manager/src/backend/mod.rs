@@ -142,8 +142,9 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Cleans up sandboxes that died on their own since the last call, and returns the
-    /// sessions they served (whose records must go too). Called by every GC run.
-    async fn reap(&self) -> Vec<String> {
+    /// sessions they served (whose records must go too), each with why it ended ("its sandbox
+    /// exited (…)"), for whoever uses the session next. Called by every GC run.
+    async fn reap(&self) -> Vec<(String, String)> {
         Vec::new()
     }
 }

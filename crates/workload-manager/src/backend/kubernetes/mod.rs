@@ -297,7 +297,7 @@ impl KubernetesBackend {
     /// Ends the sessions whose pod restarted a container since they were known to run (its
     /// Sandbox changed readiness; the pod is read to tell a restart from a readiness blip): the
     /// new container has none of the session's files or processes. Returns their ids.
-    async fn reap_restarted(&self) -> Vec<String> {
+    async fn reap_restarted(&self) -> Vec<(String, String)> {
         let mut ended = Vec::new();
         for suspect in self.liveness.suspects() {
             let liveness::Suspect {
@@ -328,7 +328,7 @@ impl KubernetesBackend {
                 tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
                 continue;
             }
-            ended.push(session_id);
+            ended.push((session_id, why));
         }
         ended
     }
@@ -526,7 +526,7 @@ impl Backend for KubernetesBackend {
 
     /// Sessions whose claim or Sandbox was deleted, or whose pod was replaced ([`liveness`]);
     /// the latter's objects are deleted here.
-    async fn reap(&self) -> Vec<String> {
+    async fn reap(&self) -> Vec<(String, String)> {
         let now = liveness::observe(&self.claims, &self.sandboxes);
         let mut sessions = Vec::new();
         for dead in self.liveness.judge(now, self.store.as_ref()).await {
@@ -542,7 +542,7 @@ impl Backend for KubernetesBackend {
                 tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
                 continue;
             }
-            sessions.push(session_id);
+            sessions.push((session_id, why.to_string()));
         }
         sessions.extend(self.reap_restarted().await);
         sessions

@@ -764,6 +764,29 @@ impl LocalBackend {
         )))
     }
 
+    /// Why a sandbox that died on its own ended, for its session's next user.
+    fn why_dead(&self, name: &str) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.exited(name).ok().flatten();
+        // The launcher (bubblewrap, runsc) passes its program's death by a signal on as 128 + it.
+        let signal = status.and_then(|s| {
+            s.signal()
+                .or(s.code().filter(|c| *c > 128).map(|c| c - 128))
+        });
+        let exited = match (signal, status.and_then(|s| s.code())) {
+            (Some(n), _) => match nix::sys::signal::Signal::try_from(n) {
+                Ok(sig) => format!("its sandbox was killed by signal {n} ({sig})"),
+                Err(_) => format!("its sandbox was killed by signal {n}"),
+            },
+            (None, Some(code)) => format!("its sandbox exited with status {code}"),
+            (None, None) => "its sandbox exited".to_string(),
+        };
+        match self.killed_for_memory(name) {
+            Some(limit) => format!("{exited} after reaching its memory limit ({limit})"),
+            None => exited,
+        }
+    }
+
     /// The sandbox's memory limit when the kernel killed one of its processes for memory (the
     /// `oom_kill` count of its cgroup).
     fn killed_for_memory(&self, name: &str) -> Option<String> {
@@ -942,15 +965,16 @@ impl Backend for LocalBackend {
         self.inner.died.notified().await
     }
 
-    async fn reap(&self) -> Vec<String> {
+    async fn reap(&self) -> Vec<(String, String)> {
         let dead = std::mem::take(&mut *self.inner.dead.lock().unwrap());
         let mut sessions = Vec::new();
         for (name, session) in dead {
             // Its log goes with it: what it last printed (why an agent died) is kept here.
             let output = self.last_output(&name, &self.paths(&name)).await;
-            tracing::warn!(sandbox = name, session_id = ?session, %output, "reclaiming a dead sandbox");
+            let why = self.why_dead(&name);
+            tracing::warn!(sandbox = name, session_id = ?session, %output, why, "reclaiming a dead sandbox");
             self.remove(&name).await;
-            sessions.extend(session);
+            sessions.extend(session.map(|s| (s, why)));
         }
         sessions
     }
