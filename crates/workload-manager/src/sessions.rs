@@ -379,14 +379,22 @@ impl Manager {
     /// next ([`agentcube_store::gone_mark`], kept [`agentcube_store::GONE_TTL`]). Best effort: a
     /// store that cannot take it leaves the plain "not found".
     pub async fn mark_gone(&self, gone: &[(String, String)]) {
-        for (session_id, why) in gone {
-            let mark = agentcube_store::gone_mark(session_id);
-            let set = self
-                .store
-                .set_mark(&mark, why, agentcube_store::GONE_TTL, false);
-            if let Err(e) = set.await {
-                tracing::debug!(session_id, error = %e, "cannot note why the session ended");
-            }
+        use futures_util::StreamExt;
+        // Many at once (a GC run's): the store pipelines them.
+        futures_util::stream::iter(gone)
+            .for_each_concurrent(crate::gc::TEARDOWN_CONCURRENCY, |(session_id, why)| {
+                self.note_gone(session_id, why)
+            })
+            .await;
+    }
+
+    async fn note_gone(&self, session_id: &str, why: &str) {
+        let mark = agentcube_store::gone_mark(session_id);
+        let set = self
+            .store
+            .set_mark(&mark, why, agentcube_store::GONE_TTL, false);
+        if let Err(e) = set.await {
+            tracing::debug!(session_id, error = %e, "cannot note why the session ended");
         }
     }
 
