@@ -62,6 +62,10 @@ struct Inner {
     indexes: HashMap<String, ZSet>,
     /// Marks: name → (value, expiry).
     marks: HashMap<String, (String, Instant)>,
+    /// How many marks the last pruning of expired ones kept: the next waits until there are
+    /// twice as many (every session that ends leaves one for an hour: pruning on every set was
+    /// quadratic).
+    marks_kept: usize,
 }
 
 impl Inner {
@@ -304,8 +308,12 @@ impl SessionStore for MemoryStore {
     ) -> Result<bool> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
-        inner.marks.retain(|_, (_, until)| *until > now);
-        if only_if_absent && inner.marks.contains_key(name) {
+        if inner.marks.len() >= (2 * inner.marks_kept).max(64) {
+            inner.marks.retain(|_, (_, until)| *until > now);
+            inner.marks_kept = inner.marks.len();
+        }
+        let live = |(_, until): &(String, Instant)| *until > now;
+        if only_if_absent && inner.marks.get(name).is_some_and(live) {
             return Ok(false);
         }
         inner
@@ -327,5 +335,31 @@ impl SessionStore for MemoryStore {
                     .map(|(v, _)| v.clone())
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn expired_marks_are_pruned_as_marks_are_set() {
+        let s = MemoryStore::new();
+        for i in 0..1000 {
+            s.set_mark(&format!("gone:old{i}"), "x", Duration::ZERO, false)
+                .await
+                .unwrap();
+        }
+        let long = Duration::from_secs(60);
+        for i in 0..100 {
+            s.set_mark(&format!("gone:new{i}"), "y", long, false)
+                .await
+                .unwrap();
+        }
+        let held = s.inner.lock().unwrap().marks.len();
+        assert!(held < 1000, "expired marks kept: {held}");
+        let names: Vec<String> = (0..100).map(|i| format!("gone:new{i}")).collect();
+        let got = s.get_marks(&names).await.unwrap();
+        assert!(got.iter().all(|v| v.as_deref() == Some("y")));
     }
 }
