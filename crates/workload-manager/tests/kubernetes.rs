@@ -438,6 +438,20 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
         (going(sb) && going(claim)).then_some(())
     })
     .await;
+    // Why, for whoever uses them next (the Router's 404 adds it).
+    for s in [&direct, &claimed] {
+        let why = k
+            .store
+            .get_marks(&[agentcube_store::gone_mark(&id(s))])
+            .await
+            .unwrap();
+        let why = why[0].clone().unwrap_or_default();
+        // Restarted, or backing off before a restart: either way, killed (137).
+        assert!(
+            why.starts_with("its sandbox's container ") && why.contains("137"),
+            "{why:?}"
+        );
+    }
     assert!(!record_gone(&healthy).await, "the untouched session stays");
     let (status, out) = exec_tcp(&k.http, &healthy, &["cat", "f.txt"]).await;
     assert_eq!((status, out["stdout"].as_str()), (200, Some("kept\n")));

@@ -328,7 +328,7 @@ impl KubernetesBackend {
                 tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
                 continue;
             }
-            ended.push((session_id, why));
+            ended.push((session_id, format!("its sandbox's {why}")));
         }
         ended
     }
