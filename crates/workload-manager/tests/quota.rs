@@ -215,3 +215,37 @@ async fn workspaces_are_reserved_so_a_full_host_disk_loses_no_write() {
     assert_eq!(s.delete(again["sessionId"].as_str().unwrap()).await.0, 200);
     disk.dir = Some(s.stop_keeping_dir().await);
 }
+
+/// A state directory on tmpfs is named at start: its workspace images would be host memory.
+#[tokio::test]
+async fn a_state_directory_on_tmpfs_is_warned_about() {
+    let (_guard, logs) = Logs::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let unmount = |d: &std::path::Path| {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(d)
+            .status();
+        let _ = std::fs::remove_dir(d);
+    };
+    let path = dir.path().to_path_buf();
+    let s = Stack::start(Options {
+        dir: Some(dir),
+        ..Default::default()
+    })
+    .await;
+    let text = logs.text();
+    drop(s.stop_keeping_dir().await);
+    unmount(&path);
+    assert!(
+        text.contains("the state directory is on tmpfs")
+            && text.contains("put --state-dir on a disk"),
+        "{text}"
+    );
+}

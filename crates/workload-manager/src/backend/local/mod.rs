@@ -234,6 +234,9 @@ impl LocalBackend {
             }
             (Err(_), None) => None,
         };
+        if quotas.is_some() {
+            quota::warn_if_memory(state);
+        }
         for d in ["sandboxes", "private"] {
             let _ = layout::remove_tree(&state.join(d));
         }

@@ -84,6 +84,19 @@ impl Quotas {
     }
 }
 
+/// Warns when the state directory is on tmpfs: workspace images there are the host's memory,
+/// outside every sandbox's memory limit (each up to its workspace quota).
+pub fn warn_if_memory(state: &std::path::Path) {
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
+    if statfs(state).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC) {
+        tracing::warn!(
+            state_dir = %state.display(),
+            "the state directory is on tmpfs: sandbox workspaces there are host memory, outside \
+             their memory limits (up to each one's workspace quota): put --state-dir on a disk"
+        );
+    }
+}
+
 /// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
 /// workspace then has its place, and a workspace the disk cannot hold is refused now (429,
 /// saying how much is free) rather than losing writes later — a sparse image on a full host disk
