@@ -85,9 +85,9 @@ impl Gc {
         let dead = self.manager.backend.reap().await;
         self.manager.metrics.reclaimed(Reason::dead, dead.len());
         let ids: Vec<String> = dead.iter().map(|(id, _)| id.clone()).collect();
-        let deleted = self.delete_records(&ids).await;
+        // Why first: whoever misses the record from now on finds it.
         self.manager.mark_gone(&dead).await;
-        deleted
+        self.delete_records(&ids).await
     }
 
     /// Idle sessions past their own timeout, and sessions past `expiresAt` (that are not idle
@@ -163,9 +163,9 @@ impl Gc {
             .collect()
             .await;
         let ids: Vec<String> = gone.iter().map(|(id, _)| id.clone()).collect();
+        self.manager.mark_gone(&gone).await;
         let deleted = self.delete_records(&ids).await;
         self.manager.metrics.sessions_deleted.inc_by(deleted as u64);
-        self.manager.mark_gone(&gone).await;
         deleted
     }
 

@@ -367,11 +367,13 @@ impl Manager {
                 )),
                 e => e,
             })?;
-        self.delete_record(&record).await?;
-        self.metrics.deleted(kind);
+        // Why first: whoever misses the record from now on finds it (a delete that fails
+        // leaves a note nobody reads: the Router reads them only for sessions it cannot find).
         let why = "it was deleted (DELETE on the Workload Manager's sessions API)";
         self.mark_gone(&[(session_id.to_string(), why.to_string())])
             .await;
+        self.delete_record(&record).await?;
+        self.metrics.deleted(kind);
         Ok(())
     }
 
