@@ -216,8 +216,8 @@ async fn out_of_memory_takes_commands_before_picod() {
     let (s, v) = stack("    resources:\n      limits:\n        memory: 64Mi\n", 512).await;
     let fill = "head -c 30000000 /dev/zero > /tmp/fill";
     assert_eq!(exec(&v, &sh(fill)).await["exit_code"], 0);
-    // Each shell holds ~3 MiB: together more than is left.
-    let many = "for i in $(seq 16); do sh -c 'x=$(head -c 1500000 /dev/zero | tr \"\\0\" a); sleep 5' & done; wait; echo done";
+    // Each shell holds ~2-3 MiB: together well past what is left.
+    let many = "for i in $(seq 24); do sh -c 'x=$(head -c 1500000 /dev/zero | tr \"\\0\" a); sleep 5' & done; wait; echo done";
     let out = exec(&v, &sh(many)).await;
     assert_eq!(out["stdout"], "done\n", "{out}");
     // The kernel did kill (the sandbox sees its cgroup's count at /run/memory.events).
