@@ -111,10 +111,18 @@ impl ListenAddr {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
-                Ok(tokio::net::UnixListener::bind(p)?.into())
+                let listener = tokio::net::UnixListener::bind(p)?;
+                mark_listening(p)?;
+                Ok(listener.into())
             }
         }
     }
+}
+
+/// Writes the marker saying the Unix socket at `path` listens
+/// ([`agentcube_types::picod::SOCKET_READY_SUFFIX`]).
+pub fn mark_listening(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(agentcube_types::picod::socket_ready_marker(path), b"")
 }
 
 #[cfg(test)]

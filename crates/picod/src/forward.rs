@@ -42,6 +42,7 @@ pub fn start(forwards: &[Forward]) -> std::io::Result<()> {
     for f in forwards {
         let _ = std::fs::remove_file(&f.socket);
         let listener = UnixListener::bind(&f.socket)?;
+        crate::config::mark_listening(&f.socket)?;
         let port = f.port;
         tokio::spawn(async move {
             loop {

@@ -2,6 +2,19 @@
 
 use std::collections::BTreeMap;
 
+/// What PicoD adds to a Unix socket's path for the empty file it writes once that socket listens
+/// (`picod.sock.ready`): the local Workload Manager moves the socket out of the sandbox's reach
+/// only then. Under gVisor a `bind` is more than one step on the host, and a move in between
+/// failed PicoD's start.
+pub const SOCKET_READY_SUFFIX: &str = ".ready";
+
+/// The marker path of socket `path` ([`SOCKET_READY_SUFFIX`]).
+pub fn socket_ready_marker(path: &std::path::Path) -> std::path::PathBuf {
+    let mut marker = path.as_os_str().to_owned();
+    marker.push(SOCKET_READY_SUFFIX);
+    marker.into()
+}
+
 use serde::{Deserialize, Serialize};
 
 /// Body of `POST /api/execute`.

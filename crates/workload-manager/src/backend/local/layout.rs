@@ -288,11 +288,17 @@ pub fn prepare_state(state: &Path, shared: bool) -> io::Result<()> {
 
 /// Takes a socket PicoD bound in the sandbox's `run/` into `private/`: a `rename` (the entry
 /// itself moves, a symlink is not followed), then a check that what arrived is a socket. Returns
-/// `Ok(false)` while PicoD has not bound it yet.
+/// `Ok(false)` while PicoD has not said it listens (its `<file>.ready` marker): under gVisor a
+/// `bind` is more than one step on the host, and a move in between failed PicoD's start with
+/// ENOENT. The marker only says when; what is moved is checked all the same.
 pub fn claim_socket(paths: &SandboxPaths, file: &str) -> io::Result<bool> {
     let (from, to) = (paths.run.join(file), paths.private.join(file));
     if std::fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_socket()) {
         return Ok(true);
+    }
+    let marker = agentcube_types::picod::socket_ready_marker(&from);
+    if std::fs::symlink_metadata(marker).is_err() {
+        return Ok(false);
     }
     match std::fs::rename(&from, &to) {
         Ok(()) => {}
@@ -364,6 +370,12 @@ mod tests {
         let host = tmp.path().join("host.sock");
         let _host = std::os::unix::net::UnixListener::bind(&host).unwrap();
         std::os::unix::fs::symlink(&host, paths.run.join(PICOD_SOCKET)).unwrap();
+        assert!(
+            !claim_socket(&paths, PICOD_SOCKET).unwrap(),
+            "not moved before PicoD says it listens"
+        );
+        let marker = agentcube_types::picod::socket_ready_marker(&paths.run.join(PICOD_SOCKET));
+        std::fs::write(marker, b"").unwrap();
         let err = claim_socket(&paths, PICOD_SOCKET).unwrap_err();
         assert!(err.to_string().contains("a symlink"), "{err}");
         assert!(!paths.socket(PICOD_SOCKET).exists());
