@@ -627,8 +627,15 @@ pub fn write_oci_bundle(bundle: &Path, spec: &LaunchSpec) -> std::io::Result<()>
 /// `--network=host`: gVisor's sockets are that namespace's kernel sockets, so the namespace's
 /// nftables rules apply to them as to a bubblewrap sandbox's (gVisor's own network stack would
 /// send raw frames, which those rules never see).
+///
+/// runsc has no `--die-with-parent`: `setpriv --pdeathsig KILL` gives `runsc run` the kill that
+/// bubblewrap gives itself, so a manager that dies (even by SIGKILL) takes its gVisor sandboxes
+/// with it (an attached sandbox and its gofer die with `runsc run`), as it does its bubblewrap
+/// ones. Both are tied to the thread that started the launcher: the runtime's worker threads,
+/// which live as long as the manager.
 pub fn runsc_argv(
     runsc: &Path,
+    setpriv: &Path,
     state: &Path,
     bundle: &Path,
     id: &str,
@@ -651,6 +658,10 @@ pub fn runsc_argv(
         None => "--network=none",
     };
     argv.extend([
+        setpriv.display().to_string(),
+        "--pdeathsig".into(),
+        "KILL".into(),
+        "--".into(),
         runsc.display().to_string(),
         format!("--root={}", state.display()),
         network.into(),

@@ -245,8 +245,8 @@ impl LocalBackend {
         if config.uids.is_some() {
             check_traversable(&state.join("sandboxes"))?;
         }
-        // Leftovers of a predecessor that crashed: its sandboxes died with it (die-with-parent);
-        // its directories went above, its cgroups go here.
+        // Leftovers of a predecessor that crashed: its sandboxes died with it (bubblewrap's
+        // die-with-parent, runsc's pdeathsig); its directories went above, its cgroups go here.
         let uids = config.uids.map(Uids::new);
         let (cgroups, held) = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
             Ok(c) => {
@@ -708,6 +708,7 @@ impl LocalBackend {
                 launch::write_oci_bundle(&bundle, spec)?;
                 Ok(launch::runsc_argv(
                     runsc,
+                    &self.inner.tools.setpriv,
                     &self.runsc_state(),
                     &bundle,
                     name,

@@ -79,6 +79,7 @@ fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
     ));
     let r = runsc_argv(
         Path::new("/usr/bin/runsc"),
+        Path::new("/usr/bin/setpriv"),
         Path::new("/st"),
         Path::new("/b"),
         "s1",
@@ -342,6 +343,7 @@ fn oci_spec_mirrors_the_bubblewrap_sandbox() {
     assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
     let r = runsc_argv(
         Path::new("/usr/bin/runsc"),
+        Path::new("/usr/bin/setpriv"),
         Path::new("/st"),
         Path::new("/b"),
         "s1",
@@ -351,6 +353,17 @@ fn oci_spec_mirrors_the_bubblewrap_sandbox() {
         },
     );
     assert!(has(&r, &["--host-uds=create", "--oci-seccomp"]));
+    // runsc dies with the manager (bubblewrap's --die-with-parent has no runsc flag).
+    assert!(has(
+        &r,
+        &[
+            "/usr/bin/setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "/usr/bin/runsc"
+        ]
+    ));
 }
 
 #[test]
@@ -362,6 +375,7 @@ fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking()
     };
     let r = runsc_argv(
         Path::new("/usr/bin/runsc"),
+        Path::new("/usr/bin/setpriv"),
         Path::new("/st"),
         Path::new("/b"),
         "s1",
@@ -372,6 +386,10 @@ fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking()
         &[
             "/usr/bin/nsenter",
             "--net=/run/netns/agentcube-s1",
+            "--",
+            "/usr/bin/setpriv",
+            "--pdeathsig",
+            "KILL",
             "--",
             "/usr/bin/runsc"
         ]
@@ -389,6 +407,7 @@ fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking()
     }));
     let none = runsc_argv(
         Path::new("/usr/bin/runsc"),
+        Path::new("/usr/bin/setpriv"),
         Path::new("/st"),
         Path::new("/b"),
         "s1",
