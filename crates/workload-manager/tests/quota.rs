@@ -237,10 +237,14 @@ async fn a_state_directory_on_tmpfs_is_warned_about() {
     let path = dir.path().to_path_buf();
     let s = Stack::start(Options {
         dir: Some(dir),
+        manifests: code_interpreter("ci", ""),
         ..Default::default()
     })
     .await;
     let text = logs.text();
+    // Its images stay sparse: a 2Gi workspace on this 64 MiB tmpfs is made (reserving it would
+    // be memory, and refused here).
+    let created = s.create("code-interpreter", "ci").await;
     drop(s.stop_keeping_dir().await);
     unmount(&path);
     assert!(
@@ -248,4 +252,5 @@ async fn a_state_directory_on_tmpfs_is_warned_about() {
             && text.contains("put --state-dir on a disk"),
         "{text}"
     );
+    assert_eq!(created.0, 200, "{:?}", created.1);
 }

@@ -226,7 +226,7 @@ impl LocalBackend {
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let state = &config.state_dir;
         let state_lock = layout::lock_state(state)?;
-        let quotas = match (quota::Quotas::detect(), config.default_workspace_bytes) {
+        let quotas = match (quota::Quotas::detect(state), config.default_workspace_bytes) {
             (Ok(q), _) => Some(q),
             (Err(why), Some(_)) => {
                 tracing::warn!(reason = %why, "sandbox workspaces are NOT size-limited");
@@ -234,9 +234,6 @@ impl LocalBackend {
             }
             (Err(_), None) => None,
         };
-        if quotas.is_some() {
-            quota::warn_if_memory(state);
-        }
         for d in ["sandboxes", "private"] {
             let _ = layout::remove_tree(&state.join(d));
         }

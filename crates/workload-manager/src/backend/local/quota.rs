@@ -7,26 +7,30 @@
 //! workspace is `ENOSPC` inside that sandbox and nothing else. Needs root (mount); without it
 //! workspaces are plain host directories, unbounded.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::launch::WorkspaceFs;
 use super::layout::SandboxPaths;
 use super::tools::{run, system_tool};
 use crate::backend::BackendError;
 
-/// The tools, found at start.
+/// The tools, found at start, and whether images are memory.
 #[derive(Debug, Clone)]
 pub struct Quotas {
     mkfs: PathBuf,
     unshare: PathBuf,
     mount: PathBuf,
+    /// The state directory (where the images are) is tmpfs: images stay sparse ([`reserve`]).
+    on_memory: bool,
 }
 
 const IMAGE: &str = "workspace.ext4";
 
 impl Quotas {
-    /// The quota tools, or why workspaces cannot be bounded here.
-    pub fn detect() -> Result<Self, String> {
+    /// The quota tools for images kept under `state`, or why workspaces cannot be bounded here.
+    /// Warns when `state` is on tmpfs: images there are the host's memory, outside every
+    /// sandbox's memory limit (each up to its workspace quota).
+    pub fn detect(state: &Path) -> Result<Self, String> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(
                 "workspace quotas need root (a loop-mounted filesystem per sandbox)".into(),
@@ -36,6 +40,7 @@ impl Quotas {
             mkfs: system_tool("mkfs.ext4", "e2fsprogs")?,
             unshare: system_tool("unshare", "util-linux")?,
             mount: system_tool("mount", "mount")?,
+            on_memory: on_memory(state),
         })
     }
 
@@ -50,7 +55,12 @@ impl Quotas {
         let fail =
             |what: &str, e: String| BackendError::Failed(format!("workspace quota ({what}): {e}"));
         let file = std::fs::File::create(&image).map_err(|e| fail("image", e.to_string()))?;
-        reserve(&file, bytes)?;
+        if self.on_memory {
+            file.set_len(bytes)
+                .map_err(|e| fail("image size", e.to_string()))?;
+        } else {
+            reserve(&file, bytes)?;
+        }
         drop(file);
         let owner = uid.unwrap_or(0);
         // No journal, no resize reserve, no discard pass, an inode per 32 KiB: a scratch
@@ -84,34 +94,31 @@ impl Quotas {
     }
 }
 
-/// Warns when the state directory is on tmpfs: workspace images there are the host's memory,
-/// outside every sandbox's memory limit (each up to its workspace quota).
-pub fn warn_if_memory(state: &std::path::Path) {
+/// Whether `state` is on tmpfs, warned about: workspace images there are host memory.
+fn on_memory(state: &Path) -> bool {
     use nix::sys::statfs::{TMPFS_MAGIC, statfs};
-    if statfs(state).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC) {
+    let tmpfs = statfs(state).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC);
+    if tmpfs {
         tracing::warn!(
             state_dir = %state.display(),
             "the state directory is on tmpfs: sandbox workspaces there are host memory, outside \
              their memory limits (up to each one's workspace quota): put --state-dir on a disk"
         );
     }
+    tmpfs
 }
 
 /// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
 /// workspace then has its place, and a workspace the disk cannot hold is refused now (429,
 /// saying how much is free) rather than losing writes later — a sparse image on a full host disk
 /// fails its writes only at writeback, after the sandbox's `write` succeeded (the kernel logs
-/// "potential data loss"). On tmpfs (the reservation would be memory) or a filesystem without
-/// `fallocate`, the image stays sparse.
+/// "potential data loss"). On a filesystem without `fallocate` the image stays sparse (as on
+/// tmpfs, where the reservation would be memory: [`Quotas::prepare`] does not call this there).
 fn reserve(file: &std::fs::File, bytes: u64) -> Result<(), BackendError> {
-    use nix::sys::statfs::{TMPFS_MAGIC, fstatfs};
     let sparse = |file: &std::fs::File| {
         file.set_len(bytes)
             .map_err(|e| BackendError::Failed(format!("workspace quota (image size): {e}")))
     };
-    if fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC) {
-        return sparse(file);
-    }
     let len = i64::try_from(bytes).unwrap_or(i64::MAX);
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
         Ok(()) => Ok(()),
