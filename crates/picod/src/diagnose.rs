@@ -24,17 +24,28 @@ pub struct Diagnostics {
     pub scratch: Vec<PathBuf>,
 }
 
-/// Free and total bytes of the filesystem holding `dir`.
-fn space(dir: &std::path::Path) -> Option<(u64, u64)> {
-    let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    let frsize = st.fragment_size();
-    Some((st.blocks_available() * frsize, st.blocks() * frsize))
+/// What the filesystem holding a directory has: bytes free and in all, files (inodes) free and
+/// in all; one `statvfs`.
+struct Usage {
+    space: (u64, u64),
+    files: (u64, u64),
 }
 
-/// How many files (inodes) the filesystem holding `dir` has, when none is left.
-fn out_of_inodes(dir: &std::path::Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    (st.files() > 0 && st.files_available() == 0).then_some(st.files())
+impl Usage {
+    fn of(dir: &std::path::Path) -> Option<Self> {
+        let st = nix::sys::statvfs::statvfs(dir).ok()?;
+        let frsize = st.fragment_size();
+        Some(Self {
+            space: (st.blocks_available() * frsize, st.blocks() * frsize),
+            files: (st.files_available(), st.files()),
+        })
+    }
+
+    /// How many files the filesystem holds, when none more fits.
+    fn out_of_inodes(&self) -> Option<u64> {
+        let (free, all) = self.files;
+        (all > 0 && free == 0).then_some(all)
+    }
 }
 
 /// Whether a filesystem of `total` bytes with `free` left is what a write found full: less than
@@ -161,19 +172,19 @@ impl Diagnostics {
     /// `/dev/shm` has none; when none is full any more (the writer removed its file), what each
     /// has free.
     fn disk_full(&self) -> String {
-        if let Some(files) = self.workspace.as_deref().and_then(out_of_inodes) {
+        let workspace = self.workspace.as_deref().and_then(Usage::of);
+        if let Some(files) = workspace.as_ref().and_then(Usage::out_of_inodes) {
             return format!(
                 "[picod: the workspace holds no more files: {files} files and directories at \
                  most, whatever their size]"
             );
         }
-        let workspace = self.workspace.as_deref().and_then(space);
         let scratch: Vec<(&std::path::Path, (u64, u64))> = self
             .scratch
             .iter()
-            .filter_map(|d| Some((d.as_path(), space(d)?)))
+            .filter_map(|d| Some((d.as_path(), Usage::of(d)?.space)))
             .collect();
-        self.disk_full_note(workspace, &scratch)
+        self.disk_full_note(workspace.map(|w| w.space), &scratch)
     }
 
     /// [`Self::disk_full`] given the `(free, total)` bytes of the workspace and the others.
