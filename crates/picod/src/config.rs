@@ -98,31 +98,13 @@ impl std::str::FromStr for ListenAddr {
 }
 
 impl ListenAddr {
-    /// Binds; a stale Unix socket file left by a previous run is replaced.
+    /// Binds; a stale Unix socket file left by a previous run is replaced ([`crate::listen`]).
     pub async fn bind(&self) -> std::io::Result<agentcube_serve::Listener> {
         match self {
             Self::Tcp(a) => Ok(tokio::net::TcpListener::bind(a).await?.into()),
-            Self::Unix(p) => {
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                match std::fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                let listener = tokio::net::UnixListener::bind(p)?;
-                mark_listening(p)?;
-                Ok(listener.into())
-            }
+            Self::Unix(p) => Ok(crate::listen::unix(p)?.into()),
         }
     }
-}
-
-/// Writes the marker saying the Unix socket at `path` listens
-/// ([`agentcube_types::picod::SOCKET_READY_SUFFIX`]).
-pub fn mark_listening(path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::write(agentcube_types::picod::socket_ready_marker(path), b"")
 }
 
 #[cfg(test)]

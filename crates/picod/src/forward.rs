@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::net::{TcpStream, UnixListener};
+use tokio::net::TcpStream;
 
 /// One `--forward PORT=unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +40,7 @@ impl std::str::FromStr for Forward {
 /// background for the life of the process.
 pub fn start(forwards: &[Forward]) -> std::io::Result<()> {
     for f in forwards {
-        let _ = std::fs::remove_file(&f.socket);
-        let listener = UnixListener::bind(&f.socket)?;
-        crate::config::mark_listening(&f.socket)?;
+        let listener = crate::listen::unix(&f.socket)?;
         let port = f.port;
         tokio::spawn(async move {
             loop {

@@ -3,7 +3,7 @@
 //!
 //! Main flow:
 //! 1. `main` parses flags/env into a [`Config`] and binds a listener ([`ListenAddr::bind`]: TCP
-//!    or a Unix socket).
+//!    or a Unix socket, marked listening once bound: [`listen`]).
 //! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`];
 //!    `main` has installed [`ring_rsa`] as jsonwebtoken's RSA verifier).
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
@@ -28,6 +28,7 @@ pub mod exec;
 pub mod files;
 pub mod forward;
 pub mod jail;
+pub mod listen;
 pub mod metrics;
 pub mod process;
 pub mod ring_rsa;
