@@ -42,6 +42,18 @@ fn image_spec() -> LaunchSpec {
     }
 }
 
+/// The gVisor launcher argv of `spec` for sandbox `s1`, with the tools at their usual paths.
+fn gvisor_argv(spec: &LaunchSpec) -> Vec<String> {
+    runsc_argv(
+        Path::new("/usr/bin/runsc"),
+        Path::new("/usr/bin/setpriv"),
+        Path::new("/st"),
+        Path::new("/b"),
+        "s1",
+        spec,
+    )
+}
+
 #[test]
 fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
     let with_fs = LaunchSpec {
@@ -77,14 +89,7 @@ fn a_workspace_filesystem_is_mounted_in_the_launchers_own_mount_namespace() {
             "/state/sandboxes/s1/ws"
         ]
     ));
-    let r = runsc_argv(
-        Path::new("/usr/bin/runsc"),
-        Path::new("/usr/bin/setpriv"),
-        Path::new("/st"),
-        Path::new("/b"),
-        "s1",
-        &with_fs,
-    );
+    let r = gvisor_argv(&with_fs);
     assert_eq!(r[0], "/usr/bin/unshare");
     // Without one, nothing of it.
     let plain = launcher_argv(
@@ -341,17 +346,10 @@ fn oci_spec_mirrors_the_bubblewrap_sandbox() {
         .collect();
     assert!(ns.contains(&"network") && ns.contains(&"pid"));
     assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
-    let r = runsc_argv(
-        Path::new("/usr/bin/runsc"),
-        Path::new("/usr/bin/setpriv"),
-        Path::new("/st"),
-        Path::new("/b"),
-        "s1",
-        &LaunchSpec {
-            cgroup_procs: vec![],
-            ..spec()
-        },
-    );
+    let r = gvisor_argv(&LaunchSpec {
+        cgroup_procs: vec![],
+        ..spec()
+    });
     assert!(has(&r, &["--host-uds=create", "--oci-seccomp"]));
     // runsc dies with the manager (bubblewrap's --die-with-parent has no runsc flag).
     assert!(has(
@@ -373,14 +371,7 @@ fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking()
         netns: Some((PathBuf::from("/usr/bin/nsenter"), "agentcube-s1".into())),
         ..spec()
     };
-    let r = runsc_argv(
-        Path::new("/usr/bin/runsc"),
-        Path::new("/usr/bin/setpriv"),
-        Path::new("/st"),
-        Path::new("/b"),
-        "s1",
-        &networked,
-    );
+    let r = gvisor_argv(&networked);
     assert!(has(
         &r,
         &[
@@ -405,14 +396,7 @@ fn a_networked_gvisor_sandbox_runs_runsc_in_its_namespace_with_host_networking()
         m["source"] == "/etc/netns/agentcube-s1/resolv.conf"
             && m["destination"] == "/etc/resolv.conf"
     }));
-    let none = runsc_argv(
-        Path::new("/usr/bin/runsc"),
-        Path::new("/usr/bin/setpriv"),
-        Path::new("/st"),
-        Path::new("/b"),
-        "s1",
-        &spec(),
-    );
+    let none = gvisor_argv(&spec());
     assert!(
         none.contains(&"--network=none".to_string()) && !none.iter().any(|a| a.contains("nsenter"))
     );
