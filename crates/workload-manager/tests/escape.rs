@@ -323,6 +323,21 @@ async fn workspaces_are_private_to_their_sandbox() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// Each sandbox has its own network, IPC and process namespaces: another sandbox's abstract
+/// sockets, loopback ports, SysV objects and processes, and the host's, are out of its reach.
+#[tokio::test]
+async fn a_sandbox_reaches_no_neighbours_sockets_ipc_or_processes() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let a = s.create_ok("code-interpreter", "ci").await;
+    let b = s.create_ok("code-interpreter", "ci").await;
+    neighbours_are_out_of_reach(&a, &b).await;
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn a_token_for_one_sandbox_opens_no_other() {
     let s = Stack::start(Options {

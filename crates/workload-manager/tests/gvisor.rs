@@ -60,6 +60,10 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
     // Memory-backed directories are sized below the memory limit, the rest is read-only.
     let fills = [("/tmp/fill", 128), ("/dev/shm/fill", 32)];
     tmpfs_fill_up_to_their_size(&v, &fills, &["", "/dev", "/run"]).await;
+    // Another gVisor sandbox (its own user-space kernel) reaches none of this one's sockets, IPC
+    // objects or processes, nor the host's.
+    let neighbour = s.create_ok("code-interpreter", "ci").await;
+    neighbours_are_out_of_reach(&neighbour, &v).await;
     // A socket symlink planted inside (gVisor's gofer makes it a real host symlink) is never
     // followed: the host talks to the socket it took out of the sandbox's reach.
     let host = s.dir.path().join("host.sock");

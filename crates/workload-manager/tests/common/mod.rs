@@ -496,3 +496,126 @@ except OSError as e:
         );
     }
 }
+
+/// Sandbox `a` listens on an abstract Unix socket and on a loopback port, holds a SysV
+/// shared-memory segment and message queue, and runs with a marker in its command line.
+const NEIGHBOUR: &str = r#"
+import ctypes, select, socket, time
+libc = ctypes.CDLL(None, use_errno=True)
+KEY, CREATE = 0x41435A31, 0o1000
+shm, msq = libc.shmget(KEY, 4096, CREATE | 0o666), libc.msgget(KEY, CREATE | 0o666)
+addrs = ((socket.AF_UNIX, "\0agentcube-neighbour"), (socket.AF_INET, ("127.0.0.1", 47123)))
+listening = []
+for family, addr in addrs:
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(8)
+    listening.append(s)
+start = time.time()
+end, accepted = start + 8, 0
+while time.time() < end:
+    for s in select.select(listening, [], [], 0.1)[0]:
+        s.accept()[0].close()
+        accepted += 1
+own = 0
+for family, addr in addrs:
+    c = socket.socket(family)
+    c.connect(addr)
+    own += 1
+print(f"start={start} end={end} accepted={accepted} shm={shm} msq={msq} own={own}")
+"#;
+
+/// Sandbox `b`, meanwhile, tries each of them, and the host's abstract socket and loopback port
+/// (argv: their name and port).
+const PROBE: &str = r#"
+import ctypes, os, socket, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+KEY = 0x41435A31
+out = [f"at={time.time()}"]
+targets = (
+    ("a-abstract", socket.AF_UNIX, "\0agentcube-neighbour"),
+    ("a-tcp", socket.AF_INET, ("127.0.0.1", 47123)),
+    ("host-abstract", socket.AF_UNIX, "\0" + sys.argv[1]),
+    ("host-tcp", socket.AF_INET, ("127.0.0.1", int(sys.argv[2]))),
+)
+for name, family, addr in targets:
+    s = socket.socket(family)
+    s.settimeout(1)
+    try:
+        s.connect(addr)
+        out.append(f"{name}=reached")
+    except OSError:
+        out.append(f"{name}=refused")
+out.append(f"shm={libc.shmget(KEY, 0, 0)} msq={libc.msgget(KEY, 0)}")
+marker, seen = b"agentcube-" + b"neighbour-marker", 0
+for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) != os.getpid():
+        try:
+            seen += marker in open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            pass
+out.append(f"marker={seen}")
+print(" ".join(out))
+"#;
+
+/// Sandbox `b` reaches nothing of sandbox `a`'s, nor the host's: while `a` ([`NEIGHBOUR`]) listens
+/// and holds its IPC objects, `b` ([`PROBE`]) cannot connect to either socket, open either object
+/// by its key or see `a`'s process, nor connect to an abstract socket or loopback port of the
+/// host. `a` reaching its own sockets and making its objects shows the probes would work.
+pub async fn neighbours_are_out_of_reach(a: &Value, b: &Value) {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("agentcube-host-probe-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let host_unix = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let host_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host_tcp.local_addr().unwrap().port().to_string();
+    let probe = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        exec(b, &["python3", "-c", PROBE, &name, &port]).await
+    };
+    let (listened, probed) = tokio::join!(
+        exec(
+            a,
+            &["python3", "-c", NEIGHBOUR, "agentcube-neighbour-marker"]
+        ),
+        probe
+    );
+    let fields = |v: &Value| -> std::collections::HashMap<String, String> {
+        v["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let (a_saw, b_saw) = (fields(&listened), fields(&probed));
+    let num = |m: &std::collections::HashMap<String, String>, k: &str| -> f64 {
+        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    };
+    assert!(
+        num(&a_saw, "shm") >= 0.0 && num(&a_saw, "msq") >= 0.0 && a_saw["own"] == "2",
+        "the probes' targets exist: {listened}"
+    );
+    assert!(
+        num(&a_saw, "start") < num(&b_saw, "at") && num(&b_saw, "at") < num(&a_saw, "end"),
+        "probed while the neighbour listened: {listened} {probed}"
+    );
+    for target in ["a-abstract", "a-tcp", "host-abstract", "host-tcp"] {
+        assert_eq!(b_saw[target], "refused", "{target}: {probed}");
+    }
+    assert_eq!(
+        (
+            b_saw["shm"].as_str(),
+            b_saw["msq"].as_str(),
+            b_saw["marker"].as_str()
+        ),
+        ("-1", "-1", "0"),
+        "{probed}"
+    );
+    assert_eq!(a_saw["accepted"], "0", "{listened}");
+    host_unix.set_nonblocking(true).unwrap();
+    host_tcp.set_nonblocking(true).unwrap();
+    assert!(host_unix.accept().is_err() && host_tcp.accept().is_err());
+}
