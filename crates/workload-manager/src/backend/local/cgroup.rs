@@ -245,14 +245,7 @@ impl SandboxCgroup {
     pub async fn remove(&self) -> io::Result<()> {
         let mut result = Ok(());
         for dir in &self.dirs {
-            let mut last = Ok(());
-            for _ in 0..50 {
-                last = kill_and_remove(dir);
-                if last.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let last = super::retry::until_ok(|| async { kill_and_remove(dir) }).await;
             if last.is_err() {
                 result = last;
             }

@@ -94,18 +94,16 @@ impl SandboxPaths {
         for d in [&self.dir, &self.private] {
             // Without cgroups, a process of the sandbox may outlive its launcher by a moment
             // (the kernel kills a pid namespace when its init goes): retry briefly.
-            let mut last = Ok(());
-            for _ in 0..50 {
+            let last = super::retry::until_ok(|| {
                 let dir = d.clone();
-                last = match tokio::task::spawn_blocking(move || remove_tree(&dir)).await {
-                    Ok(r) => r,
-                    Err(e) => Err(io::Error::other(e)),
-                };
-                if last.is_ok() {
-                    break;
+                async move {
+                    match tokio::task::spawn_blocking(move || remove_tree(&dir)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(io::Error::other(e)),
+                    }
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            })
+            .await;
             if let Err(e) = last {
                 tracing::error!(
                     dir = %d.display(),

@@ -39,6 +39,7 @@ mod pool;
 pub mod probe;
 pub mod quantity;
 pub mod quota;
+mod retry;
 pub mod seccomp;
 mod teardown;
 mod tools;
