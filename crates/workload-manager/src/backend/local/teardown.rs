@@ -1,7 +1,8 @@
 //! Tearing sandboxes down: kill, remove the cgroup and directories, give back the uid and the
 //! memory budget. A cgroup a process still holds after SIGKILL (stuck in the kernel) is retried
 //! in the background, its uid and memory held until it is gone, whether this run removed the
-//! sandbox or a previous run left it.
+//! sandbox or a previous run left it. A sandbox that died on its own is told apart here too
+//! ([`LocalBackend::why_dead`]: its exit, a memory kill, its last output).
 
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -10,7 +11,8 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 
 use super::cgroup::{self, SandboxCgroup};
-use super::{LocalBackend, layout};
+use super::layout::SandboxPaths;
+use super::{LocalBackend, human_bytes, layout, output};
 
 impl LocalBackend {
     /// Cgroups of a predecessor's sandboxes that a process outliving SIGKILL still holds: the
@@ -127,6 +129,65 @@ impl LocalBackend {
         tracing::info!(sandbox = %name, "the removed sandbox's uid and memory are released");
         self.release(&uids, memory);
         self.inner.reclaiming.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Why a sandbox that died on its own ended, for its session's next user.
+    pub(super) fn why_dead(&self, name: &str) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.exited(name).ok().flatten();
+        // The launcher (bubblewrap, runsc) passes its program's death by a signal on as 128 + it.
+        let signal = status.and_then(|s| {
+            s.signal()
+                .or(s.code().filter(|c| *c > 128).map(|c| c - 128))
+        });
+        let exited = match (signal, status.and_then(|s| s.code())) {
+            (Some(n), _) => match nix::sys::signal::Signal::try_from(n) {
+                Ok(sig) => format!("its sandbox was killed by signal {n} ({sig})"),
+                Err(_) => format!("its sandbox was killed by signal {n}"),
+            },
+            (None, Some(code)) => format!("its sandbox exited with status {code}"),
+            (None, None) => "its sandbox exited".to_string(),
+        };
+        match self.killed_for_memory(name) {
+            Some(limit) => format!("{exited} after reaching its memory limit ({limit})"),
+            None => exited,
+        }
+    }
+
+    /// The sandbox's memory limit when the kernel killed one of its processes for memory (the
+    /// `oom_kill` count of its cgroup).
+    pub(super) fn killed_for_memory(&self, name: &str) -> Option<String> {
+        let running = self.inner.running.lock().unwrap();
+        let r = running.get(name)?;
+        let events = std::fs::read_to_string(r.cgroup.as_ref()?.memory_events()?).ok()?;
+        let kills: u64 = events
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (kills > 0).then(|| human_bytes(r.memory))
+    }
+
+    /// The last lines the sandbox printed (its agent's, PicoD's), joined with ` | `, once its
+    /// output is all in its log (waited for at most 1 s): for the manager's log, never a client.
+    pub(super) async fn last_output(&self, name: &str, paths: &SandboxPaths) -> String {
+        if let Some(drained) = self.drained(name) {
+            drained.wait(Duration::from_secs(1)).await;
+        }
+        // Up to 2 MiB: read off the runtime's threads.
+        let log = tokio::fs::read_to_string(paths.log())
+            .await
+            .unwrap_or_default();
+        let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
+        tail.reverse();
+        tail.join(" | ")
+    }
+
+    /// When the sandbox's output is all in its log.
+    pub(super) fn drained(&self, name: &str) -> Option<output::Drained> {
+        let running = self.inner.running.lock().unwrap();
+        running.get(name).map(|r| r.drained.clone())
     }
 }
 
