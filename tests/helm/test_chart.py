@@ -29,6 +29,7 @@ VARIANTS = {
     "standby-claims": ["--set", "workloadmanager.standbyClaims=2"],
     "code-interpreter-uid": ["--set", "workloadmanager.codeInterpreterUid=65532"],
     "metadata-access": ["--set", "workloadmanager.sandboxMetadataAccess=true"],
+    "user-namespaces": ["--set", "workloadmanager.sandboxUserNamespaces=true"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -147,6 +148,15 @@ def test_sandboxes_reach_the_metadata_endpoints_only_when_asked(env, tmp_path):
     docs, _ = render(env, "metadata-access", tmp_path)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
     assert "--sandbox-metadata-access" in args
+
+
+def test_sandbox_pods_get_user_namespaces_only_when_asked(env, tmp_path):
+    docs, _ = render(env, "defaults", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--sandbox-user-namespaces" not in args
+    docs, _ = render(env, "user-namespaces", tmp_path)
+    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
+    assert "--sandbox-user-namespaces" in args
 
 
 def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):

@@ -107,6 +107,12 @@ struct Args {
     /// where the cloud hands them to pods), as upstream. Off: their egress is everything else.
     #[arg(long, env = "AGENTCUBE_SANDBOX_METADATA_ACCESS")]
     sandbox_metadata_access: bool,
+    /// Kubernetes backend: run sandbox pods in a user namespace of their own (`hostUsers:
+    /// false`, unless the definition's pod template sets it or shares a node namespace): their
+    /// uids, root included, are host uids no other pod has. Needs nodes that support it
+    /// (Kubernetes 1.33+, a container runtime and kernel with idmapped mounts).
+    #[arg(long, env = "AGENTCUBE_SANDBOX_USER_NAMESPACES")]
+    sandbox_user_namespaces: bool,
     /// Kubernetes backend: namespace of the Router's identity Secret.
     #[arg(long, env = "AGENTCUBE_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -199,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             kc.fixed_key = public_key;
             kc.standby_claims = args.standby_claims;
             kc.metadata_access = args.sandbox_metadata_access;
+            kc.pod_defaults.user_namespaces = args.sandbox_user_namespaces;
             let labels = |flag: &str, v: &str| {
                 agentcube_workload_manager::backend::kubernetes::network::Peers::parse_labels(v)
                     .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))

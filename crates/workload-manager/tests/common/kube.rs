@@ -63,6 +63,8 @@ pub struct KubeOptions {
     pub code_interpreter_uid: Option<i64>,
     /// `--sandbox-metadata-access`.
     pub metadata_access: bool,
+    /// `--sandbox-user-namespaces`.
+    pub user_namespaces: bool,
 }
 
 impl Default for KubeOptions {
@@ -78,6 +80,7 @@ impl Default for KubeOptions {
             auth_trusted_callers: Vec::new(),
             code_interpreter_uid: None,
             metadata_access: false,
+            user_namespaces: false,
         }
     }
 }
@@ -294,6 +297,7 @@ impl KubeStack {
         kc.pod_defaults.runtime_class = opts.runtime_class;
         kc.pod_defaults.code_interpreter_uid = opts.code_interpreter_uid;
         kc.metadata_access = opts.metadata_access;
+        kc.pod_defaults.user_namespaces = opts.user_namespaces;
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());

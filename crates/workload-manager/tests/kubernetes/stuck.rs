@@ -145,10 +145,14 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
 async fn code_interpreters_run_as_a_uid_pass_pod_security_restricted() {
     // A CodeInterpreter's definition has no securityContext (upstream's shape), and PicoD's
     // images run as root: no CodeInterpreter could start in a namespace enforcing `restricted`
-    // (the test above). With --code-interpreter-uid its pods run as that uid, and pass.
+    // (the test above). With --code-interpreter-uid its pods run as that uid, and pass; with
+    // --sandbox-user-namespaces too, in a user namespace of their own (`hostUsers: false`, which
+    // the API server and `restricted` admit with the rest; the process kubelet runs the
+    // container as the uid it names, without mapping it).
     let k = KubeStack::start(KubeOptions {
         manifests: format!("{ON_DEMAND}---\n{POOLED}"),
         code_interpreter_uid: Some(1000),
+        user_namespaces: true,
         ..Default::default()
     })
     .await;
@@ -196,6 +200,7 @@ async fn code_interpreters_run_as_a_uid_pass_pod_security_restricted() {
                 spec["securityContext"]["runAsNonRoot"], true,
                 "{definition}"
             );
+            assert_eq!(spec["hostUsers"], false, "{definition}");
         }
         assert_eq!(k.delete(sid).await, 200);
     }

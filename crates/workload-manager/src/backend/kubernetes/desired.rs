@@ -47,6 +47,9 @@ pub struct PodDefaults {
     /// `--code-interpreter-uid`: CodeInterpreter pods (whose definitions cannot say) run as this
     /// uid instead of the image's user, which is root in PicoD's images ([`run_as`]).
     pub code_interpreter_uid: Option<i64>,
+    /// `--sandbox-user-namespaces`: sandbox pods run in a user namespace of their own
+    /// (`hostUsers: false`, [`user_namespace`]).
+    pub user_namespaces: bool,
 }
 
 /// First 63 hex characters of sha256(owner): labels cannot hold arbitrary subjects.
@@ -119,6 +122,17 @@ fn harden(pod: &mut PodSpec) {
     }
 }
 
+/// With `--sandbox-user-namespaces`, a pod whose definition leaves `hostUsers` unset gets
+/// `hostUsers: false`: its uids (root included) map to a range of host uids no other pod has, so
+/// a process that escapes its container is nobody on the node. Not for a pod that shares the
+/// node's network, PID or IPC namespace, which the API server refuses in a user namespace.
+fn user_namespace(pod: &mut PodSpec, on: bool) {
+    let shares_node = [pod.host_network, pod.host_pid, pod.host_ipc].contains(&Some(true));
+    if on && pod.host_users.is_none() && !shares_node {
+        pod.host_users = Some(false);
+    }
+}
+
 /// `PICOD_SANDBOX_NAME` from the downward API: the pod's own name.
 fn sandbox_name_env() -> EnvVar {
     EnvVar {
@@ -138,6 +152,7 @@ fn sandbox_name_env() -> EnvVar {
 pub fn agent_runtime_sandbox(ar: &AgentRuntime, s: &SessionInfo<'_>) -> Sandbox {
     let mut spec = ar.spec.pod_template.spec.clone();
     harden(&mut spec);
+    user_namespace(&mut spec, s.pod_defaults.user_namespaces);
     spec.runtime_class_name = runtime_class(
         spec.runtime_class_name.as_ref(),
         &s.pod_defaults.runtime_class,
@@ -191,6 +206,7 @@ fn code_interpreter_pod(
         ..Default::default()
     };
     harden(&mut pod);
+    user_namespace(&mut pod, defaults.user_namespaces);
     if let Some(uid) = defaults.code_interpreter_uid {
         run_as(
             &mut pod,

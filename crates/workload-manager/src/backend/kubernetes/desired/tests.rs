@@ -420,3 +420,46 @@ fn picods_workspace_is_its_argument_or_root() {
     assert_eq!(picod_workspace(&args(&["--port=8080"])), "/root");
     assert_eq!(picod_workspace(&[]), "/root");
 }
+
+#[test]
+fn sandbox_pods_get_a_user_namespace_only_when_asked_and_only_where_they_can() {
+    let on: &'static PodDefaults = Box::leak(Box::new(PodDefaults {
+        user_namespaces: true,
+        ..PodDefaults::default()
+    }));
+    let with = |defaults: &'static PodDefaults| SessionInfo {
+        pod_defaults: defaults,
+        ..session(None, "")
+    };
+    let host_users = |v: Value| v["spec"]["podTemplate"]["spec"].get("hostUsers").cloned();
+    // CodeInterpreters, on demand and through the warm pool's template.
+    let c = ci("");
+    let direct = serde_json::to_value(code_interpreter_sandbox(&c, &with(on))).unwrap();
+    assert_eq!(host_users(direct), Some(json!(false)));
+    let template = sandbox_template(AgentSandboxApi::V1beta1, &c, None, on);
+    assert_eq!(
+        host_users(serde_json::to_value(template).unwrap()),
+        Some(json!(false))
+    );
+    let off = serde_json::to_value(code_interpreter_sandbox(&c, &session(None, ""))).unwrap();
+    assert_eq!(host_users(off), None, "off by default");
+    // AgentRuntimes: unless their template decides, or shares a namespace of the node.
+    let runtime = |spec: &str| {
+        let yaml = format!(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: AgentRuntime\nmetadata: {{name: echo, namespace: ns}}\nspec:\n  targetPort: [{{port: 8080}}]\n  podTemplate:\n    spec:\n{spec}      containers: [{{name: agent, image: busybox}}]\n"
+        );
+        let Definition::AgentRuntime(ar) = manifest::load(&yaml, "t").unwrap().remove(0) else {
+            panic!()
+        };
+        host_users(serde_json::to_value(agent_runtime_sandbox(&ar, &with(on))).unwrap())
+    };
+    assert_eq!(runtime(""), Some(json!(false)));
+    assert_eq!(runtime("      hostUsers: true\n"), Some(json!(true)));
+    for shared in ["hostNetwork", "hostPID", "hostIPC"] {
+        assert_eq!(
+            runtime(&format!("      {shared}: true\n")),
+            None,
+            "{shared}"
+        );
+    }
+}
