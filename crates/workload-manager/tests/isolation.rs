@@ -357,7 +357,8 @@ async fn a_sandbox_spinning_on_every_cpu_leaves_its_neighbour_its_share() {
         s.create_ok("code-interpreter", "ci").await,
     );
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let spinners = (16 * cpus).min(400);
+    // Two processes each (`timeout` and its shell), within the 512-process limit.
+    let spinners = (16 * cpus).min(200);
     let spin = format!(
         "for i in $(seq {spinners}); do timeout 8 sh -c 'while :; do :; done' & done; wait; echo done"
     );
