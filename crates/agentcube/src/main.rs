@@ -250,6 +250,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let wm_server = tokio::spawn(agentcube_workload_manager::serve(
         wm,
         wm_listener,
+        None,
         stopped(),
     ));
     let router_server = tokio::spawn(agentcube_router::serve(

@@ -14,7 +14,9 @@
 //!    the bytes it arrived in, with no `http` types built ([`inbound`]: the handler is the same). Refused → 502, timeout → 504, other → 503 ([`error`]).
 //! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
 //!
-//! [`tls`] serves the same app over HTTPS when configured.
+//! `agentcube_tls` serves the same app over HTTPS when configured (`--enable-tls`, reloading
+//! its certificate when the files change), and carries the create calls to the Workload Manager
+//! over mutual TLS with `--mtls-*` ([`wm`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,6 @@ pub mod proxy;
 pub mod resolve;
 pub mod server;
 pub mod shares;
-pub mod tls;
 pub mod wm;
 
 pub use identity::KeyPair;
@@ -63,6 +64,8 @@ pub struct Config {
     pub workload_manager_token_file: Option<std::path::PathBuf>,
     /// A fixed bearer token sent to the WM when there is no token file (`agentcube up`).
     pub workload_manager_token: Option<String>,
+    /// Mutual TLS towards the WM (`--mtls-*`); `None`: `https://` against the system's CAs.
+    pub workload_manager_tls: Option<agentcube_tls::ClientTls>,
     /// End-user authentication (OIDC, or `agentcube up`'s static token); `None`: off.
     pub authn: Option<Arc<oidc::Authn>>,
     /// `X-Forwarded-Proto` value.
@@ -87,6 +90,7 @@ impl Config {
             workload_manager_timeout: Duration::from_secs(120),
             workload_manager_token_file: None,
             workload_manager_token: None,
+            workload_manager_tls: None,
             authn: None,
             scheme: "http",
             limits: agentcube_serve::Limits::default(),
@@ -116,6 +120,7 @@ impl RouterService {
             config.workload_manager_timeout,
             config.workload_manager_token_file.clone(),
             config.workload_manager_token.clone(),
+            config.workload_manager_tls.as_ref(),
         );
         let metrics = Arc::new(metrics::Metrics::default());
         let shared = Arc::new(Shared {
@@ -203,7 +208,7 @@ pub fn refusal() -> agentcube_serve::Refusal {
 pub async fn serve(
     service: RouterService,
     listener: impl Into<agentcube_serve::Listener>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<agentcube_tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = service.worker_app();
@@ -213,8 +218,8 @@ pub async fn serve(
     let listener = listener.into();
     match tls {
         None => agentcube_serve::serve(listener, app, options, shutdown).await?,
-        Some(acceptor) => {
-            let options = options.with_handshake(tls::Tls(acceptor));
+        Some(tls) => {
+            let options = options.with_handshake(tls);
             agentcube_serve::serve(listener, app, options, shutdown).await?
         }
     }

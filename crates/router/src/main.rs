@@ -66,6 +66,25 @@ struct Args {
     /// PEM private key for --enable-tls.
     #[arg(long, env = "ROUTER_TLS_KEY", default_value = "")]
     tls_key: String,
+    /// Router -> Workload Manager mutual TLS: this Router's certificate (PEM). With --mtls-key
+    /// and --mtls-ca (all three or none); WORKLOAD_MANAGER_URL must then be `https://`. The
+    /// files are waited for up to 30 s at start and reloaded when they change.
+    #[arg(long, env = "ROUTER_MTLS_CERT", default_value = "")]
+    mtls_cert: String,
+    /// The private key of --mtls-cert (PEM).
+    #[arg(long, env = "ROUTER_MTLS_KEY", default_value = "")]
+    mtls_key: String,
+    /// CA bundle (PEM) the Workload Manager's certificate must chain to.
+    #[arg(long, env = "ROUTER_MTLS_CA", default_value = "")]
+    mtls_ca: String,
+    /// SPIFFE trust domain of the Workload Manager's expected identity
+    /// `spiffe://<domain>/ns/<AGENTCUBE_NAMESPACE, default agentcube>/sa/workloadmanager`.
+    #[arg(
+        long,
+        env = "AGENTCUBE_SPIFFE_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    spiffe_trust_domain: String,
     /// OIDC issuer: end users must send `Authorization: Bearer <JWT>` from it (empty: off).
     #[arg(long, env = "ROUTER_JWT_ISSUER_URL", default_value = "")]
     jwt_issuer_url: String,
@@ -154,21 +173,19 @@ async fn main() -> anyhow::Result<()> {
     config.authn = authn.map(std::sync::Arc::new);
     let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
     config.workload_manager_token_file = sa.exists().then_some(sa);
-    let tls = match (
-        args.enable_tls,
-        args.tls_cert.is_empty(),
-        args.tls_key.is_empty(),
-    ) {
-        (false, _, _) => None,
-        (true, false, false) => Some(agentcube_router::tls::acceptor(
-            std::path::Path::new(&args.tls_cert),
-            std::path::Path::new(&args.tls_key),
-        )?),
-        (true, _, _) => anyhow::bail!("--enable-tls needs both --tls-cert and --tls-key"),
-    };
-    if tls.is_some() {
-        config.scheme = "https";
-    }
+    let tls =
+        match agentcube_tls::listener_files(args.enable_tls, &args.tls_cert, &args.tls_key, "")
+            .map_err(anyhow::Error::msg)?
+        {
+            None => None,
+            Some(files) => {
+                let tls = agentcube_tls::ServerTls::load(files)?;
+                tls.watch();
+                config.scheme = "https";
+                Some(tls)
+            }
+        };
+    config.workload_manager_tls = workload_manager_mtls(&args).await?;
     let service = RouterService::start(&config, store, &identity)?;
     if args.metrics_port != 0 {
         let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
@@ -184,6 +201,46 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
     agentcube_router::serve(service, listener, tls, shutdown_signal()).await
+}
+
+/// `--mtls-*`: the client side of mutual TLS towards the Workload Manager, whose certificate
+/// must name its SPIFFE ID (namespace: `AGENTCUBE_NAMESPACE` when set, else `agentcube`, as
+/// upstream; its default here, `default`, is the identity Secret's).
+async fn workload_manager_mtls(args: &Args) -> anyhow::Result<Option<agentcube_tls::ClientTls>> {
+    let named = [&args.mtls_cert, &args.mtls_key, &args.mtls_ca].map(|s| !s.trim().is_empty());
+    if named == [false; 3] {
+        return Ok(None);
+    }
+    if named != [true; 3] {
+        anyhow::bail!("--mtls-cert, --mtls-key and --mtls-ca must all be given together");
+    }
+    if !args.workload_manager_url.starts_with("https://") {
+        anyhow::bail!(
+            "--mtls-* is set but WORKLOAD_MANAGER_URL ({}) is not https://: the calls would go \
+             in the clear",
+            args.workload_manager_url
+        );
+    }
+    let files = agentcube_tls::PemFiles {
+        cert: args.mtls_cert.trim().into(),
+        key: args.mtls_key.trim().into(),
+        ca: Some(args.mtls_ca.trim().into()),
+    };
+    agentcube_tls::wait_for_files(&files, agentcube_tls::FILE_WAIT).await?;
+    let namespace = std::env::var("AGENTCUBE_NAMESPACE")
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "agentcube".into());
+    let id = agentcube_tls::spiffe_id(
+        args.spiffe_trust_domain.trim(),
+        &namespace,
+        "workloadmanager",
+    );
+    let tls = agentcube_tls::ClientTls::load(files, id.clone())?;
+    tls.watch();
+    tracing::info!(workload_manager = %id, "Router -> Workload Manager mutual TLS");
+    Ok(Some(tls))
 }
 
 /// `--jwt-*`: discovery at start (an unreachable issuer stops the Router, as upstream).

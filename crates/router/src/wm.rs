@@ -5,6 +5,7 @@ use std::time::Duration;
 use agentcube_types::api::{CreateSandboxRequest, CreateSandboxResponse, WorkloadKind};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -15,7 +16,7 @@ use crate::error::RouterError;
 #[derive(Clone)]
 pub struct WmClient {
     base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// Bearer sent to the WM (the pod's service-account token file, re-read per call).
     token_file: Option<std::path::PathBuf>,
@@ -32,18 +33,25 @@ impl std::fmt::Debug for WmClient {
 }
 
 impl WmClient {
-    /// A client for `base` (e.g. `http://workloadmanager:8080`).
+    /// A client for `base` (e.g. `http://workloadmanager:8080`): with `tls`, mutual TLS
+    /// (`https://` only); without, `https://` checked against the system's CAs.
     pub fn new(
         base: &str,
         timeout: Duration,
         token_file: Option<std::path::PathBuf>,
         token: Option<String>,
+        tls: Option<&agentcube_tls::ClientTls>,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = match tls {
+            Some(tls) => tls.connector(http),
+            None => agentcube_tls::system_roots(http),
+        };
         Self {
             base: base.trim_end_matches('/').to_string(),
-            http: Client::builder(TokioExecutor::new()).build(http),
+            http: Client::builder(TokioExecutor::new()).build(connector),
             timeout,
             token_file,
             token,
@@ -77,11 +85,10 @@ impl WmClient {
             .body(Full::from(body.unwrap_or_default()))
             .map_err(|e| RouterError::Internal(e.to_string()))?;
         let call = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| RouterError::Internal(format!("workload manager: {e}")))?;
+            let resp =
+                self.http.request(req).await.map_err(|e| {
+                    RouterError::Internal(format!("workload manager: {}", causes(&e)))
+                })?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -156,4 +163,13 @@ impl WmClient {
             String::from_utf8_lossy(&bytes)
         )))
     }
+}
+
+/// An error and its sources, `: `-separated (hyper's client error alone says only "client error
+/// (Connect)"; why the connection failed, a refused TLS certificate say, is in its sources).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |s| s.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }

@@ -90,9 +90,12 @@ async fn https_listener_serves_the_same_api() {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
-    let acceptor =
-        agentcube_router::tls::acceptor(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
-            .unwrap();
+    let files = |cert: &str| agentcube_tls::PemFiles {
+        cert: dir.path().join(cert),
+        key: dir.path().join("tls.key"),
+        ca: None,
+    };
+    let acceptor = agentcube_tls::ServerTls::load(files("tls.crt")).unwrap();
     let mut config = agentcube_router::Config::new("http://127.0.0.1:9");
     config.scheme = "https";
     let pair = agentcube_router::KeyPair::from_private_pem(ROUTER_KEY).unwrap();
@@ -136,9 +139,7 @@ async fn https_listener_serves_the_same_api() {
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["headers"]["x-forwarded-proto"], "https");
     // Missing key files are a clear startup error.
-    let Err(err) =
-        agentcube_router::tls::acceptor(&dir.path().join("nope.crt"), &dir.path().join("tls.key"))
-    else {
+    let Err(err) = agentcube_tls::ServerTls::load(files("nope.crt")) else {
         panic!("a missing certificate must be an error");
     };
     assert!(err.to_string().contains("nope.crt"), "{err}");

@@ -174,16 +174,25 @@ pub fn refusal() -> agentcube_serve::Refusal {
     agentcube_serve::Refusal::json(r#"{"message":"too many connections, please try again later"}"#)
 }
 
-/// Serves the API on `listener` until `shutdown` (through `agentcube-serve`: limits,
-/// `TCP_NODELAY`, graceful shutdown), then cleans up.
+/// Serves the API on `listener` (plain HTTP/1.1 and h2c, or HTTPS / mutual TLS with `tls`)
+/// until `shutdown` (through `agentcube-serve`: limits, `TCP_NODELAY`, graceful shutdown), then
+/// cleans up.
 pub async fn serve(
     wm: WorkloadManager,
     listener: impl Into<agentcube_serve::Listener>,
+    tls: Option<agentcube_tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut options = agentcube_serve::Options::new(wm.limits, refusal());
     options.stats = wm.manager.metrics.serve.clone();
-    agentcube_serve::serve(listener.into(), wm.app(), options, shutdown).await?;
+    let (listener, app) = (listener.into(), wm.app());
+    match tls {
+        None => agentcube_serve::serve(listener, app, options, shutdown).await?,
+        Some(tls) => {
+            let options = options.with_handshake(tls);
+            agentcube_serve::serve(listener, app, options, shutdown).await?
+        }
+    }
     wm.shutdown().await;
     Ok(())
 }

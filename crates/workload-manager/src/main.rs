@@ -147,6 +147,20 @@ struct Args {
     memory: agentcube_workload_manager::backend::local::MemoryArgs,
     #[command(flatten)]
     images: agentcube_workload_manager::backend::local::image::ImageArgs,
+    /// Serve HTTPS with --tls-cert and --tls-key (upstream's flags).
+    #[arg(long, env = "WORKLOAD_MANAGER_ENABLE_TLS")]
+    enable_tls: bool,
+    /// PEM certificate chain of the listener.
+    #[arg(long, env = "WORKLOAD_MANAGER_TLS_CERT", default_value = "")]
+    tls_cert: String,
+    /// PEM private key of the listener.
+    #[arg(long, env = "WORKLOAD_MANAGER_TLS_KEY", default_value = "")]
+    tls_key: String,
+    /// CA bundle (PEM): with --tls-cert and --tls-key, mutual TLS (TLS 1.3; clients, the
+    /// Router, must present a certificate chaining to it for client authentication). The files
+    /// are waited for up to 30 s at start; all are reloaded when they change.
+    #[arg(long, env = "WORKLOAD_MANAGER_TLS_CA", default_value = "")]
+    tls_ca: String,
     /// Validate flags and environment, print the environment variables this binary reads, exit.
     #[arg(long, hide = true)]
     check_config: bool,
@@ -241,9 +255,32 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         );
     }
+    let tls = listener_tls(&args).await?;
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
-    tracing::info!(addr = %listener.local_addr()?, backend = %args.backend, "workload manager listening");
-    agentcube_workload_manager::serve(wm, listener, shutdown_signal()).await
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        backend = %args.backend,
+        tls = tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
+        "workload manager listening"
+    );
+    agentcube_workload_manager::serve(wm, listener, tls, shutdown_signal()).await
+}
+
+/// `--enable-tls`, `--tls-cert`, `--tls-key`, `--tls-ca`, chosen as upstream
+/// ([`agentcube_tls::listener_files`]); mutual TLS waits for its files (a sidecar writes them).
+async fn listener_tls(args: &Args) -> anyhow::Result<Option<agentcube_tls::ServerTls>> {
+    let files =
+        agentcube_tls::listener_files(args.enable_tls, &args.tls_cert, &args.tls_key, &args.tls_ca)
+            .map_err(anyhow::Error::msg)?;
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    if files.ca.is_some() {
+        agentcube_tls::wait_for_files(&files, agentcube_tls::FILE_WAIT).await?;
+    }
+    let tls = agentcube_tls::ServerTls::load(files)?;
+    tls.watch();
+    Ok(Some(tls))
 }
 
 /// The cluster's client (in-cluster or KUBECONFIG), named in the API server's audit log.

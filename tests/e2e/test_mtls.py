@@ -1,0 +1,167 @@
+"""Router -> Workload Manager over mutual TLS with SPIFFE identities (upstream's `--mtls-*` on the
+Router, `--tls-cert/--tls-key/--tls-ca` on the Workload Manager), between the real binaries: a
+session-less invocation makes its session over mTLS; a client without a certificate, a Router
+expecting another identity, and `--mtls-*` with an `http://` URL are refused."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from conftest import REPO, _binary, _free_port, _stop
+
+# The checks below talk to the Workload Manager by IP, which its SPIFFE certificate does not name.
+pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+
+WM_ID = "spiffe://cluster.local/ns/agentcube/sa/workloadmanager"
+ROUTER_ID = "spiffe://cluster.local/ns/agentcube/sa/agentcube-router"
+
+
+class Pki:
+    """A CA writing PEM files into a directory."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentcube e2e CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.name = name
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(minutes=5))
+                     .not_valid_after(now + datetime.timedelta(hours=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                                  key_encipherment=False, data_encipherment=False,
+                                                  key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                                  encipher_only=False, decipher_only=False), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.bundle = d / "ca.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(self, name: str, spiffe_id: str, usage) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        crt, pem = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        return crt, pem
+
+
+def _router_identity(d: Path) -> Path:
+    """The Router's key pair, as `--identity-dir` keeps it; returns the public key file."""
+    d.mkdir()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (d / "private.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.TraditionalOpenSSL,
+                                                      serialization.NoEncryption()))
+    public = d / "public.pem"
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return public
+
+
+def _wait(check, proc: subprocess.Popen, log: Path, secs: float = 60) -> None:
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited: {log.read_text()}")
+        time.sleep(0.1)
+    pytest.fail(f"{proc.args[0]} not ready: {log.read_text()[-3000:]}")
+
+
+def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(stack, redis_url, scratch):
+    if stack.backend != "local":
+        pytest.skip("runs its own workload-manager and router")
+    tmp = scratch("agentcube-mtls-")
+    pki = Pki(tmp)
+    wm_crt, wm_key = pki.leaf("workloadmanager", WM_ID, ExtendedKeyUsageOID.SERVER_AUTH)
+    router_crt, router_key = pki.leaf("router", ROUTER_ID, ExtendedKeyUsageOID.CLIENT_AUTH)
+    public = _router_identity(tmp / "identity")
+    wm_port = _free_port()
+    wm_log = tmp / "wm.log"
+    wm = subprocess.Popen(
+        [str(_binary("workload-manager")), "--port", str(wm_port), "--bind", "127.0.0.1", "--metrics-port", "0",
+         "--manifests", str(REPO / "examples"), "--state-dir", str(tmp / "state"), "--store", redis_url,
+         "--router-public-key-file", str(public),
+         "--tls-cert", str(wm_crt), "--tls-key", str(wm_key), "--tls-ca", str(pki.bundle)],
+        stdout=open(wm_log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
+    procs = [wm]
+
+    def router(*extra: str, url: str = f"https://127.0.0.1:{wm_port}", env: dict | None = None):
+        port = _free_port()
+        log = tmp / f"router-{port}.log"
+        p = subprocess.Popen(
+            [str(_binary("router")), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
+             "--identity-dir", str(tmp / "identity"), "--store", redis_url,
+             "--unix-socket-dir", str(tmp / "state/private"),
+             "--mtls-cert", str(router_crt), "--mtls-key", str(router_key), "--mtls-ca", str(pki.bundle), *extra],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            env=dict(os.environ, WORKLOAD_MANAGER_URL=url, RUST_LOG="info", **(env or {})))
+        procs.append(p)
+        return p, f"http://127.0.0.1:{port}", log
+
+    invoke = "/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    try:
+        # The Workload Manager's listener: mutual TLS, answering only clients of the CA.
+        mine = (str(router_crt), str(router_key))
+        _wait(lambda: requests.get(f"https://127.0.0.1:{wm_port}/health", cert=mine, verify=False, timeout=1).ok,
+              wm, wm_log)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.post(f"https://127.0.0.1:{wm_port}/v1/code-interpreter", verify=False, timeout=5,
+                          json={"name": "on-demand-interpreter", "namespace": "default"})
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{wm_port}/health", timeout=5)
+
+        # A session-less invocation: the Router makes the session over mTLS, then runs it.
+        proc, url, log = router()
+        _wait(lambda: requests.get(f"{url}/health/ready", timeout=1).ok, proc, log)
+        r = requests.post(f"{url}{invoke}", json={"command": ["echo", "over mtls"]}, timeout=60)
+        assert r.status_code == 200, (r.status_code, r.text, log.read_text()[-2000:])
+        assert r.json()["stdout"] == "over mtls\n", r.text
+        sid = r.headers["x-agentcube-session-id"]
+        r = requests.post(f"{url}{invoke}", json={"command": ["true"]}, headers={"x-agentcube-session-id": sid})
+        assert r.status_code == 200, r.text
+        assert "Router -> Workload Manager mutual TLS" in log.read_text()
+
+        # A Router expecting the Workload Manager under another trust domain refuses its
+        # certificate, and makes no session.
+        proc, url, log = router(env={"AGENTCUBE_SPIFFE_TRUST_DOMAIN": "other.example"})
+        _wait(lambda: requests.get(f"{url}/health/ready", timeout=1).ok, proc, log)
+        r = requests.post(f"{url}{invoke}", json={"command": ["true"]}, timeout=60)
+        assert r.status_code == 500, r.text
+        text = log.read_text()
+        assert "not the expected SPIFFE ID spiffe://other.example/ns/agentcube/sa/workloadmanager" in text, text
+
+        # --mtls-* with an http:// URL would send the calls in the clear: refused at start.
+        proc, url, log = router(url=f"http://127.0.0.1:{wm_port}")
+        assert proc.wait(30) != 0
+        assert "is not https://" in log.read_text(), log.read_text()
+    finally:
+        for p in procs:
+            _stop(p)
