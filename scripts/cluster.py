@@ -17,6 +17,7 @@ step.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pki
 import testcluster
 from testcluster import KUBE, REPO
 
@@ -179,6 +181,7 @@ def lifecycle(c: Cluster, wm: str) -> None:
     session(wm2, router2)
     log("reinstall: same key, SDK session works")
     caller_auth(c, router2)
+    mtls(c)
 
 
 def post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:
@@ -215,6 +218,38 @@ def caller_auth(c: Cluster, router: str) -> None:
     status, body = post(f"{router}/v1/namespaces/default/agent-runtimes/echo-agent/invocations/echo", {"input": "hi"})
     assert (status, body.get("output")) == (200, "echo: hi"), (status, body)
     log("caller authentication: no token 401, a tenant without RBAC 403, the Router still creates sessions")
+
+
+def mtls(c: Cluster) -> None:
+    """helm upgrade to mutual TLS between the Router and the Workload Manager, certificates from
+    Secrets (as cert-manager writes them): a session-less invocation makes its session over mTLS,
+    and the Workload Manager no longer answers plain HTTP."""
+    d = c.state.parent / "mtls"
+    d.mkdir()
+    ca = pki.Pki(d)
+    for secret, account, usage in (("workloadmanager-mtls", "workloadmanager", pki.SERVER_AUTH),
+                                   ("agentcube-router-mtls", "agentcube-router", pki.CLIENT_AUTH)):
+        crt, key = ca.leaf(account, pki.spiffe_id(NAMESPACE, account), usage)
+        c.kubectl("create", "secret", "generic", secret, "-n", NAMESPACE, f"--from-file=tls.crt={crt}",
+                  f"--from-file=tls.key={key}", f"--from-file=ca.crt={ca.bundle}")
+    c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
+           "--set", "mtls.enabled=true", "--wait", "--timeout", "3m")
+    def alone(app: str, flag: str):
+        pods = ready_pods(c, app)
+        ok = pods and all(any(a.startswith(flag) for a in p["spec"]["containers"][0].get("args", [])) for p in pods)
+        return pods if ok and len(pods) == len(json.loads(c.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", f"app={app}", "-o", "json"))["items"]) else None
+    wms = wait_for("the Workload Manager with --tls-ca, alone", lambda: alone("workloadmanager", "--tls-ca"))
+    routers = wait_for("Routers with --mtls-*, alone", lambda: alone("agentcube-router", "--mtls-ca"))
+    router = f"http://{routers[0]['status']['podIP']}:8080"
+    status, body = post(f"{router}/v1/namespaces/default/agent-runtimes/echo-agent/invocations/echo", {"input": "tls"})
+    assert (status, body.get("output")) == (200, "echo: tls"), (status, body)
+    try:
+        urllib.request.urlopen(f"http://{wms[0]['status']['podIP']}:8080/health", timeout=10)
+        raise SystemExit("the Workload Manager answered plain HTTP with mtls.enabled")
+    except (OSError, http.client.HTTPException):
+        pass
+    log("mtls.enabled: the Router makes sessions over mutual TLS; the Workload Manager refuses plain HTTP")
 
 
 def main() -> None:

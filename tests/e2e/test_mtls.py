@@ -5,7 +5,6 @@ expecting another identity, and `--mtls-*` with an `http://` URL are refused."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import time
@@ -13,59 +12,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import REPO, _binary, _free_port, _stop
+from pki import CLIENT_AUTH, SERVER_AUTH, Pki, spiffe_id
 
 # The checks below talk to the Workload Manager by IP, which its SPIFFE certificate does not name.
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
-WM_ID = "spiffe://cluster.local/ns/agentcube/sa/workloadmanager"
-ROUTER_ID = "spiffe://cluster.local/ns/agentcube/sa/agentcube-router"
-
-
-class Pki:
-    """A CA writing PEM files into a directory."""
-
-    def __init__(self, d: Path):
-        self.dir = d
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentcube e2e CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.name = name
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(minutes=5))
-                     .not_valid_after(now + datetime.timedelta(hours=1))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                                  key_encipherment=False, data_encipherment=False,
-                                                  key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                                  encipher_only=False, decipher_only=False), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.bundle = d / "ca.pem"
-        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(self, name: str, spiffe_id: str, usage) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-                               critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(self.key, hashes.SHA256()))
-        crt, pem = self.dir / f"{name}.crt", self.dir / f"{name}.key"
-        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-        return crt, pem
+WM_ID = spiffe_id("agentcube", "workloadmanager")
+ROUTER_ID = spiffe_id("agentcube", "agentcube-router")
 
 
 def _router_identity(d: Path) -> Path:
@@ -100,8 +57,8 @@ def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(sta
         pytest.skip("runs its own workload-manager and router")
     tmp = scratch("agentcube-mtls-")
     pki = Pki(tmp)
-    wm_crt, wm_key = pki.leaf("workloadmanager", WM_ID, ExtendedKeyUsageOID.SERVER_AUTH)
-    router_crt, router_key = pki.leaf("router", ROUTER_ID, ExtendedKeyUsageOID.CLIENT_AUTH)
+    wm_crt, wm_key = pki.leaf("workloadmanager", WM_ID, SERVER_AUTH)
+    router_crt, router_key = pki.leaf("router", ROUTER_ID, CLIENT_AUTH)
     public = _router_identity(tmp / "identity")
     wm_port = _free_port()
     wm_log = tmp / "wm.log"

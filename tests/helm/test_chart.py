@@ -30,6 +30,7 @@ VARIANTS = {
     "code-interpreter-uid": ["--set", "workloadmanager.codeInterpreterUid=65532"],
     "metadata-access": ["--set", "workloadmanager.sandboxMetadataAccess=true"],
     "user-namespaces": ["--set", "workloadmanager.sandboxUserNamespaces=true"],
+    "mtls": ["--set", "mtls.enabled=true", "--set", "mtls.trustDomain=example.org"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -157,6 +158,32 @@ def test_sandbox_pods_get_user_namespaces_only_when_asked(env, tmp_path):
     docs, _ = render(env, "user-namespaces", tmp_path)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
     assert "--sandbox-user-namespaces" in args
+
+
+def test_mtls_mounts_the_secrets_and_points_both_ends_at_each_other(env, tmp_path):
+    docs, _ = render(env, "defaults", tmp_path)
+    router = dict(containers(docs))["agentcube-router"]
+    url = next(e["value"] for e in router["env"] if e["name"] == "WORKLOAD_MANAGER_URL")
+    assert url.startswith("http://") and not any(a.startswith("--mtls") for a in router["args"])
+    docs, _ = render(env, "mtls", tmp_path)
+    c = dict(containers(docs))
+    router, wm = c["agentcube-router"], c["workloadmanager"]
+    url = next(e["value"] for e in router["env"] if e["name"] == "WORKLOAD_MANAGER_URL")
+    assert url == "https://workloadmanager.agentcube.svc.cluster.local:8080", url
+    for cont, flags in ((router, ["--mtls-cert", "--mtls-key", "--mtls-ca"]),
+                        (wm, ["--tls-cert", "--tls-key", "--tls-ca"])):
+        files = [f"/etc/agentcube/mtls/{f}" for f in ("tls.crt", "tls.key", "ca.crt")]
+        assert [f"{flag}={f}" for flag, f in zip(flags, files)] == [a for a in cont["args"] if a.split("=")[0] in flags]
+        assert {"name": "mtls", "mountPath": "/etc/agentcube/mtls", "readOnly": True} in cont["volumeMounts"]
+    # The Router checks the Workload Manager's identity in that trust domain (the Workload
+    # Manager checks only that a client's certificate chains to the CA, as upstream).
+    assert {"name": "AGENTCUBE_SPIFFE_TRUST_DOMAIN", "value": "example.org"} in router["env"]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+    secrets = {n: [v["secret"]["secretName"] for v in p["volumes"] if v["name"] == "mtls"] for n, p in pods.items()
+               if n in ("agentcube-router", "workloadmanager")}
+    assert secrets == {"agentcube-router": ["agentcube-router-mtls"], "workloadmanager": ["workloadmanager-mtls"]}
+    # The kubelet holds no client certificate: it can only connect.
+    assert wm["readinessProbe"].get("tcpSocket") and not wm["readinessProbe"].get("httpGet")
 
 
 def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):
