@@ -142,22 +142,15 @@ def test_code_interpreter_uid_is_passed_only_when_set(env, tmp_path):
     assert "--code-interpreter-uid=65532" in args
 
 
-def test_sandboxes_reach_the_metadata_endpoints_only_when_asked(env, tmp_path):
+@pytest.mark.parametrize("variant, flag", [("metadata-access", "--sandbox-metadata-access"),
+                                           ("user-namespaces", "--sandbox-user-namespaces")])
+def test_workload_manager_switches_are_passed_only_when_set(env, tmp_path, variant, flag):
     docs, _ = render(env, "defaults", tmp_path)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
-    assert "--sandbox-metadata-access" not in args
-    docs, _ = render(env, "metadata-access", tmp_path)
+    assert flag not in args
+    docs, _ = render(env, variant, tmp_path)
     args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
-    assert "--sandbox-metadata-access" in args
-
-
-def test_sandbox_pods_get_user_namespaces_only_when_asked(env, tmp_path):
-    docs, _ = render(env, "defaults", tmp_path)
-    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
-    assert "--sandbox-user-namespaces" not in args
-    docs, _ = render(env, "user-namespaces", tmp_path)
-    args = next(c for n, c in containers(docs) if n == "workloadmanager")["args"]
-    assert "--sandbox-user-namespaces" in args
+    assert flag in args
 
 
 def test_mtls_mounts_the_secrets_and_points_both_ends_at_each_other(env, tmp_path):

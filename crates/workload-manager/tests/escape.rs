@@ -273,8 +273,8 @@ async fn seccomp_closes_nested_user_namespaces_and_kernel_surface() {
     s.shutdown_and_check_leaks().await;
 }
 
-#[tokio::test]
-async fn workspaces_are_private_to_their_sandbox() {
+/// A stack with two sandboxes of one CodeInterpreter.
+async fn two_sandboxes() -> (Stack, serde_json::Value, serde_json::Value) {
     let s = Stack::start(Options {
         manifests: code_interpreter("ci", ""),
         ..Default::default()
@@ -282,6 +282,12 @@ async fn workspaces_are_private_to_their_sandbox() {
     .await;
     let a = s.create_ok("code-interpreter", "ci").await;
     let b = s.create_ok("code-interpreter", "ci").await;
+    (s, a, b)
+}
+
+#[tokio::test]
+async fn workspaces_are_private_to_their_sandbox() {
+    let (s, a, b) = two_sandboxes().await;
     exec(&a, &sh("echo top-secret > secret.txt")).await;
     let pa = s.backend.paths(a["sandboxName"].as_str().unwrap());
     for d in [&pa.dir, &pa.ws, &pa.run, &pa.private] {
@@ -327,26 +333,14 @@ async fn workspaces_are_private_to_their_sandbox() {
 /// sockets, loopback ports, SysV objects and processes, and the host's, are out of its reach.
 #[tokio::test]
 async fn a_sandbox_reaches_no_neighbours_sockets_ipc_or_processes() {
-    let s = Stack::start(Options {
-        manifests: code_interpreter("ci", ""),
-        ..Default::default()
-    })
-    .await;
-    let a = s.create_ok("code-interpreter", "ci").await;
-    let b = s.create_ok("code-interpreter", "ci").await;
+    let (s, a, b) = two_sandboxes().await;
     neighbours_are_out_of_reach(&a, &b).await;
     s.shutdown_and_check_leaks().await;
 }
 
 #[tokio::test]
 async fn a_token_for_one_sandbox_opens_no_other() {
-    let s = Stack::start(Options {
-        manifests: code_interpreter("ci", ""),
-        ..Default::default()
-    })
-    .await;
-    let a = s.create_ok("code-interpreter", "ci").await;
-    let b = s.create_ok("code-interpreter", "ci").await;
+    let (s, a, b) = two_sandboxes().await;
     let (ea, eb) = (
         a["entryPoints"][0]["endpoint"].as_str().unwrap(),
         b["entryPoints"][0]["endpoint"].as_str().unwrap(),
