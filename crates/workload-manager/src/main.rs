@@ -180,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
         if !["local", "kubernetes"].contains(&args.backend.as_str()) {
             anyhow::bail!("unknown --backend {:?} (local or kubernetes)", args.backend);
         }
+        agentcube_tls::listener_files(args.enable_tls, &args.tls_cert, &args.tls_key, &args.tls_ca)
+            .map_err(anyhow::Error::msg)?;
         for a in Args::command().get_arguments() {
             if let Some(e) = a.get_env() {
                 println!("{}", e.to_string_lossy());
@@ -188,6 +190,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&args.log_format);
+    // Before anything starts: files that do not load stop us with nothing to clean up.
+    let tls = listener_tls(&args).await?;
     let store_config = args.store.clone().into_config(false)?;
     let store = agentcube_store::connect(&store_config)?;
     store
@@ -255,7 +259,6 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         );
     }
-    let tls = listener_tls(&args).await?;
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
