@@ -111,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.check_config {
         args.store.clone().into_config(false)?;
+        mtls_files(&args)?;
         print_env_names();
         return Ok(());
     }
@@ -207,24 +208,8 @@ async fn main() -> anyhow::Result<()> {
 /// must name its SPIFFE ID (namespace: `AGENTCUBE_NAMESPACE` when set, else `agentcube`, as
 /// upstream; its default here, `default`, is the identity Secret's).
 async fn workload_manager_mtls(args: &Args) -> anyhow::Result<Option<agentcube_tls::ClientTls>> {
-    let named = [&args.mtls_cert, &args.mtls_key, &args.mtls_ca].map(|s| !s.trim().is_empty());
-    if named == [false; 3] {
+    let Some(files) = mtls_files(args)? else {
         return Ok(None);
-    }
-    if named != [true; 3] {
-        anyhow::bail!("--mtls-cert, --mtls-key and --mtls-ca must all be given together");
-    }
-    if !args.workload_manager_url.starts_with("https://") {
-        anyhow::bail!(
-            "--mtls-* is set but WORKLOAD_MANAGER_URL ({}) is not https://: the calls would go \
-             in the clear",
-            args.workload_manager_url
-        );
-    }
-    let files = agentcube_tls::PemFiles {
-        cert: args.mtls_cert.trim().into(),
-        key: args.mtls_key.trim().into(),
-        ca: Some(args.mtls_ca.trim().into()),
     };
     agentcube_tls::wait_for_files(&files, agentcube_tls::FILE_WAIT).await?;
     let namespace = std::env::var("AGENTCUBE_NAMESPACE")
@@ -241,6 +226,29 @@ async fn workload_manager_mtls(args: &Args) -> anyhow::Result<Option<agentcube_t
     tls.watch();
     tracing::info!(workload_manager = %id, "Router -> Workload Manager mutual TLS");
     Ok(Some(tls))
+}
+
+/// The `--mtls-*` files: all three or none, and only towards an `https://` Workload Manager.
+fn mtls_files(args: &Args) -> anyhow::Result<Option<agentcube_tls::PemFiles>> {
+    let named = [&args.mtls_cert, &args.mtls_key, &args.mtls_ca].map(|s| !s.trim().is_empty());
+    if named == [false; 3] {
+        return Ok(None);
+    }
+    if named != [true; 3] {
+        anyhow::bail!("--mtls-cert, --mtls-key and --mtls-ca must all be given together");
+    }
+    if !args.workload_manager_url.starts_with("https://") {
+        anyhow::bail!(
+            "--mtls-* is set but WORKLOAD_MANAGER_URL ({}) is not https://: the calls would go \
+             in the clear",
+            args.workload_manager_url
+        );
+    }
+    Ok(Some(agentcube_tls::PemFiles {
+        cert: args.mtls_cert.trim().into(),
+        key: args.mtls_key.trim().into(),
+        ca: Some(args.mtls_ca.trim().into()),
+    }))
 }
 
 /// `--jwt-*`: discovery at start (an unreachable issuer stops the Router, as upstream).
