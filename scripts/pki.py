@@ -45,13 +45,16 @@ class Pki:
         self.bundle = d / "ca.pem"
         self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def leaf(self, name: str, spiffe: str, usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
-        """A certificate for `usage` naming `spiffe` as its URI SAN: (certificate, key) files."""
+    def leaf(self, name: str, spiffe: str, usage: x509.ObjectIdentifier,
+             dns: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """A certificate for `usage` naming `spiffe` as its URI SAN (and `dns` names):
+        (certificate, key) files."""
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (_validity(x509.CertificateBuilder())
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                 .issuer_name(self.name).public_key(key.public_key())
-                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
+                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe),
+                                                            *map(x509.DNSName, dns)]), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .sign(self.key, hashes.SHA256()))
         crt, pem = self.dir / f"{name}.crt", self.dir / f"{name}.key"

@@ -52,6 +52,23 @@ def _wait(check, proc: subprocess.Popen, log: Path, secs: float = 60) -> None:
     pytest.fail(f"{proc.args[0]} not ready: {log.read_text()[-3000:]}")
 
 
+def _workload_manager(tmp: Path, redis_url: str, *tls: str) -> tuple[subprocess.Popen, int, Path]:
+    """The `workload-manager` binary (local backend, the examples) with `tls` flags, trusting the
+    Router key in `tmp/identity`: (process, port, log)."""
+    public = _router_identity(tmp / "identity")
+    port = _free_port()
+    log = tmp / "wm.log"
+    proc = subprocess.Popen(
+        [str(_binary("workload-manager")), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
+         "--manifests", str(REPO / "examples"), "--state-dir", str(tmp / "state"), "--store", redis_url,
+         "--router-public-key-file", str(public), *tls],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
+    return proc, port, log
+
+
+INVOKE = "/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+
+
 def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(stack, redis_url, scratch):
     if stack.backend != "local":
         pytest.skip("runs its own workload-manager and router")
@@ -59,15 +76,8 @@ def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(sta
     pki = Pki(tmp)
     wm_crt, wm_key = pki.leaf("workloadmanager", WM_ID, SERVER_AUTH)
     router_crt, router_key = pki.leaf("router", ROUTER_ID, CLIENT_AUTH)
-    public = _router_identity(tmp / "identity")
-    wm_port = _free_port()
-    wm_log = tmp / "wm.log"
-    wm = subprocess.Popen(
-        [str(_binary("workload-manager")), "--port", str(wm_port), "--bind", "127.0.0.1", "--metrics-port", "0",
-         "--manifests", str(REPO / "examples"), "--state-dir", str(tmp / "state"), "--store", redis_url,
-         "--router-public-key-file", str(public),
-         "--tls-cert", str(wm_crt), "--tls-key", str(wm_key), "--tls-ca", str(pki.bundle)],
-        stdout=open(wm_log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
+    wm, wm_port, wm_log = _workload_manager(tmp, redis_url, "--tls-cert", str(wm_crt), "--tls-key", str(wm_key),
+                                            "--tls-ca", str(pki.bundle))
     procs = [wm]
 
     def router(*extra: str, url: str = f"https://127.0.0.1:{wm_port}", env: dict | None = None):
@@ -83,7 +93,7 @@ def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(sta
         procs.append(p)
         return p, f"http://127.0.0.1:{port}", log
 
-    invoke = "/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    invoke = INVOKE
     try:
         # The Workload Manager's listener: mutual TLS, answering only clients of the CA.
         mine = (str(router_crt), str(router_key))
@@ -119,6 +129,47 @@ def test_the_router_makes_sessions_over_mutual_tls_and_strangers_are_refused(sta
         proc, url, log = router(url=f"http://127.0.0.1:{wm_port}")
         assert proc.wait(30) != 0
         assert "is not https://" in log.read_text(), log.read_text()
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def test_a_workload_manager_over_https_is_trusted_by_the_systems_cas(stack, redis_url, scratch):
+    """Upstream's plain `--enable-tls` Workload Manager: a Router without `--mtls-*` reaches an
+    `https://` URL checked against the system's CA certificates (here the test CA, through
+    `SSL_CERT_FILE`), host name included; without that CA it makes no session."""
+    if stack.backend != "local":
+        pytest.skip("runs its own workload-manager and router")
+    tmp = scratch("agentcube-https-")
+    pki = Pki(tmp)
+    crt, key = pki.leaf("workloadmanager", WM_ID, SERVER_AUTH, dns=("localhost",))
+    wm, wm_port, wm_log = _workload_manager(tmp, redis_url, "--enable-tls", "--tls-cert", str(crt), "--tls-key", str(key))
+    procs = [wm]
+    try:
+        _wait(lambda: requests.get(f"https://localhost:{wm_port}/health", verify=str(pki.bundle), timeout=1).ok,
+              wm, wm_log)
+        for trusted, want in ((True, 200), (False, 500)):
+            port = _free_port()
+            log = tmp / f"router-{port}.log"
+            env = dict(os.environ, WORKLOAD_MANAGER_URL=f"https://localhost:{wm_port}", RUST_LOG="info")
+            if trusted:
+                env["SSL_CERT_FILE"] = str(pki.bundle)
+            else:
+                env.pop("SSL_CERT_FILE", None)
+            proc = subprocess.Popen(
+                [str(_binary("router")), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
+                 "--identity-dir", str(tmp / "identity"), "--store", redis_url,
+                 "--unix-socket-dir", str(tmp / "state/private")],
+                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}"
+            _wait(lambda: requests.get(f"{url}/health/ready", timeout=1).ok, proc, log)
+            r = requests.post(f"{url}{INVOKE}", json={"command": ["echo", "over https"]}, timeout=60)
+            assert r.status_code == want, (trusted, r.status_code, r.text, log.read_text()[-2000:])
+            if trusted:
+                assert r.json()["stdout"] == "over https\n", r.text
+            else:
+                assert "UnknownIssuer" in log.read_text(), log.read_text()[-2000:]
     finally:
         for p in procs:
             _stop(p)

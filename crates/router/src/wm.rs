@@ -47,7 +47,7 @@ impl WmClient {
         http.enforce_http(false);
         let connector = match tls {
             Some(tls) => tls.connector(http),
-            None => agentcube_tls::system_roots(http),
+            None => agentcube_tls::system_roots(base, http),
         };
         Self {
             base: base.trim_end_matches('/').to_string(),

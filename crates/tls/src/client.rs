@@ -97,21 +97,29 @@ impl ClientTls {
     }
 }
 
-/// A connector for a client without mutual TLS: `http://` in the clear, `https://` checked
-/// against the system's CA certificates (none found: every `https://` server is refused).
-pub fn system_roots(http: HttpConnector) -> HttpsConnector<HttpConnector> {
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_provider_and_native_roots(provider()) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no system CA certificates: https:// servers are refused");
-            let config = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+/// A connector for a client without mutual TLS towards `url`: an `http://` URL in the clear
+/// (the system's CA certificates are not even read), an `https://` one checked against them
+/// (none found: logged, and every `https://` server is refused).
+pub fn system_roots(url: &str, http: HttpConnector) -> HttpsConnector<HttpConnector> {
+    let no_roots = || {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+    };
+    let builder = if url.starts_with("https://") {
+        match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider())
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, %url, "no system CA certificates: https:// is refused");
+                no_roots()
+            }
         }
+    } else {
+        no_roots()
     };
     builder.https_or_http().enable_http1().wrap_connector(http)
 }
