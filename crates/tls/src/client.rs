@@ -131,11 +131,11 @@ fn material(files: &PemFiles) -> Result<Material, TlsError> {
         ));
     };
     let (certs, key) = (files::chain(&files.cert)?, files::key(&files.key)?);
-    let signer = provider().key_provider.load_private_key(key)?;
-    let key = CertifiedKey::new(certs, signer);
-    key.keys_match().map_err(|e| TlsError::File {
+    // A key that is not the certificate's is refused (as for a listener's): a half-written
+    // rotation is then kept out until both files are in.
+    let key = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::File {
         path: files.key.clone(),
-        why: format!("does not match {}: {e}", files.cert.display()),
+        why: format!("not usable with {}: {e}", files.cert.display()),
     })?;
     Ok(Material {
         key: Arc::new(key),

@@ -15,8 +15,10 @@
 //!    authentication with the expected [`spiffe_id`] among its URI SANs; no host name is
 //!    checked (a SPIFFE certificate names a workload, not a host), as upstream.
 //! 4. `watch` on either: the files are looked at every second and the certificates swapped when
-//!    they change (SPIFFE certificates live about an hour); files that do not load are logged
-//!    and the previous certificates kept. Connections made before a swap keep theirs.
+//!    they change (SPIFFE certificates live about an hour); files that do not load (also a key
+//!    that is not its certificate's: a rotation half written) are logged and the previous
+//!    certificates kept. Connections made before a swap keep theirs; a swapped listener resumes
+//!    no TLS session of the configuration before it, so every client shows its certificate again.
 
 mod client;
 mod files;

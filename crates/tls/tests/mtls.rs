@@ -289,9 +289,17 @@ async fn certificates_are_swapped_when_their_files_change() {
     })
     .await;
 
-    // Files that do not load leave the certificates in use as they were.
+    // Files that do not load leave the certificates in use as they were: garbage ...
     std::fs::write(&wm.cert, "not a certificate").unwrap();
-    std::fs::write(&router.key, "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hello(&client, addr).await.unwrap(), "hi");
+    // ... and a rotation half written (a new certificate beside the old key). The server takes
+    // a new certificate first: a new configuration resumes no earlier TLS session, so the
+    // client must present its certificate again.
+    rotated.leaf("wm", WM_ID, ExtendedKeyUsagePurpose::ServerAuth);
+    let old_key = std::fs::read(&router.key).unwrap();
+    rotated.leaf("router", ROUTER_ID, ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(&router.key, old_key).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(hello(&client, addr).await.unwrap(), "hi");
 }
