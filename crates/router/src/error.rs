@@ -7,6 +7,14 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// An error followed by its sources, outermost first (hyper's client error alone says only
+/// "client error (Connect)": why the connection failed is further down).
+pub(crate) fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |s| s.source())
+}
+
 /// [`agentcube_types::headers::ROUTER_ERROR`].
 pub const ROUTER_ERROR: axum::http::HeaderName =
     axum::http::HeaderName::from_static(agentcube_types::headers::ROUTER_ERROR);

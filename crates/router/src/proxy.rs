@@ -870,7 +870,7 @@ fn is_h2c(entry: &EntryPoint) -> bool {
 /// client's own request body is in the error's chain as the `axum::Error` it was sent with: then
 /// it is the client's error, 408 when it stalled past the body idle timeout, else 400.
 fn map_client_error(e: &(dyn std::error::Error + 'static)) -> RouterError {
-    let chain = || std::iter::successors(Some(e), |s| s.source());
+    let chain = || crate::error::sources(e);
     if chain().any(|s| s.is::<axum::Error>()) {
         return if chain().any(|s| s.is::<agentcube_serve::BodyTimeout>()) {
             RouterError::BodyTimeout

@@ -165,10 +165,9 @@ impl WmClient {
     }
 }
 
-/// An error and its sources, `: `-separated (hyper's client error alone says only "client error
-/// (Connect)"; why the connection failed, a refused TLS certificate say, is in its sources).
+/// An error and its sources, `: `-separated (a refused TLS certificate, say, is in the sources).
 fn causes(e: &(dyn std::error::Error + 'static)) -> String {
-    std::iter::successors(Some(e), |s| s.source())
+    crate::error::sources(e)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")

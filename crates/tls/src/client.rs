@@ -19,7 +19,7 @@ use tokio_rustls::rustls::{
     SignatureScheme,
 };
 
-use crate::files::{self, PemFiles};
+use crate::files::{self, PemFiles, Reloading};
 use crate::{TlsError, provider};
 
 /// What a reload swaps: this component's certificate and key, and the CA bundle.
@@ -31,17 +31,13 @@ struct Material {
 /// Mutual TLS towards a server known by its SPIFFE ID.
 #[derive(Clone)]
 pub struct ClientTls {
-    files: PemFiles,
-    loaded: files::Fingerprint,
-    material: Arc<ArcSwap<Material>>,
+    material: Reloading<Material>,
     config: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls")
-            .field("files", &self.files)
-            .finish()
+        f.debug_tuple("ClientTls").field(&self.material).finish()
     }
 }
 
@@ -50,8 +46,8 @@ impl ClientTls {
     /// chain reaches `files.ca` (required) for server authentication and whose certificate names
     /// `server_id` as a URI SAN.
     pub fn load(files: PemFiles, server_id: String) -> Result<Self, TlsError> {
-        let loaded = files::fingerprint(&files);
-        let material = Arc::new(ArcSwap::from_pointee(material(&files)?));
+        let reloading = Reloading::load(files, material)?;
+        let material = reloading.current.clone();
         let provider = provider();
         let verifier = Arc::new(SpiffeVerifier {
             material: material.clone(),
@@ -64,9 +60,7 @@ impl ClientTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(Arc::new(Resolver(material.clone())));
         Ok(Self {
-            files,
-            loaded,
-            material,
+            material: reloading,
             config: Arc::new(config),
         })
     }
@@ -89,11 +83,7 @@ impl ClientTls {
 
     /// [`Self::watch`], looking every `every`.
     pub fn watch_every(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let (files, current) = (self.files.clone(), self.material.clone());
-        files::watch(self.files.clone(), self.loaded.clone(), every, move || {
-            current.store(Arc::new(material(&files)?));
-            Ok(())
-        })
+        self.material.watch_every(every)
     }
 }
 

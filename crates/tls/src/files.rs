@@ -1,8 +1,10 @@
 //! The PEM files: loading them, waiting for them, and noticing when they change.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::RootCertStore;
@@ -83,12 +85,11 @@ pub async fn wait_for_files(files: &PemFiles, timeout: Duration) -> Result<(), T
 }
 
 /// What identifies the files' contents cheaply: modification time, size and inode of each
-/// (a sidecar replaces them by rename, or rewrites them in place). Taken before the files are
-/// read, so that a change while they are read is seen as a change.
+/// (a sidecar replaces them by rename, or rewrites them in place).
 pub(crate) type Fingerprint = Vec<Option<(std::time::SystemTime, u64, u64)>>;
 
 /// The files' [`Fingerprint`] now.
-pub(crate) fn fingerprint(files: &PemFiles) -> Fingerprint {
+fn fingerprint(files: &PemFiles) -> Fingerprint {
     use std::os::unix::fs::MetadataExt;
     files
         .paths()
@@ -99,30 +100,74 @@ pub(crate) fn fingerprint(files: &PemFiles) -> Fingerprint {
         .collect()
 }
 
-/// Calls `reload` whenever the files differ from `seen` (what was loaded; looked at every
-/// `every`), until the runtime ends; a failed reload is logged and tried again at the next
-/// change.
-pub(crate) fn watch(
-    files: PemFiles,
-    mut seen: Fingerprint,
-    every: Duration,
-    reload: impl Fn() -> Result<(), TlsError> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            let now = fingerprint(&files);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match reload() {
-                Ok(()) => tracing::info!(cert = %files.cert.display(), "TLS certificates reloaded"),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "TLS files changed but do not load; the previous certificates stay"
-                ),
-            }
+/// What was built from the files (a listener's configuration, a client's certificate and CA),
+/// swapped whole for a new build when they change.
+pub(crate) struct Reloading<T> {
+    pub(crate) files: PemFiles,
+    /// The files' fingerprint when `current` was built.
+    loaded: Fingerprint,
+    pub(crate) current: Arc<ArcSwap<T>>,
+    build: fn(&PemFiles) -> Result<T, TlsError>,
+}
+
+impl<T> Clone for Reloading<T> {
+    fn clone(&self) -> Self {
+        Self {
+            files: self.files.clone(),
+            loaded: self.loaded.clone(),
+            current: self.current.clone(),
+            build: self.build,
         }
-    })
+    }
+}
+
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.files.fmt(f)
+    }
+}
+
+impl<T: Send + Sync + 'static> Reloading<T> {
+    /// `build` of `files` (fingerprinted before they are read, so that a change while they are
+    /// read is seen as a change).
+    pub(crate) fn load(
+        files: PemFiles,
+        build: fn(&PemFiles) -> Result<T, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let loaded = fingerprint(&files);
+        let current = Arc::new(ArcSwap::from_pointee(build(&files)?));
+        Ok(Self {
+            files,
+            loaded,
+            current,
+            build,
+        })
+    }
+
+    /// Builds anew whenever the files differ from those last looked at (every `every`), until
+    /// the runtime ends; a build that fails is logged, the previous one stays, and it is tried
+    /// again at the next change.
+    pub(crate) fn watch_every(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let (this, mut seen) = (self.clone(), self.loaded.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = fingerprint(&this.files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match (this.build)(&this.files) {
+                    Ok(new) => {
+                        this.current.store(Arc::new(new));
+                        tracing::info!(cert = %this.files.cert.display(), "TLS certificates reloaded");
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "TLS files changed but do not load; the previous certificates stay"
+                    ),
+                }
+            }
+        })
+    }
 }

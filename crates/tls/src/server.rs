@@ -5,47 +5,28 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 
-use crate::files::{self, PemFiles};
+use crate::files::{self, PemFiles, Reloading};
 use crate::{TlsError, provider};
 
 /// A listener's TLS, swapped whole when its files change.
-#[derive(Clone)]
-pub struct ServerTls {
-    files: PemFiles,
-    loaded: files::Fingerprint,
-    current: Arc<ArcSwap<ServerConfig>>,
-}
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls")
-            .field("files", &self.files)
-            .finish()
-    }
-}
+#[derive(Debug, Clone)]
+pub struct ServerTls(Reloading<ServerConfig>);
 
 impl ServerTls {
     /// HTTPS with `files.cert` and `files.key`; with `files.ca`, mutual TLS (TLS 1.3, a client
     /// certificate for client authentication chaining to the CA required). ALPN h2 and
     /// http/1.1.
     pub fn load(files: PemFiles) -> Result<Self, TlsError> {
-        let loaded = files::fingerprint(&files);
-        let config = build(&files)?;
-        Ok(Self {
-            files,
-            loaded,
-            current: Arc::new(ArcSwap::from_pointee(config)),
-        })
+        Reloading::load(files, build).map(Self)
     }
 
     /// Whether clients must present a certificate.
     pub fn mutual(&self) -> bool {
-        self.files.ca.is_some()
+        self.0.files.ca.is_some()
     }
 
     /// Swaps in the files' certificates whenever they differ from those loaded (looked at
@@ -56,11 +37,7 @@ impl ServerTls {
 
     /// [`Self::watch`], looking every `every`.
     pub fn watch_every(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let (files, current) = (self.files.clone(), self.current.clone());
-        files::watch(self.files.clone(), self.loaded.clone(), every, move || {
-            current.store(Arc::new(build(&files)?));
-            Ok(())
-        })
+        self.0.watch_every(every)
     }
 }
 
@@ -96,7 +73,7 @@ impl agentcube_serve::Handshake for ServerTls {
         &self,
         s: agentcube_serve::Accepted,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send>> {
-        let acceptor = TlsAcceptor::from(self.current.load_full());
+        let acceptor = TlsAcceptor::from(self.0.current.load_full());
         Box::pin(async move { acceptor.accept(s).await })
     }
 }

@@ -55,12 +55,7 @@ impl Quotas {
         let fail =
             |what: &str, e: String| BackendError::Failed(format!("workspace quota ({what}): {e}"));
         let file = std::fs::File::create(&image).map_err(|e| fail("image", e.to_string()))?;
-        if self.on_memory {
-            file.set_len(bytes)
-                .map_err(|e| fail("image size", e.to_string()))?;
-        } else {
-            reserve(&file, bytes)?;
-        }
+        reserve(&file, bytes, self.on_memory)?;
         drop(file);
         let owner = uid.unwrap_or(0);
         // No journal, no resize reserve, no discard pass, an inode per 32 KiB: a scratch
@@ -112,13 +107,16 @@ fn on_memory(state: &Path) -> bool {
 /// workspace then has its place, and a workspace the disk cannot hold is refused now (429,
 /// saying how much is free) rather than losing writes later — a sparse image on a full host disk
 /// fails its writes only at writeback, after the sandbox's `write` succeeded (the kernel logs
-/// "potential data loss"). On a filesystem without `fallocate` the image stays sparse (as on
-/// tmpfs, where the reservation would be memory: [`Quotas::prepare`] does not call this there).
-fn reserve(file: &std::fs::File, bytes: u64) -> Result<(), BackendError> {
+/// "potential data loss"). On a filesystem without `fallocate`, and `on_memory` (tmpfs, where
+/// the reservation would be host memory), the image stays sparse.
+fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), BackendError> {
     let sparse = |file: &std::fs::File| {
         file.set_len(bytes)
             .map_err(|e| BackendError::Failed(format!("workspace quota (image size): {e}")))
     };
+    if on_memory {
+        return sparse(file);
+    }
     let len = i64::try_from(bytes).unwrap_or(i64::MAX);
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
         Ok(()) => Ok(()),
