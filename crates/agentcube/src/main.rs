@@ -20,7 +20,7 @@ use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
 use agentcube_workload_manager::WorkloadManager;
 use agentcube_workload_manager::backend::WarmPools;
-use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+use agentcube_workload_manager::backend::local::{LocalBackend, LocalDefaults};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -56,26 +56,6 @@ struct UpArgs {
     /// signed, outside this process.
     #[arg(long, env = "AGENTCUBE_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
-    /// Sandbox workspaces and sockets.
-    #[arg(long, env = "AGENTCUBE_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// PicoD binary (default: `picod` next to this binary).
-    #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
-    picod_binary: Option<PathBuf>,
-    /// Sandbox isolation: `bubblewrap` (default) or `gvisor` (runsc; needs root).
-    #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
-    isolation: agentcube_workload_manager::backend::local::Isolation,
-    /// As root: the host uids sandboxes run as, one per sandbox (`FIRST-LAST`).
-    #[arg(
-        long,
-        env = "AGENTCUBE_SANDBOX_UIDS",
-        default_value = "2000000000-2000065535"
-    )]
-    sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
-    /// DNS server of sandboxes whose definition has a network policy (default: the host's first
-    /// non-loopback nameserver; behind systemd-resolved's stub, the servers it asks).
-    #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
-    sandbox_dns: Option<IpAddr>,
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
@@ -96,9 +76,7 @@ struct UpArgs {
     #[command(flatten)]
     admission: agentcube_workload_manager::sessions::AdmissionArgs,
     #[command(flatten)]
-    memory: agentcube_workload_manager::backend::local::MemoryArgs,
-    #[command(flatten)]
-    images: agentcube_workload_manager::backend::local::image::ImageArgs,
+    local: agentcube_workload_manager::backend::local::LocalArgs,
 }
 
 #[tokio::main]
@@ -147,28 +125,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("Router identity in {}", dir.display()))?,
         None => KeyPair::generate()?,
     };
-    let picod = match args.picod_binary.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("picod"),
-    };
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("agentcube-state"));
-    let mut local = LocalConfig::new(state_dir, picod);
-    if let Some(path) = std::env::var_os("PATH") {
-        local.tool_path = path;
-    }
-    local.isolation = args.isolation;
-    local.uids = local.uids.map(|_| args.sandbox_uids);
-    local.sandbox_dns = args.sandbox_dns;
-    args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
-    local.images = args.images.settings(
-        agentcube_workload_manager::backend::local::image::docker_config_file(
+    let defaults = LocalDefaults {
+        exe: std::env::current_exe()?,
+        state_dir: std::env::temp_dir().join("agentcube-state"),
+        tool_path: std::env::var_os("PATH"),
+        docker_config: agentcube_workload_manager::backend::local::image::docker_config_file(
             std::env::var_os("DOCKER_CONFIG").map(PathBuf::from),
             std::env::var_os("HOME").map(PathBuf::from),
         ),
-    );
+    };
+    let local = args.local.config(defaults).map_err(anyhow::Error::msg)?;
     let backend = LocalBackend::new(local).map_err(anyhow::Error::msg)?;
     if !backend.enforces_limits() {
         eprintln!(
@@ -263,7 +229,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "AgentCube is up (embedded: Router + Workload Manager + {} store, sandboxes: {:?})",
         store_name(&store_config),
-        args.isolation
+        args.local.isolation
     );
     println!("  Router:           {router_url}");
     println!("  Workload Manager: {wm_url}");

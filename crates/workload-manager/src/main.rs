@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
 use agentcube_workload_manager::backend::kubernetes::{KubeConfig, KubernetesBackend};
-use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+use agentcube_workload_manager::backend::local::{LocalBackend, LocalDefaults};
 use agentcube_workload_manager::{Config, WorkloadManager, key};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
@@ -32,31 +32,6 @@ struct Args {
     /// backend default: followed from Secret `picod-router-identity` in AGENTCUBE_NAMESPACE.
     #[arg(long, env = "AGENTCUBE_ROUTER_PUBLIC_KEY_FILE")]
     router_public_key_file: Option<PathBuf>,
-    /// Local backend: state directory (sandbox workspaces and sockets).
-    #[arg(long, env = "AGENTCUBE_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Local backend: PicoD binary (default: `picod` next to this binary).
-    #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
-    picod_binary: Option<PathBuf>,
-    /// Local backend: `bubblewrap` (default) or `gvisor` (runsc, stronger isolation, needs root).
-    #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
-    isolation: agentcube_workload_manager::backend::local::Isolation,
-    /// Local backend, as root: the host uids sandboxes run as, one per sandbox (`FIRST-LAST`).
-    #[arg(
-        long,
-        env = "AGENTCUBE_SANDBOX_UIDS",
-        default_value = "2000000000-2000065535"
-    )]
-    sandbox_uids: agentcube_workload_manager::backend::local::uids::UidRange,
-    /// Local backend: DNS server of sandboxes whose definition has a network policy (default:
-    /// the host's first non-loopback nameserver; behind systemd-resolved's stub, the servers it
-    /// asks).
-    #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
-    sandbox_dns: Option<std::net::IpAddr>,
-    /// Local backend: refuse to start when cgroup limits cannot be enforced.
-    #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
-    require_cgroups: bool,
-    /// Port of the admin listener serving `/metrics` (0 disables it).
     #[arg(long, env = "WORKLOAD_MANAGER_METRICS_PORT", default_value_t = 9090)]
     metrics_port: u16,
     /// GC interval (Go duration).
@@ -144,9 +119,7 @@ struct Args {
     #[command(flatten)]
     admission: agentcube_workload_manager::sessions::AdmissionArgs,
     #[command(flatten)]
-    memory: agentcube_workload_manager::backend::local::MemoryArgs,
-    #[command(flatten)]
-    images: agentcube_workload_manager::backend::local::image::ImageArgs,
+    local: agentcube_workload_manager::backend::local::LocalArgs,
     /// Serve HTTPS with --tls-cert and --tls-key (upstream's flags).
     #[arg(long, env = "WORKLOAD_MANAGER_ENABLE_TLS")]
     enable_tls: bool,
@@ -324,27 +297,16 @@ async fn caller_auth(args: &Args) -> anyhow::Result<agentcube_workload_manager::
 const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn local_backend(args: &Args) -> anyhow::Result<LocalBackend> {
-    let exe = std::env::current_exe()?;
-    let picod = args
-        .picod_binary
-        .clone()
-        .unwrap_or_else(|| exe.with_file_name("picod"));
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let mut local = LocalConfig::new(state_dir, picod);
-    if let Some(path) = std::env::var_os("PATH") {
-        local.tool_path = path;
-    }
-    local.require_cgroups = args.require_cgroups;
-    local.sandbox_dns = args.sandbox_dns;
-    local.isolation = args.isolation;
-    local.uids = local.uids.map(|_| args.sandbox_uids);
-    args.memory.apply(&mut local).map_err(anyhow::Error::msg)?;
-    local.images = args.images.settings(
-        agentcube_workload_manager::backend::local::image::docker_config_file(
+    let defaults = LocalDefaults {
+        exe: std::env::current_exe()?,
+        state_dir: default_state_dir(),
+        tool_path: std::env::var_os("PATH"),
+        docker_config: agentcube_workload_manager::backend::local::image::docker_config_file(
             std::env::var_os("DOCKER_CONFIG").map(PathBuf::from),
             std::env::var_os("HOME").map(PathBuf::from),
         ),
-    );
+    };
+    let local = args.local.config(defaults).map_err(anyhow::Error::msg)?;
     LocalBackend::new(local).map_err(anyhow::Error::msg)
 }
 

@@ -471,3 +471,27 @@ fn a_state_directory_another_user_owns_is_refused() {
         "nothing was made in it"
     );
 }
+
+/// `--require-cgroups`: where no cgroup hierarchy is usable, the manager refuses to start rather
+/// than run sandboxes without memory, CPU and pid limits; without it, it starts and says so.
+#[test]
+fn a_manager_that_must_enforce_limits_refuses_to_start_without_cgroups() {
+    use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let no_cgroups = dir.path().join("not-a-cgroup-fs");
+    std::fs::create_dir(&no_cgroups).unwrap();
+    let config = |state: &str, require: bool| {
+        let state = dir.path().join(state);
+        std::fs::create_dir(&state).unwrap();
+        let mut c = LocalConfig::new(state, picod_binary());
+        c.cgroup_root = no_cgroups.clone();
+        c.require_cgroups = require;
+        c
+    };
+    let err = LocalBackend::new(config("required", true))
+        .err()
+        .expect("must refuse to start");
+    assert!(err.contains("cgroup limits cannot be enforced"), "{err}");
+    let started = LocalBackend::new(config("optional", false)).expect("starts without limits");
+    assert!(!started.enforces_limits());
+}

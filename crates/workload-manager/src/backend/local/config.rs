@@ -1,5 +1,5 @@
 //! The local backend's settings: [`LocalConfig`] (what the binaries build from their flags),
-//! the memory flags both binaries share ([`MemoryArgs`]) and the isolation choice.
+//! the flags both binaries share ([`LocalArgs`], [`MemoryArgs`]) and the isolation choice.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -95,6 +95,73 @@ impl LocalConfig {
     }
 }
 
+/// The local backend's flags, the same in `workload-manager` and `agentcube up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalArgs {
+    /// Local backend: state directory (sandbox workspaces and sockets).
+    #[arg(long, env = "AGENTCUBE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Local backend: PicoD binary (default: `picod` next to this binary).
+    #[arg(long, env = "AGENTCUBE_PICOD_BINARY")]
+    pub picod_binary: Option<PathBuf>,
+    /// Local backend: `bubblewrap` (default) or `gvisor` (runsc, stronger isolation, needs root).
+    #[arg(long, env = "AGENTCUBE_ISOLATION", default_value = "bubblewrap")]
+    pub isolation: Isolation,
+    /// Local backend, as root: the host uids sandboxes run as, one per sandbox (`FIRST-LAST`).
+    #[arg(
+        long,
+        env = "AGENTCUBE_SANDBOX_UIDS",
+        default_value = "2000000000-2000065535"
+    )]
+    pub sandbox_uids: UidRange,
+    /// Local backend: DNS server of sandboxes whose definition has a network policy (default:
+    /// the host's first non-loopback nameserver; behind systemd-resolved's stub, the servers it
+    /// asks).
+    #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
+    pub sandbox_dns: Option<std::net::IpAddr>,
+    /// Local backend: refuse to start when cgroup limits cannot be enforced.
+    #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
+    pub require_cgroups: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub images: image::ImageArgs,
+}
+
+/// What [`LocalArgs::config`] takes from the process (read by `main`).
+#[derive(Debug, Clone)]
+pub struct LocalDefaults {
+    /// The running binary: PicoD is looked for next to it.
+    pub exe: PathBuf,
+    /// The state directory without `--state-dir`.
+    pub state_dir: PathBuf,
+    /// `PATH`, where the sandbox tools are looked for (unset: [`SYSTEM_PATH`]).
+    pub tool_path: Option<std::ffi::OsString>,
+    /// The registry credentials file without `--registry-auth-file`
+    /// ([`image::docker_config_file`]).
+    pub docker_config: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    /// The local backend's configuration from these flags.
+    pub fn config(&self, defaults: LocalDefaults) -> Result<LocalConfig, String> {
+        let picod =
+            (self.picod_binary.clone()).unwrap_or_else(|| defaults.exe.with_file_name("picod"));
+        let state_dir = self.state_dir.clone().unwrap_or(defaults.state_dir);
+        let mut local = LocalConfig::new(state_dir, picod);
+        if let Some(path) = defaults.tool_path {
+            local.tool_path = path;
+        }
+        local.require_cgroups = self.require_cgroups;
+        local.sandbox_dns = self.sandbox_dns;
+        local.isolation = self.isolation;
+        local.uids = local.uids.map(|_| self.sandbox_uids);
+        self.memory.apply(&mut local)?;
+        local.images = self.images.settings(defaults.docker_config);
+        Ok(local)
+    }
+}
+
 /// The memory flags of the local backend (`workload-manager`, `agentcube up`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct MemoryArgs {
@@ -164,4 +231,79 @@ pub fn which(name: &Path, path: &std::ffi::OsStr) -> Option<PathBuf> {
     std::env::split_paths(path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        local: LocalArgs,
+    }
+
+    fn defaults() -> LocalDefaults {
+        LocalDefaults {
+            exe: PathBuf::from("/opt/agentcube/bin/agentcube"),
+            state_dir: PathBuf::from("/var/lib/default-state"),
+            tool_path: Some("/opt/tools".into()),
+            docker_config: Some(PathBuf::from("/home/u/.docker/config.json")),
+        }
+    }
+
+    #[test]
+    fn the_flags_reach_the_configuration() {
+        let cli = Cli::parse_from([
+            "x",
+            "--state-dir",
+            "/srv/state",
+            "--picod-binary",
+            "/opt/picod",
+            "--isolation",
+            "gvisor",
+            "--sandbox-uids",
+            "3000-3999",
+            "--sandbox-dns",
+            "192.0.2.53",
+            "--require-cgroups",
+            "--default-memory-limit",
+            "256Mi",
+            "--images",
+            "pull",
+        ]);
+        let c = cli.local.config(defaults()).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(c.picod, PathBuf::from("/opt/picod"));
+        assert_eq!(c.isolation, Isolation::Gvisor);
+        if nix::unistd::Uid::effective().is_root() {
+            assert_eq!(c.uids, Some("3000-3999".parse().unwrap()));
+        }
+        assert_eq!(c.sandbox_dns, Some("192.0.2.53".parse().unwrap()));
+        assert!(c.require_cgroups);
+        assert_eq!(c.default_memory_bytes, Some(256 << 20));
+        assert_eq!(c.tool_path, std::ffi::OsString::from("/opt/tools"));
+        let images = c.images.expect("--images pull");
+        assert_eq!(
+            images.auth_file,
+            Some(PathBuf::from("/home/u/.docker/config.json"))
+        );
+    }
+
+    #[test]
+    fn without_flags_the_binarys_defaults_apply() {
+        let mut d = defaults();
+        d.tool_path = None;
+        let c = Cli::parse_from(["x", "--images", "host"])
+            .local
+            .config(d)
+            .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/default-state"));
+        assert_eq!(c.picod, PathBuf::from("/opt/agentcube/bin/picod"));
+        assert_eq!(c.isolation, Isolation::Bubblewrap);
+        assert!(!c.require_cgroups);
+        assert_eq!(c.tool_path, std::ffi::OsString::from(SYSTEM_PATH));
+        assert!(c.images.is_none());
+    }
 }

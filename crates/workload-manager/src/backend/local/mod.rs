@@ -48,8 +48,8 @@ mod workload;
 
 use cgroup::{Cgroups, SandboxCgroup};
 pub use config::{
-    DEFAULT_MEMORY_BYTES, DEFAULT_WORKSPACE_BYTES, Isolation, LocalConfig, MemoryArgs, SYSTEM_PATH,
-    host_memory, which,
+    DEFAULT_MEMORY_BYTES, DEFAULT_WORKSPACE_BYTES, Isolation, LocalArgs, LocalConfig,
+    LocalDefaults, MemoryArgs, SYSTEM_PATH, host_memory, which,
 };
 use layout::SandboxPaths;
 pub use pool::PoolStatus;
