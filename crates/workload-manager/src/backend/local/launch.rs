@@ -395,14 +395,19 @@ pub fn args_file_content(spec: &LaunchSpec) -> std::io::Result<Vec<u8>> {
 /// the launcher's own mount namespace, emptied of `lost+found` and made private); then `$1`.. are
 /// files to open as fds 3.., up to `--fds-end`; then the `cgroup.procs` files to join, up to
 /// `--`; then the command to exec. Nothing of the sandbox ever runs outside its cgroups, and the
-/// fds are the only way its inputs reach it.
-const PROLOGUE: &str = r#"unset PWD OLDPWD; fd=3
+/// fds are the only way its inputs reach it. The mount runs beside the rest, in a child forked
+/// before any of it (so outside the sandbox's cgroups, holding none of its fds), and is waited
+/// for before the command: joining a cgroup v1 hierarchy waits for an RCU grace period (10-20 ms
+/// on the machines measured), about what the mount takes.
+const PROLOGUE: &str = r#"unset PWD OLDPWD; fd=3; mounting=
 if [ "$1" = "--mount" ]; then
-  "$2" -t ext4 -o loop,nodev,nosuid,noatime,noinit_itable "$3" "$4" && rmdir "$4/lost+found" && chmod 700 "$4" || exit 95
+  "$2" -t ext4 -o loop,nodev,nosuid,noatime,noinit_itable "$3" "$4" && rmdir "$4/lost+found" && chmod 700 "$4" &
+  mounting=$!
   shift 4
 fi
 while [ "$1" != "--fds-end" ]; do eval "exec $fd<\"\$1\"" || exit 96; fd=$((fd+1)); shift; done; shift
 while [ "$1" != "--" ]; do echo $$ > "$1" || exit 97; shift; done; shift
+if [ -n "$mounting" ]; then wait "$mounting" || exit 95; fi
 exec "$@""#;
 
 fn prologue(

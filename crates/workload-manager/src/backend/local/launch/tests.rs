@@ -283,6 +283,75 @@ fn the_prologue_opens_fds_and_joins_cgroups() {
     );
 }
 
+/// Runs the prologue with a workspace "mount" tool of `script` (given `-t ext4 -o OPTS IMAGE
+/// DIR`; without `unshare`, which needs root), then `command`; returns the status, the command's
+/// output and what was written to the "cgroup".
+fn prologue_mounting(script: &str, command: &str) -> (std::process::ExitStatus, String, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("mount");
+    std::fs::write(&tool, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let procs = dir.path().join("cgroup.procs");
+    std::fs::write(&procs, "").unwrap();
+    let fs = WorkspaceFs {
+        image: dir.path().join("workspace.ext4"),
+        unshare: "/usr/bin/unshare".into(),
+        mount: tool,
+    };
+    let mut argv = prologue(&[], std::slice::from_ref(&procs), Some((&fs, &ws)));
+    let sh = argv.iter().position(|a| a == "/bin/sh").unwrap();
+    argv.drain(..sh);
+    argv.extend(["/bin/sh".into(), "-c".into(), command.into(), "cmd".into()]);
+    argv.push(ws.display().to_string());
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .output()
+        .unwrap();
+    let joined = std::fs::read_to_string(&procs).unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into(),
+        joined,
+    )
+}
+
+/// The workspace is mounted beside the cgroup join, and the command starts only once it is in
+/// place: emptied of `lost+found`, private. (A mount slower than the join is waited for.)
+#[test]
+fn the_command_starts_on_the_mounted_workspace_only() {
+    let (status, out, joined) = prologue_mounting(
+        r#"sleep 0.3; mkdir "$6/lost+found"; echo mounted > "$6/marker"; echo "$$" > "$6/tool-pid""#,
+        r#"cat "$1/marker"; stat -c %a "$1"; ls "$1"; echo "pid $$"; cat "$1/tool-pid""#,
+    );
+    assert!(status.success(), "{status:?} {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["mounted", "700"], "{out}");
+    assert!(!out.contains("lost+found"), "{out}");
+    let pid = lines.iter().find_map(|l| l.strip_prefix("pid ")).unwrap();
+    assert_eq!(
+        joined.trim(),
+        pid,
+        "the command's process joined the cgroup"
+    );
+    assert_ne!(
+        lines.last().unwrap().trim(),
+        pid,
+        "the mount ran in a child of its own"
+    );
+}
+
+/// A workspace that does not mount stops the launcher (status 95) before the command runs.
+#[test]
+fn a_workspace_that_does_not_mount_runs_nothing() {
+    let (status, out, _) = prologue_mounting("sleep 0.1; exit 32", "echo ran");
+    assert_eq!(status.code(), Some(95), "{out}");
+    assert!(!out.contains("ran"), "{out}");
+}
+
 #[test]
 fn agent_runtime_forwards_ports_and_runs_the_agent() {
     let mut s = spec();
