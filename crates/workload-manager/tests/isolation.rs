@@ -269,6 +269,12 @@ async fn limits_no_sandbox_can_run_under_are_a_400_naming_them() {
             "more than the whole memory budget",
         ),
         (
+            "small-workspace",
+            "ephemeral-storage: 32Ki",
+            "resources.limits.ephemeral-storage: \"32Ki\" is too small: a workspace filesystem \
+             needs at least 1Mi",
+        ),
+        (
             "tiny",
             "memory: \"2Mi\"",
             "killed by its memory limit (2Mi) while starting",

@@ -216,10 +216,8 @@ async fn workspaces_are_reserved_so_a_full_host_disk_loses_no_write() {
     disk.dir = Some(s.stop_keeping_dir().await);
 }
 
-/// A state directory on tmpfs is named at start: its workspace images would be host memory.
-#[tokio::test]
-async fn a_state_directory_on_tmpfs_is_warned_about() {
-    let (_guard, logs) = Logs::start();
+/// A fresh directory with a 64 MiB tmpfs mounted on it, and what unmounts and removes it.
+fn tmpfs_dir() -> (tempfile::TempDir, impl Fn(&std::path::Path)) {
     let dir = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
@@ -234,6 +232,14 @@ async fn a_state_directory_on_tmpfs_is_warned_about() {
             .status();
         let _ = std::fs::remove_dir(d);
     };
+    (dir, unmount)
+}
+
+/// A state directory on tmpfs is named at start: its workspace images would be host memory.
+#[tokio::test]
+async fn a_state_directory_on_tmpfs_is_warned_about() {
+    let (_guard, logs) = Logs::start();
+    let (dir, unmount) = tmpfs_dir();
     let path = dir.path().to_path_buf();
     let s = Stack::start(Options {
         dir: Some(dir),
@@ -253,4 +259,56 @@ async fn a_state_directory_on_tmpfs_is_warned_about() {
         "{text}"
     );
     assert_eq!(created.0, 200, "{:?}", created.1);
+}
+
+/// A workspace whose filesystem cannot be made fails its create, the log naming `mkfs.ext4`. The
+/// launcher, started while the image is formatted, is told nothing and goes; nothing is left: no
+/// sandbox directory, cgroup or process. (Made to fail here with a 2Ei quota on a tmpfs state
+/// directory, where images stay sparse: too big for ext4.)
+#[tokio::test]
+async fn a_workspace_that_cannot_be_formatted_fails_its_create_and_leaves_nothing() {
+    let (_guard, logs) = Logs::start();
+    let (dir, unmount) = tmpfs_dir();
+    let path = dir.path().to_path_buf();
+    let s = Stack::start(Options {
+        dir: Some(dir),
+        manifests: code_interpreter(
+            "vast",
+            "    resources:\n      limits:\n        ephemeral-storage: 2Ei\n",
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = s.create("code-interpreter", "vast").await;
+    let state = path.join("state");
+    let dirs_left: Vec<String> = ["sandboxes", "private"]
+        .iter()
+        .flat_map(|sub| std::fs::read_dir(state.join(sub)).unwrap())
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    let cgroups_left: Vec<std::path::PathBuf> = (s.backend.cgroup_instance_dirs().iter())
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    let state_text = state.to_string_lossy().into_owned();
+    let processes_left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&state_text))
+        .collect();
+    let running = s.backend.running();
+    drop(s.stop_keeping_dir().await);
+    unmount(&path);
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        logs.text().contains("workspace quota (mkfs.ext4)"),
+        "{}",
+        logs.text()
+    );
+    assert!(running.is_empty(), "{running:?}");
+    assert!(dirs_left.is_empty(), "{dirs_left:?}");
+    assert!(cgroups_left.is_empty(), "{cgroups_left:?}");
+    assert!(processes_left.is_empty(), "{processes_left:?}");
 }

@@ -197,6 +197,16 @@ impl MemoryArgs {
             &self.default_workspace_size,
         )?)
         .filter(|b| *b > 0);
+        if let Some(b) = config.default_workspace_bytes
+            && b < super::workload::MIN_WORKSPACE_BYTES
+        {
+            return Err(format!(
+                "--default-workspace-size: {:?} is too small: a workspace filesystem needs at \
+                 least {} (0 = no quota)",
+                self.default_workspace_size,
+                super::human_bytes(super::workload::MIN_WORKSPACE_BYTES)
+            ));
+        }
         Ok(())
     }
 }
@@ -305,5 +315,25 @@ mod tests {
         assert!(!c.require_cgroups);
         assert_eq!(c.tool_path, std::ffi::OsString::from(SYSTEM_PATH));
         assert!(c.images.is_none());
+    }
+
+    #[test]
+    fn a_default_workspace_too_small_for_a_filesystem_is_refused() {
+        let err = Cli::parse_from(["x", "--default-workspace-size", "64Ki"])
+            .local
+            .config(defaults())
+            .unwrap_err();
+        assert!(
+            err.contains("--default-workspace-size: \"64Ki\" is too small"),
+            "{err}"
+        );
+        let none = Cli::parse_from(["x", "--default-workspace-size", "0"]);
+        assert_eq!(
+            none.local
+                .config(defaults())
+                .unwrap()
+                .default_workspace_bytes,
+            None
+        );
     }
 }

@@ -119,7 +119,8 @@ impl TmpfsSizes {
     }
 }
 
-/// A workspace filesystem image and the tools that mount it (see `quota`). The launcher runs
+/// A workspace filesystem image and the tools that mount it (see `quota`; the launcher waits
+/// for `go` on its standard input before it mounts it: [`PROLOGUE`]). The launcher runs
 /// under `unshare --mount --propagation private` and mounts it there, so the host's mount table
 /// never holds it: it goes when the sandbox's last process does, whatever happens to the manager.
 #[derive(Debug, Clone)]
@@ -395,14 +396,20 @@ pub fn args_file_content(spec: &LaunchSpec) -> std::io::Result<Vec<u8>> {
 /// the launcher's own mount namespace, emptied of `lost+found` and made private); then `$1`.. are
 /// files to open as fds 3.., up to `--fds-end`; then the `cgroup.procs` files to join, up to
 /// `--`; then the command to exec. Nothing of the sandbox ever runs outside its cgroups, and the
-/// fds are the only way its inputs reach it. The mount runs beside the rest, in a child forked
-/// before any of it (so outside the sandbox's cgroups, holding none of its fds), and is waited
-/// for before the command: joining a cgroup v1 hierarchy waits for an RCU grace period (10-20 ms
-/// on the machines measured), about what the mount takes.
+/// fds are the only way its inputs reach it.
+///
+/// The workspace is mounted beside the rest, by a child forked first (outside the sandbox's
+/// cgroups, holding none of its fds, its standard input the launcher's), once the manager, which
+/// formats the image meanwhile, writes `go` there; the command starts only once it is mounted
+/// (end of input instead of `go`: status 95, nothing runs). Joining a cgroup v1 hierarchy waits
+/// for an RCU grace period (10-20 ms on the machines measured): formatting and mounting take
+/// about as long, and now take it at the same time.
 const PROLOGUE: &str = r#"unset PWD OLDPWD; fd=3; mounting=
 if [ "$1" = "--mount" ]; then
-  "$2" -t ext4 -o loop,nodev,nosuid,noatime,noinit_itable "$3" "$4" && rmdir "$4/lost+found" && chmod 700 "$4" &
+  exec 8<&0
+  { read -r go && [ "$go" = go ] && "$2" -t ext4 -o loop,nodev,nosuid,noatime,noinit_itable "$3" "$4" && rmdir "$4/lost+found" && chmod 700 "$4"; } <&8 &
   mounting=$!
+  exec 8<&- </dev/null
   shift 4
 fi
 while [ "$1" != "--fds-end" ]; do eval "exec $fd<\"\$1\"" || exit 96; fd=$((fd+1)); shift; done; shift

@@ -187,7 +187,7 @@ impl LocalBackend {
             .or(cfg.default_workspace_bytes)
             .filter(|_| self.inner.quotas.is_some());
         let workspace_fs = match (&self.inner.quotas, workspace) {
-            (Some(q), Some(bytes)) => Some(q.prepare(paths, bytes, uid).await?),
+            (Some(q), Some(bytes)) => Some(q.image(paths, bytes)?),
             _ => None,
         };
         let cgroup = match &self.inner.cgroups {
@@ -231,10 +231,15 @@ impl LocalBackend {
             workspace_fs,
             tmpfs: launch::TmpfsSizes::for_limit(limits.memory_bytes),
         };
-        let (mut child, drained) = match self.spawn_launcher(&spec, name, paths) {
+        let started = match self.spawn_launcher(&spec, name, paths) {
+            Ok(started) => self.format_workspace(&spec, uid, started).await,
+            Err(e) => Err(e),
+        };
+        let (mut child, drained) = match started {
             Ok(started) => started,
             Err(e) => {
-                // No sandbox record holds the cgroup yet: removed here (empty, nothing joined).
+                // No sandbox record holds the cgroup yet: removed here (empty once the launcher
+                // is gone).
                 if let Some(cg) = &cgroup {
                     let _ = cg.remove().await;
                 }
@@ -263,8 +268,40 @@ impl LocalBackend {
         })
     }
 
+    /// Formats the workspace image of `spec`, if any, while its launcher starts, then lets the
+    /// launcher mount it (`go` on its standard input; `launch`'s `PROLOGUE`). When formatting
+    /// fails the launcher is told nothing: it reads the end of its input and exits (95) without
+    /// running anything, and is waited for.
+    async fn format_workspace(
+        &self,
+        spec: &LaunchSpec,
+        uid: Option<u32>,
+        (mut child, drained): (tokio::process::Child, output::Drained),
+    ) -> Result<(tokio::process::Child, output::Drained), BackendError> {
+        use tokio::io::AsyncWriteExt;
+        let (Some(quotas), Some(fs)) = (&self.inner.quotas, &spec.workspace_fs) else {
+            return Ok((child, drained));
+        };
+        let go = child.stdin.take();
+        match quotas.format(fs, uid).await {
+            Ok(()) => {
+                // A launcher already gone (it could not join its cgroups) is seen by the
+                // readiness wait, with its status.
+                if let Some(mut go) = go {
+                    let _ = go.write_all(b"go\n").await;
+                }
+                Ok((child, drained))
+            }
+            Err(e) => {
+                drop(go);
+                let _ = child.wait().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Starts the sandbox's launcher, its output going through a pipe to the sandbox's log
-    /// ([`output`]).
+    /// ([`output`]); its standard input a pipe when it mounts a workspace filesystem.
     pub(super) fn spawn_launcher(
         &self,
         spec: &LaunchSpec,
@@ -279,7 +316,11 @@ impl LocalBackend {
             .args(&argv[1..])
             .env_clear()
             .current_dir("/")
-            .stdin(Stdio::null())
+            .stdin(if spec.workspace_fs.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(out.stdout)
             .stderr(out.stderr)
             .process_group(0)

@@ -102,8 +102,12 @@ pub struct Sizes {
     pub workspace_bytes: Option<u64>,
 }
 
+/// The smallest workspace quota: ext4 cannot be made in less than about 512 KiB.
+pub const MIN_WORKSPACE_BYTES: u64 = 1 << 20;
+
 /// The definition's [`Sizes`] (`None` where it sets none); a limit that is not a Kubernetes
-/// quantity, or a memory or ephemeral-storage limit of 0, is refused (400) naming it.
+/// quantity, a memory limit of 0 or an ephemeral-storage limit under [`MIN_WORKSPACE_BYTES`] is
+/// refused (400) naming it.
 pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, BackendError> {
     let res = match workload {
         Workload::CodeInterpreter(ci) => ci.spec.template.resources.as_ref(),
@@ -115,6 +119,11 @@ pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, Backend
         };
         match parse(&q.0) {
             Ok(v) if v >= least => Ok(Some(v)),
+            Ok(_) if least > 1 => Err(format!(
+                "{:?} is too small: a workspace filesystem needs at least {}",
+                q.0,
+                super::human_bytes(least)
+            )),
             Ok(_) => Err(format!("must be more than 0, not {:?}", q.0)),
             Err(e) => Err(e),
         }
@@ -126,7 +135,7 @@ pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, Backend
             cpu_millis: limit("cpu", quantity::millicores, 0)?,
             pids: Some(default_pids),
         },
-        workspace_bytes: limit("ephemeral-storage", quantity::bytes, 1)?,
+        workspace_bytes: limit("ephemeral-storage", quantity::bytes, MIN_WORKSPACE_BYTES)?,
     })
 }
 

@@ -284,9 +284,15 @@ fn the_prologue_opens_fds_and_joins_cgroups() {
 }
 
 /// Runs the prologue with a workspace "mount" tool of `script` (given `-t ext4 -o OPTS IMAGE
-/// DIR`; without `unshare`, which needs root), then `command`; returns the status, the command's
-/// output and what was written to the "cgroup".
-fn prologue_mounting(script: &str, command: &str) -> (std::process::ExitStatus, String, String) {
+/// DIR`; without `unshare`, which needs root), `input` on its standard input (what the manager
+/// writes once the image is formatted), then `command`; returns the status, the command's output
+/// and what was written to the "cgroup".
+fn prologue_mounting(
+    script: &str,
+    input: &str,
+    command: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let tool = dir.path().join("mount");
@@ -306,11 +312,19 @@ fn prologue_mounting(script: &str, command: &str) -> (std::process::ExitStatus, 
     argv.drain(..sh);
     argv.extend(["/bin/sh".into(), "-c".into(), command.into(), "cmd".into()]);
     argv.push(ws.display().to_string());
-    let out = std::process::Command::new(&argv[0])
+    let mut child = std::process::Command::new(&argv[0])
         .args(&argv[1..])
         .env_clear()
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Written after the launcher is well on its way, as the manager does after formatting.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
     let joined = std::fs::read_to_string(&procs).unwrap();
     (
         out.status,
@@ -319,12 +333,14 @@ fn prologue_mounting(script: &str, command: &str) -> (std::process::ExitStatus, 
     )
 }
 
-/// The workspace is mounted beside the cgroup join, and the command starts only once it is in
-/// place: emptied of `lost+found`, private. (A mount slower than the join is waited for.)
+/// The workspace is mounted beside the cgroup join once the manager says `go`, and the command
+/// starts only once it is in place: emptied of `lost+found`, private. (A mount slower than the
+/// join is waited for.)
 #[test]
 fn the_command_starts_on_the_mounted_workspace_only() {
     let (status, out, joined) = prologue_mounting(
         r#"sleep 0.3; mkdir "$6/lost+found"; echo mounted > "$6/marker"; echo "$$" > "$6/tool-pid""#,
+        "go\n",
         r#"cat "$1/marker"; stat -c %a "$1"; ls "$1"; echo "pid $$"; cat "$1/tool-pid""#,
     );
     assert!(status.success(), "{status:?} {out}");
@@ -344,12 +360,21 @@ fn the_command_starts_on_the_mounted_workspace_only() {
     );
 }
 
-/// A workspace that does not mount stops the launcher (status 95) before the command runs.
+/// Until the manager says `go` (its image formatted) nothing is mounted; without it (formatting
+/// failed), or when the mount fails, the launcher stops (status 95) before the command runs.
 #[test]
-fn a_workspace_that_does_not_mount_runs_nothing() {
-    let (status, out, _) = prologue_mounting("sleep 0.1; exit 32", "echo ran");
-    assert_eq!(status.code(), Some(95), "{out}");
-    assert!(!out.contains("ran"), "{out}");
+fn a_workspace_not_formatted_or_not_mounted_runs_nothing() {
+    // A tool that would mount: only `go` keeps it from running.
+    let mounts = r#"mkdir "$6/lost+found""#;
+    for (script, input) in [
+        (mounts, ""),
+        (mounts, "no\n"),
+        ("sleep 0.1; exit 32", "go\n"),
+    ] {
+        let (status, out, _) = prologue_mounting(script, input, "echo ran");
+        assert_eq!(status.code(), Some(95), "{input:?}: {out}");
+        assert!(!out.contains("ran"), "{input:?}: {out}");
+    }
 }
 
 #[test]
