@@ -22,7 +22,11 @@ HOSTILE = 1  # clients of each of the 4 hostile kinds: 4 of 80 clients, 5%
 
 def good_client(url: str, wm: str, stop: float, lat: list, errors: list) -> None:
     s = requests.Session()
-    r = s.post(f"{wm}/v1/code-interpreter", json={"name": "cold", "namespace": "default"}).json()
+    r = s.post(f"{wm}/v1/code-interpreter", json={"name": "soak", "namespace": "default"}).json()
+    if "sessionId" not in r:
+        print(f"a well-behaved client got no session: {r}", file=sys.stderr)
+        errors.append(0.0)
+        return
     s.headers["x-agentcube-session-id"] = r["sessionId"]
     period, nxt = GOOD / RATE, time.time()
     while nxt < stop:
@@ -43,12 +47,12 @@ def hostile(host: str, port: int, stop: float, kind: str) -> None:
         try:
             c = socket.create_connection((host, port), timeout=2)
             if kind == "slowloris":
-                c.sendall(b"POST /v1/namespaces/default/code-interpreters/cold/invocations/api/execute HTTP/1.1\r\nHost: x\r\n")
+                c.sendall(b"POST /v1/namespaces/default/code-interpreters/soak/invocations/api/execute HTTP/1.1\r\nHost: x\r\n")
             elif kind == "stalled-upload":
-                c.sendall(b"POST /v1/namespaces/default/code-interpreters/cold/invocations/api/files HTTP/1.1\r\n"
+                c.sendall(b"POST /v1/namespaces/default/code-interpreters/soak/invocations/api/files HTTP/1.1\r\n"
                           b"Host: x\r\nContent-Length: 1000000\r\n\r\n{")
             elif kind == "malformed":
-                c.sendall(b"GET /v1/namespaces/default/code-interpreters/cold/invocations/ HTTP/1.1\r\nHost: x\r\n"
+                c.sendall(b"GET /v1/namespaces/default/code-interpreters/soak/invocations/ HTTP/1.1\r\nHost: x\r\n"
                           b"x-agentcube-session-id: \xff\r\nConnection: close\r\n\r\n")
             held.append(c)
             if len(held) > 300:
@@ -69,7 +73,7 @@ def main() -> None:
                      env={**os.environ, "RUST_LOG": "warn"})
         wm_url, router_url = f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
         wait_http(f"{router_url}/health/ready", proc=up)
-        url = f"{router_url}/v1/namespaces/default/code-interpreters/cold/invocations/api/execute"
+        url = f"{router_url}/v1/namespaces/default/code-interpreters/soak/invocations/api/execute"
         stop = time.time() + SECS
         lat, errors = [], []
         threads = [threading.Thread(target=good_client, args=(url, wm_url, stop, lat, errors)) for _ in range(GOOD)]

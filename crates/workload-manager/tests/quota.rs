@@ -312,3 +312,89 @@ async fn a_workspace_that_cannot_be_formatted_fails_its_create_and_leaves_nothin
     assert!(cgroups_left.is_empty(), "{cgroups_left:?}");
     assert!(processes_left.is_empty(), "{processes_left:?}");
 }
+
+/// Free space and size of the filesystem holding `dir`, as an unprivileged writer sees them.
+fn free_and_total(dir: &std::path::Path) -> (u64, u64) {
+    let st = nix::sys::statvfs::statvfs(dir).unwrap();
+    let block = st.fragment_size();
+    (st.blocks_available() * block, st.blocks() * block)
+}
+
+/// Workspace reservations leave 5% of the disk to the host: the manager runs as root, and
+/// before, 76 sandboxes of the default 2Gi took a 252 GB disk to its last block (root's own
+/// reserve included), so that even `mkdir` failed, for the host as for the next create. A
+/// workspace the disk could hold only by going under that share is a 429, and its reservation
+/// is given back; one that leaves it is made.
+#[tokio::test]
+async fn workspace_reservations_leave_the_host_its_share_of_the_disk() {
+    let mut disk = SmallDisk::new(400);
+    let (free, total) = free_and_total(&disk.mountpoint);
+    let mib = |b: u64| b >> 20;
+    // Fits the free space, but leaves 2% of the disk; and one that leaves 15%.
+    let greedy = mib(free - total / 50);
+    let modest = mib(free - total * 15 / 100);
+    let limits =
+        |mib: u64| format!("    resources:\n      limits:\n        ephemeral-storage: {mib}Mi\n");
+    let mut manifests = code_interpreter("greedy", &limits(greedy));
+    manifests.push_str(&code_interpreter("modest", &limits(modest)));
+    let s = Stack::start(Options {
+        manifests,
+        dir: disk.dir.take(),
+        ..Default::default()
+    })
+    .await;
+    let before = free_and_total(&disk.mountpoint).0;
+    let (status, body) = s.create("code-interpreter", "greedy").await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("not enough disk") && message.contains("5% of the disk stays the host's"),
+        "{message}"
+    );
+    let after = free_and_total(&disk.mountpoint).0;
+    assert!(
+        after + (1 << 20) >= before,
+        "the refused reservation is given back: {} MiB free before, {} after",
+        mib(before),
+        mib(after)
+    );
+    let v = s.create_ok("code-interpreter", "modest").await;
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    disk.dir = Some(s.stop_keeping_dir().await);
+}
+
+/// A disk another program filled to its last block: a create is a 429 saying so (it was a 500
+/// "cannot create sandbox directories"), and nothing of it is left.
+#[tokio::test]
+async fn a_disk_full_to_the_last_block_is_a_429() {
+    let mut disk = SmallDisk::new(64);
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        dir: disk.dir.take(),
+        ..Default::default()
+    })
+    .await;
+    // As root, every block: the share ext4 keeps for root included.
+    let filler = disk.mountpoint.join("filler");
+    let st = nix::sys::statvfs::statvfs(&disk.mountpoint).unwrap();
+    let file = std::fs::File::create(&filler).unwrap();
+    let all = (st.blocks_free() * st.fragment_size()) as i64;
+    let _ = nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, all);
+    for _ in 0..64 {
+        let st = nix::sys::statvfs::statvfs(&disk.mountpoint).unwrap();
+        let left = (st.blocks_free() * st.fragment_size()) as i64;
+        let len = file.metadata().unwrap().len() as i64;
+        if left == 0
+            || nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), len, left).is_err()
+        {
+            break;
+        }
+    }
+    let (status, body) = s.create("code-interpreter", "ci").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("disk"), "{body}");
+    assert!(s.backend.running().is_empty());
+    drop(file);
+    std::fs::remove_file(&filler).unwrap();
+    disk.dir = Some(s.stop_keeping_dir().await);
+}

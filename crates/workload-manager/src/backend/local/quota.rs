@@ -102,10 +102,10 @@ fn on_memory(state: &Path) -> bool {
 }
 
 /// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
-/// workspace then has its place, and a workspace the disk cannot hold is refused now (429,
-/// saying how much is free) rather than losing writes later — a sparse image on a full host disk
-/// fails its writes only at writeback, after the sandbox's `write` succeeded (the kernel logs
-/// "potential data loss"). On a filesystem without `fallocate`, and `on_memory` (tmpfs, where
+/// workspace then has its place, and a workspace the disk cannot hold, with 5% of it left to
+/// the host ([`left_for_the_host`]), is refused now (429, saying how much is free) rather than
+/// losing writes later — a sparse image on a full host disk fails its writes only at writeback,
+/// after the sandbox's `write` succeeded (the kernel logs "potential data loss"). On a filesystem without `fallocate`, and `on_memory` (tmpfs, where
 /// the reservation would be host memory), the image stays sparse.
 fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), BackendError> {
     let sparse = |file: &std::fs::File| {
@@ -116,19 +116,29 @@ fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), Back
         return sparse(file);
     }
     let len = i64::try_from(bytes).unwrap_or(i64::MAX);
+    let too_little = |free: u64| {
+        BackendError::Exhausted(format!(
+            "not enough disk for the sandbox's workspace ({}; {} MiB free where the Workload \
+             Manager keeps workspaces, of which 5% of the disk stays the host's): lower \
+             resources.limits.ephemeral-storage (or --default-workspace-size), or retry once \
+             sessions have ended",
+            super::human_bytes(bytes),
+            free >> 20,
+        ))
+    };
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
-        Ok(()) => Ok(()),
+        Ok(()) => match left_for_the_host(file) {
+            // Looked at once reserved, so that creates reserving at the same time each see the
+            // others' share: at worst both are refused, never both made.
+            Some((free, share)) if free < share => {
+                let _ = file.set_len(0);
+                Err(too_little(free + bytes))
+            }
+            _ => Ok(()),
+        },
         Err(nix::errno::Errno::ENOSPC) => {
-            let free = nix::sys::statvfs::fstatvfs(file)
-                .map(|st| st.blocks_available() * st.fragment_size())
-                .unwrap_or(0);
-            Err(BackendError::Exhausted(format!(
-                "not enough disk for the sandbox's workspace ({}; {} MiB free where the Workload \
-                 Manager keeps workspaces): lower resources.limits.ephemeral-storage (or \
-                 --default-workspace-size), or retry once sessions have ended",
-                super::human_bytes(bytes),
-                free >> 20,
-            )))
+            let free = left_for_the_host(file).map_or(0, |(free, _)| free);
+            Err(too_little(free))
         }
         Err(nix::errno::Errno::EOPNOTSUPP) => sparse(file),
         Err(e) => Err(BackendError::Failed(format!(
@@ -136,4 +146,14 @@ fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), Back
             super::human_bytes(bytes)
         ))),
     }
+}
+
+/// What an unprivileged writer may still take on `file`'s filesystem, and the share of it that
+/// workspace reservations leave to the host (its logs, the store, the next image): 5% of the
+/// filesystem. The manager runs as root and would otherwise fill the disk to its last block,
+/// root's own reserve included.
+fn left_for_the_host(file: &std::fs::File) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::fstatvfs(file).ok()?;
+    let block = st.fragment_size();
+    Some((st.blocks_available() * block, st.blocks() * block / 20))
 }

@@ -178,9 +178,14 @@ impl LocalBackend {
         } = given;
         let cfg = &self.inner.config;
         let fail = |what: &str, e: std::io::Error| BackendError::Failed(format!("{what}: {e}"));
-        paths
-            .create(uid)
-            .map_err(|e| fail("cannot create sandbox directories", e))?;
+        paths.create(uid).map_err(|e| match e.raw_os_error() {
+            Some(e) if e == nix::errno::Errno::ENOSPC as i32 => BackendError::Exhausted(
+                "the disk where the Workload Manager keeps sandboxes is full: retry once \
+                 sessions have ended"
+                    .into(),
+            ),
+            _ => fail("cannot create sandbox directories", e),
+        })?;
         let limits = sizes.limits;
         let workspace = sizes
             .workspace_bytes
