@@ -234,6 +234,13 @@ for p in ('/proc/1/cmdline', '/proc/2/cmdline'):
     let out = exec(&v, &sh("ls /proc/self/fd")).await;
     let fds: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
     assert!(fds.len() <= 4, "unexpected descriptors inside: {fds:?}");
+    // PicoD's standard input is /dev/null: the pipe the manager tells the launcher `go` on
+    // (workspace formatted) stays with the launcher.
+    let stdin =
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = picod ] && readlink $p/fd/0; done";
+    let out = exec(&v, &sh(stdin)).await;
+    let seen = out["stdout"].as_str().unwrap().trim().to_string();
+    assert_eq!(seen, "/dev/null", "PicoD's stdin: {out}");
     s.shutdown_and_check_leaks().await;
 }
 
