@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import Table, free_port, procs, wait_http, wrk
+from harness import Procs, Table, free_port, procs, wait_http, wrk
 from http_proxy import NGINX, ROUTER_ENV, picod_with_session, router_cmd
 
 SLICES = int(sys.argv[1]) if len(sys.argv) > 1 else 8  # one-second wrk runs per proxy
@@ -79,6 +79,10 @@ class Split:
     wall_p50: float
 
 
+Targets = dict[str, tuple[str, dict[str, str], int]]
+"""Per proxy: the URL wrk asks, its headers, the proxy's pid."""
+
+
 class Steps:
     """The traced steps of one proxy's threads, fed the recording's events in time order."""
 
@@ -87,7 +91,7 @@ class Steps:
         self.user = self.kernel = self.preempted = self.woken = 0.0
         self.calls: collections.Counter[int] = collections.Counter()
         # On-CPU durations of each kind of step on the path: gaps by (call before, call after), calls by nr.
-        self.steps: dict[tuple, list[float]] = collections.defaultdict(list)
+        self.steps: dict[tuple[str, int] | tuple[str, int, int], list[float]] = collections.defaultdict(list)
         self.inside: dict[int, tuple[float, int]] = {}  # tid -> (entered at, nr) while in a system call
         self.after: dict[int, tuple[float, int]] = {}  # tid -> (left at, nr) of its last system call
         self.off_at: dict[int, float] = {}  # tid -> when it was switched out while still runnable
@@ -193,7 +197,7 @@ def events(tids: set[int]) -> list[str]:
             "-e", "sched:sched_wakeup", "--filter", any_of("pid")]
 
 
-def traced(p, targets: dict) -> dict[str, Split]:
+def traced(p: Procs, targets: Targets) -> dict[str, Split]:
     """SLICES one-second wrk runs at one connection per target, alternating, in one recording."""
     tids = {n: threads(pid) for n, (_, _, pid) in targets.items()}
     data = p.tmp / "trace.data"
@@ -234,7 +238,7 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def saturated(targets: dict) -> dict[str, tuple[float, float]]:
+def saturated(targets: Targets) -> dict[str, tuple[float, float]]:
     """CPU per request (µs) and throughput at 32 connections: SAT_SLICES alternating runs per target,
     untraced; each target's median slice."""
     runs: dict[str, list[tuple[float, float]]] = {n: [] for n in targets}
@@ -262,7 +266,7 @@ def main() -> None:
         nginx = p.start(["nginx", "-c", str(p.tmp / "nginx.conf"), "-p", str(p.tmp)], "nginx.log")
         wait_http(f"http://127.0.0.1:{router_port}/health/ready", proc=router)
         wait_http(f"http://127.0.0.1:{nginx_port}/health", proc=nginx)
-        targets = {
+        targets: Targets = {
             "router": (f"http://127.0.0.1:{router_port}{ROUTER_PATH}", {"x-agentcube-session-id": "s1"}, router.pid),
             "nginx": (f"http://127.0.0.1:{nginx_port}/health", {}, nginx.pid),
         }

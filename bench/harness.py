@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
@@ -37,16 +37,17 @@ def binary(name: str) -> str:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def wait_http(url: str, secs: float = 30, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, secs: float = 30, proc: subprocess.Popen[Any] | None = None) -> None:
     import requests
 
     deadline = time.time() + secs
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         try:
             if requests.get(url, timeout=1).status_code < 500:
                 return
@@ -61,16 +62,17 @@ class Procs:
     """Processes of one benchmark, each in its own process group, all killed on exit."""
 
     tmp: Path
-    started: list = field(default_factory=list)
+    started: list[subprocess.Popen[Any]] = field(default_factory=list)
 
-    def start(self, args: Sequence[str], log: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, args: Sequence[str], log: str, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[Any]:
         out = open(self.tmp / log, "w")
         p = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                              start_new_session=True)
         self.started.append(p)
         return p
 
-    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM, secs: float = 30) -> None:
+    def stop(self, p: subprocess.Popen[Any], sig: int = signal.SIGTERM, secs: float = 30) -> None:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, sig)
@@ -132,7 +134,8 @@ def _latency(text: str, label: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
-def wrk(url: str, connections: int, secs: int, headers: dict | None = None, body: dict | None = None,
+def wrk(url: str, connections: int, secs: int, headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
         threads: int = 1) -> WrkResult:
     """Runs wrk (keep-alive) against url; a POST of `body` as JSON when given."""
     args = ["wrk", "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{secs}s"]
@@ -148,7 +151,10 @@ def wrk(url: str, connections: int, secs: int, headers: dict | None = None, body
     out = subprocess.run(args + [url], capture_output=True, text=True, timeout=secs + 60).stdout
     if script:
         os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rate is None:
+        raise SystemExit(f"wrk printed no rate: {out}")
+    rps = float(rate.group(1))
     errs = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     done = re.search(r"(\d+) requests in", out)

@@ -16,7 +16,7 @@ import time
 
 import requests
 
-from harness import REPO, Table, WrkResult, binary, free_port, procs, wait_http, wrk
+from harness import REPO, Procs, Table, WrkResult, binary, free_port, procs, wait_http, wrk
 
 HYDRA = REPO / ".cache/oidc/bin/hydra"
 
@@ -54,7 +54,7 @@ http {{
 """
 
 
-def picod_with_session(p, picod_port: int, redis_port: int) -> None:
+def picod_with_session(p: Procs, picod_port: int, redis_port: int) -> None:
     """Starts a PicoD (no auth) and a redis-server holding session `s1` that points at it."""
     picod = p.start([binary("picod"), "--listen", f"127.0.0.1:{picod_port}", "--insecure-no-auth",
                      "--workspace", str(p.tmp / "ws")], "picod.log", env={"RUST_LOG": "warn"})
@@ -74,7 +74,7 @@ def picod_with_session(p, picod_port: int, redis_port: int) -> None:
 ROUTER_ENV = {"WORKLOAD_MANAGER_URL": "http://127.0.0.1:9", "RUST_LOG": "warn"}
 
 
-def router_cmd(p, port: int, redis_port: int, *extra: str) -> list[str]:
+def router_cmd(p: Procs, port: int, redis_port: int, *extra: str) -> list[str]:
     """The `router` command line on `port`, its store the Redis at `redis_port`."""
     return [binary("router"), "--port", str(port), "--bind", "127.0.0.1", "--metrics-port", "0",
             "--max-concurrent-requests", "0", "--identity-dir", str(p.tmp / "id"),
@@ -119,7 +119,7 @@ def main() -> None:
     t.row("nginx added p50 / p99", f"{us(add['nginx'][0])} / {us(add['nginx'][1])} µs")
     t.row("router added p50 / p99", f"{us(add['router'][0])} / {us(add['router'][1])} µs")
     ratio = add["router"][0] / add["nginx"][0] if add["nginx"][0] > 0 else float("nan")
-    def added_ratio(r: dict) -> float:
+    def added_ratio(r: dict[str, WrkResult]) -> float:
         nginx = r["nginx"].p50_us - r["direct"].p50_us
         return (r["router"].p50_us - r["direct"].p50_us) / nginx if nginx > 0 else float("nan")
 
@@ -135,7 +135,8 @@ def main() -> None:
     t.print()
 
 
-def interleaved(urls: dict, connections: int, secs: int, threads: int) -> tuple[dict[str, WrkResult], list]:
+def interleaved(urls: dict[str, tuple[str, dict[str, str]]], connections: int, secs: int,
+                threads: int) -> tuple[dict[str, WrkResult], list[dict[str, WrkResult]]]:
     """ROUNDS runs of every target in turn; per target the median p50, p99 and rate, errors summed;
     and the rounds themselves (for the spread of per-round ratios)."""
     rounds = [{n: wrk(u, connections, secs, h, threads=threads) for n, (u, h) in urls.items()}
@@ -151,7 +152,7 @@ def spread(values: list[float]) -> str:
     return f"per round {min(ok):.2f}–{max(ok):.2f}" if ok else ""
 
 
-def oidc_token(p) -> tuple[str, str]:
+def oidc_token(p: Procs) -> tuple[str, str]:
     """Starts Ory Hydra and returns (issuer, an admin's access token for audience agentcube-api)."""
     public, admin = free_port(), free_port()
     issuer = f"http://127.0.0.1:{public}"

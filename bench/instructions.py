@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import RELEASE, Table, free_port, procs, wait_http
+from harness import RELEASE, Procs, Table, free_port, procs, wait_http
 from http_proxy import NGINX, ROUTER_ENV, picod_with_session, router_cmd
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
@@ -34,12 +34,12 @@ def requests_through(port: int, n: int, path: str = PATH) -> None:
     c.close()
 
 
-def totals(out) -> int:
+def totals(out: Path) -> int:
     return next(int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("totals:"))
 
 
-def counted(p, name: str, cmd: list[str], port: int, ready: str, path: str = PATH,
-            env: dict | None = None) -> Path:
+def counted(p: Procs, name: str, cmd: list[str], port: int, ready: str, path: str = PATH,
+            env: dict[str, str] | None = None) -> Path:
     """Runs `cmd` under callgrind, sends it 50 warm-up requests, then counts N more; the profile."""
     out = p.tmp / f"{name}.callgrind"
     proc = p.start(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -53,7 +53,7 @@ def counted(p, name: str, cmd: list[str], port: int, ready: str, path: str = PAT
     return out
 
 
-def bare_count(p, picod_port: int) -> int:
+def bare_count(p: Procs, picod_port: int) -> int:
     """Instructions of `examples/bare-proxy` for the same N requests to the same PicoD."""
     bare = RELEASE / "examples" / "bare-proxy"
     if not bare.exists():
@@ -63,7 +63,7 @@ def bare_count(p, picod_port: int) -> int:
     return totals(counted(p, "bare", cmd, port, PATH))
 
 
-def nginx_count(p, picod_port: int) -> int:
+def nginx_count(p: Procs, picod_port: int) -> int:
     """Instructions of one nginx worker process for N proxied `GET /health`."""
     port = free_port()
     # One worker process and no master: callgrind counts the one process that proxies.

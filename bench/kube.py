@@ -19,11 +19,12 @@ from datetime import datetime
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import requests
 
-from harness import RELEASE, REPO, Table, binary, free_port, median, pct, procs, wait_http
-from sdk import VENVS, ms, run, sign
+from harness import RELEASE, REPO, Procs, Table, binary, free_port, median, pct, procs, wait_http
+from sdk import VENVS, Samples, ms, run, sign
 
 SESSIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 SETTLED = max(SESSIONS // 3, 1)
@@ -50,10 +51,11 @@ def ts(s: str) -> float:
     return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
-def controller_share(audit: Path) -> list:
+def controller_share(audit: Path) -> list[float]:
     """Per claim, seconds from the API server answering its create to agent-sandbox writing its
     status (the adoption), from the API server's audit log."""
-    created, bound = {}, {}
+    created: dict[str, float] = {}
+    bound: dict[str, float] = {}
     for line in audit.read_text().splitlines():
         e = json.loads(line)
         o = e.get("objectRef", {})
@@ -66,7 +68,7 @@ def controller_share(audit: Path) -> list:
     return [bound[n] - t for n, t in created.items() if n in bound]
 
 
-def standby_bound(kubectl: list) -> int:
+def standby_bound(kubectl: list[str]) -> int:
     """Standby claims of kwarm whose status names a Sandbox."""
     out = subprocess.run(kubectl + ["get", "sandboxclaims.extensions.agents.x-k8s.io", "-l",
                                     "runtime.agentcube.io/standby=kwarm", "-o", "json"],
@@ -74,7 +76,7 @@ def standby_bound(kubectl: list) -> int:
     return sum(1 for c in json.loads(out)["items"] if c.get("status", {}).get("sandbox", {}).get("name"))
 
 
-def wait_until(what: str, cond, secs: float = 120) -> None:
+def wait_until(what: str, cond: Callable[[], bool], secs: float = 120) -> None:
     deadline = time.time() + secs
     while not cond():
         if time.time() > deadline:
@@ -82,7 +84,7 @@ def wait_until(what: str, cond, secs: float = 120) -> None:
         time.sleep(0.2)
 
 
-def pool_ready(kubectl: list) -> int:
+def pool_ready(kubectl: list[str]) -> int:
     out = subprocess.run(kubectl + ["get", "sandboxwarmpools.extensions.agents.x-k8s.io", "kwarm", "-o",
                                     "jsonpath={.status.readyReplicas}"], capture_output=True, text=True).stdout
     return int(out or 0)
@@ -92,14 +94,14 @@ DIRECT = "direct to the pod's PicoD (requests.Session)"
 CALLS, ROUNDS = 200, 5
 
 
-def router_key(kubectl: list, path: Path) -> None:
+def router_key(kubectl: list[str], path: Path) -> None:
     """The Router's private key, from the Secret the Router made (to sign the baseline's token)."""
     out = subprocess.run(kubectl + ["get", "secret", "picod-router-identity", "-n", "agentcube", "-o",
                                     "jsonpath={.data.private\\.pem}"], capture_output=True, text=True, check=True)
     path.write_bytes(base64.b64decode(out.stdout))
 
 
-def sdk_calls(p, kubectl: list, wm_url: str, sdk_env: dict) -> dict:
+def sdk_calls(p: Procs, kubectl: list[str], wm_url: str, sdk_env: dict[str, str]) -> dict[str, Samples]:
     """`execute_command("true")` and `run_code("python", "print(1)")` through the standalone Router
     with both SDKs on one live session (each SDK given its id, as a client resuming it is), and the
     same HTTP calls straight to that session's pod: the same PicoD for every target; in
@@ -116,7 +118,7 @@ def sdk_calls(p, kubectl: list, wm_url: str, sdk_env: dict) -> dict:
                                         "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
     targets = {DIRECT: (VENVS["this repo's SDK"], ["direct", url, token]),
                **{f"{name} via Router": (py, ["session", "kwarm", s["sessionId"]]) for name, py in VENVS.items()}}
-    samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
+    samples: dict[str, Samples] = {t: {"execute": [], "run_code": []} for t in targets}
     for _ in range(ROUNDS):
         for target, (py, args) in targets.items():
             for call, v in run(py, sdk_env, *args, CALLS // ROUNDS).items():
@@ -139,7 +141,7 @@ def main() -> None:
         redis_port, wm, router = free_port(), free_port(), free_port()
         p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                 "redis.log")
-        env = {**os.environ, "KUBECONFIG": kubeconfig, "AGENTCUBE_NAMESPACE": "agentcube", "RUST_LOG": "warn",
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "AGENTCUBE_NAMESPACE": "agentcube", "RUST_LOG": "warn",
                "REDIS_ADDR": f"127.0.0.1:{redis_port}", "REDIS_PASSWORD_REQUIRED": "false",
                "WORKLOAD_MANAGER_URL": f"http://127.0.0.1:{wm}"}
         r = p.start([binary("router"), "--port", str(router), "--bind", "127.0.0.1", "--metrics-port", "0"],
@@ -191,13 +193,13 @@ def main() -> None:
               f"{median(standby) / median(warm):.2f} (goal p50 ≤ 20 ms)")
         t.row(f"cold create (Sandbox → pod): constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
-        for what, r in (("warm claim", warm_run), ("standby claim", standby_run), ("cold create", cold_run)):
-            c = r["constructor"]
+        for what, run_of in (("warm claim", warm_run), ("standby claim", standby_run), ("cold create", cold_run)):
+            c = run_of["constructor"]
             t.row(f"of a {what}: the constructor (Workload Manager create) p50 / p99",
                   f"{ms(median(c))} / {ms(pct(c, 0.99))}", "the rest is the first execute")
-            first = [a - b for a, b in zip(r["create"], c)]
+            first = [a - b for a, b in zip(run_of["create"], c)]
             t.row(f"after a {what}: first / second execute_command p50",
-                  f"{ms(median(first))} / {ms(median(r['second']))}", "")
+                  f"{ms(median(first))} / {ms(median(run_of['second']))}", "")
         first = [a - b for a, b in zip(settled_run["create"], settled_run["constructor"])]
         t.row(f"after a warm claim, first execute_command 0.3 s later p50 ({SETTLED})", ms(median(first)),
               "the control plane's writes after a claim run on these CPUs")
@@ -206,6 +208,7 @@ def main() -> None:
             t.row(f"of a warm claim: claim created → agent-sandbox wrote its status p50 / p99 ({len(share)})",
                   f"{ms(median(share))} / {ms(pct(share, 0.99))}", "the controller's part")
         requests.get(f"{wm_url}/health", timeout=2)
+        assert cluster.stdin is not None
         cluster.stdin.close()
     t.print()
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -58,7 +59,7 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def sign(private_pem: Path, claims: dict) -> str:
+def sign(private_pem: Path, claims: dict[str, Any]) -> str:
     """An RS256 JWT signed with openssl (the Router's key), as the Router would sign it."""
     head = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64url(json.dumps(claims).encode())
     sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(private_pem)], input=head.encode(),
@@ -66,12 +67,17 @@ def sign(private_pem: Path, claims: dict) -> str:
     return head + "." + b64url(sig)
 
 
-def run(python: Path, env: dict, *args) -> dict:
+Samples = dict[str, list[float]]
+"""Seconds per call, by kind of call (what `sdk_client.py` prints)."""
+
+
+def run(python: Path, env: dict[str, str], *args: object) -> Samples:
     out = subprocess.run([str(python), CLIENT, *map(str, args)], env=env, capture_output=True, text=True,
                          timeout=900, cwd="/")
     if out.returncode != 0:
         raise SystemExit(f"{python} {args}: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    samples: Samples = json.loads(out.stdout.strip().splitlines()[-1])
+    return samples
 
 
 def wait_pool(metrics: str, name: str, size: int, secs: float = 60) -> None:
@@ -119,7 +125,7 @@ def main() -> None:
         targets = {"direct to PicoD (requests.Session)": (ours, env, ["direct", sock, token]),
                    "this repo's SDK via nginx (one hop, no routing)": (ours, via_nginx, live),
                    **{f"{name} via Router": (py, env, live) for name, py in VENVS.items()}}
-        samples: dict = {t: {"execute": [], "run_code": []} for t in targets}
+        samples: dict[str, Samples] = {t: {"execute": [], "run_code": []} for t in targets}
         for _ in range(ROUNDS):
             for target, (py, e, args) in targets.items():
                 for call, v in run(py, e, *args, N // ROUNDS).items():
@@ -127,8 +133,8 @@ def main() -> None:
         p.stop(nginx)
         for call in ("execute", "run_code"):
             d50 = median(samples["direct to PicoD (requests.Session)"][call])
-            for target, v in samples.items():
-                v50, v99 = median(v[call]), pct(v[call], 0.99)
+            for target, by_call in samples.items():
+                v50, v99 = median(by_call[call]), pct(by_call[call], 0.99)
                 note = "baseline" if target.startswith("direct") else f"÷ direct {v50 / d50:.2f}"
                 if target.endswith("via Router"):
                     note += " (goal ≤ 1.2)"

@@ -20,6 +20,7 @@ import json
 import socket
 import sys
 import time
+from typing import Any, Callable
 
 import requests
 import urllib3
@@ -37,7 +38,7 @@ class UnixAdapter(HTTPAdapter):
         self._path = path
         super().__init__()
 
-    def init_poolmanager(self, *args, **kwargs) -> None:
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         path = self._path
 
@@ -54,7 +55,7 @@ class UnixAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": Pool}
 
 
-def timed(fn, n: int) -> list:
+def timed(fn: Callable[[], object], n: int) -> list[float]:
     for _ in range(WARMUP):
         fn()
     out = []
@@ -65,8 +66,8 @@ def timed(fn, n: int) -> list:
     return out
 
 
-def session(name: str, session_id: str, n: int) -> dict:
-    from agentcube import CodeInterpreterClient
+def session(name: str, session_id: str, n: int) -> dict[str, list[float]]:
+    from agentcube import CodeInterpreterClient  # type: ignore[import-not-found,unused-ignore]
 
     c = CodeInterpreterClient(name=name, session_id=session_id)  # not stopped: the session stays
     return {
@@ -75,7 +76,7 @@ def session(name: str, session_id: str, n: int) -> dict:
     }
 
 
-def direct(target: str, token: str, n: int) -> dict:
+def direct(target: str, token: str, n: int) -> dict[str, list[float]]:
     s = requests.Session()
     if target.startswith("http://"):
         base = target.rstrip("/")
@@ -84,12 +85,12 @@ def direct(target: str, token: str, n: int) -> dict:
         s.mount("http://picod/", UnixAdapter(target))
     s.headers.update({"Authorization": f"Bearer {token}"})
 
-    def execute(cmd):
+    def execute(cmd: list[str]) -> object:
         r = s.post(f"{base}/api/execute", json={"command": cmd, "timeout": "120s"}, timeout=(5, 122))
         r.raise_for_status()
         return r.json()
 
-    def run_code():
+    def run_code() -> None:
         # What the SDK's run_code does: write the script, then run it.
         name = f"script_{int(time.time() * 1000)}.py"
         r = s.post(f"{base}/api/files", json={"path": name, "content": base64.b64encode(b"print(1)").decode(),
@@ -100,10 +101,12 @@ def direct(target: str, token: str, n: int) -> dict:
     return {"execute": timed(lambda: execute(["true"]), n), "run_code": timed(run_code, n)}
 
 
-def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict:
-    from agentcube import CodeInterpreterClient
+def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict[str, list[float]]:
+    from agentcube import CodeInterpreterClient  # type: ignore[import-not-found,unused-ignore]
 
-    out, ctor, second = [], [], []
+    out: list[float] = []
+    ctor: list[float] = []
+    second: list[float] = []
     for _ in range(n):
         t0 = time.perf_counter()
         c = CodeInterpreterClient(name=name)

@@ -20,7 +20,7 @@ GOOD = 76  # well-behaved clients (threads, a session and sandbox each)
 HOSTILE = 1  # clients of each of the 4 hostile kinds: 4 of 80 clients, 5%
 
 
-def good_client(url: str, wm: str, stop: float, lat: list, errors: list) -> None:
+def good_client(url: str, wm: str, stop: float, lat: list[float], errors: list[float]) -> None:
     s = requests.Session()
     r = s.post(f"{wm}/v1/code-interpreter", json={"name": "soak", "namespace": "default"}).json()
     if "sessionId" not in r:
@@ -75,7 +75,8 @@ def main() -> None:
         wait_http(f"{router_url}/health/ready", proc=up)
         url = f"{router_url}/v1/namespaces/default/code-interpreters/soak/invocations/api/execute"
         stop = time.time() + SECS
-        lat, errors = [], []
+        lat: list[float] = []
+        errors: list[float] = []
         threads = [threading.Thread(target=good_client, args=(url, wm_url, stop, lat, errors)) for _ in range(GOOD)]
         threads += [threading.Thread(target=hostile, args=("127.0.0.1", router, stop, kind))
                     for kind in ("slowloris", "stalled-upload", "idle", "malformed") for _ in range(HOSTILE)]

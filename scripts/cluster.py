@@ -28,10 +28,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import pki
 import testcluster
 from testcluster import KUBE, REPO
+
+Pod = dict[str, Any]
+T = TypeVar("T")
 
 HELM = REPO / ".cache/tools/helm"
 NAMESPACE = "agentcube"
@@ -69,9 +73,11 @@ class Cluster:
                                         for c in p.get("status", {}).get("conditions", []))]
         if not ready:
             raise SystemExit(f"no ready {app} pod: {[p['status'] for p in pods]}")
-        return ready[0]["status"]["podIP"]
+        ip: str = ready[0]["status"]["podIP"]
+        return ip
 
     def stop(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
         out = self.proc.stdout.read()
         self.proc.wait(timeout=60)
@@ -118,13 +124,13 @@ def e2e(c: Cluster, wm: str, router: str) -> None:
         raise SystemExit("the e2e suite failed through the installed chart")
 
 
-def ready_pods(c: Cluster, app: str) -> list:
+def ready_pods(c: Cluster, app: str) -> list[Pod]:
     pods = json.loads(c.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app={app}", "-o", "json"))["items"]
     return [p for p in pods if p["metadata"].get("deletionTimestamp") is None and any(
         x["type"] == "Ready" and x["status"] == "True" for x in p.get("status", {}).get("conditions", []))]
 
 
-def wait_for(what: str, cond, secs: float = 60):
+def wait_for(what: str, cond: Callable[[], T | None], secs: float = 60) -> T:
     deadline = time.time() + secs
     while time.time() < deadline:
         v = cond()
@@ -153,9 +159,13 @@ def lifecycle(c: Cluster, wm: str) -> None:
     key = secret_key(c)
     c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
            "--set", "router.replicas=2", "--wait", "--timeout", "3m")
-    routers = wait_for("two ready Router pods", lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(c, "agentcube-router")))
+    def two_routers() -> list[Pod] | None:
+        pods = ready_pods(c, "agentcube-router")
+        return pods if len(pods) == 2 else None
+    routers = wait_for("two ready Router pods", two_routers)
     assert secret_key(c) == key, "the upgrade kept the identity Secret"
-    url = lambda p: f"http://{p['status']['podIP']}:8080"
+    def url(p: Pod) -> str:
+        return f"http://{p['status']['podIP']}:8080"
     sid = sdk(wm, url(routers[0]), "from agentcube import CodeInterpreterClient as C\n"
               "c = C(); c.write_file('kept', 'f.txt'); print(c.session_id)")
     c.kubectl("delete", "pod", "-n", NAMESPACE, routers[0]["metadata"]["name"], "--wait=false")
@@ -184,7 +194,7 @@ def lifecycle(c: Cluster, wm: str) -> None:
     mtls(c)
 
 
-def post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+def post(url: str, body: dict[str, Any], token: str | None = None) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {token}"} if token else {})})
@@ -201,8 +211,9 @@ def caller_auth(c: Cluster, router: str) -> None:
     Router, the one trusted caller, still creates sessions for its own clients."""
     c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
            "--set", "workloadmanager.auth.enabled=true", "--wait", "--timeout", "3m")
-    authed = lambda p: "--enable-auth" in p["spec"]["containers"][0].get("args", [])
-    def new_manager_alone() -> list | None:
+    def authed(p: Pod) -> bool:
+        return "--enable-auth" in p["spec"]["containers"][0].get("args", [])
+    def new_manager_alone() -> list[Pod] | None:
         pods = ready_pods(c, "workloadmanager")
         return pods if len(pods) == 1 and authed(pods[0]) else None
     pods = wait_for("the Workload Manager with --enable-auth, alone", new_manager_alone)
@@ -234,7 +245,7 @@ def mtls(c: Cluster) -> None:
                   f"--from-file=tls.key={key}", f"--from-file=ca.crt={ca.bundle}")
     c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
            "--set", "mtls.enabled=true", "--wait", "--timeout", "3m")
-    def alone(app: str, flag: str):
+    def alone(app: str, flag: str) -> list[Pod] | None:
         pods = ready_pods(c, app)
         ok = pods and all(any(a.startswith(flag) for a in p["spec"]["containers"][0].get("args", [])) for p in pods)
         return pods if ok and len(pods) == len(json.loads(c.kubectl(
@@ -261,8 +272,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="agentcube-cluster-"))
     tmp.chmod(0o755)
     c = Cluster(Path(args.bin_dir).resolve(), tmp / "state")
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1) or (_ for _ in ()).throw(KeyboardInterrupt))
+    def interrupted(*_: object) -> None:  # SIGTERM stops as Ctrl-C does: uninstall, then stop the cluster
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
     ok = False
     try:
         extra = ["--set", "workloadmanager.extraEnv[0].name=AGENTCUBE_GC_INTERVAL",

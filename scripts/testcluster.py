@@ -14,7 +14,7 @@ READY = "test-cluster ready: kubeconfig="
 
 
 def start(binary: Path | str, bin_dir: Path, state: Path, log: Path,
-          extra: list[str] | None = None) -> tuple[subprocess.Popen, Path]:
+          extra: list[str] | None = None) -> tuple[subprocess.Popen[str], Path]:
     """Starts the cluster (pods run the binaries in `bin_dir`) and waits until it is ready;
     returns the process and the admin kubeconfig. Raises RuntimeError with the log's tail when it
     does not come up. Closing the process's stdin stops it."""

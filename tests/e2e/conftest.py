@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -138,7 +139,8 @@ class ClusterStack(KubeStack):
         self.kubectl = list(kubectl)
         self.audit_log = audit_log
 
-    def audit(self) -> list:
+    def audit(self) -> list[dict[str, Any]]:
+        assert self.audit_log is not None, "the API server's audit log is known on the Kubernetes backend only"
         return [json.loads(l) for l in self.audit_log.read_text().splitlines() if l.strip()]
 
     def kube_list(self, kind, namespace="default", labels=""):
@@ -265,6 +267,7 @@ def _kube(tmp: Path):
     finally:
         for p in (wm, router):
             _stop(p)
+        assert cluster.stdin is not None and cluster.stdout is not None
         cluster.stdin.close()
         out = cluster.stdout.read()
         cluster.wait(timeout=60)

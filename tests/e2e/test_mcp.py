@@ -15,6 +15,7 @@ import requests
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ImageContent
 
 from conftest import _free_port
 
@@ -44,7 +45,7 @@ async def scenario(session: ClientSession, stack) -> None:
     r = await session.call_tool("run_cell", {"code": "x * 2"})
     assert "42" in text(r), r
     r = await session.call_tool("run_cell", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [2, 1])\nNone"})
-    images = [c for c in r.content if getattr(c, "type", "") == "image"]
+    images = [c for c in r.content if isinstance(c, ImageContent)]
     assert not r.isError and images and images[0].mimeType == "image/png", r
     r = await session.call_tool("write_file", {"path": "notes/a.txt", "content": "hello mcp"})
     assert not r.isError

@@ -47,9 +47,9 @@ def _wait(check, proc: subprocess.Popen, log: Path, secs: float = 60) -> None:
         except requests.RequestException:
             pass
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited: {log.read_text()}")
+            pytest.fail(f"{proc.args!r} exited: {log.read_text()}")
         time.sleep(0.1)
-    pytest.fail(f"{proc.args[0]} not ready: {log.read_text()[-3000:]}")
+    pytest.fail(f"{proc.args!r} not ready: {log.read_text()[-3000:]}")
 
 
 def _workload_manager(tmp: Path, redis_url: str, *tls: str) -> tuple[subprocess.Popen, int, Path]:
