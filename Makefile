@@ -19,7 +19,7 @@ test:
 	$(STEP) build $(CARGO) build --workspace --bins
 	$(STEP) cargo-test $(CARGO) test --workspace --all-targets
 	$(STEP) doc-test $(CARGO) test --workspace --doc
-	$(STEP) python-test sh -c '.venv/bin/python -m mypy --strict sdk-python/agentcube bench scripts && .venv/bin/python -m mypy tests sdk-python/tests && .venv/bin/python -m pytest -q sdk-python/tests tests/helm'
+	$(STEP) python-test sh -c '.venv/bin/python -m mypy --strict sdk-python/agentcube bench scripts && .venv/bin/python -m mypy tests sdk-python/tests && .venv/bin/python -m pytest -q sdk-python/tests tests/helm tests/docs'
 	$(STEP) chart-install-e2e .venv/bin/python scripts/cluster.py --e2e --bin-dir target/debug
 	$(STEP) e2e $(MAKE) --no-print-directory e2e-run
 

@@ -67,7 +67,11 @@ struct UpArgs {
     #[arg(long, env = "AGENTCUBE_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
     /// Concurrent proxied requests at the Router; 0 means unlimited.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "AGENTCUBE_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1000
+    )]
     max_concurrent_requests: usize,
     #[command(flatten)]
     store: StoreArgs,

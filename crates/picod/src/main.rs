@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, env = "PICOD_METRICS")]
     metrics: bool,
     /// Log format: plain or json.
-    #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain")]
+    #[arg(long, env = "PICOD_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
     /// Validate flags and environment, print the environment variables this binary reads, exit.
     #[arg(long, hide = true)]

@@ -59,6 +59,30 @@ fn refuses_to_start_without_a_usable_key() {
     assert!(stderr_of(&mut c).contains("an RSA key of 1024 bits; 2048 to 8192 are accepted"));
 }
 
+/// A log format PicoD does not have stops it at start, naming the ones it has (before, any word
+/// but `json` meant plain logs, so a typo silently lost the structured logs asked for).
+#[test]
+fn refuses_an_unknown_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = format!("--workspace={}", dir.path().display());
+    let mut c = spawn(
+        &[
+            &ws,
+            "--listen=127.0.0.1:0",
+            "--insecure-no-auth",
+            "--log-format=jsn",
+        ],
+        None,
+    );
+    let status = wait_exit(&mut c, 10).expect("picod must exit on an unknown log format");
+    assert!(!status.success());
+    let err = stderr_of(&mut c);
+    assert!(
+        err.contains("invalid value 'jsn'") && err.contains("[possible values: plain, json]"),
+        "{err}"
+    );
+}
+
 async fn unix_request(sock: &std::path::Path, req: hyper::Request<Full<Bytes>>) -> (u16, Vec<u8>) {
     let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
     let (mut send, conn) =

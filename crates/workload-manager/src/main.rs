@@ -138,7 +138,7 @@ struct Args {
     #[arg(long, hide = true)]
     check_config: bool,
     /// Log format: plain or json.
-    #[arg(long, env = "AGENTCUBE_LOG_FORMAT", default_value = "plain")]
+    #[arg(long, env = "AGENTCUBE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
 }
 
