@@ -81,3 +81,26 @@ def test_agentcube_up_table_names_real_flags_and_their_variables() -> None:
             if envs_in_row:
                 want = envs_in_row[min(i, len(envs_in_row) - 1)]
                 assert actual[name].env == want, f"{name}: the README says {want}, the binary reads {actual[name].env}"
+
+
+def value_paths(tree: dict[str, object], prefix: str = "") -> set[str]:
+    """Every key path of a values file (`router.jwt.issuerUrl`), maps included."""
+    paths = set()
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        paths.add(path)
+        if isinstance(value, dict):
+            paths |= value_paths(value, path)
+    return paths
+
+
+def test_every_chart_value_the_readme_names_exists() -> None:
+    import yaml
+
+    values = yaml.safe_load((REPO / "deploy/helm/agentcube/values.yaml").read_text())
+    paths = value_paths(values)
+    tops = "|".join(re.escape(k) for k in values)
+    named = set(re.findall(rf"`((?:{tops})\.[A-Za-z0-9_.]*[A-Za-z0-9_])", README))
+    assert len(named) > 20, named
+    unknown = sorted(n for n in named if n not in paths)
+    assert not unknown, f"the README names chart values that values.yaml does not have: {unknown}"
