@@ -328,21 +328,13 @@ fn free_and_total(dir: &std::path::Path) -> (u64, u64) {
 #[tokio::test]
 async fn workspace_reservations_leave_the_host_its_share_of_the_disk() {
     let mut disk = SmallDisk::new(400);
-    let (free, total) = free_and_total(&disk.mountpoint);
-    let mib = |b: u64| b >> 20;
-    // Fits the free space, but leaves 2% of the disk; and one that leaves 15%.
-    let greedy = mib(free - total / 50);
-    let modest = mib(free - total * 15 / 100);
-    let limits =
-        |mib: u64| format!("    resources:\n      limits:\n        ephemeral-storage: {mib}Mi\n");
-    let mut manifests = code_interpreter("greedy", &limits(greedy));
-    manifests.push_str(&code_interpreter("modest", &limits(modest)));
     let s = Stack::start(Options {
-        manifests,
+        manifests: greedy_and_modest(&disk),
         dir: disk.dir.take(),
         ..Default::default()
     })
     .await;
+    let mib = |b: u64| b >> 20;
     let before = free_and_total(&disk.mountpoint).0;
     let (status, body) = s.create("code-interpreter", "greedy").await;
     assert_eq!(status, 429, "{body}");
@@ -361,6 +353,54 @@ async fn workspace_reservations_leave_the_host_its_share_of_the_disk() {
     let v = s.create_ok("code-interpreter", "modest").await;
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     disk.dir = Some(s.stop_keeping_dir().await);
+}
+
+/// Two definitions whose workspaces fit the free space of `disk`: `greedy`'s leaves 2% of the
+/// disk, `modest`'s 15%.
+fn greedy_and_modest(disk: &SmallDisk) -> String {
+    let (free, total) = free_and_total(&disk.mountpoint);
+    let limits = |left: u64| {
+        let mib = (free - left) >> 20;
+        format!("    resources:\n      limits:\n        ephemeral-storage: {mib}Mi\n")
+    };
+    let mut manifests = code_interpreter("greedy", &limits(total / 50));
+    manifests.push_str(&code_interpreter("modest", &limits(total * 15 / 100)));
+    manifests
+}
+
+/// The host's share is the operator's to set (`--disk-reserve`): with none, the workspace that
+/// leaves 2% of the disk is made; with 20%, even the one leaving 15% is a 429 that says so.
+#[tokio::test]
+async fn the_hosts_share_of_the_disk_is_the_operators_to_set() {
+    use agentcube_workload_manager::backend::local::quota::DiskReserve;
+    for (share, name, made) in [
+        (DiskReserve::Bytes(0), "greedy", true),
+        (DiskReserve::Percent(20), "modest", false),
+    ] {
+        let mut disk = SmallDisk::new(400);
+        let s = Stack::start(Options {
+            manifests: greedy_and_modest(&disk),
+            dir: disk.dir.take(),
+            disk_reserve: share,
+            ..Default::default()
+        })
+        .await;
+        if made {
+            let v = s.create_ok("code-interpreter", name).await;
+            assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+        } else {
+            let (status, body) = s.create("code-interpreter", name).await;
+            assert_eq!(status, 429, "{share}: {body}");
+            let message = body["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!(
+                    "of which {share} stays the host's, --disk-reserve"
+                )),
+                "{message}"
+            );
+        }
+        disk.dir = Some(s.stop_keeping_dir().await);
+    }
 }
 
 /// A disk another program filled to its last block: a create is a 429 saying so (it was a 500

@@ -64,6 +64,8 @@ pub struct Options {
     pub images: Option<agentcube_workload_manager::backend::local::image::RegistrySettings>,
     /// How long a local sandbox may take to answer.
     pub ready_timeout: Duration,
+    /// What workspace reservations leave free on the state directory's disk.
+    pub disk_reserve: agentcube_workload_manager::backend::local::quota::DiskReserve,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             auth_token: None,
             sandbox_dns: None,
             images: None,
+            disk_reserve: Default::default(),
         }
     }
 }
@@ -161,6 +164,7 @@ impl Stack {
         local.ready_timeout = opts.ready_timeout;
         local.sandbox_dns = opts.sandbox_dns;
         local.images = opts.images;
+        local.disk_reserve = opts.disk_reserve;
         let backend = LocalBackend::new(local).unwrap();
         let store = opts
             .store

@@ -69,6 +69,8 @@ pub struct LocalConfig {
     /// Workspace quota of sandboxes whose definition sets no `ephemeral-storage` limit (`None`:
     /// unbounded). Enforced when running as root (see [`super::quota`]).
     pub default_workspace_bytes: Option<u64>,
+    /// Disk space workspace reservations leave free for the host (see [`super::quota`]).
+    pub disk_reserve: super::quota::DiskReserve,
 }
 
 impl LocalConfig {
@@ -91,6 +93,7 @@ impl LocalConfig {
             sandbox_dns: None,
             images: None,
             default_workspace_bytes: Some(DEFAULT_WORKSPACE_BYTES),
+            disk_reserve: Default::default(),
         }
     }
 }
@@ -176,6 +179,11 @@ pub struct MemoryArgs {
     /// (quantity; `0` = none). Enforced when running as root.
     #[arg(long, env = "AGENTCUBE_DEFAULT_WORKSPACE_SIZE", default_value = "2Gi")]
     pub default_workspace_size: String,
+    /// Disk space workspace reservations leave free for the host on the state directory's
+    /// filesystem: a percentage of it (`5%`) or a quantity (`20Gi`); `0` = none. A create that
+    /// would go under it is refused with 429.
+    #[arg(long, env = "AGENTCUBE_DISK_RESERVE", default_value = "5%")]
+    pub disk_reserve: super::quota::DiskReserve,
 }
 
 impl MemoryArgs {
@@ -197,6 +205,7 @@ impl MemoryArgs {
             &self.default_workspace_size,
         )?)
         .filter(|b| *b > 0);
+        config.disk_reserve = self.disk_reserve;
         if let Some(b) = config.default_workspace_bytes
             && b < super::workload::MIN_WORKSPACE_BYTES
         {
@@ -282,8 +291,14 @@ mod tests {
             "256Mi",
             "--images",
             "pull",
+            "--disk-reserve",
+            "20Gi",
         ]);
         let c = cli.local.config(defaults()).unwrap();
+        assert_eq!(
+            c.disk_reserve,
+            super::super::quota::DiskReserve::Bytes(20 << 30)
+        );
         assert_eq!(c.state_dir, PathBuf::from("/srv/state"));
         assert_eq!(c.picod, PathBuf::from("/opt/picod"));
         assert_eq!(c.isolation, Isolation::Gvisor);
@@ -313,6 +328,7 @@ mod tests {
         assert_eq!(c.picod, PathBuf::from("/opt/agentcube/bin/picod"));
         assert_eq!(c.isolation, Isolation::Bubblewrap);
         assert!(!c.require_cgroups);
+        assert_eq!(c.disk_reserve, super::super::quota::DiskReserve::Percent(5));
         assert_eq!(c.tool_path, std::ffi::OsString::from(SYSTEM_PATH));
         assert!(c.images.is_none());
     }

@@ -226,7 +226,10 @@ impl LocalBackend {
             .map_err(|e| format!("{}: {e}", config.picod.display()))?;
         let state = &config.state_dir;
         let state_lock = layout::lock_state(state)?;
-        let quotas = match (quota::Quotas::detect(state), config.default_workspace_bytes) {
+        let quotas = match (
+            quota::Quotas::detect(state, config.disk_reserve),
+            config.default_workspace_bytes,
+        ) {
             (Ok(q), _) => Some(q),
             (Err(why), Some(_)) => {
                 tracing::warn!(reason = %why, "sandbox workspaces are NOT size-limited");

@@ -22,6 +22,62 @@ pub struct Quotas {
     mount: PathBuf,
     /// The state directory (where the images are) is tmpfs: images stay sparse ([`reserve`]).
     on_memory: bool,
+    /// What reservations leave free on the images' filesystem.
+    host_share: DiskReserve,
+}
+
+/// The disk space workspace reservations leave free for the host (its logs, the store, the next
+/// image) on the filesystem holding the images: a percentage of that filesystem (`5%`, the
+/// default) or a quantity (`20Gi`); `0` leaves nothing (the manager runs as root: the last
+/// block, root's own reserve included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskReserve {
+    /// Percent of the filesystem's size, 0–90.
+    Percent(u8),
+    Bytes(u64),
+}
+
+impl Default for DiskReserve {
+    fn default() -> Self {
+        Self::Percent(5)
+    }
+}
+
+impl DiskReserve {
+    /// The bytes it keeps on a filesystem of `total` bytes.
+    fn of(self, total: u64) -> u64 {
+        match self {
+            Self::Percent(p) => total / 100 * u64::from(p),
+            Self::Bytes(b) => b,
+        }
+    }
+}
+
+impl std::str::FromStr for DiskReserve {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= 90 => Ok(Self::Percent(p)),
+                _ => Err(format!(
+                    "{s:?}: a whole percentage of the disk from 0% to 90%, or a quantity such as 20Gi"
+                )),
+            },
+            None => super::quantity::bytes(s)
+                .map(Self::Bytes)
+                .map_err(|e| format!("{e} (or a percentage of the disk such as 5%)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskReserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Percent(p) => write!(f, "{p}% of the disk"),
+            Self::Bytes(b) => f.write_str(&super::human_bytes(*b)),
+        }
+    }
 }
 
 const IMAGE: &str = "workspace.ext4";
@@ -30,7 +86,7 @@ impl Quotas {
     /// The quota tools for images kept under `state`, or why workspaces cannot be bounded here.
     /// Warns when `state` is on tmpfs: images there are the host's memory, outside every
     /// sandbox's memory limit (each up to its workspace quota).
-    pub fn detect(state: &Path) -> Result<Self, String> {
+    pub fn detect(state: &Path, host_share: DiskReserve) -> Result<Self, String> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(
                 "workspace quotas need root (a loop-mounted filesystem per sandbox)".into(),
@@ -41,6 +97,7 @@ impl Quotas {
             unshare: system_tool("unshare", "util-linux")?,
             mount: system_tool("mount", "mount")?,
             on_memory: on_memory(state),
+            host_share,
         })
     }
 
@@ -50,7 +107,7 @@ impl Quotas {
         let image = paths.private.join(IMAGE);
         let file = std::fs::File::create(&image)
             .map_err(|e| BackendError::Failed(format!("workspace quota (image): {e}")))?;
-        reserve(&file, bytes, self.on_memory)?;
+        reserve(&file, bytes, self.on_memory, self.host_share)?;
         Ok(WorkspaceFs {
             image,
             unshare: self.unshare.clone(),
@@ -102,12 +159,17 @@ fn on_memory(state: &Path) -> bool {
 }
 
 /// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
-/// workspace then has its place, and a workspace the disk cannot hold, with 5% of it left to
-/// the host ([`left_for_the_host`]), is refused now (429, saying how much is free) rather than
+/// workspace then has its place, and a workspace the disk cannot hold, with `host_share` of it
+/// left to the host ([`left_for_the_host`]), is refused now (429, saying how much is free) rather than
 /// losing writes later — a sparse image on a full host disk fails its writes only at writeback,
 /// after the sandbox's `write` succeeded (the kernel logs "potential data loss"). On a filesystem without `fallocate`, and `on_memory` (tmpfs, where
 /// the reservation would be host memory), the image stays sparse.
-fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), BackendError> {
+fn reserve(
+    file: &std::fs::File,
+    bytes: u64,
+    on_memory: bool,
+    host_share: DiskReserve,
+) -> Result<(), BackendError> {
     let sparse = |file: &std::fs::File| {
         file.set_len(bytes)
             .map_err(|e| BackendError::Failed(format!("workspace quota (image size): {e}")))
@@ -119,15 +181,15 @@ fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), Back
     let too_little = |free: u64| {
         BackendError::Exhausted(format!(
             "not enough disk for the sandbox's workspace ({}; {} MiB free where the Workload \
-             Manager keeps workspaces, of which 5% of the disk stays the host's): lower \
-             resources.limits.ephemeral-storage (or --default-workspace-size), or retry once \
-             sessions have ended",
+             Manager keeps workspaces, of which {host_share} stays the host's, \
+             --disk-reserve): lower resources.limits.ephemeral-storage (or \
+             --default-workspace-size), or retry once sessions have ended",
             super::human_bytes(bytes),
             free >> 20,
         ))
     };
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
-        Ok(()) => match left_for_the_host(file) {
+        Ok(()) => match left_for_the_host(file, host_share) {
             // Looked at once reserved, so that creates reserving at the same time each see the
             // others' share: at worst both are refused, never both made.
             Some((free, share)) if free < share => {
@@ -137,7 +199,7 @@ fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), Back
             _ => Ok(()),
         },
         Err(nix::errno::Errno::ENOSPC) => {
-            let free = left_for_the_host(file).map_or(0, |(free, _)| free);
+            let free = left_for_the_host(file, host_share).map_or(0, |(free, _)| free);
             Err(too_little(free))
         }
         Err(nix::errno::Errno::EOPNOTSUPP) => sparse(file),
@@ -149,11 +211,34 @@ fn reserve(file: &std::fs::File, bytes: u64, on_memory: bool) -> Result<(), Back
 }
 
 /// What an unprivileged writer may still take on `file`'s filesystem, and the share of it that
-/// workspace reservations leave to the host (its logs, the store, the next image): 5% of the
-/// filesystem. The manager runs as root and would otherwise fill the disk to its last block,
-/// root's own reserve included.
-fn left_for_the_host(file: &std::fs::File) -> Option<(u64, u64)> {
+/// workspace reservations leave to the host (`--disk-reserve`, 5% of the filesystem by default).
+/// The manager runs as root and would otherwise fill the disk to its last block, root's own
+/// reserve included.
+fn left_for_the_host(file: &std::fs::File, host_share: DiskReserve) -> Option<(u64, u64)> {
     let st = nix::sys::statvfs::fstatvfs(file).ok()?;
     let block = st.fragment_size();
-    Some((st.blocks_available() * block, st.blocks() * block / 20))
+    Some((
+        st.blocks_available() * block,
+        host_share.of(st.blocks() * block),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskReserve;
+
+    #[test]
+    fn a_disk_reserve_is_a_percentage_or_a_quantity() {
+        assert_eq!("5%".parse(), Ok(DiskReserve::Percent(5)));
+        assert_eq!("0".parse(), Ok(DiskReserve::Bytes(0)));
+        assert_eq!("20Gi".parse(), Ok(DiskReserve::Bytes(20 << 30)));
+        assert_eq!(DiskReserve::Percent(5).of(1000 << 20), 50 << 20);
+        assert_eq!(DiskReserve::Bytes(7).of(1000), 7);
+        for bad in ["91%", "-1%", "5.5%", "%", "lots", "-3Gi"] {
+            let err = bad.parse::<DiskReserve>().unwrap_err();
+            assert!(err.contains("percentage"), "{bad}: {err}");
+        }
+        assert_eq!(DiskReserve::Percent(5).to_string(), "5% of the disk");
+        assert_eq!(DiskReserve::Bytes(20 << 30).to_string(), "20Gi");
+    }
 }
