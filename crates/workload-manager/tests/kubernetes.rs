@@ -459,6 +459,61 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
     assert_eq!(reclaimed(&k, "dead"), 2, "each counted once");
 }
 
+/// A container restart is caught by a replica that did not make the session, even when it
+/// happened before that replica first saw the session (another replica made it, or this one
+/// started since): sessions it did not make count from their record's creation. Before, they
+/// counted from its first GC run, and such a session went on in its empty new container.
+#[tokio::test]
+async fn a_restart_before_another_replica_first_saw_the_session_still_ends_it() {
+    // This one never collects garbage (1 h): only the replica below can end the session.
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    let id = s["sessionId"].as_str().unwrap().to_string();
+    let killed_at = jiff::Timestamp::now();
+    let kill =
+        "p=$PPID; setsid sh -c \"sleep 0.3; kill -9 $p\" >/dev/null 2>&1 </dev/null & exit 0";
+    assert_eq!(exec_tcp(&k.http, &s, &["sh", "-c", kill]).await.0, 200);
+    // Ready again on its new container before the replica starts: it sees the Sandbox as it is.
+    let name = s["sandboxName"].as_str().unwrap().to_string();
+    k.eventually(
+        "the Sandbox Ready again after its restart",
+        60,
+        async || {
+            let sb = sandboxes(&k.client).get(&name).await.unwrap();
+            let conditions = sb.data["status"]["conditions"].as_array().cloned();
+            conditions?.iter().find_map(|c| {
+                let at: jiff::Timestamp = c["lastTransitionTime"].as_str()?.parse().ok()?;
+                (c["type"] == "Ready" && c["status"] == "True" && at > killed_at).then_some(())
+            })
+        },
+    )
+    .await;
+    let replica = k.replica(Duration::from_millis(300)).await;
+    k.eventually("the replica ended the session", 30, async || {
+        matches!(
+            k.store.get(&id).await,
+            Err(agentcube_store::Error::NotFound)
+        )
+        .then_some(())
+    })
+    .await;
+    let why = k
+        .store
+        .get_marks(&[agentcube_store::gone_mark(&id)])
+        .await
+        .unwrap();
+    let why = why[0].clone().unwrap_or_default();
+    assert!(
+        why.starts_with("its sandbox's container ") && why.contains("137"),
+        "{why:?}"
+    );
+    replica.shutdown().await;
+}
+
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
 /// …), once agent-sandbox has written its status.
 async fn claim_writes(k: &KubeStack, name: &str) -> Vec<String> {

@@ -338,6 +338,24 @@ impl KubeStack {
         }
     }
 
+    /// Another Workload Manager replica on the same cluster and store, collecting garbage every
+    /// `gc_interval` (it serves no API: its background work is the point). Stop it with
+    /// `shutdown` (on Kubernetes that deletes nothing).
+    pub async fn replica(&self, gc_interval: Duration) -> WorkloadManager {
+        let mut kc = KubeConfig::new(SYSTEM_NS);
+        kc.probe_timeout = Duration::from_secs(5);
+        let backend = KubernetesBackend::start(self.client.clone(), kc, self.store.clone())
+            .await
+            .unwrap();
+        let config = Config {
+            gc_interval,
+            ..Config::default()
+        };
+        WorkloadManager::start(config, self.store.clone(), backend.platform())
+            .await
+            .unwrap()
+    }
+
     /// Fails unless the store holds no session record (a rolled-back create left none).
     pub async fn assert_no_records(&self) {
         let left = self.store.list_expired(jiff::Timestamp::MAX, 10).await;

@@ -13,7 +13,9 @@
 //!   files and processes): its Sandbox changed readiness after the session was known to run
 //!   ([`Liveness::suspects`]), and its pod, read once, shows a container that exited since or is
 //!   down (the backend's `reap`). Sessions this Workload Manager made are known to run from their
-//!   create ([`Liveness::created`]); others from when a run first sees them.
+//!   create ([`Liveness::created`]); others (another replica's, or made before this one started)
+//!   from their record's `createdAt`, so a restart before a run first saw them is not missed (a
+//!   cold create's own first readiness makes it a suspect once: its pod is read and cleared).
 //!
 //! The store is read only for what changed: a session once when it first shows up (the pod IP
 //! its record points at), and once when its object vanishes (a session deleted through the API
@@ -124,8 +126,8 @@ struct Known {
     seen: Seen,
     /// `None` when the record has no TCP entry point, or when there was none.
     record_ip: Option<String>,
-    /// Since when the sandbox is known to have run without a restart: the session's ready time
-    /// (sessions this Workload Manager created), else when a run first saw it.
+    /// Since when the sandbox is to have run without a restart: the session's ready time
+    /// (sessions this Workload Manager created), else its record's creation time.
     since: jiff::Timestamp,
 }
 
@@ -212,17 +214,17 @@ impl Liveness {
             }
         }
         for (id, seen) in now {
-            let record_ip = match known.get_mut(&id) {
+            let (record_ip, began) = match known.get_mut(&id) {
                 Some(k) => {
                     k.seen = seen.clone();
-                    k.record_ip.clone()
+                    (k.record_ip.clone(), None)
                 }
                 None => match store.get(&id).await {
                     // Still being created: asked again at the next run.
                     Ok(r) if r.status == SessionStatus::Creating => continue,
-                    Ok(r) => record_ip(&r),
+                    Ok(r) => (record_ip(&r), Some(r.created_at)),
                     // Being deleted (the object goes before the record), or lost.
-                    Err(StoreError::NotFound) => None,
+                    Err(StoreError::NotFound) => (None, None),
                     Err(e) => {
                         tracing::warn!(session_id = id, error = %e, "gc: cannot read a record");
                         continue;
@@ -249,7 +251,7 @@ impl Liveness {
                 Known {
                     seen,
                     record_ip,
-                    since: created.unwrap_or_else(jiff::Timestamp::now),
+                    since: created.or(began).unwrap_or_else(jiff::Timestamp::now),
                 }
             });
         }
@@ -327,6 +329,48 @@ mod tests {
         live.cleared("a", t("2026-12-05T10:05:01Z"));
         assert!(live.judge(now, &store).await.is_empty());
         assert!(live.suspects().is_empty());
+    }
+
+    /// Sessions another replica made (or made before this Workload Manager started) count from
+    /// their record's creation: a Sandbox that changed readiness since then is a suspect the first
+    /// time a run sees it. Before, they counted from that first run, and a container restart
+    /// between the session's create and it was never looked for.
+    #[tokio::test]
+    async fn another_replicas_sessions_count_from_their_records_creation() {
+        let store = agentcube_store::MemoryStore::new();
+        let live = Liveness::default();
+        let t = |s: &str| -> jiff::Timestamp { s.parse().unwrap() };
+        for id in ["restarted", "untouched"] {
+            let mut r = new_record(id, "10.0.0.1:8080", SessionStatus::Ready);
+            r.created_at = t("2026-12-05T10:00:00Z");
+            store.insert(&r, jiff::Timestamp::now()).await.unwrap();
+        }
+        let with_ready = |name: &str, at: &str| Seen {
+            ready_at: Some(t(at)),
+            pod: Some(format!("{name}-pod")),
+            ..seen(BackingKind::Sandbox, name, Some("10.0.0.1"))
+        };
+        let now = HashMap::from([
+            // Not Ready and back 30 s into the session, before this replica's first run.
+            (
+                "restarted".to_string(),
+                with_ready("sr", "2026-12-05T10:00:30Z"),
+            ),
+            // A warm pod Ready since before the session, unchanged.
+            (
+                "untouched".to_string(),
+                with_ready("su", "2026-12-05T09:59:00Z"),
+            ),
+        ]);
+        assert!(live.judge(now, &store).await.is_empty());
+        let suspects = live.suspects();
+        assert_eq!(
+            suspects
+                .iter()
+                .map(|s| (s.session_id.as_str(), s.since))
+                .collect::<Vec<_>>(),
+            [("restarted", t("2026-12-05T10:00:00Z"))]
+        );
     }
 
     fn entry(endpoint: &str) -> Option<Vec<EntryPoint>> {
