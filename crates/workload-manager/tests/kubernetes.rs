@@ -413,10 +413,8 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
         assert!(!record_gone(s).await, "a live session was reaped: {s}");
     }
     // User code kills its PicoD; the kubelet restarts the container (same pod, same IP).
-    let kill =
-        "p=$PPID; setsid sh -c \"sleep 0.3; kill -9 $p\" >/dev/null 2>&1 </dev/null & exit 0";
     for s in [&direct, &claimed] {
-        let (status, _) = exec_tcp(&k.http, s, &["sh", "-c", kill]).await;
+        let (status, _) = exec_tcp(&k.http, s, &["sh", "-c", KILL_PICOD]).await;
         assert_eq!(status, 200);
     }
     k.eventually("the restarted sessions ended", 30, async || {
@@ -440,17 +438,7 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
     .await;
     // Why, for whoever uses them next (the Router's 404 adds it).
     for s in [&direct, &claimed] {
-        let why = k
-            .store
-            .get_marks(&[agentcube_store::gone_mark(&id(s))])
-            .await
-            .unwrap();
-        let why = why[0].clone().unwrap_or_default();
-        // Restarted, or backing off before a restart: either way, killed (137).
-        assert!(
-            why.starts_with("its sandbox's container ") && why.contains("137"),
-            "{why:?}"
-        );
+        assert_ended_for_a_restart(&k, &id(s)).await;
     }
     assert!(!record_gone(&healthy).await, "the untouched session stays");
     let (status, out) = exec_tcp(&k.http, &healthy, &["cat", "f.txt"]).await;
@@ -474,9 +462,10 @@ async fn a_restart_before_another_replica_first_saw_the_session_still_ends_it() 
     let s = k.create_ok("code-interpreter", "od").await;
     let id = s["sessionId"].as_str().unwrap().to_string();
     let killed_at = jiff::Timestamp::now();
-    let kill =
-        "p=$PPID; setsid sh -c \"sleep 0.3; kill -9 $p\" >/dev/null 2>&1 </dev/null & exit 0";
-    assert_eq!(exec_tcp(&k.http, &s, &["sh", "-c", kill]).await.0, 200);
+    assert_eq!(
+        exec_tcp(&k.http, &s, &["sh", "-c", KILL_PICOD]).await.0,
+        200
+    );
     // Ready again on its new container before the replica starts: it sees the Sandbox as it is.
     let name = s["sandboxName"].as_str().unwrap().to_string();
     k.eventually(
@@ -501,17 +490,28 @@ async fn a_restart_before_another_replica_first_saw_the_session_still_ends_it() 
         .then_some(())
     })
     .await;
+    assert_ended_for_a_restart(&k, &id).await;
+    replica.shutdown().await;
+}
+
+/// What user code runs to kill its sandbox's PicoD a moment after the answer: the kubelet then
+/// restarts the container (same pod, same IP, none of the session's files or processes).
+const KILL_PICOD: &str =
+    "p=$PPID; setsid sh -c \"sleep 0.3; kill -9 $p\" >/dev/null 2>&1 </dev/null & exit 0";
+
+/// Session `id` ended because its container restarted, and says so to whoever uses it next.
+async fn assert_ended_for_a_restart(k: &KubeStack, id: &str) {
     let why = k
         .store
-        .get_marks(&[agentcube_store::gone_mark(&id)])
+        .get_marks(&[agentcube_store::gone_mark(id)])
         .await
         .unwrap();
     let why = why[0].clone().unwrap_or_default();
+    // Restarted, or backing off before a restart: either way, killed (137).
     assert!(
         why.starts_with("its sandbox's container ") && why.contains("137"),
         "{why:?}"
     );
-    replica.shutdown().await;
 }
 
 /// The writes to claim `name` in the API server's audit log (`create`, `update`, `patch status`,
