@@ -127,6 +127,18 @@ def sdk_calls(p: Procs, kubectl: list[str], wm_url: str, sdk_env: dict[str, str]
     return samples
 
 
+def full_pool_env(env: dict[str, str], metrics: str, gauge: str) -> dict[str, str]:
+    """`env` for `sessions` runs that wait, before each claim, for kwarm's `gauge` to show all
+    POOL warm sandboxes."""
+    needle = f'agentcube_workload_manager_{gauge}{{namespace="default",name="kwarm"}} {POOL}'
+    return {**env, "BENCH_FULL_URL": metrics, "BENCH_FULL_NEEDLE": needle}
+
+
+def from_full(r: Samples) -> str:
+    """How many claims (after the first) found the pool full within 30 s of asking."""
+    return f"from a full pool: {int(sum(r['full']))} / {len(r['full'])}"
+
+
 def main() -> None:
     t = Table(f"Sessions on the Kubernetes backend (release binaries, real control plane + agent-sandbox v1.0.1, "
               f"process kubelet; {SESSIONS} sessions each)")
@@ -138,7 +150,7 @@ def main() -> None:
         kubectl = testcluster.kubectl(kubeconfig)
         subprocess.run(kubectl + ["create", "namespace", "agentcube"], check=True, capture_output=True)
         subprocess.run(kubectl + ["apply", "-f", "-"], input=DEFINITIONS, text=True, check=True, capture_output=True)
-        redis_port, wm, router = free_port(), free_port(), free_port()
+        redis_port, wm, router, wm_metrics = free_port(), free_port(), free_port(), free_port()
         p.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                 "redis.log")
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "AGENTCUBE_NAMESPACE": "agentcube", "RUST_LOG": "warn",
@@ -148,7 +160,7 @@ def main() -> None:
                     "router.log", env=env)
         wait_http(f"http://127.0.0.1:{router}/health/ready", proc=r)
         wm_args = [binary("workload-manager"), "--backend", "kubernetes", "--port", str(wm), "--bind", "127.0.0.1",
-                   "--metrics-port", "0"]
+                   "--metrics-port", str(wm_metrics)]
         w = p.start(wm_args, "wm.log", env=env)
         wm_url, router_url = f"http://127.0.0.1:{wm}", f"http://127.0.0.1:{router}"
         wait_http(f"{wm_url}/health", proc=w)
@@ -165,11 +177,14 @@ def main() -> None:
                 t.row(f"{call}: {target} p50 / p99 ({len(v[call])})", f"{ms(v50)} / {ms(pct(v[call], 0.99))}", note)
         base = samples["this repo's SDK via Router"]["execute"]
         b50 = median(base)
-        # Enough pause for the controller to refill the pool: each claim finds a ready member.
-        warm_run = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)
+        # A pause for the control plane's writes after each claim to settle, and then each
+        # claim waits for a full pool (the Workload Manager's gauge): it finds a ready member.
+        gauge = f"http://127.0.0.1:{wm_metrics}/metrics"
+        pool_env = full_pool_env(sdk_env, gauge, "warm_pool_ready")
+        warm_run = run(sdk, pool_env, "sessions", "kwarm", SESSIONS, 1.5)
         # The same claims with the first call 0.3 s after the constructor: what the first call
         # pays for the control plane's writes that follow a claim (on these same CPUs).
-        settled_run = run(sdk, sdk_env, "sessions", "kwarm", SETTLED, 1.5, 0.3)
+        settled_run = run(sdk, pool_env, "sessions", "kwarm", SETTLED, 1.5, 0.3)
         cold_run = run(sdk, sdk_env, "sessions", "kcold", SESSIONS, 0.2)
         warm, cold = warm_run["create"], cold_run["create"]
         filled = pool_ready(kubectl)
@@ -182,15 +197,16 @@ def main() -> None:
         w = p.start(wm_args + ["--standby-claims", str(POOL)], "wm-standby.log", env=env)
         wait_http(f"{wm_url}/health", proc=w)
         wait_until("the standby claims binding", lambda: standby_bound(kubectl) >= POOL)
-        standby_run = run(sdk, sdk_env, "sessions", "kwarm", SESSIONS, 1.5)
+        standby_run = run(sdk, full_pool_env(sdk_env, gauge, "standby_claims_ready"), "sessions", "kwarm",
+                          SESSIONS, 1.5)
         standby = standby_run["create"]
         t.row(f"warm-pool claim: constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(warm))} / {ms(pct(warm, 0.99))}",
-              f"÷ an execute via Router {median(warm) / b50:.1f} (goal p50 ≤ 20 ms)")
+              f"÷ an execute via Router {median(warm) / b50:.1f} (goal p50 ≤ 20 ms); {from_full(warm_run)}")
         t.row(f"warm-pool session with --standby-claims {POOL}: constructor → first PicoD answer p50 / p99 "
               f"({SESSIONS})", f"{ms(median(standby))} / {ms(pct(standby, 0.99))}",
               f"÷ an execute via Router {median(standby) / b50:.1f}; ÷ warm claim "
-              f"{median(standby) / median(warm):.2f} (goal p50 ≤ 20 ms)")
+              f"{median(standby) / median(warm):.2f} (goal p50 ≤ 20 ms); {from_full(standby_run)}")
         t.row(f"cold create (Sandbox → pod): constructor → first PicoD answer p50 / p99 ({SESSIONS})",
               f"{ms(median(cold))} / {ms(pct(cold, 0.99))}", f"warm ÷ cold {median(warm) / median(cold):.2f}")
         for what, run_of in (("warm claim", warm_run), ("standby claim", standby_run), ("cold create", cold_run)):

@@ -10,13 +10,18 @@ prints per-call latencies as JSON. Modes:
   (the baseline).
 - `sessions NAME N [PAUSE [SETTLE]]`: N x (create a session, wait SETTLE seconds (0 by default),
   first `execute_command("true")`, stop, wait PAUSE seconds, 0.3 by default); the time from the
-  constructor to the first answer, the settle time left out.
+  constructor to the first answer, the settle time left out. With `BENCH_FULL_URL` and
+  `BENCH_FULL_NEEDLE` set (a metrics URL and the gauge line of a full warm pool), each session
+  after the first also waits, after its pause and up to 30 s, until that line shows, then 0.3 s
+  more (so the servers are as idle before the create as without the wait): a claim from a full
+  pool is measured, not one from a pool still refilling; `full` counts the sessions that began so.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sys
 import time
@@ -107,7 +112,11 @@ def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict
     out: list[float] = []
     ctor: list[float] = []
     second: list[float] = []
-    for _ in range(n):
+    full: list[float] = []
+    for i in range(n):
+        if i > 0 and os.environ.get("BENCH_FULL_URL"):
+            full.append(1.0 if pool_full() else 0.0)
+            time.sleep(0.3)
         t0 = time.perf_counter()
         c = CodeInterpreterClient(name=name)
         ctor.append(time.perf_counter() - t0)
@@ -120,7 +129,18 @@ def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict
         second.append(time.perf_counter() - t1)
         c.stop()
         time.sleep(pause)  # let a warm pool refill: a claim, not a cold start, is measured
-    return {"create": out, "constructor": ctor, "second": second}
+    return {"create": out, "constructor": ctor, "second": second, "full": full}
+
+
+def pool_full(secs: float = 30) -> bool:
+    """Waits until `BENCH_FULL_URL` shows `BENCH_FULL_NEEDLE`; whether it did."""
+    url, needle = os.environ["BENCH_FULL_URL"], os.environ["BENCH_FULL_NEEDLE"]
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        if needle in requests.get(url, timeout=2).text:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 if __name__ == "__main__":
