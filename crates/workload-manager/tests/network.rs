@@ -147,6 +147,38 @@ async fn policies_hold_under_gvisor_too() {
     policies_hold(Isolation::Gvisor, 10).await;
 }
 
+/// A DNS server on one of the host's own addresses (a dnsmasq on its LAN side, here the root
+/// namespace's end of a test link) is refused at start with the reason: the host table closes
+/// the host to sandboxes, so their lookups would all fail. The server behind that link (not the
+/// host) is accepted.
+#[test]
+fn a_sandbox_dns_on_the_host_itself_is_refused_at_start() {
+    use agentcube_workload_manager::backend::local::{LocalBackend, LocalConfig};
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("needs root (a veth pair): run as root");
+    }
+    let h = TestHost::start(30);
+    let dir = tempfile::tempdir().unwrap();
+    let config = |state: &str, dns: &str| {
+        let state = dir.path().join(state);
+        std::fs::create_dir(&state).unwrap();
+        let mut c = LocalConfig::new(state, picod_binary());
+        c.sandbox_dns = Some(dns.parse().unwrap());
+        c
+    };
+    let err = LocalBackend::new(config("on-host", &h.root_ip))
+        .err()
+        .expect("must refuse to start");
+    assert!(
+        err.contains(&format!(
+            "--sandbox-dns {} is an address of this host",
+            h.root_ip
+        )),
+        "{err}"
+    );
+    LocalBackend::new(config("behind-link", &h.ip)).expect("a server sandboxes can reach");
+}
+
 /// The test hosts are `base + 1..=3` (distinct per test: they run at once).
 async fn policies_hold(isolation: Isolation, base: u8) {
     if !nix::unistd::Uid::effective().is_root() {

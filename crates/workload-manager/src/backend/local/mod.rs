@@ -215,6 +215,9 @@ impl LocalBackend {
     /// Checks the host (bubblewrap present, PicoD present, cgroups) and cleans leftovers of a
     /// previous run.
     pub fn new(mut config: LocalConfig) -> Result<Self, String> {
+        if let Some(dns) = config.sandbox_dns {
+            net::check_resolver(dns)?;
+        }
         let tools = find_tools(&config)?;
         // Resolved and checked: sandbox entry points (`unix:<state>/private/…`) are stored and
         // read by other processes, and no other user may change what is there.

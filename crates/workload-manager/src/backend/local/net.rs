@@ -336,20 +336,40 @@ fn rule_lines(rule: &NetworkRule, dir: &str) -> Vec<String> {
 /// stub itself asks (as Docker does).
 const RESOLV_FILES: &[&str] = &["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
 
-/// The first non-loopback `nameserver` of the host's resolver files ([`RESOLV_FILES`]).
+/// The first `nameserver` of the host's resolver files ([`RESOLV_FILES`]) that a sandbox can
+/// reach: not a loopback address, nor one of this host's own (the host table closes the host to
+/// sandboxes: a dnsmasq on the host's LAN address answers the host, not them).
 fn host_resolver() -> Option<IpAddr> {
     RESOLV_FILES
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .find_map(|text| first_nameserver(&text))
+        .find_map(|text| first_nameserver(&text, |a| is_this_host(*a)))
 }
 
-/// The first `nameserver` of a `resolv.conf` that is not a loopback address.
-fn first_nameserver(text: &str) -> Option<IpAddr> {
+/// The first `nameserver` of a `resolv.conf` that is neither a loopback address nor `local`.
+fn first_nameserver(text: &str, local: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-        .find(|a| !a.is_loopback())
+        .find(|a| !a.is_loopback() && !local(a))
+}
+
+/// Whether `ip` is one of this host's own addresses (a socket can be bound to it), loopback
+/// included: what sandboxes can never reach.
+pub fn is_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// `--sandbox-dns` checked: a server sandboxes can reach, else why not.
+pub fn check_resolver(dns: IpAddr) -> Result<(), String> {
+    if is_this_host(dns) {
+        return Err(format!(
+            "--sandbox-dns {dns} is an address of this host: sandboxes never reach the host's own \
+             services (its network table refuses them), so their lookups would fail; name the \
+             server that one forwards to, or leave the flag unset"
+        ));
+    }
+    Ok(())
 }
 
 /// Takes the lowest free index: a lock file `<dir>/<index>` holding `<pid> <sandbox>`, created
@@ -441,20 +461,44 @@ mod tests {
 
     #[test]
     fn a_local_stub_resolver_is_skipped() {
+        let none = |_: &IpAddr| false;
         assert_eq!(
-            first_nameserver("nameserver 127.0.0.53\noptions edns0\n"),
+            first_nameserver("nameserver 127.0.0.53\noptions edns0\n", none),
             None
         );
         assert_eq!(
             first_nameserver(
-                "# x\nnameserver 127.0.0.1\nnameserver  10.0.0.2\nnameserver 10.0.0.3\n"
+                "# x\nnameserver 127.0.0.1\nnameserver  10.0.0.2\nnameserver 10.0.0.3\n",
+                none
             ),
             Some("10.0.0.2".parse().unwrap())
         );
         assert_eq!(
-            first_nameserver("nameserver ::1\nnameserver fd00::53"),
+            first_nameserver("nameserver ::1\nnameserver fd00::53", none),
             Some("fd00::53".parse().unwrap())
         );
+        // A resolver on one of the host's own addresses (a dnsmasq on its LAN address) is
+        // skipped: sandboxes cannot reach the host.
+        let host: IpAddr = "192.168.1.10".parse().unwrap();
+        assert_eq!(
+            first_nameserver("nameserver 192.168.1.10\nnameserver 192.168.1.1\n", |a| *a
+                == host),
+            Some("192.168.1.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_resolver_on_this_host_is_refused() {
+        let err = check_resolver("127.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(err.contains("is an address of this host"), "{err}");
+        // TEST-NET-1: no host has it.
+        assert!(check_resolver("192.0.2.53".parse().unwrap()).is_ok());
+        // The address this host sends from (a UDP connect sends nothing).
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        if s.connect("192.0.2.1:53").is_ok() {
+            let own = s.local_addr().unwrap().ip();
+            assert!(check_resolver(own).is_err(), "{own}");
+        }
     }
 
     #[test]
