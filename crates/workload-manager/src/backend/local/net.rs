@@ -354,10 +354,19 @@ fn first_nameserver(text: &str, local: impl Fn(&IpAddr) -> bool) -> Option<IpAdd
         .find(|a| !a.is_loopback() && !local(a))
 }
 
-/// Whether `ip` is one of this host's own addresses (a socket can be bound to it), loopback
-/// included: what sandboxes can never reach.
+/// Whether `ip` is loopback or an address of one of this host's interfaces: what sandboxes can
+/// never reach. (From the interfaces themselves, not a bind probe, which a host with
+/// `ip_nonlocal_bind` would pass for every address.)
 pub fn is_this_host(ip: IpAddr) -> bool {
-    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+    ip.is_loopback()
+        || nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+            addrs.any(|a| {
+                a.address.is_some_and(|sa| {
+                    sa.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(ip)
+                        || sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(ip)
+                })
+            })
+        })
 }
 
 /// `--sandbox-dns` checked: a server sandboxes can reach, else why not.
