@@ -296,41 +296,50 @@ impl KubernetesBackend {
 impl KubernetesBackend {
     /// Ends the sessions whose pod restarted a container since they were known to run (its
     /// Sandbox changed readiness; the pod is read to tell a restart from a readiness blip): the
-    /// new container has none of the session's files or processes. Returns their ids.
+    /// new container has none of the session's files or processes. Returns their ids. Pods are
+    /// read [`crate::gc::TEARDOWN_CONCURRENCY`] at a time: a replica's first run after its start
+    /// may have a suspect for each cold-created session it did not make.
     async fn reap_restarted(&self) -> Vec<(String, String)> {
-        let mut ended = Vec::new();
-        for suspect in self.liveness.suspects() {
-            let liveness::Suspect {
-                session_id,
-                seen,
-                since,
-            } = suspect;
-            let Some(pod) = &seen.pod else { continue };
-            let read_at = jiff::Timestamp::now();
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &seen.namespace);
-            let why = match pods.get_opt(pod).await {
-                Ok(Some(p)) => stuck::restarted_since(&p, since),
-                // Gone: a replaced pod is told by its IP (judge), a deleted one by its object.
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(session_id, pod, error = %e, "gc: cannot read a pod");
-                    continue;
-                }
-            };
-            let Some(why) = why else {
-                self.liveness.cleared(&session_id, read_at);
-                continue;
-            };
-            tracing::warn!(session_id, kind = %seen.kind, namespace = seen.namespace,
-                name = seen.name, pod, why, "gc: the session's sandbox restarted and lost its \
-                files and processes; ending the session");
-            if let Err(e) = self.delete(seen.kind, &seen.namespace, &seen.name).await {
-                tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
-                continue;
+        use futures_util::StreamExt;
+        futures_util::stream::iter(self.liveness.suspects())
+            .map(|suspect| self.reap_if_restarted(suspect))
+            .buffer_unordered(crate::gc::TEARDOWN_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
+    }
+
+    /// One suspect of [`Self::reap_restarted`]: `Some((id, why))` when it was ended.
+    async fn reap_if_restarted(&self, suspect: liveness::Suspect) -> Option<(String, String)> {
+        let liveness::Suspect {
+            session_id,
+            seen,
+            since,
+        } = suspect;
+        let pod = seen.pod.as_ref()?;
+        let read_at = jiff::Timestamp::now();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &seen.namespace);
+        let why = match pods.get_opt(pod).await {
+            Ok(Some(p)) => stuck::restarted_since(&p, since),
+            // Gone: a replaced pod is told by its IP (judge), a deleted one by its object.
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(session_id, pod, error = %e, "gc: cannot read a pod");
+                return None;
             }
-            ended.push((session_id, format!("its sandbox's {why}")));
+        };
+        let Some(why) = why else {
+            self.liveness.cleared(&session_id, read_at);
+            return None;
+        };
+        tracing::warn!(session_id, kind = %seen.kind, namespace = seen.namespace,
+            name = seen.name, pod, why, "gc: the session's sandbox restarted and lost its \
+            files and processes; ending the session");
+        if let Err(e) = self.delete(seen.kind, &seen.namespace, &seen.name).await {
+            tracing::warn!(session_id, name = seen.name, error = %e, "gc: cannot delete it");
+            return None;
         }
-        ended
+        Some((session_id, format!("its sandbox's {why}")))
     }
 
     /// Makes (or claims) the sandbox of a session and waits until it answers.
