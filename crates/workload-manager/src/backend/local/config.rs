@@ -210,10 +210,8 @@ impl MemoryArgs {
             && b < super::workload::MIN_WORKSPACE_BYTES
         {
             return Err(format!(
-                "--default-workspace-size: {:?} is too small: a workspace filesystem needs at \
-                 least {} (0 = no quota)",
-                self.default_workspace_size,
-                super::human_bytes(super::workload::MIN_WORKSPACE_BYTES)
+                "--default-workspace-size: {} (0 = no quota)",
+                super::workload::workspace_too_small(&self.default_workspace_size)
             ));
         }
         Ok(())

@@ -160,10 +160,11 @@ fn on_memory(state: &Path) -> bool {
 
 /// Reserves the image's `bytes` on the host's disk (`fallocate`): every write inside the
 /// workspace then has its place, and a workspace the disk cannot hold, with `host_share` of it
-/// left to the host ([`left_for_the_host`]), is refused now (429, saying how much is free) rather than
-/// losing writes later — a sparse image on a full host disk fails its writes only at writeback,
-/// after the sandbox's `write` succeeded (the kernel logs "potential data loss"). On a filesystem without `fallocate`, and `on_memory` (tmpfs, where
-/// the reservation would be host memory), the image stays sparse.
+/// left to the host ([`left_for_the_host`]), is refused now (429, saying how much is free)
+/// rather than losing writes later — a sparse image on a full host disk fails its writes only
+/// at writeback, after the sandbox's `write` succeeded (the kernel logs "potential data loss").
+/// On a filesystem without `fallocate`, and `on_memory` (tmpfs, where the reservation would be
+/// host memory), the image stays sparse.
 fn reserve(
     file: &std::fs::File,
     bytes: u64,

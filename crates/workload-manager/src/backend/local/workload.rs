@@ -105,6 +105,15 @@ pub struct Sizes {
 /// The smallest workspace quota: ext4 cannot be made in less than about 512 KiB.
 pub const MIN_WORKSPACE_BYTES: u64 = 1 << 20;
 
+/// Why a workspace quota written `given` is refused, when it is under [`MIN_WORKSPACE_BYTES`]
+/// (a definition's limit, or `--default-workspace-size`).
+pub fn workspace_too_small(given: &str) -> String {
+    format!(
+        "{given:?} is too small: a workspace filesystem needs at least {}",
+        super::human_bytes(MIN_WORKSPACE_BYTES)
+    )
+}
+
 /// The definition's [`Sizes`] (`None` where it sets none); a limit that is not a Kubernetes
 /// quantity, a memory limit of 0 or an ephemeral-storage limit under [`MIN_WORKSPACE_BYTES`] is
 /// refused (400) naming it.
@@ -119,11 +128,7 @@ pub fn sizes_of(workload: &Workload, default_pids: u64) -> Result<Sizes, Backend
         };
         match parse(&q.0) {
             Ok(v) if v >= least => Ok(Some(v)),
-            Ok(_) if least > 1 => Err(format!(
-                "{:?} is too small: a workspace filesystem needs at least {}",
-                q.0,
-                super::human_bytes(least)
-            )),
+            Ok(_) if least > 1 => Err(workspace_too_small(&q.0)),
             Ok(_) => Err(format!("must be more than 0, not {:?}", q.0)),
             Err(e) => Err(e),
         }
