@@ -65,6 +65,13 @@ fi
 .venv/bin/python -c 'import agentcube.clients.errors' 2>/dev/null \
   || .venv/bin/pip install -q --disable-pip-version-check -e sdk-python
 
+# This SDK's MCP server under the older MCP major too (the main venv has mcp 2), for tests/e2e/test_mcp.py.
+if [ ! -x .venv-mcp1/bin/python3 ]; then
+  python3 -m venv .venv-mcp1
+fi
+.venv-mcp1/bin/python3 -c 'import mcp.server.fastmcp, agentcube.clients.errors' 2>/dev/null \
+  || .venv-mcp1/bin/pip install -q --disable-pip-version-check 'mcp==1.26.0' -e sdk-python
+
 # The unmodified upstream SDK in its own venv, for the compatibility e2e test.
 if [ ! -x .venv-upstream/bin/python3 ]; then
   python3 -m venv .venv-upstream

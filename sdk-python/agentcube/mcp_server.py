@@ -4,9 +4,11 @@ Upstream's tools with their names and arguments (``run_code``, ``execute_command
 ``write_file``, ``list_files``, ``upload_file``, ``download_file``, ``stop_session``; each takes an
 optional ``session_id``), plus ``run_cell`` (a persistent Python context: variables survive between
 calls, plots come back as images) and ``start_process`` / ``process_output`` / ``stop_process``.
-One sandbox session per MCP session (created on first use; stopped by ``stop_session``, when the
-MCP session is gone, or when the server exits) unless a call names another ``session_id``. Errors carry the sandbox's own text (a
-``NameError`` reaches the model as such).
+One sandbox session per MCP client — over stdio the server's one client, over HTTP each MCP
+session (see :func:`mcp_session`) — created on first use and stopped by ``stop_session``, when
+the MCP session is gone, or when the server exits, unless a call names another ``session_id``.
+Errors carry the sandbox's own text (a ``NameError`` reaches the model as such). Runs on mcp 1.x
+(``FastMCP``) and 2.x (``MCPServer``).
 
 Run: ``agentcube-mcp`` (stdio) or ``agentcube-mcp --http --port 8765`` (streamable HTTP), with
 ``WORKLOAD_MANAGER_URL`` / ``ROUTER_URL`` (and ``AGENTCUBE_AUTH_TOKEN``) set as for the SDK.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import hmac
 import ipaddress
 import json
@@ -35,7 +38,7 @@ import secrets
 import sys
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar, Union
 
 # mcp 1.x's FastMCP settings hold a forward reference that pydantic-settings warns about at every
 # start (harmless, and all an operator would see before the server's own lines).
@@ -43,23 +46,76 @@ warnings.filterwarnings("ignore", message=r"Field 'lifespan' has an incomplete d
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.fastmcp import Context as McpContext
-from mcp.server.fastmcp import FastMCP, Image
+
+# mcp 2 renamed FastMCP to MCPServer and took the HTTP address out of its constructor (into
+# ``run``); everything used here is otherwise the same in both majors, and both are supported.
+try:
+    from mcp.server.mcpserver import Context as McpContext
+    from mcp.server.mcpserver import Image
+    from mcp.server.mcpserver import MCPServer as Server
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    MCP_MAJOR = 2
+except ImportError:  # mcp 1.x
+    from mcp.server.fastmcp import Context as McpContext  # type: ignore[attr-defined,no-redef]
+    from mcp.server.fastmcp import FastMCP as Server  # type: ignore[attr-defined,no-redef]
+    from mcp.server.fastmcp import Image  # type: ignore[attr-defined,no-redef]
+    from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[import-not-found,no-redef]
+
+    MCP_MAJOR = 1
 
 from agentcube.code_interpreter import CodeInterpreterClient
 from agentcube.contexts import Context
-from agentcube.exceptions import CommandExecutionError
+from agentcube.exceptions import AgentCubeError, CommandExecutionError
 
 Content = Union[str, Image]
-#: The MCP request context FastMCP passes to tools (not part of their schemas).
-Ctx = McpContext[Any, Any, Any]
+#: The MCP request context the server passes to tools (not part of their schemas); its type
+#: parameters differ between the majors, and the server finds it by its class alone.
+if TYPE_CHECKING:
+    Ctx = McpContext[Any, Any]
+else:
+    Ctx = McpContext
+
+
+Tool = TypeVar("Tool", bound=Callable[..., Any])
+
+
+def reported(tool: Tool) -> Tool:
+    """``tool`` with the failures a model should read — the sandbox's own text, an SDK or HTTP
+    error, a refused local path — raised as the server's ``ToolError``, whose text reaches the
+    client. mcp 2 sends any other exception as ``Error executing tool <name>`` alone; mcp 1 sent
+    every text, which is what a model needs to fix its code."""
+
+    @functools.wraps(tool)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return tool(*args, **kwargs)
+        except (AgentCubeError, OSError, RuntimeError, ValueError) as e:
+            raise ToolError(str(e)) from e
+
+    return call  # type: ignore[return-value]
+
+
+def mcp_session(mcp_ctx: Optional[Ctx]) -> Any:
+    """The object that lives as long as an HTTP client's MCP session: mcp 1's ``ServerSession``;
+    mcp 2 makes one per request, and there the session is its connection (one per HTTP session
+    id, once the client has done the ``initialize`` handshake, as MCP clients do). A client on the
+    2026-07-28 protocol skips the handshake and has a connection per request: each of its calls
+    without a ``session_id`` gets a sandbox of its own, stopped when the connection closes after
+    it (as upstream's tools without ``session_reuse``)."""
+    if mcp_ctx is None:
+        return None
+    session = mcp_ctx.session
+    return getattr(session, "_connection", session) if MCP_MAJOR >= 2 else session
 
 
 class Sandboxes:
-    """Each MCP session's own sandbox (lazy), and any others named by ``session_id``."""
+    """Each MCP session's own sandbox (lazy), and any others named by ``session_id``. Over stdio
+    (``per_session`` false) the server has one client, which has one sandbox whatever its protocol
+    says about sessions."""
 
-    def __init__(self, name: str, namespace: str):
-        self.name, self.namespace = name, namespace
+    def __init__(self, name: str, namespace: str, per_session: bool = True):
+        self.name, self.namespace, self.per_session = name, namespace, per_session
         self.own: Dict[int, CodeInterpreterClient] = {}
         self.attached: Dict[str, CodeInterpreterClient] = {}
         self.contexts: Dict[str, Context] = {}
@@ -72,15 +128,19 @@ class Sandboxes:
             if session_id not in self.attached:
                 self.attached[session_id] = CodeInterpreterClient(self.name, self.namespace, session_id=session_id)
             return self.attached[session_id]
-        session = mcp_ctx.session if mcp_ctx is not None else None
+        session = mcp_session(mcp_ctx) if self.per_session else None
         key = id(session)
         client = self.own.get(key)
         if client is None or client.session_id is None:
             client = CodeInterpreterClient(self.name, self.namespace)
             self.own[key] = client
             if session is not None:
-                # The MCP session is gone (HTTP session ended, stdio closed): so is its sandbox.
-                weakref.finalize(session, self._release, key)
+                # The MCP session is gone (HTTP session ended or timed out): so is its sandbox.
+                at_end = getattr(session, "exit_stack", None)  # mcp 2's connection
+                if at_end is not None:
+                    at_end.callback(self._release, key)
+                else:
+                    weakref.finalize(session, self._release, key)
         return client
 
     def _release(self, key: int) -> None:
@@ -95,7 +155,7 @@ class Sandboxes:
         return self.contexts[sid]
 
     def stop(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> str:
-        key = id(mcp_ctx.session) if mcp_ctx is not None else id(None)
+        key = id(mcp_session(mcp_ctx) if self.per_session else None)
         if not session_id and key not in self.own:
             return "no session to stop"
         client = self.get(mcp_ctx, session_id)
@@ -184,26 +244,28 @@ def build(
     name: str = "my-interpreter",
     namespace: str = "default",
     files_dir: Optional[str] = None,
+    http: bool = False,
     host: str = "127.0.0.1",
     port: int = 8765,
     token: Optional[str] = None,
-) -> FastMCP:
-    """The server (tests drive it over stdio and HTTP); ``files_dir``: see :class:`LocalFiles`;
-    ``host``, ``port`` and ``token`` for HTTP (with a token every request must carry it)."""
+) -> Server:
+    """The server, for stdio or (``http``) streamable HTTP; ``files_dir``: see
+    :class:`LocalFiles`; ``host``, ``port`` and ``token`` for HTTP (with a token every request
+    must carry it)."""
     local = LocalFiles(files_dir)
-    boxes = Sandboxes(name, namespace)
+    boxes = Sandboxes(name, namespace, per_session=http)
     atexit.register(boxes.stop_all)
-    auth: Dict[str, Any] = {}
+    options: Dict[str, Any] = {} if MCP_MAJOR >= 2 else {"host": host, "port": port}
     if token:
         url = f"http://{host}:{port}"
-        auth = {
-            "token_verifier": StaticToken(token),
-            "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp"),  # type: ignore[arg-type]
-        }
-    # FastMCP guards a loopback host against DNS rebinding (only loopback Host headers pass).
-    mcp = FastMCP("agentcube", host=host, port=port, **auth)
+        options["token_verifier"] = StaticToken(token)
+        options["auth"] = AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp")  # type: ignore[arg-type]
+    mcp = Server("agentcube", **options)
 
-    @mcp.tool()
+    def tool(structured_output: Optional[bool] = None) -> Callable[[Tool], Tool]:
+        return lambda fn: mcp.tool(structured_output=structured_output)(reported(fn))
+
+    @tool()
     def run_code(ctx: Ctx, language: str, code: str, session_id: Optional[str] = None) -> str:
         """Runs Python or bash code in a fresh process in the sandbox (nothing carries over between
         calls; use run_cell for that). Returns stdout; errors carry the program's stderr."""
@@ -213,7 +275,7 @@ def build(
         except CommandExecutionError as e:
             raise RuntimeError(f"exit code {e.exit_code}:\n{e.stderr}") from e
 
-    @mcp.tool(structured_output=False)
+    @tool(structured_output=False)
     def run_cell(ctx: Ctx, code: str, session_id: Optional[str] = None) -> List[Content]:
         """Runs Python code in the session's persistent interpreter: variables, imports and
         definitions survive between calls. Returns output, the last expression's value, and any
@@ -231,31 +293,31 @@ def build(
             raise RuntimeError(f"{ex.error.name}: {ex.error.value}\n{text}")
         return [text or "(no output)"] + out
 
-    @mcp.tool()
+    @tool()
     def execute_command(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
         """Runs a shell command (through sh -c) in the sandbox; returns stdout."""
         c = boxes.get(ctx, session_id)
         return _checked(c.execute_command_result(["sh", "-c", command]), command)
 
-    @mcp.tool()
+    @tool()
     def write_file(ctx: Ctx, path: str, content: str, session_id: Optional[str] = None) -> str:
         """Writes text to a file in the sandbox's workspace."""
         boxes.get(ctx, session_id).write_file(content, path)
         return f"wrote {len(content.encode())} bytes to {path}"
 
-    @mcp.tool()
+    @tool()
     def list_files(ctx: Ctx, path: str = ".", session_id: Optional[str] = None) -> str:
         """Lists a directory of the sandbox (JSON: name, size, mode, modified)."""
         return json.dumps(boxes.get(ctx, session_id).list_files(path))
 
-    @mcp.tool()
+    @tool()
     def upload_file(ctx: Ctx, local_path: str, remote_path: str, session_id: Optional[str] = None) -> str:
         """Copies a file of the MCP server's files directory (a path relative to it) into the
         sandbox."""
         boxes.get(ctx, session_id).upload_file(local.readable(local_path), remote_path)
         return f"uploaded {local_path} to {remote_path}"
 
-    @mcp.tool()
+    @tool()
     def download_file(ctx: Ctx, remote_path: str, local_path: str, session_id: Optional[str] = None) -> str:
         """Copies a file of the sandbox into the MCP server's files directory (a path relative
         to it)."""
@@ -263,13 +325,13 @@ def build(
         boxes.get(ctx, session_id).download_file(remote_path, target)
         return f"downloaded {remote_path} to {local_path} ({os.path.getsize(target)} bytes)"
 
-    @mcp.tool()
+    @tool()
     def start_process(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
         """Starts a long-running command (sh -c) in the background; returns its process id."""
         p = boxes.get(ctx, session_id).start_process(["sh", "-c", command])
         return p.id
 
-    @mcp.tool()
+    @tool()
     def process_output(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
         """The output of a background process so far (and its exit code once it ended)."""
         p = boxes.get(ctx, session_id).attach_process(process_id)
@@ -278,13 +340,13 @@ def build(
             text += f"\n[exit code {p.exit_code}]"
         return text or "(no output yet)"
 
-    @mcp.tool()
+    @tool()
     def stop_process(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
         """Stops a background process (SIGTERM to its process group)."""
         boxes.get(ctx, session_id).attach_process(process_id).signal("TERM")
         return f"process {process_id} stopped"
 
-    @mcp.tool()
+    @tool()
     def stop_session(ctx: Ctx, session_id: Optional[str] = None) -> str:
         """Deletes the sandbox (this server's own, or the one named)."""
         return boxes.stop(ctx, session_id)
@@ -318,11 +380,14 @@ def main() -> None:
             f"Authorization: Bearer {token}  (or set AGENTCUBE_MCP_TOKEN)",
             file=sys.stderr,
         )
-    server = build(a.name, a.namespace, a.files_dir, a.host, a.port, token if a.http else None)
-    if a.http:
-        server.run(transport="streamable-http")
-    else:
+    server = build(a.name, a.namespace, a.files_dir, a.http, a.host, a.port, token if a.http else None)
+    if not a.http:
         server.run(transport="stdio")
+    elif MCP_MAJOR >= 2:
+        # Both majors guard a loopback address against DNS rebinding (only loopback Host headers pass).
+        server.run(transport="streamable-http", host=a.host, port=a.port)
+    else:
+        server.run(transport="streamable-http")  # the address was given to the constructor
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The MCP server (`agentcube-mcp`, sdk-python/agentcube/mcp_server.py) driven by the official
 `mcp` client over stdio and streamable HTTP, against the running stack: upstream's tool names and
 arguments, errors that carry the sandbox's text, a persistent context with plots as images,
-background processes, stop_session."""
+background processes, stop_session. The server runs under both MCP majors it supports: mcp 2 (this
+venv, and the client's) and mcp 1 (`.venv-mcp1`, made by scripts/install-deps.sh)."""
 
 import asyncio
 import os
@@ -10,14 +11,28 @@ import sys
 import time
 
 import pytest
-import httpx
+import httpx2
 import requests
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ImageContent
 
-from conftest import _free_port
+from conftest import REPO, _free_port
+
+#: The Python each MCP major's server runs under.
+SERVER_PYTHON = {2: sys.executable, 1: str(REPO / ".venv-mcp1" / "bin" / "python")}
+
+
+@pytest.fixture(params=[2, 1], ids=["mcp2", "mcp1"])
+def server_python(request) -> str:
+    """A Python whose `agentcube.mcp_server` runs on the MCP major named by the parameter."""
+    python = SERVER_PYTHON[request.param]
+    assert os.path.exists(python), f"{python} is missing: run scripts/install-deps.sh"
+    major = subprocess.run([python, "-c", "import agentcube.mcp_server as m; print(m.MCP_MAJOR)"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert major == str(request.param), (python, major)
+    return python
 
 UPSTREAM_TOOLS = {"run_code", "execute_command", "write_file", "list_files", "upload_file", "download_file",
                   "stop_session"}
@@ -36,19 +51,19 @@ async def scenario(session: ClientSession, stack) -> None:
     tools = {t.name for t in (await session.list_tools()).tools}
     assert UPSTREAM_TOOLS | {"run_cell", "start_process", "process_output"} <= tools, tools
     r = await session.call_tool("run_code", {"language": "python", "code": "print(1+1)"})
-    assert not r.isError and text(r).strip() == "2", r
+    assert not r.is_error and text(r).strip() == "2", r
     # Stateless as upstream: the NameError reaches the model as such.
     r = await session.call_tool("run_code", {"language": "python", "code": "print(undefined_x)"})
-    assert r.isError and "NameError" in text(r), r
+    assert r.is_error and "NameError" in text(r), r
     # The persistent context keeps state; a plot comes back as an image.
-    assert not (await session.call_tool("run_cell", {"code": "x = 21"})).isError
+    assert not (await session.call_tool("run_cell", {"code": "x = 21"})).is_error
     r = await session.call_tool("run_cell", {"code": "x * 2"})
     assert "42" in text(r), r
     r = await session.call_tool("run_cell", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [2, 1])\nNone"})
     images = [c for c in r.content if isinstance(c, ImageContent)]
-    assert not r.isError and images and images[0].mimeType == "image/png", r
+    assert not r.is_error and images and images[0].mime_type == "image/png", r
     r = await session.call_tool("write_file", {"path": "notes/a.txt", "content": "hello mcp"})
-    assert not r.isError
+    assert not r.is_error
     assert "a.txt" in text(await session.call_tool("list_files", {"path": "notes"}))
     assert text(await session.call_tool("execute_command", {"command": "cat notes/a.txt"})) == "hello mcp"
     pid = text(await session.call_tool("start_process", {"command": "echo bg; sleep 0.2; echo done"}))
@@ -60,11 +75,11 @@ async def scenario(session: ClientSession, stack) -> None:
         await asyncio.sleep(0.1)
     assert out.startswith("bg\ndone\n") and "[exit code 0]" in out, out
     r = await session.call_tool("stop_session", {})
-    assert not r.isError and "stopped" in text(r), r
+    assert not r.is_error and "stopped" in text(r), r
 
 
-def test_mcp_over_stdio(stack):
-    params = StdioServerParameters(command=sys.executable, args=["-m", "agentcube.mcp_server"], env=env(stack))
+def test_mcp_over_stdio(stack, server_python):
+    params = StdioServerParameters(command=server_python, args=["-m", "agentcube.mcp_server"], env=env(stack))
 
     async def run():
         async with stdio_client(params) as (read, write):
@@ -74,18 +89,18 @@ def test_mcp_over_stdio(stack):
     asyncio.run(run())
 
 
-def test_mcp_over_streamable_http(stack):
-    proc, port = _start_http(stack)
+def test_mcp_over_streamable_http(stack, server_python):
+    proc, port = _start_http(stack, python=server_python)
     try:
         async def run():
-            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, _):
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
                 async with ClientSession(read, write) as session:
                     await scenario(session, stack)
 
         async def two_sessions():
             # Each MCP session has a sandbox of its own.
             url = f"http://127.0.0.1:{port}/mcp"
-            async with streamable_http_client(url) as (r1, w1, _), streamable_http_client(url) as (r2, w2, _):
+            async with streamable_http_client(url) as (r1, w1, *_), streamable_http_client(url) as (r2, w2, *_):
                 async with ClientSession(r1, w1) as a, ClientSession(r2, w2) as b:
                     await a.initialize()
                     await b.initialize()
@@ -102,7 +117,7 @@ def test_mcp_over_streamable_http(stack):
         proc.wait(10)
 
 
-def test_mcp_files_stay_in_their_directory(stack, tmp_path):
+def test_mcp_files_stay_in_their_directory(stack, tmp_path, server_python):
     """upload_file and download_file take local paths from the model, which reads what sandbox code
     prints: a prompt planted there could have it copy the server's ~/.ssh into the sandbox or a
     script over ~/.bashrc. Without --files-dir they are off; with it, they stay under it."""
@@ -117,7 +132,7 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
     (files / "to-outside").symlink_to(outside)
 
     async def calls(args: list, check) -> None:
-        params = StdioServerParameters(command=sys.executable, args=["-m", "agentcube.mcp_server", *args],
+        params = StdioServerParameters(command=server_python, args=["-m", "agentcube.mcp_server", *args],
                                        env=env(stack))
         async with stdio_client(params) as (read, write):
             async with ClientSession(read, write) as session:
@@ -127,26 +142,26 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
 
     async def off(session: ClientSession) -> None:
         r = await session.call_tool("upload_file", {"local_path": str(files / "in.txt"), "remote_path": "x"})
-        assert r.isError and "--files-dir" in text(r), r
+        assert r.is_error and "--files-dir" in text(r), r
         await session.call_tool("write_file", {"path": "x", "content": "from the sandbox"})
         r = await session.call_tool("download_file", {"remote_path": "x", "local_path": str(files / "x")})
-        assert r.isError and "--files-dir" in text(r), r
+        assert r.is_error and "--files-dir" in text(r), r
 
     async def under(session: ClientSession) -> None:
         r = await session.call_tool("upload_file", {"local_path": "in.txt", "remote_path": "in.txt"})
-        assert not r.isError, r
+        assert not r.is_error, r
         assert text(await session.call_tool("execute_command", {"command": "cat in.txt"})) == "from the host"
         await session.call_tool("write_file", {"path": "out.txt", "content": "from the sandbox"})
         r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": "out.txt"})
-        assert not r.isError and (files / "out.txt").read_text() == "from the sandbox", r
+        assert not r.is_error and (files / "out.txt").read_text() == "from the sandbox", r
         for local in ("/etc/hostname", "../outside/secret", str(outside / "secret"), "to-secret",
                       "to-outside/secret"):
             r = await session.call_tool("upload_file", {"local_path": local, "remote_path": "stolen"})
-            assert r.isError and "outside the files directory" in text(r), (local, r)
+            assert r.is_error and "outside the files directory" in text(r), (local, r)
         for local in ("../outside/victim", str(outside / "victim"), "to-outside/victim", "to-victim",
                       str(tmp_path / "new"), "..", "sub/..", ".", ""):
             r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": local})
-            assert r.isError, (local, r)
+            assert r.is_error, (local, r)
         assert (outside / "victim").read_text() == "untouched"
         assert not (tmp_path / "new").exists()
         r = await session.call_tool("execute_command", {"command": "ls"})
@@ -156,13 +171,14 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path):
     asyncio.run(calls(["--files-dir", str(files)], under))
 
 
-def _start_http(stack, *args: str, stderr: int = subprocess.DEVNULL) -> "tuple[subprocess.Popen[str], int]":
+def _start_http(stack, *args: str, python: str = sys.executable,
+                stderr: int = subprocess.DEVNULL) -> "tuple[subprocess.Popen[str], int]":
     """`agentcube-mcp --http` on a free port, once it answers (its stderr piped only when asked: a full
     pipe would stall it). A port picked free can be taken before the server binds it (an outgoing
     connection's source port): a server that exits is started again on another port."""
     for _ in range(3):
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
+        proc = subprocess.Popen([python, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
                                 env=env(stack), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
@@ -178,8 +194,8 @@ def _start_http(stack, *args: str, stderr: int = subprocess.DEVNULL) -> "tuple[s
 
 
 async def _run_code_over_http(url: str, token: str) -> str:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
-        async with streamable_http_client(url, http_client=http) as (read, write, _):
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write, *_):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 r = await session.call_tool("run_code", {"language": "python", "code": "print(6*7)"})
@@ -187,7 +203,7 @@ async def _run_code_over_http(url: str, token: str) -> str:
                 return text(r).strip()
 
 
-def test_mcp_over_http_needs_its_token(stack):
+def test_mcp_over_http_needs_its_token(stack, server_python):
     """Anyone reaching the HTTP port drives sandboxes with the server's credentials: with --token every
     request needs it, and off loopback one is generated when not given (the address then takes any
     Host header: FastMCP's DNS-rebinding guard is for loopback, and turned every remote client away)."""
@@ -195,7 +211,7 @@ def test_mcp_over_http_needs_its_token(stack):
                   "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                              "clientInfo": {"name": "t", "version": "0"}}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-    proc, port = _start_http(stack, "--token", "mcp-s3cret")
+    proc, port = _start_http(stack, "--token", "mcp-s3cret", python=server_python)
     try:
         url = f"http://127.0.0.1:{port}/mcp"
         assert requests.post(url, json=initialize, headers=headers, timeout=10).status_code == 401
@@ -205,7 +221,7 @@ def test_mcp_over_http_needs_its_token(stack):
     finally:
         proc.terminate()
         proc.wait(10)
-    proc, port = _start_http(stack, "--host", "0.0.0.0", stderr=subprocess.PIPE)
+    proc, port = _start_http(stack, "--host", "0.0.0.0", python=server_python, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}/mcp"
         assert requests.post(url, json=initialize, headers=headers, timeout=10).status_code == 401
@@ -216,12 +232,77 @@ def test_mcp_over_http_needs_its_token(stack):
         proc.wait(10)
     printed = proc.stderr.read() if proc.stderr else ""
     token = printed.split("Authorization: Bearer ", 1)[1].split()[0]
-    proc, port = _start_http(stack, "--host", "0.0.0.0", "--token", token)
+    proc, port = _start_http(stack, "--host", "0.0.0.0", "--token", token, python=server_python)
     try:
         assert asyncio.run(_run_code_over_http(f"http://127.0.0.1:{port}/mcp", token)) == "42"
         remote = dict(headers, Host=f"agentcube.example:{port}", Authorization=f"Bearer {token}")
         r = requests.post(f"http://127.0.0.1:{port}/mcp", json=initialize, headers=remote, timeout=10)
         assert r.status_code == 200, (r.status_code, r.text)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mcp_2026_protocol_without_sessions(stack):
+    """A client on MCP's 2026-07-28 protocol skips the handshake, and every request is a connection
+    of its own (mcp 2 servers only). Over stdio the server still has one client: its calls share
+    one sandbox. Over HTTP nothing ties two calls together: each call without a session_id runs in
+    a sandbox of its own, which is stopped after it (none is left behind, and no call sees
+    another's files)."""
+    async def write_then_list(session: ClientSession) -> str:
+        await session.discover()
+        r = await session.call_tool("write_file", {"path": "m.txt", "content": "modern"})
+        assert not r.is_error, r
+        return text(await session.call_tool("list_files", {}))
+
+    async def over_stdio() -> None:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "agentcube.mcp_server"], env=env(stack))
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                assert "m.txt" in await write_then_list(session)
+                assert not (await session.call_tool("stop_session", {})).is_error
+
+    def on_demand() -> set:
+        return {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
+
+    asyncio.run(over_stdio())
+    before = on_demand()  # a definition without a warm pool: every sandbox of it is a session's
+    proc, port = _start_http(stack, "--name", "on-demand-interpreter")
+    try:
+        async def over_http() -> str:
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    return await write_then_list(session)
+
+        assert "m.txt" not in asyncio.run(over_http())
+        deadline = time.monotonic() + 30
+        while on_demand() - before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not on_demand() - before, "a sandbox outlived its call"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
+    """A client that leaves without stop_session (its HTTP session deleted as the client closes)
+    leaves no sandbox behind."""
+    before = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
+    proc, port = _start_http(stack, "--name", "on-demand-interpreter", python=server_python)
+    try:
+        async def leave_without_stopping() -> None:
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    assert not (await session.call_tool("write_file", {"path": "a", "content": "a"})).is_error
+
+        asyncio.run(leave_without_stopping())
+        left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
+        deadline = time.monotonic() + 30
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
+        assert not left, "the sandbox outlived its MCP session"
     finally:
         proc.terminate()
         proc.wait(10)
