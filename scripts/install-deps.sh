@@ -72,6 +72,14 @@ fi
 .venv-mcp1/bin/python3 -c 'import mcp.server.fastmcp, agentcube.clients.errors' 2>/dev/null \
   || .venv-mcp1/bin/pip install -q --disable-pip-version-check 'mcp==1.26.0' -e sdk-python
 
+# Upstream's `kubectl agentcube` CLI, unmodified, for tests/e2e/test_upstream_cli.py (its package is
+# also named `agentcube`, hence a venv of its own; it needs its `k8s` extra to talk to a cluster).
+if [ ! -x .venv-cli/bin/python3 ]; then
+  python3 -m venv .venv-cli
+fi
+[ -x .venv-cli/bin/kubectl-agentcube ] && .venv-cli/bin/python3 -c 'import kubernetes' 2>/dev/null \
+  || .venv-cli/bin/pip install -q --disable-pip-version-check 'agentcube-cli[k8s]==0.1.1' 'kubernetes==37.0.2'
+
 # The unmodified upstream SDK in its own venv, for the compatibility e2e test.
 if [ ! -x .venv-upstream/bin/python3 ]; then
   python3 -m venv .venv-upstream
