@@ -32,13 +32,13 @@ import atexit
 import functools
 import hmac
 import ipaddress
-import json
 import os
 import secrets
 import sys
+import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Dict, List, Optional, Set, TypeVar, Union
 
 # mcp 1.x's FastMCP settings hold a forward reference that pydantic-settings warns about at every
 # start (harmless, and all an operator would see before the server's own lines).
@@ -64,9 +64,11 @@ except ImportError:  # mcp 1.x
 
     MCP_MAJOR = 1
 
+from pydantic import Field
+
 from agentcube.code_interpreter import CodeInterpreterClient
 from agentcube.contexts import Context
-from agentcube.exceptions import AgentCubeError, CommandExecutionError
+from agentcube.exceptions import AgentCubeError, CommandExecutionError, SessionNotFoundError
 
 Content = Union[str, Image]
 #: The MCP request context the server passes to tools (not part of their schemas); its type
@@ -109,67 +111,161 @@ def mcp_session(mcp_ctx: Optional[Ctx]) -> Any:
     return getattr(session, "_connection", session) if MCP_MAJOR >= 2 else session
 
 
+Outcome = Dict[str, Any]
+
+# Tool parameters, with upstream's names and what a model reads about them.
+SessionId = Annotated[
+    Optional[str],
+    Field(description="session_id from an earlier answer, to go on in that sandbox; omit for this client's own."),
+]
+Reuse = Annotated[
+    bool,
+    Field(description="Keep this sandbox after this MCP session ends, to name it by session_id later "
+                      "(stop_session when done)."),
+]
+Timeout = Annotated[Optional[float], Field(description="Run timeout (seconds).")]
+Language = Annotated[str, Field(description="Language (python, bash).")]
+Code = Annotated[str, Field(description="Code or script to run.")]
+RemotePath = Annotated[str, Field(description="Path in the sandbox's workspace (e.g. data/input.txt).")]
+LocalPath = Annotated[str, Field(description="Path on the machine running this MCP server, under its files "
+                                             "directory (relative to it).")]
+
+#: What a call says when the session it named (or its own) was gone and a new sandbox took its
+#: place, as upstream's tools do.
+RECOVERED_HINT = "Old session expired or missing; a new sandbox ran this call (its files are gone)."
+
+
+INSTRUCTIONS = (
+    "AgentCube sandbox. Your calls share one sandbox; every answer carries its session_id. run_code "
+    "is a new process each time (only files persist); run_cell keeps Python state. To come back to a "
+    "sandbox from another MCP session, pass session_reuse=true and later its session_id. If a "
+    "session_id has expired, a new sandbox is made once and the answer says so (its files are lost). "
+    "stop_session when done."
+)
+
+
 class Sandboxes:
-    """Each MCP session's own sandbox (lazy), and any others named by ``session_id``. Over stdio
-    (``per_session`` false) the server has one client, which has one sandbox whatever its protocol
-    says about sessions."""
+    """The sandboxes the tools use. A call without ``session_id`` uses its MCP session's own
+    sandbox (made on first use, stopped when the MCP session ends, see :func:`mcp_session`; over
+    stdio, ``per_session`` false, the server's one client has one); ``session_reuse`` lets that
+    sandbox outlive the MCP session, to be named by its id later (until ``stop_session``, its
+    idle timeout, or this server's exit). A call with ``session_id`` uses that session. A session
+    that turns out gone is replaced by a new sandbox, once, and the answer says so."""
 
     def __init__(self, name: str, namespace: str, per_session: bool = True):
         self.name, self.namespace, self.per_session = name, namespace, per_session
+        self.lock = threading.RLock()  # mcp 2 runs tools in worker threads
         self.own: Dict[int, CodeInterpreterClient] = {}
-        self.attached: Dict[str, CodeInterpreterClient] = {}
+        self.named: Dict[str, CodeInterpreterClient] = {}
+        self.made: Set[str] = set()  # sessions this server created: stopped when it exits
+        self.kept: Set[str] = set()  # own sandboxes asked to outlive their MCP session
         self.contexts: Dict[str, Context] = {}
 
-    def get(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> CodeInterpreterClient:
-        if session_id:
-            for c in self.own.values():
-                if c.session_id == session_id:
-                    return c
-            if session_id not in self.attached:
-                self.attached[session_id] = CodeInterpreterClient(self.name, self.namespace, session_id=session_id)
-            return self.attached[session_id]
-        session = mcp_session(mcp_ctx) if self.per_session else None
-        key = id(session)
-        client = self.own.get(key)
-        if client is None or client.session_id is None:
-            client = CodeInterpreterClient(self.name, self.namespace)
-            self.own[key] = client
-            if session is not None:
-                # The MCP session is gone (HTTP session ended or timed out): so is its sandbox.
-                at_end = getattr(session, "exit_stack", None)  # mcp 2's connection
-                if at_end is not None:
-                    at_end.callback(self._release, key)
-                else:
-                    weakref.finalize(session, self._release, key)
+    def _new(self) -> CodeInterpreterClient:
+        client = CodeInterpreterClient(self.name, self.namespace)
+        self.made.add(str(client.session_id))
         return client
 
+    def _key(self, mcp_ctx: Optional[Ctx]) -> "tuple[Any, int]":
+        session = mcp_session(mcp_ctx) if self.per_session else None
+        return session, id(session)
+
+    def get(self, mcp_ctx: Optional[Ctx], session_id: Optional[str], reuse: bool = False) -> CodeInterpreterClient:
+        with self.lock:
+            if session_id:
+                for c in self.own.values():
+                    if c.session_id == session_id:
+                        break
+                else:
+                    if session_id not in self.named:
+                        self.named[session_id] = CodeInterpreterClient(
+                            self.name, self.namespace, session_id=session_id
+                        )
+                    c = self.named[session_id]
+            else:
+                session, key = self._key(mcp_ctx)
+                c = self.own.get(key)  # type: ignore[assignment]
+                if c is None or c.session_id is None:
+                    c = self._new()
+                    self.own[key] = c
+                    if session is not None:
+                        # The MCP session is gone (HTTP session ended or timed out): so is its sandbox.
+                        at_end = getattr(session, "exit_stack", None)  # mcp 2's connection
+                        if at_end is not None:
+                            at_end.callback(self._release, key)
+                        else:
+                            weakref.finalize(session, self._release, key)
+            if reuse:
+                self.kept.add(str(c.session_id))
+            return c
+
+    def call(self, mcp_ctx: Optional[Ctx], session_id: Optional[str], reuse: bool,
+             op: Callable[[CodeInterpreterClient], Outcome]) -> Outcome:
+        """``op`` on the call's sandbox, its answer with the ``session_id`` to name it by; a
+        session found gone is replaced once (upstream's recovery)."""
+        sid = session_id
+        try:
+            client = self.get(mcp_ctx, session_id, reuse)
+            sid = client.session_id
+            return {"session_id": sid, **op(client)}
+        except SessionNotFoundError:
+            if not sid:
+                raise
+        with self.lock:
+            self._forget(sid)
+            client = self._new()
+            if session_id:  # named from now on by its new id, as the one it replaces was
+                self.named[str(client.session_id)] = client
+            else:
+                _, key = self._key(mcp_ctx)
+                self.own[key] = client
+            if reuse or session_id:
+                self.kept.add(str(client.session_id))
+        meta = {"session_recovered": True, "previous_session_id": sid, "hint": RECOVERED_HINT}
+        return {"session_id": client.session_id, **op(client), **meta}
+
+    def _forget(self, sid: str) -> None:
+        self.contexts.pop(sid, None)
+        self.named.pop(sid, None)
+        self.kept.discard(sid)
+        self.made.discard(sid)
+        self.own = {k: c for k, c in self.own.items() if c.session_id not in (sid, None)}
+
     def _release(self, key: int) -> None:
-        client = self.own.pop(key, None)
-        if client is not None:
-            client.stop()
+        with self.lock:
+            client = self.own.pop(key, None)
+            if client is None:
+                return
+            sid = str(client.session_id)
+            if sid in self.kept:  # the model asked to come back to it by its id
+                self.named[sid] = client
+                return
+            self._forget(sid)
+        client.stop()
 
     def context(self, client: CodeInterpreterClient) -> Context:
         sid = str(client.session_id)
-        if sid not in self.contexts:
-            self.contexts[sid] = client.create_context("python")
-        return self.contexts[sid]
+        with self.lock:
+            if sid not in self.contexts:
+                self.contexts[sid] = client.create_context("python")
+            return self.contexts[sid]
 
-    def stop(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> str:
-        key = id(mcp_session(mcp_ctx) if self.per_session else None)
-        if not session_id and key not in self.own:
-            return "no session to stop"
-        client = self.get(mcp_ctx, session_id)
-        sid = client.session_id
+    def stop(self, mcp_ctx: Optional[Ctx], session_id: Optional[str]) -> Outcome:
+        with self.lock:
+            if not session_id and self._key(mcp_ctx)[1] not in self.own:
+                return {"session_id": None, "status": "no session to stop"}
+            client = self.get(mcp_ctx, session_id)
+            sid = str(client.session_id)
+            self._forget(sid)
         client.stop()
-        self.contexts.pop(str(sid), None)
-        self.own = {k: c for k, c in self.own.items() if c is not client}
-        self.attached.pop(str(sid), None)
-        return f"session {sid} stopped"
+        return {"session_id": sid, "status": "stopped"}
 
     def stop_all(self) -> None:
-        for c in list(self.own.values()):
+        with self.lock:
+            clients = list(self.own.values()) + [c for s, c in self.named.items() if s in self.made]
+            self.own.clear()
+        for c in clients:
             c.stop()
-        self.own.clear()
 
 
 def _checked(result: Dict[str, Any], what: str) -> str:
@@ -260,23 +356,28 @@ def build(
         url = f"http://{host}:{port}"
         options["token_verifier"] = StaticToken(token)
         options["auth"] = AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp")  # type: ignore[arg-type]
-    mcp = Server("agentcube", **options)
+    mcp = Server("agentcube", instructions=INSTRUCTIONS, **options)
 
     def tool(structured_output: Optional[bool] = None) -> Callable[[Tool], Tool]:
         return lambda fn: mcp.tool(structured_output=structured_output)(reported(fn))
 
-    @tool()
-    def run_code(ctx: Ctx, language: str, code: str, session_id: Optional[str] = None) -> str:
-        """Runs Python or bash code in a fresh process in the sandbox (nothing carries over between
-        calls; use run_cell for that). Returns stdout; errors carry the program's stderr."""
-        c = boxes.get(ctx, session_id)
-        try:
-            return c.run_code(language, code)
-        except CommandExecutionError as e:
-            raise RuntimeError(f"exit code {e.exit_code}:\n{e.stderr}") from e
+    @tool(structured_output=False)
+    def run_code(ctx: Ctx, language: Language, code: Code, session_id: SessionId = None,
+                 session_reuse: Reuse = False, timeout_seconds: Timeout = None) -> Outcome:
+        """Runs Python or bash code in a fresh process in the sandbox (only files carry over between
+        calls; run_cell keeps variables). Answers its stdout as ``output``; a failure carries the
+        program's stderr."""
+
+        def op(c: CodeInterpreterClient) -> Outcome:
+            try:
+                return {"output": c.run_code(language, code, timeout=timeout_seconds)}
+            except CommandExecutionError as e:
+                raise RuntimeError(f"exit code {e.exit_code}:\n{e.stderr}") from e
+
+        return boxes.call(ctx, session_id, session_reuse, op)
 
     @tool(structured_output=False)
-    def run_cell(ctx: Ctx, code: str, session_id: Optional[str] = None) -> List[Content]:
+    def run_cell(ctx: Ctx, code: Code, session_id: SessionId = None) -> List[Content]:
         """Runs Python code in the session's persistent interpreter: variables, imports and
         definitions survive between calls. Returns output, the last expression's value, and any
         matplotlib figures as images."""
@@ -293,37 +394,61 @@ def build(
             raise RuntimeError(f"{ex.error.name}: {ex.error.value}\n{text}")
         return [text or "(no output)"] + out
 
-    @tool()
-    def execute_command(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
-        """Runs a shell command (through sh -c) in the sandbox; returns stdout."""
-        c = boxes.get(ctx, session_id)
-        return _checked(c.execute_command_result(["sh", "-c", command]), command)
+    @tool(structured_output=False)
+    def execute_command(ctx: Ctx, command: Annotated[str, Field(description="Shell command (sh -c).")],
+                        session_id: SessionId = None, session_reuse: Reuse = False,
+                        timeout_seconds: Timeout = None) -> Outcome:
+        """Runs a shell command (through sh -c) in the sandbox; answers its stdout as ``output``."""
 
-    @tool()
-    def write_file(ctx: Ctx, path: str, content: str, session_id: Optional[str] = None) -> str:
+        def op(c: CodeInterpreterClient) -> Outcome:
+            result = c.execute_command_result(["sh", "-c", command], timeout=timeout_seconds)
+            return {"output": _checked(result, command)}
+
+        return boxes.call(ctx, session_id, session_reuse, op)
+
+    @tool(structured_output=False)
+    def write_file(ctx: Ctx, content: Annotated[str, Field(description="File text.")], remote_path: RemotePath,
+                   session_id: SessionId = None, session_reuse: Reuse = False) -> Outcome:
         """Writes text to a file in the sandbox's workspace."""
-        boxes.get(ctx, session_id).write_file(content, path)
-        return f"wrote {len(content.encode())} bytes to {path}"
 
-    @tool()
-    def list_files(ctx: Ctx, path: str = ".", session_id: Optional[str] = None) -> str:
-        """Lists a directory of the sandbox (JSON: name, size, mode, modified)."""
-        return json.dumps(boxes.get(ctx, session_id).list_files(path))
+        def op(c: CodeInterpreterClient) -> Outcome:
+            c.write_file(content, remote_path)
+            return {"remote_path": remote_path, "status": "ok"}
 
-    @tool()
-    def upload_file(ctx: Ctx, local_path: str, remote_path: str, session_id: Optional[str] = None) -> str:
+        return boxes.call(ctx, session_id, session_reuse, op)
+
+    @tool(structured_output=False)
+    def list_files(ctx: Ctx, path: Annotated[str, Field(description="Directory to list.")] = ".",
+                   session_id: SessionId = None, session_reuse: Reuse = False) -> Outcome:
+        """Lists a directory of the sandbox (``entries``: name, size, mode, modified)."""
+        return boxes.call(ctx, session_id, session_reuse, lambda c: {"path": path, "entries": c.list_files(path)})
+
+    @tool(structured_output=False)
+    def upload_file(ctx: Ctx, local_path: LocalPath, remote_path: RemotePath, session_id: SessionId = None,
+                    session_reuse: Reuse = False) -> Outcome:
         """Copies a file of the MCP server's files directory (a path relative to it) into the
         sandbox."""
-        boxes.get(ctx, session_id).upload_file(local.readable(local_path), remote_path)
-        return f"uploaded {local_path} to {remote_path}"
+        source = local.readable(local_path)
 
-    @tool()
-    def download_file(ctx: Ctx, remote_path: str, local_path: str, session_id: Optional[str] = None) -> str:
+        def op(c: CodeInterpreterClient) -> Outcome:
+            c.upload_file(source, remote_path)
+            return {"local_path": local_path, "remote_path": remote_path, "status": "ok"}
+
+        return boxes.call(ctx, session_id, session_reuse, op)
+
+    @tool(structured_output=False)
+    def download_file(ctx: Ctx, remote_path: RemotePath, local_path: LocalPath, session_id: SessionId = None,
+                      session_reuse: Reuse = False) -> Outcome:
         """Copies a file of the sandbox into the MCP server's files directory (a path relative
         to it)."""
         target = local.writable(local_path)
-        boxes.get(ctx, session_id).download_file(remote_path, target)
-        return f"downloaded {remote_path} to {local_path} ({os.path.getsize(target)} bytes)"
+
+        def op(c: CodeInterpreterClient) -> Outcome:
+            c.download_file(remote_path, target)
+            return {"remote_path": remote_path, "local_path": local_path, "status": "ok",
+                    "bytes": os.path.getsize(target)}
+
+        return boxes.call(ctx, session_id, session_reuse, op)
 
     @tool()
     def start_process(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
@@ -346,9 +471,9 @@ def build(
         boxes.get(ctx, session_id).attach_process(process_id).signal("TERM")
         return f"process {process_id} stopped"
 
-    @tool()
-    def stop_session(ctx: Ctx, session_id: Optional[str] = None) -> str:
-        """Deletes the sandbox (this server's own, or the one named)."""
+    @tool(structured_output=False)
+    def stop_session(ctx: Ctx, session_id: SessionId = None) -> Outcome:
+        """Deletes the sandbox (this client's own, or the one named)."""
         return boxes.stop(ctx, session_id)
 
     return mcp

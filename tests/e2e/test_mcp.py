@@ -5,6 +5,7 @@ background processes, stop_session. The server runs under both MCP majors it sup
 venv, and the client's) and mcp 1 (`.venv-mcp1`, made by scripts/install-deps.sh)."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -34,12 +35,28 @@ def server_python(request) -> str:
     assert major == str(request.param), (python, major)
     return python
 
-UPSTREAM_TOOLS = {"run_code", "execute_command", "write_file", "list_files", "upload_file", "download_file",
-                  "stop_session"}
+# Upstream's tools (integrations/code-interpreter-mcp at volcano-sh/agentcube 1286b3a): each one's
+# arguments, the required ones first.
+UPSTREAM_ARGS = {
+    "run_code": (["language", "code"], ["session_id", "session_reuse", "timeout_seconds"]),
+    "execute_command": (["command"], ["session_id", "session_reuse", "timeout_seconds"]),
+    "write_file": (["content", "remote_path"], ["session_id", "session_reuse"]),
+    "list_files": ([], ["path", "session_id", "session_reuse"]),
+    "upload_file": (["local_path", "remote_path"], ["session_id", "session_reuse"]),
+    "download_file": (["remote_path", "local_path"], ["session_id", "session_reuse"]),
+    "stop_session": ([], ["session_id"]),
+}
+UPSTREAM_TOOLS = set(UPSTREAM_ARGS)
 
 
 def text(result) -> str:
     return "".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+def answer(result) -> dict:
+    """An upstream-shaped tool's answer (JSON with its session_id)."""
+    assert not result.is_error, result
+    return json.loads(text(result))
 
 
 def env(stack) -> dict:
@@ -48,10 +65,15 @@ def env(stack) -> dict:
 
 async def scenario(session: ClientSession, stack) -> None:
     await session.initialize()
-    tools = {t.name for t in (await session.list_tools()).tools}
-    assert UPSTREAM_TOOLS | {"run_cell", "start_process", "process_output"} <= tools, tools
-    r = await session.call_tool("run_code", {"language": "python", "code": "print(1+1)"})
-    assert not r.is_error and text(r).strip() == "2", r
+    tools = {t.name: t for t in (await session.list_tools()).tools}
+    assert UPSTREAM_TOOLS | {"run_cell", "start_process", "process_output"} <= set(tools), tools
+    # A model (or a client) written against upstream's schemas calls these with the same arguments.
+    for name, (required, optional) in UPSTREAM_ARGS.items():
+        schema = tools[name].input_schema
+        assert set(schema["properties"]) == set(required + optional), (name, schema)
+        assert set(schema.get("required", [])) == set(required), (name, schema)
+    first = answer(await session.call_tool("run_code", {"language": "python", "code": "print(1+1)"}))
+    assert first["output"].strip() == "2" and first["session_id"], first
     # Stateless as upstream: the NameError reaches the model as such.
     r = await session.call_tool("run_code", {"language": "python", "code": "print(undefined_x)"})
     assert r.is_error and "NameError" in text(r), r
@@ -62,10 +84,11 @@ async def scenario(session: ClientSession, stack) -> None:
     r = await session.call_tool("run_cell", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [2, 1])\nNone"})
     images = [c for c in r.content if isinstance(c, ImageContent)]
     assert not r.is_error and images and images[0].mime_type == "image/png", r
-    r = await session.call_tool("write_file", {"path": "notes/a.txt", "content": "hello mcp"})
+    r = await session.call_tool("write_file", {"remote_path": "notes/a.txt", "content": "hello mcp"})
     assert not r.is_error
     assert "a.txt" in text(await session.call_tool("list_files", {"path": "notes"}))
-    assert text(await session.call_tool("execute_command", {"command": "cat notes/a.txt"})) == "hello mcp"
+    r2 = answer(await session.call_tool("execute_command", {"command": "cat notes/a.txt"}))
+    assert r2["output"] == "hello mcp" and r2["session_id"] == first["session_id"], r2
     pid = text(await session.call_tool("start_process", {"command": "echo bg; sleep 0.2; echo done"}))
     out = ""
     for _ in range(50):
@@ -104,7 +127,7 @@ def test_mcp_over_streamable_http(stack, server_python):
                 async with ClientSession(r1, w1) as a, ClientSession(r2, w2) as b:
                     await a.initialize()
                     await b.initialize()
-                    await a.call_tool("write_file", {"path": "only-a.txt", "content": "a"})
+                    await a.call_tool("write_file", {"remote_path": "only-a.txt", "content": "a"})
                     assert "only-a.txt" in text(await a.call_tool("list_files", {}))
                     assert "only-a.txt" not in text(await b.call_tool("list_files", {}))
                     for s in (a, b):
@@ -143,15 +166,15 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path, server_python):
     async def off(session: ClientSession) -> None:
         r = await session.call_tool("upload_file", {"local_path": str(files / "in.txt"), "remote_path": "x"})
         assert r.is_error and "--files-dir" in text(r), r
-        await session.call_tool("write_file", {"path": "x", "content": "from the sandbox"})
+        await session.call_tool("write_file", {"remote_path": "x", "content": "from the sandbox"})
         r = await session.call_tool("download_file", {"remote_path": "x", "local_path": str(files / "x")})
         assert r.is_error and "--files-dir" in text(r), r
 
     async def under(session: ClientSession) -> None:
         r = await session.call_tool("upload_file", {"local_path": "in.txt", "remote_path": "in.txt"})
         assert not r.is_error, r
-        assert text(await session.call_tool("execute_command", {"command": "cat in.txt"})) == "from the host"
-        await session.call_tool("write_file", {"path": "out.txt", "content": "from the sandbox"})
+        assert answer(await session.call_tool("execute_command", {"command": "cat in.txt"}))["output"] == "from the host"
+        await session.call_tool("write_file", {"remote_path": "out.txt", "content": "from the sandbox"})
         r = await session.call_tool("download_file", {"remote_path": "out.txt", "local_path": "out.txt"})
         assert not r.is_error and (files / "out.txt").read_text() == "from the sandbox", r
         for local in ("/etc/hostname", "../outside/secret", str(outside / "secret"), "to-secret",
@@ -200,7 +223,7 @@ async def _run_code_over_http(url: str, token: str) -> str:
                 await session.initialize()
                 r = await session.call_tool("run_code", {"language": "python", "code": "print(6*7)"})
                 await session.call_tool("stop_session", {})
-                return text(r).strip()
+                return str(answer(r)["output"]).strip()
 
 
 def test_mcp_over_http_needs_its_token(stack, server_python):
@@ -251,7 +274,7 @@ def test_mcp_2026_protocol_without_sessions(stack):
     another's files)."""
     async def write_then_list(session: ClientSession) -> str:
         await session.discover()
-        r = await session.call_tool("write_file", {"path": "m.txt", "content": "modern"})
+        r = await session.call_tool("write_file", {"remote_path": "m.txt", "content": "modern"})
         assert not r.is_error, r
         return text(await session.call_tool("list_files", {}))
 
@@ -294,7 +317,7 @@ def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
             async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
                 async with ClientSession(read, write) as session:
                     await session.initialize()
-                    assert not (await session.call_tool("write_file", {"path": "a", "content": "a"})).is_error
+                    assert not (await session.call_tool("write_file", {"remote_path": "a", "content": "a"})).is_error
 
         asyncio.run(leave_without_stopping())
         left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
@@ -303,6 +326,44 @@ def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
             time.sleep(0.2)
             left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
         assert not left, "the sandbox outlived its MCP session"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
+    """Upstream's way to keep a sandbox across calls, which a client on the 2026-07-28 protocol over
+    HTTP (no MCP session) needs: session_reuse keeps it, the answer's session_id names it later,
+    stop_session ends it. A session_id that has gone is replaced once, and the answer says so."""
+    def on_demand() -> set:
+        return {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
+
+    before = on_demand()
+    proc, port = _start_http(stack, "--name", "on-demand-interpreter")
+    try:
+        async def calls() -> None:
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    await session.discover()
+                    first = answer(await session.call_tool(
+                        "write_file", {"content": "kept", "remote_path": "k.txt", "session_reuse": True}))
+                    sid = first["session_id"]
+                    r = answer(await session.call_tool(
+                        "execute_command", {"command": "cat k.txt", "session_id": sid, "timeout_seconds": 30}))
+                    assert r["output"] == "kept" and r["session_id"] == sid and "session_recovered" not in r, r
+                    assert answer(await session.call_tool("stop_session", {"session_id": sid}))["status"] == "stopped"
+                    r = answer(await session.call_tool("list_files", {"session_id": sid}))
+                    assert r["session_recovered"] is True and r["previous_session_id"] == sid, r
+                    assert r["session_id"] != sid and "k.txt" not in json.dumps(r["entries"]), r
+                    again = answer(await session.call_tool("list_files", {"session_id": r["session_id"]}))
+                    assert again["session_id"] == r["session_id"] and "session_recovered" not in again, again
+                    answer(await session.call_tool("stop_session", {"session_id": r["session_id"]}))
+
+        asyncio.run(calls())
+        deadline = time.monotonic() + 30
+        while on_demand() - before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not on_demand() - before, "a sandbox outlived stop_session"
     finally:
         proc.terminate()
         proc.wait(10)
