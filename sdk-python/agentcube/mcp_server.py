@@ -152,8 +152,10 @@ class Sandboxes:
     idle timeout, or this server's exit). A call with ``session_id`` uses that session. A session
     that turns out gone is replaced by a new sandbox, once, and the answer says so."""
 
-    def __init__(self, name: str, namespace: str, per_session: bool = True):
+    def __init__(self, name: str, namespace: str, per_session: bool = True, ttl: int = 3600,
+                 auth_token: Optional[str] = None):
         self.name, self.namespace, self.per_session = name, namespace, per_session
+        self.ttl, self.auth_token = ttl, auth_token
         self.lock = threading.RLock()  # mcp 2 runs tools in worker threads
         self.own: Dict[int, CodeInterpreterClient] = {}
         self.named: Dict[str, CodeInterpreterClient] = {}
@@ -162,7 +164,7 @@ class Sandboxes:
         self.contexts: Dict[str, Context] = {}
 
     def _new(self) -> CodeInterpreterClient:
-        client = CodeInterpreterClient(self.name, self.namespace)
+        client = CodeInterpreterClient(self.name, self.namespace, ttl=self.ttl, auth_token=self.auth_token)
         self.made.add(str(client.session_id))
         return client
 
@@ -179,7 +181,7 @@ class Sandboxes:
                 else:
                     if session_id not in self.named:
                         self.named[session_id] = CodeInterpreterClient(
-                            self.name, self.namespace, session_id=session_id
+                            self.name, self.namespace, auth_token=self.auth_token, session_id=session_id
                         )
                     c = self.named[session_id]
             else:
@@ -344,12 +346,15 @@ def build(
     host: str = "127.0.0.1",
     port: int = 8765,
     token: Optional[str] = None,
+    ttl: int = 3600,
+    auth_token: Optional[str] = None,
 ) -> Server:
     """The server, for stdio or (``http``) streamable HTTP; ``files_dir``: see
     :class:`LocalFiles`; ``host``, ``port`` and ``token`` for HTTP (with a token every request
-    must carry it)."""
+    must carry it); ``ttl`` and ``auth_token`` for the sessions it makes (see
+    :class:`CodeInterpreterClient`)."""
     local = LocalFiles(files_dir)
-    boxes = Sandboxes(name, namespace, per_session=http)
+    boxes = Sandboxes(name, namespace, per_session=http, ttl=ttl, auth_token=auth_token)
     atexit.register(boxes.stop_all)
     options: Dict[str, Any] = {} if MCP_MAJOR >= 2 else {"host": host, "port": port}
     if token:
@@ -479,34 +484,50 @@ def build(
     return mcp
 
 
+def env(*names: str) -> Optional[str]:
+    """The first of these variables that is set and not empty."""
+    return next((v for v in map(os.getenv, names) if v), None)
+
+
 def main() -> None:
+    # Upstream's server (integrations/code-interpreter-mcp) reads CODE_INTERPRETER_NAME,
+    # CODE_INTERPRETER_SESSION_TTL, API_TOKEN, MCP_TRANSPORT, MCP_HOST and MCP_PORT: an MCP client
+    # configured for it runs this one unchanged.
     ap = argparse.ArgumentParser(prog="agentcube-mcp", description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--name", default=os.getenv("AGENTCUBE_CODE_INTERPRETER", "my-interpreter"))
-    ap.add_argument("--namespace", default=os.getenv("AGENTCUBE_NAMESPACE", "default"))
-    ap.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--name", default=env("AGENTCUBE_CODE_INTERPRETER", "CODE_INTERPRETER_NAME") or "my-interpreter")
+    ap.add_argument("--namespace", default=env("AGENTCUBE_NAMESPACE") or "default")
+    ap.add_argument("--ttl", type=int, default=int(env("CODE_INTERPRETER_SESSION_TTL") or 3600),
+                    help="the sessions' time to live in seconds (CODE_INTERPRETER_SESSION_TTL)")
+    ap.add_argument("--transport", choices=["stdio", "streamable-http"], default=env("MCP_TRANSPORT") or "stdio",
+                    help="stdio (default) or streamable-http (MCP_TRANSPORT)")
+    ap.add_argument("--http", action="store_true", help="the same as --transport streamable-http")
+    ap.add_argument("--host", default=env("MCP_HOST") or "127.0.0.1")
+    ap.add_argument("--port", type=int, default=int(env("MCP_PORT") or 8765))
     ap.add_argument(
         "--files-dir",
-        default=os.getenv("AGENTCUBE_MCP_FILES_DIR") or None,
+        default=env("AGENTCUBE_MCP_FILES_DIR"),
         help="the only directory upload_file and download_file may use (off without it)",
     )
     ap.add_argument(
         "--token",
-        default=os.getenv("AGENTCUBE_MCP_TOKEN") or None,
+        default=env("AGENTCUBE_MCP_TOKEN"),
         help="HTTP: the bearer token every request needs (generated off loopback when not given)",
     )
     a = ap.parse_args()
+    http = a.http or a.transport == "streamable-http"
     token = a.token
-    if a.http and not token and not is_loopback(a.host):
+    if http and not token and not is_loopback(a.host):
         token = secrets.token_urlsafe(32)
         print(
             f"agentcube-mcp: {a.host} is not loopback: clients must send "
             f"Authorization: Bearer {token}  (or set AGENTCUBE_MCP_TOKEN)",
             file=sys.stderr,
         )
-    server = build(a.name, a.namespace, a.files_dir, a.http, a.host, a.port, token if a.http else None)
-    if not a.http:
+    # The SDK reads AGENTCUBE_AUTH_TOKEN itself; upstream's API_TOKEN names the same thing.
+    sessions_token = None if env("AGENTCUBE_AUTH_TOKEN") else env("API_TOKEN", "AGENTCUBE_API_TOKEN")
+    server = build(a.name, a.namespace, a.files_dir, http, a.host, a.port, token if http else None, a.ttl,
+                   sessions_token)
+    if not http:
         server.run(transport="stdio")
     elif MCP_MAJOR >= 2:
         # Both majors guard a loopback address against DNS rebinding (only loopback Host headers pass).

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 import httpx2
@@ -194,15 +195,22 @@ def test_mcp_files_stay_in_their_directory(stack, tmp_path, server_python):
     asyncio.run(calls(["--files-dir", str(files)], under))
 
 
-def _start_http(stack, *args: str, python: str = sys.executable,
-                stderr: int = subprocess.DEVNULL) -> "tuple[subprocess.Popen[str], int]":
+def _start_http(stack, *args: str, python: str = sys.executable, stderr: int = subprocess.DEVNULL,
+                upstream_env: "dict[str, str] | None" = None) -> "tuple[subprocess.Popen[str], int]":
     """`agentcube-mcp --http` on a free port, once it answers (its stderr piped only when asked: a full
-    pipe would stall it). A port picked free can be taken before the server binds it (an outgoing
-    connection's source port): a server that exits is started again on another port."""
+    pipe would stall it); with `upstream_env`, configured as upstream's server is instead (those
+    variables, MCP_TRANSPORT and MCP_PORT, no flags). A port picked free can be taken before the
+    server binds it (an outgoing connection's source port): a server that exits is started again
+    on another port."""
     for _ in range(3):
         port = _free_port()
-        proc = subprocess.Popen([python, "-m", "agentcube.mcp_server", "--http", "--port", str(port), *args],
-                                env=env(stack), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        if upstream_env is None:
+            argv, environ = ["--http", "--port", str(port), *args], env(stack)
+        else:
+            argv = list(args)
+            environ = dict(env(stack), MCP_TRANSPORT="streamable-http", MCP_PORT=str(port), **upstream_env)
+        proc = subprocess.Popen([python, "-m", "agentcube.mcp_server", *argv],
+                                env=environ, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             try:
@@ -364,6 +372,32 @@ def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
         while on_demand() - before and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not on_demand() - before, "a sandbox outlived stop_session"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mcp_runs_as_upstreams_server_is_configured(stack):
+    """An MCP client configured for upstream's server (its variables, no flags) runs this one:
+    streamable HTTP on MCP_PORT, sandboxes of CODE_INTERPRETER_NAME living
+    CODE_INTERPRETER_SESSION_TTL seconds."""
+    proc, port = _start_http(stack, upstream_env={"CODE_INTERPRETER_NAME": "on-demand-interpreter",
+                                                  "CODE_INTERPRETER_SESSION_TTL": "600"})
+    try:
+        async def call() -> str:
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    r = answer(await session.call_tool("execute_command", {"command": "hostname", "session_reuse": True}))
+                    return str(r["session_id"])
+
+        sid = asyncio.run(call())
+        record = requests.get(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", timeout=10).json()
+        assert record["name"].startswith("on-demand-interpreter-"), record  # its sandbox's name
+        seconds = lambda t: datetime.strptime(t[:19], "%Y-%m-%dT%H:%M:%S")  # noqa: E731
+        lived = seconds(record["expiresAt"]) - seconds(record["createdAt"])
+        assert abs(lived.total_seconds() - 600) < 5, record
+        requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", timeout=30)
     finally:
         proc.terminate()
         proc.wait(10)
