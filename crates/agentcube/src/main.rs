@@ -201,20 +201,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let metrics_url = if args.metrics_port == 0 {
-        None
-    } else {
-        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", args.bind, args.metrics_port))?;
-        let url = format!("http://{}/metrics", admin.local_addr()?);
-        let (wm_text, shared) = (wm.metrics_renderer(), router.shared.clone());
-        let app = agentcube_serve::metrics_app(move || {
-            agentcube_serve::join_openmetrics(&[wm_text(), shared.metrics.encode()])
-        });
-        agentcube_serve::spawn_admin(admin, app, agentcube_router::refusal(), stopped());
-        Some(url)
-    };
+    let (wm_text, shared) = (wm.metrics_renderer(), router.shared.clone());
+    let metrics_app = agentcube_serve::metrics_app(move || {
+        agentcube_serve::join_openmetrics(&[wm_text(), shared.metrics.encode()])
+    });
+    let metrics_url = agentcube_serve::bind_admin(
+        (args.bind, args.metrics_port),
+        metrics_app,
+        agentcube_router::refusal(),
+        stopped(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {}:{}", args.bind, args.metrics_port))?
+    .map(|addr| format!("http://{addr}/metrics"));
     // Both through their crates' serving functions: the same limits and TCP_NODELAY as the
     // standalone binaries.
     let wm_server = tokio::spawn(agentcube_workload_manager::serve(

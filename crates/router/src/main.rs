@@ -188,17 +188,14 @@ async fn main() -> anyhow::Result<()> {
         };
     config.workload_manager_tls = workload_manager_mtls(&args).await?;
     let service = RouterService::start(&config, store, &identity)?;
-    if args.metrics_port != 0 {
-        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
-            .await
-            .with_context(|| format!("metrics port {}", args.metrics_port))?;
-        agentcube_serve::spawn_admin(
-            admin,
-            service.admin_app(),
-            agentcube_router::refusal(),
-            std::future::pending(),
-        );
-    }
+    agentcube_serve::bind_admin(
+        (args.bind, args.metrics_port),
+        service.admin_app(),
+        agentcube_router::refusal(),
+        std::future::pending(),
+    )
+    .await
+    .with_context(|| format!("metrics port {}", args.metrics_port))?;
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
     agentcube_router::serve(service, listener, tls, shutdown_signal()).await

@@ -109,6 +109,23 @@ pub fn spawn_admin(
     tokio::spawn(serve(listener.into(), app, options, shutdown))
 }
 
+/// Binds `ip:port` and serves `app` there as [`spawn_admin`] does; port 0 means no admin listener
+/// (`None`), otherwise the bound address.
+pub async fn bind_admin(
+    (ip, port): (std::net::IpAddr, u16),
+    app: axum::Router,
+    refusal: Refusal,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind((ip, port)).await?;
+    let addr = listener.local_addr()?;
+    spawn_admin(listener, app, refusal, shutdown);
+    Ok(Some(addr))
+}
+
 /// Several OpenMetrics texts as one (a single `# EOF` at the end).
 pub fn join_openmetrics(texts: &[String]) -> String {
     let mut out = String::new();

@@ -221,17 +221,14 @@ async fn main() -> anyhow::Result<()> {
         auth: std::sync::Arc::new(caller_auth(&args).await?),
     };
     let wm = WorkloadManager::start(config, store, platform).await?;
-    if args.metrics_port != 0 {
-        let admin = tokio::net::TcpListener::bind((args.bind, args.metrics_port))
-            .await
-            .with_context(|| format!("metrics port {}", args.metrics_port))?;
-        agentcube_serve::spawn_admin(
-            admin,
-            wm.admin_app(),
-            agentcube_workload_manager::refusal(),
-            std::future::pending(),
-        );
-    }
+    agentcube_serve::bind_admin(
+        (args.bind, args.metrics_port),
+        wm.admin_app(),
+        agentcube_workload_manager::refusal(),
+        std::future::pending(),
+    )
+    .await
+    .with_context(|| format!("metrics port {}", args.metrics_port))?;
     let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
