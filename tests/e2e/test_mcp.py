@@ -60,6 +60,19 @@ def answer(result) -> dict:
     return json.loads(text(result))
 
 
+def on_demand(stack) -> set:
+    """The sandboxes of `on-demand-interpreter`, a definition without a warm pool: each is a session's."""
+    return {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
+
+
+def assert_none_left(stack, before: set, why: str) -> None:
+    """Within 30 s no `on-demand-interpreter` sandbox is left but those in `before`."""
+    deadline = time.monotonic() + 30
+    while on_demand(stack) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not on_demand(stack) - before, why
+
+
 def env(stack) -> dict:
     return dict(os.environ, WORKLOAD_MANAGER_URL=stack.wm_url, ROUTER_URL=stack.router_url)
 
@@ -293,11 +306,8 @@ def test_mcp_2026_protocol_without_sessions(stack):
                 assert "m.txt" in await write_then_list(session)
                 assert not (await session.call_tool("stop_session", {})).is_error
 
-    def on_demand() -> set:
-        return {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
-
     asyncio.run(over_stdio())
-    before = on_demand()  # a definition without a warm pool: every sandbox of it is a session's
+    before = on_demand(stack)
     proc, port = _start_http(stack, "--name", "on-demand-interpreter")
     try:
         async def over_http() -> str:
@@ -306,10 +316,7 @@ def test_mcp_2026_protocol_without_sessions(stack):
                     return await write_then_list(session)
 
         assert "m.txt" not in asyncio.run(over_http())
-        deadline = time.monotonic() + 30
-        while on_demand() - before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not on_demand() - before, "a sandbox outlived its call"
+        assert_none_left(stack, before, "a sandbox outlived its call")
     finally:
         proc.terminate()
         proc.wait(10)
@@ -318,7 +325,7 @@ def test_mcp_2026_protocol_without_sessions(stack):
 def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
     """A client that leaves without stop_session (its HTTP session deleted as the client closes)
     leaves no sandbox behind."""
-    before = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
+    before = on_demand(stack)
     proc, port = _start_http(stack, "--name", "on-demand-interpreter", python=server_python)
     try:
         async def leave_without_stopping() -> None:
@@ -328,12 +335,7 @@ def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
                     assert not (await session.call_tool("write_file", {"remote_path": "a", "content": "a"})).is_error
 
         asyncio.run(leave_without_stopping())
-        left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
-        deadline = time.monotonic() + 30
-        while left and time.monotonic() < deadline:
-            time.sleep(0.2)
-            left = {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")} - before
-        assert not left, "the sandbox outlived its MCP session"
+        assert_none_left(stack, before, "the sandbox outlived its MCP session")
     finally:
         proc.terminate()
         proc.wait(10)
@@ -343,10 +345,7 @@ def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
     """Upstream's way to keep a sandbox across calls, which a client on the 2026-07-28 protocol over
     HTTP (no MCP session) needs: session_reuse keeps it, the answer's session_id names it later,
     stop_session ends it. A session_id that has gone is replaced once, and the answer says so."""
-    def on_demand() -> set:
-        return {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}
-
-    before = on_demand()
+    before = on_demand(stack)
     proc, port = _start_http(stack, "--name", "on-demand-interpreter")
     try:
         async def calls() -> None:
@@ -368,10 +367,7 @@ def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
                     answer(await session.call_tool("stop_session", {"session_id": r["session_id"]}))
 
         asyncio.run(calls())
-        deadline = time.monotonic() + 30
-        while on_demand() - before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not on_demand() - before, "a sandbox outlived stop_session"
+        assert_none_left(stack, before, "a sandbox outlived stop_session")
     finally:
         proc.terminate()
         proc.wait(10)
