@@ -143,6 +143,13 @@ def test_sessions_are_read_at_the_workload_manager_and_listed_only_by_authentica
         assert rec["workloadName"] == "my-interpreter"
         with pytest.raises(SessionNotFoundError):
             cp.get_session(a.session_id, kind="agent-runtime")  # the other kind: not found
+        # An id is one path segment (the MCP server's model picks ids): dot segments do not make a
+        # read or delete of one kind reach the other's.
+        sneaky = f"../../code-interpreter/sessions/{a.session_id}"
+        with pytest.raises(SessionNotFoundError):
+            cp.get_session(sneaky, kind="agent-runtime")
+        cp.delete_session(sneaky, kind="agent-runtime")
+        assert cp.get_session(a.session_id)["status"] == "ready"
     with pytest.raises(SessionNotFoundError) as e:
         cp.get_session(a.session_id)
     assert e.value.status_code == 404

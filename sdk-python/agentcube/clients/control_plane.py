@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any, Dict, List, Optional
+from urllib.parse import quote
 
 import requests
 
@@ -28,6 +29,14 @@ def _kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return kind
+
+
+def _session_url(base_url: str, kind: str, session_id: str) -> str:
+    """``{base}/v1/{kind}/sessions/{id}`` with the id as one path segment: an id is a caller's
+    (a model's, through the MCP server) and ``../../{other kind}/sessions/{id}`` would otherwise
+    be read or deleted as the other kind (HTTP clients resolve dot segments), ``?`` would read
+    the list."""
+    return f"{base_url}/v1/{_kind(kind)}/sessions/{quote(session_id, safe='')}"
 
 
 class ControlPlaneClient:
@@ -100,7 +109,7 @@ class ControlPlaneClient:
         ``createdAt``, ``expiresAt``, ``entryPoints``, ...). Raises :class:`SessionNotFoundError`
         when it does not exist or is of the other kind."""
         resp = self.session.get(
-            f"{self.base_url}/v1/{_kind(kind)}/sessions/{session_id}", headers=self._headers(), timeout=self.timeout
+            _session_url(self.base_url, kind, session_id), headers=self._headers(), timeout=self.timeout
         )
         if not resp.ok:
             self._raise(resp, f"cannot read session {session_id}")
@@ -132,7 +141,7 @@ class ControlPlaneClient:
         """``DELETE /v1/{kind}/sessions/{id}``. Never raises: 2xx and 404 are success."""
         try:
             resp = self.session.delete(
-                f"{self.base_url}/v1/{_kind(kind)}/sessions/{session_id}",
+                _session_url(self.base_url, kind, session_id),
                 headers=self._headers(),
                 timeout=self.timeout,
             )
