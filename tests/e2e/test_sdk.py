@@ -51,6 +51,16 @@ def test_files_round_trip(stack, tmp_path):
         c.download_file("/data/blob.bin", str(tmp_path / "back.bin"))
         assert (tmp_path / "back.bin").read_bytes() == blob
         assert c.execute_command(["sha256sum", "data/blob.bin"]).split()[0] == __import__("hashlib").sha256(blob).hexdigest()
+        # Names with URL syntax in them come back as themselves (the download's path is a URL's).
+        for name in ("a#b.txt", "100%.txt", "q?x=1.txt", "sp ace.txt", "dir/./d.txt"):
+            c.write_file(f"content of {name}", name.replace("/./", "/"))
+            c.download_file(name, str(tmp_path / "named"))
+            assert (tmp_path / "named").read_text() == f"content of {name}", name
+        # Dot segments reach PicoD's file API, whose jail refuses the escape (a client resolving them
+        # would have asked the Router for another path).
+        with pytest.raises(DataPlaneError) as escape:
+            c.download_file("../../etc/hostname", str(tmp_path / "escape"))
+        assert escape.value.status_code == 403, escape.value
 
 
 def test_an_upload_over_the_limit_is_a_413_not_a_reset(stack, tmp_path):

@@ -7,7 +7,7 @@ import json
 import os
 import shlex
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import requests
 
@@ -31,6 +31,15 @@ def command_argv(command: Command) -> List[str]:
 def timeout_string(timeout: Optional[float]) -> str:
     """Upstream sends ``f"{t}s"``: ``"120s"`` for the default, ``"30.0s"`` for floats."""
     return f"{timeout if timeout is not None else DEFAULT_TIMEOUT}s"
+
+
+def file_url_path(remote_path: str) -> str:
+    """``remote_path`` as the URL path under ``api/files/``: each segment percent-encoded, so a
+    name holding ``#``, ``?`` or ``%`` is itself, and ``.``/``..`` as ``%2E``/``%2E%2E`` so the
+    HTTP client sends them instead of resolving them (out of the invocation's prefix); PicoD,
+    whose workspace they are, resolves them there (an escape is its 403)."""
+    dots = {".": "%2E", "..": "%2E%2E"}
+    return "/".join(dots.get(seg, quote(seg, safe="")) for seg in remote_path.lstrip("/").split("/"))
 
 
 class CodeInterpreterDataPlaneClient:
@@ -150,7 +159,7 @@ class CodeInterpreterDataPlaneClient:
 
     def download_file(self, remote_path: str, local_path: str) -> None:
         """Downloads ``remote_path`` to ``local_path`` (parent directories are created)."""
-        url = self._url(f"api/files/{remote_path.lstrip('/')}")
+        url = self._url(f"api/files/{file_url_path(remote_path)}")
         with self.session.get(url, headers=self._headers(), stream=True, timeout=(self.connect_timeout, self.timeout)) as resp:
             self._check(resp)
             parent = os.path.dirname(os.path.abspath(local_path))
