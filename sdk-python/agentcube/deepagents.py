@@ -6,9 +6,10 @@ shell and file tools (``execute``, ``ls``, ``read_file``, ``write_file``, ``edit
 Upstream's ``langchain_agentcube.AgentcubeSandbox`` with the same constructor. Two things work
 here that did not there: commands run through ``sh -c`` (Deep Agents hands over shell command
 lines, and split into words their pipes, redirections and ``&&`` failed), and a path means the
-same file to every tool (upstream wrote ``/notes.txt`` into the workspace but read it from the
-sandbox's ``/``): paths are the sandbox's own, absolute or relative to the workspace (the
-commands' working directory). Files move through the workspace: an upload lands in a staging
+same file to every tool, whatever PicoD's workspace is (upstream's uploads put ``/notes.txt``
+at the workspace's ``notes.txt`` while its commands read ``/notes.txt``; its example sets PicoD's
+``--workspace=/`` to line them up): paths are the sandbox's own, absolute or relative to the
+workspace (the commands' working directory). Files move through the workspace: an upload lands in a staging
 file there and is moved into place by a command, a download is copied out to one first.
 """
 
