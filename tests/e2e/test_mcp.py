@@ -397,3 +397,26 @@ def test_mcp_runs_as_upstreams_server_is_configured(stack):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_mcp_on_loopback_refuses_other_host_names(stack, server_python):
+    """Without a token on loopback, a web page could drive the server through DNS rebinding (its
+    own name resolved to 127.0.0.1, so the browser sends that name as Host): only loopback names
+    are served."""
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                             "clientInfo": {"name": "t", "version": "0"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    proc, port = _start_http(stack, python=server_python)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        for host in (f"rebound.example:{port}", "rebound.example"):
+            r = requests.post(url, json=initialize, headers=dict(headers, Host=host), timeout=10)
+            assert r.status_code in (403, 421), (host, r.status_code, r.text)
+        r = requests.post(url, json=initialize, headers=dict(headers, Origin="http://rebound.example"), timeout=10)
+        assert r.status_code in (403, 421), (r.status_code, r.text)
+        r = requests.post(url, json=initialize, headers=headers, timeout=10)
+        assert r.status_code == 200, (r.status_code, r.text)
+    finally:
+        proc.terminate()
+        proc.wait(10)
