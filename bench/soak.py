@@ -47,12 +47,12 @@ def hostile(host: str, port: int, stop: float, kind: str) -> None:
         try:
             c = socket.create_connection((host, port), timeout=2)
             if kind == "slowloris":
-                c.sendall(b"POST /v1/namespaces/default/code-interpreters/soak/invocations/api/execute HTTP/1.1\r\nHost: x\r\n")
+                c.sendall(b"POST /v1/namespaces/default/code-interpreters/soak/invocations/api/execute HTTP/1.1\r\nHost: localhost\r\n")
             elif kind == "stalled-upload":
                 c.sendall(b"POST /v1/namespaces/default/code-interpreters/soak/invocations/api/files HTTP/1.1\r\n"
-                          b"Host: x\r\nContent-Length: 1000000\r\n\r\n{")
+                          b"Host: localhost\r\nContent-Length: 1000000\r\n\r\n{")
             elif kind == "malformed":
-                c.sendall(b"GET /v1/namespaces/default/code-interpreters/soak/invocations/ HTTP/1.1\r\nHost: x\r\n"
+                c.sendall(b"GET /v1/namespaces/default/code-interpreters/soak/invocations/ HTTP/1.1\r\nHost: localhost\r\n"
                           b"x-agentcube-session-id: \xff\r\nConnection: close\r\n\r\n")
             held.append(c)
             if len(held) > 300:

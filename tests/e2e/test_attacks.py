@@ -121,9 +121,10 @@ def through_router(stack, data):
 
 
 def spoofing_request(sid, connection):
-    """A raw request to the header-echo agent with every header the Router owns spoofed."""
+    """A raw request to the header-echo agent with every header the Router owns spoofed (`Host` a
+    loopback name: `agentcube up` on loopback refuses other names, see test_auth.py)."""
     return (f"GET /v1/namespaces/default/agent-runtimes/header-echo/invocations/ HTTP/1.1\r\n"
-            f"Host: evil.example\r\nx-AgentCube-Session-Id: {sid}\r\n"
+            f"Host: spoofed.localhost\r\nx-AgentCube-Session-Id: {sid}\r\n"
             "AUTHORIZATION: Bearer forged\r\nauthorization: Bearer forged-too\r\n"
             "X-Forwarded-For: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nX-FORWARDED-HOST: evil\r\n"
             "x-forwarded-proto: gopher\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
@@ -153,9 +154,9 @@ def test_spoofed_headers_never_reach_an_agent(stack):
             token = values["authorization"].removeprefix("Bearer ")
             claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
             assert (claims["iss"], claims["session_id"]) == ("agentcube-router", sid), claims
-            assert values["host"] != "evil.example", got
+            assert values["host"] != "spoofed.localhost", got
             assert values["x-forwarded-for"].startswith("6.6.6.6, ") and "7.7.7.7" not in values["x-forwarded-for"], got
-            assert values["x-forwarded-host"] == "evil.example", got
+            assert values["x-forwarded-host"] == "spoofed.localhost", got
             assert values["x-forwarded-proto"] == "http", got
             for gone in ("proxy-authorization", "te", "keep-alive", "close", "connection"):
                 assert gone not in names, (gone, got)
@@ -279,7 +280,7 @@ def test_an_agent_cannot_forge_the_fields_of_its_answers(stack):
     try:
         for connection, lane in (("close", True), ("close, x-drop", False)):
             before = fast_requests(stack)
-            out = through_router(stack, (f"GET {path} HTTP/1.1\r\nHost: r\r\n"
+            out = through_router(stack, (f"GET {path} HTTP/1.1\r\nHost: r.localhost\r\n"
                                          f"x-agentcube-session-id: {sid}\r\nConnection: {connection}\r\n\r\n").encode())
             head, _, body = out.partition(b"\r\n\r\n")
             lines = head.decode().split("\r\n")

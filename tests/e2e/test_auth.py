@@ -66,6 +66,38 @@ def test_up_beyond_loopback_requires_the_token_it_prints(stack, monkeypatch, scr
         proc.wait(30)
 
 
+def test_up_on_loopback_keeps_web_pages_out(stack):
+    """`agentcube up` on loopback needs no token, and a browser would send it what any web page
+    asks: a cross-site POST needs no preflight (text/plain), and after DNS rebinding the page's
+    own name points at 127.0.0.1 so it reads the answers too. Both servers refuse a foreign
+    Origin or Host; local clients (no Origin, a loopback Host, a page served from localhost) pass."""
+    _local_only(stack)
+    invoke = f"{stack.router_url}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    body = '{"command": ["id"]}'
+    sandboxes = lambda: {n for n in stack.sandboxes() if n.startswith("on-demand-interpreter-")}  # noqa: E731
+    before = sandboxes()
+    port = stack.router_url.rsplit(":", 1)[1]
+    for headers in ({"Origin": "http://evil.example"}, {"Host": f"rebound.example:{port}"},
+                    {"Origin": "null"}):
+        r = requests.post(invoke, data=body, headers=dict(headers, **{"Content-Type": "text/plain"}), timeout=30)
+        assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN", (headers, r.status_code, r.text)
+        assert r.headers.get("x-agentcube-error") == "router" and "x-agentcube-session-id" not in r.headers
+    wm_port = stack.wm_url.rsplit(":", 1)[1]
+    create = {"name": "on-demand-interpreter", "namespace": "default"}
+    for headers in ({"Origin": "https://evil.example"}, {"Host": f"rebound.example:{wm_port}"}):
+        r = requests.post(f"{stack.wm_url}/v1/code-interpreter", json=create, headers=headers, timeout=30)
+        assert r.status_code == 403 and "web page" in r.json()["message"], (headers, r.status_code, r.text)
+    assert sandboxes() == before, "a refused request made a sandbox"
+    # A page this machine serves itself (a local dev app) and plain clients are served.
+    r = requests.post(invoke, data=body, headers={"Origin": "http://localhost:3000"}, timeout=60)
+    assert r.status_code == 200 and "uid=" in r.json()["stdout"], r.text
+    sid = r.headers["x-agentcube-session-id"]
+    r = requests.get(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", headers={"Origin": "http://evil.example"},
+                     timeout=30)
+    assert r.status_code == 403, r.text
+    assert requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", timeout=30).status_code == 200
+
+
 class Hydra:
     """Ory Hydra (scripts/build-oidc.sh): in-memory, JWT access tokens, client credentials."""
 

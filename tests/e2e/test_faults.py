@@ -54,7 +54,7 @@ def test_a_non_utf8_session_header_is_400(stack):
     host, port = stack.router_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"GET /v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/ HTTP/1.1\r\n"
-                  b"Host: x\r\nConnection: close\r\nx-agentcube-session-id: \xff\xfe\r\n\r\n")
+                  b"Host: localhost\r\nConnection: close\r\nx-agentcube-session-id: \xff\xfe\r\n\r\n")
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk

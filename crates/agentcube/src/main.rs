@@ -157,7 +157,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         admission: args.admission.admission(),
         auth: Arc::new(match &token {
             Some(t) => agentcube_workload_manager::auth::CallerAuth::Token(t.clone()),
-            None => agentcube_workload_manager::auth::CallerAuth::Off,
+            // Loopback without a token: nothing but web pages to keep out.
+            None => agentcube_workload_manager::auth::CallerAuth::LocalOnly,
         }),
         ..Default::default()
     };
@@ -188,9 +189,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         agentcube_router::proxy::UnixEntryPoints::Under(backend.socket_dir());
     router_config.limits = limits;
     router_config.workers = std::thread::available_parallelism().map_or(1, usize::from);
-    if let Some(t) = &token {
-        router_config.authn = Some(Arc::new(agentcube_router::oidc::Authn::Token(t.clone())));
-        router_config.workload_manager_token = Some(t.clone());
+    match &token {
+        Some(t) => {
+            router_config.authn = Some(Arc::new(agentcube_router::oidc::Authn::Token(t.clone())));
+            router_config.workload_manager_token = Some(t.clone());
+        }
+        // Loopback without a token: nothing but web pages to keep out.
+        None => router_config.local_only = true,
     }
     let router = RouterService::start(&router_config, store, &identity)?;
 

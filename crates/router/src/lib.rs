@@ -74,6 +74,9 @@ pub struct Config {
     pub limits: agentcube_serve::Limits,
     /// Which `unix:` entry points may be connected to.
     pub unix_entry_points: proxy::UnixEntryPoints,
+    /// Refuse invocations a web page may have sent (a foreign `Host` or `Origin`, see
+    /// [`agentcube_types::browser`]): `agentcube up` on loopback without a token.
+    pub local_only: bool,
 }
 
 impl Config {
@@ -95,6 +98,7 @@ impl Config {
             scheme: "http",
             limits: agentcube_serve::Limits::default(),
             unix_entry_points: proxy::UnixEntryPoints::Any,
+            local_only: false,
         }
     }
 }
@@ -142,6 +146,7 @@ impl RouterService {
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
             shares: shares::Shares::new(config.max_concurrent_per_user),
             scheme: config.scheme,
+            local_only: config.local_only,
         });
         let (s, st, every) = (
             shared.clone(),

@@ -41,6 +41,8 @@ pub struct Shared {
     pub shares: Option<Arc<crate::shares::Shares>>,
     /// `http` or `https` (for X-Forwarded-Proto).
     pub scheme: &'static str,
+    /// Refuse what a web page may have sent ([`crate::Config::local_only`]).
+    pub local_only: bool,
 }
 
 impl Shared {
@@ -57,6 +59,7 @@ impl Shared {
             limiter: self.limiter.clone(),
             shares: self.shares.clone(),
             scheme: self.scheme,
+            local_only: self.local_only,
         }
     }
 }
@@ -299,6 +302,14 @@ fn invoke<R: Inbound>(
         };
         let authorization = req.first(&header::AUTHORIZATION);
         let answer = 'answer: {
+            if s.local_only
+                && let Some(why) = agentcube_types::browser::refusal(
+                    req.first(&header::HOST),
+                    req.first(&header::ORIGIN),
+                )
+            {
+                break 'answer Err(RouterError::Forbidden(why.into()));
+            }
             let a = match admit(&s, &call, authorization, req.first(&SESSION)).await {
                 Ok(a) => a,
                 Err(e) => break 'answer Err(e),

@@ -10,8 +10,10 @@
 //! - [`claims`]: JWT claims the Router signs.
 //! - [`session`]: the session record kept in the store (upstream `SandboxInfo`).
 //! - [`headers`]: header names.
+//! - [`browser`]: requests a web page may have sent (servers on loopback without a token).
 
 pub mod api;
+pub mod browser;
 pub mod claims;
 pub mod duration;
 pub mod headers;

@@ -54,6 +54,10 @@ pub struct Caller {
 pub enum CallerAuth {
     /// Everyone may do everything (upstream's default).
     Off,
+    /// Off, on loopback (`agentcube up` without a token): everyone on this machine may do
+    /// everything, and no web page may ([`agentcube_types::browser`]: a foreign `Host` or
+    /// `Origin` is a 403).
+    LocalOnly,
     /// One static bearer token; its holder is the administrator `local`.
     Token(String),
     /// Kubernetes TokenReview; members of `admin_group` are administrators.
@@ -64,6 +68,7 @@ impl std::fmt::Debug for CallerAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Off => "Off",
+            Self::LocalOnly => "LocalOnly",
             Self::Token(_) => "Token",
             Self::TokenReview(_) => "TokenReview",
         })
@@ -76,12 +81,23 @@ impl CallerAuth {
         &self,
         headers: &http::HeaderMap,
     ) -> Result<Option<Caller>, ApiError> {
-        if matches!(self, Self::Off) {
-            return Ok(None);
+        match self {
+            Self::Off => return Ok(None),
+            Self::LocalOnly => {
+                let field = |name| headers.get(name).map(http::HeaderValue::as_bytes);
+                return match agentcube_types::browser::refusal(
+                    field(http::header::HOST),
+                    field(http::header::ORIGIN),
+                ) {
+                    Some(why) => Err(ApiError::Forbidden(why.into())),
+                    None => Ok(None),
+                };
+            }
+            _ => {}
         }
         let token = bearer(headers)?;
         match self {
-            Self::Off => Ok(None),
+            Self::Off | Self::LocalOnly => Ok(None),
             Self::Token(want) => {
                 if agentcube_types::claims::constant_time_eq(token.as_bytes(), want.as_bytes()) {
                     Ok(Some(Caller {
@@ -461,5 +477,37 @@ mod tests {
             CallerAuth::Off.authenticate(&headers(&[])).await.unwrap(),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn local_only_keeps_web_pages_out() {
+        let local = CallerAuth::LocalOnly;
+        for h in [
+            vec![("host", "127.0.0.1:8080")],
+            vec![
+                ("host", "localhost:8080"),
+                ("origin", "http://localhost:3000"),
+            ],
+            vec![],
+        ] {
+            assert_eq!(
+                local.authenticate(&headers(&h)).await.unwrap(),
+                None,
+                "{h:?}"
+            );
+        }
+        for h in [
+            vec![("host", "rebound.example:8080")],
+            vec![
+                ("host", "127.0.0.1:8080"),
+                ("origin", "https://evil.example"),
+            ],
+        ] {
+            let refused = local.authenticate(&headers(&h)).await;
+            assert!(
+                matches!(refused, Err(ApiError::Forbidden(_))),
+                "{h:?}: {refused:?}"
+            );
+        }
     }
 }
