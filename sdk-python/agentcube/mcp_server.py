@@ -104,7 +104,7 @@ def mcp_session(mcp_ctx: Optional[Ctx]) -> Any:
     id, once the client has done the ``initialize`` handshake, as MCP clients do). A client on the
     2026-07-28 protocol skips the handshake and has a connection per request: each of its calls
     without a ``session_id`` gets a sandbox of its own, stopped when the connection closes after
-    it (as upstream's tools without ``session_reuse``)."""
+    it unless ``session_reuse`` keeps it (as upstream's tools)."""
     if mcp_ctx is None:
         return None
     session = mcp_ctx.session
