@@ -6,6 +6,7 @@ import ast
 import logging
 import time
 from typing import Any, Dict, List, Optional
+from urllib.parse import quote
 
 from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.code_interpreter_data_plane import (
@@ -182,7 +183,7 @@ class CodeInterpreterClient:
         if timeout is not None:
             body["timeout"] = f"{timeout}s"
         events = []
-        for e in self._dp.post_ndjson(f"api/contexts/{context.id}/execute", body):
+        for e in self._dp.post_ndjson(f"api/contexts/{quote(context.id, safe='')}/execute", body):
             events.append(e)
             if on_output is not None and e.get("type") in ("stdout", "stderr"):
                 on_output(str(e["type"]), str(e.get("data", "")))
@@ -190,14 +191,14 @@ class CodeInterpreterClient:
 
     def interrupt(self, context: Context) -> None:
         """KeyboardInterrupt (Ctrl-C) in the context's running cell; its state stays."""
-        self._dp.post_json(f"api/contexts/{context.id}/interrupt", {})
+        self._dp.post_json(f"api/contexts/{quote(context.id, safe='')}/interrupt", {})
 
     def restart(self, context: Context) -> None:
         """A fresh interpreter: the context's state is cleared."""
-        self._dp.post_json(f"api/contexts/{context.id}/restart", {})
+        self._dp.post_json(f"api/contexts/{quote(context.id, safe='')}/restart", {})
 
     def delete_context(self, context: Context) -> None:
-        self._dp.delete(f"api/contexts/{context.id}")
+        self._dp.delete(f"api/contexts/{quote(context.id, safe='')}")
 
     def start_process(
         self, command: Command, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from urllib.parse import quote
 
 if TYPE_CHECKING:  # pragma: no cover
     from agentcube.clients.code_interpreter_data_plane import CodeInterpreterDataPlaneClient
@@ -38,7 +39,7 @@ class Process:
     missed: int = 0
 
     def _path(self, tail: str) -> str:
-        return f"api/processes/{self.id}/{tail}"
+        return f"api/processes/{quote(self.id, safe='')}/{tail}"
 
     def write_stdin(self, data: "bytes | str") -> None:
         """Writes to the process's stdin."""
