@@ -36,6 +36,7 @@ import os
 import secrets
 import sys
 import threading
+import uuid
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Dict, List, Optional, Set, TypeVar, Union
@@ -157,7 +158,7 @@ class Sandboxes:
         self.name, self.namespace, self.per_session = name, namespace, per_session
         self.ttl, self.auth_token = ttl, auth_token
         self.lock = threading.RLock()  # mcp 2 runs tools in worker threads
-        self.own: Dict[int, CodeInterpreterClient] = {}
+        self.own: Dict[Any, CodeInterpreterClient] = {}
         self.named: Dict[str, CodeInterpreterClient] = {}
         self.made: Set[str] = set()  # sessions this server created: stopped when it exits
         self.kept: Set[str] = set()  # own sandboxes asked to outlive their MCP session
@@ -168,8 +169,16 @@ class Sandboxes:
         self.made.add(str(client.session_id))
         return client
 
-    def _key(self, mcp_ctx: Optional[Ctx]) -> "tuple[Any, int]":
+    def _key(self, mcp_ctx: Optional[Ctx]) -> "tuple[Any, Any]":
+        """The MCP session (``None`` over stdio) and the key of its own sandbox: a name kept in
+        mcp 2's per-connection state (never reused by another connection), else mcp 1's session
+        object's id (its entry goes when the object does, before the id can be reused)."""
         session = mcp_session(mcp_ctx) if self.per_session else None
+        if session is None:
+            return None, None
+        state = getattr(session, "state", None)
+        if isinstance(state, dict):
+            return session, state.setdefault("agentcube.sandbox", uuid.uuid4().hex)
         return session, id(session)
 
     def get(self, mcp_ctx: Optional[Ctx], session_id: Optional[str], reuse: bool = False) -> CodeInterpreterClient:
@@ -233,7 +242,7 @@ class Sandboxes:
         self.made.discard(sid)
         self.own = {k: c for k, c in self.own.items() if c.session_id not in (sid, None)}
 
-    def _release(self, key: int) -> None:
+    def _release(self, key: Any) -> None:
         with self.lock:
             client = self.own.pop(key, None)
             if client is None:
