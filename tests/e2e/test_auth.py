@@ -82,11 +82,18 @@ def test_up_on_loopback_keeps_web_pages_out(stack):
         r = requests.post(invoke, data=body, headers=dict(headers, **{"Content-Type": "text/plain"}), timeout=30)
         assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN", (headers, r.status_code, r.text)
         assert r.headers.get("x-agentcube-error") == "router" and "x-agentcube-session-id" not in r.headers
+    # An <img> on any page GETs without Origin; fetch metadata still names the page's site.
+    files = invoke.replace("/api/execute", "/api/files")
+    r = requests.get(files, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, timeout=30)
+    assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN", r.text
     wm_port = stack.wm_url.rsplit(":", 1)[1]
     create = {"name": "on-demand-interpreter", "namespace": "default"}
     for headers in ({"Origin": "https://evil.example"}, {"Host": f"rebound.example:{wm_port}"}):
         r = requests.post(f"{stack.wm_url}/v1/code-interpreter", json=create, headers=headers, timeout=30)
         assert r.status_code == 403 and "web page" in r.json()["message"], (headers, r.status_code, r.text)
+    r = requests.post(f"{stack.wm_url}/v1/code-interpreter", json=create, headers={"Sec-Fetch-Site": "cross-site"},
+                      timeout=30)
+    assert r.status_code == 403, r.text
     assert sandboxes() == before, "a refused request made a sandbox"
     # A page this machine serves itself (a local dev app) and plain clients are served.
     r = requests.post(invoke, data=body, headers={"Origin": "http://localhost:3000"}, timeout=60)

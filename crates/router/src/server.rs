@@ -303,10 +303,7 @@ fn invoke<R: Inbound>(
         let authorization = req.first(&header::AUTHORIZATION);
         let answer = 'answer: {
             if s.local_only
-                && let Some(why) = agentcube_types::browser::refusal(
-                    req.first(&header::HOST),
-                    req.first(&header::ORIGIN),
-                )
+                && let Some(why) = agentcube_types::browser::refusal(browser_fields(&req))
             {
                 break 'answer Err(RouterError::Forbidden(why.into()));
             }
@@ -374,6 +371,19 @@ struct Admitted {
     share: Option<Box<crate::shares::Share>>,
     target: Arc<crate::resolve::Target>,
 }
+
+/// The fields that tell a web page's request ([`crate::Config::local_only`]).
+fn browser_fields<R: Inbound>(req: &R) -> agentcube_types::browser::Fields<'_> {
+    agentcube_types::browser::Fields {
+        host: req.first(&header::HOST),
+        origin: req.first(&header::ORIGIN),
+        fetch_site: req.first(&FETCH_SITE),
+    }
+}
+
+/// `Sec-Fetch-Site`, built once.
+const FETCH_SITE: http::HeaderName =
+    http::HeaderName::from_static(agentcube_types::browser::FETCH_SITE);
 
 /// Authenticates the caller (the `Authorization` field's value), then finds the session the
 /// `x-agentcube-session-id` value names, or creates one.

@@ -2,24 +2,44 @@
 //! default). Any site's page can `POST` to `127.0.0.1` (a "simple" cross-origin request needs no
 //! preflight: its answer stays unread, its effect does not), and through DNS rebinding a page's
 //! own name comes to resolve to `127.0.0.1`, so that it reads the answers too. Browsers name the
-//! page's site in `Origin` and, after rebinding, in `Host`; the SDKs, curl and other clients send
-//! no `Origin` and a loopback `Host`.
+//! page's site in `Origin` (on every `POST`) and, after rebinding, in `Host`, and mark what any
+//! page asks for with `Sec-Fetch-Site` (a `GET` from an `<img>` carries no `Origin`, and would
+//! make a session and its sandbox); the SDKs, curl and other clients send none of these and a
+//! loopback `Host`.
 
 use std::net::IpAddr;
 
-/// Why a request with these raw `Host` and `Origin` values is refused, or `None`. A missing
-/// `Host` (HTTP/2 carries the authority elsewhere, and browsers do not speak cleartext HTTP/2)
-/// or `Origin` passes.
-pub fn refusal(host: Option<&[u8]>, origin: Option<&[u8]>) -> Option<&'static str> {
-    if host.is_some_and(|h| !local_authority(h)) {
+/// The fields [`refusal`] reads, raw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fields<'a> {
+    pub host: Option<&'a [u8]>,
+    pub origin: Option<&'a [u8]>,
+    /// `Sec-Fetch-Site`.
+    pub fetch_site: Option<&'a [u8]>,
+}
+
+/// Field names [`Fields`] is read from.
+pub const FETCH_SITE: &str = "sec-fetch-site";
+
+/// Why a request with these fields is refused, or `None`. A missing `Host` (HTTP/2 carries the
+/// authority elsewhere, and browsers do not speak cleartext HTTP/2), `Origin` or
+/// `Sec-Fetch-Site` passes (browsers older than fetch metadata send no `Sec-Fetch-Site`: their
+/// cross-site `GET`s still pass).
+pub fn refusal(f: Fields<'_>) -> Option<&'static str> {
+    if f.host.is_some_and(|h| !local_authority(h)) {
         return Some(
             "the Host header names no loopback address: a web page may have reached this server by DNS rebinding (start it with a token to serve other names)",
         );
     }
-    if origin.is_some_and(|o| !local_origin(o)) {
+    if f.origin.is_some_and(|o| !local_origin(o)) {
         return Some(
             "a web page of another origin sent this request (its Origin is not a loopback one)",
         );
+    }
+    if f.fetch_site
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Some("a web page of another site sent this request (Sec-Fetch-Site: cross-site)");
     }
     None
 }
@@ -71,10 +91,24 @@ fn local_origin(origin: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::refusal;
+    use super::{Fields, refusal};
 
     fn passes(host: &str, origin: Option<&str>) -> bool {
-        refusal(Some(host.as_bytes()), origin.map(str::as_bytes)).is_none()
+        refusal(Fields {
+            host: Some(host.as_bytes()),
+            origin: origin.map(str::as_bytes),
+            fetch_site: None,
+        })
+        .is_none()
+    }
+
+    fn fetched_from(site: &str) -> bool {
+        refusal(Fields {
+            host: Some(b"127.0.0.1:8081"),
+            origin: None,
+            fetch_site: Some(site.as_bytes()),
+        })
+        .is_none()
     }
 
     #[test]
@@ -100,7 +134,10 @@ mod tests {
         ] {
             assert!(passes("127.0.0.1:8081", Some(origin)), "{origin}");
         }
-        assert!(refusal(None, None).is_none());
+        assert!(refusal(Fields::default()).is_none());
+        for site in ["none", "same-origin", "same-site"] {
+            assert!(fetched_from(site), "{site}");
+        }
     }
 
     #[test]
@@ -129,6 +166,13 @@ mod tests {
         ] {
             assert!(!passes("127.0.0.1:8081", Some(origin)), "{origin}");
         }
-        assert!(refusal(Some(&[0xff]), None).is_some());
+        assert!(
+            refusal(Fields {
+                host: Some(&[0xff]),
+                ..Fields::default()
+            })
+            .is_some()
+        );
+        assert!(!fetched_from("cross-site") && !fetched_from("Cross-Site"));
     }
 }

@@ -84,11 +84,12 @@ impl CallerAuth {
         match self {
             Self::Off => return Ok(None),
             Self::LocalOnly => {
-                let field = |name| headers.get(name).map(http::HeaderValue::as_bytes);
-                return match agentcube_types::browser::refusal(
-                    field(http::header::HOST),
-                    field(http::header::ORIGIN),
-                ) {
+                let field = |name: &str| headers.get(name).map(http::HeaderValue::as_bytes);
+                return match agentcube_types::browser::refusal(agentcube_types::browser::Fields {
+                    host: field("host"),
+                    origin: field("origin"),
+                    fetch_site: field(agentcube_types::browser::FETCH_SITE),
+                }) {
                     Some(why) => Err(ApiError::Forbidden(why.into())),
                     None => Ok(None),
                 };
