@@ -73,6 +73,24 @@ def assert_none_left(stack, before: set, why: str) -> None:
     assert not on_demand(stack) - before, why
 
 
+def on_demand_over_http(stack, calls, why: str, python: str = sys.executable) -> None:
+    """`calls(session)` through `agentcube-mcp --http` serving `on-demand-interpreter`, then no
+    sandbox of it is left but those there before (`why` if one is)."""
+    before = on_demand(stack)
+    proc, port = _start_http(stack, "--name", "on-demand-interpreter", python=python)
+    try:
+        async def run() -> None:
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    await calls(session)
+
+        asyncio.run(run())
+        assert_none_left(stack, before, why)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def env(stack) -> dict:
     return dict(os.environ, WORKLOAD_MANAGER_URL=stack.wm_url, ROUTER_URL=stack.router_url)
 
@@ -307,70 +325,44 @@ def test_mcp_2026_protocol_without_sessions(stack):
                 assert not (await session.call_tool("stop_session", {})).is_error
 
     asyncio.run(over_stdio())
-    before = on_demand(stack)
-    proc, port = _start_http(stack, "--name", "on-demand-interpreter")
-    try:
-        async def over_http() -> str:
-            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
-                async with ClientSession(read, write) as session:
-                    return await write_then_list(session)
 
-        assert "m.txt" not in asyncio.run(over_http())
-        assert_none_left(stack, before, "a sandbox outlived its call")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    async def over_http(session: ClientSession) -> None:
+        assert "m.txt" not in await write_then_list(session)
+
+    on_demand_over_http(stack, over_http, "a sandbox outlived its call")
 
 
 def test_an_mcp_http_session_that_ends_takes_its_sandbox(stack, server_python):
     """A client that leaves without stop_session (its HTTP session deleted as the client closes)
     leaves no sandbox behind."""
-    before = on_demand(stack)
-    proc, port = _start_http(stack, "--name", "on-demand-interpreter", python=server_python)
-    try:
-        async def leave_without_stopping() -> None:
-            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    assert not (await session.call_tool("write_file", {"remote_path": "a", "content": "a"})).is_error
+    async def leave_without_stopping(session: ClientSession) -> None:
+        await session.initialize()
+        assert not (await session.call_tool("write_file", {"remote_path": "a", "content": "a"})).is_error
 
-        asyncio.run(leave_without_stopping())
-        assert_none_left(stack, before, "the sandbox outlived its MCP session")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    on_demand_over_http(stack, leave_without_stopping, "the sandbox outlived its MCP session", python=server_python)
 
 
 def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
     """Upstream's way to keep a sandbox across calls, which a client on the 2026-07-28 protocol over
     HTTP (no MCP session) needs: session_reuse keeps it, the answer's session_id names it later,
     stop_session ends it. A session_id that has gone is replaced once, and the answer says so."""
-    before = on_demand(stack)
-    proc, port = _start_http(stack, "--name", "on-demand-interpreter")
-    try:
-        async def calls() -> None:
-            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_):
-                async with ClientSession(read, write) as session:
-                    await session.discover()
-                    first = answer(await session.call_tool(
-                        "write_file", {"content": "kept", "remote_path": "k.txt", "session_reuse": True}))
-                    sid = first["session_id"]
-                    r = answer(await session.call_tool(
-                        "execute_command", {"command": "cat k.txt", "session_id": sid, "timeout_seconds": 30}))
-                    assert r["output"] == "kept" and r["session_id"] == sid and "session_recovered" not in r, r
-                    assert answer(await session.call_tool("stop_session", {"session_id": sid}))["status"] == "stopped"
-                    r = answer(await session.call_tool("list_files", {"session_id": sid}))
-                    assert r["session_recovered"] is True and r["previous_session_id"] == sid, r
-                    assert r["session_id"] != sid and "k.txt" not in json.dumps(r["entries"]), r
-                    again = answer(await session.call_tool("list_files", {"session_id": r["session_id"]}))
-                    assert again["session_id"] == r["session_id"] and "session_recovered" not in again, again
-                    answer(await session.call_tool("stop_session", {"session_id": r["session_id"]}))
+    async def calls(session: ClientSession) -> None:
+        await session.discover()
+        first = answer(await session.call_tool(
+            "write_file", {"content": "kept", "remote_path": "k.txt", "session_reuse": True}))
+        sid = first["session_id"]
+        r = answer(await session.call_tool(
+            "execute_command", {"command": "cat k.txt", "session_id": sid, "timeout_seconds": 30}))
+        assert r["output"] == "kept" and r["session_id"] == sid and "session_recovered" not in r, r
+        assert answer(await session.call_tool("stop_session", {"session_id": sid}))["status"] == "stopped"
+        r = answer(await session.call_tool("list_files", {"session_id": sid}))
+        assert r["session_recovered"] is True and r["previous_session_id"] == sid, r
+        assert r["session_id"] != sid and "k.txt" not in json.dumps(r["entries"]), r
+        again = answer(await session.call_tool("list_files", {"session_id": r["session_id"]}))
+        assert again["session_id"] == r["session_id"] and "session_recovered" not in again, again
+        answer(await session.call_tool("stop_session", {"session_id": r["session_id"]}))
 
-        asyncio.run(calls())
-        assert_none_left(stack, before, "a sandbox outlived stop_session")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    on_demand_over_http(stack, calls, "a sandbox outlived stop_session")
 
 
 def test_mcp_runs_as_upstreams_server_is_configured(stack):
