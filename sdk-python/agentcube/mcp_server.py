@@ -526,7 +526,7 @@ def main() -> None:
     http = a.http or a.transport == "streamable-http"
     token = a.token
     if http and not token and not is_loopback(a.host):
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_hex(32)  # never starts with "-", which a command line would take for a flag
         print(
             f"agentcube-mcp: {a.host} is not loopback: clients must send "
             f"Authorization: Bearer {token}  (or set AGENTCUBE_MCP_TOKEN)",

@@ -294,7 +294,7 @@ def test_mcp_over_http_needs_its_token(stack, server_python):
         proc.wait(10)
     printed = proc.stderr.read() if proc.stderr else ""
     token = printed.split("Authorization: Bearer ", 1)[1].split()[0]
-    proc, port = _start_http(stack, "--host", "0.0.0.0", "--token", token, python=server_python)
+    proc, port = _start_http(stack, "--host", "0.0.0.0", f"--token={token}", python=server_python)
     try:
         assert asyncio.run(_run_code_over_http(f"http://127.0.0.1:{port}/mcp", token)) == "42"
         remote = dict(headers, Host=f"agentcube.example:{port}", Authorization=f"Bearer {token}")
