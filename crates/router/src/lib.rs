@@ -74,8 +74,9 @@ pub struct Config {
     pub limits: agentcube_serve::Limits,
     /// Which `unix:` entry points may be connected to.
     pub unix_entry_points: proxy::UnixEntryPoints,
-    /// Refuse invocations a web page may have sent (a foreign `Host` or `Origin`, see
-    /// [`agentcube_types::browser`]): `agentcube up` on loopback without a token.
+    /// Refuse invocations a web page may have sent (a foreign `Host` or `Origin`, or
+    /// `Sec-Fetch-Site: cross-site`, see [`agentcube_types::browser`]): `agentcube up` on
+    /// loopback without a token.
     pub local_only: bool,
 }
 

@@ -56,7 +56,7 @@ pub enum CallerAuth {
     Off,
     /// Off, on loopback (`agentcube up` without a token): everyone on this machine may do
     /// everything, and no web page may ([`agentcube_types::browser`]: a foreign `Host` or
-    /// `Origin` is a 403).
+    /// `Origin`, or `Sec-Fetch-Site: cross-site`, is a 403).
     LocalOnly,
     /// One static bearer token; its holder is the administrator `local`.
     Token(String),
@@ -75,6 +75,16 @@ impl std::fmt::Debug for CallerAuth {
     }
 }
 
+/// The fields that tell a web page's request ([`CallerAuth::LocalOnly`]).
+fn browser_fields(headers: &http::HeaderMap) -> agentcube_types::browser::Fields<'_> {
+    let field = |name: &str| headers.get(name).map(http::HeaderValue::as_bytes);
+    agentcube_types::browser::Fields {
+        host: field("host"),
+        origin: field("origin"),
+        fetch_site: field(agentcube_types::browser::FETCH_SITE),
+    }
+}
+
 impl CallerAuth {
     /// The caller of a request (`None` when authentication is off), or the 401 to answer.
     pub async fn authenticate(
@@ -82,24 +92,13 @@ impl CallerAuth {
         headers: &http::HeaderMap,
     ) -> Result<Option<Caller>, ApiError> {
         match self {
-            Self::Off => return Ok(None),
-            Self::LocalOnly => {
-                let field = |name: &str| headers.get(name).map(http::HeaderValue::as_bytes);
-                return match agentcube_types::browser::refusal(agentcube_types::browser::Fields {
-                    host: field("host"),
-                    origin: field("origin"),
-                    fetch_site: field(agentcube_types::browser::FETCH_SITE),
-                }) {
-                    Some(why) => Err(ApiError::Forbidden(why.into())),
-                    None => Ok(None),
-                };
-            }
-            _ => {}
-        }
-        let token = bearer(headers)?;
-        match self {
-            Self::Off | Self::LocalOnly => Ok(None),
+            Self::Off => Ok(None),
+            Self::LocalOnly => match agentcube_types::browser::refusal(browser_fields(headers)) {
+                Some(why) => Err(ApiError::Forbidden(why.into())),
+                None => Ok(None),
+            },
             Self::Token(want) => {
+                let token = bearer(headers)?;
                 if agentcube_types::claims::constant_time_eq(token.as_bytes(), want.as_bytes()) {
                     Ok(Some(Caller {
                         name: "local".into(),
@@ -110,7 +109,7 @@ impl CallerAuth {
                     Err(ApiError::Unauthorized("Invalid or expired token".into()))
                 }
             }
-            Self::TokenReview(r) => r.review(token).await.map(Some),
+            Self::TokenReview(r) => r.review(bearer(headers)?).await.map(Some),
         }
     }
 
