@@ -4,7 +4,7 @@ import pytest
 import requests
 
 from agentcube import AgentCubeError, DataPlaneError, SessionError, SessionNotFoundError, TokenAuth
-from agentcube.auth import resolve_auth
+from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.code_interpreter_data_plane import (
     CodeInterpreterDataPlaneClient,
     command_argv,
@@ -31,14 +31,19 @@ def test_router_path_prefix_is_dropped_like_upstream():
     assert c.base_url == "http://r:1/v1/namespaces/ns/code-interpreters/ci/invocations/"
 
 
+def _token(auth: AuthProvider | None) -> str:
+    assert auth is not None
+    return auth.get_token()
+
+
 def test_auth_resolution(monkeypatch):
     monkeypatch.delenv("AGENTCUBE_AUTH_TOKEN", raising=False)
     assert resolve_auth(None, None) is None
     monkeypatch.setenv("AGENTCUBE_AUTH_TOKEN", "from-env")
-    assert resolve_auth(None, None).get_token() == "from-env"
-    assert resolve_auth(None, "given").get_token() == "given"
+    assert _token(resolve_auth(None, None)) == "from-env"
+    assert _token(resolve_auth(None, "given")) == "given"
     monkeypatch.delenv("AGENTCUBE_AUTH_TOKEN")
-    assert resolve_auth(None, "t").get_token() == "t"
+    assert _token(resolve_auth(None, "t")) == "t"
     explicit = TokenAuth("x")
     assert resolve_auth(explicit, "t") is explicit
     with pytest.raises(ValueError):
@@ -62,9 +67,9 @@ def test_errors_say_what_went_wrong():
         raise_for_response(_response(404, '{"error":"sessions.agentcube.volcano.sh \\"s\\" not found"}'), "s")
     assert "unknown or expired" in str(e.value)
     assert isinstance(e.value, requests.HTTPError), "still catchable like upstream's raise_for_status"
-    with pytest.raises(DataPlaneError) as e:
+    with pytest.raises(DataPlaneError) as data_plane:
         raise_for_response(_response(502, '{"error":"sandbox unreachable"}'), "s")
-    assert "sandbox unreachable" in str(e.value) and e.value.status_code == 502
+    assert "sandbox unreachable" in str(data_plane.value) and data_plane.value.status_code == 502
     with pytest.raises(DataPlaneError):
         raise_for_response(_response(404, '{"error":"File not found","code":404}', router=False), "s")
     assert issubclass(CommandExecutionError, AgentCubeError)
@@ -84,12 +89,12 @@ def test_a_session_the_router_does_not_know_is_session_not_found_and_an_app_404_
         raise_for_response(_response(404, ended), "s")
     assert "session s has ended: it was idle for longer than its sessionTimeout (15m0s)" in str(e.value)
     # The same body from the application in the sandbox (no Router marker) stays an HTTP error.
-    with pytest.raises(DataPlaneError) as e:
+    with pytest.raises(DataPlaneError) as app:
         raise_for_response(_response(404, body, router=False), "s")
-    assert not isinstance(e.value, SessionError)
-    with pytest.raises(DataPlaneError) as e:
+    assert not isinstance(app.value, SessionError)
+    with pytest.raises(DataPlaneError) as app:
         raise_for_response(_response(404, '{"error":"no such file"}'), "s")
-    assert not isinstance(e.value, SessionNotFoundError)
+    assert not isinstance(app.value, SessionNotFoundError)
 
 
 class _Router(requests.adapters.BaseAdapter):
@@ -99,7 +104,7 @@ class _Router(requests.adapters.BaseAdapter):
         super().__init__()
         self.requests = []
 
-    def send(self, request, **kw):
+    def send(self, request, *args, **kw):
         self.requests.append(request)
         body = '{"error":"sessions.agentcube.volcano.sh \\"gone\\" not found","code":"SESSION_NOT_FOUND"}'
         r = _response(404, body)

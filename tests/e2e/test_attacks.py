@@ -234,7 +234,8 @@ def test_the_workspace_jail_survives_a_rename_race(stack, session):
     session.http.post(url(stack, CI, "api/files"), json={"path": "race.py", "content": base64.b64encode(RACE.encode()).decode()}).raise_for_status()
     session.sh(f"RACE_SECS={secs + 5} nohup python3 race.py >/dev/null 2>&1 &")
     time.sleep(0.5)
-    seen, end, n = {}, time.time() + secs, 0
+    seen: dict[str | int, int] = {}
+    end, n = time.time() + secs, 0
     while time.time() < end:
         n += 1
         for p in ("real/secret", "lnk/secret"):

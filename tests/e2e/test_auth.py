@@ -160,6 +160,7 @@ def test_oidc_router_with_service_account_auth(stack, redis_url, scratch):
         agent = AgentRuntimeClient("echo-agent", router_url=router, auth=alice, workload_manager_url=wm)
         assert agent.invoke({"input": "hi"}, path="echo")["output"] == "echo: hi"
         sid = agent.session_id
+        assert sid is not None
         rec = requests.get(f"{wm}/v1/agent-runtime/sessions/{sid}").json()
         assert rec["ownerId"] == "alice", rec
         # Bob may not use it; the admin may.
@@ -185,7 +186,7 @@ def test_oidc_router_with_service_account_auth(stack, redis_url, scratch):
         with CodeInterpreterClient(workload_manager_url=wm, router_url=router, auth=alice) as c:
             with pytest.raises(requests.HTTPError) as e:
                 c.execute_command("true")
-            assert e.value.response.status_code == 403
+            assert e.value.response is not None and e.value.response.status_code == 403
     finally:
         router_proc.terminate()
         router_proc.wait(30)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from typing import Any
 
 import pytest
 import httpx2
@@ -269,7 +270,7 @@ def test_mcp_over_http_needs_its_token(stack, server_python):
     """Anyone reaching the HTTP port drives sandboxes with the server's credentials: with --token every
     request needs it, and off loopback one is generated when not given (the address then takes any
     Host header: FastMCP's DNS-rebinding guard is for loopback, and turned every remote client away)."""
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+    initialize: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                   "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                              "clientInfo": {"name": "t", "version": "0"}}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -395,7 +396,7 @@ def test_mcp_on_loopback_refuses_other_host_names(stack, server_python):
     """Without a token on loopback, a web page could drive the server through DNS rebinding (its
     own name resolved to 127.0.0.1, so the browser sends that name as Host): only loopback names
     are served."""
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+    initialize: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                   "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                              "clientInfo": {"name": "t", "version": "0"}}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
