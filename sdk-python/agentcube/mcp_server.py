@@ -3,7 +3,9 @@
 Upstream's tools with their names and arguments (``run_code``, ``execute_command``,
 ``write_file``, ``list_files``, ``upload_file``, ``download_file``, ``stop_session``; each takes an
 optional ``session_id``), plus ``run_cell`` (a persistent Python context: variables survive between
-calls, plots come back as images) and ``start_process`` / ``process_output`` / ``stop_process``.
+calls, plots come back as images) and ``start_process`` / ``process_output`` / ``stop_process``,
+which take ``session_id`` (and, where they may make a sandbox, ``session_reuse``) as upstream's do
+and answer JSON with the ``session_id``, as upstream's do.
 One sandbox session per MCP client — over stdio the server's one client, over HTTP each MCP
 session (see :func:`mcp_session`) — created on first use and stopped by ``stop_session``, when
 the MCP session is gone, or when the server exits, unless a call names another ``session_id``.
@@ -30,6 +32,7 @@ import argparse
 import atexit
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import sys
@@ -68,6 +71,10 @@ Code = Annotated[str, Field(description="Code or script to run.")]
 RemotePath = Annotated[str, Field(description="Path in the sandbox's workspace (e.g. data/input.txt).")]
 LocalPath = Annotated[str, Field(description="Path on the machine running this MCP server, under its files "
                                              "directory (relative to it).")]
+ProcessId = Annotated[str, Field(description="process_id from start_process's answer.")]
+
+#: run_cell's timeout when a call gives none (seconds).
+CELL_TIMEOUT = 300.0
 
 INSTRUCTIONS = (
     "AgentCube sandbox. Your calls share one sandbox; every answer carries its session_id. run_code "
@@ -76,6 +83,11 @@ INSTRUCTIONS = (
     "session_id has expired, a new sandbox is made once and the answer says so (its files are lost). "
     "stop_session when done."
 )
+
+
+def as_text(outcome: Outcome) -> str:
+    """An answer as the text the server sends for a tool that returns a dict (JSON, indented)."""
+    return json.dumps(outcome, indent=2)
 
 
 def _checked(result: Dict[str, Any], what: str) -> str:
@@ -150,22 +162,27 @@ def build(
         return boxes.call(ctx, session_id, session_reuse, op)
 
     @tool(structured_output=False)
-    def run_cell(ctx: Ctx, code: Code, session_id: SessionId = None) -> List[Content]:
+    def run_cell(ctx: Ctx, code: Code, session_id: SessionId = None, session_reuse: Reuse = False,
+                 timeout_seconds: Timeout = None) -> List[Content]:
         """Runs Python code in the session's persistent interpreter: variables, imports and
-        definitions survive between calls. Returns output, the last expression's value, and any
-        matplotlib figures as images."""
-        c = boxes.get(ctx, session_id)
-        ex = c.run_cell(code, context=boxes.context(c), timeout=300)
-        out: List[Content] = []
-        text = ex.stdout + ex.stderr
-        for r in ex.results:
-            if r.png:
-                out.append(Image(data=r.png, format="png"))
-            elif r.text is not None:
-                text += ("" if not text or text.endswith("\n") else "\n") + r.text
-        if ex.error is not None:
-            raise RuntimeError(f"{ex.error.name}: {ex.error.value}\n{text}")
-        return [text or "(no output)"] + out
+        definitions survive between calls. Answers output and the last expression's value as
+        ``output``, and any matplotlib figures as images."""
+        images: List[Content] = []
+
+        def op(c: CodeInterpreterClient) -> Outcome:
+            ex = c.run_cell(code, context=boxes.context(c), timeout=timeout_seconds or CELL_TIMEOUT)
+            images.clear()
+            text = ex.stdout + ex.stderr
+            for r in ex.results:
+                if r.png:
+                    images.append(Image(data=r.png, format="png"))
+                elif r.text is not None:
+                    text += ("" if not text or text.endswith("\n") else "\n") + r.text
+            if ex.error is not None:
+                raise RuntimeError(f"{ex.error.name}: {ex.error.value}\n{text}")
+            return {"output": text}
+
+        return [as_text(boxes.call(ctx, session_id, session_reuse, op)), *images]
 
     @tool(structured_output=False)
     def execute_command(ctx: Ctx, command: Annotated[str, Field(description="Shell command (sh -c).")],
@@ -223,26 +240,29 @@ def build(
 
         return boxes.call(ctx, session_id, session_reuse, op)
 
-    @tool()
-    def start_process(ctx: Ctx, command: str, session_id: Optional[str] = None) -> str:
-        """Starts a long-running command (sh -c) in the background; returns its process id."""
-        p = boxes.get(ctx, session_id).start_process(["sh", "-c", command])
-        return p.id
+    @tool(structured_output=False)
+    def start_process(ctx: Ctx, command: Annotated[str, Field(description="Shell command (sh -c).")],
+                      session_id: SessionId = None, session_reuse: Reuse = False) -> Outcome:
+        """Starts a long-running command (sh -c) in the background; answers its ``process_id``
+        (pass it, and the ``session_id``, to process_output and stop_process)."""
+        return boxes.call(ctx, session_id, session_reuse,
+                          lambda c: {"process_id": c.start_process(["sh", "-c", command]).id})
 
-    @tool()
-    def process_output(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
-        """The output of a background process so far (and its exit code once it ended)."""
-        p = boxes.get(ctx, session_id).attach_process(process_id)
-        text = "".join(ch.data for ch in p.output(since=0))
-        if p.exit_code is not None:
-            text += f"\n[exit code {p.exit_code}]"
-        return text or "(no output yet)"
+    @tool(structured_output=False)
+    def process_output(ctx: Ctx, process_id: ProcessId, session_id: SessionId = None) -> Outcome:
+        """A background process's ``output`` so far and its ``exit_code`` (null while it runs)."""
+        c = boxes.get(ctx, session_id)
+        p = c.attach_process(process_id)
+        output = "".join(ch.data for ch in p.output(since=0))
+        return {"session_id": c.session_id, "process_id": process_id, "output": output,
+                "exit_code": p.exit_code}
 
-    @tool()
-    def stop_process(ctx: Ctx, process_id: str, session_id: Optional[str] = None) -> str:
+    @tool(structured_output=False)
+    def stop_process(ctx: Ctx, process_id: ProcessId, session_id: SessionId = None) -> Outcome:
         """Stops a background process (SIGTERM to its process group)."""
-        boxes.get(ctx, session_id).attach_process(process_id).signal("TERM")
-        return f"process {process_id} stopped"
+        c = boxes.get(ctx, session_id)
+        c.attach_process(process_id).signal("TERM")
+        return {"session_id": c.session_id, "process_id": process_id, "status": "stopped"}
 
     @tool(structured_output=False)
     def stop_session(ctx: Ctx, session_id: SessionId = None) -> Outcome:

@@ -111,9 +111,8 @@ async def scenario(session: ClientSession, stack) -> None:
     r = await session.call_tool("run_code", {"language": "python", "code": "print(undefined_x)"})
     assert r.is_error and "NameError" in text(r), r
     # The persistent context keeps state; a plot comes back as an image.
-    assert not (await session.call_tool("run_cell", {"code": "x = 21"})).is_error
-    r = await session.call_tool("run_cell", {"code": "x * 2"})
-    assert "42" in text(r), r
+    assert answer(await session.call_tool("run_cell", {"code": "x = 21"}))["session_id"] == first["session_id"]
+    assert answer(await session.call_tool("run_cell", {"code": "x * 2"}))["output"] == "42"
     r = await session.call_tool("run_cell", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [2, 1])\nNone"})
     images = [c for c in r.content if isinstance(c, ImageContent)]
     assert not r.is_error and images and images[0].mime_type == "image/png", r
@@ -122,16 +121,23 @@ async def scenario(session: ClientSession, stack) -> None:
     assert "a.txt" in text(await session.call_tool("list_files", {"path": "notes"}))
     r2 = answer(await session.call_tool("execute_command", {"command": "cat notes/a.txt"}))
     assert r2["output"] == "hello mcp" and r2["session_id"] == first["session_id"], r2
-    pid = text(await session.call_tool("start_process", {"command": "echo bg; sleep 0.2; echo done"}))
-    out = ""
-    for _ in range(50):
-        out = text(await session.call_tool("process_output", {"process_id": pid}))
-        if "[exit code 0]" in out:
-            break
-        await asyncio.sleep(0.1)
-    assert out.startswith("bg\ndone\n") and "[exit code 0]" in out, out
+    started = answer(await session.call_tool("start_process", {"command": "echo bg; sleep 0.2; echo done"}))
+    assert started["session_id"] == first["session_id"], started
+    out = await finished(session, started["process_id"])
+    assert out["output"] == "bg\ndone\n" and out["exit_code"] == 0, out
     r = await session.call_tool("stop_session", {})
     assert not r.is_error and "stopped" in text(r), r
+
+
+async def finished(session: ClientSession, process_id: str, session_id: str | None = None) -> dict:
+    """process_output's answer once the process has ended (within 10 s)."""
+    args = {"process_id": process_id} | ({"session_id": session_id} if session_id else {})
+    for _ in range(100):
+        out = answer(await session.call_tool("process_output", args))
+        if out["exit_code"] is not None:
+            return out
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"process {process_id} still runs: {out}")
 
 
 def test_mcp_over_stdio(stack, server_python):
@@ -362,6 +368,31 @@ def test_mcp_sessions_by_id_outlive_their_calls_and_recover(stack):
         again = answer(await session.call_tool("list_files", {"session_id": r["session_id"]}))
         assert again["session_id"] == r["session_id"] and "session_recovered" not in again, again
         answer(await session.call_tool("stop_session", {"session_id": r["session_id"]}))
+
+    on_demand_over_http(stack, calls, "a sandbox outlived stop_session")
+
+
+def test_mcp_extras_keep_their_sandbox_by_id(stack):
+    """run_cell's variables and a background process outlive their call for a client without an
+    MCP session (the 2026-07-28 protocol over HTTP), as upstream's tools' files do: session_reuse
+    keeps the sandbox, every answer names it, and later calls name it by that id."""
+    async def calls(session: ClientSession) -> None:
+        await session.discover()
+        first = answer(await session.call_tool("run_cell", {"code": "x = 21", "session_reuse": True}))
+        sid = first["session_id"]
+        r = answer(await session.call_tool("run_cell", {"code": "x * 2", "session_id": sid, "timeout_seconds": 30}))
+        assert r["output"] == "42" and r["session_id"] == sid and "session_recovered" not in r, r
+        started = answer(await session.call_tool("start_process", {"command": "echo up; exec sleep 60",
+                                                                   "session_id": sid}))
+        assert started["session_id"] == sid, started
+        pid = started["process_id"]
+        out = answer(await session.call_tool("process_output", {"process_id": pid, "session_id": sid}))
+        assert out["session_id"] == sid and out["exit_code"] is None, out
+        stopped = answer(await session.call_tool("stop_process", {"process_id": pid, "session_id": sid}))
+        assert stopped == {"session_id": sid, "process_id": pid, "status": "stopped"}, stopped
+        out = await finished(session, pid, sid)
+        assert out["output"] == "up\n" and out["exit_code"] != 0, out
+        assert answer(await session.call_tool("stop_session", {"session_id": sid}))["status"] == "stopped"
 
     on_demand_over_http(stack, calls, "a sandbox outlived stop_session")
 
