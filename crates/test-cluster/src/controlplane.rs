@@ -137,6 +137,10 @@ impl ControlPlane {
                 &format!("--secure-port={port}"),
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                // Pods reach the API server by its own address (the process kubelet sets
+                // KUBERNETES_SERVICE_HOST), not through the `kubernetes` Service's endpoints, which
+                // Kubernetes 1.37 no longer lets point at a loopback address.
+                "--endpoint-reconciler-type=none",
                 &format!("--tls-cert-file={}", path(&pki.server_cert())),
                 &format!("--tls-private-key-file={}", path(&pki.server_key())),
                 &format!("--client-ca-file={}", path(&pki.ca_cert())),

@@ -409,7 +409,7 @@ async fn register_node(client: &kube::Client, name: &str) -> anyhow::Result<()> 
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
         "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "",
                      "osImage": "process kubelet", "containerRuntimeVersion": "bubblewrap",
-                     "kubeletVersion": "v1.36.3", "kubeProxyVersion": "", "operatingSystem": "linux",
+                     "kubeletVersion": "v1.37.2", "kubeProxyVersion": "", "operatingSystem": "linux",
                      "architecture": "amd64"}
     }});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))

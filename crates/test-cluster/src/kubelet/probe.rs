@@ -98,7 +98,7 @@ async fn http_ok(ip: Ipv4Addr, port: u16, path: &str) -> bool {
         return false;
     };
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.36\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n"
     );
     if s.write_all(req.as_bytes()).await.is_err() {
         return false;
