@@ -22,7 +22,7 @@ async fn code_interpreter_create_execute_delete() {
     let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
     let name = v["sandboxName"].as_str().unwrap();
     assert!(
-        ep.starts_with("unix:") && ep.ends_with(&format!("/private/{name}/picod.sock")),
+        ep.starts_with("unix:") && ep.ends_with(&format!("/private/{name}/sockets/picod.sock")),
         "{ep}"
     );
     assert_eq!(v["sandboxIdentity"], name);

@@ -139,9 +139,10 @@ async fn an_agent_printing_without_end_cannot_fill_the_hosts_disk() {
     let started = std::time::Instant::now();
     let v = s.create_ok("agent-runtime", "printer").await;
     let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
-    // The sandbox's private directory, where its sockets (and its log) are.
+    // The sandbox's private directory, where its log is (its sockets in `sockets/` below).
     let private = std::path::Path::new(ep.strip_prefix("unix:").unwrap())
         .parent()
+        .and_then(std::path::Path::parent)
         .unwrap()
         .to_path_buf();
     // The agent is through its 3 MB when its last line is in: held to the log's rate.
@@ -169,6 +170,62 @@ async fn an_agent_printing_without_end_cannot_fill_the_hosts_disk() {
     assert!(logs > max && logs <= 2 * max, "{logs} bytes of logs");
     // Its server still answers.
     assert_eq!(unix_http(ep, "GET", "/", None).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
+
+/// Nests directories below the current one until told to stop or refused; prints how deep.
+const NEST: &str = "import os
+n = 0
+try:
+    while n < 100000:
+        os.mkdir('a'); os.chdir('a'); n += 1
+except OSError as e:
+    print('refused', e.errno)
+print('depth', n)";
+
+/// `/run/agentcube` is a host directory the sandbox writes (PicoD binds its sockets there). On
+/// the state directory's disk it was room outside the workspace quota (50 MiB written there
+/// landed on the host's disk) and a place to nest directories 100,000 deep, whose removal
+/// overflowed the manager's stack and aborted it. As root it is a tmpfs of 64 KiB and 128
+/// inodes; whatever the sandbox nests there, its teardown leaves the manager serving.
+#[tokio::test]
+async fn the_run_directory_holds_sockets_not_the_hosts_disk() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let paths = s.backend.paths(v["sandboxName"].as_str().unwrap());
+    let script = format!(
+        "head -c 1048576 /dev/zero > /run/agentcube/fill; echo written $?; \
+         cd /run/agentcube && python3 -c \"{NEST}\""
+    );
+    let out = exec(&v, &sh(&script)).await;
+    let stdout = out["stdout"].as_str().unwrap();
+    let depth: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("depth "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    if is_root() {
+        assert!(
+            stdout.contains("written 1") && stdout.contains("refused 28"),
+            "{out}"
+        );
+        let on_host = std::fs::metadata(paths.run.join("fill")).unwrap().len();
+        assert!(on_host <= 64 << 10, "{on_host} bytes written to the host");
+        assert!(depth < 128, "{depth} directories deep");
+    }
+    let (status, body) = s.delete(v["sessionId"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the sandbox's directories to go", 30, || {
+        !paths.dir.exists() && !paths.private.exists()
+    })
+    .await;
+    let next = s.create_ok("code-interpreter", "ci").await;
+    assert_eq!(exec(&next, &["echo", "served"]).await["stdout"], "served\n");
     s.shutdown_and_check_leaks().await;
 }
 
@@ -297,7 +354,7 @@ async fn workspaces_are_private_to_their_sandbox() {
     let (s, a, b) = two_sandboxes().await;
     exec(&a, &sh("echo top-secret > secret.txt")).await;
     let pa = s.backend.paths(a["sandboxName"].as_str().unwrap());
-    for d in [&pa.dir, &pa.ws, &pa.run, &pa.private] {
+    for d in [&pa.dir, &pa.ws, &pa.run, &pa.sockets, &pa.private] {
         let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{}", d.display());
     }

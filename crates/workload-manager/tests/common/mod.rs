@@ -35,6 +35,8 @@ pub fn picod_binary() -> PathBuf {
 }
 
 pub struct Stack {
+    /// Dropped before `dir`, so that a failed test's mounts do not keep its directory.
+    _unmounts: Unmounts,
     pub dir: tempfile::TempDir,
     pub url: String,
     pub backend: LocalBackend,
@@ -42,6 +44,16 @@ pub struct Stack {
     pub wm: Option<WorkloadManager>,
     pub http: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
+}
+
+/// Unmounts what sandboxes left mounted below a state directory (their `run/` tmpfs, when a
+/// test failed before its sandboxes were removed).
+struct Unmounts(PathBuf);
+
+impl Drop for Unmounts {
+    fn drop(&mut self) {
+        agentcube_workload_manager::backend::local::layout::unmount_leftovers(&self.0);
+    }
 }
 
 pub struct Options {
@@ -193,6 +205,7 @@ impl Stack {
             .unwrap();
         let (url, server) = serve_api(&wm).await;
         Self {
+            _unmounts: Unmounts(dir.path().join("state")),
             dir,
             url,
             backend,
@@ -336,10 +349,11 @@ pub fn host_agent(name: &str, port: u16, command: &str) -> String {
     )
 }
 
-/// The sandbox a local endpoint belongs to: its socket sits in `private/<name>/`.
+/// The sandbox a local endpoint belongs to: its socket sits in `private/<name>/sockets/`.
 pub fn sandbox_of(endpoint: &str) -> String {
     let sock = Path::new(endpoint.strip_prefix("unix:").expect("unix endpoint"));
     sock.parent()
+        .and_then(Path::parent)
         .and_then(Path::file_name)
         .unwrap()
         .to_string_lossy()

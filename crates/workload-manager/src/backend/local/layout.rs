@@ -7,19 +7,28 @@
 //! <state>/sandboxes/<name>/       0700, owned by the sandbox's uid
 //!     ws/                         the sandbox's /root (workspace)
 //!     run/                        the sandbox's /run/agentcube: PicoD binds its sockets here
+//!                                 (as root, `sockets/run` below, bound here)
 //! <state>/private/<name>/         0700, the manager's only: never mounted into the sandbox
-//!     picod.sock, port-<N>.sock   moved here from run/ once bound (see `claim_socket`)
+//!     sockets/                    as root a tmpfs of its own (`SOCKETS_TMPFS`)
+//!         run/                    as root: the sandbox's run/ itself
+//!         picod.sock, port-<N>.sock   moved here from run/ once bound (see `claim_socket`)
 //!     bwrap.args, seccomp-*.bpf   the launcher's inputs; the gVisor bundle
 //!     sandbox.log, sandbox.log.1  its output, written by the manager (see `output`)
+//!     workspace.ext4              the workspace's filesystem, when it has a quota
 //! ```
 //!
 //! Everything the Router and the Workload Manager connect to or open lives in `private/`, which
 //! the sandbox cannot see. The only thing taken from `run/` is a socket, by `rename` (which never
 //! follows a symlink) and checked to be a socket afterwards: a symlink planted by sandbox code is
-//! refused and nothing is ever sent to it.
+//! refused and nothing is ever sent to it. `run/` is a host directory the sandbox writes: on the
+//! state directory's disk it was room outside the workspace quota (a sandbox could fill the
+//! disk through it) and a place to nest directories deeper than the manager's stack. As root it
+//! is on a tmpfs of a few KiB and inodes instead, the one the sockets move within (`rename`
+//! cannot cross filesystems, nor mounts: the move is made on the tmpfs's own mount, the bind at
+//! `sandboxes/<name>/run` being only the path the sandbox's uid can reach), unmounted with the
+//! sandbox.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -42,7 +51,15 @@ pub struct SandboxPaths {
     pub run: PathBuf,
     /// `<state>/private/<name>`: the manager's own files about this sandbox.
     pub private: PathBuf,
+    /// `<private>/sockets`: the sandbox's sockets once claimed.
+    pub sockets: PathBuf,
+    /// Whether `sockets` is a tmpfs of its own whose `run/` is bound at `run` (root).
+    pub tmpfs: bool,
 }
+
+/// The options of the tmpfs `sockets/` is, as root: room for PicoD's sockets and their markers
+/// (no data blocks), nothing more a sandbox could fill or nest.
+pub const SOCKETS_TMPFS: &str = "size=64k,nr_inodes=128,mode=0700";
 
 /// Whether `name` can name a sandbox's directories, cgroups and network namespace: one path
 /// component of lowercase letters, digits, `-` and `.` (not first), short enough for
@@ -58,17 +75,35 @@ impl SandboxPaths {
     /// The paths of sandbox `name` under `state`.
     pub fn new(state: &Path, name: &str) -> Self {
         let dir = state.join("sandboxes").join(name);
+        let private = state.join("private").join(name);
         Self {
             ws: dir.join("ws"),
             run: dir.join("run"),
             dir,
-            private: state.join("private").join(name),
+            sockets: private.join("sockets"),
+            private,
+            tmpfs: false,
+        }
+    }
+
+    /// The same, with `sockets/` a tmpfs of its own when `tmpfs` (see [`SandboxPaths::create`]).
+    pub fn with_tmpfs(self, tmpfs: bool) -> Self {
+        Self { tmpfs, ..self }
+    }
+
+    /// Where the manager finds what PicoD binds: `run/` on the filesystem and mount the sockets
+    /// move to (with a tmpfs, its own `run/`, which `run` is a bind of).
+    pub fn handover(&self) -> PathBuf {
+        if self.tmpfs {
+            self.sockets.join("run")
+        } else {
+            self.run.clone()
         }
     }
 
     /// Where the host reaches a socket of this sandbox (after [`claim_socket`]).
     pub fn socket(&self, file: &str) -> PathBuf {
-        self.private.join(file)
+        self.sockets.join(file)
     }
 
     /// The sandbox's log (its launcher's stdout and stderr).
@@ -76,28 +111,52 @@ impl SandboxPaths {
         self.private.join("sandbox.log")
     }
 
-    /// Creates the sandbox's directories: its own ones owned by `uid` (when running as root),
-    /// the private one by the manager; all 0700.
+    /// Creates the sandbox's directories: its own ones owned by `uid` (when running as root), the
+    /// private ones by the manager; all 0700. With [`SandboxPaths::tmpfs`], `sockets/` is then
+    /// mounted as a tmpfs ([`SOCKETS_TMPFS`]) and its `run/` bound at `run`.
     pub fn create(&self, uid: Option<u32>) -> io::Result<()> {
-        for d in [&self.dir, &self.ws, &self.run] {
+        mkdir_private(&self.private)?;
+        mkdir_private(&self.sockets)?;
+        let mut own = vec![&self.dir, &self.ws, &self.run];
+        let inner = self.sockets.join("run");
+        if self.tmpfs {
+            mount_tmpfs(&self.sockets)?;
+            own.push(&inner);
+        }
+        for d in own {
             mkdir_private(d)?;
             if let Some(uid) = uid {
                 std::os::unix::fs::chown(d, Some(uid), Some(uid))?;
             }
         }
-        mkdir_private(&self.private)
+        if self.tmpfs {
+            nix::mount::mount(
+                Some(&inner),
+                &self.run,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+        }
+        Ok(())
     }
 
-    /// Deletes both directories. Never follows a symlink (`remove_dir_all` works on directory
-    /// fds); directories the sandbox made unreadable are opened up first when not root.
+    /// Deletes both directories (see [`super::rmtree`]: whatever the sandbox made of them),
+    /// `run/`'s bind and `sockets/`'s tmpfs unmounted first.
     pub async fn remove(&self) {
+        if self.tmpfs {
+            unmount(&self.run);
+            unmount(&self.sockets);
+        }
         for d in [&self.dir, &self.private] {
             // Without cgroups, a process of the sandbox may outlive its launcher by a moment
             // (the kernel kills a pid namespace when its init goes): retry briefly.
             let last = super::retry::until_ok(|| {
                 let dir = d.clone();
                 async move {
-                    match tokio::task::spawn_blocking(move || remove_tree(&dir)).await {
+                    match tokio::task::spawn_blocking(move || super::rmtree::remove_tree(&dir))
+                        .await
+                    {
                         Ok(r) => r,
                         Err(e) => Err(io::Error::other(e)),
                     }
@@ -116,6 +175,78 @@ impl SandboxPaths {
     }
 }
 
+fn mount_tmpfs(at: &Path) -> io::Result<()> {
+    use nix::mount::MsFlags;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    nix::mount::mount(Some("tmpfs"), at, Some("tmpfs"), flags, Some(SOCKETS_TMPFS))?;
+    Ok(())
+}
+
+/// Detaches the mount at `at`, if there is one (best effort: a path that is no mount point is
+/// left as it is).
+fn unmount(at: &Path) {
+    let _ = nix::mount::umount2(
+        at,
+        nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+    );
+}
+
+/// Whether this process may give sandboxes' `sockets/` a tmpfs (root, outside a container that
+/// withholds `CAP_SYS_ADMIN`): mounts and unmounts one on a directory of `private/`.
+pub fn tmpfs_works(state: &Path) -> Result<(), String> {
+    let probe = state.join("private").join(".tmpfs-probe");
+    mkdir_private(&probe).map_err(|e| format!("{}: {e}", probe.display()))?;
+    let mounted = mount_tmpfs(&probe);
+    unmount(&probe);
+    let _ = std::fs::remove_dir(&probe);
+    mounted.map_err(|e| format!("cannot mount a tmpfs: {e}"))
+}
+
+/// Detaches whatever is mounted below `<state>/sandboxes/` and `<state>/private/` (the `run/`
+/// binds and `sockets/` tmpfs of sandboxes a crashed predecessor left), deepest first, so that
+/// their directories can go. Returns how many.
+pub fn unmount_leftovers(state: &Path) -> usize {
+    let below = [state.join("sandboxes"), state.join("private")];
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return 0;
+    };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_point(p)))
+        .filter(|p| below.iter().any(|b| p.starts_with(b) && p != b))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in &points {
+        unmount(p);
+    }
+    points.len()
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it, with its octal escapes (`\040` for a
+/// space, and tab, newline, backslash) undone.
+fn unescape_mount_point(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn mkdir_private(d: &Path) -> io::Result<()> {
     match std::fs::DirBuilder::new().mode(0o700).create(d) {
         Ok(()) => Ok(()),
@@ -123,65 +254,6 @@ fn mkdir_private(d: &Path) -> io::Result<()> {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
         }
         Err(e) => Err(e),
-    }
-}
-
-/// `remove_dir_all` (which works on directory fds and never follows a symlink), retried once
-/// after giving the owner rwx on every directory below `dir`: a sandbox running as our own uid
-/// may `chmod 000` its directories.
-pub fn remove_tree(dir: &Path) -> io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            if let Ok(fd) = open_dir_path(nix::fcntl::AT_FDCWD, dir) {
-                open_up(&fd);
-            }
-            match std::fs::remove_dir_all(dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
-fn open_dir_path<Fd: AsFd, P: ?Sized + nix::NixPath>(at: Fd, name: &P) -> nix::Result<OwnedFd> {
-    use nix::fcntl::OFlag;
-    nix::fcntl::openat(
-        at,
-        name,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-}
-
-/// Gives the owner rwx on the directory `fd` and every directory below it. Directories are
-/// reached from their parent's fd with `O_NOFOLLOW`, and chmod-ed through `/proc/self/fd` (the
-/// open inode itself), so a symlink swapped in is never followed.
-fn open_up(fd: &OwnedFd) {
-    let by_fd = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    if let Ok(meta) = std::fs::metadata(&by_fd) {
-        let mode = meta.permissions().mode() | 0o700;
-        let _ = std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(mode));
-    }
-    let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY;
-    let Ok(listing) = nix::fcntl::openat(fd, ".", flags, nix::sys::stat::Mode::empty()) else {
-        return;
-    };
-    let Ok(mut dir) = nix::dir::Dir::from_fd(listing) else {
-        return;
-    };
-    let names: Vec<std::ffi::CString> = dir
-        .iter()
-        .flatten()
-        .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
-        .filter(|e| matches!(e.file_type(), Some(nix::dir::Type::Directory) | None))
-        .map(|e| e.file_name().to_owned())
-        .collect();
-    for name in names {
-        if let Ok(child) = open_dir_path(fd, name.as_c_str()) {
-            open_up(&child);
-        }
     }
 }
 
@@ -284,13 +356,13 @@ pub fn prepare_state(state: &Path, shared: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes a socket PicoD bound in the sandbox's `run/` into `private/`: a `rename` (the entry
+/// Takes a socket PicoD bound in the sandbox's `run/` into `sockets/`: a `rename` (the entry
 /// itself moves, a symlink is not followed), then a check that what arrived is a socket. Returns
 /// `Ok(false)` while PicoD has not said it listens (its `<file>.ready` marker): under gVisor a
 /// `bind` is more than one step on the host, and a move in between failed PicoD's start with
 /// ENOENT. The marker only says when; what is moved is checked all the same.
 pub fn claim_socket(paths: &SandboxPaths, file: &str) -> io::Result<bool> {
-    let (from, to) = (paths.run.join(file), paths.private.join(file));
+    let (from, to) = (paths.handover().join(file), paths.socket(file));
     if std::fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_socket()) {
         return Ok(true);
     }
@@ -410,7 +482,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("keep"), "k").unwrap();
         std::os::unix::fs::symlink(&outside, paths.ws.join("link")).unwrap();
-        remove_tree(&paths.dir).unwrap();
+        super::super::rmtree::remove_tree(&paths.dir).unwrap();
         assert!(!paths.dir.exists());
         assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "k");
     }

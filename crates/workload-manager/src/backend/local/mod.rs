@@ -39,6 +39,7 @@ pub mod probe;
 pub mod quantity;
 pub mod quota;
 mod retry;
+pub mod rmtree;
 pub mod seccomp;
 mod start;
 mod teardown;
@@ -111,6 +112,9 @@ struct Inner {
     images: Option<(image::Images, Vec<PathBuf>)>,
     /// Workspace quotas (root only).
     quotas: Option<quota::Quotas>,
+    /// Whether each sandbox's `sockets/` (its `/run/agentcube` and its claimed sockets) is a
+    /// small tmpfs of its own ([`layout::SOCKETS_TMPFS`]; root only).
+    sockets_tmpfs: bool,
     running: Mutex<HashMap<String, Running>>,
     pools: Mutex<pool::Pools>,
     /// Memory limits of the sandboxes started (or starting), against the budget.
@@ -240,8 +244,15 @@ impl LocalBackend {
             }
             (Err(_), None) => None,
         };
+        let mounts = layout::unmount_leftovers(state);
+        if mounts > 0 {
+            tracing::info!(
+                mounts,
+                "unmounted sandbox run directories left by a previous run"
+            );
+        }
         for d in ["sandboxes", "private"] {
-            let _ = layout::remove_tree(&state.join(d));
+            let _ = rmtree::remove_tree(&state.join(d));
         }
         layout::prepare_state(state, config.uids.is_some())
             .map_err(|e| format!("cannot prepare {}: {e}", state.display()))?;
@@ -251,6 +262,16 @@ impl LocalBackend {
         // Leftovers of a predecessor that crashed: its sandboxes died with it (bubblewrap's
         // die-with-parent, runsc's pdeathsig); its directories went above, its cgroups go here.
         let uids = config.uids.map(Uids::new);
+        let sockets_tmpfs = uids.is_some()
+            && layout::tmpfs_works(state)
+                .inspect_err(|why| {
+                    tracing::warn!(
+                        reason = %why,
+                        "sandboxes' /run/agentcube is a directory on the state directory's disk: \
+                         a sandbox can write there beyond its workspace quota"
+                    )
+                })
+                .is_ok();
         let (cgroups, held) = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
             Ok(c) => {
                 let (left, held) = c.remove_leftovers();
@@ -300,6 +321,7 @@ impl LocalBackend {
                 images,
                 quotas,
                 uids,
+                sockets_tmpfs,
                 config,
                 tools,
                 cgroups,
@@ -346,7 +368,7 @@ impl LocalBackend {
 
     /// Host directories of a sandbox.
     pub fn paths(&self, name: &str) -> SandboxPaths {
-        SandboxPaths::new(&self.inner.config.state_dir, name)
+        SandboxPaths::new(&self.inner.config.state_dir, name).with_tmpfs(self.inner.sockets_tmpfs)
     }
 
     /// The host uid a running sandbox's processes have (root manager only).

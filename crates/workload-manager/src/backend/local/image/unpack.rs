@@ -36,7 +36,7 @@ pub fn remove_partials(dir: &Path) {
         };
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().contains(".partial-") {
-                let _ = crate::backend::local::layout::remove_tree(&e.path())
+                let _ = crate::backend::local::rmtree::remove_tree(&e.path())
                     .or_else(|_| fs::remove_file(e.path()));
             }
         }
@@ -80,7 +80,7 @@ pub fn build_rootfs(
         fs::rename(&partial, target)
     })();
     if built.is_err() || partial.exists() {
-        let _ = crate::backend::local::layout::remove_tree(&partial);
+        let _ = crate::backend::local::rmtree::remove_tree(&partial);
     }
     match built {
         // Another manager on the same state finished first: theirs is as good.
@@ -232,7 +232,7 @@ fn real_dir(root: &Path, rel: &Path) -> Option<PathBuf> {
 /// Removes a file, symlink or whole directory (never following a symlink); absent is fine.
 fn remove_any(p: &Path) -> io::Result<()> {
     match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(m) if m.is_dir() => crate::backend::local::rmtree::remove_tree(p),
         Ok(_) => fs::remove_file(p),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
