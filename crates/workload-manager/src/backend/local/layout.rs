@@ -59,7 +59,7 @@ pub struct SandboxPaths {
 
 /// The options of the tmpfs `sockets/` is, as root: room for PicoD's sockets and their markers
 /// (no data blocks), nothing more a sandbox could fill or nest.
-pub const SOCKETS_TMPFS: &str = "size=64k,nr_inodes=128,mode=0700";
+pub const SOCKETS_TMPFS: &str = "size=64k,nr_inodes=1024,mode=0700";
 
 /// Whether `name` can name a sandbox's directories, cgroups and network namespace: one path
 /// component of lowercase letters, digits, `-` and `.` (not first), short enough for
