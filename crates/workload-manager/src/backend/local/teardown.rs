@@ -176,12 +176,8 @@ impl LocalBackend {
             drained.wait(Duration::from_secs(1)).await;
         }
         // Up to 2 MiB: read off the runtime's threads.
-        let log = tokio::fs::read_to_string(paths.log())
-            .await
-            .unwrap_or_default();
-        let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
-        tail.reverse();
-        tail.join(" | ")
+        let log = tokio::fs::read(paths.log()).await.unwrap_or_default();
+        tail_of(&log)
     }
 
     /// When the sandbox's output is all in its log.
@@ -189,6 +185,33 @@ impl LocalBackend {
         let running = self.inner.running.lock().unwrap();
         running.get(name).map(|r| r.drained.clone())
     }
+}
+
+/// The last 5 lines of a sandbox's output, joined with ` | `, each cut at 300 characters (the
+/// sandbox wrote them: bytes that are not UTF-8 and control characters are shown escaped, not
+/// passed to the manager's log).
+fn tail_of(log: &[u8]) -> String {
+    const LINES: usize = 5;
+    const CHARS: usize = 300;
+    let text = String::from_utf8_lossy(log);
+    let mut tail: Vec<String> = text
+        .lines()
+        .rev()
+        .take(LINES)
+        .map(|line| {
+            let mut shown: String = line
+                .chars()
+                .take(CHARS)
+                .flat_map(char::escape_debug)
+                .collect();
+            if line.chars().nth(CHARS).is_some() {
+                shown.push('…');
+            }
+            shown
+        })
+        .collect();
+    tail.reverse();
+    tail.join(" | ")
 }
 
 /// Whether a sandbox's cgroup removal left it held by a process still in it (`EBUSY`: retry
@@ -199,4 +222,24 @@ fn still_held(name: &str, removed: std::io::Result<()>) -> bool {
         tracing::error!(sandbox = %name, error = %e, "cannot remove the sandbox's cgroup");
     }
     held
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_sandboxs_last_lines_reach_the_log_escaped_and_cut() {
+        let mut log = b"one\ntwo\nthree\nfour\nfive\nsix: \x1b[31mred\rover\xff\n".to_vec();
+        log.extend(b"long ".repeat(100));
+        let tail = super::tail_of(&log);
+        let lines: Vec<&str> = tail.split(" | ").collect();
+        assert_eq!(lines.len(), 5, "{tail}");
+        assert_eq!(lines[..3], ["three", "four", "five"]);
+        assert_eq!(lines[3], "six: \\u{1b}[31mred\\rover\u{fffd}");
+        assert!(
+            lines[4].starts_with("long long") && lines[4].ends_with('…'),
+            "{}",
+            lines[4]
+        );
+        assert_eq!(lines[4].chars().count(), 301);
+    }
 }
