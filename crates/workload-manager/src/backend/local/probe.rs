@@ -4,10 +4,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use agentcube_types::picod::HealthResponse;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 
-/// PicoD's health, or `None` when it does not answer (yet).
+/// The most of a `GET /health` answer read (PicoD's is a few hundred bytes).
+const MAX_HEALTH_BODY: usize = 64 << 10;
+
+/// PicoD's health, or `None` when it does not answer (yet) or answers more than
+/// [`MAX_HEALTH_BODY`].
 pub async fn health(socket: &Path) -> Option<HealthResponse> {
     let work = async {
         let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
@@ -24,7 +28,12 @@ pub async fn health(socket: &Path) -> Option<HealthResponse> {
         if !resp.status().is_success() {
             return None;
         }
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        // The socket is PicoD's, but whatever answers in a sandbox is read with a bound.
+        let body = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
         serde_json::from_slice(&body).ok()
     };
     tokio::time::timeout(Duration::from_secs(2), work)
@@ -53,4 +62,37 @@ pub async fn not_ready(socket: &Path, ports_too: bool) -> Option<String> {
             closed.join(", ")
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on a Unix socket answering every connection with `body` (JSON, padded with
+    /// spaces to `len` bytes).
+    async fn answering(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+        let path = dir.join(format!("health-{len}.sock"));
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let json = r#"{"status":"ok","service":"PicoD","version":"x","uptime":"1s"}"#;
+        let body = format!("{json}{}", " ".repeat(len - json.len()));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn a_health_answer_is_read_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = answering(dir.path(), 100).await;
+        assert_eq!(super::health(&small).await.unwrap().status, "ok");
+        let huge = answering(dir.path(), super::MAX_HEALTH_BODY + 1).await;
+        assert!(super::health(&huge).await.is_none());
+    }
 }
