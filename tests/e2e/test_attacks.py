@@ -206,6 +206,37 @@ def test_the_managers_environment_and_state_stay_outside(stack, session):
     assert str(stack.state_dir) not in out["stdout"], "host state paths are visible inside"
 
 
+def test_the_run_directory_is_no_way_onto_the_hosts_disk(stack):
+    """`/run/agentcube` is the one host directory a sandbox writes outside its workspace (PicoD
+    binds its sockets there). On the state directory's disk a sandbox filled it past its workspace
+    quota, and a deep enough tree there aborted the manager when the sandbox ended; as root it is
+    a tmpfs of 64 KiB and 1024 inodes of its own, gone with the sandbox."""
+    local_only(stack)
+    if os.geteuid() != 0:
+        pytest.skip("a tmpfs per sandbox needs a root manager")
+    session = Session(stack)
+    name = session.created["sandboxName"]
+    out = session.sh("head -c 1048576 /dev/zero > /run/agentcube/fill; echo rc=$?; df -k /run/agentcube | tail -1; "
+                     "cd /run/agentcube && i=0; while [ $i -lt 5000 ] && mkdir d 2>/dev/null && cd d; do i=$((i+1)); done; "
+                     "echo depth=$i")["stdout"]
+    assert "rc=1" in out, out
+    size_kb = int(out.split("\n")[1].split()[1])
+    assert size_kb <= 64, out
+    depth = int(out.rsplit("depth=", 1)[1])
+    assert 0 < depth < 1024, out
+
+    def mounts_of_the_sandbox() -> list:
+        with open("/proc/self/mountinfo") as f:
+            return [line for line in f if f"/{name}/" in line and str(stack.state_dir) in line]
+
+    assert len(mounts_of_the_sandbox()) == 2, "its tmpfs and the bind of its run/"
+    session.close()
+    deadline = time.time() + 20
+    while (mounts_of_the_sandbox() or name in stack.sandboxes()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not mounts_of_the_sandbox() and name not in stack.sandboxes()
+
+
 def test_no_nested_user_namespace_and_a_seccomp_filter(stack, session):
     local_only(stack)
     out = session.sh("grep '^Seccomp:' /proc/self/status; unshare -Ur true 2>&1; echo rc=$?")
