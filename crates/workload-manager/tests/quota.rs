@@ -400,6 +400,13 @@ async fn the_hosts_share_of_the_disk_is_the_operators_to_set() {
                 )),
                 "{message}"
             );
+            // Nothing of the refused sandbox is left: no directory, no mount of its run/.
+            let state = s.dir.path().join("state");
+            assert_eq!(mounted_under(&state), Vec::<String>::new());
+            for d in ["sandboxes", "private"] {
+                let left: Vec<_> = std::fs::read_dir(state.join(d)).unwrap().collect();
+                assert!(left.is_empty(), "{d}: {left:?}");
+            }
         }
         disk.dir = Some(s.stop_keeping_dir().await);
     }

@@ -9,6 +9,7 @@
 //!     run/                        the sandbox's /run/agentcube: PicoD binds its sockets here
 //!                                 (as root, `sockets/run` below, bound here)
 //! <state>/private/<name>/         0700, the manager's only: never mounted into the sandbox
+//!                                 (but for `sockets/run/`, as root)
 //!     sockets/                    as root a tmpfs of its own (`SOCKETS_TMPFS`)
 //!         run/                    as root: the sandbox's run/ itself
 //!         picod.sock, port-<N>.sock   moved here from run/ once bound (see `claim_socket`)
@@ -18,7 +19,7 @@
 //! ```
 //!
 //! Everything the Router and the Workload Manager connect to or open lives in `private/`, which
-//! the sandbox cannot see. The only thing taken from `run/` is a socket, by `rename` (which never
+//! the sandbox cannot see (as root, `sockets/run/` is the sandbox's run directory). The only thing taken from `run/` is a socket, by `rename` (which never
 //! follows a symlink) and checked to be a socket afterwards: a symlink planted by sandbox code is
 //! refused and nothing is ever sent to it. `run/` is a host directory the sandbox writes: on the
 //! state directory's disk it was room outside the workspace quota (a sandbox could fill the
