@@ -4,8 +4,8 @@ Upstream's tools with their names and arguments (``run_code``, ``execute_command
 ``write_file``, ``list_files``, ``upload_file``, ``download_file``, ``stop_session``; each takes an
 optional ``session_id``), plus ``run_cell`` (a persistent Python context: variables survive between
 calls, plots come back as images) and ``start_process`` / ``process_output`` / ``stop_process``,
-which take ``session_id`` (and, where they may make a sandbox, ``session_reuse``) as upstream's do
-and answer JSON with the ``session_id``, as upstream's do.
+which take ``session_id`` (and, where they may make a sandbox, ``session_reuse``) and answer JSON
+with the ``session_id``, as upstream's tools do.
 One sandbox session per MCP client — over stdio the server's one client, over HTTP each MCP
 session (see :func:`mcp_session`) — created on first use and stopped by ``stop_session``, when
 the MCP session is gone, or when the server exits, unless a call names another ``session_id``.
@@ -72,6 +72,7 @@ RemotePath = Annotated[str, Field(description="Path in the sandbox's workspace (
 LocalPath = Annotated[str, Field(description="Path on the machine running this MCP server, under its files "
                                              "directory (relative to it).")]
 ProcessId = Annotated[str, Field(description="process_id from start_process's answer.")]
+Command = Annotated[str, Field(description="Shell command (sh -c).")]
 
 #: run_cell's timeout when a call gives none (seconds).
 CELL_TIMEOUT = 300.0
@@ -185,7 +186,7 @@ def build(
         return [as_text(boxes.call(ctx, session_id, session_reuse, op)), *images]
 
     @tool(structured_output=False)
-    def execute_command(ctx: Ctx, command: Annotated[str, Field(description="Shell command (sh -c).")],
+    def execute_command(ctx: Ctx, command: Command,
                         session_id: SessionId = None, session_reuse: Reuse = False,
                         timeout_seconds: Timeout = None) -> Outcome:
         """Runs a shell command (through sh -c) in the sandbox; answers its stdout as ``output``."""
@@ -241,7 +242,7 @@ def build(
         return boxes.call(ctx, session_id, session_reuse, op)
 
     @tool(structured_output=False)
-    def start_process(ctx: Ctx, command: Annotated[str, Field(description="Shell command (sh -c).")],
+    def start_process(ctx: Ctx, command: Command,
                       session_id: SessionId = None, session_reuse: Reuse = False) -> Outcome:
         """Starts a long-running command (sh -c) in the background; answers its ``process_id``
         (pass it, and the ``session_id``, to process_output and stop_process)."""

@@ -11,11 +11,9 @@ use serde_json::json;
 
 fn mounted_under(dir: &std::path::Path) -> Vec<String> {
     let dir = dir.canonicalize().unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(dir.to_str().unwrap()))
+    agentcube_workload_manager::backend::local::mounts::mounted_below(&dir)
+        .iter()
+        .map(|p| p.display().to_string())
         .collect()
 }
 

@@ -33,6 +33,8 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::mounts;
+
 /// PicoD's socket name.
 pub const PICOD_SOCKET: &str = "picod.sock";
 
@@ -119,10 +121,10 @@ impl SandboxPaths {
         mkdir_private(&self.private)?;
         mkdir_private(&self.sockets)?;
         let mut own = vec![&self.dir, &self.ws, &self.run];
-        let inner = self.sockets.join("run");
+        let handover = self.handover();
         if self.tmpfs {
-            mount_tmpfs(&self.sockets)?;
-            own.push(&inner);
+            mounts::tmpfs(&self.sockets, SOCKETS_TMPFS)?;
+            own.push(&handover);
         }
         for d in own {
             mkdir_private(d)?;
@@ -131,13 +133,7 @@ impl SandboxPaths {
             }
         }
         if self.tmpfs {
-            nix::mount::mount(
-                Some(&inner),
-                &self.run,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )?;
+            mounts::bind(&handover, &self.run)?;
         }
         Ok(())
     }
@@ -146,8 +142,8 @@ impl SandboxPaths {
     /// `run/`'s bind and `sockets/`'s tmpfs unmounted first.
     pub async fn remove(&self) {
         if self.tmpfs {
-            unmount(&self.run);
-            unmount(&self.sockets);
+            mounts::detach(&self.run);
+            mounts::detach(&self.sockets);
         }
         for d in [&self.dir, &self.private] {
             // Without cgroups, a process of the sandbox may outlive its launcher by a moment
@@ -176,29 +172,13 @@ impl SandboxPaths {
     }
 }
 
-fn mount_tmpfs(at: &Path) -> io::Result<()> {
-    use nix::mount::MsFlags;
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    nix::mount::mount(Some("tmpfs"), at, Some("tmpfs"), flags, Some(SOCKETS_TMPFS))?;
-    Ok(())
-}
-
-/// Detaches the mount at `at`, if there is one (best effort: a path that is no mount point is
-/// left as it is).
-fn unmount(at: &Path) {
-    let _ = nix::mount::umount2(
-        at,
-        nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
-    );
-}
-
 /// Whether this process may give sandboxes' `sockets/` a tmpfs (root, outside a container that
 /// withholds `CAP_SYS_ADMIN`): mounts and unmounts one on a directory of `private/`.
 pub fn tmpfs_works(state: &Path) -> Result<(), String> {
     let probe = state.join("private").join(".tmpfs-probe");
     mkdir_private(&probe).map_err(|e| format!("{}: {e}", probe.display()))?;
-    let mounted = mount_tmpfs(&probe);
-    unmount(&probe);
+    let mounted = mounts::tmpfs(&probe, SOCKETS_TMPFS);
+    mounts::detach(&probe);
     let _ = std::fs::remove_dir(&probe);
     mounted.map_err(|e| format!("cannot mount a tmpfs: {e}"))
 }
@@ -208,44 +188,15 @@ pub fn tmpfs_works(state: &Path) -> Result<(), String> {
 /// their directories can go. Returns how many.
 pub fn unmount_leftovers(state: &Path) -> usize {
     let below = [state.join("sandboxes"), state.join("private")];
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return 0;
-    };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mount_point(p)))
+    let mut points: Vec<PathBuf> = mounts::mounted_below(state)
+        .into_iter()
         .filter(|p| below.iter().any(|b| p.starts_with(b) && p != b))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in &points {
-        unmount(p);
+        mounts::detach(p);
     }
     points.len()
-}
-
-/// A mount point as `/proc/self/mountinfo` writes it, with its octal escapes (`\040` for a
-/// space, and tab, newline, backslash) undone.
-fn unescape_mount_point(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn mkdir_private(d: &Path) -> io::Result<()> {

@@ -31,6 +31,7 @@ mod config;
 pub mod image;
 pub mod launch;
 pub mod layout;
+pub mod mounts;
 pub mod net;
 pub mod output;
 mod platform;

@@ -97,7 +97,7 @@ fn open_dir<Fd: AsFd, P: ?Sized + nix::NixPath>(at: Fd, name: &P) -> nix::Result
             let path_only =
                 OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
             let inode = openat(at, name, path_only, Mode::empty())?;
-            owner_rwx(&format!("/proc/self/fd/{}", inode.as_raw_fd()));
+            owner_rwx(&inode);
             openat(&inode, c".", flags, Mode::empty())
         }
         other => other,
@@ -107,7 +107,7 @@ fn open_dir<Fd: AsFd, P: ?Sized + nix::NixPath>(at: Fd, name: &P) -> nix::Result
 /// Removes every entry of the directory `fd` but its subdirectories, and returns their names.
 fn empty_but_subdirs(fd: &OwnedFd) -> io::Result<Vec<CString>> {
     // Entries are removed from it next: its owner may have taken away its write permission.
-    owner_rwx(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    owner_rwx(fd);
     let mut listing = Dir::from_fd(openat(
         fd,
         c".",
@@ -163,12 +163,14 @@ fn id_of(fd: &OwnedFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Adds the owner's rwx to the inode `path` names (a `/proc/self/fd` link); best effort.
-fn owner_rwx(path: &str) {
-    if let Ok(meta) = std::fs::metadata(path) {
+/// Adds the owner's rwx to the directory `fd` is (an `O_PATH` one too: changed through its
+/// `/proc/self/fd` link, the inode itself); best effort.
+fn owner_rwx(fd: &OwnedFd) {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if let Ok(meta) = std::fs::metadata(&path) {
         let mode = meta.permissions().mode();
         if mode & 0o700 != 0o700 {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o700));
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode | 0o700));
         }
     }
 }
