@@ -105,6 +105,46 @@ def test_up_on_loopback_keeps_web_pages_out(stack):
     assert requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", timeout=30).status_code == 200
 
 
+def test_standalone_servers_keep_other_sites_pages_out(stack):
+    """A Router and a Workload Manager without caller authentication (upstream's default), which
+    a developer reaches through `kubectl port-forward` as the chart's NOTES show, or anyone on an
+    intranet: any web page that browser shows could POST a command to the Router (text/plain
+    needs no preflight), which made a session and ran it; a page rebinding its name to the
+    port-forward's 127.0.0.1 read the answers too. Both binaries refuse pages of other sites and,
+    from loopback, pages under a foreign name; clients that are no browser are served as before."""
+    if stack.backend == "local":
+        pytest.skip("the standalone binaries (agentcube up keeps every web page out: above)")
+    invoke = f"{stack.router_url}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    body = '{"command": ["id"]}'
+    before = stack.sandboxes()
+    port = stack.router_url.rsplit(":", 1)[1]
+    page = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
+            "Content-Type": "text/plain"}
+    rebound = {"Host": f"rebound.example:{port}", "Origin": f"http://rebound.example:{port}",
+               "Sec-Fetch-Site": "same-origin", "Content-Type": "text/plain"}
+    for headers in (page, rebound):
+        r = requests.post(invoke, data=body, headers=headers, timeout=30)
+        assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN", (headers, r.status_code, r.text)
+        assert "web page" in r.json()["error"] and "x-agentcube-session-id" not in r.headers, r.text
+    wm_port = stack.wm_url.rsplit(":", 1)[1]
+    create = '{"name": "on-demand-interpreter", "namespace": "default"}'
+    for headers in (page, dict(rebound, Host=f"rebound.example:{wm_port}", Origin=f"http://rebound.example:{wm_port}")):
+        r = requests.post(f"{stack.wm_url}/v1/code-interpreter", data=create, headers=headers, timeout=30)
+        assert r.status_code == 403 and "web page" in r.json()["message"], (headers, r.status_code, r.text)
+    assert stack.sandboxes() == before, "a refused page made a sandbox"
+    # A client that is no browser, under a name that is not loopback's (a sidecar, a Service
+    # name), and a page of the same site are served.
+    r = requests.post(invoke, data=body, headers={"Host": "agentcube-router.agentcube.svc"}, timeout=120)
+    assert r.status_code == 200 and "uid=" in r.json()["stdout"], r.text
+    sid = r.headers["x-agentcube-session-id"]
+    r = requests.post(invoke, data=body, timeout=60, headers={
+        "x-agentcube-session-id": sid, "Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"})
+    assert r.status_code == 200, r.text
+    r = requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}", headers={"Sec-Fetch-Site": "none"},
+                        timeout=60)
+    assert r.status_code == 200, r.text
+
+
 class Hydra:
     """Ory Hydra (scripts/build-oidc.sh): in-memory, JWT access tokens, client credentials."""
 

@@ -74,9 +74,10 @@ pub struct Config {
     pub limits: agentcube_serve::Limits,
     /// Which `unix:` entry points may be connected to.
     pub unix_entry_points: proxy::UnixEntryPoints,
-    /// Refuse invocations a web page may have sent (a foreign `Host` or `Origin`, or
-    /// `Sec-Fetch-Site: cross-site`, see [`agentcube_types::browser`]): `agentcube up` on
-    /// loopback without a token.
+    /// On loopback without a token (`agentcube up`): refuse every invocation a web page may have
+    /// sent (a foreign `Host` or `Origin`, or `Sec-Fetch-Site: cross-site`; see
+    /// [`agentcube_types::browser::Guard::Local`]). Otherwise, without `authn`, a page of another
+    /// site and a rebinding page from loopback are still refused (`Guard::Open`).
     pub local_only: bool,
 }
 
@@ -147,7 +148,11 @@ impl RouterService {
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
             shares: shares::Shares::new(config.max_concurrent_per_user),
             scheme: config.scheme,
-            local_only: config.local_only,
+            browser_guard: if config.local_only {
+                agentcube_types::browser::Guard::Local
+            } else {
+                agentcube_types::browser::Guard::unless_authenticated(config.authn.is_some())
+            },
         });
         let (s, st, every) = (
             shared.clone(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use agentcube_serve::{LaneRequest, LaneResponse, Relayed};
 use agentcube_types::api::WorkloadKind;
+use agentcube_types::browser::Guard;
 use agentcube_types::headers::SESSION_ID;
 use axum::Router;
 use axum::body::Body;
@@ -41,8 +42,10 @@ pub struct Shared {
     pub shares: Option<Arc<crate::shares::Shares>>,
     /// `http` or `https` (for X-Forwarded-Proto).
     pub scheme: &'static str,
-    /// Refuse what a web page may have sent ([`crate::Config::local_only`]).
-    pub local_only: bool,
+    /// What a web page may have sent that is refused ([`agentcube_types::browser::Guard`]):
+    /// `Local` on `agentcube up`'s loopback without a token, `Off` with end-user
+    /// authentication, `Open` otherwise.
+    pub browser_guard: agentcube_types::browser::Guard,
 }
 
 impl Shared {
@@ -59,7 +62,7 @@ impl Shared {
             limiter: self.limiter.clone(),
             shares: self.shares.clone(),
             scheme: self.scheme,
-            local_only: self.local_only,
+            browser_guard: self.browser_guard,
         }
     }
 }
@@ -302,8 +305,10 @@ fn invoke<R: Inbound>(
         };
         let authorization = req.first(&header::AUTHORIZATION);
         let answer = 'answer: {
-            if s.local_only
-                && let Some(why) = agentcube_types::browser::refusal(browser_fields(&req))
+            if s.browser_guard != Guard::Off
+                && let Some(why) = s
+                    .browser_guard
+                    .refusal(client.map(|a| a.ip()), browser_fields(&req))
             {
                 break 'answer Err(RouterError::Forbidden(why.into()));
             }
@@ -372,7 +377,7 @@ struct Admitted {
     target: Arc<crate::resolve::Target>,
 }
 
-/// The fields that tell a web page's request ([`crate::Config::local_only`]).
+/// The fields that tell a web page's request ([`Shared::browser_guard`]).
 fn browser_fields<R: Inbound>(req: &R) -> agentcube_types::browser::Fields<'_> {
     agentcube_types::browser::Fields {
         host: req.first(&header::HOST),

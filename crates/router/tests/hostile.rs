@@ -309,6 +309,104 @@ async fn bad_session_headers_and_bodies_are_400_and_create_nothing() {
     assert!(answer.contains("BAD_REQUEST_BODY"), "{answer}");
 }
 
+/// One raw HTTP/1.1 request from a loopback client (as a `kubectl port-forward` delivers a
+/// browser's); the status line and body of the answer.
+async fn raw(router: &Router, head: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let req = format!(
+        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_until_closed(&mut s, Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+/// Without end-user authentication any web page the browser of someone who reaches the Router
+/// shows can `POST` to it (a `text/plain` body needs no preflight) and so make a session and run
+/// a command in it; a page that rebinds its name to a port-forward's `127.0.0.1` reads the
+/// answers too. Such requests are refused before a session is looked up or made; clients that
+/// are no browser, and pages of this machine, are served.
+#[tokio::test]
+async fn pages_of_other_sites_make_no_session_without_authentication() {
+    let store = memory();
+    let (up, _t) = serve(upstream::app()).await;
+    session_to(store.as_ref(), "s1", &host_of(&up)).await;
+    let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = creates.clone();
+    let wm = axum::Router::new().fallback(move || {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }
+    });
+    let (wm_url, _w) = serve(wm).await;
+    let router = Router::start(&wm_url, store, short_limits).await;
+    let post =
+        "POST /v1/namespaces/default/code-interpreters/ci/invocations/api/execute HTTP/1.1\r\n";
+    let cmd = r#"{"command":["sh","-c","id"]}"#;
+    let port = router.url.rsplit(':').next().unwrap().to_string();
+    for (what, fields) in [
+        (
+            "another site's page",
+            "Host: router.agentcube.svc\r\nOrigin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\nContent-Type: text/plain\r\n"
+                .to_string(),
+        ),
+        (
+            "an <img> of another site",
+            "Host: localhost\r\nSec-Fetch-Site: cross-site\r\n".to_string(),
+        ),
+        (
+            "a page rebound to the port-forward",
+            format!(
+                "Host: rebound.example:{port}\r\nOrigin: http://rebound.example:{port}\r\nSec-Fetch-Site: same-origin\r\nContent-Type: text/plain\r\n"
+            ),
+        ),
+        (
+            "a browser without fetch metadata",
+            format!(
+                "Host: localhost:{port}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\n"
+            ),
+        ),
+    ] {
+        let answer = raw(&router, &format!("{post}{fields}"), cmd).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{what}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"FORBIDDEN\"") && answer.contains("web page"),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.contains("x-agentcube-error: router"),
+            "{what}: {answer}"
+        );
+    }
+    assert_eq!(
+        creates.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused page made a session"
+    );
+    // A session's requests from a page of another site are refused the same way.
+    let on_s1 = "GET /v1/namespaces/default/code-interpreters/ci/invocations/ok HTTP/1.1\r\nx-agentcube-session-id: s1\r\n";
+    let answer = raw(
+        &router,
+        &format!("{on_s1}Host: localhost\r\nSec-Fetch-Site: cross-site\r\n"),
+        "",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // Served: a client that is no browser under any name (a sidecar, a Service name), a page this
+    // machine serves, and the browser's own navigation (typed, bookmarked: `none`).
+    for fields in [
+        "Host: rebound.example\r\n".to_string(),
+        format!(
+            "Host: localhost:{port}\r\nOrigin: http://localhost:3000\r\nSec-Fetch-Site: same-site\r\n"
+        ),
+        format!("Host: 127.0.0.1:{port}\r\nSec-Fetch-Site: none\r\n"),
+    ] {
+        let answer = raw(&router, &format!("{on_s1}{fields}"), "").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{fields}: {answer}");
+    }
+}
+
 /// A record made by this project for a given runtime.
 async fn session_for(
     store: &dyn agentcube_store::SessionStore,

@@ -109,9 +109,13 @@ async fn end_users_are_authenticated_authorised_and_kept_to_their_own_sessions()
     assert_eq!(store.count(&agentcube_store::Scope::All).await.unwrap(), 0);
 
     // Alice's new session is hers: recorded with her as owner, usable by her and an admin only.
+    // (Made from a web app of another site: with authentication on, a page cannot act for her
+    // without her token, so fetch metadata is not asked.)
     let r = client()
         .post(&url)
         .header("authorization", format!("Bearer {alice}"))
+        .header("sec-fetch-site", "cross-site")
+        .header("origin", "https://app.example")
         .json(&json!({"command": ["echo", "mine"]}))
         .send()
         .await

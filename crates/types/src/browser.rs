@@ -1,11 +1,13 @@
-//! Requests a web page may have sent, for servers on loopback without a token (`agentcube up`'s
-//! default). Any site's page can `POST` to `127.0.0.1` (a "simple" cross-origin request needs no
-//! preflight: its answer stays unread, its effect does not), and through DNS rebinding a page's
-//! own name comes to resolve to `127.0.0.1`, so that it reads the answers too. Browsers name the
-//! page's site in `Origin` (on every `POST`) and, after rebinding, in `Host`, and mark what any
-//! page asks for with `Sec-Fetch-Site` (a `GET` from an `<img>` carries no `Origin`, and would
-//! make a session and its sandbox); the SDKs, curl and other clients send none of these and a
-//! loopback `Host`.
+//! Requests a web page may have sent, for servers that do not authenticate their callers. Any
+//! site's page can `POST` to any address the browser reaches — `127.0.0.1`, a
+//! `kubectl port-forward`, a Router on the intranet — without a preflight when the request is
+//! "simple" (`text/plain`): its answer stays unread, its effect does not (a session made, a
+//! command run in it). Through DNS rebinding a page's own name comes to resolve to such an
+//! address, so that it reads the answers too. Browsers name the page's site in `Origin` (on every
+//! `POST`) and, after rebinding, in `Host`, and mark what any page asks for with `Sec-Fetch-Site`
+//! (a `GET` from an `<img>` carries no `Origin`, and would make a session and its sandbox); the
+//! SDKs, curl and other clients send none of these. A server that authenticates its callers needs
+//! none of this: a page cannot attach a caller's bearer token.
 
 use std::net::IpAddr;
 
@@ -21,14 +23,60 @@ pub struct Fields<'a> {
 /// Field names [`Fields`] is read from.
 pub const FETCH_SITE: &str = "sec-fetch-site";
 
-/// Why a request with these fields is refused, or `None`. A missing `Host` (HTTP/2 carries the
-/// authority elsewhere, and browsers do not speak cleartext HTTP/2), `Origin` or
-/// `Sec-Fetch-Site` passes (browsers older than fetch metadata send no `Sec-Fetch-Site`: their
-/// cross-site `GET`s still pass).
-pub fn refusal(f: Fields<'_>) -> Option<&'static str> {
+/// Which requests a server refuses as a web page's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// None: the server authenticates its callers.
+    Off,
+    /// A server without caller authentication on any address (the standalone Router and
+    /// Workload Manager): no page of another site (`Sec-Fetch-Site: cross-site`), and from a
+    /// loopback peer (a `kubectl port-forward`, a listener on this machine) a request a browser
+    /// marked (`Origin` or `Sec-Fetch-Site`) is held to [`Guard::Local`]'s rules: a page that
+    /// rebound its name to the port-forward's `127.0.0.1` names itself in `Host`.
+    Open,
+    /// A server on loopback without a token (`agentcube up`): any request naming no loopback
+    /// `Host`, or a foreign `Origin`, or `Sec-Fetch-Site: cross-site`.
+    Local,
+}
+
+impl Guard {
+    /// The guard of a server that authenticates its callers or not.
+    pub fn unless_authenticated(authenticated: bool) -> Self {
+        if authenticated { Self::Off } else { Self::Open }
+    }
+
+    /// Why a request from `peer` with these fields is refused, or `None`.
+    pub fn refusal(self, peer: Option<IpAddr>, f: Fields<'_>) -> Option<&'static str> {
+        match self {
+            Self::Off => None,
+            Self::Local => refusal(f),
+            Self::Open => {
+                if cross_site(f) {
+                    return Some(CROSS_SITE);
+                }
+                let marked = f.origin.is_some() || f.fetch_site.is_some();
+                let loopback = peer.is_some_and(|ip| ip.to_canonical().is_loopback());
+                if marked && loopback { refusal(f) } else { None }
+            }
+        }
+    }
+}
+
+const CROSS_SITE: &str = "a web page of another site sent this request (Sec-Fetch-Site: cross-site); a server that does not authenticate its callers serves no other site's pages";
+
+fn cross_site(f: Fields<'_>) -> bool {
+    f.fetch_site
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"cross-site"))
+}
+
+/// Why a request with these fields is refused under [`Guard::Local`], or `None`. A missing
+/// `Host` (HTTP/2 carries the authority elsewhere, and browsers do not speak cleartext HTTP/2),
+/// `Origin` or `Sec-Fetch-Site` passes (browsers older than fetch metadata send no
+/// `Sec-Fetch-Site`: their cross-site `GET`s still pass).
+fn refusal(f: Fields<'_>) -> Option<&'static str> {
     if f.host.is_some_and(|h| !local_authority(h)) {
         return Some(
-            "the Host header names no loopback address: a web page may have reached this server by DNS rebinding (start it with a token to serve other names)",
+            "the Host header names no loopback address: a web page may have reached this server by DNS rebinding (a server that authenticates its callers serves other names)",
         );
     }
     if f.origin.is_some_and(|o| !local_origin(o)) {
@@ -36,10 +84,8 @@ pub fn refusal(f: Fields<'_>) -> Option<&'static str> {
             "a web page of another origin sent this request (its Origin is not a loopback one)",
         );
     }
-    if f.fetch_site
-        .is_some_and(|s| s.eq_ignore_ascii_case(b"cross-site"))
-    {
-        return Some("a web page of another site sent this request (Sec-Fetch-Site: cross-site)");
+    if cross_site(f) {
+        return Some(CROSS_SITE);
     }
     None
 }
@@ -91,7 +137,9 @@ fn local_origin(origin: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Fields, refusal};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{Fields, Guard, refusal};
 
     fn passes(host: &str, origin: Option<&str>) -> bool {
         refusal(Fields {
@@ -174,5 +222,92 @@ mod tests {
             .is_some()
         );
         assert!(!fetched_from("cross-site") && !fetched_from("Cross-Site"));
+    }
+
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    const REMOTE: Option<IpAddr> = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+
+    fn open(peer: Option<IpAddr>, host: &str, origin: Option<&str>, site: Option<&str>) -> bool {
+        let f = Fields {
+            host: Some(host.as_bytes()),
+            origin: origin.map(str::as_bytes),
+            fetch_site: site.map(str::as_bytes),
+        };
+        Guard::Open.refusal(peer, f).is_none()
+    }
+
+    #[test]
+    fn open_servers_refuse_other_sites_pages_from_anywhere() {
+        for peer in [LOOPBACK, REMOTE, None] {
+            for host in ["router.agentcube.svc:8080", "localhost:8080"] {
+                assert!(
+                    !open(peer, host, None, Some("cross-site")),
+                    "{peer:?} {host}"
+                );
+                let evil = Some("https://evil.example");
+                assert!(
+                    !open(peer, host, evil, Some("cross-site")),
+                    "{peer:?} {host}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn open_servers_hold_marked_requests_from_loopback_to_loopback_names() {
+        let v4_mapped = Some("::ffff:127.0.0.1".parse().unwrap());
+        let rebound = "rebound.example:8080";
+        for peer in [LOOPBACK, v4_mapped] {
+            // A page that rebound its name to a port-forward: same-origin to itself.
+            let own = Some("http://rebound.example:8080");
+            assert!(!open(peer, rebound, own, Some("same-origin")));
+            assert!(!open(peer, rebound, None, Some("same-origin")));
+            assert!(!open(peer, rebound, own, None));
+            // A browser without fetch metadata, posting from another site to a port-forward.
+            assert!(!open(
+                peer,
+                "localhost:8080",
+                Some("https://evil.example"),
+                None
+            ));
+            // A page this machine serves, and every client that is no browser.
+            assert!(open(
+                peer,
+                "localhost:8080",
+                Some("http://localhost:3000"),
+                Some("same-site")
+            ));
+            assert!(open(peer, rebound, None, None));
+            assert!(open(peer, "router.agentcube.svc:8080", None, None));
+        }
+        // From another address, names are the network's business: a page on its own site.
+        let own = Some("https://agents.example");
+        assert!(open(REMOTE, "agents.example", own, Some("same-origin")));
+        assert!(open(REMOTE, "agents.example", None, Some("none")));
+        assert!(open(
+            None,
+            rebound,
+            Some("http://rebound.example:8080"),
+            Some("same-origin")
+        ));
+    }
+
+    #[test]
+    fn off_refuses_nothing_and_local_keeps_its_rules() {
+        let f = Fields {
+            host: Some(b"rebound.example"),
+            origin: Some(b"https://evil.example"),
+            fetch_site: Some(b"cross-site"),
+        };
+        assert!(Guard::Off.refusal(LOOPBACK, f).is_none());
+        assert_eq!(Guard::unless_authenticated(true), Guard::Off);
+        assert_eq!(Guard::unless_authenticated(false), Guard::Open);
+        // Local: a foreign Host is refused from any peer, and without a browser's marks.
+        let unmarked = Fields {
+            host: Some(b"rebound.example"),
+            ..Fields::default()
+        };
+        assert!(Guard::Local.refusal(REMOTE, unmarked).is_some());
+        assert!(Guard::Open.refusal(LOOPBACK, unmarked).is_none());
     }
 }

@@ -1,14 +1,16 @@
 //! The HTTP API (spec §2.2): health, create, delete, and the session reads of upstream PR #331
 //! (list one kind's sessions, get one). Error bodies are `{"message": ...}`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use agentcube_types::api::{
     CreateSandboxRequest, CreateSandboxResponse, MessageBody, WorkloadKind,
 };
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
@@ -47,17 +49,32 @@ fn parse(body: &Bytes) -> Result<CreateSandboxRequest, ApiError> {
     serde_json::from_slice(body).map_err(|_| ApiError::BadRequest("Invalid request body".into()))
 }
 
-/// The caller (401 when authentication is on and the token is missing or bad).
-async fn caller(m: &Manager, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
-    m.auth.authenticate(headers).await
+/// The caller (401 when authentication is on and the token is missing or bad; 403 for what a
+/// web page may have sent when it is off).
+async fn caller(m: &Manager, headers: &HeaderMap, peer: Peer) -> Result<Option<Caller>, ApiError> {
+    m.auth.authenticate(headers, peer.0).await
+}
+
+/// The client's address (TCP listeners; `None` in-process and on Unix sockets).
+#[derive(Debug, Clone, Copy)]
+struct Peer(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let addr = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+        Ok(Self(addr.map(|ConnectInfo(a)| a.ip())))
+    }
 }
 
 async fn create<K: Kind>(
     State(m): State<Arc<Manager>>,
     headers: HeaderMap,
+    peer: Peer,
     body: Bytes,
 ) -> Result<Json<CreateSandboxResponse>, ApiError> {
-    let caller = caller(&m, &headers).await?;
+    let caller = caller(&m, &headers, peer).await?;
     let owner = crate::auth::end_user(&headers, m.public_key.get().as_deref())?;
     let who = Requester { caller, owner };
     Ok(Json(m.create(K::KIND, parse(&body)?, who).await?))
@@ -99,11 +116,12 @@ struct SessionList {
 async fn list<K: Kind>(
     State(m): State<Arc<Manager>>,
     headers: HeaderMap,
+    peer: Peer,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionList>, ApiError> {
     // Without caller authentication a session's id is its only key (as upstream): a list would
     // hand every id to whoever reaches this port (in a cluster, any pod, a sandbox's included).
-    let Some(caller) = caller(&m, &headers).await? else {
+    let Some(caller) = caller(&m, &headers, peer).await? else {
         return Err(ApiError::Forbidden(
             "listing sessions needs caller authentication (--enable-auth, or agentcube up's \
              --auth-token): without it a session's id is its only key"
@@ -131,18 +149,20 @@ async fn list<K: Kind>(
 async fn get_session<K: Kind>(
     State(m): State<Arc<Manager>>,
     headers: HeaderMap,
+    peer: Peer,
     Path(id): Path<String>,
 ) -> Result<Json<agentcube_types::SessionRecord>, ApiError> {
-    let caller = caller(&m, &headers).await?;
+    let caller = caller(&m, &headers, peer).await?;
     Ok(Json(m.find(K::KIND, &id, caller.as_ref()).await?))
 }
 
 async fn delete_session<K: Kind>(
     State(m): State<Arc<Manager>>,
     headers: HeaderMap,
+    peer: Peer,
     Path(id): Path<String>,
 ) -> Result<Json<MessageBody>, ApiError> {
-    let caller = caller(&m, &headers).await?;
+    let caller = caller(&m, &headers, peer).await?;
     m.delete(K::KIND, &id, caller.as_ref()).await?;
     Ok(Json(MessageBody {
         message: "Sandbox deleted successfully".into(),

@@ -15,10 +15,12 @@
 //!   the Router authenticated; it becomes the session's `ownerId`, which the Router enforces.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentcube_types::BackingKind;
+use agentcube_types::browser::Guard;
 
 use crate::budget::Budget;
 use agentcube_types::claims::{IDENTITY_AUDIENCE, ROUTER_ISSUER};
@@ -52,11 +54,13 @@ pub struct Caller {
 
 /// How callers are authenticated.
 pub enum CallerAuth {
-    /// Everyone may do everything (upstream's default).
+    /// Everyone may do everything (upstream's default), but no page of another site, nor a page
+    /// that rebound its name to a loopback peer's address (a `kubectl port-forward`)
+    /// ([`agentcube_types::browser::Guard::Open`]: a 403).
     Off,
     /// Off, on loopback (`agentcube up` without a token): everyone on this machine may do
-    /// everything, and no web page may ([`agentcube_types::browser`]: a foreign `Host` or
-    /// `Origin`, or `Sec-Fetch-Site: cross-site`, is a 403).
+    /// everything, and no web page may ([`agentcube_types::browser::Guard::Local`]: a foreign
+    /// `Host` or `Origin`, or `Sec-Fetch-Site: cross-site`, is a 403).
     LocalOnly,
     /// One static bearer token; its holder is the administrator `local`.
     Token(String),
@@ -75,7 +79,7 @@ impl std::fmt::Debug for CallerAuth {
     }
 }
 
-/// The fields that tell a web page's request ([`CallerAuth::LocalOnly`]).
+/// The fields that tell a web page's request ([`CallerAuth::Off`], [`CallerAuth::LocalOnly`]).
 fn browser_fields(headers: &http::HeaderMap) -> agentcube_types::browser::Fields<'_> {
     let field = |name: &str| headers.get(name).map(http::HeaderValue::as_bytes);
     agentcube_types::browser::Fields {
@@ -86,17 +90,23 @@ fn browser_fields(headers: &http::HeaderMap) -> agentcube_types::browser::Fields
 }
 
 impl CallerAuth {
-    /// The caller of a request (`None` when authentication is off), or the 401 to answer.
+    /// The caller of a request from `peer` (`None` when authentication is off), or the 401 (a
+    /// bad token) or 403 (a web page's request, authentication off) to answer.
     pub async fn authenticate(
         &self,
         headers: &http::HeaderMap,
+        peer: Option<IpAddr>,
     ) -> Result<Option<Caller>, ApiError> {
+        let guard = match self {
+            Self::Off => Guard::Open,
+            Self::LocalOnly => Guard::Local,
+            Self::Token(_) | Self::TokenReview(_) => Guard::Off,
+        };
+        if let Some(why) = guard.refusal(peer, browser_fields(headers)) {
+            return Err(ApiError::Forbidden(why.into()));
+        }
         match self {
-            Self::Off => Ok(None),
-            Self::LocalOnly => match agentcube_types::browser::refusal(browser_fields(headers)) {
-                Some(why) => Err(ApiError::Forbidden(why.into())),
-                None => Ok(None),
-            },
+            Self::Off | Self::LocalOnly => Ok(None),
             Self::Token(want) => {
                 let token = bearer(headers)?;
                 if agentcube_types::claims::constant_time_eq(token.as_bytes(), want.as_bytes()) {
@@ -451,7 +461,7 @@ mod tests {
     async fn static_token_and_header_parsing() {
         let auth = CallerAuth::Token("s3cret".into());
         let ok = auth
-            .authenticate(&headers(&[("authorization", "Bearer s3cret")]))
+            .authenticate(&headers(&[("authorization", "Bearer s3cret")]), LOOPBACK)
             .await
             .unwrap()
             .unwrap();
@@ -471,11 +481,68 @@ mod tests {
                 "Invalid or expired token",
             ),
         ] {
-            assert_eq!(message(auth.authenticate(&headers(&h)).await), want);
+            assert_eq!(
+                message(auth.authenticate(&headers(&h), LOOPBACK).await),
+                want
+            );
         }
         assert_eq!(
-            CallerAuth::Off.authenticate(&headers(&[])).await.unwrap(),
+            CallerAuth::Off
+                .authenticate(&headers(&[]), LOOPBACK)
+                .await
+                .unwrap(),
             None
+        );
+    }
+
+    const LOOPBACK: Option<std::net::IpAddr> =
+        Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    #[tokio::test]
+    async fn without_authentication_other_sites_pages_are_refused() {
+        let cross_site = [
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://evil.example"),
+        ];
+        let remote = Some("10.0.0.7".parse().unwrap());
+        for peer in [LOOPBACK, remote, None] {
+            let refused = CallerAuth::Off
+                .authenticate(&headers(&cross_site), peer)
+                .await;
+            assert!(
+                matches!(refused, Err(ApiError::Forbidden(_))),
+                "{peer:?}: {refused:?}"
+            );
+        }
+        // A page that rebound its name to a port-forward (loopback), and the same name from
+        // elsewhere (the network's business).
+        let rebound = [
+            ("host", "rebound.example:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        let refused = CallerAuth::Off
+            .authenticate(&headers(&rebound), LOOPBACK)
+            .await;
+        assert!(
+            matches!(refused, Err(ApiError::Forbidden(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            CallerAuth::Off
+                .authenticate(&headers(&rebound), remote)
+                .await
+                .unwrap(),
+            None
+        );
+        // A caller's token is what a page cannot send: with one, fetch metadata is not asked.
+        let mut with_token = cross_site.to_vec();
+        with_token.push(("authorization", "Bearer s3cret"));
+        let auth = CallerAuth::Token("s3cret".into());
+        assert!(
+            auth.authenticate(&headers(&with_token), LOOPBACK)
+                .await
+                .unwrap()
+                .is_some()
         );
     }
 
@@ -491,7 +558,7 @@ mod tests {
             vec![],
         ] {
             assert_eq!(
-                local.authenticate(&headers(&h)).await.unwrap(),
+                local.authenticate(&headers(&h), LOOPBACK).await.unwrap(),
                 None,
                 "{h:?}"
             );
@@ -503,7 +570,7 @@ mod tests {
                 ("origin", "https://evil.example"),
             ],
         ] {
-            let refused = local.authenticate(&headers(&h)).await;
+            let refused = local.authenticate(&headers(&h), LOOPBACK).await;
             assert!(
                 matches!(refused, Err(ApiError::Forbidden(_))),
                 "{h:?}: {refused:?}"
