@@ -265,10 +265,15 @@ async fn connections_over_the_cap_get_the_routers_503_and_the_router_recovers() 
     assert!(router.shared().metrics.serve.refused.get() >= 1);
 }
 
-#[tokio::test]
-async fn bad_session_headers_and_bodies_are_400_and_create_nothing() {
+/// A Router (short limits) with session `s1` on a test upstream, whose Workload Manager counts
+/// the calls it gets (each answered 500); the tasks serving both.
+async fn router_counting_creates() -> (
+    Router,
+    Arc<std::sync::atomic::AtomicUsize>,
+    [tokio::task::JoinHandle<()>; 2],
+) {
     let store = memory();
-    let (up, _t) = serve(upstream::app()).await;
+    let (up, upstream_task) = serve(upstream::app()).await;
     session_to(store.as_ref(), "s1", &host_of(&up)).await;
     let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = creates.clone();
@@ -276,8 +281,14 @@ async fn bad_session_headers_and_bodies_are_400_and_create_nothing() {
         seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }
     });
-    let (wm_url, _w) = serve(wm).await;
+    let (wm_url, wm_task) = serve(wm).await;
     let router = Router::start(&wm_url, store, short_limits).await;
+    (router, creates, [upstream_task, wm_task])
+}
+
+#[tokio::test]
+async fn bad_session_headers_and_bodies_are_400_and_create_nothing() {
+    let (router, creates, _tasks) = router_counting_creates().await;
     let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
     let mut head = b"GET /v1/namespaces/default/code-interpreters/x/invocations/ HTTP/1.1\r\nHost: r\r\nConnection: close\r\nx-agentcube-session-id: ".to_vec();
     head.extend([0xff, 0xfe, b'x']);
@@ -330,17 +341,7 @@ async fn raw(router: &Router, head: &str, body: &str) -> String {
 /// are no browser, and pages of this machine, are served.
 #[tokio::test]
 async fn pages_of_other_sites_make_no_session_without_authentication() {
-    let store = memory();
-    let (up, _t) = serve(upstream::app()).await;
-    session_to(store.as_ref(), "s1", &host_of(&up)).await;
-    let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = creates.clone();
-    let wm = axum::Router::new().fallback(move || {
-        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }
-    });
-    let (wm_url, _w) = serve(wm).await;
-    let router = Router::start(&wm_url, store, short_limits).await;
+    let (router, creates, _tasks) = router_counting_creates().await;
     let post =
         "POST /v1/namespaces/default/code-interpreters/ci/invocations/api/execute HTTP/1.1\r\n";
     let cmd = r#"{"command":["sh","-c","id"]}"#;
