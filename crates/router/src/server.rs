@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use agentcube_serve::{LaneRequest, LaneResponse, Relayed};
 use agentcube_types::api::WorkloadKind;
-use agentcube_types::browser::Guard;
+use agentcube_types::browser::{Field, Guard};
 use agentcube_types::headers::SESSION_ID;
 use axum::Router;
 use axum::body::Body;
@@ -308,7 +308,7 @@ fn invoke<R: Inbound>(
             if s.browser_guard != Guard::Off
                 && let Some(why) = s
                     .browser_guard
-                    .refusal(client.map(|a| a.ip()), browser_fields(&req))
+                    .refusal_of(client.map(|a| a.ip()), |f| req.first(field_name(f)))
             {
                 break 'answer Err(RouterError::Forbidden(why.into()));
             }
@@ -377,17 +377,17 @@ struct Admitted {
     target: Arc<crate::resolve::Target>,
 }
 
-/// The fields that tell a web page's request ([`Shared::browser_guard`]).
-fn browser_fields<R: Inbound>(req: &R) -> agentcube_types::browser::Fields<'_> {
-    agentcube_types::browser::Fields {
-        host: req.first(&header::HOST),
-        origin: req.first(&header::ORIGIN),
-        fetch_site: req.first(&FETCH_SITE),
+/// The name of a field that tells a web page's request ([`Shared::browser_guard`]).
+fn field_name(f: Field) -> &'static http::HeaderName {
+    match f {
+        Field::Host => &header::HOST,
+        Field::Origin => &header::ORIGIN,
+        Field::FetchSite => &FETCH_SITE,
     }
 }
 
 /// `Sec-Fetch-Site`, built once.
-const FETCH_SITE: http::HeaderName =
+static FETCH_SITE: http::HeaderName =
     http::HeaderName::from_static(agentcube_types::browser::FETCH_SITE);
 
 /// Authenticates the caller (the `Authorization` field's value), then finds the session the

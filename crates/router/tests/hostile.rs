@@ -362,12 +362,6 @@ async fn pages_of_other_sites_make_no_session_without_authentication() {
                 "Host: rebound.example:{port}\r\nOrigin: http://rebound.example:{port}\r\nSec-Fetch-Site: same-origin\r\nContent-Type: text/plain\r\n"
             ),
         ),
-        (
-            "a browser without fetch metadata",
-            format!(
-                "Host: localhost:{port}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\n"
-            ),
-        ),
     ] {
         let answer = raw(&router, &format!("{post}{fields}"), cmd).await;
         assert!(answer.starts_with("HTTP/1.1 403"), "{what}: {answer}");

@@ -180,8 +180,13 @@ impl LaneRequest {
 
     /// The first value of the field `name` (matched ignoring ASCII case).
     pub fn first(&self, name: &str) -> Option<&[u8]> {
-        self.fields()
-            .find_map(|(n, v)| n.eq_ignore_ascii_case(name.as_bytes()).then_some(v))
+        // Lengths first: most fields are passed over without slicing the head.
+        let name = name.as_bytes();
+        let line = self.lines.iter().find(|l| {
+            usize::from(l.name.1 - l.name.0) == name.len()
+                && self.head[range(l.name)].eq_ignore_ascii_case(name)
+        })?;
+        Some(&self.head[range(line.value)])
     }
 
     /// The value of the `i`-th field (in [`LaneRequest::fields`]' order) as an
