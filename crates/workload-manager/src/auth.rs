@@ -498,6 +498,15 @@ mod tests {
     const LOOPBACK: Option<std::net::IpAddr> =
         Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
+    /// `auth` answers a request with these fields from `peer` with a 403.
+    async fn assert_forbidden(auth: &CallerAuth, fields: &[(&str, &str)], peer: Option<IpAddr>) {
+        let answer = auth.authenticate(&headers(fields), peer).await;
+        assert!(
+            matches!(answer, Err(ApiError::Forbidden(_))),
+            "{fields:?} from {peer:?}: {answer:?}"
+        );
+    }
+
     #[tokio::test]
     async fn without_authentication_other_sites_pages_are_refused() {
         let cross_site = [
@@ -506,13 +515,7 @@ mod tests {
         ];
         let remote = Some("10.0.0.7".parse().unwrap());
         for peer in [LOOPBACK, remote, None] {
-            let refused = CallerAuth::Off
-                .authenticate(&headers(&cross_site), peer)
-                .await;
-            assert!(
-                matches!(refused, Err(ApiError::Forbidden(_))),
-                "{peer:?}: {refused:?}"
-            );
+            assert_forbidden(&CallerAuth::Off, &cross_site, peer).await;
         }
         // A page that rebound its name to a port-forward (loopback), and the same name from
         // elsewhere (the network's business).
@@ -520,13 +523,7 @@ mod tests {
             ("host", "rebound.example:8080"),
             ("sec-fetch-site", "same-origin"),
         ];
-        let refused = CallerAuth::Off
-            .authenticate(&headers(&rebound), LOOPBACK)
-            .await;
-        assert!(
-            matches!(refused, Err(ApiError::Forbidden(_))),
-            "{refused:?}"
-        );
+        assert_forbidden(&CallerAuth::Off, &rebound, LOOPBACK).await;
         assert_eq!(
             CallerAuth::Off
                 .authenticate(&headers(&rebound), remote)
@@ -570,11 +567,7 @@ mod tests {
                 ("origin", "https://evil.example"),
             ],
         ] {
-            let refused = local.authenticate(&headers(&h), LOOPBACK).await;
-            assert!(
-                matches!(refused, Err(ApiError::Forbidden(_))),
-                "{h:?}: {refused:?}"
-            );
+            assert_forbidden(&local, &h, LOOPBACK).await;
         }
     }
 }
