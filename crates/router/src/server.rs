@@ -45,7 +45,7 @@ pub struct Shared {
     /// What a web page may have sent that is refused ([`agentcube_types::browser::Guard`]):
     /// `Local` on `agentcube up`'s loopback without a token, `Off` with end-user
     /// authentication, `Open` otherwise.
-    pub browser_guard: agentcube_types::browser::Guard,
+    pub browser_guard: Guard,
 }
 
 impl Shared {
@@ -305,10 +305,9 @@ fn invoke<R: Inbound>(
         };
         let authorization = req.first(&header::AUTHORIZATION);
         let answer = 'answer: {
-            if s.browser_guard != Guard::Off
-                && let Some(why) = s
-                    .browser_guard
-                    .refusal_of(client.map(|a| a.ip()), |f| req.first(field_name(f)))
+            if let Some(why) = s
+                .browser_guard
+                .refusal_of(client.map(|a| a.ip()), |f| req.first(field_name(f)))
             {
                 break 'answer Err(RouterError::Forbidden(why.into()));
             }

@@ -11,7 +11,7 @@
 
 use std::net::IpAddr;
 
-/// The fields [`refusal`] reads, raw.
+/// The fields [`Guard::refusal_of`] reads, raw.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fields<'a> {
     pub host: Option<&'a [u8]>,
@@ -32,12 +32,13 @@ pub enum Field {
     FetchSite,
 }
 
-impl Fields<'_> {
-    fn get(&self, field: Field) -> Option<&[u8]> {
-        match field {
-            Field::Host => self.host,
-            Field::Origin => self.origin,
-            Field::FetchSite => self.fetch_site,
+impl Field {
+    /// Its name, lowercase.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Origin => "origin",
+            Self::FetchSite => FETCH_SITE,
         }
     }
 }
@@ -65,13 +66,9 @@ impl Guard {
         if authenticated { Self::Off } else { Self::Open }
     }
 
-    /// Why a request from `peer` with these fields is refused, or `None`.
-    pub fn refusal(self, peer: Option<IpAddr>, f: Fields<'_>) -> Option<&'static str> {
-        self.refusal_of(peer, |field| f.get(field))
-    }
-
-    /// [`Guard::refusal`], asking `field` for a field only when the answer depends on it (a
-    /// proxy's every request: under `Open`, a request without fetch metadata costs one lookup).
+    /// Why a request from `peer` is refused, or `None`, asking `field` for a field's value only
+    /// when the answer depends on it (a proxy's every request: under `Open`, a request without
+    /// fetch metadata costs one lookup).
     pub fn refusal_of<'a>(
         self,
         peer: Option<IpAddr>,
@@ -176,7 +173,7 @@ fn local_origin(origin: &[u8]) -> bool {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use super::{Fields, Guard, refusal};
+    use super::{Field, Fields, Guard, refusal};
 
     fn passes(host: &str, origin: Option<&str>) -> bool {
         refusal(Fields {
@@ -259,6 +256,17 @@ mod tests {
             .is_some()
         );
         assert!(!fetched_from("cross-site") && !fetched_from("Cross-Site"));
+    }
+
+    impl Guard {
+        /// The refusal of a request with these fields.
+        fn refusal(self, peer: Option<IpAddr>, f: Fields<'_>) -> Option<&'static str> {
+            self.refusal_of(peer, |field| match field {
+                Field::Host => f.host,
+                Field::Origin => f.origin,
+                Field::FetchSite => f.fetch_site,
+            })
+        }
     }
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));

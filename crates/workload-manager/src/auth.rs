@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentcube_types::BackingKind;
-use agentcube_types::browser::Guard;
+use agentcube_types::browser::{Field, Guard};
 
 use crate::budget::Budget;
 use agentcube_types::claims::{IDENTITY_AUDIENCE, ROUTER_ISSUER};
@@ -79,16 +79,6 @@ impl std::fmt::Debug for CallerAuth {
     }
 }
 
-/// The fields that tell a web page's request ([`CallerAuth::Off`], [`CallerAuth::LocalOnly`]).
-fn browser_fields(headers: &http::HeaderMap) -> agentcube_types::browser::Fields<'_> {
-    let field = |name: &str| headers.get(name).map(http::HeaderValue::as_bytes);
-    agentcube_types::browser::Fields {
-        host: field("host"),
-        origin: field("origin"),
-        fetch_site: field(agentcube_types::browser::FETCH_SITE),
-    }
-}
-
 impl CallerAuth {
     /// The caller of a request from `peer` (`None` when authentication is off), or the 401 (a
     /// bad token) or 403 (a web page's request, authentication off) to answer.
@@ -102,7 +92,8 @@ impl CallerAuth {
             Self::LocalOnly => Guard::Local,
             Self::Token(_) | Self::TokenReview(_) => Guard::Off,
         };
-        if let Some(why) = guard.refusal(peer, browser_fields(headers)) {
+        let field = |f: Field| headers.get(f.name()).map(http::HeaderValue::as_bytes);
+        if let Some(why) = guard.refusal_of(peer, field) {
             return Err(ApiError::Forbidden(why.into()));
         }
         match self {

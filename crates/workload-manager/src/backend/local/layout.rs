@@ -19,11 +19,12 @@
 //! ```
 //!
 //! Everything the Router and the Workload Manager connect to or open lives in `private/`, which
-//! the sandbox cannot see (as root, `sockets/run/` is the sandbox's run directory). The only thing taken from `run/` is a socket, by `rename` (which never
-//! follows a symlink) and checked to be a socket afterwards: a symlink planted by sandbox code is
-//! refused and nothing is ever sent to it. `run/` is a host directory the sandbox writes: on the
-//! state directory's disk it was room outside the workspace quota (a sandbox could fill the
-//! disk through it) and a place to nest directories deeper than the manager's stack. As root it
+//! the sandbox cannot see (as root, `sockets/run/` is the sandbox's run directory). The only
+//! thing taken from `run/` is a socket, by `rename` (which never follows a symlink) and checked
+//! to be a socket afterwards: a symlink planted by sandbox code is refused and nothing is ever
+//! sent to it. `run/` is a host directory the sandbox writes: on the state directory's disk it
+//! was room outside the workspace quota (a sandbox could fill the disk through it) and a place to
+//! nest directories deeper than the manager's stack. As root it
 //! is on a tmpfs of a few KiB and inodes instead, the one the sockets move within (`rename`
 //! cannot cross filesystems, nor mounts: the move is made on the tmpfs's own mount, the bind at
 //! `sandboxes/<name>/run` being only the path the sandbox's uid can reach), unmounted with the
