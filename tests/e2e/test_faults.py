@@ -20,6 +20,12 @@ def url(stack, ns, kind, name, path):
     return f"{stack.router_url}/v1/namespaces/{ns}/{kind}/{name}/invocations/{path}"
 
 
+def made_for(stack, name: str, before: set) -> set:
+    """The sandboxes of definition `name` that were not there `before` (warm pools may fill at
+    the same time)."""
+    return {s for s in stack.sandboxes() - before if s.startswith(name + "-")}
+
+
 def test_an_http2_client_reaches_an_http1_agent_and_leaves_no_orphan(stack):
     before = stack.sandboxes()
     out = subprocess.run(
@@ -30,11 +36,35 @@ def test_an_http2_client_reaches_an_http1_agent_and_leaves_no_orphan(stack):
     assert head.startswith("HTTP/2 200"), out.stdout + out.stderr
     assert '"echo: h2"' in body
     sid = next(l.split(":", 1)[1].strip() for l in head.splitlines() if l.lower().startswith("x-agentcube-session-id"))
+    assert made_for(stack, "echo-agent", before), "the session's sandbox runs"
     assert requests.delete(f"{stack.wm_url}/v1/agent-runtime/sessions/{sid}").status_code == 200
     deadline = time.time() + 30
-    while stack.sandboxes() - before and time.time() < deadline:
+    while made_for(stack, "echo-agent", before) and time.time() < deadline:
         time.sleep(0.2)
-    assert not stack.sandboxes() - before, "a sandbox outlived its session"
+    assert not made_for(stack, "echo-agent", before), "a sandbox outlived its session"
+
+
+def test_a_client_gone_before_its_first_answer_leaves_no_sandbox(stack):
+    """A request without a session makes one whose id the client learns from the answer only.
+    A client that goes away before it (a timeout, a cancelled call) left that sandbox running,
+    unnamed, until its idle timeout; the Router now deletes it."""
+    before = stack.sandboxes()
+    host, port = stack.router_url.removeprefix("http://").split(":")
+    body = b'{"command":["sleep","60"]}'
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+                  b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 60
+        while not made_for(stack, "on-demand-interpreter", before) and time.time() < deadline:
+            time.sleep(0.1)
+        made = made_for(stack, "on-demand-interpreter", before)
+        assert made, "the request made no sandbox"
+        time.sleep(1)  # the command runs
+    deadline = time.time() + 30
+    while stack.sandboxes() & made and time.time() < deadline:
+        time.sleep(0.2)
+    assert not stack.sandboxes() & made, "the unnamed session's sandbox is still running"
 
 
 @pytest.mark.parametrize("ns,name", [("default", "invocations-ci"), ("invocations", "ci")])

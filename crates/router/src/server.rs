@@ -368,8 +368,9 @@ fn session_header(value: Option<&[u8]>) -> Result<Option<&str>, RouterError> {
 /// A request let through: who sent it, its concurrency slot and its session's sandbox.
 struct Admitted {
     caller: Option<Arc<crate::oidc::Caller>>,
-    /// The session was made for this request (it had none).
-    created: bool,
+    /// The session made for this request (it had none), until its id is on its way to the
+    /// client.
+    created: Option<Box<Unclaimed>>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The end user's slot (boxed: the hot path's future stays small).
     share: Option<Box<crate::shares::Share>>,
@@ -426,13 +427,20 @@ async fn admit(
         }
         None => Box::pin(create(s, t, caller.as_deref())).await?,
     };
+    let created = session.is_none().then(|| {
+        Box::new(Unclaimed {
+            shared: s.clone(),
+            kind: t.kind,
+            session_id: Some(target.session_id.clone()),
+        })
+    });
     if tracing::enabled!(tracing::Level::DEBUG) {
         // Only then is the invocation's span on (asking for the current span costs a lookup).
         tracing::Span::current().record("session_id", &*target.session_id);
     }
     Ok(Admitted {
         caller,
-        created: session.is_none(),
+        created,
         permit,
         share,
         target,
@@ -442,6 +450,9 @@ async fn admit(
 /// The sandbox answered: activity counts only that (a dead sandbox does not stay "active"), at
 /// the answer and again when it has been streamed out.
 fn answered(s: &AppState, resp: Answered, a: Admitted) -> LaneResponse {
+    if let Some(mut new) = a.created {
+        new.delivered();
+    }
     let answered_at = s.activity.record(&a.target.session_id);
     let done = Done {
         shared: s.clone(),
@@ -455,10 +466,8 @@ fn answered(s: &AppState, resp: Answered, a: Admitted) -> LaneResponse {
 
 /// The sandbox was not reached, or did not answer: the error the client gets.
 async fn failed(s: &AppState, t: &Call<'_>, a: Admitted, e: RouterError) -> RouterError {
-    if a.created {
-        // The new session's id would never reach the client: do not leave it running.
-        let (s, id, kind) = (s.clone(), a.target.session_id.clone(), t.kind);
-        tokio::spawn(async move { s.resolver.roll_back(kind, &id).await });
+    if a.created.is_some() {
+        // The new session's id never reaches the client: dropping `a` deletes it again.
         return e;
     }
     unknown_if_deleted(s, &a.target, t, e).await
@@ -587,6 +596,38 @@ async fn unknown_if_deleted(
         return again;
     }
     e
+}
+
+/// A session made for a request whose answer (the only place its id is told) has not been
+/// handed to the client. Dropped so — the sandbox failed, or the client went away (its request's
+/// future is dropped then) while the sandbox was still working — the session is deleted again:
+/// nobody could name it, yet it would hold its sandbox until its idle timeout.
+struct Unclaimed {
+    shared: AppState,
+    kind: WorkloadKind,
+    /// `None` once delivered.
+    session_id: Option<Arc<str>>,
+}
+
+impl Unclaimed {
+    /// The answer carrying the id goes to the client: the session is theirs.
+    fn delivered(&mut self) {
+        self.session_id = None;
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(id) = self.session_id.take() else {
+            return;
+        };
+        tracing::info!(session_id = %id, "the new session's id did not reach the client; deleting it");
+        let (s, kind) = (self.shared.clone(), self.kind);
+        // No runtime: the Router is going away, and the idle timeout reclaims the session.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { s.resolver.roll_back(kind, &id).await });
+        }
+    }
 }
 
 /// Held by a response body until it has been streamed out: the concurrency slot, and the

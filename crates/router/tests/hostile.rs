@@ -514,20 +514,30 @@ async fn readiness_fails_while_the_store_hangs() {
     assert_eq!(live.status(), 200, "alive, just not ready");
 }
 
-#[tokio::test]
-async fn a_session_created_for_a_failing_request_is_rolled_back() {
-    // A WM whose sandboxes are unreachable, recording the deletes it receives.
+/// A Workload Manager whose sessions (`new-1`, `new-2`, …) all have their sandbox at
+/// `endpoint`, recording the deletes it receives; the task serving it.
+async fn wm_recording_deletes(
+    endpoint: &str,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
     let deletes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = deletes.clone();
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let endpoint = endpoint.to_string();
     let wm = axum::Router::new()
         .route(
             "/v1/code-interpreter",
-            axum::routing::post(|| async {
-                axum::Json(
-                    json!({"kind": "Sandbox", "sessionId": "orphan-1", "sandboxId": "u",
-                    "sandboxName": "x-1", "entryPoints": [{"path": "/", "protocol": "HTTP",
-                    "endpoint": "unix:/nonexistent/picod.sock"}]}),
-                )
+            axum::routing::post(move || {
+                let n = made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let endpoint = endpoint.clone();
+                async move {
+                    axum::Json(json!({"kind": "Sandbox", "sessionId": format!("new-{n}"),
+                        "sandboxId": "u", "sandboxName": format!("x-{n}"), "entryPoints":
+                        [{"path": "/", "protocol": "HTTP", "endpoint": endpoint}]}))
+                }
             }),
         )
         .route(
@@ -539,7 +549,24 @@ async fn a_session_created_for_a_failing_request_is_rolled_back() {
                 },
             ),
         );
-    let (wm_url, _w) = serve(wm).await;
+    let (url, task) = serve(wm).await;
+    (url, deletes, task)
+}
+
+/// Waits up to 2 s for `deletes` to hold `want`.
+async fn deleted(deletes: &std::sync::Mutex<Vec<String>>, want: &[&str]) -> Vec<String> {
+    for _ in 0..100 {
+        if *deletes.lock().unwrap() == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    deletes.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_session_created_for_a_failing_request_is_rolled_back() {
+    let (wm_url, deletes, _w) = wm_recording_deletes("unix:/nonexistent/picod.sock").await;
     let router = Router::start(&wm_url, memory(), |_| {}).await;
     let r = client()
         .post(router.ci("api/execute"))
@@ -549,17 +576,110 @@ async fn a_session_created_for_a_failing_request_is_rolled_back() {
         .unwrap();
     assert_eq!(r.status(), 502);
     assert!(r.headers().get("x-agentcube-session-id").is_none());
-    for _ in 0..50 {
-        if !deletes.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_eq!(
-        *deletes.lock().unwrap(),
-        ["orphan-1"],
+        deleted(&deletes, &["new-1"]).await,
+        ["new-1"],
         "the new session is deleted again"
     );
+}
+
+/// A sandbox that reads each request and never answers it, except requests for `/answer`; it
+/// tells `got` of every request it read.
+async fn sandbox_that_holds(got: tokio::sync::mpsc::UnboundedSender<()>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = got.send(());
+                if buf.starts_with(b"POST /answer ") {
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    let _ = s.write_all(ok).await;
+                }
+                // Held until the Router lets go of it.
+                let _ = s.read(&mut chunk).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client that sends a request without a session goes away while the new session's sandbox
+/// is still working on it: the session's id was to reach the client with the answer only, so
+/// nobody could ever name it, yet it held its sandbox until its idle timeout (15 minutes by
+/// default; a client that times out or is cancelled on every first call left one each). It is
+/// deleted again, whichever way the request came (the fast lane, hyper, an HTTP/2 stream the
+/// client resets); a session whose answer went out is kept.
+#[tokio::test]
+async fn a_new_session_whose_client_went_away_before_the_answer_is_rolled_back() {
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let sandbox = sandbox_that_holds(got_tx).await;
+    let (wm_url, deletes, _w) = wm_recording_deletes(&sandbox).await;
+    let router = Router::start(&wm_url, memory(), |_| {}).await;
+    let path = "/v1/namespaces/default/code-interpreters/ci/invocations";
+    let requests = [
+        // Taken by the fast lane.
+        format!("POST {path}/hold HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{{}}"),
+        // Chunked: hyper's.
+        format!(
+            "POST {path}/hold HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n\
+             2\r\n{{}}\r\n0\r\n\r\n"
+        ),
+    ];
+    for (n, req) in requests.iter().enumerate() {
+        let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), got.recv())
+            .await
+            .expect("the request reaches the sandbox");
+        drop(s);
+        let want: Vec<String> = (1..=n + 1).map(|i| format!("new-{i}")).collect();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert_eq!(deleted(&deletes, &want).await, want, "{req}");
+    }
+    // HTTP/2: the client resets the stream; its connection stays.
+    let tcp = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let _connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::post(router.ci("hold")).body(()).unwrap();
+    let (answer, mut body) = h2.send_request(req, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"{}"), true)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), got.recv())
+        .await
+        .expect("the HTTP/2 request reaches the sandbox");
+    drop(answer);
+    body.send_reset(h2::Reason::CANCEL);
+    let want = ["new-1", "new-2", "new-3"];
+    assert_eq!(deleted(&deletes, &want).await, want, "HTTP/2 stream reset");
+    // Answered: the session is the client's.
+    let r = client()
+        .post(router.ci("answer"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-agentcube-session-id"], "new-4");
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *deletes.lock().unwrap(),
+        want,
+        "an answered session is kept"
+    );
+    drop(h2);
 }
 
 #[tokio::test]
