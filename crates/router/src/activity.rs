@@ -1,5 +1,12 @@
 //! Activity is recorded in memory on the hot path and flushed to the store in one batch per
 //! interval (`touch_many`), which never re-creates a deleted session.
+//!
+//! A session is active while a request to it is being served ([`Activity::begin`] to
+//! [`Activity::end`]: the Router's request to the sandbox, until the answer has been streamed
+//! out or a WebSocket tunnel closed) and when an answer ends; every
+//! flush notes the sessions with requests in flight as active at that moment, so a command or an
+//! answer that takes longer than the session's idle timeout does not get its sandbox reclaimed
+//! under it. A request the sandbox never answered (a dead sandbox) notes nothing when it ends.
 
 use foldhash::HashMap;
 use std::sync::Mutex;
@@ -7,10 +14,18 @@ use std::sync::Mutex;
 use agentcube_store::SessionStore;
 use jiff::Timestamp;
 
-/// Pending activity: session id → latest time seen.
+/// What is pending for one session: the latest activity not yet flushed, and how many of its
+/// requests are being served.
+#[derive(Default)]
+struct Pending {
+    at: Option<Timestamp>,
+    in_flight: u32,
+}
+
+/// Pending activity per session id.
 #[derive(Default)]
 pub struct Activity {
-    pending: Mutex<HashMap<String, Timestamp>>,
+    pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl std::fmt::Debug for Activity {
@@ -20,39 +35,68 @@ impl std::fmt::Debug for Activity {
 }
 
 impl Activity {
-    /// Notes activity on a session now; the time noted.
-    pub fn record(&self, session_id: &str) -> Timestamp {
-        let now = Timestamp::now();
-        self.record_at(session_id, now);
-        now
-    }
-
-    /// Notes activity on a session at `now`.
-    pub fn record_at(&self, session_id: &str, now: Timestamp) {
-        let mut p = self.pending.lock().unwrap();
+    /// A request to `session_id` is being served: the session is active at every flush until
+    /// the matching [`Activity::end`].
+    pub fn begin(&self, session_id: &str) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match p.get_mut(session_id) {
-            Some(t) => *t = now,
+            Some(e) => e.in_flight += 1,
             None => {
-                p.insert(session_id.to_string(), now);
+                let e = Pending {
+                    at: None,
+                    in_flight: 1,
+                };
+                p.insert(session_id.to_string(), e);
             }
         }
     }
 
-    /// Writes everything pending in one round trip. On failure the batch is kept for next time.
+    /// A request [`Activity::begin`] noted is over; `answered`: the sandbox answered it, and
+    /// its end is the session's latest activity.
+    pub fn end(&self, session_id: &str, answered: bool) {
+        let at = answered.then(Timestamp::now);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = p.get_mut(session_id) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+            if at.is_some() {
+                e.at = at;
+            }
+        }
+    }
+
+    /// Writes everything pending in one round trip: the sessions with requests in flight as
+    /// active now, the others at their latest activity (and forgotten). On failure the batch is
+    /// kept for next time.
     pub async fn flush(&self, store: &dyn SessionStore) {
+        let now = Timestamp::now();
         let batch: Vec<(String, Timestamp)> = {
-            let mut p = self.pending.lock().unwrap();
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if p.is_empty() {
                 return;
             }
-            p.drain().collect()
+            let mut batch = Vec::with_capacity(p.len());
+            p.retain(|id, e| {
+                if e.in_flight > 0 {
+                    batch.push((id.clone(), now));
+                    e.at = None;
+                    return true;
+                }
+                if let Some(at) = e.at {
+                    batch.push((id.clone(), at));
+                }
+                false
+            });
+            batch
         };
+        if batch.is_empty() {
+            return;
+        }
         if let Err(e) = store.touch_many(&batch).await {
             tracing::warn!(error = %e, sessions = batch.len(), "cannot flush session activity");
-            let mut p = self.pending.lock().unwrap();
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for (id, t) in batch {
-                let e = p.entry(id).or_insert(t);
-                *e = (*e).max(t);
+                let e = p.entry(id).or_default();
+                e.at = Some(e.at.map_or(t, |at| at.max(t)));
             }
         }
     }
@@ -98,21 +142,32 @@ mod tests {
             .as_second()
     }
 
+    /// The pending time of `id`.
+    fn pending_at(activity: &Activity, id: &str) -> Option<Timestamp> {
+        activity.pending.lock().unwrap().get(id).and_then(|e| e.at)
+    }
+
+    /// One request to `id` that the sandbox answered, over at once.
+    fn answered(activity: &Activity, id: &str) {
+        activity.begin(id);
+        activity.end(id, true);
+    }
+
     #[tokio::test]
     async fn a_failed_flush_keeps_the_batch_and_merges_newer_activity() {
         let (flaky, inner) = store_with(&["a", "b"]).await;
         let activity = Activity::default();
-        activity.record("a");
-        let first = activity.pending.lock().unwrap()["a"];
+        answered(&activity, "a");
+        let first = pending_at(&activity, "a").unwrap();
         flaky.set_down(true);
         activity.flush(flaky.as_ref()).await;
         assert_eq!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Nothing lost: the batch is back, and activity recorded meanwhile merges with it.
-        activity.record("b");
+        answered(&activity, "b");
         {
             let p = activity.pending.lock().unwrap();
             assert_eq!(p.len(), 2);
-            assert_eq!(p["a"], first, "the kept time, not an older one");
+            assert_eq!(p["a"].at, Some(first), "the kept time, not an older one");
         }
         flaky.set_down(false);
         activity.flush(flaky.as_ref()).await;
@@ -126,7 +181,8 @@ mod tests {
     async fn a_flush_never_resurrects_a_deleted_session() {
         let (flaky, inner) = store_with(&["gone"]).await;
         let activity = Activity::default();
-        activity.record("gone");
+        answered(&activity, "gone");
+        activity.begin("gone");
         inner.delete("gone").await.unwrap();
         activity.flush(flaky.as_ref()).await;
         assert!(matches!(
@@ -134,5 +190,47 @@ mod tests {
             Err(agentcube_store::Error::NotFound)
         ));
         assert_eq!(inner.count(&Scope::All).await.unwrap(), 0);
+    }
+
+    /// A request being served keeps its session active at every flush, however long it takes;
+    /// once it ends, the session's activity is the end of its answer (or none, for a request
+    /// the sandbox never answered), and the session is forgotten after the next flush.
+    #[tokio::test]
+    async fn sessions_with_requests_in_flight_are_active_at_every_flush() {
+        let (store, _) = store_with(&["long", "dead"]).await;
+        let activity = Activity::default();
+        let t0 = last_activity(store.as_ref(), "long").await;
+        activity.begin("long");
+        activity.begin("dead");
+        activity.end("dead", false);
+        activity.flush(store.as_ref()).await;
+        let flushed = last_activity(store.as_ref(), "long").await;
+        assert!(flushed > t0, "active while in flight");
+        assert_eq!(
+            last_activity(store.as_ref(), "dead").await,
+            t0,
+            "never answered"
+        );
+        assert_eq!(
+            activity.pending.lock().unwrap().len(),
+            1,
+            "the dead one is forgotten"
+        );
+        // Still in flight at the next flush: active again (a later second).
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        activity.flush(store.as_ref()).await;
+        let again = last_activity(store.as_ref(), "long").await;
+        assert!(again > flushed, "{again} > {flushed}");
+        // Two requests at once: the session stays in flight until both end.
+        activity.begin("long");
+        activity.end("long", true);
+        assert_eq!(activity.pending.lock().unwrap()["long"].in_flight, 1);
+        activity.end("long", false);
+        assert!(
+            pending_at(&activity, "long").is_some(),
+            "the answer's end noted"
+        );
+        activity.flush(store.as_ref()).await;
+        assert!(activity.pending.lock().unwrap().is_empty());
     }
 }

@@ -470,14 +470,20 @@ impl Upstream {
                 return Err(RouterError::Unreachable);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (keeper, kept) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
+                // Given before the 101 is written (the client's upgrade waits for that).
+                let _kept = kept.await.ok();
                 if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
                 }
             });
             // The connection is the tunnel's now.
-            let (parts, _) = resp.into_parts();
+            let (mut parts, _) = resp.into_parts();
+            parts
+                .extensions
+                .insert(Tunnel(Arc::new(std::sync::Mutex::new(Some(keeper)))));
             return Ok(Answered::Http(http::Response::from_parts(
                 parts,
                 Answer::Empty,
@@ -780,6 +786,24 @@ pub enum Answered {
         relay: h1::Relay,
         body: Answer,
     },
+}
+
+/// On a `101` answer: the WebSocket tunnel spawned for it, which holds what it is given
+/// ([`Tunnel::keep`]) until it closes.
+#[derive(Clone)]
+pub struct Tunnel(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Kept>>>>);
+
+/// What a tunnel holds while it is open.
+type Kept = Box<dyn Send>;
+
+impl Tunnel {
+    /// Has the tunnel hold `what` until it closes (dropped at once if it never opens).
+    pub fn keep(self, what: Kept) {
+        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(what);
+        }
+    }
 }
 
 /// A sandbox's answer body, unboxed (the handler boxes it once, with what it holds).

@@ -317,9 +317,9 @@ fn invoke<R: Inbound>(
             };
             // The sandbox's answer is taken apart in the statement that awaits it, so the
             // future does not keep room for it (216 bytes) beside the send's.
-            let e = match to_sandbox(&s, &a.target, &call, a.caller.as_deref(), target) {
+            let e = match to_sandbox(&s, a.target(), &call, a.caller(), target) {
                 Ok(fwd) => match req.forward(&s.upstream, fwd).await {
-                    Ok(resp) => break 'answer Ok(answered(&s, resp, a)),
+                    Ok(resp) => break 'answer Ok(answered(resp, a)),
                     Err(e) => e,
                 },
                 Err(e) => e,
@@ -365,16 +365,40 @@ fn session_header(value: Option<&[u8]>) -> Result<Option<&str>, RouterError> {
     }
 }
 
-/// A request let through: who sent it, its concurrency slot and its session's sandbox.
+/// A request let through: its concurrency slot, its place among its session's requests in
+/// flight, and the parts only some requests have.
 struct Admitted {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    in_flight: InFlight,
+    /// Boxed (the hot path's future stays small): `None` for a request on an existing session
+    /// without end-user authentication.
+    rare: Option<Box<Rare>>,
+}
+
+/// What only some admitted requests have.
+#[derive(Default)]
+struct Rare {
+    /// The end user (OIDC).
     caller: Option<Arc<crate::oidc::Caller>>,
+    /// The end user's slot (given back when dropped).
+    _share: Option<crate::shares::Share>,
     /// The session made for this request (it had none), until its id is on its way to the
     /// client.
-    created: Option<Box<Unclaimed>>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The end user's slot (boxed: the hot path's future stays small).
-    share: Option<Box<crate::shares::Share>>,
-    target: Arc<crate::resolve::Target>,
+    created: Option<Unclaimed>,
+}
+
+impl Admitted {
+    fn target(&self) -> &crate::resolve::Target {
+        &self.in_flight.target
+    }
+
+    fn caller(&self) -> Option<&crate::oidc::Caller> {
+        self.rare.as_ref()?.caller.as_deref()
+    }
+
+    fn created(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.created.is_some())
+    }
 }
 
 /// The name of a field that tells a web page's request ([`Shared::browser_guard`]).
@@ -427,55 +451,69 @@ async fn admit(
         }
         None => Box::pin(create(s, t, caller.as_deref())).await?,
     };
-    let created = session.is_none().then(|| {
-        Box::new(Unclaimed {
-            shared: s.clone(),
-            kind: t.kind,
-            session_id: Some(target.session_id.clone()),
-        })
+    let created = session.is_none().then(|| Unclaimed {
+        shared: s.clone(),
+        kind: t.kind,
+        session_id: Some(target.session_id.clone()),
     });
     if tracing::enabled!(tracing::Level::DEBUG) {
         // Only then is the invocation's span on (asking for the current span costs a lookup).
         tracing::Span::current().record("session_id", &*target.session_id);
     }
+    let rare = (caller.is_some() || share.is_some() || created.is_some()).then(|| {
+        Box::new(Rare {
+            caller,
+            _share: share,
+            created,
+        })
+    });
     Ok(Admitted {
-        caller,
-        created,
         permit,
-        share,
-        target,
+        in_flight: InFlight::begin(&s.activity, target),
+        rare,
     })
 }
 
-/// The sandbox answered: activity counts only that (a dead sandbox does not stay "active"), at
-/// the answer and again when it has been streamed out.
-fn answered(s: &AppState, resp: Answered, a: Admitted) -> LaneResponse {
-    if let Some(mut new) = a.created {
-        new.delivered();
+/// The sandbox answered: its session stays active until the answer has been streamed out, and
+/// that is noted as activity (a request the sandbox did not answer notes none: a dead sandbox
+/// does not stay "active").
+fn answered(mut resp: Answered, a: Admitted) -> LaneResponse {
+    let mut in_flight = a.in_flight;
+    in_flight.answered = true;
+    if let Answered::Http(r) = &mut resp
+        && let Some(tunnel) = r.extensions_mut().remove::<crate::proxy::Tunnel>()
+    {
+        // A WebSocket's: its session is active for as long as it is open.
+        let mut open = in_flight.another();
+        open.answered = true;
+        tunnel.keep(Box::new(open));
     }
-    let answered_at = s.activity.record(&a.target.session_id);
+    let rare = a.rare.map(|mut r| {
+        if let Some(new) = &mut r.created {
+            new.delivered();
+        }
+        r
+    });
     let done = Done {
-        shared: s.clone(),
-        target: a.target,
-        answered_at,
+        in_flight,
         _permit: a.permit,
-        _share: a.share,
+        _rare: rare,
     };
     reply(resp, done)
 }
 
 /// The sandbox was not reached, or did not answer: the error the client gets.
 async fn failed(s: &AppState, t: &Call<'_>, a: Admitted, e: RouterError) -> RouterError {
-    if a.created.is_some() {
+    if a.created() {
         // The new session's id never reaches the client: dropping `a` deletes it again.
         return e;
     }
-    unknown_if_deleted(s, &a.target, t, e).await
+    unknown_if_deleted(s, a.target(), t, e).await
 }
 
 /// The answer to the client: the sandbox's, with the session id set, its body holding `done`.
 fn reply(resp: Answered, done: Done) -> LaneResponse {
-    let session = done.target.session_header.as_ref();
+    let session = done.in_flight.target.session_header.as_ref();
     match resp {
         Answered::Http(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -630,24 +668,43 @@ impl Drop for Unclaimed {
     }
 }
 
-/// Held by a response body until it has been streamed out: the concurrency slot, and the
-/// activity noted when the answer is complete (unless that is still the second of the answer,
-/// which was noted already: activity is kept to the second).
-struct Done {
-    shared: AppState,
+/// A request to its session's sandbox, from its admission until its answer has been streamed
+/// out (or a WebSocket tunnel it opened is closed): its session counts as active meanwhile, and
+/// its end is activity if the sandbox answered ([`Activity`]).
+struct InFlight {
+    activity: Arc<Activity>,
     target: Arc<crate::resolve::Target>,
-    answered_at: jiff::Timestamp,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    _share: Option<Box<crate::shares::Share>>,
+    answered: bool,
 }
 
-impl Drop for Done {
-    fn drop(&mut self) {
-        let now = jiff::Timestamp::now();
-        if now.as_second() != self.answered_at.as_second() {
-            self.shared.activity.record_at(&self.target.session_id, now);
+impl InFlight {
+    fn begin(activity: &Arc<Activity>, target: Arc<crate::resolve::Target>) -> Self {
+        activity.begin(&target.session_id);
+        Self {
+            activity: activity.clone(),
+            target,
+            answered: false,
         }
     }
+
+    /// Another request of the same session (a tunnel that outlives its `101`).
+    fn another(&self) -> Self {
+        Self::begin(&self.activity, self.target.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.end(&self.target.session_id, self.answered);
+    }
+}
+
+/// Held by a response body until it has been streamed out: the request in flight, its
+/// concurrency slot and its end user's.
+struct Done {
+    in_flight: InFlight,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _rare: Option<Box<Rare>>,
 }
 
 /// The sandbox's answer body, holding [`Done`] until it is dropped (frames and trailers pass

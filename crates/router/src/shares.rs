@@ -28,7 +28,7 @@ impl Shares {
     }
 
     /// Takes one of `caller`'s slots (`None` for administrators), or refuses with `429`.
-    pub fn take(self: &Arc<Self>, caller: &Arc<Caller>) -> Result<Option<Box<Share>>, RouterError> {
+    pub fn take(self: &Arc<Self>, caller: &Arc<Caller>) -> Result<Option<Share>, RouterError> {
         if caller.is_admin() {
             return Ok(None);
         }
@@ -41,10 +41,10 @@ impl Shares {
             return Err(RouterError::UserOverloaded(self.max));
         }
         *n += 1;
-        Ok(Some(Box::new(Share {
+        Ok(Some(Share {
             shares: self.clone(),
             caller: caller.clone(),
-        })))
+        }))
     }
 
     fn give_back(&self, sub: &str) {

@@ -759,6 +759,67 @@ async fn an_answer_streamed_for_seconds_counts_as_activity_until_its_end() {
     );
 }
 
+/// The session's last activity in `store` (its only session), to the second.
+async fn last_activity_of(store: &dyn agentcube_store::SessionStore) -> i64 {
+    let far = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    store.list_idle(far, 10).await.unwrap()[0]
+        .last_activity
+        .as_second()
+}
+
+/// A session is in use while a request to it is being served, not only when an answer starts
+/// or ends: a command that runs longer than the session's idle timeout had its sandbox reclaimed
+/// under it (reproduced on `agentcube up`: a `sleep 8` on a session idle for 8 s of its 10 s
+/// timeout was cut at once with `503`), and so did a WebSocket open for that long. Each flush
+/// (every second) now notes the sessions with requests in flight.
+#[tokio::test]
+async fn sessions_are_active_while_their_requests_are_served() {
+    let slow = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_millis(3500)).await;
+                "done"
+            }),
+        )
+        .fallback_service(upstream::app());
+    let (url, _u) = serve(slow).await;
+    let store = memory();
+    session_to(store.as_ref(), "s", &host_of(&url)).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |_| {}).await;
+    let created = last_activity_of(store.as_ref()).await;
+    let call = tokio::spawn(
+        client()
+            .post(router.ci("slow"))
+            .header("x-agentcube-session-id", "s")
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    let during = last_activity_of(store.as_ref()).await;
+    assert!(
+        during >= created + 2,
+        "active while the sandbox works on the request: {created} → {during}"
+    );
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.text().await.unwrap(), "done");
+    // A WebSocket tunnel: active for as long as it is open.
+    let (mut ws, head) = websocket(&router, "s").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let opened = last_activity_of(store.as_ref()).await;
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    ws.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    ws.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    let open = last_activity_of(store.as_ref()).await;
+    assert!(
+        open >= opened + 2,
+        "active while the tunnel is open: {opened} → {open}"
+    );
+    drop(ws);
+    router.stop().await;
+}
+
 /// Entry points come from the store: a record aiming at another socket on the host (a container
 /// runtime's, say) must not get the Router, with its client's request, connected there. With
 /// `--unix-socket-dir` (agentcube up: its `<state>/private`) only sockets below it are used,
