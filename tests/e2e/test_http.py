@@ -1,6 +1,7 @@
 """Raw HTTP (curl-style) scenarios against the Router and the Workload Manager."""
 
 import json
+import threading
 import time
 
 import requests
@@ -89,6 +90,27 @@ def test_a_command_longer_than_the_idle_timeout_is_not_cut(stack):
     assert r.json()["stdout"] == "survived\n"
     assert time.time() - started >= 6
     requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}")
+
+
+def test_a_request_cut_by_a_delete_is_told_why(stack):
+    """A session deleted while a command of it runs: the command's request gets the
+    unknown-session 404 with why the session ended (it got `503 sandbox unreachable`)."""
+    url = invocations(stack, "code-interpreters", "on-demand-interpreter", "api/execute")
+    r = requests.post(url, json={"command": ["true"]})
+    assert r.status_code == 200, r.text
+    sid = r.headers["x-agentcube-session-id"]
+    answers: list[requests.Response] = []
+    long = threading.Thread(target=lambda: answers.append(requests.post(
+        url, json={"command": ["sleep", "30"], "timeout": "60s"}, headers={"x-agentcube-session-id": sid},
+        timeout=90)))
+    long.start()
+    time.sleep(1)
+    assert requests.delete(f"{stack.wm_url}/v1/code-interpreter/sessions/{sid}").status_code == 200
+    long.join(timeout=90)
+    assert answers[0].status_code == 404, answers[0].text
+    assert answers[0].json() == {"error": f'sessions.agentcube.volcano.sh "{sid}" not found',
+                                 "code": "SESSION_NOT_FOUND",
+                                 "reason": "it was deleted (DELETE on the Workload Manager's sessions API)"}
 
 
 def test_a_definitions_network_policy(stack):

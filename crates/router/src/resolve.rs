@@ -101,6 +101,20 @@ impl Resolver {
         }
     }
 
+    /// Why a session whose sandbox just failed a request is ending, when the Workload Manager
+    /// noted it: it notes why before it tears a session down (a delete, the end of its
+    /// lifetime), so a request in flight that the teardown cut is told so, while the record
+    /// still stands.
+    pub async fn ending(&self, session_id: &str) -> Option<RouterError> {
+        let why = self.why_gone(session_id).await?;
+        Some(RouterError::UnknownSession(Box::new(
+            crate::error::UnknownSession {
+                id: session_id.to_string(),
+                why: Some(why),
+            },
+        )))
+    }
+
     /// The sandbox for an existing session, refusing one created for another runtime; for an
     /// unknown one, why it ended when the Workload Manager noted it.
     pub async fn existing(

@@ -616,8 +616,9 @@ fn to_sandbox<'a>(
     })
 }
 
-/// A sandbox that cannot be reached may simply have been deleted since it was cached: then the
-/// answer is the unknown-session 404, not a 502.
+/// A sandbox that cannot be reached may simply have been deleted since it was cached, or be
+/// being torn down under the request (its record not yet gone): then the answer is the
+/// unknown-session 404 with why it ended, not a 502 or 503.
 async fn unknown_if_deleted(
     s: &AppState,
     target: &crate::resolve::Target,
@@ -625,15 +626,15 @@ async fn unknown_if_deleted(
     e: RouterError,
 ) -> RouterError {
     s.resolver.invalidate(&target.session_id);
-    if matches!(e, RouterError::Refused | RouterError::Unreachable)
-        && let Err(again @ RouterError::UnknownSession(..)) = s
-            .resolver
-            .existing(&target.session_id, t.kind, &t.ns, &t.name)
-            .await
-    {
-        return again;
+    if !matches!(e, RouterError::Refused | RouterError::Unreachable) {
+        return e;
     }
-    e
+    let id = &target.session_id;
+    match s.resolver.existing(id, t.kind, &t.ns, &t.name).await {
+        Err(again @ RouterError::UnknownSession(..)) => again,
+        Ok(_) => s.resolver.ending(id).await.unwrap_or(e),
+        Err(_) => e,
+    }
 }
 
 /// A session made for a request whose answer (the only place its id is told) has not been

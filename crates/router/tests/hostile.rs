@@ -759,6 +759,54 @@ async fn an_answer_streamed_for_seconds_counts_as_activity_until_its_end() {
     );
 }
 
+/// A request in flight whose session is torn down (a delete, the end of its lifetime) had only
+/// `503 sandbox unreachable`: the record still stood when the sandbox went. The Workload Manager
+/// notes why a session ends before it tears it down, and the request is told: the
+/// unknown-session 404 with that reason. A sandbox that fails on its own, with no such note,
+/// is still 503.
+#[tokio::test]
+async fn a_request_cut_by_its_sessions_teardown_is_told_why() {
+    // A sandbox that reads the request, then goes away without an answer.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let store = memory();
+    session_to(store.as_ref(), "s", &addr).await;
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |_| {}).await;
+    let call = || {
+        client()
+            .post(router.ci("api/execute"))
+            .header("x-agentcube-session-id", "s")
+            .body("{}")
+            .send()
+    };
+    let r = call().await.unwrap();
+    assert_eq!(r.status(), 503, "no note: the sandbox failed on its own");
+    let why = "it was deleted (DELETE on the Workload Manager's sessions API)";
+    store
+        .set_mark(
+            &agentcube_store::gone_mark("s"),
+            why,
+            Duration::from_secs(60),
+            false,
+        )
+        .await
+        .unwrap();
+    let r = call().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sessions.agentcube.volcano.sh \"s\" not found",
+               "code": "SESSION_NOT_FOUND", "reason": why})
+    );
+}
+
 /// The session's last activity in `store` (its only session), to the second.
 async fn last_activity_of(store: &dyn agentcube_store::SessionStore) -> i64 {
     let far = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);

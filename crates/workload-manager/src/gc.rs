@@ -142,15 +142,25 @@ impl Gc {
         (idle_victims, expired_victims)
     }
 
-    /// Deletes the victims' sandboxes, [`TEARDOWN_CONCURRENCY`] at a time, then the records of
-    /// those that are gone in one store round trip (a record never goes before its sandbox).
+    /// Notes why each victim ends (first: a request the teardown cuts is told so), deletes
+    /// their sandboxes, [`TEARDOWN_CONCURRENCY`] at a time, then the records of those that are
+    /// gone in one store round trip (a record never goes before its sandbox; a victim whose
+    /// delete failed is tried again next run, its note standing meanwhile).
     async fn tear_down(&self, victims: Vec<Victim>, reason: Reason) -> usize {
         use futures_util::StreamExt;
+        if victims.is_empty() {
+            return 0;
+        }
+        let why: Vec<(String, String)> = victims
+            .iter()
+            .map(|r| (r.session_id.clone(), why_reclaimed(r, reason)))
+            .collect();
+        self.manager.mark_gone(&why).await;
         let backend = &self.manager.backend;
-        let gone: Vec<(String, String)> = futures_util::stream::iter(victims)
+        let ids: Vec<String> = futures_util::stream::iter(victims)
             .map(|r| async move {
                 match backend.delete(r.kind, &r.sandbox_namespace, &r.name).await {
-                    Ok(()) => Some((r.session_id.clone(), why_reclaimed(&r, reason))),
+                    Ok(()) => Some(r.session_id),
                     Err(e) => {
                         self.manager.metrics.gc_errors.inc();
                         tracing::warn!(session_id = %r.session_id, error = %e, "gc: delete failed");
@@ -162,8 +172,6 @@ impl Gc {
             .filter_map(std::future::ready)
             .collect()
             .await;
-        let ids: Vec<String> = gone.iter().map(|(id, _)| id.clone()).collect();
-        self.manager.mark_gone(&gone).await;
         let deleted = self.delete_records(&ids).await;
         self.manager.metrics.sessions_deleted.inc_by(deleted as u64);
         deleted
@@ -260,10 +268,13 @@ mod tests {
     use super::*;
     use crate::backend::{Backend, BackendError, Sandbox, SandboxRequest};
 
-    /// Records deletes and counts GC passes (each pass asks it to reap).
+    /// Records deletes (with why the session ends, as noted in `store` when its sandbox is
+    /// deleted) and counts GC passes (each pass asks it to reap).
     #[derive(Default)]
     struct Recorder {
         deleted: Mutex<Vec<String>>,
+        noted: Mutex<Vec<Option<String>>>,
+        store: Mutex<Option<Arc<dyn SessionStore>>>,
         passes: AtomicUsize,
     }
 
@@ -274,6 +285,13 @@ mod tests {
         }
         async fn delete(&self, _: BackingKind, _: &str, name: &str) -> Result<(), BackendError> {
             self.deleted.lock().unwrap().push(name.to_string());
+            let store = self.store.lock().unwrap().clone();
+            if let Some(store) = store {
+                let id = name.trim_start_matches("sb-");
+                let mark = [agentcube_store::gone_mark(id)];
+                let why = store.get_marks(&mark).await.unwrap().remove(0);
+                self.noted.lock().unwrap().push(why);
+            }
             Ok(())
         }
         async fn shutdown(&self) {}
@@ -355,6 +373,24 @@ mod tests {
             1
         );
         assert_eq!(backend.deleted.lock().unwrap()[3], "sb-idle-15m");
+    }
+
+    /// A request the teardown cuts is told why (the Router reads the note while the record still
+    /// stands), so the note comes before the sandbox goes.
+    #[tokio::test]
+    async fn why_a_session_ends_is_noted_before_its_sandbox_goes() {
+        let (gc, backend) = gc().await;
+        *backend.store.lock().unwrap() = Some(gc.manager.store.clone());
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(61)).await, 2);
+        let mut noted = backend.noted.lock().unwrap().clone();
+        noted.sort();
+        assert_eq!(
+            noted,
+            [
+                Some("it reached its maximum duration (maxSessionDuration or the create's ttl; it expired at 2026-03-01T10:00:30Z)".to_string()),
+                Some("it was idle for longer than its sessionTimeout (1m0s)".to_string()),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]
