@@ -187,3 +187,31 @@ def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url, scrat
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+@pytest.mark.parametrize("taken", ["router", "wm", "metrics"])
+def test_a_port_in_use_stops_the_start_with_nothing_made(stack, scratch, taken):
+    """`agentcube up` whose port is taken (another instance runs) stops with the address, before
+    it makes a sandbox: it used to fill its warm pool first, and leave the pool's mounts and
+    cgroups behind when it then could not listen."""
+    if stack.backend != "local":
+        pytest.skip("runs its own `agentcube up`")
+    tmp = scratch("agentcube-port-")
+    state = tmp / "state"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"router": _free_port(), "wm": _free_port(), "metrics": _free_port()}
+        ports[taken] = port
+        out = subprocess.run([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"),
+                              "--router-port", str(ports["router"]), "--wm-port", str(ports["wm"]),
+                              "--metrics-port", str(ports["metrics"]), "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=120, cwd=REPO,
+                             env=dict(os.environ, RUST_BACKTRACE="0"))
+    assert out.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr, out.stderr
+    made = list((state / "sandboxes").iterdir()) if (state / "sandboxes").exists() else []
+    assert not made, f"sandboxes made before the start failed: {made}"
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(state) in line]
+    assert not mounts, mounts

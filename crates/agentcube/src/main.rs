@@ -124,6 +124,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .ping()
         .await
         .context("the session store does not answer")?;
+    // Every listener first: a port in use stops the start before any sandbox is made (a failed
+    // start left its warm pool's mounts and cgroups to the next start with its --state-dir).
+    let wm_listener = agentcube_serve::listen((args.bind, args.wm_port)).await?;
+    let router_listener = agentcube_serve::listen((args.bind, args.router_port)).await?;
+    let metrics_listener = agentcube_serve::listen_admin((args.bind, args.metrics_port)).await?;
     let identity = match &args.identity_dir {
         Some(dir) => KeyPair::load_or_create(dir)
             .with_context(|| format!("Router identity in {}", dir.display()))?,
@@ -162,23 +167,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }),
         ..Default::default()
     };
-    let platform = backend
-        .clone()
-        .platform(
-            Some(args.manifests.clone()),
-            Duration::from_secs(2),
-            Some(identity.public_pem.clone()),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let wm = WorkloadManager::start(config, store.clone(), platform).await?;
-    let pools = wm.pools.clone();
-    let wm_listener = tokio::net::TcpListener::bind((args.bind, args.wm_port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.bind, args.wm_port))?;
-    let router_listener = tokio::net::TcpListener::bind((args.bind, args.router_port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.bind, args.router_port))?;
     let wm_url = format!("http://{}", wm_listener.local_addr()?);
     let router_url = format!("http://{}", router_listener.local_addr()?);
     let mut router_config = agentcube_router::Config::new(wm_url.clone());
@@ -197,7 +185,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         // Loopback without a token: nothing but web pages to keep out.
         None => router_config.local_only = true,
     }
-    let router = RouterService::start(&router_config, store, &identity)?;
+    let router = RouterService::start(&router_config, store.clone(), &identity)?;
+    // Last: what starts sandboxes (warm pools) once nothing else can fail.
+    let platform = backend
+        .clone()
+        .platform(
+            Some(args.manifests.clone()),
+            Duration::from_secs(2),
+            Some(identity.public_pem.clone()),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let wm = WorkloadManager::start(config, store, platform).await?;
+    let pools = wm.pools.clone();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -210,15 +210,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let metrics_app = agentcube_serve::metrics_app(move || {
         agentcube_serve::join_openmetrics(&[wm_text(), shared.metrics.encode()])
     });
-    let metrics_url = agentcube_serve::bind_admin(
-        (args.bind, args.metrics_port),
-        metrics_app,
-        agentcube_router::refusal(),
-        stopped(),
-    )
-    .await
-    .with_context(|| format!("cannot listen on {}:{}", args.bind, args.metrics_port))?
-    .map(|addr| format!("http://{addr}/metrics"));
+    let metrics_url = match metrics_listener {
+        Some(l) => {
+            let url = format!("http://{}/metrics", l.local_addr()?);
+            agentcube_serve::spawn_admin(l, metrics_app, agentcube_router::refusal(), stopped());
+            Some(url)
+        }
+        None => None,
+    };
     // Both through their crates' serving functions: the same limits and TCP_NODELAY as the
     // standalone binaries.
     let wm_server = tokio::spawn(agentcube_workload_manager::serve(

@@ -187,16 +187,13 @@ async fn main() -> anyhow::Result<()> {
             }
         };
     config.workload_manager_tls = workload_manager_mtls(&args).await?;
+    let listener = agentcube_serve::listen((args.bind, args.port)).await?;
+    let metrics = agentcube_serve::listen_admin((args.bind, args.metrics_port)).await?;
     let service = RouterService::start(&config, store, &identity)?;
-    agentcube_serve::bind_admin(
-        (args.bind, args.metrics_port),
-        service.admin_app(),
-        agentcube_router::refusal(),
-        std::future::pending(),
-    )
-    .await
-    .with_context(|| format!("metrics port {}", args.metrics_port))?;
-    let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
+    if let Some(metrics) = metrics {
+        let (app, refusal) = (service.admin_app(), agentcube_router::refusal());
+        agentcube_serve::spawn_admin(metrics, app, refusal, std::future::pending());
+    }
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "router listening");
     agentcube_router::serve(service, listener, tls, shutdown_signal()).await
 }

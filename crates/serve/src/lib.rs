@@ -109,21 +109,25 @@ pub fn spawn_admin(
     tokio::spawn(serve(listener.into(), app, options, shutdown))
 }
 
-/// Binds `ip:port` and serves `app` there as [`spawn_admin`] does; port 0 means no admin listener
-/// (`None`), otherwise the bound address.
-pub async fn bind_admin(
+/// Binds `ip:port`; the error names the address ("cannot listen on 127.0.0.1:8080: Address
+/// already in use"). Binaries bind every listener before they start anything that would have
+/// to be undone (sandboxes, warm pools), so a port in use stops them with nothing left behind.
+pub async fn listen(
     (ip, port): (std::net::IpAddr, u16),
-    app: axum::Router,
-    refusal: Refusal,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<Option<std::net::SocketAddr>> {
-    if port == 0 {
+) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((ip, port))
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {ip}:{port}: {e}")))
+}
+
+/// [`listen`] for an admin surface served with [`spawn_admin`]: port 0 means none (`None`).
+pub async fn listen_admin(
+    addr: (std::net::IpAddr, u16),
+) -> std::io::Result<Option<tokio::net::TcpListener>> {
+    if addr.1 == 0 {
         return Ok(None);
     }
-    let listener = tokio::net::TcpListener::bind((ip, port)).await?;
-    let addr = listener.local_addr()?;
-    spawn_admin(listener, app, refusal, shutdown);
-    Ok(Some(addr))
+    listen(addr).await.map(Some)
 }
 
 /// Several OpenMetrics texts as one (a single `# EOF` at the end).

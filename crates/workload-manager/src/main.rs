@@ -183,6 +183,11 @@ async fn main() -> anyhow::Result<()> {
             "--manifests is for the local backend: the Kubernetes backend reads the cluster's CodeInterpreter/AgentRuntime CRs"
         );
     }
+    // First what may fail: a port in use stops the start before any sandbox or warm pool is
+    // made.
+    let auth = std::sync::Arc::new(caller_auth(&args).await?);
+    let listener = agentcube_serve::listen((args.bind, args.port)).await?;
+    let metrics = agentcube_serve::listen_admin((args.bind, args.metrics_port)).await?;
     let platform = match args.backend.as_str() {
         "local" => local_backend(&args)?
             .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
@@ -218,18 +223,13 @@ async fn main() -> anyhow::Result<()> {
             .limits(10_000)
             .fit_fd_limit(agentcube_serve::raise_fd_limit(), 1),
         admission: args.admission.admission(),
-        auth: std::sync::Arc::new(caller_auth(&args).await?),
+        auth,
     };
     let wm = WorkloadManager::start(config, store, platform).await?;
-    agentcube_serve::bind_admin(
-        (args.bind, args.metrics_port),
-        wm.admin_app(),
-        agentcube_workload_manager::refusal(),
-        std::future::pending(),
-    )
-    .await
-    .with_context(|| format!("metrics port {}", args.metrics_port))?;
-    let listener = tokio::net::TcpListener::bind((args.bind, args.port)).await?;
+    if let Some(metrics) = metrics {
+        let (app, refusal) = (wm.admin_app(), agentcube_workload_manager::refusal());
+        agentcube_serve::spawn_admin(metrics, app, refusal, std::future::pending());
+    }
     tracing::info!(
         addr = %listener.local_addr()?,
         backend = %args.backend,
