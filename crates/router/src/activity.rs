@@ -3,10 +3,12 @@
 //!
 //! A session is active while a request to it is being served ([`Activity::begin`] to
 //! [`Activity::end`]: the Router's request to the sandbox, until the answer has been streamed
-//! out or a WebSocket tunnel closed) and when an answer ends; every
-//! flush notes the sessions with requests in flight as active at that moment, so a command or an
-//! answer that takes longer than the session's idle timeout does not get its sandbox reclaimed
-//! under it. A request the sandbox never answered (a dead sandbox) notes nothing when it ends.
+//! out or a WebSocket tunnel closed) and when an answer ends. A flush notes as active at that
+//! moment every session that has had requests in flight since the flush before (at least a
+//! flush interval), so a command or an answer that takes longer than the session's idle timeout
+//! does not get its sandbox reclaimed under it. A request the sandbox never answered notes
+//! nothing: one to a dead sandbox fails within a flush interval, so it never keeps its session
+//! alive, however often it is retried.
 
 use foldhash::HashMap;
 use std::sync::Mutex;
@@ -14,12 +16,13 @@ use std::sync::Mutex;
 use agentcube_store::SessionStore;
 use jiff::Timestamp;
 
-/// What is pending for one session: the latest activity not yet flushed, and how many of its
-/// requests are being served.
+/// What is pending for one session: the latest activity not yet flushed, how many of its
+/// requests are being served, and whether a flush has seen it busy since they began.
 #[derive(Default)]
 struct Pending {
     at: Option<Timestamp>,
     in_flight: u32,
+    seen_busy: bool,
 }
 
 /// Pending activity per session id.
@@ -45,6 +48,7 @@ impl Activity {
                 let e = Pending {
                     at: None,
                     in_flight: 1,
+                    seen_busy: false,
                 };
                 p.insert(session_id.to_string(), e);
             }
@@ -58,15 +62,18 @@ impl Activity {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = p.get_mut(session_id) {
             e.in_flight = e.in_flight.saturating_sub(1);
+            if e.in_flight == 0 {
+                e.seen_busy = false;
+            }
             if at.is_some() {
                 e.at = at;
             }
         }
     }
 
-    /// Writes everything pending in one round trip: the sessions with requests in flight as
-    /// active now, the others at their latest activity (and forgotten). On failure the batch is
-    /// kept for next time.
+    /// Writes everything pending in one round trip: the sessions busy since the last flush as
+    /// active now, the others at their latest activity (forgotten unless busy). On failure the
+    /// batch is kept for next time.
     pub async fn flush(&self, store: &dyn SessionStore) {
         let now = Timestamp::now();
         let batch: Vec<(String, Timestamp)> = {
@@ -76,15 +83,17 @@ impl Activity {
             }
             let mut batch = Vec::with_capacity(p.len());
             p.retain(|id, e| {
-                if e.in_flight > 0 {
-                    batch.push((id.clone(), now));
-                    e.at = None;
-                    return true;
-                }
-                if let Some(at) = e.at {
+                let busy = e.in_flight > 0;
+                let at = match (busy, e.seen_busy) {
+                    (true, true) => Some(now),
+                    _ => e.at,
+                };
+                if let Some(at) = at {
                     batch.push((id.clone(), at));
                 }
-                false
+                e.at = None;
+                e.seen_busy = busy;
+                busy
             });
             batch
         };
@@ -192,8 +201,8 @@ mod tests {
         assert_eq!(inner.count(&Scope::All).await.unwrap(), 0);
     }
 
-    /// A request being served keeps its session active at every flush, however long it takes;
-    /// once it ends, the session's activity is the end of its answer (or none, for a request
+    /// A request being served keeps its session active at every flush from the second after it
+    /// began on, however long it takes; once it ends, the session's activity is the end of its answer (or none, for a request
     /// the sandbox never answered), and the session is forgotten after the next flush.
     #[tokio::test]
     async fn sessions_with_requests_in_flight_are_active_at_every_flush() {
@@ -203,6 +212,10 @@ mod tests {
         activity.begin("long");
         activity.begin("dead");
         activity.end("dead", false);
+        // Not at the first flush after it began: a request to a dead sandbox fails before the
+        // next one.
+        activity.flush(store.as_ref()).await;
+        assert_eq!(last_activity(store.as_ref(), "long").await, t0);
         activity.flush(store.as_ref()).await;
         let flushed = last_activity(store.as_ref(), "long").await;
         assert!(flushed > t0, "active while in flight");

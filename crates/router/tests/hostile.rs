@@ -815,18 +815,35 @@ async fn last_activity_of(store: &dyn agentcube_store::SessionStore) -> i64 {
         .as_second()
 }
 
+/// Waits up to `within` for the session's last activity in `store` to reach `at_least`; the last
+/// one read.
+async fn activity_reaches(
+    store: &dyn agentcube_store::SessionStore,
+    at_least: i64,
+    within: Duration,
+) -> i64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = last_activity_of(store).await;
+        if last >= at_least || tokio::time::Instant::now() >= deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A session is in use while a request to it is being served, not only when an answer starts
 /// or ends: a command that runs longer than the session's idle timeout had its sandbox reclaimed
 /// under it (reproduced on `agentcube up`: a `sleep 8` on a session idle for 8 s of its 10 s
-/// timeout was cut at once with `503`), and so did a WebSocket open for that long. Each flush
-/// (every second) now notes the sessions with requests in flight.
+/// timeout was cut at once with `503`), and so did a WebSocket open for that long. The activity
+/// flushed every second now names the sessions busy since the flush before.
 #[tokio::test]
 async fn sessions_are_active_while_their_requests_are_served() {
     let slow = axum::Router::new()
         .route(
             "/slow",
             axum::routing::post(|| async {
-                tokio::time::sleep(Duration::from_millis(3500)).await;
+                tokio::time::sleep(Duration::from_millis(6000)).await;
                 "done"
             }),
         )
@@ -842,10 +859,10 @@ async fn sessions_are_active_while_their_requests_are_served() {
             .header("x-agentcube-session-id", "s")
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(2700)).await;
-    let during = last_activity_of(store.as_ref()).await;
+    // Read well before the answer (which is activity of its own) comes.
+    let during = activity_reaches(store.as_ref(), created + 2, Duration::from_secs(4)).await;
     assert!(
-        during >= created + 2,
+        !call.is_finished() && during >= created + 2,
         "active while the sandbox works on the request: {created} → {during}"
     );
     let r = call.await.unwrap().unwrap();
@@ -854,12 +871,11 @@ async fn sessions_are_active_while_their_requests_are_served() {
     let (mut ws, head) = websocket(&router, "s").await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     let opened = last_activity_of(store.as_ref()).await;
-    tokio::time::sleep(Duration::from_millis(2700)).await;
+    let open = activity_reaches(store.as_ref(), opened + 2, Duration::from_secs(5)).await;
     ws.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
     ws.read_exact(&mut echo).await.unwrap();
-    assert_eq!(&echo, b"ping");
-    let open = last_activity_of(store.as_ref()).await;
+    assert_eq!(&echo, b"ping", "the tunnel was open all along");
     assert!(
         open >= opened + 2,
         "active while the tunnel is open: {opened} → {open}"
