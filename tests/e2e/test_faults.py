@@ -215,3 +215,34 @@ def test_a_port_in_use_stops_the_start_with_nothing_made(stack, scratch, taken):
     assert not made, f"sandboxes made before the start failed: {made}"
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(state) in line]
     assert not mounts, mounts
+
+
+def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratch):
+    """Two `agentcube up` with their own state directories on one Redis: the second's start-up
+    reconciliation deleted the first's sessions (records whose sandbox it did not have). It is
+    refused at start now, told which manager holds the store, and the first's session lives."""
+    if stack.backend != "local":
+        pytest.skip("runs its own `agentcube up`")
+    tmp = scratch("agentcube-two-")
+    proc, wm, router = start_up(tmp, redis_url)
+    try:
+        invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+        r = requests.post(invoke, json={"command": ["true"]})
+        assert r.status_code == 200, r.text
+        sid = r.headers["x-agentcube-session-id"]
+        other = tmp / "other"
+        out = subprocess.run([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"),
+                              "--router-port", str(_free_port()), "--wm-port", str(_free_port()),
+                              "--metrics-port", "0", "--state-dir", str(other), "--store", redis_url],
+                             capture_output=True, text=True, timeout=120, cwd=REPO,
+                             env=dict(os.environ, RUST_BACKTRACE="0"))
+        assert out.returncode != 0
+        assert "the session store is in use by another Workload Manager" in out.stderr, out.stderr
+        assert str(tmp / "state") in out.stderr, out.stderr
+        made = list((other / "sandboxes").iterdir()) if (other / "sandboxes").exists() else []
+        assert not made, made
+        r = requests.post(invoke, json={"command": ["true"]}, headers={"x-agentcube-session-id": sid})
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

@@ -21,6 +21,7 @@ use agentcube_types::GoDuration;
 use agentcube_workload_manager::WorkloadManager;
 use agentcube_workload_manager::backend::WarmPools;
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalDefaults};
+use agentcube_workload_manager::lease::StoreLease;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -186,6 +187,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         None => router_config.local_only = true,
     }
     let router = RouterService::start(&router_config, store.clone(), &identity)?;
+    // One platform per store: another `agentcube up` on it would delete these sessions.
+    let lease = StoreLease::acquire(store.clone(), backend.holder()).await?;
+    tokio::spawn(lease.keep());
     // Last: what starts sandboxes (warm pools) once nothing else can fail.
     let platform = backend
         .clone()

@@ -16,6 +16,8 @@
 //!    record; every [`gc`] run also reclaims sandboxes that died on their own.
 //! 5. On shutdown every sandbox this process started is removed.
 //!
+//! Before any of it, `main` takes the store's [`lease::StoreLease`]: one platform per store.
+//!
 //! Errors map to HTTP in one place: [`error::ApiError`].
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ pub mod definitions;
 pub mod error;
 pub mod gc;
 pub mod key;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;
 pub mod sessions;

@@ -6,6 +6,7 @@ use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
 use agentcube_workload_manager::backend::kubernetes::{KubeConfig, KubernetesBackend};
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalDefaults};
+use agentcube_workload_manager::lease::StoreLease;
 use agentcube_workload_manager::{Config, WorkloadManager, key};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
@@ -189,11 +190,20 @@ async fn main() -> anyhow::Result<()> {
     let listener = agentcube_serve::listen((args.bind, args.port)).await?;
     let metrics = agentcube_serve::listen_admin((args.bind, args.metrics_port)).await?;
     let platform = match args.backend.as_str() {
-        "local" => local_backend(&args)?
-            .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
-            .await
-            .map_err(anyhow::Error::msg)?,
+        "local" => {
+            let backend = local_backend(&args)?;
+            let lease = StoreLease::acquire(store.clone(), backend.holder()).await?;
+            tokio::spawn(lease.keep());
+            backend
+                .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
+                .await
+                .map_err(anyhow::Error::msg)?
+        }
         "kubernetes" => {
+            // Every replica in the namespace names the same holder.
+            let holder = format!("the Kubernetes backend of namespace {}", args.namespace);
+            let lease = StoreLease::acquire(store.clone(), holder).await?;
+            tokio::spawn(lease.keep());
             let client = kube_client().await?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.pod_defaults.runtime_class = args.runtime_class_name.clone();

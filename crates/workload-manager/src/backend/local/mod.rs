@@ -356,6 +356,17 @@ impl LocalBackend {
 
     /// Where sandbox sockets are handed over (`<state>/private`, the state directory resolved):
     /// the only Unix sockets a Router in front of this backend should connect to.
+    /// Who this backend is to another Workload Manager sharing its store ([`crate::lease`]):
+    /// its host and state directory.
+    pub fn holder(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!(
+            "the local backend of host {} with state directory {}",
+            host.trim(),
+            self.inner.config.state_dir.display()
+        )
+    }
+
     pub fn socket_dir(&self) -> PathBuf {
         self.inner.config.state_dir.join("private")
     }

@@ -1,0 +1,95 @@
+//! One Workload Manager deployment per session store.
+//!
+//! Start-up reconciliation and the collector delete records whose sandbox their own platform
+//! does not have, and sandboxes that have no record. Two managers of different platforms on one
+//! store — `agentcube up` on two hosts with one Redis, a local and a cluster manager — would
+//! each delete the other's sessions as stale. The first to start holds the store's lease (a mark
+//! it renews while it runs, [`TTL`]); a manager of another platform is refused at start, told
+//! which one holds it. Replicas of one platform (a cluster's Workload Managers, a restart with
+//! the same state directory) name the same holder and share it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcube_store::SessionStore;
+
+/// The mark holding the lease (its value names the holder).
+pub const MARK: &str = "workload-manager";
+
+/// How long the lease outlives its holder's last renewal (renewed every third of it).
+pub const TTL: Duration = Duration::from_secs(30);
+
+/// The store's lease, held by this manager's platform.
+pub struct StoreLease {
+    store: Arc<dyn SessionStore>,
+    holder: String,
+}
+
+impl StoreLease {
+    /// Takes the lease for `holder` (a platform's own words: "the local backend of host h with
+    /// state directory /d"), or refuses with the holder that has it.
+    pub async fn acquire(store: Arc<dyn SessionStore>, holder: String) -> anyhow::Result<Self> {
+        let lease = Self { store, holder };
+        // A lease that expires between the two reads is taken on the next round.
+        for _ in 0..3 {
+            if lease.store.set_mark(MARK, &lease.holder, TTL, true).await? {
+                return Ok(lease);
+            }
+            let now = lease.store.get_marks(&[MARK.to_string()]).await?;
+            match now.into_iter().next().flatten() {
+                Some(h) if h == lease.holder => {
+                    lease.renew().await?;
+                    return Ok(lease);
+                }
+                Some(other) => anyhow::bail!(
+                    "the session store is in use by another Workload Manager ({other}); this one \
+                     is {}. Each would delete the other's sessions as stale: give each its own \
+                     store (another Redis, or another database of it: redis://host:6379/1). A \
+                     holder that stopped lets go {} s after it stopped",
+                    lease.holder,
+                    TTL.as_secs()
+                ),
+                None => continue,
+            }
+        }
+        anyhow::bail!("cannot take the session store's lease (it kept changing hands)")
+    }
+
+    async fn renew(&self) -> Result<bool, agentcube_store::Error> {
+        self.store.set_mark(MARK, &self.holder, TTL, false).await
+    }
+
+    /// Renews the lease every third of [`TTL`] for as long as the process runs.
+    pub async fn keep(self) {
+        let mut tick = tokio::time::interval(TTL / 3);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.renew().await {
+                tracing::warn!(error = %e, "cannot renew the session store's lease");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_platform_holds_a_store_and_shares_it_with_its_own_replicas() {
+        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let local = || "the local backend of a with state directory /s".to_string();
+        StoreLease::acquire(store.clone(), local()).await.unwrap();
+        // A restart (or another replica) of the same platform.
+        StoreLease::acquire(store.clone(), local()).await.unwrap();
+        let other = "the local backend of b with state directory /s".to_string();
+        let refused = StoreLease::acquire(store.clone(), other).await;
+        let why = refused.err().unwrap().to_string();
+        assert!(
+            why.contains("in use by another Workload Manager (the local backend of a with"),
+            "{why}"
+        );
+        assert!(why.contains("this one is the local backend of b"), "{why}");
+    }
+}
