@@ -59,14 +59,26 @@ impl StoreLease {
         self.store.set_mark(MARK, &self.holder, TTL, false).await
     }
 
-    /// Renews the lease every third of [`TTL`] for as long as the process runs.
+    /// Renews the lease every third of [`TTL`] for as long as the process runs. One that
+    /// another manager took meanwhile (this one stalled past [`TTL`]) is left to it, loudly.
     pub async fn keep(self) {
         let mut tick = tokio::time::interval(TTL / 3);
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = self.renew().await {
-                tracing::warn!(error = %e, "cannot renew the session store's lease");
+            let now = self.store.get_marks(&[MARK.to_string()]).await;
+            match now.map(|m| m.into_iter().next().flatten()) {
+                Ok(Some(other)) if other != self.holder => tracing::error!(
+                    holder = %other,
+                    "another Workload Manager holds the session store: each deletes the other's \
+                     sessions; stop one"
+                ),
+                Ok(_) => {
+                    if let Err(e) = self.renew().await {
+                        tracing::warn!(error = %e, "cannot renew the session store's lease");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the session store's lease"),
             }
         }
     }
@@ -91,5 +103,36 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("this one is the local backend of b"), "{why}");
+    }
+
+    async fn holder(store: &dyn SessionStore) -> Option<String> {
+        store
+            .get_marks(&[MARK.to_string()])
+            .await
+            .unwrap()
+            .remove(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_holder_renews_its_lease_and_never_takes_over_anothers() {
+        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let lease = StoreLease::acquire(store.clone(), "a".into())
+            .await
+            .unwrap();
+        let keeper = tokio::spawn(lease.keep());
+        // About to lapse: renewed at the next tick.
+        store
+            .set_mark(MARK, "a", Duration::from_millis(1), false)
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(holder(store.as_ref()).await, None);
+        tokio::time::sleep(TTL / 3 + Duration::from_millis(1)).await;
+        assert_eq!(holder(store.as_ref()).await.as_deref(), Some("a"));
+        // Taken by another (this one stalled): left to it.
+        store.set_mark(MARK, "b", TTL, false).await.unwrap();
+        tokio::time::sleep(TTL / 3).await;
+        assert_eq!(holder(store.as_ref()).await.as_deref(), Some("b"));
+        keeper.abort();
     }
 }
