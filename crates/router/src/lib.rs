@@ -12,7 +12,9 @@
 //! 4. [`proxy`]: a pooled TCP / Unix-socket connection ([`pool`]), bodies streamed, upgrades spliced; the
 //!    answer gets the session header. A request the serving fast lane took is forwarded from
 //!    the bytes it arrived in, with no `http` types built ([`inbound`]: the handler is the same). Refused → 502, timeout → 504, other → 503 ([`error`]).
-//! 5. [`activity`]: activity is noted in memory and flushed to the store in batches.
+//! 5. [`activity`]: a session is active while requests to it are in flight and at each answer's
+//!    end (noted in memory by what the request holds, `held`, and flushed to the store in
+//!    batches); a session made for a request whose id never reached its client is deleted again.
 //!
 //! `agentcube_tls` serves the same app over HTTPS when configured (`--enable-tls`, reloading
 //! its certificate when the files change), and carries the create calls to the Workload Manager
@@ -26,6 +28,7 @@ use agentcube_store::SessionStore;
 pub mod activity;
 pub mod error;
 mod h1;
+mod held;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

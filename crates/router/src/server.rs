@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::activity::Activity;
 use crate::error::RouterError;
+use crate::held::{InFlight, Unclaimed};
 use crate::identity::Signer;
 use crate::inbound::{Inbound, path_of};
 use crate::proxy::{Answer, Answered, Forward, Upstream};
@@ -73,7 +74,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-type AppState = Arc<Shared>;
+pub(crate) type AppState = Arc<Shared>;
 
 /// The session header's name, built once.
 const SESSION: http::HeaderName = http::HeaderName::from_static(SESSION_ID);
@@ -376,7 +377,6 @@ struct Admitted {
 }
 
 /// What only some admitted requests have.
-#[derive(Default)]
 struct Rare {
     /// The end user (OIDC).
     caller: Option<Arc<crate::oidc::Caller>>,
@@ -634,69 +634,6 @@ async fn unknown_if_deleted(
         Err(again @ RouterError::UnknownSession(..)) => again,
         Ok(_) => s.resolver.ending(id).await.unwrap_or(e),
         Err(_) => e,
-    }
-}
-
-/// A session made for a request whose answer (the only place its id is told) has not been
-/// handed to the client. Dropped so — the sandbox failed, or the client went away (its request's
-/// future is dropped then) while the sandbox was still working — the session is deleted again:
-/// nobody could name it, yet it would hold its sandbox until its idle timeout.
-struct Unclaimed {
-    shared: AppState,
-    kind: WorkloadKind,
-    /// `None` once delivered.
-    session_id: Option<Arc<str>>,
-}
-
-impl Unclaimed {
-    /// The answer carrying the id goes to the client: the session is theirs.
-    fn delivered(&mut self) {
-        self.session_id = None;
-    }
-}
-
-impl Drop for Unclaimed {
-    fn drop(&mut self) {
-        let Some(id) = self.session_id.take() else {
-            return;
-        };
-        tracing::info!(session_id = %id, "the new session's id did not reach the client; deleting it");
-        let (s, kind) = (self.shared.clone(), self.kind);
-        // No runtime: the Router is going away, and the idle timeout reclaims the session.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { s.resolver.roll_back(kind, &id).await });
-        }
-    }
-}
-
-/// A request to its session's sandbox, from its admission until its answer has been streamed
-/// out (or a WebSocket tunnel it opened is closed): its session counts as active meanwhile, and
-/// its end is activity if the sandbox answered ([`Activity`]).
-struct InFlight {
-    activity: Arc<Activity>,
-    target: Arc<crate::resolve::Target>,
-    answered: bool,
-}
-
-impl InFlight {
-    fn begin(activity: &Arc<Activity>, target: Arc<crate::resolve::Target>) -> Self {
-        activity.begin(&target.session_id);
-        Self {
-            activity: activity.clone(),
-            target,
-            answered: false,
-        }
-    }
-
-    /// Another request of the same session (a tunnel that outlives its `101`).
-    fn another(&self) -> Self {
-        Self::begin(&self.activity, self.target.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.activity.end(&self.target.session_id, self.answered);
     }
 }
 

@@ -1,0 +1,74 @@
+//! What a request holds while the Router serves it, and lets go of when it is dropped: its
+//! place among its session's requests in flight ([`InFlight`], the session's activity), and a
+//! session made for it whose id has not reached the client yet ([`Unclaimed`], deleted again
+//! if it never does).
+
+use std::sync::Arc;
+
+use agentcube_types::api::WorkloadKind;
+
+use crate::activity::Activity;
+use crate::server::AppState;
+
+/// A session made for a request whose answer (the only place its id is told) has not been
+/// handed to the client. Dropped so — the sandbox failed, or the client went away (its request's
+/// future is dropped then) while the sandbox was still working — the session is deleted again:
+/// nobody could name it, yet it would hold its sandbox until its idle timeout.
+pub(crate) struct Unclaimed {
+    pub(crate) shared: AppState,
+    pub(crate) kind: WorkloadKind,
+    /// `None` once delivered.
+    pub(crate) session_id: Option<Arc<str>>,
+}
+
+impl Unclaimed {
+    /// The answer carrying the id goes to the client: the session is theirs.
+    pub(crate) fn delivered(&mut self) {
+        self.session_id = None;
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(id) = self.session_id.take() else {
+            return;
+        };
+        tracing::info!(session_id = %id, "the new session's id did not reach the client; deleting it");
+        let (s, kind) = (self.shared.clone(), self.kind);
+        // No runtime: the Router is going away, and the idle timeout reclaims the session.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { s.resolver.roll_back(kind, &id).await });
+        }
+    }
+}
+
+/// A request to its session's sandbox, from its admission until its answer has been streamed
+/// out (or a WebSocket tunnel it opened is closed): its session counts as active meanwhile, and
+/// its end is activity if the sandbox answered ([`Activity`]).
+pub(crate) struct InFlight {
+    activity: Arc<Activity>,
+    pub(crate) target: Arc<crate::resolve::Target>,
+    pub(crate) answered: bool,
+}
+
+impl InFlight {
+    pub(crate) fn begin(activity: &Arc<Activity>, target: Arc<crate::resolve::Target>) -> Self {
+        activity.begin(&target.session_id);
+        Self {
+            activity: activity.clone(),
+            target,
+            answered: false,
+        }
+    }
+
+    /// Another request of the same session (a tunnel that outlives its `101`).
+    pub(crate) fn another(&self) -> Self {
+        Self::begin(&self.activity, self.target.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.end(&self.target.session_id, self.answered);
+    }
+}
