@@ -135,11 +135,16 @@ async fn stalled_downloads_give_their_slots_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Cut after the body idle timeout (checked at least once per header timeout): 0.8 + 0.8 s.
     slots_come_back(&router, "stalled downloads").await;
+    // The first one cut frees a slot; the other two are cut about as soon.
     let stats = &router.shared().metrics.serve;
-    assert!(
-        stats.send_timeouts.get() >= 3,
-        "{}",
-        stats.send_timeouts.get()
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stats.send_timeouts.get() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stats.send_timeouts.get(),
+        3,
+        "every stalled download is cut"
     );
     drop(stalled);
 }
