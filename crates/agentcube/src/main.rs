@@ -188,8 +188,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let router = RouterService::start(&router_config, store.clone(), &identity)?;
     // One platform per store: another `agentcube up` on it would delete these sessions.
-    let lease = StoreLease::acquire(store.clone(), backend.holder()).await?;
-    tokio::spawn(lease.keep());
+    StoreLease::hold(store.clone(), backend.holder()).await?;
     // Last: what starts sandboxes (warm pools) once nothing else can fail.
     let platform = backend
         .clone()

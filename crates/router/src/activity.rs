@@ -202,8 +202,9 @@ mod tests {
     }
 
     /// A request being served keeps its session active at every flush from the second after it
-    /// began on, however long it takes; once it ends, the session's activity is the end of its answer (or none, for a request
-    /// the sandbox never answered), and the session is forgotten after the next flush.
+    /// began on, however long it takes; once it ends, the session's activity is the end of its
+    /// answer (or none, for a request the sandbox never answered), and the session is forgotten
+    /// after the next flush.
     #[tokio::test]
     async fn sessions_with_requests_in_flight_are_active_at_every_flush() {
         let (store, _) = store_with(&["long", "dead"]).await;

@@ -106,6 +106,14 @@ pub struct SessionMismatch {
 }
 
 impl RouterError {
+    /// The unknown-session error for `id`, with why it ended when known.
+    pub fn unknown_session(id: &str, why: Option<String>) -> Self {
+        Self::UnknownSession(Box::new(UnknownSession {
+            id: id.to_string(),
+            why,
+        }))
+    }
+
     /// Status code and optional machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, Option<&'static str>) {
         match self {

@@ -15,13 +15,21 @@ use crate::server::AppState;
 /// future is dropped then) while the sandbox was still working — the session is deleted again:
 /// nobody could name it, yet it would hold its sandbox until its idle timeout.
 pub(crate) struct Unclaimed {
-    pub(crate) shared: AppState,
-    pub(crate) kind: WorkloadKind,
+    shared: AppState,
+    kind: WorkloadKind,
     /// `None` once delivered.
-    pub(crate) session_id: Option<Arc<str>>,
+    session_id: Option<Arc<str>>,
 }
 
 impl Unclaimed {
+    pub(crate) fn new(shared: &AppState, kind: WorkloadKind, session_id: &Arc<str>) -> Self {
+        Self {
+            shared: shared.clone(),
+            kind,
+            session_id: Some(session_id.clone()),
+        }
+    }
+
     /// The answer carrying the id goes to the client: the session is theirs.
     pub(crate) fn delivered(&mut self) {
         self.session_id = None;
@@ -48,7 +56,7 @@ impl Drop for Unclaimed {
 pub(crate) struct InFlight {
     activity: Arc<Activity>,
     pub(crate) target: Arc<crate::resolve::Target>,
-    pub(crate) answered: bool,
+    answered: bool,
 }
 
 impl InFlight {
@@ -59,6 +67,11 @@ impl InFlight {
             target,
             answered: false,
         }
+    }
+
+    /// The sandbox answered: the request's end is activity.
+    pub(crate) fn answered(&mut self) {
+        self.answered = true;
     }
 
     /// Another request of the same session (a tunnel that outlives its `101`).

@@ -107,12 +107,7 @@ impl Resolver {
     /// still stands.
     pub async fn ending(&self, session_id: &str) -> Option<RouterError> {
         let why = self.why_gone(session_id).await?;
-        Some(RouterError::UnknownSession(Box::new(
-            crate::error::UnknownSession {
-                id: session_id.to_string(),
-                why: Some(why),
-            },
-        )))
+        Some(RouterError::unknown_session(session_id, Some(why)))
     }
 
     /// The sandbox for an existing session, refusing one created for another runtime; for an
@@ -161,12 +156,7 @@ impl Resolver {
             Ok(r) => r,
             Err(agentcube_store::Error::NotFound) => {
                 self.invalidate(session_id);
-                return Err(RouterError::UnknownSession(Box::new(
-                    crate::error::UnknownSession {
-                        id: session_id.to_string(),
-                        why: None,
-                    },
-                )));
+                return Err(RouterError::unknown_session(session_id, None));
             }
             Err(e) if e.is_unavailable() => return Err(RouterError::StoreUnavailable),
             Err(e) => return Err(RouterError::Internal(e.to_string())),

@@ -451,11 +451,9 @@ async fn admit(
         }
         None => Box::pin(create(s, t, caller.as_deref())).await?,
     };
-    let created = session.is_none().then(|| Unclaimed {
-        shared: s.clone(),
-        kind: t.kind,
-        session_id: Some(target.session_id.clone()),
-    });
+    let created = session
+        .is_none()
+        .then(|| Unclaimed::new(s, t.kind, &target.session_id));
     if tracing::enabled!(tracing::Level::DEBUG) {
         // Only then is the invocation's span on (asking for the current span costs a lookup).
         tracing::Span::current().record("session_id", &*target.session_id);
@@ -479,13 +477,13 @@ async fn admit(
 /// does not stay "active").
 fn answered(mut resp: Answered, a: Admitted) -> LaneResponse {
     let mut in_flight = a.in_flight;
-    in_flight.answered = true;
+    in_flight.answered();
     if let Answered::Http(r) = &mut resp
         && let Some(tunnel) = r.extensions_mut().remove::<crate::proxy::Tunnel>()
     {
         // A WebSocket's: its session is active for as long as it is open.
         let mut open = in_flight.another();
-        open.answered = true;
+        open.answered();
         tunnel.keep(Box::new(open));
     }
     let rare = a.rare.map(|mut r| {

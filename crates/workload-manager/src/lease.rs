@@ -55,6 +55,13 @@ impl StoreLease {
         anyhow::bail!("cannot take the session store's lease (it kept changing hands)")
     }
 
+    /// [`StoreLease::acquire`], then [`StoreLease::keep`] in a task of its own.
+    pub async fn hold(store: Arc<dyn SessionStore>, holder: String) -> anyhow::Result<()> {
+        let lease = Self::acquire(store, holder).await?;
+        tokio::spawn(lease.keep());
+        Ok(())
+    }
+
     async fn renew(&self) -> Result<bool, agentcube_store::Error> {
         self.store.set_mark(MARK, &self.holder, TTL, false).await
     }

@@ -192,8 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let platform = match args.backend.as_str() {
         "local" => {
             let backend = local_backend(&args)?;
-            let lease = StoreLease::acquire(store.clone(), backend.holder()).await?;
-            tokio::spawn(lease.keep());
+            StoreLease::hold(store.clone(), backend.holder()).await?;
             backend
                 .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
                 .await
@@ -202,8 +201,7 @@ async fn main() -> anyhow::Result<()> {
         "kubernetes" => {
             // Every replica in the namespace names the same holder.
             let holder = format!("the Kubernetes backend of namespace {}", args.namespace);
-            let lease = StoreLease::acquire(store.clone(), holder).await?;
-            tokio::spawn(lease.keep());
+            StoreLease::hold(store.clone(), holder).await?;
             let client = kube_client().await?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.pod_defaults.runtime_class = args.runtime_class_name.clone();
