@@ -102,10 +102,10 @@ def router_key(kubectl: list[str], path: Path) -> None:
 
 
 def sdk_calls(p: Procs, kubectl: list[str], wm_url: str, sdk_env: dict[str, str]) -> dict[str, Samples]:
-    """`execute_command("true")` and `run_code("python", "print(1)")` through the standalone Router
-    with both SDKs on one live session (each SDK given its id, as a client resuming it is), and the
-    same HTTP calls straight to that session's pod: the same PicoD for every target; in
-    interleaved rounds."""
+    """`execute_command("true")`, `run_code("python", "print(1)")` and a 4 MiB `download_file`
+    through the standalone Router with both SDKs on one live session (each SDK given its id, as a
+    client resuming it is), and the same HTTP calls straight to that session's pod: the same PicoD
+    for every target; in interleaved rounds."""
     s = requests.post(f"{wm_url}/v1/code-interpreter", json={"name": "kwarm", "namespace": "default"},
                       timeout=60).json()
     endpoint = s["entryPoints"][0]["endpoint"]
@@ -118,7 +118,7 @@ def sdk_calls(p: Procs, kubectl: list[str], wm_url: str, sdk_env: dict[str, str]
                                         "session_id": s["sessionId"], "aud": s["sandboxIdentity"]})
     targets = {DIRECT: (VENVS["this repo's SDK"], ["direct", url, token]),
                **{f"{name} via Router": (py, ["session", "kwarm", s["sessionId"]]) for name, py in VENVS.items()}}
-    samples: dict[str, Samples] = {t: {"execute": [], "run_code": []} for t in targets}
+    samples: dict[str, Samples] = {t: {"execute": [], "run_code": [], "download": []} for t in targets}
     for _ in range(ROUNDS):
         for target, (py, args) in targets.items():
             for call, v in run(py, sdk_env, *args, CALLS // ROUNDS).items():
@@ -169,7 +169,7 @@ def main() -> None:
         sdk_env.pop("PYTHONPATH", None)
         sdk = VENVS["this repo's SDK"]
         samples = sdk_calls(p, kubectl, wm_url, sdk_env)
-        for call in ("execute", "run_code"):
+        for call in ("execute", "run_code", "download"):
             d50 = median(samples[DIRECT][call])
             for target, v in samples.items():
                 v50 = median(v[call])

@@ -125,13 +125,13 @@ def main() -> None:
         targets = {"direct to PicoD (requests.Session)": (ours, env, ["direct", sock, token]),
                    "this repo's SDK via nginx (one hop, no routing)": (ours, via_nginx, live),
                    **{f"{name} via Router": (py, env, live) for name, py in VENVS.items()}}
-        samples: dict[str, Samples] = {t: {"execute": [], "run_code": []} for t in targets}
+        samples: dict[str, Samples] = {t: {"execute": [], "run_code": [], "download": []} for t in targets}
         for _ in range(ROUNDS):
             for target, (py, e, args) in targets.items():
                 for call, v in run(py, e, *args, N // ROUNDS).items():
                     samples[target][call] += v
         p.stop(nginx)
-        for call in ("execute", "run_code"):
+        for call in ("execute", "run_code", "download"):
             d50 = median(samples["direct to PicoD (requests.Session)"][call])
             for target, by_call in samples.items():
                 v50, v99 = median(by_call[call]), pct(by_call[call], 0.99)

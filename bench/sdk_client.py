@@ -3,8 +3,10 @@ prints per-call latencies as JSON. Modes:
 
 - `session NAME SESSION_ID N`: `CodeInterpreterClient(name=NAME, session_id=SESSION_ID)` (a live
   session: both SDKs reuse it and create nothing), then N x `execute_command("true")` and N x
-  `run_code("python", "print(1)")` through the SDK's Router URL (the SDK's own HTTP stack). The
-  session is left as it was.
+  `run_code("python", "print(1)")` and N x `download_file` of a 4 MiB binary file (random bytes,
+  made once in the sandbox: the kind of file an SDK's `requests`, which always asks for gzip, must
+  not wait on an encoder for) through the SDK's Router URL (the SDK's own HTTP stack). The session
+  is left as it was, but for that file.
 - `direct SOCKET|URL TOKEN N`: the very same HTTP calls the SDK makes, with the same
   `requests.Session`, straight to the sandbox's PicoD on its Unix socket or at `http://IP:PORT`
   (the baseline).
@@ -32,6 +34,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 WARMUP = 20
+DOWNLOAD = "bench-download.bin"
+MAKE_DOWNLOAD = ["sh", "-c", f"test -e {DOWNLOAD} || head -c 4194304 /dev/urandom > {DOWNLOAD}"]
+LOCAL = f"/tmp/agentcube-bench-{os.getpid()}.bin"
 
 
 class UnixAdapter(HTTPAdapter):
@@ -75,9 +80,11 @@ def session(name: str, session_id: str, n: int) -> dict[str, list[float]]:
     from agentcube import CodeInterpreterClient  # type: ignore[import-not-found,unused-ignore]
 
     c = CodeInterpreterClient(name=name, session_id=session_id)  # not stopped: the session stays
+    c.execute_command(MAKE_DOWNLOAD)
     return {
         "execute": timed(lambda: c.execute_command("true"), n),
         "run_code": timed(lambda: c.run_code("python", "print(1)"), n),
+        "download": timed(lambda: c.download_file(DOWNLOAD, LOCAL), n),
     }
 
 
@@ -103,7 +110,17 @@ def direct(target: str, token: str, n: int) -> dict[str, list[float]]:
         r.raise_for_status()
         execute(["python3", name])
 
-    return {"execute": timed(lambda: execute(["true"]), n), "run_code": timed(run_code, n)}
+    def download() -> None:
+        # What the SDKs' download_file does.
+        with s.get(f"{base}/api/files/{DOWNLOAD}", stream=True, timeout=(5, 120)) as r:
+            r.raise_for_status()
+            with open(LOCAL, "wb") as f:
+                for chunk in r.iter_content(chunk_size=8192):
+                    f.write(chunk)
+
+    execute(MAKE_DOWNLOAD)
+    return {"execute": timed(lambda: execute(["true"]), n), "run_code": timed(run_code, n),
+            "download": timed(download, n)}
 
 
 def sessions(name: str, n: int, pause: float = 0.3, settle: float = 0.0) -> dict[str, list[float]]:
@@ -151,4 +168,6 @@ if __name__ == "__main__":
         result = direct(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         result = sessions(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:6]))
+    if os.path.exists(LOCAL):
+        os.remove(LOCAL)
     print(json.dumps(result))

@@ -13,8 +13,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tower_http::CompressionLevel;
 use tower_http::compression::CompressionLayer;
-use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::predicate::{Predicate, SizeAbove};
 
 use crate::auth::{Verifier, require_token};
 use crate::config::{Auth, Config};
@@ -72,22 +73,53 @@ impl AppState {
     }
 }
 
+/// Whether a body of this `Content-Type` is worth gzipping: text, JSON, XML, JavaScript, YAML,
+/// shell and SVG. Anything else a download can be — archives, images, media, executables,
+/// `application/octet-stream` — is mostly compressed already or compresses little, and gzip
+/// would cut its transfer to the encoder's speed (tens of MB/s, paid from the sandbox's CPU)
+/// and drop its `Content-Length` and ranges.
+fn compressible(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default();
+    let essence = essence.trim().to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("text", sub)) => sub != "event-stream",
+        Some(("application", sub)) => {
+            TEXT_APPLICATION_TYPES.contains(&sub) || sub.ends_with("+json") || sub.ends_with("+xml")
+        }
+        Some(("image", sub)) => sub == "svg+xml",
+        _ => false,
+    }
+}
+
+/// `application/…` subtypes that are text.
+const TEXT_APPLICATION_TYPES: &[&str] = &[
+    "json",
+    "xml",
+    "javascript",
+    "ecmascript",
+    "yaml",
+    "x-yaml",
+    "toml",
+    "x-sh",
+    "sql",
+    "graphql",
+];
+
 /// The whole HTTP surface; tests drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    // Compress what the client accepts, except small bodies (under 1 KiB gzip saves no packet
-    // and its encoder set-up costs more than the whole answer), streams (they must flush),
-    // images, gRPC and partial content.
-    let compress = SizeAbove::new(COMPRESS_FROM_BYTES - 1)
-        .and(NotForContentType::GRPC)
-        .and(NotForContentType::IMAGES)
-        .and(NotForContentType::SSE)
-        .and(NotForContentType::const_new(exec::NDJSON))
-        .and(
-            |_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {
-                !h.contains_key(header::CONTENT_RANGE)
-            },
-        );
+    // Compress what the client accepts when it is text (see `compressible`), except small bodies
+    // (under 1 KiB gzip saves no packet and its encoder set-up costs more than the whole
+    // answer), streams (NDJSON and SSE must flush: neither is `compressible`) and partial
+    // content; at gzip's fastest level, as upstream (`gzip.BestSpeed`).
+    let compress = SizeAbove::new(COMPRESS_FROM_BYTES - 1).and(
+        |_: StatusCode, _: http::Version, h: &http::HeaderMap, _: &http::Extensions| {
+            !h.contains_key(header::CONTENT_RANGE)
+                && h.get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(compressible)
+        },
+    );
     let api = Router::new()
         .route("/api/execute", post(exec::execute))
         .route("/api/files", post(files::upload).get(files::list))
@@ -109,7 +141,12 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/contexts/{id}/execute", post(context::execute))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(CompressionLayer::new().gzip(true).compress_when(compress));
+        .layer(
+            CompressionLayer::new()
+                .gzip(true)
+                .quality(CompressionLevel::Fastest)
+                .compress_when(compress),
+        );
     let mut app = Router::new().route("/health", get(health)).merge(api);
     if let Some(m) = &state.metrics {
         // Outside the token check and the compression layer; counted requests include refusals.
@@ -180,4 +217,38 @@ pub async fn run(
         options.stats = m.serve.clone();
     }
     agentcube_serve::serve(listener, app(state), options, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compressible;
+
+    #[test]
+    fn text_is_compressible_and_binary_is_not() {
+        for t in [
+            "text/plain",
+            "text/csv; charset=utf-8",
+            "application/json",
+            "Application/JSON",
+            "application/problem+json",
+            "application/xhtml+xml",
+            "application/javascript",
+            "image/svg+xml",
+        ] {
+            assert!(compressible(t), "{t}");
+        }
+        for t in [
+            "application/octet-stream",
+            "application/zip",
+            "application/gzip",
+            "application/x-ndjson",
+            "text/event-stream",
+            "image/png",
+            "video/mp4",
+            "",
+            "nonsense",
+        ] {
+            assert!(!compressible(t), "{t}");
+        }
+    }
 }
