@@ -27,6 +27,12 @@ pub enum ApiError {
     /// Missing file or directory; the message is the upstream text.
     #[error("{0}")]
     NotFound(&'static str),
+    /// No route has this path.
+    #[error("no such route: {method} {path}")]
+    NoRoute { method: String, path: String },
+    /// The route exists, without this method.
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     /// A per-sandbox limit is reached (e.g. running processes).
     #[error("{0}")]
     TooMany(String),
@@ -50,7 +56,8 @@ impl ApiError {
             }
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,

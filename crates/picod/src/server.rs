@@ -158,9 +158,27 @@ pub fn app(state: AppState) -> Router {
             ))
             .merge(agentcube_serve::metrics_app(move || render.encode()).with_state(()));
     }
-    app.layer(DefaultBodyLimit::max(limit))
+    app.fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), reject_large))
         .with_state(state)
+}
+
+/// Any other path: PicoD's error shape, not an empty 404.
+async fn no_route(method: http::Method, uri: http::Uri) -> ApiError {
+    ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// A known path with another method (axum adds the `Allow` header).
+async fn method_not_allowed(method: http::Method, uri: http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Json<HealthResponse> {

@@ -402,3 +402,26 @@ async fn special_files_and_bad_paths_are_400_and_never_block() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
 }
+
+/// A path no route serves, or a method a route lacks, is answered in PicoD's error shape (an
+/// empty body told an SDK user calling `download_file("")` nothing).
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_error_shape() {
+    let p = Picod::new();
+    for path in ["/api/files/", "/api/nothing", "/nothing"] {
+        let r = p.get(path).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            r.json(),
+            json!({"error": format!("no such route: GET {path}"), "code": 404}),
+            "{path}"
+        );
+    }
+    let r = p.get("/api/execute").await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.header("allow"), Some("POST"));
+    assert_eq!(
+        r.json(),
+        json!({"error": "method GET not allowed on /api/execute", "code": 405})
+    );
+}
