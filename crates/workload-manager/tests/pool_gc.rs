@@ -126,6 +126,51 @@ async fn changing_the_definition_rolls_the_pool() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A resize, or a change of the timeouts, starts no sandbox anew: the ready ones stay (they were
+/// thrown away and restarted, a new image pull's worth of work on every resize).
+#[tokio::test]
+async fn resizing_the_pool_keeps_its_ready_sandboxes() {
+    let s = Stack::start(Options {
+        manifests: code_interpreter("pool", "  warmPoolSize: 1\n"),
+        ..Default::default()
+    })
+    .await;
+    eventually("pool filled", 30, || ready(&s) == 1).await;
+    let first = s.backend.running();
+    let write = |extra: &str| {
+        std::fs::write(
+            s.dir.path().join("manifests/defs.yaml"),
+            code_interpreter("pool", extra),
+        )
+        .unwrap()
+    };
+    write("  warmPoolSize: 3\n  sessionTimeout: 20m\n  maxSessionDuration: 30m\n");
+    eventually("pool grown to 3", 30, || ready(&s) == 3).await;
+    let grown = s.backend.running();
+    assert!(
+        first.iter().all(|n| grown.contains(n)),
+        "{first:?} kept in {grown:?}"
+    );
+    write("  warmPoolSize: 2\n  sessionTimeout: 20m\n  maxSessionDuration: 30m\n");
+    eventually("pool shrunk to 2", 30, || {
+        ready(&s) == 2 && s.backend.running().len() == 2
+    })
+    .await;
+    let shrunk = s.backend.running();
+    assert!(
+        shrunk.iter().all(|n| grown.contains(n)),
+        "{shrunk:?} within {grown:?}"
+    );
+    // A session claimed from it gets the definition's new timeouts.
+    let v = s.create_ok("code-interpreter", "pool").await;
+    let record = s.store.get(v["sessionId"].as_str().unwrap()).await.unwrap();
+    assert!(grown.contains(&record.name), "claimed from the kept pool");
+    assert_eq!(record.idle_timeout.to_string(), "20m0s");
+    let lifetime = record.expires_at.duration_since(record.created_at);
+    assert_eq!(lifetime, jiff::SignedDuration::from_mins(30));
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn gc_reclaims_idle_and_expired_sessions() {
     let s = Stack::start(Options {

@@ -1,5 +1,6 @@
 //! Warm pools of the local backend: per CodeInterpreter, a queue of started sandboxes. A claim is
-//! a pop; refills start in the background; a changed definition (or Router key) rolls the pool.
+//! a pop; refills start in the background; a changed sandbox template (or Router key) rolls the
+//! pool, a resize keeps its ready sandboxes.
 //! When a start fails (a broken definition, the memory budget), the pool waits (2 s, doubling
 //! to 60 s) and one retry refills it: failures never spin, and each wait is logged once.
 
@@ -49,9 +50,16 @@ pub struct PoolStatus {
     pub failed_starts: u64,
 }
 
+/// What the pool's sandboxes were started from: the definition's spec but for the fields that
+/// only concern sessions or the pool (its size, the timeouts), and the Router's key. A change in
+/// it rolls the pool; a resize keeps its ready sandboxes.
 fn generation_of(ci: &CodeInterpreter, key: &Option<String>) -> u64 {
+    let mut launch = ci.spec.clone();
+    launch.warm_pool_size = None;
+    launch.session_timeout = Default::default();
+    launch.max_session_duration = Default::default();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&ci.spec)
+    serde_json::to_string(&launch)
         .unwrap_or_default()
         .hash(&mut h);
     key.hash(&mut h);
@@ -238,6 +246,7 @@ impl LocalBackend {
             match pools.get_mut(&key) {
                 Some(p) if p.generation == generation => {
                     p.size = size;
+                    p.workload = Workload::CodeInterpreter(ci);
                     while p.ready.len() > size as usize {
                         stale.extend(p.ready.pop_back().map(|s| s.name));
                     }
