@@ -246,3 +246,33 @@ def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratc
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_a_platform_that_lost_its_store_stops(stack, redis_url, scratch):
+    """An `agentcube up` stalled past its store lease (a suspended laptop) while another platform
+    took the store: it went on, and each deleted the other's sessions as stale. It stops now,
+    saying why, with its own sandboxes removed and the other's lease left alone. The other
+    platform's take-over is written straight into Redis, as its start would write it."""
+    if stack.backend != "local":
+        pytest.skip("runs its own `agentcube up`")
+    tmp = scratch("agentcube-lost-")
+    proc, wm, router = start_up(tmp, redis_url)
+    try:
+        invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+        r = requests.post(invoke, json={"command": ["true"]})
+        assert r.status_code == 200, r.text
+        assert list((tmp / "state" / "sandboxes").iterdir())
+        other = "the local backend of host elsewhere with state directory /var/lib/agentcube"
+        key = "session:idx:mark:workload-manager"
+        subprocess.run(["redis-cli", "-u", redis_url, "SET", key, other, "EX", "60"], check=True, capture_output=True)
+        proc.wait(40)  # the keeper looks every 10 s; then the drain and the teardown
+        log = next(tmp.glob("up-*.log")).read_text()
+        assert proc.returncode != 0, log
+        assert f"another Workload Manager ({other}) took the session store" in log, log
+        assert not list((tmp / "state" / "sandboxes").iterdir())
+        mark = subprocess.run(["redis-cli", "-u", redis_url, "GET", key], check=True, capture_output=True, text=True)
+        assert mark.stdout.strip() == other
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)

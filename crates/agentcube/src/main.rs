@@ -188,7 +188,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let router = RouterService::start(&router_config, store.clone(), &identity)?;
     // One platform per store: another `agentcube up` on it would delete these sessions.
-    StoreLease::hold(store.clone(), backend.holder()).await?;
+    let lease = StoreLease::hold(store.clone(), backend.holder()).await?;
     // Last: what starts sandboxes (warm pools) once nothing else can fail.
     let platform = backend
         .clone()
@@ -267,7 +267,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop (every sandbox is removed).");
     let progress = tokio::spawn(pool_progress(pools));
 
-    shutdown_signal().await;
+    let lost = tokio::select! {
+        () = shutdown_signal() => None,
+        why = lease.wait() => Some(why),
+    };
+    if let Some(why) = &lost {
+        eprintln!("\n{why}");
+    }
     println!("\nstopping…");
     progress.abort();
     let _ = stop_tx.send(true);
@@ -283,7 +289,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
              while a process still holds one)"
         ),
     }
-    Ok(())
+    lost.map_or(Ok(()), Err)
 }
 
 fn store_name(c: &agentcube_store::StoreConfig) -> &'static str {

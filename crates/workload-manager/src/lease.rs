@@ -6,7 +6,9 @@
 //! each delete the other's sessions as stale. The first to start holds the store's lease (a mark
 //! it renews while it runs, [`TTL`]); a manager of another platform is refused at start, told
 //! which one holds it. Replicas of one platform (a cluster's Workload Managers, a restart with
-//! the same state directory) name the same holder and share it.
+//! the same state directory) name the same holder and share it. A holder that stalls past the
+//! lease (a suspended laptop, a stopped process) may find another platform holding it when it
+//! wakes: it then stops ([`LeaseLost`]), as it would have been refused at start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,31 +57,31 @@ impl StoreLease {
         anyhow::bail!("cannot take the session store's lease (it kept changing hands)")
     }
 
-    /// [`StoreLease::acquire`], then [`StoreLease::keep`] in a task of its own.
-    pub async fn hold(store: Arc<dyn SessionStore>, holder: String) -> anyhow::Result<()> {
+    /// [`StoreLease::acquire`], then [`StoreLease::keep`] in a task of its own; the manager
+    /// stops when the returned [`LeaseLost`] resolves.
+    pub async fn hold(store: Arc<dyn SessionStore>, holder: String) -> anyhow::Result<LeaseLost> {
         let lease = Self::acquire(store, holder).await?;
-        tokio::spawn(lease.keep());
-        Ok(())
+        let mine = lease.holder.clone();
+        Ok(LeaseLost {
+            keeper: tokio::spawn(lease.keep()),
+            mine,
+        })
     }
 
     async fn renew(&self) -> Result<bool, agentcube_store::Error> {
         self.store.set_mark(MARK, &self.holder, TTL, false).await
     }
 
-    /// Renews the lease every third of [`TTL`] for as long as the process runs. One that
-    /// another manager took meanwhile (this one stalled past [`TTL`]) is left to it, loudly.
-    pub async fn keep(self) {
+    /// Renews the lease every third of [`TTL`] until another manager has taken it (this one
+    /// stalled past [`TTL`]); returns that manager's holder.
+    pub async fn keep(self) -> String {
         let mut tick = tokio::time::interval(TTL / 3);
         tick.tick().await;
         loop {
             tick.tick().await;
             let now = self.store.get_marks(&[MARK.to_string()]).await;
             match now.map(|m| m.into_iter().next().flatten()) {
-                Ok(Some(other)) if other != self.holder => tracing::error!(
-                    holder = %other,
-                    "another Workload Manager holds the session store: each deletes the other's \
-                     sessions; stop one"
-                ),
+                Ok(Some(other)) if other != self.holder => return other,
                 Ok(_) => {
                     if let Err(e) = self.renew().await {
                         tracing::warn!(error = %e, "cannot renew the session store's lease");
@@ -87,6 +89,30 @@ impl StoreLease {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot renew the session store's lease"),
             }
+        }
+    }
+}
+
+/// Resolves when another Workload Manager took the store's lease from this one: this one must
+/// stop, or each deletes the other's sessions as stale.
+#[must_use = "the manager must stop when its lease is lost"]
+pub struct LeaseLost {
+    keeper: tokio::task::JoinHandle<String>,
+    mine: String,
+}
+
+impl LeaseLost {
+    /// Waits for the loss; the error to stop with.
+    pub async fn wait(self) -> anyhow::Error {
+        match self.keeper.await {
+            Ok(other) => anyhow::anyhow!(
+                "another Workload Manager ({other}) took the session store while this one ({}) \
+                 was stalled past its lease ({} s); this one stops so that neither deletes the \
+                 other's sessions: give each its own store",
+                self.mine,
+                TTL.as_secs()
+            ),
+            Err(e) => anyhow::anyhow!("the session store's lease keeper failed: {e}"),
         }
     }
 }
@@ -136,10 +162,28 @@ mod tests {
         assert_eq!(holder(store.as_ref()).await, None);
         tokio::time::sleep(TTL / 3 + Duration::from_millis(1)).await;
         assert_eq!(holder(store.as_ref()).await.as_deref(), Some("a"));
-        // Taken by another (this one stalled): left to it.
+        // Taken by another (this one stalled): left to it, and the keeper ends, naming it.
         store.set_mark(MARK, "b", TTL, false).await.unwrap();
         tokio::time::sleep(TTL / 3).await;
         assert_eq!(holder(store.as_ref()).await.as_deref(), Some("b"));
-        keeper.abort();
+        assert_eq!(keeper.await.unwrap(), "b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_whose_lease_was_taken_is_told_to_stop() {
+        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let lost = StoreLease::hold(store.clone(), "a".into()).await.unwrap();
+        // "a" stalled past its lease; "b" started and took the store.
+        store.set_mark(MARK, "b", TTL, false).await.unwrap();
+        let why = tokio::time::timeout(TTL, lost.wait())
+            .await
+            .unwrap()
+            .to_string();
+        assert!(
+            why.starts_with(
+                "another Workload Manager (b) took the session store while this one (a)"
+            ),
+            "{why}"
+        );
     }
 }

@@ -189,19 +189,20 @@ async fn main() -> anyhow::Result<()> {
     let auth = std::sync::Arc::new(caller_auth(&args).await?);
     let listener = agentcube_serve::listen((args.bind, args.port)).await?;
     let metrics = agentcube_serve::listen_admin((args.bind, args.metrics_port)).await?;
-    let platform = match args.backend.as_str() {
+    let (platform, lease) = match args.backend.as_str() {
         "local" => {
             let backend = local_backend(&args)?;
-            StoreLease::hold(store.clone(), backend.holder()).await?;
-            backend
+            let lease = StoreLease::hold(store.clone(), backend.holder()).await?;
+            let platform = backend
                 .platform(args.manifests.clone(), RELOAD_INTERVAL, public_key)
                 .await
-                .map_err(anyhow::Error::msg)?
+                .map_err(anyhow::Error::msg)?;
+            (platform, lease)
         }
         "kubernetes" => {
             // Every replica in the namespace names the same holder.
             let holder = format!("the Kubernetes backend of namespace {}", args.namespace);
-            StoreLease::hold(store.clone(), holder).await?;
+            let lease = StoreLease::hold(store.clone(), holder).await?;
             let client = kube_client().await?;
             let mut kc = KubeConfig::new(args.namespace.clone());
             kc.pod_defaults.runtime_class = args.runtime_class_name.clone();
@@ -216,10 +217,10 @@ async fn main() -> anyhow::Result<()> {
             };
             kc.router_pod_labels = labels("router-pod-labels", &args.router_pod_labels)?;
             kc.manager_pod_labels = labels("manager-pod-labels", &args.manager_pod_labels)?;
-            KubernetesBackend::start(client, kc, store.clone())
+            let backend = KubernetesBackend::start(client, kc, store.clone())
                 .await
-                .map_err(anyhow::Error::msg)?
-                .platform()
+                .map_err(anyhow::Error::msg)?;
+            (backend.platform(), lease)
         }
         other => anyhow::bail!("unknown --backend {other:?} (local or kubernetes)"),
     };
@@ -244,7 +245,19 @@ async fn main() -> anyhow::Result<()> {
         tls = tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
         "workload manager listening"
     );
-    agentcube_workload_manager::serve(wm, listener, tls, shutdown_signal()).await
+    // A signal, or another manager holding the store: stop.
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            why = lease.wait() => {
+                tracing::error!(error = %why, "stopping");
+                let _ = lost_tx.send(why);
+            }
+        }
+    };
+    agentcube_workload_manager::serve(wm, listener, tls, stop).await?;
+    lost_rx.await.map_or(Ok(()), Err)
 }
 
 /// `--enable-tls`, `--tls-cert`, `--tls-key`, `--tls-ca`, chosen as upstream
