@@ -158,6 +158,12 @@ def test_a_killed_manager_leaves_nothing_after_a_restart(stack, redis_url, scrat
     # The cap: a fourth session is refused, and nothing is created for it.
     r = requests.post(f"{wm}/v1/code-interpreter", json={"name": "on-demand-interpreter", "namespace": "default"})
     assert r.status_code == 429 and "--max-sessions" in r.json()["message"], r.text
+    # So is one the Router would make for a request without a session: the client is told why
+    # (upstream's Router answers `500 internal server error`).
+    invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    r = requests.post(invoke, json={"command": ["true"]})
+    assert r.status_code == 429 and r.json()["code"] == "SESSION_CREATE_REFUSED", r.text
+    assert "--max-sessions" in r.json()["error"], r.text
     cgroups = own_cgroup()
     before = {p.name for p in cgroups.glob("agentcube/*/*")} if cgroups else set()
     assert set(names) <= before or not cgroups, (names, before)

@@ -68,10 +68,14 @@ pub enum RouterError {
     /// The session store cannot be reached.
     #[error("session store unavailable")]
     StoreUnavailable,
+    /// The Workload Manager refused a new session for a reason the client can act on: its
+    /// status (400, 403, 429, 503) and words are kept (extension; upstream answers 500).
+    #[error("{}", .0.message)]
+    CreateRefused(Box<CreateRefused>),
     /// Signing the sandbox token failed.
     #[error("failed to sign request")]
     Signing,
-    /// Anything else (WM failures are reported as this, as upstream).
+    /// Anything else (WM failures other than [`RouterError::CreateRefused`], as upstream).
     #[error("internal server error")]
     Internal(String),
 }
@@ -84,6 +88,13 @@ pub struct UnknownRuntime {
     pub resource: &'static str,
     pub namespace: String,
     pub name: String,
+}
+
+/// [`RouterError::CreateRefused`]'s details.
+#[derive(Debug)]
+pub struct CreateRefused {
+    pub status: StatusCode,
+    pub message: String,
 }
 
 /// [`RouterError::UnknownSession`]'s details (boxed, as the other rare errors).
@@ -132,6 +143,7 @@ impl RouterError {
             Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, None),
             Self::Unreachable => (StatusCode::SERVICE_UNAVAILABLE, None),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, Some("STORE_UNAVAILABLE")),
+            Self::CreateRefused(r) => (r.status, Some("SESSION_CREATE_REFUSED")),
             Self::Signing => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("JWT_SIGNING_FAILED"),

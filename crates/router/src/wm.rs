@@ -104,8 +104,8 @@ impl WmClient {
     }
 
     /// Creates a session, owned by the user an `identity` token (signed by this Router) names.
-    /// WM 404 (or 400 saying "not found") → the upstream k8s-style 404; anything else → 500
-    /// `internal server error`.
+    /// WM 404 (or 400 saying "not found") → the upstream k8s-style 404; see [`refusal`] for the
+    /// rest.
     pub async fn create(
         &self,
         kind: WorkloadKind,
@@ -136,10 +136,7 @@ impl WmClient {
             )));
         }
         if status != 200 {
-            return Err(RouterError::Internal(format!(
-                "workload manager answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            )));
+            return Err(refusal(status, &bytes));
         }
         let resp: CreateSandboxResponse = serde_json::from_slice(&bytes)
             .map_err(|e| RouterError::Internal(format!("bad workload manager answer: {e}")))?;
@@ -163,6 +160,32 @@ impl WmClient {
             String::from_utf8_lossy(&bytes)
         )))
     }
+}
+
+/// A create the Workload Manager did not make. What the client can act on keeps its status: a
+/// bad request (400), a namespace the caller may not use (403), a cap or the host's capacity
+/// reached (429), with the manager's words; the manager's store or API server out of reach
+/// (503), in words of the Router's own (the manager's go to the log). Anything else is
+/// upstream's `500 internal server error`.
+fn refusal(status: http::StatusCode, body: &[u8]) -> RouterError {
+    #[derive(serde::Deserialize)]
+    struct Message {
+        message: String,
+    }
+    let message = serde_json::from_slice::<Message>(body)
+        .map(|m| m.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    let message = match status.as_u16() {
+        400 | 403 | 429 => message,
+        503 => {
+            tracing::warn!(error = %message, "the workload manager cannot create sessions now");
+            "the workload manager cannot create sessions now, please try again later".into()
+        }
+        _ => {
+            return RouterError::Internal(format!("workload manager answered {status}: {message}"));
+        }
+    };
+    RouterError::CreateRefused(Box::new(crate::error::CreateRefused { status, message }))
 }
 
 /// An error and its sources, `: `-separated (a refused TLS certificate, say, is in the sources).

@@ -335,13 +335,55 @@ async fn sandbox_failures_map_to_502_503_504() {
     assert!(!text.contains("reason=\"other\""), "{text}");
 }
 
+/// A create the Workload Manager refuses for a reason the client can act on keeps its status
+/// and words (upstream turned each into `500 internal server error`: an end user over their
+/// session cap could not tell it from a crash); its other failures, and a slow one, are 500.
 #[tokio::test]
-async fn failing_or_slow_workload_manager_is_a_500() {
+async fn workload_manager_refusals_keep_their_status_and_failures_are_a_500() {
+    use axum::http::StatusCode;
     let store = memory();
+    let cases = [
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)",
+            "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)",
+        ),
+        (StatusCode::BAD_REQUEST, "invalid ttl 0", "invalid ttl 0"),
+        (
+            StatusCode::FORBIDDEN,
+            "not allowed to create sandboxes in namespace default",
+            "not allowed to create sandboxes in namespace default",
+        ),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "session store unavailable: Connection refused (os error 111)",
+            "the workload manager cannot create sessions now, please try again later",
+        ),
+    ];
+    for (status, said, told) in cases {
+        let refusing = axum::Router::new()
+            .fallback(move || async move { (status, axum::Json(json!({"message": said}))) });
+        let (wm_url, _t) = serve(refusing).await;
+        let router = Router::start(&wm_url, store.clone(), |_| {}).await;
+        let r = client()
+            .post(router.ci("api/execute"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status.as_u16(), "{said}");
+        assert_eq!(r.headers()["x-agentcube-error"], "router");
+        assert!(r.headers().get("x-agentcube-session-id").is_none());
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"error": told, "code": "SESSION_CREATE_REFUSED"}),
+            "{said}"
+        );
+    }
     let failing = axum::Router::new().fallback(|| async {
         (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "{\"message\":\"down\"}",
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "{\"message\":\"the API server said no\"}",
         )
     });
     let (wm_url, _t) = serve(failing).await;
