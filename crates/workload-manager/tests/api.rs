@@ -608,6 +608,14 @@ async fn sessions_are_read_and_deleted_only_through_their_own_kind() {
     }
     let (_, empty) = get(format!("{}/v1/code-interpreter/sessions", s.url)).await;
     assert_eq!(empty, json!({"sessions": []}));
+    // Reading a session that has ended says why, as the Router does.
+    let (st, gone) = get(format!("{}/v1/agent-runtime/sessions/{ar}", s.url)).await;
+    assert_eq!(st, 404);
+    let said = gone["message"].as_str().unwrap();
+    assert!(
+        said.starts_with(&format!("Session ID {ar} not found: it was deleted")),
+        "{said}"
+    );
     s.shutdown_and_check_leaks().await;
 }
 
