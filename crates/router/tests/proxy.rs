@@ -335,6 +335,28 @@ async fn sandbox_failures_map_to_502_503_504() {
     assert!(!text.contains("reason=\"other\""), "{text}");
 }
 
+/// A Router whose Workload Manager is `wm` (`timeout` for its calls), and the answer to a request
+/// without a session (which makes one).
+async fn first_request_with(
+    wm: axum::Router,
+    store: &std::sync::Arc<dyn agentcube_store::SessionStore>,
+    timeout: Option<Duration>,
+) -> reqwest::Response {
+    let (wm_url, _t) = serve(wm).await;
+    let router = Router::start(&wm_url, store.clone(), |c| {
+        if let Some(t) = timeout {
+            c.workload_manager_timeout = t;
+        }
+    })
+    .await;
+    client()
+        .post(router.ci("api/execute"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A create the Workload Manager refuses for a reason the client can act on keeps its status
 /// and words (upstream turned each into `500 internal server error`: an end user over their
 /// session cap could not tell it from a crash); its other failures, and a slow one, are 500.
@@ -359,61 +381,30 @@ async fn workload_manager_refusals_keep_their_status_and_failures_are_a_500() {
             "session store unavailable: Connection refused (os error 111)",
             "the workload manager cannot create sessions now, please try again later",
         ),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the API server said no",
+            "internal server error",
+        ),
     ];
     for (status, said, told) in cases {
-        let refusing = axum::Router::new()
+        let wm = axum::Router::new()
             .fallback(move || async move { (status, axum::Json(json!({"message": said}))) });
-        let (wm_url, _t) = serve(refusing).await;
-        let router = Router::start(&wm_url, store.clone(), |_| {}).await;
-        let r = client()
-            .post(router.ci("api/execute"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
+        let r = first_request_with(wm, &store, None).await;
         assert_eq!(r.status(), status.as_u16(), "{said}");
         assert_eq!(r.headers()["x-agentcube-error"], "router");
         assert!(r.headers().get("x-agentcube-session-id").is_none());
-        assert_eq!(
-            r.json::<Value>().await.unwrap(),
-            json!({"error": told, "code": "SESSION_CREATE_REFUSED"}),
-            "{said}"
-        );
+        let want = match status {
+            StatusCode::INTERNAL_SERVER_ERROR => json!({"error": told}),
+            _ => json!({"error": told, "code": "SESSION_CREATE_REFUSED"}),
+        };
+        assert_eq!(r.json::<Value>().await.unwrap(), want, "{said}");
     }
-    let failing = axum::Router::new().fallback(|| async {
-        (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "{\"message\":\"the API server said no\"}",
-        )
-    });
-    let (wm_url, _t) = serve(failing).await;
-    let router = Router::start(&wm_url, store.clone(), |_| {}).await;
-    let r = client()
-        .post(router.ci("api/execute"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 500);
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"error": "internal server error"})
-    );
     let slow = axum::Router::new().fallback(|| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         "late"
     });
-    let (wm_url, _t) = serve(slow).await;
-    let router = Router::start(&wm_url, store, |c| {
-        c.workload_manager_timeout = Duration::from_millis(300)
-    })
-    .await;
-    let r = client()
-        .post(router.ci("api/execute"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let r = first_request_with(slow, &store, Some(Duration::from_millis(300))).await;
     assert_eq!(r.status(), 500);
 }
 
