@@ -72,6 +72,11 @@ def test_errors_say_what_went_wrong():
     assert "sandbox unreachable" in str(data_plane.value) and data_plane.value.status_code == 502
     with pytest.raises(DataPlaneError):
         raise_for_response(_response(404, '{"error":"File not found","code":404}', router=False), "s")
+    with pytest.raises(SessionError) as refused:
+        body = '{"error":"session limit reached (--max-sessions)","code":"SESSION_CREATE_REFUSED"}'
+        raise_for_response(_response(429, body), None)
+    assert "could not create a session (HTTP 429): session limit reached" in str(refused.value)
+    assert refused.value.status_code == 429
     assert issubclass(CommandExecutionError, AgentCubeError)
     err = CommandExecutionError(1, "NameError: x", ["python3", "s.py"])
     assert err.exit_code == 1 and "NameError" in str(err)

@@ -8,9 +8,10 @@ from agentcube.exceptions import HTTPDataPlaneError, HTTPSessionError, HTTPSessi
 
 
 def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
-    """Raises ``SessionError`` for an unknown/expired session, ``DataPlaneError`` for an
-    unreachable sandbox or another Router error; returns for 2xx. Both subclass the SDK's base
-    error, and the original ``requests.HTTPError`` is chained for callers that expect it."""
+    """Raises ``SessionError`` for an unknown/expired session or one the Router could not create
+    (a session cap, say), ``DataPlaneError`` for an unreachable sandbox or another Router error;
+    returns for 2xx. Both subclass the SDK's base error, and the original ``requests.HTTPError``
+    is chained for callers that expect it."""
     if resp.ok:
         return
     try:
@@ -28,6 +29,10 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
                 f"session {session_id} is unknown or expired (reclaimed by idle timeout, deleted, or its sandbox died): {detail}",
                 resp.status_code,
                 resp,
+            ) from http_error
+        if router_made and _code(resp) == "SESSION_CREATE_REFUSED":
+            raise HTTPSessionError(
+                f"the Router could not create a session (HTTP {resp.status_code}): {detail}", resp.status_code, resp
             ) from http_error
         if resp.status_code == 409 and router_made:
             raise HTTPSessionError(f"session {session_id} belongs to another runtime: {detail}", 409, resp) from http_error
