@@ -237,6 +237,8 @@ def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratc
         assert r.status_code == 200, r.text
         sid = r.headers["x-agentcube-session-id"]
         other = tmp / "other"
+        cgroups = own_cgroup()
+        groups_before = {p.name for p in cgroups.glob("agentcube/*")} if cgroups else set()
         out = subprocess.run([str(_binary("agentcube")), "up", "--manifests", str(REPO / "examples"),
                               "--router-port", str(_free_port()), "--wm-port", str(_free_port()),
                               "--metrics-port", "0", "--state-dir", str(other), "--store", redis_url],
@@ -247,6 +249,9 @@ def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratc
         assert str(tmp / "state") in out.stderr, out.stderr
         made = list((other / "sandboxes").iterdir()) if (other / "sandboxes").exists() else []
         assert not made, made
+        # Nor its cgroup directory (the backend made it before the lease refused the start).
+        groups_after = {p.name for p in cgroups.glob("agentcube/*")} if cgroups else set()
+        assert groups_after == groups_before, groups_after - groups_before
         r = requests.post(invoke, json={"command": ["true"]}, headers={"x-agentcube-session-id": sid})
         assert r.status_code == 200, r.text
     finally:

@@ -92,6 +92,17 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// However the backend ends — a clean shutdown, or a start that failed after it was made (the
+/// store lease refused, say) — its instance cgroups go with it when empty (`rmdir` refuses one
+/// that still has a sandbox's).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(c) = &self.cgroups {
+            c.remove_instance();
+        }
+    }
+}
+
 /// What one sandbox is given besides its definition: the Router key, its uid, its network.
 struct Assigned {
     public_key: Option<String>,
