@@ -43,9 +43,51 @@ impl Drop for Unclaimed {
         };
         tracing::info!(session_id = %id, "the new session's id did not reach the client; deleting it");
         let (s, kind) = (self.shared.clone(), self.kind);
-        // No runtime: the Router is going away, and the idle timeout reclaims the session.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { s.resolver.roll_back(kind, &id).await });
+        self.shared
+            .rollbacks
+            .spawn(async move { s.resolver.roll_back(kind, &id).await });
+    }
+}
+
+/// Where [`Unclaimed`] sessions are deleted: on the runtime the Router was started on, which
+/// outlives its HTTP workers' (a request cut when the shutdown's grace ends is dropped while its
+/// worker's runtime goes away, and a deletion spawned there would go with it), tracked so the
+/// shutdown waits for them.
+#[derive(Clone)]
+pub struct Rollbacks {
+    runtime: tokio::runtime::Handle,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+/// How long a shutdown waits for the deletions in flight.
+const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Rollbacks {
+    /// On the current runtime (panics outside one, as `tokio::spawn` does).
+    pub fn on_this_runtime() -> Self {
+        Self {
+            runtime: tokio::runtime::Handle::current(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    fn spawn(&self, deletion: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(self.tracker.track_future(deletion));
+    }
+
+    /// Waits (up to [`ROLLBACK_WAIT`]) for the deletions spawned so far and those the last
+    /// requests' ends spawn meanwhile.
+    pub async fn finish(&self) {
+        self.tracker.close();
+        if tokio::time::timeout(ROLLBACK_WAIT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.tracker.len(),
+                "sessions made for requests cut by the shutdown are still being deleted; the \
+                 rest end at their idle timeout"
+            );
         }
     }
 }

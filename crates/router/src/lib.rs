@@ -29,6 +29,7 @@ pub mod activity;
 pub mod error;
 mod h1;
 mod held;
+pub use held::Rollbacks;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
@@ -59,6 +60,8 @@ pub struct Config {
     pub session_cache_ttl: Duration,
     /// How often activity is written to the store.
     pub activity_flush_interval: Duration,
+    /// On shutdown, how long requests in flight may finish before their connections are cut.
+    pub shutdown_grace: Duration,
     /// Upper bound of connecting to a sandbox.
     pub connect_timeout: Duration,
     /// Upper bound of a Workload Manager create call (upstream: 2 min).
@@ -94,6 +97,7 @@ impl Config {
             workers: 0,
             session_cache_ttl: Duration::from_secs(1),
             activity_flush_interval: Duration::from_secs(1),
+            shutdown_grace: agentcube_serve::SHUTDOWN_GRACE,
             connect_timeout: Duration::from_secs(5),
             workload_manager_timeout: Duration::from_secs(120),
             workload_manager_token_file: None,
@@ -113,6 +117,7 @@ pub struct RouterService {
     pub shared: Arc<Shared>,
     limits: agentcube_serve::Limits,
     workers: usize,
+    grace: Duration,
     store: Arc<dyn SessionStore>,
     flusher: tokio::task::JoinHandle<()>,
 }
@@ -147,6 +152,7 @@ impl RouterService {
                 config.unix_entry_points.clone(),
             ),
             activity: Arc::default(),
+            rollbacks: held::Rollbacks::on_this_runtime(),
             limiter: (config.max_concurrent_requests > 0)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests))),
             shares: shares::Shares::new(config.max_concurrent_per_user),
@@ -171,6 +177,7 @@ impl RouterService {
         });
         Ok(Self {
             shared,
+            grace: config.shutdown_grace,
             limits: config.limits,
             workers: config.workers,
             store,
@@ -197,8 +204,10 @@ impl RouterService {
         admin_app(self.shared.clone())
     }
 
-    /// Stops the flusher after a last flush.
+    /// Deletes the sessions made for requests cut by the shutdown (bounded), then stops the
+    /// flusher after a last flush.
     pub async fn shutdown(self) {
+        self.shared.rollbacks.finish().await;
         self.flusher.abort();
         self.shared.activity.flush(self.store.as_ref()).await;
     }
@@ -229,6 +238,7 @@ pub async fn serve(
     let mut options = agentcube_serve::Options::new(service.limits, refusal());
     options.stats = service.shared.metrics.serve.clone();
     options.workers = service.workers;
+    options.grace = service.grace;
     let listener = listener.into();
     match tls {
         None => agentcube_serve::serve(listener, app, options, shutdown).await?,

@@ -37,6 +37,8 @@ pub struct Shared {
     pub signer: Arc<Signer>,
     pub upstream: Upstream,
     pub activity: Arc<Activity>,
+    /// Deletions of sessions whose id never reached their client ([`crate::held::Unclaimed`]).
+    pub rollbacks: crate::held::Rollbacks,
     /// `None`: unlimited.
     pub limiter: Option<Arc<Semaphore>>,
     /// Each end user's share of the slots; `None`: no share.
@@ -60,6 +62,7 @@ impl Shared {
             signer: self.signer.clone(),
             upstream: self.upstream.fresh(),
             activity: self.activity.clone(),
+            rollbacks: self.rollbacks.clone(),
             limiter: self.limiter.clone(),
             shares: self.shares.clone(),
             scheme: self.scheme,

@@ -687,6 +687,38 @@ async fn a_new_session_whose_client_went_away_before_the_answer_is_rolled_back()
     drop(h2);
 }
 
+/// The same when the Router shuts down under such a request (a rolling update): the request is
+/// cut when the shutdown's grace ends, on an HTTP worker whose runtime is going away, and its
+/// session's deletion used to be spawned there and dropped with it (the session then held its
+/// sandbox until its idle timeout). The shutdown now ends only once the deletion is done.
+#[tokio::test]
+async fn a_new_session_whose_request_the_shutdown_cut_is_rolled_back() {
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let sandbox = sandbox_that_holds(got_tx).await;
+    let (wm_url, deletes, _w) = wm_recording_deletes(&sandbox).await;
+    let router = Router::start(&wm_url, memory(), |c| {
+        c.workers = 2;
+        c.shutdown_grace = Duration::from_millis(300);
+    })
+    .await;
+    let path = "/v1/namespaces/default/code-interpreters/ci/invocations";
+    let mut s = TcpStream::connect(host_of(&router.url)).await.unwrap();
+    let req = format!("POST {path}/hold HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{{}}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), got.recv())
+        .await
+        .expect("the request reaches the sandbox");
+    tokio::time::timeout(Duration::from_secs(10), router.stop())
+        .await
+        .expect("the shutdown ends");
+    assert_eq!(
+        *deletes.lock().unwrap(),
+        ["new-1"],
+        "deleted before the shutdown ended"
+    );
+    drop(s);
+}
+
 #[tokio::test]
 async fn failed_requests_do_not_keep_a_dead_sandbox_active() {
     let store = memory();
