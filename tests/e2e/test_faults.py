@@ -223,6 +223,15 @@ def test_a_port_in_use_stops_the_start_with_nothing_made(stack, scratch, taken):
     assert not mounts, mounts
 
 
+def first_session(router: str) -> tuple[str, str]:
+    """A session of `on-demand-interpreter` made by the Router for a first `execute`: the
+    execute URL and the session's id."""
+    invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
+    r = requests.post(invoke, json={"command": ["true"]})
+    assert r.status_code == 200, r.text
+    return invoke, r.headers["x-agentcube-session-id"]
+
+
 def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratch):
     """Two `agentcube up` with their own state directories on one Redis: the second's start-up
     reconciliation deleted the first's sessions (records whose sandbox it did not have). It is
@@ -232,10 +241,7 @@ def test_a_second_platform_on_the_same_store_is_refused(stack, redis_url, scratc
     tmp = scratch("agentcube-two-")
     proc, wm, router = start_up(tmp, redis_url)
     try:
-        invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
-        r = requests.post(invoke, json={"command": ["true"]})
-        assert r.status_code == 200, r.text
-        sid = r.headers["x-agentcube-session-id"]
+        invoke, sid = first_session(router)
         other = tmp / "other"
         cgroups = own_cgroup()
         groups_before = {p.name for p in cgroups.glob("agentcube/*")} if cgroups else set()
@@ -269,9 +275,7 @@ def test_a_platform_that_lost_its_store_stops(stack, redis_url, scratch):
     tmp = scratch("agentcube-lost-")
     proc, wm, router = start_up(tmp, redis_url)
     try:
-        invoke = f"{router}/v1/namespaces/default/code-interpreters/on-demand-interpreter/invocations/api/execute"
-        r = requests.post(invoke, json={"command": ["true"]})
-        assert r.status_code == 200, r.text
+        first_session(router)
         assert list((tmp / "state" / "sandboxes").iterdir())
         other = "the local backend of host elsewhere with state directory /var/lib/agentcube"
         key = "session:idx:mark:workload-manager"
