@@ -91,9 +91,8 @@ impl Resolver {
     /// Why a session that is not in the store ended, when the Workload Manager noted it (one
     /// more store read, on this miss only).
     async fn why_gone(&self, session_id: &str) -> Option<String> {
-        let mark = [agentcube_store::gone_mark(session_id)];
-        match self.store.get_marks(&mark).await {
-            Ok(found) => found.into_iter().next().flatten(),
+        match agentcube_store::why_gone(self.store.as_ref(), session_id).await {
+            Ok(why) => why,
             Err(e) => {
                 tracing::debug!(session_id, error = %e, "cannot read why the session ended");
                 None

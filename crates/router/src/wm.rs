@@ -168,11 +168,7 @@ impl WmClient {
 /// (503), in words of the Router's own (the manager's go to the log). Anything else is
 /// upstream's `500 internal server error`.
 fn refusal(status: http::StatusCode, body: &[u8]) -> RouterError {
-    #[derive(serde::Deserialize)]
-    struct Message {
-        message: String,
-    }
-    let message = serde_json::from_slice::<Message>(body)
+    let message = serde_json::from_slice::<agentcube_types::api::MessageBody>(body)
         .map(|m| m.message)
         .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
     let message = match status.as_u16() {

@@ -203,6 +203,12 @@ pub fn gone_mark(session_id: &str) -> String {
     format!("gone:{session_id}")
 }
 
+/// Why session `session_id` ended ([`gone_mark`]), when that was noted and is still kept.
+pub async fn why_gone(store: &dyn SessionStore, session_id: &str) -> Result<Option<String>> {
+    let found = store.get_marks(&[gone_mark(session_id)]).await?;
+    Ok(found.into_iter().next().flatten())
+}
+
 /// How long why a session ended is kept.
 pub const GONE_TTL: Duration = Duration::from_secs(3600);
 

@@ -288,8 +288,7 @@ mod tests {
             let store = self.store.lock().unwrap().clone();
             if let Some(store) = store {
                 let id = name.trim_start_matches("sb-");
-                let mark = [agentcube_store::gone_mark(id)];
-                let why = store.get_marks(&mark).await.unwrap().remove(0);
+                let why = agentcube_store::why_gone(store.as_ref(), id).await.unwrap();
                 self.noted.lock().unwrap().push(why);
             }
             Ok(())

@@ -414,21 +414,16 @@ impl Manager {
             Ok(r) if r.workload_kind.is_none_or(|k| k == kind) && visible(caller, &r) => Ok(r),
             Ok(_) | Err(agentcube_store::Error::InvalidId(_)) => Err(not_found()),
             // Why it ended, when this manager noted it (the Router tells a request the same).
-            Err(agentcube_store::Error::NotFound) => match self.why_gone(session_id).await {
-                Some(why) => Err(ApiError::NotFound(format!(
-                    "Session ID {session_id} not found: {why}"
-                ))),
-                None => Err(not_found()),
-            },
+            Err(agentcube_store::Error::NotFound) => {
+                match agentcube_store::why_gone(self.store.as_ref(), session_id).await {
+                    Ok(Some(why)) => Err(ApiError::NotFound(format!(
+                        "Session ID {session_id} not found: {why}"
+                    ))),
+                    _ => Err(not_found()),
+                }
+            }
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// The reason noted when the session ended ([`agentcube_store::gone_mark`]), if any.
-    async fn why_gone(&self, session_id: &str) -> Option<String> {
-        let mark = [agentcube_store::gone_mark(session_id)];
-        let found = self.store.get_marks(&mark).await.ok()?;
-        found.into_iter().next().flatten()
     }
 
     /// `GET /v1/{kind}/sessions`: one page of the live sessions of `kind` the (authenticated)
