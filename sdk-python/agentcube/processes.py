@@ -62,28 +62,36 @@ class Process:
         yielding until the process ends (then :attr:`exit_code` is set). Reconnecting later
         loses nothing still in PicoD's buffer."""
         start = self.next_seq if since is None else since
-        for event in self._dp.ndjson(self._path("output"), {"since": start, "follow": "true" if follow else "false"}):
-            if "missed" in event:
-                self.missed += int(event["missed"])
-            elif "exit_code" in event:
-                self.exit_code = int(event["exit_code"])
-            else:
-                chunk = OutputChunk(int(event["seq"]), str(event["stream"]), str(event["data"]))
-                self.next_seq = chunk.seq + 1
-                yield chunk
+        for chunk in self._chunks(start, follow, count_missed=True):
+            self.next_seq = chunk.seq + 1
+            yield chunk
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Follows the output to the end and returns the exit code (``TimeoutError`` when
-        ``timeout`` seconds pass first; the process keeps running)."""
+        """Waits for the process to end and returns its exit code (``TimeoutError`` when
+        ``timeout`` seconds pass first; the process keeps running). The output stays unread:
+        :meth:`output` afterwards still yields it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = self.next_seq
         while self.exit_code is None:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"process {self.id} still running after {timeout} s")
-            for _ in self.output(follow=deadline is None):
-                pass
+            for chunk in self._chunks(cursor, follow=deadline is None, count_missed=False):
+                cursor = chunk.seq + 1
             if self.exit_code is None and deadline is not None:
                 time.sleep(0.1)
         return self.exit_code
+
+    def _chunks(self, since: int, follow: bool, count_missed: bool) -> Iterator[OutputChunk]:
+        """PicoD's output events from ``since`` as chunks, noting the exit code (and, when
+        ``count_missed``, output lost from the buffer)."""
+        query = {"since": since, "follow": "true" if follow else "false"}
+        for event in self._dp.ndjson(self._path("output"), query):
+            if "missed" in event:
+                self.missed += int(event["missed"]) if count_missed else 0
+            elif "exit_code" in event:
+                self.exit_code = int(event["exit_code"])
+            else:
+                yield OutputChunk(int(event["seq"]), str(event["stream"]), str(event["data"]))
 
 
 def process_from(dp: "CodeInterpreterDataPlaneClient", item: Dict[str, Any]) -> Process:

@@ -194,6 +194,10 @@ def test_background_processes_with_the_sdk(stack):
         again = other.attach_process(p.id)
         assert "".join(ch.data for ch in again.output(since=0) if ch.stream == "stdout") == "ready\nhello agent\n"
         assert again.exit_code == 0
+        # Waiting leaves the output unread: it is all there afterwards.
+        quick = c.start_process(["sh", "-c", "echo one; sleep 0.2; echo two >&2"])
+        assert quick.wait(timeout=10) == 0
+        assert [(ch.stream, ch.data) for ch in quick.output()] == [("stdout", "one\n"), ("stderr", "two\n")]
         long = c.start_process(["sleep", "60"])
         assert any(i["id"] == long.id and i["running"] for i in c.list_processes())
         with pytest.raises(TimeoutError):
