@@ -198,7 +198,8 @@ class CodeInterpreterClient:
         self._dp.post_json(f"api/contexts/{quote(context.id, safe='')}/restart", {})
 
     def delete_context(self, context: Context) -> None:
-        self._dp.delete(f"api/contexts/{quote(context.id, safe='')}")
+        # POST, not DELETE: the Router passes only GET and POST on, as upstream's does.
+        self._dp.raw_post(f"api/contexts/{quote(context.id, safe='')}/delete", b"")
 
     def start_process(
         self, command: Command, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None

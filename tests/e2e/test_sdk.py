@@ -238,6 +238,12 @@ def test_stateful_contexts_with_the_sdk(stack, tmp_path):
         c.run_cell("mkdir -p d && cd d; V=ok", context=sh)
         assert c.run_cell('basename "$PWD"; echo $V', context=sh).stdout == "d\nok\n"
         assert c.run_cell("false", context=sh).exit_code == 1
+        # Deleting a context works through the Router (which routes GET and POST only).
+        c.delete_context(sh)
+        assert [k.id for k in c.list_contexts()] == [ctx.id]
+        with pytest.raises(DataPlaneError) as gone:
+            c.run_cell("true", context=sh)
+        assert gone.value.status_code == 404
         # Upstream's run_code stays stateless.
         assert "NameError" in str(pytest.raises(CommandExecutionError, c.run_code, "python", "print(x)").value)
 

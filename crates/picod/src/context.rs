@@ -4,7 +4,9 @@
 //! expression's value, `display(...)`, matplotlib figures as PNG) and error come back.
 //!
 //! - `POST /api/contexts` `{"language": "python"|"bash", "cwd"?, "env"?}` → `{"id","language","cwd"}`
-//! - `GET /api/contexts`; `DELETE /api/contexts/{id}`; `POST /api/contexts/{id}/restart`;
+//! - `GET /api/contexts`; `POST /api/contexts/{id}/delete` (also `DELETE /api/contexts/{id}`,
+//!   which the Router does not route: it passes GET and POST only, as upstream's);
+//!   `POST /api/contexts/{id}/restart`;
 //!   `POST /api/contexts/{id}/interrupt` (SIGINT: `KeyboardInterrupt` in the running cell)
 //! - `POST /api/contexts/{id}/execute` `{"code","timeout"?}` → `{"stdout","stderr","results",
 //!   "error","execution_count","exit_code","duration"}`, or NDJSON events (`stdout`, `stderr`,
@@ -410,7 +412,7 @@ pub async fn list(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::Value::Array(items))
 }
 
-/// `DELETE /api/contexts/{id}`.
+/// `POST /api/contexts/{id}/delete` and `DELETE /api/contexts/{id}`.
 pub async fn delete(
     State(s): State<AppState>,
     Path(id): Path<String>,

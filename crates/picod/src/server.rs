@@ -134,6 +134,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/processes/{id}/signal", post(process::signal))
         .route("/api/contexts", post(context::create).get(context::list))
         .route("/api/contexts/{id}", axum::routing::delete(context::delete))
+        .route("/api/contexts/{id}/delete", post(context::delete))
         .route("/api/contexts/{id}/restart", post(context::restart))
         .route(
             "/api/contexts/{id}/interrupt",

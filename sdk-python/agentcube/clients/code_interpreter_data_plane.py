@@ -213,10 +213,6 @@ class CodeInterpreterDataPlaneClient:
                 if line:
                     yield json.loads(line)
 
-    def delete(self, path: str) -> None:
-        resp = self.session.delete(self._url(path), headers=self._headers(), timeout=(self.connect_timeout, self.timeout))
-        self._check(resp)
-
     def ndjson(self, path: str, params: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         """GETs an NDJSON stream, one decoded line at a time (no read timeout: it may follow)."""
         with self.session.get(
