@@ -72,6 +72,10 @@ def test_errors_say_what_went_wrong():
     assert "sandbox unreachable" in str(data_plane.value) and data_plane.value.status_code == 502
     with pytest.raises(DataPlaneError):
         raise_for_response(_response(404, '{"error":"File not found","code":404}', router=False), "s")
+    with pytest.raises(DataPlaneError) as too_large:  # PicoD's specifics are in "detail"
+        body = '{"error":"request body too large","detail":"maximum allowed size is 33554432 bytes"}'
+        raise_for_response(_response(413, body, router=False), "s")
+    assert "request body too large: maximum allowed size is 33554432 bytes" in str(too_large.value)
     with pytest.raises(SessionError) as refused:
         body = '{"error":"session limit reached (--max-sessions)","code":"SESSION_CREATE_REFUSED"}'
         raise_for_response(_response(429, body), None)

@@ -1,5 +1,6 @@
 """Upstream's SDK scenarios (spec §7.4) against the embedded default, with this repo's SDK."""
 
+import hashlib
 import json
 import os
 import time
@@ -56,7 +57,7 @@ def test_files_round_trip(stack, tmp_path):
         c.upload_file(str(tmp_path / "blob.bin"), "data/blob.bin")
         c.download_file("/data/blob.bin", str(tmp_path / "back.bin"))
         assert (tmp_path / "back.bin").read_bytes() == blob
-        assert c.execute_command(["sha256sum", "data/blob.bin"]).split()[0] == __import__("hashlib").sha256(blob).hexdigest()
+        assert c.execute_command(["sha256sum", "data/blob.bin"]).split()[0] == hashlib.sha256(blob).hexdigest()
         # Names with URL syntax in them come back as themselves (the download's path is a URL's).
         for name in ("a#b.txt", "100%.txt", "q?x=1.txt", "sp ace.txt", "dir/./d.txt"):
             c.write_file(f"content of {name}", name.replace("/./", "/"))
@@ -70,18 +71,35 @@ def test_files_round_trip(stack, tmp_path):
 
 
 def test_an_upload_over_the_limit_is_a_413_not_a_reset(stack, tmp_path):
-    """PicoD answers 413 as soon as it sees the length, while the SDK is still sending: the
-    answer must reach the SDK through the Router (servers close lingering), and the session
-    go on."""
+    """PicoD answers 413 as soon as it sees the length, while the client is still sending a
+    multipart body as upstream's SDK does: the answer must reach it through the Router (servers
+    close lingering), and the session go on."""
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
         f.truncate(40 * 1024 * 1024)
-    with CodeInterpreterClient() as c:
-        with pytest.raises(DataPlaneError) as e:
-            c.upload_file(str(big), "big.bin")
-        assert e.value.status_code == 413, e.value
-        assert "request body too large" in str(e.value)
+    with CodeInterpreterClient() as c, open(big, "rb") as f:
+        url = f"{stack.router_url}/v1/namespaces/default/code-interpreters/my-interpreter/invocations/api/files"
+        resp = requests.post(url, files={"file": ("big.bin", f)}, data={"path": "big.bin"},
+                             headers={"x-agentcube-session-id": c.session_id or ""}, timeout=60)
+        assert resp.status_code == 413, resp.text
+        assert resp.json() == {"error": "request body too large", "detail": "maximum allowed size is 33554432 bytes"}
         assert c.execute_command(["ls", "-a"]).split() == [".", ".."]
+
+
+def test_files_past_the_body_limit_are_streamed(stack, tmp_path):
+    """The SDK streams uploads too big for one upstream request body; PicoD writes them to disk
+    as they come."""
+    data = os.urandom(1 << 20) * 40
+    (tmp_path / "big.bin").write_bytes(data)
+    with CodeInterpreterClient() as c:
+        c.upload_file(str(tmp_path / "big.bin"), "data/big.bin")
+        assert c.execute_command(["sha256sum", "data/big.bin"]).split()[0] == hashlib.sha256(data).hexdigest()
+        c.download_file("data/big.bin", str(tmp_path / "back.bin"))
+        assert (tmp_path / "back.bin").read_bytes() == data
+        text = "line of text\n" * (30 * 1024 * 1024 // 13)
+        c.write_file(text, "text.txt")
+        assert int(c.execute_command(["stat", "-c", "%s", "text.txt"])) == len(text)
+        assert sorted(f["name"] for f in c.list_files("data")) == ["big.bin"], "no staging file left"
 
 
 def test_command_results_and_failures(stack):

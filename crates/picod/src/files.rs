@@ -1,4 +1,7 @@
-//! `/api/files`: upload (JSON base64 or multipart), list, and download with Range support.
+//! `/api/files`: upload (JSON base64 or multipart, as upstream, up to the body limit; or, an
+//! extension, the raw bytes streamed to disk: `POST /api/files?path=P&mode=0644` with
+//! `Content-Type: application/octet-stream`, bounded only by the workspace), list, and download
+//! with Range support.
 
 use std::fs::File;
 use std::io::Write;
@@ -41,13 +44,27 @@ impl From<JailError> for ApiError {
     }
 }
 
-/// `POST /api/files`: multipart when the Content-Type says so, JSON otherwise (as upstream).
-pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let is_multipart = req
-        .headers()
+/// Whether a request is a streamed upload (`POST /api/files`, `application/octet-stream`): the
+/// one request whose body may pass the body limit.
+pub fn is_streamed_upload(req: &Request) -> bool {
+    req.method() == http::Method::POST
+        && req.uri().path() == "/api/files"
+        && content_type(req).is_some_and(|ct| ct.starts_with("application/octet-stream"))
+}
+
+fn content_type(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
+}
+
+/// `POST /api/files`: multipart when the Content-Type says so, raw bytes for
+/// `application/octet-stream`, JSON otherwise (as upstream).
+pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    if is_streamed_upload(&req) {
+        return upload_streamed(state, req).await;
+    }
+    let is_multipart = content_type(&req).is_some_and(|ct| ct.starts_with("multipart/form-data"));
     let (path, mode, content) = if is_multipart {
         read_multipart(req, &state).await?
     } else {
@@ -68,6 +85,64 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
             return Err(diag.io_error(e));
         }
         let meta = file.metadata().map_err(ApiError::internal)?;
+        Ok(UploadResponse {
+            path: Workspace::relative(&rel),
+            size: meta.len(),
+            mode: go_mode_string(meta.mode()),
+            modified: rfc3339(meta.mtime()),
+        })
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    Ok(Json(resp).into_response())
+}
+
+/// `?path=&mode=` of a streamed upload.
+#[derive(Deserialize)]
+struct StreamedQuery {
+    #[serde(default)]
+    path: String,
+    mode: Option<String>,
+}
+
+/// A streamed upload: the body goes to a staging file beside the target as it arrives, which
+/// replaces the target once the body is complete (a cut-short upload changes nothing).
+async fn upload_streamed(state: AppState, req: Request) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let q = Query::<StreamedQuery>::try_from_uri(req.uri())
+        .map_err(|e| ApiError::BadRequest(format!("Invalid query: {}", e.body_text())))?;
+    if q.path.is_empty() {
+        return Err(ApiError::BadRequest(
+            "Missing 'path' query parameter".into(),
+        ));
+    }
+    let mode = parse_mode(q.mode.as_deref());
+    let (ws, diag) = (state.workspace.clone(), state.config.diagnostics.clone());
+    let path = q.0.path;
+    let (file, staged) = tokio::task::spawn_blocking(move || ws.stage_file(&path, mode))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| match e {
+            JailError::Io(e) => diag.io_error(e),
+            e => e.into(),
+        })?;
+    let mut out = tokio::fs::File::from_std(file);
+    let mut body = req.into_body().into_data_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("the upload was cut short: {e}")))?;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| state.config.diagnostics.io_error(e))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| state.config.diagnostics.io_error(e))?;
+    let file = out.into_std().await;
+    let resp = tokio::task::spawn_blocking(move || -> Result<UploadResponse, ApiError> {
+        let meta = file.metadata().map_err(ApiError::internal)?;
+        let rel = staged.commit()?;
         Ok(UploadResponse {
             path: Workspace::relative(&rel),
             size: meta.len(),

@@ -329,6 +329,48 @@ impl Workspace {
         Ok((File::from(fd), t.rel))
     }
 
+    /// A new, hidden file beside `user` (created with `mode`, missing parents too) that takes
+    /// `user`'s place only when [`Staged::commit`]ted: a streamed upload cut short leaves the old
+    /// file as it was, and its staging file is removed when the [`Staged`] is dropped.
+    pub fn stage_file(&self, user: &str, mode: u32) -> Result<(File, Staged), JailError> {
+        let t = self.walk(user, true)?;
+        let name = t.name.clone().ok_or(JailError::IsDirectory)?;
+        // Refused now rather than after the whole body (the rename checks again).
+        if fstatat(
+            &t.dir,
+            name.as_os_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok_and(|st| kind(&st) == SFlag::S_IFDIR)
+        {
+            return Err(JailError::IsDirectory);
+        }
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_EXCL
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let mut staging = OsString::from(".");
+        staging.push(&name);
+        staging.push(format!(".upload-{}", crate::process::random_id()));
+        let fd = openat(
+            &t.dir,
+            staging.as_os_str(),
+            flags,
+            Mode::from_bits_truncate(mode),
+        )?;
+        // The umask does not narrow what was asked for, as it does not for `chmod`.
+        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))?;
+        let staged = Staged {
+            dir: t.dir,
+            staging: Some(staging),
+            name,
+            rel: t.rel,
+        };
+        Ok((File::from(fd), staged))
+    }
+
     /// Unlinks a file (never a directory; a symlink itself, not its target).
     pub fn remove_file(&self, user: &str) -> Result<(), JailError> {
         let t = self.walk(user, false)?;
@@ -363,6 +405,54 @@ impl Workspace {
             Some(self.root.join(&t.rel))
         };
         Ok(WorkDir { _fd: fd, path })
+    }
+}
+
+/// A file being written beside its final name (see [`Workspace::stage_file`]).
+#[derive(Debug)]
+pub struct Staged {
+    dir: OwnedFd,
+    /// `None` once committed.
+    staging: Option<OsString>,
+    name: OsString,
+    rel: PathBuf,
+}
+
+impl Staged {
+    /// Puts the staged file in place (replacing a file or symlink there; never a directory) and
+    /// returns its path from the workspace root.
+    pub fn commit(mut self) -> Result<PathBuf, JailError> {
+        let staging = self.staging.take().unwrap_or_default();
+        let moved = nix::fcntl::renameat(
+            &self.dir,
+            staging.as_os_str(),
+            &self.dir,
+            self.name.as_os_str(),
+        );
+        if let Err(e) = moved {
+            let _ = nix::unistd::unlinkat(
+                &self.dir,
+                staging.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(match e {
+                Errno::EISDIR | Errno::ENOTEMPTY | Errno::EEXIST => JailError::IsDirectory,
+                other => other.into(),
+            });
+        }
+        Ok(std::mem::take(&mut self.rel))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(staging) = &self.staging {
+            let _ = nix::unistd::unlinkat(
+                &self.dir,
+                staging.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
     }
 }
 

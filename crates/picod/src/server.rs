@@ -200,7 +200,8 @@ async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
     })
 }
 
-/// Refuses a declared body over the limit before reading it (upstream's 413 JSON).
+/// Refuses a declared body over the limit before reading it (upstream's 413 JSON); streamed
+/// uploads go to disk as they come and are bounded by the workspace instead.
 async fn reject_large(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let limit = state.config.max_body_bytes;
     let declared = req
@@ -208,7 +209,7 @@ async fn reject_large(State(state): State<AppState>, req: Request, next: Next) -
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > limit as u64) && !crate::files::is_streamed_upload(&req) {
         return ApiError::TooLarge { limit }.into_response();
     }
     next.run(req).await

@@ -425,3 +425,113 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
         json!({"error": "method GET not allowed on /api/execute", "code": 405})
     );
 }
+
+fn streamed(
+    query: &str,
+    chunks: Vec<std::io::Result<Vec<u8>>>,
+    len: Option<usize>,
+) -> Request<Body> {
+    let mut b = authed(Request::post(format!("/api/files?{query}")))
+        .header("content-type", "application/octet-stream");
+    if let Some(n) = len {
+        b = b.header("content-length", n.to_string());
+    }
+    b.body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap()
+}
+
+/// Names in the workspace's top directory (staging files are hidden, not invisible).
+fn top_names(p: &Picod) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(p.ws())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn streamed_uploads_pass_the_body_limit_and_change_nothing_when_cut_short() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = Picod::with(|c| c.max_body_bytes = 1024);
+    // Past the limit, declared and in pieces: written as it comes.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks = data.chunks(7000).map(|c| Ok(c.to_vec())).collect();
+    let r = p
+        .send(streamed(
+            "path=d%2Fbig.bin&mode=0600",
+            chunks,
+            Some(data.len()),
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "d/big.bin");
+    assert_eq!(r.json()["size"], data.len());
+    assert_eq!(r.json()["mode"], "-rw-------");
+    let on_disk = p.ws().join("d/big.bin");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), data);
+    assert_eq!(
+        std::fs::metadata(&on_disk).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The same size any other way is still the 413.
+    let r = p
+        .post_json("/api/files", json!({"path": "j", "content": b64(&data)}))
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Cut short: the old file stays as it was and no staging file is left.
+    std::fs::write(p.ws().join("keep.txt"), "old").unwrap();
+    let cut = vec![
+        Ok(vec![b'n'; 5000]),
+        Err(std::io::Error::other("client went away")),
+    ];
+    let r = p.send(streamed("path=keep.txt", cut, None)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("cut short"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.ws().join("keep.txt")).unwrap(),
+        "old"
+    );
+    assert_eq!(top_names(&p), ["d", "keep.txt"]);
+    // A complete one replaces it; through a symlink only while it stays inside, as any write.
+    std::os::unix::fs::symlink("keep.txt", p.ws().join("alias")).unwrap();
+    let r = p
+        .send(streamed("path=alias", vec![Ok(b"new".to_vec())], None))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "keep.txt");
+    assert_eq!(
+        std::fs::read_to_string(p.ws().join("keep.txt")).unwrap(),
+        "new"
+    );
+    assert!(
+        std::fs::symlink_metadata(p.ws().join("alias"))
+            .unwrap()
+            .is_symlink()
+    );
+    let outside = p.dir.path().join("outside.txt");
+    std::fs::write(&outside, "host").unwrap();
+    std::os::unix::fs::symlink(&outside, p.ws().join("out")).unwrap();
+    let r = p
+        .send(streamed("path=out", vec![Ok(b"mine".to_vec())], None))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host");
+    // Bad targets, in PicoD's error shape, leaving nothing behind.
+    for (query, status) in [
+        ("path=..%2F..%2Fescape", StatusCode::FORBIDDEN),
+        ("path=d", StatusCode::BAD_REQUEST),
+        ("path=", StatusCode::BAD_REQUEST),
+        ("mode=0644", StatusCode::BAD_REQUEST),
+    ] {
+        let r = p.send(streamed(query, vec![Ok(b"x".to_vec())], None)).await;
+        assert_eq!(r.status, status, "{query}: {}", r.text());
+        assert!(r.json()["error"].is_string(), "{query}: {}", r.text());
+    }
+    assert_eq!(top_names(&p), ["alias", "d", "keep.txt", "out"]);
+    assert!(!p.dir.path().join("escape").exists());
+}

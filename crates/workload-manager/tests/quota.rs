@@ -1,8 +1,8 @@
 //! Workspace quotas on the local backend (root): each workspace is a filesystem of the
 //! definition's `ephemeral-storage` size, mounted only in the sandbox's own mount namespace.
-//! Filling it is `ENOSPC` with PicoD's note naming the quota, an upload over it is a 507 that
-//! keeps no partial file, the host disk holds no more than the quota, the host's mount table never
-//! holds it, and its loop device is gone with the sandbox.
+//! Filling it is `ENOSPC` with PicoD's note naming the quota, an upload over it (in one body or
+//! streamed) is a 507 that keeps no partial file, the host disk holds no more than the quota,
+//! the host's mount table never holds it, and its loop device is gone with the sandbox.
 
 mod common;
 
@@ -87,6 +87,21 @@ async fn a_full_workspace_is_a_clear_error_and_never_the_hosts_disk() {
         "POST",
         "/api/files",
         Some(json!({"path": "upload.bin", "content": content})),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 507, "{text}");
+    assert!(text.contains("quota is 20Mi"), "{text}");
+    let ls = exec(&v, &sh("ls -A")).await;
+    assert_eq!(ls["stdout"], "", "nothing kept: {ls}");
+    // The same streamed to disk (past the body limit): 507, and its staging file removed.
+    let (status, body) = unix_send(
+        ep,
+        &token(&sandbox_of(ep)),
+        "POST",
+        "/api/files?path=streamed.bin",
+        "application/octet-stream",
+        vec![7u8; 40 << 20].into(),
     )
     .await;
     let text = String::from_utf8_lossy(&body);

@@ -6,7 +6,7 @@ import base64
 import json
 import os
 import shlex
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 from urllib.parse import quote, urljoin
 
 import requests
@@ -17,6 +17,9 @@ from agentcube.exceptions import SessionNotFoundError
 
 SESSION_HEADER = "x-agentcube-session-id"
 DEFAULT_TIMEOUT = 120
+#: Largest upload sent in one request body as upstream sends it (PicoD refuses bodies over
+#: 32 MiB; base64 and multipart framing need room); larger ones are streamed.
+INLINE_MAX_BYTES = 24 * 1024 * 1024
 Command = Union[str, Sequence[str]]
 OutputCallback = Callable[[str, str], None]
 
@@ -140,6 +143,9 @@ class CodeInterpreterDataPlaneClient:
         self.write_bytes(content.encode("utf-8"), remote_path)
 
     def write_bytes(self, content: bytes, remote_path: str) -> None:
+        if len(content) > INLINE_MAX_BYTES:
+            self._stream_upload(content, remote_path)
+            return
         body = {"path": remote_path, "content": base64.b64encode(content).decode("ascii"), "mode": "0644"}
         resp = self.session.post(
             self._url("api/files"), data=json.dumps(body), headers=self._headers(json_body=True),
@@ -148,13 +154,29 @@ class CodeInterpreterDataPlaneClient:
         self._check(resp)
 
     def upload_file(self, local_path: str, remote_path: str) -> None:
-        """Uploads a local file (multipart, as upstream)."""
+        """Uploads a local file: multipart, as upstream, up to PicoD's 32 MiB body limit; a
+        larger file is streamed (an extension of PicoD's: the file is never all in memory, on
+        either side)."""
         with open(local_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > INLINE_MAX_BYTES:
+                self._stream_upload(f, remote_path)
+                return
             files = {"file": (os.path.basename(local_path), f)}
             data = {"path": remote_path, "mode": "0644"}
             resp = self.session.post(
                 self._url("api/files"), files=files, data=data, headers=self._headers(), timeout=self.timeout
             )
+        self._check(resp)
+
+    def _stream_upload(self, data: Union[bytes, BinaryIO], remote_path: str) -> None:
+        """``POST api/files?path=…`` with the raw bytes (``application/octet-stream``): PicoD
+        writes them to disk as they come and puts the file in place once complete."""
+        headers = self._headers()
+        headers["Content-Type"] = "application/octet-stream"
+        resp = self.session.post(
+            self._url("api/files"), params={"path": remote_path, "mode": "0644"}, data=data,
+            headers=headers, timeout=(self.connect_timeout, self.timeout),
+        )
         self._check(resp)
 
     def download_file(self, remote_path: str, local_path: str) -> None:

@@ -61,5 +61,7 @@ def _detail(resp: requests.Response) -> str:
     except ValueError:
         return resp.text[:500]
     if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body)
+        text = str(body.get("error") or body.get("message") or body)
+        # PicoD puts the specifics in "detail" (the 413's limit, why a token was refused).
+        return f"{text}: {body['detail']}" if isinstance(body.get("detail"), str) else text
     return str(body)

@@ -378,6 +378,27 @@ pub async fn unix_http_as(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Vec<u8>) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    unix_send(
+        endpoint,
+        token,
+        method,
+        path,
+        "application/json",
+        body.into(),
+    )
+    .await
+}
+
+/// A request with a raw body of `content_type` to PicoD at a `unix:` endpoint, as the Router.
+pub async fn unix_send(
+    endpoint: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Bytes,
+) -> (u16, Vec<u8>) {
     let sock = endpoint.strip_prefix("unix:").expect("unix endpoint");
     let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
     let (mut send, conn) =
@@ -390,10 +411,8 @@ pub async fn unix_http_as(
         .uri(path)
         .header("host", "sandbox")
         .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::<Bytes>::from(
-            body.map(|b| b.to_string()).unwrap_or_default(),
-        ))
+        .header("content-type", content_type)
+        .body(Full::new(body))
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
