@@ -259,8 +259,20 @@ pub struct SandboxTemplateSpec {
 pub struct SandboxWarmPoolSpec {
     pub replicas: i32,
     pub sandbox_template_ref: NameRef,
+    /// v1beta1 only: what becomes of unclaimed members when the template changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_strategy: Option<WarmPoolUpdateStrategy>,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// `spec.updateStrategy` of a v1beta1 SandboxWarmPool: `Recreate` replaces unclaimed members of
+/// an old template at once; `OnReplenish` (agent-sandbox's default) hands them out until each
+/// has been claimed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WarmPoolUpdateStrategy {
+    #[serde(rename = "type")]
+    pub type_: String,
 }
 
 /// Warm pool status.

@@ -15,8 +15,8 @@ use common::kube::*;
 use common::{ROUTER_PUB, sh};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams};
-use serde_json::json;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
 
 const ON_DEMAND: &str = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1
 kind: CodeInterpreter
@@ -292,6 +292,68 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
         2,
         "the pool is untouched by the delete"
     );
+}
+
+/// A changed CodeInterpreter template reaches the next session: the warm pool's unclaimed
+/// Sandboxes of the old template are replaced (agent-sandbox's default, `OnReplenish`, would
+/// hand them out until each was claimed once), and a session already made keeps its own.
+#[tokio::test]
+async fn a_changed_template_replaces_the_unclaimed_warm_sandboxes() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: POOLED.into(),
+        ..Default::default()
+    })
+    .await;
+    let members = async || pool_members(&k.client, "pooled").await;
+    let names = |m: &[DynamicObject]| -> Vec<String> {
+        m.iter().filter_map(|x| x.metadata.name.clone()).collect()
+    };
+    let initial = k
+        .eventually("pool of 2 ready", 20, async || {
+            let m = members().await;
+            (m.len() == 2 && m.iter().all(ready)).then_some(names(&m))
+        })
+        .await;
+    let before = k.create_ok("code-interpreter", "pooled").await;
+    let flavour = async |s: &Value| {
+        let (status, out) = exec_tcp(&k.http, s, &["sh", "-c", "echo \"<$FLAVOUR>\""]).await;
+        assert_eq!(status, 200, "{out}");
+        out["stdout"].as_str().unwrap().trim().to_string()
+    };
+    assert_eq!(flavour(&before).await, "<>");
+    code_interpreters(&k.client)
+        .patch(
+            "pooled",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"environment": [{"name": "FLAVOUR", "value": "new"}]}}})),
+        )
+        .await
+        .unwrap();
+    k.eventually(
+        "the pool holds only new-template sandboxes",
+        30,
+        async || {
+            let m = members().await;
+            (m.len() == 2 && m.iter().all(ready) && !names(&m).iter().any(|n| initial.contains(n)))
+                .then_some(())
+        },
+    )
+    .await;
+    let after = k.create_ok("code-interpreter", "pooled").await;
+    assert_eq!(after["kind"], "SandboxClaim");
+    assert_eq!(
+        flavour(&after).await,
+        "<new>",
+        "the new session runs the new template"
+    );
+    assert_eq!(
+        flavour(&before).await,
+        "<>",
+        "the session made before keeps its sandbox"
+    );
+    for s in [&before, &after] {
+        assert_eq!(k.delete(s["sessionId"].as_str().unwrap()).await, 200);
+    }
 }
 
 /// A session whose pod agent-sandbox replaced (another IP, an empty workspace) or whose claim

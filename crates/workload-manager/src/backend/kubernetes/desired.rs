@@ -9,7 +9,7 @@ use agentcube_crds::labels;
 use agentcube_crds::sandbox::{
     AgentSandboxApi, ClaimLifecycle, NameRef, PodMetadata, PodTemplate, Sandbox, SandboxClaim,
     SandboxClaimSpec, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, SandboxWarmPool,
-    SandboxWarmPoolSpec,
+    SandboxWarmPoolSpec, WarmPoolUpdateStrategy,
 };
 use agentcube_crds::{AgentRuntime, AuthMode, CodeInterpreter};
 use agentcube_types::api::WorkloadKind;
@@ -502,7 +502,9 @@ pub fn standby_share(per_pool: u32, ci: &CodeInterpreter) -> u32 {
 
 /// The SandboxWarmPool of a CodeInterpreter (named like it): `warmPoolSize` members, less those
 /// `standby_per_pool` standby claims hold ([`standby_share`]), so a definition keeps
-/// `warmPoolSize` warm Sandboxes whichever way they wait.
+/// `warmPoolSize` warm Sandboxes whichever way they wait. On v1beta1 a changed template replaces
+/// the unclaimed members at once (`Recreate`): the next session runs what the CodeInterpreter
+/// says now, not what it said when its warm sandbox started.
 pub fn warm_pool(
     api: AgentSandboxApi,
     ci: &CodeInterpreter,
@@ -517,6 +519,9 @@ pub fn warm_pool(
             sandbox_template_ref: NameRef {
                 name: ci.metadata.name.clone().unwrap_or_default(),
             },
+            update_strategy: (api == AgentSandboxApi::V1beta1).then(|| WarmPoolUpdateStrategy {
+                type_: "Recreate".into(),
+            }),
             extra: Default::default(),
         },
     )

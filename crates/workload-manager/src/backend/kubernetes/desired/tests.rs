@@ -193,6 +193,7 @@ fn claim_template_and_pool_match_spec() {
         let share = standby_share(per_pool, &c);
         let p = serde_json::to_value(warm_pool(AgentSandboxApi::V1beta1, &c, per_pool)).unwrap();
         assert_eq!(p["spec"]["replicas"], replicas, "{per_pool} standby claims");
+        assert_eq!(p["spec"]["updateStrategy"], json!({"type": "Recreate"}));
         assert_eq!(share + replicas, 3);
     }
 
