@@ -6,6 +6,9 @@ import requests
 from agentcube import AgentCubeError, DataPlaneError, SessionError, SessionNotFoundError, TokenAuth
 from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.code_interpreter_data_plane import (
+    BODY_LIMIT,
+    INLINE_MAX_BYTES,
+    MULTIPART_MAX_BYTES,
     CodeInterpreterDataPlaneClient,
     command_argv,
     timeout_string,
@@ -135,3 +138,40 @@ def test_a_client_forgets_a_session_that_is_gone_and_never_makes_a_new_one():
         c.execute_command_result(["true"])
     assert "gone" in str(e.value)
     assert len(router.requests) == 1, "no request without a session header (that would create a session)"
+
+
+class _PicoD(requests.adapters.BaseAdapter):
+    """PicoD behind the Router, accepting every upload; records how each was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent = []
+
+    def send(self, request, *args, **kw):
+        body = request.body
+        size = len(body) if isinstance(body, (bytes, str)) else None  # None: a file object, streamed
+        self.sent.append((request.headers.get("Content-Type", "").split(";")[0], size, request.url))
+        r = _response(200, "{}", router=False)
+        r.request, r.url = request, request.url
+        return r
+
+    def close(self):
+        pass
+
+
+def test_uploads_go_as_upstream_sends_them_while_they_fit_one_body_and_are_streamed_past_it(tmp_path):
+    c = CodeInterpreterDataPlaneClient("s", name="ci", namespace="ns", router_url="http://r:1")
+    picod = _PicoD()
+    c.session.mount("http://", picod)
+    for size in (MULTIPART_MAX_BYTES, MULTIPART_MAX_BYTES + 1):
+        with open(tmp_path / "f", "wb") as f:
+            f.truncate(size)
+        c.upload_file(str(tmp_path / "f"), "dir/f")
+    c.write_file("x" * INLINE_MAX_BYTES, "t")
+    c.write_file("x" * (INLINE_MAX_BYTES + 1), "t")
+    (multipart, m_size, _), (raw, r_size, r_url), (json_ct, j_size, _), (raw2, _, r2_url) = picod.sent
+    assert multipart == "multipart/form-data" and m_size is not None and m_size <= BODY_LIMIT
+    assert raw == "application/octet-stream" and r_size is None, "a file past the limit is streamed"
+    assert r_url.endswith("/api/files?path=dir%2Ff&mode=0644"), r_url
+    assert json_ct == "application/json" and j_size is not None and j_size <= BODY_LIMIT
+    assert raw2 == "application/octet-stream" and r2_url.endswith("/api/files?path=t&mode=0644")

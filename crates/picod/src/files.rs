@@ -84,17 +84,22 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
             let _ = ws.remove_file(&path);
             return Err(diag.io_error(e));
         }
-        let meta = file.metadata().map_err(ApiError::internal)?;
-        Ok(UploadResponse {
-            path: Workspace::relative(&rel),
-            size: meta.len(),
-            mode: go_mode_string(meta.mode()),
-            modified: rfc3339(meta.mtime()),
-        })
+        uploaded(&file, &rel)
     })
     .await
     .map_err(ApiError::internal)??;
     Ok(Json(resp).into_response())
+}
+
+/// The answer to an upload: the written file as it is now.
+fn uploaded(file: &File, rel: &Path) -> Result<UploadResponse, ApiError> {
+    let meta = file.metadata().map_err(ApiError::internal)?;
+    Ok(UploadResponse {
+        path: Workspace::relative(rel),
+        size: meta.len(),
+        mode: go_mode_string(meta.mode()),
+        modified: rfc3339(meta.mtime()),
+    })
 }
 
 /// `?path=&mode=` of a streamed upload.
@@ -141,14 +146,8 @@ async fn upload_streamed(state: AppState, req: Request) -> Result<Response, ApiE
         .map_err(|e| state.config.diagnostics.io_error(e))?;
     let file = out.into_std().await;
     let resp = tokio::task::spawn_blocking(move || -> Result<UploadResponse, ApiError> {
-        let meta = file.metadata().map_err(ApiError::internal)?;
         let rel = staged.commit()?;
-        Ok(UploadResponse {
-            path: Workspace::relative(&rel),
-            size: meta.len(),
-            mode: go_mode_string(meta.mode()),
-            modified: rfc3339(meta.mtime()),
-        })
+        uploaded(&file, &rel)
     })
     .await
     .map_err(ApiError::internal)??;

@@ -17,9 +17,13 @@ from agentcube.exceptions import SessionNotFoundError
 
 SESSION_HEADER = "x-agentcube-session-id"
 DEFAULT_TIMEOUT = 120
-#: Largest upload sent in one request body as upstream sends it (PicoD refuses bodies over
-#: 32 MiB; base64 and multipart framing need room); larger ones are streamed.
-INLINE_MAX_BYTES = 24 * 1024 * 1024
+#: PicoD's body limit (upstream's too): uploads that fit in one body under it are sent as
+#: upstream sends them, larger ones are streamed (see ``_stream_upload``).
+BODY_LIMIT = 32 * 1024 * 1024
+#: Largest file ``upload_file`` sends as multipart (room left for the form's framing).
+MULTIPART_MAX_BYTES = BODY_LIMIT - 64 * 1024
+#: Largest content ``write_file`` sends as base64 in JSON.
+INLINE_MAX_BYTES = MULTIPART_MAX_BYTES * 3 // 4
 Command = Union[str, Sequence[str]]
 OutputCallback = Callable[[str, str], None]
 
@@ -154,11 +158,11 @@ class CodeInterpreterDataPlaneClient:
         self._check(resp)
 
     def upload_file(self, local_path: str, remote_path: str) -> None:
-        """Uploads a local file: multipart, as upstream, up to PicoD's 32 MiB body limit; a
-        larger file is streamed (an extension of PicoD's: the file is never all in memory, on
+        """Uploads a local file: multipart, as upstream, when it fits PicoD's 32 MiB body limit;
+        a larger file is streamed (an extension of PicoD's: the file is never all in memory, on
         either side)."""
         with open(local_path, "rb") as f:
-            if os.fstat(f.fileno()).st_size > INLINE_MAX_BYTES:
+            if os.fstat(f.fileno()).st_size > MULTIPART_MAX_BYTES:
                 self._stream_upload(f, remote_path)
                 return
             files = {"file": (os.path.basename(local_path), f)}
