@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import socket
 import time
 from typing import Any
 
@@ -86,6 +87,19 @@ def test_an_upload_over_the_limit_is_a_413_not_a_reset(stack, tmp_path):
         assert c.execute_command(["ls", "-a"]).split() == [".", ".."]
 
 
+def _cut_upload(router_url: str, session_id: str, path: str) -> None:
+    """Starts a 10 MB streamed upload to ``path`` through the Router and hangs up after 1 MB."""
+    from urllib.parse import quote, urlsplit
+    u = urlsplit(router_url)
+    with socket.create_connection((u.hostname, u.port or 80)) as s:
+        s.sendall((f"POST /v1/namespaces/default/code-interpreters/my-interpreter/invocations/api/files"
+                   f"?path={quote(path, safe='')} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                   f"x-agentcube-session-id: {session_id}\r\ncontent-type: application/octet-stream\r\n"
+                   "content-length: 10000000\r\n\r\n").encode() + b"z" * 1_000_000)
+        time.sleep(0.5)
+    time.sleep(0.5)
+
+
 def test_files_past_the_body_limit_are_streamed(stack, tmp_path):
     """The SDK streams uploads too big for one upstream request body; PicoD writes them to disk
     as they come."""
@@ -96,6 +110,9 @@ def test_files_past_the_body_limit_are_streamed(stack, tmp_path):
         assert c.execute_command(["sha256sum", "data/big.bin"]).split()[0] == hashlib.sha256(data).hexdigest()
         c.download_file("data/big.bin", str(tmp_path / "back.bin"))
         assert (tmp_path / "back.bin").read_bytes() == data
+        # A client that goes away mid-upload changes nothing.
+        _cut_upload(stack.router_url, c.session_id or "", "data/big.bin")
+        assert c.execute_command(["sha256sum", "data/big.bin"]).split()[0] == hashlib.sha256(data).hexdigest()
         text = "line of text\n" * (30 * 1024 * 1024 // 13)
         c.write_file(text, "text.txt")
         assert int(c.execute_command(["stat", "-c", "%s", "text.txt"])) == len(text)
