@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 from agentcube.auth import AuthProvider, resolve_auth
 from agentcube.clients.agent_runtime_data_plane import AgentRuntimeDataPlaneClient
 from agentcube.clients.control_plane import ControlPlaneClient
+from agentcube.clients.errors import raise_for_response
 from agentcube.exceptions import SessionNotFoundError
 
 
@@ -33,12 +34,7 @@ class AgentRuntimeClient:
         self._auth = resolve_auth(auth, auth_token)
         self._wm_url = workload_manager_url
         self._dp = AgentRuntimeDataPlaneClient(
-            agent_name,
-            namespace=namespace,
-            router_url=router_url,
-            auth=self._auth,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
+            router_url, namespace, agent_name, timeout=timeout, connect_timeout=connect_timeout, auth=self._auth
         )
         self.session_id: Optional[str] = session_id or self._dp.bootstrap_session_id()
         self._gone: Optional[str] = None
@@ -49,11 +45,16 @@ class AgentRuntimeClient:
         forgotten; no new session is made behind the caller's back)."""
         if self.session_id is None:
             raise SessionNotFoundError(f"session {self._gone} no longer exists: create a new AgentRuntimeClient")
+        resp = self._dp.invoke(self.session_id, payload, timeout=timeout, path=path)
         try:
-            return self._dp.invoke(self.session_id, payload, timeout=timeout, path=path)
+            raise_for_response(resp, self.session_id)
         except SessionNotFoundError:
             self._gone, self.session_id = self.session_id, None
             raise
+        try:
+            return resp.json()
+        except ValueError:
+            return resp.text
 
     def stop(self) -> bool:
         """Deletes the session at the Workload Manager (``workload_manager_url`` or

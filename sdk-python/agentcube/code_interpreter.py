@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import logging
-import time
 from typing import Any, Dict, List, Optional
 from urllib.parse import quote
 
@@ -21,9 +19,6 @@ from agentcube.contexts import Context, Execution, execution_from
 from agentcube.processes import Process, list_processes, process_from
 
 log = logging.getLogger(__name__)
-
-_PYTHON = ("python", "py", "python3")
-_SHELL = ("bash", "sh")
 
 
 class CodeInterpreterClient:
@@ -92,10 +87,7 @@ class CodeInterpreterClient:
         """Runs a command (argv list, or a string split into words — no shell) and returns its
         stdout; raises :class:`CommandExecutionError` on a non-zero exit. With ``on_output``,
         output is streamed to ``on_output(stream, text)`` as it happens."""
-        result = self.execute_command_result(command, timeout=timeout, on_output=on_output)
-        if result["exit_code"] != 0:
-            raise CommandExecutionError(result["exit_code"], result["stderr"], command)
-        return str(result["stdout"])
+        return self._dp.execute_command(command, timeout=timeout, on_output=on_output)
 
     def execute_command_result(
         self, command: Command, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
@@ -122,26 +114,7 @@ class CodeInterpreterClient:
             if ex.error is not None:
                 raise CommandExecutionError(ex.exit_code or 1, ex.stderr or f"{ex.error.name}: {ex.error.value}", code)
             return ex.stdout
-        lang = language.lower()
-        stamp = int(time.time() * 1000)
-        if lang in _PYTHON:
-            try:
-                ast.parse(code)
-            except SyntaxError:
-                fixed = code.replace("\\n", "\n")
-                try:
-                    ast.parse(fixed)
-                    code = fixed
-                except SyntaxError:
-                    pass
-            # -u: unbuffered, so on_output sees each line as it is printed.
-            script, argv = f"script_{stamp}.py", ["python3", "-u"]
-        elif lang in _SHELL:
-            script, argv = f"script_{stamp}.sh", ["bash"]
-        else:
-            raise ValueError(f"unsupported language {language!r}: use python or bash")
-        self.write_file(code, script)
-        return self.execute_command(argv + [script], timeout=timeout, on_output=on_output)
+        return self._dp.run_code(language, code, timeout=timeout, on_output=on_output)
 
     def write_file(self, content: str, remote_path: str) -> None:
         """Writes text to a file in the sandbox (relative to the workspace)."""

@@ -1,5 +1,7 @@
 """SDK unit tests: argument handling and error classification (no network)."""
 
+import json
+
 import pytest
 import requests
 
@@ -146,9 +148,11 @@ class _PicoD(requests.adapters.BaseAdapter):
     def __init__(self):
         super().__init__()
         self.sent = []
+        self.bodies = []
 
     def send(self, request, *args, **kw):
         body = request.body
+        self.bodies.append(body)
         size = len(body) if isinstance(body, (bytes, str)) else None  # None: a file object, streamed
         self.sent.append((request.headers.get("Content-Type", "").split(";")[0], size, request.url))
         r = _response(200, "{}", router=False)
@@ -175,3 +179,19 @@ def test_uploads_go_as_upstream_sends_them_while_they_fit_one_body_and_are_strea
     assert r_url.endswith("/api/files?path=dir%2Ff&mode=0644"), r_url
     assert json_ct == "application/json" and j_size is not None and j_size <= BODY_LIMIT
     assert raw2 == "application/octet-stream" and r2_url.endswith("/api/files?path=t&mode=0644")
+
+
+def test_low_level_clients_take_upstreams_arguments_in_upstreams_order():
+    from agentcube.clients import AgentRuntimeDataPlaneClient, ControlPlaneClient
+
+    dp = CodeInterpreterDataPlaneClient("s", "http://r:1/p/", "ns", "ci", None, 30)
+    assert dp.base_url == "http://r:1/v1/namespaces/ns/code-interpreters/ci/invocations/"
+    assert CodeInterpreterDataPlaneClient("s", base_url="http://x/inv").base_url == "http://x/inv/"
+    picod = _PicoD()
+    dp.session.mount("http://", picod)
+    dp.execute_command_result(["true"])
+    assert json.loads(picod.bodies[-1])["timeout"] == "30s", "the client's own timeout is the default"
+    cp = ControlPlaneClient("http://wm:1", "tok", 60, 5.0, 2, 2)
+    assert cp._headers() == {"Authorization": "Bearer tok"} and cp.timeout == (5.0, 60)
+    ar = AgentRuntimeDataPlaneClient("http://r:1", "ns", "echo", 60)
+    assert ar.base_url == "http://r:1/v1/namespaces/ns/agent-runtimes/echo/invocations/"

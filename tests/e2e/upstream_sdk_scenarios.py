@@ -1,5 +1,7 @@
-"""The SDK scenarios, run by the UNMODIFIED upstream agentcube-sdk==0.1.0 in its own venv.
-Exits non-zero on the first failure. Invoked by test_upstream_sdk.py."""
+"""The SDK scenarios as code written for upstream's SDK does them: run by the UNMODIFIED upstream
+agentcube-sdk==0.1.0 in its own venv, and by this repository's SDK (a drop-in for such code),
+which `SDK_UNDER_TEST` names (`upstream` or `ours`). Exits non-zero on the first failure.
+Invoked by test_upstream_sdk.py."""
 
 import json
 import os
@@ -17,7 +19,8 @@ except ImportError:  # pragma: no cover
 def main() -> None:
     import agentcube
 
-    assert "site-packages" in agentcube.__file__, f"not the installed upstream SDK: {agentcube.__file__}"
+    upstream = os.environ.get("SDK_UNDER_TEST", "upstream") == "upstream"
+    assert ("site-packages" in agentcube.__file__) == upstream, f"not the SDK under test: {agentcube.__file__}"
     with CodeInterpreterClient() as c:
         assert "2" in c.run_code("python", "print(1+1)")
         c.run_code("python", "x = 1")
@@ -43,7 +46,34 @@ def main() -> None:
     out = agent.invoke({"input": "upstream"}, path="echo") if "path" in AgentRuntimeClient.invoke.__code__.co_varnames else None
     if out is not None:
         assert out["output"] == "echo: upstream", out
+    low_level_clients()
     print("upstream SDK scenarios passed")
+
+
+def low_level_clients() -> None:
+    """`agentcube.clients`, called positionally as upstream's signatures have them."""
+    from agentcube.clients import AgentRuntimeDataPlaneClient, CodeInterpreterDataPlaneClient, ControlPlaneClient
+
+    router = os.environ["ROUTER_URL"]
+    cp = ControlPlaneClient(os.environ["WORKLOAD_MANAGER_URL"], None, 60, 5.0, 2, 2)
+    sid = cp.create_session("my-interpreter", "default", {}, 600)
+    dp = CodeInterpreterDataPlaneClient(sid, router, "default", "my-interpreter", None, 60)
+    assert dp.run_code("python", "print(6*7)").strip() == "42"
+    assert dp.execute_command(["echo", "low", "level"]) == "low level\n"
+    try:
+        dp.execute_command("false")
+        raise AssertionError("a failing command raises")
+    except CommandExecutionError:
+        pass
+    dp.write_file("text", "t.txt")
+    assert any(f["name"] == "t.txt" for f in dp.list_files("."))
+    dp.close()
+    assert cp.delete_session(sid) is True
+    cp.close()
+    ar = AgentRuntimeDataPlaneClient(router, "default", "echo-agent", 60)
+    resp = ar.invoke(ar.bootstrap_session_id(), {"input": "raw"})
+    assert resp.status_code == 200 and resp.json()["output"] == "echo: raw", resp.text
+    ar.close()
 
 
 if __name__ == "__main__":

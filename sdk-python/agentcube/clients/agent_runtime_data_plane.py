@@ -10,29 +10,39 @@ import requests
 
 from agentcube.auth import AuthProvider
 from agentcube.clients.errors import raise_for_response
+from agentcube.clients.http import pooled_session
 
 SESSION_HEADER = "x-agentcube-session-id"
 
 
 class AgentRuntimeDataPlaneClient:
-    """Bootstraps and invokes an Agent Runtime session through the Router."""
+    """Bootstraps and invokes an Agent Runtime session through the Router. Takes upstream's
+    arguments, in upstream's order (``router_url, namespace, agent_name, timeout,
+    connect_timeout, pool_connections, pool_maxsize``; ``router_url`` ``None``: ``ROUTER_URL``);
+    :meth:`invoke` answers the ``requests.Response``, as upstream's."""
+
+    SESSION_HEADER = SESSION_HEADER
 
     def __init__(
         self,
+        router_url: Optional[str],
+        namespace: str,
         agent_name: str,
-        namespace: str = "default",
-        router_url: Optional[str] = None,
-        auth: Optional[AuthProvider] = None,
         timeout: float = 120,
         connect_timeout: float = 5.0,
+        pool_connections: int = 10,
+        pool_maxsize: int = 10,
+        *,
+        auth: Optional[AuthProvider] = None,
     ):
         base = router_url or os.getenv("ROUTER_URL")
         if not base:
             raise ValueError("Router URL must be provided via 'router_url' or the ROUTER_URL environment variable.")
+        self.router_url, self.namespace, self.agent_name = base, namespace, agent_name
         self.base_url = urljoin(base, f"/v1/namespaces/{namespace}/agent-runtimes/{agent_name}/invocations/")
         self.auth = auth
         self.timeout = (connect_timeout, timeout)
-        self.session = requests.Session()
+        self.session = pooled_session(pool_connections, pool_maxsize)
 
     def _headers(self, session_id: Optional[str] = None) -> Dict[str, str]:
         h: Dict[str, str] = {}
@@ -52,17 +62,16 @@ class AgentRuntimeDataPlaneClient:
         raise_for_response(resp, None)
         raise ValueError("the Router did not return a session id")
 
-    def invoke(self, session_id: str, payload: Dict[str, Any], timeout: Optional[float] = None, path: str = "") -> Any:
+    def invoke(
+        self, session_id: str, payload: Dict[str, Any], timeout: Optional[float] = None, path: str = ""
+    ) -> requests.Response:
+        """POSTs ``payload`` as JSON (at ``path`` under the invocation root); the answer as it
+        came, errors included (:func:`raise_for_response` classifies them)."""
         url = urljoin(self.base_url, path.lstrip("/"))
         headers = self._headers(session_id)
         headers["Content-Type"] = "application/json"
         t = (self.timeout[0], timeout) if timeout is not None else self.timeout
-        resp = self.session.post(url, json=payload, headers=headers, timeout=t)
-        raise_for_response(resp, session_id)
-        try:
-            return resp.json()
-        except ValueError:
-            return resp.text
+        return self.session.post(url, json=payload, headers=headers, timeout=t)
 
     def close(self) -> None:
         self.session.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
 import shlex
+import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 from urllib.parse import quote, urljoin
 
@@ -13,7 +15,8 @@ import requests
 
 from agentcube.auth import AuthProvider
 from agentcube.clients.errors import raise_for_response
-from agentcube.exceptions import SessionNotFoundError
+from agentcube.clients.http import pooled_session
+from agentcube.exceptions import CommandExecutionError, SessionNotFoundError
 
 SESSION_HEADER = "x-agentcube-session-id"
 DEFAULT_TIMEOUT = 120
@@ -26,6 +29,9 @@ MULTIPART_MAX_BYTES = BODY_LIMIT - 64 * 1024
 INLINE_MAX_BYTES = MULTIPART_MAX_BYTES * 3 // 4
 Command = Union[str, Sequence[str]]
 OutputCallback = Callable[[str, str], None]
+#: ``run_code`` languages, as upstream names them.
+PYTHON_NAMES = ("python", "py", "python3")
+SHELL_NAMES = ("bash", "sh")
 
 
 def command_argv(command: Command) -> List[str]:
@@ -49,30 +55,58 @@ def file_url_path(remote_path: str) -> str:
     return "/".join(dots.get(seg, quote(seg, safe="")) for seg in remote_path.lstrip("/").split("/"))
 
 
+def unescaped_newlines(code: str) -> str:
+    """Python whose newlines came double-escaped (``\\n``, as models write them) made valid, as
+    upstream does; code that parses, or does not parse either way, is kept."""
+    try:
+        ast.parse(code)
+        return code
+    except (SyntaxError, ValueError):
+        fixed = code.replace("\\n", "\n")
+        try:
+            ast.parse(fixed)
+            return fixed
+        except (SyntaxError, ValueError):
+            return code
+
+
 class CodeInterpreterDataPlaneClient:
-    """Calls PicoD through the Router for one session."""
+    """Calls PicoD through the Router for one session. Takes upstream's arguments, in upstream's
+    order (``session_id, router_url, namespace, cr_name, base_url, timeout, connect_timeout,
+    pool_connections, pool_maxsize``); ``name`` is ``cr_name``'s other spelling, and the Router
+    URL, namespace and name default to ``ROUTER_URL``, ``default`` and ``my-interpreter``."""
 
     def __init__(
         self,
         session_id: str,
-        name: str = "my-interpreter",
-        namespace: str = "default",
         router_url: Optional[str] = None,
-        auth: Optional[AuthProvider] = None,
-        connect_timeout: float = 5.0,
+        namespace: Optional[str] = None,
+        cr_name: Optional[str] = None,
+        base_url: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = 5.0,
+        pool_connections: int = 10,
+        pool_maxsize: int = 10,
+        *,
+        name: Optional[str] = None,
+        auth: Optional[AuthProvider] = None,
     ):
-        base = router_url or os.getenv("ROUTER_URL")
-        if not base:
-            raise ValueError("Router URL must be provided via 'router_url' or the ROUTER_URL environment variable.")
         self.session_id: Optional[str] = session_id
         self._gone: Optional[str] = None
-        # As upstream: an absolute path, so a path prefix in ROUTER_URL is dropped.
-        self.base_url = urljoin(base, f"/v1/namespaces/{namespace}/code-interpreters/{name}/invocations/")
+        self.cr_name = cr_name or name or "my-interpreter"
+        if base_url:
+            self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        else:
+            base = router_url or os.getenv("ROUTER_URL")
+            if not base:
+                raise ValueError("Router URL must be provided via 'router_url' or the ROUTER_URL environment variable.")
+            # As upstream: an absolute path, so a path prefix in ROUTER_URL is dropped.
+            path = f"/v1/namespaces/{namespace or 'default'}/code-interpreters/{self.cr_name}/invocations/"
+            self.base_url = urljoin(base, path)
         self.auth = auth
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self.session = requests.Session()
+        self.session = pooled_session(pool_connections, pool_maxsize)
 
     def _check(self, resp: requests.Response) -> None:
         """Raises for an error answer; a session the Router does not know is forgotten."""
@@ -96,10 +130,43 @@ class CodeInterpreterDataPlaneClient:
     def _url(self, path: str) -> str:
         return urljoin(self.base_url, path)
 
+    def execute_command(
+        self, command: Command, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+    ) -> str:
+        """Runs a command (argv list, or a string split into words — no shell) and returns its
+        stdout; raises :class:`CommandExecutionError` on a non-zero exit. With ``on_output``,
+        output is streamed to ``on_output(stream, text)`` as it happens."""
+        if on_output is not None:
+            result = self.execute_command_stream(command, on_output, timeout=timeout)
+        else:
+            result = self.execute_command_result(command, timeout=timeout)
+        if result["exit_code"] != 0:
+            raise CommandExecutionError(result["exit_code"], result["stderr"], command)
+        return str(result["stdout"])
+
+    def run_code(
+        self, language: str, code: str, timeout: Optional[float] = None, on_output: Optional[OutputCallback] = None
+    ) -> str:
+        """Writes ``code`` to a script in the workspace and runs it in a fresh process (python or
+        bash), as upstream: nothing survives between calls. Returns stdout; raises
+        :class:`CommandExecutionError` on failure."""
+        lang = language.lower()
+        stamp = int(time.time() * 1000)
+        if lang in PYTHON_NAMES:
+            code = unescaped_newlines(code)
+            # -u: unbuffered, so on_output sees each line as it is printed.
+            script, argv = f"script_{stamp}.py", ["python3", "-u"]
+        elif lang in SHELL_NAMES:
+            script, argv = f"script_{stamp}.sh", ["bash"]
+        else:
+            raise ValueError(f"unsupported language {language!r}: use python or bash")
+        self.write_file(code, script)
+        return self.execute_command(argv + [script], timeout=timeout, on_output=on_output)
+
     def execute_command_result(self, command: Command, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Runs a command; returns ``{"stdout", "stderr", "exit_code"}`` whatever the exit code."""
-        t = timeout if timeout is not None else DEFAULT_TIMEOUT
-        body = {"command": command_argv(command), "timeout": timeout_string(timeout)}
+        t = timeout if timeout is not None else self.timeout
+        body = {"command": command_argv(command), "timeout": timeout_string(t)}
         resp = self.session.post(
             self._url("api/execute"),
             data=json.dumps(body),
@@ -119,8 +186,8 @@ class CodeInterpreterDataPlaneClient:
     ) -> Dict[str, Any]:
         """Runs a command and calls ``on_output(stream, text)`` (``stream`` is ``"stdout"`` or
         ``"stderr"``) as output arrives. Returns the same dict as :meth:`execute_command_result`."""
-        t = timeout if timeout is not None else DEFAULT_TIMEOUT
-        body = {"command": command_argv(command), "timeout": timeout_string(timeout)}
+        t = timeout if timeout is not None else self.timeout
+        body = {"command": command_argv(command), "timeout": timeout_string(t)}
         headers = self._headers(json_body=True)
         headers["Accept"] = "application/x-ndjson"
         out: Dict[str, List[str]] = {"stdout": [], "stderr": []}

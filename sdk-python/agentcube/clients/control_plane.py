@@ -10,6 +10,7 @@ from urllib.parse import quote
 import requests
 
 from agentcube.auth import AuthProvider, resolve_auth
+from agentcube.clients.http import pooled_session
 from agentcube.exceptions import HTTPSessionError, HTTPSessionNotFoundError
 
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -40,14 +41,20 @@ def _session_url(base_url: str, kind: str, session_id: str) -> str:
 
 
 class ControlPlaneClient:
-    """Creates, reads and deletes sessions at the Workload Manager."""
+    """Creates, reads and deletes sessions at the Workload Manager. Takes upstream's arguments, in
+    upstream's order (``workload_manager_url, auth_token, timeout, connect_timeout,
+    pool_connections, pool_maxsize``), or an :class:`AuthProvider` as ``auth``."""
 
     def __init__(
         self,
         workload_manager_url: Optional[str] = None,
-        auth: Optional[AuthProvider] = None,
+        auth_token: Optional[str] = None,
         timeout: float = 120,
         connect_timeout: float = 5.0,
+        pool_connections: int = 10,
+        pool_maxsize: int = 10,
+        *,
+        auth: Optional[AuthProvider] = None,
     ):
         self.base_url = (workload_manager_url or os.getenv("WORKLOAD_MANAGER_URL") or "").rstrip("/")
         if not self.base_url:
@@ -55,9 +62,9 @@ class ControlPlaneClient:
                 "Workload Manager URL must be provided via 'workload_manager_url' or the "
                 "WORKLOAD_MANAGER_URL environment variable."
             )
-        self.auth = resolve_auth(auth, None)
+        self.auth = resolve_auth(auth, auth_token)
         self.timeout = (connect_timeout, timeout)
-        self.session = requests.Session()
+        self.session = pooled_session(pool_connections, pool_maxsize)
         self.session.headers["Content-Type"] = "application/json"
 
     def _headers(self) -> Dict[str, str]:
