@@ -65,6 +65,7 @@ fn mib(bytes: u64) -> String {
 pub struct Seen {
     network_error: std::sync::atomic::AtomicBool,
     disk_full: std::sync::atomic::AtomicBool,
+    no_fork: std::sync::atomic::AtomicBool,
 }
 
 impl Seen {
@@ -74,8 +75,12 @@ impl Seen {
         if mentions_network_error(chunk) {
             self.network_error.store(true, Relaxed);
         }
-        if String::from_utf8_lossy(chunk).contains(DISK_FULL) {
+        let text = String::from_utf8_lossy(chunk);
+        if text.contains(DISK_FULL) {
             self.disk_full.store(true, Relaxed);
+        }
+        if mentions_failed_fork(&text) {
+            self.no_fork.store(true, Relaxed);
         }
     }
 
@@ -87,7 +92,24 @@ impl Seen {
     fn disk_full(&self) -> bool {
         self.disk_full.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    fn no_fork(&self) -> bool {
+        self.no_fork.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
+
+/// Whether output says a process could not be started for want of processes (`EAGAIN` from
+/// `fork`: dash's "Cannot fork", bash's "fork: retry: Resource temporarily unavailable",
+/// Python's `BlockingIOError` in `fork_exec`).
+fn mentions_failed_fork(text: &str) -> bool {
+    text.contains("Cannot fork")
+        || (text.contains("Resource temporarily unavailable") && text.contains("fork"))
+}
+
+/// The note for a command that could not start a process: the sandbox is at its process limit.
+pub const PROCESS_LIMIT: &str = "[picod: the sandbox cannot start another process: it is at \
+     its process limit, which processes that earlier commands left running in the background \
+     count towards (end them, or start a new session)]";
 
 /// `ENOSPC` as libc words it.
 const DISK_FULL: &str = "No space left on device";
@@ -164,6 +186,9 @@ impl Diagnostics {
         }
         if seen.disk_full() {
             return Some(self.disk_full());
+        }
+        if failed && seen.no_fork() {
+            return Some(PROCESS_LIMIT.into());
         }
         None
     }
@@ -268,6 +293,23 @@ mod tests {
         network.scan(b"curl: (6) Could not resolve host: pypi.org");
         let full = Seen::default();
         full.scan(b"dd: error writing 'big': No space left on device");
+        for forked in [
+            &b"sh: 1: Cannot fork"[..],
+            b"bash: fork: retry: Resource temporarily unavailable",
+            b"  File \"/usr/lib/python3.11/subprocess.py\", line 1901, in _execute_child\n    self.pid = _fork_exec(\nBlockingIOError: [Errno 11] Resource temporarily unavailable",
+        ] {
+            let no_fork = Seen::default();
+            no_fork.scan(forked);
+            assert_eq!(d.explain(None, None, true, &no_fork).as_deref(), Some(PROCESS_LIMIT));
+            assert_eq!(d.explain(None, None, false, &no_fork), None, "only when it failed");
+        }
+        let busy = Seen::default();
+        busy.scan(b"BlockingIOError: [Errno 11] Resource temporarily unavailable (a socket)");
+        assert_eq!(
+            d.explain(None, None, true, &busy),
+            None,
+            "EAGAIN of a socket"
+        );
         assert_eq!(d.oom_kills(), Some(1));
         assert_eq!(
             d.explain(Some(1), Some(9), false, &nothing).unwrap(),

@@ -251,7 +251,12 @@ fn spawn_error_text(program: &str, e: &std::io::Error) -> String {
             .next()
             .unwrap_or(&msg)
             .to_lowercase();
-        format!("fork/exec {program}: {msg}")
+        let text = format!("fork/exec {program}: {msg}");
+        if e.raw_os_error() == Some(nix::libc::EAGAIN) {
+            format!("{text}\n{}", crate::diagnose::PROCESS_LIMIT)
+        } else {
+            text
+        }
     }
 }
 
@@ -493,6 +498,14 @@ mod tests {
         assert_eq!(
             spawn_error_text("./x", &e),
             "fork/exec ./x: no such file or directory"
+        );
+        let again = std::io::Error::from_raw_os_error(nix::libc::EAGAIN);
+        assert_eq!(
+            spawn_error_text("true", &again),
+            format!(
+                "fork/exec true: resource temporarily unavailable\n{}",
+                crate::diagnose::PROCESS_LIMIT
+            )
         );
     }
 }
