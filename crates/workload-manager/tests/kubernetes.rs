@@ -294,6 +294,29 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
     );
 }
 
+/// A direct Sandbox past its session's maximum duration is deleted by agent-sandbox itself
+/// (`shutdownPolicy: Delete`, as on claims), not kept as an expired object, even while no
+/// Workload Manager GC runs (here: none within the test).
+#[tokio::test]
+async fn an_expired_direct_sandbox_is_deleted_by_agent_sandbox() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.replace("  sessionTimeout: 7m\n", "  maxSessionDuration: 10s\n"),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    let name = s["sandboxName"].as_str().unwrap().to_string();
+    let sb = sandboxes(&k.client).get(&name).await.unwrap();
+    assert_eq!(sb.data["spec"]["shutdownPolicy"], "Delete");
+    let pods: Api<Pod> = Api::namespaced(k.client.clone(), "default");
+    k.eventually("the expired Sandbox and its pod gone", 30, async || {
+        (sandboxes(&k.client).get_opt(&name).await.unwrap().is_none()
+            && pods.get_opt(&name).await.unwrap().is_none())
+        .then_some(())
+    })
+    .await;
+}
+
 /// A changed CodeInterpreter template reaches the next session: the warm pool's unclaimed
 /// Sandboxes of the old template are replaced (agent-sandbox's default, `OnReplenish`, would
 /// hand them out until each was claimed once), and a session already made keeps its own.

@@ -335,7 +335,10 @@ fn sandbox(
             replicas,
             operating_mode,
             shutdown_time: s.shutdown_time.map(Time),
-            shutdown_policy: None,
+            // On v1beta1 an expired Sandbox is deleted, as a claim is, rather than kept as an
+            // object saying `SandboxExpired` (its default, `Retain`) until the GC gets to it.
+            shutdown_policy: (s.api == AgentSandboxApi::V1beta1 && s.shutdown_time.is_some())
+                .then(|| "Delete".to_string()),
             extra: Default::default(),
         },
     )

@@ -197,6 +197,9 @@ impl Liveness {
             .collect();
         for id in vanished {
             match store.get(&id).await {
+                // Past its end: agent-sandbox deleted it at its `shutdownTime`; the expiry pass
+                // of the same GC run ends the session and says why (its maximum duration).
+                Ok(r) if r.expires_at <= jiff::Timestamp::now() => {}
                 Ok(_) => {
                     let seen = known.remove(&id).expect("listed above").seen;
                     let why = "its SandboxClaim or Sandbox was deleted";
@@ -384,7 +387,8 @@ mod tests {
     fn new_record(id: &str, endpoint: &str, status: SessionStatus) -> SessionRecord {
         let now = jiff::Timestamp::now();
         let idle = agentcube_types::GoDuration(std::time::Duration::from_secs(900));
-        let mut r = SessionRecord::placeholder(id, "ns", format!("sb-{id}"), now, now, idle);
+        let end = now + std::time::Duration::from_secs(3600);
+        let mut r = SessionRecord::placeholder(id, "ns", format!("sb-{id}"), now, end, idle);
         r.status = status;
         r.entry_points = entry(endpoint);
         r
@@ -427,6 +431,31 @@ mod tests {
         dead.iter()
             .map(|d| (d.session_id.as_str(), d.delete))
             .collect()
+    }
+
+    /// agent-sandbox deletes a Sandbox or claim at its `shutdownTime`, the session's end: that
+    /// is the expiry pass's to end (saying "maximum duration"), not a death.
+    #[tokio::test]
+    async fn a_sandbox_gone_at_its_sessions_end_is_left_to_the_expiry_pass() {
+        let store = agentcube_store::memory::MemoryStore::new();
+        let live = Liveness::default();
+        let mut ended = new_record("x", "10.0.0.1:8080", SessionStatus::Ready);
+        ended.expires_at = jiff::Timestamp::now() - std::time::Duration::from_secs(1);
+        store.insert(&ended, jiff::Timestamp::now()).await.unwrap();
+        record(&store, "y", "10.0.0.2:8080", SessionStatus::Ready).await;
+        let mut now = HashMap::from([
+            (
+                "x".to_string(),
+                seen(BackingKind::Sandbox, "sx", Some("10.0.0.1")),
+            ),
+            (
+                "y".to_string(),
+                seen(BackingKind::Sandbox, "sy", Some("10.0.0.2")),
+            ),
+        ]);
+        assert_eq!(run(&live, &now, &store).await, vec![]);
+        now.clear();
+        assert_eq!(ids(&run(&live, &now, &store).await), [("y", false)]);
     }
 
     #[tokio::test]

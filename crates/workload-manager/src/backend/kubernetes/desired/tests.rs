@@ -39,6 +39,10 @@ fn direct_code_interpreter_sandbox_matches_spec() {
     };
     let v = serde_json::to_value(code_interpreter_sandbox(&ci(""), &alpha)).unwrap();
     assert_eq!(v["apiVersion"], "agents.x-k8s.io/v1alpha1");
+    assert!(
+        v["spec"].get("shutdownPolicy").is_none(),
+        "as upstream on v1alpha1"
+    );
     assert_eq!(
         (
             v["spec"]["replicas"].as_i64(),
@@ -64,6 +68,7 @@ fn direct_code_interpreter_sandbox_matches_spec() {
         json!({"runtime.agentcube.io/idle-timeout": "15m0s"})
     );
     assert_eq!(v["spec"]["shutdownTime"], "2026-08-03T12:00:00Z");
+    assert_eq!(v["spec"]["shutdownPolicy"], "Delete");
     let tpl = &v["spec"]["podTemplate"];
     assert_eq!(
         tpl["metadata"]["labels"],
@@ -245,7 +250,7 @@ fn agent_runtime_sandbox_copies_the_pod_spec() {
     };
     let v = serde_json::to_value(agent_runtime_sandbox(&ar, &unbounded)).unwrap();
     assert!(
-        v["spec"].get("shutdownTime").is_none(),
+        v["spec"].get("shutdownTime").is_none() && v["spec"].get("shutdownPolicy").is_none(),
         "no maximum lifetime: no shutdownTime"
     );
 }
