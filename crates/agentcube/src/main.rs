@@ -19,8 +19,8 @@ use agentcube_router::{KeyPair, RouterService};
 use agentcube_store::StoreArgs;
 use agentcube_types::GoDuration;
 use agentcube_workload_manager::WorkloadManager;
-use agentcube_workload_manager::backend::WarmPools;
 use agentcube_workload_manager::backend::local::{LocalBackend, LocalDefaults};
+use agentcube_workload_manager::backend::{PoolLevel, WarmPools};
 use agentcube_workload_manager::lease::StoreLease;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -303,22 +303,51 @@ fn store_name(c: &agentcube_store::StoreConfig) -> &'static str {
 async fn pool_progress(pools: Arc<dyn WarmPools>) {
     let mut last = String::new();
     loop {
-        let status = pools.levels();
-        let line = status
-            .iter()
-            .map(|p| format!("{}/{} {}/{}", p.namespace, p.name, p.ready, p.size))
-            .collect::<Vec<_>>()
-            .join(", ");
-        if !status.is_empty() && line != last {
-            let full = status.iter().all(|p| p.ready >= p.size as usize);
-            println!(
-                "warm pools: {line}{}",
-                if full { " (ready)" } else { " (filling…)" }
-            );
+        let line = progress_line(&pools.levels());
+        if let Some(line) = line.filter(|l| *l != last) {
+            println!("{line}");
             last = line;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// `warm pools: default/a 1/2, default/b 2/2 (filling…)`, with why a pool cannot fill when its
+/// last start failed; `None` without pools.
+fn progress_line(status: &[PoolLevel]) -> Option<String> {
+    if status.is_empty() {
+        return None;
+    }
+    let levels = status
+        .iter()
+        .map(|p| format!("{}/{} {}/{}", p.namespace, p.name, p.ready, p.size))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unfilled: Vec<&PoolLevel> = status
+        .iter()
+        .filter(|p| p.ready < p.size as usize)
+        .collect();
+    let state = if unfilled.is_empty() {
+        " (ready)".to_string()
+    } else {
+        let failing: Vec<String> = unfilled
+            .iter()
+            .filter_map(|p| {
+                let why = p.failing.as_deref()?;
+                let short: String = why.chars().take(300).collect();
+                Some(format!(
+                    "{}/{} cannot start sandboxes: {short}",
+                    p.namespace, p.name
+                ))
+            })
+            .collect();
+        if failing.is_empty() {
+            " (filling…)".to_string()
+        } else {
+            format!(" (filling…; {}; retrying)", failing.join("; "))
+        }
+    };
+    Some(format!("warm pools: {levels}{state}"))
 }
 
 async fn shutdown_signal() {
@@ -327,5 +356,48 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(name: &str, ready: usize, failing: Option<&str>) -> PoolLevel {
+        PoolLevel {
+            namespace: "default".into(),
+            name: name.into(),
+            ready,
+            size: 2,
+            standby: 0,
+            failing: failing.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_progress_line_says_why_a_pool_cannot_fill() {
+        assert_eq!(progress_line(&[]), None);
+        assert_eq!(
+            progress_line(&[level("a", 2, None)]).unwrap(),
+            "warm pools: default/a 2/2 (ready)"
+        );
+        assert_eq!(
+            progress_line(&[level("a", 1, None), level("b", 2, None)]).unwrap(),
+            "warm pools: default/a 1/2, default/b 2/2 (filling…)"
+        );
+        assert_eq!(
+            progress_line(&[
+                level("a", 0, Some("cannot pull image x")),
+                level("b", 2, None)
+            ])
+            .unwrap(),
+            "warm pools: default/a 0/2, default/b 2/2 (filling…; default/a cannot start \
+             sandboxes: cannot pull image x; retrying)"
+        );
+        // A full pool's old failure is not news.
+        assert_eq!(
+            progress_line(&[level("a", 2, Some("old"))]).unwrap(),
+            "warm pools: default/a 2/2 (ready)"
+        );
     }
 }

@@ -195,6 +195,7 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
             ready: 2,
             size: 2,
             standby: 0,
+            failing: None,
         };
         pools.levels().contains(&level).then_some(())
     })

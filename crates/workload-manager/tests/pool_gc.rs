@@ -78,6 +78,17 @@ async fn a_pool_that_cannot_fill_waits_between_rounds_of_failed_starts() {
     eventually("one sandbox fits", 30, || ready(&s) == 1).await;
     let failed = || s.backend.pool_status()[0].failed_starts;
     eventually("the others failed", 30, || failed() >= 19).await;
+    // Why, for the progress line of `agentcube up`.
+    let failing = || {
+        s.backend.pool_status()[0]
+            .failing
+            .clone()
+            .unwrap_or_default()
+    };
+    eventually("the pool says why it cannot fill", 10, || {
+        failing().contains("memory budget")
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Rounds at 0 s, 2 s and 6 s at most: 19 starts fail in each.
     assert!(

@@ -19,6 +19,9 @@ pub struct PoolLevel {
     /// Standby claims bound to a Ready Sandbox that a create may take (`--standby-claims`;
     /// always 0 on the local backend, whose pool members are taken directly).
     pub standby: usize,
+    /// Why the pool's last sandbox start failed, while none has started since (local backend;
+    /// on Kubernetes the CodeInterpreter's status says it).
+    pub failing: Option<String>,
 }
 
 /// Warm pools, as far as the Workload Manager needs to see them (metrics, progress output).

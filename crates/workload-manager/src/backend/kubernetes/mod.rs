@@ -590,6 +590,7 @@ impl WarmPools for KubernetesBackend {
                     ready,
                     size: ci.spec.warm_pool(),
                     standby,
+                    failing: None,
                 }
             })
             .collect()

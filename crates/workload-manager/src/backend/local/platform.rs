@@ -22,6 +22,7 @@ impl WarmPools for LocalBackend {
                 ready: p.ready,
                 size: p.size,
                 standby: 0,
+                failing: p.failing,
             })
             .collect()
     }

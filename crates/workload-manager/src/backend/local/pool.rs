@@ -29,6 +29,8 @@ pub(super) struct Pool {
     backoff: Duration,
     /// Starts that failed since the pool was (re)made.
     failed_starts: u64,
+    /// Why the last start failed, until one succeeds.
+    last_failure: Option<String>,
 }
 
 /// The first wait of a pool whose sandboxes fail to start.
@@ -48,6 +50,8 @@ pub struct PoolStatus {
     pub size: u32,
     /// Sandbox starts that failed since the pool was made (or rolled).
     pub failed_starts: u64,
+    /// Why the last start failed, while none has succeeded since.
+    pub failing: Option<String>,
 }
 
 /// What the pool's sandboxes were started from: the definition's spec but for the fields that
@@ -88,6 +92,7 @@ impl LocalBackend {
                 ready: p.ready.len(),
                 size: p.size,
                 failed_starts: p.failed_starts,
+                failing: p.last_failure.clone(),
             })
             .collect();
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -165,6 +170,7 @@ impl LocalBackend {
             return;
         };
         pool.failed_starts += 1;
+        pool.last_failure = Some(error.to_string());
         if pool.waiting {
             tracing::debug!(pool = %key.1, %error, "warm pool sandbox failed to start");
             return;
@@ -206,6 +212,7 @@ impl LocalBackend {
                 match started {
                     Ok(sb) if p.ready.len() < p.size as usize => {
                         p.ready.push_back(sb.clone());
+                        p.last_failure = None;
                         if p.ready.len() == p.size as usize {
                             p.backoff = FIRST_BACKOFF;
                         }
@@ -268,6 +275,7 @@ impl LocalBackend {
                             waiting: false,
                             backoff: FIRST_BACKOFF,
                             failed_starts: 0,
+                            last_failure: None,
                         },
                     );
                 }
