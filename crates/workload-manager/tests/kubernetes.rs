@@ -297,14 +297,37 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
 
 /// A direct Sandbox past its session's maximum duration is deleted by agent-sandbox itself
 /// (`shutdownPolicy: Delete`, as on claims), not kept as an expired object, even while no
-/// Workload Manager GC runs (here: none within the test).
+/// Workload Manager GC runs (here: none within the test); one whose session ends before it is
+/// ready fails its create at once.
 #[tokio::test]
 async fn an_expired_direct_sandbox_is_deleted_by_agent_sandbox() {
+    let brief = code_interpreter("brief", "{image: ghcr.io/volcano-sh/picod:latest}", 0)
+        + "  maxSessionDuration: 1s\n";
     let k = KubeStack::start(KubeOptions {
-        manifests: ON_DEMAND.replace("  sessionTimeout: 7m\n", "  maxSessionDuration: 10s\n"),
+        manifests: ON_DEMAND.replace("  sessionTimeout: 7m\n", "  maxSessionDuration: 10s\n")
+            + "---\n"
+            + &brief,
         ..Default::default()
     })
     .await;
+    // A session that ends before its pod can start fails at once, saying so (it waited for the
+    // create timeout and answered 504), and leaves nothing.
+    let started = std::time::Instant::now();
+    let (status, body) = k.create("code-interpreter", "brief").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired before it was ready"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    k.assert_no_records().await;
     let s = k.create_ok("code-interpreter", "od").await;
     let name = s["sandboxName"].as_str().unwrap().to_string();
     let sb = sandboxes(&k.client).get(&name).await.unwrap();

@@ -13,6 +13,8 @@ use kube::api::Api;
 use super::KubernetesBackend;
 use crate::backend::BackendError;
 
+/// The session ended before its sandbox was ready (`Ready=False`, reason `SandboxExpired`: its
+/// `shutdownTime` passed while it started), or
 /// agent-sandbox's controller failed on an object (`Ready=False`, reason `ReconcilerError`,
 /// message `Error seen: <the API server's error>`) in a way retrying will not fix: the API
 /// server refused what it created for one of [`FOR_GOOD`]'s reasons. A used-up ResourceQuota is
@@ -22,6 +24,13 @@ use crate::backend::BackendError;
 /// unreachable API server. `what` names the object.
 pub(super) fn refusal(what: &str, conditions: Option<&[Condition]>) -> Option<BackendError> {
     let ready = agentcube_crds::sandbox::ready_condition(conditions)?;
+    if ready.status == "False" && ready.reason == "SandboxExpired" {
+        return Some(BackendError::Invalid(format!(
+            "{what} expired before it was ready: the session's maximum duration (the \
+             definition's maxSessionDuration, or the create's ttl) is shorter than its sandbox \
+             takes to start"
+        )));
+    }
     if ready.status != "False" || ready.reason != "ReconcilerError" {
         return None;
     }
@@ -303,6 +312,16 @@ mod tests {
             assert!(refusal("Sandbox s", Some(&conditions)).is_none());
         }
         assert!(refusal("Sandbox s", None).is_none());
+        // Its session ended while it started: it never will.
+        match refusal(
+            "Sandbox s",
+            Some(&ready("False", "SandboxExpired", "Sandbox has expired")),
+        ) {
+            Some(BackendError::Invalid(m)) => {
+                assert!(m.contains("expired before it was ready"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
         // Admission messages can list many violations: the error stays bounded.
         let long = verdict(&format!("{pod}violates PodSecurity {}", "x".repeat(10_000)));
         assert!(long.len() < MAX_REFUSAL_CHARS + 100, "{}", long.len());
