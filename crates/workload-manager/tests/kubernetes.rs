@@ -301,8 +301,9 @@ async fn warm_pool_session_is_a_claim_on_a_pool_pod_and_the_pool_refills() {
 /// ready fails its create at once.
 #[tokio::test]
 async fn an_expired_direct_sandbox_is_deleted_by_agent_sandbox() {
-    let brief = code_interpreter("brief", "{image: ghcr.io/volcano-sh/picod:latest}", 0)
-        + "  maxSessionDuration: 1s\n";
+    // Its image takes 3 s to pull (the test kubelet's slow registry): longer than the session.
+    let slow = "{image: slow-registry.test/3s/ghcr.io/volcano-sh/picod:latest}";
+    let brief = code_interpreter("brief", slow, 0) + "  maxSessionDuration: 1s\n";
     let k = KubeStack::start(KubeOptions {
         manifests: ON_DEMAND.replace("  sessionTimeout: 7m\n", "  maxSessionDuration: 10s\n")
             + "---\n"
