@@ -457,3 +457,58 @@ async fn a_disk_full_to_the_last_block_is_a_429() {
     std::fs::remove_file(&filler).unwrap();
     disk.dir = Some(s.stop_keeping_dir().await);
 }
+
+/// Creates arriving together get every workspace the disk can hold, and no more. Each create
+/// checked the host's share after its own reservation but while others held theirs, refused
+/// ones included: once the disk neared its share, creates in flight saw too little and were
+/// refused (on a 252 GB disk, 38 of 40 concurrent SDK sessions were 429s where 17 fit), and
+/// reservations together took the disk to its last block for a moment, failing other creates'
+/// directories ("the disk … is full"). Mutation-checked: fails most runs without the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn concurrent_creates_get_every_workspace_the_disk_holds() {
+    use agentcube_workload_manager::backend::local::quota::DiskReserve;
+    let mut disk = SmallDisk::new(400);
+    let (free, total) = free_and_total(&disk.mountpoint);
+    // Room for four workspaces above a 25% share; a fifth would still fit the free space.
+    let share = total / 4;
+    let each = (((free - share) / 4) >> 20) - 1;
+    let s = std::sync::Arc::new(
+        Stack::start(Options {
+            manifests: code_interpreter(
+                "ci",
+                &format!(
+                    "    resources:\n      limits:\n        memory: 64Mi\n        ephemeral-storage: {each}Mi\n"
+                ),
+            ),
+            dir: disk.dir.take(),
+            disk_reserve: DiskReserve::Percent(25),
+            ..Default::default()
+        })
+        .await,
+    );
+    let creates = (0..32).map(|_| {
+        let s = s.clone();
+        tokio::spawn(async move { s.create("code-interpreter", "ci").await })
+    });
+    let mut made = Vec::new();
+    for done in futures_util::future::join_all(creates).await {
+        let (status, body) = done.unwrap();
+        match status {
+            200 => made.push(body["sessionId"].as_str().unwrap().to_string()),
+            429 => assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not enough disk"),
+                "{body}"
+            ),
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    assert_eq!(made.len(), 4, "{each} MiB each, {} MiB free", free >> 20);
+    for id in &made {
+        assert_eq!(s.delete(id).await.0, 200);
+    }
+    let s = std::sync::Arc::into_inner(s).unwrap();
+    disk.dir = Some(s.stop_keeping_dir().await);
+}

@@ -24,6 +24,10 @@ pub struct Quotas {
     on_memory: bool,
     /// What reservations leave free on the images' filesystem.
     host_share: DiskReserve,
+    /// Taken by each reservation from its first look at the free space to its last, so that
+    /// creates arriving together see each other's reservations whole and are never refused
+    /// for one that is being given back.
+    reserving: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The disk space workspace reservations leave free for the host (its logs, the store, the next
@@ -98,15 +102,21 @@ impl Quotas {
             mount: system_tool("mount", "mount")?,
             on_memory: on_memory(state),
             host_share,
+            reserving: Default::default(),
         })
     }
 
     /// The workspace image of `paths`, `bytes` large and reserved on the host's disk; formatted
     /// next by [`Self::format`] (while the launcher starts: see `launch`'s prologue).
-    pub fn image(&self, paths: &SandboxPaths, bytes: u64) -> Result<WorkspaceFs, BackendError> {
+    pub async fn image(
+        &self,
+        paths: &SandboxPaths,
+        bytes: u64,
+    ) -> Result<WorkspaceFs, BackendError> {
         let image = paths.private.join(IMAGE);
         let file = std::fs::File::create(&image)
             .map_err(|e| BackendError::Failed(format!("workspace quota (image): {e}")))?;
+        let _turn = self.reserving.lock().await;
         reserve(&file, bytes, self.on_memory, self.host_share)?;
         Ok(WorkspaceFs {
             image,
@@ -189,10 +199,16 @@ fn reserve(
             free >> 20,
         ))
     };
+    // Refused before reserving when it cannot fit: a reservation that fails part-way takes the
+    // disk to its last block for a moment, failing whatever else writes there.
+    if let Some((free, share)) = left_for_the_host(file, host_share)
+        && free < share.saturating_add(bytes)
+    {
+        return Err(too_little(free));
+    }
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+        // Looked at again once reserved: another program may have written meanwhile.
         Ok(()) => match left_for_the_host(file, host_share) {
-            // Looked at once reserved, so that creates reserving at the same time each see the
-            // others' share: at worst both are refused, never both made.
             Some((free, share)) if free < share => {
                 let _ = file.set_len(0);
                 Err(too_little(free + bytes))
@@ -200,6 +216,8 @@ fn reserve(
             _ => Ok(()),
         },
         Err(nix::errno::Errno::ENOSPC) => {
+            // What a failed `fallocate` did allocate stays allocated: given back now.
+            let _ = file.set_len(0);
             let free = left_for_the_host(file, host_share).map_or(0, |(free, _)| free);
             Err(too_little(free))
         }

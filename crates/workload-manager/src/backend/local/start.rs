@@ -192,7 +192,7 @@ impl LocalBackend {
             .or(cfg.default_workspace_bytes)
             .filter(|_| self.inner.quotas.is_some());
         let workspace_fs = match (&self.inner.quotas, workspace) {
-            (Some(q), Some(bytes)) => Some(q.image(paths, bytes)?),
+            (Some(q), Some(bytes)) => Some(q.image(paths, bytes).await?),
             _ => None,
         };
         let cgroup = match &self.inner.cgroups {
