@@ -490,6 +490,54 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
     assert_eq!((count("dead"), count("orphan")), (2, 1));
 }
 
+/// A session whose object went before any GC run had seen it ends at the next run too: a
+/// CodeInterpreter deleted right after a create takes its claims along, and before, GC noticed
+/// only objects vanishing that a run had seen: such a session answered 502 until its idle
+/// timeout (forever for a client that retries). A session made at the same time that keeps its
+/// object goes on. Mutation-checked: without `reap_unseen` the two records stay.
+#[tokio::test]
+async fn sessions_whose_object_went_before_gc_first_saw_them_end_too() {
+    let k = KubeStack::start(KubeOptions {
+        manifests: format!("{ON_DEMAND}---\n{POOLED}"),
+        // Long enough that no run falls between a create and the deletion below.
+        gc_interval: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (direct, claimed, healthy) = (
+        k.create_ok("code-interpreter", "od").await,
+        k.create_ok("code-interpreter", "pooled").await,
+        k.create_ok("code-interpreter", "pooled").await,
+    );
+    let name = |s: &serde_json::Value| s["sandboxName"].as_str().unwrap().to_string();
+    let dp = DeleteParams::background();
+    sandboxes(&k.client)
+        .delete(&name(&direct), &dp)
+        .await
+        .unwrap();
+    claims(&k.client)
+        .delete(&name(&claimed), &dp)
+        .await
+        .unwrap();
+    let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
+    let record_gone = async |s: &serde_json::Value| {
+        matches!(
+            k.store.get(&id(s)).await,
+            Err(agentcube_store::Error::NotFound)
+        )
+    };
+    k.eventually("both sessions ended", 20, async || {
+        (record_gone(&direct).await && record_gone(&claimed).await).then_some(())
+    })
+    .await;
+    // A few more runs: the session that kept its claim goes on.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!record_gone(&healthy).await, "a live session was reaped");
+    let (status, out) = exec_tcp(&k.http, &healthy, &["echo", "alive"]).await;
+    assert_eq!((status, out["stdout"].as_str()), (200, Some("alive\n")));
+    assert_eq!(reclaimed(&k, "dead"), 2);
+}
+
 /// A session whose sandbox's container restarted (PicoD killed: from user code, an OOM kill)
 /// keeps its pod and IP but has lost its files and processes: it ends at the next GC run, on
 /// both create paths, while an untouched session goes on.

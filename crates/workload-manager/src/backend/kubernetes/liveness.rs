@@ -178,6 +178,40 @@ impl Liveness {
         self.last.lock().unwrap().clone()
     }
 
+    /// The records of sessions this Workload Manager made that no run has seen yet and that
+    /// `shown` (the caches, read before [`Liveness::judge`]) does not hold: their object may
+    /// have gone before a run first saw it (a CodeInterpreter deleted right after the create
+    /// takes its claims along), which [`Liveness::judge`], knowing only what it saw, would
+    /// never notice. The backend looks each object up in the API (a cache may not show a
+    /// session's labels yet) and ends those that are gone ([`Liveness::forget`]). Records still
+    /// being created are asked about again at the next run; expired ones are the expiry pass's.
+    pub(super) async fn unseen(
+        &self,
+        shown: &std::collections::HashSet<String>,
+        store: &dyn SessionStore,
+    ) -> Vec<SessionRecord> {
+        let ids: Vec<String> = (self.created.lock().unwrap().keys())
+            .filter(|id| !shown.contains(*id))
+            .cloned()
+            .collect();
+        let mut records = Vec::new();
+        for id in ids {
+            match store.get(&id).await {
+                Ok(r) if r.status == SessionStatus::Creating => {}
+                Ok(r) if r.expires_at <= jiff::Timestamp::now() => {}
+                Ok(r) => records.push(r),
+                Err(StoreError::NotFound) => self.forget(&id),
+                Err(e) => tracing::warn!(session_id = id, error = %e, "gc: cannot read a record"),
+            }
+        }
+        records
+    }
+
+    /// Session `id` was ended: no baseline of it is kept.
+    pub(super) fn forget(&self, id: &str) {
+        self.created.lock().unwrap().remove(id);
+    }
+
     /// The sessions among those known and `now` whose sandbox died since the last call.
     pub(super) async fn judge(
         &self,

@@ -309,6 +309,54 @@ impl KubernetesBackend {
             .await
     }
 
+    /// Sessions made here whose object went before a run first saw it
+    /// ([`liveness::Liveness::unseen`]), looked up in the API: `(id, why)` of those gone.
+    async fn reap_unseen(
+        &self,
+        shown: &std::collections::HashSet<String>,
+    ) -> Vec<(String, String)> {
+        let mut gone = Vec::new();
+        for r in self.liveness.unseen(shown, self.store.as_ref()).await {
+            let (kind, namespace, name) = (r.kind, &r.sandbox_namespace, &r.name);
+            match self.exists(kind, namespace, name).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let why = "its SandboxClaim or Sandbox was deleted";
+                    tracing::warn!(session_id = r.session_id, %kind, namespace, name, why,
+                        "gc: the session's sandbox is gone; ending the session");
+                    self.liveness.forget(&r.session_id);
+                    gone.push((r.session_id, why.to_string()));
+                }
+                Err(e) => tracing::warn!(session_id = r.session_id, name, error = %e,
+                    "gc: cannot read a session's object"),
+            }
+        }
+        gone
+    }
+
+    /// Whether the claim or Sandbox `namespace/name` exists (read from the API, not the caches).
+    async fn exists(
+        &self,
+        kind: BackingKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, kube::Error> {
+        Ok(match kind {
+            BackingKind::SandboxClaim => {
+                Api::<SandboxClaim>::namespaced_with(self.client.clone(), namespace, &self.api)
+                    .get_opt(name)
+                    .await?
+                    .is_some()
+            }
+            BackingKind::Sandbox => {
+                Api::<SandboxObject>::namespaced_with(self.client.clone(), namespace, &self.api)
+                    .get_opt(name)
+                    .await?
+                    .is_some()
+            }
+        })
+    }
+
     /// One suspect of [`Self::reap_restarted`]: `Some((id, why))` when it was ended.
     async fn reap_if_restarted(&self, suspect: liveness::Suspect) -> Option<(String, String)> {
         let liveness::Suspect {
@@ -537,6 +585,7 @@ impl Backend for KubernetesBackend {
     /// the latter's objects are deleted here.
     async fn reap(&self) -> Vec<(String, String)> {
         let now = liveness::observe(&self.claims, &self.sandboxes);
+        let shown = now.keys().cloned().collect();
         let mut sessions = Vec::new();
         for dead in self.liveness.judge(now, self.store.as_ref()).await {
             let liveness::Dead {
@@ -553,6 +602,7 @@ impl Backend for KubernetesBackend {
             }
             sessions.push((session_id, why.to_string()));
         }
+        sessions.extend(self.reap_unseen(&shown).await);
         sessions.extend(self.reap_restarted().await);
         sessions
     }
