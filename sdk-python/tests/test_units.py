@@ -86,6 +86,10 @@ def test_errors_say_what_went_wrong():
         raise_for_response(_response(429, body), None)
     assert "could not create a session (HTTP 429): session limit reached" in str(refused.value)
     assert refused.value.status_code == 429
+    with pytest.raises(SessionError) as failed:  # upstream's 500, with why (extension)
+        body = '{"error":"sandbox a-1 exited while starting (exit status: 3)","code":"SANDBOX_FAILED"}'
+        raise_for_response(_response(500, body), None)
+    assert "could not create a session (HTTP 500): sandbox a-1 exited while starting" in str(failed.value)
     assert issubclass(CommandExecutionError, AgentCubeError)
     err = CommandExecutionError(1, "NameError: x", ["python3", "s.py"])
     assert err.exit_code == 1 and "NameError" in str(err)

@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import pytest
 import requests
 
 
@@ -45,6 +46,27 @@ def test_echo_agent_with_and_without_session(stack):
     r3 = requests.post(url, json={"input": "new"})
     assert r3.headers["x-agentcube-session-id"] != sid
     assert r3.json()["metadata"]["instance"] != r.json()["metadata"]["instance"], "a new session, a new sandbox"
+
+
+def test_an_agent_that_exits_at_start_is_named_by_the_router(stack):
+    """A session the Router makes for an agent that exits as it starts: upstream's 500, with the
+    Workload Manager's words (which sandbox, its exit status) and code `SANDBOX_FAILED` instead of
+    upstream's bare `internal server error`; the agent's output stays in the manager's log."""
+    r = requests.post(invocations(stack, "agent-runtimes", "crashing-agent", "run"), json={"input": "x"}, timeout=120)
+    assert r.status_code == 500, r.text
+    assert r.headers["x-agentcube-error"] == "router"
+    assert "x-agentcube-session-id" not in r.headers
+    body = r.json()
+    assert body["code"] == "SANDBOX_FAILED", body
+    assert "crashing-agent-" in body["error"] and "3" in body["error"], body
+    assert "OPENAI_API_KEY" not in body["error"], body
+    # The SDK raises it as a session it could not get, with the reason.
+    from agentcube import AgentRuntimeClient
+    from agentcube.exceptions import SessionError
+
+    with pytest.raises(SessionError) as e:
+        AgentRuntimeClient("crashing-agent").invoke({"input": "x"})
+    assert "could not create a session (HTTP 500)" in str(e.value) and "crashing-agent-" in str(e.value)
 
 
 def test_agent_runtime_client(stack):

@@ -69,7 +69,8 @@ pub enum RouterError {
     #[error("session store unavailable")]
     StoreUnavailable,
     /// The Workload Manager refused a new session for a reason the client can act on: its
-    /// status (400, 403, 429, 503) and words are kept (extension; upstream answers 500).
+    /// status (400, 403, 429, 503) and words are kept (extension; upstream answers 500); or the
+    /// session's sandbox could not start: upstream's 500, with the manager's words.
     #[error("{}", .0.message)]
     CreateRefused(Box<CreateRefused>),
     /// Signing the sandbox token failed.
@@ -95,6 +96,8 @@ pub struct UnknownRuntime {
 pub struct CreateRefused {
     pub status: StatusCode,
     pub message: String,
+    /// `SESSION_CREATE_REFUSED`, or the manager's `SANDBOX_FAILED` / `SANDBOX_TIMEOUT`.
+    pub code: &'static str,
 }
 
 /// [`RouterError::UnknownSession`]'s details (boxed, as the other rare errors).
@@ -143,7 +146,7 @@ impl RouterError {
             Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, None),
             Self::Unreachable => (StatusCode::SERVICE_UNAVAILABLE, None),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, Some("STORE_UNAVAILABLE")),
-            Self::CreateRefused(r) => (r.status, Some("SESSION_CREATE_REFUSED")),
+            Self::CreateRefused(r) => (r.status, Some(r.code)),
             Self::Signing => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("JWT_SIGNING_FAILED"),

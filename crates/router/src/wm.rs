@@ -165,23 +165,43 @@ impl WmClient {
 /// A create the Workload Manager did not make. What the client can act on keeps its status: a
 /// bad request (400), a namespace the caller may not use (403), a cap or the host's capacity
 /// reached (429), with the manager's words; the manager's store or API server out of reach
-/// (503), in words of the Router's own (the manager's go to the log). Anything else is
-/// upstream's `500 internal server error`.
+/// (503), in words of the Router's own (the manager's go to the log). A sandbox that could not
+/// start or was not ready in time (the manager's `500`/`504` with `code` `SANDBOX_FAILED` /
+/// `SANDBOX_TIMEOUT`) keeps upstream's `500` and gets the manager's words: which sandbox and why
+/// (an agent that exits at start, one listening on another port) is the definition's to fix.
+/// Anything else is upstream's `500 internal server error`.
 fn refusal(status: http::StatusCode, body: &[u8]) -> RouterError {
-    let message = serde_json::from_slice::<agentcube_types::api::MessageBody>(body)
-        .map(|m| m.message)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
-    let message = match status.as_u16() {
-        400 | 403 | 429 => message,
-        503 => {
+    use agentcube_types::api::{MessageBody, SANDBOX_FAILED, SANDBOX_TIMEOUT};
+    let (message, code) = match serde_json::from_slice::<MessageBody>(body) {
+        Ok(m) => (m.message, m.code),
+        Err(_) => (String::from_utf8_lossy(body).into_owned(), None),
+    };
+    let sandbox_said = |code: &'static str| {
+        tracing::warn!(error = %message, "the workload manager could not start a sandbox");
+        (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            message.clone(),
+            code,
+        )
+    };
+    let (status, message, code) = match (status.as_u16(), code.as_deref()) {
+        (400 | 403 | 429, _) => (status, message, "SESSION_CREATE_REFUSED"),
+        (503, _) => {
             tracing::warn!(error = %message, "the workload manager cannot create sessions now");
-            "the workload manager cannot create sessions now, please try again later".into()
+            let told = "the workload manager cannot create sessions now, please try again later";
+            (status, told.into(), "SESSION_CREATE_REFUSED")
         }
+        (500, Some(SANDBOX_FAILED)) => sandbox_said(SANDBOX_FAILED),
+        (504, Some(SANDBOX_TIMEOUT)) => sandbox_said(SANDBOX_TIMEOUT),
         _ => {
             return RouterError::Internal(format!("workload manager answered {status}: {message}"));
         }
     };
-    RouterError::CreateRefused(Box::new(crate::error::CreateRefused { status, message }))
+    RouterError::CreateRefused(Box::new(crate::error::CreateRefused {
+        status,
+        message,
+        code,
+    }))
 }
 
 /// An error and its sources, `: `-separated (a refused TLS certificate, say, is in the sources).

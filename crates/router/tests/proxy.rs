@@ -359,44 +359,91 @@ async fn first_request_with(
 
 /// A create the Workload Manager refuses for a reason the client can act on keeps its status
 /// and words (upstream turned each into `500 internal server error`: an end user over their
-/// session cap could not tell it from a crash); its other failures, and a slow one, are 500.
+/// session cap could not tell it from a crash); a sandbox that could not start, or was not ready
+/// in time, is upstream's 500 with the manager's words and code (an agent exiting at start was
+/// a bare `internal server error`); the manager's other failures, and a slow one, are 500.
 #[tokio::test]
 async fn workload_manager_refusals_keep_their_status_and_failures_are_a_500() {
     use axum::http::StatusCode;
     let store = memory();
+    let refused = |said: &str| (said.to_string(), Some("SESSION_CREATE_REFUSED"));
     let cases = [
         (
             StatusCode::TOO_MANY_REQUESTS,
-            "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)",
-            "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)",
+            json!({"message": "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)"}),
+            429,
+            refused(
+                "session limit reached: 2 live sessions of user alice (--max-sessions-per-user)",
+            ),
         ),
-        (StatusCode::BAD_REQUEST, "invalid ttl 0", "invalid ttl 0"),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"message": "invalid ttl 0"}),
+            400,
+            refused("invalid ttl 0"),
+        ),
         (
             StatusCode::FORBIDDEN,
-            "not allowed to create sandboxes in namespace default",
-            "not allowed to create sandboxes in namespace default",
+            json!({"message": "not allowed to create sandboxes in namespace default"}),
+            403,
+            refused("not allowed to create sandboxes in namespace default"),
         ),
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "session store unavailable: Connection refused (os error 111)",
-            "the workload manager cannot create sessions now, please try again later",
+            json!({"message": "session store unavailable: Connection refused (os error 111)"}),
+            503,
+            refused("the workload manager cannot create sessions now, please try again later"),
         ),
         (
             StatusCode::INTERNAL_SERVER_ERROR,
-            "the API server said no",
-            "internal server error",
+            json!({"message": "the API server said no"}),
+            500,
+            ("internal server error".into(), None),
+        ),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"message": "sandbox quits-1 exited while starting (exit status: 3)", "code": "SANDBOX_FAILED"}),
+            500,
+            (
+                "sandbox quits-1 exited while starting (exit status: 3)".into(),
+                Some("SANDBOX_FAILED"),
+            ),
+        ),
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            json!({"message": "sandbox creation timed out: nothing accepts connections on port 9999", "code": "SANDBOX_TIMEOUT"}),
+            500,
+            (
+                "sandbox creation timed out: nothing accepts connections on port 9999".into(),
+                Some("SANDBOX_TIMEOUT"),
+            ),
+        ),
+        // Only the manager's own codes pass words on.
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"message": "the API server said no", "code": "SANDBOX_TIMEOUT"}),
+            500,
+            ("internal server error".into(), None),
+        ),
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            json!({"message": "sandbox creation timed out"}),
+            500,
+            ("internal server error".into(), None),
         ),
     ];
-    for (status, said, told) in cases {
-        let wm = axum::Router::new()
-            .fallback(move || async move { (status, axum::Json(json!({"message": said}))) });
+    for (status, said, want_status, (told, code)) in cases {
+        let wm = axum::Router::new().fallback({
+            let said = said.clone();
+            move || async move { (status, axum::Json(said)) }
+        });
         let r = first_request_with(wm, &store, None).await;
-        assert_eq!(r.status(), status.as_u16(), "{said}");
+        assert_eq!(r.status(), want_status, "{said}");
         assert_eq!(r.headers()["x-agentcube-error"], "router");
         assert!(r.headers().get("x-agentcube-session-id").is_none());
-        let want = match status {
-            StatusCode::INTERNAL_SERVER_ERROR => json!({"error": told}),
-            _ => json!({"error": told, "code": "SESSION_CREATE_REFUSED"}),
+        let want = match code {
+            Some(code) => json!({"error": told, "code": code}),
+            None => json!({"error": told}),
         };
         assert_eq!(r.json::<Value>().await.unwrap(), want, "{said}");
     }

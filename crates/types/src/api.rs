@@ -96,8 +96,27 @@ pub struct CreateSandboxResponse {
     pub sandbox_identity: Option<String>,
 }
 
-/// The WM's error body: `{"message": ...}`.
+/// The WM's error body: `{"message": ...}`, with (extension) a `code` on the errors a sandbox
+/// caused: [`SANDBOX_FAILED`], [`SANDBOX_TIMEOUT`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageBody {
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
+
+impl MessageBody {
+    /// A body of `message` alone (upstream's shape).
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: None,
+        }
+    }
+}
+
+/// The sandbox of a create could not start (its program exited, its pod cannot run): the message
+/// says which and why, the definition's to fix.
+pub const SANDBOX_FAILED: &str = "SANDBOX_FAILED";
+/// The sandbox of a create was not ready in time: the message says what it waited for.
+pub const SANDBOX_TIMEOUT: &str = "SANDBOX_TIMEOUT";

@@ -164,7 +164,5 @@ async fn delete_session<K: Kind>(
 ) -> Result<Json<MessageBody>, ApiError> {
     let caller = caller(&m, &headers, peer).await?;
     m.delete(K::KIND, &id, caller.as_ref()).await?;
-    Ok(Json(MessageBody {
-        message: "Sandbox deleted successfully".into(),
-    }))
+    Ok(Json(MessageBody::new("Sandbox deleted successfully")))
 }

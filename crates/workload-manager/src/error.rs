@@ -28,9 +28,8 @@ pub enum ApiError {
     /// The store or the sandbox platform is unavailable right now.
     #[error("{0}")]
     Unavailable(String),
-    /// The sandbox did not become ready in time; what it was waiting for (`detail`) goes to the
-    /// log, the client sees upstream's text.
-    #[error("sandbox creation timed out")]
+    /// The sandbox did not become ready in time: upstream's text, then what it was waiting for.
+    #[error("sandbox creation timed out: {0}")]
     Timeout(String),
     /// The sandbox could not start: the client sees which sandbox and why (its program's exit
     /// status, the platform's refusal); anything more (`detail`: the program's output) goes to
@@ -54,6 +53,16 @@ impl ApiError {
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) | Self::SandboxFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The body's `code` (extension): set on the errors a sandbox caused, so that the Router can
+    /// tell them from the manager's own failures and pass their words on.
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::SandboxFailed { .. } => Some(agentcube_types::api::SANDBOX_FAILED),
+            Self::Timeout(_) => Some(agentcube_types::api::SANDBOX_TIMEOUT),
+            _ => None,
         }
     }
 }
@@ -104,6 +113,7 @@ impl IntoResponse for ApiError {
             status,
             Json(MessageBody {
                 message: self.to_string(),
+                code: self.code().map(str::to_string),
             }),
         )
             .into_response()

@@ -181,7 +181,7 @@ async fn an_agent_exiting_at_start_is_named_in_the_error() {
     })
     .await;
     let (status, v) = s.create("agent-runtime", "quits").await;
-    assert_eq!(status, 500, "{v}");
+    assert_eq!((status, &v["code"]), (500, &json!("SANDBOX_FAILED")), "{v}");
     let message = v["message"].as_str().unwrap();
     assert!(
         message.starts_with("sandbox quits-")
@@ -201,8 +201,8 @@ async fn an_agent_exiting_at_start_is_named_in_the_error() {
     s.shutdown_and_check_leaks().await;
 }
 
-/// A create that runs out of time is upstream's 504 for the client, and a warning naming what it
-/// waited for in the Workload Manager's log (it used to log nothing at all).
+/// A create that runs out of time is upstream's 504, its message saying what it waited for (once
+/// only in the log, and before that nowhere), and so is the warning in the log.
 #[tokio::test]
 async fn a_create_that_times_out_logs_what_it_waited_for() {
     let (_guard, logs) = common::Logs::start();
@@ -215,8 +215,16 @@ async fn a_create_that_times_out_logs_what_it_waited_for() {
     .await;
     let (status, v) = s.create("agent-runtime", "deaf").await;
     assert_eq!(
-        (status, v),
-        (504, json!({"message": "sandbox creation timed out"}))
+        (status, &v["code"]),
+        (504, &json!("SANDBOX_TIMEOUT")),
+        "{v}"
+    );
+    // Upstream's words, then what it waited for: the definition's to fix.
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("sandbox creation timed out: sandbox deaf-")
+            && message.contains("nothing accepts connections on port 9999"),
+        "{message}"
     );
     let line = logs.line_with("sandbox creation timed out");
     assert!(
@@ -392,9 +400,12 @@ async fn sandbox_that_never_answers_is_a_504_with_full_rollback() {
     })
     .await;
     let (status, body) = s.create("code-interpreter", "ci").await;
-    assert_eq!(
-        (status, body),
-        (504, json!({"message": "sandbox creation timed out"}))
+    assert_eq!((status, &body["code"]), (504, &json!("SANDBOX_TIMEOUT")));
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("sandbox creation timed out: ")
+            && message.contains("not ready within --create-timeout (2s; rolled back)"),
+        "{message}"
     );
     let line = logs.line_with("sandbox creation timed out");
     assert!(

@@ -7,9 +7,14 @@ import requests
 from agentcube.exceptions import HTTPDataPlaneError, HTTPSessionError, HTTPSessionNotFoundError
 
 
+# Router codes of a session it could not create: refused (a cap, say), or its sandbox could not
+# start or was not ready in time (the Workload Manager's words: which sandbox, and why).
+CREATE_FAILURES = ("SESSION_CREATE_REFUSED", "SANDBOX_FAILED", "SANDBOX_TIMEOUT")
+
+
 def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
     """Raises ``SessionError`` for an unknown/expired session or one the Router could not create
-    (a session cap, say), ``DataPlaneError`` for an unreachable sandbox or another Router error;
+    (a session cap, a sandbox that could not start), ``DataPlaneError`` for an unreachable sandbox or another Router error;
     returns for 2xx. Both subclass the SDK's base error, and the original ``requests.HTTPError``
     is chained for callers that expect it."""
     if resp.ok:
@@ -30,7 +35,7 @@ def raise_for_response(resp: requests.Response, session_id: str | None) -> None:
                 resp.status_code,
                 resp,
             ) from http_error
-        if router_made and _code(resp) == "SESSION_CREATE_REFUSED":
+        if router_made and _code(resp) in CREATE_FAILURES:
             raise HTTPSessionError(
                 f"the Router could not create a session (HTTP {resp.status_code}): {detail}", resp.status_code, resp
             ) from http_error

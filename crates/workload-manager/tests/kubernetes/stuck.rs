@@ -20,8 +20,19 @@ async fn a_sandbox_that_never_runs_is_rolled_back_with_504() {
     })
     .await;
     let (status, body) = k.create("code-interpreter", "broken").await;
-    assert_eq!(status, 504, "{body}");
-    assert_eq!(body, json!({"message": "sandbox creation timed out"}));
+    assert_eq!(
+        (status, &body["code"]),
+        (504, &json!("SANDBOX_TIMEOUT")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("sandbox creation timed out: sandbox broken-")
+            && message
+                .contains("not ready within --create-timeout (2s; rolled back): Sandbox broken-")
+            && message.contains("is not Ready ("),
+        "{message}"
+    );
     // The log says what it waited for: the Sandbox and why agent-sandbox calls it not Ready.
     let line = logs.line_with("sandbox creation timed out");
     assert!(
@@ -94,6 +105,7 @@ async fn a_pod_the_api_server_refuses_fails_the_create_at_once_with_its_reason()
         let (status, body) = k.create("code-interpreter", definition).await;
         let message = body["message"].as_str().unwrap_or_default();
         assert_eq!(status, 500, "{definition}: {body}");
+        assert_eq!(body["code"], "SANDBOX_FAILED", "{definition}: {body}");
         assert!(
             message.contains("cannot start: pods ")
                 && message.contains("is forbidden: violates PodSecurity \"restricted:latest\"")
@@ -267,6 +279,7 @@ spec:
         let (status, body) = k.create(kind, definition).await;
         let message = body["message"].as_str().unwrap_or_default();
         assert_eq!(status, 500, "{definition}: {body}");
+        assert_eq!(body["code"], "SANDBOX_FAILED", "{definition}: {body}");
         assert!(
             message.starts_with("Sandbox ")
                 && message.contains(" cannot start: its pod ")
