@@ -422,24 +422,15 @@ impl Staged {
     /// Puts the staged file in place (replacing a file or symlink there; never a directory) and
     /// returns its path from the workspace root.
     pub fn commit(mut self) -> Result<PathBuf, JailError> {
-        let staging = self.staging.take().unwrap_or_default();
-        let moved = nix::fcntl::renameat(
-            &self.dir,
-            staging.as_os_str(),
-            &self.dir,
-            self.name.as_os_str(),
-        );
-        if let Err(e) = moved {
-            let _ = nix::unistd::unlinkat(
-                &self.dir,
-                staging.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
-            return Err(match e {
+        let staging = self.staging.as_deref().unwrap_or_default();
+        // On failure the staged file stays staged, and goes with `self` (`Drop`).
+        nix::fcntl::renameat(&self.dir, staging, &self.dir, self.name.as_os_str()).map_err(
+            |e| match e {
                 Errno::EISDIR | Errno::ENOTEMPTY | Errno::EEXIST => JailError::IsDirectory,
                 other => other.into(),
-            });
-        }
+            },
+        )?;
+        self.staging = None;
         Ok(std::mem::take(&mut self.rel))
     }
 }

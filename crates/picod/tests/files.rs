@@ -521,6 +521,25 @@ async fn streamed_uploads_pass_the_body_limit_and_change_nothing_when_cut_short(
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host");
+    // A directory made at the path while the body streams (after the path was checked): the
+    // same 400 as one there before, and the staged file goes.
+    let late = p.ws().join("late");
+    let body = futures_util::StreamExt::map(futures_util::stream::iter(0..2), move |i| {
+        if i == 1 {
+            std::fs::create_dir(&late).unwrap();
+        }
+        Ok::<_, std::io::Error>(vec![b'x'; 100])
+    });
+    let r = p
+        .send(
+            authed(Request::post("/api/files?path=late"))
+                .header("content-type", "application/octet-stream")
+                .body(Body::from_stream(body))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(r.json()["error"], "Path is a directory, not a file");
     // Bad targets, in PicoD's error shape, leaving nothing behind.
     for (query, status) in [
         ("path=..%2F..%2Fescape", StatusCode::FORBIDDEN),
@@ -532,6 +551,6 @@ async fn streamed_uploads_pass_the_body_limit_and_change_nothing_when_cut_short(
         assert_eq!(r.status, status, "{query}: {}", r.text());
         assert!(r.json()["error"].is_string(), "{query}: {}", r.text());
     }
-    assert_eq!(top_names(&p), ["alias", "d", "keep.txt", "out"]);
+    assert_eq!(top_names(&p), ["alias", "d", "keep.txt", "late", "out"]);
     assert!(!p.dir.path().join("escape").exists());
 }
