@@ -8,9 +8,10 @@ use agentcube_types::api::{
     CreateSandboxRequest, CreateSandboxResponse, MessageBody, WorkloadKind,
 };
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
@@ -45,8 +46,17 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "healthy"}))
 }
 
-fn parse(body: &Bytes) -> Result<CreateSandboxRequest, ApiError> {
-    serde_json::from_slice(body).map_err(|_| ApiError::BadRequest("Invalid request body".into()))
+/// A create's body: upstream's `400 Invalid request body` when it is not one, a `413` in the
+/// API's shape when it is over [`MAX_BODY`] (axum's own answer is plain text).
+fn parse(body: Result<Bytes, BytesRejection>) -> Result<CreateSandboxRequest, ApiError> {
+    let invalid = || ApiError::BadRequest("Invalid request body".into());
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("request body over {MAX_BODY} bytes"))
+        }
+        _ => invalid(),
+    })?;
+    serde_json::from_slice(&body).map_err(|_| invalid())
 }
 
 /// The caller (401 when authentication is on and the token is missing or bad; 403 for what a
@@ -72,12 +82,12 @@ async fn create<K: Kind>(
     State(m): State<Arc<Manager>>,
     headers: HeaderMap,
     peer: Peer,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CreateSandboxResponse>, ApiError> {
     let caller = caller(&m, &headers, peer).await?;
     let owner = crate::auth::end_user(&headers, m.public_key.get().as_deref())?;
     let who = Requester { caller, owner };
-    Ok(Json(m.create(K::KIND, parse(&body)?, who).await?))
+    Ok(Json(m.create(K::KIND, parse(body)?, who).await?))
 }
 
 /// The kind a route serves, as a type so one handler serves both URL families.

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// Unknown definition or session; the message is upstream's text.
     #[error("{0}")]
     NotFound(String),
+    /// A request body over the API's limit; the message says the limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// An admission cap (sessions, memory) is reached; the message names it.
     #[error("{0}")]
     TooMany(String),
@@ -50,6 +53,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) | Self::SandboxFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,

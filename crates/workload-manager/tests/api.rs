@@ -289,6 +289,15 @@ async fn bad_requests_get_upstream_messages() {
         post(r#"{"name":"ci","namespace":"default","ttl":"soon"}"#).await,
         (400, json!({"message": "Invalid request body"}))
     );
+    // Over the API's 1 MiB limit: a 413 in the API's shape (it was axum's plain text).
+    let big = format!(
+        r#"{{"name":"ci","namespace":"default","metadata":{{"a":"{}"}}}}"#,
+        "a".repeat(2 << 20)
+    );
+    assert_eq!(
+        post(Box::leak(big.into_boxed_str())).await,
+        (413, json!({"message": "request body over 1048576 bytes"}))
+    );
     assert!(
         s.backend.running().is_empty(),
         "no sandbox for a refused request"
