@@ -29,6 +29,10 @@ pub struct Target {
     /// The end user who owns the session (`ownerId`), when it was created by an authenticated
     /// caller.
     pub owner: Option<Arc<str>>,
+    /// The end of the session's lifetime (`expiresAt`; `None` for one this Router just made):
+    /// past it the session is refused as ended, before the Workload Manager's GC, which runs
+    /// every 15 s, has torn it down.
+    pub expires_at: Option<jiff::Timestamp>,
 }
 
 /// The runtime a session belongs to.
@@ -122,7 +126,7 @@ impl Resolver {
         // would stay in every request's future across this wait (its size is bounded:
         // `server::tests`). Boxed: it is needed on this miss only.
         match self.lookup(session_id, kind, namespace, name).await {
-            Err(RouterError::UnknownSession(mut unknown)) => {
+            Err(RouterError::UnknownSession(mut unknown)) if unknown.why.is_none() => {
                 unknown.why = Box::pin(self.why_gone(session_id)).await;
                 Err(RouterError::UnknownSession(unknown))
             }
@@ -170,6 +174,7 @@ impl Resolver {
                 .as_deref()
                 .filter(|o| !o.is_empty())
                 .map(Arc::from),
+            expires_at: Some(record.expires_at),
             workload: match (record.workload_kind, record.workload_name) {
                 (Some(kind), Some(name)) => Some(Arc::new(Workload {
                     kind,
@@ -209,6 +214,7 @@ impl Resolver {
         let resp = self.wm.create(kind, namespace, name, token).await?;
         Ok(Arc::new(Target {
             owner: owner.map(Arc::from),
+            expires_at: None,
             session_header: http::HeaderValue::from_str(&resp.session_id).ok(),
             session_id: resp.session_id.into(),
             entry_points: resp.entry_points.into(),
@@ -239,14 +245,21 @@ impl Resolver {
     }
 }
 
-/// Records written by this project carry the runtime they were made for; upstream records do
-/// not, and are accepted anywhere (as upstream does).
+/// A session past its lifetime is ended (what GC will say once it has torn it down). Records
+/// written by this project carry the runtime they were made for; upstream records do not, and
+/// are accepted anywhere (as upstream does).
 fn check_target(
     target: &Target,
     kind: WorkloadKind,
     namespace: &str,
     name: &str,
 ) -> Result<(), RouterError> {
+    if let Some(end) = target.expires_at
+        && end <= jiff::Timestamp::now()
+    {
+        let why = agentcube_types::session::past_its_end(end);
+        return Err(RouterError::unknown_session(&target.session_id, Some(why)));
+    }
     let Some(w) = &target.workload else {
         return Ok(());
     };

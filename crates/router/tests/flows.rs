@@ -110,6 +110,45 @@ async fn sdk_flow_and_router_bootstrapped_flow() {
     wm.stop().await;
 }
 
+/// A session past its lifetime (`expiresAt`: maxSessionDuration or the create's ttl) is refused
+/// as ended from that moment, cached or not, saying why; before, it was served until the
+/// Workload Manager's GC tore it down, up to a GC interval (15 s) later.
+#[tokio::test]
+async fn a_session_past_its_lifetime_is_ended_at_once() {
+    let store = memory();
+    let (up, _task) = serve(upstream::app()).await;
+    let addr = up.trim_start_matches("http://");
+    session_to(store.as_ref(), "s", addr).await;
+    let mut record = store.get("s").await.unwrap();
+    let end = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(1500);
+    record.expires_at = end;
+    store.replace(&record).await.unwrap();
+    // A cache longer than the rest of its life: the cached entry is refused too.
+    let router = Router::start("http://127.0.0.1:9", store.clone(), |c| {
+        c.session_cache_ttl = Duration::from_secs(60)
+    })
+    .await;
+    let get = || {
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s")
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-agentcube-error"], "router");
+    let why = format!(
+        "it reached its maximum duration (maxSessionDuration or the create's ttl; it expired at {end})"
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "sessions.agentcube.volcano.sh \"s\" not found", "code": "SESSION_NOT_FOUND", "reason": why})
+    );
+    router.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_session_unknown_runtime_and_mismatch() {
     let store = memory();

@@ -280,7 +280,7 @@ async fn sandbox_failures_map_to_502_503_504() {
         "default",
         "x",
         jiff::Timestamp::now(),
-        jiff::Timestamp::now(),
+        jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
         Default::default(),
     );
     placeholder.status = agentcube_types::SessionStatus::Creating;

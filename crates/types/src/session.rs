@@ -130,6 +130,15 @@ impl SessionRecord {
     }
 }
 
+/// Why a session past its `expiresAt` ended, in words for its next user (the Workload Manager's
+/// GC notes it; the Router says it from the record before GC has run).
+pub fn past_its_end(expires_at: Timestamp) -> String {
+    format!(
+        "it reached its maximum duration (maxSessionDuration or the create's ttl; it expired at \
+         {expires_at})"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,11 +38,7 @@ fn why_reclaimed(r: &Victim, reason: Reason) -> String {
                 agentcube_types::GoDuration(timeout)
             )
         }
-        _ => format!(
-            "it reached its maximum duration (maxSessionDuration or the create's ttl; it \
-             expired at {})",
-            r.expires_at
-        ),
+        _ => agentcube_types::session::past_its_end(r.expires_at),
     }
 }
 
