@@ -56,6 +56,10 @@ fn parse(body: Result<Bytes, BytesRejection>) -> Result<CreateSandboxRequest, Ap
         }
         _ => invalid(),
     })?;
+    // serde reads a struct from an array too (`[]` as an empty request); Go, upstream, does not.
+    if body.trim_ascii_start().starts_with(b"[") {
+        return Err(invalid());
+    }
     serde_json::from_slice(&body).map_err(|_| invalid())
 }
 

@@ -285,10 +285,17 @@ async fn bad_requests_get_upstream_messages() {
             "{body}"
         );
     }
-    assert_eq!(
-        post(r#"{"name":"ci","namespace":"default","ttl":"soon"}"#).await,
-        (400, json!({"message": "Invalid request body"}))
-    );
+    for not_an_object in [
+        r#"{"name":"ci","namespace":"default","ttl":"soon"}"#,
+        "[]",
+        r#" ["ci","default"]"#,
+    ] {
+        assert_eq!(
+            post(not_an_object).await,
+            (400, json!({"message": "Invalid request body"})),
+            "{not_an_object}"
+        );
+    }
     // Over the API's 1 MiB limit: a 413 in the API's shape (it was axum's plain text).
     let big = format!(
         r#"{{"name":"ci","namespace":"default","metadata":{{"a":"{}"}}}}"#,
