@@ -126,8 +126,21 @@ impl TryFrom<Args> for (Config, ListenAddr) {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+/// How long an idle blocking thread (file work runs there) is kept: for good, in effect. A
+/// sandbox can hold its whole process limit (threads count), and tokio, unable to make a thread
+/// when it has none, panics in the request; with one kept, work waits for it instead.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<std::process::ExitCode> {
     // Descriptors inherited from whoever started us must not reach sandboxes or the commands
     // they run: everything above stderr becomes close-on-exec.
     close_fds::set_fds_cloexec_threadsafe(3, &[]);
@@ -142,6 +155,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         return Ok(std::process::ExitCode::SUCCESS);
     }
     init_tracing(&args.log_format);
+    // The first blocking thread, made while the sandbox has processes to spare and kept
+    // (`BLOCKING_KEEP_ALIVE`).
+    tokio::task::spawn_blocking(|| ())
+        .await
+        .context("cannot start a blocking thread")?;
     // Before anything is started: catching these also means the commands we start get them at
     // their defaults, even when we were started with them ignored (a `&` job of a shell ignores
     // SIGINT and SIGQUIT, and ignored signals survive `exec`; caught ones are reset by it).

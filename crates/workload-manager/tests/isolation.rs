@@ -343,6 +343,29 @@ async fn pids_limit_stops_a_fork_bomb() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A sandbox held at its process limit still serves file calls. PicoD does file work on tokio's
+/// blocking threads, which ended after 10 s idle; once the limit held longer than that, the next
+/// file call could not make its thread and tokio panicked in the request (the connection cut,
+/// the Router's `503 sandbox unreachable`). PicoD now keeps its blocking threads.
+#[tokio::test]
+async fn files_are_served_while_processes_hold_the_whole_limit() {
+    let (s, v) = stack("", 40).await;
+    // Takes every process slot there is, and any that frees up, for 13 s.
+    let hog = "import os, time\nend = time.time() + 13\nwhile time.time() < end:\n    try:\n        if os.fork() == 0:\n            time.sleep(max(0, end - time.time()))\n            os._exit(0)\n    except OSError:\n        time.sleep(0.01)\n";
+    let bomb = tokio::spawn({
+        let v = v.clone();
+        async move { exec(&v, &["python3", "-c", hog]).await }
+    });
+    // Past tokio's 10 s keep-alive of the threads PicoD used to start it.
+    tokio::time::sleep(std::time::Duration::from_millis(11_500)).await;
+    assert!(!bomb.is_finished(), "the limit is still held");
+    let ep = v["entryPoints"][0]["endpoint"].as_str().unwrap();
+    let (status, body) = unix_http(ep, "GET", "/api/files?path=.", None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(bomb.await.unwrap()["exit_code"], 0);
+    s.shutdown_and_check_leaks().await;
+}
+
 /// A sandbox without a CPU limit (its definition sets none, the default) that spins on every CPU
 /// with hundreds of processes takes no more than its share from a neighbour: each sandbox is a
 /// CPU cgroup of its own, and the scheduler shares CPU time between cgroups before processes.
