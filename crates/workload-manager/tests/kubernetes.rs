@@ -423,16 +423,10 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
     );
     let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
     let claim_of = |s: &serde_json::Value| s["sandboxName"].as_str().unwrap().to_string();
-    let record_gone = async |s: &serde_json::Value| {
-        matches!(
-            k.store.get(&id(s)).await,
-            Err(agentcube_store::Error::NotFound)
-        )
-    };
     // Let a few GC runs pass over the three live sessions first: nothing is reaped.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for s in [&replaced, &deleted, &healthy] {
-        assert!(!record_gone(s).await, "a live session was reaped: {s}");
+        assert!(!k.record_gone(s).await, "a live session was reaped: {s}");
     }
 
     let pod_name = k
@@ -452,7 +446,7 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
         .await
         .unwrap();
     k.eventually("the deleted claim's session ended", 20, async || {
-        record_gone(&deleted).await.then_some(())
+        k.record_gone(&deleted).await.then_some(())
     })
     .await;
     k.eventually(
@@ -464,11 +458,11 @@ async fn sessions_whose_pod_was_replaced_or_whose_claim_went_end_at_the_next_gc(
                 .await
                 .unwrap()
                 .is_none();
-            (record_gone(&replaced).await && claim_gone).then_some(())
+            (k.record_gone(&replaced).await && claim_gone).then_some(())
         },
     )
     .await;
-    assert!(!record_gone(&healthy).await, "the healthy session stays");
+    assert!(!k.record_gone(&healthy).await, "the healthy session stays");
     let (status, out) = exec_tcp(&k.http, &healthy, &["echo", "alive"]).await;
     assert_eq!((status, out["stdout"].as_str()), (200, Some("alive\n")));
 
@@ -519,20 +513,13 @@ async fn sessions_whose_object_went_before_gc_first_saw_them_end_too() {
         .delete(&name(&claimed), &dp)
         .await
         .unwrap();
-    let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
-    let record_gone = async |s: &serde_json::Value| {
-        matches!(
-            k.store.get(&id(s)).await,
-            Err(agentcube_store::Error::NotFound)
-        )
-    };
     k.eventually("both sessions ended", 20, async || {
-        (record_gone(&direct).await && record_gone(&claimed).await).then_some(())
+        (k.record_gone(&direct).await && k.record_gone(&claimed).await).then_some(())
     })
     .await;
     // A few more runs: the session that kept its claim goes on.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(!record_gone(&healthy).await, "a live session was reaped");
+    assert!(!k.record_gone(&healthy).await, "a live session was reaped");
     let (status, out) = exec_tcp(&k.http, &healthy, &["echo", "alive"]).await;
     assert_eq!((status, out["stdout"].as_str()), (200, Some("alive\n")));
     assert_eq!(reclaimed(&k, "dead"), 2);
@@ -555,12 +542,6 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
         k.create_ok("code-interpreter", "od").await,
     );
     let id = |s: &serde_json::Value| s["sessionId"].as_str().unwrap().to_string();
-    let record_gone = async |s: &serde_json::Value| {
-        matches!(
-            k.store.get(&id(s)).await,
-            Err(agentcube_store::Error::NotFound)
-        )
-    };
     for s in [&direct, &claimed, &healthy] {
         let (status, _) = exec_tcp(&k.http, s, &["sh", "-c", "echo kept > f.txt"]).await;
         assert_eq!(status, 200);
@@ -568,7 +549,7 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
     // A few GC runs over three live sessions first: nothing is reaped.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for s in [&direct, &claimed, &healthy] {
-        assert!(!record_gone(s).await, "a live session was reaped: {s}");
+        assert!(!k.record_gone(s).await, "a live session was reaped: {s}");
     }
     // User code kills its PicoD; the kubelet restarts the container (same pod, same IP).
     for s in [&direct, &claimed] {
@@ -576,7 +557,7 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
         assert_eq!(status, 200);
     }
     k.eventually("the restarted sessions ended", 30, async || {
-        (record_gone(&direct).await && record_gone(&claimed).await).then_some(())
+        (k.record_gone(&direct).await && k.record_gone(&claimed).await).then_some(())
     })
     .await;
     k.eventually("their Sandbox and claim deleted", 30, async || {
@@ -598,7 +579,10 @@ async fn sessions_whose_sandbox_restarted_end_at_the_next_gc() {
     for s in [&direct, &claimed] {
         assert_ended_for_a_restart(&k, &id(s)).await;
     }
-    assert!(!record_gone(&healthy).await, "the untouched session stays");
+    assert!(
+        !k.record_gone(&healthy).await,
+        "the untouched session stays"
+    );
     let (status, out) = exec_tcp(&k.http, &healthy, &["cat", "f.txt"]).await;
     assert_eq!((status, out["stdout"].as_str()), (200, Some("kept\n")));
     tokio::time::sleep(Duration::from_secs(1)).await;

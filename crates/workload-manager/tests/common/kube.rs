@@ -362,6 +362,15 @@ impl KubeStack {
         assert!(left.unwrap().is_empty(), "no record left");
     }
 
+    /// Whether the record of `session` (a create's answer) is gone from the store.
+    pub async fn record_gone(&self, session: &Value) -> bool {
+        let id = session["sessionId"].as_str().unwrap();
+        matches!(
+            self.store.get(id).await,
+            Err(agentcube_store::Error::NotFound)
+        )
+    }
+
     pub async fn create(&self, kind: &str, name: &str) -> (u16, Value) {
         super::create_session(&self.http, &self.url, kind, name).await
     }
