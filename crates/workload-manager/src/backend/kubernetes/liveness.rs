@@ -102,6 +102,9 @@ fn session_of<K: Resource>(o: &K) -> Option<(String, String)> {
     Some((session.clone(), meta.namespace.clone()?))
 }
 
+/// Why a session whose claim or Sandbox vanished ended (seen going by a run, or looked up).
+pub(super) const DELETED: &str = "its SandboxClaim or Sandbox was deleted";
+
 /// A session whose sandbox died.
 #[derive(Debug, PartialEq)]
 pub(super) struct Dead {
@@ -236,11 +239,10 @@ impl Liveness {
                 Ok(r) if r.expires_at <= jiff::Timestamp::now() => {}
                 Ok(_) => {
                     let seen = known.remove(&id).expect("listed above").seen;
-                    let why = "its SandboxClaim or Sandbox was deleted";
                     dead.push(Dead {
                         session_id: id,
                         seen,
-                        why,
+                        why: DELETED,
                         delete: false,
                     });
                 }

@@ -321,7 +321,7 @@ impl KubernetesBackend {
             match self.exists(kind, namespace, name).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    let why = "its SandboxClaim or Sandbox was deleted";
+                    let why = liveness::DELETED;
                     tracing::warn!(session_id = r.session_id, %kind, namespace, name, why,
                         "gc: the session's sandbox is gone; ending the session");
                     self.liveness.forget(&r.session_id);
