@@ -528,3 +528,52 @@ fn a_manager_that_must_enforce_limits_refuses_to_start_without_cgroups() {
     let started = LocalBackend::new(config("optional", false)).expect("starts without limits");
     assert!(!started.enforces_limits());
 }
+
+/// Two managers on one host (a second `agentcube up`, a `workload-manager` beside it) draw
+/// sandbox uids from the same default range. They gave their first sandboxes the same host uid,
+/// and per-user kernel limits are per host uid: a sandbox of one used up the inotify instances
+/// of the other's (every file watcher there failing with `EMFILE`).
+#[tokio::test]
+async fn sandboxes_of_two_managers_do_not_share_per_user_limits() {
+    let start = || {
+        Stack::start(Options {
+            manifests: code_interpreter("ci", ""),
+            ..Default::default()
+        })
+    };
+    let (one, two) = (start().await, start().await);
+    let a = one.create_ok("code-interpreter", "ci").await;
+    let b = two.create_ok("code-interpreter", "ci").await;
+    let init = "python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+                print(\"fd\" if l.inotify_init() >= 0 else ctypes.get_errno())'";
+    let hog = r#"cat > /tmp/hog.py <<'X'
+import ctypes, resource, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+l = ctypes.CDLL(None, use_errno=True)
+n = 0
+while l.inotify_init() >= 0:
+    n += 1
+print(n, ctypes.get_errno(), flush=True)
+time.sleep(60)
+X
+python3 /tmp/hog.py > /tmp/hog.out 2>&1 &
+while [ ! -s /tmp/hog.out ]; do sleep 0.05; done; cat /tmp/hog.out"#;
+    let held = exec(&a, &sh(hog)).await;
+    assert!(
+        held["stdout"].as_str().unwrap().ends_with(" 24\n"),
+        "{held}"
+    );
+    let a_after = exec(&a, &sh(init)).await;
+    assert_eq!(
+        a_after["stdout"], "24\n",
+        "the hog used up its uid's: {a_after}"
+    );
+    let b_after = exec(&b, &sh(init)).await;
+    assert_eq!(
+        b_after["stdout"], "fd\n",
+        "the other manager's sandbox: {b_after}"
+    );
+    one.shutdown_and_check_leaks().await;
+    two.shutdown_and_check_leaks().await;
+}
