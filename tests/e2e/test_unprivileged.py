@@ -50,8 +50,11 @@ def test_agentcube_up_as_an_ordinary_user(scratch):
         stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=home, env=env)
     try:
         _wait_healthy([f"http://127.0.0.1:{wm}/health", f"http://127.0.0.1:{router}/health/ready"], [proc], [log])
-        urls = {"workload_manager_url": f"http://127.0.0.1:{wm}", "router_url": f"http://127.0.0.1:{router}"}
-        with CodeInterpreterClient(**urls) as a, CodeInterpreterClient(**urls) as b:
+        def session() -> CodeInterpreterClient:
+            return CodeInterpreterClient(workload_manager_url=f"http://127.0.0.1:{wm}",
+                                         router_url=f"http://127.0.0.1:{router}")
+
+        with session() as a, session() as b:
             assert a.execute_command("id -u").strip() == str(NOBODY)
             assert a.run_code("python", "print(6 * 7)").strip() == "42"
             payload = os.urandom(3 << 20)
