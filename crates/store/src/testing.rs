@@ -117,6 +117,18 @@ impl ServerProcess {
         }
     }
 
+    /// Stops (`true`: SIGSTOP) or continues (SIGCONT) the server: it keeps its connections and
+    /// what clients send, and answers nothing meanwhile (a hung store, not a gone one).
+    pub fn pause(&self, paused: bool) {
+        let child = self.child.as_ref().expect("the server runs");
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// (Re)starts the server on the same port and waits for PING.
     pub fn restart(&mut self) {
         self.stop();

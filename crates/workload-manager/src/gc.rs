@@ -105,13 +105,19 @@ impl Gc {
                     let deadline = s.last_activity
                         + SignedDuration::from_secs(1)
                         + SignedDuration::try_from(timeout).unwrap_or(SignedDuration::MAX);
-                    // A placeholder belongs to a create in progress (which rolls back itself).
-                    let creating = s.record.status == SessionStatus::Creating
+                    // A placeholder belongs to a create in progress (which rolls back itself)
+                    // for twice the create timeout; past that it is a leftover whatever its idle
+                    // timeout (a create whose store write landed after it gave up, or whose
+                    // rollback could not reach the store), which counted against the session
+                    // caps until its idle timeout, 15 minutes by default.
+                    let placeholder = s.record.status == SessionStatus::Creating;
+                    let in_progress = placeholder
                         && now
                             < s.record.created_at
                                 + SignedDuration::try_from(self.manager.create_timeout * 2)
                                     .unwrap_or(SignedDuration::MAX);
-                    if deadline <= now && !creating && seen.insert(s.record.session_id.clone()) {
+                    let due = deadline <= now || placeholder;
+                    if due && !in_progress && seen.insert(s.record.session_id.clone()) {
                         idle_victims.push(s.record);
                     }
                 }
@@ -321,6 +327,7 @@ mod tests {
             record("idle-15m", 0, 3600, ready),
             record("expired", 3600, 30, ready),
             record("creating", 60, 3600, SessionStatus::Creating),
+            record("creating-15m", 0, 3600, SessionStatus::Creating),
         ] {
             store.insert(&r, t0()).await.unwrap();
         }
@@ -354,10 +361,11 @@ mod tests {
         assert_eq!(backend.deleted.lock().unwrap()[1], "sb-idle-1m");
         // A placeholder of a create still in its time (twice the create timeout) stays.
         assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(239)).await, 0);
-        // Past that it is a leftover; and the default 15 minutes applies to a record without an
-        // idle timeout of its own.
-        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(241)).await, 1);
-        assert_eq!(backend.deleted.lock().unwrap()[2], "sb-creating");
+        // Past that it is a leftover, whatever its idle timeout; and the default 15 minutes
+        // applies to a record without an idle timeout of its own.
+        assert_eq!(gc.run_once(t0() + SignedDuration::from_secs(241)).await, 2);
+        let deleted = backend.deleted.lock().unwrap()[2..].to_vec();
+        assert_eq!(deleted, ["sb-creating", "sb-creating-15m"]);
         assert_eq!(
             gc.run_once(t0() + SignedDuration::from_secs(15 * 60)).await,
             0
@@ -367,7 +375,7 @@ mod tests {
                 .await,
             1
         );
-        assert_eq!(backend.deleted.lock().unwrap()[3], "sb-idle-15m");
+        assert_eq!(backend.deleted.lock().unwrap()[4], "sb-idle-15m");
     }
 
     /// A request the teardown cuts is told why (the Router reads the note while the record still

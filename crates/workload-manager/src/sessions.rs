@@ -245,7 +245,14 @@ impl Manager {
         record.workload_name = Some(workload.name().to_string());
         record.owner_id = who.owner.clone();
         record.created_by = who.caller.map(|c| c.name);
-        self.store.insert(&record, now).await?;
+        if let Err(e) = self.store.insert(&record, now).await {
+            // A store that timed out may still apply the write (Redis paused, a slow link): the
+            // placeholder would then count against the caps until GC finds it abandoned. Taken
+            // back in the background, after the write on the same connection.
+            let (store, id) = (self.store.clone(), session_id.clone());
+            tokio::spawn(async move { store.delete(&id).await });
+            return Err(e.into());
+        }
         // Counted with our own placeholder in: concurrent creates can never overshoot a cap
         // together (at worst both are refused), and a refusal leaves nothing behind.
         if let Err(e) = self.admit(namespace, user).await {

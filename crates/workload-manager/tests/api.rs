@@ -881,3 +881,37 @@ fn logs_capture_a_line_another_thread_reached_first() {
     warn_once_more();
     logs.line_with("a line another thread reached first");
 }
+
+/// A create whose placeholder write times out (the store hung, not refused) answers 503 at once;
+/// the write lands when the store comes back. That placeholder used to stay, counted against
+/// `--max-sessions`, until its idle timeout (15 minutes by default): it is now taken back.
+#[tokio::test]
+async fn a_placeholder_written_after_its_create_gave_up_is_taken_back() {
+    let server =
+        agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
+    let mut config = agentcube_store::RedisConfig::new(server.url());
+    config.op_timeout = std::time::Duration::from_millis(300);
+    let store = std::sync::Arc::new(agentcube_store::RedisStore::new(config).unwrap());
+    let s = Stack::start(Options {
+        manifests: code_interpreter("ci", ""),
+        store: Some(store),
+        ..Default::default()
+    })
+    .await;
+    let v = s.create_ok("code-interpreter", "ci").await;
+    let sessions = || server.command("ZCARD session:expiry").unwrap();
+    assert_eq!(sessions(), ":1\r\n");
+    server.pause(true);
+    let (status, body) = s.create("code-interpreter", "ci").await;
+    server.pause(false);
+    assert_eq!(status, 503, "{body}");
+    let mut seen = Vec::new();
+    eventually("the late placeholder is taken back", 5, || {
+        seen.push(sessions());
+        seen.last().unwrap() == ":1\r\n" && seen.len() > 3
+    })
+    .await;
+    assert!(seen.iter().all(|n| n != ":0\r\n"), "{seen:?}");
+    assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
+    s.shutdown_and_check_leaks().await;
+}
