@@ -374,6 +374,20 @@ mod tests {
         }
     }
 
+    /// A create the Workload Manager gives up answers `504` with what it waited for; callers
+    /// that give up first (the Router here, the SDKs, both at 2 minutes) never see why.
+    #[test]
+    fn a_create_is_given_up_before_its_callers_give_up_on_it() {
+        let create = agentcube_workload_manager::Config::default().create_timeout;
+        let router =
+            agentcube_router::Config::new("http://wm".to_string()).workload_manager_timeout;
+        let sdk = Duration::from_secs(120);
+        assert!(
+            create + Duration::from_secs(5) <= router.min(sdk),
+            "{create:?} vs {router:?}"
+        );
+    }
+
     #[test]
     fn the_progress_line_says_why_a_pool_cannot_fill() {
         assert_eq!(progress_line(&[]), None);

@@ -46,7 +46,8 @@ use sessions::Manager;
 pub struct Config {
     /// GC interval (upstream: 15 s).
     pub gc_interval: Duration,
-    /// Upper bound of one create (upstream: 2 min).
+    /// Upper bound of one create: 1 min 50 s (upstream: 2 min), so that its `504` and the reason
+    /// reach callers that give up after 2 minutes (the SDKs, the Router) before they do.
     pub create_timeout: Duration,
     /// Timeouts and the connection cap of the API listener.
     pub limits: agentcube_serve::Limits,
@@ -60,7 +61,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             gc_interval: Duration::from_secs(15),
-            create_timeout: Duration::from_secs(120),
+            create_timeout: Duration::from_secs(110),
             limits: agentcube_serve::Limits::default(),
             admission: sessions::Admission::default(),
             auth: Arc::new(auth::CallerAuth::Off),

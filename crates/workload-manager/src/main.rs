@@ -38,8 +38,9 @@ struct Args {
     /// GC interval (Go duration).
     #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
     gc_interval: GoDuration,
-    /// Upper bound of one sandbox creation (Go duration).
-    #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value = "2m")]
+    /// Upper bound of one sandbox creation (Go duration; upstream 2m: the SDKs and the Router
+    /// give up on a create after 2 minutes, before its 504 said why).
+    #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value = "1m50s")]
     create_timeout: GoDuration,
     /// Kubernetes backend: RuntimeClass of sandboxes whose definition names none (upstream
     /// ignored this flag). Not used by the local backend.

@@ -204,15 +204,23 @@ impl Manager {
                 let secs = started.elapsed().as_secs_f64();
                 this.metrics.created(kind, result.is_ok(), secs);
             }
-            if let Err(Ok(resp)) = tx.send(result) {
-                tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
-                this.rollback(
-                    &resp.session_id,
-                    resp.kind,
-                    &req.namespace,
-                    &resp.sandbox_name,
-                )
-                .await;
+            match tx.send(result) {
+                Ok(()) => {}
+                Err(Ok(resp)) => {
+                    tracing::info!(session_id = %resp.session_id, "client went away; rolling back");
+                    this.rollback(
+                        &resp.session_id,
+                        resp.kind,
+                        &req.namespace,
+                        &resp.sandbox_name,
+                    )
+                    .await;
+                }
+                // Nobody to answer: the answer's own log line (a warning for a failure) is
+                // written here instead, or the failure would leave no trace.
+                Err(Err(e)) => {
+                    tracing::warn!(error = %e, "create failed after its client went away");
+                }
             }
         });
         rx.await

@@ -203,6 +203,40 @@ async fn an_agent_exiting_at_start_is_named_in_the_error() {
 
 /// A create that runs out of time is upstream's 504, its message saying what it waited for (once
 /// only in the log, and before that nowhere), and so is the warning in the log.
+/// A create whose client gave up before it failed (the SDK and the Router wait 2 minutes) had
+/// nobody to answer, and its failure, which the answer logs, was nowhere.
+#[tokio::test]
+async fn a_create_failing_after_its_client_left_is_logged() {
+    let (_guard, logs) = common::Logs::start();
+    let s = Stack::start(Options {
+        manifests: host_agent("deaf", 9999, r#"[python3, -m, http.server, "8080"]"#),
+        ready_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/v1/agent-runtime", s.url))
+        .json(&json!({"name": "deaf", "namespace": "default"}))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    eventually("the create's failure logged", 20, || {
+        logs.text()
+            .contains("create failed after its client went away")
+    })
+    .await;
+    let line = logs.line_with("create failed after its client went away");
+    assert!(
+        line.contains("WARN") && line.contains("nothing accepts connections on port 9999"),
+        "{line}"
+    );
+    s.shutdown_and_check_leaks().await;
+}
+
 #[tokio::test]
 async fn a_create_that_times_out_logs_what_it_waited_for() {
     let (_guard, logs) = common::Logs::start();
