@@ -48,6 +48,9 @@ fn visible(caller: Option<&crate::auth::Caller>, record: &SessionRecord) -> bool
     }
 }
 
+/// How long a failed create's answer waits for its rollback ([`Manager::rollback_briefly`]).
+const ROLLBACK_WAIT: Duration = Duration::from_secs(5);
+
 /// Caps on live sessions (placeholders included); `None`: no cap.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Admission {
@@ -229,7 +232,7 @@ impl Manager {
 
     #[tracing::instrument(name = "create", skip_all, fields(%kind, ns = namespace, name = workload.name(), session_id = tracing::field::Empty, sandbox = tracing::field::Empty))]
     async fn create_session(
-        &self,
+        self: &Arc<Self>,
         kind: WorkloadKind,
         namespace: &str,
         workload: Workload,
@@ -281,12 +284,14 @@ impl Manager {
             match tokio::time::timeout(self.create_timeout, self.backend.create(&req)).await {
                 Ok(Ok(sb)) => sb,
                 Ok(Err(e)) => {
-                    self.rollback(&session_id, planned, namespace, &name).await;
+                    self.rollback_briefly(&session_id, planned, namespace, &name)
+                        .await;
                     return Err(e.into());
                 }
                 Err(_) => {
                     let waiting = self.backend.stalled(&req);
-                    self.rollback(&session_id, planned, namespace, &name).await;
+                    self.rollback_briefly(&session_id, planned, namespace, &name)
+                        .await;
                     return Err(ApiError::Timeout(format!(
                         "sandbox {name} not ready within --create-timeout ({:?}; rolled back){}",
                         self.create_timeout,
@@ -303,7 +308,7 @@ impl Manager {
         record.status = SessionStatus::Ready;
         if let Err(e) = self.store.replace(&record).await {
             // Deleted meanwhile (or the store failed): the sandbox must not outlive its record.
-            self.rollback(&session_id, sandbox.kind, namespace, &sandbox.name)
+            self.rollback_briefly(&session_id, sandbox.kind, namespace, &sandbox.name)
                 .await;
             return Err(e.into());
         }
@@ -353,6 +358,33 @@ impl Manager {
             )));
         }
         Ok(())
+    }
+
+    /// [`rollback`](Self::rollback), waited for [`ROLLBACK_WAIT`] at most, then left to finish
+    /// in the background. A rollback waits as long as a hung API server or store does, and the
+    /// failed create's answer waited with it: with the API server stopped, the `504` due at
+    /// `--create-timeout` came only when the API server did, after callers had given up.
+    async fn rollback_briefly(
+        self: &Arc<Self>,
+        session_id: &str,
+        kind: BackingKind,
+        namespace: &str,
+        sandbox: &str,
+    ) {
+        let this = self.clone();
+        let (id, ns, name) = (
+            session_id.to_owned(),
+            namespace.to_owned(),
+            sandbox.to_owned(),
+        );
+        let rollback = tokio::spawn(async move { this.rollback(&id, kind, &ns, &name).await });
+        if tokio::time::timeout(ROLLBACK_WAIT, rollback).await.is_err() {
+            tracing::warn!(
+                session_id,
+                sandbox,
+                "rollback still running after {ROLLBACK_WAIT:?}: answering; it goes on"
+            );
+        }
     }
 
     async fn rollback(&self, session_id: &str, kind: BackingKind, namespace: &str, sandbox: &str) {
@@ -480,6 +512,68 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend whose creates never finish and whose deletes hang (the API server stopped).
+    struct Hung;
+
+    #[async_trait::async_trait]
+    impl Backend for Hung {
+        async fn create(
+            &self,
+            _: &SandboxRequest,
+        ) -> Result<crate::backend::Sandbox, crate::backend::BackendError> {
+            std::future::pending().await
+        }
+        async fn delete(
+            &self,
+            _: BackingKind,
+            _: &str,
+            _: &str,
+        ) -> Result<(), crate::backend::BackendError> {
+            std::future::pending().await
+        }
+        async fn shutdown(&self) {}
+    }
+
+    /// With the API server stopped, a create's rollback (deleting what it asked for) hangs with
+    /// it; the create's 504, due at `--create-timeout`, waited for the rollback and came only
+    /// once the API server did, after its callers (2 minutes) had given up.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_answers_at_its_timeout_while_its_rollback_hangs() {
+        let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
+        let manager = Arc::new(Manager {
+            store: store.clone(),
+            backend: Arc::new(Hung),
+            definitions: Arc::new(Definitions::new()),
+            public_key: RouterKey::fixed(None),
+            create_timeout: Duration::from_secs(110),
+            metrics: Arc::default(),
+            admission: Default::default(),
+            auth: Arc::new(crate::auth::CallerAuth::Off),
+        });
+        let ci: agentcube_crds::CodeInterpreter = serde_yaml::from_str(
+            "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
+             metadata: {name: ci, namespace: default}\nspec: {template: {image: picod}}\n",
+        )
+        .unwrap();
+        let workload = Workload::CodeInterpreter(Arc::new(ci));
+        let who = Requester::default();
+        let started = tokio::time::Instant::now();
+        let create = manager.create_session(
+            WorkloadKind::CodeInterpreter,
+            "default",
+            workload,
+            None,
+            who,
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(600), create).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(answer, Ok(Err(ApiError::Timeout(_)))),
+            "no 504 within 10 minutes: {answer:?}"
+        );
+        assert!(took <= Duration::from_secs(110) + ROLLBACK_WAIT, "{took:?}");
+    }
 
     #[test]
     fn a_users_share_is_counted_by_end_user_else_by_caller_unless_an_administrator_or_trusted() {
