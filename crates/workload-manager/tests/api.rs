@@ -201,19 +201,24 @@ async fn an_agent_exiting_at_start_is_named_in_the_error() {
     s.shutdown_and_check_leaks().await;
 }
 
-/// A create that runs out of time is upstream's 504, its message saying what it waited for (once
-/// only in the log, and before that nowhere), and so is the warning in the log.
-/// A create whose client gave up before it failed (the SDK and the Router wait 2 minutes) had
-/// nobody to answer, and its failure, which the answer logs, was nowhere.
-#[tokio::test]
-async fn a_create_failing_after_its_client_left_is_logged() {
-    let (_guard, logs) = common::Logs::start();
+/// An AgentRuntime whose agent listens on 8080 where its definition says 9999: its creates run
+/// out of time (2 s to answer), the log captured.
+async fn deaf_agent() -> (tracing::subscriber::DefaultGuard, common::Logs, Stack) {
+    let (guard, logs) = common::Logs::start();
     let s = Stack::start(Options {
         manifests: host_agent("deaf", 9999, r#"[python3, -m, http.server, "8080"]"#),
         ready_timeout: std::time::Duration::from_secs(2),
         ..Default::default()
     })
     .await;
+    (guard, logs, s)
+}
+
+/// A create whose client gave up before it failed (the SDK and the Router wait 2 minutes) had
+/// nobody to answer, and its failure, which the answer logs, was nowhere.
+#[tokio::test]
+async fn a_create_failing_after_its_client_left_is_logged() {
+    let (_guard, logs, s) = deaf_agent().await;
     let impatient = reqwest::Client::builder()
         .timeout(std::time::Duration::from_millis(300))
         .build()
@@ -237,16 +242,11 @@ async fn a_create_failing_after_its_client_left_is_logged() {
     s.shutdown_and_check_leaks().await;
 }
 
+/// A create that runs out of time is upstream's 504, its message saying what it waited for (once
+/// only in the log, and before that nowhere), and so is the warning in the log.
 #[tokio::test]
 async fn a_create_that_times_out_logs_what_it_waited_for() {
-    let (_guard, logs) = common::Logs::start();
-    let s = Stack::start(Options {
-        // Listens on 8080; the definition says 9999.
-        manifests: host_agent("deaf", 9999, r#"[python3, -m, http.server, "8080"]"#),
-        ready_timeout: std::time::Duration::from_secs(2),
-        ..Default::default()
-    })
-    .await;
+    let (_guard, logs, s) = deaf_agent().await;
     let (status, v) = s.create("agent-runtime", "deaf").await;
     assert_eq!(
         (status, &v["code"]),
