@@ -524,19 +524,28 @@ async fn manifests_are_reloaded_without_restart() {
     s.shutdown_and_check_leaks().await;
 }
 
-#[tokio::test]
-async fn works_the_same_on_redis() {
+/// A real `redis-server` and a stack with CodeInterpreter `ci` on it, each store call bounded
+/// by `op_timeout`.
+async fn on_redis(
+    op_timeout: std::time::Duration,
+) -> (agentcube_store::testing::ServerProcess, Stack) {
     let server =
         agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
-    let store = std::sync::Arc::new(
-        agentcube_store::RedisStore::new(agentcube_store::RedisConfig::new(server.url())).unwrap(),
-    );
+    let mut config = agentcube_store::RedisConfig::new(server.url());
+    config.op_timeout = op_timeout;
+    let store = std::sync::Arc::new(agentcube_store::RedisStore::new(config).unwrap());
     let s = Stack::start(Options {
         manifests: code_interpreter("ci", ""),
         store: Some(store),
         ..Default::default()
     })
     .await;
+    (server, s)
+}
+
+#[tokio::test]
+async fn works_the_same_on_redis() {
+    let (server, s) = on_redis(std::time::Duration::from_secs(2)).await;
     let v = s.create_ok("code-interpreter", "ci").await;
     assert_eq!(exec(&v, &["echo", "hi"]).await["stdout"], "hi\n");
     let raw = server
@@ -921,17 +930,7 @@ fn logs_capture_a_line_another_thread_reached_first() {
 /// `--max-sessions`, until its idle timeout (15 minutes by default): it is now taken back.
 #[tokio::test]
 async fn a_placeholder_written_after_its_create_gave_up_is_taken_back() {
-    let server =
-        agentcube_store::testing::ServerProcess::start(agentcube_store::testing::Flavor::Redis);
-    let mut config = agentcube_store::RedisConfig::new(server.url());
-    config.op_timeout = std::time::Duration::from_millis(300);
-    let store = std::sync::Arc::new(agentcube_store::RedisStore::new(config).unwrap());
-    let s = Stack::start(Options {
-        manifests: code_interpreter("ci", ""),
-        store: Some(store),
-        ..Default::default()
-    })
-    .await;
+    let (server, s) = on_redis(std::time::Duration::from_millis(300)).await;
     let v = s.create_ok("code-interpreter", "ci").await;
     let sessions = || server.command("ZCARD session:expiry").unwrap();
     assert_eq!(sessions(), ":1\r\n");
