@@ -401,7 +401,7 @@ fn take_index(dir: &Path, sandbox: &str) -> Result<u32, BackendError> {
                 return Ok(i);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if holder_gone(&path) && std::fs::remove_file(&path).is_ok() {
+                if holder_gone(&path) && under_takeover_lock(dir, || remove_if_dead(&path)) {
                     // Retry this index on the next round of the loop is not possible; take it now.
                     if let Ok(mut f) = std::fs::OpenOptions::new()
                         .write(true)
@@ -419,6 +419,35 @@ fn take_index(dir: &Path, sandbox: &str) -> Result<u32, BackendError> {
     Err(BackendError::Exhausted(format!(
         "every sandbox network address of {SUBNET} is in use"
     )))
+}
+
+/// Lock file serialising the removal of dead holders' index files (a directory entry beside
+/// them that names no index).
+const TAKEOVER_LOCK: &str = ".takeover.lock";
+
+/// Runs `f` holding the host-wide lock on [`TAKEOVER_LOCK`] (false when it cannot be had). Two
+/// managers that both saw an index's holder dead both removed "its" file, the second one the
+/// file the first had just made as the index's new holder, and both held the index.
+fn under_takeover_lock(dir: &Path, f: impl FnOnce() -> bool) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(TAKEOVER_LOCK));
+    let Ok(file) = file else {
+        return false;
+    };
+    match Flock::lock(file, FlockArg::LockExclusive) {
+        Ok(_held) => f(),
+        Err(_) => false,
+    }
+}
+
+/// Removes an index file whose holder is gone, judged again now (call it under the takeover
+/// lock): true when it was removed.
+fn remove_if_dead(path: &Path) -> bool {
+    holder_gone(path) && std::fs::remove_file(path).is_ok()
 }
 
 /// Whether the process named in a lock file is gone.
@@ -442,7 +471,7 @@ fn owner_gone(dir: &Path, sandbox: &str) -> bool {
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
         if text.split_whitespace().nth(1) == Some(sandbox) {
             if holder_gone(&e.path()) {
-                let _ = std::fs::remove_file(e.path());
+                under_takeover_lock(dir, || remove_if_dead(&e.path()));
                 return true;
             }
             return false;
@@ -587,5 +616,34 @@ mod tests {
         );
         assert!(!owner_gone(dir.path(), "b"), "b is ours");
         assert!(owner_gone(dir.path(), "nobody"));
+    }
+
+    /// A manager taking a dead holder's index over while another is mid-way through the same:
+    /// it waits for the other's takeover and then sees the index taken. Before, both removed
+    /// the file and made their own, and both held the index.
+    #[test]
+    fn a_dead_holders_index_goes_to_one_manager() {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0"), "999999999 gone\n").unwrap();
+        let lock = std::fs::File::create(dir.path().join(TAKEOVER_LOCK)).unwrap();
+        // The other manager, mid-takeover of index 0.
+        let other = Flock::lock(lock, FlockArg::LockExclusive).unwrap();
+        let path = dir.path().to_path_buf();
+        let taker = std::thread::spawn(move || take_index(&path, "late").unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::remove_file(dir.path().join("0")).unwrap();
+        let holder = format!("{} first\n", std::process::id());
+        std::fs::write(dir.path().join("0"), &holder).unwrap();
+        drop(other);
+        assert_eq!(
+            taker.join().unwrap(),
+            1,
+            "index 0 went to the other manager"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("0")).unwrap(),
+            holder
+        );
     }
 }
