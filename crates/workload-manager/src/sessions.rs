@@ -259,9 +259,12 @@ impl Manager {
         if let Err(e) = self.store.insert(&record, now).await {
             // A store that timed out may still apply the write (Redis paused, a slow link): the
             // placeholder would then count against the caps until GC finds it abandoned. Taken
-            // back in the background, after the write on the same connection.
-            let (store, id) = (self.store.clone(), session_id.clone());
-            tokio::spawn(async move { store.delete(&id).await });
+            // back in the background, after the write on the same connection. (Never for
+            // another refusal: an id that exists is someone else's record.)
+            if matches!(e, agentcube_store::Error::Unavailable(_)) {
+                let (store, id) = (self.store.clone(), session_id.clone());
+                tokio::spawn(async move { store.delete(&id).await });
+            }
             return Err(e.into());
         }
         // Counted with our own placeholder in: concurrent creates can never overshoot a cap
