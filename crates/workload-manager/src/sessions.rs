@@ -293,11 +293,13 @@ impl Manager {
                 }
                 Err(_) => {
                     let waiting = self.backend.stalled(&req);
-                    self.rollback_briefly(&session_id, planned, namespace, &name)
+                    let done = self
+                        .rollback_briefly(&session_id, planned, namespace, &name)
                         .await;
                     return Err(ApiError::Timeout(format!(
-                        "sandbox {name} not ready within --create-timeout ({:?}; rolled back){}",
+                        "sandbox {name} not ready within --create-timeout ({:?}; {}){}",
                         self.create_timeout,
+                        if done { "rolled back" } else { "rolling back" },
                         waiting.map(|w| format!(": {w}")).unwrap_or_default()
                     )));
                 }
@@ -364,16 +366,16 @@ impl Manager {
     }
 
     /// [`rollback`](Self::rollback), waited for [`ROLLBACK_WAIT`] at most, then left to finish
-    /// in the background. A rollback waits as long as a hung API server or store does, and the
-    /// failed create's answer waited with it: with the API server stopped, the `504` due at
-    /// `--create-timeout` came only when the API server did, after callers had given up.
+    /// in the background (false). A rollback waits as long as a hung API server or store does,
+    /// and the failed create's answer waited with it: with the API server stopped, the `504` due
+    /// at `--create-timeout` came only when the API server did, after callers had given up.
     async fn rollback_briefly(
         self: &Arc<Self>,
         session_id: &str,
         kind: BackingKind,
         namespace: &str,
         sandbox: &str,
-    ) {
+    ) -> bool {
         let this = self.clone();
         let (id, ns, name) = (
             session_id.to_owned(),
@@ -381,13 +383,15 @@ impl Manager {
             sandbox.to_owned(),
         );
         let rollback = tokio::spawn(async move { this.rollback(&id, kind, &ns, &name).await });
-        if tokio::time::timeout(ROLLBACK_WAIT, rollback).await.is_err() {
+        let done = tokio::time::timeout(ROLLBACK_WAIT, rollback).await.is_ok();
+        if !done {
             tracing::warn!(
                 session_id,
                 sandbox,
                 "rollback still running after {ROLLBACK_WAIT:?}: answering; it goes on"
             );
         }
+        done
     }
 
     async fn rollback(&self, session_id: &str, kind: BackingKind, namespace: &str, sandbox: &str) {
@@ -571,10 +575,10 @@ mod tests {
         );
         let answer = tokio::time::timeout(Duration::from_secs(600), create).await;
         let took = started.elapsed();
-        assert!(
-            matches!(answer, Ok(Err(ApiError::Timeout(_)))),
-            "no 504 within 10 minutes: {answer:?}"
-        );
+        let Ok(Err(ApiError::Timeout(message))) = answer else {
+            panic!("no 504 within 10 minutes: {answer:?}");
+        };
+        assert!(message.contains("(110s; rolling back)"), "{message}");
         assert!(took <= Duration::from_secs(110) + ROLLBACK_WAIT, "{took:?}");
     }
 
