@@ -273,9 +273,8 @@ impl LocalBackend {
         }
         // Leftovers of a predecessor that crashed: its sandboxes died with it (bubblewrap's
         // die-with-parent, runsc's pdeathsig); its directories went above, its cgroups go here.
-        let uids = (config.uids)
-            .map(|range| Uids::open(range, Path::new(uids::HOST_LOCK)))
-            .transpose()?;
+        let uids =
+            (config.uids).map(|range| Uids::open_or_local(range, Path::new(uids::HOST_LOCK)));
         let sockets_tmpfs = uids.is_some()
             && layout::tmpfs_works(state)
                 .inspect_err(|why| {

@@ -66,8 +66,8 @@ impl std::str::FromStr for UidRange {
 #[derive(Debug)]
 pub struct Uids {
     range: UidRange,
-    /// The host-wide claims ([`HOST_LOCK`]).
-    lock: File,
+    /// The host-wide claims ([`HOST_LOCK`]); `None`: this manager's own only.
+    lock: Option<File>,
     state: Mutex<(BTreeSet<u32>, u32)>,
 }
 
@@ -94,8 +94,26 @@ impl Uids {
             .map_err(failed)?;
         Ok(Self {
             range,
-            lock,
+            lock: Some(lock),
             state: Mutex::new((BTreeSet::new(), 0)),
+        })
+    }
+
+    /// [`open`](Self::open), or, where the lock file cannot be made (a read-only `/run`), an
+    /// allocator claiming uids in this manager only, with a warning: that host then runs one
+    /// manager, or gives each its own `--sandbox-uids` range.
+    pub fn open_or_local(range: UidRange, lock: &Path) -> Self {
+        Self::open(range, lock).unwrap_or_else(|why| {
+            tracing::warn!(
+                reason = %why,
+                "sandbox uids are not claimed host-wide: another manager on this host with an \
+                 overlapping --sandbox-uids range may run sandboxes as the same uids"
+            );
+            Self {
+                range,
+                lock: None,
+                state: Mutex::new((BTreeSet::new(), 0)),
+            }
         })
     }
 
@@ -141,6 +159,9 @@ impl Uids {
     fn claim(&self, uid: u32, lock: bool) -> bool {
         use nix::fcntl::{FcntlArg, fcntl};
         use nix::libc;
+        let Some(file) = &self.lock else {
+            return true;
+        };
         let kind = if lock { libc::F_WRLCK } else { libc::F_UNLCK };
         let range = libc::flock {
             l_type: kind as libc::c_short,
@@ -150,7 +171,7 @@ impl Uids {
             // The kernel's to fill in (open-file-description locks have no owner process).
             l_pid: 0,
         };
-        match fcntl(&self.lock, FcntlArg::F_OFD_SETLK(&range)) {
+        match fcntl(file, FcntlArg::F_OFD_SETLK(&range)) {
             Ok(_) => true,
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => false,
             Err(e) => {
@@ -211,5 +232,22 @@ mod tests {
         assert_eq!(one.take(), None);
         drop(two);
         assert_eq!(one.take(), Some(3002), "a manager's claims go with it");
+    }
+
+    /// A lock file that cannot be made (here: its directory would be below a file) leaves the
+    /// manager its own claims, not a refusal to start.
+    #[test]
+    fn without_a_lock_file_uids_are_this_managers_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let lock = dir.path().join("file/uids.lock");
+        assert!(Uids::open("3000-3001".parse().unwrap(), &lock).is_err());
+        let u = Uids::open_or_local("3000-3001".parse().unwrap(), &lock);
+        assert_eq!(
+            (u.take(), u.take(), u.take()),
+            (Some(3000), Some(3001), None)
+        );
+        u.give_back(3000);
+        assert_eq!(u.take(), Some(3000));
     }
 }
