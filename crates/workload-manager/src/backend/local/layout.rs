@@ -256,6 +256,20 @@ pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
+/// Opens (making it, 0600, when missing) a lock file of root's or this manager's: never through a
+/// symlink, never inherited by what the manager starts. Its contents are left as they are.
+pub fn open_lock_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Takes the state directory (made by [`trusted_state_dir`]) for this manager: an exclusive lock
 /// on `<state>/lock`, held while the returned file is open (the kernel drops it when the process
 /// dies, so a crash never leaves it behind). A second manager on the same directory would take the first one's sandboxes for a
@@ -263,17 +277,9 @@ pub fn trusted_state_dir(state: &Path) -> Result<PathBuf, String> {
 /// refusal's message.
 pub fn lock_state(state: &Path) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::OpenOptionsExt;
     let path = state.join("lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut file =
+        open_lock_file(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {
             let pid = std::process::id().to_string();

@@ -431,25 +431,17 @@ const TAKEOVER_LOCK: &str = ".takeover.lock";
 /// root's only (0600), and is waited for a second at most (a holder is microseconds), so nothing
 /// else on the host can stall a sandbox start with it.
 fn under_takeover_lock(dir: &Path, f: impl FnOnce() -> bool) -> bool {
-    use nix::fcntl::{Flock, FlockArg};
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(dir.join(TAKEOVER_LOCK));
-    let Ok(mut file) = file else {
+    let Ok(file) = super::layout::open_lock_file(&dir.join(TAKEOVER_LOCK)) else {
         return false;
     };
     for _ in 0..100 {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(_held) => return f(),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) => file = back,
-            Err(_) => return false,
+        match file.try_lock() {
+            Ok(()) => return f(),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(std::fs::TryLockError::Error(_)) => return false,
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     false
 }
@@ -628,17 +620,22 @@ mod tests {
         assert!(owner_gone(dir.path(), "nobody"));
     }
 
+    /// An index directory whose index 0 a dead process held, and the takeover lock, taken.
+    fn dead_holder_and_the_lock_held() -> (tempfile::TempDir, std::fs::File) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0"), "999999999 gone\n").unwrap();
+        let lock = std::fs::File::create(dir.path().join(TAKEOVER_LOCK)).unwrap();
+        lock.lock().unwrap();
+        (dir, lock)
+    }
+
     /// A manager taking a dead holder's index over while another is mid-way through the same:
     /// it waits for the other's takeover and then sees the index taken. Before, both removed
     /// the file and made their own, and both held the index.
     #[test]
     fn a_dead_holders_index_goes_to_one_manager() {
-        use nix::fcntl::{Flock, FlockArg};
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("0"), "999999999 gone\n").unwrap();
-        let lock = std::fs::File::create(dir.path().join(TAKEOVER_LOCK)).unwrap();
         // The other manager, mid-takeover of index 0.
-        let other = Flock::lock(lock, FlockArg::LockExclusive).unwrap();
+        let (dir, other) = dead_holder_and_the_lock_held();
         let path = dir.path().to_path_buf();
         let taker = std::thread::spawn(move || take_index(&path, "late").unwrap());
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -661,11 +658,7 @@ mod tests {
     /// a second, not the start: the dead holder's index is passed over.
     #[test]
     fn a_takeover_lock_held_for_good_is_waited_for_a_second_only() {
-        use nix::fcntl::{Flock, FlockArg};
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("0"), "999999999 gone\n").unwrap();
-        let lock = std::fs::File::create(dir.path().join(TAKEOVER_LOCK)).unwrap();
-        let _held = Flock::lock(lock, FlockArg::LockExclusive).unwrap();
+        let (dir, _held) = dead_holder_and_the_lock_held();
         let (tx, rx) = std::sync::mpsc::channel();
         let path = dir.path().to_path_buf();
         std::thread::spawn(move || tx.send(take_index(&path, "next").unwrap()));

@@ -75,7 +75,7 @@ impl Uids {
     /// An allocator over `range`, claiming its uids host-wide in the lock file `lock` (made when
     /// missing, with its directory).
     pub fn open(range: UidRange, lock: &Path) -> Result<Self, String> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let failed = |e: std::io::Error| format!("sandbox uid lock {}: {e}", lock.display());
         if let Some(dir) = lock.parent() {
             std::fs::DirBuilder::new()
@@ -84,14 +84,7 @@ impl Uids {
                 .create(dir)
                 .map_err(failed)?;
         }
-        let lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(lock)
-            .map_err(failed)?;
+        let lock = super::layout::open_lock_file(lock).map_err(failed)?;
         Ok(Self {
             range,
             lock: Some(lock),
