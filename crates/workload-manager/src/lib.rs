@@ -42,12 +42,16 @@ use backend::{Backend, Background, Platform, WarmPools};
 use sessions::Manager;
 
 /// Settings shared by both backends.
+/// Default upper bound of one create (`--create-timeout`): 1 min 50 s (upstream: 2 min), so that
+/// its `504` and the reason reach callers that give up after 2 minutes (the SDKs, the Router)
+/// before they do.
+pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_secs(110);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// GC interval (upstream: 15 s).
     pub gc_interval: Duration,
-    /// Upper bound of one create: 1 min 50 s (upstream: 2 min), so that its `504` and the reason
-    /// reach callers that give up after 2 minutes (the SDKs, the Router) before they do.
+    /// Upper bound of one create ([`DEFAULT_CREATE_TIMEOUT`]).
     pub create_timeout: Duration,
     /// Timeouts and the connection cap of the API listener.
     pub limits: agentcube_serve::Limits,
@@ -61,7 +65,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             gc_interval: Duration::from_secs(15),
-            create_timeout: Duration::from_secs(110),
+            create_timeout: DEFAULT_CREATE_TIMEOUT,
             limits: agentcube_serve::Limits::default(),
             admission: sessions::Admission::default(),
             auth: Arc::new(auth::CallerAuth::Off),

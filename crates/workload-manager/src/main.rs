@@ -40,7 +40,7 @@ struct Args {
     gc_interval: GoDuration,
     /// Upper bound of one sandbox creation (Go duration; upstream 2m: the SDKs and the Router
     /// give up on a create after 2 minutes, before its 504 said why).
-    #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value = "1m50s")]
+    #[arg(long, env = "AGENTCUBE_CREATE_TIMEOUT", default_value_t = GoDuration(agentcube_workload_manager::DEFAULT_CREATE_TIMEOUT))]
     create_timeout: GoDuration,
     /// Kubernetes backend: RuntimeClass of sandboxes whose definition names none (upstream
     /// ignored this flag). Not used by the local backend.

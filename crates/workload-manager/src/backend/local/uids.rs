@@ -85,11 +85,16 @@ impl Uids {
                 .map_err(failed)?;
         }
         let lock = super::layout::open_lock_file(lock).map_err(failed)?;
-        Ok(Self {
+        Ok(Self::with(range, Some(lock)))
+    }
+
+    /// An allocator over `range` with these host-wide claims (`None`: none).
+    fn with(range: UidRange, lock: Option<File>) -> Self {
+        Self {
             range,
-            lock: Some(lock),
+            lock,
             state: Mutex::new((BTreeSet::new(), 0)),
-        })
+        }
     }
 
     /// [`open`](Self::open), or, where the lock file cannot be made (a read-only `/run`), an
@@ -102,11 +107,7 @@ impl Uids {
                 "sandbox uids are not claimed host-wide: another manager on this host with an \
                  overlapping --sandbox-uids range may run sandboxes as the same uids"
             );
-            Self {
-                range,
-                lock: None,
-                state: Mutex::new((BTreeSet::new(), 0)),
-            }
+            Self::with(range, None)
         })
     }
 
