@@ -278,19 +278,13 @@ async fn listener_tls(args: &Args) -> anyhow::Result<Option<agentcube_tls::Serve
     Ok(Some(tls))
 }
 
-/// The cluster's client (in-cluster or KUBECONFIG), named in the API server's audit log.
+/// The cluster's client (in-cluster or KUBECONFIG).
 async fn kube_client() -> anyhow::Result<kube::Client> {
-    let mut kc = kube::Config::infer()
+    use agentcube_workload_manager::backend::kubernetes::client;
+    let kc = kube::Config::infer()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
-    kc.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!(
-            "agentcube-workload-manager/",
-            env!("CARGO_PKG_VERSION")
-        )),
-    ));
-    Ok(kube::Client::try_from(kc)?)
+    Ok(client::client(kc, client::REQUEST_TIMEOUT)?)
 }
 
 /// `--enable-auth` (TokenReview) or `--auth-token`, never both.

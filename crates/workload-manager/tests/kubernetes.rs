@@ -7,6 +7,8 @@ mod callers;
 mod common;
 #[path = "kubernetes/stuck.rs"]
 mod stuck;
+#[path = "kubernetes/unanswered.rs"]
+mod unanswered;
 
 use std::time::Duration;
 

@@ -65,6 +65,8 @@ pub struct KubeOptions {
     pub metadata_access: bool,
     /// `--sandbox-user-namespaces`.
     pub user_namespaces: bool,
+    /// The Workload Manager's own client (default: the test's admin client).
+    pub wm_client: Option<kube::Client>,
 }
 
 impl Default for KubeOptions {
@@ -76,6 +78,7 @@ impl Default for KubeOptions {
             runtime_class: String::new(),
             manifests: String::new(),
             auth_admin_group: None,
+            wm_client: None,
             standby_claims: 0,
             auth_trusted_callers: Vec::new(),
             code_interpreter_uid: None,
@@ -301,7 +304,8 @@ impl KubeStack {
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
-        let backend = KubernetesBackend::start(client.clone(), kc, store.clone())
+        let wm_client = opts.wm_client.unwrap_or_else(|| client.clone());
+        let backend = KubernetesBackend::start(wm_client.clone(), kc, store.clone())
             .await
             .unwrap();
         assert_eq!(
@@ -311,7 +315,7 @@ impl KubeStack {
         );
         let auth = match opts.auth_admin_group {
             Some(group) => agentcube_workload_manager::auth::CallerAuth::TokenReview(Box::new(
-                agentcube_workload_manager::auth::TokenReviewer::new(client.clone(), Some(group))
+                agentcube_workload_manager::auth::TokenReviewer::new(wm_client, Some(group))
                     .trusting(opts.auth_trusted_callers),
             )),
             None => agentcube_workload_manager::auth::CallerAuth::Off,

@@ -41,6 +41,7 @@ use super::{
 use crate::definitions::Definitions;
 use crate::key::RouterKey;
 
+pub mod client;
 pub mod controller;
 mod create;
 pub mod desired;
@@ -109,6 +110,10 @@ impl From<kube::Error> for BackendError {
             kube::Error::Api(s) => {
                 Self::Failed(format!("Kubernetes API {}: {}", s.code, s.message))
             }
+            e if client::is_timeout(&e) => Self::Unavailable(
+                "Kubernetes API did not answer in time (it may be overloaded or unreachable)"
+                    .into(),
+            ),
             other => Self::Unavailable(format!("Kubernetes API unreachable: {other}")),
         }
     }

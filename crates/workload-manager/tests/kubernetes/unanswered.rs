@@ -1,0 +1,190 @@
+//! An API server that stops answering — a network path that drops packets rather than refusing
+//! them: the manager's requests fail after its client's request timeout with a reason instead
+//! of waiting for good, and what failed is done once the API server answers again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentcube_workload_manager::backend::kubernetes::client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::ON_DEMAND;
+use crate::common::kube::*;
+
+/// A TCP relay to `target` that can fall silent: while silent it forwards nothing on the
+/// connections it holds nor on new ones, and closes none — packets dropped on the way.
+struct Relay {
+    addr: SocketAddr,
+    silent: Arc<watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = Arc::new(watch::channel(false).0);
+        let tx = silent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let rx = tx.subscribe();
+                tokio::spawn(async move {
+                    let mut rx2 = rx.clone();
+                    let _ = rx2.wait_for(|s| !*s).await;
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(pump(ri, wo, rx.clone()), pump(ro, wi, rx));
+                });
+            }
+        });
+        Self { addr, silent, task }
+    }
+
+    fn silence(&self, on: bool) {
+        self.silent.send_replace(on);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk while the relay is silent.
+async fn pump(
+    mut from: impl AsyncReadExt + Unpin,
+    mut to: impl AsyncWriteExt + Unpin,
+    mut silent: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if silent.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// The Workload Manager's client (as `main` builds it, with `timeout`) reaching the test
+/// cluster through `relay`.
+async fn client_through(relay: &Relay, timeout: Duration) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.cluster_url = format!("https://{}", relay.addr).parse().unwrap();
+    client::client(config, timeout).unwrap()
+}
+
+fn api_server_addr() -> SocketAddr {
+    let kc = kube::config::Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    let server = kc.clusters[0]
+        .cluster
+        .as_ref()
+        .unwrap()
+        .server
+        .clone()
+        .unwrap();
+    let uri: http::Uri = server.parse().unwrap();
+    format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap())
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_to_an_api_server_that_stopped_answering_fail_in_time() {
+    cluster();
+    let relay = Relay::start(api_server_addr()).await;
+    let timeout = Duration::from_secs(3);
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        wm_client: Some(client_through(&relay, timeout).await),
+        ..Default::default()
+    })
+    .await;
+    let s = k.create_ok("code-interpreter", "od").await;
+    let id = s["sessionId"].as_str().unwrap();
+
+    relay.silence(true);
+    // A client's DELETE: 503 with the reason, in about the timeout; the session stays.
+    let started = Instant::now();
+    let r = k
+        .http
+        .delete(format!("{}/v1/code-interpreter/sessions/{id}", k.url))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("the Workload Manager answers while the API server is silent");
+    let waited = started.elapsed();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Kubernetes API did not answer in time"),
+        "{body}"
+    );
+    assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
+    assert!(
+        !k.record_gone(&s).await,
+        "a failed delete keeps the session"
+    );
+
+    // A create: 503 with the reason, in about the timeout (plus the 5 s its answer waits for
+    // the rollback); before, it waited out the create timeout for a 504.
+    let started = Instant::now();
+    let (status, body) = k.create("code-interpreter", "od").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer in time"),
+        "{body}"
+    );
+    assert!(started.elapsed() < timeout * 5 + Duration::from_secs(5));
+
+    // A garbage-collection pass ends too (before, it waited on its DELETE for good), having
+    // deleted nothing.
+    let gc = agentcube_workload_manager::gc::Gc {
+        manager: k.wm.as_ref().unwrap().manager.clone(),
+        interval: Duration::from_secs(3600),
+        limit: 100,
+    };
+    let due = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let n = tokio::time::timeout(Duration::from_secs(60), gc.run_once(due))
+        .await
+        .expect("a GC pass ends while the API server is silent");
+    assert_eq!(n, 0);
+    assert!(!k.record_gone(&s).await);
+
+    // Answering again: passes reclaim the session, Sandbox and all, and whatever the failed
+    // create's requests left once they got through (its Sandbox has no record: an orphan).
+    relay.silence(false);
+    k.eventually("every Sandbox reclaimed", 60, async || {
+        gc.run_once(due).await;
+        let left = sandboxes(&k.client)
+            .list(&Default::default())
+            .await
+            .unwrap();
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    assert!(k.record_gone(&s).await);
+    k.assert_no_records().await;
+    assert_eq!(k.stop().await, 0);
+}
