@@ -3,10 +3,10 @@
 //!
 //! kube-rs sets no read timeout (exec and watch streams are long-lived), so a request to an API
 //! server that stopped answering — a hung process, a network path that drops packets instead of
-//! refusing them — waited for good: a garbage-collection pass stuck on one `DELETE` never ended,
-//! and no session was collected again until a restart. Here every request must have its
-//! response headers within [`REQUEST_TIMEOUT`]. Watches are not cut by it: their headers come
-//! at once, and a stream that goes quiet is kube-rs's watcher's to reopen.
+//! refusing them — waited until it answered again or TCP gave up (about 15 minutes), and a
+//! garbage-collection pass stood still behind one `DELETE` meanwhile. Here every request must
+//! have its response headers within [`REQUEST_TIMEOUT`]. Watches are not cut by it: their
+//! headers come at once, and a stream that goes quiet is kube-rs's watcher's to reopen.
 
 use std::time::Duration;
 
