@@ -141,7 +141,7 @@ mod tests {
     async fn last_activity(store: &dyn SessionStore, id: &str) -> i64 {
         let far = Timestamp::now() + jiff::SignedDuration::from_hours(24);
         store
-            .list_idle(far, 100)
+            .list_idle(far, 0, 100)
             .await
             .unwrap()
             .into_iter()

@@ -103,7 +103,10 @@ async fn sdk_flow_and_router_bootstrapped_flow() {
     assert!(String::from_utf8_lossy(&rest).contains("\"exit_code\":0"));
 
     // Activity reaches the store in batches.
-    let before = store.list_idle(jiff::Timestamp::now(), 10).await.unwrap();
+    let before = store
+        .list_idle(jiff::Timestamp::now(), 0, 10)
+        .await
+        .unwrap();
     assert!(before.iter().any(|s| s.record.session_id == id));
 
     router.stop().await;

@@ -726,6 +726,7 @@ async fn failed_requests_do_not_keep_a_dead_sandbox_active() {
     let before = store
         .list_idle(
             jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+            0,
             10,
         )
         .await
@@ -746,6 +747,7 @@ async fn failed_requests_do_not_keep_a_dead_sandbox_active() {
     let after = store
         .list_idle(
             jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+            0,
             10,
         )
         .await
@@ -785,7 +787,7 @@ async fn an_answer_streamed_for_seconds_counts_as_activity_until_its_end() {
     assert_eq!(r.text().await.unwrap(), "first\nlast\n");
     router.stop().await;
     let last = store
-        .list_idle(started + jiff::SignedDuration::from_hours(1), 10)
+        .list_idle(started + jiff::SignedDuration::from_hours(1), 0, 10)
         .await
         .unwrap()[0]
         .last_activity;
@@ -847,7 +849,7 @@ async fn a_request_cut_by_its_sessions_teardown_is_told_why() {
 /// The session's last activity in `store` (its only session), to the second.
 async fn last_activity_of(store: &dyn agentcube_store::SessionStore) -> i64 {
     let far = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
-    store.list_idle(far, 10).await.unwrap()[0]
+    store.list_idle(far, 0, 10).await.unwrap()[0]
         .last_activity
         .as_second()
 }

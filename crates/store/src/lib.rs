@@ -170,8 +170,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Records whose `expiresAt` is at or before `before`, oldest first, at most `limit`.
     async fn list_expired(&self, before: Timestamp, limit: usize) -> Result<Vec<SessionRecord>>;
 
-    /// Records whose last activity is at or before `before`, oldest first, at most `limit`.
-    async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>>;
+    /// Records whose last activity is at or before `before`, oldest first: at most `limit`,
+    /// after the first `skip` of them (paging; activity moves sessions to the end and deletes
+    /// shift the rest, so pages are a snapshot of no single moment).
+    async fn list_idle(
+        &self,
+        before: Timestamp,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<IdleSession>>;
 
     /// How many sessions a scope holds (one index cardinality; placeholders included).
     async fn count(&self, scope: &Scope) -> Result<usize>;

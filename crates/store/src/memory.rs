@@ -142,11 +142,13 @@ impl MemoryStore {
         &self,
         pick: fn(&mut Inner) -> &mut ZSet,
         max: i64,
+        skip: usize,
         limit: usize,
     ) -> Result<Vec<(SessionRecord, i64)>> {
         let mut inner = self.inner.lock().unwrap();
         let hits: Vec<(i64, String)> = pick(&mut inner)
             .range_to(max)
+            .skip(skip)
             .take(limit)
             .cloned()
             .collect();
@@ -253,12 +255,17 @@ impl SessionStore for MemoryStore {
     }
 
     async fn list_expired(&self, before: Timestamp, limit: usize) -> Result<Vec<SessionRecord>> {
-        let hits = self.scan(|i| &mut i.expiry, score(before), limit)?;
+        let hits = self.scan(|i| &mut i.expiry, score(before), 0, limit)?;
         Ok(hits.into_iter().map(|(r, _)| r).collect())
     }
 
-    async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
-        let hits = self.scan(|i| &mut i.activity, score(before), limit)?;
+    async fn list_idle(
+        &self,
+        before: Timestamp,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<IdleSession>> {
+        let hits = self.scan(|i| &mut i.activity, score(before), skip, limit)?;
         crate::idle_sessions(hits)
     }
 

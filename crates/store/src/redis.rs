@@ -123,9 +123,10 @@ for i = 2, #KEYS do
 end
 return n";
 
-// KEYS[1] = index to range over, KEYS[2..3] = both indexes; ARGV = max score, limit, key prefix.
+// KEYS[1] = index to range over, KEYS[2..3] = both indexes; ARGV = max score, limit, key prefix,
+// how many to skip.
 const LIST: &str = r"
-local hits = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+local hits = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', ARGV[4], ARGV[2])
 local out = {}
 for i = 1, #hits, 2 do
   local v = redis.call('GET', ARGV[3] .. hits[i])
@@ -285,6 +286,7 @@ impl RedisStore {
         &self,
         index: &str,
         before: Timestamp,
+        skip: usize,
         limit: usize,
     ) -> Result<Vec<(SessionRecord, i64)>> {
         if limit == 0 {
@@ -296,7 +298,8 @@ impl RedisStore {
             .key(self.keys.last_activity())
             .arg(score(before))
             .arg(limit)
-            .arg(self.keys.prefix());
+            .arg(self.keys.prefix())
+            .arg(skip);
         let flat: Vec<String> = self.call(inv).await?;
         flat.chunks_exact(2)
             .map(|pair| {
@@ -426,12 +429,19 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_expired(&self, before: Timestamp, limit: usize) -> Result<Vec<SessionRecord>> {
-        let hits = self.list(self.keys.expiry(), before, limit).await?;
+        let hits = self.list(self.keys.expiry(), before, 0, limit).await?;
         Ok(hits.into_iter().map(|(r, _)| r).collect())
     }
 
-    async fn list_idle(&self, before: Timestamp, limit: usize) -> Result<Vec<IdleSession>> {
-        let hits = self.list(self.keys.last_activity(), before, limit).await?;
+    async fn list_idle(
+        &self,
+        before: Timestamp,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<IdleSession>> {
+        let hits = self
+            .list(self.keys.last_activity(), before, skip, limit)
+            .await?;
         crate::idle_sessions(hits)
     }
 

@@ -261,9 +261,14 @@ impl crate::SessionStore for Flaky {
         self.check()?;
         self.inner.list_expired(b, l).await
     }
-    async fn list_idle(&self, b: Timestamp, l: usize) -> crate::Result<Vec<crate::IdleSession>> {
+    async fn list_idle(
+        &self,
+        b: Timestamp,
+        skip: usize,
+        l: usize,
+    ) -> crate::Result<Vec<crate::IdleSession>> {
         self.check()?;
-        self.inner.list_idle(b, l).await
+        self.inner.list_idle(b, skip, l).await
     }
     async fn count(&self, s: &crate::Scope) -> crate::Result<usize> {
         self.check()?;
@@ -419,7 +424,7 @@ pub mod cases {
         assert!(!s.delete("d1").await.unwrap());
         assert!(matches!(s.get("d1").await, Err(Error::NotFound)));
         assert!(s.list_expired(at(10_000), 10).await.unwrap().is_empty());
-        assert!(s.list_idle(at(10_000), 10).await.unwrap().is_empty());
+        assert!(s.list_idle(at(10_000), 0, 10).await.unwrap().is_empty());
     }
 
     pub async fn touch_never_resurrects(s: &dyn SessionStore) {
@@ -429,12 +434,12 @@ pub mod cases {
         assert!(matches!(s.touch("t1", at(60)).await, Err(Error::NotFound)));
         assert!(matches!(s.get("t1").await, Err(Error::NotFound)));
         assert!(
-            s.list_idle(at(10_000), 10).await.unwrap().is_empty(),
+            s.list_idle(at(10_000), 0, 10).await.unwrap().is_empty(),
             "no stray index entry"
         );
         // A later insert of the same id starts fresh.
         s.insert(&record("t1", 100), at(70)).await.unwrap();
-        let idle = s.list_idle(at(10_000), 10).await.unwrap();
+        let idle = s.list_idle(at(10_000), 0, 10).await.unwrap();
         assert_eq!(idle[0].last_activity.as_second(), at(70).as_second());
     }
 
@@ -457,7 +462,7 @@ pub mod cases {
         assert_eq!(s.touch_many(&[]).await.unwrap(), 0);
         // Activity never moves backwards (flushes from several Routers may arrive out of order).
         s.touch("m3", at(35)).await.unwrap();
-        let idle = s.list_idle(at(10_000), 10).await.unwrap();
+        let idle = s.list_idle(at(10_000), 0, 10).await.unwrap();
         let got: Vec<_> = idle
             .iter()
             .map(|i| (i.record.session_id.as_str(), i.last_activity.as_second()))
@@ -495,13 +500,19 @@ pub mod cases {
         }
         // i0 becomes the most recently active.
         s.touch("i0", at(1000)).await.unwrap();
-        let idle = s.list_idle(at(300), 10).await.unwrap();
+        let idle = s.list_idle(at(300), 0, 10).await.unwrap();
         let got: Vec<_> = idle.iter().map(|i| i.record.session_id.as_str()).collect();
         assert_eq!(got, ["i1", "i2", "i3"]);
         assert_eq!(idle[0].last_activity.as_second(), at(100).as_second());
-        assert_eq!(s.list_idle(at(10_000), 2).await.unwrap().len(), 2);
-        let all = s.list_idle(at(10_000), 100).await.unwrap();
+        assert_eq!(s.list_idle(at(10_000), 0, 2).await.unwrap().len(), 2);
+        let all = s.list_idle(at(10_000), 0, 100).await.unwrap();
         assert_eq!(all.last().unwrap().record.session_id, "i0");
+        // Paging: a page after the first `skip`, in the same order.
+        let page = s.list_idle(at(10_000), 2, 2).await.unwrap();
+        let got: Vec<_> = page.iter().map(|i| i.record.session_id.as_str()).collect();
+        assert_eq!(got, ["i3", "i4"]);
+        assert_eq!(s.list_idle(at(300), 2, 10).await.unwrap().len(), 1);
+        assert!(s.list_idle(at(10_000), 6, 10).await.unwrap().is_empty());
     }
 
     pub async fn optional_fields_round_trip(s: &dyn SessionStore) {
@@ -529,7 +540,7 @@ pub mod cases {
         }
         // The indexes still work.
         assert_eq!(s.list_expired(at(100), 10).await.unwrap().len(), 1);
-        assert_eq!(s.list_idle(at(100), 10).await.unwrap().len(), 1);
+        assert_eq!(s.list_idle(at(100), 0, 10).await.unwrap().len(), 1);
     }
 
     pub async fn placeholder_then_ready(s: &dyn SessionStore) {

@@ -20,7 +20,7 @@ async fn listing_examines_only_what_it_returns() {
     let t = "2026-08-03T04:05:06Z".parse::<jiff::Timestamp>().unwrap()
         + jiff::SignedDuration::from_secs(100_000);
     assert_eq!(s.list_expired(t, 10).await.unwrap().len(), 10);
-    assert_eq!(s.list_idle(t, 10).await.unwrap().len(), 10);
+    assert_eq!(s.list_idle(t, 0, 10).await.unwrap().len(), 10);
     assert_eq!(
         s.examined() - before,
         20,

@@ -225,7 +225,7 @@ async fn listings_cost_log_n_plus_k_on_20k_sessions() {
     let before = commandstats(&server);
     let t = jiff::Timestamp::from_second(base + 1_000_000).unwrap();
     let expired = store.list_expired(t, 25).await.unwrap();
-    let idle = store.list_idle(t, 25).await.unwrap();
+    let idle = store.list_idle(t, 0, 25).await.unwrap();
     let after = commandstats(&server);
     let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
     assert_eq!((expired.len(), idle.len()), (25, 25));

@@ -89,45 +89,10 @@ impl Gc {
     /// Idle sessions past their own timeout, and sessions past `expiresAt` (that are not idle
     /// victims already).
     async fn victims(&self, now: Timestamp) -> (Vec<Victim>, Vec<Victim>) {
-        let store = &self.manager.store;
-        let (mut idle_victims, mut expired_victims) = (Vec::new(), Vec::new());
         let mut seen = HashSet::new();
-        match store.list_idle(now, self.limit).await {
-            Ok(idle) => {
-                for s in idle {
-                    let timeout = if s.record.idle_timeout.0.is_zero() {
-                        DEFAULT_IDLE
-                    } else {
-                        s.record.idle_timeout.0
-                    };
-                    // Activity scores are whole seconds (floored): count from the end of that
-                    // second so a session is never reclaimed early (at most 1 s late).
-                    let deadline = s.last_activity
-                        + SignedDuration::from_secs(1)
-                        + SignedDuration::try_from(timeout).unwrap_or(SignedDuration::MAX);
-                    // A placeholder belongs to a create in progress (which rolls back itself)
-                    // for twice the create timeout; past that it is a leftover whatever its idle
-                    // timeout (a create whose store write landed after it gave up, or whose
-                    // rollback could not reach the store), which counted against the session
-                    // caps until its idle timeout, 15 minutes by default.
-                    let placeholder = s.record.status == SessionStatus::Creating;
-                    let in_progress = placeholder
-                        && now
-                            < s.record.created_at
-                                + SignedDuration::try_from(self.manager.create_timeout * 2)
-                                    .unwrap_or(SignedDuration::MAX);
-                    let due = deadline <= now || placeholder;
-                    if due && !in_progress && seen.insert(s.record.session_id.clone()) {
-                        idle_victims.push(s.record);
-                    }
-                }
-            }
-            Err(e) => {
-                self.manager.metrics.gc_errors.inc();
-                tracing::warn!(error = %e, "gc: cannot list idle sessions");
-            }
-        }
-        match store.list_expired(now, self.limit).await {
+        let idle_victims = self.idle_victims(now, &mut seen).await;
+        let mut expired_victims = Vec::new();
+        match self.manager.store.list_expired(now, self.limit).await {
             Ok(expired) => {
                 // Scores are whole seconds; the record's own `expiresAt` is exact.
                 for r in expired.into_iter().filter(|r| r.expires_at <= now) {
@@ -142,6 +107,61 @@ impl Gc {
             }
         }
         (idle_victims, expired_victims)
+    }
+
+    /// Sessions past their own idle timeout, up to `limit` of them. The store lists candidates
+    /// by last activity, oldest first, whatever their timeouts, so the listing goes on page by
+    /// page past those not due (sessions idle for hours under an 8-hour timeout) until it has
+    /// `limit` victims or has seen every session idle before `now`.
+    async fn idle_victims(&self, now: Timestamp, seen: &mut HashSet<String>) -> Vec<Victim> {
+        let mut victims = Vec::new();
+        let mut skip = 0;
+        while victims.len() < self.limit {
+            let page = match self.manager.store.list_idle(now, skip, self.limit).await {
+                Ok(page) => page,
+                Err(e) => {
+                    self.manager.metrics.gc_errors.inc();
+                    tracing::warn!(error = %e, "gc: cannot list idle sessions");
+                    break;
+                }
+            };
+            let last = page.len() < self.limit;
+            skip += page.len();
+            for s in page {
+                if self.idle_due(&s, now) && seen.insert(s.record.session_id.clone()) {
+                    victims.push(s.record);
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        victims
+    }
+
+    /// Whether an idle candidate is due at `now`.
+    fn idle_due(&self, s: &agentcube_store::IdleSession, now: Timestamp) -> bool {
+        let timeout = if s.record.idle_timeout.0.is_zero() {
+            DEFAULT_IDLE
+        } else {
+            s.record.idle_timeout.0
+        };
+        // Activity scores are whole seconds (floored): count from the end of that second so a
+        // session is never reclaimed early (at most 1 s late).
+        let deadline = s.last_activity
+            + SignedDuration::from_secs(1)
+            + SignedDuration::try_from(timeout).unwrap_or(SignedDuration::MAX);
+        // A placeholder belongs to a create in progress (which rolls back itself) for twice the
+        // create timeout; past that it is a leftover whatever its idle timeout (a create whose
+        // store write landed after it gave up, or whose rollback could not reach the store),
+        // which counted against the session caps until its idle timeout, 15 minutes by default.
+        let placeholder = s.record.status == SessionStatus::Creating;
+        let in_progress = placeholder
+            && now
+                < s.record.created_at
+                    + SignedDuration::try_from(self.manager.create_timeout * 2)
+                        .unwrap_or(SignedDuration::MAX);
+        (deadline <= now || placeholder) && !in_progress
     }
 
     /// Notes why each victim ends (first: a request the teardown cuts is told so), deletes
@@ -376,6 +396,31 @@ mod tests {
             1
         );
         assert_eq!(backend.deleted.lock().unwrap()[4], "sb-idle-15m");
+    }
+
+    /// Candidates come oldest activity first, `limit` per store round trip: sessions with long
+    /// idle timeouts at the front (agents kept for hours) must not hide the due ones behind them
+    /// — those would count against the session caps until the front ones went.
+    #[tokio::test]
+    async fn sessions_due_behind_a_page_of_long_lived_ones_are_reclaimed() {
+        let (mut gc, backend) = gc().await;
+        gc.limit = 3;
+        for i in 0..7 {
+            let mut r = record(
+                &format!("agent-{i}"),
+                8 * 3600,
+                86_400,
+                SessionStatus::Ready,
+            );
+            r.created_at = t0() - SignedDuration::from_hours(2);
+            gc.manager.store.insert(&r, r.created_at).await.unwrap();
+        }
+        let now = t0() + SignedDuration::from_secs(62);
+        let reclaimed = gc.run_once(now).await;
+        let mut deleted = backend.deleted.lock().unwrap().clone();
+        deleted.sort();
+        assert_eq!(deleted, ["sb-expired", "sb-idle-1m"]);
+        assert_eq!(reclaimed, 2);
     }
 
     /// A request the teardown cuts is told why (the Router reads the note while the record still
