@@ -103,6 +103,16 @@ fn api_server_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// Fails unless the Workload Manager's answer is the 503 of an API server that did not answer.
+fn unanswered(status: u16, body: &serde_json::Value) {
+    let message = body["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message.contains("Kubernetes API did not answer in time"),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn requests_to_an_api_server_that_stopped_answering_fail_in_time() {
     cluster();
@@ -129,15 +139,7 @@ async fn requests_to_an_api_server_that_stopped_answering_fail_in_time() {
         .expect("the Workload Manager answers while the API server is silent");
     let waited = started.elapsed();
     let status = r.status().as_u16();
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("Kubernetes API did not answer in time"),
-        "{body}"
-    );
+    unanswered(status, &r.json().await.unwrap());
     assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
     assert!(
         !k.record_gone(&s).await,
@@ -148,14 +150,7 @@ async fn requests_to_an_api_server_that_stopped_answering_fail_in_time() {
     // the rollback); before, it waited out the create timeout for a 504.
     let started = Instant::now();
     let (status, body) = k.create("code-interpreter", "od").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("did not answer in time"),
-        "{body}"
-    );
+    unanswered(status, &body);
     assert!(started.elapsed() < timeout * 5 + Duration::from_secs(5));
 
     // A garbage-collection pass ends too (before, it waited on its DELETE for good), having
