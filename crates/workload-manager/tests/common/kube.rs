@@ -67,6 +67,8 @@ pub struct KubeOptions {
     pub user_namespaces: bool,
     /// The Workload Manager's own client (default: the test's admin client).
     pub wm_client: Option<kube::Client>,
+    /// How long each of its watches lasts (default: the backend's).
+    pub watch_timeout: Option<Duration>,
 }
 
 impl Default for KubeOptions {
@@ -79,6 +81,7 @@ impl Default for KubeOptions {
             manifests: String::new(),
             auth_admin_group: None,
             wm_client: None,
+            watch_timeout: None,
             standby_claims: 0,
             auth_trusted_callers: Vec::new(),
             code_interpreter_uid: None,
@@ -303,6 +306,7 @@ impl KubeStack {
         kc.pod_defaults.user_namespaces = opts.user_namespaces;
         kc.probe_timeout = Duration::from_secs(5);
         kc.standby_claims = opts.standby_claims;
+        kc.watch_timeout = opts.watch_timeout.unwrap_or(kc.watch_timeout);
         let store: Arc<dyn SessionStore> = Arc::new(agentcube_store::MemoryStore::new());
         let wm_client = opts.wm_client.unwrap_or_else(|| client.clone());
         let backend = KubernetesBackend::start(wm_client.clone(), kc, store.clone())

@@ -15,10 +15,13 @@ use super::ON_DEMAND;
 use crate::common::kube::*;
 
 /// A TCP relay to `target` that can fall silent: while silent it forwards nothing on the
-/// connections it holds nor on new ones, and closes none — packets dropped on the way.
+/// connections it holds nor on new ones, and closes none — packets dropped on the way. Or it
+/// can cut the connections it holds (silent for good) and go on relaying new ones — connections
+/// that died without a word, the API server still there.
 struct Relay {
     addr: SocketAddr,
-    silent: Arc<watch::Sender<bool>>,
+    /// (silent, epoch): a connection accepted in an earlier epoch than this one is cut.
+    state: Arc<watch::Sender<(bool, u64)>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,28 +29,34 @@ impl Relay {
     async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let silent = Arc::new(watch::channel(false).0);
-        let tx = silent.clone();
+        let state = Arc::new(watch::channel((false, 0)).0);
+        let tx = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let rx = tx.subscribe();
+                let epoch = rx.borrow().1;
                 tokio::spawn(async move {
-                    let mut rx2 = rx.clone();
-                    let _ = rx2.wait_for(|s| !*s).await;
+                    if open(&mut rx.clone(), epoch).await.is_err() {
+                        return;
+                    }
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    tokio::join!(pump(ri, wo, rx.clone()), pump(ro, wi, rx));
+                    tokio::join!(pump(ri, wo, rx.clone(), epoch), pump(ro, wi, rx, epoch));
                 });
             }
         });
-        Self { addr, silent, task }
+        Self { addr, state, task }
     }
 
     fn silence(&self, on: bool) {
-        self.silent.send_replace(on);
+        self.state.send_modify(|s| s.0 = on);
+    }
+
+    fn cut(&self) {
+        self.state.send_modify(|s| s.1 += 1);
     }
 }
 
@@ -57,11 +66,21 @@ impl Drop for Relay {
     }
 }
 
+/// Waits until a connection of `epoch` may carry bytes (never, once cut).
+async fn open(state: &mut watch::Receiver<(bool, u64)>, epoch: u64) -> Result<(), ()> {
+    state
+        .wait_for(|(silent, now)| !silent && *now == epoch)
+        .await
+        .map(drop)
+        .map_err(drop)
+}
+
 /// Copies `from` to `to`, holding each chunk while the relay is silent.
 async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin,
-    mut silent: watch::Receiver<bool>,
+    mut state: watch::Receiver<(bool, u64)>,
+    epoch: u64,
 ) {
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -69,7 +88,7 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if silent.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if open(&mut state, epoch).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             break;
         }
     }
@@ -180,6 +199,41 @@ async fn requests_to_an_api_server_that_stopped_answering_fail_in_time() {
     })
     .await;
     assert!(k.record_gone(&s).await);
+    k.assert_no_records().await;
+    assert_eq!(k.stop().await, 0);
+}
+
+#[tokio::test]
+async fn watches_on_connections_that_died_silently_are_made_anew() {
+    cluster();
+    let relay = Relay::start(api_server_addr()).await;
+    let k = KubeStack::start(KubeOptions {
+        manifests: ON_DEMAND.into(),
+        wm_client: Some(client_through(&relay, Duration::from_secs(3)).await),
+        watch_timeout: Some(Duration::from_secs(3)),
+        ..Default::default()
+    })
+    .await;
+    let first = k.create_ok("code-interpreter", "od").await;
+    assert_eq!(k.delete(first["sessionId"].as_str().unwrap()).await, 200);
+
+    // Every connection the manager holds dies without a word; the API server still answers
+    // new ones. A create that goes out on a dead pooled connection is a 503 (the request
+    // timeout); the watches are made anew within their timeout plus 5 s, and creates work
+    // again. Before, the watches stayed on their dead connections for 290 s and every create
+    // waited out its timeout (504) for a Sandbox they never reported ready.
+    relay.cut();
+    let started = Instant::now();
+    let session = loop {
+        let (status, body) = k.create("code-interpreter", "od").await;
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{body}");
+    };
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(k.delete(session["sessionId"].as_str().unwrap()).await, 200);
     k.assert_no_records().await;
     assert_eq!(k.stop().await, 0);
 }

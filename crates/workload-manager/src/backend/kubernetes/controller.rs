@@ -52,6 +52,8 @@ pub struct Context {
     pub standby_claims: u32,
     /// Every Sandbox (the backend's watch): the pools' members, for their health.
     pub sandboxes: Arc<super::watched::Watched<Sandbox>>,
+    /// How the controllers' watches are made ([`super::watched::config`]).
+    pub watch: watcher::Config,
 }
 
 impl Context {
@@ -73,6 +75,7 @@ impl Context {
             peers,
             standby_claims,
             sandboxes,
+            watch: super::watched::config(super::watched::WATCH_TIMEOUT),
         }
     }
 }
@@ -84,27 +87,31 @@ pub async fn run(ctx: Arc<Context>) {
         rx.changed().await.ok()?;
         Some(((), rx))
     });
-    Controller::new(
-        Api::<CodeInterpreter>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns_stream_with(
-        spec_changes(Api::<SandboxTemplate>::all_with(client.clone(), &api)),
-        api,
-    )
-    .owns_stream_with(
-        spec_changes(Api::<SandboxWarmPool>::all_with(client.clone(), &api)),
-        api,
-    )
-    .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client)))
-    .reconcile_all_on(key_changed)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "codeinterpreter controller");
-        }
-    })
-    .await;
+    let watch = ctx.watch.clone();
+    Controller::new(Api::<CodeInterpreter>::all(client.clone()), watch.clone())
+        .owns_stream_with(
+            spec_changes(
+                Api::<SandboxTemplate>::all_with(client.clone(), &api),
+                watch.clone(),
+            ),
+            api,
+        )
+        .owns_stream_with(
+            spec_changes(
+                Api::<SandboxWarmPool>::all_with(client.clone(), &api),
+                watch.clone(),
+            ),
+            api,
+        )
+        .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client), watch))
+        .reconcile_all_on(key_changed)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "codeinterpreter controller");
+            }
+        })
+        .await;
 }
 
 /// Owned objects whose spec or metadata changed (a new `generation`), appeared or were deleted.
@@ -112,12 +119,13 @@ pub async fn run(ctx: Arc<Context>) {
 /// refill, and reconciling each time cost two applies and a list per change, on the hot path.
 fn spec_changes<K>(
     api: Api<K>,
+    watch: watcher::Config,
 ) -> impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut seen: HashMap<String, Option<i64>> = HashMap::new();
-    watcher(api, watcher::Config::default()).filter_map(move |event| {
+    watcher(api, watch).filter_map(move |event| {
         let out = match event {
             Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
                 let uid = o.meta().uid.clone().unwrap_or_default();
@@ -142,12 +150,9 @@ fn error_policy(ci: Arc<CodeInterpreter>, e: &BackendError, _: Arc<Context>) -> 
 
 /// The AgentRuntime side: its only owned object is the NetworkPolicy of `spec.networkPolicy`.
 pub async fn run_agent_runtimes(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    Controller::new(
-        Api::<AgentRuntime>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client)))
+    let (client, watch) = (ctx.client.clone(), ctx.watch.clone());
+    Controller::new(Api::<AgentRuntime>::all(client.clone()), watch.clone())
+    .owns_stream(spec_changes(Api::<NetworkPolicy>::all(client), watch))
     .run(
         |ar: Arc<AgentRuntime>, ctx: Arc<Context>| async move {
             let owner = controller_ref(&*ar);

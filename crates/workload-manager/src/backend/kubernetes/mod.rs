@@ -33,7 +33,6 @@ use agentcube_crds::sandbox::{
 use agentcube_types::BackingKind;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
-use kube::runtime::watcher;
 
 use super::{
     Backend, BackendError, Platform, PoolLevel, Sandbox, SandboxRequest, WarmPools, Workload,
@@ -70,6 +69,9 @@ pub struct KubeConfig {
     pub fixed_key: Option<String>,
     /// How long to wait for the first lists of the CRDs at start (upstream: 1 min).
     pub sync_timeout: Duration,
+    /// How long the API server keeps each watch open before the watch is made anew
+    /// ([`watched::config`]).
+    pub watch_timeout: Duration,
     /// Labels of the Router's pods (in `namespace`): ingress every definition's NetworkPolicy
     /// allows.
     pub router_pod_labels: std::collections::BTreeMap<String, String>,
@@ -93,6 +95,7 @@ impl KubeConfig {
             probe_timeout: Duration::from_secs(15),
             fixed_key: None,
             sync_timeout: Duration::from_secs(60),
+            watch_timeout: watched::WATCH_TIMEOUT,
             router_pod_labels: [("app".to_string(), "agentcube-router".to_string())].into(),
             manager_pod_labels: [("app".to_string(), "workloadmanager".to_string())].into(),
             standby_claims: 0,
@@ -212,9 +215,10 @@ impl KubernetesBackend {
         let definitions = Arc::new(Definitions::with_source(Arc::new(sources::CrSource(
             client.clone(),
         ))));
+        let cfg = || watched::config(config.watch_timeout);
         let mut tasks = tokio::time::timeout(
             config.sync_timeout,
-            sources::mirror_definitions(client.clone(), definitions.clone()),
+            sources::mirror_definitions(client.clone(), definitions.clone(), cfg()),
         )
         .await
         .map_err(|_| {
@@ -227,7 +231,7 @@ impl KubernetesBackend {
         let key = match &config.fixed_key {
             Some(pem) => RouterKey::fixed(Some(pem.clone())),
             None => {
-                let follow = sources::follow_key(client.clone(), &config.namespace);
+                let follow = sources::follow_key(client.clone(), &config.namespace, cfg());
                 let (key, task) = tokio::time::timeout(config.sync_timeout, follow)
                     .await
                     .map_err(|_| {
@@ -247,21 +251,23 @@ impl KubernetesBackend {
             manager: config.manager_pod_labels.clone(),
             metadata_access: config.metadata_access,
         };
-        let cfg = watcher::Config::default;
         let sandboxes = Arc::new(Watched::start_with(
             Api::all_with(client.clone(), &api),
             cfg(),
             api,
         ));
-        let ctx = Arc::new(controller::Context::new(
-            client.clone(),
-            api,
-            key.clone(),
-            config.pod_defaults.clone(),
-            peers,
-            standby::effective(config.standby_claims, api),
-            sandboxes.clone(),
-        ));
+        let ctx = Arc::new(controller::Context {
+            watch: cfg(),
+            ..controller::Context::new(
+                client.clone(),
+                api,
+                key.clone(),
+                config.pod_defaults.clone(),
+                peers,
+                standby::effective(config.standby_claims, api),
+                sandboxes.clone(),
+            )
+        });
         tasks.push(tokio::spawn(controller::run(ctx.clone())));
         tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));
         let claims = Arc::new(Watched::start_with(

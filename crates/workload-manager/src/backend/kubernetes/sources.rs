@@ -75,10 +75,10 @@ where
 pub async fn mirror_definitions(
     client: kube::Client,
     definitions: Arc<Definitions>,
+    config: watcher::Config,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let cis: Watched<CodeInterpreter> =
-        Watched::start(Api::all(client.clone()), watcher::Config::default());
-    let ars: Watched<AgentRuntime> = Watched::start(Api::all(client), watcher::Config::default());
+    let cis: Watched<CodeInterpreter> = Watched::start(Api::all(client.clone()), config.clone());
+    let ars: Watched<AgentRuntime> = Watched::start(Api::all(client), config);
     cis.ready().await;
     ars.ready().await;
     // Load synchronously once so the first request after start finds them.
@@ -131,11 +131,12 @@ pub fn key_of(secret: &Secret) -> Result<String, String> {
 pub async fn follow_key(
     client: kube::Client,
     namespace: &str,
+    config: watcher::Config,
 ) -> (RouterKey, tokio::task::JoinHandle<()>) {
     let (tx, key): (watch::Sender<Option<String>>, RouterKey) = RouterKey::followed();
     let secrets: Watched<Secret> = Watched::start(
         Api::namespaced(client, namespace),
-        watcher::Config::default().fields(&format!("metadata.name={IDENTITY_SECRET}")),
+        config.fields(&format!("metadata.name={IDENTITY_SECRET}")),
     );
     secrets.ready().await;
     let namespace = namespace.to_string();

@@ -5,6 +5,7 @@
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::api::Api;
@@ -34,6 +35,20 @@ where
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// How long the API server keeps a watch open (its `timeoutSeconds`) before the watch is made
+/// anew from where it was. kube-rs's watcher gives up on a watch that has sent nothing for this
+/// long plus 5 s; on HTTP/1.1 that is the only sign of a connection that died silently (a path
+/// that drops packets, a load balancer that forgot it), where client-go pings its HTTP/2
+/// connection. kube-rs's default, 290 s, left the caches blind that long: every create waited
+/// out its timeout for a Sandbox the dead watch never reported ready.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(55);
+
+/// A watcher configuration whose watches last `timeout` (whole seconds, at least 1).
+pub fn config(timeout: Duration) -> watcher::Config {
+    let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+    watcher::Config::default().timeout(secs)
 }
 
 impl<K> Watched<K>
