@@ -58,7 +58,7 @@ struct UpArgs {
     #[arg(long, env = "AGENTCUBE_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
     /// GC interval (Go duration).
-    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
+    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value_t = GoDuration(agentcube_workload_manager::DEFAULT_GC_INTERVAL))]
     gc_interval: GoDuration,
     /// Port of the admin listener serving `/metrics` (Router and Workload Manager); 0 disables it.
     #[arg(long, env = "AGENTCUBE_METRICS_PORT", default_value_t = 8082)]

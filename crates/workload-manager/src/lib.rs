@@ -47,9 +47,12 @@ use sessions::Manager;
 /// before they do.
 pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_secs(110);
 
+/// Default interval of garbage collection (`--gc-interval`; upstream: 15 s).
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// GC interval (upstream: 15 s).
+    /// GC interval ([`DEFAULT_GC_INTERVAL`]).
     pub gc_interval: Duration,
     /// Upper bound of one create ([`DEFAULT_CREATE_TIMEOUT`]).
     pub create_timeout: Duration,
@@ -64,7 +67,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            gc_interval: Duration::from_secs(15),
+            gc_interval: DEFAULT_GC_INTERVAL,
             create_timeout: DEFAULT_CREATE_TIMEOUT,
             limits: agentcube_serve::Limits::default(),
             admission: sessions::Admission::default(),

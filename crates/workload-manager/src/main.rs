@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, env = "WORKLOAD_MANAGER_METRICS_PORT", default_value_t = 9090)]
     metrics_port: u16,
     /// GC interval (Go duration).
-    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value = "15s")]
+    #[arg(long, env = "AGENTCUBE_GC_INTERVAL", default_value_t = GoDuration(agentcube_workload_manager::DEFAULT_GC_INTERVAL))]
     gc_interval: GoDuration,
     /// Upper bound of one sandbox creation (Go duration; upstream 2m: the SDKs and the Router
     /// give up on a create after 2 minutes, before its 504 said why).
