@@ -193,6 +193,27 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// How long bytes sent to Redis may go unacknowledged by its host before the connection is
+/// given up (`TCP_USER_TIMEOUT`). A command that times out does not make redis-rs reconnect, so
+/// a connection whose packets stopped arriving (a node gone without a word, a load balancer that
+/// dropped an idle flow) failed every command until the kernel gave up retransmitting, about 15
+/// minutes. A slow or busy Redis still acknowledges what it is sent: only a dead path trips this.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every store connection's TCP settings: no Nagle delay, keepalive probes after 30 s idle (an
+/// idle connection that died is found before a command needs it, and the probes keep
+/// middleboxes from forgetting it), and [`UNACKED_TIMEOUT`].
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(UNACKED_TIMEOUT)
+}
+
 fn map_err(e: RedisError) -> Error {
     if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped() {
         Error::Unavailable(e.to_string())
@@ -204,9 +225,12 @@ fn map_err(e: RedisError) -> Error {
 impl RedisStore {
     /// Validates the URL; does not connect yet.
     pub fn new(config: RedisConfig) -> Result<Self> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+        use redis::IntoConnectionInfo;
+        let info = config.url.as_str().into_connection_info().map_err(|e| {
             Error::Backend(format!("invalid Redis URL {}: {e}", config.redacted_url()))
         })?;
+        let client = redis::Client::open(info.set_tcp_settings(tcp_settings()))
+            .map_err(|e| Error::Backend(format!("Redis client: {e}")))?;
         Ok(Self {
             client,
             keys: Keys::new(&config.key_prefix),

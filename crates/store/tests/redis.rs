@@ -270,3 +270,91 @@ async fn dangling_index_entries_are_dropped() {
         .unwrap();
     assert_eq!((n, m), (0, 0));
 }
+
+/// Drops every packet of one TCP connection on this host's loopback (both directions), as a
+/// path that loses packets does — no reset, no FIN — until dropped.
+struct BlackHole {
+    table: String,
+}
+
+impl BlackHole {
+    fn connection(a: u16, b: u16) -> Self {
+        let table = format!("agentcube_test_blackhole_{}_{a}", std::process::id());
+        let script = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority raw;\n  \
+             tcp sport {a} tcp dport {b} drop\n  tcp sport {b} tcp dport {a} drop\n }}\n}}\n"
+        );
+        let out = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("nft (the test needs root)");
+        assert!(out.status.success(), "nft: {out:?}");
+        Self { table }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+/// The client ports of the server's connections other than `raw`'s own.
+async fn client_ports(con: &mut redis::aio::MultiplexedConnection) -> Vec<u16> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(con)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .filter_map(|l| {
+            let addr = l.split(' ').find_map(|f| f.strip_prefix("addr="))?;
+            addr.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// A connection whose packets stop arriving (a node gone without a word, a load balancer that
+/// dropped an idle flow) is given up within seconds and made anew. redis-rs reconnects only on
+/// errors that say the connection is gone, never on a command that timed out, so every command
+/// timed out until the kernel gave up retransmitting — about 15 minutes without a store.
+#[tokio::test]
+async fn a_connection_that_went_silent_is_replaced() {
+    let server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    store.ping().await.unwrap();
+    let mut con = raw(&server).await;
+    let before = client_ports(&mut con).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let hole = BlackHole::connection(before[0], server.port());
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    while store.ping().await.is_err() {
+        failed += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "still no store after {:?} ({failed} failed pings)",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(failed > 0, "the black hole took the connection");
+    // On a new connection (the server still lists the old one: its close was dropped too).
+    let after = client_ports(&mut con).await;
+    assert!(
+        after.iter().any(|p| *p != before[0]),
+        "{before:?} {after:?}"
+    );
+    assert!(started.elapsed() < agentcube_store::redis::UNACKED_TIMEOUT * 3);
+    drop(hole);
+}
