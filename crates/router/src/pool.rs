@@ -50,6 +50,18 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_IDLE: usize = 64;
 /// How often the reaper drops closed and expired idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long bytes sent to a sandbox may go unacknowledged by its host before the connection is
+/// given up (`TCP_USER_TIMEOUT`), and how long a connection may be quiet (idle, or waiting for a
+/// long command's answer) before its host is asked whether it is still there (keepalive
+/// probes, every [`PROBE_EVERY`] after). A sandbox whose node went away without a word (its
+/// packets dropped) then fails a request within seconds; before, the request waited as long as
+/// its client did, its concurrency slot held. A live host answers both whatever its sandbox is
+/// doing.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
+/// See [`UNACKED_TIMEOUT`].
+pub const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(30);
+/// See [`UNACKED_TIMEOUT`].
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// Where an entry point listens.
 #[derive(Debug, Clone)]
@@ -59,7 +71,8 @@ pub enum Addr {
 }
 
 impl Addr {
-    /// A connection to this address (TCP with `TCP_NODELAY`), within `timeout`.
+    /// A connection to this address (TCP with `TCP_NODELAY` and [`UNACKED_TIMEOUT`]), within
+    /// `timeout`.
     pub async fn open(&self, timeout: Duration) -> io::Result<Stream> {
         let connect = async {
             Ok(match self {
@@ -67,6 +80,7 @@ impl Addr {
                 Addr::Tcp { host, port } => {
                     let s = TcpStream::connect((host.as_str(), *port)).await?;
                     s.set_nodelay(true)?;
+                    notice_silence(&s)?;
                     Stream::Tcp(s)
                 }
             })
@@ -76,6 +90,16 @@ impl Addr {
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
         }
     }
+}
+
+/// Keepalive probes and [`UNACKED_TIMEOUT`] on a connection to a sandbox.
+fn notice_silence(s: &TcpStream) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(QUIET_BEFORE_PROBE)
+        .with_interval(PROBE_EVERY);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
 }
 
 /// One entry point: how to reach it, its `Host` header, its idle connections.

@@ -1,5 +1,6 @@
 //! Test support (feature `test-util`): a real `redis-server`/`valkey-server` on a private loopback
-//! port, and the conformance suite every [`SessionStore`] must pass.
+//! port, the conformance suite every [`SessionStore`] must pass, and a [`BlackHole`] for one
+//! loopback connection.
 //!
 //! Use [`conformance_tests!`](crate::conformance_tests) with an async expression that yields a
 //! [`Fixture`]; it expands to one `#[tokio::test]` per case.
@@ -296,6 +297,44 @@ impl crate::SessionStore for Flaky {
     async fn get_marks(&self, n: &[String]) -> crate::Result<Vec<Option<String>>> {
         self.check()?;
         self.inner.get_marks(n).await
+    }
+}
+
+/// Drops every packet of one TCP connection on this host's loopback (both directions), as a
+/// path that loses packets does — no reset, no FIN — until dropped.
+pub struct BlackHole {
+    table: String,
+}
+
+impl BlackHole {
+    /// Drops the packets between loopback ports `a` and `b` (needs root and `nft`).
+    pub fn connection(a: u16, b: u16) -> Self {
+        let table = format!("agentcube_test_blackhole_{}_{a}", std::process::id());
+        let script = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority raw;\n  \
+             tcp sport {a} tcp dport {b} drop\n  tcp sport {b} tcp dport {a} drop\n }}\n}}\n"
+        );
+        let out = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("nft (the test needs root)");
+        assert!(out.status.success(), "nft: {out:?}");
+        Self { table }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
     }
 }
 

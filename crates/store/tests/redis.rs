@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use agentcube_store::testing::{Fixture, Flavor, ServerProcess, cases};
+use agentcube_store::testing::{BlackHole, Fixture, Flavor, ServerProcess, cases};
 use agentcube_store::{Error, RedisConfig, RedisStore, SessionStore};
 
 mod redis_server {
@@ -269,43 +269,6 @@ async fn dangling_index_entries_are_dropped() {
         .await
         .unwrap();
     assert_eq!((n, m), (0, 0));
-}
-
-/// Drops every packet of one TCP connection on this host's loopback (both directions), as a
-/// path that loses packets does — no reset, no FIN — until dropped.
-struct BlackHole {
-    table: String,
-}
-
-impl BlackHole {
-    fn connection(a: u16, b: u16) -> Self {
-        let table = format!("agentcube_test_blackhole_{}_{a}", std::process::id());
-        let script = format!(
-            "table inet {table} {{\n chain out {{\n  type filter hook output priority raw;\n  \
-             tcp sport {a} tcp dport {b} drop\n  tcp sport {b} tcp dport {a} drop\n }}\n}}\n"
-        );
-        let out = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(script.as_bytes())?;
-                c.wait_with_output()
-            })
-            .expect("nft (the test needs root)");
-        assert!(out.status.success(), "nft: {out:?}");
-        Self { table }
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &self.table])
-            .status();
-    }
 }
 
 /// The client ports of the server's connections other than `raw`'s own.
