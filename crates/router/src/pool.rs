@@ -50,18 +50,20 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_IDLE: usize = 64;
 /// How often the reaper drops closed and expired idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-/// How long bytes sent to a sandbox may go unacknowledged by its host before the connection is
-/// given up (`TCP_USER_TIMEOUT`), and how long a connection may be quiet (idle, or waiting for a
-/// long command's answer) before its host is asked whether it is still there (keepalive
-/// probes, every [`PROBE_EVERY`] after). A sandbox whose node went away without a word (its
-/// packets dropped) then fails a request within seconds; before, the request waited as long as
-/// its client did, its concurrency slot held. A live host answers both whatever its sandbox is
-/// doing.
-pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
-/// See [`UNACKED_TIMEOUT`].
+/// How long a connection to a sandbox may be quiet (idle in the pool, or waiting for a long
+/// command's answer) before its host is asked whether it is still there: keepalive probes, every
+/// [`PROBE_EVERY`], [`PROBES`] unanswered ones ending the connection. A request waiting on a
+/// sandbox whose node went away without a word (its packets dropped) then ends in about a minute
+/// instead of waiting as long as its client does, holding a concurrency slot; a live host
+/// answers the probes whatever its sandbox is doing. (`TCP_USER_TIMEOUT`, which would also end
+/// a request sent into such a connection, is not set: the kernel applies it to a peer that
+/// keeps its window shut too, and an agent that reads a request late — a single-threaded server
+/// busy with another — would have its requests cut.)
 pub const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(30);
-/// See [`UNACKED_TIMEOUT`].
+/// See [`QUIET_BEFORE_PROBE`].
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// See [`QUIET_BEFORE_PROBE`].
+pub const PROBES: u32 = 3;
 
 /// Where an entry point listens.
 #[derive(Debug, Clone)]
@@ -71,7 +73,7 @@ pub enum Addr {
 }
 
 impl Addr {
-    /// A connection to this address (TCP with `TCP_NODELAY` and [`UNACKED_TIMEOUT`]), within
+    /// A connection to this address (TCP with `TCP_NODELAY` and keepalive probes), within
     /// `timeout`.
     pub async fn open(&self, timeout: Duration) -> io::Result<Stream> {
         let connect = async {
@@ -80,7 +82,7 @@ impl Addr {
                 Addr::Tcp { host, port } => {
                     let s = TcpStream::connect((host.as_str(), *port)).await?;
                     s.set_nodelay(true)?;
-                    notice_silence(&s)?;
+                    probe_when_quiet(&s)?;
                     Stream::Tcp(s)
                 }
             })
@@ -92,14 +94,13 @@ impl Addr {
     }
 }
 
-/// Keepalive probes and [`UNACKED_TIMEOUT`] on a connection to a sandbox.
-fn notice_silence(s: &TcpStream) -> io::Result<()> {
-    let sock = socket2::SockRef::from(s);
+/// Keepalive probes ([`QUIET_BEFORE_PROBE`]) on a connection to a sandbox.
+fn probe_when_quiet(s: &TcpStream) -> io::Result<()> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(QUIET_BEFORE_PROBE)
-        .with_interval(PROBE_EVERY);
-    sock.set_tcp_keepalive(&keepalive)?;
-    sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
+        .with_interval(PROBE_EVERY)
+        .with_retries(PROBES);
+    socket2::SockRef::from(s).set_tcp_keepalive(&keepalive)
 }
 
 /// One entry point: how to reach it, its `Host` header, its idle connections.
@@ -597,6 +598,27 @@ mod tests {
         c.read_size = MAX_READ;
         c.shrink();
         assert_eq!((c.buf.capacity(), c.read_size), (0, FIRST_READ));
+    }
+
+    /// The kernel's keepalive is what ends a connection whose host went away while a request
+    /// waits on it; `Addr::open` must ask for it, with the timing above.
+    #[tokio::test]
+    async fn connections_to_sandboxes_are_probed_when_quiet() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let addr = Addr::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let Stream::Tcp(s) = addr.open(Duration::from_secs(1)).await.unwrap() else {
+            panic!("a TCP address gives a TCP stream");
+        };
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), QUIET_BEFORE_PROBE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), PROBES);
+        assert!(s.nodelay().unwrap());
     }
 
     #[test]

@@ -197,7 +197,9 @@ impl std::fmt::Debug for RedisStore {
 /// given up (`TCP_USER_TIMEOUT`). A command that times out does not make redis-rs reconnect, so
 /// a connection whose packets stopped arriving (a node gone without a word, a load balancer that
 /// dropped an idle flow) failed every command until the kernel gave up retransmitting, about 15
-/// minutes. A slow or busy Redis still acknowledges what it is sent: only a dead path trips this.
+/// minutes. A slow or busy Redis still acknowledges what it is sent: only a dead path trips this,
+/// or a Redis blocked for that long with our sends filling its socket buffer (Linux applies the
+/// timeout to a shut receive window too), whose calls have timed out by then anyway.
 pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every store connection's TCP settings: no Nagle delay, keepalive probes after 30 s idle (an
