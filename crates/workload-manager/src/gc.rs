@@ -125,6 +125,8 @@ impl Gc {
                     break;
                 }
             };
+            // A short page is the end; one the store cut short by dropping index entries whose
+            // record vanished ends this pass's reading early, and the next pass goes on.
             let last = page.len() < self.limit;
             skip += page.len();
             for s in page {

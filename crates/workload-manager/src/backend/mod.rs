@@ -85,6 +85,22 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// An error and its sources, `: `-joined (a source its outer message already says is left out):
+/// what a connection failure was underneath ("connection refused", a certificate refused).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Where sandboxes run.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {

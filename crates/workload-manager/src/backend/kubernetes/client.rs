@@ -37,3 +37,32 @@ pub fn client(
 pub fn is_timeout(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Service(s) if s.is::<tower::timeout::error::Elapsed>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+
+    /// An unreachable API server is reported with what failed underneath, not only kube-rs's
+    /// "client error (Connect)".
+    #[tokio::test]
+    async fn an_unreachable_api_server_is_reported_with_the_cause() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+        let c = client(config, REQUEST_TIMEOUT).unwrap();
+        let e = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c, "default")
+            .get("x")
+            .await
+            .unwrap_err();
+        assert!(!is_timeout(&e));
+        let BackendError::Unavailable(m) = BackendError::from(e) else {
+            panic!("an unreachable API server is Unavailable");
+        };
+        assert!(m.starts_with("Kubernetes API unreachable: "), "{m}");
+        assert!(m.to_lowercase().contains("refused"), "{m}");
+    }
+}

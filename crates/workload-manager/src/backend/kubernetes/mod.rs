@@ -117,7 +117,10 @@ impl From<kube::Error> for BackendError {
                 "Kubernetes API did not answer in time (it may be overloaded or unreachable)"
                     .into(),
             ),
-            other => Self::Unavailable(format!("Kubernetes API unreachable: {other}")),
+            other => Self::Unavailable(format!(
+                "Kubernetes API unreachable: {}",
+                super::error_chain(&other)
+            )),
         }
     }
 }

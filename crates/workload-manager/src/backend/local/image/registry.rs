@@ -200,7 +200,7 @@ impl Registry {
     /// An error message that says what happened and what to do.
     fn explain(&self, image: &Reference, e: &OciDistributionError) -> PullError {
         let registry = image.resolve_registry();
-        let detail = chain(e);
+        let detail = crate::backend::error_chain(e);
         let (message, unreachable) = match e {
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => (
                 format!(
@@ -329,21 +329,6 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// An error and its sources, `: `-joined.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let part = c.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// `user:password` for any of `registries` from a Docker `config.json` (keys may carry a scheme
