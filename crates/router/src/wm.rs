@@ -42,9 +42,7 @@ impl WmClient {
         token: Option<String>,
         tls: Option<&agentcube_tls::ClientTls>,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
+        let http = tcp_connector();
         let connector = match tls {
             Some(tls) => tls.connector(http),
             None => agentcube_tls::system_roots(base, http),
@@ -162,6 +160,21 @@ impl WmClient {
     }
 }
 
+/// TCP to the Workload Manager: `TCP_NODELAY`, and the keepalive probes of sandbox connections
+/// ([`crate::pool::QUIET_BEFORE_PROBE`]): a create waiting on a manager whose node went away
+/// without a word ends in about a minute rather than at the WM timeout (120 s), and idle pooled
+/// connections to it are dropped before a create is sent into one.
+fn tcp_connector() -> HttpConnector {
+    use crate::pool::{PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_keepalive(Some(QUIET_BEFORE_PROBE));
+    http.set_keepalive_interval(Some(PROBE_EVERY));
+    http.set_keepalive_retries(Some(PROBES));
+    http
+}
+
 /// A create the Workload Manager did not make. What the client can act on keeps its status: a
 /// bad request (400), a namespace the caller may not use (403), a cap or the host's capacity
 /// reached (429), with the manager's words; the manager's store or API server out of reach
@@ -210,4 +223,26 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
+
+    #[tokio::test]
+    async fn connections_to_the_workload_manager_are_probed_when_quiet() {
+        use tower::ServiceExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: http::Uri = format!("http://{}", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let io = tcp_connector().oneshot(uri).await.unwrap();
+        let sock = socket2::SockRef::from(io.inner());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), QUIET_BEFORE_PROBE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), PROBES);
+        assert!(io.inner().nodelay().unwrap());
+    }
 }
