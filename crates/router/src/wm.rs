@@ -162,8 +162,8 @@ impl WmClient {
 
 /// TCP to the Workload Manager: `TCP_NODELAY`, and the keepalive probes of sandbox connections
 /// ([`crate::pool::QUIET_BEFORE_PROBE`]): a create waiting on a manager whose node went away
-/// without a word ends in about a minute rather than at the WM timeout (120 s), and idle pooled
-/// connections to it are dropped before a create is sent into one.
+/// without a word ends in about a minute rather than at the WM timeout (120 s), and an idle
+/// pooled connection to it is dropped within about a minute (hyper keeps idle ones 90 s).
 fn tcp_connector() -> HttpConnector {
     use crate::pool::{PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
     let mut http = HttpConnector::new();
