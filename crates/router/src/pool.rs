@@ -583,7 +583,7 @@ impl hyper::body::Body for Returning {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test]
@@ -613,7 +613,12 @@ mod tests {
         let Stream::Tcp(s) = addr.open(Duration::from_secs(1)).await.unwrap() else {
             panic!("a TCP address gives a TCP stream");
         };
-        let sock = socket2::SockRef::from(&s);
+        assert_probed_when_quiet(&s);
+    }
+
+    /// Fails unless `s` has `TCP_NODELAY` and the keepalive timing above.
+    pub(crate) fn assert_probed_when_quiet(s: &TcpStream) {
+        let sock = socket2::SockRef::from(s);
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), QUIET_BEFORE_PROBE);
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);

@@ -228,7 +228,6 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
 
     #[tokio::test]
     async fn connections_to_the_workload_manager_are_probed_when_quiet() {
@@ -238,11 +237,6 @@ mod tests {
             .parse()
             .unwrap();
         let io = tcp_connector().oneshot(uri).await.unwrap();
-        let sock = socket2::SockRef::from(io.inner());
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), QUIET_BEFORE_PROBE);
-        assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
-        assert_eq!(sock.tcp_keepalive_retries().unwrap(), PROBES);
-        assert!(io.inner().nodelay().unwrap());
+        crate::pool::tests::assert_probed_when_quiet(io.inner());
     }
 }

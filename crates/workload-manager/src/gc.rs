@@ -24,20 +24,22 @@ pub const ORPHAN_BATCH: usize = 500;
 /// Upstream default idle timeout for records that carry none.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 
+/// A record's idle timeout ([`DEFAULT_IDLE`] for one that carries none).
+fn idle_timeout(r: &Victim) -> Duration {
+    if r.idle_timeout.0.is_zero() {
+        DEFAULT_IDLE
+    } else {
+        r.idle_timeout.0
+    }
+}
+
 /// Why GC reclaimed a session, in words for its next user.
 fn why_reclaimed(r: &Victim, reason: Reason) -> String {
     match reason {
-        Reason::idle => {
-            let timeout = if r.idle_timeout.0.is_zero() {
-                DEFAULT_IDLE
-            } else {
-                r.idle_timeout.0
-            };
-            format!(
-                "it was idle for longer than its sessionTimeout ({})",
-                agentcube_types::GoDuration(timeout)
-            )
-        }
+        Reason::idle => format!(
+            "it was idle for longer than its sessionTimeout ({})",
+            agentcube_types::GoDuration(idle_timeout(r))
+        ),
         _ => agentcube_types::session::past_its_end(r.expires_at),
     }
 }
@@ -143,11 +145,7 @@ impl Gc {
 
     /// Whether an idle candidate is due at `now`.
     fn idle_due(&self, s: &agentcube_store::IdleSession, now: Timestamp) -> bool {
-        let timeout = if s.record.idle_timeout.0.is_zero() {
-            DEFAULT_IDLE
-        } else {
-            s.record.idle_timeout.0
-        };
+        let timeout = idle_timeout(&s.record);
         // Activity scores are whole seconds (floored): count from the end of that second so a
         // session is never reclaimed early (at most 1 s late).
         let deadline = s.last_activity

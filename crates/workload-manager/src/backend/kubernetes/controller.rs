@@ -56,30 +56,6 @@ pub struct Context {
     pub watch: watcher::Config,
 }
 
-impl Context {
-    pub fn new(
-        client: kube::Client,
-        api: AgentSandboxApi,
-        key: RouterKey,
-        pod_defaults: desired::PodDefaults,
-        peers: super::network::Peers,
-        standby_claims: u32,
-        sandboxes: Arc<super::watched::Watched<Sandbox>>,
-    ) -> Self {
-        Self {
-            client,
-            api,
-            key,
-            pod_defaults,
-            written: Mutex::default(),
-            peers,
-            standby_claims,
-            sandboxes,
-            watch: super::watched::config(super::watched::WATCH_TIMEOUT),
-        }
-    }
-}
-
 /// Runs the controller until the task is dropped.
 pub async fn run(ctx: Arc<Context>) {
     let (client, api) = (ctx.client.clone(), ctx.api);

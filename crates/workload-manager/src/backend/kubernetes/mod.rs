@@ -260,16 +260,15 @@ impl KubernetesBackend {
             api,
         ));
         let ctx = Arc::new(controller::Context {
+            client: client.clone(),
+            api,
+            key: key.clone(),
+            pod_defaults: config.pod_defaults.clone(),
+            written: Default::default(),
+            peers,
+            standby_claims: standby::effective(config.standby_claims, api),
+            sandboxes: sandboxes.clone(),
             watch: cfg(),
-            ..controller::Context::new(
-                client.clone(),
-                api,
-                key.clone(),
-                config.pod_defaults.clone(),
-                peers,
-                standby::effective(config.standby_claims, api),
-                sandboxes.clone(),
-            )
         });
         tasks.push(tokio::spawn(controller::run(ctx.clone())));
         tasks.push(tokio::spawn(controller::run_agent_runtimes(ctx)));
