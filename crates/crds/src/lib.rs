@@ -8,8 +8,12 @@
 //! 3. [`manifest::load`] parses manifest files the way the API server would: schema defaults
 //!    applied, unknown fields and bad values refused ([`schema`]), then typed.
 //! 4. The Workload Manager builds [`sandbox`] objects from them, labelled with [`labels`].
+//!
+//! [`client`] is the Kubernetes client the Workload Manager and the Router reach the API server
+//! with (request timeout, keepalive, unacknowledged-data timeout).
 
 pub mod agent_runtime;
+pub mod client;
 pub mod code_interpreter;
 pub mod common;
 pub mod labels;

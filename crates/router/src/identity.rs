@@ -145,8 +145,13 @@ pub async fn load_or_create_secret(
         "stringData": {"private.pem": fresh.private_pem, "public.pem": fresh.public_pem},
     }))
     .map_err(|e| IdentityError::Key(e.to_string()))?;
-    let kube_err =
-        |e: kube::Error| IdentityError::Key(format!("Secret {namespace}/{SECRET_NAME}: {e}"));
+    let kube_err = |e: kube::Error| {
+        let e = match agentcube_crds::client::is_timeout(&e) {
+            true => "the Kubernetes API did not answer in time".to_string(),
+            false => e.to_string(),
+        };
+        IdentityError::Key(format!("Secret {namespace}/{SECRET_NAME}: {e}"))
+    };
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(fresh),
         Err(kube::Error::Api(e)) if e.code == 409 => {

@@ -132,18 +132,14 @@ async fn main() -> anyhow::Result<()> {
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
             || std::env::var_os("KUBECONFIG").is_some() =>
         {
-            let mut kc = kube::Config::infer()
+            let kc = kube::Config::infer()
                 .await
                 .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
-            // Named in the API server's audit log (and checked against the chart's RBAC in tests).
-            kc.headers.push((
-                http::header::USER_AGENT,
-                http::HeaderValue::from_static(concat!(
-                    "agentcube-router/",
-                    env!("CARGO_PKG_VERSION")
-                )),
-            ));
-            let client = kube::Client::try_from(kc)?;
+            // Named in the API server's audit log (and checked against the chart's RBAC in
+            // tests); an API server that does not answer fails the start in bounded time.
+            let agent = concat!("agentcube-router/", env!("CARGO_PKG_VERSION"));
+            let client =
+                agentcube_crds::client::client(kc, agent, agentcube_crds::client::REQUEST_TIMEOUT)?;
             agentcube_router::identity::load_or_create_secret(client, &args.namespace).await?
         }
         None => {

@@ -75,3 +75,31 @@ async fn an_existing_secret_is_loaded_not_replaced() {
     let other = KeyPair::generate().unwrap();
     assert_ne!(other.public_pem, first.public_pem);
 }
+
+/// An API server that accepts and never answers (hung, or a path that drops packets): the
+/// Router's start fails in bounded time and says why, instead of never getting ready.
+#[tokio::test]
+async fn an_api_server_that_does_not_answer_fails_the_start_in_time() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = l.accept().await {
+            held.push(c);
+        }
+    });
+    let config = kube::Config::new(url.parse().unwrap());
+    let timeout = std::time::Duration::from_millis(500);
+    let client = agentcube_crds::client::client(config, "test", timeout).unwrap();
+    let started = std::time::Instant::now();
+    let e = load_or_create_secret(client, "agentcube")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(
+        e.contains("picod-router-identity: the Kubernetes API did not answer in time"),
+        "{e}"
+    );
+    held.abort();
+}

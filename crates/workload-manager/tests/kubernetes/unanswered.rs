@@ -22,6 +22,8 @@ struct Relay {
     addr: SocketAddr,
     /// (silent, epoch): a connection accepted in an earlier epoch than this one is cut.
     state: Arc<watch::Sender<(bool, u64)>>,
+    /// The client ports of the connections accepted, in order.
+    peers: Arc<std::sync::Mutex<Vec<u16>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -31,8 +33,11 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(watch::channel((false, 0)).0);
         let tx = state.clone();
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
         let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
+            while let Ok((inbound, peer)) = listener.accept().await {
+                seen.lock().unwrap().push(peer.port());
                 let rx = tx.subscribe();
                 let epoch = rx.borrow().1;
                 tokio::spawn(async move {
@@ -48,7 +53,12 @@ impl Relay {
                 });
             }
         });
-        Self { addr, state, task }
+        Self {
+            addr,
+            state,
+            peers,
+            task,
+        }
     }
 
     fn silence(&self, on: bool) {
@@ -236,4 +246,43 @@ async fn watches_on_connections_that_died_silently_are_made_anew() {
     assert_eq!(k.delete(session["sessionId"].as_str().unwrap()).await, 200);
     k.assert_no_records().await;
     assert_eq!(k.stop().await, 0);
+}
+
+/// A pooled connection whose packets stop arriving (the API server's node gone without a word,
+/// its conntrack entry behind the `kubernetes` Service a black hole): a request written into
+/// it fails when its bytes go unacknowledged for the client's `TCP_USER_TIMEOUT`, not at the
+/// request timeout (70 s) — and the next goes out on a new connection.
+#[tokio::test]
+async fn a_request_on_a_connection_that_went_silent_fails_in_seconds() {
+    use agentcube_store::testing::BlackHole;
+    use k8s_openapi::api::core::v1::Namespace;
+    cluster();
+    let relay = Relay::start(api_server_addr()).await;
+    let namespaces =
+        kube::Api::<Namespace>::all(client_through(&relay, client::REQUEST_TIMEOUT).await);
+    namespaces.get("default").await.unwrap();
+    let pooled = relay.peers.lock().unwrap().clone();
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    let hole = BlackHole::connection(pooled[0], relay.addr.port());
+
+    let started = Instant::now();
+    let e = namespaces.get("default").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(!client::is_timeout(&e), "{e:?}");
+    let unacked = agentcube_crds::client::UNACKED_TIMEOUT;
+    assert!(
+        waited >= unacked / 2 && waited < unacked * 2,
+        "{waited:?} {e:?}"
+    );
+    // What a create or DELETE would answer (503) says so.
+    let said = agentcube_workload_manager::backend::BackendError::from(e);
+    let said = format!("{said:?}");
+    assert!(
+        said.contains("Unavailable(\"Kubernetes API unreachable: "),
+        "{said}"
+    );
+    assert!(said.contains("Connection timed out"), "{said}");
+    namespaces.get("default").await.unwrap();
+    assert_eq!(relay.peers.lock().unwrap().len(), 2);
+    drop(hole);
 }

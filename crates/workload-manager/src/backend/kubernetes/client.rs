@@ -1,41 +1,19 @@
-//! The Workload Manager's Kubernetes client: kube-rs's, plus a bound on how long the API server
-//! may leave a request unanswered.
-//!
-//! kube-rs sets no read timeout (exec and watch streams are long-lived), so a request to an API
-//! server that stopped answering — a hung process, a network path that drops packets instead of
-//! refusing them — waited until it answered again or TCP gave up (about 15 minutes), and a
-//! garbage-collection pass stood still behind one `DELETE` meanwhile. Here every request must
-//! have its response headers within [`REQUEST_TIMEOUT`]. Watches are not cut by it: their
-//! headers come at once, and a stream that goes quiet is kube-rs's watcher's to reopen.
+//! The Workload Manager's Kubernetes client: the binaries' shared one
+//! ([`agentcube_crds::client`]: a request timeout, connections that notice a vanished API
+//! server), named in the API server's audit log.
 
 use std::time::Duration;
 
-/// How long a request may wait for the API server's answer (its response headers). Longer than
-/// the API server's own limit on a request (`--request-timeout`, 1 minute by default), so that
-/// a server that is slow but alive answers for itself (504) first.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+pub use agentcube_crds::client::{REQUEST_TIMEOUT, is_timeout};
 
-/// A client for `config`, named in the API server's audit log, whose requests fail with
-/// [`kube::Error::Service`] ([`is_timeout`]) when unanswered for `request_timeout`.
+/// A client for `config` whose requests fail ([`is_timeout`]) when unanswered for
+/// `request_timeout`.
 pub fn client(
-    mut config: kube::Config,
+    config: kube::Config,
     request_timeout: Duration,
 ) -> Result<kube::Client, kube::Error> {
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!(
-            "agentcube-workload-manager/",
-            env!("CARGO_PKG_VERSION")
-        )),
-    ));
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&tower::timeout::TimeoutLayer::new(request_timeout))
-        .build())
-}
-
-/// Whether `e` is a request the API server left unanswered for the client's request timeout.
-pub fn is_timeout(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Service(s) if s.is::<tower::timeout::error::Elapsed>())
+    let agent = concat!("agentcube-workload-manager/", env!("CARGO_PKG_VERSION"));
+    agentcube_crds::client::client(config, agent, request_timeout)
 }
 
 #[cfg(test)]
