@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class CodeInterpreterClient:
     """A Code Interpreter session. Created at the Workload Manager on construction (or, with
-    ``session_id``, an existing one after checking it exists), used through the Router, deleted
+    ``session_id``, an existing one, attached without a call), used through the Router, deleted
     by :meth:`stop` or ``with``."""
 
     def __init__(
@@ -45,17 +45,17 @@ class CodeInterpreterClient:
         self.ttl = ttl
         self._auth = resolve_auth(auth, auth_token)
         self._cp = ControlPlaneClient(workload_manager_url, auth=self._auth)
-        created = False
-        try:
-            if session_id is None:
+        # With ``session_id`` no call, as upstream: a session that does not exist (any more) is
+        # SessionNotFoundError at the first call, with the Router's reason. (Reading it at the
+        # Workload Manager first cost a round trip, needed the manager reachable, and failed
+        # under its caller authentication for a caller that did not create the session.)
+        created = session_id is None
+        if session_id is None:
+            try:
                 session_id = self._cp.create_session(name=name, namespace=namespace, ttl=ttl)
-                created = True
-            else:
-                # Attach only to a session that exists (SessionNotFoundError otherwise).
-                self._cp.get_session(session_id)
-        except Exception:
-            self._cp.close()
-            raise
+            except Exception:
+                self._cp.close()
+                raise
         self._session_id: Optional[str] = session_id
         try:
             self._dp = CodeInterpreterDataPlaneClient(

@@ -12,6 +12,7 @@ import requests
 
 from agentcube import (CodeInterpreterClient, CommandExecutionError, DataPlaneError, Execution,
                        ExecutionError, SessionError, SessionNotFoundError)
+from conftest import _free_port
 
 def _error(ex: Execution) -> ExecutionError:
     """The cell's error, which the test expects there to be."""
@@ -174,6 +175,11 @@ def test_session_reuse_by_id(stack):
         c.write_file("kept", "state.txt")
         other = CodeInterpreterClient(session_id=c.session_id)
         assert other.execute_command("cat state.txt") == "kept"
+        # Attaching makes no Workload Manager call (as upstream): a client that reaches only
+        # the Router works.
+        unreachable = f"http://127.0.0.1:{_free_port()}"
+        router_only = CodeInterpreterClient(session_id=c.session_id, workload_manager_url=unreachable)
+        assert router_only.execute_command("cat state.txt") == "kept"
 
 
 def test_sessions_are_read_at_the_workload_manager_and_listed_only_by_authenticated_callers(stack):
@@ -206,9 +212,13 @@ def test_sessions_are_read_at_the_workload_manager_and_listed_only_by_authentica
     with pytest.raises(SessionNotFoundError) as e:
         cp.get_session(sid)
     assert e.value.status_code == 404
-    # Attaching to a session that does not exist fails at once, before any data-plane call.
-    with pytest.raises(SessionNotFoundError):
-        CodeInterpreterClient(session_id=sid)
+    # Attaching makes no call (as upstream's SDK); a session that does not exist any more is
+    # SessionNotFoundError at the first call, with the reason.
+    gone = CodeInterpreterClient(session_id=sid)
+    with pytest.raises(SessionNotFoundError) as why:
+        gone.execute_command("true")
+    assert f"session {sid} has ended: it was deleted" in str(why.value)
+    gone.stop()
     with pytest.raises(ValueError):
         cp.list_sessions("sandboxes")
     cp.close()
