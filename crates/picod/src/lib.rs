@@ -2,6 +2,8 @@
 //! Router, and accepts only requests carrying an RS256 JWT signed by the Router.
 //!
 //! Main flow:
+//! 0. Started as PID 1 of its namespace (a container's entrypoint), `main` becomes its init
+//!    ([`init`]: reaps orphans, forwards signals) and serves from a child.
 //! 1. `main` parses flags/env into a [`Config`] and binds a listener ([`ListenAddr::bind`]: TCP
 //!    or a Unix socket, marked listening once bound: [`listen`]).
 //! 2. [`AppState::new`] canonicalises the workspace and loads the public key ([`auth::Verifier`];
@@ -27,6 +29,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod forward;
+pub mod init;
 pub mod jail;
 pub mod listen;
 pub mod metrics;

@@ -132,6 +132,18 @@ impl TryFrom<Args> for (Config, ListenAddr) {
 const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    // PID 1 of its namespace (a container's entrypoint): be its init, serve from a child.
+    let marked = std::env::var_os(agentcube_picod::init::CHILD_MARK).is_some();
+    if agentcube_picod::init::wanted(nix::unistd::getpid(), marked) {
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| "picod".into());
+        let program = std::env::current_exe().map_or(argv0, Into::into);
+        return agentcube_picod::init::supervise(program, args.collect())
+            .context("cannot start PicoD under its init");
+    }
+    if marked {
+        agentcube_picod::init::as_child().context("cannot unblock signals")?;
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)

@@ -57,6 +57,17 @@ async fn gvisor_sandboxes_run_picod_behind_a_user_space_kernel() {
         text.contains("Operation not permitted") && !text.contains("rc=0"),
         "{text}"
     );
+    // PicoD is PID 1 under gVisor: it serves as PID 2 under its own init, which reaps what
+    // commands leave behind (before, each orphan stayed a zombie, holding a process slot).
+    let out = exec(&v, &sh("cat /proc/1/comm /proc/2/comm; sleep 0.1 &")).await;
+    assert_eq!(out["stdout"], "picod\npicod\n", "{out}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let out = exec(&v, &sh("cat /proc/[0-9]*/stat")).await;
+    let states = out["stdout"].as_str().unwrap();
+    assert!(
+        states.lines().all(|l| !l.contains(") Z ")) && !states.contains("(sleep)"),
+        "{states}"
+    );
     // Memory-backed directories are sized below the memory limit, the rest is read-only.
     let fills = [("/tmp/fill", 128), ("/dev/shm/fill", 32)];
     tmpfs_fill_up_to_their_size(&v, &fills, &["", "/dev", "/run"]).await;

@@ -1,0 +1,102 @@
+//! PicoD as the first process of its PID namespace: a Kubernetes container's entrypoint is
+//! PID 1 there, and PID 1 inherits every orphan — a process whose parent exited first, as
+//! `sleep 9 &` in a command does once the command's shell is gone. Nobody reaped them: each
+//! stayed a zombie for the sandbox's life, holding a slot of the pod's process limit, until
+//! commands could no longer start. (Locally bubblewrap's own init is PID 1 and reaps them.)
+//!
+//! So PicoD started as PID 1 does what bubblewrap's init does: it starts PicoD again as its
+//! child ([`supervise`]) and, single-threaded, reaps every process that ends under it,
+//! forwards the signals a container receives (`SIGTERM` at pod deletion, …) to that child, and
+//! exits with the child's status. The child serves as before; its own commands are still its
+//! own children, reaped by it, so their exit codes are untouched.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Set in the child's environment: it is the PicoD that serves (not another init).
+pub const CHILD_MARK: &str = "PICOD_INIT_CHILD";
+
+/// Signals passed on to the serving PicoD.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Whether this process should be the init: PID 1 of its namespace, and not the child of one.
+pub fn wanted(pid: Pid, marked: bool) -> bool {
+    pid.as_raw() == 1 && !marked
+}
+
+/// Starts `program` with `args` (this binary again) marked [`CHILD_MARK`], then reaps and
+/// forwards until it ends; returns its exit status (128 + signal when killed). Must run before
+/// any other thread exists: the blocked signals are this thread's.
+pub fn supervise(program: OsString, args: Vec<OsString>) -> std::io::Result<ExitCode> {
+    let mut waited = SigSet::empty();
+    waited.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        waited.add(s);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None)?;
+    // The child inherits the blocked set: it unblocks it first thing ([`as_child`]).
+    let child = std::process::Command::new(program)
+        .args(args)
+        .env(CHILD_MARK, "1")
+        .spawn()?;
+    let child = Pid::from_raw(child.id() as i32);
+    loop {
+        let signal = waited.wait()?;
+        if signal != Signal::SIGCHLD {
+            let _ = kill(child, signal);
+            continue;
+        }
+        if let Some(code) = reap(child) {
+            return Ok(code);
+        }
+    }
+}
+
+/// In the child [`supervise`] started: the signals its init blocked are delivered again.
+pub fn as_child() -> std::io::Result<()> {
+    Ok(sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    )?)
+}
+
+/// Reaps every process that has ended; the child's exit status once it is among them.
+fn reap(child: Pid) -> Option<ExitCode> {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                return Some(ExitCode::from(code.clamp(0, 255) as u8));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
+                return Some(ExitCode::from(128 + signal as u8));
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pid_1_unmarked_is_the_init() {
+        assert!(wanted(Pid::from_raw(1), false));
+        assert!(!wanted(Pid::from_raw(1), true));
+        assert!(!wanted(Pid::from_raw(2), false));
+        assert!(!wanted(nix::unistd::getpid(), false), "tests are not PID 1");
+    }
+}
