@@ -192,6 +192,15 @@ class CodeInterpreterClient:
         ``exit_code``."""
         return list_processes(self._dp)
 
+    def kill_all_processes(self) -> int:
+        """Ends every process in the sandbox but its server (PicoD): what commands left running
+        in the background, processes, contexts' interpreters. The way back for a session at its
+        process limit (a fork bomb, servers started in a loop), where not even ``kill`` can
+        start; the workspace is kept. Answers how many processes were ended. Refused (HTTP 409,
+        :class:`DataPlaneError`) where the sandbox is not a process namespace of its own."""
+        answer = self._dp.post_json("api/processes/kill-all", {})
+        return int(answer["killed"])
+
     def attach_process(self, process_id: str) -> Process:
         """A handle on a process started earlier (e.g. by another client of the same session)."""
         for item in self.list_processes():

@@ -335,3 +335,24 @@ def test_interrupt_keeps_state_and_processes_die_with_the_sandbox(stack):
     while subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0:
         assert time.time() < deadline, "the process outlived its sandbox"
         time.sleep(0.2)
+
+
+def test_kill_all_processes_brings_back_a_session_at_its_process_limit(stack):
+    """Commands that left processes behind until the sandbox is at its process limit (locally:
+    the test cluster's kubelet sets no limit, so there only 20): not even `kill` can start, and
+    kill_all_processes() ends them all; the workspace and the session stay."""
+    with CodeInterpreterClient() as c:
+        c.write_file("kept", "state.txt")
+        left = 600 if stack.backend == "local" else 20
+        try:
+            c.execute_command(["sh", "-c", f"for i in $(seq {left}); do sleep 300 & done"])
+        except CommandExecutionError as filled:
+            assert stack.backend == "local", filled  # its shell could not fork at the limit
+        if stack.backend == "local":
+            with pytest.raises(CommandExecutionError) as full:  # three processes where one is free
+                c.execute_command(["sh", "-c", "true | true"])
+            assert "it is at its process limit" in str(full.value) and "kill_all_processes()" in str(full.value)
+            left = 400
+        assert c.kill_all_processes() >= left
+        assert c.execute_command("cat state.txt") == "kept"
+        assert c.execute_command(["sh", "-c", "pgrep -c sleep || true"]).strip() == "0"

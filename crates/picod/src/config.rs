@@ -44,6 +44,8 @@ pub struct Config {
     /// give `posix_spawn` a directory and would fall back to a slower `fork`. Only for a process
     /// that serves this one workspace (the `picod` binary).
     pub enter_workspace: bool,
+    /// PicoD started an agent it supervises (`picod -- CMD`): ending every process is refused.
+    pub supervises_agent: bool,
 }
 
 impl Config {
@@ -58,6 +60,7 @@ impl Config {
             token_cache_size: 1024,
             health_ports: Vec::new(),
             sandbox_name: None,
+            supervises_agent: false,
             limits: agentcube_serve::Limits {
                 max_connections: 1024,
                 ..Default::default()

@@ -109,7 +109,8 @@ fn mentions_failed_fork(text: &str) -> bool {
 /// The note for a command that could not start a process: the sandbox is at its process limit.
 pub const PROCESS_LIMIT: &str = "[picod: the sandbox cannot start another process: it is at \
      its process limit, which processes that earlier commands left running in the background \
-     count towards (end them, or start a new session)]";
+     count towards (end them all with POST /api/processes/kill-all, the SDK's \
+     kill_all_processes(), or start a new session)]";
 
 /// `ENOSPC` as libc words it.
 const DISK_FULL: &str = "No space left on device";

@@ -36,6 +36,9 @@ pub enum ApiError {
     /// A per-sandbox limit is reached (e.g. running processes).
     #[error("{0}")]
     TooMany(String),
+    /// Not possible in this sandbox's state (e.g. ending every process where that is unsafe).
+    #[error("{0}")]
+    Conflict(String),
     /// Body over the configured limit.
     #[error("request body too large")]
     TooLarge { limit: usize },
@@ -59,6 +62,7 @@ impl ApiError {
             Self::NotFound(_) | Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

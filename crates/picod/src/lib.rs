@@ -11,7 +11,8 @@
 //! 3. [`run`] serves [`app`]: `GET /health`, and behind [`auth::require_token`] `POST /api/execute`
 //!    ([`exec`]), `POST|GET /api/files`, `GET /api/files/{*path}` ([`files`]).
 //!    Background processes: [`process`] (`/api/processes`: start, list, output with resume,
-//!    stdin, signals). Stateful Python and bash contexts: [`context`] (`/api/contexts`).
+//!    stdin, signals; [`sweep`]: every process but PicoD ended). Stateful Python and bash
+//!    contexts: [`context`] (`/api/contexts`).
 //! 4. Every user path goes through [`jail::Workspace::walk`]; errors map to HTTP in [`error`].
 //! 5. Optionally ([`forward`]) Unix sockets forward to TCP ports inside the sandbox, for local
 //!    AgentRuntime sandboxes whose agent `main` starts as a child process.
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod process;
 pub mod ring_rsa;
 pub mod server;
+pub mod sweep;
 
 pub use config::{Auth, Config, ListenAddr};
 pub use error::ApiError;

@@ -181,7 +181,8 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
         agent: args.agent.clone(),
         agent_dir: args.agent_dir.clone(),
     };
-    let (config, listen) = <(Config, ListenAddr)>::try_from(args)?;
+    let (mut config, listen) = <(Config, ListenAddr)>::try_from(args)?;
+    config.supervises_agent = !extras.agent.is_empty();
     if matches!(config.auth, Auth::Disabled) {
         tracing::warn!(
             "AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach PicoD can run commands"

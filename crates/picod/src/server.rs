@@ -132,6 +132,7 @@ pub fn app(state: AppState) -> Router {
             post(process::close_stdin),
         )
         .route("/api/processes/{id}/signal", post(process::signal))
+        .route("/api/processes/kill-all", post(crate::sweep::kill_all))
         .route("/api/contexts", post(context::create).get(context::list))
         .route("/api/contexts/{id}", axum::routing::delete(context::delete))
         .route("/api/contexts/{id}/delete", post(context::delete))
