@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_picod");
@@ -33,10 +34,7 @@ impl Drop for Ns {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
             for init in children(self.0.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(init as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                signal(init, Signal::SIGKILL);
             }
             let _ = self.0.kill();
             let _ = self.0.wait();
@@ -91,6 +89,11 @@ fn execute(sock: &Path, command: &[&str]) -> String {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["stdout"].as_str().unwrap().to_string()
+}
+
+/// Sends `s` to host pid `pid` (gone already: ignored).
+fn signal(pid: u32, s: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s);
 }
 
 /// The host pids of `pid`'s children.
@@ -148,11 +151,7 @@ fn as_pid_1_it_reaps_orphans_and_stops_on_sigterm() {
     // SIGTERM to the init (what the kubelet sends PID 1): PicoD stops gracefully, status 0.
     let init = children(unshare.id());
     assert_eq!(init.len(), 1, "{init:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(init[0] as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(init[0], Signal::SIGTERM);
     let status = wait_exit(&mut unshare);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
@@ -165,11 +164,7 @@ fn as_pid_1_it_ends_with_picods_status() {
     let init = children(unshare.id());
     let server = children(init[0]);
     assert_eq!(server.len(), 1, "{server:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(server[0], Signal::SIGKILL);
     let status = wait_exit(&mut unshare);
     assert_eq!(status.code(), Some(128 + 9), "{status:?}");
 }
@@ -219,11 +214,7 @@ fn kill_all_ends_every_process_but_picod_and_its_init() {
     assert_eq!(list[0]["running"], false, "{list}");
     // PicoD serves on; its init stops with it.
     let init = children(unshare.id());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(init[0] as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(init[0], Signal::SIGTERM);
     assert_eq!(wait_exit(&mut unshare).code(), Some(0));
 }
 
