@@ -266,6 +266,14 @@ def build(
         return {"session_id": c.session_id, "process_id": process_id, "status": "stopped"}
 
     @tool(structured_output=False)
+    def kill_all_processes(ctx: Ctx, session_id: SessionId = None) -> Outcome:
+        """Ends every process in the sandbox but its server: what commands left running (servers,
+        a runaway loop, a fork bomb). Use it when commands fail because the sandbox is at its
+        process limit; files, and the session, stay."""
+        c = boxes.get(ctx, session_id)
+        return {"session_id": c.session_id, "killed": c.kill_all_processes()}
+
+    @tool(structured_output=False)
     def stop_session(ctx: Ctx, session_id: SessionId = None) -> Outcome:
         """Deletes the sandbox (this client's own, or the one named)."""
         return boxes.stop(ctx, session_id)

@@ -125,6 +125,14 @@ async def scenario(session: ClientSession, stack) -> None:
     assert started["session_id"] == first["session_id"], started
     out = await finished(session, started["process_id"])
     assert out["output"] == "bg\ndone\n" and out["exit_code"] == 0, out
+    # What commands left running ends (and run_cell's interpreter); the files stay.
+    answer(await session.call_tool("execute_command", {"command": "sh -c 'sleep 60 & sleep 60 & echo'"}))
+    swept = answer(await session.call_tool("kill_all_processes", {}))
+    assert swept["session_id"] == first["session_id"] and swept["killed"] >= 3, swept
+    r2 = answer(await session.call_tool("execute_command", {"command": "pgrep -c sleep || true"}))
+    assert r2["output"].strip() == "0", r2
+    r2 = answer(await session.call_tool("execute_command", {"command": "cat notes/a.txt"}))
+    assert r2["output"] == "hello mcp", r2
     r = await session.call_tool("stop_session", {})
     assert not r.is_error and "stopped" in text(r), r
 
