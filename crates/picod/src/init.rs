@@ -11,6 +11,7 @@
 //! own children, reaped by it, so their exit codes are untouched.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
@@ -33,6 +34,24 @@ const FORWARDED: [Signal; 6] = [
 /// Whether this process should be the init: PID 1 of its namespace, and not the child of one.
 pub fn wanted(pid: Pid, marked: bool) -> bool {
     pid.as_raw() == 1 && !marked
+}
+
+/// How to start this binary again, from its executable (`/proc/self/exe`) and its whole command
+/// line (`/proc/self/cmdline`): the same arguments after the first. Through its dynamic loader
+/// (`ld.so --library-path … /opt/agentcube/picod …`, as the local backend starts a dynamically
+/// linked PicoD on an image) the executable is the loader and the command line the loader's, so
+/// it goes through the loader again, with the loader's options; `std::env::args` would have
+/// lost them.
+pub fn again(
+    current_exe: Option<PathBuf>,
+    mut cmdline: Vec<OsString>,
+) -> (OsString, Vec<OsString>) {
+    let first = if cmdline.is_empty() {
+        OsString::from("picod")
+    } else {
+        cmdline.remove(0)
+    };
+    (current_exe.map_or(first, Into::into), cmdline)
 }
 
 /// Starts `program` with `args` (this binary again) marked [`CHILD_MARK`], then reaps and
@@ -91,6 +110,30 @@ fn reap(child: Pid) -> Option<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn it_starts_again_the_way_it_was_started() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let me = PathBuf::from("/opt/agentcube/picod");
+        let (program, args) = again(Some(me.clone()), os(&["picod", "--listen", "unix:/s"]));
+        assert_eq!((program, args), (me.into(), os(&["--listen", "unix:/s"])));
+        // Through the dynamic loader: its options are kept.
+        let loader = PathBuf::from("/opt/agentcube/lib/ld-linux-x86-64.so.2");
+        let line = os(&[
+            "/opt/agentcube/lib/ld-linux-x86-64.so.2",
+            "--library-path",
+            "/opt/agentcube/lib",
+            "/opt/agentcube/picod",
+            "--workspace",
+            "/w",
+        ]);
+        let (program, args) = again(Some(loader.clone()), line.clone());
+        assert_eq!((program, args), (loader.into(), line[1..].to_vec()));
+        assert_eq!(
+            again(None, os(&["picod", "-x"])),
+            ("picod".into(), os(&["-x"]))
+        );
+    }
 
     #[test]
     fn only_pid_1_unmarked_is_the_init() {

@@ -1,5 +1,6 @@
 //! `picod`: flags and environment → [`Config`], then serve until SIGTERM/SIGINT.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use agentcube_picod::{AppState, Auth, Config, ListenAddr};
@@ -135,10 +136,19 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     // PID 1 of its namespace (a container's entrypoint): be its init, serve from a child.
     let marked = std::env::var_os(agentcube_picod::init::CHILD_MARK).is_some();
     if agentcube_picod::init::wanted(nix::unistd::getpid(), marked) {
-        let mut args = std::env::args_os();
-        let argv0 = args.next().unwrap_or_else(|| "picod".into());
-        let program = std::env::current_exe().map_or(argv0, Into::into);
-        return agentcube_picod::init::supervise(program, args.collect())
+        // The whole command line, a dynamic loader's options included (`args_os` drops them).
+        let cmdline = match std::fs::read("/proc/self/cmdline") {
+            // NUL-terminated arguments (an empty one is kept).
+            Ok(line) => line
+                .strip_suffix(&[0])
+                .unwrap_or(&line)
+                .split(|b| *b == 0)
+                .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+                .collect(),
+            Err(_) => std::env::args_os().collect(),
+        };
+        let (program, args) = agentcube_picod::init::again(std::env::current_exe().ok(), cmdline);
+        return agentcube_picod::init::supervise(program, args)
             .context("cannot start PicoD under its init");
     }
     if marked {
