@@ -192,6 +192,12 @@ class CodeInterpreterClient:
         ``exit_code``."""
         return list_processes(self._dp)
 
+    def record(self) -> Dict[str, Any]:
+        """The session's record at the Workload Manager (``status``, ``expiresAt``, ...). Raises
+        :class:`SessionNotFoundError` once the session has gone — at once, where the Router may
+        still route a deleted session for its cache's TTL while the sandbox terminates."""
+        return self._cp.get_session(str(self.session_id))
+
     def kill_all_processes(self) -> int:
         """Ends every process in the sandbox but its server (PicoD): what commands left running
         in the background, processes, contexts' interpreters. The way back for a session at its

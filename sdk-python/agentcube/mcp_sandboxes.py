@@ -65,9 +65,14 @@ class Sandboxes:
                         break
                 else:
                     if session_id not in self.named:
-                        self.named[session_id] = CodeInterpreterClient(
+                        named = CodeInterpreterClient(
                             self.name, self.namespace, auth_token=self.auth_token, session_id=session_id
                         )
+                        # Read at the Workload Manager once: a session that has gone is replaced
+                        # at once (the Router may route it for its cache's TTL while its sandbox
+                        # terminates, and the model would work on in a sandbox about to go).
+                        named.record()
+                        self.named[session_id] = named
                     c = self.named[session_id]
             else:
                 session, key = self._key(mcp_ctx)

@@ -84,8 +84,8 @@ pub fn own_namespace(pid: Pid, ppid: Pid, proc_self: Option<&std::path::Path>) -
 /// skipped).
 fn others(me: i32) -> std::io::Result<Vec<i32>> {
     let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
             .file_name()
             .to_str()
             .and_then(|n| n.parse::<i32>().ok())
