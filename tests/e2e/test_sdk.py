@@ -213,8 +213,10 @@ def test_sessions_are_read_at_the_workload_manager_and_listed_only_by_authentica
         cp.get_session(sid)
     assert e.value.status_code == 404
     # Attaching makes no call (as upstream's SDK); a session that does not exist any more is
-    # SessionNotFoundError at the first call, with the reason.
+    # SessionNotFoundError at the first call, with the reason — once the Router's session cache
+    # (1 s) no longer routes it to its terminating sandbox (a pod's grace period on Kubernetes).
     gone = CodeInterpreterClient(session_id=sid)
+    time.sleep(1.2)
     with pytest.raises(SessionNotFoundError) as why:
         gone.execute_command("true")
     assert f"session {sid} has ended: it was deleted" in str(why.value)
