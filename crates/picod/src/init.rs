@@ -54,6 +54,17 @@ pub fn again(
     (current_exe.map_or(first, Into::into), cmdline)
 }
 
+/// The arguments of a `/proc/PID/cmdline`: NUL-terminated, an empty one kept.
+pub fn arguments(cmdline: &[u8]) -> Vec<OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    cmdline
+        .strip_suffix(&[0])
+        .unwrap_or(cmdline)
+        .split(|b| *b == 0)
+        .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+        .collect()
+}
+
 /// Starts `program` with `args` (this binary again) marked [`CHILD_MARK`], then reaps and
 /// forwards until it ends; returns its exit status (128 + signal when killed). Must run before
 /// any other thread exists: the blocked signals are this thread's.
@@ -132,6 +143,15 @@ mod tests {
         assert_eq!(
             again(None, os(&["picod", "-x"])),
             ("picod".into(), os(&["-x"]))
+        );
+    }
+
+    #[test]
+    fn a_command_line_keeps_empty_arguments() {
+        let line = arguments(b"picod\0--sandbox-name\0\0-x\0");
+        assert_eq!(
+            line,
+            ["picod", "--sandbox-name", "", "-x"].map(OsString::from)
         );
     }
 

@@ -1,6 +1,5 @@
 //! `picod`: flags and environment → [`Config`], then serve until SIGTERM/SIGINT.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use agentcube_picod::{AppState, Auth, Config, ListenAddr};
@@ -138,13 +137,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     if agentcube_picod::init::wanted(nix::unistd::getpid(), marked) {
         // The whole command line, a dynamic loader's options included (`args_os` drops them).
         let cmdline = match std::fs::read("/proc/self/cmdline") {
-            // NUL-terminated arguments (an empty one is kept).
-            Ok(line) => line
-                .strip_suffix(&[0])
-                .unwrap_or(&line)
-                .split(|b| *b == 0)
-                .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
-                .collect(),
+            Ok(line) => agentcube_picod::init::arguments(&line),
             Err(_) => std::env::args_os().collect(),
         };
         let (program, args) = agentcube_picod::init::again(std::env::current_exe().ok(), cmdline);
