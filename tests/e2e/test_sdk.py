@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -343,6 +344,10 @@ def test_kill_all_processes_brings_back_a_session_at_its_process_limit(stack):
     """Commands that left processes behind until the sandbox is at its process limit (locally:
     the test cluster's kubelet sets no limit, so there only 20): not even `kill` can start, and
     kill_all_processes() ends them all; the workspace and the session stay."""
+    # What the sweep must never reach: a neighbouring sandbox's process, and one of the host's.
+    neighbour = CodeInterpreterClient()
+    neighbour.execute_command(["sh", "-c", "sleep 300 & echo"])
+    host = subprocess.Popen(["sleep", "300"])
     with CodeInterpreterClient() as c:
         c.write_file("kept", "state.txt")
         left = 600 if stack.backend == "local" else 20
@@ -358,3 +363,8 @@ def test_kill_all_processes_brings_back_a_session_at_its_process_limit(stack):
         assert c.kill_all_processes() >= left
         assert c.execute_command("cat state.txt") == "kept"
         assert c.execute_command(["sh", "-c", "pgrep -c sleep || true"]).strip() == "0"
+    assert host.poll() is None, "a host process was killed"
+    assert neighbour.execute_command(["sh", "-c", "pgrep -c sleep || true"]).strip() == "1"
+    host.kill()
+    host.wait()
+    neighbour.stop()
