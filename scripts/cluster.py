@@ -91,6 +91,13 @@ def install(c: Cluster, extra: list[str], create_namespace: bool = True) -> None
     c.helm("install", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE,
            "--set", "bundledRedis.enabled=true", *extra, "--wait", "--timeout", "3m")
     log(f"helm install: Router, Workload Manager and Redis Ready in {time.time() - t:.1f} s")
+    # Started together, none may need a restart to come up: the Workload Manager waits for Redis
+    # (before, it exited once and waited out the kubelet's back-off).
+    restarted = {p["metadata"]["name"]: s["restartCount"] for p in json.loads(
+        c.kubectl("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"]
+        for s in p.get("status", {}).get("containerStatuses", []) if s["restartCount"]}
+    if restarted:
+        raise SystemExit(f"containers restarted during helm install: {restarted}")
     for f in sorted(REPO.glob("examples/*.yaml")):
         c.kubectl("apply", "-f", str(f))
     log("examples applied")

@@ -176,7 +176,8 @@ def test_mtls_mounts_the_secrets_and_points_both_ends_at_each_other(env, tmp_pat
                if n in ("agentcube-router", "workloadmanager")}
     assert secrets == {"agentcube-router": ["agentcube-router-mtls"], "workloadmanager": ["workloadmanager-mtls"]}
     # The kubelet holds no client certificate: it can only connect.
-    assert wm["readinessProbe"].get("tcpSocket") and not wm["readinessProbe"].get("httpGet")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert wm[probe].get("tcpSocket") and not wm[probe].get("httpGet"), probe
 
 
 def test_with_caller_authentication_the_router_may_create_in_every_namespace(env, tmp_path):

@@ -216,8 +216,17 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
         .set_user_timeout(UNACKED_TIMEOUT)
 }
 
+/// A Redis that cannot serve now (a connection that failed, a timeout, or an answer that says
+/// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`) is unavailable
+/// (`503`, retried later); any other error is the backend's.
 fn map_err(e: RedisError) -> Error {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped() {
+    let wait = matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry);
+    if wait
+        || e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+    {
         Error::Unavailable(e.to_string())
     } else {
         Error::Backend(e.to_string())

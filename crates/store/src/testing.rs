@@ -132,10 +132,57 @@ impl ServerProcess {
 
     /// (Re)starts the server on the same port and waits for PING.
     pub fn restart(&mut self) {
+        self.spawn(&[]);
+        self.await_ping("+PONG");
+    }
+
+    /// Restarts the server on the same port with `keys` keys to load from its snapshot, slowed
+    /// down by `per_key` each (Redis's `key-load-delay`), and returns once it answers `LOADING`:
+    /// a Redis with persistence coming back. Redis only.
+    pub fn restart_loading(&mut self, keys: u32, per_key: Duration) {
+        self.spawn(&["--enable-debug-command", "local"]);
+        self.await_ping("+PONG");
+        let filled = self.command(&format!("DEBUG POPULATE {keys}"));
+        assert!(
+            filled.is_some_and(|r| r.starts_with("+OK")),
+            "DEBUG POPULATE"
+        );
+        assert!(self.command("SAVE").is_some_and(|r| r.starts_with("+OK")));
+        let delay = per_key.as_micros().to_string();
+        // Loading answers clients every KiB read, so `LOADING` comes at once.
+        let slow = [
+            "--key-load-delay",
+            &delay,
+            "--loading-process-events-interval-bytes",
+            "1024",
+        ];
+        self.spawn(&slow);
+        self.await_ping("-LOADING");
+    }
+
+    /// Waits until `PING` is answered with `reply` (its start).
+    fn await_ping(&self, reply: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.command("PING").is_some_and(|r| r.starts_with(reply)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "{} did not answer PING with {reply} on port {}",
+            self.bin.display(),
+            self.port
+        );
+    }
+
+    /// Stops the server and starts it again with `extra` arguments, without waiting.
+    fn spawn(&mut self, extra: &[&str]) {
         self.stop();
         let child = Command::new(&self.bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -148,18 +195,6 @@ impl ServerProcess {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.command("PING").is_some_and(|r| r.starts_with("+PONG")) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "{} did not answer PING on port {}",
-            self.bin.display(),
-            self.port
-        );
     }
 
     /// Sends one inline command and returns the raw reply (for assertions on server state).

@@ -1,7 +1,7 @@
 //! The conformance suite on a real `redis-server` and a real `valkey-server`, plus what only a
 //! networked store has: upstream wire compatibility, outages, and O(log N + k) listings.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentcube_store::testing::{BlackHole, Fixture, Flavor, ServerProcess, cases};
 use agentcube_store::{Error, RedisConfig, RedisStore, SessionStore};
@@ -180,6 +180,31 @@ async fn unreachable_at_start_is_unavailable_not_fatal() {
     assert!(store.ping().await.unwrap_err().is_unavailable());
     server.restart();
     store.ping().await.unwrap();
+}
+
+/// A Redis with persistence comes back `LOADING` its dataset, and answers every command so
+/// until it is done: that is "try again later" (the Router's `503 STORE_UNAVAILABLE`, the
+/// Workload Manager's wait at start), not a backend error (a `500`).
+#[tokio::test]
+async fn a_redis_loading_its_dataset_is_unavailable_until_loaded() {
+    let mut server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    store.ping().await.unwrap();
+    server.restart_loading(20_000, Duration::from_micros(150));
+    // The first call may find the old connection broken; every failure is "unavailable".
+    let (mut loading, deadline) = (0, Instant::now() + Duration::from_secs(30));
+    loop {
+        let e = match store.get("s").await {
+            Err(Error::NotFound) => break,
+            Err(e) => e,
+            Ok(r) => panic!("{r:?}"),
+        };
+        assert!(e.is_unavailable(), "{e}");
+        loading += usize::from(e.to_string().contains("loading the dataset"));
+        assert!(Instant::now() < deadline, "never done loading");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(loading >= 5, "seen loading {loading} times");
 }
 
 fn commandstats(server: &ServerProcess) -> std::collections::HashMap<String, u64> {

@@ -1,4 +1,4 @@
-//! The process kubelet as pods see it, on the shared test cluster: liveness probes restart a
+//! The process kubelet as pods see it, on the shared test cluster: startup and liveness probes restart a
 //! container, a crashed one is reported as a kubelet does, and Service names resolve to a ready
 //! pod through `/etc/hosts`.
 
@@ -90,6 +90,45 @@ async fn a_failing_liveness_probe_restarts_the_container_and_a_passing_one_does_
         restarts(&alive),
         0,
         "a container that answers its probe keeps running"
+    );
+}
+
+/// A container slow to start is given its startup probe's time: liveness (which would restart
+/// it at its first failure) and readiness wait for the startup probe; a startup probe that
+/// never passes restarts the container.
+#[tokio::test]
+async fn a_startup_probe_holds_liveness_and_readiness_back_until_it_passes() {
+    let c = client().await;
+    let pods = namespace(&c, "startup").await;
+    let slow = format!("import time\ntime.sleep(4)\n{SERVE}");
+    let tcp = json!({"tcpSocket": {"port": 8000}, "periodSeconds": 1, "failureThreshold": 1});
+    let probes = |startup_port: u16| {
+        json!({
+            "startupProbe": {"tcpSocket": {"port": startup_port}, "periodSeconds": 1, "failureThreshold": 8},
+            "livenessProbe": tcp, "readinessProbe": tcp,
+        })
+    };
+    for (name, port) in [("slow", 8000), ("never", 9)] {
+        let pod = python_pod(name, json!({"app": name}), &slow, probes(port));
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let starting = pods.get("slow").await.unwrap();
+    assert!(!ready(&starting), "Ready before it serves");
+    until("the slow pod Ready", 30, async || {
+        ready(&pods.get("slow").await.unwrap()).then_some(())
+    })
+    .await;
+    until("the never-starting pod restarted", 30, async || {
+        (restarts(&pods.get("never").await.unwrap()) >= 1).then_some(())
+    })
+    .await;
+    let slow = pods.get("slow").await.unwrap();
+    assert_eq!(
+        restarts(&slow),
+        0,
+        "restarted while starting: {:?}",
+        slow.status
     );
 }
 

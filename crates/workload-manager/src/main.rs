@@ -169,10 +169,7 @@ async fn main() -> anyhow::Result<()> {
     let tls = listener_tls(&args).await?;
     let store_config = args.store.clone().into_config(false)?;
     let store = agentcube_store::connect(&store_config)?;
-    store
-        .ping()
-        .await
-        .context("the session store does not answer")?;
+    wait_for_store(store.as_ref(), STORE_WAIT).await?;
     let public_key = match (&args.router_public_key_file, &args.router_identity_dir) {
         (Some(p), _) => Some(
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
@@ -259,6 +256,45 @@ async fn main() -> anyhow::Result<()> {
     };
     agentcube_workload_manager::serve(wm, listener, tls, stop).await?;
     lost_rx.await.map_or(Ok(()), Err)
+}
+
+/// How long the start waits for a session store that cannot serve yet (a Redis pod started
+/// beside this one, or loading its dataset after a restart), within the chart's startup probe.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits up to `within` for the store to answer while it is unavailable (not for one that
+/// refuses us: a wrong password fails at once), saying so once; the last error after that.
+async fn wait_for_store(
+    store: &dyn agentcube_store::SessionStore,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut said = false;
+    loop {
+        let e = match store.ping().await {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        if !e.is_unavailable() || tokio::time::Instant::now() >= deadline {
+            let waited = if said {
+                format!(" (waited {within:?})")
+            } else {
+                String::new()
+            };
+            return Err(
+                anyhow::Error::new(e).context(format!("the session store does not answer{waited}"))
+            );
+        }
+        if !said {
+            tracing::warn!(error = %e, "the session store does not answer yet; waiting up to {within:?}");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    if said {
+        tracing::info!("the session store answers");
+    }
+    Ok(())
 }
 
 /// `--enable-tls`, `--tls-cert`, `--tls-key`, `--tls-ca`, chosen as upstream

@@ -16,9 +16,11 @@
 //!   and `KUBERNETES_SERVICE_HOST`/`PORT` pointing at the real API server;
 //! - volumes: `emptyDir`, `secret`, `configMap`, `downwardAPI`, `projected` — service-account
 //!   tokens come from the TokenRequest API, bound to the pod, as a kubelet projects them;
-//! - readiness and liveness: `httpGet` and `tcpSocket` probes (others count as passing); without
-//!   a readiness probe a pod is Ready once its process runs; a container failing its liveness
-//!   probe `failureThreshold` times in a row is killed and restarted;
+//! - startup, readiness and liveness: `httpGet` and `tcpSocket` probes (others count as
+//!   passing); until a startup probe passes the pod is not Ready and liveness is not probed;
+//!   without a readiness probe a pod is Ready once its process runs (and has started); a
+//!   container failing its startup or liveness probe `failureThreshold` times in a row is
+//!   killed and restarted;
 //! - Service names: every pod's `/etc/hosts` names each Service after a ready pod behind it
 //!   ([`services`]), since there is no cluster DNS or kube-proxy;
 //! - restarts under `restartPolicy` with back-off (meanwhile the container is `waiting` in
@@ -31,8 +33,8 @@
 //!
 //! Not done (say so before relying on it): containers after the first, init containers,
 //! the rest of `securityContext` (capabilities, seccomp, read-only root, `fsGroup` ownership;
-//! without `runAsUser` processes run as this process's user), resource limits, startup probes,
-//! exec probes, image pulls, network isolation between pods, token refresh,
+//! without `runAsUser` processes run as this process's user), resource limits, exec probes,
+//! image pulls, network isolation between pods, token refresh,
 //! `hostPath`/PVC volumes, Services' cluster IPs and port translation ([`services`] maps Service
 //! names to a ready pod's IP in every pod's `/etc/hosts` instead).
 
@@ -294,7 +296,7 @@ async fn sync(
         }
         let Some(p) = map.get_mut(&uid) else { continue };
         p.check(shared, &pod).await;
-        p.ready = p.running() && probe::ready(&pod, p.ip).await;
+        p.ready = p.running() && p.probes.started(&pod) && probe::ready(&pod, p.ip).await;
         report(shared, &pod, p).await;
     }
 }

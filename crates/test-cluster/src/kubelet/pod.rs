@@ -36,9 +36,9 @@ pub struct PodProcess {
     /// Why the container is not created yet (retried): the waiting reason (`ContainerCreating`,
     /// or `ErrImagePull` for a pull that may pass) and message.
     creating: Option<(&'static str, String)>,
-    /// When the current container started, and its liveness probe's state.
+    /// When the current container started, and its startup and liveness probes' state.
     started: Instant,
-    liveness: super::probe::Liveness,
+    pub probes: super::probe::Probes,
     /// Last status written to the API server.
     pub reported: Option<Value>,
     /// Result of the last readiness check.
@@ -90,7 +90,7 @@ impl PodProcess {
             terminal: None,
             creating: None,
             started: Instant::now(),
-            liveness: Default::default(),
+            probes: Default::default(),
             reported: None,
             ready: false,
         }
@@ -198,17 +198,17 @@ impl PodProcess {
         self.child = Some(child);
         self.started_at = now_rfc3339();
         self.started = Instant::now();
-        self.liveness = Default::default();
+        self.probes = Default::default();
         Ok(())
     }
 
-    /// Notices an exit (or kills a container that failed its liveness probe); restarts under the
+    /// Notices an exit (or kills a container that failed its startup or liveness probe); restarts under the
     /// restart policy, with back-off (1 s doubling to 30 s).
     pub async fn check(&mut self, shared: &Shared, pod: &Pod) {
         if let Some(pid) = self.child.as_ref().and_then(|c| c.id())
-            && self.liveness.failed(pod, self.ip, self.started).await
+            && self.probes.failed(pod, self.ip, self.started).await
         {
-            tracing::info!(pod = %self.name, "liveness probe failed; restarting the container");
+            tracing::info!(pod = %self.name, "startup or liveness probe failed; restarting the container");
             let _ = nix::sys::signal::killpg(
                 Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,

@@ -1,7 +1,10 @@
-//! Readiness and liveness probes: `httpGet` (any 2xx/3xx) and `tcpSocket` against the pod IP,
-//! with a short timeout. Readiness is checked on every sync; liveness every `periodSeconds` after
-//! `initialDelaySeconds`, and `failureThreshold` failures in a row restart the container. Exec
-//! and gRPC probes are not run here: they count as passing.
+//! Startup, readiness and liveness probes: `httpGet` (any 2xx/3xx) and `tcpSocket` against the
+//! pod IP, with a short timeout. A startup probe runs every `periodSeconds` after
+//! `initialDelaySeconds` until it passes, and holds the others back meanwhile (the pod is not
+//! Ready, liveness is not probed); readiness is checked on every sync after that; liveness every
+//! `periodSeconds` after `initialDelaySeconds`. `failureThreshold` failures in a row of the
+//! startup or liveness probe restart the container. Exec and gRPC probes are not run here: they
+//! count as passing.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -26,7 +29,7 @@ fn port(container: &Container, p: &IntOrString) -> Option<u16> {
 
 /// Whether the pod's first container passes its readiness probe (true without one).
 pub async fn ready(pod: &Pod, ip: Ipv4Addr) -> bool {
-    let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+    let Some(container) = first(pod) else {
         return false;
     };
     match &container.readiness_probe {
@@ -35,21 +38,35 @@ pub async fn ready(pod: &Pod, ip: Ipv4Addr) -> bool {
     }
 }
 
-/// A container's liveness, tracked across syncs.
+/// A container's startup and liveness probes, tracked across syncs (reset at each start).
 #[derive(Debug, Default)]
-pub struct Liveness {
+pub struct Probes {
+    /// The startup probe passed (or there is none): liveness and readiness count from then.
+    started: bool,
     next: Option<std::time::Instant>,
     failures: i32,
 }
 
-impl Liveness {
-    /// Probes when due (the container has run for `since`); `true` when the container must be
-    /// restarted (its failure threshold reached).
+impl Probes {
+    /// Whether the container has started, as its startup probe says (`true` without one).
+    pub fn started(&self, pod: &Pod) -> bool {
+        self.started || first(pod).is_none_or(|c| c.startup_probe.is_none())
+    }
+
+    /// Probes when due (the container has run for `since`): the startup probe until it passes,
+    /// then the liveness probe. `true` when the container must be restarted (the probe's
+    /// failure threshold reached).
     pub async fn failed(&mut self, pod: &Pod, ip: Ipv4Addr, since: std::time::Instant) -> bool {
-        let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+        let Some(container) = first(pod) else {
             return false;
         };
-        let Some(probe) = &container.liveness_probe else {
+        let starting = !self.started(pod);
+        let probe = if starting {
+            container.startup_probe.as_ref()
+        } else {
+            container.liveness_probe.as_ref()
+        };
+        let Some(probe) = probe else {
             return false;
         };
         let now = std::time::Instant::now();
@@ -61,6 +78,12 @@ impl Liveness {
             Some(now + Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64));
         if passes(container, probe, ip).await {
             self.failures = 0;
+            if starting {
+                // Liveness starts with its own initial delay counted from the start, as the
+                // kubelet does: the next sync probes it.
+                self.started = true;
+                self.next = None;
+            }
             return false;
         }
         self.failures += 1;
@@ -70,6 +93,10 @@ impl Liveness {
         }
         false
     }
+}
+
+fn first(pod: &Pod) -> Option<&Container> {
+    pod.spec.as_ref().and_then(|s| s.containers.first())
 }
 
 async fn passes(container: &Container, probe: &Probe, ip: Ipv4Addr) -> bool {
