@@ -172,7 +172,8 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Records whose last activity is at or before `before`, oldest first: at most `limit`,
     /// after the first `skip` of them (paging; activity moves sessions to the end and deletes
-    /// shift the rest, so pages are a snapshot of no single moment).
+    /// shift the rest, so pages are a snapshot of no single moment). Index entries whose record
+    /// vanished are dropped from the indexes and read past: fewer than `limit` means no more.
     async fn list_idle(
         &self,
         before: Timestamp,

@@ -146,24 +146,32 @@ impl MemoryStore {
         limit: usize,
     ) -> Result<Vec<(SessionRecord, i64)>> {
         let mut inner = self.inner.lock().unwrap();
-        let hits: Vec<(i64, String)> = pick(&mut inner)
-            .range_to(max)
-            .skip(skip)
-            .take(limit)
-            .cloned()
-            .collect();
-        self.examined
-            .fetch_add(hits.len() as u64, Ordering::Relaxed);
-        let mut out = Vec::with_capacity(hits.len());
-        for (s, id) in hits {
-            match inner.records.get(&id) {
-                Some(json) => out.push((serde_json::from_str(json)?, s)),
-                None => {
-                    inner.remove(&self.keys, &id);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        // As Redis's script: an entry whose record vanished is dropped and read past, so a
+        // short page is the end.
+        loop {
+            let hits: Vec<(i64, String)> = pick(&mut inner)
+                .range_to(max)
+                .skip(skip + out.len())
+                .take(limit - out.len())
+                .cloned()
+                .collect();
+            self.examined
+                .fetch_add(hits.len() as u64, Ordering::Relaxed);
+            let mut dropped = 0;
+            for (s, id) in hits {
+                match inner.records.get(&id) {
+                    Some(json) => out.push((serde_json::from_str(json)?, s)),
+                    None => {
+                        inner.remove(&self.keys, &id);
+                        dropped += 1;
+                    }
                 }
             }
+            if dropped == 0 || out.len() >= limit {
+                return Ok(out);
+            }
         }
-        Ok(out)
     }
 }
 

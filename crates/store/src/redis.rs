@@ -124,20 +124,27 @@ end
 return n";
 
 // KEYS[1] = index to range over, KEYS[2..3] = both indexes; ARGV = max score, limit, key prefix,
-// how many to skip.
+// how many to skip. Index entries whose record vanished are dropped from both indexes and the
+// page is read on in their place, so a page shorter than the limit is the end.
 const LIST: &str = r"
-local hits = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', ARGV[4], ARGV[2])
-local out = {}
-for i = 1, #hits, 2 do
-  local v = redis.call('GET', ARGV[3] .. hits[i])
-  if v then
-    out[#out + 1] = v
-    out[#out + 1] = hits[i + 1]
-  else
-    redis.call('ZREM', KEYS[2], hits[i])
-    redis.call('ZREM', KEYS[3], hits[i])
+local limit, skip = tonumber(ARGV[2]), tonumber(ARGV[4])
+local out, n = {}, 0
+repeat
+  local hits = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', skip + n, limit - n)
+  local dropped = 0
+  for i = 1, #hits, 2 do
+    local v = redis.call('GET', ARGV[3] .. hits[i])
+    if v then
+      out[#out + 1] = v
+      out[#out + 1] = hits[i + 1]
+      n = n + 1
+    else
+      redis.call('ZREM', KEYS[2], hits[i])
+      redis.call('ZREM', KEYS[3], hits[i])
+      dropped = dropped + 1
+    end
   end
-end
+until dropped == 0 or n >= limit
 return out";
 
 // KEYS[1] = the scope's index; ARGV = cursor score, cursor id ('' for none), limit, prefix.

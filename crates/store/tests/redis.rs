@@ -296,6 +296,43 @@ async fn dangling_index_entries_are_dropped() {
     assert_eq!((n, m), (0, 0));
 }
 
+/// A page is read on past index entries whose record vanished: a page shorter than its limit
+/// is the end (GC stops reading there), so those entries must not cut it short.
+#[tokio::test]
+async fn a_page_is_refilled_past_index_entries_of_vanished_records() {
+    let server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    let mut con = raw(&server).await;
+    let at = |s: i64| jiff::Timestamp::from_second(s).unwrap();
+    for (i, id) in ["gone-0", "gone-1", "gone-2", "live-0", "live-1", "live-2"]
+        .iter()
+        .enumerate()
+    {
+        let mut r = cases::record(id, 10);
+        r.expires_at = at(100 + i as i64);
+        store.insert(&r, at(i as i64)).await.unwrap();
+    }
+    for id in ["gone-0", "gone-1", "gone-2"] {
+        let () = redis::cmd("DEL")
+            .arg(format!("session:{id}"))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+    let ids = |v: Vec<String>| v.join(",");
+    let idle = store.list_idle(at(1000), 0, 2).await.unwrap();
+    let idle = ids(idle.into_iter().map(|s| s.record.session_id).collect());
+    assert_eq!(idle, "live-0,live-1");
+    let idle = store.list_idle(at(1000), 2, 2).await.unwrap();
+    assert_eq!(
+        ids(idle.into_iter().map(|s| s.record.session_id).collect()),
+        "live-2"
+    );
+    let expired = store.list_expired(at(1000), 3).await.unwrap();
+    let expired = ids(expired.into_iter().map(|r| r.session_id).collect());
+    assert_eq!(expired, "live-0,live-1,live-2");
+}
+
 /// The client ports of the server's connections other than `raw`'s own.
 async fn client_ports(con: &mut redis::aio::MultiplexedConnection) -> Vec<u16> {
     let list: String = redis::cmd("CLIENT")

@@ -127,8 +127,8 @@ impl Gc {
                     break;
                 }
             };
-            // A short page is the end; one the store cut short by dropping index entries whose
-            // record vanished ends this pass's reading early, and the next pass goes on.
+            // A short page is the end (the store reads on past index entries whose record
+            // vanished, which it drops from the index, so `skip` counts what is still there).
             let last = page.len() < self.limit;
             skip += page.len();
             for s in page {
@@ -340,7 +340,10 @@ mod tests {
     }
 
     async fn gc() -> (Gc, Arc<Recorder>) {
-        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+        gc_on(Arc::new(MemoryStore::new())).await
+    }
+
+    async fn gc_on(store: Arc<dyn SessionStore>) -> (Gc, Arc<Recorder>) {
         let ready = SessionStatus::Ready;
         for r in [
             record("idle-1m", 60, 3600, ready),
@@ -421,6 +424,34 @@ mod tests {
         deleted.sort();
         assert_eq!(deleted, ["sb-expired", "sb-idle-1m"]);
         assert_eq!(reclaimed, 2);
+    }
+
+    /// A Redis page cut short by index entries whose record vanished (dropped from the index
+    /// as the page is read) is not the end: the due sessions behind it go in the same pass.
+    #[tokio::test]
+    async fn sessions_behind_index_entries_of_vanished_records_are_reclaimed() {
+        use agentcube_store::testing::{Flavor, ServerProcess};
+        let server = ServerProcess::start(Flavor::Redis);
+        let mut config = agentcube_store::RedisConfig::new(server.url());
+        config.key_prefix = "gc:session:".into();
+        let store = Arc::new(agentcube_store::RedisStore::new(config).unwrap());
+        let (mut gc, backend) = gc_on(store.clone()).await;
+        gc.limit = 3;
+        // Three records that vanish (a Redis that lost keys) at the front of the idle index.
+        for i in 0..3 {
+            let r = record(&format!("ghost-{i}"), 60, 3600, SessionStatus::Ready);
+            store
+                .insert(&r, t0() - SignedDuration::from_secs(600))
+                .await
+                .unwrap();
+            let gone = server.command(&format!("DEL gc:session:ghost-{i}"));
+            assert_eq!(gone.as_deref(), Some(":1\r\n"));
+        }
+        let now = t0() + SignedDuration::from_secs(62);
+        assert_eq!(gc.run_once(now).await, 2);
+        let mut deleted = backend.deleted.lock().unwrap().clone();
+        deleted.sort();
+        assert_eq!(deleted, ["sb-expired", "sb-idle-1m"]);
     }
 
     /// A request the teardown cuts is told why (the Router reads the note while the record still
