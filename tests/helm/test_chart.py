@@ -31,6 +31,9 @@ VARIANTS = {
     "metadata-access": ["--set", "workloadmanager.sandboxMetadataAccess=true"],
     "user-namespaces": ["--set", "workloadmanager.sandboxUserNamespaces=true"],
     "mtls": ["--set", "mtls.enabled=true", "--set", "mtls.trustDomain=example.org"],
+    "store-tls": ["--set", "redis.tls.enabled=true"],
+    "store-tls-files": ["--set", "redis.tls.enabled=true", "--set", "redis.tls.secretName=redis-tls",
+                        "--set", "redis.tls.clientCertificate=true", "--set", "mtls.enabled=true"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
@@ -218,6 +221,30 @@ def test_the_bundled_redis_always_has_a_password(env, tmp_path):
             assert len(base64.b64decode(generated[0]["data"]["password"])) == 32
         else:
             assert not generated, "the named Secret is the user's"
+
+
+def test_store_tls_mounts_its_secret_where_the_flags_point(env, tmp_path):
+    """`redis.tls` (extension): both components reach the store over TLS, reading the CA and their
+    client identity from the Secret mounted where the environment says."""
+    docs, _ = render(env, "store-tls", tmp_path)
+    for name, c in containers(docs):
+        by_name = {e["name"]: e.get("value") for e in c["env"]}
+        assert by_name["AGENTCUBE_STORE_TLS"] == "true", name
+        assert "AGENTCUBE_STORE_CA_FILE" not in by_name, name
+    docs, _ = render(env, "store-tls-files", tmp_path)
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+    for name, c in containers(docs):
+        files = {e["name"]: e["value"] for e in c["env"] if e["name"].endswith("_FILE")}
+        assert files == {"AGENTCUBE_STORE_CA_FILE": "/etc/agentcube/store-tls/ca.crt",
+                         "AGENTCUBE_STORE_CERT_FILE": "/etc/agentcube/store-tls/tls.crt",
+                         "AGENTCUBE_STORE_KEY_FILE": "/etc/agentcube/store-tls/tls.key"}, name
+        assert {"name": "store-tls", "mountPath": "/etc/agentcube/store-tls", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "store-tls", "secret": {"secretName": "redis-tls"}} in pods[name]["volumes"], name
+        assert any(v["name"] == "mtls" for v in pods[name]["volumes"]), name
+    for bad, says in ((["--set", "redis.tls.enabled=true", "--set", "bundledRedis.enabled=true"], "does not serve TLS"),
+                      (["--set", "redis.tls.clientCertificate=true"], "needs redis.tls.secretName")):
+        r = subprocess.run([str(HELM), "template", "ac", str(CHART), *bad], env=env, capture_output=True, text=True)
+        assert r.returncode != 0 and says in r.stderr, r.stderr
 
 
 def test_network_policies_let_in_the_pods_the_chart_runs(env, tmp_path):

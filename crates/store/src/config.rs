@@ -4,9 +4,10 @@
 //! environment there, in `main`. [`StoreArgs::into_config`] applies upstream's rules and turns bad
 //! combinations into clear startup errors.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::redis::RedisConfig;
+use crate::redis::{RedisConfig, RedisTls};
 
 /// Which store to use.
 #[derive(Debug, Clone)]
@@ -20,8 +21,8 @@ pub enum StoreConfig {
 /// Store flags. Every flag also reads the upstream environment variable of the same meaning.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreArgs {
-    /// Store URL: `redis://[:password@]host:port[/db]`, `valkey://…` (same), or `memory`.
-    /// Overrides the variables below.
+    /// Store URL: `redis://[:password@]host:port[/db]`, `rediss://…` (over TLS), `valkey://…`
+    /// (same as `redis://`), or `memory`. Overrides the variables below.
     #[arg(long = "store", env = "AGENTCUBE_STORE_URL", hide_env_values = true)]
     pub store_url: Option<String>,
     /// `redis` (default) or `valkey` (upstream `STORE_TYPE`); `memory` also accepted.
@@ -48,6 +49,21 @@ pub struct StoreArgs {
     /// Upper bound of one store call, in milliseconds.
     #[arg(long, env = "AGENTCUBE_STORE_TIMEOUT_MS", default_value_t = 2000)]
     pub store_timeout_ms: u64,
+    /// `true`: reach REDIS_ADDR / VALKEY_ADDR over TLS (a `--store` URL says so itself:
+    /// `rediss://`). The server's certificate is checked against the system's CAs, or
+    /// `--store-ca-file`, and must name the host.
+    #[arg(long, env = "AGENTCUBE_STORE_TLS")]
+    pub store_tls: Option<String>,
+    /// PEM CA certificate(s) the store's TLS certificate must chain to, instead of the system's.
+    #[arg(long, env = "AGENTCUBE_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a store that asks for one (Redis's `tls-auth-clients`), with
+    /// `--store-key-file`.
+    #[arg(long, env = "AGENTCUBE_STORE_CERT_FILE")]
+    pub store_cert_file: Option<PathBuf>,
+    /// PEM private key of `--store-cert-file`.
+    #[arg(long, env = "AGENTCUBE_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
 }
 
 /// A configuration that cannot work, said plainly.
@@ -105,7 +121,15 @@ impl StoreArgs {
                     "--store must be redis://…, valkey://… or memory, got {url:?}"
                 )));
             }
-            return Ok(with_timeout(RedisConfig::new(url)));
+            let tls = url.starts_with("rediss://");
+            if self.tls_flag()? && !tls {
+                return Err(ConfigError(
+                    "--store-tls with a redis:// URL: write rediss:// instead".into(),
+                ));
+            }
+            let mut c = RedisConfig::new(url);
+            c.tls = self.tls_files(tls)?;
+            return Ok(with_timeout(c));
         }
         let kind = non_empty(&self.store_type).map(str::to_ascii_lowercase);
         let nothing_set = kind.is_none()
@@ -158,11 +182,49 @@ impl StoreArgs {
                  without a password"
             )));
         }
+        let tls = self.tls_flag()?;
+        let scheme = if tls { "rediss" } else { "redis" };
         let url = match password {
-            Some(p) => format!("redis://:{}@{addr}/", encode_userinfo(p)),
-            None => format!("redis://{addr}/"),
+            Some(p) => format!("{scheme}://:{}@{addr}/", encode_userinfo(p)),
+            None => format!("{scheme}://{addr}/"),
         };
-        Ok(with_timeout(RedisConfig::new(url)))
+        let mut c = RedisConfig::new(url);
+        c.tls = self.tls_files(tls)?;
+        Ok(with_timeout(c))
+    }
+
+    fn tls_flag(&self) -> Result<bool, ConfigError> {
+        non_empty(&self.store_tls).map_or(Ok(false), |v| parse_go_bool("AGENTCUBE_STORE_TLS", v))
+    }
+
+    /// The CA and client identity files (read when the store is made: a missing file stops
+    /// the start); only with TLS, and the certificate only with its key.
+    fn tls_files(&self, tls: bool) -> Result<RedisTls, ConfigError> {
+        let given = [
+            &self.store_ca_file,
+            &self.store_cert_file,
+            &self.store_key_file,
+        ];
+        if !tls && given.iter().any(|f| f.is_some()) {
+            return Err(ConfigError(
+                "--store-ca-file, --store-cert-file and --store-key-file are for a store reached \
+                 over TLS: set --store-tls true, or use a rediss:// URL"
+                    .into(),
+            ));
+        }
+        let client = match (&self.store_cert_file, &self.store_key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError(
+                    "--store-cert-file and --store-key-file go together".into(),
+                ));
+            }
+        };
+        Ok(RedisTls {
+            ca: self.store_ca_file.clone(),
+            client,
+        })
     }
 }
 
@@ -186,6 +248,10 @@ mod tests {
                 "VALKEY_ADDR" => a.valkey_addr = v,
                 "VALKEY_PASSWORD" => a.valkey_password = v,
                 "VALKEY_PASSWORD_REQUIRED" => a.valkey_password_required = v,
+                "AGENTCUBE_STORE_TLS" => a.store_tls = v,
+                "AGENTCUBE_STORE_CA_FILE" => a.store_ca_file = v.map(PathBuf::from),
+                "AGENTCUBE_STORE_CERT_FILE" => a.store_cert_file = v.map(PathBuf::from),
+                "AGENTCUBE_STORE_KEY_FILE" => a.store_key_file = v.map(PathBuf::from),
                 _ => unreachable!(),
             }
         }
@@ -248,6 +314,50 @@ mod tests {
             .contains("several addresses")
         );
         assert!(err(&[("store", "http://x")]).contains("--store must be"));
+    }
+
+    #[test]
+    fn tls_is_the_url_scheme_or_the_flag_and_its_files_are_read_when_the_store_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, "CA PEM").unwrap();
+        let ca = ca_path.to_str().unwrap();
+        let c = args(&[
+            ("REDIS_ADDR", "r:6380"),
+            ("REDIS_PASSWORD", "p"),
+            ("AGENTCUBE_STORE_TLS", "true"),
+            ("AGENTCUBE_STORE_CA_FILE", ca),
+        ]);
+        let StoreConfig::Redis(c) = c.into_config(false).unwrap() else {
+            panic!("not redis")
+        };
+        assert_eq!(c.url, "rediss://:p@r:6380/");
+        assert_eq!(c.tls.ca.as_deref(), Some(ca_path.as_path()));
+        assert!(c.tls.client.is_none());
+        let c2 = args(&[("store", "rediss://h:1/"), ("AGENTCUBE_STORE_CA_FILE", ca)]);
+        assert_eq!(url(c2.into_config(false).unwrap()), "rediss://h:1/");
+        let plain = [("store", "redis://h:1/"), ("AGENTCUBE_STORE_TLS", "true")];
+        assert!(err(&plain).contains("write rediss://"));
+        let ca_only = [("store", "redis://h:1/"), ("AGENTCUBE_STORE_CA_FILE", ca)];
+        assert!(err(&ca_only).contains("reached over TLS"));
+        let half = [
+            ("store", "rediss://h:1/"),
+            ("AGENTCUBE_STORE_CERT_FILE", ca),
+        ];
+        assert!(err(&half).contains("go together"));
+        let bad = [
+            ("REDIS_ADDR", "r:1"),
+            ("REDIS_PASSWORD", "p"),
+            ("AGENTCUBE_STORE_TLS", "yes"),
+        ];
+        assert!(err(&bad).contains("not a boolean"));
+        // A file that is not there stops the start when the store is made.
+        std::fs::remove_file(&ca_path).unwrap();
+        let e = crate::RedisStore::new(c).err().unwrap().to_string();
+        assert!(
+            e.contains(&format!("cannot read --store-ca-file {ca}")),
+            "{e}"
+        );
     }
 
     #[test]

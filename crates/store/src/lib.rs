@@ -38,7 +38,7 @@ pub mod testing;
 
 pub use config::{StoreArgs, StoreConfig};
 pub use memory::MemoryStore;
-pub use redis::{RedisConfig, RedisStore};
+pub use redis::{RedisConfig, RedisStore, RedisTls};
 
 /// What a store call can fail with. Callers map [`Error::Unavailable`] to 503.
 #[derive(Debug, thiserror::Error)]

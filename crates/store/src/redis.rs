@@ -6,6 +6,7 @@
 //! whose record vanished. The connection is made lazily and re-made by redis-rs's
 //! `ConnectionManager` after an outage; every call is bounded by `op_timeout`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentcube_types::SessionRecord;
@@ -30,6 +31,45 @@ pub struct RedisConfig {
     pub op_timeout: Duration,
     /// Upper bound of one connection attempt.
     pub connect_timeout: Duration,
+    /// For a `rediss://` URL: the CA and client identity, when not the system's CAs and none.
+    pub tls: RedisTls,
+}
+
+/// PEM files of a TLS connection to the store, read when the store is made.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// CA certificate(s) the server's certificate must chain to, instead of the system's.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and private key, for a server that asks for one.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// The files' contents as redis-rs takes them; `None` without any (the system's CAs).
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        let read = |flag: &str, p: &Path| {
+            std::fs::read(p)
+                .map_err(|e| Error::Backend(format!("cannot read {flag} {}: {e}", p.display())))
+        };
+        if self.ca.is_none() && self.client.is_none() {
+            return Ok(None);
+        }
+        let root_cert = match &self.ca {
+            Some(p) => Some(read("--store-ca-file", p)?),
+            None => None,
+        };
+        let client_tls = match &self.client {
+            Some((c, k)) => Some(redis::ClientTlsConfig {
+                client_cert: read("--store-cert-file", c)?,
+                client_key: read("--store-key-file", k)?,
+            }),
+            None => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
 }
 
 impl RedisConfig {
@@ -40,6 +80,7 @@ impl RedisConfig {
             key_prefix: crate::keys::DEFAULT_PREFIX.into(),
             op_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
+            tls: RedisTls::default(),
         }
     }
 
@@ -60,6 +101,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &self.redacted_url())
             .field("key_prefix", &self.key_prefix)
             .field("op_timeout", &self.op_timeout)
+            .field("tls_ca", &self.tls.ca.is_some())
+            .field("tls_client_identity", &self.tls.client.is_some())
             .finish()
     }
 }
@@ -225,10 +268,35 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
 
 /// A Redis that cannot serve now (a connection that failed, a timeout, or an answer that says
 /// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`) is unavailable
-/// (`503`, retried later); any other error is the backend's.
+/// (`503`, retried later); any other error (a refused TLS handshake included) is the backend's.
+/// A TLS handshake that failed either way (a certificate refused, or none given to a server
+/// that asks): a configuration to fix, not an outage to wait out.
+fn tls_refused(e: &RedisError) -> bool {
+    use tokio_rustls::rustls;
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        // redis-rs keeps its sources behind an `Arc`; tokio-rustls's are `io::Error`s.
+        let err = match err.downcast_ref::<Shared>() {
+            Some(shared) => &**shared as &(dyn std::error::Error + 'static),
+            None => err,
+        };
+        let io_inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if err.is::<rustls::Error>() || io_inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 fn map_err(e: RedisError) -> Error {
     let wait = matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry);
-    if wait
+    if tls_refused(&e) {
+        Error::Backend(format!("TLS: {e}"))
+    } else if wait
         || e.is_io_error()
         || e.is_timeout()
         || e.is_connection_refusal()
@@ -247,8 +315,12 @@ impl RedisStore {
         let info = config.url.as_str().into_connection_info().map_err(|e| {
             Error::Backend(format!("invalid Redis URL {}: {e}", config.redacted_url()))
         })?;
-        let client = redis::Client::open(info.set_tcp_settings(tcp_settings()))
-            .map_err(|e| Error::Backend(format!("Redis client: {e}")))?;
+        let info = info.set_tcp_settings(tcp_settings());
+        let client = match config.tls.certificates()? {
+            None => redis::Client::open(info),
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+        }
+        .map_err(|e| Error::Backend(format!("Redis client: {e}")))?;
         Ok(Self {
             client,
             keys: Keys::new(&config.key_prefix),

@@ -100,6 +100,40 @@ impl ServerProcess {
         s
     }
 
+    /// A Redis serving TLS only, with `cert`/`key` (PEM), asking clients for a certificate
+    /// chained to `ca` when `client_certs`; returns once it accepts connections. Reach it at
+    /// `rediss://127.0.0.1:<port>/` (or 127.0.0.2) ([`ServerProcess::command`] and `restart` speak plain TCP).
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path, client_certs: bool) -> Self {
+        let mut s = Self::start(Flavor::Redis);
+        let port = s.port.to_string();
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        let auth = if client_certs { "yes" } else { "no" };
+        // Also on 127.0.0.2, an address its certificate does not name.
+        let args = [
+            "--bind".into(),
+            "127.0.0.1 127.0.0.2".into(),
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port,
+            "--tls-cert-file".into(),
+            path(cert),
+            "--tls-key-file".into(),
+            path(key),
+            "--tls-ca-cert-file".into(),
+            path(ca),
+            "--tls-auth-clients".into(),
+            auth.to_string(),
+        ];
+        s.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", s.port)).is_err() {
+            assert!(Instant::now() < deadline, "no TLS listener on {}", s.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
     /// `redis://127.0.0.1:<port>/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)

@@ -383,3 +383,73 @@ async fn a_connection_that_went_silent_is_replaced() {
     assert!(started.elapsed() < agentcube_store::redis::UNACKED_TIMEOUT * 3);
     drop(hole);
 }
+
+/// A store reached over TLS (`rediss://`, extension): the server's certificate is checked
+/// against the configured CA (not the system's when one is given), and a server that asks for
+/// a client certificate gets the configured one.
+#[tokio::test]
+async fn a_store_over_tls_checks_the_server_and_shows_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki =
+        agentcube_test_cluster::certs::Pki::write(dir.path(), &[("store", "s", None)]).unwrap();
+    let (cert, key) = pki.client("store");
+    let tls = |ca: bool, client: bool| agentcube_store::RedisTls {
+        ca: ca.then(|| pki.ca_cert()),
+        client: client.then(|| (cert.clone(), key.clone())),
+    };
+    let over_tls = |server: &ServerProcess, host: &str, tls: agentcube_store::RedisTls| {
+        let mut c = RedisConfig::new(format!("rediss://{host}:{}/", server.port()));
+        c.tls = tls;
+        RedisStore::new(c).unwrap()
+    };
+    let server =
+        ServerProcess::start_tls(&pki.server_cert(), &pki.server_key(), &pki.ca_cert(), false);
+    let store = over_tls(&server, "127.0.0.1", tls(true, false));
+    store.ping().await.unwrap();
+    store
+        .insert(&cases::record("t", 10), jiff::Timestamp::UNIX_EPOCH)
+        .await
+        .unwrap();
+    assert_eq!(store.get("t").await.unwrap().session_id, "t");
+    // The system's CAs do not know this one; nor does the certificate name another host.
+    let e = over_tls(&server, "127.0.0.1", tls(false, false))
+        .ping()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    assert!(
+        !e.is_unavailable(),
+        "a refused certificate is not an outage: {e}"
+    );
+    let e = over_tls(&server, "127.0.0.2", tls(true, false))
+        .ping()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    assert!(
+        !e.is_unavailable(),
+        "a refused certificate is not an outage: {e}"
+    );
+    // Plain Redis protocol to a TLS port gets nothing back.
+    let plain = RedisStore::new(RedisConfig::new(format!(
+        "redis://127.0.0.1:{}/",
+        server.port()
+    )))
+    .unwrap();
+    assert!(plain.ping().await.is_err());
+
+    let server =
+        ServerProcess::start_tls(&pki.server_cert(), &pki.server_key(), &pki.ca_cert(), true);
+    over_tls(&server, "127.0.0.1", tls(true, true))
+        .ping()
+        .await
+        .unwrap();
+    let e = over_tls(&server, "127.0.0.1", tls(true, false))
+        .ping()
+        .await
+        .unwrap_err();
+    assert!(
+        !e.is_unavailable(),
+        "a refused handshake is not an outage: {e}"
+    );
+}

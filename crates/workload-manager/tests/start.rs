@@ -14,6 +14,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_workload-manager");
 
 /// The manager on the local backend (no definitions), on a free loopback port, its log in `log`.
 fn start(dir: &Path, store: &str, log: &Path) -> (Child, u16) {
+    start_with(dir, &["--store", store], log)
+}
+
+/// [`start`] with store flags `store`.
+fn start_with(dir: &Path, store: &[&str], log: &Path) -> (Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -29,7 +34,8 @@ fn start(dir: &Path, store: &str, log: &Path) -> (Child, u16) {
             "--metrics-port",
             "0",
         ])
-        .args(["--port", &port.to_string(), "--store", store])
+        .args(["--port", &port.to_string()])
+        .args(store)
         .arg("--manifests")
         .arg(dir.join("manifests"))
         .arg("--state-dir")
@@ -99,15 +105,8 @@ fn the_start_waits_for_a_store_that_is_down_then_loading() {
     assert!(text.contains("the session store answers"), "{text}");
 }
 
-#[test]
-fn a_store_that_refuses_the_manager_stops_the_start_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("wm.log");
-    let redis = ServerProcess::start(Flavor::Redis);
-    // A password this Redis does not have: waiting would not help.
-    let url = redis.url().replace("redis://", "redis://:wrong@");
-    let (child, _) = start(dir.path(), &url, &log);
-    let mut wm = Running(child);
+/// Waits for the manager's exit (10 s at most) and returns its log.
+fn exit_log(wm: &mut Running, log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = wm.0.try_wait().unwrap() {
@@ -117,7 +116,48 @@ fn a_store_that_refuses_the_manager_stops_the_start_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success());
-    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::read_to_string(log).unwrap()
+}
+
+/// The store flags reach the binary: over TLS with a private CA it serves; with the system's
+/// CAs (which do not know that one) the start stops at once, naming the certificate.
+#[test]
+fn a_store_over_tls_with_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = agentcube_test_cluster::certs::Pki::write(&dir.path().join("pki"), &[]).unwrap();
+    let redis =
+        ServerProcess::start_tls(&pki.server_cert(), &pki.server_key(), &pki.ca_cert(), false);
+    let url = format!("rediss://localhost:{}/", redis.port());
+    let ca = pki.ca_cert();
+    let log = dir.path().join("wm.log");
+    let flags = ["--store", &url, "--store-ca-file", ca.to_str().unwrap()];
+    let (child, port) = start_with(&dir.path().join("a"), &flags, &log);
+    let wm = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(port) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not serving: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(wm);
+    let (child, _) = start_with(&dir.path().join("b"), &["--store", &url], &log);
+    let text = exit_log(&mut Running(child), &log);
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert!(!text.contains("waiting up to"), "{text}");
+}
+
+#[test]
+fn a_store_that_refuses_the_manager_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("wm.log");
+    let redis = ServerProcess::start(Flavor::Redis);
+    // A password this Redis does not have: waiting would not help.
+    let url = redis.url().replace("redis://", "redis://:wrong@");
+    let (child, _) = start(dir.path(), &url, &log);
+    let text = exit_log(&mut Running(child), &log);
     assert!(text.contains("the session store does not answer"), "{text}");
     assert!(!text.contains("waiting up to"), "{text}");
 }

@@ -51,6 +51,39 @@ is given: any pod that reaches it, a sandbox's included, could otherwise rewrite
 - name: REDIS_PASSWORD_REQUIRED
   value: "false"
 {{- end }}
+{{- with .Values.redis.tls }}
+{{- if .enabled }}
+- name: AGENTCUBE_STORE_TLS
+  value: "true"
+{{- if .secretName }}
+- name: AGENTCUBE_STORE_CA_FILE
+  value: /etc/agentcube/store-tls/ca.crt
+{{- if .clientCertificate }}
+- name: AGENTCUBE_STORE_CERT_FILE
+  value: /etc/agentcube/store-tls/tls.crt
+- name: AGENTCUBE_STORE_KEY_FILE
+  value: /etc/agentcube/store-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The store's TLS files (redis.tls.secretName), as a volume mount and a volume. */}}
+{{- define "agentcube.storeTlsMount" -}}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.secretName }}
+- name: store-tls
+  mountPath: /etc/agentcube/store-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "agentcube.storeTlsVolume" -}}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.secretName }}
+- name: store-tls
+  secret:
+    secretName: {{ .Values.redis.tls.secretName }}
+{{- end }}
 {{- end -}}
 
 {{/* Listener limit flags of a component (its values' `limits`). */}}
