@@ -267,8 +267,9 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
 }
 
 /// A Redis that cannot serve now (a connection that failed, a timeout, or an answer that says
-/// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`) is unavailable
-/// (`503`, retried later); any other error (a refused TLS handshake included) is the backend's.
+/// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`, a write refused as
+/// `READONLY` or `OOM`) is unavailable (`503`, retried later); any other error (a refused TLS
+/// handshake, a wrong password included) is the backend's.
 /// A TLS handshake that failed either way (a certificate refused, or none given to a server
 /// that asks): a configuration to fix, not an outage to wait out.
 fn tls_refused(e: &RedisError) -> bool {
@@ -293,7 +294,10 @@ fn tls_refused(e: &RedisError) -> bool {
 }
 
 fn map_err(e: RedisError) -> Error {
-    let wait = matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry);
+    // `READONLY`: a primary demoted to replica (a failover its address has not followed yet);
+    // `OOM`: full under `maxmemory` with `noeviction`, until keys go or an operator acts.
+    let wait = matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || matches!(e.code(), Some("READONLY" | "OOM"));
     if tls_refused(&e) {
         Error::Backend(format!("TLS: {e}"))
     } else if wait

@@ -207,6 +207,61 @@ async fn a_redis_loading_its_dataset_is_unavailable_until_loaded() {
     assert!(loading >= 5, "seen loading {loading} times");
 }
 
+/// Writes a Redis refuses for now are "try again later" too: a replica (its primary failed
+/// over and the address still names it) answers `READONLY`, a full one under `noeviction`
+/// answers `OOM`. Reads go on; writes come back once it is writable again.
+#[tokio::test]
+async fn writes_refused_as_readonly_or_out_of_memory_are_unavailable() {
+    let server = ServerProcess::start(Flavor::Redis);
+    let store = store_on(&server);
+    let t0 = jiff::Timestamp::UNIX_EPOCH;
+    store
+        .insert(&cases::record("before", 10), t0)
+        .await
+        .unwrap();
+    let other = ServerProcess::start(Flavor::Redis);
+    let replica = format!("REPLICAOF 127.0.0.1 {}", other.port());
+    assert!(
+        server
+            .command(&replica)
+            .is_some_and(|r| r.starts_with("+OK"))
+    );
+    let e = store
+        .insert(&cases::record("ro", 10), t0)
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_unavailable() && e.to_string().contains("read only replica"),
+        "{e}"
+    );
+    assert!(
+        server
+            .command("REPLICAOF NO ONE")
+            .is_some_and(|r| r.starts_with("+OK"))
+    );
+    // Full: the limit below what it holds, nothing may be evicted.
+    for cmd in [
+        "CONFIG SET maxmemory-policy noeviction",
+        "CONFIG SET maxmemory 1",
+    ] {
+        assert!(
+            server.command(cmd).is_some_and(|r| r.starts_with("+OK")),
+            "{cmd}"
+        );
+    }
+    let e = store
+        .insert(&cases::record("oom", 10), t0)
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable() && e.to_string().contains("OOM"), "{e}");
+    assert!(
+        server
+            .command("CONFIG SET maxmemory 0")
+            .is_some_and(|r| r.starts_with("+OK"))
+    );
+    store.insert(&cases::record("after", 10), t0).await.unwrap();
+}
+
 fn commandstats(server: &ServerProcess) -> std::collections::HashMap<String, u64> {
     let info = server.command("INFO commandstats").unwrap();
     info.lines()
