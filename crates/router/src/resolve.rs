@@ -55,6 +55,8 @@ pub struct Resolver {
     ttl: Duration,
     cache: Mutex<HashMap<String, CacheEntry>>,
     store_gets: prometheus_client::metrics::counter::Counter,
+    /// What the last readiness check found (`None` before the first), to log changes only.
+    store_was_ready: Mutex<Option<bool>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -79,6 +81,7 @@ impl Resolver {
             ttl,
             cache: Mutex::new(HashMap::default()),
             store_gets,
+            store_was_ready: Mutex::new(None),
         }
     }
 
@@ -238,10 +241,23 @@ impl Resolver {
 
     /// Whether the store answers (readiness).
     pub async fn store_ready(&self) -> bool {
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await,
-            Ok(Ok(()))
-        )
+        let failed = match tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 1s".to_string()),
+        };
+        let ready = failed.is_none();
+        // Once per change, so a Router that never gets ready (a wrong password, a refused
+        // certificate) says why in its log, where the probes' answers go nowhere.
+        let was = self.store_was_ready.lock().unwrap().replace(ready);
+        match (was, &failed) {
+            (Some(false), None) => tracing::info!("the session store answers again: ready"),
+            (None | Some(true), Some(e)) => {
+                tracing::warn!(error = %e, "the session store does not answer: not ready")
+            }
+            _ => {}
+        }
+        ready
     }
 }
 
@@ -291,6 +307,54 @@ pub fn pick<'a>(entry_points: &'a [EntryPoint], path: &str) -> Option<&'a EntryP
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes the log to a shared buffer (this thread's events only).
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A Router that never gets ready says why in its log (where the probes' answers do not
+    /// go), once per change rather than at every probe.
+    #[tokio::test]
+    async fn readiness_logs_why_the_store_fails_once_per_change() {
+        use agentcube_store::testing::Flaky;
+        let store = Arc::new(Flaky::new(Arc::new(agentcube_store::MemoryStore::new())));
+        let wm = WmClient::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            None,
+            None,
+            None,
+        );
+        let resolver = Resolver::new(store.clone(), wm, Duration::ZERO, Default::default());
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        store.set_down(true);
+        for _ in 0..3 {
+            assert!(!resolver.store_ready().await);
+        }
+        store.set_down(false);
+        assert!(resolver.store_ready().await);
+        assert!(resolver.store_ready().await);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("not ready").count(), 1, "{text}");
+        assert!(text.contains("session store unavailable"), "{text}");
+        assert_eq!(text.matches("answers again").count(), 1, "{text}");
+    }
 
     fn ep(path: &str, endpoint: &str) -> EntryPoint {
         EntryPoint {
