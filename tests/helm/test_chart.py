@@ -223,6 +223,14 @@ def test_the_bundled_redis_always_has_a_password(env, tmp_path):
             assert not generated, "the named Secret is the user's"
 
 
+def test_the_router_runs_at_info_level(env, tmp_path):
+    """Upstream's chart passes `--debug` (gin's debug mode); here it turned on every library's debug
+    logs (hyper's, rustls's, kube's) in every installed Router."""
+    docs, _ = render(env, "defaults", tmp_path)
+    router = dict(containers(docs))["agentcube-router"]
+    assert "--debug" not in router["args"]
+
+
 def test_store_tls_mounts_its_secret_where_the_flags_point(env, tmp_path):
     """`redis.tls` (extension): both components reach the store over TLS, reading the CA and their
     client identity from the Secret mounted where the environment says."""

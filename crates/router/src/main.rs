@@ -54,7 +54,8 @@ struct Args {
     /// never hop between threads); 0 = one per CPU.
     #[arg(long, env = "ROUTER_WORKERS", default_value_t = 0)]
     workers: usize,
-    /// Upstream flag; accepted (use RUST_LOG for log levels).
+    /// Upstream's flag: this Router's own debug logs (not its libraries'; RUST_LOG, when set,
+    /// decides instead).
     #[arg(long)]
     debug: bool,
     /// Serve HTTPS (HTTP/1.1 and HTTP/2) with --tls-cert and --tls-key.
@@ -115,7 +116,11 @@ async fn main() -> anyhow::Result<()> {
         print_env_names();
         return Ok(());
     }
-    let level = if args.debug { "debug" } else { "info" };
+    let level = if args.debug {
+        "info,router=debug,agentcube_router=debug"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
