@@ -199,6 +199,7 @@ def lifecycle(c: Cluster, wm: str) -> None:
     log("reinstall: same key, SDK session works")
     caller_auth(c, router2)
     mtls(c)
+    store_tls(c)
 
 
 def post(url: str, body: dict[str, Any], token: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -268,6 +269,64 @@ def mtls(c: Cluster) -> None:
     except (OSError, http.client.HTTPException):
         pass
     log("mtls.enabled: the Router makes sessions over mutual TLS; the Workload Manager refuses plain HTTP")
+
+
+REDIS_TLS = f"redis-tls.{NAMESPACE}.svc.cluster.local"
+
+
+def store_tls(c: Cluster) -> None:
+    """helm upgrade to a Redis that speaks TLS only and asks for client certificates (as a managed
+    Redis with in-transit encryption may): both components reach it with `redis.tls`, and a
+    session made through the Router lands in it."""
+    d = c.state.parent / "store-tls"
+    d.mkdir()
+    ca = pki.Pki(d)
+    server = ca.leaf("redis-tls", "spiffe://cluster.local/redis-tls", pki.SERVER_AUTH, dns=(REDIS_TLS,))
+    client = ca.leaf("agentcube-store", "spiffe://cluster.local/agentcube-store", pki.CLIENT_AUTH)
+    for secret, (crt, key) in (("redis-tls-server", server), ("redis-tls-client", client)):
+        c.kubectl("create", "secret", "generic", secret, "-n", NAMESPACE, f"--from-file=tls.crt={crt}",
+                  f"--from-file=tls.key={key}", f"--from-file=ca.crt={ca.bundle}")
+    password = "tls-store-password"
+    tls_args = ["--save", "", "--appendonly", "no", "--requirepass", password, "--port", "0",
+                "--tls-port", "6379", "--tls-cert-file", "/tls/tls.crt", "--tls-key-file", "/tls/tls.key",
+                "--tls-ca-cert-file", "/tls/ca.crt", "--tls-auth-clients", "yes"]
+    labels = {"app": "redis-tls"}
+    objects = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis-tls", "namespace": NAMESPACE},
+         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+             "containers": [{"name": "redis", "image": "redis:7-alpine", "args": tls_args,
+                             "ports": [{"name": "redis", "containerPort": 6379}],
+                             "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 1},
+                             "volumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}]}],
+             "volumes": [{"name": "tls", "secret": {"secretName": "redis-tls-server"}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis-tls", "namespace": NAMESPACE},
+         "spec": {"selector": labels, "ports": [{"port": 6379, "targetPort": 6379}]}},
+    ]
+    c.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    wait_for("the TLS Redis ready", lambda: ready_pods(c, "redis-tls") or None)
+    c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
+           "--set", "bundledRedis.enabled=false", "--set", f"redis.addr={REDIS_TLS}:6379",
+           "--set", f"redis.password={password}", "--set", "redis.tls.enabled=true",
+           "--set", "redis.tls.secretName=redis-tls-client", "--set", "redis.tls.clientCertificate=true",
+           "--wait", "--timeout", "3m")
+    def on_tls(app: str) -> list[Pod] | None:
+        pods = json.loads(c.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app={app}", "-o", "json"))["items"]
+        env = [{e["name"] for e in p["spec"]["containers"][0].get("env", [])} for p in pods]
+        ready = ready_pods(c, app)
+        return ready if pods and len(ready) == len(pods) and all("AGENTCUBE_STORE_TLS" in e for e in env) else None
+    routers = wait_for("Routers on the TLS store, alone", lambda: on_tls("agentcube-router"))
+    wait_for("the Workload Manager on the TLS store, alone", lambda: on_tls("workloadmanager"))
+    router = f"http://{routers[0]['status']['podIP']}:8080"
+    status, body = post(f"{router}/v1/namespaces/default/agent-runtimes/echo-agent/invocations/echo",
+                        {"input": "store"})
+    assert (status, body.get("output")) == (200, "echo: store"), (status, body)
+    records = subprocess.run(
+        ["redis-cli", "-h", ready_pods(c, "redis-tls")[0]["status"]["podIP"], "--tls", "--cacert", str(ca.bundle),
+         "--cert", str(client[0]), "--key", str(client[1]), "-a", password, "--no-auth-warning",
+         "ZCARD", "session:expiry"], capture_output=True, text=True, check=True).stdout.strip()
+    assert records == "1", f"sessions in the TLS Redis: {records!r}"
+    log("redis.tls: Router and Workload Manager reach a TLS-only Redis with a client certificate; "
+        "a session made through the Router is in it")
 
 
 def main() -> None:
