@@ -13,7 +13,6 @@ use agentcube_types::SessionRecord;
 use jiff::Timestamp;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
-use tokio::sync::OnceCell;
 
 use crate::keys::{Keys, check_id};
 use crate::{
@@ -45,14 +44,15 @@ pub struct RedisTls {
 }
 
 impl RedisTls {
-    /// The files' contents as redis-rs takes them; `None` without any (the system's CAs).
-    fn certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+    /// The files' contents as redis-rs takes them (`None` without any: the system's CAs), and
+    /// all their bytes, to tell when they change.
+    fn certificates(&self) -> Result<(Option<redis::TlsCertificates>, Vec<u8>)> {
         let read = |flag: &str, p: &Path| {
             std::fs::read(p)
                 .map_err(|e| Error::Backend(format!("cannot read {flag} {}: {e}", p.display())))
         };
         if self.ca.is_none() && self.client.is_none() {
-            return Ok(None);
+            return Ok((None, Vec::new()));
         }
         let root_cert = match &self.ca {
             Some(p) => Some(read("--store-ca-file", p)?),
@@ -65,10 +65,16 @@ impl RedisTls {
             }),
             None => None,
         };
-        Ok(Some(redis::TlsCertificates {
+        let mut seen = root_cert.clone().unwrap_or_default();
+        if let Some(c) = &client_tls {
+            seen.extend_from_slice(&c.client_cert);
+            seen.extend_from_slice(&c.client_key);
+        }
+        let certs = redis::TlsCertificates {
             client_tls,
             root_cert,
-        }))
+        };
+        Ok((Some(certs), seen))
     }
 }
 
@@ -228,11 +234,38 @@ struct Scripts {
 
 /// The Redis/Valkey store.
 pub struct RedisStore {
-    client: redis::Client,
+    /// The client, made again when a TLS handshake is refused and its files changed since.
+    client: std::sync::Mutex<Client>,
     config: RedisConfig,
     keys: Keys,
-    conn: OnceCell<ConnectionManager>,
+    /// The shared connection, made on first use (with the client of that moment).
+    conn: std::sync::RwLock<Option<ConnectionManager>>,
+    /// Serializes making it.
+    connecting: tokio::sync::Mutex<()>,
     scripts: Scripts,
+}
+
+/// A redis-rs client and the TLS files' bytes it was made with.
+struct Client {
+    redis: redis::Client,
+    tls_files: Vec<u8>,
+}
+
+impl Client {
+    fn new(config: &RedisConfig) -> Result<Self> {
+        use redis::IntoConnectionInfo;
+        let info = config.url.as_str().into_connection_info().map_err(|e| {
+            Error::Backend(format!("invalid Redis URL {}: {e}", config.redacted_url()))
+        })?;
+        let info = info.set_tcp_settings(tcp_settings());
+        let (certs, tls_files) = config.tls.certificates()?;
+        let redis = match certs {
+            None => redis::Client::open(info),
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+        }
+        .map_err(|e| Error::Backend(format!("Redis client: {e}")))?;
+        Ok(Self { redis, tls_files })
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -266,10 +299,6 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
         .set_user_timeout(UNACKED_TIMEOUT)
 }
 
-/// A Redis that cannot serve now (a connection that failed, a timeout, or an answer that says
-/// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`, a write refused as
-/// `READONLY` or `OOM`) is unavailable (`503`, retried later); any other error (a refused TLS
-/// handshake, a wrong password included) is the backend's.
 /// A TLS handshake that failed either way (a certificate refused, or none given to a server
 /// that asks): a configuration to fix, not an outage to wait out.
 fn tls_refused(e: &RedisError) -> bool {
@@ -293,6 +322,10 @@ fn tls_refused(e: &RedisError) -> bool {
     false
 }
 
+/// A Redis that cannot serve now (a connection that failed, a timeout, or an answer that says
+/// to wait: `LOADING` its dataset after a restart, `MASTERDOWN`, `TRYAGAIN`, a write refused as
+/// `READONLY` or `OOM`) is unavailable (`503`, retried later); any other error (a refused TLS
+/// handshake, a wrong password included) is the backend's.
 fn map_err(e: RedisError) -> Error {
     // `READONLY`: a primary demoted to replica (a failover its address has not followed yet);
     // `OOM`: full under `maxmemory` with `noeviction`, until keys go or an operator acts.
@@ -313,23 +346,14 @@ fn map_err(e: RedisError) -> Error {
 }
 
 impl RedisStore {
-    /// Validates the URL; does not connect yet.
+    /// Validates the URL and reads the TLS files; does not connect yet.
     pub fn new(config: RedisConfig) -> Result<Self> {
-        use redis::IntoConnectionInfo;
-        let info = config.url.as_str().into_connection_info().map_err(|e| {
-            Error::Backend(format!("invalid Redis URL {}: {e}", config.redacted_url()))
-        })?;
-        let info = info.set_tcp_settings(tcp_settings());
-        let client = match config.tls.certificates()? {
-            None => redis::Client::open(info),
-            Some(certs) => redis::Client::build_with_tls(info, certs),
-        }
-        .map_err(|e| Error::Backend(format!("Redis client: {e}")))?;
         Ok(Self {
-            client,
+            client: std::sync::Mutex::new(Client::new(&config)?),
             keys: Keys::new(&config.key_prefix),
             config,
-            conn: OnceCell::new(),
+            conn: std::sync::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             scripts: Scripts {
                 insert: Script::new(INSERT),
                 replace: Script::new(REPLACE),
@@ -344,21 +368,45 @@ impl RedisStore {
     /// The shared multiplexed connection, made on first use (and retried on later calls if the
     /// first attempt failed). After that, redis-rs reconnects it by itself.
     async fn conn(&self) -> Result<ConnectionManager> {
+        if let Some(c) = self.conn.read().unwrap().as_ref() {
+            return Ok(c.clone());
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.conn.read().unwrap().as_ref() {
+            return Ok(c.clone());
+        }
         let timeout = self.config.connect_timeout;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(self.config.op_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                ConnectionManager::new_with_config(self.client.clone(), cfg)
-                    .await
-                    .map_err(map_err)
-            })
-            .await?;
-        Ok(conn.clone())
+        let client = self.client.lock().unwrap().redis.clone();
+        let result = ConnectionManager::new_with_config(client, cfg).await;
+        let conn = result.map_err(|e| self.failed(e))?;
+        *self.conn.write().unwrap() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Maps `e`; a refused TLS handshake first reads the TLS files again: when they changed (a
+    /// renewed client certificate, a new CA), the next call connects with them. redis-rs
+    /// reconnects with the files it was made with, so an expired client certificate was
+    /// refused until a restart.
+    fn failed(&self, e: RedisError) -> Error {
+        if tls_refused(&e) && (self.config.tls.ca.is_some() || self.config.tls.client.is_some()) {
+            match Client::new(&self.config) {
+                Ok(fresh) => {
+                    let mut client = self.client.lock().unwrap();
+                    if fresh.tls_files != client.tls_files {
+                        tracing::info!("the store's TLS files changed: connecting with them");
+                        *client = fresh;
+                        *self.conn.write().unwrap() = None;
+                    }
+                }
+                Err(read) => tracing::warn!(error = %read, "cannot read the store's TLS files"),
+            }
+        }
+        map_err(e)
     }
 
     /// Runs `work` on a connection, bounded by the operation timeout; `what` names it then.
@@ -367,7 +415,7 @@ impl RedisStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let run = async { work(self.conn().await?).await.map_err(map_err) };
+        let run = async { work(self.conn().await?).await.map_err(|e| self.failed(e)) };
         tokio::time::timeout(self.config.op_timeout, run)
             .await
             .map_err(|_| {

@@ -105,7 +105,12 @@ impl ServerProcess {
     /// `rediss://127.0.0.1:<port>/` (or 127.0.0.2) ([`ServerProcess::command`] and `restart` speak plain TCP).
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path, client_certs: bool) -> Self {
         let mut s = Self::start(Flavor::Redis);
-        let port = s.port.to_string();
+        s.restart_tls(cert, key, ca, client_certs);
+        s
+    }
+
+    /// Restarts the server on its port serving TLS only, as [`ServerProcess::start_tls`] does.
+    pub fn restart_tls(&mut self, cert: &Path, key: &Path, ca: &Path, client_certs: bool) {
         let path = |p: &Path| p.to_str().unwrap().to_string();
         let auth = if client_certs { "yes" } else { "no" };
         // Also on 127.0.0.2, an address its certificate does not name.
@@ -115,7 +120,7 @@ impl ServerProcess {
             "--port".into(),
             "0".into(),
             "--tls-port".into(),
-            port,
+            self.port.to_string(),
             "--tls-cert-file".into(),
             path(cert),
             "--tls-key-file".into(),
@@ -125,13 +130,16 @@ impl ServerProcess {
             "--tls-auth-clients".into(),
             auth.to_string(),
         ];
-        s.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        self.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", s.port)).is_err() {
-            assert!(Instant::now() < deadline, "no TLS listener on {}", s.port);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no TLS listener on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        s
     }
 
     /// `redis://127.0.0.1:<port>/`.

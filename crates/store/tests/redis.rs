@@ -501,3 +501,42 @@ async fn a_store_over_tls_checks_the_server_and_shows_its_own_certificate() {
         "a refused handshake is not an outage: {e}"
     );
 }
+
+/// A renewed client certificate (or CA) is picked up without a restart: the files are read again
+/// when a handshake is refused, and the next call connects with them. redis-rs reconnects with
+/// what it was made with, so before, an expired client certificate was refused until a restart.
+#[tokio::test]
+async fn renewed_tls_files_are_used_once_the_old_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str| {
+        agentcube_test_cluster::certs::Pki::write(&dir.path().join(name), &[("store", "s", None)])
+            .unwrap()
+    };
+    let (old, new) = (write("old"), write("new"));
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let install = |pki: &agentcube_test_cluster::certs::Pki| {
+        let (cert, key) = pki.client("store");
+        std::fs::copy(pki.ca_cert(), files.join("ca.crt")).unwrap();
+        std::fs::copy(cert, files.join("tls.crt")).unwrap();
+        std::fs::copy(key, files.join("tls.key")).unwrap();
+    };
+    install(&old);
+    let mut server =
+        ServerProcess::start_tls(&old.server_cert(), &old.server_key(), &old.ca_cert(), true);
+    let mut c = RedisConfig::new(format!("rediss://127.0.0.1:{}/", server.port()));
+    c.tls = agentcube_store::RedisTls {
+        ca: Some(files.join("ca.crt")),
+        client: Some((files.join("tls.crt"), files.join("tls.key"))),
+    };
+    let store = RedisStore::new(c).unwrap();
+    store.ping().await.unwrap();
+    // Renewed: another CA signs the server's certificate and must sign the clients'.
+    install(&new);
+    server.restart_tls(&new.server_cert(), &new.server_key(), &new.ca_cert(), true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = store.ping().await {
+        assert!(Instant::now() < deadline, "still refused: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
