@@ -4,7 +4,9 @@
 //! two `ZADD`; delete = `DEL` + two `ZREM`; touch = `EXISTS` + `ZADD GT` (never resurrects, never
 //! moves backwards); listing = `ZRANGEBYSCORE … LIMIT` + one `GET` per hit, dropping index entries
 //! whose record vanished. The connection is made lazily and re-made by redis-rs's
-//! `ConnectionManager` after an outage; every call is bounded by `op_timeout`.
+//! `ConnectionManager` after an outage; every call is bounded by `op_timeout`. Over TLS
+//! (`rediss://`), a refused handshake reads the CA and client certificate files again, and
+//! when they changed the next call connects with a client made from them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,7 +36,8 @@ pub struct RedisConfig {
     pub tls: RedisTls,
 }
 
-/// PEM files of a TLS connection to the store, read when the store is made.
+/// PEM files of a TLS connection to the store, read when the store is made and again when a
+/// handshake is refused (see [`RedisStore`]).
 #[derive(Debug, Clone, Default)]
 pub struct RedisTls {
     /// CA certificate(s) the server's certificate must chain to, instead of the system's.
