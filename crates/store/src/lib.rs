@@ -3,8 +3,10 @@
 //!
 //! Main flow:
 //! 1. A binary turns flags/env into a [`StoreConfig`] ([`config::StoreArgs`], upstream env names).
-//! 2. [`connect`] builds an `Arc<dyn SessionStore>`: [`RedisStore`] (Redis and Valkey) or
-//!    [`MemoryStore`] (embedded default, tests).
+//! 2. [`connect`] builds an `Arc<dyn SessionStore>`: [`RedisStore`] (Redis and Valkey, plain or
+//!    over TLS with [`RedisTls`]) or [`MemoryStore`] (embedded default, tests). Errors that
+//!    mean "try later" (no answer, `LOADING`, `READONLY`, `OOM`…) are [`Error::Unavailable`]
+//!    (`503`); the rest are the backend's.
 //! 3. The Workload Manager [`insert`](SessionStore::insert)s a `creating` placeholder, then
 //!    [`replace`](SessionStore::replace)s it with the ready record (or deletes it on rollback).
 //! 4. The Router [`get`](SessionStore::get)s records and flushes activity with
