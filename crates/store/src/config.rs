@@ -22,7 +22,7 @@ pub enum StoreConfig {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreArgs {
     /// Store URL: `redis://[:password@]host:port[/db]`, `rediss://…` (over TLS), `valkey://…`
-    /// (same as `redis://`), or `memory`. Overrides the variables below.
+    /// and `valkeys://…` (the same), or `memory`. Overrides the variables below.
     #[arg(long = "store", env = "AGENTCUBE_STORE_URL", hide_env_values = true)]
     pub store_url: Option<String>,
     /// `redis` (default) or `valkey` (upstream `STORE_TYPE`); `memory` also accepted.
@@ -112,13 +112,17 @@ impl StoreArgs {
             if url == "memory" || url == "memory://" {
                 return Ok(StoreConfig::Memory);
             }
-            let url = match url.strip_prefix("valkey://") {
-                Some(rest) => format!("redis://{rest}"),
-                None => url.to_string(),
+            let url = match (
+                url.strip_prefix("valkey://"),
+                url.strip_prefix("valkeys://"),
+            ) {
+                (Some(rest), _) => format!("redis://{rest}"),
+                (_, Some(rest)) => format!("rediss://{rest}"),
+                _ => url.to_string(),
             };
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 return Err(ConfigError(format!(
-                    "--store must be redis://…, valkey://… or memory, got {url:?}"
+                    "--store must be redis://…, rediss://…, valkey://…, valkeys://… or memory, got {url:?}"
                 )));
             }
             let tls = url.starts_with("rediss://");
@@ -336,6 +340,8 @@ mod tests {
         assert!(c.tls.client.is_none());
         let c2 = args(&[("store", "rediss://h:1/"), ("AGENTCUBE_STORE_CA_FILE", ca)]);
         assert_eq!(url(c2.into_config(false).unwrap()), "rediss://h:1/");
+        let c3 = args(&[("store", "valkeys://:p@h:1/2")]);
+        assert_eq!(url(c3.into_config(false).unwrap()), "rediss://:p@h:1/2");
         let plain = [("store", "redis://h:1/"), ("AGENTCUBE_STORE_TLS", "true")];
         assert!(err(&plain).contains("write rediss://"));
         let ca_only = [("store", "redis://h:1/"), ("AGENTCUBE_STORE_CA_FILE", ca)];
