@@ -103,10 +103,14 @@ impl StoreArgs {
     /// in-memory store (the embedded default) instead of failing like upstream's binaries.
     pub fn into_config(self, default_memory: bool) -> Result<StoreConfig, ConfigError> {
         let timeout = Duration::from_millis(self.store_timeout_ms.max(1));
-        let with_timeout = |mut c: RedisConfig| {
+        // The URL's scheme says whether it is TLS; the files come with it.
+        let redis = |url: String| -> Result<StoreConfig, ConfigError> {
+            let tls = url.starts_with("rediss://");
+            let mut c = RedisConfig::new(url);
+            c.tls = self.tls_files(tls)?;
             c.op_timeout = timeout;
             c.connect_timeout = timeout.min(c.connect_timeout.max(timeout / 2));
-            StoreConfig::Redis(c)
+            Ok(StoreConfig::Redis(c))
         };
         if let Some(url) = non_empty(&self.store_url) {
             if url == "memory" || url == "memory://" {
@@ -125,15 +129,12 @@ impl StoreArgs {
                     "--store must be redis://…, rediss://…, valkey://…, valkeys://… or memory, got {url:?}"
                 )));
             }
-            let tls = url.starts_with("rediss://");
-            if self.tls_flag()? && !tls {
+            if self.tls_flag()? && !url.starts_with("rediss://") {
                 return Err(ConfigError(
                     "--store-tls with a redis:// URL: write rediss:// instead".into(),
                 ));
             }
-            let mut c = RedisConfig::new(url);
-            c.tls = self.tls_files(tls)?;
-            return Ok(with_timeout(c));
+            return redis(url);
         }
         let kind = non_empty(&self.store_type).map(str::to_ascii_lowercase);
         let nothing_set = kind.is_none()
@@ -186,15 +187,11 @@ impl StoreArgs {
                  without a password"
             )));
         }
-        let tls = self.tls_flag()?;
-        let scheme = if tls { "rediss" } else { "redis" };
-        let url = match password {
+        let scheme = if self.tls_flag()? { "rediss" } else { "redis" };
+        redis(match password {
             Some(p) => format!("{scheme}://:{}@{addr}/", encode_userinfo(p)),
             None => format!("{scheme}://{addr}/"),
-        };
-        let mut c = RedisConfig::new(url);
-        c.tls = self.tls_files(tls)?;
-        Ok(with_timeout(c))
+        })
     }
 
     fn tls_flag(&self) -> Result<bool, ConfigError> {
