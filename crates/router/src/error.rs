@@ -59,7 +59,8 @@ pub enum RouterError {
     /// Connection refused by the sandbox.
     #[error("sandbox unreachable")]
     Refused,
-    /// Connecting to the sandbox timed out.
+    /// Connecting to the sandbox timed out, or its host left a request unacknowledged past
+    /// [`crate::pool::DEAD_PEER_TIMEOUT`].
     #[error("sandbox timeout")]
     UpstreamTimeout,
     /// Any other failure talking to the sandbox.

@@ -64,6 +64,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Upper bound of connecting to a sandbox.
     pub connect_timeout: Duration,
+    /// How long a sandbox's host may leave a request unacknowledged, or an h2c PING unanswered,
+    /// before its connection is given up ([`pool::DEAD_PEER_TIMEOUT`]).
+    pub dead_peer_timeout: Duration,
     /// Upper bound of a Workload Manager create call (upstream: 2 min).
     pub workload_manager_timeout: Duration,
     /// Service-account token sent to the WM, re-read per call (in a cluster).
@@ -99,6 +102,7 @@ impl Config {
             activity_flush_interval: Duration::from_secs(1),
             shutdown_grace: agentcube_serve::SHUTDOWN_GRACE,
             connect_timeout: Duration::from_secs(5),
+            dead_peer_timeout: pool::DEAD_PEER_TIMEOUT,
             workload_manager_timeout: Duration::from_secs(120),
             workload_manager_token_file: None,
             workload_manager_token: None,
@@ -149,6 +153,7 @@ impl RouterService {
             authn: config.authn.clone(),
             upstream: proxy::Upstream::new(
                 config.connect_timeout,
+                config.dead_peer_timeout,
                 config.unix_entry_points.clone(),
             ),
             activity: Arc::default(),

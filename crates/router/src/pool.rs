@@ -55,15 +55,27 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// [`PROBE_EVERY`], [`PROBES`] unanswered ones ending the connection. A request waiting on a
 /// sandbox whose node went away without a word (its packets dropped) then ends in about a minute
 /// instead of waiting as long as its client does, holding a concurrency slot; a live host
-/// answers the probes whatever its sandbox is doing. (`TCP_USER_TIMEOUT`, which would also end
-/// a request sent into such a connection, is not set: the kernel applies it to a peer that
-/// keeps its window shut too, and an agent that reads a request late — a single-threaded server
-/// busy with another — would have its requests cut.)
+/// answers the probes whatever its sandbox is doing. The kernel sends no probes while bytes it
+/// sent are unacknowledged: a request written into such a connection is bounded by
+/// [`DEAD_PEER_TIMEOUT`] instead.
 pub const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(30);
 /// See [`QUIET_BEFORE_PROBE`].
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// See [`QUIET_BEFORE_PROBE`].
 pub const PROBES: u32 = 3;
+
+/// How long the bytes of a request written on a pooled connection may go unacknowledged by the
+/// sandbox's host before the connection is given up (`TCP_USER_TIMEOUT`). Without it a request
+/// written into a connection whose node went away (a pooled one, idle less than the keepalive
+/// probes take) was retransmitted for the kernel's ~15 minutes (`tcp_retries2`), holding its
+/// client and a concurrency slot. Only pooled connections get it: their requests are at most
+/// [`crate::proxy`]'s buffered 64 KiB, which a live host's kernel acknowledges whether or not its
+/// server reads them (a non-reading peer takes ~124 KiB on loopback with Linux's default
+/// buffers), while Linux also applies it to a peer that keeps its window shut: streamed bodies
+/// (an agent reading an upload at its own pace) go over connections without it. It also ends a
+/// quiet connection's keepalive probes once it has passed since the host last answered. h2c
+/// connections get HTTP/2 PINGs within the same bound instead ([`crate::proxy`]).
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where an entry point listens.
 #[derive(Debug, Clone)]
@@ -101,6 +113,14 @@ fn probe_when_quiet(s: &TcpStream) -> io::Result<()> {
         .with_interval(PROBE_EVERY)
         .with_retries(PROBES);
     socket2::SockRef::from(s).set_tcp_keepalive(&keepalive)
+}
+
+/// `TCP_USER_TIMEOUT` on a TCP connection ([`DEAD_PEER_TIMEOUT`]).
+fn give_up_unacked_after(s: &Stream, timeout: Duration) -> io::Result<()> {
+    match s {
+        Stream::Tcp(s) => socket2::SockRef::from(s).set_tcp_user_timeout(Some(timeout)),
+        Stream::Unix(_) => Ok(()),
+    }
 }
 
 /// One entry point: how to reach it, its `Host` header, its idle connections.
@@ -305,13 +325,25 @@ enum Failed {
 }
 
 /// One worker's entry points and their connections.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Pool {
     endpoints: Arc<Mutex<HashMap<String, Arc<Endpoint>>>>,
     reaper: Arc<std::sync::OnceLock<()>>,
+    /// [`DEAD_PEER_TIMEOUT`], or a test's.
+    dead_peer_timeout: Duration,
 }
 
 impl Pool {
+    /// An empty pool whose connections give up a host that stops acknowledging a request after
+    /// `dead_peer_timeout` ([`DEAD_PEER_TIMEOUT`]).
+    pub fn new(dead_peer_timeout: Duration) -> Self {
+        Self {
+            endpoints: Arc::default(),
+            reaper: Arc::default(),
+            dead_peer_timeout,
+        }
+    }
+
     /// The entry point named `endpoint`, made by `make` the first time.
     pub fn endpoint<E>(
         &self,
@@ -346,7 +378,10 @@ impl Pool {
                         self.start_reaper();
                         // Boxed: a new connection is the rare path, and its future is large.
                         let io = Box::pin(ep.addr.open(connect_timeout)).await;
-                        (Conn::new(io.map_err(SendError::Connect)?), false)
+                        let io = io.map_err(SendError::Connect)?;
+                        give_up_unacked_after(&io, self.dead_peer_timeout)
+                            .map_err(SendError::Connect)?;
+                        (Conn::new(io), false)
                     }
                 };
                 let failed = match exchange(&mut conn, req).await {

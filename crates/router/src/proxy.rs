@@ -196,6 +196,7 @@ impl UnixEntryPoints {
 #[derive(Clone)]
 pub struct Upstream {
     connect_timeout: Duration,
+    dead_peer_timeout: Duration,
     unix_entry_points: UnixEntryPoints,
     pool: Pool,
     /// Prior-knowledge HTTP/2 (h2c), used when the client itself speaks HTTP/2 (e.g. gRPC).
@@ -349,21 +350,35 @@ pub struct Forward<'a> {
 }
 
 impl Upstream {
-    /// A client with pooled keep-alive connections.
-    pub fn new(connect_timeout: Duration, unix_entry_points: UnixEntryPoints) -> Self {
+    /// A client with pooled keep-alive connections; a sandbox's host that stops acknowledging
+    /// a request (HTTP/1.1) or answering PINGs (h2c) for `dead_peer_timeout` is given up
+    /// ([`pool::DEAD_PEER_TIMEOUT`]).
+    pub fn new(
+        connect_timeout: Duration,
+        dead_peer_timeout: Duration,
+        unix_entry_points: UnixEntryPoints,
+    ) -> Self {
         let unix = UnixHosts::default();
         let connector = Connector {
             unix: unix.clone(),
             connect_timeout,
         };
+        // A PING when a connection with requests in flight has been silent for half the bound,
+        // its answer awaited for the other half: an HTTP/2 peer's stack answers whatever its
+        // streams are doing (its flow control, not TCP's window, holds back what it does not
+        // read), so unlike `TCP_USER_TIMEOUT` this never cuts a slow reader.
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool::IDLE_TIMEOUT)
             .http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(dead_peer_timeout / 2)
+            .http2_keep_alive_timeout(dead_peer_timeout / 2)
             .build(connector);
         Self {
             connect_timeout,
+            dead_peer_timeout,
             unix_entry_points,
-            pool: Pool::default(),
+            pool: Pool::new(dead_peer_timeout),
             h2c,
             unix,
         }
@@ -371,7 +386,11 @@ impl Upstream {
 
     /// A client with the same settings and pools of its own.
     pub fn fresh(&self) -> Self {
-        Self::new(self.connect_timeout, self.unix_entry_points.clone())
+        Self::new(
+            self.connect_timeout,
+            self.dead_peer_timeout,
+            self.unix_entry_points.clone(),
+        )
     }
 
     /// The entry point: its address, URI authority (`host:port`, or the synthetic host of a

@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 struct Counts {
     accepted: Arc<AtomicUsize>,
     ended: Arc<AtomicUsize>,
+    /// The Router's end (its port) of each connection accepted.
+    peers: Arc<std::sync::Mutex<Vec<u16>>>,
 }
 
 async fn raw_upstream() -> (String, Counts) {
@@ -30,7 +32,8 @@ async fn raw_upstream() -> (String, Counts) {
     let counts = Counts::default();
     let c = counts.clone();
     tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
+        while let Ok((s, peer)) = l.accept().await {
+            c.peers.lock().unwrap().push(peer.port());
             c.accepted.fetch_add(1, SeqCst);
             let c = c.clone();
             tokio::spawn(async move {
@@ -208,4 +211,96 @@ async fn a_connection_still_sending_a_request_body_is_not_waited_for() {
         .await
         .expect("a request waited behind a connection still sending a body");
     assert_eq!(c.accepted.load(SeqCst), 2);
+}
+
+/// A Router whose session `s` is `addr`, giving up a host that leaves a request unacknowledged
+/// for `bound`.
+async fn router_giving_up_after(addr: &str, bound: Duration) -> Router {
+    let store = memory();
+    session_to(store.as_ref(), "s", addr).await;
+    Router::start("http://127.0.0.1:9", store, |c| c.dead_peer_timeout = bound).await
+}
+
+/// A pooled connection whose host went away without a word (a node gone, its packets dropped):
+/// a request written into it is given up once its bytes have gone unacknowledged for the
+/// dead-peer bound — keepalive probes do not run while bytes are unacknowledged, so before, it
+/// was retransmitted for the kernel's ~15 minutes. A POST is answered 504, as a sandbox that
+/// cannot be reached in time (it may have arrived: never sent twice); a GET goes out again on a new connection and is answered.
+#[tokio::test]
+async fn a_request_written_into_a_connection_whose_host_vanished_ends_in_seconds() {
+    use agentcube_store::testing::BlackHole;
+    let (addr, c) = raw_upstream().await;
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let bound = Duration::from_secs(1);
+    let router = router_giving_up_after(&addr, bound).await;
+    let in_dead_connection = |request: reqwest::RequestBuilder| async {
+        let pooled = *c.peers.lock().unwrap().last().unwrap();
+        let hole = BlackHole::connection(pooled, port);
+        let started = std::time::Instant::now();
+        let sent = tokio::time::timeout(Duration::from_secs(60), request.send()).await;
+        let waited = started.elapsed();
+        drop(hole);
+        let r = sent.expect("a request written into a dead connection waited for the kernel");
+        assert!(waited >= bound && waited < bound * 10, "{waited:?}");
+        r.unwrap()
+    };
+
+    get_ok(&router, "x").await;
+    let post = client()
+        .post(router.ci("x"))
+        .header("x-agentcube-session-id", "s")
+        .body("{}");
+    let r = in_dead_connection(post).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(c.accepted.load(SeqCst), 1, "a POST is never sent twice");
+
+    get_ok(&router, "x").await;
+    assert_eq!(c.accepted.load(SeqCst), 2);
+    let get = client()
+        .get(router.ci("x"))
+        .header("x-agentcube-session-id", "s");
+    let r = in_dead_connection(get).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(
+        c.accepted.load(SeqCst),
+        3,
+        "the GET went out again on a new connection"
+    );
+}
+
+/// The dead-peer bound never cuts a live host that reads a request late (a server busy with
+/// something else): a pooled request's bytes (at most 64 KiB of body) are acknowledged by the
+/// host's kernel whether or not the server reads them.
+#[tokio::test]
+async fn a_host_that_reads_a_request_late_still_gets_it() {
+    let bound = Duration::from_millis(500);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::time::sleep(bound * 6).await;
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        // The head and the 64 KiB body.
+        while got.len() < 64 * 1024 + 100 {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let _ = s.read(&mut chunk).await;
+    });
+    let router = router_giving_up_after(&addr, bound).await;
+    let r = client()
+        .post(router.ci("x"))
+        .header("x-agentcube-session-id", "s")
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
 }

@@ -144,3 +144,60 @@ async fn https_listener_serves_the_same_api() {
     };
     assert!(err.to_string().contains("nope.crt"), "{err}");
 }
+
+/// An h2c connection whose host went away without a word (its packets dropped) while a request
+/// waits on it is given up within the dead-peer bound by HTTP/2 PINGs (TCP keepalive does not
+/// run while the request's bytes are unacknowledged); the next request gets a new connection.
+#[tokio::test]
+async fn an_h2c_request_to_a_host_that_vanished_ends_in_seconds() {
+    use agentcube_store::testing::BlackHole;
+    use axum::extract::ConnectInfo;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    let peers = Arc::new(Mutex::new(Vec::<u16>::new()));
+    let seen = peers.clone();
+    let app = upstream::app().layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let peer = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>();
+            let port = peer.unwrap().0.port();
+            let mut seen = seen.lock().unwrap();
+            if !seen.contains(&port) {
+                seen.push(port);
+            }
+            next.run(req)
+        },
+    ));
+    let (up, _t) = serve(app).await;
+    let addr = up.trim_start_matches("http://");
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let store = memory();
+    session_to_as(store.as_ref(), "s", addr, "H2C").await;
+    let bound = Duration::from_secs(1);
+    let router = Router::start("http://127.0.0.1:9", store, |c| {
+        c.dead_peer_timeout = bound;
+    })
+    .await;
+    let get = || {
+        client()
+            .get(router.ci("x"))
+            .header("x-agentcube-session-id", "s")
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    let pooled = peers.lock().unwrap().clone();
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    let hole = BlackHole::connection(pooled[0], port);
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(60), get())
+        .await
+        .expect("an h2c request on a dead connection waited for the kernel")
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(waited >= bound / 2 && waited < bound * 10, "{waited:?}");
+    drop(hole);
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/2.0");
+    assert_eq!(peers.lock().unwrap().len(), 2);
+}
