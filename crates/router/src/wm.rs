@@ -163,15 +163,19 @@ impl WmClient {
 /// TCP to the Workload Manager: `TCP_NODELAY`, and the keepalive probes of sandbox connections
 /// ([`crate::pool::QUIET_BEFORE_PROBE`]): a create waiting on a manager whose node went away
 /// without a word ends in about a minute rather than at the WM timeout (120 s), and an idle
-/// pooled connection to it is dropped within about a minute (hyper keeps idle ones 90 s).
+/// pooled connection to it is dropped within about a minute (hyper keeps idle ones 90 s). A
+/// create written into a connection whose manager had gone already (no probes run while its
+/// bytes are unacknowledged) is given up after [`crate::pool::DEAD_PEER_TIMEOUT`]
+/// (`TCP_USER_TIMEOUT`: the manager reads its small requests at once).
 fn tcp_connector() -> HttpConnector {
-    use crate::pool::{PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
+    use crate::pool::{DEAD_PEER_TIMEOUT, PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_keepalive(Some(QUIET_BEFORE_PROBE));
     http.set_keepalive_interval(Some(PROBE_EVERY));
     http.set_keepalive_retries(Some(PROBES));
+    http.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT));
     http
 }
 
@@ -238,5 +242,9 @@ mod tests {
             .unwrap();
         let io = tcp_connector().oneshot(uri).await.unwrap();
         crate::pool::tests::assert_probed_when_quiet(io.inner());
+        let given_up = socket2::SockRef::from(io.inner())
+            .tcp_user_timeout()
+            .unwrap();
+        assert_eq!(given_up, Some(crate::pool::DEAD_PEER_TIMEOUT));
     }
 }
