@@ -129,12 +129,12 @@ async fn spawn_runner(s: &AppState, ctx: &Context) -> Result<Runner, ApiError> {
     let dir = crate::exec::work_dir(&s.workspace, ctx.cwd.clone()).await?;
     let mut cmd = match ctx.language {
         Language::Python => {
-            let mut cmd = tokio::process::Command::new("python3");
+            let mut cmd = crate::init::command("python3");
             cmd.args(["-u", "-c", RUNNER]).env("MPLBACKEND", "Agg");
             cmd
         }
         Language::Bash => {
-            let mut cmd = tokio::process::Command::new("bash");
+            let mut cmd = crate::init::command("bash");
             cmd.args(["--noprofile", "--norc", "-s"]);
             cmd
         }

@@ -163,7 +163,7 @@ async fn run(spec: CommandSpec, sink: mpsc::Sender<Chunk>) -> Outcome {
         end: jiff::Timestamp::now(),
         elapsed: clock.elapsed(),
     };
-    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    let mut cmd = crate::init::command(&spec.argv[0]);
     spec.dir.apply(&mut cmd);
     cmd.args(&spec.argv[1..])
         .envs(&spec.env)

@@ -21,6 +21,14 @@ use nix::unistd::Pid;
 /// Set in the child's environment: it is the PicoD that serves (not another init).
 pub const CHILD_MARK: &str = "PICOD_INIT_CHILD";
 
+/// A program PicoD starts for the sandbox (a command, a process, a context's runner, the
+/// agent): PicoD's environment without [`CHILD_MARK`], which is the init's word to PicoD only.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env_remove(CHILD_MARK);
+    cmd
+}
+
 /// Signals passed on to the serving PicoD.
 const FORWARDED: [Signal; 6] = [
     Signal::SIGTERM,

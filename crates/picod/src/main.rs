@@ -210,7 +210,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
         if extras.agent.is_empty() {
             return std::future::pending().await;
         }
-        let mut child = match tokio::process::Command::new(&extras.agent[0])
+        let mut child = match agentcube_picod::init::command(&extras.agent[0])
             .args(&extras.agent[1..])
             .current_dir(&agent_dir)
             .kill_on_drop(true)

@@ -130,7 +130,7 @@ pub async fn start(State(s): State<AppState>, req: Request) -> Result<Response, 
         )));
     }
     let dir = crate::exec::work_dir(&s.workspace, body.cwd.unwrap_or_default()).await?;
-    let mut cmd = tokio::process::Command::new(&body.command[0]);
+    let mut cmd = crate::init::command(&body.command[0]);
     dir.apply(&mut cmd);
     let mut child = cmd
         .args(&body.command[1..])

@@ -279,3 +279,60 @@ fn kill_all_is_refused_beside_an_agent() {
         "the namespace is gone with its init"
     );
 }
+
+/// The init marks the PicoD it starts (`PICOD_INIT_CHILD`); nothing PicoD starts for the
+/// sandbox inherits the mark: not a command, a background process, a context, nor the agent.
+#[test]
+fn as_pid_1_its_mark_reaches_nothing_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("picod.sock");
+    let agent_env = dir.path().join("agent.env");
+    let agent = format!("env > {}; exec sleep 100", agent_env.display());
+    let _ns = as_pid_1_with(dir.path(), &sock, &["--", "sh", "-c", &agent]);
+    // PicoD itself serves with the mark (its parent is the init).
+    assert!(
+        execute(&sock, &["sh", "-c", "tr '\\0' '\\n' < /proc/2/environ"])
+            .contains("PICOD_INIT_CHILD=1")
+    );
+    let mut seen = vec![("command", execute(&sock, &["env"]))];
+    let (status, body) = request(
+        &sock,
+        "POST",
+        "/api/processes",
+        &json!({"command": ["sh", "-c", "env > process.env"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(&sock, "POST", "/api/contexts", &json!({"language": "bash"}));
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = request(
+        &sock,
+        "POST",
+        &format!("/api/contexts/{id}/execute"),
+        &json!({"code": "env"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    seen.push(("context", body));
+    let started = Instant::now();
+    let files = [
+        ("process", dir.path().join("ws/process.env")),
+        ("agent", agent_env),
+    ];
+    for (what, file) in files {
+        let text = loop {
+            match std::fs::read_to_string(&file) {
+                Ok(t) if t.contains("PATH=") => break t,
+                _ if started.elapsed() > Duration::from_secs(10) => panic!("no {file:?}"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        seen.push((what, text));
+    }
+    for (what, env) in seen {
+        assert!(env.contains("PATH="), "{what}: {env}");
+        assert!(!env.contains("PICOD_INIT_CHILD"), "{what}: {env}");
+    }
+}
