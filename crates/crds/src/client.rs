@@ -16,8 +16,10 @@
 //!   quiet watches) to a vanished server are closed before a request picks them;
 //! - a request whose bytes go unacknowledged for [`UNACKED_TIMEOUT`] fails with the connection
 //!   (`TCP_USER_TIMEOUT`) rather than at the request timeout. Safe here, unlike on the Router's
-//!   sandbox connections: the API server reads requests as they come, so its receive window
-//!   does not stay shut.
+//!   streamed sandbox connections: the API server reads requests as they come, so its receive
+//!   window does not stay shut.
+//!
+//! The Router's connections to the Workload Manager are made the same way ([`tcp_connector`]).
 //!
 //! The stack is kube-rs's own (`ClientBuilder::try_from`) rebuilt from its public parts: base
 //! URI, TLS from the configuration, its retry policy for `429`/`503`/`504`, authentication,
@@ -86,11 +88,20 @@ pub fn is_timeout(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Service(s) if s.is::<tower::timeout::error::Elapsed>())
 }
 
-/// TCP connections as described above (TLS goes on top).
+/// TCP connections to the API server as described above (TLS goes on top).
 fn connector(config: &kube::Config) -> HttpConnector {
+    let mut http = tcp_connector();
+    http.set_connect_timeout(config.connect_timeout);
+    http
+}
+
+/// TCP connections to a control-plane server that reads its requests as they come (the API
+/// server, the Workload Manager): `TCP_NODELAY`, keepalive probes after [`QUIET_BEFORE_PROBE`]
+/// of silence, bytes unacknowledged for [`UNACKED_TIMEOUT`] end the connection; any scheme
+/// (TLS goes on top).
+pub fn tcp_connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
-    http.set_connect_timeout(config.connect_timeout);
     http.set_nodelay(true);
     http.set_keepalive(Some(QUIET_BEFORE_PROBE));
     http.set_keepalive_interval(Some(PROBE_EVERY));

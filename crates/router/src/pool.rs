@@ -652,7 +652,7 @@ pub(crate) mod tests {
     }
 
     /// Fails unless `s` has `TCP_NODELAY` and the keepalive timing above.
-    pub(crate) fn assert_probed_when_quiet(s: &TcpStream) {
+    fn assert_probed_when_quiet(s: &TcpStream) {
         let sock = socket2::SockRef::from(s);
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), QUIET_BEFORE_PROBE);

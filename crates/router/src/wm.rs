@@ -42,7 +42,13 @@ impl WmClient {
         token: Option<String>,
         tls: Option<&agentcube_tls::ClientTls>,
     ) -> Self {
-        let http = tcp_connector();
+        // The API server client's TCP ([`agentcube_crds::client::tcp_connector`]): a create
+        // waiting on a manager whose node went away without a word ends in about a minute
+        // (keepalive probes after 30 s of silence) rather than at the WM timeout (120 s), one
+        // written into a connection whose manager had gone already in 20 s (`TCP_USER_TIMEOUT`:
+        // the manager reads its small requests at once); an idle pooled connection to it is
+        // dropped within about a minute (hyper keeps idle ones 90 s).
+        let http = agentcube_crds::client::tcp_connector();
         let connector = match tls {
             Some(tls) => tls.connector(http),
             None => agentcube_tls::system_roots(base, http),
@@ -160,25 +166,6 @@ impl WmClient {
     }
 }
 
-/// TCP to the Workload Manager: `TCP_NODELAY`, and the keepalive probes of sandbox connections
-/// ([`crate::pool::QUIET_BEFORE_PROBE`]): a create waiting on a manager whose node went away
-/// without a word ends in about a minute rather than at the WM timeout (120 s), and an idle
-/// pooled connection to it is dropped within about a minute (hyper keeps idle ones 90 s). A
-/// create written into a connection whose manager had gone already (no probes run while its
-/// bytes are unacknowledged) is given up after [`crate::pool::DEAD_PEER_TIMEOUT`]
-/// (`TCP_USER_TIMEOUT`: the manager reads its small requests at once).
-fn tcp_connector() -> HttpConnector {
-    use crate::pool::{DEAD_PEER_TIMEOUT, PROBE_EVERY, PROBES, QUIET_BEFORE_PROBE};
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    http.set_keepalive(Some(QUIET_BEFORE_PROBE));
-    http.set_keepalive_interval(Some(PROBE_EVERY));
-    http.set_keepalive_retries(Some(PROBES));
-    http.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT));
-    http
-}
-
 /// A create the Workload Manager did not make. What the client can act on keeps its status: a
 /// bad request (400), a namespace the caller may not use (403), a cap or the host's capacity
 /// reached (429), with the manager's words; the manager's store or API server out of reach
@@ -227,24 +214,4 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn connections_to_the_workload_manager_are_probed_when_quiet() {
-        use tower::ServiceExt;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: http::Uri = format!("http://{}", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let io = tcp_connector().oneshot(uri).await.unwrap();
-        crate::pool::tests::assert_probed_when_quiet(io.inner());
-        let given_up = socket2::SockRef::from(io.inner())
-            .tcp_user_timeout()
-            .unwrap();
-        assert_eq!(given_up, Some(crate::pool::DEAD_PEER_TIMEOUT));
-    }
 }
