@@ -121,10 +121,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let store_config = args.store.clone().into_config(true)?;
     let store = agentcube_store::connect(&store_config)?;
-    store
-        .ping()
-        .await
-        .context("the session store does not answer")?;
+    if let Err(e) = store.ping().await {
+        let what = if e.is_unavailable() {
+            "the session store does not answer"
+        } else {
+            "the session store refuses agentcube up"
+        };
+        return Err(anyhow::Error::new(e).context(what));
+    }
     // Every listener first: a port in use stops the start before any sandbox is made (a failed
     // start left its warm pool's mounts and cgroups to the next start with its --state-dir).
     let wm_listener = agentcube_serve::listen((args.bind, args.wm_port)).await?;

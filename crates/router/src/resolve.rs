@@ -241,19 +241,24 @@ impl Resolver {
 
     /// Whether the store answers (readiness).
     pub async fn store_ready(&self) -> bool {
+        // The error, and whether it is an outage (rather than a refusal: a wrong password, a
+        // refused certificate).
         let failed = match tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("no answer within 1s".to_string()),
+            Ok(Err(e)) => Some((e.to_string(), e.is_unavailable())),
+            Err(_) => Some(("no answer within 1s".to_string(), true)),
         };
         let ready = failed.is_none();
-        // Once per change, so a Router that never gets ready (a wrong password, a refused
-        // certificate) says why in its log, where the probes' answers go nowhere.
+        // Once per change, so a Router that never gets ready says why in its log, where the
+        // probes' answers go nowhere.
         let was = self.store_was_ready.lock().unwrap().replace(ready);
         match (was, &failed) {
             (Some(false), None) => tracing::info!("the session store answers again: ready"),
-            (None | Some(true), Some(e)) => {
+            (None | Some(true), Some((e, true))) => {
                 tracing::warn!(error = %e, "the session store does not answer: not ready")
+            }
+            (None | Some(true), Some((e, false))) => {
+                tracing::warn!(error = %e, "the session store refuses the Router: not ready")
             }
             _ => {}
         }
@@ -352,8 +357,33 @@ mod tests {
         assert!(resolver.store_ready().await);
         let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.matches("not ready").count(), 1, "{text}");
+        assert!(text.contains("does not answer: not ready"), "{text}");
         assert!(text.contains("session store unavailable"), "{text}");
         assert_eq!(text.matches("answers again").count(), 1, "{text}");
+
+        // A store that answers and refuses (a wrong password) is told apart from an outage.
+        use agentcube_store::testing::{Flavor, ServerProcess};
+        let redis = ServerProcess::start(Flavor::Redis);
+        let url = redis.url().replace("redis://", "redis://:wrong@");
+        let store = agentcube_store::RedisStore::new(agentcube_store::RedisConfig::new(url));
+        let wm = WmClient::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            None,
+            None,
+            None,
+        );
+        let resolver = Resolver::new(
+            Arc::new(store.unwrap()),
+            wm,
+            Duration::ZERO,
+            Default::default(),
+        );
+        log.0.lock().unwrap().clear();
+        assert!(!resolver.store_ready().await);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("refuses the Router: not ready"), "{text}");
+        assert!(text.contains("Password authentication failed"), "{text}");
     }
 
     fn ep(path: &str, endpoint: &str) -> EntryPoint {

@@ -275,7 +275,11 @@ async fn wait_for_store(
             Ok(()) => break,
             Err(e) => e,
         };
-        if !e.is_unavailable() || tokio::time::Instant::now() >= deadline {
+        if !e.is_unavailable() {
+            // A wrong password, a refused certificate: waiting would not help.
+            return Err(anyhow::Error::new(e).context("the session store refuses this manager"));
+        }
+        if tokio::time::Instant::now() >= deadline {
             let waited = if said {
                 format!(" (waited {within:?})")
             } else {

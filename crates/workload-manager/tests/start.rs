@@ -158,6 +158,10 @@ fn a_store_that_refuses_the_manager_stops_the_start_at_once() {
     let url = redis.url().replace("redis://", "redis://:wrong@");
     let (child, _) = start(dir.path(), &url, &log);
     let text = exit_log(&mut Running(child), &log);
-    assert!(text.contains("the session store does not answer"), "{text}");
+    assert!(
+        text.contains("the session store refuses this manager"),
+        "{text}"
+    );
+    assert!(text.contains("Password authentication failed"), "{text}");
     assert!(!text.contains("waiting up to"), "{text}");
 }
