@@ -333,14 +333,18 @@ mod tests {
     async fn readiness_logs_why_the_store_fails_once_per_change() {
         use agentcube_store::testing::Flaky;
         let store = Arc::new(Flaky::new(Arc::new(agentcube_store::MemoryStore::new())));
-        let wm = WmClient::new(
-            "http://127.0.0.1:9",
-            Duration::from_secs(1),
-            None,
-            None,
-            None,
-        );
-        let resolver = Resolver::new(store.clone(), wm, Duration::ZERO, Default::default());
+        // Without a cache or a Workload Manager: only readiness is asked.
+        let resolver_on = |store: Arc<dyn SessionStore>| {
+            let wm = WmClient::new(
+                "http://127.0.0.1:9",
+                Duration::from_secs(1),
+                None,
+                None,
+                None,
+            );
+            Resolver::new(store, wm, Duration::ZERO, Default::default())
+        };
+        let resolver = resolver_on(store.clone());
         let log = Log::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -366,19 +370,7 @@ mod tests {
         let redis = ServerProcess::start(Flavor::Redis);
         let url = redis.url().replace("redis://", "redis://:wrong@");
         let store = agentcube_store::RedisStore::new(agentcube_store::RedisConfig::new(url));
-        let wm = WmClient::new(
-            "http://127.0.0.1:9",
-            Duration::from_secs(1),
-            None,
-            None,
-            None,
-        );
-        let resolver = Resolver::new(
-            Arc::new(store.unwrap()),
-            wm,
-            Duration::ZERO,
-            Default::default(),
-        );
+        let resolver = resolver_on(Arc::new(store.unwrap()));
         log.0.lock().unwrap().clear();
         assert!(!resolver.store_ready().await);
         let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
