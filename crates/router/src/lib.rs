@@ -64,8 +64,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Upper bound of connecting to a sandbox.
     pub connect_timeout: Duration,
-    /// How long a sandbox's host may leave a request unacknowledged, or an h2c PING unanswered,
-    /// before its connection is given up ([`pool::DEAD_PEER_TIMEOUT`]).
+    /// How long a sandbox's host may leave a request unacknowledged before its connection is
+    /// given up (pooled HTTP/1.1 and h2c connections; [`pool::DEAD_PEER_TIMEOUT`]).
     pub dead_peer_timeout: Duration,
     /// Upper bound of a Workload Manager create call (upstream: 2 min).
     pub workload_manager_timeout: Duration,

@@ -74,7 +74,7 @@ pub const PROBES: u32 = 3;
 /// buffers), while Linux also applies it to a peer that keeps its window shut: streamed bodies
 /// (an agent reading an upload at its own pace) go over connections without it. It also ends a
 /// quiet connection's keepalive probes once it has passed since the host last answered. h2c
-/// connections get HTTP/2 PINGs within the same bound instead ([`crate::proxy`]).
+/// connections get it too ([`crate::proxy::Connector`]).
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where an entry point listens.
@@ -116,7 +116,7 @@ fn probe_when_quiet(s: &TcpStream) -> io::Result<()> {
 }
 
 /// `TCP_USER_TIMEOUT` on a TCP connection ([`DEAD_PEER_TIMEOUT`]).
-fn give_up_unacked_after(s: &Stream, timeout: Duration) -> io::Result<()> {
+pub fn give_up_unacked_after(s: &Stream, timeout: Duration) -> io::Result<()> {
     match s {
         Stream::Tcp(s) => socket2::SockRef::from(s).set_tcp_user_timeout(Some(timeout)),
         Stream::Unix(_) => Ok(()),

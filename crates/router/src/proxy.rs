@@ -119,11 +119,17 @@ impl UnixHosts {
     }
 }
 
-/// Connects to `host:port` over TCP, or to a registered Unix socket.
+/// Connects to `host:port` over TCP, or to a registered Unix socket. A TCP connection gives up a
+/// host that leaves its bytes unacknowledged for the dead-peer bound (`TCP_USER_TIMEOUT`,
+/// [`pool::DEAD_PEER_TIMEOUT`]): safe over HTTP/2, whose peer's stack reads the connection
+/// whatever its streams do (its flow control, not TCP's window, holds back what an application
+/// has not read). HTTP/2 PINGs would do it too, but gRPC servers close a connection pinged
+/// more often than every 5 minutes by default (`too_many_pings`), long quiet streams with it.
 #[derive(Clone)]
 pub struct Connector {
     unix: UnixHosts,
     connect_timeout: Duration,
+    dead_peer_timeout: Duration,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -144,8 +150,12 @@ impl tower::Service<Uri> for Connector {
                 port: uri.port_u16().unwrap_or(80),
             },
         };
-        let timeout = self.connect_timeout;
-        Box::pin(async move { addr.open(timeout).await.map(TokioIo::new) })
+        let (timeout, dead_peer) = (self.connect_timeout, self.dead_peer_timeout);
+        Box::pin(async move {
+            let stream = addr.open(timeout).await?;
+            pool::give_up_unacked_after(&stream, dead_peer)?;
+            Ok(TokioIo::new(stream))
+        })
     }
 }
 
@@ -350,8 +360,8 @@ pub struct Forward<'a> {
 }
 
 impl Upstream {
-    /// A client with pooled keep-alive connections; a sandbox's host that stops acknowledging
-    /// a request (HTTP/1.1) or answering PINGs (h2c) for `dead_peer_timeout` is given up
+    /// A client with pooled keep-alive connections; a sandbox's host that leaves a request on
+    /// one (HTTP/1.1 or h2c) unacknowledged for `dead_peer_timeout` is given up
     /// ([`pool::DEAD_PEER_TIMEOUT`]).
     pub fn new(
         connect_timeout: Duration,
@@ -362,17 +372,11 @@ impl Upstream {
         let connector = Connector {
             unix: unix.clone(),
             connect_timeout,
+            dead_peer_timeout,
         };
-        // A PING when a connection with requests in flight has been silent for half the bound,
-        // its answer awaited for the other half: an HTTP/2 peer's stack answers whatever its
-        // streams are doing (its flow control, not TCP's window, holds back what it does not
-        // read), so unlike `TCP_USER_TIMEOUT` this never cuts a slow reader.
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool::IDLE_TIMEOUT)
             .http2_only(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_keep_alive_interval(dead_peer_timeout / 2)
-            .http2_keep_alive_timeout(dead_peer_timeout / 2)
             .build(connector);
         Self {
             connect_timeout,
