@@ -280,8 +280,11 @@ async fn a_host_that_reads_a_request_late_still_gets_it() {
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
         tokio::time::sleep(bound * 6).await;
+        // Unread, and all there: this host's kernel acknowledged the whole request.
+        let mut chunk = vec![0u8; 1 << 18];
+        let queued = s.peek(&mut chunk).await.unwrap();
+        assert!(queued > 64 * 1024, "{queued}");
         let mut got = Vec::new();
-        let mut chunk = vec![0u8; 1 << 16];
         // The head and the 64 KiB body.
         while got.len() < 64 * 1024 + 100 {
             let n = s.read(&mut chunk).await.unwrap();
