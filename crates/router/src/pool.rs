@@ -68,13 +68,13 @@ pub const PROBES: u32 = 3;
 /// sandbox's host before the connection is given up (`TCP_USER_TIMEOUT`). Without it a request
 /// written into a connection whose node went away (a pooled one, idle less than the keepalive
 /// probes take) was retransmitted for the kernel's ~15 minutes (`tcp_retries2`), holding its
-/// client and a concurrency slot. Only pooled connections get it: their requests are at most
-/// [`crate::proxy`]'s buffered 64 KiB, which a live host's kernel acknowledges whether or not its
-/// server reads them (a non-reading peer takes ~124 KiB on loopback with Linux's default
-/// buffers), while Linux also applies it to a peer that keeps its window shut: streamed bodies
-/// (an agent reading an upload at its own pace) go over connections without it. It also ends a
-/// quiet connection's keepalive probes once it has passed since the host last answered. h2c
-/// connections get it too ([`crate::proxy::Connector`]).
+/// client and a concurrency slot. Linux also applies it to a peer that keeps its receive window
+/// shut, so only connections whose peer never does get it: pooled HTTP/1.1 ones, whose requests
+/// are at most [`crate::proxy`]'s buffered 64 KiB, which a live host's kernel acknowledges
+/// whether or not its server reads them (a non-reading peer takes ~124 KiB on loopback with
+/// Linux's default buffers), and h2c ones ([`crate::proxy::Connector`]). Streamed bodies (an
+/// agent reading an upload at its own pace) go over connections without it. It also ends a
+/// quiet connection's keepalive probes once it has passed since the host last answered.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where an entry point listens.
