@@ -198,3 +198,67 @@ async fn a_service_name_resolves_to_a_ready_pod_behind_it() {
     )
     .await;
 }
+
+/// A deleted pod's program gets SIGTERM as PID 1 of its namespace, as from a container runtime,
+/// and ends within its grace period; one without a handler ignores it (PID 1 does) and is
+/// killed when the grace period is over.
+#[tokio::test]
+async fn a_deleted_pod_gets_sigterm_as_pid_1_and_sigkill_after_its_grace_period() {
+    use kube::api::DeleteParams;
+    use tokio::io::AsyncReadExt;
+    let c = client().await;
+    let pods = namespace(&c, "grace").await;
+    // Pods share the host's network stack: they can call the test back on loopback.
+    let told = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = told.local_addr().unwrap().port();
+    let handled = format!(
+        "import os, signal, socket, time\ndef term(n, f):\n    socket.create_connection(('127.0.0.1', {port})).sendall(b'SIGTERM as pid %d' % os.getpid())\n    raise SystemExit(0)\nsignal.signal(signal.SIGTERM, term)\ntime.sleep(1000)"
+    );
+    let readiness = json!({});
+    pods.create(
+        &PostParams::default(),
+        &python_pod("handled", json!({}), &handled, readiness.clone()),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &python_pod(
+            "ignored",
+            json!({}),
+            "import time\ntime.sleep(1000)",
+            readiness,
+        ),
+    )
+    .await
+    .unwrap();
+    for name in ["handled", "ignored"] {
+        until("the pod running", 30, async || {
+            ready(&pods.get(name).await.unwrap()).then_some(())
+        })
+        .await;
+    }
+    let grace = 4;
+    let gone = async |name: &str| {
+        let started = tokio::time::Instant::now();
+        pods.delete(name, &DeleteParams::default().grace_period(grace))
+            .await
+            .unwrap();
+        until("the pod gone", 30, async || {
+            pods.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+        started.elapsed()
+    };
+    let took = gone("handled").await;
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), told.accept())
+        .await
+        .expect("the program was not told")
+        .unwrap();
+    let mut said = String::new();
+    s.read_to_string(&mut said).await.unwrap();
+    assert_eq!(said, "SIGTERM as pid 1");
+    assert!(took < Duration::from_secs(grace as u64), "{took:?}");
+    let took = gone("ignored").await;
+    assert!(took >= Duration::from_secs(grace as u64), "{took:?}");
+}

@@ -24,8 +24,10 @@
 //! - Service names: every pod's `/etc/hosts` names each Service after a ready pod behind it
 //!   ([`services`]), since there is no cluster DNS or kube-proxy;
 //! - restarts under `restartPolicy` with back-off (meanwhile the container is `waiting` in
-//!   `CrashLoopBackOff`, its exit in `lastState`); a deleted pod gets SIGTERM, SIGKILL after its
-//!   grace period (at most 10 s here), then the kubelet removes it from the API server.
+//!   `CrashLoopBackOff`, its exit in `lastState`); a deleted pod's program — PID 1 of its
+//!   namespace, as in a container, so one without a `SIGTERM` handler ignores it — gets
+//!   SIGTERM, SIGKILL after its grace period (at most 10 s here), then the kubelet removes it
+//!   from the API server.
 //!
 //! - `securityContext.runAsUser`/`runAsGroup` (container's over pod's) when the kubelet runs as
 //!   root: the container runs as that uid under an unprivileged bubblewrap; `emptyDir` volumes
@@ -80,6 +82,8 @@ pub struct Shared {
     pub root: bool,
     /// Extra `/etc/hosts` lines for every pod (names → addresses), e.g. Services.
     pub hosts: Mutex<Vec<(String, String)>>,
+    /// Uids of deleted pods being terminated (their grace period running).
+    terminating: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -108,6 +112,7 @@ impl ProcessKubelet {
             root: nix::unistd::Uid::effective().is_root(),
             config,
             hosts: Mutex::new(Vec::new()),
+            terminating: Mutex::default(),
         });
         register_node(&client, &shared.config.node).await?;
         let mut tasks = vec![tokio::spawn(renew_lease(
@@ -267,6 +272,12 @@ async fn sync(
     for pod in bound {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if pod.metadata.deletion_timestamp.is_some() {
+            // Once: the pod stays in the API server until its termination removes it (a second
+            // termination, without the process, removed it at once, cutting the grace period
+            // short for everyone watching).
+            if !shared.terminating.lock().unwrap().insert(uid.clone()) {
+                continue;
+            }
             let grace = pod
                 .metadata
                 .deletion_grace_period_seconds
@@ -384,6 +395,9 @@ async fn terminate(
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => tracing::warn!(pod = %name, error = %e, "cannot remove a terminated pod"),
     }
+    // Still there (the delete failed): the next sync tries again, without a process.
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    shared.terminating.lock().unwrap().remove(&uid);
 }
 
 async fn register_node(client: &kube::Client, name: &str) -> anyhow::Result<()> {

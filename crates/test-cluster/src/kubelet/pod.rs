@@ -261,14 +261,18 @@ impl PodProcess {
         }
     }
 
-    /// Kills the pod: SIGTERM to its process group, SIGKILL after `grace`; removes its directory.
+    /// Kills the pod: SIGTERM to its container's program (PID 1 of its namespace, as a container
+    /// runtime sends it), SIGKILL to bubblewrap after `grace` (its namespace dies with it);
+    /// removes its directory. (A SIGTERM to bubblewrap itself ended it at once and its
+    /// container with SIGKILL: no program ever saw the grace period.)
     pub async fn stop(mut self, grace: Duration) {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
-                let pg = Pid::from_raw(pid as i32);
-                let _ = killpg(pg, Signal::SIGTERM);
+                if let Some(program) = only_child(pid) {
+                    let _ = nix::sys::signal::kill(program, Signal::SIGTERM);
+                }
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
-                    let _ = killpg(pg, Signal::SIGKILL);
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
             }
             let _ = child.wait().await;
@@ -354,4 +358,13 @@ impl PodProcess {
         }
         status
     }
+}
+
+/// The one child of process `pid` (bubblewrap's: the container's program, PID 1 of its
+/// namespace), if it has one.
+fn only_child(pid: u32) -> Option<Pid> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let mut ids = children.split_whitespace();
+    let first = ids.next()?.parse().ok()?;
+    ids.next().is_none().then(|| Pid::from_raw(first))
 }

@@ -453,7 +453,10 @@ pub struct Sandbox<'a> {
 
 /// The bubblewrap argv for one container (without the program name): the host's `/usr` and
 /// `/etc` entries read-only (with the pod's own `/etc/hosts`), the image's binary, a private `/root`,
-/// `/tmp` and `/run`, the pod's volumes, and its own pid, ipc and uts namespaces.
+/// `/tmp` and `/run`, the pod's volumes, and its own pid, ipc and uts namespaces, the container's
+/// program being PID 1 there as under a container runtime (`--as-pid-1`: no bubblewrap init;
+/// PicoD's image then runs PicoD's own init, and a program without a `SIGTERM` handler ignores
+/// the kubelet's `SIGTERM`, as PID 1 in a real container does).
 pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |v: &[&str]| a.extend(v.iter().map(ToString::to_string));
@@ -463,6 +466,7 @@ pub fn bwrap_args(s: &Sandbox<'_>) -> Vec<String> {
     }
     push(&[
         "--unshare-pid",
+        "--as-pid-1",
         "--unshare-ipc",
         "--unshare-uts",
         "--hostname",
