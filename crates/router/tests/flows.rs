@@ -131,12 +131,7 @@ async fn a_session_past_its_lifetime_is_ended_at_once() {
         c.session_cache_ttl = Duration::from_secs(60)
     })
     .await;
-    let get = || {
-        client()
-            .get(router.ci("x"))
-            .header("x-agentcube-session-id", "s")
-            .send()
-    };
+    let get = || router.get_in("s", "x").send();
     assert_eq!(get().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let r = get().await.unwrap();

@@ -99,12 +99,7 @@ async fn answer(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 async fn get(router: &Router, path: &str) -> reqwest::Response {
-    client()
-        .get(router.ci(path))
-        .header("x-agentcube-session-id", "s")
-        .send()
-        .await
-        .unwrap()
+    router.get_in("s", path).send().await.unwrap()
 }
 
 async fn get_ok(router: &Router, path: &str) {
@@ -256,10 +251,7 @@ async fn a_request_written_into_a_connection_whose_host_vanished_ends_in_seconds
 
     get_ok(&router, "x").await;
     assert_eq!(c.accepted.load(SeqCst), 2);
-    let get = client()
-        .get(router.ci("x"))
-        .header("x-agentcube-session-id", "s");
-    let r = in_dead_connection(get).await;
+    let r = in_dead_connection(router.get_in("s", "x")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(

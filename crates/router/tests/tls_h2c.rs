@@ -178,12 +178,7 @@ async fn an_h2c_request_to_a_host_that_vanished_ends_in_seconds() {
         c.dead_peer_timeout = bound;
     })
     .await;
-    let get = || {
-        client()
-            .get(router.ci("x"))
-            .header("x-agentcube-session-id", "s")
-            .send()
-    };
+    let get = || router.get_in("s", "x").send();
     assert_eq!(get().await.unwrap().status(), 200);
     let pooled = peers.lock().unwrap().clone();
     assert_eq!(pooled.len(), 1, "{pooled:?}");

@@ -138,6 +138,13 @@ impl Router {
         )
     }
 
+    /// `GET` of invocation `path` in session `session`.
+    pub fn get_in(&self, session: &str, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .get(self.ci(path))
+            .header("x-agentcube-session-id", session)
+    }
+
     /// Stops serving (graceful) and flushes activity, as the binary does on SIGTERM.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
