@@ -211,34 +211,29 @@ async fn a_deleted_pod_gets_sigterm_as_pid_1_and_sigkill_after_its_grace_period(
     // Pods share the host's network stack: they can call the test back on loopback.
     let told = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = told.local_addr().unwrap().port();
+    // Ready once listening, which each does only after its signal handling is in place (a
+    // SIGTERM before Python installs its handler would be ignored, as by any PID 1).
+    let serve = "l = socket.create_server((os.environ['POD_IP'], 8000))\nwhile True:\n    l.accept()[0].close()";
     let handled = format!(
-        "import os, signal, socket, time\ndef term(n, f):\n    socket.create_connection(('127.0.0.1', {port})).sendall(b'SIGTERM as pid %d' % os.getpid())\n    raise SystemExit(0)\nsignal.signal(signal.SIGTERM, term)\ntime.sleep(1000)"
+        "import os, signal, socket\ndef term(n, f):\n    socket.create_connection(('127.0.0.1', {port})).sendall(b'SIGTERM as pid %d' % os.getpid())\n    raise SystemExit(0)\nsignal.signal(signal.SIGTERM, term)\n{serve}"
     );
-    let readiness = json!({});
-    pods.create(
-        &PostParams::default(),
-        &python_pod("handled", json!({}), &handled, readiness.clone()),
-    )
-    .await
-    .unwrap();
-    pods.create(
-        &PostParams::default(),
-        &python_pod(
-            "ignored",
-            json!({}),
-            "import time\ntime.sleep(1000)",
-            readiness,
-        ),
-    )
-    .await
-    .unwrap();
+    let ignored = format!("import os, socket\n{serve}");
+    let readiness = json!({"readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1}});
+    for (name, script) in [("handled", &handled), ("ignored", &ignored)] {
+        pods.create(
+            &PostParams::default(),
+            &python_pod(name, json!({}), script, readiness.clone()),
+        )
+        .await
+        .unwrap();
+    }
     for name in ["handled", "ignored"] {
         until("the pod running", 30, async || {
             ready(&pods.get(name).await.unwrap()).then_some(())
         })
         .await;
     }
-    let grace = 4;
+    let grace = 6;
     let gone = async |name: &str| {
         let started = tokio::time::Instant::now();
         pods.delete(name, &DeleteParams::default().grace_period(grace))
