@@ -122,11 +122,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let store_config = args.store.clone().into_config(true)?;
     let store = agentcube_store::connect(&store_config)?;
     if let Err(e) = store.ping().await {
-        let what = if e.is_unavailable() {
-            "the session store does not answer"
-        } else {
-            "the session store refuses agentcube up"
-        };
+        let what = e.said_to("agentcube up");
         return Err(anyhow::Error::new(e).context(what));
     }
     // Every listener first: a port in use stops the start before any sandbox is made (a failed

@@ -241,12 +241,12 @@ impl Resolver {
 
     /// Whether the store answers (readiness).
     pub async fn store_ready(&self) -> bool {
-        // The error, and whether it is an outage (rather than a refusal: a wrong password, a
-        // refused certificate).
         let failed = match tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some((e.to_string(), e.is_unavailable())),
-            Err(_) => Some(("no answer within 1s".to_string(), true)),
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(agentcube_store::Error::Unavailable(
+                "no answer within 1s".into(),
+            )),
         };
         let ready = failed.is_none();
         // Once per change, so a Router that never gets ready says why in its log, where the
@@ -254,11 +254,9 @@ impl Resolver {
         let was = self.store_was_ready.lock().unwrap().replace(ready);
         match (was, &failed) {
             (Some(false), None) => tracing::info!("the session store answers again: ready"),
-            (None | Some(true), Some((e, true))) => {
-                tracing::warn!(error = %e, "the session store does not answer: not ready")
-            }
-            (None | Some(true), Some((e, false))) => {
-                tracing::warn!(error = %e, "the session store refuses the Router: not ready")
+            (None | Some(true), Some(e)) => {
+                let what = e.said_to("the Router");
+                tracing::warn!(error = %e, "{what}: not ready")
             }
             _ => {}
         }

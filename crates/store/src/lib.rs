@@ -73,6 +73,16 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// What a component says of the store when this error stopped `who`: an outage ("does
+    /// not answer") or a refusal (a wrong password, a refused certificate: waiting will not help).
+    pub fn said_to(&self, who: &str) -> String {
+        if self.is_unavailable() {
+            "the session store does not answer".into()
+        } else {
+            format!("the session store refuses {who}")
+        }
+    }
 }
 
 /// Result alias.

@@ -276,8 +276,8 @@ async fn wait_for_store(
             Err(e) => e,
         };
         if !e.is_unavailable() {
-            // A wrong password, a refused certificate: waiting would not help.
-            return Err(anyhow::Error::new(e).context("the session store refuses this manager"));
+            let what = e.said_to("this manager");
+            return Err(anyhow::Error::new(e).context(what));
         }
         if tokio::time::Instant::now() >= deadline {
             let waited = if said {
