@@ -173,12 +173,27 @@ fn check_name(field: &str, name: &str, max: usize, dots: bool) -> Option<String>
     let kind = if dots { "subdomain" } else { "label" };
     let also = if dots { ", '-' or '.'" } else { " or '-'" };
     (!ok).then(|| {
+        let name = shown(name, max);
         format!(
-            "{field}: Invalid value: {name:?}: a lowercase RFC 1123 {kind} of at most {max} \
+            "{field}: Invalid value: {name}: a lowercase RFC 1123 {kind} of at most {max} \
              characters must consist of lower case alphanumeric characters{also}, and must \
              start and end with an alphanumeric character"
         )
     })
+}
+
+/// A refused value as an error message quotes it: whole up to `max` characters, else its start
+/// and its length (a client's megabyte of name is not echoed into answers and logs).
+fn shown(value: &str, max: usize) -> String {
+    let cut = |n: usize| value.char_indices().nth(n).map(|(at, _)| &value[..at]);
+    match cut(max) {
+        None => format!("{value:?}"),
+        Some(_) => format!(
+            "{:?}… ({} characters)",
+            cut(64.min(max)).unwrap_or(value),
+            value.chars().count()
+        ),
+    }
 }
 
 /// What one manifest file gave: its definitions, or why the file was refused (a file is refused

@@ -361,6 +361,24 @@ fn bad_manifests_get_clear_errors() {
         "a".repeat(254)
     );
     assert!(refusal(&long).contains("at most 253"));
+    // A name of any length is quoted by its start and length, not whole.
+    let huge = format!("{}é", "a".repeat(100_000));
+    let e = manifest::invalid_name(&huge).unwrap();
+    assert!(e.len() < 600, "{e}");
+    assert!(
+        e.contains(&format!("\"{}\"… (100001 characters)", "a".repeat(64))),
+        "{e}"
+    );
+    let e = manifest::invalid_namespace(&"é".repeat(64)).unwrap();
+    assert!(
+        e.contains(&format!("\"{}\"… (64 characters)", "é".repeat(63))),
+        "{e}"
+    );
+    assert!(
+        manifest::invalid_namespace(&"é".repeat(63))
+            .unwrap()
+            .contains(&format!("{:?}:", "é".repeat(63)))
+    );
     let text = "apiVersion: runtime.agentcube.volcano.sh/v1alpha1\nkind: CodeInterpreter\n\
                 metadata: {name: my.interpreter-2, namespace: team-a}\nspec:\n  template: {}\n";
     assert_eq!(manifest::load(text, "ok.yaml").unwrap().len(), 1);

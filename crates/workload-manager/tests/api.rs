@@ -278,7 +278,8 @@ async fn bad_requests_get_upstream_messages() {
         ..Default::default()
     })
     .await;
-    let post = |body: &'static str| {
+    let post = |body: &str| {
+        let body = body.to_owned();
         let http = s.http.clone();
         let url = format!("{}/v1/code-interpreter", s.url);
         async move {
@@ -369,6 +370,17 @@ async fn bad_requests_get_upstream_messages() {
             .unwrap()
             .starts_with("code interpreter not found: name: Invalid value: \"ci/status\""),
         "{body}"
+    );
+    // A name of half a megabyte is not echoed back (nor into the log) whole.
+    let long = "a".repeat(500_000);
+    let (status, body) = post(&format!(r#"{{"name":"{long}","namespace":"default"}}"#)).await;
+    assert_eq!(status, 400);
+    let said = body["message"].as_str().unwrap();
+    assert!(said.len() < 600, "{} bytes", said.len());
+    assert!(
+        said.starts_with("code interpreter not found: name: Invalid value: \"aaaa")
+            && said.contains("… (500000 characters)"),
+        "{said}"
     );
     let r = s
         .http
