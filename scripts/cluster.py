@@ -164,13 +164,24 @@ def lifecycle(c: Cluster, wm: str) -> None:
     """helm upgrade to two Router replicas (one key; a session survives losing its Router pod),
     a pool resized through its CodeInterpreter, helm uninstall (what stays), reinstall."""
     key = secret_key(c)
+    # Placement values reach the real scheduler's and admission's objects: the priority class's
+    # value is resolved into each pod by the API server.
+    c.kubectl("apply", "-f", "-", stdin=json.dumps({
+        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+        "metadata": {"name": "agentcube-router-test"}, "value": 100000}))
     c.helm("upgrade", "agentcube", str(REPO / "deploy/helm/agentcube"), "-n", NAMESPACE, "--reuse-values",
-           "--set", "router.replicas=2", "--wait", "--timeout", "3m")
+           "--set", "router.replicas=2", "--set", "router.priorityClassName=agentcube-router-test",
+           "--set-json", 'router.nodeSelector={"kubernetes.io/os": "linux"}',
+           "--set-json", 'router.podAnnotations={"example.com/owner": "platform"}', "--wait", "--timeout", "3m")
     def two_routers() -> list[Pod] | None:
         pods = ready_pods(c, "agentcube-router")
         return pods if len(pods) == 2 else None
     routers = wait_for("two ready Router pods", two_routers)
     assert secret_key(c) == key, "the upgrade kept the identity Secret"
+    for p in routers:
+        spec, meta = p["spec"], p["metadata"]
+        placed = (spec.get("priority"), spec.get("nodeSelector"), meta.get("annotations", {}).get("example.com/owner"))
+        assert placed == (100000, {"kubernetes.io/os": "linux"}, "platform"), f"{meta['name']}: {placed}"
     def url(p: Pod) -> str:
         return f"http://{p['status']['podIP']}:8080"
     sid = sdk(wm, url(routers[0]), "from agentcube import CodeInterpreterClient as C\n"
@@ -179,7 +190,8 @@ def lifecycle(c: Cluster, wm: str) -> None:
     out = sdk(wm, url(routers[1]), f"from agentcube import CodeInterpreterClient as C\n"
               f"c = C(session_id={sid!r}); print(c.execute_command('cat f.txt')); c.stop()")
     assert out == "kept", f"the session through the other Router replica: {out!r}"
-    log("upgrade to 2 Router replicas: one key, a session kept working after its Router pod was deleted")
+    log("upgrade to 2 Router replicas with a priority class, node selector and annotation: one key, "
+        "a session kept working after its Router pod was deleted")
     c.kubectl("patch", "codeinterpreter", "my-interpreter", "-n", "default", "--type", "merge", "-p",
               '{"spec": {"warmPoolSize": 1}}')
     wait_for("the pool resized to 1", lambda: c.kubectl(

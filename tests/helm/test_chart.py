@@ -36,6 +36,18 @@ VARIANTS = {
                         "--set", "redis.tls.clientCertificate=true", "--set", "mtls.enabled=true"],
     "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true"],
     "no-metrics": ["--set", "metrics.enabled=false"],
+    "placement": ["--set", "bundledRedis.enabled=true", *[
+        a for comp in ("router", "workloadmanager", "bundledRedis") for a in (
+            "--set-json", f'{comp}.podLabels={{"team": "{comp}"}}',
+            "--set-json", f'{comp}.podAnnotations={{"example.com/owner": "{comp}"}}',
+            "--set-json", f'{comp}.nodeSelector={{"kubernetes.io/os": "linux", "pool": "{comp}"}}',
+            "--set-json", f'{comp}.tolerations=[{{"key": "dedicated", "value": "{comp}", "effect": "NoSchedule"}}]',
+            "--set-json", f'{comp}.affinity={{"podAntiAffinity": {{"preferredDuringSchedulingIgnoredDuringExecution": '
+                          f'[{{"weight": 1, "podAffinityTerm": {{"topologyKey": "kubernetes.io/hostname", '
+                          f'"labelSelector": {{"matchLabels": {{"team": "{comp}"}}}}}}}}]}}}}',
+            "--set-json", f'{comp}.topologySpreadConstraints=[{{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", '
+                          f'"whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {{"matchLabels": {{"team": "{comp}"}}}}}}]',
+            "--set", f"{comp}.priorityClassName={comp.lower()}-priority")]],
     "image-map": ["--set", "router.image.repository=reg.example/router", "--set", "router.image.tag=v1",
                   "--set", "imagePullSecrets[0].name=regcred"],
 }
@@ -80,7 +92,7 @@ def test_rendered_manifests_validate_strict(env, variant, tmp_path):
     assert ("Deployment", "agentcube-router") in kinds and ("Deployment", "workloadmanager") in kinds
     assert ("Secret", "picod-router-identity") in kinds
     assert (("PodDisruptionBudget", "agentcube-router") in kinds) == (variant == "replicas")
-    assert (("Deployment", "ac-redis") in kinds) == variant.startswith("bundled-redis")
+    assert (("Deployment", "ac-redis") in kinds) == ("bundledRedis.enabled=true" in VARIANTS[variant])
     assert (("ServiceMonitor", "agentcube-router") in kinds) == (variant == "service-monitor")
     wm_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "workloadmanager")
     for review in ("tokenreviews", "subjectaccessreviews"):
@@ -253,6 +265,42 @@ def test_store_tls_mounts_its_secret_where_the_flags_point(env, tmp_path):
                       (["--set", "redis.tls.clientCertificate=true"], "needs redis.tls.secretName")):
         r = subprocess.run([str(HELM), "template", "ac", str(CHART), *bad], env=env, capture_output=True, text=True)
         assert r.returncode != 0 and says in r.stderr, r.stderr
+
+
+PLACEMENT = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints", "priorityClassName")
+
+
+def test_pods_go_where_their_values_say(env, tmp_path):
+    """Operators pin the components to nodes (dedicated or tainted pools), spread replicas, give
+    them a priority class, and label or annotate their pods (mesh injection, cost owners): each
+    component's pod carries exactly its own values, the chart's labels stay; with none set, no
+    field is written."""
+    docs, _ = render(env, "placement", tmp_path)
+    values = {comp: (app, {a.split("=", 1)[0].split(".", 1)[1]: a.split("=", 1)[1]
+                           for a in VARIANTS["placement"] if a.startswith(comp + ".")})
+              for comp, app in (("router", "agentcube-router"), ("workloadmanager", "workloadmanager"),
+                                ("bundledRedis", "ac-redis"))}
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] == "Deployment"}
+    assert len(pods) == 3
+    for comp, (app, given) in values.items():
+        pod = pods[app]
+        assert pod["metadata"]["labels"]["app"] == app
+        assert pod["metadata"]["labels"]["team"] == comp
+        assert pod["metadata"]["annotations"] == {"example.com/owner": comp}
+        for field in PLACEMENT:
+            want = given[field] if field == "priorityClassName" else yaml.safe_load(given[field])
+            assert pod["spec"][field] == want, (comp, field)
+    docs, _ = render(env, "bundled-redis", tmp_path)
+    for d in docs:
+        if d["kind"] == "Deployment":
+            template = d["spec"]["template"]
+            assert "annotations" not in template["metadata"], d["metadata"]["name"]
+            assert not set(PLACEMENT) & set(template["spec"]), d["metadata"]["name"]
+    # A pod label the chart sets itself would break the Deployment's selector or a NetworkPolicy.
+    for label in ("app", "app.kubernetes.io/instance", "helm.sh/chart"):
+        r = subprocess.run([str(HELM), "template", "ac", str(CHART), "--set-json",
+                            f'workloadmanager.podLabels={{"{label}": "x"}}'], env=env, capture_output=True, text=True)
+        assert r.returncode != 0 and f"workloadmanager.podLabels.{label}: the chart sets this label" in r.stderr, r.stderr
 
 
 def test_network_policies_let_in_the_pods_the_chart_runs(env, tmp_path):

@@ -104,3 +104,18 @@ is given: any pod that reaches it, a sandbox's included, could otherwise rewrite
 {{- end -}}
 {{- join "," $pairs -}}
 {{- end -}}
+
+{{/* Where a component's pods run: its nodeSelector, tolerations, affinity,
+topologySpreadConstraints and priorityClassName, as pod spec fields (nothing when unset). Use as
+`with include "agentcube.podPlacement" .Values.<component> | trim`. */}}
+{{- define "agentcube.podPlacement" -}}
+{{- range $field := list "nodeSelector" "tolerations" "affinity" "topologySpreadConstraints" }}
+{{- with index $ $field }}
+{{ $field }}:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- end -}}
