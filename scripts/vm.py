@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Runs a command as root in a Linux virtual machine of its own (QEMU), for what this machine's
+kernel cannot show: these machines' cgroup controllers are all on cgroup v1 hierarchies, and most
+hosts now run cgroup v2 alone.
+
+The guest is Debian's kernel (downloaded once with `apt-get download` into `.cache/vm/`) with a
+busybox initramfs; it sees this machine's root filesystem read-only over 9p (so the repository,
+its built binaries, bubblewrap and Python are the host's), with tmpfs on /tmp, /run, /root and
+/dev/shm, only `cgroup2` mounted on /sys/fs/cgroup (every controller on the unified hierarchy,
+as on a systemd host booted with cgroup v2), loopback up, and the kernel's modules loadable.
+`--out DIR` is shared read-write at the same path. The command runs from `sh -c` as PID 1's
+child; its exit status is this script's. Test support only: nothing here is shipped.
+
+    scripts/vm.py [--out DIR] [--memory 3072] [--cpus 2] -- COMMAND...
+"""
+
+import argparse
+import gzip
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = "6.1.0-57-amd64"  # bookworm's; `apt-cache depends linux-image-amd64` names the current one
+CACHE = REPO / ".cache/vm" / KERNEL
+# What the initramfs needs to mount the host's root over 9p, and what it then loads from that
+# root's copy of the kernel's modules (workspace quotas: ext4 images on loop devices).
+NINEP = ["virtio_pci", "9pnet_virtio", "9p"]
+PRELOAD = ["loop", "crc32c_generic", "ext4"]
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
+mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /dev
+for m in {ninep}; do modprobe $m || echo "vm: modprobe $m failed"; done
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /host{out}
+# The kernel's own modules, for what the command loads (loop, ext4, nf_tables, veth...).
+mount --bind /host{modules} /lib/modules
+for m in {preload}; do modprobe $m || echo "vm: modprobe $m failed"; done
+H=/host
+mount -t proc proc $H/proc; mount -t sysfs sys $H/sys && mount -t devtmpfs dev $H/dev
+mkdir -p $H/dev/pts $H/dev/shm 2>/dev/null
+mount -t devpts devpts $H/dev/pts && mount -t tmpfs shm $H/dev/shm
+mount -t cgroup2 cgroup2 $H/sys/fs/cgroup
+for d in tmp run root var/tmp; do mount -t tmpfs -o mode=1777 tmp $H/$d; done
+chmod 700 $H/root
+mkdir -p $H/run/vm && cp /bin/busybox $H/run/vm/busybox
+ip link set lo up
+hostname vm
+echo "vm: $(uname -r), cgroup controllers: $(cat $H/sys/fs/cgroup/cgroup.controllers)"
+# switch_root, not chroot: a chrooted process may not make user namespaces (bubblewrap's).
+exec switch_root $H /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root RUST_BACKTRACE=1 /bin/sh -c '/bin/sh -c "$1"; echo $? > "$2/.vm-status"; sync; exec /run/vm/busybox poweroff -f' \
+    vm {command} {out}
+"""
+
+
+def log(msg: str) -> None:
+    print(f"vm: {msg}", file=sys.stderr, flush=True)
+
+
+def kernel() -> Path:
+    """The guest kernel, extracted from Debian's package once, its module index made."""
+    root = CACHE / "root"
+    if (root / "lib/modules" / KERNEL / "modules.dep").exists():
+        return root
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        subprocess.run(["apt-get", "download", f"linux-image-{KERNEL}"], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL)
+        deb = next(Path(tmp).glob("*.deb"))
+        part = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(part)], check=True)
+        subprocess.run(["busybox", "depmod", "-b", str(part), KERNEL], check=True)
+        shutil.rmtree(root, ignore_errors=True)
+        part.rename(root)
+    return root
+
+
+def initramfs(root: Path, out: Path, command: str, dest: Path) -> None:
+    """busybox, the modules 9p needs (with their dependencies) and the init script."""
+    modules = root / "lib/modules" / KERNEL
+    deps = {}
+    for line in (modules / "modules.dep").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        deps[Path(name).stem] = (name, rest.split())
+    by_path = {path: stem for stem, (path, _) in deps.items()}
+    want: set[str] = set()
+    for m in NINEP:
+        path, needs = deps[m]
+        want |= {path, *needs}
+    with tempfile.TemporaryDirectory() as tmp:
+        ir = Path(tmp)
+        for d in ("bin", "proc", "sys", "dev", "host"):
+            (ir / d).mkdir()
+        shutil.copy(shutil.which("busybox") or "/bin/busybox", ir / "bin/busybox")
+        lib = ir / "lib/modules" / KERNEL
+        for path in want:
+            (lib / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(modules / path, lib / path)
+        (lib / "modules.dep").write_text("".join(
+            f"{deps[by_path[p]][0]}: {' '.join(deps[by_path[p]][1])}\n" for p in sorted(want)))
+        init = ir / "init"
+        init.write_text(INIT.format(ninep=" ".join(NINEP), preload=" ".join(PRELOAD), out=out, modules=root / "lib/modules",
+                                    command=shlex.quote(command)))
+        init.chmod(0o755)
+        files = subprocess.run(["find", "."], cwd=ir, check=True, capture_output=True).stdout
+        archive = subprocess.run(["busybox", "cpio", "-o", "-H", "newc"], cwd=ir, input=files, check=True,
+                                 capture_output=True).stdout
+        dest.write_bytes(gzip.compress(archive, compresslevel=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="a directory shared read-write (default: a new one)")
+    ap.add_argument("--memory", type=int, default=3072, help="MiB")
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("no command")
+    for tool in ("qemu-system-x86_64", "busybox"):
+        if not shutil.which(tool):
+            sys.exit(f"vm: {tool} is missing (apt-get install qemu-system-x86 busybox-static)")
+    root = kernel()
+    out = Path(args.out or tempfile.mkdtemp(prefix="agentcube-vm-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    status = out / ".vm-status"
+    status.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        initrd = Path(tmp) / "initrd.gz"
+        initramfs(root, out, " ".join(shlex.quote(c) for c in command), initrd)
+        # Software emulation: these machines' /dev/kvm (nested under their own hypervisor) hangs a
+        # guest at boot.
+        qemu = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", str(args.memory), "-smp", str(args.cpus),
+                "-nographic", "-no-reboot", "-net", "none", "-kernel", str(root / "boot" / f"vmlinuz-{KERNEL}"),
+                "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1 edd=off",
+                "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
+                "-virtfs", f"local,path={out},mount_tag=out,security_model=passthrough"]
+        t = time.time()
+        log(f"booting Linux {KERNEL} (cgroup v2 only) for: {' '.join(command)}")
+        try:
+            subprocess.run(qemu, stdin=subprocess.DEVNULL, timeout=args.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            sys.exit(f"vm: no end within {args.timeout:.0f} s")
+    if not status.exists():
+        sys.exit("vm: the guest ended without the command's status")
+    rc = int(status.read_text().strip() or "1")
+    log(f"exit status {rc} after {time.time() - t:.0f} s")
+    os._exit(rc)
+
+
+if __name__ == "__main__":
+    main()
