@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STATE_DIR ?= $(if $(filter 0,$(shell id -u)),/var/lib/agentcube,$(CURDIR)/.cache/state)
 
-.PHONY: run test e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak bench-instructions bench-critical-path kube kube-up cluster clean
+.PHONY: run test cgroup-v2 e2e e2e-run deps deps-run build fmt lint crds check-crds bench bench-build bench-picod bench-http bench-sdk bench-wm bench-kube bench-soak bench-instructions bench-critical-path kube kube-up cluster clean
 
 ## run: build and start the embedded default (Router :8081, Workload Manager :8080, loopback)
 run: deps-run
@@ -19,6 +19,7 @@ test:
 	$(STEP) build $(CARGO) build --workspace --bins
 	$(STEP) cargo-test $(CARGO) test --workspace --all-targets
 	$(STEP) doc-test $(CARGO) test --workspace --doc
+	$(STEP) cgroup-v2 $(MAKE) --no-print-directory cgroup-v2
 	$(STEP) python-test sh -c '.venv/bin/python -m mypy --strict sdk-python/agentcube bench scripts && .venv/bin/python -m mypy tests sdk-python/tests && .venv/bin/python -m pytest -q sdk-python/tests tests/helm tests/docs'
 	$(STEP) chart-install-e2e .venv/bin/python scripts/cluster.py --e2e --bin-dir target/debug
 	$(STEP) e2e $(MAKE) --no-print-directory e2e-run
@@ -43,6 +44,13 @@ deps:
 	$(STEP) fetch-helm sh -c 'scripts/fetch-helm.sh >/dev/null'
 	$(STEP) build-kube scripts/build-kube.sh
 	$(STEP) build-oidc scripts/build-oidc.sh
+
+## cgroup-v2: the local backend's cgroup limits where every controller is on cgroup v2 (a login
+## session's scope, a service with Delegate=yes, a container), in a QEMU guest (scripts/vm.py)
+cgroup-v2:
+	@bin=$$($(CARGO) test -q -p agentcube-workload-manager --test isolation --no-run --message-format=json \
+	  | .venv/bin/python -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if "/isolation-" in (m.get("executable") or "")))') \
+	  && .venv/bin/python scripts/vm.py -- $(CURDIR)/tests/vm/cgroup-v2.sh "$$bin"
 
 ## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
 kube:

@@ -32,6 +32,10 @@ have curl || need+=(curl)
 have nft || need+=(nftables)
 # A real OCI registry for the local-backend image tests.
 have docker-registry || need+=(docker-registry)
+# A guest with cgroup v2 alone for the local backend's limits (scripts/vm.py): these machines'
+# controllers are all on cgroup v1. busybox must be the static one (it is the guest's init).
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # Plots in the code-context tests (sandboxes run the host's python3).
 /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || need+=(python3-matplotlib)

@@ -32,6 +32,7 @@ CACHE = REPO / ".cache/vm" / KERNEL
 # root's copy of the kernel's modules (workspace quotas: ext4 images on loop devices).
 NINEP = ["virtio_pci", "9pnet_virtio", "9p"]
 PRELOAD = ["loop", "crc32c_generic", "ext4"]
+BUSYBOX = "/bin/busybox"
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -39,7 +40,6 @@ mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
 mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /dev
 for m in {ninep}; do modprobe $m || echo "vm: modprobe $m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /host{out}
 # The kernel's own modules, for what the command loads (loop, ext4, nf_tables, veth...).
 mount --bind /host{modules} /lib/modules
 for m in {preload}; do modprobe $m || echo "vm: modprobe $m failed"; done
@@ -50,6 +50,7 @@ mount -t devpts devpts $H/dev/pts && mount -t tmpfs shm $H/dev/shm
 mount -t cgroup2 cgroup2 $H/sys/fs/cgroup
 for d in tmp run root var/tmp; do mount -t tmpfs -o mode=1777 tmp $H/$d; done
 chmod 700 $H/root
+mkdir -p $H{out} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out $H{out}
 mkdir -p $H/run/vm && cp /bin/busybox $H/run/vm/busybox
 ip link set lo up
 hostname vm
@@ -77,7 +78,7 @@ def kernel() -> Path:
         deb = next(Path(tmp).glob("*.deb"))
         part = Path(tmp) / "root"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(part)], check=True)
-        subprocess.run(["busybox", "depmod", "-b", str(part), KERNEL], check=True)
+        subprocess.run([BUSYBOX, "depmod", "-b", str(part), KERNEL], check=True)
         shutil.rmtree(root, ignore_errors=True)
         part.rename(root)
     return root
@@ -99,7 +100,7 @@ def initramfs(root: Path, out: Path, command: str, dest: Path) -> None:
         ir = Path(tmp)
         for d in ("bin", "proc", "sys", "dev", "host"):
             (ir / d).mkdir()
-        shutil.copy(shutil.which("busybox") or "/bin/busybox", ir / "bin/busybox")
+        shutil.copy(BUSYBOX, ir / "bin/busybox")
         lib = ir / "lib/modules" / KERNEL
         for path in want:
             (lib / path).parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def initramfs(root: Path, out: Path, command: str, dest: Path) -> None:
                                     command=shlex.quote(command)))
         init.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=ir, check=True, capture_output=True).stdout
-        archive = subprocess.run(["busybox", "cpio", "-o", "-H", "newc"], cwd=ir, input=files, check=True,
+        archive = subprocess.run([BUSYBOX, "cpio", "-o", "-H", "newc"], cwd=ir, input=files, check=True,
                                  capture_output=True).stdout
         dest.write_bytes(gzip.compress(archive, compresslevel=1))
 
@@ -127,9 +128,10 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("no command")
-    for tool in ("qemu-system-x86_64", "busybox"):
-        if not shutil.which(tool):
-            sys.exit(f"vm: {tool} is missing (apt-get install qemu-system-x86 busybox-static)")
+    if not shutil.which("qemu-system-x86_64"):
+        sys.exit("vm: qemu-system-x86_64 is missing (apt-get install qemu-system-x86)")
+    if not Path(BUSYBOX).exists() or subprocess.run(["ldd", BUSYBOX], capture_output=True).returncode == 0:
+        sys.exit(f"vm: {BUSYBOX} is missing or not static: it is the guest's init (apt-get install busybox-static)")
     root = kernel()
     out = Path(args.out or tempfile.mkdtemp(prefix="agentcube-vm-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,8 +143,8 @@ def main() -> None:
         # Software emulation: these machines' /dev/kvm (nested under their own hypervisor) hangs a
         # guest at boot.
         qemu = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", str(args.memory), "-smp", str(args.cpus),
-                "-nographic", "-no-reboot", "-net", "none", "-kernel", str(root / "boot" / f"vmlinuz-{KERNEL}"),
-                "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1 edd=off",
+                "-nographic", "-vga", "none", "-no-reboot", "-net", "none", "-kernel", str(root / "boot" / f"vmlinuz-{KERNEL}"),
+                "-initrd", str(initrd), "-append", "console=ttyS0 quiet loglevel=3 panic=-1 edd=off",
                 "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                 "-virtfs", f"local,path={out},mount_tag=out,security_model=passthrough"]
         t = time.time()

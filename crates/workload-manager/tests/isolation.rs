@@ -425,13 +425,23 @@ async fn cgroups_are_removed_with_the_sandbox() {
         .iter()
         .find(|d| d.to_string_lossy().contains("/memory/"))
         .cloned();
+    let read = |dir: &std::path::Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
     if let Some(mem) = mem {
         assert_eq!(
-            std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
-                .unwrap()
-                .trim(),
+            read(&mem, "memory.limit_in_bytes"),
             (256u64 << 20).to_string()
         );
+    } else {
+        // cgroup v2: one directory, every controller's files in it.
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        assert_eq!(read(&dirs[0], "memory.max"), (256u64 << 20).to_string());
+        assert_eq!(read(&dirs[0], "cpu.max"), "50000 100000");
+        assert_eq!(read(&dirs[0], "pids.max"), "512");
     }
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);
     for d in &dirs {

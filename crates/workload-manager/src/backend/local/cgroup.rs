@@ -1,10 +1,16 @@
 //! cgroup limits for local sandboxes, on cgroup v1 (memory, pids, cpu controllers) and v2.
 //!
-//! Sandbox cgroups are created under this process's own cgroup (not at the root), as
-//! `agentcube/<instance>/<sandbox>`, `<instance>` derived from the state directory: a restarted
-//! manager finds (and removes) what its crashed predecessor left, and never touches another
-//! manager's sandboxes. The launcher shell writes its own pid into every `cgroup.procs` before
-//! it execs bubblewrap, so nothing in the sandbox ever runs outside its limits.
+//! Sandbox cgroups are `agentcube/<instance>/<sandbox>`, `<instance>` derived from the state
+//! directory: a restarted manager finds (and removes) what its crashed predecessor left, and
+//! never touches another manager's sandboxes. On v1 they go under this process's own cgroup. On
+//! v2 a cgroup can hand controllers to its children only while it holds no process ("no internal
+//! processes"), so they go under this process's own cgroup where it hands them down (a systemd
+//! service with `Delegate=yes`, a container's cgroup) — this process first moving into a leaf of
+//! its own there when it is alone in it — and otherwise under the hierarchy's root (a login
+//! session's scope, where the shell that started the manager holds the cgroup: the case of
+//! `agentcube up` on a systemd host). The launcher shell writes its own pid into every
+//! `cgroup.procs` before it execs bubblewrap, so nothing in the sandbox ever runs outside its
+//! limits.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -80,18 +86,12 @@ impl Cgroups {
         }
         if root.join("cgroup.controllers").exists() {
             let own = own_path("").ok_or("no cgroup v2 entry for this process")?;
-            let parent = root.join(own.trim_start_matches('/'));
-            let outer = parent.join("agentcube");
-            let dir = outer.join(instance);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            // Children of each level need the controllers delegated from it.
-            for d in [&outer, &dir] {
-                std::fs::write(d.join("cgroup.subtree_control"), "+memory +pids +cpu")
-                    .map_err(|e| format!("cannot enable controllers under {}: {e}", d.display()))?;
-            }
             return Ok(Self {
-                layout: Layout::V2(dir),
+                layout: Layout::V2(v2_instance_dir(
+                    root,
+                    &root.join(own.trim_start_matches('/')),
+                    instance,
+                )?),
             });
         }
         Err(format!(
@@ -180,6 +180,100 @@ impl Cgroups {
         }
         Ok(cg)
     }
+}
+
+/// The controllers sandbox cgroups get on v2.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// The leaf a manager alone in its cgroup moves into, so that the cgroup may hand controllers to
+/// its sandboxes' (v2).
+const MANAGER_LEAF: &str = "agentcube-manager";
+
+/// This instance's v2 directory (`<base>/agentcube/<instance>`, controllers handed down to its
+/// children), `base` being `own` (this process's cgroup) where it can hand the controllers down,
+/// else the hierarchy's `root`.
+fn v2_instance_dir(root: &Path, own: &Path, instance: &str) -> Result<PathBuf, String> {
+    // Already in the leaf an earlier start in this process (or this cgroup) moved into.
+    let own = match own.parent() {
+        Some(parent) if own.ends_with(MANAGER_LEAF) => parent,
+        _ => own,
+    };
+    let base = match hand_down(own) {
+        Ok(()) => own,
+        Err(why) if own == root => return Err(why),
+        Err(why) => {
+            hand_down(root).map_err(|at_root| format!("{why}; and at the root: {at_root}"))?;
+            root
+        }
+    };
+    let outer = base.join("agentcube");
+    let dir = outer.join(instance);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if let Err(why) = hand_down(&outer).and_then(|()| hand_down(&dir)) {
+        // Empty ones only: another instance's sandboxes may be under `outer`.
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(&outer);
+        return Err(why);
+    }
+    Ok(dir)
+}
+
+/// Makes the v2 cgroup `dir` hand the memory, pids and cpu controllers to its children. A cgroup
+/// holding processes cannot (the root aside): when this process is the only one in `dir`, it
+/// moves into a leaf of its own first (and back, if that does not do).
+fn hand_down(dir: &Path) -> Result<(), String> {
+    let words = |file: &str| {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        text.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    if V2_CONTROLLERS
+        .iter()
+        .all(|c| words("cgroup.subtree_control").iter().any(|w| w == c))
+    {
+        return Ok(());
+    }
+    let missing: Vec<_> = V2_CONTROLLERS
+        .iter()
+        .filter(|c| !words("cgroup.controllers").iter().any(|w| w == *c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} is not given the {missing:?} controllers by its parent",
+            dir.display()
+        ));
+    }
+    let enable = || std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
+    let busy = match enable() {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => e,
+        Err(e) => {
+            return Err(format!(
+                "cannot enable controllers under {}: {e}",
+                dir.display()
+            ));
+        }
+    };
+    let me = std::process::id().to_string();
+    if words("cgroup.procs") != [me.clone()] {
+        return Err(format!(
+            "{} holds other processes than this one, so it cannot hand controllers down ({busy})",
+            dir.display()
+        ));
+    }
+    let leaf = dir.join(MANAGER_LEAF);
+    let moved = std::fs::create_dir_all(&leaf)
+        .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), &me))
+        .and_then(|()| enable());
+    moved.map_err(|e| {
+        let _ = std::fs::write(dir.join("cgroup.procs"), &me);
+        let _ = std::fs::remove_dir(&leaf);
+        format!(
+            "cannot enable controllers under {} from a leaf: {e}",
+            dir.display()
+        )
+    })
 }
 
 /// Writes the limits of one v1 controller's cgroup.
@@ -300,6 +394,9 @@ fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
 
 /// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. `Ok` once it is gone.
 fn kill_and_remove(dir: &Path) -> io::Result<()> {
+    // v2: every process of the cgroup and its descendants at once, one forking meanwhile
+    // included (absent on v1 and before Linux 5.14).
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         let _ = nix::sys::signal::kill(
