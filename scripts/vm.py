@@ -3,13 +3,15 @@
 kernel cannot show: these machines' cgroup controllers are all on cgroup v1 hierarchies, and most
 hosts now run cgroup v2 alone.
 
-The guest is Debian's kernel (downloaded once with `apt-get download` into `.cache/vm/`) with a
-busybox initramfs; it sees this machine's root filesystem read-only over 9p (so the repository,
-its built binaries, bubblewrap and Python are the host's), with tmpfs on /tmp, /run, /root and
-/dev/shm, only `cgroup2` mounted on /sys/fs/cgroup (every controller on the unified hierarchy,
-as on a systemd host booted with cgroup v2), loopback up, and the kernel's modules loadable.
-`--out DIR` is shared read-write at the same path. The command runs from `sh -c` as PID 1's
-child; its exit status is this script's. Test support only: nothing here is shipped.
+The guest is Debian's current kernel (`linux-image-amd64`'s, downloaded once with `apt-get
+download` into `.cache/vm/`) with a busybox initramfs; it sees this machine's root filesystem
+read-only over 9p (so the repository, its built binaries, bubblewrap and Python are the host's),
+with tmpfs on /tmp, /run, /root and /dev/shm, only `cgroup2` mounted on /sys/fs/cgroup (every
+controller on the unified hierarchy, as on a systemd host booted with cgroup v2), loopback up, and
+the modules workspace quotas need loaded. `--out DIR` is shared read-write at the same path. The
+command runs as root from `sh -c`; its exit status is this script's. Under software emulation
+(these machines' nested /dev/kvm hangs a guest at boot): a boot takes ~10 s, a program runs a
+few times slower than on the host. Test support only: nothing here is shipped.
 
     scripts/vm.py [--out DIR] [--memory 3072] [--cpus 2] -- COMMAND...
 """
@@ -26,8 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL = "6.1.0-57-amd64"  # bookworm's; `apt-cache depends linux-image-amd64` names the current one
-CACHE = REPO / ".cache/vm" / KERNEL
+CACHE = REPO / ".cache/vm"
 # What the initramfs needs to mount the host's root over 9p, and what it then loads from that
 # root's copy of the kernel's modules (workspace quotas: ext4 images on loop devices).
 NINEP = ["virtio_pci", "9pnet_virtio", "9p"]
@@ -66,27 +67,44 @@ def log(msg: str) -> None:
     print(f"vm: {msg}", file=sys.stderr, flush=True)
 
 
-def kernel() -> Path:
-    """The guest kernel, extracted from Debian's package once, its module index made."""
-    root = CACHE / "root"
-    if (root / "lib/modules" / KERNEL / "modules.dep").exists():
+def current_kernel() -> str:
+    """The release of Debian's current kernel package (`linux-image-amd64` depends on it), or of
+    the one cached before when apt cannot say."""
+    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        name = line.strip().removeprefix("Depends: ")
+        if name.startswith("linux-image-") and name != line.strip():
+            return name.removeprefix("linux-image-")
+    cached = sorted(p.name for p in CACHE.glob("*") if (p / "root/boot").is_dir())
+    if not cached:
+        sys.exit("vm: apt knows no linux-image-amd64 and none is cached")
+    return cached[-1]
+
+
+def kernel(release: str) -> Path:
+    """The guest kernel `release`, extracted from Debian's package once, its module index made."""
+    root = CACHE / release / "root"
+    if (root / "lib/modules" / release / "modules.dep").exists():
         return root
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        subprocess.run(["apt-get", "download", f"linux-image-{KERNEL}"], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        download = ["apt-get", "download", f"linux-image-{release}"]
+        if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL).returncode != 0:
+            # The package lists may name a release the mirror has replaced since.
+            subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         deb = next(Path(tmp).glob("*.deb"))
         part = Path(tmp) / "root"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(part)], check=True)
-        subprocess.run([BUSYBOX, "depmod", "-b", str(part), KERNEL], check=True)
+        subprocess.run([BUSYBOX, "depmod", "-b", str(part), release], check=True)
         shutil.rmtree(root, ignore_errors=True)
         part.rename(root)
     return root
 
 
-def initramfs(root: Path, out: Path, command: str, dest: Path) -> None:
+def initramfs(root: Path, release: str, out: Path, command: str, dest: Path) -> None:
     """busybox, the modules 9p needs (with their dependencies) and the init script."""
-    modules = root / "lib/modules" / KERNEL
+    modules = root / "lib/modules" / release
     deps = {}
     for line in (modules / "modules.dep").read_text().splitlines():
         name, _, rest = line.partition(":")
@@ -101,7 +119,7 @@ def initramfs(root: Path, out: Path, command: str, dest: Path) -> None:
         for d in ("bin", "proc", "sys", "dev", "host"):
             (ir / d).mkdir()
         shutil.copy(BUSYBOX, ir / "bin/busybox")
-        lib = ir / "lib/modules" / KERNEL
+        lib = ir / "lib/modules" / release
         for path in want:
             (lib / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(modules / path, lib / path)
@@ -132,23 +150,24 @@ def main() -> None:
         sys.exit("vm: qemu-system-x86_64 is missing (apt-get install qemu-system-x86)")
     if not Path(BUSYBOX).exists() or subprocess.run(["ldd", BUSYBOX], capture_output=True).returncode == 0:
         sys.exit(f"vm: {BUSYBOX} is missing or not static: it is the guest's init (apt-get install busybox-static)")
-    root = kernel()
+    release = current_kernel()
+    root = kernel(release)
     out = Path(args.out or tempfile.mkdtemp(prefix="agentcube-vm-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     status = out / ".vm-status"
     status.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initramfs(root, out, " ".join(shlex.quote(c) for c in command), initrd)
+        initramfs(root, release, out, " ".join(shlex.quote(c) for c in command), initrd)
         # Software emulation: these machines' /dev/kvm (nested under their own hypervisor) hangs a
         # guest at boot.
         qemu = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", str(args.memory), "-smp", str(args.cpus),
-                "-nographic", "-vga", "none", "-no-reboot", "-net", "none", "-kernel", str(root / "boot" / f"vmlinuz-{KERNEL}"),
+                "-nographic", "-vga", "none", "-no-reboot", "-net", "none", "-kernel", str(root / "boot" / f"vmlinuz-{release}"),
                 "-initrd", str(initrd), "-append", "console=ttyS0 quiet loglevel=3 panic=-1 edd=off",
                 "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                 "-virtfs", f"local,path={out},mount_tag=out,security_model=passthrough"]
         t = time.time()
-        log(f"booting Linux {KERNEL} (cgroup v2 only) for: {' '.join(command)}")
+        log(f"booting Linux {release} (cgroup v2 only) for: {' '.join(command)}")
         try:
             subprocess.run(qemu, stdin=subprocess.DEVNULL, timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
