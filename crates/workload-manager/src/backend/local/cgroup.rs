@@ -395,8 +395,11 @@ fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
 /// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. `Ok` once it is gone.
 fn kill_and_remove(dir: &Path) -> io::Result<()> {
     // v2: every process of the cgroup and its descendants at once, one forking meanwhile
-    // included (absent on v1 and before Linux 5.14).
-    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    // included (absent on v1 and before Linux 5.14; never created).
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut f| io::Write::write_all(&mut f, b"1"));
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         let _ = nix::sys::signal::kill(
