@@ -17,8 +17,8 @@ few times slower than on the host. Test support only: nothing here is shipped.
 """
 
 import argparse
+import atexit
 import gzip
-import os
 import shlex
 import shutil
 import subprocess
@@ -41,7 +41,8 @@ mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
 mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /dev
 for m in {ninep}; do modprobe $m || echo "vm: modprobe $m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host
-# The kernel's own modules, for what the command loads (loop, ext4, nf_tables, veth...).
+# The kernel's own modules (from the host's copy), loaded here: after switch_root there is no
+# modprobe for the kernel to call.
 mount --bind /host{modules} /lib/modules
 for m in {preload}; do modprobe $m || echo "vm: modprobe $m failed"; done
 H=/host
@@ -153,6 +154,8 @@ def main() -> None:
     release = current_kernel()
     root = kernel(release)
     out = Path(args.out or tempfile.mkdtemp(prefix="agentcube-vm-")).resolve()
+    if args.out is None:
+        atexit.register(shutil.rmtree, out, True)
     out.mkdir(parents=True, exist_ok=True)
     status = out / ".vm-status"
     status.unlink(missing_ok=True)
@@ -176,7 +179,7 @@ def main() -> None:
         sys.exit("vm: the guest ended without the command's status")
     rc = int(status.read_text().strip() or "1")
     log(f"exit status {rc} after {time.time() - t:.0f} s")
-    os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

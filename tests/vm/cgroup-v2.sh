@@ -42,7 +42,7 @@ scenario() {
 }
 
 scenario session /user.slice/session-1.scope shared /agentcube "$FULL" "$TESTS"
-echo $$ > $CG/cgroup.procs
+echo $$ > $CG/cgroup.procs  # this script back at the root: the next two run alone
 scenario service /system.slice/agentcube.service "" /system.slice/agentcube.service/agentcube "$CORE" "$TESTS"
 # A container: the tests see the cgroup namespace's root as /, cgroup2 mounted from inside it.
 scenario container /container "" /container/agentcube "$CORE" \
