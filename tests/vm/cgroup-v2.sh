@@ -8,6 +8,9 @@
 #   service:   a service with Delegate=yes, alone in its cgroup: they go under it, the manager
 #              moving into a leaf of its own
 #   container: the root of a cgroup namespace, alone in it (a container): likewise
+#   user:      without root, a scope of the user's own systemd started by
+#              `systemd-run --user --scope -p Delegate=yes`, given only memory and pids (what
+#              systemd before 252 delegates to a user): they go under it, no CPU limits
 # In each, the isolation tests that need limits run: a memory hog killed at its limit, a fork
 # bomb stopped at the pid limit, the limits written and the cgroups gone with their sandbox.
 set -u
@@ -47,7 +50,42 @@ scenario service /system.slice/agentcube.service "" /system.slice/agentcube.serv
 # A container: the tests see the cgroup namespace's root as /, cgroup2 mounted from inside it.
 scenario container /container "" /container/agentcube "$CORE" \
     unshare --cgroup --mount sh -c 'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"' sh "$TESTS"
-for moved in system.slice/agentcube.service container; do
+# The user's scope, delegated as systemd does it: user@1000.service's directory and its
+# cgroup.procs, cgroup.threads and cgroup.subtree_control files given to the user, whose manager
+# makes the rest as that user; root (systemd) moves the manager's process in, which then runs as
+# the user. Only memory and pids are handed to it.
+USERCG=/user.slice/user-1000.slice/user@1000.service
+mkdir -p $CG$USERCG
+echo "+memory +pids" > $CG/user.slice/user-1000.slice/cgroup.subtree_control
+chown 1000:1000 $CG$USERCG $CG$USERCG/cgroup.procs $CG$USERCG/cgroup.threads $CG$USERCG/cgroup.subtree_control
+AS_USER="setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/tmp"
+$AS_USER sh -c "mkdir -p $CG$USERCG/app.slice/run-r1.scope \
+    && echo '+memory +pids' > $CG$USERCG/cgroup.subtree_control \
+    && echo '+memory +pids' > $CG$USERCG/app.slice/cgroup.subtree_control" || fail "user: delegation"
+scenario user $USERCG/app.slice/run-r1.scope "" $USERCG/app.slice/run-r1.scope/agentcube "$CORE" \
+    $AS_USER AGENTCUBE_TEST_NO_CPU_CONTROLLER=1 "$TESTS"
+WM="$(dirname "$TESTS")/../workload-manager"
+# The same with --require-cgroups: refused at start, naming the missing controller, nothing left.
+$AS_USER mkdir $CG$USERCG/app.slice/run-r2.scope
+timeout 60 sh -c 'echo $$ > '"$CG$USERCG/app.slice/run-r2.scope"'/cgroup.procs && exec "$@"' sh $AS_USER "$WM" --backend local \
+    --store memory --require-cgroups --manifests /tmp --state-dir /tmp/required-state > $LOGS/required.log 2>&1 \
+    && fail "required: started without the cpu controller"
+grep -q "not given the cpu controller" $LOGS/required.log || { cat $LOGS/required.log; fail "required: no reason given"; }
+left=$(find $CG$USERCG/app.slice/run-r2.scope/agentcube -mindepth 1 -type d 2>/dev/null)
+[ -z "$left" ] || { cat $LOGS/required.log; fail "required: cgroups left: $left"; }
+# Without root and without such a scope (a terminal's login session, the shell beside it): no
+# limits, and the warning says how to get them.
+echo $$ > $CG/user.slice/session-1.scope/cgroup.procs
+mkdir -p /tmp/unprivileged-manifests
+$AS_USER "$WM" --backend local --store memory --bind 127.0.0.1 --port 18089 --manifests /tmp/unprivileged-manifests \
+    --state-dir /tmp/unprivileged-state > $LOGS/unprivileged.log 2>&1 &
+wm=$!
+for _ in $(seq 60); do grep -q "WITHOUT cgroup limits" $LOGS/unprivileged.log && break; sleep 0.5; done
+kill $wm; wait $wm
+echo $$ > $CG/cgroup.procs
+grep "WITHOUT cgroup limits" $LOGS/unprivileged.log | grep -q "systemd-run --user --scope -p Delegate=yes" \
+    || { cat $LOGS/unprivileged.log; fail "unprivileged: the warning does not say how to get limits"; }
+for moved in system.slice/agentcube.service container $USERCG/app.slice/run-r1.scope; do
     [ -d $CG/$moved/agentcube-manager ] || fail "$moved: the manager did not move into a leaf"
 done
 [ $failed -eq 0 ] && echo "cgroup-v2: all scenarios passed"

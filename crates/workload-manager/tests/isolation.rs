@@ -413,6 +413,7 @@ async fn a_sandbox_spinning_on_every_cpu_leaves_its_neighbour_its_share() {
 
 #[tokio::test]
 async fn cgroups_are_removed_with_the_sandbox() {
+    let (_guard, logs) = Logs::start();
     let (s, v) = stack(
         "    resources:\n      limits:\n        memory: 256Mi\n        cpu: 500m\n",
         512,
@@ -440,7 +441,19 @@ async fn cgroups_are_removed_with_the_sandbox() {
         // cgroup v2: one directory, every controller's files in it.
         assert_eq!(dirs.len(), 1, "{dirs:?}");
         assert_eq!(read(&dirs[0], "memory.max"), (256u64 << 20).to_string());
-        assert_eq!(read(&dirs[0], "cpu.max"), "50000 100000");
+        // `make cgroup-v2`'s scenario of a user's scope where systemd delegates only memory and
+        // pids (before systemd 252) says so: no CPU limit there, the others still in force.
+        if std::env::var_os("AGENTCUBE_TEST_NO_CPU_CONTROLLER").is_some() {
+            assert!(!dirs[0].join("cpu.max").exists(), "{dirs:?}");
+            logs.line_with("CPU limits will NOT be enforced");
+        } else {
+            assert!(
+                !logs.text().contains("CPU limits will NOT"),
+                "{}",
+                logs.text()
+            );
+            assert_eq!(read(&dirs[0], "cpu.max"), "50000 100000");
+        }
         assert_eq!(read(&dirs[0], "pids.max"), "512");
     }
     assert_eq!(s.delete(v["sessionId"].as_str().unwrap()).await.0, 200);

@@ -29,8 +29,8 @@ pub struct Limits {
 enum Layout {
     /// One directory per controller: (controller, our agentcube dir).
     V1(Vec<(&'static str, PathBuf)>),
-    /// The unified hierarchy: our agentcube dir.
-    V2(PathBuf),
+    /// The unified hierarchy: our agentcube dir, and whether it hands the cpu controller down.
+    V2 { dir: PathBuf, cpu: bool },
 }
 
 /// Where sandbox cgroups go. `None` from [`Cgroups::detect`] means limits cannot be enforced.
@@ -86,12 +86,16 @@ impl Cgroups {
         }
         if root.join("cgroup.controllers").exists() {
             let own = own_path("").ok_or("no cgroup v2 entry for this process")?;
+            let own = root.join(own.trim_start_matches('/'));
+            let (dir, cpu) = v2_instance_dir(root, &own, instance).map_err(|why| {
+                if nix::unistd::Uid::effective().is_root() {
+                    why
+                } else {
+                    format!("{why}; {WITHOUT_ROOT}")
+                }
+            })?;
             return Ok(Self {
-                layout: Layout::V2(v2_instance_dir(
-                    root,
-                    &root.join(own.trim_start_matches('/')),
-                    instance,
-                )?),
+                layout: Layout::V2 { dir, cpu },
             });
         }
         Err(format!(
@@ -143,7 +147,15 @@ impl Cgroups {
     pub fn instance_dirs(&self) -> Vec<&Path> {
         match &self.layout {
             Layout::V1(dirs) => dirs.iter().map(|(_, d)| d.as_path()).collect(),
-            Layout::V2(d) => vec![d.as_path()],
+            Layout::V2 { dir, .. } => vec![dir.as_path()],
+        }
+    }
+
+    /// Whether sandboxes' CPU limits are enforced (v1 always; v2 where `cpu` is handed down).
+    pub fn limits_cpu(&self) -> bool {
+        match &self.layout {
+            Layout::V1(_) => true,
+            Layout::V2 { cpu, .. } => *cpu,
         }
     }
 
@@ -164,11 +176,11 @@ impl Cgroups {
                 cg.dirs.push(dir.clone());
                 limit_v1(&dir, ctrl, limits)
             }),
-            Layout::V2(base) => {
+            Layout::V2 { dir: base, cpu } => {
                 let dir = base.join(name);
                 std::fs::create_dir_all(&dir)?;
                 cg.dirs.push(dir.clone());
-                limit_v2(&dir, limits)
+                limit_v2(&dir, limits, *cpu)
             }
         };
         if let Err(e) = made {
@@ -182,24 +194,35 @@ impl Cgroups {
     }
 }
 
-/// The controllers sandbox cgroups get on v2.
-const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// The controllers sandbox cgroups must get on v2: without them a sandbox can take the host's
+/// memory or fill its process table.
+const V2_REQUIRED: [&str; 2] = ["memory", "pids"];
+
+/// The controller sandbox cgroups get on v2 where it is given: systemd before 252 delegates only
+/// `memory` and `pids` to a user's services and scopes, so without root the `cpu` controller is
+/// often not there (definitions' CPU limits then go unenforced, with a warning).
+const V2_CPU: &str = "cpu";
 
 /// The leaf a manager alone in its cgroup moves into, so that the cgroup may hand controllers to
 /// its sandboxes' (v2).
 const MANAGER_LEAF: &str = "agentcube-manager";
 
+/// What a user without root can do to give sandboxes limits on a v2 host: start the manager in a
+/// scope systemd delegates to them, alone in it.
+const WITHOUT_ROOT: &str = "without root, start it in a cgroup systemd delegates to you: \
+                            `systemd-run --user --scope -p Delegate=yes agentcube up …`";
+
 /// This instance's v2 directory (`<base>/agentcube/<instance>`, controllers handed down to its
-/// children), `base` being `own` (this process's cgroup) where it can hand the controllers down,
-/// else the hierarchy's `root`.
-fn v2_instance_dir(root: &Path, own: &Path, instance: &str) -> Result<PathBuf, String> {
+/// children) and whether `cpu` is among them, `base` being `own` (this process's cgroup) where it
+/// can hand the controllers down, else the hierarchy's `root`.
+fn v2_instance_dir(root: &Path, own: &Path, instance: &str) -> Result<(PathBuf, bool), String> {
     // Already in the leaf an earlier start in this process (or this cgroup) moved into.
     let own = match own.parent() {
         Some(parent) if own.ends_with(MANAGER_LEAF) => parent,
         _ => own,
     };
     let base = match hand_down(own) {
-        Ok(()) => own,
+        Ok(_) => own,
         Err(why) if own == root => return Err(why),
         Err(why) => {
             hand_down(root).map_err(|at_root| format!("{why}; and at the root: {at_root}"))?;
@@ -209,34 +232,32 @@ fn v2_instance_dir(root: &Path, own: &Path, instance: &str) -> Result<PathBuf, S
     let outer = base.join("agentcube");
     let dir = outer.join(instance);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    if let Err(why) = hand_down(&outer).and_then(|()| hand_down(&dir)) {
-        // Empty ones only: another instance's sandboxes may be under `outer`.
-        let _ = std::fs::remove_dir(&dir);
-        let _ = std::fs::remove_dir(&outer);
-        return Err(why);
+    match hand_down(&outer).and_then(|_| hand_down(&dir)) {
+        Ok(cpu) => Ok((dir, cpu)),
+        Err(why) => {
+            // Empty ones only: another instance's sandboxes may be under `outer`.
+            let _ = std::fs::remove_dir(&dir);
+            let _ = std::fs::remove_dir(&outer);
+            Err(why)
+        }
     }
-    Ok(dir)
 }
 
-/// Makes the v2 cgroup `dir` hand the memory, pids and cpu controllers to its children. A cgroup
-/// holding processes cannot (the root aside): when this process is the only one in `dir`, it
-/// moves into a leaf of its own first (and back, if that does not do).
-fn hand_down(dir: &Path) -> Result<(), String> {
+/// Makes the v2 cgroup `dir` hand the memory and pids controllers to its children, and cpu where
+/// it is given; returns whether cpu is handed down. A cgroup holding processes cannot (the root
+/// aside): when this process is the only one in `dir`, it moves into a leaf of its own first (and
+/// back, if that does not do).
+fn hand_down(dir: &Path) -> Result<bool, String> {
     let words = |file: &str| {
         let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
         text.split_whitespace()
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    if V2_CONTROLLERS
+    let given = words("cgroup.controllers");
+    let missing: Vec<_> = V2_REQUIRED
         .iter()
-        .all(|c| words("cgroup.subtree_control").iter().any(|w| w == c))
-    {
-        return Ok(());
-    }
-    let missing: Vec<_> = V2_CONTROLLERS
-        .iter()
-        .filter(|c| !words("cgroup.controllers").iter().any(|w| w == *c))
+        .filter(|c| !given.iter().any(|w| w == *c))
         .collect();
     if !missing.is_empty() {
         return Err(format!(
@@ -244,9 +265,19 @@ fn hand_down(dir: &Path) -> Result<(), String> {
             dir.display()
         ));
     }
-    let enable = || std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
+    let cpu = given.iter().any(|w| w == V2_CPU);
+    let wanted: Vec<&str> = V2_REQUIRED
+        .into_iter()
+        .chain(cpu.then_some(V2_CPU))
+        .collect();
+    let enabled = words("cgroup.subtree_control");
+    if wanted.iter().all(|c| enabled.iter().any(|w| w == c)) {
+        return Ok(cpu);
+    }
+    let line = wanted.iter().map(|c| format!("+{c}")).collect::<Vec<_>>();
+    let enable = || std::fs::write(dir.join("cgroup.subtree_control"), line.join(" "));
     let busy = match enable() {
-        Ok(()) => return Ok(()),
+        Ok(()) => return Ok(cpu),
         Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => e,
         Err(e) => {
             return Err(format!(
@@ -266,7 +297,7 @@ fn hand_down(dir: &Path) -> Result<(), String> {
     let moved = std::fs::create_dir_all(&leaf)
         .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), &me))
         .and_then(|()| enable());
-    moved.map_err(|e| {
+    moved.map(|()| cpu).map_err(|e| {
         let _ = std::fs::write(dir.join("cgroup.procs"), &me);
         let _ = std::fs::remove_dir(&leaf);
         format!(
@@ -302,8 +333,8 @@ fn limit_v1(dir: &Path, controller: &str, limits: Limits) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes the limits of a v2 cgroup.
-fn limit_v2(dir: &Path, limits: Limits) -> io::Result<()> {
+/// Writes the limits of a v2 cgroup (its CPU limit only where it has the `cpu` controller).
+fn limit_v2(dir: &Path, limits: Limits, cpu: bool) -> io::Result<()> {
     if let Some(m) = limits.memory_bytes {
         std::fs::write(dir.join("memory.max"), m.to_string())?;
         let _ = std::fs::write(dir.join("memory.swap.max"), "0");
@@ -311,7 +342,7 @@ fn limit_v2(dir: &Path, limits: Limits) -> io::Result<()> {
     if let Some(p) = limits.pids {
         std::fs::write(dir.join("pids.max"), p.to_string())?;
     }
-    if let Some(quota) = limits.cpu_millis.and_then(cpu_quota_us) {
+    if let Some(quota) = limits.cpu_millis.and_then(cpu_quota_us).filter(|_| cpu) {
         std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
     }
     Ok(())
@@ -373,12 +404,30 @@ pub fn held_by_a_process(removed: &io::Result<()>) -> bool {
     matches!(removed, Err(e) if e.kind() == io::ErrorKind::ResourceBusy)
 }
 
+/// The processes in the cgroup `dir` (its `cgroup.procs`), by pid. On v2 a process released
+/// while the file is read can be listed as `0` (the kernel prints the pid of a task it found a
+/// moment before, whose pid is gone by then; v1 leaves such entries out), and `kill(0, …)`
+/// signals the caller's own process group: a manager tearing a fork bomb's sandbox down on v2
+/// once killed itself so. Only real pids come out.
+fn procs_in(dir: &Path) -> Vec<nix::unistd::Pid> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    real_pids(&procs)
+}
+
+/// The positive pids of a `cgroup.procs` text.
+fn real_pids(text: &str) -> Vec<nix::unistd::Pid> {
+    text.lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 0)
+        .map(nix::unistd::Pid::from_raw)
+        .collect()
+}
+
 /// The uids (real, effective, saved, filesystem) of the processes in the cgroup `dir`.
 fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    let status = |pid: &str| std::fs::read_to_string(format!("/proc/{}/status", pid.trim()));
-    procs
-        .lines()
+    let status = |pid: nix::unistd::Pid| std::fs::read_to_string(format!("/proc/{pid}/status"));
+    procs_in(dir)
+        .into_iter()
         .filter_map(|pid| status(pid).ok())
         .flat_map(|st| {
             let line = st
@@ -400,12 +449,8 @@ fn kill_and_remove(dir: &Path) -> io::Result<()> {
         .write(true)
         .open(dir.join("cgroup.kill"))
         .and_then(|mut f| io::Write::write_all(&mut f, b"1"));
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    for pid in procs_in(dir) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -425,6 +470,14 @@ mod tests {
         assert_eq!(cpu_quota_us(1024 * 1000 - 1), Some(102_399_900));
         assert_eq!(cpu_quota_us(1024 * 1000), None);
         assert_eq!(cpu_quota_us(u64::MAX), None, "no overflow");
+    }
+
+    #[test]
+    fn only_real_pids_are_read_from_cgroup_procs() {
+        // `0` (a process released while the file was read) would be `kill(0)`: the manager's
+        // own process group; `-1` every process it may signal.
+        let pids = real_pids("0\n4242\n-1\n\n 17 \nx\n");
+        assert_eq!(pids, [4242, 17].map(nix::unistd::Pid::from_raw));
     }
 
     #[test]

@@ -122,7 +122,8 @@ pub struct LocalArgs {
     /// asks).
     #[arg(long, env = "AGENTCUBE_SANDBOX_DNS")]
     pub sandbox_dns: Option<std::net::IpAddr>,
-    /// Local backend: refuse to start when cgroup limits cannot be enforced.
+    /// Local backend: refuse to start when cgroup limits (memory, processes, CPU) cannot be
+    /// enforced.
     #[arg(long, env = "AGENTCUBE_REQUIRE_CGROUPS")]
     pub require_cgroups: bool,
     #[command(flatten)]

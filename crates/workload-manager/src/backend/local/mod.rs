@@ -286,7 +286,21 @@ impl LocalBackend {
                 })
                 .is_ok();
         let (cgroups, held) = match Cgroups::detect(&config.cgroup_root, &instance_of(state)) {
+            Ok(c) if !c.limits_cpu() && config.require_cgroups => {
+                c.remove_instance();
+                return Err(format!(
+                    "cgroup limits cannot be enforced: {} is not given the cpu controller",
+                    c.instance_dirs()[0].display()
+                ));
+            }
             Ok(c) => {
+                if !c.limits_cpu() {
+                    tracing::warn!(
+                        cgroup = %c.instance_dirs()[0].display(),
+                        "sandboxes' CPU limits will NOT be enforced: their cgroups are not given \
+                         the cpu controller (memory and process limits are)"
+                    );
+                }
                 let (left, held) = c.remove_leftovers();
                 if left > 0 {
                     tracing::info!(
