@@ -408,7 +408,8 @@ pub fn held_by_a_process(removed: &io::Result<()>) -> bool {
 /// while the file is read can be listed as `0` (the kernel prints the pid of a task it found a
 /// moment before, whose pid is gone by then; v1 leaves such entries out), and `kill(0, …)`
 /// signals the caller's own process group: a manager tearing a fork bomb's sandbox down on v2
-/// once killed itself so. Only real pids come out.
+/// once killed itself so (it signalled each pid after `cgroup.kill` then). Only real pids come
+/// out.
 fn procs_in(dir: &Path) -> Vec<nix::unistd::Pid> {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     real_pids(&procs)
@@ -444,13 +445,17 @@ fn uids_in(dir: &Path) -> std::collections::BTreeSet<u32> {
 /// One attempt: SIGKILL every process in the cgroup `dir`, then remove it. `Ok` once it is gone.
 fn kill_and_remove(dir: &Path) -> io::Result<()> {
     // v2: every process of the cgroup and its descendants at once, one forking meanwhile
-    // included (absent on v1 and before Linux 5.14; never created).
-    let _ = std::fs::OpenOptions::new()
+    // included (absent on v1 and before Linux 5.14; never created). Elsewhere each pid listed: a
+    // pid read there may be gone and given to another process by the time it is signalled,
+    // which `cgroup.kill` cannot get wrong.
+    let killed = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("cgroup.kill"))
         .and_then(|mut f| io::Write::write_all(&mut f, b"1"));
-    for pid in procs_in(dir) {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    if killed.is_err() {
+        for pid in procs_in(dir) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
