@@ -47,12 +47,14 @@ deps:
 
 ## cgroup-v2: the local backend's cgroup limits where every controller is on cgroup v2 (a login
 ## session's scope, a service with Delegate=yes, a container, a user's delegated scope), in a QEMU
-## guest (scripts/vm.py)
+## guest (scripts/vm.py); then under a real systemd there (a Delegate=yes service, a user's
+## `systemd-run --user --scope`, deploy/systemd/agentcube.service)
 cgroup-v2:
 	@$(CARGO) build -q --bin workload-manager --bin picod
 	@bin=$$($(CARGO) test -q -p agentcube-workload-manager --test isolation --no-run --message-format=json \
 	  | .venv/bin/python -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if "/isolation-" in (m.get("executable") or "")][0])') \
-	  && .venv/bin/python scripts/vm.py -- $(CURDIR)/tests/vm/cgroup-v2.sh "$$bin"
+	  && .venv/bin/python scripts/vm.py -- $(CURDIR)/tests/vm/cgroup-v2.sh "$$bin" \
+	  && .venv/bin/python scripts/vm.py --systemd -- $(CURDIR)/tests/vm/systemd.sh $(CURDIR) "$$bin"
 
 ## kube: build the test control plane (Kubernetes + agent-sandbox from kube/controlplane/go.mod)
 kube:

@@ -9,11 +9,13 @@ read-only over 9p (so the repository, its built binaries, bubblewrap and Python 
 with tmpfs on /tmp, /run, /root and /dev/shm, only `cgroup2` mounted on /sys/fs/cgroup (every
 controller on the unified hierarchy, as on a systemd host booted with cgroup v2), loopback up, and
 the modules workspace quotas need loaded. `--out DIR` is shared read-write at the same path. The
-command runs as root from `sh -c`; its exit status is this script's. Under software emulation
-(these machines' nested /dev/kvm hangs a guest at boot): a boot takes ~10 s, a program runs a
-few times slower than on the host. Test support only: nothing here is shipped.
+command runs as root from `sh -c`; its exit status is this script's. With `--systemd` the host's
+systemd is the guest's PID 1 instead, booting into the command's unit alone (the host's enabled
+services do not start), which runs the command as a oneshot unit, its output on the console.
+Under software emulation (these machines' nested /dev/kvm hangs a guest at boot): a boot takes
+~10 s (systemd's ~15 s), a program runs a few times slower than on the host. Test support only: nothing here is shipped.
 
-    scripts/vm.py [--out DIR] [--memory 3072] [--cpus 2] -- COMMAND...
+    scripts/vm.py [--out DIR] [--memory 3072] [--cpus 2] [--systemd] -- COMMAND...
 """
 
 import argparse
@@ -50,14 +52,30 @@ mount -t proc proc $H/proc; mount -t sysfs sys $H/sys && mount -t devtmpfs dev $
 mkdir -p $H/dev/pts $H/dev/shm 2>/dev/null
 mount -t devpts devpts $H/dev/pts && mount -t tmpfs shm $H/dev/shm
 mount -t cgroup2 cgroup2 $H/sys/fs/cgroup
+# What of the host's /root stays visible under the guest's tmpfs /root: where the repository's
+# venv interpreter lives (pyenv's versions, say).
+for d in {rootkeep}; do mkdir -p /keep/$d && mount --bind $H/root/$d /keep/$d; done
 for d in tmp run root var/tmp; do mount -t tmpfs -o mode=1777 tmp $H/$d; done
 chmod 700 $H/root
+for d in {rootkeep}; do mkdir -p $H/root/$d && mount --move /keep/$d $H/root/$d; done
 mkdir -p $H{out} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out $H{out}
 mkdir -p $H/run/vm && cp /bin/busybox $H/run/vm/busybox
 ip link set lo up
 hostname vm
 echo "vm: $(uname -r), cgroup controllers: $(cat $H/sys/fs/cgroup/cgroup.controllers)"
 # switch_root, not chroot: a chrooted process may not make user namespaces (bubblewrap's).
+if [ {systemd} = 1 ]; then
+  # systemd as PID 1 (the host's), starting only the command's unit: it finds /run mounted and
+  # keeps it, with the unit in it.
+  mkdir -p $H/run/systemd/system
+  printf '%s\n' '[Unit]' 'Description=vm.py command' 'After=basic.target' 'SuccessAction=poweroff-immediate' \
+    'FailureAction=poweroff-immediate' '[Service]' 'Type=oneshot' \
+    'Environment=RUST_BACKTRACE=1 HOME=/root' 'StandardOutput=tty' 'StandardError=tty' 'TTYPath=/dev/ttyS0' \
+    "ExecStart=/bin/sh -c '/bin/sh -c \"\$\$1\"; echo \$\$? > \"\$\$2/.vm-status\"; sync' vm /run/vm/command.sh {out}" \
+    > $H/run/systemd/system/vm-command.service
+  printf '%s\n' {command} > $H/run/vm/command.sh && chmod 755 $H/run/vm/command.sh
+  exec switch_root $H /lib/systemd/systemd --unit=vm-command.service --log-level=warning --show-status=false
+fi
 exec switch_root $H /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root RUST_BACKTRACE=1 /bin/sh -c '/bin/sh -c "$1"; echo $? > "$2/.vm-status"; sync; exec /run/vm/busybox poweroff -f' \
     vm {command} {out}
@@ -103,7 +121,16 @@ def kernel(release: str) -> Path:
     return root
 
 
-def initramfs(root: Path, release: str, out: Path, command: str, dest: Path) -> None:
+def root_kept() -> list[str]:
+    """The directory of the host's /root (its first component) holding the interpreter of the
+    repository's venv, if there: the guest's /root is a tmpfs, which would hide it."""
+    python = (REPO / ".venv/bin/python").resolve()
+    if python.is_relative_to("/root") and python != Path("/root"):
+        return [python.relative_to("/root").parts[0]]
+    return []
+
+
+def initramfs(root: Path, release: str, out: Path, command: str, dest: Path, systemd: bool) -> None:
     """busybox, the modules 9p needs (with their dependencies) and the init script."""
     modules = root / "lib/modules" / release
     deps = {}
@@ -128,7 +155,7 @@ def initramfs(root: Path, release: str, out: Path, command: str, dest: Path) -> 
             f"{deps[by_path[p]][0]}: {' '.join(deps[by_path[p]][1])}\n" for p in sorted(want)))
         init = ir / "init"
         init.write_text(INIT.format(ninep=" ".join(NINEP), preload=" ".join(PRELOAD), out=out, modules=root / "lib/modules",
-                                    command=shlex.quote(command)))
+                                    command=shlex.quote(command), systemd=int(systemd), rootkeep=" ".join(root_kept())))
         init.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=ir, check=True, capture_output=True).stdout
         archive = subprocess.run([BUSYBOX, "cpio", "-o", "-H", "newc"], cwd=ir, input=files, check=True,
@@ -142,6 +169,7 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=3072, help="MiB")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--systemd", action="store_true", help="boot the host's systemd, which runs the command as a unit")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -161,7 +189,7 @@ def main() -> None:
     status.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initramfs(root, release, out, " ".join(shlex.quote(c) for c in command), initrd)
+        initramfs(root, release, out, " ".join(shlex.quote(c) for c in command), initrd, args.systemd)
         # Software emulation: these machines' /dev/kvm (nested under their own hypervisor) hangs a
         # guest at boot.
         qemu = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", str(args.memory), "-smp", str(args.cpus),

@@ -2,8 +2,8 @@
 system service: systemd accepts it as written, and its command — its flags, with settings from the
 environment as its `EnvironmentFile` gives them — serves an SDK session and, on the `SIGTERM` of
 `systemctl stop` (`KillMode=mixed`: to `agentcube` alone), removes every sandbox and exits 0 within
-the unit's `TimeoutStopSec`. No systemd runs on these machines: the unit's cgroup placement
-(`Delegate=yes`) is what `make cgroup-v2`'s service scenario sets up by hand."""
+the unit's `TimeoutStopSec`. `make cgroup-v2` also starts and stops the unit under a real systemd
+in a virtual machine (`tests/vm/systemd.sh`): there the sandboxes' cgroups go under the service's."""
 
 import configparser
 import os
