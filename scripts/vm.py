@@ -60,6 +60,10 @@ chmod 700 $H/root
 for d in {rootkeep}; do mkdir -p $H/root/$d && mount --move /keep/$d $H/root/$d; done
 mkdir -p $H{out} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out $H{out}
 mkdir -p $H/run/vm && cp /bin/busybox $H/run/vm/busybox
+# The command, and what runs it either way: its status goes to the shared directory.
+printf '%s\n' {command} > $H/run/vm/command.sh
+printf '%s\n' 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1' \
+  '/bin/sh /run/vm/command.sh; echo $? > "{out}/.vm-status"; sync' > $H/run/vm/run.sh
 ip link set lo up
 hostname vm
 echo "vm: $(uname -r), cgroup controllers: $(cat $H/sys/fs/cgroup/cgroup.controllers)"
@@ -69,16 +73,11 @@ if [ {systemd} = 1 ]; then
   # keeps it, with the unit in it.
   mkdir -p $H/run/systemd/system
   printf '%s\n' '[Unit]' 'Description=vm.py command' 'After=basic.target' 'SuccessAction=poweroff-immediate' \
-    'FailureAction=poweroff-immediate' '[Service]' 'Type=oneshot' \
-    'Environment=RUST_BACKTRACE=1 HOME=/root' 'StandardOutput=tty' 'StandardError=tty' 'TTYPath=/dev/ttyS0' \
-    "ExecStart=/bin/sh -c '/bin/sh -c \"\$\$1\"; echo \$\$? > \"\$\$2/.vm-status\"; sync' vm /run/vm/command.sh {out}" \
-    > $H/run/systemd/system/vm-command.service
-  printf '%s\n' {command} > $H/run/vm/command.sh && chmod 755 $H/run/vm/command.sh
+    'FailureAction=poweroff-immediate' '[Service]' 'Type=oneshot' 'StandardOutput=tty' 'StandardError=tty' \
+    'TTYPath=/dev/ttyS0' 'ExecStart=/bin/sh /run/vm/run.sh' > $H/run/systemd/system/vm-command.service
   exec switch_root $H /lib/systemd/systemd --unit=vm-command.service --log-level=warning --show-status=false
 fi
-exec switch_root $H /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    HOME=/root RUST_BACKTRACE=1 /bin/sh -c '/bin/sh -c "$1"; echo $? > "$2/.vm-status"; sync; exec /run/vm/busybox poweroff -f' \
-    vm {command} {out}
+exec switch_root $H /usr/bin/env -i /bin/sh -c '/bin/sh /run/vm/run.sh; exec /run/vm/busybox poweroff -f'
 """
 
 
